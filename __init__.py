@@ -1,0 +1,10 @@
+"""ComfyUI entry point of the CharForge node pack.
+
+ComfyUI imports this file when the repository sits in ``ComfyUI/custom_nodes/`` (cloned by hand, by
+ComfyUI-Manager or comfy-cli, unpacked from the Comfy Registry, or linked by ``install.py``). It imports
+it under a module name made from the folder path, so everything below is reached by relative import.
+"""
+
+from .custom_nodes.charforge.pack import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,367 @@
+"""The one module that touches ComfyUI.
+
+Everything else in the pack (engine and node adapters) goes through the functions here for model
+folders, progress, cancellation and server messages. Inside ComfyUI they call ComfyUI's own modules
+(`folder_paths`, `comfy.utils`, `comfy.model_management`, `server`); outside it (plain Python, the
+test suite, a training script) they fall back to plain behaviour:
+
+- model folders come from `CHARFORGE_MODELS_DIR` (a ComfyUI-style ``models`` folder), else
+  ``$COMFYUI_DIR/models``, plus per-kind extra paths in ``CHARFORGE_PATH_<KIND>`` (os.pathsep separated);
+- progress is logged (and passed to an optional callback);
+- cancellation is a process-wide flag set with `request_cancel()`;
+- server messages are logged at debug level.
+
+ComfyUI is detected once, lazily, on first use; `reset()` forgets the answer (tests use it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+log = logging.getLogger("charforge")
+
+EVENT_PREFIX = "charforge."
+
+# ComfyUI's `supported_pt_extensions` (folder_paths), repeated here for the plain-Python fallback.
+PT_EXTENSIONS = frozenset({".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"})
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A model folder the pack registers in ComfyUI, named as other popular packs name it."""
+
+    key: str
+    extensions: frozenset[str]
+    purpose: str
+
+
+# Folders that ComfyUI itself does not define. Names follow the conventions users already have on disk
+# (AnimateDiff-Evolved, InsightFace packs, WD14 tagger, Florence-2 packs), so existing downloads are found.
+PACK_MODEL_FOLDERS: tuple[ModelFolder, ...] = (
+    ModelFolder("animatediff_models", PT_EXTENSIONS, "AnimateDiff motion modules (mm_sd_v15_v2, v3_sd15_mm, ...)"),
+    ModelFolder("animatediff_motion_lora", PT_EXTENSIONS, "AnimateDiff motion LoRAs"),
+    ModelFolder("insightface", frozenset({".onnx"}), "InsightFace packs: insightface/models/<pack>/*.onnx"),
+    ModelFolder("wd14_tagger", frozenset({".onnx", ".csv"}), "WD14-style taggers: <name>.onnx + <name>.csv"),
+    ModelFolder("LLM", frozenset({".json", ".safetensors", ".bin"}), "captioners as Hugging Face folders (Florence-2, BLIP)"),
+    ModelFolder("frame_interpolation", PT_EXTENSIONS, "frame interpolation checkpoints (RIFE, FILM)"),
+    ModelFolder("charforge", frozenset({".json", ".yaml", ".yml", ".safetensors"}), "CharForge identities and characters"),
+)
+
+# Built-in ComfyUI keys the pack reads (listed so the fallback knows their folder names).
+COMFY_MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
+    "checkpoints": ("checkpoints",),
+    "loras": ("loras",),
+    "vae": ("vae",),
+    "text_encoders": ("text_encoders", "clip"),
+    "diffusion_models": ("unet", "diffusion_models"),
+    "controlnet": ("controlnet", "t2i_adapter"),
+    "clip_vision": ("clip_vision",),
+    "upscale_models": ("upscale_models",),
+    "embeddings": ("embeddings",),
+    "diffusers": ("diffusers",),
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model file the user named is not in any folder of its kind."""
+
+
+class Cancelled(Exception):
+    """Raised outside ComfyUI when `request_cancel()` was called while work was running."""
+
+
+# --------------------------------------------------------------------------------------------------
+# ComfyUI detection
+
+
+@dataclass
+class _Comfy:
+    folder_paths: ModuleType
+    utils: ModuleType
+    model_management: ModuleType
+    server: ModuleType | None
+
+
+_UNSET = object()
+_comfy: Any = _UNSET
+_lock = threading.Lock()
+
+
+def _load_comfy() -> _Comfy | None:
+    global _comfy
+    if _comfy is _UNSET:
+        with _lock:
+            if _comfy is _UNSET:
+                try:
+                    folder_paths = importlib.import_module("folder_paths")
+                    utils = importlib.import_module("comfy.utils")
+                    model_management = importlib.import_module("comfy.model_management")
+                except ImportError:
+                    _comfy = None
+                else:
+                    try:
+                        server = importlib.import_module("server")
+                    except ImportError:
+                        server = None
+                    _comfy = _Comfy(folder_paths, utils, model_management, server)
+    return _comfy
+
+
+def in_comfyui() -> bool:
+    """True when running inside a ComfyUI process (its modules are importable)."""
+    return _load_comfy() is not None
+
+
+def reset() -> None:
+    """Forget whether ComfyUI was found and clear the cancel flag (for tests and long-lived scripts)."""
+    global _comfy
+    with _lock:
+        _comfy = _UNSET
+    _cancel.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# Model folders
+
+
+def register_model_folders() -> list[str]:
+    """Register the pack's model folders in ComfyUI's folder registry; return the keys registered.
+
+    Safe to call twice and when an ``extra_model_paths.yaml`` already created a key: the default folder
+    ``models/<key>`` is added if missing and the key's extension set is replaced (never mutated: ComfyUI
+    shares one set object between many keys). A no-op outside ComfyUI.
+    """
+    comfy = _load_comfy()
+    if comfy is None:
+        return []
+    fp = comfy.folder_paths
+    keys = []
+    for folder in PACK_MODEL_FOLDERS:
+        default = os.path.join(fp.models_dir, folder.key)
+        if folder.key not in fp.folder_names_and_paths or default not in fp.get_folder_paths(folder.key):
+            fp.add_model_folder_path(folder.key, default)
+        paths, _ = fp.folder_names_and_paths[folder.key]
+        fp.folder_names_and_paths[folder.key] = (paths, set(folder.extensions))
+        keys.append(folder.key)
+    return keys
+
+
+def _fallback_models_dirs() -> list[Path]:
+    roots = []
+    if os.environ.get("CHARFORGE_MODELS_DIR"):
+        roots.append(Path(os.environ["CHARFORGE_MODELS_DIR"]).expanduser())
+    if os.environ.get("COMFYUI_DIR"):
+        roots.append(Path(os.environ["COMFYUI_DIR"]).expanduser() / "models")
+    return roots
+
+
+def _fallback_extensions(kind: str) -> frozenset[str]:
+    for folder in PACK_MODEL_FOLDERS:
+        if folder.key == kind:
+            return folder.extensions
+    return PT_EXTENSIONS
+
+
+def model_folders(kind: str) -> list[str]:
+    """Folders searched for models of `kind` (a ComfyUI folder key such as ``loras`` or ``insightface``)."""
+    comfy = _load_comfy()
+    if comfy is not None:
+        try:
+            return list(comfy.folder_paths.get_folder_paths(kind))
+        except KeyError:
+            return []
+    folders: list[str] = []
+    extra = os.environ.get(f"CHARFORGE_PATH_{kind.upper()}", "")
+    folders += [str(Path(p).expanduser()) for p in extra.split(os.pathsep) if p]
+    names = COMFY_MODEL_FOLDERS.get(kind, (kind,))
+    for root in _fallback_models_dirs():
+        folders += [str(root / name) for name in names]
+    return folders
+
+
+def list_models(kind: str) -> list[str]:
+    """Model files of `kind`, as sorted paths relative to their folder (ComfyUI's ``get_filename_list``)."""
+    comfy = _load_comfy()
+    if comfy is not None:
+        try:
+            return list(comfy.folder_paths.get_filename_list(kind))
+        except KeyError:
+            return []
+    extensions = _fallback_extensions(kind)
+    found: set[str] = set()
+    for folder in model_folders(kind):
+        base = Path(folder)
+        if not base.is_dir():
+            continue
+        for path in base.rglob("*"):
+            if path.is_file() and path.suffix.lower() in extensions:
+                found.add(path.relative_to(base).as_posix())
+    return sorted(found)
+
+
+def find_model(kind: str, name: str) -> str:
+    """Full path of the model `name` of `kind`; raises `ModelNotFoundError` saying where it looked."""
+    if os.path.isabs(name) and os.path.exists(name):
+        return name
+    comfy = _load_comfy()
+    if comfy is not None:
+        try:
+            path = comfy.folder_paths.get_full_path(kind, name)
+        except KeyError:
+            path = None
+        if path:
+            return path
+    else:
+        for folder in model_folders(kind):
+            candidate = Path(folder) / name
+            if candidate.exists():
+                return str(candidate)
+    folders = model_folders(kind)
+    where = ", ".join(folders) if folders else "no folder is configured (set CHARFORGE_MODELS_DIR or COMFYUI_DIR)"
+    raise ModelNotFoundError(f"{kind} model {name!r} not found; looked in: {where}")
+
+
+def output_directory() -> str:
+    """Where nodes write results: ComfyUI's output folder, else ``$CHARFORGE_OUTPUT_DIR`` or ``./output``."""
+    comfy = _load_comfy()
+    if comfy is not None:
+        return comfy.folder_paths.get_output_directory()
+    return os.path.abspath(os.environ.get("CHARFORGE_OUTPUT_DIR", "output"))
+
+
+def input_directory() -> str:
+    """ComfyUI's input folder, else ``$CHARFORGE_INPUT_DIR`` or ``./input``."""
+    comfy = _load_comfy()
+    if comfy is not None:
+        return comfy.folder_paths.get_input_directory()
+    return os.path.abspath(os.environ.get("CHARFORGE_INPUT_DIR", "input"))
+
+
+def temp_directory() -> str:
+    """ComfyUI's temp folder (wiped by ComfyUI at start and exit), else a ``charforge`` folder in the system temp."""
+    comfy = _load_comfy()
+    if comfy is not None:
+        return comfy.folder_paths.get_temp_directory()
+    import tempfile
+
+    path = os.path.join(tempfile.gettempdir(), "charforge")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Cancellation
+
+_cancel = threading.Event()
+
+
+def request_cancel() -> None:
+    """Outside ComfyUI: ask running work to stop at its next `check_cancelled()`."""
+    _cancel.set()
+
+
+def check_cancelled() -> None:
+    """Raise if the user asked to stop.
+
+    Inside ComfyUI this raises ComfyUI's own ``InterruptProcessingException`` (and clears the flag, as
+    ComfyUI does), so the server reports ``execution_interrupted``. Outside it raises `Cancelled`.
+    """
+    comfy = _load_comfy()
+    if comfy is not None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        return
+    if _cancel.is_set():
+        _cancel.clear()
+        raise Cancelled("cancelled by request")
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """True for the exceptions that mean "the user stopped this": broad handlers must re-raise them."""
+    if isinstance(exc, Cancelled):
+        return True
+    comfy = _load_comfy()
+    return comfy is not None and isinstance(exc, comfy.model_management.InterruptProcessingException)
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class Progress:
+    """Progress of one long piece of work, shown on the node in ComfyUI.
+
+    Every update also checks for cancellation (inside ComfyUI, ComfyUI's progress hook does that), so a
+    loop that reports progress stops promptly when the user presses Cancel.
+    """
+
+    def __init__(self, total: int, node_id: str | None = None, callback: ProgressCallback | None = None,
+                 label: str = "charforge"):
+        self.total = max(int(total), 1)
+        self.value = 0
+        self.label = label
+        self._callback = callback
+        self._last_log = 0.0
+        comfy = _load_comfy()
+        self._bar = comfy.utils.ProgressBar(self.total, node_id=node_id) if comfy is not None else None
+
+    def update(self, n: int = 1, preview: Any = None) -> None:
+        """Advance by `n` steps. `preview` is ComfyUI's ``("JPEG"|"PNG", PIL.Image, max_size)`` tuple."""
+        self.set(self.value + n, preview=preview)
+
+    def set(self, value: int, total: int | None = None, preview: Any = None) -> None:
+        """Set the absolute position (and optionally a new total)."""
+        if total is not None:
+            self.total = max(int(total), 1)
+        self.value = min(int(value), self.total)
+        if self._callback is not None:
+            self._callback(self.value, self.total)
+        if self._bar is not None:
+            self._bar.update_absolute(self.value, self.total, preview)
+            return
+        now = time.monotonic()
+        if self.value == self.total or now - self._last_log >= 2.0:
+            self._last_log = now
+            log.info("%s: %d/%d", self.label, self.value, self.total)
+        check_cancelled()
+
+
+def track(items: Iterable[Any], total: int, node_id: str | None = None, label: str = "charforge") -> Iterable[Any]:
+    """Iterate `items`, reporting one progress step (and checking for cancel) after each."""
+    progress = Progress(total, node_id=node_id, label=label)
+    for item in items:
+        yield item
+        progress.update(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Server messages
+
+
+def send_event(event: str, data: dict[str, Any], node_id: str | None = None) -> None:
+    """Send a ``charforge.<event>`` WebSocket message to the client that queued the running prompt.
+
+    The prompt id and node id are added to `data` (ComfyUI adds neither). Outside ComfyUI the event is
+    logged at debug level.
+    """
+    comfy = _load_comfy()
+    server = getattr(getattr(comfy, "server", None), "PromptServer", None)
+    instance = getattr(server, "instance", None)
+    if instance is None:
+        log.debug("event %s%s %s", EVENT_PREFIX, event, data)
+        return
+    payload = dict(data)
+    payload.setdefault("prompt_id", getattr(instance, "last_prompt_id", None))
+    if node_id is not None:
+        payload.setdefault("node", node_id)
+    instance.send_sync(EVENT_PREFIX + event, payload, getattr(instance, "client_id", None))

@@ -1,0 +1,1 @@
+"""Model files: diffusers folders, single-file checkpoints, key layouts."""

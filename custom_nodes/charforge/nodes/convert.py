@@ -1,0 +1,25 @@
+"""Conversions between ComfyUI's value types and the engine's plain values."""
+
+from __future__ import annotations
+
+from ..deps import require
+
+
+def pil_to_image_batch(images: list):
+    """PIL images of one size -> ComfyUI IMAGE tensor [B, H, W, 3], float32 in 0..1."""
+    np = require("numpy")
+    torch = require("torch")
+    if not images:
+        raise ValueError("cannot build an IMAGE batch from zero images")
+    arrays = [np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0 for img in images]
+    return torch.from_numpy(np.stack(arrays))
+
+
+def empty_image_batch(size: int = 64):
+    """A one-image black batch: what a node returns for IMAGE when it has nothing to show.
+
+    ComfyUI has no empty IMAGE value that every downstream node accepts, so an empty dataset is shown as
+    one black frame and the count output says 0.
+    """
+    torch = require("torch")
+    return torch.zeros((1, size, size, 3), dtype=torch.float32)

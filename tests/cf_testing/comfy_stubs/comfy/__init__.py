@@ -1,0 +1,1 @@
+"""Stand-in for ComfyUI's ``comfy`` package (test harness only)."""

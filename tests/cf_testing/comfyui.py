@@ -1,0 +1,120 @@
+"""A ComfyUI-like harness: load the pack as ComfyUI does, describe nodes as /object_info does, run nodes
+as the executor does. Behaviour follows shared/reference/comfyui-contract.md (sections 1 and 2)."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STUBS_DIR = Path(__file__).resolve().parent / "comfy_stubs"
+STUB_MODULES = ("folder_paths", "comfy", "comfy.utils", "comfy.model_management", "server")
+
+# Types ComfyUI itself defines (contract §2.1). Custom types come from charforge.nodes.types.
+CORE_TYPES = frozenset({
+    "INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "IMAGE", "MASK", "LATENT", "CONDITIONING", "MODEL", "CLIP",
+    "VAE", "CONTROL_NET", "CLIP_VISION", "CLIP_VISION_OUTPUT", "STYLE_MODEL", "UPSCALE_MODEL", "AUDIO", "VIDEO",
+    "LORA_MODEL", "LOSS_MAP", "SIGMAS", "SAMPLER", "NOISE", "GUIDER",
+})
+WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
+HIDDEN_KINDS = frozenset({"UNIQUE_ID", "PROMPT", "EXTRA_PNGINFO", "DYNPROMPT", "AUTH_TOKEN_COMFY_ORG",
+                          "API_KEY_COMFY_ORG"})
+
+
+def comfy_module_name(pack_dir: str | os.PathLike) -> str:
+    """The sys.modules name ComfyUI gives a pack folder: its full path with '.' replaced by '_x_'."""
+    return str(pack_dir).replace(".", "_x_")
+
+
+def load_pack_like_comfyui(pack_dir: str | os.PathLike) -> ModuleType:
+    """Import ``<pack_dir>/__init__.py`` the way ComfyUI's ``load_custom_node`` does.
+
+    The folder is not on sys.path and the module is named after its path, so only relative imports
+    inside the pack can work. Raises whatever the import raises (ComfyUI would log IMPORT FAILED).
+    """
+    pack_dir = Path(pack_dir)
+    name = comfy_module_name(pack_dir)
+    spec = importlib.util.spec_from_file_location(name, pack_dir / "__init__.py",
+                                                  submodule_search_locations=[str(pack_dir)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def unload_pack(module: ModuleType) -> None:
+    prefix = module.__name__
+    for name in [n for n in sys.modules if n == prefix or n.startswith(prefix + ".")]:
+        del sys.modules[name]
+
+
+def node_info(node_id: str, cls: type, display_name: str | None = None, python_module: str = "custom_nodes.x"):
+    """What ComfyUI's GET /object_info returns for a V1 node class."""
+    inputs = cls.INPUT_TYPES()
+    info = {
+        "input": inputs,
+        "input_order": {section: list(values.keys()) for section, values in inputs.items()},
+        "output": list(cls.RETURN_TYPES),
+        "output_is_list": list(getattr(cls, "OUTPUT_IS_LIST", [False] * len(cls.RETURN_TYPES))),
+        "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)),
+        "name": node_id,
+        "display_name": display_name or node_id,
+        "description": getattr(cls, "DESCRIPTION", ""),
+        "python_module": python_module,
+        "category": getattr(cls, "CATEGORY", "sd"),
+        "output_node": bool(getattr(cls, "OUTPUT_NODE", False)),
+    }
+    if hasattr(cls, "OUTPUT_TOOLTIPS"):
+        info["output_tooltips"] = list(cls.OUTPUT_TOOLTIPS)
+    return info
+
+
+@dataclass
+class NodeRun:
+    """One execution of a node: the result tuple and the UI dict, as the executor splits them."""
+
+    result: tuple
+    ui: dict[str, list] = field(default_factory=dict)
+
+
+def run_node(cls: type, node_id: str = "1", instance: Any = None, **inputs) -> NodeRun:
+    """Call a node like ComfyUI's executor: keyword inputs, hidden inputs filled, return value checked."""
+    declared = cls.INPUT_TYPES()
+    kwargs = dict(inputs)
+    for name, kind in declared.get("hidden", {}).items():
+        if kind == "UNIQUE_ID":
+            kwargs.setdefault(name, node_id)
+        elif kind == "PROMPT":
+            kwargs.setdefault(name, {})
+        elif kind == "EXTRA_PNGINFO":
+            kwargs.setdefault(name, {})
+    missing = [n for n in declared.get("required", {}) if n not in kwargs]
+    if missing:
+        raise TypeError(f"required inputs missing: {missing}")
+    instance = instance if instance is not None else cls()
+    out = getattr(instance, cls.FUNCTION)(**kwargs)
+    if inspect.iscoroutine(out):
+        import asyncio
+
+        out = asyncio.run(out)
+    if isinstance(out, dict):
+        ui = out.get("ui", {}) or {}
+        for key, value in ui.items():
+            if not isinstance(value, list):
+                raise AssertionError(f"ui[{key!r}] must be a list (ComfyUI concatenates them), got {type(value)}")
+        result = tuple(out.get("result", ()))
+    else:
+        ui, result = {}, tuple(out)
+    if result and len(result) != len(cls.RETURN_TYPES):
+        raise AssertionError(f"{cls.__name__} returned {len(result)} values for {len(cls.RETURN_TYPES)} outputs")
+    return NodeRun(result=result, ui=ui)

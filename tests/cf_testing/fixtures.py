@@ -1,0 +1,99 @@
+"""Pytest fixtures shared by the whole suite (registered as a plugin in tests/conftest.py)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from .comfyui import REPO_ROOT, STUB_MODULES, STUBS_DIR, load_pack_like_comfyui, unload_pack
+
+
+@dataclass
+class ProgressCall:
+    value: int
+    total: int
+    node_id: str | None
+    preview: Any
+
+
+@dataclass
+class ComfyEnv:
+    """The ComfyUI stand-in as a test sees it."""
+
+    base_dir: Path
+    folder_paths: ModuleType
+    model_management: ModuleType
+    utils: ModuleType
+    server: Any  # the PromptServer instance
+    progress: list[ProgressCall] = field(default_factory=list)
+
+    def interrupt(self) -> None:
+        """What POST /interrupt does: set the flag."""
+        self.model_management.interrupt_current_processing(True)
+
+
+def _drop_stub_modules() -> None:
+    for name in STUB_MODULES:
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def comfy_env(tmp_path):
+    """Run the test as if inside ComfyUI: stand-in modules importable, a fresh base directory."""
+    from charforge import bridge
+
+    _drop_stub_modules()
+    sys.path.insert(0, str(STUBS_DIR))
+    try:
+        folder_paths = importlib.import_module("folder_paths")
+        utils = importlib.import_module("comfy.utils")
+        model_management = importlib.import_module("comfy.model_management")
+        server_module = importlib.import_module("server")
+        folder_paths.set_base_directory(tmp_path / "comfy")
+        server = server_module.PromptServer()
+        env = ComfyEnv(tmp_path / "comfy", folder_paths, model_management, utils, server)
+
+        def hook(value, total, preview, prompt_id=None, node_id=None):
+            # Same order as ComfyUI's main.hijack_progress: interrupt check first, then the message.
+            model_management.throw_exception_if_processing_interrupted()
+            env.progress.append(ProgressCall(value, total, node_id, preview))
+            server.send_sync("progress", {"value": value, "max": total, "prompt_id": prompt_id, "node": node_id},
+                             server.client_id)
+
+        utils.set_progress_bar_global_hook(hook)
+        bridge.reset()
+        yield env
+    finally:
+        sys.path.remove(str(STUBS_DIR))
+        _drop_stub_modules()
+        bridge.reset()
+
+
+@pytest.fixture
+def no_comfy(monkeypatch, tmp_path):
+    """Run the test as plain Python: no ComfyUI modules, fallback folders under tmp_path."""
+    from charforge import bridge
+
+    _drop_stub_modules()
+    for var in ("COMFYUI_DIR", "CHARFORGE_MODELS_DIR", "CHARFORGE_OUTPUT_DIR", "CHARFORGE_INPUT_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    bridge.reset()
+    assert not bridge.in_comfyui(), "a real ComfyUI module is importable; these tests need plain Python"
+    yield tmp_path
+    bridge.reset()
+
+
+@pytest.fixture
+def loaded_pack(comfy_env):
+    """The repository imported as ComfyUI imports a pack cloned into custom_nodes/."""
+    module = load_pack_like_comfyui(REPO_ROOT)
+    try:
+        yield module
+    finally:
+        unload_pack(module)
