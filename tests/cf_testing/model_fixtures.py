@@ -1,0 +1,1 @@
+"""Pytest fixtures for tiny models (session-scoped, built once per test run)."""

@@ -1,0 +1,116 @@
+"""Start and stop a real ComfyUI for the opt-in integration suite (``COMFYUI_DIR`` set).
+
+Each server gets its own throwaway ``--base-directory`` and a free loopback port, runs with ``--cpu``,
+and writes its log to a file the tests read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def comfyui_dir() -> Path | None:
+    value = os.environ.get("COMFYUI_DIR")
+    return Path(value).expanduser().resolve() if value else None
+
+
+def comfyui_python(comfy: Path) -> str:
+    if os.environ.get("COMFYUI_PYTHON"):
+        return os.environ["COMFYUI_PYTHON"]
+    for candidate in (comfy / "venv" / "bin" / "python", comfy / ".venv" / "bin" / "python"):
+        if candidate.exists():
+            return str(candidate)
+    return sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningComfyUI:
+    url: str
+    base_dir: Path
+    log_path: Path
+    process: subprocess.Popen
+
+    def get(self, path: str, timeout: float = 30):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, payload: dict, timeout: float = 30):
+        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
+            return json.loads(body) if body else None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_history(self, prompt_id: str, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get(f"/history/{prompt_id}")
+            if entry:
+                return entry[prompt_id]
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s; log:\n{self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_comfyui(comfy: Path, base_dir: Path, python: str | None = None, timeout: float = 240,
+                  extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> RunningComfyUI:
+    """Start ComfyUI on a free loopback port and wait until /system_stats answers."""
+    # ComfyUI 0.3.64 crashes at start when <base>/custom_nodes is missing, and keeps its database in its
+    # own folder unless told otherwise.
+    (base_dir / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    (base_dir / "user").mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = base_dir / "comfyui.log"
+    log_file = open(log_path, "w")  # noqa: SIM115 - stays open for the server's lifetime
+    command = [python or comfyui_python(comfy), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--base-directory", str(base_dir),
+               "--database-url", f"sqlite:///{base_dir / 'user' / 'comfyui.db'}", *extra_args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    process = subprocess.Popen(command, cwd=comfy, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    server = RunningComfyUI(f"http://127.0.0.1:{port}", base_dir, log_path, process)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ComfyUI exited with {process.returncode}; log:\n{server.log()[-5000:]}")
+        try:
+            server.get("/system_stats", timeout=2)
+            return server
+        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+            time.sleep(0.5)
+    server.stop()
+    raise TimeoutError(f"ComfyUI did not answer within {timeout}s; log:\n{server.log()[-5000:]}")
+
+
+def pack_import_failures(log: str, pack_marker: str) -> list[str]:
+    """Lines of a ComfyUI startup log that report a failed import of the pack named by `pack_marker`."""
+    bad = []
+    for line in log.splitlines():
+        if pack_marker in line and ("IMPORT FAILED" in line or "Cannot import" in line or "Skip " in line):
+            bad.append(line)
+    return bad

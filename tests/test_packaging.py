@@ -1,0 +1,152 @@
+"""Packaging: pyproject, requirements and install.py agree and do what users rely on."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from cf_testing.comfyui import REPO_ROOT
+
+PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+
+
+def _load_install():
+    spec = importlib.util.spec_from_file_location("cf_install", REPO_ROOT / "install.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+install = _load_install()
+
+
+def test_every_package_folder_is_packaged():
+    declared = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    mapping = PYPROJECT["tool"]["setuptools"]["package-dir"]
+    found = set()
+    for name, folder in mapping.items():
+        for init in (REPO_ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO_ROOT / folder).parts
+            sub = ".".join((name, *rel)) if rel else name
+            if not any(sub.startswith(other + ".") or sub == other for other in mapping if other != name
+                       and other.startswith(name + ".")):
+                found.add(sub)
+    assert found == declared
+
+
+def test_requirements_match_the_nodes_extra():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    wanted = {install.requirement_name(r) for r in extras["nodes"] + extras["faces"]} - install.NEVER_INSTALL
+    listed = [install.requirement_name(r) for r in install.read_requirements()]
+    assert set(listed) == wanted
+    assert not set(listed) & install.NEVER_INSTALL, "ComfyUI owns torch: never list it"
+    # ComfyUI-Manager installs line by line: no options, includes or inline comments.
+    for line in (REPO_ROOT / "requirements.txt").read_text().splitlines():
+        assert not line.startswith("-") and " #" not in line
+
+
+def test_registry_metadata():
+    comfy = PYPROJECT["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] == "CharForge" and comfy["Icon"]
+    assert PYPROJECT["project"]["name"] == "charforge"
+    assert PYPROJECT["project"]["scripts"]["charforge"] == "charforge.driver.cli:main"
+
+
+def test_driver_dependencies_are_light():
+    heavy = {"torch", "diffusers", "transformers", "insightface", "onnxruntime", "numpy"}
+    assert not {install.requirement_name(d) for d in PYPROJECT["project"]["dependencies"]} & heavy
+
+
+def _fake_comfyui(tmp_path):
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "custom_nodes").mkdir(parents=True)
+    (comfy / "main.py").write_text("")
+    (comfy / "folder_paths.py").write_text("")
+    return comfy
+
+
+def test_install_links_and_is_idempotent(tmp_path):
+    comfy = _fake_comfyui(tmp_path)
+    args = [sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(comfy), "--no-deps"]
+    for _ in range(2):
+        subprocess.run(args, check=True, capture_output=True)
+    target = comfy / "custom_nodes" / "charforge"
+    assert target.is_symlink() and target.resolve() == REPO_ROOT
+    assert (target / "__init__.py").exists()
+
+
+def test_install_copy_keeps_what_comfyui_needs_and_backs_up(tmp_path):
+    comfy = _fake_comfyui(tmp_path)
+    args = [sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(comfy), "--no-deps", "--copy"]
+    subprocess.run(args, check=True, capture_output=True)
+    target = comfy / "custom_nodes" / "charforge"
+    assert not target.is_symlink()
+    assert (target / "__init__.py").exists() and (target / "custom_nodes" / "charforge" / "bridge.py").exists()
+    assert not (target / ".git").exists() and not (target / ".venv").exists()
+    subprocess.run(args, check=True, capture_output=True)  # update in place
+    assert (comfy / "custom_nodes" / "charforge.old.disabled").exists()
+
+
+def test_install_refuses_foreign_folder_and_non_comfyui(tmp_path):
+    comfy = _fake_comfyui(tmp_path)
+    (comfy / "custom_nodes" / "charforge").mkdir()
+    (comfy / "custom_nodes" / "charforge" / "precious.txt").write_text("keep me")
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(comfy), "--no-deps"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "--force" in result.stdout
+    assert (comfy / "custom_nodes" / "charforge" / "precious.txt").exists()
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(tmp_path), "--no-deps"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "does not look like a ComfyUI" in result.stdout
+
+
+def test_finds_comfyui_venv_python(tmp_path, monkeypatch):
+    monkeypatch.delenv("COMFYUI_PYTHON", raising=False)
+    comfy = _fake_comfyui(tmp_path)
+    python = comfy / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("")
+    assert install.find_comfy_python(comfy, None) == str(python)
+    monkeypatch.setenv("COMFYUI_PYTHON", "/opt/other/python")
+    assert install.find_comfy_python(comfy, None) == "/opt/other/python"
+    assert install.find_comfy_python(comfy, "/explicit/python") == "/explicit/python"
+
+
+def test_probe_reports_only_unsatisfied_requirements():
+    lines = ["pytest>=1", "pytest>=999", "surely-not-installed-charforge-x"]
+    assert install.unsatisfied(sys.executable, lines) == lines[1:]
+
+
+def test_requirements_install_one_by_one_optional_failures_tolerated(monkeypatch):
+    calls = []
+
+    def fake_run(cmd, *a, **k):
+        calls.append(cmd)
+        if cmd[1] == "-c":
+            return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(install.read_requirements()))
+        return subprocess.CompletedProcess(cmd, 1 if "insightface" in cmd[-1] else 0)
+
+    monkeypatch.setattr(install.subprocess, "run", fake_run)
+    failed = install.install_requirements("/comfy/python")
+    assert failed == [line for line in install.read_requirements() if line.startswith("insightface")]
+    pip_calls = [c for c in calls if c[1] == "-m"]
+    assert len(pip_calls) == len(install.read_requirements())
+    assert all(c[:4] == ["/comfy/python", "-m", "pip", "install"] and len(c) == 5 for c in pip_calls)
+
+    def fail_numpy(cmd, *a, **k):
+        if cmd[1] == "-c":
+            return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(["numpy>=1.24"]))
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(install.subprocess, "run", fail_numpy)
+    with pytest.raises(install.InstallError, match="numpy"):
+        install.install_requirements("/comfy/python")
+
+
+def test_cli_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "charforge.driver.cli", "--version"], capture_output=True,
+                            text=True, cwd=Path.home())
+    assert result.returncode == 0 and "charforge 0.1.0" in result.stdout
