@@ -6,7 +6,7 @@ import pytest
 from cf_testing.comfyui import run_node
 from PIL import Image
 
-from charforge.nodes.dataset import ListImages
+from charforge.nodes.dataset import ImageQuality, ListImages
 
 
 def _photo(path, size=(64, 48), color="red", **save):
@@ -96,3 +96,66 @@ def test_is_changed_follows_folder_contents(comfy_env, photos):
 def test_runs_outside_comfyui(no_comfy, photos):
     run = run_node(ListImages, folder=str(photos), recursive=False, max_preview=2, preview_size=32)
     assert run.result[1] == 3
+
+
+# ---------------------------------------------------------------------------- Image Quality
+
+def _batch(*arrays):
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.stack(arrays).astype("float32"))
+
+
+def _checkerboard(size, cell):
+    import numpy as np
+
+    yy, xx = np.mgrid[0:size, 0:size]
+    board = (((yy // cell) + (xx // cell)) % 2).astype("float32")
+    return np.repeat(board[:, :, None], 3, axis=2)
+
+
+def test_quality_separates_sharp_from_blurred(comfy_env):
+    import json
+
+    import cv2
+    import numpy as np
+
+    sharp = _checkerboard(256, 16)
+    blurred = cv2.GaussianBlur(sharp, (0, 0), 6)
+    flat = np.full((256, 256, 3), 0.5, dtype="float32")
+    run = run_node(ImageQuality, node_id="3", images=_batch(sharp, blurred, flat), min_sharpness=60.0)
+    report, sharp_count = run.result
+    rows = json.loads(report)
+    assert [row["sharp"] for row in rows] == [True, False, False]
+    assert rows[0]["sharpness"] > 10 * rows[1]["sharpness"] and rows[2]["sharpness"] == 0
+    assert sharp_count == 1 and run.ui["text"] == ["1 of 3 image(s) sharp (min_sharpness 60)"]
+    assert abs(rows[2]["brightness"] - 0.5) < 0.01 and rows[2]["contrast"] < 0.01
+    assert [c.value for c in comfy_env.progress] == [1, 2, 3]
+
+
+def test_sharpness_does_not_depend_on_photo_size():
+    import cv2
+
+    from charforge.engine.dataset import measure_quality
+
+    # The same photo at two camera resolutions (both above the analysis size, as real photos are).
+    base = _checkerboard(768, 24)
+    large = cv2.resize(base, (1536, 1536), interpolation=cv2.INTER_NEAREST)
+    a, b = measure_quality(base).sharpness, measure_quality(large).sharpness
+    assert abs(a - b) / a < 0.2
+
+    def raw(img):
+        return cv2.Laplacian(cv2.cvtColor((img * 255).astype("uint8"), cv2.COLOR_RGB2GRAY), cv2.CV_64F).var()
+
+    assert raw(base) > 1.5 * raw(large)  # unnormalised, the larger copy would look blurrier
+
+
+def test_quality_without_opencv_says_what_to_install(comfy_env, monkeypatch):
+    import sys
+
+    from charforge.deps import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # as if opencv were not installed
+    with pytest.raises(MissingDependencyError, match=r"opencv-python-headless.*pip install opencv-python-headless"):
+        run_node(ImageQuality, images=_batch(_checkerboard(32, 4)), min_sharpness=60.0)

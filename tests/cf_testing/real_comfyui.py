@@ -44,6 +44,7 @@ class RunningComfyUI:
     base_dir: Path
     log_path: Path
     process: subprocess.Popen
+    hidden_modules: frozenset[str] = frozenset()  # optional packages hidden from this server's Python
 
     def get(self, path: str, timeout: float = 30):
         with urllib.request.urlopen(self.url + path, timeout=timeout) as response:

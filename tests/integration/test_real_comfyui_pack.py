@@ -63,6 +63,8 @@ def _check_server(server, pack_dir_name: str) -> None:
               "inputs": {"folder": "hero", "recursive": False, "max_preview": 4, "preview_size": 64}},
         "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
     }
+    if "cv2" not in server.hidden_modules:
+        prompt["3"] = {"class_type": "CharForgeImageQuality", "inputs": {"images": ["1", 0], "min_sharpness": 60.0}}
     prompt_id = str(uuid.uuid4())
     reply = server.post("/prompt", {"prompt": prompt, "prompt_id": prompt_id, "client_id": "cf-test"})
     assert reply["node_errors"] == {}
@@ -70,6 +72,8 @@ def _check_server(server, pack_dir_name: str) -> None:
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert "2 image(s)" in entry["outputs"]["1"]["text"][0] and "broken.jpg" in entry["outputs"]["1"]["text"][0]
     assert len(entry["outputs"]["2"]["images"]) == 2
+    if "3" in prompt:
+        assert entry["outputs"]["3"]["text"][0].endswith("image(s) sharp (min_sharpness 60)")
 
 
 def _clone(target: Path) -> None:
@@ -157,10 +161,24 @@ def test_missing_optional_packages_do_not_stop_the_pack(comfy, tmp_path):
     subprocess.run([sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(comfy), "--base-directory",
                     str(base), "--no-deps"], check=True)
     server = start_comfyui(comfy, base, python, env={"PYTHONPATH": str(hide)})
+    server.hidden_modules = {"cv2", "insightface"}
     try:
         log = server.log()
         assert "insightface: needed for face identity scoring" in log
         assert "opencv-python-headless: needed for" in log and "pip install" in log
+        assert {"CharForgeListImages", "CharForgeImageQuality"} <= set(server.get("/object_info"))
+        # The node that needs opencv fails with a message saying what to install; the server carries on.
+        prompt_id = str(uuid.uuid4())
+        server.post("/prompt", {"prompt_id": prompt_id, "client_id": "cf-test", "prompt": {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "CharForgeImageQuality", "inputs": {"images": ["1", 0], "min_sharpness": 60.0}},
+        }})
+        entry = server.wait_history(prompt_id)
+        assert entry["status"]["status_str"] == "error"
+        errors = [data for event, data in entry["status"]["messages"] if event == "execution_error"]
+        assert errors and errors[0]["node_type"] == "CharForgeImageQuality"
+        assert errors[0]["exception_type"].endswith("MissingDependencyError")
+        assert "pip install opencv-python-headless" in errors[0]["exception_message"]
         _check_server(server, "charforge")
     finally:
         server.stop()

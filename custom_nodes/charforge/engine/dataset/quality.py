@@ -1,0 +1,53 @@
+"""Per-image quality measures: sharpness and exposure.
+
+Sharpness is the variance of the Laplacian of the grey image, measured after scaling the image so its
+long side is `ANALYSIS_SIZE` pixels: the raw measure grows with resolution, so without the rescale a
+sharp small photo would score below a blurry large one. Values above ~100 are typically sharp, below
+~30 clearly blurred (8-bit scale).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ...deps import require
+
+ANALYSIS_SIZE = 512
+
+
+@dataclass(frozen=True)
+class ImageQuality:
+    sharpness: float  # variance of the Laplacian at ANALYSIS_SIZE, 8-bit scale
+    brightness: float  # mean luminance, 0..1
+    contrast: float  # standard deviation of luminance, 0..1
+    dark_fraction: float  # share of pixels at or below 2 % luminance
+    bright_fraction: float  # share of pixels at or above 98 % luminance
+
+    def as_dict(self) -> dict:
+        return {key: round(value, 4) for key, value in asdict(self).items()}
+
+
+def measure_quality(rgb) -> ImageQuality:
+    """Quality of one image given as an HxWx3 array (uint8 0..255 or float 0..1)."""
+    np = require("numpy")
+    cv2 = require("cv2")
+    image = np.asarray(rgb)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
+    if image.dtype != np.uint8:
+        image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    scale = ANALYSIS_SIZE / max(grey.shape)
+    if scale != 1.0:
+        interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_CUBIC
+        grey = cv2.resize(grey, (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale))),
+                          interpolation=interpolation)
+    sharpness = float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    luminance = grey.astype(np.float64) / 255.0
+    return ImageQuality(
+        sharpness=sharpness,
+        brightness=float(luminance.mean()),
+        contrast=float(luminance.std()),
+        dark_fraction=float((luminance <= 0.02).mean()),
+        bright_fraction=float((luminance >= 0.98).mean()),
+    )
