@@ -6,7 +6,6 @@ import pytest
 
 from charforge import bridge
 
-
 # ---------------------------------------------------------------------------- inside ComfyUI
 
 def test_detects_comfyui(comfy_env):

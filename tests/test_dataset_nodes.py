@@ -3,9 +3,9 @@
 import os
 
 import pytest
-from cf_testing.comfyui import run_node
 from PIL import Image
 
+from cf_testing.comfyui import run_node
 from charforge.nodes.dataset import ImageQuality, ListImages
 
 

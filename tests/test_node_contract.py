@@ -4,8 +4,8 @@ import inspect
 import math
 
 import pytest
-from cf_testing.comfyui import CORE_TYPES, HIDDEN_KINDS, WIDGET_TYPES, node_info
 
+from cf_testing.comfyui import CORE_TYPES, HIDDEN_KINDS, WIDGET_TYPES, node_info
 from charforge.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from charforge.nodes.types import CUSTOM_TYPES
 

@@ -4,8 +4,8 @@ import importlib.util
 import logging
 
 import pytest
-from cf_testing.comfyui import REPO_ROOT, load_pack_like_comfyui, node_info, run_node, unload_pack
 
+from cf_testing.comfyui import REPO_ROOT, load_pack_like_comfyui, node_info, run_node, unload_pack
 from charforge import deps
 
 

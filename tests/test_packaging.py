@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
 from cf_testing.comfyui import REPO_ROOT
 
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
@@ -150,3 +151,19 @@ def test_cli_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "charforge.driver.cli", "--version"], capture_output=True,
                             text=True, cwd=Path.home())
     assert result.returncode == 0 and "charforge 0.1.0" in result.stdout
+
+
+def test_readme_node_catalogue_is_up_to_date():
+    from charforge import catalogue
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert catalogue.replace_block(readme, catalogue.render()) == readme, "run `make catalogue`"
+    for node_id in catalogue.NODE_CLASS_MAPPINGS:
+        assert f"`{node_id}`" in readme
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (REPO_ROOT / "README.md").read_text()
+    first_block = readme.split("```bash", 1)[1].split("```", 1)[0]
+    assert "make test" in first_block and "install.py" in first_block
+    assert "make test" in (REPO_ROOT / ".ci" / "run").read_text()

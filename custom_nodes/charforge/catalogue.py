@@ -38,7 +38,7 @@ def render() -> str:
             inputs = [f"`{name}` ({_type_name(spec)})" for section in ("required", "optional")
                       for name, spec in declared.get(section, {}).items()]
             names = getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)
-            outputs = [f"`{name}` ({kind})" for name, kind in zip(names, cls.RETURN_TYPES)]
+            outputs = [f"`{name}` ({kind})" for name, kind in zip(names, cls.RETURN_TYPES, strict=True)]
             display = NODE_DISPLAY_NAME_MAPPINGS[node_id]
             lines.append(f"| **{_cell(display)}**<br>`{node_id}` | {_cell(cls.DESCRIPTION)} | "
                          f"{', '.join(inputs) or '—'} | {', '.join(outputs) or '—'} |")

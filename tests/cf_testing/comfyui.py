@@ -94,9 +94,7 @@ def run_node(cls: type, node_id: str = "1", instance: Any = None, **inputs) -> N
     for name, kind in declared.get("hidden", {}).items():
         if kind == "UNIQUE_ID":
             kwargs.setdefault(name, node_id)
-        elif kind == "PROMPT":
-            kwargs.setdefault(name, {})
-        elif kind == "EXTRA_PNGINFO":
+        elif kind == "PROMPT" or kind == "EXTRA_PNGINFO":
             kwargs.setdefault(name, {})
     missing = [n for n in declared.get("required", {}) if n not in kwargs]
     if missing:

@@ -17,10 +17,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from cf_testing.comfyui import REPO_ROOT
-from cf_testing.real_comfyui import comfyui_dir, comfyui_python, pack_import_failures, start_comfyui
 from PIL import Image
 
+from cf_testing.comfyui import REPO_ROOT
+from cf_testing.real_comfyui import comfyui_dir, comfyui_python, pack_import_failures, start_comfyui
 from charforge.nodes import NODE_CLASS_MAPPINGS
 
 pytestmark = [
