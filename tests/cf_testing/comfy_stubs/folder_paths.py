@@ -4,6 +4,7 @@
 """
 
 import os
+import time
 
 supported_pt_extensions = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
 
@@ -57,6 +58,21 @@ def set_base_directory(path):
     for key in ("checkpoints", "loras", "vae", "text_encoders", "diffusion_models"):
         sub = {"text_encoders": "clip"}.get(key, key)
         add_model_folder_path(key, os.path.join(output_directory, sub))
+
+
+def set_output_directory(output_dir):
+    global output_directory
+    output_directory = output_dir
+
+
+def set_temp_directory(temp_dir):
+    global temp_directory
+    temp_directory = temp_dir
+
+
+def set_input_directory(input_dir):
+    global input_directory
+    input_directory = input_dir
 
 
 def get_output_directory():
@@ -170,15 +186,23 @@ def get_save_image_path(filename_prefix, output_dir, image_width=0, image_height
             digits = 0
         return digits, prefix
 
-    filename_prefix = filename_prefix.replace("%width%", str(image_width)).replace("%height%", str(image_height))
+    if "%" in filename_prefix:
+        now = time.localtime()
+        for token, value in (("%width%", image_width), ("%height%", image_height), ("%year%", now.tm_year),
+                             ("%month%", f"{now.tm_mon:02}"), ("%day%", f"{now.tm_mday:02}"),
+                             ("%hour%", f"{now.tm_hour:02}"), ("%minute%", f"{now.tm_min:02}"),
+                             ("%second%", f"{now.tm_sec:02}")):
+            filename_prefix = filename_prefix.replace(token, str(value))
     subfolder = os.path.dirname(os.path.normpath(filename_prefix))
     filename = os.path.basename(os.path.normpath(filename_prefix))
     full_output_folder = os.path.join(output_dir, subfolder)
-    if os.path.commonpath((output_dir, os.path.abspath(full_output_folder))) != output_dir:
+    common = os.path.commonpath((output_dir, os.path.abspath(full_output_folder)))
+    if common != output_dir:
         raise Exception(
             "**** ERROR: Saving image outside the output folder is not allowed."
             f"\n full_output_folder: {os.path.abspath(full_output_folder)}"
             f"\n         output_dir: {output_dir}"
+            f"\n         commonpath: {common}"
         )
     try:
         counter = max(
