@@ -142,3 +142,26 @@ def test_fallback_directories(no_comfy, monkeypatch):
     monkeypatch.setenv("CHARFORGE_OUTPUT_DIR", str(no_comfy / "out"))
     assert bridge.output_directory() == str(no_comfy / "out")
     bridge.send_event("status", {"x": 1})  # no server: logged, not raised
+
+
+def test_fallback_model_folders_from_config_file(no_comfy, monkeypatch):
+    models = no_comfy / "studio" / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    (models / "checkpoints" / "sd15.safetensors").write_bytes(b"x")
+    extra = no_comfy / "extra_ckpts"
+    extra.mkdir()
+    (extra / "sdxl.safetensors").write_bytes(b"x")
+    config = no_comfy / "config.yaml"
+    config.write_text(f"models:\n  dir: {models}\n  folders:\n    checkpoints: [{extra}]\nprofiles: {{}}\n")
+    monkeypatch.setenv("CHARFORGE_CONFIG", str(config))
+    assert bridge.list_models("checkpoints") == ["sd15.safetensors", "sdxl.safetensors"]
+    assert bridge.model_folders("checkpoints")[0] == str(extra)  # explicit folders come first
+
+
+def test_broken_config_file_is_reported_not_fatal(no_comfy, monkeypatch, caplog):
+    config = no_comfy / "config.yaml"
+    config.write_text("models: [unclosed\n")
+    monkeypatch.setenv("CHARFORGE_CONFIG", str(config))
+    with pytest.raises(bridge.ModelNotFoundError, match="models.dir"):
+        bridge.find_model("loras", "x.safetensors")
+    assert "ignoring config" in caplog.text

@@ -5,8 +5,15 @@ folders, progress, cancellation and server messages. Inside ComfyUI they call Co
 (`folder_paths`, `comfy.utils`, `comfy.model_management`, `server`); outside it (plain Python, the
 test suite, a training script) they fall back to plain behaviour:
 
-- model folders come from `CHARFORGE_MODELS_DIR` (a ComfyUI-style ``models`` folder), else
-  ``$COMFYUI_DIR/models``, plus per-kind extra paths in ``CHARFORGE_PATH_<KIND>`` (os.pathsep separated);
+- model folders come from ``CHARFORGE_PATH_<KIND>`` (os.pathsep separated), then the ``models`` section of
+  the CharForge config file (``$CHARFORGE_CONFIG``, default ``~/.config/charforge/config.yaml``)::
+
+      models:
+        dir: /data/ComfyUI/models          # a ComfyUI-style models folder
+        folders:                           # extra folders per kind
+          loras: [/data/more_loras]
+
+  then ``$CHARFORGE_MODELS_DIR`` (a ComfyUI-style ``models`` folder), then ``$COMFYUI_DIR/models``;
 - progress is logged (and passed to an optional callback);
 - cancellation is a process-wide flag set with `request_cancel()`;
 - server messages are logged at debug level.
@@ -155,8 +162,31 @@ def register_model_folders() -> list[str]:
     return keys
 
 
+def config_path() -> Path:
+    """The CharForge config file shared by the pack (``models``) and the driver (``profiles``)."""
+    return Path(os.environ.get("CHARFORGE_CONFIG") or "~/.config/charforge/config.yaml").expanduser()
+
+
+def _models_config() -> dict[str, Any]:
+    path = config_path()
+    if not path.is_file():
+        return {}
+    try:
+        import yaml
+
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except Exception as exc:  # noqa: BLE001 - a bad config must not break model lookup; say why instead
+        log.warning("CharForge: ignoring config %s: %s", path, exc)
+        return {}
+    section = data.get("models", {}) if isinstance(data, dict) else {}
+    return section if isinstance(section, dict) else {}
+
+
 def _fallback_models_dirs() -> list[Path]:
     roots = []
+    configured = _models_config().get("dir")
+    if configured:
+        roots.append(Path(str(configured)).expanduser())
     if os.environ.get("CHARFORGE_MODELS_DIR"):
         roots.append(Path(os.environ["CHARFORGE_MODELS_DIR"]).expanduser())
     if os.environ.get("COMFYUI_DIR"):
@@ -182,6 +212,8 @@ def model_folders(kind: str) -> list[str]:
     folders: list[str] = []
     extra = os.environ.get(f"CHARFORGE_PATH_{kind.upper()}", "")
     folders += [str(Path(p).expanduser()) for p in extra.split(os.pathsep) if p]
+    configured = (_models_config().get("folders") or {}).get(kind) or []
+    folders += [str(Path(str(p)).expanduser()) for p in ([configured] if isinstance(configured, str) else configured)]
     names = COMFY_MODEL_FOLDERS.get(kind, (kind,))
     for root in _fallback_models_dirs():
         folders += [str(root / name) for name in names]
@@ -226,7 +258,8 @@ def find_model(kind: str, name: str) -> str:
             if candidate.exists():
                 return str(candidate)
     folders = model_folders(kind)
-    where = ", ".join(folders) if folders else "no folder is configured (set CHARFORGE_MODELS_DIR or COMFYUI_DIR)"
+    where = ", ".join(folders) if folders else (
+        f"no folder is configured (set CHARFORGE_MODELS_DIR or COMFYUI_DIR, or models.dir in {config_path()})")
     raise ModelNotFoundError(f"{kind} model {name!r} not found; looked in: {where}")
 
 

@@ -83,6 +83,7 @@ def no_comfy(monkeypatch, tmp_path):
     _drop_stub_modules()
     for var in ("COMFYUI_DIR", "CHARFORGE_MODELS_DIR", "CHARFORGE_OUTPUT_DIR", "CHARFORGE_INPUT_DIR"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CHARFORGE_CONFIG", str(tmp_path / "no-config.yaml"))  # never the user's own config
     bridge.reset()
     assert not bridge.in_comfyui(), "a real ComfyUI module is importable; these tests need plain Python"
     yield tmp_path
