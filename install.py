@@ -220,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         place_pack(base / "custom_nodes", copy=args.copy, force=args.force)
         if not args.no_deps:
             install_requirements(python, upgrade=args.upgrade)
-        say("done: restart ComfyUI; the nodes are under the CharForge/ menu")
-        if args.start:
+        if not args.start:
+            say("done: (re)start ComfyUI; the nodes are under the CharForge/ menu")
+        else:
             if args.base_directory and "--base-directory" not in passthrough:
                 passthrough = ["--base-directory", str(base), *passthrough]
             return start_comfyui(comfyui, python, passthrough)
