@@ -518,3 +518,36 @@ def test_real_comfyui_loads_the_sd15_checkpoint_and_rejects_tiny_ones(sd15_comfy
                                 "cond_shape": [1, 77, 768], "cond_finite": True}
     for tiny in paths[1:]:
         assert "Could not detect model type" in loaded[tiny]["error"]
+
+
+def test_component_weights_in_every_file_layout(tmp_path):
+    from safetensors.torch import save_file
+
+    a, b = {"a.weight": torch.ones(2)}, {"b.weight": torch.zeros(3)}
+    variant_only = tmp_path / "variant_only"
+    variant_only.mkdir()
+    save_file(a, str(variant_only / "model.fp16.safetensors"))
+    assert load_component_state_dict(variant_only).keys() == {"a.weight"}
+
+    both = tmp_path / "both"
+    both.mkdir()
+    save_file(a, str(both / "diffusion_pytorch_model.safetensors"))
+    save_file(b, str(both / "diffusion_pytorch_model.fp16.safetensors"))
+    assert load_component_state_dict(both).keys() == {"a.weight"}  # the plain file wins
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    save_file(a, str(sharded / "model-00001-of-00002.safetensors"))
+    save_file(b, str(sharded / "model-00002-of-00002.safetensors"))
+    index = {"weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                            "b.weight": "model-00002-of-00002.safetensors"}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert load_component_state_dict(sharded).keys() == {"a.weight", "b.weight"}
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save(b, pickled / "pytorch_model.bin")
+    assert load_component_state_dict(pickled).keys() == {"b.weight"}
+
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        load_component_state_dict(tmp_path)

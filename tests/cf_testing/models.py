@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,10 +265,11 @@ def _vae(config: dict, seed: int, **extra):
     return _seeded(seed, lambda: AutoencoderKL(**config, **extra).eval())
 
 
-def _tokenizer(directory: Path, pad_token: str = END_TOKEN):
+def _tokenizer(pad_token: str = END_TOKEN):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(str(write_tiny_clip_tokenizer(directory, pad_token)))
+    with tempfile.TemporaryDirectory() as scratch:
+        return CLIPTokenizer.from_pretrained(str(write_tiny_clip_tokenizer(scratch, pad_token)))
 
 
 def _replace_tokenizer_folder(folder: Path, pad_token: str) -> None:
@@ -288,7 +290,7 @@ def build_tiny_sd15(directory: str | Path, seed: int = 0) -> TinyPipeline:
     pipe = StableDiffusionPipeline(
         vae=_vae(TINY_VAE, seed + 1, scaling_factor=0.18215),
         text_encoder=_text_encoder(TINY_CLIP_L, False, seed + 2),
-        tokenizer=_tokenizer(directory / "tokenizer_source"),
+        tokenizer=_tokenizer(),
         unet=_unet(TINY_SD15_UNET, seed),
         scheduler=PNDMScheduler(**_SCHEDULER_BETAS, skip_prk_steps=True, set_alpha_to_one=False),
         safety_checker=None,
@@ -310,8 +312,8 @@ def build_tiny_sdxl(directory: str | Path, seed: int = 0) -> TinyPipeline:
         vae=_vae(TINY_VAE, seed + 1, scaling_factor=0.13025, force_upcast=True),
         text_encoder=_text_encoder(TINY_CLIP_L, False, seed + 2),
         text_encoder_2=_text_encoder(TINY_CLIP_G, True, seed + 3),
-        tokenizer=_tokenizer(directory / "tokenizer_source"),
-        tokenizer_2=_tokenizer(directory / "tokenizer_2_source", pad_token="!"),
+        tokenizer=_tokenizer(),
+        tokenizer_2=_tokenizer(pad_token="!"),
         unet=_unet(TINY_SDXL_UNET, seed),
         scheduler=EulerDiscreteScheduler(**_SCHEDULER_BETAS, interpolation_type="linear",
                                          timestep_spacing="leading", use_karras_sigmas=False),
@@ -326,8 +328,6 @@ def _save(pipe, directory: Path, kind: str, unet_config: dict, te_config: dict, 
     _replace_tokenizer_folder(diffusers_dir / "tokenizer", END_TOKEN)
     if te2_config is not None:
         _replace_tokenizer_folder(diffusers_dir / "tokenizer_2", "!")
-    for source in directory.glob("tokenizer*_source"):
-        shutil.rmtree(source)
     single_file = save_single_file(diffusers_dir, directory / f"tiny_{kind}.safetensors",
                                    metadata={"charforge.test_model": f"tiny_{kind}"})
     return TinyPipeline(kind, diffusers_dir, single_file, dict(unet_config), dict(TINY_VAE), dict(te_config),

@@ -20,7 +20,13 @@ levels, res blocks per level, which levels have attention), so shrunken test mod
 go through the same code. Only names and two shapes change: VAE attention projections become 1x1 convs,
 and the OpenCLIP text projection is stored transposed. Values are never modified.
 
-Diffusers' own ``from_single_file`` reads these files back into identical tensors (see the tests).
+Diffusers' own loader reads these files back into identical tensors (see tests/test_tiny_models.py);
+offline it needs only the diffusers folder for the configs, no ``original_config``::
+
+    StableDiffusionXLPipeline.from_single_file(path, config=diffusers_dir, local_files_only=True)
+
+ComfyUI's checkpoint loader detects full-size SD1.5 / SDXL files written here as SD15 / SDXL, and its
+own U-Net modules have exactly our keys and shapes.
 """
 
 from __future__ import annotations
@@ -419,36 +425,48 @@ def _safetensors_torch():
     return safetensors.torch
 
 
+def _weight_files(folder: Path, extension: str) -> list[Path]:
+    """The weight files of one format in `folder`: the shards an index names, or the single file.
+
+    Plain names (``model.safetensors``) win over variants (``model.fp16.safetensors``).
+    """
+
+    def is_variant(path: Path) -> bool:
+        return path.name.split(".")[1] != extension
+
+    indexes = sorted(folder.glob(f"*.{extension}.index.json"), key=is_variant)
+    if indexes:
+        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        return [folder / shard for shard in sorted(set(weight_map.values()))]
+    files = sorted(folder.glob(f"*.{extension}"))
+    files = [f for f in files if not is_variant(f)] or files
+    if len(files) > 1:
+        raise ValueError(f"{folder}: several weight files and no index: {[f.name for f in files]}")
+    return files
+
+
 def load_component_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of one diffusers component folder (e.g. ``<pipeline>/unet``).
 
-    Reads ``*.safetensors`` (single or sharded with an ``.index.json``); falls back to ``*.bin`` files,
-    loaded with ``weights_only=True``. Variant files (``model.fp16.safetensors``) are used only when they
-    are the only weights present.
+    Reads ``*.safetensors`` (one file, or shards listed in a ``*.safetensors.index.json``); falls back
+    to ``*.bin`` files, loaded with ``weights_only=True``. Variant files (``model.fp16.safetensors``) are
+    used only when no plain file is there.
     """
     safetensors_torch = _safetensors_torch()
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"component folder not found: {folder}")
-    for suffix in (".safetensors", ".bin"):
-        indexes = sorted(folder.glob(f"*{suffix}.index.json"))
-        if indexes:
-            shards = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
-            files = [folder / shard for shard in shards]
-        else:
-            files = sorted(folder.glob(f"*{suffix}"))
-            plain = [f for f in files if f.name.count(".") == 1]  # "model.safetensors", not "model.fp16..."
-            files = plain or files
-            if len(files) > 1:
-                raise ValueError(f"{folder}: several weight files and no index: {[f.name for f in files]}")
-        if files:
-            state_dict: dict[str, torch.Tensor] = {}
-            for file in files:
-                if suffix == ".safetensors":
-                    state_dict.update(safetensors_torch.load_file(str(file)))
-                else:
-                    state_dict.update(torch.load(file, map_location="cpu", weights_only=True))
-            return state_dict
+    for extension in ("safetensors", "bin"):
+        files = _weight_files(folder, extension)
+        if not files:
+            continue
+        state_dict: dict[str, torch.Tensor] = {}
+        for file in files:
+            if extension == "safetensors":
+                state_dict.update(safetensors_torch.load_file(str(file)))
+            else:
+                state_dict.update(torch.load(file, map_location="cpu", weights_only=True))
+        return state_dict
     raise FileNotFoundError(f"no weights (*.safetensors or *.bin) in {folder}")
 
 
@@ -484,22 +502,27 @@ def save_single_file(
         raise ValueError(f"{index_file}: components {missing} are missing; need unet, vae and text_encoder")
     has_text_encoder_2 = bool((model_index.get("text_encoder_2") or [None])[0])
 
-    unet_config = json.loads((diffusers_dir / "unet" / "config.json").read_text())
-    state_dict = pipeline_to_single_file_state_dict(
-        load_component_state_dict(diffusers_dir / "unet"),
-        load_component_state_dict(diffusers_dir / "vae"),
-        load_component_state_dict(diffusers_dir / "text_encoder"),
-        load_component_state_dict(diffusers_dir / "text_encoder_2") if has_text_encoder_2 else None,
-        unet_config=unet_config,
-    )
-
     target = _resolve_dtype(dtype)
-    if target is not None:
-        state_dict = {k: v.to(target) if v.is_floating_point() else v for k, v in state_dict.items()}
     header = dict(metadata or {})
     bad = [k for k, v in header.items() if not (isinstance(k, str) and isinstance(v, str))]
     if bad:
         raise TypeError(f"safetensors metadata must map str to str; offending keys: {bad}")
+
+    def load(name: str) -> dict[str, torch.Tensor]:
+        # Cast component by component: peak memory stays near the size of the written file.
+        state_dict = load_component_state_dict(diffusers_dir / name)
+        if target is None:
+            return state_dict
+        return {k: v.to(target) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+    unet_config = json.loads((diffusers_dir / "unet" / "config.json").read_text())
+    state_dict = pipeline_to_single_file_state_dict(
+        load("unet"),
+        load("vae"),
+        load("text_encoder"),
+        load("text_encoder_2") if has_text_encoder_2 else None,
+        unet_config=unet_config,
+    )
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
