@@ -97,18 +97,22 @@ def test_install_py_into_comfyui(comfy, tmp_path):
         server.stop()
 
 
+def _install_like_manager_and_check(comfy: Path, base: Path, pack: Path) -> None:
+    """ComfyUI-Manager runs the pack's install.py with ComfyUI's Python, cwd = pack, COMFYUI_PATH set."""
+    python = comfyui_python(comfy)
+    subprocess.run([python, "install.py"], cwd=pack, env=dict(os.environ, COMFYUI_PATH=str(comfy)), check=True)
+    server = start_comfyui(comfy, base, python)
+    try:
+        _check_server(server, pack.name)
+    finally:
+        server.stop()
+
+
 def test_cloned_into_custom_nodes_like_manager(comfy, tmp_path):
     base = tmp_path / "base"
     pack = base / "custom_nodes" / "CharForge"
     _clone(pack)
-    python = comfyui_python(comfy)
-    # ComfyUI-Manager runs the pack's install.py with ComfyUI's Python, cwd = pack, COMFYUI_PATH set.
-    subprocess.run([python, "install.py"], cwd=pack, env=dict(os.environ, COMFYUI_PATH=str(comfy)), check=True)
-    server = start_comfyui(comfy, base, python)
-    try:
-        _check_server(server, "CharForge")
-    finally:
-        server.stop()
+    _install_like_manager_and_check(comfy, base, pack)
 
 
 def _registry_zip(work: Path) -> Path:
@@ -141,13 +145,7 @@ def test_registry_layout(comfy, tmp_path):
         base = tmp_path / "base"
         pack = base / "custom_nodes" / "charforge"
         zf.extractall(pack)
-    python = comfyui_python(comfy)
-    subprocess.run([python, "install.py"], cwd=pack, env=dict(os.environ, COMFYUI_PATH=str(comfy)), check=True)
-    server = start_comfyui(comfy, base, python)
-    try:
-        _check_server(server, "charforge")
-    finally:
-        server.stop()
+    _install_like_manager_and_check(comfy, base, pack)
 
 
 def test_missing_optional_packages_do_not_stop_the_pack(comfy, tmp_path):
