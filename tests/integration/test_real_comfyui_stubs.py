@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from cf_testing.real_comfyui import comfyui_dir, comfyui_python
 
 pytestmark = [pytest.mark.comfyui,
