@@ -1,0 +1,411 @@
+"""Where the server is and how to authenticate: URLs, auth, environment variables and profiles.
+
+Precedence, highest first: explicit arguments (``--server``, ``auth=``) > ``CHARFORGE_*`` environment
+variables > the chosen profile of the config file (``$CHARFORGE_CONFIG`` or ``~/.config/charforge/config.yaml``).
+
+Config file::
+
+    default_profile: local
+    profiles:
+      local:
+        server: http://127.0.0.1:8188
+      studio:
+        server: https://comfy.example.com/team/      # path prefixes and https/wss are fine
+        token_env: STUDIO_COMFY_TOKEN                # bearer token read from this variable
+      pod:
+        server: https://abc-8188.proxy.runpod.net
+        username: me
+        password_env: POD_PASSWORD                   # basic auth
+        headers: {X-Api-Key: "${POD_KEY}"}           # ${VAR} is expanded from the environment
+        timeout: 1800                                # default job timeout (seconds) for this profile
+
+Environment variables: ``CHARFORGE_SERVER``, ``CHARFORGE_PROFILE``, ``CHARFORGE_TOKEN``, ``CHARFORGE_USERNAME``
++ ``CHARFORGE_PASSWORD``, ``CHARFORGE_HEADERS`` (a JSON object of header names to values).
+
+Secrets are kept in :class:`Secret` objects whose ``repr``/``str`` is ``***``; :func:`redact` removes them from
+any text (error messages, logs, manifests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+from .errors import ConfigError
+
+DEFAULT_SERVER = "http://127.0.0.1:8188"
+MASK = "***"
+
+
+class Secret:
+    """A string that never shows itself in ``repr``, ``str`` or f-strings."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = str(value)
+
+    def reveal(self) -> str:
+        """The real value (only for building request headers)."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({MASK!r})"
+
+    def __str__(self) -> str:
+        return MASK
+
+    def __format__(self, spec: str) -> str:
+        return MASK
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+class Auth:
+    """Base class of the authentication schemes: produces request headers, knows its secrets."""
+
+    def headers(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def secrets(self) -> list[str]:
+        """Raw secret strings, for redaction."""
+        raise NotImplementedError
+
+
+class BearerAuth(Auth):
+    """``Authorization: Bearer <token>``."""
+
+    def __init__(self, token: str | Secret) -> None:
+        self.token = token if isinstance(token, Secret) else Secret(token)
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token.reveal()}"}
+
+    def secrets(self) -> list[str]:
+        return [self.token.reveal()]
+
+    def __repr__(self) -> str:
+        return f"BearerAuth(token={MASK!r})"
+
+
+class BasicAuth(Auth):
+    """HTTP basic auth (``Authorization: Basic base64(user:password)``)."""
+
+    def __init__(self, username: str, password: str | Secret) -> None:
+        self.username = username
+        self.password = password if isinstance(password, Secret) else Secret(password)
+
+    def headers(self) -> dict[str, str]:
+        import base64
+
+        raw = f"{self.username}:{self.password.reveal()}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(raw).decode("ascii")}
+
+    def secrets(self) -> list[str]:
+        return [self.password.reveal(), self.headers()["Authorization"].split(" ", 1)[1]]
+
+    def __repr__(self) -> str:
+        return f"BasicAuth(username={self.username!r}, password={MASK!r})"
+
+
+class HeaderAuth(Auth):
+    """Custom headers (``X-Api-Key`` and the like); every value is treated as a secret."""
+
+    def __init__(self, headers: Mapping[str, str | Secret]) -> None:
+        self._headers = {k: v if isinstance(v, Secret) else Secret(v) for k, v in headers.items()}
+
+    def headers(self) -> dict[str, str]:
+        return {k: v.reveal() for k, v in self._headers.items()}
+
+    def secrets(self) -> list[str]:
+        return [v.reveal() for v in self._headers.values()]
+
+    def __repr__(self) -> str:
+        return f"HeaderAuth(headers={ {k: MASK for k in self._headers} !r})"
+
+
+class MultiAuth(Auth):
+    """Several schemes at once (e.g. basic auth for a proxy plus an API-key header)."""
+
+    def __init__(self, parts: Iterable[Auth]) -> None:
+        self.parts = list(parts)
+
+    def headers(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for part in self.parts:
+            out.update(part.headers())
+        return out
+
+    def secrets(self) -> list[str]:
+        return [s for part in self.parts for s in part.secrets()]
+
+    def __repr__(self) -> str:
+        return f"MultiAuth({self.parts!r})"
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """Replace every occurrence of each secret (and its URL-quoted form) in ``text`` by ``***``."""
+    for secret in sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+        quoted = quote(secret, safe="")
+        if quoted != secret:
+            text = text.replace(quoted, MASK)
+    return text
+
+
+@dataclass(frozen=True)
+class ServerURL:
+    """A ComfyUI base URL: scheme, host and an optional path prefix (a reverse proxy's mount point)."""
+
+    scheme: str
+    netloc: str
+    prefix: str = ""
+
+    @classmethod
+    def parse(cls, url: str) -> tuple[ServerURL, BasicAuth | None]:
+        """Parse ``url``; credentials in it (``https://user:pw@host``) are split off as basic auth.
+
+        Accepts ``host:port`` without a scheme (http is assumed) and ``ws``/``wss`` schemes.
+        """
+        text = url.strip()
+        if not text:
+            raise ConfigError("empty server URL")
+        if "://" not in text:
+            text = "http://" + text
+        parts = urlsplit(text)
+        scheme = {"ws": "http", "wss": "https"}.get(parts.scheme.lower(), parts.scheme.lower())
+        if scheme not in ("http", "https"):
+            raise ConfigError(f"unsupported URL scheme {parts.scheme!r} in server URL; use http:// or https://")
+        if not parts.hostname:
+            raise ConfigError(f"no host in server URL {_strip_credentials(url)!r}")
+        if parts.query or parts.fragment:
+            raise ConfigError("the server URL must not contain a query string or fragment")
+        auth = None
+        if parts.username is not None:
+            auth = BasicAuth(unquote(parts.username), unquote(parts.password or ""))
+        host = parts.hostname
+        if ":" in host:  # IPv6 literal
+            host = f"[{host}]"
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"bad port in server URL: {exc}") from None
+        netloc = f"{host}:{port}" if port else host
+        prefix = parts.path.rstrip("/")
+        return cls(scheme, netloc, prefix), auth
+
+    @property
+    def base(self) -> str:
+        """``scheme://host[:port][/prefix]`` without a trailing slash."""
+        return f"{self.scheme}://{self.netloc}{self.prefix}"
+
+    def http(self, path: str) -> str:
+        """Absolute URL of an API path such as ``/prompt``."""
+        return self.base + "/" + path.lstrip("/")
+
+    def ws(self, client_id: str) -> str:
+        """The WebSocket URL for ``client_id`` (``ws://`` or ``wss://`` matching the HTTP scheme)."""
+        scheme = "wss" if self.scheme == "https" else "ws"
+        return urlunsplit((scheme, self.netloc, self.prefix + "/ws", f"clientId={quote(client_id)}", ""))
+
+    def __str__(self) -> str:
+        return self.base + "/"
+
+
+def _strip_credentials(url: str) -> str:
+    return re.sub(r"//[^/@]*@", "//", url)
+
+
+@dataclass
+class ServerConfig:
+    """Everything needed to talk to one server. ``repr`` never shows secrets."""
+
+    url: ServerURL
+    auth: Auth | None = None
+    profile: str | None = None
+    job_timeout: float | None = None
+    verify_tls: bool = True
+    warnings: list[str] = field(default_factory=list)
+
+    def secrets(self) -> list[str]:
+        return self.auth.secrets() if self.auth else []
+
+    def __repr__(self) -> str:
+        return f"ServerConfig(url={str(self.url)!r}, auth={self.auth!r}, profile={self.profile!r})"
+
+
+def default_config_path(env: Mapping[str, str] | None = None) -> Path:
+    """``$CHARFORGE_CONFIG`` or ``$XDG_CONFIG_HOME/charforge/config.yaml`` (``~/.config/...``)."""
+    env = os.environ if env is None else env
+    if env.get("CHARFORGE_CONFIG"):
+        return Path(env["CHARFORGE_CONFIG"]).expanduser()
+    base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "charforge" / "config.yaml"
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read the YAML config file; a missing file is an empty config."""
+    if not path.exists():
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must contain a mapping at the top level")
+    return data
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(value: Any, env: Mapping[str, str], where: str) -> Any:
+    if not isinstance(value, str):
+        return value
+
+    def sub(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in env:
+            raise ConfigError(f"{where} refers to ${{{name}}}, but that environment variable is not set")
+        return env[name]
+
+    return _VAR.sub(sub, value)
+
+
+def _from_env_var(key: str, name: Any, env: Mapping[str, str], where: str) -> str:
+    if not isinstance(name, str) or name not in env:
+        raise ConfigError(f"{where}: {key} names environment variable {name!r}, which is not set")
+    return env[name]
+
+
+def _profile_auth(profile: Mapping[str, Any], env: Mapping[str, str], where: str) -> list[Auth]:
+    parts: list[Auth] = []
+    token = profile.get("token")
+    if "token_env" in profile:
+        token = _from_env_var("token_env", profile["token_env"], env, where)
+    if token:
+        parts.append(BearerAuth(_expand(token, env, where)))
+    username = profile.get("username")
+    password = profile.get("password")
+    if "password_env" in profile:
+        password = _from_env_var("password_env", profile["password_env"], env, where)
+    if username is not None:
+        parts.append(BasicAuth(str(_expand(username, env, where)), str(_expand(password or "", env, where))))
+    headers: dict[str, str] = {}
+    raw_headers = profile.get("headers") or {}
+    if not isinstance(raw_headers, Mapping):
+        raise ConfigError(f"{where}: headers must be a mapping of header names to values")
+    for name, value in raw_headers.items():
+        headers[str(name)] = str(_expand(value, env, where))
+    raw_env_headers = profile.get("headers_env") or {}
+    if not isinstance(raw_env_headers, Mapping):
+        raise ConfigError(f"{where}: headers_env must map header names to environment variable names")
+    for name, var in raw_env_headers.items():
+        headers[str(name)] = _from_env_var(f"headers_env.{name}", var, env, where)
+    if headers:
+        parts.append(HeaderAuth(headers))
+    return parts
+
+
+def _env_auth(env: Mapping[str, str]) -> list[Auth]:
+    parts: list[Auth] = []
+    if env.get("CHARFORGE_TOKEN"):
+        parts.append(BearerAuth(env["CHARFORGE_TOKEN"]))
+    if env.get("CHARFORGE_USERNAME"):
+        parts.append(BasicAuth(env["CHARFORGE_USERNAME"], env.get("CHARFORGE_PASSWORD", "")))
+    if env.get("CHARFORGE_HEADERS"):
+        try:
+            headers = json.loads(env["CHARFORGE_HEADERS"])
+        except ValueError:
+            raise ConfigError("CHARFORGE_HEADERS must be a JSON object, e.g. '{\"X-Api-Key\": \"...\"}'") from None
+        if not isinstance(headers, dict):
+            raise ConfigError("CHARFORGE_HEADERS must be a JSON object of header names to values")
+        parts.append(HeaderAuth({str(k): str(v) for k, v in headers.items()}))
+    return parts
+
+
+def _combine(parts: list[Auth]) -> Auth | None:
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else MultiAuth(parts)
+
+
+def resolve_server(server: str | None = None, *, profile: str | None = None, auth: Auth | None = None,
+                   env: Mapping[str, str] | None = None, config_path: Path | None = None) -> ServerConfig:
+    """Work out the server URL and auth from arguments, environment and the config file.
+
+    ``server`` may also be a profile name when it is not URL-like and such a profile exists.
+    Returns a config whose URL is :data:`DEFAULT_SERVER` when nothing names a server (the caller decides
+    whether to look for a local ComfyUI then); ``profile`` is None in that case.
+    """
+    env = os.environ if env is None else env
+    path = config_path or default_config_path(env)
+    data = load_config_file(path)
+    profiles = data.get("profiles") or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"'profiles' in {path} must be a mapping of names to settings")
+    warnings: list[str] = []
+
+    if server and server in profiles and not any(c in server for c in ":/."):
+        profile, server = server, None
+    profile = profile or env.get("CHARFORGE_PROFILE") or None
+    if profile is None and not server and not env.get("CHARFORGE_SERVER"):
+        profile = data.get("default_profile")
+    settings: Mapping[str, Any] = {}
+    if profile is not None:
+        if profile not in profiles:
+            known = ", ".join(sorted(profiles)) or "none defined"
+            raise ConfigError(f"no profile {profile!r} in {path} (profiles: {known})")
+        settings = profiles[profile] or {}
+        if not isinstance(settings, Mapping):
+            raise ConfigError(f"profile {profile!r} in {path} must be a mapping")
+    where = f"profile {profile!r} in {path}"
+
+    url_text = server or env.get("CHARFORGE_SERVER") or _expand(settings.get("server"), env, where) or None
+    url, url_auth = ServerURL.parse(url_text or DEFAULT_SERVER)
+
+    parts: list[Auth] = []
+    if auth is not None:
+        parts = [auth]
+    else:
+        parts = _env_auth(env) or _profile_auth(settings, env, where)
+        if url_auth is not None:
+            parts.insert(0, url_auth)
+    if settings and any(k in settings for k in ("token", "password")) and path.exists():
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            warnings.append(f"{path} holds a secret and is readable by other users; run: chmod 600 {path} "
+                            "(or use token_env/password_env)")
+    timeout = settings.get("timeout")
+    try:
+        job_timeout = float(timeout) if timeout is not None else None
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: timeout must be a number of seconds") from None
+    return ServerConfig(url=url, auth=_combine(parts), profile=profile if settings else None,
+                        job_timeout=job_timeout, verify_tls=bool(settings.get("verify_tls", True)),
+                        warnings=warnings)
+
+
+def server_named(server: str | None, profile: str | None, env: Mapping[str, str] | None = None,
+                 config_path: Path | None = None) -> bool:
+    """True when arguments, environment or a default profile name a server explicitly."""
+    env = os.environ if env is None else env
+    if server or profile or env.get("CHARFORGE_SERVER") or env.get("CHARFORGE_PROFILE"):
+        return True
+    data = load_config_file(config_path or default_config_path(env))
+    return bool(data.get("default_profile"))
