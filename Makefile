@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install --quiet -e ".[nodes,dev]"
+	$(PY) -m pip install --quiet -e ".[nodes,faces,dev]"
 	touch $@
 
 setup: $(VENV)/.installed

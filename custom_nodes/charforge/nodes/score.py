@@ -1,0 +1,886 @@
+"""Score nodes (menu: CharForge/Score): is it still the same character?
+
+Face identity (InsightFace/ArcFace) and CLIP image-prompt agreement, with filters and selectors that act on
+the scores without breaking a batch. The logic lives in ``charforge.engine.score``; these adapters convert
+ComfyUI values and draw the tables shown on the nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+from .. import bridge
+from ..engine.faces import FaceAnalyzer, available_face_packs
+from ..engine.faces.packs import KNOWN_PACKS
+from ..engine.score import (
+    FACE_CHOICES,
+    best_of_n,
+    best_of_n_report,
+    best_set,
+    build_identity,
+    combine,
+    filter_passing,
+    identity_drift,
+    list_identities,
+    load_identity,
+    rank,
+    save_identity,
+    score_identity,
+    summarise_set,
+)
+from ..engine.score.render import line_plot, table_image
+from .convert import pil_to_image_batch
+
+CATEGORY = "CharForge/Score"
+PROVIDERS = {
+    "auto": None,
+    "CPU": ["CPUExecutionProvider"],
+    "CUDA": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "CoreML": ["CoreMLExecutionProvider", "CPUExecutionProvider"],
+    "DirectML": ["DmlExecutionProvider", "CPUExecutionProvider"],
+}
+NO_IDENTITY = "(no identity saved yet)"
+NO_CLIP = "(no CLIP folder found)"
+THRESHOLD_TOOLTIP = ("Cosine similarity an image's face needs to pass (ArcFace: ~0.32+ is usually the same person "
+                     "on real photos). 0 = use the identity's suggested threshold, calibrated on its references.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _frames(images):
+    """ComfyUI IMAGE [B, H, W, 3] -> one HxWx3 float array (0..1) per image."""
+    for index in range(int(images.shape[0])):
+        yield images[index].cpu().numpy()
+
+
+def _show(pil) -> dict:
+    """Save a picture to ComfyUI's temp folder and return the `ui.images` entry that shows it on the node."""
+    folder = bridge.temp_directory()
+    os.makedirs(folder, exist_ok=True)
+    filename = f"charforge_score_{uuid.uuid4().hex[:12]}.png"
+    pil.save(os.path.join(folder, filename), compress_level=4)
+    return {"filename": filename, "subfolder": "", "type": "temp"}
+
+
+def _as_image(pil):
+    return pil_to_image_batch([pil])
+
+
+def _sheet_table(sheet, title: str | None = None):
+    columns = ["#", "image", sheet.metric, "pass", "faces", "note"]
+    rows, status = [], []
+    for row in sheet.rows:
+        rows.append([row.index, row.label, row.value, row.passed, row.details.get("faces", "-"), row.reason])
+        status.append("none" if row.value is None else "pass" if row.passed else "fail")
+    title = title or f"{sheet.metric} scores: {sheet.source}"
+    return table_image(title, columns, rows, status, footer=sheet.summary())
+
+
+def _threshold(value: float) -> float | None:
+    return None if value <= 0 else float(value)
+
+
+def _folder_signature(folder: str) -> str:
+    """Changes when files in the folder (recursively) are added, removed or modified."""
+    from ..engine.dataset import scan_folder
+
+    try:
+        result = scan_folder(_resolve(folder), recursive=True)
+    except (OSError, ValueError):
+        return "missing"
+    return "\n".join(f"{p}:{os.path.getmtime(p)}:{os.path.getsize(p)}" for p in result.images)
+
+
+def _resolve(folder: str) -> str:
+    from .dataset import resolve_folder
+
+    return resolve_folder(folder)
+
+
+def _folder_images(folder: str):
+    """(file name, RGB array) for each image in a folder; unreadable files are skipped with a reason."""
+    import numpy as np
+
+    from ..engine.dataset import load_image, scan_folder
+
+    result = scan_folder(_resolve(folder))
+    images, skipped = [], [(os.path.basename(r.path), r.reason) for r in result.rejected]
+    for path in result.images:
+        try:
+            images.append((os.path.basename(path), np.asarray(load_image(path))))
+        except Exception as exc:  # noqa: BLE001 - any decoder failure: report the file, keep going
+            skipped.append((os.path.basename(path), f"unreadable image: {exc}"))
+    return images, skipped
+
+
+# --------------------------------------------------------------------------------------------------
+# Face models and identities
+
+
+class LoadFaceModels:
+    """Load an InsightFace model pack (face detector + ArcFace recogniser) for identity scoring."""
+
+    DESCRIPTION = (
+        "Loads an InsightFace pack from ComfyUI's models/insightface/models/<pack>/ folder (buffalo_l or "
+        "antelopev2) with ONNX Runtime on the best available device. Needs the insightface package; the error "
+        "says how to install it, and how to fix a pack unzipped one folder too deep."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CHARFORGE_FACE_MODELS",)
+    RETURN_NAMES = ("face_models",)
+    OUTPUT_TOOLTIPS = ("The loaded face models: connect to Build Identity, Score Identity, Identity Drift.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        packs = sorted(set(available_face_packs()) | set(KNOWN_PACKS))
+        return {
+            "required": {
+                "pack": (packs, {
+                    "default": "buffalo_l",
+                    "tooltip": "InsightFace pack folder in models/insightface/models/. buffalo_l is the usual choice; "
+                               "an identity only compares with faces from the pack it was built with.",
+                }),
+                "det_size": ("INT", {
+                    "default": 640, "min": 160, "max": 1280, "step": 32,
+                    "tooltip": "Detection resolution in pixels. 640 suits most images; when nothing is found the "
+                               "detector retries smaller sizes (close-ups) automatically.",
+                }),
+                "provider": (list(PROVIDERS), {
+                    "default": "auto",
+                    "tooltip": "ONNX Runtime device. auto picks CUDA, CoreML or DirectML when available, else CPU.",
+                }),
+            },
+        }
+
+    def load(self, pack, det_size, provider):
+        return (FaceAnalyzer.load(pack, det_size=det_size, providers=PROVIDERS.get(provider)),)
+
+
+class BuildIdentity:
+    """Build a reference identity from photos of the character and save it for reuse."""
+
+    DESCRIPTION = (
+        "Averages the ArcFace embeddings of the main face in each reference photo into an identity. Reports how "
+        "similar the references are to each other (the baseline a generated image is measured against), "
+        "flags outliers, and suggests a threshold. Saved as models/charforge/identities/<name>.json so other "
+        "workflows can load it. Photos without a face are skipped and named, never an error."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CHARFORGE_IDENTITY", "FLOAT", "STRING", "IMAGE")
+    RETURN_NAMES = ("identity", "suggested_threshold", "report", "table")
+    OUTPUT_TOOLTIPS = (
+        "The reference identity.",
+        "Threshold suggested from the references' agreement (use it in Score Identity or leave that at 0).",
+        "What was built: baseline, outliers, skipped photos.",
+        "The references as a table image.",
+    )
+    FUNCTION = "build"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "face_models": ("CHARFORGE_FACE_MODELS", {"tooltip": "From Load Face Models."}),
+                "name": ("STRING", {"default": "my_character",
+                                    "tooltip": "Identity name; also the file name in models/charforge/identities/."}),
+                "save": ("BOOLEAN", {"default": True,
+                                     "tooltip": "Save (overwrite) the identity file so Load Identity can use it."}),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "Reference photos as a batch (e.g. from Load Image)."}),
+                "folder": ("STRING", {
+                    "default": "", "placeholder": "/path/to/reference/photos",
+                    "tooltip": "Or a folder of reference photos (absolute, or relative to ComfyUI's input folder), "
+                               "e.g. the dataset folder. Both may be given.",
+                }),
+            },
+            "hidden": {"node_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, folder="", **_):
+        return _folder_signature(folder) if folder and folder.strip() else ""
+
+    def build(self, face_models, name, save, images=None, folder="", node_id=None):
+        sources, skipped = [], []
+        if images is not None:
+            sources += [(f"image {i}", frame) for i, frame in enumerate(_frames(images))]
+        if folder and folder.strip():
+            found, skipped = _folder_images(folder)
+            sources += found
+        if not sources:
+            raise ValueError("no reference photos: connect images or give a folder of photos of the character")
+        progress = bridge.Progress(len(sources), node_id=node_id, label="build identity")
+        identity = build_identity(name, face_models, sources, on_image=progress.update)
+        identity.skipped = skipped + identity.skipped
+        report = identity.summary()
+        if save:
+            report += f"; saved to {save_identity(identity)}"
+        rows = [[r.source, r.faces_found, r.similarity, "outlier" if r.outlier else ""] for r in identity.references]
+        rows += [[source, 0, None, why] for source, why in identity.skipped]
+        status = [("fail" if r.outlier else "pass") for r in identity.references] + ["none"] * len(identity.skipped)
+        table = table_image(f"identity {identity.name}: {len(identity.references)} reference(s)",
+                            ["reference", "faces", "vs others", "note"], rows, status,
+                            footer=f"suggested threshold {identity.suggested_threshold:.3f}; baseline {identity.baseline}")
+        return {"ui": {"text": [report], "images": [_show(table)]},
+                "result": (identity, identity.suggested_threshold, report, _as_image(table))}
+
+
+class LoadIdentity:
+    """Load a saved reference identity by name."""
+
+    DESCRIPTION = ("Loads an identity saved by Build Identity from models/charforge/identities/. The identity "
+                   "only compares with faces from the same InsightFace pack it was built with.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CHARFORGE_IDENTITY", "FLOAT", "STRING")
+    RETURN_NAMES = ("identity", "suggested_threshold", "report")
+    OUTPUT_TOOLTIPS = ("The reference identity.", "Its suggested threshold.", "Summary of the identity.")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = list_identities() or [NO_IDENTITY]
+        return {"required": {"name": (names, {"default": names[0],
+                                              "tooltip": "A saved identity (models/charforge/identities/<name>.json)."})}}
+
+    @classmethod
+    def IS_CHANGED(cls, name, **_):
+        try:
+            return os.path.getmtime(bridge.find_model("charforge", f"identities/{name}.json"))
+        except (OSError, bridge.ModelNotFoundError):
+            return name
+
+    def load(self, name):
+        if name == NO_IDENTITY:
+            raise ValueError("no identity is saved yet: run Build Identity with save on first")
+        identity = load_identity(name)
+        return (identity, identity.suggested_threshold, identity.summary())
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+
+
+class ScoreIdentity:
+    """Score each image by how similar its main face is to the reference identity."""
+
+    DESCRIPTION = (
+        "For each image: detects faces, takes the main one (largest, or best match for group shots), and measures "
+        "the cosine similarity of its ArcFace embedding to the identity, with pass/fail at the threshold. Images "
+        "without a face get no score and the reason. Shows a table on the node; outputs scores for Filter, Best "
+        "of N and Combine, plus JSON."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CHARFORGE_SCORES", "INT", "FLOAT", "IMAGE", "STRING")
+    RETURN_NAMES = ("scores", "pass_count", "mean_similarity", "table", "json")
+    OUTPUT_TOOLTIPS = (
+        "Per-image scores: connect to Filter by Score, Best of N or Combine Scores.",
+        "How many images pass.",
+        "Mean similarity of the images with a face (0 when none has one).",
+        "The scores as a table image.",
+        "The scores as JSON (one entry per image: value, passed, reason, face box).",
+    )
+    FUNCTION = "score"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "face_models": ("CHARFORGE_FACE_MODELS", {"tooltip": "From Load Face Models (same pack as the identity)."}),
+                "identity": ("CHARFORGE_IDENTITY", {"tooltip": "From Build Identity or Load Identity."}),
+                "images": ("IMAGE", {"tooltip": "The images to score, e.g. a generated batch."}),
+                "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": THRESHOLD_TOOLTIP}),
+                "face_choice": (list(FACE_CHOICES), {
+                    "default": "largest",
+                    "tooltip": "Which face counts when there are several: the largest, or the one most like the "
+                               "identity (group shots).",
+                }),
+            },
+            "hidden": {"node_id": "UNIQUE_ID"},
+        }
+
+    def score(self, face_models, identity, images, threshold, face_choice, node_id=None):
+        progress = bridge.Progress(int(images.shape[0]), node_id=node_id, label="score identity")
+        frames = ((f"image {i}", frame) for i, frame in enumerate(_frames(images)))
+        sheet = score_identity(face_models, identity, frames, _threshold(threshold), face_choice,
+                               on_image=progress.update)
+        table = _sheet_table(sheet, f"identity vs {identity.name} ({face_models.name})")
+        mean = sheet.stats()["mean"] or 0.0
+        return {"ui": {"text": [sheet.summary()], "images": [_show(table)]},
+                "result": (sheet, len(sheet.passed_indices), float(mean), _as_image(table), sheet.to_json())}
+
+
+class FilterByScore:
+    """Keep the images whose score passes; when none pass, say so instead of failing."""
+
+    DESCRIPTION = (
+        "Passes on the images that pass their score (identity, CLIP or combined). When none pass, the images output "
+        "is a single black frame of the batch's size (ComfyUI has no empty image batch), count is 0 and the report "
+        "says why, so the workflow does not fail; use count to decide what happens next."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "INT", "STRING", "CHARFORGE_SCORES", "STRING")
+    RETURN_NAMES = ("images", "count", "report", "scores", "indices")
+    OUTPUT_TOOLTIPS = (
+        "The passing images, in batch order (one black frame when none pass).",
+        "How many images passed (0 when the images output is the black placeholder).",
+        "Which images were dropped and why.",
+        "The scores of the passing images.",
+        "Batch positions of the passing images, comma separated.",
+    )
+    FUNCTION = "filter"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "The batch that was scored (same order)."}),
+                "scores": ("CHARFORGE_SCORES", {"tooltip": "From Score Identity, CLIP Score or Combine Scores."}),
+                "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": "Pass mark. 0 = keep the threshold the scores were judged with."}),
+            },
+        }
+
+    def filter(self, images, scores, threshold):
+        torch = _torch()
+        _check_batch(images, scores)
+        result = filter_passing(scores, _threshold(threshold))
+        if result.kept:
+            out = images[torch.tensor(result.kept, dtype=torch.long)]
+        else:
+            out = torch.zeros((1, *images.shape[1:]), dtype=images.dtype)
+        kept_sheet = scores.subset(result.kept)
+        return {"ui": {"text": [result.report]},
+                "result": (out, len(result.kept), result.report, kept_sheet, ",".join(map(str, result.kept)))}
+
+
+class BestOfN:
+    """Pick the best-scoring image of every group of N candidates (e.g. per storyboard frame)."""
+
+    DESCRIPTION = (
+        "Splits the batch into consecutive groups of N candidates (generate with batch size N per frame, or "
+        "N x frames in one batch) and keeps the best-scoring image of each group, so a storyboard keeps one image "
+        "per frame. A group where no candidate has a face keeps its first image and the report says so."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "STRING", "CHARFORGE_SCORES", "STRING")
+    RETURN_NAMES = ("images", "report", "scores", "indices")
+    OUTPUT_TOOLTIPS = (
+        "One image per group, in group order.",
+        "The pick of each group with its score and any warning.",
+        "The scores of the picked images.",
+        "Batch positions of the picks, comma separated.",
+    )
+    FUNCTION = "pick"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "All candidates, group after group."}),
+                "scores": ("CHARFORGE_SCORES", {"tooltip": "Scores of the same batch (identity, CLIP or combined)."}),
+                "group_size": ("INT", {"default": 4, "min": 1, "max": 256, "step": 1,
+                                       "tooltip": "Candidates per group (N)."}),
+            },
+        }
+
+    def pick(self, images, scores, group_size):
+        torch = _torch()
+        _check_batch(images, scores)
+        picks = best_of_n(scores, group_size)
+        indices = [p.index for p in picks]
+        report = best_of_n_report(picks, scores.metric)
+        return {"ui": {"text": [report]},
+                "result": (images[torch.tensor(indices, dtype=torch.long)], report, scores.subset(indices),
+                           ",".join(map(str, indices)))}
+
+
+class IdentityDrift:
+    """Plot how the character's identity holds across the frames of a video."""
+
+    DESCRIPTION = (
+        "Scores every frame against the identity and plots the similarity per frame with the threshold. Reports "
+        "the mean and minimum and lists the frames that drift below the threshold (and frames without a face)."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "FLOAT", "FLOAT", "STRING", "STRING", "CHARFORGE_SCORES")
+    RETURN_NAMES = ("plot", "mean", "min", "drifting_frames", "report", "scores")
+    OUTPUT_TOOLTIPS = (
+        "Similarity per frame as a plot image.",
+        "Mean similarity over frames with a face (0 when none has one).",
+        "Lowest similarity (0 when no frame has a face).",
+        "Frames below the threshold, comma separated (0-based).",
+        "JSON: mean, min, worst frame, drifting and no-face frames.",
+        "Per-frame scores.",
+    )
+    FUNCTION = "drift"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "face_models": ("CHARFORGE_FACE_MODELS", {"tooltip": "From Load Face Models."}),
+                "identity": ("CHARFORGE_IDENTITY", {"tooltip": "From Build Identity or Load Identity."}),
+                "frames": ("IMAGE", {"tooltip": "Video frames as an image batch (e.g. from a video loader)."}),
+                "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": THRESHOLD_TOOLTIP}),
+                "face_choice": (list(FACE_CHOICES), {"default": "largest",
+                                                     "tooltip": "Which face counts when a frame has several."}),
+            },
+            "hidden": {"node_id": "UNIQUE_ID"},
+        }
+
+    def drift(self, face_models, identity, frames, threshold, face_choice, node_id=None):
+        progress = bridge.Progress(int(frames.shape[0]), node_id=node_id, label="identity drift")
+        labelled = ((f"frame {i}", frame) for i, frame in enumerate(_frames(frames)))
+        sheet = score_identity(face_models, identity, labelled, _threshold(threshold), face_choice,
+                               on_image=progress.update)
+        report = identity_drift(sheet)
+        plot = line_plot(f"identity vs {identity.name}: mean {report.mean if report.mean is not None else '-'}, "
+                         f"min {report.min if report.min is not None else '-'}", sheet.values, sheet.threshold)
+        return {"ui": {"text": [report.summary()], "images": [_show(plot)]},
+                "result": (_as_image(plot), float(report.mean or 0.0), float(report.min or 0.0),
+                           ",".join(map(str, report.drifting)), json.dumps(report.to_dict(), indent=1), sheet)}
+
+
+# --------------------------------------------------------------------------------------------------
+# CLIP
+
+
+class LoadClip:
+    """Load a full CLIP model (image and text towers) for CLIP scores."""
+
+    DESCRIPTION = (
+        "Loads a Hugging Face CLIP folder (config.json, weights, tokenizer, preprocessor_config.json), e.g. "
+        "openai/clip-vit-large-patch14, from models/clip_vision/<name>/ or from an absolute path. Vision-only "
+        "single files (the IPAdapter clip_vision downloads) cannot score text. Uses the GPU when there is one."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CHARFORGE_CLIP",)
+    RETURN_NAMES = ("clip",)
+    OUTPUT_TOOLTIPS = ("The loaded CLIP model: connect to CLIP Score, Pick Checkpoint or Compare Sets.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..engine.score.clip import list_clip_models
+
+        names = list_clip_models() or [NO_CLIP]
+        return {
+            "required": {
+                "model": (names, {"default": names[0],
+                                  "tooltip": "A CLIP folder inside models/clip_vision/."}),
+                "device": (["auto", "cpu", "cuda"], {"default": "auto",
+                                                     "tooltip": "auto: the GPU when there is one (fp16), else CPU."}),
+            },
+            "optional": {
+                "path": ("STRING", {"default": "",
+                                    "tooltip": "Absolute path of a CLIP folder; overrides model when set."}),
+            },
+        }
+
+    def load(self, model, device, path=""):
+        from ..engine.score.clip import ClipScorer
+
+        name = path.strip() or model
+        if name == NO_CLIP:
+            raise FileNotFoundError("no CLIP folder found in models/clip_vision/: put a Hugging Face CLIP folder "
+                                    "there (e.g. openai/clip-vit-large-patch14) or give its path")
+        return (ClipScorer.load(name, device=None if device == "auto" else device),)
+
+
+def _prompts(prompt: str, one_per_line: bool, count: int) -> list[str]:
+    if not one_per_line:
+        if not prompt.strip():
+            raise ValueError("prompt is empty: type the prompt the images were generated from")
+        return [prompt.strip()]
+    lines = [line.strip() for line in prompt.splitlines() if line.strip()]
+    if len(lines) not in (1, count):
+        raise ValueError(f"one_per_line is on: give one prompt line per image ({count}), got {len(lines)}")
+    return lines
+
+
+class ClipScore:
+    """Measure how well each image matches its prompt with CLIP."""
+
+    DESCRIPTION = (
+        "CLIP score: cosine similarity between each image and its prompt (one prompt for the batch, or one line "
+        "per image), computed in batches. Matching pairs typically score 0.25-0.35 with ViT-L/14; compare values "
+        "from the same CLIP model only. Outputs scores for Filter, Best of N and Combine Scores."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CHARFORGE_SCORES", "FLOAT", "IMAGE", "STRING")
+    RETURN_NAMES = ("scores", "mean", "table", "json")
+    OUTPUT_TOOLTIPS = ("Per-image CLIP scores.", "Mean CLIP score of the batch.", "The scores as a table image.",
+                       "The scores as JSON.")
+    FUNCTION = "score"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip": ("CHARFORGE_CLIP", {"tooltip": "From Load CLIP (CharForge)."}),
+                "images": ("IMAGE", {"tooltip": "The images to score."}),
+                "prompt": ("STRING", {"default": "", "multiline": True,
+                                      "tooltip": "The prompt the images were made from (or one per line)."}),
+                "one_per_line": ("BOOLEAN", {"default": False,
+                                             "tooltip": "Each line of prompt belongs to the image at the same position."}),
+                "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": "CLIP score an image needs to pass; 0 = every image passes."}),
+                "batch_size": ("INT", {"default": 32, "min": 1, "max": 512, "step": 1,
+                                       "tooltip": "Images per CLIP forward pass (lower it if memory runs out)."}),
+            },
+            "hidden": {"node_id": "UNIQUE_ID"},
+        }
+
+    def score(self, clip, images, prompt, one_per_line, threshold, batch_size, node_id=None):
+        from ..engine.score.clip import clip_sheet
+
+        count = int(images.shape[0])
+        progress = bridge.Progress(count, node_id=node_id, label="clip score")
+        sheet = clip_sheet(clip, images, _prompts(prompt, one_per_line, count), _threshold(threshold),
+                           batch_size=batch_size, on_batch=progress.update)
+        table = _sheet_table(sheet, f"CLIP scores ({clip.name})")
+        return {"ui": {"text": [sheet.summary()], "images": [_show(table)]},
+                "result": (sheet, float(sheet.stats()["mean"] or 0.0), _as_image(table), sheet.to_json())}
+
+
+class CombineScores:
+    """Rank images by identity and prompt agreement together, with weights."""
+
+    DESCRIPTION = (
+        "Combines identity similarity and CLIP score per image into one weighted score (CLIP cosine rescaled as "
+        "CLIPScore = 2.5 x max(cos, 0) so both are on a similar scale). An image without a face gets no combined "
+        "score. Feed the result to Best of N or Filter by Score."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CHARFORGE_SCORES", "STRING", "IMAGE", "STRING")
+    RETURN_NAMES = ("scores", "ranking", "table", "json")
+    OUTPUT_TOOLTIPS = ("Combined per-image scores.", "Batch positions from best to worst, comma separated.",
+                       "The combined scores as a table image.", "The combined scores as JSON.")
+    FUNCTION = "combine"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "identity_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                                              "tooltip": "Weight of identity similarity."}),
+                "text_weight": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.05,
+                                          "tooltip": "Weight of the CLIPScore (2.5 x CLIP cosine)."}),
+                "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.5, "step": 0.01,
+                                        "tooltip": "Combined score needed to pass; 0 = pass when every weighted "
+                                                   "score passes its own threshold."}),
+            },
+            "optional": {
+                "identity_scores": ("CHARFORGE_SCORES", {"tooltip": "From Score Identity."}),
+                "clip_scores": ("CHARFORGE_SCORES", {"tooltip": "From CLIP Score (same images, same order)."}),
+            },
+        }
+
+    def combine(self, identity_weight, text_weight, threshold, identity_scores=None, clip_scores=None):
+        sheet = combine(identity_scores, clip_scores, identity_weight, text_weight, _threshold(threshold))
+        order = rank(sheet)
+        table = _sheet_table(sheet, f"combined: {sheet.source}")
+        return {"ui": {"text": [sheet.summary() + "; best first: " + ",".join(map(str, order[:16]))],
+                       "images": [_show(table)]},
+                "result": (sheet, ",".join(map(str, order)), _as_image(table), sheet.to_json())}
+
+
+# --------------------------------------------------------------------------------------------------
+# Sets: checkpoints and ablations
+
+
+def _score_set(name, frames, face_models, identity, clip, prompts, threshold, progress):
+    """Identity (and CLIP) sheets of one set of RGB frames, given as (label, array) pairs."""
+    import numpy as np
+
+    frames = list(frames)
+    sheet = score_identity(face_models, identity, frames, threshold, on_image=progress.update)
+    text = None
+    if clip is not None and prompts:
+        torch = _torch()
+        from ..engine.score.clip import clip_sheet
+
+        batch = [torch.from_numpy(np.asarray(f, dtype=np.float32) / (255.0 if f.dtype == np.uint8 else 1.0))
+                 for _, f in frames]
+        chosen = prompts if len(prompts) in (1, len(frames)) else prompts[:1]
+        sizes = {tuple(b.shape) for b in batch}
+        if len(sizes) == 1:
+            text = clip_sheet(clip, torch.stack(batch), chosen, labels=[label for label, _ in frames])
+        else:  # mixed sizes: one image at a time
+            values = [clip_sheet(clip, b[None], [chosen[0 if len(chosen) == 1 else i]]).rows[0]
+                      for i, b in enumerate(batch)]
+            for i, row in enumerate(values):
+                row.index, row.label = i, frames[i][0]
+            from ..engine.score import ScoreSheet
+
+            text = ScoreSheet("clip", values, None, clip.name)
+    return sheet, text
+
+
+def _sets_table(title, summaries, best):
+    columns = ["set", "images", "faces", "identity mean", "identity min", "pass rate", "clip mean", "combined"]
+    rows = [[s.name, s.images, s.faces, s.identity_mean, s.identity_min, s.identity_pass_rate, s.clip_mean, s.combined]
+            for s in summaries]
+    status = ["pass" if best is not None and s.name == best.name else None for s in summaries]
+    footer = f"best: {best.name} (combined {best.combined:.3f})" if best else "no set had a face to score"
+    return table_image(title, columns, rows, status, footer=footer)
+
+
+def _write_csv(summaries, stem: str) -> str:
+    import csv
+
+    folder = os.path.join(bridge.output_directory(), "charforge")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{stem}_{uuid.uuid4().hex[:8]}.csv")
+    rows = [s.as_dict() for s in summaries]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["name"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def checkpoint_groups(folder: str) -> dict[str, list[str]]:
+    """Sample images per checkpoint: one subfolder per checkpoint, or names with the kohya/ai-toolkit step tag.
+
+    Recognised flat names: sd-scripts ``<name>_e000004_00_<time>.png`` / ``<name>_000500_00_<time>.png``
+    (epoch or step, then the prompt index) and ai-toolkit ``<time>__000000500_0.jpg``.
+    """
+    import re
+
+    from ..engine.dataset import scan_folder
+
+    root = _resolve(folder)
+    result = scan_folder(root, recursive=True)
+    groups: dict[str, list[str]] = {}
+    nested = [p for p in result.images if os.path.dirname(p) != os.path.normpath(root)]
+    if nested:
+        for path in nested:
+            groups.setdefault(os.path.relpath(os.path.dirname(path), root), []).append(path)
+        return groups
+    patterns = (re.compile(r"(?:^|_)(e\d{6}|\d{6})_\d{2}(?:_|\.|$)"), re.compile(r"__(\d{9})_\d+"))
+    unknown = []
+    for path in result.images:
+        name = os.path.basename(path)
+        match = next((m for m in (p.search(name) for p in patterns) if m), None)
+        if match:
+            groups.setdefault(match.group(1), []).append(path)
+        else:
+            unknown.append(name)
+    if unknown or not groups:
+        raise ValueError(
+            f"cannot tell which checkpoint each sample in {root} belongs to ({len(unknown)} file(s) like "
+            f"{unknown[:3]}): put each checkpoint's samples in its own subfolder (named after the checkpoint), or "
+            f"keep sd-scripts / ai-toolkit sample names")
+    return groups
+
+
+class PickCheckpoint:
+    """Rank the checkpoints of a training run by identity (and CLIP) score of their sample images."""
+
+    DESCRIPTION = (
+        "Reads the sample images of each checkpoint (one subfolder per checkpoint, or sd-scripts / ai-toolkit sample "
+        "names), scores every sample against the identity (and the prompt with CLIP when connected), and names the "
+        "checkpoint with the best combined mean. Samples without a face count as 0 identity, so a checkpoint that "
+        "loses the face ranks low."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING", "IMAGE", "STRING")
+    RETURN_NAMES = ("best_checkpoint", "table", "json")
+    OUTPUT_TOOLTIPS = ("Name of the best checkpoint (subfolder name, or epoch/step tag).",
+                       "All checkpoints as a table image.", "Per-checkpoint metrics as JSON.")
+    FUNCTION = "pick"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "face_models": ("CHARFORGE_FACE_MODELS", {"tooltip": "From Load Face Models."}),
+                "identity": ("CHARFORGE_IDENTITY", {"tooltip": "The character the run was trained on."}),
+                "samples_folder": ("STRING", {"default": "", "placeholder": "/path/to/run/sample",
+                                              "tooltip": "Folder of the run's sample images."}),
+                "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": THRESHOLD_TOOLTIP}),
+                "identity_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                                              "tooltip": "Weight of identity in the ranking."}),
+                "text_weight": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.05,
+                                          "tooltip": "Weight of CLIPScore in the ranking (only with clip connected)."}),
+            },
+            "optional": {
+                "clip": ("CHARFORGE_CLIP", {"tooltip": "Optional: also rank by prompt agreement."}),
+                "prompts": ("STRING", {"default": "", "multiline": True,
+                                       "tooltip": "The sample prompts, one per line in sample order (sd-scripts "
+                                                  "numbers them _00_, _01_, ...), or one prompt for all."}),
+            },
+            "hidden": {"node_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, samples_folder="", **_):
+        return _folder_signature(samples_folder)
+
+    def pick(self, face_models, identity, samples_folder, threshold, identity_weight, text_weight,
+             clip=None, prompts="", node_id=None):
+        import numpy as np
+
+        from ..engine.dataset import load_image
+
+        groups = checkpoint_groups(samples_folder)
+        prompt_lines = [line.strip() for line in prompts.splitlines() if line.strip()]
+        progress = bridge.Progress(sum(len(v) for v in groups.values()), node_id=node_id, label="pick checkpoint")
+        summaries = []
+        for name in sorted(groups, key=_natural):
+            frames = [(os.path.basename(p), np.asarray(load_image(p))) for p in groups[name]]
+            chosen = _sample_prompts([label for label, _ in frames], prompt_lines)
+            sheet, text = _score_set(name, frames, face_models, identity, clip, chosen, _threshold(threshold), progress)
+            summaries.append(summarise_set(name, sheet, text, identity_weight, text_weight))
+        best = best_set(summaries)
+        table = _sets_table(f"checkpoints vs {identity.name}", summaries, best)
+        name = best.name if best else ""
+        report = f"best checkpoint: {name}" if best else "no checkpoint sample showed a face"
+        data = {"best": name, "checkpoints": [s.as_dict() for s in summaries]}
+        return {"ui": {"text": [report], "images": [_show(table)]},
+                "result": (name, _as_image(table), json.dumps(data, indent=1))}
+
+
+def _natural(text: str):
+    import re
+
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text.lower()) if t]
+
+
+def _sample_prompts(labels: list[str], lines: list[str]) -> list[str]:
+    """The prompt of each sample: by its sd-scripts prompt index when the name has one, else by position."""
+    import re
+
+    if len(lines) <= 1:
+        return lines
+    out = []
+    for position, label in enumerate(labels):
+        match = re.search(r"(?:^|_)(?:e\d{6}|\d{6})_(\d{2})(?:_|\.|$)", label) or re.search(r"__\d{9}_(\d+)", label)
+        index = int(match.group(1)) if match else position
+        out.append(lines[index % len(lines)])
+    return out
+
+
+class CompareSets:
+    """Write a metrics table comparing several sets of frames (the ablation: does the setup help?)."""
+
+    DESCRIPTION = (
+        "Scores up to four sets of images (e.g. storyboards made the simple way, with reference guidance, and with "
+        "the plain base model) against the identity and optionally the prompt with CLIP, and writes a table of mean "
+        "and min identity similarity, pass rate and mean CLIP score per set, as an image, JSON and a CSV file in "
+        "the output folder."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "STRING", "STRING")
+    RETURN_NAMES = ("table", "json", "csv_path")
+    OUTPUT_TOOLTIPS = ("The comparison table as an image.", "Per-set metrics as JSON.",
+                       "Path of the CSV written under output/charforge/.")
+    FUNCTION = "compare"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        sets = {f"set_{i}": ("IMAGE", {"tooltip": f"Images of set {i}."}) for i in range(2, 5)}
+        return {
+            "required": {
+                "face_models": ("CHARFORGE_FACE_MODELS", {"tooltip": "From Load Face Models."}),
+                "identity": ("CHARFORGE_IDENTITY", {"tooltip": "The character every set should show."}),
+                "set_1": ("IMAGE", {"tooltip": "Images of set 1."}),
+                "names": ("STRING", {"default": "simple, reference-guided, base model",
+                                     "tooltip": "Set names, comma separated, in set order."}),
+                "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": THRESHOLD_TOOLTIP}),
+            },
+            "optional": {
+                **sets,
+                "clip": ("CHARFORGE_CLIP", {"tooltip": "Optional: also measure prompt agreement."}),
+                "prompt": ("STRING", {"default": "", "multiline": True,
+                                      "tooltip": "Prompt(s) for the CLIP score: one for all images, or one line "
+                                                 "per image of each set."}),
+            },
+            "hidden": {"node_id": "UNIQUE_ID"},
+        }
+
+    def compare(self, face_models, identity, set_1, names, threshold, set_2=None, set_3=None, set_4=None,
+                clip=None, prompt="", node_id=None):
+        sets = [s for s in (set_1, set_2, set_3, set_4) if s is not None]
+        labels = [n.strip() for n in names.split(",") if n.strip()]
+        labels += [f"set {i + 1}" for i in range(len(labels), len(sets))]
+        prompt_lines = [line.strip() for line in prompt.splitlines() if line.strip()]
+        progress = bridge.Progress(sum(int(s.shape[0]) for s in sets), node_id=node_id, label="compare sets")
+        summaries = []
+        for name, images in zip(labels, sets, strict=False):
+            frames = [(f"{name} {i}", f) for i, f in enumerate(_frames(images))]
+            sheet, text = _score_set(name, frames, face_models, identity, clip, prompt_lines, _threshold(threshold),
+                                     progress)
+            summaries.append(summarise_set(name, sheet, text))
+        best = best_set(summaries)
+        table = _sets_table(f"sets vs {identity.name}", summaries, best)
+        path = _write_csv(summaries, "compare_sets")
+        data = {"best": best.name if best else None, "sets": [s.as_dict() for s in summaries], "csv": path}
+        text = "; ".join(f"{s.name}: identity mean {s.identity_mean}, min {s.identity_min}" for s in summaries)
+        return {"ui": {"text": [text], "images": [_show(table)]},
+                "result": (_as_image(table), json.dumps(data, indent=1), path)}
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _torch():
+    from ..deps import require
+
+    return require("torch")
+
+
+def _check_batch(images, scores) -> None:
+    if int(images.shape[0]) != len(scores):
+        raise ValueError(f"the scores are for {len(scores)} image(s) but the batch has {int(images.shape[0])}: "
+                         f"connect the same batch that was scored")
+
+
+NODE_CLASS_MAPPINGS = {
+    "CharForgeLoadFaceModels": LoadFaceModels,
+    "CharForgeBuildIdentity": BuildIdentity,
+    "CharForgeLoadIdentity": LoadIdentity,
+    "CharForgeScoreIdentity": ScoreIdentity,
+    "CharForgeFilterByScore": FilterByScore,
+    "CharForgeBestOfN": BestOfN,
+    "CharForgeIdentityDrift": IdentityDrift,
+    "CharForgeLoadClip": LoadClip,
+    "CharForgeClipScore": ClipScore,
+    "CharForgeCombineScores": CombineScores,
+    "CharForgePickCheckpoint": PickCheckpoint,
+    "CharForgeCompareSets": CompareSets,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "CharForgeLoadFaceModels": "Load Face Models (CharForge)",
+    "CharForgeBuildIdentity": "Build Identity (CharForge)",
+    "CharForgeLoadIdentity": "Load Identity (CharForge)",
+    "CharForgeScoreIdentity": "Score Identity (CharForge)",
+    "CharForgeFilterByScore": "Filter by Score (CharForge)",
+    "CharForgeBestOfN": "Best of N (CharForge)",
+    "CharForgeIdentityDrift": "Identity Drift (CharForge)",
+    "CharForgeLoadClip": "Load CLIP (CharForge)",
+    "CharForgeClipScore": "CLIP Score (CharForge)",
+    "CharForgeCombineScores": "Combine Scores (CharForge)",
+    "CharForgePickCheckpoint": "Pick Checkpoint (CharForge)",
+    "CharForgeCompareSets": "Compare Sets (CharForge)",
+}
