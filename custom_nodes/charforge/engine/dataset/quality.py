@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from ...deps import require
 
 ANALYSIS_SIZE = 512
+DARK_LEVEL = 5  # 8-bit levels at or below 2 % luminance (0.02 * 255)
+BRIGHT_LEVEL = 250  # at or above 98 %
 
 
 @dataclass(frozen=True)
@@ -36,18 +38,32 @@ def measure_quality(rgb) -> ImageQuality:
         raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
     if image.dtype != np.uint8:
         image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    return measure_grey(analysis_grey(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)))
+
+
+def analysis_grey(grey):
+    """A grey uint8 image scaled so its long side is `ANALYSIS_SIZE` (the scale sharpness is defined at)."""
+    cv2 = require("cv2")
     scale = ANALYSIS_SIZE / max(grey.shape)
     if scale != 1.0:
         interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_CUBIC
         grey = cv2.resize(grey, (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale))),
                           interpolation=interpolation)
+    return grey
+
+
+def measure_grey(grey) -> ImageQuality:
+    """Quality of a grey uint8 image already at the analysis scale (see `analysis_grey`)."""
+    np = require("numpy")
+    cv2 = require("cv2")
     sharpness = float(cv2.Laplacian(grey, cv2.CV_64F).var())
-    luminance = grey.astype(np.float64) / 255.0
+    mean, std = cv2.meanStdDev(grey)
+    histogram = np.bincount(grey.ravel(), minlength=256)
+    total = max(int(grey.size), 1)
     return ImageQuality(
         sharpness=sharpness,
-        brightness=float(luminance.mean()),
-        contrast=float(luminance.std()),
-        dark_fraction=float((luminance <= 0.02).mean()),
-        bright_fraction=float((luminance >= 0.98).mean()),
+        brightness=float(mean[0, 0]) / 255.0,
+        contrast=float(std[0, 0]) / 255.0,
+        dark_fraction=float(histogram[: DARK_LEVEL + 1].sum()) / total,
+        bright_fraction=float(histogram[BRIGHT_LEVEL:].sum()) / total,
     )

@@ -90,17 +90,13 @@ def scan_folder(folder: str | os.PathLike, recursive: bool = False, verify: bool
 
 
 def load_image(path: str | os.PathLike):
-    """Open an image as RGB with its EXIF orientation applied (phone photos are often stored sideways)."""
-    from PIL import Image, ImageOps
+    """Open an image as a PIL RGB image with its EXIF orientation applied (phone photos are often stored
+    sideways); alpha is composited on white and 16-bit images are scaled to 8 bits (see images.read_rgb)."""
+    from PIL import Image
 
-    with Image.open(path) as img:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return img.convert("RGB")
+    from .images import read_rgb
+
+    return Image.fromarray(read_rgb(path).rgb)
 
 
 def verify_image(path: str | os.PathLike) -> None:
