@@ -291,6 +291,18 @@ def temp_directory() -> str:
     return path
 
 
+def comfyui_root() -> Path | None:
+    """The ComfyUI folder (holding ``main.py`` and ``comfy/``) inside ComfyUI, else ``$COMFYUI_DIR``.
+
+    Files ComfyUI ships are found from here, e.g. its CLIP vocabulary in ``comfy/sd1_tokenizer``.
+    """
+    comfy = _load_comfy()
+    if comfy is not None:
+        return Path(comfy.utils.__file__).resolve().parents[1]
+    value = os.environ.get("COMFYUI_DIR")
+    return Path(value).expanduser() if value else None
+
+
 # --------------------------------------------------------------------------------------------------
 # Cancellation
 
@@ -378,7 +390,24 @@ def track(items: Iterable[Any], total: int, node_id: str | None = None, label: s
 
 
 # --------------------------------------------------------------------------------------------------
-# Server messages
+# Server messages and routes
+
+_routes: set[tuple[int, str, str]] = set()
+
+
+def add_route(method: str, path: str, handler: Callable[[Any], Any]) -> bool:
+    """Register an aiohttp `handler` for ``METHOD path`` on ComfyUI's server, once (ComfyUI also serves it
+    under ``/api``). Returns False outside ComfyUI, where there is no server."""
+    comfy = _load_comfy()
+    instance = getattr(getattr(getattr(comfy, "server", None), "PromptServer", None), "instance", None)
+    if instance is None:
+        return False
+    key = (id(instance), method.upper(), path)
+    if key not in _routes:
+        getattr(instance.routes, method.lower())(path)(handler)
+        _routes.add(key)
+    return True
+
 
 
 def send_event(event: str, data: dict[str, Any], node_id: str | None = None) -> None:

@@ -34,6 +34,7 @@ OPTIONAL: tuple[OptionalDependency, ...] = (
     OptionalDependency("cv2", "opencv-python-headless", "dataset analysis (sharpness, faces) and video"),
     OptionalDependency("onnxruntime", "onnxruntime", "WD14 tagging and face identity scoring"),
     OptionalDependency("insightface", "insightface", "face identity scoring (ArcFace) and face crops"),
+    OptionalDependency("av", "av", "saving MP4 / WebM video"),
     OptionalDependency("mtcnn", "mtcnn",
                        "the fallback face detector of dataset analysis (used when no InsightFace pack is installed)"),
 )

@@ -28,3 +28,10 @@ CUSTOM_TYPES.update({
     "CHARFORGE_TRAINING_RUN": "A training run: run folder, state, step, loss, the LoRA's path and its name in the "
                               "loras folder, sample and loss-curve images: charforge.engine.train.run.TrainingRun.",
 })
+
+# Video stage (nodes/video.py)
+CUSTOM_TYPES.update({
+    "CHARFORGE_VIDEO_MODEL": "What a video model is made of (base checkpoint, AnimateDiff motion module, character "
+                             "and motion LoRAs with strengths, runtime options); the engine keeps the loaded "
+                             "pipeline: charforge.engine.video.VideoModelSpec.",
+})

@@ -1,0 +1,265 @@
+"""Write a trained LoRA the way kohya's sd-scripts do, so every common loader reads all of it.
+
+Key names (ecosystem.md (b), comfyui-contract.md §6):
+
+==============  ===========================================  ===========================================
+part            SD1.5                                        SDXL
+==============  ===========================================  ===========================================
+U-Net           ``lora_unet_<diffusers module path>``        ``lora_unet_<LDM/SGM module path>``
+                (``down_blocks_1_attentions_0_...``)         (``input_blocks_4_1_transformer_blocks_...``)
+text encoders   ``lora_te_text_model_encoder_layers_...``    ``lora_te1_...`` (CLIP-L), ``lora_te2_...`` (bigG)
+==============  ===========================================  ===========================================
+
+Dots in module paths become underscores. Per module: ``<name>.lora_down.weight`` (rank x in [x k x k]),
+``<name>.lora_up.weight`` (out x rank [x 1 x 1]) and ``<name>.alpha`` (0-D); the applied delta is
+``(alpha / rank) * up @ down``. transformers 5 names ``CLIPTextModel``'s layers without the
+``text_model.`` prefix older versions (and every kohya file) use; it is added back.
+
+Metadata (all values strings, structured ones JSON): the ``ss_*`` keys kohya tools read (the minimum set
+``ss_v2``, ``ss_base_model_version``, ``ss_network_module``, ``ss_network_dim``, ``ss_network_alpha``,
+``ss_network_args`` plus training settings and ``ss_tag_frequency``) and ``modelspec.*`` (Stability AI's
+model spec, with ``modelspec.trigger_phrase``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...deps import require
+from ..models.single_file import unet_to_ldm
+from .lora import LoraNetwork, LoraSettings
+
+TE_PREFIXES = {"sd15": {"text_encoder": "lora_te_"},
+               "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}}
+BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
+MODELSPEC_IMPLEMENTATION = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
+MODELSPEC_VERSION = "1.0.1"
+
+_EMPTY = torch.empty(0)
+
+
+def ldm_module_name(diffusers_name: str, unet_config: Mapping) -> str:
+    """A diffusers U-Net module path in the LDM/SGM layout (``down_blocks.1.attentions.0.proj_in`` ->
+    ``input_blocks.4.1.proj_in``), using the single-file writer's own rename rules."""
+    (key,) = unet_to_ldm({diffusers_name + ".weight": _EMPTY}, unet_config)
+    return key.removesuffix(".weight")
+
+
+def kohya_name(component: str, module_name: str, arch: str, unet_config: Mapping | None = None) -> str:
+    """The kohya key stem of one adapted module (without ``.lora_down.weight`` etc.)."""
+    if component == "unet":
+        if arch == "sdxl":
+            if unet_config is None:
+                raise ValueError("SDXL U-Net names need the U-Net config (for the LDM block numbering)")
+            module_name = ldm_module_name(module_name, unet_config)
+        return "lora_unet_" + module_name.replace(".", "_")
+    prefixes = TE_PREFIXES[arch]
+    if component not in prefixes:
+        raise ValueError(f"{arch} has no text encoder {component!r}; expected one of {sorted(prefixes)}")
+    if not module_name.startswith("text_model."):
+        module_name = "text_model." + module_name  # transformers >= 5 flat CLIPTextModel
+    return prefixes[component] + module_name.replace(".", "_")
+
+
+def kohya_state_dict(network: LoraNetwork, arch: str, unet_config: Mapping,
+                     dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The network's weights under kohya names, as contiguous CPU tensors in `dtype`."""
+    out: dict[str, torch.Tensor] = {}
+    for module in network.modules():
+        name = kohya_name(module.component, module.name, arch, unet_config)
+        if name + ".alpha" in out:
+            raise ValueError(f"two modules map to the same LoRA key {name!r}")
+        out[name + ".lora_down.weight"] = module.down.detach().to("cpu", dtype).contiguous()
+        out[name + ".lora_up.weight"] = module.up.detach().to("cpu", dtype).contiguous()
+        out[name + ".alpha"] = torch.tensor(module.alpha, dtype=dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Metadata
+
+
+def _s(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, (int, float)):
+        return repr(value) if isinstance(value, float) else str(value)
+    return json.dumps(value, sort_keys=True)
+
+
+def network_args(settings: LoraSettings) -> dict[str, str]:
+    """``ss_network_args``: kohya's ``--network_args`` for the options beyond rank / alpha."""
+    args: dict[str, str] = {}
+    if settings.conv_rank > 0:
+        args.update(conv_dim=str(settings.conv_rank), conv_alpha=str(settings.conv_alpha))
+    if settings.targets == "attention":
+        args["targets"] = "attention"
+    if settings.train_text_encoder and settings.text_encoder_rank:
+        args["text_encoder_dim"] = str(settings.text_encoder_rank)
+    return args
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """``modelspec.hash_sha256``: 0x + SHA-256 over each tensor's raw bytes, in sorted key order."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].contiguous()
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "0x" + digest.hexdigest()
+
+
+def lora_metadata(
+    *,
+    arch: str,
+    settings: LoraSettings,
+    title: str,
+    trigger_phrase: str = "",
+    resolution: tuple[int, int] = (1024, 1024),
+    training: Mapping[str, Any] | None = None,
+    tag_frequency: Mapping[str, Mapping[str, int]] | None = None,
+    prediction_type: str = "epsilon",
+    description: str = "",
+) -> dict[str, str]:
+    """``ss_*`` and ``modelspec.*`` metadata; every value is a string.
+
+    ``training`` holds further ``ss_*`` values without the prefix (``learning_rate``, ``optimizer``,
+    ``steps``, ...); ``tag_frequency`` is ``{dataset folder: {tag: count}}``.
+    """
+    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()  # noqa: UP017 - Python 3.10
+    width, height = resolution
+    meta: dict[str, Any] = {
+        "ss_v2": False,
+        "ss_base_model_version": BASE_MODEL_VERSION[arch],
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": settings.rank,
+        "ss_network_alpha": settings.alpha,
+        "ss_network_args": network_args(settings) or None,
+        "ss_network_dropout": settings.dropout,
+        "ss_output_name": title,
+        "ss_resolution": f"({width}, {height})",
+        "ss_tag_frequency": dict(tag_frequency or {}),
+        "ss_training_comment": f"trigger: {trigger_phrase}" if trigger_phrase else "",
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE[arch],
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATION[arch],
+        "modelspec.title": title,
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.date": now,
+        "modelspec.prediction_type": prediction_type,
+        "modelspec.trigger_phrase": trigger_phrase,
+        "modelspec.description": description or f"{title}: character LoRA trained with CharForge",
+        "modelspec.author": "CharForge",
+    }
+    if meta["ss_network_args"] is None:
+        meta["ss_network_args"] = "null"
+    for key, value in (training or {}).items():
+        meta[f"ss_{key}"] = value
+    return {k: _s(v) for k, v in meta.items()}
+
+
+def _data_sha256(serialized: bytes) -> str:
+    """SHA-256 of a safetensors file's tensor data (everything after the header), as ``sshs_model_hash``."""
+    header_length = int.from_bytes(serialized[:8], "little")
+    return hashlib.sha256(serialized[8 + header_length:]).hexdigest()
+
+
+def save_lora(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+    """Write `tensors` with `metadata` (plus ``modelspec.hash_sha256`` and ``sshs_model_hash``) atomically."""
+    require("safetensors")
+    from safetensors.torch import save
+
+    bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise TypeError(f"safetensors metadata must map str to str; offending keys: {bad}")
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    header = dict(metadata)
+    header["modelspec.hash_sha256"] = tensors_sha256(tensors)
+    header["sshs_model_hash"] = _data_sha256(save(tensors))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(save(tensors, metadata=header))
+    os.replace(tmp, path)
+    return path
+
+
+def export_lora(path: str | os.PathLike, network: LoraNetwork, arch: str, unet_config: Mapping,
+                metadata: Mapping[str, str], dtype: torch.dtype = torch.float16) -> Path:
+    """Write the network as a kohya-style ``.safetensors`` LoRA at `path`; returns the path."""
+    return save_lora(path, kohya_state_dict(network, arch, unet_config, dtype), metadata)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading back (previews, tests, inspection)
+
+
+def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a ``.safetensors`` LoRA."""
+    require("safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})  # noqa: SIM118
+
+
+def kohya_module_map(components: Mapping[str, torch.nn.Module], arch: str,
+                     unet_config: Mapping) -> dict[str, torch.nn.Module]:
+    """kohya key stem -> the base model's Linear / Conv2d it adapts, for every such layer of `components`.
+
+    Layers already wrapped by peft are looked through (their ``base_layer``).
+    """
+    out: dict[str, torch.nn.Module] = {}
+    for component, root in components.items():
+        if component != "unet" and component not in TE_PREFIXES[arch]:
+            continue
+        for name, module in root.named_modules():
+            if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                continue
+            if ".lora_" in name or ".base_layer" in name:
+                continue
+            base = getattr(module, "base_layer", module)
+            try:
+                out[kohya_name(component, name, arch, unet_config)] = base
+            except ValueError:
+                continue  # a U-Net layer with no single-file name (none in SD1.5 / SDXL)
+    for component, root in components.items():  # peft wrappers are not Linear: map their base layers
+        for name, module in root.named_modules():
+            base = getattr(module, "base_layer", None)
+            if isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)):
+                out[kohya_name(component, name, arch, unet_config)] = base
+    return out
+
+
+def merge_lora(components: Mapping[str, torch.nn.Module], tensors: Mapping[str, torch.Tensor], arch: str,
+               unet_config: Mapping, multiplier: float = 1.0) -> list[str]:
+    """Add a kohya LoRA's deltas into the base weights of `components` in place.
+
+    Returns the key stems that matched no module (an empty list means every key was used).
+    """
+    modules = kohya_module_map(components, arch, unet_config)
+    stems = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_down." in k})
+    unmatched = []
+    with torch.no_grad():
+        for stem in stems:
+            module = modules.get(stem)
+            if module is None:
+                unmatched.append(stem)
+                continue
+            down = tensors[stem + ".lora_down.weight"].float()
+            up = tensors[stem + ".lora_up.weight"].float()
+            rank = down.shape[0]
+            alpha = float(tensors[stem + ".alpha"]) if stem + ".alpha" in tensors else float(rank)
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(module.weight.shape)
+            module.weight += (multiplier * alpha / rank * delta).to(module.weight.dtype)
+    return unmatched

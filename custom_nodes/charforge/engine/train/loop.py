@@ -1,0 +1,478 @@
+"""The training loop: noise-prediction loss on LoRA parameters, one optimizer step at a time.
+
+What a step does: take the next batch of the epoch order (`TrainingData.epoch_batches`), add noise at
+uniformly drawn timesteps, predict it with the U-Net, and minimise the MSE to the noise (or to the
+velocity for v-prediction models), weighted per sample by min-SNR-γ when set and per pixel by the
+image's mask with ``masked_loss``. Noise offset adds a per-channel constant to the noise.
+
+Determinism: all randomness of micro-batch ``m`` (noise, timesteps, flips, caption shuffle / dropout)
+comes from generators seeded with ``(seed, m)``; only LoRA dropout draws from the global RNG, whose
+state is saved with the resumable state. So a run stopped after step k and resumed is the same
+computation as one that never stopped; on the CPU bit for bit.
+
+Stopping: ``should_stop()`` is asked between micro-batches and after every step, and ``on_step`` (the
+progress report) may raise (ComfyUI's interrupt does). Either way the loop leaves the model at the last
+completed step, and `Trainer.state_dict` returns that step's state (weights, optimizer, schedule, RNG,
+data position).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+from .data import TrainingData, process_caption
+from .lora import LoraNetwork, add_lora
+from .models import BaseModel, PromptEmbeddings, encode_prompts
+from .optim import build_optimizer, build_scheduler
+
+STATE_VERSION = 1
+
+
+class TrainingStopped(Exception):
+    """``should_stop()`` asked the loop to stop; the state of the last completed step is kept."""
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """Progress after an optimizer step."""
+
+    step: int  # completed steps (1-based)
+    total_steps: int
+    loss: float
+    lr: float
+    steps_per_second: float
+    eta_seconds: float
+    epoch: int
+    elapsed_seconds: float
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def capture_rng() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        name, keys, position, has_gauss, cached = np.random.get_state()
+        # As plain values and a tensor, so the state file loads with torch.load(weights_only=True).
+        state["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached))
+    except ImportError:
+        pass
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        name, keys, position, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
+                    prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weights min(SNR, γ) / SNR (ε-prediction) or min(SNR, γ) / (SNR + 1) (v)."""
+    alpha = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alpha / (1.0 - alpha)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1.0) if prediction_type == "v_prediction" else clipped / snr
+
+
+class Trainer:
+    """Trains a LoRA on `model` with `data` as `config` says. Create, `setup()`, then `train()`."""
+
+    def __init__(self, model: BaseModel, data: TrainingData, config: TrainConfig, device: torch.device | str = "cpu"):
+        self.model = model
+        self.data = data
+        self.config = config
+        self.device = torch.device(device)
+        self.network: LoraNetwork | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+        self.scaler = None
+        self.step = 0  # completed optimizer steps
+        self.rng_at_step: dict[str, Any] = {}  # global RNG right after `step` completed
+        self.last_loss = float("nan")
+        self.updating = False  # inside the optimizer / schedule update (a state saved now could be torn)
+        self._batches_cache: tuple[int, list[list[int]]] | None = None
+        self._unet_forward = None
+        self._text_fingerprint = ""
+        self._latent_table: dict[tuple[int, bool], torch.Tensor] = {}
+        self._text_table: dict[str, dict[str, torch.Tensor]] = {}
+        self._time_id_table: dict[tuple[int, bool], torch.Tensor] = {}
+        self._mask_table: dict[tuple[int, bool], torch.Tensor] = {}
+
+    # ---------------------------------------------------------------------------- setup
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.mixed_precision)
+
+    def _autocast(self):
+        dtype = self.autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def setup(self, on_cache: Callable[[str, int, int], None] | None = None) -> None:
+        """Cache latents / text outputs, add the LoRA layers, move to the device, build the optimizer.
+
+        ``on_cache(what, done, total)`` reports caching progress (``what`` is "latents" or "text").
+        """
+        config, model = self.config, self.model
+        data_settings = config.data
+        self._text_fingerprint = ":".join([model.fingerprints.get("text_encoder", ""),
+                                           model.fingerprints.get("text_encoder_2", ""),
+                                           f"clip_skip={config.clip_skip}"])
+        # Caching first, with only the VAE / text encoders on the device: the peak stays low.
+        if data_settings.cache_latents:
+            model.vae.to(self.device)
+            self.data.cache_latents(self._encode_images, model.fingerprints["vae"], batch_size=1,
+                                    on_item=(lambda d, t: on_cache("latents", d, t)) if on_cache else None)
+        if self.caches_text:
+            for te in model.text_encoders:
+                te.to(self.device)
+            with torch.no_grad():
+                self.data.cache_text(self._encode_text_dict, self._text_fingerprint)
+            if on_cache:
+                on_cache("text", 1, 1)
+            for te in model.text_encoders:
+                te.to("cpu")  # not needed on the device again: samples use precomputed embeddings
+        if data_settings.cache_latents and self.device.type == "cuda":
+            model.vae.to(self.device)  # small; kept for sample decoding
+
+        self.network = add_lora(model.components(), config.lora, seed=config.seed)
+        model.unet.to(self.device)
+        if not self.caches_text:
+            for te in model.text_encoders:
+                te.to(self.device)
+        if not data_settings.cache_latents:
+            model.vae.to(self.device)
+        if config.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+            if config.lora.train_text_encoder:
+                for te in model.text_encoders:
+                    te.gradient_checkpointing_enable()
+        groups = [{"params": self.network.parameters("unet"), "lr": config.optim.learning_rate}]
+        te_params = [p for name in ("text_encoder", "text_encoder_2") for p in self.network.parameters(name)]
+        if te_params:
+            te_lr = config.optim.text_encoder_lr or config.optim.learning_rate / 10
+            groups.append({"params": te_params, "lr": te_lr})
+        self.optimizer = build_optimizer(groups, config.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, config.optim, config.steps)
+        if config.mixed_precision == "fp16":
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        if self.autocast_dtype is not None:
+            # Under autocast peft's cast of every LoRA input to fp32 is wasted: autocast casts it back.
+            from peft.tuners.lora import LoraLayer
+
+            for root in self.network.components.values():
+                for module in root.modules():
+                    if isinstance(module, LoraLayer):
+                        module.cast_input_dtype_enabled = False
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True  # few shapes (one per bucket): tuned once each
+            model.unet.to(memory_format=torch.channels_last)
+        self._load_device_tables()
+        self._unet_forward = model.unet
+        if config.compile and self.device.type == "cuda":
+            self._unet_forward = torch.compile(model.unet)
+        # LoRA dropout draws from the global RNG: start it from the run's seed (resume restores it).
+        torch.manual_seed(config.seed)
+        self.rng_at_step = capture_rng()
+
+    def _load_device_tables(self) -> None:
+        """Cached latents, text outputs and SDXL size ids as device tensors: a step then reads them
+        without a host-to-device copy (each such copy would stall the GPU queue)."""
+        vae_fingerprint = self.model.fingerprints["vae"]
+        flips = (False, True) if self.config.data.flip else (False,)
+        self._latent_table = {}
+        if self.config.data.cache_latents:
+            self._latent_table = {(i, f): self.data.latent(i, f, vae_fingerprint).to(self.device)
+                                  for i in range(len(self.data.items)) for f in flips}
+        self._text_table = {}
+        if self.caches_text:
+            for caption in self.data.captions_to_cache():
+                row = self.data.text(caption, self._text_fingerprint)
+                self._text_table[caption] = {k: v.to(self.device) for k, v in row.items()}
+        self._time_id_table = {(i, f): self.data.time_ids(i, f).to(self.device)
+                               for i in range(len(self.data.items)) for f in flips}
+        self._mask_table = {}
+        if self.config.data.masked_loss:
+            self._mask_table = {(i, f): self.data.mask(i, f).to(self.device)
+                                for i in range(len(self.data.items)) for f in flips}
+
+    @property
+    def caches_text(self) -> bool:
+        s = self.config.data
+        return s.cache_text_encoder_outputs and not s.shuffle_caption and not self.config.lora.train_text_encoder
+
+    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.model.vae
+        with torch.no_grad():
+            pixels = pixels.to(self.device, dtype=vae.dtype)
+            return vae.encode(pixels).latent_dist.mean.float() * self.model.vae_scaling_factor
+
+    def _encode_text_dict(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        embeds = encode_prompts(self.model, captions, self.device, self.config.clip_skip)
+        out = {"hidden": embeds.hidden.float()}
+        if embeds.pooled is not None:
+            out["pooled"] = embeds.pooled.float()
+        return out
+
+    # ---------------------------------------------------------------------------- batches
+
+    def micro_batches_per_epoch(self) -> int:
+        return len(self._epoch(0))
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        if self._batches_cache is None or self._batches_cache[0] != epoch:
+            self._batches_cache = (epoch, self.data.epoch_batches(epoch, self.config.batch_size, self.config.seed))
+        return self._batches_cache[1]
+
+    def micro_batch(self, index: int) -> tuple[int, list[int]]:
+        """(epoch, item indices) of the `index`-th micro-batch of the run."""
+        per_epoch = self.micro_batches_per_epoch()
+        epoch, position = divmod(index, per_epoch)
+        return epoch, self._epoch(epoch)[position]
+
+    def _generator(self, index: int) -> torch.Generator:
+        # On the training device: noise is drawn where it is used (no copy), the same for the same seed.
+        generator = torch.Generator(device=self.device)
+        return generator.manual_seed((self.config.seed * 1_000_003 + index) % (2**63))
+
+    # ---------------------------------------------------------------------------- one step
+
+    def _conditioning(self, captions: list[str]) -> PromptEmbeddings:
+        if self.caches_text:
+            rows = [self._text_table[c] for c in captions]
+            pooled = torch.stack([r["pooled"] for r in rows]) if "pooled" in rows[0] else None
+            return PromptEmbeddings(torch.stack([r["hidden"] for r in rows]), pooled)
+        context = contextlib.nullcontext() if self.config.lora.train_text_encoder else torch.no_grad()
+        with context, self._autocast():
+            return encode_prompts(self.model, captions, self.device, self.config.clip_skip)
+
+    def _latents(self, items: list[int], flips: list[bool]) -> torch.Tensor:
+        if self.config.data.cache_latents:
+            return torch.stack([self._latent_table[(i, f)] for i, f in zip(items, flips, strict=True)])
+        from .data import prepare_image
+
+        pixels = torch.stack([prepare_image(self.data.items[i].image, self.data.buckets[i], f).pixels
+                              for i, f in zip(items, flips, strict=True)])
+        return self._encode_images(pixels)
+
+    def micro_batch_loss(self, index: int) -> torch.Tensor:
+        """The (weighted) loss of micro-batch `index`, with gradients."""
+        config, model = self.config, self.model
+        epoch, items = self.micro_batch(index)
+        rng = random.Random(f"{config.seed}:{index}")
+        generator = self._generator(index)
+        flips = [config.data.flip and rng.random() < 0.5 for _ in items]
+        captions = [process_caption(self.data.items[i].caption, config.data, rng) for i in items]
+
+        latents = self._latents(items, flips).float()
+        device = self.device
+        noise = torch.randn(latents.shape, generator=generator, device=device)
+        if config.noise_offset:
+            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device)
+            noise += config.noise_offset * offset
+        scheduler = model.noise_scheduler
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                                  device=device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        if model.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+
+        cond = self._conditioning(captions)
+        kwargs: dict[str, Any] = {}
+        if model.is_sdxl:
+            time_ids = torch.stack([self._time_id_table[(i, f)] for i, f in zip(items, flips, strict=True)])
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids}
+        weight_dtype = model.unet.dtype
+        if self.device.type == "cuda":
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            prediction = self._unet_forward(noisy.to(weight_dtype), timesteps,
+                                            encoder_hidden_states=cond.hidden.to(weight_dtype), **kwargs).sample
+        per_pixel = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
+        if config.data.masked_loss:
+            masks = torch.stack([self._mask_table[(i, f)] for i, f in zip(items, flips, strict=True)])
+            # Weighted mean: a mask that keeps a small region does not shrink the loss (and the step size).
+            per_sample = (per_pixel * masks).mean(dim=(1, 2, 3)) / masks.mean(dim=(1, 2, 3)).clamp_min(1e-3)
+        else:
+            per_sample = per_pixel.mean(dim=(1, 2, 3))
+        if config.min_snr_gamma > 0:
+            per_sample = per_sample * min_snr_weights(scheduler.alphas_cumprod, timesteps, config.min_snr_gamma,
+                                                      model.prediction_type)
+        return per_sample.mean()
+
+    def train_step(self, should_stop: Callable[[], bool] | None = None) -> float:
+        """One optimizer step (``grad_accumulation`` micro-batches); returns its mean loss."""
+        config = self.config
+        accumulation = config.optim.grad_accumulation
+        for module in self.network.components.values():
+            if not module.training:
+                module.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(accumulation):
+            if should_stop is not None and micro and should_stop():
+                raise TrainingStopped()
+            loss = self.micro_batch_loss(self.step * accumulation + micro) / accumulation
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            total += float(loss.detach())
+        params = self.network.parameters()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if config.optim.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.optim.max_grad_norm)
+        self.updating = True
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.rng_at_step = capture_rng()
+        self.updating = False
+        self.last_loss = total
+        return total
+
+    # ---------------------------------------------------------------------------- the loop
+
+    def train(self, until: int | None = None, on_step: Callable[[StepReport], None] | None = None,
+              should_stop: Callable[[], bool] | None = None,
+              after_step: Callable[[int], None] | None = None) -> int:
+        """Run steps until `until` (default: ``config.steps``) completed steps; returns the step reached.
+
+        `on_step` gets the progress after each step, then `after_step(step)` runs (checkpoints, samples).
+        Raises `TrainingStopped` when `should_stop()` says so; any exception leaves `state_dict()` at
+        the last completed step.
+        """
+        until = self.config.steps if until is None else until
+        start_time, start_step = time.perf_counter(), self.step
+        rate = 0.0
+        while self.step < until:
+            if should_stop is not None and should_stop():
+                raise TrainingStopped()
+            step_start = time.perf_counter()
+            loss = self.train_step(should_stop)
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"the loss became {loss} at step {self.step}; lower the learning rate or use bf16 instead of fp16")
+            step_time = time.perf_counter() - step_start
+            rate = 1.0 / step_time if rate == 0.0 else 0.9 * rate + 0.1 / step_time
+            if on_step is not None:
+                done = self.step - start_step
+                elapsed = time.perf_counter() - start_time
+                steps_per_second = done / elapsed if elapsed > 0 else rate
+                on_step(StepReport(
+                    step=self.step, total_steps=until, loss=loss, lr=self.current_lr(),
+                    steps_per_second=steps_per_second,
+                    eta_seconds=(until - self.step) / steps_per_second if steps_per_second > 0 else float("inf"),
+                    epoch=self.micro_batch(max(0, self.step * self.config.optim.grad_accumulation - 1))[0],
+                    elapsed_seconds=elapsed))
+            if after_step is not None:
+                after_step(self.step)
+        return self.step
+
+    def evaluate(self, timesteps: list[int], seed: int = 1234, items: list[int] | None = None) -> float:
+        """Plain denoising MSE over `items` (default all) at fixed `timesteps` and noise (no weighting).
+
+        The same numbers for the same arguments, so it compares the model before and after training
+        (or with the LoRA switched off via ``network.set_enabled(False)``).
+        """
+        model = self.model
+        items = list(range(len(self.data.items))) if items is None else items
+        generator = torch.Generator().manual_seed(seed)
+        for module in self.network.components.values():
+            module.eval()
+        losses = []
+        with torch.no_grad():
+            for index in items:
+                latent = self._latents([index], [False]).to(self.device, torch.float32)
+                cond = self._conditioning([self.data.items[index].caption])
+                kwargs: dict[str, Any] = {}
+                if model.is_sdxl:
+                    kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled,
+                                                   "time_ids": self._time_id_table[(index, False)][None]}
+                for timestep in timesteps:
+                    noise = torch.randn(latent.shape, generator=generator).to(self.device)
+                    t = torch.tensor([timestep], device=self.device)
+                    noisy = model.noise_scheduler.add_noise(latent, noise, t)
+                    target = (model.noise_scheduler.get_velocity(latent, noise, t)
+                              if model.prediction_type == "v_prediction" else noise)
+                    with self._autocast():
+                        prediction = model.unet(noisy.to(model.unet.dtype), t,
+                                                encoder_hidden_states=cond.hidden.to(model.unet.dtype), **kwargs).sample
+                    losses.append(torch.nn.functional.mse_loss(prediction.float(), target).item())
+        return sum(losses) / len(losses)
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # ---------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly after the last completed step."""
+        micro = self.step * self.config.optim.grad_accumulation
+        epoch, position = divmod(micro, self.micro_batches_per_epoch())
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "lora": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": self.rng_at_step,
+            "data": {"seed": self.config.seed, "epoch": epoch, "position": position,
+                     "micro_batches_per_epoch": self.micro_batches_per_epoch(), "micro_batches_done": micro,
+                     "next_batch": self.micro_batch(micro)[1]},
+            "loss": self.last_loss,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a state written by `state_dict` (same config, data and model)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"resumable state version {state.get('version')} is not {STATE_VERSION}")
+        data = state["data"]
+        if data["micro_batches_per_epoch"] != self.micro_batches_per_epoch():
+            raise ValueError(
+                f"the dataset changed since this run was saved ({data['micro_batches_per_epoch']} batches per epoch "
+                f"then, {self.micro_batches_per_epoch()} now): start a new run")
+        self.network.load_state_dict(state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.last_loss = float(state.get("loss", float("nan")))
+        self.rng_at_step = state["rng"]
+        restore_rng(state["rng"])

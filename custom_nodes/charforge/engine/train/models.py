@@ -1,0 +1,405 @@
+"""Load an SD1.5 / SDXL base model for training, fully offline.
+
+Two sources, as users have them:
+
+- a **single-file checkpoint** (``.safetensors``, also ``.ckpt``) from ComfyUI's ``checkpoints`` folder,
+  in the original LDM (SD1.5) / SGM (SDXL) layout. diffusers reads it with ``from_single_file``; the
+  component configs come from ``configs/<arch>/`` shipped with the pack, so nothing is fetched from a hub;
+- a **diffusers folder** (``model_index.json`` + one subfolder per component).
+
+The architecture is read from the file's tensor names and shapes (`detect_arch`), never from its name.
+
+Tokenizers need the CLIP BPE vocabulary (``vocab.json`` + ``merges.txt``, about 1.7 MB), which the pack
+does not ship. A diffusers folder has its own; for single files it is looked up in this order: the
+``tokenizer_dir`` argument, ``$CHARFORGE_CLIP_TOKENIZER``, ``$COMFYUI_DIR/comfy/sd1_tokenizer`` (every
+ComfyUI ships the CLIP vocabulary there). SDXL's two text encoders share the vocabulary; the second pads
+with ``"!"`` (id 0), as its shipped ``tokenizer_2`` config says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...deps import require
+
+ARCHS = ("sd15", "sdxl")
+CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+# Pipeline classes (diffusers) and a human name per architecture.
+_PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+ARCH_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+
+
+class UnsupportedModelError(ValueError):
+    """The base model is not an SD1.5 / SDXL checkpoint this trainer can use; the message says what it is."""
+
+
+class MissingTokenizerError(FileNotFoundError):
+    """No CLIP vocabulary (vocab.json + merges.txt) was found for a single-file checkpoint."""
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    """A torch dtype from a torch dtype or one of "fp32", "fp16", "bf16" (and their long names)."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16")
+    return DTYPES[dtype]
+
+
+def shipped_config_dir(arch: str) -> Path:
+    """The shipped diffusers configs (no weights, no vocabulary) for `arch` ("sd15" or "sdxl")."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHS}")
+    return CONFIG_ROOT / arch
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture detection
+
+
+def _single_file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a single-file checkpoint, without reading the tensors (safetensors)."""
+    if path.suffix.lower() in (".safetensors", ".sft"):
+        require("safetensors")
+        from safetensors import safe_open
+
+        shapes = {}
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+        return shapes
+    state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def arch_from_keys(shapes: dict[str, tuple[int, ...]]) -> str:
+    """"sd15" or "sdxl" from a single file's tensor names and shapes; raises `UnsupportedModelError`.
+
+    SDXL base: an SGM U-Net with ``label_emb`` and both ``conditioner.embedders`` (CLIP-L, bigG).
+    SD1.5: an LDM U-Net with 4 input channels and a CLIP-L text encoder under ``cond_stage_model.transformer``.
+    """
+    unet = "model.diffusion_model."
+    has_unet = any(k.startswith(unet) for k in shapes)
+    has_vae = any(k.startswith("first_stage_model.") for k in shapes)
+    label = shapes.get(unet + "label_emb.0.0.weight")
+    conv_in = shapes.get(unet + "input_blocks.0.0.weight")
+    if not has_unet:
+        prefixes = sorted({k.split(".")[0] for k in shapes})[:8]
+        raise UnsupportedModelError(
+            f"not an SD1.5 / SDXL checkpoint: no 'model.diffusion_model.' U-Net keys (top-level names: {prefixes}). "
+            "Flux, SD3 and other architectures are not supported by this trainer.")
+    if conv_in is not None and conv_in[1] != 4:
+        raise UnsupportedModelError(
+            f"the U-Net takes {conv_in[1]} input channels (an inpainting or instruct model); train on a regular "
+            "4-channel SD1.5 / SDXL checkpoint")
+    if not has_vae:
+        raise UnsupportedModelError(
+            "this file holds a U-Net but no VAE / text encoder (a 'diffusion model only' file); training needs a "
+            "full checkpoint from the checkpoints folder, or a diffusers folder")
+    if label is not None:
+        has_te1 = any(k.startswith("conditioner.embedders.0.transformer.") for k in shapes)
+        has_te2 = any(k.startswith("conditioner.embedders.1.model.") for k in shapes)
+        if not (has_te1 and has_te2):
+            raise UnsupportedModelError(
+                "an SDXL-family file without both SDXL base text encoders (CLIP-L and bigG): the SDXL refiner "
+                "and other variants are not supported")
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in shapes):
+        raise UnsupportedModelError("an SD2.x checkpoint (OpenCLIP text encoder); only SD1.5 and SDXL are supported")
+    if any(k.startswith("cond_stage_model.transformer.") for k in shapes):
+        return "sd15"
+    raise UnsupportedModelError("a U-Net and VAE but no SD1.5 (cond_stage_model) or SDXL (conditioner) text encoder")
+
+
+def detect_arch(source: str | os.PathLike) -> str:
+    """"sd15" or "sdxl" for a single-file checkpoint or a diffusers folder."""
+    source = Path(source)
+    if source.is_dir():
+        index = source / "model_index.json"
+        if not index.is_file():
+            raise UnsupportedModelError(f"{source} is a folder without model_index.json: not a diffusers model")
+        name = json.loads(index.read_text()).get("_class_name", "")
+        for arch, pipeline in _PIPELINES.items():
+            if name == pipeline:
+                return arch
+        raise UnsupportedModelError(f"{source}: pipeline {name!r}; expected one of {sorted(_PIPELINES.values())}")
+    if not source.is_file():
+        raise FileNotFoundError(f"base model not found: {source}")
+    return arch_from_keys(_single_file_shapes(source))
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def tokenizer_candidates(extra: Iterable[str | os.PathLike | None] = ()) -> list[Path]:
+    """Folders that may hold the CLIP vocabulary, in the order they are tried."""
+    out = [Path(p) for p in extra if p]
+    if os.environ.get("CHARFORGE_CLIP_TOKENIZER"):
+        out.append(Path(os.environ["CHARFORGE_CLIP_TOKENIZER"]).expanduser())
+    if os.environ.get("COMFYUI_DIR"):
+        out.append(Path(os.environ["COMFYUI_DIR"]).expanduser() / "comfy" / "sd1_tokenizer")
+    return out
+
+
+def find_tokenizer_dir(candidates: Sequence[str | os.PathLike | None] = ()) -> Path:
+    """The first candidate folder with ``vocab.json`` and ``merges.txt``; raises `MissingTokenizerError`."""
+    tried = tokenizer_candidates(candidates)
+    for folder in tried:
+        if all((folder / name).is_file() for name in TOKENIZER_FILES):
+            return folder
+    raise MissingTokenizerError(
+        "the CLIP tokenizer vocabulary (vocab.json + merges.txt) was not found; looked in: "
+        + (", ".join(str(p) for p in tried) or "nowhere")
+        + ". Inside ComfyUI it is comfy/sd1_tokenizer; elsewhere set CHARFORGE_CLIP_TOKENIZER or COMFYUI_DIR, "
+          "or train from a diffusers folder (it has its own tokenizer)")
+
+
+def load_tokenizers(arch: str, vocab_dir: str | os.PathLike) -> list:
+    """The CLIP tokenizer(s) for `arch` from a vocabulary folder, configured as the shipped configs say."""
+    from transformers import CLIPTokenizer
+
+    names = ["tokenizer", "tokenizer_2"] if arch == "sdxl" else ["tokenizer"]
+    tokenizers = []
+    for name in names:
+        config = json.loads((shipped_config_dir(arch) / name / "tokenizer_config.json").read_text())
+        tokenizers.append(CLIPTokenizer.from_pretrained(
+            str(vocab_dir), pad_token=config["pad_token"], model_max_length=config["model_max_length"]))
+    return tokenizers
+
+
+# --------------------------------------------------------------------------------------------------
+# The loaded model
+
+
+@dataclass
+class BaseModel:
+    """An SD1.5 / SDXL pipeline's parts, ready for training.
+
+    ``text_encoders`` / ``tokenizers`` hold one entry for SD1.5 and two (CLIP-L, bigG) for SDXL.
+    ``noise_scheduler`` is a ``DDPMScheduler`` with the model's betas (what training adds noise with).
+    ``fingerprints`` identify the weights of each component for cache keys (see `fingerprint`).
+    """
+
+    arch: str
+    source: str
+    unet: Any
+    vae: Any
+    text_encoders: list
+    tokenizers: list
+    noise_scheduler: Any
+    sample_scheduler_config: dict
+    dtype: torch.dtype
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.arch == "sdxl"
+
+    @property
+    def unet_config(self) -> dict:
+        return dict(self.unet.config)
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.noise_scheduler.config.prediction_type)
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        """``unet``, ``text_encoder`` (and ``text_encoder_2`` for SDXL) by their diffusers names."""
+        out = {"unet": self.unet, "text_encoder": self.text_encoders[0]}
+        if self.is_sdxl:
+            out["text_encoder_2"] = self.text_encoders[1]
+        return out
+
+    def pipeline(self, scheduler: Any = None):
+        """A diffusers pipeline over these components (for samples); shares the modules, copies nothing."""
+        import diffusers
+
+        cls = getattr(diffusers, _PIPELINES[self.arch])
+        if scheduler is None:
+            scheduler = diffusers.EulerDiscreteScheduler.from_config(self.sample_scheduler_config)
+        parts: dict[str, Any] = {"vae": self.vae, "unet": self.unet, "scheduler": scheduler,
+                                 "text_encoder": self.text_encoders[0], "tokenizer": self.tokenizers[0]}
+        if self.is_sdxl:
+            parts.update(text_encoder_2=self.text_encoders[1], tokenizer_2=self.tokenizers[1])
+        else:
+            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = cls(**parts)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def fingerprint(module: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
+    """A short hash that changes when the module's weights change (names, shapes and sampled values).
+
+    Hashing every byte of a 2.8 GB text encoder would add seconds to every run; evenly spaced samples of
+    each tensor (plus names, shapes, dtypes) tell different models apart just as well for cache keys.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::step][:samples_per_tensor].to(device="cpu", dtype=torch.float32)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``dtype=`` where diffusers renamed ``torch_dtype`` (it warns about the old name), else ``torch_dtype=``."""
+    from diffusers.utils import deprecation_utils
+
+    renamed = hasattr(deprecation_utils, "_resolve_dtype")
+    return {"dtype": dtype} if renamed else {"torch_dtype": dtype}
+
+
+def _training_scheduler(scheduler_config: dict):
+    from diffusers import DDPMScheduler
+
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+            "steps_offset")
+    return DDPMScheduler(**{k: scheduler_config[k] for k in keys if k in scheduler_config},
+                         clip_sample=False)
+
+
+def load_base_model(
+    source: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    config_dir: str | os.PathLike | None = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    tokenizer_candidates: Sequence[str | os.PathLike | None] = (),
+) -> BaseModel:
+    """Load `source` (a single-file checkpoint or a diffusers folder) on the CPU in `dtype`.
+
+    ``config_dir`` replaces the shipped configs for single files (a diffusers folder with the configs of a
+    non-standard model, e.g. the tiny test models). ``tokenizer_dir`` / ``tokenizer_candidates`` say where
+    the CLIP vocabulary is (see the module docstring). The VAE of an SDXL model is kept in fp32 when
+    `dtype` is fp16 (it overflows in fp16). Never touches the network.
+    """
+    require("diffusers")
+    require("transformers")
+    import diffusers
+
+    source = Path(source).expanduser()
+    arch = detect_arch(source)
+    weight_dtype = resolve_dtype(dtype)
+    cls = getattr(diffusers, _PIPELINES[arch])
+    offline = {"local_files_only": True}
+    if source.is_dir():
+        extra = {}
+        if arch == "sd15":
+            extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        if not (source / "tokenizer" / "vocab.json").is_file():
+            vocab = find_tokenizer_dir([tokenizer_dir, *tokenizer_candidates])
+            extra.update(zip(("tokenizer", "tokenizer_2"), load_tokenizers(arch, vocab), strict=False))
+        pipe = cls.from_pretrained(str(source), **_dtype_argument(weight_dtype), **offline, **extra)
+    else:
+        vocab = find_tokenizer_dir([tokenizer_dir, *tokenizer_candidates])
+        tokenizers = dict(zip(("tokenizer", "tokenizer_2"), load_tokenizers(arch, vocab), strict=False))
+        if arch == "sd15":
+            tokenizers.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        config = str(config_dir or shipped_config_dir(arch))
+        pipe = cls.from_single_file(str(source), config=config, **_dtype_argument(weight_dtype), **offline,
+                                     **tokenizers)
+    text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if arch == "sdxl" else [])
+    tokenizers_out = [pipe.tokenizer] + ([pipe.tokenizer_2] if arch == "sdxl" else [])
+    vae = pipe.vae
+    if weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae = vae.to(torch.float32)
+    for module in (pipe.unet, vae, *text_encoders):
+        module.requires_grad_(False)
+        module.eval()
+    scheduler_config = dict(pipe.scheduler.config)
+    model = BaseModel(arch=arch, source=str(source), unet=pipe.unet, vae=vae, text_encoders=text_encoders,
+                      tokenizers=tokenizers_out, noise_scheduler=_training_scheduler(scheduler_config),
+                      sample_scheduler_config=scheduler_config, dtype=weight_dtype)
+    model.fingerprints = {"vae": fingerprint(vae),
+                          **{f"text_encoder{'_2' if i else ''}": fingerprint(te) for i, te in enumerate(text_encoders)}}
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclass
+class PromptEmbeddings:
+    """What the U-Net is conditioned on: ``hidden`` (B, 77, D) and, for SDXL, ``pooled`` (B, P)."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def to(self, device=None, dtype=None) -> PromptEmbeddings:
+        return PromptEmbeddings(self.hidden.to(device=device, dtype=dtype),
+                                None if self.pooled is None else self.pooled.to(device=device, dtype=dtype))
+
+    def index(self, items) -> PromptEmbeddings:
+        return PromptEmbeddings(self.hidden[items], None if self.pooled is None else self.pooled[items])
+
+    @staticmethod
+    def cat(parts: Sequence[PromptEmbeddings]) -> PromptEmbeddings:
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return PromptEmbeddings(torch.cat([p.hidden for p in parts]), pooled)
+
+
+def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids (B, 77); prompts longer than 75 tokens are cut (as the CLIP context is 77)."""
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def _final_layer_norm(text_encoder):
+    inner = getattr(text_encoder, "text_model", text_encoder)
+    return inner.final_layer_norm
+
+
+def encode_prompts(model: BaseModel, prompts: Sequence[str], device: torch.device | str | None = None,
+                   clip_skip: int = 1) -> PromptEmbeddings:
+    """Encode `prompts` as the U-Net expects (gradients flow when a text encoder has trainable LoRA).
+
+    SD1.5: the last hidden state of CLIP-L (``clip_skip`` 2: the layer before, through the final layer
+    norm, as kohya / A1111 do). SDXL: the penultimate hidden states of both encoders concatenated, and
+    the projected pooled output of the second.
+    """
+    device = device or next(model.text_encoders[0].parameters()).device
+    outputs = []
+    for text_encoder, tokenizer in zip(model.text_encoders, model.tokenizers, strict=True):
+        ids = tokenize(tokenizer, prompts).to(device)
+        outputs.append(text_encoder(ids, output_hidden_states=True))
+    if not model.is_sdxl:
+        out = outputs[0]
+        if clip_skip <= 1:
+            return PromptEmbeddings(out.last_hidden_state)
+        return PromptEmbeddings(_final_layer_norm(model.text_encoders[0])(out.hidden_states[-clip_skip]))
+    hidden = torch.cat([outputs[0].hidden_states[-2], outputs[1].hidden_states[-2]], dim=-1)
+    return PromptEmbeddings(hidden, outputs[1].text_embeds)
+
+
+def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
+                  target_size: tuple[int, int]) -> torch.Tensor:
+    """SDXL's size/crop conditioning (6,): original (h, w), crop (top, left), target (h, w), in pixels."""
+    return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)

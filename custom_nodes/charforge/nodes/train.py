@@ -1,0 +1,307 @@
+"""Training nodes (menu: CharForge/Train) and the runs list route ``GET /charforge/runs``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from .. import bridge
+from ..deps import require
+
+log = logging.getLogger("charforge")
+
+CATEGORY = "CharForge/Train"
+TRAINING_RUN = "CHARFORGE_TRAINING_RUN"
+DATASET = "CHARFORGE_DATASET"
+DIFFUSERS_PREFIX = "[diffusers] "
+PRESETS = ("sdxl", "sd15", "fast", "high_quality")  # charforge.engine.train.config.PRESETS (kept import-free)
+EVENT_INTERVAL = 0.5  # seconds between charforge.train.progress messages
+
+
+def runs_directory() -> str:
+    """Where run folders go: ``<ComfyUI output>/charforge/train_runs``."""
+    return os.path.join(bridge.output_directory(), "charforge", "train_runs")
+
+
+def loras_directory() -> str:
+    folders = bridge.model_folders("loras")
+    if not folders:
+        raise RuntimeError("no 'loras' model folder is configured: set COMFYUI_DIR or CHARFORGE_MODELS_DIR")
+    return folders[0]
+
+
+def _diffusers_models() -> list[str]:
+    """Diffusers folders (with model_index.json) in the ``diffusers`` model folders."""
+    found = set()
+    for folder in bridge.model_folders("diffusers"):
+        base = Path(folder)
+        if base.is_dir():
+            found.update(p.parent.relative_to(base).as_posix() for p in base.glob("*/model_index.json"))
+            found.update(p.parent.relative_to(base).as_posix() for p in base.glob("*/*/model_index.json"))
+    return sorted(found)
+
+
+def base_model_choices() -> list[str]:
+    choices = list(bridge.list_models("checkpoints")) + [DIFFUSERS_PREFIX + n for n in _diffusers_models()]
+    return choices or ["(no checkpoints found)"]
+
+
+def resolve_base_model(name: str) -> str:
+    """Full path of a ``checkpoints`` file or a ``[diffusers] <folder>`` choice (or an absolute path)."""
+    if name.startswith(DIFFUSERS_PREFIX):
+        folder_name = name[len(DIFFUSERS_PREFIX):]
+        for folder in bridge.model_folders("diffusers"):
+            candidate = Path(folder) / folder_name
+            if (candidate / "model_index.json").is_file():
+                return str(candidate)
+        raise bridge.ModelNotFoundError(f"diffusers model {folder_name!r} not found in {bridge.model_folders('diffusers')}")
+    if name.startswith("(no "):
+        raise bridge.ModelNotFoundError("no base model: put an SD1.5 / SDXL checkpoint into ComfyUI's checkpoints "
+                                        "folder (or a diffusers folder into models/diffusers) and reload the page")
+    return bridge.find_model("checkpoints", name)
+
+
+def comfyui_tokenizer_dirs() -> tuple[str, ...]:
+    """ComfyUI's own CLIP vocabulary (``comfy/sd1_tokenizer``) when ComfyUI's folder is known."""
+    root = bridge.comfyui_root()
+    return (str(root / "comfy" / "sd1_tokenizer"),) if root is not None else ()
+
+
+def _resolve_dataset_folder(folder: str) -> str:
+    folder = os.path.expanduser(folder.strip().strip('"'))
+    if not folder:
+        return ""
+    return folder if os.path.isabs(folder) else os.path.join(bridge.input_directory(), folder)
+
+
+def _parse_overrides(text: str) -> dict:
+    text = (text or "").strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"overrides must be a JSON object like {{\"rank\": 16}}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError("overrides must be a JSON object like {\"rank\": 16, \"noise_offset\": 0.05}")
+    return value
+
+
+def _image_batch(paths: list[str]):
+    from PIL import Image
+
+    from .convert import empty_image_batch, pil_to_image_batch
+
+    images = []
+    for path in paths:
+        with Image.open(path) as img:
+            images.append(img.convert("RGB"))
+    sizes = {img.size for img in images}
+    if len(sizes) > 1:  # one IMAGE batch holds one size
+        first = images[0].size
+        images = [img.resize(first) for img in images]
+    return pil_to_image_batch(images) if images else empty_image_batch(64)
+
+
+def _ui_image(path: str) -> dict | None:
+    """A ``ui.images`` entry when `path` lies in ComfyUI's output folder (the frontend shows it)."""
+    output = Path(bridge.output_directory()).resolve()
+    try:
+        relative = Path(path).resolve().relative_to(output)
+    except ValueError:
+        return None
+    return {"filename": relative.name, "subfolder": relative.parent.as_posix(), "type": "output"}
+
+
+class _TrainProgress:
+    """Engine events -> ComfyUI's progress bar (steps) and ``charforge.train.progress`` messages.
+
+    Every call goes through `bridge.Progress`, which raises ComfyUI's interrupt after Cancel; the engine
+    then saves a resumable state and re-raises.
+    """
+
+    def __init__(self, node_id: str | None, total_steps: int, run_name: str):
+        self.node_id = node_id
+        self.progress = bridge.Progress(total_steps, node_id=node_id, label=f"train {run_name}")
+        self.run_name = run_name
+        self._last_event = 0.0
+
+    def __call__(self, event: dict) -> None:
+        phase = event.get("phase")
+        if phase == "training":
+            self.progress.set(int(event["step"]), total=int(event["total_steps"]))
+        else:
+            bridge.check_cancelled()
+        now = time.monotonic()
+        if phase != "training" or now - self._last_event >= EVENT_INTERVAL or \
+                event.get("step") == event.get("total_steps"):
+            self._last_event = now
+            payload = {"run": self.run_name, **{k: v for k, v in event.items() if isinstance(v, (int, float, str))}}
+            bridge.send_event("train.progress", payload, node_id=self.node_id)
+
+
+class TrainLoRA:
+    """Train a character LoRA for SD1.5 or SDXL and save it into ComfyUI's loras folder."""
+
+    DESCRIPTION = (
+        "Trains a LoRA (kohya-style keys, loads in ComfyUI's LoRA loaders, diffusers and kohya tools) on a kohya "
+        "dataset folder (<repeats>_<trigger class>/ with .txt captions) or a CharForge dataset, from an SD1.5 / "
+        "SDXL checkpoint. Checks memory first and picks gradient checkpointing / 8-bit Adam when needed. "
+        "Writes a run folder (config, metrics.csv, loss.png, samples, checkpoints, resumable state) under "
+        "output/charforge/train_runs. Cancel stops within a step; queue it again to resume where it stopped."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING", TRAINING_RUN, "IMAGE", "IMAGE")
+    RETURN_NAMES = ("lora_name", "run", "loss_curve", "samples")
+    OUTPUT_TOOLTIPS = (
+        "The LoRA's file name in the loras folder: wire it into a LoRA loader's lora_name.",
+        "The training run (folder, state, step, loss, LoRA path).",
+        "The loss curve.",
+        "The last sample images (fixed seeds, trigger word in the prompt).",
+    )
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        choices = base_model_choices()
+        return {
+            "required": {
+                "base_model": (choices, {
+                    "default": choices[0],
+                    "tooltip": "SD1.5 or SDXL checkpoint from the checkpoints folder, or a diffusers folder from "
+                               "models/diffusers. The architecture is read from the file."}),
+                "dataset_folder": ("STRING", {
+                    "default": "",
+                    "placeholder": "/path/to/img (contains 10_ohwx woman/)",
+                    "tooltip": "Kohya dataset folder: the folder that CONTAINS '<repeats>_<trigger class>' "
+                               "subfolders (a relative path is read from ComfyUI's input folder). Ignored when a "
+                               "dataset is connected."}),
+                "trigger_word": ("STRING", {
+                    "default": "ohwx",
+                    "tooltip": "The word the LoRA is bound to; used in sample prompts and written into the "
+                               "LoRA's metadata (modelspec.trigger_phrase)."}),
+                "output_name": ("STRING", {
+                    "default": "my_character",
+                    "tooltip": "Name of the run and of the LoRA file (<name>.safetensors in the loras folder). "
+                               "The same name with the same settings resumes an unfinished run."}),
+                "preset": (list(PRESETS), {
+                    "default": "sdxl",
+                    "tooltip": "sdxl / sd15: balanced (rank 32, 1500 steps). fast: rank 16, 500 steps. "
+                               "high_quality: rank 64 + conv layers, 2500 steps. Resolution follows the model "
+                               "(1024 SDXL, 512 SD1.5)."}),
+                "steps": ("INT", {"default": 0, "min": 0, "max": 100000, "step": 1,
+                                  "tooltip": "Training steps; 0 = the preset's."}),
+                "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 1e-5, "round": 1e-6,
+                                            "tooltip": "U-Net learning rate; 0 = the preset's (1e-4 for most)."}),
+                "rank": ("INT", {"default": 0, "min": 0, "max": 256, "step": 1,
+                                 "tooltip": "LoRA rank (alpha follows at half the rank); 0 = the preset's."}),
+                "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 64,
+                                       "tooltip": "Training resolution in pixels (buckets keep about this area); "
+                                                  "0 = the model's (1024 SDXL, 512 SD1.5)."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "step": 1,
+                                       "tooltip": "Images per step (one bucket size per batch)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "step": 1,
+                                 "tooltip": "Seed for LoRA initialisation, data order and noise."}),
+                "resume": (["auto", "never"], {
+                    "default": "auto",
+                    "tooltip": "auto: continue an unfinished (or cancelled) run with the same name, model, data "
+                               "and settings; never: always start a new run."}),
+                "memory_profile": (["auto", "check", "off"], {
+                    "default": "auto",
+                    "tooltip": "auto: estimate memory first and turn on gradient checkpointing / 8-bit Adam / "
+                               "smaller batches when needed; check: refuse if it does not fit; off: no check."}),
+            },
+            "optional": {
+                "dataset": (DATASET, {"tooltip": "A CharForge dataset (its kohya export, or its accepted photos "
+                                                 "and captions). Takes precedence over dataset_folder."}),
+                "overrides": ("STRING", {
+                    "default": "", "multiline": True,
+                    "tooltip": "More settings as JSON, by name: e.g. {\"noise_offset\": 0.05, \"flip\": true, "
+                               "\"train_text_encoder\": true, \"optimizer\": \"prodigy\", \"learning_rate\": 1.0, "
+                               "\"sample_every\": 100, \"sample_prompts\": [\"ohwx at the beach\"]}. "
+                               "See docs/training.md for every name."}),
+            },
+            "hidden": {"node_id": "UNIQUE_ID"},
+        }
+
+    def train(self, base_model, dataset_folder, trigger_word, output_name, preset, steps, learning_rate, rank,
+              resolution, batch_size, seed, resume, memory_profile, dataset=None, overrides="", node_id=None):
+        for module in ("torch", "diffusers", "transformers", "peft", "safetensors"):
+            require(module)
+        from dataclasses import replace
+
+        from ..engine.train.config import preset_config, with_overrides
+        from ..engine.train.job import TrainRequest, train
+        from ..engine.train.models import detect_arch
+        from ..engine.train.run import TrainingRun, safe_run_name
+
+        model_path = resolve_base_model(base_model)
+        arch = detect_arch(model_path)
+        config = preset_config(preset, arch)
+        settings: dict = {"seed": int(seed), "batch_size": int(batch_size), "trigger_word": trigger_word.strip()}
+        if steps:
+            settings["steps"] = int(steps)
+        if learning_rate:
+            settings["learning_rate"] = float(learning_rate)
+        if rank:
+            settings.update(rank=int(rank), alpha=max(1.0, rank / 2))
+        if resolution:
+            settings.update(resolution=int(resolution), min_bucket=max(64, resolution // 4),
+                            max_bucket=resolution * 2)
+        settings.update(_parse_overrides(overrides))
+        config = with_overrides(config, settings)
+        if config.steps < config.optim.warmup_steps * 2:
+            config = replace(config, optim=replace(config.optim, warmup_steps=config.steps // 10))
+
+        source = dataset if dataset is not None else _resolve_dataset_folder(dataset_folder)
+        if not source:
+            raise ValueError("no training data: connect a CharForge dataset or type a kohya dataset folder "
+                             "(the folder that contains '<repeats>_<trigger class>' subfolders)")
+        name = safe_run_name(output_name)
+        progress = _TrainProgress(node_id, config.steps, name)
+        loras = loras_directory()
+
+        def should_stop() -> bool:
+            bridge.check_cancelled()  # raises after Cancel
+            return False
+
+        request = TrainRequest(base_model=model_path, dataset=source, runs_dir=runs_directory(), name=name,
+                               config=config, lora_dir=loras, resume=resume, memory_profile=memory_profile,
+                               tokenizer_dirs=comfyui_tokenizer_dirs())
+        result = train(request, on_progress=progress, should_stop=should_stop, is_cancellation=bridge.is_cancellation)
+
+        lora_name = Path(result.exported_path or result.lora_path).name
+        run = TrainingRun(name=Path(result.run_dir).name, run_dir=result.run_dir, state="completed", step=result.step,
+                          total_steps=config.steps, loss=result.loss, lora_path=result.exported_path or result.lora_path,
+                          lora_name=lora_name, samples=tuple(result.samples), loss_curve=result.loss_curve)
+        summary = (f"{lora_name}: {result.step} steps, final loss {result.loss:.4f}"
+                   + (f" (resumed at step {result.resumed_from})" if result.resumed_from else "")
+                   + f"; run folder {result.run_dir}")
+        ui_images = [entry for entry in (_ui_image(p) for p in [result.loss_curve, *result.samples]) if entry]
+        ui = {"text": [summary]}
+        if ui_images:
+            ui["images"] = ui_images
+        return {"ui": ui, "result": (lora_name, run, _image_batch([result.loss_curve]), _image_batch(result.samples))}
+
+
+async def _runs_handler(request):
+    from aiohttp import web
+
+    from ..engine.train.run import list_runs
+
+    return web.json_response({"runs": list_runs(runs_directory())})
+
+
+def register_routes() -> bool:
+    """Add ``GET /charforge/runs`` to ComfyUI's server (at import; a no-op outside ComfyUI)."""
+    return bridge.add_route("GET", "/charforge/runs", _runs_handler)
+
+
+register_routes()
+
+NODE_CLASS_MAPPINGS = {"CharForgeTrainLoRA": TrainLoRA}
+NODE_DISPLAY_NAME_MAPPINGS = {"CharForgeTrainLoRA": "Train LoRA (CharForge)"}

@@ -1,0 +1,124 @@
+"""CharForge/Video nodes run as ComfyUI runs them, on tiny models placed in ComfyUI's model folders."""
+
+import shutil
+
+import pytest
+import torch
+
+from cf_testing.comfyui import run_node
+from cf_testing.video_models import video_assets
+from charforge import bridge
+from charforge.engine.video import read_video
+from charforge.engine.video.models import unload_video_model
+from charforge.nodes import video as video_nodes
+from charforge.nodes.video import (
+    GenerateVideo,
+    InterpolateFrames,
+    LoadVideoModel,
+    MotionLoRA,
+    SaveVideo,
+    VideoLoRA,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see tests/test_video_engine.py
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    yield video_assets(tmp_path_factory.getbasetemp() / "video_assets")
+    unload_video_model()
+
+
+@pytest.fixture
+def comfy(comfy_env, assets):
+    """The ComfyUI stand-in with a tiny SD1.5 (diffusers folder), motion modules and LoRAs in its folders."""
+    bridge.register_model_folders()
+    models = comfy_env.base_dir / "models"
+    shutil.copytree(assets.sd15.diffusers_dir, models / "diffusers" / "tiny_sd15")
+    (models / "animatediff_models").mkdir(parents=True)
+    shutil.copy(assets.modules["v3"].original_file, models / "animatediff_models")
+    shutil.copytree(assets.modules["v2"].diffusers_dir, models / "animatediff_models" / "tiny_mm_v2_diffusers")
+    (models / "animatediff_motion_lora").mkdir()
+    shutil.copy(assets.motion_lora, models / "animatediff_motion_lora")
+    (models / "loras").mkdir(exist_ok=True)
+    shutil.copy(assets.character_lora, models / "loras")
+    yield comfy_env
+
+
+OPTIONS = {"dtype": "auto", "attention": "sdpa", "vae_slicing": True, "vae_tiling": False, "cpu_offload": False,
+           "compile": False}
+
+
+def test_node_constants_match_the_engine():
+    from charforge.engine.video import BETA_SCHEDULES, FORMATS, SCHEDULERS
+
+    assert video_nodes.SCHEDULERS == SCHEDULERS and video_nodes.BETA_SCHEDULES == BETA_SCHEDULES
+    assert tuple(FORMATS) == video_nodes.FORMATS
+
+
+def test_model_choices_list_files_and_diffusers_folders(comfy):
+    required = LoadVideoModel.INPUT_TYPES()["required"]
+    assert "[diffusers] tiny_sd15" in required["base_model"][0]
+    assert required["motion_module"][0] == ["tiny_mm_v3.safetensors", "[diffusers] tiny_mm_v2_diffusers"]
+    assert "tiny_character.safetensors" in VideoLoRA.INPUT_TYPES()["required"]["lora_name"][0]
+    assert MotionLoRA.INPUT_TYPES()["required"]["motion_lora"][0] == ["(none)", "tiny_zoom.safetensors"]
+
+
+def test_user_flow_model_loras_generate_interpolate_save(comfy):
+    loaded = run_node(LoadVideoModel, base_model="[diffusers] tiny_sd15", motion_module="tiny_mm_v3.safetensors",
+                      **OPTIONS)
+    model, info = loaded.result
+    assert "AnimateDiff v3 (SD1.5), original layout" in info and "on cpu" in info
+    model = run_node(VideoLoRA, model=model, lora_name="tiny_character.safetensors", strength=0.8).result[0]
+    model = run_node(MotionLoRA, model=model, motion_lora="tiny_zoom.safetensors", strength=1.0).result[0]
+    assert len(model.loras) == 1 and len(model.motion_loras) == 1
+
+    generated = run_node(GenerateVideo, node_id="7", model=model, prompt="0: a photo\n4: sks person",
+                         negative_prompt="blurry", frames=8, fps=8.0, width=64, height=64, steps=2, cfg=7.5,
+                         scheduler="ddim", seed=5, context_length=16, context_overlap=4)
+    frames, fps, report = generated.result
+    assert frames.shape == (8, 64, 64, 3) and fps == 8.0
+    assert "LoRA tiny_character.safetensors x0.8" in report and "motion LoRA tiny_zoom.safetensors x1" in report
+    assert "frame 4: sks person" in report
+    node_progress = [p for p in comfy.progress if p.node_id == "7"]
+    assert [p.value for p in node_progress] == [1, 2, 3] and node_progress[-1].total == 3
+
+    doubled, fps2 = run_node(InterpolateFrames, frames=frames, multiplier="2", fps=fps, loop=False).result
+    assert doubled.shape == (15, 64, 64, 3) and fps2 == 16.0
+
+    saved = run_node(SaveVideo, frames=doubled, fps=fps2, format="mp4", filename_prefix="video/hero", quality=80,
+                     loop_count=0, prompt={"1": {"class_type": "CharForgeGenerateVideo"}})
+    entry = {"filename": "hero_00001_.mp4", "subfolder": "video", "type": "output"}
+    assert saved.ui == {"images": [entry], "animated": [True]}
+    path = comfy.base_dir / "output" / "video" / "hero_00001_.mp4"
+    assert saved.result == (str(path),)
+    decoded = read_video(path)
+    assert (decoded.frame_count, decoded.width, decoded.height, decoded.fps) == (15, 64, 64, 16.0)
+    assert "CharForgeGenerateVideo" in decoded.metadata.get("comment", "")
+    again = run_node(SaveVideo, frames=frames, fps=8.0, format="webp", filename_prefix="video/hero", quality=80,
+                     loop_count=0)
+    assert again.ui["images"][0]["filename"] == "hero_00002_.webp"  # one counter across formats
+
+
+def test_diffusers_motion_folder_and_cancel(comfy):
+    model = run_node(LoadVideoModel, base_model="[diffusers] tiny_sd15",
+                     motion_module="[diffusers] tiny_mm_v2_diffusers", **OPTIONS).result[0]
+    comfy.interrupt()
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        run_node(GenerateVideo, model=model, prompt="a photo", negative_prompt="", frames=8, fps=8.0, width=64,
+                 height=64, steps=3, cfg=7.5, scheduler="ddim", seed=1, context_length=16, context_overlap=4)
+    assert comfy.progress == []
+
+
+def test_missing_motion_module_says_where_to_put_it(comfy_env):
+    bridge.register_model_folders()
+    choices = LoadVideoModel.INPUT_TYPES()["required"]["motion_module"][0]
+    assert choices == ["(no motion modules found)"]
+    with pytest.raises(bridge.ModelNotFoundError, match="animatediff_models"):
+        run_node(LoadVideoModel, base_model="x.safetensors", motion_module=choices[0], **OPTIONS)
