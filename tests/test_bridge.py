@@ -165,3 +165,27 @@ def test_broken_config_file_is_reported_not_fatal(no_comfy, monkeypatch, caplog)
     with pytest.raises(bridge.ModelNotFoundError, match="models.dir"):
         bridge.find_model("loras", "x.safetensors")
     assert "ignoring config" in caplog.text
+
+
+def test_add_route_registers_once_on_comfy_server(comfy_env):
+    async def handler(request):
+        return None
+
+    assert bridge.add_route("GET", "/charforge/test", handler)
+    assert bridge.add_route("GET", "/charforge/test", handler)  # twice: registered once
+    assert comfy_env.server.routes.registered == [("GET", "/charforge/test", handler)]
+
+
+def test_add_route_outside_comfyui_is_a_no_op(no_comfy):
+    assert bridge.add_route("GET", "/charforge/test", lambda request: None) is False
+
+
+def test_comfyui_root(comfy_env):
+    root = bridge.comfyui_root()
+    assert (root / "comfy" / "utils.py").exists()  # the folder holding comfy/, as in a real install
+
+
+def test_comfyui_root_outside_comfyui(no_comfy, monkeypatch):
+    assert bridge.comfyui_root() is None
+    monkeypatch.setenv("COMFYUI_DIR", str(no_comfy / "ComfyUI"))
+    assert bridge.comfyui_root() == no_comfy / "ComfyUI"
