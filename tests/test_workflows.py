@@ -1,0 +1,298 @@
+"""The shipped workflows (workflows/*.json): editor and API twins agree, and both fit the node definitions.
+
+CharForge's node definitions come from the pack itself; ComfyUI's built-in ones from the snapshot recorded from
+a real ComfyUI 0.3.64 in workflows/object_info/builtin.json. Workflows made only of CharForge nodes (plus
+ComfyUI's PreviewImage) also run through the harness on generated photos and tiny models.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cf_testing.comfyui import REPO_ROOT, run_node
+from charforge.driver.convert import _control_count, _widget_specs
+from charforge.driver.preflight import preflight
+
+WORKFLOWS = REPO_ROOT / "workflows"
+EXPECTED = {"dataset_prep", "build_identity", "score_best_of_n", "train_lora_sd15", "video_animatediff"}
+UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+
+
+def _load_builder():
+    spec = importlib.util.spec_from_file_location("charforge_workflows_build_api", WORKFLOWS / "build_api.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_api = _load_builder()
+EDITOR_FILES = build_api.editor_files()
+IDS = [p.stem for p in EDITOR_FILES]
+
+
+@pytest.fixture(scope="module")
+def object_info() -> dict[str, Any]:
+    return build_api.object_info()
+
+
+def _editor(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _api(path: Path) -> dict[str, Any]:
+    return json.loads(build_api.api_path(path).read_text(encoding="utf-8"))
+
+
+def _accepting_model_files(info: dict[str, Any], prompt: dict[str, Any]) -> dict[str, Any]:
+    """object_info whose model-file choices contain the file names the workflow uses (they are the user's)."""
+    info = copy.deepcopy(info)
+    for node in prompt.values():
+        for name, value in node["inputs"].items():
+            if (node["class_type"], name) in build_api.MODEL_FILE_INPUTS and isinstance(value, str):
+                for section in ("required", "optional"):
+                    declared = info[node["class_type"]]["input"].get(section) or {}
+                    if name in declared:
+                        spec = list(declared[name])
+                        spec[0] = [*spec[0], value]
+                        declared[name] = spec
+    return info
+
+
+def test_the_expected_workflows_are_shipped():
+    assert set(IDS) >= EXPECTED
+    for path in EDITOR_FILES:
+        assert build_api.api_path(path).exists(), f"{path.name} has no API twin; run python workflows/build_api.py"
+    twins = {p.stem for p in (WORKFLOWS / build_api.API_DIR_NAME).glob("*.json")}
+    assert twins == set(IDS), "an API workflow has no editor file"
+
+
+def test_builtin_snapshot_holds_the_builtins_used_and_nothing_else():
+    builtin = build_api.builtin_object_info()
+    used = {n["type"] for p in EDITOR_FILES for n in _editor(p)["nodes"]} - UI_ONLY
+    charforge = set(build_api.charforge_object_info())
+    assert used - charforge <= set(builtin), "record the missing classes from a real ComfyUI"
+    assert set(builtin) <= used, "the snapshot holds classes no workflow uses"
+    assert not set(builtin) & charforge
+
+
+@pytest.mark.parametrize("path", EDITOR_FILES, ids=IDS)
+def test_api_twin_is_the_converted_editor_file(path, object_info):
+    text = build_api.render(build_api.convert(path, object_info))
+    assert build_api.api_path(path).read_text(encoding="utf-8") == text, \
+        f"{build_api.api_path(path).name} is out of date: run python workflows/build_api.py"
+
+
+def test_build_api_check_passes():
+    assert build_api.main(["--check"]) == 0
+
+
+@pytest.mark.parametrize("path", EDITOR_FILES, ids=IDS)
+def test_api_workflow_validates_against_node_definitions(path, object_info):
+    prompt = _api(path)
+    problems = preflight(prompt, _accepting_model_files(object_info, prompt))
+    assert problems == [], "\n".join(str(p) for p in problems)
+    # Every node runs: each one is an output node or feeds one.
+    from charforge.driver.preflight import nodes_to_run
+
+    assert set(nodes_to_run(prompt, object_info)) == set(prompt)
+
+
+def _check_value(where: str, kind: Any, options: dict[str, Any], value: Any) -> None:
+    if isinstance(kind, list):
+        assert value in kind, f"{where}: {value!r} not among {kind}"
+    elif kind == "BOOLEAN":
+        assert isinstance(value, bool), f"{where}: {value!r} is not a boolean"
+    elif kind == "STRING":
+        assert isinstance(value, str), f"{where}: {value!r} is not a string"
+    elif kind in ("INT", "FLOAT"):
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: {value!r} not a number"
+        if kind == "INT":
+            assert isinstance(value, int), f"{where}: {value!r} is not an integer"
+        assert options.get("min", value) <= value <= options.get("max", value), \
+            f"{where}: {value} outside [{options.get('min')}, {options.get('max')}]"
+
+
+@pytest.mark.parametrize("path", EDITOR_FILES, ids=IDS)
+def test_charforge_widget_values_are_within_declared_ranges(path, object_info):
+    for node_id, node in _api(path).items():
+        if not node["class_type"].startswith("CharForge"):
+            continue
+        info = object_info[node["class_type"]]
+        for name, kind, options in _widget_specs(info):
+            where = f"{path.name} node {node_id} {node['class_type']}.{name}"
+            assert name in node["inputs"], f"{where} is missing"
+            value = node["inputs"][name]
+            if isinstance(value, list):  # converted to a socket
+                continue
+            if (node["class_type"], name) in build_api.MODEL_FILE_INPUTS:
+                assert isinstance(value, str) and value and not value.startswith("("), f"{where}: {value!r}"
+                continue
+            _check_value(where, kind, options, value)
+
+
+@pytest.mark.parametrize("path", EDITOR_FILES, ids=IDS)
+def test_editor_widgets_values_match_the_node_definitions(path, object_info):
+    """Each node saves exactly one value per widget (plus the editor's control values after seeds)."""
+    for node in _editor(path)["nodes"]:
+        if node["type"] in UI_ONLY:
+            continue
+        specs = _widget_specs(object_info[node["type"]])
+        expected = sum(1 + _control_count(name, kind, options) for name, kind, options in specs)
+        assert len(node.get("widgets_values") or []) == expected, f"{path.name} node {node['id']} ({node['type']})"
+
+
+@pytest.mark.parametrize("path", EDITOR_FILES, ids=IDS)
+def test_editor_layout_is_for_people(path):
+    workflow = _editor(path)
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    assert len(nodes) == len(workflow["nodes"]), "duplicate node ids"
+    assert workflow["version"] == 0.4
+    assert workflow["last_node_id"] >= max(nodes)
+    notes = [n for n in nodes.values() if n["type"] == "Note"]
+    assert notes and all(len(n["widgets_values"][0]) > 200 for n in notes), "a Note explains what to set"
+    groups = workflow["groups"]
+    assert groups
+
+    def inside(node, group):
+        x, y, w, h = group["bounding"]
+        nx, ny = node["pos"]
+        return x <= nx and y <= ny and nx + node["size"][0] <= x + w and ny + node["size"][1] <= y + h
+
+    for node in nodes.values():
+        if node["type"] not in UI_ONLY:
+            assert any(inside(node, g) for g in groups), f"{path.name}: node {node['id']} is outside every group"
+    boxes = [(n["pos"][0], n["pos"][1], n["size"][0], n["size"][1]) for n in nodes.values()]
+    for i, (x1, y1, w1, h1) in enumerate(boxes):
+        for x2, y2, w2, h2 in boxes[i + 1:]:
+            assert x1 + w1 <= x2 or x2 + w2 <= x1 or y1 + h1 <= y2 or y2 + h2 <= y1, f"{path.name}: nodes overlap"
+    # Links agree with the slots that name them.
+    for link_id, origin, origin_slot, target, target_slot, kind in workflow["links"]:
+        assert link_id in nodes[origin]["outputs"][origin_slot]["links"]
+        assert nodes[target]["inputs"][target_slot]["link"] == link_id
+        assert nodes[origin]["outputs"][origin_slot]["type"] == kind
+    assert workflow["last_link_id"] >= max((lk[0] for lk in workflow["links"]), default=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Running the CharForge-only workflows through the harness
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _run_prompt(prompt: dict[str, Any]) -> dict[str, tuple]:
+    """Execute an API prompt node by node, as ComfyUI's executor does (ComfyUI's preview nodes are skipped)."""
+    from charforge.nodes import NODE_CLASS_MAPPINGS
+
+    results: dict[str, tuple] = {}
+    pending = dict(prompt)
+    while pending:
+        ready = [nid for nid, node in pending.items()
+                 if all(str(v[0]) in results for v in node["inputs"].values() if isinstance(v, list))]
+        assert ready, "the workflow has a cycle or a dangling link"
+        for node_id in ready:
+            node = pending.pop(node_id)
+            inputs = {name: results[str(v[0])][v[1]] if isinstance(v, list) else v
+                      for name, v in node["inputs"].items()}
+            if node["class_type"] in ("PreviewImage", "SaveImage"):
+                images = inputs["images"]
+                assert images.ndim == 4 and images.shape[-1] == 3
+                results[node_id] = ()
+                continue
+            results[node_id] = run_node(NODE_CLASS_MAPPINGS[node["class_type"]], node_id=node_id, **inputs).result
+    return results
+
+
+def _photos(folder: Path, count: int = 4) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        # Different textured photos, large enough for the default filter thresholds.
+        pixels = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).resize((640, 512), Image.NEAREST).save(folder / f"photo_{i}.png")
+
+
+@pytest.mark.slow
+def test_dataset_prep_runs_through_the_harness(comfy_env):
+    prompt = _api(WORKFLOWS / "dataset_prep.json")
+    _photos(comfy_env.base_dir / "input" / prompt["1"]["inputs"]["folder"])
+    # The generated photos have no faces: switch the face rules off, as the workflow's note says to do for
+    # non-human characters.
+    prompt["2"]["inputs"]["face_detector"] = "none"
+    prompt["3"]["inputs"]["require_face"] = False
+    results = _run_prompt(prompt)
+    export_summary = results["6"][2]
+    train_data_dir = Path(results["6"][1])
+    assert train_data_dir.is_dir(), export_summary
+    captions = sorted(train_data_dir.rglob("*.txt"))
+    assert len(captions) == 4, export_summary
+    assert all(c.read_text().startswith("ohwx") for c in captions)
+    assert results["7"][0].shape[0] >= 1  # the contact sheet
+
+
+@pytest.mark.slow
+def test_build_identity_runs_through_the_harness(comfy_env, tmp_path):
+    pytest.importorskip("insightface")
+    import shutil
+
+    from cf_testing.face_models import blank_image, face_image, write_face_pack
+    from charforge import bridge
+    from charforge.engine.faces import FaceAnalyzer
+
+    bridge.register_model_folders()
+    pack = write_face_pack(tmp_path / "pack" / "insightface", "buffalo_l").parent.parent
+    shutil.copytree(pack, comfy_env.base_dir / "models" / "insightface")
+    prompt = _api(WORKFLOWS / "build_identity.json")
+    folder = comfy_env.base_dir / "input" / prompt["2"]["inputs"]["folder"]
+    folder.mkdir(parents=True)
+    for seed in range(3):
+        Image.fromarray(face_image(person=0, noise=2, seed=seed)).save(folder / f"ref_{seed}.png")
+    Image.fromarray(blank_image()).save(folder / "no_face.png")
+    prompt["1"]["inputs"]["det_size"] = 320  # the planted test detector's size
+    try:
+        results = _run_prompt(prompt)
+    finally:
+        FaceAnalyzer.clear_cache()
+    identity, _, report, _ = results["2"]
+    assert len(identity.references) == 3, report
+    name = prompt["2"]["inputs"]["name"]
+    assert (comfy_env.base_dir / "models" / "charforge" / "identities" / f"{name}.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers' Euler, numpy 2
+def test_dataset_prep_then_train_lora_run_through_the_harness(comfy_env, tiny_sd15):
+    import shutil
+
+    import torch
+
+    shutil.copytree(tiny_sd15.diffusers_dir, comfy_env.base_dir / "models" / "diffusers" / "tiny_sd15")
+    prep = _api(WORKFLOWS / "dataset_prep.json")
+    _photos(comfy_env.base_dir / "input" / prep["1"]["inputs"]["folder"], count=2)
+    prep["2"]["inputs"]["face_detector"] = "none"
+    prep["3"]["inputs"]["require_face"] = False
+    train_data_dir = _run_prompt(prep)["6"][1]
+
+    train = _api(WORKFLOWS / "train_lora_sd15.json")
+    inputs = train["1"]["inputs"]
+    assert inputs["preset"] == "sd15" and inputs["trigger_word"] == prep["6"]["inputs"]["trigger"]
+    inputs.update(base_model="[diffusers] tiny_sd15", dataset_folder=train_data_dir, steps=2, rank=4,
+                  resolution=64, memory_profile="off",
+                  overrides=json.dumps({"sample_steps": 2, "sample_size": 64, "mixed_precision": "no",
+                                        "bucket_step": 32, "min_bucket": 32}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = _run_prompt(train)
+    finally:
+        torch.set_num_threads(threads)
+    lora_name, _, loss_curve, samples = results["1"]
+    assert lora_name == f"{inputs['output_name']}.safetensors"
+    assert (comfy_env.base_dir / "models" / "loras" / lora_name).is_file()
+    assert loss_curve.ndim == 4 and samples.ndim == 4
