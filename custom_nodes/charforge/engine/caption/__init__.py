@@ -1,0 +1,11 @@
+"""Captioning: backends behind one interface, caption rules, and captioning a dataset into its sidecars.
+
+- postprocess.py: template with trigger/class, keep-tokens first, cleaning, style tags, token limits;
+- sidecars.py: ``.txt`` sidecars next to the dataset's working files (never next to the source photos);
+- dataset.py: caption a `DatasetManifest` with a backend (skip existing / overwrite / append);
+- backends/: `Captioner` (base.py), WD14 ONNX tagger (wd14.py), OpenAI-compatible endpoint (openai_compat.py).
+"""
+
+from .postprocess import CLIP_CAPTION_TOKENS, CaptionRules, RuledCaption, apply_rules, approx_token_count
+
+__all__ = ["CLIP_CAPTION_TOKENS", "CaptionRules", "RuledCaption", "apply_rules", "approx_token_count"]
