@@ -32,10 +32,23 @@ def comfyui_python(comfy: Path) -> str:
     return sys.executable
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(ports: range | None = None) -> int:
+    """A free loopback port: any (the OS picks), or the first free one of `ports`.
+
+    A fixed range outside the ephemeral one keeps a port from being taken by another program while a test
+    has closed it on purpose (a proxy restarted on the same port)."""
+    if ports is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    for port in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {ports.start}-{ports.stop - 1}")
 
 
 @dataclass

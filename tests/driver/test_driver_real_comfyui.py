@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 from fakes.comfy_server import image_workflow, webp_workflow
 from fakes.ui_workflows import node
 
+from cf_testing.real_comfyui import free_port
 from charforge.driver import cli
 from charforge.driver.client import ComfyClient
 from charforge.driver.errors import Interrupted, ValidationError
@@ -30,22 +30,11 @@ pytestmark = [
 ]
 
 
-def _free_port(low: int = 8300, high: int = 8399) -> int:
-    for port in range(low, high + 1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.skip("no free port in 8300-8399")
-
-
 @pytest.fixture(scope="module")
 def comfyui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalComfyUI]:
     base = tmp_path_factory.mktemp("comfy-base")
     (base / "custom_nodes").mkdir()
-    server = LocalComfyUI(os.environ["COMFYUI_DIR"], python=os.environ.get("COMFYUI_PYTHON"), port=_free_port(),
+    server = LocalComfyUI(os.environ["COMFYUI_DIR"], python=os.environ.get("COMFYUI_PYTHON"), port=free_port(),
                           extra_args=["--cpu", "--base-directory", str(base)], log_path=base / "comfyui.log")
     server.start(timeout=300)
     try:

@@ -14,7 +14,6 @@ Runs only when COMFYUI_DIR points at a ComfyUI checkout (COMFYUI_PYTHON: its Pyt
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from cf_testing.real_comfyui import RunningComfyUI, comfyui_dir, comfyui_python, start_comfyui
+from cf_testing.real_comfyui import RunningComfyUI, comfyui_dir, comfyui_python, free_port, start_comfyui
 from charforge.driver.client import ComfyClient
 
 pytestmark = [
@@ -146,16 +145,8 @@ class TcpProxy:
             self._conns.discard(conn)
 
 
-def _free_port(low: int = 8900, high: int = 8999) -> int:
-    # Outside the ephemeral range, so nothing else takes the port while the proxy is down.
-    for port in range(low, high + 1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.skip(f"no free port in {low}-{high}")
+# Outside the ephemeral range, so nothing else takes the port while the proxy is down.
+PROXY_PORTS = range(8900, 9000)
 
 
 # ---- fixtures -----------------------------------------------------------------------------------------------------
@@ -175,7 +166,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningComfyUI]
 @pytest.fixture
 def proxy(server: RunningComfyUI) -> Iterator[TcpProxy]:
     upstream = int(server.url.rsplit(":", 1)[1])
-    running = TcpProxy(_free_port(), upstream)
+    running = TcpProxy(free_port(PROXY_PORTS), upstream)
     running.start()
     try:
         yield running

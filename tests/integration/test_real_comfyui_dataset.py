@@ -30,22 +30,6 @@ pytestmark = [
 ]
 
 
-PORTS = range(8600, 8700)  # the loopback ports this suite's servers may use
-
-
-def _free_port_in_range() -> int:
-    import socket
-
-    for port in PORTS:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free loopback port in {PORTS.start}-{PORTS.stop - 1}")
-
-
 def _hashes(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -89,7 +73,7 @@ EXPECTED = {  # first reason of each planted problem, with the test pack's red-c
 }
 
 
-def test_planted_folder_through_real_comfyui(tmp_path, monkeypatch):
+def test_planted_folder_through_real_comfyui(tmp_path):
     from test_dataset_planted import make_planted_folder
 
     from cf_testing.face_models import write_face_pack
@@ -103,9 +87,6 @@ def test_planted_folder_through_real_comfyui(tmp_path, monkeypatch):
     photos = make_planted_folder(base / "input" / "planted", marker="cell")
     before = _hashes(photos)
 
-    from cf_testing import real_comfyui
-
-    monkeypatch.setattr(real_comfyui, "free_port", _free_port_in_range)
     server = start_comfyui(comfy, base, python)
     try:
         log = server.log()

@@ -12,21 +12,11 @@ from ..engine.dataset.dedup import DEFAULT_THRESHOLD, HASH_KINDS
 from ..engine.dataset.export import CAPTION_MODES
 from ..engine.dataset.faces import DETECTOR_CHOICES
 from ..engine.dataset.filters import FilterSettings
-from .convert import empty_image_batch, pil_to_image_batch
+from .convert import empty_image_batch, pil_to_image_batch, resolve_folder
 
 CATEGORY = "CharForge/Dataset"
 DATASET = "CHARFORGE_DATASET"
 DATASETS_SUBFOLDER = ("charforge", "datasets")
-
-
-def resolve_folder(folder: str) -> str:
-    """An absolute folder as given, or a folder relative to ComfyUI's input directory."""
-    folder = os.path.expanduser(folder.strip().strip('"'))
-    if not folder:
-        raise ValueError("folder is empty: type the path of a folder of photos")
-    if os.path.isabs(folder):
-        return folder
-    return os.path.join(bridge.input_directory(), folder)
 
 
 class ListImages:

@@ -31,7 +31,7 @@ from ..engine.score import (
     summarise_set,
 )
 from ..engine.score.render import line_plot, table_image
-from .convert import pil_to_image_batch
+from .convert import empty_image_batch, pil_to_image_batch, resolve_folder
 
 CATEGORY = "CharForge/Score"
 PROVIDERS = {
@@ -89,16 +89,10 @@ def _folder_signature(folder: str) -> str:
     from ..engine.dataset import scan_folder
 
     try:
-        result = scan_folder(_resolve(folder), recursive=True)
+        result = scan_folder(resolve_folder(folder), recursive=True)
     except (OSError, ValueError):
         return "missing"
     return "\n".join(f"{p}:{os.path.getmtime(p)}:{os.path.getsize(p)}" for p in result.images)
-
-
-def _resolve(folder: str) -> str:
-    from .dataset import resolve_folder
-
-    return resolve_folder(folder)
 
 
 def _folder_images(folder: str):
@@ -107,7 +101,7 @@ def _folder_images(folder: str):
 
     from ..engine.dataset import load_image, scan_folder
 
-    result = scan_folder(_resolve(folder))
+    result = scan_folder(resolve_folder(folder))
     images, skipped = [], [(os.path.basename(r.path), r.reason) for r in result.rejected]
     for path in result.images:
         try:
@@ -357,7 +351,7 @@ class FilterByScore:
         if result.kept:
             out = images[torch.tensor(result.kept, dtype=torch.long)]
         else:
-            out = torch.zeros((1, *images.shape[1:]), dtype=images.dtype)
+            out = empty_image_batch(like=images)
         kept_sheet = scores.subset(result.kept)
         return {"ui": {"text": [result.report]},
                 "result": (out, len(result.kept), result.report, kept_sheet, ",".join(map(str, result.kept)))}
@@ -665,7 +659,7 @@ def checkpoint_groups(folder: str) -> dict[str, list[str]]:
 
     from ..engine.dataset import scan_folder
 
-    root = _resolve(folder)
+    root = resolve_folder(folder)
     result = scan_folder(root, recursive=True)
     groups: dict[str, list[str]] = {}
     nested = [p for p in result.images if os.path.dirname(p) != os.path.normpath(root)]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import bridge
 from ..deps import require
+from .convert import resolve_folder
 
 log = logging.getLogger("charforge")
 
@@ -68,13 +69,6 @@ def comfyui_tokenizer_dirs() -> tuple[str, ...]:
     """ComfyUI's own CLIP vocabulary (``comfy/sd1_tokenizer``) when ComfyUI's folder is known."""
     root = bridge.comfyui_root()
     return (str(root / "comfy" / "sd1_tokenizer"),) if root is not None else ()
-
-
-def _resolve_dataset_folder(folder: str) -> str:
-    folder = os.path.expanduser(folder.strip().strip('"'))
-    if not folder:
-        return ""
-    return folder if os.path.isabs(folder) else os.path.join(bridge.input_directory(), folder)
 
 
 def _parse_overrides(text: str) -> dict:
@@ -257,7 +251,7 @@ class TrainLoRA:
         if config.steps < config.optim.warmup_steps * 2:
             config = replace(config, optim=replace(config.optim, warmup_steps=config.steps // 10))
 
-        source = dataset if dataset is not None else _resolve_dataset_folder(dataset_folder)
+        source = dataset if dataset is not None else (resolve_folder(dataset_folder) if dataset_folder.strip() else "")
         if not source:
             raise ValueError("no training data: connect a CharForge dataset or type a kohya dataset folder "
                              "(the folder that contains '<repeats>_<trigger class>' subfolders)")
