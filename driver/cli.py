@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import sys
@@ -177,7 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("file", type=Path, help="a .jsonl batch or a .yaml/.yml/.json sweep spec")
     plan.add_argument("--json", action="store_true", help="one JSON object per job on stdout")
     plan.set_defaults(func=cmd_batch_plan)
+
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"{__package__}.{name}")
+        module.register(sub, server=server, output=Output)
     return parser
+
+
+# Command groups that live in their own modules: each has ``register(sub, *, server, output)`` that adds its
+# sub-parsers (``server`` is the parent parser with --server/--profile/--config/--insecure/--json; commands set
+# ``func(args, out)`` like the built-in ones).
+COMMAND_MODULES: tuple[str, ...] = (
+)
 
 
 def _add_override_options(p: argparse.ArgumentParser) -> None:
