@@ -223,3 +223,52 @@ def test_masks_from_a_sidecar_or_transparency(tmp_path):
     weights = prepare_mask(str(tmp_path / "cutout.png"), (16, 16))
     assert weights[0, 0].max() == 0 and weights[0, 1].min() == 1
     assert prepare_mask(str(_image(tmp_path / "plain.png", (16, 16))), (16, 16)).min() == 1
+
+
+def test_face_mask_weights_the_face_box(tmp_path):
+    photo = _image(tmp_path / "a.png", (128, 128))
+    box = (16.0, 16.0, 48.0, 48.0)  # a face in the top-left quarter
+    weights = prepare_mask(str(photo), (128, 128), face_box=box, face_margin=0.0, face_background=0.25)
+    assert weights.shape == (1, 16, 16)
+    centre = weights[0, 4, 4]  # latent cell of pixel (32-39, 32-39): the box centre
+    assert float(centre) == pytest.approx(1.0, abs=0.02)
+    assert float(weights[0, 12:, 12:].max()) == pytest.approx(0.25, abs=0.01)  # far from the face
+    mirrored = prepare_mask(str(photo), (128, 128), flip=True, face_box=box, face_margin=0.0)
+    torch.testing.assert_close(mirrored, weights.flip(-1))
+    grown = prepare_mask(str(photo), (128, 128), face_box=box, face_margin=0.5, face_background=0.25)
+    assert float(grown.mean()) > float(weights.mean())  # the margin takes in hair and chin
+
+    # A mask file is multiplied in only with masked_loss; face_mask alone ignores it.
+    mask = np.zeros((128, 128), np.uint8)
+    mask[:, 64:] = 255
+    Image.fromarray(mask).save(tmp_path / "a_mask.png")
+    both = prepare_mask(str(photo), (128, 128), face_box=box, face_margin=0.0)
+    assert float(both[0, 4, 4]) == 0.0 and float(both[0, 12, 12]) == pytest.approx(0.25, abs=0.01)
+    face_only = prepare_mask(str(photo), (128, 128), use_file_mask=False, face_box=box, face_margin=0.0)
+    torch.testing.assert_close(face_only, weights)
+
+
+def test_face_boxes_come_from_the_manifest(tmp_path):
+    manifest_module = pytest.importorskip("charforge.engine.dataset.manifest")
+    a, b = _image(tmp_path / "ds" / "a.png", (64, 64)), _image(tmp_path / "ds" / "b.png", (64, 64), seed=3)
+    entries = [manifest_module.ImageEntry(id="0001", source=str(a), file=str(a), caption="ohwx",
+                                          faces=manifest_module.FaceInfo(count=1, box=[8, 8, 40, 40])),
+               manifest_module.ImageEntry(id="0002", source=str(b), file=str(b), caption="ohwx")]
+    manifest = manifest_module.DatasetManifest(name="alice", folder=str(tmp_path / "ds"), entries=entries)
+    items = load_items(manifest)
+    assert [i.face_box for i in items] == [(8.0, 8.0, 40.0, 40.0), None]
+    export = tmp_path / "ds" / "kohya" / "img" / "10_ohwx"
+    _image(export / "0001.png", (64, 64)), _image(export / "0002.png", (64, 64), seed=3)
+    manifest.export_dir = str(export.parent)
+    assert [(Path(i.image).name, i.face_box) for i in load_items(manifest)] == [
+        ("0001.png", (8.0, 8.0, 40.0, 40.0)), ("0002.png", None)]
+
+    data = TrainingData.prepare(load_items(manifest), DataSettings(resolution=64, min_bucket=64, face_mask=True,
+                                                                    face_mask_margin=0.0, face_mask_background=0.0))
+    assert data.settings.uses_masks
+    assert float(data.mask(0)[0, 0, 0]) == 0.0 and float(data.mask(0)[0, 3, 3]) > 0.9
+    assert float(data.mask(1).min()) == 1.0  # no face found: the plain loss
+    hashes = data.mask_hashes()
+    assert hashes[0].startswith(":face") and hashes[1] == ""
+    with pytest.raises(ValueError, match="face_mask_background"):
+        DataSettings(face_mask_background=1.5)

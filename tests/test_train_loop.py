@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from charforge.engine.train.config import TrainConfig, preset_config, with_overrides
-from charforge.engine.train.data import TrainingData, items_from_pairs, read_kohya_folder
+from charforge.engine.train.data import TrainingData, TrainItem, items_from_pairs, read_kohya_folder
 from charforge.engine.train.export import read_lora
 from charforge.engine.train.job import TrainingCancelled, TrainRequest, train
 from charforge.engine.train.loop import Trainer, min_snr_weights
@@ -109,6 +109,20 @@ def test_masked_loss_weights_pixels(tiny_sd15, tmp_path):
         trainer.config = config
         trainer._load_device_tables()
         assert float(trainer.micro_batch_loss(0)) != pytest.approx(float(no_mask), rel=1e-3)
+
+
+def test_face_mask_weights_the_face(tiny_sd15, tmp_path):
+    image = _pattern(tmp_path / "a.png")
+    items = [TrainItem(str(image), "sks person", face_box=(0.0, 0.0, 24.0, 24.0))]
+    losses = []
+    for overrides in ({}, {"face_mask": True, "face_mask_margin": 0.0, "face_mask_background": 0.0}):
+        config = tiny_config(**overrides)
+        model = load_base_model(tiny_sd15.diffusers_dir)
+        trainer = Trainer(model, TrainingData.prepare(items, config.data), config)
+        trainer.setup()
+        with torch.no_grad():
+            losses.append(float(trainer.micro_batch_loss(0)))
+    assert losses[1] != pytest.approx(losses[0], rel=1e-3)  # only the top-left face region counts
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ Images go into **aspect-ratio buckets** (sizes of about ``resolution²`` pixels,
 ``bucket_step``): each image is scaled to cover its bucket and centre-cropped. Captions can be shuffled
 (comma-separated tags after the first ``keep_tokens``) and dropped (trained as the empty caption), and
 images flipped. With ``masked_loss`` each image's mask (a ``<stem>_mask.png`` next to it, or its
-transparency) weights the loss per pixel.
+transparency) weights the loss per pixel; with ``face_mask`` the main face box the dataset stage found
+(a manifest source only) does, so the LoRA spends its capacity on the face and less on backgrounds.
 
 Caches: VAE latents (for each image and, with flip, its mirror) and text-encoder outputs (for each
 caption, and the empty caption when captions can be dropped), in memory or on disk. Cache keys are
@@ -31,7 +32,7 @@ import os
 import random
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ class TrainItem:
     caption: str
     repeats: int = 1
     subset: str = ""
+    face_box: tuple[float, float, float, float] | None = None  # main face [x1, y1, x2, y2] in image pixels
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,17 @@ class DataSettings:
     cache_text_encoder_outputs: bool = True
     cache_to_disk: bool = False  # otherwise in memory
     masked_loss: bool = False  # weight the loss by each image's mask (see `prepare_mask`)
+    face_mask: bool = False  # weight the loss towards each image's face box from the dataset manifest
+    face_mask_margin: float = 0.5  # the face box grown by this fraction of its size on every side (hair, chin)
+    face_mask_background: float = 0.25  # loss weight outside the grown face box (0 = face only)
 
     def __post_init__(self):
         if self.resolution % 8 or self.resolution < 64:
             raise ValueError(f"resolution must be a multiple of 8, at least 64 (got {self.resolution})")
+        if not 0.0 <= self.face_mask_background <= 1.0:
+            raise ValueError(f"face_mask_background must be in [0, 1] (got {self.face_mask_background})")
+        if self.face_mask_margin < 0:
+            raise ValueError(f"face_mask_margin must be >= 0 (got {self.face_mask_margin})")
         if self.bucket_step % 8:
             raise ValueError(f"bucket_step must be a multiple of 8 (got {self.bucket_step})")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -85,6 +94,11 @@ class DataSettings:
 
 # --------------------------------------------------------------------------------------------------
 # Sources
+
+    @property
+    def uses_masks(self) -> bool:
+        """Whether the loss is weighted per pixel (a mask file, transparency or the face box)."""
+        return self.masked_loss or self.face_mask
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -156,19 +170,29 @@ def items_from_manifest(manifest: Any, repeats: int = 1) -> list[TrainItem]:
         from ..dataset.manifest import DatasetManifest
 
         manifest = DatasetManifest.load(manifest)
+    entries = [e for e in getattr(manifest, "entries", []) if getattr(e, "accepted", True)]
+    boxes = {str(e.id): box for e in entries if (box := _face_box(e)) is not None}
     export_dir = getattr(manifest, "export_dir", None)
     if export_dir and Path(export_dir).is_dir():
-        return read_kohya_folder(export_dir)
-    entries = [e for e in getattr(manifest, "entries", []) if getattr(e, "accepted", True)]
+        # Export names each file "<entry id>.<ext>" and keeps its pixels, so the boxes still fit.
+        return [replace(item, face_box=boxes.get(Path(item.image).stem)) for item in read_kohya_folder(export_dir)]
     name = str(getattr(manifest, "name", "dataset"))
     items = []
     for entry in entries:
         image = Path(entry.file)
         caption = entry.caption if getattr(entry, "caption", None) else _read_caption(image, "")
-        items.append(TrainItem(str(image), caption, repeats, name))
+        items.append(TrainItem(str(image), caption, repeats, name, boxes.get(str(entry.id))))
     if not items:
         raise DatasetError(f"dataset {name!r} has no accepted images to train on")
     return items
+
+
+def _face_box(entry: Any) -> tuple[float, float, float, float] | None:
+    box = getattr(getattr(entry, "faces", None), "box", None)
+    if not box or len(box) != 4:
+        return None
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return (x1, y1, x2, y2) if x2 > x1 and y2 > y1 else None
 
 
 def load_items(source: Any, repeats: int = 1) -> list[TrainItem]:
@@ -272,26 +296,42 @@ def mask_file(image: str | os.PathLike) -> Path | None:
     return None
 
 
-def prepare_mask(path: str, bucket: tuple[int, int], flip: bool = False, factor: int = 8) -> torch.Tensor:
+def prepare_mask(path: str, bucket: tuple[int, int], flip: bool = False, factor: int = 8,
+                 use_file_mask: bool = True, face_box: Sequence[float] | None = None, face_margin: float = 0.5,
+                 face_background: float = 0.25) -> torch.Tensor:
     """The loss weights of `path` at latent size: (1, height / factor, width / factor) in [0, 1].
 
     From a ``<stem>_mask.png`` next to the image (white = train, black = ignore, grey = partly, as
-    kohya's masks), else from the image's transparency (opaque = train), else all ones. Cropped and
-    mirrored exactly like the image.
+    kohya's masks), else from the image's transparency (opaque = train), else all ones (always all ones
+    without `use_file_mask`). With `face_box`
+    (``[x1, y1, x2, y2]`` in the image's pixels, as the dataset manifest records the main face) that is
+    multiplied by a face mask: 1 inside an ellipse around the box grown by `face_margin` of its size on
+    every side, `face_background` outside, with a soft edge. Cropped and mirrored exactly like the image.
     """
     import numpy as np
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-    sidecar = mask_file(path)
+    sidecar = mask_file(path) if use_file_mask else None
     with Image.open(sidecar or path) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
         if sidecar is not None:
             mask = img.convert("L")
-        elif img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        elif use_file_mask and (img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)):
             mask = img.convert("RGBA").getchannel("A")
         else:
-            return torch.ones(1, bucket[1] // factor, bucket[0] // factor)
+            mask = None
+        size = img.size
+    if face_box is not None:
+        x1, y1, x2, y2 = (float(v) for v in face_box)
+        grow_x, grow_y = (x2 - x1) * face_margin, (y2 - y1) * face_margin
+        face = Image.new("L", size, round(255 * face_background))
+        ImageDraw.Draw(face).ellipse((x1 - grow_x, y1 - grow_y, x2 + grow_x, y2 + grow_y), fill=255)
+        face = face.filter(ImageFilter.GaussianBlur(max(1.0, 0.05 * max(x2 - x1, y2 - y1))))
+        mask = face if mask is None else Image.fromarray(
+            (np.asarray(mask, dtype=np.float32) * np.asarray(face, dtype=np.float32) / 255.0).round().astype(np.uint8))
+    if mask is None:
+        return torch.ones(1, bucket[1] // factor, bucket[0] // factor)
     cropped, _ = _cover_crop(mask, bucket, flip)
     small = cropped.resize((bucket[0] // factor, bucket[1] // factor), Image.BOX)
     return torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)[None]
@@ -482,11 +522,20 @@ class TrainingData:
 
     def mask(self, index: int, flip: bool = False) -> torch.Tensor:
         """Loss weights of item `index` at latent size (see `prepare_mask`)."""
-        return prepare_mask(self.items[index].image, self.buckets[index], flip)
+        s, item = self.settings, self.items[index]
+        return prepare_mask(item.image, self.buckets[index], flip, use_file_mask=s.masked_loss,
+                            face_box=item.face_box if s.face_mask else None,
+                            face_margin=s.face_mask_margin, face_background=s.face_mask_background)
 
     def mask_hashes(self) -> list[str]:
-        """SHA-256 of each item's mask file ("" without one): part of what a run was trained on."""
-        return [file_sha256(m) if (m := mask_file(item.image)) else "" for item in self.items]
+        """SHA-256 of each item's mask file ("" without one) and its face box: what a run was trained on."""
+        out = []
+        for item in self.items:
+            digest = file_sha256(m) if self.settings.masked_loss and (m := mask_file(item.image)) else ""
+            if self.settings.face_mask and item.face_box is not None:
+                digest += ":face" + ",".join(f"{v:.1f}" for v in item.face_box)
+            out.append(digest)
+        return out
 
     def time_ids(self, index: int, flip: bool = False) -> torch.Tensor:
         """SDXL's (original h, w, crop top, left, target h, w) for item `index`."""

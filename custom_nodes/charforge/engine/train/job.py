@@ -91,7 +91,7 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 
 
 def _dataset_hash(data: TrainingData) -> str:
-    masks = data.mask_hashes() if data.settings.masked_loss else [""] * len(data.items)
+    masks = data.mask_hashes() if data.settings.uses_masks else [""] * len(data.items)
     rows = [(h, item.caption, item.repeats, m) for h, item, m in zip(data.hashes, data.items, masks, strict=True)]
     return cache_key(rows, data.settings.__dict__)
 
@@ -407,6 +407,7 @@ def _lora_metadata(title: str, config: TrainConfig, model: BaseModel, data: Trai
         "caption_dropout_rate": config.data.caption_dropout,
         "flip_aug": config.data.flip,
         "masked_loss": config.data.masked_loss,
+        "face_mask": config.data.face_mask,
         "color_aug": False,
         "random_crop": False,
         "min_snr_gamma": config.min_snr_gamma,

@@ -3,7 +3,7 @@
 What a step does: take the next batch of the epoch order (`TrainingData.epoch_batches`), add noise at
 uniformly drawn timesteps, predict it with the U-Net, and minimise the MSE to the noise (or to the
 velocity for v-prediction models), weighted per sample by min-SNR-γ when set and per pixel by the
-image's mask with ``masked_loss``. Noise offset adds a per-channel constant to the noise.
+image's mask with ``masked_loss`` and/or its face box with ``face_mask``. Noise offset adds a per-channel constant to the noise.
 
 Determinism: all randomness of micro-batch ``m`` (noise, timesteps, flips, caption shuffle / dropout)
 comes from generators seeded with ``(seed, m)``; only LoRA dropout draws from the global RNG, whose
@@ -219,7 +219,7 @@ class Trainer:
         self._time_id_table = {(i, f): self.data.time_ids(i, f).to(self.device)
                                for i in range(len(self.data.items)) for f in flips}
         self._mask_table = {}
-        if self.config.data.masked_loss:
+        if self.config.data.uses_masks:
             self._mask_table = {(i, f): self.data.mask(i, f).to(self.device)
                                 for i in range(len(self.data.items)) for f in flips}
 
@@ -318,7 +318,7 @@ class Trainer:
             prediction = self._unet_forward(noisy.to(weight_dtype), timesteps,
                                             encoder_hidden_states=cond.hidden.to(weight_dtype), **kwargs).sample
         per_pixel = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
-        if config.data.masked_loss:
+        if config.data.uses_masks:
             masks = torch.stack([self._mask_table[(i, f)] for i, f in zip(items, flips, strict=True)])
             # Weighted mean: a mask that keeps a small region does not shrink the loss (and the step size).
             per_sample = (per_pixel * masks).mean(dim=(1, 2, 3)) / masks.mean(dim=(1, 2, 3)).clamp_min(1e-3)
