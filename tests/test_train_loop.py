@@ -367,3 +367,15 @@ def test_presets_and_overrides():
     assert changed.result_hash() != with_overrides(changed, {"learning_rate": 1e-3}).result_hash()
     # Trained text encoders cannot have cached outputs.
     assert not with_overrides(sdxl, {"train_text_encoder": True}).data.cache_text_encoder_outputs
+
+
+def test_long_captions_train_with_150_tokens(tiny_sdxl, tmp_path):
+    image = _pattern(tmp_path / "a.png")
+    caption = "sks person, " + ", ".join(["red dress"] * 60)  # well past 75 tokens
+    config = tiny_config(steps=2, max_token_length=150)
+    model = load_base_model(tiny_sdxl.diffusers_dir)
+    trainer = Trainer(model, TrainingData.prepare(items_from_pairs([(str(image), caption)]), config.data), config)
+    trainer.setup()
+    assert trainer._text_table[caption]["hidden"].shape[0] == 152  # cached at the full length
+    trainer.train()
+    assert trainer.step == 2

@@ -169,3 +169,49 @@ def test_prompt_encoding_shapes(tiny_sd15, tiny_sdxl):
         embeds = encode_prompts(sdxl, ["sks person"])
     assert embeds.hidden.shape == (1, 77, tiny_sdxl.unet_config["cross_attention_dim"])
     assert embeds.pooled.shape == (1, tiny_sdxl.text_encoder_2_config["projection_dim"])
+
+
+@pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])  # CLIP-L's padding and SDXL's second encoder's
+def test_tokenize_in_windows(tmp_path, pad):
+    from transformers import CLIPTokenizer
+
+    from charforge.engine.train.models import tokenize
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_clip_tokenizer(tmp_path / "tok", pad_token=pad)))
+    word_ids = tokenizer("sks", add_special_tokens=False).input_ids
+    prompts = ["sks person", " ".join(["sks"] * 74), " ".join(["sks"] * 75), " ".join(["sks"] * 100)]
+    reference = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    ids = tokenize(tokenizer, prompts)  # one window: exactly the tokenizer's own padded, truncated ids
+    assert ids.shape == (4, 1, 77)
+    torch.testing.assert_close(ids[:, 0], reference.input_ids)
+
+    long_ids = tokenize(tokenizer, prompts, 150)
+    assert long_ids.shape == (4, 2, 77)
+    torch.testing.assert_close(long_ids[:, 0], reference.input_ids)  # the first window is unchanged
+    n = len(word_ids)
+    tail = long_ids[3, 1].tolist()  # 100 words: the second window holds words 76-100, then EOS and padding
+    assert tail[0] == tokenizer.bos_token_id and tail[1:1 + 25 * n] == word_ids * 25
+    assert tail[1 + 25 * n] == tokenizer.eos_token_id and set(tail[2 + 25 * n:]) == {tokenizer.pad_token_id}
+    assert long_ids[0, 1].tolist()[:2] == [tokenizer.bos_token_id, tokenizer.eos_token_id]  # an empty window
+    with pytest.raises(ValueError, match="multiple of 75"):
+        tokenize(tokenizer, prompts, 100)
+
+
+def test_long_prompts_keep_their_tail(tiny_sd15, tiny_sdxl):
+    head = " ".join(["sks"] * 75)
+    prompts = [head + " person", head + " photo"]  # they differ only after token 75
+    for tiny in (tiny_sd15, tiny_sdxl):
+        model = load_base_model(tiny.diffusers_dir)
+        with torch.no_grad():
+            cut = encode_prompts(model, prompts)
+            full = encode_prompts(model, prompts, max_tokens=150)
+        assert full.hidden.shape[1] == 152
+        torch.testing.assert_close(cut.hidden[0], cut.hidden[1])  # 75 tokens: the difference is cut off
+        assert not torch.allclose(full.hidden[0], full.hidden[1])
+        torch.testing.assert_close(full.hidden[:, :76], cut.hidden[:, :76])  # the first window is the same
+        if model.is_sdxl:
+            torch.testing.assert_close(full.pooled, cut.pooled)  # pooled from the first window
+    with pytest.raises(ValueError, match="max_token_length"):
+        from charforge.engine.train.config import TrainConfig
+
+        TrainConfig(max_token_length=100)

@@ -90,11 +90,14 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the U-Net (CUDA only)
     clip_skip: int = 1
+    max_token_length: int = 75  # 150 / 225: longer captions are encoded in 75-token windows (kohya's option)
     checkpoint_every: int = 0  # write a LoRA checkpoint every N steps (0 = only the final LoRA)
     state_every: int = 0  # write the resumable state every N steps (0 = with checkpoints; always on stop)
     save_dtype: str = "fp16"
 
     def __post_init__(self):
+        if self.max_token_length not in (75, 150, 225):
+            raise ValueError(f"max_token_length must be 75, 150 or 225 (got {self.max_token_length})")
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1 (got {self.steps})")
         if self.batch_size < 1:

@@ -263,7 +263,8 @@ def _train_in_folder(request: TrainRequest, config: TrainConfig, requested: Trai
         folder.truncate_metrics(resumed_from)
         captions = [item.caption for item in data.items]
         plan = plan_samples(model, config.samples, sample_prompts(config.samples, config.trigger_word, captions),
-                            config.samples.size or config.data.resolution, device, config.clip_skip)
+                            config.samples.size or config.data.resolution, device, config.clip_skip,
+                            config.max_token_length)
         trainer.train(**_step_hooks(folder, trainer, model, data, config, request, plan, pending, report, started),
                       should_stop=should_stop)
         return _finish(folder, trainer, model, data, config, request, plan, report, started, resumed_from,
@@ -402,6 +403,7 @@ def _lora_metadata(title: str, config: TrainConfig, model: BaseModel, data: Trai
                          for s in sorted({i.subset for i in data.items})},
         "cache_latents": config.data.cache_latents,
         "clip_skip": config.clip_skip,
+        "max_token_length": config.max_token_length,
         "shuffle_caption": config.data.shuffle_caption,
         "keep_tokens": config.data.keep_tokens,
         "caption_dropout_rate": config.data.caption_dropout,

@@ -142,7 +142,8 @@ class Trainer:
         data_settings = config.data
         self._text_fingerprint = ":".join([model.fingerprints.get("text_encoder", ""),
                                            model.fingerprints.get("text_encoder_2", ""),
-                                           f"clip_skip={config.clip_skip}"])
+                                           f"clip_skip={config.clip_skip}",
+                                           f"max_tokens={config.max_token_length}"])
         # Caching first, with only the VAE / text encoders on the device: the peak stays low.
         if data_settings.cache_latents:
             model.vae.to(self.device)
@@ -235,7 +236,8 @@ class Trainer:
             return vae.encode(pixels).latent_dist.mean.float() * self.model.vae_scaling_factor
 
     def _encode_text_dict(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        embeds = encode_prompts(self.model, captions, self.device, self.config.clip_skip)
+        embeds = encode_prompts(self.model, captions, self.device, self.config.clip_skip,
+                              self.config.max_token_length)
         out = {"hidden": embeds.hidden.float()}
         if embeds.pooled is not None:
             out["pooled"] = embeds.pooled.float()
@@ -271,7 +273,8 @@ class Trainer:
             return PromptEmbeddings(torch.stack([r["hidden"] for r in rows]), pooled)
         context = contextlib.nullcontext() if self.config.lora.train_text_encoder else torch.no_grad()
         with context, self._autocast():
-            return encode_prompts(self.model, captions, self.device, self.config.clip_skip)
+            return encode_prompts(self.model, captions, self.device, self.config.clip_skip,
+                              self.config.max_token_length)
 
     def _latents(self, items: list[int], flips: list[bool]) -> torch.Tensor:
         if self.config.data.cache_latents:

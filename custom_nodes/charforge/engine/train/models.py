@@ -348,7 +348,8 @@ def load_base_model(
 
 @dataclass
 class PromptEmbeddings:
-    """What the U-Net is conditioned on: ``hidden`` (B, 77, D) and, for SDXL, ``pooled`` (B, P)."""
+    """What the U-Net is conditioned on: ``hidden`` (B, 2 + max tokens, D), 77 positions by default,
+    and, for SDXL, ``pooled`` (B, P)."""
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
@@ -366,10 +367,34 @@ class PromptEmbeddings:
         return PromptEmbeddings(torch.cat([p.hidden for p in parts]), pooled)
 
 
-def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
-    """Token ids (B, 77); prompts longer than 75 tokens are cut (as the CLIP context is 77)."""
-    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
+TOKEN_LENGTHS = (75, 150, 225)  # kohya's max_token_length choices: 1, 2 or 3 CLIP windows
+
+
+def tokenize(tokenizer, prompts: Sequence[str], max_tokens: int = 75) -> torch.Tensor:
+    """Token ids (B, windows, 77): each prompt cut to `max_tokens` tokens and split into 75-token windows.
+
+    Every window is ``[BOS] + 75 tokens + [end]`` as CLIP expects: the end is EOS when the window's text
+    runs to its edge, else padding (the tokenizer's own pad token, which is EOS for CLIP-L and ``!`` for
+    SDXL's second encoder). With 75 tokens this is exactly the tokenizer's own padded, truncated output.
+    """
+    window = tokenizer.model_max_length - 2
+    if max_tokens % window:
+        raise ValueError(f"max_token_length must be a multiple of {window} (got {max_tokens})")
+    windows = max_tokens // window
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    rows = []
+    for prompt in prompts:
+        content = tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids[:max_tokens]
+        body = content + [eos] + [pad] * (max_tokens - len(content))  # max_tokens + 1 tokens
+        chunks = []
+        for i in range(windows):
+            part = body[i * window:(i + 1) * window]
+            if part[0] == pad and i > 0:  # a window past the text: starts with EOS, like the first one ends
+                part = [eos] + part[1:]
+            end = eos if part[-1] not in (eos, pad) else pad  # text cut at the window's edge: close it
+            chunks.append([bos] + part + [end])
+        rows.append(chunks)
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def _final_layer_norm(text_encoder):
@@ -377,26 +402,42 @@ def _final_layer_norm(text_encoder):
     return inner.final_layer_norm
 
 
+def _join_windows(hidden: torch.Tensor, windows: int) -> torch.Tensor:
+    """(B * windows, 77, D) -> (B, 2 + 75 * windows, D): BOS of the first window, every window's 75
+    inner states, the end state of the last window (kohya's layout; identity for one window)."""
+    hidden = hidden.reshape(-1, windows, *hidden.shape[1:])
+    if windows == 1:
+        return hidden[:, 0]
+    parts = [hidden[:, 0, :1]] + [hidden[:, i, 1:-1] for i in range(windows)] + [hidden[:, -1, -1:]]
+    return torch.cat(parts, dim=1)
+
+
 def encode_prompts(model: BaseModel, prompts: Sequence[str], device: torch.device | str | None = None,
-                   clip_skip: int = 1) -> PromptEmbeddings:
+                   clip_skip: int = 1, max_tokens: int = 75) -> PromptEmbeddings:
     """Encode `prompts` as the U-Net expects (gradients flow when a text encoder has trainable LoRA).
 
     SD1.5: the last hidden state of CLIP-L (``clip_skip`` 2: the layer before, through the final layer
     norm, as kohya / A1111 do). SDXL: the penultimate hidden states of both encoders concatenated, and
-    the projected pooled output of the second.
+    the projected pooled output of the second. Prompts longer than 75 tokens keep up to `max_tokens`
+    (150 or 225): each 75-token window is encoded on its own and the states are joined (`tokenize`,
+    `_join_windows`), so the U-Net sees 2 + max_tokens positions; SDXL's pooled output is the first
+    window's.
     """
     device = device or next(model.text_encoders[0].parameters()).device
-    outputs = []
+    outputs, windows = [], 1
     for text_encoder, tokenizer in zip(model.text_encoders, model.tokenizers, strict=True):
-        ids = tokenize(tokenizer, prompts).to(device)
-        outputs.append(text_encoder(ids, output_hidden_states=True))
+        ids = tokenize(tokenizer, prompts, max_tokens).to(device)
+        windows = ids.shape[1]
+        outputs.append(text_encoder(ids.flatten(0, 1), output_hidden_states=True))
     if not model.is_sdxl:
         out = outputs[0]
         if clip_skip <= 1:
-            return PromptEmbeddings(out.last_hidden_state)
-        return PromptEmbeddings(_final_layer_norm(model.text_encoders[0])(out.hidden_states[-clip_skip]))
+            return PromptEmbeddings(_join_windows(out.last_hidden_state, windows))
+        skipped = _final_layer_norm(model.text_encoders[0])(out.hidden_states[-clip_skip])
+        return PromptEmbeddings(_join_windows(skipped, windows))
     hidden = torch.cat([outputs[0].hidden_states[-2], outputs[1].hidden_states[-2]], dim=-1)
-    return PromptEmbeddings(hidden, outputs[1].text_embeds)
+    pooled = outputs[1].text_embeds.reshape(-1, windows, outputs[1].text_embeds.shape[-1])[:, 0]
+    return PromptEmbeddings(_join_windows(hidden, windows), pooled)
 
 
 def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],

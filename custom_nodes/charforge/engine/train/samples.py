@@ -38,18 +38,18 @@ class SamplePlan:
 
 
 def plan_samples(model: BaseModel, settings: SampleSettings, prompts: list[str], resolution: int,
-                 device: torch.device, clip_skip: int = 1) -> SamplePlan:
+                 device: torch.device, clip_skip: int = 1, max_tokens: int = 75) -> SamplePlan:
     """Encode the sample prompts (and the empty negative prompt) now, with the base text encoders."""
     with torch.no_grad():
         devices = [next(te.parameters()).device for te in model.text_encoders]
         for te in model.text_encoders:
             te.to(device)
         try:
-            positive = encode_prompts(model, prompts, device, clip_skip)
+            positive = encode_prompts(model, prompts, device, clip_skip, max_tokens)
             if model.is_sdxl:  # SDXL pipelines use zeros for an empty negative prompt
                 negative = PromptEmbeddings(torch.zeros_like(positive.hidden), torch.zeros_like(positive.pooled))
             else:
-                negative = encode_prompts(model, [""] * len(prompts), device, clip_skip)
+                negative = encode_prompts(model, [""] * len(prompts), device, clip_skip, max_tokens)
         finally:
             for te, original in zip(model.text_encoders, devices, strict=True):
                 te.to(original)
