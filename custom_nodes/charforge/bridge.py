@@ -59,6 +59,7 @@ PACK_MODEL_FOLDERS: tuple[ModelFolder, ...] = (
     ModelFolder("insightface", frozenset({".onnx"}), "InsightFace packs: insightface/models/<pack>/*.onnx"),
     ModelFolder("wd14_tagger", frozenset({".onnx", ".csv"}), "WD14-style taggers: <name>.onnx + <name>.csv"),
     ModelFolder("LLM", frozenset({".json", ".safetensors", ".bin"}), "captioners as Hugging Face folders (Florence-2, BLIP)"),
+    ModelFolder("blip", frozenset({".json", ".safetensors", ".bin"}), "BLIP / BLIP-2 captioners as Hugging Face folders"),
     ModelFolder("frame_interpolation", PT_EXTENSIONS, "frame interpolation checkpoints (RIFE, FILM)"),
     ModelFolder("charforge", frozenset({".json", ".yaml", ".yml", ".safetensors"}), "CharForge identities and characters"),
 )

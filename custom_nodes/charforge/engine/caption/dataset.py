@@ -13,7 +13,9 @@ same run (a mirrored photo shows the same things), so the model runs once per ph
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..dataset.images import read_rgb
@@ -56,11 +58,12 @@ def _load(entry: ImageEntry, max_side: int | None):
 
 def caption_dataset(manifest: DatasetManifest, captioner: Captioner, rules: CaptionRules,
                     mode: str = "skip existing", on_image: ProgressFn | None = None,
-                    batch_size: int | None = None) -> CaptionRun:
+                    batch_size: int | None = None, workers: int = 0) -> CaptionRun:
     """Caption the accepted photos of a copy of `manifest`; writes sidecars, returns the copy and a report.
 
     `on_image(done, total)` is called after each photo (it may raise to cancel: captions finished so far
-    are already in their sidecars and in the returned manifest only if it returns normally).
+    are already in their sidecars and in the returned manifest only if it returns normally). `workers`:
+    threads decoding photos (0: up to 8, one per CPU core).
     """
     if mode not in MODES:
         raise ValueError(f"caption mode {mode!r} is not one of {', '.join(MODES)}")
@@ -82,26 +85,36 @@ def caption_dataset(manifest: DatasetManifest, captioner: Captioner, rules: Capt
     done = 0
     size = max(1, int(batch_size or captioner.batch_size or 1))
     new_captions: dict[str, str] = {}
-    for start in range(0, len(todo), size):
-        batch, images = [], []
-        for entry in todo[start:start + size]:
-            try:
-                images.append(_load(entry, captioner.max_side))
-                batch.append(entry)
-            except Exception as exc:  # noqa: BLE001 - a broken file is reported, the rest goes on
-                run.failed[entry.id] = f"unreadable: {exc}"
+    batches = [todo[start:start + size] for start in range(0, len(todo), size)]
+    threads = max(1, int(workers or min(8, os.cpu_count() or 1)))
+    # Photos are decoded on `threads` threads, and the next batch is decoded while the model captions the
+    # current one, so a GPU model does not wait for JPEG decoding.
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="charforge-caption-load") as pool:
+        def submit(entries):
+            return [pool.submit(_load, entry, captioner.max_side) for entry in entries]
+
+        pending = submit(batches[0]) if batches else []
+        for index, entries in enumerate(batches):
+            futures, pending = pending, (submit(batches[index + 1]) if index + 1 < len(batches) else [])
+            batch, images = [], []
+            for entry, future in zip(entries, futures, strict=True):
+                try:
+                    images.append(future.result())
+                    batch.append(entry)
+                except Exception as exc:  # noqa: BLE001 - a broken file is reported, the rest goes on
+                    run.failed[entry.id] = f"unreadable: {exc}"
+                    done += 1
+                    if on_image:
+                        on_image(done, total)
+            raw = captioner.caption(images) if images else []
+            if len(raw) != len(images):
+                raise RuntimeError(f"{captioner.name} returned {len(raw)} captions for {len(images)} images")
+            for entry, text in zip(batch, raw, strict=True):
+                if _store(manifest, entry, text, rules, mode, run):
+                    new_captions[entry.id] = entry.caption
                 done += 1
                 if on_image:
                     on_image(done, total)
-        raw = captioner.caption(images) if images else []
-        if len(raw) != len(images):
-            raise RuntimeError(f"{captioner.name} returned {len(raw)} captions for {len(images)} images")
-        for entry, text in zip(batch, raw, strict=True):
-            if _store(manifest, entry, text, rules, mode, run):
-                new_captions[entry.id] = entry.caption
-            done += 1
-            if on_image:
-                on_image(done, total)
     for entry in copies:
         if entry.parent in new_captions:
             _write(manifest, entry, new_captions[entry.parent])
