@@ -27,3 +27,11 @@ integration: $(VENV)/.installed
 
 catalogue: $(VENV)/.installed
 	$(PY) -m charforge.catalogue --write README.md
+
+# The README's first command: builds .venv if needed, then runs the end-to-end pipeline on the shipped sample
+# drawings into $(DEMO_OUT). It finds ComfyUI on 127.0.0.1:8188 or starts the one in $COMFYUI_DIR (see
+# docs/pipeline.md); without base models it uses tiny random ones and says so.
+DEMO_OUT ?= out
+.PHONY: demo
+demo: $(VENV)/.installed
+	$(VENV)/bin/charforge pipeline samples/character --out "$(DEMO_OUT)" --character pip --class "cartoon boy" --no-face-check

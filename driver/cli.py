@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 # sub-parsers (``server`` is the parent parser with --server/--profile/--config/--insecure/--json; commands set
 # ``func(args, out)`` like the built-in ones).
 COMMAND_MODULES: tuple[str, ...] = (
+    "cli_library",
+    "cli_story",
+    "cli_pipeline",
 )
 
 

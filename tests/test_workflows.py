@@ -22,7 +22,8 @@ from charforge.driver.convert import _control_count, _widget_specs
 from charforge.driver.preflight import preflight
 
 WORKFLOWS = REPO_ROOT / "workflows"
-EXPECTED = {"dataset_prep", "build_identity", "score_best_of_n", "train_lora_sd15", "video_animatediff"}
+EXPECTED = {"dataset_prep", "caption_dataset", "build_identity", "score_best_of_n", "generate_best_of_n_clip",
+            "train_lora_sd15", "train_lora_sdxl", "controlnet_lora", "video_animatediff", "character_lora"}
 UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 
@@ -146,6 +147,8 @@ def test_editor_widgets_values_match_the_node_definitions(path, object_info):
             continue
         specs = _widget_specs(object_info[node["type"]])
         expected = sum(1 + _control_count(name, kind, options) for name, kind, options in specs)
+        # File-picking combos (LoadImage) carry the editor's trailing "upload" value.
+        expected += sum(1 for _, _, options in specs if options.get("image_upload"))
         assert len(node.get("widgets_values") or []) == expected, f"{path.name} node {node['id']} ({node['type']})"
 
 
@@ -296,3 +299,155 @@ def test_dataset_prep_then_train_lora_run_through_the_harness(comfy_env, tiny_sd
     assert lora_name == f"{inputs['output_name']}.safetensors"
     assert (comfy_env.base_dir / "models" / "loras" / lora_name).is_file()
     assert loss_curve.ndim == 4 and samples.ndim == 4
+
+
+CHARFORGE_ONLY = {p.stem for p in EDITOR_FILES
+                  if all(n["type"].startswith("CharForge") or n["type"] in UI_ONLY | {"PreviewImage", "SaveImage"}
+                         for n in _editor(p)["nodes"])}
+RUN_THROUGH_HARNESS = {"dataset_prep", "build_identity", "train_lora_sd15", "caption_dataset", "train_lora_sdxl",
+                       "character_lora", "video_animatediff"}
+
+
+def test_every_charforge_only_workflow_runs_through_the_harness():
+    """Each workflow made only of CharForge nodes (and ComfyUI's image outputs) has a harness test below (the
+    storyboard's runs with the storyboard tests)."""
+    assert CHARFORGE_ONLY - {"storyboard"} == RUN_THROUGH_HARNESS
+
+
+def _tiny_training(inputs: dict[str, Any], base_model: str, dataset_folder: str | None = None) -> None:
+    inputs.update(base_model=base_model, steps=2, rank=4, resolution=64, memory_profile="off",
+                  overrides=json.dumps({"sample_steps": 2, "sample_size": 64, "mixed_precision": "no",
+                                        "bucket_step": 32, "min_bucket": 32}))
+    if dataset_folder is not None:
+        inputs["dataset_folder"] = dataset_folder
+
+
+def _one_thread(run):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_caption_dataset_runs_on_an_exported_dataset(comfy_env):
+    from cf_testing.caption_models import write_tiny_wd14
+    from charforge import bridge
+
+    bridge.register_model_folders()
+    write_tiny_wd14(comfy_env.base_dir / "models" / "wd14_tagger")
+    prep = _api(WORKFLOWS / "dataset_prep.json")
+    _photos(comfy_env.base_dir / "input" / prep["1"]["inputs"]["folder"], count=3)
+    prep["2"]["inputs"]["face_detector"] = "none"
+    prep["3"]["inputs"]["require_face"] = False
+    exported = _run_prompt(prep)["6"][1]
+
+    prompt = _api(WORKFLOWS / "caption_dataset.json")
+    assert prompt["1"]["inputs"]["recursive"] is True and prompt["1"]["inputs"]["read_captions"] is False
+    prompt["1"]["inputs"]["folder"] = exported
+    results = _run_prompt(prompt)
+    captioned = Path(results["3"][1])
+    assert captioned.is_dir() and captioned != Path(exported)
+    captions = sorted(captioned.rglob("*.txt"))
+    assert len(captions) == 3
+    trigger = prompt["2"]["inputs"]["trigger"]
+    for caption in captions:
+        text = caption.read_text().strip()
+        # The tagger's tags follow the trigger: more than the plain "trigger, class" of the first export.
+        assert text.startswith(trigger + ",") and text != f"{trigger}, person", text
+    assert results["4"][0].shape[0] >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_train_lora_sdxl_runs_through_the_harness(comfy_env, tiny_sdxl, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_sdxl.diffusers_dir, comfy_env.base_dir / "models" / "diffusers" / "tiny_sdxl")
+    folder = tmp_path / "img" / "2_ohwx person"
+    _photos(folder, count=2)
+    for photo in folder.glob("*.png"):
+        photo.with_suffix(".txt").write_text("ohwx person, smiling")
+    prompt = _api(WORKFLOWS / "train_lora_sdxl.json")
+    assert prompt["1"]["inputs"]["preset"] == "sdxl"
+    _tiny_training(prompt["1"]["inputs"], "[diffusers] tiny_sdxl", str(folder.parent))
+    lora_name, _, loss_curve, _ = _one_thread(lambda: _run_prompt(prompt))["1"]
+    assert (comfy_env.base_dir / "models" / "loras" / lora_name).is_file()
+    assert loss_curve.ndim == 4
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_character_lora_runs_photos_to_lora_in_one_graph(comfy_env, tiny_sd15):
+    import shutil
+
+    from cf_testing.caption_models import write_tiny_wd14
+    from charforge import bridge
+
+    bridge.register_model_folders()
+    shutil.copytree(tiny_sd15.diffusers_dir, comfy_env.base_dir / "models" / "diffusers" / "tiny_sd15")
+    write_tiny_wd14(comfy_env.base_dir / "models" / "wd14_tagger")
+    prompt = _api(WORKFLOWS / "character_lora.json")
+    ids = {node["class_type"]: node_id for node_id, node in prompt.items()}
+    _photos(comfy_env.base_dir / "input" / prompt[ids["CharForgeLoadDataset"]]["inputs"]["folder"], count=2)
+    prompt[ids["CharForgeAnalyseDataset"]]["inputs"]["face_detector"] = "none"
+    prompt[ids["CharForgeFilterDataset"]]["inputs"]["require_face"] = False
+    train = prompt[ids["CharForgeTrainLoRA"]]
+    assert train["inputs"]["dataset_folder"] == [ids["CharForgeExportDataset"], 1]  # the export feeds training
+    _tiny_training(train["inputs"], "[diffusers] tiny_sd15")
+    results = _one_thread(lambda: _run_prompt(prompt))
+    export_dir = Path(results[ids["CharForgeExportDataset"]][1])
+    captions = [c.read_text() for c in export_dir.rglob("*.txt")]
+    assert len(captions) == 2 and all(c.startswith("ohwx,") and c.strip() != "ohwx, person" for c in captions)
+    lora_name = results[ids["CharForgeTrainLoRA"]][0]
+    assert (comfy_env.base_dir / "models" / "loras" / lora_name).is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_video_animatediff_with_drift_runs_through_the_harness(comfy_env, tmp_path):
+    pytest.importorskip("insightface")
+    import shutil
+
+    from cf_testing.face_models import face_image, write_face_pack
+    from cf_testing.video_models import video_assets
+    from charforge import bridge
+    from charforge.engine.faces import FaceAnalyzer
+
+    assets = video_assets(tmp_path / "assets")
+    models = comfy_env.base_dir / "models"
+    shutil.copytree(assets.sd15.diffusers_dir, models / "diffusers" / "tiny_sd15")
+    (models / "animatediff_models").mkdir(parents=True)
+    shutil.copy(assets.modules["v3"].original_file, models / "animatediff_models")
+    (models / "loras").mkdir(parents=True, exist_ok=True)
+    shutil.copy(assets.character_lora, models / "loras")
+    bridge.register_model_folders()
+    pack = write_face_pack(tmp_path / "pack" / "insightface", "buffalo_l").parent.parent
+    shutil.copytree(pack, models / "insightface")
+    identity = _api(WORKFLOWS / "build_identity.json")
+    folder = comfy_env.base_dir / "input" / identity["2"]["inputs"]["folder"]
+    folder.mkdir(parents=True)
+    for seed in range(2):
+        Image.fromarray(face_image(person=0, noise=2, seed=seed)).save(folder / f"ref_{seed}.png")
+    identity["1"]["inputs"]["det_size"] = 320
+
+    prompt = _api(WORKFLOWS / "video_animatediff.json")
+    assert prompt["6"]["inputs"]["name"] == identity["2"]["inputs"]["name"]
+    prompt["1"]["inputs"].update(base_model="[diffusers] tiny_sd15", motion_module=assets.modules["v3"].original_file.name)
+    prompt["2"]["inputs"]["lora_name"] = assets.character_lora.name
+    prompt["3"]["inputs"].update(frames=4, width=64, height=64, steps=2, context_length=4, context_overlap=1)
+    prompt["5"]["inputs"]["det_size"] = 320
+    try:
+        _run_prompt(identity)
+        results = _one_thread(lambda: _run_prompt(prompt))
+    finally:
+        FaceAnalyzer.clear_cache()
+    frames = results["3"][0]
+    assert frames.shape[0] == 4 and frames.shape[1:3] == (64, 64)
+    assert Path(results["4"][0]).is_file() and Path(results["4"][0]).suffix == ".mp4"
+    plot, mean, minimum, drifting, report, _ = results["7"]
+    assert plot.ndim == 4 and report

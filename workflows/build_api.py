@@ -30,6 +30,8 @@ API_DIR_NAME = "api"
 MODEL_FILE_INPUTS = frozenset({
     ("CheckpointLoaderSimple", "ckpt_name"),
     ("LoraLoader", "lora_name"),
+    ("ControlNetLoader", "control_net_name"),
+    ("LoadImage", "image"),  # a file in the input folder
     ("CharForgeTrainLoRA", "base_model"),
     ("CharForgeLoadIdentity", "name"),
     ("CharForgeLoadVideoModel", "base_model"),

@@ -428,3 +428,43 @@ def send_event(event: str, data: dict[str, Any], node_id: str | None = None) -> 
     if node_id is not None:
         payload.setdefault("node", node_id)
     instance.send_sync(EVENT_PREFIX + event, payload, getattr(instance, "client_id", None))
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA patching (ComfyUI's own)
+
+
+class _LoraWarnings(logging.Handler):
+    """Collects the lines ComfyUI logs for LoRA keys it could not use."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "lora key not loaded" in message or message.startswith("NOT LOADED"):
+            self.lines.append(message)
+
+
+def apply_lora(model: Any, clip: Any, path: str, strength_model: float,
+               strength_clip: float) -> tuple[Any, Any, list[str]]:
+    """Patch a LoRA file into ComfyUI's MODEL and CLIP the way the stock ``LoraLoader`` does
+    (``comfy.utils.load_torch_file`` + ``comfy.sd.load_lora_for_models``).
+
+    Returns the patched clones and the "lora key not loaded" / "NOT LOADED" lines ComfyUI logged, so
+    callers can tell the user which keys had no effect. `clip` may be None (model only). Needs ComfyUI.
+    """
+    comfy = _load_comfy()
+    if comfy is None:
+        raise RuntimeError("applying a LoRA to a MODEL/CLIP needs ComfyUI (run the node inside ComfyUI)")
+    sd_module = importlib.import_module("comfy.sd")
+    lora = comfy.utils.load_torch_file(path, safe_load=True)
+    collector = _LoraWarnings()
+    root = logging.getLogger()
+    root.addHandler(collector)
+    try:
+        new_model, new_clip = sd_module.load_lora_for_models(model, clip, lora, strength_model, strength_clip)
+    finally:
+        root.removeHandler(collector)
+    return new_model, new_clip, collector.lines

@@ -218,12 +218,17 @@ class TrainLoRA:
                                "\"train_text_encoder\": true, \"optimizer\": \"prodigy\", \"learning_rate\": 1.0, "
                                "\"sample_every\": 100, \"sample_prompts\": [\"ohwx at the beach\"]}. "
                                "See docs/training.md for every name."}),
+                "save_character": ("STRING", {
+                    "default": "",
+                    "tooltip": "When set, save a character preset of this name for the trained LoRA (trigger word, "
+                               "LoRA at weight 1, size defaults) for Load Character; an existing one is kept."}),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
 
     def train(self, base_model, dataset_folder, trigger_word, output_name, preset, steps, learning_rate, rank,
-              resolution, batch_size, seed, resume, memory_profile, dataset=None, overrides="", node_id=None):
+              resolution, batch_size, seed, resume, memory_profile, dataset=None, overrides="", node_id=None,
+              save_character=""):
         for module in ("torch", "diffusers", "transformers", "peft", "safetensors"):
             require(module)
         from dataclasses import replace
@@ -275,6 +280,11 @@ class TrainLoRA:
         summary = (f"{lora_name}: {result.step} steps, final loss {result.loss:.4f}"
                    + (f" (resumed at step {result.resumed_from})" if result.resumed_from else "")
                    + f"; run folder {result.run_dir}")
+        if save_character.strip():
+            from ..engine.library.characters import save_training_character
+
+            summary += "; " + save_training_character(save_character.strip(), lora_name, trigger_word, arch,
+                                                      config.data.resolution)
         ui_images = [entry for entry in (_ui_image(p) for p in [result.loss_curve, *result.samples]) if entry]
         ui = {"text": [summary]}
         if ui_images:

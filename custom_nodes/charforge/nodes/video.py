@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from .. import bridge
@@ -321,14 +322,72 @@ class GenerateVideo:
         return (result.frames, float(fps), "\n".join(lines))
 
 
+# --------------------------------------------------------------------------------------------------
+# Frame interpolators: OpenCV optical flow (no download) or a RIFE file.
+
+INTERPOLATION_FOLDER = "frame_interpolation"
+AUTO = "auto"
+OPTICAL_FLOW = "optical flow"
+# ComfyUI-Frame-Interpolation downloads its RIFE files into its own folder; they are offered too.
+VFI_PACK = "ComfyUI-Frame-Interpolation"
+VFI_PREFIX = f"[{VFI_PACK}] "
+
+
+def _vfi_pack_dir() -> Path | None:
+    # ComfyUI's custom_nodes folders (a --base-directory has its own), else <ComfyUI>/custom_nodes.
+    roots = [Path(p) for p in bridge.model_folders("custom_nodes")]
+    root = bridge.comfyui_root()
+    if root is not None:
+        roots.append(root / "custom_nodes")
+    for custom_nodes in roots:
+        folder = custom_nodes / VFI_PACK / "ckpts" / "rife"
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def interpolator_files() -> list[str]:
+    """RIFE candidates: files in the ``frame_interpolation`` model folder(s), then ComfyUI-Frame-Interpolation's."""
+    names = list(bridge.list_models(INTERPOLATION_FOLDER))
+    pack = _vfi_pack_dir()
+    if pack is not None:
+        names += sorted(VFI_PREFIX + p.name for p in pack.iterdir()
+                        if p.is_file() and p.suffix.lower() in (".pth", ".pkl", ".safetensors", ".ckpt"))
+    return names
+
+
+def interpolator_choices() -> list[str]:
+    return [AUTO, OPTICAL_FLOW, *interpolator_files()]
+
+
+def resolve_interpolator_file(name: str) -> str:
+    if name.startswith(VFI_PREFIX):
+        pack = _vfi_pack_dir()
+        path = pack / name[len(VFI_PREFIX):] if pack is not None else None
+        if path is None or not path.is_file():
+            raise bridge.ModelNotFoundError(f"{name!r} not found in {VFI_PACK}'s ckpts/rife folder")
+        return str(path)
+    return bridge.find_model(INTERPOLATION_FOLDER, name)
+
+
+def _rife_rank(name: str) -> tuple:
+    # "auto" tries the newest-looking RIFE file first: rife49 before rife47 (digits after "rife" as a version).
+    match = re.search(r"rife[_-]?v?(\d)[._]?(\d+)?", Path(name).name.lower())
+    if not match:
+        return (0, 0, name)
+    return (1, int(match.group(1)) * 1000 + int(match.group(2) or 0), name)
+
+
 class InterpolateFrames:
-    """Add in-between frames by optical flow: x2 or x4 frames and frame rate, no model download."""
+    """Add in-between frames (x2 / x4 frames and frame rate): RIFE from a model file, or optical flow."""
 
     DESCRIPTION = (
-        "Frame interpolation with OpenCV's Farneback optical flow: each new frame is both neighbours warped "
-        "part of the way along the flow and blended. N frames become (N-1)*multiplier+1 (N*multiplier with "
-        "loop) and the frame rate is multiplied, so the clip keeps its length and plays smoother. Needs no model "
-        "file. (A learned interpolator such as RIFE is not included.)"
+        "Frame interpolation. With a RIFE 4.7 - 4.9 file (rife47.pth / rife49.pth in models/frame_interpolation "
+        "or ComfyUI-Frame-Interpolation's ckpts/rife folder) the learned RIFE network draws the in-betweens; "
+        "without one, OpenCV's Farneback optical flow does (each new frame is both neighbours warped part of "
+        "the way along the flow and blended; no model file needed). N frames become (N-1)*multiplier+1 "
+        "(N*multiplier with loop) and the frame rate is multiplied, so the clip keeps its length and plays "
+        "smoother. interpolator 'auto' uses the newest supported RIFE file found, else optical flow."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "FLOAT")
@@ -347,21 +406,58 @@ class InterpolateFrames:
                 "loop": ("BOOLEAN", {"default": False, "tooltip": (
                     "Also add in-betweens from the last frame back to the first (for looping clips).")}),
             },
+            # Optional and last, so workflows saved before it existed still load and validate (auto).
+            "optional": {
+                "interpolator": (interpolator_choices(), {"default": AUTO, "tooltip": (
+                    "auto: the newest supported RIFE file found, else optical flow. 'optical flow': OpenCV, no "
+                    "model file. Or a RIFE 4.7 - 4.9 file (rife47.pth, rife49.pth) from models/"
+                    "frame_interpolation or ComfyUI-Frame-Interpolation's ckpts/rife folder.")}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def interpolate(self, frames, multiplier="2", fps=8.0, loop=False, unique_id=None):
-        require("cv2")
+    def interpolate(self, frames, multiplier="2", fps=8.0, loop=False, interpolator=AUTO, unique_id=None):
         torch = require("torch")
-        from ..engine.video import interpolate_frames, interpolated_count
+        from ..engine.video import interpolated_count
 
         factor = int(multiplier)
         count = int(frames.shape[0])
-        pairs = max(count - 1 + (1 if loop and count > 1 else 0), 1)
-        progress = bridge.Progress(pairs, node_id=unique_id, label="interpolate frames")
-        out = interpolate_frames(frames, factor, bool(loop), lambda done, total: progress.set(done, total))
+        loaded = self._pick_rife(interpolator)
+        if loaded is not None:
+            from ..engine.video.rife import interpolate_rife
+
+            tasks = max((count - 1 + (1 if loop and count > 1 else 0)) * (factor - 1), 1)
+            progress = bridge.Progress(tasks, node_id=unique_id, label="interpolate frames (RIFE)")
+            out = interpolate_rife(frames, loaded, factor, bool(loop),
+                                   progress=lambda done, total: progress.set(done, total),
+                                   check_cancelled=bridge.check_cancelled)
+            log.info("Interpolate Frames: RIFE %s (%s) on %s", loaded.version, Path(loaded.path).name, loaded.device)
+        else:
+            require("cv2")
+            from ..engine.video import interpolate_frames
+
+            pairs = max(count - 1 + (1 if loop and count > 1 else 0), 1)
+            progress = bridge.Progress(pairs, node_id=unique_id, label="interpolate frames")
+            out = torch.from_numpy(
+                interpolate_frames(frames, factor, bool(loop), lambda done, total: progress.set(done, total)))
         assert len(out) == interpolated_count(count, factor, bool(loop))
-        return (torch.from_numpy(out), float(fps) * (factor if count > 1 else 1))
+        return (out, float(fps) * (factor if count > 1 else 1))
+
+    @staticmethod
+    def _pick_rife(interpolator: str):
+        """The loaded RIFE model for `interpolator`, or None for optical flow (auto with no usable file)."""
+        if interpolator == OPTICAL_FLOW:
+            return None
+        from ..engine.video.rife import UnsupportedRIFEError, load_rife
+
+        if interpolator != AUTO:
+            return load_rife(resolve_interpolator_file(interpolator))
+        for name in sorted(interpolator_files(), key=_rife_rank, reverse=True):
+            try:
+                return load_rife(resolve_interpolator_file(name))
+            except UnsupportedRIFEError as exc:
+                log.info("Interpolate Frames (auto): skipping %s", exc)
+        return None
 
 
 class SaveVideo:

@@ -5,7 +5,7 @@
 - `generate`: the sampler (prompt travel, context windows, image / video to video, progress and cancel);
 - `prompts`, `context`, `schedulers`: the pieces the sampler uses;
 - `encode`: mp4 / webm / gif / webp files with ComfyUI's save-path convention, and reading them back;
-- `interpolate`: optical-flow frame interpolation.
+- `interpolate`: optical-flow frame interpolation; `rife`: RIFE 4.7 - 4.9 (imported on use).
 """
 
 from .context import ContextOptions, context_windows, window_weights

@@ -10,7 +10,8 @@ small, smooth motion between AnimateDiff frames, soft at occlusion edges.
 ``N * multiplier`` with ``loop`` (the last frame is also blended into the first), so playing at
 ``fps * multiplier`` keeps the clip's timing.
 
-A learned interpolator (RIFE / FILM checkpoints in ``models/frame_interpolation``) is not implemented.
+The learned interpolator (RIFE 4.7 - 4.9 files in ``models/frame_interpolation``) is `rife.py`; it returns
+the same frame layout.
 """
 
 from __future__ import annotations

@@ -32,3 +32,13 @@ class ProgressBar:
 
     def update(self, value):
         self.update_absolute(self.current + value)
+
+
+def load_torch_file(ckpt, safe_load=False, device=None, return_metadata=False):
+    """Stand-in for ``comfy.utils.load_torch_file`` (safetensors files only)."""
+    import safetensors
+
+    with safetensors.safe_open(ckpt, framework="pt", device="cpu") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        metadata = f.metadata() if return_metadata else None
+    return (sd, metadata) if return_metadata else sd

@@ -1,0 +1,11 @@
+"""The LoRA library and characters: formats and conversion, inspection, merging and rank resizing,
+character presets.
+
+- `formats`: detect kohya / peft / comfyui key layouts, read into `LoraState`, write in any layout
+- `inspect`: what a LoRA file is (base model, ranks, alpha, trigger words, training settings, fits)
+- `merge`: weighted merge of several LoRAs and SVD rank resize with the retained energy
+- `characters`: character presets (YAML) in ``<models>/charforge/characters/``
+
+Modules import torch only inside the functions that need it, so `inspect` and `characters` work in a
+driver-only install (safetensors + numpy + PyYAML).
+"""

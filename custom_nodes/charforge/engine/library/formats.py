@@ -1,0 +1,502 @@
+"""LoRA file formats: detect which one a file uses, read it into one neutral form, write it in another.
+
+Three key layouts are understood (comfyui-contract.md §6, ecosystem.md (b)):
+
+==========  ==================================================  ==============================================
+format      U-Net                                               text encoders
+==========  ==================================================  ==============================================
+kohya       ``lora_unet_<path, dots -> _>`` + ``.lora_down/     ``lora_te_`` (SD1.5) / ``lora_te1_``,
+            .lora_up.weight`` + ``.alpha``. SD1.5 uses the      ``lora_te2_`` (SDXL) + ``text_model_encoder_...``
+            diffusers path, SDXL the LDM path (as sd-scripts)
+peft        ``unet.<diffusers path>.lora_A/.lora_B.weight``     ``text_encoder.text_model.<...>``,
+            (+ ``.alpha``). Attention projections are written   ``text_encoder_2.text_model.<...>``
+            in the ``.processor.to_q`` spelling, the only
+            diffusers spelling ComfyUI 0.3.64 maps for them
+comfyui     ``diffusion_model.<LDM path>.lora_up/.lora_down     ``text_encoders.clip_l.transformer.<...>``,
+            .weight`` + ``.alpha`` (ComfyUI's own savers)       ``text_encoders.clip_g.transformer.<...>``
+==========  ==================================================  ==============================================
+
+Reading also accepts the other up/down suffix spellings ComfyUI accepts (``lora.down.weight``,
+``lora_linear_layer.down.weight``, ``lora_A.default.weight``) and both kohya U-Net spellings. A file's
+modules are resolved against a table of every Linear / Conv2d of the real SD1.5 and SDXL models (built on
+the meta device from the shipped configs), so names convert exactly and an unknown name is an error that
+names the key. A missing ``.alpha`` stays missing (ComfyUI then scales by 1.0) so conversions round-trip.
+
+Full-weight deltas (``.diff``, ``.diff_b``: ComfyUI's trainer writes them for norms and biases) are kept
+only when the output format is ``comfyui``; converting them to another format is refused with the keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("kohya", "peft", "comfyui")
+ARCHS = ("sd15", "sdxl")
+COMPONENTS = ("unet", "te1", "te2")
+
+# Suffix spellings ComfyUI accepts for the two LoRA matrices (contract §6), longest first.
+DOWN_SUFFIXES = (".lora_linear_layer.down.weight", ".lora_A.default.weight", ".lora_down.weight",
+                 ".lora.down.weight", ".lora_A.weight")
+UP_SUFFIXES = (".lora_linear_layer.up.weight", ".lora_B.default.weight", ".lora_up.weight",
+               ".lora.up.weight", ".lora_B.weight")
+FULL_DELTA_SUFFIXES = (".diff", ".diff_b", ".dora_scale")
+
+KOHYA_TE_PREFIX = {("sd15", "te1"): "lora_te_", ("sdxl", "te1"): "lora_te1_", ("sdxl", "te2"): "lora_te2_"}
+PEFT_PREFIX = {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}
+COMFY_TE_PREFIX = {"te1": "text_encoders.clip_l.transformer.", "te2": "text_encoders.clip_g.transformer."}
+CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"
+
+
+class LoraFormatError(ValueError):
+    """A LoRA file (or state dict) that cannot be read or converted; the message names the keys."""
+
+
+@dataclass
+class LoraModule:
+    """One adapted layer: ``delta = scale * up @ down`` with ``scale = alpha / rank`` (1.0 without alpha)."""
+
+    component: str            # "unet", "te1" (CLIP-L) or "te2" (SDXL's bigG)
+    name: str                 # diffusers path (U-Net) or ``text_model.encoder.layers.<i>.<...>`` (text encoders)
+    down: Any                 # torch.Tensor [rank, in] or [rank, in, kh, kw]
+    up: Any                   # torch.Tensor [out, rank] or [out, rank, 1, 1]
+    alpha: Any = None         # 0-D torch.Tensor as stored, or None when the file has none
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else float(self.alpha) / self.rank
+
+    def delta(self, dtype=None):
+        """The dense weight change this module adds at strength 1 (shape of the adapted weight)."""
+        import torch
+
+        dtype = dtype or torch.float64
+        up = self.up.to(dtype).flatten(1)
+        down = self.down.to(dtype).flatten(1)
+        shape = (self.up.shape[0], *self.down.shape[1:])
+        return (self.scale * (up @ down)).reshape(shape)
+
+
+@dataclass
+class LoraState:
+    """A LoRA in neutral form: modules keyed by ``(component, name)``, extras, metadata and where it came from."""
+
+    arch: str
+    modules: dict[tuple[str, str], LoraModule]
+    metadata: dict[str, str] = field(default_factory=dict)
+    source_format: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)   # full-delta tensors, keyed as in the file (comfyui)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading safetensors headers without torch (inspection works in a driver-only install)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    offsets: tuple[int, int]
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+    """Metadata and per-tensor dtype/shape of a ``.safetensors`` file, reading only its header."""
+    path = Path(path)
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise LoraFormatError(f"{path}: not a safetensors file (too short)")
+        size = int.from_bytes(head, "little")
+        if size <= 0 or size > 100_000_000:
+            raise LoraFormatError(f"{path}: not a safetensors file (header size {size})")
+        try:
+            header = json.loads(fh.read(size))
+        except ValueError as exc:
+            raise LoraFormatError(f"{path}: not a safetensors file ({exc})") from exc
+    metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+    tensors = {k: TensorInfo(v["dtype"], tuple(v["shape"]), tuple(v["data_offsets"])) for k, v in header.items()}
+    return metadata, tensors
+
+
+_NP_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+              "U8": "u1"}
+
+
+def read_small_tensor(path: str | os.PathLike, key: str) -> list[float]:
+    """The values of one small tensor (an ``.alpha``) as floats, with numpy only (bf16 included)."""
+    import numpy as np
+
+    metadata_size = None
+    with Path(path).open("rb") as fh:
+        metadata_size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(metadata_size))
+        info = header[key]
+        start, end = info["data_offsets"]
+        fh.seek(8 + metadata_size + start)
+        raw = fh.read(end - start)
+    dtype = info["dtype"]
+    if dtype == "BF16":
+        values = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+    elif dtype in _NP_DTYPES:
+        values = np.frombuffer(raw, _NP_DTYPES[dtype])
+    else:
+        raise LoraFormatError(f"{path}: tensor {key!r} has dtype {dtype}, which cannot be read without torch")
+    return [float(v) for v in values.reshape(-1)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Module tables of the real models
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    component: str
+    name: str                  # diffusers path / text_model path
+    ldm: str                   # LDM path (U-Net) or the same path (text encoders)
+    shape: tuple[int, ...]     # the adapted weight's shape in the full-size model
+
+
+@dataclass
+class ModuleTable:
+    arch: str
+    entries: dict[tuple[str, str], ModuleEntry]
+    by_kohya: dict[str, ModuleEntry]
+    by_ldm: dict[str, ModuleEntry]
+
+
+def _te_layer_entries(component: str, layers: int, width: int, ff: int) -> list[ModuleEntry]:
+    """ComfyUI maps only the six linears of each text-encoder layer (contract §6)."""
+    out = []
+    shapes = {"self_attn.q_proj": (width, width), "self_attn.k_proj": (width, width),
+              "self_attn.v_proj": (width, width), "self_attn.out_proj": (width, width),
+              "mlp.fc1": (ff, width), "mlp.fc2": (width, ff)}
+    for layer in range(layers):
+        for part, shape in shapes.items():
+            name = f"text_model.encoder.layers.{layer}.{part}"
+            out.append(ModuleEntry(component, name, name, shape))
+    return out
+
+
+@functools.cache
+def module_table(arch: str) -> ModuleTable:
+    """Every LoRA-adaptable layer of the full-size `arch` model, with its names in each layout."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown base model {arch!r}; expected one of {ARCHS}")
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from ..models.single_file import unet_to_ldm
+
+    config = json.loads((CONFIGS / arch / "unet" / "config.json").read_text(encoding="utf-8"))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    entries: list[ModuleEntry] = []
+    for name, module in unet.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            (ldm,) = unet_to_ldm({name + ".weight": None}, config)
+            entries.append(ModuleEntry("unet", name, ldm.removesuffix(".weight"), tuple(module.weight.shape)))
+    del unet
+    for component, folder in (("te1", "text_encoder"), ("te2", "text_encoder_2")):
+        path = CONFIGS / arch / folder / "config.json"
+        if path.is_file():
+            te = json.loads(path.read_text(encoding="utf-8"))
+            entries += _te_layer_entries(component, te["num_hidden_layers"], te["hidden_size"],
+                                         te["intermediate_size"])
+    table = ModuleTable(arch, {}, {}, {})
+    for entry in entries:
+        table.entries[(entry.component, entry.name)] = entry
+        if entry.component == "unet":
+            table.by_kohya["lora_unet_" + entry.name.replace(".", "_")] = entry
+            table.by_kohya["lora_unet_" + entry.ldm.replace(".", "_")] = entry
+            table.by_ldm[entry.ldm] = entry
+        else:
+            for (a, comp), prefix in KOHYA_TE_PREFIX.items():
+                if comp == entry.component and (a == arch or comp == "te1"):
+                    table.by_kohya[prefix + entry.name.replace(".", "_")] = entry
+    return table
+
+
+# --------------------------------------------------------------------------------------------------
+# Detection
+
+
+def _split_suffix(key: str) -> tuple[str, str]:
+    """``(base, role)`` with role "down", "up", "alpha" or the full-delta suffix; ("", "") if none."""
+    for suffix in DOWN_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], "down"
+    for suffix in UP_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], "up"
+    if key.endswith(".alpha"):
+        return key[: -len(".alpha")], "alpha"
+    for suffix in FULL_DELTA_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix[1:]
+    return "", ""
+
+
+def key_format(key: str) -> str | None:
+    """The format a single key belongs to, or None."""
+    if key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
+        return "kohya"
+    if key.startswith(("unet.", "text_encoder.", "text_encoder_2.")):
+        return "peft"
+    if key.startswith(("diffusion_model.", "text_encoders.")):
+        return "comfyui"
+    return None
+
+
+def detect_format(keys) -> str:
+    """``kohya``, ``peft`` or ``comfyui`` for a file's tensor keys; raises `LoraFormatError` otherwise."""
+    keys = list(keys)
+    if not keys:
+        raise LoraFormatError("the file holds no tensors")
+    found: dict[str, int] = {}
+    unknown = []
+    for key in keys:
+        kind = key_format(key)
+        if kind is None:
+            unknown.append(key)
+        else:
+            found[kind] = found.get(kind, 0) + 1
+    if unknown:
+        raise LoraFormatError(f"{len(unknown)} key(s) in no known LoRA layout (kohya lora_unet_/lora_te*, peft "
+                              f"unet./text_encoder., comfyui diffusion_model./text_encoders.): "
+                              f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    if len(found) > 1:
+        raise LoraFormatError(f"keys mix several layouts: {found}; convert the parts separately")
+    return next(iter(found))
+
+
+def _component_and_base(key_base: str, fmt: str) -> tuple[str, str]:
+    """Component and format-specific module base (prefix stripped where the format has one per component)."""
+    if fmt == "kohya":
+        if key_base.startswith("lora_unet_"):
+            return "unet", key_base
+        if key_base.startswith("lora_te2_"):
+            return "te2", key_base
+        return "te1", key_base
+    if fmt == "peft":
+        for component in ("te2", "te1", "unet"):
+            prefix = PEFT_PREFIX[component]
+            if key_base.startswith(prefix):
+                return component, key_base[len(prefix):]
+    if fmt == "comfyui":
+        if key_base.startswith("diffusion_model."):
+            return "unet", key_base[len("diffusion_model."):]
+        for component, prefix in COMFY_TE_PREFIX.items():
+            if key_base.startswith(prefix):
+                return component, key_base[len(prefix):]
+    raise LoraFormatError(f"key {key_base!r} has no known {fmt} component prefix")
+
+
+def _peft_unet_name(name: str) -> str:
+    # Old attention-processor spelling: ``attn1.processor.to_q`` / ``attn1.processor.to_out`` (= to_out.0).
+    if ".processor." in name:
+        name = name.replace(".processor.", ".")
+        if name.endswith(".to_out"):
+            name += ".0"
+    return name
+
+
+def _resolve(table: ModuleTable, component: str, base: str, fmt: str) -> ModuleEntry | None:
+    if fmt == "kohya":
+        return table.by_kohya.get(base)
+    if component == "unet":
+        if fmt == "peft":
+            return table.entries.get(("unet", _peft_unet_name(base)))
+        return table.by_ldm.get(base)
+    name = base if base.startswith("text_model.") else "text_model." + base  # transformers >= 5 flat names
+    return table.entries.get((component, name))
+
+
+def _group(keys, fmt: str) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Module base -> {role: key}; and the keys with no LoRA role."""
+    groups: dict[str, dict[str, str]] = {}
+    stray = []
+    for key in keys:
+        base, role = _split_suffix(key)
+        if not role:
+            stray.append(key)
+            continue
+        groups.setdefault(base, {})[role] = key
+    return groups, stray
+
+
+def resolve_arch(keys, fmt: str, metadata: Mapping[str, str] | None = None) -> tuple[str, dict[str, list[str]]]:
+    """The base model (``sd15``/``sdxl``) whose layers every module of the file names; also, per arch,
+    the module bases it does not know. Ties are broken by metadata, then by SDXL-only naming."""
+    groups, _ = _group(keys, fmt)
+    bases = [b for b, roles in groups.items() if "down" in roles or "up" in roles]
+    missing: dict[str, list[str]] = {}
+    for arch in ARCHS:
+        table = module_table(arch)
+        missing[arch] = [b for b in bases if _resolve(table, *_component_and_base(b, fmt), fmt) is None]
+    candidates = [a for a in ARCHS if not missing[a]]
+    if len(candidates) == 1:
+        return candidates[0], missing
+    if not candidates:
+        best = min(ARCHS, key=lambda a: len(missing[a]))
+        return best, missing
+    hint = metadata_arch(metadata or {})
+    if hint in candidates:
+        return hint, missing
+    if fmt == "kohya" and any(b.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks",
+                                            "lora_unet_middle_block", "lora_te1_", "lora_te2_")) for b in groups):
+        return "sdxl", missing
+    return "sd15", missing
+
+
+def metadata_arch(metadata: Mapping[str, str]) -> str | None:
+    """``sd15``/``sdxl`` from kohya's ``ss_base_model_version`` or ``modelspec.architecture``, if present."""
+    version = metadata.get("ss_base_model_version", "")
+    spec = metadata.get("modelspec.architecture", "")
+    if version.startswith("sdxl") or spec.startswith("stable-diffusion-xl"):
+        return "sdxl"
+    if version.startswith("sd_v1") or spec.startswith("stable-diffusion-v1"):
+        return "sd15"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and writing
+
+
+def state_from_tensors(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None,
+                       arch: str | None = None, source: str = "state dict") -> LoraState:
+    """Parse a LoRA state dict in any known format into a `LoraState`."""
+    metadata = dict(metadata or {})
+    fmt = detect_format(tensors.keys())
+    if arch is None:
+        arch, missing = resolve_arch(tensors.keys(), fmt, metadata)
+        if missing[arch]:
+            raise LoraFormatError(f"{source}: {len(missing[arch])} module(s) match no layer of SD1.5 or SDXL: "
+                                  f"{', '.join(missing[arch][:5])}")
+    table = module_table(arch)
+    groups, stray = _group(tensors.keys(), fmt)
+    if stray:
+        raise LoraFormatError(f"{source}: {len(stray)} key(s) are not LoRA tensors: {', '.join(stray[:5])}")
+    modules: dict[tuple[str, str], LoraModule] = {}
+    extras: dict[str, Any] = {}
+    for base, roles in groups.items():
+        full = [k for r, k in roles.items() if r in ("diff", "diff_b", "dora_scale")]
+        if full:
+            if fmt != "comfyui" or len(full) != len(roles):
+                extras.update({k: tensors[k] for k in roles.values()})
+                continue
+            extras.update({k: tensors[k] for k in full})
+            continue
+        if "down" not in roles or "up" not in roles:
+            raise LoraFormatError(f"{source}: module {base!r} has {sorted(roles)} but needs both up and down")
+        component, name = _component_and_base(base, fmt)
+        entry = _resolve(table, component, name, fmt)
+        if entry is None:
+            raise LoraFormatError(f"{source}: module {base!r} matches no {arch} layer")
+        key = (entry.component, entry.name)
+        if key in modules:
+            raise LoraFormatError(f"{source}: module {base!r} repeats {entry.component} {entry.name}")
+        modules[key] = LoraModule(entry.component, entry.name, tensors[roles["down"]], tensors[roles["up"]],
+                                  tensors.get(roles["alpha"]) if "alpha" in roles else None)
+    return LoraState(arch, modules, metadata, fmt, extras)
+
+
+def read_state(path: str | os.PathLike, arch: str | None = None) -> LoraState:
+    """Read a ``.safetensors`` LoRA of any known format."""
+    from ..train.export import read_lora
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist")
+    tensors, metadata = read_lora(path)
+    return state_from_tensors(tensors, metadata, arch=arch, source=str(path))
+
+
+def module_key_base(state_arch: str, module: LoraModule, fmt: str) -> str:
+    """The key base of `module` in `fmt` (the part before ``.lora_down.weight`` etc.)."""
+    entry = module_table(state_arch).entries.get((module.component, module.name))
+    if entry is None:
+        raise LoraFormatError(f"{module.component} module {module.name!r} is not a {state_arch} layer")
+    if fmt == "kohya":
+        if module.component == "unet":
+            path = entry.ldm if state_arch == "sdxl" else entry.name
+            return "lora_unet_" + path.replace(".", "_")
+        return KOHYA_TE_PREFIX[(state_arch, module.component)] + entry.name.replace(".", "_")
+    if fmt == "peft":
+        name = entry.name
+        if module.component == "unet" and ".to_" in name:
+            name = name.replace(".to_", ".processor.to_")
+            if name.endswith(".to_out.0"):
+                name = name[:-2]
+        return PEFT_PREFIX[module.component] + name
+    if fmt == "comfyui":
+        if module.component == "unet":
+            return "diffusion_model." + entry.ldm
+        return COMFY_TE_PREFIX[module.component] + entry.name
+    raise ValueError(f"unknown LoRA format {fmt!r}; expected one of {FORMATS}")
+
+
+_WRITE_SUFFIX = {"kohya": (".lora_down.weight", ".lora_up.weight"), "peft": (".lora_A.weight", ".lora_B.weight"),
+                 "comfyui": (".lora_down.weight", ".lora_up.weight")}
+
+
+def state_to_tensors(state: LoraState, fmt: str) -> dict[str, Any]:
+    """The state dict of `state` in `fmt`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown LoRA format {fmt!r}; expected one of {FORMATS}")
+    if state.extras and fmt != "comfyui":
+        keys = sorted(state.extras)
+        raise LoraFormatError(f"{len(keys)} full-weight delta tensor(s) (.diff/.diff_b, as ComfyUI's trainer writes) "
+                              f"exist only in the comfyui layout: {', '.join(keys[:5])}; convert to comfyui")
+    down_suffix, up_suffix = _WRITE_SUFFIX[fmt]
+    out: dict[str, Any] = {}
+    for module in state.modules.values():
+        base = module_key_base(state.arch, module, fmt)
+        out[base + down_suffix] = module.down
+        out[base + up_suffix] = module.up
+        if module.alpha is not None:
+            out[base + ".alpha"] = module.alpha
+    out.update(state.extras)
+    return out
+
+
+def write_state(state: LoraState, path: str | os.PathLike, fmt: str = "kohya", overwrite: bool = False,
+                metadata: Mapping[str, str] | None = None) -> Path:
+    """Write `state` as a ``.safetensors`` LoRA in `fmt`; refuses to replace an existing file unless asked."""
+    from ..train.export import save_lora
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path}: LoRA files are written as .safetensors")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another name (or allow overwriting: --force on the command line)")
+    meta = dict(state.metadata if metadata is None else metadata)
+    meta["charforge.lora_format"] = fmt
+    return save_lora(path, state_to_tensors(state, fmt), meta)
+
+
+def convert_file(source: str | os.PathLike, target: str | os.PathLike, fmt: str, overwrite: bool = False,
+                 arch: str | None = None) -> Path:
+    """Convert a LoRA file to `fmt` (``kohya``, ``peft`` or ``comfyui``); metadata is kept."""
+    state = read_state(source, arch=arch)
+    return write_state(state, target, fmt, overwrite=overwrite)
+
+
+def unique_path(folder: str | os.PathLike, stem: str, suffix: str = ".safetensors") -> Path:
+    """``folder/stem.safetensors``, or ``stem_2``, ``stem_3``... when taken: never an existing file."""
+    folder = Path(folder)
+    candidate = folder / f"{stem}{suffix}"
+    index = 2
+    while candidate.exists():
+        candidate = folder / f"{stem}_{index}{suffix}"
+        index += 1
+    return candidate

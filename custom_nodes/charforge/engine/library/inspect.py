@@ -1,0 +1,266 @@
+"""What a LoRA file is: format, base model, ranks, alpha, trigger words, training settings, tag frequency
+and which base models it fits.
+
+Everything here reads the safetensors header (and the tiny ``.alpha`` tensors) with numpy only, so
+``charforge lora info`` works in a driver-only install. When torch and diffusers are present the module
+names are also resolved against the full-size SD1.5 / SDXL layer tables (`formats.module_table`), which
+makes the base-model answer exact and checks every module's shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .formats import (
+    ARCHS,
+    LoraFormatError,
+    _component_and_base,
+    _group,
+    _resolve,
+    detect_format,
+    metadata_arch,
+    module_table,
+    read_header,
+    read_small_tensor,
+)
+
+ARCH_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL"}
+
+# Training settings worth showing (ss_* without the prefix), in display order.
+TRAINING_KEYS = ("network_module", "network_dim", "network_alpha", "network_args", "learning_rate", "unet_lr",
+                 "text_encoder_lr", "optimizer", "lr_scheduler", "lr_warmup_steps", "max_train_steps", "steps",
+                 "epoch", "num_epochs", "batch_size_per_device", "total_batch_size", "resolution", "seed",
+                 "mixed_precision", "noise_offset", "min_snr_gamma", "num_train_images", "clip_skip",
+                 "sd_model_name", "training_started_at", "training_finished_at", "output_name", "training_comment")
+
+
+@dataclass
+class FitCheck:
+    arch: str
+    names_match: bool          # every module names a layer of this base model
+    shapes_match: bool         # ... with the full-size model's weight shape
+    unknown_modules: list[str] = field(default_factory=list)
+    wrong_shapes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoraInfo:
+    """Everything `inspect_lora` found out about one file (JSON-friendly via `to_dict`)."""
+
+    path: str
+    size_bytes: int
+    format: str
+    base_model: str                    # "sd15", "sdxl" or "unknown"
+    base_model_from: str               # "metadata", "keys", "shapes" or ""
+    modules: int
+    modules_per_component: dict[str, int]
+    ranks: dict[str, int]              # rank -> number of modules
+    alphas: list[float]
+    full_delta_tensors: int
+    conv_modules: int
+    dtypes: list[str]
+    title: str
+    trigger_words: list[str]
+    tag_frequency: list[tuple[str, int]]
+    training: dict[str, str]
+    fits: list[str]
+    fit_checks: list[FitCheck]
+    notes: list[str]
+    metadata: dict[str, str]
+
+    def to_dict(self, with_metadata: bool = False) -> dict[str, Any]:
+        data = asdict(self)
+        data["tag_frequency"] = [{"tag": t, "count": c} for t, c in self.tag_frequency]
+        if not with_metadata:
+            data.pop("metadata")
+        return data
+
+    def summary(self) -> str:
+        """A few readable lines (the LoRA Info node and ``charforge lora info``)."""
+        ranks = ", ".join(f"{r} ({n})" for r, n in sorted(self.ranks.items(), key=lambda x: int(x[0])))
+        alphas = ", ".join(f"{a:g}" for a in self.alphas) or "none (ComfyUI scales by 1.0)"
+        parts = ", ".join(f"{c} {n}" for c, n in self.modules_per_component.items())
+        lines = [
+            f"file: {Path(self.path).name} ({self.size_bytes / 1e6:.1f} MB)",
+            f"format: {self.format}",
+            f"base model: {ARCH_NAMES.get(self.base_model, self.base_model)}"
+            + (f" (from {self.base_model_from})" if self.base_model_from else ""),
+            f"modules: {self.modules} ({parts}); conv {self.conv_modules}"
+            + (f"; full-weight deltas {self.full_delta_tensors}" if self.full_delta_tensors else ""),
+            f"rank: {ranks or '-'}",
+            f"alpha: {alphas}",
+            f"trigger words: {', '.join(self.trigger_words) or '(none in metadata)'}",
+            f"fits: {', '.join(ARCH_NAMES.get(a, a) for a in self.fits) or 'no full-size SD1.5/SDXL model'}",
+        ]
+        if self.title:
+            lines.insert(1, f"title: {self.title}")
+        if self.training:
+            lines.append("training: " + ", ".join(f"{k}={v}" for k, v in self.training.items()))
+        if self.tag_frequency:
+            lines.append("top tags: " + ", ".join(f"{t} ({c})" for t, c in self.tag_frequency[:10]))
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _json(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def tag_frequency(metadata: dict[str, str]) -> list[tuple[str, int]]:
+    """``ss_tag_frequency`` ({dataset folder: {tag: count}}) summed over folders, most frequent first."""
+    data = _json(metadata.get("ss_tag_frequency", ""))
+    counts: Counter[str] = Counter()
+    if isinstance(data, dict):
+        for folder in data.values():
+            if isinstance(folder, dict):
+                for tag, count in folder.items():
+                    try:
+                        counts[str(tag).strip()] += int(count)
+                    except (TypeError, ValueError):
+                        continue
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
+def trigger_words(metadata: dict[str, str], top_tags: int = 1) -> list[str]:
+    """Trigger words: ``modelspec.trigger_phrase`` (comma separated); else ``trigger:`` in the training
+    comment; else the most frequent tag(s) of ``ss_tag_frequency`` (the one every caption starts with)."""
+    phrase = metadata.get("modelspec.trigger_phrase", "").strip()
+    if not phrase:
+        match = re.match(r"\s*trigger:\s*(.+)", metadata.get("ss_training_comment", ""))
+        phrase = match.group(1).strip() if match else ""
+    if phrase:
+        return [w.strip() for w in phrase.split(",") if w.strip()]
+    return [tag for tag, _ in tag_frequency(metadata)[:top_tags]]
+
+
+def _guess_arch_from_names(bases: list[str], shapes: dict[str, tuple[int, ...]]) -> tuple[str, str]:
+    """Base model from key names and shapes alone (no torch): SDXL-only and SD1.5-only layers, then the
+    cross-attention width (768 SD1.5, 2048 SDXL)."""
+    text = "\n".join(bases)
+    if re.search(r"lora_te2_|text_encoder_2\.|clip_g\.|add_embedding|label_emb|transformer_blocks[._][1-9]", text):
+        return "sdxl", "keys"
+    if re.search(r"down_blocks[._]0[._]attentions|up_blocks[._]3[._]attentions|input_blocks[._][12][._]1[._]"
+                 r"|output_blocks[._](9|10|11)[._]1[._]", text):
+        return "sd15", "keys"
+    for base, shape in shapes.items():
+        if re.search(r"attn2[._]to_k", base) and len(shape) >= 2:
+            if shape[1] == 768:
+                return "sd15", "shapes"
+            if shape[1] == 2048:
+                return "sdxl", "shapes"
+    return "unknown", ""
+
+
+def _fit_checks(fmt: str, groups: dict[str, dict[str, str]], header) -> list[FitCheck] | None:
+    try:
+        tables = {arch: module_table(arch) for arch in ARCHS}
+    except ImportError:
+        return None
+    checks = []
+    for arch, table in tables.items():
+        check = FitCheck(arch, True, True)
+        for base, roles in groups.items():
+            if "down" not in roles or "up" not in roles:
+                continue
+            try:
+                entry = _resolve(table, *_component_and_base(base, fmt), fmt)
+            except LoraFormatError:  # a part SD1.5/SDXL do not have (e.g. a T5 encoder)
+                entry = None
+            if entry is None:
+                check.unknown_modules.append(base)
+                continue
+            down, up = header[roles["down"]].shape, header[roles["up"]].shape
+            weight = (up[0], *down[1:])
+            if len(entry.shape) == 4 and len(weight) == 2:
+                weight = (*weight, 1, 1)
+            if tuple(weight) != tuple(entry.shape):
+                check.wrong_shapes.append(f"{base} {list(weight)} (model {list(entry.shape)})")
+        check.names_match = not check.unknown_modules
+        check.shapes_match = check.names_match and not check.wrong_shapes
+        checks.append(check)
+    return checks
+
+
+def inspect_lora(path: str | os.PathLike) -> LoraInfo:
+    """Read a LoRA file's header and describe it; raises `LoraFormatError` for files that are no LoRA."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist")
+    metadata, header = read_header(path)
+    fmt = detect_format(header.keys())
+    groups, stray = _group(header.keys(), fmt)
+    notes = []
+    if stray:
+        notes.append(f"{len(stray)} key(s) are not LoRA tensors: {', '.join(stray[:3])}")
+    per_component: Counter[str] = Counter()
+    ranks: Counter[str] = Counter()
+    alphas: set[float] = set()
+    conv = full = 0
+    shapes: dict[str, tuple[int, ...]] = {}
+    for base, roles in groups.items():
+        full += sum(1 for r in roles if r in ("diff", "diff_b", "dora_scale"))
+        if "down" not in roles:
+            continue
+        try:
+            component, _ = _component_and_base(base, fmt)
+        except LoraFormatError:
+            component = "?"
+        per_component[component] += 1
+        down = header[roles["down"]].shape
+        ranks[str(down[0])] += 1
+        if len(down) == 4:
+            conv += 1
+        if "up" in roles:
+            up = header[roles["up"]].shape
+            shapes[base] = (up[0], *down[1:])
+        if "alpha" in roles:
+            alphas.update(read_small_tensor(path, roles["alpha"]))
+    if "alpha" not in {r for roles in groups.values() for r in roles} and per_component:
+        notes.append("no .alpha tensors: ComfyUI applies these LoRAs at scale 1.0 (not alpha/rank)")
+
+    arch_meta = metadata_arch(metadata)
+    checks = _fit_checks(fmt, groups, header)
+    if checks is None:
+        notes.append("torch/diffusers not installed: base model guessed from names, shapes not checked")
+        base_model, source = (arch_meta, "metadata") if arch_meta else _guess_arch_from_names(list(groups), shapes)
+        fits = []
+    else:
+        named = [c.arch for c in checks if c.names_match]
+        fits = [c.arch for c in checks if c.shapes_match]
+        if arch_meta and arch_meta in named:
+            base_model, source = arch_meta, "metadata"
+        elif len(fits) == 1:
+            base_model, source = fits[0], "shapes"
+        elif len(named) == 1:
+            base_model, source = named[0], "keys"
+        else:
+            base_model, source = _guess_arch_from_names(list(groups), shapes)
+            if base_model == "unknown" and named:
+                base_model, source = named[0], "keys"
+        if named and not fits:
+            notes.append(f"module names fit {', '.join(named)} but shapes match no full-size model "
+                         "(a LoRA for a smaller or different model)")
+        if arch_meta and arch_meta not in named:
+            notes.append(f"metadata says {arch_meta} but the modules do not all fit it")
+        for check in checks:
+            if check.arch == base_model and check.unknown_modules:
+                notes.append(f"{len(check.unknown_modules)} module(s) match no {base_model} layer: "
+                             f"{', '.join(check.unknown_modules[:3])}")
+    training = {k: metadata[f"ss_{k}"] for k in TRAINING_KEYS if metadata.get(f"ss_{k}") not in (None, "", "None")}
+    title = metadata.get("modelspec.title") or metadata.get("ss_output_name") or ""
+    return LoraInfo(
+        path=str(path), size_bytes=path.stat().st_size, format=fmt, base_model=base_model,
+        base_model_from=source, modules=sum(per_component.values()), modules_per_component=dict(per_component),
+        ranks=dict(ranks), alphas=sorted(alphas), full_delta_tensors=full, conv_modules=conv,
+        dtypes=sorted({t.dtype for t in header.values()}), title=title, trigger_words=trigger_words(metadata),
+        tag_frequency=tag_frequency(metadata)[:50], training=training, fits=fits, fit_checks=checks or [],
+        notes=notes, metadata=metadata)

@@ -1,0 +1,51 @@
+"""``charforge pipeline PHOTOS_DIR --out out``: the end-to-end character pipeline in one command (see pipeline.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .pipeline import PipelineOptions, run_pipeline, summary_lines
+
+DESCRIPTION = """\
+Photos -> dataset -> captions -> LoRA -> scored images -> video, through a ComfyUI on this machine: --server
+URL, else the one on 127.0.0.1:8188 (when it has CharForge and a base checkpoint), else one started from
+$COMFYUI_DIR with OUT/comfyui as its base directory, else one installed with comfy-cli (online only).
+
+Models: real ones when the server has an SD1.5/SDXL checkpoint; otherwise tiny random models of the real
+architectures are written into OUT/comfyui/models and the run says plainly that its results are noise.
+Finished stages are recorded in OUT/pipeline_state.json and skipped when the command runs again."""
+
+
+def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
+    p = sub.add_parser("pipeline", parents=[server], help="run the end-to-end character pipeline on a photo folder",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("photos", type=Path, help="folder of photos (or drawings) of one character")
+    p.add_argument("--out", type=Path, default=Path("out"), metavar="DIR", help="where everything goes (default: ./out)")
+    p.add_argument("--character", default="my_character", metavar="NAME",
+                   help="the character's name: dataset, LoRA and identity file names (default: my_character)")
+    p.add_argument("--trigger", default="ohwx", help="trigger word (default: ohwx)")
+    p.add_argument("--class", dest="class_tokens", default="person", metavar="WORDS",
+                   help="what the character is: person, woman, man, cartoon boy... (default: person)")
+    p.add_argument("--no-face-check", action="store_true",
+                   help="drawn or non-human characters: no face rules in the dataset, images picked by CLIP score")
+    p.add_argument("--base-model", metavar="CKPT", help="checkpoint on the server (default: the first one)")
+    p.add_argument("--tiny", action="store_true", help="use tiny random models even when real ones are installed")
+    p.add_argument("--candidates", type=int, default=4, metavar="N", help="images generated per pick (default: 4)")
+    p.add_argument("--port", type=int, metavar="PORT", help="port of a ComfyUI the pipeline starts (default: free)")
+    p.add_argument("--no-install", action="store_true", help="never install ComfyUI with comfy-cli")
+    p.add_argument("--progress", choices=["auto", "rich", "plain"], default="auto")
+    p.set_defaults(func=cmd_pipeline)
+
+
+def cmd_pipeline(args: argparse.Namespace, out: Any) -> int:
+    opts = PipelineOptions(photos=args.photos, out=args.out, character=args.character, trigger=args.trigger,
+                           class_tokens=args.class_tokens, face_check=not args.no_face_check, server=args.server,
+                           base_model=args.base_model, tiny=args.tiny, candidates=args.candidates, port=args.port,
+                           install=not args.no_install, progress="plain" if out.json else args.progress)
+    state = run_pipeline(opts, out.note, stderr=out.stderr)
+    lines = summary_lines(state, opts.out)
+    lines.insert(1, f"pipeline finished in {state.get('seconds', 0):.0f} s; everything is under {opts.out}")
+    out.result("\n".join(lines), out=str(opts.out), tiny=state.get("tiny"), stages=state.get("stages"))
+    return 0

@@ -1,0 +1,634 @@
+"""The end-to-end character pipeline, run headless through the driver: ``charforge pipeline PHOTOS --out out``.
+
+Photos -> dataset -> captions -> LoRA -> scored images -> video, as a chain of the shipped stage workflows
+(``workflows/api/*.json``) submitted one after the other to a ComfyUI on this machine. One graph cannot do it:
+ComfyUI's LoraLoader takes the LoRA as a choice from the loras folder, which the training node's ``lora_name``
+(a STRING) cannot feed, so the LoRA must exist before the generation workflow is queued.
+
+The server: ``--server URL`` (it must run on this machine: the stages read and write local paths), else the
+ComfyUI answering on 127.0.0.1:8188 when it has CharForge's nodes and a base checkpoint, else one started from
+``$COMFYUI_DIR`` with ``out/comfyui`` as its base directory (outputs, inputs and extra models stay under
+``out``), else, when comfy-cli is installed and the network is reachable, a ComfyUI installed with comfy-cli into
+``out/ComfyUI``. Models: the real ones in the server's folders when there is an SD1.5/SDXL checkpoint; otherwise
+tiny random models of the real architectures (:mod:`charforge.engine.tiny`) written into ``out/comfyui/models``,
+and every message says the results come from random weights.
+
+Each finished stage is recorded in ``out/pipeline_state.json``; a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from .client import ComfyClient
+from .config import resolve_server
+from .errors import ConfigError, DriverError, ServerUnavailable
+from .local import DEFAULT_LOCAL_URL, LocalComfyUI, find_python, probe
+from .preflight import nodes_to_run
+from .progress import JobView, make_renderer
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = REPO_ROOT / "workflows" / "api"
+STAGES = ("dataset", "captions", "lora", "images", "video")
+STATE_FILE = "pipeline_state.json"
+TINY_WARNING = ("TINY RANDOM MODELS: no base checkpoint was found, so every model is a tiny randomly initialised "
+                "one of the real architecture. The chain runs for real, but the captions are arbitrary tags, the "
+                "LoRA learns nothing useful and the images and video are noise. Put an SD1.5/SDXL checkpoint into "
+                "ComfyUI's models/checkpoints (and an AnimateDiff motion module into models/animatediff_models) "
+                "for real results.")
+# Training, generation and video settings with tiny models: minutes on a CPU.
+TINY_TRAIN = {"steps": 4, "rank": 4, "resolution": 64, "memory_profile": "off",
+              "overrides": json.dumps({"sample_steps": 2, "sample_size": 64, "mixed_precision": "no",
+                                       "bucket_step": 32, "min_bucket": 32, "sample_every": 0})}
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class PipelineOptions:
+    photos: Path
+    out: Path = Path("out")
+    character: str = "my_character"
+    trigger: str = "ohwx"
+    class_tokens: str = "person"
+    face_check: bool = True  # off for drawn / non-human characters: no face rules, CLIP picks the best image
+    server: str | None = None
+    base_model: str | None = None  # a checkpoint name on the server; default: the first one
+    tiny: bool = False  # use tiny random models even when real ones exist
+    candidates: int = 4
+    port: int | None = None  # port for a ComfyUI the pipeline starts
+    install: bool = True  # allow installing ComfyUI with comfy-cli when none is found
+    progress: str = "auto"
+    stage_timeout: float | None = None
+
+
+@dataclass
+class Server:
+    url: str
+    local: LocalComfyUI | None = None  # started by us (stopped at the end)
+    base_dir: Path | None = None  # our base directory (models we may write into)
+    comfy_dir: Path | None = None
+    started_note: str = ""
+
+
+@dataclass
+class Models:
+    tiny: bool
+    checkpoint: str  # for ComfyUI's CheckpointLoaderSimple
+    train_base: str  # for CharForge's Train LoRA / Load Video Model
+    arch: str  # sd15 / sdxl
+    tagger: str  # "" = the first tagger in models/wd14_tagger
+    clip: str | None
+    motion: str | None
+    faces: bool  # identity scoring (InsightFace pack installed and face checks on)
+    notes: list[str] = field(default_factory=list)
+
+
+class PipelineError(DriverError):
+    exit_code = 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Finding or starting ComfyUI
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _charforge_ready(url: str) -> tuple[bool, bool]:
+    """(has CharForge's nodes, has a base checkpoint and a CLIP model for scores) for the server at `url`."""
+    try:
+        with ComfyClient(resolve_server(url)) as client:
+            info = client.object_info()
+    except DriverError:
+        return False, False
+    models = bool(_choices(info, "CheckpointLoaderSimple", "ckpt_name")) and bool(
+        _choices(info, "CharForgeLoadClip", "model"))
+    return "CharForgeTrainLoRA" in info, models
+
+
+def _choices(info: dict[str, Any], class_type: str, name: str) -> list[str]:
+    entry = info.get(class_type) or {}
+    for section in ("required", "optional"):
+        spec = ((entry.get("input") or {}).get(section) or {}).get(name)
+        if spec and isinstance(spec[0], list):
+            return [c for c in spec[0] if isinstance(c, str) and not c.startswith("(")]
+    return []
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _online(host: str = "pypi.org", port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _install_with_comfy_cli(out: Path, say: Say) -> Path:
+    """Install ComfyUI with comfy-cli into ``out/ComfyUI`` (online only) and return its folder."""
+    comfy = shutil.which("comfy")
+    target = (out / "ComfyUI").resolve()
+    if (target / "main.py").is_file():
+        return target
+    if comfy is None or not _online():
+        raise ServerUnavailable(
+            "no ComfyUI found: nothing answers on http://127.0.0.1:8188 and COMFYUI_DIR is not set"
+            + ("" if comfy else ", and comfy-cli is not installed")
+            + ("" if _online() else " (and this machine is offline, so nothing can be installed)") + ".\n"
+            "Do one of these, then run the command again:\n"
+            "  - point COMFYUI_DIR at a ComfyUI checkout (its Python: COMFYUI_PYTHON or a venv inside it);\n"
+            "  - start ComfyUI yourself (python main.py) so it answers on 127.0.0.1:8188, or pass --server URL;\n"
+            "  - pip install comfy-cli while online: the pipeline then installs ComfyUI into out/ComfyUI.\n"
+            "In every case install CharForge into it: python install.py --comfyui /path/to/ComfyUI")
+    gpu = shutil.which("nvidia-smi") is not None
+    command = [comfy, "--skip-prompt", "--workspace", str(target), "install", "--skip-manager",
+               "--nvidia" if gpu else "--cpu"]
+    say("installing ComfyUI with comfy-cli into " + str(target) + " (downloads ComfyUI and PyTorch"
+        + (" for NVIDIA" if gpu else ", CPU build") + "; several minutes): " + " ".join(command))
+    subprocess.run(command, check=True)
+    # comfy-cli installs ComfyUI's packages into the Python that runs comfy-cli (unless it made a venv inside).
+    shebang = Path(comfy).read_text(errors="replace").splitlines()[0] if Path(comfy).is_file() else ""
+    if shebang.startswith("#!") and not any((target / v).is_dir() for v in ("venv", ".venv")):
+        os.environ.setdefault("COMFYUI_PYTHON", shebang[2:].strip().split()[0])
+    return target
+
+
+def install_pack(comfy_dir: Path, base_dir: Path, python: str, say: Say) -> None:
+    """install.py into the base directory: the pack linked into its custom_nodes, the missing requirements
+    installed into ComfyUI's Python (satisfied ones are skipped, so a rerun is quick and works offline)."""
+    command = [sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(comfy_dir), "--base-directory",
+               str(base_dir), "--python", python]
+    say("installing CharForge into it: " + " ".join(command))
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise PipelineError("install.py failed:\n" + "\n".join((done.stdout + done.stderr).splitlines()[-15:]))
+
+
+def start_own_server(comfy_dir: Path, out: Path, say: Say, port: int | None = None) -> Server:
+    """Start ComfyUI from `comfy_dir` with ``out/comfyui`` as its base directory (the pack linked into it, the
+    ComfyUI folder's own models still found through extra_model_paths)."""
+    base = (out / "comfyui").resolve()
+    (base / "user").mkdir(parents=True, exist_ok=True)
+    (base / "models").mkdir(parents=True, exist_ok=True)
+    install_pack(comfy_dir, base, find_python(comfy_dir), say)
+    extra = base / "extra_model_paths.yaml"
+    own_models = (comfy_dir / "models").resolve()
+    folders = ["checkpoints", "loras", "diffusers", "vae", "controlnet", "clip_vision", "animatediff_models",
+               "animatediff_motion_lora", "insightface", "wd14_tagger", "LLM", "charforge", "embeddings"]
+    extra.write_text("comfyui_install:\n"
+                     f"  base_path: {json.dumps(str(own_models))}\n"
+                     + "".join(f"  {name}: {name}/\n" for name in folders), encoding="utf-8")
+    args = ["--base-directory", str(base), "--extra-model-paths-config", str(extra),
+            "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}"]
+    if shutil.which("nvidia-smi") is None:
+        args.append("--cpu")
+    server = LocalComfyUI(comfy_dir, port=port or _free_port(), extra_args=args, log_path=base / "comfyui.log")
+    say(f"starting ComfyUI from {comfy_dir} on {server.url} (base directory {base}, log {server.log_path})")
+    url = server.start(timeout=300)
+    return Server(url, server, base, comfy_dir, f"started by the pipeline from {comfy_dir}")
+
+
+def acquire_server(opts: PipelineOptions, say: Say, env: dict[str, str] | None = None) -> Server:
+    env = dict(os.environ if env is None else env)
+    if opts.server:
+        if not probe(opts.server):
+            raise ServerUnavailable(f"{opts.server} does not answer")
+        return Server(opts.server.rstrip("/"))
+    if probe(DEFAULT_LOCAL_URL):
+        nodes, checkpoints = _charforge_ready(DEFAULT_LOCAL_URL)
+        if nodes and (checkpoints or not env.get("COMFYUI_DIR")) and not opts.tiny:
+            say(f"using the ComfyUI on {DEFAULT_LOCAL_URL}")
+            return Server(DEFAULT_LOCAL_URL)
+        why = "has no CharForge nodes" if not nodes else "has no base checkpoint or no CLIP model (clip_vision)" \
+            if not checkpoints else "cannot take the tiny models (--tiny)"
+        if env.get("COMFYUI_DIR"):
+            say(f"the ComfyUI on {DEFAULT_LOCAL_URL} {why}; starting a separate one from COMFYUI_DIR")
+        else:
+            raise ServerUnavailable(f"the ComfyUI on {DEFAULT_LOCAL_URL} {why}; install CharForge into it "
+                                    "(python install.py --comfyui /path/to/ComfyUI) and restart it, or set "
+                                    "COMFYUI_DIR so the pipeline starts its own")
+    comfy_dir = env.get("COMFYUI_DIR")
+    if comfy_dir:
+        path = Path(comfy_dir).expanduser().resolve()
+        if not (path / "main.py").is_file():
+            raise ConfigError(f"COMFYUI_DIR={path} does not contain ComfyUI's main.py")
+    elif opts.install:
+        path = _install_with_comfy_cli(opts.out, say)
+    else:
+        raise ServerUnavailable("no ComfyUI answers on 127.0.0.1:8188 and COMFYUI_DIR is not set")
+    if not env.get("COMFYUI_PYTHON"):
+        os.environ.setdefault("COMFYUI_PYTHON", find_python(path, env))
+    return start_own_server(path, opts.out, say, port=opts.port)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _model_dirs(server: Server, kind: str) -> list[Path]:
+    dirs = []
+    if server.base_dir is not None:
+        dirs.append(server.base_dir / "models" / kind)
+    if server.comfy_dir is not None:
+        dirs.append(server.comfy_dir / "models" / kind)
+    return [d for d in dirs if d.is_dir()]
+
+
+def _has_tagger(server: Server) -> bool:
+    return any(any(f.with_suffix(".csv").is_file() for f in d.glob("*.onnx")) for d in _model_dirs(server, "wd14_tagger"))
+
+
+def _has_face_pack(server: Server) -> bool:
+    return any((d / "models" / "buffalo_l").is_dir() for d in _model_dirs(server, "insightface"))
+
+
+def choose_models(client: ComfyClient, server: Server, opts: PipelineOptions, say: Say) -> Models:
+    """Real models where the server has them; tiny ones (written into our base directory) where it has none."""
+    from charforge.engine import tiny
+
+    info = client.object_info(refresh=True)
+    checkpoints = [c for c in _choices(info, "CheckpointLoaderSimple", "ckpt_name")
+                   if not c.startswith(tiny.TINY_PREFIX)]
+    use_tiny = opts.tiny or not checkpoints
+    need: list[str] = []
+    notes: list[str] = []
+    if use_tiny:
+        need += ["sd15", "motion"]
+    if server.base_dir is not None and not _has_tagger(server):  # another server: its Caption node says what is missing
+        need.append("tagger")
+    clips = [c for c in _choices(info, "CharForgeLoadClip", "model") if not c.startswith(tiny.TINY_PREFIX)]
+    if not clips:
+        need.append("clip")
+    if need:
+        if server.base_dir is None:
+            raise PipelineError(f"the server {server.url} lacks {', '.join(need)} models and the pipeline cannot add "
+                                "any to a server it did not start: install them, or let the pipeline start its own "
+                                "ComfyUI (set COMFYUI_DIR, do not pass --server)")
+        fresh = [part for part in need if part not in tiny.written_parts(server.base_dir / "models")]
+        if fresh:
+            say("writing tiny random models (" + ", ".join(fresh) + ") into " + str(server.base_dir / "models")
+                + " - a minute or two")
+        tiny.write_tiny_models(server.base_dir / "models", parts=need, say=say)
+        info = client.object_info(refresh=True)
+    if "tagger" in need and not use_tiny:
+        notes.append("captions come from a tiny random tagger (no WD14 tagger in models/wd14_tagger)")
+    if "clip" in need and not use_tiny:
+        notes.append("CLIP scores come from a tiny random CLIP (no CLIP folder in models/clip_vision)")
+    tagger = tiny.TAGGER if "tagger" in need else ""
+    clip = tiny.CLIP_FOLDER if "clip" in need else clips[0]
+    if use_tiny:
+        return Models(True, tiny.CHECKPOINT, f"[diffusers] {tiny.DIFFUSERS}", "sd15", tagger, clip,
+                      tiny.MOTION_MODULE, faces=False, notes=notes)
+    checkpoint = opts.base_model or checkpoints[0]
+    if checkpoint not in checkpoints:
+        raise PipelineError(f"base model {checkpoint!r} is not among the server's checkpoints: {', '.join(checkpoints)}")
+    arch = "sdxl" if re.search(r"xl", checkpoint, re.IGNORECASE) else "sd15"
+    motions = [m for m in _choices(info, "CharForgeLoadVideoModel", "motion_module")
+               if not m.startswith(tiny.TINY_PREFIX) and ("xl" in m.lower()) == (arch == "sdxl")]
+    if not motions:
+        notes.append("no AnimateDiff motion module for this base model in models/animatediff_models: the video "
+                     "stage is skipped")
+    faces = opts.face_check and _has_face_pack(server)
+    if opts.face_check and not faces:
+        notes.append("no InsightFace pack (models/insightface/models/buffalo_l): images are picked by CLIP score, "
+                     "not by identity, and the video has no identity-drift check")
+    return Models(False, checkpoint, checkpoint, arch, tagger, clip, motions[0] if motions else None, faces, notes)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Running one stage workflow
+# ------------------------------------------------------------------------------------------------------------
+
+
+def load_stage_workflow(name: str) -> dict[str, Any]:
+    path = WORKFLOWS / f"{name}.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: charforge pipeline runs from a checkout of the CharForge repository")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _texts(result) -> dict[str, str]:
+    """Each node's UI text, joined."""
+    out = {}
+    for values in result.values:
+        text = values.values.get("text")
+        if text:
+            out[values.node_id] = "\n".join(str(t) for t in text)
+    return out
+
+
+class Runner:
+    """Submits stage workflows to one server, shows their progress, downloads their outputs."""
+
+    def __init__(self, client: ComfyClient, opts: PipelineOptions, say: Say, stderr: IO[str] | None = None):
+        self.client = client
+        self.opts = opts
+        self.say = say
+        self.stderr = stderr or sys.stderr
+
+    def run(self, prompt: dict[str, Any], out_dir: Path | None) -> tuple[Any, dict[str, str], list[Path]]:
+        info = self.client.object_info(refresh=True)  # earlier stages add files (the LoRA) to the choices
+        prepared = self.client.prepare_run(prompt, preflight=True, upload=False)
+        view = JobView(prepared.prompt, nodes_to_run(prepared.prompt, info))
+        renderer = make_renderer(self.opts.progress, view, stderr=self.stderr)
+        job = self.client.submit(prepared.workflow)
+        renderer.start()
+        watch = self.client.watch(job, timeout=self.opts.stage_timeout)
+        try:
+            for event in watch:
+                renderer.handle(event)
+        except KeyboardInterrupt:
+            renderer.close()
+            self.say(f"cancelling job {job.prompt_id} ...")
+            self.client.cancel(job.prompt_id)
+            raise
+        finally:
+            renderer.close()
+        result = watch.result
+        files: list[Path] = []
+        if out_dir is not None:
+            downloads = self.client.download_outputs(result, out_dir, include_temp=True)
+            files = [d.path for d in downloads]
+        return result, _texts(result), files
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The stages
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _match(pattern: str, text: str, what: str) -> str:
+    found = re.search(pattern, text)
+    if not found:
+        raise PipelineError(f"could not find {what} in the node's message: {text[:300]}")
+    return found.group(1).strip()
+
+
+def stage_dataset(runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]) -> dict[str, Any]:
+    prompt = load_stage_workflow("dataset_prep")
+    prompt["1"]["inputs"].update(folder=str(opts.photos.resolve()), name=opts.character)
+    if not opts.face_check:
+        prompt["2"]["inputs"]["face_detector"] = "none"
+        prompt["3"]["inputs"]["require_face"] = False
+    prompt["5"]["inputs"]["buckets"] = models.arch
+    prompt["6"]["inputs"].update(trigger=opts.trigger, class_tokens=opts.class_tokens, export_name="kohya")
+    prompt["7"]["inputs"]["trigger"] = opts.trigger
+    _, texts, files = runner.run(prompt, opts.out / "dataset")
+    subject = _match(r"exported to (.+?) \(\d+ written", texts.get("6", ""), "the export folder")
+    report = _match(r"report: (\S+report\.html)", texts.get("7", ""), "the report")
+    accepted = int(_match(r"^(\d+) image\(s\) exported", texts.get("6", ""), "the number of photos"))
+    if accepted == 0:
+        raise PipelineError("no photo passed the dataset filters: " + texts.get("7", "")
+                            + (" (drawn or non-human characters: pass --no-face-check)" if opts.face_check else ""))
+    return {"train_data_dir": str(Path(subject).parent), "report_html": report, "accepted": accepted,
+            "contact_sheets": [str(f) for f in files], "summary": texts.get("7", "")}
+
+
+def stage_captions(runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]) -> dict[str, Any]:
+    prompt = load_stage_workflow("caption_dataset")
+    prompt["1"]["inputs"].update(folder=state["dataset"]["train_data_dir"], name=f"{opts.character}_captioned")
+    prompt["2"]["inputs"].update(backend="wd14", model=models.tagger, trigger=opts.trigger,
+                                 class_tokens=opts.class_tokens)
+    prompt["3"]["inputs"].update(trigger=opts.trigger, class_tokens=opts.class_tokens, export_name="captioned")
+    prompt["4"]["inputs"]["trigger"] = opts.trigger
+    _, texts, _ = runner.run(prompt, None)
+    subject = _match(r"exported to (.+?) \(\d+ written", texts.get("3", ""), "the export folder")
+    captions = sorted(str(p) for p in Path(subject).glob("*.txt"))
+    target = opts.out / "captions"
+    target.mkdir(parents=True, exist_ok=True)
+    for caption in captions:
+        shutil.copy2(caption, target / Path(caption).name)
+    return {"train_data_dir": str(Path(subject).parent), "captions_dir": str(target), "count": len(captions),
+            "report_html": _match(r"report: (\S+report\.html)", texts.get("4", ""), "the report"),
+            "summary": texts.get("2", "")}
+
+
+def stage_lora(runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]) -> dict[str, Any]:
+    prompt = load_stage_workflow("train_lora_sdxl" if models.arch == "sdxl" else "train_lora_sd15")
+    inputs = prompt["1"]["inputs"]
+    inputs.update(base_model=models.train_base, dataset_folder=state["captions"]["train_data_dir"],
+                  trigger_word=opts.trigger, output_name=opts.character)
+    if models.tiny:
+        inputs.update(TINY_TRAIN)
+    _, texts, files = runner.run(prompt, opts.out / "lora")
+    summary = texts.get("1", "")
+    lora_name = _match(r"^(\S+\.safetensors):", summary, "the LoRA's name")
+    run_dir = _match(r"run folder (.+)$", summary, "the run folder")
+    lora_path = None
+    for folder in (runner_server_models(runner) or []):
+        candidate = folder / "loras" / lora_name
+        if candidate.is_file():
+            lora_path = candidate
+            target = opts.out / "lora" / lora_name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(candidate, target)
+            lora_path = target
+    return {"lora_name": lora_name, "lora_path": str(lora_path) if lora_path else f"models/loras/{lora_name} on the "
+            "server", "run_dir": run_dir, "summary": summary, "files": [str(f) for f in files]}
+
+
+def runner_server_models(runner: Runner) -> list[Path]:
+    server: Server | None = getattr(runner, "server", None)
+    if server is None:
+        return []
+    return [p for p in ([server.base_dir / "models"] if server.base_dir else [])
+            + ([server.comfy_dir / "models"] if server.comfy_dir else []) if p.is_dir()]
+
+
+def _positive(opts: PipelineOptions) -> str:
+    return (f"photo of {opts.trigger} {opts.class_tokens}, head and shoulders portrait, looking at the camera, "
+            "natural light, sharp focus")
+
+
+def stage_images(runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]) -> dict[str, Any]:
+    lora = state["lora"]["lora_name"]
+    size = 128 if models.tiny else (1024 if models.arch == "sdxl" else 512)
+    steps = 4 if models.tiny else 25
+    if models.faces:
+        identity = load_stage_workflow("build_identity")
+        identity["2"]["inputs"].update(name=opts.character, folder=state["captions"]["train_data_dir"])
+        runner.run(identity, opts.out / "images" / "identity")
+        prompt = load_stage_workflow("score_best_of_n")
+        prompt["9"]["inputs"]["name"] = opts.character
+        prompt["11"]["inputs"]["group_size"] = opts.candidates
+        prompt["13"]["inputs"]["filename_prefix"] = f"charforge/{opts.character}/best"
+        report_node, score_node = "11", "10"
+    else:
+        prompt = load_stage_workflow("generate_best_of_n_clip")
+        prompt["9"]["inputs"]["model"] = models.clip
+        prompt["10"]["inputs"]["prompt"] = _positive(opts).replace(f"{opts.trigger} ", "")
+        prompt["11"]["inputs"]["group_size"] = opts.candidates
+        prompt["8"]["inputs"]["filename_prefix"] = f"charforge/{opts.character}/candidate"
+        prompt["12"]["inputs"]["filename_prefix"] = f"charforge/{opts.character}/best"
+        report_node, score_node = "11", "10"
+    prompt["1"]["inputs"]["ckpt_name"] = models.checkpoint
+    prompt["2"]["inputs"]["lora_name"] = lora
+    prompt["3"]["inputs"]["text"] = _positive(opts)
+    prompt["5"]["inputs"].update(width=size, height=size, batch_size=opts.candidates)
+    prompt["6"]["inputs"].update(steps=steps)
+    _, texts, files = runner.run(prompt, opts.out / "images")
+    scores = opts.out / "images" / "scores.txt"
+    scores.parent.mkdir(parents=True, exist_ok=True)
+    scores.write_text(f"scored by {'identity (InsightFace)' if models.faces else 'CLIP score'}\n\n"
+                      + texts.get(score_node, "") + "\n\n" + texts.get(report_node, "") + "\n", encoding="utf-8")
+    return {"files": [str(f) for f in files], "scores": str(scores), "by": "identity" if models.faces else "clip"}
+
+
+def stage_video(runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]) -> dict[str, Any]:
+    if models.motion is None:
+        return {"skipped": "no motion module"}
+    prompt = load_stage_workflow("video_animatediff")
+    prompt["1"]["inputs"].update(base_model=models.train_base, motion_module=models.motion)
+    prompt["2"]["inputs"]["lora_name"] = state["lora"]["lora_name"]
+    prompt["3"]["inputs"]["prompt"] = (f"0: {_positive(opts)}\n8: {opts.trigger} {opts.class_tokens} smiling, "
+                                       "turning the head")
+    if models.tiny:
+        prompt["3"]["inputs"].update(frames=8, width=64, height=64, steps=2, context_length=8, context_overlap=2)
+    else:
+        prompt["3"]["inputs"].update(frames=16, context_length=16)
+    prompt["4"]["inputs"]["filename_prefix"] = f"charforge/{opts.character}/video"
+    if models.faces:
+        prompt["6"]["inputs"]["name"] = opts.character
+    else:  # no identity to compare with: drop the drift check
+        for node_id in ("5", "6", "7", "8"):
+            prompt.pop(node_id, None)
+    _, texts, files = runner.run(prompt, opts.out / "video")
+    videos = [str(f) for f in files if f.suffix in (".mp4", ".webm", ".gif", ".webp")]
+    return {"files": [str(f) for f in files], "video": videos[0] if videos else None,
+            "drift": texts.get("7", "") if models.faces else "no identity (drift check skipped)"}
+
+
+STAGE_FUNCTIONS = {"dataset": stage_dataset, "captions": stage_captions, "lora": stage_lora, "images": stage_images,
+                   "video": stage_video}
+STAGE_TITLES = {"dataset": "dataset (load, analyse, filter, dedup, crop, export, report)",
+                "captions": "captions (WD14 tagger on the exported dataset)",
+                "lora": "LoRA training", "images": "images with the LoRA, best of N by score",
+                "video": "AnimateDiff video with the LoRA"}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The whole run
+# ------------------------------------------------------------------------------------------------------------
+
+
+def load_state(out: Path) -> dict[str, Any]:
+    path = out / STATE_FILE
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+    return {}
+
+
+def save_state(out: Path, state: dict[str, Any]) -> None:
+    path = out / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _settings(opts: PipelineOptions, models: Models) -> dict[str, Any]:
+    return {"photos": str(opts.photos.resolve()), "character": opts.character, "trigger": opts.trigger,
+            "class_tokens": opts.class_tokens, "face_check": opts.face_check, "tiny": models.tiny,
+            "checkpoint": models.checkpoint}
+
+
+def summary_lines(state: dict[str, Any], out: Path) -> list[str]:
+    def shown(path: str | None) -> str:
+        if not path:
+            return "-"
+        try:
+            return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+        except ValueError:
+            return str(path)
+
+    stages = state.get("stages", {})
+    lines = ["", "WHERE TO LOOK"]
+    if state.get("tiny"):
+        lines.append("  (tiny random models: the files are real, their content is noise)")
+    d = stages.get("dataset", {})
+    lines.append(f"  dataset report : {shown(d.get('report_html'))}  ({d.get('accepted', '?')} photos kept)")
+    lines.append(f"  contact sheet  : {shown(out / 'dataset')}/")
+    c = stages.get("captions", {})
+    lines.append(f"  captions       : {shown(c.get('captions_dir'))}/  ({c.get('count', '?')} .txt files); "
+                 f"training folder {shown(c.get('train_data_dir'))}")
+    lo = stages.get("lora", {})
+    lines.append(f"  LoRA           : {shown(lo.get('lora_path'))}  (run folder: {shown(lo.get('run_dir'))})")
+    im = stages.get("images", {})
+    lines.append(f"  scored images  : {shown(str(out / 'images'))}/  (scores: {shown(im.get('scores'))}, picked by "
+                 f"{im.get('by', '?')})")
+    v = stages.get("video", {})
+    lines.append(f"  video          : {shown(v.get('video')) if v.get('video') else v.get('skipped', '-')}")
+    lines.append(f"  state          : {shown(str(out / STATE_FILE))} (a rerun skips finished stages; delete it to "
+                 "start over)")
+    return lines
+
+
+def run_pipeline(opts: PipelineOptions, say: Say, stderr: IO[str] | None = None) -> dict[str, Any]:
+    """Run every stage that is not finished yet; returns the state (also written to ``out/pipeline_state.json``)."""
+    if not opts.photos.is_dir():
+        raise ConfigError(f"{opts.photos} is not a folder of photos")
+    opts.out.mkdir(parents=True, exist_ok=True)
+    opts.out = opts.out.resolve()
+    state = load_state(opts.out)
+    started = time.monotonic()
+    server = acquire_server(opts, say)
+    try:
+        with ComfyClient(resolve_server(server.url)) as client:
+            info = client.object_info()
+            if "CharForgeTrainLoRA" not in info:
+                raise PipelineError(f"the ComfyUI at {server.url} has no CharForge nodes; install the pack into it: "
+                                    "python install.py --comfyui /path/to/ComfyUI"
+                                    + (f" (log: {server.local.log_path})" if server.local else ""))
+            models = choose_models(client, server, opts, say)
+            if models.tiny:
+                say(TINY_WARNING)
+            for note in models.notes:
+                say(f"note: {note}")
+            settings = _settings(opts, models)
+            if state.get("settings") and state["settings"] != settings:
+                say("the settings differ from the previous run in this folder: running every stage again")
+                state = {}
+            state.update(settings=settings, tiny=models.tiny, server=server.url)
+            stages = state.setdefault("stages", {})
+            runner = Runner(client, opts, say, stderr)
+            runner.server = server  # type: ignore[attr-defined]
+            for number, stage in enumerate(STAGES, 1):
+                title = f"[{number}/{len(STAGES)}] {STAGE_TITLES[stage]}"
+                if stages.get(stage, {}).get("done"):
+                    say(f"{title}: finished in an earlier run, skipped")
+                    continue
+                say(f"{title} ...")
+                t0 = time.monotonic()
+                try:
+                    result = STAGE_FUNCTIONS[stage](runner, opts, models, stages)
+                except DriverError as exc:
+                    raise PipelineError(f"stage '{stage}' failed: {exc}") from exc
+                result.update(done=True, seconds=round(time.monotonic() - t0, 1))
+                stages[stage] = result
+                save_state(opts.out, state)
+                say(f"{title}: done in {result['seconds']:.0f} s")
+    finally:
+        if server.local is not None:
+            say("stopping the ComfyUI the pipeline started")
+            server.local.stop()
+    state["seconds"] = round(time.monotonic() - started, 1)
+    save_state(opts.out, state)
+    return state

@@ -1,0 +1,86 @@
+"""``charforge lora ...`` and ``charforge character ...``."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from test_library_formats import dense_deltas, random_state, write
+
+from charforge.driver.cli import main
+from charforge.engine.library import formats
+
+
+def _run(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def loras(tmp_path):
+    a = random_state("sdxl", seed=1, rank=4)
+    a.metadata = {"modelspec.trigger_phrase": "alice_cf", "ss_base_model_version": "sdxl_base_v1-0"}
+    b = random_state("sdxl", seed=2, rank=2)
+    return a, b, write(a, tmp_path / "a.safetensors"), write(b, tmp_path / "b.safetensors", "peft")
+
+
+def test_info_text_and_json(loras):
+    _, _, a, _ = loras
+    code, out, _ = _run("lora", "info", str(a))
+    assert code == 0 and "alice_cf" in out and "Stable Diffusion XL" in out
+    code, out, _ = _run("lora", "info", str(a), "--json", "--metadata")
+    record = json.loads(out.strip().splitlines()[-1])
+    assert record["event"] == "result" and record["base_model"] == "sdxl" and record["format"] == "kohya"
+    assert record["trigger_words"] == ["alice_cf"] and record["metadata"]["modelspec.trigger_phrase"] == "alice_cf"
+
+
+def test_merge_resize_convert(loras, tmp_path):
+    a, b, pa, pb = loras
+    code, out, _ = _run("lora", "merge", f"{pa}:0.7", f"{pb}:0.3", "-o", str(tmp_path / "m.safetensors"))
+    assert code == 0 and "0.7 x a.safetensors" in out
+    merged = formats.read_state(tmp_path / "m.safetensors")
+    for key, delta in dense_deltas(merged).items():
+        expected = 0.7 * dense_deltas(a)[key] + 0.3 * dense_deltas(b)[key]
+        torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-5)
+    # never overwrites without --force
+    code, _, err = _run("lora", "merge", str(pa), "-o", str(tmp_path / "m.safetensors"))
+    assert code == 2 and "exists" in err
+    code, out, _ = _run("lora", "resize", str(pa), "--rank", "2", "-o", str(tmp_path / "r.safetensors"), "--json")
+    record = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and 0 < record["energy"]["retained"] < 1
+    code, out, _ = _run("lora", "resize", str(pa), "--rank", "1", "-o", str(tmp_path / "r1.safetensors"), "--modules")
+    assert "energy kept" in out and "r4->1" in out
+    code, out, _ = _run("lora", "convert", str(pa), "--to", "comfyui", "-o", str(tmp_path / "c.safetensors"))
+    assert code == 0 and "kohya -> comfyui" in out
+    assert formats.read_state(tmp_path / "c.safetensors").source_format == "comfyui"
+    code, _, err = _run("lora", "info", str(tmp_path / "missing.safetensors"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_character_new_list_show(no_comfy, monkeypatch, loras):
+    monkeypatch.setenv("CHARFORGE_MODELS_DIR", str(no_comfy / "models"))
+    _, _, pa, _ = loras
+    code, out, err = _run("character", "new", "alice", "--from-lora", str(pa), "--weight", "0.8",
+                          "--lora", "film.safetensors:0.4:0.2", "--prompt", "photo of a woman", "--negative", "blurry",
+                          "--identity", "alice", "--threshold", "0.35", "--steps", "30", "--seed", "7")
+    assert code == 0, err
+    path = no_comfy / "models" / "charforge" / "characters" / "alice.yaml"
+    assert str(path) in out
+    code, _, err = _run("character", "new", "alice")
+    assert code == 2 and "--force" in err
+    code, out, _ = _run("character", "list")
+    assert out.startswith("alice\t") and "alice_cf" in out
+    code, out, _ = _run("character", "show", "alice", "--json")
+    record = json.loads(out.strip().splitlines()[-1])
+    assert record["loras"] == [{"name": "a.safetensors", "weight": 0.8},
+                               {"name": "film.safetensors", "weight": 0.4, "clip_weight": 0.2}]
+    assert record["base_model"] == "sdxl" and record["generation"]["width"] == 1024
+    assert record["generation"]["seed"] == 7 and record["prompt_text"] == "alice_cf, photo of a woman"
+    path.write_text(path.read_text() + "bogus: 1\n")
+    code, out, _ = _run("character", "list")
+    assert "INVALID" in out and "bogus" in out
+    code, _, err = _run("character", "show", "alice")
+    assert code == 2 and "bogus" in err

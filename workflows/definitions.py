@@ -1,0 +1,241 @@
+"""The newer shipped editor workflows, described for ``layout.py`` (run ``python workflows/layout.py``).
+
+Each builder returns a :class:`layout.Layout`; the editor file it writes is what ComfyUI lists as a template
+and what ``build_api.py`` converts into the API twin. The older files (dataset_prep, build_identity,
+train_lora_sd15, score_best_of_n, video_animatediff) were laid out by hand and are not rewritten here.
+"""
+
+from __future__ import annotations
+
+NEGATIVE = "blurry, low quality, deformed, watermark, text, several people"
+POSITIVE = "photo of ohwx person, head and shoulders portrait, looking at the camera, natural light, sharp focus"
+
+
+def caption_dataset(new):
+    w = new("caption_dataset")
+    w.note(
+        "CAPTION DATASET - captions for an exported dataset, then a new kohya export with them.\n\n"
+        "SET BEFORE QUEUEING\n"
+        "- Load Dataset > folder: the img folder 'dataset_prep' exported (its Export node prints it), e.g.\n"
+        "  output/charforge/datasets/my_character/kohya/img (absolute path, or relative to ComfyUI's input\n"
+        "  folder). recursive is on because the photos sit in '<repeats>_<trigger> <class>/'. read_captions is\n"
+        "  off so the plain 'trigger, class' captions of the first export are replaced.\n"
+        "- Caption Dataset > backend: 'wd14' (a local ONNX tagger) or 'openai' (any OpenAI-compatible vision\n"
+        "  endpoint: set base_url and the NAME of the environment variable holding the key, never the key).\n"
+        "- trigger / class_tokens: the same as in dataset_prep (the trigger goes first in every caption).\n\n"
+        "MODELS\n"
+        "wd14: a WD14-style tagger in models/wd14_tagger/<name>.onnx + <name>.csv (e.g. wd-v1-4-moat-tagger-v2);\n"
+        "'model' empty takes the first one. openai: no local model.\n\n"
+        "RESULT\n"
+        "Export prints the new img folder (export_name 'captioned'): give it to train_lora_sd15 / train_lora_sdxl.\n"
+        "Each photo has a one-line .txt caption next to it; the report shows caption coverage.")
+    w.group("1 - Load the exported dataset", "#3f789e")
+    load = w.node("CharForgeLoadDataset", folder="charforge/datasets/my_character/kohya/img",
+                  name="my_character_captioned", recursive=True, read_captions=False)
+    w.group("2 - Caption", "#8A8")
+    cap = w.node("CharForgeCaptionDataset", backend="wd14", model="", mode="overwrite", trigger="ohwx",
+                 class_tokens="person")
+    w.link(load, "dataset", cap, "dataset")
+    w.group("3 - Export (kohya) & report", "#b58b2a", width=2)
+    exp = w.node("CharForgeExportDataset", trigger="ohwx", class_tokens="person", repeats=10,
+                 export_name="captioned", caption_mode="caption as is")
+    rep = w.node("CharForgeDatasetReport", trigger="ohwx")
+    prev = w.node("PreviewImage", title="Contact sheet", height=300)
+    w.link(cap, "dataset", exp, "dataset")
+    w.link(exp, "dataset", rep, "dataset")
+    w.link(rep, "contact_sheet", prev, "images")
+    return w
+
+
+def train_lora_sdxl(new):
+    w = new("train_lora_sdxl")
+    w.note(
+        "TRAIN LoRA (SDXL) - a character LoRA from a kohya dataset folder and an SDXL checkpoint.\n\n"
+        "SET BEFORE QUEUEING\n"
+        "- base_model: your SDXL checkpoint in models/checkpoints (e.g. sd_xl_base_1.0.safetensors), or a diffusers\n"
+        "  folder in models/diffusers ('[diffusers] <folder>').\n"
+        "- dataset_folder: the img folder dataset_prep / caption_dataset exported (with Crop > buckets 'sdxl').\n"
+        "- trigger_word: the trigger of the dataset; output_name: the LoRA's file name.\n"
+        "- preset 'sdxl': 0 in steps / learning_rate / rank / resolution means 'the preset's value' (1024 px,\n"
+        "  rank 16...). memory_profile 'auto' checks the GPU first and turns on gradient checkpointing / 8-bit\n"
+        "  Adam when needed; 12 GB of VRAM is the practical minimum for SDXL.\n\n"
+        "RESULT\n"
+        "The LoRA goes to models/loras/<output_name>.safetensors (kohya keys: loads in LoraLoader). The run folder\n"
+        "(output/charforge/train_runs/<output_name>) holds config, metrics.csv, loss.png, samples and checkpoints.\n"
+        "Cancel stops within a step; queue again with resume 'auto' to go on where it stopped.")
+    w.group("1 - Train", "#3f789e")
+    train = w.node("CharForgeTrainLoRA", base_model="sd_xl_base_1.0.safetensors",
+                   dataset_folder="charforge/datasets/my_character/kohya/img", trigger_word="ohwx",
+                   output_name="my_character_sdxl", preset="sdxl", seed=42)
+    w.group("2 - Loss curve & samples", "#8A8")
+    loss = w.node("PreviewImage", title="Loss curve", height=300)
+    samples = w.node("PreviewImage", title="Samples", height=300)
+    w.link(train, "loss_curve", loss, "images")
+    w.link(train, "samples", samples, "images")
+    return w
+
+
+def _generation(w, *, ckpt: str, lora: str, batch: int, width: int = 512, height: int = 512):
+    """Checkpoint + LoRA + prompts + empty latent: returns (model/clip node, positive, negative, latent, ckpt)."""
+    w.group("1 - Model & character LoRA", "#3f789e")
+    ckpt_id = w.node("CheckpointLoaderSimple", ckpt_name=ckpt)
+    lora_id = w.node("LoraLoader", title="Character LoRA", lora_name=lora, strength_model=0.9, strength_clip=0.9)
+    w.link(ckpt_id, "MODEL", lora_id, "model")
+    w.link(ckpt_id, "CLIP", lora_id, "clip")
+    w.group("2 - Prompts", "#8A8", width=2)
+    pos = w.node("CLIPTextEncode", title="Positive prompt", height=160, text=POSITIVE)
+    neg = w.node("CLIPTextEncode", title="Negative prompt", height=120, text=NEGATIVE)
+    latent = w.node("EmptyLatentImage", title="Empty Latent (N = batch_size)", width=width, height=height,
+                    batch_size=batch)
+    w.link(lora_id, "CLIP", pos, "clip")
+    w.link(lora_id, "CLIP", neg, "clip")
+    return ckpt_id, lora_id, pos, neg, latent
+
+
+def generate_best_of_n_clip(new):
+    w = new("generate_best_of_n_clip")
+    w.note(
+        "GENERATE + BEST OF N BY PROMPT AGREEMENT - ComfyUI's own nodes generate N candidates with the character\n"
+        "LoRA; CharForge scores each one against the prompt with CLIP and keeps the best.\n\n"
+        "Use it for characters no face detector finds (drawn, stylised, non-human); for people, score_best_of_n\n"
+        "picks by identity (face similarity to the reference photos) instead.\n\n"
+        "SET BEFORE QUEUEING\n"
+        "- Load Checkpoint: the base model the LoRA was trained on (SD1.5 here; SDXL works at 1024 px).\n"
+        "- Character LoRA: models/loras/<output_name>.safetensors from the training workflow.\n"
+        "- Positive prompt: start with the trigger word. CLIP Score > prompt: the same text without the trigger\n"
+        "  (CLIP does not know it).\n"
+        "- Empty Latent > batch_size = N candidates; Best of N > group_size = N.\n\n"
+        "MODELS\n"
+        "checkpoints/ (base), loras/ (character), clip_vision/<folder> (a Hugging Face CLIP folder such as\n"
+        "openai/clip-vit-large-patch14, with config, weights, tokenizer and preprocessor_config.json).\n\n"
+        "RESULT\n"
+        "output/charforge/candidates_*.png (every candidate), output/charforge/best_*.png (the best), the score\n"
+        "table on CLIP Score.")
+    ckpt, lora, pos, neg, latent = _generation(w, ckpt="v1-5-pruned-emaonly.safetensors",
+                                               lora="my_character.safetensors", batch=4)
+    w.group("3 - Sample", "#a1309b")
+    sampler = w.node("KSampler", seed=42, steps=25, cfg=7.0, sampler_name="dpmpp_2m", scheduler="karras",
+                     denoise=1.0)
+    decode = w.node("VAEDecode")
+    save_all = w.node("SaveImage", title="Every candidate", height=300, filename_prefix="charforge/candidates")
+    w.link(lora, "MODEL", sampler, "model")
+    w.link(pos, "CONDITIONING", sampler, "positive")
+    w.link(neg, "CONDITIONING", sampler, "negative")
+    w.link(latent, "LATENT", sampler, "latent_image")
+    w.link(sampler, "LATENT", decode, "samples")
+    w.link(ckpt, "VAE", decode, "vae")
+    w.link(decode, "IMAGE", save_all, "images")
+    w.group("4 - Score by CLIP & keep the best", "#b58b2a")
+    clip = w.node("CharForgeLoadClip", model="clip-vit-large-patch14", device="auto")
+    score = w.node("CharForgeClipScore", prompt="photo of a person, head and shoulders portrait, looking at the "
+                   "camera")
+    best = w.node("CharForgeBestOfN", group_size=4)
+    save_best = w.node("SaveImage", title="Best candidate", height=300, filename_prefix="charforge/best")
+    w.link(clip, "clip", score, "clip")
+    w.link(decode, "IMAGE", score, "images")
+    w.link(decode, "IMAGE", best, "images")
+    w.link(score, "scores", best, "scores")
+    w.link(best, "images", save_best, "images")
+    return w
+
+
+def controlnet_lora(new):
+    w = new("controlnet_lora")
+    w.note(
+        "CONTROLNET + CHARACTER LoRA - the character in a given pose, depth or outline, with ComfyUI's own\n"
+        "ControlNet nodes.\n\n"
+        "SET BEFORE QUEUEING\n"
+        "- Load Checkpoint / Character LoRA: base model and models/loras/<your LoRA>.safetensors.\n"
+        "- Load Image (control image): a photo or drawing whose outline the result should follow. The Canny node\n"
+        "  turns it into an edge map for a canny ControlNet (control_v11p_sd15_canny).\n"
+        "- POSE or DEPTH: give Load Image a ready pose skeleton (OpenPose) or depth map instead, connect Load\n"
+        "  Image's IMAGE straight to Apply ControlNet's image (bypass Canny with Ctrl+B), and pick the matching\n"
+        "  ControlNet (control_v11p_sd15_openpose, control_v11f1p_sd15_depth). This workflow does not draw pose\n"
+        "  skeletons or depth maps itself: make them with a preprocessor pack or any other tool.\n"
+        "- Apply ControlNet > strength 0.8, end_percent 0.8 let the LoRA's face come through in the last steps.\n\n"
+        "MODELS\n"
+        "checkpoints/ (SD1.5 base), loras/ (character LoRA), controlnet/ (a ControlNet of the same base family).\n\n"
+        "RESULT\n"
+        "output/charforge/controlnet_*.png; the control map is previewed.")
+    ckpt, lora, pos, neg, latent = _generation(w, ckpt="v1-5-pruned-emaonly.safetensors",
+                                               lora="my_character.safetensors", batch=1)
+    w.group("3 - Control image", "#a1309b")
+    image = w.node("LoadImage", title="Load Image (control image)", height=320, image="example.png")
+    canny = w.node("Canny", low_threshold=0.4, high_threshold=0.8)
+    preview = w.node("PreviewImage", title="Control map", height=260)
+    cn = w.node("ControlNetLoader", control_net_name="control_v11p_sd15_canny.pth")
+    w.link(image, "IMAGE", canny, "image")
+    w.link(canny, "IMAGE", preview, "images")
+    w.group("4 - Apply ControlNet & sample", "#b58b2a")
+    apply = w.node("ControlNetApplyAdvanced", title="Apply ControlNet", strength=0.8, start_percent=0.0,
+                   end_percent=0.8)
+    sampler = w.node("KSampler", seed=42, steps=25, cfg=7.0, sampler_name="dpmpp_2m", scheduler="karras",
+                     denoise=1.0)
+    decode = w.node("VAEDecode")
+    save = w.node("SaveImage", height=300, filename_prefix="charforge/controlnet")
+    w.link(pos, "CONDITIONING", apply, "positive")
+    w.link(neg, "CONDITIONING", apply, "negative")
+    w.link(cn, "CONTROL_NET", apply, "control_net")
+    w.link(canny, "IMAGE", apply, "image")
+    w.link(ckpt, "VAE", apply, "vae")
+    w.link(lora, "MODEL", sampler, "model")
+    w.link(apply, "positive", sampler, "positive")
+    w.link(apply, "negative", sampler, "negative")
+    w.link(latent, "LATENT", sampler, "latent_image")
+    w.link(sampler, "LATENT", decode, "samples")
+    w.link(ckpt, "VAE", decode, "vae")
+    w.link(decode, "IMAGE", save, "images")
+    return w
+
+
+def character_lora(new):
+    w = new("character_lora")
+    w.note(
+        "CHARACTER LoRA IN ONE GRAPH - photos -> dataset -> captions -> LoRA, queued once.\n\n"
+        "The first half of the end-to-end pipeline. The second half (generation with the LoRA, scoring, video)\n"
+        "needs the LoRA's file in LoraLoader's list, which ComfyUI fills when the page loads: after this run,\n"
+        "press R (refresh) and use score_best_of_n / generate_best_of_n_clip and video_animatediff. The\n"
+        "'charforge pipeline PHOTOS --out out' command runs all stages headless (see docs/pipeline.md).\n\n"
+        "SET BEFORE QUEUEING\n"
+        "- Load Dataset > folder: your photo folder (absolute, or relative to ComfyUI's input folder).\n"
+        "- Filter > require_face: off for drawn or non-human characters.\n"
+        "- trigger / class_tokens in Caption, Export and Train: the same word everywhere.\n"
+        "- Train > base_model: an SD1.5 checkpoint (preset sd15, Crop buckets sd15). For SDXL set buckets 'sdxl'\n"
+        "  and preset 'sdxl'.\n\n"
+        "MODELS\n"
+        "checkpoints/ (base), wd14_tagger/<name>.onnx + .csv (captions); optional insightface/models/buffalo_l.\n\n"
+        "RESULT\n"
+        "output/charforge/datasets/<name>/ (manifest, crops, kohya export, report.html), models/loras/<output_name>"
+        ".safetensors, the run folder under output/charforge/train_runs.")
+    w.group("1 - Photos -> dataset", "#3f789e")
+    load = w.node("CharForgeLoadDataset", folder="charforge/my_character", name="my_character")
+    analyse = w.node("CharForgeAnalyseDataset", face_detector="auto")
+    filt = w.node("CharForgeFilterDataset", require_face=True)
+    w.link(load, "dataset", analyse, "dataset")
+    w.link(analyse, "dataset", filt, "dataset")
+    w.group("2 - Clean & crop", "#8A8")
+    dedup = w.node("CharForgeDeduplicateDataset")
+    crop = w.node("CharForgeCropDataset", buckets="sd15", format="jpg")
+    w.link(filt, "dataset", dedup, "dataset")
+    w.link(dedup, "dataset", crop, "dataset")
+    w.group("3 - Captions, export & report", "#a1309b", width=2)
+    cap = w.node("CharForgeCaptionDataset", backend="wd14", model="", mode="skip existing", trigger="ohwx",
+                 class_tokens="person")
+    exp = w.node("CharForgeExportDataset", trigger="ohwx", class_tokens="person", repeats=10, export_name="kohya",
+                 caption_mode="caption as is")
+    rep = w.node("CharForgeDatasetReport", trigger="ohwx")
+    sheet = w.node("PreviewImage", title="Contact sheet", height=260)
+    w.link(crop, "dataset", cap, "dataset")
+    w.link(cap, "dataset", exp, "dataset")
+    w.link(exp, "dataset", rep, "dataset")
+    w.link(rep, "contact_sheet", sheet, "images")
+    w.group("4 - Train the LoRA", "#b58b2a")
+    train = w.node("CharForgeTrainLoRA", base_model="v1-5-pruned-emaonly.safetensors", trigger_word="ohwx",
+                   output_name="my_character", preset="sd15", seed=42)
+    loss = w.node("PreviewImage", title="Loss curve", height=260)
+    w.link(exp, "train_data_dir", train, "dataset_folder")
+    w.link(train, "loss_curve", loss, "images")
+    return w
+
+
+BUILDERS = (caption_dataset, train_lora_sdxl, generate_best_of_n_clip, controlnet_lora, character_lora)
