@@ -296,8 +296,8 @@ def _groups(axes: list[Axis], zips: Any, where: str) -> list[list[Axis]]:
     return groups
 
 
-def _seed_fn(spec: Any, where: str) -> tuple[str | None, Any, int | None]:
-    """(address, function index -> seed, master seed)."""
+def _seed_fn(spec: Any, where: str, master_seed: int | None = None) -> tuple[str | None, Any, int | None]:
+    """(address, function index -> seed, master seed); ``master_seed`` stands in for a missing ``master``."""
     if spec is None:
         return None, None, None
     if not isinstance(spec, dict) or "set" not in spec:
@@ -307,7 +307,7 @@ def _seed_fn(spec: Any, where: str) -> tuple[str | None, Any, int | None]:
     if policy not in SEED_POLICIES:
         raise BatchError(f"{where}: seed policy {policy!r} is not one of {', '.join(SEED_POLICIES)}")
     if policy == "random":
-        master = spec.get("master")
+        master = spec.get("master", master_seed)
         if master is None:
             master = secrets.randbelow(2**32)
         if not isinstance(master, int):
@@ -329,8 +329,10 @@ def _seed_fn(spec: Any, where: str) -> tuple[str | None, Any, int | None]:
     return str(spec["set"]), lambda i: start + i * step, None
 
 
-def parse_sweep(data: Any, source: str = "sweep", base: Path | None = None) -> BatchPlan:
-    """Expand a sweep spec (already parsed from YAML/JSON)."""
+def parse_sweep(data: Any, source: str = "sweep", base: Path | None = None, *,
+                master_seed: int | None = None) -> BatchPlan:
+    """Expand a sweep spec (already parsed from YAML/JSON); ``master_seed`` is used by a ``random`` seed policy
+    without its own ``master`` (a resumed batch passes the one it recorded)."""
     base = base or Path(".")
     if not isinstance(data, dict):
         raise BatchError(f"{source}: a sweep spec must be a mapping")
@@ -356,7 +358,7 @@ def parse_sweep(data: Any, source: str = "sweep", base: Path | None = None) -> B
         _check(graph, [_override(axis.address, axis.values[0], f"{source}: axis {axis.name!r}")],
                f"{source}: axis {axis.name!r}")
     groups = _groups(axes, data.get("zip"), source)
-    seed_address, seed_of, master = _seed_fn(data.get("seed"), source)
+    seed_address, seed_of, master = _seed_fn(data.get("seed"), source, master_seed)
     if seed_address:
         _check(graph, [_override(seed_address, 0, f"{source}: seed")], f"{source}: seed")
     inputs = data.get("inputs") or {}
@@ -390,8 +392,9 @@ def parse_sweep(data: Any, source: str = "sweep", base: Path | None = None) -> B
 # ------------------------------------------------------------------------------------------------------------
 
 
-def load_batch(path: str | Path) -> BatchPlan:
-    """Read and expand a batch file: ``.jsonl``/``.ndjson`` as JSON Lines, anything else as a sweep spec."""
+def load_batch(path: str | Path, *, master_seed: int | None = None) -> BatchPlan:
+    """Read and expand a batch file: ``.jsonl``/``.ndjson`` as JSON Lines, anything else as a sweep spec
+    (``master_seed``: see :func:`parse_sweep`)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8-sig")
@@ -413,4 +416,4 @@ def load_batch(path: str | Path) -> BatchPlan:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise BatchError(f"{p}: not valid YAML: {exc}") from None
-    return parse_sweep(data, str(p), p.parent)
+    return parse_sweep(data, str(p), p.parent, master_seed=master_seed)

@@ -170,15 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="API JSON ('-' = stdout)")
     convert.set_defaults(func=cmd_convert)
 
-    batch = sub.add_parser("batch", help="batches and sweeps: plan many runs ('batch run' comes later)",
-                           description="Batch files: JSON Lines (one job per line) or a sweep spec (YAML/JSON). "
-                                       "Only 'plan' exists so far; 'batch run' comes later.")
-    batch_sub = batch.add_subparsers(dest="batch_command", metavar="BATCH_COMMAND", required=True)
-    plan = batch_sub.add_parser("plan", help="print the expanded jobs without contacting any server")
-    plan.add_argument("file", type=Path, help="a .jsonl batch or a .yaml/.yml/.json sweep spec")
-    plan.add_argument("--json", action="store_true", help="one JSON object per job on stdout")
-    plan.set_defaults(func=cmd_batch_plan)
-
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"{__package__}.{name}")
         module.register(sub, server=server, output=Output)
@@ -189,8 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
 # sub-parsers (``server`` is the parent parser with --server/--profile/--config/--insecure/--json; commands set
 # ``func(args, out)`` like the built-in ones).
 COMMAND_MODULES: tuple[str, ...] = (
-    "cli_library",
+    "cli_batch",
     "cli_story",
+    "cli_runpod",
+    "cli_library",
     "cli_pipeline",
 )
 
@@ -436,33 +429,6 @@ def cmd_convert(args: argparse.Namespace, out: Output) -> int:
 
 # ------------------------------------------------------------------------------------------------------------
 # Entry point
-def cmd_batch_plan(args: argparse.Namespace, out: Output) -> int:
-    from .batch import load_batch
-
-    plan = load_batch(args.file)
-    if plan.master_seed is not None:
-        out.note(f"random seeds drawn from master seed {plan.master_seed} (put 'master: {plan.master_seed}' "
-                 "in the seed policy to keep this plan)")
-    if args.json:
-        for job in plan.jobs:
-            out.stdout.write(json.dumps(job.to_dict(), default=str, ensure_ascii=False) + "\n")
-        out.stdout.flush()
-        return 0
-    rows = [(j.id, j.folder, str(j.seed) if j.seed is not None else "-", " ".join(j.overrides)) for j in plan.jobs]
-    if out.stdout.isatty():
-        heads = ("ID", "FOLDER", "SEED", "SET")
-        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads[:3])]
-        out.stdout.write("  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=False)) + "  SET\n")
-        for r in rows:
-            out.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3] + "\n")
-    else:
-        for r in rows:
-            out.stdout.write("\t".join(r) + "\n")
-    out.stdout.flush()
-    out.note(f"{len(plan.jobs)} job(s) planned from {args.file} ({plan.kind})")
-    return 0
-
-
 # ------------------------------------------------------------------------------------------------------------
 
 

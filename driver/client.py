@@ -358,7 +358,9 @@ class AsyncComfyClient:
                     body = await resp.read()
                     if resp.status in ok:
                         return resp.status, body
-                    raise self._status_error(method, path, resp.status, body)
+                    error = self._status_error(method, path, resp.status, body)
+                    error.retry_after = resp.headers.get("Retry-After")  # type: ignore[attr-defined]
+                    raise error
             except AuthenticationError:
                 raise
             except ServerUnavailable:
@@ -746,6 +748,11 @@ class AsyncComfyClient:
                     if history_misses > 40:
                         raise JobLost(f"job {prompt_id} finished but its history entry never appeared",
                                       prompt_id=prompt_id)
+                    if history_misses >= 3 and (await self._safe_state(prompt_id))[0] == "unknown":
+                        lost_checks += 1  # not even queued or running: the history was cleared (restart)
+                        if lost_checks >= 3:
+                            raise JobLost(f"job {prompt_id} finished but {self.url} no longer knows it (was the "
+                                          "server restarted or its history cleared?)", prompt_id=prompt_id)
                     next_poll = loop.time() + min(0.05 * 2 ** history_misses, 1.0)
                     continue
                 # Without a socket, or for a job submitted by another client (its messages never reach us),

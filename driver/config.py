@@ -377,6 +377,7 @@ def resolve_server(server: str | None = None, *, profile: str | None = None, aut
     where = f"profile {profile!r} in {path}"
 
     url_text = server or env.get("CHARFORGE_SERVER") or _expand(settings.get("server"), env, where) or None
+    url_text = _runpod_url_text(url_text, settings, env)
     url, url_auth = ServerURL.parse(url_text or DEFAULT_SERVER)
 
     parts: list[Auth] = []
@@ -401,6 +402,21 @@ def resolve_server(server: str | None = None, *, profile: str | None = None, aut
                         warnings=warnings)
 
 
+def _runpod_url_text(url_text: str | None, settings: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
+    """``runpod-pod:ID`` becomes the pod's proxy URL; ``runpod-serverless:ID`` has no ComfyUI URL at all."""
+    named = parse_runpod_server(url_text)
+    if named is None:
+        return url_text
+    kind, ident = named
+    if kind == "serverless":
+        raise ConfigError(f"{url_text} is a RunPod serverless endpoint, not a ComfyUI server: use it with "
+                          "'charforge run/status/cancel' or a batch (charforge.driver.runpod.ServerlessTarget)")
+    section = settings.get("runpod") or {}
+    port = int(section.get("port", 8188)) if isinstance(section, Mapping) else 8188
+    template = section.get("proxy_url") if isinstance(section, Mapping) else None
+    return runpod_proxy_url(ident, port, template, env)
+
+
 def server_named(server: str | None, profile: str | None, env: Mapping[str, str] | None = None,
                  config_path: Path | None = None) -> bool:
     """True when arguments, environment or a default profile name a server explicitly."""
@@ -409,3 +425,142 @@ def server_named(server: str | None, profile: str | None, env: Mapping[str, str]
         return True
     data = load_config_file(config_path or default_config_path(env))
     return bool(data.get("default_profile"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# RunPod server strings (``runpod-pod:POD_ID``, ``runpod-serverless:ENDPOINT_ID``) and the ``runpod`` settings
+# ------------------------------------------------------------------------------------------------------------
+
+RUNPOD_POD_PREFIX = "runpod-pod:"
+RUNPOD_SERVERLESS_PREFIX = "runpod-serverless:"
+#: where a pod's HTTP port is reached; ``$CHARFORGE_RUNPOD_PROXY`` overrides it (tests point it at a fake)
+RUNPOD_PROXY_TEMPLATE = "https://{pod_id}-{port}.proxy.runpod.net"
+RUNPOD_API_URL = "https://api.runpod.io"           # REST v2 (pods, catalog, serverless management)
+RUNPOD_ENDPOINT_URL = "https://api.runpod.ai/v2"   # serverless job API: {base}/{ENDPOINT_ID}/run ...
+_RUNPOD_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass
+class RunPodSettings:
+    """A RunPod target named by ``--server runpod-pod:ID`` / ``runpod-serverless:ID`` or a profile's ``runpod:``
+    section. ``options`` holds the profile's remaining ``runpod`` keys (connect, port, keepalive, on_finish,
+    create, price_per_hour, price_per_second, max_request_mb, capacity ...)."""
+
+    kind: str                     # "pod" | "serverless"
+    id: str
+    api_key: Secret | None = None
+    api_url: str = RUNPOD_API_URL
+    endpoint_url: str = RUNPOD_ENDPOINT_URL
+    proxy_template: str = RUNPOD_PROXY_TEMPLATE
+    options: dict[str, Any] = field(default_factory=dict)
+    profile: str | None = None
+
+    def secrets(self) -> list[str]:
+        return [self.api_key.reveal()] if self.api_key else []
+
+    @property
+    def server(self) -> str:
+        prefix = RUNPOD_POD_PREFIX if self.kind == "pod" else RUNPOD_SERVERLESS_PREFIX
+        return prefix + self.id
+
+    def __repr__(self) -> str:
+        key = MASK if self.api_key else None
+        return f"RunPodSettings(kind={self.kind!r}, id={self.id!r}, api_key={key!r}, profile={self.profile!r})"
+
+
+def parse_runpod_server(text: str | None) -> tuple[str, str] | None:
+    """``("pod"|"serverless", ID)`` for a RunPod server string, None for anything else."""
+    if not text:
+        return None
+    for prefix, kind in ((RUNPOD_POD_PREFIX, "pod"), (RUNPOD_SERVERLESS_PREFIX, "serverless")):
+        if text.startswith(prefix):
+            ident = text[len(prefix):].strip().strip("/")
+            if not _RUNPOD_ID.match(ident):
+                raise ConfigError(f"bad RunPod id in {text!r}: expected {prefix}ID with letters, digits, - or _")
+            return kind, ident
+    return None
+
+
+def runpod_proxy_url(pod_id: str, port: int = 8188, template: str | None = None,
+                     env: Mapping[str, str] | None = None) -> str:
+    """The HTTPS proxy URL of a pod's HTTP port (``https://{pod_id}-{port}.proxy.runpod.net``)."""
+    env = os.environ if env is None else env
+    tpl = template or env.get("CHARFORGE_RUNPOD_PROXY") or RUNPOD_PROXY_TEMPLATE
+    return tpl.format(pod_id=pod_id, port=int(port))
+
+
+def runpod_api_key(env: Mapping[str, str] | None = None, config_path: Path | None = None,
+                   section: Mapping[str, Any] | None = None) -> Secret | None:
+    """The RunPod API key: ``$RUNPOD_API_KEY``, else the config file's ``runpod: {api_key_env: NAME}`` (or the
+    profile's ``runpod.api_key_env``). A literal ``api_key`` in the file works too but is discouraged."""
+    env = os.environ if env is None else env
+    for place in (section or {}, _runpod_file_section(env, config_path)):
+        if place.get("api_key_env"):
+            name = str(place["api_key_env"])
+            if not env.get(name):
+                raise ConfigError(f"runpod.api_key_env names environment variable {name!r}, which is not set")
+            return Secret(env[name])
+    if env.get("RUNPOD_API_KEY"):
+        return Secret(env["RUNPOD_API_KEY"])
+    for place in (section or {}, _runpod_file_section(env, config_path)):
+        if place.get("api_key"):
+            return Secret(str(_expand(place["api_key"], env, "runpod.api_key")))
+    return None
+
+
+def _runpod_file_section(env: Mapping[str, str], config_path: Path | None) -> Mapping[str, Any]:
+    data = load_config_file(config_path or default_config_path(env))
+    section = data.get("runpod") or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError("the config file's 'runpod' section must be a mapping")
+    return section
+
+
+def resolve_runpod(server: str | None = None, *, profile: str | None = None, env: Mapping[str, str] | None = None,
+                   config_path: Path | None = None) -> RunPodSettings | None:
+    """The RunPod target the arguments name, or None when they name an ordinary ComfyUI server.
+
+    ``server`` may be ``runpod-pod:ID``, ``runpod-serverless:ID`` or a profile name; the profile (explicit,
+    ``$CHARFORGE_PROFILE`` or the file's ``default_profile``) may say ``server: runpod-...`` and/or hold a
+    ``runpod:`` section with ``pod: ID`` or ``endpoint: ID`` plus options.
+    """
+    env = os.environ if env is None else env
+    path = config_path or default_config_path(env)
+    data = load_config_file(path)
+    profiles = data.get("profiles") or {}
+    if server and isinstance(profiles, dict) and server in profiles and not any(c in server for c in ":/."):
+        profile, server = server, None
+    named = parse_runpod_server(server) if server else None
+    if server and named is None:
+        return None
+    if not server and env.get("CHARFORGE_SERVER"):
+        named = parse_runpod_server(env["CHARFORGE_SERVER"])
+        if named is None:
+            return None
+    profile = profile or env.get("CHARFORGE_PROFILE") or (None if server or named else data.get("default_profile"))
+    settings: Mapping[str, Any] = {}
+    if profile is not None and isinstance(profiles, dict) and isinstance(profiles.get(profile), Mapping):
+        settings = profiles[profile]
+    section = settings.get("runpod") or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"profile {profile!r}: 'runpod' must be a mapping")
+    if named is None:
+        named = parse_runpod_server(_expand(settings.get("server"), env, f"profile {profile!r}"))
+    if named is None and section.get("pod"):
+        named = ("pod", str(section["pod"]))
+    if named is None and section.get("endpoint"):
+        named = ("serverless", str(section["endpoint"]))
+    if named is None:
+        return None
+    kind, ident = named
+    file_section = _runpod_file_section(env, path)
+    options = {k: v for k, v in {**file_section, **section}.items()
+               if k not in ("api_key", "api_key_env", "pod", "endpoint")}
+    return RunPodSettings(
+        kind=kind, id=ident, api_key=runpod_api_key(env, path, section),
+        api_url=str(env.get("CHARFORGE_RUNPOD_API_URL") or options.pop("api_url", None) or RUNPOD_API_URL),
+        endpoint_url=str(env.get("RUNPOD_ENDPOINT_BASE_URL") or options.pop("endpoint_url", None)
+                         or RUNPOD_ENDPOINT_URL),
+        proxy_template=str(env.get("CHARFORGE_RUNPOD_PROXY") or options.pop("proxy_url", None)
+                           or RUNPOD_PROXY_TEMPLATE),
+        options=options, profile=profile if settings else None)

@@ -448,6 +448,22 @@ class Knobs:
     send_finished_marker: bool = True
     #: queue the next N prompts but cut the connection instead of answering (the answer is lost)
     abort_prompt_responses: int = 0
+    # --- fault injection for batch tests (HTTP requests only; /ws is affected by ``down`` alone) ---
+    #: answer the next N HTTP requests with ``fail_status`` ...
+    fail_next: int = 0
+    #: ... and each other one with this probability (a 500/429 storm)
+    fail_rate: float = 0.0
+    fail_status: int = 500
+    #: ``Retry-After`` header (seconds) sent with injected failures
+    retry_after: float | None = None
+    #: only requests whose path (below the prefix, without ``/api``) starts with one of these are failed/dropped
+    fault_paths: tuple[str, ...] = ()
+    #: abort the TCP connection of HTTP requests with this probability (a flaky network)
+    drop_rate: float = 0.0
+    #: the server is "down": every request, WebSocket included, has its connection aborted
+    down: bool = False
+    #: seed of the random faults (reproducible storms)
+    fault_seed: int = 0
 
 
 @dataclass
@@ -505,6 +521,20 @@ class FakeComfyServer:
         self._queue_event: asyncio.Event | None = None
         self._drops_done = 0
         self.sent: list[tuple[str | None, str, Any]] = []   # (sid, type, data) of every JSON message delivered
+        #: how many times each prompt id started executing (a batch must never run one twice)
+        self.executions: dict[str, int] = {}
+        #: prompt ids in the order they started executing, with their graph (to count runs per job)
+        self.executed: list[tuple[str, dict]] = []
+        #: bumped by :meth:`restart`; a prompt that was running then never gets a history entry
+        self.generation = 0
+        #: the generation each entry of ``executed`` ran in
+        self.execution_generations: list[int] = []
+        self.injected_faults = 0
+        #: queued + running prompts seen by each accepted POST /prompt (how hard a client feeds the queue)
+        self.in_flight_at_submit: list[int] = []
+        import random
+
+        self._fault_rng = random.Random(self.knobs.fault_seed)
 
     # ---- lifecycle --------------------------------------------------------------------------------------
 
@@ -537,6 +567,24 @@ class FakeComfyServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def restart(self) -> None:
+        """Simulate a ComfyUI restart: queue, running job, history and cache are forgotten, sockets drop."""
+        self.call(self._forget_everything)
+
+    async def _forget_everything(self) -> None:
+        self.generation += 1
+        self.queue = []
+        self.running.clear()
+        self.history.clear()
+        self._cache.clear()
+        if self.last_node_id is not None:
+            self._interrupt = True
+        for sid in list(self.sockets):
+            transport = self._transports.get(sid)
+            self.sockets.pop(sid, None)
+            if transport is not None:
+                transport.abort()
 
     def call(self, coro_fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``coro_fn(*args)`` on the server loop from a test thread and return its result."""
@@ -601,6 +649,9 @@ class FakeComfyServer:
                 body = "<invalid json>"
         record = RecordedRequest(request.method, request.path, dict(request.query), dict(request.headers), body)
         self.requests.append(record)
+        fault = self._fault(request)
+        if fault is not None:
+            return fault
         required = self.knobs.require_headers or {}
         for name, value in required.items():
             if request.headers.get(name) != value:
@@ -612,6 +663,31 @@ class FakeComfyServer:
             if urlsplit(origin).netloc != request.headers.get("Host"):
                 return web.Response(status=403)
         return await handler(request)
+
+    def _fault(self, request: web.Request) -> web.StreamResponse | None:
+        """An injected failure for this request (see the fault knobs of :class:`Knobs`), or None."""
+        k = self.knobs
+        if k.down:
+            self.injected_faults += 1
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=503)
+        path = request.path[len(self.prefix):]
+        if path.startswith("/api/"):
+            path = path[4:]
+        if path == "/ws" or (k.fault_paths and not path.startswith(tuple(k.fault_paths))):
+            return None
+        if k.drop_rate and self._fault_rng.random() < k.drop_rate:
+            self.injected_faults += 1
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=500)
+        if k.fail_next > 0 or (k.fail_rate and self._fault_rng.random() < k.fail_rate):
+            k.fail_next = max(0, k.fail_next - 1)
+            self.injected_faults += 1
+            headers = {"Retry-After": f"{k.retry_after:g}"} if k.retry_after is not None else None
+            return web.Response(status=k.fail_status, text=f"{k.fail_status}: injected fault", headers=headers)
+        return None
 
     # ---- messaging ----------------------------------------------------------------------------------------
 
@@ -718,6 +794,7 @@ class FakeComfyServer:
             extra_data["client_id"] = json_data["client_id"]
         if not valid:
             return web.json_response({"error": error, "node_errors": node_errors}, status=400)
+        self.in_flight_at_submit.append(len(self.queue) + len(self.running))
         heapq.heappush(self.queue, (number, prompt_id, prompt, extra_data, outputs))
         await self.queue_updated()
         assert self._queue_event is not None
@@ -1106,6 +1183,7 @@ class FakeComfyServer:
                 if not self.queue:
                     continue
             item = heapq.heappop(self.queue)
+            generation = self.generation
             item_id = self._task_counter
             self._task_counter += 1
             self.running[item_id] = copy.deepcopy(item)
@@ -1120,6 +1198,8 @@ class FakeComfyServer:
             if self.knobs.history_delay:
                 await asyncio.sleep(self.knobs.history_delay)
             self.running.pop(item_id, None)
+            if generation != self.generation:  # restarted meanwhile: this run never happened
+                continue
             self.history_written_at[prompt_id] = time.time()
             self.history[prompt_id] = {
                 "prompt": list(item),
@@ -1163,6 +1243,9 @@ class FakeComfyServer:
     async def _execute(self, item: tuple) -> tuple[tuple[str, bool], list, dict, dict]:
         number, prompt_id, prompt, extra_data, outputs = item
         self._interrupt = False
+        self.executions[prompt_id] = self.executions.get(prompt_id, 0) + 1
+        self.executed.append((prompt_id, prompt))
+        self.execution_generations.append(self.generation)
         client_id = extra_data.get("client_id")
         self.client_id = client_id
         messages: list = []
@@ -1335,10 +1418,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listen", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8188)
     parser.add_argument("--node-seconds", type=float, default=0.0)
+    parser.add_argument("--caching", choices=["on", "off"], default="on")
     args, _ = parser.parse_known_args(argv)
     if args.listen != "127.0.0.1":
         raise SystemExit("the fake server only listens on 127.0.0.1")
-    server = FakeComfyServer(port=args.port, knobs=Knobs(node_seconds=args.node_seconds)).start()
+    server = FakeComfyServer(port=args.port, knobs=Knobs(node_seconds=args.node_seconds,
+                                                        caching=args.caching == "on")).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with contextlib.suppress(KeyboardInterrupt):

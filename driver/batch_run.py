@@ -1,0 +1,766 @@
+"""Running a batch on a pool of servers, crash-safe (``charforge batch run``, :class:`Batch`).
+
+How it works, and what it guarantees:
+
+* **Pool and window.** Each target (server) gets ``capacity`` worker slots; a worker takes the next job that is
+  valid on its target, so jobs go to whichever server has room and no server's queue is flooded.
+* **Preflight.** Before a job is first sent to a server, its graph is built and checked against that server's
+  ``/object_info`` (:meth:`Target.prepare`). A job invalid on a server is never sent there; invalid on every
+  server, it fails with the reasons (deterministic, no retry).
+* **Journal first.** The prompt id is chosen and journaled (``submitting``) *before* the POST, and every later
+  transition is journaled (``fsync``) before the runner acts on it (:mod:`~charforge.driver.journal`).
+* **Resume.** Rerunning on the same output folder replays the journal: ``done`` jobs are skipped; jobs that
+  were submitted are looked up on their server first (queue, then history): still queued or running -> followed,
+  finished -> collected, unknown to the server (restart) -> resubmitted with a *new* prompt id, unless their
+  outputs are already in place. A job is therefore never sent again while a server still knows it.
+* **Downloads exactly once.** Outputs are downloaded into ``.staging/<job>-<prompt>/`` with the manifest, then
+  the folder is renamed into place in one step; a job folder with a ``manifest.json`` is complete, and a
+  collected job is never downloaded again.
+* **Retries.** Transient failures (connection errors, 5xx, 429 with ``Retry-After`` honoured) are retried with
+  exponential backoff and jitter; deterministic ones (validation errors, node exceptions) are not.
+* **Timeout.** ``timeout`` is a wall-clock limit per job from its submission; the job is cancelled on its
+  server and marked ``timed_out``.
+* **Ctrl-C** stops the workers between journal writes; jobs already on a server keep running there and are
+  collected by the next run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import queue as thread_queue
+import random
+import shutil
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .batch import BatchError, BatchPlan, Job, load_batch
+from .errors import (
+    DriverError,
+    ExecutionError,
+    Interrupted,
+    JobLost,
+    JobTimeout,
+    ServerUnavailable,
+    UsageError,
+)
+from .journal import IN_FLIGHT, JOURNAL_NAME, Journal, replay
+from .manifest import build_manifest, write_manifest
+from .summary import PLAN_NAME, SUMMARY_NAME, build_summary, write_json_atomic
+from .targets import ComfyTarget, JobSpec, Target, is_transient, retry_after
+from .workflow import Workflow, load_workflow
+
+STAGING = ".staging"
+
+
+@dataclass
+class RunOptions:
+    """How a batch runs (the ``charforge batch run`` options)."""
+
+    out: Path
+    timeout: float | None = None
+    retries: int = 6
+    backoff: float = 1.0
+    backoff_max: float = 60.0
+    max_resubmits: int = 3
+    force_replan: bool = False
+    retry_failed: bool = False
+    summary_interval: float = 2.0
+    fsync: bool = True
+    contact_sheet: tuple[str, str] | str | None = "auto"
+
+
+@dataclass
+class JobOutcome:
+    """The end of one job, as :meth:`Batch.run` yields it."""
+
+    job: Job
+    state: str
+    folder: Path
+    prompt_id: str | None = None
+    server: str | None = None
+    files: list[Path] = field(default_factory=list)
+    reason: str | None = None
+    skipped: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "done"
+
+
+class _Retryable(Exception):
+    """Internal: a transient failure that exhausted its retries."""
+
+
+def _plan_entry(job: Job, graphs: dict[int, str]) -> dict[str, Any]:
+    """A job as ``plan.json`` stores it: an inline graph is replaced by its hash (the graph stays in the plan)."""
+    data = job.to_dict()
+    data.pop("line", None)
+    if job.prompt is not None:
+        key = id(job.prompt)
+        if key not in graphs:
+            blob = json.dumps(job.prompt, sort_keys=True, default=str, separators=(",", ":")).encode()
+            graphs[key] = hashlib.sha256(blob).hexdigest()[:16]
+        data["prompt"] = f"sha256:{graphs[key]}"
+    return data
+
+
+def plan_hash(plan: BatchPlan, base: Path) -> str:
+    """A hash of the expanded jobs and of the workflow files they use (a changed file changes the plan)."""
+    h = hashlib.sha256()
+    files: set[str] = set()
+    graphs: dict[int, str] = {}  # a sweep shares one inline graph between all its jobs: hash it once
+    for job in plan.jobs:
+        h.update(json.dumps(_plan_entry(job, graphs), sort_keys=True, default=str, separators=(",", ":")).encode())
+        if job.workflow:
+            files.add(job.workflow)
+    for name in sorted(files):
+        path = Path(name).expanduser()
+        path = path if path.is_absolute() else base / path
+        with contextlib.suppress(OSError):
+            h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).strip() or type(exc).__name__
+
+
+class BatchRunner:
+    """Runs one plan on a pool of targets into ``options.out`` (use :class:`Batch` for the friendly API)."""
+
+    def __init__(self, plan: BatchPlan, targets: list[Target], options: RunOptions, *, base: Path | None = None,
+                 on_message: Callable[[str], None] | None = None) -> None:
+        if not targets:
+            raise UsageError("a batch needs at least one server (--server URL or --profile NAME)")
+        names = [t.name for t in targets]
+        if len(set(names)) != len(names):
+            raise UsageError(f"the same server is given twice: {', '.join(names)}")
+        self.plan = plan
+        self.targets = targets
+        self.options = options
+        self.out = Path(options.out)
+        self.base = base or (Path(plan.source).parent if plan.source and Path(plan.source).exists() else Path("."))
+        self.note = on_message or (lambda text: None)
+        self.jobs = {job.id: job for job in plan.jobs}
+        if len(self.jobs) != len(plan.jobs):
+            raise BatchError("the plan has two jobs with the same id (identical workflow, overrides and inputs)")
+        self.journal: Journal | None = None
+        self._workflows: dict[str, Workflow] = {}
+        self._pending: deque[str] = deque()
+        self._recover: dict[str, deque[str]] = {t.name: deque() for t in targets}
+        self._excluded: dict[str, set[str]] = {}
+        self._active = 0
+        self._cond: asyncio.Condition | None = None
+        self._results: asyncio.Queue[JobOutcome | None] | None = None
+        self._rng = random.Random()
+        self._job_infos = [{"id": j.id, "folder": j.folder} for j in plan.jobs]  # what the summary needs
+
+    # ---- setup --------------------------------------------------------------------------------------------
+
+    def _lock(self) -> None:
+        """Hold ``.lock`` in the batch folder: two runners on one folder would submit jobs twice."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        handle = open(self.out / ".lock", "a+")  # noqa: SIM115 - held until the run ends
+        try:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - Windows: no advisory lock, rely on the user
+            pass
+        except OSError:
+            handle.close()
+            raise BatchError(f"another 'charforge batch run' is using {self.out}; wait for it or stop it "
+                             "('charforge batch status' shows its progress)") from None
+        self._lock_handle = handle
+
+    def _unlock(self) -> None:
+        handle = getattr(self, "_lock_handle", None)
+        if handle is not None:
+            handle.close()
+            self._lock_handle = None
+
+    def _open_journal(self) -> Journal:
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / JOURNAL_NAME
+        state = replay(path)
+        digest = plan_hash(self.plan, self.base)
+        journal = Journal(path, state, fsync=self.options.fsync)
+        if state.plan_hash is None:
+            journal.append("batch", plan_hash=digest, jobs=len(self.plan.jobs), source=self.plan.source,
+                           master_seed=self.plan.master_seed)
+        elif state.plan_hash != digest:
+            if not self.options.force_replan:
+                journal.close()
+                raise BatchError(
+                    f"the batch in {self.out} was planned from a different batch file or workflow (plan "
+                    f"{state.plan_hash}, now {digest}); use another --out, or --force-replan to continue with "
+                    "the new plan (finished jobs with the same id are kept)")
+            journal.append("replan", plan_hash=digest, jobs=len(self.plan.jobs))
+        graphs: dict[int, str] = {}
+        write_json_atomic(self.out / PLAN_NAME, {"source": self.plan.source, "kind": self.plan.kind,
+                                                 "master_seed": self.plan.master_seed, "plan_hash": digest,
+                                                 "jobs": [_plan_entry(j, graphs) for j in self.plan.jobs]},
+                          indent=None)
+        return journal
+
+    def _schedule(self, journal: Journal) -> list[JobOutcome]:
+        """Sort every job into: already finished (returned), to recover on a server, or to submit."""
+        finished = []
+        names = {t.name for t in self.targets}
+        for job in self.plan.jobs:
+            js = journal.state.jobs.get(job.id)
+            folder = self.out / job.folder
+            if js is None or js.state == "pending":
+                self._pending.append(job.id)
+            elif js.state == "done":
+                finished.append(JobOutcome(job, "done", folder, js.prompt_id, js.server,
+                                           [folder / f for f in js.files], skipped=True))
+            elif js.state in ("failed", "timed_out"):
+                if js.kind == "transient" or self.options.retry_failed:
+                    journal.append("requeue", job=job.id, reason=f"rerun after {js.state} ({js.kind})")
+                    self._pending.append(job.id)
+                else:
+                    finished.append(JobOutcome(job, js.state, folder, js.prompt_id, js.server, reason=js.reason,
+                                               skipped=True))
+            elif js.state in IN_FLIGHT:
+                if js.prompt_id and js.server in names:
+                    self._recover[js.server].append(job.id)
+                elif (folder / "manifest.json").exists():
+                    self._recover[self.targets[0].name].append(job.id)  # collected already: just journal it
+                else:
+                    # We cannot ask: the server is not in this pool, or it assigns ids and the driver died
+                    # before journaling the one it returned. Submitting again is all that is left.
+                    reason = ("its server is not in this run's pool" if js.server not in names
+                              else "the id the server assigned was never journaled")
+                    journal.append("lost", job=job.id, prompt_id=js.prompt_id, server=js.server, reason=reason)
+                    self._pending.append(job.id)
+        return finished
+
+    def _spec(self, job: Job) -> JobSpec:
+        if job.workflow is not None:
+            wf = self._workflows.get(job.workflow)
+            if wf is None:
+                path = Path(job.workflow).expanduser()
+                wf = self._workflows[job.workflow] = load_workflow(path if path.is_absolute() else self.base / path)
+            workflow: Any = wf
+        else:
+            workflow = job.prompt or {}
+        inputs = {}
+        for key, value in (job.inputs or {}).items():
+            p = Path(str(value)).expanduser()
+            inputs[key] = str(p if p.is_absolute() else self.base / p)
+        return JobSpec(workflow, list(job.overrides), inputs, job.workflow)
+
+    # ---- scheduling -----------------------------------------------------------------------------------------
+
+    async def _next(self, target: Target) -> tuple[str, bool] | None:
+        """The next job for ``target``: its own jobs to recover first, then any job valid on it; None = done."""
+        assert self._cond is not None
+        async with self._cond:
+            while True:
+                rec = self._recover[target.name]
+                if rec:
+                    self._active += 1
+                    return rec.popleft(), True
+                for _ in range(len(self._pending)):
+                    job_id = self._pending.popleft()
+                    if target.name in self._excluded.get(job_id, ()):
+                        self._pending.append(job_id)
+                        continue
+                    self._active += 1
+                    return job_id, False
+                if self._active == 0 and not any(self._recover.values()):
+                    return None  # nothing left that this target can run, and nobody can hand one back
+                await self._cond.wait()
+
+    async def _release(self, job_id: str | None = None, *, requeue: bool = False, front: bool = False) -> None:
+        assert self._cond is not None
+        async with self._cond:
+            self._active -= 1
+            if requeue and job_id is not None:
+                if front:
+                    self._pending.appendleft(job_id)
+                else:
+                    self._pending.append(job_id)
+            self._cond.notify_all()
+
+    async def _worker(self, target: Target) -> None:
+        while True:
+            item = await self._next(target)
+            if item is None:
+                return
+            job_id, recovering = item
+            requeue = False
+            try:
+                requeue = await self._process(self.jobs[job_id], target, recovering)
+            finally:
+                await self._release(job_id, requeue=requeue)
+
+    # ---- one job -------------------------------------------------------------------------------------------
+
+    def _log(self, ev: str, **data: Any) -> dict[str, Any]:
+        assert self.journal is not None
+        return self.journal.append(ev, **data)
+
+    async def _retrying(self, job: Job, what: str, fn: Callable[[], Any]) -> Any:
+        """``await fn()``, retrying transient failures with exponential backoff + jitter (Retry-After honoured)."""
+        attempt = 0
+        while True:
+            try:
+                return await fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not is_transient(exc):
+                    raise
+                attempt += 1
+                if attempt > self.options.retries:
+                    raise _Retryable(f"{what}: {_reason(exc)} (gave up after {self.options.retries} retries)") \
+                        from exc
+                hinted = retry_after(exc)
+                delay = min(self.options.backoff_max, self.options.backoff * 2 ** (attempt - 1))
+                delay *= 0.5 + self._rng.random()  # jitter: servers recovering are not hit in lockstep
+                if hinted is not None:
+                    delay = max(delay, min(hinted, self.options.backoff_max * 5))
+                self._log("retry", job=job.id, what=what, reason=_reason(exc).splitlines()[0], delay=round(delay, 3),
+                          attempt=attempt)
+                await asyncio.sleep(delay)
+
+    def _finish(self, outcome: JobOutcome) -> None:
+        assert self._results is not None
+        self._results.put_nowait(outcome)
+
+    def _fail(self, job: Job, ev: str, kind: str, reason: str, target: Target | None = None,
+              prompt_id: str | None = None) -> None:
+        self._log(ev, job=job.id, kind=kind, reason=reason, server=target.name if target else None,
+                  prompt_id=prompt_id)
+        self.note(f"{job.folder}: {ev.replace('_', ' ')} ({kind}): {reason.splitlines()[0]}")
+        self._finish(JobOutcome(job, ev, self.out / job.folder, prompt_id, target.name if target else None,
+                                reason=reason))
+
+    async def _process(self, job: Job, target: Target, recovering: bool) -> bool:
+        """Take one job to an end (or hand it back); returns True when it must go back to the queue."""
+        js = self.journal.state.job(job.id)  # type: ignore[union-attr]
+        try:
+            prompt_id: str | None = js.prompt_id if recovering else None
+            if recovering and (self.out / job.folder / "manifest.json").exists():
+                return await self._collect(job, target, prompt_id, None)  # collected before the crash
+            where = None
+            if prompt_id is not None:
+                where = await self._retrying(job, "looking the job up", lambda: target.lookup(prompt_id))
+                if where == "unknown":
+                    self._log("lost", job=job.id, prompt_id=prompt_id, server=target.name,
+                              reason="the server does not know the job (restarted?)")
+                    prompt_id = None
+            resubmits = 0
+            while True:
+                if prompt_id is None:
+                    submitted = await self._submit(job, target)
+                    if submitted is None:
+                        return True  # invalid here, valid elsewhere: back to the queue
+                    if submitted == "":
+                        return False  # failed for good
+                    prompt_id = submitted
+                outcome = await self._follow(job, target, prompt_id, finished=where == "finished")
+                where = None
+                if outcome == "lost":
+                    resubmits += 1
+                    if resubmits > self.options.max_resubmits:
+                        self._fail(job, "failed", "lost", f"the server lost the job {resubmits} times", target,
+                                   prompt_id)
+                        return False
+                    prompt_id = None
+                    continue
+                return False
+        except _Retryable as exc:
+            self._fail(job, "failed", "transient", str(exc), target, js.prompt_id)
+            return False
+        except (DriverError, OSError) as exc:  # e.g. an output the server will not serve, a full disk
+            self._fail(job, "failed", "error", _reason(exc), target, js.prompt_id)
+            return False
+
+    async def _submit(self, job: Job, target: Target) -> str | None:
+        """Prepare (preflight) and submit; returns the prompt id, None to requeue, "" when the job failed."""
+        try:
+            graph = await self._retrying(job, "preparing", lambda: target.prepare(self._spec(job)))
+        except UsageError as exc:  # ValidationError, OverrideError, WorkflowError: invalid on this target
+            reason = _reason(exc)
+            self._log("invalid", job=job.id, server=target.name, reason=reason)
+            excluded = self._excluded.setdefault(job.id, set())
+            excluded.add(target.name)
+            if excluded >= {t.name for t in self.targets}:
+                js = self.journal.state.job(job.id)  # type: ignore[union-attr]
+                reasons = "; ".join(f"{s}: {r.splitlines()[0]}" for s, r in js.invalid_on.items())
+                self._fail(job, "failed", "validation", f"invalid on every server: {reasons}\n{reason}", target)
+                return ""
+            return None
+        prompt_id = str(uuid.uuid4()) if target.supports_prompt_ids else None
+        self._log("submitting", job=job.id, prompt_id=prompt_id, server=target.name)
+        try:
+            async def submit() -> str:
+                try:
+                    return await target.submit(graph, prompt_id)
+                except Exception as exc:
+                    # The request may have arrived before the failure: look before sending it again.
+                    if prompt_id is not None and is_transient(exc):
+                        with contextlib.suppress(Exception):
+                            if await target.lookup(prompt_id) != "unknown":
+                                return prompt_id
+                    raise
+
+            accepted = await self._retrying(job, "submitting", submit)
+        except UsageError as exc:  # the server's own validation rejected it
+            reason = _reason(exc)
+            self._log("invalid", job=job.id, server=target.name, reason=reason)
+            self._excluded.setdefault(job.id, set()).add(target.name)
+            if self._excluded[job.id] >= {t.name for t in self.targets}:
+                self._fail(job, "failed", "validation", reason, target, prompt_id)
+                return ""
+            return None
+        self._log("submitted", job=job.id, prompt_id=accepted, server=target.name)
+        return accepted
+
+    async def _follow(self, job: Job, target: Target, prompt_id: str, finished: bool = False) -> str:
+        """Wait for the job and collect it; returns "lost" when the server forgot it, else "end"."""
+        js = self.journal.state.job(job.id)  # type: ignore[union-attr]
+        timeout = self.options.timeout
+        remaining = None
+        if timeout is not None and not finished:  # a finished job is collected, however late we come back
+            remaining = timeout - (time.time() - (js.submitted_at or time.time()))
+            if remaining <= 0:  # resumed after its deadline: one look first, it may have finished meanwhile
+                remaining = 1.0
+        try:
+            result = await self._retrying(job, "waiting", lambda: target.wait(prompt_id, remaining))
+        except JobLost as exc:
+            self._log("lost", job=job.id, prompt_id=prompt_id, server=target.name, reason=_reason(exc))
+            return "lost"
+        except JobTimeout:
+            with contextlib.suppress(Exception):
+                await target.cancel(prompt_id)
+            self._fail(job, "timed_out", "timeout", f"did not finish within {timeout:g} s; cancelled",
+                       target, prompt_id)
+            return "end"
+        except ExecutionError as exc:
+            self._fail(job, "failed", "execution", _reason(exc), target, prompt_id)
+            return "end"
+        except Interrupted as exc:
+            self._fail(job, "failed", "interrupted", _reason(exc), target, prompt_id)
+            return "end"
+        if js.state != "finished":
+            self._log("finished", job=job.id, prompt_id=prompt_id, server=target.name,
+                      execution_seconds=result.timings.execution_seconds)
+        await self._collect(job, target, prompt_id, result)
+        return "end"
+
+    async def _collect(self, job: Job, target: Target, prompt_id: str | None, result: Any) -> bool:
+        """Download into a staging folder, write the manifest, rename into place, journal ``done``."""
+        final = self.out / job.folder
+        js = self.journal.state.job(job.id)  # type: ignore[union-attr]
+        if not (final / "manifest.json").exists():
+            staging = self.out / STAGING / f"{job.id}-{result.prompt_id}"
+            started = time.monotonic()
+
+            async def download() -> list:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+                return await target.download(result, staging)
+
+            downloads = await self._retrying(job, "downloading", download)
+            manifest = build_manifest(result, downloads, out_dir=staging, server=target.name,
+                                      workflow_source=job.workflow, wall_seconds=time.monotonic() - started)
+            manifest["batch"] = {"job": job.id, "name": job.name, "folder": job.folder, "axes": job.axes,
+                                 "seed": job.seed, "tags": job.tags, "set": job.overrides}
+            write_manifest(staging, manifest)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():  # an empty or foreign folder without a manifest: keep it aside, never mix
+                final.rename(final.with_name(f"{final.name}.stale-{int(time.time())}"))
+            os.rename(staging, final)
+            prompt_id = result.prompt_id
+        files = []
+        with contextlib.suppress(OSError, ValueError):
+            manifest = json.loads((final / "manifest.json").read_text(encoding="utf-8"))
+            files = [f["path"] for f in manifest.get("files", [])]
+            prompt_id = prompt_id or manifest.get("prompt_id")
+        seconds = round(time.time() - js.first_submitted_at, 3) if js.first_submitted_at else None
+        self._log("done", job=job.id, prompt_id=prompt_id, server=target.name, files=files, seconds=seconds)
+        self._finish(JobOutcome(job, "done", final, prompt_id, target.name, [final / f for f in files]))
+        return False
+
+    # ---- the run -------------------------------------------------------------------------------------------
+
+    def write_summary(self) -> dict[str, Any]:
+        assert self.journal is not None
+        summary = build_summary(self.journal.state, self._job_infos)
+        for row in summary["servers"]:  # targets that know their price (RunPod) add what the batch cost
+            target = next((t for t in self.targets if t.name == row["server"]), None)
+            cost = getattr(target, "cost", None)
+            if callable(cost):
+                with contextlib.suppress(Exception):
+                    value = cost(row["busy_seconds"])
+                    if value is not None:
+                        row["cost"] = round(float(value), 4)
+        self._add_job_costs(summary)
+        write_json_atomic(self.out / SUMMARY_NAME, summary)
+        return summary
+
+    def _add_job_costs(self, summary: dict[str, Any]) -> None:
+        """``summary["cost"]``: the batch total and each job's cost (targets that price their jobs, i.e.
+        RunPod's, keep ``job_costs`` by prompt id); costs of earlier runs are kept from the last summary."""
+        assert self.journal is not None
+        by_prompt: dict[str, float] = {}
+        for target in self.targets:
+            costs = getattr(target, "job_costs", None)
+            if isinstance(costs, dict):
+                by_prompt.update({k: float(v) for k, v in costs.items() if v is not None})
+        if not by_prompt and not any("cost" in row for row in summary["servers"]):
+            return
+        jobs: dict[str, float] = {}
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            previous = json.loads((self.out / SUMMARY_NAME).read_text(encoding="utf-8"))["cost"]["jobs"]
+            jobs.update({str(k): float(v) for k, v in previous.items()})
+        for job_id, js in self.journal.state.jobs.items():
+            for prompt_id in {*js.prompt_ids, *([js.prompt_id] if js.prompt_id else [])}:
+                if prompt_id in by_prompt:
+                    jobs[job_id] = round(by_prompt[prompt_id], 6)
+        servers = sum(row.get("cost", 0.0) for row in summary["servers"])
+        summary["cost"] = {"total_usd": round(servers or sum(jobs.values()), 4), "jobs": jobs}
+
+    async def _summaries(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.summary_interval)
+            with contextlib.suppress(OSError):
+                self.write_summary()
+
+    async def _open_target(self, target: Target) -> bool:
+        delay = self.options.backoff
+        for attempt in range(self.options.retries + 1):
+            try:
+                await target.open()
+                return True
+            except Exception as exc:  # noqa: BLE001 - classified
+                if not is_transient(exc) or attempt >= self.options.retries:
+                    self.note(f"server {target.name} is not usable: {_reason(exc)}")
+                    return False
+                await asyncio.sleep(min(self.options.backoff_max, delay) * (0.5 + self._rng.random()))
+                delay *= 2
+        return False
+
+    async def run(self) -> AsyncIterator[JobOutcome]:
+        """Run the batch; yields a :class:`JobOutcome` per job as it ends (finished jobs of earlier runs first)."""
+        self._lock()
+        try:
+            self.journal = journal = self._open_journal()
+        except BaseException:
+            self._unlock()
+            raise
+        # Nothing downloads while we hold the lock: half-finished staging folders of a killed run go.
+        shutil.rmtree(self.out / STAGING, ignore_errors=True)
+        self._cond = asyncio.Condition()
+        self._results = asyncio.Queue()
+        reason = "error"
+        tasks: list[asyncio.Task] = []
+        try:
+            journal.append("run_start", pid=os.getpid(), servers=[t.name for t in self.targets])
+            for outcome in self._schedule(journal):
+                yield outcome
+            usable = await asyncio.gather(*[self._open_target(t) for t in self.targets])
+            if not any(usable):
+                raise ServerUnavailable("no server of the pool can be reached: "
+                                        + ", ".join(t.name for t in self.targets))
+            for target, ok in zip(self.targets, usable, strict=True):
+                if not ok:  # its recovered jobs cannot be looked up: leave them for a later run
+                    left = self._recover[target.name]
+                    if left:
+                        self.note(f"{len(left)} job(s) submitted to {target.name} are left for a later run")
+                    left.clear()
+                    for job_id in self._pending:
+                        self._excluded.setdefault(job_id, set()).add(target.name)
+            tasks.append(asyncio.ensure_future(self._summaries()))
+            workers = [asyncio.ensure_future(self._worker(t))
+                       for t, ok in zip(self.targets, usable, strict=True) if ok for _ in range(t.capacity)]
+            tasks += workers
+            done_all = asyncio.ensure_future(asyncio.gather(*workers))
+            tasks.append(done_all)
+            done_all.add_done_callback(lambda _: self._results.put_nowait(None))  # type: ignore[union-attr]
+            while True:
+                item = await self._results.get()
+                if item is None:
+                    break
+                yield item
+            await done_all  # re-raises a worker's unexpected error
+            while not self._results.empty():
+                item = self._results.get_nowait()
+                if item is not None:
+                    yield item
+            for job_id in self._pending:  # only possible when no usable server accepts them
+                job = self.jobs[job_id]
+                self._fail(job, "failed", "validation", "no usable server accepts this job")
+                yield self._results.get_nowait()  # type: ignore[misc]
+            reason = "complete"
+        except (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit):
+            reason = "interrupted"
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+            with contextlib.suppress(Exception):
+                journal.append("run_end", reason=reason)
+                self.write_summary()
+            journal.close()
+            for target in self.targets:
+                with contextlib.suppress(Exception):
+                    await target.close()
+            shutil.rmtree(self.out / STAGING, ignore_errors=True)
+            if reason == "complete":
+                self._contact_sheet()
+            self._unlock()
+
+    def _contact_sheet(self) -> None:
+        spec = self.options.contact_sheet
+        if not spec:
+            return
+        from .batch_sheet import axes_for_sheet, make_contact_sheet
+
+        axes = axes_for_sheet(self.plan, None if spec == "auto" else spec)  # type: ignore[arg-type]
+        if axes is None:
+            return
+        try:
+            path = make_contact_sheet(self.out, self.plan, axes)
+        except (OSError, BatchError) as exc:
+            self.note(f"contact sheet not written: {exc}")
+            return
+        if path is not None:
+            self.note(f"contact sheet: {path}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The Python API
+# ------------------------------------------------------------------------------------------------------------
+
+
+def make_targets(servers: list[Any], *, capacity: int = 2) -> list[Target]:
+    """Targets from URLs, :class:`~charforge.driver.config.ServerConfig` objects or ready :class:`Target` s."""
+    targets: list[Target] = []
+    for server in servers:
+        if isinstance(server, Target) and not isinstance(server, (str, bytes)):
+            targets.append(server)
+        else:
+            targets.append(ComfyTarget(server, capacity=capacity))
+    return targets
+
+
+class Batch:
+    """A batch you can build in code and run: ``for r in Batch.from_file("sweep.yaml").run(servers=[url],
+    out="out"): print(r.folder, r.state)``.
+
+    ``run`` yields a :class:`JobOutcome` per job as jobs end (jobs finished by an earlier run of the same
+    ``out`` first, with ``skipped=True``); ``run_async`` is the same as an async iterator. Both write the
+    journal, the per-job folders and ``summary.json`` exactly like ``charforge batch run``, and resume the same
+    way.
+    """
+
+    def __init__(self, jobs: list[Job] | BatchPlan, *, source: str = "<python>", base: str | Path | None = None):
+        self.plan = jobs if isinstance(jobs, BatchPlan) else BatchPlan(source, "python", list(jobs))
+        self.base = Path(base) if base is not None else None
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, master_seed: int | None = None) -> Batch:
+        """Plan a ``.jsonl`` batch or a sweep spec (see :func:`~charforge.driver.batch.load_batch`)."""
+        return cls(load_batch(path, master_seed=master_seed), base=Path(path).parent)
+
+    @property
+    def jobs(self) -> list[Job]:
+        return self.plan.jobs
+
+    def __len__(self) -> int:
+        return len(self.plan.jobs)
+
+    def runner(self, servers: list[Any], out: str | Path, *, capacity: int = 2,
+               on_message: Callable[[str], None] | None = None, **options: Any) -> BatchRunner:
+        return BatchRunner(self.plan, make_targets(servers, capacity=capacity), RunOptions(Path(out), **options),
+                           base=self.base, on_message=on_message)
+
+    async def run_async(self, servers: list[Any], out: str | Path, **options: Any) -> AsyncIterator[JobOutcome]:
+        """Async version of :meth:`run`."""
+        async with contextlib.aclosing(self.runner(servers, out, **options).run()) as outcomes:
+            async for outcome in outcomes:
+                yield outcome
+
+    def run(self, servers: list[Any], out: str | Path, **options: Any) -> Iterator[JobOutcome]:
+        """Run the batch (in a background event loop) and yield each job's outcome as it ends.
+
+        Options: ``capacity`` (jobs per server at once, default 2), ``timeout`` (seconds per job), ``retries``,
+        ``backoff``, ``force_replan``, ``retry_failed``, ``contact_sheet`` (``"auto"``, ``(x_axis, y_axis)`` or
+        None), ``on_message`` (a callable for progress notes). Closing the iterator early stops the run cleanly.
+        """
+        results: thread_queue.Queue[tuple[str, Any]] = thread_queue.Queue(maxsize=64)
+        stop = threading.Event()
+        loop = asyncio.new_event_loop()
+
+        def hand_over(kind: str, value: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    results.put((kind, value), timeout=0.1)
+                    return True
+                except thread_queue.Full:
+                    continue
+            return False
+
+        async def main() -> None:
+            try:
+                async with contextlib.aclosing(self.run_async(servers, out, **options)) as outcomes:
+                    async for outcome in outcomes:
+                        while not stop.is_set():
+                            try:
+                                results.put_nowait(("item", outcome))
+                                break
+                            except thread_queue.Full:
+                                await asyncio.sleep(0.05)
+                        if stop.is_set():
+                            return
+                hand_over("end", None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
+                hand_over("error", exc)
+
+        task_holder: dict[str, asyncio.Task] = {}
+
+        def thread_main() -> None:
+            asyncio.set_event_loop(loop)
+            task_holder["task"] = loop.create_task(main())
+            with contextlib.suppress(BaseException):
+                loop.run_until_complete(task_holder["task"])
+            loop.close()
+
+        thread = threading.Thread(target=thread_main, name="charforge-batch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, value = results.get()
+                if kind == "item":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    return
+        finally:
+            stop.set()
+            task = task_holder.get("task")
+            if task is not None and not task.done():
+                loop.call_soon_threadsafe(task.cancel)
+            with contextlib.suppress(thread_queue.Empty):
+                while True:
+                    results.get_nowait()
+            thread.join(30)

@@ -1,0 +1,58 @@
+"""Helpers of the batch tests: a sweep over the fake server's image workflow, and the checks every fault test
+makes (outputs exactly once, executions per job)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from fakes.comfy_server import FakeComfyServer, image_workflow
+
+from charforge.driver import cli
+from charforge.driver.journal import JOURNAL_NAME
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.main(list(argv), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def sweep_file(tmp_path: Path, colors: list[int], widths: list[int] | None = None, workflow: dict | None = None,
+               name: str = "sweep.json") -> Path:
+    (tmp_path / "wf.json").write_text(json.dumps(workflow or image_workflow()))
+    axes: dict = {"color": {"set": "Blank.color", "values": colors}}
+    if widths:
+        axes["width"] = {"set": "Resize.width", "values": widths}
+    path = tmp_path / name
+    path.write_text(json.dumps({"workflow": "wf.json", "axes": axes}))
+    return path
+
+
+def executions_by_color(*servers: FakeComfyServer) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for server in servers:
+        for _, prompt in server.executed:
+            color = prompt["1"]["inputs"]["color"]
+            counts[color] = counts.get(color, 0) + 1
+    return counts
+
+
+def assert_outputs_once(out: Path, plan) -> None:
+    """Every job folder holds its manifest and exactly the files it lists, once; nothing is left over."""
+    for job in plan.jobs:
+        folder = out / job.folder
+        manifest = json.loads((folder / "manifest.json").read_text())
+        listed = sorted(f["path"] for f in manifest["files"])
+        on_disk = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                         if p.is_file() and p.name != "manifest.json")
+        assert on_disk == listed and len(listed) == 1, (job.folder, on_disk, listed)
+        assert manifest["batch"]["job"] == job.id
+    assert not list(out.rglob("*.stale-*")) and not (out / ".staging").exists()
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / JOURNAL_NAME).read_text().splitlines()]
+
+

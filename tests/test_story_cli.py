@@ -1,0 +1,342 @@
+"""``charforge story`` against the loopback fake ComfyUI: the graphs it submits (ComfyUI's own generation
+nodes + Storyboard Select), reference guidance (img2img, or IP-Adapter when the server has it), the files it
+writes (frames, sheets, metadata.json, ablation) and its errors. The fake server is extended here with the
+nodes a storyboard needs; its Storyboard Select plants scores that depend on the graph (LoRA or not, guided
+or not), so the ablation's numbers are known in advance."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from fakes.comfy_server import FakeComfyServer, FakeImage, NodeDef
+from PIL import Image
+
+from charforge.driver import cli
+from charforge.driver.story import Character, Guidance, detect_guidance, frame_graph
+from charforge.nodes.story import StoryboardSelect
+
+LORA_IDENTITY, BASE_IDENTITY, GUIDE_IDENTITY, TEXT = 0.71, 0.23, 0.88, 0.31
+SCENES = ["close-up portrait of the character, face clearly visible", "the character reads a letter",
+          "the character walks to the harbour", "the character boards a boat", "the character at sea at sunset",
+          "the character arrives on an island"]
+
+
+async def _lora(ctx, model, clip, lora_name, strength_model, strength_clip):
+    return (f"{model}+{lora_name}", f"{clip}+{lora_name}"), None
+
+
+async def _vae_encode(ctx, pixels, vae):
+    return ({"batch": pixels.batch, "width": pixels.width, "height": pixels.height},), None
+
+
+async def _repeat(ctx, samples, amount):
+    return (dict(samples, batch=amount),), None
+
+
+async def _face_models(ctx, pack, det_size, provider):
+    return (f"FACES:{pack}",), None
+
+
+async def _build_identity(ctx, face_models, name, save, folder="", images=None):
+    photos = [p for p in (ctx.server.input_dir / folder).iterdir() if p.is_file()]
+    if not photos:
+        raise ValueError(f"no photos in {folder}")
+    return (f"IDENTITY:{name}:{len(photos)}", 0.3, f"{len(photos)} reference(s)", FakeImage(1, 8, 8)), \
+        {"text": [f"{len(photos)} reference(s)"]}
+
+
+async def _load_identity(ctx, name):
+    return (f"IDENTITY:{name}", 0.3, name), None
+
+
+async def _load_clip(ctx, model, device, path=""):
+    return (f"CLIP:{model}",), None
+
+
+async def _ipadapter_loader(ctx, ipadapter_file):
+    return (f"IPA:{ipadapter_file}",), None
+
+
+async def _clip_vision(ctx, clip_name):
+    return (f"CV:{clip_name}",), None
+
+
+async def _ipadapter(ctx, model, ipadapter, image, weight, weight_type, combine_embeds, start_at, end_at,
+                     embeds_scaling, clip_vision=None, **_):
+    return (f"{model}+IPA({weight})",), None
+
+
+async def _select(ctx, images, prompts, face_models, identity, mode, identity_weight, text_weight, face_choice,
+                  seeds=None, captions=None, clip=None, reference=None, first_frame=1):
+    """Planted scores: identity depends on whether the graph loads the LoRA, guide identity on the reference."""
+    assert identity.startswith("IDENTITY:") and face_models.startswith("FACES:")
+    lora = any(node["class_type"] == "LoraLoader" for node in ctx.prompt.values())
+    frame = {"index": first_frame - 1, "prompt": prompts, "seed": seeds, "candidates": images.batch,
+             "chosen": images.batch - 1, "identity": LORA_IDENTITY if lora else BASE_IDENTITY,
+             "text": TEXT if clip else None, "guide_identity": GUIDE_IDENTITY if reference is not None else None,
+             "combined": 0.5, "note": ""}
+    record = json.dumps({"format": "charforge.storyboard", "version": 1, "mode": mode, "frames": [frame]})
+    color = (images.color + first_frame * 40) & 0xFFFFFF
+    return (FakeImage(1, images.width, images.height, color), record, "report", "SCORES"), \
+        {"text": ["report"], "storyboard": [record]}
+
+
+def _select_def() -> NodeDef:
+    """Storyboard Select with the input declarations of the real node (the driver must match them)."""
+    declared = StoryboardSelect.INPUT_TYPES()
+    return NodeDef("CharForgeStoryboardSelect", dict(declared["required"]), dict(declared["optional"]),
+                   outputs=StoryboardSelect.RETURN_TYPES, output_node=True, category="CharForge/Story",
+                   python_module="custom_nodes.charforge", run=_select)
+
+
+class StoryServer(FakeComfyServer):
+    """The fake ComfyUI plus the nodes a storyboard uses (ComfyUI's, CharForge's and optionally IP-Adapter's)."""
+
+    def __init__(self, *, ipadapter: bool = False, clip: bool = True, **kw):
+        super().__init__(**kw)
+        flt = ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0})
+        nodes = [
+            NodeDef("LoraLoader", {"model": ("MODEL",), "clip": ("CLIP",),
+                                   "lora_name": (["hero.safetensors", "other.safetensors"],),
+                                   "strength_model": flt, "strength_clip": flt},
+                    outputs=("MODEL", "CLIP"), run=_lora),
+            NodeDef("VAEEncode", {"pixels": ("IMAGE",), "vae": ("VAE",)}, outputs=("LATENT",), run=_vae_encode),
+            NodeDef("RepeatLatentBatch", {"samples": ("LATENT",), "amount": ("INT", {"default": 1, "min": 1,
+                                                                                      "max": 64})},
+                    outputs=("LATENT",), run=_repeat),
+            NodeDef("CharForgeLoadFaceModels", {"pack": (["antelopev2", "buffalo_l"],),
+                                                "det_size": ("INT", {"default": 640, "min": 160, "max": 1280}),
+                                                "provider": (["auto", "CPU"],)},
+                    outputs=("CHARFORGE_FACE_MODELS",), run=_face_models),
+            NodeDef("CharForgeBuildIdentity", {"face_models": ("CHARFORGE_FACE_MODELS",), "name": ("STRING", {}),
+                                               "save": ("BOOLEAN", {"default": True})},
+                    optional={"images": ("IMAGE",), "folder": ("STRING", {"default": ""})},
+                    outputs=("CHARFORGE_IDENTITY", "FLOAT", "STRING", "IMAGE"), output_node=True,
+                    run=_build_identity),
+            NodeDef("CharForgeLoadIdentity", {"name": (["hero_saved"],)},
+                    outputs=("CHARFORGE_IDENTITY", "FLOAT", "STRING"), run=_load_identity),
+            NodeDef("CharForgeLoadClip", {"model": (["clip-vit-b"] if clip else ["(no CLIP folder found)"],),
+                                          "device": (["auto", "cpu", "cuda"],)},
+                    optional={"path": ("STRING", {"default": ""})}, outputs=("CHARFORGE_CLIP",), run=_load_clip),
+            _select_def(),
+        ]
+        if ipadapter:
+            nodes += [
+                NodeDef("IPAdapterModelLoader", {"ipadapter_file": (["ip-adapter_sd15.safetensors",
+                                                                     "ip-adapter-plus-face_sd15.safetensors"],)},
+                        outputs=("IPADAPTER",), run=_ipadapter_loader),
+                NodeDef("CLIPVisionLoader", {"clip_name": (["CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"],)},
+                        outputs=("CLIP_VISION",), run=_clip_vision),
+                NodeDef("IPAdapterAdvanced", {
+                    "model": ("MODEL",), "ipadapter": ("IPADAPTER",), "image": ("IMAGE",),
+                    "weight": ("FLOAT", {"default": 1.0, "min": -1, "max": 5}),
+                    "weight_type": (["linear", "ease in"],), "combine_embeds": (["concat", "add"],),
+                    "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0}),
+                    "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0}),
+                    "embeds_scaling": (["V only", "K+V"],)},
+                    optional={"clip_vision": ("CLIP_VISION",)}, outputs=("MODEL",), run=_ipadapter),
+            ]
+        self.nodes.update({n.name: n for n in nodes})
+
+    def prompts(self) -> list[dict]:
+        return [prompt for _, prompt in self.executed]
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.main(list(argv), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def no_user_config(monkeypatch, tmp_path):
+    monkeypatch.setenv("CHARFORGE_CONFIG", str(tmp_path / "no-config.yaml"))
+    for var in ("CHARFORGE_SERVER", "CHARFORGE_PROFILE", "CHARFORGE_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def refs(tmp_path) -> Path:
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (200, 30 * i, 10)).save(folder / f"ref{i}.png")
+    (folder / "notes.txt").write_text("not a photo")
+    return folder
+
+
+@pytest.fixture
+def scenes(tmp_path) -> Path:
+    path = tmp_path / "scenes.txt"
+    path.write_text("\n".join(SCENES) + "\n")
+    return path
+
+
+def test_story_both_modes_and_base_write_frames_sheets_metadata_and_ablation(tmp_path, refs, scenes):
+    out = tmp_path / "out"
+    with StoryServer() as server:
+        code, stdout, stderr = run_cli("story", "She sails to the island.", "--server", server.url, "--scenes",
+                                       str(scenes), "--lora", "hero.safetensors:0.8", "--trigger", "ohwx woman",
+                                       "--reference", str(refs), "--candidates", "3", "--seed", "100",
+                                       "--width", "64", "--height", "48", "--out", str(out))
+        prompts = server.prompts()
+        uploaded = sorted(p.name for p in (server.input_dir / "charforge_story" / "hero_refs").iterdir())
+    assert code == 0, stderr
+    assert uploaded == ["ref0.png", "ref1.png"]  # photos only
+    assert len(prompts) == 18  # 6 frames x (simple, reference, base)
+
+    simple, reference, base = prompts[:6], prompts[6:12], prompts[12:]
+    for i, prompt in enumerate(simple):
+        assert prompt["20"]["inputs"]["lora_name"] == "hero.safetensors" and prompt["20"]["inputs"]["strength_model"] == 0.8
+        assert prompt["3"]["inputs"]["text"] == f"ohwx woman, {SCENES[i]}"
+        assert prompt["5"]["class_type"] == "EmptyLatentImage" and prompt["5"]["inputs"]["batch_size"] == 3
+        assert prompt["6"]["inputs"]["seed"] == 100 + i and prompt["6"]["inputs"]["denoise"] == 1.0
+        assert prompt["9"]["inputs"]["folder"] == "charforge_story/hero_refs"
+        assert prompt["11"]["inputs"]["mode"] == "simple" and prompt["11"]["inputs"]["clip"] == ["10", 0]
+    assert all("20" not in p and p["3"]["inputs"]["text"] == s["3"]["inputs"]["text"]
+               for p, s in zip(base, simple, strict=True))
+    assert [p["6"]["inputs"]["seed"] for p in base] == [p["6"]["inputs"]["seed"] for p in simple]
+    assert reference[0]["5"]["class_type"] == "EmptyLatentImage" and "30" not in reference[0]
+    for i, prompt in enumerate(reference[1:], start=2):
+        assert prompt["34"]["class_type"] == "VAEEncode" and prompt["5"]["class_type"] == "RepeatLatentBatch"
+        assert prompt["5"]["inputs"]["amount"] == 3 and prompt["6"]["inputs"]["denoise"] == 0.55
+        assert prompt["30"]["inputs"]["image"].startswith("charforge_story/") and prompt["11"]["inputs"][
+            "reference"] == ["30", 0]
+        assert prompt["11"]["inputs"]["first_frame"] == i and prompt["11"]["inputs"]["mode"] == "reference"
+
+    for mode in ("simple", "reference", "base"):
+        folder = out / mode
+        names = sorted(p.name for p in folder.iterdir())
+        assert names == [f"frame_{i:02d}.png" for i in range(1, 7)] + ["metadata.json", "sheet.png"]
+        data = json.loads((folder / "metadata.json").read_text())
+        assert data["mode"] == mode and data["story"] == "She sails to the island."
+        assert [f["seed"] for f in data["frames"]] == list(range(100, 106))
+        assert [f["image"] for f in data["frames"]] == names[:6] and data["frames"][0]["candidates"] == 3
+        assert data["frames"][1]["caption"] == "the character reads a letter"
+        assert data["models"]["checkpoint"] == "v1-5-pruned-emaonly.safetensors"
+        assert data["models"]["loras"] == ([] if mode == "base" else [{"name": "hero.safetensors", "weight": 0.8}])
+        with Image.open(folder / "frame_01.png") as frame:  # (the fake LoadImage makes 64 x 64 frames 2+)
+            assert frame.size == (64, 48)
+        with Image.open(folder / "sheet.png") as sheet:
+            assert sheet.width > 3 * 64
+    ref = json.loads((out / "reference" / "metadata.json").read_text())
+    assert [f["guidance"] for f in ref["frames"]] == [""] + ["img2img"] * 5
+    assert ref["frames"][0]["guide_identity"] is None and ref["frames"][3]["guide_identity"] == GUIDE_IDENTITY
+    assert ref["models"]["guidance"]["kind"] == "img2img" and ref["models"]["guidance"]["denoise"] == 0.55
+
+    ablation = json.loads((out / "ablation.json").read_text())
+    rows = {r["mode"]: r for r in ablation["modes"]}
+    assert rows["simple"]["identity_mean"] == LORA_IDENTITY and rows["reference"]["identity_mean"] == LORA_IDENTITY
+    assert rows["base"]["identity_mean"] == BASE_IDENTITY and rows["simple"]["text_mean"] == TEXT
+    assert ablation["best_identity"] == "simple"
+    assert "| base model without LoRA | 6 | 6 | 0.230 |" in (out / "ablation.md").read_text()
+    summary = json.loads((out / "metadata.json").read_text())
+    assert summary["storyboards"] == {m: f"{m}/metadata.json" for m in ("simple", "reference", "base")}
+    assert len(summary["scenes"]) == 6 and "ablation" in stdout and "simple/sheet.png" in stdout
+
+
+def test_story_with_llm_scenes_ipadapter_and_saved_identity(tmp_path, monkeypatch):
+    from test_story_engine import FakeChat, chat, scenes_json
+
+    endpoint = FakeChat()
+    endpoint.script = [(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"}), chat(scenes_json(6))]
+    monkeypatch.setenv("CF_STORY_TEST_KEY", "sk-secret")
+    out = tmp_path / "out"
+    try:
+        with StoryServer(ipadapter=True, clip=False) as server:
+            code, stdout, stderr = run_cli("story", "She sails away.", "--server", server.url, "--mode", "reference",
+                                           "--no-base", "--lora", "hero.safetensors", "--reference", "hero_saved",
+                                           "--llm-url", endpoint.url, "--llm-key-env", "CF_STORY_TEST_KEY",
+                                           "--candidates", "2", "--json", "--out", str(out))
+            prompts = server.prompts()
+    finally:
+        endpoint.close()
+    assert code == 0, stderr + stdout
+    assert endpoint.requests[-1]["auth"] == "Bearer sk-secret" and "sk-secret" not in stdout + stderr
+    assert len(prompts) == 6 and prompts[0]["9"] == {"class_type": "CharForgeLoadIdentity",
+                                                     "inputs": {"name": "hero_saved"},
+                                                     "_meta": {"title": "Character identity"}}
+    assert "10" not in prompts[0]  # no CLIP folder on the server: no text agreement
+    guided = prompts[3]
+    assert guided["31"]["inputs"]["ipadapter_file"] == "ip-adapter-plus-face_sd15.safetensors"
+    assert guided["33"]["inputs"]["weight"] == 0.7 and guided["33"]["inputs"]["weight_type"] == "linear"
+    assert guided["6"]["inputs"]["model"] == ["33", 0] and guided["5"]["class_type"] == "EmptyLatentImage"
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["event"] == "result" and set(result["sheets"]) == {"reference"}
+    data = json.loads((out / "reference" / "metadata.json").read_text())
+    assert data["frames"][0]["prompt"].startswith("close-up portrait") and data["frames"][2]["guidance"] == "ipadapter"
+    assert data["frames"][0]["text"] is None and data["models"]["guidance"]["kind"] == "ipadapter"
+    assert json.loads((out / "ablation.json").read_text())["best_text"] is None
+
+
+def test_story_errors_are_usage_errors(tmp_path, refs, scenes):
+    with StoryServer() as server:
+        common = ("--server", server.url, "--scenes", str(scenes), "--out", str(tmp_path / "o"))
+        code, _, err = run_cli("story", *common, "--lora", "missing.safetensors", "--reference", str(refs))
+        assert code == 2 and "'missing.safetensors' is not in the server's loras folder" in err
+        code, _, err = run_cli("story", *common, "--lora", "hero.safetensors", "--reference", "nobody")
+        assert code == 2 and "neither a local folder nor an identity saved" in err and "hero_saved" in err
+        code, _, err = run_cli("story", *common, "--lora", "hero.safetensors", "--reference", str(refs),
+                               "--guidance", "ipadapter")
+        assert code == 2 and "IPAdapterModelLoader" in err
+        assert server.prompts() == []
+    code, _, err = run_cli("story", "x", "--scenes", str(scenes), "--out", str(tmp_path / "o"))
+    assert code == 2 and "name the character" in err
+    short = tmp_path / "short.txt"
+    short.write_text("one\ntwo\n")
+    code, _, err = run_cli("story", "--scenes", str(short), "--lora", "a.safetensors", "--out", str(tmp_path / "o"))
+    assert code == 2 and "has 2: add scenes" in err
+
+
+def test_guidance_detection_and_graph_shape():
+    info = {"LoadImage": {}, "VAEEncode": {}, "RepeatLatentBatch": {}}
+    assert detect_guidance(info).kind == "img2img"
+    with pytest.raises(Exception, match="lacks the nodes"):
+        detect_guidance(info, "ipadapter")
+    character = Character("hero", loras=[("a.safetensors", 1.0), ("b.safetensors", 0.5)])
+    graph = frame_graph(character=character, checkpoint="m.safetensors", prompt="p", seed=1, candidates=2,
+                        mode="simple", identity={"name": "hero"}, face_pack="buffalo_l", clip_model=None,
+                        weights=(1.0, 0.5), frame=1, save_prefix="x/frame_01")
+    assert graph["21"]["inputs"]["model"] == ["20", 0] and graph["6"]["inputs"]["model"] == ["21", 0]
+    assert graph["12"]["inputs"]["filename_prefix"] == "x/frame_01" and "10" not in graph
+    guided = frame_graph(character=character, checkpoint="m", prompt="p", seed=1, candidates=2, mode="reference",
+                         identity={"name": "hero"}, face_pack="buffalo_l", clip_model="c", weights=(1.0, 0.5),
+                         frame=2, save_prefix="x", guide_image="f.png", guidance=Guidance("img2img"), denoise=0.4)
+    assert guided["6"]["inputs"]["denoise"] == 0.4 and guided["34"]["inputs"]["pixels"] == ["30", 0]
+
+
+def test_story_with_a_character_preset(tmp_path, monkeypatch, scenes):
+    from charforge import bridge
+
+    models = tmp_path / "models"
+    (models / "charforge" / "characters").mkdir(parents=True)
+    (models / "charforge" / "characters" / "mara.yaml").write_text(
+        "display_name: Mara\ntrigger_words: [mara_cf]\n"
+        "loras:\n  - {name: hero.safetensors, weight: 0.9, clip_weight: 0.5}\n"
+        "negative_prompt: ugly\nidentity: hero_saved\nprompt: photo of a woman\n"
+        "generation: {steps: 3, cfg: 5.0, width: 64, height: 48, sampler: euler, scheduler: normal}\n")
+    monkeypatch.setenv("CHARFORGE_MODELS_DIR", str(models))
+    bridge.reset()
+    try:
+        with StoryServer() as server:
+            code, _, stderr = run_cli("story", "--character", "mara", "--server", server.url, "--scenes", str(scenes),
+                                      "--mode", "simple", "--no-base", "--candidates", "1", "--out",
+                                      str(tmp_path / "out"))
+            prompts = server.prompts()
+    finally:
+        bridge.reset()
+    assert code == 0, stderr
+    first = prompts[0]
+    assert first["20"]["inputs"]["strength_model"] == 0.9 and first["20"]["inputs"]["strength_clip"] == 0.5
+    assert first["3"]["inputs"]["text"] == f"mara_cf, {SCENES[0]}, photo of a woman"
+    assert first["4"]["inputs"]["text"] == "ugly" and first["9"]["inputs"] == {"name": "hero_saved"}
+    assert (first["6"]["inputs"]["steps"], first["6"]["inputs"]["sampler_name"], first["5"]["inputs"]["height"]) == \
+        (3, "euler", 48)
+    data = json.loads((tmp_path / "out" / "simple" / "metadata.json").read_text())
+    assert data["character"]["display_name"] == "Mara"
+    assert data["models"]["loras"] == [{"name": "hero.safetensors", "weight": 0.9, "clip_weight": 0.5}]
+    code, _, err = run_cli("story", "--character", "nobody", "--scenes", str(scenes), "--out", str(tmp_path / "o"))
+    assert code == 2 and "nobody" in err
