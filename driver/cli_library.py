@@ -1,8 +1,10 @@
 """``charforge lora ...`` and ``charforge character ...``: the LoRA library and character presets.
 
-Runs locally on files (no server). The engine is imported only when a command runs: ``lora info`` and the
+Runs locally on files (no server), except ``lora eval``, which renders through a ComfyUI server (see
+``driver/lora_eval.py``). The engine is imported only when a command runs: ``lora info`` and the
 ``character`` commands need only safetensors, numpy and PyYAML (a driver-only install has them); merge,
-resize and convert need the node pack's extra (torch, diffusers): ``pip install "charforge[nodes]"``.
+resize and convert need the node pack's extra (torch, diffusers): ``pip install "charforge[nodes]"``; eval
+scores locally with the face models and CLIP: ``pip install "charforge[nodes,faces]"``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ FORMATS = ("kohya", "peft", "comfyui")
 
 def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
     """Add the ``lora`` and ``character`` command groups."""
-    del server, output  # local commands: no server options
-    _register_lora(sub)
+    del output
+    _register_lora(sub, server)
     _register_character(sub)
 
 
@@ -31,10 +33,11 @@ def _force_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace the output file if it exists")
 
 
-def _register_lora(sub: Any) -> None:
-    lora = sub.add_parser("lora", help="inspect, merge, resize and convert LoRA files (local, no server)",
+def _register_lora(sub: Any, server: argparse.ArgumentParser) -> None:
+    lora = sub.add_parser("lora", help="inspect, merge, resize, convert and evaluate LoRA files",
                           description="LoRA files: inspect them, merge several with weights, shrink the rank by "
-                                      "SVD, convert between kohya, diffusers/peft and ComfyUI key layouts.")
+                                      "SVD, convert between kohya, diffusers/peft and ComfyUI key layouts (all "
+                                      "local), and evaluate one on a character through a ComfyUI server.")
     lora_sub = lora.add_subparsers(dest="lora_command", metavar="LORA_COMMAND", required=True)
 
     info = lora_sub.add_parser("info", help="format, base model, rank, alpha, trigger words, training settings")
@@ -68,6 +71,66 @@ def _register_lora(sub: Any) -> None:
     _force_flag(convert)
     _json_flag(convert)
     convert.set_defaults(func=cmd_lora_convert)
+
+    _register_lora_eval(lora_sub, server)
+
+
+EVAL_EPILOG = """\
+The grid: every strength renders the same prompts with the same seeds (the character's prompt, trigger words,
+negative prompt and generation settings; --prompt/--prompts add the scene), through the batch runner: rerun the
+same command to resume. Each image is scored here: identity = similarity of its face to the character's
+reference (the preset's identity or reference_photos, or --reference), text = CLIP agreement with its prompt.
+Per strength: combined = (identity weight x identity mean + text weight x 2.5 x max(text mean, 0)) / (sum of
+the weights), images without a face counting 0 identity; best = highest combined, ties to the lower strength.
+
+Output (--out DIR): grid.png (rows = strengths, columns = prompt x seed, scores under each image),
+results.json (every image with strength, prompt, seed, scores; per-strength means; best strength),
+table.md (the table printed), renders/ (the batch folder with the images).
+
+Models for scoring are found like the nodes find them: <models>/insightface/models/<pack>/ and
+<models>/clip_vision/<name>/, models = $CHARFORGE_MODELS_DIR, the config file's models.dir or
+$COMFYUI_DIR/models (or --face-models DIR, --clip PATH). Needs: pip install "charforge[nodes,faces]".
+
+exit codes: 0 every image rendered and scored; 1 some renders failed (the rest is still scored and written);
+2 usage error (unknown character, LoRA or checkpoint not on the server, scoring models missing);
+3 server unreachable; 130 interrupted (rerun to resume).
+"""
+
+
+def _register_lora_eval(lora_sub: Any, server: argparse.ArgumentParser) -> None:
+    ev = lora_sub.add_parser("eval", parents=[server], help="render a strength x prompt x seed grid of a LoRA on "
+                                                             "a character and score identity and text agreement",
+                             description="Evaluate a LoRA on a character: a fixed-seed grid across strengths and "
+                                         "prompts rendered through a ComfyUI server, scored for identity and "
+                                         "text agreement; writes a grid image and names the best strength.",
+                             epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("lora", help="the LoRA as the server's LoraLoader lists it (a file in ComfyUI/models/loras)")
+    ev.add_argument("--character", required=True, metavar="NAME", help="a character preset (name or .yaml path)")
+    ev.add_argument("--strengths", default="0.4,0.6,0.8,1.0", metavar="LIST",
+                    help="LoRA strengths, model and text encoder alike (default 0.4,0.6,0.8,1.0)")
+    prompts = ev.add_mutually_exclusive_group()
+    prompts.add_argument("--prompts", type=Path, metavar="FILE", help="scene prompts, one per line (# = comment)")
+    prompts.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                         help="a scene prompt (repeatable); default: a portrait, an upper-body and a cafe scene")
+    ev.add_argument("--seeds", default="1,2", metavar="LIST", help="seeds, the same for every cell (default 1,2)")
+    ev.add_argument("--checkpoint", metavar="NAME", help="base checkpoint on the server (default: the first listed)")
+    ev.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the grid, results and renders go")
+    ev.add_argument("--timeout", type=float, metavar="S", help="limit per image job")
+    ev.add_argument("--window", type=int, default=2, metavar="N", help="jobs queued on the server at once (2)")
+    score = ev.add_argument_group("scoring (local)")
+    score.add_argument("--reference", metavar="DIR|IDENTITY",
+                       help="photos of the character or a saved identity (default: the preset's)")
+    score.add_argument("--face-pack", default="buffalo_l", help="InsightFace pack (default buffalo_l)")
+    score.add_argument("--face-models", metavar="DIR", help="an insightface folder holding models/<pack>/ "
+                                                            "(searched before the model folders)")
+    score.add_argument("--det-size", type=int, default=640, help="face detection size (default 640)")
+    score.add_argument("--clip", metavar="NAME|PATH", help="CLIP folder for text agreement (default: the first in "
+                                                           "clip_vision; 'none' scores identity only)")
+    score.add_argument("--device", choices=("cpu", "cuda", "mps"), help="CLIP device (default: the best there is)")
+    score.add_argument("--identity-weight", type=float, default=1.0, help="weight of identity in combined (1.0)")
+    score.add_argument("--text-weight", type=float, default=0.5, help="weight of text agreement in combined (0.5)")
+    score.add_argument("--cell", type=int, default=256, metavar="PX", help="grid cell size in pixels (256)")
+    ev.set_defaults(func=cmd_lora_eval)
 
 
 def _register_character(sub: Any) -> None:
@@ -206,6 +269,35 @@ def cmd_lora_convert(args: argparse.Namespace, out: Any) -> int:
                output=str(path), modules=len(state.modules), source_format=state.source_format,
                format=args.to, base_model=state.arch)
     return 0
+
+
+def cmd_lora_eval(args: argparse.Namespace, out: Any) -> int:
+    from .cli import connect
+    from .lora_eval import EvalOptions, evaluate_lora, load_character, parse_numbers, read_prompts
+
+    options = EvalOptions(
+        strengths=parse_numbers(args.strengths, float, "--strengths"),
+        seeds=parse_numbers(args.seeds, int, "--seeds"), checkpoint=args.checkpoint, reference=args.reference,
+        face_pack=args.face_pack, face_models_dir=args.face_models, det_size=args.det_size, clip_model=args.clip,
+        device=args.device, identity_weight=args.identity_weight, text_weight=args.text_weight,
+        window=max(1, args.window), timeout=args.timeout, verify_tls=False if args.insecure else None,
+        cell=max(32, args.cell))
+    if args.prompts is not None:
+        options.scenes = read_prompts(args.prompts)
+    elif args.prompt:
+        options.scenes = args.prompt
+    character = load_character(args.character)  # before connecting: a typo fails at once
+    with connect(args, out) as client:
+        result = evaluate_lora(client, character, args.lora, args.out, options, note=out.note)
+    best = result.best
+    lines = [result.table_text, f"grid: {result.grid}", f"results: {result.results}", f"table: {result.table}"]
+    if result.failed:
+        lines.append(f"{result.failed} of {len(result.images)} render(s) failed (see results.json); rerun the same "
+                     "command to retry them")
+    out.result("\n".join(lines), best_strength=best.strength if best else None,
+               per_strength=[s.to_dict() for s in result.strengths], grid=str(result.grid),
+               results=str(result.results), table=str(result.table), failed=result.failed)
+    return 1 if result.failed else 0
 
 
 def _lora_spec(spec: str):

@@ -149,3 +149,53 @@ def test_info_merge_resize_convert_nodes_write_new_files(env):
     assert formats.read_state(env.loras / "a_peft.safetensors").source_format == "peft"
     with pytest.raises(ValueError, match="plain file name"):
         run_node(nodes.ConvertLora, lora="a.safetensors", to="peft", output_name="../x")
+
+
+# --------------------------------------------------------------------------------------------------
+# Load LoRA (by name): the LoRA's file name arrives as a linked STRING (Train LoRA's lora_name)
+
+
+def test_load_lora_by_name_takes_a_linked_string_and_patches_with_comfyui(env):
+    spec = nodes.LoadLoraByName.INPUT_TYPES()["required"]
+    assert spec["lora_name"][0] == "STRING" and spec["lora_name"][1]["forceInput"] is True
+    assert list(spec) == ["model", "clip", "lora_name", "strength_model", "strength_clip"]
+    assert NODE_CLASS_MAPPINGS["CharForgeLoadLoraByName"] is nodes.LoadLoraByName
+    a = random_state("sdxl", seed=6)
+    write(a, env.loras / "hero.safetensors", "kohya")
+    model, clip = _patchers(a)
+    run = run_node(nodes.LoadLoraByName, model=model, clip=clip, lora_name="hero.safetensors", strength_model=0.7,
+                   strength_clip=0.3)
+    new_model, new_clip, report = run.result
+    assert report == "hero.safetensors: model 0.7, clip 0.3" and run.ui["text"] == [report]
+    assert new_model is not model and not model.patches
+    deltas = dense_deltas(a)
+    for key in a.modules:
+        weight_key = _weight_key(a, key)
+        patcher, original, strength = (new_model, model, 0.7) if key[0] == "unet" else (new_clip, clip, 0.3)
+        torch.testing.assert_close(patcher.patched_weight(weight_key),
+                                   original.weights[weight_key] + strength * deltas[key].float(),
+                                   rtol=1e-4, atol=1e-4)
+    # Train LoRA's output is "<name>.safetensors"; the extension may also be left out.
+    again = run_node(nodes.LoadLoraByName, model=model, clip=None, lora_name="hero", strength_model=1.0,
+                     strength_clip=0.0).result[2]
+    assert again.startswith("hero.safetensors: model 1, clip 0")
+
+
+def test_load_lora_by_name_reports_unloaded_keys_and_missing_files(env):
+    a = random_state("sdxl", seed=7)
+    write(a, env.loras / "a.safetensors")
+    model, _ = _patchers(a)
+    report = run_node(nodes.LoadLoraByName, model=model, clip=None, lora_name="a.safetensors", strength_model=1.0,
+                      strength_clip=1.0).result[2]
+    te_keys = sum(1 for m in a.modules.values() if m.component != "unet")
+    assert f"{3 * te_keys} key(s) NOT loaded" in report
+    with pytest.raises(bridge.ModelNotFoundError, match=r"'missing' is not in the loras folder.*found: a\.safetensors"):
+        run_node(nodes.LoadLoraByName, model=model, clip=None, lora_name="missing", strength_model=1.0,
+                 strength_clip=1.0)
+    for bad in ("", "../a.safetensors", "/etc/a.safetensors"):
+        with pytest.raises(ValueError):
+            run_node(nodes.LoadLoraByName, model=model, clip=None, lora_name=bad, strength_model=1.0,
+                     strength_clip=1.0)
+    assert nodes.LoadLoraByName.IS_CHANGED(lora_name="a.safetensors") == \
+        (env.loras / "a.safetensors").stat().st_mtime
+    assert nodes.LoadLoraByName.IS_CHANGED() == ""  # linked: ComfyUI passes nothing, the source keys the cache

@@ -1,6 +1,7 @@
 """CharForge/Video nodes run as ComfyUI runs them, on tiny models placed in ComfyUI's model folders."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,20 @@ def test_missing_motion_module_says_where_to_put_it(comfy_env):
     assert choices == ["(no motion modules found)"]
     with pytest.raises(bridge.ModelNotFoundError, match="animatediff_models"):
         run_node(LoadVideoModel, base_model="x.safetensors", motion_module=choices[0], **OPTIONS)
+
+
+def test_video_lora_takes_a_linked_lora_name_from_training(comfy):
+    """The optional lora_name_from STRING (Train LoRA's lora_name) replaces the combo; old graphs keep working."""
+    from charforge.engine.video.models import VideoModelSpec
+
+    spec = VideoLoRA.INPUT_TYPES()
+    assert list(spec["required"]) == ["model", "lora_name", "strength"]
+    assert spec["optional"]["lora_name_from"][0] == "STRING" and spec["optional"]["lora_name_from"][1]["forceInput"]
+    model = VideoModelSpec(base="base", motion_module="mm")
+    linked = run_node(VideoLoRA, model=model, lora_name="(none)", strength=0.6,
+                      lora_name_from="tiny_character").result[0]
+    path = comfy.base_dir / "models" / "loras" / "tiny_character.safetensors"
+    assert [(Path(r.path), r.strength) for r in linked.loras] == [(path, 0.6)]
+    assert run_node(VideoLoRA, model=model, lora_name="(none)", strength=1.0, lora_name_from="").result[0] is model
+    with pytest.raises(bridge.ModelNotFoundError, match="not in the loras folder"):
+        run_node(VideoLoRA, model=model, lora_name="(none)", strength=1.0, lora_name_from="other.safetensors")

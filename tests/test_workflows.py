@@ -23,7 +23,8 @@ from charforge.driver.preflight import preflight
 
 WORKFLOWS = REPO_ROOT / "workflows"
 EXPECTED = {"dataset_prep", "caption_dataset", "build_identity", "score_best_of_n", "generate_best_of_n_clip",
-            "train_lora_sd15", "train_lora_sdxl", "controlnet_lora", "video_animatediff", "character_lora"}
+            "train_lora_sd15", "train_lora_sdxl", "controlnet_lora", "video_animatediff", "character_lora",
+            "character_pipeline"}
 UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 
@@ -133,6 +134,10 @@ def test_charforge_widget_values_are_within_declared_ranges(path, object_info):
             value = node["inputs"][name]
             if isinstance(value, list):  # converted to a socket
                 continue
+            if (node["class_type"], name) == ("CharForgeVideoLoRA", "lora_name") and value == "(none)":
+                # Only with the trained LoRA's name linked into lora_name_from (the one-graph pipeline).
+                assert isinstance(node["inputs"].get("lora_name_from"), list), f"{where}: no LoRA at all"
+                continue
             if (node["class_type"], name) in build_api.MODEL_FILE_INPUTS:
                 assert isinstance(value, str) and value and not value.startswith("("), f"{where}: {value!r}"
                 continue
@@ -182,6 +187,58 @@ def test_editor_layout_is_for_people(path):
         assert nodes[target]["inputs"][target_slot]["link"] == link_id
         assert nodes[origin]["outputs"][origin_slot]["type"] == kind
     assert workflow["last_link_id"] >= max((lk[0] for lk in workflow["links"]), default=0)
+
+
+def _ancestors(prompt: dict[str, Any], node_id: str) -> set[str]:
+    """Every node `node_id` depends on through links (what ComfyUI runs before it)."""
+    seen: set[str] = set()
+    todo = [node_id]
+    while todo:
+        for value in prompt[todo.pop()]["inputs"].values():
+            if isinstance(value, list) and str(value[0]) not in seen:
+                seen.add(str(value[0]))
+                todo.append(str(value[0]))
+    return seen
+
+
+def test_character_pipeline_trains_before_it_generates():
+    """One graph, photos to video: the trained LoRA's name (a STRING link) feeds both generation branches, so
+    ComfyUI's executor, which runs a node only after every node linked into it, trains first."""
+    prompt = _api(WORKFLOWS / "character_pipeline.json")
+    ids: dict[str, list[str]] = {}
+    for node_id, node in prompt.items():
+        ids.setdefault(node["class_type"], []).append(node_id)
+    (train,) = ids["CharForgeTrainLoRA"]
+    (export,) = ids["CharForgeExportDataset"]
+    assert prompt[train]["inputs"]["dataset_folder"] == [export, 1]
+    (by_name,) = ids["CharForgeLoadLoraByName"]
+    (video_lora,) = ids["CharForgeVideoLoRA"]
+    assert prompt[by_name]["inputs"]["lora_name"] == [train, 0]
+    assert prompt[video_lora]["inputs"]["lora_name_from"] == [train, 0]
+    assert prompt[video_lora]["inputs"]["lora_name"] == "(none)"
+    assert "LoraLoader" not in ids  # the stock loader only takes a name from its list
+    (sampler,) = ids["KSampler"]
+    (video,) = ids["CharForgeGenerateVideo"]
+    for node_id in (sampler, video):
+        assert {train, export, *ids["CharForgeCaptionDataset"], *ids["CharForgeLoadDataset"]} <= \
+            _ancestors(prompt, node_id)
+    # The images are picked by identity and CLIP together; the video is checked for identity drift.
+    (combine,) = ids["CharForgeCombineScores"]
+    assert prompt[combine]["inputs"]["identity_scores"][0] in ids["CharForgeScoreIdentity"]
+    assert prompt[combine]["inputs"]["clip_scores"][0] in ids["CharForgeClipScore"]
+    assert prompt[ids["CharForgeBestOfN"][0]]["inputs"]["scores"] == [combine, 0]
+    assert prompt[ids["CharForgeIdentityDrift"][0]]["inputs"]["frames"] == [video, 0]
+    # The same base model and trigger everywhere, as the note asks.
+    (ckpt,) = ids["CheckpointLoaderSimple"]
+    base = prompt[ckpt]["inputs"]["ckpt_name"]
+    assert prompt[train]["inputs"]["base_model"] == base == prompt[ids["CharForgeLoadVideoModel"][0]]["inputs"][
+        "base_model"]
+    trigger = prompt[train]["inputs"]["trigger_word"]
+    assert all(prompt[n]["inputs"]["trigger"] == trigger for n in ids["CharForgeCaptionDataset"] + [export])
+    assert all(trigger in prompt[n]["inputs"]["text"].split() or f"{trigger}," in prompt[n]["inputs"]["text"]
+               for n in ids["CLIPTextEncode"][:1])
+    latent = prompt[ids["EmptyLatentImage"][0]]["inputs"]["batch_size"]
+    assert prompt[ids["CharForgeBestOfN"][0]]["inputs"]["group_size"] == latent > 1
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -238,4 +238,128 @@ def character_lora(new):
     return w
 
 
-BUILDERS = (caption_dataset, train_lora_sdxl, generate_best_of_n_clip, controlnet_lora, character_lora)
+def character_pipeline(new):
+    w = new("character_pipeline")
+    w.note(
+        "CHARACTER PIPELINE IN ONE GRAPH - photos -> dataset -> captions -> LoRA -> scored images -> video.\n\n"
+        "Queue once: ComfyUI runs a node only after every node linked into it, so the LoRA is trained first\n"
+        "(Train LoRA's lora_name STRING feeds Load LoRA (by name) and Video LoRA), then the images and the video\n"
+        "are made with it. Queue again with the same settings and the finished stages are taken from the cache.\n\n"
+        "SET BEFORE QUEUEING\n"
+        "- Load Dataset > folder and Build Identity > folder: your photo folder (absolute, or relative to\n"
+        "  ComfyUI's input folder); the same folder in both.\n"
+        "- Filter > require_face: off for drawn or non-human characters (then bypass the face nodes, Ctrl+B:\n"
+        "  Build Identity, Score Identity, Identity Drift, and set Combine Scores > identity_weight 0).\n"
+        "- trigger / class_tokens in Caption, Export, Train and the prompts: the same word everywhere.\n"
+        "- Base model: the same SD1.5 checkpoint in Train LoRA, Load Checkpoint and Load Video Model. For SDXL\n"
+        "  set Crop buckets 'sdxl', Train preset 'sdxl', 1024 px latents and an SDXL motion module.\n"
+        "- Empty Latent > batch_size = N candidates = Best of N > group_size.\n"
+        "- CLIP Score > prompt: the positive prompt without the trigger word (CLIP does not know it).\n\n"
+        "MODELS\n"
+        "checkpoints/ (SD1.5 base), wd14_tagger/<name>.onnx + .csv (captions), insightface/models/buffalo_l\n"
+        "(faces), clip_vision/<folder> (a Hugging Face CLIP folder), animatediff_models/ (mm_sd_v15_v2.ckpt or\n"
+        "v3_sd15_mm.ckpt). No model needs to be in a list for the LoRA: it is found by name after training.\n\n"
+        "RESULT\n"
+        "output/charforge/datasets/<name>/ (crops, kohya export with captions, report.html), models/loras/\n"
+        "<output_name>.safetensors (+ run folder in output/charforge/train_runs), output/charforge/pipeline_\n"
+        "candidate_*.png and pipeline_best_*.png with the score tables on the scoring nodes, output/charforge/\n"
+        "pipeline_video_*.mp4 and its identity-drift plot.", height=900)
+    w.group("1 - Photos -> dataset", "#3f789e")
+    load = w.node("CharForgeLoadDataset", folder="charforge/my_character", name="my_character")
+    analyse = w.node("CharForgeAnalyseDataset", face_detector="auto")
+    filt = w.node("CharForgeFilterDataset", require_face=True)
+    dedup = w.node("CharForgeDeduplicateDataset")
+    crop = w.node("CharForgeCropDataset", buckets="sd15", format="jpg")
+    w.link(load, "dataset", analyse, "dataset")
+    w.link(analyse, "dataset", filt, "dataset")
+    w.link(filt, "dataset", dedup, "dataset")
+    w.link(dedup, "dataset", crop, "dataset")
+    w.group("2 - Captions, export & report", "#8A8", width=2)
+    cap = w.node("CharForgeCaptionDataset", backend="wd14", model="", mode="skip existing", trigger="ohwx",
+                 class_tokens="person")
+    exp = w.node("CharForgeExportDataset", trigger="ohwx", class_tokens="person", repeats=10, export_name="kohya",
+                 caption_mode="caption as is")
+    rep = w.node("CharForgeDatasetReport", trigger="ohwx")
+    sheet = w.node("PreviewImage", title="Contact sheet", height=260)
+    w.link(crop, "dataset", cap, "dataset")
+    w.link(cap, "dataset", exp, "dataset")
+    w.link(exp, "dataset", rep, "dataset")
+    w.link(rep, "contact_sheet", sheet, "images")
+    w.group("3 - Train the LoRA", "#a1309b")
+    train = w.node("CharForgeTrainLoRA", base_model="v1-5-pruned-emaonly.safetensors", trigger_word="ohwx",
+                   output_name="my_character", preset="sd15", seed=42)
+    loss = w.node("PreviewImage", title="Loss curve", height=260)
+    w.link(exp, "train_data_dir", train, "dataset_folder")
+    w.link(train, "loss_curve", loss, "images")
+    w.group("4 - Model + the trained LoRA, prompts", "#b58b2a", width=2)
+    ckpt = w.node("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    lora = w.node("CharForgeLoadLoraByName", title="Load LoRA (by name): the trained LoRA", strength_model=0.9,
+                  strength_clip=0.9)
+    pos = w.node("CLIPTextEncode", title="Positive prompt", height=160, text=POSITIVE)
+    neg = w.node("CLIPTextEncode", title="Negative prompt", height=120, text=NEGATIVE)
+    latent = w.node("EmptyLatentImage", title="Empty Latent (N = batch_size)", width=512, height=512, batch_size=4)
+    w.link(ckpt, "MODEL", lora, "model")
+    w.link(ckpt, "CLIP", lora, "clip")
+    w.link(train, "lora_name", lora, "lora_name")
+    w.link(lora, "clip", pos, "clip")
+    w.link(lora, "clip", neg, "clip")
+    w.group("5 - Sample N candidates", "#3f789e")
+    sampler = w.node("KSampler", seed=42, steps=25, cfg=7.0, sampler_name="dpmpp_2m", scheduler="karras",
+                     denoise=1.0)
+    decode = w.node("VAEDecode")
+    save_all = w.node("SaveImage", title="Every candidate", height=300, filename_prefix="charforge/pipeline_candidate")
+    w.link(lora, "model", sampler, "model")
+    w.link(pos, "CONDITIONING", sampler, "positive")
+    w.link(neg, "CONDITIONING", sampler, "negative")
+    w.link(latent, "LATENT", sampler, "latent_image")
+    w.link(sampler, "LATENT", decode, "samples")
+    w.link(ckpt, "VAE", decode, "vae")
+    w.link(decode, "IMAGE", save_all, "images")
+    w.group("6 - Score (identity + CLIP) & keep the best", "#8A8", width=2)
+    faces = w.node("CharForgeLoadFaceModels", pack="buffalo_l")
+    identity = w.node("CharForgeBuildIdentity", name="my_character", save=True, folder="charforge/my_character")
+    score_id = w.node("CharForgeScoreIdentity")
+    clip = w.node("CharForgeLoadClip", model="clip-vit-large-patch14", device="auto")
+    score_clip = w.node("CharForgeClipScore", prompt="photo of a person, head and shoulders portrait, looking at "
+                        "the camera")
+    combined = w.node("CharForgeCombineScores", identity_weight=1.0, text_weight=0.5)
+    best = w.node("CharForgeBestOfN", group_size=4)
+    save_best = w.node("SaveImage", title="Best candidate", height=300, filename_prefix="charforge/pipeline_best")
+    w.link(faces, "face_models", identity, "face_models")
+    w.link(faces, "face_models", score_id, "face_models")
+    w.link(identity, "identity", score_id, "identity")
+    w.link(decode, "IMAGE", score_id, "images")
+    w.link(clip, "clip", score_clip, "clip")
+    w.link(decode, "IMAGE", score_clip, "images")
+    w.link(score_id, "scores", combined, "identity_scores")
+    w.link(score_clip, "scores", combined, "clip_scores")
+    w.link(decode, "IMAGE", best, "images")
+    w.link(combined, "scores", best, "scores")
+    w.link(best, "images", save_best, "images")
+    w.group("7 - Video with the trained LoRA & drift check", "#a1309b", width=2)
+    video_model = w.node("CharForgeLoadVideoModel", base_model="v1-5-pruned-emaonly.safetensors",
+                         motion_module="mm_sd_v15_v2.ckpt")
+    video_lora = w.node("CharForgeVideoLoRA", title="Video LoRA: the trained LoRA", lora_name="(none)",
+                        strength=0.8)
+    generate = w.node("CharForgeGenerateVideo", height=520, prompt=(
+        "0: photo of ohwx person smiling, looking at the camera\n16: photo of ohwx person laughing, turning the "
+        "head\nnatural light, sharp focus"), negative_prompt="blurry, low quality, deformed, several people",
+        frames=32, fps=8.0, width=512, steps=25, cfg=7.5, scheduler="ddim", seed=42, context_length=16,
+        context_overlap=4, widgets={"height": 512})
+    save_video = w.node("CharForgeSaveVideo", format="mp4", filename_prefix="charforge/pipeline_video")
+    drift = w.node("CharForgeIdentityDrift")
+    plot = w.node("PreviewImage", title="Identity drift", height=260)
+    w.link(video_model, "model", video_lora, "model")
+    w.link(train, "lora_name", video_lora, "lora_name_from")
+    w.link(video_lora, "model", generate, "model")
+    w.link(generate, "frames", save_video, "frames")
+    w.link(generate, "fps", save_video, "fps")
+    w.link(faces, "face_models", drift, "face_models")
+    w.link(identity, "identity", drift, "identity")
+    w.link(generate, "frames", drift, "frames")
+    w.link(drift, "plot", plot, "images")
+    return w
+
+
+BUILDERS = (caption_dataset, train_lora_sdxl, generate_best_of_n_clip, controlnet_lora, character_lora,
+            character_pipeline)

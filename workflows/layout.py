@@ -62,7 +62,10 @@ class Layout:
         x, _, w, _ = self.groups[-1]["bounding"]
         return x + w
 
-    def node(self, class_type: str, title: str | None = None, height: int | None = None, **values: Any) -> int:
+    def node(self, class_type: str, title: str | None = None, height: int | None = None,
+             widgets: dict[str, Any] | None = None, **values: Any) -> int:
+        """Add a node: widget values by name (in `widgets` for names this method takes itself, e.g. height)."""
+        values = {**values, **(widgets or {})}
         info = self.info[class_type]
         node_id = len([n for n in self.nodes]) + 1
         inputs, widgets = [], []
@@ -71,7 +74,7 @@ class Layout:
             names = (info.get("input_order") or {}).get(section) or list(declared.get(section) or {})
             for name in names:
                 kind, options = _split(declared[section][name])
-                if _is_widget(kind):
+                if _is_widget(kind) and not options.get("forceInput"):
                     if name not in values:
                         if "default" in options:
                             value = options["default"]

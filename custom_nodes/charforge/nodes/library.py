@@ -3,6 +3,8 @@
 - Load Character: a character preset's prompt, negative prompt, LoRA stack, identity and generation settings
 - Apply LoRA Stack: several LoRAs with per-LoRA weights on MODEL + CLIP through ComfyUI's own patching,
   trigger words from the LoRAs' metadata injected into the prompt
+- Load LoRA (by name): one LoRA whose file name is a linked STRING (Train LoRA's lora_name), so one graph can
+  train a LoRA and generate with it
 - LoRA Info: what a LoRA file is (format, base model, rank, alpha, trigger words, training settings)
 - Merge LoRAs, Resize LoRA, Convert LoRA: write new files into the loras folder, never over an existing one
 
@@ -226,6 +228,80 @@ class ApplyLoraStack:
         return {"ui": _text_ui(report), "result": (model, clip, text, report)}
 
 
+class LoadLoraByName:
+    """Apply one LoRA named by a linked STRING (e.g. Train LoRA's lora_name) to MODEL and CLIP."""
+
+    DESCRIPTION = ("Like ComfyUI's Load LoRA, but the LoRA's file name comes in as a linked STRING instead of a "
+                   "pick from the list, so a LoRA trained earlier in the same graph (Train LoRA's lora_name "
+                   "output) can be used right away: the link also makes ComfyUI run the training first. The name "
+                   "is looked up in the loras folder(s) and patched in with ComfyUI's own LoRA code; keys ComfyUI "
+                   "could not load are reported.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
+    RETURN_NAMES = ("model", "clip", "report")
+    OUTPUT_TOOLTIPS = ("The model with the LoRA.", "The text encoder with the LoRA.",
+                       "What was applied, and any key ComfyUI did not load.")
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model."}),
+            "clip": ("CLIP", {"tooltip": "The text encoder."}),
+            "lora_name": ("STRING", {"forceInput": True, "tooltip": (
+                "A LoRA file name in the loras folder, e.g. Train LoRA's lora_name output (my_character.safetensors;"
+                " the .safetensors may be left out).")}),
+            "strength_model": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                         "tooltip": "How strongly the LoRA changes the diffusion model."}),
+            "strength_clip": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                        "tooltip": "How strongly the LoRA changes the text encoder."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, lora_name=None, **_):
+        # ComfyUI leaves linked inputs out here; the link's source already keys the cache then.
+        return _mtime("loras", lora_name) if isinstance(lora_name, str) and lora_name else ""
+
+    def apply(self, model, clip, lora_name, strength_model=1.0, strength_clip=1.0):
+        name = resolve_lora_name(lora_name)
+        bridge.check_cancelled()
+        if strength_model == 0 and strength_clip == 0:
+            report = f"{name}: skipped (strength 0)"
+            return {"ui": _text_ui(report), "result": (model, clip, report)}
+        model, clip, not_loaded = bridge.apply_lora(model, clip, _lora_path(name), float(strength_model),
+                                                    float(strength_clip))
+        report = f"{name}: model {strength_model:g}, clip {strength_clip:g}"
+        if not_loaded:
+            report += f"; {len(not_loaded)} key(s) NOT loaded, e.g. {not_loaded[0]}"
+        return {"ui": _text_ui(report), "result": (model, clip, report)}
+
+
+def resolve_lora_name(lora_name: str) -> str:
+    """The name of `lora_name` as the loras folder lists it (``.safetensors`` added when left out).
+
+    Raises :class:`bridge.ModelNotFoundError` naming the folders searched and the LoRAs found there.
+    """
+    name = str(lora_name or "").strip().replace("\\", "/")
+    if not name:
+        raise ValueError("lora_name is empty: link Train LoRA's lora_name (or any STRING with a LoRA file name)")
+    if name.startswith("/") or name[1:2] == ":" or ".." in name.split("/"):
+        raise ValueError(f"lora_name {lora_name!r} must be a name in the loras folder, not a path")
+    listed = _loras()
+    candidates = [name] if name.lower().endswith((".safetensors", ".pt", ".ckpt")) else [name, name + ".safetensors"]
+    for candidate in candidates:
+        if candidate in listed:
+            return candidate
+    for candidate in candidates:
+        try:
+            bridge.find_model("loras", candidate)
+            return candidate
+        except bridge.ModelNotFoundError:
+            continue
+    shown = ", ".join(listed[:10]) + (" ..." if len(listed) > 10 else "") if listed else "none"
+    raise bridge.ModelNotFoundError(f"LoRA {name!r} is not in the loras folder(s) {bridge.model_folders('loras')} "
+                                    f"(found: {shown})")
+
+
 # --------------------------------------------------------------------------------------------------
 # Inspection
 
@@ -393,6 +469,7 @@ class ConvertLora:
 NODE_CLASS_MAPPINGS = {
     "CharForgeLoadCharacter": LoadCharacter,
     "CharForgeApplyLoraStack": ApplyLoraStack,
+    "CharForgeLoadLoraByName": LoadLoraByName,
     "CharForgeLoraInfo": LoraInfo,
     "CharForgeMergeLoras": MergeLoras,
     "CharForgeResizeLora": ResizeLora,
@@ -401,6 +478,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "CharForgeLoadCharacter": "Load Character",
     "CharForgeApplyLoraStack": "Apply LoRA Stack",
+    "CharForgeLoadLoraByName": "Load LoRA (by name)",
     "CharForgeLoraInfo": "LoRA Info",
     "CharForgeMergeLoras": "Merge LoRAs",
     "CharForgeResizeLora": "Resize LoRA",

@@ -176,9 +176,19 @@ class VideoLoRA:
                 "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, "tooltip": (
                     "How strongly the LoRA applies (1.0 as trained; 0 switches it off).")}),
             },
+            "optional": {
+                "lora_name_from": ("STRING", {"forceInput": True, "tooltip": (
+                    "A LoRA file name in the loras folder as a linked STRING, e.g. Train LoRA's lora_name: used "
+                    "instead of lora_name (set that to (none)), so a LoRA trained in the same graph feeds the video "
+                    "and is trained first.")}),
+            },
         }
 
-    def add(self, model, lora_name, strength=1.0):
+    def add(self, model, lora_name, strength=1.0, lora_name_from=None):
+        if lora_name_from is not None and str(lora_name_from).strip():
+            from .library import resolve_lora_name
+
+            lora_name = resolve_lora_name(lora_name_from)
         if lora_name == NONE or strength == 0:
             return (model,)
         return (model.with_lora(bridge.find_model("loras", lora_name), float(strength)),)
