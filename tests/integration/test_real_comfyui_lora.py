@@ -225,7 +225,7 @@ def test_sd15_single_file_and_lora_in_real_comfyui(comfy, tmp_path, monkeypatch)
                             dtype=torch.float32)
     modules = network.modules()
     unet_modules = sum(m.component == "unet" for m in modules)
-    ids = tokenize(model.tokenizers[0], [prompt])[0]
+    ids = tokenize(model.tokenizers[0], [prompt])[0, 0]  # (prompts, windows, 77)
     torch.save(inputs, tmp_path / "inputs.pt")
     del model, network
     gc.collect()
