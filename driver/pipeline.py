@@ -258,6 +258,27 @@ def _has_face_pack(server: Server) -> bool:
     return any((d / "models" / "buffalo_l").is_dir() for d in _model_dirs(server, "insightface"))
 
 
+def checkpoint_arch(server: Server, checkpoint: str) -> str:
+    """``sd15`` or ``sdxl`` for a checkpoint the server lists: from its tensor names when the file is local
+    (the safetensors header only, no torch; SDXL has a second text encoder, ``conditioner.embedders.1``), else
+    from its name (many SDXL fine-tunes have "xl" in it; Pony and others do not, hence the header first)."""
+    for folder in _model_dirs(server, "checkpoints"):
+        path = folder / checkpoint
+        if path.suffix.lower() != ".safetensors" or not path.is_file():
+            continue
+        try:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                keys = json.loads(f.read(size)) if 0 < size < 200_000_000 else {}
+        except (OSError, ValueError):
+            continue
+        if any(k.startswith("conditioner.embedders.1.") for k in keys):
+            return "sdxl"
+        if any(k.startswith("model.diffusion_model.") for k in keys):
+            return "sd15"
+    return "sdxl" if re.search(r"xl", checkpoint, re.IGNORECASE) else "sd15"
+
+
 def choose_models(client: ComfyClient, server: Server, opts: PipelineOptions, say: Say) -> Models:
     """Real models where the server has them; tiny ones (written into our base directory) where it has none."""
     from charforge.engine import tiny
@@ -298,7 +319,7 @@ def choose_models(client: ComfyClient, server: Server, opts: PipelineOptions, sa
     checkpoint = opts.base_model or checkpoints[0]
     if checkpoint not in checkpoints:
         raise PipelineError(f"base model {checkpoint!r} is not among the server's checkpoints: {', '.join(checkpoints)}")
-    arch = "sdxl" if re.search(r"xl", checkpoint, re.IGNORECASE) else "sd15"
+    arch = checkpoint_arch(server, checkpoint)
     motions = [m for m in _choices(info, "CharForgeLoadVideoModel", "motion_module")
                if not m.startswith(tiny.TINY_PREFIX) and ("xl" in m.lower()) == (arch == "sdxl")]
     if not motions:

@@ -294,3 +294,21 @@ def test_which_comfyui_is_used(tmp_path, monkeypatch, ready, comfy_dir, expected
         return
     server = pipeline.acquire_server(_opts(tmp_path), print, env=env)
     assert (server.url == pipeline.DEFAULT_LOCAL_URL) == (expected == "found")
+
+
+def test_the_base_model_family_comes_from_the_checkpoint_keys(tmp_path):
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "base" / "models" / "checkpoints"
+    folder.mkdir(parents=True)
+    tensor = np.zeros(1, np.float32)
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": tensor,
+               "conditioner.embedders.1.model.ln_final.weight": tensor}, str(folder / "ponyDiffusionV6.safetensors"))
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": tensor,
+               "cond_stage_model.transformer.text_model.final_layer_norm.weight": tensor},
+              str(folder / "my_xl_looking_sd15.safetensors"))
+    server = pipeline.Server("http://127.0.0.1:1", base_dir=tmp_path / "base")
+    assert pipeline.checkpoint_arch(server, "ponyDiffusionV6.safetensors") == "sdxl"  # no "xl" in the name
+    assert pipeline.checkpoint_arch(server, "my_xl_looking_sd15.safetensors") == "sd15"  # the keys win
+    assert pipeline.checkpoint_arch(server, "remote_juggernautXL.safetensors") == "sdxl"  # not local: the name
+    assert pipeline.checkpoint_arch(server, "remote_dreamshaper.ckpt") == "sd15"
