@@ -30,7 +30,6 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PORTS = range(18300, 18400)
+sys.path.insert(0, str(ROOT / "tests"))
+from cf_testing.real_comfyui import free_port  # noqa: E402 - the tests' helpers, not installed
 
 
 def rss_mib() -> float:
@@ -131,17 +132,6 @@ def scale_one(jobs: int) -> dict:
 # ---- speedup ---------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 18300-18399")
-
-
 def wait_up(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -158,7 +148,7 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
 def start_servers(kind: str, count: int, args: argparse.Namespace, tmp: Path) -> list[tuple[str, subprocess.Popen]]:
     servers = []
     for i in range(count):
-        port = free_port()
+        port = free_port(PORTS)
         if kind == "fake":
             cmd = [sys.executable, str(ROOT / "tests" / "fakes" / "comfy_server.py"), "--listen", "127.0.0.1",
                    "--port", str(port), "--node-seconds", str(args.node_seconds), "--caching", "off"]

@@ -102,7 +102,7 @@ class ScoreSheet:
             "source": self.source,
             "summary": self.stats(),
             "notes": self.notes,
-            "images": [_clean(asdict(row)) for row in self.rows],
+            "images": [json_safe(asdict(row)) for row in self.rows],
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -116,12 +116,12 @@ class ScoreSheet:
                    list(data.get("notes", [])))
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe copy: numpy scalars to floats, floats rounded, NaN to None."""
+def json_safe(value: Any) -> Any:
+    """JSON-safe copy: keys as strings, numpy scalars to Python numbers, floats rounded to 4 places, NaN to None."""
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         value = value.item()
     if isinstance(value, float):

@@ -4,11 +4,12 @@ plus the run's mode, models and settings, saved as ``metadata.json`` next to the
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..score.sheet import json_safe
 
 FORMAT = "charforge.storyboard"
 VERSION = 1
@@ -40,7 +41,7 @@ class StoryFrame:
     candidate_scores: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean(asdict(self))
+        return json_safe(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StoryFrame:
@@ -82,7 +83,7 @@ class Storyboard:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean({"format": FORMAT, "version": VERSION, "mode": self.mode, "label": self.label,
+        return json_safe({"format": FORMAT, "version": VERSION, "mode": self.mode, "label": self.label,
                        "story": self.story, "created": self.created, "character": self.character,
                        "models": self.models, "settings": self.settings, "summary": self.stats(),
                        "notes": self.notes, "frames": [f.to_dict() for f in self.frames]})
@@ -112,16 +113,3 @@ def load_storyboard(path: str | Path) -> Storyboard:
     if path.is_dir():
         path = path / "metadata.json"
     return Storyboard.from_dict(json.loads(path.read_text(encoding="utf-8")))
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe copy: floats rounded to 4 places, NaN to None, numpy scalars to Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float):
-        return None if math.isnan(value) else round(value, 4)
-    return value
