@@ -492,7 +492,10 @@ class BatchRunner:
             files = [f["path"] for f in manifest.get("files", [])]
             prompt_id = prompt_id or manifest.get("prompt_id")
         seconds = round(time.time() - js.first_submitted_at, 3) if js.first_submitted_at else None
-        self._log("done", job=job.id, prompt_id=prompt_id, server=target.name, files=files, seconds=seconds)
+        costs = getattr(target, "job_costs", None)  # targets that price their jobs (RunPod) keep them by prompt id
+        cost = costs.get(prompt_id) if isinstance(costs, dict) and prompt_id else None
+        extra = {"cost": round(float(cost), 6)} if cost is not None else {}
+        self._log("done", job=job.id, prompt_id=prompt_id, server=target.name, files=files, seconds=seconds, **extra)
         self._finish(JobOutcome(job, "done", final, prompt_id, target.name, [final / f for f in files]))
         return False
 
@@ -514,26 +517,11 @@ class BatchRunner:
         return summary
 
     def _add_job_costs(self, summary: dict[str, Any]) -> None:
-        """``summary["cost"]``: the batch total and each job's cost (targets that price their jobs, i.e.
-        RunPod's, keep ``job_costs`` by prompt id); costs of earlier runs are kept from the last summary."""
-        assert self.journal is not None
-        by_prompt: dict[str, float] = {}
-        for target in self.targets:
-            costs = getattr(target, "job_costs", None)
-            if isinstance(costs, dict):
-                by_prompt.update({k: float(v) for k, v in costs.items() if v is not None})
-        if not by_prompt and not any("cost" in row for row in summary["servers"]):
-            return
-        jobs: dict[str, float] = {}
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
-            previous = json.loads((self.out / SUMMARY_NAME).read_text(encoding="utf-8"))["cost"]["jobs"]
-            jobs.update({str(k): float(v) for k, v in previous.items()})
-        for job_id, js in self.journal.state.jobs.items():
-            for prompt_id in {*js.prompt_ids, *([js.prompt_id] if js.prompt_id else [])}:
-                if prompt_id in by_prompt:
-                    jobs[job_id] = round(by_prompt[prompt_id], 6)
-        servers = sum(row.get("cost", 0.0) for row in summary["servers"])
-        summary["cost"] = {"total_usd": round(servers or sum(jobs.values()), 4), "jobs": jobs}
+        """A pod bills its whole session, idle included: when servers know their cost, the batch total is
+        theirs rather than the sum of the journaled job costs."""
+        servers = [row["cost"] for row in summary["servers"] if "cost" in row]
+        if servers:
+            summary.setdefault("cost", {"total_usd": 0.0, "jobs": {}})["total_usd"] = round(sum(servers), 4)
 
     async def _summaries(self) -> None:
         while True:

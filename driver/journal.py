@@ -61,6 +61,7 @@ class JobState:
     reason: str | None = None
     kind: str | None = None
     files: list[str] = field(default_factory=list)
+    cost: float | None = None  # USD, for targets that price their jobs (RunPod)
     invalid_on: dict[str, str] = field(default_factory=dict)
 
 
@@ -141,6 +142,7 @@ class BatchState:
             job.state = "done"
             job.finished_at = t
             job.files = list(rec.get("files") or [])
+            job.cost = rec.get("cost")
             job.reason = None
             job.kind = None
             if rec.get("prompt_id"):

@@ -82,6 +82,8 @@ def build_summary(state: BatchState, jobs: list[dict[str, Any]] | None = None, *
                       job_seconds_median=round(durations[len(durations) // 2], 3),
                       job_seconds_max=round(durations[-1], 3))
     total = len(planned)
+    priced = {job_id: js.cost for job_id, js in state.jobs.items() if js.state == "done" and js.cost is not None}
+    cost = {"cost": {"total_usd": round(sum(priced.values()), 4), "jobs": priced}} if priced else {}
     return {
         "charforge_batch_summary": 1,
         "source": state.header.get("source"),
@@ -96,6 +98,7 @@ def build_summary(state: BatchState, jobs: list[dict[str, Any]] | None = None, *
         "timings": timing,
         "servers": sorted(per_server.values(), key=lambda r: r["server"]),
         "failures": failures,
+        **cost,
         "updated": _iso(now),
     }
 
@@ -149,8 +152,7 @@ def load_plan_jobs(out_dir: Path) -> list[dict[str, Any]] | None:
 
 
 def summary_of(out_dir: Path) -> dict[str, Any]:
-    """Rebuild the summary of the batch in ``out_dir`` from its journal and plan (costs, which only the
-    running batch knows, come from the last ``summary.json``)."""
+    """Rebuild the summary of the batch in ``out_dir`` from its journal and plan (job costs are journaled)."""
     out_dir = Path(out_dir)
     journal = out_dir / JOURNAL_NAME
     if not journal.exists():
@@ -158,12 +160,13 @@ def summary_of(out_dir: Path) -> dict[str, Any]:
 
         raise BatchError(f"no batch journal in {out_dir} (expected {journal})")
     summary = build_summary(replay(journal), load_plan_jobs(out_dir))
+    # A pod's session cost (idle time included) is known only to the running batch: take it from its summary.
     with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
         written = json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
-        if written.get("cost"):
-            summary["cost"] = written["cost"]
         costs = {row["server"]: row["cost"] for row in written.get("servers", []) if "cost" in row}
         for row in summary["servers"]:
             if row["server"] in costs:
                 row["cost"] = costs[row["server"]]
+        if costs:
+            summary.setdefault("cost", {"total_usd": 0.0, "jobs": {}})["total_usd"] = round(sum(costs.values()), 4)
     return summary

@@ -27,6 +27,7 @@ from charforge.driver.batch_run import Batch
 from charforge.driver.config import resolve_runpod
 from charforge.driver.runpod import PodTarget, ServerlessTarget
 from charforge.driver.runpod.cost import CostBudget, cost_report, with_budget, write_cost_summary
+from charforge.driver.summary import summary_of
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -215,3 +216,6 @@ def test_max_cost_stops_submitting_and_costs_land_next_to_the_summary(runpod: Fa
         assert summary["cost"]["jobs"][job_id] == pytest.approx(runpod.jobs[prompt_id].to_dict()["executionTime"] / 1000,
                                                                 abs=1e-6)
     assert summary["cost"]["total_usd"] == pytest.approx(costs["total_usd"], abs=2e-3)
+    # job costs are journaled: the summary rebuilt from the journal alone still has them
+    (out / "summary.json").unlink()
+    assert summary_of(out)["cost"]["jobs"] == summary["cost"]["jobs"]
