@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -12,10 +11,10 @@ import torch
 from PIL import Image
 
 from cf_testing.comfyui import run_node
-from cf_testing.face_models import blank_image, face_image, write_face_pack
+from cf_testing.face_models import blank_image, face_image
 from charforge import bridge
 from charforge.deps import MissingDependencyError
-from charforge.engine.faces import Face, FaceAnalyzer
+from charforge.engine.faces import Face
 from charforge.engine.score import ImageScore, ScoreSheet
 from charforge.nodes.score import (
     BestOfN,
@@ -46,18 +45,9 @@ def batch(*images):
     return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images]))
 
 
-@pytest.fixture(scope="module")
-def built_pack(tmp_path_factory):
-    return write_face_pack(tmp_path_factory.mktemp("pack") / "insightface", "buffalo_l").parent.parent
-
-
 @pytest.fixture
-def comfy(comfy_env, built_pack):
-    """ComfyUI stand-in with the pack's model folders registered and buffalo_l in models/insightface."""
-    bridge.register_model_folders()
-    shutil.copytree(built_pack, comfy_env.base_dir / "models" / "insightface")
-    yield comfy_env
-    FaceAnalyzer.clear_cache()
+def comfy(comfy_with_faces):
+    return comfy_with_faces
 
 
 def references():

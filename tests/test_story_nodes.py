@@ -4,7 +4,6 @@ InsightFace-format test models: planted faces of known persons make the right ca
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -12,8 +11,7 @@ import torch
 from PIL import Image
 
 from cf_testing.comfyui import node_info, run_node
-from cf_testing.face_models import blank_image, face_image, write_face_pack
-from charforge import bridge
+from cf_testing.face_models import blank_image, face_image
 from charforge.engine.faces import FaceAnalyzer
 from charforge.engine.score import build_identity
 from charforge.nodes import NODE_CLASS_MAPPINGS
@@ -33,17 +31,9 @@ def batch(*images):
     return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images]))
 
 
-@pytest.fixture(scope="module")
-def built_pack(tmp_path_factory):
-    return write_face_pack(tmp_path_factory.mktemp("pack") / "insightface", "buffalo_l").parent.parent
-
-
 @pytest.fixture
-def comfy(comfy_env, built_pack):
-    bridge.register_model_folders()
-    shutil.copytree(built_pack, comfy_env.base_dir / "models" / "insightface")
-    yield comfy_env
-    FaceAnalyzer.clear_cache()
+def comfy(comfy_with_faces):
+    return comfy_with_faces
 
 
 def test_nodes_are_registered_with_list_semantics():

@@ -98,3 +98,25 @@ def loaded_pack(comfy_env):
         yield module
     finally:
         unload_pack(module)
+
+
+@pytest.fixture(scope="session")
+def face_pack_models(tmp_path_factory):
+    """A models folder with the InsightFace-format test pack in insightface/models/buffalo_l (built once)."""
+    from .face_models import write_face_pack
+
+    return write_face_pack(tmp_path_factory.mktemp("pack") / "insightface", "buffalo_l").parent.parent
+
+
+@pytest.fixture
+def comfy_with_faces(comfy_env, face_pack_models):
+    """The ComfyUI stand-in with the pack's model folders registered and buffalo_l in models/insightface."""
+    import shutil
+
+    from charforge import bridge
+    from charforge.engine.faces import FaceAnalyzer
+
+    bridge.register_model_folders()
+    shutil.copytree(face_pack_models, comfy_env.base_dir / "models" / "insightface")
+    yield comfy_env
+    FaceAnalyzer.clear_cache()
