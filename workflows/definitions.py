@@ -188,14 +188,46 @@ def controlnet_lora(new):
     return w
 
 
+def _photos_to_lora(w):
+    """Groups 1-3 of character_lora and character_pipeline: photos -> dataset -> captions -> Train LoRA."""
+    w.group("1 - Photos -> dataset", "#3f789e")
+    load = w.node("CharForgeLoadDataset", folder="charforge/my_character", name="my_character")
+    analyse = w.node("CharForgeAnalyseDataset", face_detector="auto")
+    filt = w.node("CharForgeFilterDataset", require_face=True)
+    dedup = w.node("CharForgeDeduplicateDataset")
+    crop = w.node("CharForgeCropDataset", buckets="sd15", format="jpg")
+    w.link(load, "dataset", analyse, "dataset")
+    w.link(analyse, "dataset", filt, "dataset")
+    w.link(filt, "dataset", dedup, "dataset")
+    w.link(dedup, "dataset", crop, "dataset")
+    w.group("2 - Captions, export & report", "#8A8", width=2)
+    cap = w.node("CharForgeCaptionDataset", backend="wd14", model="", mode="skip existing", trigger="ohwx",
+                 class_tokens="person")
+    exp = w.node("CharForgeExportDataset", trigger="ohwx", class_tokens="person", repeats=10, export_name="kohya",
+                 caption_mode="caption as is")
+    rep = w.node("CharForgeDatasetReport", trigger="ohwx")
+    sheet = w.node("PreviewImage", title="Contact sheet", height=260)
+    w.link(crop, "dataset", cap, "dataset")
+    w.link(cap, "dataset", exp, "dataset")
+    w.link(exp, "dataset", rep, "dataset")
+    w.link(rep, "contact_sheet", sheet, "images")
+    w.group("3 - Train the LoRA", "#a1309b")
+    train = w.node("CharForgeTrainLoRA", base_model="v1-5-pruned-emaonly.safetensors", trigger_word="ohwx",
+                   output_name="my_character", preset="sd15", seed=42)
+    loss = w.node("PreviewImage", title="Loss curve", height=260)
+    w.link(exp, "train_data_dir", train, "dataset_folder")
+    w.link(train, "loss_curve", loss, "images")
+    return train
+
+
 def character_lora(new):
     w = new("character_lora")
     w.note(
         "CHARACTER LoRA IN ONE GRAPH - photos -> dataset -> captions -> LoRA, queued once.\n\n"
-        "The first half of the end-to-end pipeline. The second half (generation with the LoRA, scoring, video)\n"
-        "needs the LoRA's file in LoraLoader's list, which ComfyUI fills when the page loads: after this run,\n"
-        "press R (refresh) and use score_best_of_n / generate_best_of_n_clip and video_animatediff. The\n"
-        "'charforge pipeline PHOTOS --out out' command runs all stages headless (see docs/pipeline.md).\n\n"
+        "The first half of the end-to-end pipeline; character_pipeline goes on to images and video with the LoRA\n"
+        "in the same graph. Or, after this run, press R (refresh) so LoraLoader lists the new file and use\n"
+        "score_best_of_n / generate_best_of_n_clip and video_animatediff. 'charforge pipeline PHOTOS --out out'\n"
+        "runs all stages headless (see docs/pipeline.md).\n\n"
         "SET BEFORE QUEUEING\n"
         "- Load Dataset > folder: your photo folder (absolute, or relative to ComfyUI's input folder).\n"
         "- Filter > require_face: off for drawn or non-human characters.\n"
@@ -207,34 +239,7 @@ def character_lora(new):
         "RESULT\n"
         "output/charforge/datasets/<name>/ (manifest, crops, kohya export, report.html), models/loras/<output_name>"
         ".safetensors, the run folder under output/charforge/train_runs.")
-    w.group("1 - Photos -> dataset", "#3f789e")
-    load = w.node("CharForgeLoadDataset", folder="charforge/my_character", name="my_character")
-    analyse = w.node("CharForgeAnalyseDataset", face_detector="auto")
-    filt = w.node("CharForgeFilterDataset", require_face=True)
-    w.link(load, "dataset", analyse, "dataset")
-    w.link(analyse, "dataset", filt, "dataset")
-    w.group("2 - Clean & crop", "#8A8")
-    dedup = w.node("CharForgeDeduplicateDataset")
-    crop = w.node("CharForgeCropDataset", buckets="sd15", format="jpg")
-    w.link(filt, "dataset", dedup, "dataset")
-    w.link(dedup, "dataset", crop, "dataset")
-    w.group("3 - Captions, export & report", "#a1309b", width=2)
-    cap = w.node("CharForgeCaptionDataset", backend="wd14", model="", mode="skip existing", trigger="ohwx",
-                 class_tokens="person")
-    exp = w.node("CharForgeExportDataset", trigger="ohwx", class_tokens="person", repeats=10, export_name="kohya",
-                 caption_mode="caption as is")
-    rep = w.node("CharForgeDatasetReport", trigger="ohwx")
-    sheet = w.node("PreviewImage", title="Contact sheet", height=260)
-    w.link(crop, "dataset", cap, "dataset")
-    w.link(cap, "dataset", exp, "dataset")
-    w.link(exp, "dataset", rep, "dataset")
-    w.link(rep, "contact_sheet", sheet, "images")
-    w.group("4 - Train the LoRA", "#b58b2a")
-    train = w.node("CharForgeTrainLoRA", base_model="v1-5-pruned-emaonly.safetensors", trigger_word="ohwx",
-                   output_name="my_character", preset="sd15", seed=42)
-    loss = w.node("PreviewImage", title="Loss curve", height=260)
-    w.link(exp, "train_data_dir", train, "dataset_folder")
-    w.link(train, "loss_curve", loss, "images")
+    _photos_to_lora(w)
     return w
 
 
@@ -264,33 +269,7 @@ def character_pipeline(new):
         "<output_name>.safetensors (+ run folder in output/charforge/train_runs), output/charforge/pipeline_\n"
         "candidate_*.png and pipeline_best_*.png with the score tables on the scoring nodes, output/charforge/\n"
         "pipeline_video_*.mp4 and its identity-drift plot.", height=900)
-    w.group("1 - Photos -> dataset", "#3f789e")
-    load = w.node("CharForgeLoadDataset", folder="charforge/my_character", name="my_character")
-    analyse = w.node("CharForgeAnalyseDataset", face_detector="auto")
-    filt = w.node("CharForgeFilterDataset", require_face=True)
-    dedup = w.node("CharForgeDeduplicateDataset")
-    crop = w.node("CharForgeCropDataset", buckets="sd15", format="jpg")
-    w.link(load, "dataset", analyse, "dataset")
-    w.link(analyse, "dataset", filt, "dataset")
-    w.link(filt, "dataset", dedup, "dataset")
-    w.link(dedup, "dataset", crop, "dataset")
-    w.group("2 - Captions, export & report", "#8A8", width=2)
-    cap = w.node("CharForgeCaptionDataset", backend="wd14", model="", mode="skip existing", trigger="ohwx",
-                 class_tokens="person")
-    exp = w.node("CharForgeExportDataset", trigger="ohwx", class_tokens="person", repeats=10, export_name="kohya",
-                 caption_mode="caption as is")
-    rep = w.node("CharForgeDatasetReport", trigger="ohwx")
-    sheet = w.node("PreviewImage", title="Contact sheet", height=260)
-    w.link(crop, "dataset", cap, "dataset")
-    w.link(cap, "dataset", exp, "dataset")
-    w.link(exp, "dataset", rep, "dataset")
-    w.link(rep, "contact_sheet", sheet, "images")
-    w.group("3 - Train the LoRA", "#a1309b")
-    train = w.node("CharForgeTrainLoRA", base_model="v1-5-pruned-emaonly.safetensors", trigger_word="ohwx",
-                   output_name="my_character", preset="sd15", seed=42)
-    loss = w.node("PreviewImage", title="Loss curve", height=260)
-    w.link(exp, "train_data_dir", train, "dataset_folder")
-    w.link(train, "loss_curve", loss, "images")
+    train = _photos_to_lora(w)
     w.group("4 - Model + the trained LoRA, prompts", "#b58b2a", width=2)
     ckpt = w.node("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
     lora = w.node("CharForgeLoadLoraByName", title="Load LoRA (by name): the trained LoRA", strength_model=0.9,
