@@ -1,6 +1,7 @@
 """Caption sidecars and captioning a dataset manifest (skip existing / overwrite / append)."""
 
 import os
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -156,3 +157,17 @@ def test_progress_per_image_and_bad_mode(tmp_path, photos):
     assert seen == [(1, 3), (2, 3), (3, 3)]
     with pytest.raises(ValueError, match="skip existing"):
         caption_dataset(ds, FakeCaptioner(), CaptionRules(), mode="replace")
+
+
+def test_loading_a_folder_reads_sidecars_through_the_one_sidecar_reader(tmp_path, monkeypatch):
+    # Issue 17: sidecar reading has one home (caption.sidecars); dataset loading must use it, not a copy.
+    from charforge.engine.caption import sidecars
+    from charforge.engine.dataset.load import read_caption
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("\n  ohwx, smiling  \n", encoding="utf-8")
+    assert read_caption(tmp_path / "a.png") == "ohwx, smiling"
+    seen = []
+    monkeypatch.setattr(sidecars, "read_sidecar", lambda path: seen.append(Path(path).name) or "from the one reader")
+    assert read_caption(tmp_path / "a.png") == "from the one reader"
+    assert seen == ["a.txt"]

@@ -36,18 +36,14 @@ def dataset_folder(root: str | os.PathLike, name: str) -> Path:
 
 
 def read_caption(image_path: str | os.PathLike) -> str | None:
-    """The first non-empty line of the ``.txt`` sidecar next to an image (kohya convention), if any."""
-    sidecar = Path(image_path).with_suffix(".txt")
-    if not sidecar.is_file():
-        return None
-    try:
-        text = sidecar.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError):
-        return None
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()
-    return None
+    """The caption in the ``.txt`` sidecar next to an image (kohya convention), if any.
+
+    Reading a sidecar has one home, `caption.sidecars.read_sidecar`; this only says where the sidecar of a
+    source photo is.
+    """
+    from ..caption import sidecars
+
+    return sidecars.read_sidecar(Path(image_path).with_suffix(sidecars.EXTENSION))
 
 
 def _inspect(path: str, read_captions: bool) -> ImageEntry:
