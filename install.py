@@ -33,8 +33,20 @@ REQUIREMENTS = HERE / "requirements.txt"
 OPTIONAL_REQUIREMENTS = {"insightface"}
 # ComfyUI owns these; a pack must never reinstall or downgrade them.
 NEVER_INSTALL = {"torch", "torchvision", "torchaudio", "torchsde"}
-COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", "__pycache__", "*.pyc", ".pytest_cache",
-                                     ".ruff_cache", "output", "input", ".whl", ".gl", "*.egg-info", "build", "dist")
+# What --copy copies: the files ComfyUI loads and serves, nothing else. An allow-list, not a deny-list: a
+# checkout also holds build output (.venv, out/ with `make demo`'s ComfyUI, whose custom_nodes/charforge links
+# back here), and copying "everything but" once copied the repository into itself through that link.
+COPY_FILES = ("__init__.py", "install.py", "requirements.txt", "pyproject.toml", "README.md")
+COPY_FILE_PREFIXES = ("LICENSE", "LICENCE", "COPYING", "NOTICE")
+# Folders copied with their subfolders, keeping only files with these suffixes. ComfyUI imports the pack from
+# the root __init__.py (which reaches custom_nodes/charforge/) and serves workflows/ as the pack's templates
+# (editor files with their .jpg thumbnails; api/ holds the twins `charforge run` takes).
+# (folder, suffixes kept, with subfolders?)
+COPY_FOLDERS = (
+    ("custom_nodes/charforge", (".py", ".json", ".yaml", ".txt", ".csv", ".md"), True),
+    ("workflows", (".json", ".jpg"), False),
+    ("workflows/api", (".json",), False),
+)
 
 # Run inside the target Python: which requirement lines are not satisfied there. pip vendors `packaging`.
 _PROBE = r"""
@@ -139,6 +151,43 @@ def install_requirements(python: str, upgrade: bool = False) -> list[str]:
     return failed_optional
 
 
+def pack_files(source: Path) -> list[Path]:
+    """The files of the pack under `source` that --copy copies (relative paths, sorted).
+
+    Symbolic links are never followed nor copied: a link inside a checkout points at something else
+    (a model folder, a ComfyUI linking back to this repository), not at the pack's own files."""
+    files = []
+    for name in os.listdir(source):
+        path = source / name
+        if path.is_symlink() or not path.is_file():
+            continue
+        if name in COPY_FILES or name.upper().startswith(COPY_FILE_PREFIXES):
+            files.append(Path(name))
+    for tree, suffixes, recursive in COPY_FOLDERS:
+        top = source / tree
+        if top.is_symlink() or not top.is_dir():
+            continue
+        for folder, dirs, names in os.walk(top):  # os.walk does not descend into linked folders
+            here = Path(folder)
+            dirs[:] = sorted(d for d in dirs if recursive and d != "__pycache__" and not (here / d).is_symlink())
+            for name in names:
+                path = here / name
+                if path.suffix.lower() in suffixes and not path.is_symlink():
+                    files.append(path.relative_to(source))
+    return sorted(files)
+
+
+def copy_pack(source: Path, target: Path) -> int:
+    """Copy the pack's own files (:func:`pack_files`) from `source` into the new folder `target`."""
+    files = pack_files(source)
+    if not (source / "__init__.py").is_file() or not (source / "custom_nodes" / PACK_NAME).is_dir():
+        raise InstallError(f"{source} is not a CharForge checkout (no __init__.py and custom_nodes/{PACK_NAME})")
+    for rel in files:
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / rel, target / rel)
+    return len(files)
+
+
 def place_pack(custom_nodes: Path, copy: bool, force: bool) -> Path:
     """Link (or copy) this checkout into a ComfyUI custom_nodes folder; return the installed path."""
     custom_nodes.mkdir(parents=True, exist_ok=True)
@@ -166,9 +215,9 @@ def place_pack(custom_nodes: Path, copy: bool, force: bool) -> Path:
         staging = target.with_name(f"{PACK_NAME}.partial.disabled")
         if staging.exists():
             shutil.rmtree(staging)
-        shutil.copytree(HERE, staging, ignore=COPY_IGNORE)
+        count = copy_pack(HERE, staging)
         staging.rename(target)
-        say(f"copied the pack to {target}")
+        say(f"copied the pack ({count} files) to {target}")
     else:
         os.symlink(HERE, target, target_is_directory=True)
         say(f"linked {target} -> {HERE}")

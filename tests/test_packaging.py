@@ -2,8 +2,10 @@
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -89,6 +91,69 @@ def test_install_copy_keeps_what_comfyui_needs_and_backs_up(tmp_path):
     assert not (target / ".git").exists() and not (target / ".venv").exists()
     subprocess.run(args, check=True, capture_output=True)  # update in place
     assert (comfy / "custom_nodes" / "charforge.old.disabled").exists()
+
+
+def _checkout_after_demo(tmp_path):
+    """A checkout as `make demo` leaves it: the pack's files plus build output, with out/comfyui's
+    custom_nodes/charforge linking back to the checkout (a loop) and a link to a folder outside it."""
+    repo = tmp_path / "repo"
+    for rel in ("__init__.py", "install.py", "requirements.txt", "pyproject.toml", "README.md"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / rel, repo / rel)
+    pack = repo / "custom_nodes" / "charforge"
+    (pack / "engine" / "train" / "configs" / "sd15").mkdir(parents=True)
+    (pack / "__init__.py").write_text("")
+    (pack / "pack.py").write_text("NODE_CLASS_MAPPINGS = {}\n")
+    (pack / "engine" / "train" / "configs" / "sd15" / "unet.json").write_text("{}")
+    (pack / "__pycache__").mkdir()
+    (pack / "__pycache__" / "pack.cpython-311.pyc").write_bytes(b"0")
+    (repo / "workflows" / "api").mkdir(parents=True)
+    (repo / "workflows" / "object_info").mkdir()
+    for rel in ("workflows/dataset_prep.json", "workflows/dataset_prep.jpg", "workflows/api/dataset_prep.json",
+                "workflows/layout.py", "workflows/object_info/builtin.json", "LICENSE"):
+        (repo / rel).write_text("x")
+    for rel in ("out/comfyui/output/charforge/big.png", ".venv/lib/site.py", "tests/test_x.py",
+                "charforge.egg-info/PKG-INFO", "docs/pipeline.md"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text("x")
+    (repo / "out" / "comfyui" / "custom_nodes").mkdir(parents=True)
+    (repo / "out" / "comfyui" / "custom_nodes" / "charforge").symlink_to(repo, target_is_directory=True)
+    outside = tmp_path / "models"
+    outside.mkdir()
+    (outside / "huge.safetensors").write_text("x")
+    (pack / "models").symlink_to(outside, target_is_directory=True)
+    (pack / "linked.py").symlink_to(outside / "huge.safetensors")
+    return repo
+
+
+def test_install_copy_copies_only_the_pack_never_through_links(tmp_path):
+    repo = _checkout_after_demo(tmp_path)
+    comfy = _fake_comfyui(tmp_path)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(repo / "install.py"), "--comfyui", str(comfy), "--no-deps",
+                             "--copy"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert time.monotonic() - started < 30
+    target = comfy / "custom_nodes" / "charforge"
+    copied = sorted(str(p.relative_to(target)) for p in target.rglob("*") if not p.is_dir())
+    assert copied == ["LICENSE", "README.md", "__init__.py", "custom_nodes/charforge/__init__.py",
+                      "custom_nodes/charforge/engine/train/configs/sd15/unet.json",
+                      "custom_nodes/charforge/pack.py", "install.py", "pyproject.toml", "requirements.txt",
+                      "workflows/api/dataset_prep.json", "workflows/dataset_prep.jpg",
+                      "workflows/dataset_prep.json"]
+    assert not any(p.is_symlink() for p in target.rglob("*"))
+    assert "12 files" in result.stdout
+
+
+def test_install_copy_of_this_checkout_is_the_allow_list():
+    files = install.pack_files(REPO_ROOT)
+    assert {Path("__init__.py"), Path("requirements.txt"), Path("install.py")} <= set(files)
+    assert Path("custom_nodes/charforge/pack.py") in files
+    assert {p.parts[0] for p in files} <= {"__init__.py", "install.py", "requirements.txt", "pyproject.toml",
+                                           "README.md", "custom_nodes", "workflows"}
+    assert all(p.parts[0] != "out" and "__pycache__" not in p.parts for p in files)
+    shipped = {p.name for p in (REPO_ROOT / "workflows").glob("*.json")}
+    assert shipped <= {p.name for p in files if p.parent == Path("workflows")}
 
 
 def test_install_refuses_foreign_folder_and_non_comfyui(tmp_path):
