@@ -117,7 +117,27 @@ def _font(size: int):
         return ImageFont.load_default(), False
 
 
+def visible(text: str) -> str:
+    """`text` with control and invisible formatting characters shown as escapes (``\\n``, ``\\u202e``).
+
+    File names may hold a newline, a tab or a right-to-left override: drawn or shown as they are, they
+    break the contact sheet's one-line labels (Pillow refuses to measure multi-line text) or reorder
+    what the reader sees. The JSON keeps the real names; what is drawn and the HTML show escapes.
+    """
+    out = []
+    for char in str(text):
+        if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
+            code = ord(char)
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char)
+                       or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+                           else f"\\U{code:08x}"))
+        else:
+            out.append(char)
+    return "".join(out)
+
+
 def _printable(text: str, unicode_ok: bool) -> str:
+    text = visible(text)
     if unicode_ok:
         return text
     # The built-in font has ASCII only: "Élodie_été" -> "Elodie_ete", other scripts -> "?".
@@ -256,7 +276,9 @@ def contact_sheets(manifest: DatasetManifest, thumb_size: int = 192, per_sheet: 
 
 
 def _html(data: dict[str, Any], sheets: list[str]) -> str:
-    e = html.escape
+    def e(text: Any) -> str:
+        return html.escape(visible(str(text)))
+
     counts = data["counts"]
 
     def table(rows: list[tuple[str, Any]], head: tuple[str, str]) -> str:
