@@ -6,12 +6,12 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
 
 from cf_testing.comfyui import REPO_ROOT
+from cf_testing.compat import tomllib
 
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 
