@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import bridge
+from ..safe_yaml import MAX_YAML_BYTES, UnsafeYaml, load_yaml, short_repr
 
 FOLDER_KIND = "charforge"
 SUBFOLDER = "characters"
@@ -50,7 +51,7 @@ class CharacterError(ValueError):
         self.path = str(path) if path is not None else None
         self.field = field
         where = f"{self.path}: " if self.path else ""
-        what = f"field {field!r}: " if field else ""
+        what = f"field {short_repr(field)}: " if field else ""
         super().__init__(where + what + message)
 
 
@@ -174,7 +175,7 @@ def safe_name(name: str) -> str:
     if name.lower().endswith(SUFFIXES):
         name = name.rsplit(".", 1)[0]
     if not _NAME.match(name):
-        raise CharacterError(f"{name!r} is not a usable character name: use letters, digits, '-', '_' or '.', "
+        raise CharacterError(f"{short_repr(name)} is not a usable character name: use letters, digits, '-', '_' or '.', "
                              "starting with a letter or digit", field="name")
     return name
 
@@ -182,9 +183,9 @@ def safe_name(name: str) -> str:
 def _number(value, kind, path, key, low, high):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
         raise CharacterError(f"must be {'an integer' if kind is int else 'a number'} in {low}..{high}, "
-                             f"got {value!r}", path, key)
+                             f"got {short_repr(value)}", path, key)
     if not low <= value <= high:
-        raise CharacterError(f"must be in {low}..{high}, got {value!r}", path, key)
+        raise CharacterError(f"must be in {low}..{high}, got {short_repr(value)}", path, key)
     return kind(value)
 
 
@@ -192,7 +193,7 @@ def _text(value, path, key) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise CharacterError(f"must be text, got {type(value).__name__} {value!r}", path, key)
+        raise CharacterError(f"must be text, got {type(value).__name__} {short_repr(value)}", path, key)
     return value
 
 
@@ -202,25 +203,25 @@ def validate_character(data: Any, name: str, path: str | os.PathLike | None = No
         raise CharacterError(f"a character file holds a mapping of fields, got {type(data).__name__}", path)
     unknown = sorted(set(map(str, data)) - _TOP_KEYS)
     if unknown:
-        raise CharacterError(f"unknown field(s) {unknown}; known: {sorted(_TOP_KEYS)}", path, unknown[0])
+        raise CharacterError(f"unknown field(s) {short_repr(unknown)}; known: {sorted(_TOP_KEYS)}", path, unknown[0])
     triggers = data.get("trigger_words") or []
     if isinstance(triggers, str):
         triggers = [w.strip() for w in triggers.split(",") if w.strip()]
     if not isinstance(triggers, list) or not all(isinstance(w, str) and w.strip() for w in triggers):
-        raise CharacterError(f"must be a list of words, got {triggers!r}", path, "trigger_words")
+        raise CharacterError(f"must be a list of words, got {short_repr(triggers)}", path, "trigger_words")
     loras = []
     raw_loras = data.get("loras") or []
     if not isinstance(raw_loras, list):
-        raise CharacterError(f"must be a list of {{name, weight}}, got {raw_loras!r}", path, "loras")
+        raise CharacterError(f"must be a list of {{name, weight}}, got {short_repr(raw_loras)}", path, "loras")
     for index, item in enumerate(raw_loras):
         key = f"loras[{index}]"
         if isinstance(item, str):
             item = {"name": item}
         if not isinstance(item, dict):
-            raise CharacterError(f"must be a file name or {{name, weight, clip_weight}}, got {item!r}", path, key)
+            raise CharacterError(f"must be a file name or {{name, weight, clip_weight}}, got {short_repr(item)}", path, key)
         extra = sorted(set(item) - {"name", "weight", "clip_weight"})
         if extra:
-            raise CharacterError(f"unknown field(s) {extra}", path, key)
+            raise CharacterError(f"unknown field(s) {short_repr(extra)}", path, key)
         lora_name = _text(item.get("name"), path, f"{key}.name").strip()
         if not lora_name:
             raise CharacterError("needs the LoRA's file name", path, f"{key}.name")
@@ -230,10 +231,11 @@ def validate_character(data: Any, name: str, path: str | os.PathLike | None = No
         loras.append(CharacterLora(lora_name, weight, clip))
     gen_data = data.get("generation") or {}
     if not isinstance(gen_data, dict):
-        raise CharacterError(f"must be a mapping ({sorted(_GEN_KEYS)}), got {gen_data!r}", path, "generation")
+        raise CharacterError(f"must be a mapping ({sorted(_GEN_KEYS)}), got {short_repr(gen_data)}", path, "generation")
     unknown = sorted(set(map(str, gen_data)) - _GEN_KEYS)
     if unknown:
-        raise CharacterError(f"unknown field(s) {unknown}; known: {sorted(_GEN_KEYS)}", path, f"generation.{unknown[0]}")
+        raise CharacterError(f"unknown field(s) {short_repr(unknown)}; known: {sorted(_GEN_KEYS)}", path,
+                             f"generation.{unknown[0][:40]}")
     defaults = GenerationParams()
     gen = GenerationParams(
         steps=_number(gen_data.get("steps", defaults.steps), int, path, "generation.steps", 1, 10000),
@@ -252,7 +254,7 @@ def validate_character(data: Any, name: str, path: str | os.PathLike | None = No
                                  f"generation.{key}")
     base_model = _text(data.get("base_model"), path, "base_model").strip().lower()
     if base_model not in BASE_MODELS:
-        raise CharacterError(f"must be one of sd15, sdxl (or empty), got {base_model!r}", path, "base_model")
+        raise CharacterError(f"must be one of sd15, sdxl (or empty), got {short_repr(base_model)}", path, "base_model")
     threshold = _number(data.get("threshold", 0.0) or 0.0, float, path, "threshold", 0.0, 1.0)
     display = _text(data.get("display_name"), path, "display_name").strip()
     return Character(
@@ -302,7 +304,7 @@ def character_path(name_or_path: str | os.PathLike) -> Path:
     known = list_characters()
     hint = f" Saved characters: {', '.join(known)}." if known else " No character is saved yet."
     folders = [str(Path(f) / SUBFOLDER) for f in bridge.model_folders(FOLDER_KIND)]
-    raise CharacterError(f"character {name!r} not found in {', '.join(folders) or 'any folder'}.{hint}")
+    raise CharacterError(f"character {short_repr(name)} not found in {', '.join(folders) or 'any folder'}.{hint}")
 
 
 def read_character_file(path: str | os.PathLike) -> Character:
@@ -311,14 +313,18 @@ def read_character_file(path: str | os.PathLike) -> Character:
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise UnsafeYaml(f"the file is {path.stat().st_size} bytes; a preset is at most {MAX_YAML_BYTES}")
+        data = load_yaml(path.read_text(encoding="utf-8"), "the preset")
     except OSError as exc:
         raise CharacterError(f"cannot read: {exc}", path) from exc
+    except UnsafeYaml as exc:
+        raise CharacterError(str(exc), path) from None
     except yaml.YAMLError as exc:
-        raise CharacterError(f"not valid YAML: {exc}", path) from exc
+        raise CharacterError(f"not valid YAML: {exc}", path) from None
     name = path.name.rsplit(".", 1)[0]
     if isinstance(data, dict) and data.get("name") not in (None, name):
-        raise CharacterError(f"says name {data.get('name')!r} but the file is {path.name}: the file name is the "
+        raise CharacterError(f"says name {short_repr(data.get('name'))} but the file is {path.name}: the file name is the "
                              "character's name", path, "name")
     return validate_character(data if data is not None else {}, name, path)
 

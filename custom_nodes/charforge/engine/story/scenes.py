@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..safe_yaml import UnsafeYaml, load_yaml, short_repr
+
 MIN_FRAMES = 6
 MAX_FRAMES = 10
 FORMATS = ("auto", "text", "json", "yaml")
@@ -50,7 +52,7 @@ def _scene_from(item: Any, where: str) -> Scene:
     if isinstance(item, dict):
         prompt = item.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{where} has no 'prompt' text (keys found: {sorted(item)})")
+            raise ValueError(f"{where} has no 'prompt' text (keys found: {short_repr(sorted(map(str, item)))})")
         caption = item.get("caption", "")
         if caption is not None and not isinstance(caption, str):
             raise ValueError(f"{where}: 'caption' must be text, got {type(caption).__name__}")
@@ -62,7 +64,7 @@ def scenes_from_data(data: Any, source: str = "the scene list") -> list[Scene]:
     """Scenes from parsed JSON/YAML: a list, or an object whose ``scenes`` key holds the list."""
     if isinstance(data, dict):
         if "scenes" not in data:
-            raise ValueError(f"{source} is an object without a 'scenes' list (keys: {sorted(data)})")
+            raise ValueError(f"{source} is an object without a 'scenes' list (keys: {short_repr(sorted(map(str, data)))})")
         data = data["scenes"]
     if not isinstance(data, list):
         raise ValueError(f"{source} must be a list of scenes, got {type(data).__name__}")
@@ -83,7 +85,7 @@ def _guess_format(text: str) -> str:
 def parse_scenes(text: str, fmt: str = "auto", source: str = "the scene list") -> list[Scene]:
     """Scenes from the text of a scene list in format `fmt` (``auto`` guesses JSON, YAML or one per line)."""
     if fmt not in FORMATS:
-        raise ValueError(f"scene format must be one of {FORMATS}, got {fmt!r}")
+        raise ValueError(f"scene format must be one of {FORMATS}, got {short_repr(fmt)}")
     if fmt == "auto":
         fmt = _guess_format(text)
     if fmt == "json":
@@ -99,7 +101,9 @@ def parse_scenes(text: str, fmt: str = "auto", source: str = "the scene list") -
             raise ValueError(f"{source} is YAML but PyYAML is not installed: pip install PyYAML, or write one scene "
                              f"per line") from None
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text, source)
+        except UnsafeYaml as exc:
+            raise ValueError(str(exc)) from None
         except yaml.YAMLError as exc:
             raise ValueError(f"{source} is not valid YAML: {exc}") from None
         scenes = scenes_from_data(data, source)
