@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import pytest
 from PIL import Image
 
 from cf_testing.comfyui import REPO_ROOT, run_node
+from cf_testing.threads import one_torch_thread
 from charforge.driver.convert import _control_count, _widget_specs
 from charforge.driver.preflight import preflight
 
@@ -189,6 +192,98 @@ def test_editor_layout_is_for_people(path):
     assert workflow["last_link_id"] >= max((lk[0] for lk in workflow["links"]), default=0)
 
 
+def _load_layout():
+    spec = importlib.util.spec_from_file_location("charforge_workflows_layout", WORKFLOWS / "layout.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+layout = _load_layout()
+# The editor's (ComfyUI frontend 1.27) zod check of a workflow's id: z.string().uuid().
+ZOD_UUID = re.compile(r"^[0-9a-fA-F]{8}\b-[0-9a-fA-F]{4}\b-[0-9a-fA-F]{4}\b-[0-9a-fA-F]{4}\b-[0-9a-fA-F]{12}$")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _vector2(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_number(v) for v in value)
+
+
+def editor_schema_problems(workflow: dict[str, Any]) -> list[str]:
+    """What the editor's workflow schema (zComfyWorkflow, version 0.4) would reject, field by field."""
+    problems = []
+    if "id" in workflow and not (isinstance(workflow["id"], str) and ZOD_UUID.match(workflow["id"])):
+        problems.append(f"id {workflow['id']!r} is not a UUID")
+    for key in ("version", "last_link_id", "revision"):
+        if key in workflow and not _number(workflow[key]):
+            problems.append(f"{key} {workflow[key]!r} is not a number")
+    if not isinstance(workflow.get("last_node_id"), (int, str)):
+        problems.append("last_node_id missing")
+    for node in workflow.get("nodes", []):
+        where = f"node {node.get('id')}"
+        if not isinstance(node.get("id"), (int, str)) or not isinstance(node.get("type"), str):
+            problems.append(f"{where}: id/type")
+        if not (_vector2(node.get("pos")) and _vector2(node.get("size"))):
+            problems.append(f"{where}: pos/size must be two numbers")
+        if not (isinstance(node.get("flags"), dict) and isinstance(node.get("properties"), dict)):
+            problems.append(f"{where}: flags/properties must be objects")
+        if not (_number(node.get("order")) and _number(node.get("mode"))):
+            problems.append(f"{where}: order/mode must be numbers")
+        if not isinstance(node.get("widgets_values", []), (list, dict)):
+            problems.append(f"{where}: widgets_values")
+        for key in ("color", "bgcolor"):
+            if key in node and not isinstance(node[key], str):
+                problems.append(f"{where}: {key}")
+    for link in workflow.get("links", []):
+        if not (isinstance(link, list) and len(link) == 6 and all(_number(v) for v in link[:5])):
+            problems.append(f"link {link!r}: [id, origin, slot, target, slot, type]")
+    for group in workflow.get("groups", []):
+        if not (isinstance(group.get("title"), str) and isinstance(group.get("bounding"), list)
+                and len(group["bounding"]) == 4 and all(_number(v) for v in group["bounding"])):
+            problems.append(f"group {group.get('id')}: title and a 4-number bounding")
+    ds = (workflow.get("extra") or {}).get("ds")
+    if ds is not None and not (_number(ds.get("scale")) and _vector2(ds.get("offset"))):
+        problems.append("extra.ds needs a scale and a two-number offset")
+    return problems
+
+
+def test_editor_schema_check_catches_what_the_editor_rejects():
+    good = _editor(EDITOR_FILES[0])
+    assert editor_schema_problems(good) == []
+    for bad in ({"id": "charforge-dataset_prep"}, {"extra": {"ds": {"scale": 1, "offset": [0]}}},
+                {"links": [[1, 2, 0, 3, 0]]}, {"nodes": [{**good["nodes"][0], "pos": {"0": 1, "1": 2}}]}):
+        assert editor_schema_problems({**good, **bad}), bad
+
+
+@pytest.mark.parametrize("path", EDITOR_FILES, ids=IDS)
+def test_editor_file_passes_the_editors_schema_with_a_stable_uuid(path):
+    workflow = _editor(path)
+    assert editor_schema_problems(workflow) == []
+    assert workflow["id"] == layout.workflow_id(path.stem), "run python workflows/layout.py"
+    assert str(uuid.UUID(workflow["id"])) == workflow["id"]
+
+
+def test_workflow_ids_are_distinct():
+    ids = [_editor(p)["id"] for p in EDITOR_FILES]
+    assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize("path", EDITOR_FILES, ids=IDS)
+def test_the_note_is_in_the_opening_view(path):
+    """The editor shows canvas point p at screen point (p + offset) * scale: the Note's top-left corner is
+    on screen in a 1280 x 720 window, below the menu bar, and the view is what layout.py computes."""
+    workflow = _editor(path)
+    ds = workflow["extra"]["ds"]
+    assert ds == layout.opening_view(workflow, ds["scale"]), "run python workflows/layout.py"
+    assert 0.5 <= ds["scale"] <= 1.2
+    for note in (n for n in workflow["nodes"] if n["type"] == "Note"):
+        x, y = ((note["pos"][i] + ds["offset"][i]) * ds["scale"] for i in (0, 1))
+        assert 0 <= x <= 1280 - 200 and 60 <= y <= 720 - 200, f"Note at screen ({x:.0f}, {y:.0f})"
+
+
 def _ancestors(prompt: dict[str, Any], node_id: str) -> set[str]:
     """Every node `node_id` depends on through links (what ComfyUI runs before it)."""
     seen: set[str] = set()
@@ -330,8 +425,6 @@ def test_build_identity_runs_through_the_harness(comfy_env, tmp_path):
 def test_dataset_prep_then_train_lora_run_through_the_harness(comfy_env, tiny_sd15):
     import shutil
 
-    import torch
-
     shutil.copytree(tiny_sd15.diffusers_dir, comfy_env.base_dir / "models" / "diffusers" / "tiny_sd15")
     prep = _api(WORKFLOWS / "dataset_prep.json")
     _photos(comfy_env.base_dir / "input" / prep["1"]["inputs"]["folder"], count=2)
@@ -346,12 +439,8 @@ def test_dataset_prep_then_train_lora_run_through_the_harness(comfy_env, tiny_sd
                   resolution=64, memory_profile="off",
                   overrides=json.dumps({"sample_steps": 2, "sample_size": 64, "mixed_precision": "no",
                                         "bucket_step": 32, "min_bucket": 32}))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         results = _run_prompt(train)
-    finally:
-        torch.set_num_threads(threads)
     lora_name, _, loss_curve, samples = results["1"]
     assert lora_name == f"{inputs['output_name']}.safetensors"
     assert (comfy_env.base_dir / "models" / "loras" / lora_name).is_file()
@@ -377,17 +466,6 @@ def _tiny_training(inputs: dict[str, Any], base_model: str, dataset_folder: str 
                                         "bucket_step": 32, "min_bucket": 32}))
     if dataset_folder is not None:
         inputs["dataset_folder"] = dataset_folder
-
-
-def _one_thread(run):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run()
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
@@ -432,7 +510,8 @@ def test_train_lora_sdxl_runs_through_the_harness(comfy_env, tiny_sdxl, tmp_path
     prompt = _api(WORKFLOWS / "train_lora_sdxl.json")
     assert prompt["1"]["inputs"]["preset"] == "sdxl"
     _tiny_training(prompt["1"]["inputs"], "[diffusers] tiny_sdxl", str(folder.parent))
-    lora_name, _, loss_curve, _ = _one_thread(lambda: _run_prompt(prompt))["1"]
+    with one_torch_thread():
+        lora_name, _, loss_curve, _ = _run_prompt(prompt)["1"]
     assert (comfy_env.base_dir / "models" / "loras" / lora_name).is_file()
     assert loss_curve.ndim == 4
 
@@ -456,7 +535,8 @@ def test_character_lora_runs_photos_to_lora_in_one_graph(comfy_env, tiny_sd15):
     train = prompt[ids["CharForgeTrainLoRA"]]
     assert train["inputs"]["dataset_folder"] == [ids["CharForgeExportDataset"], 1]  # the export feeds training
     _tiny_training(train["inputs"], "[diffusers] tiny_sd15")
-    results = _one_thread(lambda: _run_prompt(prompt))
+    with one_torch_thread():
+        results = _run_prompt(prompt)
     export_dir = Path(results[ids["CharForgeExportDataset"]][1])
     captions = [c.read_text() for c in export_dir.rglob("*.txt")]
     assert len(captions) == 2 and all(c.startswith("ohwx,") and c.strip() != "ohwx, person" for c in captions)
@@ -500,7 +580,8 @@ def test_video_animatediff_with_drift_runs_through_the_harness(comfy_env, tmp_pa
     prompt["5"]["inputs"]["det_size"] = 320
     try:
         _run_prompt(identity)
-        results = _one_thread(lambda: _run_prompt(prompt))
+        with one_torch_thread():
+            results = _run_prompt(prompt)
     finally:
         FaceAnalyzer.clear_cache()
     frames = results["3"][0]

@@ -6,12 +6,17 @@ and groups, places each group's nodes in a column, sizes every group around its 
 sockets from the node definitions (``build_api.object_info()``), so the file is what the editor would save.
 
     python workflows/layout.py            # rewrite the editor files this module describes, then run build_api.py
+
+Every shipped editor file, laid out here or by hand, also gets what the editor checks and shows first
+(:func:`finish`): a stable UUID as the workflow's ``id`` (the editor's schema rejects anything else) and an
+opening view (``extra.ds``) with the Note and the first group on screen.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,49 @@ WORKFLOWS_DIR = Path(__file__).resolve().parent
 PRIMITIVES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 COLUMN_WIDTH = 360
 GAP = 30
+# Workflow ids are UUIDs derived from this fixed namespace and the file name: the same on every rebuild.
+WORKFLOW_ID_NAMESPACE = uuid.UUID("0b6f3f5e-3c4a-4d1e-9a57-6c2b1f0e8d42")
+# The opening view: this zoom, and the top-left node or group this many screen pixels from the canvas's
+# top-left corner (below the editor's menu bar and tabs). LiteGraph draws a node's title bar above its pos.
+VIEW_SCALE = 0.8
+VIEW_MARGIN = (30, 90)
+NODE_TITLE_HEIGHT = 30
+
+
+def workflow_id(name: str) -> str:
+    """The editor ``id`` of the shipped workflow ``<name>.json``: a UUID, stable across rebuilds."""
+    return str(uuid.uuid5(WORKFLOW_ID_NAMESPACE, name))
+
+
+def opening_view(workflow: dict[str, Any], scale: float = VIEW_SCALE) -> dict[str, Any]:
+    """``extra.ds`` that shows the workflow's top-left corner (where the Note sits) at `scale`.
+
+    The editor draws canvas point p at screen point (p + offset) * scale."""
+    lefts = [n["pos"][0] for n in workflow["nodes"]] + [g["bounding"][0] for g in workflow.get("groups", [])]
+    tops = [n["pos"][1] - NODE_TITLE_HEIGHT for n in workflow["nodes"]]
+    tops += [g["bounding"][1] for g in workflow.get("groups", [])]
+    return {"scale": scale, "offset": [round(VIEW_MARGIN[0] / scale - min(lefts)),
+                                       round(VIEW_MARGIN[1] / scale - min(tops))]}
+
+
+def finish(workflow: dict[str, Any], name: str) -> dict[str, Any]:
+    """Set the id and the opening view of the editor workflow `name` (keeping its zoom if it has one)."""
+    workflow["id"] = workflow_id(name)
+    extra = workflow.get("extra") or {}
+    scale = (extra.get("ds") or {}).get("scale", VIEW_SCALE)
+    workflow["extra"] = {**extra, "ds": opening_view(workflow, scale)}
+    return workflow
+
+
+def finish_file(path: Path) -> bool:
+    """:func:`finish` a workflow file in place, in its own JSON indentation; True when it changed."""
+    text = path.read_text(encoding="utf-8")
+    indent = 2 if text.startswith('{\n  "') else 1
+    new = json.dumps(finish(json.loads(text), path.stem), indent=indent, ensure_ascii=False) + "\n"
+    if new == text:
+        return False
+    path.write_text(new, encoding="utf-8")
+    return True
 
 
 def _split(spec: Any) -> tuple[Any, dict[str, Any]]:
@@ -152,9 +200,10 @@ class Layout:
         for text, height in self._notes:
             self.nodes.append(self._note(text, height))
         self._notes = []
-        return {"id": f"charforge-{self.name}", "revision": 0, "last_node_id": len(self.nodes),
-                "last_link_id": len(self.links), "nodes": self.nodes, "links": self.links, "groups": self.groups,
-                "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+        workflow = {"id": "", "revision": 0, "last_node_id": len(self.nodes),
+                    "last_link_id": len(self.links), "nodes": self.nodes, "links": self.links,
+                    "groups": self.groups, "config": {}, "extra": {}, "version": 0.4}
+        return finish(workflow, self.name)
 
     def write(self) -> Path:
         path = WORKFLOWS_DIR / f"{self.name}.json"
@@ -168,9 +217,14 @@ def main() -> int:
     import definitions  # noqa: E402 - the sibling script
 
     info = build_api.object_info()
+    built = set()
     for build in definitions.BUILDERS:
         layout = build(lambda name: Layout(name, info))
+        built.add(layout.name)
         print(f"wrote {layout.write().relative_to(WORKFLOWS_DIR.parent)}")
+    for path in build_api.editor_files():  # the hand-laid ones: only their id and opening view
+        if path.stem not in built and finish_file(path):
+            print(f"updated the id and opening view of {path.relative_to(WORKFLOWS_DIR.parent)}")
     return build_api.main([])
 
 
