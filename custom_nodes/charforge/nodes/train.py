@@ -19,6 +19,8 @@ TRAINING_RUN = "CHARFORGE_TRAINING_RUN"
 DATASET = "CHARFORGE_DATASET"
 DIFFUSERS_PREFIX = "[diffusers] "
 PRESETS = ("sdxl", "sd15", "fast", "high_quality")  # charforge.engine.train.config.PRESETS (kept import-free)
+# charforge.engine.train.config.BASIC_DEFAULTS (the sdxl preset's values; a test keeps them equal)
+BASIC_DEFAULTS = {"steps": 1500, "learning_rate": 1e-4, "rank": 32, "resolution": 1024}
 EVENT_INTERVAL = 0.5  # seconds between charforge.train.progress messages
 
 
@@ -187,15 +189,20 @@ class TrainLoRA:
                     "tooltip": "sdxl / sd15: balanced (rank 32, 1500 steps). fast: rank 16, 500 steps. "
                                "high_quality: rank 64 + conv layers, 2500 steps. Resolution follows the model "
                                "(1024 SDXL, 512 SD1.5)."}),
-                "steps": ("INT", {"default": 0, "min": 0, "max": 100000, "step": 1,
-                                  "tooltip": "Training steps; 0 = the preset's."}),
-                "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 1e-5, "round": 1e-6,
-                                            "tooltip": "U-Net learning rate; 0 = the preset's (1e-4 for most)."}),
-                "rank": ("INT", {"default": 0, "min": 0, "max": 256, "step": 1,
-                                 "tooltip": "LoRA rank (alpha follows at half the rank); 0 = the preset's."}),
-                "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 64,
-                                       "tooltip": "Training resolution in pixels (buckets keep about this area); "
-                                                  "0 = the model's (1024 SDXL, 512 SD1.5)."}),
+                "steps": ("INT", {"default": BASIC_DEFAULTS["steps"], "min": 0, "max": 100000, "step": 1,
+                                  "tooltip": "Training steps. Used when use_preset_values is off (0 = the "
+                                             "preset's)."}),
+                "learning_rate": ("FLOAT", {"default": BASIC_DEFAULTS["learning_rate"], "min": 0.0, "max": 10.0,
+                                            "step": 1e-5, "round": 1e-6,
+                                            "tooltip": "U-Net learning rate. Used when use_preset_values is off "
+                                                       "(0 = the preset's)."}),
+                "rank": ("INT", {"default": BASIC_DEFAULTS["rank"], "min": 0, "max": 256, "step": 1,
+                                 "tooltip": "LoRA rank (alpha follows at half the rank). Used when "
+                                            "use_preset_values is off (0 = the preset's)."}),
+                "resolution": ("INT", {"default": BASIC_DEFAULTS["resolution"], "min": 0, "max": 2048, "step": 64,
+                                       "tooltip": "Training resolution in pixels (buckets keep about this area). "
+                                                  "Used when use_preset_values is off (0 = the model's: 1024 "
+                                                  "SDXL, 512 SD1.5)."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "step": 1,
                                        "tooltip": "Images per step (one bucket size per batch)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "step": 1,
@@ -222,18 +229,29 @@ class TrainLoRA:
                     "default": "",
                     "tooltip": "When set, save a character preset of this name for the trained LoRA (trigger word, "
                                "LoRA at weight 1, size defaults) for Load Character; an existing one is kept."}),
+                # Last, so workflows saved before it existed load their widget values in the right places.
+                "use_preset_values": ("BOOLEAN", {
+                    "default": True, "label_on": "preset's steps, LR, rank, resolution",
+                    "label_off": "steps, LR, rank, resolution above",
+                    "tooltip": "On: steps, learning_rate, rank and resolution come from the preset (the numbers "
+                               "above are ignored; the defaults show the sdxl preset's). Off: the numbers above "
+                               "are used (0 = the preset's)."}),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
 
     def train(self, base_model, dataset_folder, trigger_word, output_name, preset, steps, learning_rate, rank,
               resolution, batch_size, seed, resume, memory_profile, dataset=None, overrides="", node_id=None,
-              save_character=""):
+              save_character="", use_preset_values=None):
         for module in ("torch", "diffusers", "transformers", "peft", "safetensors"):
             require(module)
-        from dataclasses import replace
-
-        from ..engine.train.config import preset_config, with_overrides
+        from ..engine.train.config import (
+            basic_settings,
+            fit_warmup,
+            ignored_basic_settings,
+            preset_config,
+            with_overrides,
+        )
         from ..engine.train.job import TrainRequest, train
         from ..engine.train.models import detect_arch
         from ..engine.train.run import TrainingRun, safe_run_name
@@ -241,20 +259,12 @@ class TrainLoRA:
         model_path = resolve_base_model(base_model)
         arch = detect_arch(model_path)
         config = preset_config(preset, arch)
+        basic = {"steps": steps, "learning_rate": learning_rate, "rank": rank, "resolution": resolution}
+        ignored = ignored_basic_settings(config, **basic) if use_preset_values else []
         settings: dict = {"seed": int(seed), "batch_size": int(batch_size), "trigger_word": trigger_word.strip()}
-        if steps:
-            settings["steps"] = int(steps)
-        if learning_rate:
-            settings["learning_rate"] = float(learning_rate)
-        if rank:
-            settings.update(rank=int(rank), alpha=max(1.0, rank / 2))
-        if resolution:
-            settings.update(resolution=int(resolution), min_bucket=max(64, resolution // 4),
-                            max_bucket=resolution * 2)
+        settings.update(basic_settings(**basic, use_preset_values=use_preset_values))
         settings.update(_parse_overrides(overrides))
-        config = with_overrides(config, settings)
-        if config.steps < config.optim.warmup_steps * 2:
-            config = replace(config, optim=replace(config.optim, warmup_steps=config.steps // 10))
+        config = fit_warmup(with_overrides(config, settings))
 
         source = dataset if dataset is not None else (resolve_folder(dataset_folder) if dataset_folder.strip() else "")
         if not source:
@@ -280,6 +290,8 @@ class TrainLoRA:
         summary = (f"{lora_name}: {result.step} steps, final loss {result.loss:.4f}"
                    + (f" (resumed at step {result.resumed_from})" if result.resumed_from else "")
                    + f"; run folder {result.run_dir}")
+        if ignored:
+            summary += f"; preset {preset!r} values used, not {', '.join(ignored)} (turn use_preset_values off)"
         if save_character.strip():
             from ..engine.library.characters import save_training_character
 

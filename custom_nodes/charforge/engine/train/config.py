@@ -220,3 +220,49 @@ def preset_config(preset: str, arch: str) -> TrainConfig:
                    lora=LoraSettings(rank=64, alpha=32.0, conv_rank=8, conv_alpha=4.0),
                    optim=replace(base.optim, warmup_steps=100), noise_offset=0.0357,
                    samples=SampleSettings(every=250, seeds=(42, 7)))
+
+
+# --------------------------------------------------------------------------------------------------
+# The four basic settings a user sets by hand (the Train LoRA node's widgets)
+
+# What the default preset (``sdxl`` on an SDXL model) uses: the node shows these, so its widgets never read 0.
+BASIC_DEFAULTS = {"steps": 1500, "learning_rate": 1e-4, "rank": 32, "resolution": 1024}
+
+
+def basic_settings(*, steps: int, learning_rate: float, rank: int, resolution: int,
+                   use_preset_values: bool | None = None) -> dict[str, Any]:
+    """Overrides for steps / learning rate / rank / resolution, with what follows from them.
+
+    ``use_preset_values=True`` keeps the preset's values (the numbers are ignored); ``False`` uses the
+    numbers; ``None`` (a prompt written before the choice existed) uses every non-zero number. 0 always
+    means the preset's value. A rank sets alpha to rank / 2 and a resolution the bucket range
+    (resolution / 4 to resolution x 2), as the presets do.
+    """
+    if use_preset_values:
+        return {}
+    settings: dict[str, Any] = {}
+    if steps:
+        settings["steps"] = int(steps)
+    if learning_rate:
+        settings["learning_rate"] = float(learning_rate)
+    if rank:
+        settings.update(rank=int(rank), alpha=max(1.0, rank / 2))
+    if resolution:
+        settings.update(resolution=int(resolution), min_bucket=max(64, resolution // 4), max_bucket=resolution * 2)
+    return settings
+
+
+def ignored_basic_settings(config: TrainConfig, *, steps: int, learning_rate: float, rank: int,
+                           resolution: int) -> list[str]:
+    """The numbers that differ from `config` (built with the preset's values), for a note to the user."""
+    used = {"steps": config.steps, "learning_rate": config.optim.learning_rate, "rank": config.lora.rank,
+            "resolution": config.data.resolution}
+    given = {"steps": steps, "learning_rate": learning_rate, "rank": rank, "resolution": resolution}
+    return [f"{name} {given[name]:g}" for name in used if given[name] and given[name] != used[name]]
+
+
+def fit_warmup(config: TrainConfig) -> TrainConfig:
+    """Shorten the warm-up to a tenth of a run that is shorter than twice the warm-up."""
+    if config.steps < config.optim.warmup_steps * 2:
+        return replace(config, optim=replace(config.optim, warmup_steps=config.steps // 10))
+    return config
