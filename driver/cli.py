@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -19,12 +20,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from .client import ComfyClient, Job, JobResult
-from .config import redact, resolve_server, server_named
+from .config import Limits, resolve_server, server_named
 from .errors import DriverError, NodeProblem, ValidationError
 from .local import LocalComfyUI, local_server
 from .manifest import build_manifest, write_manifest
+from .outputs import check_out_dir
 from .preflight import nodes_to_run
 from .progress import JobView, make_renderer
+from .secrets import mask
+from .terminal import safe_json_line, safe_text
 from .workflow import load_workflow
 
 try:
@@ -49,7 +53,11 @@ or the profile's token_env / password_env / headers.
 
 
 class Output:
-    """Where the CLI writes: results to stdout, messages to stderr, or JSON records to stdout."""
+    """Where the CLI writes: results to stdout, messages to stderr, or JSON records to stdout.
+
+    Everything written passes through :meth:`clean` (human text) or :meth:`record` (JSON): secrets are masked
+    and control characters from server- or file-supplied text cannot act on the terminal.
+    """
 
     def __init__(self, json_mode: bool, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> None:
         self.json = json_mode
@@ -57,33 +65,39 @@ class Output:
         self.stderr = stderr or sys.stderr
         self.secrets: list[str] = []
 
-    def _clean(self, text: str) -> str:
-        return redact(text, self.secrets)
+    def clean(self, text: str) -> str:
+        """``text`` as it may be shown: secrets masked, control characters made visible."""
+        return safe_text(mask(text, self.secrets))
+
 
     def record(self, kind: str, **data: Any) -> None:
-        record = {"event": kind, "time": round(time.time(), 3), **data}
-        self.stdout.write(self._clean(json.dumps(record, default=str, ensure_ascii=False)) + "\n")
+        """One NDJSON record ``{"event": kind, "time": ..., **data}`` on stdout."""
+        self.record_line({"event": kind, "time": round(time.time(), 3), **data})
+
+    def record_line(self, data: Any, indent: int | None = None) -> None:
+        """``data`` as JSON on stdout (secrets masked, raw control characters escaped)."""
+        line = json.dumps(data, default=str, ensure_ascii=False, indent=indent)
+        self.stdout.write(safe_json_line(mask(line, self.secrets)) + "\n")
         self.stdout.flush()
 
     def note(self, text: str) -> None:
         """A progress/status message for humans (a ``message`` record in JSON mode)."""
         if self.json:
-            self.record("message", text=self._clean(text))
+            self.record("message", text=text)
         else:
-            self.stderr.write(self._clean(text) + "\n")
+            self.stderr.write(self.clean(text) + "\n")
             self.stderr.flush()
 
     def result(self, text: str, **data: Any) -> None:
         if self.json:
             self.record("result", **data)
         else:
-            self.stdout.write(self._clean(text) + "\n")
+            self.stdout.write(self.clean(text) + "\n")
             self.stdout.flush()
 
     def error(self, exc: BaseException, exit_code: int) -> None:
         if self.json:
-            data: dict[str, Any] = {"type": type(exc).__name__, "message": self._clean(str(exc)),
-                                    "exit_code": exit_code}
+            data: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc), "exit_code": exit_code}
             problems = getattr(exc, "problems", None)
             if problems:
                 data["problems"] = [p.to_dict() for p in problems]
@@ -92,7 +106,7 @@ class Output:
                     data[attr] = getattr(exc, attr)
             self.record("error", **data)
         else:
-            self.stderr.write(self._clean(f"error: {exc}") + "\n")
+            self.stderr.write(self.clean(f"error: {exc}") + "\n")
             self.stderr.flush()
 
 
@@ -133,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, metavar="S", help="wall-clock limit for the whole job, queue "
                      "wait included; the job is cancelled when it expires (default: the profile's, else none)")
     run.add_argument("--no-download", action="store_true", help="do not download outputs")
+    _add_download_limit(run)
     run.add_argument("--no-previews", action="store_true", help="skip temporary preview images")
     run.add_argument("--no-preflight", action="store_true", help="skip the check against /object_info")
     run.add_argument("--allow-partial", action="store_true",
@@ -146,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--out", type=Path, default=Path("output"), metavar="DIR")
     wait.add_argument("--timeout", type=float, metavar="S")
     wait.add_argument("--no-download", action="store_true")
+    _add_download_limit(wait)
     wait.add_argument("--no-previews", action="store_true")
     wait.add_argument("--progress", choices=["auto", "rich", "plain"], default="auto")
     wait.set_defaults(func=cmd_wait)
@@ -188,6 +204,12 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+def _add_download_limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-download-mb", type=float, metavar="MB",
+                   help="refuse an output file larger than this (default: $CHARFORGE_MAX_DOWNLOAD_MB, the "
+                        "profile's max_download_mb, else 4096); the partial file is removed")
+
+
 def _add_override_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                    help="override an input; NODE is an id, a title or a unique class; VALUE is typed "
@@ -215,6 +237,10 @@ def connect(args: argparse.Namespace, out: Output) -> Iterator[ComfyClient]:
     out.secrets = config.secrets()
     for warning in config.warnings:
         out.note(f"warning: {warning}")
+    download_mb = getattr(args, "max_download_mb", None)
+    if download_mb is not None:
+        chosen = Limits.resolve(download_mb=download_mb).max_download_bytes
+        config = dataclasses.replace(config, limits=dataclasses.replace(config.limits, max_download_bytes=chosen))
     client = ComfyClient(config, verify_tls=False if args.insecure else None)
     try:
         yield client
@@ -270,11 +296,14 @@ def _follow(client: ComfyClient, job: Job | str, view: JobView, args: argparse.N
 
 def _collect(client: ComfyClient, result: JobResult, args: argparse.Namespace, out: Output, *,
              source: str | None, applied: list | None = None, uploads: list | None = None,
-             started: float, warnings: list[NodeProblem] | None = None) -> int:
+             started: float, warnings: list[NodeProblem] | None = None, timeout: float | None = None) -> int:
     downloads = []
     manifest_path = None
     if not args.no_download:
-        downloads = client.download_outputs(result, args.out, include_temp=not args.no_previews)
+        # --timeout covers the whole job: downloads get what is left of it.
+        remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        downloads = client.download_outputs(result, args.out, include_temp=not args.no_previews,
+                                            timeout=remaining)
         manifest = build_manifest(result, downloads, out_dir=args.out, server=client.url, workflow_source=source,
                                   overrides=applied, uploads=uploads, wall_seconds=time.monotonic() - started,
                                   warnings=[str(w) for w in warnings or []])
@@ -308,6 +337,8 @@ def _collect(client: ComfyClient, result: JobResult, args: argparse.Namespace, o
 
 def cmd_run(args: argparse.Namespace, out: Output) -> int:
     started = time.monotonic()
+    if not args.no_download:
+        check_out_dir(args.out)
     with connect(args, out) as client:
         prepared = client.prepare_run(args.workflow, sets=args.set, inputs=args.input,
                                       preflight=not args.no_preflight)
@@ -329,11 +360,13 @@ def cmd_run(args: argparse.Namespace, out: Output) -> int:
         if result is None:
             return 130
         return _collect(client, result, args, out, source=str(args.workflow), applied=prepared.applied,
-                        uploads=prepared.uploads, started=started, warnings=prepared.warnings)
+                        uploads=prepared.uploads, started=started, warnings=prepared.warnings, timeout=timeout)
 
 
 def cmd_wait(args: argparse.Namespace, out: Output) -> int:
     started = time.monotonic()
+    if not args.no_download:
+        check_out_dir(args.out)
     with connect(args, out) as client:
         queue = client.queue()
         prompt: dict[str, Any] = {}
@@ -348,7 +381,7 @@ def cmd_wait(args: argparse.Namespace, out: Output) -> int:
         result = _follow(client, args.prompt_id, view, args, out, args.timeout)
         if result is None:
             return 130
-        return _collect(client, result, args, out, source=None, started=started)
+        return _collect(client, result, args, out, source=None, started=started, timeout=args.timeout)
 
 
 def cmd_validate(args: argparse.Namespace, out: Output) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -86,7 +85,7 @@ def cmd_batch_plan(args: argparse.Namespace, out: Any) -> int:
                  "in the seed policy to keep this plan)")
     if args.json:
         for job in plan.jobs:
-            out.stdout.write(json.dumps(job.to_dict(), default=str, ensure_ascii=False) + "\n")
+            out.record_line(job.to_dict())
         out.stdout.flush()
         return 0
     rows = [(j.id, j.folder, str(j.seed) if j.seed is not None else "-", " ".join(j.overrides)) for j in plan.jobs]
@@ -95,10 +94,11 @@ def cmd_batch_plan(args: argparse.Namespace, out: Any) -> int:
         widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads[:3])]
         out.stdout.write("  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=False)) + "  SET\n")
         for r in rows:
-            out.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3] + "\n")
+            line = "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3]
+            out.stdout.write(out.clean(line) + "\n")
     else:
         for r in rows:
-            out.stdout.write("\t".join(r) + "\n")
+            out.stdout.write(out.clean("\t".join(r)) + "\n")
     out.stdout.flush()
     out.note(f"{len(plan.jobs)} job(s) planned from {args.file} ({plan.kind})")
     return 0
@@ -174,7 +174,7 @@ def cmd_batch_run(args: argparse.Namespace, out: Any) -> int:
     if out.json:
         out.record("summary", **summary)
     else:
-        out.stdout.write(render_table(summary) + "\n")
+        out.stdout.write(out.clean(render_table(summary)) + "\n")
         out.stdout.flush()
     return 0 if summary["counts"]["done"] == total else 1
 
@@ -183,11 +183,11 @@ def cmd_batch_status(args: argparse.Namespace, out: Any) -> int:
     while True:
         summary = summary_of(args.dir)
         if args.json:
-            out.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
+            out.record_line(summary, indent=2)
         else:
             if args.watch and out.stdout.isatty():
-                out.stdout.write("\x1b[2J\x1b[H")
-            out.stdout.write(render_table(summary) + "\n")
+                out.stdout.write("\x1b[2J\x1b[H")  # our own screen clear; the table itself is cleaned
+            out.stdout.write(out.clean(render_table(summary)) + "\n")
         out.stdout.flush()
         if not args.watch or not summary["running"]:
             break

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -34,7 +35,16 @@ from typing import Any
 
 import aiohttp
 
-from .config import DEFAULT_SERVER, Auth, ServerConfig, ServerURL, redact
+from .config import (
+    DEFAULT_SERVER,
+    DOWNLOAD_LIMIT_SETTING,
+    REPLY_LIMIT_SETTING,
+    Auth,
+    Limits,
+    ServerConfig,
+    ServerURL,
+    mib,
+)
 from .errors import (
     AuthenticationError,
     DriverError,
@@ -42,6 +52,7 @@ from .errors import (
     Interrupted,
     JobLost,
     JobTimeout,
+    ProtocolError,
     ServerError,
     ServerUnavailable,
     ValidationError,
@@ -58,6 +69,7 @@ from .outputs import (
 )
 from .preflight import problems_from_server
 from .runner import PreparedRun, prepare_run
+from .secrets import mask, mask_body
 from .workflow import Workflow, coerce_workflow
 
 try:  # the package version, for the User-Agent
@@ -177,8 +189,10 @@ def result_from_history(prompt_id: str, entry: dict[str, Any], *, submitted_at: 
                         node_errors: dict[str, Any] | None = None) -> JobResult:
     """Turn a history entry into a :class:`JobResult`, or raise the job's failure.
 
-    Raises :class:`ExecutionError` (a node failed) or :class:`Interrupted` (interrupted/cancelled).
+    Raises :class:`ExecutionError` (a node failed) or :class:`Interrupted` (interrupted/cancelled), and
+    :class:`ProtocolError` when the entry does not have the shape ComfyUI gives it.
     """
+    check_history_entry(prompt_id, entry)
     status = entry.get("status") or {}
     messages = status.get("messages") or []
     item = entry.get("prompt") or []
@@ -221,6 +235,40 @@ def result_from_history(prompt_id: str, entry: dict[str, Any], *, submitted_at: 
                      status=status, cached_nodes=cached, node_errors=dict(node_errors or {}), history=entry)
 
 
+def _kind(value: Any) -> str:
+    return "null" if value is None else {dict: "an object", list: "a list", str: "a string"}.get(
+        type(value), type(value).__name__)
+
+
+def check_history_entry(prompt_id: str, entry: Any, where: str = "the server") -> None:
+    """Raise :class:`ProtocolError` unless ``entry`` has the shape of a ComfyUI history entry."""
+    def bad(what: str, value: Any, expected: str) -> ProtocolError:
+        return ProtocolError(f"the history entry of job {prompt_id} from {where} is malformed: {what} is "
+                             f"{_kind(value)}, expected {expected}; is this a ComfyUI server?")
+
+    if not isinstance(entry, dict):
+        raise bad("the entry", entry, "an object")
+    for key, kind, expected in (("status", dict, "an object"), ("prompt", list, "a list"),
+                                ("outputs", dict, "an object")):
+        value = entry.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise bad(f"'{key}'", value, expected)
+    messages = (entry.get("status") or {}).get("messages")
+    if messages is not None and not isinstance(messages, list):
+        raise bad("'status.messages'", messages, "a list")
+
+
+def _check_queue_items(items: Any, key: str, where: str) -> list[list[Any]]:
+    if items is None:
+        return []
+    if not isinstance(items, list) or not all(
+            isinstance(item, list) and len(item) >= 2 and isinstance(item[0], (int, float))
+            and isinstance(item[1], str) for item in items):
+        raise ProtocolError(f"GET /queue at {where} is malformed: '{key}' must be a list of "
+                            "[number, prompt_id, ...] items; is this a ComfyUI server?")
+    return items
+
+
 def _is_loopback(netloc: str) -> bool:
     host = netloc.rsplit(":", 1)[0].strip("[]") if not netloc.startswith("[") else netloc[1:].split("]")[0]
     if host == "localhost":
@@ -229,6 +277,18 @@ def _is_loopback(netloc: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+async def _read_head(resp: aiohttp.ClientResponse, limit: int = 64 * 1024) -> bytes:
+    """At most ``limit`` bytes of a body (for error messages: the rest is never read)."""
+    data = bytearray()
+    with contextlib.suppress(aiohttp.ClientError, *_TIMEOUT_ERRORS):
+        while len(data) < limit:
+            chunk = await resp.content.read(limit - len(data))
+            if not chunk:
+                break
+            data += chunk
+    return bytes(data)
 
 
 def _describe(exc: BaseException) -> str:
@@ -249,15 +309,22 @@ class AsyncComfyClient:
     def __init__(self, server: str | ServerConfig | None = None, *, auth: Auth | None = None,
                  timeout: Timeout | float | None = None, client_id: str | None = None,
                  ping_interval: float = 20.0, poll_interval: float = 5.0, retries: int = 2,
-                 verify_tls: bool | None = None, trust_env: bool | None = None) -> None:
+                 verify_tls: bool | None = None, trust_env: bool | None = None,
+                 max_download_bytes: int | None = None, max_reply_bytes: int | None = None) -> None:
         if isinstance(server, ServerConfig):
             config = server
             if auth is not None:
-                config = ServerConfig(config.url, auth, config.profile, config.job_timeout, config.verify_tls)
+                config = dataclasses.replace(config, auth=auth)
         else:
             url, url_auth = ServerURL.parse(server or DEFAULT_SERVER)
-            config = ServerConfig(url, auth or url_auth)
+            config = ServerConfig(url, auth or url_auth, limits=Limits.resolve())
+        if max_download_bytes is not None or max_reply_bytes is not None:
+            config = dataclasses.replace(config, limits=Limits(
+                max_download_bytes or config.limits.max_download_bytes,
+                max_reply_bytes or config.limits.max_reply_bytes))
         self.config = config
+        #: size limits on what the server sends (one file, one JSON reply, one WebSocket message)
+        self.limits = config.limits
         if isinstance(timeout, (int, float)):
             timeout = Timeout(connect=float(timeout), read=float(timeout))
         self.timeout = timeout or Timeout()
@@ -290,7 +357,7 @@ class AsyncComfyClient:
         return f"{type(self).__name__}({self.url!r}, auth={self.config.auth!r})"
 
     def _redact(self, text: str) -> str:
-        return redact(text, self.config.secrets())
+        return mask(text, self.config.secrets())
 
     async def __aenter__(self) -> AsyncComfyClient:
         return self
@@ -325,7 +392,7 @@ class AsyncComfyClient:
     # ---- HTTP -------------------------------------------------------------------------------------------------
 
     def _status_error(self, method: str, path: str, status: int, body: bytes) -> DriverError:
-        snippet = self._redact(body[:300].decode("utf-8", "replace").strip())
+        snippet = mask_body(body, self.config.secrets(), limit=300)
         if status in (401, 403):
             if self.config.auth is None:
                 hint = "no credentials were sent: set CHARFORGE_TOKEN, use --profile, or put them in the URL"
@@ -355,9 +422,9 @@ class AsyncComfyClient:
                 session = await self._get_session()
                 body_data = data() if callable(data) else data
                 async with session.request(method, url, params=params, json=json_body, data=body_data) as resp:
-                    body = await resp.read()
                     if resp.status in ok:
-                        return resp.status, body
+                        return resp.status, await self._read_reply(resp, f"{method} {path}")
+                    body = await _read_head(resp)  # only a short excerpt is ever shown
                     error = self._status_error(method, path, resp.status, body)
                     error.retry_after = resp.headers.get("Retry-After")  # type: ignore[attr-defined]
                     raise error
@@ -375,11 +442,30 @@ class AsyncComfyClient:
             await asyncio.sleep(0.3 * 2 ** attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _read_reply(self, resp: aiohttp.ClientResponse, what: str) -> bytes:
+        """The whole body of a reply, refused beyond ``limits.max_reply_bytes`` (never held in memory whole)."""
+        cap = self.limits.max_reply_bytes
+
+        def too_large() -> ProtocolError:
+            return ProtocolError(f"{what} at {self.url}: the reply is larger than {mib(cap)}, the limit for one "
+                                 f"reply ({REPLY_LIMIT_SETTING}); is this a ComfyUI server?")
+
+        if resp.content_length is not None and resp.content_length > cap:
+            raise too_large()
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_any():
+            size += len(chunk)
+            if size > cap:
+                raise too_large()
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     def _json(self, body: bytes, path: str) -> Any:
         try:
             return json.loads(body or b"null")
         except ValueError:
-            snippet = self._redact(body[:120].decode("utf-8", "replace"))
+            snippet = mask_body(body, self.config.secrets(), limit=120)
             raise ServerError(f"{path} at {self.url} did not answer JSON (got {snippet!r}); is this a ComfyUI "
                               "server?") from None
 
@@ -388,36 +474,44 @@ class AsyncComfyClient:
         _, body = await self._request("GET", path, params=params)
         return self._json(body, path)
 
+    async def get_object(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
+        """GET an API path whose answer must be a JSON object (:class:`ProtocolError` otherwise)."""
+        data = await self.get_json(path, params)
+        if not isinstance(data, dict):
+            raise ProtocolError(f"GET {path} at {self.url} answered {_kind(data)} where ComfyUI answers an "
+                                "object; is this a ComfyUI server?")
+        return data
+
     async def system_stats(self) -> dict[str, Any]:
         """``GET /system_stats`` (version, devices, memory)."""
-        return await self.get_json("/system_stats")
+        return await self.get_object("/system_stats")
 
     async def features(self) -> dict[str, Any]:
         """``GET /features``."""
-        return await self.get_json("/features")
+        return await self.get_object("/features")
 
     async def object_info(self, refresh: bool = False) -> dict[str, Any]:
         """``GET /object_info``: every node class's schema (cached per client; ``refresh`` re-reads it)."""
         if self._object_info is None or refresh:
-            info = await self.get_json("/object_info")
-            if not isinstance(info, dict):
-                raise ServerError(f"/object_info at {self.url} is not a JSON object")
-            self._object_info = info
+            self._object_info = await self.get_object("/object_info")
         return self._object_info
 
     async def queue(self) -> dict[str, list]:
         """``GET /queue``: ``{"queue_running": [...], "queue_pending": [...]}`` (pending sorted by priority)."""
-        data = await self.get_json("/queue")
-        pending = sorted(data.get("queue_pending") or [], key=lambda item: item[0] if item else 0)
-        return {"queue_running": data.get("queue_running") or [], "queue_pending": pending}
+        data = await self.get_object("/queue")
+        running = _check_queue_items(data.get("queue_running"), "queue_running", self.url)
+        pending = sorted(_check_queue_items(data.get("queue_pending"), "queue_pending", self.url),
+                         key=lambda item: item[0])
+        return {"queue_running": running, "queue_pending": pending}
 
     async def history(self, prompt_id: str | None = None, *, max_items: int | None = None) -> Any:
         """``GET /history/<id>`` -> the entry or None while unknown/unfinished; without an id, recent history."""
         if prompt_id is None:
             params = {"max_items": str(max_items)} if max_items else None
-            return await self.get_json("/history", params)
-        data = await self.get_json(f"/history/{prompt_id}")
-        if isinstance(data, dict) and prompt_id in data:
+            return await self.get_object("/history", params)
+        data = await self.get_object(f"/history/{prompt_id}")
+        if prompt_id in data:
+            check_history_entry(prompt_id, data[prompt_id], self.url)
             return data[prompt_id]
         return None
 
@@ -453,7 +547,7 @@ class AsyncComfyClient:
             try:
                 session = await self._get_session()
                 ws = await session.ws_connect(self.config.url.ws(self.client_id), heartbeat=self.ping_interval,
-                                              autoping=True, max_msg_size=0)
+                                              autoping=True, max_msg_size=self.limits.max_reply_bytes)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure means "retry later, poll meanwhile"
@@ -489,8 +583,12 @@ class AsyncComfyClient:
                         break
                     if event is not None:
                         self._dispatch(event)
-                if ws.exception() is not None:
-                    reason = _describe(ws.exception())  # type: ignore[arg-type]
+                error = ws.exception()
+                if isinstance(error, aiohttp.WebSocketError) and error.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
+                    reason = (f"the server sent a WebSocket message larger than {mib(self.limits.max_reply_bytes)}"
+                              f", the limit ({REPLY_LIMIT_SETTING})")
+                elif error is not None:
+                    reason = _describe(error)
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await ws.close()
@@ -730,7 +828,7 @@ class AsyncComfyClient:
                 try:
                     entry = await self.history(prompt_id)
                 except (ServerUnavailable, ServerError) as exc:
-                    if isinstance(exc, AuthenticationError):
+                    if isinstance(exc, (AuthenticationError, ProtocolError)):
                         raise
                     yield Event("server_unreachable", {"reason": str(exc)}, prompt_id)
                     next_poll = loop.time() + 2.0
@@ -777,7 +875,7 @@ class AsyncComfyClient:
     async def _safe_state(self, prompt_id: str) -> tuple[str, int | None]:
         try:
             return await self.job_state(prompt_id)
-        except AuthenticationError:
+        except (AuthenticationError, ProtocolError):
             raise
         except DriverError:
             return "unreachable", None
@@ -838,9 +936,20 @@ class AsyncComfyClient:
 
     async def download(self, file: OutputFile, out_dir: str | Path, *, class_type: str | None = None,
                        title: str | None = None) -> DownloadedFile:
-        """Download one output into ``out_dir`` under a safe, non-clobbering name."""
+        """Download one output into ``out_dir`` under a safe, non-clobbering name.
+
+        A file larger than ``limits.max_download_bytes`` is refused (:class:`ProtocolError`); whatever goes
+        wrong, no partial file is left behind.
+        """
         target = local_path_for(Path(out_dir), file)
         url = self.config.url.http("/view")
+        cap = self.limits.max_download_bytes
+
+        def too_large() -> ProtocolError:
+            return ProtocolError(self._redact(
+                f"downloading {file.filename} from {self.url}: the file is larger than {mib(cap)}, the limit for "
+                f"one download; raise it with {DOWNLOAD_LIMIT_SETTING} if such a file is expected"))
+
         for attempt in range(self.retries + 1):
             path, handle = open_unique(target)
             digest = hashlib.sha256()
@@ -850,11 +959,15 @@ class AsyncComfyClient:
                 async with session.get(url, params=file.view_params) as resp:
                     if resp.status != 200:
                         raise self._status_error("GET", f"/view?filename={file.filename}", resp.status,
-                                                 await resp.read())
+                                                 await _read_head(resp))
+                    if resp.content_length is not None and resp.content_length > cap:
+                        raise too_large()
                     async for chunk in resp.content.iter_chunked(1 << 16):
+                        size += len(chunk)
+                        if size > cap:
+                            raise too_large()
                         handle.write(chunk)
                         digest.update(chunk)
-                        size += len(chunk)
                 handle.close()
                 return DownloadedFile(file, path, size, digest.hexdigest(), class_type, title)
             except BaseException as exc:
@@ -871,14 +984,30 @@ class AsyncComfyClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def download_outputs(self, result: JobResult, out_dir: str | Path, *, include_temp: bool = True,
-                               on_file: Callable[[DownloadedFile], None] | None = None) -> list[DownloadedFile]:
-        """Download every file output of ``result`` into ``out_dir`` (``include_temp=False`` skips previews)."""
+                               on_file: Callable[[DownloadedFile], None] | None = None,
+                               timeout: float | None = None) -> list[DownloadedFile]:
+        """Download every file output of ``result`` into ``out_dir`` (``include_temp=False`` skips previews).
+
+        ``timeout`` is a wall-clock limit in seconds for all the downloads together (what is left of a job's
+        limit): when it expires, :class:`JobTimeout` is raised and the file being written is removed.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         done: list[DownloadedFile] = []
         for file in result.files:
             if file.type == "temp" and not include_temp:
                 continue
-            item = await self.download(file, out_dir, class_type=result.node_class(file.node_id),
-                                       title=result.node_title(file.node_id))
+            fetch = self.download(file, out_dir, class_type=result.node_class(file.node_id),
+                                  title=result.node_title(file.node_id))
+            if deadline is None:
+                item = await fetch
+            else:
+                try:
+                    item = await asyncio.wait_for(fetch, max(0.0, deadline - loop.time()))
+                except _TIMEOUT_ERRORS:
+                    raise JobTimeout(f"downloading the outputs of job {result.prompt_id} did not finish within "
+                                     f"{timeout:g} s (what was left of the job's time limit)",
+                                     prompt_id=result.prompt_id, seconds=float(timeout or 0)) from None
             done.append(item)
             if on_file is not None:
                 on_file(item)

@@ -38,9 +38,9 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from .errors import ConfigError
+from .secrets import MASK, mask, remember
 
 DEFAULT_SERVER = "http://127.0.0.1:8188"
-MASK = "***"
 
 
 class Secret:
@@ -50,6 +50,7 @@ class Secret:
 
     def __init__(self, value: str) -> None:
         self._value = str(value)
+        remember(self._value)  # so that secrets.mask hides it in any text, wherever it came from
 
     def reveal(self) -> str:
         """The real value (only for building request headers)."""
@@ -107,6 +108,7 @@ class BasicAuth(Auth):
     def __init__(self, username: str, password: str | Secret) -> None:
         self.username = username
         self.password = password if isinstance(password, Secret) else Secret(password)
+        remember(self.headers()["Authorization"].split(" ", 1)[1])
 
     def headers(self) -> dict[str, str]:
         import base64
@@ -156,14 +158,9 @@ class MultiAuth(Auth):
         return f"MultiAuth({self.parts!r})"
 
 
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """Replace every occurrence of each secret (and its URL-quoted form) in ``text`` by ``***``."""
-    for secret in sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True):
-        text = text.replace(secret, MASK)
-        quoted = quote(secret, safe="")
-        if quoted != secret:
-            text = text.replace(quoted, MASK)
-    return text
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every known secret masked (see :func:`charforge.driver.secrets.mask`)."""
+    return mask(text, secrets)
 
 
 @dataclass(frozen=True)
@@ -185,7 +182,12 @@ class ServerURL:
             raise ConfigError("empty server URL")
         if "://" not in text:
             text = "http://" + text
-        parts = urlsplit(text)
+        try:
+            parts = urlsplit(text)
+            parts.hostname, parts.port  # noqa: B018 - both raise ValueError on a malformed host or port
+        except ValueError as exc:
+            raise ConfigError(f"invalid server URL {mask(_strip_credentials(url))!r} ({exc}); write it like "
+                              "http://127.0.0.1:8188 or https://host/prefix/") from None
         scheme = {"ws": "http", "wss": "https"}.get(parts.scheme.lower(), parts.scheme.lower())
         if scheme not in ("http", "https"):
             raise ConfigError(f"unsupported URL scheme {parts.scheme!r} in server URL; use http:// or https://")
@@ -229,6 +231,54 @@ def _strip_credentials(url: str) -> str:
     return re.sub(r"//[^/@]*@", "//", url)
 
 
+MB = 1024 * 1024
+#: one downloaded output file (a long video can be large; an endless stream must still stop)
+DEFAULT_MAX_DOWNLOAD_MB = 4096.0
+#: one JSON reply (``/object_info`` of a big install is tens of MB) and one WebSocket message (a preview)
+DEFAULT_MAX_REPLY_MB = 256.0
+#: where each limit is set, for error messages: flag / environment variable / profile key
+DOWNLOAD_LIMIT_SETTING = "--max-download-mb, $CHARFORGE_MAX_DOWNLOAD_MB or the profile's max_download_mb"
+REPLY_LIMIT_SETTING = "$CHARFORGE_MAX_REPLY_MB or the profile's max_reply_mb"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much a server may send: one downloaded file, one JSON reply, one WebSocket message (bytes)."""
+
+    max_download_bytes: int = int(DEFAULT_MAX_DOWNLOAD_MB * MB)
+    max_reply_bytes: int = int(DEFAULT_MAX_REPLY_MB * MB)
+
+    @classmethod
+    def resolve(cls, settings: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None, *,
+                download_mb: float | None = None, reply_mb: float | None = None) -> Limits:
+        """Arguments beat ``$CHARFORGE_MAX_DOWNLOAD_MB``/``$CHARFORGE_MAX_REPLY_MB``, which beat the profile's
+        ``max_download_mb``/``max_reply_mb``; sizes are MiB (fractions allowed)."""
+        env = os.environ if env is None else env
+        settings = settings or {}
+
+        def pick(arg: float | None, var: str, key: str, default: float) -> int:
+            for value, where in ((arg, f"--{key.replace('_', '-')}"), (env.get(var), f"${var}"),
+                                 (settings.get(key), f"the profile's {key}")):
+                if value is None or value == "":
+                    continue
+                try:
+                    number = float(value)
+                except (TypeError, ValueError):
+                    number = -1.0
+                if not number > 0:
+                    raise ConfigError(f"{where} must be a positive number of MiB, not {value!r}")
+                return max(1, int(number * MB))
+            return int(default * MB)
+
+        return cls(pick(download_mb, "CHARFORGE_MAX_DOWNLOAD_MB", "max_download_mb", DEFAULT_MAX_DOWNLOAD_MB),
+                   pick(reply_mb, "CHARFORGE_MAX_REPLY_MB", "max_reply_mb", DEFAULT_MAX_REPLY_MB))
+
+
+def mib(size: int) -> str:
+    """``size`` bytes as MiB for messages (``4096 MiB``, ``0.05 MiB``)."""
+    return f"{size / MB:.4g} MiB"
+
+
 @dataclass
 class ServerConfig:
     """Everything needed to talk to one server. ``repr`` never shows secrets."""
@@ -239,6 +289,7 @@ class ServerConfig:
     job_timeout: float | None = None
     verify_tls: bool = True
     warnings: list[str] = field(default_factory=list)
+    limits: Limits = field(default_factory=Limits)
 
     def secrets(self) -> list[str]:
         return self.auth.secrets() if self.auth else []
@@ -399,7 +450,7 @@ def resolve_server(server: str | None = None, *, profile: str | None = None, aut
         raise ConfigError(f"{where}: timeout must be a number of seconds") from None
     return ServerConfig(url=url, auth=_combine(parts), profile=profile if settings else None,
                         job_timeout=job_timeout, verify_tls=bool(settings.get("verify_tls", True)),
-                        warnings=warnings)
+                        warnings=warnings, limits=Limits.resolve(settings, env))
 
 
 def _runpod_url_text(url_text: str | None, settings: Mapping[str, Any], env: Mapping[str, str]) -> str | None:

@@ -12,6 +12,7 @@ exception                   exit  meaning
 ``ValidationError``           2   the workflow failed preflight or the server's validation
 ``ServerUnavailable``         3   the server cannot be reached or refused our credentials
 ``ServerError``               3   the server answered something a ComfyUI server should not
+``ProtocolError``             3   ... in the wrong shape, or more than the size limits allow
 ``JobTimeout``              124   the job did not finish within the wall-clock limit
 ``Interrupted``             130   the job was cancelled (by us or someone else)
 ==========================  ====  ===========================================================
@@ -73,6 +74,11 @@ class ServerError(DriverError):
         super().__init__(message)
         self.status = status
         self.body = body
+
+
+class ProtocolError(ServerError):
+    """The server's answer breaks the ComfyUI protocol: JSON of the wrong shape, or a reply, file or WebSocket
+    message over its size limit. Never retried: asking again would get the same answer."""
 
 
 @dataclass

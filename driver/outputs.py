@@ -172,3 +172,22 @@ def open_unique(path: Path) -> tuple[Path, IO[bytes]]:
         except FileExistsError:
             n += 1
             candidate = path.with_name(f"{stem}-{n}{ext}")
+
+
+def check_out_dir(path: Path) -> None:
+    """Refuse an output folder that cannot be created or written (checked before anything is submitted).
+
+    Raises :class:`~charforge.driver.errors.UsageError` when ``path`` or one of its parents is an existing
+    file, or the nearest existing folder is not writable.
+    """
+    from .errors import UsageError
+
+    probe = Path(os.path.abspath(path))
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UsageError(f"--out {path}: {probe} is a file, not a folder; choose another output folder")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {path}: the folder {probe} is not writable; choose another output folder")

@@ -11,6 +11,8 @@ import time
 from typing import IO, Any
 
 from .events import Event
+from .secrets import mask
+from .terminal import safe_json_line, safe_text
 
 
 class JobView:
@@ -36,7 +38,8 @@ class JobView:
         node = self.prompt.get(node_id) or {}
         cls = node.get("class_type", "?")
         title = (node.get("_meta") or {}).get("title")
-        return f'{node_id} "{title}" ({cls})' if title and title != cls else f"{node_id} ({cls})"
+        text = f'{node_id} "{title}" ({cls})' if title and title != cls else f"{node_id} ({cls})"
+        return safe_text(text, one_line=True)  # ids, titles and types come from the workflow or the server
 
     def update(self, event: Event) -> None:
         kind = event.type
@@ -110,7 +113,8 @@ class JsonRenderer(Renderer):
         self._last: dict[tuple[str, str | None], float] = {}
 
     def emit(self, record: dict[str, Any]) -> None:
-        self.stream.write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
+        line = json.dumps(record, default=str, ensure_ascii=False)
+        self.stream.write(safe_json_line(mask(line)) + "\n")
         self.stream.flush()
 
     def handle(self, event: Event) -> None:
@@ -138,7 +142,7 @@ class PlainRenderer(Renderer):
         self._last_progress: dict[str | None, float] = {}
 
     def message(self, text: str) -> None:
-        self.stream.write(f"[{time.strftime('%H:%M:%S')}] {text}\n")
+        self.stream.write(f"[{time.strftime('%H:%M:%S')}] {safe_text(mask(text))}\n")
         self.stream.flush()
 
     def handle(self, event: Event) -> None:
@@ -204,29 +208,38 @@ class RichRenderer(Renderer):
             self._started = True
 
     def message(self, text: str) -> None:
-        self.progress.console.print(text)
+        """``text`` is rich markup written by us; server-supplied parts must go through :func:`_shown`."""
+        self.progress.console.print(safe_text(mask(text)))
 
     def handle(self, event: Event) -> None:
         view = self.view
         assert view is not None
         view.update(event)
         note = " [yellow](reconnecting)[/]" if view.connection != "ok" else ""
-        self.progress.update(self._overall, completed=len(view.done), description=view.status_text() + note)
+        self.progress.update(self._overall, completed=len(view.done),
+                             description=_shown(view.status_text()) + note)
         if view.step is not None and view.current is not None:
             value, top = view.step
             self.progress.update(self._node, completed=value, total=top or 1, visible=True,
-                                 description=f"  steps of {view.current}")
+                                 description=f"  steps of {_shown(view.current)}")
         elif event.type == "executing" or view.current is None:
             self.progress.update(self._node, visible=False)
         if event.type == "execution_error":
-            self.message(f"[red]failed in {view.label(event.node)}[/]")
+            self.message(f"[red]failed in {_shown(view.label(event.node))}[/]")
         elif event.type == "connection_lost":
-            self.message(f"[yellow]connection lost ({event.data.get('reason')}); reconnecting[/]")
+            self.message(f"[yellow]connection lost ({_shown(event.data.get('reason'))}); reconnecting[/]")
 
     def close(self) -> None:
         if self._started:
             self.progress.stop()
             self._started = False
+
+
+def _shown(text: Any) -> str:
+    """Server-supplied text inside rich markup: masked, control characters visible, brackets escaped."""
+    from rich.markup import escape
+
+    return escape(safe_text(mask(str(text)), one_line=True))
 
 
 def make_renderer(mode: str, view: JobView, *, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> Renderer:
