@@ -19,7 +19,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/vermin --target=3.10- --violations --no-tips --quiet $$(git ls-files '*.py')
 
 # The real-ComfyUI suite: COMFYUI_DIR=/path/to/ComfyUI [COMFYUI_PYTHON=...] make integration
 integration: $(VENV)/.installed
