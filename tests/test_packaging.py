@@ -58,6 +58,19 @@ def test_registry_metadata():
     assert PYPROJECT["project"]["scripts"]["charforge"] == "charforge.driver.cli:main"
 
 
+def test_registry_icon_is_shipped():
+    """[tool.comfy] Icon is a raw GitHub URL of a file on the main branch: that file must be in the repository."""
+    from PIL import Image
+
+    url = PYPROJECT["tool"]["comfy"]["Icon"]
+    prefix = "https://raw.githubusercontent.com/charforge/charforge/main/"
+    assert url.startswith(prefix)
+    icon = REPO_ROOT / url[len(prefix):]
+    assert icon.is_file(), f"{icon} is missing (python docs/make_icon.py)"
+    with Image.open(icon) as image:
+        assert image.format == "PNG" and image.width == image.height and 64 <= image.width <= 400
+
+
 def test_driver_dependencies_are_light():
     heavy = {"torch", "diffusers", "transformers", "insightface", "onnxruntime", "numpy"}
     assert not {install.requirement_name(d) for d in PYPROJECT["project"]["dependencies"]} & heavy
