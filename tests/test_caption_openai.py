@@ -81,7 +81,7 @@ def test_client_errors_fail_at_once_without_leaking_the_key(endpoint, monkeypatc
     endpoint.script = [(401, {"error": {"message": f"Incorrect API key provided: {SECRET}"}}, {})]
     with pytest.raises(RequestFailed) as info:
         make(endpoint).caption([red()])
-    assert "401" in str(info.value) and "API key variable" in str(info.value)
+    assert "401" in str(info.value) and "API key in $CF_TEST_KEY" in str(info.value)
     assert SECRET not in str(info.value)
     assert len(endpoint.requests) == 1
 

@@ -4,27 +4,30 @@
 One ``POST <base_url>/chat/completions`` asks for strict JSON: ``{"scenes": [{"prompt": ..., "caption": ...}]}``.
 The answer is parsed strictly (a surrounding Markdown code fence is the only thing tolerated): not JSON, the
 wrong shape, or the wrong number of scenes is a malformed answer, and the request is repeated with the
-reason (at most ``json_attempts`` answers). Transport failures are retried like the caption backend does:
-a 429, a 5xx, a timeout or a connection error waits (``Retry-After`` when the server sends one, else a
-jittered exponential backoff) and tries again, up to ``max_retries`` times; any other 4xx fails at once
-with the server's message. The API key is read from the environment variable named in the settings and
-never logged, shown or put into an error message.
+reason (at most ``json_attempts`` answers). Requests go through `engine.openai_compat.ChatClient`, the
+client the caption backend uses too: a 429, a 5xx, a timeout or a connection error waits (``Retry-After``
+when the server sends one, else a jittered exponential backoff) and tries again, up to ``max_retries``
+times; any other 4xx fails at once with the server's message. The API key is read from the environment
+variable named in the settings and never logged, shown or put into an error message.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
-import os
 import random
 import re
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from ..caption.backends.openai_compat import RETRY_STATUS, backoff_delay, retry_after_seconds
+from ..openai_compat import (
+    ChatClient,
+    EndpointError,
+    first_choice,
+    mask_then_cut,
+    message_text,
+    split_userinfo,
+)
 from .scenes import MAX_FRAMES, MIN_FRAMES, Scene, ensure_face_first, scenes_from_data
 
 SYSTEM_PROMPT = (
@@ -38,7 +41,7 @@ SYSTEM_PROMPT = (
 _FENCE = re.compile(r"^\s*```(?:json)?\s*\n(.*)\n\s*```\s*$", re.DOTALL)
 
 
-class SceneSplitError(RuntimeError):
+class SceneSplitError(EndpointError):
     """The endpoint could not split the story (unreachable, refusing, or never answering valid JSON)."""
 
 
@@ -61,7 +64,8 @@ class LLMSettings:
     json_mode: bool = True  # send response_format {"type": "json_object"}
 
     def __repr__(self) -> str:
-        return f"LLMSettings(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+        return (f"LLMSettings(base_url={split_userinfo(self.base_url)[0]!r}, model={self.model!r}, "
+                f"api_key_env={self.api_key_env!r})")
 
 
 def parse_scene_reply(content: str, minimum: int = MIN_FRAMES, maximum: int = MAX_FRAMES) -> list[Scene]:
@@ -89,28 +93,16 @@ class SceneSplitter:
 
     def __init__(self, settings: LLMSettings | None = None, sleep=time.sleep, rng: random.Random | None = None):
         self.settings = settings or LLMSettings()
-        if not self.settings.base_url.strip():
-            raise SceneSplitError("the endpoint's base URL is empty (e.g. http://127.0.0.1:11434/v1 for Ollama)")
-        self._url = self.settings.base_url.rstrip("/") + "/chat/completions"
-        self._sleep = sleep
-        self._rng = rng or random.Random()
-        self.retries = 0  # transport retries
+        s = self.settings
+        self.client = ChatClient(s.base_url, s.api_key_env, timeout=s.timeout, max_retries=s.max_retries,
+                                 base_delay=s.base_delay, max_delay=s.max_delay, sleep=sleep,
+                                 rng=rng or random.Random(), error=SceneSplitError)
         self.malformed: list[str] = []  # why earlier answers were rejected
 
-    def _key(self) -> str:
-        var = self.settings.api_key_env.strip()
-        return os.environ.get(var, "").strip() if var else ""
-
-    def _scrub(self, text: str) -> str:
-        key = self._key()
-        return text.replace(key, "***") if key else text
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = self._key()
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
+    @property
+    def retries(self) -> int:
+        """Transport retries so far."""
+        return self.client.retries
 
     def payload(self, messages: list[dict[str, str]]) -> dict[str, Any]:
         s = self.settings
@@ -119,37 +111,6 @@ class SceneSplitter:
         if s.json_mode:
             body["response_format"] = {"type": "json_object"}
         return body
-
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        s = self.settings
-        data = json.dumps(body).encode("utf-8")
-        last = "no attempt made"
-        for attempt in range(s.max_retries + 1):
-            retry_after = None
-            try:
-                request = urllib.request.Request(self._url, data=data, headers=self._headers(), method="POST")
-                with urllib.request.urlopen(request, timeout=s.timeout) as response:  # noqa: S310 - user's endpoint
-                    raw = response.read().decode("utf-8", "replace")
-                try:
-                    return json.loads(raw)
-                except json.JSONDecodeError:
-                    raise SceneSplitError(f"{self._url} answered something that is not JSON: "
-                                          f"{self._scrub(raw.strip()[:200])!r}") from None
-            except urllib.error.HTTPError as exc:
-                last = f"HTTP {exc.code}: {self._scrub(_error_detail(exc))}"
-                if exc.code not in RETRY_STATUS:
-                    hint = (f" (check the API key in ${s.api_key_env})" if exc.code in (401, 403) else
-                            " (is the model name right?)" if exc.code == 404 else "")
-                    raise SceneSplitError(f"{self._url} answered {last}{hint}") from None
-                retry_after = retry_after_seconds(exc.headers.get("Retry-After") if exc.headers else None)
-            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-                last = f"connection failed: {getattr(exc, 'reason', exc)}"
-            if attempt == s.max_retries:
-                break
-            self.retries += 1
-            self._sleep(backoff_delay(attempt, s.base_delay, s.max_delay, retry_after, self._rng))
-        raise SceneSplitError(f"{self._url}: gave up after {s.max_retries + 1} attempt(s); last error: "
-                              f"{self._scrub(last)}")
 
     def split(self, story: str, frames: int | None = None, minimum: int = MIN_FRAMES,
               maximum: int = MAX_FRAMES) -> list[Scene]:
@@ -167,44 +128,18 @@ class SceneSplitter:
                     {"role": "user", "content": f"Story: {story}"}]
         self.malformed = []
         for _ in range(max(1, self.settings.json_attempts)):
-            reply = self._post(self.payload(messages))
-            content = _content(reply)
+            reply = self.client.complete(self.payload(messages))
+            message, _ = first_choice(reply, self.client.url, SceneSplitError)
+            content = message_text(message)
             try:
                 scenes = parse_scene_reply(content, minimum, maximum)
             except MalformedReply as exc:
-                self.malformed.append(str(exc))
+                self.malformed.append(mask_then_cut(exc, self.client.mask, 200))
                 messages = [*messages[:2], {"role": "assistant", "content": content[:4000]},
                             {"role": "user", "content": f"That answer was rejected: {exc}. Answer again with JSON "
                                                         f"only, exactly in the requested shape."}]
                 continue
             return ensure_face_first(scenes)
-        raise SceneSplitError(f"{self.settings.model} at {self.settings.base_url} gave no usable scene list in "
+        raise SceneSplitError(f"{self.settings.model} at {split_userinfo(self.settings.base_url)[0]} gave no usable scene list in "
                               f"{len(self.malformed)} answer(s): " + "; ".join(self.malformed)
                               + ". Try another model, or write the scenes yourself (--scenes FILE).")
-
-
-def _content(reply: Any) -> str:
-    try:
-        message = reply["choices"][0].get("message") or {}
-    except (KeyError, IndexError, TypeError, AttributeError):
-        return ""
-    content = message.get("content")
-    if isinstance(content, list):  # content parts
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return content if isinstance(content, str) else ""
-
-
-def _error_detail(exc: urllib.error.HTTPError) -> str:
-    try:
-        raw = exc.read().decode("utf-8", "replace")
-    except Exception:  # noqa: BLE001 - the body is only a hint
-        return str(exc.reason or "")
-    try:
-        data = json.loads(raw)
-        error = data.get("error")
-        message = error.get("message") if isinstance(error, dict) else error
-        if message:
-            return str(message)[:300]
-    except (ValueError, AttributeError):
-        pass
-    return raw.strip()[:300] or str(exc.reason or "")

@@ -6,37 +6,41 @@ JPEG data URL (``image_url`` content part). The API key is read from the environ
 the settings (``OPENAI_API_KEY`` by default; local servers need none) and is never logged, shown or
 put into an error message.
 
-Retries: a 429, a 5xx, a timeout or a connection error is retried up to `max_retries` times, waiting
-``base_delay * 2**attempt`` seconds scaled by a random factor of 0.5..1 (jitter), at most `max_delay`; a
-``Retry-After`` header (seconds or an HTTP date) sets the wait instead, also capped by `max_delay`. Other
-4xx answers fail at once with the server's message. A refusal (the response's ``refusal`` field, a
-``content_filter`` finish, or an answer that starts like "I'm sorry, I can't") gives an empty caption
-for that image, and the report lists it; the rest of the dataset goes on.
+Requests, retries (429 with ``Retry-After``, 5xx, timeouts) and keeping secrets out of every message are
+the job of `engine.openai_compat.ChatClient`, shared with story scene splitting. A refusal (the response's
+``refusal`` field, a ``content_filter`` finish, or an answer that starts like "I'm sorry, I can't") gives an
+empty caption for that image, and the report lists it; the rest of the dataset goes on.
 """
 
 from __future__ import annotations
 
 import base64
-import email.utils
-import http.client
 import io
-import json
-import os
 import random
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from ...openai_compat import (
+    RETRY_STATUS,
+    ChatClient,
+    EndpointError,
+    backoff_delay,
+    first_choice,
+    message_text,
+    retry_after_seconds,
+    split_userinfo,
+)
 from .base import Captioner, CaptionerError
+
+__all__ = ["DEFAULT_PROMPT", "RETRY_STATUS", "OpenAICompatCaptioner", "OpenAISettings", "RequestFailed",
+           "backoff_delay", "image_data_url", "is_refusal", "retry_after_seconds"]
 
 DEFAULT_PROMPT = ("Describe this photo in one sentence for an image-generation training caption: the person's "
                   "appearance, clothing, pose, expression, setting and lighting. No preamble.")
-RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|sorry, (but )?i|i can(no|'?)t (help|assist|describe|provide)|"
                       r"i('m| am) (unable|not able) to)", re.IGNORECASE)
 
@@ -58,11 +62,12 @@ class OpenAISettings:
     jpeg_quality: int = 90
     concurrency: int = 4  # requests in flight at once
 
-    def __repr__(self) -> str:  # safe to log: holds no secret, but keep it short
-        return f"OpenAISettings(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+    def __repr__(self) -> str:  # safe to log: no key, and a password in the URL is left out
+        return (f"OpenAISettings(base_url={split_userinfo(self.base_url)[0]!r}, model={self.model!r}, "
+                f"api_key_env={self.api_key_env!r})")
 
 
-class RequestFailed(CaptionerError):
+class RequestFailed(CaptionerError, EndpointError):
     """The endpoint answered with an error that retrying will not fix (or retries ran out)."""
 
 
@@ -71,33 +76,6 @@ def image_data_url(image: Any, quality: int = 90) -> str:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=quality)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """A ``Retry-After`` header value (delta seconds or an HTTP date) as seconds from now."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None = None,
-                  rng: random.Random | None = None) -> float:
-    """Seconds to wait before retry `attempt` (0-based): Retry-After when given, else jittered exponential."""
-    if retry_after is not None:
-        return min(cap, retry_after)
-    rng = rng or random
-    return min(cap, base * (2 ** attempt)) * (0.5 + 0.5 * rng.random())
 
 
 def is_refusal(message: dict[str, Any], finish_reason: str | None) -> bool:
@@ -109,14 +87,6 @@ def is_refusal(message: dict[str, Any], finish_reason: str | None) -> bool:
     return isinstance(content, str) and bool(_REFUSAL.match(content))
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # some servers answer with content parts
-        return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return ""
-
-
 class OpenAICompatCaptioner(Captioner):
     """Captions from a vision model behind an OpenAI-compatible chat-completions endpoint."""
 
@@ -124,30 +94,18 @@ class OpenAICompatCaptioner(Captioner):
 
     def __init__(self, settings: OpenAISettings | None = None, sleep=time.sleep, rng: random.Random | None = None):
         self.settings = settings or OpenAISettings()
-        if not self.settings.base_url.strip():
-            raise CaptionerError("the endpoint's base URL is empty (e.g. http://127.0.0.1:11434/v1 for Ollama)")
-        self.max_side = self.settings.max_side
-        self.batch_size = max(1, self.settings.concurrency) * 2
-        self._sleep = sleep
-        self._rng = rng or random.Random()
+        s = self.settings
+        self.client = ChatClient(s.base_url, s.api_key_env, timeout=s.timeout, max_retries=s.max_retries,
+                                 base_delay=s.base_delay, max_delay=s.max_delay, sleep=sleep,
+                                 rng=rng or random.Random(), error=RequestFailed)
+        self.max_side = s.max_side
+        self.batch_size = max(1, s.concurrency) * 2
         self.refused = 0
-        self.retries = 0
         self._count_lock = threading.Lock()  # requests run on several threads
-        self._url = self.settings.base_url.rstrip("/") + "/chat/completions"
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        var = self.settings.api_key_env.strip()
-        key = os.environ.get(var, "").strip() if var else ""
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
-
-    def _scrub(self, text: str) -> str:
-        """`text` with the API key (should a server echo it) replaced by ***."""
-        var = self.settings.api_key_env.strip()
-        key = os.environ.get(var, "").strip() if var else ""
-        return text.replace(key, "***") if key else text
+    @property
+    def retries(self) -> int:
+        return self.client.retries
 
     def payload(self, image: Any) -> dict[str, Any]:
         s = self.settings
@@ -160,46 +118,14 @@ class OpenAICompatCaptioner(Captioner):
         ]})
         return {"model": s.model, "messages": messages, "max_tokens": s.max_tokens, "temperature": s.temperature}
 
-    def _post(self, body: bytes) -> dict[str, Any]:
-        s = self.settings
-        last = "no attempt made"
-        for attempt in range(s.max_retries + 1):
-            retry_after = None
-            try:
-                request = urllib.request.Request(self._url, data=body, headers=self._headers(), method="POST")
-                with urllib.request.urlopen(request, timeout=s.timeout) as response:  # noqa: S310 - user's endpoint
-                    return json.loads(response.read().decode("utf-8"))
-            except urllib.error.HTTPError as exc:
-                detail = self._scrub(_error_detail(exc))
-                last = f"HTTP {exc.code}: {detail}"
-                if exc.code not in RETRY_STATUS:
-                    hint = " (check the API key variable)" if exc.code in (401, 403) else ""
-                    raise RequestFailed(f"{self._url} answered {last}{hint}") from None
-                retry_after = retry_after_seconds(exc.headers.get("Retry-After") if exc.headers else None)
-            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-                reason = getattr(exc, "reason", exc)
-                last = f"connection failed: {reason}"
-            except json.JSONDecodeError as exc:
-                raise RequestFailed(f"{self._url} answered something that is not JSON: {exc}") from None
-            if attempt == s.max_retries:
-                break
-            with self._count_lock:
-                self.retries += 1
-            self._sleep(backoff_delay(attempt, s.base_delay, s.max_delay, retry_after, self._rng))
-        raise RequestFailed(f"{self._url}: gave up after {s.max_retries + 1} attempt(s); last error: {last}")
-
     def caption_one(self, image: Any) -> str:
-        data = self._post(json.dumps(self.payload(image)).encode("utf-8"))
-        try:
-            choice = data["choices"][0]
-            message = choice.get("message") or {}
-        except (KeyError, IndexError, TypeError):
-            raise RequestFailed(f"{self._url} answered without choices: {str(data)[:200]}") from None
-        if is_refusal(message, choice.get("finish_reason")):
+        reply = self.client.complete(self.payload(image))
+        message, finish_reason = first_choice(reply, self.client.url, RequestFailed)
+        if is_refusal(message, finish_reason):
             with self._count_lock:
                 self.refused += 1
             return ""
-        return " ".join(_text(message.get("content")).split())
+        return " ".join(message_text(message).split())
 
     def caption(self, images: list[Any]) -> list[str]:
         if not images:
@@ -211,24 +137,9 @@ class OpenAICompatCaptioner(Captioner):
             return list(pool.map(self.caption_one, images))
 
     def notes(self) -> list[str]:
-        notes = [f"{self.settings.model} at {self.settings.base_url}"]
+        notes = [f"{self.settings.model} at {self.client.url.removesuffix('/chat/completions')}"]
         if self.refused:
             notes.append(f"the model refused {self.refused} image(s); they have no new caption")
         if self.retries:
             notes.append(f"{self.retries} request(s) retried (rate limit or server errors)")
         return notes
-
-
-def _error_detail(exc: urllib.error.HTTPError) -> str:
-    try:
-        raw = exc.read().decode("utf-8", "replace")
-    except Exception:  # noqa: BLE001 - the body is only a hint
-        return exc.reason or ""
-    try:
-        data = json.loads(raw)
-        message = data.get("error", {}).get("message") if isinstance(data.get("error"), dict) else data.get("error")
-        if message:
-            return str(message)[:300]
-    except (ValueError, AttributeError):
-        pass
-    return raw.strip()[:300] or str(exc.reason or "")
