@@ -55,6 +55,7 @@ from .errors import (
 )
 from .journal import IN_FLIGHT, JOURNAL_NAME, Journal, replay
 from .manifest import build_manifest, write_manifest
+from .secrets import mask
 from .summary import PLAN_NAME, SUMMARY_NAME, build_summary, write_json_atomic
 from .targets import ComfyTarget, JobSpec, Target, is_transient, retry_after
 from .workflow import Workflow, load_workflow
@@ -132,7 +133,7 @@ def plan_hash(plan: BatchPlan, base: Path) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    return str(exc).strip() or type(exc).__name__
+    return mask(str(exc).strip()) or type(exc).__name__
 
 
 class BatchRunner:

@@ -132,6 +132,7 @@ class _Flattener:
                 continue
             node_id = f"{prefix}{raw['id']}"
             node_type = str(raw.get("type") or "")
+            _check_node_fields(raw, f"node {node_id} ({node_type or 'no type'})")
             mode = int(raw.get("mode") or 0)
             slots = [_Slot(str(s.get("name")), str(s.get("type")), origin(s.get("link")),
                            (s.get("widget") or {}).get("name") if isinstance(s.get("widget"), dict) else None)
@@ -189,6 +190,25 @@ class _Flattener:
             for inner in self.nodes.values():
                 if inner.id.startswith(inner_prefix) and inner.kind == "real":
                     inner.mode = MUTED
+
+
+def _check_node_fields(raw: dict[str, Any], where: str) -> None:
+    """Refuse an editor node whose fields have the wrong JSON type (a damaged or hand-edited file)."""
+    def kind(value: Any) -> str:
+        return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
+            type(value), type(value).__name__)
+
+    for key, allowed, expected in (("inputs", (list,), "a list"), ("outputs", (list,), "a list"),
+                                   ("widgets_values", (list, dict), "a list"),
+                                   ("properties", (dict,), "an object")):
+        value = raw.get(key)
+        if value is not None and not isinstance(value, allowed):
+            raise ConversionError(f"{where}: '{key}' is {kind(value)}, expected {expected}; the workflow file is "
+                                  "damaged - open and save it again in the ComfyUI editor")
+    mode = raw.get("mode")
+    if mode is not None and (isinstance(mode, bool) or not isinstance(mode, (int, float))):
+        raise ConversionError(f"{where}: 'mode' is {kind(mode)}, expected a number; the workflow file is damaged "
+                              "- open and save it again in the ComfyUI editor")
 
 
 def _types_match(a: str, b: str) -> bool:
@@ -350,6 +370,9 @@ def map_widgets(info: dict[str, Any], values: Any, where: str = "") -> dict[str,
     the saved list keep their defaults. This does the same.
     """
     specs = _widget_specs(info)
+    if values is not None and not isinstance(values, (list, dict)):
+        raise ConversionError(f"{where or 'a node'}: 'widgets_values' is {type(values).__name__}, expected a "
+                              "list; the workflow file is damaged - open and save it again in the ComfyUI editor")
     if isinstance(values, dict):  # some nodes serialise their widgets by name
         named = {name: values[name] for name, _, _ in specs if name in values}
     else:

@@ -141,6 +141,39 @@ def _reachable(prompt: dict[str, Any], roots: list[str]) -> list[str]:
     return seen
 
 
+def _links_of(node: Any) -> list[str]:
+    inputs = node.get("inputs") if isinstance(node, dict) else None
+    if not isinstance(inputs, dict):
+        return []
+    return [str(v[0]) for v in inputs.values() if isinstance(v, list) and len(v) == 2]
+
+
+def find_cycle(prompt: dict[str, Any], nodes: list[str] | None = None) -> list[str] | None:
+    """A dependency cycle among ``nodes`` (default: all), as node ids in link order with the first repeated at
+    the end (``["3", "8", "3"]``); None when the graph is acyclic."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    for start in sorted(nodes if nodes is not None else prompt, key=_sort_key):
+        if state.get(start):
+            continue
+        path: list[str] = [start]
+        pending: list[list[str]] = [[s for s in _links_of(prompt.get(start)) if s in prompt]]
+        state[start] = 1
+        while path:
+            if not pending[-1]:
+                state[path.pop()] = 2
+                pending.pop()
+                continue
+            nxt = pending[-1].pop()
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if state.get(nxt) == 2:
+                continue
+            state[nxt] = 1
+            path.append(nxt)
+            pending.append([s for s in _links_of(prompt.get(nxt)) if s in prompt])
+    return None
+
+
 def nodes_to_run(prompt: dict[str, Any], object_info: dict[str, Any]) -> list[str]:
     """The nodes the server will execute: output nodes and everything they depend on."""
     outputs = [nid for nid, node in prompt.items()
@@ -226,6 +259,11 @@ def preflight(prompt: dict[str, Any], object_info: dict[str, Any]) -> list[NodeP
     if not outputs and not problems:
         problems.append(NodeProblem("-", None, "the workflow has no output node (SaveImage, PreviewImage, ...); "
                                                "the server would refuse to run it", kind="prompt_no_outputs"))
+    cycle = find_cycle(prompt, _reachable(prompt, outputs) if outputs else None)
+    if cycle is not None:
+        path = " -> ".join(f"{nid} ({(prompt.get(nid) or {}).get('class_type', '?')})" for nid in cycle)
+        add(cycle[0], f"is part of a dependency cycle: {path}; a node cannot depend on its own output, "
+                      "remove one of these links", kind="dependency_cycle")
     for node_id in sorted(_reachable(prompt, outputs), key=_sort_key):
         if node_id not in known:
             continue

@@ -19,8 +19,9 @@ from typing import Any
 
 import aiohttp
 
-from ..config import Secret, redact
+from ..config import Secret
 from ..errors import AuthenticationError, DriverError, ServerError, ServerUnavailable
+from ..secrets import mask, mask_body
 
 USER_AGENT = "charforge-driver-runpod"
 _TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (asyncio.TimeoutError, TimeoutError)
@@ -80,7 +81,7 @@ class RunPodHTTP:
         return [self.api_key.reveal()] if self.api_key else []
 
     def redact(self, text: str) -> str:
-        return redact(text, self.secrets())
+        return mask(text, self.secrets())
 
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -98,7 +99,7 @@ class RunPodHTTP:
             self._session = None
 
     def _error(self, method: str, url: str, status: int, body: bytes, retry_after: float | None) -> DriverError:
-        snippet = self.redact(body[:300].decode("utf-8", "replace").strip())
+        snippet = mask_body(body, self.secrets(), limit=300)
         where = f"{method} {self.redact(url)}"
         if status in (401, 403):
             hint = ("no API key was sent: set RUNPOD_API_KEY (or runpod.api_key_env in the config file)"
@@ -163,7 +164,7 @@ class RunPodHTTP:
                     try:
                         return resp.status, json.loads(body)
                     except ValueError:
-                        snippet = self.redact(body[:120].decode("utf-8", "replace"))
+                        snippet = mask_body(body, self.secrets(), limit=120)
                         raise ServerError(f"{method} {self.redact(url)} did not answer JSON: {snippet!r}",
                                           status=resp.status) from None
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, *_TIMEOUT_ERRORS) as exc:

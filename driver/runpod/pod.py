@@ -27,6 +27,7 @@ from typing import Any
 from ..client import AsyncComfyClient, Timeout
 from ..config import RunPodSettings, ServerConfig, ServerURL, runpod_proxy_url
 from ..errors import AuthenticationError, ConfigError, DriverError, ServerError, ServerUnavailable
+from ..secrets import mask
 from ..targets import ComfyTarget
 from .api import Pod, RunPodAPI
 
@@ -103,12 +104,12 @@ async def wait_ready(url: str | ServerConfig, *, timeout: float = 900.0, interva
 
 
 def _short_reason(exc: BaseException) -> str:
-    text = str(exc)
+    text = mask(str(exc))  # masked before it is cut
     if "HTTP 502" in text:
         return "HTTP 502 (nothing listens on the port yet: the pod is booting or ComfyUI is starting)"
     if "HTTP 503" in text or "HTTP 504" in text:
-        return text.split(": ", 1)[-1][:120]
-    return text[:160]
+        return mask(text.split(": ", 1)[-1], limit=120)
+    return mask(text, limit=160)
 
 
 class PodSession:

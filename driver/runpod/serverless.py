@@ -33,19 +33,21 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 
 from ..client import JobResult, Timings
-from ..config import RUNPOD_ENDPOINT_URL, RunPodSettings, Secret
+from ..config import DOWNLOAD_LIMIT_SETTING, RUNPOD_ENDPOINT_URL, Limits, RunPodSettings, Secret, mib
 from ..errors import (
     DriverError,
     ExecutionError,
     Interrupted,
     JobLost,
     JobTimeout,
+    ProtocolError,
     ServerError,
     ServerUnavailable,
     UsageError,
     WorkflowError,
 )
 from ..outputs import DownloadedFile, OutputFile, local_path_for, open_unique
+from ..secrets import mask
 from ..workflow import apply_overrides, coerce_workflow, parse_input, parse_set, plan_inputs
 from .http import RunPodHTTP
 
@@ -315,16 +317,24 @@ class ServerlessClient:
         if self._plain is None or self._plain.closed:
             self._plain = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
                                                                               sock_read=120))
+        cap = Limits.resolve().max_download_bytes
         for attempt in range(3):
             try:
                 async with self._plain.get(url) as resp:
                     if resp.status != 200:
                         raise ServerError(f"downloading a worker output from S3 failed: HTTP {resp.status}",
                                           status=resp.status)
-                    return await resp.read()
+                    data = bytearray()
+                    async for chunk in resp.content.iter_any():
+                        data += chunk
+                        if len(data) > cap:
+                            raise ProtocolError(f"a worker output on S3 is larger than {mib(cap)}, the limit for "
+                                                f"one download; raise it with {DOWNLOAD_LIMIT_SETTING}")
+                    return bytes(data)
             except (aiohttp.ClientConnectionError, *_TIMEOUTS) as exc:
                 if attempt == 2:
-                    raise ServerUnavailable(f"downloading a worker output from S3 failed: {exc}") from None
+                    # the presigned URL in the message carries a signature: mask it
+                    raise ServerUnavailable(mask(f"downloading a worker output from S3 failed: {exc}")) from None
                 await asyncio.sleep(0.5 * 2 ** attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -402,7 +412,7 @@ class ServerlessTarget:
     def _warn(self, text: str) -> None:
         if text not in self.warnings:
             self.warnings.append(text)
-        log.warning("%s: %s", self.name, text)
+        log.warning("%s: %s", self.name, mask(text))
 
     async def open(self) -> None:
         await self.client.health()  # checks the key and the endpoint id
@@ -519,7 +529,7 @@ async def endpoint_price_per_second(settings: RunPodSettings) -> float | None:
             endpoint = await api.endpoint(settings.id)
             gpus = {g.id: g for g in await api.gpu_types()}
     except DriverError as exc:
-        log.warning("cannot read the price of endpoint %s: %s", settings.id, exc)
+        log.warning("cannot read the price of endpoint %s: %s", settings.id, mask(str(exc)))
         return None
     for gpu_id in endpoint.gpu_type_ids:
         gpu = gpus.get(gpu_id)

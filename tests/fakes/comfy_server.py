@@ -464,6 +464,22 @@ class Knobs:
     down: bool = False
     #: seed of the random faults (reproducible storms)
     fault_seed: int = 0
+    #: body text of the injected ``fail_status`` answers (default ``"<status>: injected fault"``)
+    fail_body: str | None = None
+    # --- a hostile server (bounds the driver must keep) ---
+    #: ``/view`` misbehaves: "infinite" streams bytes until the client goes away, "trickle" sends one byte
+    #: every ``trickle_seconds`` (for ``trickle_bytes`` bytes)
+    view_mode: str | None = None
+    trickle_seconds: float = 2.0
+    trickle_bytes: int = 1000
+    #: ``/history/<id>`` answers a valid JSON object this many bytes long (streamed, never built in memory)
+    huge_history_bytes: int = 0
+    #: send each newly connected WebSocket one text message this many bytes long, ``oversize_ws_times`` times
+    oversize_ws_bytes: int = 0
+    oversize_ws_times: int = 1
+    #: answer these paths (below the prefix, without ``/api``; exact, or a prefix ending in "/") with this JSON
+    #: instead: a value, or ``callable(request) -> value``
+    replies: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -532,6 +548,9 @@ class FakeComfyServer:
         self.injected_faults = 0
         #: queued + running prompts seen by each accepted POST /prompt (how hard a client feeds the queue)
         self.in_flight_at_submit: list[int] = []
+        #: bytes the hostile modes (view_mode, huge_history_bytes) managed to send before the client stopped
+        self.hostile_bytes_sent = 0
+        self._oversize_sent = 0
         import random
 
         self._fault_rng = random.Random(self.knobs.fault_seed)
@@ -652,6 +671,9 @@ class FakeComfyServer:
         fault = self._fault(request)
         if fault is not None:
             return fault
+        reply = self._canned_reply(request)
+        if reply is not None:
+            return reply
         required = self.knobs.require_headers or {}
         for name, value in required.items():
             if request.headers.get(name) != value:
@@ -686,8 +708,42 @@ class FakeComfyServer:
             k.fail_next = max(0, k.fail_next - 1)
             self.injected_faults += 1
             headers = {"Retry-After": f"{k.retry_after:g}"} if k.retry_after is not None else None
-            return web.Response(status=k.fail_status, text=f"{k.fail_status}: injected fault", headers=headers)
+            text = k.fail_body if k.fail_body is not None else f"{k.fail_status}: injected fault"
+            return web.Response(status=k.fail_status, text=text, headers=headers)
         return None
+
+    def _canned_reply(self, request: web.Request) -> web.StreamResponse | None:
+        """The JSON of ``knobs.replies`` for this request's path, or None."""
+        path = request.path[len(self.prefix):]
+        if path.startswith("/api/"):
+            path = path[4:]
+        for pattern, value in self.knobs.replies.items():
+            if path == pattern or (pattern.endswith("/") and path.startswith(pattern)):
+                return web.json_response(value(request) if callable(value) else value)
+        return None
+
+    async def _stream(self, request: web.Request, head: bytes, size: int | None, tail: bytes = b"",
+                      chunk: bytes = b"x" * 65536, pause: float = 0.0) -> web.StreamResponse:
+        """Stream ``head``, then ``chunk`` until ``size`` bytes (None: forever), then ``tail``; counts what went
+        out in ``hostile_bytes_sent`` and stops quietly when the client leaves."""
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await resp.write(head)
+            self.hostile_bytes_sent += len(head)
+            sent = len(head)
+            while size is None or sent < size - len(tail):
+                part = chunk if size is None else chunk[: size - len(tail) - sent]
+                await resp.write(part)
+                self.hostile_bytes_sent += len(part)
+                sent += len(part)
+                if pause:
+                    await asyncio.sleep(pause)
+                else:
+                    await asyncio.sleep(0)
+            await resp.write(tail)
+            await resp.write_eof()
+        return resp
 
     # ---- messaging ----------------------------------------------------------------------------------------
 
@@ -747,6 +803,11 @@ class FakeComfyServer:
         self._transports[sid] = request.transport
         self._flags[sid] = {}
         try:
+            if self.knobs.oversize_ws_bytes and self._oversize_sent < self.knobs.oversize_ws_times:
+                self._oversize_sent += 1
+                padding = "x" * self.knobs.oversize_ws_bytes
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await ws.send_str(json.dumps({"type": "status", "data": {"padding": padding}}))
             await self.send("status", {"status": self.queue_info(), "sid": sid}, sid)
             if self.client_id == sid and self.last_node_id is not None:
                 await self.send("executing", {"node": self.last_node_id}, sid)
@@ -1001,8 +1062,11 @@ class FakeComfyServer:
             keys = keys[offset:]
         return web.json_response({k: self.history[k] for k in keys})
 
-    async def h_get_history_item(self, request: web.Request) -> web.Response:
+    async def h_get_history_item(self, request: web.Request) -> web.StreamResponse:
         pid = request.match_info["prompt_id"]
+        if self.knobs.huge_history_bytes:
+            head = json.dumps({pid: {"padding": ""}})[:-3].encode()  # '{"<pid>": {"padding": "'
+            return await self._stream(request, head, self.knobs.huge_history_bytes, tail=b'"}}')
         if pid in self.history:
             return web.json_response({pid: copy.deepcopy(self.history[pid])})
         return web.json_response({})
@@ -1060,6 +1124,11 @@ class FakeComfyServer:
         q = request.query
         if "filename" not in q:
             return web.Response(status=404)
+        if self.knobs.view_mode == "infinite":
+            return await self._stream(request, b"", None)
+        if self.knobs.view_mode == "trickle":
+            return await self._stream(request, b"", self.knobs.trickle_bytes, chunk=b"x",
+                                      pause=self.knobs.trickle_seconds)
         if self.knobs.lenient_view:
             return web.Response(body=png_bytes(2, 2, (1, 2, 3)), content_type="image/png")
         filename = q["filename"]
