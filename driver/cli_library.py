@@ -159,7 +159,8 @@ def _register_character(sub: Any) -> None:
     new.add_argument("--sampler", default="euler")
     new.add_argument("--scheduler", default="normal")
     new.add_argument("--seed", type=int, default=None)
-    new.add_argument("--folder", type=Path, help="write here instead of the characters folder")
+    new.add_argument("--folder", type=Path, help="write here instead of the characters folder (then list and show "
+                                                 "need the same --folder)")
     new.add_argument("--from-lora", type=Path, metavar="FILE",
                      help="take trigger words and base model from this LoRA's metadata (and add it at --weight)")
     new.add_argument("--weight", type=float, default=1.0, help="weight for --from-lora")
@@ -168,11 +169,13 @@ def _register_character(sub: Any) -> None:
     new.set_defaults(func=cmd_character_new)
 
     listing = char_sub.add_parser("list", help="saved presets")
+    listing.add_argument("--folder", type=Path, help="list this folder instead of the characters folder")
     _json_flag(listing)
     listing.set_defaults(func=cmd_character_list)
 
     show = char_sub.add_parser("show", help="a preset's fields and the prompt it produces")
     show.add_argument("name", help="a saved character name or a .yaml path")
+    show.add_argument("--folder", type=Path, help="look in this folder instead of the characters folder")
     _json_flag(show)
     show.set_defaults(func=cmd_character_show)
 
@@ -334,18 +337,23 @@ def cmd_character_new(args: argparse.Namespace, out: Any) -> int:
         path = chars.save_character(character, folder=args.folder, overwrite=args.force)
     except (OSError, ValueError, ImportError) as exc:
         return _fail(out, exc)
-    out.result(f"wrote {path}", path=str(path), name=character.name)
+    message = f"wrote {path}"
+    if args.folder is not None:
+        # Outside the characters folder the name alone does not find it: say how to reach it.
+        message += (f" (not in the characters folder: use 'charforge character show {character.name} --folder "
+                    f"{args.folder}' or the file's path; nodes and the storyboard take the path)")
+    out.result(message, path=str(path), name=character.name)
     return 0
 
 
 def cmd_character_list(args: argparse.Namespace, out: Any) -> int:
     try:
         chars = _engine("characters")
-        names = chars.list_characters()
+        names = chars.list_characters(args.folder)
         rows = []
         for name in names:
             try:
-                c = chars.load_character(name)
+                c = chars.load_character(name, args.folder)
                 rows.append({"name": name, "display_name": c.display_name, "trigger_words": c.trigger_words,
                              "loras": [lora.name for lora in c.loras], "path": c.path})
             except ValueError as exc:
@@ -367,7 +375,7 @@ def cmd_character_list(args: argparse.Namespace, out: Any) -> int:
 
 def cmd_character_show(args: argparse.Namespace, out: Any) -> int:
     try:
-        c = _engine("characters").load_character(args.name)
+        c = _engine("characters").load_character(args.name, args.folder)
     except (OSError, ValueError, ImportError) as exc:
         return _fail(out, exc)
     data = {"name": c.name, "path": c.path, **c.to_dict(), "prompt_text": c.prompt_text()}

@@ -84,3 +84,18 @@ def test_character_new_list_show(no_comfy, monkeypatch, loras):
     assert "INVALID" in out and "bogus" in out
     code, _, err = _run("character", "show", "alice")
     assert code == 2 and "bogus" in err
+
+
+def test_character_new_with_folder_is_found_by_list_and_show_with_the_same_folder(no_comfy, monkeypatch, tmp_path):
+    monkeypatch.setenv("CHARFORGE_MODELS_DIR", str(no_comfy / "models"))
+    elsewhere = tmp_path / "my presets"
+    code, out, err = _run("character", "new", "bob", "--trigger", "bob_cf", "--folder", str(elsewhere))
+    assert code == 0, err
+    assert str(elsewhere / "bob.yaml") in out and "--folder" in out  # says where it went and how to reach it
+    code, out, _ = _run("character", "list", "--folder", str(elsewhere))
+    assert out.startswith("bob\t") and "bob_cf" in out
+    code, out, err = _run("character", "show", "bob", "--folder", str(elsewhere), "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["trigger_words"] == ["bob_cf"]
+    code, _, err = _run("character", "show", "bob")  # not in the characters folder, as the message said
+    assert code == 2 and "not found" in err

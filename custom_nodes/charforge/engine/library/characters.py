@@ -280,8 +280,14 @@ def character_folder() -> Path:
     return Path(folders[0]) / SUBFOLDER
 
 
-def list_characters() -> list[str]:
-    """Names of the saved presets in every charforge model folder, sorted."""
+def list_characters(folder: str | os.PathLike | None = None) -> list[str]:
+    """Names of the saved presets, sorted: in `folder` when given, else in every charforge model folder."""
+    if folder is not None:
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            return []
+        return sorted({p.name.rsplit(".", 1)[0] for p in folder.iterdir()
+                       if p.is_file() and p.name.lower().endswith(SUFFIXES)})
     names = set()
     for entry in bridge.list_models(FOLDER_KIND):
         parts = entry.replace("\\", "/").split("/")
@@ -290,20 +296,28 @@ def list_characters() -> list[str]:
     return sorted(names)
 
 
-def character_path(name_or_path: str | os.PathLike) -> Path:
-    """The preset file for a name (searched in the charforge folders) or a path to a ``.yaml`` file."""
+def character_path(name_or_path: str | os.PathLike, folder: str | os.PathLike | None = None) -> Path:
+    """The preset file for a name (in `folder` when given, else searched in the charforge folders) or a path
+    to a ``.yaml`` file."""
     path = Path(str(name_or_path)).expanduser()
     if path.suffix.lower() in SUFFIXES and path.is_file():
         return path
     name = safe_name(str(name_or_path))
-    for suffix in SUFFIXES:
-        try:
-            return Path(bridge.find_model(FOLDER_KIND, f"{SUBFOLDER}/{name}{suffix}"))
-        except bridge.ModelNotFoundError:
-            continue
-    known = list_characters()
+    if folder is not None:
+        for suffix in SUFFIXES:
+            candidate = Path(folder).expanduser() / f"{name}{suffix}"
+            if candidate.is_file():
+                return candidate
+        folders = [str(Path(folder).expanduser())]
+    else:
+        for suffix in SUFFIXES:
+            try:
+                return Path(bridge.find_model(FOLDER_KIND, f"{SUBFOLDER}/{name}{suffix}"))
+            except bridge.ModelNotFoundError:
+                continue
+        folders = [str(Path(f) / SUBFOLDER) for f in bridge.model_folders(FOLDER_KIND)]
+    known = list_characters(folder)
     hint = f" Saved characters: {', '.join(known)}." if known else " No character is saved yet."
-    folders = [str(Path(f) / SUBFOLDER) for f in bridge.model_folders(FOLDER_KIND)]
     raise CharacterError(f"character {short_repr(name)} not found in {', '.join(folders) or 'any folder'}.{hint}")
 
 
@@ -329,9 +343,10 @@ def read_character_file(path: str | os.PathLike) -> Character:
     return validate_character(data if data is not None else {}, name, path)
 
 
-def load_character(name_or_path: str | os.PathLike) -> Character:
-    """Load a preset by name (``characters/<name>.yaml`` in the charforge folders) or by path."""
-    return read_character_file(character_path(name_or_path))
+def load_character(name_or_path: str | os.PathLike, folder: str | os.PathLike | None = None) -> Character:
+    """Load a preset by name (``<folder>/<name>.yaml``, by default ``characters/<name>.yaml`` in the charforge
+    folders) or by path."""
+    return read_character_file(character_path(name_or_path, folder))
 
 
 def save_character(character: Character, folder: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
