@@ -19,8 +19,8 @@ Configurations (issue 8's targets in brackets):
 
 Steady state: 10 warm-up steps, then ``--measure`` steps timed one by one (each step ends with the loss
 read back, i.e. synchronised). MFU = FLOPs of one optimizer step (forward + backward with a frozen base,
-no checkpointing recompute; traced on the meta device, architectures.md §9.5) / (median s/step x peak),
-against the practical 795 TFLOP/s (architectures.md §9.4) and the 989.5 TFLOP/s spec. Peak memory is
+no checkpointing recompute; traced on the meta device, docs/model-configs.md §9.5) / (median s/step x peak),
+against the practical 795 TFLOP/s (docs/model-configs.md §9.4) and the 989.5 TFLOP/s spec. Peak memory is
 ``torch.cuda.max_memory_allocated`` over the measured steps (caching included for the job).
 
 Record the results in docs/benchmarks.md with the device, versions and date.

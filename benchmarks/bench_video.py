@@ -19,7 +19,7 @@ Configs:
 
 Each line has the median seconds per clip over ``--repeats`` clips after one warm-up clip, the FLOPs per
 clip (counted here on the meta device with ``torch.utils.flop_counter``; for the real 16-frame config
-they equal architectures.md §9.3: 25 x 2 x 17.675 + 16 x 2.515 = 924.0 TFLOP), MFU against the practical
+they equal docs/model-configs.md §9.3: 25 x 2 x 17.675 + 16 x 2.515 = 924.0 TFLOP), MFU against the practical
 795 TFLOP/s of §9.4 (and against the 989.5 TFLOP/s H100 spec), and the peak of
 ``torch.cuda.max_memory_allocated`` during the timed clips. Results go into docs/benchmarks.md.
 """
@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-PRACTICAL_PEAK = 795e12  # architectures.md §9.4: measured bf16 matmul peak on the H100 / H200 test machines
+PRACTICAL_PEAK = 795e12  # docs/model-configs.md §9.4: measured bf16 matmul peak on the H100 / H200 test machines
 SPEC_PEAK = 989.5e12  # H100 SXM dense bf16, spec
 PROMPT = "a photo of sks woman walking on a beach, smiling, golden hour"
 NEGATIVE = "blurry, low quality"

@@ -18,7 +18,7 @@ Random weights would "detect" faces at random, so every output is ``planted + 0 
 network runs (ONNX Runtime cannot fold a multiplication whose other input is computed), and the values come
 from the planted detector of ``tests/cf_testing/face_models.py`` so a benchmark image holds exactly one face.
 The parameter and MAC counts printed by ``python benchmarks/scrfd_10g.py`` are checked against the
-published 3.86 M parameters and 9.98 G(MAC) at 640 x 480 (shared/reference/architectures.md §9).
+published 3.86 M parameters and 9.98 G(MAC) at 640 x 480 (docs/model-configs.md §9.1, §9.2).
 """
 
 from __future__ import annotations

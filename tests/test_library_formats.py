@@ -101,7 +101,7 @@ def trained_loras(tiny_sd15, tiny_sdxl, tmp_path_factory):
 def test_tables_cover_the_layers_comfyui_maps(arch):
     table = formats.module_table(arch)
     counts = {c: sum(1 for e in table.entries.values() if e.component == c) for c in formats.COMPONENTS}
-    # contract §6: SDXL key maps patched 1058 modules (794 U-Net + 6 x (12 CLIP-L + 32 bigG) layers).
+    # docs/comfyui-contract.md §6: SDXL key maps patched 1058 modules (794 U-Net + 6 x (12 CLIP-L + 32 bigG) layers).
     expected = {"sd15": {"te1": 72, "te2": 0}, "sdxl": {"unet": 794, "te1": 72, "te2": 192}}[arch]
     for component, count in expected.items():
         assert counts[component] == count
@@ -133,7 +133,7 @@ def test_key_spellings_per_layout():
         "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
     assert formats.module_key_base("sdxl", module, "comfyui") == \
         "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q"
-    # ComfyUI maps diffusers attention projections only in the attention-processor spelling (contract §6).
+    # ComfyUI maps diffusers attention projections only in the attention-processor spelling (docs/comfyui-contract.md §6).
     assert formats.module_key_base("sdxl", module, "peft") == \
         "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q"
     out = LoraModule("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0", module.down, module.up)

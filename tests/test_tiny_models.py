@@ -39,7 +39,7 @@ from charforge.engine.models.single_file import (
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
-# Full-size configs (architectures.md §1-§4), built on the meta device only.
+# Full-size configs (docs/model-configs.md §1-§4), built on the meta device only.
 SD15_UNET_FULL = {
     "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
     "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
@@ -348,7 +348,7 @@ def test_full_size_layouts_have_the_real_parameter_counts():
     def params(kind, prefix=""):
         return sum(torch.Size(s).numel() for k, s in shapes[kind].items() if k.startswith(prefix))
 
-    # architectures.md §9.1
+    # docs/model-configs.md §9.1
     assert params("sd15", "model.diffusion_model.") == 859_520_964
     assert params("sdxl", "model.diffusion_model.") == 2_567_463_684
     assert params("sd15", "first_stage_model.") == 83_653_863
@@ -439,7 +439,7 @@ def test_sd15_comfy_checkpoint_has_what_comfyui_detects(sd15_comfy_checkpoint):
         keys = set(handle.keys())
         shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
         assert {handle.get_slice(k).get_dtype() for k in keys} == {"F16"}
-    # What ComfyUI reads (architectures.md §10.3): model_channels 320, context 768, conv proj_in, no label_emb.
+    # What ComfyUI reads (docs/model-configs.md §10.3): model_channels 320, context 768, conv proj_in, no label_emb.
     assert shapes[unet + "input_blocks.0.0.weight"] == (320, 4, 3, 3)
     assert shapes[unet + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] == (320, 768)
     assert len(shapes[unet + "input_blocks.1.1.proj_in.weight"]) == 4

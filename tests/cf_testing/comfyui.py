@@ -1,5 +1,5 @@
 """A ComfyUI-like harness: load the pack as ComfyUI does, describe nodes as /object_info does, run nodes
-as the executor does. Behaviour follows shared/reference/comfyui-contract.md (sections 1 and 2)."""
+as the executor does. Behaviour follows docs/comfyui-contract.md (sections 1 and 2)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 STUBS_DIR = Path(__file__).resolve().parent / "comfy_stubs"
 STUB_MODULES = ("folder_paths", "comfy", "comfy.utils", "comfy.model_management", "server")
 
-# Types ComfyUI itself defines (contract §2.1). Custom types come from charforge.nodes.types.
+# Types ComfyUI itself defines (docs/comfyui-contract.md §2.1). Custom types come from charforge.nodes.types.
 CORE_TYPES = frozenset({
     "INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "IMAGE", "MASK", "LATENT", "CONDITIONING", "MODEL", "CLIP",
     "VAE", "CONTROL_NET", "CLIP_VISION", "CLIP_VISION_OUTPUT", "STYLE_MODEL", "UPSCALE_MODEL", "AUDIO", "VIDEO",

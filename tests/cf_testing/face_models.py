@@ -1,7 +1,7 @@
 """InsightFace-format face models for tests and benchmarks, written as ONNX without any download.
 
 insightface loads every ``.onnx`` in ``<root>/models/<pack>/`` and gives each a role from its signature
-(shared/reference/architectures.md §10.5, checked against insightface's ``model_zoo.ModelRouter``):
+(docs/model-configs.md §10.5, checked against insightface's ``model_zoo.ModelRouter``):
 
 - a **detector** has at least 5 outputs; with 9 outputs it is read as SCRFD with keypoints: strides
   8, 16, 32, two anchors per location, outputs ordered scores (N x 1) for each stride, then box distances

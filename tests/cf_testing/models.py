@@ -2,7 +2,7 @@
 
 The models keep the real architectures (block types, number of levels, res blocks per level, conv vs
 Linear projections, SDXL's text_time embedding, the 4-level VAE), so every key name matches the real
-SD1.5 / SDXL ones; only widths and depths shrink (shared/reference/architectures.md §10.2). Each build
+SD1.5 / SDXL ones; only widths and depths shrink (docs/model-configs.md §10.2). Each build
 is seeded and writes the same bytes every time.
 
 - `build_tiny_sd15` / `build_tiny_sdxl`: a complete diffusers folder plus the single-file checkpoint our
@@ -92,7 +92,7 @@ def write_tiny_clip_tokenizer(directory: str | Path, pad_token: str = END_TOKEN)
 
 
 # --------------------------------------------------------------------------------------------------
-# Shrunken configs (architectures.md §10.2): same block types and key names, narrow widths.
+# Shrunken configs (docs/model-configs.md §10.2): same block types and key names, narrow widths.
 
 _SCHEDULER_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                     "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1}
@@ -168,7 +168,7 @@ TINY_CLIP_G = {
 }
 
 # Full width (SD1.5's model_channels 320, context 768, 8 heads, conv projections), two levels with one
-# res block each: the smallest U-Net ComfyUI still detects as SD1.5 (architectures.md §10.3).
+# res block each: the smallest U-Net ComfyUI still detects as SD1.5 (docs/model-configs.md §10.3).
 SD15_COMFY_UNET = {
     "sample_size": 64,
     "in_channels": 4,

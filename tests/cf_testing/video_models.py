@@ -8,7 +8,7 @@ U-Net's widths, 2 motion layers per level, a mid-block module for v2, positional
   what ``models/animatediff_models`` holds after a download;
 - a diffusers ``MotionAdapter`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``).
 
-They keep the published modules' 8 attention heads and 32 norm groups (architectures.md §10.2 shrinks both;
+They keep the published modules' 8 attention heads and 32 norm groups (docs/model-configs.md §10.2 shrinks both;
 these two numbers are not stored in an original-layout file, so the loader assumes the published values and
 the test modules must match them to go through the same path as a real download).
 

@@ -1,7 +1,7 @@
 """A loopback fake of the ComfyUI 0.3.64 HTTP/WebSocket API, for driver tests.
 
 It reproduces the parts of the protocol a driver depends on, as documented in
-``/work/shared/reference/comfyui-contract.md`` (sections 2.2 and 5):
+``docs/comfyui-contract.md`` (sections 2.2 and 5):
 
 * POST ``/prompt`` validation with the server's exact error shapes (400 bodies with ``error`` and
   ``node_errors``; 200 with ``node_errors`` when only some outputs are valid), priorities (``number``,

@@ -16,7 +16,7 @@ from ... import bridge
 
 FOLDER_KIND = "insightface"
 
-# The files each well-known pack ships (ecosystem reference, InsightFace inside ComfyUI).
+# The files each well-known pack ships (docs/ecosystem.md §3).
 KNOWN_PACKS: dict[str, dict[str, str]] = {
     "buffalo_l": {"detection": "det_10g.onnx", "recognition": "w600k_r50.onnx"},
     "antelopev2": {"detection": "scrfd_10g_bnkps.onnx", "recognition": "glintr100.onnx"},

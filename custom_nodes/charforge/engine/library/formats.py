@@ -1,6 +1,6 @@
 """LoRA file formats: detect which one a file uses, read it into one neutral form, write it in another.
 
-Three key layouts are understood (comfyui-contract.md §6, ecosystem.md (b)):
+Three key layouts are understood (docs/comfyui-contract.md §6, docs/ecosystem.md §2):
 
 ==========  ==================================================  ==============================================
 format      U-Net                                               text encoders
@@ -40,7 +40,7 @@ FORMATS = ("kohya", "peft", "comfyui")
 ARCHS = ("sd15", "sdxl")
 COMPONENTS = ("unet", "te1", "te2")
 
-# Suffix spellings ComfyUI accepts for the two LoRA matrices (contract §6), longest first.
+# Suffix spellings ComfyUI accepts for the two LoRA matrices (docs/comfyui-contract.md §6), longest first.
 DOWN_SUFFIXES = (".lora_linear_layer.down.weight", ".lora_A.default.weight", ".lora_down.weight",
                  ".lora.down.weight", ".lora_A.weight")
 UP_SUFFIXES = (".lora_linear_layer.up.weight", ".lora_B.default.weight", ".lora_up.weight",
@@ -174,7 +174,7 @@ class ModuleTable:
 
 
 def _te_layer_entries(component: str, layers: int, width: int, ff: int) -> list[ModuleEntry]:
-    """ComfyUI maps only the six linears of each text-encoder layer (contract §6)."""
+    """ComfyUI maps only the six linears of each text-encoder layer (docs/comfyui-contract.md §6)."""
     out = []
     shapes = {"self_attn.q_proj": (width, width), "self_attn.k_proj": (width, width),
               "self_attn.v_proj": (width, width), "self_attn.out_proj": (width, width),

@@ -1,6 +1,6 @@
 """Write a trained LoRA the way kohya's sd-scripts do, so every common loader reads all of it.
 
-Key names (ecosystem.md (b), comfyui-contract.md §6):
+Key names (docs/ecosystem.md §2, docs/comfyui-contract.md §6):
 
 ==============  ===========================================  ===========================================
 part            SD1.5                                        SDXL

@@ -4,7 +4,7 @@ Target sets for the U-Net (module names are diffusers'):
 
 - ``kohya`` (default): every ``Linear`` and 1x1 ``Conv2d`` inside a ``Transformer2DModel``: attention
   ``to_q/to_k/to_v/to_out.0`` of ``attn1`` and ``attn2``, ``ff.net.0.proj``, ``ff.net.2``, ``proj_in``,
-  ``proj_out``. About twice the parameters of diffusers' default (architectures.md §9.1).
+  ``proj_out``. About twice the parameters of diffusers' default (docs/model-configs.md §9.1).
 - ``attention``: only ``to_q/to_k/to_v/to_out.0``.
 - with ``conv_rank > 0`` (LoCon): also the convolutions of the res blocks, down- and upsamplers
   (3x3 ``conv1``/``conv2``/``conv``, 1x1 ``conv_shortcut``) and the res blocks' ``time_emb_proj``, at

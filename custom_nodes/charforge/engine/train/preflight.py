@@ -1,6 +1,6 @@
 """Before training: how much memory and time will this take, does it fit, and which memory options to use.
 
-Out-of-memory halfway through is the most common complaint about every trainer (ecosystem.md (h)).
+Out-of-memory halfway through is the most common complaint about every trainer (docs/ecosystem.md §9).
 So a run is estimated first, and refused with a message that names the numbers and the options when
 it cannot fit.
 
@@ -330,7 +330,7 @@ def estimate(model, config: TrainConfig, device: DeviceInfo, num_images: int = 1
     flops *= config.optim.grad_accumulation
     throughput = max(device.matmul_tflops, 1e-3) * 1e12 * EFFICIENCY.get(device.kind, 0.3)
     seconds = flops / throughput
-    # VAE encode per image is about 4.9 TFLOP at 1024 px (architectures.md §9.2), scaled by area.
+    # VAE encode per image is about 4.9 TFLOP at 1024 px (docs/model-configs.md §9.2), scaled by area.
     cache_seconds = num_images * (2 if config.data.flip else 1) * 4.879e12 * pixels / 1024**2 / throughput
     total = seconds * config.steps + (cache_seconds if config.data.cache_latents else 0.0)
     return Estimate(parts, peak, caching, flops, seconds, total, device, config)

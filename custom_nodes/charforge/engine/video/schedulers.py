@@ -3,7 +3,7 @@
 AnimateDiff's motion modules were trained with a plain ``linear`` beta schedule (betas 0.00085 to
 0.012), not the ``scaled_linear`` one of the SD1.5 / SDXL image models; its reference sampler is DDIM
 with ``clip_sample`` off, ``linspace`` timestep spacing and ``steps_offset`` 1
-(shared/reference/architectures.md §5). ``beta_schedule="auto"`` uses that; ``"base"`` keeps the base
+(docs/model-configs.md §5). ``beta_schedule="auto"`` uses that; ``"base"`` keeps the base
 model's own schedule (for motion modules fine-tuned on it).
 """
 
