@@ -574,17 +574,22 @@ class AsyncComfyClient:
             lost_reported = False
             reason = "closed by the server"
             try:
+                error: BaseException | None = None
                 async for msg in ws:
                     if msg.type == aiohttp.WSMsgType.TEXT:
                         event = parse_text_message(msg.data)
                     elif msg.type == aiohttp.WSMsgType.BINARY:
                         event = parse_binary_message(msg.data)
                     else:
+                        if msg.type == aiohttp.WSMsgType.ERROR and isinstance(msg.data, BaseException):
+                            error = msg.data
                         break
                     if event is not None:
                         self._dispatch(event)
-                error = ws.exception()
-                if isinstance(error, aiohttp.WebSocketError) and error.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
+                error = error or ws.exception()
+                if ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG or (
+                        isinstance(error, aiohttp.WebSocketError)
+                        and error.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG):
                     reason = (f"the server sent a WebSocket message larger than {mib(self.limits.max_reply_bytes)}"
                               f", the limit ({REPLY_LIMIT_SETTING})")
                 elif error is not None:

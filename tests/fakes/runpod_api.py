@@ -72,6 +72,11 @@ class RunPodKnobs:
     output_type: str = "base64"
     #: the endpoint's execution timeout in seconds (job ends TIMED_OUT), None = none
     execution_timeout: float | None = None
+    #: answer the next N management/serverless requests with ``fail_status`` and this body (``{key}`` is
+    #: replaced by the API key the request carried: an API that echoes credentials in its errors)
+    fail_next: int = 0
+    fail_status: int = 400
+    fail_body: str = "{key}"
 
 
 @dataclass
@@ -331,6 +336,10 @@ class FakeRunPod:
                 if request.headers.get("Authorization") != f"Bearer {self.api_key}":
                     status = 401
                     return web.json_response({"error": "Unauthorized"}, status=401)
+                if self.knobs.fail_next > 0:
+                    self.knobs.fail_next -= 1
+                    status = self.knobs.fail_status
+                    return web.Response(status=status, text=self.knobs.fail_body.replace("{key}", self.api_key))
                 if self.knobs.rate_limit_next > 0:
                     self.knobs.rate_limit_next -= 1
                     status = 429
