@@ -1,6 +1,6 @@
 """A loopback fake of RunPod for driver tests: the management API, the pod HTTPS proxy and serverless endpoints
-running worker-comfyui, each reproducing the documented behaviour (``/work/shared/reference/ecosystem.md``
-g2-g5, docs/runpod.md) with configurable time limits so tests take seconds.
+running worker-comfyui, each reproducing the documented behaviour (``docs/ecosystem.md`` §5-§8,
+docs/runpod.md) with configurable time limits so tests take seconds.
 
 One aiohttp server on 127.0.0.1 serves three roots:
 
