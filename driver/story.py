@@ -438,7 +438,9 @@ class StoryRun:
         from charforge.engine.story import ablation_rows, storyboard_sheet, write_ablation
 
         try:
-            from PIL import Image
+            import PIL  # noqa: F401 - the sheet needs Pillow; say so before anything runs
+
+            from charforge.engine.images import open_image
         except ImportError:
             raise UsageError("charforge story draws the storyboard sheet with Pillow: pip install Pillow") from None
         unknown = [m for m in self.options.modes if m not in ("simple", "reference", "base")]
@@ -460,7 +462,7 @@ class StoryRun:
             folder = self.out_dir / mode
             pictures = []
             for frame in board.frames:
-                with Image.open(folder / frame.image) as picture:
+                with open_image(folder / frame.image) as picture:
                     pictures.append(picture.convert("RGB"))
             title = f"{self.character.display_name or self.character.name}: {self.story or 'storyboard'} - {board.label}"
             sheet = storyboard_sheet(pictures, board.frames, title[:160])

@@ -17,10 +17,11 @@ from ...deps import require
 from .faces import FaceDetector
 from .hashing import dhash, phash
 from .images import read_rgb
-from .load import UNREADABLE, _short
+from .load import UNUSABLE, short_error
 from .manifest import DatasetManifest, FaceInfo, ImageEntry, Scores
 from .parallel import library_threads, ordered_map
 from .quality import ANALYSIS_SIZE, analysis_grey, measure_grey
+from .scan import rejection_reason
 
 ProgressFn = Callable[[int, int], None]
 
@@ -49,7 +50,7 @@ def measure_entry(entry: ImageEntry, detector: FaceDetector | None) -> _Measured
         # A JPEG decodes at 1/2, 1/4 or 1/8 scale as long as 512 px (the sharpness scale) remain.
         decoded = read_rgb(entry.file, max_side=DETECT_SIZE, decode_side=ANALYSIS_SIZE)
     except Exception as exc:  # noqa: BLE001 - a broken file is a rejection reason, not a failure
-        result.error = f"{UNREADABLE}: {_short(exc)}"
+        result.error = rejection_reason(exc)
         return result
     rgb = decoded.rgb
     result.width, result.height = decoded.source_size
@@ -64,7 +65,7 @@ def measure_entry(entry: ImageEntry, detector: FaceDetector | None) -> _Measured
         try:
             faces = detector.detect(rgb)
         except Exception as exc:  # noqa: BLE001 - one photo the detector chokes on must not stop the rest
-            result.notes = [*result.notes, f"face detection failed: {_short(exc)}"]
+            result.notes = [*result.notes, f"face detection failed: {short_error(exc)}"]
             return result
         scale = result.width / rgb.shape[1]  # detector coordinates -> source pixels
         info = FaceInfo(count=len(faces))
@@ -114,7 +115,7 @@ def analyse(manifest: DatasetManifest, detector: FaceDetector | None, detector_n
 
 
 def _unreadable(entry: ImageEntry) -> bool:
-    return any(reason.startswith(UNREADABLE) for reason in entry.rejected)
+    return any(reason.startswith(UNUSABLE) for reason in entry.rejected)
 
 
 def identity_distances(embeddings: dict[str, Any]) -> dict[str, float]:

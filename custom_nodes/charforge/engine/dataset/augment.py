@@ -23,6 +23,7 @@ from ...deps import require
 from .images import read_rgb, write_rgb
 from .manifest import DatasetManifest, ImageEntry
 from .parallel import ordered_map
+from .scan import rejection_reason
 
 ProgressFn = Callable[[int, int], None]
 
@@ -59,7 +60,7 @@ def _augment(entry: ImageEntry, settings: AugmentSettings, folder: Path) -> list
     try:
         rgb = read_rgb(entry.file).rgb
     except Exception as exc:  # noqa: BLE001 - reject the photo, keep going
-        return f"unreadable image: {exc}"
+        return rejection_reason(exc)
     made = []
     fmt = "jpg" if Path(entry.file).suffix.lower() in (".jpg", ".jpeg") else "png"
     if settings.flip:

@@ -20,6 +20,7 @@ from .buckets import BUCKET_SETS, bucket_list, closest_bucket, fit_without_upsca
 from .images import read_rgb, resize, write_rgb
 from .manifest import DatasetManifest, ImageEntry
 from .parallel import ordered_map
+from .scan import rejection_reason
 
 ProgressFn = Callable[[int, int], None]
 CROP_MODES = ("face", "centre")
@@ -91,7 +92,7 @@ def crop_entry(entry: ImageEntry, settings: CropSettings, folder: Path) -> dict:
         # Decode no larger than needed: a JPEG twice the bucket's size decodes at half scale.
         decoded = read_rgb(entry.file, min_scale=min(1.0, size[0] / crop_w, size[1] / crop_h))
     except Exception as exc:  # noqa: BLE001 - unreadable now: reject, keep going
-        return {"error": f"unreadable image: {exc}"}
+        return {"error": rejection_reason(exc)}
     rgb = decoded.rgb
     fx = rgb.shape[1] / entry.width
     fy = rgb.shape[0] / entry.height

@@ -16,6 +16,7 @@ from .images import read_rgb
 from .manifest import DatasetManifest, ImageEntry
 from .parallel import ordered_map
 from .quality import analysis_grey
+from .scan import rejection_reason
 
 ProgressFn = Callable[[int, int], None]
 HASH_KINDS = ("phash", "dhash", "both")
@@ -85,7 +86,7 @@ def _safe_hashes(entry: ImageEntry):
     try:
         return _hashes(entry)
     except Exception as exc:  # noqa: BLE001 - unreadable here means rejected, never a crash
-        return f"unreadable image: {exc}"
+        return rejection_reason(exc)
 
 
 def _merge_exact(entries: list[ImageEntry], groups: list[list[int]]) -> list[list[int]]:

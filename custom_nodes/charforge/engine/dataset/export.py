@@ -76,10 +76,10 @@ def _starts_with(caption: str, trigger: str) -> bool:
 
 def _export_plan(entry: ImageEntry) -> tuple[str, bool]:
     """(extension, copy bytes as they are?) for an entry's working file."""
-    from PIL import Image
+    from ..images import open_image
 
     try:
-        with Image.open(entry.file) as img:
+        with open_image(entry.file) as img:
             orientation = int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
             if img.format in COPYABLE and img.mode == "RGB" and orientation == 1:
                 return COPYABLE[img.format], True

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+from .load import UNUSABLE
 from .manifest import DatasetManifest, ImageEntry
 
 
@@ -30,7 +31,8 @@ class FilterSettings:
 
 # The reason each rule writes starts with one of these words; the report counts by it.
 REASONS = ("too small", "blurry", "too dark", "too bright", "low contrast", "no face", "several people",
-           "face too small", "different person", "exact duplicate", "near duplicate", "unreadable image")
+           "face too small", "different person", "exact duplicate", "near duplicate", "unreadable image",
+           "too large")
 
 
 def _check(entry: ImageEntry, s: FilterSettings, use_faces: bool) -> list[str]:
@@ -72,7 +74,7 @@ def apply_filters(manifest: DatasetManifest, settings: FilterSettings | None = N
     hits: Counter[str] = Counter()
     before = len(out.accepted)
     for entry in out.entries:
-        if any(reason.startswith("unreadable") for reason in entry.rejected):
+        if any(reason.startswith(UNUSABLE) for reason in entry.rejected):
             continue
         for reason in _check(entry, settings, use_faces):
             entry.reject(reason)

@@ -3,6 +3,11 @@
 Reading is the expensive part of every dataset stage, so `read_rgb` decodes as little as it may: when
 the caller only needs a smaller image, JPEGs are decoded at a reduced scale by the decoder itself
 (``Image.draft``), which is several times faster than decoding fully and resizing.
+
+Every file is opened through `engine.images.open_image`, so an image above the pixel limit
+(``CHARFORGE_MAX_IMAGE_PIXELS``, 50 MP by default) is refused as "too large: W x H" before it is
+decoded, and decoding holds a share of one budget shared by all worker threads (`decode_slot`), so memory
+is bounded whatever the folder holds.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...deps import require
+from ..images import decode_slot, open_image
 
 EXIF_ORIENTATION = 0x0112
 
@@ -35,9 +41,7 @@ def _oriented(size: tuple[int, int], orientation: int) -> tuple[int, int]:
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) as the photo is displayed (EXIF orientation applied), from the header only."""
-    from PIL import Image
-
-    with Image.open(path) as img:
+    with open_image(path) as img:
         return _oriented(img.size, _orientation(img))
 
 
@@ -60,11 +64,11 @@ def read_rgb(path: str | os.PathLike, max_side: int | None = None, min_scale: fl
     and greyscale images become RGB, 16-bit images are scaled to 8 bits. Raises whatever the decoder
     raises for a broken file.
     """
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
     np = require("numpy")
     notes: list[str] = []
-    with Image.open(path) as img:
+    with open_image(path) as img, decode_slot(img.size[0] * img.size[1]):
         orientation = _orientation(img)
         full = _oriented(img.size, orientation)
         scale = min_scale

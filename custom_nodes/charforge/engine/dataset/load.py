@@ -16,10 +16,12 @@ from pathlib import Path
 from .images import file_sha256, image_size, write_rgb
 from .manifest import DatasetManifest, ImageEntry
 from .parallel import ordered_map
-from .scan import scan_folder
+from .scan import rejection_reason, scan_folder
 
 ProgressFn = Callable[[int, int], None]
 UNREADABLE = "unreadable image"
+TOO_LARGE = "too large"  # above the pixel limit (engine.images); never decoded
+UNUSABLE = (UNREADABLE, TOO_LARGE)  # reasons that mean "no stage can read this file"
 
 
 def safe_name(name: str) -> str:
@@ -52,13 +54,13 @@ def _inspect(path: str, read_captions: bool) -> ImageEntry:
         entry.width, entry.height = image_size(path)
         entry.sha256 = file_sha256(path)
     except Exception as exc:  # noqa: BLE001 - any decoder or I/O failure: record it, keep going
-        entry.reject(f"{UNREADABLE}: {_short(exc)}")
+        entry.reject(rejection_reason(exc))
     if read_captions:
         entry.caption = read_caption(path)
     return entry
 
 
-def _short(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 160 else text[:157] + "..."
 

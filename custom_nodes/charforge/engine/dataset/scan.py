@@ -79,7 +79,7 @@ def scan_folder(folder: str | os.PathLike, recursive: bool = False, verify: bool
             try:
                 load_image(path)
             except Exception as exc:  # noqa: BLE001 - any decoder failure means "unreadable"
-                result.rejected.append(Rejected(path, f"unreadable image: {exc}"))
+                result.rejected.append(Rejected(path, rejection_reason(exc)))
             else:
                 result.images.append(path)
         else:
@@ -87,6 +87,17 @@ def scan_folder(folder: str | os.PathLike, recursive: bool = False, verify: bool
         if on_file is not None:
             on_file(index + 1, len(candidates))
     return result
+
+
+def rejection_reason(exc: BaseException) -> str:
+    """Why a file was rejected: "too large: W x H (...)" for an image above the pixel limit, else
+    "unreadable image: <the decoder's error>"."""
+    from ..images import ImageTooLarge
+
+    if isinstance(exc, ImageTooLarge):
+        return exc.reason
+    text = str(exc) or type(exc).__name__
+    return f"unreadable image: {text if len(text) <= 160 else text[:157] + '...'}"
 
 
 def load_image(path: str | os.PathLike):
@@ -100,10 +111,11 @@ def load_image(path: str | os.PathLike):
 
 
 def verify_image(path: str | os.PathLike) -> None:
-    """Raise if `path` is not a readable image; cheaper than decoding (checks headers and structure)."""
-    from PIL import Image
+    """Raise if `path` is not a readable image (or above the pixel limit); cheaper than decoding (checks
+    headers and structure)."""
+    from ..images import open_image
 
-    with Image.open(path) as img:
+    with open_image(path) as img:
         img.verify()
 
 
