@@ -87,13 +87,12 @@ def _parse_overrides(text: str) -> dict:
 
 
 def _image_batch(paths: list[str]):
-    from PIL import Image
-
+    from ..engine.images import open_image
     from .convert import empty_image_batch, pil_to_image_batch
 
     images = []
     for path in paths:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             images.append(img.convert("RGB"))
     sizes = {img.size for img in images}
     if len(sizes) > 1:  # one IMAGE batch holds one size

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from ..dataset.scan import IMAGE_EXTENSIONS, load_image
+from ..images import open_image
 
 _REPEAT_FOLDER = re.compile(r"(\d+)_(.*)")
 
@@ -312,7 +313,7 @@ def prepare_mask(path: str, bucket: tuple[int, int], flip: bool = False, factor:
     from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
     sidecar = mask_file(path) if use_file_mask else None
-    with Image.open(sidecar or path) as img:
+    with open_image(sidecar or path) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
         if sidecar is not None:
@@ -433,8 +434,6 @@ class TrainingData:
     def prepare(cls, items: Sequence[TrainItem], settings: DataSettings,
                 cache_dir: str | os.PathLike | None = None) -> TrainingData:
         """Measure every image, assign buckets and hash the files (raises `DatasetError` on bad images)."""
-        from PIL import Image
-
         if not items:
             raise DatasetError("no training images")
         if settings.enable_buckets:
@@ -445,7 +444,7 @@ class TrainingData:
         buckets, sizes, hashes, bad = [], [], [], []
         for item in items:
             try:
-                with Image.open(item.image) as img:
+                with open_image(item.image) as img:
                     width, height = img.size
                     if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # stored sideways (phone photos)
                         width, height = height, width

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ...deps import require
+from ..images import open_image
 
 
 @dataclass(frozen=True)
@@ -281,10 +282,10 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> Decode
 
 
 def _read_pillow(path: Path, max_frames: int | None) -> DecodedVideo:
-    from PIL import Image, ImageSequence
+    from PIL import ImageSequence
 
     frames, durations = [], []
-    with Image.open(path) as image:
+    with open_image(path) as image:
         info = dict(image.info)
         for frame in ImageSequence.Iterator(image):
             frames.append(np.asarray(frame.convert("RGB")))
