@@ -12,6 +12,7 @@ from ..engine.dataset.dedup import DEFAULT_THRESHOLD, HASH_KINDS
 from ..engine.dataset.export import CAPTION_MODES
 from ..engine.dataset.faces import DETECTOR_CHOICES
 from ..engine.dataset.filters import FilterSettings
+from ..engine.dataset.scan import rejection_reason
 from .convert import empty_image_batch, pil_to_image_batch, resolve_folder
 
 CATEGORY = "CharForge/Dataset"
@@ -84,7 +85,7 @@ class ListImages:
                 else:
                     verify_image(path)  # beyond the preview, a header check is enough
             except Exception as exc:  # noqa: BLE001 - any decoder failure: report the file, keep going
-                rejected.append(Rejected(path, f"unreadable image: {exc}"))
+                rejected.append(Rejected(path, rejection_reason(exc)))
             else:
                 readable.append(path)
             progress.update(1)
