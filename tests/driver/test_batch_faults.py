@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fakes.batch_checks import assert_outputs_once, executions_by_color, records, run_cli, sweep_file
 from fakes.comfy_server import FakeComfyServer, Knobs, image_workflow
+from fakes.processes import sigint_as_in_a_terminal
 
 from charforge.driver.batch import load_batch
 from charforge.driver.batch_run import Batch
@@ -27,7 +28,8 @@ def _driver(spec: Path, out: Path, *servers: str) -> subprocess.Popen:
             "--backoff", "0.05", "--window", "3"]
     for url in servers:
         argv += ["--server", url]
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_in_a_terminal)
 
 
 def test_driver_killed_at_random_points_of_a_100_job_batch(tmp_path):

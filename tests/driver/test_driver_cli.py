@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from fakes.comfy_server import FakeComfyServer, image_workflow, sampler_workflow, wait_workflow, webp_workflow
+from fakes.processes import sigint_as_in_a_terminal
 from fakes.ui_workflows import classic
 
 from charforge.driver import cli, local
@@ -107,7 +108,8 @@ def test_ctrl_c_cancels_only_this_job(fake_comfy, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "charforge.driver.cli", "run", str(mine), "--server",
                              fake_comfy.url, "--out", str(tmp_path / "o"), "--progress", "plain"],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=sigint_as_in_a_terminal)
     try:
         assert proc.stderr is not None
         lines = []
