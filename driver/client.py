@@ -279,6 +279,21 @@ def _is_loopback(netloc: str) -> bool:
         return False
 
 
+async def read_body(resp: aiohttp.ClientResponse, cap: int, too_large: Callable[[], Exception]) -> bytes:
+    """The body of ``resp``, raising ``too_large()`` as soon as it passes ``cap`` bytes (or at once when its
+    ``Content-Length`` says so): a hostile server cannot make us hold more than ``cap`` in memory."""
+    if resp.content_length is not None and resp.content_length > cap:
+        raise too_large()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > cap:
+            raise too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _read_head(resp: aiohttp.ClientResponse, limit: int = 64 * 1024) -> bytes:
     """At most ``limit`` bytes of a body (for error messages: the rest is never read)."""
     data = bytearray()
@@ -450,16 +465,7 @@ class AsyncComfyClient:
             return ProtocolError(f"{what} at {self.url}: the reply is larger than {mib(cap)}, the limit for one "
                                  f"reply ({REPLY_LIMIT_SETTING}); is this a ComfyUI server?")
 
-        if resp.content_length is not None and resp.content_length > cap:
-            raise too_large()
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in resp.content.iter_any():
-            size += len(chunk)
-            if size > cap:
-                raise too_large()
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_body(resp, cap, too_large)
 
     def _json(self, body: bytes, path: str) -> Any:
         try:

@@ -19,8 +19,9 @@ from typing import Any
 
 import aiohttp
 
-from ..config import Secret
-from ..errors import AuthenticationError, DriverError, ServerError, ServerUnavailable
+from ..client import read_body
+from ..config import REPLY_LIMIT_SETTING, Limits, Secret, mib
+from ..errors import AuthenticationError, DriverError, ProtocolError, ServerError, ServerUnavailable
 from ..secrets import mask, mask_body
 
 USER_AGENT = "charforge-driver-runpod"
@@ -75,6 +76,7 @@ class RunPodHTTP:
         self.backoff_cap = backoff_cap
         self.what = what
         self.rate_limited = 0  # 429 answers seen (for reports and tests)
+        self.max_reply_bytes = Limits.resolve().max_reply_bytes
         self._session: aiohttp.ClientSession | None = None
 
     def secrets(self) -> list[str]:
@@ -138,7 +140,9 @@ class RunPodHTTP:
                     kwargs["timeout"] = timeout
                 async with session.request(method, url, **kwargs) as resp:
                     sent = True
-                    body = await resp.read()
+                    body = await read_body(resp, self.max_reply_bytes, lambda: ProtocolError(
+                        f"{method} {self.redact(url)}: the answer of {self.what} is larger than "
+                        f"{mib(self.max_reply_bytes)}, the limit for one reply ({REPLY_LIMIT_SETTING})"))
                     if resp.status == 429 and attempt_429 < self.max_429_retries:
                         self.rate_limited += 1
                         await asyncio.sleep(backoff_delay(attempt_429, base=self.backoff_base, cap=self.backoff_cap,

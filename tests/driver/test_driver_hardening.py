@@ -82,6 +82,16 @@ def test_runpod_api_error_echoing_the_key_is_masked(fake_comfy, monkeypatch):
                 assert "HTTP 400" in out + err and not leaked(key, out + err), out + err
 
 
+def test_runpod_reply_over_the_limit_is_refused(fake_comfy, monkeypatch):
+    monkeypatch.setenv("CHARFORGE_MAX_REPLY_MB", "1")
+    with FakeRunPod(default_upstream=fake_comfy) as runpod:
+        for name, value in runpod.env().items():
+            monkeypatch.setenv(name, value)
+        runpod.knobs.fail_next, runpod.knobs.fail_body = 1, "y" * (3 * 1024 * 1024)
+        code, out, err = run_cli("runpod", "pods")
+        assert code == 3 and "larger than 1 MiB" in err and "CHARFORGE_MAX_REPLY_MB" in err, err
+
+
 def test_credentials_in_urls_are_never_shown(fake_comfy):
     code, out, err = run_cli("status", "--server", "http://me:pw-s3cr3t-value@127.0.0.1:9", "--json")
     assert code == 3 and not leaked("pw-s3cr3t-value", out + err), out + err
