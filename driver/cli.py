@@ -449,7 +449,7 @@ def cmd_convert(args: argparse.Namespace, out: Output) -> int:
     else:
         with connect(args, out) as client:
             prompt = client.prepare(wf).prompt or {}
-    text = json.dumps(prompt, indent=2, ensure_ascii=False) + "\n"
+    text = safe_json_line(json.dumps(prompt, indent=2, ensure_ascii=False)) + "\n"
     if str(args.output) == "-":
         out.stdout.write(text)
         out.stdout.flush()
