@@ -46,11 +46,11 @@ DEFAULT_SERVER = "http://127.0.0.1:8188"
 class Secret:
     """A string that never shows itself in ``repr``, ``str`` or f-strings."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_value", "__weakref__")
 
     def __init__(self, value: str) -> None:
         self._value = str(value)
-        remember(self._value)  # so that secrets.mask hides it in any text, wherever it came from
+        remember(self)  # so that secrets.mask hides it in any text, wherever it came from
 
     def reveal(self) -> str:
         """The real value (only for building request headers)."""
@@ -108,7 +108,7 @@ class BasicAuth(Auth):
     def __init__(self, username: str, password: str | Secret) -> None:
         self.username = username
         self.password = password if isinstance(password, Secret) else Secret(password)
-        remember(self.headers()["Authorization"].split(" ", 1)[1])
+        self._encoded = Secret(self.headers()["Authorization"].split(" ", 1)[1])  # masked like the password
 
     def headers(self) -> dict[str, str]:
         import base64

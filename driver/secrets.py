@@ -2,7 +2,7 @@
 
 Every error message, log line, JSON record and manifest passes through :func:`mask`, which replaces
 
-* every secret the process knows: the value of each :class:`~charforge.driver.config.Secret` ever created
+* every secret the process knows: the value of each live :class:`~charforge.driver.config.Secret`
   (tokens, passwords, header values, the RunPod API key - from arguments, the environment or a profile), the
   secret environment variables themselves (``CHARFORGE_TOKEN``, ``CHARFORGE_PASSWORD``, ``RUNPOD_API_KEY``,
   the values of ``CHARFORGE_HEADERS``) and any extra strings the caller passes;
@@ -18,13 +18,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import weakref
 from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import quote
 
 MASK = "***"
 
-#: values of every Secret created in this process (see config.Secret); never printed, only compared
-_KNOWN: set[str] = set()
+#: every live Secret of this process (see config.Secret): a secret is masked for as long as it is in use
+_LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
 
 #: environment variables whose values are secrets wherever they appear
 SECRET_ENV_VARS = ("CHARFORGE_TOKEN", "CHARFORGE_PASSWORD", "RUNPOD_API_KEY")
@@ -38,10 +40,9 @@ _QUERY_SECRET = re.compile(
 _MIN_SECRET = 3
 
 
-def remember(value: str) -> None:
-    """Register ``value`` as a secret of this process (called by ``Secret``)."""
-    if value and len(value) >= _MIN_SECRET:
-        _KNOWN.add(value)
+def remember(secret: Any) -> None:
+    """Register a ``Secret`` (anything with ``reveal()``) so that :func:`mask` hides its value while it lives."""
+    _LIVE.add(secret)
 
 
 def environment_secrets(env: Mapping[str, str] | None = None) -> list[str]:
@@ -65,7 +66,8 @@ def mask(text: object, secrets: Iterable[str] = (), *, limit: int | None = None)
     ``secrets`` adds strings to the known ones (their URL-quoted forms are masked too).
     """
     out = text if isinstance(text, str) else str(text)
-    values = {s for s in (*secrets, *_KNOWN, *environment_secrets()) if s and len(s) >= _MIN_SECRET}
+    known = [s.reveal() for s in list(_LIVE)]
+    values = {s for s in (*secrets, *known, *environment_secrets()) if s and len(s) >= _MIN_SECRET}
     for secret in sorted(values, key=len, reverse=True):
         if secret in out:
             out = out.replace(secret, MASK)
