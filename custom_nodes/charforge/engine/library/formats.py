@@ -30,11 +30,15 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from . import safetensors_file
+from .safetensors_file import Header, SafetensorsError, TensorInfo
 
 FORMATS = ("kohya", "peft", "comfyui")
 ARCHS = ("sd15", "sdxl")
@@ -55,6 +59,17 @@ CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"
 
 class LoraFormatError(ValueError):
     """A LoRA file (or state dict) that cannot be read or converted; the message names the keys."""
+
+
+class InvalidLoraFile(LoraFormatError):
+    """A LoRA refused when opened or before writing: `path`, `key` (None: the whole file) and `reason`."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, key: str | None = None):
+        self.path = str(path)
+        self.key = key
+        self.reason = reason
+        where = f" {key[:120]!r}" if key is not None else ""
+        super().__init__(f"{self.path}:{where} {reason}")
 
 
 @dataclass
@@ -98,59 +113,81 @@ class LoraState:
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading safetensors headers without torch (inspection works in a driver-only install)
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: str
-    shape: tuple[int, ...]
-    offsets: tuple[int, int]
+# Reading and checking safetensors headers without numpy or torch (inspection works in a driver-only install)
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, TensorInfo]]:
-    """Metadata and per-tensor dtype/shape of a ``.safetensors`` file, reading only its header."""
-    path = Path(path)
-    with path.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise LoraFormatError(f"{path}: not a safetensors file (too short)")
-        size = int.from_bytes(head, "little")
-        if size <= 0 or size > 100_000_000:
-            raise LoraFormatError(f"{path}: not a safetensors file (header size {size})")
-        try:
-            header = json.loads(fh.read(size))
-        except ValueError as exc:
-            raise LoraFormatError(f"{path}: not a safetensors file ({exc})") from exc
-    metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
-    tensors = {k: TensorInfo(v["dtype"], tuple(v["shape"]), tuple(v["data_offsets"])) for k, v in header.items()}
-    return metadata, tensors
+    """Metadata and per-tensor dtype/shape of a ``.safetensors`` LoRA, reading only its header.
+
+    The header is checked (`safetensors_file.read_header`) and so is the LoRA structure of its shapes
+    (`check_structure`); a file failing either raises `InvalidLoraFile`.
+    """
+    return read_checked_header(path)[:2]
 
 
-_NP_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
-              "U8": "u1"}
+def read_checked_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, TensorInfo], Header]:
+    """`read_header` plus the `Header` (data offset) for reading values."""
+    try:
+        header = safetensors_file.read_header(path)
+    except SafetensorsError as exc:
+        raise InvalidLoraFile(exc.path, exc.reason, exc.key) from None
+    check_structure({k: t.shape for k, t in header.tensors.items()}, path)
+    return header.metadata, header.tensors, header
 
 
 def read_small_tensor(path: str | os.PathLike, key: str) -> list[float]:
-    """The values of one small tensor (an ``.alpha``) as floats, with numpy only (bf16 included)."""
-    import numpy as np
+    """The values of one small tensor (an ``.alpha``) as floats, with the standard library only."""
+    _, _, header = read_checked_header(path)
+    try:
+        return safetensors_file.read_values(path, header, key)
+    except SafetensorsError as exc:
+        raise InvalidLoraFile(exc.path, exc.reason, exc.key) from None
 
-    metadata_size = None
-    with Path(path).open("rb") as fh:
-        metadata_size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(metadata_size))
-        info = header[key]
-        start, end = info["data_offsets"]
-        fh.seek(8 + metadata_size + start)
-        raw = fh.read(end - start)
-    dtype = info["dtype"]
-    if dtype == "BF16":
-        values = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
-    elif dtype in _NP_DTYPES:
-        values = np.frombuffer(raw, _NP_DTYPES[dtype])
-    else:
-        raise LoraFormatError(f"{path}: tensor {key!r} has dtype {dtype}, which cannot be read without torch")
-    return [float(v) for v in values.reshape(-1)]
+
+def check_structure(shapes: Mapping[str, tuple[int, ...]], source: str | os.PathLike) -> None:
+    """Refuse (`InvalidLoraFile`) LoRA modules whose down/up/alpha shapes do not fit together.
+
+    down is ``[rank, in]`` or ``[rank, in, kh, kw]``; up is ``[out, rank]`` or ``[out, rank, 1, 1]`` with the
+    same number of dimensions and the same rank (at least 1); alpha holds one value. Keys that are not LoRA
+    tensors are left to the format checks.
+    """
+    groups: dict[str, dict[str, str]] = {}
+    for key in shapes:
+        base, role = _split_suffix(key)
+        if role:
+            groups.setdefault(base, {})[role] = key
+    for base, roles in groups.items():
+        if "diff" in roles or "diff_b" in roles:  # full-weight deltas: no LoRA pair to check
+            continue
+        if "alpha" in roles and math.prod(shapes[roles["alpha"]]) != 1:
+            raise InvalidLoraFile(source, f"alpha has shape {list(shapes[roles['alpha']])}; it is one number",
+                                  roles["alpha"])
+        if "down" not in roles or "up" not in roles:
+            missing = "up" if "down" in roles else "down"
+            raise InvalidLoraFile(source, f"module {base[:120]!r} has no {missing} weight (a LoRA module needs both "
+                                          "up and down)", next(iter(roles.values())))
+        down, up = tuple(shapes[roles["down"]]), tuple(shapes[roles["up"]])
+        if len(down) not in (2, 4) or len(up) != len(down):
+            raise InvalidLoraFile(source, f"down {list(down)} and up {list(up)} must both be 2-D (linear) or 4-D "
+                                          "(conv)", roles["down"])
+        if down[0] < 1 or up[1] != down[0]:
+            raise InvalidLoraFile(source, f"rank mismatch: down {list(down)} has rank {down[0]} but up {list(up)} "
+                                          f"has {up[1]}; the file is damaged or was written wrongly", roles["up"])
+        if len(up) == 4 and up[2:] != (1, 1):
+            raise InvalidLoraFile(source, f"conv up weight has kernel {list(up[2:])}; LoRA up kernels are 1 x 1",
+                                  roles["up"])
+        if min(*down[1:], up[0]) < 1:
+            raise InvalidLoraFile(source, f"empty weight (down {list(down)}, up {list(up)})", roles["down"])
+
+
+def check_finite(tensors: Mapping[str, Any], source: str | os.PathLike) -> None:
+    """Refuse (`InvalidLoraFile`) torch tensors holding NaN or Inf: they would spread into every image."""
+    import torch
+
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            raise InvalidLoraFile(source, "holds NaN or infinite values (a diverged training run?); use an earlier "
+                                          "checkpoint of it", key)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,6 +414,7 @@ def state_from_tensors(tensors: Mapping[str, Any], metadata: Mapping[str, str] |
     """Parse a LoRA state dict in any known format into a `LoraState`."""
     metadata = dict(metadata or {})
     fmt = detect_format(tensors.keys())
+    check_structure({k: tuple(v.shape) for k, v in tensors.items()}, source)
     if arch is None:
         arch, missing = resolve_arch(tensors.keys(), fmt, metadata)
         if missing[arch]:
@@ -417,7 +455,9 @@ def read_state(path: str | os.PathLike, arch: str | None = None) -> LoraState:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
+    read_checked_header(path)  # header, offsets and shapes checked before torch reads a byte
     tensors, metadata = read_lora(path)
+    check_finite(tensors, path)
     return state_from_tensors(tensors, metadata, arch=arch, source=str(path))
 
 
@@ -481,7 +521,14 @@ def write_state(state: LoraState, path: str | os.PathLike, fmt: str = "kohya", o
         raise FileExistsError(f"{path} exists; choose another name (or allow overwriting: --force on the command line)")
     meta = dict(state.metadata if metadata is None else metadata)
     meta["charforge.lora_format"] = fmt
-    return save_lora(path, state_to_tensors(state, fmt), meta)
+    tensors = state_to_tensors(state, fmt)
+    # Never write a file that would be refused when read back.
+    bad = [k for k, v in meta.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise InvalidLoraFile(path, f"metadata values must be text; not written (keys: {', '.join(bad[:5])})")
+    check_structure({k: tuple(v.shape) for k, v in tensors.items()}, path)
+    check_finite(tensors, path)
+    return save_lora(path, tensors, meta)
 
 
 def convert_file(source: str | os.PathLike, target: str | os.PathLike, fmt: str, overwrite: bool = False,

@@ -1,15 +1,16 @@
 """What a LoRA file is: format, base model, ranks, alpha, trigger words, training settings, tag frequency
 and which base models it fits.
 
-Everything here reads the safetensors header (and the tiny ``.alpha`` tensors) with numpy only, so
-``charforge lora info`` works in a driver-only install. When torch and diffusers are present the module
-names are also resolved against the full-size SD1.5 / SDXL layer tables (`formats.module_table`), which
-makes the base-model answer exact and checks every module's shape.
+Everything here reads the safetensors header (and the tiny ``.alpha`` tensors) in pure Python, so
+``charforge lora info`` works in a driver-only install, even without numpy. The file is checked when it
+is opened (`formats.read_checked_header`: header, offsets, dtypes, down/up/alpha shapes); with numpy the
+weights are also checked for NaN/Inf, and without it the notes say they were not. When torch and
+diffusers are present the module names are also resolved against the full-size SD1.5 / SDXL layer tables
+(`formats.module_table`), which makes the base-model answer exact and checks every module's shape.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -19,6 +20,7 @@ from typing import Any
 
 from .formats import (
     ARCHS,
+    InvalidLoraFile,
     LoraFormatError,
     _component_and_base,
     _group,
@@ -26,9 +28,9 @@ from .formats import (
     detect_format,
     metadata_arch,
     module_table,
-    read_header,
-    read_small_tensor,
+    read_checked_header,
 )
+from .safetensors_file import loads_bounded, nonfinite_keys, read_values
 
 ARCH_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL"}
 
@@ -109,8 +111,9 @@ class LoraInfo:
 
 
 def _json(value: str) -> Any:
+    """A metadata value parsed as JSON, or None (not JSON, or nested too deeply to parse safely)."""
     try:
-        return json.loads(value)
+        return loads_bounded(value)
     except (TypeError, ValueError):
         return None
 
@@ -190,12 +193,26 @@ def _fit_checks(fmt: str, groups: dict[str, dict[str, str]], header) -> list[Fit
     return checks
 
 
+def _finiteness(path: Path, checked) -> list[str]:
+    """Refuse a file whose weights hold NaN/Inf (numpy needed); without numpy, a note saying so."""
+    try:
+        import numpy  # noqa: F401 - only to know whether the check can run
+    except ImportError:
+        return ["numpy is not installed: weights were not checked for NaN/Inf (pip install numpy)"]
+    bad = nonfinite_keys(path, checked)
+    if bad:
+        more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+        raise InvalidLoraFile(path, f"holds NaN or infinite values{more}; a diverged training run? use an earlier "
+                                    "checkpoint of it", bad[0])
+    return []
+
+
 def inspect_lora(path: str | os.PathLike) -> LoraInfo:
     """Read a LoRA file's header and describe it; raises `LoraFormatError` for files that are no LoRA."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
-    metadata, header = read_header(path)
+    metadata, header, checked = read_checked_header(path)
     fmt = detect_format(header.keys())
     groups, stray = _group(header.keys(), fmt)
     notes = []
@@ -223,10 +240,14 @@ def inspect_lora(path: str | os.PathLike) -> LoraInfo:
             up = header[roles["up"]].shape
             shapes[base] = (up[0], *down[1:])
         if "alpha" in roles:
-            alphas.update(read_small_tensor(path, roles["alpha"]))
+            try:
+                alphas.update(read_values(path, checked, roles["alpha"]))
+            except ValueError as exc:
+                raise InvalidLoraFile(path, str(getattr(exc, "reason", exc)), roles["alpha"]) from None
     if "alpha" not in {r for roles in groups.values() for r in roles} and per_component:
         notes.append("no .alpha tensors: ComfyUI applies these LoRAs at scale 1.0 (not alpha/rank)")
 
+    notes += _finiteness(path, checked)
     arch_meta = metadata_arch(metadata)
     checks = _fit_checks(fmt, groups, header)
     if checks is None:
