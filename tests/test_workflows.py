@@ -284,6 +284,17 @@ def test_the_note_is_in_the_opening_view(path):
         assert 0 <= x <= 1280 - 200 and 60 <= y <= 720 - 200, f"Note at screen ({x:.0f}, {y:.0f})"
 
 
+def test_every_workflow_has_its_template_thumbnail():
+    """The editor's template browser shows /api/workflow_templates/charforge/<name>.jpg on each card: ComfyUI
+    serves it from the folder holding the workflow (workflows/thumbnails.py draws them in the real editor)."""
+    thumbnails = {p.stem for p in WORKFLOWS.glob("*.jpg")}
+    assert thumbnails == set(IDS), "python workflows/thumbnails.py --server URL --write"
+    for name in IDS:
+        with Image.open(WORKFLOWS / f"{name}.jpg") as image:
+            assert image.format == "JPEG" and image.size == (400, 400)
+            assert (WORKFLOWS / f"{name}.jpg").stat().st_size < 60_000
+
+
 def _ancestors(prompt: dict[str, Any], node_id: str) -> set[str]:
     """Every node `node_id` depends on through links (what ComfyUI runs before it)."""
     seen: set[str] = set()
