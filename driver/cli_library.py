@@ -1,8 +1,9 @@
 """``charforge lora ...`` and ``charforge character ...``: the LoRA library and character presets.
 
 Runs locally on files (no server), except ``lora eval``, which renders through a ComfyUI server (see
-``driver/lora_eval.py``). The engine is imported only when a command runs: ``lora info`` and the
-``character`` commands need only safetensors, numpy and PyYAML (a driver-only install has them); merge,
+``driver/lora_eval.py``). The engine is imported only when a command runs: ``lora info`` needs nothing beyond
+the standard library (with numpy it also checks the weights for NaN/Inf, and says when it could not), the
+``character`` commands only PyYAML (a driver-only install has it); merge,
 resize and convert need the node pack's extra (torch, diffusers): ``pip install "charforge[nodes]"``; eval
 scores locally with the face models and CLIP: ``pip install "charforge[nodes,faces]"``.
 """

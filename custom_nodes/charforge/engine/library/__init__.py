@@ -5,7 +5,8 @@ character presets.
 - `inspect`: what a LoRA file is (base model, ranks, alpha, trigger words, training settings, fits)
 - `merge`: weighted merge of several LoRAs and SVD rank resize with the retained energy
 - `characters`: character presets (YAML) in ``<models>/charforge/characters/``
+- `safetensors_file`: the checked, pure-Python safetensors header reader every LoRA is opened with
 
 Modules import torch only inside the functions that need it, so `inspect` and `characters` work in a
-driver-only install (safetensors + numpy + PyYAML).
+driver-only install (`inspect` needs no numpy either; `characters` needs PyYAML).
 """
