@@ -34,3 +34,15 @@ def test_visible_escapes_only_invisible_characters():
     assert visible("Élodie été 東京.png") == "Élodie été 東京.png"
     assert visible("a\nb\rc\td\x00e\u2028f\u200fg") == "a\\nb\\rc\\td\\x00e\\u2028f\\u200fg"
     assert visible(visible("a\nb")) == "a\\nb"  # drawing code may apply it twice
+
+
+def test_kohya_dataset_toml_stays_valid_with_control_characters(tmp_path):
+    import tomllib
+
+    from charforge.engine.dataset.export import dataset_toml
+    from charforge.engine.dataset.manifest import DatasetManifest
+
+    folder = tmp_path / "odd\nfolder \"quoted\" \\ back"
+    text = dataset_toml(folder, 3, "ohwx\twoman\x7f", DatasetManifest(name="x", folder=str(tmp_path)))
+    subset = tomllib.loads(text)["datasets"][0]["subsets"][0]
+    assert subset["image_dir"] == folder.as_posix() and subset["class_tokens"] == "ohwx\twoman\x7f"

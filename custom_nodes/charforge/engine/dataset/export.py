@@ -103,7 +103,9 @@ def _digest(path: Path) -> str:
 
 
 def _toml_string(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A TOML basic string: JSON's escapes are TOML's (``\\n``, ``\\t``, ``\\uXXXX``), plus DEL, which TOML
+    does not allow raw (a folder or class name with a newline must not break the file)."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def dataset_toml(subject_dir: Path, repeats: int, class_tokens: str, manifest: DatasetManifest) -> str:
