@@ -27,7 +27,7 @@ from .manifest import build_manifest, write_manifest
 from .outputs import check_out_dir
 from .preflight import nodes_to_run
 from .progress import JobView, make_renderer
-from .secrets import mask
+from .secrets import mask, mask_data
 from .terminal import safe_json_line, safe_text
 from .workflow import load_workflow
 
@@ -76,7 +76,7 @@ class Output:
 
     def record_line(self, data: Any, indent: int | None = None) -> None:
         """``data`` as JSON on stdout (secrets masked, raw control characters escaped)."""
-        line = json.dumps(data, default=str, ensure_ascii=False, indent=indent)
+        line = json.dumps(mask_data(data, self.secrets), default=str, ensure_ascii=False, indent=indent)
         self.stdout.write(safe_json_line(mask(line, self.secrets)) + "\n")
         self.stdout.flush()
 

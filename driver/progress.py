@@ -11,7 +11,7 @@ import time
 from typing import IO, Any
 
 from .events import Event
-from .secrets import mask
+from .secrets import mask, mask_data
 from .terminal import safe_json_line, safe_text
 
 
@@ -113,7 +113,7 @@ class JsonRenderer(Renderer):
         self._last: dict[tuple[str, str | None], float] = {}
 
     def emit(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, default=str, ensure_ascii=False)
+        line = json.dumps(mask_data(record), default=str, ensure_ascii=False)
         self.stream.write(safe_json_line(mask(line)) + "\n")
         self.stream.flush()
 

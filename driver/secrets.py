@@ -82,6 +82,19 @@ def mask(text: object, secrets: Iterable[str] = (), *, limit: int | None = None)
     return out
 
 
+def mask_data(data: Any, secrets: Iterable[str] = ()) -> Any:
+    """A copy of JSON-like ``data`` with every string masked (before encoding: a secret with quotes or
+    backslashes no longer matches once JSON has escaped them)."""
+    secrets = list(secrets)
+    if isinstance(data, str):
+        return mask(data, secrets)
+    if isinstance(data, dict):
+        return {mask(str(k), secrets): mask_data(v, secrets) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [mask_data(v, secrets) for v in data]
+    return data
+
+
 def mask_body(body: bytes, secrets: Iterable[str] = (), *, limit: int = 300) -> str:
     """A server's reply body as one masked, bounded line of text for an error message."""
     # Decode well past the limit so that a secret crossing the limit is still whole when it is masked; a body

@@ -110,6 +110,17 @@ def test_masking_happens_before_cutting():
     assert not leaked(TOKEN, mask_body(huge, [TOKEN], limit=300))
 
 
+def test_json_records_mask_secrets_that_json_would_escape():
+    secret = 'pa"ss\\word-with-quote'
+    buf = io.StringIO()
+    out = cli.Output(True, stdout=buf, stderr=io.StringIO())
+    out.secrets = [secret]
+    out.record("error", message=f"refused {secret}", details={"echo": [secret]})
+    text = buf.getvalue()
+    assert not leaked(json.dumps(secret)[1:-1], text) and not leaked(secret, text), text
+    assert json.loads(text)["details"] == {"echo": ["***"]}
+
+
 # ---- 2. bounds ------------------------------------------------------------------------------------------------
 
 
