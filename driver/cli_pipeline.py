@@ -25,7 +25,7 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
     p.add_argument("--out", type=Path, default=Path("out"), metavar="DIR", help="where everything goes (default: ./out)")
     p.add_argument("--character", default="my_character", metavar="NAME",
                    help="the character's name: dataset, LoRA and identity file names (default: my_character)")
-    p.add_argument("--trigger", default="ohwx", help="trigger word (default: ohwx)")
+    p.add_argument("--trigger", help="trigger word (default: the character's name, e.g. pip)")
     p.add_argument("--class", dest="class_tokens", default="person", metavar="WORDS",
                    help="what the character is: person, woman, man, cartoon boy... (default: person)")
     p.add_argument("--no-face-check", action="store_true",

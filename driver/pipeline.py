@@ -13,7 +13,8 @@ ComfyUI answering on 127.0.0.1:8188 when it has CharForge's nodes and a base che
 tiny random models of the real architectures (:mod:`charforge.engine.tiny`) written into ``out/comfyui/models``,
 and every message says the results come from random weights.
 
-Each finished stage is recorded in ``out/pipeline_state.json``; a rerun skips it.
+Each finished stage is recorded in ``out/pipeline_state.json``; a rerun skips it. What lands in ``out`` (one
+folder per stage, files flat, ``out/README.txt`` saying what each holds) is described in docs/pipeline.md.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ TINY_WARNING = ("TINY RANDOM MODELS: no base checkpoint was found, so every mode
                 "LoRA learns nothing useful and the images and video are noise. Put an SD1.5/SDXL checkpoint into "
                 "ComfyUI's models/checkpoints (and an AnimateDiff motion module into models/animatediff_models) "
                 "for real results.")
+# In the names of what tiny models made (the LoRA, images, video), so no file passes for a real result.
+TINY_MARK = "tiny_random"
 # Training, generation and video settings with tiny models: minutes on a CPU.
 TINY_TRAIN = {"steps": 4, "rank": 4, "resolution": 64, "memory_profile": "off",
               "overrides": json.dumps({"sample_steps": 2, "sample_size": 64, "mixed_precision": "no",
@@ -60,7 +63,7 @@ class PipelineOptions:
     photos: Path
     out: Path = Path("out")
     character: str = "my_character"
-    trigger: str = "ohwx"
+    trigger: str | None = None  # default: the character's name (one word)
     class_tokens: str = "person"
     face_check: bool = True  # off for drawn / non-human characters: no face rules, CLIP picks the best image
     server: str | None = None
@@ -71,6 +74,15 @@ class PipelineOptions:
     install: bool = True  # allow installing ComfyUI with comfy-cli when none is found
     progress: str = "auto"
     stage_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.trigger:
+            self.trigger = default_trigger(self.character)
+
+
+def default_trigger(character: str) -> str:
+    """The trigger word a character gets when none is given: its name as one lower-case word."""
+    return re.sub(r"\W+", "_", character.strip().lower()).strip("_") or "my_character"
 
 
 @dataclass
@@ -363,7 +375,12 @@ class Runner:
         self.say = say
         self.stderr = stderr or sys.stderr
 
-    def run(self, prompt: dict[str, Any], out_dir: Path | None) -> tuple[Any, dict[str, str], list[Path]]:
+    def run(self, prompt: dict[str, Any], out_dir: Path | None, previews: str | None = None
+            ) -> tuple[Any, dict[str, str], list[Path]]:
+        """Run one stage workflow; its saved files land flat in `out_dir` (none when it is None).
+
+        ComfyUI's temporary previews (Preview Image and the nodes' own previews) mostly show what is saved
+        anyway: they are left on the server, unless `previews` names them (``score_table`` -> score_table.png)."""
         info = self.client.object_info(refresh=True)  # earlier stages add files (the LoRA) to the choices
         prepared = self.client.prepare_run(prompt, preflight=True, upload=False)
         view = JobView(prepared.prompt, nodes_to_run(prepared.prompt, info))
@@ -382,11 +399,29 @@ class Runner:
         finally:
             renderer.close()
         result = watch.result
-        files: list[Path] = []
-        if out_dir is not None:
-            downloads = self.client.download_outputs(result, out_dir, include_temp=True)
-            files = [d.path for d in downloads]
+        files = self.collect(result, out_dir, previews) if out_dir is not None else []
         return result, _texts(result), files
+
+    def collect(self, result: Any, out_dir: Path, previews: str | None = None) -> list[Path]:
+        """Download a finished job's files into `out_dir`, flat (see :meth:`run`); returns their paths."""
+        staging = out_dir / ".download"
+        shutil.rmtree(staging, ignore_errors=True)
+        downloads = self.client.download_outputs(result, staging, include_temp=previews is not None)
+        files = [_place(d.path, out_dir, f"{previews}{d.path.suffix}" if d.source.type == "temp" else None)
+                 for d in downloads]
+        shutil.rmtree(staging, ignore_errors=True)
+        return files
+
+
+def _place(path: Path, folder: Path, name: str | None = None) -> Path:
+    """Move a downloaded file into `folder` (flat) under its own name or `name`; a taken name gets -1, -2..."""
+    target = folder / (name or path.name)
+    number = 1
+    while target.exists():
+        target = folder / f"{Path(name or path.name).stem}-{number}{path.suffix}"
+        number += 1
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.move(str(path), str(target)))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -417,8 +452,53 @@ def stage_dataset(runner: Runner, opts: PipelineOptions, models: Models, state: 
     if accepted == 0:
         raise PipelineError("no photo passed the dataset filters: " + texts.get("7", "")
                             + (" (drawn or non-human characters: pass --no-face-check)" if opts.face_check else ""))
-    return {"train_data_dir": str(Path(subject).parent), "report_html": report, "accepted": accepted,
-            "contact_sheets": [str(f) for f in files], "summary": texts.get("7", "")}
+    return {"train_data_dir": str(Path(subject).parent), "report_html": _copy_report(report, opts.out / "dataset"),
+            "server_report_html": report, "accepted": accepted, "contact_sheets": [str(f) for f in files],
+            "summary": texts.get("7", "")}
+
+
+def _copy_report(report_html: str, folder: Path) -> str:
+    """Copy a Dataset Report's report.html and report.json (its contact sheets are downloaded next to them, the
+    names it links to) into `folder`; returns the copy's path, or the server's path when it is not local."""
+    source = Path(report_html)
+    if not source.is_file():
+        return report_html
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("report.html", "report.json", *(p.name for p in source.parent.glob("contact_sheet_*.png"))):
+        if (source.parent / name).is_file():
+            shutil.copy2(source.parent / name, folder / name)
+    return str(folder / "report.html")
+
+
+def _manifest_entries(export_dir: Path) -> list[dict[str, Any]]:
+    """The entries of a kohya export's manifest.json (``[]`` when there is none)."""
+    try:
+        return json.loads((export_dir / "manifest.json").read_text(encoding="utf-8")).get("entries") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def caption_names(captioned_export: Path, first_export: Path) -> dict[Path, str]:
+    """Each caption file of the captioned export -> the name of the photo it belongs to (``pip_11.txt``).
+
+    The chain renumbers files: the dataset stage exports the photos as 0001.jpg, ... and the caption stage loads
+    that export as a new dataset and exports it again, numbered anew. The two exports' manifests lead back:
+    a captioned file's source is a file of the first export, whose source is the photo."""
+    photo_of = {str((first_export / e["file"]).resolve()): e.get("source") for e in _manifest_entries(first_export)
+                if e.get("file")}
+    names: dict[Path, str] = {}
+    taken: set[str] = set()
+    for entry in _manifest_entries(captioned_export):
+        if not entry.get("file"):
+            continue
+        caption = (captioned_export / entry["file"]).with_suffix(".txt")
+        source = entry.get("source") or ""
+        photo = photo_of.get(str(Path(source).resolve())) or source
+        stem = Path(photo).stem or caption.stem
+        name = stem if stem not in taken else f"{stem}_{entry.get('id', len(taken))}"
+        taken.add(name)
+        names[caption] = f"{name}.txt"
+    return names
 
 
 def stage_captions(runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]) -> dict[str, Any]:
@@ -430,13 +510,16 @@ def stage_captions(runner: Runner, opts: PipelineOptions, models: Models, state:
     prompt["4"]["inputs"]["trigger"] = opts.trigger
     _, texts, _ = runner.run(prompt, None)
     subject = _match(r"exported to (.+?) \(\d+ written", texts.get("3", ""), "the export folder")
-    captions = sorted(str(p) for p in Path(subject).glob("*.txt"))
+    captions = sorted(Path(subject).glob("*.txt"))
+    names = caption_names(Path(subject).parent.parent, Path(state["dataset"]["train_data_dir"]).parent)
     target = opts.out / "captions"
-    target.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)  # a rerun must not leave the names of an earlier run
+    target.mkdir(parents=True)
     for caption in captions:
-        shutil.copy2(caption, target / Path(caption).name)
+        shutil.copy2(caption, target / names.get(caption, caption.name))
+    report = _match(r"report: (\S+report\.html)", texts.get("4", ""), "the report")
     return {"train_data_dir": str(Path(subject).parent), "captions_dir": str(target), "count": len(captions),
-            "report_html": _match(r"report: (\S+report\.html)", texts.get("4", ""), "the report"),
+            "report_html": _copy_report(report, target), "server_report_html": report,
             "summary": texts.get("2", "")}
 
 
@@ -444,7 +527,7 @@ def stage_lora(runner: Runner, opts: PipelineOptions, models: Models, state: dic
     prompt = load_stage_workflow("train_lora_sdxl" if models.arch == "sdxl" else "train_lora_sd15")
     inputs = prompt["1"]["inputs"]
     inputs.update(base_model=models.train_base, dataset_folder=state["captions"]["train_data_dir"],
-                  trigger_word=opts.trigger, output_name=opts.character)
+                  trigger_word=opts.trigger, output_name=_marked(opts.character, models, suffix=True))
     if models.tiny:
         inputs.update(TINY_TRAIN)
     _, texts, files = runner.run(prompt, opts.out / "lora")
@@ -472,6 +555,18 @@ def runner_server_models(runner: Runner) -> list[Path]:
             + ([server.comfy_dir / "models"] if server.comfy_dir else []) if p.is_dir()]
 
 
+def _marked(name: str, models: Models, suffix: bool = False) -> str:
+    """`name` with :data:`TINY_MARK` (before it, or after it with `suffix`) when tiny models made the file."""
+    if not models.tiny:
+        return name
+    return f"{name}_{TINY_MARK}" if suffix else f"{TINY_MARK}_{name}"
+
+
+def _prefix(opts: PipelineOptions, models: Models, kind: str) -> str:
+    """A SaveImage / Save Video filename_prefix: the character's folder under ComfyUI's output folder."""
+    return f"charforge/{opts.character}/{_marked(kind, models)}"
+
+
 def _positive(opts: PipelineOptions) -> str:
     return (f"photo of {opts.trigger} {opts.class_tokens}, head and shoulders portrait, looking at the camera, "
             "natural light, sharp focus")
@@ -484,26 +579,26 @@ def stage_images(runner: Runner, opts: PipelineOptions, models: Models, state: d
     if models.faces:
         identity = load_stage_workflow("build_identity")
         identity["2"]["inputs"].update(name=opts.character, folder=state["captions"]["train_data_dir"])
-        runner.run(identity, opts.out / "images" / "identity")
+        runner.run(identity, opts.out / "images" / "identity", previews="identity_table")
         prompt = load_stage_workflow("score_best_of_n")
         prompt["9"]["inputs"]["name"] = opts.character
         prompt["11"]["inputs"]["group_size"] = opts.candidates
-        prompt["13"]["inputs"]["filename_prefix"] = f"charforge/{opts.character}/best"
+        prompt["13"]["inputs"]["filename_prefix"] = _prefix(opts, models, "best")
         report_node, score_node = "11", "10"
     else:
         prompt = load_stage_workflow("generate_best_of_n_clip")
         prompt["9"]["inputs"]["model"] = models.clip
         prompt["10"]["inputs"]["prompt"] = _positive(opts).replace(f"{opts.trigger} ", "")
         prompt["11"]["inputs"]["group_size"] = opts.candidates
-        prompt["8"]["inputs"]["filename_prefix"] = f"charforge/{opts.character}/candidate"
-        prompt["12"]["inputs"]["filename_prefix"] = f"charforge/{opts.character}/best"
+        prompt["8"]["inputs"]["filename_prefix"] = _prefix(opts, models, "candidate")
+        prompt["12"]["inputs"]["filename_prefix"] = _prefix(opts, models, "best")
         report_node, score_node = "11", "10"
     prompt["1"]["inputs"]["ckpt_name"] = models.checkpoint
     prompt["2"]["inputs"]["lora_name"] = lora
     prompt["3"]["inputs"]["text"] = _positive(opts)
     prompt["5"]["inputs"].update(width=size, height=size, batch_size=opts.candidates)
     prompt["6"]["inputs"].update(steps=steps)
-    _, texts, files = runner.run(prompt, opts.out / "images")
+    _, texts, files = runner.run(prompt, opts.out / "images", previews="score_table")
     scores = opts.out / "images" / "scores.txt"
     scores.parent.mkdir(parents=True, exist_ok=True)
     scores.write_text(f"scored by {'identity (InsightFace)' if models.faces else 'CLIP score'}\n\n"
@@ -523,13 +618,13 @@ def stage_video(runner: Runner, opts: PipelineOptions, models: Models, state: di
         prompt["3"]["inputs"].update(frames=8, width=64, height=64, steps=2, context_length=8, context_overlap=2)
     else:
         prompt["3"]["inputs"].update(frames=16, context_length=16)
-    prompt["4"]["inputs"]["filename_prefix"] = f"charforge/{opts.character}/video"
+    prompt["4"]["inputs"]["filename_prefix"] = _prefix(opts, models, "video")
     if models.faces:
         prompt["6"]["inputs"]["name"] = opts.character
     else:  # no identity to compare with: drop the drift check
         for node_id in ("5", "6", "7", "8"):
             prompt.pop(node_id, None)
-    _, texts, files = runner.run(prompt, opts.out / "video")
+    _, texts, files = runner.run(prompt, opts.out / "video", previews="identity_drift" if models.faces else None)
     videos = [str(f) for f in files if f.suffix in (".mp4", ".webm", ".gif", ".webp")]
     return {"files": [str(f) for f in files], "video": videos[0] if videos else None,
             "drift": texts.get("7", "") if models.faces else "no identity (drift check skipped)"}
@@ -572,7 +667,7 @@ def _settings(opts: PipelineOptions, models: Models) -> dict[str, Any]:
 
 
 def summary_lines(state: dict[str, Any], out: Path) -> list[str]:
-    def shown(path: str | None) -> str:
+    def shown(path: str | Path | None) -> str:
         if not path:
             return "-"
         try:
@@ -583,23 +678,65 @@ def summary_lines(state: dict[str, Any], out: Path) -> list[str]:
     stages = state.get("stages", {})
     lines = ["", "WHERE TO LOOK"]
     if state.get("tiny"):
-        lines.append("  (tiny random models: the files are real, their content is noise)")
+        lines.append(f"  (tiny random models: the files are real, their content is noise; names carry '{TINY_MARK}', "
+                     f"see {shown(out / README_FILE)})")
     d = stages.get("dataset", {})
-    lines.append(f"  dataset report : {shown(d.get('report_html'))}  ({d.get('accepted', '?')} photos kept)")
-    lines.append(f"  contact sheet  : {shown(out / 'dataset')}/")
+    lines.append(f"  dataset report : {shown(d.get('report_html'))}  ({d.get('accepted', '?')} photos kept; why the "
+                 "others were not; contact sheets next to it)")
     c = stages.get("captions", {})
-    lines.append(f"  captions       : {shown(c.get('captions_dir'))}/  ({c.get('count', '?')} .txt files); "
-                 f"training folder {shown(c.get('train_data_dir'))}")
+    lines.append(f"  captions       : {shown(c.get('captions_dir'))}/  ({c.get('count', '?')} .txt files named after "
+                 f"the photos; report.html: the dataset after captioning)")
+    lines.append(f"  training folder: {shown(c.get('train_data_dir'))}")
     lo = stages.get("lora", {})
-    lines.append(f"  LoRA           : {shown(lo.get('lora_path'))}  (run folder: {shown(lo.get('run_dir'))})")
+    lines.append(f"  LoRA           : {shown(lo.get('lora_path'))}  (loss curve and samples next to it; run folder: "
+                 f"{shown(lo.get('run_dir'))})")
     im = stages.get("images", {})
-    lines.append(f"  scored images  : {shown(str(out / 'images'))}/  (scores: {shown(im.get('scores'))}, picked by "
+    lines.append(f"  scored images  : {shown(out / 'images')}/  (scores: {shown(im.get('scores'))}, picked by "
                  f"{im.get('by', '?')})")
     v = stages.get("video", {})
     lines.append(f"  video          : {shown(v.get('video')) if v.get('video') else v.get('skipped', '-')}")
-    lines.append(f"  state          : {shown(str(out / STATE_FILE))} (a rerun skips finished stages; delete it to "
+    lines.append(f"  state          : {shown(out / STATE_FILE)} (a rerun skips finished stages; delete it to "
                  "start over)")
     return lines
+
+
+README_FILE = "README.txt"
+
+
+def out_readme(state: dict[str, Any]) -> str:
+    """The text of ``out/README.txt``: what each folder of a pipeline run holds."""
+    settings = state.get("settings", {})
+    character = settings.get("character", "<character>")
+    text = []
+    if state.get("tiny"):
+        text += ["TINY RANDOM MODELS - THE PICTURES, CAPTIONS, LoRA AND VIDEO HERE ARE NOISE",
+                 "",
+                 "No base checkpoint was found, so this run used tiny randomly initialised models of the real",
+                 "architectures (out/comfyui/models). Every stage ran for real, through ComfyUI's own loaders,",
+                 "but the tagger's captions are arbitrary tags, the LoRA learned nothing useful and the images and",
+                 f"video are noise. Files made by these models carry '{TINY_MARK}' in their names. Put an SD1.5 or",
+                 "SDXL checkpoint into ComfyUI's models/checkpoints (and an AnimateDiff motion module into",
+                 "models/animatediff_models) and run the command again for real results.",
+                 ""]
+    text += [f"CharForge pipeline output for '{character}' (trigger word '{settings.get('trigger', '?')}',",
+             f"photos from {settings.get('photos', '?')}).",
+             "",
+             "dataset/      the dataset report (report.html: which photos were kept and why the others were not,",
+             "              buckets, duplicates) and its contact sheets",
+             "captions/     one caption per photo, named after it (trigger word first), and report.html: the",
+             "              dataset after captioning (caption coverage, trigger word)",
+             "lora/         the LoRA (.safetensors), its loss curve and training samples",
+             "images/       the generated candidates, the best one(s), scores.txt and the score table",
+             "video/        the AnimateDiff clip (.mp4); with face checks also identity_drift.png",
+             "comfyui/      the ComfyUI base directory when the pipeline started its own ComfyUI (its output,",
+             "              models, log); the datasets and the training run folder are in comfyui/output/charforge",
+             f"{STATE_FILE}  what finished, with every path; a rerun skips finished stages",
+             ""]
+    return "\n".join(text)
+
+
+def write_out_readme(out: Path, state: dict[str, Any]) -> None:
+    (out / README_FILE).write_text(out_readme(state), encoding="utf-8")
 
 
 def run_pipeline(opts: PipelineOptions, say: Say, stderr: IO[str] | None = None) -> dict[str, Any]:
@@ -628,6 +765,7 @@ def run_pipeline(opts: PipelineOptions, say: Say, stderr: IO[str] | None = None)
                 say("the settings differ from the previous run in this folder: running every stage again")
                 state = {}
             state.update(settings=settings, tiny=models.tiny, server=server.url)
+            write_out_readme(opts.out, state)
             stages = state.setdefault("stages", {})
             runner = Runner(client, opts, say, stderr)
             runner.server = server  # type: ignore[attr-defined]
@@ -645,6 +783,7 @@ def run_pipeline(opts: PipelineOptions, say: Say, stderr: IO[str] | None = None)
                 result.update(done=True, seconds=round(time.monotonic() - t0, 1))
                 stages[stage] = result
                 save_state(opts.out, state)
+                write_out_readme(opts.out, state)
                 say(f"{title}: done in {result['seconds']:.0f} s")
     finally:
         if server.local is not None:

@@ -30,10 +30,12 @@ class RecordingRunner:
         self.tmp = tmp
         self.texts = texts
         self.prompts: list[dict[str, Any]] = []
+        self.previews: list[str | None] = []
         self.server = None
 
-    def run(self, prompt, out_dir):
+    def run(self, prompt, out_dir, previews=None):
         self.prompts.append(prompt)
+        self.previews.append(previews)
         classes = {n["class_type"] for n in prompt.values()}
         key = next(k for k in self.texts if k in classes)
         files = []
@@ -57,12 +59,35 @@ def _tiny_models():
                            tagger="tiny-tagger", clip="tiny_clip", motion="tiny_mm.safetensors", faces=False)
 
 
+def _manifest(export: Path, entries: list[tuple[str, str, str]]) -> None:
+    """A kohya export's manifest.json with (id, source, file) entries, as the Export node writes it."""
+    export.mkdir(parents=True, exist_ok=True)
+    (export / "manifest.json").write_text(json.dumps({"name": export.parent.name, "entries": [
+        {"id": i, "source": source, "file": file} for i, source, file in entries]}))
+
+
 def _canned(tmp_path: Path) -> dict[str, dict[str, str]]:
+    """The server side of a run on photos a.jpg, b.jpg, c.jpg, d.jpg (c rejected): both exports renumber them."""
     ds = tmp_path / "server" / "datasets"
+    photos = tmp_path / "photos"
+    kohya = ds / "pip" / "kohya"
+    _manifest(kohya, [("0001", f"{photos}/a.jpg", "img/10_zqx cartoon boy/0001.jpg"),
+                      ("0002", f"{photos}/b.jpg", "img/10_zqx cartoon boy/0002.jpg"),
+                      ("0003", f"{photos}/c.jpg", f"{photos}/c.jpg"),  # rejected: never exported
+                      ("0004", f"{photos}/d.jpg", "img/10_zqx cartoon boy/0004.jpg")])
     captioned = ds / "pip_captioned" / "captioned" / "img" / "10_zqx cartoon boy"
     captioned.mkdir(parents=True)
+    _manifest(captioned.parent.parent, [
+        (f"000{i + 1}", f"{kohya}/img/10_zqx cartoon boy/{old}.jpg", f"img/10_zqx cartoon boy/000{i + 1}.jpg")
+        for i, old in enumerate(("0001", "0002", "0004"))])
     for i in range(3):
-        (captioned / f"{i}.txt").write_text("zqx, smile")
+        (captioned / f"000{i + 1}.txt").write_text(f"zqx, smile {i}")
+    for name in ("pip", "pip_captioned"):
+        report = ds / name / "report"
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "report.html").write_text(f"<img src='contact_sheet_001.png'> {name}")
+        (report / "report.json").write_text("{}")
+        (report / "contact_sheet_001.png").write_bytes(b"png")
     return {
         "CharForgeLoadDataset": {},  # replaced below per workflow
         "CharForgeTrainLoRA": {"1": "pip.safetensors: 4 steps, final loss 0.1234; run folder /srv/train_runs/pip"},
@@ -91,6 +116,9 @@ def test_every_stage_edits_the_nodes_it_means(tmp_path):
     assert prompt["5"]["inputs"]["buckets"] == "sd15"
     assert state["dataset"]["train_data_dir"] == str(ds / "pip/kohya/img")
     assert state["dataset"]["accepted"] == 11
+    # The report is copied next to its contact sheets (downloaded there, flat).
+    assert (opts.out / "dataset" / "report.html").read_text().endswith(" pip")
+    assert state["dataset"]["report_html"] == str(opts.out / "dataset" / "report.html")
 
     captioned = ds / "pip_captioned" / "captioned" / "img" / "10_zqx cartoon boy"
     runner.texts = {"CharForgeCaptionDataset": {
@@ -101,7 +129,13 @@ def test_every_stage_edits_the_nodes_it_means(tmp_path):
     assert prompt["1"]["inputs"]["folder"] == state["dataset"]["train_data_dir"]
     assert prompt["2"]["class_type"] == "CharForgeCaptionDataset" and prompt["2"]["inputs"]["model"] == "tiny-tagger"
     assert state["captions"]["count"] == 3
-    assert sorted(p.name for p in (opts.out / "captions").iterdir()) == ["0.txt", "1.txt", "2.txt"]
+    # Named after the photos they describe, though both exports renumbered them (c.jpg was rejected).
+    captions = opts.out / "captions"
+    assert sorted(p.name for p in captions.glob("*.txt")) == ["a.txt", "b.txt", "d.txt"]
+    assert (captions / "d.txt").read_text() == "zqx, smile 2"
+    # The report written after captioning, not the dataset stage's.
+    assert state["captions"]["report_html"] == str(captions / "report.html")
+    assert (captions / "report.html").read_text().endswith(" pip_captioned")
 
     runner.texts = {"CharForgeTrainLoRA": canned["CharForgeTrainLoRA"]}
     state["lora"] = pipeline.stage_lora(runner, opts, models, state)
@@ -109,6 +143,7 @@ def test_every_stage_edits_the_nodes_it_means(tmp_path):
     assert train["class_type"] == "CharForgeTrainLoRA" and train["inputs"]["preset"] == "sd15"
     assert train["inputs"]["dataset_folder"] == str(captioned.parent)
     assert train["inputs"]["base_model"] == "[diffusers] tiny" and train["inputs"]["steps"] == 4
+    assert train["inputs"]["output_name"] == "pip_tiny_random"  # what tiny models made says so
     assert state["lora"]["lora_name"] == "pip.safetensors" and state["lora"]["run_dir"] == "/srv/train_runs/pip"
 
     runner.texts = {"CharForgeClipScore": canned["CharForgeClipScore"]}
@@ -120,6 +155,9 @@ def test_every_stage_edits_the_nodes_it_means(tmp_path):
     assert "zqx" not in prompt["10"]["inputs"]["prompt"]  # CLIP does not know the trigger word
     assert prompt["5"]["inputs"]["batch_size"] == prompt["11"]["inputs"]["group_size"] == opts.candidates
     assert "kept candidate 2 of 4" in Path(state["images"]["scores"]).read_text()
+    assert prompt["8"]["inputs"]["filename_prefix"] == "charforge/pip/tiny_random_candidate"
+    assert prompt["12"]["inputs"]["filename_prefix"] == "charforge/pip/tiny_random_best"
+    assert runner.previews[-1] == "score_table"
 
     runner.texts = {"CharForgeSaveVideo": {}}
     state["video"] = pipeline.stage_video(runner, opts, models, state)
@@ -128,11 +166,18 @@ def test_every_stage_edits_the_nodes_it_means(tmp_path):
     assert prompt["1"]["inputs"]["motion_module"] == "tiny_mm.safetensors"
     assert "CharForgeIdentityDrift" not in {n["class_type"] for n in prompt.values()}  # no identity without faces
     assert state["video"]["video"].endswith(".mp4")
+    assert prompt["4"]["inputs"]["filename_prefix"] == "charforge/pip/tiny_random_video"
+    assert runner.previews[-1] is None  # no drift plot without faces
 
     lines = "\n".join(pipeline.summary_lines({"stages": state, "tiny": True}, opts.out))
-    for needle in ("report.html", "captions", "LoRA", "scores.txt", ".mp4",
-                   "tiny random models"):
+    for needle in ("dataset/report.html", "captions", "LoRA", "scores.txt", ".mp4", "tiny random models",
+                   "README.txt"):
         assert needle in lines, needle
+    readme = pipeline.out_readme({"stages": state, "tiny": True, "settings": pipeline._settings(opts, models)})
+    assert readme.startswith("TINY RANDOM MODELS") and "tiny_random" in readme and "'zqx'" in readme
+    for folder in ("dataset/", "captions/", "lora/", "images/", "video/", "comfyui/", "pipeline_state.json"):
+        assert f"\n{folder}" in readme, folder
+    assert "NOISE" not in pipeline.out_readme({"stages": state, "tiny": False})
 
 
 def test_the_identity_route_builds_an_identity_and_keeps_the_drift_check(tmp_path):
@@ -150,6 +195,56 @@ def test_the_identity_route_builds_an_identity_and_keeps_the_drift_check(tmp_pat
     video = runner.prompts[-1]
     assert video["6"]["inputs"]["name"] == "pip" and video["7"]["class_type"] == "CharForgeIdentityDrift"
     assert video["3"]["inputs"]["width"] == 512  # real models: the workflow's own size
+    assert video["4"]["inputs"]["filename_prefix"] == "charforge/pip/video"  # real models: no tiny mark
+    assert generate["13"]["inputs"]["filename_prefix"] == "charforge/pip/best"
+    assert runner.previews == ["identity_table", "score_table", "identity_drift"]
+
+
+def test_the_trigger_word_follows_the_character_unless_given():
+    photos = Path("photos")
+    assert pipeline.PipelineOptions(photos=photos, character="pip").trigger == "pip"
+    assert pipeline.PipelineOptions(photos=photos, character="Sir Pip-2").trigger == "sir_pip_2"
+    assert pipeline.PipelineOptions(photos=photos, character="pip", trigger="zqx").trigger == "zqx"
+    args = build_parser().parse_args(["pipeline", "photos", "--character", "pip"])
+    assert args.trigger is None  # cmd_pipeline passes it on; the options fill in the character's name
+
+
+class _DownloadingClient:
+    """Stands in for ComfyClient.download_outputs: writes each output where the driver would, subfolders and all."""
+
+    def __init__(self, outputs: list[tuple[str, str, str]]):
+        self.outputs = outputs  # (type, subfolder, filename)
+
+    def download_outputs(self, result, out_dir, include_temp=True):
+        from charforge.driver.outputs import DownloadedFile, OutputFile, local_path_for
+
+        done = []
+        for kind, subfolder, filename in self.outputs:
+            if kind == "temp" and not include_temp:
+                continue
+            source = OutputFile(node_id="1", key="images", index=0, filename=filename, subfolder=subfolder, type=kind)
+            path = local_path_for(Path(out_dir), source)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(filename.encode())
+            done.append(DownloadedFile(source, path, len(filename), ""))
+        return done
+
+
+@pytest.mark.parametrize("previews", [None, "score_table"])
+def test_stage_outputs_land_flat_and_temporary_previews_only_when_named(tmp_path, previews):
+    runner = pipeline.Runner(_DownloadingClient([("output", "charforge/pip", "tiny_random_best_00001_.png"),
+                                                 ("output", "charforge/pip", "tiny_random_candidate_00001_.png"),
+                                                 ("temp", "", "charforge_score_ab12.png")]),
+                             _opts(tmp_path), print)
+    out = tmp_path / "out" / "images"
+    out.mkdir(parents=True)
+    (out / "tiny_random_best_00001_.png").write_bytes(b"from an earlier run")
+    files = runner.collect(object(), out, previews)
+    expected = {"tiny_random_best_00001_-1.png", "tiny_random_candidate_00001_.png"}
+    if previews:
+        expected.add("score_table.png")
+    assert {f.name for f in files} == expected
+    assert {p.name for p in out.iterdir()} == expected | {"tiny_random_best_00001_.png"}  # flat, nothing else
 
 
 class _FakeClient:

@@ -59,21 +59,29 @@ def test_pipeline_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch):
     stages = state["stages"]
     assert any("TINY RANDOM MODELS" in line for line in said)
 
-    # Dataset report
+    # Dataset report, copied next to its contact sheets
     report = Path(stages["dataset"]["report_html"])
+    assert report == out / "dataset" / "report.html"
     assert report.is_file() and (report.parent / "report.json").is_file()
+    assert (report.parent / "contact_sheet_001.png").is_file()
     data = json.loads((report.parent / "report.json").read_text())
     assert data["counts"]["accepted"] == stages["dataset"]["accepted"] >= 8
 
     # Captions: one per kept photo, trigger first, tags after it
     captions = sorted((out / "captions").glob("*.txt"))
     assert len(captions) == stages["dataset"]["accepted"]
+    photos = {p.stem for p in (REPO_ROOT / "samples" / "character").glob("*.jpg")}
+    assert {c.stem for c in captions} <= photos  # named after the photo each one describes
+    after = json.loads((out / "captions" / "report.json").read_text())
+    assert after["counts"]["accepted"] == len(captions)  # the report written after captioning
     for caption in captions:
         text = caption.read_text().strip()
         assert text.startswith("zqx, ") and len(text.split(", ")) > 2, text
 
     # The LoRA: kohya keys for U-Net and text encoder, loaded by ComfyUI's LoraLoader in the images stage
     lora = Path(stages["lora"]["lora_path"])
+    assert lora == out / "lora" / "pip_tiny_random.safetensors"
+    assert (out / "lora" / "loss.png").is_file()
     with safe_open(str(lora), "pt") as handle:
         keys = list(handle.keys())
     assert keys and all(k.startswith(("lora_unet_", "lora_te")) for k in keys)
@@ -86,12 +94,21 @@ def test_pipeline_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch):
     scores = Path(stages["images"]["scores"]).read_text()
     assert re.search(r"mean \d\.\d+", scores), scores
     pngs = list((out / "images").rglob("*.png"))
-    assert len([p for p in pngs if "candidate" in p.name]) == 4 and any("best" in p.name for p in pngs)
+    assert all(p.parent == out / "images" for p in pngs)  # flat, no ComfyUI subfolders or temp/
+    assert len([p for p in pngs if p.name.startswith("tiny_random_candidate_")]) == 4
+    assert any(p.name.startswith("tiny_random_best_") for p in pngs) and (out / "images" / "score_table.png").is_file()
 
     # Video
     video = Path(stages["video"]["video"])
+    assert video.parent == out / "video" and video.name.startswith("tiny_random_video_")
     decoded = read_video(video)
     assert video.suffix == ".mp4" and decoded.frame_count == 8 and (decoded.width, decoded.height) == (64, 64)
+
+    # The layout README.txt and docs/pipeline.md describe; nothing else beside the ComfyUI base directory
+    assert {p.name for p in out.iterdir()} == {"README.txt", "dataset", "captions", "lora", "images", "video",
+                                               "comfyui", "pipeline_state.json"}
+    assert not list(out.glob("*/temp")) and not list(out.glob("*/charforge"))
+    assert (out / "README.txt").read_text().startswith("TINY RANDOM MODELS")
 
     # Second run: everything is skipped, nothing is written again
     said.clear()
