@@ -73,15 +73,24 @@ class _Link:
 
 def _links(raw: Any) -> dict[Any, _Link]:
     links: dict[Any, _Link] = {}
+    if raw is not None and not isinstance(raw, list):
+        raise ConversionError(f"the workflow's 'links' is {type(raw).__name__}, expected a list; the workflow file "
+                              "is damaged - open and save it again in the ComfyUI editor")
     for item in raw or []:
-        if isinstance(item, (list, tuple)) and len(item) >= 5:
-            link = _Link(item[0], item[1], int(item[2]), item[3], int(item[4]), item[5] if len(item) > 5 else None)
-        elif isinstance(item, dict) and "id" in item:
-            link = _Link(item["id"], item.get("origin_id"), int(item.get("origin_slot") or 0), item.get("target_id"),
-                         int(item.get("target_slot") or 0), item.get("type"))
-        else:
-            continue
-        links[link.id] = link
+        try:
+            if isinstance(item, (list, tuple)) and len(item) >= 5:
+                link = _Link(item[0], item[1], int(item[2]), item[3], int(item[4]),
+                             item[5] if len(item) > 5 else None)
+            elif isinstance(item, dict) and "id" in item:
+                link = _Link(item["id"], item.get("origin_id"), int(item.get("origin_slot") or 0),
+                             item.get("target_id"), int(item.get("target_slot") or 0), item.get("type"))
+            else:
+                continue
+            links[link.id] = link
+        except (TypeError, ValueError):
+            raise ConversionError(f"link {str(item)[:80]} of the workflow is malformed (slots must be numbers); "
+                                  "the workflow file is damaged - open and save it again in the ComfyUI editor") \
+                from None
     return links
 
 

@@ -295,3 +295,16 @@ def test_damaged_editor_node_is_a_conversion_error_naming_it(fake_comfy, tmp_pat
     assert code == 2, err
     assert f"node {node['id']} (EmptyLatentImage): {expected}" in err and "Traceback" not in err
     assert not posted_prompt(fake_comfy)
+
+
+@pytest.mark.parametrize("links,expected", [
+    ({"1": [1, 4, 0, 6, 0, "MODEL"]}, "'links' is dict, expected a list"),
+    ([[1, 4, "first", 6, 0, "MODEL"]], "link [1, 4, 'first', 6, 0, 'MODEL'] of the workflow is malformed"),
+    ([[[1], 4, 0, 6, 0, "MODEL"]], "link [[1], 4, 0, 6, 0, 'MODEL'] of the workflow is malformed"),
+])
+def test_damaged_links_are_a_conversion_error(fake_comfy, tmp_path, links, expected):
+    ui = classic()
+    ui["links"] = links
+    code, _, err = run_cli("run", str(write(tmp_path / "ui.json", ui)), "--server", fake_comfy.url)
+    assert code == 2 and expected in err and "Traceback" not in err, err
+    assert not posted_prompt(fake_comfy)
