@@ -201,6 +201,26 @@ def test_control_sequences_from_the_server_and_the_file_are_neutralised(fake_com
         assert record["exception_message"] == f"boom {EVIL} end"  # the data is intact, only escaped
 
 
+def test_rich_progress_shows_server_text_literally():
+    from rich.console import Console
+
+    from charforge.driver.events import Event
+    from charforge.driver.progress import JobView, RichRenderer
+
+    evil = EVIL + "[bold red]markup[/]"
+    buf = io.StringIO()
+    view = JobView({"1": {"class_type": f"K{evil}", "_meta": {"title": f"T{evil}"}}}, ["1"])
+    renderer = RichRenderer(view, Console(file=buf, force_terminal=False, color_system=None, width=300))
+    renderer.start()
+    for event in (Event("executing", {"node": "1"}, "p"), Event("execution_error", {"node_id": "1"}, "p"),
+                  Event("connection_lost", {"reason": f"why{evil}"}, "p")):
+        renderer.handle(event)
+    renderer.close()
+    text = buf.getvalue()
+    assert "\x1b" not in text and "\x07" not in text and "\x9b" not in text
+    assert "[bold red]markup[/]" in text  # server text is never taken as rich markup
+
+
 def test_safe_text_keeps_newlines_and_tabs_unless_one_line():
     assert safe_text("a\tb\nc\x1b[2J") == "a\tb\nc\\x1b[2J"
     assert safe_text("a\nb", one_line=True) == "a\\x0ab"
