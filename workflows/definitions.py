@@ -66,7 +66,7 @@ def train_lora_sdxl(new):
     w.group("1 - Train", "#3f789e")
     train = w.node("CharForgeTrainLoRA", base_model="sd_xl_base_1.0.safetensors",
                    dataset_folder="charforge/datasets/my_character/kohya/img", trigger_word="ohwx",
-                   output_name="my_character_sdxl", preset="sdxl", seed=42)
+                   output_name="my_character_sdxl", preset="sdxl", seed=42, use_preset_values=False)
     w.group("2 - Loss curve & samples", "#8A8")
     loss = w.node("PreviewImage", title="Loss curve", height=300)
     samples = w.node("PreviewImage", title="Samples", height=300)
@@ -213,7 +213,8 @@ def _photos_to_lora(w):
     w.link(rep, "contact_sheet", sheet, "images")
     w.group("3 - Train the LoRA", "#a1309b")
     train = w.node("CharForgeTrainLoRA", base_model="v1-5-pruned-emaonly.safetensors", trigger_word="ohwx",
-                   output_name="my_character", preset="sd15", seed=42)
+                   output_name="my_character", preset="sd15", resolution=512, seed=42,
+                   use_preset_values=False)
     loss = w.node("PreviewImage", title="Loss curve", height=260)
     w.link(exp, "train_data_dir", train, "dataset_folder")
     w.link(train, "loss_curve", loss, "images")
