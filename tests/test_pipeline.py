@@ -407,3 +407,15 @@ def test_the_base_model_family_comes_from_the_checkpoint_keys(tmp_path):
     assert pipeline.checkpoint_arch(server, "my_xl_looking_sd15.safetensors") == "sd15"  # the keys win
     assert pipeline.checkpoint_arch(server, "remote_juggernautXL.safetensors") == "sdxl"  # not local: the name
     assert pipeline.checkpoint_arch(server, "remote_dreamshaper.ckpt") == "sd15"
+
+
+def test_the_readme_and_out_readme_describe_the_same_layout():
+    """README's table of out/ and the README.txt the pipeline writes into out/ name the same folders."""
+    import re
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    folders = set(re.findall(r"^\| `out/([a-z]+)/", readme, re.MULTILINE))
+    assert folders >= {"dataset", "captions", "lora", "images", "video", "comfyui"}
+    described = set(re.findall(r"^([a-z]+)/ ", pipeline.out_readme({"stages": {}}), re.MULTILINE))
+    assert folders == described
+    assert "datasets/pip/report/report.html" not in readme  # the report the demo leaves is out/dataset/report.html
