@@ -712,7 +712,7 @@ def out_readme(state: dict[str, Any]) -> str:
         text += ["TINY RANDOM MODELS - THE PICTURES, CAPTIONS, LoRA AND VIDEO HERE ARE NOISE",
                  "",
                  "No base checkpoint was found, so this run used tiny randomly initialised models of the real",
-                 "architectures (out/comfyui/models). Every stage ran for real, through ComfyUI's own loaders,",
+                 "architectures (in comfyui/models). Every stage ran for real, through ComfyUI's own loaders,",
                  "but the tagger's captions are arbitrary tags, the LoRA learned nothing useful and the images and",
                  f"video are noise. Files made by these models carry '{TINY_MARK}' in their names. Put an SD1.5 or",
                  "SDXL checkpoint into ComfyUI's models/checkpoints (and an AnimateDiff motion module into",
