@@ -460,11 +460,26 @@ class BatchRunner:
         if js.state != "finished":
             self._log("finished", job=job.id, prompt_id=prompt_id, server=target.name,
                       execution_seconds=result.timings.execution_seconds)
-        await self._collect(job, target, prompt_id, result)
+        # The job's time limit covers its downloads: what is left of it, or all of it for a job found finished
+        # when a run resumes (however late we come back, it gets one full try).
+        download_limit = None
+        if timeout is not None:
+            download_limit = timeout if finished else max(
+                0.0, timeout - (time.time() - (js.submitted_at or time.time())))
+        try:
+            await self._collect(job, target, prompt_id, result, download_limit)
+        except JobTimeout:
+            self._fail(job, "timed_out", "timeout", f"downloading its outputs did not finish within {timeout:g} s",
+                       target, prompt_id)
         return "end"
 
-    async def _collect(self, job: Job, target: Target, prompt_id: str | None, result: Any) -> bool:
-        """Download into a staging folder, write the manifest, rename into place, journal ``done``."""
+    async def _collect(self, job: Job, target: Target, prompt_id: str | None, result: Any,
+                       download_limit: float | None = None) -> bool:
+        """Download into a staging folder, write the manifest, rename into place, journal ``done``.
+
+        Raises :class:`JobTimeout` when the downloads take longer than ``download_limit`` seconds (the staging
+        folder is removed).
+        """
         final = self.out / job.folder
         js = self.journal.state.job(job.id)  # type: ignore[union-attr]
         if not (final / "manifest.json").exists():
@@ -476,7 +491,16 @@ class BatchRunner:
                 staging.mkdir(parents=True)
                 return await target.download(result, staging)
 
-            downloads = await self._retrying(job, "downloading", download)
+            if download_limit is None:
+                downloads = await self._retrying(job, "downloading", download)
+            else:
+                try:
+                    downloads = await asyncio.wait_for(self._retrying(job, "downloading", download), download_limit)
+                except asyncio.TimeoutError:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise JobTimeout(f"downloading the outputs of job {job.id} did not finish within "
+                                     f"{download_limit:g} s", prompt_id=result.prompt_id,
+                                     seconds=download_limit) from None
             manifest = build_manifest(result, downloads, out_dir=staging, server=target.name,
                                       workflow_source=job.workflow, wall_seconds=time.monotonic() - started)
             manifest["batch"] = {"job": job.id, "name": job.name, "folder": job.folder, "axes": job.axes,

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fakes.batch_checks import records, sweep_file
 from fakes.comfy_server import FakeComfyServer, image_workflow
 from fakes.runpod_api import FakeRunPod
 from fakes.ui_workflows import classic
@@ -153,6 +154,29 @@ def test_trickling_view_is_bounded_by_the_job_timeout(fake_comfy, tmp_path):
     assert time.monotonic() - start < 6
     assert "downloading the outputs" in err
     assert not [p for p in out_dir.rglob("*") if p.is_file()]
+
+
+def test_batch_downloads_are_bounded_by_the_job_timeout_and_the_size_limit(fake_comfy, tmp_path, monkeypatch):
+    spec = sweep_file(tmp_path, [1])
+    fake_comfy.knobs.view_mode = "trickle"
+    fake_comfy.knobs.trickle_seconds = 0.2
+    start = time.monotonic()
+    code, _, err = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "a"),
+                           "--timeout", "2", "--backoff", "0.05")
+    assert code == 1 and time.monotonic() - start < 10, err
+    ends = [r for r in records(tmp_path / "a") if r["ev"] == "timed_out"]
+    assert len(ends) == 1 and "downloading its outputs did not finish within 2 s" in ends[0]["reason"]
+    assert not [p for p in (tmp_path / "a").rglob("*.png")]
+    # over the size limit: failed at once with the reason, never retried (the same request gets the same answer)
+    fake_comfy.knobs.view_mode = "infinite"
+    monkeypatch.setenv("CHARFORGE_MAX_DOWNLOAD_MB", "0.1")
+    code, _, err = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "b"),
+                           "--backoff", "0.05")
+    assert code == 1, err
+    journal = records(tmp_path / "b")
+    failed = [r for r in journal if r["ev"] == "failed"]
+    assert len(failed) == 1 and "larger than 0.1 MiB" in failed[0]["reason"]
+    assert not [r for r in journal if r["ev"] == "retry"]
 
 
 def test_huge_history_reply_is_refused_without_reading_it_all(fake_comfy, tmp_path, monkeypatch):
