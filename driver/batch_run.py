@@ -18,8 +18,8 @@ How it works, and what it guarantees:
   collected job is never downloaded again.
 * **Retries.** Transient failures (connection errors, 5xx, 429 with ``Retry-After`` honoured) are retried with
   exponential backoff and jitter; deterministic ones (validation errors, node exceptions) are not.
-* **Timeout.** ``timeout`` is a wall-clock limit per job from its submission; the job is cancelled on its
-  server and marked ``timed_out``.
+* **Timeout.** ``timeout`` is a wall-clock limit per job from its submission, downloads included; the job is
+  cancelled on its server (or its half-downloaded staging folder removed) and marked ``timed_out``.
 * **Ctrl-C** stops the workers between journal writes; jobs already on a server keep running there and are
   collected by the next run.
 """
