@@ -35,12 +35,7 @@ MINIMUM_SS_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_ne
                    "ss_network_args")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # cf_testing/threads.py
 
 
 def _unet_output(model, embeds: PromptEmbeddings, unet=None):
@@ -227,7 +222,7 @@ def full_unets():
 
 
 def test_kohya_target_set_matches_the_reference_counts(full_unets):
-    """architectures.md §9.1: 722 kohya layers on SDXL (560 attention-only); 85.1 M / 46.5 M at rank 32."""
+    """docs/model-configs.md §9.1: 722 kohya layers on SDXL (560 attention-only); 85.1 M / 46.5 M at rank 32."""
     sdxl = full_unets["sdxl"]
     wide = unet_target_modules(sdxl, "kohya")
     attention = unet_target_modules(sdxl, "attention")
@@ -255,7 +250,7 @@ def test_kohya_target_set_matches_the_reference_counts(full_unets):
 
 
 @pytest.mark.parametrize(("component", "module", "expected"), [
-    # The worked examples of comfyui-contract.md §6 (SDXL).
+    # The worked examples of docs/comfyui-contract.md §6 (SDXL).
     ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
      "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"),
     ("unet", "up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_out.0",

@@ -15,7 +15,8 @@ from PIL import Image
 from charforge.engine.train.config import TrainConfig, preset_config, with_overrides
 from charforge.engine.train.data import TrainingData, TrainItem, items_from_pairs, read_kohya_folder
 from charforge.engine.train.export import read_lora
-from charforge.engine.train.job import TrainingCancelled, TrainRequest, train
+from charforge.engine.control import Cancelled, Control
+from charforge.engine.train.job import TrainRequest, train
 from charforge.engine.train.loop import Trainer, min_snr_weights
 from charforge.engine.train.models import load_base_model
 from charforge.engine.train.optim import build_optimizer, lr_factor
@@ -25,15 +26,10 @@ TIMESTEPS = list(range(50, 1000, 100))
 
 
 # diffusers' Euler scheduler (sample images) trips a numpy 2 deprecation; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),  # cf_testing/threads.py
+]
 
 
 def _pattern(path, size=(64, 64), shift=0):
@@ -202,14 +198,13 @@ def _request(tiny, dataset, runs_dir, config, **kwargs):
                         name="alice", config=config, **kwargs)
 
 
-def _stop_after(steps: int):
+def _stop_after(steps: int) -> Control:
     seen = {"step": 0}
 
-    def on_progress(event):
-        if event["phase"] == "training":
-            seen["step"] = event["step"]
+    def on_progress(done, total, text):
+        seen["step"] = done
 
-    return on_progress, (lambda: seen["step"] >= steps)
+    return Control(on_progress=on_progress, should_stop=lambda: seen["step"] >= steps)
 
 
 def test_cancel_leaves_a_state_that_resumes_and_resumes_accumulate(tiny_sd15, dataset, tmp_path):
@@ -219,10 +214,9 @@ def test_cancel_leaves_a_state_that_resumes_and_resumes_accumulate(tiny_sd15, da
 
     runs = tmp_path / "b"
     for stop in (2, 4):
-        on_progress, should_stop = _stop_after(stop)
-        with pytest.raises(TrainingCancelled) as caught:
-            train(_request(tiny_sd15, dataset, runs, config), on_progress=on_progress, should_stop=should_stop)
-        assert caught.value.step == stop
+        with pytest.raises(Cancelled, match=f"cancelled at step {stop}; queue it again to resume") as caught:
+            train(_request(tiny_sd15, dataset, runs, config), _stop_after(stop))
+        assert str(runs / "alice") in str(caught.value)
         folder = RunFolder(runs / "alice")
         status = folder.read_status()
         assert status["state"] == "cancelled" and status["step"] == stop and status["state_step"] == stop
@@ -272,10 +266,8 @@ def test_resume_keeps_its_run_when_the_memory_profile_changes(tiny_sd15, dataset
     tight = replace(roomy, free_bytes=int(middle / preflight.SAFETY))
 
     monkeypatch.setattr(preflight, "device_info", lambda *args, **kwargs: roomy)
-    on_progress, should_stop = _stop_after(2)
-    with pytest.raises(TrainingCancelled):
-        train(_request(tiny_sd15, dataset, tmp_path, config, memory_profile="auto"), on_progress=on_progress,
-              should_stop=should_stop)
+    with pytest.raises(Cancelled):
+        train(_request(tiny_sd15, dataset, tmp_path, config, memory_profile="auto"), _stop_after(2))
     assert not RunFolder(tmp_path / "alice").read_config()["config"]["gradient_checkpointing"]
     monkeypatch.setattr(preflight, "device_info", lambda *args, **kwargs: tight)
     result = train(_request(tiny_sd15, dataset, tmp_path, config, memory_profile="auto"))
@@ -286,12 +278,12 @@ def test_resume_keeps_its_run_when_the_memory_profile_changes(tiny_sd15, dataset
 def test_failure_is_recorded_and_resumable(tiny_sd15, dataset, tmp_path):
     config = tiny_config(steps=4)
 
-    def on_progress(event):
-        if event["phase"] == "training" and event["step"] == 2:
+    def on_progress(done, total, text):
+        if done == 2:
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        train(_request(tiny_sd15, dataset, tmp_path, config), on_progress=on_progress)
+        train(_request(tiny_sd15, dataset, tmp_path, config), Control(on_progress=on_progress))
     status = RunFolder(tmp_path / "alice").read_status()
     assert status["state"] == "failed" and "disk full" in status["error"] and status["state_step"] == 2
     assert train(_request(tiny_sd15, dataset, tmp_path, config)).resumed_from == 2
@@ -300,8 +292,10 @@ def test_failure_is_recorded_and_resumable(tiny_sd15, dataset, tmp_path):
 def test_run_folder_contents(tiny_sdxl, dataset, tmp_path):
     config = tiny_config(steps=4, sample_every=2, checkpoint_every=2, trigger_word="sks",
                          sample_prompts=["sks at the beach", "portrait"], sample_seeds=[1, 2])
-    events = []
-    result = train(_request(tiny_sdxl, dataset, tmp_path, config, memory_profile="auto"), on_progress=events.append)
+    events, steps = [], []
+    control = Control(on_progress=lambda done, total, text: steps.append((done, total)),
+                      on_event=lambda name, data: events.append(data) if name == "train.progress" else None)
+    result = train(_request(tiny_sdxl, dataset, tmp_path, config, memory_profile="auto"), control)
     folder = RunFolder(result.run_dir)
     document = json.loads(folder.config_path.read_text())
     assert document["arch"] == "sdxl" and document["config"]["lora"]["rank"] == 4
@@ -314,8 +308,9 @@ def test_run_folder_contents(tiny_sdxl, dataset, tmp_path):
     assert folder.metrics_path.read_text().splitlines()[0] == "step,loss,lr,steps_per_second,epoch,elapsed_seconds"
     phases = [e["phase"] for e in events]
     assert phases[0] == "loading" and "caching" in phases and phases[-1] == "done"
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]  # every step as progress; events at most every 0.5 s
     training = [e for e in events if e["phase"] == "training"]
-    assert [e["step"] for e in training] == [1, 2, 3, 4]
+    assert training[0]["step"] == 1 and training[-1]["step"] == 4 and all(e["run"] == "alice" for e in events)
     assert all(e["eta_seconds"] >= 0 and math.isfinite(e["loss"]) for e in training)
 
 

@@ -20,14 +20,7 @@ from charforge.engine.train.models import (
     shipped_config_dir,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: one thread is several times faster than two fighting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # cf_testing/threads.py
 
 
 def _tokenizer_dir(tiny):

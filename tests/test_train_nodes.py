@@ -15,15 +15,10 @@ from PIL import Image
 from cf_testing.comfyui import run_node
 
 # diffusers' Euler scheduler (sample images) trips a numpy 2 deprecation; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),  # cf_testing/threads.py
+]
 
 
 @pytest.fixture

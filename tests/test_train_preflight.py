@@ -24,12 +24,7 @@ from charforge.engine.train.preflight import (
 GB = 2**30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # cf_testing/threads.py
 
 
 def _config(arch):
@@ -37,7 +32,7 @@ def _config(arch):
 
 
 def test_sd15_flops_match_the_reference_count():
-    """architectures.md §9.2: SD1.5 LoRA step at 512 px = 1.726 TFLOP (frozen base, no adapter),
+    """docs/model-configs.md §9.2: SD1.5 LoRA step at 512 px = 1.726 TFLOP (frozen base, no adapter),
     forward 0.803; kohya-wide rank-16 adapters add a little."""
     profile = profile_unet(_config("sd15"), LoraSettings(rank=16, alpha=8), 1, (64, 64))
     assert profile.unet_parameters == 859_520_964

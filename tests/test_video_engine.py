@@ -21,14 +21,7 @@ from charforge.engine.video.prompts import parse_prompt_schedule
 SIZE = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine the second one makes
-    every op wait for a descheduled worker (10x slower); run these tests single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # cf_testing/threads.py
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from cf_testing.comfyui import run_node
 from cf_testing.video_models import video_assets
@@ -21,13 +20,7 @@ from charforge.nodes.video import (
     VideoLoRA,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_video_engine.py
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # cf_testing/threads.py
 
 
 @pytest.fixture(scope="module")
