@@ -6,8 +6,9 @@ Every error message, log line, JSON record and manifest passes through :func:`ma
   (tokens, passwords, header values, the RunPod API key - from arguments, the environment or a profile), the
   secret environment variables themselves (``CHARFORGE_TOKEN``, ``CHARFORGE_PASSWORD``, ``RUNPOD_API_KEY``,
   the values of ``CHARFORGE_HEADERS``) and any extra strings the caller passes;
-* the password of ``user:password@`` in URLs, ``Bearer``/``Basic`` credentials and the values of query
-  parameters that carry credentials (``?token=``, ``api_key=``, ``password=`` ...), known or not;
+* the password of ``user:password@`` in URLs, ``Authorization:`` header values, long ``Bearer`` tokens and
+  the values of URL query parameters that carry credentials (``?token=``, ``&api_key=``, S3 signatures ...),
+  known or not (ordinary words such as "basic" or ``key=`` in a prompt are left alone);
 
 by ``***``, *then* cuts the text to ``limit`` characters. Masking first matters: a token that straddles the
 cut would otherwise leave a prefix that no longer matches and is shown.
@@ -32,9 +33,11 @@ _LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
 SECRET_ENV_VARS = ("CHARFORGE_TOKEN", "CHARFORGE_PASSWORD", "RUNPOD_API_KEY")
 
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/\s@:]*):([^/\s@]*)@")
-_AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]{4,}")
+# Only where credentials are unmistakable: ordinary text ("a basic pose", "key=light" in a prompt) is kept.
+_AUTH_HEADER = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:bearer\s+|basic\s+)?)[^\s\"',;]+")
+_BEARER = re.compile(r"\b(Bearer\s+)[A-Za-z0-9._~+/=-]{16,}")
 _QUERY_SECRET = re.compile(
-    r"(?i)([?&;\s\"'](?:access_token|token|auth|authorization|api[_-]?key|apikey|key|password|passwd|pwd|secret|"
+    r"(?i)([?&](?:access_token|token|auth|api[_-]?key|apikey|key|password|passwd|pwd|secret|"
     r"signature|sig|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&\s\"'#]+")
 #: secrets shorter than this are not searched for (masking every "a" would make text unreadable)
 _MIN_SECRET = 3
@@ -75,7 +78,8 @@ def mask(text: object, secrets: Iterable[str] = (), *, limit: int | None = None)
         if quoted != secret and quoted in out:
             out = out.replace(quoted, MASK)
     out = _USERINFO.sub(lambda m: f"{m.group(1)}{m.group(2)}:{MASK}@", out)
-    out = _AUTH_SCHEME.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", out)
+    out = _AUTH_HEADER.sub(lambda m: m.group(1) + MASK, out)
+    out = _BEARER.sub(lambda m: m.group(1) + MASK, out)
     out = _QUERY_SECRET.sub(lambda m: m.group(1) + MASK, out)
     if limit is not None and len(out) > limit:
         out = out[: max(0, limit - 3)].rstrip() + "..."

@@ -99,8 +99,12 @@ def test_credentials_in_urls_are_never_shown(fake_comfy):
     code, _, err = run_cli("status", "--server", "http://me:pw-s3cr3t-value@[::1")
     assert code == 2 and "invalid server URL" in err and not leaked("pw-s3cr3t-value", err), err
     # unknown secrets in text from elsewhere: URL userinfo, bearer credentials, credential query parameters
-    text = mask("see https://bob:hunter2x@example.com/a?x=1&token=abcdef123 with Bearer zzzz.yyyy.xxxx")
+    text = mask("see https://bob:hunter2x@example.com/a?x=1&token=abcdef123 with Bearer zzzz.yyyy.xxxx.wwww "
+                "and Authorization: Basic dXNlcjpwYXNz")
     assert "hunter2x" not in text and "abcdef123" not in text and "zzzz" not in text and "bob:***@" in text
+    assert "dXNlcjpwYXNz" not in text
+    ordinary = "a basic pose, key=light, a bearer of gifts"  # prompt text: nothing looks like a credential
+    assert mask(ordinary) == ordinary
 
 
 def test_masking_happens_before_cutting():
