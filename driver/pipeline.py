@@ -445,15 +445,15 @@ def stage_dataset(runner: Runner, opts: PipelineOptions, models: Models, state: 
     prompt["5"]["inputs"]["buckets"] = models.arch
     prompt["6"]["inputs"].update(trigger=opts.trigger, class_tokens=opts.class_tokens, export_name="kohya")
     prompt["7"]["inputs"]["trigger"] = opts.trigger
-    _, texts, files = runner.run(prompt, opts.out / "dataset")
+    _, texts, files = runner.run(prompt, opts.out / "dataset" / "selection")
     subject = _match(r"exported to (.+?) \(\d+ written", texts.get("6", ""), "the export folder")
     report = _match(r"report: (\S+report\.html)", texts.get("7", ""), "the report")
     accepted = int(_match(r"^(\d+) image\(s\) exported", texts.get("6", ""), "the number of photos"))
     if accepted == 0:
         raise PipelineError("no photo passed the dataset filters: " + texts.get("7", "")
                             + (" (drawn or non-human characters: pass --no-face-check)" if opts.face_check else ""))
-    return {"train_data_dir": str(Path(subject).parent), "report_html": _copy_report(report, opts.out / "dataset"),
-            "server_report_html": report, "accepted": accepted, "contact_sheets": [str(f) for f in files],
+    return {"train_data_dir": str(Path(subject).parent),
+            "report_html": _copy_report(report, opts.out / "dataset" / "selection"), "server_report_html": report, "accepted": accepted, "contact_sheets": [str(f) for f in files],
             "summary": texts.get("7", "")}
 
 
@@ -519,7 +519,7 @@ def stage_captions(runner: Runner, opts: PipelineOptions, models: Models, state:
         shutil.copy2(caption, target / names.get(caption, caption.name))
     report = _match(r"report: (\S+report\.html)", texts.get("4", ""), "the report")
     return {"train_data_dir": str(Path(subject).parent), "captions_dir": str(target), "count": len(captions),
-            "report_html": _copy_report(report, target), "server_report_html": report,
+            "report_html": _copy_report(report, opts.out / "dataset"), "server_report_html": report,
             "summary": texts.get("2", "")}
 
 
@@ -680,12 +680,13 @@ def summary_lines(state: dict[str, Any], out: Path) -> list[str]:
     if state.get("tiny"):
         lines.append(f"  (tiny random models: the files are real, their content is noise; names carry '{TINY_MARK}', "
                      f"see {shown(out / README_FILE)})")
-    d = stages.get("dataset", {})
-    lines.append(f"  dataset report : {shown(d.get('report_html'))}  ({d.get('accepted', '?')} photos kept; why the "
-                 "others were not; contact sheets next to it)")
-    c = stages.get("captions", {})
+    d, c = stages.get("dataset", {}), stages.get("captions", {})
+    lines.append(f"  dataset report : {shown(c.get('report_html'))}  (the dataset as trained: photos, captions, "
+                 "trigger word, buckets)")
+    lines.append(f"  photo selection: {shown(d.get('report_html'))}  ({d.get('accepted', '?')} photos kept, why the "
+                 "others were not, duplicates)")
     lines.append(f"  captions       : {shown(c.get('captions_dir'))}/  ({c.get('count', '?')} .txt files named after "
-                 f"the photos; report.html: the dataset after captioning)")
+                 "the photos)")
     lines.append(f"  training folder: {shown(c.get('train_data_dir'))}")
     lo = stages.get("lora", {})
     lines.append(f"  LoRA           : {shown(lo.get('lora_path'))}  (loss curve and samples next to it; run folder: "
@@ -721,10 +722,10 @@ def out_readme(state: dict[str, Any]) -> str:
     text += [f"CharForge pipeline output for '{character}' (trigger word '{settings.get('trigger', '?')}',",
              f"photos from {settings.get('photos', '?')}).",
              "",
-             "dataset/      the dataset report (report.html: which photos were kept and why the others were not,",
-             "              buckets, duplicates) and its contact sheets",
-             "captions/     one caption per photo, named after it (trigger word first), and report.html: the",
-             "              dataset after captioning (caption coverage, trigger word)",
+             "dataset/      the dataset report (report.html, written after captioning: every photo trained on",
+             "              with its caption, trigger word, buckets) and its contact sheets; selection/ holds",
+             "              the report of the photo selection (which photos were kept, why the others were not)",
+             "captions/     one caption per photo, named after it (trigger word first)",
              "lora/         the LoRA (.safetensors), its loss curve and training samples",
              "images/       the generated candidates, the best one(s), scores.txt and the score table",
              "video/        the AnimateDiff clip (.mp4); with face checks also identity_drift.png",

@@ -116,9 +116,10 @@ def test_every_stage_edits_the_nodes_it_means(tmp_path):
     assert prompt["5"]["inputs"]["buckets"] == "sd15"
     assert state["dataset"]["train_data_dir"] == str(ds / "pip/kohya/img")
     assert state["dataset"]["accepted"] == 11
-    # The report is copied next to its contact sheets (downloaded there, flat).
-    assert (opts.out / "dataset" / "report.html").read_text().endswith(" pip")
-    assert state["dataset"]["report_html"] == str(opts.out / "dataset" / "report.html")
+    # The selection's report is copied next to its contact sheets (downloaded there, flat).
+    selection = opts.out / "dataset" / "selection"
+    assert (selection / "report.html").read_text().endswith(" pip") and (selection / "contact_sheet_001.png").exists()
+    assert state["dataset"]["report_html"] == str(selection / "report.html")
 
     captioned = ds / "pip_captioned" / "captioned" / "img" / "10_zqx cartoon boy"
     runner.texts = {"CharForgeCaptionDataset": {
@@ -133,9 +134,10 @@ def test_every_stage_edits_the_nodes_it_means(tmp_path):
     captions = opts.out / "captions"
     assert sorted(p.name for p in captions.glob("*.txt")) == ["a.txt", "b.txt", "d.txt"]
     assert (captions / "d.txt").read_text() == "zqx, smile 2"
-    # The report written after captioning, not the dataset stage's.
-    assert state["captions"]["report_html"] == str(captions / "report.html")
-    assert (captions / "report.html").read_text().endswith(" pip_captioned")
+    # The dataset report is the one written after captioning, not the dataset stage's.
+    assert state["captions"]["report_html"] == str(opts.out / "dataset" / "report.html")
+    assert (opts.out / "dataset" / "report.html").read_text().endswith(" pip_captioned")
+    assert (opts.out / "dataset" / "contact_sheet_001.png").exists() and not list(captions.glob("*.html"))
 
     runner.texts = {"CharForgeTrainLoRA": canned["CharForgeTrainLoRA"]}
     state["lora"] = pipeline.stage_lora(runner, opts, models, state)
@@ -170,8 +172,8 @@ def test_every_stage_edits_the_nodes_it_means(tmp_path):
     assert runner.previews[-1] is None  # no drift plot without faces
 
     lines = "\n".join(pipeline.summary_lines({"stages": state, "tiny": True}, opts.out))
-    for needle in ("dataset/report.html", "captions", "LoRA", "scores.txt", ".mp4", "tiny random models",
-                   "README.txt"):
+    for needle in ("dataset/report.html", "dataset/selection/report.html", "captions", "LoRA", "scores.txt", ".mp4",
+                   "tiny random models", "README.txt"):
         assert needle in lines, needle
     readme = pipeline.out_readme({"stages": state, "tiny": True, "settings": pipeline._settings(opts, models)})
     assert readme.startswith("TINY RANDOM MODELS") and "tiny_random" in readme and "'zqx'" in readme

@@ -34,49 +34,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from .common.config_file import config_path
+from .common.model_folders import COMFY_MODEL_FOLDERS, PACK_MODEL_FOLDERS, PT_EXTENSIONS
+from .common.safe_yaml import load_yaml
+
 log = logging.getLogger("charforge")
 
 EVENT_PREFIX = "charforge."
-
-# ComfyUI's `supported_pt_extensions` (folder_paths), repeated here for the plain-Python fallback.
-PT_EXTENSIONS = frozenset({".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"})
-
-
-@dataclass(frozen=True)
-class ModelFolder:
-    """A model folder the pack registers in ComfyUI, named as other popular packs name it."""
-
-    key: str
-    extensions: frozenset[str]
-    purpose: str
-
-
-# Folders that ComfyUI itself does not define. Names follow the conventions users already have on disk
-# (AnimateDiff-Evolved, InsightFace packs, WD14 tagger, Florence-2 packs), so existing downloads are found.
-PACK_MODEL_FOLDERS: tuple[ModelFolder, ...] = (
-    ModelFolder("animatediff_models", PT_EXTENSIONS, "AnimateDiff motion modules (mm_sd_v15_v2, v3_sd15_mm, ...)"),
-    ModelFolder("animatediff_motion_lora", PT_EXTENSIONS, "AnimateDiff motion LoRAs"),
-    ModelFolder("insightface", frozenset({".onnx"}), "InsightFace packs: insightface/models/<pack>/*.onnx"),
-    ModelFolder("wd14_tagger", frozenset({".onnx", ".csv"}), "WD14-style taggers: <name>.onnx + <name>.csv"),
-    ModelFolder("LLM", frozenset({".json", ".safetensors", ".bin"}), "captioners as Hugging Face folders (Florence-2, BLIP)"),
-    ModelFolder("blip", frozenset({".json", ".safetensors", ".bin"}), "BLIP / BLIP-2 captioners as Hugging Face folders"),
-    ModelFolder("frame_interpolation", PT_EXTENSIONS, "frame interpolation checkpoints (RIFE, FILM)"),
-    ModelFolder("charforge", frozenset({".json", ".yaml", ".yml", ".safetensors"}), "CharForge identities and characters"),
-)
-
-# Built-in ComfyUI keys the pack reads (listed so the fallback knows their folder names).
-COMFY_MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
-    "checkpoints": ("checkpoints",),
-    "loras": ("loras",),
-    "vae": ("vae",),
-    "text_encoders": ("text_encoders", "clip"),
-    "diffusion_models": ("unet", "diffusion_models"),
-    "controlnet": ("controlnet", "t2i_adapter"),
-    "clip_vision": ("clip_vision",),
-    "upscale_models": ("upscale_models",),
-    "embeddings": ("embeddings",),
-    "diffusers": ("diffusers",),
-}
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -163,19 +127,12 @@ def register_model_folders() -> list[str]:
     return keys
 
 
-def config_path() -> Path:
-    """The CharForge config file shared by the pack (``models``) and the driver (``profiles``)."""
-    return Path(os.environ.get("CHARFORGE_CONFIG") or "~/.config/charforge/config.yaml").expanduser()
-
-
 def _models_config() -> dict[str, Any]:
     path = config_path()
     if not path.is_file():
         return {}
     try:
-        import yaml
-
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     except Exception as exc:  # noqa: BLE001 - a bad config must not break model lookup; say why instead
         log.warning("CharForge: ignoring config %s: %s", path, exc)
         return {}

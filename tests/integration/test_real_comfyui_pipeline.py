@@ -59,9 +59,9 @@ def test_pipeline_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch):
     stages = state["stages"]
     assert any("TINY RANDOM MODELS" in line for line in said)
 
-    # Dataset report, copied next to its contact sheets
+    # The photo selection's report, copied next to its contact sheets
     report = Path(stages["dataset"]["report_html"])
-    assert report == out / "dataset" / "report.html"
+    assert report == out / "dataset" / "selection" / "report.html"
     assert report.is_file() and (report.parent / "report.json").is_file()
     assert (report.parent / "contact_sheet_001.png").is_file()
     data = json.loads((report.parent / "report.json").read_text())
@@ -72,8 +72,10 @@ def test_pipeline_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch):
     assert len(captions) == stages["dataset"]["accepted"]
     photos = {p.stem for p in (REPO_ROOT / "samples" / "character").glob("*.jpg")}
     assert {c.stem for c in captions} <= photos  # named after the photo each one describes
-    after = json.loads((out / "captions" / "report.json").read_text())
-    assert after["counts"]["accepted"] == len(captions)  # the report written after captioning
+    assert Path(stages["captions"]["report_html"]) == out / "dataset" / "report.html"
+    after = json.loads((out / "dataset" / "report.json").read_text())  # the dataset report, after captioning
+    assert after["counts"]["accepted"] == len(captions)
+    assert "0 of" not in (out / "dataset" / "report.html").read_text().split("have a caption")[0][-20:]
     for caption in captions:
         text = caption.read_text().strip()
         assert text.startswith("zqx, ") and len(text.split(", ")) > 2, text

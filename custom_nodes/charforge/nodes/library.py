@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from .. import bridge
+from ..common.characters import inject_trigger_words as add_trigger_words
 from ..engine.library import characters as chars
 from .types import CUSTOM_TYPES
 
@@ -222,7 +223,7 @@ class ApplyLoraStack:
             progress.update(1)
         text = prompt or ""
         if inject_trigger_words and words:
-            text = chars.inject_trigger_words(text, words)
+            text = add_trigger_words(text, words)
             lines.append(f"trigger words: {', '.join(words)}")
         report = "\n".join(lines) or "no LoRA in the stack"
         return {"ui": _text_ui(report), "result": (model, clip, text, report)}
