@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from charforge.common.safe_yaml import UnsafeYaml, load_yaml
+
 from .errors import OverrideError, UsageError, WorkflowError
 from .workflow import Override, apply_overrides, load_workflow, parse_set, workflow_from_data
 
@@ -413,7 +415,9 @@ def load_batch(path: str | Path, *, master_seed: int | None = None) -> BatchPlan
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text, str(p))
+        except UnsafeYaml as exc:  # an alias bomb or an oversized file: the message names the file
+            raise BatchError(str(exc)) from None
         except yaml.YAMLError as exc:
             raise BatchError(f"{p}: not valid YAML: {exc}") from None
     return parse_sweep(data, str(p), p.parent, master_seed=master_seed)

@@ -37,6 +37,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from charforge.common import config_file
+from charforge.common.safe_yaml import UnsafeYaml, load_yaml
+
 from .errors import ConfigError
 from .secrets import MASK, mask, remember
 
@@ -298,15 +301,6 @@ class ServerConfig:
         return f"ServerConfig(url={str(self.url)!r}, auth={self.auth!r}, profile={self.profile!r})"
 
 
-def default_config_path(env: Mapping[str, str] | None = None) -> Path:
-    """``$CHARFORGE_CONFIG`` or ``$XDG_CONFIG_HOME/charforge/config.yaml`` (``~/.config/...``)."""
-    env = os.environ if env is None else env
-    if env.get("CHARFORGE_CONFIG"):
-        return Path(env["CHARFORGE_CONFIG"]).expanduser()
-    base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "charforge" / "config.yaml"
-
-
 def load_config_file(path: Path) -> dict[str, Any]:
     """Read the YAML config file; a missing file is an empty config."""
     if not path.exists():
@@ -314,8 +308,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
+        data = load_yaml(path.read_text(encoding="utf-8"), "the file") or {}
+    except (OSError, UnsafeYaml, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must contain a mapping at the top level")
@@ -405,7 +399,7 @@ def resolve_server(server: str | None = None, *, profile: str | None = None, aut
     whether to look for a local ComfyUI then); ``profile`` is None in that case.
     """
     env = os.environ if env is None else env
-    path = config_path or default_config_path(env)
+    path = config_path or config_file.config_path(env)
     data = load_config_file(path)
     profiles = data.get("profiles") or {}
     if not isinstance(profiles, dict):
@@ -474,7 +468,7 @@ def server_named(server: str | None, profile: str | None, env: Mapping[str, str]
     env = os.environ if env is None else env
     if server or profile or env.get("CHARFORGE_SERVER") or env.get("CHARFORGE_PROFILE"):
         return True
-    data = load_config_file(config_path or default_config_path(env))
+    data = load_config_file(config_path or config_file.config_path(env))
     return bool(data.get("default_profile"))
 
 
@@ -560,7 +554,7 @@ def runpod_api_key(env: Mapping[str, str] | None = None, config_path: Path | Non
 
 
 def _runpod_file_section(env: Mapping[str, str], config_path: Path | None) -> Mapping[str, Any]:
-    data = load_config_file(config_path or default_config_path(env))
+    data = load_config_file(config_path or config_file.config_path(env))
     section = data.get("runpod") or {}
     if not isinstance(section, Mapping):
         raise ConfigError("the config file's 'runpod' section must be a mapping")
@@ -576,7 +570,7 @@ def resolve_runpod(server: str | None = None, *, profile: str | None = None, env
     ``runpod:`` section with ``pod: ID`` or ``endpoint: ID`` plus options.
     """
     env = os.environ if env is None else env
-    path = config_path or default_config_path(env)
+    path = config_path or config_file.config_path(env)
     data = load_config_file(path)
     profiles = data.get("profiles") or {}
     if server and isinstance(profiles, dict) and server in profiles and not any(c in server for c in ":/."):

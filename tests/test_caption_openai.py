@@ -10,8 +10,6 @@ from charforge.engine.caption.backends.openai_compat import (
     OpenAICompatCaptioner,
     OpenAISettings,
     RequestFailed,
-    backoff_delay,
-    retry_after_seconds,
 )
 
 SECRET = "sk-test-SECRET-123"
@@ -98,14 +96,3 @@ def test_concurrent_requests_keep_the_order(endpoint):
     images = [Image.new("RGB", (16, 16), (255, 0, 0) if i % 2 else (0, 0, 255)) for i in range(6)]
     cap = OpenAICompatCaptioner(OpenAISettings(base_url=endpoint.url, model="m", api_key_env="", concurrency=3))
     assert cap.caption(images) == ["A blue square.", "A red square."] * 3
-
-
-def test_retry_after_formats_and_backoff_bounds():
-    assert retry_after_seconds("7") == 7.0
-    assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None
-    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == pytest.approx(10.0)
-    rng = random.Random(1)
-    for attempt in range(8):
-        delay = backoff_delay(attempt, 1.0, 20.0, rng=rng)
-        assert min(20.0, 2 ** attempt) * 0.5 <= delay <= min(20.0, 2 ** attempt)
-    assert backoff_delay(0, 1.0, 20.0, retry_after=120) == 20.0

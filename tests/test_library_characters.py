@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from charforge.common.characters import (
+    Character,
+    CharacterError,
+    CharacterLora,
+    GenerationParams,
+    inject_trigger_words,
+)
 from charforge.engine.library import characters as chars
-from charforge.engine.library.characters import Character, CharacterError, CharacterLora, GenerationParams
 
 
 def _alice() -> Character:
@@ -62,11 +68,11 @@ def test_inside_comfyui_presets_live_in_models_charforge(comfy_env):
 
 
 def test_trigger_words_are_injected_once():
-    assert chars.inject_trigger_words("photo of Alice_CF smiling", ["alice_cf", "sks"]) == \
+    assert inject_trigger_words("photo of Alice_CF smiling", ["alice_cf", "sks"]) == \
         "sks, photo of Alice_CF smiling"
-    once = chars.inject_trigger_words("a park", ["ohwx man"])
-    assert chars.inject_trigger_words(once, ["ohwx man"]) == once == "ohwx man, a park"
-    assert chars.inject_trigger_words("", ["x"]) == "x"
+    once = inject_trigger_words("a park", ["ohwx man"])
+    assert inject_trigger_words(once, ["ohwx man"]) == once == "ohwx man, a park"
+    assert inject_trigger_words("", ["x"]) == "x"
 
 
 def test_unknown_name_lists_the_saved_ones(models_dir):

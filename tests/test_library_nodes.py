@@ -12,6 +12,7 @@ from test_library_formats import dense_deltas, random_state, write
 
 from cf_testing.comfyui import run_node
 from charforge import bridge
+from charforge.common.characters import Character, CharacterLora, GenerationParams
 from charforge.engine.library import characters as chars
 from charforge.engine.library import formats
 from charforge.nodes import NODE_CLASS_MAPPINGS
@@ -106,10 +107,10 @@ def test_load_character_outputs(env):
 
     identity = identity_from_embeddings("alice", "buffalo_l", [("a.png", np.ones(512, np.float32), 1)])
     save_identity(identity)
-    preset = chars.Character(name="alice", trigger_words=["alice_cf"], prompt="photo of a woman",
-                             negative_prompt="blurry", identity="alice", threshold=0.4,
-                             loras=[chars.CharacterLora("alice.safetensors", 0.8, 0.6)],
-                             generation=chars.GenerationParams(steps=12, cfg=5.0, width=512, height=768))
+    preset = Character(name="alice", trigger_words=["alice_cf"], prompt="photo of a woman",
+                       negative_prompt="blurry", identity="alice", threshold=0.4,
+                       loras=[CharacterLora("alice.safetensors", 0.8, 0.6)],
+                       generation=GenerationParams(steps=12, cfg=5.0, width=512, height=768))
     chars.save_character(preset)
     assert nodes.LoadCharacter.INPUT_TYPES()["required"]["character"][0] == ["alice"]
     run = run_node(nodes.LoadCharacter, character="alice", extra_prompt="at the beach", lora_weight_scale=0.5)

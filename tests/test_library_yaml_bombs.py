@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from charforge.engine.library.characters import CharacterError, read_character_file, validate_character
-from charforge.engine.safe_yaml import UnsafeYaml, load_yaml, short_repr
+from charforge.common.characters import CharacterError, validate_character
+from charforge.common.safe_yaml import UnsafeYaml, load_yaml, short_repr
+from charforge.engine.library.characters import read_character_file
 from charforge.engine.story.scenes import parse_scenes
 
 # Nine levels of nine aliases: 9**9 (387 million) strings once expanded, from under a kilobyte.

@@ -246,6 +246,7 @@ def _queue(server, prompt: dict) -> dict:
 def test_workflow_with_load_character_and_apply_lora_stack(tmp_path, monkeypatch, sd15_comfy_checkpoint):
     from safetensors.torch import load_file
 
+    from charforge.common.characters import Character, CharacterLora, GenerationParams
     from charforge.engine.library import characters, formats, merge
 
     comfy = real.comfyui_dir()
@@ -261,11 +262,10 @@ def test_workflow_with_load_character_and_apply_lora_stack(tmp_path, monkeypatch
                                 "kohya")
     formats.convert_file(alice, loras / "alice_peft.safetensors", "peft")
     merge.merge_files([(alice, 0.5), (style, 0.5)], loras / "merged.safetensors")
-    preset = characters.Character(
+    preset = Character(
         name="alice", trigger_words=["alice_cf"], prompt="photo of a woman", negative_prompt="blurry",
-        loras=[characters.CharacterLora("alice.safetensors", 1.0)],
-        generation=characters.GenerationParams(steps=2, cfg=5.0, width=64, height=64, sampler="euler",
-                                               scheduler="normal"))
+        loras=[CharacterLora("alice.safetensors", 1.0)],
+        generation=GenerationParams(steps=2, cfg=5.0, width=64, height=64, sampler="euler", scheduler="normal"))
     characters.save_character(preset, folder=base / "models" / "charforge" / "characters")
     (base / "models" / "charforge" / "characters" / "bad.yaml").write_text(yaml.safe_dump({"promt": "x"}))
 

@@ -1,4 +1,5 @@
-"""Reading the small YAML files users hand the pack (character presets, scene lists) without surprises.
+"""Reading the small YAML files users hand CharForge (character presets, scene lists, batch specs, the config
+file) without surprises.
 
 YAML aliases (``*name``) let a few hundred bytes expand into gigabytes ("billion laughs"), and an error
 message that quotes the expanded value is as large. The files read here never need aliases, so any alias
@@ -11,7 +12,7 @@ from __future__ import annotations
 import reprlib
 from typing import Any
 
-MAX_YAML_BYTES = 1_000_000  # a preset or scene list is a few kilobytes
+MAX_YAML_BYTES = 1_000_000  # a preset, scene list, sweep spec or config file is a few kilobytes
 
 
 class UnsafeYaml(ValueError):
@@ -40,7 +41,7 @@ def load_yaml(text: str, source: str = "the YAML file", max_bytes: int = MAX_YAM
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         raise UnsafeYaml(f"{source} is {size} bytes; YAML files read here are at most {max_bytes} bytes "
-                         "(a preset or scene list is a few kilobytes)")
+                         "(a preset, scene list, sweep spec or config file is a few kilobytes)")
     # Scan the events first: an alias is refused before any node is composed, so nothing expands.
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent):

@@ -2,10 +2,10 @@
 llama.cpp server, ...), shared by the caption backend and story scene splitting.
 
 ``ChatClient.complete(body)`` POSTs to ``<base_url>/chat/completions`` with the standard library only.
-Retries: a 408/409/425/429, a 5xx, a timeout or a connection error is retried up to `max_retries` times,
-waiting ``base_delay * 2**attempt`` seconds scaled by a random factor of 0.5..1 (jitter), at most
-`max_delay`; a ``Retry-After`` header (seconds or an HTTP date) sets the wait instead, also capped. Other
-4xx answers fail at once with the server's message.
+Retries: a 408/409/425/429, a 5xx, a timeout or a connection error is retried up to `max_retries` times with
+the shared policy (``charforge.common.retry.Backoff``): ``base_delay * 2**attempt`` seconds scaled by a random
+factor of 0.5..1 (jitter), at most `max_delay`; a ``Retry-After`` header (seconds or an HTTP date) sets the wait
+instead, also capped. Other 4xx answers fail at once with the server's message.
 
 Secrets: the API key comes from the environment variable named by `api_key_env` (the variable's NAME
 is all the settings hold); a ``user:password@`` in the URL is taken out of it and sent as Basic
@@ -18,7 +18,6 @@ is described by its shape ("no 'choices' (keys: error, id)").
 from __future__ import annotations
 
 import base64
-import email.utils
 import http.client
 import json
 import logging
@@ -31,6 +30,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from typing import Any
+
+from ..common.retry import Backoff, retry_after_seconds
 
 log = logging.getLogger(__name__)
 
@@ -79,33 +80,6 @@ def describe_shape(data: Any) -> str:
     return "null" if data is None else f"a {type(data).__name__}"
 
 
-def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """A ``Retry-After`` header value (delta seconds or an HTTP date) as seconds from now."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None = None,
-                  rng: random.Random | None = None) -> float:
-    """Seconds to wait before retry `attempt` (0-based): Retry-After when given, else jittered exponential."""
-    if retry_after is not None:
-        return min(cap, retry_after)
-    rng = rng or random
-    return min(cap, base * (2 ** attempt)) * (0.5 + 0.5 * rng.random())
-
-
 def split_userinfo(base_url: str) -> tuple[str, str | None, str | None]:
     """``(url without user:password@, user, password)``."""
     parts = urllib.parse.urlsplit(base_url)
@@ -150,9 +124,7 @@ class ChatClient:
             raise error("the endpoint's base URL is empty (e.g. http://127.0.0.1:11434/v1 for Ollama)")
         self.api_key_env = api_key_env.strip()
         self.timeout = timeout
-        self.max_retries = max_retries
-        self.base_delay = base_delay
-        self.max_delay = max_delay
+        self.backoff = Backoff(attempts=max_retries + 1, base=base_delay, cap=max_delay, jitter=0.5)
         self.error = error
         self._sleep = sleep
         self._rng = rng or random.Random()
@@ -197,7 +169,7 @@ class ChatClient:
         """The decoded JSON reply to one chat-completions request (retried as the module docstring says)."""
         data = json.dumps(body).encode("utf-8")
         last = "no attempt made"
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(self.backoff.attempts):
             retry_after = None
             try:
                 request = urllib.request.Request(self.url, data=data, headers=self.headers(), method="POST")
@@ -217,14 +189,14 @@ class ChatClient:
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
                 reason = getattr(exc, "reason", exc)
                 last = f"connection failed: {mask_then_cut(reason, self.mask, 200)}"
-            if attempt == self.max_retries:
+            if self.backoff.is_last(attempt):
                 break
             with self._lock:
                 self.retries += 1
-            delay = backoff_delay(attempt, self.base_delay, self.max_delay, retry_after, self._rng)
+            delay = self.backoff.delay(attempt, retry_after, self._rng.random)
             log.debug("%s: %s; retrying in %.1f s", self.url, self.mask(last), delay)
             self._sleep(delay)
-        raise self._fail(f"{self.url}: gave up after {self.max_retries + 1} attempt(s); last error: {last}")
+        raise self._fail(f"{self.url}: gave up after {self.backoff.attempts} attempt(s); last error: {last}")
 
     def _decode(self, raw: bytes, kind: str) -> dict[str, Any]:
         try:

@@ -6,265 +6,34 @@ identities live in, ``identities/``): inside ComfyUI that is ``ComfyUI/models/ch
 the config file's ``models.folders.charforge`` / ``models.dir``, ``$CHARFORGE_MODELS_DIR`` or
 ``$COMFYUI_DIR/models`` (see `charforge.bridge`). New presets are written to the first folder.
 
-A preset::
+The preset's fields, defaults and validation are the schema in ``charforge.common.characters``.
 
-    display_name: Alice
-    trigger_words: [alice_cf]
-    loras:                        # in the loras folder; weight = model strength, clip_weight defaults to it
-      - {name: alice.safetensors, weight: 0.9}
-      - {name: film_grain.safetensors, weight: 0.4, clip_weight: 0.2}
-    prompt: photo of a woman, natural light
-    negative_prompt: blurry, deformed
-    identity: alice               # a saved identity (Build Identity) or the path of its .json
-    reference_photos: /data/alice/photos    # optional: the photos the identity was built from
-    threshold: 0.35               # identity similarity a render needs; 0 = the identity's own suggestion
-    base_model: sdxl              # optional: sd15 / sdxl
-    generation: {steps: 25, cfg: 6.5, width: 1024, height: 1024, sampler: euler, scheduler: normal}
-
-Stable public API (the storyboard and the nodes use it): `load_character(name)` returns a `Character` with
-``name, display_name, trigger_words, loras [(file, weight, clip_weight)], lora_stack [(file, weight)],
-prompt, negative_prompt, identity, reference_photos, threshold, generation`` and ``prompt_text(extra)``
-(trigger words + base prompt + extra); `save_character`, `list_characters`, `validate_character`.
+Stable public API (the storyboard, LoRA evaluation and the nodes use it): `load_character(name)` returns a
+`Character` with ``name, display_name, trigger_words, loras [(file, weight, clip_weight)], lora_stack [(file,
+weight)], prompt, negative_prompt, identity, reference_photos, threshold, generation`` and ``prompt_text(extra)``
+(trigger words + base prompt + extra); `save_character`, `list_characters`, `read_character_file`.
 """
 
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ... import bridge
-from ..safe_yaml import MAX_YAML_BYTES, UnsafeYaml, load_yaml, short_repr
+from ...common.characters import (
+    SUFFIXES,
+    Character,
+    CharacterError,
+    CharacterLora,
+    GenerationParams,
+    default_size,
+    safe_name,
+    validate_character,
+)
+from ...common.safe_yaml import MAX_YAML_BYTES, UnsafeYaml, load_yaml, short_repr
 
 FOLDER_KIND = "charforge"
 SUBFOLDER = "characters"
-SUFFIXES = (".yaml", ".yml")
-BASE_MODELS = ("", "sd15", "sdxl")
-
-
-class CharacterError(ValueError):
-    """A character preset that is missing or invalid; names the file and the field."""
-
-    def __init__(self, message: str, path: str | os.PathLike | None = None, field: str | None = None):
-        self.path = str(path) if path is not None else None
-        self.field = field
-        where = f"{self.path}: " if self.path else ""
-        what = f"field {short_repr(field)}: " if field else ""
-        super().__init__(where + what + message)
-
-
-@dataclass
-class GenerationParams:
-    """Defaults for rendering this character (ComfyUI's KSampler and EmptyLatentImage inputs)."""
-
-    steps: int = 25
-    cfg: float = 7.0
-    width: int = 1024
-    height: int = 1024
-    sampler: str = "euler"
-    scheduler: str = "normal"
-    seed: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {"steps": self.steps, "cfg": self.cfg, "width": self.width, "height": self.height,
-                "sampler": self.sampler, "scheduler": self.scheduler}
-        if self.seed is not None:
-            data["seed"] = self.seed
-        return data
-
-
-@dataclass
-class CharacterLora:
-    name: str                   # file name in the loras folder (or an absolute path)
-    weight: float = 1.0         # model strength
-    clip_weight: float | None = None   # text-encoder strength; None = same as weight
-
-    @property
-    def strength_clip(self) -> float:
-        return self.weight if self.clip_weight is None else self.clip_weight
-
-    def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"name": self.name, "weight": self.weight}
-        if self.clip_weight is not None:
-            data["clip_weight"] = self.clip_weight
-        return data
-
-
-@dataclass
-class Character:
-    """One character preset (see the module docstring for the file format)."""
-
-    name: str
-    display_name: str = ""
-    trigger_words: list[str] = field(default_factory=list)
-    loras: list[CharacterLora] = field(default_factory=list)
-    prompt: str = ""
-    negative_prompt: str = ""
-    identity: str = ""
-    reference_photos: str = ""
-    threshold: float = 0.0
-    base_model: str = ""
-    generation: GenerationParams = field(default_factory=GenerationParams)
-    notes: str = ""
-    path: str | None = None     # where it was loaded from (not saved)
-
-    @property
-    def lora_stack(self) -> list[tuple[str, float]]:
-        """``[(lora file, model weight), ...]``."""
-        return [(lora.name, lora.weight) for lora in self.loras]
-
-    def prompt_text(self, extra: str = "") -> str:
-        """Trigger words (those not already in the prompt), the base prompt, then `extra`, comma-joined."""
-        return inject_trigger_words(join_prompt(self.prompt, extra), self.trigger_words)
-
-    def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "display_name": self.display_name or self.name,
-            "trigger_words": list(self.trigger_words),
-            "loras": [lora.to_dict() for lora in self.loras],
-            "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
-            "identity": self.identity,
-            "reference_photos": self.reference_photos,
-            "threshold": self.threshold,
-            "base_model": self.base_model,
-            "generation": self.generation.to_dict(),
-        }
-        if self.notes:
-            data["notes"] = self.notes
-        return data
-
-
-# --------------------------------------------------------------------------------------------------
-# Prompt helpers (also used for trigger-word injection from LoRA metadata)
-
-
-def join_prompt(*parts: str) -> str:
-    return ", ".join(p.strip().strip(",").strip() for p in parts if p and p.strip().strip(","))
-
-
-def inject_trigger_words(prompt: str, words: list[str]) -> str:
-    """`prompt` with the trigger `words` it does not already contain put in front (case-insensitive,
-    whole words), so injecting twice changes nothing."""
-    missing = []
-    for word in words:
-        word = word.strip()
-        if not word:
-            continue
-        pattern = r"(?<![\w])" + re.escape(word) + r"(?![\w])"
-        if not re.search(pattern, prompt, flags=re.IGNORECASE) and word not in missing:
-            missing.append(word)
-    return join_prompt(", ".join(missing), prompt)
-
-
-# --------------------------------------------------------------------------------------------------
-# Validation
-
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_TOP_KEYS = {"name", "display_name", "trigger_words", "loras", "prompt", "negative_prompt", "identity",
-             "reference_photos", "threshold", "base_model", "generation", "notes"}
-_GEN_KEYS = {"steps", "cfg", "width", "height", "sampler", "scheduler", "seed"}
-
-
-def safe_name(name: str) -> str:
-    """A character name usable as a file name; raises `CharacterError` for anything else."""
-    name = str(name).strip()
-    if name.lower().endswith(SUFFIXES):
-        name = name.rsplit(".", 1)[0]
-    if not _NAME.match(name):
-        raise CharacterError(f"{short_repr(name)} is not a usable character name: use letters, digits, '-', '_' or '.', "
-                             "starting with a letter or digit", field="name")
-    return name
-
-
-def _number(value, kind, path, key, low, high):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-        raise CharacterError(f"must be {'an integer' if kind is int else 'a number'} in {low}..{high}, "
-                             f"got {short_repr(value)}", path, key)
-    if not low <= value <= high:
-        raise CharacterError(f"must be in {low}..{high}, got {short_repr(value)}", path, key)
-    return kind(value)
-
-
-def _text(value, path, key) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise CharacterError(f"must be text, got {type(value).__name__} {short_repr(value)}", path, key)
-    return value
-
-
-def validate_character(data: Any, name: str, path: str | os.PathLike | None = None) -> Character:
-    """Build a `Character` from parsed YAML, raising `CharacterError` naming the file and field."""
-    if not isinstance(data, dict):
-        raise CharacterError(f"a character file holds a mapping of fields, got {type(data).__name__}", path)
-    unknown = sorted(set(map(str, data)) - _TOP_KEYS)
-    if unknown:
-        raise CharacterError(f"unknown field(s) {short_repr(unknown)}; known: {sorted(_TOP_KEYS)}", path, unknown[0])
-    triggers = data.get("trigger_words") or []
-    if isinstance(triggers, str):
-        triggers = [w.strip() for w in triggers.split(",") if w.strip()]
-    if not isinstance(triggers, list) or not all(isinstance(w, str) and w.strip() for w in triggers):
-        raise CharacterError(f"must be a list of words, got {short_repr(triggers)}", path, "trigger_words")
-    loras = []
-    raw_loras = data.get("loras") or []
-    if not isinstance(raw_loras, list):
-        raise CharacterError(f"must be a list of {{name, weight}}, got {short_repr(raw_loras)}", path, "loras")
-    for index, item in enumerate(raw_loras):
-        key = f"loras[{index}]"
-        if isinstance(item, str):
-            item = {"name": item}
-        if not isinstance(item, dict):
-            raise CharacterError(f"must be a file name or {{name, weight, clip_weight}}, got {short_repr(item)}", path, key)
-        extra = sorted(set(item) - {"name", "weight", "clip_weight"})
-        if extra:
-            raise CharacterError(f"unknown field(s) {short_repr(extra)}", path, key)
-        lora_name = _text(item.get("name"), path, f"{key}.name").strip()
-        if not lora_name:
-            raise CharacterError("needs the LoRA's file name", path, f"{key}.name")
-        weight = _number(item.get("weight", 1.0), float, path, f"{key}.weight", -10.0, 10.0)
-        clip = item.get("clip_weight")
-        clip = None if clip is None else _number(clip, float, path, f"{key}.clip_weight", -10.0, 10.0)
-        loras.append(CharacterLora(lora_name, weight, clip))
-    gen_data = data.get("generation") or {}
-    if not isinstance(gen_data, dict):
-        raise CharacterError(f"must be a mapping ({sorted(_GEN_KEYS)}), got {short_repr(gen_data)}", path, "generation")
-    unknown = sorted(set(map(str, gen_data)) - _GEN_KEYS)
-    if unknown:
-        raise CharacterError(f"unknown field(s) {short_repr(unknown)}; known: {sorted(_GEN_KEYS)}", path,
-                             f"generation.{unknown[0][:40]}")
-    defaults = GenerationParams()
-    gen = GenerationParams(
-        steps=_number(gen_data.get("steps", defaults.steps), int, path, "generation.steps", 1, 10000),
-        cfg=_number(gen_data.get("cfg", defaults.cfg), float, path, "generation.cfg", 0.0, 100.0),
-        width=_number(gen_data.get("width", defaults.width), int, path, "generation.width", 16, 16384),
-        height=_number(gen_data.get("height", defaults.height), int, path, "generation.height", 16, 16384),
-        sampler=_text(gen_data.get("sampler", defaults.sampler), path, "generation.sampler") or defaults.sampler,
-        scheduler=_text(gen_data.get("scheduler", defaults.scheduler), path, "generation.scheduler")
-        or defaults.scheduler,
-        seed=None if gen_data.get("seed") is None else _number(gen_data["seed"], int, path, "generation.seed", 0,
-                                                               2**64 - 1),
-    )
-    for key in ("width", "height"):
-        if getattr(gen, key) % 8:
-            raise CharacterError(f"must be a multiple of 8 (latents are 1/8 size), got {getattr(gen, key)}", path,
-                                 f"generation.{key}")
-    base_model = _text(data.get("base_model"), path, "base_model").strip().lower()
-    if base_model not in BASE_MODELS:
-        raise CharacterError(f"must be one of sd15, sdxl (or empty), got {short_repr(base_model)}", path, "base_model")
-    threshold = _number(data.get("threshold", 0.0) or 0.0, float, path, "threshold", 0.0, 1.0)
-    display = _text(data.get("display_name"), path, "display_name").strip()
-    return Character(
-        name=name, display_name=display or name, trigger_words=[w.strip() for w in triggers], loras=loras,
-        prompt=_text(data.get("prompt"), path, "prompt").strip(),
-        negative_prompt=_text(data.get("negative_prompt"), path, "negative_prompt").strip(),
-        identity=_text(data.get("identity"), path, "identity").strip(),
-        reference_photos=_text(data.get("reference_photos"), path, "reference_photos").strip(),
-        threshold=threshold, base_model=base_model, generation=gen,
-        notes=_text(data.get("notes"), path, "notes"), path=str(path) if path else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,7 +142,7 @@ def character_from_training(name: str, lora_name: str, trigger_words: list[str],
                             base_model: str = "", prompt: str = "", identity: str = "",
                             reference_photos: str = "", resolution: int | None = None) -> Character:
     """The preset a finished training run suggests: its LoRA at `weight`, its trigger words, size defaults."""
-    size = resolution or (1024 if base_model == "sdxl" else 512)
+    size = resolution or default_size(base_model)
     return Character(name=safe_name(name), display_name=name, trigger_words=list(trigger_words),
                      loras=[CharacterLora(lora_name, weight)], prompt=prompt, identity=identity,
                      reference_photos=reference_photos, base_model=base_model,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..safe_yaml import UnsafeYaml, load_yaml, short_repr
+from ...common.safe_yaml import UnsafeYaml, load_yaml, short_repr
 
 MIN_FRAMES = 6
 MAX_FRAMES = 10

@@ -28,16 +28,14 @@ from ...openai_compat import (
     RETRY_STATUS,
     ChatClient,
     EndpointError,
-    backoff_delay,
     first_choice,
     message_text,
-    retry_after_seconds,
     split_userinfo,
 )
 from .base import Captioner, CaptionerError
 
 __all__ = ["DEFAULT_PROMPT", "RETRY_STATUS", "OpenAICompatCaptioner", "OpenAISettings", "RequestFailed",
-           "backoff_delay", "image_data_url", "is_refusal", "retry_after_seconds"]
+           "image_data_url", "is_refusal"]
 
 DEFAULT_PROMPT = ("Describe this photo in one sentence for an image-generation training caption: the person's "
                   "appearance, clothing, pose, expression, setting and lighting. No preamble.")
