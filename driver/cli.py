@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -128,7 +128,8 @@ def _server_options() -> argparse.ArgumentParser:
     return parent
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command_modules: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of the built-in commands plus the groups of `command_modules` (default: the driver's own)."""
     parser = argparse.ArgumentParser(prog="charforge", description="Run ComfyUI workflows on any server, follow "
                                      "them and bring their outputs home.", epilog=EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,21 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="API JSON ('-' = stdout)")
     convert.set_defaults(func=cmd_convert)
 
-    for name in COMMAND_MODULES:
-        module = importlib.import_module(f"{__package__}.{name}")
+    for name in COMMAND_MODULES if command_modules is None else command_modules:
+        module = importlib.import_module(name)
         module.register(sub, server=server, output=Output)
     return parser
 
 
 # Command groups that live in their own modules: each has ``register(sub, *, server, output)`` that adds its
 # sub-parsers (``server`` is the parent parser with --server/--profile/--config/--insecure/--json; commands set
-# ``func(args, out)`` like the built-in ones).
+# ``func(args, out)`` like the built-in ones). These are the driver's own; the ``charforge`` command
+# (charforge.recipes.cli) passes them with the recipes' groups to build_parser/main.
 COMMAND_MODULES: tuple[str, ...] = (
-    "cli_batch",
-    "cli_story",
-    "cli_runpod",
-    "cli_library",
-    "cli_pipeline",
+    "charforge.driver.cli_batch",
+    "charforge.driver.cli_runpod",
+    "charforge.driver.cli_pipeline",
 )
 
 
@@ -465,9 +465,11 @@ def cmd_convert(args: argparse.Namespace, out: Output) -> int:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None, *, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> int:
-    """Run the command line; returns the exit code (see ``charforge --help``)."""
-    parser = build_parser()
+def main(argv: list[str] | None = None, *, stdout: IO[str] | None = None, stderr: IO[str] | None = None,
+         command_modules: Sequence[str] | None = None) -> int:
+    """Run the command line with the groups of `command_modules` (default: the driver's own); returns the exit
+    code (see ``charforge --help``)."""
+    parser = build_parser(command_modules)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(stdout)

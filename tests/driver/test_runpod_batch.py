@@ -33,15 +33,9 @@ TESTS = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def comfy() -> Iterator[FakeComfyServer]:
-    with FakeComfyServer() as server:
-        yield server
-
-
-@pytest.fixture
-def runpod(comfy: FakeComfyServer) -> Iterator[FakeRunPod]:
-    with FakeRunPod(knobs=RunPodKnobs(proxy_timeout=1.0, ws_idle_timeout=1.0), default_upstream=comfy) as fake:
-        fake.add_endpoint("ep1", comfy)
+def runpod(fake_comfy: FakeComfyServer) -> Iterator[FakeRunPod]:
+    with FakeRunPod(knobs=RunPodKnobs(proxy_timeout=1.0, ws_idle_timeout=1.0), default_upstream=fake_comfy) as fake:
+        fake.add_endpoint("ep1", fake_comfy)
         yield fake
 
 
@@ -71,12 +65,12 @@ def journal(out: Path) -> list[dict]:
     return lines
 
 
-def test_batch_on_a_pod_through_the_proxy(runpod: FakeRunPod, comfy: FakeComfyServer, tmp_path: Path) -> None:
+def test_batch_on_a_pod_through_the_proxy(runpod: FakeRunPod, fake_comfy: FakeComfyServer, tmp_path: Path) -> None:
     runpod.knobs.boot_seconds = 0.2
     runpod.knobs.comfy_start_seconds = 0.2
     runpod.knobs.hang_requests = 1
-    comfy.knobs.drop_socket_on = "execution_start"
-    runpod.add_pod("pod1", comfy, cost_per_hr=360.0)  # $0.10/s: big enough for the summary's 4 decimals
+    fake_comfy.knobs.drop_socket_on = "execution_start"
+    runpod.add_pod("pod1", fake_comfy, cost_per_hr=360.0)  # $0.10/s: big enough for the summary's 4 decimals
     target = PodTarget(settings(runpod, "runpod-pod:pod1", on_finish="stop", ready_interval=0.05, keepalive=0.3),
                        capacity=2, poll_interval=0.5)
     jobs = [job("silent", wait_workflow(seconds=3.0, steps=1, tag="silent")),

@@ -15,15 +15,9 @@ from charforge.driver.cli import main
 
 
 @pytest.fixture
-def comfy() -> Iterator[FakeComfyServer]:
-    with FakeComfyServer() as server:
-        yield server
-
-
-@pytest.fixture
-def runpod(comfy: FakeComfyServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeRunPod]:
-    with FakeRunPod(knobs=RunPodKnobs(proxy_timeout=1.0, ws_idle_timeout=1.0), default_upstream=comfy) as fake:
-        fake.add_endpoint("ep1", comfy)
+def runpod(fake_comfy: FakeComfyServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeRunPod]:
+    with FakeRunPod(knobs=RunPodKnobs(proxy_timeout=1.0, ws_idle_timeout=1.0), default_upstream=fake_comfy) as fake:
+        fake.add_endpoint("ep1", fake_comfy)
         for name, value in fake.env().items():
             monkeypatch.setenv(name, value)
         for name in ("CHARFORGE_SERVER", "CHARFORGE_PROFILE", "CHARFORGE_TOKEN"):
@@ -38,7 +32,7 @@ def cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def test_gpus_pods_and_pod_lifecycle_commands(runpod: FakeRunPod, comfy: FakeComfyServer) -> None:
+def test_gpus_pods_and_pod_lifecycle_commands(runpod: FakeRunPod, fake_comfy: FakeComfyServer) -> None:
     code, out, _ = cli("runpod", "gpus")
     assert code == 0 and "NVIDIA RTX A5000" in out and "$0.27" in out
     code, out, _ = cli("runpod", "pod", "create", "--gpu", "NVIDIA GeForce RTX 4090", "--json")
@@ -104,9 +98,9 @@ def test_run_status_cancel_on_serverless(runpod: FakeRunPod, tmp_path: Path) -> 
     assert code == 0 and "removed from the queue" in out and job[queued].status == "CANCELLED"
 
 
-def test_run_on_a_stopped_pod_starts_and_stops_it(runpod: FakeRunPod, comfy: FakeComfyServer, tmp_path: Path) -> None:
+def test_run_on_a_stopped_pod_starts_and_stops_it(runpod: FakeRunPod, fake_comfy: FakeComfyServer, tmp_path: Path) -> None:
     runpod.knobs.boot_seconds = 0.2
-    runpod.add_pod("pod1", comfy)
+    runpod.add_pod("pod1", fake_comfy)
     cfg = tmp_path / "config.yaml"
     cfg.write_text("profiles:\n  gpu:\n    server: runpod-pod:pod1\n"
                    "    runpod: {on_finish: stop, ready_interval: 0.05}\n", encoding="utf-8")
@@ -121,10 +115,10 @@ def test_run_on_a_stopped_pod_starts_and_stops_it(runpod: FakeRunPod, comfy: Fak
     assert runpod.pods["pod1"].status == "EXITED"
 
 
-def test_batch_run_cli_on_serverless_and_a_pod(runpod: FakeRunPod, comfy: FakeComfyServer, tmp_path: Path) -> None:
+def test_batch_run_cli_on_serverless_and_a_pod(runpod: FakeRunPod, fake_comfy: FakeComfyServer, tmp_path: Path) -> None:
     """``charforge batch run --server runpod-serverless:ID --server runpod-pod:ID``: one pool, one journal,
     costs per job and per batch (cli_batch asks cli_runpod for RunPod servers)."""
-    runpod.add_pod("pod1", comfy, running=True)
+    runpod.add_pod("pod1", fake_comfy, running=True)
     batch = tmp_path / "jobs.jsonl"
     batch.write_text("\n".join(json.dumps({"prompt": image_workflow(width=16 + i, prefix=f"b{i}"), "name": f"b{i}"})
                                for i in range(4)) + "\n", encoding="utf-8")
@@ -145,9 +139,9 @@ def test_batch_run_cli_on_serverless_and_a_pod(runpod: FakeRunPod, comfy: FakeCo
     assert runpod.api_key not in out + err
 
 
-def test_batch_run_cli_on_a_pod(runpod: FakeRunPod, comfy: FakeComfyServer, tmp_path: Path) -> None:
+def test_batch_run_cli_on_a_pod(runpod: FakeRunPod, fake_comfy: FakeComfyServer, tmp_path: Path) -> None:
     """``runpod-pod:ID`` in ``charforge batch run`` goes through the pod's proxy URL."""
-    runpod.add_pod("pod1", comfy, running=True)
+    runpod.add_pod("pod1", fake_comfy, running=True)
     batch = tmp_path / "jobs.jsonl"
     batch.write_text("\n".join(json.dumps({"prompt": image_workflow(width=20 + i, prefix=f"c{i}"), "name": f"c{i}"})
                                for i in range(2)) + "\n", encoding="utf-8")

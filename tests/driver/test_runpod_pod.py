@@ -24,15 +24,9 @@ SCALE = 100.0  # real seconds per test second
 
 
 @pytest.fixture
-def comfy() -> Iterator[FakeComfyServer]:
-    with FakeComfyServer() as server:
-        yield server
-
-
-@pytest.fixture
-def runpod(comfy: FakeComfyServer) -> Iterator[FakeRunPod]:
+def runpod(fake_comfy: FakeComfyServer) -> Iterator[FakeRunPod]:
     knobs = RunPodKnobs(proxy_timeout=100 / SCALE, ws_idle_timeout=100 / SCALE)
-    with FakeRunPod(knobs=knobs, default_upstream=comfy) as fake:
+    with FakeRunPod(knobs=knobs, default_upstream=fake_comfy) as fake:
         yield fake
 
 
@@ -71,11 +65,11 @@ def test_profile_with_runpod_section(tmp_path: Path) -> None:
     assert resolve_runpod("http://127.0.0.1:8188", env=env, config_path=cfg) is None
 
 
-def test_readiness_waits_through_boot_502_and_524(runpod: FakeRunPod, comfy: FakeComfyServer) -> None:
+def test_readiness_waits_through_boot_502_and_524(runpod: FakeRunPod, fake_comfy: FakeComfyServer) -> None:
     runpod.knobs.boot_seconds = 0.2
     runpod.knobs.comfy_start_seconds = 0.3
     runpod.knobs.hang_requests = 1
-    runpod.add_pod("pod1", comfy)
+    runpod.add_pod("pod1", fake_comfy)
     messages: list[str] = []
     session = PodSession(settings_for(runpod, on_finish="stop"), on_message=messages.append)
 
@@ -94,8 +88,8 @@ def test_readiness_waits_through_boot_502_and_524(runpod: FakeRunPod, comfy: Fak
     assert runpod.pods["pod1"].status == "EXITED"
 
 
-def test_readiness_gives_up_with_a_clear_message(runpod: FakeRunPod, comfy: FakeComfyServer) -> None:
-    runpod.add_pod("pod1", comfy)  # stopped: the proxy answers 502 forever
+def test_readiness_gives_up_with_a_clear_message(runpod: FakeRunPod, fake_comfy: FakeComfyServer) -> None:
+    runpod.add_pod("pod1", fake_comfy)  # stopped: the proxy answers 502 forever
 
     async def go() -> None:
         await wait_ready(runpod.proxy_template.format(pod_id="pod1", port=8188), timeout=0.3, interval=0.05)
@@ -105,10 +99,10 @@ def test_readiness_gives_up_with_a_clear_message(runpod: FakeRunPod, comfy: Fake
 
 
 @pytest.mark.parametrize("keepalive", [0.3, 5.0])
-def test_silent_node_behind_the_proxy_timeout(runpod: FakeRunPod, comfy: FakeComfyServer, keepalive: float) -> None:
+def test_silent_node_behind_the_proxy_timeout(runpod: FakeRunPod, fake_comfy: FakeComfyServer, keepalive: float) -> None:
     """A node silent for 3x the proxy's limit (5 min vs 100 s for real). With pings below the idle limit the
     socket survives; with pings above it the proxy drops it, and reconnects + history polling still finish."""
-    runpod.add_pod("pod1", comfy, running=True)
+    runpod.add_pod("pod1", fake_comfy, running=True)
     target = PodTarget(settings_for(runpod, keepalive=keepalive), poll_interval=0.5, manage=False)
 
     async def go():
@@ -127,10 +121,10 @@ def test_silent_node_behind_the_proxy_timeout(runpod: FakeRunPod, comfy: FakeCom
         assert runpod.ws_drops >= 1
 
 
-def test_dropped_socket_mid_run(runpod: FakeRunPod, comfy: FakeComfyServer, tmp_path: Path) -> None:
-    comfy.knobs.drop_socket_on = "executing"
-    comfy.knobs.node_seconds = 0.1
-    runpod.add_pod("pod1", comfy, running=True)
+def test_dropped_socket_mid_run(runpod: FakeRunPod, fake_comfy: FakeComfyServer, tmp_path: Path) -> None:
+    fake_comfy.knobs.drop_socket_on = "executing"
+    fake_comfy.knobs.node_seconds = 0.1
+    runpod.add_pod("pod1", fake_comfy, running=True)
     target = PodTarget(settings_for(runpod, keepalive=0.3), poll_interval=0.5, manage=False)
 
     async def go():
@@ -144,13 +138,13 @@ def test_dropped_socket_mid_run(runpod: FakeRunPod, comfy: FakeComfyServer, tmp_
 
     files = asyncio.run(go())
     assert len(files) == 1 and files[0].path.read_bytes().startswith(b"\x89PNG")
-    assert len([c for c in comfy.ws_connects]) >= 2  # reconnected with ...
-    assert len({c.query["clientId"] for c in comfy.ws_connects}) == 1  # ... the same client id
+    assert len([c for c in fake_comfy.ws_connects]) >= 2  # reconnected with ...
+    assert len({c.query["clientId"] for c in fake_comfy.ws_connects}) == 1  # ... the same client id
 
 
-def test_tcp_mapping(runpod: FakeRunPod, comfy: FakeComfyServer) -> None:
-    runpod.add_pod("pod1", comfy, running=True, ports=["8188/http", "8188/tcp"])
-    runpod.add_pod("pod2", comfy, running=True)
+def test_tcp_mapping(runpod: FakeRunPod, fake_comfy: FakeComfyServer) -> None:
+    runpod.add_pod("pod1", fake_comfy, running=True, ports=["8188/http", "8188/tcp"])
+    runpod.add_pod("pod2", fake_comfy, running=True)
 
     async def go() -> tuple[str, str | None]:
         async with RunPodAPI(runpod.api_key, base_url=runpod.api_url) as api:
@@ -162,11 +156,11 @@ def test_tcp_mapping(runpod: FakeRunPod, comfy: FakeComfyServer) -> None:
         return direct, None
 
     direct, error = asyncio.run(go())
-    assert direct == f"http://127.0.0.1:{comfy.port}"
+    assert direct == f"http://127.0.0.1:{fake_comfy.port}"
     assert error and "8188/tcp" in error
 
 
-def test_lifecycle_create_run_terminate_and_cost(runpod: FakeRunPod, comfy: FakeComfyServer) -> None:
+def test_lifecycle_create_run_terminate_and_cost(runpod: FakeRunPod, fake_comfy: FakeComfyServer) -> None:
     runpod.knobs.boot_seconds = 0.2
     create = {"gpu": "NVIDIA GeForce RTX 4090", "image": "runpod/comfyui:latest", "name": "cf-test"}
     settings = settings_for(runpod, "new", create=create, on_finish="terminate", keepalive=0.3)
@@ -189,8 +183,8 @@ def test_lifecycle_create_run_terminate_and_cost(runpod: FakeRunPod, comfy: Fake
     assert target.session.wall_seconds() >= 0.2
 
 
-def test_pod_is_stopped_even_when_the_run_fails(runpod: FakeRunPod, comfy: FakeComfyServer) -> None:
-    runpod.add_pod("pod1", comfy)
+def test_pod_is_stopped_even_when_the_run_fails(runpod: FakeRunPod, fake_comfy: FakeComfyServer) -> None:
+    runpod.add_pod("pod1", fake_comfy)
     target = PodTarget(settings_for(runpod, on_finish="stop", keepalive=0.3), poll_interval=0.5)
 
     async def go() -> None:
@@ -206,9 +200,9 @@ def test_pod_is_stopped_even_when_the_run_fails(runpod: FakeRunPod, comfy: FakeC
     assert runpod.pods["pod1"].running_since is None
 
 
-def test_failed_open_still_stops_the_pod_on_close(runpod: FakeRunPod, comfy: FakeComfyServer) -> None:
+def test_failed_open_still_stops_the_pod_on_close(runpod: FakeRunPod, fake_comfy: FakeComfyServer) -> None:
     runpod.knobs.comfy_start_seconds = 30.0  # ComfyUI never comes up in time
-    runpod.add_pod("pod1", comfy)
+    runpod.add_pod("pod1", fake_comfy)
     target = PodTarget(settings_for(runpod, on_finish="stop", ready_timeout=0.3), poll_interval=0.5)
 
     async def go() -> None:

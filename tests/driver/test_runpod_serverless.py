@@ -21,15 +21,9 @@ from charforge.driver.targets import JobSpec, is_transient
 
 
 @pytest.fixture
-def comfy() -> Iterator[FakeComfyServer]:
-    with FakeComfyServer() as server:
-        yield server
-
-
-@pytest.fixture
-def runpod(comfy: FakeComfyServer) -> Iterator[FakeRunPod]:
+def runpod(fake_comfy: FakeComfyServer) -> Iterator[FakeRunPod]:
     with FakeRunPod(knobs=RunPodKnobs()) as fake:
-        fake.add_endpoint("ep1", comfy, gpu="NVIDIA RTX A5000")
+        fake.add_endpoint("ep1", fake_comfy, gpu="NVIDIA RTX A5000")
         yield fake
 
 
@@ -79,7 +73,7 @@ def test_both_output_schemas_and_transports(runpod: FakeRunPod, tmp_path: Path, 
     assert result.timings.execution_seconds is not None
 
 
-def test_input_images_travel_base64_and_cost_matches(runpod: FakeRunPod, comfy: FakeComfyServer,
+def test_input_images_travel_base64_and_cost_matches(runpod: FakeRunPod, fake_comfy: FakeComfyServer,
                                                      tmp_path: Path) -> None:
     face = tmp_path / "face.png"
     face.write_bytes(png_bytes(6, 5, (1, 2, 3)))
@@ -90,7 +84,7 @@ def test_input_images_travel_base64_and_cost_matches(runpod: FakeRunPod, comfy: 
     (image,) = body["input"]["images"]
     assert base64.b64decode(image["image"]) == face.read_bytes()
     assert body["input"]["workflow"]["1"]["inputs"]["image"] == image["name"]
-    assert (comfy.input_dir / image["name"]).read_bytes() == face.read_bytes()
+    assert (fake_comfy.input_dir / image["name"]).read_bytes() == face.read_bytes()
     assert len(files) == 1
     # cost = executionTime x the endpoint GPU's price per second (catalog $/h / 3600)
     assert target.price_per_second == pytest.approx(runpod.gpu_price("NVIDIA RTX A5000") / 3600)
@@ -161,7 +155,7 @@ def test_backoff_has_jitter_and_honours_retry_after() -> None:
     assert len(delays) > 1  # jittered
 
 
-def test_cancel_queued_and_running_jobs(runpod: FakeRunPod, comfy: FakeComfyServer) -> None:
+def test_cancel_queued_and_running_jobs(runpod: FakeRunPod, fake_comfy: FakeComfyServer) -> None:
     target = make_target(runpod)
 
     async def go() -> tuple[str, str]:
@@ -185,10 +179,10 @@ def test_cancel_queued_and_running_jobs(runpod: FakeRunPod, comfy: FakeComfyServ
     assert asyncio.run(go()) == ("removed", "interrupted")
     assert [j.status for j in runpod.jobs.values()] == ["CANCELLED", "CANCELLED"]
     for _ in range(100):  # the worker interrupts ComfyUI right after RunPod marked the job cancelled
-        if comfy.interrupt_calls:
+        if fake_comfy.interrupt_calls:
             break
         time.sleep(0.02)
-    assert any(call.get("prompt_id") for call in comfy.interrupt_calls)
+    assert any(call.get("prompt_id") for call in fake_comfy.interrupt_calls)
 
 
 def test_lost_run_answer_is_never_resubmitted(runpod: FakeRunPod) -> None:
@@ -208,9 +202,9 @@ def test_lost_run_answer_is_never_resubmitted(runpod: FakeRunPod) -> None:
     assert len(runpod.run_bodies) == 1 and len(runpod.jobs) == 1
 
 
-def test_failed_job_surfaces_the_worker_error(runpod: FakeRunPod, comfy: FakeComfyServer, tmp_path: Path) -> None:
-    comfy.knobs.fail_node = "ImageScale"
-    comfy.knobs.fail_message = "CUDA out of memory"
+def test_failed_job_surfaces_the_worker_error(runpod: FakeRunPod, fake_comfy: FakeComfyServer, tmp_path: Path) -> None:
+    fake_comfy.knobs.fail_node = "ImageScale"
+    fake_comfy.knobs.fail_message = "CUDA out of memory"
     target = make_target(runpod)
     with pytest.raises(ExecutionError) as info:
         asyncio.run(run_one(target, JobSpec(image_workflow()), tmp_path))
