@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .batch import BatchPlan, parse_sweep
-from .errors import UsageError, close_matches
+from charforge.common.characters import join_prompt
+from charforge.driver.batch import BatchPlan, parse_sweep
+from charforge.driver.errors import UsageError, close_matches
 
 FORMAT = "charforge.lora_eval"
 VERSION = 1
@@ -621,7 +622,7 @@ def draw_grid(images: list[EvalImage], strengths: Sequence[float], scenes: Seque
     """The labelled grid: one row per strength, one column per (prompt, seed), scores under each image."""
     from PIL import Image, ImageDraw
 
-    from charforge.engine.score.render import BACKGROUND, FAIL, INK, MUTED, NONE, PASS, _font
+    from charforge.engine.score.render import BACKGROUND, FAIL, INK, MUTED, NONE, PASS, load_font
 
     legend = [f"P{i + 1}: {scene}"[:160] for i, scene in enumerate(scenes)]
     if combined_note:
@@ -629,7 +630,7 @@ def draw_grid(images: list[EvalImage], strengths: Sequence[float], scenes: Seque
     layout = grid_layout(len(strengths), len(scenes) * len(seeds), image_size, cell, len(legend))
     sheet = Image.new("RGB", layout.size, BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    font, small, big = _font(13), _font(11), _font(15)
+    font, small, big = load_font(13), load_font(11), load_font(15)
     draw.text((layout.pad, 8), title[:200], fill=INK, font=big)
     for column in range(layout.columns):
         prompt, seed = divmod(column, len(seeds))
@@ -706,7 +707,7 @@ def _render(plan: BatchPlan, server: Any, out: Path, options: EvalOptions,
 
     A rerun of the same grid on the same folder resumes: finished images are kept, failed ones are tried again.
     """
-    from .batch_run import Batch
+    from charforge.driver.batch_run import Batch
 
     yield from Batch(plan, base=out).run(servers=[server], out=out, capacity=options.window,
                                          timeout=options.timeout, retry_failed=True, contact_sheet=None,
@@ -716,8 +717,8 @@ def _render(plan: BatchPlan, server: Any, out: Path, options: EvalOptions,
 def check_resumable(plan: BatchPlan, renders: Path, out_dir: Path) -> None:
     """Refuse a folder that holds the renders of another grid (another LoRA, character setting, strength, prompt
     or seed list): its job folders are named after the axes only and would be taken for this grid's images."""
-    from .batch_run import plan_hash
-    from .journal import JOURNAL_NAME, replay
+    from charforge.driver.batch_run import plan_hash
+    from charforge.driver.journal import JOURNAL_NAME, replay
 
     journal = renders / JOURNAL_NAME
     if not journal.is_file():
@@ -751,8 +752,6 @@ class LoraEval:
 
     def prompt_texts(self) -> list[tuple[str, str]]:
         """(full prompt sent, text CLIP scores against) per scene."""
-        from charforge.engine.library.characters import join_prompt
-
         return [(self.character.prompt_text(scene), join_prompt(self.character.prompt, scene)) for scene in self.scenes]
 
     def run(self) -> EvalResult:

@@ -23,12 +23,13 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .client import ComfyClient
-from .errors import DriverError, UsageError
+from charforge.common.characters import GenerationParams, default_size
+from charforge.driver.client import ComfyClient
+from charforge.driver.errors import DriverError, UsageError
 
 SELECT = "CharForgeStoryboardSelect"
 GENERATION_NODES = ("CheckpointLoaderSimple", "LoraLoader", "CLIPTextEncode", "EmptyLatentImage", "KSampler",
@@ -41,9 +42,18 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 GUIDANCE = ("auto", "ipadapter", "img2img")
 
 
+def _flag_generation() -> GenerationParams:
+    """Generation settings of a character given by flags: the preset schema's, sized for an unknown base model."""
+    return GenerationParams(width=default_size(""), height=default_size(""))
+
+
 @dataclass
 class Character:
-    """What the storyboard needs to know about the character (a preset, or the command-line flags)."""
+    """What the storyboard needs to know about the character (a preset, or the command-line flags).
+
+    `generation` is the preset schema's (``charforge.common.characters.GenerationParams``): a preset's own
+    settings, or for flags its defaults at the size `default_size` gives an unknown base model (512 px).
+    """
 
     name: str
     trigger: str = ""
@@ -55,18 +65,17 @@ class Character:
     reference_photos: str = ""  # photos to fall back on when the server does not have the identity
     threshold: float | None = None
     checkpoint: str | None = None
-    steps: int = 25
-    cfg: float = 7.0
-    width: int = 512
-    height: int = 512
-    sampler: str = "dpmpp_2m"
-    scheduler: str = "karras"
+    generation: GenerationParams = field(default_factory=_flag_generation)
     display_name: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["loras"] = [_lora_dict(lora) for lora in self.loras]
-        return data
+        """The record in metadata.json: the generation settings flat beside the rest (the seed is the run's)."""
+        gen = self.generation
+        return {"name": self.name, "trigger": self.trigger, "prompt": self.prompt, "negative": self.negative,
+                "loras": [_lora_dict(lora) for lora in self.loras], "reference": self.reference,
+                "reference_photos": self.reference_photos, "threshold": self.threshold, "checkpoint": self.checkpoint,
+                "steps": gen.steps, "cfg": gen.cfg, "width": gen.width, "height": gen.height, "sampler": gen.sampler,
+                "scheduler": gen.scheduler, "display_name": self.display_name}
 
 
 def _lora_dict(lora: tuple) -> dict[str, Any]:
@@ -95,15 +104,13 @@ def character_from_preset(name: str) -> Character:
     if identity.lower().endswith(".json"):  # a path: the server knows identities by name
         identity = Path(identity).stem
     photos = (preset.reference_photos or "").strip()
-    gen = preset.generation
     return Character(
         name=preset.name, display_name=preset.display_name or preset.name,
         trigger=", ".join(preset.trigger_words), prompt=preset.prompt,
         negative=preset.negative_prompt or DEFAULT_NEGATIVE,
         loras=[(lora.name, lora.weight, lora.strength_clip) for lora in preset.loras],
         reference=identity or photos or None, reference_photos=photos, threshold=preset.threshold or None,
-        steps=gen.steps, cfg=gen.cfg, width=gen.width, height=gen.height, sampler=gen.sampler,
-        scheduler=gen.scheduler)
+        generation=replace(preset.generation))
 
 
 @dataclass
@@ -207,6 +214,7 @@ def frame_graph(*, character: Character, checkpoint: str, prompt: str, seed: int
     selected by identity to it.
     """
     g: dict[str, Any] = {}
+    gen = character.generation
 
     def add(node_id: str, class_type: str, title: str, **inputs: Any) -> list:
         g[node_id] = {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
@@ -233,18 +241,18 @@ def frame_graph(*, character: Character, checkpoint: str, prompt: str, seed: int
                           weight=ipadapter_weight)
             add("33", "IPAdapterAdvanced", "IP-Adapter: guided by frame 1", **inputs)
             model = ["33", 0]
-            latent = add("5", "EmptyLatentImage", "N candidates", width=character.width, height=character.height,
+            latent = add("5", "EmptyLatentImage", "N candidates", width=gen.width, height=gen.height,
                          batch_size=candidates)
         else:
             encoded = add("34", "VAEEncode", "Encode frame 1", pixels=image, vae=["1", 2])
             latent = add("5", "RepeatLatentBatch", "N candidates from frame 1", samples=encoded, amount=candidates)
             denoise_value = denoise
     else:
-        latent = add("5", "EmptyLatentImage", "N candidates", width=character.width, height=character.height,
+        latent = add("5", "EmptyLatentImage", "N candidates", width=gen.width, height=gen.height,
                      batch_size=candidates)
     sampled = add("6", "KSampler", "Generate", model=model, positive=positive, negative=negative,
-                  latent_image=latent, seed=seed, steps=character.steps, cfg=character.cfg,
-                  sampler_name=character.sampler, scheduler=character.scheduler, denoise=denoise_value)
+                  latent_image=latent, seed=seed, steps=gen.steps, cfg=gen.cfg, sampler_name=gen.sampler,
+                  scheduler=gen.scheduler, denoise=denoise_value)
     images = add("7", "VAEDecode", "Decode", samples=sampled, vae=["1", 2])
     faces = add("8", "CharForgeLoadFaceModels", "Face models", pack=face_pack, det_size=640, provider="auto")
     if "name" in identity:
@@ -423,9 +431,10 @@ class StoryRun:
                                   "clip_vision": guidance.clip_vision or None,
                                   "denoise": self.options.denoise if guidance.kind == "img2img" else None,
                                   "weight": self.options.ipadapter_weight if guidance.kind == "ipadapter" else None}
-        settings = {"candidates": self.options.candidates, "seed": self.options.seed, "steps": self.character.steps,
-                    "cfg": self.character.cfg, "width": self.character.width, "height": self.character.height,
-                    "sampler": self.character.sampler, "scheduler": self.character.scheduler,
+        gen = self.character.generation
+        settings = {"candidates": self.options.candidates, "seed": self.options.seed, "steps": gen.steps,
+                    "cfg": gen.cfg, "width": gen.width, "height": gen.height, "sampler": gen.sampler,
+                    "scheduler": gen.scheduler,
                     "identity_weight": self.options.identity_weight, "text_weight": self.options.text_weight,
                     "server": self.client.url}
         notes = []

@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_library_formats import dense_deltas, random_state, write
 
-from charforge.driver.cli import main
 from charforge.engine.library import formats
+from charforge.recipes.cli import main
 
 
 def _run(*argv):

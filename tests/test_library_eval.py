@@ -19,8 +19,10 @@ from fakes.comfy_server import FakeComfyServer, NodeDef, NodeFailure
 from PIL import Image
 
 from cf_testing.face_models import blank_image, face_image, write_clip_folder, write_face_pack
-from charforge.driver import cli
-from charforge.driver.lora_eval import (
+from charforge.driver.workflow import apply_overrides, parse_set
+from charforge.engine.library.characters import load_character
+from charforge.recipes import cli
+from charforge.recipes.lora_eval import (
     GENERATION_NODES,
     EvalImage,
     eval_graph,
@@ -29,8 +31,6 @@ from charforge.driver.lora_eval import (
     summarise,
     table_text,
 )
-from charforge.driver.workflow import apply_overrides, parse_set
-from charforge.engine.library.characters import load_character
 
 pytest.importorskip("insightface")
 

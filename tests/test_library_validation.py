@@ -179,7 +179,7 @@ class NoNumpy:
             raise ImportError(f"{{name}} is blocked for this test")
 sys.meta_path.insert(0, NoNumpy())
 import io
-from charforge.driver.cli import main
+from charforge.recipes.cli import main
 out, err = io.StringIO(), io.StringIO()
 code = main(["lora", "info", {str(path)!r}], stdout=out, stderr=err)
 print(code)

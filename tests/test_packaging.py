@@ -55,7 +55,7 @@ def test_registry_metadata():
     comfy = PYPROJECT["tool"]["comfy"]
     assert comfy["PublisherId"] and comfy["DisplayName"] == "CharForge" and comfy["Icon"]
     assert PYPROJECT["project"]["name"] == "charforge"
-    assert PYPROJECT["project"]["scripts"]["charforge"] == "charforge.driver.cli:main"
+    assert PYPROJECT["project"]["scripts"]["charforge"] == "charforge.recipes.cli:main"
 
 
 def test_registry_icon_is_shipped():
@@ -226,9 +226,34 @@ def test_requirements_install_one_by_one_optional_failures_tolerated(monkeypatch
 
 
 def test_cli_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "charforge.driver.cli", "--version"], capture_output=True,
-                            text=True, cwd=Path.home())
-    assert result.returncode == 0 and "charforge 0.1.0" in result.stdout
+    for module in ("charforge.recipes.cli", "charforge.driver.cli"):  # every command; the driver's alone
+        result = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True,
+                                cwd=Path.home())
+        assert result.returncode == 0 and "charforge 0.1.0" in result.stdout, module
+
+
+def test_the_charforge_command_has_every_group_and_starts_without_heavy_packages():
+    """The console script lists the driver's and the recipes' commands in their usual order, without importing
+    torch, numpy, Pillow, the engine or a recipe: a driver-only install runs it."""
+    code = """
+import sys
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "numpy", "PIL"):
+            raise ImportError(f"{name} is blocked for this test")
+sys.meta_path.insert(0, Blocked())
+from charforge.recipes import cli
+parser = cli.build_parser()
+commands = next(a for a in parser._actions if a.dest == "command").choices
+print(list(commands))
+print(sorted(m for m in sys.modules if m.startswith(("charforge.engine", "charforge.nodes"))
+             or m in ("charforge.recipes.story", "charforge.recipes.lora_eval", "charforge.recipes.pipeline")))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    listed, heavy = result.stdout.splitlines()
+    assert listed == str(["run", "wait", "validate", "status", "cancel", "convert", "batch", "story", "runpod",
+                          "lora", "character", "pipeline"])
+    assert heavy == "[]"
 
 
 def test_readme_node_catalogue_is_up_to_date():

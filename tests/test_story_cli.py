@@ -14,9 +14,9 @@ import pytest
 from fakes.comfy_server import FakeComfyServer, FakeImage, NodeDef
 from PIL import Image
 
-from charforge.driver import cli
-from charforge.driver.story import Character, Guidance, detect_guidance, frame_graph
 from charforge.nodes.story import StoryboardSelect
+from charforge.recipes import cli
+from charforge.recipes.story import Character, Guidance, detect_guidance, frame_graph
 
 LORA_IDENTITY, BASE_IDENTITY, GUIDE_IDENTITY, TEXT = 0.71, 0.23, 0.88, 0.31
 SCENES = ["close-up portrait of the character, face clearly visible", "the character reads a letter",

@@ -1,7 +1,7 @@
 """``charforge lora ...`` and ``charforge character ...``: the LoRA library and character presets.
 
 Runs locally on files (no server), except ``lora eval``, which renders through a ComfyUI server (see
-``driver/lora_eval.py``). The engine is imported only when a command runs: ``lora info`` needs nothing beyond
+``recipes/lora_eval.py``). The engine is imported only when a command runs: ``lora info`` needs nothing beyond
 the standard library (with numpy it also checks the weights for NaN/Inf, and says when it could not), the
 ``character`` commands only PyYAML (a driver-only install has it); merge,
 resize and convert need the node pack's extra (torch, diffusers): ``pip install "charforge[nodes]"``; eval
@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+from charforge.common.characters import Character, CharacterLora, GenerationParams, default_size, safe_name
 
 EXIT_BAD_INPUT = 2
 FORMATS = ("kohya", "peft", "comfyui")
@@ -153,12 +155,12 @@ def _register_character(sub: Any) -> None:
     new.add_argument("--photos", default="", help="folder of reference photos")
     new.add_argument("--threshold", type=float, default=0.0, help="identity similarity needed (0 = identity's own)")
     new.add_argument("--base-model", choices=("", "sd15", "sdxl"), default="", help="the base model family")
-    new.add_argument("--steps", type=int, default=25)
-    new.add_argument("--cfg", type=float, default=7.0)
+    new.add_argument("--steps", type=int, default=GenerationParams.steps)
+    new.add_argument("--cfg", type=float, default=GenerationParams.cfg)
     new.add_argument("--width", type=int, default=None, help="default 1024 for sdxl, else 512")
     new.add_argument("--height", type=int, default=None, help="default 1024 for sdxl, else 512")
-    new.add_argument("--sampler", default="euler")
-    new.add_argument("--scheduler", default="normal")
+    new.add_argument("--sampler", default=GenerationParams.sampler)
+    new.add_argument("--scheduler", default=GenerationParams.scheduler)
     new.add_argument("--seed", type=int, default=None)
     new.add_argument("--folder", type=Path, help="write here instead of the characters folder (then list and show "
                                                  "need the same --folder)")
@@ -276,8 +278,9 @@ def cmd_lora_convert(args: argparse.Namespace, out: Any) -> int:
 
 
 def cmd_lora_eval(args: argparse.Namespace, out: Any) -> int:
-    from .cli import connect
-    from .lora_eval import EvalOptions, evaluate_lora, load_character, parse_numbers, read_prompts
+    from charforge.driver.cli import connect
+
+    from ..lora_eval import EvalOptions, evaluate_lora, load_character, parse_numbers, read_prompts
 
     options = EvalOptions(
         strengths=parse_numbers(args.strengths, float, "--strengths"),
@@ -320,21 +323,21 @@ def cmd_character_new(args: argparse.Namespace, out: Any) -> int:
     try:
         chars = _engine("characters")
         triggers = [w.strip() for t in args.trigger for w in t.split(",") if w.strip()]
-        loras = [chars.CharacterLora(*_lora_spec(s)) for s in args.lora]
+        loras = [CharacterLora(*_lora_spec(s)) for s in args.lora]
         base_model = args.base_model
         if args.from_lora is not None:
             found = _engine("inspect").inspect_lora(args.from_lora)
             triggers += [w for w in found.trigger_words if w not in triggers]
             base_model = base_model or (found.base_model if found.base_model in ("sd15", "sdxl") else "")
-            loras.insert(0, chars.CharacterLora(args.from_lora.name, args.weight))
-        size = 1024 if base_model == "sdxl" else 512
-        character = chars.Character(
-            name=chars.safe_name(args.name), display_name=args.display_name or args.name, trigger_words=triggers,
+            loras.insert(0, CharacterLora(args.from_lora.name, args.weight))
+        size = default_size(base_model)
+        character = Character(
+            name=safe_name(args.name), display_name=args.display_name or args.name, trigger_words=triggers,
             loras=loras, prompt=args.prompt, negative_prompt=args.negative, identity=args.identity,
             reference_photos=args.photos, threshold=args.threshold, base_model=base_model,
-            generation=chars.GenerationParams(steps=args.steps, cfg=args.cfg, width=args.width or size,
-                                              height=args.height or size, sampler=args.sampler,
-                                              scheduler=args.scheduler, seed=args.seed))
+            generation=GenerationParams(steps=args.steps, cfg=args.cfg, width=args.width or size,
+                                        height=args.height or size, sampler=args.sampler, scheduler=args.scheduler,
+                                        seed=args.seed))
         path = chars.save_character(character, folder=args.folder, overwrite=args.force)
     except (OSError, ValueError, ImportError) as exc:
         return _fail(out, exc)

@@ -1,4 +1,4 @@
-"""``charforge story``: a storyboard of the character, headless through the driver (see driver/story.py)."""
+"""``charforge story``: a storyboard of the character, headless through the driver (see recipes/story.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .errors import UsageError
+from charforge.driver.errors import UsageError
 
 MODES = {"simple": ("simple",), "reference": ("reference",), "both": ("simple", "reference")}
 
@@ -94,7 +94,7 @@ def register(sub, *, server, output) -> None:
 
 
 def _character(args: argparse.Namespace):
-    from .story import Character, character_from_preset
+    from ..story import Character, character_from_preset
 
     if args.character:
         character = character_from_preset(args.character)
@@ -104,12 +104,12 @@ def _character(args: argparse.Namespace):
         raise UsageError("name the character: --character NAME, or --lora FILE --trigger WORDS --reference DIR")
     if args.lora:
         character.loras = list(args.lora)
-    for flag, attr in (("trigger", "trigger"), ("reference", "reference"), ("checkpoint", "checkpoint"),
-                       ("negative", "negative"), ("steps", "steps"), ("cfg", "cfg"), ("width", "width"),
-                       ("height", "height"), ("sampler", "sampler"), ("scheduler", "scheduler")):
-        value = getattr(args, flag)
-        if value is not None:
-            setattr(character, attr, value)
+    for flag in ("trigger", "reference", "checkpoint", "negative"):
+        if getattr(args, flag) is not None:
+            setattr(character, flag, getattr(args, flag))
+    for flag in ("steps", "cfg", "width", "height", "sampler", "scheduler"):
+        if getattr(args, flag) is not None:
+            setattr(character.generation, flag, getattr(args, flag))
     return character
 
 
@@ -143,8 +143,9 @@ def _scenes(args: argparse.Namespace, out):
 
 
 def cmd_story(args: argparse.Namespace, out) -> int:
-    from .cli import connect
-    from .story import StoryOptions, StoryRun
+    from charforge.driver.cli import connect
+
+    from ..story import StoryOptions, StoryRun
 
     character = _character(args)
     scenes = _scenes(args, out)

@@ -37,7 +37,7 @@ SCENES = ["close-up portrait of the character, face clearly visible", "the chara
 
 def test_story_both_modes_and_ablation_in_real_comfyui(tmp_path, monkeypatch, sd15_comfy_checkpoint):
     from cf_testing.video_models import build_tiny_character_lora
-    from charforge.driver import cli
+    from charforge.recipes import cli
 
     comfy = real.comfyui_dir()
     python = real.comfyui_python(comfy)

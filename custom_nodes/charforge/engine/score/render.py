@@ -17,7 +17,8 @@ THRESHOLD = (210, 60, 50)
 MAX_TABLE_ROWS = 80
 
 
-def _font(size: int):
+def load_font(size: int):
+    """Pillow's built-in font at `size` pixels (one fixed size on Pillow < 10.1): the same on every machine."""
     from PIL import ImageFont
 
     try:
@@ -26,7 +27,8 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _text_width(draw, text: str, font) -> int:
+def text_width(draw, text: str, font) -> int:
+    """Width in pixels of `text` drawn with `font`."""
     left, _, right, _ = draw.textbbox((0, 0), text, font=font)
     return right - left
 
@@ -46,18 +48,18 @@ def table_image(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     """A PIL image of a table. `row_status` per row: "pass", "fail", "none" (no score) or None (plain)."""
     from PIL import Image, ImageDraw
 
-    font, bold = _font(font_size), _font(font_size + 2)
+    font, bold = load_font(font_size), load_font(font_size + 2)
     shown = list(rows[:MAX_TABLE_ROWS])
     status = list(row_status[:MAX_TABLE_ROWS]) if row_status else [None] * len(shown)
     more = len(rows) - len(shown)
     texts = [[_cell(v) for v in row] for row in shown]
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     pad, line = 10, font_size + 10
-    widths = [max([_text_width(probe, str(c), font)] + [_text_width(probe, r[i], font) for r in texts]) + 2 * pad
+    widths = [max([text_width(probe, str(c), font)] + [text_width(probe, r[i], font) for r in texts]) + 2 * pad
               for i, c in enumerate(columns)]
     notes = [n for n in (footer, f"... and {more} more row(s) (see the JSON output)" if more else "") if n]
-    width = max(sum(widths), _text_width(probe, title, bold) + 2 * pad,
-                *(_text_width(probe, n, font) + 2 * pad for n in notes), 200)
+    width = max(sum(widths), text_width(probe, title, bold) + 2 * pad,
+                *(text_width(probe, n, font) + 2 * pad for n in notes), 200)
     height = line + 6 + line * (len(texts) + 1) + line * len(notes) + pad
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
@@ -91,11 +93,11 @@ def line_plot(title: str, values: Sequence[float | None], threshold: float | Non
     from PIL import Image, ImageDraw
 
     width, height = size
-    font = _font(13)
+    font = load_font(13)
     image = Image.new("RGB", size, BACKGROUND)
     draw = ImageDraw.Draw(image)
     left, right, top, bottom = 56, width - 16, 34, height - 44
-    draw.text((left, 8), title, fill=INK, font=_font(15))
+    draw.text((left, 8), title, fill=INK, font=load_font(15))
     known = [v for v in values if v is not None]
     low = min([0.0, *known, *( [threshold] if threshold is not None else [])])
     high = max([1.0, *known])
@@ -120,7 +122,7 @@ def line_plot(title: str, values: Sequence[float | None], threshold: float | Non
     for i in range(0, count, tick_every):
         draw.text((x_of(i) - 6, bottom + 6), str(i), fill=MUTED, font=font)
     draw.text(((left + right) // 2 - 20, height - 18), x_label, fill=MUTED, font=font)
-    draw.text((right - _text_width(draw, f"y: {y_label}", font), 12), f"y: {y_label}", fill=MUTED, font=font)
+    draw.text((right - text_width(draw, f"y: {y_label}", font), 12), f"y: {y_label}", fill=MUTED, font=font)
     if threshold is not None:
         y = y_of(threshold)
         for x in range(left, right, 12):

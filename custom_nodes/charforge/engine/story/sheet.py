@@ -6,7 +6,7 @@ import math
 import textwrap
 from collections.abc import Sequence
 
-from ..score.render import BACKGROUND, INK, MUTED, _font, _text_width
+from ..score.render import BACKGROUND, INK, MUTED, load_font, text_width
 from .storyboard import StoryFrame
 
 FAIL_INK = (190, 50, 40)
@@ -45,7 +45,7 @@ def storyboard_sheet(images: Sequence, frames: Sequence[StoryFrame], title: str 
         raise ValueError("a storyboard sheet needs at least one frame")
     columns = columns or _columns(len(images))
     rows = math.ceil(len(images) / columns)
-    font, small, bold = _font(font_size), _font(font_size - 2), _font(font_size + 6)
+    font, small, bold = load_font(font_size), load_font(font_size - 2), load_font(font_size + 6)
     pad, gap, line = 16, 14, font_size + 6
     wrap = max(16, int(thumb / (font_size * 0.55)))
     captions = [textwrap.wrap(f"{f.index + 1}. {f.caption or f.prompt}", wrap)[:3] for f in frames]
@@ -75,7 +75,7 @@ def storyboard_sheet(images: Sequence, frames: Sequence[StoryFrame], title: str 
         score = _score_line(frame)
         ty = y + thumb + 8 + caption_lines * line
         colour = FAIL_INK if frame.identity is None and frame.candidates else MUTED
-        while score and _text_width(draw, score, small) > thumb and " | " in score:
+        while score and text_width(draw, score, small) > thumb and " | " in score:
             score = score.rsplit(" | ", 1)[0]
         draw.text((x, ty), score, fill=colour, font=small)
     return sheet
