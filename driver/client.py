@@ -443,8 +443,6 @@ class AsyncComfyClient:
                     error = self._status_error(method, path, resp.status, body)
                     error.retry_after = resp.headers.get("Retry-After")  # type: ignore[attr-defined]
                     raise error
-            except AuthenticationError:
-                raise
             except ServerUnavailable:
                 if attempt + 1 >= attempts:
                     raise
@@ -720,8 +718,6 @@ class AsyncComfyClient:
         for attempt in range(3):
             try:
                 status, body = await self._request("POST", "/prompt", json_body=payload, ok=(200, 400), retries=0)
-            except AuthenticationError:
-                raise
             except ServerUnavailable:
                 # The answer may be lost after the server queued it: look before sending it again.
                 with contextlib.suppress(DriverError):
@@ -839,7 +835,7 @@ class AsyncComfyClient:
                 try:
                     entry = await self.history(prompt_id)
                 except (ServerUnavailable, ServerError) as exc:
-                    if isinstance(exc, (AuthenticationError, ProtocolError)):
+                    if isinstance(exc, ProtocolError):
                         raise
                     yield Event("server_unreachable", {"reason": str(exc)}, prompt_id)
                     next_poll = loop.time() + 2.0

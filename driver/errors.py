@@ -10,7 +10,8 @@ exception                   exit  meaning
 ``JobLost``                   1   the job vanished (server restarted, history cleared)
 ``UsageError`` and subclasses 2   bad arguments, config, workflow file, override, conversion
 ``ValidationError``           2   the workflow failed preflight or the server's validation
-``ServerUnavailable``         3   the server cannot be reached or refused our credentials
+``ServerUnavailable``         3   the server cannot be reached
+``AuthenticationError``       3   the server (or a proxy) refused our credentials
 ``ServerError``               3   the server answered something a ComfyUI server should not
 ``ProtocolError``             3   ... in the wrong shape, or more than the size limits allow
 ``JobTimeout``              124   the job did not finish within the wall-clock limit
@@ -55,14 +56,16 @@ class ConversionError(WorkflowError):
 
 
 class ServerUnavailable(DriverError):
-    """The server cannot be reached (connection refused, DNS, TLS, proxy 502/503/504) or rejected our
-    credentials."""
+    """The server cannot be reached (connection refused, DNS, TLS, proxy 502/503/504): worth trying again."""
 
     exit_code = 3
 
 
-class AuthenticationError(ServerUnavailable):
-    """The server (or the proxy in front of it) answered 401/403."""
+class AuthenticationError(DriverError):
+    """The server (or the proxy in front of it) answered 401/403. A sibling of :class:`ServerUnavailable`, not a
+    kind of it: asking again with the same credentials gets the same answer, so nothing retries it."""
+
+    exit_code = 3
 
 
 class ServerError(DriverError):

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from .errors import AuthenticationError, DriverError, ProtocolError, ServerError, ServerUnavailable
+from .errors import DriverError, ProtocolError, ServerError, ServerUnavailable
 
 if TYPE_CHECKING:
     from .client import AsyncComfyClient, JobResult
@@ -105,7 +105,7 @@ class Target(Protocol):
 def is_transient(exc: BaseException) -> bool:
     """True for failures worth retrying: the server could not be reached, answered 5xx or 429, or a single
     request timed out. Credentials refused, validation errors and node failures are deterministic."""
-    if isinstance(exc, (AuthenticationError, ProtocolError)):  # the same request gets the same answer
+    if isinstance(exc, ProtocolError):  # the same request gets the same answer (so does AuthenticationError)
         return False
     if isinstance(exc, ServerUnavailable):
         return True

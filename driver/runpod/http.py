@@ -157,8 +157,7 @@ class RunPodHTTP:
                             raise SubmitOutcomeUnknown(self.redact(
                                 f"{method} {url}: HTTP {resp.status}; the request may or may not have been "
                                 "accepted")) from None
-                        if isinstance(error, ServerUnavailable) and not isinstance(error, AuthenticationError) \
-                                and not creates and attempt < retries:
+                        if isinstance(error, ServerUnavailable) and not creates and attempt < retries:
                             attempt += 1
                             await asyncio.sleep(backoff_delay(attempt, base=self.backoff_base))
                             continue

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..client import AsyncComfyClient, Timeout
 from ..config import RunPodSettings, ServerConfig, ServerURL, runpod_proxy_url
-from ..errors import AuthenticationError, ConfigError, DriverError, ServerError, ServerUnavailable
+from ..errors import ConfigError, DriverError, ServerError, ServerUnavailable
 from ..secrets import mask
 from ..targets import ComfyTarget
 from .api import Pod, RunPodAPI
@@ -85,8 +85,6 @@ async def wait_ready(url: str | ServerConfig, *, timeout: float = 900.0, interva
                 stats = await client.system_stats()
                 on_message(f"ComfyUI at {client.url} is ready after {loop.time() - started:.0f} s")
                 return stats
-            except AuthenticationError:
-                raise
             except ServerUnavailable as exc:
                 reason = _short_reason(exc)
             except ServerError as exc:
