@@ -201,6 +201,7 @@ def whole_job(args, device, work: Path) -> dict:
     import torch
     from safetensors.torch import save_file
 
+    from charforge.engine.control import Control
     from charforge.engine.models.single_file import pipeline_to_single_file_state_dict
     from charforge.engine.train.job import TrainRequest, train
 
@@ -225,13 +226,13 @@ def whole_job(args, device, work: Path) -> dict:
     phases: dict[str, float] = {}
     start = time.perf_counter()
 
-    def on_progress(event):
+    def on_event(name, event):
         phases.setdefault(event["phase"], round(time.perf_counter() - start, 2))
 
     result = train(TrainRequest(base_model=str(checkpoint), dataset=str(dataset), runs_dir=str(work / "runs"),
                                 name="bench", config=config, lora_dir=str(work / "loras"),
                                 config_dir=str(args.config_dir[arch]) if arch in args.config_dir else None,
-                                tokenizer_dirs=(str(_vocab_dir(work)),)), on_progress=on_progress)
+                                tokenizer_dirs=(str(_vocab_dir(work)),)), Control(on_event=on_event))
     seconds = time.perf_counter() - start
     out = {"config": "sdxl_job", "arch": arch, "resolution": resolution, "images": args.images,
            "steps": args.job_steps, "rank": args.rank, "job_seconds": round(seconds, 2),

@@ -51,21 +51,22 @@ def test_models_found_through_folder_registry(comfy_env):
 
 
 def test_progress_goes_through_comfy_progress_bar(comfy_env):
-    progress = bridge.Progress(4, node_id="7")
-    progress.update()
-    progress.update(2)
-    progress.set(10)  # clamped to total, as ComfyUI does
+    progress = bridge.control(4, node_id="7")
+    progress.advance()
+    progress.advance(2)
+    progress.progress(10)  # clamped to total, as ComfyUI does
     assert [(c.value, c.total, c.node_id) for c in comfy_env.progress] == [(1, 4, "7"), (3, 4, "7"), (4, 4, "7")]
     assert [m[0] for m in comfy_env.server.messages] == ["progress"] * 3
 
 
 def test_interrupt_raises_comfyui_exception_and_clears_flag(comfy_env):
-    progress = bridge.Progress(3)
-    progress.update()
+    progress = bridge.control(3)
+    progress.advance()
     comfy_env.interrupt()
     with pytest.raises(comfy_env.model_management.InterruptProcessingException) as caught:
-        progress.update()
-    assert bridge.is_cancellation(caught.value)
+        progress.advance()
+    # One exception that is both: ComfyUI reports the run as interrupted, the engine sees its own Cancelled.
+    assert isinstance(caught.value, bridge.Cancelled) and bridge.is_cancellation(caught.value)
     assert not comfy_env.model_management.processing_interrupted()
     comfy_env.interrupt()
     with pytest.raises(comfy_env.model_management.InterruptProcessingException):
@@ -120,21 +121,21 @@ def test_missing_model_message_says_where_to_look(no_comfy):
 def test_fallback_progress_logs_and_calls_back(no_comfy, caplog):
     seen = []
     caplog.set_level(logging.INFO, logger="charforge")
-    progress = bridge.Progress(2, callback=lambda v, t: seen.append((v, t)), label="unit")
-    progress.update()
-    progress.update()
+    progress = bridge.control(2, on_progress=lambda v, t, text: seen.append((v, t)), label="unit")
+    progress.advance()
+    progress.advance()
     assert seen == [(1, 2), (2, 2)]
     assert "unit: 2/2" in caplog.text
 
 
 def test_fallback_cancel_flag(no_comfy):
-    progress = bridge.Progress(5)
-    progress.update()
+    progress = bridge.control(5)
+    progress.advance()
     bridge.request_cancel()
     with pytest.raises(bridge.Cancelled) as caught:
-        progress.update()
+        progress.advance()
     assert bridge.is_cancellation(caught.value)
-    progress.update()  # the flag was consumed: work can start again
+    progress.advance()  # the flag was consumed: work can start again
     assert not bridge.is_cancellation(ValueError("x"))
 
 

@@ -6,6 +6,7 @@ import torch
 
 from cf_testing.video_models import video_assets
 from charforge import bridge
+from charforge.engine.control import Cancelled, Control
 from charforge.engine.video import (
     ContextOptions,
     VideoModelError,
@@ -51,7 +52,7 @@ def clip(spec, **changes):
     request = VideoRequest(**{"prompt": "a photo of sks person", "frames": 8, "width": SIZE, "height": SIZE,
                               "steps": 2, "seed": 3, **changes})
     calls = []
-    result = generate_video(model, request, lambda done, total: calls.append((done, total)))
+    result = generate_video(model, request, Control(on_progress=lambda done, total, text: calls.append((done, total))))
     return result, calls, report
 
 
@@ -147,13 +148,13 @@ def test_cancel_stops_between_steps(assets, no_comfy):
     request = VideoRequest(prompt="a photo", frames=8, width=SIZE, height=SIZE, steps=5, seed=1)
     seen = []
 
-    def progress(done, total):
+    def progress(done, total, text):
         seen.append(done)
         if done == 2:
             bridge.request_cancel()
 
-    with pytest.raises(bridge.Cancelled):
-        generate_video(model, request, progress)
+    with pytest.raises(Cancelled):
+        generate_video(model, request, bridge.control(on_progress=progress))
     assert seen == [1, 2]
 
 

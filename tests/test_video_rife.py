@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from cf_testing.comfyui import run_node
 from charforge import bridge
+from charforge.engine.control import Cancelled, Control
 from charforge.engine.video import interpolated_count, rife
 from charforge.nodes import video as video_nodes
 from charforge.nodes.video import InterpolateFrames
@@ -143,21 +144,16 @@ def test_ensemble_is_symmetric_in_time(files, frames):
 def test_batching_ensemble_progress_and_cancel(files, frames):
     loaded = rife.load_rife(files["plain"], device="cpu")
     calls = []
-    one = rife.interpolate_rife(frames, loaded, 2, batch_size=1, progress=lambda d, t: calls.append((d, t)))
+    one = rife.interpolate_rife(frames, loaded, 2, batch_size=1,
+                                control=Control(on_progress=lambda d, t, text: calls.append((d, t))))
     many = rife.interpolate_rife(frames, loaded, 2, batch_size=8)
     torch.testing.assert_close(one, many, atol=1e-5, rtol=0)
     assert calls == [(0, 2), (1, 2), (2, 2)]
     both = rife.interpolate_rife(frames, loaded, 2, ensemble=True)
     assert torch.isfinite(both).all() and not torch.allclose(both[1], one[1], atol=1e-4)
 
-    class Stop(Exception):
-        pass
-
-    def cancel():
-        raise Stop
-
-    with pytest.raises(Stop):
-        rife.interpolate_rife(frames, loaded, 2, check_cancelled=cancel)
+    with pytest.raises(Cancelled):
+        rife.interpolate_rife(frames, loaded, 2, control=Control(should_stop=lambda: True))
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

@@ -15,8 +15,8 @@ test suite, a training script) they fall back to plain behaviour:
           loras: [/data/more_loras]
 
   then ``$CHARFORGE_MODELS_DIR`` (a ComfyUI-style ``models`` folder), then ``$COMFYUI_DIR/models``;
-- progress is logged (and passed to an optional callback);
-- cancellation is a process-wide flag set with `request_cancel()`;
+- progress (`control`, the engine's `Control` for a node) is logged and passed to an optional callback;
+- cancellation is a process-wide flag set with `request_cancel()`, raised as the engine's `Cancelled`;
 - server messages are logged at debug level.
 
 ComfyUI is detected once, lazily, on first use; `reset()` forgets the answer (tests use it).
@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -38,6 +38,7 @@ from typing import Any
 from .common.config_file import config_path
 from .common.model_folders import COMFY_MODEL_FOLDERS, PACK_MODEL_FOLDERS, PT_EXTENSIONS
 from .common.safe_yaml import load_yaml
+from .engine.control import Cancelled, Control, ProgressHook  # noqa: F401 - Cancelled is re-exported for nodes
 
 log = logging.getLogger("charforge")
 
@@ -46,10 +47,6 @@ EVENT_PREFIX = "charforge."
 
 class ModelNotFoundError(FileNotFoundError):
     """A model file the user named is not in any folder of its kind."""
-
-
-class Cancelled(Exception):
-    """Raised outside ComfyUI when `request_cancel()` was called while work was running."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,89 +260,121 @@ def comfyui_root() -> Path | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Cancellation
+# Progress and cancellation: the engine's Control, built for ComfyUI or for plain Python
 
 _cancel = threading.Event()
+_interrupted: dict[type, type] = {}
 
 
 def request_cancel() -> None:
-    """Outside ComfyUI: ask running work to stop at its next `check_cancelled()`."""
+    """Outside ComfyUI: ask running work to stop at its next check."""
     _cancel.set()
 
 
-def check_cancelled() -> None:
-    """Raise if the user asked to stop.
+def _interrupted_type(comfy_interrupt: type) -> type:
+    """`Cancelled` that is also ComfyUI's ``InterruptProcessingException``: the engine recognises it as its own
+    cancellation and ComfyUI's executor reports ``execution_interrupted``."""
+    if comfy_interrupt not in _interrupted:
+        _interrupted[comfy_interrupt] = type("Interrupted", (Cancelled, comfy_interrupt), {
+            "__doc__": "The user pressed Cancel in ComfyUI.", "__module__": __name__})
+    return _interrupted[comfy_interrupt]
 
-    Inside ComfyUI this raises ComfyUI's own ``InterruptProcessingException`` (and clears the flag, as
-    ComfyUI does), so the server reports ``execution_interrupted``. Outside it raises `Cancelled`.
-    """
+
+class _ComfyControl(Control):
+    """Progress on ComfyUI's progress bar (whose hook raises after Cancel), events to the browser."""
+
+    def __init__(self, comfy: _Comfy, total: int, node_id: str | None, on_progress: ProgressHook | None):
+        super().__init__(on_progress=on_progress, total=total)
+        self._comfy = comfy
+        self._node_id = node_id
+        self._bar = None
+
+    def _interrupt(self):
+        interrupt = self._comfy.model_management.InterruptProcessingException
+        return interrupt, _interrupted_type(interrupt)
+
+    def check(self) -> None:
+        interrupt, interrupted = self._interrupt()
+        try:
+            self._comfy.model_management.throw_exception_if_processing_interrupted()
+        except interrupted:
+            raise
+        except interrupt:
+            raise interrupted("cancelled in ComfyUI") from None
+
+    def progress(self, done: int, total: int | None = None, text: str | None = None) -> None:
+        if total is not None:
+            self.total = max(int(total), 1)
+        self.total = max(self.total, 1)
+        self.done = min(int(done), self.total)
+        self._report(self.done, self.total, text)
+        if self._bar is None:
+            self._bar = self._comfy.utils.ProgressBar(self.total, node_id=self._node_id)
+        interrupt, interrupted = self._interrupt()
+        try:  # ComfyUI's progress hook raises its interrupt after Cancel
+            self._bar.update_absolute(self.done, self.total, None)
+        except interrupted:
+            raise
+        except interrupt:
+            raise interrupted("cancelled in ComfyUI") from None
+
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        super().event(name, data)
+        send_event(name, data, node_id=self._node_id)
+
+
+class _PlainControl(Control):
+    """Outside ComfyUI: progress is logged (every 2 s and at the end), the cancel flag stops the work."""
+
+    def __init__(self, total: int, label: str, on_progress: ProgressHook | None):
+        super().__init__(on_progress=on_progress, should_stop=self._flagged, total=total)
+        self.label = label
+        self._last_log = 0.0
+
+    @staticmethod
+    def _flagged() -> bool:
+        if _cancel.is_set():
+            _cancel.clear()  # consumed: the next run starts clean
+            return True
+        return False
+
+    def _report(self, done: int, total: int, text: str | None) -> None:
+        super()._report(done, total, text)
+        now = time.monotonic()
+        if done >= total or now - self._last_log >= 2.0:
+            self._last_log = now
+            log.info("%s: %d/%d%s", self.label, done, total, f" {text}" if text else "")
+
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        super().event(name, data)
+        send_event(name, data)
+
+
+def control(total: int = 0, node_id: str | None = None, label: str = "charforge",
+            on_progress: ProgressHook | None = None) -> Control:
+    """The `Control` a node hands to the engine: ComfyUI's progress bar, Cancel and browser messages inside
+    ComfyUI; log lines, `request_cancel()` and `on_progress` outside it."""
     comfy = _load_comfy()
     if comfy is not None:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        return
-    if _cancel.is_set():
-        _cancel.clear()
-        raise Cancelled("cancelled by request")
+        return _ComfyControl(comfy, total, node_id, on_progress)
+    return _PlainControl(total, label, on_progress)
+
+
+def check_cancelled() -> None:
+    """Raise `Cancelled` if the user asked to stop (inside ComfyUI: ComfyUI's interrupt, which it clears)."""
+    control().check()
 
 
 def is_cancellation(exc: BaseException) -> bool:
-    """True for the exceptions that mean "the user stopped this": broad handlers must re-raise them."""
+    """True for the exceptions that mean "the user stopped this": broad handlers must re-raise them.
+
+    `Cancelled` covers everything the pack raises; ComfyUI's own interrupt is recognised too, for ComfyUI
+    code a node calls (samplers, LoRA patching).
+    """
     if isinstance(exc, Cancelled):
         return True
     comfy = _load_comfy()
     return comfy is not None and isinstance(exc, comfy.model_management.InterruptProcessingException)
-
-
-# --------------------------------------------------------------------------------------------------
-# Progress
-
-ProgressCallback = Callable[[int, int], None]
-
-
-class Progress:
-    """Progress of one long piece of work, shown on the node in ComfyUI.
-
-    Every update also checks for cancellation (inside ComfyUI, ComfyUI's progress hook does that), so a
-    loop that reports progress stops promptly when the user presses Cancel.
-    """
-
-    def __init__(self, total: int, node_id: str | None = None, callback: ProgressCallback | None = None,
-                 label: str = "charforge"):
-        self.total = max(int(total), 1)
-        self.value = 0
-        self.label = label
-        self._callback = callback
-        self._last_log = 0.0
-        comfy = _load_comfy()
-        self._bar = comfy.utils.ProgressBar(self.total, node_id=node_id) if comfy is not None else None
-
-    def update(self, n: int = 1, preview: Any = None) -> None:
-        """Advance by `n` steps. `preview` is ComfyUI's ``("JPEG"|"PNG", PIL.Image, max_size)`` tuple."""
-        self.set(self.value + n, preview=preview)
-
-    def set(self, value: int, total: int | None = None, preview: Any = None) -> None:
-        """Set the absolute position (and optionally a new total)."""
-        if total is not None:
-            self.total = max(int(total), 1)
-        self.value = min(int(value), self.total)
-        if self._callback is not None:
-            self._callback(self.value, self.total)
-        if self._bar is not None:
-            self._bar.update_absolute(self.value, self.total, preview)
-            return
-        now = time.monotonic()
-        if self.value == self.total or now - self._last_log >= 2.0:
-            self._last_log = now
-            log.info("%s: %d/%d", self.label, self.value, self.total)
-        check_cancelled()
-
-
-def track(items: Iterable[Any], total: int, node_id: str | None = None, label: str = "charforge") -> Iterable[Any]:
-    """Iterate `items`, reporting one progress step (and checking for cancel) after each."""
-    progress = Progress(total, node_id=node_id, label=label)
-    for item in items:
-        yield item
-        progress.update(1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .. import bridge
-from .dataset import DATASET, _finish, _StageProgress
+from .dataset import DATASET, _finish, _stage_progress
 
 CATEGORY = "CharForge/Caption"
 BACKENDS = ("wd14", "openai", "blip", "blip2", "florence2", "clip_interrogator", "ensemble")
@@ -195,7 +195,7 @@ class CaptionDataset:
         captioner = make_captioner(backend, model, batch_size, **options)
         try:
             run = caption_dataset(dataset, captioner, rules, mode=mode, batch_size=captioner.batch_size,
-                                  on_image=_StageProgress(node_id, "caption dataset"))
+                                  on_image=_stage_progress(node_id, "caption dataset"))
         finally:
             captioner.close()  # free the model even when cancelled
         settings = {"backend": backend, "model": model, "mode": mode, "trigger": trigger,
@@ -420,21 +420,21 @@ class CaptionImages:
 
         rules = _rules(trigger, class_tokens, template, keep_tokens, banned_words, style_tags, max_tokens, tokenizer)
         total = int(images.shape[0])
-        progress = bridge.Progress(total, node_id=node_id, label="caption images")
+        progress = bridge.control(total, node_id=node_id, label="caption images")
         captions: list[str] = []
         captioner = make_captioner(backend, model, batch_size, **options)
         try:
             frames = _tensor_to_arrays(images)
             step = max(1, captioner.batch_size)
             for start in range(0, total, step):
-                bridge.check_cancelled()
+                progress.check()
                 batch = [_image_to_pil(next(frames)) for _ in range(min(step, total - start))]
                 if captioner.max_side:
                     for image in batch:
                         image.thumbnail((captioner.max_side, captioner.max_side))
                 raw = captioner.caption(batch)
                 captions += [apply_rules(text, rules).text if text.strip() else "" for text in raw]
-                progress.update(len(batch))
+                progress.advance(len(batch))
         finally:
             captioner.close()
         text = "\n".join(captions)

@@ -76,7 +76,7 @@ class ListImages:
 
     def list_images(self, folder, recursive, max_preview, preview_size, node_id=None):
         result = scan_folder(resolve_folder(folder), recursive=recursive)
-        progress = bridge.Progress(max(1, len(result.images)), node_id=node_id, label="list images")
+        progress = bridge.control(max(1, len(result.images)), node_id=node_id, label="list images")
         previews, readable, rejected = [], [], list(result.rejected)
         for path in result.images:
             try:
@@ -88,7 +88,7 @@ class ListImages:
                 rejected.append(Rejected(path, rejection_reason(exc)))
             else:
                 readable.append(path)
-            progress.update(1)
+            progress.advance()
         batch = pil_to_image_batch(previews) if previews else empty_image_batch(preview_size)
         report = f"{len(readable)} image(s) in {result.folder}"
         if rejected:
@@ -132,12 +132,12 @@ class ImageQuality:
     def measure(self, images, min_sharpness, node_id=None):
         import json
 
-        progress = bridge.Progress(int(images.shape[0]), node_id=node_id, label="image quality")
+        progress = bridge.control(int(images.shape[0]), node_id=node_id, label="image quality")
         rows = []
         for index in range(int(images.shape[0])):
             quality = measure_quality(images[index].cpu().numpy())
             rows.append({"index": index, **quality.as_dict(), "sharp": quality.sharpness >= min_sharpness})
-            progress.update(1)
+            progress.advance()
         sharp = sum(row["sharp"] for row in rows)
         summary = f"{sharp} of {len(rows)} image(s) sharp (min_sharpness {min_sharpness:g})"
         return {"ui": {"text": [summary]}, "result": (json.dumps(rows, indent=1), sharp)}
@@ -151,16 +151,9 @@ def _datasets_root() -> str:
     return os.path.join(bridge.output_directory(), *DATASETS_SUBFOLDER)
 
 
-class _StageProgress:
-    """Per-image progress for an engine stage: created on the first report, so the total is known."""
-
-    def __init__(self, node_id, label: str):
-        self._node_id, self._label, self._bar = node_id, label, None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self._bar is None:
-            self._bar = bridge.Progress(total, node_id=self._node_id, label=self._label)
-        self._bar.set(done, total)
+def _stage_progress(node_id, label: str):
+    """``on_image(done, total)`` for an engine stage: the node's progress bar, which also stops on Cancel."""
+    return bridge.control(node_id=node_id, label=label).progress
 
 
 def _workers_input():
@@ -255,7 +248,7 @@ class LoadDataset:
         from ..engine.dataset import DatasetManifest, add_arrays, dataset_folder, load_folder
 
         target = dataset_folder(_datasets_root(), name)
-        progress = _StageProgress(node_id, "load dataset")
+        progress = _stage_progress(node_id, "load dataset")
         if (folder or "").strip():
             manifest = load_folder(resolve_folder(folder), target, name=target.name, recursive=recursive,
                                    read_captions=read_captions, workers=workers, on_image=progress)
@@ -264,7 +257,7 @@ class LoadDataset:
         else:
             manifest = DatasetManifest(name=target.name, folder=str(target))
         if images is not None:
-            add_arrays(manifest, _tensor_to_arrays(images), on_image=_StageProgress(node_id, "load images"),
+            add_arrays(manifest, _tensor_to_arrays(images), on_image=_stage_progress(node_id, "load images"),
                        total=int(images.shape[0]))
         unreadable = manifest.rejected
         summary = f"{len(manifest.entries)} image(s) loaded into {manifest.folder}"
@@ -326,7 +319,7 @@ class AnalyseDataset:
         else:
             choice = choose_detector(face_detector, pack=insightface_pack.strip() or "buffalo_l")
         manifest = analyse(dataset, choice.detector, choice.name, workers=workers,
-                           on_image=_StageProgress(node_id, "analyse dataset"))
+                           on_image=_stage_progress(node_id, "analyse dataset"))
         measured = [e for e in manifest.entries if e.scores.sharpness is not None]
         summary = f"face detector: {choice.name} ({choice.note}); {len(measured)} image(s) measured"
         if choice.detector is not None:
@@ -380,7 +373,7 @@ class DeduplicateDataset:
         from ..engine.dataset import deduplicate
 
         manifest = deduplicate(dataset, threshold=threshold, hash_kind=hash, workers=workers,
-                               on_image=_StageProgress(node_id, "deduplicate dataset"))
+                               on_image=_stage_progress(node_id, "deduplicate dataset"))
         names = manifest.by_id()
         groups = [", ".join(names[i].name for i in group) for group in manifest.duplicate_groups]
         dropped = sum(len(g) - 1 for g in manifest.duplicate_groups)
@@ -502,7 +495,7 @@ class CropDataset:
 
         settings = CropSettings(bucket_set=buckets, mode=mode, headroom=headroom, square=square, upscale=upscale,
                                 format=format)
-        manifest = crop_dataset(dataset, settings, workers=workers, on_image=_StageProgress(node_id, "crop dataset"))
+        manifest = crop_dataset(dataset, settings, workers=workers, on_image=_stage_progress(node_id, "crop dataset"))
         summary = manifest.history[-1].summary
         text = _finish(manifest, "crop", {}, summary)
         return {"ui": {"text": [text]}, "result": (manifest, summary)}
@@ -542,7 +535,7 @@ class AugmentDataset:
         from ..engine.dataset import AugmentSettings, augment
 
         settings = AugmentSettings(flip=flip, color_jitter=color_jitter, seed=seed)
-        manifest = augment(dataset, settings, workers=workers, on_image=_StageProgress(node_id, "augment dataset"))
+        manifest = augment(dataset, settings, workers=workers, on_image=_stage_progress(node_id, "augment dataset"))
         summary = manifest.history[-1].summary
         text = _finish(manifest, "augment", {}, summary)
         return {"ui": {"text": [text]}, "result": (manifest, summary)}
@@ -594,7 +587,7 @@ class ExportDataset:
         from ..engine.dataset import export_kohya
 
         result = export_kohya(dataset, trigger, class_tokens, repeats=repeats, export_name=export_name,
-                              caption_mode=caption_mode, on_image=_StageProgress(node_id, "export dataset"))
+                              caption_mode=caption_mode, on_image=_stage_progress(node_id, "export dataset"))
         text = _finish(result.manifest, "export", {}, result.summary)
         return {"ui": {"text": [text]}, "result": (result.manifest, result.train_data_dir, result.summary)}
 
@@ -641,7 +634,7 @@ class DatasetReport:
         from ..engine.dataset import write_report
 
         written = write_report(dataset, trigger=trigger, thumb_size=thumbnail_size, per_sheet=per_sheet,
-                               workers=workers, on_image=_StageProgress(node_id, "dataset report"))
+                               workers=workers, on_image=_stage_progress(node_id, "dataset report"))
         data = written["data"]
         counts = data["counts"]
         reasons = ", ".join(f"{k}: {v}" for k, v in list(data["rejection_reasons"].items())[:6]) or "none"

@@ -202,12 +202,12 @@ class ApplyLoraStack:
             if name != NONE:
                 strength = float(slots.get(f"strength_{slot}", 1.0))
                 stack.append((name, strength, strength))
-        progress = bridge.Progress(max(len(stack), 1), node_id=node_id, label="apply loras")
+        progress = bridge.control(max(len(stack), 1), node_id=node_id, label="apply loras")
         lines, words = [], []
         for name, strength_model, strength_clip in stack:
             if strength_model == 0 and strength_clip == 0:
                 lines.append(f"{name}: skipped (strength 0)")
-                progress.update(1)
+                progress.advance()
                 continue
             path = _lora_path(name)
             model, clip, not_loaded = bridge.apply_lora(model, clip, path, strength_model, strength_clip)
@@ -220,7 +220,7 @@ class ApplyLoraStack:
                     words += [w for w in inspect_lora(path).trigger_words if w not in words]
                 except (ValueError, OSError) as exc:
                     lines.append(f"{name}: no trigger words ({exc})")
-            progress.update(1)
+            progress.advance()
         text = prompt or ""
         if inject_trigger_words and words:
             text = add_trigger_words(text, words)
@@ -389,10 +389,10 @@ class MergeLoras:
         if lora_1 == NONE:
             raise ValueError("no LoRA file in the loras folder")
         target = _output_path(output_name, "merged")
-        progress = bridge.Progress(1, node_id=node_id, label="merge loras")
+        progress = bridge.control(1, node_id=node_id, label="merge loras")
         path, energy = merge_files([(_lora_path(n), w) for n, w in sources], target, rank=rank or None, fmt=format,
-                                   on_module=bridge.check_cancelled)
-        progress.update(1)
+                                   on_module=progress.check)
+        progress.advance()
         report = f"{path.name}: " + " + ".join(f"{w:g} x {n}" for n, w in sources)
         if energy is not None:
             report += f"\n{energy.summary()}"

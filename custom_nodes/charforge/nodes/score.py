@@ -210,8 +210,8 @@ class BuildIdentity:
             sources += found
         if not sources:
             raise ValueError("no reference photos: connect images or give a folder of photos of the character")
-        progress = bridge.Progress(len(sources), node_id=node_id, label="build identity")
-        identity = build_identity(name, face_models, sources, on_image=progress.update)
+        progress = bridge.control(len(sources), node_id=node_id, label="build identity")
+        identity = build_identity(name, face_models, sources, control=progress)
         identity.skipped = skipped + identity.skipped
         report = identity.summary()
         if save:
@@ -302,10 +302,10 @@ class ScoreIdentity:
         }
 
     def score(self, face_models, identity, images, threshold, face_choice, node_id=None):
-        progress = bridge.Progress(int(images.shape[0]), node_id=node_id, label="score identity")
+        progress = bridge.control(int(images.shape[0]), node_id=node_id, label="score identity")
         frames = ((f"image {i}", frame) for i, frame in enumerate(_frames(images)))
         sheet = score_identity(face_models, identity, frames, _threshold(threshold), face_choice,
-                               on_image=progress.update)
+                               control=progress)
         table = _sheet_table(sheet, f"identity vs {identity.name} ({face_models.name})")
         mean = sheet.stats()["mean"] or 0.0
         return {"ui": {"text": [sheet.summary()], "images": [_show(table)]},
@@ -436,10 +436,10 @@ class IdentityDrift:
         }
 
     def drift(self, face_models, identity, frames, threshold, face_choice, node_id=None):
-        progress = bridge.Progress(int(frames.shape[0]), node_id=node_id, label="identity drift")
+        progress = bridge.control(int(frames.shape[0]), node_id=node_id, label="identity drift")
         labelled = ((f"frame {i}", frame) for i, frame in enumerate(_frames(frames)))
         sheet = score_identity(face_models, identity, labelled, _threshold(threshold), face_choice,
-                               on_image=progress.update)
+                               control=progress)
         report = identity_drift(sheet)
         plot = line_plot(f"identity vs {identity.name}: mean {report.mean if report.mean is not None else '-'}, "
                          f"min {report.min if report.min is not None else '-'}", sheet.values, sheet.threshold)
@@ -543,9 +543,9 @@ class ClipScore:
         from ..engine.score.clip import clip_sheet
 
         count = int(images.shape[0])
-        progress = bridge.Progress(count, node_id=node_id, label="clip score")
+        progress = bridge.control(count, node_id=node_id, label="clip score")
         sheet = clip_sheet(clip, images, _prompts(prompt, one_per_line, count), _threshold(threshold),
-                           batch_size=batch_size, on_batch=progress.update)
+                           batch_size=batch_size, control=progress)
         table = _sheet_table(sheet, f"CLIP scores ({clip.name})")
         return {"ui": {"text": [sheet.summary()], "images": [_show(table)]},
                 "result": (sheet, float(sheet.stats()["mean"] or 0.0), _as_image(table), sheet.to_json())}
@@ -603,7 +603,7 @@ def _score_set(name, frames, face_models, identity, clip, prompts, threshold, pr
     import numpy as np
 
     frames = list(frames)
-    sheet = score_identity(face_models, identity, frames, threshold, on_image=progress.update)
+    sheet = score_identity(face_models, identity, frames, threshold, control=progress)
     text = None
     if clip is not None and prompts:
         torch = _torch()
@@ -737,7 +737,7 @@ class PickCheckpoint:
 
         groups = checkpoint_groups(samples_folder)
         prompt_lines = [line.strip() for line in prompts.splitlines() if line.strip()]
-        progress = bridge.Progress(sum(len(v) for v in groups.values()), node_id=node_id, label="pick checkpoint")
+        progress = bridge.control(sum(len(v) for v in groups.values()), node_id=node_id, label="pick checkpoint")
         summaries = []
         for name in sorted(groups, key=_natural):
             frames = [(os.path.basename(p), np.asarray(load_image(p))) for p in groups[name]]
@@ -819,7 +819,7 @@ class CompareSets:
         labels = [n.strip() for n in names.split(",") if n.strip()]
         labels += [f"set {i + 1}" for i in range(len(labels), len(sets))]
         prompt_lines = [line.strip() for line in prompt.splitlines() if line.strip()]
-        progress = bridge.Progress(sum(int(s.shape[0]) for s in sets), node_id=node_id, label="compare sets")
+        progress = bridge.control(sum(int(s.shape[0]) for s in sets), node_id=node_id, label="compare sets")
         summaries = []
         for name, images in zip(labels, sets, strict=False):
             frames = [(f"{name} {i}", f) for i, f in enumerate(_frames(images))]

@@ -226,16 +226,16 @@ class StoryboardSelect:
         captions = list(captions or [])
         counts = [int(b.shape[0]) for b in batches]
         total = sum(counts) + (sum(counts[1:] if offset == 0 else counts) if mode == "reference" else 0)
-        progress = bridge.Progress(total, node_id=node_id, label="storyboard select")
+        progress = bridge.control(total, node_id=node_id, label="storyboard select")
         guide, guide_note = None, ""
         if mode == "reference" and reference is not None:
             guide, guide_note = _guide_identity(analyzer, reference[0].cpu().numpy(), "reference image")
         frames, kept, report = [], [], []
         for position, (batch, prompt) in enumerate(zip(batches, prompts, strict=True)):
             index = offset + position
-            bridge.check_cancelled()
+            progress.check()
             labelled = [(f"frame {index + 1} candidate {i}", f) for i, f in enumerate(_rgb_frames(batch))]
-            sheet = score_identity(analyzer, character, labelled, None, face_choice, on_image=progress.update)
+            sheet = score_identity(analyzer, character, labelled, None, face_choice, control=progress)
             text = None
             if clip is not None:
                 from ..engine.score.clip import clip_sheet
@@ -243,7 +243,7 @@ class StoryboardSelect:
                 text = clip_sheet(clip, batch, [prompt])
             guide_sheet = None
             if guide is not None and index > 0:
-                guide_sheet = score_identity(analyzer, guide, labelled, None, face_choice, on_image=progress.update)
+                guide_sheet = score_identity(analyzer, guide, labelled, None, face_choice, control=progress)
             pick = pick_frame(guide_sheet or sheet, text, identity_weight, text_weight)
             chosen = batch[pick.index]
             kept.append(chosen)

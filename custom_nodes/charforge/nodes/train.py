@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
 from .. import bridge
@@ -21,7 +20,6 @@ DIFFUSERS_PREFIX = "[diffusers] "
 PRESETS = ("sdxl", "sd15", "fast", "high_quality")  # charforge.engine.train.config.PRESETS (kept import-free)
 # charforge.engine.train.config.BASIC_DEFAULTS (the sdxl preset's values; a test keeps them equal)
 BASIC_DEFAULTS = {"steps": 1500, "learning_rate": 1e-4, "rank": 32, "resolution": 1024}
-EVENT_INTERVAL = 0.5  # seconds between charforge.train.progress messages
 
 
 def runs_directory() -> str:
@@ -109,33 +107,6 @@ def _ui_image(path: str) -> dict | None:
     except ValueError:
         return None
     return {"filename": relative.name, "subfolder": relative.parent.as_posix(), "type": "output"}
-
-
-class _TrainProgress:
-    """Engine events -> ComfyUI's progress bar (steps) and ``charforge.train.progress`` messages.
-
-    Every call goes through `bridge.Progress`, which raises ComfyUI's interrupt after Cancel; the engine
-    then saves a resumable state and re-raises.
-    """
-
-    def __init__(self, node_id: str | None, total_steps: int, run_name: str):
-        self.node_id = node_id
-        self.progress = bridge.Progress(total_steps, node_id=node_id, label=f"train {run_name}")
-        self.run_name = run_name
-        self._last_event = 0.0
-
-    def __call__(self, event: dict) -> None:
-        phase = event.get("phase")
-        if phase == "training":
-            self.progress.set(int(event["step"]), total=int(event["total_steps"]))
-        else:
-            bridge.check_cancelled()
-        now = time.monotonic()
-        if phase != "training" or now - self._last_event >= EVENT_INTERVAL or \
-                event.get("step") == event.get("total_steps"):
-            self._last_event = now
-            payload = {"run": self.run_name, **{k: v for k, v in event.items() if isinstance(v, (int, float, str))}}
-            bridge.send_event("train.progress", payload, node_id=self.node_id)
 
 
 class TrainLoRA:
@@ -270,17 +241,10 @@ class TrainLoRA:
             raise ValueError("no training data: connect a CharForge dataset or type a kohya dataset folder "
                              "(the folder that contains '<repeats>_<trigger class>' subfolders)")
         name = safe_run_name(output_name)
-        progress = _TrainProgress(node_id, config.steps, name)
-        loras = loras_directory()
-
-        def should_stop() -> bool:
-            bridge.check_cancelled()  # raises after Cancel
-            return False
-
         request = TrainRequest(base_model=model_path, dataset=source, runs_dir=runs_directory(), name=name,
-                               config=config, lora_dir=loras, resume=resume, memory_profile=memory_profile,
-                               tokenizer_dirs=comfyui_tokenizer_dirs())
-        result = train(request, on_progress=progress, should_stop=should_stop, is_cancellation=bridge.is_cancellation)
+                               config=config, lora_dir=loras_directory(), resume=resume,
+                               memory_profile=memory_profile, tokenizer_dirs=comfyui_tokenizer_dirs())
+        result = train(request, bridge.control(config.steps, node_id=node_id, label=f"train {name}"))
 
         lora_name = Path(result.exported_path or result.lora_path).name
         run = TrainingRun(name=Path(result.run_dir).name, run_dir=result.run_dir, state="completed", step=result.step,

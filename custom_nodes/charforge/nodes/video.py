@@ -317,8 +317,8 @@ class GenerateVideo:
             clip_skip=int(clip_skip), blend_prompts=bool(blend_prompts),
             context=ContextOptions(length=int(context_length), overlap=int(context_overlap), loop=bool(closed_loop)),
             init_frames=init_images, strength=float(strength) if init_images is not None else 1.0)
-        progress = bridge.Progress(int(steps) + 1, node_id=unique_id, label="generate video")
-        result = generate_video(loaded, request, lambda done, total: progress.set(done, total))
+        result = generate_video(loaded, request, bridge.control(int(steps) + 1, node_id=unique_id,
+                                                                label="generate video"))
         windows = result.windows
         lines = [
             f"{len(result.frames)} frames {width}x{height} at {fps:g} fps, seed {seed}, {result.steps_run} steps "
@@ -437,19 +437,16 @@ class InterpolateFrames:
             from ..engine.video.rife import interpolate_rife
 
             tasks = max((count - 1 + (1 if loop and count > 1 else 0)) * (factor - 1), 1)
-            progress = bridge.Progress(tasks, node_id=unique_id, label="interpolate frames (RIFE)")
             out = interpolate_rife(frames, loaded, factor, bool(loop),
-                                   progress=lambda done, total: progress.set(done, total),
-                                   check_cancelled=bridge.check_cancelled)
+                                   control=bridge.control(tasks, node_id=unique_id, label="interpolate frames (RIFE)"))
             log.info("Interpolate Frames: RIFE %s (%s) on %s", loaded.version, Path(loaded.path).name, loaded.device)
         else:
             require("cv2")
             from ..engine.video import interpolate_frames
 
             pairs = max(count - 1 + (1 if loop and count > 1 else 0), 1)
-            progress = bridge.Progress(pairs, node_id=unique_id, label="interpolate frames")
-            out = torch.from_numpy(
-                interpolate_frames(frames, factor, bool(loop), lambda done, total: progress.set(done, total)))
+            control = bridge.control(pairs, node_id=unique_id, label="interpolate frames")
+            out = torch.from_numpy(interpolate_frames(frames, factor, bool(loop), control))
         assert len(out) == interpolated_count(count, factor, bool(loop))
         return (out, float(fps) * (factor if count > 1 else 1))
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ... import bridge
 from ...deps import require
+from ..control import Control
 from .sheet import ImageScore, ScoreSheet, judge
 
 log = logging.getLogger("charforge")
@@ -164,8 +165,10 @@ class ClipScorer:
         std = torch.tensor(self.preprocess.std, device=self.device).view(1, 3, 1, 1)
         return ((x - mean) / std).to(self.dtype)
 
-    def embed_images(self, images, batch_size: int = 32, on_batch: Callable[[int], None] | None = None) -> Any:
-        """Normalised image embeddings [B, D] (float32, on the device) of a [B, H, W, 3] 0..1 tensor."""
+    def embed_images(self, images, batch_size: int = 32, control: Control | None = None) -> Any:
+        """Normalised image embeddings [B, D] (float32, on the device) of a [B, H, W, 3] 0..1 tensor.
+
+        `control` advances by the images of each batch."""
         torch = require("torch")
         out = []
         with torch.inference_mode():
@@ -173,8 +176,8 @@ class ClipScorer:
                 chunk = images[start:start + batch_size]
                 features = _features(self.model.get_image_features(pixel_values=self._pixels(chunk)))
                 out.append(torch.nn.functional.normalize(features.float(), dim=-1))
-                if on_batch is not None:
-                    on_batch(int(chunk.shape[0]))
+                if control is not None:
+                    control.advance(int(chunk.shape[0]))
         return torch.cat(out) if out else torch.zeros((0, self.model.config.projection_dim), device=self.device)
 
     def embed_texts(self, texts: Sequence[str]) -> Any:
@@ -192,7 +195,7 @@ class ClipScorer:
         return [t for t in texts if len(self.tokenizer(t)["input_ids"]) > self.max_tokens]
 
     def score(self, images, prompts: Sequence[str], batch_size: int = 32,
-              on_batch: Callable[[int], None] | None = None) -> list[float]:
+              control: Control | None = None) -> list[float]:
         """Cosine similarity of image i with prompts[i] (or with the single prompt for every image)."""
         count = int(images.shape[0])
         if len(prompts) not in (1, count):
@@ -200,7 +203,7 @@ class ClipScorer:
                              f"{count} images")
         unique = list(dict.fromkeys(prompts))
         text = self.embed_texts(unique)
-        image = self.embed_images(images, batch_size, on_batch)
+        image = self.embed_images(images, batch_size, control)
         which = [unique.index(prompts[0 if len(prompts) == 1 else i]) for i in range(count)]
         sims = (image * text[which]).sum(dim=-1)
         return [float(v) for v in sims.cpu()]
@@ -218,9 +221,9 @@ def _accepts_dtype(transformers) -> bool:
 
 def clip_sheet(scorer: ClipScorer, images, prompts: Sequence[str], threshold: float | None = None,
                labels: Sequence[str] | None = None, batch_size: int = 32,
-               on_batch: Callable[[int], None] | None = None) -> ScoreSheet:
+               control: Control | None = None) -> ScoreSheet:
     """A `ScoreSheet` of CLIP scores (metric ``clip``) for a [B, H, W, 3] batch and its prompt(s)."""
-    values = scorer.score(images, prompts, batch_size, on_batch)
+    values = scorer.score(images, prompts, batch_size, control)
     rows = []
     for i, value in enumerate(values):
         passed = judge(value, threshold)

@@ -21,13 +21,14 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ... import bridge
 from ...deps import require
+from ..control import Control
 
 FORMAT = "charforge.identity"
 VERSION = 1
@@ -164,11 +165,11 @@ def identity_from_embeddings(name: str, model: str, references: list[tuple[str, 
 
 
 def build_identity(name: str, analyzer, images: Iterable[tuple[str, Any]],
-                   on_image: Callable[[], None] | None = None) -> ReferenceIdentity:
+                   control: Control | None = None) -> ReferenceIdentity:
     """Detect the main (largest) face of each (source, RGB image) and build the identity from them.
 
     Images without a face are skipped and named in the identity's `skipped` list, never raised.
-    `on_image` is called after each image (progress and cancel).
+    `control` advances by one after each image (and may stop the work there).
     """
     references, skipped = [], []
     for source, rgb in images:
@@ -179,8 +180,8 @@ def build_identity(name: str, analyzer, images: Iterable[tuple[str, Any]],
             skipped.append((source, "the face model gave no embedding (detector without landmarks?)"))
         else:
             references.append((source, faces[0].embedding, len(faces)))
-        if on_image is not None:
-            on_image()
+        if control is not None:
+            control.advance()
     return identity_from_embeddings(name, analyzer.name, references, skipped)
 
 

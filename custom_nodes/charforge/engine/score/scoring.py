@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
+from ..control import Control
 from .identity import ReferenceIdentity
 from .sheet import ImageScore, ScoreSheet, judge
 
@@ -22,12 +23,12 @@ def check_same_model(identity: ReferenceIdentity, analyzer) -> None:
 
 def score_identity(analyzer, identity: ReferenceIdentity, images: Iterable[tuple[str, Any]],
                    threshold: float | None = None, face_choice: str = "largest",
-                   on_image: Callable[[], None] | None = None) -> ScoreSheet:
+                   control: Control | None = None) -> ScoreSheet:
     """Score each (label, RGB image): similarity of its main face to `identity`, pass/fail at `threshold`.
 
     The main face is the largest one (``largest``) or the one most similar to the identity
     (``best_match``, for group shots). Images without a face get no score and the reason, never an error.
-    `threshold` None means the identity's suggested threshold.
+    `threshold` None means the identity's suggested threshold. `control` advances by one after each image.
     """
     if face_choice not in FACE_CHOICES:
         raise ValueError(f"face_choice must be one of {FACE_CHOICES}, got {face_choice!r}")
@@ -47,6 +48,6 @@ def score_identity(analyzer, identity: ReferenceIdentity, images: Iterable[tuple
             reason = "" if passed else f"similarity {value:.3f} below {threshold:.3f}"
             details = {"faces": len(faces), "face": chosen, **faces[chosen].as_dict()}
             rows.append(ImageScore(index, value, passed, reason, label, details))
-        if on_image is not None:
-            on_image()
+        if control is not None:
+            control.advance()
     return ScoreSheet("identity", rows, threshold, f"{identity.name} ({identity.model})")

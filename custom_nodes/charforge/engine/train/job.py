@@ -35,10 +35,11 @@ from typing import Any
 
 import torch
 
+from ..control import Cancelled, Control, or_default
 from .config import TrainConfig
 from .data import TrainingData, cache_key, load_items, tag_frequency
 from .export import export_lora, lora_metadata
-from .loop import StepReport, Trainer, TrainingStopped, pick_device
+from .loop import StepReport, Trainer, pick_device
 from .models import BaseModel, fingerprint, load_base_model
 from .run import MetricsRow, RunFolder, existing_runs, mark_active, safe_run_name
 from .samples import plan_samples, render_samples, sample_prompts
@@ -46,15 +47,7 @@ from .samples import plan_samples, render_samples, sample_prompts
 log = logging.getLogger("charforge")
 
 RESUME_MODES = ("auto", "never")
-
-
-class TrainingCancelled(Exception):
-    """Training was stopped on request; the run folder holds a state that resumes."""
-
-    def __init__(self, run_dir: str, step: int):
-        super().__init__(f"training cancelled at step {step}; queue it again to resume ({run_dir})")
-        self.run_dir = run_dir
-        self.step = step
+EVENT_INTERVAL = 0.5  # seconds between ``train.progress`` events while steps run
 
 
 @dataclass
@@ -85,9 +78,6 @@ class TrainResult:
     loss_curve: str
     resumed_from: int
     estimate: dict[str, Any] | None = None
-
-
-ProgressCallback = Callable[[dict[str, Any]], None]
 
 
 def _dataset_hash(data: TrainingData) -> str:
@@ -146,31 +136,52 @@ def _resumed_config(saved: dict[str, Any], requested: TrainConfig) -> TrainConfi
                    trigger_word=requested.trigger_word, save_dtype=requested.save_dtype)
 
 
-def train(request: TrainRequest, on_progress: ProgressCallback | None = None,
-          should_stop: Callable[[], bool] | None = None,
-          is_cancellation: Callable[[BaseException], bool] | None = None) -> TrainResult:
+def train(request: TrainRequest, control: Control | None = None) -> TrainResult:
     """Run (or resume) a training job; see the module docstring.
 
-    ``on_progress(event)`` gets dicts with ``phase`` ("loading", "caching", "training", "sampling",
+    `control` gets the steps as progress (``control.progress(step, total_steps, text)``) and
+    ``train.progress`` events: dicts with ``run``, ``phase`` ("loading", "caching", "training", "sampling",
     "saving", "done") and, while training, ``step``, ``total_steps``, ``loss``, ``lr``,
-    ``steps_per_second``, ``eta_seconds``. It may raise to stop the run (ComfyUI's interrupt does);
-    ``is_cancellation(exc)`` tells such exceptions from errors. Raises `TrainingCancelled` when
-    ``should_stop()`` returned True; the state to resume is saved in both cases.
+    ``steps_per_second``, ``eta_seconds`` (at most every `EVENT_INTERVAL` seconds while steps run). When
+    it stops the work (`Cancelled`, or ComfyUI's Cancel) the state of the last completed step is saved,
+    the run is marked cancelled and the exception goes on: queue the same job again to resume.
     """
     # ComfyUI runs nodes under torch.inference_mode(): tensors made there cannot take part in autograd.
     # The trainer sets TF32 / cuDNN autotuning for itself; the host process gets its own settings back.
     flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            return _train(request, on_progress, should_stop, is_cancellation)
+            return _train(request, _Reporter(or_default(control), safe_run_name(request.name)))
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the model is gone: give the memory back to ComfyUI
 
 
-def _train(request: TrainRequest, on_progress: ProgressCallback | None, should_stop, is_cancellation) -> TrainResult:
-    report = on_progress or (lambda event: None)
+class _Reporter:
+    """The job's updates -> `Control`: steps as progress, every phase as a (throttled) ``train.progress``
+    event; the phases between steps check for a stop."""
+
+    def __init__(self, control: Control, run: str):
+        self.control = control
+        self.run = run
+        self._last_event = 0.0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        training = event.get("phase") == "training"
+        if training:
+            self.control.progress(int(event["step"]), int(event["total_steps"]),
+                                  text=f"loss {event['loss']:.4f}")
+        else:
+            self.control.check()
+        now = time.monotonic()
+        if not training or now - self._last_event >= EVENT_INTERVAL or event["step"] == event["total_steps"]:
+            self._last_event = now
+            self.control.event("train.progress", {"run": self.run, **{
+                key: value for key, value in event.items() if isinstance(value, (int, float, str))}})
+
+
+def _train(request: TrainRequest, report: _Reporter) -> TrainResult:
     started = time.time()
     device = pick_device(request.device)
     config = request.config
@@ -227,147 +238,164 @@ def _train(request: TrainRequest, on_progress: ProgressCallback | None, should_s
         folder = RunFolder.create(request.runs_dir, safe_run_name(request.name))
     mark_active(folder, True)
     try:
-        return _train_in_folder(request, config, requested, model, data, device, folder, resuming, identity,
-                                estimate, report, should_stop, is_cancellation, started)
+        session = TrainingSession(request=request, config=config, requested=requested, model=model, data=data,
+                                  device=device, folder=folder, resuming=resuming, identity=identity,
+                                  estimate=estimate, report=report, started=started)
+        return session.run()
     finally:
         mark_active(folder, False)
 
 
-def _train_in_folder(request: TrainRequest, config: TrainConfig, requested: TrainConfig, model: BaseModel,
-                     data: TrainingData, device: torch.device, folder: RunFolder, resuming: bool,
-                     identity: dict[str, str], estimate, report: ProgressCallback, should_stop, is_cancellation,
-                     started: float) -> TrainResult:
-    folder.write_config({
-        "config": config.to_dict(), "request_hash": requested.result_hash(), "identity": identity,
-        "base_model": request.base_model, "arch": model.arch, "trigger_word": config.trigger_word,
-        "dataset": {"images": len(data.items), "samples_per_epoch": data.num_samples,
-                    "buckets": data.bucket_histogram(), "subsets": sorted({i.subset for i in data.items})},
-        "device": str(device), "versions": _versions(),
-        "preflight": estimate.as_dict() if estimate is not None else None,
-    })
-    folder.update_status(state="running", phase="caching", total_steps=config.steps, error=None,
-                         started_at=folder.read_status().get("started_at") or started)
+@dataclass
+class TrainingSession:
+    """One job in its run folder, once the model, data and settings are settled: trains, writes samples,
+    checkpoints, metrics and state, and the final LoRA."""
 
-    def on_cache(what: str, done: int, total: int) -> None:
-        report({"phase": "caching", "what": what, "done": done, "total": total})
+    request: TrainRequest
+    config: TrainConfig  # what runs (the saved config when resuming, with the preflight's memory options)
+    requested: TrainConfig  # what was asked for (its hash decides what a later request may resume)
+    model: BaseModel
+    data: TrainingData
+    device: torch.device
+    folder: RunFolder
+    resuming: bool
+    identity: dict[str, str]
+    estimate: Any  # preflight.Estimate or None
+    report: Callable[[dict[str, Any]], None]
+    started: float
+    trainer: Trainer | None = None
+    plan: Any = None  # samples.SamplePlan
+    resumed_from: int = 0
+    pending: list[MetricsRow] = field(default_factory=list)  # metrics rows not yet appended to metrics.csv
+    last_status: float = 0.0  # when status.json was last updated during steps (monotonic seconds)
 
-    trainer = Trainer(model, data, config, device)
-    resumed_from = 0
-    pending: list[MetricsRow] = []
-    try:
-        trainer.setup(on_cache=on_cache)
-        if resuming:
-            trainer.load_state_dict(folder.load_state())
-            resumed_from = trainer.step
-            log.info("CharForge: resuming %s at step %d", folder.name, resumed_from)
-        folder.truncate_metrics(resumed_from)
-        captions = [item.caption for item in data.items]
-        plan = plan_samples(model, config.samples, sample_prompts(config.samples, config.trigger_word, captions),
-                            config.samples.size or config.data.resolution, device, config.clip_skip,
-                            config.max_token_length)
-        trainer.train(**_step_hooks(folder, trainer, model, data, config, request, plan, pending, report, started),
-                      should_stop=should_stop)
-        return _finish(folder, trainer, model, data, config, request, plan, report, started, resumed_from,
-                       estimate)
-    except BaseException as exc:
-        if pending:
-            folder.append_metrics(pending)
-        cancelled = isinstance(exc, (TrainingStopped, KeyboardInterrupt)) or bool(is_cancellation and is_cancellation(exc))
+    def run(self) -> TrainResult:
+        folder, config, data, model = self.folder, self.config, self.data, self.model
+        folder.write_config({
+            "config": config.to_dict(), "request_hash": self.requested.result_hash(), "identity": self.identity,
+            "base_model": self.request.base_model, "arch": model.arch, "trigger_word": config.trigger_word,
+            "dataset": {"images": len(data.items), "samples_per_epoch": data.num_samples,
+                        "buckets": data.bucket_histogram(), "subsets": sorted({i.subset for i in data.items})},
+            "device": str(self.device), "versions": _versions(),
+            "preflight": self.estimate.as_dict() if self.estimate is not None else None,
+        })
+        folder.update_status(state="running", phase="caching", total_steps=config.steps, error=None,
+                             started_at=folder.read_status().get("started_at") or self.started)
+
+        def on_cache(what: str, done: int, total: int) -> None:
+            self.report({"phase": "caching", "what": what, "done": done, "total": total})
+
+        self.trainer = trainer = Trainer(model, data, config, self.device)
+        try:
+            trainer.setup(on_cache=on_cache)
+            if self.resuming:
+                trainer.load_state_dict(folder.load_state())
+                self.resumed_from = trainer.step
+                log.info("CharForge: resuming %s at step %d", folder.name, self.resumed_from)
+            folder.truncate_metrics(self.resumed_from)
+            captions = [item.caption for item in data.items]
+            self.plan = plan_samples(model, config.samples, sample_prompts(config.samples, config.trigger_word,
+                                                                           captions),
+                                     config.samples.size or config.data.resolution, self.device, config.clip_skip,
+                                     config.max_token_length)
+            trainer.train(on_step=self._on_step, after_step=self._after_step, control=self.report.control)
+            return self._finish()
+        except BaseException as exc:
+            self._stopped(exc)
+            raise
+
+    def _stopped(self, exc: BaseException) -> None:
+        """Keep what a stop or an error leaves: metrics, the state of the last completed step, the status."""
+        folder, trainer = self.folder, self.trainer
+        if self.pending:
+            folder.append_metrics(self.pending)
+        cancelled = isinstance(exc, (Cancelled, KeyboardInterrupt))
         # Steps done since the last saved state are kept, unless the error hit the weights update itself.
         if trainer.optimizer is not None and not trainer.updating and \
-                (trainer.step > resumed_from or not folder.state_path.is_file()):
-            _save_state(folder, trainer)
+                (trainer.step > self.resumed_from or not folder.state_path.is_file()):
+            self._save_state()
         folder.write_loss_curve()
         folder.update_status(state="cancelled" if cancelled else "failed", step=trainer.step,
                              error=None if cancelled else f"{type(exc).__name__}: {exc}")
-        if isinstance(exc, TrainingStopped):
-            raise TrainingCancelled(str(folder.root), trainer.step) from None
-        raise
+        if isinstance(exc, Cancelled):  # say where the run can be resumed (the same exception goes on)
+            exc.args = (f"training cancelled at step {trainer.step}; queue it again to resume ({folder.root})",)
 
-
-def _save_samples(folder: RunFolder, model: BaseModel, plan, device, trainer: Trainer, report, step: int) -> list[str]:
-    report({"phase": "sampling", "step": step})
-    paths = []
-    for index, image in enumerate(render_samples(model, plan, device, trainer.autocast_dtype)):
-        path = folder.sample_path(step, index)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        image.save(tmp)
-        os.replace(tmp, path)
-        paths.append(str(path))
-    return paths
-
-
-def _step_hooks(folder: RunFolder, trainer: Trainer, model: BaseModel, data: TrainingData, config: TrainConfig,
-                request: TrainRequest, plan, pending: list[MetricsRow], report: ProgressCallback,
-                started: float) -> dict[str, Callable]:
-    """``on_step`` (metrics, status, progress) and ``after_step`` (samples, checkpoints, state)."""
-    last_status = [0.0]
-    state_every = config.state_every or config.checkpoint_every
-
-    def on_step(step_report: StepReport) -> None:
-        pending.append(MetricsRow(step_report.step, step_report.loss, step_report.lr,
-                                  round(step_report.steps_per_second, 4), step_report.epoch,
-                                  round(step_report.elapsed_seconds, 3)))
+    def _on_step(self, step_report: StepReport) -> None:
+        """Metrics, status and progress after each step."""
+        self.pending.append(MetricsRow(step_report.step, step_report.loss, step_report.lr,
+                                       round(step_report.steps_per_second, 4), step_report.epoch,
+                                       round(step_report.elapsed_seconds, 3)))
         now = time.monotonic()
-        if now - last_status[0] > 1.0 or step_report.step == step_report.total_steps:
-            last_status[0] = now
-            folder.update_status(state="running", phase="training", step=step_report.step, loss=step_report.loss,
-                                 eta_seconds=round(step_report.eta_seconds, 1))
-        report({"phase": "training", "step": step_report.step, "total_steps": step_report.total_steps,
-                "loss": step_report.loss, "lr": step_report.lr, "steps_per_second": step_report.steps_per_second,
-                "eta_seconds": step_report.eta_seconds})
+        if now - self.last_status > 1.0 or step_report.step == step_report.total_steps:
+            self.last_status = now
+            self.folder.update_status(state="running", phase="training", step=step_report.step,
+                                      loss=step_report.loss, eta_seconds=round(step_report.eta_seconds, 1))
+        self.report({"phase": "training", "step": step_report.step, "total_steps": step_report.total_steps,
+                     "loss": step_report.loss, "lr": step_report.lr,
+                     "steps_per_second": step_report.steps_per_second, "eta_seconds": step_report.eta_seconds})
 
-    def after_step(step: int) -> None:
-        if pending:
-            folder.append_metrics(pending)
-            pending.clear()
+    def _after_step(self, step: int) -> None:
+        """Samples, checkpoints and the resumable state at their intervals."""
+        config = self.config
+        if self.pending:
+            self.folder.append_metrics(self.pending)
+            self.pending.clear()
         if config.samples.every and step % config.samples.every == 0 and step < config.steps:
-            _save_samples(folder, model, plan, trainer.device, trainer, report, step)
+            self._save_samples(step)
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-            export_lora(folder.checkpoint_path(step), trainer.network, model.arch, model.unet_config,
-                        _lora_metadata(folder.name, config, model, data, step, started, request.base_model),
-                        _save_dtype(config))
+            export_lora(self.folder.checkpoint_path(step), self.trainer.network, self.model.arch,
+                        self.model.unet_config, self._lora_metadata(step), _save_dtype(config))
+        state_every = config.state_every or config.checkpoint_every
         if state_every and step % state_every == 0 and step < config.steps:
-            _save_state(folder, trainer)
+            self._save_state()
 
-    return {"on_step": on_step, "after_step": after_step}
+    def _save_samples(self, step: int) -> list[str]:
+        self.report({"phase": "sampling", "step": step})
+        paths = []
+        for index, image in enumerate(render_samples(self.model, self.plan, self.trainer.device,
+                                                     self.trainer.autocast_dtype)):
+            path = self.folder.sample_path(step, index)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp.png")
+            image.save(tmp)
+            os.replace(tmp, path)
+            paths.append(str(path))
+        return paths
 
+    def _save_state(self) -> None:
+        self.folder.save_state(self.trainer.state_dict())
+        self.folder.update_status(state_step=self.trainer.step)
 
-def _finish(folder: RunFolder, trainer: Trainer, model: BaseModel, data: TrainingData, config: TrainConfig,
-            request: TrainRequest, plan, report: ProgressCallback, started: float, resumed_from: int,
-            estimate) -> TrainResult:
-    """Done: final samples, the LoRA (run folder + loras), the state (so "train more" can continue)."""
-    report({"phase": "saving", "step": trainer.step})
-    samples = [str(p) for p in folder.samples_at(trainer.step)] or \
-        _save_samples(folder, model, plan, trainer.device, trainer, report, trainer.step)
-    metadata = _lora_metadata(folder.name, config, model, data, trainer.step, started, request.base_model)
-    lora_path = export_lora(folder.lora_path, trainer.network, model.arch, model.unet_config, metadata,
-                            _save_dtype(config))
-    exported = None
-    if request.lora_dir:
-        exported = Path(request.lora_dir) / lora_path.name
-        exported.parent.mkdir(parents=True, exist_ok=True)
-        tmp = exported.with_name(f".{exported.name}.tmp")
-        shutil.copyfile(lora_path, tmp)
-        os.replace(tmp, exported)
-    _save_state(folder, trainer)
-    curve = folder.write_loss_curve()
-    folder.update_status(state="completed", phase="done", step=trainer.step, loss=trainer.last_loss, eta_seconds=0,
-                         lora=str(exported or lora_path), finished_at=time.time())
-    report({"phase": "done", "step": trainer.step, "lora": str(exported or lora_path)})
-    return TrainResult(str(folder.root), str(lora_path), str(exported) if exported else None, trainer.step,
-                       trainer.last_loss, samples, str(curve), resumed_from,
-                       estimate.as_dict() if estimate is not None else None)
+    def _finish(self) -> TrainResult:
+        """Done: final samples, the LoRA (run folder + loras), the state (so "train more" can continue)."""
+        folder, trainer, config, request = self.folder, self.trainer, self.config, self.request
+        self.report({"phase": "saving", "step": trainer.step})
+        samples = [str(p) for p in folder.samples_at(trainer.step)] or self._save_samples(trainer.step)
+        lora_path = export_lora(folder.lora_path, trainer.network, self.model.arch, self.model.unet_config,
+                                self._lora_metadata(trainer.step), _save_dtype(config))
+        exported = None
+        if request.lora_dir:
+            exported = Path(request.lora_dir) / lora_path.name
+            exported.parent.mkdir(parents=True, exist_ok=True)
+            tmp = exported.with_name(f".{exported.name}.tmp")
+            shutil.copyfile(lora_path, tmp)
+            os.replace(tmp, exported)
+        self._save_state()
+        curve = folder.write_loss_curve()
+        folder.update_status(state="completed", phase="done", step=trainer.step, loss=trainer.last_loss,
+                             eta_seconds=0, lora=str(exported or lora_path), finished_at=time.time())
+        self.report({"phase": "done", "step": trainer.step, "lora": str(exported or lora_path)})
+        return TrainResult(str(folder.root), str(lora_path), str(exported) if exported else None, trainer.step,
+                           trainer.last_loss, samples, str(curve), self.resumed_from,
+                           self.estimate.as_dict() if self.estimate is not None else None)
+
+    def _lora_metadata(self, step: int) -> dict[str, str]:
+        return _lora_metadata(self.folder.name, self.config, self.model, self.data, step, self.started,
+                              self.request.base_model)
 
 
 def _save_dtype(config: TrainConfig) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_dtype]
-
-
-def _save_state(folder: RunFolder, trainer: Trainer) -> None:
-    folder.save_state(trainer.state_dict())
-    folder.update_status(state_step=trainer.step)
 
 
 def _lora_metadata(title: str, config: TrainConfig, model: BaseModel, data: TrainingData, step: int,
@@ -427,4 +455,4 @@ def _lora_metadata(title: str, config: TrainConfig, model: BaseModel, data: Trai
                          prediction_type="v" if model.prediction_type == "v_prediction" else "epsilon")
 
 
-__all__ = ["TrainRequest", "TrainResult", "TrainingCancelled", "train"]
+__all__ = ["TrainRequest", "TrainResult", "TrainingSession", "train"]

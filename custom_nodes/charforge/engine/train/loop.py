@@ -10,9 +10,9 @@ comes from generators seeded with ``(seed, m)``; only LoRA dropout draws from th
 state is saved with the resumable state. So a run stopped after step k and resumed is the same
 computation as one that never stopped; on the CPU bit for bit.
 
-Stopping: ``should_stop()`` is asked between micro-batches and after every step, and ``on_step`` (the
-progress report) may raise (ComfyUI's interrupt does). Either way the loop leaves the model at the last
-completed step, and `Trainer.state_dict` returns that step's state (weights, optimizer, schedule, RNG,
+Stopping: ``control.check()`` is asked between micro-batches and before every step, and ``on_step`` (the
+progress report) may raise too. Either way (`Cancelled` or any error) the loop leaves the model at the
+last completed step, and `Trainer.state_dict` returns that step's state (weights, optimizer, schedule, RNG,
 data position).
 """
 
@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..control import Control
 from .config import TrainConfig
 from .data import TrainingData, process_caption
 from .lora import LoraNetwork, add_lora
@@ -35,10 +36,6 @@ from .models import BaseModel, PromptEmbeddings, encode_prompts
 from .optim import build_optimizer, build_scheduler
 
 STATE_VERSION = 1
-
-
-class TrainingStopped(Exception):
-    """``should_stop()`` asked the loop to stop; the state of the last completed step is kept."""
 
 
 @dataclass(frozen=True)
@@ -332,7 +329,7 @@ class Trainer:
                                                       model.prediction_type)
         return per_sample.mean()
 
-    def train_step(self, should_stop: Callable[[], bool] | None = None) -> float:
+    def train_step(self, control: Control | None = None) -> float:
         """One optimizer step (``grad_accumulation`` micro-batches); returns its mean loss."""
         config = self.config
         accumulation = config.optim.grad_accumulation
@@ -342,8 +339,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(accumulation):
-            if should_stop is not None and micro and should_stop():
-                raise TrainingStopped()
+            if control is not None and micro:
+                control.check()
             loss = self.micro_batch_loss(self.step * accumulation + micro) / accumulation
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -371,22 +368,22 @@ class Trainer:
     # ---------------------------------------------------------------------------- the loop
 
     def train(self, until: int | None = None, on_step: Callable[[StepReport], None] | None = None,
-              should_stop: Callable[[], bool] | None = None,
+              control: Control | None = None,
               after_step: Callable[[int], None] | None = None) -> int:
         """Run steps until `until` (default: ``config.steps``) completed steps; returns the step reached.
 
         `on_step` gets the progress after each step, then `after_step(step)` runs (checkpoints, samples).
-        Raises `TrainingStopped` when `should_stop()` says so; any exception leaves `state_dict()` at
-        the last completed step.
+        `control.check()` raises `Cancelled` when the user asked to stop; any exception leaves
+        `state_dict()` at the last completed step.
         """
         until = self.config.steps if until is None else until
         start_time, start_step = time.perf_counter(), self.step
         rate = 0.0
         while self.step < until:
-            if should_stop is not None and should_stop():
-                raise TrainingStopped()
+            if control is not None:
+                control.check()
             step_start = time.perf_counter()
-            loss = self.train_step(should_stop)
+            loss = self.train_step(control)
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"the loss became {loss} at step {self.step}; lower the learning rate or use bf16 instead of fp16")

@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ... import bridge
+from ..control import Control, or_default
 from .context import ContextOptions, context_windows, window_weights
 from .models import VideoModel
 from .prompts import Keyframe, frame_blends, parse_prompt_schedule
 from .schedulers import make_scheduler
 
-ProgressFn = Callable[[int, int], None]
 MAX_FRAMES = 4096
 
 
@@ -231,12 +230,13 @@ def _window_plan(model: VideoModel, cond: FrameConditioning, frames: list[int], 
     return _WindowPlan(index.to(model.device), weight.to(model.device), text, kwargs)
 
 
-def generate_video(model: VideoModel, request: VideoRequest, progress: ProgressFn | None = None) -> VideoResult:
+def generate_video(model: VideoModel, request: VideoRequest, control: Control | None = None) -> VideoResult:
     """Make the clip `request` describes with `model`.
 
-    `progress(done, total)` is called after each denoising step and each decoded chunk (the node passes
-    `bridge.Progress.set`, which also raises on Cancel); between windows the loop checks for cancel too.
+    `control` gets progress after each denoising step and each decoded chunk and is checked before every
+    window, so Cancel stops the clip within one U-Net call.
     """
+    control = or_default(control)
     start_time = time.perf_counter()
     scale = model.pipe.vae_scale_factor
     request.validate(scale)
@@ -290,7 +290,7 @@ def generate_video(model: VideoModel, request: VideoRequest, progress: ProgressF
             prediction = torch.zeros(latents.shape, dtype=torch.float32, device=model.device)
             coverage = torch.zeros(request.frames, dtype=torch.float32, device=model.device)
             for plan in plans:
-                bridge.check_cancelled()
+                control.check()
                 x = scaled.index_select(2, plan.index)
                 if guidance:
                     x = torch.cat([x, x])
@@ -303,14 +303,12 @@ def generate_video(model: VideoModel, request: VideoRequest, progress: ProgressF
             prediction /= coverage.view(1, 1, -1, 1, 1)
             latents = scheduler.step(prediction, t, latents, **extra).prev_sample
             done += 1
-            if progress is not None:
-                progress(done, total)
+            control.progress(done, total)
 
         def decoded_chunk() -> None:
             nonlocal done
             done += 1
-            if progress is not None:
-                progress(done, total)
+            control.progress(done, total)
 
         frames = decode_latents(model, latents, decoded_chunk)
     return VideoResult(frames=frames, seed=request.seed, keyframes=keyframes, windows=windows,

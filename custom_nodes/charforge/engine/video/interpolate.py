@@ -16,11 +16,10 @@ the same frame layout.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from ...deps import require
+from ..control import Control
 
 MULTIPLIERS = (2, 3, 4, 8)
 
@@ -57,11 +56,11 @@ def between(a: np.ndarray, b: np.ndarray, times: list[float]) -> list[np.ndarray
 
 
 def interpolate_frames(frames, multiplier: int = 2, loop: bool = False,
-                       progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                       control: Control | None = None) -> np.ndarray:
     """`frames` (N, H, W, 3) float 0..1 (array or tensor) with ``multiplier - 1`` new frames between each pair.
 
-    Returns float32 (M, H, W, 3); see the module docstring for M. `progress(done, total)` is called per
-    frame pair.
+    Returns float32 (M, H, W, 3); see the module docstring for M. `control` gets the progress (and may stop
+    the work) after each frame pair.
     """
     if multiplier not in MULTIPLIERS:
         raise ValueError(f"multiplier must be one of {MULTIPLIERS}; got {multiplier}")
@@ -79,8 +78,8 @@ def interpolate_frames(frames, multiplier: int = 2, loop: bool = False,
     for done, (i, j) in enumerate(pairs, start=1):
         out.append(frames[i])
         out.extend(between(frames[i], frames[j], times))
-        if progress is not None:
-            progress(done, len(pairs))
+        if control is not None:
+            control.progress(done, len(pairs))
     if not loop:
         out.append(frames[-1])
     return np.stack(out).astype(np.float32, copy=False)

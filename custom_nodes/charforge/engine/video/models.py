@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ...deps import require
+from ..control import Cancelled
 from .motion import MotionModuleInfo, load_motion_adapter, load_motion_lora
 
 log = logging.getLogger("charforge")
@@ -212,7 +213,7 @@ class VideoModel:
                 else:
                     self.pipe.load_lora_weights(ref.path, adapter_name=name)
             except Exception as exc:
-                if _is_cancellation(exc):
+                if isinstance(exc, Cancelled):
                     raise
                 with contextlib.suppress(Exception):  # a half-injected adapter must not stay behind
                     self.pipe.delete_adapters([name])
@@ -262,12 +263,6 @@ class VideoModel:
                 module.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-
-
-def _is_cancellation(exc: BaseException) -> bool:
-    from ... import bridge
-
-    return bridge.is_cancellation(exc)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ warping always computes its sampling coordinates in fp32.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..control import Control, or_default
 
 ARCHITECTURE = "4.7"
 SUPPORTED = "RIFE 4.7 / 4.8 / 4.9 (Practical-RIFE IFNet, v4.7 architecture)"
@@ -309,14 +311,13 @@ def _pad_multiple(scale: float) -> int:
 
 def interpolate_rife(frames, loaded: LoadedRIFE, multiplier: int = 2, loop: bool = False, *, scale: float = 1.0,
                      ensemble: bool = False, batch_size: int = 4,
-                     progress: Callable[[int, int], None] | None = None,
-                     check_cancelled: Callable[[], None] | None = None) -> torch.Tensor:
+                     control: Control | None = None) -> torch.Tensor:
     """`frames` (N, H, W, 3) in 0..1 (tensor or array) with ``multiplier - 1`` RIFE frames between each pair.
 
     Same frame layout as `interpolate.interpolate_frames`: ``(N - 1) * multiplier + 1`` frames
     (``N * multiplier`` with `loop`), originals unchanged at every ``multiplier``-th position. Returns a float32
-    CPU tensor. `batch_size` in-between frames run per forward pass; `progress(done, total)` follows each
-    batch and `check_cancelled()` is called before each.
+    CPU tensor. `batch_size` in-between frames run per forward pass; `control` is checked before each batch and
+    gets the progress after it.
     """
     if int(multiplier) != multiplier or multiplier < 2:
         raise ValueError(f"multiplier must be an integer >= 2; got {multiplier}")
@@ -345,12 +346,11 @@ def interpolate_rife(frames, loaded: LoadedRIFE, multiplier: int = 2, loop: bool
     source = F.pad(frames.permute(0, 3, 1, 2), (0, pw - w, 0, ph - h)).to(device, dtype).clamp_(0, 1)
     scales = tuple(s / scale for s in SCALES)
     batch_size = max(1, int(batch_size))
-    if progress is not None:
-        progress(0, len(tasks))
+    control = or_default(control)
+    control.progress(0, len(tasks))
     with torch.inference_mode():
         for start in range(0, len(tasks), batch_size):
-            if check_cancelled is not None:
-                check_cancelled()
+            control.check()
             batch = tasks[start:start + batch_size]
             first = torch.tensor([pairs[p][0] for p, _ in batch], device=device)
             second = torch.tensor([pairs[p][1] for p, _ in batch], device=device)
@@ -359,6 +359,5 @@ def interpolate_rife(frames, loaded: LoadedRIFE, multiplier: int = 2, loop: bool
             result = result[:, :, :h, :w].float().clamp_(0, 1).permute(0, 2, 3, 1).cpu()
             for (p, k), image in zip(batch, result, strict=True):
                 out[p * multiplier + k] = image
-            if progress is not None:
-                progress(start + len(batch), len(tasks))
+            control.progress(start + len(batch), len(tasks))
     return out
