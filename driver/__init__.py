@@ -16,7 +16,6 @@ Quick start::
 
 from .client import AsyncComfyClient, ComfyClient, Job, JobResult, Timeout, Timings, UploadedFile
 from .config import BasicAuth, BearerAuth, HeaderAuth, ServerConfig, resolve_server
-from .convert import convert_workflow
 from .errors import (
     AuthenticationError,
     ConfigError,
@@ -37,9 +36,11 @@ from .errors import (
 from .events import Event
 from .manifest import build_manifest, write_manifest
 from .outputs import DownloadedFile, OutputFile
-from .preflight import check_workflow, preflight
-from .runner import PreparedRun
-from .workflow import Workflow, apply_overrides, load_workflow, parse_set
+from .workflow.convert import convert_workflow
+from .workflow.load import Workflow, load_workflow
+from .workflow.overrides import apply_overrides, parse_set
+from .workflow.preflight import check_workflow, preflight
+from .workflow.prepare import PreparedRun
 
 __all__ = [
     "AsyncComfyClient", "AuthenticationError", "BasicAuth", "BearerAuth", "ComfyClient", "ConfigError",

@@ -29,7 +29,8 @@ from typing import Any
 from charforge.common.safe_yaml import UnsafeYaml, load_yaml
 
 from .errors import OverrideError, UsageError, WorkflowError
-from .workflow import Override, apply_overrides, load_workflow, parse_set, workflow_from_data
+from .workflow.load import load_workflow, workflow_from_data
+from .workflow.overrides import Override, apply_overrides, parse_set
 
 SEED_POLICIES = ("fixed", "increment", "random")
 

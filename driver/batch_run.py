@@ -58,7 +58,7 @@ from .manifest import build_manifest, write_manifest
 from .secrets import mask
 from .summary import PLAN_NAME, SUMMARY_NAME, build_summary, write_json_atomic
 from .targets import ComfyTarget, JobSpec, Target, is_transient, retry_after
-from .workflow import Workflow, load_workflow
+from .workflow.load import Workflow, load_workflow
 
 STAGING = ".staging"
 

@@ -25,11 +25,11 @@ from .errors import DriverError, NodeProblem, ValidationError
 from .local import LocalComfyUI, local_server
 from .manifest import build_manifest, write_manifest
 from .outputs import check_out_dir
-from .preflight import nodes_to_run
 from .progress import JobView, make_renderer
 from .secrets import mask, mask_data
 from .terminal import safe_json_line, safe_text
-from .workflow import load_workflow
+from .workflow.load import load_workflow
+from .workflow.preflight import nodes_to_run
 
 try:
     from charforge import __version__

@@ -67,10 +67,11 @@ from .outputs import (
     local_path_for,
     open_unique,
 )
-from .preflight import problems_from_server
-from .runner import PreparedRun, prepare_run
 from .secrets import mask, mask_body
-from .workflow import Workflow, coerce_workflow
+from .workflow.load import Workflow, coerce_workflow
+from .workflow.overrides import InputFile, Override
+from .workflow.preflight import problems_from_server
+from .workflow.prepare import PreparedRun, as_api, prepare_run
 
 try:  # the package version, for the User-Agent
     from charforge import __version__ as _VERSION
@@ -658,15 +659,26 @@ class AsyncComfyClient:
         ``/object_info`` when needed."""
         wf = coerce_workflow(workflow)
         if wf.prompt is None:
-            from .convert import convert_workflow
-
-            wf = Workflow(prompt=convert_workflow(wf.ui or {}, await self.object_info()), ui=wf.ui,
-                          source=wf.source, format=wf.format)
+            wf = as_api(wf, await self.object_info())
         return wf
 
-    async def prepare_run(self, workflow: Workflow | dict[str, Any] | str | Path, **options: Any) -> PreparedRun:
-        """Overrides, preflight and uploads before submitting (see :func:`runner.prepare_run`)."""
-        return await prepare_run(self, workflow, **options)
+    async def prepare_run(self, workflow: Workflow | dict[str, Any] | str | Path, *,
+                          sets: list[str | Override] = (), inputs: list[str | InputFile] = (),  # type: ignore[assignment]
+                          preflight: bool = True, upload: bool = True) -> PreparedRun:
+        """Load/convert ``workflow``, apply ``--set`` overrides, check it against ``/object_info`` (see
+        :func:`~charforge.driver.workflow.prepare.prepare_run`) and upload the ``--input`` files (and override
+        values naming local files for file-picking inputs); ``upload=False`` leaves them in ``pending_uploads``.
+
+        Raises :class:`~charforge.driver.errors.OverrideError` for overrides that do not address one input, and
+        :class:`~charforge.driver.errors.ValidationError` when the preflight finds errors; nothing is uploaded
+        then.
+        """
+        prepared = prepare_run(await self.prepare(workflow), await self.object_info(), sets=sets, inputs=inputs,
+                               preflight=preflight)
+        if not upload or not prepared.pending_uploads:
+            return prepared
+        references = [(await self.upload(item.path)).reference for item in prepared.pending_uploads]
+        return prepared.with_uploads(references)
 
     async def submit(self, workflow: Workflow | dict[str, Any] | str | Path, *, prompt_id: str | None = None,
                      extra_data: dict[str, Any] | None = None, front: bool = False, number: float | None = None,

@@ -17,7 +17,7 @@ from .outputs import open_unique
 if TYPE_CHECKING:
     from .client import JobResult
     from .outputs import DownloadedFile
-    from .workflow import AppliedOverride
+    from .workflow.overrides import AppliedOverride
 
 MANIFEST_VERSION = 1
 

@@ -36,8 +36,8 @@ from .client import ComfyClient
 from .config import resolve_server
 from .errors import ConfigError, DriverError, ServerUnavailable
 from .local import DEFAULT_LOCAL_URL, LocalComfyUI, find_python, probe
-from .preflight import nodes_to_run
 from .progress import JobView, make_renderer
+from .workflow.preflight import nodes_to_run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO_ROOT / "workflows" / "api"

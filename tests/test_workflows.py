@@ -21,8 +21,8 @@ from PIL import Image
 
 from cf_testing.comfyui import REPO_ROOT, run_node
 from cf_testing.threads import one_torch_thread
-from charforge.driver.convert import _control_count, _widget_specs
-from charforge.driver.preflight import preflight
+from charforge.driver.workflow.convert import _control_count, _widget_specs
+from charforge.driver.workflow.preflight import preflight
 
 WORKFLOWS = REPO_ROOT / "workflows"
 EXPECTED = {"dataset_prep", "caption_dataset", "build_identity", "score_best_of_n", "generate_best_of_n_clip",
@@ -105,7 +105,7 @@ def test_api_workflow_validates_against_node_definitions(path, object_info):
     problems = preflight(prompt, _accepting_model_files(object_info, prompt))
     assert problems == [], "\n".join(str(p) for p in problems)
     # Every node runs: each one is an output node or feeds one.
-    from charforge.driver.preflight import nodes_to_run
+    from charforge.driver.workflow.preflight import nodes_to_run
 
     assert set(nodes_to_run(prompt, object_info)) == set(prompt)
 

@@ -88,7 +88,7 @@ def api_path(editor: Path) -> Path:
 
 
 def convert(editor: Path, info: dict[str, Any] | None = None) -> dict[str, Any]:
-    from charforge.driver.convert import convert_workflow
+    from charforge.driver.workflow.convert import convert_workflow
 
     workflow = json.loads(editor.read_text(encoding="utf-8"))
     # A fixed generator: the shipped prompts have no {a|b} choices, but the output must not depend on luck.

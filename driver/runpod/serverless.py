@@ -48,7 +48,8 @@ from ..errors import (
 )
 from ..outputs import DownloadedFile, OutputFile, local_path_for, open_unique
 from ..secrets import mask
-from ..workflow import apply_overrides, coerce_workflow, parse_input, parse_set, plan_inputs
+from ..workflow.load import coerce_workflow
+from ..workflow.overrides import apply_overrides, parse_input, parse_set, plan_inputs
 from .http import RunPodHTTP
 
 if TYPE_CHECKING:

@@ -28,7 +28,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConversionError, close_matches
+from ..errors import ConversionError, close_matches
+from .object_info import combo_choices, split_spec
 
 CONTROL_VALUES = frozenset({"fixed", "increment", "decrement", "randomize", "increment-wrap"})
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
@@ -288,12 +289,6 @@ class _Resolver:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _split(spec: Any) -> tuple[Any, dict[str, Any]]:
-    if isinstance(spec, (list, tuple)) and spec:
-        return spec[0], spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    return spec, {}
-
-
 def _is_widget(kind: Any, options: dict[str, Any]) -> bool:
     if options.get("forceInput"):
         return False
@@ -320,23 +315,23 @@ def _widget_specs(info: dict[str, Any]) -> list[tuple[str, Any, dict[str, Any]]]
         declared = inputs.get(section) or {}
         names = [n for n in order.get(section) or [] if n in declared] or list(declared)
         for name in names:
-            kind, options = _split(declared[name])
+            kind, options = split_spec(declared[name])
             if _is_widget(kind, options):
                 specs.append((name, kind, options))
     return specs
 
 
 def _accepts(kind: Any, options: dict[str, Any], value: Any) -> bool:
-    choices = kind if isinstance(kind, list) else options.get("options") if kind == "COMBO" else None
-    return isinstance(choices, list) and value in choices
+    choices = combo_choices(kind, options)
+    return choices is not None and value in choices
 
 
 def _widget_default(kind: Any, options: dict[str, Any]) -> Any:
     """The value the editor gives a widget the saved workflow has no value for (newer node, older file)."""
     if "default" in options:
         return options["default"]
-    choices = kind if isinstance(kind, list) else options.get("options") if kind == "COMBO" else None
-    if isinstance(choices, list):
+    choices = combo_choices(kind, options)
+    if choices is not None:
         return choices[0] if choices else None
     return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(kind)
 
@@ -360,7 +355,7 @@ def editor_only_inputs(class_type: str, info: dict[str, Any]) -> dict[str, Any]:
         extra[name] = value
     for section in ("required", "optional"):
         for name, spec in ((info.get("input") or {}).get(section) or {}).items():
-            kind, options = _split(spec)
+            kind, options = split_spec(spec)
             for option, (widget, value) in _EDITOR_WIDGETS_BY_OPTION.items():
                 if options.get(option):
                     extra[widget] = value

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import NodeProblem, ValidationError, close_matches
-from .workflow import UPLOAD_FLAGS, node_title
+from ..errors import NodeProblem, ValidationError, close_matches
+from .object_info import declared_inputs, is_file_picker, is_output_node, output_types, split_spec
+from .overrides import node_title
 
 _KNOWN_IGNORED_INPUTS = {"upload"}  # the frontend's upload button value appears in exported API workflows
 
@@ -105,18 +106,6 @@ def problems_from_server(error: dict[str, Any] | None, node_errors: dict[str, An
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _spec(object_info: dict[str, Any], class_type: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    inputs = object_info.get(class_type, {}).get("input") or {}
-    return dict(inputs.get("required") or {}), dict(inputs.get("optional") or {})
-
-
-def _split(spec: Any) -> tuple[Any, dict[str, Any]]:
-    if isinstance(spec, (list, tuple)) and spec:
-        options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-        return spec[0], options
-    return spec, {}
-
-
 def types_compatible(output_type: Any, input_type: Any) -> bool:
     """ComfyUI's link rule: equal types, overlapping comma-separated unions, or the ANY type ``*``."""
     if isinstance(input_type, list) or input_type == "COMBO":
@@ -176,8 +165,7 @@ def find_cycle(prompt: dict[str, Any], nodes: list[str] | None = None) -> list[s
 
 def nodes_to_run(prompt: dict[str, Any], object_info: dict[str, Any]) -> list[str]:
     """The nodes the server will execute: output nodes and everything they depend on."""
-    outputs = [nid for nid, node in prompt.items()
-               if (object_info.get(node.get("class_type")) or {}).get("output_node")]
+    outputs = [nid for nid, node in prompt.items() if is_output_node(object_info, node.get("class_type"))]
     return sorted(_reachable(prompt, outputs), key=_sort_key)
 
 
@@ -213,8 +201,7 @@ def _check_literal(problem: Any, name: str, value: Any, kind: Any, options: dict
     if isinstance(kind, list):
         if value in kind:
             return
-        is_file_picker = any(options.get(flag) for flag in UPLOAD_FLAGS)
-        if is_file_picker:
+        if is_file_picker(options):
             if isinstance(value, str) and ("/" in value or value.endswith("]")):
                 return  # a subfolder or annotated name: only the server's own check can tell
             problem(name, f"{value!r} is not in the server's input folder; upload it with "
@@ -255,7 +242,7 @@ def preflight(prompt: dict[str, Any], object_info: dict[str, Any]) -> list[NodeP
                 kind="missing_node_class")
         else:
             known.add(node_id)
-    outputs = [nid for nid in known if object_info[prompt[nid]["class_type"]].get("output_node")]
+    outputs = [nid for nid in known if is_output_node(object_info, prompt[nid]["class_type"])]
     if not outputs and not problems:
         problems.append(NodeProblem("-", None, "the workflow has no output node (SaveImage, PreviewImage, ...); "
                                                "the server would refuse to run it", kind="prompt_no_outputs"))
@@ -269,7 +256,7 @@ def preflight(prompt: dict[str, Any], object_info: dict[str, Any]) -> list[NodeP
             continue
         node = prompt[node_id]
         class_type = node["class_type"]
-        required, optional = _spec(object_info, class_type)
+        required, optional = declared_inputs(object_info, class_type)
         inputs = node.get("inputs") or {}
 
         def problem(name: str, message: str, kind: str, severity: str = "error", _nid: str = node_id) -> None:
@@ -277,7 +264,7 @@ def preflight(prompt: dict[str, Any], object_info: dict[str, Any]) -> list[NodeP
 
         for name, spec in required.items():
             if name not in inputs:
-                kind, _ = _split(spec)
+                kind, _ = split_spec(spec)
                 what = f"connect a {kind} output to it" if isinstance(kind, str) and kind.isupper() and \
                     kind not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO") else "give it a value"
                 problem(name, f"required input is missing ({what})", "required_input_missing")
@@ -290,7 +277,7 @@ def preflight(prompt: dict[str, Any], object_info: dict[str, Any]) -> list[NodeP
                     problem(name, f"{class_type} has no input {name!r}; the server ignores it{extra}",
                             "unknown_input", severity="warning")
                 continue
-            kind, options = _split(spec)
+            kind, options = split_spec(spec)
             if isinstance(value, list):
                 if len(value) != 2 or not isinstance(value[1], int) or isinstance(value[1], bool):
                     problem(name, f"bad link {value!r}: a link must be [node_id, output_index] (wrap a literal "
@@ -302,7 +289,7 @@ def preflight(prompt: dict[str, Any], object_info: dict[str, Any]) -> list[NodeP
                     continue
                 if source not in known:
                     continue
-                source_outputs = object_info[prompt[source]["class_type"]].get("output") or []
+                source_outputs = output_types(object_info, prompt[source]["class_type"])
                 if not 0 <= value[1] < len(source_outputs):
                     problem(name, f"links to output {value[1]} of node {source} "
                                   f"({prompt[source]['class_type']}), which has {len(source_outputs)} output(s)",

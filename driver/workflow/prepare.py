@@ -1,59 +1,89 @@
-"""Getting a workflow ready to run: load/convert it, apply overrides, check it, upload local files.
+"""Getting a workflow ready to run, without any I/O to a server: convert it, apply overrides, check it, plan
+its uploads.
 
-:func:`prepare_run` is what ``charforge run`` and ``charforge validate`` do before submitting; it is usable
-from Python too (``client.prepare_run(...)``).
+:func:`prepare_run` is a pure function of the workflow, the server's ``/object_info`` and the overrides; it
+returns a :class:`PreparedRun` whose ``pending_uploads`` name the local files the prompt still needs. The client
+(``client.prepare_run(...)``, what ``charforge run`` and ``charforge validate`` do) fetches ``/object_info``,
+uploads those files and hands the names the server chose to :meth:`PreparedRun.with_uploads`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import NodeProblem, ValidationError
-from .preflight import preflight as run_preflight
-from .workflow import (
+from ..errors import NodeProblem, ValidationError
+from .convert import convert_workflow
+from .load import Workflow, coerce_workflow
+from .overrides import (
     AppliedOverride,
     InputFile,
     Override,
-    Workflow,
+    PlannedUpload,
     apply_overrides,
     parse_input,
     parse_set,
     plan_inputs,
 )
-
-if TYPE_CHECKING:
-    from .client import AsyncComfyClient
+from .preflight import preflight as run_preflight
 
 
 @dataclass
 class PreparedRun:
-    """A workflow with overrides applied and local files uploaded, ready for ``submit``."""
+    """A workflow with overrides applied, ready for ``submit`` once ``pending_uploads`` are uploaded."""
 
     workflow: Workflow
     applied: list[AppliedOverride] = field(default_factory=list)
     uploads: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[NodeProblem] = field(default_factory=list)
+    pending_uploads: list[PlannedUpload] = field(default_factory=list)
 
     @property
     def prompt(self) -> dict[str, Any]:
         assert self.workflow.prompt is not None
         return self.workflow.prompt
 
+    def with_uploads(self, references: list[str]) -> PreparedRun:
+        """The run with each pending upload replaced by the name the server stored it under (``references[i]``
+        for ``pending_uploads[i]``); what was uploaded is recorded in ``uploads`` (and the manifest)."""
+        if len(references) != len(self.pending_uploads):
+            raise ValueError(f"{len(self.pending_uploads)} uploads are pending, {len(references)} names were given")
+        prompt = copy.deepcopy(self.prompt)
+        applied = [replace(a) for a in self.applied]
+        uploads = list(self.uploads)
+        for item, reference in zip(self.pending_uploads, references, strict=True):
+            prompt[item.node_id]["inputs"][item.input] = reference
+            if item.override_index is not None:
+                applied[item.override_index].value = reference
+                applied[item.override_index].uploaded_from = str(item.path)
+            uploads.append({"node_id": item.node_id, "input": item.input, "local_path": str(item.path),
+                            "uploaded_as": reference, "given_as": item.spec})
+        return PreparedRun(replace(self.workflow, prompt=prompt), applied, uploads, list(self.warnings))
 
-async def prepare_run(client: AsyncComfyClient, workflow: Workflow | dict[str, Any] | str | Path, *,
-                      sets: list[str | Override] = (), inputs: list[str | InputFile] = (),  # type: ignore[assignment]
-                      preflight: bool = True, upload: bool = True) -> PreparedRun:
-    """Load/convert ``workflow``, apply ``--set`` overrides, check it against ``/object_info`` and upload the
-    ``--input`` files (and override values naming local files for file-picking inputs).
+
+def as_api(workflow: Workflow | dict[str, Any] | str | Path, object_info: dict[str, Any]) -> Workflow:
+    """The workflow (a path, parsed JSON or a :class:`Workflow`) in the API format: an editor workflow is
+    converted with ``object_info``."""
+    wf = coerce_workflow(workflow)
+    if wf.prompt is None:
+        wf = Workflow(prompt=convert_workflow(wf.ui or {}, object_info), ui=wf.ui, source=wf.source,
+                      format=wf.format)
+    return wf
+
+
+def prepare_run(workflow: Workflow | dict[str, Any] | str | Path, object_info: dict[str, Any], *,
+                sets: list[str | Override] = (), inputs: list[str | InputFile] = (),  # type: ignore[assignment]
+                preflight: bool = True) -> PreparedRun:
+    """Convert ``workflow`` when it is an editor workflow, apply ``--set`` overrides, check it against
+    ``object_info`` and plan the ``--input`` files (and override values naming local files for file-picking
+    inputs) as ``pending_uploads``.
 
     Raises :class:`~charforge.driver.errors.OverrideError` for overrides that do not address one input, and
-    :class:`~charforge.driver.errors.ValidationError` when the preflight finds errors; nothing is uploaded
-    then.
+    :class:`~charforge.driver.errors.ValidationError` when the preflight finds errors.
     """
-    wf = await client.prepare(workflow)
-    object_info = await client.object_info()
+    wf = as_api(workflow, object_info)
     overrides = [s if isinstance(s, Override) else parse_set(s) for s in sets]
     files = [i if isinstance(i, InputFile) else parse_input(i) for i in inputs]
     assert wf.prompt is not None
@@ -68,15 +98,5 @@ async def prepare_run(client: AsyncComfyClient, workflow: Workflow | dict[str, A
             raise ValidationError(f"the workflow has {len(errors)} problem{'s' if len(errors) != 1 else ''} (found "
                                   "before submitting, nothing was queued)", problems, source="preflight")
         warnings = problems
-    uploads: list[dict[str, Any]] = []
-    if upload:
-        for item in planned:
-            uploaded = await client.upload(item.path)
-            prompt[item.node_id]["inputs"][item.input] = uploaded.reference
-            if item.override_index is not None:
-                applied[item.override_index].value = uploaded.reference
-                applied[item.override_index].uploaded_from = str(item.path)
-            uploads.append({"node_id": item.node_id, "input": item.input, "local_path": str(item.path),
-                            "uploaded_as": uploaded.reference, "given_as": item.spec})
     final = Workflow(prompt=prompt, ui=wf.ui, source=wf.source, format=wf.format)
-    return PreparedRun(final, applied, uploads, warnings)
+    return PreparedRun(final, applied, [], warnings, planned)

@@ -16,7 +16,7 @@ from charforge.driver.batch_run import Batch, BatchRunner, RunOptions
 from charforge.driver.client import ComfyClient
 from charforge.driver.journal import JOURNAL_NAME, Journal, replay
 from charforge.driver.targets import ComfyTarget, JobSpec, Target, is_transient, retry_after
-from charforge.driver.workflow import apply_overrides, parse_set
+from charforge.driver.workflow.overrides import apply_overrides, parse_set
 
 FAST = {"backoff": 0.01, "summary_interval": 0.2}
 

@@ -10,9 +10,9 @@ import pytest
 from fakes.comfy_server import FakeComfyServer
 from fakes.ui_workflows import classic, node
 
-from charforge.driver.convert import convert_workflow, expand_dynamic_prompt, map_widgets
 from charforge.driver.errors import ConversionError
-from charforge.driver.preflight import preflight
+from charforge.driver.workflow.convert import convert_workflow, expand_dynamic_prompt, map_widgets
+from charforge.driver.workflow.preflight import preflight
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,9 @@ import pytest
 from fakes.comfy_server import FakeComfyServer, image_workflow, png_bytes, sampler_workflow
 
 from charforge.driver.errors import OverrideError, ValidationError, WorkflowError
-from charforge.driver.preflight import check_workflow, preflight
-from charforge.driver.workflow import (
-    apply_overrides,
-    load_workflow,
-    parse_set,
-    parse_value,
-    workflow_from_data,
-)
+from charforge.driver.workflow.load import load_workflow, workflow_from_data
+from charforge.driver.workflow.overrides import apply_overrides, parse_set, parse_value
+from charforge.driver.workflow.preflight import check_workflow, preflight
 
 
 @pytest.fixture(scope="module")

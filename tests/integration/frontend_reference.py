@@ -3,7 +3,7 @@
 For every editor-format (UI) template workflow this script loads the workflow into the ComfyUI editor that a
 running server serves, asks the editor for the API-format prompt it would queue, and writes that prompt to
 ``OUT/<template>.api.json``. The outputs are the yardstick for CharForge's own converter
-(``charforge.driver.convert``): the frontend is the reference implementation of the conversion.
+(``charforge.driver.workflow.convert``): the frontend is the reference implementation of the conversion.
 
 Usage::
 

@@ -1,5 +1,5 @@
 """Opt-in: the real ComfyUI editor converts template workflows to the API format, and CharForge's converter
-(``charforge.driver.convert``) must agree with it.
+(``charforge.driver.workflow.convert``) must agree with it.
 
 Runs when COMFYUI_DIR points at a ComfyUI install whose frontend and templates packages are installed, a
 Chromium is at ``$CHROMIUM`` or ``/usr/bin/chromium``, and Python Playwright is importable (its browsers are
@@ -143,10 +143,10 @@ def _id_order(node_id: str) -> tuple:
 def driver_converter():
     """``(convert(workflow, object_info) -> API prompt, None)``, or ``(None, why not)``."""
     try:
-        module = importlib.import_module("charforge.driver.convert")
+        module = importlib.import_module("charforge.driver.workflow.convert")
     except ModuleNotFoundError as error:
-        if error.name in ("charforge.driver.convert", "charforge.driver", "charforge"):
-            return None, "charforge.driver.convert does not exist yet"
+        if error.name in ("charforge.driver.workflow.convert", "charforge.driver", "charforge"):
+            return None, "charforge.driver.workflow.convert does not exist yet"
         raise
     for name in CONVERTER_NAMES:
         function = getattr(module, name, None)
@@ -161,7 +161,7 @@ def driver_converter():
             return functools.partial(_call_positional, function), None
     public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
                     and getattr(v, "__module__", None) == module.__name__)
-    return None, (f"charforge.driver.convert has no converter yet: expected convert_workflow(workflow, "
+    return None, (f"charforge.driver.workflow.convert has no converter yet: expected convert_workflow(workflow, "
                   f"object_info) (or {', '.join(CONVERTER_NAMES[1:])}); it defines: "
                   f"{', '.join(public) or 'nothing public'}")
 
