@@ -14,6 +14,7 @@ import pytest
 from fakes.comfy_server import FakeComfyServer, FakeImage, NodeDef
 from PIL import Image
 
+from charforge.common.characters import GenerationParams, default_size
 from charforge.nodes.story import StoryboardSelect
 from charforge.recipes import cli
 from charforge.recipes.story import Character, Guidance, detect_guidance, frame_graph
@@ -306,6 +307,25 @@ def test_guidance_detection_and_graph_shape():
                          identity={"name": "hero"}, face_pack="buffalo_l", clip_model="c", weights=(1.0, 0.5),
                          frame=2, save_prefix="x", guide_image="f.png", guidance=Guidance("img2img"), denoise=0.4)
     assert guided["6"]["inputs"]["denoise"] == 0.4 and guided["34"]["inputs"]["pixels"] == ["30", 0]
+
+
+def test_a_character_from_flags_renders_with_the_preset_schemas_defaults():
+    """One schema: without a preset the storyboard uses GenerationParams' settings, at the size default_size
+    gives an unknown base model; metadata keeps the settings flat beside the rest."""
+    character = Character("hero")
+    assert character.generation == GenerationParams(width=default_size(""), height=default_size(""))
+    graph = frame_graph(character=character, checkpoint="m", prompt="p", seed=1, candidates=1, mode="simple",
+                        identity={"name": "hero"}, face_pack="buffalo_l", clip_model=None, weights=(1.0, 0.5),
+                        frame=1, save_prefix="x")
+    sampler, latent = graph["6"]["inputs"], graph["5"]["inputs"]
+    assert (sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == (25, 7.0, "euler",
+                                                                                                 "normal")
+    assert (latent["width"], latent["height"]) == (512, 512)
+    record = character.to_dict()
+    assert list(record) == ["name", "trigger", "prompt", "negative", "loras", "reference", "reference_photos",
+                            "threshold", "checkpoint", "steps", "cfg", "width", "height", "sampler", "scheduler",
+                            "display_name"]
+    assert (record["width"], record["sampler"]) == (512, "euler")
 
 
 def test_story_with_a_character_preset(tmp_path, monkeypatch, scenes):
