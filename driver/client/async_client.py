@@ -1,18 +1,6 @@
-"""ComfyUI clients: :class:`AsyncComfyClient` (asyncio) and :class:`ComfyClient` (blocking, same methods).
-
-How a job is followed (the recipe of the contract, section 5):
-
-1. the WebSocket ``/ws?clientId=<our id>`` is opened *before* submitting, and kept alive with pings;
-2. ``POST /prompt`` carries the same ``client_id`` and a ``prompt_id`` we chose (uuid4), so a submission whose
-   answer was lost can be recognised in the queue/history instead of being sent twice;
-3. WebSocket messages are hints (progress, node starts, previews); the history entry ``/history/<id>`` is the
-   source of truth. It is fetched after ``executing {node: null}`` (or ``execution_error``/``_interrupted``),
-   retried while it is still ``{}``, and polled periodically anyway, faster while the socket is down;
-4. a dropped socket is reopened with the same client id; nothing is lost because completion is decided by the
-   history, never by a message;
-5. the job timeout is a wall-clock limit for the whole job, queue wait included.
-
-Nothing here prints; events are handed to the caller.
+"""The asyncio ComfyUI client, :class:`AsyncComfyClient`: HTTP requests with retries, submitting with our own
+prompt id, cancelling one job, uploads and bounded downloads. Following a job is :mod:`.follow`, the WebSocket
+:mod:`.websocket`. Nothing here prints; events are handed to the caller.
 """
 
 from __future__ import annotations
@@ -21,21 +9,19 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import ipaddress
 import json
 import mimetypes
-import queue as thread_queue
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from .config import (
+from charforge.common.retry import Backoff
+
+from ..config import (
     DEFAULT_SERVER,
     DOWNLOAD_LIMIT_SETTING,
     REPLY_LIMIT_SETTING,
@@ -45,273 +31,36 @@ from .config import (
     ServerURL,
     mib,
 )
-from .errors import (
+from ..errors import (
     AuthenticationError,
     DriverError,
-    ExecutionError,
-    Interrupted,
-    JobLost,
     JobTimeout,
     ProtocolError,
     ServerError,
     ServerUnavailable,
     ValidationError,
 )
-from .events import TERMINAL_TYPES, Event, parse_binary_message, parse_text_message
-from .outputs import (
-    DownloadedFile,
-    NodeValues,
-    OutputFile,
-    collect_files,
-    collect_values,
-    local_path_for,
-    open_unique,
-)
-from .secrets import mask, mask_body
-from .workflow.load import Workflow, coerce_workflow
-from .workflow.overrides import InputFile, Override
-from .workflow.preflight import problems_from_server
-from .workflow.prepare import PreparedRun, as_api, prepare_run
+from ..events import Event
+from ..outputs import DownloadedFile, OutputFile, local_path_for, open_unique
+from ..secrets import mask, mask_body
+from ..workflow.load import Workflow, coerce_workflow
+from ..workflow.overrides import InputFile, Override
+from ..workflow.preflight import problems_from_server
+from ..workflow.prepare import PreparedRun, as_api, prepare_run
+from .follow import AsyncWatch
+from .history import check_history_entry, check_queue_items, describe_kind
+from .http import TIMEOUT_ERRORS, USER_AGENT, describe_error, is_loopback, read_body, read_head
+from .models import Job, JobResult, Timeout, UploadedFile
+from .websocket import EventSocket
 
-try:  # the package version, for the User-Agent
-    from charforge import __version__ as _VERSION
-except Exception:  # noqa: BLE001 - the node pack may be absent in a driver-only install
-    _VERSION = "0"
-
-USER_AGENT = f"charforge-driver/{_VERSION}"
-# asyncio.TimeoutError is the builtin TimeoutError only from Python 3.11 on.
-_TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (asyncio.TimeoutError, TimeoutError)
-_RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 5.0)
+#: Waits between the tries of one request: GETs (and uploads, downloads) ``retries`` times, fixed doubling.
+_REQUEST_BASE = 0.3
+#: ``POST /prompt``: three tries, looking the job up in between (its answer may be lost after it was queued).
+_SUBMIT_RETRY = Backoff(attempts=3, base=0.5, jitter=0.0)
 
 
-@dataclass(frozen=True)
-class Timeout:
-    """Per-request network timeouts in seconds (``None`` = no limit). The *job* limit is separate."""
-
-    connect: float | None = 10.0
-    read: float | None = 60.0
-
-
-@dataclass
-class Job:
-    """A submitted prompt."""
-
-    prompt_id: str
-    number: float | None
-    client_id: str
-    submitted_at: float
-    prompt: dict[str, Any]
-    node_errors: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Timings:
-    """Epoch seconds; ``started_at``/``finished_at`` come from the server's message timestamps."""
-
-    submitted_at: float | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    observed_at: float | None = None
-
-    @property
-    def queued_seconds(self) -> float | None:
-        if self.submitted_at is None or self.started_at is None:
-            return None
-        return max(0.0, self.started_at - self.submitted_at)
-
-    @property
-    def execution_seconds(self) -> float | None:
-        if self.started_at is None or self.finished_at is None:
-            return None
-        return max(0.0, self.finished_at - self.started_at)
-
-    def to_dict(self) -> dict[str, Any]:
-        def iso(t: float | None) -> str | None:
-            if t is None:
-                return None
-            return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
-
-        return {"submitted_at": iso(self.submitted_at), "started_at": iso(self.started_at),
-                "finished_at": iso(self.finished_at), "queued_seconds": _round(self.queued_seconds),
-                "execution_seconds": _round(self.execution_seconds)}
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
-
-
-@dataclass
-class JobResult:
-    """A finished, successful job, built from its history entry."""
-
-    prompt_id: str
-    outputs: dict[str, Any]
-    prompt: dict[str, Any]
-    timings: Timings
-    status: dict[str, Any] = field(default_factory=dict)
-    cached_nodes: list[str] = field(default_factory=list)
-    node_errors: dict[str, Any] = field(default_factory=dict)
-    history: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def files(self) -> list[OutputFile]:
-        """Every file output (images, animations under ``images`` + ``animated``, gifs, audio, video...)."""
-        return collect_files(self.outputs)
-
-    @property
-    def values(self) -> list[NodeValues]:
-        """Text and number outputs."""
-        return collect_values(self.outputs)
-
-    def node_class(self, node_id: str) -> str | None:
-        node = self.prompt.get(str(node_id)) or {}
-        return node.get("class_type")
-
-    def node_title(self, node_id: str) -> str | None:
-        node = self.prompt.get(str(node_id)) or {}
-        return (node.get("_meta") or {}).get("title")
-
-
-@dataclass(frozen=True)
-class UploadedFile:
-    """Where the server stored an upload. ``reference`` is the value for a LoadImage-like input."""
-
-    name: str
-    subfolder: str = ""
-    type: str = "input"
-
-    @property
-    def reference(self) -> str:
-        ref = f"{self.subfolder}/{self.name}" if self.subfolder else self.name
-        return ref if self.type == "input" else f"{ref} [{self.type}]"
-
-
-def result_from_history(prompt_id: str, entry: dict[str, Any], *, submitted_at: float | None = None,
-                        node_errors: dict[str, Any] | None = None) -> JobResult:
-    """Turn a history entry into a :class:`JobResult`, or raise the job's failure.
-
-    Raises :class:`ExecutionError` (a node failed) or :class:`Interrupted` (interrupted/cancelled), and
-    :class:`ProtocolError` when the entry does not have the shape ComfyUI gives it.
-    """
-    check_history_entry(prompt_id, entry)
-    status = entry.get("status") or {}
-    messages = status.get("messages") or []
-    item = entry.get("prompt") or []
-    prompt = item[2] if len(item) > 2 and isinstance(item[2], dict) else {}
-    timings = Timings(submitted_at=submitted_at, observed_at=time.time())
-    cached: list[str] = []
-    failure: tuple[str, dict[str, Any]] | None = None
-    for message in messages:
-        if not isinstance(message, (list, tuple)) or len(message) != 2 or not isinstance(message[1], dict):
-            continue
-        kind, data = message
-        stamp = data.get("timestamp")
-        seconds = stamp / 1000.0 if isinstance(stamp, (int, float)) else None
-        if kind == "execution_start":
-            timings.started_at = seconds
-        elif kind == "execution_cached":
-            cached = [str(n) for n in data.get("nodes") or []]
-        elif kind in TERMINAL_TYPES:
-            timings.finished_at = seconds
-            if kind != "execution_success":
-                failure = (kind, data)
-    if failure is not None:
-        kind, data = failure
-        node_id = data.get("node_id")
-        node_id = None if node_id is None else str(node_id)
-        node = prompt.get(node_id or "", {})
-        title = (node.get("_meta") or {}).get("title")
-        if kind == "execution_interrupted":
-            where = f" at node {node_id} ({data.get('node_type')})" if node_id else ""
-            raise Interrupted(f"job {prompt_id} was interrupted{where}", prompt_id=prompt_id, node_id=node_id,
-                              node_type=data.get("node_type"))
-        raise ExecutionError(prompt_id=prompt_id, node_id=node_id, node_type=data.get("node_type"), title=title,
-                             exception_type=str(data.get("exception_type") or "Error"),
-                             exception_message=str(data.get("exception_message") or ""),
-                             traceback=data.get("traceback"), executed=data.get("executed"))
-    if status and status.get("status_str") == "error":
-        raise ExecutionError(prompt_id=prompt_id, node_id=None, node_type=None, exception_type="Error",
-                             exception_message="the server reports the job failed without details")
-    return JobResult(prompt_id=prompt_id, outputs=entry.get("outputs") or {}, prompt=prompt, timings=timings,
-                     status=status, cached_nodes=cached, node_errors=dict(node_errors or {}), history=entry)
-
-
-def _kind(value: Any) -> str:
-    return "null" if value is None else {dict: "an object", list: "a list", str: "a string"}.get(
-        type(value), type(value).__name__)
-
-
-def check_history_entry(prompt_id: str, entry: Any, where: str = "the server") -> None:
-    """Raise :class:`ProtocolError` unless ``entry`` has the shape of a ComfyUI history entry."""
-    def bad(what: str, value: Any, expected: str) -> ProtocolError:
-        return ProtocolError(f"the history entry of job {prompt_id} from {where} is malformed: {what} is "
-                             f"{_kind(value)}, expected {expected}; is this a ComfyUI server?")
-
-    if not isinstance(entry, dict):
-        raise bad("the entry", entry, "an object")
-    for key, kind, expected in (("status", dict, "an object"), ("prompt", list, "a list"),
-                                ("outputs", dict, "an object")):
-        value = entry.get(key)
-        if value is not None and not isinstance(value, kind):
-            raise bad(f"'{key}'", value, expected)
-    messages = (entry.get("status") or {}).get("messages")
-    if messages is not None and not isinstance(messages, list):
-        raise bad("'status.messages'", messages, "a list")
-
-
-def _check_queue_items(items: Any, key: str, where: str) -> list[list[Any]]:
-    if items is None:
-        return []
-    if not isinstance(items, list) or not all(
-            isinstance(item, list) and len(item) >= 2 and isinstance(item[0], (int, float))
-            and isinstance(item[1], str) for item in items):
-        raise ProtocolError(f"GET /queue at {where} is malformed: '{key}' must be a list of "
-                            "[number, prompt_id, ...] items; is this a ComfyUI server?")
-    return items
-
-
-def _is_loopback(netloc: str) -> bool:
-    host = netloc.rsplit(":", 1)[0].strip("[]") if not netloc.startswith("[") else netloc[1:].split("]")[0]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-async def read_body(resp: aiohttp.ClientResponse, cap: int, too_large: Callable[[], Exception]) -> bytes:
-    """The body of ``resp``, raising ``too_large()`` as soon as it passes ``cap`` bytes (or at once when its
-    ``Content-Length`` says so): a hostile server cannot make us hold more than ``cap`` in memory."""
-    if resp.content_length is not None and resp.content_length > cap:
-        raise too_large()
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_any():
-        size += len(chunk)
-        if size > cap:
-            raise too_large()
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _read_head(resp: aiohttp.ClientResponse, limit: int = 64 * 1024) -> bytes:
-    """At most ``limit`` bytes of a body (for error messages: the rest is never read)."""
-    data = bytearray()
-    with contextlib.suppress(aiohttp.ClientError, *_TIMEOUT_ERRORS):
-        while len(data) < limit:
-            chunk = await resp.content.read(limit - len(data))
-            if not chunk:
-                break
-            data += chunk
-    return bytes(data)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, _TIMEOUT_ERRORS):
-        return "timed out"
-    text = str(exc) or type(exc).__name__
-    return text
+def _request_backoff(attempts: int) -> Backoff:
+    return Backoff(attempts=max(1, attempts), base=_REQUEST_BASE, jitter=0.0)
 
 
 class AsyncComfyClient:
@@ -350,17 +99,13 @@ class AsyncComfyClient:
         self.retries = retries
         self.verify_tls = config.verify_tls if verify_tls is None else verify_tls
         # A proxy from the environment must never capture loopback traffic.
-        self.trust_env = (not _is_loopback(config.url.netloc)) if trust_env is None else trust_env
+        self.trust_env = (not is_loopback(config.url.netloc)) if trust_env is None else trust_env
         self._session: aiohttp.ClientSession | None = None
-        self._ws_task: asyncio.Task | None = None
-        self._ws_ready: asyncio.Event | None = None
-        self._ws_ok = False
-        self._ws_error: str | None = None
-        self._closing = False
-        self._subs: dict[str, asyncio.Queue[Event]] = {}
-        self._running_prompt: str | None = None
         self._object_info: dict[str, Any] | None = None
-        self.server_features: dict[str, Any] = {}
+        #: the WebSocket listener: connection state and each followed job's events
+        self.events = EventSocket(config.url, self.client_id, session=self._get_session, redact=self._redact,
+                                  max_message_bytes=self.limits.max_reply_bytes, ping_interval=ping_interval,
+                                  connect_timeout=self.timeout.connect)
 
     # ---- basics ---------------------------------------------------------------------------------------------
 
@@ -368,6 +113,11 @@ class AsyncComfyClient:
     def url(self) -> str:
         """The server's base URL (never contains credentials)."""
         return str(self.config.url)
+
+    @property
+    def server_features(self) -> dict[str, Any]:
+        """What the server announced in its WebSocket ``feature_flags`` message."""
+        return self.events.server_features
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r}, auth={self.config.auth!r})"
@@ -383,12 +133,7 @@ class AsyncComfyClient:
 
     async def close(self) -> None:
         """Close the WebSocket and the HTTP session."""
-        self._closing = True
-        if self._ws_task is not None:
-            self._ws_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._ws_task
-            self._ws_task = None
+        await self.events.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -433,6 +178,7 @@ class AsyncComfyClient:
         """One HTTP request with retries on connection failures (GETs retry by default, POSTs do not)."""
         url = self.config.url.http(path)
         attempts = 1 + (self.retries if retries is None and method == "GET" else (retries or 0))
+        policy = _request_backoff(attempts)
         for attempt in range(attempts):
             try:
                 session = await self._get_session()
@@ -440,20 +186,20 @@ class AsyncComfyClient:
                 async with session.request(method, url, params=params, json=json_body, data=body_data) as resp:
                     if resp.status in ok:
                         return resp.status, await self._read_reply(resp, f"{method} {path}")
-                    body = await _read_head(resp)  # only a short excerpt is ever shown
+                    body = await read_head(resp)  # only a short excerpt is ever shown
                     error = self._status_error(method, path, resp.status, body)
                     error.retry_after = resp.headers.get("Retry-After")  # type: ignore[attr-defined]
                     raise error
             except ServerUnavailable:
                 if attempt + 1 >= attempts:
                     raise
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, *_TIMEOUT_ERRORS) as exc:
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, *TIMEOUT_ERRORS) as exc:
                 if attempt + 1 >= attempts:
                     raise ServerUnavailable(self._redact(
-                        f"cannot reach ComfyUI at {self.url} ({method} {path}): {_describe(exc)}")) from None
+                        f"cannot reach ComfyUI at {self.url} ({method} {path}): {describe_error(exc)}")) from None
             except aiohttp.InvalidURL as exc:
                 raise ServerUnavailable(self._redact(f"invalid server URL {self.url}: {exc}")) from None
-            await asyncio.sleep(0.3 * 2 ** attempt)
+            await asyncio.sleep(policy.delay(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _read_reply(self, resp: aiohttp.ClientResponse, what: str) -> bytes:
@@ -483,7 +229,7 @@ class AsyncComfyClient:
         """GET an API path whose answer must be a JSON object (:class:`ProtocolError` otherwise)."""
         data = await self.get_json(path, params)
         if not isinstance(data, dict):
-            raise ProtocolError(f"GET {path} at {self.url} answered {_kind(data)} where ComfyUI answers an "
+            raise ProtocolError(f"GET {path} at {self.url} answered {describe_kind(data)} where ComfyUI answers an "
                                 "object; is this a ComfyUI server?")
         return data
 
@@ -504,8 +250,8 @@ class AsyncComfyClient:
     async def queue(self) -> dict[str, list]:
         """``GET /queue``: ``{"queue_running": [...], "queue_pending": [...]}`` (pending sorted by priority)."""
         data = await self.get_object("/queue")
-        running = _check_queue_items(data.get("queue_running"), "queue_running", self.url)
-        pending = sorted(_check_queue_items(data.get("queue_pending"), "queue_pending", self.url),
+        running = check_queue_items(data.get("queue_running"), "queue_running", self.url)
+        pending = sorted(check_queue_items(data.get("queue_pending"), "queue_pending", self.url),
                          key=lambda item: item[0])
         return {"queue_running": running, "queue_pending": pending}
 
@@ -532,125 +278,9 @@ class AsyncComfyClient:
             return "finished", None
         return "unknown", None
 
-    # ---- WebSocket ------------------------------------------------------------------------------------------
-
-    async def _ensure_ws(self) -> None:
-        """Start the WebSocket listener and wait (briefly) for its first connection attempt."""
-        if self._ws_task is None or self._ws_task.done():
-            self._closing = False
-            self._ws_ready = asyncio.Event()
-            self._ws_task = asyncio.create_task(self._ws_loop(), name=f"comfy-ws-{self.client_id[:8]}")
-        assert self._ws_ready is not None
-        with contextlib.suppress(*_TIMEOUT_ERRORS):
-            await asyncio.wait_for(self._ws_ready.wait(), (self.timeout.connect or 10.0) + 1.0)
-
-    async def _ws_loop(self) -> None:
-        failures = 0
-        connected_before = False
-        lost_reported = False
-        while not self._closing:
-            try:
-                session = await self._get_session()
-                ws = await session.ws_connect(self.config.url.ws(self.client_id), heartbeat=self.ping_interval,
-                                              autoping=True, max_msg_size=self.limits.max_reply_bytes)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure means "retry later, poll meanwhile"
-                self._ws_ok = False
-                self._ws_error = self._redact(_describe(exc))
-                assert self._ws_ready is not None
-                self._ws_ready.set()
-                if not lost_reported:
-                    lost_reported = True
-                    self._broadcast(Event("connection_lost", {"reason": self._ws_error, "reconnecting": True}))
-                await asyncio.sleep(_RECONNECT_DELAYS[min(failures, len(_RECONNECT_DELAYS) - 1)])
-                failures += 1
-                continue
-            failures = 0
-            self._ws_ok = True
-            self._ws_error = None
-            with contextlib.suppress(Exception):  # a socket that dies at once is handled below
-                await ws.send_str(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
-            assert self._ws_ready is not None
-            self._ws_ready.set()
-            if connected_before or lost_reported:
-                self._broadcast(Event("reconnected", {"client_id": self.client_id}))
-            connected_before = True
-            lost_reported = False
-            reason = "closed by the server"
-            try:
-                error: BaseException | None = None
-                async for msg in ws:
-                    if msg.type == aiohttp.WSMsgType.TEXT:
-                        event = parse_text_message(msg.data)
-                    elif msg.type == aiohttp.WSMsgType.BINARY:
-                        event = parse_binary_message(msg.data)
-                    else:
-                        if msg.type == aiohttp.WSMsgType.ERROR and isinstance(msg.data, BaseException):
-                            error = msg.data
-                        break
-                    if event is not None:
-                        self._dispatch(event)
-                error = error or ws.exception()
-                if ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG or (
-                        isinstance(error, aiohttp.WebSocketError)
-                        and error.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG):
-                    reason = (f"the server sent a WebSocket message larger than {mib(self.limits.max_reply_bytes)}"
-                              f", the limit ({REPLY_LIMIT_SETTING})")
-                elif error is not None:
-                    reason = _describe(error)
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await ws.close()
-                raise
-            except Exception as exc:  # noqa: BLE001
-                reason = _describe(exc)
-            finally:
-                self._ws_ok = False
-            with contextlib.suppress(Exception):
-                await ws.close()
-            if self._closing:
-                break
-            lost_reported = True
-            self._broadcast(Event("connection_lost", {"reason": self._redact(reason), "reconnecting": True}))
-            await asyncio.sleep(_RECONNECT_DELAYS[0])
-
-    def _dispatch(self, event: Event) -> None:
-        if event.type == "feature_flags":
-            self.server_features = dict(event.data)
-            return
-        if event.type == "status":
-            self._broadcast(event)
-            return
-        if event.type == "execution_start" and event.prompt_id in self._subs:
-            self._running_prompt = event.prompt_id
-        prompt_id = event.prompt_id
-        if prompt_id is None and event.type != "status":
-            prompt_id = self._running_prompt
-            event.prompt_id = prompt_id
-        if prompt_id is not None and prompt_id in self._subs:
-            self._put(self._subs[prompt_id], event)
-        ends_prompt = event.is_finished_marker or event.type in ("execution_error", "execution_interrupted")
-        if ends_prompt and self._running_prompt == prompt_id:
-            self._running_prompt = None
-
-    @staticmethod
-    def _put(q: asyncio.Queue[Event], event: Event) -> None:
-        with contextlib.suppress(asyncio.QueueFull):  # history is the truth; a lost hint does no harm
-            q.put_nowait(event)
-
-    def _broadcast(self, event: Event) -> None:
-        for q in self._subs.values():
-            self._put(q, Event(event.type, dict(event.data), event.prompt_id, event.time))
-
-    def _subscribe(self, prompt_id: str) -> asyncio.Queue[Event]:
-        if prompt_id not in self._subs:
-            self._subs[prompt_id] = asyncio.Queue(maxsize=10000)
-        return self._subs[prompt_id]
-
     def forget(self, prompt_id: str) -> None:
         """Stop buffering events of a job nobody will wait for."""
-        self._subs.pop(prompt_id, None)
+        self.events.forget(prompt_id)
 
     # ---- submit -----------------------------------------------------------------------------------------------
 
@@ -692,8 +322,8 @@ class AsyncComfyClient:
         wf = await self.prepare(workflow)
         assert wf.prompt is not None
         prompt_id = prompt_id or str(uuid.uuid4())
-        await self._ensure_ws()
-        self._subscribe(prompt_id)
+        await self.events.ensure()
+        self.events.subscribe(prompt_id)
         payload: dict[str, Any] = {"prompt": wf.prompt, "client_id": self.client_id, "prompt_id": prompt_id}
         extra = json.loads(json.dumps(extra_data)) if extra_data else {}
         if embed_workflow and wf.ui is not None:
@@ -727,7 +357,7 @@ class AsyncComfyClient:
 
     async def _post_prompt(self, payload: dict[str, Any]) -> dict[str, Any]:
         prompt_id = payload["prompt_id"]
-        for attempt in range(3):
+        for attempt in range(_SUBMIT_RETRY.attempts):
             try:
                 status, body = await self._request("POST", "/prompt", json_body=payload, ok=(200, 400), retries=0)
             except ServerUnavailable:
@@ -736,9 +366,9 @@ class AsyncComfyClient:
                     state, _ = await self.job_state(prompt_id)
                     if state != "unknown":
                         return {"prompt_id": prompt_id, "number": None, "node_errors": {}}
-                if attempt == 2:
+                if _SUBMIT_RETRY.is_last(attempt):
                     raise
-                await asyncio.sleep(0.5 * 2 ** attempt)
+                await asyncio.sleep(_SUBMIT_RETRY.delay(attempt))
                 continue
             data = self._json(body, "/prompt")
             if status == 400:
@@ -779,10 +409,15 @@ class AsyncComfyClient:
 
     async def run(self, workflow: Workflow | dict[str, Any] | str | Path, *, timeout: float | None = None,
                   on_event: Callable[[Event], None] | None = None, cancel_on_timeout: bool = True,
-                  **submit_options: Any) -> JobResult:
-        """Submit and wait. On timeout the job is cancelled (unless ``cancel_on_timeout=False``)."""
+                  prompt_id: str | None = None, extra_data: dict[str, Any] | None = None, front: bool = False,
+                  number: float | None = None, partial_targets: list[str] | None = None, allow_partial: bool = False,
+                  embed_workflow: bool = True) -> JobResult:
+        """Submit (the options of :meth:`submit`) and wait. On timeout the job is cancelled (unless
+        ``cancel_on_timeout=False``)."""
         start = time.monotonic()
-        job = await self.submit(workflow, **submit_options)
+        job = await self.submit(workflow, prompt_id=prompt_id, extra_data=extra_data, front=front, number=number,
+                                partial_targets=partial_targets, allow_partial=allow_partial,
+                                embed_workflow=embed_workflow)
         remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
         try:
             return await self.wait(job, timeout=remaining, on_event=on_event)
@@ -795,109 +430,6 @@ class AsyncComfyClient:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(self.cancel(job.prompt_id))
             raise
-
-    async def _follow(self, watch: AsyncWatch) -> AsyncIterator[Event]:
-        prompt_id = watch.prompt_id
-        loop = asyncio.get_running_loop()
-        deadline = None if watch.timeout is None else loop.time() + watch.timeout
-        q = self._subscribe(prompt_id)
-        await self._ensure_ws()
-        finished_hint = False
-        history_misses = 0
-        lost_checks = 0
-        polls = 0
-        # A job we just submitted cannot be finished yet; one we attach to may be.
-        next_poll = loop.time() + (1.0 if watch.job is not None else 0.0)
-        try:
-            if watch.job is not None:
-                yield Event("submitted", {"prompt_id": prompt_id, "number": watch.job.number,
-                                          "node_errors": watch.job.node_errors, "nodes": len(watch.job.prompt)},
-                            prompt_id, time=watch.job.submitted_at)
-            while True:
-                now = loop.time()
-                if deadline is not None and now >= deadline:
-                    raise JobTimeout(f"job {prompt_id} did not finish within {watch.timeout:g} s",
-                                     prompt_id=prompt_id, seconds=float(watch.timeout or 0))
-                wait_s = max(0.0, next_poll - now)
-                if deadline is not None:
-                    wait_s = min(wait_s, max(0.0, deadline - now))
-                event: Event | None = None
-                try:
-                    event = q.get_nowait() if wait_s <= 0 else await asyncio.wait_for(q.get(), wait_s)
-                except (asyncio.QueueEmpty, *_TIMEOUT_ERRORS):
-                    event = None
-                if event is not None:
-                    watch._observe(event)
-                    yield event
-                    ours = event.prompt_id == prompt_id
-                    if ours and (event.is_finished_marker or event.type in ("execution_error",
-                                                                            "execution_interrupted")):
-                        finished_hint = True
-                        next_poll = loop.time()
-                    elif ours and event.type == "execution_success":
-                        # History is written after this message; executing{node:null} follows it.
-                        next_poll = min(next_poll, loop.time() + 0.5)
-                    elif event.type == "connection_lost":
-                        next_poll = min(next_poll, loop.time() + 0.2)
-                    elif event.type == "reconnected":
-                        next_poll = loop.time()
-                    continue
-                # Poll the source of truth.
-                polls += 1
-                try:
-                    entry = await self.history(prompt_id)
-                except (ServerUnavailable, ServerError) as exc:
-                    if isinstance(exc, ProtocolError):
-                        raise
-                    yield Event("server_unreachable", {"reason": str(exc)}, prompt_id)
-                    next_poll = loop.time() + 2.0
-                    continue
-                if entry is not None:
-                    watch.result = result_from_history(
-                        prompt_id, entry, submitted_at=watch.job.submitted_at if watch.job else None,
-                        node_errors=watch.job.node_errors if watch.job else None)
-                    yield Event("finished", {"status": "success", "files": len(watch.result.files),
-                                             "cached_nodes": watch.result.cached_nodes,
-                                             "timings": watch.result.timings.to_dict()}, prompt_id)
-                    return
-                if finished_hint:
-                    history_misses += 1
-                    if history_misses > 40:
-                        raise JobLost(f"job {prompt_id} finished but its history entry never appeared",
-                                      prompt_id=prompt_id)
-                    if history_misses >= 3 and (await self._safe_state(prompt_id))[0] == "unknown":
-                        lost_checks += 1  # not even queued or running: the history was cleared (restart)
-                        if lost_checks >= 3:
-                            raise JobLost(f"job {prompt_id} finished but {self.url} no longer knows it (was the "
-                                          "server restarted or its history cleared?)", prompt_id=prompt_id)
-                    next_poll = loop.time() + min(0.05 * 2 ** history_misses, 1.0)
-                    continue
-                # Without a socket, or for a job submitted by another client (its messages never reach us),
-                # the history is all we have: poll it every second.
-                fast = not self._ws_ok or watch.job is None
-                if fast or polls % 3 == 1 or lost_checks:
-                    state, ahead = await self._safe_state(prompt_id)
-                    if state == "unknown":
-                        lost_checks += 1
-                        if lost_checks >= 3:
-                            raise JobLost(f"job {prompt_id} is not queued, running or in the history of {self.url} "
-                                          "(was the server restarted or the queue cleared?)", prompt_id=prompt_id)
-                        next_poll = loop.time() + 0.5
-                        continue
-                    lost_checks = 0
-                    if state in ("pending", "running"):
-                        yield Event("queue", {"state": state, "ahead": ahead}, prompt_id)
-                next_poll = loop.time() + (min(1.0, self.poll_interval) if fast else self.poll_interval)
-        finally:
-            self.forget(prompt_id)
-
-    async def _safe_state(self, prompt_id: str) -> tuple[str, int | None]:
-        try:
-            return await self.job_state(prompt_id)
-        except (AuthenticationError, ProtocolError):
-            raise
-        except DriverError:
-            return "unreachable", None
 
     # ---- cancel -------------------------------------------------------------------------------------------------
 
@@ -969,7 +501,8 @@ class AsyncComfyClient:
                 f"downloading {file.filename} from {self.url}: the file is larger than {mib(cap)}, the limit for "
                 f"one download; raise it with {DOWNLOAD_LIMIT_SETTING} if such a file is expected"))
 
-        for attempt in range(self.retries + 1):
+        policy = _request_backoff(self.retries + 1)
+        for attempt in range(policy.attempts):
             path, handle = open_unique(target)
             digest = hashlib.sha256()
             size = 0
@@ -978,7 +511,7 @@ class AsyncComfyClient:
                 async with session.get(url, params=file.view_params) as resp:
                     if resp.status != 200:
                         raise self._status_error("GET", f"/view?filename={file.filename}", resp.status,
-                                                 await _read_head(resp))
+                                                 await read_head(resp))
                     if resp.content_length is not None and resp.content_length > cap:
                         raise too_large()
                     async for chunk in resp.content.iter_chunked(1 << 16):
@@ -993,13 +526,13 @@ class AsyncComfyClient:
                 handle.close()
                 path.unlink(missing_ok=True)
                 retryable = isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
-                                             *_TIMEOUT_ERRORS))
-                if not retryable or attempt >= self.retries:
+                                             *TIMEOUT_ERRORS))
+                if not retryable or policy.is_last(attempt):
                     if retryable:
                         raise ServerUnavailable(self._redact(
-                            f"downloading {file.filename} from {self.url} failed: {_describe(exc)}")) from None
+                            f"downloading {file.filename} from {self.url} failed: {describe_error(exc)}")) from None
                     raise
-                await asyncio.sleep(0.3 * 2 ** attempt)
+                await asyncio.sleep(policy.delay(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def download_outputs(self, result: JobResult, out_dir: str | Path, *, include_temp: bool = True,
@@ -1023,7 +556,7 @@ class AsyncComfyClient:
             else:
                 try:
                     item = await asyncio.wait_for(fetch, max(0.0, deadline - loop.time()))
-                except _TIMEOUT_ERRORS:
+                except TIMEOUT_ERRORS:
                     raise JobTimeout(f"downloading the outputs of job {result.prompt_id} did not finish within "
                                      f"{timeout:g} s (what was left of the job's time limit)",
                                      prompt_id=result.prompt_id, seconds=float(timeout or 0)) from None
@@ -1031,228 +564,3 @@ class AsyncComfyClient:
             if on_file is not None:
                 on_file(item)
         return done
-
-
-class AsyncWatch:
-    """Async iterator over the events of one job; ``result`` is set when it ended successfully."""
-
-    def __init__(self, client: AsyncComfyClient, job: Job | str, timeout: float | None) -> None:
-        self.client = client
-        self.job = job if isinstance(job, Job) else None
-        self.prompt_id = job.prompt_id if isinstance(job, Job) else str(job)
-        self.timeout = timeout
-        self.result: JobResult | None = None
-        self.running_node: str | None = None
-        self.cached_nodes: list[str] = []
-        self._iter: AsyncIterator[Event] | None = None
-
-    def _observe(self, event: Event) -> None:
-        if event.type == "execution_cached" and event.prompt_id == self.prompt_id:
-            self.cached_nodes = [str(n) for n in event.data.get("nodes") or []]
-        elif event.type == "executing" and event.prompt_id == self.prompt_id:
-            self.running_node = event.node
-
-    def __aiter__(self) -> AsyncIterator[Event]:
-        if self._iter is None:
-            self._iter = self.client._follow(self)
-        return self._iter
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Blocking client
-# ------------------------------------------------------------------------------------------------------------
-
-
-class _LoopThread:
-    """An event loop in a daemon thread; blocking calls hand coroutines to it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._main, name="charforge-driver-loop", daemon=True)
-        self._thread.start()
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def run(self, coro: Any) -> Any:
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            while True:
-                try:
-                    return future.result(0.1)  # short slices keep Ctrl-C responsive
-                except TimeoutError:
-                    continue
-        except BaseException:
-            future.cancel()
-            raise
-
-    def close(self) -> None:
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-        if not self.loop.is_running():
-            self.loop.close()
-
-
-_DONE = object()
-
-
-class Watch:
-    """Blocking iterator over the events of one job (see :meth:`AsyncComfyClient.watch`)."""
-
-    def __init__(self, client: ComfyClient, job: Job | str, timeout: float | None) -> None:
-        self._client = client
-        self._async = AsyncWatch(client._async, job, timeout)
-        self.prompt_id = self._async.prompt_id
-        self._queue: thread_queue.Queue[Any] = thread_queue.Queue()
-        self._future: Any = None
-
-    @property
-    def result(self) -> JobResult | None:
-        return self._async.result
-
-    @property
-    def running_node(self) -> str | None:
-        return self._async.running_node
-
-    async def _pump(self) -> None:
-        try:
-            async for event in self._async:
-                self._queue.put(event)
-        except BaseException as exc:  # handed to the consuming thread
-            self._queue.put(exc)
-            return
-        self._queue.put(_DONE)
-
-    def __iter__(self) -> Iterator[Event]:
-        self._future = asyncio.run_coroutine_threadsafe(self._pump(), self._client._loop.loop)
-        try:
-            while True:
-                try:
-                    item = self._queue.get(timeout=0.1)
-                except thread_queue.Empty:
-                    continue
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Stop following (the job itself keeps running)."""
-        if self._future is not None and not self._future.done():
-            self._future.cancel()
-
-
-class ComfyClient:
-    """Blocking client with the same methods as :class:`AsyncComfyClient`.
-
-    It runs an event loop in a background thread; use it as a context manager or call :meth:`close`.
-    """
-
-    def __init__(self, server: str | ServerConfig | None = None, **options: Any) -> None:
-        self._async = AsyncComfyClient(server, **options)
-        self._loop = _LoopThread()
-
-    @property
-    def url(self) -> str:
-        return self._async.url
-
-    @property
-    def client_id(self) -> str:
-        return self._async.client_id
-
-    @property
-    def config(self) -> ServerConfig:
-        return self._async.config
-
-    def __repr__(self) -> str:
-        return f"ComfyClient({self.url!r}, auth={self._async.config.auth!r})"
-
-    def __enter__(self) -> ComfyClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close connections and stop the background loop."""
-        try:
-            self._loop.run(self._async.close())
-        finally:
-            self._loop.close()
-
-    def _run(self, coro: Any) -> Any:
-        return self._loop.run(coro)
-
-    def system_stats(self) -> dict[str, Any]:
-        return self._run(self._async.system_stats())
-
-    def features(self) -> dict[str, Any]:
-        return self._run(self._async.features())
-
-    def object_info(self, refresh: bool = False) -> dict[str, Any]:
-        return self._run(self._async.object_info(refresh))
-
-    def queue(self) -> dict[str, list]:
-        return self._run(self._async.queue())
-
-    def history(self, prompt_id: str | None = None, *, max_items: int | None = None) -> Any:
-        return self._run(self._async.history(prompt_id, max_items=max_items))
-
-    def job_state(self, prompt_id: str) -> tuple[str, int | None]:
-        return self._run(self._async.job_state(prompt_id))
-
-    def prepare(self, workflow: Workflow | dict[str, Any] | str | Path) -> Workflow:
-        return self._run(self._async.prepare(workflow))
-
-    def prepare_run(self, workflow: Workflow | dict[str, Any] | str | Path, **options: Any) -> PreparedRun:
-        return self._run(self._async.prepare_run(workflow, **options))
-
-    def submit(self, workflow: Workflow | dict[str, Any] | str | Path, **options: Any) -> Job:
-        return self._run(self._async.submit(workflow, **options))
-
-    def watch(self, job: Job | str, *, timeout: float | None = None) -> Watch:
-        return Watch(self, job, timeout)
-
-    def wait(self, job: Job | str, *, timeout: float | None = None,
-             on_event: Callable[[Event], None] | None = None) -> JobResult:
-        watch = self.watch(job, timeout=timeout)
-        for event in watch:
-            if on_event is not None:
-                on_event(event)
-        assert watch.result is not None
-        return watch.result
-
-    def run(self, workflow: Workflow | dict[str, Any] | str | Path, *, timeout: float | None = None,
-            on_event: Callable[[Event], None] | None = None, cancel_on_timeout: bool = True,
-            **submit_options: Any) -> JobResult:
-        start = time.monotonic()
-        job = self.submit(workflow, **submit_options)
-        remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-        try:
-            return self.wait(job, timeout=remaining, on_event=on_event)
-        except JobTimeout:
-            if cancel_on_timeout:
-                with contextlib.suppress(DriverError):
-                    self.cancel(job.prompt_id)
-            raise
-        except KeyboardInterrupt:  # Ctrl-C stops our job too, never anybody else's
-            with contextlib.suppress(DriverError):
-                self.cancel(job.prompt_id)
-            raise
-
-    def cancel(self, prompt_id: str) -> str:
-        return self._run(self._async.cancel(prompt_id))
-
-    def upload(self, source: str | Path | bytes, **options: Any) -> UploadedFile:
-        return self._run(self._async.upload(source, **options))
-
-    def download(self, file: OutputFile, out_dir: str | Path, **options: Any) -> DownloadedFile:
-        return self._run(self._async.download(file, out_dir, **options))
-
-    def download_outputs(self, result: JobResult, out_dir: str | Path, **options: Any) -> list[DownloadedFile]:
-        return self._run(self._async.download_outputs(result, out_dir, **options))

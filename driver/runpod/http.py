@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from ..client import read_body
+from ..client.http import read_body
 from ..config import REPLY_LIMIT_SETTING, Limits, Secret, mib
 from ..errors import AuthenticationError, DriverError, ProtocolError, ServerError, ServerUnavailable
 from ..secrets import mask, mask_body
