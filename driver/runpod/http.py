@@ -19,13 +19,14 @@ from typing import Any
 
 import aiohttp
 
-from ..client.http import read_body
+from charforge.common.retry import Backoff, retry_after_seconds
+
+from ..client.http import TIMEOUT_ERRORS, read_body
 from ..config import REPLY_LIMIT_SETTING, Limits, Secret, mib
 from ..errors import AuthenticationError, DriverError, ProtocolError, ServerError, ServerUnavailable
 from ..secrets import mask, mask_body
 
 USER_AGENT = "charforge-driver-runpod"
-_TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (asyncio.TimeoutError, TimeoutError)
 
 
 class RateLimited(ServerError):
@@ -46,20 +47,14 @@ class SubmitOutcomeUnknown(DriverError):
 
 def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 20.0, retry_after: float | None = None,
                   rng: Callable[[], float] = random.random) -> float:
-    """Seconds to wait before retry ``attempt`` (0-based): full jitter over ``base * 2**attempt`` (capped),
-    never less than the server's ``Retry-After``."""
-    delay = rng() * min(cap, base * 2 ** attempt)
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return delay
+    """Seconds to wait before retry ``attempt`` (0-based): the shared policy with full jitter over
+    ``base * 2**attempt`` (capped), never less than the server's ``Retry-After`` (RunPod's own hint is trusted)."""
+    delay = Backoff(attempts=attempt + 2, base=base, cap=cap, jitter=1.0).delay(attempt, rng=rng)
+    return delay if retry_after is None else max(delay, retry_after)
 
 
 def _retry_after(headers: Any) -> float | None:
-    value = headers.get("Retry-After") if headers is not None else None
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
+    return retry_after_seconds(headers.get("Retry-After") if headers is not None else None)
 
 
 class RunPodHTTP:
@@ -170,8 +165,8 @@ class RunPodHTTP:
                         snippet = mask_body(body, self.secrets(), limit=120)
                         raise ServerError(f"{method} {self.redact(url)} did not answer JSON: {snippet!r}",
                                           status=resp.status) from None
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, *_TIMEOUT_ERRORS) as exc:
-                reason = "timed out" if isinstance(exc, _TIMEOUT_ERRORS) else (str(exc) or type(exc).__name__)
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, *TIMEOUT_ERRORS) as exc:
+                reason = "timed out" if isinstance(exc, TIMEOUT_ERRORS) else (str(exc) or type(exc).__name__)
                 # A refused connection never delivered the request; anything later might have.
                 delivered = sent or not isinstance(exc, aiohttp.ClientConnectorError)
                 if creates and delivered:

@@ -24,7 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..client import AsyncComfyClient, Timeout
+from ..client.async_client import AsyncComfyClient
+from ..client.models import Timeout
 from ..config import RunPodSettings, ServerConfig, ServerURL, runpod_proxy_url
 from ..errors import ConfigError, DriverError, ServerError, ServerUnavailable
 from ..secrets import mask
