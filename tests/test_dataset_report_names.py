@@ -37,8 +37,7 @@ def test_visible_escapes_only_invisible_characters():
 
 
 def test_kohya_dataset_toml_stays_valid_with_control_characters(tmp_path):
-    import tomllib
-
+    from cf_testing.compat import tomllib
     from charforge.engine.dataset.export import dataset_toml
     from charforge.engine.dataset.manifest import DatasetManifest
 
