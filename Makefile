@@ -15,8 +15,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# One worker per core (pytest-xdist): the suite is CPU-bound and its tests are independent.
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/vermin --target=3.10- --violations --no-tips --quiet $$(git ls-files '*.py')
