@@ -16,6 +16,7 @@ from charforge import bridge
 from charforge.deps import MissingDependencyError
 from charforge.engine.faces import Face
 from charforge.engine.score import ImageScore, ScoreSheet
+from charforge.engine.score.sets import checkpoint_groups, natural_key, sample_prompts
 from charforge.nodes.score import (
     BestOfN,
     BuildIdentity,
@@ -26,7 +27,6 @@ from charforge.nodes.score import (
     LoadIdentity,
     PickCheckpoint,
     ScoreIdentity,
-    checkpoint_groups,
 )
 
 try:
@@ -172,6 +172,13 @@ def test_checkpoint_groups_from_trainer_sample_names(comfy_env, tmp_path):
     Image.new("RGB", (8, 8)).save(folder / "random.png")
     with pytest.raises(ValueError, match="its own subfolder"):
         checkpoint_groups(str(folder))
+
+
+def test_sample_prompts_follow_the_prompt_index_in_the_name():
+    labels = ["hero_e000002_01_20240101.png", "1712345678__000000500_0.jpg", "other.png", "x.png"]
+    assert sample_prompts(labels, ["a", "b"]) == ["b", "a", "a", "b"]  # index 1, index 0, then by position
+    assert sample_prompts(labels, ["only"]) == ["only"]
+    assert sorted(["step_10", "step_2", "step_1"], key=natural_key) == ["step_1", "step_2", "step_10"]
 
 
 # ---------------------------------------------------------------------------------------------- without face models

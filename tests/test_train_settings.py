@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from charforge.engine.train.config import (
-    BASIC_DEFAULTS,
-    basic_settings,
-    fit_warmup,
-    ignored_basic_settings,
-    preset_config,
-    with_overrides,
-)
+from charforge.engine.train.config import fit_warmup, ignored_basic_settings, preset_config, with_overrides
+from charforge.engine.train.presets import BASIC_DEFAULTS, basic_settings
 
 
 def test_node_shows_the_default_presets_real_values():
     from charforge.nodes import train as node
 
-    assert node.BASIC_DEFAULTS == BASIC_DEFAULTS
     spec = node.TrainLoRA.INPUT_TYPES()
     required, optional = spec["required"], spec["optional"]
     assert required["preset"][1]["default"] == "sdxl"
@@ -23,7 +16,7 @@ def test_node_shows_the_default_presets_real_values():
     shown = {name: required[name][1]["default"] for name in ("steps", "learning_rate", "rank", "resolution")}
     assert shown == {"steps": sdxl.steps, "learning_rate": sdxl.optim.learning_rate, "rank": sdxl.lora.rank,
                      "resolution": sdxl.data.resolution}
-    assert all(value > 0 for value in shown.values())
+    assert shown == BASIC_DEFAULTS and all(value > 0 for value in shown.values())
     assert optional["use_preset_values"][0] == "BOOLEAN" and optional["use_preset_values"][1]["default"] is True
     # Saved editor workflows store widget values by position: the new widget comes last.
     assert list(optional)[-1] == "use_preset_values"

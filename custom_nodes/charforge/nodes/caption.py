@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from .. import bridge
+from .convert import image_to_pil, show_picture
 from .dataset import DATASET, _finish, _stage_progress
 
 CATEGORY = "CharForge/Caption"
@@ -364,12 +365,6 @@ def make_captioner(backend: str, model: str = "", batch_size: int = 8, **options
     raise ValueError(f"unknown caption backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
-def _image_to_pil(frame):
-    from PIL import Image
-
-    return Image.fromarray(frame)
-
-
 class CaptionImages:
     """Caption an IMAGE batch: one caption string per image."""
 
@@ -416,19 +411,16 @@ class CaptionImages:
     def caption(self, images, backend, model, trigger, class_tokens, template, keep_tokens, banned_words,
                 style_tags, max_tokens, tokenizer, batch_size, node_id=None, **options):
         from ..engine.caption.postprocess import apply_rules
-        from .dataset import _tensor_to_arrays
-
         rules = _rules(trigger, class_tokens, template, keep_tokens, banned_words, style_tags, max_tokens, tokenizer)
         total = int(images.shape[0])
         progress = bridge.control(total, node_id=node_id, label="caption images")
         captions: list[str] = []
         captioner = make_captioner(backend, model, batch_size, **options)
         try:
-            frames = _tensor_to_arrays(images)
             step = max(1, captioner.batch_size)
             for start in range(0, total, step):
                 progress.check()
-                batch = [_image_to_pil(next(frames)) for _ in range(min(step, total - start))]
+                batch = [image_to_pil(images[i]) for i in range(start, min(start + step, total))]
                 if captioner.max_side:
                     for image in batch:
                         image.thumbnail((captioner.max_side, captioner.max_side))
@@ -481,8 +473,6 @@ class CaptionReview:
         entries = [(entry, existing_caption(dataset, entry) or "") for entry in dataset.accepted]
         if missing_first:
             entries.sort(key=lambda item: bool(item[1]))
-        folder = os.path.join(bridge.temp_directory(), "charforge_review")
-        os.makedirs(folder, exist_ok=True)
         prefix = uuid.uuid4().hex[:8]
         images, texts, lines = [], [], []
         for index, (entry, caption) in enumerate(entries[:max_images]):
@@ -494,8 +484,7 @@ class CaptionReview:
                 lines[-1] += f" [not shown: {exc}]"
                 continue
             filename = f"review_{prefix}_{index:04d}.jpg"
-            Image.fromarray(rgb).save(os.path.join(folder, filename), quality=90)
-            images.append({"filename": filename, "subfolder": "charforge_review", "type": "temp"})
+            images.append(show_picture(Image.fromarray(rgb), filename, subfolder="charforge_review"))
             texts.append(f"{entry.name}: {shown}")
         missing = sum(1 for _, caption in entries if not caption)
         head = f"{len(entries)} photo(s), {missing} without a caption; showing {min(len(entries), max_images)}"

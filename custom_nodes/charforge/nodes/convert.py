@@ -1,8 +1,22 @@
-"""Conversions between ComfyUI's value types and the engine's plain values."""
+"""Conversions between ComfyUI's values and the engine's plain values, and pictures shown on a node.
+
+The one place for these adapters (every node module uses them):
+
+- folders typed into a node: `resolve_folder`, and `folder_signature` for ``IS_CHANGED``;
+- ComfyUI ``IMAGE`` batches (torch, [B, H, W, C], float 0..1) to the engine's arrays and PIL images and
+  back: `image_frames`, `image_rgb8`, `image_to_pil`, `pil_to_image_batch`, `rgb8_to_image_batch`,
+  `files_to_image_batch`, `stack_images`, `empty_image_batch`;
+- ``ui.images`` entries that make the frontend show a picture on the node: `show_file` (a file the node
+  wrote) and `show_picture` (a PIL image, saved to ComfyUI's temp folder).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from .. import bridge
 from ..deps import require
@@ -18,14 +32,90 @@ def resolve_folder(folder: str) -> str:
     return os.path.join(bridge.input_directory(), folder)
 
 
-def pil_to_image_batch(images: list):
-    """PIL images of one size -> ComfyUI IMAGE tensor [B, H, W, 3], float32 in 0..1."""
+def folder_signature(folder: str, recursive: bool = True):
+    """What an ``IS_CHANGED`` returns for a folder input: it changes when image files in the folder are added,
+    removed or modified, so ComfyUI re-runs the node (NaN, never equal, when the folder cannot be read)."""
+    from ..engine.dataset import scan_folder
+
+    try:
+        result = scan_folder(resolve_folder(folder), recursive=recursive)
+    except (OSError, ValueError):
+        return float("nan")
+    return "\n".join(f"{p}:{os.path.getmtime(p)}:{os.path.getsize(p)}" for p in result.images)
+
+
+# --------------------------------------------------------------------------------------------------
+# IMAGE batches
+
+
+def image_frames(images) -> Iterator[Any]:
+    """A ComfyUI IMAGE batch -> one [H, W, C] float array (0..1, as stored) per image, one at a time."""
+    for index in range(int(images.shape[0])):
+        yield images[index].cpu().numpy()
+
+
+def image_rgb8(images) -> Iterator[Any]:
+    """A ComfyUI IMAGE batch -> RGB uint8 arrays, one at a time (never the whole batch converted at once).
+
+    RGBA drops its alpha and one-channel images become grey RGB."""
+    np = require("numpy")
+    for index in range(int(images.shape[0])):
+        frame = images[index].detach().cpu().float().clamp(0, 1).numpy()
+        if frame.shape[-1] == 4:
+            frame = frame[..., :3]
+        elif frame.shape[-1] == 1:
+            frame = np.repeat(frame, 3, axis=-1)
+        yield (frame * 255.0 + 0.5).astype(np.uint8)
+
+
+def image_to_pil(image):
+    """One IMAGE frame ([H, W, C] tensor, 0..1) -> a PIL RGB image."""
+    from PIL import Image
+
+    return Image.fromarray(next(image_rgb8(image[None])))
+
+
+def rgb8_to_image_batch(arrays: Iterable[Any]):
+    """RGB uint8 arrays of one size -> ComfyUI IMAGE tensor [B, H, W, 3], float32 in 0..1."""
     np = require("numpy")
     torch = require("torch")
-    if not images:
+    arrays = [np.asarray(array, dtype=np.float32) / 255.0 for array in arrays]
+    if not arrays:
         raise ValueError("cannot build an IMAGE batch from zero images")
-    arrays = [np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0 for img in images]
     return torch.from_numpy(np.stack(arrays))
+
+
+def pil_to_image_batch(images: list):
+    """PIL images of one size -> ComfyUI IMAGE tensor [B, H, W, 3], float32 in 0..1."""
+    return rgb8_to_image_batch(img.convert("RGB") for img in images)
+
+
+def files_to_image_batch(paths: list[str], empty_size: int = 64):
+    """Image files -> one IMAGE batch; files of another size are resized to the first one's (one IMAGE
+    batch holds one size). No files: a black frame of `empty_size` (see `empty_image_batch`)."""
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        with Image.open(path) as img:
+            images.append(img.convert("RGB"))
+    if not images:
+        return empty_image_batch(empty_size)
+    first = images[0].size
+    return pil_to_image_batch([img if img.size == first else img.resize(first) for img in images])
+
+
+def stack_images(images: list, torch):
+    """IMAGE frames ([H, W, C] tensors) -> one batch; frames of another size are resized to the first
+    one's (bilinear)."""
+    height, width = int(images[0].shape[0]), int(images[0].shape[1])
+    out = []
+    for image in images:
+        if tuple(image.shape[:2]) != (height, width):
+            image = torch.nn.functional.interpolate(image.permute(2, 0, 1)[None].float(), size=(height, width),
+                                                    mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+        out.append(image.float())
+    return torch.stack(out)
 
 
 def empty_image_batch(size: int = 64, like=None):
@@ -38,3 +128,31 @@ def empty_image_batch(size: int = 64, like=None):
     if like is not None:
         return torch.zeros((1, *like.shape[1:]), dtype=like.dtype)
     return torch.zeros((1, size, size, 3), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pictures on the node (the ``ui.images`` entries ComfyUI's frontend shows)
+
+
+def show_file(path: str) -> dict:
+    """Show a file: as it is when it lies in ComfyUI's output folder, else a copy in the temp folder."""
+    output = os.path.realpath(bridge.output_directory())
+    folder = os.path.realpath(os.path.dirname(path))
+    subfolder = os.path.relpath(folder, output)
+    if subfolder.startswith(".."):
+        target = os.path.join(bridge.temp_directory(), "charforge_" + os.path.basename(path))
+        shutil.copyfile(path, target)
+        return {"filename": os.path.basename(target), "subfolder": "", "type": "temp"}
+    return {"filename": os.path.basename(path), "subfolder": "" if subfolder == "." else subfolder.replace(os.sep, "/"),
+            "type": "output"}
+
+
+def show_picture(picture, filename: str | None = None, subfolder: str = "", prefix: str = "charforge") -> dict:
+    """Show a PIL image: saved into ComfyUI's temp folder (`subfolder` inside it) as `filename`
+    (default ``<prefix>_<random>.png``; a ``.jpg`` name is saved as JPEG, quality 90)."""
+    folder = os.path.join(bridge.temp_directory(), subfolder)
+    os.makedirs(folder, exist_ok=True)
+    filename = filename or f"{prefix}_{uuid.uuid4().hex[:12]}.png"
+    options = {"quality": 90} if filename.lower().endswith((".jpg", ".jpeg")) else {"compress_level": 4}
+    picture.save(os.path.join(folder, filename), **options)
+    return {"filename": filename, "subfolder": subfolder, "type": "temp"}

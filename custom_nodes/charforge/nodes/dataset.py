@@ -1,11 +1,15 @@
-"""Dataset nodes (menu: CharForge/Dataset)."""
+"""Dataset nodes (menu: CharForge/Dataset).
+
+The work is in ``charforge.engine.dataset``; these adapters convert ComfyUI values and pass the manifest
+(CHARFORGE_DATASET) along. Longer than 600 lines because it declares the stage's ten nodes, each with every
+input documented in its tooltip; what runs is a few lines per node.
+"""
 
 from __future__ import annotations
 
 import os
 
 from .. import bridge
-from ..deps import require
 from ..engine.dataset import Rejected, letterbox, load_image, measure_quality, scan_folder, verify_image
 from ..engine.dataset.crop import CROP_MODES, FORMATS
 from ..engine.dataset.dedup import DEFAULT_THRESHOLD, HASH_KINDS
@@ -13,7 +17,15 @@ from ..engine.dataset.export import CAPTION_MODES
 from ..engine.dataset.faces import DETECTOR_CHOICES
 from ..engine.dataset.filters import FilterSettings
 from ..engine.dataset.scan import rejection_reason
-from .convert import empty_image_batch, pil_to_image_batch, resolve_folder
+from .convert import (
+    empty_image_batch,
+    folder_signature,
+    image_rgb8,
+    pil_to_image_batch,
+    resolve_folder,
+    rgb8_to_image_batch,
+    show_file,
+)
 
 CATEGORY = "CharForge/Dataset"
 DATASET = "CHARFORGE_DATASET"
@@ -67,12 +79,7 @@ class ListImages:
     @classmethod
     def IS_CHANGED(cls, folder, recursive, **_):
         # The folder's contents can change between runs with the same inputs: re-run when they do.
-        try:
-            path = resolve_folder(folder)
-            result = scan_folder(path, recursive=recursive)
-        except (OSError, ValueError):
-            return float("nan")
-        return "\n".join(f"{p}:{os.path.getmtime(p)}:{os.path.getsize(p)}" for p in result.images)
+        return folder_signature(folder, recursive)
 
     def list_images(self, folder, recursive, max_preview, preview_size, node_id=None):
         result = scan_folder(resolve_folder(folder), recursive=recursive)
@@ -175,18 +182,6 @@ def _finish(manifest, stage: str, settings: dict, summary: str):
     return f"{summary}\n{manifest.summary()}"
 
 
-def _tensor_to_arrays(images):
-    """A ComfyUI IMAGE batch -> RGB uint8 arrays, one at a time (never the whole batch converted at once)."""
-    np = require("numpy")
-    for index in range(int(images.shape[0])):
-        frame = images[index].detach().cpu().float().clamp(0, 1).numpy()
-        if frame.shape[-1] == 4:
-            frame = frame[..., :3]
-        elif frame.shape[-1] == 1:
-            frame = np.repeat(frame, 3, axis=-1)
-        yield (frame * 255.0 + 0.5).astype(np.uint8)
-
-
 class LoadDataset:
     """Start a dataset from a folder of photos and/or images from other nodes."""
 
@@ -257,7 +252,7 @@ class LoadDataset:
         else:
             manifest = DatasetManifest(name=target.name, folder=str(target))
         if images is not None:
-            add_arrays(manifest, _tensor_to_arrays(images), on_image=_stage_progress(node_id, "load images"),
+            add_arrays(manifest, image_rgb8(images), on_image=_stage_progress(node_id, "load images"),
                        total=int(images.shape[0]))
         unreadable = manifest.rejected
         summary = f"{len(manifest.entries)} image(s) loaded into {manifest.folder}"
@@ -628,9 +623,6 @@ class DatasetReport:
         }
 
     def report(self, dataset, trigger, thumbnail_size, per_sheet, workers, node_id=None):
-        import numpy as np
-        import torch
-
         from ..engine.dataset import write_report
 
         written = write_report(dataset, trigger=trigger, thumb_size=thumbnail_size, per_sheet=per_sheet,
@@ -640,24 +632,9 @@ class DatasetReport:
         reasons = ", ".join(f"{k}: {v}" for k, v in list(data["rejection_reasons"].items())[:6]) or "none"
         summary = (f"{counts['accepted']} accepted, {counts['rejected']} rejected ({reasons}); "
                    f"{len(written['sheets'])} contact sheet page(s); report: {written['html']}")
-        images = [_ui_image(path) for path in written["sheets"]]
-        batch = torch.from_numpy(np.stack(written["pages"]).astype(np.float32) / 255.0)
+        images = [show_file(path) for path in written["sheets"]]
+        batch = rgb8_to_image_batch(written["pages"])
         return {"ui": {"images": images, "text": [summary]}, "result": (batch, written["html"], summary)}
-
-
-def _ui_image(path: str) -> dict:
-    """How ComfyUI's UI finds a file in the output folder (``type`` output, ``subfolder`` relative)."""
-    output = os.path.realpath(bridge.output_directory())
-    folder = os.path.realpath(os.path.dirname(path))
-    subfolder = os.path.relpath(folder, output)
-    if subfolder.startswith(".."):  # not under the output folder: show a copy from the temp folder
-        import shutil
-
-        target = os.path.join(bridge.temp_directory(), "charforge_" + os.path.basename(path))
-        shutil.copyfile(path, target)
-        return {"filename": os.path.basename(target), "subfolder": "", "type": "temp"}
-    return {"filename": os.path.basename(path), "subfolder": "" if subfolder == "." else subfolder.replace(os.sep, "/"),
-            "type": "output"}
 
 
 NODE_CLASS_MAPPINGS = {

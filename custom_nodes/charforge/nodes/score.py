@@ -1,15 +1,18 @@
 """Score nodes (menu: CharForge/Score): is it still the same character?
 
 Face identity (InsightFace/ArcFace) and CLIP image-prompt agreement, with filters and selectors that act on
-the scores without breaking a batch. The logic lives in ``charforge.engine.score``; these adapters convert
-ComfyUI values and draw the tables shown on the nodes.
+the scores without breaking a batch. The logic lives in ``charforge.engine.score`` (checkpoint groups, set
+scoring and the CSV in ``engine.score.sets``, the tables in ``engine.score.render``); these adapters convert
+ComfyUI values and show the tables on the nodes.
+
+Longer than 600 lines because it declares the stage's twelve nodes, each with every input documented in
+its tooltip; what runs is a few lines per node.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import uuid
 
 from .. import bridge
 from ..engine.faces import FaceAnalyzer, available_face_packs
@@ -30,8 +33,24 @@ from ..engine.score import (
     score_identity,
     summarise_set,
 )
-from ..engine.score.render import line_plot, table_image
-from .convert import empty_image_batch, pil_to_image_batch, resolve_folder
+from ..engine.score.render import line_plot, sets_table, sheet_table, table_image
+from ..engine.score.sets import (
+    checkpoint_groups,
+    folder_images,
+    labelled_images,
+    natural_key,
+    sample_prompts,
+    score_set,
+    write_sets_csv,
+)
+from .convert import (
+    empty_image_batch,
+    folder_signature,
+    image_frames,
+    pil_to_image_batch,
+    resolve_folder,
+    show_picture,
+)
 
 CATEGORY = "CharForge/Score"
 PROVIDERS = {
@@ -51,64 +70,16 @@ THRESHOLD_TOOLTIP = ("Cosine similarity an image's face needs to pass (ArcFace: 
 # Helpers
 
 
-def _frames(images):
-    """ComfyUI IMAGE [B, H, W, 3] -> one HxWx3 float array (0..1) per image."""
-    for index in range(int(images.shape[0])):
-        yield images[index].cpu().numpy()
+def _show_table(picture) -> dict:
+    return show_picture(picture, prefix="charforge_score")
 
 
-def _show(pil) -> dict:
-    """Save a picture to ComfyUI's temp folder and return the `ui.images` entry that shows it on the node."""
-    folder = bridge.temp_directory()
-    os.makedirs(folder, exist_ok=True)
-    filename = f"charforge_score_{uuid.uuid4().hex[:12]}.png"
-    pil.save(os.path.join(folder, filename), compress_level=4)
-    return {"filename": filename, "subfolder": "", "type": "temp"}
-
-
-def _as_image(pil):
-    return pil_to_image_batch([pil])
-
-
-def _sheet_table(sheet, title: str | None = None):
-    columns = ["#", "image", sheet.metric, "pass", "faces", "note"]
-    rows, status = [], []
-    for row in sheet.rows:
-        rows.append([row.index, row.label, row.value, row.passed, row.details.get("faces", "-"), row.reason])
-        status.append("none" if row.value is None else "pass" if row.passed else "fail")
-    title = title or f"{sheet.metric} scores: {sheet.source}"
-    return table_image(title, columns, rows, status, footer=sheet.summary())
+def _image_of(picture):
+    return pil_to_image_batch([picture])
 
 
 def _threshold(value: float) -> float | None:
     return None if value <= 0 else float(value)
-
-
-def _folder_signature(folder: str) -> str:
-    """Changes when files in the folder (recursively) are added, removed or modified."""
-    from ..engine.dataset import scan_folder
-
-    try:
-        result = scan_folder(resolve_folder(folder), recursive=True)
-    except (OSError, ValueError):
-        return "missing"
-    return "\n".join(f"{p}:{os.path.getmtime(p)}:{os.path.getsize(p)}" for p in result.images)
-
-
-def _folder_images(folder: str):
-    """(file name, RGB array) for each image in a folder; unreadable files are skipped with a reason."""
-    import numpy as np
-
-    from ..engine.dataset import load_image, scan_folder
-
-    result = scan_folder(resolve_folder(folder))
-    images, skipped = [], [(os.path.basename(r.path), r.reason) for r in result.rejected]
-    for path in result.images:
-        try:
-            images.append((os.path.basename(path), np.asarray(load_image(path))))
-        except Exception as exc:  # noqa: BLE001 - any decoder failure: report the file, keep going
-            skipped.append((os.path.basename(path), f"unreadable image: {exc}"))
-    return images, skipped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,14 +170,14 @@ class BuildIdentity:
 
     @classmethod
     def IS_CHANGED(cls, folder="", **_):
-        return _folder_signature(folder) if folder and folder.strip() else ""
+        return folder_signature(folder) if folder and folder.strip() else ""
 
     def build(self, face_models, name, save, images=None, folder="", node_id=None):
         sources, skipped = [], []
         if images is not None:
-            sources += [(f"image {i}", frame) for i, frame in enumerate(_frames(images))]
+            sources += [(f"image {i}", frame) for i, frame in enumerate(image_frames(images))]
         if folder and folder.strip():
-            found, skipped = _folder_images(folder)
+            found, skipped = folder_images(resolve_folder(folder))
             sources += found
         if not sources:
             raise ValueError("no reference photos: connect images or give a folder of photos of the character")
@@ -222,8 +193,8 @@ class BuildIdentity:
         table = table_image(f"identity {identity.name}: {len(identity.references)} reference(s)",
                             ["reference", "faces", "vs others", "note"], rows, status,
                             footer=f"suggested threshold {identity.suggested_threshold:.3f}; baseline {identity.baseline}")
-        return {"ui": {"text": [report], "images": [_show(table)]},
-                "result": (identity, identity.suggested_threshold, report, _as_image(table))}
+        return {"ui": {"text": [report], "images": [_show_table(table)]},
+                "result": (identity, identity.suggested_threshold, report, _image_of(table))}
 
 
 class LoadIdentity:
@@ -303,13 +274,13 @@ class ScoreIdentity:
 
     def score(self, face_models, identity, images, threshold, face_choice, node_id=None):
         progress = bridge.control(int(images.shape[0]), node_id=node_id, label="score identity")
-        frames = ((f"image {i}", frame) for i, frame in enumerate(_frames(images)))
+        frames = ((f"image {i}", frame) for i, frame in enumerate(image_frames(images)))
         sheet = score_identity(face_models, identity, frames, _threshold(threshold), face_choice,
                                control=progress)
-        table = _sheet_table(sheet, f"identity vs {identity.name} ({face_models.name})")
+        table = sheet_table(sheet, f"identity vs {identity.name} ({face_models.name})")
         mean = sheet.stats()["mean"] or 0.0
-        return {"ui": {"text": [sheet.summary()], "images": [_show(table)]},
-                "result": (sheet, len(sheet.passed_indices), float(mean), _as_image(table), sheet.to_json())}
+        return {"ui": {"text": [sheet.summary()], "images": [_show_table(table)]},
+                "result": (sheet, len(sheet.passed_indices), float(mean), _image_of(table), sheet.to_json())}
 
 
 class FilterByScore:
@@ -437,14 +408,14 @@ class IdentityDrift:
 
     def drift(self, face_models, identity, frames, threshold, face_choice, node_id=None):
         progress = bridge.control(int(frames.shape[0]), node_id=node_id, label="identity drift")
-        labelled = ((f"frame {i}", frame) for i, frame in enumerate(_frames(frames)))
+        labelled = ((f"frame {i}", frame) for i, frame in enumerate(image_frames(frames)))
         sheet = score_identity(face_models, identity, labelled, _threshold(threshold), face_choice,
                                control=progress)
         report = identity_drift(sheet)
         plot = line_plot(f"identity vs {identity.name}: mean {report.mean if report.mean is not None else '-'}, "
                          f"min {report.min if report.min is not None else '-'}", sheet.values, sheet.threshold)
-        return {"ui": {"text": [report.summary()], "images": [_show(plot)]},
-                "result": (_as_image(plot), float(report.mean or 0.0), float(report.min or 0.0),
+        return {"ui": {"text": [report.summary()], "images": [_show_table(plot)]},
+                "result": (_image_of(plot), float(report.mean or 0.0), float(report.min or 0.0),
                            ",".join(map(str, report.drifting)), json.dumps(report.to_dict(), indent=1), sheet)}
 
 
@@ -494,17 +465,6 @@ class LoadClip:
         return (ClipScorer.load(name, device=None if device == "auto" else device),)
 
 
-def _prompts(prompt: str, one_per_line: bool, count: int) -> list[str]:
-    if not one_per_line:
-        if not prompt.strip():
-            raise ValueError("prompt is empty: type the prompt the images were generated from")
-        return [prompt.strip()]
-    lines = [line.strip() for line in prompt.splitlines() if line.strip()]
-    if len(lines) not in (1, count):
-        raise ValueError(f"one_per_line is on: give one prompt line per image ({count}), got {len(lines)}")
-    return lines
-
-
 class ClipScore:
     """Measure how well each image matches its prompt with CLIP."""
 
@@ -540,15 +500,15 @@ class ClipScore:
         }
 
     def score(self, clip, images, prompt, one_per_line, threshold, batch_size, node_id=None):
-        from ..engine.score.clip import clip_sheet
+        from ..engine.score.clip import batch_prompts, clip_sheet
 
         count = int(images.shape[0])
         progress = bridge.control(count, node_id=node_id, label="clip score")
-        sheet = clip_sheet(clip, images, _prompts(prompt, one_per_line, count), _threshold(threshold),
+        sheet = clip_sheet(clip, images, batch_prompts(prompt, one_per_line, count), _threshold(threshold),
                            batch_size=batch_size, control=progress)
-        table = _sheet_table(sheet, f"CLIP scores ({clip.name})")
-        return {"ui": {"text": [sheet.summary()], "images": [_show(table)]},
-                "result": (sheet, float(sheet.stats()["mean"] or 0.0), _as_image(table), sheet.to_json())}
+        table = sheet_table(sheet, f"CLIP scores ({clip.name})")
+        return {"ui": {"text": [sheet.summary()], "images": [_show_table(table)]},
+                "result": (sheet, float(sheet.stats()["mean"] or 0.0), _image_of(table), sheet.to_json())}
 
 
 class CombineScores:
@@ -588,100 +548,14 @@ class CombineScores:
     def combine(self, identity_weight, text_weight, threshold, identity_scores=None, clip_scores=None):
         sheet = combine(identity_scores, clip_scores, identity_weight, text_weight, _threshold(threshold))
         order = rank(sheet)
-        table = _sheet_table(sheet, f"combined: {sheet.source}")
+        table = sheet_table(sheet, f"combined: {sheet.source}")
         return {"ui": {"text": [sheet.summary() + "; best first: " + ",".join(map(str, order[:16]))],
-                       "images": [_show(table)]},
-                "result": (sheet, ",".join(map(str, order)), _as_image(table), sheet.to_json())}
+                       "images": [_show_table(table)]},
+                "result": (sheet, ",".join(map(str, order)), _image_of(table), sheet.to_json())}
 
 
 # --------------------------------------------------------------------------------------------------
 # Sets: checkpoints and ablations
-
-
-def _score_set(name, frames, face_models, identity, clip, prompts, threshold, progress):
-    """Identity (and CLIP) sheets of one set of RGB frames, given as (label, array) pairs."""
-    import numpy as np
-
-    frames = list(frames)
-    sheet = score_identity(face_models, identity, frames, threshold, control=progress)
-    text = None
-    if clip is not None and prompts:
-        torch = _torch()
-        from ..engine.score.clip import clip_sheet
-
-        batch = [torch.from_numpy(np.asarray(f, dtype=np.float32) / (255.0 if f.dtype == np.uint8 else 1.0))
-                 for _, f in frames]
-        chosen = prompts if len(prompts) in (1, len(frames)) else prompts[:1]
-        sizes = {tuple(b.shape) for b in batch}
-        if len(sizes) == 1:
-            text = clip_sheet(clip, torch.stack(batch), chosen, labels=[label for label, _ in frames])
-        else:  # mixed sizes: one image at a time
-            values = [clip_sheet(clip, b[None], [chosen[0 if len(chosen) == 1 else i]]).rows[0]
-                      for i, b in enumerate(batch)]
-            for i, row in enumerate(values):
-                row.index, row.label = i, frames[i][0]
-            from ..engine.score import ScoreSheet
-
-            text = ScoreSheet("clip", values, None, clip.name)
-    return sheet, text
-
-
-def _sets_table(title, summaries, best):
-    columns = ["set", "images", "faces", "identity mean", "identity min", "pass rate", "clip mean", "combined"]
-    rows = [[s.name, s.images, s.faces, s.identity_mean, s.identity_min, s.identity_pass_rate, s.clip_mean, s.combined]
-            for s in summaries]
-    status = ["pass" if best is not None and s.name == best.name else None for s in summaries]
-    footer = f"best: {best.name} (combined {best.combined:.3f})" if best else "no set had a face to score"
-    return table_image(title, columns, rows, status, footer=footer)
-
-
-def _write_csv(summaries, stem: str) -> str:
-    import csv
-
-    folder = os.path.join(bridge.output_directory(), "charforge")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{stem}_{uuid.uuid4().hex[:8]}.csv")
-    rows = [s.as_dict() for s in summaries]
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["name"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def checkpoint_groups(folder: str) -> dict[str, list[str]]:
-    """Sample images per checkpoint: one subfolder per checkpoint, or names with the kohya/ai-toolkit step tag.
-
-    Recognised flat names: sd-scripts ``<name>_e000004_00_<time>.png`` / ``<name>_000500_00_<time>.png``
-    (epoch or step, then the prompt index) and ai-toolkit ``<time>__000000500_0.jpg``.
-    """
-    import re
-
-    from ..engine.dataset import scan_folder
-
-    root = resolve_folder(folder)
-    result = scan_folder(root, recursive=True)
-    groups: dict[str, list[str]] = {}
-    nested = [p for p in result.images if os.path.dirname(p) != os.path.normpath(root)]
-    if nested:
-        for path in nested:
-            groups.setdefault(os.path.relpath(os.path.dirname(path), root), []).append(path)
-        return groups
-    patterns = (re.compile(r"(?:^|_)(e\d{6}|\d{6})_\d{2}(?:_|\.|$)"), re.compile(r"__(\d{9})_\d+"))
-    unknown = []
-    for path in result.images:
-        name = os.path.basename(path)
-        match = next((m for m in (p.search(name) for p in patterns) if m), None)
-        if match:
-            groups.setdefault(match.group(1), []).append(path)
-        else:
-            unknown.append(name)
-    if unknown or not groups:
-        raise ValueError(
-            f"cannot tell which checkpoint each sample in {root} belongs to ({len(unknown)} file(s) like "
-            f"{unknown[:3]}): put each checkpoint's samples in its own subfolder (named after the checkpoint), or "
-            f"keep sd-scripts / ai-toolkit sample names")
-    return groups
 
 
 class PickCheckpoint:
@@ -727,50 +601,28 @@ class PickCheckpoint:
 
     @classmethod
     def IS_CHANGED(cls, samples_folder="", **_):
-        return _folder_signature(samples_folder)
+        return folder_signature(samples_folder)
 
     def pick(self, face_models, identity, samples_folder, threshold, identity_weight, text_weight,
              clip=None, prompts="", node_id=None):
-        import numpy as np
+        from ..engine.score.clip import prompt_lines
 
-        from ..engine.dataset import load_image
-
-        groups = checkpoint_groups(samples_folder)
-        prompt_lines = [line.strip() for line in prompts.splitlines() if line.strip()]
+        groups = checkpoint_groups(resolve_folder(samples_folder))
+        lines = prompt_lines(prompts)
         progress = bridge.control(sum(len(v) for v in groups.values()), node_id=node_id, label="pick checkpoint")
         summaries = []
-        for name in sorted(groups, key=_natural):
-            frames = [(os.path.basename(p), np.asarray(load_image(p))) for p in groups[name]]
-            chosen = _sample_prompts([label for label, _ in frames], prompt_lines)
-            sheet, text = _score_set(name, frames, face_models, identity, clip, chosen, _threshold(threshold), progress)
+        for name in sorted(groups, key=natural_key):
+            frames, _ = labelled_images(groups[name])
+            chosen = sample_prompts([label for label, _ in frames], lines)
+            sheet, text = score_set(frames, face_models, identity, clip, chosen, _threshold(threshold), progress)
             summaries.append(summarise_set(name, sheet, text, identity_weight, text_weight))
         best = best_set(summaries)
-        table = _sets_table(f"checkpoints vs {identity.name}", summaries, best)
+        table = sets_table(f"checkpoints vs {identity.name}", summaries, best)
         name = best.name if best else ""
         report = f"best checkpoint: {name}" if best else "no checkpoint sample showed a face"
         data = {"best": name, "checkpoints": [s.as_dict() for s in summaries]}
-        return {"ui": {"text": [report], "images": [_show(table)]},
-                "result": (name, _as_image(table), json.dumps(data, indent=1))}
-
-
-def _natural(text: str):
-    import re
-
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text.lower()) if t]
-
-
-def _sample_prompts(labels: list[str], lines: list[str]) -> list[str]:
-    """The prompt of each sample: by its sd-scripts prompt index when the name has one, else by position."""
-    import re
-
-    if len(lines) <= 1:
-        return lines
-    out = []
-    for position, label in enumerate(labels):
-        match = re.search(r"(?:^|_)(?:e\d{6}|\d{6})_(\d{2})(?:_|\.|$)", label) or re.search(r"__\d{9}_(\d+)", label)
-        index = int(match.group(1)) if match else position
-        out.append(lines[index % len(lines)])
-    return out
+        return {"ui": {"text": [report], "images": [_show_table(table)]},
+                "result": (name, _image_of(table), json.dumps(data, indent=1))}
 
 
 class CompareSets:
@@ -818,21 +670,22 @@ class CompareSets:
         sets = [s for s in (set_1, set_2, set_3, set_4) if s is not None]
         labels = [n.strip() for n in names.split(",") if n.strip()]
         labels += [f"set {i + 1}" for i in range(len(labels), len(sets))]
-        prompt_lines = [line.strip() for line in prompt.splitlines() if line.strip()]
+        from ..engine.score.clip import prompt_lines
+
+        lines = prompt_lines(prompt)
         progress = bridge.control(sum(int(s.shape[0]) for s in sets), node_id=node_id, label="compare sets")
         summaries = []
         for name, images in zip(labels, sets, strict=False):
-            frames = [(f"{name} {i}", f) for i, f in enumerate(_frames(images))]
-            sheet, text = _score_set(name, frames, face_models, identity, clip, prompt_lines, _threshold(threshold),
-                                     progress)
+            frames = [(f"{name} {i}", f) for i, f in enumerate(image_frames(images))]
+            sheet, text = score_set(frames, face_models, identity, clip, lines, _threshold(threshold), progress)
             summaries.append(summarise_set(name, sheet, text))
         best = best_set(summaries)
-        table = _sets_table(f"sets vs {identity.name}", summaries, best)
-        path = _write_csv(summaries, "compare_sets")
+        table = sets_table(f"sets vs {identity.name}", summaries, best)
+        path = write_sets_csv(summaries, os.path.join(bridge.output_directory(), "charforge"), "compare_sets")
         data = {"best": best.name if best else None, "sets": [s.as_dict() for s in summaries], "csv": path}
         text = "; ".join(f"{s.name}: identity mean {s.identity_mean}, min {s.identity_min}" for s in summaries)
-        return {"ui": {"text": [text], "images": [_show(table)]},
-                "result": (_as_image(table), json.dumps(data, indent=1), path)}
+        return {"ui": {"text": [text], "images": [_show_table(table)]},
+                "result": (_image_of(table), json.dumps(data, indent=1), path)}
 
 
 # --------------------------------------------------------------------------------------------------

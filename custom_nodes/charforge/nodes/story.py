@@ -28,7 +28,7 @@ from ..engine.story import (
     pick_frame,
     storyboard_sheet,
 )
-from .convert import pil_to_image_batch
+from .convert import image_frames, image_to_pil, pil_to_image_batch, show_file, stack_images
 
 CATEGORY = "CharForge/Story"
 EXAMPLE_SCENES = """close-up portrait of the character, face clearly visible, looking at the camera, morning light
@@ -50,20 +50,6 @@ def _torch():
     from ..deps import require
 
     return require("torch")
-
-
-def _rgb_frames(batch):
-    for index in range(int(batch.shape[0])):
-        yield batch[index].cpu().numpy()
-
-
-def _to_pil(image):
-    """One [H, W, 3] 0..1 tensor -> PIL RGB."""
-    import numpy as np
-    from PIL import Image
-
-    array = (image.detach().cpu().float().clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
-    return Image.fromarray(array)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,7 +220,7 @@ class StoryboardSelect:
         for position, (batch, prompt) in enumerate(zip(batches, prompts, strict=True)):
             index = offset + position
             progress.check()
-            labelled = [(f"frame {index + 1} candidate {i}", f) for i, f in enumerate(_rgb_frames(batch))]
+            labelled = [(f"frame {index + 1} candidate {i}", f) for i, f in enumerate(image_frames(batch))]
             sheet = score_identity(analyzer, character, labelled, None, face_choice, control=progress)
             text = None
             if clip is not None:
@@ -277,7 +263,7 @@ class StoryboardSelect:
                    + (f", mean identity {stats['identity_mean']:.3f}" if stats["identity_mean"] is not None else "")
                    + (f", mean text {stats['text_mean']:.3f}" if stats["text_mean"] is not None else ""))
         report_text = "\n".join([summary, *board.notes, *report])
-        out = _same_size(kept, torch)
+        out = stack_images(kept, torch)
         picks = ScoreSheet("identity", [], None, f"{character.name} ({character.model})")
         for i, frame in enumerate(frames):
             picks.rows.append(ImageScore(i, frame.identity, frame.identity is not None, "" if frame.identity
@@ -314,18 +300,6 @@ def _frame_batches(images: list, frames: int) -> list:
     counts = [int(b.shape[0]) for b in images]
     raise ValueError(f"{frames} prompt(s) but {len(images)} image batch(es) of {counts} image(s): give one batch of "
                      f"candidates per frame, or one batch of frames x N")
-
-
-def _same_size(images: list, torch):
-    """Stack frames into one batch; frames of another size are resized to frame 1's (bilinear)."""
-    height, width = int(images[0].shape[0]), int(images[0].shape[1])
-    out = []
-    for image in images:
-        if tuple(image.shape[:2]) != (height, width):
-            image = torch.nn.functional.interpolate(image.permute(2, 0, 1)[None].float(), size=(height, width),
-                                                    mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
-        out.append(image.float())
-    return torch.stack(out)
 
 
 class StoryboardSheet:
@@ -376,25 +350,25 @@ class StoryboardSheet:
         if story.strip():
             board.story = story.strip()
         root = bridge.output_directory()
-        folder, subfolder = _new_folder(root, filename_prefix)
-        pictures = [_to_pil(frames[i]) for i in range(count)]
+        folder = _new_folder(root, filename_prefix)
+        pictures = [image_to_pil(frames[i]) for i in range(count)]
         shown = []
         for frame, picture in zip(board.frames, pictures, strict=True):
             frame.image = f"frame_{frame.index + 1:02d}.png"
             picture.save(os.path.join(folder, frame.image), compress_level=4)
-            shown.append({"filename": frame.image, "subfolder": subfolder, "type": "output"})
+            shown.append(show_file(os.path.join(folder, frame.image)))
         sheet = storyboard_sheet(pictures, board.frames, title or board.story or f"storyboard ({board.label})",
                                  columns or None)
         sheet.save(os.path.join(folder, "sheet.png"), compress_level=4)
         path = board.write(folder)
         text = f"storyboard of {count} frame(s) ({board.label}) written to {folder}"
-        return {"ui": {"images": [{"filename": "sheet.png", "subfolder": subfolder, "type": "output"}, *shown],
+        return {"ui": {"images": [show_file(os.path.join(folder, "sheet.png")), *shown],
                        "text": [text]},
                 "result": (pil_to_image_batch([sheet]), folder, path.read_text(encoding="utf-8"))}
 
 
-def _new_folder(root: str, prefix: str) -> tuple[str, str]:
-    """A new numbered folder ``<prefix>_NNNNN`` under `root`; returns its path and its subfolder name."""
+def _new_folder(root: str, prefix: str) -> str:
+    """A new numbered folder ``<prefix>_NNNNN`` under `root`."""
     prefix = prefix.strip().strip("/\\") or "charforge/storyboard"
     if os.path.isabs(prefix) or ".." in re.split(r"[/\\]", prefix):
         raise ValueError(f"filename_prefix must stay inside the output folder, got {prefix!r}")
@@ -410,8 +384,7 @@ def _new_folder(root: str, prefix: str) -> tuple[str, str]:
             break
         except FileExistsError:
             number += 1
-    subfolder = f"{parent}/{name}" if parent else name
-    return os.path.join(base, name), subfolder
+    return os.path.join(base, name)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .. import bridge
 from ..deps import require
-from .convert import resolve_folder
+from ..engine.train.presets import BASIC_DEFAULTS, PRESETS
+from .convert import files_to_image_batch, resolve_folder, show_file
 
 log = logging.getLogger("charforge")
 
@@ -17,9 +18,6 @@ CATEGORY = "CharForge/Train"
 TRAINING_RUN = "CHARFORGE_TRAINING_RUN"
 DATASET = "CHARFORGE_DATASET"
 DIFFUSERS_PREFIX = "[diffusers] "
-PRESETS = ("sdxl", "sd15", "fast", "high_quality")  # charforge.engine.train.config.PRESETS (kept import-free)
-# charforge.engine.train.config.BASIC_DEFAULTS (the sdxl preset's values; a test keeps them equal)
-BASIC_DEFAULTS = {"steps": 1500, "learning_rate": 1e-4, "rank": 32, "resolution": 1024}
 
 
 def runs_directory() -> str:
@@ -82,31 +80,6 @@ def _parse_overrides(text: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError("overrides must be a JSON object like {\"rank\": 16, \"noise_offset\": 0.05}")
     return value
-
-
-def _image_batch(paths: list[str]):
-    from ..engine.images import open_image
-    from .convert import empty_image_batch, pil_to_image_batch
-
-    images = []
-    for path in paths:
-        with open_image(path) as img:
-            images.append(img.convert("RGB"))
-    sizes = {img.size for img in images}
-    if len(sizes) > 1:  # one IMAGE batch holds one size
-        first = images[0].size
-        images = [img.resize(first) for img in images]
-    return pil_to_image_batch(images) if images else empty_image_batch(64)
-
-
-def _ui_image(path: str) -> dict | None:
-    """A ``ui.images`` entry when `path` lies in ComfyUI's output folder (the frontend shows it)."""
-    output = Path(bridge.output_directory()).resolve()
-    try:
-        relative = Path(path).resolve().relative_to(output)
-    except ValueError:
-        return None
-    return {"filename": relative.name, "subfolder": relative.parent.as_posix(), "type": "output"}
 
 
 class TrainLoRA:
@@ -215,15 +188,10 @@ class TrainLoRA:
               save_character="", use_preset_values=None):
         for module in ("torch", "diffusers", "transformers", "peft", "safetensors"):
             require(module)
-        from ..engine.train.config import (
-            basic_settings,
-            fit_warmup,
-            ignored_basic_settings,
-            preset_config,
-            with_overrides,
-        )
+        from ..engine.train.config import fit_warmup, ignored_basic_settings, preset_config, with_overrides
         from ..engine.train.job import TrainRequest, train
         from ..engine.train.models import detect_arch
+        from ..engine.train.presets import basic_settings
         from ..engine.train.run import TrainingRun, safe_run_name
 
         model_path = resolve_base_model(base_model)
@@ -260,11 +228,8 @@ class TrainLoRA:
 
             summary += "; " + save_training_character(save_character.strip(), lora_name, trigger_word, arch,
                                                       config.data.resolution)
-        ui_images = [entry for entry in (_ui_image(p) for p in [result.loss_curve, *result.samples]) if entry]
-        ui = {"text": [summary]}
-        if ui_images:
-            ui["images"] = ui_images
-        return {"ui": ui, "result": (lora_name, run, _image_batch([result.loss_curve]), _image_batch(result.samples))}
+        ui = {"text": [summary], "images": [show_file(p) for p in [result.loss_curve, *result.samples]]}
+        return {"ui": ui, "result": (lora_name, run, files_to_image_batch([result.loss_curve]), files_to_image_batch(result.samples))}
 
 
 async def _runs_handler(request):

@@ -236,3 +236,21 @@ def clip_sheet(scorer: ClipScorer, images, prompts: Sequence[str], threshold: fl
     if long:
         notes.append(f"{len(long)} prompt(s) longer than {scorer.max_tokens} tokens were truncated")
     return ScoreSheet("clip", rows, threshold, scorer.name, notes)
+
+
+def prompt_lines(text: str) -> list[str]:
+    """The non-empty lines of `text`, stripped: one prompt per line."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def batch_prompts(text: str, one_per_line: bool, count: int) -> list[str]:
+    """The prompt(s) `count` images were made from: `text` as one prompt, or with `one_per_line` one line per
+    image (a single line serves all). Raises with what to fix when that does not fit the batch."""
+    if not one_per_line:
+        if not text.strip():
+            raise ValueError("prompt is empty: type the prompt the images were generated from")
+        return [text.strip()]
+    lines = prompt_lines(text)
+    if len(lines) not in (1, count):
+        raise ValueError(f"one_per_line is on: give one prompt line per image ({count}), got {len(lines)}")
+    return lines

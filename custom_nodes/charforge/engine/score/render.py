@@ -1,4 +1,8 @@
-"""Pictures of scores, drawn with Pillow only: a table (shown in ComfyUI like any image) and a line plot."""
+"""Pictures of scores, drawn with Pillow only: tables (shown in ComfyUI like any image) and a line plot.
+
+`table_image` and `line_plot` draw; `sheet_table` (a `ScoreSheet`) and `sets_table` (per-set summaries) lay
+out the score tables the nodes show.
+"""
 
 from __future__ import annotations
 
@@ -146,3 +150,24 @@ def line_plot(title: str, values: Sequence[float | None], threshold: float | Non
     if any(v is None for v in values):
         draw.text((left + 6, bottom - 24), "x = no face", fill=MUTED, font=font)
     return image
+
+
+def sheet_table(sheet, title: str | None = None):
+    """A `ScoreSheet` as a table image: one row per image with its score, pass/fail and note."""
+    columns = ["#", "image", sheet.metric, "pass", "faces", "note"]
+    rows, status = [], []
+    for row in sheet.rows:
+        rows.append([row.index, row.label, row.value, row.passed, row.details.get("faces", "-"), row.reason])
+        status.append("none" if row.value is None else "pass" if row.passed else "fail")
+    title = title or f"{sheet.metric} scores: {sheet.source}"
+    return table_image(title, columns, rows, status, footer=sheet.summary())
+
+
+def sets_table(title: str, summaries: Sequence, best=None):
+    """Per-set summaries (`select.SetSummary`) as a table image, the best set marked."""
+    columns = ["set", "images", "faces", "identity mean", "identity min", "pass rate", "clip mean", "combined"]
+    rows = [[s.name, s.images, s.faces, s.identity_mean, s.identity_min, s.identity_pass_rate, s.clip_mean, s.combined]
+            for s in summaries]
+    status = ["pass" if best is not None and s.name == best.name else None for s in summaries]
+    footer = f"best: {best.name} (combined {best.combined:.3f})" if best else "no set had a face to score"
+    return table_image(title, columns, rows, status, footer=footer)
