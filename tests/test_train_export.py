@@ -14,13 +14,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from charforge.engine.library.formats import read_lora
 from charforge.engine.train.export import (
     export_lora,
     kohya_module_map,
     kohya_name,
     lora_metadata,
     merge_lora,
-    read_lora,
 )
 from charforge.engine.train.lora import (
     LoraSettings,

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from charforge.engine.control import Cancelled, Control
+from charforge.engine.library.formats import read_lora
 from charforge.engine.train.config import TrainConfig, preset_config, with_overrides
 from charforge.engine.train.data import TrainingData, TrainItem, items_from_pairs, read_kohya_folder
-from charforge.engine.train.export import read_lora
 from charforge.engine.train.job import TrainRequest, train
 from charforge.engine.train.loop import Trainer, min_snr_weights
 from charforge.engine.train.models import load_base_model

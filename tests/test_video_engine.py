@@ -184,7 +184,8 @@ def test_kohya_lora_strength_matches_the_trainers_own_merge(assets):
     at strength 0.7 equals the LoRA merged into the weights at multiplier 0.7."""
     import copy
 
-    from charforge.engine.train.export import merge_lora, read_lora
+    from charforge.engine.library.formats import read_lora
+    from charforge.engine.train.export import merge_lora
 
     spec = spec_for(assets)
     plain, _ = load_video_model(spec)

@@ -29,6 +29,7 @@ only when the output format is ``comfyui``; converting them to another format is
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -52,6 +53,7 @@ UP_SUFFIXES = (".lora_linear_layer.up.weight", ".lora_B.default.weight", ".lora_
 FULL_DELTA_SUFFIXES = (".diff", ".diff_b", ".dora_scale")
 
 KOHYA_TE_PREFIX = {("sd15", "te1"): "lora_te_", ("sdxl", "te1"): "lora_te1_", ("sdxl", "te2"): "lora_te2_"}
+KOHYA_UNET_PREFIX = "lora_unet_"
 PEFT_PREFIX = {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}
 COMFY_TE_PREFIX = {"te1": "text_encoders.clip_l.transformer.", "te2": "text_encoders.clip_g.transformer."}
 CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"
@@ -191,6 +193,32 @@ def check_finite(tensors: Mapping[str, Any], source: str | os.PathLike) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# The kohya layout (what training writes and every common loader reads)
+
+
+def kohya_key_base(arch: str, component: str, name: str, ldm: str | None = None) -> str:
+    """The kohya key stem of one adapted module (before ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``).
+
+    U-Net: ``lora_unet_`` + the diffusers path (SD1.5) or the LDM path `ldm` (SDXL, as sd-scripts writes it);
+    text encoders (``te1``, ``te2``): ``lora_te_`` (SD1.5) / ``lora_te1_``, ``lora_te2_`` (SDXL) + the
+    ``text_model.`` path (added when `name` lacks it: transformers 5 names CLIPTextModel's layers without it).
+    Dots become underscores.
+    """
+    if component == "unet":
+        path = name if arch != "sdxl" else ldm
+        if path is None:
+            raise ValueError("SDXL U-Net names need the LDM path of the module (its block numbering)")
+        return KOHYA_UNET_PREFIX + path.replace(".", "_")
+    prefix = KOHYA_TE_PREFIX.get((arch, component))
+    if prefix is None:
+        expected = sorted(c for a, c in KOHYA_TE_PREFIX if a == arch)
+        raise ValueError(f"{arch} has no text encoder {component!r}; expected one of {expected}")
+    if not name.startswith("text_model."):
+        name = "text_model." + name
+    return prefix + name.replace(".", "_")
+
+
+# --------------------------------------------------------------------------------------------------
 # Module tables of the real models
 
 
@@ -251,14 +279,14 @@ def module_table(arch: str) -> ModuleTable:
     table = ModuleTable(arch, {}, {}, {})
     for entry in entries:
         table.entries[(entry.component, entry.name)] = entry
-        if entry.component == "unet":
-            table.by_kohya["lora_unet_" + entry.name.replace(".", "_")] = entry
-            table.by_kohya["lora_unet_" + entry.ldm.replace(".", "_")] = entry
+        if entry.component == "unet":  # either spelling: the diffusers path (SD1.5's) or the LDM path (SDXL's)
+            table.by_kohya[kohya_key_base("sd15", "unet", entry.name)] = entry
+            table.by_kohya[kohya_key_base("sdxl", "unet", entry.name, entry.ldm)] = entry
             table.by_ldm[entry.ldm] = entry
         else:
-            for (a, comp), prefix in KOHYA_TE_PREFIX.items():
+            for a, comp in KOHYA_TE_PREFIX:
                 if comp == entry.component and (a == arch or comp == "te1"):
-                    table.by_kohya[prefix + entry.name.replace(".", "_")] = entry
+                    table.by_kohya[kohya_key_base(a, comp, entry.name)] = entry
     return table
 
 
@@ -450,8 +478,6 @@ def state_from_tensors(tensors: Mapping[str, Any], metadata: Mapping[str, str] |
 
 def read_state(path: str | os.PathLike, arch: str | None = None) -> LoraState:
     """Read a ``.safetensors`` LoRA of any known format."""
-    from ..train.export import read_lora
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
@@ -467,10 +493,7 @@ def module_key_base(state_arch: str, module: LoraModule, fmt: str) -> str:
     if entry is None:
         raise LoraFormatError(f"{module.component} module {module.name!r} is not a {state_arch} layer")
     if fmt == "kohya":
-        if module.component == "unet":
-            path = entry.ldm if state_arch == "sdxl" else entry.name
-            return "lora_unet_" + path.replace(".", "_")
-        return KOHYA_TE_PREFIX[(state_arch, module.component)] + entry.name.replace(".", "_")
+        return kohya_key_base(state_arch, module.component, entry.name, entry.ldm)
     if fmt == "peft":
         name = entry.name
         if module.component == "unet" and ".to_" in name:
@@ -512,8 +535,6 @@ def state_to_tensors(state: LoraState, fmt: str) -> dict[str, Any]:
 def write_state(state: LoraState, path: str | os.PathLike, fmt: str = "kohya", overwrite: bool = False,
                 metadata: Mapping[str, str] | None = None) -> Path:
     """Write `state` as a ``.safetensors`` LoRA in `fmt`; refuses to replace an existing file unless asked."""
-    from ..train.export import save_lora
-
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: LoRA files are written as .safetensors")
@@ -529,6 +550,56 @@ def write_state(state: LoraState, path: str | os.PathLike, fmt: str = "kohya", o
     check_structure({k: tuple(v.shape) for k, v in tensors.items()}, path)
     check_finite(tensors, path)
     return save_lora(path, tensors, meta)
+
+
+def tensors_sha256(tensors: Mapping[str, Any]) -> str:
+    """``modelspec.hash_sha256``: 0x + SHA-256 over each tensor's raw bytes, in sorted key order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].contiguous()
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "0x" + digest.hexdigest()
+
+
+def _data_sha256(serialized: bytes) -> str:
+    """SHA-256 of a safetensors file's tensor data (everything after the header), as ``sshs_model_hash``."""
+    header_length = int.from_bytes(serialized[:8], "little")
+    return hashlib.sha256(serialized[8 + header_length:]).hexdigest()
+
+
+def save_lora(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> Path:
+    """Write `tensors` with `metadata` (plus ``modelspec.hash_sha256`` and ``sshs_model_hash``) atomically."""
+    from ...deps import require
+
+    require("safetensors")
+    from safetensors.torch import save
+
+    bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise TypeError(f"safetensors metadata must map str to str; offending keys: {bad}")
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    header = dict(metadata)
+    header["modelspec.hash_sha256"] = tensors_sha256(tensors)
+    header["sshs_model_hash"] = _data_sha256(save(tensors))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(save(tensors, metadata=header))
+    os.replace(tmp, path)
+    return path
+
+
+def read_lora(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
+    """Tensors (torch) and metadata of a ``.safetensors`` LoRA, as stored (no checks: see `read_state`)."""
+    from ...deps import require
+
+    require("safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})  # noqa: SIM118
 
 
 def convert_file(source: str | os.PathLike, target: str | os.PathLike, fmt: str, overwrite: bool = False,

@@ -1,6 +1,7 @@
 """Write a trained LoRA the way kohya's sd-scripts do, so every common loader reads all of it.
 
-Key names (docs/ecosystem.md §2, docs/comfyui-contract.md §6):
+Key names (docs/ecosystem.md §2, docs/comfyui-contract.md §6), written by the library's format code
+(``engine.library.formats``: `kohya_key_base`, `save_lora`, the one home of the LoRA key layouts):
 
 ==============  ===========================================  ===========================================
 part            SD1.5                                        SDXL
@@ -24,7 +25,6 @@ model spec, with ``modelspec.trigger_phrase``).
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 
-from ...deps import require
+from ..library.formats import KOHYA_TE_PREFIX, kohya_key_base, save_lora
 from ..models.single_file import unet_to_ldm
 from .lora import LoraNetwork, LoraSettings
 
-TE_PREFIXES = {"sd15": {"text_encoder": "lora_te_"},
-               "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}}
+# The trained components under the library's names (``te1`` CLIP-L, ``te2`` SDXL's bigG).
+LIBRARY_COMPONENT = {"unet": "unet", "text_encoder": "te1", "text_encoder_2": "te2"}
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
 MODELSPEC_IMPLEMENTATION = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
@@ -54,20 +54,25 @@ def ldm_module_name(diffusers_name: str, unet_config: Mapping) -> str:
     return key.removesuffix(".weight")
 
 
+def _has_component(arch: str, component: str) -> bool:
+    library = LIBRARY_COMPONENT.get(component)
+    return library == "unet" or (arch, library) in KOHYA_TE_PREFIX
+
+
 def kohya_name(component: str, module_name: str, arch: str, unet_config: Mapping | None = None) -> str:
-    """The kohya key stem of one adapted module (without ``.lora_down.weight`` etc.)."""
-    if component == "unet":
-        if arch == "sdxl":
-            if unet_config is None:
-                raise ValueError("SDXL U-Net names need the U-Net config (for the LDM block numbering)")
-            module_name = ldm_module_name(module_name, unet_config)
-        return "lora_unet_" + module_name.replace(".", "_")
-    prefixes = TE_PREFIXES[arch]
-    if component not in prefixes:
-        raise ValueError(f"{arch} has no text encoder {component!r}; expected one of {sorted(prefixes)}")
-    if not module_name.startswith("text_model."):
-        module_name = "text_model." + module_name  # transformers >= 5 flat CLIPTextModel
-    return prefixes[component] + module_name.replace(".", "_")
+    """The kohya key stem of one adapted module of a trained model (without ``.lora_down.weight`` etc.).
+
+    `component` is the diffusers name (``unet``, ``text_encoder``, ``text_encoder_2``); SDXL U-Net paths are
+    numbered from `unet_config` (the trained model's own, so tiny test models name their layers right)."""
+    if not _has_component(arch, component):
+        expected = sorted(c for c in LIBRARY_COMPONENT if c != "unet" and _has_component(arch, c))
+        raise ValueError(f"{arch} has no text encoder {component!r}; expected one of {expected}")
+    ldm = None
+    if component == "unet" and arch == "sdxl":
+        if unet_config is None:
+            raise ValueError("SDXL U-Net names need the U-Net config (for the LDM block numbering)")
+        ldm = ldm_module_name(module_name, unet_config)
+    return kohya_key_base(arch, LIBRARY_COMPONENT[component], module_name, ldm)
 
 
 def kohya_state_dict(network: LoraNetwork, arch: str, unet_config: Mapping,
@@ -108,15 +113,6 @@ def network_args(settings: LoraSettings) -> dict[str, str]:
     if settings.train_text_encoder and settings.text_encoder_rank:
         args["text_encoder_dim"] = str(settings.text_encoder_rank)
     return args
-
-
-def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
-    """``modelspec.hash_sha256``: 0x + SHA-256 over each tensor's raw bytes, in sorted key order."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        tensor = tensors[key].contiguous()
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return "0x" + digest.hexdigest()
 
 
 def lora_metadata(
@@ -168,32 +164,6 @@ def lora_metadata(
     return {k: _s(v) for k, v in meta.items()}
 
 
-def _data_sha256(serialized: bytes) -> str:
-    """SHA-256 of a safetensors file's tensor data (everything after the header), as ``sshs_model_hash``."""
-    header_length = int.from_bytes(serialized[:8], "little")
-    return hashlib.sha256(serialized[8 + header_length:]).hexdigest()
-
-
-def save_lora(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
-    """Write `tensors` with `metadata` (plus ``modelspec.hash_sha256`` and ``sshs_model_hash``) atomically."""
-    require("safetensors")
-    from safetensors.torch import save
-
-    bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
-    if bad:
-        raise TypeError(f"safetensors metadata must map str to str; offending keys: {bad}")
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    header = dict(metadata)
-    header["modelspec.hash_sha256"] = tensors_sha256(tensors)
-    header["sshs_model_hash"] = _data_sha256(save(tensors))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(save(tensors, metadata=header))
-    os.replace(tmp, path)
-    return path
-
-
 def export_lora(path: str | os.PathLike, network: LoraNetwork, arch: str, unet_config: Mapping,
                 metadata: Mapping[str, str], dtype: torch.dtype = torch.float16) -> Path:
     """Write the network as a kohya-style ``.safetensors`` LoRA at `path`; returns the path."""
@@ -201,16 +171,7 @@ def export_lora(path: str | os.PathLike, network: LoraNetwork, arch: str, unet_c
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading back (previews, tests, inspection)
-
-
-def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a ``.safetensors`` LoRA."""
-    require("safetensors")
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})  # noqa: SIM118
+# Merging into a model (previews, tests)
 
 
 def kohya_module_map(components: Mapping[str, torch.nn.Module], arch: str,
@@ -221,7 +182,7 @@ def kohya_module_map(components: Mapping[str, torch.nn.Module], arch: str,
     """
     out: dict[str, torch.nn.Module] = {}
     for component, root in components.items():
-        if component != "unet" and component not in TE_PREFIXES[arch]:
+        if not _has_component(arch, component):
             continue
         for name, module in root.named_modules():
             if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
