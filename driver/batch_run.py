@@ -40,8 +40,11 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from charforge.common.retry import Backoff
 
 from .batch import BatchError, BatchPlan, Job, load_batch
 from .errors import (
@@ -96,6 +99,14 @@ class JobOutcome:
     @property
     def ok(self) -> bool:
         return self.state == "done"
+
+
+class Step(Enum):
+    """How a step of one job ended, when it did not hand on a prompt id (the runner's control flow)."""
+
+    REQUEUE = "requeue"  # invalid on this server, perhaps valid on another: back to the queue
+    ENDED = "ended"  # the job reached its end (done, failed or timed out), already journaled
+    LOST = "lost"  # the server forgot the job: submit it again
 
 
 class _Retryable(Exception):
@@ -164,6 +175,7 @@ class BatchRunner:
         self._cond: asyncio.Condition | None = None
         self._results: asyncio.Queue[JobOutcome | None] | None = None
         self._rng = random.Random()
+        self._backoff = Backoff(attempts=max(0, options.retries) + 1, base=options.backoff, cap=options.backoff_max)
         self._job_infos = [{"id": j.id, "folder": j.folder} for j in plan.jobs]  # what the summary needs
 
     # ---- setup --------------------------------------------------------------------------------------------
@@ -301,11 +313,11 @@ class BatchRunner:
             if item is None:
                 return
             job_id, recovering = item
-            requeue = False
+            step = Step.ENDED
             try:
-                requeue = await self._process(self.jobs[job_id], target, recovering)
+                step = await self._process(self.jobs[job_id], target, recovering)
             finally:
-                await self._release(job_id, requeue=requeue)
+                await self._release(job_id, requeue=step is Step.REQUEUE)
 
     # ---- one job -------------------------------------------------------------------------------------------
 
@@ -324,13 +336,13 @@ class BatchRunner:
             except Exception as exc:  # noqa: BLE001 - classified below
                 if not is_transient(exc):
                     raise
-                attempt += 1
-                if attempt > self.options.retries:
+                if self._backoff.is_last(attempt):
                     raise _Retryable(f"{what}: {_reason(exc)} (gave up after {self.options.retries} retries)") \
                         from exc
+                # Jittered, so servers recovering are not hit in lockstep; a Retry-After may ask for longer.
+                delay = self._backoff.delay(attempt, rng=self._rng.random)
+                attempt += 1
                 hinted = retry_after(exc)
-                delay = min(self.options.backoff_max, self.options.backoff * 2 ** (attempt - 1))
-                delay *= 0.5 + self._rng.random()  # jitter: servers recovering are not hit in lockstep
                 if hinted is not None:
                     delay = max(delay, min(hinted, self.options.backoff_max * 5))
                 self._log("retry", job=job.id, what=what, reason=_reason(exc).splitlines()[0], delay=round(delay, 3),
@@ -349,13 +361,14 @@ class BatchRunner:
         self._finish(JobOutcome(job, ev, self.out / job.folder, prompt_id, target.name if target else None,
                                 reason=reason))
 
-    async def _process(self, job: Job, target: Target, recovering: bool) -> bool:
-        """Take one job to an end (or hand it back); returns True when it must go back to the queue."""
+    async def _process(self, job: Job, target: Target, recovering: bool) -> Step:
+        """Take one job to an end (:attr:`Step.ENDED`) or hand it back (:attr:`Step.REQUEUE`)."""
         js = self.journal.state.job(job.id)  # type: ignore[union-attr]
         try:
             prompt_id: str | None = js.prompt_id if recovering else None
             if recovering and (self.out / job.folder / "manifest.json").exists():
-                return await self._collect(job, target, prompt_id, None)  # collected before the crash
+                await self._collect(job, target, prompt_id, None)  # collected before the crash
+                return Step.ENDED
             where = None
             if prompt_id is not None:
                 where = await self._retrying(job, "looking the job up", lambda: target.lookup(prompt_id))
@@ -367,31 +380,30 @@ class BatchRunner:
             while True:
                 if prompt_id is None:
                     submitted = await self._submit(job, target)
-                    if submitted is None:
-                        return True  # invalid here, valid elsewhere: back to the queue
-                    if submitted == "":
-                        return False  # failed for good
+                    if isinstance(submitted, Step):
+                        return submitted  # invalid here (back to the queue), or failed for good
                     prompt_id = submitted
-                outcome = await self._follow(job, target, prompt_id, finished=where == "finished")
+                step = await self._follow(job, target, prompt_id, finished=where == "finished")
                 where = None
-                if outcome == "lost":
+                if step is Step.LOST:
                     resubmits += 1
                     if resubmits > self.options.max_resubmits:
                         self._fail(job, "failed", "lost", f"the server lost the job {resubmits} times", target,
                                    prompt_id)
-                        return False
+                        return Step.ENDED
                     prompt_id = None
                     continue
-                return False
+                return Step.ENDED
         except _Retryable as exc:
             self._fail(job, "failed", "transient", str(exc), target, js.prompt_id)
-            return False
+            return Step.ENDED
         except (DriverError, OSError) as exc:  # e.g. an output the server will not serve, a full disk
             self._fail(job, "failed", "error", _reason(exc), target, js.prompt_id)
-            return False
+            return Step.ENDED
 
-    async def _submit(self, job: Job, target: Target) -> str | None:
-        """Prepare (preflight) and submit; returns the prompt id, None to requeue, "" when the job failed."""
+    async def _submit(self, job: Job, target: Target) -> str | Step:
+        """Prepare (preflight) and submit; returns the prompt id, :attr:`Step.REQUEUE` when the job is invalid on
+        this server only, :attr:`Step.ENDED` when it failed for good."""
         try:
             graph = await self._retrying(job, "preparing", lambda: target.prepare(self._spec(job)))
         except UsageError as exc:  # ValidationError, OverrideError, WorkflowError: invalid on this target
@@ -403,8 +415,8 @@ class BatchRunner:
                 js = self.journal.state.job(job.id)  # type: ignore[union-attr]
                 reasons = "; ".join(f"{s}: {r.splitlines()[0]}" for s, r in js.invalid_on.items())
                 self._fail(job, "failed", "validation", f"invalid on every server: {reasons}\n{reason}", target)
-                return ""
-            return None
+                return Step.ENDED
+            return Step.REQUEUE
         prompt_id = str(uuid.uuid4()) if target.supports_prompt_ids else None
         self._log("submitting", job=job.id, prompt_id=prompt_id, server=target.name)
         try:
@@ -426,13 +438,13 @@ class BatchRunner:
             self._excluded.setdefault(job.id, set()).add(target.name)
             if self._excluded[job.id] >= {t.name for t in self.targets}:
                 self._fail(job, "failed", "validation", reason, target, prompt_id)
-                return ""
-            return None
+                return Step.ENDED
+            return Step.REQUEUE
         self._log("submitted", job=job.id, prompt_id=accepted, server=target.name)
         return accepted
 
-    async def _follow(self, job: Job, target: Target, prompt_id: str, finished: bool = False) -> str:
-        """Wait for the job and collect it; returns "lost" when the server forgot it, else "end"."""
+    async def _follow(self, job: Job, target: Target, prompt_id: str, finished: bool = False) -> Step:
+        """Wait for the job and collect it: :attr:`Step.LOST` when the server forgot it, else :attr:`Step.ENDED`."""
         js = self.journal.state.job(job.id)  # type: ignore[union-attr]
         timeout = self.options.timeout
         remaining = None
@@ -444,19 +456,19 @@ class BatchRunner:
             result = await self._retrying(job, "waiting", lambda: target.wait(prompt_id, remaining))
         except JobLost as exc:
             self._log("lost", job=job.id, prompt_id=prompt_id, server=target.name, reason=_reason(exc))
-            return "lost"
+            return Step.LOST
         except JobTimeout:
             with contextlib.suppress(Exception):
                 await target.cancel(prompt_id)
             self._fail(job, "timed_out", "timeout", f"did not finish within {timeout:g} s; cancelled",
                        target, prompt_id)
-            return "end"
+            return Step.ENDED
         except ExecutionError as exc:
             self._fail(job, "failed", "execution", _reason(exc), target, prompt_id)
-            return "end"
+            return Step.ENDED
         except Interrupted as exc:
             self._fail(job, "failed", "interrupted", _reason(exc), target, prompt_id)
-            return "end"
+            return Step.ENDED
         if js.state != "finished":
             self._log("finished", job=job.id, prompt_id=prompt_id, server=target.name,
                       execution_seconds=result.timings.execution_seconds)
@@ -471,10 +483,10 @@ class BatchRunner:
         except JobTimeout:
             self._fail(job, "timed_out", "timeout", f"downloading its outputs did not finish within {timeout:g} s",
                        target, prompt_id)
-        return "end"
+        return Step.ENDED
 
     async def _collect(self, job: Job, target: Target, prompt_id: str | None, result: Any,
-                       download_limit: float | None = None) -> bool:
+                       download_limit: float | None = None) -> None:
         """Download into a staging folder, write the manifest, rename into place, journal ``done``.
 
         Raises :class:`JobTimeout` when the downloads take longer than ``download_limit`` seconds (the staging
@@ -522,7 +534,6 @@ class BatchRunner:
         extra = {"cost": round(float(cost), 6)} if cost is not None else {}
         self._log("done", job=job.id, prompt_id=prompt_id, server=target.name, files=files, seconds=seconds, **extra)
         self._finish(JobOutcome(job, "done", final, prompt_id, target.name, [final / f for f in files]))
-        return False
 
     # ---- the run -------------------------------------------------------------------------------------------
 
@@ -555,17 +566,15 @@ class BatchRunner:
                 self.write_summary()
 
     async def _open_target(self, target: Target) -> bool:
-        delay = self.options.backoff
-        for attempt in range(self.options.retries + 1):
+        for attempt in range(self._backoff.attempts):
             try:
                 await target.open()
                 return True
             except Exception as exc:  # noqa: BLE001 - classified
-                if not is_transient(exc) or attempt >= self.options.retries:
+                if not is_transient(exc) or self._backoff.is_last(attempt):
                     self.note(f"server {target.name} is not usable: {_reason(exc)}")
                     return False
-                await asyncio.sleep(min(self.options.backoff_max, delay) * (0.5 + self._rng.random()))
-                delay *= 2
+                await asyncio.sleep(self._backoff.delay(attempt, rng=self._rng.random))
         return False
 
     async def run(self) -> AsyncIterator[JobOutcome]:
@@ -675,6 +684,14 @@ def make_targets(servers: list[Any], *, capacity: int = 2) -> list[Target]:
     return targets
 
 
+class _Handover(Enum):
+    """What the batch's event-loop thread hands to the thread iterating :meth:`Batch.run`."""
+
+    OUTCOME = "outcome"  # a job ended: its JobOutcome follows
+    ERROR = "error"  # the run failed: the exception follows
+    END = "end"  # the run is over
+
+
 class Batch:
     """A batch you can build in code and run: ``for r in Batch.from_file("sweep.yaml").run(servers=[url],
     out="out"): print(r.folder, r.state)``.
@@ -719,11 +736,11 @@ class Batch:
         ``backoff``, ``force_replan``, ``retry_failed``, ``contact_sheet`` (``"auto"``, ``(x_axis, y_axis)`` or
         None), ``on_message`` (a callable for progress notes). Closing the iterator early stops the run cleanly.
         """
-        results: thread_queue.Queue[tuple[str, Any]] = thread_queue.Queue(maxsize=64)
+        results: thread_queue.Queue[tuple[_Handover, Any]] = thread_queue.Queue(maxsize=64)
         stop = threading.Event()
         loop = asyncio.new_event_loop()
 
-        def hand_over(kind: str, value: Any) -> bool:
+        def hand_over(kind: _Handover, value: Any) -> bool:
             while not stop.is_set():
                 try:
                     results.put((kind, value), timeout=0.1)
@@ -738,15 +755,15 @@ class Batch:
                     async for outcome in outcomes:
                         while not stop.is_set():
                             try:
-                                results.put_nowait(("item", outcome))
+                                results.put_nowait((_Handover.OUTCOME, outcome))
                                 break
                             except thread_queue.Full:
                                 await asyncio.sleep(0.05)
                         if stop.is_set():
                             return
-                hand_over("end", None)
+                hand_over(_Handover.END, None)
             except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
-                hand_over("error", exc)
+                hand_over(_Handover.ERROR, exc)
 
         task_holder: dict[str, asyncio.Task] = {}
 
@@ -762,9 +779,9 @@ class Batch:
         try:
             while True:
                 kind, value = results.get()
-                if kind == "item":
+                if kind is _Handover.OUTCOME:
                     yield value
-                elif kind == "error":
+                elif kind is _Handover.ERROR:
                     raise value
                 else:
                     return
