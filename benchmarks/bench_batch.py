@@ -75,10 +75,10 @@ def fake_graph() -> dict:
 
 def scale_one(jobs: int) -> dict:
     from charforge.driver.batch import parse_sweep
-    from charforge.driver.batch_run import BatchRunner, RunOptions
-    from charforge.driver.journal import JOURNAL_NAME, replay
-    from charforge.driver.summary import build_summary
-    from charforge.driver.targets import ComfyTarget
+    from charforge.driver.batch.journal import JOURNAL_NAME, replay
+    from charforge.driver.batch.runner import BatchRunner, RunOptions
+    from charforge.driver.batch.summary import build_summary
+    from charforge.driver.batch.targets import ComfyTarget
 
     rss_start = rss_mib()
     side = int(jobs ** 0.5)
@@ -169,8 +169,7 @@ def start_servers(kind: str, count: int, args: argparse.Namespace, tmp: Path) ->
 
 
 def run_batch(urls: list[str], jobs: int, tmp: Path, kind: str, tag: str, offset: int) -> float:
-    from charforge.driver.batch import parse_sweep
-    from charforge.driver.batch_run import Batch
+    from charforge.driver.batch import Batch, parse_sweep
 
     # different colours every run: ComfyUI's cache must never skip the work
     spec = {"prompt": fake_graph() if kind == "fake" else graph(),

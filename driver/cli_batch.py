@@ -1,4 +1,4 @@
-"""``charforge batch``: plan, run, and follow batches and sweeps (see :mod:`~charforge.driver.batch_run`)."""
+"""``charforge batch``: plan, run, and follow batches and sweeps (see :mod:`~charforge.driver.batch.runner`)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .batch import BatchError, load_batch
+from .batch.journal import JOURNAL_NAME, replay
+from .batch.plan import BatchError, load_batch
+from .batch.summary import render_table, summary_of
 from .config import resolve_server
-from .journal import JOURNAL_NAME, replay
-from .summary import render_table, summary_of
 
 RUN_EPILOG = """\
 The output folder holds one folder per job (named from the sweep axes, with its outputs and manifest.json),
@@ -105,8 +105,8 @@ def cmd_batch_plan(args: argparse.Namespace, out: Any) -> int:
 
 
 def _targets(args: argparse.Namespace, out: Any) -> list:
+    from .batch.targets import ComfyTarget
     from .cli_runpod import batch_pool, batch_target
-    from .targets import ComfyTarget
 
     named = [(url, None) for url in args.server] + [(None, name) for name in args.profile]
     if not named:
@@ -129,7 +129,7 @@ def _targets(args: argparse.Namespace, out: Any) -> list:
 
 
 def cmd_batch_run(args: argparse.Namespace, out: Any) -> int:
-    from .batch_run import BatchRunner, RunOptions
+    from .batch.runner import BatchRunner, RunOptions
 
     if args.window < 1:
         raise BatchError("--window must be at least 1")
@@ -142,7 +142,7 @@ def cmd_batch_run(args: argparse.Namespace, out: Any) -> int:
     if args.contact_sheet:
         sheet = None if args.contact_sheet.lower() == "none" else args.contact_sheet
         if sheet is not None:
-            from .batch_sheet import axes_for_sheet
+            from .batch.sheet import axes_for_sheet
 
             axes_for_sheet(plan, sheet)  # fail now, not after the batch, on a wrong axis name
     options = RunOptions(args.out, timeout=args.timeout, retries=args.retries, backoff=args.backoff,

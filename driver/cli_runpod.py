@@ -146,8 +146,8 @@ def _input_map(items: list[str]) -> dict[str, str]:
 
 def serverless_run(args: argparse.Namespace, settings: RunPodSettings, out: Any) -> int:
     """``charforge run --server runpod-serverless:ID``: submit, follow /status, download the images."""
+    from .batch.targets import JobSpec
     from .runpod.serverless import ServerlessTarget
-    from .targets import JobSpec
 
     started = time.monotonic()
     target = ServerlessTarget(settings)

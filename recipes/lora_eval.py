@@ -6,7 +6,7 @@ SaveImage) with the character's prompt, trigger words, negative prompt and gener
 into a strength x prompt x seed grid with the batch sweep (:func:`~charforge.driver.batch.parse_sweep`): the
 LoRA's model and text-encoder strengths vary together, and every strength renders the same prompts with the same
 seeds, so rows differ only by the strength. The grid runs through the batch runner
-(:class:`~charforge.driver.batch_run.Batch`): preflight against the server's ``/object_info``, retries, and a
+(:class:`~charforge.driver.batch.Batch`): preflight against the server's ``/object_info``, retries, and a
 journal, so running the same command again resumes instead of rendering twice.
 
 Each image is scored here, in the driver's process, as soon as it is downloaded:
@@ -707,7 +707,7 @@ def _render(plan: BatchPlan, server: Any, out: Path, options: EvalOptions,
 
     A rerun of the same grid on the same folder resumes: finished images are kept, failed ones are tried again.
     """
-    from charforge.driver.batch_run import Batch
+    from charforge.driver.batch import Batch
 
     yield from Batch(plan, base=out).run(servers=[server], out=out, capacity=options.window,
                                          timeout=options.timeout, retry_failed=True, contact_sheet=None,
@@ -717,8 +717,8 @@ def _render(plan: BatchPlan, server: Any, out: Path, options: EvalOptions,
 def check_resumable(plan: BatchPlan, renders: Path, out_dir: Path) -> None:
     """Refuse a folder that holds the renders of another grid (another LoRA, character setting, strength, prompt
     or seed list): its job folders are named after the axes only and would be taken for this grid's images."""
-    from charforge.driver.batch_run import plan_hash
-    from charforge.driver.journal import JOURNAL_NAME, replay
+    from charforge.driver.batch.journal import JOURNAL_NAME, replay
+    from charforge.driver.batch.plan import plan_hash
 
     journal = renders / JOURNAL_NAME
     if not journal.is_file():

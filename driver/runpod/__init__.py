@@ -1,6 +1,6 @@
 """RunPod backends: pods (ComfyUI behind RunPod's proxy or a TCP mapping) and serverless endpoints running
 worker-comfyui, with their lifecycle and cost. Both plug into the batch runner as
-:class:`~charforge.driver.targets.Target` implementations; see docs/runpod.md.
+:class:`~charforge.driver.batch.targets.Target` implementations; see docs/runpod.md.
 
 Server strings: ``runpod-pod:POD_ID`` and ``runpod-serverless:ENDPOINT_ID`` (or a config profile with a
 ``runpod:`` section), resolved by :func:`charforge.driver.config.resolve_runpod`; :func:`make_target` turns

@@ -24,12 +24,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..batch.targets import ComfyTarget
 from ..client.async_client import AsyncComfyClient
 from ..client.models import Timeout
 from ..config import RunPodSettings, ServerConfig, ServerURL, runpod_proxy_url
 from ..errors import ConfigError, DriverError, ServerError, ServerUnavailable
 from ..secrets import mask
-from ..targets import ComfyTarget
 from .api import Pod, RunPodAPI
 
 log = logging.getLogger("charforge.driver.runpod")
@@ -251,7 +251,7 @@ class PodSession:
 
 
 class PodTarget(ComfyTarget):
-    """A pod's ComfyUI as a batch target: a :class:`~charforge.driver.targets.ComfyTarget` whose client pings
+    """A pod's ComfyUI as a batch target: a :class:`~charforge.driver.batch.targets.ComfyTarget` whose client pings
     below the proxy's idle limit, plus the pod's lifecycle around the batch (:class:`PodSession`).
 
     ``name`` is ``runpod-pod:POD_ID`` whatever the address (proxy or TCP mapping), so a resumed batch finds

@@ -56,7 +56,7 @@ from ..workflow.overrides import apply_overrides, parse_input, parse_set, plan_i
 from .http import RunPodHTTP
 
 if TYPE_CHECKING:
-    from ..targets import JobSpec
+    from ..batch.targets import JobSpec
 
 log = logging.getLogger("charforge.driver.runpod")
 #: Fetching a worker output from S3: three tries, 0.5 s then 1 s apart.
@@ -377,7 +377,7 @@ def result_from_status(status: JobStatus, prompt: dict[str, Any] | None = None,
 
 
 class ServerlessTarget:
-    """A serverless endpoint as a batch :class:`~charforge.driver.targets.Target`.
+    """A serverless endpoint as a batch :class:`~charforge.driver.batch.targets.Target`.
 
     ``supports_prompt_ids`` is False: RunPod assigns job ids, and the runner journals the returned id before
     anything else. ``cost(seconds)`` prices seconds of execution at the endpoint GPU's per-second rate;

@@ -18,9 +18,8 @@ from fakes.batch_checks import assert_outputs_once, executions_by_color, records
 from fakes.comfy_server import FakeComfyServer, Knobs, image_workflow
 from fakes.processes import sigint_as_in_a_terminal
 
-from charforge.driver.batch import load_batch
-from charforge.driver.batch_run import Batch
-from charforge.driver.journal import JOURNAL_NAME, replay
+from charforge.driver.batch import Batch, load_batch
+from charforge.driver.batch.journal import JOURNAL_NAME, replay
 
 
 def _driver(spec: Path, out: Path, *servers: str) -> subprocess.Popen:

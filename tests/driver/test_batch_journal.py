@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from charforge.driver.journal import Journal, read_records, replay
-from charforge.driver.summary import build_summary, render_table
+from charforge.driver.batch.journal import Journal, read_records, replay
+from charforge.driver.batch.summary import build_summary, render_table
 
 
 def test_append_replay_and_state_machine(tmp_path):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from cf_testing.real_comfyui import RunningComfyUI, comfyui_dir, comfyui_python, free_port
 from charforge.driver.batch import load_batch
-from charforge.driver.journal import JOURNAL_NAME, replay
+from charforge.driver.batch.journal import JOURNAL_NAME, replay
 
 pytestmark = pytest.mark.comfyui
 
@@ -146,7 +146,7 @@ def test_real_comfyui_restarted_mid_batch(tmp_path):
         pytest.skip("set COMFYUI_DIR to run the real-ComfyUI tests")
     import threading
 
-    from charforge.driver.batch_run import Batch
+    from charforge.driver.batch import Batch
 
     slow = json.loads(json.dumps(WORKFLOW))
     slow["1"]["inputs"].update(width=512, height=512)

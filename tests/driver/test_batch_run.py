@@ -11,11 +11,10 @@ from fakes.batch_checks import assert_outputs_once, executions_by_color, records
 from fakes.comfy_server import FakeComfyServer, image_workflow, wait_workflow
 from PIL import Image
 
-from charforge.driver.batch import load_batch, parse_sweep
-from charforge.driver.batch_run import Batch, BatchRunner, RunOptions
+from charforge.driver.batch import Batch, BatchRunner, RunOptions, load_batch, parse_sweep
+from charforge.driver.batch.journal import JOURNAL_NAME, Journal, replay
+from charforge.driver.batch.targets import ComfyTarget, JobSpec, Target, is_transient, retry_after
 from charforge.driver.client import ComfyClient
-from charforge.driver.journal import JOURNAL_NAME, Journal, replay
-from charforge.driver.targets import ComfyTarget, JobSpec, Target, is_transient, retry_after
 from charforge.driver.workflow.overrides import apply_overrides, parse_set
 
 FAST = {"backoff": 0.01, "summary_interval": 0.2}
@@ -258,7 +257,7 @@ def test_timeout_cancels_the_job(tmp_path, fake_comfy):
 
 def _journal_submitted(out: Path, spec: Path, job_index: int, prompt_id: str, server: str) -> None:
     """Write the journal a driver killed right after submitting would leave."""
-    from charforge.driver.batch_run import plan_hash
+    from charforge.driver.batch.plan import plan_hash
 
     plan = load_batch(spec)
     with Journal(out / JOURNAL_NAME) as journal:
@@ -411,7 +410,7 @@ def test_an_output_the_server_will_not_serve_fails_only_that_job(tmp_path, fake_
 
 
 def test_a_job_resumed_after_its_deadline_is_still_collected_when_finished(tmp_path, fake_comfy):
-    from charforge.driver.batch_run import plan_hash
+    from charforge.driver.batch.plan import plan_hash
 
     spec = sweep_file(tmp_path, [1])
     plan = load_batch(spec)

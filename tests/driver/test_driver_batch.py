@@ -10,7 +10,7 @@ import pytest
 from fakes.comfy_server import sampler_workflow
 
 from charforge.driver import cli
-from charforge.driver.batch import BatchError, expand_range, load_batch, parse_sweep, safe_name
+from charforge.driver.batch.plan import BatchError, expand_range, load_batch, parse_sweep, safe_name
 
 
 @pytest.fixture

@@ -22,12 +22,11 @@ import pytest
 from fakes.comfy_server import FakeComfyServer, image_workflow, wait_workflow
 from fakes.runpod_api import FakeRunPod, RunPodKnobs
 
-from charforge.driver.batch import Job
-from charforge.driver.batch_run import Batch
+from charforge.driver.batch import Batch, Job
+from charforge.driver.batch.summary import summary_of
 from charforge.driver.config import resolve_runpod
 from charforge.driver.runpod import PodTarget, ServerlessTarget
 from charforge.driver.runpod.cost import CostBudget, cost_report, with_budget, write_cost_summary
-from charforge.driver.summary import summary_of
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -131,7 +130,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 from fakes.comfy_server import wait_workflow
 from charforge.driver.batch import Job
-from charforge.driver.batch_run import Batch
+from charforge.driver.batch import Batch
 from charforge.driver.config import resolve_runpod
 from charforge.driver.runpod import ServerlessTarget
 

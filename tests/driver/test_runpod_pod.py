@@ -15,10 +15,10 @@ import pytest
 from fakes.comfy_server import FakeComfyServer, image_workflow, wait_workflow
 from fakes.runpod_api import FakeRunPod, RunPodKnobs
 
+from charforge.driver.batch.targets import JobSpec
 from charforge.driver.config import resolve_runpod, resolve_server
 from charforge.driver.errors import ConfigError, ServerUnavailable
 from charforge.driver.runpod import PodSession, PodTarget, RunPodAPI, pod_address, wait_ready
-from charforge.driver.targets import JobSpec
 
 SCALE = 100.0  # real seconds per test second
 

@@ -13,11 +13,11 @@ import pytest
 from fakes.comfy_server import FakeComfyServer, image_workflow, png_bytes, wait_workflow
 from fakes.runpod_api import FakeRunPod, RunPodKnobs
 
+from charforge.driver.batch.targets import JobSpec, is_transient
 from charforge.driver.config import resolve_runpod
 from charforge.driver.errors import ExecutionError, Interrupted, ServerError
 from charforge.driver.runpod import RequestTooLarge, ServerlessTarget, SubmitOutcomeUnknown, decode_output
 from charforge.driver.runpod.serverless import output_warnings
-from charforge.driver.targets import JobSpec, is_transient
 
 
 @pytest.fixture

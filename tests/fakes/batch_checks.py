@@ -10,7 +10,7 @@ from pathlib import Path
 from fakes.comfy_server import FakeComfyServer, image_workflow
 
 from charforge.driver import cli
-from charforge.driver.journal import JOURNAL_NAME
+from charforge.driver.batch.journal import JOURNAL_NAME
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:

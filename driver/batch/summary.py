@@ -1,6 +1,6 @@
 """The batch summary: ``summary.json`` and the human table of ``charforge batch status``.
 
-Everything is computed from the replayed journal (:class:`~charforge.driver.journal.BatchState`) and the plan
+Everything is computed from the replayed journal (:class:`~charforge.driver.batch.journal.BatchState`) and the plan
 saved next to it (``plan.json``), so it can be rebuilt at any time, by any process, while a batch runs or after.
 """
 
@@ -156,7 +156,7 @@ def summary_of(out_dir: Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     journal = out_dir / JOURNAL_NAME
     if not journal.exists():
-        from .batch import BatchError
+        from .plan import BatchError
 
         raise BatchError(f"no batch journal in {out_dir} (expected {journal})")
     summary = build_summary(replay(journal), load_plan_jobs(out_dir))

@@ -8,7 +8,7 @@ How it works, and what it guarantees:
   ``/object_info`` (:meth:`Target.prepare`). A job invalid on a server is never sent there; invalid on every
   server, it fails with the reasons (deterministic, no retry).
 * **Journal first.** The prompt id is chosen and journaled (``submitting``) *before* the POST, and every later
-  transition is journaled (``fsync``) before the runner acts on it (:mod:`~charforge.driver.journal`).
+  transition is journaled (``fsync``) before the runner acts on it (:mod:`~charforge.driver.batch.journal`).
 * **Resume.** Rerunning on the same output folder replays the journal: ``done`` jobs are skipped; jobs that
   were submitted are looked up on their server first (queue, then history): still queued or running -> followed,
   finished -> collected, unknown to the server (restart) -> resubmitted with a *new* prompt id, unless their
@@ -28,17 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
-import queue as thread_queue
 import random
 import shutil
-import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -46,8 +43,7 @@ from typing import Any
 
 from charforge.common.retry import Backoff
 
-from .batch import BatchError, BatchPlan, Job, load_batch
-from .errors import (
+from ..errors import (
     DriverError,
     ExecutionError,
     Interrupted,
@@ -56,12 +52,13 @@ from .errors import (
     ServerUnavailable,
     UsageError,
 )
+from ..manifest import build_manifest, write_manifest
+from ..secrets import mask
+from ..workflow.load import Workflow, load_workflow
 from .journal import IN_FLIGHT, JOURNAL_NAME, Journal, replay
-from .manifest import build_manifest, write_manifest
-from .secrets import mask
+from .plan import BatchError, BatchPlan, Job, plan_entry, plan_hash
 from .summary import PLAN_NAME, SUMMARY_NAME, build_summary, write_json_atomic
-from .targets import ComfyTarget, JobSpec, Target, is_transient, retry_after
-from .workflow.load import Workflow, load_workflow
+from .targets import JobSpec, Target, is_transient, retry_after
 
 STAGING = ".staging"
 
@@ -111,36 +108,6 @@ class Step(Enum):
 
 class _Retryable(Exception):
     """Internal: a transient failure that exhausted its retries."""
-
-
-def _plan_entry(job: Job, graphs: dict[int, str]) -> dict[str, Any]:
-    """A job as ``plan.json`` stores it: an inline graph is replaced by its hash (the graph stays in the plan)."""
-    data = job.to_dict()
-    data.pop("line", None)
-    if job.prompt is not None:
-        key = id(job.prompt)
-        if key not in graphs:
-            blob = json.dumps(job.prompt, sort_keys=True, default=str, separators=(",", ":")).encode()
-            graphs[key] = hashlib.sha256(blob).hexdigest()[:16]
-        data["prompt"] = f"sha256:{graphs[key]}"
-    return data
-
-
-def plan_hash(plan: BatchPlan, base: Path) -> str:
-    """A hash of the expanded jobs and of the workflow files they use (a changed file changes the plan)."""
-    h = hashlib.sha256()
-    files: set[str] = set()
-    graphs: dict[int, str] = {}  # a sweep shares one inline graph between all its jobs: hash it once
-    for job in plan.jobs:
-        h.update(json.dumps(_plan_entry(job, graphs), sort_keys=True, default=str, separators=(",", ":")).encode())
-        if job.workflow:
-            files.add(job.workflow)
-    for name in sorted(files):
-        path = Path(name).expanduser()
-        path = path if path.is_absolute() else base / path
-        with contextlib.suppress(OSError):
-            h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
-    return h.hexdigest()[:16]
 
 
 def _reason(exc: BaseException) -> str:
@@ -222,7 +189,7 @@ class BatchRunner:
         graphs: dict[int, str] = {}
         write_json_atomic(self.out / PLAN_NAME, {"source": self.plan.source, "kind": self.plan.kind,
                                                  "master_seed": self.plan.master_seed, "plan_hash": digest,
-                                                 "jobs": [_plan_entry(j, graphs) for j in self.plan.jobs]},
+                                                 "jobs": [plan_entry(j, graphs) for j in self.plan.jobs]},
                           indent=None)
         return journal
 
@@ -654,7 +621,7 @@ class BatchRunner:
         spec = self.options.contact_sheet
         if not spec:
             return
-        from .batch_sheet import axes_for_sheet, make_contact_sheet
+        from .sheet import axes_for_sheet, make_contact_sheet
 
         axes = axes_for_sheet(self.plan, None if spec == "auto" else spec)  # type: ignore[arg-type]
         if axes is None:
@@ -666,131 +633,3 @@ class BatchRunner:
             return
         if path is not None:
             self.note(f"contact sheet: {path}")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The Python API
-# ------------------------------------------------------------------------------------------------------------
-
-
-def make_targets(servers: list[Any], *, capacity: int = 2) -> list[Target]:
-    """Targets from URLs, :class:`~charforge.driver.config.ServerConfig` objects or ready :class:`Target` s."""
-    targets: list[Target] = []
-    for server in servers:
-        if isinstance(server, Target) and not isinstance(server, (str, bytes)):
-            targets.append(server)
-        else:
-            targets.append(ComfyTarget(server, capacity=capacity))
-    return targets
-
-
-class _Handover(Enum):
-    """What the batch's event-loop thread hands to the thread iterating :meth:`Batch.run`."""
-
-    OUTCOME = "outcome"  # a job ended: its JobOutcome follows
-    ERROR = "error"  # the run failed: the exception follows
-    END = "end"  # the run is over
-
-
-class Batch:
-    """A batch you can build in code and run: ``for r in Batch.from_file("sweep.yaml").run(servers=[url],
-    out="out"): print(r.folder, r.state)``.
-
-    ``run`` yields a :class:`JobOutcome` per job as jobs end (jobs finished by an earlier run of the same
-    ``out`` first, with ``skipped=True``); ``run_async`` is the same as an async iterator. Both write the
-    journal, the per-job folders and ``summary.json`` exactly like ``charforge batch run``, and resume the same
-    way.
-    """
-
-    def __init__(self, jobs: list[Job] | BatchPlan, *, source: str = "<python>", base: str | Path | None = None):
-        self.plan = jobs if isinstance(jobs, BatchPlan) else BatchPlan(source, "python", list(jobs))
-        self.base = Path(base) if base is not None else None
-
-    @classmethod
-    def from_file(cls, path: str | Path, *, master_seed: int | None = None) -> Batch:
-        """Plan a ``.jsonl`` batch or a sweep spec (see :func:`~charforge.driver.batch.load_batch`)."""
-        return cls(load_batch(path, master_seed=master_seed), base=Path(path).parent)
-
-    @property
-    def jobs(self) -> list[Job]:
-        return self.plan.jobs
-
-    def __len__(self) -> int:
-        return len(self.plan.jobs)
-
-    def runner(self, servers: list[Any], out: str | Path, *, capacity: int = 2,
-               on_message: Callable[[str], None] | None = None, **options: Any) -> BatchRunner:
-        return BatchRunner(self.plan, make_targets(servers, capacity=capacity), RunOptions(Path(out), **options),
-                           base=self.base, on_message=on_message)
-
-    async def run_async(self, servers: list[Any], out: str | Path, **options: Any) -> AsyncIterator[JobOutcome]:
-        """Async version of :meth:`run`."""
-        async with contextlib.aclosing(self.runner(servers, out, **options).run()) as outcomes:
-            async for outcome in outcomes:
-                yield outcome
-
-    def run(self, servers: list[Any], out: str | Path, **options: Any) -> Iterator[JobOutcome]:
-        """Run the batch (in a background event loop) and yield each job's outcome as it ends.
-
-        Options: ``capacity`` (jobs per server at once, default 2), ``timeout`` (seconds per job), ``retries``,
-        ``backoff``, ``force_replan``, ``retry_failed``, ``contact_sheet`` (``"auto"``, ``(x_axis, y_axis)`` or
-        None), ``on_message`` (a callable for progress notes). Closing the iterator early stops the run cleanly.
-        """
-        results: thread_queue.Queue[tuple[_Handover, Any]] = thread_queue.Queue(maxsize=64)
-        stop = threading.Event()
-        loop = asyncio.new_event_loop()
-
-        def hand_over(kind: _Handover, value: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    results.put((kind, value), timeout=0.1)
-                    return True
-                except thread_queue.Full:
-                    continue
-            return False
-
-        async def main() -> None:
-            try:
-                async with contextlib.aclosing(self.run_async(servers, out, **options)) as outcomes:
-                    async for outcome in outcomes:
-                        while not stop.is_set():
-                            try:
-                                results.put_nowait((_Handover.OUTCOME, outcome))
-                                break
-                            except thread_queue.Full:
-                                await asyncio.sleep(0.05)
-                        if stop.is_set():
-                            return
-                hand_over(_Handover.END, None)
-            except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
-                hand_over(_Handover.ERROR, exc)
-
-        task_holder: dict[str, asyncio.Task] = {}
-
-        def thread_main() -> None:
-            asyncio.set_event_loop(loop)
-            task_holder["task"] = loop.create_task(main())
-            with contextlib.suppress(BaseException):
-                loop.run_until_complete(task_holder["task"])
-            loop.close()
-
-        thread = threading.Thread(target=thread_main, name="charforge-batch", daemon=True)
-        thread.start()
-        try:
-            while True:
-                kind, value = results.get()
-                if kind is _Handover.OUTCOME:
-                    yield value
-                elif kind is _Handover.ERROR:
-                    raise value
-                else:
-                    return
-        finally:
-            stop.set()
-            task = task_holder.get("task")
-            if task is not None and not task.done():
-                loop.call_soon_threadsafe(task.cancel)
-            with contextlib.suppress(thread_queue.Empty):
-                while True:
-                    results.get_nowait()
-            thread.join(30)

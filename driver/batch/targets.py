@@ -56,12 +56,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from .errors import DriverError, ProtocolError, ServerError, ServerUnavailable
+from charforge.common.retry import retry_after_seconds
+
+from ..client.async_client import AsyncComfyClient
+from ..errors import DriverError, ProtocolError, ServerError, ServerUnavailable
 
 if TYPE_CHECKING:
-    from .client import AsyncComfyClient, JobResult
-    from .config import ServerConfig
-    from .outputs import DownloadedFile
+    from ..client.models import JobResult
+    from ..config import ServerConfig
+    from ..outputs import DownloadedFile
 
 LOOKUP_STATES = ("pending", "running", "finished", "unknown")
 
@@ -119,12 +122,7 @@ def is_transient(exc: BaseException) -> bool:
 def retry_after(exc: BaseException) -> float | None:
     """The server's ``Retry-After`` delay in seconds carried by ``exc`` (429/503 answers), if any."""
     value = getattr(exc, "retry_after", None)
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except (TypeError, ValueError):
-        return None  # an HTTP date: rare from ComfyUI proxies; fall back to our own backoff
+    return None if value is None else retry_after_seconds(str(value))
 
 
 class ComfyTarget:
@@ -134,8 +132,6 @@ class ComfyTarget:
 
     def __init__(self, server: str | ServerConfig, *, capacity: int = 2, preflight: bool = True,
                  poll_interval: float = 1.0, client: AsyncComfyClient | None = None) -> None:
-        from .client import AsyncComfyClient
-
         self.client = client or AsyncComfyClient(server, poll_interval=poll_interval)
         self.name = self.client.url
         self.capacity = max(1, int(capacity))

@@ -16,6 +16,7 @@ planning the same file twice gives the same ids. Nothing here contacts a server.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -28,9 +29,9 @@ from typing import Any
 
 from charforge.common.safe_yaml import UnsafeYaml, load_yaml
 
-from .errors import OverrideError, UsageError, WorkflowError
-from .workflow.load import load_workflow, workflow_from_data
-from .workflow.overrides import Override, apply_overrides, parse_set
+from ..errors import OverrideError, UsageError, WorkflowError
+from ..workflow.load import load_workflow, workflow_from_data
+from ..workflow.overrides import Override, apply_overrides, parse_set
 
 SEED_POLICIES = ("fixed", "increment", "random")
 
@@ -422,3 +423,33 @@ def load_batch(path: str | Path, *, master_seed: int | None = None) -> BatchPlan
         except yaml.YAMLError as exc:
             raise BatchError(f"{p}: not valid YAML: {exc}") from None
     return parse_sweep(data, str(p), p.parent, master_seed=master_seed)
+
+
+def plan_entry(job: Job, graphs: dict[int, str]) -> dict[str, Any]:
+    """A job as ``plan.json`` stores it: an inline graph is replaced by its hash (the graph stays in the plan)."""
+    data = job.to_dict()
+    data.pop("line", None)
+    if job.prompt is not None:
+        key = id(job.prompt)
+        if key not in graphs:
+            blob = json.dumps(job.prompt, sort_keys=True, default=str, separators=(",", ":")).encode()
+            graphs[key] = hashlib.sha256(blob).hexdigest()[:16]
+        data["prompt"] = f"sha256:{graphs[key]}"
+    return data
+
+
+def plan_hash(plan: BatchPlan, base: Path) -> str:
+    """A hash of the expanded jobs and of the workflow files they use (a changed file changes the plan)."""
+    h = hashlib.sha256()
+    files: set[str] = set()
+    graphs: dict[int, str] = {}  # a sweep shares one inline graph between all its jobs: hash it once
+    for job in plan.jobs:
+        h.update(json.dumps(plan_entry(job, graphs), sort_keys=True, default=str, separators=(",", ":")).encode())
+        if job.workflow:
+            files.add(job.workflow)
+    for name in sorted(files):
+        path = Path(name).expanduser()
+        path = path if path.is_absolute() else base / path
+        with contextlib.suppress(OSError):
+            h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .batch import BatchError, BatchPlan, Job
+from .plan import BatchError, BatchPlan, Job
 
 SHEET_NAME = "contact_sheet.png"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
