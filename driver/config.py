@@ -24,6 +24,9 @@ Environment variables: ``CHARFORGE_SERVER``, ``CHARFORGE_PROFILE``, ``CHARFORGE_
 
 Secrets are kept in :class:`Secret` objects whose ``repr``/``str`` is ``***``; :func:`redact` removes them from
 any text (error messages, logs, manifests).
+
+(About 600 lines on purpose: every server setting, ComfyUI's and RunPod's, is resolved here in the one order
+above, from the same file and environment; split, the precedence rule would live in two places.)
 """
 
 from __future__ import annotations

@@ -22,6 +22,10 @@ How it works, and what it guarantees:
   cancelled on its server (or its half-downloaded staging folder removed) and marked ``timed_out``.
 * **Ctrl-C** stops the workers between journal writes; jobs already on a server keep running there and are
   collected by the next run.
+
+(Over 600 lines on purpose: :class:`BatchRunner` is one state machine whose every transition is journaled before
+it acts; read top to bottom it shows that rule holding, which spreading it over modules would hide. Planning,
+targets, the journal, summaries and the Python API live in their own modules.)
 """
 
 from __future__ import annotations
