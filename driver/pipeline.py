@@ -452,9 +452,9 @@ def stage_dataset(runner: Runner, opts: PipelineOptions, models: Models, state: 
     if accepted == 0:
         raise PipelineError("no photo passed the dataset filters: " + texts.get("7", "")
                             + (" (drawn or non-human characters: pass --no-face-check)" if opts.face_check else ""))
-    return {"train_data_dir": str(Path(subject).parent),
-            "report_html": _copy_report(report, opts.out / "dataset" / "selection"), "server_report_html": report, "accepted": accepted, "contact_sheets": [str(f) for f in files],
-            "summary": texts.get("7", "")}
+    return {"train_data_dir": str(Path(subject).parent), "accepted": accepted,
+            "report_html": _copy_report(report, opts.out / "dataset" / "selection"), "server_report_html": report,
+            "contact_sheets": [str(f) for f in files], "summary": texts.get("7", "")}
 
 
 def _copy_report(report_html: str, folder: Path) -> str:

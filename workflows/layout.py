@@ -27,7 +27,8 @@ GAP = 30
 # Workflow ids are UUIDs derived from this fixed namespace and the file name: the same on every rebuild.
 WORKFLOW_ID_NAMESPACE = uuid.UUID("0b6f3f5e-3c4a-4d1e-9a57-6c2b1f0e8d42")
 # The opening view: this zoom, and the top-left node or group this many screen pixels from the canvas's
-# top-left corner (clear of the editor's side bar, menu bar and tabs). LiteGraph draws a node's title bar above its pos.
+# top-left corner (clear of the editor's side bar, menu bar and tabs). LiteGraph draws a node's title bar
+# above its pos.
 VIEW_SCALE = 0.8
 VIEW_MARGIN = (70, 100)
 NODE_TITLE_HEIGHT = 30

@@ -199,7 +199,8 @@ def open_workflows(server: str, names: list[str], *, chromium: str, screenshots:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--server", required=True, help="a ComfyUI with CharForge installed, e.g. http://127.0.0.1:8188")
+    parser.add_argument("--server", required=True,
+                        help="a ComfyUI with CharForge installed, e.g. http://127.0.0.1:8188")
     parser.add_argument("--write", action="store_true", help="write workflows/<name>.jpg thumbnails")
     parser.add_argument("--screenshots", type=Path, help="save a screenshot of the editor after each load here")
     parser.add_argument("--name", action="append", metavar="GLOB", help="only these workflows (repeatable)")
