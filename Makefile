@@ -19,8 +19,12 @@ setup: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -n auto
 
+# mypy reads pyproject's [tool.mypy]; it finds charforge.driver and charforge.recipes through the links made here.
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/vermin --target=3.10- --violations --no-tips --quiet $$(git ls-files '*.py')
+	mkdir -p build/mypy/charforge && ln -sfn ../../../driver build/mypy/charforge/driver \
+		&& ln -sfn ../../../recipes build/mypy/charforge/recipes
+	$(VENV)/bin/mypy
 
 # The real-ComfyUI suite: COMFYUI_DIR=/path/to/ComfyUI [COMFYUI_PYTHON=...] make integration
 integration: $(VENV)/.installed
