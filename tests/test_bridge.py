@@ -190,3 +190,23 @@ def test_comfyui_root_outside_comfyui(no_comfy, monkeypatch):
     assert bridge.comfyui_root() is None
     monkeypatch.setenv("COMFYUI_DIR", str(no_comfy / "ComfyUI"))
     assert bridge.comfyui_root() == no_comfy / "ComfyUI"
+
+
+def test_model_folders_holding_a_marker_file(no_comfy, monkeypatch):
+    root = no_comfy / "models"
+    monkeypatch.setenv("CHARFORGE_MODELS_DIR", str(root))
+    for name in ("a", "group/b", "group/deeper/c"):
+        (root / "diffusers" / name).mkdir(parents=True)
+        (root / "diffusers" / name / "model_index.json").write_text("{}")
+    (root / "diffusers" / "no_marker").mkdir()
+    assert bridge.model_dirs("diffusers", "model_index.json") == ["a", "group/b"]  # one or two levels down
+    assert bridge.model_dirs("diffusers", "model_index.json", lambda marker: marker.parent.name == "b") == ["group/b"]
+    assert bridge.find_model_dir("diffusers", "group/b", "model_index.json") == str(root / "diffusers" / "group" / "b")
+    with pytest.raises(bridge.ModelNotFoundError, match="diffusers model 'no_marker' not found"):
+        bridge.find_model_dir("diffusers", "no_marker", "model_index.json", what="diffusers model")
+    assert bridge.first_model_folder("loras") == root / "loras"
+
+
+def test_no_model_folder_says_how_to_configure_one(no_comfy):
+    with pytest.raises(bridge.ModelNotFoundError, match="CHARFORGE_MODELS_DIR"):
+        bridge.first_model_folder("loras")

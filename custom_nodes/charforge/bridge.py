@@ -219,6 +219,42 @@ def find_model(kind: str, name: str) -> str:
     raise ModelNotFoundError(f"{kind} model {name!r} not found; looked in: {where}")
 
 
+def model_dirs(kind: str, marker: str, accept: Callable[[Path], bool] | None = None,
+               depths: tuple[int, ...] = (1, 2)) -> list[str]:
+    """Model *folders* of `kind` (diffusers folders, CLIP folders, ...): the folders `depths` levels inside a
+    `kind` model folder that hold a `marker` file (``model_index.json``, ``config.json``) which `accept`, if
+    given, accepts. Sorted names relative to their model folder, as `find_model_dir` takes them."""
+    found: set[str] = set()
+    for folder in model_folders(kind):
+        base = Path(folder)
+        if not base.is_dir():
+            continue
+        for depth in depths:
+            for path in base.glob("/".join(["*"] * depth + [marker])):
+                if accept is None or accept(path):
+                    found.add(path.parent.relative_to(base).as_posix() or ".")
+    return sorted(found)
+
+
+def find_model_dir(kind: str, name: str, marker: str, what: str = "model folder") -> str:
+    """Full path of the model folder `name` (as `model_dirs` lists it) that holds `marker`; raises
+    `ModelNotFoundError` naming the folders it looked in."""
+    for folder in model_folders(kind):
+        candidate = Path(folder) / name
+        if (candidate / marker).is_file():
+            return str(candidate)
+    raise ModelNotFoundError(f"{what} {name!r} not found in {model_folders(kind)}")
+
+
+def first_model_folder(kind: str) -> Path:
+    """The first model folder of `kind`: where the pack writes new files of that kind (LoRAs, identities)."""
+    folders = model_folders(kind)
+    if not folders:
+        raise ModelNotFoundError(f"no {kind} model folder is configured: inside ComfyUI it is models/{kind}; "
+                                 f"outside, set CHARFORGE_MODELS_DIR or COMFYUI_DIR (or CHARFORGE_PATH_{kind.upper()})")
+    return Path(folders[0])
+
+
 def output_directory() -> str:
     """Where nodes write results: ComfyUI's output folder, else ``$CHARFORGE_OUTPUT_DIR`` or ``./output``."""
     comfy = _load_comfy()

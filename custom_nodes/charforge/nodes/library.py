@@ -57,14 +57,11 @@ def _output_path(name: str, default_stem: str) -> Path:
     """A new file in the first loras folder; a name that exists gets ``_2``, ``_3``... (never overwritten)."""
     from ..engine.library.formats import unique_path
 
-    folders = bridge.model_folders("loras")
-    if not folders:
-        raise FileNotFoundError("no loras folder is configured (inside ComfyUI: models/loras)")
+    folder = bridge.first_model_folder("loras")
     stem = (name or "").strip() or default_stem
     stem = stem[: -len(".safetensors")] if stem.lower().endswith(".safetensors") else stem
     if "/" in stem or "\\" in stem or stem.startswith("."):
         raise ValueError(f"output name {name!r} must be a plain file name (no folders)")
-    folder = Path(folders[0])
     folder.mkdir(parents=True, exist_ok=True)
     return unique_path(folder, stem)
 

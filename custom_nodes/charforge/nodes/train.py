@@ -25,38 +25,18 @@ def runs_directory() -> str:
     return os.path.join(bridge.output_directory(), "charforge", "train_runs")
 
 
-def loras_directory() -> str:
-    folders = bridge.model_folders("loras")
-    if not folders:
-        raise RuntimeError("no 'loras' model folder is configured: set COMFYUI_DIR or CHARFORGE_MODELS_DIR")
-    return folders[0]
-
-
-def _diffusers_models() -> list[str]:
-    """Diffusers folders (with model_index.json) in the ``diffusers`` model folders."""
-    found = set()
-    for folder in bridge.model_folders("diffusers"):
-        base = Path(folder)
-        if base.is_dir():
-            found.update(p.parent.relative_to(base).as_posix() for p in base.glob("*/model_index.json"))
-            found.update(p.parent.relative_to(base).as_posix() for p in base.glob("*/*/model_index.json"))
-    return sorted(found)
-
-
 def base_model_choices() -> list[str]:
-    choices = list(bridge.list_models("checkpoints")) + [DIFFUSERS_PREFIX + n for n in _diffusers_models()]
+    """Checkpoint files, then diffusers folders (with model_index.json) as ``[diffusers] <folder>``."""
+    choices = list(bridge.list_models("checkpoints")) + [
+        DIFFUSERS_PREFIX + n for n in bridge.model_dirs("diffusers", "model_index.json")]
     return choices or ["(no checkpoints found)"]
 
 
 def resolve_base_model(name: str) -> str:
     """Full path of a ``checkpoints`` file or a ``[diffusers] <folder>`` choice (or an absolute path)."""
     if name.startswith(DIFFUSERS_PREFIX):
-        folder_name = name[len(DIFFUSERS_PREFIX):]
-        for folder in bridge.model_folders("diffusers"):
-            candidate = Path(folder) / folder_name
-            if (candidate / "model_index.json").is_file():
-                return str(candidate)
-        raise bridge.ModelNotFoundError(f"diffusers model {folder_name!r} not found in {bridge.model_folders('diffusers')}")
+        return bridge.find_model_dir("diffusers", name[len(DIFFUSERS_PREFIX):], "model_index.json",
+                                     what="diffusers model")
     if name.startswith("(no "):
         raise bridge.ModelNotFoundError("no base model: put an SD1.5 / SDXL checkpoint into ComfyUI's checkpoints "
                                         "folder (or a diffusers folder into models/diffusers) and reload the page")
@@ -210,7 +190,7 @@ class TrainLoRA:
                              "(the folder that contains '<repeats>_<trigger class>' subfolders)")
         name = safe_run_name(output_name)
         request = TrainRequest(base_model=model_path, dataset=source, runs_dir=runs_directory(), name=name,
-                               config=config, lora_dir=loras_directory(), resume=resume,
+                               config=config, lora_dir=str(bridge.first_model_folder("loras")), resume=resume,
                                memory_profile=memory_profile, tokenizer_dirs=comfyui_tokenizer_dirs())
         result = train(request, bridge.control(config.steps, node_id=node_id, label=f"train {name}"))
 

@@ -40,25 +40,16 @@ SEED_MAX = 0xFFFF_FFFF_FFFF_FFFF
 # Model choices
 
 
-def _motion_folders() -> list[str]:
-    """Diffusers MotionAdapter folders (config.json says MotionAdapter) in the animatediff_models folders."""
-    found = set()
-    for folder in bridge.model_folders(MOTION_FOLDER):
-        base = Path(folder)
-        if not base.is_dir():
-            continue
-        for config in list(base.glob("*/config.json")) + list(base.glob("*/*/config.json")):
-            try:
-                if json.loads(config.read_text()).get("_class_name") == "MotionAdapter":
-                    found.add(config.parent.relative_to(base).as_posix())
-            except (OSError, ValueError):
-                continue
-    return sorted(found)
+def _is_motion_adapter(config: Path) -> bool:
+    try:
+        return json.loads(config.read_text()).get("_class_name") == "MotionAdapter"
+    except (OSError, ValueError):
+        return False
 
 
 def motion_module_choices() -> list[str]:
     """Motion-module files, then diffusers folders as ``[diffusers] <folder>`` (their weight files not repeated)."""
-    folders = _motion_folders()
+    folders = bridge.model_dirs(MOTION_FOLDER, "config.json", _is_motion_adapter)  # diffusers MotionAdapters
     files = [n for n in bridge.list_models(MOTION_FOLDER) if not any(n.startswith(f + "/") for f in folders)]
     choices = files + [DIFFUSERS_PREFIX + n for n in folders]
     return choices or ["(no motion modules found)"]
@@ -66,13 +57,8 @@ def motion_module_choices() -> list[str]:
 
 def resolve_motion_module(name: str) -> str:
     if name.startswith(DIFFUSERS_PREFIX):
-        folder_name = name[len(DIFFUSERS_PREFIX):]
-        for folder in bridge.model_folders(MOTION_FOLDER):
-            candidate = Path(folder) / folder_name
-            if (candidate / "config.json").is_file():
-                return str(candidate)
-        raise bridge.ModelNotFoundError(f"motion module folder {folder_name!r} not found in "
-                                        f"{bridge.model_folders(MOTION_FOLDER)}")
+        return bridge.find_model_dir(MOTION_FOLDER, name[len(DIFFUSERS_PREFIX):], "config.json",
+                                     what="motion module folder")
     if name.startswith("(no "):
         raise bridge.ModelNotFoundError(
             "no motion module: download one (v3_sd15_mm.ckpt or mm_sd_v15_v2.ckpt for SD1.5, the AnimateDiff-SDXL "

@@ -46,15 +46,8 @@ def _is_clip_folder(folder: Path) -> bool:
 
 def list_clip_models() -> list[str]:
     """Full CLIP model folders (vision + text) inside the clip_vision model folder(s), as names."""
-    names = set()
-    for folder in bridge.model_folders(FOLDER_KIND):
-        base = Path(folder)
-        if not base.is_dir():
-            continue
-        for config in base.glob("**/config.json"):
-            if len(config.relative_to(base).parts) <= 3 and _is_clip_folder(config.parent):
-                names.add(config.parent.relative_to(base).as_posix())
-    return sorted(names)
+    return bridge.model_dirs(FOLDER_KIND, "config.json", lambda config: _is_clip_folder(config.parent),
+                             depths=(0, 1, 2))
 
 
 def resolve_clip_model(name: str) -> Path:

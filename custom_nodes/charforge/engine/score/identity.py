@@ -199,11 +199,7 @@ def safe_name(name: str) -> str:
 
 def identity_folder() -> Path:
     """Where identities are saved: ``identities`` in the first ``charforge`` model folder."""
-    folders = bridge.model_folders(FOLDER_KIND)
-    if not folders:
-        raise FileNotFoundError("no charforge model folder is configured: inside ComfyUI it is models/charforge; "
-                                "outside, set CHARFORGE_MODELS_DIR or COMFYUI_DIR")
-    return Path(folders[0]) / SUBFOLDER
+    return bridge.first_model_folder(FOLDER_KIND) / SUBFOLDER
 
 
 def save_identity(identity: ReferenceIdentity, folder: str | os.PathLike | None = None,
