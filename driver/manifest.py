@@ -15,7 +15,7 @@ from .config import redact
 from .outputs import open_unique
 
 if TYPE_CHECKING:
-    from .client import JobResult
+    from .client.models import JobResult
     from .outputs import DownloadedFile
     from .workflow.overrides import AppliedOverride
 
