@@ -13,9 +13,9 @@ from typing import IO
 from charforge.driver import cli as driver_cli
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "charforge.driver.cli_batch",
+    "charforge.driver.cli.batch",
     "charforge.recipes.cli.story",
-    "charforge.driver.cli_runpod",
+    "charforge.driver.cli.runpod",
     "charforge.recipes.cli.library",
     "charforge.driver.cli_pipeline",
 )

@@ -117,7 +117,7 @@ def test_run_on_a_stopped_pod_starts_and_stops_it(runpod: FakeRunPod, fake_comfy
 
 def test_batch_run_cli_on_serverless_and_a_pod(runpod: FakeRunPod, fake_comfy: FakeComfyServer, tmp_path: Path) -> None:
     """``charforge batch run --server runpod-serverless:ID --server runpod-pod:ID``: one pool, one journal,
-    costs per job and per batch (cli_batch asks cli_runpod for RunPod servers)."""
+    costs per job and per batch (cli/batch.py asks cli/runpod.py for RunPod servers)."""
     runpod.add_pod("pod1", fake_comfy, running=True)
     batch = tmp_path / "jobs.jsonl"
     batch.write_text("\n".join(json.dumps({"prompt": image_workflow(width=16 + i, prefix=f"b{i}"), "name": f"b{i}"})

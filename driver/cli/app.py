@@ -1,4 +1,5 @@
-"""The ``charforge`` command: a thin layer over :class:`~charforge.driver.client.ComfyClient`.
+"""The ``charforge`` command: the parser, the built-in commands (run, wait, validate, status, cancel, convert) and
+the entry point; a thin layer over :class:`~charforge.driver.client.ComfyClient`.
 
 Human-readable progress and messages go to stderr, results to stdout; ``--json`` prints newline-delimited
 JSON events and a final ``result`` (or ``error``) record on stdout instead.
@@ -8,28 +9,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import importlib
 import json
 import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from .client import ComfyClient, Job, JobResult
-from .config import Limits, resolve_server, server_named
-from .errors import DriverError, NodeProblem, ValidationError
-from .local import LocalComfyUI, local_server
-from .manifest import build_manifest, write_manifest
-from .outputs import check_out_dir
-from .progress import JobView, make_renderer
-from .secrets import mask, mask_data
-from .terminal import safe_json_line, safe_text
-from .workflow.load import load_workflow
-from .workflow.preflight import nodes_to_run
+from ..client.models import Job, JobResult
+from ..client.sync_client import ComfyClient
+from ..errors import DriverError, NodeProblem, ValidationError
+from ..manifest import build_manifest, write_manifest
+from ..outputs import check_out_dir
+from ..progress import JobView, make_renderer
+from ..terminal import safe_json_line
+from ..workflow.load import load_workflow
+from ..workflow.preflight import nodes_to_run
+from .common import Output, connect
 
 try:
     from charforge import __version__
@@ -50,64 +49,6 @@ default_profile; else ComfyUI on 127.0.0.1:8188, else one started from $COMFYUI_
 auth: $CHARFORGE_TOKEN (bearer), $CHARFORGE_USERNAME/$CHARFORGE_PASSWORD (basic), $CHARFORGE_HEADERS (JSON),
 or the profile's token_env / password_env / headers.
 """
-
-
-class Output:
-    """Where the CLI writes: results to stdout, messages to stderr, or JSON records to stdout.
-
-    Everything written passes through :meth:`clean` (human text) or :meth:`record` (JSON): secrets are masked
-    and control characters from server- or file-supplied text cannot act on the terminal.
-    """
-
-    def __init__(self, json_mode: bool, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> None:
-        self.json = json_mode
-        self.stdout = stdout or sys.stdout
-        self.stderr = stderr or sys.stderr
-        self.secrets: list[str] = []
-
-    def clean(self, text: str) -> str:
-        """``text`` as it may be shown: secrets masked, control characters made visible."""
-        return safe_text(mask(text, self.secrets))
-
-
-    def record(self, kind: str, **data: Any) -> None:
-        """One NDJSON record ``{"event": kind, "time": ..., **data}`` on stdout."""
-        self.record_line({"event": kind, "time": round(time.time(), 3), **data})
-
-    def record_line(self, data: Any, indent: int | None = None) -> None:
-        """``data`` as JSON on stdout (secrets masked, raw control characters escaped)."""
-        line = json.dumps(mask_data(data, self.secrets), default=str, ensure_ascii=False, indent=indent)
-        self.stdout.write(safe_json_line(mask(line, self.secrets)) + "\n")
-        self.stdout.flush()
-
-    def note(self, text: str) -> None:
-        """A progress/status message for humans (a ``message`` record in JSON mode)."""
-        if self.json:
-            self.record("message", text=text)
-        else:
-            self.stderr.write(self.clean(text) + "\n")
-            self.stderr.flush()
-
-    def result(self, text: str, **data: Any) -> None:
-        if self.json:
-            self.record("result", **data)
-        else:
-            self.stdout.write(self.clean(text) + "\n")
-            self.stdout.flush()
-
-    def error(self, exc: BaseException, exit_code: int) -> None:
-        if self.json:
-            data: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc), "exit_code": exit_code}
-            problems = getattr(exc, "problems", None)
-            if problems:
-                data["problems"] = [p.to_dict() for p in problems]
-            for attr in ("prompt_id", "node_id", "node_type", "exception_type", "exception_message", "traceback"):
-                if getattr(exc, attr, None) is not None:
-                    data[attr] = getattr(exc, attr)
-            self.record("error", **data)
-        else:
-            self.stderr.write(self.clean(f"error: {exc}") + "\n")
-            self.stderr.flush()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -198,8 +139,8 @@ def build_parser(command_modules: Sequence[str] | None = None) -> argparse.Argum
 # ``func(args, out)`` like the built-in ones). These are the driver's own; the ``charforge`` command
 # (charforge.recipes.cli) passes them with the recipes' groups to build_parser/main.
 COMMAND_MODULES: tuple[str, ...] = (
-    "charforge.driver.cli_batch",
-    "charforge.driver.cli_runpod",
+    "charforge.driver.cli.batch",
+    "charforge.driver.cli.runpod",
     "charforge.driver.cli_pipeline",
 )
 
@@ -222,32 +163,6 @@ def _add_override_options(p: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # Commands
 # ------------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def connect(args: argparse.Namespace, out: Output) -> Iterator[ComfyClient]:
-    """A client for the server the arguments name (or a local one); stops a server it started."""
-    local: LocalComfyUI | None = None
-    config_path = getattr(args, "config", None)
-    if server_named(args.server, args.profile, config_path=config_path):
-        config = resolve_server(args.server, profile=args.profile, config_path=config_path)
-    else:
-        url, local = local_server(on_message=out.note)
-        config = resolve_server(url, config_path=config_path)
-    out.secrets = config.secrets()
-    for warning in config.warnings:
-        out.note(f"warning: {warning}")
-    download_mb = getattr(args, "max_download_mb", None)
-    if download_mb is not None:
-        chosen = Limits.resolve(download_mb=download_mb).max_download_bytes
-        config = dataclasses.replace(config, limits=dataclasses.replace(config.limits, max_download_bytes=chosen))
-    client = ComfyClient(config, verify_tls=False if args.insecure else None)
-    try:
-        yield client
-    finally:
-        client.close()
-        if local is not None:
-            local.stop()
 
 
 def _shown(path: Path) -> str:

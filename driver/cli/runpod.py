@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .config import RunPodSettings, resolve_runpod
-from .errors import ConfigError, DriverError, JobTimeout
-from .manifest import build_manifest, write_manifest
+from ..config import RunPodSettings, resolve_runpod
+from ..errors import ConfigError, DriverError, JobTimeout
+from ..manifest import build_manifest, write_manifest
 
 Command = Callable[[argparse.Namespace, Any], int]
 
@@ -101,10 +101,10 @@ def _routed(name: str, original: Command) -> Command:
 def pod_command(name: str, original: Command, args: argparse.Namespace, settings: RunPodSettings, out: Any) -> int:
     """Run ``original`` against the pod's ComfyUI. For ``run`` the pod is brought up first (started when
     stopped, created when the profile says so) and stopped/terminated afterwards per ``on_finish``."""
-    from .runpod.pod import PodSession, pod_address
+    from ..runpod.pod import PodSession, pod_address
 
     async def address() -> str:
-        from .runpod.api import RunPodAPI
+        from ..runpod.api import RunPodAPI
 
         if str(settings.options.get("connect", "proxy")) != "tcp" or not settings.api_key:
             return await pod_address(settings)
@@ -146,8 +146,8 @@ def _input_map(items: list[str]) -> dict[str, str]:
 
 def serverless_run(args: argparse.Namespace, settings: RunPodSettings, out: Any) -> int:
     """``charforge run --server runpod-serverless:ID``: submit, follow /status, download the images."""
-    from .batch.targets import JobSpec
-    from .runpod.serverless import ServerlessTarget
+    from ..batch.targets import JobSpec
+    from ..runpod.serverless import ServerlessTarget
 
     started = time.monotonic()
     target = ServerlessTarget(settings)
@@ -209,7 +209,7 @@ def serverless_run(args: argparse.Namespace, settings: RunPodSettings, out: Any)
 
 
 def serverless_status(args: argparse.Namespace, settings: RunPodSettings, out: Any) -> int:
-    from .runpod.serverless import ServerlessClient
+    from ..runpod.serverless import ServerlessClient
 
     async def main() -> int:
         client = ServerlessClient(settings.id, settings.api_key, base_url=settings.endpoint_url)
@@ -233,7 +233,7 @@ def serverless_status(args: argparse.Namespace, settings: RunPodSettings, out: A
 
 
 def serverless_cancel(args: argparse.Namespace, settings: RunPodSettings, out: Any) -> int:
-    from .runpod.serverless import ServerlessTarget
+    from ..runpod.serverless import ServerlessTarget
 
     async def main() -> int:
         target = ServerlessTarget(settings)
@@ -273,7 +273,7 @@ def _api_settings(args: argparse.Namespace) -> RunPodSettings:
 
 
 def _with_api(args: argparse.Namespace, out: Any, work: Callable[[Any], Any]) -> Any:
-    from .runpod.api import RunPodAPI
+    from ..runpod.api import RunPodAPI
 
     settings = _api_settings(args)
     out.secrets = list(out.secrets) + settings.secrets()
@@ -346,7 +346,7 @@ def cmd_pod_action(args: argparse.Namespace, out: Any) -> int:
 
 
 def cmd_endpoint_status(args: argparse.Namespace, out: Any) -> int:
-    from .runpod.serverless import ServerlessClient
+    from ..runpod.serverless import ServerlessClient
 
     settings = _api_settings(args)
     out.secrets = list(out.secrets) + settings.secrets()
@@ -370,7 +370,7 @@ def batch_target(server: str | None, profile: str | None, args: argparse.Namespa
     """The batch target for a RunPod ``--server``/``--profile`` of ``charforge batch run``, or None when it names
     an ordinary ComfyUI server. Pods get readiness, keepalive and their lifecycle; serverless endpoints the
     worker-comfyui transport."""
-    from .runpod import PodTarget, ServerlessTarget
+    from ..runpod import PodTarget, ServerlessTarget
 
     settings = resolve_runpod(server, profile=profile, config_path=getattr(args, "config", None))
     if settings is None:
@@ -386,7 +386,7 @@ def batch_target(server: str | None, profile: str | None, args: argparse.Namespa
 def batch_pool(targets: list[Any], args: argparse.Namespace) -> list[Any]:
     """Wrap a batch pool with the shared ``--max-cost`` budget and ``costs.json`` in the batch folder
     (targets without a price are recorded but never limit anything)."""
-    from .runpod.cost import with_budget
+    from ..runpod.cost import with_budget
 
     if not any(hasattr(t, "job_cost") or hasattr(t, "session_cost") for t in targets):
         return targets

@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .batch.journal import JOURNAL_NAME, replay
-from .batch.plan import BatchError, load_batch
-from .batch.summary import render_table, summary_of
-from .config import resolve_server
+from ..batch.journal import JOURNAL_NAME, replay
+from ..batch.plan import BatchError, load_batch
+from ..batch.summary import render_table, summary_of
+from ..config import resolve_server
 
 RUN_EPILOG = """\
 The output folder holds one folder per job (named from the sweep axes, with its outputs and manifest.json),
@@ -105,8 +104,8 @@ def cmd_batch_plan(args: argparse.Namespace, out: Any) -> int:
 
 
 def _targets(args: argparse.Namespace, out: Any) -> list:
-    from .batch.targets import ComfyTarget
-    from .cli_runpod import batch_pool, batch_target
+    from ..batch.targets import ComfyTarget
+    from .runpod import batch_pool, batch_target
 
     named = [(url, None) for url in args.server] + [(None, name) for name in args.profile]
     if not named:
@@ -129,7 +128,7 @@ def _targets(args: argparse.Namespace, out: Any) -> list:
 
 
 def cmd_batch_run(args: argparse.Namespace, out: Any) -> int:
-    from .batch.runner import BatchRunner, RunOptions
+    from ..batch.runner import BatchRunner, RunOptions
 
     if args.window < 1:
         raise BatchError("--window must be at least 1")
@@ -142,7 +141,7 @@ def cmd_batch_run(args: argparse.Namespace, out: Any) -> int:
     if args.contact_sheet:
         sheet = None if args.contact_sheet.lower() == "none" else args.contact_sheet
         if sheet is not None:
-            from .batch.sheet import axes_for_sheet
+            from ..batch.sheet import axes_for_sheet
 
             axes_for_sheet(plan, sheet)  # fail now, not after the batch, on a wrong axis name
     options = RunOptions(args.out, timeout=args.timeout, retries=args.retries, backoff=args.backoff,
@@ -195,8 +194,3 @@ def cmd_batch_status(args: argparse.Namespace, out: Any) -> int:
             time.sleep(args.watch)
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from .cli import main
-
-    sys.exit(main(["batch", *sys.argv[1:]]))
