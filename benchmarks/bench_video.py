@@ -225,8 +225,9 @@ def main() -> None:
             unet, adapter, vae, text_encoder, tokenizer = build_parts(configs, device, dtype, tokenizer_dir)
             info = inspect_state_dict(adapter.state_dict(), "diffusers")
             with torch.device(device):
-                model = assemble_video_model("sd15", unet, adapter, info, vae, [text_encoder], [tokenizer],
-                                             scheduler_config, options)
+                model = assemble_video_model("sd15", unet, adapter, info, vae=vae, text_encoders=[text_encoder],
+                                             tokenizers=[tokenizer], scheduler_config=scheduler_config,
+                                             options=options)
             del unet, adapter
             for frames in frames_list:
                 request = VideoRequest(prompt=PROMPT, negative_prompt=NEGATIVE, frames=frames, width=size,

@@ -497,8 +497,8 @@ class SaveVideo:
         from ..engine.video.encode import generation_metadata
 
         metadata = generation_metadata({"prompt": prompt}) if prompt else None
-        saved = save_video(frames, bridge.output_directory(), filename_prefix, float(fps), format, int(quality),
-                           int(loop_count), metadata)
+        saved = save_video(frames, bridge.output_directory(), filename_prefix, fps=float(fps), fmt=format,
+                           quality=int(quality), loop=int(loop_count), metadata=metadata)
         log.info("CharForge: saved %s (%d frames, %dx%d, %g fps)", saved.path, saved.frame_count, saved.width,
                  saved.height, saved.fps)
         return {"ui": {"images": [saved.ui_entry()], "animated": [True]}, "result": (saved.path,)}

@@ -224,7 +224,7 @@ class SavedVideo:
         return {"filename": self.filename, "subfolder": self.subfolder, "type": self.type}
 
 
-def save_video(frames, output_dir: str | os.PathLike, prefix: str = "video/CharForge", fps: float = 8.0,
+def save_video(frames, output_dir: str | os.PathLike, prefix: str = "video/CharForge", *, fps: float = 8.0,
                fmt: str = "mp4", quality: int = 80, loop: int = 0, metadata: Mapping[str, str] | None = None,
                folder_type: str = "output") -> SavedVideo:
     """Write `frames` under `output_dir` with the ComfyUI naming convention (see the module docstring)."""

@@ -307,11 +307,12 @@ def build_video_model(spec: VideoModelSpec) -> VideoModel:
         raise VideoModelError(f"{Path(spec.motion_module).name} is an {info.describe()} module and needs {need}; "
                               f"{Path(spec.base).name} is {base.arch.upper()}")
     unet2d, base.unet = base.unet, None
-    return assemble_video_model(base.arch, unet2d, adapter, info, base.vae, base.text_encoders, base.tokenizers,
-                                base.sample_scheduler_config, spec.options, key=_model_key(spec))
+    return assemble_video_model(base.arch, unet2d, adapter, info, vae=base.vae, text_encoders=base.text_encoders,
+                                tokenizers=base.tokenizers, scheduler_config=base.sample_scheduler_config,
+                                options=spec.options, key=_model_key(spec))
 
 
-def assemble_video_model(arch: str, unet2d, adapter, info: MotionModuleInfo, vae, text_encoders: list,
+def assemble_video_model(arch: str, unet2d, adapter, info: MotionModuleInfo, *, vae, text_encoders: list,
                          tokenizers: list, scheduler_config: dict, options: RuntimeOptions,
                          key: tuple = ()) -> VideoModel:
     """A `VideoModel` from loaded parts (the base model's 2D U-Net, a ``MotionAdapter``, VAE, text
