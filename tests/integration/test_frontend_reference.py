@@ -43,7 +43,7 @@ TEMPLATES = {
     "hunyuan_video_text_to_video": "muted node",
 }
 
-# Names under which the driver's converter may be exposed, most likely first (driver/client.py calls
+# Names under which the driver's converter may be exposed, most likely first (driver/workflow/prepare.py calls
 # ``convert_workflow(ui_workflow, object_info)``).
 CONVERTER_NAMES = ("convert_workflow", "editor_to_api", "workflow_to_api", "ui_to_api", "to_api", "convert")
 
