@@ -110,8 +110,9 @@ def caption_dataset(manifest: DatasetManifest, captioner: Captioner, rules: Capt
             if len(raw) != len(images):
                 raise RuntimeError(f"{captioner.name} returned {len(raw)} captions for {len(images)} images")
             for entry, text in zip(batch, raw, strict=True):
-                if _store(manifest, entry, text, rules, mode, run):
-                    new_captions[entry.id] = entry.caption
+                written = _store(manifest, entry, text, rules, mode, run)
+                if written is not None:
+                    new_captions[entry.id] = written
                 done += 1
                 if on_image:
                     on_image(done, total)
@@ -138,17 +139,19 @@ def caption_dataset(manifest: DatasetManifest, captioner: Captioner, rules: Capt
 
 
 def _store(manifest: DatasetManifest, entry: ImageEntry, text: str, rules: CaptionRules, mode: str,
-           run: CaptionRun) -> bool:
+           run: CaptionRun) -> str | None:
+    """Write `text` (after the rules) as the caption of `entry` and return it; None when it is empty."""
     if not text or not text.strip():
         run.failed[entry.id] = "the captioner gave no caption"
-        return False
+        return None
     if mode == "append":
         old = existing_caption(manifest, entry)
         if old:
             text = f"{old}, {text}"
-    _write(manifest, entry, apply_rules(text, rules).text)
+    caption = apply_rules(text, rules).text
+    _write(manifest, entry, caption)
     run.captioned.append(entry.id)
-    return True
+    return caption
 
 
 def _write(manifest: DatasetManifest, entry: ImageEntry, caption: str) -> None:

@@ -11,6 +11,7 @@ list. The default terms folder is ``models/charforge/caption_terms`` (the ``char
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 TERMS_SUBFOLDER = "caption_terms"
@@ -74,7 +75,7 @@ def default_terms_folders() -> list[Path]:
     return [Path(folder) / TERMS_SUBFOLDER for folder in bridge.model_folders("charforge")]
 
 
-def load_term_lists(folders: list[str | os.PathLike] | None = None, builtin: bool = True) -> dict[str, list[str]]:
+def load_term_lists(folders: Sequence[str | os.PathLike] | None = None, builtin: bool = True) -> dict[str, list[str]]:
     """The built-in lists merged with the ``*.txt`` lists of `folders` (default: `default_terms_folders`)."""
     lists: dict[str, list[str]] = {name: list(terms) for name, terms in BUILTIN.items()} if builtin else {}
     for folder in (default_terms_folders() if folders is None else [Path(f).expanduser() for f in folders]):

@@ -28,7 +28,7 @@ from . import mtcnn
 log = logging.getLogger("charforge")
 
 try:  # the shared face engine (InsightFace); its Face is the one type every stage passes around
-    from ..faces import Face  # type: ignore[attr-defined]
+    from ..faces import Face
 except ImportError:  # that package is optional here: an equivalent value object keeps this module working
 
     @dataclass
@@ -80,8 +80,9 @@ class MtcnnFaces:
 
     def detect(self, rgb) -> list[Face]:
         boxes, scores, landmarks = self._net.detect_arrays(rgb)
-        return [Face(box=tuple(float(v) for v in box), score=float(score), landmarks=marks, embedding=None)
-                for box, score, marks in zip(boxes, scores, landmarks, strict=True)]
+        return [Face(box=(float(x1), float(y1), float(x2), float(y2)), score=float(score), landmarks=marks,
+                     embedding=None)
+                for (x1, y1, x2, y2), score, marks in zip(boxes, scores, landmarks, strict=True)]
 
 
 def haar_cascade_path() -> str | None:
@@ -147,7 +148,7 @@ class InsightFaces:
 def insightface_packs() -> list[str]:
     """InsightFace packs found in the ``insightface`` model folders ([] when the face engine is absent)."""
     try:
-        from ..faces import available_face_packs  # type: ignore[attr-defined]
+        from ..faces import available_face_packs
     except ImportError:
         return []
     try:
@@ -159,7 +160,7 @@ def insightface_packs() -> list[str]:
 
 def _load_insightface(pack: str, det_size: int) -> InsightFaces:
     try:
-        from ..faces import FaceAnalyzer  # type: ignore[attr-defined]
+        from ..faces import FaceAnalyzer
     except ImportError as exc:
         raise MissingDependencyError(
             "InsightFace detection needs CharForge's face engine (charforge.engine.faces), which is not "
@@ -196,8 +197,7 @@ def choose_detector(choice: str = "auto", pack: str = "buffalo_l", det_size: int
     if choice == "none":
         return DetectorChoice(None, "face detection switched off")
     if choice == "insightface":
-        detector = _load_insightface(pack, det_size)
-        return DetectorChoice(detector, f"InsightFace pack {pack}")
+        return DetectorChoice(_load_insightface(pack, det_size), f"InsightFace pack {pack}")
     if choice == "auto":
         packs = insightface_packs()
         if packs:

@@ -18,9 +18,13 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...deps import require
 from ..images import decode_slot, open_image
+
+if TYPE_CHECKING:
+    import numpy as np
 
 EXIF_ORIENTATION = 0x0112
 
@@ -29,7 +33,7 @@ EXIF_ORIENTATION = 0x0112
 class Decoded:
     """Pixels of one photo and what was done to make them plain RGB."""
 
-    rgb: object  # numpy uint8 array, H x W x 3
+    rgb: np.ndarray  # uint8, H x W x 3
     source_size: tuple[int, int]  # (width, height) of the full image, orientation applied
     notes: list[str] = field(default_factory=list)
 

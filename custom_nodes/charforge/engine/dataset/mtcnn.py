@@ -21,7 +21,7 @@ from pathlib import Path
 from ...deps import MissingDependencyError, require
 
 PACKAGE = "mtcnn"
-_weights_cache: dict[str, list] = {}
+_weights_cache: dict[str, dict[str, list]] = {}
 _weights_lock = threading.Lock()
 
 

@@ -37,7 +37,9 @@ def trigger_from_history(manifest: DatasetManifest) -> str:
 
 
 def _has_trigger(caption: str | None, trigger: str) -> bool:
-    return bool(caption) and re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption, re.IGNORECASE) is not None
+    if not caption:
+        return False
+    return re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption, re.IGNORECASE) is not None
 
 
 def _status(entry: ImageEntry) -> str:
@@ -331,7 +333,7 @@ def write_report(manifest: DatasetManifest, trigger: str = "", thumb_size: int =
     for old in folder.glob("contact_sheet_*.png"):
         old.unlink()
     sheets = []
-    arrays = []
+    arrays: list[Any] = []
     for number, page in enumerate(contact_sheets(manifest, thumb_size, per_sheet, columns, workers, on_image), 1):
         path = folder / f"contact_sheet_{number:03d}.png"
         page.save(path, compress_level=3)

@@ -66,12 +66,12 @@ def scan_folder(folder: str | os.PathLike, recursive: bool = False, verify: bool
         raise NotADirectoryError(f"image folder not found: {str(root)!r} (give an existing folder)")
     pattern = root.rglob("*") if recursive else root.glob("*")
     candidates = []
-    for path in pattern:
-        rel = path.relative_to(root)
+    for found in pattern:
+        rel = found.relative_to(root)
         if any(part.startswith(".") for part in rel.parts):
             continue
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-            candidates.append(str(path))
+        if found.is_file() and found.suffix.lower() in IMAGE_EXTENSIONS:
+            candidates.append(str(found))
     candidates.sort(key=_natural_key)
     result = ScanResult(folder=str(root))
     for index, path in enumerate(candidates):
@@ -124,7 +124,7 @@ def letterbox(img, size: int, fill: tuple[int, int, int] = (0, 0, 0)):
     from PIL import Image
 
     scale = size / max(img.width, img.height)
-    resized = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+    resized = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.LANCZOS)
     canvas = Image.new("RGB", (size, size), fill)
     canvas.paste(resized, ((size - resized.width) // 2, (size - resized.height) // 2))
     return canvas

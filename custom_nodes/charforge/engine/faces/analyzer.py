@@ -173,6 +173,7 @@ class FaceAnalyzer:
             boxes, keypoints = self._detector.detect(bgr, input_size=(size, size), max_num=0)
             if len(boxes):
                 break
+        assert boxes is not None  # _sizes gives at least det_size, so the detector ran
         faces = []
         for index in range(len(boxes)):
             landmarks = None if keypoints is None else np.asarray(keypoints[index], dtype=np.float32)

@@ -58,7 +58,7 @@ def _has_onnx(folder: Path) -> bool:
 
 def available_face_packs() -> list[str]:
     """Names of the packs that insightface can load from the insightface model folder(s), sorted."""
-    names = set()
+    names: set[str] = set()
     for root in insightface_roots():
         models = root / "models"
         if models.is_dir():

@@ -127,7 +127,7 @@ def merge_states(states: Sequence[LoraState], weights: Sequence[float], rank: in
     for state in states:
         keys += [k for k in state.modules if k not in keys]
     modules: dict[tuple[str, str], LoraModule] = {}
-    report = ResizeReport() if rank is not None else None
+    report = ResizeReport()
     for key in keys:
         parts = [(float(w), s.modules[key]) for s, w in zip(states, weights, strict=True) if key in s.modules]
         _check_shapes(key, parts)
@@ -142,13 +142,14 @@ def merge_states(states: Sequence[LoraState], weights: Sequence[float], rank: in
         modules[key] = LoraModule(key[0], key[1], down, up, torch.tensor(float(up.shape[1]), dtype=dtype))
         if on_module is not None:
             on_module()
-    return LoraState(states[0].arch, modules, {}, "merge"), report
+    return LoraState(states[0].arch, modules, {}, "merge"), report if rank is not None else None
 
 
 def resize_state(state: LoraState, rank: int, dtype=None,
                  on_module: Callable[[], None] | None = None) -> tuple[LoraState, ResizeReport]:
     """The LoRA with every module truncated to at most `rank` by SVD, and the energy each keeps."""
     resized, report = merge_states([state], [1.0], rank=rank, dtype=dtype, on_module=on_module)
+    assert report is not None  # merge_states reports whenever it is given a rank
     resized.metadata = dict(state.metadata)
     return resized, report
 

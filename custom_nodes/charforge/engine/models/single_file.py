@@ -35,6 +35,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -47,6 +48,7 @@ SDXL_TEXT_ENCODER_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_TEXT_ENCODER_2_PREFIX = "conditioner.embedders.1.model."
 
 StateDict = Mapping[str, torch.Tensor]
+Value = TypeVar("Value")
 
 # Parameters inside a diffusers ResnetBlock2D -> inside an LDM ResBlock.
 _UNET_RESNET_PARTS = {
@@ -205,15 +207,15 @@ def _split_module(key: str, modules: Mapping[str, str]) -> tuple[str, str] | Non
     return None
 
 
-def unet_to_ldm(state_dict: StateDict, unet_config: Mapping) -> dict[str, torch.Tensor]:
-    """A diffusers ``UNet2DConditionModel`` state dict in LDM names (no prefix).
+def unet_to_ldm(state_dict: Mapping[str, Value], unet_config: Mapping) -> dict[str, Value]:
+    """A diffusers ``UNet2DConditionModel`` state dict in LDM names (no prefix); the values are not looked at.
 
     Transformer blocks keep their names (``transformer_blocks.0.attn1.to_q.weight`` etc. are the same in
     both layouts); resnets are renamed part by part. Raises `UnexpectedKeysError` naming every key that
     does not fit the config (e.g. an LCM ``time_embedding.cond_proj`` or a class embedding).
     """
     modules = unet_module_names(unet_config)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Value] = {}
     unexpected = []
     for key, tensor in state_dict.items():
         found = _split_module(key, modules)

@@ -65,7 +65,7 @@ def storyboard_sheet(images: Sequence, frames: Sequence[StoryFrame], title: str 
         picture = image.convert("RGB")
         scale = thumb / max(picture.size)
         shown = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
-                               Image.LANCZOS)
+                               Image.Resampling.LANCZOS)
         draw.rectangle([x - 1, y - 1, x + thumb, y + thumb], outline=(210, 210, 210))
         sheet.paste(shown, (x + (thumb - shown.width) // 2, y + (thumb - shown.height) // 2))
         ty = y + thumb + 8

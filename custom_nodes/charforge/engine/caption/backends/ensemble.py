@@ -56,8 +56,8 @@ class EnsembleCaptioner(Captioner):
         self.members = list(members)
         self.drop_contained = drop_contained
         self.batch_size = max(1, min(m.batch_size for m in self.members))
-        sides = [m.max_side for m in self.members]
-        self.max_side = None if any(side is None for side in sides) else max(sides)
+        sides = [m.max_side for m in self.members if m.max_side is not None]
+        self.max_side = max(sides) if len(sides) == len(self.members) else None
 
     def caption(self, images: list[Any]) -> list[str]:
         if not images:

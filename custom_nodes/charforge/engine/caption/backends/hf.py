@@ -30,9 +30,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import Captioner, CaptionerError
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger("charforge")
 
@@ -268,7 +271,7 @@ class TransformersCaptioner(Captioner):
         vision = getattr(self.model.config, "vision_config", None)
         self.max_side = max(768, 2 * int(getattr(vision, "image_size", 0) or 384))
         self._torch = torch
-        self._pool = None
+        self._pool: ThreadPoolExecutor | None = None
         self._decoder_only = backend == "blip2" and not getattr(self.model.config.text_config,
                                                                 "is_encoder_decoder", False)
         log.info("CharForge: loaded %s %s on %s (%s)", backend, self.folder, self.device, self.dtype)
@@ -313,7 +316,7 @@ class TransformersCaptioner(Captioner):
         if self.model is None:
             raise CaptionerError(f"this {self.name} captioner was closed")
         inputs = self._inputs(images)
-        kwargs = {"max_new_tokens": max(1, int(s.max_new_tokens)), "do_sample": False,
+        kwargs: dict[str, Any] = {"max_new_tokens": max(1, int(s.max_new_tokens)), "do_sample": False,
                   "num_beams": max(1, int(s.num_beams))}
         if s.min_new_tokens > 0:
             kwargs["min_new_tokens"] = min(int(s.min_new_tokens), kwargs["max_new_tokens"])

@@ -111,9 +111,12 @@ class ClipInterrogator(Captioner):
     def caption(self, images: list[Any]) -> list[str]:
         if not images:
             return []
-        sentences = self.sentence.caption(images) if self.sentence else [""] * len(images)
-        if len(sentences) != len(images):
-            raise CaptionerError(f"{self.sentence.name} returned {len(sentences)} captions for {len(images)} images")
+        sentences = [""] * len(images)
+        if self.sentence:
+            sentences = self.sentence.caption(images)
+            if len(sentences) != len(images):
+                raise CaptionerError(
+                    f"{self.sentence.name} returned {len(sentences)} captions for {len(images)} images")
         out = []
         for sentence, ranked in zip(sentences, self.rank(images), strict=True):
             parts = ([sentence.strip()] if sentence and sentence.strip() else []) + self.terms_for(ranked)

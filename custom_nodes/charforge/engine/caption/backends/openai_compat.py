@@ -107,7 +107,7 @@ class OpenAICompatCaptioner(Captioner):
 
     def payload(self, image: Any) -> dict[str, Any]:
         s = self.settings
-        messages = []
+        messages: list[dict[str, Any]] = []
         if s.system_prompt.strip():
             messages.append({"role": "system", "content": s.system_prompt})
         messages.append({"role": "user", "content": [

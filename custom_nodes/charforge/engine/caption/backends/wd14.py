@@ -74,17 +74,18 @@ def find_tagger(name: str) -> tuple[Path, Path]:
         onnx_path = candidate
     else:
         stem = name[:-5] if name.lower().endswith(".onnx") else name
-        onnx_path = None
+        found: Path | None = None
         for folder in bridge.model_folders(MODEL_FOLDER):
             if (Path(folder) / f"{stem}.onnx").is_file():
-                onnx_path = Path(folder) / f"{stem}.onnx"
+                found = Path(folder) / f"{stem}.onnx"
                 break
-        if onnx_path is None:
+        if found is None:
             folders = bridge.model_folders(MODEL_FOLDER)
             where = ", ".join(folders) if folders else "no folder configured (set CHARFORGE_MODELS_DIR or COMFYUI_DIR)"
             raise CaptionerError(
                 f"WD14 tagger {stem!r} not found. Put {stem}.onnx and {stem}.csv (the model's model.onnx and "
                 f"selected_tags.csv, renamed) into the {MODEL_FOLDER} model folder; looked in: {where}")
+        onnx_path = found
     csv_path = onnx_path.with_suffix(".csv")
     if not onnx_path.is_file():
         raise CaptionerError(f"WD14 tagger file {onnx_path} does not exist (expected {onnx_path.name} and "
