@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 TINY_PREFIX = "charforge_tiny"
 CHECKPOINT = f"{TINY_PREFIX}_sd15.safetensors"
@@ -36,26 +37,26 @@ MARKER = "CHARFORGE_TINY_MODELS.txt"
 
 # ComfyUI detects SD1.5 by model_channels 320 and context_dim 768; the widths of deeper levels and the depth are
 # free. Four levels (as SD1.5), because AnimateDiff motion modules have one per level; one block each.
-SD15_UNET = {
+SD15_UNET: dict[str, Any] = {
     "sample_size": 64, "in_channels": 4, "out_channels": 4,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     "block_out_channels": [320, 320, 320, 320], "layers_per_block": 1, "attention_head_dim": 8,
     "cross_attention_dim": 768, "use_linear_projection": False,
 }
-SD15_VAE = {
+SD15_VAE: dict[str, Any] = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 4,
     "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
     "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512,
 }
-CLIP_L = {
+CLIP_L: dict[str, Any] = {
     "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
     "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768,
     "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
 }
-SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+SCHEDULER: dict[str, Any] = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
              "num_train_timesteps": 1000}
-TINY_CLIP = {
+TINY_CLIP: dict[str, Any] = {
     "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                "patch_size": 8, "image_size": 32},
     "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
