@@ -25,7 +25,7 @@ Environment variables: ``CHARFORGE_SERVER``, ``CHARFORGE_PROFILE``, ``CHARFORGE_
 Secrets are kept in :class:`Secret` objects whose ``repr``/``str`` is ``***``; :func:`redact` removes them from
 any text (error messages, logs, manifests).
 
-(About 600 lines on purpose: every server setting, ComfyUI's and RunPod's, is resolved here in the one order
+(About 700 lines on purpose: every server setting, ComfyUI's, RunPod's and Replicate's, is resolved here in the one order
 above, from the same file and environment; split, the precedence rule would live in two places.)
 """
 
@@ -426,6 +426,9 @@ def resolve_server(server: str | None = None, *, profile: str | None = None, aut
 
     url_text = server or env.get("CHARFORGE_SERVER") or _expand(settings.get("server"), env, where) or None
     url_text = _runpod_url_text(url_text, settings, env)
+    if url_text and url_text.startswith(REPLICATE_PREFIX):
+        raise ConfigError(f"{url_text} is a Replicate model, not a ComfyUI server: use it with 'charforge "
+                          "run/status/cancel', 'charforge batch run' or 'charforge train --backend'")
     url, url_auth = ServerURL.parse(url_text or DEFAULT_SERVER)
 
     parts: list[Auth] = []
@@ -611,4 +614,124 @@ def resolve_runpod(server: str | None = None, *, profile: str | None = None, env
                          or RUNPOD_ENDPOINT_URL),
         proxy_template=str(env.get("CHARFORGE_RUNPOD_PROXY") or options.pop("proxy_url", None)
                            or RUNPOD_PROXY_TEMPLATE),
+        options=options, profile=profile if settings else None)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Replicate server strings (``replicate:OWNER/MODEL[:VERSION]``) and the ``replicate`` settings
+# ------------------------------------------------------------------------------------------------------------
+
+REPLICATE_PREFIX = "replicate:"
+REPLICATE_API_URL = "https://api.replicate.com"
+_REPLICATE_MODEL = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,99})/([A-Za-z0-9][A-Za-z0-9._-]{0,99})"
+                              r"(?::([0-9a-f]{8,128}))?$")
+
+
+@dataclass
+class ReplicateSettings:
+    """A Replicate model named by ``--server replicate:OWNER/MODEL[:VERSION]`` or a profile's ``replicate:``
+    section (``model``, ``version``, ``token_env`` plus options: ``hardware``, ``price_per_second``, ``capacity``,
+    ``poll_interval``, ``object_info``, ``output_format``, ``wait`` ...)."""
+
+    model: str                    # OWNER/NAME
+    version: str | None = None    # a version id; None = the model's latest version
+    token: Secret | None = None
+    api_url: str = REPLICATE_API_URL
+    options: dict[str, Any] = field(default_factory=dict)
+    profile: str | None = None
+
+    def secrets(self) -> list[str]:
+        return [self.token.reveal()] if self.token else []
+
+    @property
+    def server(self) -> str:
+        return REPLICATE_PREFIX + self.model + (f":{self.version}" if self.version else "")
+
+    def __repr__(self) -> str:
+        token = MASK if self.token else None
+        return f"ReplicateSettings(model={self.model!r}, version={self.version!r}, token={token!r})"
+
+
+def parse_replicate_server(text: str | None) -> tuple[str, str | None] | None:
+    """``(OWNER/MODEL, VERSION or None)`` for a ``replicate:`` server string, None for anything else."""
+    if not text or not text.startswith(REPLICATE_PREFIX):
+        return None
+    match = _REPLICATE_MODEL.match(text[len(REPLICATE_PREFIX):].strip())
+    if match is None:
+        raise ConfigError(f"bad Replicate model in {text!r}: expected replicate:OWNER/MODEL or "
+                          "replicate:OWNER/MODEL:VERSION_ID (the version id is hexadecimal)")
+    return f"{match.group(1)}/{match.group(2)}", match.group(3)
+
+
+def replicate_token(env: Mapping[str, str] | None = None, config_path: Path | None = None,
+                    section: Mapping[str, Any] | None = None) -> Secret | None:
+    """The Replicate API token: the profile's or the file's ``replicate: {token_env: NAME}``, else
+    ``$REPLICATE_API_TOKEN``; a literal ``token`` in the file works too but is discouraged."""
+    env = os.environ if env is None else env
+    places = (section or {}, _replicate_file_section(env, config_path))
+    for place in places:
+        if place.get("token_env"):
+            name = str(place["token_env"])
+            if not env.get(name):
+                raise ConfigError(f"replicate.token_env names environment variable {name!r}, which is not set")
+            return Secret(env[name])
+    if env.get("REPLICATE_API_TOKEN"):
+        return Secret(env["REPLICATE_API_TOKEN"])
+    for place in places:
+        if place.get("token"):
+            return Secret(str(_expand(place["token"], env, "replicate.token")))
+    return None
+
+
+def _replicate_file_section(env: Mapping[str, str], config_path: Path | None) -> Mapping[str, Any]:
+    data = load_config_file(config_path or config_file.config_path(env))
+    section = data.get("replicate") or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError("the config file's 'replicate' section must be a mapping")
+    return section
+
+
+def resolve_replicate(server: str | None = None, *, profile: str | None = None,
+                      env: Mapping[str, str] | None = None, config_path: Path | None = None
+                      ) -> ReplicateSettings | None:
+    """The Replicate model the arguments name, or None when they name something else.
+
+    ``server`` may be ``replicate:OWNER/MODEL[:VERSION]`` or a profile name; the profile may say ``server:
+    replicate:...`` and/or hold a ``replicate:`` section with ``model`` (and ``version``) plus options.
+    ``$CHARFORGE_REPLICATE_API_URL`` points the driver at another API base (tests use a loopback fake).
+    """
+    env = os.environ if env is None else env
+    path = config_path or config_file.config_path(env)
+    data = load_config_file(path)
+    profiles = data.get("profiles") or {}
+    if server and isinstance(profiles, dict) and server in profiles and not any(c in server for c in ":/."):
+        profile, server = server, None
+    named = parse_replicate_server(server) if server else None
+    if server and named is None:
+        return None
+    if not server and env.get("CHARFORGE_SERVER"):
+        named = parse_replicate_server(env["CHARFORGE_SERVER"])
+        if named is None:
+            return None
+    profile = profile or env.get("CHARFORGE_PROFILE") or (None if server or named else data.get("default_profile"))
+    settings: Mapping[str, Any] = {}
+    if profile is not None and isinstance(profiles, dict) and isinstance(profiles.get(profile), Mapping):
+        settings = profiles[profile]
+    section = settings.get("replicate") or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"profile {profile!r}: 'replicate' must be a mapping")
+    if named is None:
+        named = parse_replicate_server(_expand(settings.get("server"), env, f"profile {profile!r}"))
+    if named is None and section.get("model"):
+        named = parse_replicate_server(REPLICATE_PREFIX + str(section["model"]))
+    if named is None:
+        return None
+    model, version = named
+    file_section = _replicate_file_section(env, path)
+    options = {k: v for k, v in {**file_section, **section}.items() if k not in ("token", "token_env", "model")}
+    version = version or (str(options.pop("version")) if options.get("version") else None)
+    options.pop("version", None)
+    return ReplicateSettings(
+        model=model, version=version, token=replicate_token(env, path, section),
+        api_url=str(env.get("CHARFORGE_REPLICATE_API_URL") or options.pop("api_url", None) or REPLICATE_API_URL),
         options=options, profile=profile if settings else None)
