@@ -65,6 +65,7 @@ class TrainRequest:
     memory_profile: str = "auto"  # "auto": pick memory options by preflight; "check": refuse only; "off"
     config_dir: str | None = None  # configs for a non-standard single file (tests)
     tokenizer_dirs: tuple[str, ...] = ()  # where the CLIP vocabulary may be (single files)
+    origin: dict[str, Any] | None = None  # where it was queued from (a ComfyUI prompt and its id): origin.json
 
 
 @dataclass
@@ -279,6 +280,8 @@ class TrainingSession:
             "device": str(self.device), "versions": _versions(),
             "preflight": self.estimate.as_dict() if self.estimate is not None else None,
         })
+        if self.request.origin:
+            folder.write_origin(self.request.origin)
         folder.update_status(state="running", phase="caching", total_steps=config.steps, error=None,
                              started_at=folder.read_status().get("started_at") or self.started)
 

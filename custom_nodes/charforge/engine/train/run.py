@@ -10,6 +10,7 @@
         samples/          step_000250_0.png ... (fixed seeds, the trigger word in the prompt)
         checkpoints/      <run name>_step000500.safetensors ...
         state.pt          resumable state: LoRA weights, optimizer, schedule, RNG, step, data position
+        origin.json       where the run was queued from (a ComfyUI prompt and its id), when known
         <run name>.safetensors   the final LoRA (also copied into ComfyUI's loras folder)
 
 Every file is written to a temporary name and moved into place (``os.replace``), so a crash or a
@@ -84,6 +85,7 @@ class RunFolder:
     samples_dir = property(lambda self: self.root / "samples")
     checkpoints_dir = property(lambda self: self.root / "checkpoints")
     lora_path = property(lambda self: self.root / f"{self.root.name}.safetensors")
+    origin_path = property(lambda self: self.root / "origin.json")
 
     @classmethod
     def create(cls, runs_dir: str | os.PathLike, name: str) -> RunFolder:
@@ -123,6 +125,17 @@ class RunFolder:
         status["updated_at"] = time.time()
         write_atomic(self.status_path, json.dumps(status, indent=2, sort_keys=True, default=str) + "\n")
         return status
+
+    def write_origin(self, origin: dict[str, Any]) -> None:
+        """Record where the run was queued from (the prompt a UI queues again to resume it, and its id)."""
+        write_atomic(self.origin_path, json.dumps(origin, indent=1, sort_keys=True, default=str) + "\n")
+
+    def read_origin(self) -> dict[str, Any]:
+        try:
+            origin = json.loads(self.origin_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return origin if isinstance(origin, dict) else {}
 
     # ---------------------------------------------------------------------------- metrics
 
@@ -240,6 +253,12 @@ def mark_active(folder: RunFolder, active: bool) -> None:
         (_ACTIVE.add if active else _ACTIVE.discard)(str(folder.root.resolve()))
 
 
+def is_active(folder: RunFolder) -> bool:
+    """True while a thread of this process trains the run."""
+    with _ACTIVE_LOCK:
+        return str(folder.root.resolve()) in _ACTIVE
+
+
 def list_runs(runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Every run under `runs_dir`, newest first: name, state, step, total, loss, ETA, paths.
 
@@ -279,6 +298,39 @@ def list_runs(runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
             "resumable": folder.state_path.is_file() and state != "completed",
         })
     return sorted(out, key=lambda r: -(r["updated_at"] or 0))
+
+
+def run_details(folder: RunFolder) -> dict[str, Any]:
+    """What a UI shows of one run: its list entry plus the loss history, the samples of every sampled step,
+    the checkpoints and the settings that matter. File names are relative to the run folder."""
+    [entry] = [r for r in list_runs(folder.root.parent) if r["name"] == folder.name] or [{"name": folder.name}]
+    samples: dict[int, list[str]] = {}
+    for path in sorted(folder.samples_dir.glob("step_*_*.png")):
+        parts = path.stem.split("_")
+        if len(parts) == 3 and parts[1].isdigit():
+            samples.setdefault(int(parts[1]), []).append(path.relative_to(folder.root).as_posix())
+    checkpoints = []
+    for path in sorted(folder.checkpoints_dir.glob("*.safetensors")):
+        match = re.search(r"_step(\d+)$", path.stem)
+        checkpoints.append({"file": path.relative_to(folder.root).as_posix(),
+                            "step": int(match.group(1)) if match else None})
+    config = folder.read_config()
+    settings = config.get("config", {})
+    origin = folder.read_origin()
+    return {
+        **entry,
+        "metrics": [{"step": r.step, "loss": r.loss, "lr": r.lr} for r in folder.read_metrics()],
+        "samples": [{"step": step, "files": files} for step, files in sorted(samples.items())],
+        "checkpoints": checkpoints,
+        "loss_curve": folder.loss_curve_path.name if folder.loss_curve_path.is_file() else None,
+        "arch": config.get("arch"),
+        "base_model": Path(str(config.get("base_model", ""))).name or None,
+        "trigger_word": config.get("trigger_word"),
+        "rank": (settings.get("lora") or {}).get("rank"),
+        "dataset_images": (config.get("dataset") or {}).get("images"),
+        "prompt_id": origin.get("prompt_id"),
+        "can_queue_again": bool(origin.get("prompt")),
+    }
 
 
 @dataclass(frozen=True)
