@@ -29,6 +29,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -432,6 +433,64 @@ def add_route(method: str, path: str, handler: Callable[[Any], Any]) -> bool:
         _routes.add(key)
     return True
 
+
+def _server_instance() -> Any:
+    comfy = _load_comfy()
+    return getattr(getattr(getattr(comfy, "server", None), "PromptServer", None), "instance", None)
+
+
+def running_prompt_id() -> str | None:
+    """The id of the prompt ComfyUI is executing now (None outside ComfyUI or when idle)."""
+    instance = _server_instance()
+    if instance is None:
+        return None
+    running, _ = instance.prompt_queue.get_current_queue()
+    return str(running[0][1]) if running else None
+
+
+def interrupt_prompt(prompt_id: str) -> bool:
+    """ComfyUI's Cancel for one prompt (``POST /interrupt`` with its id): interrupts it only while it runs.
+    Returns whether it was running."""
+    instance = _server_instance()
+    if instance is None or not prompt_id:
+        return False
+    running, _ = instance.prompt_queue.get_current_queue()
+    if not any(str(item[1]) == str(prompt_id) for item in running):
+        return False
+    importlib.import_module("nodes").interrupt_processing()
+    return True
+
+
+class PromptRejected(ValueError):
+    """ComfyUI's validation refused a prompt; `node_errors` is what ``POST /prompt`` would answer."""
+
+    def __init__(self, error: Any, node_errors: Any):
+        message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
+        super().__init__(f"ComfyUI refused the prompt: {message}")
+        self.error, self.node_errors = error, node_errors
+
+
+async def queue_prompt(prompt: dict[str, Any], client_id: str | None = None,
+                       workflow: dict[str, Any] | None = None) -> str:
+    """Queue an API-format prompt the way ``POST /prompt`` does (validated, numbered, at the back of the
+    queue, progress messages to `client_id`); returns its prompt id. Raises `PromptRejected`."""
+    instance = _server_instance()
+    if instance is None:
+        raise RuntimeError("queueing a prompt needs a running ComfyUI server")
+    execution = importlib.import_module("execution")
+    request = instance.trigger_on_prompt({"prompt": prompt, "client_id": client_id})
+    prompt = request["prompt"]
+    prompt_id = str(uuid.uuid4())
+    valid = await execution.validate_prompt(prompt_id, prompt, None)
+    if not valid[0]:
+        raise PromptRejected(valid[1], valid[3])
+    extra_data: dict[str, Any] = {"extra_pnginfo": {"workflow": workflow}} if workflow else {}
+    if client_id:
+        extra_data["client_id"] = client_id
+    number = instance.number
+    instance.number += 1
+    instance.prompt_queue.put((number, prompt_id, prompt, extra_data, valid[2]))
+    return prompt_id
 
 
 def send_event(event: str, data: dict[str, Any], node_id: str | None = None) -> None:
