@@ -62,6 +62,14 @@ def _parse_overrides(text: str) -> dict:
     return value
 
 
+def _origin(prompt, extra_pnginfo, node_id) -> dict | None:
+    """The prompt that queued this node (and the editor's workflow), with the running prompt's id."""
+    if not isinstance(prompt, dict):
+        return None
+    workflow = extra_pnginfo.get("workflow") if isinstance(extra_pnginfo, dict) else None
+    return {"prompt": prompt, "prompt_id": bridge.running_prompt_id(), "node": node_id, "workflow": workflow}
+
+
 class TrainLoRA:
     """Train a character LoRA for SD1.5 or SDXL and save it into ComfyUI's loras folder."""
 
@@ -160,12 +168,14 @@ class TrainLoRA:
                                "above are ignored; the defaults show the sdxl preset's). Off: the numbers above "
                                "are used (0 = the preset's)."}),
             },
-            "hidden": {"node_id": "UNIQUE_ID"},
+            # The prompt (and the editor's workflow) go into the run folder's origin.json: the CharForge panel
+            # queues them again to resume the run.
+            "hidden": {"node_id": "UNIQUE_ID", "prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
     def train(self, base_model, dataset_folder, trigger_word, output_name, preset, steps, learning_rate, rank,
               resolution, batch_size, seed, resume, memory_profile, dataset=None, overrides="", node_id=None,
-              save_character="", use_preset_values=None):
+              save_character="", use_preset_values=None, prompt=None, extra_pnginfo=None):
         for module in ("torch", "diffusers", "transformers", "peft", "safetensors"):
             require(module)
         from ..engine.train.config import fit_warmup, ignored_basic_settings, preset_config, with_overrides
@@ -191,7 +201,8 @@ class TrainLoRA:
         name = safe_run_name(output_name)
         request = TrainRequest(base_model=model_path, dataset=source, runs_dir=runs_directory(), name=name,
                                config=config, lora_dir=str(bridge.first_model_folder("loras")), resume=resume,
-                               memory_profile=memory_profile, tokenizer_dirs=comfyui_tokenizer_dirs())
+                               memory_profile=memory_profile, tokenizer_dirs=comfyui_tokenizer_dirs(),
+                               origin=_origin(prompt, extra_pnginfo, node_id))
         result = train(request, bridge.control(config.steps, node_id=node_id, label=f"train {name}"))
 
         lora_name = Path(result.exported_path or result.lora_path).name
