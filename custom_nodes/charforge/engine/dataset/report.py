@@ -348,3 +348,42 @@ def write_report(manifest: DatasetManifest, trigger: str = "", thumb_size: int =
     write_bytes_atomic(html_path, _html(data, data["contact_sheets"]).encode("utf-8"))
     return {"folder": str(folder), "sheets": sheets, "json": str(json_path), "html": str(html_path),
             "data": data, "pages": arrays}
+
+
+# ------------------------------------------------------------------------------------------------ listing
+
+
+def list_datasets(root: str | Path) -> list[dict[str, Any]]:
+    """Every dataset folder under `root` (one ``<name>/manifest.json`` each), newest first: counts,
+    rejection reasons and, when the report stage ran, its contact sheets and HTML report (paths relative to
+    the dataset folder). Without a report the counts come from the manifest itself."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in root.iterdir():
+        manifest_path = folder / "manifest.json"
+        if folder.name.startswith((".", "_")) or not manifest_path.is_file():
+            continue
+        report_json = folder / "report" / "report.json"
+        entry: dict[str, Any] = {"name": folder.name, "updated_at": manifest_path.stat().st_mtime,
+                                 "report": None, "contact_sheets": []}
+        try:
+            if report_json.is_file():
+                data = json.loads(report_json.read_text(encoding="utf-8"))
+                entry["updated_at"] = max(entry["updated_at"], report_json.stat().st_mtime)
+                if (folder / "report" / "report.html").is_file():
+                    entry["report"] = "report/report.html"
+                entry["contact_sheets"] = [f"report/{name}" for name in data.get("contact_sheets", [])
+                                           if (folder / "report" / name).is_file()]
+            else:
+                data = build_report(DatasetManifest.load(manifest_path))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            entry["error"] = f"cannot read {folder.name}: {exc}"
+            found.append(entry)
+            continue
+        entry.update({"counts": data.get("counts", {}), "rejection_reasons": data.get("rejection_reasons", {}),
+                      "captions": data.get("captions", {}), "trigger": (data.get("trigger") or {}).get("word"),
+                      "train_data_dir": data.get("train_data_dir")})
+        found.append(entry)
+    return sorted(found, key=lambda d: -d["updated_at"])

@@ -162,3 +162,25 @@ def save_training_character(name: str, lora_name: str, trigger_word: str, base_m
     except FileExistsError:
         return f"character {preset.name!r} already exists: not replaced (edit it or pick another name)"
     return f"character {preset.name!r} saved to {path}"
+
+
+def character_cards() -> list[dict]:
+    """Every saved preset as a card for a UI: name, display name, trigger words, LoRAs with their strengths,
+    identity and threshold, base model and size; a preset that does not load carries its error instead."""
+    cards = []
+    for name in list_characters():
+        try:
+            character = load_character(name)
+        except (CharacterError, OSError) as exc:
+            cards.append({"name": name, "error": str(exc)})
+            continue
+        cards.append({
+            "name": character.name, "display_name": character.display_name or character.name,
+            "trigger_words": list(character.trigger_words),
+            "loras": [{"name": lora.name, "weight": lora.weight,
+                       "clip_weight": lora.weight if lora.clip_weight is None else lora.clip_weight}
+                      for lora in character.loras],
+            "identity": character.identity, "threshold": character.threshold, "base_model": character.base_model,
+            "prompt": character.prompt, "size": [character.generation.width, character.generation.height],
+        })
+    return cards
