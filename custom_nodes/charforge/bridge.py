@@ -441,20 +441,20 @@ def _server_instance() -> Any:
 
 def running_prompt_id() -> str | None:
     """The id of the prompt ComfyUI is executing now (None outside ComfyUI or when idle)."""
-    instance = _server_instance()
-    if instance is None:
+    queue = getattr(_server_instance(), "prompt_queue", None)
+    if queue is None:
         return None
-    running, _ = instance.prompt_queue.get_current_queue()
+    running, _ = queue.get_current_queue()
     return str(running[0][1]) if running else None
 
 
 def interrupt_prompt(prompt_id: str) -> bool:
     """ComfyUI's Cancel for one prompt (``POST /interrupt`` with its id): interrupts it only while it runs.
     Returns whether it was running."""
-    instance = _server_instance()
-    if instance is None or not prompt_id:
+    queue = getattr(_server_instance(), "prompt_queue", None)
+    if queue is None or not prompt_id:
         return False
-    running, _ = instance.prompt_queue.get_current_queue()
+    running, _ = queue.get_current_queue()
     if not any(str(item[1]) == str(prompt_id) for item in running):
         return False
     importlib.import_module("nodes").interrupt_processing()
