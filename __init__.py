@@ -6,8 +6,8 @@ it as a package named after the folder path, so everything below is reached by r
 """
 
 if __package__:
-    from .custom_nodes.charforge.pack import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from .custom_nodes.charforge.pack import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, WEB_DIRECTORY
 
-    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
 # Otherwise this file was imported as a plain module (pytest does that with the repository root when the
 # checkout's folder name is not a valid package name): there is no pack to expose then.

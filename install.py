@@ -39,11 +39,12 @@ NEVER_INSTALL = {"torch", "torchvision", "torchaudio", "torchsde"}
 COPY_FILES = ("__init__.py", "install.py", "requirements.txt", "pyproject.toml", "README.md")
 COPY_FILE_PREFIXES = ("LICENSE", "LICENCE", "COPYING", "NOTICE")
 # Folders copied with their subfolders, keeping only files with these suffixes. ComfyUI imports the pack from
-# the root __init__.py (which reaches custom_nodes/charforge/) and serves workflows/ as the pack's templates
-# (editor files with their .jpg thumbnails; api/ holds the twins `charforge run` takes).
+# the root __init__.py (which reaches custom_nodes/charforge/ and its web/ extension for the editor, .js/.css)
+# and serves workflows/ as the pack's templates (editor files with their .jpg thumbnails; api/ holds the twins
+# `charforge run` takes).
 # (folder, suffixes kept, with subfolders?)
 COPY_FOLDERS = (
-    ("custom_nodes/charforge", (".py", ".json", ".yaml", ".txt", ".csv", ".md"), True),
+    ("custom_nodes/charforge", (".py", ".json", ".yaml", ".txt", ".csv", ".md", ".js", ".css"), True),
     ("workflows", (".json", ".jpg"), False),
     ("workflows/api", (".json",), False),
 )
