@@ -141,6 +141,7 @@ def build_parser(command_modules: Sequence[str] | None = None) -> argparse.Argum
 COMMAND_MODULES: tuple[str, ...] = (
     "charforge.driver.cli.batch",
     "charforge.driver.cli.runpod",
+    "charforge.driver.cli.replicate",
     "charforge.driver.cli_pipeline",
 )
 

@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction, *, server: argparse.ArgumentParser
     run.add_argument("file", type=Path, help="a .jsonl batch or a sweep spec")
     run.add_argument("--out", type=Path, required=True, metavar="DIR", help="batch folder (created or resumed)")
     run.add_argument("--server", action="append", default=[], metavar="URL",
-                     help="a ComfyUI server of the pool (repeatable)")
+                     help="a server of the pool (repeatable): a ComfyUI URL, runpod-pod:ID, "
+                          "runpod-serverless:ID or replicate:OWNER/MODEL[:VERSION]")
     run.add_argument("--profile", action="append", default=[], metavar="NAME",
                      help="a config-file profile of the pool (repeatable)")
     run.add_argument("--config", type=Path, metavar="FILE", help="config file for --profile")
@@ -65,7 +66,7 @@ def register(sub: argparse._SubParsersAction, *, server: argparse.ArgumentParser
     run.add_argument("--no-preflight", action="store_true", help="skip the check against /object_info")
     run.add_argument("--max-cost", type=float, metavar="USD",
                      help="stop submitting new jobs once the estimated cost (RunPod pods and serverless "
-                          "endpoints with a known price) would pass this many dollars")
+                          "endpoints, Replicate models with a known price) would pass this many dollars")
     run.add_argument("--json", action="store_true", help="one JSON record per finished job on stdout")
     run.set_defaults(func=cmd_batch_run)
 
@@ -105,6 +106,7 @@ def cmd_batch_plan(args: argparse.Namespace, out: Any) -> int:
 
 def _targets(args: argparse.Namespace, out: Any) -> list:
     from ..batch.targets import ComfyTarget
+    from .replicate import batch_target as replicate_target
     from .runpod import batch_pool, batch_target
 
     named = [(url, None) for url in args.server] + [(None, name) for name in args.profile]
@@ -112,9 +114,11 @@ def _targets(args: argparse.Namespace, out: Any) -> list:
         raise BatchError("name the servers of the pool: --server URL and/or --profile NAME (repeatable)")
     targets = []
     for server, profile in named:
-        runpod = batch_target(server, profile, args, out)  # RunPod pods and serverless endpoints
-        if runpod is not None:
-            targets.append(runpod)
+        special = batch_target(server, profile, args, out)  # RunPod pods and serverless endpoints
+        if special is None:
+            special = replicate_target(server, profile, args, out)  # Replicate models running workflows
+        if special is not None:
+            targets.append(special)
             continue
         config = resolve_server(server, profile=profile, config_path=args.config)
         out.secrets = [*out.secrets, *config.secrets()]

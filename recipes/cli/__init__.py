@@ -16,6 +16,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "charforge.driver.cli.batch",
     "charforge.recipes.cli.story",
     "charforge.driver.cli.runpod",
+    "charforge.driver.cli.replicate",
     "charforge.recipes.cli.library",
     "charforge.driver.cli_pipeline",
 )

@@ -1,0 +1,176 @@
+"""Replicate server strings for ``charforge run/status/cancel`` and ``charforge batch run``.
+
+``--server replicate:OWNER/MODEL[:VERSION]`` (or a profile with a ``replicate:`` section) makes ``run`` send the
+workflow to a Replicate model that runs ComfyUI workflows, follow the prediction (status and log lines) and
+download its output files with a manifest; ``status``/``cancel`` take a prediction id. :func:`register` installs
+this routing on the existing sub-commands; :func:`batch_target` is what ``charforge batch run`` uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..config import ReplicateSettings, resolve_replicate
+from ..errors import ConfigError, DriverError, JobTimeout
+from ..manifest import build_manifest, write_manifest
+
+Command = Callable[[argparse.Namespace, Any], int]
+
+
+def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
+    """Route Replicate server strings of run/status/cancel (the other commands need a ComfyUI server)."""
+    for name in ("run", "wait", "status", "cancel", "validate"):
+        parser = sub.choices.get(name)
+        if parser is not None and parser.get_default("func") is not None:
+            parser.set_defaults(func=_routed(name, parser.get_default("func")))
+
+
+def _settings(args: argparse.Namespace) -> ReplicateSettings | None:
+    return resolve_replicate(getattr(args, "server", None), profile=getattr(args, "profile", None),
+                             config_path=getattr(args, "config", None))
+
+
+def _routed(name: str, original: Command) -> Command:
+    def command(args: argparse.Namespace, out: Any) -> int:
+        settings = _settings(args)
+        if settings is None:
+            return original(args, out)
+        out.secrets = [*out.secrets, *settings.secrets()]
+        handler = {"run": replicate_run, "status": replicate_status, "cancel": replicate_cancel}.get(name)
+        if handler is None:
+            raise ConfigError(f"'charforge {name}' does not work with a Replicate model (no ComfyUI API there); "
+                              "use run, status or cancel")
+        return handler(args, settings, out)
+
+    command.__doc__ = original.__doc__
+    return command
+
+
+def _input_map(items: list[str]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for text in items:
+        left, _, path = text.partition("=")
+        mapping[left.strip()] = path.strip()
+    return mapping
+
+
+def replicate_run(args: argparse.Namespace, settings: ReplicateSettings, out: Any) -> int:
+    """``charforge run --server replicate:OWNER/MODEL``: create the prediction, follow it, download its files."""
+    from ..batch.targets import JobSpec
+    from ..replicate import ReplicateTarget
+
+    started = time.monotonic()
+    target = ReplicateTarget(settings, preflight=not args.no_preflight)
+
+    async def main() -> int:
+        prediction_id = None
+        try:
+            await target.open()
+            graph = await target.prepare(JobSpec(args.workflow, list(args.set), _input_map(args.input),
+                                                 source=str(args.workflow)))
+            for warning in target.warnings:
+                out.note(f"warning: {warning}")
+            prediction_id = await target.submit(graph, None)
+            out.note(f"created prediction {prediction_id} on {settings.model} (if this command dies, follow it "
+                     f"with: charforge status --server {settings.server} {prediction_id})")
+            if out.json:
+                out.record("submitted", prediction_id=prediction_id, model=settings.model, version=target.version)
+
+            def on_update(prediction: Any, lines: list[str]) -> None:
+                for line in lines[-20:]:
+                    out.note(f"  {line}")
+                if prediction.status in ("starting", "processing") and not lines:
+                    out.note(f"prediction {prediction.id}: {prediction.status}")
+
+            result = await target.wait(prediction_id, args.timeout, on_update=on_update)
+            downloads = [] if args.no_download else await target.download(result, args.out)
+            times = target.job_times(prediction_id)
+            cost = target.job_cost(prediction_id)
+            manifest_path = None
+            if not args.no_download:
+                manifest = build_manifest(result, downloads, out_dir=args.out, server=settings.server,
+                                          workflow_source=str(args.workflow), wall_seconds=time.monotonic() - started,
+                                          warnings=target.warnings)
+                manifest["replicate"] = {"prediction_id": prediction_id, "model": settings.model,
+                                         "version": target.version, **times, "cost_usd": cost,
+                                         "price_per_second": target.price_per_second}
+                manifest_path = write_manifest(args.out, manifest, secrets=settings.secrets())
+            ran = times["execution_seconds"]
+            lines = [f"done: prediction {prediction_id}, ran {ran or 0:.1f} s"
+                     + (f", about ${cost:.4f}" if cost is not None else "")]
+            lines += [f"  {d.path}" for d in downloads]
+            if not args.no_download and not downloads:
+                lines.append("  (the model returned no files)")
+            out.result("\n".join(lines), prediction_id=prediction_id, files=[str(d.path) for d in downloads],
+                       cost_usd=cost, manifest=str(manifest_path) if manifest_path else None, **times)
+            return 0
+        except (KeyboardInterrupt, asyncio.CancelledError, JobTimeout):
+            if prediction_id is not None:
+                with contextlib.suppress(DriverError):
+                    out.note(f"prediction {prediction_id}: {await target.cancel(prediction_id)}")
+            raise
+        finally:
+            await target.close()
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        return 130
+
+
+def replicate_status(args: argparse.Namespace, settings: ReplicateSettings, out: Any) -> int:
+    from ..replicate import ReplicateTarget
+
+    if not args.prompt_id:
+        raise ConfigError("charforge status --server replicate:...: name the prediction id to look up")
+
+    async def main() -> int:
+        target = ReplicateTarget(settings)
+        try:
+            prediction = await target.prediction(args.prompt_id)
+        finally:
+            await target.close()
+        if prediction is None:
+            out.result(f"prediction {args.prompt_id}: unknown", prediction_id=args.prompt_id, status="unknown")
+            return 1
+        ran = prediction.predict_time
+        detail = f", ran {ran:.1f} s" if ran is not None else ""
+        out.result(f"prediction {prediction.id}: {prediction.status}{detail}", prediction_id=prediction.id,
+                   status=prediction.status, predict_time=ran, error=prediction.error)
+        return 0
+
+    return asyncio.run(main())
+
+
+def replicate_cancel(args: argparse.Namespace, settings: ReplicateSettings, out: Any) -> int:
+    from ..replicate import ReplicateTarget
+
+    async def main() -> str:
+        target = ReplicateTarget(settings)
+        try:
+            return await target.cancel(args.prompt_id)
+        finally:
+            await target.close()
+
+    outcome = asyncio.run(main())
+    text = {"removed": "canceled before it started", "interrupted": "canceled while running",
+            "not_active": "already finished (or unknown)"}[outcome]
+    out.result(f"prediction {args.prompt_id}: {text}", prediction_id=args.prompt_id, outcome=outcome)
+    return 0 if outcome != "not_active" else 1
+
+
+def batch_target(server: str | None, profile: str | None, args: argparse.Namespace, out: Any) -> Any | None:
+    """The batch target for a Replicate ``--server``/``--profile`` of ``charforge batch run``, or None."""
+    from ..replicate import ReplicateTarget
+
+    settings = resolve_replicate(server, profile=profile, config_path=getattr(args, "config", None))
+    if settings is None:
+        return None
+    out.secrets = [*out.secrets, *settings.secrets()]
+    return ReplicateTarget(settings, capacity=getattr(args, "window", None),
+                           preflight=not getattr(args, "no_preflight", False))
