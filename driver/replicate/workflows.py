@@ -32,6 +32,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
+from charforge.common.retry import Backoff
+
 from ..client.models import JobResult, Timings
 from ..config import ReplicateSettings, Secret
 from ..errors import (
@@ -63,6 +65,8 @@ OUTPUT_NODE = "replicate"
 _LOOKUP = {"starting": "pending", "processing": "running", "succeeded": "finished", "failed": "finished",
            "canceled": "finished"}
 
+#: A create whose answer was lost and that the listing does not show is sent again: three tries in all.
+_CREATE_RETRY = Backoff(attempts=3, base=0.5, cap=5.0)
 #: USD per second of public hardware, from Replicate's pricing page (docs/replicate.md); the profile's
 #: ``price_per_second`` wins.
 HARDWARE_PRICES = {"cpu": 0.000100, "gpu-t4": 0.000225, "gpu-a40-small": 0.000575, "gpu-a40-large": 0.000725,
@@ -295,13 +299,18 @@ class ReplicateTarget:
             await self.open()
         started = time.time()
         body = await self.build_input(graph, tag)
-        try:
-            prediction = await self.api.create_prediction(body, version=self.version)
-        except CreateOutcomeUnknown:
-            found = await self.find(tag, since=started)
-            if found is None:
-                raise  # transient: retried, after another look, by whoever called us
-            prediction = found
+        for attempt in range(_CREATE_RETRY.attempts):
+            try:
+                prediction = await self.api.create_prediction(body, version=self.version)
+                break
+            except CreateOutcomeUnknown:
+                found = await self.find(tag, since=started)
+                if found is not None:
+                    prediction = found
+                    break
+                if _CREATE_RETRY.is_last(attempt):
+                    raise  # transient: the batch runner looks the tag up again before it retries
+                await asyncio.sleep(_CREATE_RETRY.delay(attempt))
         self._remember(tag, prediction, graph, started)
         return prediction.id
 
