@@ -24,6 +24,7 @@ from typing import Any
 from ... import bridge
 from ...deps import require
 from ..control import Control
+from ..models.devices import best_device
 from .sheet import ImageScore, ScoreSheet, judge
 
 log = logging.getLogger("charforge")
@@ -73,12 +74,8 @@ def resolve_clip_model(name: str) -> Path:
 
 
 def default_device() -> str:
-    torch = require("torch")
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    require("torch")
+    return best_device()
 
 
 @dataclass(frozen=True)

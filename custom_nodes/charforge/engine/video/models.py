@@ -29,6 +29,7 @@ import torch
 
 from ...deps import require
 from ..control import Cancelled
+from ..models.devices import best_device
 from .motion import MotionModuleInfo, load_motion_adapter, load_motion_lora
 
 log = logging.getLogger("charforge")
@@ -84,13 +85,7 @@ class RuntimeOptions:
             raise ValueError(f"attention {self.attention!r}: choose one of {ATTENTION}")
 
     def resolve_device(self) -> torch.device:
-        if self.device != "auto":
-            return torch.device(self.device)
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device(self.device if self.device != "auto" else best_device())
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype != "auto":
