@@ -167,7 +167,7 @@ def save_training_character(name: str, lora_name: str, trigger_word: str, base_m
 def character_cards() -> list[dict]:
     """Every saved preset as a card for a UI: name, display name, trigger words, LoRAs with their strengths,
     identity and threshold, base model and size; a preset that does not load carries its error instead."""
-    cards = []
+    cards: list[dict] = []
     for name in list_characters():
         try:
             character = load_character(name)
