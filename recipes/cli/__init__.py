@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "charforge.recipes.cli.story",
     "charforge.driver.cli.runpod",
     "charforge.driver.cli.replicate",
+    "charforge.recipes.cli.train",
     "charforge.recipes.cli.library",
     "charforge.driver.cli_pipeline",
 )
