@@ -47,7 +47,7 @@ from ..errors import (
 )
 from ..outputs import DownloadedFile, OutputFile, local_path_for, open_unique
 from ..secrets import mask
-from ..workflow.load import coerce_workflow, load_workflow
+from ..workflow.load import coerce_workflow
 from ..workflow.overrides import apply_overrides, parse_input, parse_set, plan_inputs
 from ..workflow.preflight import check_workflow
 from .api import CreateOutcomeUnknown, Prediction, ReplicateAPI
@@ -199,6 +199,8 @@ class ReplicateTarget:
         self.poll_interval = float(poll_interval or options.get("poll_interval", 2.0))
         self.version = settings.version
         self.preflight = preflight
+        #: ``Prefer: wait=N`` on create (1-60 s): a short workflow's answer already holds its outputs
+        self.prefer_wait = int(options["wait"]) if options.get("wait") else None
         self.price_per_second, self.price_source = price_per_second(settings)
         self.extra_inputs = {**DEFAULT_INPUTS, **dict(options.get("inputs") or {})}
         self.warnings: list[str] = []
@@ -242,8 +244,7 @@ class ReplicateTarget:
     async def prepare(self, spec: JobSpec) -> dict[str, Any]:
         """Apply overrides locally, rename ``--input`` files to content-hashed names (packed into the input
         archive at submission), and check the graph against the model's node definitions when known."""
-        wf = coerce_workflow(spec.workflow) if not isinstance(spec.workflow, (str, Path)) \
-            else load_workflow(spec.workflow)
+        wf = coerce_workflow(spec.workflow)
         if wf.prompt is None:
             raise WorkflowError(f"{spec.source or 'this workflow'} is in the editor format; a Replicate model "
                                 "cannot convert it. Convert it once against a ComfyUI with the same nodes: "
@@ -301,7 +302,7 @@ class ReplicateTarget:
         body = await self.build_input(graph, tag)
         for attempt in range(_CREATE_RETRY.attempts):
             try:
-                prediction = await self.api.create_prediction(body, version=self.version)
+                prediction = await self.api.create_prediction(body, version=self.version, wait=self.prefer_wait)
                 break
             except CreateOutcomeUnknown:
                 found = await self.find(tag, since=started)

@@ -246,3 +246,19 @@ def test_execution_error_and_timeout_types_from_the_target(replicate: FakeReplic
             await t.close()
 
     asyncio.run(run())
+
+
+def test_prefer_wait_returns_a_finished_prediction_from_create(replicate: FakeReplicate) -> None:
+    async def run() -> None:
+        t = target(replicate, wait=10)
+        try:
+            await t.open()
+            pid = await t.submit(await t.prepare(JobSpec(image_workflow(prefix="quick"))), None)
+            assert t._status[pid].status == "succeeded"          # no polling was needed
+            gets = [path for method, path, _ in replicate.requests if method == "GET" and pid in path]
+            assert gets == []
+            assert t.job_cost(pid) == pytest.approx(replicate.bill(), rel=1e-3)
+        finally:
+            await t.close()
+
+    asyncio.run(run())
