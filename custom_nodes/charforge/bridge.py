@@ -324,7 +324,7 @@ class _ComfyControl(Control):
         super().__init__(on_progress=on_progress, total=total)
         self._comfy = comfy
         self._node_id = node_id
-        self._bar = None
+        self._bar: Any = None  # comfy.utils.ProgressBar, made on the first update
 
     def _interrupt(self):
         interrupt = self._comfy.model_management.InterruptProcessingException

@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -217,7 +216,7 @@ def _train(request: TrainRequest, report: _Reporter) -> TrainResult:
     requested = config
     folder = _find_resumable(request, requested, identity)
     resuming = folder is not None
-    if resuming:
+    if folder is not None:
         config = _resumed_config(folder.read_config(), requested)
 
     estimate = None
@@ -262,9 +261,9 @@ class TrainingSession:
     resuming: bool
     identity: dict[str, str]
     estimate: Any  # preflight.Estimate or None
-    report: Callable[[dict[str, Any]], None]
+    report: _Reporter
     started: float
-    trainer: Trainer | None = None
+    trainer: Trainer = field(init=False)  # made in run(), after the run folder is written
     plan: Any = None  # samples.SamplePlan
     resumed_from: int = 0
     pending: list[MetricsRow] = field(default_factory=list)  # metrics rows not yet appended to metrics.csv
