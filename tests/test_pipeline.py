@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from cf_testing.comfyui import REPO_ROOT
-from charforge.driver import pipeline
-from charforge.driver.cli import build_parser
 from charforge.driver.errors import ServerUnavailable
+from charforge.recipes import pipeline
+from charforge.recipes.cli import build_parser
 
 SAMPLES = REPO_ROOT / "samples" / "character"
 
@@ -309,7 +309,7 @@ def test_no_comfyui_offline_says_what_to_do(tmp_path, monkeypatch):
 
 def test_the_command_is_registered():
     args = build_parser().parse_args(["pipeline", "photos", "--out", "o", "--no-face-check", "--character", "pip"])
-    assert args.func.__module__ == "charforge.driver.cli_pipeline"
+    assert args.func.__module__ == "charforge.recipes.cli.pipeline"
     assert args.no_face_check and args.character == "pip" and str(args.out) == "o"
 
 

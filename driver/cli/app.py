@@ -142,7 +142,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "charforge.driver.cli.batch",
     "charforge.driver.cli.runpod",
     "charforge.driver.cli.replicate",
-    "charforge.driver.cli_pipeline",
 )
 
 

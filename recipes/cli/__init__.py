@@ -19,7 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "charforge.driver.cli.replicate",
     "charforge.recipes.cli.train",
     "charforge.recipes.cli.library",
-    "charforge.driver.cli_pipeline",
+    "charforge.recipes.cli.pipeline",
 )
 
 

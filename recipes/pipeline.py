@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .client import ComfyClient
-from .config import resolve_server
-from .errors import ConfigError, DriverError, ServerUnavailable
-from .local import DEFAULT_LOCAL_URL, LocalComfyUI, find_python, probe
-from .progress import JobView, make_renderer
-from .workflow.preflight import nodes_to_run
+from ..driver.client import ComfyClient
+from ..driver.config import resolve_server
+from ..driver.errors import ConfigError, DriverError, ServerUnavailable
+from ..driver.local import DEFAULT_LOCAL_URL, LocalComfyUI, find_python, probe
+from ..driver.progress import JobView, make_renderer
+from ..driver.workflow.preflight import nodes_to_run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO_ROOT / "workflows" / "api"

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .pipeline import PipelineOptions, run_pipeline, summary_lines
+from ..pipeline import PipelineOptions, run_pipeline, summary_lines
 
 DESCRIPTION = """\
 Photos -> dataset -> captions -> LoRA -> scored images -> video, through a ComfyUI on this machine: --server
