@@ -92,11 +92,10 @@ class Prediction:
         if status not in STATUSES:
             raise ProtocolError(f"prediction {data['id']}: unknown status {status!r} (expected one of "
                                 f"{', '.join(STATUSES)})")
-        metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
-        urls = data.get("urls") if isinstance(data.get("urls"), dict) else {}
-        return cls(id=data["id"], status=status, input=data.get("input") if isinstance(data.get("input"), dict)
-                   else {}, output=data.get("output"), logs=str(data.get("logs") or ""), error=data.get("error"),
-                   metrics=dict(metrics), created_at=parse_time(data.get("created_at")),
+        metrics, urls, given = (_mapping(data.get(key)) for key in ("metrics", "urls", "input"))
+        return cls(id=data["id"], status=status, input=given, output=data.get("output"),
+                   logs=str(data.get("logs") or ""), error=data.get("error"),
+                   metrics=metrics, created_at=parse_time(data.get("created_at")),
                    started_at=parse_time(data.get("started_at")), completed_at=parse_time(data.get("completed_at")),
                    urls={str(k): str(v) for k, v in urls.items() if isinstance(v, str)},
                    data_removed=bool(data.get("data_removed")), raw=data)
@@ -387,6 +386,10 @@ class ReplicateAPI:
                 dest.unlink(missing_ok=True)
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, dict) else {}
 
 
 def _model_path(model: str) -> str:

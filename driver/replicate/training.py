@@ -129,9 +129,9 @@ def extract_lora(path: Path, dest: Path) -> Path:
         with tarfile.open(path) as tar:
             members = {m.name: m for m in tar.getmembers() if m.isfile() and m.name.endswith(".safetensors")}
             choice = members[_pick_lora(path, {n: m.size for n, m in members.items()})]
-            handle = tar.extractfile(choice)
-            assert handle is not None  # a regular file
-            data = handle.read()
+            member = tar.extractfile(choice)
+            assert member is not None  # a regular file
+            data = member.read()
     else:
         raise ProtocolError(f"the trained weights {path.name} are neither a .safetensors file nor a zip/tar archive")
     dest.parent.mkdir(parents=True, exist_ok=True)
