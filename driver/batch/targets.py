@@ -2,7 +2,8 @@
 
 A batch runs on a *pool* of targets. The runner never talks HTTP itself; everything it needs from a server goes
 through the :class:`Target` protocol below, so other kinds of server (a RunPod pod, a RunPod serverless endpoint,
-...) plug in by implementing these few methods. :class:`ComfyTarget` is the implementation for a ComfyUI server,
+a Replicate model: ``charforge.driver.runpod``, ``charforge.driver.replicate``) plug in by implementing these few
+methods. :class:`ComfyTarget` is the implementation for a ComfyUI server,
 built on :class:`~charforge.driver.client.AsyncComfyClient`.
 
 The contract, method by method (all coroutines run on the runner's event loop):
@@ -18,6 +19,8 @@ The contract, method by method (all coroutines run on the runner's event loop):
     found again instead of being sent twice. Serverless backends usually assign their own ids: set this to
     False, and the runner passes ``prompt_id=None`` and journals the returned id before doing anything else
     (a crash between the submission and that journal line can then run the job twice; the journal says so).
+    A backend that cannot take our id but can carry it as a tag and list its jobs (Replicate) sets True and
+    returns its own id from ``submit``; ``lookup``/``wait`` then accept either, finding a tag by listing.
 ``open()`` / ``close()``
     Connect and disconnect (sessions, sockets). ``open`` may raise a transient error; the runner retries.
 ``prepare(spec)``
