@@ -360,7 +360,8 @@ def _insightface_folder(folder: str | None) -> Iterator[None]:
             os.environ[key] = before
 
 
-def _photos(folder: Path) -> list[Path]:
+def photo_files(folder: Path) -> list[Path]:
+    """The image files directly in `folder`, sorted by name."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
@@ -454,20 +455,20 @@ class Scoring:
         source = self.reference
         path = Path(source).expanduser()
         if path.is_dir():
-            return self._from_photos(path), f"{len(_photos(path))} photo(s) in {path}"
+            return self._from_photos(path), f"{len(photo_files(path))} photo(s) in {path}"
         photos = Path(self.character.reference_photos).expanduser() if self.character.reference_photos else None
         try:
             identity = load_identity(source)
         except (OSError, ValueError) as exc:
             if photos is not None and photos.is_dir():
                 note(f"identity {source!r} cannot be loaded ({str(exc).splitlines()[0]}); using the photos in {photos}")
-                return self._from_photos(photos), f"{len(_photos(photos))} photo(s) in {photos}"
+                return self._from_photos(photos), f"{len(photo_files(photos))} photo(s) in {photos}"
             raise UsageError(f"reference identity {source!r}: {exc}. Give --reference DIR (photos of the character) "
                              f"or copy the identity's .json into <models>/charforge/identities/") from None
         if identity.model != self.analyzer.name and photos is not None and photos.is_dir():
             note(f"identity {identity.name!r} was built with {identity.model}, the face models loaded are "
                  f"{self.analyzer.name}: rebuilding it from the photos in {photos}")
-            return self._from_photos(photos), f"{len(_photos(photos))} photo(s) in {photos}"
+            return self._from_photos(photos), f"{len(photo_files(photos))} photo(s) in {photos}"
         return identity, f"saved identity {identity.name!r}"
 
     def _from_photos(self, folder: Path) -> Any:
@@ -476,7 +477,7 @@ class Scoring:
         from charforge.engine.dataset.scan import load_image
         from charforge.engine.score import build_identity
 
-        photos = _photos(folder)
+        photos = photo_files(folder)
         if not photos:
             raise UsageError(f"reference photos {folder}: no image ({', '.join(IMAGE_SUFFIXES)}) in that folder")
         try:
@@ -690,7 +691,8 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "lora"
 
 
-def _first_image(files: list[Path]) -> Path | None:
+def first_image(files: list[Path]) -> Path | None:
+    """The first existing image among a job's downloaded files."""
     return next((f for f in files if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()), None)
 
 
@@ -808,7 +810,7 @@ class LoraEval:
         if not outcome.ok:
             image.error = outcome.reason or outcome.state
             return
-        image.file = _first_image(list(outcome.files))
+        image.file = first_image(list(outcome.files))
         if image.file is None:
             image.state, image.error = "failed", "the job wrote no image"
             return
