@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from . import __version__, bridge, deps
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, panel
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, panel, transfer
 
 log = logging.getLogger("charforge")
 
@@ -16,6 +16,7 @@ def _on_load() -> None:
     folders = bridge.register_model_folders()
     deps.log_startup_report()
     panel.register_routes()  # the editor's CharForge tab (web/) reads runs, datasets and characters here
+    transfer.register_routes()  # a remote driver's photos up, results home, models in place
     log.info("CharForge %s: %d nodes, model folders %s", __version__, len(NODE_CLASS_MAPPINGS), ", ".join(folders))
 
 

@@ -496,7 +496,7 @@ class FakeComfyServer:
     """The fake ComfyUI server; ``start()`` runs it on 127.0.0.1 in a background thread."""
 
     def __init__(self, *, prefix: str = "", root: str | Path | None = None, knobs: Knobs | None = None,
-                 port: int = 0) -> None:
+                 port: int = 0, extra_routes: tuple = ()) -> None:
         self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
         self._tmp = None
         if root is None:
@@ -511,6 +511,8 @@ class FakeComfyServer:
         (self.input_dir / "example.png").write_bytes(png_bytes(4, 4, (200, 10, 10)))
         self.knobs = knobs or Knobs()
         self.nodes = default_nodes()
+        #: more (method, path, handler) routes, e.g. CharForge's own (nodes/transfer.py) as a pack adds them
+        self.extra_routes = tuple(extra_routes)
         self.requests: list[RecordedRequest] = []
         self.ws_connects: list[RecordedRequest] = []
         self.interrupt_calls: list[dict] = []
@@ -638,6 +640,7 @@ class FakeComfyServer:
             ("GET", "/system_stats", self.h_system_stats),
             ("GET", "/features", self.h_features),
             ("POST", "/free", self.h_free),
+            *self.extra_routes,
         ]
         for method, path, handler in routes:
             for full in (self.prefix + path, self.prefix + "/api" + path):

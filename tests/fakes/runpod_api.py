@@ -58,6 +58,9 @@ class RunPodKnobs:
     hang_requests: int = 0
     #: the proxy's response timeout (RunPod: 100 s) and WebSocket idle limit (Cloudflare: ~100 s)
     proxy_timeout: float = 100.0
+    #: the client's uplink through the proxy in bytes per second (None: instant); a request body takes
+    #: len(body) / rate seconds of the proxy's response timeout, as a large upload over a slow line does
+    uplink_bytes_per_second: float | None = None
     ws_idle_timeout: float = 100.0
     #: /run and /runsync body limits
     run_limit: int = 10 * MB
@@ -455,6 +458,8 @@ class FakeRunPod:
         session = self._session
 
         async def forward() -> web.Response:
+            if body and self.knobs.uplink_bytes_per_second:
+                await asyncio.sleep(len(body) / self.knobs.uplink_bytes_per_second)
             async with session.request(request.method, upstream, params=request.query, data=body or None,
                                        headers=headers, allow_redirects=False) as resp:
                 data = await resp.read()

@@ -19,6 +19,9 @@ class _Routes:
     def post(self, path, **_):
         return self._add("POST", path)
 
+    def put(self, path, **_):
+        return self._add("PUT", path)
+
 
 class PromptServer:
     instance = None
