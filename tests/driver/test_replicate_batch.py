@@ -100,6 +100,13 @@ def test_mixed_pool_killed_twice_every_output_exactly_once_and_cost_matches_the_
         manifest = json.loads((folder / "manifest.json").read_text())
         assert [f["path"] for f in manifest["files"]] == [f"j{i:02d}_00001_.png"]
     assert not any(p.name.startswith(".staging") and any(p.iterdir()) for p in out.iterdir() if p.is_dir())
+    # some Replicate jobs were in flight at a kill: sent by one run, collected by a later one
+    runs = [i for i, r in enumerate(records) if r.get("ev") == "run_start"]
+    sent = {r["job"]: i for i, r in enumerate(records) if r.get("ev") == "submitted"
+            and str(r.get("server")).startswith("replicate:")}
+    done_at = {r["job"]: i for i, r in enumerate(records) if r.get("ev") == "done"}
+    carried = [job for job, i in sent.items() if any(i < k < done_at[job] for k in runs)]
+    assert len(runs) == 3 and carried
     # exactly once on Replicate: one prediction per job that ran there, each tag created once
     tags = replicate.tagged()
     assert len(tags) == len(set(tags)) == len(replicate.created)
