@@ -1,0 +1,91 @@
+"""Models in place (driver/sync/models.py): a manifest checked before anything is queued, missing models
+named, and missing ones fetched by the server from a local HTTP host with a wrong checksum refused."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+from fakes.charforge_routes import transfer_server
+from fakes.file_server import FileServer
+
+from charforge.common.transfer import ModelEntry, parse_model_manifest
+from charforge.driver.client.async_client import AsyncComfyClient
+from charforge.driver.sync import MissingModels, check_models, provision_models, require_models
+
+DATA = b"weights" * 5000
+
+
+@pytest.fixture
+def server(comfy_env):
+    with transfer_server(comfy_env) as fake:
+        checkpoints = fake.root / "models" / "checkpoints"
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / "base.safetensors").write_bytes(b"base")
+        yield fake
+
+
+@pytest.fixture
+def host(tmp_path):
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "mm.safetensors").write_bytes(DATA)
+    server = FileServer(tmp_path / "hub")
+    yield server
+    server.close()
+
+
+def _run(url, coro_fn):
+    async def go():
+        async with AsyncComfyClient(url, retries=0) as client:
+            return await coro_fn(client)
+
+    return asyncio.run(go())
+
+
+def test_missing_model_named_before_queueing(server):
+    manifest = parse_model_manifest({"models": [
+        {"name": "base.safetensors", "kind": "checkpoints", "size": 4},
+        {"name": "mm.safetensors", "kind": "animatediff_models", "repo": "guoyww/animatediff", "file": "mm.ckpt"},
+        {"name": "other.safetensors", "kind": "checkpoints", "size": 10}]})
+    check = _run(server.url, lambda c: check_models(c, manifest))
+    assert [e.name for e in check.present] == ["base.safetensors"]
+    with pytest.raises(MissingModels) as caught:
+        require_models(check, server.url)
+    message = str(caught.value)
+    assert "animatediff_models/mm.safetensors" in message and "checkpoints/other.safetensors" in message
+    assert "base.safetensors" not in message
+
+
+def test_size_or_checksum_that_differs_is_named(server):
+    entry = ModelEntry("base.safetensors", "checkpoints", sha256=hashlib.sha256(b"other").hexdigest())
+    check = _run(server.url, lambda c: check_models(c, [entry], verify=True))
+    assert not check.ok and "sha256" in check.describe()
+    check = _run(server.url, lambda c: check_models(c, [ModelEntry("base.safetensors", "checkpoints", size=5)]))
+    assert "4 bytes on the server" in check.describe()
+
+
+def test_server_fetches_missing_models_and_refuses_a_wrong_checksum(server, host):
+    good = ModelEntry("mm.safetensors", "animatediff_models", url=host.url("mm.safetensors"), size=len(DATA),
+                      sha256=hashlib.sha256(DATA).hexdigest())
+    seen = []
+    check = _run(server.url, lambda c: provision_models(c, [good], poll=0.05, on_progress=seen.append))
+    assert check.ok and (server.root / "models" / "animatediff_models" / "mm.safetensors").read_bytes() == DATA
+    assert seen
+
+    bad = ModelEntry("bad.safetensors", "animatediff_models", url=host.url("mm.safetensors"), sha256="2" * 64)
+    with pytest.raises(MissingModels, match="sha256") as caught:
+        _run(server.url, lambda c: provision_models(c, [bad], poll=0.05))
+    assert caught.value.missing == [bad]
+    assert not list((server.root / "models" / "animatediff_models").glob("bad*"))
+
+
+def test_manifest_entries_are_checked():
+    with pytest.raises(ValueError, match="kind"):
+        parse_model_manifest([{"name": "x.safetensors", "kind": "nowhere"}])
+    with pytest.raises(ValueError, match="relative"):
+        parse_model_manifest([{"name": "../x.safetensors", "kind": "loras"}])
+    with pytest.raises(ValueError, match="http"):
+        parse_model_manifest([{"name": "x.safetensors", "kind": "loras", "url": "file:///etc/passwd"}])
+    entry = parse_model_manifest([{"name": "x.safetensors", "kind": "loras", "repo": "a/b", "file": "x.safetensors"}])[0]
+    assert entry.source_url() == "https://huggingface.co/a/b/resolve/main/x.safetensors"
