@@ -17,7 +17,8 @@ function addStyle() {
 
 export function createPanel(root, { app, api }) {
   addStyle();
-  const state = { view: "runs", runs: [], selected: null, details: null, live: {}, timer: null, alive: true };
+  const state = { view: "runs", runs: [], selected: null, details: null, live: {}, timer: null, alive: true,
+    detailsSignature: null, detailsElement: null };
   const url = (path) => api.apiURL(path);
   const enc = encodeURIComponent;
 
@@ -38,6 +39,7 @@ export function createPanel(root, { app, api }) {
   const tabs = ["runs", "datasets", "characters"].map((view) =>
     h("button", { class: "cf-tab", "data-view": view, onclick: () => show(view) },
       view[0].toUpperCase() + view.slice(1)));
+  root.style.height = "100%"; // the editor's slot for a custom tab has no height of its own
   root.replaceChildren(h("div", { class: "charforge-panel" },
     h("div", { class: "cf-header" }, h("span", { class: "cf-title" }, "CharForge"), h("div", { class: "cf-tabs" }, tabs)),
     content));
@@ -120,7 +122,15 @@ export function createPanel(root, { app, api }) {
     const previous = content.querySelector(".cf-run-list");
     const scroll = previous ? previous.scrollTop : 0;
     const list = h("div", { class: "cf-run-list" }, state.runs.map(runLine));
-    content.replaceChildren(list, state.details ? runDetails(state.details) : "");
+    // The details are rebuilt only when more than the numbers changed: the sample images stay loaded.
+    const d = state.details;
+    const signature = d && JSON.stringify([d.name, d.state, d.resumable, d.can_queue_again, d.lora, d.error,
+      d.samples, d.checkpoints]);
+    if (signature !== state.detailsSignature) {
+      state.detailsSignature = signature;
+      state.detailsElement = d ? runDetails(d) : null;
+    }
+    content.replaceChildren(list, state.detailsElement ?? "");
     list.scrollTop = scroll;
     const canvas = content.querySelector("canvas.cf-chart");
     if (canvas) drawLossCurve(canvas, state.details.metrics, state.details.total_steps);

@@ -1,7 +1,7 @@
 // The panel's look, on the editor's own colour variables so it follows the light and dark themes.
 export const STYLE = `
 .charforge-panel { display: flex; flex-direction: column; height: 100%; font-size: 13px;
-  color: var(--fg-color, #ddd); background: var(--comfy-menu-bg, #202020); }
+  color: var(--fg-color, #ddd); }
 .charforge-panel .cf-header { padding: 8px 10px 0; border-bottom: 1px solid var(--border-color, #444); }
 .charforge-panel .cf-title { font-weight: 600; font-size: 14px; }
 .charforge-panel .cf-tabs { display: flex; gap: 2px; margin-top: 6px; }
