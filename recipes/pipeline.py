@@ -38,6 +38,7 @@ from ..driver.errors import ConfigError, DriverError, ServerUnavailable
 from ..driver.local import DEFAULT_LOCAL_URL, LocalComfyUI, find_python, probe
 from ..driver.progress import JobView, make_renderer
 from ..driver.workflow.preflight import nodes_to_run
+from .remote import RemoteFiles
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO_ROOT / "workflows" / "api"
@@ -74,6 +75,13 @@ class PipelineOptions:
     install: bool = True  # allow installing ComfyUI with comfy-cli when none is found
     progress: str = "auto"
     stage_timeout: float | None = None
+    #: reach the server only over HTTP: photos go up, results come home (docs/remote.md); on by itself for a
+    #: server that is not on this machine
+    remote: bool = False
+    #: a model manifest checked against the server before the first stage (missing models named)
+    models_manifest: Path | None = None
+    #: let the server download the manifest's missing models from their URLs
+    provision: bool = False
 
     def __post_init__(self) -> None:
         if not self.trigger:
@@ -369,6 +377,9 @@ def _texts(result) -> dict[str, str]:
 class Runner:
     """Submits stage workflows to one server, shows their progress, downloads their outputs."""
 
+    #: the server's files over HTTP when the pipeline runs remotely (recipes/remote.py)
+    remote: RemoteFiles | None = None
+
     def __init__(self, client: ComfyClient, opts: PipelineOptions, say: Say, stderr: IO[str] | None = None):
         self.client = client
         self.opts = opts
@@ -438,7 +449,9 @@ def _match(pattern: str, text: str, what: str) -> str:
 
 def stage_dataset(runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]) -> dict[str, Any]:
     prompt = load_stage_workflow("dataset_prep")
-    prompt["1"]["inputs"].update(folder=str(opts.photos.resolve()), name=opts.character)
+    remote = _remote(runner)
+    photos = remote.upload_photos(opts.photos, opts.character) if remote else str(opts.photos.resolve())
+    prompt["1"]["inputs"].update(folder=photos, name=opts.character)
     if not opts.face_check:
         prompt["2"]["inputs"]["face_detector"] = "none"
         prompt["3"]["inputs"]["require_face"] = False
@@ -453,13 +466,20 @@ def stage_dataset(runner: Runner, opts: PipelineOptions, models: Models, state: 
         raise PipelineError("no photo passed the dataset filters: " + texts.get("7", "")
                             + (" (drawn or non-human characters: pass --no-face-check)" if opts.face_check else ""))
     return {"train_data_dir": str(Path(subject).parent), "accepted": accepted,
-            "report_html": _copy_report(report, opts.out / "dataset" / "selection"), "server_report_html": report,
-            "contact_sheets": [str(f) for f in files], "summary": texts.get("7", "")}
+            "report_html": _copy_report(report, opts.out / "dataset" / "selection", remote),
+            "server_report_html": report, "contact_sheets": [str(f) for f in files], "summary": texts.get("7", "")}
 
 
-def _copy_report(report_html: str, folder: Path) -> str:
+def _remote(runner: Any) -> RemoteFiles | None:
+    return getattr(runner, "remote", None)
+
+
+def _copy_report(report_html: str, folder: Path, remote: RemoteFiles | None = None) -> str:
     """Copy a Dataset Report's report.html and report.json (its contact sheets are downloaded next to them, the
     names it links to) into `folder`; returns the copy's path, or the server's path when it is not local."""
+    if remote is not None:
+        source = remote.local(report_html)
+        report_html = str(source)
     source = Path(report_html)
     if not source.is_file():
         return report_html
