@@ -498,12 +498,14 @@ def _manifest_entries(export_dir: Path) -> list[dict[str, Any]]:
         return []
 
 
-def caption_names(captioned_export: Path, first_export: Path) -> dict[Path, str]:
+def caption_names(captioned_export: Path, first_export: Path,
+                  to_local: Callable[[str], Path] | None = None) -> dict[Path, str]:
     """Each caption file of the captioned export -> the name of the photo it belongs to (``pip_11.txt``).
 
     The chain renumbers files: the dataset stage exports the photos as 0001.jpg, ... and the caption stage loads
     that export as a new dataset and exports it again, numbered anew. The two exports' manifests lead back:
-    a captioned file's source is a file of the first export, whose source is the photo."""
+    a captioned file's source is a file of the first export, whose source is the photo. `to_local` maps a
+    server path in a manifest to its downloaded twin (remote runs)."""
     photo_of = {str((first_export / e["file"]).resolve()): e.get("source") for e in _manifest_entries(first_export)
                 if e.get("file")}
     names: dict[Path, str] = {}
@@ -513,12 +515,21 @@ def caption_names(captioned_export: Path, first_export: Path) -> dict[Path, str]
             continue
         caption = (captioned_export / entry["file"]).with_suffix(".txt")
         source = entry.get("source") or ""
-        photo = photo_of.get(str(Path(source).resolve())) or source
+        photo = photo_of.get(str(Path(_twin(to_local, source)).resolve())) or source
         stem = Path(photo).stem or caption.stem
         name = stem if stem not in taken else f"{stem}_{entry.get('id', len(taken))}"
         taken.add(name)
         names[caption] = f"{name}.txt"
     return names
+
+
+def _twin(to_local: Callable[[str], Path] | None, source: str) -> str:
+    if to_local is None or not source:
+        return source
+    try:
+        return str(to_local(source))
+    except DriverError:
+        return source
 
 
 def stage_captions(runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]) -> dict[str, Any]:
@@ -530,8 +541,11 @@ def stage_captions(runner: Runner, opts: PipelineOptions, models: Models, state:
     prompt["4"]["inputs"]["trigger"] = opts.trigger
     _, texts, _ = runner.run(prompt, None)
     subject = _match(r"exported to (.+?) \(\d+ written", texts.get("3", ""), "the export folder")
-    captions = sorted(Path(subject).glob("*.txt"))
-    names = caption_names(Path(subject).parent.parent, Path(state["dataset"]["train_data_dir"]).parent)
+    remote = _remote(runner)
+    export = remote.local(subject) if remote else Path(subject)  # remote: the dataset folders come home
+    first = remote.local(state["dataset"]["train_data_dir"]) if remote else Path(state["dataset"]["train_data_dir"])
+    captions = sorted(export.glob("*.txt"))
+    names = caption_names(export.parent.parent, first.parent, remote.twin if remote else None)
     target = opts.out / "captions"
     shutil.rmtree(target, ignore_errors=True)  # a rerun must not leave the names of an earlier run
     target.mkdir(parents=True)
@@ -539,7 +553,7 @@ def stage_captions(runner: Runner, opts: PipelineOptions, models: Models, state:
         shutil.copy2(caption, target / names.get(caption, caption.name))
     report = _match(r"report: (\S+report\.html)", texts.get("4", ""), "the report")
     return {"train_data_dir": str(Path(subject).parent), "captions_dir": str(target), "count": len(captions),
-            "report_html": _copy_report(report, opts.out / "dataset"), "server_report_html": report,
+            "report_html": _copy_report(report, opts.out / "dataset", remote), "server_report_html": report,
             "summary": texts.get("2", "")}
 
 
