@@ -568,6 +568,13 @@ def stage_lora(runner: Runner, opts: PipelineOptions, models: Models, state: dic
     summary = texts.get("1", "")
     lora_name = _match(r"^(\S+\.safetensors):", summary, "the LoRA's name")
     run_dir = _match(r"run folder (.+)$", summary, "the run folder")
+    remote = _remote(runner)
+    if remote is not None:  # the LoRA (checked against the server's sha256) and the whole run folder come home
+        home = remote.fetch_lora(lora_name, opts.out / "lora")
+        run_files = remote.fetch(run_dir, opts.out / "lora" / "run")
+        return {"lora_name": lora_name, "lora_path": home["path"], "lora_sha256": home["sha256"], "run_dir": run_dir,
+                "run_copy": str(opts.out / "lora" / "run"), "run_files": len(run_files), "summary": summary,
+                "files": [str(f) for f in files]}
     lora_path = None
     for folder in (runner_server_models(runner) or []):
         candidate = folder / "loras" / lora_name
