@@ -1,8 +1,8 @@
-"""Replicate server strings for ``charforge run/status/cancel`` and ``charforge batch run``.
+"""Replicate server strings for ``charforge run/wait/status/cancel`` and ``charforge batch run``.
 
 ``--server replicate:OWNER/MODEL[:VERSION]`` (or a profile with a ``replicate:`` section) makes ``run`` send the
 workflow to a Replicate model that runs ComfyUI workflows, follow the prediction (status and log lines) and
-download its output files with a manifest; ``status``/``cancel`` take a prediction id. :func:`register` installs
+download its output files with a manifest; ``wait``/``status``/``cancel`` take a prediction id. :func:`register` installs
 this routing on the existing sub-commands; :func:`batch_target` is what ``charforge batch run`` uses.
 """
 
@@ -23,7 +23,7 @@ Command = Callable[[argparse.Namespace, Any], int]
 
 
 def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
-    """Route Replicate server strings of run/status/cancel (the other commands need a ComfyUI server)."""
+    """Route Replicate server strings of run/wait/status/cancel (the other commands need a ComfyUI server)."""
     for name in ("run", "wait", "status", "cancel", "validate"):
         parser = sub.choices.get(name)
         if parser is not None and parser.get_default("func") is not None:
@@ -41,10 +41,11 @@ def _routed(name: str, original: Command) -> Command:
         if settings is None:
             return original(args, out)
         out.secrets = [*out.secrets, *settings.secrets()]
-        handler = {"run": replicate_run, "status": replicate_status, "cancel": replicate_cancel}.get(name)
+        handler = {"run": replicate_run, "wait": replicate_wait, "status": replicate_status,
+                   "cancel": replicate_cancel}.get(name)
         if handler is None:
             raise ConfigError(f"'charforge {name}' does not work with a Replicate model (no ComfyUI API there); "
-                              "use run, status or cancel")
+                              "use run, wait, status or cancel")
         return handler(args, settings, out)
 
     command.__doc__ = original.__doc__
@@ -77,38 +78,10 @@ def replicate_run(args: argparse.Namespace, settings: ReplicateSettings, out: An
                 out.note(f"warning: {warning}")
             prediction_id = await target.submit(graph, None)
             out.note(f"created prediction {prediction_id} on {settings.model} (if this command dies, follow it "
-                     f"with: charforge status --server {settings.server} {prediction_id})")
+                     f"with: charforge wait --server {settings.server} {prediction_id} --out {args.out})")
             if out.json:
                 out.record("submitted", prediction_id=prediction_id, model=settings.model, version=target.version)
-
-            def on_update(prediction: Any, lines: list[str]) -> None:
-                for line in lines[-20:]:
-                    out.note(f"  {line}")
-                if prediction.status in ("starting", "processing") and not lines:
-                    out.note(f"prediction {prediction.id}: {prediction.status}")
-
-            result = await target.wait(prediction_id, args.timeout, on_update=on_update)
-            downloads = [] if args.no_download else await target.download(result, args.out)
-            times = target.job_times(prediction_id)
-            cost = target.job_cost(prediction_id)
-            manifest_path = None
-            if not args.no_download:
-                manifest = build_manifest(result, downloads, out_dir=args.out, server=settings.server,
-                                          workflow_source=str(args.workflow), wall_seconds=time.monotonic() - started,
-                                          warnings=target.warnings)
-                manifest["replicate"] = {"prediction_id": prediction_id, "model": settings.model,
-                                         "version": target.version, **times, "cost_usd": cost,
-                                         "price_per_second": target.price_per_second}
-                manifest_path = write_manifest(args.out, manifest, secrets=settings.secrets())
-            ran = times["execution_seconds"]
-            lines = [f"done: prediction {prediction_id}, ran {ran or 0:.1f} s"
-                     + (f", about ${cost:.4f}" if cost is not None else "")]
-            lines += [f"  {d.path}" for d in downloads]
-            if not args.no_download and not downloads:
-                lines.append("  (the model returned no files)")
-            out.result("\n".join(lines), prediction_id=prediction_id, files=[str(d.path) for d in downloads],
-                       cost_usd=cost, manifest=str(manifest_path) if manifest_path else None, **times)
-            return 0
+            return await _follow(target, prediction_id, args, out, started, str(args.workflow))
         except (KeyboardInterrupt, asyncio.CancelledError, JobTimeout):
             if prediction_id is not None:
                 with contextlib.suppress(DriverError):
@@ -121,6 +94,61 @@ def replicate_run(args: argparse.Namespace, settings: ReplicateSettings, out: An
         return asyncio.run(main())
     except KeyboardInterrupt:
         return 130
+
+
+def replicate_wait(args: argparse.Namespace, settings: ReplicateSettings, out: Any) -> int:
+    """``charforge wait --server replicate:... PREDICTION_ID``: follow a prediction made elsewhere and download
+    its files (nothing is canceled when this command stops: the prediction is not ours to stop)."""
+    from ..replicate import ReplicateTarget
+
+    target = ReplicateTarget(settings)
+
+    async def main() -> int:
+        try:
+            return await _follow(target, args.prompt_id, args, out, time.monotonic(), None)
+        finally:
+            await target.close()
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _follow(target: Any, prediction_id: str, args: argparse.Namespace, out: Any, started: float,
+                  workflow_source: str | None) -> int:
+    """Wait for the prediction (status and log lines as notes), download its files with the manifest."""
+    settings = target.settings
+
+    def on_update(prediction: Any, lines: list[str]) -> None:
+        for line in lines[-20:]:
+            out.note(f"  {line}")
+        if prediction.status in ("starting", "processing") and not lines:
+            out.note(f"prediction {prediction.id}: {prediction.status}")
+
+    result = await target.wait(prediction_id, args.timeout, on_update=on_update)
+    prediction_id = result.prompt_id
+    downloads = [] if args.no_download else await target.download(result, args.out)
+    times = target.job_times(prediction_id)
+    cost = target.job_cost(prediction_id)
+    manifest_path = None
+    if not args.no_download:
+        manifest = build_manifest(result, downloads, out_dir=args.out, server=settings.server,
+                                  workflow_source=workflow_source, wall_seconds=time.monotonic() - started,
+                                  warnings=target.warnings)
+        manifest["replicate"] = {"prediction_id": prediction_id, "model": settings.model,
+                                 "version": target.version, **times, "cost_usd": cost,
+                                 "price_per_second": target.price_per_second}
+        manifest_path = write_manifest(args.out, manifest, secrets=settings.secrets())
+    ran = times["execution_seconds"]
+    lines = [f"done: prediction {prediction_id}, ran {ran or 0:.1f} s"
+             + (f", about ${cost:.4f}" if cost is not None else "")]
+    lines += [f"  {d.path}" for d in downloads]
+    if not args.no_download and not downloads:
+        lines.append("  (the model returned no files)")
+    out.result("\n".join(lines), prediction_id=prediction_id, files=[str(d.path) for d in downloads],
+               cost_usd=cost, manifest=str(manifest_path) if manifest_path else None, **times)
+    return 0
 
 
 def replicate_status(args: argparse.Namespace, settings: ReplicateSettings, out: Any) -> int:

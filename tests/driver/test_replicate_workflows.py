@@ -224,8 +224,16 @@ def test_token_is_never_shown(replicate: FakeReplicate, tmp_path: Path, monkeypa
     monkeypatch.setenv("REPLICATE_API_TOKEN", "r8_wrong_token_value_1234")
     code, out, err = cli("run", str(wf), "--profile", "rep", "--out", str(tmp_path / "o"))
     assert code == 3 and "REPLICATE_API_TOKEN" in err and "r8_wrong_token_value_1234" not in out + err
+
+    async def open_with_a_wrong_token() -> None:
+        t = target(replicate)
+        try:
+            await t.open()
+        finally:
+            await t.close()
+
     with pytest.raises(AuthenticationError):
-        asyncio.run(target(replicate).open())
+        asyncio.run(open_with_a_wrong_token())
 
 
 def test_execution_error_and_timeout_types_from_the_target(replicate: FakeReplicate) -> None:
@@ -262,3 +270,24 @@ def test_prefer_wait_returns_a_finished_prediction_from_create(replicate: FakeRe
             await t.close()
 
     asyncio.run(run())
+
+
+def test_wait_follows_a_prediction_made_elsewhere(replicate: FakeReplicate, tmp_path: Path) -> None:
+    replicate.knobs.start_delay = 0.2
+
+    async def create() -> str:
+        t = target(replicate)
+        try:
+            await t.open()
+            return await t.submit(await t.prepare(JobSpec(image_workflow(prefix="later"))), None)
+        finally:
+            await t.close()
+
+    prediction_id = asyncio.run(create())
+    out_dir = tmp_path / "out"
+    code, out, err = cli("wait", "--server", f"replicate:{MODEL}", prediction_id, "--out", str(out_dir), "--json")
+    assert code == 0, err
+    result = json.loads(out.splitlines()[-1])
+    assert result["prediction_id"] == prediction_id and result["files"] == [str(out_dir / "later_00001_.png")]
+    assert json.loads((out_dir / "manifest.json").read_text())["replicate"]["prediction_id"] == prediction_id
+    assert cli("validate", str(tmp_path), "--server", f"replicate:{MODEL}")[0] == 2   # no ComfyUI API there
