@@ -4,7 +4,8 @@ The bucket is the one closest to the photo's shape (or the square one). The crop
 rectangle of the bucket's shape inside the photo; with a face box it is moved so the face is centred
 horizontally and has `headroom` (a share of the crop's height) above the top of the face box, then
 clamped to the photo. Photos smaller than their bucket go to a smaller size of the same shape unless
-`upscale` is on. Results are written to ``<dataset>/crops-<settings key>/<id>.<format>`` and become the
+`upscale` is on, or an upscale model is given: then the crop is enlarged with the model (tiled, see
+``engine.synth.upscale``) instead of a plain resize, and the entry records by how much. Results are written to ``<dataset>/crops-<settings key>/<id>.<format>`` and become the
 entries' working files; the source photos are only read.
 """
 
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from .buckets import BUCKET_SETS, bucket_list, closest_bucket, fit_without_upscale, square_bucket
 from .images import read_rgb, resize, write_rgb
@@ -79,12 +82,19 @@ def target_size(entry: ImageEntry, settings: CropSettings) -> tuple[int, int]:
     return closest_bucket(entry.width, entry.height, bucket_list(settings.bucket_set))
 
 
-def crop_entry(entry: ImageEntry, settings: CropSettings, folder: Path) -> dict:
-    """Crop, resize and write one entry; returns the fields to update (or an "error")."""
+# One upscale at a time: the model's activations, not the worker count, bound the memory of this stage.
+_upscale_lock = threading.Lock()
+
+
+def crop_entry(entry: ImageEntry, settings: CropSettings, folder: Path, upscaler: Any = None) -> dict:
+    """Crop, resize and write one entry; returns the fields to update (or an "error").
+
+    `upscaler` (an ``engine.synth.ImageModel``) enlarges crops smaller than their bucket."""
     bucket = target_size(entry, settings)
     # The final size first (a smaller photo keeps its own size), then the crop of exactly that shape,
     # so the resize never stretches.
-    size = bucket if settings.upscale else fit_without_upscale(bucket, entry.width, entry.height)
+    enlarge = settings.upscale or upscaler is not None
+    size = bucket if enlarge else fit_without_upscale(bucket, entry.width, entry.height)
     face = entry.faces.box if (settings.mode == "face" and entry.faces and entry.faces.box) else None
     box = plan_crop(entry.width, entry.height, size, face, settings.headroom)
     crop_w, crop_h = box[2] - box[0], box[3] - box[1]
@@ -98,12 +108,24 @@ def crop_entry(entry: ImageEntry, settings: CropSettings, folder: Path) -> dict:
     fy = rgb.shape[0] / entry.height
     x1, y1 = int(round(box[0] * fx)), int(round(box[1] * fy))
     x2, y2 = max(x1 + 1, int(round(box[2] * fx))), max(y1 + 1, int(round(box[3] * fy)))
-    resized = resize(rgb[y1:y2, x1:x2], size)
-    path = write_rgb(folder / f"{entry.id}.{settings.format}", resized)
+    region = rgb[y1:y2, x1:x2]
+    factor = max(size[0] / region.shape[1], size[1] / region.shape[0])
     notes = [] if face or settings.mode == "centre" else ["no face box: centre crop"]
+    upscaled = None
+    if upscaler is not None and factor > 1.0:
+        from ..synth.upscale import upscale_to
+
+        with _upscale_lock:
+            resized = upscale_to(upscaler, region, size)
+        upscaled = round(factor, 2)
+        notes.append(f"upscaled {upscaled:g}x with {upscaler.name} ({region.shape[1]}x{region.shape[0]} -> "
+                     f"{size[0]}x{size[1]})")
+    else:
+        resized = resize(region, size)
+    path = write_rgb(folder / f"{entry.id}.{settings.format}", resized)
     if size != bucket:
         notes.append(f"smaller than its bucket {bucket[0]}x{bucket[1]}: kept at {size[0]}x{size[1]}")
-    return {"file": path, "bucket": list(size), "crop_box": list(box), "notes": notes}
+    return {"file": path, "bucket": list(size), "crop_box": list(box), "notes": notes, "upscaled": upscaled}
 
 
 def _move_face(entry: ImageEntry, box: list[int], size: list[int]) -> None:
@@ -120,12 +142,18 @@ def _move_face(entry: ImageEntry, box: list[int], size: list[int]) -> None:
 
 
 def crop_dataset(manifest: DatasetManifest, settings: CropSettings | None = None, workers: int = 0,
-                 on_image: ProgressFn | None = None) -> DatasetManifest:
-    """A new manifest whose accepted entries point at their cropped, bucket-sized working files."""
+                 on_image: ProgressFn | None = None, upscaler: Any = None) -> DatasetManifest:
+    """A new manifest whose accepted entries point at their cropped, bucket-sized working files.
+
+    With `upscaler` (an ``engine.synth.ImageModel``), crops smaller than their bucket are enlarged to it
+    with the model; those entries get ``upscaled`` (the factor) and a note naming the model.
+    """
     settings = settings or CropSettings()
     settings.validate()
     out = manifest.copy()
-    folder = Path(out.folder) / f"crops-{settings.key()}"
+    key = settings.key() if upscaler is None else hashlib.sha256(
+        f"{settings.key()}:{upscaler.name}".encode()).hexdigest()[:8]
+    folder = Path(out.folder) / f"crops-{key}"
     folder.mkdir(parents=True, exist_ok=True)
     todo = [entry for entry in out.entries if entry.accepted]
     total = len(todo)
@@ -134,7 +162,7 @@ def crop_dataset(manifest: DatasetManifest, settings: CropSettings | None = None
         if on_image is not None:
             on_image(index + 1, total)
 
-    for entry, result in zip(todo, ordered_map(lambda e: crop_entry(e, settings, folder), todo, workers, report),
+    for entry, result in zip(todo, ordered_map(lambda e: crop_entry(e, settings, folder, upscaler), todo, workers, report),
                              strict=True):
         if "error" in result:
             entry.reject(result["error"])
@@ -144,6 +172,7 @@ def crop_dataset(manifest: DatasetManifest, settings: CropSettings | None = None
         entry.width, entry.height = result["bucket"]
         entry.bucket = result["bucket"]
         entry.crop_box = result["crop_box"]
+        entry.upscaled = result["upscaled"]
         for note in result["notes"]:
             entry.flag(note)
     buckets: dict[str, int] = {}
@@ -152,5 +181,9 @@ def crop_dataset(manifest: DatasetManifest, settings: CropSettings | None = None
             key = f"{entry.bucket[0]}x{entry.bucket[1]}"
             buckets[key] = buckets.get(key, 0) + 1
     histogram = ", ".join(f"{k}: {v}" for k, v in sorted(buckets.items()))
-    out.record("crop", asdict(settings), f"{len(todo)} image(s) cropped into {folder.name} ({histogram})")
+    upscaled = [entry for entry in todo if entry.upscaled]
+    summary = f"{len(todo)} image(s) cropped into {folder.name} ({histogram})"
+    if upscaler is not None:
+        summary += f"; {len(upscaled)} upscaled with {upscaler.name}"
+    out.record("crop", {**asdict(settings), "upscaler": upscaler.name if upscaler is not None else None}, summary)
     return out

@@ -63,6 +63,9 @@ class ImageEntry:
     crop_box: list[int] | None = None  # [x1, y1, x2, y2] of the source that Crop kept
     augmentations: list[str] = field(default_factory=list)
     parent: str | None = None  # id of the entry an augmented copy was made from
+    synthetic: bool = False  # made by the synthesis stage (face swap), not a photo of the character
+    synthesized_from: str | None = None  # the source image a synthetic entry's face was swapped onto
+    upscaled: float | None = None  # enlarged this many times by an upscale model (Crop), else None
     flags: list[str] = field(default_factory=list)  # notes that do not reject ("alpha composited on white")
     rejected: list[str] = field(default_factory=list)  # reasons; empty means accepted
 

@@ -82,6 +82,14 @@ def build_report(manifest: DatasetManifest, trigger: str = "") -> dict[str, Any]
             "in_captions": sum(_has_trigger(e.caption, trigger) for e in captioned) if trigger else None,
             "missing_from": [e.name for e in captioned if trigger and not _has_trigger(e.caption, trigger)],
         },
+        "synthetic": {
+            "accepted": sum(1 for e in accepted if e.synthetic),
+            "rejected": sum(1 for e in manifest.rejected if e.synthetic),
+            "share": round(sum(1 for e in accepted if e.synthetic) / len(accepted), 3) if accepted else 0.0,
+            "images": [{"name": e.name, "status": _status(e), "source": e.synthesized_from}
+                       for e in manifest.entries if e.synthetic],
+        },
+        "upscaled": [{"name": e.name, "factor": e.upscaled} for e in manifest.entries if e.upscaled],
         "train_data_dir": manifest.export_dir,
         "history": [asdict(h) for h in manifest.history],
         "images": [{
@@ -89,6 +97,7 @@ def build_report(manifest: DatasetManifest, trigger: str = "") -> dict[str, Any]
             "source": e.source, "file": e.file, "size": [e.width, e.height], "bucket": e.bucket,
             "scores": asdict(e.scores), "faces": asdict(e.faces) if e.faces else None,
             "duplicate_group": e.duplicate_group, "augmentations": e.augmentations, "caption": e.caption,
+            "synthetic": e.synthetic, "synthesized_from": e.synthesized_from, "upscaled": e.upscaled,
         } for e in manifest.entries],
     }
     return data
@@ -193,6 +202,10 @@ def _scores_line(entry: ImageEntry) -> str:
         parts.append(f"faces {entry.faces.count}")
     if entry.scores.identity_distance is not None:
         parts.append(f"id {entry.scores.identity_distance:.2f}")
+    if entry.upscaled:
+        parts.append(f"upscaled {entry.upscaled:g}x")
+    if entry.synthetic and entry.rejected:
+        parts.append("synthetic")
     return "  ".join(parts)
 
 
@@ -221,6 +234,8 @@ def _draw_cell(sheet, draw, entry: ImageEntry, thumb, ratio: float, x: int, y: i
         text_colour = RED
     else:
         label = "accepted" if not entry.parent else "augmented: " + ", ".join(entry.augmentations)
+        if entry.synthetic:
+            label = f"synthetic, from {Path(entry.synthesized_from or '?').name}"
         lines = [_fit_text(draw, label, font, width)]
         text_colour = GREEN if not entry.parent else GREY
     for i, line in enumerate(lines):
@@ -297,7 +312,8 @@ def _html(data: dict[str, Any], sheets: list[str]) -> str:
         f"<td>{e('; '.join(img['reasons']))}</td><td>{e(str(img['size'][0]))}x{e(str(img['size'][1]))}</td>"
         f"<td>{'' if img['scores']['sharpness'] is None else round(img['scores']['sharpness'], 1)}</td>"
         f"<td>{'' if img['faces'] is None else img['faces']['count']}</td>"
-        f"<td>{e(str(img['bucket'] or ''))}</td><td>{e(img['caption'] or '')}</td></tr>"
+        f"<td>{e(str(img['bucket'] or ''))}</td><td>{e(img['caption'] or '')}</td>"
+        f"<td>{e(Path(img['synthesized_from']).name) if img['synthetic'] else ''}</td></tr>"
         for img in data["images"])
     images = "".join(f"<p><img src='{e(name)}' alt='contact sheet {i + 1}'></p>" for i, name in enumerate(sheets))
     return f"""<!doctype html>
@@ -312,11 +328,15 @@ tr.augmented td{{color:#666}} img{{max-width:100%}}</style></head><body>
 <h2>Why photos were rejected</h2>{table(list(data['rejection_reasons'].items()), ('reason', 'photos'))}
 <h2>Buckets</h2>{table(list(data['buckets'].items()), ('bucket', 'photos'))}
 <h2>Duplicate groups</h2><ul>{groups}</ul>
+<h2>Synthetic and upscaled images</h2><p>{data['synthetic']['accepted']} accepted synthetic image(s)
+({data['synthetic']['share']:.0%} of the accepted), {data['synthetic']['rejected']} rejected.</p>
+{table([(s['name'], f"{s['status']}, from {s['source']}") for s in data['synthetic']['images']], ('synthetic', 'source'))}
+{table([(u['name'], f"{u['factor']:g}x") for u in data['upscaled']], ('upscaled', 'by'))}
 <h2>Captions</h2><p>{data['captions']['with_caption']} of {counts['accepted']} accepted photos have a caption
 (coverage {data['captions']['coverage']:.0%}); {e(trigger_text)}.</p>
 <h2>Contact sheets</h2>{images}
 <h2>Every photo</h2><table><tr><th>id</th><th>file</th><th>status</th><th>reasons</th><th>size</th>
-<th>sharpness</th><th>faces</th><th>bucket</th><th>caption</th></tr>{rows}</table>
+<th>sharpness</th><th>faces</th><th>bucket</th><th>caption</th><th>synthetic from</th></tr>{rows}</table>
 </body></html>
 """
 
