@@ -1,0 +1,150 @@
+"""``charforge tune SEARCH.yaml``: hyperparameter search for a character LoRA (see ``recipes/tune``), and the
+servers of its pool. ``charforge lora bench`` is registered by the lora group (recipes/cli/library.py) through
+:func:`register_lora_bench`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+TUNE_EPILOG = """\
+Each trial trains a LoRA with the Train LoRA node of the search file's workflow (its settings from the search
+space), renders the evaluation scenes x seeds with it, and scores them here: identity (ArcFace), text agreement
+(CLIP), diversity, distances to the reference photos (CLIP-feature MMD, KID). Optuna picks the next settings
+(TPE, or NSGA-II for several objectives); with pruning, training runs in segments and hopeless trials stop early.
+One trial runs per server at a time; a trial stays on its server.
+
+The study is kept in OUT/study.db: run the same command again to resume - finished trials are never run again,
+trials left running continue where their batch folders stopped.
+
+Output (--out DIR): report.html with report/*.png (Pareto front, parameter importances, score over trials, the
+best trials' images), trials.json, best.yaml, trials/NNNN/ (batch folders, evaluation grid). The best LoRA is
+copied into --loras-dir (default: $CHARFORGE_MODELS_DIR/loras or $COMFYUI_DIR/models/loras) with a character
+preset '<character>_tuned' pointing at it; existing files are never replaced.
+
+exit codes: 0 the search ended (budget spent or every trial done) with at least one finished trial; 1 no trial
+could be scored; 2 usage error; 3 no server reachable; 130 interrupted (rerun to resume).
+"""
+
+
+def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
+    """Add ``charforge tune``."""
+    del server, output
+    tune = sub.add_parser("tune", help="search LoRA training settings with Optuna, scored trials across servers",
+                          description="Hyperparameter search for a character LoRA: train, render and score trials "
+                                      "on a pool of ComfyUI servers, keep the best.",
+                          epilog=TUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tune.add_argument("search", type=Path, help="the search file (YAML: character, workflow, space, budget, ...)")
+    tune.add_argument("--out", type=Path, required=True, metavar="DIR", help="search folder (created or resumed)")
+    _pool_options(tune)
+    tune.add_argument("--trials", type=int, metavar="N", help="trial budget (overrides budget.trials)")
+    tune.add_argument("--hours", type=float, metavar="H", help="time budget (overrides budget.hours)")
+    tune.add_argument("--dollars", type=float, metavar="USD", help="cost budget (overrides budget.dollars)")
+    tune.add_argument("--timeout", type=float, metavar="S", help="wall-clock limit per job (training segment or "
+                                                                  "render)")
+    tune.add_argument("--loras-dir", type=Path, metavar="DIR", help="where the best LoRA is copied")
+    tune.add_argument("--characters-dir", type=Path, metavar="DIR",
+                      help="where its character preset is written (default: the characters folder)")
+    tune.add_argument("--no-report", action="store_true", help="skip report.html, best.yaml and the LoRA copy")
+    tune.add_argument("--json", action="store_true", help="newline-delimited JSON on stdout")
+    tune.set_defaults(func=cmd_tune)
+
+
+def _pool_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", action="append", default=[], metavar="URL",
+                   help="a ComfyUI server of the pool (repeatable), or runpod-pod:ID")
+    p.add_argument("--profile", action="append", default=[], metavar="NAME",
+                   help="a config-file profile of the pool (repeatable)")
+    p.add_argument("--config", type=Path, metavar="FILE", help="config file for --profile")
+    p.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
+
+
+def pool_servers(args: argparse.Namespace, out: Any) -> list[Any]:
+    """The pool as :class:`~charforge.recipes.tune.trials.PoolServer` s: ComfyUI URLs and profiles, RunPod pods.
+
+    Stateless backends (RunPod serverless, Replicate) are refused: a trial's LoRA must stay on the server that
+    trained it for its evaluation renders.
+    """
+    import dataclasses
+
+    from charforge.driver.batch import ComfyTarget
+    from charforge.driver.config import resolve_replicate, resolve_runpod, resolve_server
+    from charforge.driver.errors import UsageError
+
+    from ..tune.trials import PoolServer
+
+    named = [(url, None) for url in args.server] + [(None, name) for name in args.profile]
+    if not named:
+        raise UsageError("name the servers of the pool: --server URL and/or --profile NAME (repeatable)")
+    servers = []
+    for server, profile in named:
+        label = server or f"profile {profile}"
+        if resolve_replicate(server, profile=profile, config_path=args.config) is not None:
+            raise UsageError(f"{label}: Replicate runs each job in a fresh machine, so a trial's LoRA would not be "
+                             "there for its evaluation; use ComfyUI servers or RunPod pods for charforge tune")
+        pod = resolve_runpod(server, profile=profile, config_path=args.config)
+        if pod is not None:
+            if pod.kind != "pod":
+                raise UsageError(f"{label}: a serverless endpoint keeps no files between jobs; use a RunPod pod")
+            from charforge.driver.cli.runpod import batch_target
+
+            out.secrets = [*out.secrets, *pod.secrets()]
+            pod_args = argparse.Namespace(config=args.config, window=1, no_preflight=False)
+
+            def make_pod(server=server, profile=profile, pod_args=pod_args) -> Any:
+                return batch_target(server, profile, pod_args, out)
+
+            servers.append(PoolServer(label, make_pod, None))
+            continue
+        config = resolve_server(server, profile=profile, config_path=args.config)
+        if args.insecure:
+            config = dataclasses.replace(config, verify_tls=False)
+        out.secrets = [*out.secrets, *config.secrets()]
+        for warning in config.warnings:
+            out.note(f"warning: {warning}")
+
+        def make(config=config) -> Any:
+            return ComfyTarget(config, capacity=1)
+
+        servers.append(PoolServer(config.url, make, config))
+    return servers
+
+
+def cmd_tune(args: argparse.Namespace, out: Any) -> int:
+    from ..tune.search import Tuner
+    from ..tune.spec import load_spec
+
+    spec = load_spec(args.search)
+    if args.trials is not None:
+        spec.budget.trials = max(1, args.trials)
+    if args.hours is not None:
+        spec.budget.hours = args.hours
+    if args.dollars is not None:
+        spec.budget.dollars = args.dollars
+    tuner = Tuner(spec, pool_servers(args, out), args.out, timeout=args.timeout, note=out.note,
+                  loras_dir=args.loras_dir, characters_dir=args.characters_dir, report=not args.no_report)
+    result = tuner.run()
+    lines = [f"search {spec.name}: {result.trials} trial(s) finished ({result.complete} complete, {result.pruned} "
+             f"pruned, {result.failed} failed); {result.stopped}"]
+    best = None
+    if result.complete:
+        from ..tune.report import best_trial
+
+        best = best_trial(result.study, spec)
+    if best is not None:
+        settings = ", ".join(f"{k}={v}" for k, v in (best.user_attrs.get("settings") or {}).items())
+        lines.append(f"best: trial {best.number} ({settings}); "
+                     + ", ".join(f"{m} {v:.4f}" for m, v in zip(spec.objectives, best.values, strict=True)))
+    for label, value in (("report", result.report), ("best settings", result.best_yaml),
+                         ("best LoRA", result.best_lora), ("preset", result.preset)):
+        if value:
+            lines.append(f"{label}: {value}")
+    lines += [f"note: {n}" for n in result.notes]
+    out.result("\n".join(lines), trials=result.trials, complete=result.complete, pruned=result.pruned,
+               failed=result.failed, stopped=result.stopped, best_trial=best.number if best else None,
+               best_settings=best.user_attrs.get("settings") if best else None,
+               best_values=list(best.values) if best else None, report=str(result.report) if result.report else None,
+               best_yaml=str(result.best_yaml) if result.best_yaml else None,
+               best_lora=str(result.best_lora) if result.best_lora else None, preset=result.preset)
+    return 0 if result.complete else 1
