@@ -31,14 +31,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
+
+from charforge.common.transfer import load_model_manifest
 
 from ..driver.client import ComfyClient
+from ..driver.client.http import is_loopback
 from ..driver.config import resolve_server
 from ..driver.errors import ConfigError, DriverError, ServerUnavailable
 from ..driver.local import DEFAULT_LOCAL_URL, LocalComfyUI, find_python, probe
 from ..driver.progress import JobView, make_renderer
 from ..driver.workflow.preflight import nodes_to_run
-from .remote import RemoteFiles
+from .remote import RemoteFiles, ensure_models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO_ROOT / "workflows" / "api"
@@ -797,6 +801,12 @@ def run_pipeline(opts: PipelineOptions, say: Say, stderr: IO[str] | None = None)
                 raise PipelineError(f"the ComfyUI at {server.url} has no CharForge nodes; install the pack into it: "
                                     "python install.py --comfyui /path/to/ComfyUI"
                                     + (f" (log: {server.local.log_path})" if server.local else ""))
+            if opts.models_manifest is not None:  # before anything is queued: missing models are named
+                ensure_models(client, load_model_manifest(opts.models_manifest), opts.provision)
+            remote = None
+            if opts.remote or not is_loopback(urlsplit(server.url).netloc):
+                remote = RemoteFiles(client, opts.out, say)
+                say(f"remote server {server.url}: photos go up, results come home (mirror: {remote.mirror})")
             models = choose_models(client, server, opts, say)
             if models.tiny:
                 say(TINY_WARNING)
@@ -806,11 +816,12 @@ def run_pipeline(opts: PipelineOptions, say: Say, stderr: IO[str] | None = None)
             if state.get("settings") and state["settings"] != settings:
                 say("the settings differ from the previous run in this folder: running every stage again")
                 state = {}
-            state.update(settings=settings, tiny=models.tiny, server=server.url)
+            state.update(settings=settings, tiny=models.tiny, server=server.url, remote=remote is not None)
             write_out_readme(opts.out, state)
             stages = state.setdefault("stages", {})
             runner = Runner(client, opts, say, stderr)
             runner.server = server  # type: ignore[attr-defined]
+            runner.remote = remote
             for number, stage in enumerate(STAGES, 1):
                 title = f"[{number}/{len(STAGES)}] {STAGE_TITLES[stage]}"
                 if stages.get(stage, {}).get("done"):

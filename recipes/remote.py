@@ -81,10 +81,11 @@ class RemoteFiles:
     def fetch_lora(self, name: str, target_dir: Path) -> dict[str, Any]:
         return call(self.client, download_lora, name, target_dir)
 
-    def ensure_models(self, entries: list[ModelEntry], provision: bool) -> None:
-        """Refuse to go on when the manifest's models are missing (naming them); with `provision`, let the
-        server download those with a URL first."""
-        if provision:
-            call(self.client, provision_models, entries)
-        else:
-            require_models(call(self.client, check_models, entries), self.client.url)
+
+def ensure_models(client: ComfyClient, entries: list[ModelEntry], provision: bool) -> None:
+    """Refuse to go on when the manifest's models are missing on the server, naming them; with `provision`,
+    the server first downloads those with a URL (resumed, checked by sha256 there)."""
+    if provision:
+        call(client, provision_models, entries)
+    else:
+        require_models(call(client, check_models, entries), client.url)
