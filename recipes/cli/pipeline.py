@@ -15,7 +15,11 @@ $COMFYUI_DIR with OUT/comfyui as its base directory, else one installed with com
 
 Models: real ones when the server has an SD1.5/SDXL checkpoint; otherwise tiny random models of the real
 architectures are written into OUT/comfyui/models and the run says plainly that its results are noise.
-Finished stages are recorded in OUT/pipeline_state.json and skipped when the command runs again."""
+Finished stages are recorded in OUT/pipeline_state.json and skipped when the command runs again.
+
+Remote (a RunPod pod's URL, any ComfyUI not on this machine, or --remote): the photo folder is uploaded to the
+server (only what changed), every stage runs there, and the dataset folders, reports, LoRA and training run
+folder come home into OUT, checked by sha256 (docs/remote.md)."""
 
 
 def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
@@ -36,6 +40,12 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
     p.add_argument("--port", type=int, metavar="PORT", help="port of a ComfyUI the pipeline starts (default: free)")
     p.add_argument("--no-install", action="store_true", help="never install ComfyUI with comfy-cli")
     p.add_argument("--progress", choices=["auto", "rich", "plain"], default="auto")
+    p.add_argument("--remote", action="store_true",
+                   help="reach the server only over HTTP (on by itself for a server not on this machine)")
+    p.add_argument("--models", type=Path, metavar="MANIFEST", dest="models_manifest",
+                   help="model manifest (YAML/JSON) checked against the server before anything is queued")
+    p.add_argument("--provision", action="store_true",
+                   help="let the server download the manifest's missing models from their URLs first")
     p.set_defaults(func=cmd_pipeline)
 
 
@@ -43,7 +53,8 @@ def cmd_pipeline(args: argparse.Namespace, out: Any) -> int:
     opts = PipelineOptions(photos=args.photos, out=args.out, character=args.character, trigger=args.trigger,
                            class_tokens=args.class_tokens, face_check=not args.no_face_check, server=args.server,
                            base_model=args.base_model, tiny=args.tiny, candidates=args.candidates, port=args.port,
-                           install=not args.no_install, progress="plain" if out.json else args.progress)
+                           install=not args.no_install, progress="plain" if out.json else args.progress,
+                           remote=args.remote, models_manifest=args.models_manifest, provision=args.provision)
     state = run_pipeline(opts, out.note, stderr=out.stderr)
     lines = summary_lines(state, opts.out)
     lines.insert(1, f"pipeline finished in {state.get('seconds', 0):.0f} s; everything is under {opts.out}")
