@@ -35,6 +35,7 @@ OPTIONAL: tuple[OptionalDependency, ...] = (
     OptionalDependency("onnxruntime", "onnxruntime", "WD14 tagging and face identity scoring"),
     OptionalDependency("insightface", "insightface", "face identity scoring (ArcFace) and face crops"),
     OptionalDependency("av", "av", "saving MP4 / WebM video"),
+    OptionalDependency("spandrel", "spandrel", "face restoration and model upscaling (dataset synthesis, crop)"),
     OptionalDependency("mtcnn", "mtcnn",
                        "the fallback face detector of dataset analysis (used when no InsightFace pack is installed)"),
 )

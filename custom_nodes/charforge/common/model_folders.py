@@ -32,6 +32,7 @@ PACK_MODEL_FOLDERS: tuple[ModelFolder, ...] = (
     ModelFolder("LLM", frozenset({".json", ".safetensors", ".bin"}), "captioners as Hugging Face folders (Florence-2, BLIP)"),
     ModelFolder("blip", frozenset({".json", ".safetensors", ".bin"}), "BLIP / BLIP-2 captioners as Hugging Face folders"),
     ModelFolder("frame_interpolation", PT_EXTENSIONS, "frame interpolation checkpoints (RIFE, FILM)"),
+    ModelFolder("facerestore_models", PT_EXTENSIONS, "face restoration models (GFPGAN, CodeFormer, RestoreFormer)"),
     ModelFolder("charforge", frozenset({".json", ".yaml", ".yml", ".safetensors"}), "CharForge identities and characters"),
 )
 
