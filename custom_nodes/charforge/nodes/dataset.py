@@ -450,7 +450,8 @@ class CropDataset:
         "Crops every accepted photo to the resolution bucket closest to its shape (SDXL: ~1 megapixel buckets, "
         "SD1.5: ~512x512 ones, 64-pixel steps) or to a square, keeping the face centred with some headroom above "
         "it (or a centre crop), and resizes it. Photos smaller than their bucket keep their size unless upscale "
-        "is on. Writes to the dataset folder; the originals are untouched."
+        "is on, or an upscale model is connected: then they are enlarged to their bucket with it (tiled), and the "
+        "report says which and by how much. Writes to the dataset folder; the originals are untouched."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = (DATASET, "STRING")
@@ -482,15 +483,28 @@ class CropDataset:
                                                       "times slower to write and 3 times larger."}),
                 "workers": _workers_input(),
             },
+            "optional": {
+                "upscale_model": ("UPSCALE_MODEL", {
+                    "tooltip": "From ComfyUI's Load Upscale Model (models/upscale_models: ESRGAN, Real-ESRGAN, "
+                               "SwinIR, ...). Photos smaller than their bucket are enlarged with it, tiled, instead "
+                               "of a plain resize."}),
+            },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
 
-    def crop(self, dataset, buckets, mode, headroom, square, upscale, format, workers, node_id=None):
+    def crop(self, dataset, buckets, mode, headroom, square, upscale, format, workers, upscale_model=None,
+             node_id=None):
         from ..engine.dataset import CropSettings, crop_dataset
 
         settings = CropSettings(bucket_set=buckets, mode=mode, headroom=headroom, square=square, upscale=upscale,
                                 format=format)
-        manifest = crop_dataset(dataset, settings, workers=workers, on_image=_stage_progress(node_id, "crop dataset"))
+        upscaler = None
+        if upscale_model is not None:
+            from ..engine.synth import wrap_descriptor
+
+            upscaler = wrap_descriptor(upscale_model, f"{upscale_model.architecture.id} x{upscale_model.scale}")
+        manifest = crop_dataset(dataset, settings, workers=workers, on_image=_stage_progress(node_id, "crop dataset"),
+                                upscaler=upscaler)
         summary = manifest.history[-1].summary
         text = _finish(manifest, "crop", {}, summary)
         return {"ui": {"text": [text]}, "result": (manifest, summary)}
