@@ -1,21 +1,13 @@
-"""``charforge train DATASET --backend replicate:OWNER/MODEL``: train a LoRA on a hosted Replicate trainer.
-
-The driver does the remote part (:func:`charforge.driver.replicate.training.run_training`: dataset zip, trainer
-inputs, follow, download, extract the LoRA). This command adds what needs the LoRA library: it checks that the
-file loads the way CharForge's LoRA Info reads it (key layout, modules, finite weights, base family), copies it
-into the loras folder given, and writes a character preset for it, so a Replicate-trained LoRA joins the same
-library as local ones. Local training runs inside ComfyUI (the Train LoRA workflows, ``charforge pipeline``).
+"""``charforge train DATASET --backend replicate:OWNER/MODEL``: train a LoRA on a hosted Replicate trainer, check
+it with LoRA Info and add it to the library with a character preset (``recipes/train.py``). Local training runs
+inside ComfyUI (the Train LoRA workflows, ``charforge pipeline``).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import shutil
 from pathlib import Path
 from typing import Any
-
-EXIT_BAD_LORA = 1
 
 
 def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
@@ -61,31 +53,12 @@ def _extra_inputs(items: list[str]) -> dict[str, Any]:
     return extra
 
 
-def check_lora(path: Path, base_model: str | None) -> tuple[Any, list[str]]:
-    """CharForge's LoRA Info on the file, and the problems that make it unusable (empty list: it loads)."""
-    from charforge.engine.library.inspect import inspect_lora
-
-    try:
-        info = inspect_lora(path)
-    except (OSError, ValueError) as exc:
-        return None, [f"not a LoRA CharForge can read: {exc}"]
-    problems = []
-    if info.modules == 0:
-        problems.append("it holds no LoRA modules")
-    problems += [n for n in info.notes if "NaN" in n or "Inf" in n or "non-finite" in n]
-    family = info.base_model
-    if base_model in ("sd15", "sdxl") and family != base_model:
-        problems.append(f"it is for {family}, not {base_model}")
-    if base_model == "flux" and family in ("sd15", "sdxl"):
-        problems.append(f"it is for {family}, not flux")
-    return info, problems
-
-
 def cmd_train(args: argparse.Namespace, out: Any) -> int:
     from charforge.driver.config import resolve_replicate
     from charforge.driver.errors import ConfigError
-    from charforge.driver.replicate.training import TrainingParams, run_training
-    from charforge.engine.library.characters import save_training_character
+    from charforge.driver.replicate.training import TrainingParams
+
+    from ..train import train_remote
 
     settings = resolve_replicate(args.backend, profile=args.profile, config_path=args.config)
     if settings is None:
@@ -101,30 +74,20 @@ def cmd_train(args: argparse.Namespace, out: Any) -> int:
         for line in lines[-20:]:
             out.note(f"  {line}")
 
-    outcome = asyncio.run(run_training(settings, args.dataset, args.destination, params, args.out,
-                                       timeout=args.timeout, on_update=on_update))
-    info, problems = check_lora(outcome.lora, args.base_model)
-    if problems:
-        out.error(RuntimeError(f"training {outcome.training.id} finished, but {outcome.lora} cannot be used: "
-                               + "; ".join(problems)), EXIT_BAD_LORA)
-        return EXIT_BAD_LORA
-    lora = outcome.lora
-    if args.loras_dir is not None:
-        args.loras_dir.mkdir(parents=True, exist_ok=True)
-        lora = Path(shutil.copy2(outcome.lora, args.loras_dir / outcome.lora.name))
-    family = info.base_model if info.base_model in ("sd15", "sdxl") else ""
-    preset = save_training_character(args.name or args.trigger_word, lora.name, args.trigger_word,
-                                     base_model=family, folder=args.characters_dir)
-    lines = [f"trained {lora.name} on {settings.model} (training {outcome.training.id}, "
+    trained = train_remote(settings, args.dataset, args.destination, params, args.out, name=args.name,
+                           base_model=args.base_model, loras_dir=args.loras_dir, characters_dir=args.characters_dir,
+                           timeout=args.timeout, on_update=on_update)
+    outcome, info = trained.outcome, trained.info
+    lines = [f"trained {trained.lora.name} on {settings.model} (training {outcome.training.id}, "
              f"{outcome.images} images, {outcome.captions} captions)",
              f"  ran {outcome.predict_time or 0:.0f} s" + (f", about ${outcome.cost_usd:.4f}"
                                                              if outcome.cost_usd is not None else ""),
-             f"  LoRA: {lora} ({info.format}, {info.modules} modules, base {info.base_model})",
-             f"  new version: {outcome.new_version or '-'}", f"  {preset}"]
-    if not family:
+             f"  LoRA: {trained.lora} ({info.format}, {info.modules} modules, base {info.base_model})",
+             f"  new version: {outcome.new_version or '-'}", f"  {trained.preset}"]
+    if not trained.base_model:
         lines.append("  note: CharForge's library checks SD1.5/SDXL shapes; this LoRA's base was not verified "
                      "(use it with workflows for its own base model)")
-    out.result("\n".join(lines), training_id=outcome.training.id, lora=str(lora), format=info.format,
+    out.result("\n".join(lines), training_id=outcome.training.id, lora=str(trained.lora), format=info.format,
                base_model=info.base_model, modules=info.modules, new_version=outcome.new_version,
-               predict_time=outcome.predict_time, cost_usd=outcome.cost_usd, character=preset)
+               predict_time=outcome.predict_time, cost_usd=outcome.cost_usd, character=trained.preset)
     return 0

@@ -136,3 +136,21 @@ def test_archive_inputs_and_lora_extraction(tmp_path: Path) -> None:
         archive.writestr("b.safetensors", lora)
     with pytest.raises(ProtocolError, match="cannot tell which"):
         extract_lora(zip_path, tmp_path / "d.safetensors")
+
+
+def test_a_lora_with_nan_weights_or_no_lora_keys_is_refused(tmp_path: Path) -> None:
+    from charforge.recipes.train import check_lora
+
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(fake_lora("sdxl", 4, "tok"))
+    info, problems = check_lora(good, "sdxl")
+    assert problems == [] and info.format == "kohya" and info.base_model == "sdxl"
+    assert check_lora(good, "sd15")[1] == ["it is for sdxl, not sd15"]
+    nan = tmp_path / "nan.safetensors"
+    nan.write_bytes(fake_lora("sdxl", 4, "tok").replace(b"\x00\x00" * 8, b"\x00\x7e" * 8, 1))
+    _, problems = check_lora(nan, None)
+    assert len(problems) == 1 and "NaN" in problems[0]
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(fake_lora("sdxl", 4, "tok").replace(b"lora_unet_down_blocks", b"model.diffusion_xxxxx"))
+    _, problems = check_lora(other, None)
+    assert problems and "not a LoRA CharForge can read" in problems[0]
