@@ -35,3 +35,10 @@ CUSTOM_TYPES.update({
                              "and motion LoRAs with strengths, runtime options); the engine keeps the loaded "
                              "pipeline: charforge.engine.video.VideoModelSpec.",
 })
+
+# Synthesis stage (nodes/synth.py)
+CUSTOM_TYPES.update({
+    "CHARFORGE_FACE_SWAPPER": "A loaded InsightFace face swapper (inswapper_128.onnx): charforge.engine.synth.FaceSwapper.",
+    "CHARFORGE_FACE_RESTORER": "A loaded face-restoration model (GFPGAN, CodeFormer, RestoreFormer) through spandrel: "
+                               "charforge.engine.synth.ImageModel.",
+})

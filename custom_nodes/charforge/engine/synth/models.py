@@ -94,9 +94,14 @@ class ImageModel:
 
 
 def load_image_model(path: str, name: str | None = None, device: str | None = None) -> ImageModel:
-    """Load any image model spandrel recognises from `path`; raises `UnsupportedModelFile` saying why not."""
+    """Load any image model spandrel recognises from `path` onto `device` (default: the best one there is);
+    raises `UnsupportedModelFile` saying why not."""
     spandrel = require("spandrel")
     registry = _registry_with_extras()
+    if device is None:
+        from ..models.devices import best_device
+
+        device = best_device()
     try:
         descriptor = spandrel.ModelLoader(device=device, registry=registry).load_from_file(path)
     except spandrel.UnsupportedModelError as exc:
