@@ -237,13 +237,16 @@ class S3Storage:
                           Key=key, UploadId=upload_id, PartNumber=number, Body=data)
 
     def upload_tree(self, folder: str | Path, location: S3Location,
-                    on_file: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-        """Upload every file under `folder` (hidden ones left out) below `location`, keeping the layout."""
+                    on_file: Callable[[dict[str, Any]], None] | None = None,
+                    exclude: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+        """Upload every file under `folder` (hidden ones and top-level folders named in `exclude` left out)
+        below `location`, keeping the layout."""
         folder = Path(folder)
         entries = []
         for path in sorted(folder.rglob("*")):
             rel = path.relative_to(folder).as_posix()
-            if not path.is_file() or any(part.startswith(".") for part in rel.split("/")):
+            if not path.is_file() or any(part.startswith(".") for part in rel.split("/")) or \
+                    rel.split("/")[0] in exclude or path.name.endswith(".part"):
                 continue
             entry = self.upload_file(path, location, rel)
             entries.append(entry)

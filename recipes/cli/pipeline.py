@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ folder come home into OUT, checked by sha256 (docs/remote.md)."""
 def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
     p = sub.add_parser("pipeline", parents=[server], help="run the end-to-end character pipeline on a photo folder",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("photos", type=Path, help="folder of photos (or drawings) of one character")
+    p.add_argument("photos", help="folder of photos (or drawings) of one character, or s3://bucket/prefix")
     p.add_argument("--out", type=Path, default=Path("out"), metavar="DIR", help="where everything goes (default: ./out)")
     p.add_argument("--character", default="my_character", metavar="NAME",
                    help="the character's name: dataset, LoRA and identity file names (default: my_character)")
@@ -46,11 +47,33 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
                    help="model manifest (YAML/JSON) checked against the server before anything is queued")
     p.add_argument("--provision", action="store_true",
                    help="let the server download the manifest's missing models from their URLs first")
+    p.add_argument("--upload-to", metavar="s3://BUCKET/PREFIX",
+                   help="copy OUT (without comfyui/ and server/) to S3-compatible storage when the run is done; "
+                        "credentials: the usual AWS variables or profile")
+    p.add_argument("--s3-endpoint", metavar="URL",
+                   help="S3-compatible endpoint (R2, MinIO, RunPod volumes; default: AWS or $AWS_ENDPOINT_URL)")
     p.set_defaults(func=cmd_pipeline)
 
 
+def _storage(args: argparse.Namespace) -> Any:
+    from ...driver.storage import S3Storage
+
+    return S3Storage(endpoint_url=args.s3_endpoint)
+
+
 def cmd_pipeline(args: argparse.Namespace, out: Any) -> int:
-    opts = PipelineOptions(photos=args.photos, out=args.out, character=args.character, trigger=args.trigger,
+    from charforge.common.transfer import UPLOAD_TYPES
+
+    from ...driver.storage import S3Location, is_s3
+
+    target = S3Location.parse(args.upload_to) if args.upload_to else None  # a wrong location fails first
+    photos = Path(args.photos)
+    if is_s3(args.photos):
+        photos = Path(args.out) / "photos"
+        got = _storage(args).download_tree(S3Location.parse(args.photos), photos, suffixes=UPLOAD_TYPES)
+        out.note(f"photos from {args.photos}: {sum(e['downloaded'] for e in got)} downloaded, "
+                 f"{len(got)} in {photos}")
+    opts = PipelineOptions(photos=photos, out=args.out, character=args.character, trigger=args.trigger,
                            class_tokens=args.class_tokens, face_check=not args.no_face_check, server=args.server,
                            base_model=args.base_model, tiny=args.tiny, candidates=args.candidates, port=args.port,
                            install=not args.no_install, progress="plain" if out.json else args.progress,
@@ -58,5 +81,11 @@ def cmd_pipeline(args: argparse.Namespace, out: Any) -> int:
     state = run_pipeline(opts, out.note, stderr=out.stderr)
     lines = summary_lines(state, opts.out)
     lines.insert(1, f"pipeline finished in {state.get('seconds', 0):.0f} s; everything is under {opts.out}")
+    if target is not None:
+        entries = _storage(args).upload_tree(opts.out, target, exclude=frozenset({"comfyui", "server"}))
+        (opts.out / "s3_manifest.json").write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
+        sent = [e for e in entries if e["uploaded"]]
+        lines.append(f"  uploaded to {target}: {len(sent)} file(s) sent, {len(entries) - len(sent)} already there "
+                     f"(list: {opts.out / 's3_manifest.json'})")
     out.result("\n".join(lines), out=str(opts.out), tiny=state.get("tiny"), stages=state.get("stages"))
     return 0

@@ -138,3 +138,39 @@ def test_bad_locations_refused(url):
 
     with pytest.raises(UsageError):
         S3Location.parse(url)
+
+
+def test_pipeline_photos_from_s3_and_results_up(storage, tmp_path, monkeypatch, capsys):
+    """``charforge pipeline s3://... --upload-to s3://...``: the photos come down, OUT goes up (not comfyui/ or
+    the server mirror), the list of what was sent lands in OUT; no credential in any output."""
+
+    from charforge.driver.storage import S3Location
+    from charforge.recipes import pipeline
+    from charforge.recipes.cli import main
+    from charforge.recipes.cli import pipeline as command
+
+    photos = _folder(tmp_path / "photos")
+    storage.upload_tree(tmp_path / "photos", S3Location.parse(f"s3://{storage.bucket}/in"))
+    seen = {}
+
+    def fake_run(opts, say, stderr=None):
+        seen["photos"] = sorted(p.relative_to(opts.photos).as_posix() for p in opts.photos.rglob("*") if p.is_file())
+        for name in ("lora/pip.safetensors", "comfyui/models/big.bin", "server/datasets/x.png"):
+            (opts.out / name).parent.mkdir(parents=True, exist_ok=True)
+            (opts.out / name).write_bytes(b"x")
+        return {"stages": {}, "seconds": 1}
+
+    monkeypatch.setattr(command, "run_pipeline", fake_run)
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
+    endpoint = storage.client.meta.endpoint_url
+    code = main(["pipeline", f"s3://{storage.bucket}/in", "--out", str(tmp_path / "out"), "--s3-endpoint", endpoint,
+                 "--upload-to", f"s3://{storage.bucket}/results/run1"])
+    assert code == 0
+    assert seen["photos"] == sorted(photos)
+    keys = sorted(o["Key"] for o in storage.client.list_objects_v2(Bucket=storage.bucket,
+                                                                   Prefix="results/").get("Contents", []))
+    assert "results/run1/lora/pip.safetensors" in keys
+    assert not [k for k in keys if k.startswith(("results/run1/comfyui", "results/run1/server"))]
+    captured = capsys.readouterr()
+    for text in (captured.out, captured.err, (tmp_path / "out" / "s3_manifest.json").read_text()):
+        assert SECRET_KEY not in text and ACCESS_KEY not in text
