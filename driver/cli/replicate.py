@@ -23,7 +23,17 @@ Command = Callable[[argparse.Namespace, Any], int]
 
 
 def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
-    """Route Replicate server strings of run/wait/status/cancel (the other commands need a ComfyUI server)."""
+    """Add ``charforge replicate predictions`` and route Replicate server strings of run/wait/status/cancel (the
+    other commands need a ComfyUI server)."""
+    replicate = sub.add_parser("replicate", help="Replicate: recent predictions (what runs and bills)",
+                               description="Look at your Replicate account. Needs REPLICATE_API_TOKEN (or "
+                                           "replicate.token_env in the config file).")
+    rep = replicate.add_subparsers(dest="replicate_command", metavar="REPLICATE_COMMAND", required=True)
+    predictions = rep.add_parser("predictions", parents=[server],
+                                 help="recent predictions, newest first: status, run time, CharForge job id")
+    predictions.add_argument("--limit", type=int, default=20, help="how many (default: 20)")
+    predictions.add_argument("--model", metavar="OWNER/NAME", help="only this model's")
+    predictions.set_defaults(func=cmd_predictions)
     for name in ("run", "wait", "status", "cancel", "validate"):
         parser = sub.choices.get(name)
         if parser is not None and parser.get_default("func") is not None:
@@ -190,6 +200,42 @@ def replicate_cancel(args: argparse.Namespace, settings: ReplicateSettings, out:
             "not_active": "already finished (or unknown)"}[outcome]
     out.result(f"prediction {args.prompt_id}: {text}", prediction_id=args.prompt_id, outcome=outcome)
     return 0 if outcome != "not_active" else 1
+
+
+def cmd_predictions(args: argparse.Namespace, out: Any) -> int:
+    """List recent predictions with the CharForge job id each carries (after a crash: what is still running)."""
+    from ..replicate import ReplicateAPI, workflow_tag
+
+    config = getattr(args, "config", None)
+    # Only the token and the API address matter here: any model name resolves them.
+    settings = resolve_replicate(args.server, profile=args.profile, config_path=config) \
+        or resolve_replicate("replicate:any/model", config_path=config)
+    assert settings is not None
+    out.secrets = [*out.secrets, *settings.secrets()]
+
+    async def main() -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        url = None
+        async with ReplicateAPI(settings.token, base_url=settings.api_url) as api:
+            while len(rows) < args.limit:
+                page, url = await api.list_page("predictions", url)
+                rows += [r for r in page if not args.model or r.get("model") == args.model]
+                if url is None:
+                    break
+        return rows[:args.limit]
+
+    rows = asyncio.run(main())
+    table = []
+    for row in rows:
+        ran = (row.get("metrics") or {}).get("predict_time")
+        table.append({"id": row.get("id"), "model": row.get("model"), "status": row.get("status"),
+                      "created_at": row.get("created_at"), "predict_time": ran,
+                      "charforge_job": workflow_tag(row.get("input"))})
+    lines = [f"{r['id']}  {r['status']:<10}  {r['model']}  {r['created_at']}"
+             + (f"  ran {r['predict_time']:.1f} s" if isinstance(r["predict_time"], (int, float)) else "")
+             + (f"  job {r['charforge_job']}" if r["charforge_job"] else "") for r in table]
+    out.result("\n".join(lines) or "no predictions", predictions=table)
+    return 0
 
 
 def batch_target(server: str | None, profile: str | None, args: argparse.Namespace, out: Any) -> Any | None:

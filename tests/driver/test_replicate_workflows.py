@@ -291,3 +291,23 @@ def test_wait_follows_a_prediction_made_elsewhere(replicate: FakeReplicate, tmp_
     assert result["prediction_id"] == prediction_id and result["files"] == [str(out_dir / "later_00001_.png")]
     assert json.loads((out_dir / "manifest.json").read_text())["replicate"]["prediction_id"] == prediction_id
     assert cli("validate", str(tmp_path), "--server", f"replicate:{MODEL}")[0] == 2   # no ComfyUI API there
+
+
+def test_predictions_command_lists_recent_ones_with_their_job_ids(replicate: FakeReplicate) -> None:
+    async def create() -> str:
+        t = target(replicate)
+        try:
+            await t.open()
+            return await t.submit(await t.prepare(JobSpec(image_workflow(prefix="listed"))),
+                                  "11111111-2222-4333-8444-555555555555")
+        finally:
+            await t.close()
+
+    prediction_id = asyncio.run(create())
+    code, out, err = cli("replicate", "predictions", "--json")
+    assert code == 0, err
+    (row,) = json.loads(out.splitlines()[-1])["predictions"]
+    assert row["id"] == prediction_id and row["charforge_job"] == "11111111-2222-4333-8444-555555555555"
+    code, out, _ = cli("replicate", "predictions", "--model", "someone/else")
+    assert code == 0 and out.strip() == "no predictions"
+    assert replicate.token not in out
