@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "charforge.driver.cli.replicate",
     "charforge.recipes.cli.train",
     "charforge.recipes.cli.library",
+    "charforge.recipes.cli.dataset",
     "charforge.recipes.cli.tune",
     "charforge.recipes.cli.pipeline",
 )
