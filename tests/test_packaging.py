@@ -252,7 +252,7 @@ print(sorted(m for m in sys.modules if m.startswith(("charforge.engine", "charfo
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     listed, heavy = result.stdout.splitlines()
     assert listed == str(["run", "wait", "validate", "status", "cancel", "convert", "batch", "story", "runpod",
-                          "replicate", "train", "lora", "character", "tune", "pipeline"])
+                          "replicate", "train", "lora", "character", "dataset", "tune", "pipeline"])
     assert heavy == "[]"
 
 
