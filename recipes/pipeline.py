@@ -41,6 +41,7 @@ from ..driver.config import resolve_server
 from ..driver.errors import ConfigError, DriverError, ServerUnavailable
 from ..driver.local import DEFAULT_LOCAL_URL, LocalComfyUI, find_python, probe
 from ..driver.progress import JobView, make_renderer
+from ..driver.sync import call, provision_tiny
 from ..driver.workflow.preflight import nodes_to_run
 from .remote import RemoteFiles, ensure_models
 
@@ -303,6 +304,16 @@ def checkpoint_arch(server: Server, checkpoint: str) -> str:
     return "sdxl" if re.search(r"xl", checkpoint, re.IGNORECASE) else "sd15"
 
 
+def _tiny_listed(info: dict[str, Any], part: str) -> bool:
+    """Whether the server's choices already hold the tiny model `part` (engine/tiny.py names)."""
+    from charforge.engine import tiny
+
+    where = {"sd15": ("CheckpointLoaderSimple", "ckpt_name", tiny.CHECKPOINT),
+             "motion": ("CharForgeLoadVideoModel", "motion_module", tiny.MOTION_MODULE),
+             "clip": ("CharForgeLoadClip", "model", tiny.CLIP_FOLDER)}.get(part)
+    return where is not None and where[2] in _choices(info, where[0], where[1])
+
+
 def choose_models(client: ComfyClient, server: Server, opts: PipelineOptions, say: Say) -> Models:
     """Real models where the server has them; tiny ones (written into our base directory) where it has none."""
     from charforge.engine import tiny
@@ -315,16 +326,25 @@ def choose_models(client: ComfyClient, server: Server, opts: PipelineOptions, sa
     notes: list[str] = []
     if use_tiny:
         need += ["sd15", "motion"]
-    if server.base_dir is not None and not _has_tagger(server):  # another server: its Caption node says what is missing
+    # A server we did not start says itself what is missing (its Caption node), except in the demo: the tiny
+    # tagger is written there with the other tiny models.
+    local_without_tagger = server.base_dir is not None and not _has_tagger(server)
+    if local_without_tagger or (server.base_dir is None and use_tiny):
         need.append("tagger")
     clips = [c for c in _choices(info, "CharForgeLoadClip", "model") if not c.startswith(tiny.TINY_PREFIX)]
     if not clips:
         need.append("clip")
-    if need:
-        if server.base_dir is None:
-            raise PipelineError(f"the server {server.url} lacks {', '.join(need)} models and the pipeline cannot add "
-                                "any to a server it did not start: install them, or let the pipeline start its own "
-                                "ComfyUI (set COMFYUI_DIR, do not pass --server)")
+    if need and server.base_dir is None:  # a server reached over HTTP: it writes the tiny models itself
+        missing = [part for part in need if not _tiny_listed(info, part)]
+        if missing:
+            say(f"writing tiny random models ({', '.join(missing)}) on {server.url} - a minute or two")
+            try:
+                call(client, provision_tiny, missing)
+            except DriverError as exc:
+                raise PipelineError(f"the server {server.url} lacks {', '.join(missing)} models and could not write "
+                                    f"the tiny ones ({exc}): install them, or update CharForge on it") from None
+            info = client.object_info(refresh=True)
+    elif need:
         fresh = [part for part in need if part not in tiny.written_parts(server.base_dir / "models")]
         if fresh:
             say("writing tiny random models (" + ", ".join(fresh) + ") into " + str(server.base_dir / "models")
