@@ -113,3 +113,23 @@ async def provision_models(client: AsyncComfyClient, entries: list[ModelEntry], 
     final = await check_models(client, entries)
     require_models(final, client.url)
     return final
+
+
+async def provision_tiny(client: AsyncComfyClient, parts: list[str], *, poll: float = 1.0,
+                         timeout: float = 1800.0) -> None:
+    """Have the server write CharForge's tiny random demo models (the demo on a rented GPU, as it runs
+    locally); returns once they are there, raises :class:`DriverError` with the server's reason otherwise."""
+    await request_json(client, "POST", path("models", "tiny"), json_body={"parts": parts}, ok=(202,))
+    key = "tiny/" + ",".join(sorted(parts))
+    deadline = time.monotonic() + timeout
+    while True:
+        _, states = await request_json(client, "GET", path("models", "downloads"))
+        state = (states.get("downloads") or {}).get(key) or {}
+        if state.get("state") == "done":
+            return
+        if state.get("state") == "failed":
+            raise DriverError(client._redact(f"{client.url} could not write the tiny models: {state.get('error')}"))
+        if time.monotonic() > deadline:
+            raise JobTimeout(f"writing the tiny models on {client.url} did not finish within {timeout:g} s",
+                             prompt_id="", seconds=timeout)
+        await asyncio.sleep(poll)

@@ -89,3 +89,22 @@ def test_manifest_entries_are_checked():
         parse_model_manifest([{"name": "x.safetensors", "kind": "loras", "url": "file:///etc/passwd"}])
     entry = parse_model_manifest([{"name": "x.safetensors", "kind": "loras", "repo": "a/b", "file": "x.safetensors"}])[0]
     assert entry.source_url() == "https://huggingface.co/a/b/resolve/main/x.safetensors"
+
+
+def test_tiny_demo_models_written_by_the_server(server, monkeypatch):
+    from charforge.driver.errors import DriverError
+    from charforge.driver.sync import provision_tiny
+    from charforge.engine import tiny
+
+    written = []
+
+    def fake_write(models_dir, parts, say=None):
+        written.append((str(models_dir), list(parts)))
+        if "clip" in parts:
+            raise OSError("disk full")
+
+    monkeypatch.setattr(tiny, "write_tiny_models", fake_write)
+    _run(server.url, lambda c: provision_tiny(c, ["sd15", "motion"], poll=0.05))
+    assert written == [(str(server.root / "models"), ["sd15", "motion"])]
+    with pytest.raises(DriverError, match="disk full"):
+        _run(server.url, lambda c: provision_tiny(c, ["clip"], poll=0.05))

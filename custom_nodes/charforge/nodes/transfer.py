@@ -12,6 +12,8 @@ place. The work is done by ``engine/transfer``; these handlers only translate HT
     GET  /charforge/transfer/models/loras/files/{name}         a LoRA file (the trained LoRA comes home)
     POST /charforge/transfer/models/download                   {"models": [manifest entry, ...]}: fetch here
     GET  /charforge/transfer/models/downloads                  what those downloads are doing
+    POST /charforge/transfer/models/tiny                       {"parts": [...]}: write the tiny demo models
+                                                               here (engine/tiny.py); followed like a download
 
 Uploads land in ``<input>/charforge/<dataset>/`` only; files are served from ``<output>/charforge`` and the
 loras folders only. Names follow the rules of ComfyUI's ``/view``: relative, no ``..``, no absolute paths,
@@ -327,6 +329,39 @@ async def download_handler(request):
     return _json({"started": started}, 202)
 
 
+def _write_tiny(parts: list[str], key: str) -> None:
+    from ..engine import tiny
+
+    try:
+        models_dir = bridge.first_model_folder("checkpoints").parent
+        tiny.write_tiny_models(models_dir, parts=parts, say=lambda text: log.info("CharForge:%s", text))
+        _downloads[key].update(state="done", finished=time.time())
+    except Exception as exc:  # noqa: BLE001 - reported to the driver that asked
+        _downloads[key].update(state="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
+        log.warning("CharForge: writing the tiny models failed: %s", exc)
+
+
+async def tiny_handler(request):
+    """Write the tiny random demo models into this server's models folder (``--tiny`` on a remote server)."""
+    from ..engine import tiny
+
+    try:
+        body = await request.json()
+    except ValueError:
+        body = {}
+    parts = body.get("parts") if isinstance(body, dict) else None
+    parts = list(tiny.PARTS) if parts is None else parts
+    if not isinstance(parts, list) or any(p not in tiny.PARTS for p in parts):
+        return _error(400, f"parts must be a list of {', '.join(tiny.PARTS)}")
+    key = "tiny/" + ",".join(sorted(parts))
+    with _downloads_lock:
+        if (_downloads.get(key) or {}).get("state") == "downloading":
+            return _json({"started": []}, 202)
+        _downloads[key] = {"name": key, "kind": "tiny", "state": "downloading", "started": time.time()}
+    threading.Thread(target=_write_tiny, args=(parts, key), name="charforge-tiny", daemon=True).start()
+    return _json({"started": [key]}, 202)
+
+
 async def downloads_handler(request):
     with _downloads_lock:
         return _json({"downloads": {key: dict(value) for key, value in _downloads.items()}})
@@ -343,6 +378,7 @@ ROUTES = (
     ("GET", "/charforge/transfer/models/loras/files/{name:.+}", lora_file_handler),
     ("POST", "/charforge/transfer/models/download", download_handler),
     ("GET", "/charforge/transfer/models/downloads", downloads_handler),
+    ("POST", "/charforge/transfer/models/tiny", tiny_handler),
 )
 
 
