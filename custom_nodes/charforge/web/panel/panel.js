@@ -176,19 +176,20 @@ export function createPanel(root, { app, api }) {
     }
     const facts = [run.arch, run.base_model, run.trigger_word && `trigger “${run.trigger_word}”`,
       run.rank && `rank ${run.rank}`, run.dataset_images && `${run.dataset_images} images`].filter(Boolean);
-    const samples = run.samples.slice().reverse().map((group) => h("div", { class: "cf-sample-row", "data-step": group.step },
+    // One column per sampled step, oldest first, each seed's image in the same row: checkpoints side by side.
+    const samples = run.samples.map((group) => h("div", { class: "cf-sample-row", "data-step": group.step },
       h("div", { class: "cf-muted" }, `step ${group.step}`),
-      h("div", { class: "cf-samples" }, group.files.map((path) => h("img", {
+      group.files.map((path) => h("img", {
         class: "cf-sample", src: file(path), loading: "lazy", alt: `${run.name} step ${group.step}`,
         onclick: () => openDialog(`${run.name}: step ${group.step}`, h("img", { class: "cf-full", src: file(path) })),
-      })))));
+      }))));
     return h("div", { class: "cf-details", "data-run": run.name },
       h("div", { class: "cf-row" }, h("b", {}, run.name), h("span", { class: "cf-actions" }, actions)),
       facts.length ? h("div", { class: "cf-muted" }, facts.join(" · ")) : "",
       run.error ? h("div", { class: "cf-error" }, run.error) : "",
       h("canvas", { class: "cf-chart", "data-cf-chart": run.name }),
       samples.length ? h("div", { class: "cf-section" }, "Samples") : "",
-      samples,
+      samples.length ? h("div", { class: "cf-samples" }, samples) : "",
       run.checkpoints.length ? h("div", { class: "cf-section" }, "Checkpoints") : "",
       run.checkpoints.map((c) => h("div", { class: "cf-muted" }, c.file.split("/").pop())));
   }

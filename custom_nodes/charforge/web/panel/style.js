@@ -33,7 +33,8 @@ export const STYLE = `
 .charforge-panel .cf-danger { border-color: #a33; }
 .charforge-panel .cf-chart { width: 100%; height: 150px; }
 .charforge-panel .cf-section { font-weight: 600; margin-top: 4px; }
-.charforge-panel .cf-samples { display: flex; gap: 4px; flex-wrap: wrap; }
+.charforge-panel .cf-samples { display: flex; gap: 6px; overflow-x: auto; padding-bottom: 4px; }
+.charforge-panel .cf-sample-row { display: flex; flex-direction: column; gap: 4px; flex: none; }
 .charforge-panel .cf-sample { width: 72px; height: 72px; object-fit: cover; border-radius: 4px; cursor: zoom-in;
   image-rendering: pixelated; }
 .charforge-panel .cf-sheet { width: 100%; border-radius: 4px; cursor: zoom-in; margin-top: 4px; }
