@@ -33,7 +33,7 @@ from ..config import ReplicateSettings
 from ..errors import ExecutionError, Interrupted, JobTimeout, ProtocolError, ServerError, UsageError
 from ..secrets import mask
 from .api import CreateOutcomeUnknown, Prediction, ReplicateAPI
-from .workflows import new_log_lines, output_urls, price_per_second
+from .workflows import new_log_lines, output_urls, price_per_second, require_token
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 #: CharForge's setting -> the input name of the ostris-style Flux LoRA trainers on Replicate
@@ -161,6 +161,7 @@ async def run_training(settings: ReplicateSettings, dataset: Path, destination: 
     A lost answer to the create request is resolved by listing recent trainings for our uploaded archive's URL,
     never by creating a second training. ``timeout`` cancels the training (:class:`JobTimeout`).
     """
+    require_token(settings)
     own = api is None
     api = api or ReplicateAPI(settings.token, base_url=settings.api_url)
     options = dict(settings.options.get("training") or {})

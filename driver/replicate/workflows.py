@@ -37,6 +37,7 @@ from charforge.common.retry import Backoff
 from ..client.models import JobResult, Timings
 from ..config import ReplicateSettings, Secret
 from ..errors import (
+    ConfigError,
     ExecutionError,
     Interrupted,
     JobLost,
@@ -224,6 +225,7 @@ class ReplicateTarget:
     async def open(self) -> None:
         """Check the token and the model, pin the version (the latest one unless the server string names one)
         and load the node definitions the profile points at."""
+        require_token(self.settings)
         if self.version is None:
             self.version = await self.api.latest_version(self.settings.model)
         else:
@@ -420,6 +422,13 @@ class ReplicateTarget:
         if prediction.created_at is not None and prediction.started_at is not None:
             queued = max(0.0, prediction.started_at - prediction.created_at)
         return {"queue_seconds": queued, "execution_seconds": prediction.predict_time}
+
+
+def require_token(settings: ReplicateSettings) -> None:
+    """Fail before any request when no token is configured (every Replicate call needs one)."""
+    if settings.token is None:
+        raise ConfigError("no Replicate API token: set REPLICATE_API_TOKEN (or replicate.token_env in the config "
+                          "file); create one on replicate.com under your account's API tokens")
 
 
 def _is_tag(prompt_id: str) -> bool:

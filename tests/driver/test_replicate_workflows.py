@@ -234,6 +234,9 @@ def test_token_is_never_shown(replicate: FakeReplicate, tmp_path: Path, monkeypa
 
     with pytest.raises(AuthenticationError):
         asyncio.run(open_with_a_wrong_token())
+    monkeypatch.delenv("REPLICATE_API_TOKEN")
+    code, _, err = cli("run", str(wf), "--profile", "rep", "--out", str(tmp_path / "o"))
+    assert code == 2 and "no Replicate API token" in err
 
 
 def test_execution_error_and_timeout_types_from_the_target(replicate: FakeReplicate) -> None:
