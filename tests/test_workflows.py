@@ -27,7 +27,7 @@ from charforge.driver.workflow.preflight import preflight
 WORKFLOWS = REPO_ROOT / "workflows"
 EXPECTED = {"dataset_prep", "caption_dataset", "build_identity", "score_best_of_n", "generate_best_of_n_clip",
             "train_lora_sd15", "train_lora_sdxl", "controlnet_lora", "video_animatediff", "character_lora",
-            "character_pipeline"}
+            "character_pipeline", "synthesize_dataset"}
 UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 

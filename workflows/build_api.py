@@ -39,6 +39,9 @@ MODEL_FILE_INPUTS = frozenset({
     ("CharForgeVideoLoRA", "lora_name"),
     ("CharForgeMotionLoRA", "motion_lora"),
     ("CharForgeLoadClip", "model"),
+    ("CharForgeLoadFaceSwapper", "swapper"),
+    ("CharForgeLoadFaceRestorer", "model"),
+    ("UpscaleModelLoader", "model_name"),
 })
 
 

@@ -341,5 +341,63 @@ def character_pipeline(new):
     return w
 
 
+def synthesize_dataset(new):
+    w = new("synthesize_dataset")
+    w.note(
+        "SYNTHESIZE DATASET - more photos from few: the character's face swapped onto source images, restored,\n"
+        "scored, then the usual dataset stages with small photos upscaled by a model.\n\n"
+        "SET BEFORE QUEUEING\n"
+        "- Build Identity > folder and Load Dataset > folder: your few photos of the character (absolute, or\n"
+        "  relative to ComfyUI's input folder); the same folder in both.\n"
+        "- Synthesize Dataset > sources: a folder of images to put the character into (poses, outfits,\n"
+        "  backgrounds). It is only read.\n"
+        "- threshold 0 uses the identity's suggested threshold; max_share caps the synthetic images (0.4: at most\n"
+        "  4 in 10 of the dataset), keeping the best-scoring.\n"
+        "- No restorer or no upscaler? Bypass Load Face Restorer / Load Upscale Model (Ctrl+B).\n\n"
+        "MODELS\n"
+        "insightface/models/buffalo_l (faces; the swapper expects buffalo_l identities), insightface/\n"
+        "inswapper_128.onnx (swap), facerestore_models/ (GFPGANv1.4.pth, RestoreFormer.pth; codeformer.pth needs\n"
+        "spandrel_extra_arches), upscale_models/ (any model ComfyUI's Load Upscale Model reads).\n\n"
+        "RESULT\n"
+        "output/charforge/datasets/<name>/: synthetic/ (the swaps), crops, the kohya export and report.html, where\n"
+        "synthetic images are marked with their source image and upscaled photos with the factor.")
+    w.group("1 - Character & models", "#3f789e")
+    faces = w.node("CharForgeLoadFaceModels", pack="buffalo_l")
+    identity = w.node("CharForgeBuildIdentity", name="my_character", folder="charforge/my_character")
+    swapper = w.node("CharForgeLoadFaceSwapper", swapper="inswapper_128.onnx")
+    restorer = w.node("CharForgeLoadFaceRestorer", model="GFPGANv1.4.pth")
+    w.link(faces, "face_models", identity, "face_models")
+    w.group("2 - Photos + swapped sources", "#8A8")
+    load = w.node("CharForgeLoadDataset", folder="charforge/my_character", name="my_character")
+    synth = w.node("CharForgeSynthesizeDataset", sources="charforge/sources", which="main", max_share=0.4,
+                   fidelity=0.5)
+    preview = w.node("PreviewImage", title="Accepted synthetic images", height=260)
+    w.link(load, "dataset", synth, "dataset")
+    w.link(faces, "face_models", synth, "face_models")
+    w.link(swapper, "swapper", synth, "swapper")
+    w.link(identity, "identity", synth, "identity")
+    w.link(restorer, "restorer", synth, "restorer")
+    w.link(synth, "synthetic", preview, "images")
+    w.group("3 - Dataset stages", "#b58b2a")
+    analyse = w.node("CharForgeAnalyseDataset", face_detector="auto")
+    filt = w.node("CharForgeFilterDataset", require_face=True)
+    dedup = w.node("CharForgeDeduplicateDataset")
+    upscaler = w.node("UpscaleModelLoader", model_name="4x-UltraSharp.pth")
+    crop = w.node("CharForgeCropDataset", buckets="sdxl", format="jpg")
+    w.link(synth, "dataset", analyse, "dataset")
+    w.link(analyse, "dataset", filt, "dataset")
+    w.link(filt, "dataset", dedup, "dataset")
+    w.link(dedup, "dataset", crop, "dataset")
+    w.link(upscaler, "UPSCALE_MODEL", crop, "upscale_model")
+    w.group("4 - Export & report", "#a1309b")
+    exp = w.node("CharForgeExportDataset", trigger="ohwx", class_tokens="person", repeats=10, export_name="kohya")
+    rep = w.node("CharForgeDatasetReport", trigger="ohwx")
+    sheet = w.node("PreviewImage", title="Contact sheet", height=260)
+    w.link(crop, "dataset", exp, "dataset")
+    w.link(exp, "dataset", rep, "dataset")
+    w.link(rep, "contact_sheet", sheet, "images")
+    return w
+
+
 BUILDERS = (caption_dataset, train_lora_sdxl, generate_best_of_n_clip, controlnet_lora, character_lora,
-            character_pipeline)
+            character_pipeline, synthesize_dataset)
