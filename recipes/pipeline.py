@@ -19,6 +19,7 @@ folder per stage, files flat, ``out/README.txt`` saying what each holds) is desc
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -37,10 +38,11 @@ from charforge.common.transfer import load_model_manifest
 
 from ..driver.client import ComfyClient
 from ..driver.client.http import is_loopback
-from ..driver.config import resolve_server
+from ..driver.config import RunPodSettings, resolve_runpod, resolve_server
 from ..driver.errors import ConfigError, DriverError, ServerUnavailable
 from ..driver.local import DEFAULT_LOCAL_URL, LocalComfyUI, find_python, probe
 from ..driver.progress import JobView, make_renderer
+from ..driver.runpod.pod import PodSession
 from ..driver.sync import call, provision_tiny
 from ..driver.workflow.preflight import nodes_to_run
 from .remote import RemoteFiles, ensure_models
@@ -105,6 +107,7 @@ class Server:
     base_dir: Path | None = None  # our base directory (models we may write into)
     comfy_dir: Path | None = None
     started_note: str = ""
+    pod: PodSession | None = None  # a RunPod pod brought up for this run (stopped/terminated per its profile)
 
 
 @dataclass
@@ -228,12 +231,51 @@ def start_own_server(comfy_dir: Path, out: Path, say: Say, port: int | None = No
     return Server(url, server, base, comfy_dir, f"started by the pipeline from {comfy_dir}")
 
 
+def _bring_up_pod(settings: RunPodSettings, opts: PipelineOptions, say: Say) -> Server:
+    """A RunPod pod for the run: created or started per the profile and waited for; the run is remote."""
+    if settings.kind != "pod":
+        raise ConfigError(f"{opts.server} is a serverless endpoint: it returns images only and has no file routes; "
+                          "run the pipeline on a pod (runpod-pod:ID, or a profile with runpod: {pod: ...})")
+    session = PodSession(settings, on_message=say)
+
+    async def start() -> str:
+        try:
+            return await session.start()
+        finally:
+            await session.close_api()  # the session is finished from another event loop
+
+    try:
+        url = asyncio.run(start())
+    except BaseException:
+        _finish_pod(session, say)
+        raise
+    opts.remote = True
+    return Server(url.rstrip("/"), pod=session, started_note=f"RunPod pod {session.pod_id}")
+
+
+def _finish_pod(session: PodSession, say: Say) -> dict[str, Any]:
+    """Stop, terminate or keep the pod (its profile's on_finish) and price its time."""
+    action = asyncio.run(session.finish())
+    seconds, cost = session.wall_seconds(), session.cost()
+    record = {"id": session.pod_id, "finish": action, "seconds": round(seconds or 0.0, 1),
+              "price_per_hour": session.price_per_hour, "cost_usd": None if cost is None else round(cost, 4)}
+    if cost is not None:
+        say(f"pod {session.pod_id}: {seconds:.0f} s at ${session.price_per_hour:.3f}/h = ${cost:.4f} "
+            f"(boot and idle included); {action}")
+    return record
+
+
 def acquire_server(opts: PipelineOptions, say: Say, env: dict[str, str] | None = None) -> Server:
     env = dict(os.environ if env is None else env)
     if opts.server:
-        if not probe(opts.server):
+        pod = resolve_runpod(opts.server)
+        if pod is not None:
+            return _bring_up_pod(pod, opts, say)
+        url = str(resolve_server(opts.server).url).rstrip("/")
+        # a server on this machine is probed here; a remote one (auth, proxies) answers the client's first call
+        if is_loopback(urlsplit(url).netloc) and not probe(url):
             raise ServerUnavailable(f"{opts.server} does not answer")
-        return Server(opts.server.rstrip("/"))
+        return Server(url)
     if probe(DEFAULT_LOCAL_URL):
         nodes, checkpoints = _charforge_ready(DEFAULT_LOCAL_URL)
         if nodes and (checkpoints or not env.get("COMFYUI_DIR")) and not opts.tiny:
@@ -763,6 +805,11 @@ def summary_lines(state: dict[str, Any], out: Path) -> list[str]:
     lines.append(f"  video          : {shown(v.get('video')) if v.get('video') else v.get('skipped', '-')}")
     lines.append(f"  state          : {shown(out / STATE_FILE)} (a rerun skips finished stages; delete it to "
                  "start over)")
+    pod = state.get("pod")
+    if pod:
+        cost = f"${pod['cost_usd']:.4f}" if pod.get("cost_usd") is not None else "price unknown"
+        lines.append(f"  RunPod pod     : {pod['id']}: {pod.get('seconds', 0):.0f} s, {cost} (boot and idle included); "
+                     f"{pod.get('finish')}")
     return lines
 
 
@@ -862,6 +909,8 @@ def run_pipeline(opts: PipelineOptions, say: Say, stderr: IO[str] | None = None)
         if server.local is not None:
             say("stopping the ComfyUI the pipeline started")
             server.local.stop()
+        if server.pod is not None:
+            state["pod"] = _finish_pod(server.pod, say)
     state["seconds"] = round(time.monotonic() - started, 1)
     save_state(opts.out, state)
     return state
