@@ -89,31 +89,41 @@ class Client(ComfyClient):
         return {"CharForgeTrainLoRA": {}}
 
 
-@pytest.fixture
-def remote_run(comfy_env, tmp_path, monkeypatch):
+def _stand_ins(monkeypatch, server: ServerSide) -> None:
+    """The ComfyUI side of each stage (ServerSide), a client whose server has CharForge, tiny models."""
+
+    class Runner(pipeline.Runner):
+        def run(self, prompt, out_dir, previews=None):
+            texts = server(prompt)
+            files = []
+            if out_dir is not None:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                files = [out_dir / "file.png"]
+                files[0].write_bytes(b"png")
+            return None, texts, files
+
+    monkeypatch.setattr(pipeline, "ComfyClient", Client)
+    monkeypatch.setattr(pipeline, "Runner", Runner)
+    monkeypatch.setattr(pipeline, "choose_models", lambda *a: pipeline.Models(
+        tiny=True, checkpoint="tiny.safetensors", train_base="[diffusers] tiny", arch="sd15", tagger="t",
+        clip="c", motion=None, faces=False))
+
+
+def _photos(tmp_path: Path) -> Path:
     photos = tmp_path / "photos"
     photos.mkdir()
     for name, color in (("pip_1.png", (200, 0, 0)), ("pip_2.png", (0, 200, 0))):
         (photos / name).write_bytes(png_bytes(8, 8, color))
+    return photos
+
+
+@pytest.fixture
+def remote_run(comfy_env, tmp_path, monkeypatch):
+    photos = _photos(tmp_path)
     with transfer_server(comfy_env) as fake:
         server = ServerSide(fake)
-
-        class Runner(pipeline.Runner):
-            def run(self, prompt, out_dir, previews=None):
-                texts = server(prompt)
-                files = []
-                if out_dir is not None:
-                    out_dir.mkdir(parents=True, exist_ok=True)
-                    files = [out_dir / "file.png"]
-                    files[0].write_bytes(b"png")
-                return None, texts, files
-
+        _stand_ins(monkeypatch, server)
         monkeypatch.setattr(pipeline, "acquire_server", lambda opts, say: pipeline.Server(fake.url))
-        monkeypatch.setattr(pipeline, "ComfyClient", Client)
-        monkeypatch.setattr(pipeline, "Runner", Runner)
-        monkeypatch.setattr(pipeline, "choose_models", lambda *a: pipeline.Models(
-            tiny=True, checkpoint="tiny.safetensors", train_base="[diffusers] tiny", arch="sd15", tagger="t",
-            clip="c", motion=None, faces=False))
 
         def run(said=None):
             opts = pipeline.PipelineOptions(photos=photos, out=tmp_path / "out", character="pip", trigger="zqx",
@@ -155,3 +165,32 @@ def test_a_fresh_state_sends_and_downloads_only_what_changed(remote_run):
     assert not [r for r in fake.requests if r.method == "PUT"]  # photos unchanged: nothing sent
     fetched = [r.path for r in fake.requests if "/outputs/files/" in r.path or "/loras/files/" in r.path]
     assert fetched == []  # every file at home already has the server's checksum
+
+
+def test_on_a_runpod_pod_started_for_the_run_and_stopped_after(comfy_env, tmp_path, monkeypatch):
+    """--server PROFILE naming a stopped pod: started, waited for, the whole run through its proxy (uploads in
+    chunks, downloads), then stopped per on_finish with its time and cost in the state and the summary."""
+    from fakes.runpod_api import FakeRunPod, RunPodKnobs
+
+    photos = _photos(tmp_path)
+    with transfer_server(comfy_env) as fake, FakeRunPod(knobs=RunPodKnobs(proxy_timeout=5.0)) as runpod:
+        runpod.add_pod("pod1", fake)  # stopped
+        for name, value in runpod.env().items():
+            monkeypatch.setenv(name, value)
+        config = tmp_path / "config.yaml"
+        config.write_text("profiles:\n  gpu:\n    server: runpod-pod:pod1\n"
+                          "    runpod: {on_finish: stop, ready_interval: 0.05}\n")
+        monkeypatch.setenv("CHARFORGE_CONFIG", str(config))
+        server = ServerSide(fake)
+        _stand_ins(monkeypatch, server)
+        said: list[str] = []
+        opts = pipeline.PipelineOptions(photos=photos, out=tmp_path / "out", character="pip", trigger="zqx",
+                                        class_tokens="cartoon boy", face_check=False, server="gpu")
+        state = pipeline.run_pipeline(opts, said.append)
+        assert runpod.pods["pod1"].status == "EXITED"  # stopped again
+        proxied = [r for r in fake.requests if r.method == "PUT"]
+    assert proxied and state["remote"] is True
+    assert state["pod"]["id"] == "pod1" and state["pod"]["finish"] == "stopped" and state["pod"]["cost_usd"] >= 0
+    assert any(line.startswith("pod pod1:") and "/h = $" in line for line in said)
+    assert any("RunPod pod" in line for line in pipeline.summary_lines(state, tmp_path / "out"))
+    assert Path(state["stages"]["lora"]["lora_path"]).read_bytes() == LORA
