@@ -107,7 +107,7 @@ def pool_servers(args: argparse.Namespace, out: Any) -> list[Any]:
         def make(config=config) -> Any:
             return ComfyTarget(config, capacity=1)
 
-        servers.append(PoolServer(config.url, make, config))
+        servers.append(PoolServer(str(config.url), make, config))
     return servers
 
 

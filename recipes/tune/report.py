@@ -280,6 +280,16 @@ def fetch_lora(server: Any, run: str, lora: str, dest_dir: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _earlier_best(path: Path) -> dict[str, Any]:
+    import yaml
+
+    with contextlib.suppress(OSError, yaml.YAMLError):
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
 def save_best(tuner: Any, best: Any, character: Any) -> tuple[Path | None, str | None, list[str]]:
     """Copy the best LoRA into the loras folder and write a preset for it; (LoRA path, preset line, notes)."""
     import dataclasses
@@ -288,6 +298,9 @@ def save_best(tuner: Any, best: Any, character: Any) -> tuple[Path | None, str |
     from charforge.engine.library.characters import save_character
 
     notes: list[str] = []
+    earlier = _earlier_best(tuner.out / BEST_YAML)
+    if earlier.get("trial") == best.number and earlier.get("copied_to") and Path(earlier["copied_to"]).is_file():
+        return Path(earlier["copied_to"]), earlier.get("preset"), notes  # an earlier run saved this one already
     folder = Path(tuner.loras_dir).expanduser() if tuner.loras_dir else default_loras_dir()
     lora, run, home = best.user_attrs.get("lora"), best.user_attrs.get("run"), best.user_attrs.get("server")
     server = next((s for s in tuner.servers if s.name == home), None)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,11 @@ from charforge.driver.errors import UsageError
 
 from .scores import SetScorer
 from .spec import TuneSpec
-from .trials import PoolServer, TrainGraph, TrialFailed, TrialRunner, check_settings, trial_folder
+from .trials import PoolServer, TrainGraph, TrialRunner, check_settings, trial_folder
 
 STUDY_DB = "study.db"
 LOCK = ".tune.lock"
+MAX_FAILURES_IN_A_ROW = 3  # then the search stops: the cause is likely the setup, not the settings
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -62,8 +64,9 @@ def make_sampler(spec: TuneSpec, finished: int) -> Any:
         population = max(4, min(50, spec.budget.trials // 3))
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
     startup = max(2, min(10, spec.budget.trials // 3))
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
-                                      warn_independent_sampling=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # multivariate TPE is marked experimental
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
 
 
 def make_pruner(spec: TuneSpec, enabled: bool) -> Any:
@@ -106,6 +109,7 @@ class Tuner:
         self._adopted: list[Any] = []
         self._ran = 0
         self._errors: list[str] = []
+        self._failures_in_a_row = 0
         self.stopped = ""
 
     def stop(self) -> None:
@@ -172,6 +176,8 @@ class Tuner:
         if recorded is None:
             study.set_user_attr("signature", signature)
             study.set_user_attr("spec", str(self.spec.path))
+            for point in self.spec.start:  # tried first, before the sampler's own picks
+                study.enqueue_trial(point, skip_if_exists=True)
         elif json.loads(json.dumps(signature)) != recorded:
             raise UsageError(f"{self.out} holds a search with another space, objectives or evaluation set; use "
                              f"another --out (or delete {self.out / STUDY_DB} to start over there)")
@@ -241,7 +247,7 @@ class Tuner:
                 continue
             except KeyboardInterrupt:
                 return  # stopped: the trial stays running in the study and resumes next time
-            except (TrialFailed, UsageError, OSError, ValueError, RuntimeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - TrialFailed, or anything else: the trial fails, the search goes on
                 if self._stop.is_set():
                     return
                 with self._lock:
@@ -249,6 +255,10 @@ class Tuner:
                     trial.set_user_attr("seconds", round(time.time() - begun, 2))
                     study.tell(trial, state=TrialState.FAIL)
                     self._errors.append(f"trial {trial.number}: {exc}")
+                    self._failures_in_a_row += 1
+                    if self._failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+                        self.stopped = f"{MAX_FAILURES_IN_A_ROW} trials in a row failed (last: {exc})"
+                        self._stop.set()
                 self.note(f"trial {trial.number} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}")
                 continue
             values = [result.scores.value(m) for m in self.spec.objectives]
@@ -265,6 +275,7 @@ class Tuner:
                     self.note(f"trial {trial.number} failed: no value for {', '.join(missing)}")
                     continue
                 study.tell(trial, values)
+                self._failures_in_a_row = 0
             self.note(f"trial {trial.number} done on {server.name}: " + ", ".join(
                 f"{m} {v:.4f}" for m, v in zip(self.spec.objectives, values, strict=True)))
 

@@ -18,6 +18,7 @@ A YAML file (all keys but ``character``, ``workflow`` and ``space`` optional)::
     seed: 0
     budget: {trials: 20, hours: 24, dollars: 40}
     pruning: {segments: 3, pruner: median, startup_trials: 3}
+    start: [{learning_rate: 1.0e-4, rank: 16}]   # settings tried first (e.g. what you use today)
     eval: {scenes: [...], seeds: [1, 2], strength: 1.0, checkpoint: v1-5-pruned-emaonly.safetensors}
     scoring: {face_pack: buffalo_l, clip: null, det_size: 640, reference: null}
 
@@ -54,7 +55,7 @@ NODE_INPUTS = ("steps", "learning_rate", "rank", "resolution", "batch_size", "se
 TRAIN_CLASS = "CharForgeTrainLoRA"
 
 _KEYS = {"name", "character", "workflow", "train_node", "set", "fixed", "space", "objectives", "weights", "sampler",
-         "seed", "budget", "pruning", "eval", "scoring"}
+         "seed", "budget", "pruning", "eval", "scoring", "start"}
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ class TuneSpec:
     pruning: Pruning = field(default_factory=Pruning)
     eval: EvalSet = field(default_factory=EvalSet)
     scoring: ScoringSpec = field(default_factory=ScoringSpec)
+    start: list[dict[str, Any]] = field(default_factory=list)  # searched settings tried first
 
     @property
     def directions(self) -> list[str]:
@@ -277,6 +279,15 @@ def parse_spec(data: Any, source: str = "tune.yaml", base: Path | None = None) -
         raise UsageError(f"{_where(source, 'eval')}: at least one scene and one seed")
     if len(evaluation.scenes) * len(evaluation.seeds) < 2:
         raise UsageError(f"{_where(source, 'eval')}: at least 2 images (scenes x seeds) so diversity can be measured")
+    start = data.get("start") or []
+    names = {p.name for p in space}
+    if not isinstance(start, list) or not all(isinstance(s, dict) for s in start):
+        raise UsageError(f"{_where(source, 'start')}: a list of mappings of searched setting -> value")
+    for i, point in enumerate(start):
+        extra = sorted(set(point) - names)
+        if extra:
+            raise UsageError(f"{_where(source, f'start[{i}]')}: {', '.join(extra)} is not searched (space has "
+                             f"{', '.join(sorted(names))})")
     name = str(data.get("name") or f"{data['character']}_tune")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise UsageError(f"{_where(source, 'name')}: letters, digits, _ . - only (it names the LoRA files), got {name!r}")
@@ -284,7 +295,7 @@ def parse_spec(data: Any, source: str = "tune.yaml", base: Path | None = None) -
                     space=space, train_node=data.get("train_node"), set=dict(sets), fixed=dict(fixed),
                     objectives=list(objectives), weights=weights, sampler=sampler, seed=int(data.get("seed") or 0),
                     budget=budget, pruning=pruning, eval=evaluation,
-                    scoring=_section(data, "scoring", ScoringSpec, source))
+                    scoring=_section(data, "scoring", ScoringSpec, source), start=[dict(p) for p in start])
 
 
 def load_spec(path: str | Path) -> TuneSpec:
