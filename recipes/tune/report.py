@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import html
 import json
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -84,13 +85,13 @@ class _Plot:
         self.image = Image.new("RGB", size, BACKGROUND)
         self.draw = ImageDraw.Draw(self.image)
         self.font, self.ink = load_font(12), INK
-        self.left, self.right, self.top, self.bottom = 64, size[0] - 20, 36, size[1] - 46
-        self.draw.text((self.left, 10), title, fill=INK, font=load_font(15))
+        self.left, self.right, self.top, self.bottom = 64, size[0] - 20, 44, size[1] - 46
+        self.draw.text((8, 6), title, fill=INK, font=load_font(15))
         self.draw.text(((self.left + self.right) // 2 - 30, size[1] - 20), x_label, fill=INK, font=self.font)
-        self.draw.text((6, 14), y_label, fill=INK, font=self.font)
+        self.draw.text((8, 26), y_label, fill=INK, font=self.font)
         self.x_range = self.y_range = (0.0, 1.0)
 
-    def axes(self, xs: Sequence[float], ys: Sequence[float]) -> None:
+    def axes(self, xs: Sequence[float], ys: Sequence[float], whole_x: bool = False) -> None:
         from charforge.engine.score.render import GRID, MUTED
 
         def span(values: Sequence[float]) -> tuple[float, float]:
@@ -104,9 +105,16 @@ class _Plot:
             value = self.y_range[1] - (self.y_range[1] - self.y_range[0]) * k / 4
             self.draw.line([(self.left, y), (self.right, y)], fill=GRID)
             self.draw.text((8, y - 7), f"{value:.3g}", fill=MUTED, font=self.font)
-            x = self.left + (self.right - self.left) * k / 4
-            value = self.x_range[0] + (self.x_range[1] - self.x_range[0]) * k / 4
-            self.draw.text((x - 10, self.bottom + 6), f"{value:.3g}", fill=MUTED, font=self.font)
+            if not whole_x:
+                x = self.left + (self.right - self.left) * k / 4
+                value = self.x_range[0] + (self.x_range[1] - self.x_range[0]) * k / 4
+                self.draw.text((x - 10, self.bottom + 6), f"{value:.3g}", fill=MUTED, font=self.font)
+        if whole_x:  # trial numbers
+            first, last = math.ceil(self.x_range[0]), math.floor(self.x_range[1])
+            every = max(1, (last - first) // 10 + 1)
+            for number in range(first, last + 1, every):
+                self.draw.text((self.at(number, self.y_range[0])[0] - 4, self.bottom + 6), str(number), fill=MUTED,
+                               font=self.font)
         self.draw.rectangle([self.left, self.top, self.right, self.bottom], outline=self.ink)
 
     def at(self, x: float, y: float) -> tuple[float, float]:
@@ -153,7 +161,7 @@ def history_png(study: Any, spec: Any, path: Path) -> None:
             rows.append((t.number, t.intermediate_values[max(t.intermediate_values)], True))
     plot = _Plot(f"{metric} over trials (grey: pruned, at its last sample score; line: best so far)",
                  x_label="trial", y_label=metric)
-    plot.axes([float(n) for n, _, _ in rows] or [0.0, 1.0], [v for _, v, _ in rows] or [0.0, 1.0])
+    plot.axes([float(n) for n, _, _ in rows] or [0.0, 1.0], [v for _, v, _ in rows] or [0.0, 1.0], whole_x=True)
     best, previous = None, None
     for number, value, pruned in rows:
         plot.point(number, value, PRUNED if pruned else POINT)
@@ -346,7 +354,7 @@ def write_outputs(tuner: Any, study: Any, result: Any, character: Any, runner: A
     sign = -1 if spec.directions[0] == "maximize" else 1
     ranked = sorted(trials, key=lambda t: (sign * ((t.user_attrs.get("scores") or {}).get(first) or 0.0), t.number))
     if best is not None:
-        ranked = [best, *[t for t in ranked if t is not best]]
+        ranked = [best, *[t for t in ranked if t.number != best.number]]
     best_grid_png(out, ranked[:4], folder / "best_grid.png")
     rows = [_trial_row(t) for t in study.get_trials(deepcopy=False)]
     _write_text(out / TRIALS_JSON, json.dumps({"study": spec.name, "objectives": spec.objectives,
