@@ -131,6 +131,26 @@ def test_search_finds_the_planted_optimum_and_writes_the_report(env):
     assert not (env / "charforge" / "characters" / "hero_tuned_2.yaml").exists()
 
 
+def test_several_objectives_give_a_pareto_front(env):
+    """NSGA-II over identity, text agreement and CLIP-feature MMD to the references (pruning is off then)."""
+    search = write_search(env / "search.yaml", objectives=["identity", "text", "cmmd"], budget={"trials": 5},
+                          pruning={"segments": 2})
+    out = env / "tune"
+    with TuneServer() as server:
+        code, stdout, stderr = run_cli("tune", str(search), "--out", str(out), "--server", server.url, "--json")
+        assert code == 0, stderr
+        assert sorted(name for name, _, _ in server.trainings) == [f"hero_tune_t{n:04d}" for n in range(5)]
+    data = json.loads((out / "trials.json").read_text())
+    assert data["directions"] == ["maximize", "maximize", "minimize"]
+    front = data["pareto_front"]
+    assert front and all(t["values"] is not None and len(t["values"]) == 3 for t in data["trials"])
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["trial"] in front
+    record = json.loads(stdout.strip().splitlines()[-1])
+    assert record["event"] == "result" and len(record["best_values"]) == 3
+    assert "pruning is off" in stdout  # JSON mode: notes are message records
+
+
 # ---- pruning ---------------------------------------------------------------------------------------------
 
 

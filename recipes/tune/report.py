@@ -3,7 +3,7 @@ copied into a loras folder with a character preset pointing at it (neither ever 
 
 PNGs (``report/``): ``pareto.png`` (identity against text agreement of every finished trial; the Pareto-optimal
 ones over the search's objectives - or identity, text and diversity for a one-objective search - ringed and
-numbered), ``importances.png`` (Optuna's fANOVA parameter importances for the first objective),
+numbered), ``importances.png`` (Optuna's parameter importances for the first objective: PED-ANOVA, its default),
 ``history.png`` (each trial's first objective, pruned trials at their last reported value, and the best so far),
 ``best_grid.png`` (the evaluation images of the best trials, one row each).
 """
@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -177,14 +178,19 @@ def history_png(study: Any, spec: Any, path: Path) -> None:
 
 
 def importances_png(study: Any, spec: Any, path: Path) -> dict[str, float]:
-    """fANOVA importances of the parameters for the first objective (empty when too few trials differ)."""
+    """Parameter importances for the first objective (empty when too few trials differ)."""
     import optuna
 
     importances: dict[str, float] = {}
     with contextlib.suppress(Exception):  # fewer than two finished trials, or one value everywhere
-        importances = optuna.importance.get_param_importances(
-            study, target=(lambda t: t.values[0]) if spec.multi else None)
-    plot = _Plot(f"parameter importance for {spec.objectives[0]} (fANOVA)", size=(760, 60 + 28 * max(1, len(importances))))
+        # Optuna's default evaluator (PED-ANOVA in 4.x/5.x: no scikit-learn needed); with a target it looks for
+        # low values, so a maximised objective is negated.
+        sign = -1.0 if spec.directions[0] == "maximize" else 1.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the "low target values" reminder: handled by the sign above
+            importances = optuna.importance.get_param_importances(
+                study, target=(lambda t: sign * t.values[0]) if spec.multi else None)
+    plot = _Plot(f"parameter importance for {spec.objectives[0]} (Optuna's evaluator)", size=(760, 60 + 28 * max(1, len(importances))))
     if not importances:
         plot.draw.text((plot.left, 40), "not enough finished trials with different settings", fill=plot.ink,
                        font=plot.font)
