@@ -64,7 +64,7 @@ def _parse_overrides(text: str) -> dict:
 
 def _origin(prompt, extra_pnginfo, node_id) -> dict | None:
     """The prompt that queued this node (and the editor's workflow), with the running prompt's id."""
-    if not isinstance(prompt, dict):
+    if not isinstance(prompt, dict) or not prompt:
         return None
     workflow = extra_pnginfo.get("workflow") if isinstance(extra_pnginfo, dict) else None
     return {"prompt": prompt, "prompt_id": bridge.running_prompt_id(), "node": node_id, "workflow": workflow}
