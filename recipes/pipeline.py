@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+from charforge.common.model_folders import all_model_folders
 from charforge.common.transfer import load_model_manifest
 
 from ..driver.client import ComfyClient
@@ -207,6 +208,18 @@ def install_pack(comfy_dir: Path, base_dir: Path, python: str, say: Say) -> None
         raise PipelineError("install.py failed:\n" + "\n".join((done.stdout + done.stderr).splitlines()[-15:]))
 
 
+def extra_model_paths(models: Path) -> str:
+    """The extra_model_paths.yaml that shows a ComfyUI every model folder CharForge uses in `models` (a ComfyUI
+    install's models folder): ComfyUI's own and the pack's, from the one table in charforge.common.model_folders."""
+    lines = ["comfyui_install:", f"  base_path: {json.dumps(str(models))}"]
+    for key, names in all_model_folders().items():
+        if len(names) == 1:
+            lines.append(f"  {key}: {names[0]}/")
+        else:  # a key ComfyUI fills from several folders (text_encoders: text_encoders/ and clip/)
+            lines += [f"  {key}: |", *(f"    {name}/" for name in names)]
+    return "\n".join(lines) + "\n"
+
+
 def start_own_server(comfy_dir: Path, out: Path, say: Say, port: int | None = None) -> Server:
     """Start ComfyUI from `comfy_dir` with ``out/comfyui`` as its base directory (the pack linked into it, the
     ComfyUI folder's own models still found through extra_model_paths)."""
@@ -215,12 +228,7 @@ def start_own_server(comfy_dir: Path, out: Path, say: Say, port: int | None = No
     (base / "models").mkdir(parents=True, exist_ok=True)
     install_pack(comfy_dir, base, find_python(comfy_dir), say)
     extra = base / "extra_model_paths.yaml"
-    own_models = (comfy_dir / "models").resolve()
-    folders = ["checkpoints", "loras", "diffusers", "vae", "controlnet", "clip_vision", "animatediff_models",
-               "animatediff_motion_lora", "insightface", "wd14_tagger", "LLM", "charforge", "embeddings"]
-    extra.write_text("comfyui_install:\n"
-                     f"  base_path: {json.dumps(str(own_models))}\n"
-                     + "".join(f"  {name}: {name}/\n" for name in folders), encoding="utf-8")
+    extra.write_text(extra_model_paths((comfy_dir / "models").resolve()), encoding="utf-8")
     args = ["--base-directory", str(base), "--extra-model-paths-config", str(extra),
             "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}"]
     if shutil.which("nvidia-smi") is None:

@@ -421,3 +421,16 @@ def test_the_readme_and_out_readme_describe_the_same_layout():
     described = set(re.findall(r"^([a-z]+)/ ", pipeline.out_readme({"stages": {}}), re.MULTILINE))
     assert folders == described
     assert "datasets/pip/report/report.html" not in readme  # the report the demo leaves is out/dataset/report.html
+
+
+def test_own_server_sees_every_model_folder_of_the_comfyui_install(tmp_path):
+    """The ComfyUI the pipeline starts maps every folder of the one model-folder table (the pack's too)."""
+    import yaml
+
+    from charforge.common.model_folders import all_model_folders
+
+    data = yaml.safe_load(pipeline.extra_model_paths(tmp_path / "ComfyUI" / "models"))["comfyui_install"]
+    assert data.pop("base_path") == str(tmp_path / "ComfyUI" / "models")
+    assert {key: value.split() for key, value in data.items()} == \
+        {key: [f"{name}/" for name in names] for key, names in all_model_folders().items()}
+    assert {"blip", "frame_interpolation", "charforge", "checkpoints"} <= set(data)
