@@ -1,0 +1,67 @@
+"""What the Train LoRA node leaves for the panel: origin.json (the prompt to queue again, the workflow, the
+prompt id) and the run's details as the panel reads them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cf_testing.comfyui import run_node
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
+
+
+@pytest.fixture
+def setup(comfy_env, tiny_sd15):
+    from charforge import bridge
+
+    shutil.copytree(tiny_sd15.diffusers_dir, comfy_env.base_dir / "models" / "diffusers" / "tiny_sd15")
+    folder = Path(bridge.input_directory()) / "img" / "3_sks person"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text("sks person")
+    return comfy_env
+
+
+INPUTS = {
+    "base_model": "[diffusers] tiny_sd15", "dataset_folder": "img", "trigger_word": "sks", "output_name": "alice",
+    "preset": "fast", "steps": 2, "learning_rate": 0.0, "rank": 4, "resolution": 64, "batch_size": 1, "seed": 0,
+    "resume": "auto", "memory_profile": "off", "use_preset_values": False,
+    "overrides": json.dumps({"sample_steps": 1, "mixed_precision": "no", "bucket_step": 32, "min_bucket": 32}),
+}
+
+
+def test_the_node_records_its_prompt_for_the_panel(setup):
+    from charforge.engine.train.run import RunFolder, run_details
+    from charforge.nodes.train import TrainLoRA, runs_directory
+
+    prompt = {"1": {"class_type": "CharForgeTrainLoRA", "inputs": dict(INPUTS)}}
+    workflow = {"nodes": [{"id": 1, "type": "CharForgeTrainLoRA"}]}
+    run_node(TrainLoRA, prompt=prompt, extra_pnginfo={"workflow": workflow}, **INPUTS)
+
+    folder = RunFolder(Path(runs_directory()) / "alice")
+    origin = folder.read_origin()
+    assert origin["prompt"] == prompt and origin["workflow"] == workflow and origin["node"] == "1"
+    details = run_details(folder)
+    assert details["state"] == "completed" and details["can_queue_again"]
+    assert [m["step"] for m in details["metrics"]] == [1, 2]
+    assert details["samples"] == [{"step": 2, "files": ["samples/step_000002_0.png"]}]
+
+
+def test_no_origin_without_a_prompt(setup):
+    from charforge.engine.train.run import RunFolder, run_details
+    from charforge.nodes.train import TrainLoRA, runs_directory
+
+    run_node(TrainLoRA, **INPUTS)  # the stand-in passes an empty prompt, as a script calling the node would
+    folder = RunFolder(Path(runs_directory()) / "alice")
+    assert not folder.origin_path.exists() and not run_details(folder)["can_queue_again"]
