@@ -24,7 +24,7 @@ from ..score import ReferenceIdentity, check_same_model
 from .identity import DEFAULT_MAX_SHARE, IdentityCheck, cap_synthetic, check_identity, synthetic_allowance
 from .models import ImageModel
 from .restore import RestoreSettings, restore_faces
-from .swap import FACE_CHOICES, FaceSwapper
+from .swap import FACE_CHOICES, SWAPPER_FACE_MODEL, FaceSwapper
 
 SYNTHETIC_FOLDER = "synthetic"
 ID_PREFIX = "syn-"
@@ -62,9 +62,10 @@ class SynthSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source file, why no image was made)
     threshold: float = 0.0
     allowance: int | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def text(self) -> str:
-        parts = [f"{self.made} synthetic image(s) from {self.sources} source(s): {self.accepted} accepted",
+        parts = [*self.warnings, f"{self.made} synthetic image(s) from {self.sources} source(s): {self.accepted} accepted",
                  f"{self.below_threshold} below the identity threshold {self.threshold:.3f}"]
         if self.over_cap:
             parts.append(f"{self.over_cap} over the synthetic cap ({self.allowance} allowed)")
@@ -94,6 +95,10 @@ def synthesize(manifest: DatasetManifest, sources: str | os.PathLike, identity: 
     paths = [p for p in scan_folder(sources, recursive=settings.recursive).images
              if not _inside(p, dataset_root)]
     summary = SynthSummary(sources=len(paths), threshold=threshold)
+    if identity.model != SWAPPER_FACE_MODEL:
+        summary.warnings.append(f"note: identity {identity.name!r} was built with {identity.model}; the swapper "
+                                f"was trained on {SWAPPER_FACE_MODEL} embeddings, so swapped faces may not look "
+                                f"like the character (rebuild the identity with buffalo_l)")
     restore = RestoreSettings(settings.blend, settings.fidelity, settings.which)
     made: list[tuple[ImageEntry, IdentityCheck]] = []
     control.progress(0, max(len(paths), 1), "swapping faces")
