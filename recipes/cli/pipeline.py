@@ -1,4 +1,5 @@
-"""``charforge pipeline PHOTOS_DIR --out out``: the end-to-end character pipeline in one command (see pipeline.py)."""
+"""``charforge pipeline PHOTOS_DIR --out out``: the end-to-end character pipeline in one command (see
+recipes/pipeline.py, imported when the command runs)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
-
-from ..pipeline import PipelineOptions, run_pipeline, summary_lines
 
 DESCRIPTION = """\
 Photos -> dataset -> captions -> LoRA -> scored images -> video, through a ComfyUI on this machine: --server
@@ -65,6 +64,7 @@ def cmd_pipeline(args: argparse.Namespace, out: Any) -> int:
     from charforge.common.transfer import UPLOAD_TYPES
 
     from ...driver.storage import S3Location, is_s3
+    from ..pipeline import PipelineOptions, run_pipeline, summary_lines
 
     target = S3Location.parse(args.upload_to) if args.upload_to else None  # a wrong location fails first
     photos = Path(args.photos)
