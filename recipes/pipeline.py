@@ -394,7 +394,7 @@ def choose_models(client: ComfyClient, server: Server, opts: PipelineOptions, sa
                 raise PipelineError(f"the server {server.url} lacks {', '.join(missing)} models and could not write "
                                     f"the tiny ones ({exc}): install them, or update CharForge on it") from None
             info = client.object_info(refresh=True)
-    elif need:
+    elif need and server.base_dir is not None:
         fresh = [part for part in need if part not in tiny.written_parts(server.base_dir / "models")]
         if fresh:
             say("writing tiny random models (" + ", ".join(fresh) + ") into " + str(server.base_dir / "models")

@@ -256,7 +256,7 @@ class S3Storage:
 
     # ---- download ------------------------------------------------------------------------------------------
 
-    def list(self, location: S3Location) -> list[dict[str, Any]]:
+    def list_objects(self, location: S3Location) -> list[dict[str, Any]]:
         prefix = location.key("") if location.prefix else ""
         items = []
         try:
@@ -312,7 +312,7 @@ class S3Storage:
         folder = Path(folder)
         base = location.key("") if location.prefix else ""
         entries = []
-        for item in self.list(location):
+        for item in self.list_objects(location):
             key = item["Key"]
             rel = PurePosixPath(key[len(base):])
             if not rel.parts or any(p in ("", ".", "..") for p in rel.parts) or key.endswith("/"):

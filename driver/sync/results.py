@@ -20,7 +20,7 @@ import aiohttp
 from charforge.common.transfer import relative_parts
 
 from ..client.async_client import AsyncComfyClient
-from ..client.http import TIMEOUT_ERRORS, describe_error, read_head
+from ..client.http import describe_error, read_head
 from ..errors import ProtocolError, ServerUnavailable, UsageError
 from ._http import path, request_json
 
@@ -83,7 +83,7 @@ async def fetch_file(client: AsyncComfyClient, route: str, target: Path, size: i
                             handle.write(block)
                             received += len(block)
             break
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, *TIMEOUT_ERRORS) as exc:
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, TimeoutError) as exc:
             if attempt >= retries:
                 raise ServerUnavailable(client._redact(f"downloading {target.name} from {client.url}: "
                                                        f"{describe_error(exc)}")) from None
