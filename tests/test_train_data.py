@@ -13,6 +13,7 @@ from PIL import Image
 from charforge.engine.train.data import (
     DatasetError,
     DataSettings,
+    TensorCache,
     TrainingData,
     TrainItem,
     bucket_sizes,
@@ -272,3 +273,12 @@ def test_face_boxes_come_from_the_manifest(tmp_path):
     assert hashes[0].startswith(":face") and hashes[1] == ""
     with pytest.raises(ValueError, match="face_mask_background"):
         DataSettings(face_mask_background=1.5)
+
+
+def test_tensor_cache_in_memory_says_which_key_is_missing():
+    # Found by mypy: without a folder, a key never put used to fail as None / "key.safetensors" (TypeError).
+    cache = TensorCache()
+    cache.put("a", {"x": torch.ones(1)})
+    assert "a" in cache and "b" not in cache
+    with pytest.raises(KeyError, match="b"):
+        cache.get("b")

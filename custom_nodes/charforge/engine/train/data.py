@@ -138,7 +138,9 @@ def read_kohya_folder(folder: str | os.PathLike, caption_extension: str = ".txt"
             + ". Point at the folder that CONTAINS the '<repeats>_<name>' folders.")
     items = []
     for subset in subsets:
-        repeats_text, class_tokens = _REPEAT_FOLDER.fullmatch(subset.name).groups()
+        match = _REPEAT_FOLDER.fullmatch(subset.name)
+        assert match is not None  # subsets are the folders whose names match (or the root, checked above)
+        repeats_text, class_tokens = match.groups()
         repeats = int(repeats_text)
         if repeats < 1:
             raise DatasetError(f"{subset}: the repeat count is {repeats}; use at least 1 (e.g. '10_{class_tokens}')")
@@ -266,11 +268,11 @@ def _cover_crop(image, bucket: tuple[int, int], flip: bool):
     width, height = bucket
     scale = max(width / image.width, height / image.height)
     scaled = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    resized = image.resize(scaled, Image.BICUBIC if scale > 1 else Image.LANCZOS)
+    resized = image.resize(scaled, Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
     left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
     cropped = resized.crop((left, top, left + width, top + height))
     if flip:
-        cropped = cropped.transpose(Image.FLIP_LEFT_RIGHT)
+        cropped = cropped.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return cropped, (top, left)
 
 
@@ -334,7 +336,7 @@ def prepare_mask(path: str, bucket: tuple[int, int], flip: bool = False, factor:
     if mask is None:
         return torch.ones(1, bucket[1] // factor, bucket[0] // factor)
     cropped, _ = _cover_crop(mask, bucket, flip)
-    small = cropped.resize((bucket[0] // factor, bucket[1] // factor), Image.BOX)
+    small = cropped.resize((bucket[0] // factor, bucket[1] // factor), Image.Resampling.BOX)
     return torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)[None]
 
 
@@ -381,6 +383,8 @@ class TensorCache:
             self.folder.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
+        if self.folder is None:  # in memory only: a key never put is simply missing
+            raise KeyError(key)
         return self.folder / f"{key}.safetensors"
 
     def __contains__(self, key: str) -> bool:

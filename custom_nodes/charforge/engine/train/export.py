@@ -221,6 +221,8 @@ def merge_lora(components: Mapping[str, torch.nn.Module], tensors: Mapping[str, 
             up = tensors[stem + ".lora_up.weight"].float()
             rank = down.shape[0]
             alpha = float(tensors[stem + ".alpha"]) if stem + ".alpha" in tensors else float(rank)
-            delta = (up.flatten(1) @ down.flatten(1)).reshape(module.weight.shape)
-            module.weight += (multiplier * alpha / rank * delta).to(module.weight.dtype)
+            weight = module.weight
+            assert isinstance(weight, torch.Tensor)  # the map holds Linear / Conv2d layers
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+            weight += (multiplier * alpha / rank * delta).to(weight.dtype)
     return unmatched

@@ -291,7 +291,10 @@ class TrainingSession:
         try:
             trainer.setup(on_cache=on_cache)
             if self.resuming:
-                trainer.load_state_dict(folder.load_state())
+                state = folder.load_state()
+                if state is None:  # the run was picked for its state file, which has gone since
+                    raise FileNotFoundError(f"the saved training state {folder.state_path} is gone")
+                trainer.load_state_dict(state)
                 self.resumed_from = trainer.step
                 log.info("CharForge: resuming %s at step %d", folder.name, self.resumed_from)
             folder.truncate_metrics(self.resumed_from)
@@ -345,7 +348,7 @@ class TrainingSession:
         if config.samples.every and step % config.samples.every == 0 and step < config.steps:
             self._save_samples(step)
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-            export_lora(self.folder.checkpoint_path(step), self.trainer.network, self.model.arch,
+            export_lora(self.folder.checkpoint_path(step), self.trainer.lora_network(), self.model.arch,
                         self.model.unet_config, self._lora_metadata(step), _save_dtype(config))
         state_every = config.state_every or config.checkpoint_every
         if state_every and step % state_every == 0 and step < config.steps:
@@ -373,7 +376,7 @@ class TrainingSession:
         folder, trainer, config, request = self.folder, self.trainer, self.config, self.request
         self.report({"phase": "saving", "step": trainer.step})
         samples = [str(p) for p in folder.samples_at(trainer.step)] or self._save_samples(trainer.step)
-        lora_path = export_lora(folder.lora_path, trainer.network, self.model.arch, self.model.unet_config,
+        lora_path = export_lora(folder.lora_path, trainer.lora_network(), self.model.arch, self.model.unet_config,
                                 self._lora_metadata(trainer.step), _save_dtype(config))
         exported = None
         if request.lora_dir:

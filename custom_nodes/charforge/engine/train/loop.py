@@ -24,7 +24,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -65,7 +65,8 @@ def capture_rng() -> dict[str, Any]:
     try:
         import numpy as np
 
-        name, keys, position, has_gauss, cached = np.random.get_state()
+        # The global (legacy MT19937) generator gives the 5-tuple; numpy's stubs say a dict for this call.
+        name, keys, position, has_gauss, cached = cast(tuple[str, Any, int, int, float], np.random.get_state())
         # As plain values and a tensor, so the state file loads with torch.load(weights_only=True).
         state["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached))
     except ImportError:
@@ -104,19 +105,31 @@ class Trainer:
         self.device = torch.device(device)
         self.network: LoraNetwork | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self.scheduler = None
-        self.scaler = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.scaler: torch.amp.GradScaler | None = None
         self.step = 0  # completed optimizer steps
         self.rng_at_step: dict[str, Any] = {}  # global RNG right after `step` completed
         self.last_loss = float("nan")
         self.updating = False  # inside the optimizer / schedule update (a state saved now could be torn)
         self._batches_cache: tuple[int, list[list[int]]] | None = None
-        self._unet_forward = None
+        self._unet_forward: Callable[..., Any] | None = None  # the U-Net, compiled or not (setup)
         self._text_fingerprint = ""
         self._latent_table: dict[tuple[int, bool], torch.Tensor] = {}
         self._text_table: dict[str, dict[str, torch.Tensor]] = {}
         self._time_id_table: dict[tuple[int, bool], torch.Tensor] = {}
         self._mask_table: dict[tuple[int, bool], torch.Tensor] = {}
+
+    def lora_network(self) -> LoraNetwork:
+        """The LoRA layers `setup()` adds (AttributeError before it, as using ``network`` then raises)."""
+        if self.network is None:
+            raise AttributeError("the trainer has no LoRA network yet: call setup() first")
+        return self.network
+
+    def _built(self) -> tuple[LoraNetwork, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """The LoRA, optimizer and schedule `setup()` builds (AttributeError before it)."""
+        if self.optimizer is None or self.scheduler is None:
+            raise AttributeError("the trainer has no optimizer yet: call setup() first")
+        return self.lora_network(), self.optimizer, self.scheduler
 
     # ---------------------------------------------------------------------------- setup
 
@@ -314,6 +327,8 @@ class Trainer:
         weight_dtype = model.unet.dtype
         if self.device.type == "cuda":
             noisy = noisy.contiguous(memory_format=torch.channels_last)
+        if self._unet_forward is None:
+            raise AttributeError("the trainer has no U-Net forward yet: call setup() first")
         with self._autocast():
             prediction = self._unet_forward(noisy.to(weight_dtype), timesteps,
                                             encoder_hidden_states=cond.hidden.to(weight_dtype), **kwargs).sample
@@ -333,10 +348,11 @@ class Trainer:
         """One optimizer step (``grad_accumulation`` micro-batches); returns its mean loss."""
         config = self.config
         accumulation = config.optim.grad_accumulation
-        for module in self.network.components.values():
+        network, optimizer, scheduler = self._built()
+        for module in network.components.values():
             if not module.training:
                 module.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(accumulation):
             if control is not None and micro:
@@ -347,18 +363,18 @@ class Trainer:
             else:
                 loss.backward()
             total += float(loss.detach())
-        params = self.network.parameters()
+        params = network.parameters()
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(optimizer)
         if config.optim.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.optim.max_grad_norm)
         self.updating = True
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(optimizer)
             self.scaler.update()
         else:
-            self.optimizer.step()
-        self.scheduler.step()
+            optimizer.step()
+        scheduler.step()
         self.step += 1
         self.rng_at_step = capture_rng()
         self.updating = False
@@ -412,7 +428,7 @@ class Trainer:
         model = self.model
         items = list(range(len(self.data.items))) if items is None else items
         generator = torch.Generator().manual_seed(seed)
-        for module in self.network.components.values():
+        for module in self.lora_network().components.values():
             module.eval()
         losses = []
         with torch.no_grad():
@@ -436,6 +452,8 @@ class Trainer:
         return sum(losses) / len(losses)
 
     def current_lr(self) -> float:
+        if self.optimizer is None:
+            raise AttributeError("the trainer has no optimizer yet: call setup() first")
         return float(self.optimizer.param_groups[0]["lr"])
 
     # ---------------------------------------------------------------------------- state
@@ -444,12 +462,13 @@ class Trainer:
         """Everything needed to continue exactly after the last completed step."""
         micro = self.step * self.config.optim.grad_accumulation
         epoch, position = divmod(micro, self.micro_batches_per_epoch())
+        network, optimizer, scheduler = self._built()
         return {
             "version": STATE_VERSION,
             "step": self.step,
-            "lora": self.network.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "lora": network.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": self.rng_at_step,
             "data": {"seed": self.config.seed, "epoch": epoch, "position": position,
@@ -467,9 +486,10 @@ class Trainer:
             raise ValueError(
                 f"the dataset changed since this run was saved ({data['micro_batches_per_epoch']} batches per epoch "
                 f"then, {self.micro_batches_per_epoch()} now): start a new run")
-        self.network.load_state_dict(state["lora"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        network, optimizer, scheduler = self._built()
+        network.load_state_dict(state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])

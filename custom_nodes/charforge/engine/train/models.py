@@ -354,6 +354,12 @@ class PromptEmbeddings:
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
 
+    def sdxl_pooled(self) -> torch.Tensor:
+        """``pooled``, which SDXL prompts have (TypeError otherwise, as using None as a tensor raises)."""
+        if self.pooled is None:
+            raise TypeError("these prompt embeddings have no pooled output (SDXL prompts have one)")
+        return self.pooled
+
     def to(self, device=None, dtype=None) -> PromptEmbeddings:
         return PromptEmbeddings(self.hidden.to(device=device, dtype=dtype),
                                 None if self.pooled is None else self.pooled.to(device=device, dtype=dtype))
@@ -363,7 +369,7 @@ class PromptEmbeddings:
 
     @staticmethod
     def cat(parts: Sequence[PromptEmbeddings]) -> PromptEmbeddings:
-        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        pooled = None if parts[0].pooled is None else torch.cat([p.sdxl_pooled() for p in parts])
         return PromptEmbeddings(torch.cat([p.hidden for p in parts]), pooled)
 
 

@@ -47,7 +47,7 @@ def plan_samples(model: BaseModel, settings: SampleSettings, prompts: list[str],
         try:
             positive = encode_prompts(model, prompts, device, clip_skip, max_tokens)
             if model.is_sdxl:  # SDXL pipelines use zeros for an empty negative prompt
-                negative = PromptEmbeddings(torch.zeros_like(positive.hidden), torch.zeros_like(positive.pooled))
+                negative = PromptEmbeddings(torch.zeros_like(positive.hidden), torch.zeros_like(positive.sdxl_pooled()))
             else:
                 negative = encode_prompts(model, [""] * len(prompts), device, clip_skip, max_tokens)
         finally:
@@ -82,8 +82,9 @@ def render_samples(model: BaseModel, plan: SamplePlan, device: torch.device, aut
                         "negative_prompt_embeds": plan.negative.hidden[index:index + 1].to(device, dtype),
                     }
                     if model.is_sdxl:
-                        kwargs["pooled_prompt_embeds"] = plan.positive.pooled[index:index + 1].to(device, dtype)
-                        kwargs["negative_pooled_prompt_embeds"] = plan.negative.pooled[index:index + 1].to(device, dtype)
+                        kwargs["pooled_prompt_embeds"] = plan.positive.sdxl_pooled()[index:index + 1].to(device, dtype)
+                        kwargs["negative_pooled_prompt_embeds"] = (
+                            plan.negative.sdxl_pooled()[index:index + 1].to(device, dtype))
                     out = pipe(num_inference_steps=plan.settings.steps, guidance_scale=plan.settings.guidance,
                                height=plan.size, width=plan.size, generator=torch.Generator().manual_seed(seed),
                                output_type="pil", **kwargs)
