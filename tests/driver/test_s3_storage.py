@@ -147,7 +147,6 @@ def test_pipeline_photos_from_s3_and_results_up(storage, tmp_path, monkeypatch, 
     from charforge.driver.storage import S3Location
     from charforge.recipes import pipeline
     from charforge.recipes.cli import main
-    from charforge.recipes.cli import pipeline as command
 
     photos = _folder(tmp_path / "photos")
     storage.upload_tree(tmp_path / "photos", S3Location.parse(f"s3://{storage.bucket}/in"))
@@ -160,7 +159,6 @@ def test_pipeline_photos_from_s3_and_results_up(storage, tmp_path, monkeypatch, 
             (opts.out / name).write_bytes(b"x")
         return {"stages": {}, "seconds": 1}
 
-    monkeypatch.setattr(command, "run_pipeline", fake_run)
     monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
     endpoint = storage.client.meta.endpoint_url
     code = main(["pipeline", f"s3://{storage.bucket}/in", "--out", str(tmp_path / "out"), "--s3-endpoint", endpoint,
