@@ -197,7 +197,7 @@ def inception_features(images: Sequence[Any], device: str = "cpu") -> np.ndarray
     if missing:
         raise RuntimeError(missing)
     import torch
-    from pytorch_fid.inception import InceptionV3  # type: ignore[import-not-found]
+    from pytorch_fid.inception import InceptionV3
 
     model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval().to(device)
     rows = []

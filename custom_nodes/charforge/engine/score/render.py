@@ -117,10 +117,10 @@ def line_plot(title: str, values: Sequence[float | None], threshold: float | Non
 
     steps = 4
     for k in range(steps + 1):
-        v = low + span * k / steps
-        y = y_of(v)
+        level = low + span * k / steps
+        y = y_of(level)
         draw.line([(left, y), (right, y)], fill=GRID)
-        draw.text((8, y - 7), f"{v:.2f}", fill=MUTED, font=font)
+        draw.text((8, y - 7), f"{level:.2f}", fill=MUTED, font=font)
     draw.rectangle([left, top, right, bottom], outline=INK)
     tick_every = max(1, round(count / 10))
     for i in range(0, count, tick_every):
@@ -135,9 +135,9 @@ def line_plot(title: str, values: Sequence[float | None], threshold: float | Non
     previous = None
     for i, v in enumerate(values):
         if v is None:
-            x = x_of(i)
-            draw.line([(x - 4, bottom - 8), (x + 4, bottom)], fill=MUTED, width=2)
-            draw.line([(x - 4, bottom), (x + 4, bottom - 8)], fill=MUTED, width=2)
+            cross = x_of(i)
+            draw.line([(cross - 4, bottom - 8), (cross + 4, bottom)], fill=MUTED, width=2)
+            draw.line([(cross - 4, bottom), (cross + 4, bottom - 8)], fill=MUTED, width=2)
             previous = None
             continue
         point = (x_of(i), y_of(v))

@@ -69,10 +69,10 @@ def best_of_n(sheet: ScoreSheet, group_size: int) -> list[Pick]:
     picks = []
     for group, start in enumerate(range(0, len(sheet.rows), group_size)):
         rows = sheet.rows[start:start + group_size]
-        scored = [row for row in rows if row.value is not None]
+        scored = [(row.value, row) for row in rows if row.value is not None]
         note = ""
         if scored:
-            best = max(scored, key=lambda row: row.value)
+            best = max(scored, key=lambda pair: pair[0])[1]
             if not best.passed:
                 note = f"best candidate fails ({best.reason})"
         else:
@@ -123,7 +123,9 @@ class DriftReport:
 
 def _ranges(frames: list[int]) -> str:
     """[1, 2, 3, 7] -> '1-3, 7'."""
-    parts, start, prev = [], None, None
+    parts: list[str] = []
+    start: int | None = None
+    prev = 0  # the last frame of the current run (when start is set)
     for frame in frames:
         if start is None:
             start = prev = frame
@@ -142,14 +144,15 @@ def identity_drift(sheet: ScoreSheet, threshold: float | None = None) -> DriftRe
     threshold = sheet.threshold if threshold is None else threshold
     if threshold is None:
         raise ValueError("identity drift needs a threshold")
-    scored = [row for row in sheet.rows if row.value is not None]
-    worst = min(scored, key=lambda row: row.value) if scored else None
+    scored = [(row.value, row) for row in sheet.rows if row.value is not None]
+    worst = min(scored, key=lambda pair: pair[0]) if scored else None
     return DriftReport(
         frames=len(sheet.rows), scored=len(scored),
-        mean=round(sum(r.value for r in scored) / len(scored), 4) if scored else None,
-        min=round(worst.value, 4) if worst else None, min_frame=worst.index if worst else None,
+        mean=round(sum(value for value, _ in scored) / len(scored), 4) if scored else None,
+        min=round(worst[0], 4) if worst is not None else None,
+        min_frame=worst[1].index if worst is not None else None,
         threshold=threshold,
-        drifting=[row.index for row in scored if row.value < threshold],
+        drifting=[row.index for value, row in scored if value < threshold],
         no_face=[row.index for row in sheet.rows if row.value is None])
 
 
@@ -171,7 +174,10 @@ def combine(identity: ScoreSheet | None, text: ScoreSheet | None, identity_weigh
     total = sum(w for _, w, _ in parts)
     rows = []
     for index in range(lengths.pop()):
-        value, passed, reasons, details = 0.0, True, [], {}
+        value: float | None = 0.0
+        passed = True
+        reasons: list[str] = []
+        details: dict[str, Any] = {}
         for sheet, weight, name in parts:
             row = sheet.rows[index]
             details[name] = None if row.value is None else round(row.value, 4)
@@ -198,8 +204,8 @@ def combine(identity: ScoreSheet | None, text: ScoreSheet | None, identity_weigh
 
 def rank(sheet: ScoreSheet) -> list[int]:
     """Batch positions from best to worst score; unscored images last, in batch order."""
-    scored = sorted((row for row in sheet.rows if row.value is not None), key=lambda row: -row.value)
-    return [row.index for row in scored] + [row.index for row in sheet.rows if row.value is None]
+    scored = sorted(((row.value, row) for row in sheet.rows if row.value is not None), key=lambda pair: -pair[0])
+    return [row.index for _, row in scored] + [row.index for row in sheet.rows if row.value is None]
 
 
 # --------------------------------------------------------------------------------------------------
