@@ -212,6 +212,13 @@ class _WindowPlan:
     kwargs: dict
 
 
+def _pooled(embeddings: torch.Tensor | None) -> torch.Tensor:
+    """SDXL's pooled text embeddings (TypeError without them, as indexing None raised)."""
+    if embeddings is None:
+        raise TypeError("SDXL frame conditioning without pooled text embeddings")
+    return embeddings
+
+
 def _window_plan(model: VideoModel, cond: FrameConditioning, frames: list[int], weight: torch.Tensor,
                  guidance: bool, request: VideoRequest) -> _WindowPlan:
     index = torch.tensor(frames, device=cond.positive.device)
@@ -222,9 +229,9 @@ def _window_plan(model: VideoModel, cond: FrameConditioning, frames: list[int], 
         # window's frames): the window's frames' pooled embeddings are averaged.
         h, w = request.height, request.width
         time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=model.dtype, device=model.device)
-        pooled = cond.pooled[index].mean(0, keepdim=True)
+        pooled = _pooled(cond.pooled)[index].mean(0, keepdim=True)
         if guidance:
-            pooled = torch.cat([cond.negative_pooled[index].mean(0, keepdim=True), pooled])
+            pooled = torch.cat([_pooled(cond.negative_pooled)[index].mean(0, keepdim=True), pooled])
             time_ids = torch.cat([time_ids, time_ids])
         kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
     return _WindowPlan(index.to(model.device), weight.to(model.device), text, kwargs)

@@ -238,7 +238,7 @@ class VideoModel:
         for module in [self.pipe.unet, *self.text_encoders()]:
             for sub in module.modules():
                 lora_a = getattr(sub, "lora_A", None)
-                if isinstance(lora_a, torch.nn.ModuleDict) and (adapter is None and len(lora_a) or adapter in lora_a):
+                if isinstance(lora_a, torch.nn.ModuleDict) and (len(lora_a) > 0 if adapter is None else adapter in lora_a):
                     count += 1
         return count
 
@@ -326,13 +326,18 @@ def assemble_video_model(arch: str, unet2d, adapter, info: MotionModuleInfo, *, 
         unet = unet.to(dtype)
     unet.eval().requires_grad_(False)
     scheduler = diffusers.DDIMScheduler.from_config(scheduler_config)
+    # motion_adapter=None: the U-Net already holds the motion layers. diffusers lists motion_adapter among the
+    # optional components but annotates it without None, hence the two ignores.
+    pipe: diffusers.AnimateDiffPipeline | diffusers.AnimateDiffSDXLPipeline
     if arch == "sdxl":
         pipe = diffusers.AnimateDiffSDXLPipeline(
             vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tokenizers[0],
-            tokenizer_2=tokenizers[1], unet=unet, motion_adapter=None, scheduler=scheduler)
+            tokenizer_2=tokenizers[1], unet=unet, motion_adapter=None,  # type: ignore[arg-type]
+            scheduler=scheduler)
     else:
         pipe = diffusers.AnimateDiffPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0],
-                                             unet=unet, motion_adapter=None, scheduler=scheduler)
+                                             unet=unet, motion_adapter=None,  # type: ignore[arg-type]
+                                             scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     if options.attention == "eager":
         from diffusers.models.attention_processor import AttnProcessor

@@ -35,6 +35,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -155,6 +156,7 @@ class IFNet(nn.Module):
                     flow = (flow + _swap(back_flow)) / 2
                     mask = (mask - back_mask) / 2
             else:
+                assert mask is not None  # the first block sets flow and mask together
                 wfeat0, wfeat1 = warp(feat0, flow[:, :2]), warp(feat1, flow[:, 2:4])
                 delta, new_mask = block(torch.cat((warped0, warped1, wfeat0, wfeat1, t, mask), 1), flow, scale)
                 if ensemble:
@@ -164,6 +166,7 @@ class IFNet(nn.Module):
                     new_mask = (new_mask - back_mask) / 2
                 flow, mask = flow + delta, new_mask
             warped0, warped1 = warp(img0, flow[:, :2]), warp(img1, flow[:, 2:4])
+        assert mask is not None  # zip(strict=True) ran all four blocks
         weight = torch.sigmoid(mask)
         return warped0 * weight + warped1 * (1 - weight)
 
@@ -182,7 +185,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix.lower() in (".safetensors", ".sft"):
         from safetensors.torch import load_file
 
-        data = load_file(str(path), device="cpu")
+        data: Any = load_file(str(path), device="cpu")
     else:
         try:
             data = torch.load(str(path), map_location="cpu", weights_only=True)
