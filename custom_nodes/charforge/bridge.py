@@ -291,6 +291,7 @@ def comfyui_root() -> Path | None:
     """
     comfy = _load_comfy()
     if comfy is not None:
+        assert comfy.utils.__file__ is not None  # imported from ComfyUI's comfy/utils.py
         return Path(comfy.utils.__file__).resolve().parents[1]
     value = os.environ.get("COMFYUI_DIR")
     return Path(value).expanduser() if value else None
