@@ -148,10 +148,13 @@ def page(server):
                           or not route.request.url.startswith("http") else route.abort("blockedbyclient"))
             page = context.new_page()
             page.errors = []
-            page.on("pageerror", lambda error: page.errors.append(str(error)))
+            page.on("pageerror", lambda error: page.errors.append(f"{error}\n{error.stack}"))
             page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" and "CharForge" in m.text
                     else None)
             _open_editor(page, origin)
+            # The frontend itself throws once while it applies its settings at start; what happens from here on
+            # (the panel, its requests, the nodes it inserts) must raise nothing.
+            page.errors.clear()
             yield page
         finally:
             browser.close()
@@ -256,6 +259,16 @@ def test_the_panel_in_the_editor(server, page, shots):
     assert all(all(width and width > 0 for width in widths) for _, widths in samples), samples
     assert page.evaluate(CHART_POINTS_JS, "alice") == STEPS
     _shot(page, shots, "05_completed_with_samples")
+
+    # The node drew the curve too, and it stays out of the saved workflow and the prompt.
+    on_node = page.evaluate("""async () => {
+        const node = window.app.graph.nodes.find((n) => n.type === 'CharForgeTrainLoRA');
+        const widget = node.widgets.find((w) => w.name === 'charforge_live_loss');
+        const {output} = await window.app.graphToPrompt();
+        return {points: widget ? Number(widget.element.dataset.points) : 0,
+                saved: node.serialize().widgets_values.length, inputs: Object.keys(output[String(node.id)].inputs)};
+    }""")
+    assert on_node["points"] > 0 and on_node["saved"] == 17 and "charforge_live_loss" not in on_node["inputs"], on_node
 
     # Its LoRA goes into the graph as a Load LoRA node.
     page.locator('[data-action="insert-lora"]').click()
