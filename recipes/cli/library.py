@@ -76,6 +76,9 @@ def _register_lora(sub: Any, server: argparse.ArgumentParser) -> None:
     convert.set_defaults(func=cmd_lora_convert)
 
     _register_lora_eval(lora_sub, server)
+    from .tune import register_lora_bench
+
+    register_lora_bench(lora_sub, server)
 
 
 EVAL_EPILOG = """\

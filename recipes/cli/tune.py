@@ -148,3 +148,101 @@ def cmd_tune(args: argparse.Namespace, out: Any) -> int:
                best_yaml=str(result.best_yaml) if result.best_yaml else None,
                best_lora=str(result.best_lora) if result.best_lora else None, preset=result.preset)
     return 0 if result.complete else 1
+
+
+BENCH_EPILOG = """\
+Every LoRA renders the same images: the character's prompt with each scene (--prompt/--prompts), each seed, at
+one strength; the base model (no LoRA) is rendered too unless --no-base. Scores, as charforge tune gives a
+trial: combined, identity (ArcFace, no face = 0), faces, text (CLIP), diversity, and distances to the
+character's reference photos: cmmd (CLIP-feature MMD x 1000), kid, copying (similarity to the closest
+reference); fid when pytorch-fid and its Inception weights are installed. docs/tune.md explains each and its
+limits on small sets.
+
+Output (--out DIR): table.md (printed too), bench.json, sheet.png (a row of images per LoRA), one folder per
+LoRA with its renders and grid.png. Rerun the same command to resume.
+
+exit codes: 0 every image rendered and scored; 1 some renders failed; 2 usage error; 3 server unreachable.
+"""
+
+
+def register_lora_bench(lora_sub: Any, server: argparse.ArgumentParser) -> None:
+    """Add ``charforge lora bench`` to the lora group."""
+    bench = lora_sub.add_parser("bench", parents=[server], help="the same quality scores for several LoRAs and the "
+                                                               "base model, as a table",
+                                description="Benchmark LoRAs on a character: render one evaluation set with each "
+                                            "(and the base model) and score it like charforge tune scores a trial.",
+                                epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("loras", nargs="*", metavar="LORA", help="LoRAs as the server's LoraLoader lists them")
+    bench.add_argument("--character", required=True, metavar="NAME", help="the character preset")
+    bench.add_argument("--out", type=Path, required=True, metavar="DIR", help="benchmark folder (resumed)")
+    bench.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a scene (repeatable)")
+    bench.add_argument("--prompts", type=Path, metavar="FILE", help="scenes, one per line")
+    bench.add_argument("--seeds", default="1,2", help="sampler seeds (default: 1,2)")
+    bench.add_argument("--strength", type=float, default=1.0, help="LoRA strength, model and CLIP (default 1.0)")
+    bench.add_argument("--checkpoint", help="the base model (default: the first one the server lists)")
+    bench.add_argument("--no-base", action="store_true", help="leave out the base model row")
+    bench.add_argument("--reference", metavar="DIR|IDENTITY", help="who the character is (default: the preset's)")
+    bench.add_argument("--face-pack", default="buffalo_l")
+    bench.add_argument("--face-models", metavar="DIR", help="an insightface folder searched first")
+    bench.add_argument("--det-size", type=int, default=640)
+    bench.add_argument("--clip", metavar="NAME|PATH|none", help="CLIP model (default: the first in clip_vision)")
+    bench.add_argument("--device", help="CLIP device (default: cuda, mps or cpu)")
+    bench.add_argument("--identity-weight", type=float, default=1.0)
+    bench.add_argument("--text-weight", type=float, default=0.5)
+    bench.add_argument("--diversity-weight", type=float, default=0.5)
+    bench.add_argument("--timeout", type=float, metavar="S", help="limit per image")
+    bench.set_defaults(func=cmd_lora_bench)
+
+
+def cmd_lora_bench(args: argparse.Namespace, out: Any) -> int:
+    import dataclasses
+
+    from charforge.driver.batch import ComfyTarget
+    from charforge.driver.cli import connect
+
+    from ..lora_eval import DEFAULT_SCENES, check_server, load_character, parse_numbers, read_prompts
+    from ..tune.bench import bench_loras, bench_table
+    from ..tune.scores import SetScorer
+    from ..tune.spec import EvalSet
+    from ..tune.trials import PoolServer
+
+    scenes = read_prompts(args.prompts) if args.prompts is not None else (args.prompt or list(DEFAULT_SCENES))
+    evaluation = EvalSet(scenes=scenes, seeds=parse_numbers(args.seeds, int, "--seeds"), strength=args.strength)
+    character = load_character(args.character)
+    weights = {"identity": args.identity_weight, "text": args.text_weight, "diversity": args.diversity_weight}
+    scorer = SetScorer(character, face_pack=args.face_pack, face_models_dir=args.face_models, det_size=args.det_size,
+                       clip=args.clip, reference=args.reference, device=args.device, weights=weights, note=out.note)
+    with connect(args, out) as client:
+        info = client.object_info()
+        checkpoint = args.checkpoint
+        loras = []
+        for lora in args.loras:
+            name, checkpoint = check_server(info, lora, checkpoint, client.url, out.note)
+            loras.append(name)
+        if not loras:  # the base model alone
+            checkpoint = checkpoint or _first_checkpoint(info, client.url)
+        config = client.config
+        if args.insecure:
+            config = dataclasses.replace(config, verify_tls=False)
+        server = PoolServer(str(config.url), lambda: ComfyTarget(config, capacity=1), config)
+        scorer.load()
+        rows = bench_loras(server, character, loras, args.out, evaluation=evaluation, checkpoint=checkpoint,
+                           scorer=scorer, include_base=not args.no_base, timeout=args.timeout, note=out.note)
+    failed = sum(r.failed for r in rows)
+    table = bench_table(rows)
+    lines = [table, f"table: {args.out / 'table.md'}", f"sheet: {args.out / 'sheet.png'}"]
+    if failed:
+        lines.append(f"{failed} render(s) failed; rerun the same command to retry them")
+    out.result("\n".join(lines), rows=[{"lora": r.name, **r.scores.to_dict()} for r in rows], failed=failed,
+               table=str(args.out / "table.md"))
+    return 1 if failed else 0
+
+
+def _first_checkpoint(info: dict, url: str) -> str:
+    from charforge.driver.errors import UsageError
+
+    spec = (((info.get("CheckpointLoaderSimple") or {}).get("input") or {}).get("required") or {}).get("ckpt_name")
+    choices = spec[0] if spec and isinstance(spec[0], list) else []
+    if not choices:
+        raise UsageError(f"the server {url} has no checkpoint in models/checkpoints; put the base model there")
+    return str(choices[0])

@@ -206,38 +206,47 @@ def importances_png(study: Any, spec: Any, path: Path) -> dict[str, float]:
 
 def best_grid_png(out: Path, ranked: list[Any], path: Path, cell: int = 160) -> None:
     """The evaluation images of the best trials side by side, one row per trial (best first)."""
+    rows = []
+    for place, t in enumerate(ranked):
+        settings = t.user_attrs.get("settings") or {}
+        lines = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(settings.items())[:5]]
+        rows.append((f"#{place + 1}: trial {t.number}", t.user_attrs.get("scores") or {}, lines,
+                     out / str(t.user_attrs.get("folder") or "") / "eval"))
+    best_grid_png_rows(rows, path, "best trials (rows), evaluation images (columns: scene x seed)", cell)
+
+
+def best_grid_png_rows(rows: Sequence[tuple[str, dict[str, Any], list[str], Path]], path: Path, title: str,
+                       cell: int = 160) -> None:
+    """A sheet with one row per (label, scores, extra lines, folder holding images.json) and its images."""
     from PIL import Image, ImageDraw
 
     from charforge.engine.score.render import BACKGROUND, INK, load_font
 
-    rows = []
-    for t in ranked:
-        results = out / str(t.user_attrs.get("folder") or "") / "eval" / "images.json"
+    loaded = []
+    for label, scores, lines, folder in rows:
+        files: list[Path] = []
         with contextlib.suppress(OSError, ValueError):
-            rows.append((t, [out / str(t.user_attrs.get("folder")) / "eval" / f for f in
-                             json.loads(results.read_text(encoding="utf-8"))]))
-    columns = max((len(files) for _, files in rows), default=1)
-    label = 230
-    sheet = Image.new("RGB", (label + columns * (cell + 6) + 6, 40 + max(1, len(rows)) * (cell + 8)), BACKGROUND)
+            files = [folder / f for f in json.loads((folder / "images.json").read_text(encoding="utf-8"))]
+        loaded.append((label, scores, lines, files))
+    columns = max((len(files) for *_, files in loaded), default=1) or 1
+    label_width = 230
+    sheet = Image.new("RGB", (label_width + columns * (cell + 6) + 6, 40 + max(1, len(loaded)) * (cell + 8)),
+                      BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     font = load_font(12)
-    draw.text((8, 10), "best trials (rows), evaluation images (columns: scene x seed)", fill=INK, font=load_font(15))
-    for r, (t, files) in enumerate(rows):
+    draw.text((8, 10), title, fill=INK, font=load_font(15))
+    for r, (label, scores, lines, files) in enumerate(loaded):
         y = 40 + r * (cell + 8)
-        scores = t.user_attrs.get("scores") or {}
-        lines = [f"#{r + 1}: trial {t.number}", *(f"{k} {scores[k]:.3f}" for k in ("combined", "identity", "text",
-                                                                                   "diversity")
-                                                    if isinstance(scores.get(k), (int, float)))]
-        settings = t.user_attrs.get("settings") or {}
-        lines += [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(settings.items())[:5]]
-        for i, line in enumerate(lines[:10]):
+        text = [label, *(f"{k} {scores[k]:.3f}" for k in ("combined", "identity", "text", "diversity", "cmmd")
+                         if isinstance(scores.get(k), (int, float))), *lines]
+        for i, line in enumerate(text[:10]):
             draw.text((8, y + i * 15), line[:34], fill=INK, font=font)
         for c, file in enumerate(files):
             with contextlib.suppress(OSError):
                 with Image.open(file) as picture:
                     tile = picture.convert("RGB")
                 tile.thumbnail((cell, cell))
-                sheet.paste(tile, (label + c * (cell + 6), y))
+                sheet.paste(tile, (label_width + c * (cell + 6), y))
     sheet.save(path)
 
 

@@ -32,7 +32,7 @@ from charforge.driver.workflow.overrides import Override, apply_overrides, resol
 
 from ..lora_eval import POSITIVE, SAMPLER, EvalImage, draw_grid, eval_graph, first_image, plan_grid, summarise
 from .scores import SetScorer, SetScores, sample_images
-from .spec import NODE_INPUTS, TRAIN_CLASS, TuneSpec
+from .spec import NODE_INPUTS, TRAIN_CLASS, EvalSet, TuneSpec
 
 TRIALS = "trials"
 TRIAL_FILE = "trial.json"
@@ -177,35 +177,94 @@ class TrialResult:
     grid: Path | None
 
 
+def run_batch(jobs: Any, server: PoolServer, folder: Path, stop: Callable[[], bool],
+              timeout: float | None = None) -> list[Any]:
+    """Run `jobs` (a plan or a list of jobs) on `server` with the batch runner into `folder`; the outcomes.
+
+    The same jobs in the same folder resume: done jobs are not sent again, submitted ones are looked up."""
+    from charforge.driver.batch import Batch
+
+    outcomes = []
+    iterator = Batch(jobs, source=str(folder.name), base=folder).run(
+        servers=[server.make_target()], out=folder, capacity=1, timeout=timeout, retry_failed=True,
+        contact_sheet=None, on_message=lambda text: None)
+    try:
+        for outcome in iterator:
+            outcomes.append(outcome)
+            if stop():
+                break
+    finally:
+        iterator.close()
+    return outcomes
+
+
+class EvalRenderer:
+    """The fixed evaluation set (scenes x seeds, one LoRA strength) rendered and drawn; for trials and benches."""
+
+    def __init__(self, character: Any, evaluation: EvalSet, checkpoint: str, *, weights: dict[str, float],
+                 timeout: float | None = None) -> None:
+        self.character, self.eval, self.checkpoint = character, evaluation, checkpoint
+        self.weights, self.timeout = weights, timeout
+        self.texts = [(character.prompt_text(scene), join_prompt(character.prompt, scene)) for scene in evaluation.scenes]
+
+    def evaluate(self, lora: str | None, server: PoolServer, folder: Path, stop: Callable[[], bool],
+                 title: str = "") -> tuple[list[EvalImage], Path, float]:
+        """Render the evaluation set with `lora` (None: the base model alone) on `server` into `folder`."""
+        strength = self.eval.strength
+        seeds = self.eval.seeds
+        fulls = [full for full, _ in self.texts]
+        prefix = f"charforge_tune/{_safe(Path(lora).stem if lora else 'base')}"
+        graph = eval_graph(self.character, lora=lora or "", checkpoint=self.checkpoint, strength=strength,
+                           prompt=fulls[0], seed=seeds[0], save_prefix=prefix)
+        if not lora:
+            from charforge.driver.batch import parse_sweep
+
+            jobs = parse_sweep({"prompt": base_model_graph(graph), "name": "base model", "axes": {
+                "prompt": {"set": f"{POSITIVE}.text", "values": fulls},
+                "seed": {"set": f"{SAMPLER}.seed", "values": list(seeds)}}}, "base model").jobs
+        else:
+            jobs = plan_grid(graph, [strength], fulls, seeds, name=title or lora).jobs
+        index = {full: i for i, full in enumerate(fulls)}
+        images = {job.id: EvalImage(strength, index[job.axes["prompt"]], int(job.axes["seed"]), job.axes["prompt"],
+                                    self.texts[index[job.axes["prompt"]]][1], job.id) for job in jobs}
+        renders = folder / "renders"
+        for outcome in run_batch(jobs, server, renders, stop, self.timeout):
+            image = images.get(outcome.job.id)
+            if image is None:
+                continue
+            image.state = outcome.state
+            if outcome.ok:
+                image.file = first_image(list(outcome.files))
+                if image.file is None:
+                    image.state, image.error = "failed", "the job wrote no image"
+            else:
+                image.error = outcome.reason or outcome.state
+        return [images[job.id] for job in jobs], folder / "grid.png", batch_cost(renders)
+
+    def draw(self, images: list[EvalImage], scores: SetScores, path: Path, title: str, threshold: float | None) -> None:
+        """The evaluation grid (one row, scene x seed columns) with the set's scores under it; and images.json."""
+        strength = self.eval.strength
+        summaries, _ = summarise(images, [strength], 1.0, self.weights.get("text", 0.5), threshold)
+        gen = self.character.generation
+        note = (f"identity {_fmt(scores.identity)}  text {_fmt(scores.text)}  diversity {_fmt(scores.diversity)}  "
+                f"cmmd {_fmt(scores.cmmd)}  combined {_fmt(scores.combined)}")
+        grid = draw_grid(images, [strength], self.eval.scenes, self.eval.seeds, summaries, None,
+                         title, (gen.width, gen.height), 160, note)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        write_images_list(images, path.parent)
+
+
 class TrialRunner:
     """Runs trials: shared by the search's worker threads (one per server)."""
 
     def __init__(self, spec: TuneSpec, character: Any, train: TrainGraph, scorer: SetScorer, out: Path, *,
                  checkpoint: str, timeout: float | None = None, note: Callable[[str], None] | None = None) -> None:
         self.spec, self.character, self.train, self.scorer = spec, character, train, scorer
-        self.out, self.checkpoint, self.timeout = out, checkpoint, timeout
+        self.out, self.timeout = out, timeout
         self.note = note or (lambda text: None)
-        self.texts = [(character.prompt_text(scene), join_prompt(character.prompt, scene)) for scene in spec.eval.scenes]
-
-    # ---- batches ---------------------------------------------------------------------------------------------
-
-    def _run_batch(self, plan_or_jobs: Any, server: PoolServer, folder: Path, stop: Callable[[], bool]) -> list[Any]:
-        from charforge.driver.batch import Batch
-
-        outcomes = []
-        batch = Batch(plan_or_jobs, source=str(folder.name), base=folder)
-        iterator = batch.run(servers=[server.make_target()], out=folder, capacity=1, timeout=self.timeout,
-                             retry_failed=True, contact_sheet=None, on_message=lambda text: None)
-        try:
-            for outcome in iterator:
-                outcomes.append(outcome)
-                if stop():
-                    break
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
-        return outcomes
+        self.renderer = EvalRenderer(character, spec.eval, checkpoint, weights=spec.weights, timeout=timeout)
+        self.texts = self.renderer.texts
 
     # ---- one trial -------------------------------------------------------------------------------------------
 
@@ -240,7 +299,7 @@ class TrialRunner:
         for index, steps in enumerate(steps_list):
             segment = folder / f"train-{steps:06d}"
             graph = self.train.segment_graph(name, settings, steps, self.sample_settings())
-            outcomes = self._run_batch(_single_job(graph, f"{name} to step {steps}"), server, segment, stop)
+            outcomes = run_batch(_single_job(graph, f"{name} to step {steps}"), server, segment, stop, self.timeout)
             cost += batch_cost(segment)
             if not outcomes:
                 raise KeyboardInterrupt  # stopped by the caller
@@ -270,66 +329,15 @@ class TrialRunner:
         lora, run = lora_from_outputs(outcome.folder, name)
         trial.set_user_attr("lora", lora)
         trial.set_user_attr("run", run)
-        images, grid, render_cost = self.evaluate(lora, server, folder / "eval", stop, title=f"trial {number}: {lora}")
+        images, grid, render_cost = self.renderer.evaluate(lora, server, folder / "eval", stop,
+                                                           title=f"trial {number}: {lora}")
         cost += render_cost
         scores = self.scorer.score_images(images)
         if scores.images == 0:
             raise TrialFailed(f"no evaluation image of {lora} was rendered on {server.name}: "
                               + "; ".join(sorted({(i.error or i.state)[:200] for i in images})))
-        self._draw_grid(images, scores, grid, f"trial {number}: {lora}")
-        write_images_list(images, folder / "eval")
+        self.renderer.draw(images, scores, grid, f"trial {number}: {lora}", self.scorer.scoring.threshold)
         return TrialResult(scores, lora, run, images, cost, grid)
-
-    def evaluate(self, lora: str, server: PoolServer, folder: Path, stop: Callable[[], bool],
-                 title: str = "") -> tuple[list[EvalImage], Path, float]:
-        """Render the evaluation set with `lora` (None: the base model alone) on `server` into `folder`."""
-        strength = self.spec.eval.strength
-        seeds = self.spec.eval.seeds
-        fulls = [full for full, _ in self.texts]
-        prefix = f"charforge_tune/{_safe(Path(lora).stem if lora else 'base')}"
-        graph = eval_graph(self.character, lora=lora or "", checkpoint=self.checkpoint, strength=strength,
-                           prompt=fulls[0], seed=seeds[0], save_prefix=prefix)
-        if not lora:
-            graph = base_model_graph(graph)
-            from charforge.driver.batch import parse_sweep
-
-            plan = parse_sweep({"prompt": graph, "name": "base model", "axes": {
-                "prompt": {"set": f"{POSITIVE}.text", "values": fulls},
-                "seed": {"set": f"{SAMPLER}.seed", "values": list(seeds)}}}, "base model")
-            jobs = plan.jobs
-            for job in jobs:
-                job.axes["strength"] = strength
-        else:
-            jobs = plan_grid(graph, [strength], fulls, seeds, name=title or lora).jobs
-        index = {full: i for i, full in enumerate(fulls)}
-        images = {job.id: EvalImage(strength, index[job.axes["prompt"]], int(job.axes["seed"]), job.axes["prompt"],
-                                    self.texts[index[job.axes["prompt"]]][1], job.id) for job in jobs}
-        renders = folder / "renders"
-        for outcome in self._run_batch(jobs, server, renders, stop):
-            image = images.get(outcome.job.id)
-            if image is None:
-                continue
-            image.state = outcome.state
-            if outcome.ok:
-                image.file = first_image(list(outcome.files))
-                if image.file is None:
-                    image.state, image.error = "failed", "the job wrote no image"
-            else:
-                image.error = outcome.reason or outcome.state
-        ordered = [images[job.id] for job in jobs]
-        return ordered, folder / "grid.png", batch_cost(renders)
-
-    def _draw_grid(self, images: list[EvalImage], scores: SetScores, path: Path, title: str) -> None:
-        strength = self.spec.eval.strength
-        summaries, best = summarise(images, [strength], 1.0, self.spec.weights.get("text", 0.5),
-                                    self.scorer.scoring.threshold)
-        gen = self.character.generation
-        note = (f"identity {_fmt(scores.identity)}  text {_fmt(scores.text)}  diversity {_fmt(scores.diversity)}  "
-                f"cmmd {_fmt(scores.cmmd)}  combined {_fmt(scores.combined)}")
-        grid = draw_grid(images, [strength], self.spec.eval.scenes, self.spec.eval.seeds, summaries, None,
-                         title, (gen.width, gen.height), 160, note)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
 
 
 def write_images_list(images: list[EvalImage], folder: Path) -> None:
