@@ -84,5 +84,5 @@ def upscale_to(model: ImageModel, rgb, size: tuple[int, int], tile: int = DEFAUL
     for _ in range(passes_needed(model.scale, factor)):
         rgb = upscale_tiled(model, rgb, tile, pad, control)
     if (rgb.shape[1], rgb.shape[0]) != tuple(size):
-        rgb = resize(rgb, tuple(size))
+        rgb = resize(rgb, (size[0], size[1]))
     return rgb
