@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import queue as thread_queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,8 @@ class Batch:
         return BatchRunner(self.plan, make_targets(servers, capacity=capacity), RunOptions(Path(out), **options),
                            base=self.base, on_message=on_message)
 
-    async def run_async(self, servers: list[Any], out: str | Path, **options: Any) -> AsyncIterator[JobOutcome]:
+    async def run_async(self, servers: list[Any], out: str | Path,
+                        **options: Any) -> AsyncGenerator[JobOutcome, None]:
         """Async version of :meth:`run`."""
         async with contextlib.aclosing(self.runner(servers, out, **options).run()) as outcomes:
             async for outcome in outcomes:

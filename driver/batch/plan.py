@@ -250,7 +250,7 @@ def _axes(spec: Any, where: str) -> list[Axis]:
     for name, body in spec.items():
         at = f"{where}: axis {name!r}"
         if isinstance(body, list):
-            address, values, named = str(name), body, True
+            address, values, named = name, body, True
         elif isinstance(body, dict):
             address = body.get("set", name)
             named = True
@@ -378,7 +378,7 @@ def parse_sweep(data: Any, source: str = "sweep", base: Path | None = None, *,
                 chosen[axis.name] = value
                 overrides.append(_override(axis.address, value, f"{source}: axis {axis.name!r}"))
         seed = None
-        if seed_of is not None:
+        if seed_of is not None and seed_address is not None:  # _seed_fn gives both or neither
             seed = seed_of(index)
             overrides.append(_override(seed_address, seed, f"{source}: seed"))
         jid = job_id(workflow, prompt, overrides, inputs)

@@ -39,11 +39,11 @@ import shutil
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from charforge.common.retry import Backoff
 
@@ -165,7 +165,7 @@ class BatchRunner:
             handle.close()
             raise BatchError(f"another 'charforge batch run' is using {self.out}; wait for it or stop it "
                              "('charforge batch status' shows its progress)") from None
-        self._lock_handle = handle
+        self._lock_handle: IO[str] | None = handle
 
     def _unlock(self) -> None:
         handle = getattr(self, "_lock_handle", None)
@@ -342,7 +342,8 @@ class BatchRunner:
                 return Step.ENDED
             where = None
             if prompt_id is not None:
-                where = await self._retrying(job, "looking the job up", lambda: target.lookup(prompt_id))
+                known_id = prompt_id
+                where = await self._retrying(job, "looking the job up", lambda: target.lookup(known_id))
                 if where == "unknown":
                     self._log("lost", job=job.id, prompt_id=prompt_id, server=target.name,
                               reason="the server does not know the job (restarted?)")
@@ -548,7 +549,7 @@ class BatchRunner:
                 await asyncio.sleep(self._backoff.delay(attempt, rng=self._rng.random))
         return False
 
-    async def run(self) -> AsyncIterator[JobOutcome]:
+    async def run(self) -> AsyncGenerator[JobOutcome, None]:
         """Run the batch; yields a :class:`JobOutcome` per job as it ends (finished jobs of earlier runs first)."""
         self._lock()
         try:
@@ -561,7 +562,7 @@ class BatchRunner:
         self._cond = asyncio.Condition()
         self._results = asyncio.Queue()
         reason = "error"
-        tasks: list[asyncio.Task] = []
+        tasks: list[asyncio.Future[Any]] = []
         try:
             journal.append("run_start", pid=os.getpid(), servers=[t.name for t in self.targets])
             for outcome in self._schedule(journal):
@@ -627,7 +628,7 @@ class BatchRunner:
             return
         from .sheet import axes_for_sheet, make_contact_sheet
 
-        axes = axes_for_sheet(self.plan, None if spec == "auto" else spec)  # type: ignore[arg-type]
+        axes = axes_for_sheet(self.plan, None if spec == "auto" else spec)
         if axes is None:
             return
         try:

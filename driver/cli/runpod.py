@@ -15,7 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..config import RunPodSettings, resolve_runpod
@@ -285,7 +285,7 @@ def _with_api(args: argparse.Namespace, out: Any, work: Callable[[Any], Any]) ->
     return asyncio.run(main())
 
 
-def _table(rows: list[tuple[str, ...]], heads: tuple[str, ...]) -> str:
+def _table(rows: Sequence[tuple[str, ...]], heads: tuple[str, ...]) -> str:
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]

@@ -13,7 +13,7 @@ import json
 import mimetypes
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +145,7 @@ class AsyncComfyClient:
                 headers.update(self.config.auth.headers())
             timeout = aiohttp.ClientTimeout(total=None, connect=self.timeout.connect,
                                             sock_connect=self.timeout.connect, sock_read=self.timeout.read)
-            connector = aiohttp.TCPConnector(ssl=None if self.verify_tls else False)
+            connector = aiohttp.TCPConnector(ssl=bool(self.verify_tls))  # True: the default verified context
             self._session = aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector,
                                                   trust_env=self.trust_env)
         return self._session
@@ -293,7 +293,7 @@ class AsyncComfyClient:
         return wf
 
     async def prepare_run(self, workflow: Workflow | dict[str, Any] | str | Path, *,
-                          sets: list[str | Override] = (), inputs: list[str | InputFile] = (),  # type: ignore[assignment]
+                          sets: Sequence[str | Override] = (), inputs: Sequence[str | InputFile] = (),
                           preflight: bool = True, upload: bool = True) -> PreparedRun:
         """Load/convert ``workflow``, apply ``--set`` overrides, check it against ``/object_info`` (see
         :func:`~charforge.driver.workflow.prepare.prepare_run`) and upload the ``--input`` files (and override

@@ -62,9 +62,11 @@ def result_from_history(prompt_id: str, entry: dict[str, Any], *, submitted_at: 
                      status=status, cached_nodes=cached, node_errors=dict(node_errors or {}), history=entry)
 
 
+_KINDS: dict[type, str] = {dict: "an object", list: "a list", str: "a string"}
+
+
 def describe_kind(value: Any) -> str:
-    return "null" if value is None else {dict: "an object", list: "a list", str: "a string"}.get(
-        type(value), type(value).__name__)
+    return "null" if value is None else _KINDS.get(type(value), type(value).__name__)
 
 
 def check_history_entry(prompt_id: str, entry: Any, where: str = "the server") -> None:

@@ -17,7 +17,7 @@ except Exception:  # noqa: BLE001 - the node pack may be absent in a driver-only
 
 USER_AGENT = f"charforge-driver/{_VERSION}"
 # asyncio.TimeoutError is the builtin TimeoutError only from Python 3.11 on.
-TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (asyncio.TimeoutError, TimeoutError)
+TIMEOUT_ERRORS = (asyncio.TimeoutError, TimeoutError)
 
 
 def is_loopback(netloc: str) -> bool:

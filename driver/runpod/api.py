@@ -86,7 +86,9 @@ class Pod:
 
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> Pod:
-        gpu = data.get("gpu") if isinstance(data.get("gpu"), dict) else {}
+        gpu = data.get("gpu")
+        if not isinstance(gpu, dict):
+            gpu = {}
         mappings = data.get("portMappings") or {}
         if not isinstance(mappings, dict):
             mappings = {}

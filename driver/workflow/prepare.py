@@ -10,6 +10,7 @@ uploads those files and hands the names the server chose to :meth:`PreparedRun.w
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ def as_api(workflow: Workflow | dict[str, Any] | str | Path, object_info: dict[s
 
 
 def prepare_run(workflow: Workflow | dict[str, Any] | str | Path, object_info: dict[str, Any], *,
-                sets: list[str | Override] = (), inputs: list[str | InputFile] = (),  # type: ignore[assignment]
+                sets: Sequence[str | Override] = (), inputs: Sequence[str | InputFile] = (),
                 preflight: bool = True) -> PreparedRun:
     """Convert ``workflow`` when it is an editor workflow, apply ``--set`` overrides, check it against
     ``object_info`` and plan the ``--input`` files (and override values naming local files for file-picking
