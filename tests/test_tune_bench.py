@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from fakes.tune_server import OPTIMUM, TuneServer
+from fakes.tune_server import OPTIMUM, TuneServer, env_fixture, models_fixture, run_cli  # noqa: F401 - fixtures
 from PIL import Image
-from test_tune_search import env, models, run_cli  # noqa: F401 - fixtures shared with the search tests
 
 pytest.importorskip("insightface")
 
 
 @pytest.mark.slow
-def test_bench_ranks_planted_loras_and_the_base_model(env):  # noqa: F811 - the fixture
+def test_bench_ranks_planted_loras_and_the_base_model(env):
     out = env / "bench"
     with TuneServer() as server:
         server.trained["mine.safetensors"] = dict(OPTIMUM)  # draws the character
@@ -53,7 +52,7 @@ def test_bench_ranks_planted_loras_and_the_base_model(env):  # noqa: F811 - the 
         assert len(server.renders) == before
 
 
-def test_bench_names_a_lora_the_server_does_not_have(env):  # noqa: F811
+def test_bench_names_a_lora_the_server_does_not_have(env):
     with TuneServer() as server:
         code, _, stderr = run_cli("lora", "bench", "missing.safetensors", "--character", "hero", "--server",
                                   server.url, "--out", str(env / "bench"))

@@ -7,7 +7,6 @@ while the search, the batch runner, the scoring and the report are the real ones
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -18,53 +17,21 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fakes.tune_server import BROKEN_LR, FACE, SIZE, TuneServer, distance, write_search, write_train_workflow
+from fakes.tune_server import (  # noqa: F401
+    BROKEN_LR,
+    TuneServer,
+    distance,
+    env_fixture,
+    models_fixture,
+    run_cli,
+    write_search,
+)
 from PIL import Image
-
-from cf_testing.face_models import face_image, write_clip_folder, write_face_pack
-from charforge.recipes import cli
 
 pytest.importorskip("optuna")
 pytest.importorskip("insightface")
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tune-models")
-    write_face_pack(root / "insightface", "buffalo_l")
-    write_clip_folder(root / "clip_vision" / "tiny-clip")
-    return root
-
-
-@pytest.fixture
-def env(no_comfy, monkeypatch, models, tmp_path) -> Path:
-    """Models above, the character 'hero' with reference photos, the training workflow and a loras folder."""
-    monkeypatch.setenv("CHARFORGE_MODELS_DIR", str(models))
-    monkeypatch.setenv("CHARFORGE_PATH_CHARFORGE", str(tmp_path / "charforge"))
-    for var in ("CHARFORGE_SERVER", "CHARFORGE_PROFILE", "CHARFORGE_TOKEN", "CHARFORGE_PATH_INSIGHTFACE", "COMFYUI_DIR"):
-        monkeypatch.delenv(var, raising=False)
-    refs = tmp_path / "refs"
-    refs.mkdir()
-    for seed in range(4):
-        Image.fromarray(face_image((SIZE, SIZE), faces=FACE, person=0, noise=6, seed=200 + seed)).save(
-            refs / f"ref{seed}.png")
-    folder = tmp_path / "charforge" / "characters"
-    folder.mkdir(parents=True)
-    (folder / "hero.yaml").write_text(yaml.safe_dump({
-        "display_name": "Hero", "trigger_words": ["hero_cf"], "prompt": "photo of a woman",
-        "negative_prompt": "blurry", "reference_photos": str(refs), "threshold": 0.5,
-        "generation": {"steps": 8, "cfg": 5.0, "width": SIZE, "height": SIZE, "sampler": "euler",
-                       "scheduler": "normal"}}))
-    write_train_workflow(tmp_path / "train.json")
-    return tmp_path
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def trials_of(out: Path) -> list[dict]:

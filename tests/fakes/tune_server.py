@@ -21,10 +21,12 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
+import yaml
 from fakes.comfy_server import FakeComfyServer, NodeDef
 from PIL import Image
 
-from cf_testing.face_models import blank_image, face_image
+from cf_testing.face_models import blank_image, face_image, write_clip_folder, write_face_pack
 
 OPTIMUM = {"learning_rate": 3e-4, "rank": 16}
 BROKEN_LR = 3e-3
@@ -171,3 +173,46 @@ def write_train_workflow(path: Path) -> Path:
         "use_preset_values": False}}}
     path.write_text(json.dumps(graph))
     return path
+
+
+# ---- fixtures shared by the tune and bench tests --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", name="models")
+def models_fixture(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tune-models")
+    write_face_pack(root / "insightface", "buffalo_l")
+    write_clip_folder(root / "clip_vision" / "tiny-clip")
+    return root
+
+
+@pytest.fixture(name="env")
+def env_fixture(no_comfy, monkeypatch, models, tmp_path) -> Path:
+    """Models above, the character 'hero' with reference photos, the training workflow and a loras folder."""
+    monkeypatch.setenv("CHARFORGE_MODELS_DIR", str(models))
+    monkeypatch.setenv("CHARFORGE_PATH_CHARFORGE", str(tmp_path / "charforge"))
+    for var in ("CHARFORGE_SERVER", "CHARFORGE_PROFILE", "CHARFORGE_TOKEN", "CHARFORGE_PATH_INSIGHTFACE", "COMFYUI_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for seed in range(4):
+        Image.fromarray(face_image((SIZE, SIZE), faces=FACE, person=0, noise=6, seed=200 + seed)).save(
+            refs / f"ref{seed}.png")
+    folder = tmp_path / "charforge" / "characters"
+    folder.mkdir(parents=True)
+    (folder / "hero.yaml").write_text(yaml.safe_dump({
+        "display_name": "Hero", "trigger_words": ["hero_cf"], "prompt": "photo of a woman",
+        "negative_prompt": "blurry", "reference_photos": str(refs), "threshold": 0.5,
+        "generation": {"steps": 8, "cfg": 5.0, "width": SIZE, "height": SIZE, "sampler": "euler",
+                       "scheduler": "normal"}}))
+    write_train_workflow(tmp_path / "train.json")
+    return tmp_path
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """The ``charforge`` command in this process: (exit code, stdout, stderr)."""
+    from charforge.recipes import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.main(list(argv), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
