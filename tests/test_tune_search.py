@@ -232,3 +232,14 @@ def test_a_search_killed_mid_way_resumes_without_running_finished_trials_again(e
     assert running and f"resuming 1 trial(s) an earlier run left running: {min(running)}" in stderr
     for name, _, _ in after_train:
         assert sum(1 for n, _, _ in before_train + after_train if n == name) == 1, name
+
+
+def test_the_time_budget_stops_the_search(env):
+    search = write_search(env / "search.yaml", budget={"trials": 10, "hours": 0.0001})  # 0.36 s
+    out = env / "tune"
+    with TuneServer() as server:
+        code, stdout, stderr = run_cli("tune", str(search), "--out", str(out), "--server", server.url, "--no-report")
+    assert code == 0, stderr
+    study = _study(out)
+    assert len(study.get_trials()) == 1 and "time budget spent (0.0001 h)" in stdout
+    assert study.user_attrs["elapsed_s"] > 0.36

@@ -110,6 +110,7 @@ class Tuner:
         self._ran = 0
         self._errors: list[str] = []
         self._failures_in_a_row = 0
+        self._elapsed_before = 0.0
         self.stopped = ""
 
     def stop(self) -> None:
@@ -192,7 +193,7 @@ class Tuner:
         if len(trials) >= budget.trials:
             return f"trial budget spent ({budget.trials})"
         if budget.hours is not None:
-            elapsed = float(study.user_attrs.get("elapsed_s", 0.0)) + time.time() - started
+            elapsed = self._elapsed_before + time.time() - started
             if elapsed >= budget.hours * 3600:
                 return f"time budget spent ({budget.hours:g} h)"
         if budget.dollars is not None:
@@ -276,6 +277,7 @@ class Tuner:
                     continue
                 study.tell(trial, values)
                 self._failures_in_a_row = 0
+                study.set_user_attr("elapsed_s", self._elapsed_before + time.time() - started)
             self.note(f"trial {trial.number} done on {server.name}: " + ", ".join(
                 f"{m} {v:.4f}" for m, v in zip(self.spec.objectives, values, strict=True)))
 
@@ -314,6 +316,7 @@ class Tuner:
             runner = TrialRunner(spec, character, train, scorer, self.out, checkpoint=checkpoint,
                                  timeout=self.timeout, note=self.note)
             started = time.time()
+            self._elapsed_before = float(study.user_attrs.get("elapsed_s", 0.0))  # earlier runs of this search
             threads = [threading.Thread(target=self._worker, args=(study, runner, server, pruning, started),
                                         name=f"tune-{i}", daemon=True) for i, server in enumerate(self.servers)]
             for thread in threads:
@@ -325,13 +328,12 @@ class Tuner:
             except KeyboardInterrupt:
                 self._stop.set()
                 self.stopped = "interrupted"
-                for thread in threads:
-                    thread.join(60)
+                for thread in threads:  # a job under way goes on on its server; the next run follows it
+                    thread.join(5)
                 raise
             finally:
                 with self._lock:
-                    study.set_user_attr("elapsed_s", float(study.user_attrs.get("elapsed_s", 0.0))
-                                        + time.time() - started)
+                    study.set_user_attr("elapsed_s", self._elapsed_before + time.time() - started)
             if self._stop.is_set() and not self.stopped:
                 self.stopped = "stopped"
             result = self._result(study)
