@@ -245,6 +245,8 @@ class EvalRenderer:
         """The evaluation grid (one row, scene x seed columns) with the set's scores under it; and images.json."""
         strength = self.eval.strength
         summaries, _ = summarise(images, [strength], 1.0, self.weights.get("text", 0.5), threshold)
+        for summary in summaries:  # the row shows this search's combined score (diversity weighted in)
+            summary.combined = scores.combined
         gen = self.character.generation
         note = (f"identity {_fmt(scores.identity)}  text {_fmt(scores.text)}  diversity {_fmt(scores.diversity)}  "
                 f"cmmd {_fmt(scores.cmmd)}  combined {_fmt(scores.combined)}")
