@@ -18,7 +18,7 @@ function addStyle() {
 export function createPanel(root, { app, api }) {
   addStyle();
   const state = { view: "runs", runs: [], selected: null, details: null, live: {}, timer: null, alive: true,
-    detailsSignature: null, detailsElement: null };
+    detailsSignature: null, detailsElement: null, turn: 0, askedAt: 0 };
   const url = (path) => api.apiURL(path);
   const enc = encodeURIComponent;
 
@@ -51,14 +51,29 @@ export function createPanel(root, { app, api }) {
     refresh();
   }
 
+  // A newer refresh (a click, a message) supersedes one still waiting for the server: only the newest one
+  // draws and schedules the next.
   async function refresh() {
     clearTimeout(state.timer);
     if (!state.alive) return;
+    const turn = ++state.turn;
+    const view = state.view;
     try {
-      if (state.view === "runs") await refreshRuns();
-      else if (state.view === "datasets") renderDatasets((await getJSON("/charforge/datasets")).datasets);
-      else renderCharacters((await getJSON("/charforge/characters")).characters);
+      if (view === "runs") {
+        const runs = (await getJSON("/charforge/runs")).runs;
+        const name = state.selected ?? runs[0]?.name ?? null;
+        const details = name ? await getJSON(`/charforge/runs/${enc(name)}`).catch(() => null) : null;
+        if (turn !== state.turn) return;
+        Object.assign(state, { runs, selected: name, details });
+        renderRuns();
+      } else {
+        const body = await getJSON(view === "datasets" ? "/charforge/datasets" : "/charforge/characters");
+        if (turn !== state.turn) return;
+        if (view === "datasets") renderDatasets(body.datasets);
+        else renderCharacters(body.characters);
+      }
     } catch (error) {
+      if (turn !== state.turn) return;
       content.replaceChildren(h("div", { class: "cf-error" }, `CharForge: ${error.message}`));
     }
     if (state.alive && state.view === "runs") {
@@ -68,13 +83,6 @@ export function createPanel(root, { app, api }) {
   }
 
   // ------------------------------------------------------------------------------------------ runs
-
-  async function refreshRuns() {
-    state.runs = (await getJSON("/charforge/runs")).runs;
-    if (state.selected === null && state.runs.length) state.selected = state.runs[0].name;
-    state.details = state.selected ? await getJSON(`/charforge/runs/${enc(state.selected)}`).catch(() => null) : null;
-    renderRuns();
-  }
 
   function onProgress(event) {
     const data = event.detail ?? {};
@@ -90,7 +98,11 @@ export function createPanel(root, { app, api }) {
       details.state = "running";
     }
     if (state.view === "runs") renderRuns();
-    if (!state.runs.some((run) => run.name === data.run) || data.phase === "done") refresh();
+    const unknown = !state.runs.some((run) => run.name === data.run);
+    if (data.phase === "done" || (unknown && Date.now() - state.askedAt > 1000)) {
+      state.askedAt = Date.now(); // at most one list request a second for a run the list does not have yet
+      refresh();
+    }
   }
 
   function runLine(run) {
