@@ -218,7 +218,7 @@ def best_grid_png(out: Path, ranked: list[Any], path: Path, cell: int = 160) -> 
 def best_grid_png_rows(rows: Sequence[tuple[str, dict[str, Any], list[str], Path]], path: Path, title: str,
                        cell: int = 160) -> None:
     """A sheet with one row per (label, scores, extra lines, folder holding images.json) and its images."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageOps
 
     from charforge.engine.score.render import BACKGROUND, INK, load_font
 
@@ -244,8 +244,7 @@ def best_grid_png_rows(rows: Sequence[tuple[str, dict[str, Any], list[str], Path
         for c, file in enumerate(files):
             with contextlib.suppress(OSError):
                 with Image.open(file) as picture:
-                    tile = picture.convert("RGB")
-                tile.thumbnail((cell, cell))
+                    tile = ImageOps.contain(picture.convert("RGB"), (cell, cell))  # small renders scaled up too
                 sheet.paste(tile, (label_width + c * (cell + 6), y))
     sheet.save(path)
 
