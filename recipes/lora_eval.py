@@ -497,6 +497,7 @@ class Scoring:
 
         from charforge.engine.score import score_identity
 
+        assert image.file is not None  # only a rendered image (one with a file) is scored
         with Image.open(image.file) as picture:
             rgb = np.asarray(picture.convert("RGB"))
         row = score_identity(self.analyzer, self.identity, [(image.file.name, rgb)], self.threshold).rows[0]
@@ -544,8 +545,8 @@ def summarise(images: list[EvalImage], strengths: Sequence[float], identity_weig
         s = summarise_set(strength_label(strength), identity, text, identity_weight, text_weight)
         summaries.append(StrengthSummary(strength, s.images, s.faces, s.identity_mean, s.identity_min,
                                          s.identity_pass_rate, s.clip_mean, s.combined))
-    ranked = [s for s in summaries if s.combined is not None]
-    best = max(ranked, key=lambda s: (round(s.combined, 4), -s.strength)) if ranked else None
+    ranked = [(s.combined, s) for s in summaries if s.combined is not None]
+    best = max(ranked, key=lambda pair: (round(pair[0], 4), -pair[1].strength))[1] if ranked else None
     return summaries, best
 
 

@@ -359,10 +359,11 @@ class StoryRun:
             return {"folder": folder, "label": self.character.name, "source": str(path)}
         names = _choices(self.info, "CharForgeLoadIdentity", "name") or []
         if reference not in names:
-            photos = Path(self.character.reference_photos).expanduser() if self.character.reference_photos else None
-            if photos is not None and photos.is_dir() and photos != path:
-                self.note(f"identity {reference!r} is not saved on the server: using the photos in {photos}")
-                self.character.reference = str(photos)
+            photo_folder = (Path(self.character.reference_photos).expanduser() if self.character.reference_photos
+                            else None)
+            if photo_folder is not None and photo_folder.is_dir() and photo_folder != path:
+                self.note(f"identity {reference!r} is not saved on the server: using the photos in {photo_folder}")
+                self.character.reference = str(photo_folder)
                 return self._identity()
             raise UsageError(f"--reference {reference!r} is neither a local folder nor an identity saved on the server "
                              f"(saved: {', '.join(n for n in names if not n.startswith('(')) or 'none'})")
@@ -423,7 +424,7 @@ class StoryRun:
                 guide_image = uploaded.reference
         if (folder / ".download").exists():
             _remove_tree(folder / ".download")
-        models = {"checkpoint": checkpoint, "loras": [] if mode == "base" else
+        models: dict[str, Any] = {"checkpoint": checkpoint, "loras": [] if mode == "base" else
                   [_lora_dict(lora) for lora in self.character.loras],
                   "face_models": self.options.face_pack, "clip": clip}
         if mode == "reference" and guidance is not None:
