@@ -84,7 +84,7 @@ def _cell(value: Any, digits: int = 3) -> str:
 def bench_table(rows: Sequence[BenchRow]) -> str:
     """The Markdown table: one row per LoRA; the best combined score marked."""
     scored = [r for r in rows if r.scores.combined is not None]
-    best = max(scored, key=lambda r: r.scores.combined) if scored else None
+    best = max(scored, key=lambda r: r.scores.combined or 0.0) if scored else None
     heads = ["LoRA", "images", *COLUMNS, ""]
     body = [[r.name, str(r.scores.images), *(_cell(r.scores.value(c)) for c in COLUMNS),
              "best" if r is best else ""] for r in rows]

@@ -45,15 +45,13 @@ def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
 
 def pareto_front(trials: list[Any], metrics: Sequence[str], directions: Sequence[str]) -> list[Any]:
     """The trials no other trial beats on every metric (read from their scores; 'minimize' metrics negated)."""
-    def vector(t: Any) -> list[float] | None:
+    points: list[tuple[Any, list[float]]] = []
+    for t in trials:
         scores = t.user_attrs.get("scores") or {}
         values = [scores.get(m) for m in metrics]
-        if any(v is None for v in values):
-            return None
-        return [v if d == "maximize" else -v for v, d in zip(values, directions, strict=True)]
-
-    points = [(t, vector(t)) for t in trials]
-    points = [(t, v) for t, v in points if v is not None]
+        numbers = [float(v) for v in values if isinstance(v, (int, float))]
+        if len(numbers) == len(values):
+            points.append((t, [v if d == "maximize" else -v for v, d in zip(numbers, directions, strict=True)]))
     return [t for t, v in points if not any(_dominates(w, v) for _, w in points if w is not v)]
 
 

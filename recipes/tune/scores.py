@@ -135,7 +135,7 @@ class SetScorer:
         result.text = sum(texts) / len(texts) if texts else None
         clip = self.scoring.clip
         if clip is not None and len(rendered) >= 2:
-            pictures = [_rgb(image.file) for image in rendered]
+            pictures = [_rgb(image.file) for image in rendered if image.file is not None]
             features = distribution.clip_image_features(clip, pictures)
             result.diversity = distribution.diversity(features)
             if self.reference_features is not None:
@@ -172,8 +172,11 @@ def parse_sample_index(name: str) -> tuple[int, int] | None:
 def sample_images(files: Sequence[Path], prompts: Sequence[tuple[str, str]], seeds: int) -> list[EvalImage]:
     """The last step's Train LoRA samples among `files`, as images to score: sample i shows prompt i // seeds
     (the trainer renders prompt by prompt, each with every seed); `prompts` are (full, scored text) pairs."""
-    found = [(parse_sample_index(f.name), f) for f in files]
-    found = [(key, f) for key, f in found if key is not None]
+    found: list[tuple[tuple[int, int], Path]] = []
+    for f in files:
+        key = parse_sample_index(f.name)
+        if key is not None:
+            found.append((key, f))
     if not found:
         return []
     last = max(key[0] for key, _ in found)

@@ -144,8 +144,8 @@ class Tuner:
     def _check_space(self, train: TrainGraph, pruning: bool) -> None:
         probe = dict(self.spec.fixed)
         for param in self.spec.space:
-            probe[param.name] = param.choices[0] if param.kind == "choice" else (
-                int(param.low) if param.kind == "int" else param.low)
+            low = param.low or 0.0
+            probe[param.name] = param.choices[0] if param.kind == "choice" else (int(low) if param.kind == "int" else low)
         check_settings(probe)
         if not pruning:
             return

@@ -27,17 +27,20 @@ Parsing is pure (no server, no torch); errors are :class:`~charforge.driver.erro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from charforge.common.safe_yaml import UnsafeYaml, load_yaml
 from charforge.driver.errors import UsageError
 
+Direction = Literal["minimize", "maximize"]
+
 # What a trial can be judged by, and which way is better.
-METRICS: dict[str, str] = {
+METRICS: dict[str, Direction] = {
     "combined": "maximize",  # weighted identity + text (CLIPScore scale) + diversity (see docs/tune.md)
     "identity": "maximize",  # mean ArcFace similarity, images without a face counting 0
     "text": "maximize",  # mean CLIP image-prompt cosine
@@ -74,6 +77,7 @@ class Param:
         """The value for `trial` (an Optuna trial; a resumed trial gets the value it had)."""
         if self.kind == "choice":
             return trial.suggest_categorical(self.name, list(self.choices))
+        assert self.low is not None and self.high is not None  # a range always has both
         if self.kind == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
@@ -147,7 +151,7 @@ class TuneSpec:
     start: list[dict[str, Any]] = field(default_factory=list)  # searched settings tried first
 
     @property
-    def directions(self) -> list[str]:
+    def directions(self) -> list[Direction]:
         return [METRICS[m] for m in self.objectives]
 
     @property
@@ -211,7 +215,7 @@ def _section(data: dict[str, Any], key: str, cls: type, source: str) -> Any:
     raw = data.get(key) or {}
     if not isinstance(raw, dict):
         raise UsageError(f"{_where(source, key)}: expected a mapping, got {type(raw).__name__}")
-    names = {f for f in cls.__dataclass_fields__}
+    names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
         raise UsageError(f"{_where(source, key)}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")

@@ -194,7 +194,9 @@ def run_batch(jobs: Any, server: PoolServer, folder: Path, stop: Callable[[], bo
             if stop():
                 break
     finally:
-        iterator.close()
+        close = getattr(iterator, "close", None)  # a generator: closing it stops the batch cleanly
+        if close is not None:
+            close()
     return outcomes
 
 
