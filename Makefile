@@ -1,15 +1,18 @@
-# `make test` is the one test command (README, CI). It builds .venv on first use: the CPU build of torch
-# (never a multi-GB CUDA build), then this project with its node-pack and dev extras.
+# `make test` is the one test command (README, CI). It builds .venv on first use: torch and torchvision pinned
+# together first (spandrel, the face-restoration and upscaler loader, needs torchvision, and a torchvision that
+# does not match torch fails to import), then this project with its node-pack and dev extras. 2.14.1/0.29.1 are
+# the versions the real-ComfyUI suite runs with; pip takes them from a local wheel cache where one is set up.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_VERSION ?= 2.13.0
+TORCH_VERSION ?= 2.14.1
+TORCHVISION_VERSION ?= 0.29.1
 
 .PHONY: test lint setup integration catalogue
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)"
 	$(PY) -m pip install --quiet -e ".[nodes,faces,dev]"
 	touch $@
 
