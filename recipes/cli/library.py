@@ -312,7 +312,7 @@ def cmd_lora_eval(args: argparse.Namespace, out: Any) -> int:
 
 def _lora_spec(spec: str):
     parts = spec.split(":")
-    weights = []
+    weights: list[float] = []
     while len(parts) > 1 and len(weights) < 2:
         try:
             weights.insert(0, float(parts[-1]))
