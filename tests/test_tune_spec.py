@@ -113,3 +113,30 @@ def test_the_configured_tpe_finds_a_planted_optimum_more_often_than_random():
     tpe = sum(found("tpe", seed) for seed in range(12))
     rand = sum(found("random", seed) for seed in range(12))
     assert tpe > rand and tpe >= 8, (tpe, rand)
+
+
+def test_a_training_segment_graph(tmp_path):
+    """The trial's settings land in the Train LoRA node: basic ones as inputs (winning over the workflow's
+    overrides JSON), the rest merged into that JSON; the segment's steps; resume and use_preset_values set."""
+    import json
+
+    from fakes.tune_server import write_train_workflow
+
+    from charforge.recipes.tune.trials import TrainGraph
+
+    workflow = write_train_workflow(tmp_path / "train.json")
+    graph = json.loads(workflow.read_text())
+    graph["1"]["inputs"]["overrides"] = json.dumps({"learning_rate": 1.0, "steps": 900, "flip": True})
+    workflow.write_text(json.dumps(graph))
+    spec = parse_spec(dict(BASE, workflow=str(workflow), set={"Train LoRA (CharForge).dataset_folder": "x/img"}))
+    train = TrainGraph(spec)
+    assert train.settings_value({}, "steps") == 900  # the JSON's, as the node would use it
+    made = train.segment_graph("t_0001", {"learning_rate": 2e-4, "rank": 8, "optimizer": "adamw"}, 300,
+                               {"sample_every": 0})
+    inputs = made["1"]["inputs"]
+    extra = json.loads(inputs["overrides"])
+    assert (inputs["learning_rate"], inputs["rank"], inputs["steps"]) == (2e-4, 8, 300)
+    assert extra == {"flip": True, "optimizer": "adamw", "sample_every": 0}
+    assert inputs["dataset_folder"] == "x/img" and inputs["output_name"] == "t_0001"
+    assert inputs["resume"] == "auto" and inputs["use_preset_values"] is False
+    assert train.graph["1"]["inputs"]["output_name"] == "hero"  # the loaded workflow is untouched

@@ -119,8 +119,10 @@ class TrainGraph:
         for name, value in settings.items():
             if name in NODE_INPUTS:
                 inputs[name] = value
+                extra.pop(name, None)  # the node's overrides JSON would win over its input
             else:
                 extra[name] = value
+        extra.pop("steps", None)  # segments set the steps through the input
         extra.update(samples)
         inputs.update(output_name=output_name, steps=int(steps), use_preset_values=False, resume="auto",
                       overrides=json.dumps(extra, sort_keys=True))
