@@ -112,10 +112,16 @@ def pool_servers(args: argparse.Namespace, out: Any) -> list[Any]:
 
 
 def cmd_tune(args: argparse.Namespace, out: Any) -> int:
+    import importlib.util
+
+    from charforge.driver.errors import UsageError
+
     from ..tune.search import Tuner
     from ..tune.spec import load_spec
 
     spec = load_spec(args.search)
+    if importlib.util.find_spec("optuna") is None:
+        raise UsageError('charforge tune searches with Optuna, which is not installed: pip install "charforge[tune]"')
     if args.trials is not None:
         spec.budget.trials = max(1, args.trials)
     if args.hours is not None:
