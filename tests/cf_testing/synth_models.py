@@ -80,8 +80,9 @@ def build_swapper_onnx(path: str | Path, mode: str = "random", seed: int = 0) ->
 RESTORERS = ("GFPGAN", "RestoreFormer", "CodeFormer")
 
 
-def restorer_network(kind: str, seed: int = 0):
-    """A randomly initialised face-restoration network from spandrel's own classes."""
+def restorer_network(kind: str, seed: int = 0, full_size: bool = False):
+    """A randomly initialised face-restoration network from spandrel's own classes (`full_size`: the released
+    RestoreFormer and CodeFormer sizes, for benchmarks; GFPGAN is always full size)."""
     import torch
 
     torch.manual_seed(seed)
@@ -93,24 +94,26 @@ def restorer_network(kind: str, seed: int = 0):
     if kind == "RestoreFormer":
         from spandrel.architectures.RestoreFormer import RestoreFormer
 
+        if full_size:
+            return RestoreFormer()  # spandrel's defaults are the released RestoreFormer.pth's sizes
         return RestoreFormer(n_embed=64, embed_dim=32, ch=32, ch_mult=(1, 1, 1, 1, 1, 1), num_res_blocks=1,
                              z_channels=32, head_size=2)
     if kind == "CodeFormer":
         from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
 
-        return CodeFormer(dim_embd=512, n_head=8, n_layers=1, codebook_size=1024, latent_size=256,
+        return CodeFormer(dim_embd=512, n_head=8, n_layers=9 if full_size else 1, codebook_size=1024, latent_size=256,
                           connect_list=["32", "64", "128", "256"], fix_modules=["quantize", "generator"])
     raise ValueError(f"unknown restorer {kind!r}; one of {RESTORERS}")
 
 
-def build_restorer(path: str | Path, kind: str, seed: int = 0, half: bool = True) -> Path:
+def build_restorer(path: str | Path, kind: str, seed: int = 0, half: bool = True, full_size: bool = False) -> Path:
     """Save a random-weight `kind` restorer as a released ``.pth`` holds it ({"params_ema": state dict}).
 
     `half` stores floating-point tensors as float16 (half the file; spandrel loads them into a float32 model).
     """
     import torch
 
-    network = restorer_network(kind, seed)
+    network = restorer_network(kind, seed, full_size)
     state = {key: (value.detach().half() if half and value.is_floating_point() else value.detach()).clone()
              for key, value in network.state_dict().items()}
     path = Path(path)
