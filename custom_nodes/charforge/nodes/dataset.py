@@ -500,11 +500,18 @@ class CropDataset:
                                 format=format)
         upscaler = None
         if upscale_model is not None:
+            from ..engine.models.devices import best_device
             from ..engine.synth import wrap_descriptor
 
+            # ComfyUI keeps loaded upscale models on the CPU and moves them to the GPU only while they run.
             upscaler = wrap_descriptor(upscale_model, f"{upscale_model.architecture.id} x{upscale_model.scale}")
-        manifest = crop_dataset(dataset, settings, workers=workers, on_image=_stage_progress(node_id, "crop dataset"),
-                                upscaler=upscaler)
+            upscaler.to(best_device())
+        try:
+            manifest = crop_dataset(dataset, settings, workers=workers,
+                                    on_image=_stage_progress(node_id, "crop dataset"), upscaler=upscaler)
+        finally:
+            if upscaler is not None:
+                upscaler.to("cpu")
         summary = manifest.history[-1].summary
         text = _finish(manifest, "crop", {}, summary)
         return {"ui": {"text": [text]}, "result": (manifest, summary)}
