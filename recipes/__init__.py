@@ -7,6 +7,6 @@
   ``character``, ``pipeline``)
 
 Recipes may import the driver, the engine and ``charforge.common``; neither of those imports a recipe
-(tests/test_architecture.py). Engine code that needs torch, numpy or Pillow is imported when a recipe runs,
-so the ``charforge`` command starts without them.
+(tests/pack/test_architecture.py). Engine code that needs torch, numpy or Pillow is imported when a recipe
+runs, so the ``charforge`` command starts without them.
 """

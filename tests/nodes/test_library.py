@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_library_formats import dense_deltas, random_state, write
 
 from cf_testing.comfyui import run_node
+from cf_testing.lora_files import dense_deltas, random_state, write
 from charforge import bridge
 from charforge.common.characters import Character, CharacterLora, GenerationParams
 from charforge.engine.library import characters as chars

@@ -57,7 +57,7 @@ def test_story_scenes_from_a_list(no_comfy):
 
 
 def test_story_scenes_from_an_llm(no_comfy):
-    from test_story_engine import FakeChat, chat, scenes_json
+    from fakes.openai_chat import FakeChat, chat, scenes_json
 
     endpoint = FakeChat()
     try:

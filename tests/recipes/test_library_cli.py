@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from test_library_formats import dense_deltas, random_state, write
 
+from cf_testing.lora_files import dense_deltas, random_state, write
 from charforge.engine.library import formats
 from charforge.recipes.cli import main
 

@@ -240,7 +240,7 @@ def test_story_both_modes_and_base_write_frames_sheets_metadata_and_ablation(tmp
 
 
 def test_story_with_llm_scenes_ipadapter_and_saved_identity(tmp_path, monkeypatch):
-    from test_story_engine import FakeChat, chat, scenes_json
+    from fakes.openai_chat import FakeChat, chat, scenes_json
 
     endpoint = FakeChat()
     endpoint.script = [(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"}), chat(scenes_json(6))]

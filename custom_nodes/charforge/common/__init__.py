@@ -7,5 +7,5 @@
 - `retry`: one retry policy (jittered exponential backoff, Retry-After)
 
 The pack imports these modules relatively, the driver and the recipes as ``charforge.common``; they import
-nothing else of CharForge, so either side can use them without the other (tests/test_architecture.py).
+nothing else of CharForge, so either side can use them without the other (tests/pack/test_architecture.py).
 """

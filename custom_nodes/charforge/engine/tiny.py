@@ -14,8 +14,8 @@ fills a ComfyUI-style ``models`` folder:
 - ``wd14_tagger/charforge-tiny-tagger.onnx`` + ``.csv``: a WD14-style tagger (pooled colour -> 8 tags);
 - ``clip_vision/charforge_tiny_clip``: a full CLIP folder (vision + text, tiny widths) for CLIP scores.
 
-The test suite's factories (tests/cf_testing) build the same architectures; tests/test_pipeline_tiny.py checks
-that these files load where the product loads models. Run ``python -m charforge.engine.tiny MODELS_DIR``.
+The test suite's factories (tests/cf_testing) build the same architectures; tests/recipes/test_pipeline.py
+checks that these files load where the product loads models. Run ``python -m charforge.engine.tiny MODELS_DIR``.
 """
 
 from __future__ import annotations

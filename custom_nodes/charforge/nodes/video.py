@@ -27,7 +27,7 @@ VIDEO_MODEL = "CHARFORGE_VIDEO_MODEL"
 MOTION_FOLDER = "animatediff_models"
 MOTION_LORA_FOLDER = "animatediff_motion_lora"
 NONE = "(none)"
-# Kept import-free (the engine pulls in torch); tests/test_video_nodes.py checks they match the engine.
+# Kept import-free (the engine pulls in torch); tests/nodes/test_video.py checks they match the engine.
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
 BETA_SCHEDULES = ("auto", "linear", "scaled_linear", "base")
 FORMATS = ("mp4", "webm", "gif", "webp")

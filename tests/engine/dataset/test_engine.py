@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
-from test_dataset_planted import synthetic_photo
 
+from cf_testing.photos import synthetic_photo
 from charforge.engine.dataset import (
     DatasetManifest,
     FaceInfo,

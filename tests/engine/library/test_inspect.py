@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_library_formats import TRAINED_SETTINGS, TRAINED_TAGS, random_state, trained_loras, write  # noqa: F401
 
+from cf_testing.lora_files import TRAINED_SETTINGS, TRAINED_TAGS, random_state, write
 from charforge.engine.library import formats
 from charforge.engine.library import inspect as lora_inspect
 

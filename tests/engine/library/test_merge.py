@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_library_formats import dense_deltas, random_state, write
 
+from cf_testing.lora_files import dense_deltas, random_state, write
 from charforge.engine.library import formats, merge
 from charforge.engine.library.formats import LoraFormatError
 

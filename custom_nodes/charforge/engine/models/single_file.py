@@ -20,7 +20,7 @@ levels, res blocks per level, which levels have attention), so shrunken test mod
 go through the same code. Only names and two shapes change: VAE attention projections become 1x1 convs,
 and the OpenCLIP text projection is stored transposed. Values are never modified.
 
-Diffusers' own loader reads these files back into identical tensors (see tests/test_tiny_models.py);
+Diffusers' own loader reads these files back into identical tensors (see tests/engine/test_tiny_models.py);
 offline it needs only the diffusers folder for the configs, no ``original_config``::
 
     StableDiffusionXLPipeline.from_single_file(path, config=diffusers_dir, local_files_only=True)
