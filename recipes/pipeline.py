@@ -44,7 +44,7 @@ from ..driver.errors import ConfigError, DriverError, ServerUnavailable
 from ..driver.local import DEFAULT_LOCAL_URL, LocalComfyUI, find_python, probe
 from ..driver.progress import JobView, make_renderer
 from ..driver.runpod.pod import PodSession
-from ..driver.sync import call, provision_tiny
+from ..driver.sync import call, parse_train_summary, provision_tiny
 from ..driver.workflow.preflight import nodes_to_run
 from .remote import RemoteFiles, ensure_models
 
@@ -640,8 +640,10 @@ def stage_lora(runner: Runner, opts: PipelineOptions, models: Models, state: dic
         inputs.update(TINY_TRAIN)
     _, texts, files = runner.run(prompt, opts.out / "lora")
     summary = texts.get("1", "")
-    lora_name = _match(r"^(\S+\.safetensors):", summary, "the LoRA's name")
-    run_dir = _match(r"run folder (.+)$", summary, "the run folder")
+    trained = parse_train_summary(summary)  # the same reading as `charforge batch run`'s (driver/sync/training.py)
+    if trained is None:
+        raise PipelineError(f"could not find the LoRA's name and run folder in the node's message: {summary[:300]}")
+    lora_name, run_dir = trained.lora, trained.run_dir
     remote = _remote(runner)
     if remote is not None:  # the LoRA (checked against the server's sha256) and the whole run folder come home
         home = remote.fetch_lora(lora_name, opts.out / "lora")

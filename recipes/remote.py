@@ -20,6 +20,7 @@ from ..driver.sync import (
     call,
     download_lora,
     download_tree,
+    output_relative,
     provision_models,
     require_models,
     server_info,
@@ -54,12 +55,7 @@ class RemoteFiles:
 
     def relative(self, server_path: str) -> PurePosixPath:
         """`server_path` relative to the server's ``<output>/charforge``."""
-        path = PurePosixPath(server_path)
-        try:
-            return path.relative_to(self.outputs_dir)
-        except ValueError:
-            raise DriverError(f"{server_path} is not inside CharForge's output folder on the server "
-                              f"({self.outputs_dir}); it cannot be downloaded") from None
+        return output_relative(server_path, str(self.outputs_dir))
 
     def twin(self, server_path: str) -> Path:
         """The local twin of a server path (nothing is downloaded)."""

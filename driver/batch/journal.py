@@ -20,7 +20,13 @@ Events (``ev``) and their meaning; every job event carries ``job`` (the plan's j
 ``done``       outputs downloaded and moved into the job folder (``files``, ``seconds``)
 ``failed``     a final failure: ``kind`` = ``validation`` | ``execution`` | ``interrupted`` | ``transient``
 ``timed_out``  the per-job wall-clock limit expired; the job was cancelled on the server
+``uploaded``   the done job's folder is in object storage (``url``, ``files``, ``sent``, ``bytes_sent``)
+``upload_failed``  uploading it failed (``reason``); the next run tries again
+``uploaded_batch``  the batch's own files (plan, summary, journal, contact sheet, s3_manifest.json) went up
 =============  ==============================================================================================
+
+A ``failed`` job of ``kind`` ``home`` ran and its outputs are in its folder, but its trained LoRA did not come
+home: the next run downloads it (never submits the job again).
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ class JobState:
     files: list[str] = field(default_factory=list)
     cost: float | None = None  # USD, for targets that price their jobs (RunPod)
     invalid_on: dict[str, str] = field(default_factory=dict)
+    uploaded: bool = False  # its folder is in object storage (--upload-to)
+    upload: dict[str, Any] | None = None  # the last ``uploaded`` record
+    upload_error: str | None = None
 
 
 @dataclass
@@ -75,6 +84,7 @@ class BatchState:
     runs: list[dict[str, Any]] = field(default_factory=list)
     records: int = 0
     torn: bool = False
+    batch_uploaded: str | None = None  # where the batch's own files went last (``uploaded_batch``)
     last_t: float | None = None
 
     def job(self, job_id: str) -> JobState:
@@ -106,6 +116,9 @@ class BatchState:
         if ev == "run_end":
             if self.runs:
                 self.runs[-1].update(end=t, reason=rec.get("reason"))
+            return
+        if ev == "uploaded_batch":
+            self.batch_uploaded = rec.get("url")
             return
         job_id = rec.get("job")
         if not isinstance(job_id, str):
@@ -141,6 +154,7 @@ class BatchState:
         elif ev == "done":
             job.state = "done"
             job.finished_at = t
+            job.uploaded = False  # (again) done: its folder is to be uploaded (again)
             job.files = list(rec.get("files") or [])
             job.cost = rec.get("cost")
             job.reason = None
@@ -154,6 +168,12 @@ class BatchState:
             job.finished_at = t
             job.reason = rec.get("reason")
             job.kind = rec.get("kind", "timeout" if ev == "timed_out" else None)
+        elif ev == "uploaded":
+            job.uploaded = True
+            job.upload = {k: v for k, v in rec.items() if k not in ("t", "ev", "job")}
+            job.upload_error = None
+        elif ev == "upload_failed":
+            job.upload_error = rec.get("reason")
         elif ev == "requeue":
             job.state = "pending"
             job.prompt_id = None

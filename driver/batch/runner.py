@@ -20,6 +20,15 @@ How it works, and what it guarantees:
   exponential backoff and jitter; deterministic ones (validation errors, node exceptions) are not.
 * **Timeout.** ``timeout`` is a wall-clock limit per job from its submission, downloads included; the job is
   cancelled on its server (or its half-downloaded staging folder removed) and marked ``timed_out``.
+* **Trained LoRAs home.** A job whose outputs show a Train LoRA run (its text names the LoRA and the run
+  folder) is ``done`` only once the LoRA and its run folder are in ``<job>/lora/`` too. The manifest is renamed
+  into place first with the training ``pending``; the LoRA comes home after (resumed, sha256-checked) and the
+  manifest is rewritten with it. A crash in between resumes by downloading (a job folder with a manifest is
+  never submitted again); a download that fails is ``failed`` with kind ``home``, and the next run downloads
+  it without ``--retry-failed`` and without running the job again.
+* **Uploads** (``upload_to``: ``s3://bucket/prefix``): each ``done`` job's folder goes to
+  ``prefix/<job folder>/`` as soon as it is done (journaled ``uploaded``), the batch's own files at the end of
+  a run; a resumed batch uploads done jobs not yet uploaded, and unchanged objects are never sent again.
 * **Ctrl-C** stops the workers between journal writes; jobs already on a server keep running there and are
   collected by the next run.
 
@@ -47,6 +56,7 @@ from typing import IO, Any
 
 from charforge.common.retry import Backoff
 
+from ..config import redact
 from ..errors import (
     DriverError,
     ExecutionError,
@@ -58,6 +68,7 @@ from ..errors import (
 )
 from ..manifest import build_manifest, write_manifest
 from ..secrets import mask
+from ..sync import NoTransferRoutes, TrainedLoRA, trained_loras
 from ..workflow.load import Workflow, load_workflow
 from .journal import IN_FLIGHT, JOURNAL_NAME, Journal, replay
 from .plan import BatchError, BatchPlan, Job, plan_entry, plan_hash
@@ -65,6 +76,7 @@ from .summary import PLAN_NAME, SUMMARY_NAME, build_summary, write_json_atomic
 from .targets import JobSpec, Target, is_transient, retry_after
 
 STAGING = ".staging"
+S3_MANIFEST = "s3_manifest.json"
 
 
 @dataclass
@@ -82,6 +94,13 @@ class RunOptions:
     summary_interval: float = 2.0
     fsync: bool = True
     contact_sheet: tuple[str, str] | str | None = "auto"
+    #: bring trained LoRAs and their run folders into the job folders (servers with CharForge's file routes)
+    lora_home: bool = True
+    #: ``s3://bucket/prefix``: upload every done job's folder and the batch's files there
+    upload_to: str | None = None
+    #: the S3-compatible endpoint (default: AWS or ``$AWS_ENDPOINT_URL``); ``storage``: a ready S3Storage
+    s3_endpoint: str | None = None
+    storage: Any = None
 
 
 @dataclass
@@ -118,6 +137,35 @@ def _reason(exc: BaseException) -> str:
     return mask(str(exc).strip()) or type(exc).__name__
 
 
+def _training(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's training entries (``state``: pending / home / not_home); a manifest written before they
+    existed gets them from its Train LoRA texts, pending."""
+    entries = manifest.get("training")
+    if isinstance(entries, list):
+        return [e for e in entries if isinstance(e, dict)]
+    return [{"node_id": t.node_id, "lora": t.lora, "run_dir": t.run_dir, "state": "pending"}
+            for t in trained_loras(manifest.get("values") or {})]
+
+
+def _pending_training(folder: Path) -> bool:
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and any(e.get("state") == "pending" for e in _training(manifest))
+
+
+def _write_manifest_over(path: Path, manifest: dict[str, Any]) -> None:
+    """Replace a job's manifest in one step (a reader sees the old one or the new one, never half)."""
+    text = redact(json.dumps(manifest, indent=2, ensure_ascii=False, default=str), [])
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
 class BatchRunner:
     """Runs one plan on a pool of targets into ``options.out`` (use :class:`Batch` for the friendly API)."""
 
@@ -146,8 +194,18 @@ class BatchRunner:
         self._cond: asyncio.Condition | None = None
         self._results: asyncio.Queue[JobOutcome | None] | None = None
         self._rng = random.Random()
+        self._upload_later: list[str] = []
         self._backoff = Backoff(attempts=max(0, options.retries) + 1, base=options.backoff, cap=options.backoff_max)
         self._job_infos = [{"id": j.id, "folder": j.folder} for j in plan.jobs]  # what the summary needs
+        self._no_files: set[str] = set()  # targets found without CharForge's file routes (noted once)
+        self._location: Any = None  # the S3Location of upload_to
+        self._storage: Any = options.storage
+        self._uploads: asyncio.Queue[str | None] | None = None
+        self._uploaded_now = 0
+        if options.upload_to:
+            from ..storage.s3 import S3Location
+
+            self._location = S3Location.parse(options.upload_to)  # a wrong location fails before anything runs
 
     # ---- setup --------------------------------------------------------------------------------------------
 
@@ -209,6 +267,15 @@ class BatchRunner:
             elif js.state == "done":
                 finished.append(JobOutcome(job, "done", folder, js.prompt_id, js.server,
                                            [folder / f for f in js.files], skipped=True))
+                if self._location is not None and not js.uploaded:
+                    self._upload_later.append(job.id)
+            elif js.state == "failed" and js.kind == "home" and (folder / "manifest.json").exists():
+                # the job ran and its outputs are here; only its LoRA must come home: download, never rerun
+                if js.server in names:
+                    self._recover[js.server].append(job.id)
+                else:
+                    self.note(f"{job.folder}: its LoRA is on {js.server}, not in this run's pool: left for a "
+                              "later run")
             elif js.state in ("failed", "timed_out"):
                 if js.kind == "transient" or self.options.retry_failed:
                     journal.append("requeue", job=job.id, reason=f"rerun after {js.state} ({js.kind})")
@@ -220,6 +287,10 @@ class BatchRunner:
                 if js.prompt_id and js.server in names:
                     self._recover[js.server].append(job.id)
                 elif (folder / "manifest.json").exists():
+                    if self.options.lora_home and _pending_training(folder):
+                        self.note(f"{job.folder}: its LoRA is on {js.server}, not in this run's pool: left for a "
+                                  "later run")
+                        continue
                     self._recover[self.targets[0].name].append(job.id)  # collected already: just journal it
                 else:
                     # We cannot ask: the server is not in this pool, or it assigns ids and the driver died
@@ -489,12 +560,18 @@ class BatchRunner:
                                       workflow_source=job.workflow, wall_seconds=time.monotonic() - started)
             manifest["batch"] = {"job": job.id, "name": job.name, "folder": job.folder, "axes": job.axes,
                                  "seed": job.seed, "tags": job.tags, "set": job.overrides}
+            trained = trained_loras(manifest.get("values") or {}) if self.options.lora_home else []
+            if trained:  # renamed into place with the training pending; its LoRA comes home next
+                manifest["training"] = [{"node_id": t.node_id, "lora": t.lora, "run_dir": t.run_dir,
+                                         "state": "pending"} for t in trained]
             write_manifest(staging, manifest)
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists():  # an empty or foreign folder without a manifest: keep it aside, never mix
                 final.rename(final.with_name(f"{final.name}.stale-{int(time.time())}"))
             os.rename(staging, final)
             prompt_id = result.prompt_id
+        if self.options.lora_home and not await self._bring_home(job, target, final, prompt_id):
+            return
         files = []
         with contextlib.suppress(OSError, ValueError):
             manifest = json.loads((final / "manifest.json").read_text(encoding="utf-8"))
@@ -506,6 +583,61 @@ class BatchRunner:
         extra = {"cost": round(float(cost), 6)} if cost is not None else {}
         self._log("done", job=job.id, prompt_id=prompt_id, server=target.name, files=files, seconds=seconds, **extra)
         self._finish(JobOutcome(job, "done", final, prompt_id, target.name, [final / f for f in files]))
+        if self._uploads is not None:
+            self._uploads.put_nowait(job.id)
+
+    async def _bring_home(self, job: Job, target: Target, final: Path, prompt_id: str | None) -> bool:
+        """The LoRAs the job trained and their run folders into ``final/lora/``, the manifest rewritten with
+        them; False (journaled ``failed``, kind ``home``: the next run downloads again) when that failed."""
+        manifest_path = final / "manifest.json"
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        entries = _training(manifest)
+        pending = [e for e in entries if e.get("state") == "pending"]
+        if not pending:
+            return True
+        fetch = getattr(target, "fetch_training", None)
+        why = None
+        if fetch is None:
+            why = "this kind of server cannot send files (no CharForge file routes)"
+            if target.name not in self._no_files:
+                self._no_files.add(target.name)
+                self.note(f"trained LoRAs stay on {target.name}: {why}")
+        elif target.name in self._no_files:
+            why = f"{target.name} has no CharForge transfer routes"
+        else:
+            trained = [TrainedLoRA(str(e["lora"]), str(e["run_dir"]), str(e.get("node_id") or "")) for e in pending]
+            try:
+                got = await self._retrying(job, "bringing the LoRA home", lambda: fetch(trained, final))
+            except NoTransferRoutes as exc:
+                self._no_files.add(target.name)
+                why = _reason(exc)
+                self.note(f"trained LoRAs stay on {target.name}: {why}")
+            except _Retryable as exc:
+                self._fail(job, "failed", "home", f"{exc}; the outputs are here, rerun to bring the LoRA home "
+                           "(the job is not run again)", target, prompt_id)
+                return False
+            except (DriverError, OSError, ValueError, KeyError) as exc:
+                self._fail(job, "failed", "home", f"bringing the LoRA home: {_reason(exc)}; rerun to try again "
+                           "(the job is not run again)", target, prompt_id)
+                return False
+            else:
+                by_key = {(g["node_id"], g["lora"]): g for g in got}
+                for entry in pending:
+                    home = by_key.get((entry["node_id"], entry["lora"]))
+                    if home is not None:
+                        entry.update({k: v for k, v in home.items() if k != "files"}, files=len(home["files"]))
+                        title = ((manifest.get("values") or {}).get(entry["node_id"]) or {}).get("title")
+                        for f in home["files"]:
+                            f["title"] = title
+                        known = {f["path"] for f in manifest["files"]}
+                        manifest["files"] += [{k: v for k, v in f.items() if k != "downloaded"}
+                                              for f in home["files"] if f["path"] not in known]
+        if why is not None:
+            for entry in pending:
+                entry.update(state="not_home", reason=why)
+        manifest["training"] = entries
+        _write_manifest_over(manifest_path, manifest)
+        return True
 
     # ---- the run -------------------------------------------------------------------------------------------
 
@@ -563,10 +695,21 @@ class BatchRunner:
         self._results = asyncio.Queue()
         reason = "error"
         tasks: list[asyncio.Future[Any]] = []
+        uploader: asyncio.Future[Any] | None = None
         try:
             journal.append("run_start", pid=os.getpid(), servers=[t.name for t in self.targets])
             for outcome in self._schedule(journal):
                 yield outcome
+            if self._location is not None:
+                if self._storage is None:
+                    from ..storage.s3 import S3Storage
+
+                    self._storage = S3Storage(endpoint_url=self.options.s3_endpoint)
+                self._uploads = asyncio.Queue()
+                for job_id in self._upload_later:  # done by an earlier run, not uploaded yet
+                    self._uploads.put_nowait(job_id)
+                uploader = asyncio.ensure_future(self._uploader())
+                tasks.append(uploader)
             usable = await asyncio.gather(*[self._open_target(t) for t in self.targets])
             if not any(usable):
                 raise ServerUnavailable("no server of the pool can be reached: "
@@ -600,6 +743,9 @@ class BatchRunner:
                 job = self.jobs[job_id]
                 self._fail(job, "failed", "validation", "no usable server accepts this job")
                 yield self._results.get_nowait()  # type: ignore[misc]
+            if uploader is not None and self._uploads is not None:
+                self._uploads.put_nowait(None)  # every done job is queued: let the uploads finish
+                await uploader
             reason = "complete"
         except (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit):
             reason = "interrupted"
@@ -613,14 +759,84 @@ class BatchRunner:
             with contextlib.suppress(Exception):
                 journal.append("run_end", reason=reason)
                 self.write_summary()
-            journal.close()
             for target in self.targets:
                 with contextlib.suppress(Exception):
                     await target.close()
             shutil.rmtree(self.out / STAGING, ignore_errors=True)
             if reason == "complete":
                 self._contact_sheet()
+                if self._location is not None and self._storage is not None:
+                    with contextlib.suppress(Exception):  # a failure is noted and journaled there
+                        await self._upload_batch_files()
+            journal.close()
             self._unlock()
+
+    # ---- uploads (--upload-to) ------------------------------------------------------------------------------
+
+    async def _uploader(self) -> None:
+        """Upload done jobs' folders one after the other, as they are queued (None ends it)."""
+        assert self._uploads is not None
+        while True:
+            job_id = await self._uploads.get()
+            if job_id is None:
+                return
+            await self._upload_job(self.jobs[job_id])
+
+    def _upload_reason(self, exc: BaseException) -> str:
+        return mask(_reason(exc), getattr(self._storage, "_secrets", ()))
+
+    async def _upload_job(self, job: Job) -> None:
+        from ..storage.s3 import S3Location
+
+        folder = self.out / job.folder
+        location = S3Location(self._location.bucket, self._location.key(job.folder))
+        try:
+            entries = await asyncio.to_thread(self._storage.upload_tree, folder, location)
+        except Exception as exc:  # noqa: BLE001 - StorageError, OSError...: journaled, tried again next run
+            reason = self._upload_reason(exc)
+            self._log("upload_failed", job=job.id, url=str(location), reason=reason)
+            self.note(f"{job.folder}: upload to {location} failed: {reason.splitlines()[0]} (the next run tries "
+                      "again)")
+            return
+        sent = [e for e in entries if e["uploaded"]]
+        self._uploaded_now += 1
+        self._log("uploaded", job=job.id, url=str(location), sent=len(sent),
+                  bytes_sent=sum(e["bytes_sent"] for e in entries),
+                  files=[{"path": Path(e["path"]).relative_to(folder).as_posix(), "size": e["size"],
+                          "sha256": e["sha256"]} for e in entries])
+
+    async def _upload_batch_files(self) -> None:
+        """The batch's own files up, with ``s3_manifest.json`` listing every object of the batch; skipped when
+        this run uploaded no job and they went to the same place before (a rerun with nothing new sends
+        nothing)."""
+        assert self.journal is not None
+        state = self.journal.state
+        where = str(self._location)
+        if self._uploaded_now == 0 and state.batch_uploaded == where:
+            return
+        listing = []
+        for job in self.plan.jobs:
+            upload = state.job(job.id).upload if job.id in state.jobs else None
+            if not upload:
+                continue
+            for f in upload.get("files") or []:
+                listing.append({"path": f"{job.folder}/{f['path']}", "url": f"{upload['url']}/{f['path']}",
+                                "size": f["size"], "sha256": f["sha256"]})
+        names = [PLAN_NAME, SUMMARY_NAME, JOURNAL_NAME, "contact_sheet.png", "costs.json"]
+        try:
+            for name in names:
+                if (self.out / name).is_file():
+                    entry = await asyncio.to_thread(self._storage.upload_file, self.out / name, self._location, name)
+                    listing.append({"path": name, "url": entry["url"], "size": entry["size"],
+                                    "sha256": entry["sha256"]})
+            write_json_atomic(self.out / S3_MANIFEST, listing, indent=1)
+            await asyncio.to_thread(self._storage.upload_file, self.out / S3_MANIFEST, self._location, S3_MANIFEST)
+        except Exception as exc:  # noqa: BLE001 - noted; the next run tries again
+            reason = self._upload_reason(exc)
+            self.note(f"the batch's files were not uploaded to {where}: {reason.splitlines()[0]}")
+            raise
+        self._log("uploaded_batch", url=where, files=len(listing))
+        self.note(f"uploaded to {where}: {len(listing)} file(s) listed in {self.out / S3_MANIFEST}")
 
     def _contact_sheet(self) -> None:
         spec = self.options.contact_sheet

@@ -84,6 +84,17 @@ def build_summary(state: BatchState, jobs: list[dict[str, Any]] | None = None, *
     total = len(planned)
     priced = {job_id: js.cost for job_id, js in state.jobs.items() if js.state == "done" and js.cost is not None}
     cost = {"cost": {"total_usd": round(sum(priced.values()), 4), "jobs": priced}} if priced else {}
+    uploads: dict[str, Any] = {}
+    if state.batch_uploaded or any(j.uploaded or j.upload_error for j in state.jobs.values()):
+        done_jobs = [job_id for job_id in planned if job_id in state.jobs and state.jobs[job_id].state == "done"]
+        uploads = {"uploads": {
+            "uploaded": sum(1 for job_id in done_jobs if state.jobs[job_id].uploaded),
+            "not_uploaded": sum(1 for job_id in done_jobs if not state.jobs[job_id].uploaded),
+            "batch_files": state.batch_uploaded,
+            "failures": [{"job": job_id, "folder": info.get(job_id, {}).get("folder"),
+                          "reason": state.jobs[job_id].upload_error}
+                         for job_id in done_jobs if not state.jobs[job_id].uploaded and state.jobs[job_id].upload_error],
+        }}
     return {
         "charforge_batch_summary": 1,
         "source": state.header.get("source"),
@@ -99,6 +110,7 @@ def build_summary(state: BatchState, jobs: list[dict[str, Any]] | None = None, *
         "servers": sorted(per_server.values(), key=lambda r: r["server"]),
         "failures": failures,
         **cost,
+        **uploads,
         "updated": _iso(now),
     }
 
@@ -126,6 +138,13 @@ def render_table(summary: dict[str, Any]) -> str:
         cost = summary["cost"]
         lines.append(f"  estimated cost ${cost['total_usd']:.4f} ({len(cost['jobs'])} job(s) priced; "
                      "per job in summary.json)")
+    if summary.get("uploads"):
+        up = summary["uploads"]
+        lines.append(f"  uploaded {up['uploaded']} job folder(s)" + (f", {up['not_uploaded']} not yet"
+                                                                     if up["not_uploaded"] else "")
+                     + (f"; batch files in {up['batch_files']}" if up.get("batch_files") else ""))
+        for f in up["failures"][:5]:
+            lines.append(f"    {f['folder'] or f['job']}: upload failed: {(f['reason'] or '').splitlines()[0]}")
     if summary["failures"]:
         lines.append("  failures:")
         for f in summary["failures"][:20]:

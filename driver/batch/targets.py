@@ -44,6 +44,12 @@ The contract, method by method (all coroutines run on the runner's event loop):
     afterwards) and return them.
 ``cancel(prompt_id)``
     Cancel this one job (dequeue or interrupt). Returns ``removed``, ``interrupted`` or ``not_active``.
+``fetch_training(trained, folder)`` (optional)
+    Bring the LoRAs a finished job trained (:class:`~charforge.driver.sync.TrainedLoRA`, read from its text
+    outputs) and their run folders into the job's ``folder`` (``lora/``), resumed and checked by sha256; returns
+    one entry per LoRA (:func:`~charforge.driver.sync.bring_training_home`). Raises
+    :class:`~charforge.driver.sync.NoTransferRoutes` when the server cannot serve files. A target without this
+    method (serverless, Replicate) leaves trained LoRAs on its server; the manifest says so.
 ``cost(seconds)`` (optional)
     The money spent for ``seconds`` of use, or None when the target has no price (summaries show it).
 
@@ -63,6 +69,8 @@ from charforge.common.retry import retry_after_seconds
 
 from ..client.async_client import AsyncComfyClient
 from ..errors import DriverError, ProtocolError, ServerError, ServerUnavailable
+from ..sync.blocking import server_info
+from ..sync.training import TrainedLoRA, bring_training_home
 
 if TYPE_CHECKING:
     from ..client.models import JobResult
@@ -139,6 +147,7 @@ class ComfyTarget:
         self.name = self.client.url
         self.capacity = max(1, int(capacity))
         self.preflight = preflight
+        self._outputs_dir: str | None = None  # the server's <output>/charforge, asked once (trained LoRAs)
 
     def __repr__(self) -> str:
         return f"ComfyTarget({self.name!r}, capacity={self.capacity})"
@@ -173,6 +182,11 @@ class ComfyTarget:
 
     async def cancel(self, prompt_id: str) -> str:
         return await self.client.cancel(prompt_id)
+
+    async def fetch_training(self, trained: list[TrainedLoRA], folder: Path) -> list[dict[str, Any]]:
+        if self._outputs_dir is None:
+            self._outputs_dir = str((await server_info(self.client))["outputs_dir"])
+        return await bring_training_home(self.client, trained, folder, outputs_dir=self._outputs_dir)
 
     def cost(self, seconds: float) -> float | None:
         return None

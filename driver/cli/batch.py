@@ -67,6 +67,14 @@ def register(sub: argparse._SubParsersAction, *, server: argparse.ArgumentParser
     run.add_argument("--max-cost", type=float, metavar="USD",
                      help="stop submitting new jobs once the estimated cost (RunPod pods and serverless "
                           "endpoints, Replicate models with a known price) would pass this many dollars")
+    run.add_argument("--upload-to", metavar="s3://BUCKET/PREFIX",
+                     help="upload each done job's folder (outputs, LoRA, run folder) to S3-compatible storage as "
+                          "it finishes, and the batch's files at the end; unchanged objects are not sent again. "
+                          "Credentials: the usual AWS variables or profile")
+    run.add_argument("--s3-endpoint", metavar="URL",
+                     help="S3-compatible endpoint (R2, MinIO, RunPod volumes; default: AWS or $AWS_ENDPOINT_URL)")
+    run.add_argument("--no-lora-home", action="store_true",
+                     help="leave LoRAs trained by the jobs (and their run folders) on the server")
     run.add_argument("--json", action="store_true", help="one JSON record per finished job on stdout")
     run.set_defaults(func=cmd_batch_run)
 
@@ -148,8 +156,13 @@ def cmd_batch_run(args: argparse.Namespace, out: Any) -> int:
             from ..batch.sheet import axes_for_sheet
 
             axes_for_sheet(plan, sheet)  # fail now, not after the batch, on a wrong axis name
+    if args.upload_to:
+        from ..storage.s3 import S3Location
+
+        S3Location.parse(args.upload_to)  # a wrong location fails before anything runs
     options = RunOptions(args.out, timeout=args.timeout, retries=args.retries, backoff=args.backoff,
-                         force_replan=args.force_replan, retry_failed=args.retry_failed, contact_sheet=sheet)
+                         force_replan=args.force_replan, retry_failed=args.retry_failed, contact_sheet=sheet,
+                         lora_home=not args.no_lora_home, upload_to=args.upload_to, s3_endpoint=args.s3_endpoint)
     runner = BatchRunner(plan, _targets(args, out), options, base=args.file.parent, on_message=out.note)
     counts = {"done": 0, "failed": 0, "timed_out": 0}
     total = len(plan.jobs)
@@ -179,7 +192,9 @@ def cmd_batch_run(args: argparse.Namespace, out: Any) -> int:
     else:
         out.stdout.write(out.clean(render_table(summary)) + "\n")
         out.stdout.flush()
-    return 0 if summary["counts"]["done"] == total else 1
+    if summary["counts"]["done"] != total:
+        return 1
+    return 1 if args.upload_to and (summary.get("uploads") or {}).get("not_uploaded", 1) else 0
 
 
 def cmd_batch_status(args: argparse.Namespace, out: Any) -> int:

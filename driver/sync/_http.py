@@ -18,8 +18,12 @@ def path(*parts: str) -> str:
     return PREFIX + "".join("/" + quote(p, safe="/") for p in parts)
 
 
+class NoTransferRoutes(ServerError):
+    """The server has no CharForge transfer routes (no CharForge, or one too old): files cannot move."""
+
+
 def no_routes(client: AsyncComfyClient) -> ServerError:
-    return ServerError(f"{client.url} has no CharForge transfer routes (HTTP 404): install or update CharForge on "
+    return NoTransferRoutes(f"{client.url} has no CharForge transfer routes (HTTP 404): install or update CharForge on "
                        "that ComfyUI and restart it", status=404)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -106,9 +107,12 @@ def _local(out_dir: Path, remote: str, rel: str) -> Path:
     return out_dir.joinpath(*parts)
 
 
-async def download_tree(client: AsyncComfyClient, remote: str, out_dir: str | Path, *,
-                        retries: int = 5) -> DownloadedTree:
-    """Download ``<output>/charforge/<remote>`` (a folder, or one file) into `out_dir`, keeping its layout."""
+async def download_tree(client: AsyncComfyClient, remote: str, out_dir: str | Path, *, retries: int = 5,
+                        have: dict[str, Path] | None = None) -> DownloadedTree:
+    """Download ``<output>/charforge/<remote>`` (a folder, or one file) into `out_dir`, keeping its layout.
+
+    `have` maps sha256 to local files already at home (a LoRA downloaded from the loras folder that the run
+    folder holds too): such a file is copied here instead of crossing the wire again."""
     remote = remote.strip("/")
     if remote and relative_parts(remote) is None:
         raise UsageError(f"{remote!r} is not a relative path inside CharForge's output folder")
@@ -119,6 +123,15 @@ async def download_tree(client: AsyncComfyClient, remote: str, out_dir: str | Pa
         size, sha = int(meta["size"]), str(meta["sha256"])
         target = _local(tree.out_dir, remote, rel)
         if await _have(target, size, sha):
+            tree.files.append({"remote": rel, "path": str(target), "size": size, "sha256": sha, "downloaded": False,
+                               "bytes_received": 0})
+            continue
+        local = (have or {}).get(sha)
+        if local is not None and await _have(local, size, sha):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".part")
+            await asyncio.to_thread(shutil.copyfile, local, partial)
+            os.replace(partial, target)
             tree.files.append({"remote": rel, "path": str(target), "size": size, "sha256": sha, "downloaded": False,
                                "bytes_received": 0})
             continue

@@ -1,0 +1,112 @@
+"""Trained LoRAs home: which LoRA and run folder a finished job trained, and both downloaded.
+
+The Train LoRA node (``nodes/train.py``) shows one text per run, ``"<lora>.safetensors: <n> steps, final loss
+<x>; run folder <server path>"`` (more ``; ...`` notes may follow). That text is in the job's history outputs,
+so in its manifest's ``values`` next to the node's class: this module reads it there (no engine code needed),
+and brings the LoRA (from the server's loras folders) and its run folder (below ``<output>/charforge``) home with
+:func:`~charforge.driver.sync.results.download_lora` / :func:`~charforge.driver.sync.results.download_tree`:
+resumed, checked by sha256, nothing downloaded twice. Used by the batch runner and by the pipeline recipe.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from ..client.async_client import AsyncComfyClient
+from ..errors import DriverError
+from .blocking import server_info
+from .results import download_lora, download_tree
+
+#: node classes that train a LoRA and say so in their text output
+TRAIN_NODE_CLASSES = frozenset({"CharForgeTrainLoRA"})
+
+_SUMMARY = re.compile(r"^\s*(\S+?\.safetensors): .*?run folder (.+?)\s*(?:;\s|$)")
+
+#: where a job's trained LoRAs go inside its folder: ``lora/<name>`` and ``lora/run/<run folder name>/``
+LORA_DIR = "lora"
+RUN_DIR = "run"
+
+
+@dataclass(frozen=True)
+class TrainedLoRA:
+    """A LoRA a training node wrote: its file name in the loras folders and the run folder's server path."""
+
+    lora: str
+    run_dir: str
+    node_id: str = ""
+
+    @property
+    def run_name(self) -> str:
+        return _server_path(self.run_dir).name
+
+
+def parse_train_summary(text: str, node_id: str = "") -> TrainedLoRA | None:
+    """The LoRA and run folder named by a Train LoRA text, or None when `text` is not one."""
+    found = _SUMMARY.match(str(text))
+    if not found:
+        return None
+    return TrainedLoRA(found.group(1), found.group(2).strip(), node_id)
+
+
+def trained_loras(values: dict[str, Any]) -> list[TrainedLoRA]:
+    """Every LoRA trained by a job, from its text outputs by node (a manifest's ``values``: ``{node_id:
+    {"class_type": ..., "text": [...]}}``); only nodes of :data:`TRAIN_NODE_CLASSES` count."""
+    found = []
+    for node_id, node in sorted((values or {}).items()):
+        if not isinstance(node, dict) or node.get("class_type") not in TRAIN_NODE_CLASSES:
+            continue
+        for text in node.get("text") or []:
+            trained = parse_train_summary(text, str(node_id))
+            if trained is not None:
+                found.append(trained)
+    return found
+
+
+def _server_path(path: str) -> PurePath:
+    return PureWindowsPath(path) if "\\" in path else PurePosixPath(path)
+
+
+def output_relative(server_path: str, outputs_dir: str) -> PurePosixPath:
+    """`server_path` relative to the server's ``<output>/charforge`` (`outputs_dir`); :class:`DriverError` when
+    it is not inside (it cannot be downloaded)."""
+    path, root = _server_path(server_path), _server_path(outputs_dir)
+    try:
+        return PurePosixPath(*path.relative_to(root).parts)
+    except ValueError:
+        raise DriverError(f"{server_path} is not inside CharForge's output folder on the server ({outputs_dir}); "
+                          "it cannot be downloaded") from None
+
+
+async def bring_training_home(client: AsyncComfyClient, trained: list[TrainedLoRA], folder: str | Path, *,
+                              outputs_dir: str | None = None) -> list[dict[str, Any]]:
+    """Download each LoRA into ``folder/lora/`` and its run folder into ``folder/lora/run/<run name>/``.
+
+    Returns one entry per LoRA: ``lora``, ``run_dir``, ``node_id``, ``state`` (``home``), ``lora_path`` and
+    ``run_path`` (relative to `folder`), ``lora_sha256`` and ``files`` (manifest-style entries of every file,
+    paths relative to `folder`). A LoRA the run folder also holds is copied locally, not downloaded twice.
+    """
+    folder = Path(folder)
+    if outputs_dir is None and trained:
+        outputs_dir = str((await server_info(client))["outputs_dir"])
+    entries = []
+    for item in trained:
+        relative = output_relative(item.run_dir, outputs_dir or "")
+        lora = await download_lora(client, item.lora, folder / LORA_DIR)
+        run_local = folder / LORA_DIR / RUN_DIR / item.run_name
+        tree = await download_tree(client, relative.as_posix(), run_local, have={lora["sha256"]: Path(lora["path"])})
+        files = [_entry(folder, item, "lora", 0, lora)]
+        files += [_entry(folder, item, "run", i, f) for i, f in enumerate(tree.files)]
+        entries.append({"node_id": item.node_id, "lora": item.lora, "run_dir": item.run_dir, "state": "home",
+                        "lora_path": files[0]["path"], "lora_sha256": lora["sha256"],
+                        "run_path": run_local.relative_to(folder).as_posix(), "files": files})
+    return entries
+
+
+def _entry(folder: Path, item: TrainedLoRA, output: str, index: int, got: dict[str, Any]) -> dict[str, Any]:
+    return {"path": Path(got["path"]).relative_to(folder).as_posix(), "node_id": item.node_id,
+            "class_type": "CharForgeTrainLoRA", "title": None, "output": output, "index": index, "animated": False,
+            "bytes": got["size"], "sha256": got["sha256"], "server_file": {"remote": got["remote"]},
+            "downloaded": got["downloaded"]}

@@ -1,0 +1,148 @@
+"""``charforge batch run`` with training jobs brings every LoRA and its run folder home into the job's folder
+(driver/sync/training.py through the batch runner), against the fake ComfyUI with CharForge's transfer routes
+and a stand-in of Train LoRA that writes what the real node writes and shows its text. The driver SIGKILLed
+after a job finished but before its LoRA came home resumes by downloading (with Range), never by training
+again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fakes.batch_checks import records, run_cli
+from fakes.comfy_server import FakeComfyServer
+from fakes.train_lora import (
+    LORA_ROUTE,
+    NAMES,
+    Stall,
+    add_train_node,
+    lora_bytes,
+    training_server,
+    training_sweep,
+)
+
+from charforge.driver.batch.journal import JOURNAL_NAME, replay
+from charforge.driver.sync import parse_train_summary
+
+
+def job_folders(out: Path) -> dict[str, Path]:
+    return {p.parent.name.split("-", 1)[1]: p.parent for p in out.glob("name-*/manifest.json")}
+
+
+def check_home(fake: FakeComfyServer, out: Path) -> None:
+    """Each job folder holds its LoRA (byte-identical to the server's) and run folder, all in its manifest."""
+    folders = job_folders(out)
+    assert sorted(folders) == NAMES
+    for name, folder in folders.items():
+        lora = folder / "lora" / f"{name}.safetensors"
+        assert lora.read_bytes() == (fake.root / "models" / "loras" / f"{name}.safetensors").read_bytes()
+        run = folder / "lora" / "run" / name
+        assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()) == [
+            "loss.png", f"{name}.safetensors", "samples/step_000004_0.png", "status.json"]
+        manifest = json.loads((folder / "manifest.json").read_text())
+        [training] = manifest["training"]
+        assert training["state"] == "home" and training["lora"] == f"{name}.safetensors"
+        assert training["lora_path"] == f"lora/{name}.safetensors" and training["run_path"] == f"lora/run/{name}"
+        assert training["lora_sha256"] == hashlib.sha256(lora_bytes(name)).hexdigest()
+        listed = {f["path"]: f for f in manifest["files"]}
+        on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.is_file() and p.name != "manifest.json"}
+        assert set(listed) == on_disk  # the outputs (the loss curve shown) and everything that came home
+        for rel, entry in listed.items():
+            assert entry["sha256"] == hashlib.sha256((folder / rel).read_bytes()).hexdigest()
+        assert not list(folder.rglob("*.part"))
+
+
+def test_the_train_summary_is_read_as_the_node_writes_it():
+    trained = parse_train_summary("pip.safetensors: 500 steps, final loss 0.0812 (resumed at step 200); run folder "
+                                  "/data/out/charforge/train_runs/pip; preset 'sdxl' values used, not steps")
+    assert (trained.lora, trained.run_dir, trained.run_name) == ("pip.safetensors",
+                                                                  "/data/out/charforge/train_runs/pip", "pip")
+    assert parse_train_summary("C:\\ComfyUI\\x.safetensors: 1 steps, final loss 1.0000; run folder "
+                               "C:\\ComfyUI\\output\\charforge\\train_runs\\x").run_name == "x"
+    assert parse_train_summary("kept 3 of 4 images") is None
+
+
+def test_a_training_sweep_brings_every_lora_and_run_folder_home(comfy_env, monkeypatch, tmp_path):
+    spec = training_sweep(tmp_path)
+    out = tmp_path / "out"
+    with training_server(comfy_env, monkeypatch) as fake:
+        code, stdout, err = run_cli("batch", "run", str(spec), "--server", fake.url, "--out", str(out), "--json")
+        assert code == 0, err
+        check_home(fake, out)
+        done = [json.loads(line) for line in stdout.splitlines() if '"event": "job"' in line]
+        assert all(any(f.endswith(".safetensors") for f in rec["files"]) for rec in done) and len(done) == 3
+        # the run folder's copy of the LoRA is the LoRA just downloaded: copied here, not sent twice
+        assert not [r for r in fake.requests if "/outputs/files/" in r.path and r.path.endswith(".safetensors")]
+        assert len([r for r in fake.requests if r.path.startswith(LORA_ROUTE)]) == 3
+
+        fake.requests.clear()  # a rerun: nothing is submitted or downloaded again
+        code, _, err = run_cli("batch", "run", str(spec), "--server", fake.url, "--out", str(out))
+        assert code == 0, err
+        assert not [r for r in fake.requests if r.path.startswith(("/prompt", "/charforge/transfer"))]
+        assert len(fake.executed) == 3
+
+
+def test_driver_killed_before_the_lora_came_home_resumes_by_downloading(comfy_env, monkeypatch, tmp_path):
+    spec = training_sweep(tmp_path)
+    out = tmp_path / "out"
+    stall = Stall()
+    with training_server(comfy_env, monkeypatch, stall) as fake:
+        stall.on = True
+        proc = subprocess.Popen([sys.executable, "-m", "charforge.driver.cli", "batch", "run", str(spec), "--out",
+                                 str(out), "--server", fake.url, "--window", "1", "--backoff", "0.05"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            assert stall.hit.wait(60), "the LoRA download never started"
+            deadline = time.monotonic() + 20  # some bytes are on disk: a download was cut in the middle
+            while time.monotonic() < deadline and not any(p.stat().st_size for p in out.rglob("*.safetensors.part")):
+                time.sleep(0.02)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        [partial] = list(out.rglob("*.safetensors.part"))
+        have = partial.stat().st_size
+        assert 0 < have < len(lora_bytes("pip_a"))
+        folder = partial.parent.parent
+        state = replay(out / JOURNAL_NAME)
+        job = json.loads((folder / "manifest.json").read_text())["batch"]["job"]
+        assert state.jobs[job].state == "finished"  # the job ran; its outputs are in place, its LoRA is not
+        assert json.loads((folder / "manifest.json").read_text())["training"][0]["state"] == "pending"
+        executed = len(fake.executed)
+
+        fake.requests.clear()
+        code, _, err = run_cli("batch", "run", str(spec), "--server", fake.url, "--out", str(out))
+        assert code == 0, err
+        check_home(fake, out)
+        assert max(fake.executions.values()) == 1 and len(fake.executed) == 3 >= executed
+        assert [r["job"] for r in records(out) if r["ev"] == "submitting"].count(job) == 1  # never resubmitted
+        resumed = [r for r in fake.requests if r.path.startswith(LORA_ROUTE) and folder.name.split("-", 1)[1] in r.path]
+        assert [r.headers.get("Range") for r in resumed] == [f"bytes={have}-"]  # only the missing bytes
+
+
+def test_a_server_without_transfer_routes_keeps_the_lora_and_says_so(tmp_path):
+    spec = training_sweep(tmp_path, ["solo"])
+    out = tmp_path / "out"
+    with FakeComfyServer() as fake:
+        add_train_node(fake)
+        code, _, err = run_cli("batch", "run", str(spec), "--server", fake.url, "--out", str(out))
+    assert code == 0, err
+    assert "trained LoRAs stay on" in err and "transfer routes" in err
+    manifest = json.loads((out / "name-solo" / "manifest.json").read_text())
+    assert manifest["training"][0]["state"] == "not_home" and "transfer routes" in manifest["training"][0]["reason"]
+    assert not (out / "name-solo" / "lora").exists()
+
+
+def test_no_lora_home_leaves_it_on_the_server(comfy_env, monkeypatch, tmp_path):
+    spec = training_sweep(tmp_path, ["solo"])
+    out = tmp_path / "out"
+    with training_server(comfy_env, monkeypatch) as fake:
+        code, _, err = run_cli("batch", "run", str(spec), "--server", fake.url, "--out", str(out), "--no-lora-home")
+    assert code == 0, err
+    assert "training" not in json.loads((out / "name-solo" / "manifest.json").read_text())
+    assert not (out / "name-solo" / "lora").exists()

@@ -1,0 +1,104 @@
+"""A stand-in of CharForge's Train LoRA on the fake ComfyUI with CharForge's transfer routes: it writes what the
+real node writes (the run folder under ``output/charforge/train_runs/<name>``, the LoRA in ``models/loras`` and in
+the run folder) and shows the node's text and loss curve; a training sweep over it; a LoRA download that can be
+made to stop half-way (the batch tests of trained LoRAs coming home and going up to S3)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from fakes.charforge_routes import transfer_server
+from fakes.comfy_server import FakeComfyServer, NodeDef, png_bytes
+
+NAMES = ["pip_a", "pip_b", "pip_c"]
+LORA_ROUTE = "/charforge/transfer/models/loras/files/"
+
+
+def lora_bytes(name: str) -> bytes:
+    return hashlib.sha256(name.encode()).digest() * 8000  # 256 kB: the stalled download stops in the middle
+
+
+def add_train_node(server: FakeComfyServer, seconds: float = 0.0) -> None:
+    """Train LoRA as the fake server runs it: the run folder under output/charforge/train_runs/<name>, the LoRA
+    in models/loras and in the run folder, the loss curve shown, and the node's text."""
+
+    async def train(ctx, output_name, steps, **_hidden):
+        if seconds:
+            await asyncio.sleep(seconds)
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", output_name)
+        run = server.output_dir / "charforge" / "train_runs" / name
+        (run / "samples").mkdir(parents=True, exist_ok=True)
+        (run / "loss.png").write_bytes(png_bytes(4, 4, (1, 2, 3)))
+        (run / "samples" / f"step_{steps:06d}_0.png").write_bytes(png_bytes(4, 4, (4, 5, 6)))
+        (run / "status.json").write_text('{"state": "completed"}')
+        (run / f"{name}.safetensors").write_bytes(lora_bytes(name))
+        loras = server.root / "models" / "loras"
+        loras.mkdir(parents=True, exist_ok=True)
+        (loras / f"{name}.safetensors").write_bytes(lora_bytes(name))
+        text = (f"{name}.safetensors: {steps} steps, final loss 0.1234; run folder {run}; preset 'sd15' values "
+                "used, not steps (turn use_preset_values off)")
+        shown = {"filename": "loss.png", "subfolder": f"charforge/train_runs/{name}", "type": "output"}
+        return (f"{name}.safetensors", None, None, None), {"text": [text], "images": [shown]}
+
+    server.nodes["CharForgeTrainLoRA"] = NodeDef(
+        "CharForgeTrainLoRA", {"output_name": ("STRING", {"default": "my_character"}),
+                               "steps": ("INT", {"default": 10, "min": 0, "max": 100000})},
+        outputs=("STRING", "CHARFORGE_TRAINING_RUN", "IMAGE", "IMAGE"), output_node=True,
+        category="CharForge/Train", run=train)
+
+
+def training_sweep(tmp_path: Path, names: list[str] = NAMES) -> Path:
+    graph = {"1": {"class_type": "CharForgeTrainLoRA", "_meta": {"title": "Train"},
+                   "inputs": {"output_name": "x", "steps": 4}}}
+    (tmp_path / "train.json").write_text(json.dumps(graph))
+    spec = tmp_path / "sweep.json"
+    spec.write_text(json.dumps({"workflow": "train.json", "axes": {"name": {"set": "Train.output_name",
+                                                                             "values": names}}}))
+    return spec
+
+
+class Stall:
+    """Makes the first LoRA download stop half-way and hang (the driver is then killed)."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.hit = threading.Event()
+
+
+@contextlib.contextmanager
+def training_server(comfy_env, monkeypatch, stall: Stall | None = None) -> Iterator[FakeComfyServer]:
+    from aiohttp import web
+
+    from charforge.nodes import transfer
+
+    real = transfer.lora_file_handler
+
+    async def lora_file(request):
+        if stall is None or not stall.on:
+            return await real(request)
+        stall.on = False
+        path = transfer._model_path("loras", request.match_info.get("name", ""))
+        data = path.read_bytes()
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
+                                               "Content-Length": str(len(data))})
+        await response.prepare(request)
+        await response.write(data[:len(data) // 2])
+        stall.hit.set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and request.transport is not None and not request.transport.is_closing():
+            await asyncio.sleep(0.05)  # the driver is killed meanwhile
+        return response
+
+    monkeypatch.setattr(transfer, "ROUTES", tuple((m, p, lora_file if h is real else h)
+                                                  for m, p, h in transfer.ROUTES))
+    with transfer_server(comfy_env) as fake:
+        add_train_node(fake)
+        yield fake
