@@ -4,7 +4,7 @@ Runs only when COMFYUI_DIR points at a ComfyUI checkout (COMFYUI_PYTHON: its Pyt
 insightface and onnxruntime for the face half). The pack is linked into a throwaway base directory
 with install.py; an InsightFace-format test pack (tests/cf_testing/face_models.py: its detector finds
 pure-red cells, its recogniser tells the texture around them apart) goes into models/insightface, so
-Analyse runs real insightface inside ComfyUI. The planted folder (tests/test_dataset_planted.py, "cell"
+Analyse runs real insightface inside ComfyUI. The planted folder (tests/cf_testing/photos.py, "cell"
 markers) goes into ComfyUI's input folder; one prompt chains Load -> Analyse -> Filter -> Deduplicate
 -> Crop -> Augment -> Export -> Report.
 """
@@ -74,9 +74,8 @@ EXPECTED = {  # first reason of each planted problem, with the test pack's red-c
 
 
 def test_planted_folder_through_real_comfyui(tmp_path):
-    from test_dataset_planted import make_planted_folder
-
     from cf_testing.face_models import write_face_pack
+    from cf_testing.photos import make_planted_folder
 
     comfy = comfyui_dir()
     base = tmp_path / "base"

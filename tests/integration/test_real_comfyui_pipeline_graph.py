@@ -44,8 +44,8 @@ def _by_class(prompt: dict) -> dict[str, list[str]]:
 
 def _tiny_prompt(refs: Path, face_pack: str) -> dict:
     """The shipped workflow set to the tiny models and sizes (what a user changes in the editor)."""
-    from charforge.recipes.pipeline import TINY_TRAIN
     from charforge.engine import tiny
+    from charforge.recipes.pipeline import TINY_TRAIN
 
     prompt = json.loads(WORKFLOW.read_text(encoding="utf-8"))
     ids = _by_class(prompt)
@@ -84,9 +84,9 @@ def test_character_pipeline_graph_runs_in_one_queue(tmp_path, monkeypatch):
 
     from cf_testing.face_models import face_image, write_face_pack
     from charforge.driver.client import ComfyClient
-    from charforge.recipes.pipeline import start_own_server
     from charforge.engine import tiny
     from charforge.engine.video import read_video
+    from charforge.recipes.pipeline import start_own_server
 
     comfy = real.comfyui_dir()
     python = real.comfyui_python(comfy)

@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.comfyui,
 
 
 def test_real_comfyui_matches_the_recording(tmp_path):
-    from test_comfy_stubs import RECORDED, run_scenario
+    from cf_testing.stub_record import RECORDED, run_scenario
 
     comfy = comfyui_dir()
     actual = run_scenario(comfyui_python(comfy), str(comfy), tmp_path, cwd=comfy)
