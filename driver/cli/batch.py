@@ -20,6 +20,10 @@ journal.jsonl (every job's state changes), plan.json, summary.json and contact_s
 command again to resume: finished jobs are skipped, submitted jobs are looked up on their server before
 anything is sent again. 'charforge batch status DIR' shows progress from another terminal.
 
+Jobs that train a LoRA (CharForge's Train LoRA) get it in <job>/lora/ and its run folder in <job>/lora/run/,
+downloaded from the server with resume and checksum (--no-lora-home: leave them there). --upload-to
+s3://BUCKET/PREFIX sends each done job's folder up as it finishes and the batch's files at the end.
+
 exit codes: 0 every job done; 1 some jobs failed or timed out; 2 usage error or changed plan;
 3 no server reachable; 130 interrupted (rerun to resume).
 """
