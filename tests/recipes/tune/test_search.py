@@ -28,10 +28,12 @@ from fakes.tune_server import (  # noqa: F401
 )
 from PIL import Image
 
+from cf_testing.comfyui import REPO_ROOT
+
 pytest.importorskip("optuna")
 pytest.importorskip("insightface")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 
 
 def trials_of(out: Path) -> list[dict]:
