@@ -590,7 +590,12 @@ class BatchRunner:
         """The LoRAs the job trained and their run folders into ``final/lora/``, the manifest rewritten with
         them; False (journaled ``failed``, kind ``home``: the next run downloads again) when that failed."""
         manifest_path = final / "manifest.json"
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return True  # not a manifest this runner wrote: nothing it knows to bring home
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+            return True
         entries = _training(manifest)
         pending = [e for e in entries if e.get("state") == "pending"]
         if not pending:

@@ -146,3 +146,35 @@ def test_no_lora_home_leaves_it_on_the_server(comfy_env, monkeypatch, tmp_path):
     assert code == 0, err
     assert "training" not in json.loads((out / "name-solo" / "manifest.json").read_text())
     assert not (out / "name-solo" / "lora").exists()
+
+
+def test_a_lora_refused_by_its_checksum_is_downloaded_by_the_next_run_not_trained_again(comfy_env, monkeypatch,
+                                                                                       tmp_path):
+    from charforge.nodes import transfer
+
+    spec = training_sweep(tmp_path, ["solo"])
+    out = tmp_path / "out"
+    real_index = transfer._index
+
+    def lying_index(folder):
+        index = real_index(folder)
+        for meta in index["files"].values():
+            meta["sha256"] = "0" * 64
+        return index
+
+    with training_server(comfy_env, monkeypatch) as fake:
+        monkeypatch.setattr(transfer, "_index", lying_index)
+        code, _, err = run_cli("batch", "run", str(spec), "--server", fake.url, "--out", str(out))
+        assert code == 1 and "failed (home)" in err and "sha256" in err
+        state = replay(out / JOURNAL_NAME)
+        [job] = state.jobs.values()
+        assert (job.state, job.kind) == ("failed", "home")
+        assert not list((out / "name-solo").rglob("*.part"))  # a refused file is not kept
+
+        monkeypatch.setattr(transfer, "_index", real_index)
+        code, _, err = run_cli("batch", "run", str(spec), "--server", fake.url, "--out", str(out))  # no --retry-failed
+        assert code == 0, err
+        assert len(fake.executed) == 1 and replay(out / JOURNAL_NAME).jobs[job.id].state == "done"
+    manifest = json.loads((out / "name-solo" / "manifest.json").read_text())
+    assert manifest["training"][0]["state"] == "home"
+    assert (out / "name-solo" / "lora" / "run" / "solo" / "loss.png").is_file()
