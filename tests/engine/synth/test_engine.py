@@ -150,6 +150,7 @@ def test_a_file_that_is_not_a_swapper_is_refused(models):
 # ------------------------------------------------------------------------------------------ restore
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["GFPGAN", "RestoreFormer", "CodeFormer"])
 def test_restorers_are_detected_by_spandrel_and_restore_only_the_face(models, analyzer, kind):
     if kind == "CodeFormer":
@@ -298,6 +299,7 @@ def test_synthesize_marks_scores_caps_and_never_touches_the_sources(analyzer, tm
     assert row["synthesized_from"].endswith(".png")
 
 
+@pytest.mark.slow
 def test_synthesize_restores_and_stops_on_cancel(analyzer, models, tmp_path):
     photos, sources = _folders(tmp_path)
     manifest = load_folder(photos, tmp_path / "ds")

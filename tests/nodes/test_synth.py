@@ -85,6 +85,7 @@ def test_swap_and_restore_faces_on_a_batch(comfy):
     assert faces == 1 and restored.shape == (1, 320, 320, 3)
 
 
+@pytest.mark.slow
 def test_synthesize_crop_with_comfys_upscale_model_and_report(comfy, tmp_path, synth_files):
     from spandrel import ModelLoader
 
