@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
@@ -27,8 +28,9 @@ def _cell(text: str) -> str:
 
 def render() -> str:
     """Markdown: one section per category, one row per node with its inputs and outputs."""
-    by_category: dict[str, list[tuple[str, type]]] = {}
-    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+    by_category: dict[str, list[tuple[str, Any]]] = {}
+    node_classes: dict[str, Any] = NODE_CLASS_MAPPINGS  # ComfyUI node classes: duck-typed
+    for node_id, cls in node_classes.items():
         by_category.setdefault(cls.CATEGORY, []).append((node_id, cls))
     lines = []
     for category in sorted(by_category):

@@ -314,12 +314,12 @@ def make_captioner(backend: str, model: str = "", batch_size: int = 8, **options
     if backend in ("blip", "blip2", "florence2"):
         from ..engine.caption.backends.hf import HFSettings, TransformersCaptioner
 
-        settings = HFSettings(dtype=o.get("precision", "auto"), max_new_tokens=int(o.get("max_new_tokens", 40)),
-                              num_beams=int(o.get("num_beams", 1)), batch_size=batch_size,
-                              prompt=o.get("text_prompt", "") if backend != "florence2" else "",
-                              task=o.get("florence_task", "<CAPTION>"),
-                              allow_download=bool(o.get("allow_download", False)))
-        return TransformersCaptioner(backend, model, settings)
+        hf_settings = HFSettings(dtype=o.get("precision", "auto"), max_new_tokens=int(o.get("max_new_tokens", 40)),
+                                 num_beams=int(o.get("num_beams", 1)), batch_size=batch_size,
+                                 prompt=o.get("text_prompt", "") if backend != "florence2" else "",
+                                 task=o.get("florence_task", "<CAPTION>"),
+                                 allow_download=bool(o.get("allow_download", False)))
+        return TransformersCaptioner(backend, model, hf_settings)
     if backend == "clip_interrogator":
         from ..engine.caption.backends.interrogator import ClipInterrogator, InterrogatorSettings
         from ..engine.score.clip import list_clip_models
@@ -334,13 +334,13 @@ def make_captioner(backend: str, model: str = "", batch_size: int = 8, **options
             clip_model = found[0]
         per_list = int(o.get("terms_per_list", 1))
         folder = (o.get("terms_folder") or "").strip()
-        settings = InterrogatorSettings(
+        interrogator_settings = InterrogatorSettings(
             lists=tuple(split_list(o.get("term_lists", "")) or InterrogatorSettings().lists), top_k=per_list,
             top_k_per_list={"flavours": 3} if per_list == 1 else {}, batch_size=batch_size,
             terms_folders=[folder] if folder else None)
         sentence = None if sentence_backend == "none" else make_captioner(sentence_backend, model, batch_size, **o)
         try:
-            return ClipInterrogator(clip_model, sentence, settings)
+            return ClipInterrogator(clip_model, sentence, interrogator_settings)
         except Exception:
             if sentence is not None:
                 sentence.close()

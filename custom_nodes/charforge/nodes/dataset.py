@@ -8,6 +8,7 @@ input documented in its tooltip; what runs is a few lines per node.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from .. import bridge
 from ..engine.dataset import Rejected, letterbox, load_image, measure_quality, scan_folder, verify_image
@@ -84,7 +85,9 @@ class ListImages:
     def list_images(self, folder, recursive, max_preview, preview_size, node_id=None):
         result = scan_folder(resolve_folder(folder), recursive=recursive)
         progress = bridge.control(max(1, len(result.images)), node_id=node_id, label="list images")
-        previews, readable, rejected = [], [], list(result.rejected)
+        previews: list[Any] = []
+        readable: list[str] = []
+        rejected = list(result.rejected)
         for path in result.images:
             try:
                 if len(previews) < max_preview:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from .. import bridge
 from ..common.characters import inject_trigger_words as add_trigger_words
@@ -170,7 +171,7 @@ class ApplyLoraStack:
     @classmethod
     def INPUT_TYPES(cls):
         choices = _lora_choices()
-        optional = {
+        optional: dict[str, tuple[Any, dict[str, Any]]] = {
             "loras": (LORA_STACK, {"tooltip": "A LoRA stack (Load Character, or another pack's stack node)."}),
             "prompt": ("STRING", {"forceInput": True,
                                   "tooltip": "Prompt to add trigger words to (e.g. Load Character's prompt)."}),
@@ -362,7 +363,7 @@ class MergeLoras:
             "weight_1": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05,
                                    "tooltip": "Weight of the first LoRA's effect."}),
         }
-        optional = {}
+        optional: dict[str, tuple[Any, dict[str, Any]]] = {}
         for slot in range(2, 5):
             optional[f"lora_{slot}"] = (choices, {"default": NONE, "tooltip": f"LoRA {slot} (None = unused)."})
             optional[f"weight_{slot}"] = ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05,

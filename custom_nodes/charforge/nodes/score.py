@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from .. import bridge
 from ..engine.faces import FaceAnalyzer, available_face_packs
@@ -173,7 +174,8 @@ class BuildIdentity:
         return folder_signature(folder) if folder and folder.strip() else ""
 
     def build(self, face_models, name, save, images=None, folder="", node_id=None):
-        sources, skipped = [], []
+        sources: list[tuple[str, Any]] = []
+        skipped: list[tuple[str, str]] = []
         if images is not None:
             sources += [(f"image {i}", frame) for i, frame in enumerate(image_frames(images))]
         if folder and folder.strip():
@@ -683,8 +685,8 @@ class CompareSets:
         table = sets_table(f"sets vs {identity.name}", summaries, best)
         path = write_sets_csv(summaries, os.path.join(bridge.output_directory(), "charforge"), "compare_sets")
         data = {"best": best.name if best else None, "sets": [s.as_dict() for s in summaries], "csv": path}
-        text = "; ".join(f"{s.name}: identity mean {s.identity_mean}, min {s.identity_min}" for s in summaries)
-        return {"ui": {"text": [text], "images": [_show_table(table)]},
+        summary = "; ".join(f"{s.name}: identity mean {s.identity_mean}, min {s.identity_min}" for s in summaries)
+        return {"ui": {"text": [summary], "images": [_show_table(table)]},
                 "result": (_image_of(table), json.dumps(data, indent=1), path)}
 
 
