@@ -23,8 +23,10 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -n auto
 
 # mypy reads pyproject's [tool.mypy]; it finds charforge.driver and charforge.recipes through the links made here.
+# ruff (lint rules and the formatter, in check mode), vermin (nothing needs a Python newer than requires-python),
+# then mypy. CI (.ci/run) runs it before the tests.
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check . && $(VENV)/bin/vermin --target=3.10- --violations --no-tips --quiet $$(git ls-files '*.py')
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/vermin --target=3.10- --violations --no-tips --quiet $$(git ls-files '*.py')
 	mkdir -p build/mypy/charforge && ln -sfn ../../../driver build/mypy/charforge/driver \
 		&& ln -sfn ../../../recipes build/mypy/charforge/recipes
 	$(VENV)/bin/mypy

@@ -97,7 +97,9 @@ def requirement_name(line: str) -> str:
 def check_comfyui(path: Path) -> Path:
     path = path.expanduser().resolve()
     if not (path / "main.py").is_file() or not (path / "folder_paths.py").is_file():
-        raise InstallError(f"{path} does not look like a ComfyUI folder (no main.py and folder_paths.py there)")
+        raise InstallError(
+            f"{path} does not look like a ComfyUI folder (no main.py and folder_paths.py there)"
+        )
     return path
 
 
@@ -113,8 +115,10 @@ def find_comfy_python(comfyui: Path | None, explicit: str | None) -> str:
         for candidate in candidates:
             if candidate.exists():
                 return str(candidate)
-        say(f"no venv found in {comfyui}; installing into this Python ({sys.executable}). "
-            "Pass --python if ComfyUI runs with another one.")
+        say(
+            f"no venv found in {comfyui}; installing into this Python ({sys.executable}). "
+            "Pass --python if ComfyUI runs with another one."
+        )
     return sys.executable
 
 
@@ -143,10 +147,14 @@ def install_requirements(python: str, upgrade: bool = False) -> list[str]:
         say(f"installing {line} into {python}")
         result = subprocess.run([python, "-m", "pip", "install", line])
         if result.returncode != 0:
-            (failed_optional if requirement_name(line) in OPTIONAL_REQUIREMENTS else failed_required).append(line)
+            (failed_optional if requirement_name(line) in OPTIONAL_REQUIREMENTS else failed_required).append(
+                line
+            )
     for line in failed_optional:
-        say(f"WARNING: {line} failed to install; the nodes that need it will explain what to do when used "
-            f"(retry with: {python} -m pip install \"{line}\")")
+        say(
+            f"WARNING: {line} failed to install; the nodes that need it will explain what to do when used "
+            f'(retry with: {python} -m pip install "{line}")'
+        )
     if failed_required:
         raise InstallError(f"could not install: {', '.join(failed_required)} (see pip's output above)")
     return failed_optional
@@ -170,7 +178,9 @@ def pack_files(source: Path) -> list[Path]:
             continue
         for folder, dirs, names in os.walk(top):  # os.walk does not descend into linked folders
             here = Path(folder)
-            dirs[:] = sorted(d for d in dirs if recursive and d != "__pycache__" and not (here / d).is_symlink())
+            dirs[:] = sorted(
+                d for d in dirs if recursive and d != "__pycache__" and not (here / d).is_symlink()
+            )
             for name in names:
                 path = here / name
                 if path.suffix.lower() in suffixes and not path.is_symlink():
@@ -182,7 +192,9 @@ def copy_pack(source: Path, target: Path) -> int:
     """Copy the pack's own files (:func:`pack_files`) from `source` into the new folder `target`."""
     files = pack_files(source)
     if not (source / "__init__.py").is_file() or not (source / "custom_nodes" / PACK_NAME).is_dir():
-        raise InstallError(f"{source} is not a CharForge checkout (no __init__.py and custom_nodes/{PACK_NAME})")
+        raise InstallError(
+            f"{source} is not a CharForge checkout (no __init__.py and custom_nodes/{PACK_NAME})"
+        )
     for rel in files:
         (target / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source / rel, target / rel)
@@ -206,7 +218,9 @@ def place_pack(custom_nodes: Path, copy: bool, force: bool) -> Path:
         target.unlink()
     elif target.exists():
         if not (target / "install.py").exists() and not force:
-            raise InstallError(f"{target} exists and is not a CharForge install; move it away or pass --force")
+            raise InstallError(
+                f"{target} exists and is not a CharForge install; move it away or pass --force"
+            )
         backup = target.with_name(f"{PACK_NAME}.old.disabled")  # ComfyUI skips *.disabled
         if backup.exists():
             shutil.rmtree(backup)
@@ -239,17 +253,24 @@ def main(argv: list[str] | None = None) -> int:
     passthrough: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, passthrough = argv[:cut], argv[cut + 1:]
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
     parser = argparse.ArgumentParser(description="Install the CharForge node pack into a ComfyUI.")
     parser.add_argument("--comfyui", type=Path, help="ComfyUI folder (the one holding main.py)")
-    parser.add_argument("--base-directory", type=Path,
-                        help="ComfyUI's --base-directory, if it runs with one (the pack goes into its custom_nodes)")
+    parser.add_argument(
+        "--base-directory",
+        type=Path,
+        help="ComfyUI's --base-directory, if it runs with one (the pack goes into its custom_nodes)",
+    )
     parser.add_argument("--python", help="Python that runs ComfyUI (default: found next to it, see above)")
     parser.add_argument("--copy", action="store_true", help="copy the pack instead of linking it")
     parser.add_argument("--force", action="store_true", help="replace an existing custom_nodes/charforge")
     parser.add_argument("--no-deps", action="store_true", help="do not install requirements")
-    parser.add_argument("--upgrade", action="store_true", help="reinstall every requirement, even satisfied ones")
-    parser.add_argument("--start", action="store_true", help="start ComfyUI afterwards (arguments after -- go to it)")
+    parser.add_argument(
+        "--upgrade", action="store_true", help="reinstall every requirement, even satisfied ones"
+    )
+    parser.add_argument(
+        "--start", action="store_true", help="start ComfyUI afterwards (arguments after -- go to it)"
+    )
     args = parser.parse_args(argv)
 
     try:

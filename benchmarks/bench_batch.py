@@ -49,24 +49,47 @@ def rss_mib() -> float:
 
 def graph() -> dict:
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 512, "height": 512, "batch_size": 1, "color": 0},
-              "_meta": {"title": "Blank"}},
-        "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 15, "sigma": 5.0},
-              "_meta": {"title": "Blur"}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "bench/batch"},
-              "_meta": {"title": "Save"}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 512, "height": 512, "batch_size": 1, "color": 0},
+            "_meta": {"title": "Blank"},
+        },
+        "2": {
+            "class_type": "ImageBlur",
+            "inputs": {"image": ["1", 0], "blur_radius": 15, "sigma": 5.0},
+            "_meta": {"title": "Blur"},
+        },
+        "3": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["2", 0], "filename_prefix": "bench/batch"},
+            "_meta": {"title": "Save"},
+        },
     }
 
 
 def fake_graph() -> dict:
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 0},
-              "_meta": {"title": "Blank"}},
-        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "nearest-exact",
-                                                      "width": 32, "height": 32, "crop": "disabled"},
-              "_meta": {"title": "Resize"}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "bench/batch"},
-              "_meta": {"title": "Save"}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 0},
+            "_meta": {"title": "Blank"},
+        },
+        "2": {
+            "class_type": "ImageScale",
+            "inputs": {
+                "image": ["1", 0],
+                "upscale_method": "nearest-exact",
+                "width": 32,
+                "height": 32,
+                "crop": "disabled",
+            },
+            "_meta": {"title": "Resize"},
+        },
+        "3": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["2", 0], "filename_prefix": "bench/batch"},
+            "_meta": {"title": "Save"},
+        },
     }
 
 
@@ -81,10 +104,15 @@ def scale_one(jobs: int) -> dict:
     from charforge.driver.batch.targets import ComfyTarget
 
     rss_start = rss_mib()
-    side = int(jobs ** 0.5)
+    side = int(jobs**0.5)
     rows = jobs // side
-    spec = {"prompt": fake_graph(), "axes": {"color": {"set": "Blank.color", "values": list(range(side))},
-                                             "width": {"set": "Resize.width", "values": list(range(8, 8 + rows))}}}
+    spec = {
+        "prompt": fake_graph(),
+        "axes": {
+            "color": {"set": "Blank.color", "values": list(range(side))},
+            "width": {"set": "Resize.width", "values": list(range(8, 8 + rows))},
+        },
+    }
     t = time.perf_counter()
     plan = parse_sweep(spec, "bench")
     expand_s = time.perf_counter() - t
@@ -100,9 +128,17 @@ def scale_one(jobs: int) -> dict:
             journal.append("submitting", job=job.id, prompt_id=pid, server=target.name)
             journal.append("submitted", job=job.id, prompt_id=pid, server=target.name)
             if i < n_done:
-                journal.append("finished", job=job.id, prompt_id=pid, server=target.name, execution_seconds=0.1)
-                journal.append("done", job=job.id, prompt_id=pid, server=target.name,
-                               files=["bench/batch_00001_.png"], seconds=0.2)
+                journal.append(
+                    "finished", job=job.id, prompt_id=pid, server=target.name, execution_seconds=0.1
+                )
+                journal.append(
+                    "done",
+                    job=job.id,
+                    prompt_id=pid,
+                    server=target.name,
+                    files=["bench/batch_00001_.png"],
+                    seconds=0.2,
+                )
         journal.close()
         journal_s = time.perf_counter() - t
         records = journal.state.records
@@ -120,11 +156,19 @@ def scale_one(jobs: int) -> dict:
         resume_s = time.perf_counter() - t
         assert len(finished) == n_done and len(again._pending) == len(plan.jobs) - n_done - n_flight
         assert summary["counts"]["done"] == n_done
-        return {"bench": "scale", "jobs": len(plan.jobs), "expand_s": round(expand_s, 3),
-                "journal_records": records, "journal_mib": round(size / 2**20, 2),
-                "journal_write_s": round(journal_s, 3), "fsync_per_record_ms": round(journal_s / records * 1000, 3),
-                "replay_s": round(replay_s, 3), "resume_s": round(resume_s, 3),
-                "rss_before_mib": round(rss_start, 1), "peak_rss_mib": round(rss_mib(), 1)}
+        return {
+            "bench": "scale",
+            "jobs": len(plan.jobs),
+            "expand_s": round(expand_s, 3),
+            "journal_records": records,
+            "journal_mib": round(size / 2**20, 2),
+            "journal_write_s": round(journal_s, 3),
+            "fsync_per_record_ms": round(journal_s / records * 1000, 3),
+            "replay_s": round(replay_s, 3),
+            "resume_s": round(resume_s, 3),
+            "rss_before_mib": round(rss_start, 1),
+            "peak_rss_mib": round(rss_mib(), 1),
+        }
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -145,23 +189,47 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
     raise TimeoutError(url)
 
 
-def start_servers(kind: str, count: int, args: argparse.Namespace, tmp: Path) -> list[tuple[str, subprocess.Popen]]:
+def start_servers(
+    kind: str, count: int, args: argparse.Namespace, tmp: Path
+) -> list[tuple[str, subprocess.Popen]]:
     servers = []
     for i in range(count):
         port = free_port(PORTS)
         if kind == "fake":
-            cmd = [sys.executable, str(ROOT / "tests" / "fakes" / "comfy_server.py"), "--listen", "127.0.0.1",
-                   "--port", str(port), "--node-seconds", str(args.node_seconds), "--caching", "off"]
+            cmd = [
+                sys.executable,
+                str(ROOT / "tests" / "fakes" / "comfy_server.py"),
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--node-seconds",
+                str(args.node_seconds),
+                "--caching",
+                "off",
+            ]
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         else:
             base = tmp / f"comfy{i}"
             (base / "custom_nodes").mkdir(parents=True)
             (base / "user").mkdir(parents=True)
-            cmd = [args.comfyui_python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                   "--base-directory", str(base), "--database-url", f"sqlite:///{base / 'user' / 'db.sqlite'}"]
+            cmd = [
+                args.comfyui_python,
+                "main.py",
+                "--cpu",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--base-directory",
+                str(base),
+                "--database-url",
+                f"sqlite:///{base / 'user' / 'db.sqlite'}",
+            ]
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-            proc = subprocess.Popen(cmd, cwd=args.comfyui_dir, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                    env=env)
+            proc = subprocess.Popen(
+                cmd, cwd=args.comfyui_dir, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env
+            )
         url = f"http://127.0.0.1:{port}"
         servers.append((url, proc))
         wait_up(url, proc)
@@ -172,8 +240,10 @@ def run_batch(urls: list[str], jobs: int, tmp: Path, kind: str, tag: str, offset
     from charforge.driver.batch import Batch, parse_sweep
 
     # different colours every run: ComfyUI's cache must never skip the work
-    spec = {"prompt": fake_graph() if kind == "fake" else graph(),
-            "axes": {"color": {"set": "Blank.color", "values": list(range(offset, offset + jobs))}}}
+    spec = {
+        "prompt": fake_graph() if kind == "fake" else graph(),
+        "axes": {"color": {"set": "Blank.color", "values": list(range(offset, offset + jobs))}},
+    }
     plan = parse_sweep(spec, "bench")
     out = tmp / f"out-{tag}"
     start = time.perf_counter()
@@ -195,9 +265,15 @@ def speedup(kind: str, args: argparse.Namespace) -> dict:
         two = run_batch(urls, args.jobs, tmp, kind, "two", 1_000_000)
         one_b = run_batch(urls[:1], args.jobs, tmp, kind, "one-b", 2_000_000)
         one = (one_a + one_b) / 2
-        return {"bench": "speedup", "servers": kind, "jobs": args.jobs, "one_server_s": [round(one_a, 2),
-                round(one_b, 2)], "two_servers_s": round(two, 2), "ratio_two_over_one": round(two / one, 3),
-                "speedup": round(one / two, 2)}
+        return {
+            "bench": "speedup",
+            "servers": kind,
+            "jobs": args.jobs,
+            "one_server_s": [round(one_a, 2), round(one_b, 2)],
+            "two_servers_s": round(two, 2),
+            "ratio_two_over_one": round(two / one, 3),
+            "speedup": round(one / two, 2),
+        }
     finally:
         for _, proc in servers:
             proc.terminate()
@@ -215,9 +291,16 @@ def machine() -> dict:
         from charforge import __version__
     except Exception:  # noqa: BLE001
         __version__ = "?"
-    return {"bench": "machine", "python": platform.python_version(), "platform": platform.platform(),
-            "cpus": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()], "aiohttp": aiohttp.__version__,
-            "charforge": __version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {
+        "bench": "machine",
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        "aiohttp": aiohttp.__version__,
+        "charforge": __version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def main() -> None:
@@ -240,8 +323,9 @@ def main() -> None:
     print(json.dumps(machine()), flush=True)
     if args.what == "scale":
         for n in args.jobs:  # a fresh process each: its peak RSS belongs to that size alone
-            subprocess.run([sys.executable, __file__, "scale", "--one", "--jobs", str(n)], check=True,
-                           stdout=sys.stdout)
+            subprocess.run(
+                [sys.executable, __file__, "scale", "--one", "--jobs", str(n)], check=True, stdout=sys.stdout
+            )
         return
     print(json.dumps(speedup("fake", args)), flush=True)
     if args.comfyui_dir:

@@ -48,8 +48,13 @@ def write_photos(folder: Path, count: int, width: int, height: int, seed: int = 
     paths = []
     for i in range(count):
         base = rng.uniform(0, 255, 3)
-        field = np.stack([base[c] * 0.5 + 60 * np.sin(x / (40 + 7 * c + i % 13)) + 60 * np.cos(y / (50 + 5 * c))
-                          for c in range(3)], axis=-1)
+        field = np.stack(
+            [
+                base[c] * 0.5 + 60 * np.sin(x / (40 + 7 * c + i % 13)) + 60 * np.cos(y / (50 + 5 * c))
+                for c in range(3)
+            ],
+            axis=-1,
+        )
         field += rng.normal(0, 8, field.shape)
         path = folder / f"photo_{i:05d}.jpg"
         Image.fromarray(np.clip(field, 0, 255).astype(np.uint8)).save(path, quality=90)
@@ -89,16 +94,22 @@ def main() -> None:
         count = max(args.images, args.single_images, args.batch)
         write_photos(tmp / "photos", count, width, height)
 
-        settings = HFSettings(device=args.device, dtype=args.precision, max_new_tokens=args.tokens,
-                              min_new_tokens=args.tokens, batch_size=args.batch)
+        settings = HFSettings(
+            device=args.device,
+            dtype=args.precision,
+            max_new_tokens=args.tokens,
+            min_new_tokens=args.tokens,
+            batch_size=args.batch,
+        )
         captioner = TransformersCaptioner(backend, str(folder), settings)
         params = sum(p.numel() for p in captioner.model.parameters())
-        rules = CaptionRules(trigger="ohwx", class_tokens="person", template="{trigger} {class}, {caption}",
-                             max_tokens=0)
+        rules = CaptionRules(
+            trigger="ohwx", class_tokens="person", template="{trigger} {class}, {caption}", max_tokens=0
+        )
 
         from PIL import Image
 
-        warm = [Image.open(p).convert("RGB") for p in sorted((tmp / "photos").glob("*.jpg"))[:args.batch]]
+        warm = [Image.open(p).convert("RGB") for p in sorted((tmp / "photos").glob("*.jpg"))[: args.batch]]
         tokens = captioner.generate(warm)  # warm-up (kernels, allocator) and a check of the fixed length
         generated = int(tokens.shape[1]) - (0 if backend == "blip2" else 1)
 
@@ -107,7 +118,10 @@ def main() -> None:
                 torch.cuda.synchronize()
 
         results = {}
-        for label, batch, n in (("batch_1", 1, args.single_images), (f"batch_{args.batch}", args.batch, args.images)):
+        for label, batch, n in (
+            ("batch_1", 1, args.single_images),
+            (f"batch_{args.batch}", args.batch, args.images),
+        ):
             photos = sorted((tmp / "photos").glob("*.jpg"))[:n]
             sub = tmp / f"photos_{label}"
             sub.mkdir()
@@ -117,23 +131,44 @@ def main() -> None:
             captioner.batch_size = batch
             sync()
             start = time.perf_counter()
-            run = caption_dataset(manifest, captioner, rules, mode="overwrite", batch_size=batch,
-                                  workers=args.workers)
+            run = caption_dataset(
+                manifest, captioner, rules, mode="overwrite", batch_size=batch, workers=args.workers
+            )
             sync()
             seconds = time.perf_counter() - start
             written = len(list((tmp / f"dataset_{label}").rglob("*.txt")))
-            results[label] = {"images": n, "captioned": len(run.captioned), "sidecars_written": written,
-                              "seconds": round(seconds, 3), "images_per_min": round(60 * n / seconds, 1)}
+            results[label] = {
+                "images": n,
+                "captioned": len(run.captioned),
+                "sidecars_written": written,
+                "seconds": round(seconds, 3),
+                "images_per_min": round(60 * n / seconds, 1),
+            }
         single = results["batch_1"]["images_per_min"]
         batched = results[f"batch_{args.batch}"]["images_per_min"]
-        device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
-        print(json.dumps({
-            "benchmark": "caption", "model": args.model, "backend": backend, "params_m": round(params / 1e6, 1),
-            "device": args.device, "device_name": device_name, "dtype": str(captioner.dtype).replace("torch.", ""),
-            "tokens_per_caption": generated, "photo_size": args.photo_size, "build_model_s": round(build_s, 1),
-            "results": results, "batched_over_single": round(batched / single, 2) if single else None,
-            "torch": torch.__version__, "transformers": transformers.__version__,
-        }))
+        device_name = (
+            torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
+        )
+        print(
+            json.dumps(
+                {
+                    "benchmark": "caption",
+                    "model": args.model,
+                    "backend": backend,
+                    "params_m": round(params / 1e6, 1),
+                    "device": args.device,
+                    "device_name": device_name,
+                    "dtype": str(captioner.dtype).replace("torch.", ""),
+                    "tokens_per_caption": generated,
+                    "photo_size": args.photo_size,
+                    "build_model_s": round(build_s, 1),
+                    "results": results,
+                    "batched_over_single": round(batched / single, 2) if single else None,
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                }
+            )
+        )
         captioner.close()
 
 

@@ -31,7 +31,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--spec", choices=["vit-l-14", "tiny"], default="vit-l-14")
-    parser.add_argument("--size", type=int, default=1024, help="side of the square input images (ComfyUI IMAGE)")
+    parser.add_argument(
+        "--size", type=int, default=1024, help="side of the square input images (ComfyUI IMAGE)"
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fp32", action="store_true", help="run the model in float32 instead of float16")
@@ -50,7 +52,9 @@ def main() -> None:
 
         from charforge.engine.score.clip import ClipScorer
 
-        scorer = ClipScorer.load(str(folder), device=args.device, half=False if args.fp32 else None)  # fp16 on GPU
+        scorer = ClipScorer.load(
+            str(folder), device=args.device, half=False if args.fp32 else None
+        )  # fp16 on GPU
         params = sum(p.numel() for p in scorer.model.parameters())
         prompt = ["a photo of sks person standing in a forest, cinematic light"]
         results = {}
@@ -68,19 +72,25 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
             results[str(batch)] = round(batch / statistics.median(times), 1)
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
-        print(json.dumps({
-            "date": time.strftime("%Y-%m-%d"),
-            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "transformers": transformers.__version__,
-            "model": f"CLIP {args.spec} random weights, {params / 1e6:.1f} M parameters",
-            "dtype": str(scorer.dtype),
-            "input": f"{args.size}x{args.size} float32 IMAGE batches from CPU memory",
-            "images_per_s_by_batch": results,
-            "peak_gpu_memory_gib": round(peak, 2) if peak is not None else None,
-            "model_build_s": round(build_s, 1),
-        }))
+        print(
+            json.dumps(
+                {
+                    "date": time.strftime("%Y-%m-%d"),
+                    "device": torch.cuda.get_device_name()
+                    if args.device.startswith("cuda")
+                    else platform.processor(),
+                    "torch": torch.__version__,
+                    "cuda": torch.version.cuda,
+                    "transformers": transformers.__version__,
+                    "model": f"CLIP {args.spec} random weights, {params / 1e6:.1f} M parameters",
+                    "dtype": str(scorer.dtype),
+                    "input": f"{args.size}x{args.size} float32 IMAGE batches from CPU memory",
+                    "images_per_s_by_batch": results,
+                    "peak_gpu_memory_gib": round(peak, 2) if peak is not None else None,
+                    "model_build_s": round(build_s, 1),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

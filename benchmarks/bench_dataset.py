@@ -87,9 +87,11 @@ def run_one(data: Path, out: Path, workers: int, detector: str) -> dict:
     if detector == "mtcnn" and choice.name != "mtcnn":
         raise SystemExit(f"mtcnn requested but not available: {choice.note}")
     times, cpu = {}, {}
-    stages = [("analyse", lambda m: analyse(m, choice.detector, choice.name, workers=workers)),
-              ("deduplicate", lambda m: deduplicate(m, workers=workers)),
-              ("crop", lambda m: crop_dataset(m, CropSettings(bucket_set="sdxl", mode="face"), workers=workers))]
+    stages = [
+        ("analyse", lambda m: analyse(m, choice.detector, choice.name, workers=workers)),
+        ("deduplicate", lambda m: deduplicate(m, workers=workers)),
+        ("crop", lambda m: crop_dataset(m, CropSettings(bucket_set="sdxl", mode="face"), workers=workers)),
+    ]
     for name, stage in stages:
         start, start_cpu = time.perf_counter(), _cpu_seconds()
         manifest = stage(manifest)
@@ -99,9 +101,13 @@ def run_one(data: Path, out: Path, workers: int, detector: str) -> dict:
     total = sum(times.values())
     megapixels = sum(e.width * e.height for e in manifest.entries)  # after crop: bucket sizes
     return {
-        "workers": workers, "detector": choice.name, "images": count,
-        "cropped": sum(1 for e in manifest.entries if e.bucket), "duplicate_groups": len(manifest.duplicate_groups),
-        "seconds": {k: round(v, 2) for k, v in times.items()}, "total_seconds": round(total, 2),
+        "workers": workers,
+        "detector": choice.name,
+        "images": count,
+        "cropped": sum(1 for e in manifest.entries if e.bucket),
+        "duplicate_groups": len(manifest.duplicate_groups),
+        "seconds": {k: round(v, 2) for k, v in times.items()},
+        "total_seconds": round(total, 2),
         "load_images_per_s": round(count / load_seconds, 1),
         "cpu_ms_per_image": round(sum(cpu.values()) / count * 1000, 1),
         "stage_cpu_ms_per_image": {k: round(v / count * 1000, 1) for k, v in cpu.items()},
@@ -124,17 +130,29 @@ def versions() -> dict:
     import PIL
     import torch
 
-    return {"python": platform.python_version(), "numpy": numpy.__version__, "pillow": PIL.__version__,
-            "opencv": cv2.__version__, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+    return {
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "pillow": PIL.__version__,
+        "opencv": cv2.__version__,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--count", type=int, default=1000, help="photos (including near-duplicate copies)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--detector", nargs="+", default=None, help="mtcnn and/or none (default: mtcnn if installed)")
-    parser.add_argument("--data", type=Path, default=None, help="folder for the photos (kept; reused next time)")
+    parser.add_argument(
+        "--detector", nargs="+", default=None, help="mtcnn and/or none (default: mtcnn if installed)"
+    )
+    parser.add_argument(
+        "--data", type=Path, default=None, help="folder for the photos (kept; reused next time)"
+    )
     parser.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     parser.add_argument("--one", nargs=3, metavar=("DATA", "WORKERS", "DETECTOR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -157,28 +175,38 @@ def main() -> None:
         results = []
         for detector in detectors:
             for workers in args.workers:
-                child = subprocess.run([sys.executable, __file__, "--one", str(data), str(workers), detector],
-                                       capture_output=True, text=True, check=False)
+                child = subprocess.run(
+                    [sys.executable, __file__, "--one", str(data), str(workers), detector],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
                 if child.returncode:
                     raise SystemExit(child.stderr)
                 results.append(json.loads(child.stdout.strip().splitlines()[-1]))
                 r = results[-1]
-                print(f"  {detector} x{workers}: {r['images_per_s']} images/s, peak RSS {r['peak_rss_mb']} MB",
-                      file=sys.stderr)
+                print(
+                    f"  {detector} x{workers}: {r['images_per_s']} images/s, peak RSS {r['peak_rss_mb']} MB",
+                    file=sys.stderr,
+                )
     finally:
         if temporary:
             shutil.rmtree(data, ignore_errors=True)
 
     print(f"\n{time.strftime('%Y-%m-%d')}, {json.dumps(versions())}\n")
-    print("| detector | workers | images | analyse+dedup+crop images/s | analyse | deduplicate | crop | "
-          "load (not in the total) | CPU ms per image (analyse / dedup / crop) | peak RSS | load avg |")
+    print(
+        "| detector | workers | images | analyse+dedup+crop images/s | analyse | deduplicate | crop | "
+        "load (not in the total) | CPU ms per image (analyse / dedup / crop) | peak RSS | load avg |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         s, c = r["stage_images_per_s"], r["stage_cpu_ms_per_image"]
-        print(f"| {r['detector']} | {r['workers']} | {r['images']} | **{r['images_per_s']}** | {s['analyse']} | "
-              f"{s['deduplicate']} | {s['crop']} | {r['load_images_per_s']} | {r['cpu_ms_per_image']} "
-              f"({c['analyse']} / {c['deduplicate']} / {c['crop']}) | {r['peak_rss_mb']:.0f} MB | "
-              f"{r['load_average_1min']} |")
+        print(
+            f"| {r['detector']} | {r['workers']} | {r['images']} | **{r['images_per_s']}** | {s['analyse']} | "
+            f"{s['deduplicate']} | {s['crop']} | {r['load_images_per_s']} | {r['cpu_ms_per_image']} "
+            f"({c['analyse']} / {c['deduplicate']} / {c['crop']}) | {r['peak_rss_mb']:.0f} MB | "
+            f"{r['load_average_1min']} |"
+        )
     if args.json:
         print(json.dumps(results, indent=1))
 

@@ -51,8 +51,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def workflow(color: int, prefix: str) -> dict[str, Any]:
-    return {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color}},
-            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}}}
+    return {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color},
+        },
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+    }
 
 
 def free_port(low: int, high: int) -> int:
@@ -120,16 +125,20 @@ class Raw:
 
     async def _run(self, wf: dict[str, Any]) -> str:
         prompt_id = str(uuid.uuid4())
-        async with self.session.post(f"{self.server}/prompt", json={"prompt": wf, "client_id": self.client_id,
-                                                                     "prompt_id": prompt_id}) as resp:
+        async with self.session.post(
+            f"{self.server}/prompt", json={"prompt": wf, "client_id": self.client_id, "prompt_id": prompt_id}
+        ) as resp:
             assert resp.status == 200, await resp.text()
             await resp.read()
         async for msg in self.ws:
             if msg.type != self.aiohttp.WSMsgType.TEXT:
                 continue
             data = json.loads(msg.data)
-            if (data.get("type") == "executing" and data["data"].get("node") is None
-                    and data["data"].get("prompt_id") == prompt_id):
+            if (
+                data.get("type") == "executing"
+                and data["data"].get("node") is None
+                and data["data"].get("prompt_id") == prompt_id
+            ):
                 break
         async with self.session.get(f"{self.server}/history/{prompt_id}") as resp:
             entry = (await resp.json())[prompt_id]
@@ -181,11 +190,27 @@ class Cli:
         self.env = env
 
     def run(self, wf: dict[str, Any], path: Path, index: int) -> str:
-        proc = subprocess.run([self.exe, "run", str(path), "--server", self.server, "--out",
-                               str(self.out / str(index)), "--json"], capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL, env=self.env, timeout=120)
+        proc = subprocess.run(
+            [
+                self.exe,
+                "run",
+                str(path),
+                "--server",
+                self.server,
+                "--out",
+                str(self.out / str(index)),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            timeout=120,
+        )
         if proc.returncode != 0:
-            raise RuntimeError(f"charforge run failed ({proc.returncode}): {proc.stdout[-1000:]} {proc.stderr[-1000:]}")
+            raise RuntimeError(
+                f"charforge run failed ({proc.returncode}): {proc.stdout[-1000:]} {proc.stderr[-1000:]}"
+            )
         record = json.loads(proc.stdout.strip().splitlines()[-1])
         assert record["event"] == "result" and len(record["files"]) == 1, record
         return record["prompt_id"]
@@ -205,11 +230,29 @@ class ComfyCli:
         self.env = dict(env, HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"))
 
     def run(self, wf: dict[str, Any], path: Path, index: int) -> str:
-        proc = subprocess.run([self.exe, "--skip-prompt", "run", "--workflow", str(path), "--wait", "--host",
-                               self.host, "--port", self.port], capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL, env=self.env, timeout=120)
+        proc = subprocess.run(
+            [
+                self.exe,
+                "--skip-prompt",
+                "run",
+                "--workflow",
+                str(path),
+                "--wait",
+                "--host",
+                self.host,
+                "--port",
+                self.port,
+            ],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            timeout=120,
+        )
         if proc.returncode != 0:
-            raise RuntimeError(f"comfy run failed ({proc.returncode}): {proc.stdout[-1000:]} {proc.stderr[-1000:]}")
+            raise RuntimeError(
+                f"comfy run failed ({proc.returncode}): {proc.stdout[-1000:]} {proc.stderr[-1000:]}"
+            )
         envelope = json.loads(proc.stdout.strip().splitlines()[-1])
         assert envelope.get("ok") and envelope["data"]["status"] == "completed", envelope
         return envelope["data"]["prompt_id"]
@@ -227,8 +270,13 @@ def summary(values: list[float]) -> dict[str, float]:
     def pct(p: float) -> float:
         return ordered[min(len(ordered) - 1, round(p * (len(ordered) - 1)))]
 
-    return {"median": round(statistics.median(ordered), 2), "p90": round(pct(0.9), 2),
-            "mean": round(statistics.fmean(ordered), 2), "min": round(ordered[0], 2), "max": round(ordered[-1], 2)}
+    return {
+        "median": round(statistics.median(ordered), 2),
+        "p90": round(pct(0.9), 2),
+        "mean": round(statistics.fmean(ordered), 2),
+        "min": round(ordered[0], 2),
+        "max": round(ordered[-1], 2),
+    }
 
 
 def startup_ms(command: list[str], env: dict[str, str] | None) -> float:
@@ -278,11 +326,17 @@ def main() -> None:
     parser.add_argument("--comfyui-dir", default=os.environ.get("COMFYUI_DIR"))
     parser.add_argument("--comfyui-python", default=os.environ.get("COMFYUI_PYTHON"))
     parser.add_argument("--ports", default="8900-8999", help="port range for the started ComfyUI")
-    parser.add_argument("--charforge", default=shutil.which("charforge") or str(Path(sys.executable).parent / "charforge"))
+    parser.add_argument(
+        "--charforge", default=shutil.which("charforge") or str(Path(sys.executable).parent / "charforge")
+    )
     parser.add_argument("--comfy-cli", default=shutil.which("comfy") or "comfy", help="comfy-cli's `comfy`")
     parser.add_argument("--configs", default="raw,api,cli,comfy-cli", help="comma-separated subset")
-    parser.add_argument("--startup-every", type=int, default=10,
-                        help="measure each CLI's bare process start (--version) once every N rounds")
+    parser.add_argument(
+        "--startup-every",
+        type=int,
+        default=10,
+        help="measure each CLI's bare process start (--version) once every N rounds",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (outputs, server log)")
     args = parser.parse_args()
 
@@ -299,10 +353,19 @@ def main() -> None:
             (base / "custom_nodes").mkdir(parents=True)
             (base / "user").mkdir()
             low, high = (int(p) for p in args.ports.split("-"))
-            server_proc = LocalComfyUI(args.comfyui_dir, python=args.comfyui_python, port=free_port(low, high),
-                                       extra_args=["--cpu", "--base-directory", str(base), "--database-url",
-                                                   f"sqlite:///{base / 'user' / 'comfyui.db'}"],
-                                       log_path=tmp / "comfyui.log")
+            server_proc = LocalComfyUI(
+                args.comfyui_dir,
+                python=args.comfyui_python,
+                port=free_port(low, high),
+                extra_args=[
+                    "--cpu",
+                    "--base-directory",
+                    str(base),
+                    "--database-url",
+                    f"sqlite:///{base / 'user' / 'comfyui.db'}",
+                ],
+                log_path=tmp / "comfyui.log",
+            )
             server = server_proc.start(timeout=300)
         stats = get_json(f"{server}/system_stats")["system"]
 
@@ -361,19 +424,39 @@ def main() -> None:
         for runner in runners:
             runner.close()
 
-        versions = {"comfyui": stats.get("comfyui_version"), "python": platform.python_version(),
-                    "server_python": str(stats.get("python_version", "?")).split()[0],
-                    "comfy_cli": version_of(args.comfy_cli, ["--version"]) if "comfy-cli" in wanted else None}
+        versions = {
+            "comfyui": stats.get("comfyui_version"),
+            "python": platform.python_version(),
+            "server_python": str(stats.get("python_version", "?")).split()[0],
+            "comfy_cli": version_of(args.comfy_cli, ["--version"]) if "comfy-cli" in wanted else None,
+        }
         overheads: dict[str, dict[str, float]] = {}
         for runner in runners:
             over = [w - e for w, e in zip(walls[runner.name], execs[runner.name], strict=True)]
             overheads[runner.name] = summary(over)
-            print(json.dumps({"config": runner.name, "jobs": len(over), "overhead_ms": overheads[runner.name],
-                              "wall_ms": summary(walls[runner.name]),
-                              "server_execution_ms": summary(execs[runner.name])}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "config": runner.name,
+                        "jobs": len(over),
+                        "overhead_ms": overheads[runner.name],
+                        "wall_ms": summary(walls[runner.name]),
+                        "server_execution_ms": summary(execs[runner.name]),
+                    }
+                ),
+                flush=True,
+            )
         if start_ms:
-            print(json.dumps({"config": "process-start", "samples": min(map(len, start_ms.values())),
-                              "ms": {name: summary(values) for name, values in start_ms.items()}}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "config": "process-start",
+                        "samples": min(map(len, start_ms.values())),
+                        "ms": {name: summary(values) for name, values in start_ms.items()},
+                    }
+                ),
+                flush=True,
+            )
         ratios = {}
         medians = {name: o["median"] for name, o in overheads.items()}
         if "comfy-cli" in medians:
@@ -382,12 +465,26 @@ def main() -> None:
                     ratios[f"comfy-cli/{name}"] = round(medians["comfy-cli"] / medians[name], 2)
         if "api" in medians and "raw" in medians:
             ratios["api-raw_ms"] = round(medians["api"] - medians["raw"], 2)
-        print(json.dumps({"config": "run", "server": server, "versions": versions, "cpus": os.cpu_count(),
-                          "machine": platform.machine(), "loadavg_before": load_before, "loadavg_after": load_after,
-                          "seconds": round(elapsed, 1), "median_overhead_ratios": ratios,
-                          "target_api_under_15ms": medians.get("api", float("inf")) < 15.0,
-                          "target_faster_than_comfy_cli": (medians.get("cli", float("inf"))
-                                                           < medians.get("comfy-cli", float("-inf")))}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "config": "run",
+                    "server": server,
+                    "versions": versions,
+                    "cpus": os.cpu_count(),
+                    "machine": platform.machine(),
+                    "loadavg_before": load_before,
+                    "loadavg_after": load_after,
+                    "seconds": round(elapsed, 1),
+                    "median_overhead_ratios": ratios,
+                    "target_api_under_15ms": medians.get("api", float("inf")) < 15.0,
+                    "target_faster_than_comfy_cli": (
+                        medians.get("cli", float("inf")) < medians.get("comfy-cli", float("-inf"))
+                    ),
+                }
+            ),
+            flush=True,
+        )
     finally:
         if server_proc is not None:
             server_proc.stop()

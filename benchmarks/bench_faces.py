@@ -42,7 +42,9 @@ def _median_rate(run, items: int, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (CPU cores used)")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="onnxruntime intra-op threads (CPU cores used)"
+    )
     parser.add_argument("--batch", type=int, default=32, help="aligned crops per embedding batch")
     parser.add_argument("--images", type=int, default=32, help="images for the detect + embed measurement")
     parser.add_argument("--det-size", type=int, default=640)
@@ -95,8 +97,10 @@ def main() -> None:
 
         analyzer = FaceAnalyzer.load("r50bench", det_size=args.det_size, providers=["CPUExecutionProvider"])
 
-        crops = [np.ascontiguousarray(np.random.default_rng(i).integers(0, 256, (112, 112, 3), dtype=np.uint8))
-                 for i in range(args.batch)]
+        crops = [
+            np.ascontiguousarray(np.random.default_rng(i).integers(0, 256, (112, 112, 3), dtype=np.uint8))
+            for i in range(args.batch)
+        ]
         analyzer.embed_aligned(crops[:2])  # warm-up (first ONNX Runtime run allocates)
         embed_batched = _median_rate(lambda: analyzer.embed_aligned(crops), len(crops), args.repeats)
         embed_single = _median_rate(lambda: [analyzer.embed_aligned([c]) for c in crops[:8]], 8, args.repeats)
@@ -104,8 +108,9 @@ def main() -> None:
         images = [face_image((640, 640), ((304, 304, 128),), person=i) for i in range(args.images)]
         assert len(analyzer.detect(images[0])) == 1
         detect_embed = _median_rate(lambda: [analyzer.detect(im) for im in images], len(images), args.repeats)
-        detector = FaceAnalyzer.load("r50bench", det_size=args.det_size, providers=["CPUExecutionProvider"],
-                                     with_embeddings=False)
+        detector = FaceAnalyzer.load(
+            "r50bench", det_size=args.det_size, providers=["CPUExecutionProvider"], with_embeddings=False
+        )
         detector.detect(images[0])
         detect_only = _median_rate(lambda: [detector.detect(im) for im in images], len(images), args.repeats)
 

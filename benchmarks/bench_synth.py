@@ -69,13 +69,15 @@ def bench_swap_restore(args, folder: Path) -> dict:
     face = _face(np)
     embedding = np.random.default_rng(1).normal(size=512).astype(np.float32)
     embedding /= np.linalg.norm(embedding)
-    swapper = FaceSwapper.load(str(build_swapper_onnx(folder / "inswapper_128.onnx")),
-                               providers=["CPUExecutionProvider"])
+    swapper = FaceSwapper.load(
+        str(build_swapper_onnx(folder / "inswapper_128.onnx")), providers=["CPUExecutionProvider"]
+    )
     swap_s = _median_seconds(lambda: swapper.swap_face(rgb, face, embedding), args.repeats)
     results = {"swap_s_per_face": round(swap_s, 4)}
     kinds = ["GFPGAN", "RestoreFormer"]
     try:
         import spandrel_extra_arches  # noqa: F401
+
         kinds.append("CodeFormer")
     except ImportError:
         pass
@@ -85,8 +87,11 @@ def bench_swap_restore(args, folder: Path) -> dict:
         model = load_image_model(str(path), device="cpu")
         params = sum(p.numel() for p in model.descriptor.model.parameters())
         restore_s = _median_seconds(lambda m=model: restore_faces(m, rgb, [face], settings), args.repeats)
-        results[kind] = {"parameters": params, "restore_s_per_face": round(restore_s, 3),
-                         "swap_plus_restore_faces_per_s": round(1.0 / (swap_s + restore_s), 3)}
+        results[kind] = {
+            "parameters": params,
+            "restore_s_per_face": round(restore_s, 3),
+            "swap_plus_restore_faces_per_s": round(1.0 / (swap_s + restore_s), 3),
+        }
         del model
     return results
 
@@ -125,19 +130,36 @@ print(json.dumps({"shape": list(out.shape), "seconds": round(seconds, 1), "basel
 def bench_upscale(args, folder: Path) -> dict:
     from cf_testing.synth_models import build_upscaler
 
-    path = build_upscaler(folder / "esrgan.safetensors", scale=4, num_filters=args.filters, num_blocks=args.blocks)
+    path = build_upscaler(
+        folder / "esrgan.safetensors", scale=4, num_filters=args.filters, num_blocks=args.blocks
+    )
     runs = {}
     for tile in args.tiles:
-        result = subprocess.run([sys.executable, "-c", UPSCALE_CHILD, str(REPO / "tests"), str(path),
-                                 str(args.threads), str(tile), str(args.pad)],
-                                capture_output=True, text=True, check=True,
-                                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                UPSCALE_CHILD,
+                str(REPO / "tests"),
+                str(path),
+                str(args.threads),
+                str(tile),
+                str(args.pad),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+        )
         runs[str(tile)] = json.loads(result.stdout.strip().splitlines()[-1])
     out_pixels = 3840 * 4 * 2160 * 4
-    return {"model": f"ESRGAN x4, {args.filters} filters, {args.blocks} RRDB block(s)", "pad": args.pad,
-            "runs_by_tile": runs,
-            "untiled_float32_input_and_output_bytes": 3840 * 2160 * 3 * 4 + out_pixels * 3 * 4,
-            "untiled_first_conv_activation_bytes": 3840 * 2160 * args.filters * 4}
+    return {
+        "model": f"ESRGAN x4, {args.filters} filters, {args.blocks} RRDB block(s)",
+        "pad": args.pad,
+        "runs_by_tile": runs,
+        "untiled_float32_input_and_output_bytes": 3840 * 2160 * 3 * 4 + out_pixels * 3 * 4,
+        "untiled_first_conv_activation_bytes": 3840 * 2160 * args.filters * 4,
+    }
 
 
 def main() -> None:
@@ -159,11 +181,20 @@ def main() -> None:
     import torch
 
     report: dict = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "threads": args.threads, "load_average": os.getloadavg()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "onnxruntime": onnxruntime.__version__, "insightface": insightface.__version__,
-                     "spandrel": spandrel.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "threads": args.threads,
+            "load_average": os.getloadavg(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "insightface": insightface.__version__,
+            "spandrel": spandrel.__version__,
+        },
         "date": time.strftime("%Y-%m-%d"),
     }
     with tempfile.TemporaryDirectory() as tmp:

@@ -56,7 +56,10 @@ def _init_random(module, seed: int) -> None:
     with torch.no_grad():
         for name, param in module.named_parameters():
             if param.ndim >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator, device=param.device) / param[0].numel() ** 0.5)
+                param.copy_(
+                    torch.randn(param.shape, generator=generator, device=param.device)
+                    / param[0].numel() ** 0.5
+                )
             elif "norm" in name and name.endswith("weight"):
                 param.fill_(1.0)
             else:
@@ -97,16 +100,25 @@ def random_model(arch: str, device, dtype, work: Path, config_dir: Path | None =
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")).to(device)
     encoders = [CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))]
     if arch == "sdxl":
-        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")))
+        encoders.append(
+            CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+        )
     encoders = [te.to(device, dtype).eval() for te in encoders]
     vae = vae.to(dtype if arch == "sd15" or dtype == torch.bfloat16 else torch.float32)
     for module in (unet, vae, *encoders):
         module.requires_grad_(False)
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    model = BaseModel(arch=arch, source="random", unet=unet, vae=vae, text_encoders=encoders,
-                      tokenizers=load_tokenizers(arch, _vocab_dir(work)),
-                      noise_scheduler=_training_scheduler(scheduler_config), sample_scheduler_config=scheduler_config,
-                      dtype=dtype)
+    model = BaseModel(
+        arch=arch,
+        source="random",
+        unet=unet,
+        vae=vae,
+        text_encoders=encoders,
+        tokenizers=load_tokenizers(arch, _vocab_dir(work)),
+        noise_scheduler=_training_scheduler(scheduler_config),
+        sample_scheduler_config=scheduler_config,
+        dtype=dtype,
+    )
     model.fingerprints = {"vae": fingerprint(vae), "text_encoder": "random", "text_encoder_2": "random"}
     return model
 
@@ -122,20 +134,36 @@ def write_dataset(folder: Path, count: int, size: int) -> Path:
     yy, xx = np.mgrid[0:size, 0:size] / size
     for index in range(count):
         phase = rng.random(3) * 6.28
-        rgb = np.stack([np.sin(6 * xx + phase[0]), np.cos(5 * yy + phase[1]), np.sin(4 * (xx + yy) + phase[2])], -1)
+        rgb = np.stack(
+            [np.sin(6 * xx + phase[0]), np.cos(5 * yy + phase[1]), np.sin(4 * (xx + yy) + phase[2])], -1
+        )
         rgb = (rgb * 0.4 + 0.5 + rng.normal(0, 0.05, rgb.shape)).clip(0, 1)
         Image.fromarray((rgb * 255).astype(np.uint8)).save(subset / f"{index:03d}.jpg", quality=92)
         (subset / f"{index:03d}.txt").write_text(f"ohwx person, photo {index % 5}")
     return folder / "img"
 
 
-def _config(arch: str, resolution: int, rank: int, steps: int, batch: int, checkpointing: bool, precision: str):
+def _config(
+    arch: str, resolution: int, rank: int, steps: int, batch: int, checkpointing: bool, precision: str
+):
     from charforge.engine.train.config import preset_config, with_overrides
 
-    config = with_overrides(preset_config("sdxl" if arch == "sdxl" else "sd15", arch), {
-        "steps": steps, "batch_size": batch, "rank": rank, "alpha": rank / 2, "resolution": resolution,
-        "min_bucket": resolution // 4, "max_bucket": resolution * 2, "mixed_precision": precision,
-        "sample_every": 0, "checkpoint_every": 0, "trigger_word": "ohwx"})
+    config = with_overrides(
+        preset_config("sdxl" if arch == "sdxl" else "sd15", arch),
+        {
+            "steps": steps,
+            "batch_size": batch,
+            "rank": rank,
+            "alpha": rank / 2,
+            "resolution": resolution,
+            "min_bucket": resolution // 4,
+            "max_bucket": resolution * 2,
+            "mixed_precision": precision,
+            "sample_every": 0,
+            "checkpoint_every": 0,
+            "trigger_word": "ohwx",
+        },
+    )
     return replace(config, gradient_checkpointing=checkpointing)
 
 
@@ -146,9 +174,16 @@ def _environment(device) -> dict:
     import transformers
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
-    return {"device": name, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(),
-            "cuda": torch.version.cuda, "date": datetime.date.today().isoformat()}
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "date": datetime.date.today().isoformat(),
+    }
 
 
 def steady_state(name: str, arch: str, args, device, work: Path, batch: int, checkpointing: bool) -> dict:
@@ -179,11 +214,21 @@ def steady_state(name: str, arch: str, args, device, work: Path, batch: int, che
     flops = profile_for(dict(model.unet.config), config).flops
     median = statistics.median(times)
     result = {
-        "config": name, "arch": arch, "resolution": resolution, "batch": batch, "rank": args.rank,
-        "gradient_checkpointing": checkpointing, "precision": precision, "steps_timed": len(times),
+        "config": name,
+        "arch": arch,
+        "resolution": resolution,
+        "batch": batch,
+        "rank": args.rank,
+        "gradient_checkpointing": checkpointing,
+        "precision": precision,
+        "steps_timed": len(times),
         "s_per_step_median": round(median, 4),
-        "s_per_step_p10": round(statistics.quantiles(times, n=10)[0], 4) if len(times) >= 2 else round(median, 4),
-        "s_per_step_p90": round(statistics.quantiles(times, n=10)[-1], 4) if len(times) >= 2 else round(median, 4),
+        "s_per_step_p10": round(statistics.quantiles(times, n=10)[0], 4)
+        if len(times) >= 2
+        else round(median, 4),
+        "s_per_step_p90": round(statistics.quantiles(times, n=10)[-1], 4)
+        if len(times) >= 2
+        else round(median, 4),
         "samples_per_s": round(batch / median, 3),
         "tflop_per_step": float(f"{flops / 1e12:.4g}"),
         "mfu_practical": float(f"{flops / median / PRACTICAL_PEAK:.4g}"),
@@ -209,19 +254,29 @@ def whole_job(args, device, work: Path) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_model(arch, device, dtype, work, args.config_dir.get(arch))
     state = pipeline_to_single_file_state_dict(
-        {k: v.cpu() for k, v in model.unet.state_dict().items()}, {k: v.cpu() for k, v in model.vae.state_dict().items()},
+        {k: v.cpu() for k, v in model.unet.state_dict().items()},
+        {k: v.cpu() for k, v in model.vae.state_dict().items()},
         {k: v.cpu() for k, v in model.text_encoders[0].state_dict().items()},
-        {k: v.cpu() for k, v in model.text_encoders[1].state_dict().items()}, unet_config=dict(model.unet.config))
+        {k: v.cpu() for k, v in model.text_encoders[1].state_dict().items()},
+        unet_config=dict(model.unet.config),
+    )
     checkpoint = work / "sdxl_random.safetensors"
-    save_file({k: v.to(torch.float16 if device.type == "cuda" else torch.float32).contiguous()
-               for k, v in state.items()}, str(checkpoint))
+    save_file(
+        {
+            k: v.to(torch.float16 if device.type == "cuda" else torch.float32).contiguous()
+            for k, v in state.items()
+        },
+        str(checkpoint),
+    )
     del model, state
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     resolution = args.resolution_sdxl
     dataset = write_dataset(work / "job_data", args.images, resolution)
-    config = _config(arch, resolution, args.rank, args.job_steps, 1, False, "bf16" if device.type == "cuda" else "no")
+    config = _config(
+        arch, resolution, args.rank, args.job_steps, 1, False, "bf16" if device.type == "cuda" else "no"
+    )
     config = replace(config, samples=replace(config.samples, steps=args.sample_steps))
     phases: dict[str, float] = {}
     start = time.perf_counter()
@@ -229,16 +284,34 @@ def whole_job(args, device, work: Path) -> dict:
     def on_event(name, event):
         phases.setdefault(event["phase"], round(time.perf_counter() - start, 2))
 
-    result = train(TrainRequest(base_model=str(checkpoint), dataset=str(dataset), runs_dir=str(work / "runs"),
-                                name="bench", config=config, lora_dir=str(work / "loras"),
-                                config_dir=str(args.config_dir[arch]) if arch in args.config_dir else None,
-                                tokenizer_dirs=(str(_vocab_dir(work)),)), Control(on_event=on_event))
+    result = train(
+        TrainRequest(
+            base_model=str(checkpoint),
+            dataset=str(dataset),
+            runs_dir=str(work / "runs"),
+            name="bench",
+            config=config,
+            lora_dir=str(work / "loras"),
+            config_dir=str(args.config_dir[arch]) if arch in args.config_dir else None,
+            tokenizer_dirs=(str(_vocab_dir(work)),),
+        ),
+        Control(on_event=on_event),
+    )
     seconds = time.perf_counter() - start
-    out = {"config": "sdxl_job", "arch": arch, "resolution": resolution, "images": args.images,
-           "steps": args.job_steps, "rank": args.rank, "job_seconds": round(seconds, 2),
-           "phase_started_at_s": phases, "lora": Path(result.lora_path).name,
-           "memory_profile": (result.estimate or {}).get("notes", []), "final_loss": result.loss,
-           "preflight_seconds_per_step": (result.estimate or {}).get("seconds_per_step")}
+    out = {
+        "config": "sdxl_job",
+        "arch": arch,
+        "resolution": resolution,
+        "images": args.images,
+        "steps": args.job_steps,
+        "rank": args.rank,
+        "job_seconds": round(seconds, 2),
+        "phase_started_at_s": phases,
+        "lora": Path(result.lora_path).name,
+        "memory_profile": (result.estimate or {}).get("notes", []),
+        "final_loss": result.loss,
+        "preflight_seconds_per_step": (result.estimate or {}).get("seconds_per_step"),
+    }
     if device.type == "cuda":
         out["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
@@ -268,8 +341,10 @@ def main() -> None:
 
             device = torch.device("cpu")
             torch.set_num_threads(1)
-            args.config_dir = {"sd15": build_tiny_sd15(work / "tiny_sd15").diffusers_dir,
-                               "sdxl": build_tiny_sdxl(work / "tiny_sdxl").diffusers_dir}
+            args.config_dir = {
+                "sd15": build_tiny_sd15(work / "tiny_sd15").diffusers_dir,
+                "sdxl": build_tiny_sdxl(work / "tiny_sdxl").diffusers_dir,
+            }
             args.resolution_sdxl = args.resolution_sd15 = 64
             args.warmup, args.measure, args.images, args.job_steps, args.sample_steps = 1, 3, 4, 4, 2
             args.rank = 4

@@ -40,7 +40,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-PRACTICAL_PEAK = 795e12  # docs/model-configs.md §9.4: measured bf16 matmul peak on the H100 / H200 test machines
+PRACTICAL_PEAK = (
+    795e12  # docs/model-configs.md §9.4: measured bf16 matmul peak on the H100 / H200 test machines
+)
 SPEC_PEAK = 989.5e12  # H100 SXM dense bf16, spec
 PROMPT = "a photo of sks woman walking on a beach, smiling, golden hour"
 NEGATIVE = "blurry, low quality"
@@ -57,15 +59,26 @@ def model_configs(smoke: bool) -> dict:
         from cf_testing.models import TINY_CLIP_L, TINY_SD15_UNET, TINY_VAE
         from cf_testing.video_models import tiny_motion_config
 
-        return {"unet": dict(TINY_SD15_UNET), "vae": {**TINY_VAE, "scaling_factor": 0.18215},
-                "text_encoder": dict(TINY_CLIP_L), "motion": tiny_motion_config("v3")}
+        return {
+            "unet": dict(TINY_SD15_UNET),
+            "vae": {**TINY_VAE, "scaling_factor": 0.18215},
+            "text_encoder": dict(TINY_CLIP_L),
+            "motion": tiny_motion_config("v3"),
+        }
     shipped = REPO / "custom_nodes" / "charforge" / "engine" / "train" / "configs" / "sd15"
-    return {"unet": _json_config(shipped / "unet" / "config.json"),
-            "vae": _json_config(shipped / "vae" / "config.json"),
-            "text_encoder": _json_config(shipped / "text_encoder" / "config.json"),
-            "motion": {"block_out_channels": (320, 640, 1280, 1280), "motion_layers_per_block": 2,
-                       "motion_num_attention_heads": 8, "motion_norm_num_groups": 32, "motion_max_seq_length": 32,
-                       "use_motion_mid_block": False}}
+    return {
+        "unet": _json_config(shipped / "unet" / "config.json"),
+        "vae": _json_config(shipped / "vae" / "config.json"),
+        "text_encoder": _json_config(shipped / "text_encoder" / "config.json"),
+        "motion": {
+            "block_out_channels": (320, 640, 1280, 1280),
+            "motion_layers_per_block": 2,
+            "motion_num_attention_heads": 8,
+            "motion_norm_num_groups": 32,
+            "motion_max_seq_length": 32,
+            "use_motion_mid_block": False,
+        },
+    }
 
 
 def count_flops(configs: dict, window: int, latent: int, text_dim: int) -> tuple[float, float]:
@@ -75,8 +88,9 @@ def count_flops(configs: dict, window: int, latent: int, text_dim: int) -> tuple
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        unet = UNetMotionModel.from_unet2d(UNet2DConditionModel(**configs["unet"]),
-                                           MotionAdapter(**configs["motion"]), load_weights=False)
+        unet = UNetMotionModel.from_unet2d(
+            UNet2DConditionModel(**configs["unet"]), MotionAdapter(**configs["motion"]), load_weights=False
+        )
         vae = AutoencoderKL(**configs["vae"])
     sample = torch.empty(1, 4, window, latent, latent, device="meta")
     text = torch.empty(window, 77, text_dim, device="meta")
@@ -150,8 +164,13 @@ def time_clips(run, repeats: int, device) -> tuple[float, list[float], float | N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny models, 64 px, 2 steps")
-    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=None,
-                        help="default: all on GPU; diffusers and charforge with --smoke (compiling on CPU takes minutes)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=CONFIGS,
+        default=None,
+        help="default: all on GPU; diffusers and charforge with --smoke (compiling on CPU takes minutes)",
+    )
     parser.add_argument("--frames", type=int, nargs="+", default=None, help="clip lengths (default 16 64)")
     parser.add_argument("--size", type=int, default=None, help="frame side in pixels (default 512)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 25)")
@@ -197,63 +216,128 @@ def main() -> None:
         return steps * passes * per_window * len(windows) + frames * vae_flops, len(windows)
 
     common = {
-        "bench": "video", "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
-        or "cpu", "smoke": smoke, "size": size, "steps": steps, "cfg": args.cfg, "dtype": dtype_name,
-        "scheduler": "ddim", "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "date": datetime.date.today().isoformat(), "unet_tflop_per_window_pass": round(unet_flops / 1e12, 6),
-        "vae_decode_tflop_per_frame": round(vae_flops / 1e12, 6), "window": window, "overlap": overlap,
+        "bench": "video",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "smoke": smoke,
+        "size": size,
+        "steps": steps,
+        "cfg": args.cfg,
+        "dtype": dtype_name,
+        "scheduler": "ddim",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "date": datetime.date.today().isoformat(),
+        "unet_tflop_per_window_pass": round(unet_flops / 1e12, 6),
+        "vae_decode_tflop_per_frame": round(vae_flops / 1e12, 6),
+        "window": window,
+        "overlap": overlap,
     }
 
-    def report(config: str, frames: int, warmup: float, times: list[float], peak: float | None, **extra) -> None:
+    def report(
+        config: str, frames: int, warmup: float, times: list[float], peak: float | None, **extra
+    ) -> None:
         flops, windows = clip_flops(frames)
         median = statistics.median(times)
-        line = {**common, "config": config, "frames": frames, "windows": windows, "s_per_clip": round(median, 3),
-                "s_per_clip_all": [round(t, 3) for t in times], "warmup_s": round(warmup, 2),
-                "tflop_per_clip": round(flops / 1e12, 4),
-                "mfu_vs_795": round(flops / (median * PRACTICAL_PEAK), 4) if not smoke else None,
-                "mfu_vs_989_spec": round(flops / (median * SPEC_PEAK), 4) if not smoke else None,
-                "peak_mem_gib": peak, **extra}
+        line = {
+            **common,
+            "config": config,
+            "frames": frames,
+            "windows": windows,
+            "s_per_clip": round(median, 3),
+            "s_per_clip_all": [round(t, 3) for t in times],
+            "warmup_s": round(warmup, 2),
+            "tflop_per_clip": round(flops / 1e12, 4),
+            "mfu_vs_795": round(flops / (median * PRACTICAL_PEAK), 4) if not smoke else None,
+            "mfu_vs_989_spec": round(flops / (median * SPEC_PEAK), 4) if not smoke else None,
+            "peak_mem_gib": peak,
+            **extra,
+        }
         print(json.dumps(line), flush=True)
 
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer_dir = write_tiny_clip_tokenizer(Path(scratch) / "tokenizer")
-        scheduler_config = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                            "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "steps_offset": 1}
+        scheduler_config = {
+            "num_train_timesteps": 1000,
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "prediction_type": "epsilon",
+            "steps_offset": 1,
+        }
 
         for config in [c for c in chosen if c.startswith("charforge")]:
-            options = RuntimeOptions(device=device.type, dtype=dtype_name, compile=config == "charforge-compile")
+            options = RuntimeOptions(
+                device=device.type, dtype=dtype_name, compile=config == "charforge-compile"
+            )
             unet, adapter, vae, text_encoder, tokenizer = build_parts(configs, device, dtype, tokenizer_dir)
             info = inspect_state_dict(adapter.state_dict(), "diffusers")
             with torch.device(device):
-                model = assemble_video_model("sd15", unet, adapter, info, vae=vae, text_encoders=[text_encoder],
-                                             tokenizers=[tokenizer], scheduler_config=scheduler_config,
-                                             options=options)
+                model = assemble_video_model(
+                    "sd15",
+                    unet,
+                    adapter,
+                    info,
+                    vae=vae,
+                    text_encoders=[text_encoder],
+                    tokenizers=[tokenizer],
+                    scheduler_config=scheduler_config,
+                    options=options,
+                )
             del unet, adapter
             for frames in frames_list:
-                request = VideoRequest(prompt=PROMPT, negative_prompt=NEGATIVE, frames=frames, width=size,
-                                       height=size, steps=steps, cfg=args.cfg, scheduler="ddim", seed=1,
-                                       context=ContextOptions(length=window, overlap=overlap))
-                warmup, times, peak = time_clips(lambda m=model, r=request: generate_video(m, r), repeats,
-                                                   device)
+                request = VideoRequest(
+                    prompt=PROMPT,
+                    negative_prompt=NEGATIVE,
+                    frames=frames,
+                    width=size,
+                    height=size,
+                    steps=steps,
+                    cfg=args.cfg,
+                    scheduler="ddim",
+                    seed=1,
+                    context=ContextOptions(length=window, overlap=overlap),
+                )
+                warmup, times, peak = time_clips(
+                    lambda m=model, r=request: generate_video(m, r), repeats, device
+                )
                 report(config, frames, warmup, times, peak)
             del model
             _reset_peak(device)
 
         if "diffusers" in chosen:
             unet, adapter, vae, text_encoder, tokenizer = build_parts(configs, device, dtype, tokenizer_dir)
-            scheduler = diffusers.DDIMScheduler(**{**scheduler_config, "beta_schedule": "linear"}, clip_sample=False,
-                                                timestep_spacing="linspace", set_alpha_to_one=False)
+            scheduler = diffusers.DDIMScheduler(
+                **{**scheduler_config, "beta_schedule": "linear"},
+                clip_sample=False,
+                timestep_spacing="linspace",
+                set_alpha_to_one=False,
+            )
             with torch.device(device):
-                pipe = diffusers.AnimateDiffPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                                     unet=unet, motion_adapter=adapter, scheduler=scheduler)
+                pipe = diffusers.AnimateDiffPipeline(
+                    vae=vae,
+                    text_encoder=text_encoder,
+                    tokenizer=tokenizer,
+                    unet=unet,
+                    motion_adapter=adapter,
+                    scheduler=scheduler,
+                )
             pipe.to(device, dtype)
             pipe.set_progress_bar_config(disable=True)
             del unet
             for frames in [f for f in frames_list if f <= window]:  # the published pipeline has no windows
+
                 def run(frames=frames):
-                    return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_frames=frames, height=size, width=size,
-                                num_inference_steps=steps, guidance_scale=args.cfg,
-                                generator=torch.Generator("cpu").manual_seed(1), output_type="np").frames
+                    return pipe(
+                        prompt=PROMPT,
+                        negative_prompt=NEGATIVE,
+                        num_frames=frames,
+                        height=size,
+                        width=size,
+                        num_inference_steps=steps,
+                        guidance_scale=args.cfg,
+                        generator=torch.Generator("cpu").manual_seed(1),
+                        output_type="np",
+                    ).frames
 
                 warmup, times, peak = time_clips(run, repeats, device)
                 report("diffusers", frames, warmup, times, peak)

@@ -39,7 +39,10 @@ STRIDES = (8, 16, 32)
 
 
 def conv_bn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, relu: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(c_out)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False),
+        nn.BatchNorm2d(c_out),
+    ]
     if relu:
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
@@ -51,7 +54,11 @@ class BasicBlock(nn.Module):
         self.body = nn.Sequential(conv_bn(c_in, c_out, 3, stride), conv_bn(c_out, c_out, 3, 1, relu=False))
         self.short: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
-            pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity()
+            pool = (
+                nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+                if stride > 1
+                else nn.Identity()
+            )
             self.short = nn.Sequential(pool, conv_bn(c_in, c_out, 1, 1, relu=False))
         self.act = nn.ReLU(inplace=True)
 
@@ -64,8 +71,11 @@ class Head(nn.Module):
         super().__init__()
         convs: list[nn.Module] = []
         for i in range(3):
-            convs += [nn.Conv2d(NECK if i == 0 else HEAD, HEAD, 3, 1, 1, bias=False), nn.GroupNorm(16, HEAD),
-                      nn.ReLU(inplace=True)]
+            convs += [
+                nn.Conv2d(NECK if i == 0 else HEAD, HEAD, 3, 1, 1, bias=False),
+                nn.GroupNorm(16, HEAD),
+                nn.ReLU(inplace=True),
+            ]
         self.convs = nn.Sequential(*convs)
         self.cls = nn.Conv2d(HEAD, ANCHORS, 3, 1, 1)
         self.reg = nn.Conv2d(HEAD, ANCHORS * 4, 3, 1, 1)
@@ -86,8 +96,11 @@ class SCRFD10G(nn.Module):
         self.stem = nn.Sequential(*stem, nn.MaxPool2d(3, 2, 1))
         stages = []
         for blocks, c, stride in STAGES:
-            stages.append(nn.Sequential(*[BasicBlock(c_in if b == 0 else c, c, stride if b == 0 else 1)
-                                          for b in range(blocks)]))
+            stages.append(
+                nn.Sequential(
+                    *[BasicBlock(c_in if b == 0 else c, c, stride if b == 0 else 1) for b in range(blocks)]
+                )
+            )
             c_in = c
         self.stages = nn.ModuleList(stages)
         widths = [c for _, c, _ in STAGES[1:]]
@@ -106,7 +119,9 @@ class SCRFD10G(nn.Module):
             feats.append(x)
         lat = [conv(f) for conv, f in zip(self.lateral, feats[1:], strict=True)]
         for i in range(len(lat) - 1, 0, -1):
-            lat[i - 1] = lat[i - 1] + nn.functional.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
+            lat[i - 1] = lat[i - 1] + nn.functional.interpolate(
+                lat[i], size=lat[i - 1].shape[-2:], mode="nearest"
+            )
         outs = [conv(x) for conv, x in zip(self.fpn, lat, strict=True)]
         for i in range(len(outs) - 1):
             outs[i + 1] = outs[i + 1] + self.down[i](outs[i])
@@ -117,11 +132,16 @@ class SCRFD10G(nn.Module):
         results = self.network(image)
         scores, boxes, points = [], [], []
         for stride, (cls, reg, kps) in zip(STRIDES, results, strict=True):
-            for kind, value, width, sink in (("score", cls, 1, scores), ("bbox", reg, 4, boxes), ("kps", kps, 10, points)):
+            for kind, value, width, sink in (
+                ("score", cls, 1, scores),
+                ("bbox", reg, 4, boxes),
+                ("kps", kps, 10, points),
+            ):
                 if self.planted is not None:
                     pooled = nn.functional.avg_pool2d(image, stride, stride)
-                    plant = nn.functional.conv2d(pooled, self.planted[f"{kind}{stride}.weight"],
-                                                 self.planted[f"{kind}{stride}.bias"])
+                    plant = nn.functional.conv2d(
+                        pooled, self.planted[f"{kind}{stride}.weight"], self.planted[f"{kind}{stride}.bias"]
+                    )
                     if kind == "score":
                         plant = plant.sigmoid()
                     value = plant + value * 0.0
@@ -134,8 +154,11 @@ def planted_weights(path: Path) -> dict[str, torch.Tensor]:
     from onnx import numpy_helper
 
     model = onnx.load(str(path))
-    return {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in model.graph.initializer
-            if t.name.endswith((".weight", ".bias"))}
+    return {
+        t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
+        for t in model.graph.initializer
+        if t.name.endswith((".weight", ".bias"))
+    }
 
 
 def count_macs(model: nn.Module, height: int = 480, width: int = 640) -> int:
@@ -168,13 +191,26 @@ def write_scrfd_10g(path: str | Path, planted_detector: str | Path, seed: int = 
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [f"{k}_{s}" for k in ("score", "bbox", "kps") for s in STRIDES]
     with torch.no_grad():
-        torch.onnx.export(model, (torch.zeros(1, 3, 640, 640),), str(path), input_names=["input.1"], output_names=names,
-                          dynamic_axes={"input.1": {2: "height", 3: "width"}}, opset_version=13, dynamo=False)
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 3, 640, 640),),
+            str(path),
+            input_names=["input.1"],
+            output_names=names,
+            dynamic_axes={"input.1": {2: "height", 3: "width"}},
+            opset_version=13,
+            dynamo=False,
+        )
     return {"params": params, "macs_640x480": macs}
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO / "tests"))
     model = SCRFD10G()
-    print({"params": sum(p.numel() for p in model.parameters()), "macs_640x480": count_macs(model),
-           "published": {"params": 3.86e6, "gmacs_640x480": 9.98}})
+    print(
+        {
+            "params": sum(p.numel() for p in model.parameters()),
+            "macs_640x480": count_macs(model),
+            "published": {"params": 3.86e6, "gmacs_640x480": 9.98},
+        }
+    )

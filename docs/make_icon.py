@@ -1,6 +1,6 @@
 """Draw the pack's icon (docs/icon.png, named by ``[tool.comfy] Icon`` in pyproject.toml) with Pillow.
 
-    python docs/make_icon.py
+python docs/make_icon.py
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def draw() -> Image.Image:
     # A dark rounded tile with a warm "forge" glow rising from the bottom.
     for y in range(SIZE):
         t = y / (SIZE - 1)
-        colour = (int(40 + 150 * t ** 2), int(44 + 50 * t ** 2), int(70 - 40 * t), 255)
+        colour = (int(40 + 150 * t**2), int(44 + 50 * t**2), int(70 - 40 * t), 255)
         pen.line([(0, y), (SIZE, y)], fill=colour)
     mask = Image.new("L", (SIZE, SIZE), 0)
     ImageDraw.Draw(mask).rounded_rectangle([0, 0, SIZE - 1, SIZE - 1], radius=48, fill=255)

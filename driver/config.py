@@ -142,7 +142,7 @@ class HeaderAuth(Auth):
         return [v.reveal() for v in self._headers.values()]
 
     def __repr__(self) -> str:
-        return f"HeaderAuth(headers={ {k: MASK for k in self._headers} !r})"
+        return f"HeaderAuth(headers={ {k: MASK for k in self._headers}!r})"
 
 
 class MultiAuth(Auth):
@@ -192,11 +192,15 @@ class ServerURL:
             parts = urlsplit(text)
             parts.hostname, parts.port  # noqa: B018 - both raise ValueError on a malformed host or port
         except ValueError as exc:
-            raise ConfigError(f"invalid server URL {mask(_strip_credentials(url))!r} ({exc}); write it like "
-                              "http://127.0.0.1:8188 or https://host/prefix/") from None
+            raise ConfigError(
+                f"invalid server URL {mask(_strip_credentials(url))!r} ({exc}); write it like "
+                "http://127.0.0.1:8188 or https://host/prefix/"
+            ) from None
         scheme = {"ws": "http", "wss": "https"}.get(parts.scheme.lower(), parts.scheme.lower())
         if scheme not in ("http", "https"):
-            raise ConfigError(f"unsupported URL scheme {parts.scheme!r} in server URL; use http:// or https://")
+            raise ConfigError(
+                f"unsupported URL scheme {parts.scheme!r} in server URL; use http:// or https://"
+            )
         if not parts.hostname:
             raise ConfigError(f"no host in server URL {_strip_credentials(url)!r}")
         if parts.query or parts.fragment:
@@ -255,16 +259,25 @@ class Limits:
     max_reply_bytes: int = int(DEFAULT_MAX_REPLY_MB * MB)
 
     @classmethod
-    def resolve(cls, settings: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None, *,
-                download_mb: float | None = None, reply_mb: float | None = None) -> Limits:
+    def resolve(
+        cls,
+        settings: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        *,
+        download_mb: float | None = None,
+        reply_mb: float | None = None,
+    ) -> Limits:
         """Arguments beat ``$CHARFORGE_MAX_DOWNLOAD_MB``/``$CHARFORGE_MAX_REPLY_MB``, which beat the profile's
         ``max_download_mb``/``max_reply_mb``; sizes are MiB (fractions allowed)."""
         env = os.environ if env is None else env
         settings = settings or {}
 
         def pick(arg: float | None, var: str, key: str, default: float) -> int:
-            for value, where in ((arg, f"--{key.replace('_', '-')}"), (env.get(var), f"${var}"),
-                                 (settings.get(key), f"the profile's {key}")):
+            for value, where in (
+                (arg, f"--{key.replace('_', '-')}"),
+                (env.get(var), f"${var}"),
+                (settings.get(key), f"the profile's {key}"),
+            ):
                 if value is None or value == "":
                     continue
                 try:
@@ -276,8 +289,10 @@ class Limits:
                 return max(1, int(number * MB))
             return int(default * MB)
 
-        return cls(pick(download_mb, "CHARFORGE_MAX_DOWNLOAD_MB", "max_download_mb", DEFAULT_MAX_DOWNLOAD_MB),
-                   pick(reply_mb, "CHARFORGE_MAX_REPLY_MB", "max_reply_mb", DEFAULT_MAX_REPLY_MB))
+        return cls(
+            pick(download_mb, "CHARFORGE_MAX_DOWNLOAD_MB", "max_download_mb", DEFAULT_MAX_DOWNLOAD_MB),
+            pick(reply_mb, "CHARFORGE_MAX_REPLY_MB", "max_reply_mb", DEFAULT_MAX_REPLY_MB),
+        )
 
 
 def mib(size: int) -> str:
@@ -380,7 +395,9 @@ def _env_auth(env: Mapping[str, str]) -> list[Auth]:
         try:
             headers = json.loads(env["CHARFORGE_HEADERS"])
         except ValueError:
-            raise ConfigError("CHARFORGE_HEADERS must be a JSON object, e.g. '{\"X-Api-Key\": \"...\"}'") from None
+            raise ConfigError(
+                'CHARFORGE_HEADERS must be a JSON object, e.g. \'{"X-Api-Key": "..."}\''
+            ) from None
         if not isinstance(headers, dict):
             raise ConfigError("CHARFORGE_HEADERS must be a JSON object of header names to values")
         parts.append(HeaderAuth({str(k): str(v) for k, v in headers.items()}))
@@ -393,8 +410,14 @@ def _combine(parts: list[Auth]) -> Auth | None:
     return parts[0] if len(parts) == 1 else MultiAuth(parts)
 
 
-def resolve_server(server: str | None = None, *, profile: str | None = None, auth: Auth | None = None,
-                   env: Mapping[str, str] | None = None, config_path: Path | None = None) -> ServerConfig:
+def resolve_server(
+    server: str | None = None,
+    *,
+    profile: str | None = None,
+    auth: Auth | None = None,
+    env: Mapping[str, str] | None = None,
+    config_path: Path | None = None,
+) -> ServerConfig:
     """Work out the server URL and auth from arguments, environment and the config file.
 
     ``server`` may also be a profile name when it is not URL-like and such a profile exists.
@@ -427,8 +450,10 @@ def resolve_server(server: str | None = None, *, profile: str | None = None, aut
     url_text = server or env.get("CHARFORGE_SERVER") or _expand(settings.get("server"), env, where) or None
     url_text = _runpod_url_text(url_text, settings, env)
     if url_text and url_text.startswith(REPLICATE_PREFIX):
-        raise ConfigError(f"{url_text} is a Replicate model, not a ComfyUI server: use it with 'charforge "
-                          "run/status/cancel', 'charforge batch run' or 'charforge train --backend'")
+        raise ConfigError(
+            f"{url_text} is a Replicate model, not a ComfyUI server: use it with 'charforge "
+            "run/status/cancel', 'charforge batch run' or 'charforge train --backend'"
+        )
     url, url_auth = ServerURL.parse(url_text or DEFAULT_SERVER)
 
     parts: list[Auth] = []
@@ -441,16 +466,24 @@ def resolve_server(server: str | None = None, *, profile: str | None = None, aut
     if settings and any(k in settings for k in ("token", "password")) and path.exists():
         mode = path.stat().st_mode
         if mode & 0o077:
-            warnings.append(f"{path} holds a secret and is readable by other users; run: chmod 600 {path} "
-                            "(or use token_env/password_env)")
+            warnings.append(
+                f"{path} holds a secret and is readable by other users; run: chmod 600 {path} "
+                "(or use token_env/password_env)"
+            )
     timeout = settings.get("timeout")
     try:
         job_timeout = float(timeout) if timeout is not None else None
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: timeout must be a number of seconds") from None
-    return ServerConfig(url=url, auth=_combine(parts), profile=profile if settings else None,
-                        job_timeout=job_timeout, verify_tls=bool(settings.get("verify_tls", True)),
-                        warnings=warnings, limits=Limits.resolve(settings, env))
+    return ServerConfig(
+        url=url,
+        auth=_combine(parts),
+        profile=profile if settings else None,
+        job_timeout=job_timeout,
+        verify_tls=bool(settings.get("verify_tls", True)),
+        warnings=warnings,
+        limits=Limits.resolve(settings, env),
+    )
 
 
 def _runpod_url_text(url_text: str | None, settings: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
@@ -460,16 +493,22 @@ def _runpod_url_text(url_text: str | None, settings: Mapping[str, Any], env: Map
         return url_text
     kind, ident = named
     if kind == "serverless":
-        raise ConfigError(f"{url_text} is a RunPod serverless endpoint, not a ComfyUI server: use it with "
-                          "'charforge run/status/cancel' or a batch (charforge.driver.runpod.ServerlessTarget)")
+        raise ConfigError(
+            f"{url_text} is a RunPod serverless endpoint, not a ComfyUI server: use it with "
+            "'charforge run/status/cancel' or a batch (charforge.driver.runpod.ServerlessTarget)"
+        )
     section = settings.get("runpod") or {}
     port = int(section.get("port", 8188)) if isinstance(section, Mapping) else 8188
     template = section.get("proxy_url") if isinstance(section, Mapping) else None
     return runpod_proxy_url(ident, port, template, env)
 
 
-def server_named(server: str | None, profile: str | None, env: Mapping[str, str] | None = None,
-                 config_path: Path | None = None) -> bool:
+def server_named(
+    server: str | None,
+    profile: str | None,
+    env: Mapping[str, str] | None = None,
+    config_path: Path | None = None,
+) -> bool:
     """True when arguments, environment or a default profile name a server explicitly."""
     env = os.environ if env is None else env
     if server or profile or env.get("CHARFORGE_SERVER") or env.get("CHARFORGE_PROFILE"):
@@ -486,8 +525,8 @@ RUNPOD_POD_PREFIX = "runpod-pod:"
 RUNPOD_SERVERLESS_PREFIX = "runpod-serverless:"
 #: where a pod's HTTP port is reached; ``$CHARFORGE_RUNPOD_PROXY`` overrides it (tests point it at a fake)
 RUNPOD_PROXY_TEMPLATE = "https://{pod_id}-{port}.proxy.runpod.net"
-RUNPOD_API_URL = "https://api.runpod.io"           # REST v2 (pods, catalog, serverless management)
-RUNPOD_ENDPOINT_URL = "https://api.runpod.ai/v2"   # serverless job API: {base}/{ENDPOINT_ID}/run ...
+RUNPOD_API_URL = "https://api.runpod.io"  # REST v2 (pods, catalog, serverless management)
+RUNPOD_ENDPOINT_URL = "https://api.runpod.ai/v2"  # serverless job API: {base}/{ENDPOINT_ID}/run ...
 _RUNPOD_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -497,7 +536,7 @@ class RunPodSettings:
     section. ``options`` holds the profile's remaining ``runpod`` keys (connect, port, keepalive, on_finish,
     create, price_per_hour, price_per_second, max_request_mb, capacity ...)."""
 
-    kind: str                     # "pod" | "serverless"
+    kind: str  # "pod" | "serverless"
     id: str
     api_key: Secret | None = None
     api_url: str = RUNPOD_API_URL
@@ -516,7 +555,9 @@ class RunPodSettings:
 
     def __repr__(self) -> str:
         key = MASK if self.api_key else None
-        return f"RunPodSettings(kind={self.kind!r}, id={self.id!r}, api_key={key!r}, profile={self.profile!r})"
+        return (
+            f"RunPodSettings(kind={self.kind!r}, id={self.id!r}, api_key={key!r}, profile={self.profile!r})"
+        )
 
 
 def parse_runpod_server(text: str | None) -> tuple[str, str] | None:
@@ -525,23 +566,29 @@ def parse_runpod_server(text: str | None) -> tuple[str, str] | None:
         return None
     for prefix, kind in ((RUNPOD_POD_PREFIX, "pod"), (RUNPOD_SERVERLESS_PREFIX, "serverless")):
         if text.startswith(prefix):
-            ident = text[len(prefix):].strip().strip("/")
+            ident = text[len(prefix) :].strip().strip("/")
             if not _RUNPOD_ID.match(ident):
-                raise ConfigError(f"bad RunPod id in {text!r}: expected {prefix}ID with letters, digits, - or _")
+                raise ConfigError(
+                    f"bad RunPod id in {text!r}: expected {prefix}ID with letters, digits, - or _"
+                )
             return kind, ident
     return None
 
 
-def runpod_proxy_url(pod_id: str, port: int = 8188, template: str | None = None,
-                     env: Mapping[str, str] | None = None) -> str:
+def runpod_proxy_url(
+    pod_id: str, port: int = 8188, template: str | None = None, env: Mapping[str, str] | None = None
+) -> str:
     """The HTTPS proxy URL of a pod's HTTP port (``https://{pod_id}-{port}.proxy.runpod.net``)."""
     env = os.environ if env is None else env
     tpl = template or env.get("CHARFORGE_RUNPOD_PROXY") or RUNPOD_PROXY_TEMPLATE
     return tpl.format(pod_id=pod_id, port=int(port))
 
 
-def runpod_api_key(env: Mapping[str, str] | None = None, config_path: Path | None = None,
-                   section: Mapping[str, Any] | None = None) -> Secret | None:
+def runpod_api_key(
+    env: Mapping[str, str] | None = None,
+    config_path: Path | None = None,
+    section: Mapping[str, Any] | None = None,
+) -> Secret | None:
     """The RunPod API key: ``$RUNPOD_API_KEY``, else the config file's ``runpod: {api_key_env: NAME}`` (or the
     profile's ``runpod.api_key_env``). A literal ``api_key`` in the file works too but is discouraged."""
     env = os.environ if env is None else env
@@ -567,8 +614,13 @@ def _runpod_file_section(env: Mapping[str, str], config_path: Path | None) -> Ma
     return section
 
 
-def resolve_runpod(server: str | None = None, *, profile: str | None = None, env: Mapping[str, str] | None = None,
-                   config_path: Path | None = None) -> RunPodSettings | None:
+def resolve_runpod(
+    server: str | None = None,
+    *,
+    profile: str | None = None,
+    env: Mapping[str, str] | None = None,
+    config_path: Path | None = None,
+) -> RunPodSettings | None:
     """The RunPod target the arguments name, or None when they name an ordinary ComfyUI server.
 
     ``server`` may be ``runpod-pod:ID``, ``runpod-serverless:ID`` or a profile name; the profile (explicit,
@@ -588,7 +640,9 @@ def resolve_runpod(server: str | None = None, *, profile: str | None = None, env
         named = parse_runpod_server(env["CHARFORGE_SERVER"])
         if named is None:
             return None
-    profile = profile or env.get("CHARFORGE_PROFILE") or (None if server or named else data.get("default_profile"))
+    profile = (
+        profile or env.get("CHARFORGE_PROFILE") or (None if server or named else data.get("default_profile"))
+    )
     settings: Mapping[str, Any] = {}
     if profile is not None and isinstance(profiles, dict) and isinstance(profiles.get(profile), Mapping):
         settings = profiles[profile]
@@ -605,16 +659,25 @@ def resolve_runpod(server: str | None = None, *, profile: str | None = None, env
         return None
     kind, ident = named
     file_section = _runpod_file_section(env, path)
-    options = {k: v for k, v in {**file_section, **section}.items()
-               if k not in ("api_key", "api_key_env", "pod", "endpoint")}
+    options = {
+        k: v
+        for k, v in {**file_section, **section}.items()
+        if k not in ("api_key", "api_key_env", "pod", "endpoint")
+    }
     return RunPodSettings(
-        kind=kind, id=ident, api_key=runpod_api_key(env, path, section),
+        kind=kind,
+        id=ident,
+        api_key=runpod_api_key(env, path, section),
         api_url=str(env.get("CHARFORGE_RUNPOD_API_URL") or options.pop("api_url", None) or RUNPOD_API_URL),
-        endpoint_url=str(env.get("RUNPOD_ENDPOINT_BASE_URL") or options.pop("endpoint_url", None)
-                         or RUNPOD_ENDPOINT_URL),
-        proxy_template=str(env.get("CHARFORGE_RUNPOD_PROXY") or options.pop("proxy_url", None)
-                           or RUNPOD_PROXY_TEMPLATE),
-        options=options, profile=profile if settings else None)
+        endpoint_url=str(
+            env.get("RUNPOD_ENDPOINT_BASE_URL") or options.pop("endpoint_url", None) or RUNPOD_ENDPOINT_URL
+        ),
+        proxy_template=str(
+            env.get("CHARFORGE_RUNPOD_PROXY") or options.pop("proxy_url", None) or RUNPOD_PROXY_TEMPLATE
+        ),
+        options=options,
+        profile=profile if settings else None,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -623,8 +686,10 @@ def resolve_runpod(server: str | None = None, *, profile: str | None = None, env
 
 REPLICATE_PREFIX = "replicate:"
 REPLICATE_API_URL = "https://api.replicate.com"
-_REPLICATE_MODEL = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,99})/([A-Za-z0-9][A-Za-z0-9._-]{0,99})"
-                              r"(?::([0-9a-f]{8,128}))?$")
+_REPLICATE_MODEL = re.compile(
+    r"^([A-Za-z0-9][A-Za-z0-9._-]{0,99})/([A-Za-z0-9][A-Za-z0-9._-]{0,99})"
+    r"(?::([0-9a-f]{8,128}))?$"
+)
 
 
 @dataclass
@@ -633,8 +698,8 @@ class ReplicateSettings:
     section (``model``, ``version``, ``token_env`` plus options: ``hardware``, ``price_per_second``, ``capacity``,
     ``poll_interval``, ``object_info``, ``output_format``, ``wait`` ...)."""
 
-    model: str                    # OWNER/NAME
-    version: str | None = None    # a version id; None = the model's latest version
+    model: str  # OWNER/NAME
+    version: str | None = None  # a version id; None = the model's latest version
     token: Secret | None = None
     api_url: str = REPLICATE_API_URL
     options: dict[str, Any] = field(default_factory=dict)
@@ -656,15 +721,20 @@ def parse_replicate_server(text: str | None) -> tuple[str, str | None] | None:
     """``(OWNER/MODEL, VERSION or None)`` for a ``replicate:`` server string, None for anything else."""
     if not text or not text.startswith(REPLICATE_PREFIX):
         return None
-    match = _REPLICATE_MODEL.match(text[len(REPLICATE_PREFIX):].strip())
+    match = _REPLICATE_MODEL.match(text[len(REPLICATE_PREFIX) :].strip())
     if match is None:
-        raise ConfigError(f"bad Replicate model in {text!r}: expected replicate:OWNER/MODEL or "
-                          "replicate:OWNER/MODEL:VERSION_ID (the version id is hexadecimal)")
+        raise ConfigError(
+            f"bad Replicate model in {text!r}: expected replicate:OWNER/MODEL or "
+            "replicate:OWNER/MODEL:VERSION_ID (the version id is hexadecimal)"
+        )
     return f"{match.group(1)}/{match.group(2)}", match.group(3)
 
 
-def replicate_token(env: Mapping[str, str] | None = None, config_path: Path | None = None,
-                    section: Mapping[str, Any] | None = None) -> Secret | None:
+def replicate_token(
+    env: Mapping[str, str] | None = None,
+    config_path: Path | None = None,
+    section: Mapping[str, Any] | None = None,
+) -> Secret | None:
     """The Replicate API token: the profile's or the file's ``replicate: {token_env: NAME}``, else
     ``$REPLICATE_API_TOKEN``; a literal ``token`` in the file works too but is discouraged."""
     env = os.environ if env is None else env
@@ -673,7 +743,9 @@ def replicate_token(env: Mapping[str, str] | None = None, config_path: Path | No
         if place.get("token_env"):
             name = str(place["token_env"])
             if not env.get(name):
-                raise ConfigError(f"replicate.token_env names environment variable {name!r}, which is not set")
+                raise ConfigError(
+                    f"replicate.token_env names environment variable {name!r}, which is not set"
+                )
             return Secret(env[name])
     if env.get("REPLICATE_API_TOKEN"):
         return Secret(env["REPLICATE_API_TOKEN"])
@@ -691,9 +763,13 @@ def _replicate_file_section(env: Mapping[str, str], config_path: Path | None) ->
     return section
 
 
-def resolve_replicate(server: str | None = None, *, profile: str | None = None,
-                      env: Mapping[str, str] | None = None, config_path: Path | None = None
-                      ) -> ReplicateSettings | None:
+def resolve_replicate(
+    server: str | None = None,
+    *,
+    profile: str | None = None,
+    env: Mapping[str, str] | None = None,
+    config_path: Path | None = None,
+) -> ReplicateSettings | None:
     """The Replicate model the arguments name, or None when they name something else.
 
     ``server`` may be ``replicate:OWNER/MODEL[:VERSION]`` or a profile name; the profile may say ``server:
@@ -713,7 +789,9 @@ def resolve_replicate(server: str | None = None, *, profile: str | None = None,
         named = parse_replicate_server(env["CHARFORGE_SERVER"])
         if named is None:
             return None
-    profile = profile or env.get("CHARFORGE_PROFILE") or (None if server or named else data.get("default_profile"))
+    profile = (
+        profile or env.get("CHARFORGE_PROFILE") or (None if server or named else data.get("default_profile"))
+    )
     settings: Mapping[str, Any] = {}
     if profile is not None and isinstance(profiles, dict) and isinstance(profiles.get(profile), Mapping):
         settings = profiles[profile]
@@ -728,10 +806,18 @@ def resolve_replicate(server: str | None = None, *, profile: str | None = None,
         return None
     model, version = named
     file_section = _replicate_file_section(env, path)
-    options = {k: v for k, v in {**file_section, **section}.items() if k not in ("token", "token_env", "model")}
+    options = {
+        k: v for k, v in {**file_section, **section}.items() if k not in ("token", "token_env", "model")
+    }
     version = version or (str(options.pop("version")) if options.get("version") else None)
     options.pop("version", None)
     return ReplicateSettings(
-        model=model, version=version, token=replicate_token(env, path, section),
-        api_url=str(env.get("CHARFORGE_REPLICATE_API_URL") or options.pop("api_url", None) or REPLICATE_API_URL),
-        options=options, profile=profile if settings else None)
+        model=model,
+        version=version,
+        token=replicate_token(env, path, section),
+        api_url=str(
+            env.get("CHARFORGE_REPLICATE_API_URL") or options.pop("api_url", None) or REPLICATE_API_URL
+        ),
+        options=options,
+        profile=profile if settings else None,
+    )

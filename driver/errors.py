@@ -111,8 +111,15 @@ class NodeProblem:
         return f"{self.node_label()}: {where}{self.message}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "class_type": self.class_type, "title": self.title,
-                "input": self.input_name, "kind": self.kind, "severity": self.severity, "message": self.message}
+        return {
+            "node_id": self.node_id,
+            "class_type": self.class_type,
+            "title": self.title,
+            "input": self.input_name,
+            "kind": self.kind,
+            "severity": self.severity,
+            "message": self.message,
+        }
 
 
 def format_problems(problems: Iterable[NodeProblem]) -> str:
@@ -136,9 +143,16 @@ class ValidationError(UsageError):
     rejected it; ``node_errors`` the server's raw ``node_errors``.
     """
 
-    def __init__(self, summary: str, problems: list[NodeProblem] | None = None, *,
-                 error: dict[str, Any] | None = None, node_errors: dict[str, Any] | None = None,
-                 prompt_id: str | None = None, source: str = "server") -> None:
+    def __init__(
+        self,
+        summary: str,
+        problems: list[NodeProblem] | None = None,
+        *,
+        error: dict[str, Any] | None = None,
+        node_errors: dict[str, Any] | None = None,
+        prompt_id: str | None = None,
+        source: str = "server",
+    ) -> None:
         self.summary = summary
         self.problems = list(problems or [])
         self.error = error
@@ -168,9 +182,18 @@ class JobError(DriverError):
 class ExecutionError(JobError):
     """A node raised while the server executed the workflow (``execution_error``)."""
 
-    def __init__(self, *, prompt_id: str, node_id: str | None, node_type: str | None, exception_type: str,
-                 exception_message: str, traceback: list[str] | None = None, title: str | None = None,
-                 executed: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        prompt_id: str,
+        node_id: str | None,
+        node_type: str | None,
+        exception_type: str,
+        exception_message: str,
+        traceback: list[str] | None = None,
+        title: str | None = None,
+        executed: list[str] | None = None,
+    ) -> None:
         self.node_id = node_id
         self.node_type = node_type
         self.title = title
@@ -183,7 +206,9 @@ class ExecutionError(JobError):
             where += f' "{title}"'
         if node_type:
             where += f" ({node_type})"
-        super().__init__(f"{where} failed: {exception_type}: {exception_message.strip()}", prompt_id=prompt_id)
+        super().__init__(
+            f"{where} failed: {exception_type}: {exception_message.strip()}", prompt_id=prompt_id
+        )
 
 
 class Interrupted(JobError):
@@ -191,8 +216,9 @@ class Interrupted(JobError):
 
     exit_code = 130
 
-    def __init__(self, message: str, *, prompt_id: str, node_id: str | None = None,
-                 node_type: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, prompt_id: str, node_id: str | None = None, node_type: str | None = None
+    ) -> None:
         super().__init__(message, prompt_id=prompt_id)
         self.node_id = node_id
         self.node_type = node_type

@@ -84,21 +84,24 @@ def parse_binary_message(payload: bytes) -> Event | None:
     body = payload[4:]
     if kind == PREVIEW_IMAGE and len(body) >= 4:
         (image_kind,) = struct.unpack(">I", body[:4])
-        return Event("preview", {"image_type": _IMAGE_TYPES.get(image_kind, "application/octet-stream")},
-                     image=body[4:])
+        return Event(
+            "preview",
+            {"image_type": _IMAGE_TYPES.get(image_kind, "application/octet-stream")},
+            image=body[4:],
+        )
     if kind == PREVIEW_IMAGE_WITH_METADATA and len(body) >= 4:
         (meta_len,) = struct.unpack(">I", body[:4])
         try:
-            meta = json.loads(body[4:4 + meta_len])
+            meta = json.loads(body[4 : 4 + meta_len])
         except ValueError:
             return None
         if not isinstance(meta, dict):
             return None
         prompt_id = meta.get("prompt_id")
-        return Event("preview", meta, str(prompt_id) if prompt_id else None, image=body[4 + meta_len:])
+        return Event("preview", meta, str(prompt_id) if prompt_id else None, image=body[4 + meta_len :])
     if kind == TEXT and len(body) >= 4:
         (id_len,) = struct.unpack(">I", body[:4])
-        node_id = body[4:4 + id_len].decode("utf-8", "replace")
-        text = body[4 + id_len:].decode("utf-8", "replace")
+        node_id = body[4 : 4 + id_len].decode("utf-8", "replace")
+        text = body[4 + id_len :].decode("utf-8", "replace")
         return Event("text", {"node_id": node_id, "text": text})
     return None

@@ -57,18 +57,30 @@ def find_python(comfy_dir: Path, env: Mapping[str, str] | None = None) -> str:
 class LocalComfyUI:
     """A ComfyUI process started by the driver. Use as a context manager or call :meth:`stop`."""
 
-    def __init__(self, comfy_dir: str | Path, *, python: str | None = None, port: int | None = None,
-                 extra_args: list[str] | None = None, log_path: str | Path | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        comfy_dir: str | Path,
+        *,
+        python: str | None = None,
+        port: int | None = None,
+        extra_args: list[str] | None = None,
+        log_path: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.comfy_dir = Path(comfy_dir).expanduser()
         if not (self.comfy_dir / "main.py").is_file():
             raise ConfigError(f"COMFYUI_DIR={self.comfy_dir} does not contain ComfyUI's main.py")
         env = os.environ if env is None else env
         self.python = python or find_python(self.comfy_dir, env)
         self.port = port or free_port()
-        self.extra_args = list(extra_args if extra_args is not None else shlex.split(env.get("COMFYUI_ARGS", "")))
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="charforge-comfyui-",
-                                                                              suffix=".log")[1])
+        self.extra_args = list(
+            extra_args if extra_args is not None else shlex.split(env.get("COMFYUI_ARGS", ""))
+        )
+        self.log_path = (
+            Path(log_path)
+            if log_path
+            else Path(tempfile.mkstemp(prefix="charforge-comfyui-", suffix=".log")[1])
+        )
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -80,8 +92,9 @@ class LocalComfyUI:
         cmd = [self.python, "main.py", "--listen", "127.0.0.1", "--port", str(self.port), *self.extra_args]
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
         try:
-            self.process = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(
+                cmd, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         except OSError as exc:
             log.close()
             raise ServerUnavailable(f"cannot start ComfyUI with {self.python}: {exc}") from None
@@ -89,14 +102,17 @@ class LocalComfyUI:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerUnavailable(f"ComfyUI exited with code {self.process.returncode} while starting; last "
-                                        f"lines of {self.log_path}:\n{self.log_tail()}")
+                raise ServerUnavailable(
+                    f"ComfyUI exited with code {self.process.returncode} while starting; last "
+                    f"lines of {self.log_path}:\n{self.log_tail()}"
+                )
             if probe(self.url, timeout=1.0):
                 return self.url
             time.sleep(0.5)
         self.stop()
-        raise ServerUnavailable(f"ComfyUI did not answer within {timeout:g} s; see {self.log_path}:\n"
-                                f"{self.log_tail()}")
+        raise ServerUnavailable(
+            f"ComfyUI did not answer within {timeout:g} s; see {self.log_path}:\n{self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -132,8 +148,10 @@ def local_server(env: Mapping[str, str] | None = None, *, on_message=None) -> tu
         return DEFAULT_LOCAL_URL, None
     comfy_dir = env.get("COMFYUI_DIR")
     if not comfy_dir:
-        raise ServerUnavailable("no ComfyUI answers on http://127.0.0.1:8188 and no server was named; pass "
-                                "--server URL or --profile NAME, or set COMFYUI_DIR to start one")
+        raise ServerUnavailable(
+            "no ComfyUI answers on http://127.0.0.1:8188 and no server was named; pass "
+            "--server URL or --profile NAME, or set COMFYUI_DIR to start one"
+        )
     server = LocalComfyUI(comfy_dir, env=env)
     if on_message is not None:
         on_message(f"starting ComfyUI from {server.comfy_dir} on port {server.port} (log: {server.log_path})")

@@ -22,10 +22,18 @@ if TYPE_CHECKING:
 MANIFEST_VERSION = 1
 
 
-def build_manifest(result: JobResult, downloads: list[DownloadedFile], *, out_dir: Path, server: str,
-                   workflow_source: str | None = None, overrides: list[AppliedOverride] | None = None,
-                   uploads: list[dict[str, Any]] | None = None, wall_seconds: float | None = None,
-                   warnings: list[str] | None = None) -> dict[str, Any]:
+def build_manifest(
+    result: JobResult,
+    downloads: list[DownloadedFile],
+    *,
+    out_dir: Path,
+    server: str,
+    workflow_source: str | None = None,
+    overrides: list[AppliedOverride] | None = None,
+    uploads: list[dict[str, Any]] | None = None,
+    wall_seconds: float | None = None,
+    warnings: list[str] | None = None,
+) -> dict[str, Any]:
     """The manifest as a dict (see the module docstring)."""
     root = out_dir.resolve()
     files = []
@@ -34,15 +42,27 @@ def build_manifest(result: JobResult, downloads: list[DownloadedFile], *, out_di
             rel = item.path.resolve().relative_to(root).as_posix()
         except ValueError:
             rel = str(item.path)
-        files.append({
-            "path": rel, "node_id": item.source.node_id, "class_type": item.class_type, "title": item.title,
-            "output": item.source.key, "index": item.source.index, "animated": item.source.animated,
-            "bytes": item.size, "sha256": item.sha256, "server_file": item.source.to_dict(),
-        })
+        files.append(
+            {
+                "path": rel,
+                "node_id": item.source.node_id,
+                "class_type": item.class_type,
+                "title": item.title,
+                "output": item.source.key,
+                "index": item.source.index,
+                "animated": item.source.animated,
+                "bytes": item.size,
+                "sha256": item.sha256,
+                "server_file": item.source.to_dict(),
+            }
+        )
     values = {}
     for node_values in result.values:
-        values[node_values.node_id] = {"class_type": result.node_class(node_values.node_id),
-                                       "title": result.node_title(node_values.node_id), **node_values.values}
+        values[node_values.node_id] = {
+            "class_type": result.node_class(node_values.node_id),
+            "title": result.node_title(node_values.node_id),
+            **node_values.values,
+        }
     timings = result.timings.to_dict()
     timings["wall_seconds"] = None if wall_seconds is None else round(wall_seconds, 3)
     manifest: dict[str, Any] = {
@@ -65,8 +85,9 @@ def build_manifest(result: JobResult, downloads: list[DownloadedFile], *, out_di
     return manifest
 
 
-def write_manifest(out_dir: Path, manifest: dict[str, Any], secrets: list[str] | None = None,
-                   name: str = "manifest.json") -> Path:
+def write_manifest(
+    out_dir: Path, manifest: dict[str, Any], secrets: list[str] | None = None, name: str = "manifest.json"
+) -> Path:
     """Write the manifest into ``out_dir`` (never over an existing file: ``manifest-1.json``...)."""
     text = json.dumps(manifest, indent=2, ensure_ascii=False, default=str)
     text = redact(text, secrets or [])

@@ -90,10 +90,18 @@ def collect_files(outputs: dict[str, Any]) -> list[OutputFile]:
                 continue
             flags = _animated_flags(ui, key, len(entries))
             for index, (item, animated) in enumerate(zip(entries, flags, strict=True)):
-                files.append(OutputFile(
-                    node_id=str(node_id), key=key, index=index, filename=item["filename"],
-                    subfolder=str(item.get("subfolder") or ""), type=str(item.get("type") or "output"),
-                    animated=animated, format=item.get("format") if isinstance(item.get("format"), str) else None))
+                files.append(
+                    OutputFile(
+                        node_id=str(node_id),
+                        key=key,
+                        index=index,
+                        filename=item["filename"],
+                        subfolder=str(item.get("subfolder") or ""),
+                        type=str(item.get("type") or "output"),
+                        animated=animated,
+                        format=item.get("format") if isinstance(item.get("format"), str) else None,
+                    )
+                )
     return files
 
 
@@ -111,7 +119,9 @@ def collect_values(outputs: dict[str, Any]) -> list[NodeValues]:
     for node_id, ui in (outputs or {}).items():
         if not isinstance(ui, dict):
             continue
-        values = {k: v for k, v in ui.items() if k != "animated" and isinstance(v, list) and v and _is_plain(v)}
+        values = {
+            k: v for k, v in ui.items() if k != "animated" and isinstance(v, list) and v and _is_plain(v)
+        }
         if values:
             found.append(NodeValues(str(node_id), values))
     return found

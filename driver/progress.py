@@ -196,8 +196,15 @@ class RichRenderer(Renderer):
         )
 
         self.console = console or Console(stderr=True)
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), console=self.console, transient=False)
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
         self._overall = self.progress.add_task("queued", total=view.total)
         self._node = self.progress.add_task("", total=1, visible=False)
         self._started = False
@@ -216,12 +223,18 @@ class RichRenderer(Renderer):
         assert view is not None
         view.update(event)
         note = " [yellow](reconnecting)[/]" if view.connection != "ok" else ""
-        self.progress.update(self._overall, completed=len(view.done),
-                             description=_shown(view.status_text()) + note)
+        self.progress.update(
+            self._overall, completed=len(view.done), description=_shown(view.status_text()) + note
+        )
         if view.step is not None and view.current is not None:
             value, top = view.step
-            self.progress.update(self._node, completed=value, total=top or 1, visible=True,
-                                 description=f"  steps of {_shown(view.current)}")
+            self.progress.update(
+                self._node,
+                completed=value,
+                total=top or 1,
+                visible=True,
+                description=f"  steps of {_shown(view.current)}",
+            )
         elif event.type == "executing" or view.current is None:
             self.progress.update(self._node, visible=False)
         if event.type == "execution_error":
@@ -242,7 +255,9 @@ def _shown(text: Any) -> str:
     return escape(safe_text(mask(str(text)), one_line=True))
 
 
-def make_renderer(mode: str, view: JobView, *, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> Renderer:
+def make_renderer(
+    mode: str, view: JobView, *, stdout: IO[str] | None = None, stderr: IO[str] | None = None
+) -> Renderer:
     """``mode``: "json", "rich", "plain", or "auto" (rich on a terminal, else plain)."""
     if mode == "json":
         return JsonRenderer(stdout or sys.stdout, view)

@@ -38,7 +38,8 @@ _AUTH_HEADER = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:bearer\s+
 _BEARER = re.compile(r"\b(Bearer\s+)[A-Za-z0-9._~+/=-]{16,}")
 _QUERY_SECRET = re.compile(
     r"(?i)([?&](?:access_token|token|auth|api[_-]?key|apikey|key|password|passwd|pwd|secret|"
-    r"signature|sig|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&\s\"'#]+")
+    r"signature|sig|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&\s\"'#]+"
+)
 #: secrets shorter than this are not searched for (masking every "a" would make text unreadable)
 _MIN_SECRET = 3
 

@@ -51,10 +51,20 @@ VERSION = 1
 DEFAULT_STRENGTHS = (0.4, 0.6, 0.8, 1.0)
 DEFAULT_SEEDS = (1, 2)
 # Scenes that show the face, the body and a context, so a LoRA that only works for close-ups is visible.
-DEFAULT_SCENES = ("portrait photo, looking at the camera", "upper body, standing outdoors in daylight",
-                  "sitting at a table in a cafe, side view")
-GENERATION_NODES = ("CheckpointLoaderSimple", "LoraLoader", "CLIPTextEncode", "EmptyLatentImage", "KSampler",
-                    "VAEDecode", "SaveImage")
+DEFAULT_SCENES = (
+    "portrait photo, looking at the camera",
+    "upper body, standing outdoors in daylight",
+    "sitting at a table in a cafe, side view",
+)
+GENERATION_NODES = (
+    "CheckpointLoaderSimple",
+    "LoraLoader",
+    "CLIPTextEncode",
+    "EmptyLatentImage",
+    "KSampler",
+    "VAEDecode",
+    "SaveImage",
+)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RENDERS = "renders"  # the batch folder inside --out
 RESULTS_NAME = "results.json"
@@ -71,7 +81,9 @@ class EvalOptions:
     """What ``charforge lora eval`` renders and how it scores (the command's flags)."""
 
     strengths: Sequence[float] = DEFAULT_STRENGTHS
-    scenes: Sequence[str] = DEFAULT_SCENES  # prompt texts added to the character's prompt, one grid column each
+    scenes: Sequence[str] = (
+        DEFAULT_SCENES  # prompt texts added to the character's prompt, one grid column each
+    )
     seeds: Sequence[int] = DEFAULT_SEEDS
     checkpoint: str | None = None  # None: the first checkpoint the server lists
     reference: str | None = None  # photo folder, identity name or identity .json; None: the preset's
@@ -114,11 +126,23 @@ class EvalImage:
             with contextlib.suppress(ValueError):
                 file = self.file.relative_to(base).as_posix()
             file = file or str(self.file)
-        return {"strength": self.strength, "prompt_index": self.prompt_index + 1, "prompt": self.prompt,
-                "scored_text": self.scored_text, "seed": self.seed, "file": file, "state": self.state,
-                "error": self.error, "identity": _round(self.identity), "identity_passed": self.identity_passed,
-                "identity_note": self.identity_note, "faces": self.faces, "text": _round(self.text),
-                "combined": _round(self.combined), "job": self.job}
+        return {
+            "strength": self.strength,
+            "prompt_index": self.prompt_index + 1,
+            "prompt": self.prompt,
+            "scored_text": self.scored_text,
+            "seed": self.seed,
+            "file": file,
+            "state": self.state,
+            "error": self.error,
+            "identity": _round(self.identity),
+            "identity_passed": self.identity_passed,
+            "identity_note": self.identity_note,
+            "faces": self.faces,
+            "text": _round(self.text),
+            "combined": _round(self.combined),
+            "job": self.job,
+        }
 
 
 @dataclass
@@ -173,9 +197,10 @@ def parse_numbers(text: str, kind: type, what: str) -> list:
         try:
             value = kind(part)
         except ValueError:
-            raise UsageError(f"{what}: {part!r} is not {'an integer' if kind is int else 'a number'} "
-                             f"(give a comma-separated list, e.g. {'1,2' if kind is int else '0.4,0.6,0.8,1.0'})") \
-                from None
+            raise UsageError(
+                f"{what}: {part!r} is not {'an integer' if kind is int else 'a number'} "
+                f"(give a comma-separated list, e.g. {'1,2' if kind is int else '0.4,0.6,0.8,1.0'})"
+            ) from None
         values.append(value)
     if not values:
         raise UsageError(f"{what}: give at least one value")
@@ -204,8 +229,9 @@ def load_character(name: str) -> Any:
     try:
         from charforge.engine.library.characters import load_character as load
     except ImportError as exc:
-        raise UsageError(f"character presets need the node pack's packages ({exc.name or exc}): "
-                         f"{SCORING_INSTALL}") from None
+        raise UsageError(
+            f"character presets need the node pack's packages ({exc.name or exc}): {SCORING_INSTALL}"
+        ) from None
     try:
         return load(name)
     except (OSError, ValueError) as exc:  # CharacterError names the file and the field
@@ -216,8 +242,9 @@ def load_character(name: str) -> Any:
 # The graph and the grid
 
 
-def eval_graph(character: Any, *, lora: str, checkpoint: str, strength: float, prompt: str, seed: int,
-               save_prefix: str) -> dict[str, Any]:
+def eval_graph(
+    character: Any, *, lora: str, checkpoint: str, strength: float, prompt: str, seed: int, save_prefix: str
+) -> dict[str, Any]:
     """The API-format graph that renders `character` with `lora` at `strength` (model and text encoder)."""
     gen = character.generation
     g: dict[str, Any] = {}
@@ -227,21 +254,48 @@ def eval_graph(character: Any, *, lora: str, checkpoint: str, strength: float, p
         return [node_id, 0]
 
     add(CHECKPOINT, "CheckpointLoaderSimple", "Checkpoint", ckpt_name=checkpoint)
-    add(LORA, "LoraLoader", "LoRA under test", model=[CHECKPOINT, 0], clip=[CHECKPOINT, 1], lora_name=lora,
-        strength_model=strength, strength_clip=strength)
+    add(
+        LORA,
+        "LoraLoader",
+        "LoRA under test",
+        model=[CHECKPOINT, 0],
+        clip=[CHECKPOINT, 1],
+        lora_name=lora,
+        strength_model=strength,
+        strength_clip=strength,
+    )
     positive = add(POSITIVE, "CLIPTextEncode", "Prompt", text=prompt, clip=[LORA, 1])
-    negative = add(NEGATIVE, "CLIPTextEncode", "Negative prompt", text=character.negative_prompt, clip=[LORA, 1])
+    negative = add(
+        NEGATIVE, "CLIPTextEncode", "Negative prompt", text=character.negative_prompt, clip=[LORA, 1]
+    )
     latent = add(LATENT, "EmptyLatentImage", "Size", width=gen.width, height=gen.height, batch_size=1)
-    sampled = add(SAMPLER, "KSampler", "Sampler", model=[LORA, 0], seed=seed, steps=gen.steps, cfg=gen.cfg,
-                  sampler_name=gen.sampler, scheduler=gen.scheduler, positive=positive, negative=negative,
-                  latent_image=latent, denoise=1.0)
+    sampled = add(
+        SAMPLER,
+        "KSampler",
+        "Sampler",
+        model=[LORA, 0],
+        seed=seed,
+        steps=gen.steps,
+        cfg=gen.cfg,
+        sampler_name=gen.sampler,
+        scheduler=gen.scheduler,
+        positive=positive,
+        negative=negative,
+        latent_image=latent,
+        denoise=1.0,
+    )
     images = add(DECODE, "VAEDecode", "Decode", samples=sampled, vae=[CHECKPOINT, 2])
     add(SAVE, "SaveImage", "Save", images=images, filename_prefix=save_prefix)
     return g
 
 
-def plan_grid(graph: dict[str, Any], strengths: Sequence[float], prompts: Sequence[str], seeds: Sequence[int],
-              name: str = "lora eval") -> BatchPlan:
+def plan_grid(
+    graph: dict[str, Any],
+    strengths: Sequence[float],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    name: str = "lora eval",
+) -> BatchPlan:
     """The strength x prompt x seed sweep of `graph` (jobs in row order: strength, then prompt, then seed).
 
     ``strength`` sets both LoRA strengths (zipped), ``prompt`` the positive text, ``seed`` the sampler's seed:
@@ -267,7 +321,7 @@ def plan_grid(graph: dict[str, Any], strengths: Sequence[float], prompts: Sequen
 
 def _choices(info: dict[str, Any], node: str, name: str) -> list[str] | None:
     """The combo choices of input `name` of `node` in /object_info (None when the node or input is absent)."""
-    declared = ((info.get(node) or {}).get("input") or {})
+    declared = (info.get(node) or {}).get("input") or {}
     for section in ("required", "optional"):
         spec = (declared.get(section) or {}).get(name)
         if spec is None:
@@ -288,13 +342,16 @@ def _listing(names: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def check_server(info: dict[str, Any], lora: str, checkpoint: str | None, url: str,
-                 note: Callable[[str], None]) -> tuple[str, str]:
+def check_server(
+    info: dict[str, Any], lora: str, checkpoint: str | None, url: str, note: Callable[[str], None]
+) -> tuple[str, str]:
     """The LoRA and checkpoint names to use on this server (from its /object_info), or a UsageError saying
     what is missing and what the server has."""
     missing = [n for n in GENERATION_NODES if n not in info]
     if missing:
-        raise UsageError(f"the server {url} lacks ComfyUI's node(s) {', '.join(missing)}; is it a ComfyUI server?")
+        raise UsageError(
+            f"the server {url} lacks ComfyUI's node(s) {', '.join(missing)}; is it a ComfyUI server?"
+        )
     loras = _choices(info, "LoraLoader", "lora_name") or []
     chosen_lora = lora
     if lora not in loras:
@@ -305,20 +362,25 @@ def check_server(info: dict[str, Any], lora: str, checkpoint: str | None, url: s
         else:
             hint = close_matches(Path(lora).name, loras)
             extra = f" (did you mean {', '.join(repr(h) for h in hint)}?)" if hint else ""
-            raise UsageError(f"LoRA {lora!r} is not in the loras folder of the server {url}{extra}; it has: "
-                             f"{_listing(loras)}. Copy the file into ComfyUI/models/loras/ (then refresh or restart "
-                             f"ComfyUI) and give its name as LoraLoader lists it.")
+            raise UsageError(
+                f"LoRA {lora!r} is not in the loras folder of the server {url}{extra}; it has: "
+                f"{_listing(loras)}. Copy the file into ComfyUI/models/loras/ (then refresh or restart "
+                f"ComfyUI) and give its name as LoraLoader lists it."
+            )
     checkpoints = _choices(info, "CheckpointLoaderSimple", "ckpt_name") or []
     if checkpoint is None:
         if not checkpoints:
-            raise UsageError(f"the server {url} has no checkpoint in models/checkpoints; put the base model there")
+            raise UsageError(
+                f"the server {url} has no checkpoint in models/checkpoints; put the base model there"
+            )
         checkpoint = checkpoints[0]
         note(f"no --checkpoint given: using {checkpoint}")
     elif checkpoint not in checkpoints:
         hint = close_matches(checkpoint, checkpoints)
         extra = f" (did you mean {', '.join(repr(h) for h in hint)}?)" if hint else ""
-        raise UsageError(f"checkpoint {checkpoint!r} is not on the server {url}{extra}; it has: "
-                         f"{_listing(checkpoints)}")
+        raise UsageError(
+            f"checkpoint {checkpoint!r} is not on the server {url}{extra}; it has: {_listing(checkpoints)}"
+        )
     return chosen_lora, checkpoint
 
 
@@ -328,7 +390,12 @@ def check_server(info: dict[str, Any], lora: str, checkpoint: str | None, url: s
 
 def missing_scoring_packages(clip: bool) -> list[str]:
     """pip names of the packages local scoring needs that are not importable."""
-    needed = [("numpy", "numpy"), ("PIL", "Pillow"), ("onnxruntime", "onnxruntime"), ("insightface", "insightface")]
+    needed = [
+        ("numpy", "numpy"),
+        ("PIL", "Pillow"),
+        ("onnxruntime", "onnxruntime"),
+        ("insightface", "insightface"),
+    ]
     if clip:
         needed += [("torch", "torch"), ("transformers", "transformers")]
     missing = []
@@ -384,25 +451,33 @@ class Scoring:
         """Cheap checks before anything is rendered: packages, the face pack's folder, the reference, CLIP."""
         use_clip = (options.clip_model or "").strip().lower() != "none" and options.text_weight > 0
         if not use_clip and options.identity_weight <= 0:
-            raise UsageError("nothing to rank the strengths by: --identity-weight is 0 and text agreement is off "
-                             "(--clip none or --text-weight 0)")
+            raise UsageError(
+                "nothing to rank the strengths by: --identity-weight is 0 and text agreement is off "
+                "(--clip none or --text-weight 0)"
+            )
         missing = missing_scoring_packages(use_clip)
         if missing:
-            raise UsageError(f"lora eval scores the images in this process and needs {', '.join(missing)}, which "
-                             f"{'is' if len(missing) == 1 else 'are'} not installed: {SCORING_INSTALL}")
+            raise UsageError(
+                f"lora eval scores the images in this process and needs {', '.join(missing)}, which "
+                f"{'is' if len(missing) == 1 else 'are'} not installed: {SCORING_INSTALL}"
+            )
         from charforge.engine.faces import FaceModelsNotFoundError, locate_pack
 
         with _insightface_folder(options.face_models_dir):
             try:
                 locate_pack(options.face_pack)
             except FaceModelsNotFoundError as exc:
-                raise UsageError(f"face models for identity scoring: {exc} (or point --face-models at the "
-                                 f"insightface folder)") from None
+                raise UsageError(
+                    f"face models for identity scoring: {exc} (or point --face-models at the "
+                    f"insightface folder)"
+                ) from None
         reference = (options.reference or character.identity or character.reference_photos or "").strip()
         if not reference:
-            raise UsageError(f"character {character.name!r} has no identity and no reference_photos, so identity "
-                             f"cannot be scored: add 'identity:' or 'reference_photos:' to {character.path}, or give "
-                             f"--reference DIR (photos of the character) or --reference IDENTITY")
+            raise UsageError(
+                f"character {character.name!r} has no identity and no reference_photos, so identity "
+                f"cannot be scored: add 'identity:' or 'reference_photos:' to {character.path}, or give "
+                f"--reference DIR (photos of the character) or --reference IDENTITY"
+            )
         clip_folder = None
         if use_clip:
             from charforge.engine.score.clip import list_clip_models, resolve_clip_model
@@ -411,10 +486,12 @@ class Scoring:
             if name is None:
                 found = list_clip_models()
                 if not found:
-                    raise UsageError("no CLIP model for text agreement: put a Hugging Face CLIP folder (e.g. "
-                                     "openai/clip-vit-large-patch14) in <models>/clip_vision/<name>/ (models: "
-                                     "$CHARFORGE_MODELS_DIR, $COMFYUI_DIR/models or the config file), give --clip "
-                                     "PATH, or --clip none to score identity only")
+                    raise UsageError(
+                        "no CLIP model for text agreement: put a Hugging Face CLIP folder (e.g. "
+                        "openai/clip-vit-large-patch14) in <models>/clip_vision/<name>/ (models: "
+                        "$CHARFORGE_MODELS_DIR, $COMFYUI_DIR/models or the config file), give --clip "
+                        "PATH, or --clip none to score identity only"
+                    )
                 name = found[0]
             try:
                 clip_folder = resolve_clip_model(name)
@@ -456,18 +533,26 @@ class Scoring:
         path = Path(source).expanduser()
         if path.is_dir():
             return self._from_photos(path), f"{len(photo_files(path))} photo(s) in {path}"
-        photos = Path(self.character.reference_photos).expanduser() if self.character.reference_photos else None
+        photos = (
+            Path(self.character.reference_photos).expanduser() if self.character.reference_photos else None
+        )
         try:
             identity = load_identity(source)
         except (OSError, ValueError) as exc:
             if photos is not None and photos.is_dir():
-                note(f"identity {source!r} cannot be loaded ({str(exc).splitlines()[0]}); using the photos in {photos}")
+                note(
+                    f"identity {source!r} cannot be loaded ({str(exc).splitlines()[0]}); using the photos in {photos}"
+                )
                 return self._from_photos(photos), f"{len(photo_files(photos))} photo(s) in {photos}"
-            raise UsageError(f"reference identity {source!r}: {exc}. Give --reference DIR (photos of the character) "
-                             f"or copy the identity's .json into <models>/charforge/identities/") from None
+            raise UsageError(
+                f"reference identity {source!r}: {exc}. Give --reference DIR (photos of the character) "
+                f"or copy the identity's .json into <models>/charforge/identities/"
+            ) from None
         if identity.model != self.analyzer.name and photos is not None and photos.is_dir():
-            note(f"identity {identity.name!r} was built with {identity.model}, the face models loaded are "
-                 f"{self.analyzer.name}: rebuilding it from the photos in {photos}")
+            note(
+                f"identity {identity.name!r} was built with {identity.model}, the face models loaded are "
+                f"{self.analyzer.name}: rebuilding it from the photos in {photos}"
+            )
             return self._from_photos(photos), f"{len(photo_files(photos))} photo(s) in {photos}"
         return identity, f"saved identity {identity.name!r}"
 
@@ -479,10 +564,13 @@ class Scoring:
 
         photos = photo_files(folder)
         if not photos:
-            raise UsageError(f"reference photos {folder}: no image ({', '.join(IMAGE_SUFFIXES)}) in that folder")
+            raise UsageError(
+                f"reference photos {folder}: no image ({', '.join(IMAGE_SUFFIXES)}) in that folder"
+            )
         try:
-            return build_identity(self.character.name, self.analyzer,
-                                  ((p.name, np.asarray(load_image(p))) for p in photos))
+            return build_identity(
+                self.character.name, self.analyzer, ((p.name, np.asarray(load_image(p))) for p in photos)
+            )
         except ValueError as exc:  # no usable face in any photo
             raise UsageError(f"reference photos {folder}: {exc}") from None
 
@@ -514,18 +602,29 @@ class Scoring:
 # Summaries
 
 
-def summarise(images: list[EvalImage], strengths: Sequence[float], identity_weight: float,
-              text_weight: float, threshold: float | None) -> tuple[list[StrengthSummary], StrengthSummary | None]:
+def summarise(
+    images: list[EvalImage],
+    strengths: Sequence[float],
+    identity_weight: float,
+    text_weight: float,
+    threshold: float | None,
+) -> tuple[list[StrengthSummary], StrengthSummary | None]:
     """Per-strength means and combined score (see the module docstring), each image's combined score, and the
     best strength (highest combined; ties: the lower strength)."""
     from charforge.engine.score import ImageScore, ScoreSheet, combine, summarise_set
 
     def sheets(rows: list[EvalImage]) -> tuple[Any, Any]:
-        identity = ScoreSheet("identity", [ImageScore(i, r.identity, r.identity_passed, r.identity_note)
-                                           for i, r in enumerate(rows)], threshold)
+        identity = ScoreSheet(
+            "identity",
+            [ImageScore(i, r.identity, r.identity_passed, r.identity_note) for i, r in enumerate(rows)],
+            threshold,
+        )
         has_text = any(r.text is not None for r in rows)
-        text = ScoreSheet("clip", [ImageScore(i, r.text, r.text is not None) for i, r in enumerate(rows)]) \
-            if has_text else None
+        text = (
+            ScoreSheet("clip", [ImageScore(i, r.text, r.text is not None) for i, r in enumerate(rows)])
+            if has_text
+            else None
+        )
         return identity, text
 
     rendered = [image for image in images if image.state == "done"]
@@ -543,8 +642,18 @@ def summarise(images: list[EvalImage], strengths: Sequence[float], identity_weig
             continue
         identity, text = sheets(rows)
         s = summarise_set(strength_label(strength), identity, text, identity_weight, text_weight)
-        summaries.append(StrengthSummary(strength, s.images, s.faces, s.identity_mean, s.identity_min,
-                                         s.identity_pass_rate, s.clip_mean, s.combined))
+        summaries.append(
+            StrengthSummary(
+                strength,
+                s.images,
+                s.faces,
+                s.identity_mean,
+                s.identity_min,
+                s.identity_pass_rate,
+                s.clip_mean,
+                s.combined,
+            )
+        )
     ranked = [(s.combined, s) for s in summaries if s.combined is not None]
     best = max(ranked, key=lambda pair: (round(pair[0], 4), -pair[1].strength))[1] if ranked else None
     return summaries, best
@@ -562,17 +671,39 @@ def _cell(value: float | None, digits: int = 3) -> str:
 
 def table_text(summaries: list[StrengthSummary], best: StrengthSummary | None) -> str:
     """The per-strength table (Markdown, readable as plain text)."""
-    heads = ["strength", "images", "faces", "identity mean", "identity min", "pass rate", "text mean", "combined", ""]
-    rows = [[strength_label(s.strength), str(s.images), "-" if s.faces is None else str(s.faces), _cell(s.identity_mean),
-             _cell(s.identity_min), "-" if s.identity_pass_rate is None else f"{100 * s.identity_pass_rate:.0f}%",
-             _cell(s.text_mean), _cell(s.combined, 4), "best" if best is not None and s is best else ""]
-            for s in summaries]
+    heads = [
+        "strength",
+        "images",
+        "faces",
+        "identity mean",
+        "identity min",
+        "pass rate",
+        "text mean",
+        "combined",
+        "",
+    ]
+    rows = [
+        [
+            strength_label(s.strength),
+            str(s.images),
+            "-" if s.faces is None else str(s.faces),
+            _cell(s.identity_mean),
+            _cell(s.identity_min),
+            "-" if s.identity_pass_rate is None else f"{100 * s.identity_pass_rate:.0f}%",
+            _cell(s.text_mean),
+            _cell(s.combined, 4),
+            "best" if best is not None and s is best else "",
+        ]
+        for s in summaries
+    ]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
-    return "\n".join([line(heads), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)])
+    return "\n".join(
+        [line(heads), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)]
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -599,7 +730,10 @@ class GridLayout:
     @property
     def size(self) -> tuple[int, int]:
         width, height = self.cell_size
-        return self.left + self.columns * width + self.pad, self.top + self.rows * height + self.pad + self.footer
+        return (
+            self.left + self.columns * width + self.pad,
+            self.top + self.rows * height + self.pad + self.footer,
+        )
 
     def image_box(self, row: int, column: int) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1) of the image area of cell (row, column)."""
@@ -609,8 +743,9 @@ class GridLayout:
         return x0, y0, x0 + self.thumb[0], y0 + self.thumb[1]
 
 
-def grid_layout(rows: int, columns: int, image_size: tuple[int, int], cell: int = 256,
-                legend_lines: int = 0) -> GridLayout:
+def grid_layout(
+    rows: int, columns: int, image_size: tuple[int, int], cell: int = 256, legend_lines: int = 0
+) -> GridLayout:
     """The layout for `rows` x `columns` images of `image_size`, each scaled to fit `cell` pixels."""
     width, height = image_size
     scale = cell / max(width, height, 1)
@@ -618,9 +753,18 @@ def grid_layout(rows: int, columns: int, image_size: tuple[int, int], cell: int 
     return GridLayout(rows, columns, thumb, footer=16 * legend_lines + (8 if legend_lines else 0))
 
 
-def draw_grid(images: list[EvalImage], strengths: Sequence[float], scenes: Sequence[str], seeds: Sequence[int],
-              summaries: list[StrengthSummary], best: StrengthSummary | None, title: str,
-              image_size: tuple[int, int], cell: int = 256, combined_note: str = "") -> Any:
+def draw_grid(
+    images: list[EvalImage],
+    strengths: Sequence[float],
+    scenes: Sequence[str],
+    seeds: Sequence[int],
+    summaries: list[StrengthSummary],
+    best: StrengthSummary | None,
+    title: str,
+    image_size: tuple[int, int],
+    cell: int = 256,
+    combined_note: str = "",
+) -> Any:
     """The labelled grid: one row per strength, one column per (prompt, seed), scores under each image."""
     from PIL import Image, ImageDraw
 
@@ -646,14 +790,24 @@ def draw_grid(images: list[EvalImage], strengths: Sequence[float], scenes: Seque
         is_best = best is not None and summary is best
         draw.text((layout.pad, y0 + 4), f"strength {strength_label(strength)}", fill=INK, font=big)
         if summary is not None:
-            draw.text((layout.pad, y0 + 26), f"identity {_cell(summary.identity_mean)}", fill=MUTED, font=small)
+            draw.text(
+                (layout.pad, y0 + 26), f"identity {_cell(summary.identity_mean)}", fill=MUTED, font=small
+            )
             draw.text((layout.pad, y0 + 42), f"text {_cell(summary.text_mean)}", fill=MUTED, font=small)
             draw.text((layout.pad, y0 + 58), f"combined {_cell(summary.combined)}", fill=INK, font=small)
         if is_best:
             draw.text((layout.pad, y0 + 78), "BEST", fill=(20, 120, 40), font=big)
             x_end = layout.size[0] - layout.pad // 2
-            draw.rectangle([layout.pad // 2, y0 - layout.pad // 2, x_end,
-                            y0 + layout.thumb[1] + layout.caption + layout.pad // 2], outline=(20, 120, 40), width=3)
+            draw.rectangle(
+                [
+                    layout.pad // 2,
+                    y0 - layout.pad // 2,
+                    x_end,
+                    y0 + layout.thumb[1] + layout.caption + layout.pad // 2,
+                ],
+                outline=(20, 120, 40),
+                width=3,
+            )
         for column in range(layout.columns):
             prompt, seed_index = divmod(column, len(seeds))
             x0, y0, x1, y1 = layout.image_box(row, column)
@@ -669,14 +823,23 @@ def draw_grid(images: list[EvalImage], strengths: Sequence[float], scenes: Seque
             size = (max(1, round(tile.width * scale)), max(1, round(tile.height * scale)))
             if size != tile.size:
                 tile = tile.resize(size, Image.Resampling.LANCZOS)
-            sheet.paste(tile, (x0 + (layout.thumb[0] - tile.width) // 2, y0 + (layout.thumb[1] - tile.height) // 2))
+            sheet.paste(
+                tile, (x0 + (layout.thumb[0] - tile.width) // 2, y0 + (layout.thumb[1] - tile.height) // 2)
+            )
             fill = NONE if image.identity is None else PASS if image.identity_passed else FAIL
             draw.rectangle([x0, y1, x1 - 1, y1 + layout.caption - 2], fill=fill)
-            identity = f"id {_cell(image.identity)}" if image.identity is not None else \
-                f"id - ({image.identity_note or 'no face'})"
+            identity = (
+                f"id {_cell(image.identity)}"
+                if image.identity is not None
+                else f"id - ({image.identity_note or 'no face'})"
+            )
             draw.text((x0 + 4, y1 + 3), identity[:40], fill=INK, font=small)
-            draw.text((x0 + 4, y1 + 18), f"text {_cell(image.text)}   comb {_cell(image.combined)}", fill=INK,
-                      font=small)
+            draw.text(
+                (x0 + 4, y1 + 18),
+                f"text {_cell(image.text)}   comb {_cell(image.combined)}",
+                fill=INK,
+                font=small,
+            )
     y = layout.size[1] - layout.footer
     for line in legend:
         draw.text((layout.pad, y), line, fill=MUTED, font=small)
@@ -704,17 +867,24 @@ def _server_for_batch(client: Any, options: EvalOptions) -> Any:
     return config
 
 
-def _render(plan: BatchPlan, server: Any, out: Path, options: EvalOptions,
-            note: Callable[[str], None]) -> Iterator[Any]:
+def _render(
+    plan: BatchPlan, server: Any, out: Path, options: EvalOptions, note: Callable[[str], None]
+) -> Iterator[Any]:
     """Run the plan with the batch runner; yields each job's outcome as it ends (earlier runs' first).
 
     A rerun of the same grid on the same folder resumes: finished images are kept, failed ones are tried again.
     """
     from charforge.driver.batch import Batch
 
-    yield from Batch(plan, base=out).run(servers=[server], out=out, capacity=options.window,
-                                         timeout=options.timeout, retry_failed=True, contact_sheet=None,
-                                         on_message=note)
+    yield from Batch(plan, base=out).run(
+        servers=[server],
+        out=out,
+        capacity=options.window,
+        timeout=options.timeout,
+        retry_failed=True,
+        contact_sheet=None,
+        on_message=note,
+    )
 
 
 def check_resumable(plan: BatchPlan, renders: Path, out_dir: Path) -> None:
@@ -728,16 +898,25 @@ def check_resumable(plan: BatchPlan, renders: Path, out_dir: Path) -> None:
         return
     recorded = replay(journal).plan_hash
     if recorded is not None and recorded != plan_hash(plan, renders):
-        raise UsageError(f"{out_dir} holds the evaluation of a different grid (other LoRA, checkpoint, character "
-                         f"settings, strengths, prompts or seeds); use another --out, or delete {renders} to "
-                         f"render this one there")
+        raise UsageError(
+            f"{out_dir} holds the evaluation of a different grid (other LoRA, checkpoint, character "
+            f"settings, strengths, prompts or seeds); use another --out, or delete {renders} to "
+            f"render this one there"
+        )
 
 
 class LoraEval:
     """One ``charforge lora eval`` run: check, render the grid, score, write grid.png, results.json, table.md."""
 
-    def __init__(self, client: Any, character: Any, lora: str, options: EvalOptions, out_dir: str | Path,
-                 note: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        character: Any,
+        lora: str,
+        options: EvalOptions,
+        out_dir: str | Path,
+        note: Callable[[str], None] | None = None,
+    ) -> None:
         self.client, self.character, self.lora, self.options = client, character, lora, options
         self.out_dir = Path(out_dir)
         self.note = note or (lambda text: None)
@@ -749,13 +928,19 @@ class LoraEval:
         bad = [s for s in self.seeds if not 0 <= s < 2**64]
         if bad:
             raise UsageError(f"--seeds must be 0 .. 2^64-1, got {bad[0]}")
-        if options.identity_weight < 0 or options.text_weight < 0 or \
-                options.identity_weight + options.text_weight <= 0:
+        if (
+            options.identity_weight < 0
+            or options.text_weight < 0
+            or options.identity_weight + options.text_weight <= 0
+        ):
             raise UsageError("--identity-weight and --text-weight must be >= 0 and not both 0")
 
     def prompt_texts(self) -> list[tuple[str, str]]:
         """(full prompt sent, text CLIP scores against) per scene."""
-        return [(self.character.prompt_text(scene), join_prompt(self.character.prompt, scene)) for scene in self.scenes]
+        return [
+            (self.character.prompt_text(scene), join_prompt(self.character.prompt, scene))
+            for scene in self.scenes
+        ]
 
     def run(self) -> EvalResult:
         scoring = Scoring.check(self.character, self.options)
@@ -763,34 +948,59 @@ class LoraEval:
         lora, checkpoint = check_server(info, self.lora, self.options.checkpoint, self.client.url, self.note)
         texts = self.prompt_texts()
         prefix = f"charforge_eval/{_safe(self.character.name)}_{_safe(Path(lora).stem)}"
-        graph = eval_graph(self.character, lora=lora, checkpoint=checkpoint, strength=self.strengths[-1],
-                           prompt=texts[0][0], seed=self.seeds[0], save_prefix=prefix)
+        graph = eval_graph(
+            self.character,
+            lora=lora,
+            checkpoint=checkpoint,
+            strength=self.strengths[-1],
+            prompt=texts[0][0],
+            seed=self.seeds[0],
+            save_prefix=prefix,
+        )
         # The driver's preflight against /object_info (sampler and scheduler names, sizes, the strength range)
         # before anything is queued; the lowest and highest strength bound the others.
         for strength in {self.strengths[0], self.strengths[-1]}:
-            self.client.prepare_run(graph, sets=[f"{LORA}.strength_model={strength!r}",
-                                                 f"{LORA}.strength_clip={strength!r}"], preflight=True, upload=False)
+            self.client.prepare_run(
+                graph,
+                sets=[f"{LORA}.strength_model={strength!r}", f"{LORA}.strength_clip={strength!r}"],
+                preflight=True,
+                upload=False,
+            )
         fulls = [full for full, _ in texts]
         if len(set(fulls)) < len(fulls):
             raise UsageError(f"two prompts give the same text once the character's prompt is added: {fulls}")
-        plan = plan_grid(graph, self.strengths, fulls, self.seeds, name=f"lora eval {lora} on {self.character.name}")
+        plan = plan_grid(
+            graph, self.strengths, fulls, self.seeds, name=f"lora eval {lora} on {self.character.name}"
+        )
         renders = self.out_dir / RENDERS
         check_resumable(plan, renders, self.out_dir)
         scoring.load(self.note)
-        self.note(f"identity reference: {scoring.identity_source} ({scoring.analyzer.name}, threshold "
-                  f"{scoring.threshold:.3f}); text agreement: {scoring.clip_name or 'not scored'}")
+        self.note(
+            f"identity reference: {scoring.identity_source} ({scoring.analyzer.name}, threshold "
+            f"{scoring.threshold:.3f}); text agreement: {scoring.clip_name or 'not scored'}"
+        )
         index = {full: i for i, (full, _) in enumerate(texts)}
         images: dict[str, EvalImage] = {}
         for job in plan.jobs:
             full = job.axes["prompt"]
-            images[job.id] = EvalImage(float(job.axes["strength"]), index[full], int(job.axes["seed"]), full,
-                                       texts[index[full]][1], job.id)
+            images[job.id] = EvalImage(
+                float(job.axes["strength"]),
+                index[full],
+                int(job.axes["seed"]),
+                full,
+                texts[index[full]][1],
+                job.id,
+            )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         total = len(plan.jobs)
-        self.note(f"rendering {total} image(s): {len(self.strengths)} strength(s) x {len(self.scenes)} prompt(s) x "
-                  f"{len(self.seeds)} seed(s) of {lora} on {checkpoint} ({self.client.url}); folder {renders}")
+        self.note(
+            f"rendering {total} image(s): {len(self.strengths)} strength(s) x {len(self.scenes)} prompt(s) x "
+            f"{len(self.seeds)} seed(s) of {lora} on {checkpoint} ({self.client.url}); folder {renders}"
+        )
         finished = 0
-        for outcome in _render(plan, _server_for_batch(self.client, self.options), renders, self.options, self.note):
+        for outcome in _render(
+            plan, _server_for_batch(self.client, self.options), renders, self.options, self.note
+        ):
             image = images.get(outcome.job.id)
             if image is None:
                 continue
@@ -798,11 +1008,16 @@ class LoraEval:
             self._collect(image, outcome, scoring)
             where = f"[{finished}/{total}] strength {strength_label(image.strength)}, P{image.prompt_index + 1}, seed {image.seed}"
             if image.state != "done":
-                self.note(f"{where}: {image.state} ({(image.error or '').splitlines()[0] if image.error else ''})")
+                self.note(
+                    f"{where}: {image.state} ({(image.error or '').splitlines()[0] if image.error else ''})"
+                )
             else:
-                self.note(f"{where}: identity {_cell(image.identity)}"
-                          + (f" ({image.identity_note})" if image.identity is None else "")
-                          + f", text {_cell(image.text)}" + (" (earlier run)" if outcome.skipped else ""))
+                self.note(
+                    f"{where}: identity {_cell(image.identity)}"
+                    + (f" ({image.identity_note})" if image.identity is None else "")
+                    + f", text {_cell(image.text)}"
+                    + (" (earlier run)" if outcome.skipped else "")
+                )
         ordered = [images[job.id] for job in plan.jobs]
         return self._write(ordered, scoring, lora, checkpoint)
 
@@ -825,54 +1040,111 @@ class LoraEval:
         weights = (options.identity_weight, options.text_weight if scoring.clip is not None else 0.0)
         summaries, best = summarise(images, self.strengths, weights[0], weights[1], scoring.threshold)
         if scoring.clip is not None and weights[1] > 0:
-            combined = (f"combined = ({weights[0]:g} x identity + {weights[1]:g} x 2.5 x max(text, 0)) / "
-                        f"{weights[0] + weights[1]:g}, means over the row; images without a face count 0 identity")
+            combined = (
+                f"combined = ({weights[0]:g} x identity + {weights[1]:g} x 2.5 x max(text, 0)) / "
+                f"{weights[0] + weights[1]:g}, means over the row; images without a face count 0 identity"
+            )
         else:
-            combined = "combined = mean identity over the row, images without a face counting 0; text not scored"
+            combined = (
+                "combined = mean identity over the row, images without a face counting 0; text not scored"
+            )
         failed = sum(1 for image in images if image.state != "done")
         gen = self.character.generation
-        title = (f"LoRA {lora} on {self.character.display_name or self.character.name} ({checkpoint}, "
-                 f"{gen.steps} steps, cfg {gen.cfg:g}, {gen.sampler}/{gen.scheduler})")
+        title = (
+            f"LoRA {lora} on {self.character.display_name or self.character.name} ({checkpoint}, "
+            f"{gen.steps} steps, cfg {gen.cfg:g}, {gen.sampler}/{gen.scheduler})"
+        )
         if best is not None:
             title += f" - best strength {strength_label(best.strength)}"
-        grid = draw_grid(images, self.strengths, self.scenes, self.seeds, summaries, best, title,
-                         (gen.width, gen.height), options.cell, combined)
+        grid = draw_grid(
+            images,
+            self.strengths,
+            self.scenes,
+            self.seeds,
+            summaries,
+            best,
+            title,
+            (gen.width, gen.height),
+            options.cell,
+            combined,
+        )
         grid_path = self.out_dir / GRID_NAME
         grid.save(grid_path)
         table = table_text(summaries, best)
-        verdict = (f"best strength: {strength_label(best.strength)} (combined {best.combined:.4f})" if best is not None
-                   else "no strength could be scored (no image was rendered)")
+        verdict = (
+            f"best strength: {strength_label(best.strength)} (combined {best.combined:.4f})"
+            if best is not None
+            else "no strength could be scored (no image was rendered)"
+        )
         table_path = self.out_dir / TABLE_NAME
         prompts = "\n".join(f"- P{i + 1}: {full}" for i, (full, _) in enumerate(self.prompt_texts()))
-        table_path.write_text(f"# {title}\n\n{table}\n\n{verdict}\n\n{combined}; ties go to the lower strength.\n\n"
-                              f"Prompts (seeds {', '.join(map(str, self.seeds))}):\n{prompts}\n", encoding="utf-8")
+        table_path.write_text(
+            f"# {title}\n\n{table}\n\n{verdict}\n\n{combined}; ties go to the lower strength.\n\n"
+            f"Prompts (seeds {', '.join(map(str, self.seeds))}):\n{prompts}\n",
+            encoding="utf-8",
+        )
         results_path = self.out_dir / RESULTS_NAME
         data = {
-            "format": FORMAT, "version": VERSION, "lora": lora, "character": self.character.name,
-            "checkpoint": checkpoint, "server": self.client.url,
-            "strengths": self.strengths, "seeds": self.seeds,
-            "prompts": [{"index": i + 1, "scene": scene, "prompt": full, "scored_text": text}
-                        for i, (scene, (full, text)) in enumerate(zip(self.scenes, self.prompt_texts(), strict=True))],
+            "format": FORMAT,
+            "version": VERSION,
+            "lora": lora,
+            "character": self.character.name,
+            "checkpoint": checkpoint,
+            "server": self.client.url,
+            "strengths": self.strengths,
+            "seeds": self.seeds,
+            "prompts": [
+                {"index": i + 1, "scene": scene, "prompt": full, "scored_text": text}
+                for i, (scene, (full, text)) in enumerate(zip(self.scenes, self.prompt_texts(), strict=True))
+            ],
             "negative_prompt": self.character.negative_prompt,
             "generation": gen.to_dict(),
-            "scoring": {"face_models": scoring.analyzer.name, "identity": scoring.identity.name,
-                        "identity_source": scoring.identity_source, "threshold": _round(scoring.threshold),
-                        "clip": scoring.clip_name, "identity_weight": weights[0], "text_weight": weights[1],
-                        "combined": combined, "ties": "lower strength"},
+            "scoring": {
+                "face_models": scoring.analyzer.name,
+                "identity": scoring.identity.name,
+                "identity_source": scoring.identity_source,
+                "threshold": _round(scoring.threshold),
+                "clip": scoring.clip_name,
+                "identity_weight": weights[0],
+                "text_weight": weights[1],
+                "combined": combined,
+                "ties": "lower strength",
+            },
             "best_strength": best.strength if best is not None else None,
             "per_strength": [s.to_dict() for s in summaries],
             "images": [image.to_dict(self.out_dir) for image in images],
-            "grid": GRID_NAME, "table": TABLE_NAME, "renders": RENDERS, "failed": failed,
+            "grid": GRID_NAME,
+            "table": TABLE_NAME,
+            "renders": RENDERS,
+            "failed": failed,
         }
         tmp = results_path.with_name(results_path.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp, results_path)
-        return EvalResult(self.out_dir, lora, self.character.name, checkpoint, images, summaries, best, grid_path,
-                          results_path, table_path, f"{table}\n{verdict}", failed)
+        return EvalResult(
+            self.out_dir,
+            lora,
+            self.character.name,
+            checkpoint,
+            images,
+            summaries,
+            best,
+            grid_path,
+            results_path,
+            table_path,
+            f"{table}\n{verdict}",
+            failed,
+        )
 
 
-def evaluate_lora(client: Any, character: str | Any, lora: str, out_dir: str | Path,
-                  options: EvalOptions | None = None, note: Callable[[str], None] | None = None) -> EvalResult:
+def evaluate_lora(
+    client: Any,
+    character: str | Any,
+    lora: str,
+    out_dir: str | Path,
+    options: EvalOptions | None = None,
+    note: Callable[[str], None] | None = None,
+) -> EvalResult:
     """Render and score `lora` on `character` (a preset name or a loaded preset) through `client`'s server.
 
     Raises :class:`~charforge.driver.errors.UsageError` for a bad request (unknown character, LoRA or checkpoint

@@ -52,17 +52,32 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO_ROOT / "workflows" / "api"
 STAGES = ("dataset", "captions", "lora", "images", "video")
 STATE_FILE = "pipeline_state.json"
-TINY_WARNING = ("TINY RANDOM MODELS: no base checkpoint was found, so every model is a tiny randomly initialised "
-                "one of the real architecture. The chain runs for real, but the captions are arbitrary tags, the "
-                "LoRA learns nothing useful and the images and video are noise. Put an SD1.5/SDXL checkpoint into "
-                "ComfyUI's models/checkpoints (and an AnimateDiff motion module into models/animatediff_models) "
-                "for real results.")
+TINY_WARNING = (
+    "TINY RANDOM MODELS: no base checkpoint was found, so every model is a tiny randomly initialised "
+    "one of the real architecture. The chain runs for real, but the captions are arbitrary tags, the "
+    "LoRA learns nothing useful and the images and video are noise. Put an SD1.5/SDXL checkpoint into "
+    "ComfyUI's models/checkpoints (and an AnimateDiff motion module into models/animatediff_models) "
+    "for real results."
+)
 # In the names of what tiny models made (the LoRA, images, video), so no file passes for a real result.
 TINY_MARK = "tiny_random"
 # Training, generation and video settings with tiny models: minutes on a CPU.
-TINY_TRAIN = {"steps": 4, "rank": 4, "resolution": 64, "memory_profile": "off",
-              "overrides": json.dumps({"sample_steps": 2, "sample_size": 64, "mixed_precision": "no",
-                                       "bucket_step": 32, "min_bucket": 32, "sample_every": 0})}
+TINY_TRAIN = {
+    "steps": 4,
+    "rank": 4,
+    "resolution": 64,
+    "memory_profile": "off",
+    "overrides": json.dumps(
+        {
+            "sample_steps": 2,
+            "sample_size": 64,
+            "mixed_precision": "no",
+            "bucket_step": 32,
+            "min_bucket": 32,
+            "sample_every": 0,
+        }
+    ),
+}
 
 Say = Callable[[str], None]
 
@@ -141,7 +156,8 @@ def _charforge_ready(url: str) -> tuple[bool, bool]:
     except DriverError:
         return False, False
     models = bool(_choices(info, "CheckpointLoaderSimple", "ckpt_name")) and bool(
-        _choices(info, "CharForgeLoadClip", "model"))
+        _choices(info, "CharForgeLoadClip", "model")
+    )
     return "CharForgeTrainLoRA" in info, models
 
 
@@ -178,17 +194,32 @@ def _install_with_comfy_cli(out: Path, say: Say) -> Path:
         raise ServerUnavailable(
             "no ComfyUI found: nothing answers on http://127.0.0.1:8188 and COMFYUI_DIR is not set"
             + ("" if comfy else ", and comfy-cli is not installed")
-            + ("" if _online() else " (and this machine is offline, so nothing can be installed)") + ".\n"
+            + ("" if _online() else " (and this machine is offline, so nothing can be installed)")
+            + ".\n"
             "Do one of these, then run the command again:\n"
             "  - point COMFYUI_DIR at a ComfyUI checkout (its Python: COMFYUI_PYTHON or a venv inside it);\n"
             "  - start ComfyUI yourself (python main.py) so it answers on 127.0.0.1:8188, or pass --server URL;\n"
             "  - pip install comfy-cli while online: the pipeline then installs ComfyUI into out/ComfyUI.\n"
-            "In every case install CharForge into it: python install.py --comfyui /path/to/ComfyUI")
+            "In every case install CharForge into it: python install.py --comfyui /path/to/ComfyUI"
+        )
     gpu = shutil.which("nvidia-smi") is not None
-    command = [comfy, "--skip-prompt", "--workspace", str(target), "install", "--skip-manager",
-               "--nvidia" if gpu else "--cpu"]
-    say("installing ComfyUI with comfy-cli into " + str(target) + " (downloads ComfyUI and PyTorch"
-        + (" for NVIDIA" if gpu else ", CPU build") + "; several minutes): " + " ".join(command))
+    command = [
+        comfy,
+        "--skip-prompt",
+        "--workspace",
+        str(target),
+        "install",
+        "--skip-manager",
+        "--nvidia" if gpu else "--cpu",
+    ]
+    say(
+        "installing ComfyUI with comfy-cli into "
+        + str(target)
+        + " (downloads ComfyUI and PyTorch"
+        + (" for NVIDIA" if gpu else ", CPU build")
+        + "; several minutes): "
+        + " ".join(command)
+    )
     subprocess.run(command, check=True)
     # comfy-cli installs ComfyUI's packages into the Python that runs comfy-cli (unless it made a venv inside).
     shebang = Path(comfy).read_text(errors="replace").splitlines()[0] if Path(comfy).is_file() else ""
@@ -200,12 +231,22 @@ def _install_with_comfy_cli(out: Path, say: Say) -> Path:
 def install_pack(comfy_dir: Path, base_dir: Path, python: str, say: Say) -> None:
     """install.py into the base directory: the pack linked into its custom_nodes, the missing requirements
     installed into ComfyUI's Python (satisfied ones are skipped, so a rerun is quick and works offline)."""
-    command = [sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(comfy_dir), "--base-directory",
-               str(base_dir), "--python", python]
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "install.py"),
+        "--comfyui",
+        str(comfy_dir),
+        "--base-directory",
+        str(base_dir),
+        "--python",
+        python,
+    ]
     say("installing CharForge into it: " + " ".join(command))
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise PipelineError("install.py failed:\n" + "\n".join((done.stdout + done.stderr).splitlines()[-15:]))
+        raise PipelineError(
+            "install.py failed:\n" + "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+        )
 
 
 def extra_model_paths(models: Path) -> str:
@@ -229,11 +270,19 @@ def start_own_server(comfy_dir: Path, out: Path, say: Say, port: int | None = No
     install_pack(comfy_dir, base, find_python(comfy_dir), say)
     extra = base / "extra_model_paths.yaml"
     extra.write_text(extra_model_paths((comfy_dir / "models").resolve()), encoding="utf-8")
-    args = ["--base-directory", str(base), "--extra-model-paths-config", str(extra),
-            "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}"]
+    args = [
+        "--base-directory",
+        str(base),
+        "--extra-model-paths-config",
+        str(extra),
+        "--database-url",
+        f"sqlite:///{base / 'user' / 'comfyui.db'}",
+    ]
     if shutil.which("nvidia-smi") is None:
         args.append("--cpu")
-    server = LocalComfyUI(comfy_dir, port=port or _free_port(), extra_args=args, log_path=base / "comfyui.log")
+    server = LocalComfyUI(
+        comfy_dir, port=port or _free_port(), extra_args=args, log_path=base / "comfyui.log"
+    )
     say(f"starting ComfyUI from {comfy_dir} on {server.url} (base directory {base}, log {server.log_path})")
     url = server.start(timeout=300)
     return Server(url, server, base, comfy_dir, f"started by the pipeline from {comfy_dir}")
@@ -242,8 +291,10 @@ def start_own_server(comfy_dir: Path, out: Path, say: Say, port: int | None = No
 def _bring_up_pod(settings: RunPodSettings, opts: PipelineOptions, say: Say) -> Server:
     """A RunPod pod for the run: created or started per the profile and waited for; the run is remote."""
     if settings.kind != "pod":
-        raise ConfigError(f"{opts.server} is a serverless endpoint: it returns images only and has no file routes; "
-                          "run the pipeline on a pod (runpod-pod:ID, or a profile with runpod: {pod: ...})")
+        raise ConfigError(
+            f"{opts.server} is a serverless endpoint: it returns images only and has no file routes; "
+            "run the pipeline on a pod (runpod-pod:ID, or a profile with runpod: {pod: ...})"
+        )
     session = PodSession(settings, on_message=say)
 
     async def start() -> str:
@@ -265,11 +316,18 @@ def _finish_pod(session: PodSession, say: Say) -> dict[str, Any]:
     """Stop, terminate or keep the pod (its profile's on_finish) and price its time."""
     action = asyncio.run(session.finish())
     seconds, cost = session.wall_seconds(), session.cost()
-    record = {"id": session.pod_id, "finish": action, "seconds": round(seconds or 0.0, 1),
-              "price_per_hour": session.price_per_hour, "cost_usd": None if cost is None else round(cost, 4)}
+    record = {
+        "id": session.pod_id,
+        "finish": action,
+        "seconds": round(seconds or 0.0, 1),
+        "price_per_hour": session.price_per_hour,
+        "cost_usd": None if cost is None else round(cost, 4),
+    }
     if cost is not None:
-        say(f"pod {session.pod_id}: {seconds:.0f} s at ${session.price_per_hour:.3f}/h = ${cost:.4f} "
-            f"(boot and idle included); {action}")
+        say(
+            f"pod {session.pod_id}: {seconds:.0f} s at ${session.price_per_hour:.3f}/h = ${cost:.4f} "
+            f"(boot and idle included); {action}"
+        )
     return record
 
 
@@ -289,14 +347,21 @@ def acquire_server(opts: PipelineOptions, say: Say, env: dict[str, str] | None =
         if nodes and (checkpoints or not env.get("COMFYUI_DIR")) and not opts.tiny:
             say(f"using the ComfyUI on {DEFAULT_LOCAL_URL}")
             return Server(DEFAULT_LOCAL_URL)
-        why = "has no CharForge nodes" if not nodes else "has no base checkpoint or no CLIP model (clip_vision)" \
-            if not checkpoints else "cannot take the tiny models (--tiny)"
+        why = (
+            "has no CharForge nodes"
+            if not nodes
+            else "has no base checkpoint or no CLIP model (clip_vision)"
+            if not checkpoints
+            else "cannot take the tiny models (--tiny)"
+        )
         if env.get("COMFYUI_DIR"):
             say(f"the ComfyUI on {DEFAULT_LOCAL_URL} {why}; starting a separate one from COMFYUI_DIR")
         else:
-            raise ServerUnavailable(f"the ComfyUI on {DEFAULT_LOCAL_URL} {why}; install CharForge into it "
-                                    "(python install.py --comfyui /path/to/ComfyUI) and restart it, or set "
-                                    "COMFYUI_DIR so the pipeline starts its own")
+            raise ServerUnavailable(
+                f"the ComfyUI on {DEFAULT_LOCAL_URL} {why}; install CharForge into it "
+                "(python install.py --comfyui /path/to/ComfyUI) and restart it, or set "
+                "COMFYUI_DIR so the pipeline starts its own"
+            )
     comfy_dir = env.get("COMFYUI_DIR")
     if comfy_dir:
         path = Path(comfy_dir).expanduser().resolve()
@@ -326,7 +391,10 @@ def _model_dirs(server: Server, kind: str) -> list[Path]:
 
 
 def _has_tagger(server: Server) -> bool:
-    return any(any(f.with_suffix(".csv").is_file() for f in d.glob("*.onnx")) for d in _model_dirs(server, "wd14_tagger"))
+    return any(
+        any(f.with_suffix(".csv").is_file() for f in d.glob("*.onnx"))
+        for d in _model_dirs(server, "wd14_tagger")
+    )
 
 
 def _has_face_pack(server: Server) -> bool:
@@ -358,9 +426,11 @@ def _tiny_listed(info: dict[str, Any], part: str) -> bool:
     """Whether the server's choices already hold the tiny model `part` (engine/tiny.py names)."""
     from charforge.engine import tiny
 
-    where = {"sd15": ("CheckpointLoaderSimple", "ckpt_name", tiny.CHECKPOINT),
-             "motion": ("CharForgeLoadVideoModel", "motion_module", tiny.MOTION_MODULE),
-             "clip": ("CharForgeLoadClip", "model", tiny.CLIP_FOLDER)}.get(part)
+    where = {
+        "sd15": ("CheckpointLoaderSimple", "ckpt_name", tiny.CHECKPOINT),
+        "motion": ("CharForgeLoadVideoModel", "motion_module", tiny.MOTION_MODULE),
+        "clip": ("CharForgeLoadClip", "model", tiny.CLIP_FOLDER),
+    }.get(part)
     return where is not None and where[2] in _choices(info, where[0], where[1])
 
 
@@ -369,8 +439,9 @@ def choose_models(client: ComfyClient, server: Server, opts: PipelineOptions, sa
     from charforge.engine import tiny
 
     info = client.object_info(refresh=True)
-    checkpoints = [c for c in _choices(info, "CheckpointLoaderSimple", "ckpt_name")
-                   if not c.startswith(tiny.TINY_PREFIX)]
+    checkpoints = [
+        c for c in _choices(info, "CheckpointLoaderSimple", "ckpt_name") if not c.startswith(tiny.TINY_PREFIX)
+    ]
     use_tiny = opts.tiny or not checkpoints
     need: list[str] = []
     notes: list[str] = []
@@ -391,14 +462,21 @@ def choose_models(client: ComfyClient, server: Server, opts: PipelineOptions, sa
             try:
                 call(client, provision_tiny, missing)
             except DriverError as exc:
-                raise PipelineError(f"the server {server.url} lacks {', '.join(missing)} models and could not write "
-                                    f"the tiny ones ({exc}): install them, or update CharForge on it") from None
+                raise PipelineError(
+                    f"the server {server.url} lacks {', '.join(missing)} models and could not write "
+                    f"the tiny ones ({exc}): install them, or update CharForge on it"
+                ) from None
             info = client.object_info(refresh=True)
     elif need and server.base_dir is not None:
         fresh = [part for part in need if part not in tiny.written_parts(server.base_dir / "models")]
         if fresh:
-            say("writing tiny random models (" + ", ".join(fresh) + ") into " + str(server.base_dir / "models")
-                + " - a minute or two")
+            say(
+                "writing tiny random models ("
+                + ", ".join(fresh)
+                + ") into "
+                + str(server.base_dir / "models")
+                + " - a minute or two"
+            )
         tiny.write_tiny_models(server.base_dir / "models", parts=need, say=say)
         info = client.object_info(refresh=True)
     if "tagger" in need and not use_tiny:
@@ -408,22 +486,42 @@ def choose_models(client: ComfyClient, server: Server, opts: PipelineOptions, sa
     tagger = tiny.TAGGER if "tagger" in need else ""
     clip = tiny.CLIP_FOLDER if "clip" in need else clips[0]
     if use_tiny:
-        return Models(True, tiny.CHECKPOINT, f"[diffusers] {tiny.DIFFUSERS}", "sd15", tagger, clip,
-                      tiny.MOTION_MODULE, faces=False, notes=notes)
+        return Models(
+            True,
+            tiny.CHECKPOINT,
+            f"[diffusers] {tiny.DIFFUSERS}",
+            "sd15",
+            tagger,
+            clip,
+            tiny.MOTION_MODULE,
+            faces=False,
+            notes=notes,
+        )
     checkpoint = opts.base_model or checkpoints[0]
     if checkpoint not in checkpoints:
-        raise PipelineError(f"base model {checkpoint!r} is not among the server's checkpoints: {', '.join(checkpoints)}")
+        raise PipelineError(
+            f"base model {checkpoint!r} is not among the server's checkpoints: {', '.join(checkpoints)}"
+        )
     arch = checkpoint_arch(server, checkpoint)
-    motions = [m for m in _choices(info, "CharForgeLoadVideoModel", "motion_module")
-               if not m.startswith(tiny.TINY_PREFIX) and ("xl" in m.lower()) == (arch == "sdxl")]
+    motions = [
+        m
+        for m in _choices(info, "CharForgeLoadVideoModel", "motion_module")
+        if not m.startswith(tiny.TINY_PREFIX) and ("xl" in m.lower()) == (arch == "sdxl")
+    ]
     if not motions:
-        notes.append("no AnimateDiff motion module for this base model in models/animatediff_models: the video "
-                     "stage is skipped")
+        notes.append(
+            "no AnimateDiff motion module for this base model in models/animatediff_models: the video "
+            "stage is skipped"
+        )
     faces = opts.face_check and _has_face_pack(server)
     if opts.face_check and not faces:
-        notes.append("no InsightFace pack (models/insightface/models/buffalo_l): images are picked by CLIP score, "
-                     "not by identity, and the video has no identity-drift check")
-    return Models(False, checkpoint, checkpoint, arch, tagger, clip, motions[0] if motions else None, faces, notes)
+        notes.append(
+            "no InsightFace pack (models/insightface/models/buffalo_l): images are picked by CLIP score, "
+            "not by identity, and the video has no identity-drift check"
+        )
+    return Models(
+        False, checkpoint, checkpoint, arch, tagger, clip, motions[0] if motions else None, faces, notes
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -434,7 +532,9 @@ def choose_models(client: ComfyClient, server: Server, opts: PipelineOptions, sa
 def load_stage_workflow(name: str) -> dict[str, Any]:
     path = WORKFLOWS / f"{name}.json"
     if not path.is_file():
-        raise ConfigError(f"{path} not found: charforge pipeline runs from a checkout of the CharForge repository")
+        raise ConfigError(
+            f"{path} not found: charforge pipeline runs from a checkout of the CharForge repository"
+        )
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -460,8 +560,9 @@ class Runner:
         self.say = say
         self.stderr = stderr or sys.stderr
 
-    def run(self, prompt: dict[str, Any], out_dir: Path | None, previews: str | None = None
-            ) -> tuple[Any, dict[str, str], list[Path]]:
+    def run(
+        self, prompt: dict[str, Any], out_dir: Path | None, previews: str | None = None
+    ) -> tuple[Any, dict[str, str], list[Path]]:
         """Run one stage workflow; its saved files land flat in `out_dir` (none when it is None).
 
         ComfyUI's temporary previews (Preview Image and the nodes' own previews) mostly show what is saved
@@ -492,8 +593,10 @@ class Runner:
         staging = out_dir / ".download"
         shutil.rmtree(staging, ignore_errors=True)
         downloads = self.client.download_outputs(result, staging, include_temp=previews is not None)
-        files = [_place(d.path, out_dir, f"{previews}{d.path.suffix}" if d.source.type == "temp" else None)
-                 for d in downloads]
+        files = [
+            _place(d.path, out_dir, f"{previews}{d.path.suffix}" if d.source.type == "temp" else None)
+            for d in downloads
+        ]
         shutil.rmtree(staging, ignore_errors=True)
         return files
 
@@ -521,7 +624,9 @@ def _match(pattern: str, text: str, what: str) -> str:
     return found.group(1).strip()
 
 
-def stage_dataset(runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]) -> dict[str, Any]:
+def stage_dataset(
+    runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]
+) -> dict[str, Any]:
     prompt = load_stage_workflow("dataset_prep")
     remote = _remote(runner)
     photos = remote.upload_photos(opts.photos, opts.character) if remote else str(opts.photos.resolve())
@@ -537,11 +642,19 @@ def stage_dataset(runner: Runner, opts: PipelineOptions, models: Models, state: 
     report = _match(r"report: (\S+report\.html)", texts.get("7", ""), "the report")
     accepted = int(_match(r"^(\d+) image\(s\) exported", texts.get("6", ""), "the number of photos"))
     if accepted == 0:
-        raise PipelineError("no photo passed the dataset filters: " + texts.get("7", "")
-                            + (" (drawn or non-human characters: pass --no-face-check)" if opts.face_check else ""))
-    return {"train_data_dir": str(Path(subject).parent), "accepted": accepted,
-            "report_html": _copy_report(report, opts.out / "dataset" / "selection", remote),
-            "server_report_html": report, "contact_sheets": [str(f) for f in files], "summary": texts.get("7", "")}
+        raise PipelineError(
+            "no photo passed the dataset filters: "
+            + texts.get("7", "")
+            + (" (drawn or non-human characters: pass --no-face-check)" if opts.face_check else "")
+        )
+    return {
+        "train_data_dir": str(Path(subject).parent),
+        "accepted": accepted,
+        "report_html": _copy_report(report, opts.out / "dataset" / "selection", remote),
+        "server_report_html": report,
+        "contact_sheets": [str(f) for f in files],
+        "summary": texts.get("7", ""),
+    }
 
 
 def _remote(runner: Any) -> RemoteFiles | None:
@@ -572,16 +685,20 @@ def _manifest_entries(export_dir: Path) -> list[dict[str, Any]]:
         return []
 
 
-def caption_names(captioned_export: Path, first_export: Path,
-                  to_local: Callable[[str], Path] | None = None) -> dict[Path, str]:
+def caption_names(
+    captioned_export: Path, first_export: Path, to_local: Callable[[str], Path] | None = None
+) -> dict[Path, str]:
     """Each caption file of the captioned export -> the name of the photo it belongs to (``pip_11.txt``).
 
     The chain renumbers files: the dataset stage exports the photos as 0001.jpg, ... and the caption stage loads
     that export as a new dataset and exports it again, numbered anew. The two exports' manifests lead back:
     a captioned file's source is a file of the first export, whose source is the photo. `to_local` maps a
     server path in a manifest to its downloaded twin (remote runs)."""
-    photo_of = {str((first_export / e["file"]).resolve()): e.get("source") for e in _manifest_entries(first_export)
-                if e.get("file")}
+    photo_of = {
+        str((first_export / e["file"]).resolve()): e.get("source")
+        for e in _manifest_entries(first_export)
+        if e.get("file")
+    }
     names: dict[Path, str] = {}
     taken: set[str] = set()
     for entry in _manifest_entries(captioned_export):
@@ -606,18 +723,29 @@ def _twin(to_local: Callable[[str], Path] | None, source: str) -> str:
         return source
 
 
-def stage_captions(runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]) -> dict[str, Any]:
+def stage_captions(
+    runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]
+) -> dict[str, Any]:
     prompt = load_stage_workflow("caption_dataset")
-    prompt["1"]["inputs"].update(folder=state["dataset"]["train_data_dir"], name=f"{opts.character}_captioned")
-    prompt["2"]["inputs"].update(backend="wd14", model=models.tagger, trigger=opts.trigger,
-                                 class_tokens=opts.class_tokens)
-    prompt["3"]["inputs"].update(trigger=opts.trigger, class_tokens=opts.class_tokens, export_name="captioned")
+    prompt["1"]["inputs"].update(
+        folder=state["dataset"]["train_data_dir"], name=f"{opts.character}_captioned"
+    )
+    prompt["2"]["inputs"].update(
+        backend="wd14", model=models.tagger, trigger=opts.trigger, class_tokens=opts.class_tokens
+    )
+    prompt["3"]["inputs"].update(
+        trigger=opts.trigger, class_tokens=opts.class_tokens, export_name="captioned"
+    )
     prompt["4"]["inputs"]["trigger"] = opts.trigger
     _, texts, _ = runner.run(prompt, None)
     subject = _match(r"exported to (.+?) \(\d+ written", texts.get("3", ""), "the export folder")
     remote = _remote(runner)
     export = remote.local(subject) if remote else Path(subject)  # remote: the dataset folders come home
-    first = remote.local(state["dataset"]["train_data_dir"]) if remote else Path(state["dataset"]["train_data_dir"])
+    first = (
+        remote.local(state["dataset"]["train_data_dir"])
+        if remote
+        else Path(state["dataset"]["train_data_dir"])
+    )
     captions = sorted(export.glob("*.txt"))
     names = caption_names(export.parent.parent, first.parent, remote.twin if remote else None)
     target = opts.out / "captions"
@@ -626,33 +754,57 @@ def stage_captions(runner: Runner, opts: PipelineOptions, models: Models, state:
     for caption in captions:
         shutil.copy2(caption, target / names.get(caption, caption.name))
     report = _match(r"report: (\S+report\.html)", texts.get("4", ""), "the report")
-    return {"train_data_dir": str(Path(subject).parent), "captions_dir": str(target), "count": len(captions),
-            "report_html": _copy_report(report, opts.out / "dataset", remote), "server_report_html": report,
-            "summary": texts.get("2", "")}
+    return {
+        "train_data_dir": str(Path(subject).parent),
+        "captions_dir": str(target),
+        "count": len(captions),
+        "report_html": _copy_report(report, opts.out / "dataset", remote),
+        "server_report_html": report,
+        "summary": texts.get("2", ""),
+    }
 
 
-def stage_lora(runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]) -> dict[str, Any]:
+def stage_lora(
+    runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]
+) -> dict[str, Any]:
     prompt = load_stage_workflow("train_lora_sdxl" if models.arch == "sdxl" else "train_lora_sd15")
     inputs = prompt["1"]["inputs"]
-    inputs.update(base_model=models.train_base, dataset_folder=state["captions"]["train_data_dir"],
-                  trigger_word=opts.trigger, output_name=_marked(opts.character, models, suffix=True))
+    inputs.update(
+        base_model=models.train_base,
+        dataset_folder=state["captions"]["train_data_dir"],
+        trigger_word=opts.trigger,
+        output_name=_marked(opts.character, models, suffix=True),
+    )
     if models.tiny:
         inputs.update(TINY_TRAIN)
     _, texts, files = runner.run(prompt, opts.out / "lora")
     summary = texts.get("1", "")
-    trained = parse_train_summary(summary)  # the same reading as `charforge batch run`'s (driver/sync/training.py)
+    trained = parse_train_summary(
+        summary
+    )  # the same reading as `charforge batch run`'s (driver/sync/training.py)
     if trained is None:
-        raise PipelineError(f"could not find the LoRA's name and run folder in the node's message: {summary[:300]}")
+        raise PipelineError(
+            f"could not find the LoRA's name and run folder in the node's message: {summary[:300]}"
+        )
     lora_name, run_dir = trained.lora, trained.run_dir
     remote = _remote(runner)
-    if remote is not None:  # the LoRA (checked against the server's sha256) and the whole run folder come home
+    if (
+        remote is not None
+    ):  # the LoRA (checked against the server's sha256) and the whole run folder come home
         home = remote.fetch_lora(lora_name, opts.out / "lora")
         run_files = remote.fetch(run_dir, opts.out / "lora" / "run")
-        return {"lora_name": lora_name, "lora_path": home["path"], "lora_sha256": home["sha256"], "run_dir": run_dir,
-                "run_copy": str(opts.out / "lora" / "run"), "run_files": len(run_files), "summary": summary,
-                "files": [str(f) for f in files]}
+        return {
+            "lora_name": lora_name,
+            "lora_path": home["path"],
+            "lora_sha256": home["sha256"],
+            "run_dir": run_dir,
+            "run_copy": str(opts.out / "lora" / "run"),
+            "run_files": len(run_files),
+            "summary": summary,
+            "files": [str(f) for f in files],
+        }
     lora_path = None
-    for folder in (runner_server_models(runner) or []):
+    for folder in runner_server_models(runner) or []:
         candidate = folder / "loras" / lora_name
         if candidate.is_file():
             lora_path = candidate
@@ -660,16 +812,25 @@ def stage_lora(runner: Runner, opts: PipelineOptions, models: Models, state: dic
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(candidate, target)
             lora_path = target
-    return {"lora_name": lora_name, "lora_path": str(lora_path) if lora_path else f"models/loras/{lora_name} on the "
-            "server", "run_dir": run_dir, "summary": summary, "files": [str(f) for f in files]}
+    return {
+        "lora_name": lora_name,
+        "lora_path": str(lora_path) if lora_path else f"models/loras/{lora_name} on the server",
+        "run_dir": run_dir,
+        "summary": summary,
+        "files": [str(f) for f in files],
+    }
 
 
 def runner_server_models(runner: Runner) -> list[Path]:
     server: Server | None = getattr(runner, "server", None)
     if server is None:
         return []
-    return [p for p in ([server.base_dir / "models"] if server.base_dir else [])
-            + ([server.comfy_dir / "models"] if server.comfy_dir else []) if p.is_dir()]
+    return [
+        p
+        for p in ([server.base_dir / "models"] if server.base_dir else [])
+        + ([server.comfy_dir / "models"] if server.comfy_dir else [])
+        if p.is_dir()
+    ]
 
 
 def _marked(name: str, models: Models, suffix: bool = False) -> str:
@@ -685,11 +846,15 @@ def _prefix(opts: PipelineOptions, models: Models, kind: str) -> str:
 
 
 def _positive(opts: PipelineOptions) -> str:
-    return (f"photo of {opts.trigger} {opts.class_tokens}, head and shoulders portrait, looking at the camera, "
-            "natural light, sharp focus")
+    return (
+        f"photo of {opts.trigger} {opts.class_tokens}, head and shoulders portrait, looking at the camera, "
+        "natural light, sharp focus"
+    )
 
 
-def stage_images(runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]) -> dict[str, Any]:
+def stage_images(
+    runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]
+) -> dict[str, Any]:
     lora = state["lora"]["lora_name"]
     size = 128 if models.tiny else (1024 if models.arch == "sdxl" else 512)
     steps = 4 if models.tiny else 25
@@ -718,21 +883,36 @@ def stage_images(runner: Runner, opts: PipelineOptions, models: Models, state: d
     _, texts, files = runner.run(prompt, opts.out / "images", previews="score_table")
     scores = opts.out / "images" / "scores.txt"
     scores.parent.mkdir(parents=True, exist_ok=True)
-    scores.write_text(f"scored by {'identity (InsightFace)' if models.faces else 'CLIP score'}\n\n"
-                      + texts.get(score_node, "") + "\n\n" + texts.get(report_node, "") + "\n", encoding="utf-8")
-    return {"files": [str(f) for f in files], "scores": str(scores), "by": "identity" if models.faces else "clip"}
+    scores.write_text(
+        f"scored by {'identity (InsightFace)' if models.faces else 'CLIP score'}\n\n"
+        + texts.get(score_node, "")
+        + "\n\n"
+        + texts.get(report_node, "")
+        + "\n",
+        encoding="utf-8",
+    )
+    return {
+        "files": [str(f) for f in files],
+        "scores": str(scores),
+        "by": "identity" if models.faces else "clip",
+    }
 
 
-def stage_video(runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]) -> dict[str, Any]:
+def stage_video(
+    runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]
+) -> dict[str, Any]:
     if models.motion is None:
         return {"skipped": "no motion module"}
     prompt = load_stage_workflow("video_animatediff")
     prompt["1"]["inputs"].update(base_model=models.train_base, motion_module=models.motion)
     prompt["2"]["inputs"]["lora_name"] = state["lora"]["lora_name"]
-    prompt["3"]["inputs"]["prompt"] = (f"0: {_positive(opts)}\n8: {opts.trigger} {opts.class_tokens} smiling, "
-                                       "turning the head")
+    prompt["3"]["inputs"]["prompt"] = (
+        f"0: {_positive(opts)}\n8: {opts.trigger} {opts.class_tokens} smiling, turning the head"
+    )
     if models.tiny:
-        prompt["3"]["inputs"].update(frames=8, width=64, height=64, steps=2, context_length=8, context_overlap=2)
+        prompt["3"]["inputs"].update(
+            frames=8, width=64, height=64, steps=2, context_length=8, context_overlap=2
+        )
     else:
         prompt["3"]["inputs"].update(frames=16, context_length=16)
     prompt["4"]["inputs"]["filename_prefix"] = _prefix(opts, models, "video")
@@ -741,18 +921,31 @@ def stage_video(runner: Runner, opts: PipelineOptions, models: Models, state: di
     else:  # no identity to compare with: drop the drift check
         for node_id in ("5", "6", "7", "8"):
             prompt.pop(node_id, None)
-    _, texts, files = runner.run(prompt, opts.out / "video", previews="identity_drift" if models.faces else None)
+    _, texts, files = runner.run(
+        prompt, opts.out / "video", previews="identity_drift" if models.faces else None
+    )
     videos = [str(f) for f in files if f.suffix in (".mp4", ".webm", ".gif", ".webp")]
-    return {"files": [str(f) for f in files], "video": videos[0] if videos else None,
-            "drift": texts.get("7", "") if models.faces else "no identity (drift check skipped)"}
+    return {
+        "files": [str(f) for f in files],
+        "video": videos[0] if videos else None,
+        "drift": texts.get("7", "") if models.faces else "no identity (drift check skipped)",
+    }
 
 
-STAGE_FUNCTIONS = {"dataset": stage_dataset, "captions": stage_captions, "lora": stage_lora, "images": stage_images,
-                   "video": stage_video}
-STAGE_TITLES = {"dataset": "dataset (load, analyse, filter, dedup, crop, export, report)",
-                "captions": "captions (WD14 tagger on the exported dataset)",
-                "lora": "LoRA training", "images": "images with the LoRA, best of N by score",
-                "video": "AnimateDiff video with the LoRA"}
+STAGE_FUNCTIONS = {
+    "dataset": stage_dataset,
+    "captions": stage_captions,
+    "lora": stage_lora,
+    "images": stage_images,
+    "video": stage_video,
+}
+STAGE_TITLES = {
+    "dataset": "dataset (load, analyse, filter, dedup, crop, export, report)",
+    "captions": "captions (WD14 tagger on the exported dataset)",
+    "lora": "LoRA training",
+    "images": "images with the LoRA, best of N by score",
+    "video": "AnimateDiff video with the LoRA",
+}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -778,9 +971,15 @@ def save_state(out: Path, state: dict[str, Any]) -> None:
 
 
 def _settings(opts: PipelineOptions, models: Models) -> dict[str, Any]:
-    return {"photos": str(opts.photos.resolve()), "character": opts.character, "trigger": opts.trigger,
-            "class_tokens": opts.class_tokens, "face_check": opts.face_check, "tiny": models.tiny,
-            "checkpoint": models.checkpoint}
+    return {
+        "photos": str(opts.photos.resolve()),
+        "character": opts.character,
+        "trigger": opts.trigger,
+        "class_tokens": opts.class_tokens,
+        "face_check": opts.face_check,
+        "tiny": models.tiny,
+        "checkpoint": models.checkpoint,
+    }
 
 
 def summary_lines(state: dict[str, Any], out: Path) -> list[str]:
@@ -795,31 +994,47 @@ def summary_lines(state: dict[str, Any], out: Path) -> list[str]:
     stages = state.get("stages", {})
     lines = ["", "WHERE TO LOOK"]
     if state.get("tiny"):
-        lines.append(f"  (tiny random models: the files are real, their content is noise; names carry '{TINY_MARK}', "
-                     f"see {shown(out / README_FILE)})")
+        lines.append(
+            f"  (tiny random models: the files are real, their content is noise; names carry '{TINY_MARK}', "
+            f"see {shown(out / README_FILE)})"
+        )
     d, c = stages.get("dataset", {}), stages.get("captions", {})
-    lines.append(f"  dataset report : {shown(c.get('report_html'))}  (the dataset as trained: photos, captions, "
-                 "trigger word, buckets)")
-    lines.append(f"  photo selection: {shown(d.get('report_html'))}  ({d.get('accepted', '?')} photos kept, why the "
-                 "others were not, duplicates)")
-    lines.append(f"  captions       : {shown(c.get('captions_dir'))}/  ({c.get('count', '?')} .txt files named after "
-                 "the photos)")
+    lines.append(
+        f"  dataset report : {shown(c.get('report_html'))}  (the dataset as trained: photos, captions, "
+        "trigger word, buckets)"
+    )
+    lines.append(
+        f"  photo selection: {shown(d.get('report_html'))}  ({d.get('accepted', '?')} photos kept, why the "
+        "others were not, duplicates)"
+    )
+    lines.append(
+        f"  captions       : {shown(c.get('captions_dir'))}/  ({c.get('count', '?')} .txt files named after "
+        "the photos)"
+    )
     lines.append(f"  training folder: {shown(c.get('train_data_dir'))}")
     lo = stages.get("lora", {})
-    lines.append(f"  LoRA           : {shown(lo.get('lora_path'))}  (loss curve and samples next to it; run folder: "
-                 f"{shown(lo.get('run_dir'))})")
+    lines.append(
+        f"  LoRA           : {shown(lo.get('lora_path'))}  (loss curve and samples next to it; run folder: "
+        f"{shown(lo.get('run_dir'))})"
+    )
     im = stages.get("images", {})
-    lines.append(f"  scored images  : {shown(out / 'images')}/  (scores: {shown(im.get('scores'))}, picked by "
-                 f"{im.get('by', '?')})")
+    lines.append(
+        f"  scored images  : {shown(out / 'images')}/  (scores: {shown(im.get('scores'))}, picked by "
+        f"{im.get('by', '?')})"
+    )
     v = stages.get("video", {})
     lines.append(f"  video          : {shown(v.get('video')) if v.get('video') else v.get('skipped', '-')}")
-    lines.append(f"  state          : {shown(out / STATE_FILE)} (a rerun skips finished stages; delete it to "
-                 "start over)")
+    lines.append(
+        f"  state          : {shown(out / STATE_FILE)} (a rerun skips finished stages; delete it to "
+        "start over)"
+    )
     pod = state.get("pod")
     if pod:
         cost = f"${pod['cost_usd']:.4f}" if pod.get("cost_usd") is not None else "price unknown"
-        lines.append(f"  RunPod pod     : {pod['id']}: {pod.get('seconds', 0):.0f} s, {cost} (boot and idle included); "
-                     f"{pod.get('finish')}")
+        lines.append(
+            f"  RunPod pod     : {pod['id']}: {pod.get('seconds', 0):.0f} s, {cost} (boot and idle included); "
+            f"{pod.get('finish')}"
+        )
     return lines
 
 
@@ -832,29 +1047,33 @@ def out_readme(state: dict[str, Any]) -> str:
     character = settings.get("character", "<character>")
     text = []
     if state.get("tiny"):
-        text += ["TINY RANDOM MODELS - THE PICTURES, CAPTIONS, LoRA AND VIDEO HERE ARE NOISE",
-                 "",
-                 "No base checkpoint was found, so this run used tiny randomly initialised models of the real",
-                 "architectures (in comfyui/models). Every stage ran for real, through ComfyUI's own loaders,",
-                 "but the tagger's captions are arbitrary tags, the LoRA learned nothing useful and the images and",
-                 f"video are noise. Files made by these models carry '{TINY_MARK}' in their names. Put an SD1.5 or",
-                 "SDXL checkpoint into ComfyUI's models/checkpoints (and an AnimateDiff motion module into",
-                 "models/animatediff_models) and run the command again for real results.",
-                 ""]
-    text += [f"CharForge pipeline output for '{character}' (trigger word '{settings.get('trigger', '?')}',",
-             f"photos from {settings.get('photos', '?')}).",
-             "",
-             "dataset/      the dataset report (report.html, written after captioning: every photo trained on",
-             "              with its caption, trigger word, buckets) and its contact sheets; selection/ holds",
-             "              the report of the photo selection (which photos were kept, why the others were not)",
-             "captions/     one caption per photo, named after it (trigger word first)",
-             "lora/         the LoRA (.safetensors), its loss curve and training samples",
-             "images/       the generated candidates, the best one(s), scores.txt and the score table",
-             "video/        the AnimateDiff clip (.mp4); with face checks also identity_drift.png",
-             "comfyui/      the ComfyUI base directory when the pipeline started its own ComfyUI (its output,",
-             "              models, log); the datasets and the training run folder are in comfyui/output/charforge",
-             f"{STATE_FILE}  what finished, with every path; a rerun skips finished stages",
-             ""]
+        text += [
+            "TINY RANDOM MODELS - THE PICTURES, CAPTIONS, LoRA AND VIDEO HERE ARE NOISE",
+            "",
+            "No base checkpoint was found, so this run used tiny randomly initialised models of the real",
+            "architectures (in comfyui/models). Every stage ran for real, through ComfyUI's own loaders,",
+            "but the tagger's captions are arbitrary tags, the LoRA learned nothing useful and the images and",
+            f"video are noise. Files made by these models carry '{TINY_MARK}' in their names. Put an SD1.5 or",
+            "SDXL checkpoint into ComfyUI's models/checkpoints (and an AnimateDiff motion module into",
+            "models/animatediff_models) and run the command again for real results.",
+            "",
+        ]
+    text += [
+        f"CharForge pipeline output for '{character}' (trigger word '{settings.get('trigger', '?')}',",
+        f"photos from {settings.get('photos', '?')}).",
+        "",
+        "dataset/      the dataset report (report.html, written after captioning: every photo trained on",
+        "              with its caption, trigger word, buckets) and its contact sheets; selection/ holds",
+        "              the report of the photo selection (which photos were kept, why the others were not)",
+        "captions/     one caption per photo, named after it (trigger word first)",
+        "lora/         the LoRA (.safetensors), its loss curve and training samples",
+        "images/       the generated candidates, the best one(s), scores.txt and the score table",
+        "video/        the AnimateDiff clip (.mp4); with face checks also identity_drift.png",
+        "comfyui/      the ComfyUI base directory when the pipeline started its own ComfyUI (its output,",
+        "              models, log); the datasets and the training run folder are in comfyui/output/charforge",
+        f"{STATE_FILE}  what finished, with every path; a rerun skips finished stages",
+        "",
+    ]
     return "\n".join(text)
 
 
@@ -875,9 +1094,11 @@ def run_pipeline(opts: PipelineOptions, say: Say, stderr: IO[str] | None = None)
         with ComfyClient(resolve_server(server.url)) as client:
             info = client.object_info()
             if "CharForgeTrainLoRA" not in info:
-                raise PipelineError(f"the ComfyUI at {server.url} has no CharForge nodes; install the pack into it: "
-                                    "python install.py --comfyui /path/to/ComfyUI"
-                                    + (f" (log: {server.local.log_path})" if server.local else ""))
+                raise PipelineError(
+                    f"the ComfyUI at {server.url} has no CharForge nodes; install the pack into it: "
+                    "python install.py --comfyui /path/to/ComfyUI"
+                    + (f" (log: {server.local.log_path})" if server.local else "")
+                )
             if opts.models_manifest is not None:  # before anything is queued: missing models are named
                 ensure_models(client, load_model_manifest(opts.models_manifest), opts.provision)
             remote = None

@@ -48,9 +48,12 @@ class RemoteFiles:
     def upload_photos(self, photos: Path, dataset: str) -> str:
         """The photo folder up as `dataset`; returns the server's folder (what Load Dataset reads)."""
         report = call(self.client, upload_folder, photos, dataset)
-        self.say(f"photos on the server: {len(report.sent)} sent ({report.bytes_sent} bytes), "
-                 f"{len(report.unchanged)} already there" + (f", {len(report.removed)} removed" if report.removed
-                                                             else "") + f" -> {report.folder}")
+        self.say(
+            f"photos on the server: {len(report.sent)} sent ({report.bytes_sent} bytes), "
+            f"{len(report.unchanged)} already there"
+            + (f", {len(report.removed)} removed" if report.removed else "")
+            + f" -> {report.folder}"
+        )
         return report.folder
 
     def relative(self, server_path: str) -> PurePosixPath:

@@ -32,8 +32,17 @@ from charforge.driver.client import ComfyClient
 from charforge.driver.errors import DriverError, UsageError
 
 SELECT = "CharForgeStoryboardSelect"
-GENERATION_NODES = ("CheckpointLoaderSimple", "LoraLoader", "CLIPTextEncode", "EmptyLatentImage", "KSampler",
-                    "VAEDecode", "SaveImage", "CharForgeLoadFaceModels", SELECT)
+GENERATION_NODES = (
+    "CheckpointLoaderSimple",
+    "LoraLoader",
+    "CLIPTextEncode",
+    "EmptyLatentImage",
+    "KSampler",
+    "VAEDecode",
+    "SaveImage",
+    "CharForgeLoadFaceModels",
+    SELECT,
+)
 IMG2IMG_NODES = ("LoadImage", "VAEEncode", "RepeatLatentBatch")
 IPADAPTER_NODES = ("IPAdapterModelLoader", "CLIPVisionLoader", "IPAdapterAdvanced", "LoadImage")
 NO_CLIP = "(no CLIP folder found)"
@@ -71,11 +80,24 @@ class Character:
     def to_dict(self) -> dict[str, Any]:
         """The record in metadata.json: the generation settings flat beside the rest (the seed is the run's)."""
         gen = self.generation
-        return {"name": self.name, "trigger": self.trigger, "prompt": self.prompt, "negative": self.negative,
-                "loras": [_lora_dict(lora) for lora in self.loras], "reference": self.reference,
-                "reference_photos": self.reference_photos, "threshold": self.threshold, "checkpoint": self.checkpoint,
-                "steps": gen.steps, "cfg": gen.cfg, "width": gen.width, "height": gen.height, "sampler": gen.sampler,
-                "scheduler": gen.scheduler, "display_name": self.display_name}
+        return {
+            "name": self.name,
+            "trigger": self.trigger,
+            "prompt": self.prompt,
+            "negative": self.negative,
+            "loras": [_lora_dict(lora) for lora in self.loras],
+            "reference": self.reference,
+            "reference_photos": self.reference_photos,
+            "threshold": self.threshold,
+            "checkpoint": self.checkpoint,
+            "steps": gen.steps,
+            "cfg": gen.cfg,
+            "width": gen.width,
+            "height": gen.height,
+            "sampler": gen.sampler,
+            "scheduler": gen.scheduler,
+            "display_name": self.display_name,
+        }
 
 
 def _lora_dict(lora: tuple) -> dict[str, Any]:
@@ -94,8 +116,10 @@ def character_from_preset(name: str) -> Character:
     try:
         from charforge.engine.library.characters import load_character
     except ImportError:
-        raise UsageError(f"character presets are not available in this installation, so --character {name!r} "
-                         f"cannot be looked up: give --lora FILE --trigger WORDS --reference DIR instead") from None
+        raise UsageError(
+            f"character presets are not available in this installation, so --character {name!r} "
+            f"cannot be looked up: give --lora FILE --trigger WORDS --reference DIR instead"
+        ) from None
     try:
         preset = load_character(name)
     except (OSError, ValueError) as exc:  # CharacterError is a ValueError naming the file and field
@@ -105,12 +129,17 @@ def character_from_preset(name: str) -> Character:
         identity = Path(identity).stem
     photos = (preset.reference_photos or "").strip()
     return Character(
-        name=preset.name, display_name=preset.display_name or preset.name,
-        trigger=", ".join(preset.trigger_words), prompt=preset.prompt,
+        name=preset.name,
+        display_name=preset.display_name or preset.name,
+        trigger=", ".join(preset.trigger_words),
+        prompt=preset.prompt,
         negative=preset.negative_prompt or DEFAULT_NEGATIVE,
         loras=[(lora.name, lora.weight, lora.strength_clip) for lora in preset.loras],
-        reference=identity or photos or None, reference_photos=photos, threshold=preset.threshold or None,
-        generation=replace(preset.generation))
+        reference=identity or photos or None,
+        reference_photos=photos,
+        threshold=preset.threshold or None,
+        generation=replace(preset.generation),
+    )
 
 
 @dataclass
@@ -119,7 +148,9 @@ class StoryOptions:
     candidates: int = 4  # N per frame
     seed: int = 42  # frame i uses seed + i
     style: str = ""
-    guidance: str = "auto"  # reference mode: auto (IP-Adapter when installed, else img2img), ipadapter, img2img
+    guidance: str = (
+        "auto"  # reference mode: auto (IP-Adapter when installed, else img2img), ipadapter, img2img
+    )
     denoise: float = 0.55  # img2img strength for frames 2+ in reference mode
     ipadapter_weight: float = 0.7
     identity_weight: float = 1.0
@@ -168,7 +199,9 @@ def _choices(info: dict[str, Any], node: str, name: str) -> list[str] | None:
     return None
 
 
-def detect_guidance(info: dict[str, Any], wanted: str = "auto", ipadapter_file: str | None = None) -> Guidance:
+def detect_guidance(
+    info: dict[str, Any], wanted: str = "auto", ipadapter_file: str | None = None
+) -> Guidance:
     """Reference-mode guidance from the server's /object_info: IP-Adapter when its pack and models are there."""
     if wanted not in GUIDANCE:
         raise UsageError(f"--guidance must be one of {GUIDANCE}, got {wanted!r}")
@@ -178,23 +211,33 @@ def detect_guidance(info: dict[str, Any], wanted: str = "auto", ipadapter_file: 
     if not missing_nodes and files and clip_vision:
         if ipadapter_file:
             if ipadapter_file not in files:
-                raise UsageError(f"IP-Adapter model {ipadapter_file!r} is not on the server; it has: {', '.join(files)}")
+                raise UsageError(
+                    f"IP-Adapter model {ipadapter_file!r} is not on the server; it has: {', '.join(files)}"
+                )
             chosen = ipadapter_file
         else:  # a face model keeps the character best; else the first one
             chosen = next((f for f in files if "face" in f.lower()), files[0])
-        vision = next((c for c in clip_vision if "vit-h" in c.lower() or "vit_h" in c.lower()), clip_vision[0])
+        vision = next(
+            (c for c in clip_vision if "vit-h" in c.lower() or "vit_h" in c.lower()), clip_vision[0]
+        )
         if wanted in ("auto", "ipadapter"):
             return Guidance("ipadapter", chosen, vision, f"IP-Adapter ({chosen}, {vision})")
     elif wanted == "ipadapter":
-        why = (f"the server lacks the nodes {', '.join(missing_nodes)} (install ComfyUI_IPAdapter_plus)"
-               if missing_nodes else "the server has no IP-Adapter model (models/ipadapter) or no CLIP vision model "
-                                     "(models/clip_vision)")
+        why = (
+            f"the server lacks the nodes {', '.join(missing_nodes)} (install ComfyUI_IPAdapter_plus)"
+            if missing_nodes
+            else "the server has no IP-Adapter model (models/ipadapter) or no CLIP vision model "
+            "(models/clip_vision)"
+        )
         raise UsageError(f"--guidance ipadapter: {why}")
     missing = [n for n in IMG2IMG_NODES if n not in info]
     if missing:
-        raise UsageError(f"reference mode needs ComfyUI's {', '.join(missing)} node(s), which the server lacks")
-    reason = "image-to-image from frame 1" + ("" if wanted == "img2img" else
-                                              " (IP-Adapter pack or models not found on the server)")
+        raise UsageError(
+            f"reference mode needs ComfyUI's {', '.join(missing)} node(s), which the server lacks"
+        )
+    reason = "image-to-image from frame 1" + (
+        "" if wanted == "img2img" else " (IP-Adapter pack or models not found on the server)"
+    )
     return Guidance("img2img", reason=reason)
 
 
@@ -202,11 +245,27 @@ def detect_guidance(info: dict[str, Any], wanted: str = "auto", ipadapter_file: 
 # The graph of one frame
 
 
-def frame_graph(*, character: Character, checkpoint: str, prompt: str, seed: int, candidates: int, mode: str,
-                identity: dict[str, Any], face_pack: str, clip_model: str | None, weights: tuple[float, float],
-                frame: int, save_prefix: str, use_loras: bool = True, guide_image: str | None = None,
-                guidance: Guidance | None = None, denoise: float = 0.55, ipadapter_weight: float = 0.7,
-                info: dict[str, Any] | None = None) -> dict[str, Any]:
+def frame_graph(
+    *,
+    character: Character,
+    checkpoint: str,
+    prompt: str,
+    seed: int,
+    candidates: int,
+    mode: str,
+    identity: dict[str, Any],
+    face_pack: str,
+    clip_model: str | None,
+    weights: tuple[float, float],
+    frame: int,
+    save_prefix: str,
+    use_loras: bool = True,
+    guide_image: str | None = None,
+    guidance: Guidance | None = None,
+    denoise: float = 0.55,
+    ipadapter_weight: float = 0.7,
+    info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The API-format prompt that generates `candidates` images of one frame and keeps the best.
 
     `identity` is ``{"name": <saved identity>}`` or ``{"folder": <reference photos in the input folder>}``.
@@ -225,8 +284,16 @@ def frame_graph(*, character: Character, checkpoint: str, prompt: str, seed: int
     if use_loras:
         for i, lora in enumerate(character.loras):
             node = f"2{i}"
-            add(node, "LoraLoader", f"Character LoRA {i + 1}", model=model, clip=clip, lora_name=lora[0],
-                strength_model=lora[1], strength_clip=lora[2] if len(lora) > 2 else lora[1])
+            add(
+                node,
+                "LoraLoader",
+                f"Character LoRA {i + 1}",
+                model=model,
+                clip=clip,
+                lora_name=lora[0],
+                strength_model=lora[1],
+                strength_clip=lora[2] if len(lora) > 2 else lora[1],
+            )
             model, clip = [node, 0], [node, 1]
     positive = add("3", "CLIPTextEncode", "Frame prompt", text=prompt, clip=clip)
     negative = add("4", "CLIPTextEncode", "Negative prompt", text=character.negative, clip=clip)
@@ -237,34 +304,74 @@ def frame_graph(*, character: Character, checkpoint: str, prompt: str, seed: int
             add("31", "IPAdapterModelLoader", "IP-Adapter model", ipadapter_file=guidance.ipadapter_file)
             add("32", "CLIPVisionLoader", "CLIP vision", clip_name=guidance.clip_vision)
             inputs = _defaults(info or {}, "IPAdapterAdvanced")
-            inputs.update(model=model, ipadapter=["31", 0], image=image, clip_vision=["32", 0],
-                          weight=ipadapter_weight)
+            inputs.update(
+                model=model, ipadapter=["31", 0], image=image, clip_vision=["32", 0], weight=ipadapter_weight
+            )
             add("33", "IPAdapterAdvanced", "IP-Adapter: guided by frame 1", **inputs)
             model = ["33", 0]
-            latent = add("5", "EmptyLatentImage", "N candidates", width=gen.width, height=gen.height,
-                         batch_size=candidates)
+            latent = add(
+                "5",
+                "EmptyLatentImage",
+                "N candidates",
+                width=gen.width,
+                height=gen.height,
+                batch_size=candidates,
+            )
         else:
             encoded = add("34", "VAEEncode", "Encode frame 1", pixels=image, vae=["1", 2])
-            latent = add("5", "RepeatLatentBatch", "N candidates from frame 1", samples=encoded, amount=candidates)
+            latent = add(
+                "5", "RepeatLatentBatch", "N candidates from frame 1", samples=encoded, amount=candidates
+            )
             denoise_value = denoise
     else:
-        latent = add("5", "EmptyLatentImage", "N candidates", width=gen.width, height=gen.height,
-                     batch_size=candidates)
-    sampled = add("6", "KSampler", "Generate", model=model, positive=positive, negative=negative,
-                  latent_image=latent, seed=seed, steps=gen.steps, cfg=gen.cfg, sampler_name=gen.sampler,
-                  scheduler=gen.scheduler, denoise=denoise_value)
+        latent = add(
+            "5", "EmptyLatentImage", "N candidates", width=gen.width, height=gen.height, batch_size=candidates
+        )
+    sampled = add(
+        "6",
+        "KSampler",
+        "Generate",
+        model=model,
+        positive=positive,
+        negative=negative,
+        latent_image=latent,
+        seed=seed,
+        steps=gen.steps,
+        cfg=gen.cfg,
+        sampler_name=gen.sampler,
+        scheduler=gen.scheduler,
+        denoise=denoise_value,
+    )
     images = add("7", "VAEDecode", "Decode", samples=sampled, vae=["1", 2])
     faces = add("8", "CharForgeLoadFaceModels", "Face models", pack=face_pack, det_size=640, provider="auto")
     if "name" in identity:
         ident = add("9", "CharForgeLoadIdentity", "Character identity", name=identity["name"])
     else:
-        ident = add("9", "CharForgeBuildIdentity", "Character identity", face_models=faces,
-                    name=identity.get("label", "character"), save=False, folder=identity["folder"])
-    select: dict[str, Any] = dict(images=images, prompts=prompt, seeds=seed, face_models=faces, identity=ident,
-                                  mode=mode, identity_weight=weights[0], text_weight=weights[1],
-                                  face_choice="largest", first_frame=frame)
+        ident = add(
+            "9",
+            "CharForgeBuildIdentity",
+            "Character identity",
+            face_models=faces,
+            name=identity.get("label", "character"),
+            save=False,
+            folder=identity["folder"],
+        )
+    select: dict[str, Any] = dict(
+        images=images,
+        prompts=prompt,
+        seeds=seed,
+        face_models=faces,
+        identity=ident,
+        mode=mode,
+        identity_weight=weights[0],
+        text_weight=weights[1],
+        face_choice="largest",
+        first_frame=frame,
+    )
     if clip_model:
-        select["clip"] = add("10", "CharForgeLoadClip", "CLIP (text agreement)", model=clip_model, device="auto")
+        select["clip"] = add(
+            "10", "CharForgeLoadClip", "CLIP (text agreement)", model=clip_model, device="auto"
+        )
     if guide_image is not None:
         select["reference"] = ["30", 0]
     add("11", SELECT, "Keep the best candidate", **select)
@@ -297,9 +404,17 @@ def _safe(text: str) -> str:
 class StoryRun:
     """One ``charforge story`` run: every mode's storyboard, the sheets, metadata and the ablation."""
 
-    def __init__(self, client: ComfyClient, character: Character, scenes: list, options: StoryOptions,
-                 out_dir: str | Path, story: str = "", note: Callable[[str], None] | None = None,
-                 ipadapter_file: str | None = None) -> None:
+    def __init__(
+        self,
+        client: ComfyClient,
+        character: Character,
+        scenes: list,
+        options: StoryOptions,
+        out_dir: str | Path,
+        story: str = "",
+        note: Callable[[str], None] | None = None,
+        ipadapter_file: str | None = None,
+    ) -> None:
         self.client, self.character, self.scenes, self.options = client, character, list(scenes), options
         self.out_dir, self.story = Path(out_dir), story
         self.note = note or (lambda text: None)
@@ -314,39 +429,53 @@ class StoryRun:
         missing = [n for n in GENERATION_NODES if n not in info]
         if missing:
             pack = any(n.startswith("CharForge") for n in missing)
-            raise UsageError(f"the server lacks the node(s) {', '.join(missing)}"
-                             + ("; install the CharForge pack into that ComfyUI (python install.py)" if pack else ""))
+            raise UsageError(
+                f"the server lacks the node(s) {', '.join(missing)}"
+                + ("; install the CharForge pack into that ComfyUI (python install.py)" if pack else "")
+            )
         checkpoints = _choices(info, "CheckpointLoaderSimple", "ckpt_name") or []
         checkpoint = self.character.checkpoint
         if checkpoint is None:
             if not checkpoints:
-                raise UsageError("the server has no checkpoint in models/checkpoints; put the base model there")
+                raise UsageError(
+                    "the server has no checkpoint in models/checkpoints; put the base model there"
+                )
             checkpoint = checkpoints[0]
             self.note(f"no checkpoint given: using {checkpoint} (set --checkpoint to choose)")
         elif checkpoint not in checkpoints:
-            raise UsageError(f"checkpoint {checkpoint!r} is not on the server; it has: {', '.join(checkpoints) or 'none'}")
+            raise UsageError(
+                f"checkpoint {checkpoint!r} is not on the server; it has: {', '.join(checkpoints) or 'none'}"
+            )
         loras = _choices(info, "LoraLoader", "lora_name") or []
         for lora in (entry[0] for entry in self.character.loras):
             if lora not in loras:
-                raise UsageError(f"LoRA {lora!r} is not in the server's loras folder; it has: {', '.join(loras) or 'none'}")
+                raise UsageError(
+                    f"LoRA {lora!r} is not in the server's loras folder; it has: {', '.join(loras) or 'none'}"
+                )
         clip = self.options.clip_model
         clip_choices = [c for c in (_choices(info, "CharForgeLoadClip", "model") or []) if c != NO_CLIP]
         if clip is None:
             clip = clip_choices[0] if clip_choices else None
             if clip is None:
-                self.note("no CLIP folder on the server (models/clip_vision/<name>/): frames are selected by identity "
-                          "only and text agreement is not measured")
+                self.note(
+                    "no CLIP folder on the server (models/clip_vision/<name>/): frames are selected by identity "
+                    "only and text agreement is not measured"
+                )
         elif clip.lower() == "none":
             clip = None
         elif clip not in clip_choices:
-            raise UsageError(f"CLIP model {clip!r} is not on the server; it has: {', '.join(clip_choices) or 'none'}")
+            raise UsageError(
+                f"CLIP model {clip!r} is not on the server; it has: {', '.join(clip_choices) or 'none'}"
+            )
         return checkpoint, clip
 
     def _identity(self) -> dict[str, Any]:
         reference = self.character.reference
         if not reference:
-            raise UsageError("the character has no identity reference: give --reference DIR (photos of the character) "
-                             "or the name of an identity saved on the server")
+            raise UsageError(
+                "the character has no identity reference: give --reference DIR (photos of the character) "
+                "or the name of an identity saved on the server"
+            )
         path = Path(reference).expanduser()
         if path.is_dir():
             photos = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -359,38 +488,69 @@ class StoryRun:
             return {"folder": folder, "label": self.character.name, "source": str(path)}
         names = _choices(self.info, "CharForgeLoadIdentity", "name") or []
         if reference not in names:
-            photo_folder = (Path(self.character.reference_photos).expanduser() if self.character.reference_photos
-                            else None)
+            photo_folder = (
+                Path(self.character.reference_photos).expanduser()
+                if self.character.reference_photos
+                else None
+            )
             if photo_folder is not None and photo_folder.is_dir() and photo_folder != path:
-                self.note(f"identity {reference!r} is not saved on the server: using the photos in {photo_folder}")
+                self.note(
+                    f"identity {reference!r} is not saved on the server: using the photos in {photo_folder}"
+                )
                 self.character.reference = str(photo_folder)
                 return self._identity()
-            raise UsageError(f"--reference {reference!r} is neither a local folder nor an identity saved on the server "
-                             f"(saved: {', '.join(n for n in names if not n.startswith('(')) or 'none'})")
+            raise UsageError(
+                f"--reference {reference!r} is neither a local folder nor an identity saved on the server "
+                f"(saved: {', '.join(n for n in names if not n.startswith('(')) or 'none'})"
+            )
         return {"name": reference}
 
     # ---- running --------------------------------------------------------------------------------------
 
-    def _frame(self, mode: str, index: int, prompt: str, checkpoint: str, identity: dict[str, Any],
-               clip: str | None, guidance: Guidance | None, guide_image: str | None, folder: Path) -> Any:
+    def _frame(
+        self,
+        mode: str,
+        index: int,
+        prompt: str,
+        checkpoint: str,
+        identity: dict[str, Any],
+        clip: str | None,
+        guidance: Guidance | None,
+        guide_image: str | None,
+        folder: Path,
+    ) -> Any:
         from charforge.engine.story import StoryFrame
 
         seed = self.options.seed + index
         graph = frame_graph(
-            character=self.character, checkpoint=checkpoint, prompt=prompt, seed=seed,
-            candidates=self.options.candidates, mode=mode,
-            identity=identity, face_pack=self.options.face_pack, clip_model=clip,
-            weights=(self.options.identity_weight, self.options.text_weight), frame=index + 1,
-            save_prefix=f"charforge_story/{self.run_id}/{mode}/frame_{index + 1:02d}", use_loras=mode != "base",
-            guide_image=guide_image, guidance=guidance, denoise=self.options.denoise,
-            ipadapter_weight=self.options.ipadapter_weight, info=self.info)
+            character=self.character,
+            checkpoint=checkpoint,
+            prompt=prompt,
+            seed=seed,
+            candidates=self.options.candidates,
+            mode=mode,
+            identity=identity,
+            face_pack=self.options.face_pack,
+            clip_model=clip,
+            weights=(self.options.identity_weight, self.options.text_weight),
+            frame=index + 1,
+            save_prefix=f"charforge_story/{self.run_id}/{mode}/frame_{index + 1:02d}",
+            use_loras=mode != "base",
+            guide_image=guide_image,
+            guidance=guidance,
+            denoise=self.options.denoise,
+            ipadapter_weight=self.options.ipadapter_weight,
+            info=self.info,
+        )
         result = self.client.run(graph, timeout=self.options.timeout)
         record = (result.outputs.get("11") or {}).get("storyboard") or []
         if not record:
             raise DriverError(f"{mode} frame {index + 1}: Storyboard Select reported no storyboard record")
         data = json.loads(record[0])
         frame = StoryFrame.from_dict(data["frames"][0])
-        extra = [n for n in data.get("notes") or [] if "no face" in n]  # e.g. frame 1 could not guide selection
+        extra = [
+            n for n in data.get("notes") or [] if "no face" in n
+        ]  # e.g. frame 1 could not guide selection
         frame.note = "; ".join(n for n in [frame.note, *extra] if n)
         files = [f for f in result.files if f.node_id == "12"]
         if not files:
@@ -404,8 +564,14 @@ class StoryRun:
             frame.guidance = guidance.kind
         return frame
 
-    def _storyboard(self, mode: str, checkpoint: str, identity: dict[str, Any], clip: str | None,
-                    guidance: Guidance | None) -> Any:
+    def _storyboard(
+        self,
+        mode: str,
+        checkpoint: str,
+        identity: dict[str, Any],
+        clip: str | None,
+        guidance: Guidance | None,
+    ) -> Any:
         from charforge.engine.story import Storyboard, frame_prompt
 
         folder = self.out_dir / mode
@@ -415,34 +581,70 @@ class StoryRun:
         for index, scene in enumerate(self.scenes):
             prompt = frame_prompt(scene, self.character.trigger, style)
             self.note(f"{mode}: frame {index + 1}/{len(self.scenes)}: {prompt[:90]}")
-            frame = self._frame(mode, index, prompt, checkpoint, identity, clip,
-                                guidance if mode == "reference" else None, guide_image, folder)
+            frame = self._frame(
+                mode,
+                index,
+                prompt,
+                checkpoint,
+                identity,
+                clip,
+                guidance if mode == "reference" else None,
+                guide_image,
+                folder,
+            )
             frames.append(frame)
             if mode == "reference" and index == 0:
-                uploaded = self.client.upload(folder / frame.image, filename=f"{self.run_id}_frame_01.png",
-                                              subfolder="charforge_story", overwrite=True)
+                uploaded = self.client.upload(
+                    folder / frame.image,
+                    filename=f"{self.run_id}_frame_01.png",
+                    subfolder="charforge_story",
+                    overwrite=True,
+                )
                 guide_image = uploaded.reference
         if (folder / ".download").exists():
             _remove_tree(folder / ".download")
-        models: dict[str, Any] = {"checkpoint": checkpoint, "loras": [] if mode == "base" else
-                  [_lora_dict(lora) for lora in self.character.loras],
-                  "face_models": self.options.face_pack, "clip": clip}
+        models: dict[str, Any] = {
+            "checkpoint": checkpoint,
+            "loras": [] if mode == "base" else [_lora_dict(lora) for lora in self.character.loras],
+            "face_models": self.options.face_pack,
+            "clip": clip,
+        }
         if mode == "reference" and guidance is not None:
-            models["guidance"] = {"kind": guidance.kind, "ipadapter": guidance.ipadapter_file or None,
-                                  "clip_vision": guidance.clip_vision or None,
-                                  "denoise": self.options.denoise if guidance.kind == "img2img" else None,
-                                  "weight": self.options.ipadapter_weight if guidance.kind == "ipadapter" else None}
+            models["guidance"] = {
+                "kind": guidance.kind,
+                "ipadapter": guidance.ipadapter_file or None,
+                "clip_vision": guidance.clip_vision or None,
+                "denoise": self.options.denoise if guidance.kind == "img2img" else None,
+                "weight": self.options.ipadapter_weight if guidance.kind == "ipadapter" else None,
+            }
         gen = self.character.generation
-        settings = {"candidates": self.options.candidates, "seed": self.options.seed, "steps": gen.steps,
-                    "cfg": gen.cfg, "width": gen.width, "height": gen.height, "sampler": gen.sampler,
-                    "scheduler": gen.scheduler,
-                    "identity_weight": self.options.identity_weight, "text_weight": self.options.text_weight,
-                    "server": self.client.url}
+        settings = {
+            "candidates": self.options.candidates,
+            "seed": self.options.seed,
+            "steps": gen.steps,
+            "cfg": gen.cfg,
+            "width": gen.width,
+            "height": gen.height,
+            "sampler": gen.sampler,
+            "scheduler": gen.scheduler,
+            "identity_weight": self.options.identity_weight,
+            "text_weight": self.options.text_weight,
+            "server": self.client.url,
+        }
         notes = []
         if mode == "reference" and guidance is not None:
-            notes.append(f"frames 2+ guided by frame 1 with {guidance.reason} and selected by identity to frame 1")
-        return Storyboard(mode=mode, frames=frames, story=self.story, character=self.character.to_dict(),
-                          models=models, settings=settings, notes=notes)
+            notes.append(
+                f"frames 2+ guided by frame 1 with {guidance.reason} and selected by identity to frame 1"
+            )
+        return Storyboard(
+            mode=mode,
+            frames=frames,
+            story=self.story,
+            character=self.character.to_dict(),
+            models=models,
+            settings=settings,
+            notes=notes,
+        )
 
     def run(self) -> StoryResult:
         from charforge.engine.story import ablation_rows, storyboard_sheet, write_ablation
@@ -452,7 +654,9 @@ class StoryRun:
 
             from charforge.engine.images import open_image
         except ImportError:
-            raise UsageError("charforge story draws the storyboard sheet with Pillow: pip install Pillow") from None
+            raise UsageError(
+                "charforge story draws the storyboard sheet with Pillow: pip install Pillow"
+            ) from None
         unknown = [m for m in self.options.modes if m not in ("simple", "reference", "base")]
         if unknown or not self.options.modes:
             raise UsageError(f"unknown mode(s) {unknown}: use simple, reference and/or base")
@@ -481,18 +685,32 @@ class StoryRun:
             metadata[mode] = board.write(folder)
             boards[mode] = board
             stats = board.stats()
-            self.note(f"{mode}: {stats['frames']} frame(s), {stats['faces']} with a face, mean identity "
-                      f"{stats['identity_mean']}, mean text agreement {stats['text_mean']}")
+            self.note(
+                f"{mode}: {stats['frames']} frame(s), {stats['faces']} with a face, mean identity "
+                f"{stats['identity_mean']}, mean text agreement {stats['text_mean']}"
+            )
         ablation = write_ablation(ablation_rows(list(boards.values())), self.out_dir)
         summary = self.out_dir / "metadata.json"
-        summary.write_text(json.dumps({
-            "format": "charforge.story", "story": self.story, "character": self.character.to_dict(),
-            "scenes": [s.to_dict() for s in self.scenes], "modes": list(boards),
-            "storyboards": {m: str(p.relative_to(self.out_dir)) for m, p in metadata.items()},
-            "sheets": {m: str(p.relative_to(self.out_dir)) for m, p in sheets.items()},
-            "ablation": {"markdown": ablation[0].name, "json": ablation[1].name},
-            "server": self.client.url, "run_id": self.run_id,
-        }, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        summary.write_text(
+            json.dumps(
+                {
+                    "format": "charforge.story",
+                    "story": self.story,
+                    "character": self.character.to_dict(),
+                    "scenes": [s.to_dict() for s in self.scenes],
+                    "modes": list(boards),
+                    "storyboards": {m: str(p.relative_to(self.out_dir)) for m, p in metadata.items()},
+                    "sheets": {m: str(p.relative_to(self.out_dir)) for m, p in sheets.items()},
+                    "ablation": {"markdown": ablation[0].name, "json": ablation[1].name},
+                    "server": self.client.url,
+                    "run_id": self.run_id,
+                },
+                indent=1,
+                ensure_ascii=False,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
         return StoryResult(self.out_dir, boards, sheets, metadata, ablation, summary)
 
 

@@ -46,9 +46,14 @@ class SynthesizeResult:
     report: dict[str, Any]
 
 
-def synthesize_dataset(photos: str | os.PathLike, sources: str | os.PathLike, out: str | os.PathLike,
-                       options: SynthesizeOptions | None = None, note: Callable[[str], None] = lambda _: None,
-                       control: Any = None) -> SynthesizeResult:
+def synthesize_dataset(
+    photos: str | os.PathLike,
+    sources: str | os.PathLike,
+    out: str | os.PathLike,
+    options: SynthesizeOptions | None = None,
+    note: Callable[[str], None] = lambda _: None,
+    control: Any = None,
+) -> SynthesizeResult:
     """Photos + sources -> a dataset in `out` with synthetic entries, its manifest.json and report/."""
     from charforge.engine.dataset import load_folder, read_rgb, scan_folder, write_report
     from charforge.engine.faces import FaceAnalyzer
@@ -64,17 +69,30 @@ def synthesize_dataset(photos: str | os.PathLike, sources: str | os.PathLike, ou
         identity = load_identity(options.identity)
         note(f"identity {identity.name!r} loaded ({identity.model})")
     else:
-        images = ((Path(p).name, read_rgb(p).rgb) for p in scan_folder(photos, recursive=options.recursive).images)
+        images = (
+            (Path(p).name, read_rgb(p).rgb) for p in scan_folder(photos, recursive=options.recursive).images
+        )
         identity = build_identity(photos.name or "character", analyzer, images)
         note(identity.summary())
     swapper = FaceSwapper.load(options.swapper)
     restorer = load_face_restorer(options.restorer) if options.restorer else None
-    note(f"swapper {swapper.name}" + (f", restorer {restorer.name} ({restorer.architecture})" if restorer else ""))
+    note(
+        f"swapper {swapper.name}"
+        + (f", restorer {restorer.name} ({restorer.architecture})" if restorer else "")
+    )
     manifest = load_folder(photos, out, recursive=options.recursive)
-    settings = SynthSettings(which=options.which, threshold=options.threshold, max_share=options.max_share,
-                             restore=restorer is not None, blend=options.blend, fidelity=options.fidelity,
-                             recursive=options.recursive)
-    manifest, summary = synthesize(manifest, sources, identity, analyzer, swapper, restorer, settings, control)
+    settings = SynthSettings(
+        which=options.which,
+        threshold=options.threshold,
+        max_share=options.max_share,
+        restore=restorer is not None,
+        blend=options.blend,
+        fidelity=options.fidelity,
+        recursive=options.recursive,
+    )
+    manifest, summary = synthesize(
+        manifest, sources, identity, analyzer, swapper, restorer, settings, control
+    )
     path = manifest.save()
     report = write_report(manifest)
     return SynthesizeResult(manifest, summary, identity, path, report)

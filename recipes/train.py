@@ -30,9 +30,9 @@ class UnusableLora(DriverError):
 @dataclass
 class TrainedLora:
     outcome: TrainingOutcome
-    info: Any              # the LoRA Info (charforge.engine.library.inspect.LoraInfo)
-    lora: Path             # in the loras folder when one was given, else in the training's output folder
-    preset: str            # where the character preset went (or why it was not replaced)
+    info: Any  # the LoRA Info (charforge.engine.library.inspect.LoraInfo)
+    lora: Path  # in the loras folder when one was given, else in the training's output folder
+    preset: str  # where the character preset went (or why it was not replaced)
 
     @property
     def base_model(self) -> str:
@@ -60,33 +60,59 @@ def check_lora(path: Path, base_model: str | None = None) -> tuple[Any, list[str
     return info, problems
 
 
-def adopt_lora(outcome: TrainingOutcome, trigger_word: str, *, name: str | None = None,
-               base_model: str | None = None, loras_dir: Path | None = None,
-               characters_dir: Path | None = None) -> TrainedLora:
+def adopt_lora(
+    outcome: TrainingOutcome,
+    trigger_word: str,
+    *,
+    name: str | None = None,
+    base_model: str | None = None,
+    loras_dir: Path | None = None,
+    characters_dir: Path | None = None,
+) -> TrainedLora:
     """Check the trained file, copy it into ``loras_dir`` and write its character preset (never replacing one);
     raises :class:`UnusableLora` (and writes nothing) when it cannot be used."""
     from charforge.engine.library.characters import save_training_character
 
     info, problems = check_lora(outcome.lora, base_model)
     if problems:
-        raise UnusableLora(f"training {outcome.training.id} finished, but {outcome.lora} cannot be used: "
-                           + "; ".join(problems))
+        raise UnusableLora(
+            f"training {outcome.training.id} finished, but {outcome.lora} cannot be used: "
+            + "; ".join(problems)
+        )
     lora = outcome.lora
     if loras_dir is not None:
         loras_dir.mkdir(parents=True, exist_ok=True)
         lora = Path(shutil.copy2(outcome.lora, loras_dir / outcome.lora.name))
     family = info.base_model if info.base_model in ("sd15", "sdxl") else ""
-    preset = save_training_character(name or trigger_word, lora.name, trigger_word, base_model=family,
-                                     folder=characters_dir)
+    preset = save_training_character(
+        name or trigger_word, lora.name, trigger_word, base_model=family, folder=characters_dir
+    )
     return TrainedLora(outcome, info, lora, preset)
 
 
-def train_remote(settings: ReplicateSettings, dataset: Path, destination: str, params: TrainingParams,
-                 out_dir: Path, *, name: str | None = None, base_model: str | None = None,
-                 loras_dir: Path | None = None, characters_dir: Path | None = None, timeout: float | None = None,
-                 on_update: Callable[[Any, list[str]], None] | None = None) -> TrainedLora:
+def train_remote(
+    settings: ReplicateSettings,
+    dataset: Path,
+    destination: str,
+    params: TrainingParams,
+    out_dir: Path,
+    *,
+    name: str | None = None,
+    base_model: str | None = None,
+    loras_dir: Path | None = None,
+    characters_dir: Path | None = None,
+    timeout: float | None = None,
+    on_update: Callable[[Any, list[str]], None] | None = None,
+) -> TrainedLora:
     """Train on the Replicate trainer ``settings`` names, then :func:`adopt_lora` the result (blocking)."""
-    outcome = asyncio.run(run_training(settings, dataset, destination, params, out_dir, timeout=timeout,
-                                       on_update=on_update))
-    return adopt_lora(outcome, params.trigger_word, name=name, base_model=base_model, loras_dir=loras_dir,
-                      characters_dir=characters_dir)
+    outcome = asyncio.run(
+        run_training(settings, dataset, destination, params, out_dir, timeout=timeout, on_update=on_update)
+    )
+    return adopt_lora(
+        outcome,
+        params.trigger_word,
+        name=name,
+        base_model=base_model,
+        loras_dir=loras_dir,
+        characters_dir=characters_dir,
+    )

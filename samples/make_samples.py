@@ -35,7 +35,9 @@ def _background(rng: random.Random, draw: ImageDraw.ImageDraw, index: int) -> No
     bottom = tuple(max(0, c - rng.randint(30, 90)) for c in top)
     for y in range(h):
         t = y / h
-        draw.line([(0, y), (w, y)], fill=tuple(int(a + (b - a) * t) for a, b in zip(top, bottom, strict=True)))
+        draw.line(
+            [(0, y), (w, y)], fill=tuple(int(a + (b - a) * t) for a, b in zip(top, bottom, strict=True))
+        )
     if kind == 0:  # stripes (a wall)
         for x in range(0, w, rng.randint(24, 48)):
             draw.rectangle([x, 0, x + 8, h], fill=tuple(max(0, c - 25) for c in top))
@@ -62,18 +64,30 @@ def _background(rng: random.Random, draw: ImageDraw.ImageDraw, index: int) -> No
 def _character(draw: ImageDraw.ImageDraw, cx: float, cy: float, scale: float, tilt: float, mood: int) -> None:
     r = 120 * scale  # head radius
     # body and scarf
-    draw.rounded_rectangle([cx - 1.5 * r, cy + 0.9 * r, cx + 1.5 * r, cy + 3.4 * r], radius=int(0.6 * r),
-                           fill=(70, 70, 160))
-    draw.polygon([(cx - 1.0 * r, cy + 0.8 * r), (cx + 1.0 * r, cy + 0.8 * r), (cx + 0.8 * r, cy + 1.2 * r),
-                  (cx - 0.8 * r, cy + 1.2 * r)], fill=SCARF)
+    draw.rounded_rectangle(
+        [cx - 1.5 * r, cy + 0.9 * r, cx + 1.5 * r, cy + 3.4 * r], radius=int(0.6 * r), fill=(70, 70, 160)
+    )
+    draw.polygon(
+        [
+            (cx - 1.0 * r, cy + 0.8 * r),
+            (cx + 1.0 * r, cy + 0.8 * r),
+            (cx + 0.8 * r, cy + 1.2 * r),
+            (cx - 0.8 * r, cy + 1.2 * r),
+        ],
+        fill=SCARF,
+    )
     draw.rectangle([cx + 0.3 * r, cy + 1.0 * r, cx + 0.6 * r, cy + 2.0 * r], fill=SCARF)
     # hair behind the head
     draw.ellipse([cx - 1.15 * r, cy - 1.2 * r, cx + 1.15 * r, cy + 0.7 * r], fill=HAIR)
     # head and ears
     draw.ellipse([cx - 1.12 * r, cy - 0.15 * r, cx - 0.82 * r, cy + 0.25 * r], fill=SKIN)
     draw.ellipse([cx + 0.82 * r, cy - 0.15 * r, cx + 1.12 * r, cy + 0.25 * r], fill=SKIN)
-    draw.ellipse([cx - 0.95 * r, cy - 0.95 * r, cx + 0.95 * r, cy + 0.95 * r], fill=SKIN, outline=(150, 100, 80),
-                 width=max(1, int(3 * scale)))
+    draw.ellipse(
+        [cx - 0.95 * r, cy - 0.95 * r, cx + 0.95 * r, cy + 0.95 * r],
+        fill=SKIN,
+        outline=(150, 100, 80),
+        width=max(1, int(3 * scale)),
+    )
     # fringe: three locks
     for k in (-1, 0, 1):
         x0 = cx + k * 0.55 * r
@@ -82,25 +96,48 @@ def _character(draw: ImageDraw.ImageDraw, cx: float, cy: float, scale: float, ti
     dx = math.sin(tilt) * 0.12 * r
     for side in (-1, 1):
         ex, ey = cx + side * 0.38 * r + dx, cy + 0.05 * r
-        draw.ellipse([ex - 0.2 * r, ey - 0.24 * r, ex + 0.2 * r, ey + 0.24 * r], fill=(255, 255, 255),
-                     outline=(60, 40, 40), width=max(1, int(2 * scale)))
-        draw.ellipse([ex - 0.12 * r + dx * 0.3, ey - 0.14 * r, ex + 0.12 * r + dx * 0.3, ey + 0.14 * r], fill=EYES)
-        draw.ellipse([ex - 0.05 * r + dx * 0.3, ey - 0.06 * r, ex + 0.05 * r + dx * 0.3, ey + 0.06 * r],
-                     fill=(20, 20, 30))
-        draw.line([ex - 0.22 * r, ey - 0.36 * r, ex + 0.2 * r, ey - 0.4 * r], fill=(120, 50, 30),
-                  width=max(2, int(6 * scale)))
+        draw.ellipse(
+            [ex - 0.2 * r, ey - 0.24 * r, ex + 0.2 * r, ey + 0.24 * r],
+            fill=(255, 255, 255),
+            outline=(60, 40, 40),
+            width=max(1, int(2 * scale)),
+        )
+        draw.ellipse(
+            [ex - 0.12 * r + dx * 0.3, ey - 0.14 * r, ex + 0.12 * r + dx * 0.3, ey + 0.14 * r], fill=EYES
+        )
+        draw.ellipse(
+            [ex - 0.05 * r + dx * 0.3, ey - 0.06 * r, ex + 0.05 * r + dx * 0.3, ey + 0.06 * r],
+            fill=(20, 20, 30),
+        )
+        draw.line(
+            [ex - 0.22 * r, ey - 0.36 * r, ex + 0.2 * r, ey - 0.4 * r],
+            fill=(120, 50, 30),
+            width=max(2, int(6 * scale)),
+        )
     # freckles (the character's mark) and nose
     for side in (-1, 1):
         for j in range(3):
             fx, fy = cx + side * (0.5 + 0.09 * j) * r, cy + 0.38 * r + (j % 2) * 0.06 * r
-            draw.ellipse([fx - 3 * scale, fy - 3 * scale, fx + 3 * scale, fy + 3 * scale], fill=(190, 120, 90))
-    draw.arc([cx - 0.1 * r + dx, cy + 0.2 * r, cx + 0.1 * r + dx, cy + 0.4 * r], 200, 340, fill=(170, 110, 90),
-             width=max(1, int(3 * scale)))
+            draw.ellipse(
+                [fx - 3 * scale, fy - 3 * scale, fx + 3 * scale, fy + 3 * scale], fill=(190, 120, 90)
+            )
+    draw.arc(
+        [cx - 0.1 * r + dx, cy + 0.2 * r, cx + 0.1 * r + dx, cy + 0.4 * r],
+        200,
+        340,
+        fill=(170, 110, 90),
+        width=max(1, int(3 * scale)),
+    )
     # mouth: smile, grin, surprised
     mx, my = cx + dx, cy + 0.6 * r
     if mood == 0:
-        draw.arc([mx - 0.35 * r, my - 0.2 * r, mx + 0.35 * r, my + 0.15 * r], 20, 160, fill=(140, 40, 50),
-                 width=max(2, int(5 * scale)))
+        draw.arc(
+            [mx - 0.35 * r, my - 0.2 * r, mx + 0.35 * r, my + 0.15 * r],
+            20,
+            160,
+            fill=(140, 40, 50),
+            width=max(2, int(5 * scale)),
+        )
     elif mood == 1:
         draw.chord([mx - 0.35 * r, my - 0.2 * r, mx + 0.35 * r, my + 0.2 * r], 0, 180, fill=(140, 40, 50))
     else:

@@ -170,7 +170,9 @@ def model_folders(kind: str) -> list[str]:
     extra = os.environ.get(f"CHARFORGE_PATH_{kind.upper()}", "")
     folders += [str(Path(p).expanduser()) for p in extra.split(os.pathsep) if p]
     configured = (_models_config().get("folders") or {}).get(kind) or []
-    folders += [str(Path(str(p)).expanduser()) for p in ([configured] if isinstance(configured, str) else configured)]
+    folders += [
+        str(Path(str(p)).expanduser()) for p in ([configured] if isinstance(configured, str) else configured)
+    ]
     names = COMFY_MODEL_FOLDERS.get(kind, (kind,))
     for root in _fallback_models_dirs():
         folders += [str(root / name) for name in names]
@@ -215,13 +217,19 @@ def find_model(kind: str, name: str) -> str:
             if candidate.exists():
                 return str(candidate)
     folders = model_folders(kind)
-    where = ", ".join(folders) if folders else (
-        f"no folder is configured (set CHARFORGE_MODELS_DIR or COMFYUI_DIR, or models.dir in {config_path()})")
+    where = (
+        ", ".join(folders)
+        if folders
+        else (
+            f"no folder is configured (set CHARFORGE_MODELS_DIR or COMFYUI_DIR, or models.dir in {config_path()})"
+        )
+    )
     raise ModelNotFoundError(f"{kind} model {name!r} not found; looked in: {where}")
 
 
-def model_dirs(kind: str, marker: str, accept: Callable[[Path], bool] | None = None,
-               depths: tuple[int, ...] = (1, 2)) -> list[str]:
+def model_dirs(
+    kind: str, marker: str, accept: Callable[[Path], bool] | None = None, depths: tuple[int, ...] = (1, 2)
+) -> list[str]:
     """Model *folders* of `kind` (diffusers folders, CLIP folders, ...): the folders `depths` levels inside a
     `kind` model folder that hold a `marker` file (``model_index.json``, ``config.json``) which `accept`, if
     given, accepts. Sorted names relative to their model folder, as `find_model_dir` takes them."""
@@ -251,8 +259,10 @@ def first_model_folder(kind: str) -> Path:
     """The first model folder of `kind`: where the pack writes new files of that kind (LoRAs, identities)."""
     folders = model_folders(kind)
     if not folders:
-        raise ModelNotFoundError(f"no {kind} model folder is configured: inside ComfyUI it is models/{kind}; "
-                                 f"outside, set CHARFORGE_MODELS_DIR or COMFYUI_DIR (or CHARFORGE_PATH_{kind.upper()})")
+        raise ModelNotFoundError(
+            f"no {kind} model folder is configured: inside ComfyUI it is models/{kind}; "
+            f"outside, set CHARFORGE_MODELS_DIR or COMFYUI_DIR (or CHARFORGE_PATH_{kind.upper()})"
+        )
     return Path(folders[0])
 
 
@@ -313,8 +323,11 @@ def _interrupted_type(comfy_interrupt: type) -> type:
     """`Cancelled` that is also ComfyUI's ``InterruptProcessingException``: the engine recognises it as its own
     cancellation and ComfyUI's executor reports ``execution_interrupted``."""
     if comfy_interrupt not in _interrupted:
-        _interrupted[comfy_interrupt] = type("Interrupted", (Cancelled, comfy_interrupt), {
-            "__doc__": "The user pressed Cancel in ComfyUI.", "__module__": __name__})
+        _interrupted[comfy_interrupt] = type(
+            "Interrupted",
+            (Cancelled, comfy_interrupt),
+            {"__doc__": "The user pressed Cancel in ComfyUI.", "__module__": __name__},
+        )
     return _interrupted[comfy_interrupt]
 
 
@@ -388,8 +401,12 @@ class _PlainControl(Control):
         send_event(name, data)
 
 
-def control(total: int = 0, node_id: str | None = None, label: str = "charforge",
-            on_progress: ProgressHook | None = None) -> Control:
+def control(
+    total: int = 0,
+    node_id: str | None = None,
+    label: str = "charforge",
+    on_progress: ProgressHook | None = None,
+) -> Control:
     """The `Control` a node hands to the engine: ComfyUI's progress bar, Cancel and browser messages inside
     ComfyUI; log lines, `request_cancel()` and `on_progress` outside it."""
     comfy = _load_comfy()
@@ -471,8 +488,9 @@ class PromptRejected(ValueError):
         self.error, self.node_errors = error, node_errors
 
 
-async def queue_prompt(prompt: dict[str, Any], client_id: str | None = None,
-                       workflow: dict[str, Any] | None = None) -> str:
+async def queue_prompt(
+    prompt: dict[str, Any], client_id: str | None = None, workflow: dict[str, Any] | None = None
+) -> str:
     """Queue an API-format prompt the way ``POST /prompt`` does (validated, numbered, at the back of the
     queue, progress messages to `client_id`); returns its prompt id. Raises `PromptRejected`."""
     instance = _server_instance()
@@ -530,8 +548,9 @@ class _LoraWarnings(logging.Handler):
             self.lines.append(message)
 
 
-def apply_lora(model: Any, clip: Any, path: str, strength_model: float,
-               strength_clip: float) -> tuple[Any, Any, list[str]]:
+def apply_lora(
+    model: Any, clip: Any, path: str, strength_model: float, strength_clip: float
+) -> tuple[Any, Any, list[str]]:
     """Patch a LoRA file into ComfyUI's MODEL and CLIP the way the stock ``LoraLoader`` does
     (``comfy.utils.load_torch_file`` + ``comfy.sd.load_lora_for_models``).
 

@@ -1,7 +1,7 @@
 """The node catalogue in README.md, generated from the node definitions so it cannot drift.
 
-    python -m charforge.catalogue            # print the catalogue
-    python -m charforge.catalogue --write README.md   # replace the block between the markers
+python -m charforge.catalogue            # print the catalogue
+python -m charforge.catalogue --write README.md   # replace the block between the markers
 """
 
 from __future__ import annotations
@@ -35,15 +35,22 @@ def render() -> str:
     lines = []
     for category in sorted(by_category):
         lines += [f"### {category}", "", "| node | what it does | inputs | outputs |", "|---|---|---|---|"]
-        for node_id, cls in sorted(by_category[category], key=lambda item: NODE_DISPLAY_NAME_MAPPINGS[item[0]]):
+        for node_id, cls in sorted(
+            by_category[category], key=lambda item: NODE_DISPLAY_NAME_MAPPINGS[item[0]]
+        ):
             declared = cls.INPUT_TYPES()
-            inputs = [f"`{name}` ({_type_name(spec)})" for section in ("required", "optional")
-                      for name, spec in declared.get(section, {}).items()]
+            inputs = [
+                f"`{name}` ({_type_name(spec)})"
+                for section in ("required", "optional")
+                for name, spec in declared.get(section, {}).items()
+            ]
             names = getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)
             outputs = [f"`{name}` ({kind})" for name, kind in zip(names, cls.RETURN_TYPES, strict=True)]
             display = NODE_DISPLAY_NAME_MAPPINGS[node_id]
-            lines.append(f"| **{_cell(display)}**<br>`{node_id}` | {_cell(cls.DESCRIPTION)} | "
-                         f"{', '.join(inputs) or '—'} | {', '.join(outputs) or '—'} |")
+            lines.append(
+                f"| **{_cell(display)}**<br>`{node_id}` | {_cell(cls.DESCRIPTION)} | "
+                f"{', '.join(inputs) or '—'} | {', '.join(outputs) or '—'} |"
+            )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

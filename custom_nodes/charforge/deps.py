@@ -35,9 +35,14 @@ OPTIONAL: tuple[OptionalDependency, ...] = (
     OptionalDependency("onnxruntime", "onnxruntime", "WD14 tagging and face identity scoring"),
     OptionalDependency("insightface", "insightface", "face identity scoring (ArcFace) and face crops"),
     OptionalDependency("av", "av", "saving MP4 / WebM video"),
-    OptionalDependency("spandrel", "spandrel", "face restoration and model upscaling (dataset synthesis, crop)"),
-    OptionalDependency("mtcnn", "mtcnn",
-                       "the fallback face detector of dataset analysis (used when no InsightFace pack is installed)"),
+    OptionalDependency(
+        "spandrel", "spandrel", "face restoration and model upscaling (dataset synthesis, crop)"
+    ),
+    OptionalDependency(
+        "mtcnn",
+        "mtcnn",
+        "the fallback face detector of dataset analysis (used when no InsightFace pack is installed)",
+    ),
 )
 
 _BY_MODULE = {dep.module: dep for dep in OPTIONAL}
@@ -84,6 +89,8 @@ def log_startup_report() -> list[OptionalDependency]:
         log.warning(
             "CharForge: %d optional package(s) not installed; the nodes that need them will say so when used:\n%s\n"
             "  install with: %s",
-            len(absent), "\n".join(lines), install_hint([dep.package for dep in absent]),
+            len(absent),
+            "\n".join(lines),
+            install_hint([dep.package for dep in absent]),
         )
     return absent

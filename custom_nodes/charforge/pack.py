@@ -17,7 +17,9 @@ def _on_load() -> None:
     deps.log_startup_report()
     panel.register_routes()  # the editor's CharForge tab (web/) reads runs, datasets and characters here
     transfer.register_routes()  # a remote driver's photos up, results home, models in place
-    log.info("CharForge %s: %d nodes, model folders %s", __version__, len(NODE_CLASS_MAPPINGS), ", ".join(folders))
+    log.info(
+        "CharForge %s: %d nodes, model folders %s", __version__, len(NODE_CLASS_MAPPINGS), ", ".join(folders)
+    )
 
 
 if bridge.in_comfyui():

@@ -15,5 +15,20 @@ from .plan import BatchError, BatchPlan, Job, load_batch, parse_sweep, plan_hash
 from .runner import BatchRunner, JobOutcome, RunOptions
 from .targets import ComfyTarget, JobSpec, Target
 
-__all__ = ["JOURNAL_NAME", "Batch", "BatchError", "BatchPlan", "BatchRunner", "ComfyTarget", "Job", "JobOutcome",
-           "JobSpec", "RunOptions", "Target", "load_batch", "parse_sweep", "plan_hash", "replay"]
+__all__ = [
+    "JOURNAL_NAME",
+    "Batch",
+    "BatchError",
+    "BatchPlan",
+    "BatchRunner",
+    "ComfyTarget",
+    "Job",
+    "JobOutcome",
+    "JobSpec",
+    "RunOptions",
+    "Target",
+    "load_batch",
+    "parse_sweep",
+    "plan_hash",
+    "replay",
+]

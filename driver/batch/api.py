@@ -47,7 +47,9 @@ class Batch:
     way.
     """
 
-    def __init__(self, jobs: list[Job] | BatchPlan, *, source: str = "<python>", base: str | Path | None = None):
+    def __init__(
+        self, jobs: list[Job] | BatchPlan, *, source: str = "<python>", base: str | Path | None = None
+    ):
         self.plan = jobs if isinstance(jobs, BatchPlan) else BatchPlan(source, "python", list(jobs))
         self.base = Path(base) if base is not None else None
 
@@ -63,13 +65,26 @@ class Batch:
     def __len__(self) -> int:
         return len(self.plan.jobs)
 
-    def runner(self, servers: list[Any], out: str | Path, *, capacity: int = 2,
-               on_message: Callable[[str], None] | None = None, **options: Any) -> BatchRunner:
-        return BatchRunner(self.plan, make_targets(servers, capacity=capacity), RunOptions(Path(out), **options),
-                           base=self.base, on_message=on_message)
+    def runner(
+        self,
+        servers: list[Any],
+        out: str | Path,
+        *,
+        capacity: int = 2,
+        on_message: Callable[[str], None] | None = None,
+        **options: Any,
+    ) -> BatchRunner:
+        return BatchRunner(
+            self.plan,
+            make_targets(servers, capacity=capacity),
+            RunOptions(Path(out), **options),
+            base=self.base,
+            on_message=on_message,
+        )
 
-    async def run_async(self, servers: list[Any], out: str | Path,
-                        **options: Any) -> AsyncGenerator[JobOutcome, None]:
+    async def run_async(
+        self, servers: list[Any], out: str | Path, **options: Any
+    ) -> AsyncGenerator[JobOutcome, None]:
         """Async version of :meth:`run`."""
         async with contextlib.aclosing(self.runner(servers, out, **options).run()) as outcomes:
             async for outcome in outcomes:

@@ -108,10 +108,19 @@ class BatchState:
             self.plan_hash = rec.get("plan_hash")
             return
         if ev == "run_start":
-            if self.runs and self.runs[-1]["end"] is None:  # that run was killed: it ended with its last record
+            if (
+                self.runs and self.runs[-1]["end"] is None
+            ):  # that run was killed: it ended with its last record
                 self.runs[-1].update(end=previous_t, reason="killed")
-            self.runs.append({"start": t, "end": None, "reason": None, "pid": rec.get("pid"),
-                              "servers": rec.get("servers")})
+            self.runs.append(
+                {
+                    "start": t,
+                    "end": None,
+                    "reason": None,
+                    "pid": rec.get("pid"),
+                    "servers": rec.get("servers"),
+                }
+            )
             return
         if ev == "run_end":
             if self.runs:
@@ -254,7 +263,9 @@ class Journal:
     def append(self, ev: str, **data: Any) -> dict[str, Any]:
         """Write one record (durably when ``fsync``) and apply it to :attr:`state`; returns the record."""
         rec = {"t": round(time.time(), 3), "ev": ev, **data}
-        line = (json.dumps(rec, default=str, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+        line = (json.dumps(rec, default=str, ensure_ascii=False, separators=(",", ":")) + "\n").encode(
+            "utf-8"
+        )
         os.write(self._fd, line)
         if self.fsync:
             os.fsync(self._fd)

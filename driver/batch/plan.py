@@ -115,8 +115,9 @@ def _overrides(spec: Any, where: str) -> list[Override]:
             return [parse_set(s) for s in spec]
         except OverrideError as exc:
             raise BatchError(f"{where}: {exc}") from None
-    raise BatchError(f"{where}: 'set' must be an object {{\"NODE.INPUT\": value}} or a list of "
-                     "\"NODE.INPUT=VALUE\" strings")
+    raise BatchError(
+        f'{where}: \'set\' must be an object {{"NODE.INPUT": value}} or a list of "NODE.INPUT=VALUE" strings'
+    )
 
 
 def _check(prompt: dict[str, Any] | None, overrides: list[Override], where: str) -> None:
@@ -129,11 +130,18 @@ def _check(prompt: dict[str, Any] | None, overrides: list[Override], where: str)
         raise BatchError(f"{where}: {exc}") from None
 
 
-def job_id(workflow: str | None, prompt: dict[str, Any] | None, overrides: list[Override],
-           inputs: dict[str, Any] | None = None) -> str:
+def job_id(
+    workflow: str | None,
+    prompt: dict[str, Any] | None,
+    overrides: list[Override],
+    inputs: dict[str, Any] | None = None,
+) -> str:
     """Stable id: a hash of the workflow (path or graph), the overrides and the inputs."""
-    key = {"workflow": workflow if workflow is not None else prompt,
-           "set": [[o.node, o.input, o.value] for o in overrides], "inputs": inputs or {}}
+    key = {
+        "workflow": workflow if workflow is not None else prompt,
+        "set": [[o.node, o.input, o.value] for o in overrides],
+        "inputs": inputs or {},
+    }
     blob = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -169,9 +177,13 @@ def parse_jsonl(text: str, source: str = "batch.jsonl", base: Path | None = None
             raise BatchError(f"{where}: expected a JSON object per line, found {type(data).__name__}")
         unknown = sorted(set(data) - _JOB_KEYS)
         if unknown:
-            raise BatchError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_JOB_KEYS))}")
+            raise BatchError(
+                f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_JOB_KEYS))}"
+            )
         if ("workflow" in data) == ("prompt" in data):
-            raise BatchError(f"{where}: give exactly one of 'workflow' (a path) or 'prompt' (an inline graph)")
+            raise BatchError(
+                f"{where}: give exactly one of 'workflow' (a path) or 'prompt' (an inline graph)"
+            )
         workflow, prompt = None, None
         if "workflow" in data:
             if not isinstance(data["workflow"], str):
@@ -196,8 +208,19 @@ def parse_jsonl(text: str, source: str = "batch.jsonl", base: Path | None = None
             raise BatchError(f"{where}: 'tags' must be a list")
         jid = job_id(workflow, prompt, overrides, inputs)
         name = str(data.get("name") or jid)
-        jobs.append(Job(jid, name, safe_name(name), workflow, prompt, [o.text for o in overrides], inputs,
-                        [str(t) for t in tags], line=number))
+        jobs.append(
+            Job(
+                jid,
+                name,
+                safe_name(name),
+                workflow,
+                prompt,
+                [o.text for o in overrides],
+                inputs,
+                [str(t) for t in tags],
+                line=number,
+            )
+        )
     _dedupe_folders(jobs)
     return BatchPlan(source, "jsonl", jobs)
 
@@ -305,8 +328,9 @@ def _seed_fn(spec: Any, where: str, master_seed: int | None = None) -> tuple[str
     if spec is None:
         return None, None, None
     if not isinstance(spec, dict) or "set" not in spec:
-        raise BatchError(f"{where}: 'seed' needs 'set' (e.g. KSampler.seed) and 'policy' "
-                         f"({', '.join(SEED_POLICIES)})")
+        raise BatchError(
+            f"{where}: 'seed' needs 'set' (e.g. KSampler.seed) and 'policy' ({', '.join(SEED_POLICIES)})"
+        )
     policy = spec.get("policy", "fixed")
     if policy not in SEED_POLICIES:
         raise BatchError(f"{where}: seed policy {policy!r} is not one of {', '.join(SEED_POLICIES)}")
@@ -323,6 +347,7 @@ def _seed_fn(spec: Any, where: str, master_seed: int | None = None) -> tuple[str
             while len(drawn) <= i:
                 drawn.append(rng.randrange(2**32))
             return drawn[i]
+
         return str(spec["set"]), draw, master
     start = spec.get("value", spec.get("base", 0))
     if not isinstance(start, int) or isinstance(start, bool):
@@ -333,8 +358,9 @@ def _seed_fn(spec: Any, where: str, master_seed: int | None = None) -> tuple[str
     return str(spec["set"]), lambda i: start + i * step, None
 
 
-def parse_sweep(data: Any, source: str = "sweep", base: Path | None = None, *,
-                master_seed: int | None = None) -> BatchPlan:
+def parse_sweep(
+    data: Any, source: str = "sweep", base: Path | None = None, *, master_seed: int | None = None
+) -> BatchPlan:
     """Expand a sweep spec (already parsed from YAML/JSON); ``master_seed`` is used by a ``random`` seed policy
     without its own ``master`` (a resumed batch passes the one it recorded)."""
     base = base or Path(".")
@@ -343,7 +369,9 @@ def parse_sweep(data: Any, source: str = "sweep", base: Path | None = None, *,
     known = {"workflow", "prompt", "set", "axes", "zip", "seed", "inputs", "tags", "name"}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise BatchError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        raise BatchError(
+            f"{source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}"
+        )
     workflow, prompt = data.get("workflow"), None
     if (workflow is None) == ("prompt" not in data):
         raise BatchError(f"{source}: give exactly one of 'workflow' (a path) or 'prompt' (an inline graph)")
@@ -359,8 +387,11 @@ def parse_sweep(data: Any, source: str = "sweep", base: Path | None = None, *,
     fixed = _overrides(data.get("set"), f"{source}: set")
     axes = _axes(data.get("axes"), source)
     for axis in axes:  # check each address once, with its first value, before expanding
-        _check(graph, [_override(axis.address, axis.values[0], f"{source}: axis {axis.name!r}")],
-               f"{source}: axis {axis.name!r}")
+        _check(
+            graph,
+            [_override(axis.address, axis.values[0], f"{source}: axis {axis.name!r}")],
+            f"{source}: axis {axis.name!r}",
+        )
     groups = _groups(axes, data.get("zip"), source)
     seed_address, seed_of, master = _seed_fn(data.get("seed"), source, master_seed)
     if seed_address:
@@ -385,8 +416,20 @@ def parse_sweep(data: Any, source: str = "sweep", base: Path | None = None, *,
         parts = [f"{safe_name(a.name, 24)}-{safe_name(chosen[a.name])}" for a in axes if a.named]
         folder = "/".join(parts) if parts else f"{index:05d}"
         name = (prefix + "/" if prefix else "") + ("/".join(parts) if parts else jid)
-        jobs.append(Job(jid, name, folder, workflow, prompt, [o.text for o in overrides], dict(inputs), list(tags),
-                        chosen, seed))
+        jobs.append(
+            Job(
+                jid,
+                name,
+                folder,
+                workflow,
+                prompt,
+                [o.text for o in overrides],
+                dict(inputs),
+                list(tags),
+                chosen,
+                seed,
+            )
+        )
     _dedupe_folders(jobs)
     return BatchPlan(source, "sweep", jobs, master)
 
@@ -412,7 +455,9 @@ def load_batch(path: str | Path, *, master_seed: int | None = None) -> BatchPlan
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise BatchError(f"{p}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+            raise BatchError(
+                f"{p}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+            ) from None
     else:
         import yaml
 
@@ -444,7 +489,9 @@ def plan_hash(plan: BatchPlan, base: Path) -> str:
     files: set[str] = set()
     graphs: dict[int, str] = {}  # a sweep shares one inline graph between all its jobs: hash it once
     for job in plan.jobs:
-        h.update(json.dumps(plan_entry(job, graphs), sort_keys=True, default=str, separators=(",", ":")).encode())
+        h.update(
+            json.dumps(plan_entry(job, graphs), sort_keys=True, default=str, separators=(",", ":")).encode()
+        )
         if job.workflow:
             files.add(job.workflow)
     for name in sorted(files):

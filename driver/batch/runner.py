@@ -143,8 +143,10 @@ def _training(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     entries = manifest.get("training")
     if isinstance(entries, list):
         return [e for e in entries if isinstance(e, dict)]
-    return [{"node_id": t.node_id, "lora": t.lora, "run_dir": t.run_dir, "state": "pending"}
-            for t in trained_loras(manifest.get("values") or {})]
+    return [
+        {"node_id": t.node_id, "lora": t.lora, "run_dir": t.run_dir, "state": "pending"}
+        for t in trained_loras(manifest.get("values") or {})
+    ]
 
 
 def _pending_training(folder: Path) -> bool:
@@ -169,8 +171,15 @@ def _write_manifest_over(path: Path, manifest: dict[str, Any]) -> None:
 class BatchRunner:
     """Runs one plan on a pool of targets into ``options.out`` (use :class:`Batch` for the friendly API)."""
 
-    def __init__(self, plan: BatchPlan, targets: list[Target], options: RunOptions, *, base: Path | None = None,
-                 on_message: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        plan: BatchPlan,
+        targets: list[Target],
+        options: RunOptions,
+        *,
+        base: Path | None = None,
+        on_message: Callable[[str], None] | None = None,
+    ) -> None:
         if not targets:
             raise UsageError("a batch needs at least one server (--server URL or --profile NAME)")
         names = [t.name for t in targets]
@@ -180,11 +189,15 @@ class BatchRunner:
         self.targets = targets
         self.options = options
         self.out = Path(options.out)
-        self.base = base or (Path(plan.source).parent if plan.source and Path(plan.source).exists() else Path("."))
+        self.base = base or (
+            Path(plan.source).parent if plan.source and Path(plan.source).exists() else Path(".")
+        )
         self.note = on_message or (lambda text: None)
         self.jobs = {job.id: job for job in plan.jobs}
         if len(self.jobs) != len(plan.jobs):
-            raise BatchError("the plan has two jobs with the same id (identical workflow, overrides and inputs)")
+            raise BatchError(
+                "the plan has two jobs with the same id (identical workflow, overrides and inputs)"
+            )
         self.journal: Journal | None = None
         self._workflows: dict[str, Workflow] = {}
         self._pending: deque[str] = deque()
@@ -195,7 +208,9 @@ class BatchRunner:
         self._results: asyncio.Queue[JobOutcome | None] | None = None
         self._rng = random.Random()
         self._upload_later: list[str] = []
-        self._backoff = Backoff(attempts=max(0, options.retries) + 1, base=options.backoff, cap=options.backoff_max)
+        self._backoff = Backoff(
+            attempts=max(0, options.retries) + 1, base=options.backoff, cap=options.backoff_max
+        )
         self._job_infos = [{"id": j.id, "folder": j.folder} for j in plan.jobs]  # what the summary needs
         self._no_files: set[str] = set()  # targets found without CharForge's file routes (noted once)
         self._location: Any = None  # the S3Location of upload_to
@@ -205,7 +220,9 @@ class BatchRunner:
         if options.upload_to:
             from ..storage.s3 import S3Location
 
-            self._location = S3Location.parse(options.upload_to)  # a wrong location fails before anything runs
+            self._location = S3Location.parse(
+                options.upload_to
+            )  # a wrong location fails before anything runs
 
     # ---- setup --------------------------------------------------------------------------------------------
 
@@ -221,8 +238,10 @@ class BatchRunner:
             pass
         except OSError:
             handle.close()
-            raise BatchError(f"another 'charforge batch run' is using {self.out}; wait for it or stop it "
-                             "('charforge batch status' shows its progress)") from None
+            raise BatchError(
+                f"another 'charforge batch run' is using {self.out}; wait for it or stop it "
+                "('charforge batch status' shows its progress)"
+            ) from None
         self._lock_handle: IO[str] | None = handle
 
     def _unlock(self) -> None:
@@ -238,21 +257,34 @@ class BatchRunner:
         digest = plan_hash(self.plan, self.base)
         journal = Journal(path, state, fsync=self.options.fsync)
         if state.plan_hash is None:
-            journal.append("batch", plan_hash=digest, jobs=len(self.plan.jobs), source=self.plan.source,
-                           master_seed=self.plan.master_seed)
+            journal.append(
+                "batch",
+                plan_hash=digest,
+                jobs=len(self.plan.jobs),
+                source=self.plan.source,
+                master_seed=self.plan.master_seed,
+            )
         elif state.plan_hash != digest:
             if not self.options.force_replan:
                 journal.close()
                 raise BatchError(
                     f"the batch in {self.out} was planned from a different batch file or workflow (plan "
                     f"{state.plan_hash}, now {digest}); use another --out, or --force-replan to continue with "
-                    "the new plan (finished jobs with the same id are kept)")
+                    "the new plan (finished jobs with the same id are kept)"
+                )
             journal.append("replan", plan_hash=digest, jobs=len(self.plan.jobs))
         graphs: dict[int, str] = {}
-        write_json_atomic(self.out / PLAN_NAME, {"source": self.plan.source, "kind": self.plan.kind,
-                                                 "master_seed": self.plan.master_seed, "plan_hash": digest,
-                                                 "jobs": [plan_entry(j, graphs) for j in self.plan.jobs]},
-                          indent=None)
+        write_json_atomic(
+            self.out / PLAN_NAME,
+            {
+                "source": self.plan.source,
+                "kind": self.plan.kind,
+                "master_seed": self.plan.master_seed,
+                "plan_hash": digest,
+                "jobs": [plan_entry(j, graphs) for j in self.plan.jobs],
+            },
+            indent=None,
+        )
         return journal
 
     def _schedule(self, journal: Journal) -> list[JobOutcome]:
@@ -265,8 +297,17 @@ class BatchRunner:
             if js is None or js.state == "pending":
                 self._pending.append(job.id)
             elif js.state == "done":
-                finished.append(JobOutcome(job, "done", folder, js.prompt_id, js.server,
-                                           [folder / f for f in js.files], skipped=True))
+                finished.append(
+                    JobOutcome(
+                        job,
+                        "done",
+                        folder,
+                        js.prompt_id,
+                        js.server,
+                        [folder / f for f in js.files],
+                        skipped=True,
+                    )
+                )
                 if self._location is not None and not js.uploaded:
                     self._upload_later.append(job.id)
             elif js.state == "failed" and js.kind == "home" and (folder / "manifest.json").exists():
@@ -274,30 +315,42 @@ class BatchRunner:
                 if js.server in names:
                     self._recover[js.server].append(job.id)
                 else:
-                    self.note(f"{job.folder}: its LoRA is on {js.server}, not in this run's pool: left for a "
-                              "later run")
+                    self.note(
+                        f"{job.folder}: its LoRA is on {js.server}, not in this run's pool: left for a "
+                        "later run"
+                    )
             elif js.state in ("failed", "timed_out"):
                 if js.kind == "transient" or self.options.retry_failed:
                     journal.append("requeue", job=job.id, reason=f"rerun after {js.state} ({js.kind})")
                     self._pending.append(job.id)
                 else:
-                    finished.append(JobOutcome(job, js.state, folder, js.prompt_id, js.server, reason=js.reason,
-                                               skipped=True))
+                    finished.append(
+                        JobOutcome(
+                            job, js.state, folder, js.prompt_id, js.server, reason=js.reason, skipped=True
+                        )
+                    )
             elif js.state in IN_FLIGHT:
                 if js.prompt_id and js.server in names:
                     self._recover[js.server].append(job.id)
                 elif (folder / "manifest.json").exists():
                     if self.options.lora_home and _pending_training(folder):
-                        self.note(f"{job.folder}: its LoRA is on {js.server}, not in this run's pool: left for a "
-                                  "later run")
+                        self.note(
+                            f"{job.folder}: its LoRA is on {js.server}, not in this run's pool: left for a "
+                            "later run"
+                        )
                         continue
                     self._recover[self.targets[0].name].append(job.id)  # collected already: just journal it
                 else:
                     # We cannot ask: the server is not in this pool, or it assigns ids and the driver died
                     # before journaling the one it returned. Submitting again is all that is left.
-                    reason = ("its server is not in this run's pool" if js.server not in names
-                              else "the id the server assigned was never journaled")
-                    journal.append("lost", job=job.id, prompt_id=js.prompt_id, server=js.server, reason=reason)
+                    reason = (
+                        "its server is not in this run's pool"
+                        if js.server not in names
+                        else "the id the server assigned was never journaled"
+                    )
+                    journal.append(
+                        "lost", job=job.id, prompt_id=js.prompt_id, server=js.server, reason=reason
+                    )
                     self._pending.append(job.id)
         return finished
 
@@ -306,7 +359,9 @@ class BatchRunner:
             wf = self._workflows.get(job.workflow)
             if wf is None:
                 path = Path(job.workflow).expanduser()
-                wf = self._workflows[job.workflow] = load_workflow(path if path.is_absolute() else self.base / path)
+                wf = self._workflows[job.workflow] = load_workflow(
+                    path if path.is_absolute() else self.base / path
+                )
             workflow: Any = wf
         else:
             workflow = job.prompt or {}
@@ -338,7 +393,9 @@ class BatchRunner:
                     return None  # nothing left that this target can run, and nobody can hand one back
                 await self._cond.wait()
 
-    async def _release(self, job_id: str | None = None, *, requeue: bool = False, front: bool = False) -> None:
+    async def _release(
+        self, job_id: str | None = None, *, requeue: bool = False, front: bool = False
+    ) -> None:
         assert self._cond is not None
         async with self._cond:
             self._active -= 1
@@ -379,29 +436,52 @@ class BatchRunner:
                 if not is_transient(exc):
                     raise
                 if self._backoff.is_last(attempt):
-                    raise _Retryable(f"{what}: {_reason(exc)} (gave up after {self.options.retries} retries)") \
-                        from exc
+                    raise _Retryable(
+                        f"{what}: {_reason(exc)} (gave up after {self.options.retries} retries)"
+                    ) from exc
                 # Jittered, so servers recovering are not hit in lockstep; a Retry-After may ask for longer.
                 delay = self._backoff.delay(attempt, rng=self._rng.random)
                 attempt += 1
                 hinted = retry_after(exc)
                 if hinted is not None:
                     delay = max(delay, min(hinted, self.options.backoff_max * 5))
-                self._log("retry", job=job.id, what=what, reason=_reason(exc).splitlines()[0], delay=round(delay, 3),
-                          attempt=attempt)
+                self._log(
+                    "retry",
+                    job=job.id,
+                    what=what,
+                    reason=_reason(exc).splitlines()[0],
+                    delay=round(delay, 3),
+                    attempt=attempt,
+                )
                 await asyncio.sleep(delay)
 
     def _finish(self, outcome: JobOutcome) -> None:
         assert self._results is not None
         self._results.put_nowait(outcome)
 
-    def _fail(self, job: Job, ev: str, kind: str, reason: str, target: Target | None = None,
-              prompt_id: str | None = None) -> None:
-        self._log(ev, job=job.id, kind=kind, reason=reason, server=target.name if target else None,
-                  prompt_id=prompt_id)
+    def _fail(
+        self,
+        job: Job,
+        ev: str,
+        kind: str,
+        reason: str,
+        target: Target | None = None,
+        prompt_id: str | None = None,
+    ) -> None:
+        self._log(
+            ev,
+            job=job.id,
+            kind=kind,
+            reason=reason,
+            server=target.name if target else None,
+            prompt_id=prompt_id,
+        )
         self.note(f"{job.folder}: {ev.replace('_', ' ')} ({kind}): {reason.splitlines()[0]}")
-        self._finish(JobOutcome(job, ev, self.out / job.folder, prompt_id, target.name if target else None,
-                                reason=reason))
+        self._finish(
+            JobOutcome(
+                job, ev, self.out / job.folder, prompt_id, target.name if target else None, reason=reason
+            )
+        )
 
     async def _process(self, job: Job, target: Target, recovering: bool) -> Step:
         """Take one job to an end (:attr:`Step.ENDED`) or hand it back (:attr:`Step.REQUEUE`)."""
@@ -416,8 +496,13 @@ class BatchRunner:
                 known_id = prompt_id
                 where = await self._retrying(job, "looking the job up", lambda: target.lookup(known_id))
                 if where == "unknown":
-                    self._log("lost", job=job.id, prompt_id=prompt_id, server=target.name,
-                              reason="the server does not know the job (restarted?)")
+                    self._log(
+                        "lost",
+                        job=job.id,
+                        prompt_id=prompt_id,
+                        server=target.name,
+                        reason="the server does not know the job (restarted?)",
+                    )
                     prompt_id = None
             resubmits = 0
             while True:
@@ -431,8 +516,14 @@ class BatchRunner:
                 if step is Step.LOST:
                     resubmits += 1
                     if resubmits > self.options.max_resubmits:
-                        self._fail(job, "failed", "lost", f"the server lost the job {resubmits} times", target,
-                                   prompt_id)
+                        self._fail(
+                            job,
+                            "failed",
+                            "lost",
+                            f"the server lost the job {resubmits} times",
+                            target,
+                            prompt_id,
+                        )
                         return Step.ENDED
                     prompt_id = None
                     continue
@@ -457,12 +548,15 @@ class BatchRunner:
             if excluded >= {t.name for t in self.targets}:
                 js = self.journal.state.job(job.id)  # type: ignore[union-attr]
                 reasons = "; ".join(f"{s}: {r.splitlines()[0]}" for s, r in js.invalid_on.items())
-                self._fail(job, "failed", "validation", f"invalid on every server: {reasons}\n{reason}", target)
+                self._fail(
+                    job, "failed", "validation", f"invalid on every server: {reasons}\n{reason}", target
+                )
                 return Step.ENDED
             return Step.REQUEUE
         prompt_id = str(uuid.uuid4()) if target.supports_prompt_ids else None
         self._log("submitting", job=job.id, prompt_id=prompt_id, server=target.name)
         try:
+
             async def submit() -> str:
                 try:
                     return await target.submit(graph, prompt_id)
@@ -503,8 +597,14 @@ class BatchRunner:
         except JobTimeout:
             with contextlib.suppress(Exception):
                 await target.cancel(prompt_id)
-            self._fail(job, "timed_out", "timeout", f"did not finish within {timeout:g} s; cancelled",
-                       target, prompt_id)
+            self._fail(
+                job,
+                "timed_out",
+                "timeout",
+                f"did not finish within {timeout:g} s; cancelled",
+                target,
+                prompt_id,
+            )
             return Step.ENDED
         except ExecutionError as exc:
             self._fail(job, "failed", "execution", _reason(exc), target, prompt_id)
@@ -513,23 +613,41 @@ class BatchRunner:
             self._fail(job, "failed", "interrupted", _reason(exc), target, prompt_id)
             return Step.ENDED
         if js.state != "finished":
-            self._log("finished", job=job.id, prompt_id=prompt_id, server=target.name,
-                      execution_seconds=result.timings.execution_seconds)
+            self._log(
+                "finished",
+                job=job.id,
+                prompt_id=prompt_id,
+                server=target.name,
+                execution_seconds=result.timings.execution_seconds,
+            )
         # The job's time limit covers its downloads: what is left of it, or all of it for a job found finished
         # when a run resumes (however late we come back, it gets one full try).
         download_limit = None
         if timeout is not None:
-            download_limit = timeout if finished else max(
-                0.0, timeout - (time.time() - (js.submitted_at or time.time())))
+            download_limit = (
+                timeout if finished else max(0.0, timeout - (time.time() - (js.submitted_at or time.time())))
+            )
         try:
             await self._collect(job, target, prompt_id, result, download_limit)
         except JobTimeout:
-            self._fail(job, "timed_out", "timeout", f"downloading its outputs did not finish within {timeout:g} s",
-                       target, prompt_id)
+            self._fail(
+                job,
+                "timed_out",
+                "timeout",
+                f"downloading its outputs did not finish within {timeout:g} s",
+                target,
+                prompt_id,
+            )
         return Step.ENDED
 
-    async def _collect(self, job: Job, target: Target, prompt_id: str | None, result: Any,
-                       download_limit: float | None = None) -> None:
+    async def _collect(
+        self,
+        job: Job,
+        target: Target,
+        prompt_id: str | None,
+        result: Any,
+        download_limit: float | None = None,
+    ) -> None:
         """Download into a staging folder, write the manifest, rename into place, journal ``done``.
 
         Raises :class:`JobTimeout` when the downloads take longer than ``download_limit`` seconds (the staging
@@ -550,20 +668,39 @@ class BatchRunner:
                 downloads = await self._retrying(job, "downloading", download)
             else:
                 try:
-                    downloads = await asyncio.wait_for(self._retrying(job, "downloading", download), download_limit)
+                    downloads = await asyncio.wait_for(
+                        self._retrying(job, "downloading", download), download_limit
+                    )
                 except asyncio.TimeoutError:
                     shutil.rmtree(staging, ignore_errors=True)
-                    raise JobTimeout(f"downloading the outputs of job {job.id} did not finish within "
-                                     f"{download_limit:g} s", prompt_id=result.prompt_id,
-                                     seconds=download_limit) from None
-            manifest = build_manifest(result, downloads, out_dir=staging, server=target.name,
-                                      workflow_source=job.workflow, wall_seconds=time.monotonic() - started)
-            manifest["batch"] = {"job": job.id, "name": job.name, "folder": job.folder, "axes": job.axes,
-                                 "seed": job.seed, "tags": job.tags, "set": job.overrides}
+                    raise JobTimeout(
+                        f"downloading the outputs of job {job.id} did not finish within {download_limit:g} s",
+                        prompt_id=result.prompt_id,
+                        seconds=download_limit,
+                    ) from None
+            manifest = build_manifest(
+                result,
+                downloads,
+                out_dir=staging,
+                server=target.name,
+                workflow_source=job.workflow,
+                wall_seconds=time.monotonic() - started,
+            )
+            manifest["batch"] = {
+                "job": job.id,
+                "name": job.name,
+                "folder": job.folder,
+                "axes": job.axes,
+                "seed": job.seed,
+                "tags": job.tags,
+                "set": job.overrides,
+            }
             trained = trained_loras(manifest.get("values") or {}) if self.options.lora_home else []
             if trained:  # renamed into place with the training pending; its LoRA comes home next
-                manifest["training"] = [{"node_id": t.node_id, "lora": t.lora, "run_dir": t.run_dir,
-                                         "state": "pending"} for t in trained]
+                manifest["training"] = [
+                    {"node_id": t.node_id, "lora": t.lora, "run_dir": t.run_dir, "state": "pending"}
+                    for t in trained
+                ]
             write_manifest(staging, manifest)
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists():  # an empty or foreign folder without a manifest: keep it aside, never mix
@@ -578,10 +715,14 @@ class BatchRunner:
             files = [f["path"] for f in manifest.get("files", [])]
             prompt_id = prompt_id or manifest.get("prompt_id")
         seconds = round(time.time() - js.first_submitted_at, 3) if js.first_submitted_at else None
-        costs = getattr(target, "job_costs", None)  # targets that price their jobs (RunPod) keep them by prompt id
+        costs = getattr(
+            target, "job_costs", None
+        )  # targets that price their jobs (RunPod) keep them by prompt id
         cost = costs.get(prompt_id) if isinstance(costs, dict) and prompt_id else None
         extra = {"cost": round(float(cost), 6)} if cost is not None else {}
-        self._log("done", job=job.id, prompt_id=prompt_id, server=target.name, files=files, seconds=seconds, **extra)
+        self._log(
+            "done", job=job.id, prompt_id=prompt_id, server=target.name, files=files, seconds=seconds, **extra
+        )
         self._finish(JobOutcome(job, "done", final, prompt_id, target.name, [final / f for f in files]))
         if self._uploads is not None:
             self._uploads.put_nowait(job.id)
@@ -610,7 +751,9 @@ class BatchRunner:
         elif target.name in self._no_files:
             why = f"{target.name} has no CharForge transfer routes"
         else:
-            trained = [TrainedLoRA(str(e["lora"]), str(e["run_dir"]), str(e.get("node_id") or "")) for e in pending]
+            trained = [
+                TrainedLoRA(str(e["lora"]), str(e["run_dir"]), str(e.get("node_id") or "")) for e in pending
+            ]
             try:
                 got = await self._retrying(job, "bringing the LoRA home", lambda: fetch(trained, final))
             except NoTransferRoutes as exc:
@@ -618,25 +761,42 @@ class BatchRunner:
                 why = _reason(exc)
                 self.note(f"trained LoRAs stay on {target.name}: {why}")
             except _Retryable as exc:
-                self._fail(job, "failed", "home", f"{exc}; the outputs are here, rerun to bring the LoRA home "
-                           "(the job is not run again)", target, prompt_id)
+                self._fail(
+                    job,
+                    "failed",
+                    "home",
+                    f"{exc}; the outputs are here, rerun to bring the LoRA home (the job is not run again)",
+                    target,
+                    prompt_id,
+                )
                 return False
             except (DriverError, OSError, ValueError, KeyError) as exc:
-                self._fail(job, "failed", "home", f"bringing the LoRA home: {_reason(exc)}; rerun to try again "
-                           "(the job is not run again)", target, prompt_id)
+                self._fail(
+                    job,
+                    "failed",
+                    "home",
+                    f"bringing the LoRA home: {_reason(exc)}; rerun to try again (the job is not run again)",
+                    target,
+                    prompt_id,
+                )
                 return False
             else:
                 by_key = {(g["node_id"], g["lora"]): g for g in got}
                 for entry in pending:
                     home = by_key.get((entry["node_id"], entry["lora"]))
                     if home is not None:
-                        entry.update({k: v for k, v in home.items() if k != "files"}, files=len(home["files"]))
+                        entry.update(
+                            {k: v for k, v in home.items() if k != "files"}, files=len(home["files"])
+                        )
                         title = ((manifest.get("values") or {}).get(entry["node_id"]) or {}).get("title")
                         for f in home["files"]:
                             f["title"] = title
                         known = {f["path"] for f in manifest["files"]}
-                        manifest["files"] += [{k: v for k, v in f.items() if k != "downloaded"}
-                                              for f in home["files"] if f["path"] not in known]
+                        manifest["files"] += [
+                            {k: v for k, v in f.items() if k != "downloaded"}
+                            for f in home["files"]
+                            if f["path"] not in known
+                        ]
         if why is not None:
             for entry in pending:
                 entry.update(state="not_home", reason=why)
@@ -717,8 +877,9 @@ class BatchRunner:
                 tasks.append(uploader)
             usable = await asyncio.gather(*[self._open_target(t) for t in self.targets])
             if not any(usable):
-                raise ServerUnavailable("no server of the pool can be reached: "
-                                        + ", ".join(t.name for t in self.targets))
+                raise ServerUnavailable(
+                    "no server of the pool can be reached: " + ", ".join(t.name for t in self.targets)
+                )
             for target, ok in zip(self.targets, usable, strict=True):
                 if not ok:  # its recovered jobs cannot be looked up: leave them for a later run
                     left = self._recover[target.name]
@@ -728,8 +889,12 @@ class BatchRunner:
                     for job_id in self._pending:
                         self._excluded.setdefault(job_id, set()).add(target.name)
             tasks.append(asyncio.ensure_future(self._summaries()))
-            workers = [asyncio.ensure_future(self._worker(t))
-                       for t, ok in zip(self.targets, usable, strict=True) if ok for _ in range(t.capacity)]
+            workers = [
+                asyncio.ensure_future(self._worker(t))
+                for t, ok in zip(self.targets, usable, strict=True)
+                if ok
+                for _ in range(t.capacity)
+            ]
             tasks += workers
             done_all = asyncio.ensure_future(asyncio.gather(*workers))
             tasks.append(done_all)
@@ -800,15 +965,28 @@ class BatchRunner:
         except Exception as exc:  # noqa: BLE001 - StorageError, OSError...: journaled, tried again next run
             reason = self._upload_reason(exc)
             self._log("upload_failed", job=job.id, url=str(location), reason=reason)
-            self.note(f"{job.folder}: upload to {location} failed: {reason.splitlines()[0]} (the next run tries "
-                      "again)")
+            self.note(
+                f"{job.folder}: upload to {location} failed: {reason.splitlines()[0]} (the next run tries "
+                "again)"
+            )
             return
         sent = [e for e in entries if e["uploaded"]]
         self._uploaded_now += 1
-        self._log("uploaded", job=job.id, url=str(location), sent=len(sent),
-                  bytes_sent=sum(e["bytes_sent"] for e in entries),
-                  files=[{"path": Path(e["path"]).relative_to(folder).as_posix(), "size": e["size"],
-                          "sha256": e["sha256"]} for e in entries])
+        self._log(
+            "uploaded",
+            job=job.id,
+            url=str(location),
+            sent=len(sent),
+            bytes_sent=sum(e["bytes_sent"] for e in entries),
+            files=[
+                {
+                    "path": Path(e["path"]).relative_to(folder).as_posix(),
+                    "size": e["size"],
+                    "sha256": e["sha256"],
+                }
+                for e in entries
+            ],
+        )
 
     async def _upload_batch_files(self) -> None:
         """The batch's own files up, with ``s3_manifest.json`` listing every object of the batch; skipped when
@@ -825,17 +1003,28 @@ class BatchRunner:
             if not upload:
                 continue
             for f in upload.get("files") or []:
-                listing.append({"path": f"{job.folder}/{f['path']}", "url": f"{upload['url']}/{f['path']}",
-                                "size": f["size"], "sha256": f["sha256"]})
+                listing.append(
+                    {
+                        "path": f"{job.folder}/{f['path']}",
+                        "url": f"{upload['url']}/{f['path']}",
+                        "size": f["size"],
+                        "sha256": f["sha256"],
+                    }
+                )
         names = [PLAN_NAME, SUMMARY_NAME, JOURNAL_NAME, "contact_sheet.png", "costs.json"]
         try:
             for name in names:
                 if (self.out / name).is_file():
-                    entry = await asyncio.to_thread(self._storage.upload_file, self.out / name, self._location, name)
-                    listing.append({"path": name, "url": entry["url"], "size": entry["size"],
-                                    "sha256": entry["sha256"]})
+                    entry = await asyncio.to_thread(
+                        self._storage.upload_file, self.out / name, self._location, name
+                    )
+                    listing.append(
+                        {"path": name, "url": entry["url"], "size": entry["size"], "sha256": entry["sha256"]}
+                    )
             write_json_atomic(self.out / S3_MANIFEST, listing, indent=1)
-            await asyncio.to_thread(self._storage.upload_file, self.out / S3_MANIFEST, self._location, S3_MANIFEST)
+            await asyncio.to_thread(
+                self._storage.upload_file, self.out / S3_MANIFEST, self._location, S3_MANIFEST
+            )
         except Exception as exc:  # noqa: BLE001 - noted; the next run tries again
             reason = self._upload_reason(exc)
             self.note(f"the batch's files were not uploaded to {where}: {reason.splitlines()[0]}")

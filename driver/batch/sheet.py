@@ -52,8 +52,9 @@ def first_image(folder: Path) -> Path | None:
     return None
 
 
-def make_contact_sheet(out: Path, plan: BatchPlan, axes: tuple[str, str], *, cell: int = 256,
-                       name: str = SHEET_NAME) -> Path | None:
+def make_contact_sheet(
+    out: Path, plan: BatchPlan, axes: tuple[str, str], *, cell: int = 256, name: str = SHEET_NAME
+) -> Path | None:
     """Draw the sheet into ``out/name``; returns its path (None when no job of the plan has an image)."""
     from PIL import Image, ImageDraw
 
@@ -88,8 +89,11 @@ def make_contact_sheet(out: Path, plan: BatchPlan, axes: tuple[str, str], *, cel
         header += f"   (side by side in each cell: {', '.join(others)})"
     draw.text((pad, pad), header, fill=(0, 0, 0))
     for i, xv in enumerate(xs):
-        draw.text((margin_left + i * (thumb * per_cell + pad) + pad, margin_top - 16), _label(xv)[:40],
-                  fill=(0, 0, 0))
+        draw.text(
+            (margin_left + i * (thumb * per_cell + pad) + pad, margin_top - 16),
+            _label(xv)[:40],
+            fill=(0, 0, 0),
+        )
     for j, yv in enumerate(ys):
         draw.text((pad, margin_top + j * (thumb + pad) + thumb // 2), _label(yv)[:22], fill=(0, 0, 0))
     for (i, j), group in cells.items():
@@ -108,7 +112,9 @@ def make_contact_sheet(out: Path, plan: BatchPlan, axes: tuple[str, str], *, cel
                 size = (max(1, round(tile.width * scale)), max(1, round(tile.height * scale)))
                 # tiny test images are enlarged without blurring them
                 tile = tile.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
-                sheet.paste(tile, (left + (thumb - 2 - tile.width) // 2, top + (thumb - 2 - tile.height) // 2))
+                sheet.paste(
+                    tile, (left + (thumb - 2 - tile.width) // 2, top + (thumb - 2 - tile.height) // 2)
+                )
     target = Path(out) / name
     tmp = target.with_name(f".{target.name}.tmp")
     sheet.save(tmp, format="PNG")

@@ -141,8 +141,15 @@ class ComfyTarget:
 
     supports_prompt_ids = True
 
-    def __init__(self, server: str | ServerConfig, *, capacity: int = 2, preflight: bool = True,
-                 poll_interval: float = 1.0, client: AsyncComfyClient | None = None) -> None:
+    def __init__(
+        self,
+        server: str | ServerConfig,
+        *,
+        capacity: int = 2,
+        preflight: bool = True,
+        poll_interval: float = 1.0,
+        client: AsyncComfyClient | None = None,
+    ) -> None:
         self.client = client or AsyncComfyClient(server, poll_interval=poll_interval)
         self.name = self.client.url
         self.capacity = max(1, int(capacity))
@@ -161,8 +168,9 @@ class ComfyTarget:
     async def prepare(self, spec: JobSpec) -> dict[str, Any]:
         workflow = spec.workflow
         inputs = [f"{k}={v}" for k, v in (spec.inputs or {}).items()]
-        prepared = await self.client.prepare_run(workflow, sets=list(spec.sets), inputs=inputs,
-                                                 preflight=self.preflight)
+        prepared = await self.client.prepare_run(
+            workflow, sets=list(spec.sets), inputs=inputs, preflight=self.preflight
+        )
         return prepared.prompt
 
     async def submit(self, graph: dict[str, Any], prompt_id: str | None) -> str:

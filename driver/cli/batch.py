@@ -31,10 +31,13 @@ exit codes: 0 every job done; 1 some jobs failed or timed out; 2 usage error or 
 
 def register(sub: argparse._SubParsersAction, *, server: argparse.ArgumentParser, output: type) -> None:
     """Add ``charforge batch plan|run|status``."""
-    batch = sub.add_parser("batch", help="batches and sweeps: plan, run on one or many servers, status",
-                           description="Batch files: JSON Lines (one job per line) or a sweep spec (YAML/JSON). "
-                                       "'plan' expands them, 'run' runs them crash-safe on a pool of servers, "
-                                       "'status' summarises a batch folder.")
+    batch = sub.add_parser(
+        "batch",
+        help="batches and sweeps: plan, run on one or many servers, status",
+        description="Batch files: JSON Lines (one job per line) or a sweep spec (YAML/JSON). "
+        "'plan' expands them, 'run' runs them crash-safe on a pool of servers, "
+        "'status' summarises a batch folder.",
+    )
     batch_sub = batch.add_subparsers(dest="batch_command", metavar="BATCH_COMMAND", required=True)
 
     plan = batch_sub.add_parser("plan", help="print the expanded jobs without contacting any server")
@@ -42,50 +45,111 @@ def register(sub: argparse._SubParsersAction, *, server: argparse.ArgumentParser
     plan.add_argument("--json", action="store_true", help="one JSON object per job on stdout")
     plan.set_defaults(func=cmd_batch_plan)
 
-    run = batch_sub.add_parser("run", help="run a batch on one or more servers (resumes an existing --out)",
-                               description="Run every job of a batch file on a pool of ComfyUI servers.",
-                               epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = batch_sub.add_parser(
+        "run",
+        help="run a batch on one or more servers (resumes an existing --out)",
+        description="Run every job of a batch file on a pool of ComfyUI servers.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("file", type=Path, help="a .jsonl batch or a sweep spec")
-    run.add_argument("--out", type=Path, required=True, metavar="DIR", help="batch folder (created or resumed)")
-    run.add_argument("--server", action="append", default=[], metavar="URL",
-                     help="a server of the pool (repeatable): a ComfyUI URL, runpod-pod:ID, "
-                          "runpod-serverless:ID or replicate:OWNER/MODEL[:VERSION]")
-    run.add_argument("--profile", action="append", default=[], metavar="NAME",
-                     help="a config-file profile of the pool (repeatable)")
+    run.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="batch folder (created or resumed)"
+    )
+    run.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a server of the pool (repeatable): a ComfyUI URL, runpod-pod:ID, "
+        "runpod-serverless:ID or replicate:OWNER/MODEL[:VERSION]",
+    )
+    run.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a config-file profile of the pool (repeatable)",
+    )
     run.add_argument("--config", type=Path, metavar="FILE", help="config file for --profile")
     run.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
-    run.add_argument("--window", type=int, default=2, metavar="N",
-                     help="jobs queued or running per server at once (default: 2)")
-    run.add_argument("--timeout", type=float, metavar="S", help="wall-clock limit per job from its submission; "
-                     "the job is cancelled on its server when it expires")
-    run.add_argument("--retries", type=int, default=6, metavar="N",
-                     help="retries of a transient failure (connection error, 5xx, 429) per step (default: 6)")
-    run.add_argument("--backoff", type=float, default=1.0, metavar="S",
-                     help="first retry delay; doubles each retry, with jitter (default: 1)")
-    run.add_argument("--force-replan", action="store_true",
-                     help="continue a batch folder whose plan changed (jobs with unchanged ids keep their state)")
+    run.add_argument(
+        "--window",
+        type=int,
+        default=2,
+        metavar="N",
+        help="jobs queued or running per server at once (default: 2)",
+    )
+    run.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help="wall-clock limit per job from its submission; "
+        "the job is cancelled on its server when it expires",
+    )
+    run.add_argument(
+        "--retries",
+        type=int,
+        default=6,
+        metavar="N",
+        help="retries of a transient failure (connection error, 5xx, 429) per step (default: 6)",
+    )
+    run.add_argument(
+        "--backoff",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="first retry delay; doubles each retry, with jitter (default: 1)",
+    )
+    run.add_argument(
+        "--force-replan",
+        action="store_true",
+        help="continue a batch folder whose plan changed (jobs with unchanged ids keep their state)",
+    )
     run.add_argument("--retry-failed", action="store_true", help="run failed and timed-out jobs again")
-    run.add_argument("--contact-sheet", metavar="X_AXIS,Y_AXIS",
-                     help="axes of contact_sheet.png (default: automatic for a 2-axis sweep; 'none' to skip)")
+    run.add_argument(
+        "--contact-sheet",
+        metavar="X_AXIS,Y_AXIS",
+        help="axes of contact_sheet.png (default: automatic for a 2-axis sweep; 'none' to skip)",
+    )
     run.add_argument("--no-preflight", action="store_true", help="skip the check against /object_info")
-    run.add_argument("--max-cost", type=float, metavar="USD",
-                     help="stop submitting new jobs once the estimated cost (RunPod pods and serverless "
-                          "endpoints, Replicate models with a known price) would pass this many dollars")
-    run.add_argument("--upload-to", metavar="s3://BUCKET/PREFIX",
-                     help="upload each done job's folder (outputs, LoRA, run folder) to S3-compatible storage as "
-                          "it finishes, and the batch's files at the end; unchanged objects are not sent again. "
-                          "Credentials: the usual AWS variables or profile")
-    run.add_argument("--s3-endpoint", metavar="URL",
-                     help="S3-compatible endpoint (R2, MinIO, RunPod volumes; default: AWS or $AWS_ENDPOINT_URL)")
-    run.add_argument("--no-lora-home", action="store_true",
-                     help="leave LoRAs trained by the jobs (and their run folders) on the server")
+    run.add_argument(
+        "--max-cost",
+        type=float,
+        metavar="USD",
+        help="stop submitting new jobs once the estimated cost (RunPod pods and serverless "
+        "endpoints, Replicate models with a known price) would pass this many dollars",
+    )
+    run.add_argument(
+        "--upload-to",
+        metavar="s3://BUCKET/PREFIX",
+        help="upload each done job's folder (outputs, LoRA, run folder) to S3-compatible storage as "
+        "it finishes, and the batch's files at the end; unchanged objects are not sent again. "
+        "Credentials: the usual AWS variables or profile",
+    )
+    run.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="S3-compatible endpoint (R2, MinIO, RunPod volumes; default: AWS or $AWS_ENDPOINT_URL)",
+    )
+    run.add_argument(
+        "--no-lora-home",
+        action="store_true",
+        help="leave LoRAs trained by the jobs (and their run folders) on the server",
+    )
     run.add_argument("--json", action="store_true", help="one JSON record per finished job on stdout")
     run.set_defaults(func=cmd_batch_run)
 
     status = batch_sub.add_parser("status", help="summary of a batch folder (live while it runs)")
     status.add_argument("dir", type=Path, help="the batch's --out folder")
-    status.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="S",
-                        help="refresh every S seconds (default 2) until the batch stops")
+    status.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=2.0,
+        metavar="S",
+        help="refresh every S seconds (default 2) until the batch stops",
+    )
     status.add_argument("--json", action="store_true", help="print summary.json's content")
     status.set_defaults(func=cmd_batch_status)
 
@@ -93,14 +157,18 @@ def register(sub: argparse._SubParsersAction, *, server: argparse.ArgumentParser
 def cmd_batch_plan(args: argparse.Namespace, out: Any) -> int:
     plan = load_batch(args.file)
     if plan.master_seed is not None:
-        out.note(f"random seeds drawn from master seed {plan.master_seed} (put 'master: {plan.master_seed}' "
-                 "in the seed policy to keep this plan)")
+        out.note(
+            f"random seeds drawn from master seed {plan.master_seed} (put 'master: {plan.master_seed}' "
+            "in the seed policy to keep this plan)"
+        )
     if args.json:
         for job in plan.jobs:
             out.record_line(job.to_dict())
         out.stdout.flush()
         return 0
-    rows = [(j.id, j.folder, str(j.seed) if j.seed is not None else "-", " ".join(j.overrides)) for j in plan.jobs]
+    rows = [
+        (j.id, j.folder, str(j.seed) if j.seed is not None else "-", " ".join(j.overrides)) for j in plan.jobs
+    ]
     if out.stdout.isatty():
         heads = ("ID", "FOLDER", "SEED", "SET")
         widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads[:3])]
@@ -164,23 +232,42 @@ def cmd_batch_run(args: argparse.Namespace, out: Any) -> int:
         from ..storage.s3 import S3Location
 
         S3Location.parse(args.upload_to)  # a wrong location fails before anything runs
-    options = RunOptions(args.out, timeout=args.timeout, retries=args.retries, backoff=args.backoff,
-                         force_replan=args.force_replan, retry_failed=args.retry_failed, contact_sheet=sheet,
-                         lora_home=not args.no_lora_home, upload_to=args.upload_to, s3_endpoint=args.s3_endpoint)
+    options = RunOptions(
+        args.out,
+        timeout=args.timeout,
+        retries=args.retries,
+        backoff=args.backoff,
+        force_replan=args.force_replan,
+        retry_failed=args.retry_failed,
+        contact_sheet=sheet,
+        lora_home=not args.no_lora_home,
+        upload_to=args.upload_to,
+        s3_endpoint=args.s3_endpoint,
+    )
     runner = BatchRunner(plan, _targets(args, out), options, base=args.file.parent, on_message=out.note)
     counts = {"done": 0, "failed": 0, "timed_out": 0}
     total = len(plan.jobs)
-    out.note(f"batch {args.file}: {total} job(s) on {len(runner.targets)} server(s), window {args.window}; "
-             f"folder {args.out}")
+    out.note(
+        f"batch {args.file}: {total} job(s) on {len(runner.targets)} server(s), window {args.window}; "
+        f"folder {args.out}"
+    )
 
     async def main() -> None:
         async for outcome in runner.run():
             counts[outcome.state] = counts.get(outcome.state, 0) + 1
             finished = sum(counts.values())
             if out.json:
-                out.record("job", job=outcome.job.id, folder=outcome.job.folder, state=outcome.state,
-                           prompt_id=outcome.prompt_id, server=outcome.server, skipped=outcome.skipped,
-                           files=[str(f) for f in outcome.files], reason=outcome.reason)
+                out.record(
+                    "job",
+                    job=outcome.job.id,
+                    folder=outcome.job.folder,
+                    state=outcome.state,
+                    prompt_id=outcome.prompt_id,
+                    server=outcome.server,
+                    skipped=outcome.skipped,
+                    files=[str(f) for f in outcome.files],
+                    reason=outcome.reason,
+                )
             elif not outcome.skipped:
                 extra = f" ({outcome.reason.splitlines()[0]})" if outcome.reason else ""
                 out.note(f"[{finished}/{total}] {outcome.job.folder}: {outcome.state}{extra}")
@@ -216,4 +303,3 @@ def cmd_batch_status(args: argparse.Namespace, out: Any) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             time.sleep(args.watch)
     return 0
-

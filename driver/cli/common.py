@@ -38,7 +38,6 @@ class Output:
         """``text`` as it may be shown: secrets masked, control characters made visible."""
         return safe_text(mask(text, self.secrets))
 
-
     def record(self, kind: str, **data: Any) -> None:
         """One NDJSON record ``{"event": kind, "time": ..., **data}`` on stdout."""
         self.record_line({"event": kind, "time": round(time.time(), 3), **data})
@@ -70,7 +69,14 @@ class Output:
             problems = getattr(exc, "problems", None)
             if problems:
                 data["problems"] = [p.to_dict() for p in problems]
-            for attr in ("prompt_id", "node_id", "node_type", "exception_type", "exception_message", "traceback"):
+            for attr in (
+                "prompt_id",
+                "node_id",
+                "node_type",
+                "exception_type",
+                "exception_message",
+                "traceback",
+            ):
                 if getattr(exc, attr, None) is not None:
                     data[attr] = getattr(exc, attr)
             self.record("error", **data)
@@ -95,7 +101,9 @@ def connect(args: argparse.Namespace, out: Output) -> Iterator[ComfyClient]:
     download_mb = getattr(args, "max_download_mb", None)
     if download_mb is not None:
         chosen = Limits.resolve(download_mb=download_mb).max_download_bytes
-        config = dataclasses.replace(config, limits=dataclasses.replace(config.limits, max_download_bytes=chosen))
+        config = dataclasses.replace(
+            config, limits=dataclasses.replace(config.limits, max_download_bytes=chosen)
+        )
     client = ComfyClient(config, verify_tls=False if args.insecure else None)
     try:
         yield client

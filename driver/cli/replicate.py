@@ -25,12 +25,18 @@ Command = Callable[[argparse.Namespace, Any], int]
 def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
     """Add ``charforge replicate predictions`` and route Replicate server strings of run/wait/status/cancel (the
     other commands need a ComfyUI server)."""
-    replicate = sub.add_parser("replicate", help="Replicate: recent predictions (what runs and bills)",
-                               description="Look at your Replicate account. Needs REPLICATE_API_TOKEN (or "
-                                           "replicate.token_env in the config file).")
+    replicate = sub.add_parser(
+        "replicate",
+        help="Replicate: recent predictions (what runs and bills)",
+        description="Look at your Replicate account. Needs REPLICATE_API_TOKEN (or "
+        "replicate.token_env in the config file).",
+    )
     rep = replicate.add_subparsers(dest="replicate_command", metavar="REPLICATE_COMMAND", required=True)
-    predictions = rep.add_parser("predictions", parents=[server],
-                                 help="recent predictions, newest first: status, run time, CharForge job id")
+    predictions = rep.add_parser(
+        "predictions",
+        parents=[server],
+        help="recent predictions, newest first: status, run time, CharForge job id",
+    )
     predictions.add_argument("--limit", type=int, default=20, help="how many (default: 20)")
     predictions.add_argument("--model", metavar="OWNER/NAME", help="only this model's")
     predictions.set_defaults(func=cmd_predictions)
@@ -41,8 +47,11 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> ReplicateSettings | None:
-    return resolve_replicate(getattr(args, "server", None), profile=getattr(args, "profile", None),
-                             config_path=getattr(args, "config", None))
+    return resolve_replicate(
+        getattr(args, "server", None),
+        profile=getattr(args, "profile", None),
+        config_path=getattr(args, "config", None),
+    )
 
 
 def _routed(name: str, original: Command) -> Command:
@@ -51,11 +60,17 @@ def _routed(name: str, original: Command) -> Command:
         if settings is None:
             return original(args, out)
         out.secrets = [*out.secrets, *settings.secrets()]
-        handler = {"run": replicate_run, "wait": replicate_wait, "status": replicate_status,
-                   "cancel": replicate_cancel}.get(name)
+        handler = {
+            "run": replicate_run,
+            "wait": replicate_wait,
+            "status": replicate_status,
+            "cancel": replicate_cancel,
+        }.get(name)
         if handler is None:
-            raise ConfigError(f"'charforge {name}' does not work with a Replicate model (no ComfyUI API there); "
-                              "use run, wait, status or cancel")
+            raise ConfigError(
+                f"'charforge {name}' does not work with a Replicate model (no ComfyUI API there); "
+                "use run, wait, status or cancel"
+            )
         return handler(args, settings, out)
 
     command.__doc__ = original.__doc__
@@ -82,15 +97,20 @@ def replicate_run(args: argparse.Namespace, settings: ReplicateSettings, out: An
         prediction_id = None
         try:
             await target.open()
-            graph = await target.prepare(JobSpec(args.workflow, list(args.set), _input_map(args.input),
-                                                 source=str(args.workflow)))
+            graph = await target.prepare(
+                JobSpec(args.workflow, list(args.set), _input_map(args.input), source=str(args.workflow))
+            )
             for warning in target.warnings:
                 out.note(f"warning: {warning}")
             prediction_id = await target.submit(graph, None)
-            out.note(f"created prediction {prediction_id} on {settings.model} (if this command dies, follow it "
-                     f"with: charforge wait --server {settings.server} {prediction_id} --out {args.out})")
+            out.note(
+                f"created prediction {prediction_id} on {settings.model} (if this command dies, follow it "
+                f"with: charforge wait --server {settings.server} {prediction_id} --out {args.out})"
+            )
             if out.json:
-                out.record("submitted", prediction_id=prediction_id, model=settings.model, version=target.version)
+                out.record(
+                    "submitted", prediction_id=prediction_id, model=settings.model, version=target.version
+                )
             return await _follow(target, prediction_id, args, out, started, str(args.workflow))
         except (KeyboardInterrupt, asyncio.CancelledError, JobTimeout):
             if prediction_id is not None:
@@ -125,8 +145,14 @@ def replicate_wait(args: argparse.Namespace, settings: ReplicateSettings, out: A
         return 130
 
 
-async def _follow(target: Any, prediction_id: str, args: argparse.Namespace, out: Any, started: float,
-                  workflow_source: str | None) -> int:
+async def _follow(
+    target: Any,
+    prediction_id: str,
+    args: argparse.Namespace,
+    out: Any,
+    started: float,
+    workflow_source: str | None,
+) -> int:
     """Wait for the prediction (status and log lines as notes), download its files with the manifest."""
     settings = target.settings
 
@@ -143,21 +169,40 @@ async def _follow(target: Any, prediction_id: str, args: argparse.Namespace, out
     cost = target.job_cost(prediction_id)
     manifest_path = None
     if not args.no_download:
-        manifest = build_manifest(result, downloads, out_dir=args.out, server=settings.server,
-                                  workflow_source=workflow_source, wall_seconds=time.monotonic() - started,
-                                  warnings=target.warnings)
-        manifest["replicate"] = {"prediction_id": prediction_id, "model": settings.model,
-                                 "version": target.version, **times, "cost_usd": cost,
-                                 "price_per_second": target.price_per_second}
+        manifest = build_manifest(
+            result,
+            downloads,
+            out_dir=args.out,
+            server=settings.server,
+            workflow_source=workflow_source,
+            wall_seconds=time.monotonic() - started,
+            warnings=target.warnings,
+        )
+        manifest["replicate"] = {
+            "prediction_id": prediction_id,
+            "model": settings.model,
+            "version": target.version,
+            **times,
+            "cost_usd": cost,
+            "price_per_second": target.price_per_second,
+        }
         manifest_path = write_manifest(args.out, manifest, secrets=settings.secrets())
     ran = times["execution_seconds"]
-    lines = [f"done: prediction {prediction_id}, ran {ran or 0:.1f} s"
-             + (f", about ${cost:.4f}" if cost is not None else "")]
+    lines = [
+        f"done: prediction {prediction_id}, ran {ran or 0:.1f} s"
+        + (f", about ${cost:.4f}" if cost is not None else "")
+    ]
     lines += [f"  {d.path}" for d in downloads]
     if not args.no_download and not downloads:
         lines.append("  (the model returned no files)")
-    out.result("\n".join(lines), prediction_id=prediction_id, files=[str(d.path) for d in downloads],
-               cost_usd=cost, manifest=str(manifest_path) if manifest_path else None, **times)
+    out.result(
+        "\n".join(lines),
+        prediction_id=prediction_id,
+        files=[str(d.path) for d in downloads],
+        cost_usd=cost,
+        manifest=str(manifest_path) if manifest_path else None,
+        **times,
+    )
     return 0
 
 
@@ -174,12 +219,19 @@ def replicate_status(args: argparse.Namespace, settings: ReplicateSettings, out:
         finally:
             await target.close()
         if prediction is None:
-            out.result(f"prediction {args.prompt_id}: unknown", prediction_id=args.prompt_id, status="unknown")
+            out.result(
+                f"prediction {args.prompt_id}: unknown", prediction_id=args.prompt_id, status="unknown"
+            )
             return 1
         ran = prediction.predict_time
         detail = f", ran {ran:.1f} s" if ran is not None else ""
-        out.result(f"prediction {prediction.id}: {prediction.status}{detail}", prediction_id=prediction.id,
-                   status=prediction.status, predict_time=ran, error=prediction.error)
+        out.result(
+            f"prediction {prediction.id}: {prediction.status}{detail}",
+            prediction_id=prediction.id,
+            status=prediction.status,
+            predict_time=ran,
+            error=prediction.error,
+        )
         return 0
 
     return asyncio.run(main())
@@ -196,8 +248,11 @@ def replicate_cancel(args: argparse.Namespace, settings: ReplicateSettings, out:
             await target.close()
 
     outcome = asyncio.run(main())
-    text = {"removed": "canceled before it started", "interrupted": "canceled while running",
-            "not_active": "already finished (or unknown)"}[outcome]
+    text = {
+        "removed": "canceled before it started",
+        "interrupted": "canceled while running",
+        "not_active": "already finished (or unknown)",
+    }[outcome]
     out.result(f"prediction {args.prompt_id}: {text}", prediction_id=args.prompt_id, outcome=outcome)
     return 0 if outcome != "not_active" else 1
 
@@ -208,8 +263,9 @@ def cmd_predictions(args: argparse.Namespace, out: Any) -> int:
 
     config = getattr(args, "config", None)
     # Only the token and the API address matter here: any model name resolves them.
-    settings = resolve_replicate(args.server, profile=args.profile, config_path=config) \
-        or resolve_replicate("replicate:any/model", config_path=config)
+    settings = resolve_replicate(args.server, profile=args.profile, config_path=config) or resolve_replicate(
+        "replicate:any/model", config_path=config
+    )
     assert settings is not None
     out.secrets = [*out.secrets, *settings.secrets()]
 
@@ -222,18 +278,28 @@ def cmd_predictions(args: argparse.Namespace, out: Any) -> int:
                 rows += [r for r in page if not args.model or r.get("model") == args.model]
                 if url is None:
                     break
-        return rows[:args.limit]
+        return rows[: args.limit]
 
     rows = asyncio.run(main())
     table = []
     for row in rows:
         ran = (row.get("metrics") or {}).get("predict_time")
-        table.append({"id": row.get("id"), "model": row.get("model"), "status": row.get("status"),
-                      "created_at": row.get("created_at"), "predict_time": ran,
-                      "charforge_job": workflow_tag(row.get("input"))})
-    lines = [f"{r['id']}  {r['status']:<10}  {r['model']}  {r['created_at']}"
-             + (f"  ran {r['predict_time']:.1f} s" if isinstance(r["predict_time"], (int, float)) else "")
-             + (f"  job {r['charforge_job']}" if r["charforge_job"] else "") for r in table]
+        table.append(
+            {
+                "id": row.get("id"),
+                "model": row.get("model"),
+                "status": row.get("status"),
+                "created_at": row.get("created_at"),
+                "predict_time": ran,
+                "charforge_job": workflow_tag(row.get("input")),
+            }
+        )
+    lines = [
+        f"{r['id']}  {r['status']:<10}  {r['model']}  {r['created_at']}"
+        + (f"  ran {r['predict_time']:.1f} s" if isinstance(r["predict_time"], (int, float)) else "")
+        + (f"  job {r['charforge_job']}" if r["charforge_job"] else "")
+        for r in table
+    ]
     out.result("\n".join(lines) or "no predictions", predictions=table)
     return 0
 
@@ -246,5 +312,6 @@ def batch_target(server: str | None, profile: str | None, args: argparse.Namespa
     if settings is None:
         return None
     out.secrets = [*out.secrets, *settings.secrets()]
-    return ReplicateTarget(settings, capacity=getattr(args, "window", None),
-                           preflight=not getattr(args, "no_preflight", False))
+    return ReplicateTarget(
+        settings, capacity=getattr(args, "window", None), preflight=not getattr(args, "no_preflight", False)
+    )

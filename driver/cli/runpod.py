@@ -27,9 +27,12 @@ Command = Callable[[argparse.Namespace, Any], int]
 
 def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
     """Add ``charforge runpod ...`` and route RunPod server strings of run/wait/status/cancel/validate."""
-    runpod = sub.add_parser("runpod", help="RunPod: GPU types and prices, pods, serverless endpoints",
-                            description="Manage RunPod pods and look at serverless endpoints. Needs RUNPOD_API_KEY "
-                                        "(or runpod.api_key_env in the config file).")
+    runpod = sub.add_parser(
+        "runpod",
+        help="RunPod: GPU types and prices, pods, serverless endpoints",
+        description="Manage RunPod pods and look at serverless endpoints. Needs RUNPOD_API_KEY "
+        "(or runpod.api_key_env in the config file).",
+    )
     rp = runpod.add_subparsers(dest="runpod_command", metavar="RUNPOD_COMMAND", required=True)
 
     gpus = rp.add_parser("gpus", parents=[server], help="GPU types with memory and price per hour")
@@ -50,10 +53,15 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
     create.add_argument("--cloud", choices=["SECURE", "COMMUNITY"], default="SECURE")
     create.add_argument("--disk-gb", type=int, default=50)
     create.add_argument("--volume-gb", type=int)
-    create.add_argument("--tcp", action="store_true", help="also expose 8188/tcp (direct TCP, no proxy limits)")
+    create.add_argument(
+        "--tcp", action="store_true", help="also expose 8188/tcp (direct TCP, no proxy limits)"
+    )
     create.set_defaults(func=cmd_pod_create)
-    for action, text in (("start", "start (resume) a stopped pod"), ("stop", "stop a pod (its volume is kept; "
-                         "stopped pods bill only storage)"), ("terminate", "terminate a pod (deleted for good)")):
+    for action, text in (
+        ("start", "start (resume) a stopped pod"),
+        ("stop", "stop a pod (its volume is kept; stopped pods bill only storage)"),
+        ("terminate", "terminate a pod (deleted for good)"),
+    ):
         p = pod_sub.add_parser(action, parents=[server], help=text)
         p.add_argument("pod_id")
         p.set_defaults(func=cmd_pod_action, action=action)
@@ -76,8 +84,11 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> RunPodSettings | None:
-    return resolve_runpod(getattr(args, "server", None), profile=getattr(args, "profile", None),
-                          config_path=getattr(args, "config", None))
+    return resolve_runpod(
+        getattr(args, "server", None),
+        profile=getattr(args, "profile", None),
+        config_path=getattr(args, "config", None),
+    )
 
 
 def _routed(name: str, original: Command) -> Command:
@@ -87,10 +98,14 @@ def _routed(name: str, original: Command) -> Command:
             return original(args, out)
         out.secrets = list(out.secrets) + settings.secrets()
         if settings.kind == "serverless":
-            handler = {"run": serverless_run, "status": serverless_status, "cancel": serverless_cancel}.get(name)
+            handler = {"run": serverless_run, "status": serverless_status, "cancel": serverless_cancel}.get(
+                name
+            )
             if handler is None:
-                raise ConfigError(f"'charforge {name}' does not work with a serverless endpoint (no ComfyUI API "
-                                  "there); use run, status or cancel")
+                raise ConfigError(
+                    f"'charforge {name}' does not work with a serverless endpoint (no ComfyUI API "
+                    "there); use run, status or cancel"
+                )
             return handler(args, settings, out)
         return pod_command(name, original, args, settings, out)
 
@@ -98,7 +113,9 @@ def _routed(name: str, original: Command) -> Command:
     return command
 
 
-def pod_command(name: str, original: Command, args: argparse.Namespace, settings: RunPodSettings, out: Any) -> int:
+def pod_command(
+    name: str, original: Command, args: argparse.Namespace, settings: RunPodSettings, out: Any
+) -> int:
     """Run ``original`` against the pod's ComfyUI. For ``run`` the pod is brought up first (started when
     stopped, created when the profile says so) and stopped/terminated afterwards per ``on_finish``."""
     from ..runpod.pod import PodSession, pod_address
@@ -132,8 +149,10 @@ def pod_command(name: str, original: Command, args: argparse.Namespace, settings
             asyncio.run(session.finish())
             cost = session.cost()
             if cost is not None:
-                out.note(f"pod {session.pod_id}: {session.wall_seconds():.0f} s at ${session.price_per_hour:.3f}/h "
-                         f"= ${cost:.4f} (boot and idle included)")
+                out.note(
+                    f"pod {session.pod_id}: {session.wall_seconds():.0f} s at ${session.price_per_hour:.3f}/h "
+                    f"= ${cost:.4f} (boot and idle included)"
+                )
 
 
 def _input_map(items: list[str]) -> dict[str, str]:
@@ -156,13 +175,16 @@ def serverless_run(args: argparse.Namespace, settings: RunPodSettings, out: Any)
         job_id = None
         try:
             await target.open()
-            graph = await target.prepare(JobSpec(args.workflow, list(args.set), _input_map(args.input),
-                                                 source=str(args.workflow)))
+            graph = await target.prepare(
+                JobSpec(args.workflow, list(args.set), _input_map(args.input), source=str(args.workflow))
+            )
             for warning in target.warnings:
                 out.note(f"warning: {warning}")
             job_id = await target.submit(graph, None)
-            out.note(f"submitted serverless job {job_id} (if this command dies, look it up with: charforge status "
-                     f"--server {settings.server} {job_id})")
+            out.note(
+                f"submitted serverless job {job_id} (if this command dies, look it up with: charforge status "
+                f"--server {settings.server} {job_id})"
+            )
             if out.json:
                 out.record("submitted", job_id=job_id, endpoint=settings.id)
             timeout = args.timeout
@@ -179,19 +201,39 @@ def serverless_run(args: argparse.Namespace, settings: RunPodSettings, out: Any)
             cost = target.job_cost(job_id)
             manifest_path = None
             if not args.no_download:
-                manifest = build_manifest(result, downloads, out_dir=args.out, server=settings.server,
-                                          workflow_source=str(args.workflow), wall_seconds=time.monotonic() - started,
-                                          warnings=target.warnings)
-                manifest["runpod"] = {"job_id": job_id, "endpoint": settings.id, **times, "cost_usd": cost,
-                                      "price_per_second": target.price_per_second}
+                manifest = build_manifest(
+                    result,
+                    downloads,
+                    out_dir=args.out,
+                    server=settings.server,
+                    workflow_source=str(args.workflow),
+                    wall_seconds=time.monotonic() - started,
+                    warnings=target.warnings,
+                )
+                manifest["runpod"] = {
+                    "job_id": job_id,
+                    "endpoint": settings.id,
+                    **times,
+                    "cost_usd": cost,
+                    "price_per_second": target.price_per_second,
+                }
                 manifest_path = write_manifest(args.out, manifest, secrets=settings.secrets())
-            lines = [f"done: job {job_id}, queue {times['queue_seconds'] or 0:.1f} s, ran "
-                     f"{times['execution_seconds'] or 0:.1f} s" + (f", about ${cost:.4f}" if cost is not None else "")]
+            lines = [
+                f"done: job {job_id}, queue {times['queue_seconds'] or 0:.1f} s, ran "
+                f"{times['execution_seconds'] or 0:.1f} s"
+                + (f", about ${cost:.4f}" if cost is not None else "")
+            ]
             lines += [f"  {d.path}" for d in downloads]
             if not args.no_download and not downloads:
                 lines.append("  (the worker returned no images)")
-            out.result("\n".join(lines), job_id=job_id, files=[str(d.path) for d in downloads], cost_usd=cost,
-                       manifest=str(manifest_path) if manifest_path else None, **times)
+            out.result(
+                "\n".join(lines),
+                job_id=job_id,
+                files=[str(d.path) for d in downloads],
+                cost_usd=cost,
+                manifest=str(manifest_path) if manifest_path else None,
+                **times,
+            )
             return 0
         except (KeyboardInterrupt, asyncio.CancelledError, JobTimeout):
             if job_id is not None:
@@ -221,9 +263,14 @@ def serverless_status(args: argparse.Namespace, settings: RunPodSettings, out: A
                     detail += f", queue {status.delay_ms / 1000:.1f} s"
                 if status.execution_ms is not None:
                     detail += f", ran {status.execution_ms / 1000:.1f} s"
-                out.result(f"job {args.prompt_id}: {status.status} ({status.state}{detail})", job_id=args.prompt_id,
-                           status=status.status, state=status.state, delay_ms=status.delay_ms,
-                           execution_ms=status.execution_ms)
+                out.result(
+                    f"job {args.prompt_id}: {status.status} ({status.state}{detail})",
+                    job_id=args.prompt_id,
+                    status=status.status,
+                    state=status.state,
+                    delay_ms=status.delay_ms,
+                    execution_ms=status.execution_ms,
+                )
                 return 0 if status.status != "GONE" else 1
             return _print_health(settings.id, await client.health(), out)
         finally:
@@ -241,8 +288,11 @@ def serverless_cancel(args: argparse.Namespace, settings: RunPodSettings, out: A
             outcome = await target.cancel(args.prompt_id)
         finally:
             await target.close()
-        text = {"removed": "removed from the queue", "interrupted": "stopped while running",
-                "not_active": "already finished (or unknown)"}[outcome]
+        text = {
+            "removed": "removed from the queue",
+            "interrupted": "stopped while running",
+            "not_active": "already finished (or unknown)",
+        }[outcome]
         out.result(f"job {args.prompt_id}: {text}", prompt_id=args.prompt_id, outcome=outcome)
         return 0 if outcome != "not_active" else 1
 
@@ -252,9 +302,11 @@ def serverless_cancel(args: argparse.Namespace, settings: RunPodSettings, out: A
 def _print_health(endpoint_id: str, health: dict[str, Any], out: Any) -> int:
     jobs = health.get("jobs") or {}
     workers = health.get("workers") or {}
-    text = (f"endpoint {endpoint_id}: workers {workers.get('running', 0)} running, {workers.get('idle', 0)} idle; "
-            f"jobs {jobs.get('inQueue', 0)} queued, {jobs.get('inProgress', 0)} in progress, "
-            f"{jobs.get('completed', 0)} completed, {jobs.get('failed', 0)} failed")
+    text = (
+        f"endpoint {endpoint_id}: workers {workers.get('running', 0)} running, {workers.get('idle', 0)} idle; "
+        f"jobs {jobs.get('inQueue', 0)} queued, {jobs.get('inProgress', 0)} in progress, "
+        f"{jobs.get('completed', 0)} completed, {jobs.get('failed', 0)} failed"
+    )
     out.result(text, endpoint=endpoint_id, jobs=jobs, workers=workers)
     return 0
 
@@ -299,11 +351,29 @@ def _money(value: float | None, digits: int = 2) -> str:
 def cmd_gpus(args: argparse.Namespace, out: Any) -> int:
     gpus = _with_api(args, out, lambda api: api.gpu_types())
     gpus.sort(key=lambda g: (g.hourly_price() is None, g.hourly_price() or 0.0))
-    rows = [(g.id, g.display_name, f"{g.memory_gb:g} GB" if g.memory_gb else "-", _money(g.secure_price),
-             _money(g.community_price)) for g in gpus]
-    out.result(_table(rows, ("ID", "NAME", "MEMORY", "SECURE $/H", "COMMUNITY $/H")),
-               gpus=[{"id": g.id, "name": g.display_name, "memory_gb": g.memory_gb, "secure_price": g.secure_price,
-                      "community_price": g.community_price} for g in gpus])
+    rows = [
+        (
+            g.id,
+            g.display_name,
+            f"{g.memory_gb:g} GB" if g.memory_gb else "-",
+            _money(g.secure_price),
+            _money(g.community_price),
+        )
+        for g in gpus
+    ]
+    out.result(
+        _table(rows, ("ID", "NAME", "MEMORY", "SECURE $/H", "COMMUNITY $/H")),
+        gpus=[
+            {
+                "id": g.id,
+                "name": g.display_name,
+                "memory_gb": g.memory_gb,
+                "secure_price": g.secure_price,
+                "community_price": g.community_price,
+            }
+            for g in gpus
+        ],
+    )
     return 0
 
 
@@ -317,24 +387,58 @@ def _uptime(seconds: float | None) -> str:
 def cmd_pods(args: argparse.Namespace, out: Any) -> int:
     pods = _with_api(args, out, lambda api: api.list_pods())
     now = time.time()
-    rows = [(p.id, p.name, p.status, p.gpu_id or "-", _money(p.cost_per_hr, 3), _uptime(p.uptime(now)))
-            for p in pods]
+    rows = [
+        (p.id, p.name, p.status, p.gpu_id or "-", _money(p.cost_per_hr, 3), _uptime(p.uptime(now)))
+        for p in pods
+    ]
     text = _table(rows, ("ID", "NAME", "STATE", "GPU", "$/H", "UPTIME")) if rows else "no pods"
-    out.result(text, pods=[{"id": p.id, "name": p.name, "status": p.status, "gpu": p.gpu_id,
-                            "cost_per_hr": p.cost_per_hr, "uptime_seconds": p.uptime(now)} for p in pods])
+    out.result(
+        text,
+        pods=[
+            {
+                "id": p.id,
+                "name": p.name,
+                "status": p.status,
+                "gpu": p.gpu_id,
+                "cost_per_hr": p.cost_per_hr,
+                "uptime_seconds": p.uptime(now),
+            }
+            for p in pods
+        ],
+    )
     return 0
 
 
 def cmd_pod_create(args: argparse.Namespace, out: Any) -> int:
     # A template brings its own ports; an image gets ComfyUI's and SSH.
-    ports = None if args.template and not args.tcp else ["8188/http", "22/tcp"] + (["8188/tcp"] if args.tcp else [])
+    ports = (
+        None
+        if args.template and not args.tcp
+        else ["8188/http", "22/tcp"] + (["8188/tcp"] if args.tcp else [])
+    )
     image = args.image or (None if args.template else "runpod/comfyui:latest")
-    pod = _with_api(args, out, lambda api: api.create_pod(
-        name=args.name, gpu=args.gpu, image=image, template=args.template, gpu_count=args.gpu_count,
-        cloud=args.cloud, disk_gb=args.disk_gb, volume_gb=args.volume_gb, ports=ports))
-    out.result(f"created pod {pod.id} ({pod.status}, {_money(pod.cost_per_hr, 3)}/h); use it with "
-               f"--server runpod-pod:{pod.id}; it bills until stopped: charforge runpod pod stop {pod.id}",
-               pod_id=pod.id, status=pod.status, cost_per_hr=pod.cost_per_hr)
+    pod = _with_api(
+        args,
+        out,
+        lambda api: api.create_pod(
+            name=args.name,
+            gpu=args.gpu,
+            image=image,
+            template=args.template,
+            gpu_count=args.gpu_count,
+            cloud=args.cloud,
+            disk_gb=args.disk_gb,
+            volume_gb=args.volume_gb,
+            ports=ports,
+        ),
+    )
+    out.result(
+        f"created pod {pod.id} ({pod.status}, {_money(pod.cost_per_hr, 3)}/h); use it with "
+        f"--server runpod-pod:{pod.id}; it bills until stopped: charforge runpod pod stop {pod.id}",
+        pod_id=pod.id,
+        status=pod.status,
+        cost_per_hr=pod.cost_per_hr,
+    )
     return 0
 
 
@@ -378,8 +482,9 @@ def batch_target(server: str | None, profile: str | None, args: argparse.Namespa
     out.secrets = [*out.secrets, *settings.secrets()]
     window = getattr(args, "window", None)
     if settings.kind == "pod":
-        return PodTarget(settings, capacity=window, preflight=not getattr(args, "no_preflight", False),
-                         on_message=out.note)
+        return PodTarget(
+            settings, capacity=window, preflight=not getattr(args, "no_preflight", False), on_message=out.note
+        )
     return ServerlessTarget(settings, capacity=window)
 
 

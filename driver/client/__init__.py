@@ -15,5 +15,16 @@ from .history import check_history_entry, result_from_history
 from .models import Job, JobResult, Timeout, Timings, UploadedFile
 from .sync_client import ComfyClient, Watch
 
-__all__ = ["AsyncComfyClient", "AsyncWatch", "ComfyClient", "Job", "JobResult", "Timeout", "Timings",
-           "UploadedFile", "Watch", "check_history_entry", "result_from_history"]
+__all__ = [
+    "AsyncComfyClient",
+    "AsyncWatch",
+    "ComfyClient",
+    "Job",
+    "JobResult",
+    "Timeout",
+    "Timings",
+    "UploadedFile",
+    "Watch",
+    "check_history_entry",
+    "result_from_history",
+]

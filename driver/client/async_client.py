@@ -71,11 +71,21 @@ class AsyncComfyClient:
     :meth:`close`.
     """
 
-    def __init__(self, server: str | ServerConfig | None = None, *, auth: Auth | None = None,
-                 timeout: Timeout | float | None = None, client_id: str | None = None,
-                 ping_interval: float = 20.0, poll_interval: float = 5.0, retries: int = 2,
-                 verify_tls: bool | None = None, trust_env: bool | None = None,
-                 max_download_bytes: int | None = None, max_reply_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        server: str | ServerConfig | None = None,
+        *,
+        auth: Auth | None = None,
+        timeout: Timeout | float | None = None,
+        client_id: str | None = None,
+        ping_interval: float = 20.0,
+        poll_interval: float = 5.0,
+        retries: int = 2,
+        verify_tls: bool | None = None,
+        trust_env: bool | None = None,
+        max_download_bytes: int | None = None,
+        max_reply_bytes: int | None = None,
+    ) -> None:
         if isinstance(server, ServerConfig):
             config = server
             if auth is not None:
@@ -84,9 +94,13 @@ class AsyncComfyClient:
             url, url_auth = ServerURL.parse(server or DEFAULT_SERVER)
             config = ServerConfig(url, auth or url_auth, limits=Limits.resolve())
         if max_download_bytes is not None or max_reply_bytes is not None:
-            config = dataclasses.replace(config, limits=Limits(
-                max_download_bytes or config.limits.max_download_bytes,
-                max_reply_bytes or config.limits.max_reply_bytes))
+            config = dataclasses.replace(
+                config,
+                limits=Limits(
+                    max_download_bytes or config.limits.max_download_bytes,
+                    max_reply_bytes or config.limits.max_reply_bytes,
+                ),
+            )
         self.config = config
         #: size limits on what the server sends (one file, one JSON reply, one WebSocket message)
         self.limits = config.limits
@@ -103,9 +117,15 @@ class AsyncComfyClient:
         self._session: aiohttp.ClientSession | None = None
         self._object_info: dict[str, Any] | None = None
         #: the WebSocket listener: connection state and each followed job's events
-        self.events = EventSocket(config.url, self.client_id, session=self._get_session, redact=self._redact,
-                                  max_message_bytes=self.limits.max_reply_bytes, ping_interval=ping_interval,
-                                  connect_timeout=self.timeout.connect)
+        self.events = EventSocket(
+            config.url,
+            self.client_id,
+            session=self._get_session,
+            redact=self._redact,
+            max_message_bytes=self.limits.max_reply_bytes,
+            ping_interval=ping_interval,
+            connect_timeout=self.timeout.connect,
+        )
 
     # ---- basics ---------------------------------------------------------------------------------------------
 
@@ -143,11 +163,16 @@ class AsyncComfyClient:
             headers = {"User-Agent": USER_AGENT}
             if self.config.auth is not None:
                 headers.update(self.config.auth.headers())
-            timeout = aiohttp.ClientTimeout(total=None, connect=self.timeout.connect,
-                                            sock_connect=self.timeout.connect, sock_read=self.timeout.read)
+            timeout = aiohttp.ClientTimeout(
+                total=None,
+                connect=self.timeout.connect,
+                sock_connect=self.timeout.connect,
+                sock_read=self.timeout.read,
+            )
             connector = aiohttp.TCPConnector(ssl=bool(self.verify_tls))  # True: the default verified context
-            self._session = aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector,
-                                                  trust_env=self.trust_env)
+            self._session = aiohttp.ClientSession(
+                headers=headers, timeout=timeout, connector=connector, trust_env=self.trust_env
+            )
         return self._session
 
     # ---- HTTP -------------------------------------------------------------------------------------------------
@@ -161,20 +186,40 @@ class AsyncComfyClient:
                 hint = "the credentials were refused: check the token/password of this profile"
             return AuthenticationError(f"{method} {path} at {self.url}: HTTP {status} ({hint})")
         if status in (502, 503, 504):
-            return ServerUnavailable(f"{method} {path} at {self.url}: HTTP {status} from a proxy; "
-                                     "ComfyUI behind it is not answering (still starting?)")
+            return ServerUnavailable(
+                f"{method} {path} at {self.url}: HTTP {status} from a proxy; "
+                "ComfyUI behind it is not answering (still starting?)"
+            )
         if status == 404:
-            return ServerError(f"{method} {path} at {self.url}: HTTP 404; is this a ComfyUI server and is the "
-                               "path prefix right?", status=status, body=snippet)
+            return ServerError(
+                f"{method} {path} at {self.url}: HTTP 404; is this a ComfyUI server and is the "
+                "path prefix right?",
+                status=status,
+                body=snippet,
+            )
         if status == 413:
-            return ServerError(f"{method} {path}: HTTP 413, the request is larger than the server accepts",
-                               status=status, body=snippet)
-        return ServerError(f"{method} {path} at {self.url}: HTTP {status}: {snippet or '(empty body)'}",
-                           status=status, body=snippet)
+            return ServerError(
+                f"{method} {path}: HTTP 413, the request is larger than the server accepts",
+                status=status,
+                body=snippet,
+            )
+        return ServerError(
+            f"{method} {path} at {self.url}: HTTP {status}: {snippet or '(empty body)'}",
+            status=status,
+            body=snippet,
+        )
 
-    async def _request(self, method: str, path: str, *, params: dict[str, str] | None = None,
-                       json_body: Any = None, data: Any = None, ok: tuple[int, ...] = (200,),
-                       retries: int | None = None) -> tuple[int, bytes]:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        json_body: Any = None,
+        data: Any = None,
+        ok: tuple[int, ...] = (200,),
+        retries: int | None = None,
+    ) -> tuple[int, bytes]:
         """One HTTP request with retries on connection failures (GETs retry by default, POSTs do not)."""
         url = self.config.url.http(path)
         attempts = 1 + (self.retries if retries is None and method == "GET" else (retries or 0))
@@ -183,7 +228,9 @@ class AsyncComfyClient:
             try:
                 session = await self._get_session()
                 body_data = data() if callable(data) else data
-                async with session.request(method, url, params=params, json=json_body, data=body_data) as resp:
+                async with session.request(
+                    method, url, params=params, json=json_body, data=body_data
+                ) as resp:
                     if resp.status in ok:
                         return resp.status, await self._read_reply(resp, f"{method} {path}")
                     body = await read_head(resp)  # only a short excerpt is ever shown
@@ -195,8 +242,11 @@ class AsyncComfyClient:
                     raise
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, *TIMEOUT_ERRORS) as exc:
                 if attempt + 1 >= attempts:
-                    raise ServerUnavailable(self._redact(
-                        f"cannot reach ComfyUI at {self.url} ({method} {path}): {describe_error(exc)}")) from None
+                    raise ServerUnavailable(
+                        self._redact(
+                            f"cannot reach ComfyUI at {self.url} ({method} {path}): {describe_error(exc)}"
+                        )
+                    ) from None
             except aiohttp.InvalidURL as exc:
                 raise ServerUnavailable(self._redact(f"invalid server URL {self.url}: {exc}")) from None
             await asyncio.sleep(policy.delay(attempt))
@@ -207,8 +257,10 @@ class AsyncComfyClient:
         cap = self.limits.max_reply_bytes
 
         def too_large() -> ProtocolError:
-            return ProtocolError(f"{what} at {self.url}: the reply is larger than {mib(cap)}, the limit for one "
-                                 f"reply ({REPLY_LIMIT_SETTING}); is this a ComfyUI server?")
+            return ProtocolError(
+                f"{what} at {self.url}: the reply is larger than {mib(cap)}, the limit for one "
+                f"reply ({REPLY_LIMIT_SETTING}); is this a ComfyUI server?"
+            )
 
         return await read_body(resp, cap, too_large)
 
@@ -217,8 +269,9 @@ class AsyncComfyClient:
             return json.loads(body or b"null")
         except ValueError:
             snippet = mask_body(body, self.config.secrets(), limit=120)
-            raise ServerError(f"{path} at {self.url} did not answer JSON (got {snippet!r}); is this a ComfyUI "
-                              "server?") from None
+            raise ServerError(
+                f"{path} at {self.url} did not answer JSON (got {snippet!r}); is this a ComfyUI server?"
+            ) from None
 
     async def get_json(self, path: str, params: dict[str, str] | None = None) -> Any:
         """GET an API path and decode its JSON answer."""
@@ -229,8 +282,10 @@ class AsyncComfyClient:
         """GET an API path whose answer must be a JSON object (:class:`ProtocolError` otherwise)."""
         data = await self.get_json(path, params)
         if not isinstance(data, dict):
-            raise ProtocolError(f"GET {path} at {self.url} answered {describe_kind(data)} where ComfyUI answers an "
-                                "object; is this a ComfyUI server?")
+            raise ProtocolError(
+                f"GET {path} at {self.url} answered {describe_kind(data)} where ComfyUI answers an "
+                "object; is this a ComfyUI server?"
+            )
         return data
 
     async def system_stats(self) -> dict[str, Any]:
@@ -251,8 +306,9 @@ class AsyncComfyClient:
         """``GET /queue``: ``{"queue_running": [...], "queue_pending": [...]}`` (pending sorted by priority)."""
         data = await self.get_object("/queue")
         running = check_queue_items(data.get("queue_running"), "queue_running", self.url)
-        pending = sorted(check_queue_items(data.get("queue_pending"), "queue_pending", self.url),
-                         key=lambda item: item[0])
+        pending = sorted(
+            check_queue_items(data.get("queue_pending"), "queue_pending", self.url), key=lambda item: item[0]
+        )
         return {"queue_running": running, "queue_pending": pending}
 
     async def history(self, prompt_id: str | None = None, *, max_items: int | None = None) -> Any:
@@ -292,9 +348,15 @@ class AsyncComfyClient:
             wf = as_api(wf, await self.object_info())
         return wf
 
-    async def prepare_run(self, workflow: Workflow | dict[str, Any] | str | Path, *,
-                          sets: Sequence[str | Override] = (), inputs: Sequence[str | InputFile] = (),
-                          preflight: bool = True, upload: bool = True) -> PreparedRun:
+    async def prepare_run(
+        self,
+        workflow: Workflow | dict[str, Any] | str | Path,
+        *,
+        sets: Sequence[str | Override] = (),
+        inputs: Sequence[str | InputFile] = (),
+        preflight: bool = True,
+        upload: bool = True,
+    ) -> PreparedRun:
         """Load/convert ``workflow``, apply ``--set`` overrides, check it against ``/object_info`` (see
         :func:`~charforge.driver.workflow.prepare.prepare_run`) and upload the ``--input`` files (and override
         values naming local files for file-picking inputs); ``upload=False`` leaves them in ``pending_uploads``.
@@ -303,17 +365,30 @@ class AsyncComfyClient:
         :class:`~charforge.driver.errors.ValidationError` when the preflight finds errors; nothing is uploaded
         then.
         """
-        prepared = prepare_run(await self.prepare(workflow), await self.object_info(), sets=sets, inputs=inputs,
-                               preflight=preflight)
+        prepared = prepare_run(
+            await self.prepare(workflow),
+            await self.object_info(),
+            sets=sets,
+            inputs=inputs,
+            preflight=preflight,
+        )
         if not upload or not prepared.pending_uploads:
             return prepared
         references = [(await self.upload(item.path)).reference for item in prepared.pending_uploads]
         return prepared.with_uploads(references)
 
-    async def submit(self, workflow: Workflow | dict[str, Any] | str | Path, *, prompt_id: str | None = None,
-                     extra_data: dict[str, Any] | None = None, front: bool = False, number: float | None = None,
-                     partial_targets: list[str] | None = None, allow_partial: bool = False,
-                     embed_workflow: bool = True) -> Job:
+    async def submit(
+        self,
+        workflow: Workflow | dict[str, Any] | str | Path,
+        *,
+        prompt_id: str | None = None,
+        extra_data: dict[str, Any] | None = None,
+        front: bool = False,
+        number: float | None = None,
+        partial_targets: list[str] | None = None,
+        allow_partial: bool = False,
+        embed_workflow: bool = True,
+    ) -> Job:
         """Queue a workflow; returns once the server accepted it.
 
         Raises :class:`ValidationError` when the server rejects it (400), and also when it accepted only part
@@ -343,8 +418,14 @@ class AsyncComfyClient:
             self.forget(prompt_id)
             raise
         node_errors = answer.get("node_errors") or {}
-        job = Job(prompt_id=prompt_id, number=answer.get("number"), client_id=self.client_id,
-                  submitted_at=submitted_at, prompt=wf.prompt, node_errors=node_errors)
+        job = Job(
+            prompt_id=prompt_id,
+            number=answer.get("number"),
+            client_id=self.client_id,
+            submitted_at=submitted_at,
+            prompt=wf.prompt,
+            node_errors=node_errors,
+        )
         if node_errors and not allow_partial:
             with contextlib.suppress(DriverError):
                 await self.cancel(prompt_id)
@@ -352,14 +433,19 @@ class AsyncComfyClient:
             raise ValidationError(
                 "the server accepted only part of the workflow (some outputs failed validation); the job was "
                 "cancelled - fix the nodes below or allow a partial run (--allow-partial)",
-                problems_from_server(None, node_errors, wf.prompt), node_errors=node_errors, prompt_id=prompt_id)
+                problems_from_server(None, node_errors, wf.prompt),
+                node_errors=node_errors,
+                prompt_id=prompt_id,
+            )
         return job
 
     async def _post_prompt(self, payload: dict[str, Any]) -> dict[str, Any]:
         prompt_id = payload["prompt_id"]
         for attempt in range(_SUBMIT_RETRY.attempts):
             try:
-                status, body = await self._request("POST", "/prompt", json_body=payload, ok=(200, 400), retries=0)
+                status, body = await self._request(
+                    "POST", "/prompt", json_body=payload, ok=(200, 400), retries=0
+                )
             except ServerUnavailable:
                 # The answer may be lost after the server queued it: look before sending it again.
                 with contextlib.suppress(DriverError):
@@ -379,8 +465,13 @@ class AsyncComfyClient:
                 summary = "the server rejected the workflow"
                 if isinstance(error, dict) and error.get("message"):
                     summary += f": {error['message']}"
-                raise ValidationError(summary, problems_from_server(error, node_errors or {}, payload["prompt"]),
-                                      error=error, node_errors=node_errors, prompt_id=prompt_id)
+                raise ValidationError(
+                    summary,
+                    problems_from_server(error, node_errors or {}, payload["prompt"]),
+                    error=error,
+                    node_errors=node_errors,
+                    prompt_id=prompt_id,
+                )
             if not isinstance(data, dict):
                 raise ServerError(f"POST /prompt at {self.url} answered {data!r}")
             return data
@@ -397,8 +488,9 @@ class AsyncComfyClient:
         """
         return AsyncWatch(self, job, timeout)
 
-    async def wait(self, job: Job | str, *, timeout: float | None = None,
-                   on_event: Callable[[Event], None] | None = None) -> JobResult:
+    async def wait(
+        self, job: Job | str, *, timeout: float | None = None, on_event: Callable[[Event], None] | None = None
+    ) -> JobResult:
         """Wait for a job to finish and return its result (see :meth:`watch` for the errors)."""
         watch = self.watch(job, timeout=timeout)
         async for event in watch:
@@ -407,17 +499,34 @@ class AsyncComfyClient:
         assert watch.result is not None
         return watch.result
 
-    async def run(self, workflow: Workflow | dict[str, Any] | str | Path, *, timeout: float | None = None,
-                  on_event: Callable[[Event], None] | None = None, cancel_on_timeout: bool = True,
-                  prompt_id: str | None = None, extra_data: dict[str, Any] | None = None, front: bool = False,
-                  number: float | None = None, partial_targets: list[str] | None = None, allow_partial: bool = False,
-                  embed_workflow: bool = True) -> JobResult:
+    async def run(
+        self,
+        workflow: Workflow | dict[str, Any] | str | Path,
+        *,
+        timeout: float | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        cancel_on_timeout: bool = True,
+        prompt_id: str | None = None,
+        extra_data: dict[str, Any] | None = None,
+        front: bool = False,
+        number: float | None = None,
+        partial_targets: list[str] | None = None,
+        allow_partial: bool = False,
+        embed_workflow: bool = True,
+    ) -> JobResult:
         """Submit (the options of :meth:`submit`) and wait. On timeout the job is cancelled (unless
         ``cancel_on_timeout=False``)."""
         start = time.monotonic()
-        job = await self.submit(workflow, prompt_id=prompt_id, extra_data=extra_data, front=front, number=number,
-                                partial_targets=partial_targets, allow_partial=allow_partial,
-                                embed_workflow=embed_workflow)
+        job = await self.submit(
+            workflow,
+            prompt_id=prompt_id,
+            extra_data=extra_data,
+            front=front,
+            number=number,
+            partial_targets=partial_targets,
+            allow_partial=allow_partial,
+            embed_workflow=embed_workflow,
+        )
         remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
         try:
             return await self.wait(job, timeout=remaining, on_event=on_event)
@@ -451,8 +560,15 @@ class AsyncComfyClient:
 
     # ---- files ------------------------------------------------------------------------------------------------
 
-    async def upload(self, source: str | Path | bytes, *, filename: str | None = None, subfolder: str = "",
-                     kind: str = "input", overwrite: bool = False) -> UploadedFile:
+    async def upload(
+        self,
+        source: str | Path | bytes,
+        *,
+        filename: str | None = None,
+        subfolder: str = "",
+        kind: str = "input",
+        overwrite: bool = False,
+    ) -> UploadedFile:
         """Upload a file to the server's input (or temp/output) folder via ``POST /upload/image``.
 
         The server keeps one copy of identical bytes under one name and renames different bytes
@@ -482,11 +598,18 @@ class AsyncComfyClient:
 
         _, body = await self._request("POST", "/upload/image", data=form, retries=self.retries)
         answer = self._json(body, "/upload/image")
-        return UploadedFile(str(answer.get("name", name)), str(answer.get("subfolder") or ""),
-                            str(answer.get("type") or kind))
+        return UploadedFile(
+            str(answer.get("name", name)), str(answer.get("subfolder") or ""), str(answer.get("type") or kind)
+        )
 
-    async def download(self, file: OutputFile, out_dir: str | Path, *, class_type: str | None = None,
-                       title: str | None = None) -> DownloadedFile:
+    async def download(
+        self,
+        file: OutputFile,
+        out_dir: str | Path,
+        *,
+        class_type: str | None = None,
+        title: str | None = None,
+    ) -> DownloadedFile:
         """Download one output into ``out_dir`` under a safe, non-clobbering name.
 
         A file larger than ``limits.max_download_bytes`` is refused (:class:`ProtocolError`); whatever goes
@@ -497,9 +620,12 @@ class AsyncComfyClient:
         cap = self.limits.max_download_bytes
 
         def too_large() -> ProtocolError:
-            return ProtocolError(self._redact(
-                f"downloading {file.filename} from {self.url}: the file is larger than {mib(cap)}, the limit for "
-                f"one download; raise it with {DOWNLOAD_LIMIT_SETTING} if such a file is expected"))
+            return ProtocolError(
+                self._redact(
+                    f"downloading {file.filename} from {self.url}: the file is larger than {mib(cap)}, the limit for "
+                    f"one download; raise it with {DOWNLOAD_LIMIT_SETTING} if such a file is expected"
+                )
+            )
 
         policy = _request_backoff(self.retries + 1)
         for attempt in range(policy.attempts):
@@ -510,8 +636,9 @@ class AsyncComfyClient:
                 session = await self._get_session()
                 async with session.get(url, params=file.view_params) as resp:
                     if resp.status != 200:
-                        raise self._status_error("GET", f"/view?filename={file.filename}", resp.status,
-                                                 await read_head(resp))
+                        raise self._status_error(
+                            "GET", f"/view?filename={file.filename}", resp.status, await read_head(resp)
+                        )
                     if resp.content_length is not None and resp.content_length > cap:
                         raise too_large()
                     async for chunk in resp.content.iter_chunked(1 << 16):
@@ -525,19 +652,29 @@ class AsyncComfyClient:
             except BaseException as exc:
                 handle.close()
                 path.unlink(missing_ok=True)
-                retryable = isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
-                                             *TIMEOUT_ERRORS))
+                retryable = isinstance(
+                    exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, *TIMEOUT_ERRORS)
+                )
                 if not retryable or policy.is_last(attempt):
                     if retryable:
-                        raise ServerUnavailable(self._redact(
-                            f"downloading {file.filename} from {self.url} failed: {describe_error(exc)}")) from None
+                        raise ServerUnavailable(
+                            self._redact(
+                                f"downloading {file.filename} from {self.url} failed: {describe_error(exc)}"
+                            )
+                        ) from None
                     raise
                 await asyncio.sleep(policy.delay(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def download_outputs(self, result: JobResult, out_dir: str | Path, *, include_temp: bool = True,
-                               on_file: Callable[[DownloadedFile], None] | None = None,
-                               timeout: float | None = None) -> list[DownloadedFile]:
+    async def download_outputs(
+        self,
+        result: JobResult,
+        out_dir: str | Path,
+        *,
+        include_temp: bool = True,
+        on_file: Callable[[DownloadedFile], None] | None = None,
+        timeout: float | None = None,
+    ) -> list[DownloadedFile]:
         """Download every file output of ``result`` into ``out_dir`` (``include_temp=False`` skips previews).
 
         ``timeout`` is a wall-clock limit in seconds for all the downloads together (what is left of a job's
@@ -549,17 +686,24 @@ class AsyncComfyClient:
         for file in result.files:
             if file.type == "temp" and not include_temp:
                 continue
-            fetch = self.download(file, out_dir, class_type=result.node_class(file.node_id),
-                                  title=result.node_title(file.node_id))
+            fetch = self.download(
+                file,
+                out_dir,
+                class_type=result.node_class(file.node_id),
+                title=result.node_title(file.node_id),
+            )
             if deadline is None:
                 item = await fetch
             else:
                 try:
                     item = await asyncio.wait_for(fetch, max(0.0, deadline - loop.time()))
                 except TIMEOUT_ERRORS:
-                    raise JobTimeout(f"downloading the outputs of job {result.prompt_id} did not finish within "
-                                     f"{timeout:g} s (what was left of the job's time limit)",
-                                     prompt_id=result.prompt_id, seconds=float(timeout or 0)) from None
+                    raise JobTimeout(
+                        f"downloading the outputs of job {result.prompt_id} did not finish within "
+                        f"{timeout:g} s (what was left of the job's time limit)",
+                        prompt_id=result.prompt_id,
+                        seconds=float(timeout or 0),
+                    ) from None
             done.append(item)
             if on_file is not None:
                 on_file(item)

@@ -93,14 +93,25 @@ async def follow(client: JobSource, watch: AsyncWatch) -> AsyncIterator[Event]:
     next_poll = loop.time() + (1.0 if watch.job is not None else 0.0)
     try:
         if watch.job is not None:
-            yield Event("submitted", {"prompt_id": prompt_id, "number": watch.job.number,
-                                      "node_errors": watch.job.node_errors, "nodes": len(watch.job.prompt)},
-                        prompt_id, time=watch.job.submitted_at)
+            yield Event(
+                "submitted",
+                {
+                    "prompt_id": prompt_id,
+                    "number": watch.job.number,
+                    "node_errors": watch.job.node_errors,
+                    "nodes": len(watch.job.prompt),
+                },
+                prompt_id,
+                time=watch.job.submitted_at,
+            )
         while True:
             now = loop.time()
             if deadline is not None and now >= deadline:
-                raise JobTimeout(f"job {prompt_id} did not finish within {watch.timeout:g} s",
-                                 prompt_id=prompt_id, seconds=float(watch.timeout or 0))
+                raise JobTimeout(
+                    f"job {prompt_id} did not finish within {watch.timeout:g} s",
+                    prompt_id=prompt_id,
+                    seconds=float(watch.timeout or 0),
+                )
             wait_s = max(0.0, next_poll - now)
             if deadline is not None:
                 wait_s = min(wait_s, max(0.0, deadline - now))
@@ -113,8 +124,9 @@ async def follow(client: JobSource, watch: AsyncWatch) -> AsyncIterator[Event]:
                 watch._observe(event)
                 yield event
                 ours = event.prompt_id == prompt_id
-                if ours and (event.is_finished_marker or event.type in ("execution_error",
-                                                                        "execution_interrupted")):
+                if ours and (
+                    event.is_finished_marker or event.type in ("execution_error", "execution_interrupted")
+                ):
                     finished_hint = True
                     next_poll = loop.time()
                 elif ours and event.type == "execution_success":
@@ -137,23 +149,37 @@ async def follow(client: JobSource, watch: AsyncWatch) -> AsyncIterator[Event]:
                 continue
             if entry is not None:
                 watch.result = result_from_history(
-                    prompt_id, entry, submitted_at=watch.job.submitted_at if watch.job else None,
-                    node_errors=watch.job.node_errors if watch.job else None)
-                yield Event("finished", {"status": "success", "files": len(watch.result.files),
-                                         "cached_nodes": watch.result.cached_nodes,
-                                         "timings": watch.result.timings.to_dict()}, prompt_id)
+                    prompt_id,
+                    entry,
+                    submitted_at=watch.job.submitted_at if watch.job else None,
+                    node_errors=watch.job.node_errors if watch.job else None,
+                )
+                yield Event(
+                    "finished",
+                    {
+                        "status": "success",
+                        "files": len(watch.result.files),
+                        "cached_nodes": watch.result.cached_nodes,
+                        "timings": watch.result.timings.to_dict(),
+                    },
+                    prompt_id,
+                )
                 return
             if finished_hint:
                 history_misses += 1
                 if history_misses > 40:
-                    raise JobLost(f"job {prompt_id} finished but its history entry never appeared",
-                                  prompt_id=prompt_id)
+                    raise JobLost(
+                        f"job {prompt_id} finished but its history entry never appeared", prompt_id=prompt_id
+                    )
                 if history_misses >= 3 and (await _safe_state(client, prompt_id))[0] == "unknown":
                     lost_checks += 1  # not even queued or running: the history was cleared (restart)
                     if lost_checks >= 3:
-                        raise JobLost(f"job {prompt_id} finished but {client.url} no longer knows it (was the "
-                                      "server restarted or its history cleared?)", prompt_id=prompt_id)
-                next_poll = loop.time() + min(0.05 * 2 ** history_misses, 1.0)
+                        raise JobLost(
+                            f"job {prompt_id} finished but {client.url} no longer knows it (was the "
+                            "server restarted or its history cleared?)",
+                            prompt_id=prompt_id,
+                        )
+                next_poll = loop.time() + min(0.05 * 2**history_misses, 1.0)
                 continue
             # Without a socket, or for a job submitted by another client (its messages never reach us),
             # the history is all we have: poll it every second.
@@ -163,8 +189,11 @@ async def follow(client: JobSource, watch: AsyncWatch) -> AsyncIterator[Event]:
                 if state == "unknown":
                     lost_checks += 1
                     if lost_checks >= 3:
-                        raise JobLost(f"job {prompt_id} is not queued, running or in the history of {client.url} "
-                                      "(was the server restarted or the queue cleared?)", prompt_id=prompt_id)
+                        raise JobLost(
+                            f"job {prompt_id} is not queued, running or in the history of {client.url} "
+                            "(was the server restarted or the queue cleared?)",
+                            prompt_id=prompt_id,
+                        )
                     next_poll = loop.time() + 0.5
                     continue
                 lost_checks = 0

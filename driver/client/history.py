@@ -12,8 +12,13 @@ from ..events import TERMINAL_TYPES
 from .models import JobResult, Timings
 
 
-def result_from_history(prompt_id: str, entry: dict[str, Any], *, submitted_at: float | None = None,
-                        node_errors: dict[str, Any] | None = None) -> JobResult:
+def result_from_history(
+    prompt_id: str,
+    entry: dict[str, Any],
+    *,
+    submitted_at: float | None = None,
+    node_errors: dict[str, Any] | None = None,
+) -> JobResult:
     """Turn a history entry into a :class:`JobResult`, or raise the job's failure.
 
     Raises :class:`ExecutionError` (a node failed) or :class:`Interrupted` (interrupted/cancelled), and
@@ -49,17 +54,40 @@ def result_from_history(prompt_id: str, entry: dict[str, Any], *, submitted_at: 
         title = (node.get("_meta") or {}).get("title")
         if kind == "execution_interrupted":
             where = f" at node {node_id} ({data.get('node_type')})" if node_id else ""
-            raise Interrupted(f"job {prompt_id} was interrupted{where}", prompt_id=prompt_id, node_id=node_id,
-                              node_type=data.get("node_type"))
-        raise ExecutionError(prompt_id=prompt_id, node_id=node_id, node_type=data.get("node_type"), title=title,
-                             exception_type=str(data.get("exception_type") or "Error"),
-                             exception_message=str(data.get("exception_message") or ""),
-                             traceback=data.get("traceback"), executed=data.get("executed"))
+            raise Interrupted(
+                f"job {prompt_id} was interrupted{where}",
+                prompt_id=prompt_id,
+                node_id=node_id,
+                node_type=data.get("node_type"),
+            )
+        raise ExecutionError(
+            prompt_id=prompt_id,
+            node_id=node_id,
+            node_type=data.get("node_type"),
+            title=title,
+            exception_type=str(data.get("exception_type") or "Error"),
+            exception_message=str(data.get("exception_message") or ""),
+            traceback=data.get("traceback"),
+            executed=data.get("executed"),
+        )
     if status and status.get("status_str") == "error":
-        raise ExecutionError(prompt_id=prompt_id, node_id=None, node_type=None, exception_type="Error",
-                             exception_message="the server reports the job failed without details")
-    return JobResult(prompt_id=prompt_id, outputs=entry.get("outputs") or {}, prompt=prompt, timings=timings,
-                     status=status, cached_nodes=cached, node_errors=dict(node_errors or {}), history=entry)
+        raise ExecutionError(
+            prompt_id=prompt_id,
+            node_id=None,
+            node_type=None,
+            exception_type="Error",
+            exception_message="the server reports the job failed without details",
+        )
+    return JobResult(
+        prompt_id=prompt_id,
+        outputs=entry.get("outputs") or {},
+        prompt=prompt,
+        timings=timings,
+        status=status,
+        cached_nodes=cached,
+        node_errors=dict(node_errors or {}),
+        history=entry,
+    )
 
 
 _KINDS: dict[type, str] = {dict: "an object", list: "a list", str: "a string"}
@@ -71,14 +99,20 @@ def describe_kind(value: Any) -> str:
 
 def check_history_entry(prompt_id: str, entry: Any, where: str = "the server") -> None:
     """Raise :class:`ProtocolError` unless ``entry`` has the shape of a ComfyUI history entry."""
+
     def bad(what: str, value: Any, expected: str) -> ProtocolError:
-        return ProtocolError(f"the history entry of job {prompt_id} from {where} is malformed: {what} is "
-                             f"{describe_kind(value)}, expected {expected}; is this a ComfyUI server?")
+        return ProtocolError(
+            f"the history entry of job {prompt_id} from {where} is malformed: {what} is "
+            f"{describe_kind(value)}, expected {expected}; is this a ComfyUI server?"
+        )
 
     if not isinstance(entry, dict):
         raise bad("the entry", entry, "an object")
-    for key, kind, expected in (("status", dict, "an object"), ("prompt", list, "a list"),
-                                ("outputs", dict, "an object")):
+    for key, kind, expected in (
+        ("status", dict, "an object"),
+        ("prompt", list, "a list"),
+        ("outputs", dict, "an object"),
+    ):
         value = entry.get(key)
         if value is not None and not isinstance(value, kind):
             raise bad(f"'{key}'", value, expected)
@@ -91,8 +125,14 @@ def check_queue_items(items: Any, key: str, where: str) -> list[list[Any]]:
     if items is None:
         return []
     if not isinstance(items, list) or not all(
-            isinstance(item, list) and len(item) >= 2 and isinstance(item[0], (int, float))
-            and isinstance(item[1], str) for item in items):
-        raise ProtocolError(f"GET /queue at {where} is malformed: '{key}' must be a list of "
-                            "[number, prompt_id, ...] items; is this a ComfyUI server?")
+        isinstance(item, list)
+        and len(item) >= 2
+        and isinstance(item[0], (int, float))
+        and isinstance(item[1], str)
+        for item in items
+    ):
+        raise ProtocolError(
+            f"GET /queue at {where} is malformed: '{key}' must be a list of "
+            "[number, prompt_id, ...] items; is this a ComfyUI server?"
+        )
     return items

@@ -57,9 +57,13 @@ class Timings:
                 return None
             return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
 
-        return {"submitted_at": iso(self.submitted_at), "started_at": iso(self.started_at),
-                "finished_at": iso(self.finished_at), "queued_seconds": _round(self.queued_seconds),
-                "execution_seconds": _round(self.execution_seconds)}
+        return {
+            "submitted_at": iso(self.submitted_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "queued_seconds": _round(self.queued_seconds),
+            "execution_seconds": _round(self.execution_seconds),
+        }
 
 
 def _round(value: float | None) -> float | None:

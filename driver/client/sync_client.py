@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import queue as thread_queue
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +81,34 @@ class ComfyClient:
     It runs an event loop in a background thread; use it as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, server: str | ServerConfig | None = None, *, auth: Auth | None = None,
-                 timeout: Timeout | float | None = None, client_id: str | None = None,
-                 ping_interval: float = 20.0, poll_interval: float = 5.0, retries: int = 2,
-                 verify_tls: bool | None = None, trust_env: bool | None = None,
-                 max_download_bytes: int | None = None, max_reply_bytes: int | None = None) -> None:
-        self._async = AsyncComfyClient(server, auth=auth, timeout=timeout, client_id=client_id,
-                                       ping_interval=ping_interval, poll_interval=poll_interval, retries=retries,
-                                       verify_tls=verify_tls, trust_env=trust_env,
-                                       max_download_bytes=max_download_bytes, max_reply_bytes=max_reply_bytes)
+    def __init__(
+        self,
+        server: str | ServerConfig | None = None,
+        *,
+        auth: Auth | None = None,
+        timeout: Timeout | float | None = None,
+        client_id: str | None = None,
+        ping_interval: float = 20.0,
+        poll_interval: float = 5.0,
+        retries: int = 2,
+        verify_tls: bool | None = None,
+        trust_env: bool | None = None,
+        max_download_bytes: int | None = None,
+        max_reply_bytes: int | None = None,
+    ) -> None:
+        self._async = AsyncComfyClient(
+            server,
+            auth=auth,
+            timeout=timeout,
+            client_id=client_id,
+            ping_interval=ping_interval,
+            poll_interval=poll_interval,
+            retries=retries,
+            verify_tls=verify_tls,
+            trust_env=trust_env,
+            max_download_bytes=max_download_bytes,
+            max_reply_bytes=max_reply_bytes,
+        )
         self._loop = LoopThread()
 
     @property
@@ -144,25 +163,50 @@ class ComfyClient:
     def prepare(self, workflow: Workflow | dict[str, Any] | str | Path) -> Workflow:
         return self._run(self._async.prepare(workflow))
 
-    def prepare_run(self, workflow: Workflow | dict[str, Any] | str | Path, *,
-                    sets: list[str | Override] = (), inputs: list[str | InputFile] = (),  # type: ignore[assignment]
-                    preflight: bool = True, upload: bool = True) -> PreparedRun:
-        return self._run(self._async.prepare_run(workflow, sets=sets, inputs=inputs, preflight=preflight,
-                                                 upload=upload))
+    def prepare_run(
+        self,
+        workflow: Workflow | dict[str, Any] | str | Path,
+        *,
+        sets: Sequence[str | Override] = (),
+        inputs: Sequence[str | InputFile] = (),
+        preflight: bool = True,
+        upload: bool = True,
+    ) -> PreparedRun:
+        return self._run(
+            self._async.prepare_run(workflow, sets=sets, inputs=inputs, preflight=preflight, upload=upload)
+        )
 
-    def submit(self, workflow: Workflow | dict[str, Any] | str | Path, *, prompt_id: str | None = None,
-               extra_data: dict[str, Any] | None = None, front: bool = False, number: float | None = None,
-               partial_targets: list[str] | None = None, allow_partial: bool = False,
-               embed_workflow: bool = True) -> Job:
-        return self._run(self._async.submit(workflow, prompt_id=prompt_id, extra_data=extra_data, front=front,
-                                            number=number, partial_targets=partial_targets,
-                                            allow_partial=allow_partial, embed_workflow=embed_workflow))
+    def submit(
+        self,
+        workflow: Workflow | dict[str, Any] | str | Path,
+        *,
+        prompt_id: str | None = None,
+        extra_data: dict[str, Any] | None = None,
+        front: bool = False,
+        number: float | None = None,
+        partial_targets: list[str] | None = None,
+        allow_partial: bool = False,
+        embed_workflow: bool = True,
+    ) -> Job:
+        return self._run(
+            self._async.submit(
+                workflow,
+                prompt_id=prompt_id,
+                extra_data=extra_data,
+                front=front,
+                number=number,
+                partial_targets=partial_targets,
+                allow_partial=allow_partial,
+                embed_workflow=embed_workflow,
+            )
+        )
 
     def watch(self, job: Job | str, *, timeout: float | None = None) -> Watch:
         return Watch(self, job, timeout)
 
-    def wait(self, job: Job | str, *, timeout: float | None = None,
-             on_event: Callable[[Event], None] | None = None) -> JobResult:
+    def wait(
+        self, job: Job | str, *, timeout: float | None = None, on_event: Callable[[Event], None] | None = None
+    ) -> JobResult:
         watch = self.watch(job, timeout=timeout)
         for event in watch:
             if on_event is not None:
@@ -170,14 +214,32 @@ class ComfyClient:
         assert watch.result is not None
         return watch.result
 
-    def run(self, workflow: Workflow | dict[str, Any] | str | Path, *, timeout: float | None = None,
-            on_event: Callable[[Event], None] | None = None, cancel_on_timeout: bool = True,
-            prompt_id: str | None = None, extra_data: dict[str, Any] | None = None, front: bool = False,
-            number: float | None = None, partial_targets: list[str] | None = None, allow_partial: bool = False,
-            embed_workflow: bool = True) -> JobResult:
+    def run(
+        self,
+        workflow: Workflow | dict[str, Any] | str | Path,
+        *,
+        timeout: float | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        cancel_on_timeout: bool = True,
+        prompt_id: str | None = None,
+        extra_data: dict[str, Any] | None = None,
+        front: bool = False,
+        number: float | None = None,
+        partial_targets: list[str] | None = None,
+        allow_partial: bool = False,
+        embed_workflow: bool = True,
+    ) -> JobResult:
         start = time.monotonic()
-        job = self.submit(workflow, prompt_id=prompt_id, extra_data=extra_data, front=front, number=number,
-                          partial_targets=partial_targets, allow_partial=allow_partial, embed_workflow=embed_workflow)
+        job = self.submit(
+            workflow,
+            prompt_id=prompt_id,
+            extra_data=extra_data,
+            front=front,
+            number=number,
+            partial_targets=partial_targets,
+            allow_partial=allow_partial,
+            embed_workflow=embed_workflow,
+        )
         remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
         try:
             return self.wait(job, timeout=remaining, on_event=on_event)
@@ -194,17 +256,40 @@ class ComfyClient:
     def cancel(self, prompt_id: str) -> str:
         return self._run(self._async.cancel(prompt_id))
 
-    def upload(self, source: str | Path | bytes, *, filename: str | None = None, subfolder: str = "",
-               kind: str = "input", overwrite: bool = False) -> UploadedFile:
-        return self._run(self._async.upload(source, filename=filename, subfolder=subfolder, kind=kind,
-                                            overwrite=overwrite))
+    def upload(
+        self,
+        source: str | Path | bytes,
+        *,
+        filename: str | None = None,
+        subfolder: str = "",
+        kind: str = "input",
+        overwrite: bool = False,
+    ) -> UploadedFile:
+        return self._run(
+            self._async.upload(source, filename=filename, subfolder=subfolder, kind=kind, overwrite=overwrite)
+        )
 
-    def download(self, file: OutputFile, out_dir: str | Path, *, class_type: str | None = None,
-                 title: str | None = None) -> DownloadedFile:
+    def download(
+        self,
+        file: OutputFile,
+        out_dir: str | Path,
+        *,
+        class_type: str | None = None,
+        title: str | None = None,
+    ) -> DownloadedFile:
         return self._run(self._async.download(file, out_dir, class_type=class_type, title=title))
 
-    def download_outputs(self, result: JobResult, out_dir: str | Path, *, include_temp: bool = True,
-                         on_file: Callable[[DownloadedFile], None] | None = None,
-                         timeout: float | None = None) -> list[DownloadedFile]:
-        return self._run(self._async.download_outputs(result, out_dir, include_temp=include_temp, on_file=on_file,
-                                                      timeout=timeout))
+    def download_outputs(
+        self,
+        result: JobResult,
+        out_dir: str | Path,
+        *,
+        include_temp: bool = True,
+        on_file: Callable[[DownloadedFile], None] | None = None,
+        timeout: float | None = None,
+    ) -> list[DownloadedFile]:
+        return self._run(
+            self._async.download_outputs(
+                result, out_dir, include_temp=include_temp, on_file=on_file, timeout=timeout
+            )
+        )

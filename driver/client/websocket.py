@@ -25,9 +25,17 @@ RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 5.0)
 class EventSocket:
     """The listener task and the per-job event queues of one client."""
 
-    def __init__(self, url: ServerURL, client_id: str, *, session: Callable[[], Awaitable[aiohttp.ClientSession]],
-                 redact: Callable[[str], str], max_message_bytes: int, ping_interval: float,
-                 connect_timeout: float | None) -> None:
+    def __init__(
+        self,
+        url: ServerURL,
+        client_id: str,
+        *,
+        session: Callable[[], Awaitable[aiohttp.ClientSession]],
+        redact: Callable[[str], str],
+        max_message_bytes: int,
+        ping_interval: float,
+        connect_timeout: float | None,
+    ) -> None:
         self.url = url
         self.client_id = client_id
         self._session = session
@@ -82,8 +90,12 @@ class EventSocket:
         while not self._closing:
             try:
                 session = await self._session()
-                ws = await session.ws_connect(self.url.ws(self.client_id), heartbeat=self.ping_interval,
-                                              autoping=True, max_msg_size=self.max_message_bytes)
+                ws = await session.ws_connect(
+                    self.url.ws(self.client_id),
+                    heartbeat=self.ping_interval,
+                    autoping=True,
+                    max_msg_size=self.max_message_bytes,
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure means "retry later, poll meanwhile"
@@ -101,7 +113,9 @@ class EventSocket:
             self.ok = True
             self.error = None
             with contextlib.suppress(Exception):  # a socket that dies at once is handled below
-                await ws.send_str(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
+                await ws.send_str(
+                    json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+                )
             assert self._ready is not None
             self._ready.set()
             if connected_before or lost_reported:
@@ -124,10 +138,13 @@ class EventSocket:
                         self._dispatch(event)
                 error = error or ws.exception()
                 if ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG or (
-                        isinstance(error, aiohttp.WebSocketError)
-                        and error.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG):
-                    reason = (f"the server sent a WebSocket message larger than {mib(self.max_message_bytes)}"
-                              f", the limit ({REPLY_LIMIT_SETTING})")
+                    isinstance(error, aiohttp.WebSocketError)
+                    and error.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+                ):
+                    reason = (
+                        f"the server sent a WebSocket message larger than {mib(self.max_message_bytes)}"
+                        f", the limit ({REPLY_LIMIT_SETTING})"
+                    )
                 elif error is not None:
                     reason = describe_error(error)
             except asyncio.CancelledError:

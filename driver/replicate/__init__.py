@@ -13,6 +13,15 @@ from .api import CreateOutcomeUnknown, Prediction, RateLimited, ReplicateAPI
 from .workflows import ReplicateTarget, make_settings, output_urls, tag_workflow, workflow_tag
 
 __all__ = [
-    "CreateOutcomeUnknown", "Prediction", "RateLimited", "ReplicateAPI", "ReplicateSettings", "ReplicateTarget",
-    "make_settings", "output_urls", "resolve_replicate", "tag_workflow", "workflow_tag",
+    "CreateOutcomeUnknown",
+    "Prediction",
+    "RateLimited",
+    "ReplicateAPI",
+    "ReplicateSettings",
+    "ReplicateTarget",
+    "make_settings",
+    "output_urls",
+    "resolve_replicate",
+    "tag_workflow",
+    "workflow_tag",
 ]

@@ -87,18 +87,30 @@ class Prediction:
     @classmethod
     def from_api(cls, data: Any) -> Prediction:
         if not isinstance(data, dict) or not isinstance(data.get("id"), str) or not data["id"]:
-            raise ProtocolError(f"Replicate answered something that is not a prediction: {mask(repr(data))[:200]}")
+            raise ProtocolError(
+                f"Replicate answered something that is not a prediction: {mask(repr(data))[:200]}"
+            )
         status = str(data.get("status") or "")
         if status not in STATUSES:
-            raise ProtocolError(f"prediction {data['id']}: unknown status {status!r} (expected one of "
-                                f"{', '.join(STATUSES)})")
+            raise ProtocolError(
+                f"prediction {data['id']}: unknown status {status!r} (expected one of {', '.join(STATUSES)})"
+            )
         metrics, urls, given = (_mapping(data.get(key)) for key in ("metrics", "urls", "input"))
-        return cls(id=data["id"], status=status, input=given, output=data.get("output"),
-                   logs=str(data.get("logs") or ""), error=data.get("error"),
-                   metrics=metrics, created_at=parse_time(data.get("created_at")),
-                   started_at=parse_time(data.get("started_at")), completed_at=parse_time(data.get("completed_at")),
-                   urls={str(k): str(v) for k, v in urls.items() if isinstance(v, str)},
-                   data_removed=bool(data.get("data_removed")), raw=data)
+        return cls(
+            id=data["id"],
+            status=status,
+            input=given,
+            output=data.get("output"),
+            logs=str(data.get("logs") or ""),
+            error=data.get("error"),
+            metrics=metrics,
+            created_at=parse_time(data.get("created_at")),
+            started_at=parse_time(data.get("started_at")),
+            completed_at=parse_time(data.get("completed_at")),
+            urls={str(k): str(v) for k, v in urls.items() if isinstance(v, str)},
+            data_removed=bool(data.get("data_removed")),
+            raw=data,
+        )
 
     @property
     def terminal(self) -> bool:
@@ -114,15 +126,25 @@ class Prediction:
 class ReplicateAPI:
     """One aiohttp session with the token as a Bearer header; every message passes through :func:`mask`."""
 
-    def __init__(self, token: Secret | str | None, *, base_url: str = REPLICATE_API_URL,
-                 connect_timeout: float = 10.0, read_timeout: float = 90.0, max_429_retries: int = 8,
-                 backoff: Backoff | None = None, retries: int = 3) -> None:
+    def __init__(
+        self,
+        token: Secret | str | None,
+        *,
+        base_url: str = REPLICATE_API_URL,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 90.0,
+        max_429_retries: int = 8,
+        backoff: Backoff | None = None,
+        retries: int = 3,
+    ) -> None:
         self.token = token if isinstance(token, Secret) or token is None else Secret(token)
         self.base_url = base_url.rstrip("/")
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_429_retries = max_429_retries
-        self.backoff = backoff or Backoff(attempts=max(max_429_retries, retries) + 1, base=0.5, cap=30.0, jitter=1.0)
+        self.backoff = backoff or Backoff(
+            attempts=max(max_429_retries, retries) + 1, base=0.5, cap=30.0, jitter=1.0
+        )
         self.retries = retries
         self.rate_limited = 0  # 429 answers seen (reports and tests)
         self.limits = Limits.resolve()
@@ -138,8 +160,12 @@ class ReplicateAPI:
 
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            timeout = aiohttp.ClientTimeout(total=None, connect=self.connect_timeout,
-                                            sock_connect=self.connect_timeout, sock_read=self.read_timeout)
+            timeout = aiohttp.ClientTimeout(
+                total=None,
+                connect=self.connect_timeout,
+                sock_connect=self.connect_timeout,
+                sock_read=self.read_timeout,
+            )
             self._session = aiohttp.ClientSession(headers={"User-Agent": USER_AGENT}, timeout=timeout)
         return self._session
 
@@ -162,24 +188,41 @@ class ReplicateAPI:
     def _url(self, path: str) -> str:
         return path if "://" in path else f"{self.base_url}{path}"
 
-    def _error(self, method: str, url: str, status: int, body: bytes, retry_after: float | None) -> DriverError:
+    def _error(
+        self, method: str, url: str, status: int, body: bytes, retry_after: float | None
+    ) -> DriverError:
         where = f"{method} {self.redact(url)}"
         snippet = mask_body(body, self.secrets(), limit=300)
         if status in (401, 403):
-            hint = ("no token was sent: set REPLICATE_API_TOKEN (or replicate.token_env in the config file)"
-                    if not self.token else "the token was refused: check REPLICATE_API_TOKEN and its account")
+            hint = (
+                "no token was sent: set REPLICATE_API_TOKEN (or replicate.token_env in the config file)"
+                if not self.token
+                else "the token was refused: check REPLICATE_API_TOKEN and its account"
+            )
             return AuthenticationError(f"{where}: HTTP {status} from Replicate ({hint})")
         if status == 429:
-            return RateLimited(f"{where}: HTTP 429, Replicate's rate limit still exceeded after "
-                               f"{self.max_429_retries} retries: {snippet}", retry_after=retry_after)
+            return RateLimited(
+                f"{where}: HTTP 429, Replicate's rate limit still exceeded after "
+                f"{self.max_429_retries} retries: {snippet}",
+                retry_after=retry_after,
+            )
         if status >= 500:
             return ServerUnavailable(f"{where}: HTTP {status} from Replicate: {snippet or '(empty body)'}")
-        return ServerError(f"{where}: HTTP {status} from Replicate: {snippet or '(empty body)'}", status=status,
-                           body=snippet)
+        return ServerError(
+            f"{where}: HTTP {status} from Replicate: {snippet or '(empty body)'}", status=status, body=snippet
+        )
 
-    async def request(self, method: str, path: str, *, json_body: Any = None, form: Callable[[], Any] | None = None,
-                      headers: dict[str, str] | None = None, creates: bool = False,
-                      ok: tuple[int, ...] = (200, 201, 202, 204)) -> Any:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        form: Callable[[], Any] | None = None,
+        headers: dict[str, str] | None = None,
+        creates: bool = False,
+        ok: tuple[int, ...] = (200, 201, 202, 204),
+    ) -> Any:
         """Send one request and decode its JSON answer (None for an empty body); see the module docstring for
         what is retried. ``form`` builds a fresh multipart body for each try."""
         url = self._url(path)
@@ -195,9 +238,14 @@ class ReplicateAPI:
                 body_arg = form() if form is not None else data
                 async with session.request(method, url, data=body_arg, headers=sent_headers) as resp:
                     sent = True
-                    body = await read_body(resp, self.limits.max_reply_bytes, lambda: ProtocolError(
-                        f"{method} {self.redact(url)}: Replicate's answer is larger than "
-                        f"{mib(self.limits.max_reply_bytes)}, the limit for one reply ({REPLY_LIMIT_SETTING})"))
+                    body = await read_body(
+                        resp,
+                        self.limits.max_reply_bytes,
+                        lambda: ProtocolError(
+                            f"{method} {self.redact(url)}: Replicate's answer is larger than "
+                            f"{mib(self.limits.max_reply_bytes)}, the limit for one reply ({REPLY_LIMIT_SETTING})"
+                        ),
+                    )
                     hint = retry_after_seconds(resp.headers.get("Retry-After"))
                     if resp.status == 429:
                         self.rate_limited += 1
@@ -207,9 +255,12 @@ class ReplicateAPI:
                             continue
                     if resp.status not in ok:
                         if creates and resp.status >= 500:
-                            raise CreateOutcomeUnknown(self.redact(
-                                f"{method} {url}: HTTP {resp.status} from Replicate; the request may or may not "
-                                "have been accepted"))
+                            raise CreateOutcomeUnknown(
+                                self.redact(
+                                    f"{method} {url}: HTTP {resp.status} from Replicate; the request may or may not "
+                                    "have been accepted"
+                                )
+                            )
                         error = self._error(method, url, resp.status, body, hint)
                         if isinstance(error, ServerUnavailable) and failed < self.retries:
                             await asyncio.sleep(self.backoff.delay(failed, hint))
@@ -221,58 +272,91 @@ class ReplicateAPI:
                     try:
                         return json.loads(body)
                     except ValueError:
-                        raise ProtocolError(f"{method} {self.redact(url)}: Replicate did not answer JSON: "
-                                            f"{mask_body(body, self.secrets(), limit=120)!r}",
-                                            status=resp.status) from None
+                        raise ProtocolError(
+                            f"{method} {self.redact(url)}: Replicate did not answer JSON: "
+                            f"{mask_body(body, self.secrets(), limit=120)!r}",
+                            status=resp.status,
+                        ) from None
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, *TIMEOUT_ERRORS) as exc:
                 reason = "timed out" if isinstance(exc, TIMEOUT_ERRORS) else (str(exc) or type(exc).__name__)
                 delivered = sent or not isinstance(exc, aiohttp.ClientConnectorError)
                 if creates and delivered:
-                    raise CreateOutcomeUnknown(self.redact(
-                        f"{method} {url}: the request was sent but no answer came back ({reason}); it may or may "
-                        "not have been accepted")) from None
+                    raise CreateOutcomeUnknown(
+                        self.redact(
+                            f"{method} {url}: the request was sent but no answer came back ({reason}); it may or may "
+                            "not have been accepted"
+                        )
+                    ) from None
                 if failed >= self.retries:
-                    raise ServerUnavailable(self.redact(f"cannot reach Replicate ({method} {url}): {reason}")) \
-                        from None
+                    raise ServerUnavailable(
+                        self.redact(f"cannot reach Replicate ({method} {url}): {reason}")
+                    ) from None
                 await asyncio.sleep(self.backoff.delay(failed))
                 failed += 1
 
     # ---- predictions -----------------------------------------------------------------------------------------
 
-    async def create_prediction(self, input: dict[str, Any], *, version: str | None = None,
-                                model: str | None = None, wait: int | None = None) -> Prediction:
+    async def create_prediction(
+        self,
+        input: dict[str, Any],
+        *,
+        version: str | None = None,
+        model: str | None = None,
+        wait: int | None = None,
+    ) -> Prediction:
         """``POST /v1/predictions`` with a version id (or ``POST /v1/models/{model}/predictions`` for an
         official model); ``wait`` (1-60 s) asks Replicate to hold the answer until the prediction ends
         (``Prefer: wait=N``), else it comes back ``starting``."""
         headers = {"Prefer": f"wait={max(1, min(60, int(wait)))}"} if wait else None
         if version:
-            data = await self.request("POST", "/v1/predictions", json_body={"version": version, "input": input},
-                                      headers=headers, creates=True)
+            data = await self.request(
+                "POST",
+                "/v1/predictions",
+                json_body={"version": version, "input": input},
+                headers=headers,
+                creates=True,
+            )
         elif model:
-            data = await self.request("POST", f"/v1/models/{_model_path(model)}/predictions",
-                                      json_body={"input": input}, headers=headers, creates=True)
+            data = await self.request(
+                "POST",
+                f"/v1/models/{_model_path(model)}/predictions",
+                json_body={"input": input},
+                headers=headers,
+                creates=True,
+            )
         else:
             raise ValueError("create_prediction needs a version or a model")
         return Prediction.from_api(data)
 
     async def prediction(self, prediction_id: str) -> Prediction:
         """``GET /v1/predictions/{id}``; a prediction Replicate does not know is a :class:`ServerError` 404."""
-        return Prediction.from_api(await self.request("GET", f"/v1/predictions/{quote(prediction_id, safe='')}"))
+        return Prediction.from_api(
+            await self.request("GET", f"/v1/predictions/{quote(prediction_id, safe='')}")
+        )
 
     async def cancel_prediction(self, prediction_id: str) -> Prediction:
-        return Prediction.from_api(await self.request(
-            "POST", f"/v1/predictions/{quote(prediction_id, safe='')}/cancel"))
+        return Prediction.from_api(
+            await self.request("POST", f"/v1/predictions/{quote(prediction_id, safe='')}/cancel")
+        )
 
     async def list_page(self, kind: str, url: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
         """One page of ``GET /v1/predictions`` or ``/v1/trainings`` (newest first) and the ``next`` page's URL."""
         data = await self.request("GET", url or f"/v1/{kind}")
         if not isinstance(data, dict) or not isinstance(data.get("results"), list):
-            raise ProtocolError(f"GET /v1/{kind}: expected {{\"results\": [...], \"next\": ...}}")
+            raise ProtocolError(f'GET /v1/{kind}: expected {{"results": [...], "next": ...}}')
         nxt = data.get("next")
-        return [r for r in data["results"] if isinstance(r, dict)], nxt if isinstance(nxt, str) and nxt else None
+        return [r for r in data["results"] if isinstance(r, dict)], nxt if isinstance(
+            nxt, str
+        ) and nxt else None
 
-    async def find(self, kind: str, matches: Callable[[dict[str, Any]], bool], *, since: float | None = None,
-                   max_pages: int = 20) -> Prediction | None:
+    async def find(
+        self,
+        kind: str,
+        matches: Callable[[dict[str, Any]], bool],
+        *,
+        since: float | None = None,
+        max_pages: int = 20,
+    ) -> Prediction | None:
         """The newest prediction (``kind="predictions"``) or training whose listing entry ``matches``, looking
         back to ``since`` (epoch seconds, a minute of clock skew allowed) or ``max_pages`` pages of 100."""
         url = None
@@ -281,31 +365,45 @@ class ReplicateAPI:
             for entry in results:
                 if matches(entry):
                     return Prediction.from_api(entry)
-            oldest = min((t for t in (parse_time(r.get("created_at")) for r in results) if t is not None),
-                         default=None)
+            oldest = min(
+                (t for t in (parse_time(r.get("created_at")) for r in results) if t is not None), default=None
+            )
             if url is None or (since is not None and oldest is not None and oldest < since - 60):
                 return None
         return None
 
     # ---- trainings -------------------------------------------------------------------------------------------
 
-    async def create_training(self, model: str, version: str, destination: str, input: dict[str, Any]) -> Prediction:
+    async def create_training(
+        self, model: str, version: str, destination: str, input: dict[str, Any]
+    ) -> Prediction:
         """``POST /v1/models/{owner}/{name}/versions/{version}/trainings``; the new version lands at
         ``destination`` (``owner/model``, which must exist)."""
-        data = await self.request("POST", f"/v1/models/{_model_path(model)}/versions/{quote(version, safe='')}"
-                                  "/trainings", json_body={"destination": destination, "input": input}, creates=True)
+        data = await self.request(
+            "POST",
+            f"/v1/models/{_model_path(model)}/versions/{quote(version, safe='')}/trainings",
+            json_body={"destination": destination, "input": input},
+            creates=True,
+        )
         return Prediction.from_api(data)
 
     async def training(self, training_id: str) -> Prediction:
         return Prediction.from_api(await self.request("GET", f"/v1/trainings/{quote(training_id, safe='')}"))
 
     async def cancel_training(self, training_id: str) -> Prediction:
-        return Prediction.from_api(await self.request("POST", f"/v1/trainings/{quote(training_id, safe='')}/cancel"))
+        return Prediction.from_api(
+            await self.request("POST", f"/v1/trainings/{quote(training_id, safe='')}/cancel")
+        )
 
     # ---- files, models ---------------------------------------------------------------------------------------
 
-    async def upload_file(self, data: bytes, filename: str, content_type: str = "application/octet-stream",
-                          metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def upload_file(
+        self,
+        data: bytes,
+        filename: str,
+        content_type: str = "application/octet-stream",
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """``POST /v1/files`` (multipart field ``content``); returns the file object (``id``, ``urls.get`` ...).
         Uploading is idempotent enough to retry: a second copy of a file costs nothing but storage."""
 
@@ -334,7 +432,9 @@ class ReplicateAPI:
 
     async def version(self, model: str, version: str) -> dict[str, Any]:
         """``GET /v1/models/{owner}/{name}/versions/{id}`` (``id``, ``openapi_schema`` ...)."""
-        data = await self.request("GET", f"/v1/models/{_model_path(model)}/versions/{quote(version, safe='')}")
+        data = await self.request(
+            "GET", f"/v1/models/{_model_path(model)}/versions/{quote(version, safe='')}"
+        )
         return data if isinstance(data, dict) else {}
 
     # ---- output files ----------------------------------------------------------------------------------------
@@ -345,8 +445,10 @@ class ReplicateAPI:
         Bounded by the driver's download limit; a partial file is removed. The token is sent only to the
         API's own host."""
         cap = self.limits.max_download_bytes
-        too_big = f"an output file is larger than {mib(cap)}, the limit for one download; raise it with " \
-                  f"{DOWNLOAD_LIMIT_SETTING}"
+        too_big = (
+            f"an output file is larger than {mib(cap)}, the limit for one download; raise it with "
+            f"{DOWNLOAD_LIMIT_SETTING}"
+        )
         if url.startswith("data:"):
             _, _, payload = url.partition(",")
             raw = base64.b64decode(payload) if ";base64" in url.split(",", 1)[0] else payload.encode()
@@ -379,8 +481,9 @@ class ReplicateAPI:
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, *TIMEOUT_ERRORS) as exc:
                 dest.unlink(missing_ok=True)
                 if policy.is_last(attempt):
-                    raise ServerUnavailable(self.redact(f"downloading {url} failed: {exc or type(exc).__name__}")) \
-                        from None
+                    raise ServerUnavailable(
+                        self.redact(f"downloading {url} failed: {exc or type(exc).__name__}")
+                    ) from None
                 await asyncio.sleep(policy.delay(attempt))
             except BaseException:
                 dest.unlink(missing_ok=True)

@@ -37,9 +37,15 @@ from .workflows import new_log_lines, output_urls, price_per_second, require_tok
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 #: CharForge's setting -> the input name of the ostris-style Flux LoRA trainers on Replicate
-FLUX_TRAINER_INPUTS = {"images": "input_images", "trigger_word": "trigger_word", "steps": "steps",
-                       "rank": "lora_rank", "learning_rate": "learning_rate", "resolution": "resolution",
-                       "autocaption": "autocaption"}
+FLUX_TRAINER_INPUTS = {
+    "images": "input_images",
+    "trigger_word": "trigger_word",
+    "steps": "steps",
+    "rank": "lora_rank",
+    "learning_rate": "learning_rate",
+    "resolution": "resolution",
+    "autocaption": "autocaption",
+}
 _CREATE_RETRY = Backoff(attempts=3, base=1.0, cap=10.0)
 #: the largest LoRA taken out of a weights archive (a LoRA is MBs; a bigger member is not one)
 MAX_LORA_BYTES = 4 << 30
@@ -89,14 +95,21 @@ def dataset_archive(folder: Path) -> tuple[bytes, int, int]:
     return buffer.getvalue(), len(images), captions
 
 
-def trainer_input(params: TrainingParams, images_url: str, *, captions: bool,
-                  names: dict[str, str] | None = None) -> dict[str, Any]:
+def trainer_input(
+    params: TrainingParams, images_url: str, *, captions: bool, names: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The training's input: our settings under the trainer's names. Our own captions switch the trainer's
     automatic captioning off (when it has that input)."""
     names = {**FLUX_TRAINER_INPUTS, **(names or {})}
-    values: dict[str, Any] = {"images": images_url, "trigger_word": params.trigger_word, "steps": params.steps,
-                              "rank": params.rank, "learning_rate": params.learning_rate,
-                              "resolution": params.resolution, "autocaption": False if captions else None}
+    values: dict[str, Any] = {
+        "images": images_url,
+        "trigger_word": params.trigger_word,
+        "steps": params.steps,
+        "rank": params.rank,
+        "learning_rate": params.learning_rate,
+        "resolution": params.resolution,
+        "autocaption": False if captions else None,
+    }
     body = {names[k]: v for k, v in values.items() if v is not None and names.get(k)}
     return {**body, **params.extra}
 
@@ -123,7 +136,9 @@ def extract_lora(path: Path, dest: Path) -> Path:
         return dest
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
-            sizes = {i.filename: i.file_size for i in archive.infolist() if i.filename.endswith(".safetensors")}
+            sizes = {
+                i.filename: i.file_size for i in archive.infolist() if i.filename.endswith(".safetensors")
+            }
             data = archive.read(_pick_lora(path, sizes))
     elif tarfile.is_tarfile(path):
         with tarfile.open(path) as tar:
@@ -133,7 +148,9 @@ def extract_lora(path: Path, dest: Path) -> Path:
             assert member is not None  # a regular file
             data = member.read()
     else:
-        raise ProtocolError(f"the trained weights {path.name} are neither a .safetensors file nor a zip/tar archive")
+        raise ProtocolError(
+            f"the trained weights {path.name} are neither a .safetensors file nor a zip/tar archive"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(data)
     return dest
@@ -144,17 +161,27 @@ def _pick_lora(path: Path, sizes: dict[str, int]) -> str:
     named = [m for m in sizes if PurePosixPath(m).name == "lora.safetensors"]
     choice = named[0] if named else (next(iter(sizes)) if len(sizes) == 1 else None)
     if choice is None:
-        raise ProtocolError(f"cannot tell which file of {path.name} is the LoRA (.safetensors files: "
-                            f"{', '.join(sizes) or 'none'})")
+        raise ProtocolError(
+            f"cannot tell which file of {path.name} is the LoRA (.safetensors files: "
+            f"{', '.join(sizes) or 'none'})"
+        )
     if sizes[choice] > MAX_LORA_BYTES:
         raise ProtocolError(f"{choice} in {path.name} is {sizes[choice]} bytes: too large for a LoRA")
     return choice
 
 
-async def run_training(settings: ReplicateSettings, dataset: Path, destination: str, params: TrainingParams,
-                       out_dir: Path, *, timeout: float | None = None, poll_interval: float | None = None,
-                       on_update: Callable[[Prediction, list[str]], None] | None = None,
-                       api: ReplicateAPI | None = None) -> TrainingOutcome:
+async def run_training(
+    settings: ReplicateSettings,
+    dataset: Path,
+    destination: str,
+    params: TrainingParams,
+    out_dir: Path,
+    *,
+    timeout: float | None = None,
+    poll_interval: float | None = None,
+    on_update: Callable[[Prediction, list[str]], None] | None = None,
+    api: ReplicateAPI | None = None,
+) -> TrainingOutcome:
     """Zip ``dataset``, start a training of ``settings``' trainer into ``destination``, follow it, download the
     weights into ``out_dir`` and extract the LoRA (``out_dir/<trigger>-<training id>.safetensors``).
 
@@ -169,11 +196,16 @@ async def run_training(settings: ReplicateSettings, dataset: Path, destination: 
     try:
         version = settings.version or await api.latest_version(settings.model)
         archive, images, captions = dataset_archive(dataset)
-        upload = await api.upload_file(archive, f"{Path(dataset).name or 'dataset'}.zip", "application/zip",
-                                       metadata={"charforge": "training dataset"})
+        upload = await api.upload_file(
+            archive,
+            f"{Path(dataset).name or 'dataset'}.zip",
+            "application/zip",
+            metadata={"charforge": "training dataset"},
+        )
         images_url = upload["urls"]["get"]
-        body = trainer_input(params, images_url, captions=captions == images,
-                             names=dict(options.get("inputs") or {}))
+        body = trainer_input(
+            params, images_url, captions=captions == images, names=dict(options.get("inputs") or {})
+        )
         started = time.time()
         training = await _create(api, settings.model, version, destination, body, images_url, started)
         loop = asyncio.get_running_loop()
@@ -187,17 +219,29 @@ async def run_training(settings: ReplicateSettings, dataset: Path, destination: 
                 break
             if deadline is not None and loop.time() >= deadline:
                 await api.cancel_training(training.id)
-                raise JobTimeout(f"training {training.id} did not finish within {timeout:g} s; it was canceled",
-                                 prompt_id=training.id, seconds=float(timeout or 0))
-            await asyncio.sleep(interval if deadline is None else min(interval, max(0.0, deadline - loop.time())))
+                raise JobTimeout(
+                    f"training {training.id} did not finish within {timeout:g} s; it was canceled",
+                    prompt_id=training.id,
+                    seconds=float(timeout or 0),
+                )
+            await asyncio.sleep(
+                interval if deadline is None else min(interval, max(0.0, deadline - loop.time()))
+            )
             training = await api.training(training.id)
         if training.status == "canceled":
             raise Interrupted(f"training {training.id} was canceled", prompt_id=training.id)
         if training.status == "failed":
             tail = "\n".join(training.logs.strip().splitlines()[-15:])
-            raise ExecutionError(prompt_id=training.id, node_id=None, node_type=None, exception_type="TrainingFailed",
-                                 exception_message=mask(f"{training.error or 'the training failed'}"
-                                                        + (f"\nlast log lines:\n{tail}" if tail else "")))
+            raise ExecutionError(
+                prompt_id=training.id,
+                node_id=None,
+                node_type=None,
+                exception_type="TrainingFailed",
+                exception_message=mask(
+                    f"{training.error or 'the training failed'}"
+                    + (f"\nlast log lines:\n{tail}" if tail else "")
+                ),
+            )
         url = weights_url(training.output)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -209,28 +253,55 @@ async def run_training(settings: ReplicateSettings, dataset: Path, destination: 
         price, _ = price_per_second(settings)
         ran = training.predict_time
         new_version = training.output.get("version") if isinstance(training.output, dict) else None
-        outcome = TrainingOutcome(training, lora, url, new_version, ran,
-                                  None if price is None or ran is None else ran * price, images, captions)
-        record = {"training_id": training.id, "trainer": settings.model, "trainer_version": version,
-                  "destination": destination, "new_version": new_version, "lora": lora.name,
-                  "predict_time": ran, "cost_usd": outcome.cost_usd, "images": images, "captions": captions,
-                  "input": {k: v for k, v in body.items() if k != FLUX_TRAINER_INPUTS["images"]}}
-        (out_dir / f"{stem}.training.json").write_text(mask(json.dumps(record, indent=2)) + "\n", encoding="utf-8")
+        outcome = TrainingOutcome(
+            training,
+            lora,
+            url,
+            new_version,
+            ran,
+            None if price is None or ran is None else ran * price,
+            images,
+            captions,
+        )
+        record = {
+            "training_id": training.id,
+            "trainer": settings.model,
+            "trainer_version": version,
+            "destination": destination,
+            "new_version": new_version,
+            "lora": lora.name,
+            "predict_time": ran,
+            "cost_usd": outcome.cost_usd,
+            "images": images,
+            "captions": captions,
+            "input": {k: v for k, v in body.items() if k != FLUX_TRAINER_INPUTS["images"]},
+        }
+        (out_dir / f"{stem}.training.json").write_text(
+            mask(json.dumps(record, indent=2)) + "\n", encoding="utf-8"
+        )
         return outcome
     finally:
         if own:
             await api.close()
 
 
-async def _create(api: ReplicateAPI, model: str, version: str, destination: str, body: dict[str, Any],
-                  images_url: str, started: float) -> Prediction:
+async def _create(
+    api: ReplicateAPI,
+    model: str,
+    version: str,
+    destination: str,
+    body: dict[str, Any],
+    images_url: str,
+    started: float,
+) -> Prediction:
     """Create the training; when the answer is lost, look for it (by its unique dataset URL) before retrying."""
     for attempt in range(_CREATE_RETRY.attempts):
         try:
             return await api.create_training(model, version, destination, body)
         except CreateOutcomeUnknown:
-            found = await api.find("trainings", lambda e: images_url in json.dumps(e.get("input") or {}),
-                                   since=started)
+            found = await api.find(
+                "trainings", lambda e: images_url in json.dumps(e.get("input") or {}), since=started
+            )
             if found is not None:
                 return found
             if _CREATE_RETRY.is_last(attempt):
@@ -238,8 +309,10 @@ async def _create(api: ReplicateAPI, model: str, version: str, destination: str,
             await asyncio.sleep(_CREATE_RETRY.delay(attempt))
         except ServerError as exc:
             if exc.status == 422 and "destination" in str(exc):
-                raise UsageError(f"{mask(str(exc))}\ncreate the destination model first on replicate.com (or "
-                                 f"with POST /v1/models), then train into it: {destination}") from None
+                raise UsageError(
+                    f"{mask(str(exc))}\ncreate the destination model first on replicate.com (or "
+                    f"with POST /v1/models), then train into it: {destination}"
+                ) from None
             raise
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -63,15 +63,27 @@ TAG_KEY = "charforge_job"
 DEFAULT_INPUTS: dict[str, Any] = {"randomise_seeds": False, "output_format": "png"}
 #: the pseudo node the outputs hang from in the manifest (the model does not say which node wrote a file)
 OUTPUT_NODE = "replicate"
-_LOOKUP = {"starting": "pending", "processing": "running", "succeeded": "finished", "failed": "finished",
-           "canceled": "finished"}
+_LOOKUP = {
+    "starting": "pending",
+    "processing": "running",
+    "succeeded": "finished",
+    "failed": "finished",
+    "canceled": "finished",
+}
 
 #: A create whose answer was lost and that the listing does not show is sent again: three tries in all.
 _CREATE_RETRY = Backoff(attempts=3, base=0.5, cap=5.0)
 #: USD per second of public hardware, from Replicate's pricing page (docs/replicate.md); the profile's
 #: ``price_per_second`` wins.
-HARDWARE_PRICES = {"cpu": 0.000100, "gpu-t4": 0.000225, "gpu-a40-small": 0.000575, "gpu-a40-large": 0.000725,
-                   "gpu-l40s": 0.000975, "gpu-a100-large": 0.001400, "gpu-h100": 0.001525}
+HARDWARE_PRICES = {
+    "cpu": 0.000100,
+    "gpu-t4": 0.000225,
+    "gpu-a40-small": 0.000575,
+    "gpu-a40-large": 0.000725,
+    "gpu-l40s": 0.000975,
+    "gpu-a100-large": 0.001400,
+    "gpu-h100": 0.001525,
+}
 
 
 def price_per_second(settings: ReplicateSettings) -> tuple[float | None, str | None]:
@@ -145,12 +157,18 @@ def failure(prediction: Prediction) -> ExecutionError:
     error = prediction.error if isinstance(prediction.error, str) else json.dumps(prediction.error)
     tail = "\n".join(prediction.logs.strip().splitlines()[-15:])
     message = (error or "the prediction failed") + (f"\nlast log lines:\n{tail}" if tail else "")
-    return ExecutionError(prompt_id=prediction.id, node_id=None, node_type=None, exception_type="ReplicateError",
-                          exception_message=mask(message))
+    return ExecutionError(
+        prompt_id=prediction.id,
+        node_id=None,
+        node_type=None,
+        exception_type="ReplicateError",
+        exception_message=mask(message),
+    )
 
 
-def result_from_prediction(prediction: Prediction, prompt: dict[str, Any] | None = None,
-                           submitted_at: float | None = None) -> JobResult:
+def result_from_prediction(
+    prediction: Prediction, prompt: dict[str, Any] | None = None, submitted_at: float | None = None
+) -> JobResult:
     """A :class:`JobResult` for a succeeded prediction; raises the prediction's end otherwise. ``execution``
     time is ``metrics.predict_time`` (what is billed)."""
     if prediction.status == "canceled":
@@ -158,8 +176,11 @@ def result_from_prediction(prediction: Prediction, prompt: dict[str, Any] | None
     if prediction.status == "failed":
         raise failure(prediction)
     if prediction.data_removed:
-        raise JobLost(f"prediction {prediction.id} finished, but Replicate has deleted its outputs (API "
-                      "predictions keep them for an hour)", prompt_id=prediction.id)
+        raise JobLost(
+            f"prediction {prediction.id} finished, but Replicate has deleted its outputs (API "
+            "predictions keep them for an hour)",
+            prompt_id=prediction.id,
+        )
     urls = output_urls(prediction.output)
     files = [{"filename": output_name(u, i), "subfolder": "", "type": "output"} for i, u in enumerate(urls)]
     timings = Timings(submitted_at=submitted_at or prediction.created_at, observed_at=time.time())
@@ -167,16 +188,21 @@ def result_from_prediction(prediction: Prediction, prompt: dict[str, Any] | None
     if prediction.started_at is not None:
         ran = prediction.predict_time
         timings.finished_at = prediction.started_at + ran if ran is not None else prediction.completed_at
-    return JobResult(prompt_id=prediction.id, outputs={OUTPUT_NODE: {"images": files}} if files else {},
-                     prompt=dict(prompt or {}), timings=timings, status={"status_str": "success"},
-                     history={"replicate": {**prediction.raw, "output_urls": urls}})
+    return JobResult(
+        prompt_id=prediction.id,
+        outputs={OUTPUT_NODE: {"images": files}} if files else {},
+        prompt=dict(prompt or {}),
+        timings=timings,
+        status={"status_str": "success"},
+        history={"replicate": {**prediction.raw, "output_urls": urls}},
+    )
 
 
 def new_log_lines(before: str, after: str) -> list[str]:
     """Lines of ``after`` that ``before`` did not have yet (logs only grow while a prediction runs)."""
     if not after.startswith(before):
         before = ""
-    return [line for line in after[len(before):].splitlines() if line.strip()]
+    return [line for line in after[len(before) :].splitlines() if line.strip()]
 
 
 class ReplicateTarget:
@@ -190,8 +216,15 @@ class ReplicateTarget:
 
     supports_prompt_ids = True
 
-    def __init__(self, settings: ReplicateSettings, *, capacity: int | None = None, poll_interval: float | None = None,
-                 api: ReplicateAPI | None = None, preflight: bool = True) -> None:
+    def __init__(
+        self,
+        settings: ReplicateSettings,
+        *,
+        capacity: int | None = None,
+        poll_interval: float | None = None,
+        api: ReplicateAPI | None = None,
+        preflight: bool = True,
+    ) -> None:
         options = settings.options
         self.settings = settings
         self.api = api or ReplicateAPI(settings.token, base_url=settings.api_url)
@@ -207,7 +240,7 @@ class ReplicateTarget:
         self.warnings: list[str] = []
         self._object_info: dict[str, Any] | None = None
         self._files: dict[str, bytes] = {}
-        self._ids: dict[str, str] = {}          # tag (the runner's id) -> prediction id
+        self._ids: dict[str, str] = {}  # tag (the runner's id) -> prediction id
         self._submitted: dict[str, float] = {}
         self._prompts: dict[str, dict[str, Any]] = {}
         self._status: dict[str, Prediction] = {}
@@ -237,8 +270,10 @@ class ReplicateTarget:
             except (OSError, ValueError) as exc:
                 raise UsageError(f"replicate.object_info: cannot read {source}: {exc}") from None
         if self.price_per_second is None:
-            self._warn("no price known for this model's hardware; set replicate.hardware (e.g. gpu-a100-large) "
-                       "or replicate.price_per_second in the profile to get cost estimates")
+            self._warn(
+                "no price known for this model's hardware; set replicate.hardware (e.g. gpu-a100-large) "
+                "or replicate.price_per_second in the profile to get cost estimates"
+            )
 
     async def close(self) -> None:
         await self.api.close()
@@ -248,9 +283,11 @@ class ReplicateTarget:
         archive at submission), and check the graph against the model's node definitions when known."""
         wf = coerce_workflow(spec.workflow)
         if wf.prompt is None:
-            raise WorkflowError(f"{spec.source or 'this workflow'} is in the editor format; a Replicate model "
-                                "cannot convert it. Convert it once against a ComfyUI with the same nodes: "
-                                "charforge convert WORKFLOW -o api.json --server URL")
+            raise WorkflowError(
+                f"{spec.source or 'this workflow'} is in the editor format; a Replicate model "
+                "cannot convert it. Convert it once against a ComfyUI with the same nodes: "
+                "charforge convert WORKFLOW -o api.json --server URL"
+            )
         prompt, _ = apply_overrides(wf.prompt, [parse_set(s) for s in spec.sets], self._object_info)
         files = [parse_input(f"{k}={v}") for k, v in (spec.inputs or {}).items()]
         for item in plan_inputs(prompt, files, [], self._object_info):
@@ -261,8 +298,10 @@ class ReplicateTarget:
         if self.preflight and self._object_info is not None:
             check_workflow(prompt, self._with_inputs(prompt))
         elif self._object_info is None:
-            self._warn("the workflow is not checked before sending (the model publishes no node list here; point "
-                       "replicate.object_info at its /object_info snapshot): a missing node fails the prediction")
+            self._warn(
+                "the workflow is not checked before sending (the model publishes no node list here; point "
+                "replicate.object_info at its /object_info snapshot): a missing node fails the prediction"
+            )
         return prompt
 
     def _with_inputs(self, prompt: dict[str, Any]) -> dict[str, Any]:
@@ -272,14 +311,25 @@ class ReplicateTarget:
         for node in info.values():
             required = ((node or {}).get("input") or {}).get("required") or {}
             for spec in required.values():
-                if isinstance(spec, list) and spec and isinstance(spec[0], list) and \
-                        len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("image_upload"):
+                if (
+                    isinstance(spec, list)
+                    and spec
+                    and isinstance(spec[0], list)
+                    and len(spec) > 1
+                    and isinstance(spec[1], dict)
+                    and spec[1].get("image_upload")
+                ):
                     spec[0].extend(n for n in names if n not in spec[0])
         return info
 
     def _files_for(self, graph: dict[str, Any]) -> dict[str, bytes]:
-        names = {v for node in graph.values() if isinstance(node, dict)
-                 for v in (node.get("inputs") or {}).values() if isinstance(v, str)}
+        names = {
+            v
+            for node in graph.values()
+            if isinstance(node, dict)
+            for v in (node.get("inputs") or {}).values()
+            if isinstance(v, str)
+        }
         return {n: b for n, b in self._files.items() if n in names}
 
     async def build_input(self, graph: dict[str, Any], tag: str) -> dict[str, Any]:
@@ -289,8 +339,12 @@ class ReplicateTarget:
         files = self._files_for(graph)
         if files:
             archive = pack_inputs(files)
-            uploaded = await self.api.upload_file(archive, f"inputs-{hashlib.sha256(archive).hexdigest()[:12]}.zip",
-                                                  "application/zip", metadata={TAG_KEY: tag})
+            uploaded = await self.api.upload_file(
+                archive,
+                f"inputs-{hashlib.sha256(archive).hexdigest()[:12]}.zip",
+                "application/zip",
+                metadata={TAG_KEY: tag},
+            )
             body["input_file"] = uploaded["urls"]["get"]
         return body
 
@@ -304,7 +358,9 @@ class ReplicateTarget:
         body = await self.build_input(graph, tag)
         for attempt in range(_CREATE_RETRY.attempts):
             try:
-                prediction = await self.api.create_prediction(body, version=self.version, wait=self.prefer_wait)
+                prediction = await self.api.create_prediction(
+                    body, version=self.version, wait=self.prefer_wait
+                )
                 break
             except CreateOutcomeUnknown:
                 found = await self.find(tag, since=started)
@@ -317,7 +373,9 @@ class ReplicateTarget:
         self._remember(tag, prediction, graph, started)
         return prediction.id
 
-    def _remember(self, tag: str, prediction: Prediction, graph: dict[str, Any] | None, started: float) -> None:
+    def _remember(
+        self, tag: str, prediction: Prediction, graph: dict[str, Any] | None, started: float
+    ) -> None:
         self._ids[tag] = prediction.id
         self._submitted.setdefault(prediction.id, started)
         if graph is not None:
@@ -326,8 +384,9 @@ class ReplicateTarget:
 
     async def find(self, tag: str, since: float | None = None) -> Prediction | None:
         """The prediction tagged ``tag`` among the recent ones (API predictions keep their input for an hour)."""
-        found = await self.api.find("predictions", lambda entry: workflow_tag(entry.get("input")) == tag,
-                                    since=since)
+        found = await self.api.find(
+            "predictions", lambda entry: workflow_tag(entry.get("input")) == tag, since=since
+        )
         if found is not None:
             self._ids[tag] = found.id
         return found
@@ -359,8 +418,12 @@ class ReplicateTarget:
         prediction = await self.prediction(prompt_id)
         return "unknown" if prediction is None else _LOOKUP[prediction.status]
 
-    async def wait(self, prompt_id: str, timeout: float | None,
-                   on_update: Callable[[Prediction, list[str]], None] | None = None) -> JobResult:
+    async def wait(
+        self,
+        prompt_id: str,
+        timeout: float | None,
+        on_update: Callable[[Prediction, list[str]], None] | None = None,
+    ) -> JobResult:
         """Poll ``GET /v1/predictions/{id}`` until it ends; ``on_update(prediction, new_log_lines)`` is called
         at each change of status or new log lines (the progress Replicate gives)."""
         loop = asyncio.get_running_loop()
@@ -374,13 +437,21 @@ class ReplicateTarget:
                 on_update(prediction, new_log_lines(seen_logs, prediction.logs))
             seen_logs, seen_status = prediction.logs, prediction.status
             if prediction.terminal:
-                return result_from_prediction(prediction, self._prompts.get(prediction.id),
-                                              self._submitted.get(prediction.id))
+                return result_from_prediction(
+                    prediction, self._prompts.get(prediction.id), self._submitted.get(prediction.id)
+                )
             if deadline is not None and loop.time() >= deadline:
-                raise JobTimeout(f"prediction {prediction.id} did not finish within {timeout:g} s (last status "
-                                 f"{prediction.status})", prompt_id=prediction.id, seconds=float(timeout or 0))
-            pause = self.poll_interval if deadline is None else min(self.poll_interval,
-                                                                    max(0.0, deadline - loop.time()))
+                raise JobTimeout(
+                    f"prediction {prediction.id} did not finish within {timeout:g} s (last status "
+                    f"{prediction.status})",
+                    prompt_id=prediction.id,
+                    seconds=float(timeout or 0),
+                )
+            pause = (
+                self.poll_interval
+                if deadline is None
+                else min(self.poll_interval, max(0.0, deadline - loop.time()))
+            )
             await asyncio.sleep(pause)
 
     async def download(self, result: JobResult, out_dir: Path) -> list[DownloadedFile]:
@@ -427,8 +498,10 @@ class ReplicateTarget:
 def require_token(settings: ReplicateSettings) -> None:
     """Fail before any request when no token is configured (every Replicate call needs one)."""
     if settings.token is None:
-        raise ConfigError("no Replicate API token: set REPLICATE_API_TOKEN (or replicate.token_env in the config "
-                          "file); create one on replicate.com under your account's API tokens")
+        raise ConfigError(
+            "no Replicate API token: set REPLICATE_API_TOKEN (or replicate.token_env in the config "
+            "file); create one on replicate.com under your account's API tokens"
+        )
 
 
 def _is_tag(prompt_id: str) -> bool:
@@ -443,6 +516,9 @@ def _is_tag(prompt_id: str) -> bool:
 def make_settings(model: str, token: str | Secret | None = None, **options: Any) -> ReplicateSettings:
     """Settings for code that names a model directly (tests, notebooks); the CLI resolves profiles instead."""
     owner_name, _, version = model.partition(":")
-    return ReplicateSettings(model=owner_name, version=version or None,
-                             token=token if isinstance(token, Secret) or token is None else Secret(token),
-                             options=options)
+    return ReplicateSettings(
+        model=owner_name,
+        version=version or None,
+        token=token if isinstance(token, Secret) or token is None else Secret(token),
+        options=options,
+    )

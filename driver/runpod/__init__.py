@@ -34,7 +34,24 @@ def make_target(settings: RunPodSettings, **options: Any) -> PodTarget | Serverl
 
 
 __all__ = [
-    "EndpointInfo", "GpuType", "JobStatus", "Pod", "PodSession", "PodTarget", "RateLimited", "RequestTooLarge",
-    "RunPodAPI", "RunPodSettings", "ServerlessClient", "ServerlessTarget", "SubmitOutcomeUnknown", "build_request",
-    "decode_output", "make_target", "output_warnings", "pod_address", "resolve_runpod", "wait_ready",
+    "EndpointInfo",
+    "GpuType",
+    "JobStatus",
+    "Pod",
+    "PodSession",
+    "PodTarget",
+    "RateLimited",
+    "RequestTooLarge",
+    "RunPodAPI",
+    "RunPodSettings",
+    "ServerlessClient",
+    "ServerlessTarget",
+    "SubmitOutcomeUnknown",
+    "build_request",
+    "decode_output",
+    "make_target",
+    "output_warnings",
+    "pod_address",
+    "resolve_runpod",
+    "wait_ready",
 ]

@@ -54,16 +54,22 @@ class GpuType:
 
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> GpuType:
-        return cls(id=str(data.get("id") or data.get("gpuId") or ""),
-                   display_name=str(data.get("displayName") or data.get("name") or data.get("id") or ""),
-                   memory_gb=_number(data.get("memoryInGb") or data.get("memory")),
-                   secure_price=_number(data.get("securePrice")),
-                   community_price=_number(data.get("communityPrice")), raw=data)
+        return cls(
+            id=str(data.get("id") or data.get("gpuId") or ""),
+            display_name=str(data.get("displayName") or data.get("name") or data.get("id") or ""),
+            memory_gb=_number(data.get("memoryInGb") or data.get("memory")),
+            secure_price=_number(data.get("securePrice")),
+            community_price=_number(data.get("communityPrice")),
+            raw=data,
+        )
 
     def hourly_price(self, cloud: str = "SECURE") -> float | None:
         """Price per GPU-hour in the given cloud (falls back to the other cloud's price)."""
-        first, second = ((self.community_price, self.secure_price) if cloud.upper() == "COMMUNITY"
-                         else (self.secure_price, self.community_price))
+        first, second = (
+            (self.community_price, self.secure_price)
+            if cloud.upper() == "COMMUNITY"
+            else (self.secure_price, self.community_price)
+        )
         return first if first is not None else second
 
 
@@ -97,12 +103,20 @@ class Pod:
             ports = [p.strip() for p in ports.split(",") if p.strip()]
         status = str(data.get("status") or data.get("desiredStatus") or "UNKNOWN").upper()
         cost = _number(data.get("adjustedCostPerHr")) or _number(data.get("costPerHr"))
-        return cls(id=str(data.get("id")), name=str(data.get("name") or ""), status=status, cost_per_hr=cost,
-                   gpu_id=gpu.get("id") or data.get("gpuTypeId"), gpu_count=int(gpu.get("count") or
-                                                                                 data.get("gpuCount") or 1),
-                   public_ip=data.get("publicIp") or None,
-                   port_mappings={str(k): int(v) for k, v in mappings.items()}, ports=list(ports),
-                   last_started_at=_parse_time(data.get("lastStartedAt")), image=data.get("image"), raw=data)
+        return cls(
+            id=str(data.get("id")),
+            name=str(data.get("name") or ""),
+            status=status,
+            cost_per_hr=cost,
+            gpu_id=gpu.get("id") or data.get("gpuTypeId"),
+            gpu_count=int(gpu.get("count") or data.get("gpuCount") or 1),
+            public_ip=data.get("publicIp") or None,
+            port_mappings={str(k): int(v) for k, v in mappings.items()},
+            ports=list(ports),
+            last_started_at=_parse_time(data.get("lastStartedAt")),
+            image=data.get("image"),
+            raw=data,
+        )
 
     @property
     def running(self) -> bool:
@@ -130,8 +144,13 @@ class EndpointInfo:
         gpus = data.get("gpuTypeIds") or data.get("gpuIds") or []
         if isinstance(gpus, str):
             gpus = [g.strip() for g in gpus.split(",") if g.strip()]
-        return cls(id=str(data.get("id")), name=str(data.get("name") or ""), gpu_type_ids=list(gpus),
-                   workers_max=data.get("workersMax"), raw=data)
+        return cls(
+            id=str(data.get("id")),
+            name=str(data.get("name") or ""),
+            gpu_type_ids=list(gpus),
+            workers_max=data.get("workersMax"),
+            raw=data,
+        )
 
 
 def _items(data: Any, key: str) -> list[dict[str, Any]]:
@@ -145,12 +164,15 @@ def _items(data: Any, key: str) -> list[dict[str, Any]]:
 class RunPodAPI:
     """Async client of RunPod's REST v2 management API (``async with RunPodAPI(key) as api: ...``)."""
 
-    def __init__(self, api_key: Secret | str | None, *, base_url: str = RUNPOD_API_URL,
-                 http: RunPodHTTP | None = None) -> None:
+    def __init__(
+        self, api_key: Secret | str | None, *, base_url: str = RUNPOD_API_URL, http: RunPodHTTP | None = None
+    ) -> None:
         if not api_key:
-            raise ConfigError("no RunPod API key: set RUNPOD_API_KEY (create one at "
-                              "https://www.runpod.io/console/user/settings), or name the variable with "
-                              "'runpod: {api_key_env: NAME}' in the config file")
+            raise ConfigError(
+                "no RunPod API key: set RUNPOD_API_KEY (create one at "
+                "https://www.runpod.io/console/user/settings), or name the variable with "
+                "'runpod: {api_key_env: NAME}' in the config file"
+            )
         self.base_url = base_url.rstrip("/")
         self.http = http or RunPodHTTP(api_key, what="the RunPod API")
 
@@ -190,10 +212,21 @@ class RunPodAPI:
             raise ServerError(f"RunPod answered {data!r} for pod {pod_id}")
         return Pod.from_api(data)
 
-    async def create_pod(self, *, name: str, gpu: str, image: str | None = None, template: str | None = None,
-                         gpu_count: int = 1, cloud: str = "SECURE", disk_gb: int = 50, volume_gb: int | None = None,
-                         ports: list[str] | None = None, env: dict[str, str] | None = None,
-                         network_volume: str | None = None) -> Pod:
+    async def create_pod(
+        self,
+        *,
+        name: str,
+        gpu: str,
+        image: str | None = None,
+        template: str | None = None,
+        gpu_count: int = 1,
+        cloud: str = "SECURE",
+        disk_gb: int = 50,
+        volume_gb: int | None = None,
+        ports: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        network_volume: str | None = None,
+    ) -> Pod:
         """Create (and start) a pod. Exactly one of ``image`` and ``template`` is required. Never retried:
         a lost answer raises :class:`~charforge.driver.runpod.http.SubmitOutcomeUnknown` (check
         ``charforge runpod pods`` before creating another)."""
@@ -205,8 +238,13 @@ class RunPodAPI:
             _, data = await self.http.request("GET", self._url(f"templates/{template}"))
             if not isinstance(data, dict) or not data.get("image"):
                 raise ServerError(f"template {template} has no image")
-            body.update({k: data[k] for k in ("image", "args", "disk", "ports", "env", "registry")
-                         if data.get(k) is not None})
+            body.update(
+                {
+                    k: data[k]
+                    for k in ("image", "args", "disk", "ports", "env", "registry")
+                    if data.get(k) is not None
+                }
+            )
         else:
             body["image"] = image
         body.update(name=name, gpu={"id": gpu, "count": int(gpu_count)}, cloud=cloud.upper())
@@ -225,7 +263,9 @@ class RunPodAPI:
         """``start`` (resume), ``stop``, ``restart`` or ``terminate``."""
         if action not in ("start", "stop", "restart", "terminate"):
             raise ConfigError(f"unknown pod action {action!r}")
-        _, data = await self.http.request("POST", self._url(f"pods/{pod_id}/action"), json_body={"action": action})
+        _, data = await self.http.request(
+            "POST", self._url(f"pods/{pod_id}/action"), json_body={"action": action}
+        )
         return Pod.from_api(data) if isinstance(data, dict) and data.get("id") else None
 
     # ---- serverless -------------------------------------------------------------------------------------------

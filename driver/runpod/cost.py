@@ -44,8 +44,12 @@ def cost_report(targets: list[Any], job_ids: dict[str, list[str]] | None = None)
         if callable(session_cost):  # a pod: the whole session is the bill
             session = getattr(target, "session", None)
             value = session_cost()
-            row.update(kind="pod", price_per_hour=getattr(target, "price_per_hour", None), cost_usd=_round(value),
-                       wall_seconds=_round(session.wall_seconds()) if session is not None else None)
+            row.update(
+                kind="pod",
+                price_per_hour=getattr(target, "price_per_hour", None),
+                cost_usd=_round(value),
+                wall_seconds=_round(session.wall_seconds()) if session is not None else None,
+            )
             if value is not None:
                 total += value
                 known = True
@@ -54,10 +58,15 @@ def cost_report(targets: list[Any], job_ids: dict[str, list[str]] | None = None)
             values = {pid: job_cost(pid) for pid in ids}
             jobs.update({pid: _round(v) for pid, v in values.items()})
             spent = sum(v for v in values.values() if v is not None)
-            row.update(kind="serverless", price_per_second=getattr(target, "price_per_second", None),
-                       jobs=len(ids), cost_usd=_round(spent) if values else None,
-                       execution_seconds=_round(sum((target.job_times(pid)["execution_seconds"] or 0.0)
-                                                    for pid in ids)))
+            row.update(
+                kind="serverless",
+                price_per_second=getattr(target, "price_per_second", None),
+                jobs=len(ids),
+                cost_usd=_round(spent) if values else None,
+                execution_seconds=_round(
+                    sum((target.job_times(pid)["execution_seconds"] or 0.0) for pid in ids)
+                ),
+            )
             if values and any(v is not None for v in values.values()):
                 total += spent
                 known = True
@@ -122,8 +131,15 @@ class BudgetedTarget:
     When ``out`` is given, ``costs.json`` (:func:`cost_report`) is written there when the target closes.
     """
 
-    def __init__(self, target: Any, budget: CostBudget | None, *, out: Path | None = None,
-                 pool: list[Any] | None = None, job_costs: dict[str, float | None] | None = None) -> None:
+    def __init__(
+        self,
+        target: Any,
+        budget: CostBudget | None,
+        *,
+        out: Path | None = None,
+        pool: list[Any] | None = None,
+        job_costs: dict[str, float | None] | None = None,
+    ) -> None:
         self.inner = target
         self.budget = budget
         self.out = out
@@ -168,7 +184,8 @@ class BudgetedTarget:
                 raise BudgetExceeded(
                     f"not submitted: --max-cost ${self.budget.limit:g} would be exceeded (spent "
                     f"${self.budget.fixed + sum(self.budget.spent):.4f}, about ${self.budget.estimate():.4f} per job, "
-                    f"{self.budget.in_flight} running); rerun with a higher --max-cost to run the rest")
+                    f"{self.budget.in_flight} running); rerun with a higher --max-cost to run the rest"
+                )
         return await self.inner.prepare(spec)
 
     async def submit(self, graph: dict[str, Any], prompt_id: str | None) -> str:
@@ -213,8 +230,9 @@ class BudgetedTarget:
         return self.inner.cost(seconds) if hasattr(self.inner, "cost") else None
 
 
-def with_budget(targets: list[Any], max_cost: float | None, *, out: Path | None = None,
-                first_estimate: float = 0.0) -> list[BudgetedTarget]:
+def with_budget(
+    targets: list[Any], max_cost: float | None, *, out: Path | None = None, first_estimate: float = 0.0
+) -> list[BudgetedTarget]:
     """Wrap a pool of targets with one shared ``--max-cost`` budget (None = no limit, costs still recorded)."""
     budget = CostBudget(float(max_cost), first_estimate=first_estimate) if max_cost is not None else None
     wrapped: list[BudgetedTarget] = []

@@ -45,8 +45,14 @@ class SubmitOutcomeUnknown(DriverError):
     exit_code = 3
 
 
-def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 20.0, retry_after: float | None = None,
-                  rng: Callable[[], float] = random.random) -> float:
+def backoff_delay(
+    attempt: int,
+    *,
+    base: float = 0.5,
+    cap: float = 20.0,
+    retry_after: float | None = None,
+    rng: Callable[[], float] = random.random,
+) -> float:
     """Seconds to wait before retry ``attempt`` (0-based): the shared policy with full jitter over
     ``base * 2**attempt`` (capped), never less than the server's ``Retry-After`` (RunPod's own hint is trusted)."""
     delay = Backoff(attempts=attempt + 2, base=base, cap=cap, jitter=1.0).delay(attempt, rng=rng)
@@ -60,9 +66,17 @@ def _retry_after(headers: Any) -> float | None:
 class RunPodHTTP:
     """One aiohttp session with the API key as a Bearer token; every message passes through redaction."""
 
-    def __init__(self, api_key: Secret | str | None, *, connect_timeout: float = 10.0, read_timeout: float = 60.0,
-                 max_429_retries: int = 8, backoff_base: float = 0.5, backoff_cap: float = 20.0,
-                 what: str = "RunPod") -> None:
+    def __init__(
+        self,
+        api_key: Secret | str | None,
+        *,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        max_429_retries: int = 8,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 20.0,
+        what: str = "RunPod",
+    ) -> None:
         self.api_key = api_key if isinstance(api_key, Secret) or api_key is None else Secret(api_key)
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -85,8 +99,12 @@ class RunPodHTTP:
             headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
             if self.api_key:
                 headers["Authorization"] = f"Bearer {self.api_key.reveal()}"
-            timeout = aiohttp.ClientTimeout(total=None, connect=self.connect_timeout,
-                                            sock_connect=self.connect_timeout, sock_read=self.read_timeout)
+            timeout = aiohttp.ClientTimeout(
+                total=None,
+                connect=self.connect_timeout,
+                sock_connect=self.connect_timeout,
+                sock_read=self.read_timeout,
+            )
             self._session = aiohttp.ClientSession(headers=headers, timeout=timeout)
         return self._session
 
@@ -95,24 +113,44 @@ class RunPodHTTP:
             await self._session.close()
             self._session = None
 
-    def _error(self, method: str, url: str, status: int, body: bytes, retry_after: float | None) -> DriverError:
+    def _error(
+        self, method: str, url: str, status: int, body: bytes, retry_after: float | None
+    ) -> DriverError:
         snippet = mask_body(body, self.secrets(), limit=300)
         where = f"{method} {self.redact(url)}"
         if status in (401, 403):
-            hint = ("no API key was sent: set RUNPOD_API_KEY (or runpod.api_key_env in the config file)"
-                    if not self.api_key else "the API key was refused: check RUNPOD_API_KEY and its permissions")
+            hint = (
+                "no API key was sent: set RUNPOD_API_KEY (or runpod.api_key_env in the config file)"
+                if not self.api_key
+                else "the API key was refused: check RUNPOD_API_KEY and its permissions"
+            )
             return AuthenticationError(f"{where}: HTTP {status} from {self.what} ({hint})")
         if status == 429:
-            return RateLimited(f"{where}: HTTP 429, {self.what} rate limit still exceeded after "
-                               f"{self.max_429_retries} retries", retry_after=retry_after)
+            return RateLimited(
+                f"{where}: HTTP 429, {self.what} rate limit still exceeded after "
+                f"{self.max_429_retries} retries",
+                retry_after=retry_after,
+            )
         if status >= 500:
             return ServerUnavailable(f"{where}: HTTP {status} from {self.what}: {snippet or '(empty body)'}")
-        return ServerError(f"{where}: HTTP {status} from {self.what}: {snippet or '(empty body)'}",
-                           status=status, body=snippet)
+        return ServerError(
+            f"{where}: HTTP {status} from {self.what}: {snippet or '(empty body)'}",
+            status=status,
+            body=snippet,
+        )
 
-    async def request(self, method: str, url: str, *, json_body: Any = None, data: bytes | None = None,
-                      ok: tuple[int, ...] = (200, 201, 202, 204), creates: bool = False,
-                      retries: int = 2, read_timeout: float | None = None) -> tuple[int, Any]:
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        json_body: Any = None,
+        data: bytes | None = None,
+        ok: tuple[int, ...] = (200, 201, 202, 204),
+        creates: bool = False,
+        retries: int = 2,
+        read_timeout: float | None = None,
+    ) -> tuple[int, Any]:
         """Send one request and decode its JSON answer (None for an empty body).
 
         429 is retried with jittered backoff (up to ``max_429_retries``); connection failures and 5xx are
@@ -121,8 +159,16 @@ class RunPodHTTP:
         """
         attempt_429 = 0
         attempt = 0
-        timeout = None if read_timeout is None else aiohttp.ClientTimeout(
-            total=None, connect=self.connect_timeout, sock_connect=self.connect_timeout, sock_read=read_timeout)
+        timeout = (
+            None
+            if read_timeout is None
+            else aiohttp.ClientTimeout(
+                total=None,
+                connect=self.connect_timeout,
+                sock_connect=self.connect_timeout,
+                sock_read=read_timeout,
+            )
+        )
         if json_body is not None:
             data = json.dumps(json_body, separators=(",", ":")).encode("utf-8")
         headers = {"Content-Type": "application/json"} if data is not None else None
@@ -135,13 +181,24 @@ class RunPodHTTP:
                     kwargs["timeout"] = timeout
                 async with session.request(method, url, **kwargs) as resp:
                     sent = True
-                    body = await read_body(resp, self.max_reply_bytes, lambda: ProtocolError(
-                        f"{method} {self.redact(url)}: the answer of {self.what} is larger than "
-                        f"{mib(self.max_reply_bytes)}, the limit for one reply ({REPLY_LIMIT_SETTING})"))
+                    body = await read_body(
+                        resp,
+                        self.max_reply_bytes,
+                        lambda: ProtocolError(
+                            f"{method} {self.redact(url)}: the answer of {self.what} is larger than "
+                            f"{mib(self.max_reply_bytes)}, the limit for one reply ({REPLY_LIMIT_SETTING})"
+                        ),
+                    )
                     if resp.status == 429 and attempt_429 < self.max_429_retries:
                         self.rate_limited += 1
-                        await asyncio.sleep(backoff_delay(attempt_429, base=self.backoff_base, cap=self.backoff_cap,
-                                                          retry_after=_retry_after(resp.headers)))
+                        await asyncio.sleep(
+                            backoff_delay(
+                                attempt_429,
+                                base=self.backoff_base,
+                                cap=self.backoff_cap,
+                                retry_after=_retry_after(resp.headers),
+                            )
+                        )
                         attempt_429 += 1
                         continue
                     if resp.status == 429:
@@ -149,9 +206,12 @@ class RunPodHTTP:
                     if resp.status not in ok:
                         error = self._error(method, url, resp.status, body, _retry_after(resp.headers))
                         if creates and resp.status >= 500:
-                            raise SubmitOutcomeUnknown(self.redact(
-                                f"{method} {url}: HTTP {resp.status}; the request may or may not have been "
-                                "accepted")) from None
+                            raise SubmitOutcomeUnknown(
+                                self.redact(
+                                    f"{method} {url}: HTTP {resp.status}; the request may or may not have been "
+                                    "accepted"
+                                )
+                            ) from None
                         if isinstance(error, ServerUnavailable) and not creates and attempt < retries:
                             attempt += 1
                             await asyncio.sleep(backoff_delay(attempt, base=self.backoff_base))
@@ -163,18 +223,24 @@ class RunPodHTTP:
                         return resp.status, json.loads(body)
                     except ValueError:
                         snippet = mask_body(body, self.secrets(), limit=120)
-                        raise ServerError(f"{method} {self.redact(url)} did not answer JSON: {snippet!r}",
-                                          status=resp.status) from None
+                        raise ServerError(
+                            f"{method} {self.redact(url)} did not answer JSON: {snippet!r}",
+                            status=resp.status,
+                        ) from None
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, *TIMEOUT_ERRORS) as exc:
                 reason = "timed out" if isinstance(exc, TIMEOUT_ERRORS) else (str(exc) or type(exc).__name__)
                 # A refused connection never delivered the request; anything later might have.
                 delivered = sent or not isinstance(exc, aiohttp.ClientConnectorError)
                 if creates and delivered:
-                    raise SubmitOutcomeUnknown(self.redact(
-                        f"{method} {url}: the request was sent but no answer came back ({reason}); it may or may "
-                        "not have been accepted")) from None
+                    raise SubmitOutcomeUnknown(
+                        self.redact(
+                            f"{method} {url}: the request was sent but no answer came back ({reason}); it may or may "
+                            "not have been accepted"
+                        )
+                    ) from None
                 if attempt >= retries:
-                    raise ServerUnavailable(self.redact(f"cannot reach {self.what} ({method} {url}): {reason}")) \
-                        from None
+                    raise ServerUnavailable(
+                        self.redact(f"cannot reach {self.what} ({method} {url}): {reason}")
+                    ) from None
                 attempt += 1
                 await asyncio.sleep(backoff_delay(attempt, base=self.backoff_base))

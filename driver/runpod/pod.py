@@ -35,8 +35,8 @@ from .api import Pod, RunPodAPI
 log = logging.getLogger("charforge.driver.runpod")
 
 COMFY_PORT = 8188
-PROXY_IDLE_LIMIT = 100.0      # seconds: RunPod's proxy (Cloudflare) drops idle sockets, answers 524
-DEFAULT_KEEPALIVE = 30.0      # WebSocket ping interval, well below the idle limit
+PROXY_IDLE_LIMIT = 100.0  # seconds: RunPod's proxy (Cloudflare) drops idle sockets, answers 524
+DEFAULT_KEEPALIVE = 30.0  # WebSocket ping interval, well below the idle limit
 NOT_READY_STATUSES = (502, 503, 504, 520, 521, 522, 523, 524)
 ON_FINISH = ("keep", "stop", "terminate")
 
@@ -47,7 +47,9 @@ def _quiet(_: str) -> None:
     pass
 
 
-async def pod_address(settings: RunPodSettings, *, api: RunPodAPI | None = None, pod: Pod | None = None) -> str:
+async def pod_address(
+    settings: RunPodSettings, *, api: RunPodAPI | None = None, pod: Pod | None = None
+) -> str:
     """The ComfyUI base URL of a pod: its proxy URL, or ``http://IP:PORT`` from its TCP mapping
     (``runpod: {connect: tcp}``)."""
     options = settings.options
@@ -59,18 +61,28 @@ async def pod_address(settings: RunPodSettings, *, api: RunPodAPI | None = None,
         raise ConfigError(f"runpod.connect must be 'proxy' or 'tcp', not {mode!r}")
     if pod is None:
         if api is None:
-            raise ConfigError("connect: tcp needs the RunPod API (set RUNPOD_API_KEY) to read the port mapping")
+            raise ConfigError(
+                "connect: tcp needs the RunPod API (set RUNPOD_API_KEY) to read the port mapping"
+            )
         pod = await api.get_pod(settings.id)
     public = pod.port_mappings.get(str(port))
     if not pod.public_ip or public is None:
-        raise ConfigError(f"pod {settings.id} exposes no public TCP port for {port} (ports: {pod.ports or 'none'}, "
-                          f"mappings: {pod.port_mappings or 'none'}); add '{port}/tcp' to the pod's ports or use "
-                          "connect: proxy")
+        raise ConfigError(
+            f"pod {settings.id} exposes no public TCP port for {port} (ports: {pod.ports or 'none'}, "
+            f"mappings: {pod.port_mappings or 'none'}); add '{port}/tcp' to the pod's ports or use "
+            "connect: proxy"
+        )
     return f"http://{pod.public_ip}:{public}"
 
 
-async def wait_ready(url: str | ServerConfig, *, timeout: float = 900.0, interval: float = 5.0,
-                     on_message: Message = _quiet, request_timeout: float = 30.0) -> dict[str, Any]:
+async def wait_ready(
+    url: str | ServerConfig,
+    *,
+    timeout: float = 900.0,
+    interval: float = 5.0,
+    on_message: Message = _quiet,
+    request_timeout: float = 30.0,
+) -> dict[str, Any]:
     """Poll ``GET /system_stats`` until ComfyUI answers 200; returns its answer.
 
     502/503/504/524 (the proxy has nothing to talk to yet, or ComfyUI hangs while it starts) and connection
@@ -80,7 +92,9 @@ async def wait_ready(url: str | ServerConfig, *, timeout: float = 900.0, interva
     deadline = loop.time() + timeout
     started = loop.time()
     last_reason = None
-    async with AsyncComfyClient(url, timeout=Timeout(connect=10.0, read=request_timeout), retries=0) as client:
+    async with AsyncComfyClient(
+        url, timeout=Timeout(connect=10.0, read=request_timeout), retries=0
+    ) as client:
         while True:
             try:
                 stats = await client.system_stats()
@@ -91,14 +105,17 @@ async def wait_ready(url: str | ServerConfig, *, timeout: float = 900.0, interva
             except ServerError as exc:
                 if exc.status not in NOT_READY_STATUSES:
                     raise
-                reason = f"HTTP {exc.status}" + (" (the proxy timed out waiting for ComfyUI)" if exc.status == 524
-                                                 else "")
+                reason = f"HTTP {exc.status}" + (
+                    " (the proxy timed out waiting for ComfyUI)" if exc.status == 524 else ""
+                )
             if reason != last_reason:
                 on_message(f"waiting for ComfyUI at {client.url}: {reason} ({loop.time() - started:.0f} s)")
                 last_reason = reason
             if loop.time() >= deadline:
-                raise ServerUnavailable(f"ComfyUI at {client.url} did not become ready within {timeout:g} s (last: "
-                                        f"{reason}); check the pod's logs in the RunPod console")
+                raise ServerUnavailable(
+                    f"ComfyUI at {client.url} did not become ready within {timeout:g} s (last: "
+                    f"{reason}); check the pod's logs in the RunPod console"
+                )
             await asyncio.sleep(min(interval, max(0.0, deadline - loop.time())))
 
 
@@ -119,13 +136,22 @@ class PodSession:
     included), which is what the pod bills; :meth:`cost` prices it.
     """
 
-    def __init__(self, settings: RunPodSettings, *, api: RunPodAPI | None = None, on_message: Message = _quiet,
-                 ready_timeout: float | None = None, poll_interval: float | None = None) -> None:
+    def __init__(
+        self,
+        settings: RunPodSettings,
+        *,
+        api: RunPodAPI | None = None,
+        on_message: Message = _quiet,
+        ready_timeout: float | None = None,
+        poll_interval: float | None = None,
+    ) -> None:
         self.settings = settings
         options = settings.options
         self.on_finish = str(options.get("on_finish", "keep")).lower()
         if self.on_finish not in ON_FINISH:
-            raise ConfigError(f"runpod.on_finish must be one of {', '.join(ON_FINISH)}, not {self.on_finish!r}")
+            raise ConfigError(
+                f"runpod.on_finish must be one of {', '.join(ON_FINISH)}, not {self.on_finish!r}"
+            )
         self.api = api
         self._own_api = False
         self.on_message = on_message
@@ -133,8 +159,9 @@ class PodSession:
         self.poll_interval = float(poll_interval or options.get("ready_interval", 5))
         self.pod: Pod | None = None
         self.url: str | None = None
-        self.price_per_hour: float | None = (float(options["price_per_hour"])
-                                             if options.get("price_per_hour") is not None else None)
+        self.price_per_hour: float | None = (
+            float(options["price_per_hour"]) if options.get("price_per_hour") is not None else None
+        )
         self.started_at: float | None = None
         self.ended_at: float | None = None
         self.we_started = False
@@ -167,15 +194,18 @@ class PodSession:
                     await api.pod_action(self.pod.id, "start")
                     self.we_started = True
                 elif self.pod.status == "TERMINATED":
-                    raise ConfigError(f"pod {self.pod.id} is terminated; create a new one "
-                                      "(charforge runpod pod create ...)")
+                    raise ConfigError(
+                        f"pod {self.pod.id} is terminated; create a new one (charforge runpod pod create ...)"
+                    )
             self.pod = await self._wait_running(api)
             if self.price_per_hour is None:
                 self.price_per_hour = self.pod.cost_per_hr
         else:
             self.on_message("no RUNPOD_API_KEY: not managing the pod, only waiting for its ComfyUI")
         url = await pod_address(self.settings, api=api, pod=self.pod)
-        await wait_ready(url, timeout=self.ready_timeout, interval=self.poll_interval, on_message=self.on_message)
+        await wait_ready(
+            url, timeout=self.ready_timeout, interval=self.poll_interval, on_message=self.on_message
+        )
         self.url = url
         return url
 
@@ -183,11 +213,18 @@ class PodSession:
         if not create.get("gpu"):
             raise ConfigError("runpod.create needs a gpu (see 'charforge runpod gpus' for ids)")
         pod = await api.create_pod(
-            name=str(create.get("name") or "charforge"), gpu=str(create["gpu"]), image=create.get("image"),
-            template=create.get("template"), gpu_count=int(create.get("gpu_count", 1)),
-            cloud=str(create.get("cloud", "SECURE")), disk_gb=int(create.get("disk_gb", 50)),
-            volume_gb=create.get("volume_gb"), ports=create.get("ports"), env=create.get("env"),
-            network_volume=create.get("network_volume"))
+            name=str(create.get("name") or "charforge"),
+            gpu=str(create["gpu"]),
+            image=create.get("image"),
+            template=create.get("template"),
+            gpu_count=int(create.get("gpu_count", 1)),
+            cloud=str(create.get("cloud", "SECURE")),
+            disk_gb=int(create.get("disk_gb", 50)),
+            volume_gb=create.get("volume_gb"),
+            ports=create.get("ports"),
+            env=create.get("env"),
+            network_volume=create.get("network_volume"),
+        )
         self.we_started = True
         self.settings.id = pod.id
         self.on_message(f"created pod {pod.id} ({create['gpu']})")
@@ -219,14 +256,18 @@ class PodSession:
         try:
             if action == "keep" or api is None:
                 if action != "keep":
-                    self.on_message(f"cannot {action} pod {self.pod_id} without RUNPOD_API_KEY; it keeps running")
+                    self.on_message(
+                        f"cannot {action} pod {self.pod_id} without RUNPOD_API_KEY; it keeps running"
+                    )
                 return "kept"
             await api.pod_action(self.pod_id, action)
             self.on_message(f"pod {self.pod_id}: {action} requested")
             return {"stop": "stopped", "terminate": "terminated"}[action]
         except DriverError as exc:
-            self.on_message(f"warning: could not {action} pod {self.pod_id} ({exc}); it may still be running "
-                            "and billing: check 'charforge runpod pods'")
+            self.on_message(
+                f"warning: could not {action} pod {self.pod_id} ({exc}); it may still be running "
+                "and billing: check 'charforge runpod pods'"
+            )
             return "failed"
         finally:
             await self.close_api()
@@ -258,16 +299,31 @@ class PodTarget(ComfyTarget):
     its jobs again after the pod restarted with a new mapping.
     """
 
-    def __init__(self, settings: RunPodSettings, *, capacity: int | None = None, preflight: bool = True,
-                 poll_interval: float = 2.0, keepalive: float | None = None, on_message: Message = _quiet,
-                 api: RunPodAPI | None = None, manage: bool = True) -> None:
+    def __init__(
+        self,
+        settings: RunPodSettings,
+        *,
+        capacity: int | None = None,
+        preflight: bool = True,
+        poll_interval: float = 2.0,
+        keepalive: float | None = None,
+        on_message: Message = _quiet,
+        api: RunPodAPI | None = None,
+        manage: bool = True,
+    ) -> None:
         self.settings = settings
         self.keepalive = float(keepalive or settings.options.get("keepalive", DEFAULT_KEEPALIVE))
         self.poll_interval = poll_interval
         self.session = PodSession(settings, api=api, on_message=on_message) if manage else None
-        url = runpod_proxy_url(settings.id, int(settings.options.get("port", COMFY_PORT)), settings.proxy_template)
-        super().__init__(url, capacity=int(capacity or settings.options.get("capacity", 2)), preflight=preflight,
-                         client=self._make_client(url))
+        url = runpod_proxy_url(
+            settings.id, int(settings.options.get("port", COMFY_PORT)), settings.proxy_template
+        )
+        super().__init__(
+            url,
+            capacity=int(capacity or settings.options.get("capacity", 2)),
+            preflight=preflight,
+            client=self._make_client(url),
+        )
         self.name = settings.server
         self.on_message = on_message
 
@@ -296,7 +352,11 @@ class PodTarget(ComfyTarget):
         try:
             await self.client.close()
         finally:
-            if self.session is not None and self.session.started_at is not None and self.session.ended_at is None:
+            if (
+                self.session is not None
+                and self.session.started_at is not None
+                and self.session.ended_at is None
+            ):
                 await self.session.finish()
 
     @property

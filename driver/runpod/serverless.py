@@ -63,22 +63,52 @@ log = logging.getLogger("charforge.driver.runpod")
 _FETCH_RETRY = Backoff(attempts=3, base=0.5, jitter=0.0)
 
 MB = 1_000_000
-RUN_LIMIT_BYTES = 10 * MB       # POST /run
-RUNSYNC_LIMIT_BYTES = 20 * MB   # POST /runsync (not used: results are kept 1 min only)
+RUN_LIMIT_BYTES = 10 * MB  # POST /run
+RUNSYNC_LIMIT_BYTES = 20 * MB  # POST /runsync (not used: results are kept 1 min only)
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
 #: our job model's state for each RunPod job state (404 after the retention time = "expired")
-JOB_STATES = {"IN_QUEUE": "queued", "IN_PROGRESS": "running", "RUNNING": "running", "COMPLETED": "succeeded",
-              "FAILED": "failed", "CANCELLED": "cancelled", "TIMED_OUT": "expired", "GONE": "expired"}
-_LOOKUP = {"queued": "pending", "running": "running", "succeeded": "finished", "failed": "finished",
-           "cancelled": "finished", "expired": "finished"}
+JOB_STATES = {
+    "IN_QUEUE": "queued",
+    "IN_PROGRESS": "running",
+    "RUNNING": "running",
+    "COMPLETED": "succeeded",
+    "FAILED": "failed",
+    "CANCELLED": "cancelled",
+    "TIMED_OUT": "expired",
+    "GONE": "expired",
+}
+_LOOKUP = {
+    "queued": "pending",
+    "running": "running",
+    "succeeded": "finished",
+    "failed": "finished",
+    "cancelled": "finished",
+    "expired": "finished",
+}
 
 # Output nodes by what worker-comfyui returns for them: it collects only the ``images`` key of ComfyUI's outputs
 # and skips ``temp`` ones (previews).
 IMAGE_SAVERS = {"SaveImage", "SaveAnimatedWEBP", "SaveAnimatedPNG", "Image Save", "SaveImageWebsocket"}
 PREVIEW_ONLY = {"PreviewImage", "PreviewAny"}
-NON_IMAGE_SAVERS = {"VHS_VideoCombine", "SaveVideo", "SaveWEBM", "SaveAudio", "SaveAudioMP3", "SaveAudioOpus",
-                    "SaveAnimatedGIF", "CF_SaveGif", "CF_SaveAudio", "CF_SaveVideo", "SaveGLB", "SaveText",
-                    "ShowText|pysssss", "CF_ShowText", "SaveLatent", "SaveLoRA", "CF_EncodeVideo"}
+NON_IMAGE_SAVERS = {
+    "VHS_VideoCombine",
+    "SaveVideo",
+    "SaveWEBM",
+    "SaveAudio",
+    "SaveAudioMP3",
+    "SaveAudioOpus",
+    "SaveAnimatedGIF",
+    "CF_SaveGif",
+    "CF_SaveAudio",
+    "CF_SaveVideo",
+    "SaveGLB",
+    "SaveText",
+    "ShowText|pysssss",
+    "CF_ShowText",
+    "SaveLatent",
+    "SaveLoRA",
+    "CF_EncodeVideo",
+}
 
 
 class RequestTooLarge(UsageError):
@@ -87,13 +117,16 @@ class RequestTooLarge(UsageError):
     def __init__(self, size: int, limit: int, images: list[tuple[str, int]]) -> None:
         self.size = size
         self.limit = limit
-        biggest = ", ".join(f"{name} ({n / MB:.1f} MB)" for name, n in sorted(images, key=lambda x: -x[1])[:3])
+        biggest = ", ".join(
+            f"{name} ({n / MB:.1f} MB)" for name, n in sorted(images, key=lambda x: -x[1])[:3]
+        )
         what = f"; largest inputs: {biggest}" if biggest else ""
         super().__init__(
             f"the serverless request is {size / MB:.1f} MB, over RunPod's {limit / MB:.0f} MB limit for /run "
             f"(inputs travel base64-encoded, 4/3 of their size{what}). Nothing was sent. Fix: put the files on "
             "the endpoint's network volume and refer to them by name instead of --input, or shrink/compress the "
-            "inputs, or run this job on a pod (--server runpod-pod:POD_ID), which has no such limit")
+            "inputs, or run this job on a pod (--server runpod-pod:POD_ID), which has no such limit"
+        )
 
 
 @dataclass
@@ -114,9 +147,16 @@ class JobStatus:
         def ms(value: Any) -> int | None:
             return int(value) if isinstance(value, (int, float)) else None
 
-        return cls(id=str(data.get("id") or job_id), status=str(data.get("status") or "UNKNOWN").upper(),
-                   delay_ms=ms(data.get("delayTime")), execution_ms=ms(data.get("executionTime")),
-                   output=data.get("output"), error=data.get("error"), worker_id=data.get("workerId"), raw=data)
+        return cls(
+            id=str(data.get("id") or job_id),
+            status=str(data.get("status") or "UNKNOWN").upper(),
+            delay_ms=ms(data.get("delayTime")),
+            execution_ms=ms(data.get("executionTime")),
+            output=data.get("output"),
+            error=data.get("error"),
+            worker_id=data.get("workerId"),
+            raw=data,
+        )
 
     @property
     def state(self) -> str:
@@ -143,8 +183,9 @@ def build_request(prompt: dict[str, Any], images: dict[str, bytes] | None = None
     """The ``/run`` body worker-comfyui expects."""
     body: dict[str, Any] = {"workflow": prompt}
     if images:
-        body["images"] = [{"name": name, "image": base64.b64encode(data).decode("ascii")}
-                          for name, data in images.items()]
+        body["images"] = [
+            {"name": name, "image": base64.b64encode(data).decode("ascii")} for name, data in images.items()
+        ]
     return {"input": body}
 
 
@@ -152,8 +193,9 @@ def request_size(body: dict[str, Any]) -> int:
     return len(json.dumps(body, separators=(",", ":")).encode("utf-8"))
 
 
-def check_request_size(body: dict[str, Any], limit: int = RUN_LIMIT_BYTES,
-                       images: dict[str, bytes] | None = None) -> int:
+def check_request_size(
+    body: dict[str, Any], limit: int = RUN_LIMIT_BYTES, images: dict[str, bytes] | None = None
+) -> int:
     """Raise :class:`RequestTooLarge` when the encoded body exceeds ``limit``; return its size."""
     size = request_size(body)
     if size > limit:
@@ -169,16 +211,22 @@ def output_warnings(prompt: dict[str, Any]) -> list[str]:
     previews = sorted(classes & PREVIEW_ONLY)
     if savers:
         if dropped:
-            return [f"worker-comfyui returns only images: the outputs of {', '.join(dropped)} will not come back "
-                    "(save them to a network volume or S3 inside the workflow, or run on a pod)"]
+            return [
+                f"worker-comfyui returns only images: the outputs of {', '.join(dropped)} will not come back "
+                "(save them to a network volume or S3 inside the workflow, or run on a pod)"
+            ]
         return []
     if dropped:
-        return [f"this workflow's only outputs are {', '.join(dropped)} (video/audio/text); worker-comfyui returns "
-                "only images, so the job would finish with nothing to download. Run it on a pod "
-                "(--server runpod-pod:POD_ID), or add a SaveImage of the frames"]
+        return [
+            f"this workflow's only outputs are {', '.join(dropped)} (video/audio/text); worker-comfyui returns "
+            "only images, so the job would finish with nothing to download. Run it on a pod "
+            "(--server runpod-pod:POD_ID), or add a SaveImage of the frames"
+        ]
     if previews:
-        return ["this workflow only previews images (PreviewImage); worker-comfyui skips temporary previews, so "
-                "nothing would come back: use SaveImage"]
+        return [
+            "this workflow only previews images (PreviewImage); worker-comfyui skips temporary previews, so "
+            "nothing would come back: use SaveImage"
+        ]
     return []
 
 
@@ -248,9 +296,17 @@ def failure_message(status: JobStatus) -> str:
 class ServerlessClient:
     """Async client of one serverless endpoint's job API (``{base}/{ENDPOINT_ID}/run|status|cancel|health``)."""
 
-    def __init__(self, endpoint_id: str, api_key: Secret | str | None, *, base_url: str = RUNPOD_ENDPOINT_URL,
-                 max_request_bytes: int = RUN_LIMIT_BYTES, poll_interval: float = 2.0,
-                 submit_timeout: float = 120.0, http: RunPodHTTP | None = None) -> None:
+    def __init__(
+        self,
+        endpoint_id: str,
+        api_key: Secret | str | None,
+        *,
+        base_url: str = RUNPOD_ENDPOINT_URL,
+        max_request_bytes: int = RUN_LIMIT_BYTES,
+        poll_interval: float = 2.0,
+        submit_timeout: float = 120.0,
+        http: RunPodHTTP | None = None,
+    ) -> None:
         if not api_key:
             raise UsageError("no RunPod API key: set RUNPOD_API_KEY (serverless endpoints need it)")
         self.endpoint_id = endpoint_id
@@ -271,8 +327,9 @@ class ServerlessClient:
         """POST ``/run`` (size-checked first); returns the job id. Never re-sent after the body may have
         arrived (see the module docstring)."""
         check_request_size(body, self.max_request_bytes, images)
-        _, data = await self.http.request("POST", f"{self.base}/run", json_body=body, creates=True,
-                                          read_timeout=self.submit_timeout)
+        _, data = await self.http.request(
+            "POST", f"{self.base}/run", json_body=body, creates=True, read_timeout=self.submit_timeout
+        )
         if not isinstance(data, dict) or not data.get("id"):
             raise ServerError(f"/run of endpoint {self.endpoint_id} answered without a job id: {data!r}")
         return str(data["id"])
@@ -296,8 +353,7 @@ class ServerlessClient:
         _, data = await self.http.request("GET", f"{self.base}/health")
         return data if isinstance(data, dict) else {}
 
-    async def wait(self, job_id: str, *, timeout: float | None = None,
-                   on_status: Any = None) -> JobStatus:
+    async def wait(self, job_id: str, *, timeout: float | None = None, on_status: Any = None) -> JobStatus:
         """Poll ``/status`` until the job is terminal (or ``timeout`` seconds passed: :class:`JobTimeout`)."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -310,8 +366,12 @@ class ServerlessClient:
             if status.terminal:
                 return status
             if deadline is not None and loop.time() >= deadline:
-                raise JobTimeout(f"serverless job {job_id} did not finish within {timeout:g} s (last status "
-                                 f"{status.status})", prompt_id=job_id, seconds=float(timeout or 0))
+                raise JobTimeout(
+                    f"serverless job {job_id} did not finish within {timeout:g} s (last status "
+                    f"{status.status})",
+                    prompt_id=job_id,
+                    seconds=float(timeout or 0),
+                )
             pause = self.poll_interval
             if deadline is not None:
                 pause = min(pause, max(0.0, deadline - loop.time()))
@@ -320,32 +380,40 @@ class ServerlessClient:
     async def fetch(self, url: str) -> bytes:
         """Download an S3 URL the worker returned (presigned: no RunPod key is sent to it)."""
         if self._plain is None or self._plain.closed:
-            self._plain = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
-                                                                              sock_read=120))
+            self._plain = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
+            )
         cap = Limits.resolve().max_download_bytes
         for attempt in range(_FETCH_RETRY.attempts):
             try:
                 async with self._plain.get(url) as resp:
                     if resp.status != 200:
-                        raise ServerError(f"downloading a worker output from S3 failed: HTTP {resp.status}",
-                                          status=resp.status)
+                        raise ServerError(
+                            f"downloading a worker output from S3 failed: HTTP {resp.status}",
+                            status=resp.status,
+                        )
                     data = bytearray()
                     async for chunk in resp.content.iter_any():
                         data += chunk
                         if len(data) > cap:
-                            raise ProtocolError(f"a worker output on S3 is larger than {mib(cap)}, the limit for "
-                                                f"one download; raise it with {DOWNLOAD_LIMIT_SETTING}")
+                            raise ProtocolError(
+                                f"a worker output on S3 is larger than {mib(cap)}, the limit for "
+                                f"one download; raise it with {DOWNLOAD_LIMIT_SETTING}"
+                            )
                     return bytes(data)
             except (aiohttp.ClientConnectionError, *TIMEOUT_ERRORS) as exc:
                 if _FETCH_RETRY.is_last(attempt):
                     # the presigned URL in the message carries a signature: mask it
-                    raise ServerUnavailable(mask(f"downloading a worker output from S3 failed: {exc}")) from None
+                    raise ServerUnavailable(
+                        mask(f"downloading a worker output from S3 failed: {exc}")
+                    ) from None
                 await asyncio.sleep(_FETCH_RETRY.delay(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-def result_from_status(status: JobStatus, prompt: dict[str, Any] | None = None,
-                       submitted_at: float | None = None) -> JobResult:
+def result_from_status(
+    status: JobStatus, prompt: dict[str, Any] | None = None, submitted_at: float | None = None
+) -> JobResult:
     """A :class:`JobResult` for a COMPLETED job (raises the job's failure otherwise).
 
     Files appear as outputs of a pseudo node ``serverless`` (the worker does not say which node made them);
@@ -354,15 +422,26 @@ def result_from_status(status: JobStatus, prompt: dict[str, Any] | None = None,
     if status.state == "cancelled":
         raise Interrupted(f"serverless job {status.id} was cancelled", prompt_id=status.id)
     if status.status == "TIMED_OUT":  # not resubmitted by a batch: it would hit the same limit again
-        raise JobTimeout(f"serverless job {status.id} timed out on RunPod (the endpoint's execution timeout, or "
-                         "no worker picked it up in time)", prompt_id=status.id,
-                         seconds=(status.execution_ms or 0) / 1000.0)
+        raise JobTimeout(
+            f"serverless job {status.id} timed out on RunPod (the endpoint's execution timeout, or "
+            "no worker picked it up in time)",
+            prompt_id=status.id,
+            seconds=(status.execution_ms or 0) / 1000.0,
+        )
     if status.state == "expired":
-        raise JobLost(f"serverless job {status.id} is gone from RunPod (results are kept 30 min after the end, "
-                      "jobs expire after their TTL)", prompt_id=status.id)
+        raise JobLost(
+            f"serverless job {status.id} is gone from RunPod (results are kept 30 min after the end, "
+            "jobs expire after their TTL)",
+            prompt_id=status.id,
+        )
     if status.state == "failed":
-        raise ExecutionError(prompt_id=status.id, node_id=None, node_type=None, exception_type="WorkerError",
-                             exception_message=failure_message(status))
+        raise ExecutionError(
+            prompt_id=status.id,
+            node_id=None,
+            node_type=None,
+            exception_type="WorkerError",
+            exception_message=failure_message(status),
+        )
     items = decode_output(status.output)
     files = [{"filename": item.filename, "subfolder": "", "type": "output"} for item in items]
     start = submitted_at
@@ -372,8 +451,14 @@ def result_from_status(status: JobStatus, prompt: dict[str, Any] | None = None,
         if status.execution_ms is not None:
             timings.finished_at = timings.started_at + status.execution_ms / 1000.0
     history = {"runpod": status.raw}
-    return JobResult(prompt_id=status.id, outputs={"serverless": {"images": files}} if files else {},
-                     prompt=dict(prompt or {}), timings=timings, status={"status_str": "success"}, history=history)
+    return JobResult(
+        prompt_id=status.id,
+        outputs={"serverless": {"images": files}} if files else {},
+        prompt=dict(prompt or {}),
+        timings=timings,
+        status={"status_str": "success"},
+        history=history,
+    )
 
 
 class ServerlessTarget:
@@ -386,10 +471,17 @@ class ServerlessTarget:
 
     supports_prompt_ids = False
 
-    def __init__(self, settings: RunPodSettings | None = None, *, endpoint_id: str | None = None,
-                 api_key: Secret | str | None = None, capacity: int | None = None,
-                 price_per_second: float | None = None, poll_interval: float | None = None,
-                 client: ServerlessClient | None = None) -> None:
+    def __init__(
+        self,
+        settings: RunPodSettings | None = None,
+        *,
+        endpoint_id: str | None = None,
+        api_key: Secret | str | None = None,
+        capacity: int | None = None,
+        price_per_second: float | None = None,
+        poll_interval: float | None = None,
+        client: ServerlessClient | None = None,
+    ) -> None:
         options = dict(settings.options) if settings else {}
         self.endpoint_id = endpoint_id or (settings.id if settings else "")
         if not self.endpoint_id:
@@ -397,13 +489,19 @@ class ServerlessTarget:
         key = api_key or (settings.api_key if settings else None)
         self.settings = settings
         self.client = client or ServerlessClient(
-            self.endpoint_id, key, base_url=settings.endpoint_url if settings else RUNPOD_ENDPOINT_URL,
+            self.endpoint_id,
+            key,
+            base_url=settings.endpoint_url if settings else RUNPOD_ENDPOINT_URL,
             max_request_bytes=int(float(options.get("max_request_mb", 10)) * MB),
-            poll_interval=float(poll_interval or options.get("poll_interval", 2.0)))
+            poll_interval=float(poll_interval or options.get("poll_interval", 2.0)),
+        )
         self.name = f"runpod-serverless:{self.endpoint_id}"
         self.capacity = max(1, int(capacity or options.get("capacity", 4)))
-        self.price_per_second = price_per_second if price_per_second is not None else \
-            (float(options["price_per_second"]) if options.get("price_per_second") is not None else None)
+        self.price_per_second = (
+            price_per_second
+            if price_per_second is not None
+            else (float(options["price_per_second"]) if options.get("price_per_second") is not None else None)
+        )
         self.price_source = "config" if self.price_per_second is not None else None
         self.warnings: list[str] = []
         self._images: dict[str, bytes] = {}
@@ -425,8 +523,10 @@ class ServerlessTarget:
             self.price_per_second = await endpoint_price_per_second(self.settings)
             self.price_source = "api" if self.price_per_second is not None else None
             if self.price_per_second is None:
-                self._warn("no price known for this endpoint's GPU; set runpod.price_per_second in the profile "
-                           "to get cost estimates")
+                self._warn(
+                    "no price known for this endpoint's GPU; set runpod.price_per_second in the profile "
+                    "to get cost estimates"
+                )
 
     async def close(self) -> None:
         await self.client.close()
@@ -439,9 +539,11 @@ class ServerlessTarget:
         """
         wf = coerce_workflow(spec.workflow)
         if wf.prompt is None:
-            raise WorkflowError(f"{spec.source or 'this workflow'} is in the editor format; a serverless endpoint "
-                                "cannot convert it. Convert it once against a ComfyUI with the same nodes: "
-                                "charforge convert WORKFLOW -o api.json --server URL")
+            raise WorkflowError(
+                f"{spec.source or 'this workflow'} is in the editor format; a serverless endpoint "
+                "cannot convert it. Convert it once against a ComfyUI with the same nodes: "
+                "charforge convert WORKFLOW -o api.json --server URL"
+            )
         prompt, _ = apply_overrides(wf.prompt, [parse_set(s) for s in spec.sets], None)
         files = [parse_input(f"{k}={v}") for k, v in (spec.inputs or {}).items()]
         images: dict[str, bytes] = {}
@@ -457,8 +559,13 @@ class ServerlessTarget:
         return prompt
 
     def _images_for(self, graph: dict[str, Any]) -> dict[str, bytes]:
-        names = {v for node in graph.values() if isinstance(node, dict)
-                 for v in (node.get("inputs") or {}).values() if isinstance(v, str)}
+        names = {
+            v
+            for node in graph.values()
+            if isinstance(node, dict)
+            for v in (node.get("inputs") or {}).values()
+            if isinstance(v, str)
+        }
         return {n: b for n, b in self._images.items() if n in names}
 
     async def submit(self, graph: dict[str, Any], prompt_id: str | None) -> str:
@@ -490,7 +597,9 @@ class ServerlessTarget:
             path, handle = open_unique(local_path_for(Path(out_dir), source))
             with handle:
                 handle.write(data)
-            done.append(DownloadedFile(source, path, len(data), hashlib.sha256(data).hexdigest(), "worker-comfyui"))
+            done.append(
+                DownloadedFile(source, path, len(data), hashlib.sha256(data).hexdigest(), "worker-comfyui")
+            )
         return done
 
     async def cancel(self, prompt_id: str) -> str:
@@ -518,8 +627,10 @@ class ServerlessTarget:
         status = self._status.get(prompt_id)
         if status is None:
             return {"queue_seconds": None, "execution_seconds": None}
-        return {"queue_seconds": None if status.delay_ms is None else status.delay_ms / 1000.0,
-                "execution_seconds": None if status.execution_ms is None else status.execution_ms / 1000.0}
+        return {
+            "queue_seconds": None if status.delay_ms is None else status.delay_ms / 1000.0,
+            "execution_seconds": None if status.execution_ms is None else status.execution_ms / 1000.0,
+        }
 
 
 async def endpoint_price_per_second(settings: RunPodSettings) -> float | None:

@@ -92,9 +92,16 @@ class S3Storage:
     """One S3-compatible service. ``client`` may be given (tests, custom sessions); otherwise one is made
     from boto3's usual configuration, `endpoint_url`, `region` and `profile`."""
 
-    def __init__(self, *, endpoint_url: str | None = None, region: str | None = None, profile: str | None = None,
-                 part_size: int = DEFAULT_PART_SIZE, client: Any = None,
-                 record: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        part_size: int = DEFAULT_PART_SIZE,
+        client: Any = None,
+        record: str | Path | None = None,
+    ) -> None:
         self.part_size = part_size
         self.record = Path(record) if record else Path.home() / ".cache" / "charforge" / "s3-uploads.json"
         self._secrets: list[str] = []
@@ -106,10 +113,17 @@ class S3Storage:
                 raise ConfigError("S3 storage needs boto3: pip install 'charforge[s3]'") from None
             quiet_botocore()
             session = boto3.session.Session(profile_name=profile, region_name=region)
-            endpoint_url = endpoint_url or next((os.environ[v] for v in ENDPOINT_VARS if os.environ.get(v)), None)
-            client = session.client("s3", endpoint_url=endpoint_url,
-                                    config=Config(retries={"max_attempts": 5, "mode": "standard"},
-                                                  s3={"addressing_style": "path" if endpoint_url else "auto"}))
+            endpoint_url = endpoint_url or next(
+                (os.environ[v] for v in ENDPOINT_VARS if os.environ.get(v)), None
+            )
+            client = session.client(
+                "s3",
+                endpoint_url=endpoint_url,
+                config=Config(
+                    retries={"max_attempts": 5, "mode": "standard"},
+                    s3={"addressing_style": "path" if endpoint_url else "auto"},
+                ),
+            )
             credentials = session.get_credentials()
             if credentials is not None:
                 frozen = credentials.get_frozen_credentials()
@@ -149,15 +163,31 @@ class S3Storage:
         path = Path(path)
         key = location.key(relative)
         size, sha = path.stat().st_size, _sha256(path)
-        entry = {"path": str(path), "url": f"s3://{location.bucket}/{key}", "size": size, "sha256": sha,
-                 "uploaded": False, "bytes_sent": 0}
+        entry = {
+            "path": str(path),
+            "url": f"s3://{location.bucket}/{key}",
+            "size": size,
+            "sha256": sha,
+            "uploaded": False,
+            "bytes_sent": 0,
+        }
         head = self._head(location.bucket, key)
-        if head is not None and head.get("Metadata", {}).get("sha256") == sha and head.get("ContentLength") == size:
+        if (
+            head is not None
+            and head.get("Metadata", {}).get("sha256") == sha
+            and head.get("ContentLength") == size
+        ):
             return entry
         if size <= self.part_size:
             with open(path, "rb") as handle:
-                self._call(f"uploading {path.name} to s3://{location.bucket}/{key}", self.client.put_object,
-                           Bucket=location.bucket, Key=key, Body=handle.read(), Metadata={"sha256": sha})
+                self._call(
+                    f"uploading {path.name} to s3://{location.bucket}/{key}",
+                    self.client.put_object,
+                    Bucket=location.bucket,
+                    Key=key,
+                    Body=handle.read(),
+                    Metadata={"sha256": sha},
+                )
             entry.update(uploaded=True, bytes_sent=size)
         else:
             entry.update(uploaded=True, bytes_sent=self._multipart(path, location.bucket, key, size, sha))
@@ -189,8 +219,12 @@ class S3Storage:
         record = self._records().get(f"s3://{bucket}/{key}")
         if not record or record.get("sha256") != sha:
             return None
-        answer = self._call(f"listing uploads of s3://{bucket}/{key}", self.client.list_multipart_uploads,
-                            Bucket=bucket, Prefix=key)
+        answer = self._call(
+            f"listing uploads of s3://{bucket}/{key}",
+            self.client.list_multipart_uploads,
+            Bucket=bucket,
+            Prefix=key,
+        )
         open_ids = {u["UploadId"] for u in answer.get("Uploads", []) if u.get("Key") == key}
         return record["upload_id"] if record.get("upload_id") in open_ids else None
 
@@ -199,7 +233,9 @@ class S3Storage:
         upload_id = self._open_upload(bucket, key, sha)
         done: dict[int, str] = {}
         if upload_id is not None:
-            pages = self.client.get_paginator("list_parts").paginate(Bucket=bucket, Key=key, UploadId=upload_id)
+            pages = self.client.get_paginator("list_parts").paginate(
+                Bucket=bucket, Key=key, UploadId=upload_id
+            )
             try:
                 for page in pages:
                     for part in page.get("Parts", []):
@@ -207,8 +243,13 @@ class S3Storage:
             except Exception as exc:  # noqa: BLE001 - botocore's errors, masked
                 raise self._fail(f"listing the parts of {where}", exc) from None
         else:
-            answer = self._call(f"starting the upload of {where}", self.client.create_multipart_upload,
-                                Bucket=bucket, Key=key, Metadata={"sha256": sha})
+            answer = self._call(
+                f"starting the upload of {where}",
+                self.client.create_multipart_upload,
+                Bucket=bucket,
+                Key=key,
+                Metadata={"sha256": sha},
+            )
             upload_id = answer["UploadId"]
             self._remember(where, {"upload_id": upload_id, "sha256": sha})
         sent = 0
@@ -226,27 +267,48 @@ class S3Storage:
                     sent += len(data)
                     md5 = str(answer["ETag"]).strip('"')
                 parts.append({"PartNumber": number, "ETag": f'"{md5}"'})
-        self._call(f"finishing the upload of {where}", self.client.complete_multipart_upload, Bucket=bucket,
-                   Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
+        self._call(
+            f"finishing the upload of {where}",
+            self.client.complete_multipart_upload,
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+        )
         self._remember(where, None)
         return sent
 
     def upload_part(self, bucket: str, key: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
         """One part of a multipart upload (its own method: the unit that is resumed)."""
-        return self._call(f"uploading part {number} of s3://{bucket}/{key}", self.client.upload_part, Bucket=bucket,
-                          Key=key, UploadId=upload_id, PartNumber=number, Body=data)
+        return self._call(
+            f"uploading part {number} of s3://{bucket}/{key}",
+            self.client.upload_part,
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=data,
+        )
 
-    def upload_tree(self, folder: str | Path, location: S3Location,
-                    on_file: Callable[[dict[str, Any]], None] | None = None,
-                    exclude: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    def upload_tree(
+        self,
+        folder: str | Path,
+        location: S3Location,
+        on_file: Callable[[dict[str, Any]], None] | None = None,
+        exclude: frozenset[str] = frozenset(),
+    ) -> list[dict[str, Any]]:
         """Upload every file under `folder` (hidden ones and top-level folders named in `exclude` left out)
         below `location`, keeping the layout."""
         folder = Path(folder)
         entries = []
         for path in sorted(folder.rglob("*")):
             rel = path.relative_to(folder).as_posix()
-            if not path.is_file() or any(part.startswith(".") for part in rel.split("/")) or \
-                    rel.split("/")[0] in exclude or path.name.endswith(".part"):
+            if (
+                not path.is_file()
+                or any(part.startswith(".") for part in rel.split("/"))
+                or rel.split("/")[0] in exclude
+                or path.name.endswith(".part")
+            ):
                 continue
             entry = self.upload_file(path, location, rel)
             entries.append(entry)
@@ -260,7 +322,9 @@ class S3Storage:
         prefix = location.key("") if location.prefix else ""
         items = []
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=location.bucket, Prefix=prefix
+            ):
                 items += page.get("Contents", [])
         except Exception as exc:  # noqa: BLE001 - botocore's errors, masked
             raise self._fail(f"listing {location}", exc) from None
@@ -288,8 +352,9 @@ class S3Storage:
             have = 0
         if have < size:
             extra = {"Range": f"bytes={have}-"} if have else {}
-            answer = self._call(f"downloading {where}", self.client.get_object, Bucket=location.bucket, Key=key,
-                                **extra)
+            answer = self._call(
+                f"downloading {where}", self.client.get_object, Bucket=location.bucket, Key=key, **extra
+            )
             with open(partial, "ab" if have else "wb") as handle:
                 for block in answer["Body"].iter_chunks(1 << 20):
                     handle.write(block)
@@ -299,14 +364,17 @@ class S3Storage:
         ok = digest == sha if sha else ("-" in etag or _md5(partial.read_bytes()) == etag)
         if partial.stat().st_size != size or not ok:
             partial.unlink(missing_ok=True)
-            raise StorageError(f"{where}: the downloaded bytes do not match its checksum "
-                               f"({'sha256 ' + sha if sha else 'ETag ' + etag}); the file was removed")
+            raise StorageError(
+                f"{where}: the downloaded bytes do not match its checksum "
+                f"({'sha256 ' + sha if sha else 'ETag ' + etag}); the file was removed"
+            )
         os.replace(partial, target)
         entry.update(sha256=digest, downloaded=True)
         return entry
 
-    def download_tree(self, location: S3Location, folder: str | Path,
-                      suffixes: frozenset[str] | None = None) -> list[dict[str, Any]]:
+    def download_tree(
+        self, location: S3Location, folder: str | Path, suffixes: frozenset[str] | None = None
+    ) -> list[dict[str, Any]]:
         """Download every object below `location` into `folder` (keys become relative paths; a key that would
         leave `folder` is refused). `suffixes` keeps only those file types."""
         folder = Path(folder)
@@ -314,7 +382,7 @@ class S3Storage:
         entries = []
         for item in self.list_objects(location):
             key = item["Key"]
-            rel = PurePosixPath(key[len(base):])
+            rel = PurePosixPath(key[len(base) :])
             if not rel.parts or any(p in ("", ".", "..") for p in rel.parts) or key.endswith("/"):
                 continue
             if suffixes is not None and rel.suffix.lower() not in suffixes:

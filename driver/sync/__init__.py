@@ -10,7 +10,24 @@ from .results import DownloadedTree, download_lora, download_tree
 from .training import TrainedLoRA, bring_training_home, output_relative, parse_train_summary, trained_loras
 from .uploads import UploadReport, upload_folder
 
-__all__ = ["DownloadedTree", "MissingModels", "ModelCheck", "NoTransferRoutes", "TrainedLoRA", "UploadReport",
-           "bring_training_home", "call", "check_models", "download_lora", "download_tree", "output_relative",
-           "parse_train_summary", "provision_models", "provision_tiny", "require_models", "server_info",
-           "trained_loras", "upload_folder"]
+__all__ = [
+    "DownloadedTree",
+    "MissingModels",
+    "ModelCheck",
+    "NoTransferRoutes",
+    "TrainedLoRA",
+    "UploadReport",
+    "bring_training_home",
+    "call",
+    "check_models",
+    "download_lora",
+    "download_tree",
+    "output_relative",
+    "parse_train_summary",
+    "provision_models",
+    "provision_tiny",
+    "require_models",
+    "server_info",
+    "trained_loras",
+    "upload_folder",
+]

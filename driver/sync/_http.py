@@ -23,20 +23,38 @@ class NoTransferRoutes(ServerError):
 
 
 def no_routes(client: AsyncComfyClient) -> ServerError:
-    return NoTransferRoutes(f"{client.url} has no CharForge transfer routes (HTTP 404): install or update CharForge on "
-                       "that ComfyUI and restart it", status=404)
+    return NoTransferRoutes(
+        f"{client.url} has no CharForge transfer routes (HTTP 404): install or update CharForge on "
+        "that ComfyUI and restart it",
+        status=404,
+    )
 
 
 _REFUSALS = (400, 403, 404, 409, 411, 413, 415, 422)
 
 
-async def request_json(client: AsyncComfyClient, method: str, route: str, *, params: dict[str, str] | None = None,
-                       json_body: Any = None, data: bytes | None = None, ok: tuple[int, ...] = (200,),
-                       retries: int | None = None) -> tuple[int, Any]:
+async def request_json(
+    client: AsyncComfyClient,
+    method: str,
+    route: str,
+    *,
+    params: dict[str, str] | None = None,
+    json_body: Any = None,
+    data: bytes | None = None,
+    ok: tuple[int, ...] = (200,),
+    retries: int | None = None,
+) -> tuple[int, Any]:
     """(status, decoded JSON) of one request. A refusal the route explains (``{"error": ...}``) becomes a
     :class:`ServerError` with that explanation; a 404 without one means the routes are not installed."""
-    status, body = await client._request(method, route, params=params, json_body=json_body, data=data,
-                                         ok=tuple(ok) + _REFUSALS, retries=retries)
+    status, body = await client._request(
+        method,
+        route,
+        params=params,
+        json_body=json_body,
+        data=data,
+        ok=tuple(ok) + _REFUSALS,
+        retries=retries,
+    )
     try:
         answer = json.loads(body or b"null")
     except ValueError:
@@ -47,6 +65,9 @@ async def request_json(client: AsyncComfyClient, method: str, route: str, *, par
         message = answer.get("error") if isinstance(answer, dict) else None
         if status == 404 and not message:
             raise no_routes(client)
-        raise ServerError(client._redact(f"{method} {route} at {client.url}: HTTP {status}: {message or answer}"),
-                          status=status, body=str(message or ""))
+        raise ServerError(
+            client._redact(f"{method} {route} at {client.url}: HTTP {status}: {message or answer}"),
+            status=status,
+            body=str(message or ""),
+        )
     return status, answer

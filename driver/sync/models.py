@@ -38,13 +38,17 @@ class ModelCheck:
         return not self.missing and not self.different
 
     def describe(self) -> str:
-        parts = [f"{e.kind}/{e.name}" + (" (no URL to fetch it from)" if not e.source_url() else "")
-                 for e in self.missing]
+        parts = [
+            f"{e.kind}/{e.name}" + (" (no URL to fetch it from)" if not e.source_url() else "")
+            for e in self.missing
+        ]
         parts += [f"{e.kind}/{e.name} ({why})" for e, why in self.different]
         return ", ".join(parts)
 
 
-async def check_models(client: AsyncComfyClient, entries: list[ModelEntry], *, verify: bool = False) -> ModelCheck:
+async def check_models(
+    client: AsyncComfyClient, entries: list[ModelEntry], *, verify: bool = False
+) -> ModelCheck:
     """Which of `entries` the server has. Sizes are always compared; sha256 where the server knows it (it
     remembers the checksum of every file it downloaded or hashed), or always with `verify` (the server hashes
     each file once, which takes a while for a large checkpoint)."""
@@ -52,19 +56,32 @@ async def check_models(client: AsyncComfyClient, entries: list[ModelEntry], *, v
     check = ModelCheck()
     if not entries:
         return check
-    _, answer = await request_json(client, "GET", path("models"),
-                                   params={"kinds": ",".join(kinds), "names": ",".join(sorted({e.name for e in entries})),
-                                           **({"hash": "1"} if verify else {})})
+    _, answer = await request_json(
+        client,
+        "GET",
+        path("models"),
+        params={
+            "kinds": ",".join(kinds),
+            "names": ",".join(sorted({e.name for e in entries})),
+            **({"hash": "1"} if verify else {}),
+        },
+    )
     present = {(kind, m["name"]): m for kind, items in (answer.get("models") or {}).items() for m in items}
     for entry in entries:
         found = present.get((entry.kind, entry.name))
         if found is None:
             check.missing.append(entry)
         elif entry.size is not None and found.get("size") is not None and found["size"] != entry.size:
-            check.different.append((entry, f"{found['size']} bytes on the server, the manifest says {entry.size}"))
+            check.different.append(
+                (entry, f"{found['size']} bytes on the server, the manifest says {entry.size}")
+            )
         elif entry.sha256 and found.get("sha256") and found["sha256"] != entry.sha256:
-            check.different.append((entry, f"sha256 {found['sha256'][:12]}… on the server, the manifest says "
-                                           f"{entry.sha256[:12]}…"))
+            check.different.append(
+                (
+                    entry,
+                    f"sha256 {found['sha256'][:12]}… on the server, the manifest says {entry.sha256[:12]}…",
+                )
+            )
         else:
             check.present.append(entry)
     return check
@@ -73,13 +90,21 @@ async def check_models(client: AsyncComfyClient, entries: list[ModelEntry], *, v
 def require_models(check: ModelCheck, server: str) -> None:
     """Raise :class:`MissingModels` naming what is missing, before anything is queued."""
     if not check.ok:
-        raise MissingModels(f"{server} lacks models this job needs: {check.describe()}; put them there, or pass "
-                            "--provision to let the server download those with a URL", check.missing)
+        raise MissingModels(
+            f"{server} lacks models this job needs: {check.describe()}; put them there, or pass "
+            "--provision to let the server download those with a URL",
+            check.missing,
+        )
 
 
-async def provision_models(client: AsyncComfyClient, entries: list[ModelEntry], *, poll: float = 1.0,
-                           timeout: float = 3600.0,
-                           on_progress: Callable[[dict[str, Any]], None] | None = None) -> ModelCheck:
+async def provision_models(
+    client: AsyncComfyClient,
+    entries: list[ModelEntry],
+    *,
+    poll: float = 1.0,
+    timeout: float = 3600.0,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> ModelCheck:
     """Have the server download the missing `entries` with a URL (resumed, checked there); wait until every
     one is done and return the final check. A refused download (wrong checksum, unreachable URL) raises
     :class:`MissingModels` with the server's reason."""
@@ -91,8 +116,13 @@ async def provision_models(client: AsyncComfyClient, entries: list[ModelEntry], 
         require_models(ModelCheck(missing=[e for e in check.missing if not e.source_url()]), client.url)
     if not fetchable:
         return check
-    await request_json(client, "POST", path("models", "download"), json_body={"models": [e.to_dict() for e in
-                                                                                         fetchable]}, ok=(202,))
+    await request_json(
+        client,
+        "POST",
+        path("models", "download"),
+        json_body={"models": [e.to_dict() for e in fetchable]},
+        ok=(202,),
+    )
     keys = {f"{e.kind}/{e.name}": e for e in fetchable}
     deadline = time.monotonic() + timeout
     while True:
@@ -102,21 +132,30 @@ async def provision_models(client: AsyncComfyClient, entries: list[ModelEntry], 
             on_progress(states)
         failed = {k: v for k, v in states.items() if v.get("state") == "failed"}
         if failed:
-            raise MissingModels(client._redact("the server could not fetch " + "; ".join(
-                f"{k}: {v.get('error')}" for k, v in failed.items())), [keys[k] for k in failed])
+            raise MissingModels(
+                client._redact(
+                    "the server could not fetch "
+                    + "; ".join(f"{k}: {v.get('error')}" for k, v in failed.items())
+                ),
+                [keys[k] for k in failed],
+            )
         if len(states) == len(keys) and all(v.get("state") == "done" for v in states.values()):
             break
         if time.monotonic() > deadline:
-            raise JobTimeout(f"model downloads on {client.url} did not finish within {timeout:g} s", prompt_id="",
-                             seconds=timeout)
+            raise JobTimeout(
+                f"model downloads on {client.url} did not finish within {timeout:g} s",
+                prompt_id="",
+                seconds=timeout,
+            )
         await asyncio.sleep(poll)
     final = await check_models(client, entries)
     require_models(final, client.url)
     return final
 
 
-async def provision_tiny(client: AsyncComfyClient, parts: list[str], *, poll: float = 1.0,
-                         timeout: float = 1800.0) -> None:
+async def provision_tiny(
+    client: AsyncComfyClient, parts: list[str], *, poll: float = 1.0, timeout: float = 1800.0
+) -> None:
     """Have the server write CharForge's tiny random demo models (the demo on a rented GPU, as it runs
     locally); returns once they are there, raises :class:`DriverError` with the server's reason otherwise."""
     await request_json(client, "POST", path("models", "tiny"), json_body={"parts": parts}, ok=(202,))
@@ -128,8 +167,13 @@ async def provision_tiny(client: AsyncComfyClient, parts: list[str], *, poll: fl
         if state.get("state") == "done":
             return
         if state.get("state") == "failed":
-            raise DriverError(client._redact(f"{client.url} could not write the tiny models: {state.get('error')}"))
+            raise DriverError(
+                client._redact(f"{client.url} could not write the tiny models: {state.get('error')}")
+            )
         if time.monotonic() > deadline:
-            raise JobTimeout(f"writing the tiny models on {client.url} did not finish within {timeout:g} s",
-                             prompt_id="", seconds=timeout)
+            raise JobTimeout(
+                f"writing the tiny models on {client.url} did not finish within {timeout:g} s",
+                prompt_id="",
+                seconds=timeout,
+            )
         await asyncio.sleep(poll)

@@ -48,16 +48,21 @@ def _sha256(file: Path) -> str:
 
 
 async def _have(target: Path, size: int, sha: str) -> bool:
-    return target.is_file() and target.stat().st_size == size and await asyncio.to_thread(_sha256, target) == sha
+    return (
+        target.is_file() and target.stat().st_size == size and await asyncio.to_thread(_sha256, target) == sha
+    )
 
 
-async def fetch_file(client: AsyncComfyClient, route: str, target: Path, size: int, sha: str,
-                     retries: int = 5) -> int:
+async def fetch_file(
+    client: AsyncComfyClient, route: str, target: Path, size: int, sha: str, retries: int = 5
+) -> int:
     """Download `route` into `target` (via ``target.part``, resumed with Range), verified against `size` and
     `sha`; returns the bytes received. A mismatch removes the partial file and raises :class:`ProtocolError`."""
     if size > client.limits.max_download_bytes:
-        raise ProtocolError(f"{target.name} is {size} bytes, over the download limit; raise "
-                            "CHARFORGE_MAX_DOWNLOAD_MB if such a file is expected")
+        raise ProtocolError(
+            f"{target.name} is {size} bytes, over the download limit; raise "
+            "CHARFORGE_MAX_DOWNLOAD_MB if such a file is expected"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".part")
     received = 0
@@ -84,17 +89,25 @@ async def fetch_file(client: AsyncComfyClient, route: str, target: Path, size: i
                             handle.write(block)
                             received += len(block)
             break
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, TimeoutError) as exc:
+        except (
+            aiohttp.ClientConnectionError,
+            aiohttp.ClientPayloadError,
+            asyncio.TimeoutError,
+            TimeoutError,
+        ) as exc:
             if attempt >= retries:
-                raise ServerUnavailable(client._redact(f"downloading {target.name} from {client.url}: "
-                                                       f"{describe_error(exc)}")) from None
-            await asyncio.sleep(min(10.0, 0.2 * 2 ** attempt))
+                raise ServerUnavailable(
+                    client._redact(f"downloading {target.name} from {client.url}: {describe_error(exc)}")
+                ) from None
+            await asyncio.sleep(min(10.0, 0.2 * 2**attempt))
     got = partial.stat().st_size if partial.exists() else 0
     digest = await asyncio.to_thread(_sha256, partial) if partial.exists() else ""
     if got != size or digest != sha:
         partial.unlink(missing_ok=True)
-        raise ProtocolError(f"{target.name}: received {got} bytes with sha256 {digest or '-'}, the server announced "
-                            f"{size} bytes with sha256 {sha}; the file was removed")
+        raise ProtocolError(
+            f"{target.name}: received {got} bytes with sha256 {digest or '-'}, the server announced "
+            f"{size} bytes with sha256 {sha}; the file was removed"
+        )
     os.replace(partial, target)
     return received
 
@@ -107,8 +120,14 @@ def _local(out_dir: Path, remote: str, rel: str) -> Path:
     return out_dir.joinpath(*parts)
 
 
-async def download_tree(client: AsyncComfyClient, remote: str, out_dir: str | Path, *, retries: int = 5,
-                        have: dict[str, Path] | None = None) -> DownloadedTree:
+async def download_tree(
+    client: AsyncComfyClient,
+    remote: str,
+    out_dir: str | Path,
+    *,
+    retries: int = 5,
+    have: dict[str, Path] | None = None,
+) -> DownloadedTree:
     """Download ``<output>/charforge/<remote>`` (a folder, or one file) into `out_dir`, keeping its layout.
 
     `have` maps sha256 to local files already at home (a LoRA downloaded from the loras folder that the run
@@ -116,15 +135,24 @@ async def download_tree(client: AsyncComfyClient, remote: str, out_dir: str | Pa
     remote = remote.strip("/")
     if remote and relative_parts(remote) is None:
         raise UsageError(f"{remote!r} is not a relative path inside CharForge's output folder")
-    _, index = await request_json(client, "GET", path("outputs", "index", remote) if remote else
-                                  path("outputs", "index") + "/")
+    _, index = await request_json(
+        client, "GET", path("outputs", "index", remote) if remote else path("outputs", "index") + "/"
+    )
     tree = DownloadedTree(remote, Path(out_dir))
     for rel, meta in sorted((index.get("files") or {}).items()):
         size, sha = int(meta["size"]), str(meta["sha256"])
         target = _local(tree.out_dir, remote, rel)
         if await _have(target, size, sha):
-            tree.files.append({"remote": rel, "path": str(target), "size": size, "sha256": sha, "downloaded": False,
-                               "bytes_received": 0})
+            tree.files.append(
+                {
+                    "remote": rel,
+                    "path": str(target),
+                    "size": size,
+                    "sha256": sha,
+                    "downloaded": False,
+                    "bytes_received": 0,
+                }
+            )
             continue
         local = (have or {}).get(sha)
         if local is not None and await _have(local, size, sha):
@@ -132,29 +160,56 @@ async def download_tree(client: AsyncComfyClient, remote: str, out_dir: str | Pa
             partial = target.with_name(target.name + ".part")
             await asyncio.to_thread(shutil.copyfile, local, partial)
             os.replace(partial, target)
-            tree.files.append({"remote": rel, "path": str(target), "size": size, "sha256": sha, "downloaded": False,
-                               "bytes_received": 0})
+            tree.files.append(
+                {
+                    "remote": rel,
+                    "path": str(target),
+                    "size": size,
+                    "sha256": sha,
+                    "downloaded": False,
+                    "bytes_received": 0,
+                }
+            )
             continue
         received = await fetch_file(client, path("outputs", "files", rel), target, size, sha, retries)
-        tree.files.append({"remote": rel, "path": str(target), "size": size, "sha256": sha, "downloaded": True,
-                           "bytes_received": received})
+        tree.files.append(
+            {
+                "remote": rel,
+                "path": str(target),
+                "size": size,
+                "sha256": sha,
+                "downloaded": True,
+                "bytes_received": received,
+            }
+        )
     return tree
 
 
-async def download_lora(client: AsyncComfyClient, name: str, out_dir: str | Path, *,
-                        retries: int = 5) -> dict[str, Any]:
+async def download_lora(
+    client: AsyncComfyClient, name: str, out_dir: str | Path, *, retries: int = 5
+) -> dict[str, Any]:
     """Download the LoRA `name` of the server's loras folder into `out_dir` (checked by sha256)."""
     if relative_parts(name) is None:
         raise UsageError(f"{name!r} is not a LoRA file name")
-    _, listing = await request_json(client, "GET", path("models"),
-                                    params={"kinds": "loras", "hash": "1", "names": name})
+    _, listing = await request_json(
+        client, "GET", path("models"), params={"kinds": "loras", "hash": "1", "names": name}
+    )
     entry = next((e for e in (listing.get("models") or {}).get("loras", []) if e.get("name") == name), None)
     if entry is None or "sha256" not in entry:
         raise UsageError(f"the server has no LoRA {name!r} in its loras folders")
     target = Path(out_dir) / PurePosixPath(name).name
     size, sha = int(entry["size"]), str(entry["sha256"])
     downloaded = not await _have(target, size, sha)
-    received = await fetch_file(client, path("models", "loras", "files", name), target, size, sha, retries) \
-        if downloaded else 0
-    return {"remote": f"loras/{name}", "path": str(target), "size": size, "sha256": sha, "downloaded": downloaded,
-            "bytes_received": received}
+    received = (
+        await fetch_file(client, path("models", "loras", "files", name), target, size, sha, retries)
+        if downloaded
+        else 0
+    )
+    return {
+        "remote": f"loras/{name}",
+        "path": str(target),
+        "size": size,
+        "sha256": sha,
+        "downloaded": downloaded,
+        "bytes_received": received,
+    }

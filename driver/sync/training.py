@@ -76,12 +76,19 @@ def output_relative(server_path: str, outputs_dir: str) -> PurePosixPath:
     try:
         return PurePosixPath(*path.relative_to(root).parts)
     except ValueError:
-        raise DriverError(f"{server_path} is not inside CharForge's output folder on the server ({outputs_dir}); "
-                          "it cannot be downloaded") from None
+        raise DriverError(
+            f"{server_path} is not inside CharForge's output folder on the server ({outputs_dir}); "
+            "it cannot be downloaded"
+        ) from None
 
 
-async def bring_training_home(client: AsyncComfyClient, trained: list[TrainedLoRA], folder: str | Path, *,
-                              outputs_dir: str | None = None) -> list[dict[str, Any]]:
+async def bring_training_home(
+    client: AsyncComfyClient,
+    trained: list[TrainedLoRA],
+    folder: str | Path,
+    *,
+    outputs_dir: str | None = None,
+) -> list[dict[str, Any]]:
     """Download each LoRA into ``folder/lora/`` and its run folder into ``folder/lora/run/<run name>/``.
 
     Returns one entry per LoRA: ``lora``, ``run_dir``, ``node_id``, ``state`` (``home``), ``lora_path`` and
@@ -96,17 +103,37 @@ async def bring_training_home(client: AsyncComfyClient, trained: list[TrainedLoR
         relative = output_relative(item.run_dir, outputs_dir or "")
         lora = await download_lora(client, item.lora, folder / LORA_DIR)
         run_local = folder / LORA_DIR / RUN_DIR / item.run_name
-        tree = await download_tree(client, relative.as_posix(), run_local, have={lora["sha256"]: Path(lora["path"])})
+        tree = await download_tree(
+            client, relative.as_posix(), run_local, have={lora["sha256"]: Path(lora["path"])}
+        )
         files = [_entry(folder, item, "lora", 0, lora)]
         files += [_entry(folder, item, "run", i, f) for i, f in enumerate(tree.files)]
-        entries.append({"node_id": item.node_id, "lora": item.lora, "run_dir": item.run_dir, "state": "home",
-                        "lora_path": files[0]["path"], "lora_sha256": lora["sha256"],
-                        "run_path": run_local.relative_to(folder).as_posix(), "files": files})
+        entries.append(
+            {
+                "node_id": item.node_id,
+                "lora": item.lora,
+                "run_dir": item.run_dir,
+                "state": "home",
+                "lora_path": files[0]["path"],
+                "lora_sha256": lora["sha256"],
+                "run_path": run_local.relative_to(folder).as_posix(),
+                "files": files,
+            }
+        )
     return entries
 
 
 def _entry(folder: Path, item: TrainedLoRA, output: str, index: int, got: dict[str, Any]) -> dict[str, Any]:
-    return {"path": Path(got["path"]).relative_to(folder).as_posix(), "node_id": item.node_id,
-            "class_type": "CharForgeTrainLoRA", "title": None, "output": output, "index": index, "animated": False,
-            "bytes": got["size"], "sha256": got["sha256"], "server_file": {"remote": got["remote"]},
-            "downloaded": got["downloaded"]}
+    return {
+        "path": Path(got["path"]).relative_to(folder).as_posix(),
+        "node_id": item.node_id,
+        "class_type": "CharForgeTrainLoRA",
+        "title": None,
+        "output": output,
+        "index": index,
+        "animated": False,
+        "bytes": got["size"],
+        "sha256": got["sha256"],
+        "server_file": {"remote": got["remote"]},
+        "downloaded": got["downloaded"],
+    }

@@ -41,8 +41,15 @@ class UploadReport:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "folder": self.folder, "sent": self.sent, "unchanged": self.unchanged,
-                "removed": self.removed, "bytes_sent": self.bytes_sent, "files": self.files}
+        return {
+            "dataset": self.dataset,
+            "folder": self.folder,
+            "sent": self.sent,
+            "unchanged": self.unchanged,
+            "removed": self.removed,
+            "bytes_sent": self.bytes_sent,
+            "files": self.files,
+        }
 
 
 def _sha256(path: Path) -> str:
@@ -58,8 +65,16 @@ async def _listing(client: AsyncComfyClient, dataset: str) -> dict[str, Any]:
     return answer
 
 
-async def upload_folder(client: AsyncComfyClient, folder: str | Path, dataset: str, *, chunk: int = DEFAULT_CHUNK,
-                        prune: bool = True, retries: int = 5, on_progress: Progress | None = None) -> UploadReport:
+async def upload_folder(
+    client: AsyncComfyClient,
+    folder: str | Path,
+    dataset: str,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    prune: bool = True,
+    retries: int = 5,
+    on_progress: Progress | None = None,
+) -> UploadReport:
     """Upload the images and captions of `folder` as `dataset`; see the module docstring.
 
     `prune` removes files of the dataset on the server that are no longer in `folder`. A connection that
@@ -73,10 +88,17 @@ async def upload_folder(client: AsyncComfyClient, folder: str | Path, dataset: s
     files = local_files(folder)
     if not files:
         raise UsageError(f"{folder} holds no images or captions to upload")
-    too_big = [f"{name} ({p.stat().st_size} bytes)" for name, p in files.items() if p.stat().st_size > MAX_UPLOAD_FILE]
+    too_big = [
+        f"{name} ({p.stat().st_size} bytes)"
+        for name, p in files.items()
+        if p.stat().st_size > MAX_UPLOAD_FILE
+    ]
     if too_big:
-        raise UsageError(f"larger than the {MAX_UPLOAD_FILE // (1 << 20)} MiB the server accepts per file: "
-                         + ", ".join(too_big) + "; shrink or remove them")
+        raise UsageError(
+            f"larger than the {MAX_UPLOAD_FILE // (1 << 20)} MiB the server accepts per file: "
+            + ", ".join(too_big)
+            + "; shrink or remove them"
+        )
     hashes = {name: await asyncio.to_thread(_sha256, p) for name, p in files.items()}
     listing = await _listing(client, dataset)
     report = UploadReport(dataset, str(listing.get("folder", "")))
@@ -87,21 +109,41 @@ async def upload_folder(client: AsyncComfyClient, folder: str | Path, dataset: s
         if (remote.get(name) or {}).get("sha256") == sha:
             report.unchanged.append(name)
             continue
-        report.bytes_sent += await _send_file(client, dataset, name, local, size, sha,
-                                              int((listing.get("partial") or {}).get(sha, 0)), chunk, retries,
-                                              on_progress)
+        report.bytes_sent += await _send_file(
+            client,
+            dataset,
+            name,
+            local,
+            size,
+            sha,
+            int((listing.get("partial") or {}).get(sha, 0)),
+            chunk,
+            retries,
+            on_progress,
+        )
         report.sent.append(name)
     if prune:
-        _, answer = await request_json(client, "POST", path("inputs", dataset, "prune"),
-                                       json_body={"keep": sorted(files)})
+        _, answer = await request_json(
+            client, "POST", path("inputs", dataset, "prune"), json_body={"keep": sorted(files)}
+        )
         report.removed = list(answer.get("removed") or [])
     if not report.folder:
         report.folder = str((await _listing(client, dataset)).get("folder", ""))
     return report
 
 
-async def _send_file(client: AsyncComfyClient, dataset: str, name: str, local: Path, size: int, sha: str,
-                     offset: int, chunk: int, retries: int, on_progress: Progress | None) -> int:
+async def _send_file(
+    client: AsyncComfyClient,
+    dataset: str,
+    name: str,
+    local: Path,
+    size: int,
+    sha: str,
+    offset: int,
+    chunk: int,
+    retries: int,
+    on_progress: Progress | None,
+) -> int:
     """Send `local` from `offset` on; returns the bytes sent."""
     sent = 0
     failures = 0
@@ -114,8 +156,9 @@ async def _send_file(client: AsyncComfyClient, dataset: str, name: str, local: P
             data = handle.read(min(chunk, size - offset))
         params = {"size": str(size), "sha256": sha, "offset": str(offset)}
         try:
-            status, answer = await request_json(client, "PUT", route, params=params, data=data, ok=(200, 409),
-                                                retries=0)
+            status, answer = await request_json(
+                client, "PUT", route, params=params, data=data, ok=(200, 409), retries=0
+            )
             sent += len(data)
         except (ServerUnavailable, ServerError) as exc:
             # the connection dropped (or a proxy gave up, 524): some of the chunk may have arrived; the
@@ -125,7 +168,7 @@ async def _send_file(client: AsyncComfyClient, dataset: str, name: str, local: P
             failures += 1
             if failures > retries:
                 raise ServerUnavailable(f"uploading {name}: {exc} ({retries} retries)") from None
-            await asyncio.sleep(min(10.0, 0.2 * 2 ** failures))
+            await asyncio.sleep(min(10.0, 0.2 * 2**failures))
             listing = await _listing(client, dataset)
             if (listing.get("files", {}).get(name) or {}).get("sha256") == sha:
                 return sent
@@ -145,4 +188,6 @@ async def _send_file(client: AsyncComfyClient, dataset: str, name: str, local: P
         if on_progress is not None:
             on_progress(name, offset, size)
         if offset >= size:
-            raise DriverError(f"uploading {name}: all {size} bytes sent but the server did not complete the file")
+            raise DriverError(
+                f"uploading {name}: all {size} bytes sent but the server did not complete the file"
+            )

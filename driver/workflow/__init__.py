@@ -24,8 +24,24 @@ from .preflight import check_workflow, nodes_to_run, problems_from_server
 from .prepare import PreparedRun, as_api, prepare_run
 
 __all__ = [
-    "AppliedOverride", "Graph", "InputFile", "Override", "PreparedRun", "Workflow", "apply_overrides", "as_api",
-    "check_workflow", "coerce_workflow", "convert_workflow", "input_choices", "load_workflow", "nodes_to_run",
-    "parse_input", "parse_set", "plan_inputs", "prepare_run", "problems_from_server",
+    "AppliedOverride",
+    "Graph",
+    "InputFile",
+    "Override",
+    "PreparedRun",
+    "Workflow",
+    "apply_overrides",
+    "as_api",
+    "check_workflow",
+    "coerce_workflow",
+    "convert_workflow",
+    "input_choices",
+    "load_workflow",
+    "nodes_to_run",
+    "parse_input",
+    "parse_set",
+    "plan_inputs",
+    "prepare_run",
+    "problems_from_server",
     "workflow_from_data",
 ]

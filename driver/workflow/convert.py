@@ -75,23 +75,33 @@ class _Link:
 def _links(raw: Any) -> dict[Any, _Link]:
     links: dict[Any, _Link] = {}
     if raw is not None and not isinstance(raw, list):
-        raise ConversionError(f"the workflow's 'links' is {type(raw).__name__}, expected a list; the workflow file "
-                              "is damaged - open and save it again in the ComfyUI editor")
+        raise ConversionError(
+            f"the workflow's 'links' is {type(raw).__name__}, expected a list; the workflow file "
+            "is damaged - open and save it again in the ComfyUI editor"
+        )
     for item in raw or []:
         try:
             if isinstance(item, (list, tuple)) and len(item) >= 5:
-                link = _Link(item[0], item[1], int(item[2]), item[3], int(item[4]),
-                             item[5] if len(item) > 5 else None)
+                link = _Link(
+                    item[0], item[1], int(item[2]), item[3], int(item[4]), item[5] if len(item) > 5 else None
+                )
             elif isinstance(item, dict) and "id" in item:
-                link = _Link(item["id"], item.get("origin_id"), int(item.get("origin_slot") or 0),
-                             item.get("target_id"), int(item.get("target_slot") or 0), item.get("type"))
+                link = _Link(
+                    item["id"],
+                    item.get("origin_id"),
+                    int(item.get("origin_slot") or 0),
+                    item.get("target_id"),
+                    int(item.get("target_slot") or 0),
+                    item.get("type"),
+                )
             else:
                 continue
             links[link.id] = link
         except (TypeError, ValueError):
-            raise ConversionError(f"link {str(item)[:80]} of the workflow is malformed (slots must be numbers); "
-                                  "the workflow file is damaged - open and save it again in the ComfyUI editor") \
-                from None
+            raise ConversionError(
+                f"link {str(item)[:80]} of the workflow is malformed (slots must be numbers); "
+                "the workflow file is damaged - open and save it again in the ComfyUI editor"
+            ) from None
     return links
 
 
@@ -104,17 +114,22 @@ class _Flattener:
         self._collect_definitions(workflow)
 
     def _collect_definitions(self, graph: dict[str, Any]) -> None:
-        for sub in ((graph.get("definitions") or {}).get("subgraphs") or []):
+        for sub in (graph.get("definitions") or {}).get("subgraphs") or []:
             if isinstance(sub, dict) and sub.get("id"):
                 self.definitions[str(sub["id"])] = sub
                 self._collect_definitions(sub)
 
     def flatten(self, graph: dict[str, Any], prefix: str = "", depth: int = 0) -> None:
         if depth > 32:
-            raise ConversionError("subgraphs are nested more than 32 levels deep (a subgraph contains itself?)")
+            raise ConversionError(
+                "subgraphs are nested more than 32 levels deep (a subgraph contains itself?)"
+            )
         links = _links(graph.get("links"))
-        instances = {str(n.get("id")): n for n in graph.get("nodes") or []
-                     if isinstance(n, dict) and str(n.get("type")) in self.definitions}
+        instances = {
+            str(n.get("id")): n
+            for n in graph.get("nodes") or []
+            if isinstance(n, dict) and str(n.get("type")) in self.definitions
+        }
 
         def origin(link_id: Any) -> tuple[str, int] | None:
             if link_id is None or link_id not in links:
@@ -133,8 +148,11 @@ class _Flattener:
                 for k, slot in enumerate(out_proxy.inputs):
                     ids = (graph.get("outputs") or [{}] * len(out_proxy.inputs))[k].get("linkIds") or []
                     if not ids:
-                        ids = [lk.id for lk in links.values()
-                               if str(lk.target_id) == str(SUBGRAPH_OUTPUT) and lk.target_slot == k]
+                        ids = [
+                            lk.id
+                            for lk in links.values()
+                            if str(lk.target_id) == str(SUBGRAPH_OUTPUT) and lk.target_slot == k
+                        ]
                     slot.source = origin(ids[0]) if ids else None
 
         for raw in graph.get("nodes") or []:
@@ -144,9 +162,16 @@ class _Flattener:
             node_type = str(raw.get("type") or "")
             _check_node_fields(raw, f"node {node_id} ({node_type or 'no type'})")
             mode = int(raw.get("mode") or 0)
-            slots = [_Slot(str(s.get("name")), str(s.get("type")), origin(s.get("link")),
-                           (s.get("widget") or {}).get("name") if isinstance(s.get("widget"), dict) else None)
-                     for s in raw.get("inputs") or [] if isinstance(s, dict)]
+            slots = [
+                _Slot(
+                    str(s.get("name")),
+                    str(s.get("type")),
+                    origin(s.get("link")),
+                    (s.get("widget") or {}).get("name") if isinstance(s.get("widget"), dict) else None,
+                )
+                for s in raw.get("inputs") or []
+                if isinstance(s, dict)
+            ]
             outputs = [str(s.get("type")) for s in raw.get("outputs") or [] if isinstance(s, dict)]
             if node_type in self.definitions:
                 self._instance(raw, node_id, slots, mode, depth)
@@ -154,20 +179,39 @@ class _Flattener:
             kind = {"Reroute": "reroute", "PrimitiveNode": "primitive"}.get(node_type, "real")
             if node_type in NOTE_TYPES:
                 kind = "note"
-            self.nodes[node_id] = _Node(node_id, node_type, kind, mode, raw.get("title"), raw.get("widgets_values"),
-                                        slots, outputs, dict(raw.get("properties") or {}))
+            self.nodes[node_id] = _Node(
+                node_id,
+                node_type,
+                kind,
+                mode,
+                raw.get("title"),
+                raw.get("widgets_values"),
+                slots,
+                outputs,
+                dict(raw.get("properties") or {}),
+            )
 
     def _instance(self, raw: dict[str, Any], node_id: str, slots: list[_Slot], mode: int, depth: int) -> None:
         definition = self.definitions[str(raw["type"])]
         sub_inputs = definition.get("inputs") or []
         sub_outputs = definition.get("outputs") or []
         inner_prefix = f"{node_id}:"
-        in_proxy = _Node(f"{inner_prefix}{SUBGRAPH_INPUT}", "SubgraphInput", "sg_in", mode,
-                         inputs=[_Slot(str(s.get("name")), str(s.get("type"))) for s in sub_inputs],
-                         output_types=[str(s.get("type")) for s in sub_inputs])
-        out_proxy = _Node(f"{inner_prefix}{SUBGRAPH_OUTPUT}", "SubgraphOutput", "sg_out", mode,
-                          inputs=[_Slot(str(s.get("name")), str(s.get("type"))) for s in sub_outputs],
-                          output_types=[str(s.get("type")) for s in sub_outputs])
+        in_proxy = _Node(
+            f"{inner_prefix}{SUBGRAPH_INPUT}",
+            "SubgraphInput",
+            "sg_in",
+            mode,
+            inputs=[_Slot(str(s.get("name")), str(s.get("type"))) for s in sub_inputs],
+            output_types=[str(s.get("type")) for s in sub_inputs],
+        )
+        out_proxy = _Node(
+            f"{inner_prefix}{SUBGRAPH_OUTPUT}",
+            "SubgraphOutput",
+            "sg_out",
+            mode,
+            inputs=[_Slot(str(s.get("name")), str(s.get("type"))) for s in sub_outputs],
+            output_types=[str(s.get("type")) for s in sub_outputs],
+        )
         # Instance input k (by position, or by name when the instance lists fewer slots) feeds subgraph input k.
         names = [s.name for s in in_proxy.inputs]
         for position, slot in enumerate(slots):
@@ -204,21 +248,30 @@ class _Flattener:
 
 def _check_node_fields(raw: dict[str, Any], where: str) -> None:
     """Refuse an editor node whose fields have the wrong JSON type (a damaged or hand-edited file)."""
+
     def kind(value: Any) -> str:
         return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
-            type(value), type(value).__name__)
+            type(value), type(value).__name__
+        )
 
-    for key, allowed, expected in (("inputs", (list,), "a list"), ("outputs", (list,), "a list"),
-                                   ("widgets_values", (list, dict), "a list"),
-                                   ("properties", (dict,), "an object")):
+    for key, allowed, expected in (
+        ("inputs", (list,), "a list"),
+        ("outputs", (list,), "a list"),
+        ("widgets_values", (list, dict), "a list"),
+        ("properties", (dict,), "an object"),
+    ):
         value = raw.get(key)
         if value is not None and not isinstance(value, allowed):
-            raise ConversionError(f"{where}: '{key}' is {kind(value)}, expected {expected}; the workflow file is "
-                                  "damaged - open and save it again in the ComfyUI editor")
+            raise ConversionError(
+                f"{where}: '{key}' is {kind(value)}, expected {expected}; the workflow file is "
+                "damaged - open and save it again in the ComfyUI editor"
+            )
     mode = raw.get("mode")
     if mode is not None and (isinstance(mode, bool) or not isinstance(mode, (int, float))):
-        raise ConversionError(f"{where}: 'mode' is {kind(mode)}, expected a number; the workflow file is damaged "
-                              "- open and save it again in the ComfyUI editor")
+        raise ConversionError(
+            f"{where}: 'mode' is {kind(mode)}, expected a number; the workflow file is damaged "
+            "- open and save it again in the ComfyUI editor"
+        )
 
 
 def _types_match(a: str, b: str) -> bool:
@@ -262,14 +315,20 @@ class _Resolver:
                 in_proxy = self.nodes.get(node_id[: -len(str(SUBGRAPH_OUTPUT))] + str(SUBGRAPH_INPUT))
                 if in_proxy is None:
                     return None
-                return self._bypass(in_proxy, slot, depth, out_type=node.output_types[slot]
-                                    if slot < len(node.output_types) else "*")
+                return self._bypass(
+                    in_proxy,
+                    slot,
+                    depth,
+                    out_type=node.output_types[slot] if slot < len(node.output_types) else "*",
+                )
             if node.mode == MUTED:
                 return None
             return self.resolve(node.inputs[slot].source if slot < len(node.inputs) else None, depth + 1)
         return None
 
-    def _bypass(self, node: _Node, slot: int, depth: int, out_type: str | None = None) -> tuple[str, Any] | None:
+    def _bypass(
+        self, node: _Node, slot: int, depth: int, out_type: str | None = None
+    ) -> tuple[str, Any] | None:
         if out_type is None:
             out_type = node.output_types[slot] if slot < len(node.output_types) else "*"
         candidates = list(range(len(node.inputs)))
@@ -340,10 +399,16 @@ def _widget_default(kind: Any, options: dict[str, Any]) -> Any:
 # /object_info does not declare them; ComfyUI ignores them, except a declared input whose type is drawn as a
 # widget (AUDIO_RECORD). Found by comparing with the editor's own conversion of the shipped templates.
 _EDITOR_WIDGETS_BY_OPTION = {"audio_upload": ("audioUI", "")}
-_EDITOR_WIDGETS_BY_CLASS = {"PreviewAny": ("preview", ""), "SaveGLB": ("image", ""), "Preview3D": ("image", ""),
-                            "Preview3DAnimation": ("image", ""), "SaveAudio": ("audioUI", ""),
-                            "SaveAudioMP3": ("audioUI", ""), "SaveAudioOpus": ("audioUI", ""),
-                            "PreviewAudio": ("audioUI", "")}
+_EDITOR_WIDGETS_BY_CLASS = {
+    "PreviewAny": ("preview", ""),
+    "SaveGLB": ("image", ""),
+    "Preview3D": ("image", ""),
+    "Preview3DAnimation": ("image", ""),
+    "SaveAudio": ("audioUI", ""),
+    "SaveAudioMP3": ("audioUI", ""),
+    "SaveAudioOpus": ("audioUI", ""),
+    "PreviewAudio": ("audioUI", ""),
+}
 _EDITOR_WIDGET_TYPES = {"AUDIO_RECORD": ""}
 
 
@@ -375,8 +440,10 @@ def map_widgets(info: dict[str, Any], values: Any, where: str = "") -> dict[str,
     """
     specs = _widget_specs(info)
     if values is not None and not isinstance(values, (list, dict)):
-        raise ConversionError(f"{where or 'a node'}: 'widgets_values' is {type(values).__name__}, expected a "
-                              "list; the workflow file is damaged - open and save it again in the ComfyUI editor")
+        raise ConversionError(
+            f"{where or 'a node'}: 'widgets_values' is {type(values).__name__}, expected a "
+            "list; the workflow file is damaged - open and save it again in the ComfyUI editor"
+        )
     if isinstance(values, dict):  # some nodes serialise their widgets by name
         named = {name: values[name] for name, _, _ in specs if name in values}
     else:
@@ -394,8 +461,12 @@ def map_widgets(info: dict[str, Any], values: Any, where: str = "") -> dict[str,
                 i += 1  # the control widget's slot
             elif declared and i < len(values) and values[i] in CONTROL_VALUES:
                 i += 1
-                if declared == 2 and i < len(values) and isinstance(values[i], str) and (
-                        following is None or not _accepts(following[1], following[2], values[i])):
+                if (
+                    declared == 2
+                    and i < len(values)
+                    and isinstance(values[i], str)
+                    and (following is None or not _accepts(following[1], following[2], values[i]))
+                ):
                     i += 1  # the combo control's filter string
             # A stray control value after a widget that declares none is NOT skipped: the editor assigns by
             # position and so shifts the rest (a workflow saved against an older node definition); preflight
@@ -452,8 +523,9 @@ def expand_dynamic_prompt(text: str, rng: random.Random) -> str:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def convert_workflow(workflow: dict[str, Any], object_info: dict[str, Any], *,
-                     rng: random.Random | None = None) -> dict[str, Any]:
+def convert_workflow(
+    workflow: dict[str, Any], object_info: dict[str, Any], *, rng: random.Random | None = None
+) -> dict[str, Any]:
     """The API-format prompt for an editor workflow (see the module docstring for the rules).
 
     Raises :class:`ConversionError` for nodes whose class the server does not know, and for legacy group
@@ -466,20 +538,29 @@ def convert_workflow(workflow: dict[str, Any], object_info: dict[str, Any], *,
     flattener.flatten(workflow)
     nodes = flattener.nodes
     resolver = _Resolver(nodes)
-    group_nodes = [n for n in nodes.values() if n.type.startswith("workflow>") or n.type.startswith("workflow/")]
+    group_nodes = [
+        n for n in nodes.values() if n.type.startswith("workflow>") or n.type.startswith("workflow/")
+    ]
     if group_nodes:
         listed = ", ".join(f"{n.id} ({n.type})" for n in group_nodes)
-        raise ConversionError(f"legacy group nodes are not supported: {listed}; open the workflow in the editor "
-                              "and convert them to subgraphs (or ungroup them)")
-    missing = [n for n in nodes.values() if n.kind == "real" and n.mode not in (MUTED, BYPASSED)
-               and n.type not in object_info]
+        raise ConversionError(
+            f"legacy group nodes are not supported: {listed}; open the workflow in the editor "
+            "and convert them to subgraphs (or ungroup them)"
+        )
+    missing = [
+        n
+        for n in nodes.values()
+        if n.kind == "real" and n.mode not in (MUTED, BYPASSED) and n.type not in object_info
+    ]
     if missing:
         lines = []
         for n in missing:
             hint = close_matches(n.type, object_info)
             lines.append(f"node {n.id} ({n.type})" + (f" - similar: {', '.join(hint)}" if hint else ""))
-        raise ConversionError("the server does not know these node classes (custom-node packs not installed?): "
-                              + "; ".join(lines))
+        raise ConversionError(
+            "the server does not know these node classes (custom-node packs not installed?): "
+            + "; ".join(lines)
+        )
     prompt: dict[str, Any] = {}
     for node in nodes.values():
         if node.kind != "real" or node.mode in (MUTED, BYPASSED):
@@ -510,5 +591,9 @@ def convert_workflow(workflow: dict[str, Any], object_info: dict[str, Any], *,
         for name, value in list(entry["inputs"].items()):
             if isinstance(value, list) and len(value) == 2 and str(value[0]) not in prompt:
                 del entry["inputs"][name]
-    return dict(sorted(prompt.items(), key=lambda kv: [int(p) if p.lstrip("-").isdigit() else 0
-                                                        for p in kv[0].split(":")]))
+    return dict(
+        sorted(
+            prompt.items(),
+            key=lambda kv: [int(p) if p.lstrip("-").isdigit() else 0 for p in kv[0].split(":")],
+        )
+    )

@@ -64,13 +64,19 @@ def workflow_from_data(data: Any, source: str | None = None) -> Workflow:
             ui = data.get(ui_key) if ui_key else None
             if ui is None:
                 ui = ((data.get("extra_data") or {}).get("extra_pnginfo") or {}).get("workflow")
-            return Workflow(prompt=_normalise_api(inner, where), ui=ui if isinstance(ui, dict) else None,
-                            source=source, format="api")
+            return Workflow(
+                prompt=_normalise_api(inner, where),
+                ui=ui if isinstance(ui, dict) else None,
+                source=source,
+                format="api",
+            )
     if not data:
         raise WorkflowError(f"{where}: the workflow is empty")
     bad = next((k for k, v in data.items() if not (isinstance(v, dict) and "class_type" in v)), None)
-    raise WorkflowError(f"{where}: not a ComfyUI workflow: neither editor format (no 'nodes' list) nor API "
-                        f"format (entry {bad!r} has no 'class_type')")
+    raise WorkflowError(
+        f"{where}: not a ComfyUI workflow: neither editor format (no 'nodes' list) nor API "
+        f"format (entry {bad!r} has no 'class_type')"
+    )
 
 
 def png_text_chunks(data: bytes) -> dict[str, str]:
@@ -80,9 +86,9 @@ def png_text_chunks(data: bytes) -> dict[str, str]:
     chunks: dict[str, str] = {}
     pos = 8
     while pos + 8 <= len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind = data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + length]
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
         pos += 12 + length
         try:
             if kind == b"tEXt":
@@ -96,7 +102,9 @@ def png_text_chunks(data: bytes) -> dict[str, str]:
                 compressed, _method = rest[0], rest[1]
                 _lang, _, rest = rest[2:].partition(b"\x00")
                 _tkey, _, text = rest.partition(b"\x00")
-                chunks[key.decode("latin-1")] = (zlib.decompress(text) if compressed else text).decode("utf-8")
+                chunks[key.decode("latin-1")] = (zlib.decompress(text) if compressed else text).decode(
+                    "utf-8"
+                )
         except (zlib.error, UnicodeDecodeError, IndexError):
             continue
         if kind == b"IEND":
@@ -132,7 +140,9 @@ def _parse_json(text: str, where: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise WorkflowError(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+        raise WorkflowError(
+            f"{where} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+        ) from None
 
 
 def coerce_workflow(workflow: Workflow | dict[str, Any] | str | Path) -> Workflow:

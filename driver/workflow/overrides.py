@@ -56,9 +56,14 @@ def resolve_node(prompt: dict[str, Any], ref: str) -> str:
         return by_class[0]
     if len(by_class) > 1:
         listed = ", ".join(describe_node(prompt, nid) for nid in by_class)
-        raise OverrideError(f"{len(by_class)} nodes have class {ref!r}: {listed}; address one by its id or title")
-    names = list(prompt) + [t for t in (node_title(n) for n in prompt.values()) if t] + \
-        sorted({str(n.get("class_type")) for n in prompt.values()})
+        raise OverrideError(
+            f"{len(by_class)} nodes have class {ref!r}: {listed}; address one by its id or title"
+        )
+    names = (
+        list(prompt)
+        + [t for t in (node_title(n) for n in prompt.values()) if t]
+        + sorted({str(n.get("class_type")) for n in prompt.values()})
+    )
     hint = close_matches(ref, names)
     listing = "; ".join(describe_node(prompt, nid) for nid in sorted(prompt, key=_id_key))
     text = f"no node {ref!r} in the workflow"
@@ -95,7 +100,7 @@ def parse_value(text: str) -> Any:
         return int(t)
     if _FLOAT.fullmatch(t):
         return float(t)
-    if t[:1] in "[{\"":
+    if t[:1] in '[{"':
         try:
             return json.loads(t)
         except ValueError:
@@ -128,8 +133,15 @@ class AppliedOverride:
     uploaded_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"node_id": self.node_id, "class_type": self.class_type, "title": self.title, "input": self.input,
-               "value": self.value, "previous": self.previous, "given_as": self.spec}
+        out = {
+            "node_id": self.node_id,
+            "class_type": self.class_type,
+            "title": self.title,
+            "input": self.input,
+            "value": self.value,
+            "previous": self.previous,
+            "given_as": self.spec,
+        }
         if self.uploaded_from:
             out["uploaded_from"] = self.uploaded_from
         return out
@@ -159,8 +171,9 @@ class InputFile:
 def parse_input(text: str) -> InputFile:
     """Parse ``NODE[.INPUT]=PATH``."""
     if "=" not in text:
-        raise OverrideError(f"--input {text!r}: expected NODE=PATH or NODE.INPUT=PATH, e.g. --input 'Load "
-                            "Image=face.png'")
+        raise OverrideError(
+            f"--input {text!r}: expected NODE=PATH or NODE.INPUT=PATH, e.g. --input 'Load Image=face.png'"
+        )
     left, path = text.split("=", 1)
     if not left.strip() or not path.strip():
         raise OverrideError(f"--input {text!r}: expected NODE=PATH or NODE.INPUT=PATH")
@@ -218,8 +231,9 @@ def _previous(value: Any) -> Any:
     return value
 
 
-def check_input_name(prompt: dict[str, Any], node_id: str, name: str, object_info: dict[str, Any] | None,
-                     where: str) -> None:
+def check_input_name(
+    prompt: dict[str, Any], node_id: str, name: str, object_info: dict[str, Any] | None, where: str
+) -> None:
     """Raise when ``name`` is not an input of the node (per ``/object_info``, else per the workflow)."""
     node = prompt[node_id]
     known = input_names(object_info, node.get("class_type"))
@@ -229,18 +243,22 @@ def check_input_name(prompt: dict[str, Any], node_id: str, name: str, object_inf
             return
         hint = close_matches(name, known)
         extra = f" (did you mean {', '.join(hint)}?)" if hint else ""
-        raise OverrideError(f"{where}: node {describe_node(prompt, node_id)} has no input {name!r} in this "
-                            f"workflow{extra}; its inputs: {', '.join(known) or 'none'}")
+        raise OverrideError(
+            f"{where}: node {describe_node(prompt, node_id)} has no input {name!r} in this "
+            f"workflow{extra}; its inputs: {', '.join(known) or 'none'}"
+        )
     if name in known or name in node.get("inputs", {}):
         return
     hint = close_matches(name, known)
     extra = f" (did you mean {', '.join(hint)}?)" if hint else ""
-    raise OverrideError(f"{where}: {node.get('class_type')} has no input {name!r}{extra}; its inputs: "
-                        f"{', '.join(known)}")
+    raise OverrideError(
+        f"{where}: {node.get('class_type')} has no input {name!r}{extra}; its inputs: {', '.join(known)}"
+    )
 
 
-def apply_overrides(prompt: dict[str, Any], overrides: list[Override],
-                    object_info: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[AppliedOverride]]:
+def apply_overrides(
+    prompt: dict[str, Any], overrides: list[Override], object_info: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], list[AppliedOverride]]:
     """Return a copy of ``prompt`` with the overrides applied, and what was changed."""
     new = copy.deepcopy(prompt)
     applied: list[AppliedOverride] = []
@@ -253,8 +271,17 @@ def apply_overrides(prompt: dict[str, Any], overrides: list[Override],
         value = coerce_value(ov.value, ov.raw, spec, f"{where} ({node.get('class_type')}.{ov.input})")
         previous = node["inputs"].get(ov.input)
         node["inputs"][ov.input] = wrap_list(value)
-        applied.append(AppliedOverride(node_id, node.get("class_type"), node_title(node), ov.input, value,
-                                       _previous(previous), ov.text))
+        applied.append(
+            AppliedOverride(
+                node_id,
+                node.get("class_type"),
+                node_title(node),
+                ov.input,
+                value,
+                _previous(previous),
+                ov.text,
+            )
+        )
     return new, applied
 
 
@@ -269,8 +296,12 @@ class PlannedUpload:
     override_index: int | None = None
 
 
-def plan_inputs(prompt: dict[str, Any], inputs: list[InputFile], applied: list[AppliedOverride],
-                object_info: dict[str, Any] | None) -> list[PlannedUpload]:
+def plan_inputs(
+    prompt: dict[str, Any],
+    inputs: list[InputFile],
+    applied: list[AppliedOverride],
+    object_info: dict[str, Any] | None,
+) -> list[PlannedUpload]:
     """Find the uploads needed: every ``--input``, and every override of a file-picking input whose value is
     an existing local file."""
     planned: list[PlannedUpload] = []
@@ -289,10 +320,14 @@ def plan_inputs(prompt: dict[str, Any], inputs: list[InputFile], applied: list[A
         if input_name is None:
             input_name = upload_input_of(object_info, cls)
             if input_name is None:
-                candidates = [n for n in prompt[node_id].get("inputs", {}) if n in ("image", "video", "audio", "file")]
+                candidates = [
+                    n for n in prompt[node_id].get("inputs", {}) if n in ("image", "video", "audio", "file")
+                ]
                 if len(candidates) != 1:
-                    raise OverrideError(f"{where}: cannot tell which input of {describe_node(prompt, node_id)} takes "
-                                        "the file; write NODE.INPUT=PATH")
+                    raise OverrideError(
+                        f"{where}: cannot tell which input of {describe_node(prompt, node_id)} takes "
+                        "the file; write NODE.INPUT=PATH"
+                    )
                 input_name = candidates[0]
         check_input_name(prompt, node_id, input_name, object_info, where)
         path = item.path

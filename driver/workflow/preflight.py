@@ -43,8 +43,11 @@ def describe_server_error(err: dict[str, Any]) -> str:
     value = extra.get("received_value")
     config = extra.get("input_config")
     input_type = config[0] if isinstance(config, (list, tuple)) and config else None
-    options = config[1] if isinstance(config, (list, tuple)) and len(config) > 1 and isinstance(config[1], dict) \
+    options = (
+        config[1]
+        if isinstance(config, (list, tuple)) and len(config) > 1 and isinstance(config[1], dict)
         else {}
+    )
     message = str(err.get("message") or "")
     details = str(err.get("details") or "")
     if kind == "required_input_missing":
@@ -53,9 +56,13 @@ def describe_server_error(err: dict[str, Any]) -> str:
         return f"bad link {value!r}: a link must be [node_id, output_index]"
     if kind == "return_type_mismatch":
         linked = extra.get("linked_node")
-        src = f" (node {linked[0]} output {linked[1]})" if isinstance(linked, list) and len(linked) == 2 else ""
-        return f"connected to an output of type {extra.get('received_type')}{src}, but the input takes " \
-               f"{_type_name(input_type)}"
+        src = (
+            f" (node {linked[0]} output {linked[1]})" if isinstance(linked, list) and len(linked) == 2 else ""
+        )
+        return (
+            f"connected to an output of type {extra.get('received_type')}{src}, but the input takes "
+            f"{_type_name(input_type)}"
+        )
     if kind == "invalid_input_type":
         return f"{value!r} is not a valid {_type_name(input_type)} value"
     if kind == "value_smaller_than_min":
@@ -69,15 +76,16 @@ def describe_server_error(err: dict[str, Any]) -> str:
     if kind == "custom_validation_failed":
         name = extra.get("input_name")
         if name and details.startswith(f"{name} - "):
-            return details[len(name) + 3:]
+            return details[len(name) + 3 :]
         return details or message
     if details and details not in message:
         return f"{message}: {details}" if message else details
     return message or details or str(kind)
 
 
-def problems_from_server(error: dict[str, Any] | None, node_errors: dict[str, Any],
-                         prompt: dict[str, Any]) -> list[NodeProblem]:
+def problems_from_server(
+    error: dict[str, Any] | None, node_errors: dict[str, Any], prompt: dict[str, Any]
+) -> list[NodeProblem]:
     """Per-node problems from a ``POST /prompt`` answer (``error`` + ``node_errors``)."""
     problems: list[NodeProblem] = []
     for node_id, entry in (node_errors or {}).items():
@@ -85,9 +93,16 @@ def problems_from_server(error: dict[str, Any] | None, node_errors: dict[str, An
         class_type = (entry or {}).get("class_type") or node.get("class_type")
         for err in (entry or {}).get("errors") or []:
             extra = err.get("extra_info") or {}
-            problems.append(NodeProblem(str(node_id), class_type, describe_server_error(err),
-                                        input_name=extra.get("input_name"), kind=str(err.get("type")),
-                                        title=node_title(node)))
+            problems.append(
+                NodeProblem(
+                    str(node_id),
+                    class_type,
+                    describe_server_error(err),
+                    input_name=extra.get("input_name"),
+                    kind=str(err.get("type")),
+                    title=node_title(node),
+                )
+            )
     if not problems and isinstance(error, dict) and error.get("type") == "invalid_prompt":
         details = str(error.get("details") or "")
         node_id = details.split("#", 1)[1].rstrip("'") if "#" in details else "?"
@@ -95,9 +110,13 @@ def problems_from_server(error: dict[str, Any] | None, node_errors: dict[str, An
         class_type = node.get("class_type")
         message = str(error.get("message") or "")
         if "does not exist" in message and class_type:
-            message = (f"node class {class_type!r} is not installed on the server; the custom-node pack that "
-                       "provides it is probably not installed (or failed to import - see the server log)")
-        problems.append(NodeProblem(node_id, class_type, message, kind="invalid_prompt", title=node_title(node)))
+            message = (
+                f"node class {class_type!r} is not installed on the server; the custom-node pack that "
+                "provides it is probably not installed (or failed to import - see the server log)"
+            )
+        problems.append(
+            NodeProblem(node_id, class_type, message, kind="invalid_prompt", title=node_title(node))
+        )
     return problems
 
 
@@ -154,7 +173,7 @@ def find_cycle(prompt: dict[str, Any], nodes: list[str] | None = None) -> list[s
                 continue
             nxt = pending[-1].pop()
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if state.get(nxt) == 2:
                 continue
             state[nxt] = 1
@@ -204,29 +223,54 @@ def _check_literal(problem: Any, name: str, value: Any, kind: Any, options: dict
         if is_file_picker(options):
             if isinstance(value, str) and ("/" in value or value.endswith("]")):
                 return  # a subfolder or annotated name: only the server's own check can tell
-            problem(name, f"{value!r} is not in the server's input folder; upload it with "
-                          f"--input NODE={value}" + _choices_text(kind, value), "value_not_in_list")
+            problem(
+                name,
+                f"{value!r} is not in the server's input folder; upload it with "
+                f"--input NODE={value}" + _choices_text(kind, value),
+                "value_not_in_list",
+            )
             return
-        problem(name, f"{value!r} is not one of the allowed values" + _choices_text(kind, value),
-                "value_not_in_list")
+        problem(
+            name,
+            f"{value!r} is not one of the allowed values" + _choices_text(kind, value),
+            "value_not_in_list",
+        )
         return
     if kind == "COMBO":
         choices = options.get("options")
         if isinstance(choices, list) and choices and not options.get("remote") and value not in choices:
-            problem(name, f"{value!r} is not one of the listed options (the server does not check this form; "
-                          "the node may fail)" + _choices_text(choices, value), "value_not_in_list",
-                    severity="warning")
+            problem(
+                name,
+                f"{value!r} is not one of the listed options (the server does not check this form; "
+                "the node may fail)" + _choices_text(choices, value),
+                "value_not_in_list",
+                severity="warning",
+            )
 
 
 def preflight(prompt: dict[str, Any], object_info: dict[str, Any]) -> list[NodeProblem]:
     """Every problem the server would report (and a few it would not), without submitting."""
     problems: list[NodeProblem] = []
 
-    def add(node_id: str, message: str, input_name: str | None = None, kind: str = "error",
-            severity: str = "error") -> None:
+    def add(
+        node_id: str,
+        message: str,
+        input_name: str | None = None,
+        kind: str = "error",
+        severity: str = "error",
+    ) -> None:
         node = prompt.get(node_id) or {}
-        problems.append(NodeProblem(node_id, node.get("class_type"), message, input_name=input_name, kind=kind,
-                                    title=node_title(node), severity=severity))
+        problems.append(
+            NodeProblem(
+                node_id,
+                node.get("class_type"),
+                message,
+                input_name=input_name,
+                kind=kind,
+                title=node_title(node),
+                severity=severity,
+            )
+        )
 
     known: set[str] = set()
     for node_id in sorted(prompt, key=_sort_key):
@@ -237,20 +281,34 @@ def preflight(prompt: dict[str, Any], object_info: dict[str, Any]) -> list[NodeP
         elif class_type not in object_info:
             hint = close_matches(class_type, object_info)
             extra = f" (similar installed classes: {', '.join(hint)})" if hint else ""
-            add(node_id, f"node class {class_type!r} is not installed on this server; the custom-node pack that "
-                         f"provides it is probably not installed (or failed to import - see the server log){extra}",
-                kind="missing_node_class")
+            add(
+                node_id,
+                f"node class {class_type!r} is not installed on this server; the custom-node pack that "
+                f"provides it is probably not installed (or failed to import - see the server log){extra}",
+                kind="missing_node_class",
+            )
         else:
             known.add(node_id)
     outputs = [nid for nid in known if is_output_node(object_info, prompt[nid]["class_type"])]
     if not outputs and not problems:
-        problems.append(NodeProblem("-", None, "the workflow has no output node (SaveImage, PreviewImage, ...); "
-                                               "the server would refuse to run it", kind="prompt_no_outputs"))
+        problems.append(
+            NodeProblem(
+                "-",
+                None,
+                "the workflow has no output node (SaveImage, PreviewImage, ...); "
+                "the server would refuse to run it",
+                kind="prompt_no_outputs",
+            )
+        )
     cycle = find_cycle(prompt, _reachable(prompt, outputs) if outputs else None)
     if cycle is not None:
         path = " -> ".join(f"{nid} ({(prompt.get(nid) or {}).get('class_type', '?')})" for nid in cycle)
-        add(cycle[0], f"is part of a dependency cycle: {path}; a node cannot depend on its own output, "
-                      "remove one of these links", kind="dependency_cycle")
+        add(
+            cycle[0],
+            f"is part of a dependency cycle: {path}; a node cannot depend on its own output, "
+            "remove one of these links",
+            kind="dependency_cycle",
+        )
     for node_id in sorted(_reachable(prompt, outputs), key=_sort_key):
         if node_id not in known:
             continue
@@ -265,8 +323,13 @@ def preflight(prompt: dict[str, Any], object_info: dict[str, Any]) -> list[NodeP
         for name, spec in required.items():
             if name not in inputs:
                 kind, _ = split_spec(spec)
-                what = f"connect a {kind} output to it" if isinstance(kind, str) and kind.isupper() and \
-                    kind not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO") else "give it a value"
+                what = (
+                    f"connect a {kind} output to it"
+                    if isinstance(kind, str)
+                    and kind.isupper()
+                    and kind not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+                    else "give it a value"
+                )
                 problem(name, f"required input is missing ({what})", "required_input_missing")
         for name, value in inputs.items():
             spec = required.get(name, optional.get(name))
@@ -274,14 +337,22 @@ def preflight(prompt: dict[str, Any], object_info: dict[str, Any]) -> list[NodeP
                 if name not in _KNOWN_IGNORED_INPUTS:
                     hint = close_matches(name, [*required, *optional])
                     extra = f"; did you mean {', '.join(hint)}?" if hint else ""
-                    problem(name, f"{class_type} has no input {name!r}; the server ignores it{extra}",
-                            "unknown_input", severity="warning")
+                    problem(
+                        name,
+                        f"{class_type} has no input {name!r}; the server ignores it{extra}",
+                        "unknown_input",
+                        severity="warning",
+                    )
                 continue
             kind, options = split_spec(spec)
             if isinstance(value, list):
                 if len(value) != 2 or not isinstance(value[1], int) or isinstance(value[1], bool):
-                    problem(name, f"bad link {value!r}: a link must be [node_id, output_index] (wrap a literal "
-                                  'list as {"__value__": [...]})', "bad_linked_input")
+                    problem(
+                        name,
+                        f"bad link {value!r}: a link must be [node_id, output_index] (wrap a literal "
+                        'list as {"__value__": [...]})',
+                        "bad_linked_input",
+                    )
                     continue
                 source = str(value[0])
                 if source not in prompt:
@@ -291,14 +362,21 @@ def preflight(prompt: dict[str, Any], object_info: dict[str, Any]) -> list[NodeP
                     continue
                 source_outputs = output_types(object_info, prompt[source]["class_type"])
                 if not 0 <= value[1] < len(source_outputs):
-                    problem(name, f"links to output {value[1]} of node {source} "
-                                  f"({prompt[source]['class_type']}), which has {len(source_outputs)} output(s)",
-                            "bad_linked_input")
+                    problem(
+                        name,
+                        f"links to output {value[1]} of node {source} "
+                        f"({prompt[source]['class_type']}), which has {len(source_outputs)} output(s)",
+                        "bad_linked_input",
+                    )
                     continue
                 out_type = source_outputs[value[1]]
                 if not types_compatible(out_type, kind):
-                    problem(name, f"connected to node {source} output {value[1]} of type {_type_name(out_type)}, "
-                                  f"but the input takes {_type_name(kind)}", "return_type_mismatch")
+                    problem(
+                        name,
+                        f"connected to node {source} output {value[1]} of type {_type_name(out_type)}, "
+                        f"but the input takes {_type_name(kind)}",
+                        "return_type_mismatch",
+                    )
                 continue
             _check_literal(problem, name, value, kind, options)
     return sorted(problems, key=lambda p: _sort_key(p.node_id) if p.node_id != "-" else ())
@@ -310,6 +388,10 @@ def check_workflow(prompt: dict[str, Any], object_info: dict[str, Any]) -> list[
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         count = len(errors)
-        raise ValidationError(f"the workflow has {count} problem{'s' if count != 1 else ''} (found before "
-                              "submitting, nothing was queued)", problems, source="preflight")
+        raise ValidationError(
+            f"the workflow has {count} problem{'s' if count != 1 else ''} (found before "
+            "submitting, nothing was queued)",
+            problems,
+            source="preflight",
+        )
     return problems

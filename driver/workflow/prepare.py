@@ -50,7 +50,9 @@ class PreparedRun:
         """The run with each pending upload replaced by the name the server stored it under (``references[i]``
         for ``pending_uploads[i]``); what was uploaded is recorded in ``uploads`` (and the manifest)."""
         if len(references) != len(self.pending_uploads):
-            raise ValueError(f"{len(self.pending_uploads)} uploads are pending, {len(references)} names were given")
+            raise ValueError(
+                f"{len(self.pending_uploads)} uploads are pending, {len(references)} names were given"
+            )
         prompt = copy.deepcopy(self.prompt)
         applied = [replace(a) for a in self.applied]
         uploads = list(self.uploads)
@@ -59,8 +61,15 @@ class PreparedRun:
             if item.override_index is not None:
                 applied[item.override_index].value = reference
                 applied[item.override_index].uploaded_from = str(item.path)
-            uploads.append({"node_id": item.node_id, "input": item.input, "local_path": str(item.path),
-                            "uploaded_as": reference, "given_as": item.spec})
+            uploads.append(
+                {
+                    "node_id": item.node_id,
+                    "input": item.input,
+                    "local_path": str(item.path),
+                    "uploaded_as": reference,
+                    "given_as": item.spec,
+                }
+            )
         return PreparedRun(replace(self.workflow, prompt=prompt), applied, uploads, list(self.warnings))
 
 
@@ -69,14 +78,20 @@ def as_api(workflow: Workflow | dict[str, Any] | str | Path, object_info: dict[s
     converted with ``object_info``."""
     wf = coerce_workflow(workflow)
     if wf.prompt is None:
-        wf = Workflow(prompt=convert_workflow(wf.ui or {}, object_info), ui=wf.ui, source=wf.source,
-                      format=wf.format)
+        wf = Workflow(
+            prompt=convert_workflow(wf.ui or {}, object_info), ui=wf.ui, source=wf.source, format=wf.format
+        )
     return wf
 
 
-def prepare_run(workflow: Workflow | dict[str, Any] | str | Path, object_info: dict[str, Any], *,
-                sets: Sequence[str | Override] = (), inputs: Sequence[str | InputFile] = (),
-                preflight: bool = True) -> PreparedRun:
+def prepare_run(
+    workflow: Workflow | dict[str, Any] | str | Path,
+    object_info: dict[str, Any],
+    *,
+    sets: Sequence[str | Override] = (),
+    inputs: Sequence[str | InputFile] = (),
+    preflight: bool = True,
+) -> PreparedRun:
     """Convert ``workflow`` when it is an editor workflow, apply ``--set`` overrides, check it against
     ``object_info`` and plan the ``--input`` files (and override values naming local files for file-picking
     inputs) as ``pending_uploads``.
@@ -96,8 +111,12 @@ def prepare_run(workflow: Workflow | dict[str, Any] | str | Path, object_info: d
         problems = [p for p in run_preflight(prompt, object_info) if (p.node_id, p.input_name) not in pending]
         errors = [p for p in problems if p.severity == "error"]
         if errors:
-            raise ValidationError(f"the workflow has {len(errors)} problem{'s' if len(errors) != 1 else ''} (found "
-                                  "before submitting, nothing was queued)", problems, source="preflight")
+            raise ValidationError(
+                f"the workflow has {len(errors)} problem{'s' if len(errors) != 1 else ''} (found "
+                "before submitting, nothing was queued)",
+                problems,
+                source="preflight",
+            )
         warnings = problems
     final = Workflow(prompt=prompt, ui=wf.ui, source=wf.source, format=wf.format)
     return PreparedRun(final, applied, [], warnings, planned)

@@ -30,6 +30,8 @@ def build_parser():
     return driver_cli.build_parser(COMMAND_MODULES)
 
 
-def main(argv: list[str] | None = None, *, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None, *, stdout: IO[str] | None = None, stderr: IO[str] | None = None
+) -> int:
     """Run the ``charforge`` command line; returns the exit code (see ``charforge --help``)."""
     return driver_cli.main(argv, stdout=stdout, stderr=stderr, command_modules=COMMAND_MODULES)

@@ -37,22 +37,31 @@ def _force_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _register_lora(sub: Any, server: argparse.ArgumentParser) -> None:
-    lora = sub.add_parser("lora", help="inspect, merge, resize, convert and evaluate LoRA files",
-                          description="LoRA files: inspect them, merge several with weights, shrink the rank by "
-                                      "SVD, convert between kohya, diffusers/peft and ComfyUI key layouts (all "
-                                      "local), and evaluate one on a character through a ComfyUI server.")
+    lora = sub.add_parser(
+        "lora",
+        help="inspect, merge, resize, convert and evaluate LoRA files",
+        description="LoRA files: inspect them, merge several with weights, shrink the rank by "
+        "SVD, convert between kohya, diffusers/peft and ComfyUI key layouts (all "
+        "local), and evaluate one on a character through a ComfyUI server.",
+    )
     lora_sub = lora.add_subparsers(dest="lora_command", metavar="LORA_COMMAND", required=True)
 
-    info = lora_sub.add_parser("info", help="format, base model, rank, alpha, trigger words, training settings")
+    info = lora_sub.add_parser(
+        "info", help="format, base model, rank, alpha, trigger words, training settings"
+    )
     info.add_argument("file", type=Path, help="a .safetensors LoRA")
     info.add_argument("--metadata", action="store_true", help="also print every metadata key")
     _json_flag(info)
     info.set_defaults(func=cmd_lora_info)
 
     merge = lora_sub.add_parser("merge", help="weighted merge of LoRAs: FILE:WEIGHT ... -o OUT")
-    merge.add_argument("sources", nargs="+", metavar="FILE[:WEIGHT]", help="LoRA files with weights (default 1)")
+    merge.add_argument(
+        "sources", nargs="+", metavar="FILE[:WEIGHT]", help="LoRA files with weights (default 1)"
+    )
     merge.add_argument("-o", "--output", type=Path, required=True, help="the merged .safetensors file")
-    merge.add_argument("--rank", type=int, help="SVD-compress to at most this rank (default: exact, ranks add up)")
+    merge.add_argument(
+        "--rank", type=int, help="SVD-compress to at most this rank (default: exact, ranks add up)"
+    )
     merge.add_argument("--format", choices=FORMATS, default="kohya", help="key layout of the output (kohya)")
     _force_flag(merge)
     _json_flag(merge)
@@ -104,59 +113,115 @@ exit codes: 0 every image rendered and scored; 1 some renders failed (the rest i
 
 
 def _register_lora_eval(lora_sub: Any, server: argparse.ArgumentParser) -> None:
-    ev = lora_sub.add_parser("eval", parents=[server], help="render a strength x prompt x seed grid of a LoRA on "
-                                                             "a character and score identity and text agreement",
-                             description="Evaluate a LoRA on a character: a fixed-seed grid across strengths and "
-                                         "prompts rendered through a ComfyUI server, scored for identity and "
-                                         "text agreement; writes a grid image and names the best strength.",
-                             epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_argument("lora", help="the LoRA as the server's LoraLoader lists it (a file in ComfyUI/models/loras)")
-    ev.add_argument("--character", required=True, metavar="NAME", help="a character preset (name or .yaml path)")
-    ev.add_argument("--strengths", default="0.4,0.6,0.8,1.0", metavar="LIST",
-                    help="LoRA strengths, model and text encoder alike (default 0.4,0.6,0.8,1.0)")
+    ev = lora_sub.add_parser(
+        "eval",
+        parents=[server],
+        help="render a strength x prompt x seed grid of a LoRA on "
+        "a character and score identity and text agreement",
+        description="Evaluate a LoRA on a character: a fixed-seed grid across strengths and "
+        "prompts rendered through a ComfyUI server, scored for identity and "
+        "text agreement; writes a grid image and names the best strength.",
+        epilog=EVAL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument(
+        "lora", help="the LoRA as the server's LoraLoader lists it (a file in ComfyUI/models/loras)"
+    )
+    ev.add_argument(
+        "--character", required=True, metavar="NAME", help="a character preset (name or .yaml path)"
+    )
+    ev.add_argument(
+        "--strengths",
+        default="0.4,0.6,0.8,1.0",
+        metavar="LIST",
+        help="LoRA strengths, model and text encoder alike (default 0.4,0.6,0.8,1.0)",
+    )
     prompts = ev.add_mutually_exclusive_group()
-    prompts.add_argument("--prompts", type=Path, metavar="FILE", help="scene prompts, one per line (# = comment)")
-    prompts.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                         help="a scene prompt (repeatable); default: a portrait, an upper-body and a cafe scene")
-    ev.add_argument("--seeds", default="1,2", metavar="LIST", help="seeds, the same for every cell (default 1,2)")
-    ev.add_argument("--checkpoint", metavar="NAME", help="base checkpoint on the server (default: the first listed)")
-    ev.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the grid, results and renders go")
+    prompts.add_argument(
+        "--prompts", type=Path, metavar="FILE", help="scene prompts, one per line (# = comment)"
+    )
+    prompts.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a scene prompt (repeatable); default: a portrait, an upper-body and a cafe scene",
+    )
+    ev.add_argument(
+        "--seeds", default="1,2", metavar="LIST", help="seeds, the same for every cell (default 1,2)"
+    )
+    ev.add_argument(
+        "--checkpoint", metavar="NAME", help="base checkpoint on the server (default: the first listed)"
+    )
+    ev.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="where the grid, results and renders go"
+    )
     ev.add_argument("--timeout", type=float, metavar="S", help="limit per image job")
-    ev.add_argument("--window", type=int, default=2, metavar="N", help="jobs queued on the server at once (2)")
+    ev.add_argument(
+        "--window", type=int, default=2, metavar="N", help="jobs queued on the server at once (2)"
+    )
     score = ev.add_argument_group("scoring (local)")
-    score.add_argument("--reference", metavar="DIR|IDENTITY",
-                       help="photos of the character or a saved identity (default: the preset's)")
+    score.add_argument(
+        "--reference",
+        metavar="DIR|IDENTITY",
+        help="photos of the character or a saved identity (default: the preset's)",
+    )
     score.add_argument("--face-pack", default="buffalo_l", help="InsightFace pack (default buffalo_l)")
-    score.add_argument("--face-models", metavar="DIR", help="an insightface folder holding models/<pack>/ "
-                                                            "(searched before the model folders)")
+    score.add_argument(
+        "--face-models",
+        metavar="DIR",
+        help="an insightface folder holding models/<pack>/ (searched before the model folders)",
+    )
     score.add_argument("--det-size", type=int, default=640, help="face detection size (default 640)")
-    score.add_argument("--clip", metavar="NAME|PATH", help="CLIP folder for text agreement (default: the first in "
-                                                           "clip_vision; 'none' scores identity only)")
-    score.add_argument("--device", choices=("cpu", "cuda", "mps"), help="CLIP device (default: the best there is)")
-    score.add_argument("--identity-weight", type=float, default=1.0, help="weight of identity in combined (1.0)")
-    score.add_argument("--text-weight", type=float, default=0.5, help="weight of text agreement in combined (0.5)")
+    score.add_argument(
+        "--clip",
+        metavar="NAME|PATH",
+        help="CLIP folder for text agreement (default: the first in "
+        "clip_vision; 'none' scores identity only)",
+    )
+    score.add_argument(
+        "--device", choices=("cpu", "cuda", "mps"), help="CLIP device (default: the best there is)"
+    )
+    score.add_argument(
+        "--identity-weight", type=float, default=1.0, help="weight of identity in combined (1.0)"
+    )
+    score.add_argument(
+        "--text-weight", type=float, default=0.5, help="weight of text agreement in combined (0.5)"
+    )
     score.add_argument("--cell", type=int, default=256, metavar="PX", help="grid cell size in pixels (256)")
     ev.set_defaults(func=cmd_lora_eval)
 
 
 def _register_character(sub: Any) -> None:
-    character = sub.add_parser("character", help="character presets: new, list, show",
-                               description="Character presets (YAML) in <models>/charforge/characters/: the "
-                                           "folder comes from $CHARFORGE_PATH_CHARFORGE, the config file's "
-                                           "models section, $CHARFORGE_MODELS_DIR or $COMFYUI_DIR/models.")
+    character = sub.add_parser(
+        "character",
+        help="character presets: new, list, show",
+        description="Character presets (YAML) in <models>/charforge/characters/: the "
+        "folder comes from $CHARFORGE_PATH_CHARFORGE, the config file's "
+        "models section, $CHARFORGE_MODELS_DIR or $COMFYUI_DIR/models.",
+    )
     char_sub = character.add_subparsers(dest="character_command", metavar="CHARACTER_COMMAND", required=True)
 
     new = char_sub.add_parser("new", help="create a preset from flags (never overwrites without --force)")
     new.add_argument("name", help="the character's name (its file name)")
     new.add_argument("--display-name", default="", help="name shown in menus (default: NAME)")
-    new.add_argument("--trigger", action="append", default=[], metavar="WORDS", help="trigger word(s) (repeatable)")
-    new.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT[:CLIP_WEIGHT]]",
-                     help="a LoRA in the loras folder with its default weight (repeatable)")
+    new.add_argument(
+        "--trigger", action="append", default=[], metavar="WORDS", help="trigger word(s) (repeatable)"
+    )
+    new.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT[:CLIP_WEIGHT]]",
+        help="a LoRA in the loras folder with its default weight (repeatable)",
+    )
     new.add_argument("--prompt", default="", help="base prompt")
     new.add_argument("--negative", default="", help="negative prompt")
     new.add_argument("--identity", default="", help="saved identity name or path of its .json")
     new.add_argument("--photos", default="", help="folder of reference photos")
-    new.add_argument("--threshold", type=float, default=0.0, help="identity similarity needed (0 = identity's own)")
+    new.add_argument(
+        "--threshold", type=float, default=0.0, help="identity similarity needed (0 = identity's own)"
+    )
     new.add_argument("--base-model", choices=("", "sd15", "sdxl"), default="", help="the base model family")
     new.add_argument("--steps", type=int, default=GenerationParams.steps)
     new.add_argument("--cfg", type=float, default=GenerationParams.cfg)
@@ -165,10 +230,17 @@ def _register_character(sub: Any) -> None:
     new.add_argument("--sampler", default=GenerationParams.sampler)
     new.add_argument("--scheduler", default=GenerationParams.scheduler)
     new.add_argument("--seed", type=int, default=None)
-    new.add_argument("--folder", type=Path, help="write here instead of the characters folder (then list and show "
-                                                 "need the same --folder)")
-    new.add_argument("--from-lora", type=Path, metavar="FILE",
-                     help="take trigger words and base model from this LoRA's metadata (and add it at --weight)")
+    new.add_argument(
+        "--folder",
+        type=Path,
+        help="write here instead of the characters folder (then list and show need the same --folder)",
+    )
+    new.add_argument(
+        "--from-lora",
+        type=Path,
+        metavar="FILE",
+        help="take trigger words and base model from this LoRA's metadata (and add it at --weight)",
+    )
     new.add_argument("--weight", type=float, default=1.0, help="weight for --from-lora")
     _force_flag(new)
     _json_flag(new)
@@ -200,8 +272,10 @@ def _engine(module: str):
     try:
         return importlib.import_module(f"charforge.engine.library.{module}")
     except ImportError as exc:
-        raise ImportError(f"this command needs the node pack's packages ({exc.name or exc}): "
-                          'pip install "charforge[nodes]"') from exc
+        raise ImportError(
+            f"this command needs the node pack's packages ({exc.name or exc}): "
+            'pip install "charforge[nodes]"'
+        ) from exc
 
 
 def _split_weight(spec: str) -> tuple[str, float]:
@@ -232,8 +306,10 @@ def cmd_lora_info(args: argparse.Namespace, out: Any) -> int:
 def _energy_text(report: Any, per_module: bool = False) -> str:
     text = report.summary()
     if per_module:
-        text += "\n" + "\n".join(f"  {100 * m.retained:7.3f}%  r{m.rank_before}->{m.rank_after}  {m.component} {m.name}"
-                                 for m in report.modules)
+        text += "\n" + "\n".join(
+            f"  {100 * m.retained:7.3f}%  r{m.rank_before}->{m.rank_after}  {m.component} {m.name}"
+            for m in report.modules
+        )
     return text
 
 
@@ -243,8 +319,9 @@ def cmd_lora_merge(args: argparse.Namespace, out: Any) -> int:
         merge = _engine("merge")
         if args.output.exists() and not args.force:
             raise FileExistsError(f"{args.output} exists; choose another name or pass --force")
-        path, report = merge.merge_files(sources, args.output, rank=args.rank, fmt=args.format,
-                                         overwrite=args.force)
+        path, report = merge.merge_files(
+            sources, args.output, rank=args.rank, fmt=args.format, overwrite=args.force
+        )
     except (OSError, ValueError, ImportError) as exc:
         return _fail(out, exc)
     data: dict[str, Any] = {"output": str(path), "sources": [{"file": p, "weight": w} for p, w in sources]}
@@ -262,8 +339,12 @@ def cmd_lora_resize(args: argparse.Namespace, out: Any) -> int:
         path, report = merge.resize_file(args.file, args.output, args.rank, overwrite=args.force)
     except (OSError, ValueError, ImportError) as exc:
         return _fail(out, exc)
-    out.result(f"wrote {path} (rank <= {args.rank})\n{_energy_text(report, args.modules)}",
-               output=str(path), rank=args.rank, energy=report.to_dict())
+    out.result(
+        f"wrote {path} (rank <= {args.rank})\n{_energy_text(report, args.modules)}",
+        output=str(path),
+        rank=args.rank,
+        energy=report.to_dict(),
+    )
     return 0
 
 
@@ -274,9 +355,14 @@ def cmd_lora_convert(args: argparse.Namespace, out: Any) -> int:
         path = formats.write_state(state, args.output, args.to, overwrite=args.force)
     except (OSError, ValueError, ImportError) as exc:
         return _fail(out, exc)
-    out.result(f"wrote {path}: {len(state.modules)} modules, {state.source_format} -> {args.to} ({state.arch})",
-               output=str(path), modules=len(state.modules), source_format=state.source_format,
-               format=args.to, base_model=state.arch)
+    out.result(
+        f"wrote {path}: {len(state.modules)} modules, {state.source_format} -> {args.to} ({state.arch})",
+        output=str(path),
+        modules=len(state.modules),
+        source_format=state.source_format,
+        format=args.to,
+        base_model=state.arch,
+    )
     return 0
 
 
@@ -287,11 +373,21 @@ def cmd_lora_eval(args: argparse.Namespace, out: Any) -> int:
 
     options = EvalOptions(
         strengths=parse_numbers(args.strengths, float, "--strengths"),
-        seeds=parse_numbers(args.seeds, int, "--seeds"), checkpoint=args.checkpoint, reference=args.reference,
-        face_pack=args.face_pack, face_models_dir=args.face_models, det_size=args.det_size, clip_model=args.clip,
-        device=args.device, identity_weight=args.identity_weight, text_weight=args.text_weight,
-        window=max(1, args.window), timeout=args.timeout, verify_tls=False if args.insecure else None,
-        cell=max(32, args.cell))
+        seeds=parse_numbers(args.seeds, int, "--seeds"),
+        checkpoint=args.checkpoint,
+        reference=args.reference,
+        face_pack=args.face_pack,
+        face_models_dir=args.face_models,
+        det_size=args.det_size,
+        clip_model=args.clip,
+        device=args.device,
+        identity_weight=args.identity_weight,
+        text_weight=args.text_weight,
+        window=max(1, args.window),
+        timeout=args.timeout,
+        verify_tls=False if args.insecure else None,
+        cell=max(32, args.cell),
+    )
     if args.prompts is not None:
         options.scenes = read_prompts(args.prompts)
     elif args.prompt:
@@ -300,13 +396,26 @@ def cmd_lora_eval(args: argparse.Namespace, out: Any) -> int:
     with connect(args, out) as client:
         result = evaluate_lora(client, character, args.lora, args.out, options, note=out.note)
     best = result.best
-    lines = [result.table_text, f"grid: {result.grid}", f"results: {result.results}", f"table: {result.table}"]
+    lines = [
+        result.table_text,
+        f"grid: {result.grid}",
+        f"results: {result.results}",
+        f"table: {result.table}",
+    ]
     if result.failed:
-        lines.append(f"{result.failed} of {len(result.images)} render(s) failed (see results.json); rerun the same "
-                     "command to retry them")
-    out.result("\n".join(lines), best_strength=best.strength if best else None,
-               per_strength=[s.to_dict() for s in result.strengths], grid=str(result.grid),
-               results=str(result.results), table=str(result.table), failed=result.failed)
+        lines.append(
+            f"{result.failed} of {len(result.images)} render(s) failed (see results.json); rerun the same "
+            "command to retry them"
+        )
+    out.result(
+        "\n".join(lines),
+        best_strength=best.strength if best else None,
+        per_strength=[s.to_dict() for s in result.strengths],
+        grid=str(result.grid),
+        results=str(result.results),
+        table=str(result.table),
+        failed=result.failed,
+    )
     return 1 if result.failed else 0
 
 
@@ -335,20 +444,36 @@ def cmd_character_new(args: argparse.Namespace, out: Any) -> int:
             loras.insert(0, CharacterLora(args.from_lora.name, args.weight))
         size = default_size(base_model)
         character = Character(
-            name=safe_name(args.name), display_name=args.display_name or args.name, trigger_words=triggers,
-            loras=loras, prompt=args.prompt, negative_prompt=args.negative, identity=args.identity,
-            reference_photos=args.photos, threshold=args.threshold, base_model=base_model,
-            generation=GenerationParams(steps=args.steps, cfg=args.cfg, width=args.width or size,
-                                        height=args.height or size, sampler=args.sampler, scheduler=args.scheduler,
-                                        seed=args.seed))
+            name=safe_name(args.name),
+            display_name=args.display_name or args.name,
+            trigger_words=triggers,
+            loras=loras,
+            prompt=args.prompt,
+            negative_prompt=args.negative,
+            identity=args.identity,
+            reference_photos=args.photos,
+            threshold=args.threshold,
+            base_model=base_model,
+            generation=GenerationParams(
+                steps=args.steps,
+                cfg=args.cfg,
+                width=args.width or size,
+                height=args.height or size,
+                sampler=args.sampler,
+                scheduler=args.scheduler,
+                seed=args.seed,
+            ),
+        )
         path = chars.save_character(character, folder=args.folder, overwrite=args.force)
     except (OSError, ValueError, ImportError) as exc:
         return _fail(out, exc)
     message = f"wrote {path}"
     if args.folder is not None:
         # Outside the characters folder the name alone does not find it: say how to reach it.
-        message += (f" (not in the characters folder: use 'charforge character show {character.name} --folder "
-                    f"{args.folder}' or the file's path; nodes and the storyboard take the path)")
+        message += (
+            f" (not in the characters folder: use 'charforge character show {character.name} --folder "
+            f"{args.folder}' or the file's path; nodes and the storyboard take the path)"
+        )
     out.result(message, path=str(path), name=character.name)
     return 0
 
@@ -361,8 +486,15 @@ def cmd_character_list(args: argparse.Namespace, out: Any) -> int:
         for name in names:
             try:
                 c = chars.load_character(name, args.folder)
-                rows.append({"name": name, "display_name": c.display_name, "trigger_words": c.trigger_words,
-                             "loras": [lora.name for lora in c.loras], "path": c.path})
+                rows.append(
+                    {
+                        "name": name,
+                        "display_name": c.display_name,
+                        "trigger_words": c.trigger_words,
+                        "loras": [lora.name for lora in c.loras],
+                        "path": c.path,
+                    }
+                )
             except ValueError as exc:
                 rows.append({"name": name, "error": str(exc)})
     except (OSError, ValueError, ImportError) as exc:
@@ -373,9 +505,15 @@ def cmd_character_list(args: argparse.Namespace, out: Any) -> int:
     if not rows:
         out.note("no character saved yet: create one with 'charforge character new NAME ...'")
         return 0
-    lines = [f"{r['name']}\t" + (f"INVALID: {r['error']}" if "error" in r else
-                                 f"{r['display_name']}\t{', '.join(r['trigger_words'])}\t{', '.join(r['loras'])}")
-             for r in rows]
+    lines = [
+        f"{r['name']}\t"
+        + (
+            f"INVALID: {r['error']}"
+            if "error" in r
+            else f"{r['display_name']}\t{', '.join(r['trigger_words'])}\t{', '.join(r['loras'])}"
+        )
+        for r in rows
+    ]
     out.result("\n".join(lines))
     return 0
 
@@ -391,6 +529,9 @@ def cmd_character_show(args: argparse.Namespace, out: Any) -> int:
         return 0
     import yaml
 
-    out.result(f"# {c.path}\n" + yaml.safe_dump(c.to_dict(), sort_keys=False, allow_unicode=True).rstrip()
-               + f"\n# prompt with trigger words: {json.dumps(c.prompt_text(), ensure_ascii=False)}")
+    out.result(
+        f"# {c.path}\n"
+        + yaml.safe_dump(c.to_dict(), sort_keys=False, allow_unicode=True).rstrip()
+        + f"\n# prompt with trigger words: {json.dumps(c.prompt_text(), ensure_ascii=False)}"
+    )
     return 0

@@ -23,34 +23,76 @@ folder come home into OUT, checked by sha256 (docs/remote.md)."""
 
 
 def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
-    p = sub.add_parser("pipeline", parents=[server], help="run the end-to-end character pipeline on a photo folder",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "pipeline",
+        parents=[server],
+        help="run the end-to-end character pipeline on a photo folder",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("photos", help="folder of photos (or drawings) of one character, or s3://bucket/prefix")
-    p.add_argument("--out", type=Path, default=Path("out"), metavar="DIR", help="where everything goes (default: ./out)")
-    p.add_argument("--character", default="my_character", metavar="NAME",
-                   help="the character's name: dataset, LoRA and identity file names (default: my_character)")
+    p.add_argument(
+        "--out", type=Path, default=Path("out"), metavar="DIR", help="where everything goes (default: ./out)"
+    )
+    p.add_argument(
+        "--character",
+        default="my_character",
+        metavar="NAME",
+        help="the character's name: dataset, LoRA and identity file names (default: my_character)",
+    )
     p.add_argument("--trigger", help="trigger word (default: the character's name, e.g. pip)")
-    p.add_argument("--class", dest="class_tokens", default="person", metavar="WORDS",
-                   help="what the character is: person, woman, man, cartoon boy... (default: person)")
-    p.add_argument("--no-face-check", action="store_true",
-                   help="drawn or non-human characters: no face rules in the dataset, images picked by CLIP score")
+    p.add_argument(
+        "--class",
+        dest="class_tokens",
+        default="person",
+        metavar="WORDS",
+        help="what the character is: person, woman, man, cartoon boy... (default: person)",
+    )
+    p.add_argument(
+        "--no-face-check",
+        action="store_true",
+        help="drawn or non-human characters: no face rules in the dataset, images picked by CLIP score",
+    )
     p.add_argument("--base-model", metavar="CKPT", help="checkpoint on the server (default: the first one)")
-    p.add_argument("--tiny", action="store_true", help="use tiny random models even when real ones are installed")
-    p.add_argument("--candidates", type=int, default=4, metavar="N", help="images generated per pick (default: 4)")
-    p.add_argument("--port", type=int, metavar="PORT", help="port of a ComfyUI the pipeline starts (default: free)")
+    p.add_argument(
+        "--tiny", action="store_true", help="use tiny random models even when real ones are installed"
+    )
+    p.add_argument(
+        "--candidates", type=int, default=4, metavar="N", help="images generated per pick (default: 4)"
+    )
+    p.add_argument(
+        "--port", type=int, metavar="PORT", help="port of a ComfyUI the pipeline starts (default: free)"
+    )
     p.add_argument("--no-install", action="store_true", help="never install ComfyUI with comfy-cli")
     p.add_argument("--progress", choices=["auto", "rich", "plain"], default="auto")
-    p.add_argument("--remote", action="store_true",
-                   help="reach the server only over HTTP (on by itself for a server not on this machine)")
-    p.add_argument("--models", type=Path, metavar="MANIFEST", dest="models_manifest",
-                   help="model manifest (YAML/JSON) checked against the server before anything is queued")
-    p.add_argument("--provision", action="store_true",
-                   help="let the server download the manifest's missing models from their URLs first")
-    p.add_argument("--upload-to", metavar="s3://BUCKET/PREFIX",
-                   help="copy OUT (without comfyui/ and server/) to S3-compatible storage when the run is done; "
-                        "credentials: the usual AWS variables or profile")
-    p.add_argument("--s3-endpoint", metavar="URL",
-                   help="S3-compatible endpoint (R2, MinIO, RunPod volumes; default: AWS or $AWS_ENDPOINT_URL)")
+    p.add_argument(
+        "--remote",
+        action="store_true",
+        help="reach the server only over HTTP (on by itself for a server not on this machine)",
+    )
+    p.add_argument(
+        "--models",
+        type=Path,
+        metavar="MANIFEST",
+        dest="models_manifest",
+        help="model manifest (YAML/JSON) checked against the server before anything is queued",
+    )
+    p.add_argument(
+        "--provision",
+        action="store_true",
+        help="let the server download the manifest's missing models from their URLs first",
+    )
+    p.add_argument(
+        "--upload-to",
+        metavar="s3://BUCKET/PREFIX",
+        help="copy OUT (without comfyui/ and server/) to S3-compatible storage when the run is done; "
+        "credentials: the usual AWS variables or profile",
+    )
+    p.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="S3-compatible endpoint (R2, MinIO, RunPod volumes; default: AWS or $AWS_ENDPOINT_URL)",
+    )
     p.set_defaults(func=cmd_pipeline)
 
 
@@ -71,13 +113,28 @@ def cmd_pipeline(args: argparse.Namespace, out: Any) -> int:
     if is_s3(args.photos):
         photos = Path(args.out) / "photos"
         got = _storage(args).download_tree(S3Location.parse(args.photos), photos, suffixes=UPLOAD_TYPES)
-        out.note(f"photos from {args.photos}: {sum(e['downloaded'] for e in got)} downloaded, "
-                 f"{len(got)} in {photos}")
-    opts = PipelineOptions(photos=photos, out=args.out, character=args.character, trigger=args.trigger,
-                           class_tokens=args.class_tokens, face_check=not args.no_face_check, server=args.server,
-                           base_model=args.base_model, tiny=args.tiny, candidates=args.candidates, port=args.port,
-                           install=not args.no_install, progress="plain" if out.json else args.progress,
-                           remote=args.remote, models_manifest=args.models_manifest, provision=args.provision)
+        out.note(
+            f"photos from {args.photos}: {sum(e['downloaded'] for e in got)} downloaded, "
+            f"{len(got)} in {photos}"
+        )
+    opts = PipelineOptions(
+        photos=photos,
+        out=args.out,
+        character=args.character,
+        trigger=args.trigger,
+        class_tokens=args.class_tokens,
+        face_check=not args.no_face_check,
+        server=args.server,
+        base_model=args.base_model,
+        tiny=args.tiny,
+        candidates=args.candidates,
+        port=args.port,
+        install=not args.no_install,
+        progress="plain" if out.json else args.progress,
+        remote=args.remote,
+        models_manifest=args.models_manifest,
+        provision=args.provision,
+    )
     state = run_pipeline(opts, out.note, stderr=out.stderr)
     lines = summary_lines(state, opts.out)
     lines.insert(1, f"pipeline finished in {state.get('seconds', 0):.0f} s; everything is under {opts.out}")
@@ -85,7 +142,9 @@ def cmd_pipeline(args: argparse.Namespace, out: Any) -> int:
         entries = _storage(args).upload_tree(opts.out, target, exclude=frozenset({"comfyui", "server"}))
         (opts.out / "s3_manifest.json").write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
         sent = [e for e in entries if e["uploaded"]]
-        lines.append(f"  uploaded to {target}: {len(sent)} file(s) sent, {len(entries) - len(sent)} already there "
-                     f"(list: {opts.out / 's3_manifest.json'})")
+        lines.append(
+            f"  uploaded to {target}: {len(sent)} file(s) sent, {len(entries) - len(sent)} already there "
+            f"(list: {opts.out / 's3_manifest.json'})"
+        )
     out.result("\n".join(lines), out=str(opts.out), tiny=state.get("tiny"), stages=state.get("stages"))
     return 0

@@ -40,32 +40,64 @@ def _is_number(text: str) -> bool:
 
 def register(sub, *, server, output) -> None:
     story = sub.add_parser(
-        "story", parents=[server], help="tell a story in 6-10 frames with the same character",
+        "story",
+        parents=[server],
+        help="tell a story in 6-10 frames with the same character",
         description="Generate a storyboard of the character through ComfyUI: simple mode (character LoRA, best of "
-                    "N by identity and text agreement), reference-guided mode (frame 1 guides the rest), and the "
-                    "base model without LoRA for the ablation table.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    story.add_argument("story", nargs="?", default="", help="the story in a sentence (split into scenes by the LLM "
-                                                            "unless --scenes is given)")
-    story.add_argument("--character", metavar="NAME", help="a character preset (LoRAs, trigger words, identity "
-                                                            "reference, generation settings)")
-    story.add_argument("--scenes", type=Path, metavar="FILE", help="your scene list: one per line, JSON or YAML")
-    story.add_argument("--mode", choices=sorted(MODES), default="both", help="which storyboards (default: both)")
-    story.add_argument("--no-base", action="store_true", help="skip the base-model-without-LoRA run (the ablation "
-                                                              "then compares the modes run)")
-    story.add_argument("--candidates", type=int, default=4, metavar="N", help="candidates per frame (default 4)")
+        "N by identity and text agreement), reference-guided mode (frame 1 guides the rest), and the "
+        "base model without LoRA for the ablation table.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    story.add_argument(
+        "story",
+        nargs="?",
+        default="",
+        help="the story in a sentence (split into scenes by the LLM unless --scenes is given)",
+    )
+    story.add_argument(
+        "--character",
+        metavar="NAME",
+        help="a character preset (LoRAs, trigger words, identity reference, generation settings)",
+    )
+    story.add_argument(
+        "--scenes", type=Path, metavar="FILE", help="your scene list: one per line, JSON or YAML"
+    )
+    story.add_argument(
+        "--mode", choices=sorted(MODES), default="both", help="which storyboards (default: both)"
+    )
+    story.add_argument(
+        "--no-base",
+        action="store_true",
+        help="skip the base-model-without-LoRA run (the ablation then compares the modes run)",
+    )
+    story.add_argument(
+        "--candidates", type=int, default=4, metavar="N", help="candidates per frame (default 4)"
+    )
     story.add_argument("--frames", type=int, metavar="N", help="scenes the LLM should make (6-10)")
     story.add_argument("--seed", type=int, default=42, help="seed of frame 1; frame i uses seed + i - 1")
     story.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the storyboards go")
     story.add_argument("--timeout", type=float, metavar="S", help="limit per frame job")
     char = story.add_argument_group("character (instead of, or on top of, --character)")
-    char.add_argument("--lora", action="append", default=[], type=_lora, metavar="FILE[:WEIGHT]",
-                      help="a LoRA in the server's loras folder (repeatable)")
+    char.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=_lora,
+        metavar="FILE[:WEIGHT]",
+        help="a LoRA in the server's loras folder (repeatable)",
+    )
     char.add_argument("--trigger", metavar="WORDS", help="trigger words put first in every prompt")
-    char.add_argument("--reference", metavar="DIR|IDENTITY", help="a local folder of photos of the character, or "
-                                                                  "an identity saved on the server")
-    char.add_argument("--checkpoint", metavar="NAME", help="base checkpoint on the server (default: the preset's, "
-                                                           "else the first one listed)")
+    char.add_argument(
+        "--reference",
+        metavar="DIR|IDENTITY",
+        help="a local folder of photos of the character, or an identity saved on the server",
+    )
+    char.add_argument(
+        "--checkpoint",
+        metavar="NAME",
+        help="base checkpoint on the server (default: the preset's, else the first one listed)",
+    )
     char.add_argument("--negative", metavar="TEXT", help="negative prompt")
     char.add_argument("--style", default="", metavar="TEXT", help="appended to every prompt")
     char.add_argument("--steps", type=int)
@@ -77,19 +109,36 @@ def register(sub, *, server, output) -> None:
     pick = story.add_argument_group("selection and guidance")
     pick.add_argument("--identity-weight", type=float, default=1.0)
     pick.add_argument("--text-weight", type=float, default=0.5)
-    pick.add_argument("--clip", metavar="NAME", help="CLIP folder on the server for text agreement ('none' to skip; "
-                                                     "default: the first one listed)")
-    pick.add_argument("--face-pack", default="buffalo_l", help="InsightFace pack on the server (default buffalo_l)")
-    pick.add_argument("--guidance", choices=["auto", "ipadapter", "img2img"], default="auto",
-                      help="reference mode: IP-Adapter when installed (auto), or image-to-image from frame 1")
-    pick.add_argument("--denoise", type=float, default=0.55, help="img2img strength for frames 2+ (default 0.55)")
+    pick.add_argument(
+        "--clip",
+        metavar="NAME",
+        help="CLIP folder on the server for text agreement ('none' to skip; default: the first one listed)",
+    )
+    pick.add_argument(
+        "--face-pack", default="buffalo_l", help="InsightFace pack on the server (default buffalo_l)"
+    )
+    pick.add_argument(
+        "--guidance",
+        choices=["auto", "ipadapter", "img2img"],
+        default="auto",
+        help="reference mode: IP-Adapter when installed (auto), or image-to-image from frame 1",
+    )
+    pick.add_argument(
+        "--denoise", type=float, default=0.55, help="img2img strength for frames 2+ (default 0.55)"
+    )
     pick.add_argument("--ipadapter-weight", type=float, default=0.7)
-    pick.add_argument("--ipadapter-model", metavar="FILE", help="IP-Adapter model file (default: a face model)")
+    pick.add_argument(
+        "--ipadapter-model", metavar="FILE", help="IP-Adapter model file (default: a face model)"
+    )
     llm = story.add_argument_group("scene splitting by an LLM")
     llm.add_argument("--llm-url", default=os.environ.get("CHARFORGE_LLM_URL", "https://api.openai.com/v1"))
     llm.add_argument("--llm-model", default=os.environ.get("CHARFORGE_LLM_MODEL", "gpt-4o-mini"))
-    llm.add_argument("--llm-key-env", default="OPENAI_API_KEY", metavar="VAR",
-                     help="environment variable holding the API key (default OPENAI_API_KEY)")
+    llm.add_argument(
+        "--llm-key-env",
+        default="OPENAI_API_KEY",
+        metavar="VAR",
+        help="environment variable holding the API key (default OPENAI_API_KEY)",
+    )
     story.set_defaults(func=cmd_story)
 
 
@@ -101,7 +150,9 @@ def _character(args: argparse.Namespace):
     elif args.lora or args.trigger or args.reference:
         character = Character(name=Path(args.lora[0][0]).stem if args.lora else (args.trigger or "character"))
     else:
-        raise UsageError("name the character: --character NAME, or --lora FILE --trigger WORDS --reference DIR")
+        raise UsageError(
+            "name the character: --character NAME, or --lora FILE --trigger WORDS --reference DIR"
+        )
     if args.lora:
         character.loras = list(args.lora)
     for flag in ("trigger", "reference", "checkpoint", "negative"):
@@ -131,7 +182,9 @@ def _scenes(args: argparse.Namespace, out):
         return scenes
     if not args.story.strip():
         raise UsageError("give the story in a sentence, or your own scene list with --scenes FILE")
-    splitter = SceneSplitter(LLMSettings(base_url=args.llm_url, model=args.llm_model, api_key_env=args.llm_key_env))
+    splitter = SceneSplitter(
+        LLMSettings(base_url=args.llm_url, model=args.llm_model, api_key_env=args.llm_key_env)
+    )
     out.note(f"splitting the story into scenes with {args.llm_model} at {args.llm_url} ...")
     try:
         scenes = splitter.split(args.story, args.frames)
@@ -152,22 +205,46 @@ def cmd_story(args: argparse.Namespace, out) -> int:
     for i, scene in enumerate(scenes):
         out.note(f"scene {i + 1}: {scene.prompt}")
     modes = MODES[args.mode] + (() if args.no_base else ("base",))
-    options = StoryOptions(modes=modes, candidates=args.candidates, seed=args.seed, style=args.style,
-                           guidance=args.guidance, denoise=args.denoise, ipadapter_weight=args.ipadapter_weight,
-                           identity_weight=args.identity_weight, text_weight=args.text_weight,
-                           face_pack=args.face_pack, clip_model=args.clip, timeout=args.timeout)
+    options = StoryOptions(
+        modes=modes,
+        candidates=args.candidates,
+        seed=args.seed,
+        style=args.style,
+        guidance=args.guidance,
+        denoise=args.denoise,
+        ipadapter_weight=args.ipadapter_weight,
+        identity_weight=args.identity_weight,
+        text_weight=args.text_weight,
+        face_pack=args.face_pack,
+        clip_model=args.clip,
+        timeout=args.timeout,
+    )
     with connect(args, out) as client:
-        result = StoryRun(client, character, scenes, options, args.out, story=args.story, note=out.note,
-                          ipadapter_file=args.ipadapter_model).run()
+        result = StoryRun(
+            client,
+            character,
+            scenes,
+            options,
+            args.out,
+            story=args.story,
+            note=out.note,
+            ipadapter_file=args.ipadapter_model,
+        ).run()
     lines = [f"storyboards in {args.out}:"]
     for mode, path in result.sheets.items():
         stats = result.storyboards[mode].stats()
-        lines.append(f"  {mode}: {path}  (mean identity {stats['identity_mean']}, mean text {stats['text_mean']}, "
-                     f"{stats['faces']}/{stats['frames']} frames with a face)")
+        lines.append(
+            f"  {mode}: {path}  (mean identity {stats['identity_mean']}, mean text {stats['text_mean']}, "
+            f"{stats['faces']}/{stats['frames']} frames with a face)"
+        )
     lines.append(f"  ablation: {result.ablation[0]}")
     lines.append(f"  metadata: {result.summary}")
-    out.result("\n".join(lines), out=str(args.out), sheets={m: str(p) for m, p in result.sheets.items()},
-               metadata={m: str(p) for m, p in result.metadata.items()},
-               ablation={"markdown": str(result.ablation[0]), "json": str(result.ablation[1])},
-               summary={m: b.stats() for m, b in result.storyboards.items()})
+    out.result(
+        "\n".join(lines),
+        out=str(args.out),
+        sheets={m: str(p) for m, p in result.sheets.items()},
+        metadata={m: str(p) for m, p in result.metadata.items()},
+        ablation={"markdown": str(result.ablation[0]), "json": str(result.ablation[1])},
+        summary={m: b.stats() for m, b in result.storyboards.items()},
+    )
     return 0

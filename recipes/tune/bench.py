@@ -42,9 +42,19 @@ def _folder_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "lora"
 
 
-def bench_loras(server: PoolServer, character: Any, loras: Sequence[str], out: str | Path, *,
-                evaluation: EvalSet, checkpoint: str, scorer: SetScorer, include_base: bool = True,
-                timeout: float | None = None, note: Callable[[str], None] | None = None) -> list[BenchRow]:
+def bench_loras(
+    server: PoolServer,
+    character: Any,
+    loras: Sequence[str],
+    out: str | Path,
+    *,
+    evaluation: EvalSet,
+    checkpoint: str,
+    scorer: SetScorer,
+    include_base: bool = True,
+    timeout: float | None = None,
+    note: Callable[[str], None] | None = None,
+) -> list[BenchRow]:
     """Render and score each of `loras` (and the base model) on `server`; rows in the order given, base last."""
     note = note or (lambda text: None)
     if not loras and not include_base:
@@ -65,12 +75,20 @@ def bench_loras(server: PoolServer, character: Any, loras: Sequence[str], out: s
         note(f"{label}: rendering {len(renderer.texts) * len(evaluation.seeds)} image(s) on {server.name}")
         images, grid, _ = renderer.evaluate(lora, server, folder, lambda: False, title=label)
         scores = scorer.score_images(images)
-        renderer.draw(images, scores, grid, f"{label} on {character.name} ({checkpoint})", scorer.scoring.threshold)
+        renderer.draw(
+            images, scores, grid, f"{label} on {character.name} ({checkpoint})", scorer.scoring.threshold
+        )
         failed = sum(1 for image in images if image.state != "done")
         rows.append(BenchRow(label, scores, folder, grid, failed))
-        note(f"{label}: combined {_cell(scores.combined)}, identity {_cell(scores.identity)}, text "
-             f"{_cell(scores.text)}, diversity {_cell(scores.diversity)}"
-             + (f" ({failed} render(s) failed: {next(i.error for i in images if i.state != 'done')})" if failed else ""))
+        note(
+            f"{label}: combined {_cell(scores.combined)}, identity {_cell(scores.identity)}, text "
+            f"{_cell(scores.text)}, diversity {_cell(scores.diversity)}"
+            + (
+                f" ({failed} render(s) failed: {next(i.error for i in images if i.state != 'done')})"
+                if failed
+                else ""
+            )
+        )
     write_bench(out, rows, character, checkpoint, evaluation)
     return rows
 
@@ -86,30 +104,58 @@ def bench_table(rows: Sequence[BenchRow]) -> str:
     scored = [r for r in rows if r.scores.combined is not None]
     best = max(scored, key=lambda r: r.scores.combined or 0.0) if scored else None
     heads = ["LoRA", "images", *COLUMNS, ""]
-    body = [[r.name, str(r.scores.images), *(_cell(r.scores.value(c)) for c in COLUMNS),
-             "best" if r is best else ""] for r in rows]
+    body = [
+        [
+            r.name,
+            str(r.scores.images),
+            *(_cell(r.scores.value(c)) for c in COLUMNS),
+            "best" if r is best else "",
+        ]
+        for r in rows
+    ]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(heads)]
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
-    return "\n".join([line(heads), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(b) for b in body)])
+    return "\n".join(
+        [line(heads), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(b) for b in body)]
+    )
 
 
-def write_bench(out: Path, rows: Sequence[BenchRow], character: Any, checkpoint: str, evaluation: EvalSet) -> None:
+def write_bench(
+    out: Path, rows: Sequence[BenchRow], character: Any, checkpoint: str, evaluation: EvalSet
+) -> None:
     from .report import best_grid_png_rows
 
     table = bench_table(rows)
-    legend = ("higher is better: combined, identity, text, diversity; lower is better: cmmd, kid, copying, fid "
-              "(distances to the reference photos). See docs/tune.md for what each means and its limits.")
-    (out / "table.md").write_text(f"# lora bench: {character.name} on {checkpoint}\n\n{table}\n\n{legend}\n\n"
-                                  f"Scenes: {'; '.join(evaluation.scenes)}; seeds {evaluation.seeds}; strength "
-                                  f"{evaluation.strength:g}\n", encoding="utf-8")
-    data = {"format": "charforge.lora_bench", "version": 1, "character": character.name, "checkpoint": checkpoint,
-            "scenes": evaluation.scenes, "seeds": evaluation.seeds, "strength": evaluation.strength,
-            "rows": [{"lora": r.name, "folder": r.folder.name, "failed": r.failed, **r.scores.to_dict()} for r in rows]}
+    legend = (
+        "higher is better: combined, identity, text, diversity; lower is better: cmmd, kid, copying, fid "
+        "(distances to the reference photos). See docs/tune.md for what each means and its limits."
+    )
+    (out / "table.md").write_text(
+        f"# lora bench: {character.name} on {checkpoint}\n\n{table}\n\n{legend}\n\n"
+        f"Scenes: {'; '.join(evaluation.scenes)}; seeds {evaluation.seeds}; strength "
+        f"{evaluation.strength:g}\n",
+        encoding="utf-8",
+    )
+    data = {
+        "format": "charforge.lora_bench",
+        "version": 1,
+        "character": character.name,
+        "checkpoint": checkpoint,
+        "scenes": evaluation.scenes,
+        "seeds": evaluation.seeds,
+        "strength": evaluation.strength,
+        "rows": [
+            {"lora": r.name, "folder": r.folder.name, "failed": r.failed, **r.scores.to_dict()} for r in rows
+        ],
+    }
     tmp = out / "bench.json.tmp"
     tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, out / "bench.json")
-    best_grid_png_rows([(r.name, r.scores.to_dict(), [], r.folder) for r in rows], out / "sheet.png",
-                       "LoRAs (rows), evaluation images (columns: scene x seed)")
+    best_grid_png_rows(
+        [(r.name, r.scores.to_dict(), [], r.folder) for r in rows],
+        out / "sheet.png",
+        "LoRAs (rows), evaluation images (columns: scene x seed)",
+    )

@@ -53,11 +53,15 @@ class SetScores:
         return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
 
 
-def combined_score(identity: float | None, text: float | None, diversity: float | None,
-                   weights: dict[str, float]) -> float | None:
+def combined_score(
+    identity: float | None, text: float | None, diversity: float | None, weights: dict[str, float]
+) -> float | None:
     """The weighted score of the module docstring (None when no weighted term has a value)."""
-    terms = [(weights.get("identity", 0.0), identity), (weights.get("text", 0.0),
-             None if text is None else CLIPSCORE_SCALE * max(text, 0.0)), (weights.get("diversity", 0.0), diversity)]
+    terms = [
+        (weights.get("identity", 0.0), identity),
+        (weights.get("text", 0.0), None if text is None else CLIPSCORE_SCALE * max(text, 0.0)),
+        (weights.get("diversity", 0.0), diversity),
+    ]
     used = [(w, v) for w, v in terms if w > 0 and v is not None]
     total = sum(w for w, _ in used)
     return None if not used or total <= 0 else sum(w * v for w, v in used) / total
@@ -66,17 +70,34 @@ def combined_score(identity: float | None, text: float | None, diversity: float 
 class SetScorer:
     """The loaded scoring models and the reference photos' features; thread-safe (one scoring at a time)."""
 
-    def __init__(self, character: Any, *, face_pack: str = "buffalo_l", face_models_dir: str | None = None,
-                 det_size: int = 640, clip: str | None = None, reference: str | None = None,
-                 device: str | None = None, weights: dict[str, float] | None = None, fid: bool = False,
-                 note: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        character: Any,
+        *,
+        face_pack: str = "buffalo_l",
+        face_models_dir: str | None = None,
+        det_size: int = 640,
+        clip: str | None = None,
+        reference: str | None = None,
+        device: str | None = None,
+        weights: dict[str, float] | None = None,
+        fid: bool = False,
+        note: Callable[[str], None] | None = None,
+    ) -> None:
         self.character = character
         self.weights = dict(weights or {"identity": 1.0, "text": 0.5, "diversity": 0.5})
         self.note = note or (lambda text: None)
         # text_weight 1: CLIP is loaded whenever one is available (diversity and distances need it too).
-        options = EvalOptions(face_pack=face_pack, face_models_dir=face_models_dir, det_size=det_size,
-                              clip_model=clip, reference=reference, device=device, identity_weight=1.0,
-                              text_weight=1.0)
+        options = EvalOptions(
+            face_pack=face_pack,
+            face_models_dir=face_models_dir,
+            det_size=det_size,
+            clip_model=clip,
+            reference=reference,
+            device=device,
+            identity_weight=1.0,
+            text_weight=1.0,
+        )
         self.scoring = Scoring.check(character, options)
         self.want_fid = fid
         self.reference_features: Any = None
@@ -89,24 +110,37 @@ class SetScorer:
         from charforge.engine.score import distribution
 
         self.scoring.load(self.note)
-        self.note(f"identity reference: {self.scoring.identity_source} ({self.scoring.analyzer.name}); CLIP: "
-                  f"{self.scoring.clip_name or 'none (identity only; no text, diversity or distances)'}")
-        folder = next((Path(p).expanduser() for p in (self.scoring.options.reference, self.character.reference_photos)
-                       if p and Path(p).expanduser().is_dir()), None)
+        self.note(
+            f"identity reference: {self.scoring.identity_source} ({self.scoring.analyzer.name}); CLIP: "
+            f"{self.scoring.clip_name or 'none (identity only; no text, diversity or distances)'}"
+        )
+        folder = next(
+            (
+                Path(p).expanduser()
+                for p in (self.scoring.options.reference, self.character.reference_photos)
+                if p and Path(p).expanduser().is_dir()
+            ),
+            None,
+        )
         if folder is None:
-            self.note("no reference photo folder: the distances to the references (cmmd, kid, copying) are not "
-                      "computed (give reference_photos in the preset or scoring.reference)")
+            self.note(
+                "no reference photo folder: the distances to the references (cmmd, kid, copying) are not "
+                "computed (give reference_photos in the preset or scoring.reference)"
+            )
             return
         self.reference_photos = photo_files(folder)
         if self.scoring.clip is not None and len(self.reference_photos) >= 2:
             self.reference_features = distribution.clip_image_features(
-                self.scoring.clip, [_rgb(p) for p in self.reference_photos])
+                self.scoring.clip, [_rgb(p) for p in self.reference_photos]
+            )
         if self.want_fid:
             missing = distribution.fid_available()
             if missing:
                 self.note(f"FID not computed: {missing}")
             else:
-                self.reference_inception = distribution.inception_features([_rgb(p) for p in self.reference_photos])
+                self.reference_inception = distribution.inception_features(
+                    [_rgb(p) for p in self.reference_photos]
+                )
 
     def score_images(self, images: Sequence[EvalImage]) -> SetScores:
         """Score every rendered image of `images` (fills their identity and text) and the set."""
@@ -144,11 +178,14 @@ class SetScorer:
                 result.kid, result.kid_std = kid.value, kid.std
                 result.copying = distribution.nearest_reference(features, self.reference_features)
             if self.reference_inception is not None:
-                result.fid = distribution.frechet_distance(distribution.inception_features(pictures),
-                                                           self.reference_inception)
+                result.fid = distribution.frechet_distance(
+                    distribution.inception_features(pictures), self.reference_inception
+                )
             if min(len(rendered), len(self.reference_photos) or len(rendered)) < distribution.SMALL_SET:
-                result.notes.append(f"small sets ({len(rendered)} images, {len(self.reference_photos)} references): "
-                                    "distances are noisy; compare trials, not absolute values")
+                result.notes.append(
+                    f"small sets ({len(rendered)} images, {len(self.reference_photos)} references): "
+                    "distances are noisy; compare trials, not absolute values"
+                )
         result.combined = combined_score(result.identity, result.text, result.diversity, self.weights)
         return result
 
@@ -185,6 +222,16 @@ def sample_images(files: Sequence[Path], prompts: Sequence[tuple[str, str]], see
         if step != last:
             continue
         full, scored = prompts[min(index // max(seeds, 1), len(prompts) - 1)]
-        images.append(EvalImage(1.0, index // max(seeds, 1), index % max(seeds, 1), full, scored, f"sample-{index}",
-                                file=file, state="done"))
+        images.append(
+            EvalImage(
+                1.0,
+                index // max(seeds, 1),
+                index % max(seeds, 1),
+                full,
+                scored,
+                f"sample-{index}",
+                file=file,
+                state="done",
+            )
+        )
     return images

@@ -75,26 +75,42 @@ def make_pruner(spec: TuneSpec, enabled: bool) -> Any:
     if not enabled:
         return optuna.pruners.NopPruner()
     if spec.pruning.pruner == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2,
-                                                      min_early_stopping_rate=spec.pruning.warmup_segments)
-    return optuna.pruners.MedianPruner(n_startup_trials=spec.pruning.startup_trials,
-                                       n_warmup_steps=spec.pruning.warmup_segments)
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=1, reduction_factor=2, min_early_stopping_rate=spec.pruning.warmup_segments
+        )
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=spec.pruning.startup_trials, n_warmup_steps=spec.pruning.warmup_segments
+    )
 
 
 def space_signature(spec: TuneSpec) -> dict[str, Any]:
     """What must not change between runs of one study (the space, fixed settings, objectives, evaluation)."""
-    return {"space": {p.name: p.describe() for p in spec.space}, "fixed": spec.fixed, "objectives": spec.objectives,
-            "weights": spec.weights, "eval": {"scenes": spec.eval.scenes, "seeds": spec.eval.seeds,
-                                              "strength": spec.eval.strength}, "segments": spec.pruning.segments}
+    return {
+        "space": {p.name: p.describe() for p in spec.space},
+        "fixed": spec.fixed,
+        "objectives": spec.objectives,
+        "weights": spec.weights,
+        "eval": {"scenes": spec.eval.scenes, "seeds": spec.eval.seeds, "strength": spec.eval.strength},
+        "segments": spec.pruning.segments,
+    }
 
 
 class Tuner:
     """One ``charforge tune`` run (see the module docstring); :meth:`run` returns when the budget is spent, every
     trial has ended, or :meth:`stop` was called (trials then stay running in the study and resume next time)."""
 
-    def __init__(self, spec: TuneSpec, servers: list[PoolServer], out: str | Path, *, timeout: float | None = None,
-                 note: Callable[[str], None] | None = None, loras_dir: str | Path | None = None,
-                 characters_dir: str | Path | None = None, report: bool = True) -> None:
+    def __init__(
+        self,
+        spec: TuneSpec,
+        servers: list[PoolServer],
+        out: str | Path,
+        *,
+        timeout: float | None = None,
+        note: Callable[[str], None] | None = None,
+        loras_dir: str | Path | None = None,
+        characters_dir: str | Path | None = None,
+        report: bool = True,
+    ) -> None:
         if not servers:
             raise UsageError("charforge tune needs at least one server (--server URL, repeatable)")
         names = [s.name for s in servers]
@@ -129,7 +145,9 @@ class Tuner:
             pass
         except OSError:
             handle.close()
-            raise UsageError(f"another 'charforge tune' is using {self.out}; wait for it or stop it") from None
+            raise UsageError(
+                f"another 'charforge tune' is using {self.out}; wait for it or stop it"
+            ) from None
         return handle
 
     def _checkpoint(self, train: TrainGraph) -> str:
@@ -138,14 +156,18 @@ class Tuner:
         base = str(train.inputs.get("base_model") or "")
         if base.lower().endswith(CHECKPOINT_SUFFIXES):
             return base
-        raise UsageError(f"eval.checkpoint: the Train LoRA node trains on {base!r}, which ComfyUI's "
-                         "CheckpointLoaderSimple cannot render with; name a checkpoint file of the same base model")
+        raise UsageError(
+            f"eval.checkpoint: the Train LoRA node trains on {base!r}, which ComfyUI's "
+            "CheckpointLoaderSimple cannot render with; name a checkpoint file of the same base model"
+        )
 
     def _check_space(self, train: TrainGraph, pruning: bool) -> None:
         probe = dict(self.spec.fixed)
         for param in self.spec.space:
             low = param.low or 0.0
-            probe[param.name] = param.choices[0] if param.kind == "choice" else (int(low) if param.kind == "int" else low)
+            probe[param.name] = (
+                param.choices[0] if param.kind == "choice" else (int(low) if param.kind == "int" else low)
+            )
         check_settings(probe)
         if not pruning:
             return
@@ -155,10 +177,12 @@ class Tuner:
                 schedules = set(param.choices)
         schedules.discard(None)
         if schedules - {"constant"}:
-            raise UsageError(f"pruning trains in {self.spec.pruning.segments} segments, and a run resumes with more "
-                             f"steps only with a constant learning-rate schedule (the schedule here: "
-                             f"{', '.join(sorted(map(str, schedules)))}); set fixed.schedule: constant, or "
-                             f"pruning.segments: 1 to train each trial in one go")
+            raise UsageError(
+                f"pruning trains in {self.spec.pruning.segments} segments, and a run resumes with more "
+                f"steps only with a constant learning-rate schedule (the schedule here: "
+                f"{', '.join(sorted(map(str, schedules)))}); set fixed.schedule: constant, or "
+                f"pruning.segments: 1 to train each trial in one go"
+            )
 
     def _study(self, pruning: bool) -> Any:
         import optuna
@@ -170,9 +194,14 @@ class Tuner:
         with contextlib.suppress(KeyError):
             existing = optuna.load_study(study_name=self.spec.name, storage=storage)
         finished = len(existing.get_trials(deepcopy=False)) if existing is not None else 0
-        study = optuna.create_study(study_name=self.spec.name, storage=storage, load_if_exists=True,
-                                    directions=self.spec.directions, sampler=make_sampler(self.spec, finished),
-                                    pruner=make_pruner(self.spec, pruning))
+        study = optuna.create_study(
+            study_name=self.spec.name,
+            storage=storage,
+            load_if_exists=True,
+            directions=self.spec.directions,
+            sampler=make_sampler(self.spec, finished),
+            pruner=make_pruner(self.spec, pruning),
+        )
         recorded = study.user_attrs.get("signature")
         if recorded is None:
             study.set_user_attr("signature", signature)
@@ -180,8 +209,10 @@ class Tuner:
             for point in self.spec.start:  # tried first, before the sampler's own picks
                 study.enqueue_trial(point, skip_if_exists=True)
         elif json.loads(json.dumps(signature)) != recorded:
-            raise UsageError(f"{self.out} holds a search with another space, objectives or evaluation set; use "
-                             f"another --out (or delete {self.out / STUDY_DB} to start over there)")
+            raise UsageError(
+                f"{self.out} holds a search with another space, objectives or evaluation set; use "
+                f"another --out (or delete {self.out / STUDY_DB} to start over there)"
+            )
         return study
 
     # ---- scheduling ----------------------------------------------------------------------------------------
@@ -221,7 +252,9 @@ class Tuner:
                 return None
             return study.ask()
 
-    def _worker(self, study: Any, runner: TrialRunner, server: PoolServer, pruning: bool, started: float) -> None:
+    def _worker(
+        self, study: Any, runner: TrialRunner, server: PoolServer, pruning: bool, started: float
+    ) -> None:
         import optuna
         from optuna.trial import TrialState
 
@@ -236,8 +269,10 @@ class Tuner:
                 trial.set_user_attr("folder", str(trial_folder(self.out, trial.number).relative_to(self.out)))
                 self._ran += 1
             begun = time.time()
-            self.note(f"trial {trial.number} on {server.name}: " + ", ".join(f"{k}={_short(v)}"
-                                                                             for k, v in settings.items()))
+            self.note(
+                f"trial {trial.number} on {server.name}: "
+                + ", ".join(f"{k}={_short(v)}" for k, v in settings.items())
+            )
             try:
                 result = runner.run(trial, server, settings, pruning=pruning, stop=self._stop.is_set)
             except optuna.TrialPruned as exc:
@@ -270,16 +305,21 @@ class Tuner:
                 trial.set_user_attr("grid", str(result.grid.relative_to(self.out)) if result.grid else None)
                 if any(v is None for v in values):
                     missing = [m for m, v in zip(self.spec.objectives, values, strict=True) if v is None]
-                    trial.set_user_attr("error", f"no value for {', '.join(missing)} "
-                                                 f"({'; '.join(result.scores.notes) or 'see the scoring notes'})")
+                    trial.set_user_attr(
+                        "error",
+                        f"no value for {', '.join(missing)} "
+                        f"({'; '.join(result.scores.notes) or 'see the scoring notes'})",
+                    )
                     study.tell(trial, state=TrialState.FAIL)
                     self.note(f"trial {trial.number} failed: no value for {', '.join(missing)}")
                     continue
                 study.tell(trial, values)
                 self._failures_in_a_row = 0
                 study.set_user_attr("elapsed_s", self._elapsed_before + time.time() - started)
-            self.note(f"trial {trial.number} done on {server.name}: " + ", ".join(
-                f"{m} {v:.4f}" for m, v in zip(self.spec.objectives, values, strict=True)))
+            self.note(
+                f"trial {trial.number} done on {server.name}: "
+                + ", ".join(f"{m} {v:.4f}" for m, v in zip(self.spec.objectives, values, strict=True))
+            )
 
     # ---- the run --------------------------------------------------------------------------------------------
 
@@ -299,26 +339,56 @@ class Tuner:
                 pruning = False
             self._check_space(train, pruning)
             checkpoint = self._checkpoint(train)
-            scorer = SetScorer(character, face_pack=spec.scoring.face_pack, face_models_dir=spec.scoring.face_models_dir,
-                               det_size=spec.scoring.det_size, clip=spec.scoring.clip, reference=spec.scoring.reference,
-                               device=spec.scoring.device, weights=spec.weights, fid="fid" in spec.objectives,
-                               note=self.note)
+            scorer = SetScorer(
+                character,
+                face_pack=spec.scoring.face_pack,
+                face_models_dir=spec.scoring.face_models_dir,
+                det_size=spec.scoring.det_size,
+                clip=spec.scoring.clip,
+                reference=spec.scoring.reference,
+                device=spec.scoring.device,
+                weights=spec.weights,
+                fid="fid" in spec.objectives,
+                note=self.note,
+            )
             scorer.load()
             study = self._study(pruning)
             self._adopted = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
             if self._adopted:
-                self.note(f"resuming {len(self._adopted)} trial(s) an earlier run left running: "
-                          + ", ".join(str(t.number) for t in self._adopted))
-            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                                TrialState.FAIL)))
+                self.note(
+                    f"resuming {len(self._adopted)} trial(s) an earlier run left running: "
+                    + ", ".join(str(t.number) for t in self._adopted)
+                )
+            done = len(
+                study.get_trials(
+                    deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+                )
+            )
             if done:
                 self.note(f"{done} trial(s) finished in earlier runs are kept")
-            runner = TrialRunner(spec, character, train, scorer, self.out, checkpoint=checkpoint,
-                                 timeout=self.timeout, note=self.note)
+            runner = TrialRunner(
+                spec,
+                character,
+                train,
+                scorer,
+                self.out,
+                checkpoint=checkpoint,
+                timeout=self.timeout,
+                note=self.note,
+            )
             started = time.time()
-            self._elapsed_before = float(study.user_attrs.get("elapsed_s", 0.0))  # earlier runs of this search
-            threads = [threading.Thread(target=self._worker, args=(study, runner, server, pruning, started),
-                                        name=f"tune-{i}", daemon=True) for i, server in enumerate(self.servers)]
+            self._elapsed_before = float(
+                study.user_attrs.get("elapsed_s", 0.0)
+            )  # earlier runs of this search
+            threads = [
+                threading.Thread(
+                    target=self._worker,
+                    args=(study, runner, server, pruning, started),
+                    name=f"tune-{i}",
+                    daemon=True,
+                )
+                for i, server in enumerate(self.servers)
+            ]
             for thread in threads:
                 thread.start()
             try:
@@ -349,11 +419,21 @@ class Tuner:
         from optuna.trial import TrialState
 
         trials = study.get_trials(deepcopy=False)
-        count = {state: sum(1 for t in trials if t.state == state)
-                 for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-        return TuneResult(self.out, study, sum(count.values()), count[TrialState.COMPLETE], count[TrialState.PRUNED],
-                          count[TrialState.FAIL], self._ran, self.stopped or "every trial ended",
-                          notes=list(self._errors))
+        count = {
+            state: sum(1 for t in trials if t.state == state)
+            for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        }
+        return TuneResult(
+            self.out,
+            study,
+            sum(count.values()),
+            count[TrialState.COMPLETE],
+            count[TrialState.PRUNED],
+            count[TrialState.FAIL],
+            self._ran,
+            self.stopped or "every trial ended",
+            notes=list(self._errors),
+        )
 
 
 def _short(value: Any) -> str:

@@ -57,8 +57,24 @@ PRUNERS = ("median", "halving", "none")
 NODE_INPUTS = ("steps", "learning_rate", "rank", "resolution", "batch_size", "seed")
 TRAIN_CLASS = "CharForgeTrainLoRA"
 
-_KEYS = {"name", "character", "workflow", "train_node", "set", "fixed", "space", "objectives", "weights", "sampler",
-         "seed", "budget", "pruning", "eval", "scoring", "start"}
+_KEYS = {
+    "name",
+    "character",
+    "workflow",
+    "train_node",
+    "set",
+    "fixed",
+    "space",
+    "objectives",
+    "weights",
+    "sampler",
+    "seed",
+    "budget",
+    "pruning",
+    "eval",
+    "scoring",
+    "start",
+}
 
 
 @dataclass(frozen=True)
@@ -79,7 +95,9 @@ class Param:
             return trial.suggest_categorical(self.name, list(self.choices))
         assert self.low is not None and self.high is not None  # a range always has both
         if self.kind == "int":
-            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+            return trial.suggest_int(
+                self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
+            )
         return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
 
     def describe(self) -> str:
@@ -112,9 +130,13 @@ class Pruning:
 class EvalSet:
     """The fixed evaluation renders of every trial: scenes x seeds with the trained LoRA at one strength."""
 
-    scenes: list[str] = field(default_factory=lambda: ["portrait photo, looking at the camera",
-                                                       "upper body, standing outdoors in daylight",
-                                                       "sitting at a table in a cafe, side view"])
+    scenes: list[str] = field(
+        default_factory=lambda: [
+            "portrait photo, looking at the camera",
+            "upper body, standing outdoors in daylight",
+            "sitting at a table in a cafe, side view",
+        ]
+    )
     seeds: list[int] = field(default_factory=lambda: [1, 2])
     strength: float = 1.0
     checkpoint: str | None = None  # None: the Train LoRA node's base_model when it is a checkpoint file
@@ -184,7 +206,9 @@ def parse_param(name: str, spec: Any, where: str) -> Param:
         raise UsageError(f"{where}: give a list of choices or {{low: .., high: .., log: true}}, got {spec!r}")
     unknown = sorted(set(spec) - {"low", "high", "log", "step", "choices", "type"})
     if unknown:
-        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: low, high, log, step, choices, type)")
+        raise UsageError(
+            f"{where}: unknown key(s) {', '.join(unknown)} (allowed: low, high, log, step, choices, type)"
+        )
     if "choices" in spec:
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices:
@@ -203,9 +227,13 @@ def parse_param(name: str, spec: Any, where: str) -> Param:
     step = _number(spec["step"], f"{where}.step") if spec.get("step") is not None else None
     if step is not None and (step <= 0 or log):
         raise UsageError(f"{where}: step must be > 0 and cannot be combined with log")
-    kind = spec.get("type") or ("int" if all(isinstance(spec[k], int) and not isinstance(spec[k], bool)
-                                             for k in ("low", "high")) and not log and
-                                (step is None or float(step).is_integer()) else "float")
+    kind = spec.get("type") or (
+        "int"
+        if all(isinstance(spec[k], int) and not isinstance(spec[k], bool) for k in ("low", "high"))
+        and not log
+        and (step is None or float(step).is_integer())
+        else "float"
+    )
     if kind not in ("int", "float"):
         raise UsageError(f"{where}.type: int or float, got {kind!r}")
     return Param(name, kind, low, high, log, step)
@@ -218,7 +246,9 @@ def _section(data: dict[str, Any], key: str, cls: type, source: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise UsageError(f"{_where(source, key)}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+        raise UsageError(
+            f"{_where(source, key)}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}"
+        )
     try:
         return cls(**raw)
     except TypeError as exc:
@@ -231,7 +261,9 @@ def parse_spec(data: Any, source: str = "tune.yaml", base: Path | None = None) -
         raise UsageError(f"{source}: expected a mapping of settings (character, workflow, space, ...)")
     unknown = sorted(set(data) - _KEYS)
     if unknown:
-        raise UsageError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_KEYS))}")
+        raise UsageError(
+            f"{source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_KEYS))}"
+        )
     for key in ("character", "workflow", "space"):
         if not data.get(key):
             raise UsageError(f"{source}: '{key}' is required")
@@ -255,8 +287,10 @@ def parse_spec(data: Any, source: str = "tune.yaml", base: Path | None = None) -
         objectives = [objectives]
     bad = [o for o in objectives if o not in METRICS]
     if bad or len(set(objectives)) != len(objectives):
-        raise UsageError(f"{_where(source, 'objectives')}: {bad or objectives} - choose distinct names among "
-                         f"{', '.join(METRICS)}")
+        raise UsageError(
+            f"{_where(source, 'objectives')}: {bad or objectives} - choose distinct names among "
+            f"{', '.join(METRICS)}"
+        )
     weights = dict(DEFAULT_WEIGHTS)
     raw_weights = data.get("weights") or {}
     if not isinstance(raw_weights, dict) or sorted(set(raw_weights) - set(DEFAULT_WEIGHTS)):
@@ -274,7 +308,9 @@ def parse_spec(data: Any, source: str = "tune.yaml", base: Path | None = None) -
     budget.trials = int(budget.trials)
     pruning = _section(data, "pruning", Pruning, source)
     if pruning.pruner not in PRUNERS:
-        raise UsageError(f"{_where(source, 'pruning.pruner')}: {pruning.pruner!r}; choose {', '.join(PRUNERS)}")
+        raise UsageError(
+            f"{_where(source, 'pruning.pruner')}: {pruning.pruner!r}; choose {', '.join(PRUNERS)}"
+        )
     pruning.segments = max(1, int(pruning.segments))
     evaluation = _section(data, "eval", EvalSet, source)
     evaluation.scenes = [str(s).strip() for s in evaluation.scenes if str(s).strip()]
@@ -282,7 +318,9 @@ def parse_spec(data: Any, source: str = "tune.yaml", base: Path | None = None) -
     if not evaluation.scenes or not evaluation.seeds:
         raise UsageError(f"{_where(source, 'eval')}: at least one scene and one seed")
     if len(evaluation.scenes) * len(evaluation.seeds) < 2:
-        raise UsageError(f"{_where(source, 'eval')}: at least 2 images (scenes x seeds) so diversity can be measured")
+        raise UsageError(
+            f"{_where(source, 'eval')}: at least 2 images (scenes x seeds) so diversity can be measured"
+        )
     start = data.get("start") or []
     names = {p.name for p in space}
     if not isinstance(start, list) or not all(isinstance(s, dict) for s in start):
@@ -290,16 +328,34 @@ def parse_spec(data: Any, source: str = "tune.yaml", base: Path | None = None) -
     for i, point in enumerate(start):
         extra = sorted(set(point) - names)
         if extra:
-            raise UsageError(f"{_where(source, f'start[{i}]')}: {', '.join(extra)} is not searched (space has "
-                             f"{', '.join(sorted(names))})")
+            raise UsageError(
+                f"{_where(source, f'start[{i}]')}: {', '.join(extra)} is not searched (space has "
+                f"{', '.join(sorted(names))})"
+            )
     name = str(data.get("name") or f"{data['character']}_tune")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise UsageError(f"{_where(source, 'name')}: letters, digits, _ . - only (it names the LoRA files), got {name!r}")
-    return TuneSpec(path=base / Path(source).name, name=name, character=str(data["character"]), workflow=workflow,
-                    space=space, train_node=data.get("train_node"), set=dict(sets), fixed=dict(fixed),
-                    objectives=list(objectives), weights=weights, sampler=sampler, seed=int(data.get("seed") or 0),
-                    budget=budget, pruning=pruning, eval=evaluation,
-                    scoring=_section(data, "scoring", ScoringSpec, source), start=[dict(p) for p in start])
+        raise UsageError(
+            f"{_where(source, 'name')}: letters, digits, _ . - only (it names the LoRA files), got {name!r}"
+        )
+    return TuneSpec(
+        path=base / Path(source).name,
+        name=name,
+        character=str(data["character"]),
+        workflow=workflow,
+        space=space,
+        train_node=data.get("train_node"),
+        set=dict(sets),
+        fixed=dict(fixed),
+        objectives=list(objectives),
+        weights=weights,
+        sampler=sampler,
+        seed=int(data.get("seed") or 0),
+        budget=budget,
+        pruning=pruning,
+        eval=evaluation,
+        scoring=_section(data, "scoring", ScoringSpec, source),
+        start=[dict(p) for p in start],
+    )
 
 
 def load_spec(path: str | Path) -> TuneSpec:

@@ -69,8 +69,10 @@ class TrainGraph:
         except Exception as exc:  # noqa: BLE001 - WorkflowError and OSError name the file
             raise UsageError(f"workflow {spec.workflow}: {exc}") from None
         if workflow.prompt is None:
-            raise UsageError(f"workflow {spec.workflow} is in the editor format; export it with 'Export (API)' "
-                             f"(or 'charforge convert {spec.workflow.name} -o api.json')")
+            raise UsageError(
+                f"workflow {spec.workflow} is in the editor format; export it with 'Export (API)' "
+                f"(or 'charforge convert {spec.workflow.name} -o api.json')"
+            )
         graph = workflow.prompt
         if spec.train_node:
             try:
@@ -80,13 +82,24 @@ class TrainGraph:
         else:
             found = [nid for nid, n in graph.items() if n.get("class_type") == TRAIN_CLASS]
             if len(found) != 1:
-                raise UsageError(f"workflow {spec.workflow} has {len(found)} Train LoRA ({TRAIN_CLASS}) nodes; "
-                                 f"{'add one' if not found else 'name the one to tune with train_node'}")
+                raise UsageError(
+                    f"workflow {spec.workflow} has {len(found)} Train LoRA ({TRAIN_CLASS}) nodes; "
+                    f"{'add one' if not found else 'name the one to tune with train_node'}"
+                )
             node = found[0]
         if graph[node].get("class_type") != TRAIN_CLASS:
-            raise UsageError(f"train_node {spec.train_node!r} is a {graph[node].get('class_type')}, not {TRAIN_CLASS}")
-        overrides = [Override(*_address(address), value, json.dumps(value) if not isinstance(value, str) else value,
-                              f"{address}={value}") for address, value in spec.set.items()]
+            raise UsageError(
+                f"train_node {spec.train_node!r} is a {graph[node].get('class_type')}, not {TRAIN_CLASS}"
+            )
+        overrides = [
+            Override(
+                *_address(address),
+                value,
+                json.dumps(value) if not isinstance(value, str) else value,
+                f"{address}={value}",
+            )
+            for address, value in spec.set.items()
+        ]
         try:
             graph, _ = apply_overrides(graph, overrides)
         except Exception as exc:  # noqa: BLE001 - OverrideError names the address
@@ -98,8 +111,9 @@ class TrainGraph:
         try:
             self.node_overrides = json.loads(text) if str(text).strip() else {}
         except json.JSONDecodeError:
-            raise UsageError(f"workflow {spec.workflow}: the Train LoRA node's overrides are not JSON: {text!r}") \
-                from None
+            raise UsageError(
+                f"workflow {spec.workflow}: the Train LoRA node's overrides are not JSON: {text!r}"
+            ) from None
         self.inputs = dict(inputs)
 
     def settings_value(self, settings: dict[str, Any], name: str) -> Any:
@@ -110,8 +124,9 @@ class TrainGraph:
             return self.node_overrides[name]
         return self.inputs.get(name)
 
-    def segment_graph(self, output_name: str, settings: dict[str, Any], steps: int,
-                      samples: dict[str, Any]) -> dict[str, Any]:
+    def segment_graph(
+        self, output_name: str, settings: dict[str, Any], steps: int, samples: dict[str, Any]
+    ) -> dict[str, Any]:
         """The API graph that trains `output_name` with `settings` up to `steps` (resuming its earlier segments)."""
         graph = json.loads(json.dumps(self.graph))
         inputs = graph[self.node]["inputs"]
@@ -124,8 +139,13 @@ class TrainGraph:
                 extra[name] = value
         extra.pop("steps", None)  # segments set the steps through the input
         extra.update(samples)
-        inputs.update(output_name=output_name, steps=int(steps), use_preset_values=False, resume="auto",
-                      overrides=json.dumps(extra, sort_keys=True))
+        inputs.update(
+            output_name=output_name,
+            steps=int(steps),
+            use_preset_values=False,
+            resume="auto",
+            overrides=json.dumps(extra, sort_keys=True),
+        )
         inputs.pop("save_character", None)
         return graph
 
@@ -179,8 +199,9 @@ class TrialResult:
     grid: Path | None
 
 
-def run_batch(jobs: Any, server: PoolServer, folder: Path, stop: Callable[[], bool],
-              timeout: float | None = None) -> list[Any]:
+def run_batch(
+    jobs: Any, server: PoolServer, folder: Path, stop: Callable[[], bool], timeout: float | None = None
+) -> list[Any]:
     """Run `jobs` (a plan or a list of jobs) on `server` with the batch runner into `folder`; the outcomes.
 
     The same jobs in the same folder resume: done jobs are not sent again, submitted ones are looked up."""
@@ -188,8 +209,14 @@ def run_batch(jobs: Any, server: PoolServer, folder: Path, stop: Callable[[], bo
 
     outcomes = []
     iterator = Batch(jobs, source=str(folder.name), base=folder).run(
-        servers=[server.make_target()], out=folder, capacity=1, timeout=timeout, retry_failed=True,
-        contact_sheet=None, on_message=lambda text: None)
+        servers=[server.make_target()],
+        out=folder,
+        capacity=1,
+        timeout=timeout,
+        retry_failed=True,
+        contact_sheet=None,
+        on_message=lambda text: None,
+    )
     try:
         for outcome in iterator:
             outcomes.append(outcome)
@@ -205,32 +232,67 @@ def run_batch(jobs: Any, server: PoolServer, folder: Path, stop: Callable[[], bo
 class EvalRenderer:
     """The fixed evaluation set (scenes x seeds, one LoRA strength) rendered and drawn; for trials and benches."""
 
-    def __init__(self, character: Any, evaluation: EvalSet, checkpoint: str, *, weights: dict[str, float],
-                 timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        character: Any,
+        evaluation: EvalSet,
+        checkpoint: str,
+        *,
+        weights: dict[str, float],
+        timeout: float | None = None,
+    ) -> None:
         self.character, self.eval, self.checkpoint = character, evaluation, checkpoint
         self.weights, self.timeout = weights, timeout
-        self.texts = [(character.prompt_text(scene), join_prompt(character.prompt, scene)) for scene in evaluation.scenes]
+        self.texts = [
+            (character.prompt_text(scene), join_prompt(character.prompt, scene))
+            for scene in evaluation.scenes
+        ]
 
-    def evaluate(self, lora: str | None, server: PoolServer, folder: Path, stop: Callable[[], bool],
-                 title: str = "") -> tuple[list[EvalImage], Path, float]:
+    def evaluate(
+        self, lora: str | None, server: PoolServer, folder: Path, stop: Callable[[], bool], title: str = ""
+    ) -> tuple[list[EvalImage], Path, float]:
         """Render the evaluation set with `lora` (None: the base model alone) on `server` into `folder`."""
         strength = self.eval.strength
         seeds = self.eval.seeds
         fulls = [full for full, _ in self.texts]
         prefix = f"charforge_tune/{_safe(Path(lora).stem if lora else 'base')}"
-        graph = eval_graph(self.character, lora=lora or "", checkpoint=self.checkpoint, strength=strength,
-                           prompt=fulls[0], seed=seeds[0], save_prefix=prefix)
+        graph = eval_graph(
+            self.character,
+            lora=lora or "",
+            checkpoint=self.checkpoint,
+            strength=strength,
+            prompt=fulls[0],
+            seed=seeds[0],
+            save_prefix=prefix,
+        )
         if not lora:
             from charforge.driver.batch import parse_sweep
 
-            jobs = parse_sweep({"prompt": base_model_graph(graph), "name": "base model", "axes": {
-                "prompt": {"set": f"{POSITIVE}.text", "values": fulls},
-                "seed": {"set": f"{SAMPLER}.seed", "values": list(seeds)}}}, "base model").jobs
+            jobs = parse_sweep(
+                {
+                    "prompt": base_model_graph(graph),
+                    "name": "base model",
+                    "axes": {
+                        "prompt": {"set": f"{POSITIVE}.text", "values": fulls},
+                        "seed": {"set": f"{SAMPLER}.seed", "values": list(seeds)},
+                    },
+                },
+                "base model",
+            ).jobs
         else:
             jobs = plan_grid(graph, [strength], fulls, seeds, name=title or lora).jobs
         index = {full: i for i, full in enumerate(fulls)}
-        images = {job.id: EvalImage(strength, index[job.axes["prompt"]], int(job.axes["seed"]), job.axes["prompt"],
-                                    self.texts[index[job.axes["prompt"]]][1], job.id) for job in jobs}
+        images = {
+            job.id: EvalImage(
+                strength,
+                index[job.axes["prompt"]],
+                int(job.axes["seed"]),
+                job.axes["prompt"],
+                self.texts[index[job.axes["prompt"]]][1],
+                job.id,
+            )
+            for job in jobs
+        }
         renders = folder / "renders"
         for outcome in run_batch(jobs, server, renders, stop, self.timeout):
             image = images.get(outcome.job.id)
@@ -245,17 +307,31 @@ class EvalRenderer:
                 image.error = outcome.reason or outcome.state
         return [images[job.id] for job in jobs], folder / "grid.png", batch_cost(renders)
 
-    def draw(self, images: list[EvalImage], scores: SetScores, path: Path, title: str, threshold: float | None) -> None:
+    def draw(
+        self, images: list[EvalImage], scores: SetScores, path: Path, title: str, threshold: float | None
+    ) -> None:
         """The evaluation grid (one row, scene x seed columns) with the set's scores under it; and images.json."""
         strength = self.eval.strength
         summaries, _ = summarise(images, [strength], 1.0, self.weights.get("text", 0.5), threshold)
         for summary in summaries:  # the row shows this search's combined score (diversity weighted in)
             summary.combined = scores.combined
         gen = self.character.generation
-        note = (f"identity {_fmt(scores.identity)}  text {_fmt(scores.text)}  diversity {_fmt(scores.diversity)}  "
-                f"cmmd {_fmt(scores.cmmd)}  combined {_fmt(scores.combined)}")
-        grid = draw_grid(images, [strength], self.eval.scenes, self.eval.seeds, summaries, None,
-                         title, (gen.width, gen.height), 160, note)
+        note = (
+            f"identity {_fmt(scores.identity)}  text {_fmt(scores.text)}  diversity {_fmt(scores.diversity)}  "
+            f"cmmd {_fmt(scores.cmmd)}  combined {_fmt(scores.combined)}"
+        )
+        grid = draw_grid(
+            images,
+            [strength],
+            self.eval.scenes,
+            self.eval.seeds,
+            summaries,
+            None,
+            title,
+            (gen.width, gen.height),
+            160,
+            note,
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
         write_images_list(images, path.parent)
@@ -264,8 +340,18 @@ class EvalRenderer:
 class TrialRunner:
     """Runs trials: shared by the search's worker threads (one per server)."""
 
-    def __init__(self, spec: TuneSpec, character: Any, train: TrainGraph, scorer: SetScorer, out: Path, *,
-                 checkpoint: str, timeout: float | None = None, note: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        spec: TuneSpec,
+        character: Any,
+        train: TrainGraph,
+        scorer: SetScorer,
+        out: Path,
+        *,
+        checkpoint: str,
+        timeout: float | None = None,
+        note: Callable[[str], None] | None = None,
+    ) -> None:
         self.spec, self.character, self.train, self.scorer = spec, character, train, scorer
         self.out, self.timeout = out, timeout
         self.note = note or (lambda text: None)
@@ -277,8 +363,10 @@ class TrialRunner:
     def segments(self, settings: dict[str, Any], pruning: bool) -> list[int]:
         total = int(self.train.settings_value(settings, "steps") or 0)
         if total <= 0:
-            raise UsageError("steps: the Train LoRA node's steps is 0 (the preset's); search or fix 'steps' so "
-                             "segments and budgets are known")
+            raise UsageError(
+                "steps: the Train LoRA node's steps is 0 (the preset's); search or fix 'steps' so "
+                "segments and budgets are known"
+            )
         count = self.spec.pruning.segments if pruning else 1
         count = max(1, min(count, total))
         return sorted({max(1, round(total * k / count)) for k in range(1, count + 1)})
@@ -286,12 +374,22 @@ class TrialRunner:
     def sample_settings(self) -> dict[str, Any]:
         """The Train LoRA sample settings of a trial: the evaluation prompts with the first seed, at the end of
         each segment (sample_every 0), unless the search file fixes them."""
-        samples: dict[str, Any] = {"sample_prompts": [full for full, _ in self.texts],
-                                   "sample_seeds": [self.spec.eval.seeds[0]], "sample_every": 0}
+        samples: dict[str, Any] = {
+            "sample_prompts": [full for full, _ in self.texts],
+            "sample_seeds": [self.spec.eval.seeds[0]],
+            "sample_every": 0,
+        }
         return {k: v for k, v in samples.items() if k not in self.spec.fixed}
 
-    def run(self, trial: Any, server: PoolServer, settings: dict[str, Any], *, pruning: bool,
-            stop: Callable[[], bool]) -> TrialResult:
+    def run(
+        self,
+        trial: Any,
+        server: PoolServer,
+        settings: dict[str, Any],
+        *,
+        pruning: bool,
+        stop: Callable[[], bool],
+    ) -> TrialResult:
         """Train, render and score trial `trial` on `server`; raises optuna.TrialPruned or TrialFailed."""
         import optuna
 
@@ -305,20 +403,28 @@ class TrialRunner:
         for index, steps in enumerate(steps_list):
             segment = folder / f"train-{steps:06d}"
             graph = self.train.segment_graph(name, settings, steps, self.sample_settings())
-            outcomes = run_batch(_single_job(graph, f"{name} to step {steps}"), server, segment, stop, self.timeout)
+            outcomes = run_batch(
+                _single_job(graph, f"{name} to step {steps}"), server, segment, stop, self.timeout
+            )
             cost += batch_cost(segment)
             if not outcomes:
                 raise KeyboardInterrupt  # stopped by the caller
             outcome = outcomes[-1]
             if not outcome.ok:
-                raise TrialFailed(f"training to step {steps} {outcome.state} on {server.name}: "
-                                  f"{(outcome.reason or '').strip()[:500]}")
-            self.note(f"trial {number}: trained to step {steps} on {server.name}"
-                      + (" (earlier run)" if outcome.skipped else ""))
+                raise TrialFailed(
+                    f"training to step {steps} {outcome.state} on {server.name}: "
+                    f"{(outcome.reason or '').strip()[:500]}"
+                )
+            self.note(
+                f"trial {number}: trained to step {steps} on {server.name}"
+                + (" (earlier run)" if outcome.skipped else "")
+            )
             if index < len(steps_list) - 1:
                 samples = sample_images(outcome.files, self.texts, 1)
                 if not samples:
-                    self.note(f"trial {number}: the training job returned no samples at step {steps}; not pruned")
+                    self.note(
+                        f"trial {number}: the training job returned no samples at step {steps}; not pruned"
+                    )
                     continue
                 value = self.scorer.score_images(samples).combined
                 if value is None:
@@ -335,13 +441,16 @@ class TrialRunner:
         lora, run = lora_from_outputs(outcome.folder, name)
         trial.set_user_attr("lora", lora)
         trial.set_user_attr("run", run)
-        images, grid, render_cost = self.renderer.evaluate(lora, server, folder / "eval", stop,
-                                                           title=f"trial {number}: {lora}")
+        images, grid, render_cost = self.renderer.evaluate(
+            lora, server, folder / "eval", stop, title=f"trial {number}: {lora}"
+        )
         cost += render_cost
         scores = self.scorer.score_images(images)
         if scores.images == 0:
-            raise TrialFailed(f"no evaluation image of {lora} was rendered on {server.name}: "
-                              + "; ".join(sorted({(i.error or i.state)[:200] for i in images})))
+            raise TrialFailed(
+                f"no evaluation image of {lora} was rendered on {server.name}: "
+                + "; ".join(sorted({(i.error or i.state)[:200] for i in images}))
+            )
         self.renderer.draw(images, scores, grid, f"trial {number}: {lora}", self.scorer.scoring.threshold)
         return TrialResult(scores, lora, run, images, cost, grid)
 

@@ -64,8 +64,14 @@ def _weights(designed: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return w, b
 
 
-def write_tiny_wd14(folder: str | Path, name: str = "tiny-tagger", size: int = 64, designed: bool = True,
-                    seed: int = 0, fixed_batch: int | None = None) -> Path:
+def write_tiny_wd14(
+    folder: str | Path,
+    name: str = "tiny-tagger",
+    size: int = 64,
+    designed: bool = True,
+    seed: int = 0,
+    fixed_batch: int | None = None,
+) -> Path:
     """Write ``<folder>/<name>.onnx`` and ``<name>.csv``; return the .onnx path."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -86,7 +92,9 @@ def write_tiny_wd14(folder: str | Path, name: str = "tiny-tagger", size: int = 6
         [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, [batch, len(TAGS)])],
         initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="charforge-tests")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="charforge-tests"
+    )
     model.ir_version = 8
     onnx.checker.check_model(model)
     onnx_path = folder / f"{name}.onnx"
@@ -112,7 +120,9 @@ class FakeEndpoint:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with fake.lock:
-                    fake.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                    fake.requests.append(
+                        {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+                    )
                     step = fake.script.pop(0) if fake.script else "caption"
                 if step == "drop":
                     self.connection.close()  # connection reset with no answer
@@ -124,13 +134,35 @@ class FakeEndpoint:
                     image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
                     r, g, b = image.convert("RGB").getpixel((image.width // 2, image.height // 2))
                     colour = "red" if r > 128 else "blue"
-                    step = (200, {"choices": [{"message": {"role": "assistant",
-                                                           "content": f"A {colour}\nsquare. "},
-                                               "finish_reason": "stop"}]}, {})
+                    step = (
+                        200,
+                        {
+                            "choices": [
+                                {
+                                    "message": {"role": "assistant", "content": f"A {colour}\nsquare. "},
+                                    "finish_reason": "stop",
+                                }
+                            ]
+                        },
+                        {},
+                    )
                 elif step == "refuse":
-                    step = (200, {"choices": [{"message": {"role": "assistant", "content": None,
-                                                           "refusal": "I can't help with that."},
-                                               "finish_reason": "stop"}]}, {})
+                    step = (
+                        200,
+                        {
+                            "choices": [
+                                {
+                                    "message": {
+                                        "role": "assistant",
+                                        "content": None,
+                                        "refusal": "I can't help with that.",
+                                    },
+                                    "finish_reason": "stop",
+                                }
+                            ]
+                        },
+                        {},
+                    )
                 status, payload, headers = step
                 data = json.dumps(payload).encode()
                 self.send_response(status)
@@ -154,9 +186,40 @@ class FakeEndpoint:
 # --------------------------------------------------------------------------------------------------
 # Tiny transformers captioners (real architectures, random weights)
 
-BLIP_WORDS = ("a", "photo", "of", "the", "woman", "man", "red", "blue", "green", "square", "in", "with", "hair",
-              "sky", "and", "on", "dog", "cat", "smiling", "standing", "portrait", "wearing", "shirt", "dress",
-              "outdoors", "indoors", "light", "dark", "close", "up", "##s", "##ing")
+BLIP_WORDS = (
+    "a",
+    "photo",
+    "of",
+    "the",
+    "woman",
+    "man",
+    "red",
+    "blue",
+    "green",
+    "square",
+    "in",
+    "with",
+    "hair",
+    "sky",
+    "and",
+    "on",
+    "dog",
+    "cat",
+    "smiling",
+    "standing",
+    "portrait",
+    "wearing",
+    "shirt",
+    "dress",
+    "outdoors",
+    "indoors",
+    "light",
+    "dark",
+    "close",
+    "up",
+    "##s",
+    "##ing",
+)
 
 
 def _bpe_files(folder: Path, specials: list[str], extra: list[str]) -> dict[str, int]:
@@ -164,36 +227,69 @@ def _bpe_files(folder: Path, specials: list[str], extra: list[str]) -> dict[str,
     a few merges, then `extra` tokens."""
     from .models import _byte_symbols
 
-    merges = [("\u0120", "a"), ("p", "h"), ("ph", "o"), ("t", "o"), ("pho", "to"), ("\u0120", "pho"),
-              ("\u0120pho", "to")]
+    merges = [
+        ("\u0120", "a"),
+        ("p", "h"),
+        ("ph", "o"),
+        ("t", "o"),
+        ("pho", "to"),
+        ("\u0120", "pho"),
+        ("\u0120pho", "to"),
+    ]
     vocab: dict[str, int] = {}
     for token in [*specials, *_byte_symbols(), *(a + b for a, b in merges), *extra]:
         vocab.setdefault(token, len(vocab))
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
     return vocab
 
 
 TINY_BLIP = {
-    "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "image_size": 32, "patch_size": 8},
-    "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "max_position_embeddings": 64},
+    "vision": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+    "text": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 64,
+    },
     "vocab_size": None,  # None: just the test words
     "projection_dim": 16,
 }
 # Salesforce/blip-image-captioning-large: ViT-L/16 at 384 px, BERT-base text decoder, 30524 tokens.
 BLIP_LARGE = {
-    "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-               "image_size": 384, "patch_size": 16},
-    "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-             "max_position_embeddings": 512},
+    "vision": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 384,
+        "patch_size": 16,
+    },
+    "text": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 512,
+    },
     "vocab_size": 30524,
     "projection_dim": 512,
 }
 
 
-def write_tiny_blip(folder: str | Path, seed: int = 0, image_size: int | None = None, spec: dict = TINY_BLIP) -> Path:
+def write_tiny_blip(
+    folder: str | Path, seed: int = 0, image_size: int | None = None, spec: dict = TINY_BLIP
+) -> Path:
     """A `BlipForConditionalGeneration` + `BlipProcessor` (BERT WordPiece tokenizer) in `folder`: tiny by
     default, `BLIP_LARGE` for the real BLIP-large sizes (benchmarks); random weights either way."""
     import torch
@@ -215,15 +311,23 @@ def write_tiny_blip(folder: str | Path, seed: int = 0, image_size: int | None = 
     tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]")
     vision = {**spec["vision"], **({"image_size": image_size} if image_size else {})}
     config = BlipConfig(
-        text_config={**spec["text"], "vocab_size": len(words), "encoder_hidden_size": vision["hidden_size"],
-                     "bos_token_id": words.index("[DEC]"), "sep_token_id": words.index("[SEP]"),
-                     "pad_token_id": 0},
-        vision_config=vision, projection_dim=spec["projection_dim"])
+        text_config={
+            **spec["text"],
+            "vocab_size": len(words),
+            "encoder_hidden_size": vision["hidden_size"],
+            "bos_token_id": words.index("[DEC]"),
+            "sep_token_id": words.index("[SEP]"),
+            "pad_token_id": 0,
+        },
+        vision_config=vision,
+        projection_dim=spec["projection_dim"],
+    )
     torch.manual_seed(seed)
     BlipForConditionalGeneration(config).eval().save_pretrained(str(folder))
     size = vision["image_size"]
-    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": size, "width": size}),
-                              tokenizer=tokenizer)
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": size, "width": size}), tokenizer=tokenizer
+    )
     processor.save_pretrained(str(folder))
     return folder
 
@@ -242,54 +346,116 @@ def write_tiny_blip2(folder: str | Path, seed: int = 0, image_size: int = 32) ->
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = _bpe_files(folder, ["<pad>", "</s>", "<unk>"], ["<image>"])
-    tokenizer = GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), bos_token="</s>",
-                              eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                              extra_special_tokens={"image_token": "<image>"})
+    tokenizer = GPT2Tokenizer(
+        str(folder / "vocab.json"),
+        str(folder / "merges.txt"),
+        bos_token="</s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
     queries = 4
     size = len(vocab)
     config = Blip2Config(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                       "image_size": image_size, "patch_size": 8},
-        qformer_config={"vocab_size": size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                        "num_attention_heads": 4, "encoder_hidden_size": 32, "max_position_embeddings": 64},
-        text_config={"model_type": "opt", "vocab_size": size, "hidden_size": 32, "ffn_dim": 64,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 128,
-                     "word_embed_proj_dim": 32, "bos_token_id": vocab["</s>"], "eos_token_id": vocab["</s>"],
-                     "pad_token_id": vocab["<pad>"]},
-        num_query_tokens=queries, image_token_index=vocab["<image>"])
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": image_size,
+            "patch_size": 8,
+        },
+        qformer_config={
+            "vocab_size": size,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "encoder_hidden_size": 32,
+            "max_position_embeddings": 64,
+        },
+        text_config={
+            "model_type": "opt",
+            "vocab_size": size,
+            "hidden_size": 32,
+            "ffn_dim": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 128,
+            "word_embed_proj_dim": 32,
+            "bos_token_id": vocab["</s>"],
+            "eos_token_id": vocab["</s>"],
+            "pad_token_id": vocab["<pad>"],
+        },
+        num_query_tokens=queries,
+        image_token_index=vocab["<image>"],
+    )
     torch.manual_seed(seed)
     Blip2ForConditionalGeneration(config).eval().save_pretrained(str(folder))
-    processor = Blip2Processor(image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
-                               tokenizer=tokenizer, num_query_tokens=queries)
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer,
+        num_query_tokens=queries,
+    )
     processor.save_pretrained(str(folder))
     return folder
 
 
 TINY_FLORENCE2 = {
-    "vision": {"depths": [1, 1, 1, 1], "embed_dim": [16, 16, 32, 32], "num_heads": [2, 2, 4, 4],
-               "num_groups": [2, 2, 4, 4], "window_size": 2, "projection_dim": 32, "max_position_embeddings": 8,
-               "max_temporal_embeddings": 4},
-    "text": {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 4,
-             "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
-             "max_position_embeddings": 128},
+    "vision": {
+        "depths": [1, 1, 1, 1],
+        "embed_dim": [16, 16, 32, 32],
+        "num_heads": [2, 2, 4, 4],
+        "num_groups": [2, 2, 4, 4],
+        "window_size": 2,
+        "projection_dim": 32,
+        "max_position_embeddings": 8,
+        "max_temporal_embeddings": 4,
+    },
+    "text": {
+        "d_model": 32,
+        "encoder_layers": 1,
+        "decoder_layers": 1,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "encoder_ffn_dim": 64,
+        "decoder_ffn_dim": 64,
+        "max_position_embeddings": 128,
+    },
     "vocab_size": None,
     "image_size": 64,
 }
 # Florence-2-large: DaViT (1, 1, 9, 1) x (256, 512, 1024, 2048) at 768 px, BART-large, 51289 tokens.
 FLORENCE2_LARGE = {
-    "vision": {"depths": [1, 1, 9, 1], "embed_dim": [256, 512, 1024, 2048], "num_heads": [8, 16, 32, 64],
-               "num_groups": [8, 16, 32, 64], "window_size": 12, "projection_dim": 1024,
-               "max_position_embeddings": 50, "max_temporal_embeddings": 100},
-    "text": {"d_model": 1024, "encoder_layers": 12, "decoder_layers": 12, "encoder_attention_heads": 16,
-             "decoder_attention_heads": 16, "encoder_ffn_dim": 4096, "decoder_ffn_dim": 4096,
-             "max_position_embeddings": 1024},
+    "vision": {
+        "depths": [1, 1, 9, 1],
+        "embed_dim": [256, 512, 1024, 2048],
+        "num_heads": [8, 16, 32, 64],
+        "num_groups": [8, 16, 32, 64],
+        "window_size": 12,
+        "projection_dim": 1024,
+        "max_position_embeddings": 50,
+        "max_temporal_embeddings": 100,
+    },
+    "text": {
+        "d_model": 1024,
+        "encoder_layers": 12,
+        "decoder_layers": 12,
+        "encoder_attention_heads": 16,
+        "decoder_attention_heads": 16,
+        "encoder_ffn_dim": 4096,
+        "decoder_ffn_dim": 4096,
+        "max_position_embeddings": 1024,
+    },
     "vocab_size": 51289,
     "image_size": 768,
 }
 
 
-def write_tiny_florence2(folder: str | Path, seed: int = 0, image_size: int | None = None,
-                         spec: dict = TINY_FLORENCE2) -> Path:
+def write_tiny_florence2(
+    folder: str | Path, seed: int = 0, image_size: int | None = None, spec: dict = TINY_FLORENCE2
+) -> Path:
     """A `Florence2ForConditionalGeneration` (DaViT + BART) + `Florence2Processor` in `folder`: tiny by
     default, `FLORENCE2_LARGE` for the real Florence-2-large sizes (benchmarks); random weights.
 
@@ -314,21 +480,37 @@ def write_tiny_florence2(folder: str | Path, seed: int = 0, image_size: int | No
         base = len(specials) + 256 + 7 + 2  # specials, bytes, merges, <mask>, <image>
         extra += [f"<filler_{i}>" for i in range(spec["vocab_size"] - base)]
     vocab = _bpe_files(folder, specials, [*extra, "<image>"])
-    tokenizer = BartTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                              extra_special_tokens={"image_token": "<image>"})
+    tokenizer = BartTokenizer(
+        str(folder / "vocab.json"),
+        str(folder / "merges.txt"),
+        extra_special_tokens={"image_token": "<image>"},
+    )
     config = Florence2Config(
         vision_config={**spec["vision"], "drop_path_rate": 0.0},
-        text_config={"model_type": "bart", **spec["text"], "vocab_size": len(vocab),
-                     "bos_token_id": vocab["<s>"], "pad_token_id": vocab["<pad>"], "eos_token_id": vocab["</s>"],
-                     "decoder_start_token_id": vocab["</s>"], "forced_bos_token_id": vocab["<s>"]},
-        image_token_id=vocab["<image>"])
+        text_config={
+            "model_type": "bart",
+            **spec["text"],
+            "vocab_size": len(vocab),
+            "bos_token_id": vocab["<s>"],
+            "pad_token_id": vocab["<pad>"],
+            "eos_token_id": vocab["</s>"],
+            "decoder_start_token_id": vocab["</s>"],
+            "forced_bos_token_id": vocab["<s>"],
+        },
+        image_token_id=vocab["<image>"],
+    )
     torch.manual_seed(seed)
     Florence2ForConditionalGeneration(config).eval().save_pretrained(str(folder))
     image_processor = CLIPImageProcessor(
-        size={"height": image_size, "width": image_size}, crop_size={"height": image_size, "width": image_size},
-        do_center_crop=False, image_seq_length=1 + (image_size // 32) ** 2,
-        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
-    processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer,
-                                   post_processor_config={"pure_text": {}})
+        size={"height": image_size, "width": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=False,
+        image_seq_length=1 + (image_size // 32) ** 2,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    processor = Florence2Processor(
+        image_processor=image_processor, tokenizer=tokenizer, post_processor_config={"pure_text": {}}
+    )
     processor.save_pretrained(str(folder))
     return folder

@@ -17,14 +17,39 @@ STUBS_DIR = Path(__file__).resolve().parent / "comfy_stubs"
 STUB_MODULES = ("folder_paths", "comfy", "comfy.utils", "comfy.model_management", "server")
 
 # Types ComfyUI itself defines (docs/comfyui-contract.md §2.1). Custom types come from charforge.nodes.types.
-CORE_TYPES = frozenset({
-    "INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "IMAGE", "MASK", "LATENT", "CONDITIONING", "MODEL", "CLIP",
-    "VAE", "CONTROL_NET", "CLIP_VISION", "CLIP_VISION_OUTPUT", "STYLE_MODEL", "UPSCALE_MODEL", "AUDIO", "VIDEO",
-    "LORA_MODEL", "LOSS_MAP", "SIGMAS", "SAMPLER", "NOISE", "GUIDER",
-})
+CORE_TYPES = frozenset(
+    {
+        "INT",
+        "FLOAT",
+        "STRING",
+        "BOOLEAN",
+        "COMBO",
+        "IMAGE",
+        "MASK",
+        "LATENT",
+        "CONDITIONING",
+        "MODEL",
+        "CLIP",
+        "VAE",
+        "CONTROL_NET",
+        "CLIP_VISION",
+        "CLIP_VISION_OUTPUT",
+        "STYLE_MODEL",
+        "UPSCALE_MODEL",
+        "AUDIO",
+        "VIDEO",
+        "LORA_MODEL",
+        "LOSS_MAP",
+        "SIGMAS",
+        "SAMPLER",
+        "NOISE",
+        "GUIDER",
+    }
+)
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
-HIDDEN_KINDS = frozenset({"UNIQUE_ID", "PROMPT", "EXTRA_PNGINFO", "DYNPROMPT", "AUTH_TOKEN_COMFY_ORG",
-                          "API_KEY_COMFY_ORG"})
+HIDDEN_KINDS = frozenset(
+    {"UNIQUE_ID", "PROMPT", "EXTRA_PNGINFO", "DYNPROMPT", "AUTH_TOKEN_COMFY_ORG", "API_KEY_COMFY_ORG"}
+)
 
 
 def comfy_module_name(pack_dir: str | os.PathLike) -> str:
@@ -40,8 +65,9 @@ def load_pack_like_comfyui(pack_dir: str | os.PathLike) -> ModuleType:
     """
     pack_dir = Path(pack_dir)
     name = comfy_module_name(pack_dir)
-    spec = importlib.util.spec_from_file_location(name, pack_dir / "__init__.py",
-                                                  submodule_search_locations=[str(pack_dir)])
+    spec = importlib.util.spec_from_file_location(
+        name, pack_dir / "__init__.py", submodule_search_locations=[str(pack_dir)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
@@ -58,7 +84,9 @@ def unload_pack(module: ModuleType) -> None:
         del sys.modules[name]
 
 
-def node_info(node_id: str, cls: type, display_name: str | None = None, python_module: str = "custom_nodes.x"):
+def node_info(
+    node_id: str, cls: type, display_name: str | None = None, python_module: str = "custom_nodes.x"
+):
     """What ComfyUI's GET /object_info returns for a V1 node class."""
     inputs = cls.INPUT_TYPES()
     info = {
@@ -109,10 +137,14 @@ def run_node(cls: type, node_id: str = "1", instance: Any = None, **inputs) -> N
         ui = out.get("ui", {}) or {}
         for key, value in ui.items():
             if not isinstance(value, list):
-                raise AssertionError(f"ui[{key!r}] must be a list (ComfyUI concatenates them), got {type(value)}")
+                raise AssertionError(
+                    f"ui[{key!r}] must be a list (ComfyUI concatenates them), got {type(value)}"
+                )
         result = tuple(out.get("result", ()))
     else:
         ui, result = {}, tuple(out)
     if result and len(result) != len(cls.RETURN_TYPES):
-        raise AssertionError(f"{cls.__name__} returned {len(result)} values for {len(cls.RETURN_TYPES)} outputs")
+        raise AssertionError(
+            f"{cls.__name__} returned {len(result)} values for {len(cls.RETURN_TYPES)} outputs"
+        )
     return NodeRun(result=result, ui=ui)

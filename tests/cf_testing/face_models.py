@@ -49,8 +49,10 @@ ANCHORS = 2
 
 # ArcFace alignment template (insightface's face_align.arcface_dst) for a 112 x 112 crop: left eye, right eye,
 # nose, left and right mouth corner.
-ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                             [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
+)
 
 # Half the box side, in stride units, is HALF_SIZE_BASE + HALF_SIZE_PER_BLUE * blue, with blue the
 # normalised blue value (-1 .. 1): 2.5 .. 5 cells of 16 px, i.e. an 80 .. 160 px box.
@@ -91,7 +93,9 @@ def _save(graph: _Graph, inputs: list, outputs: list, path: Path, name: str) -> 
 
     model = helper.make_model(
         helper.make_graph(graph.nodes, name, inputs, outputs, initializer=graph.initializers),
-        opset_imports=[helper.make_opsetid("", OPSET)], producer_name="charforge-tests")
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="charforge-tests",
+    )
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +122,9 @@ def build_planted_face_detector(path: str | Path) -> Path:
     directions = _keypoint_directions()
     scores, boxes, keypoints = [], [], []
     for stride in STRIDES:
-        pooled = g.node("AveragePool", [x], f"pool{stride}", kernel_shape=[stride, stride], strides=[stride, stride])
+        pooled = g.node(
+            "AveragePool", [x], f"pool{stride}", kernel_shape=[stride, stride], strides=[stride, stride]
+        )
         live = stride == FACE_STRIDE
         if live:
             w_score = np.tile(np.array([SCORE_GAIN, -SCORE_GAIN, 0.0], np.float32), (ANCHORS, 1))
@@ -126,23 +132,42 @@ def build_planted_face_detector(path: str | Path) -> Path:
         else:  # these strides never fire
             w_score = np.zeros((ANCHORS, 3), np.float32)
             b_score = np.full(ANCHORS, -30.0, np.float32)
-        half_w = np.tile(HALF_SIZE_PER_BLUE * blue, (ANCHORS * 4, 1)) if live else np.zeros((ANCHORS * 4, 3), np.float32)
+        half_w = (
+            np.tile(HALF_SIZE_PER_BLUE * blue, (ANCHORS * 4, 1))
+            if live
+            else np.zeros((ANCHORS * 4, 3), np.float32)
+        )
         half_b = np.full(ANCHORS * 4, HALF_SIZE_BASE if live else 1.0, np.float32)
-        kps_w = np.concatenate([np.outer(directions, HALF_SIZE_PER_BLUE * blue)] * ANCHORS) if live \
+        kps_w = (
+            np.concatenate([np.outer(directions, HALF_SIZE_PER_BLUE * blue)] * ANCHORS)
+            if live
             else np.zeros((ANCHORS * 10, 3), np.float32)
+        )
         kps_b = np.tile(directions * HALF_SIZE_BASE, ANCHORS) if live else np.zeros(ANCHORS * 10, np.float32)
-        for kind, weight, bias, width, sink in (("score", w_score, b_score, 1, scores), ("bbox", half_w, half_b, 4, boxes),
-                                                ("kps", kps_w, kps_b, 10, keypoints)):
-            conv = g.node("Conv", [pooled, g.const(f"{kind}{stride}.weight", weight.reshape(-1, 3, 1, 1).astype(np.float32)),
-                                   g.const(f"{kind}{stride}.bias", bias.astype(np.float32))], f"{kind}{stride}.conv")
+        for kind, weight, bias, width, sink in (
+            ("score", w_score, b_score, 1, scores),
+            ("bbox", half_w, half_b, 4, boxes),
+            ("kps", kps_w, kps_b, 10, keypoints),
+        ):
+            conv = g.node(
+                "Conv",
+                [
+                    pooled,
+                    g.const(f"{kind}{stride}.weight", weight.reshape(-1, 3, 1, 1).astype(np.float32)),
+                    g.const(f"{kind}{stride}.bias", bias.astype(np.float32)),
+                ],
+                f"{kind}{stride}.conv",
+            )
             if kind == "score":
                 conv = g.node("Sigmoid", [conv], f"{kind}{stride}.sigmoid")
             nhwc = g.node("Transpose", [conv], f"{kind}{stride}.nhwc", perm=[0, 2, 3, 1])
             shape = g.const(f"{kind}{stride}.shape", np.array([-1, width], np.int64), trainable=False)
             sink.append((g.node("Reshape", [nhwc, shape], f"{kind}_{stride}"), width))
     inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 3, "height", "width"])]
-    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"n{name.split('_')[1]}", width])
-               for name, width in scores + boxes + keypoints]
+    outputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"n{name.split('_')[1]}", width])
+        for name, width in scores + boxes + keypoints
+    ]
     return _save(g, inputs, outputs, Path(path), "planted_face_detector")
 
 
@@ -151,20 +176,33 @@ def build_planted_face_detector(path: str | Path) -> Path:
 
 
 def _bn(g: _Graph, x: str, name: str, channels: int) -> str:
-    return g.node("BatchNormalization", [
-        x,
-        g.const(f"{name}.weight", np.ones(channels, np.float32)),
-        g.const(f"{name}.bias", np.zeros(channels, np.float32)),
-        g.const(f"{name}.running_mean", np.zeros(channels, np.float32), trainable=False),
-        g.const(f"{name}.running_var", np.ones(channels, np.float32), trainable=False),
-    ], name, epsilon=1e-5)
+    return g.node(
+        "BatchNormalization",
+        [
+            x,
+            g.const(f"{name}.weight", np.ones(channels, np.float32)),
+            g.const(f"{name}.bias", np.zeros(channels, np.float32)),
+            g.const(f"{name}.running_mean", np.zeros(channels, np.float32), trainable=False),
+            g.const(f"{name}.running_var", np.ones(channels, np.float32), trainable=False),
+        ],
+        name,
+        epsilon=1e-5,
+    )
 
 
 def _conv(g: _Graph, x: str, name: str, rng, c_in: int, c_out: int, kernel: int, stride: int) -> str:
-    weight = rng.normal(0.0, np.sqrt(2.0 / (c_in * kernel * kernel)), (c_out, c_in, kernel, kernel)).astype(np.float32)
+    weight = rng.normal(0.0, np.sqrt(2.0 / (c_in * kernel * kernel)), (c_out, c_in, kernel, kernel)).astype(
+        np.float32
+    )
     pad = kernel // 2
-    return g.node("Conv", [x, g.const(f"{name}.weight", weight)], name, kernel_shape=[kernel, kernel],
-                  strides=[stride, stride], pads=[pad, pad, pad, pad])
+    return g.node(
+        "Conv",
+        [x, g.const(f"{name}.weight", weight)],
+        name,
+        kernel_shape=[kernel, kernel],
+        strides=[stride, stride],
+        pads=[pad, pad, pad, pad],
+    )
 
 
 def _prelu(g: _Graph, x: str, name: str, channels: int) -> str:
@@ -217,11 +255,17 @@ def build_iresnet_onnx(path: str | Path, spec: IResNetSpec = IRESNET50, seed: in
     side = spec.input_size // 16
     fc_in = c_in * side * side
     fc_weight = rng.normal(0.0, np.sqrt(1.0 / fc_in), (spec.embedding_size, fc_in)).astype(np.float32)
-    out = g.node("Gemm", [out, g.const("fc.weight", fc_weight),
-                          g.const("fc.bias", np.zeros(spec.embedding_size, np.float32))], "fc", transB=1)
+    out = g.node(
+        "Gemm",
+        [out, g.const("fc.weight", fc_weight), g.const("fc.bias", np.zeros(spec.embedding_size, np.float32))],
+        "fc",
+        transB=1,
+    )
     out = _bn(g, out, "features", spec.embedding_size)
     g.nodes[-1].output[0] = "embedding"
-    inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", 3, spec.input_size, spec.input_size])]
+    inputs = [
+        helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", 3, spec.input_size, spec.input_size])
+    ]
     outputs = [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", spec.embedding_size])]
     return _save(g, inputs, outputs, Path(path), "iresnet"), g.params
 
@@ -230,8 +274,9 @@ def build_iresnet_onnx(path: str | Path, spec: IResNetSpec = IRESNET50, seed: in
 # Packs and test images
 
 
-def write_face_pack(insightface_dir: str | Path, pack: str = "buffalo_l", seed: int = 0,
-                    nested: bool = False) -> Path:
+def write_face_pack(
+    insightface_dir: str | Path, pack: str = "buffalo_l", seed: int = 0, nested: bool = False
+) -> Path:
     """Write detector + tiny recogniser into ``<insightface_dir>/models/<pack>/`` and return that folder.
 
     With `nested`, the files go one level deeper (``<pack>/<pack>/``), as the antelopev2 archive unpacks.
@@ -244,8 +289,13 @@ def write_face_pack(insightface_dir: str | Path, pack: str = "buffalo_l", seed: 
     return folder.parent if nested else folder
 
 
-def face_image(size: tuple[int, int] = (320, 320), faces: tuple[tuple[int, int, int], ...] = ((160, 160, 128),),
-               person: int = 0, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+def face_image(
+    size: tuple[int, int] = (320, 320),
+    faces: tuple[tuple[int, int, int], ...] = ((160, 160, 128),),
+    person: int = 0,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> np.ndarray:
     """An RGB uint8 image with planted faces for the detector above.
 
     `faces` holds (x, y, blue) per face: the top-left corner of its 16 x 16 red cell (multiples of 16 keep
@@ -261,7 +311,7 @@ def face_image(size: tuple[int, int] = (320, 320), faces: tuple[tuple[int, int, 
         image += np.random.default_rng(seed).normal(0.0, noise, image.shape)
     image = np.clip(image, 0, 255).astype(np.uint8)
     for x, y, blue in faces:
-        image[y:y + 16, x:x + 16] = (255, 0, blue)
+        image[y : y + 16, x : x + 16] = (255, 0, blue)
     return image
 
 
@@ -276,14 +326,31 @@ def blank_image(size: tuple[int, int] = (320, 320), value: int = 90) -> np.ndarr
 
 # ViT-L/14 (openai/clip-vit-large-patch14): the architecture the CLIP-score benchmark measures.
 CLIP_VIT_L14 = {
-    "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-               "patch_size": 14, "image_size": 224},
-    "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "vision": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "patch_size": 14,
+        "image_size": 224,
+    },
+    "text": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+    },
     "projection_dim": 768,
 }
 TINY_CLIP = {
-    "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "patch_size": 8, "image_size": 32},
+    "vision": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "patch_size": 8,
+        "image_size": 32,
+    },
     "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
     "projection_dim": 16,
 }
@@ -296,10 +363,17 @@ def clip_config(spec: dict = TINY_CLIP):
     from .models import TINY_VOCAB_SIZE, tiny_clip_vocab
 
     vocab = tiny_clip_vocab()
-    text = {**spec["text"], "vocab_size": TINY_VOCAB_SIZE, "max_position_embeddings": 77,
-            "bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"],
-            "pad_token_id": vocab["<|endoftext|>"]}
-    return CLIPConfig(text_config=text, vision_config=dict(spec["vision"]), projection_dim=spec["projection_dim"])
+    text = {
+        **spec["text"],
+        "vocab_size": TINY_VOCAB_SIZE,
+        "max_position_embeddings": 77,
+        "bos_token_id": vocab["<|startoftext|>"],
+        "eos_token_id": vocab["<|endoftext|>"],
+        "pad_token_id": vocab["<|endoftext|>"],
+    }
+    return CLIPConfig(
+        text_config=text, vision_config=dict(spec["vision"]), projection_dim=spec["projection_dim"]
+    )
 
 
 def write_clip_folder(directory: str | Path, spec: dict = TINY_CLIP, seed: int = 0) -> Path:
@@ -317,10 +391,18 @@ def write_clip_folder(directory: str | Path, spec: dict = TINY_CLIP, seed: int =
     model.save_pretrained(str(directory))
     write_tiny_clip_tokenizer(directory)
     size = spec["vision"]["image_size"]
-    preprocessor = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
-                    "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
-                    "rescale_factor": 1 / 255, "do_normalize": True, "resample": 3,
-                    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                    "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    preprocessor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": size},
+        "do_center_crop": True,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "resample": 3,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+    }
     (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     return directory

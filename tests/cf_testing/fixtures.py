@@ -63,8 +63,11 @@ def comfy_env(tmp_path):
             # Same order as ComfyUI's main.hijack_progress: interrupt check first, then the message.
             model_management.throw_exception_if_processing_interrupted()
             env.progress.append(ProgressCall(value, total, node_id, preview))
-            server.send_sync("progress", {"value": value, "max": total, "prompt_id": prompt_id, "node": node_id},
-                             server.client_id)
+            server.send_sync(
+                "progress",
+                {"value": value, "max": total, "prompt_id": prompt_id, "node": node_id},
+                server.client_id,
+            )
 
         utils.set_progress_bar_global_hook(hook)
         bridge.reset()

@@ -14,7 +14,14 @@ def pick_modules(arch: str, every: int = 23) -> list[formats.ModuleEntry]:
     """A spread of real layers: attention linears, convs (3x3 and 1x1), text-encoder linears."""
     entries = list(formats.module_table(arch).entries.values())
     chosen = entries[::every]
-    for wanted in ("attn2.to_k", "attn1.to_out.0", "resnets.0.conv1", "proj_in", "self_attn.q_proj", "mlp.fc2"):
+    for wanted in (
+        "attn2.to_k",
+        "attn1.to_out.0",
+        "resnets.0.conv1",
+        "proj_in",
+        "self_attn.q_proj",
+        "mlp.fc2",
+    ):
         chosen += [e for e in entries if e.name.endswith(wanted)][:1]
     if arch == "sdxl":
         chosen += [e for e in entries if e.component == "te2"][:2]
@@ -22,8 +29,16 @@ def pick_modules(arch: str, every: int = 23) -> list[formats.ModuleEntry]:
     return list(unique.values())
 
 
-def random_state(arch: str, seed: int = 0, rank: int = 3, width: int = 6, alpha: float | None = 1.5,
-                 every: int = 23, full_size: bool = False, dtype=torch.float32) -> LoraState:
+def random_state(
+    arch: str,
+    seed: int = 0,
+    rank: int = 3,
+    width: int = 6,
+    alpha: float | None = 1.5,
+    every: int = 23,
+    full_size: bool = False,
+    dtype=torch.float32,
+) -> LoraState:
     """A LoRA on real layer names; tensors are `width` wide unless `full_size` (the model's real shapes)."""
     generator = torch.Generator().manual_seed(seed)
     modules = {}
@@ -66,10 +81,21 @@ def trained_loras(tiny_sd15, tiny_sdxl, tmp_path_factory):
         with torch.no_grad():
             for param in network.parameters():
                 param.add_(0.2 * torch.randn(param.shape, generator=generator))
-        metadata = lora_metadata(arch=model.arch, settings=settings, title=f"alice-{model.arch}",
-                                 trigger_phrase="sks person", resolution=(64, 64),
-                                 training={"learning_rate": 1e-4, "steps": 10, "optimizer": "AdamW"},
-                                 tag_frequency=TRAINED_TAGS)
-        out[model.arch] = export_lora(folder / f"{model.arch}.safetensors", network, model.arch, model.unet_config,
-                                      metadata, dtype=torch.float32)
+        metadata = lora_metadata(
+            arch=model.arch,
+            settings=settings,
+            title=f"alice-{model.arch}",
+            trigger_phrase="sks person",
+            resolution=(64, 64),
+            training={"learning_rate": 1e-4, "steps": 10, "optimizer": "AdamW"},
+            tag_frequency=TRAINED_TAGS,
+        )
+        out[model.arch] = export_lora(
+            folder / f"{model.arch}.safetensors",
+            network,
+            model.arch,
+            model.unet_config,
+            metadata,
+            dtype=torch.float32,
+        )
     return out

@@ -34,9 +34,21 @@ END_TOKEN = "<|endoftext|>"
 
 # A few merges, enough to exercise multi-character tokens ("a photo of sks person" -> a, photo, of, sks, ...).
 TINY_MERGES = (
-    ("t", "h"), ("th", "e</w>"), ("i", "n"), ("in", "g</w>"), ("a", "n"), ("an", "d</w>"),
-    ("o", "f</w>"), ("o", "n</w>"), ("e", "r</w>"), ("p", "h"), ("ph", "o"), ("t", "o</w>"),
-    ("pho", "to</w>"), ("s", "k"), ("sk", "s</w>"),
+    ("t", "h"),
+    ("th", "e</w>"),
+    ("i", "n"),
+    ("in", "g</w>"),
+    ("a", "n"),
+    ("an", "d</w>"),
+    ("o", "f</w>"),
+    ("o", "n</w>"),
+    ("e", "r</w>"),
+    ("p", "h"),
+    ("ph", "o"),
+    ("t", "o</w>"),
+    ("pho", "to</w>"),
+    ("s", "k"),
+    ("sk", "s</w>"),
 )
 
 
@@ -46,7 +58,11 @@ def _byte_symbols() -> list[str]:
     Printable Latin-1 bytes stand for themselves; the others (controls, space, ...) are shifted to
     code points from 256 up so that every byte has a visible, non-whitespace symbol.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     shifted = [b for b in range(256) if b not in printable]
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(shifted))]
 
@@ -58,7 +74,9 @@ def tiny_clip_vocab() -> dict[str, int]:
     highest id, so the legacy argmax pooling of ``CLIPTextModel`` finds the end token.
     """
     symbols = _byte_symbols()
-    tokens = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in TINY_MERGES] + [START_TOKEN, END_TOKEN]
+    tokens = (
+        symbols + [s + "</w>" for s in symbols] + [a + b for a, b in TINY_MERGES] + [START_TOKEN, END_TOKEN]
+    )
     return {token: i for i, token in enumerate(tokens)}
 
 
@@ -73,11 +91,17 @@ def write_tiny_clip_tokenizer(directory: str | Path, pad_token: str = END_TOKEN)
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps(tiny_clip_vocab(), ensure_ascii=False, indent=1),
-                                          encoding="utf-8")
+    (directory / "vocab.json").write_text(
+        json.dumps(tiny_clip_vocab(), ensure_ascii=False, indent=1), encoding="utf-8"
+    )
     merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in TINY_MERGES)
     (directory / "merges.txt").write_text(merges, encoding="utf-8")
-    special = {"bos_token": START_TOKEN, "eos_token": END_TOKEN, "unk_token": END_TOKEN, "pad_token": pad_token}
+    special = {
+        "bos_token": START_TOKEN,
+        "eos_token": END_TOKEN,
+        "unk_token": END_TOKEN,
+        "pad_token": pad_token,
+    }
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     config = {
         **special,
@@ -94,14 +118,25 @@ def write_tiny_clip_tokenizer(directory: str | Path, pad_token: str = END_TOKEN)
 # --------------------------------------------------------------------------------------------------
 # Shrunken configs (docs/model-configs.md §10.2): same block types and key names, narrow widths.
 
-_SCHEDULER_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                    "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1}
+_SCHEDULER_BETAS = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+}
 
 TINY_SD15_UNET = {
     "sample_size": 16,
     "in_channels": 4,
     "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     "block_out_channels": [32, 64, 64, 64],
     "layers_per_block": 2,
@@ -315,8 +350,12 @@ def build_tiny_sdxl(directory: str | Path, seed: int = 0) -> TinyPipeline:
         tokenizer=_tokenizer(),
         tokenizer_2=_tokenizer(pad_token="!"),
         unet=_unet(TINY_SDXL_UNET, seed),
-        scheduler=EulerDiscreteScheduler(**_SCHEDULER_BETAS, interpolation_type="linear",
-                                         timestep_spacing="leading", use_karras_sigmas=False),
+        scheduler=EulerDiscreteScheduler(
+            **_SCHEDULER_BETAS,
+            interpolation_type="linear",
+            timestep_spacing="leading",
+            use_karras_sigmas=False,
+        ),
         force_zeros_for_empty_prompt=True,
     )
     return _save(pipe, directory, "sdxl", TINY_SDXL_UNET, TINY_CLIP_L, TINY_CLIP_G)
@@ -328,13 +367,25 @@ def _save(pipe, directory: Path, kind: str, unet_config: dict, te_config: dict, 
     _replace_tokenizer_folder(diffusers_dir / "tokenizer", END_TOKEN)
     if te2_config is not None:
         _replace_tokenizer_folder(diffusers_dir / "tokenizer_2", "!")
-    single_file = save_single_file(diffusers_dir, directory / f"tiny_{kind}.safetensors",
-                                   metadata={"charforge.test_model": f"tiny_{kind}"})
-    return TinyPipeline(kind, diffusers_dir, single_file, dict(unet_config), dict(TINY_VAE), dict(te_config),
-                        dict(te2_config) if te2_config else None)
+    single_file = save_single_file(
+        diffusers_dir,
+        directory / f"tiny_{kind}.safetensors",
+        metadata={"charforge.test_model": f"tiny_{kind}"},
+    )
+    return TinyPipeline(
+        kind,
+        diffusers_dir,
+        single_file,
+        dict(unet_config),
+        dict(TINY_VAE),
+        dict(te_config),
+        dict(te2_config) if te2_config else None,
+    )
 
 
-def build_sd15_comfy_checkpoint(path: str | Path, seed: int = 0, text_encoder_layers: int = 12) -> ComfyCheckpoint:
+def build_sd15_comfy_checkpoint(
+    path: str | Path, seed: int = 0, text_encoder_layers: int = 12
+) -> ComfyCheckpoint:
     """A single-file SD1.5 that ComfyUI's ``CheckpointLoaderSimple`` loads and detects as SD1.5.
 
     U-Net at full width but two levels with one res block each (`SD15_COMFY_UNET`), the full-size VAE
@@ -349,10 +400,15 @@ def build_sd15_comfy_checkpoint(path: str | Path, seed: int = 0, text_encoder_la
     unet = _unet(SD15_COMFY_UNET, seed)
     vae = _vae(SD15_VAE, seed + 1, scaling_factor=0.18215)
     text_encoder = _text_encoder({**CLIP_L, "num_hidden_layers": text_encoder_layers}, False, seed + 2)
-    state_dict = pipeline_to_single_file_state_dict(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(),
-                                                    unet_config=dict(unet.config))
+    state_dict = pipeline_to_single_file_state_dict(
+        unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), unet_config=dict(unet.config)
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.float16).contiguous() for k, v in state_dict.items()}, str(path),
-              metadata={"charforge.test_model": "sd15_comfy"})
-    return ComfyCheckpoint(path, path.stat().st_size, time.perf_counter() - start, dict(SD15_COMFY_UNET),
-                           text_encoder_layers)
+    save_file(
+        {k: v.to(torch.float16).contiguous() for k, v in state_dict.items()},
+        str(path),
+        metadata={"charforge.test_model": "sd15_comfy"},
+    )
+    return ComfyCheckpoint(
+        path, path.stat().st_size, time.perf_counter() - start, dict(SD15_COMFY_UNET), text_encoder_layers
+    )

@@ -15,7 +15,9 @@ import numpy as np
 from PIL import Image
 
 
-def synthetic_photo(seed: int, size=(1200, 900), faces=((0.5, 0.4, 0),), marker: str = "ellipse") -> np.ndarray:
+def synthetic_photo(
+    seed: int, size=(1200, 900), faces=((0.5, 0.4, 0),), marker: str = "ellipse"
+) -> np.ndarray:
     """An RGB uint8 'photo': smooth colour field, a few shapes, grain, and face markers.
 
     `faces`: (x, y, person) per marker, x and y as shares of the width and height. `marker`: "ellipse"
@@ -44,8 +46,13 @@ def synthetic_photo(seed: int, size=(1200, 900), faces=((0.5, 0.4, 0),), marker:
         axes = (int(0.05 * width), int(0.09 * height))
         cv2.ellipse(image, centre, axes, 0, 0, 360, (0, 0, 0), -1)
         if person:
-            cv2.rectangle(image, (centre[0] - axes[0] // 2, centre[1] - 4), (centre[0] + axes[0] // 2, centre[1] + 4),
-                          (255, 255, 255), -1)
+            cv2.rectangle(
+                image,
+                (centre[0] - axes[0] // 2, centre[1] - 4),
+                (centre[0] + axes[0] // 2, centre[1] + 4),
+                (255, 255, 255),
+                -1,
+            )
     return image
 
 
@@ -55,9 +62,9 @@ def _draw_cell_face(image: np.ndarray, centre: tuple[int, int], person: int) -> 
     x, y = (centre[0] // 32) * 32, (centre[1] // 32) * 32
     texture = np.kron(face_image(size=(160, 160), faces=(), person=person), np.ones((2, 2, 1), np.uint8))
     top, left = max(y - 160, 0), max(x - 160, 0)
-    patch = texture[top - (y - 160):, left - (x - 160):][: image.shape[0] - top, : image.shape[1] - left]
-    image[top:top + patch.shape[0], left:left + patch.shape[1]] = patch
-    image[y:y + 32, x:x + 32] = (255, 0, 0)
+    patch = texture[top - (y - 160) :, left - (x - 160) :][: image.shape[0] - top, : image.shape[1] - left]
+    image[top : top + patch.shape[0], left : left + patch.shape[1]] = patch
+    image[y : y + 32, x : x + 32] = (255, 0, 0)
 
 
 def save_image(path: Path, rgb: np.ndarray, **options) -> Path:
@@ -96,7 +103,9 @@ def make_planted_folder(folder: Path, marker: str = "ellipse") -> Path:
     save_image(folder / "someone_else.jpg", photo(23, faces=((0.5, 0.4, 1),)), quality=95)
     # Unicode names, including the caption sidecar the loader should pick up.
     save_image(folder / "Élodie_été_写真.jpg", photo(24), quality=95)
-    (folder / "Élodie_été_写真.txt").write_text("smiling at the beach, ohwx\nsecond line ignored\n", encoding="utf-8")
+    (folder / "Élodie_été_写真.txt").write_text(
+        "smiling at the beach, ohwx\nsecond line ignored\n", encoding="utf-8"
+    )
     # Non-RGB PNGs: alpha (transparent border), palette, greyscale, 16-bit greyscale.
     rgba = np.dstack([photo(25), np.full((size[1], size[0]), 255, np.uint8)])
     rgba[:60, :, 3] = 0

@@ -64,8 +64,9 @@ class RunningComfyUI:
             return json.loads(response.read())
 
     def post(self, path: str, payload: dict, timeout: float = 30):
-        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
             return json.loads(body) if body else None
@@ -92,8 +93,14 @@ class RunningComfyUI:
                 self.process.wait()
 
 
-def start_comfyui(comfy: Path, base_dir: Path, python: str | None = None, timeout: float = 240,
-                  extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> RunningComfyUI:
+def start_comfyui(
+    comfy: Path,
+    base_dir: Path,
+    python: str | None = None,
+    timeout: float = 240,
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> RunningComfyUI:
     """Start ComfyUI on a free loopback port and wait until /system_stats answers."""
     # ComfyUI 0.3.64 crashes at start when <base>/custom_nodes is missing, and keeps its database in its
     # own folder unless told otherwise.
@@ -102,9 +109,20 @@ def start_comfyui(comfy: Path, base_dir: Path, python: str | None = None, timeou
     port = free_port()
     log_path = base_dir / "comfyui.log"
     log_file = open(log_path, "w")  # noqa: SIM115 - stays open for the server's lifetime
-    command = [python or comfyui_python(comfy), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-               "--base-directory", str(base_dir),
-               "--database-url", f"sqlite:///{base_dir / 'user' / 'comfyui.db'}", *extra_args]
+    command = [
+        python or comfyui_python(comfy),
+        "main.py",
+        "--cpu",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--base-directory",
+        str(base_dir),
+        "--database-url",
+        f"sqlite:///{base_dir / 'user' / 'comfyui.db'}",
+        *extra_args,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     process = subprocess.Popen(command, cwd=comfy, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     server = RunningComfyUI(f"http://127.0.0.1:{port}", base_dir, log_path, process)

@@ -16,7 +16,8 @@ RECORDED = STUBS_DIR.parent / "stub_scenario.comfyui-0.3.64.json"
 
 def run_scenario(python: str, module_root: str, workdir, cwd=None) -> dict:
     env = dict(os.environ, PYTHONPATH=module_root)
-    result = subprocess.run([python, str(SCENARIO), str(workdir)], capture_output=True, text=True, env=env,
-                            cwd=cwd, timeout=300)
+    result = subprocess.run(
+        [python, str(SCENARIO), str(workdir)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -33,7 +33,10 @@ def main(workdir: str) -> dict:
         try:
             record[name] = fn()
         except Exception as exc:  # noqa: BLE001 - the record compares exception types and messages
-            record[name] = {"raised": type(exc).__name__, "message": str(exc).replace(workdir, "<W>").replace(os.path.dirname(workdir), "<P>")}
+            record[name] = {
+                "raised": type(exc).__name__,
+                "message": str(exc).replace(workdir, "<W>").replace(os.path.dirname(workdir), "<P>"),
+            }
 
     # --- folder registry: a new key, as the pack registers its folders
     models = os.path.join(workdir, "models")
@@ -41,8 +44,12 @@ def main(workdir: str) -> dict:
     extra = os.path.join(workdir, "shared", "motion")
     for folder in (motion, os.path.join(motion, "sub"), extra):
         os.makedirs(folder, exist_ok=True)
-    for path in (os.path.join(motion, "mm_v2.ckpt"), os.path.join(motion, "sub", "v3.safetensors"),
-                 os.path.join(motion, "readme.txt"), os.path.join(extra, "shared.pth")):
+    for path in (
+        os.path.join(motion, "mm_v2.ckpt"),
+        os.path.join(motion, "sub", "v3.safetensors"),
+        os.path.join(motion, "readme.txt"),
+        os.path.join(extra, "shared.pth"),
+    ):
         with open(path, "wb") as fh:
             fh.write(b"x")
     shared_set = folder_paths.supported_pt_extensions
@@ -77,7 +84,9 @@ def main(workdir: str) -> dict:
         open(os.path.join(out, name), "wb").close()
     folder, filename, counter, subfolder, prefix = folder_paths.get_save_image_path("ComfyUI", out, 64, 64)
     record["save"] = [rel(folder), filename, counter, subfolder, prefix]
-    folder, filename, counter, subfolder, prefix = folder_paths.get_save_image_path("video/clip_%width%", out, 32, 16)
+    folder, filename, counter, subfolder, prefix = folder_paths.get_save_image_path(
+        "video/clip_%width%", out, 32, 16
+    )
     record["save_sub"] = [rel(folder), filename, counter, subfolder, prefix]
     attempt("save_escape", lambda: folder_paths.get_save_image_path("../../evil", out)[2])
 

@@ -63,12 +63,18 @@ def build_swapper_onnx(path: str | Path, mode: str = "random", seed: int = 0) ->
         helper.make_node("Clip", ["styled", "clip.min", "clip.max"], ["output"]),
     ]
     graph = helper.make_graph(
-        nodes, "tiny_inswapper",
-        [helper.make_tensor_value_info("target", TensorProto.FLOAT, [1, 3, 128, 128]),
-         helper.make_tensor_value_info("source", TensorProto.FLOAT, [1, 512])],
+        nodes,
+        "tiny_inswapper",
+        [
+            helper.make_tensor_value_info("target", TensorProto.FLOAT, [1, 3, 128, 128]),
+            helper.make_tensor_value_info("source", TensorProto.FLOAT, [1, 512]),
+        ],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 128, 128])],
-        initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="charforge-tests")
+        initializers,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="charforge-tests"
+    )
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     path = Path(path)
@@ -89,24 +95,50 @@ def restorer_network(kind: str, seed: int = 0, full_size: bool = False):
     if kind == "GFPGAN":
         from spandrel.architectures.GFPGAN import GFPGAN
 
-        return GFPGAN(out_size=512, num_style_feat=512, channel_multiplier=2, decoder_load_path=None,
-                      fix_decoder=False, num_mlp=8, input_is_latent=True, different_w=True, narrow=1, sft_half=True)
+        return GFPGAN(
+            out_size=512,
+            num_style_feat=512,
+            channel_multiplier=2,
+            decoder_load_path=None,
+            fix_decoder=False,
+            num_mlp=8,
+            input_is_latent=True,
+            different_w=True,
+            narrow=1,
+            sft_half=True,
+        )
     if kind == "RestoreFormer":
         from spandrel.architectures.RestoreFormer import RestoreFormer
 
         if full_size:
             return RestoreFormer()  # spandrel's defaults are the released RestoreFormer.pth's sizes
-        return RestoreFormer(n_embed=64, embed_dim=32, ch=32, ch_mult=(1, 1, 1, 1, 1, 1), num_res_blocks=1,
-                             z_channels=32, head_size=2)
+        return RestoreFormer(
+            n_embed=64,
+            embed_dim=32,
+            ch=32,
+            ch_mult=(1, 1, 1, 1, 1, 1),
+            num_res_blocks=1,
+            z_channels=32,
+            head_size=2,
+        )
     if kind == "CodeFormer":
         from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
 
-        return CodeFormer(dim_embd=512, n_head=8, n_layers=9 if full_size else 1, codebook_size=1024, latent_size=256,
-                          connect_list=["32", "64", "128", "256"], fix_modules=["quantize", "generator"])
+        return CodeFormer(
+            dim_embd=512,
+            n_head=8,
+            n_layers=9 if full_size else 1,
+            codebook_size=1024,
+            latent_size=256,
+            connect_list=["32", "64", "128", "256"],
+            fix_modules=["quantize", "generator"],
+        )
     raise ValueError(f"unknown restorer {kind!r}; one of {RESTORERS}")
 
 
-def build_restorer(path: str | Path, kind: str, seed: int = 0, half: bool = True, full_size: bool = False) -> Path:
+def build_restorer(
+    path: str | Path, kind: str, seed: int = 0, half: bool = True, full_size: bool = False
+) -> Path:
     """Save a random-weight `kind` restorer as a released ``.pth`` holds it ({"params_ema": state dict}).
 
     `half` stores floating-point tensors as float16 (half the file; spandrel loads them into a float32 model).
@@ -114,16 +146,19 @@ def build_restorer(path: str | Path, kind: str, seed: int = 0, half: bool = True
     import torch
 
     network = restorer_network(kind, seed, full_size)
-    state = {key: (value.detach().half() if half and value.is_floating_point() else value.detach()).clone()
-             for key, value in network.state_dict().items()}
+    state = {
+        key: (value.detach().half() if half and value.is_floating_point() else value.detach()).clone()
+        for key, value in network.state_dict().items()
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"params_ema": state}, path)
     return path
 
 
-def build_upscaler(path: str | Path, scale: int = 4, num_filters: int = 8, num_blocks: int = 1,
-                   seed: int = 0) -> Path:
+def build_upscaler(
+    path: str | Path, scale: int = 4, num_filters: int = 8, num_blocks: int = 1, seed: int = 0
+) -> Path:
     """Save a random-weight ESRGAN (RRDB, original key layout) upscaler as ``.safetensors`` or ``.pth``."""
     import torch
     from spandrel.architectures.ESRGAN import ESRGAN

@@ -60,8 +60,9 @@ def tiny_motion_config(version: str) -> dict:
     }
 
 
-def build_tiny_motion_module(directory: str | Path, version: str = "v3", seed: int = 0,
-                             ckpt: bool = False) -> TinyMotionModule:
+def build_tiny_motion_module(
+    directory: str | Path, version: str = "v3", seed: int = 0, ckpt: bool = False
+) -> TinyMotionModule:
     """Build, randomise and write one tiny motion module (well under a second)."""
     from diffusers import MotionAdapter
 
@@ -75,8 +76,12 @@ def build_tiny_motion_module(directory: str | Path, version: str = "v3", seed: i
                 if name.endswith("proj_out.weight"):
                     param.normal_(0.0, 0.2)
     state = adapter.state_dict()
-    original = save_motion_module(state, directory / f"tiny_mm_{version}.safetensors", "original",
-                                  metadata={"charforge.test_model": f"tiny_mm_{version}"})
+    original = save_motion_module(
+        state,
+        directory / f"tiny_mm_{version}.safetensors",
+        "original",
+        metadata={"charforge.test_model": f"tiny_mm_{version}"},
+    )
     ckpt_path = None
     if ckpt:
         ckpt_path = directory / f"tiny_mm_{version}.ckpt"
@@ -86,8 +91,9 @@ def build_tiny_motion_module(directory: str | Path, version: str = "v3", seed: i
     return TinyMotionModule(version, original, ckpt_path, folder, config)
 
 
-def build_tiny_motion_lora(path: str | Path, module: TinyMotionModule, rank: int = 4, seed: int = 0,
-                           scale: float = 0.5) -> Path:
+def build_tiny_motion_lora(
+    path: str | Path, module: TinyMotionModule, rank: int = 4, seed: int = 0, scale: float = 0.5
+) -> Path:
     """A motion LoRA in the original AnimateDiff format for `module` (every temporal attention projection)."""
     from diffusers import MotionAdapter
     from safetensors.torch import save_file
@@ -96,19 +102,27 @@ def build_tiny_motion_lora(path: str | Path, module: TinyMotionModule, rank: int
     tensors = {}
     generator = torch.Generator().manual_seed(seed)
     for name, layer in adapter.named_modules():
-        if isinstance(layer, torch.nn.Linear) and ".attn" in name and name.rsplit(".", 1)[-1] in ("to_q", "to_k",
-                                                                                                    "to_v", "0"):
+        if (
+            isinstance(layer, torch.nn.Linear)
+            and ".attn" in name
+            and name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0")
+        ):
             out_features, in_features = layer.weight.shape
-            tensors[f"unet.{name}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * scale
-            tensors[f"unet.{name}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * scale
+            tensors[f"unet.{name}.lora_A.weight"] = (
+                torch.randn(rank, in_features, generator=generator) * scale
+            )
+            tensors[f"unet.{name}.lora_B.weight"] = (
+                torch.randn(out_features, rank, generator=generator) * scale
+            )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(motion_lora_to_original(tensors), str(path))
     return path
 
 
-def build_tiny_character_lora(path: str | Path, unet_config: dict, arch: str = "sd15", rank: int = 4,
-                              seed: int = 0, scale: float = 0.3) -> Path:
+def build_tiny_character_lora(
+    path: str | Path, unet_config: dict, arch: str = "sd15", rank: int = 4, seed: int = 0, scale: float = 0.3
+) -> Path:
     """A kohya-format character LoRA for the tiny U-Net, written by CharForge's own LoRA export.
 
     The trainer's LoRA starts with zero up-matrices (no change); here both matrices are random so the
@@ -125,7 +139,11 @@ def build_tiny_character_lora(path: str | Path, unet_config: dict, arch: str = "
     with torch.no_grad():
         for param in network.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(rank),
+    }
     return export_lora(path, network, arch, unet_config, metadata, dtype=torch.float32)
 
 
@@ -153,14 +171,22 @@ def video_assets(directory: str | Path) -> VideoAssets:
         directory = Path(directory)
         sd15 = build_tiny_sd15(directory / "sd15")
         sdxl = build_tiny_sdxl(directory / "sdxl")
-        modules = {v: build_tiny_motion_module(directory / "motion", v, seed=i, ckpt=v == "v2")
-                   for i, v in enumerate(("v1", "v2", "v3", "sdxl"))}
+        modules = {
+            v: build_tiny_motion_module(directory / "motion", v, seed=i, ckpt=v == "v2")
+            for i, v in enumerate(("v1", "v2", "v3", "sdxl"))
+        }
         _assets = VideoAssets(
-            sd15=sd15, sdxl=sdxl, modules=modules,
-            motion_lora=build_tiny_motion_lora(directory / "motion_lora" / "tiny_zoom.safetensors", modules["v2"]),
-            character_lora=build_tiny_character_lora(directory / "loras" / "tiny_character.safetensors",
-                                                     TINY_SD15_UNET),
-            sdxl_character_lora=build_tiny_character_lora(directory / "loras" / "tiny_character_xl.safetensors",
-                                                          TINY_SDXL_UNET, arch="sdxl"),
+            sd15=sd15,
+            sdxl=sdxl,
+            modules=modules,
+            motion_lora=build_tiny_motion_lora(
+                directory / "motion_lora" / "tiny_zoom.safetensors", modules["v2"]
+            ),
+            character_lora=build_tiny_character_lora(
+                directory / "loras" / "tiny_character.safetensors", TINY_SD15_UNET
+            ),
+            sdxl_character_lora=build_tiny_character_lora(
+                directory / "loras" / "tiny_character_xl.safetensors", TINY_SDXL_UNET, arch="sdxl"
+            ),
         )
     return _assets

@@ -29,7 +29,7 @@ def test_backoff_is_jittered_exponential_and_capped():
     rng = random.Random(1)
     for retry in range(8):
         delay = policy.delay(retry, rng=rng.random)
-        assert min(20.0, 2 ** retry) * 0.5 <= delay <= min(20.0, 2 ** retry)
+        assert min(20.0, 2**retry) * 0.5 <= delay <= min(20.0, 2**retry)
     assert Backoff(base=1.0, jitter=0.0).delay(3) == 8.0
     assert Backoff(base=1.0, jitter=1.0).delay(3, rng=lambda: 0.5) == 4.0  # full jitter
     assert policy.retries == 3 and not policy.is_last(2) and policy.is_last(3)
@@ -63,7 +63,8 @@ def test_the_pack_and_the_driver_read_the_same_config_file(no_comfy, monkeypatch
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     (tmp_path / "xdg" / "charforge").mkdir(parents=True)
     (tmp_path / "xdg" / "charforge" / "config.yaml").write_text(
-        f"models:\n  dir: {tmp_path / 'models'}\nprofiles:\n  studio:\n    server: http://studio:8188\n")
+        f"models:\n  dir: {tmp_path / 'models'}\nprofiles:\n  studio:\n    server: http://studio:8188\n"
+    )
     assert str(resolve_server(profile="studio").url).startswith("http://studio:8188")
     assert str(tmp_path / "models" / "loras") in bridge.model_folders("loras")
 
@@ -90,13 +91,18 @@ def test_every_model_folder_is_in_the_one_table():
 
 def test_preset_sizes_follow_the_base_model():
     assert default_size("sdxl") == 1024 and default_size("sd15") == 512 and default_size("") == 512
-    assert (GenerationParams().width, GenerationParams().sampler) == (1024, "euler")  # a preset's own defaults
+    assert (GenerationParams().width, GenerationParams().sampler) == (
+        1024,
+        "euler",
+    )  # a preset's own defaults
 
 
 def test_common_imports_nothing_heavy():
-    code = ("import sys, charforge.common.characters, charforge.common.config_file, charforge.common.model_folders, "
-            "charforge.common.retry, charforge.common.safe_yaml; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'PIL', 'yaml') "
-            "or (m.startswith('charforge.') and not m.startswith('charforge.common'))))")
+    code = (
+        "import sys, charforge.common.characters, charforge.common.config_file, charforge.common.model_folders, "
+        "charforge.common.retry, charforge.common.safe_yaml; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'PIL', 'yaml') "
+        "or (m.startswith('charforge.') and not m.startswith('charforge.common'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -23,16 +23,31 @@ from charforge.driver.batch.journal import JOURNAL_NAME, replay
 
 
 def _driver(spec: Path, out: Path, *servers: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "charforge.driver.cli", "batch", "run", str(spec), "--out", str(out),
-            "--backoff", "0.05", "--window", "3"]
+    argv = [
+        sys.executable,
+        "-m",
+        "charforge.driver.cli",
+        "batch",
+        "run",
+        str(spec),
+        "--out",
+        str(out),
+        "--backoff",
+        "0.05",
+        "--window",
+        "3",
+    ]
     for url in servers:
         argv += ["--server", url]
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=sigint_as_in_a_terminal)
+    return subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal
+    )
 
 
 def test_driver_killed_at_random_points_of_a_100_job_batch(tmp_path):
-    rng = random.Random(int(os.environ.get("CHARFORGE_KILL_SEED", "4")))  # vary it to explore more kill points
+    rng = random.Random(
+        int(os.environ.get("CHARFORGE_KILL_SEED", "4"))
+    )  # vary it to explore more kill points
     spec = sweep_file(tmp_path, list(range(100)))
     out = tmp_path / "out"
     kills = 0
@@ -43,8 +58,11 @@ def test_driver_killed_at_random_points_of_a_100_job_batch(tmp_path):
             proc = _driver(spec, out, server.url)
             if attempt < 6:  # then let it finish
                 deadline = time.monotonic() + 15  # kill only once it works (Python starting is not the test)
-                while time.monotonic() < deadline and proc.poll() is None and (
-                        not journal.exists() or journal.stat().st_size <= size + 200):
+                while (
+                    time.monotonic() < deadline
+                    and proc.poll() is None
+                    and (not journal.exists() or journal.stat().st_size <= size + 200)
+                ):
                     time.sleep(0.01)
                 try:
                     proc.wait(timeout=rng.uniform(0.0, 0.6))
@@ -70,8 +88,9 @@ def test_driver_killed_at_random_points_of_a_100_job_batch(tmp_path):
     assert summary["counts"]["done"] == 100 and summary["complete"] and summary["runs"] == kills + 1
     state = replay(out / JOURNAL_NAME)
     # a run killed after its last journal line (while exiting) has ended normally as far as the journal goes
-    assert [r["reason"] for r in state.runs[:-1]] == ["killed"] * kills or \
-        [r["reason"] for r in state.runs[:-2]] == ["killed"] * (kills - 1), [r["reason"] for r in state.runs]
+    assert [r["reason"] for r in state.runs[:-1]] == ["killed"] * kills or [
+        r["reason"] for r in state.runs[:-2]
+    ] == ["killed"] * (kills - 1), [r["reason"] for r in state.runs]
     # every job's journal shows its prompt id before the submission and one "done"
     done = [r for r in records(out) if r["ev"] == "done"]
     assert len(done) == 100 and len({r["job"] for r in done}) == 100
@@ -123,8 +142,11 @@ def test_server_restarted_mid_batch(tmp_path):
         # server forgot them: each ran once before the restart and once after it.
         assert len(twice) <= 3 and max(executions.values()) <= 2
         for color in twice:
-            generations = [g for (_, prompt), g in zip(server.executed, server.execution_generations, strict=True)
-                           if prompt["1"]["inputs"]["color"] == color]
+            generations = [
+                g
+                for (_, prompt), g in zip(server.executed, server.execution_generations, strict=True)
+                if prompt["1"]["inputs"]["color"] == color
+            ]
             assert generations == [0, 1], (color, generations)
     assert_outputs_once(out, load_batch(spec))
     summary = json.loads((out / "summary.json").read_text())
@@ -136,8 +158,21 @@ def test_dropped_connections_and_websockets(tmp_path):
     out = tmp_path / "out"
     knobs = Knobs(node_seconds=0.005, drop_rate=0.15, drop_socket_on="executing", drop_times=5, fault_seed=3)
     with FakeComfyServer(knobs=knobs) as a, FakeComfyServer(knobs=Knobs(node_seconds=0.005)) as b:
-        code, _, err = run_cli("batch", "run", str(spec), "--server", a.url, "--server", b.url, "--out", str(out),
-                               "--backoff", "0.02", "--retries", "20")
+        code, _, err = run_cli(
+            "batch",
+            "run",
+            str(spec),
+            "--server",
+            a.url,
+            "--server",
+            b.url,
+            "--out",
+            str(out),
+            "--backoff",
+            "0.02",
+            "--retries",
+            "20",
+        )
         assert code == 0, err
         assert a.injected_faults > 0
         assert max([*a.executions.values(), *b.executions.values()]) == 1

@@ -28,7 +28,12 @@ def test_append_replay_and_state_machine(tmp_path):
     assert state.plan_hash == "h1" and state.records == live.records == 12
     j1, j2, j3 = state.jobs["j1"], state.jobs["j2"], state.jobs["j3"]
     assert (j1.state, j1.prompt_id, j1.prompt_ids, j1.submissions, j1.files) == (
-        "done", "p2", ["p1", "p2"], 2, ["x.png"])
+        "done",
+        "p2",
+        ["p1", "p2"],
+        2,
+        ["x.png"],
+    )
     assert j2.state == "failed" and j2.kind == "validation" and j2.invalid_on == {"http://a/": "no node X"}
     assert j3.state == "submitting" and j3.prompt_id == "p3"
     assert state.counts()["done"] == 1 and state.runs[0]["end"] is None
@@ -67,8 +72,14 @@ def test_summary_counts_timings_servers_and_failures(tmp_path):
             journal.append("submitted", job=job, prompt_id=job + "p", server=server)
         journal.append("done", job="j1", prompt_id="j1p", server="http://a/", files=["a.png"])
         journal.append("done", job="j2", prompt_id="j2p", server="http://b/", files=["b.png"])
-        journal.append("timed_out", job="j3", prompt_id="j3p", server="http://b/", kind="timeout",
-                       reason="did not finish within 5 s; cancelled")
+        journal.append(
+            "timed_out",
+            job="j3",
+            prompt_id="j3p",
+            server="http://b/",
+            kind="timeout",
+            reason="did not finish within 5 s; cancelled",
+        )
     jobs = [{"id": f"j{i}", "folder": f"f{i}"} for i in range(1, 5)]
     summary = build_summary(replay(path), jobs)
     assert summary["counts"]["done"] == 2 and summary["counts"]["timed_out"] == 1
@@ -76,8 +87,16 @@ def test_summary_counts_timings_servers_and_failures(tmp_path):
     assert not summary["running"]  # its process (pid 999999999) is gone: killed, not running
     rows = {r["server"]: r for r in summary["servers"]}
     assert rows["http://a/"]["done"] == 1 and rows["http://b/"]["timed_out"] == 1
-    assert summary["failures"] == [{"job": "j3", "folder": "f3", "state": "timed_out", "kind": "timeout",
-                                    "server": "http://b/", "prompt_id": "j3p",
-                                    "reason": "did not finish within 5 s; cancelled"}]
+    assert summary["failures"] == [
+        {
+            "job": "j3",
+            "folder": "f3",
+            "state": "timed_out",
+            "kind": "timeout",
+            "server": "http://b/",
+            "prompt_id": "j3p",
+            "reason": "did not finish within 5 s; cancelled",
+        }
+    ]
     table = render_table(summary)
     assert "4 jobs, stopped" in table and "f3: timed_out (timeout)" in table and "http://b/" in table

@@ -43,15 +43,24 @@ def check_home(fake: FakeComfyServer, out: Path) -> None:
         assert lora.read_bytes() == (fake.root / "models" / "loras" / f"{name}.safetensors").read_bytes()
         run = folder / "lora" / "run" / name
         assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()) == [
-            "loss.png", f"{name}.safetensors", "samples/step_000004_0.png", "status.json"]
+            "loss.png",
+            f"{name}.safetensors",
+            "samples/step_000004_0.png",
+            "status.json",
+        ]
         manifest = json.loads((folder / "manifest.json").read_text())
         [training] = manifest["training"]
         assert training["state"] == "home" and training["lora"] == f"{name}.safetensors"
-        assert training["lora_path"] == f"lora/{name}.safetensors" and training["run_path"] == f"lora/run/{name}"
+        assert (
+            training["lora_path"] == f"lora/{name}.safetensors" and training["run_path"] == f"lora/run/{name}"
+        )
         assert training["lora_sha256"] == hashlib.sha256(lora_bytes(name)).hexdigest()
         listed = {f["path"]: f for f in manifest["files"]}
-        on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                   if p.is_file() and p.name != "manifest.json"}
+        on_disk = {
+            p.relative_to(folder).as_posix()
+            for p in folder.rglob("*")
+            if p.is_file() and p.name != "manifest.json"
+        }
         assert set(listed) == on_disk  # the outputs (the loss curve shown) and everything that came home
         for rel, entry in listed.items():
             assert entry["sha256"] == hashlib.sha256((folder / rel).read_bytes()).hexdigest()
@@ -59,12 +68,22 @@ def check_home(fake: FakeComfyServer, out: Path) -> None:
 
 
 def test_the_train_summary_is_read_as_the_node_writes_it():
-    trained = parse_train_summary("pip.safetensors: 500 steps, final loss 0.0812 (resumed at step 200); run folder "
-                                  "/data/out/charforge/train_runs/pip; preset 'sdxl' values used, not steps")
-    assert (trained.lora, trained.run_dir, trained.run_name) == ("pip.safetensors",
-                                                                  "/data/out/charforge/train_runs/pip", "pip")
-    assert parse_train_summary("C:\\ComfyUI\\x.safetensors: 1 steps, final loss 1.0000; run folder "
-                               "C:\\ComfyUI\\output\\charforge\\train_runs\\x").run_name == "x"
+    trained = parse_train_summary(
+        "pip.safetensors: 500 steps, final loss 0.0812 (resumed at step 200); run folder "
+        "/data/out/charforge/train_runs/pip; preset 'sdxl' values used, not steps"
+    )
+    assert (trained.lora, trained.run_dir, trained.run_name) == (
+        "pip.safetensors",
+        "/data/out/charforge/train_runs/pip",
+        "pip",
+    )
+    assert (
+        parse_train_summary(
+            "C:\\ComfyUI\\x.safetensors: 1 steps, final loss 1.0000; run folder "
+            "C:\\ComfyUI\\output\\charforge\\train_runs\\x"
+        ).run_name
+        == "x"
+    )
     assert parse_train_summary("kept 3 of 4 images") is None
 
 
@@ -72,13 +91,17 @@ def test_a_training_sweep_brings_every_lora_and_run_folder_home(comfy_env, monke
     spec = training_sweep(tmp_path)
     out = tmp_path / "out"
     with training_server(comfy_env, monkeypatch) as fake:
-        code, stdout, err = run_cli("batch", "run", str(spec), "--server", fake.url, "--out", str(out), "--json")
+        code, stdout, err = run_cli(
+            "batch", "run", str(spec), "--server", fake.url, "--out", str(out), "--json"
+        )
         assert code == 0, err
         check_home(fake, out)
         done = [json.loads(line) for line in stdout.splitlines() if '"event": "job"' in line]
         assert all(any(f.endswith(".safetensors") for f in rec["files"]) for rec in done) and len(done) == 3
         # the run folder's copy of the LoRA is the LoRA just downloaded: copied here, not sent twice
-        assert not [r for r in fake.requests if "/outputs/files/" in r.path and r.path.endswith(".safetensors")]
+        assert not [
+            r for r in fake.requests if "/outputs/files/" in r.path and r.path.endswith(".safetensors")
+        ]
         assert len([r for r in fake.requests if r.path.startswith(LORA_ROUTE)]) == 3
 
         fake.requests.clear()  # a rerun: nothing is submitted or downloaded again
@@ -94,13 +117,33 @@ def test_driver_killed_before_the_lora_came_home_resumes_by_downloading(comfy_en
     stall = Stall()
     with training_server(comfy_env, monkeypatch, stall) as fake:
         stall.on = True
-        proc = subprocess.Popen([sys.executable, "-m", "charforge.driver.cli", "batch", "run", str(spec), "--out",
-                                 str(out), "--server", fake.url, "--window", "1", "--backoff", "0.05"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "charforge.driver.cli",
+                "batch",
+                "run",
+                str(spec),
+                "--out",
+                str(out),
+                "--server",
+                fake.url,
+                "--window",
+                "1",
+                "--backoff",
+                "0.05",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert stall.hit.wait(60), "the LoRA download never started"
             deadline = time.monotonic() + 20  # some bytes are on disk: a download was cut in the middle
-            while time.monotonic() < deadline and not any(p.stat().st_size for p in out.rglob("*.safetensors.part")):
+            while time.monotonic() < deadline and not any(
+                p.stat().st_size for p in out.rglob("*.safetensors.part")
+            ):
                 time.sleep(0.02)
         finally:
             proc.send_signal(signal.SIGKILL)
@@ -120,8 +163,14 @@ def test_driver_killed_before_the_lora_came_home_resumes_by_downloading(comfy_en
         assert code == 0, err
         check_home(fake, out)
         assert max(fake.executions.values()) == 1 and len(fake.executed) == 3 >= executed
-        assert [r["job"] for r in records(out) if r["ev"] == "submitting"].count(job) == 1  # never resubmitted
-        resumed = [r for r in fake.requests if r.path.startswith(LORA_ROUTE) and folder.name.split("-", 1)[1] in r.path]
+        assert [r["job"] for r in records(out) if r["ev"] == "submitting"].count(
+            job
+        ) == 1  # never resubmitted
+        resumed = [
+            r
+            for r in fake.requests
+            if r.path.startswith(LORA_ROUTE) and folder.name.split("-", 1)[1] in r.path
+        ]
         assert [r.headers.get("Range") for r in resumed] == [f"bytes={have}-"]  # only the missing bytes
 
 
@@ -134,7 +183,10 @@ def test_a_server_without_transfer_routes_keeps_the_lora_and_says_so(tmp_path):
     assert code == 0, err
     assert "trained LoRAs stay on" in err and "transfer routes" in err
     manifest = json.loads((out / "name-solo" / "manifest.json").read_text())
-    assert manifest["training"][0]["state"] == "not_home" and "transfer routes" in manifest["training"][0]["reason"]
+    assert (
+        manifest["training"][0]["state"] == "not_home"
+        and "transfer routes" in manifest["training"][0]["reason"]
+    )
     assert not (out / "name-solo" / "lora").exists()
 
 
@@ -142,14 +194,17 @@ def test_no_lora_home_leaves_it_on_the_server(comfy_env, monkeypatch, tmp_path):
     spec = training_sweep(tmp_path, ["solo"])
     out = tmp_path / "out"
     with training_server(comfy_env, monkeypatch) as fake:
-        code, _, err = run_cli("batch", "run", str(spec), "--server", fake.url, "--out", str(out), "--no-lora-home")
+        code, _, err = run_cli(
+            "batch", "run", str(spec), "--server", fake.url, "--out", str(out), "--no-lora-home"
+        )
     assert code == 0, err
     assert "training" not in json.loads((out / "name-solo" / "manifest.json").read_text())
     assert not (out / "name-solo" / "lora").exists()
 
 
-def test_a_lora_refused_by_its_checksum_is_downloaded_by_the_next_run_not_trained_again(comfy_env, monkeypatch,
-                                                                                       tmp_path):
+def test_a_lora_refused_by_its_checksum_is_downloaded_by_the_next_run_not_trained_again(
+    comfy_env, monkeypatch, tmp_path
+):
     from charforge.nodes import transfer
 
     spec = training_sweep(tmp_path, ["solo"])
@@ -172,7 +227,9 @@ def test_a_lora_refused_by_its_checksum_is_downloaded_by_the_next_run_not_traine
         assert not list((out / "name-solo").rglob("*.part"))  # a refused file is not kept
 
         monkeypatch.setattr(transfer, "_index", real_index)
-        code, _, err = run_cli("batch", "run", str(spec), "--server", fake.url, "--out", str(out))  # no --retry-failed
+        code, _, err = run_cli(
+            "batch", "run", str(spec), "--server", fake.url, "--out", str(out)
+        )  # no --retry-failed
         assert code == 0, err
         assert len(fake.executed) == 1 and replay(out / JOURNAL_NAME).jobs[job.id].state == "done"
     manifest = json.loads((out / "name-solo" / "manifest.json").read_text())

@@ -28,14 +28,26 @@ PORTS = range(18300, 18400)
 
 #: Base colour x tint colour, blended: three cheap built-in nodes that run on CPU without any model.
 WORKFLOW = {
-    "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0},
-          "_meta": {"title": "Base"}},
-    "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0xFF0000},
-          "_meta": {"title": "Tint"}},
-    "3": {"class_type": "ImageBlend", "inputs": {"image1": ["1", 0], "image2": ["2", 0], "blend_factor": 0.5,
-                                                 "blend_mode": "normal"}, "_meta": {"title": "Blend"}},
-    "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "batchtest"},
-          "_meta": {"title": "Save"}},
+    "1": {
+        "class_type": "EmptyImage",
+        "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0},
+        "_meta": {"title": "Base"},
+    },
+    "2": {
+        "class_type": "EmptyImage",
+        "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0xFF0000},
+        "_meta": {"title": "Tint"},
+    },
+    "3": {
+        "class_type": "ImageBlend",
+        "inputs": {"image1": ["1", 0], "image2": ["2", 0], "blend_factor": 0.5, "blend_mode": "normal"},
+        "_meta": {"title": "Blend"},
+    },
+    "4": {
+        "class_type": "SaveImage",
+        "inputs": {"images": ["3", 0], "filename_prefix": "batchtest"},
+        "_meta": {"title": "Save"},
+    },
 }
 
 SWEEP = """\
@@ -56,9 +68,24 @@ def start_comfyui(base: Path, port: int | None = None) -> RunningComfyUI:
     log_path = base / "comfyui.log"
     log = open(log_path, "a")  # noqa: SIM115 - open for the server's lifetime
     process = subprocess.Popen(
-        [comfyui_python(comfy), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-         "--base-directory", str(base), "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}"],
-        cwd=comfy, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        [
+            comfyui_python(comfy),
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--base-directory",
+            str(base),
+            "--database-url",
+            f"sqlite:///{base / 'user' / 'comfyui.db'}",
+        ],
+        cwd=comfy,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     server = RunningComfyUI(f"http://127.0.0.1:{port}", base, log_path, process)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
@@ -93,8 +120,17 @@ def test_36_job_sweep_with_contact_sheet(tmp_path, comfyui):
     plan = load_batch(spec)
     assert len(plan.jobs) == 36 and plan.jobs[0].folder == "prompt-16711680/seed-0/strength-0.25"
     out = tmp_path / "out"
-    code, stdout, err = run_cli("batch", "run", str(spec), "--server", comfyui.url, "--out", str(out),
-                                "--contact-sheet", "seed,strength")
+    code, stdout, err = run_cli(
+        "batch",
+        "run",
+        str(spec),
+        "--server",
+        comfyui.url,
+        "--out",
+        str(out),
+        "--contact-sheet",
+        "seed,strength",
+    )
     assert code == 0, err
     assert "done 36" in stdout
     assert_outputs_once(out, plan)
@@ -113,8 +149,20 @@ def test_killed_and_resumed_against_real_comfyui(tmp_path, comfyui):
     spec = _spec(tmp_path)
     (tmp_path / "sweep.yaml").write_text(SWEEP.replace("0.25, 0.5, 0.75", "0.3, 0.6, 0.9"))  # fresh outputs
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "charforge.driver.cli", "batch", "run", str(spec), "--server", comfyui.url,
-            "--out", str(out), "--window", "3"]
+    argv = [
+        sys.executable,
+        "-m",
+        "charforge.driver.cli",
+        "batch",
+        "run",
+        str(spec),
+        "--server",
+        comfyui.url,
+        "--out",
+        str(out),
+        "--window",
+        "3",
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     journal = out / JOURNAL_NAME
     deadline = time.monotonic() + 60
@@ -151,26 +199,35 @@ def test_real_comfyui_restarted_mid_batch(tmp_path):
     slow = json.loads(json.dumps(WORKFLOW))
     slow["1"]["inputs"].update(width=512, height=512)
     slow["2"]["inputs"].update(width=512, height=512)
-    slow["5"] = {"class_type": "ImageBlur", "inputs": {"image": ["3", 0], "blur_radius": 15, "sigma": 5.0},
-                 "_meta": {"title": "Blur"}}
+    slow["5"] = {
+        "class_type": "ImageBlur",
+        "inputs": {"image": ["3", 0], "blur_radius": 15, "sigma": 5.0},
+        "_meta": {"title": "Blur"},
+    }
     slow["4"]["inputs"]["images"] = ["5", 0]
     (tmp_path / "wf.json").write_text(json.dumps(slow))
-    (tmp_path / "sweep.yaml").write_text("workflow: wf.json\naxes:\n  seed: {set: Base.color, range: "
-                                         "{start: 1, stop: 24}}\n")
+    (tmp_path / "sweep.yaml").write_text(
+        "workflow: wf.json\naxes:\n  seed: {set: Base.color, range: {start: 1, stop: 24}}\n"
+    )
     base = tmp_path / "comfy"
     server = start_comfyui(base)
     port = int(server.url.rsplit(":", 1)[1])
     out = tmp_path / "out"
     results: list = []
-    runner = threading.Thread(target=lambda: results.extend(
-        Batch.from_file(tmp_path / "sweep.yaml").run(servers=[server.url], out=out, capacity=2, backoff=1.0,
-                                                     retries=8)))
+    runner = threading.Thread(
+        target=lambda: results.extend(
+            Batch.from_file(tmp_path / "sweep.yaml").run(
+                servers=[server.url], out=out, capacity=2, backoff=1.0, retries=8
+            )
+        )
+    )
     runner.start()
     try:
         journal = out / JOURNAL_NAME
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (journal.exists()
-                                                   and journal.read_text().count('"ev":"done"') >= 4):
+        while time.monotonic() < deadline and not (
+            journal.exists() and journal.read_text().count('"ev":"done"') >= 4
+        ):
             time.sleep(0.05)
         server.process.send_signal(signal.SIGKILL)
         server.process.wait()

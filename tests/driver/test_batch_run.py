@@ -37,8 +37,9 @@ def test_comfy_target_is_a_target_and_errors_are_classified(fake_comfy):
     assert is_transient(ServerError("x", status=429))
     assert not is_transient(ServerError("x", status=404)) and not is_transient(AuthenticationError("x"))
     assert not is_transient(ValidationError("bad"))
-    assert not is_transient(ExecutionError(prompt_id="p", node_id="1", node_type="X", exception_type="E",
-                                           exception_message="m"))
+    assert not is_transient(
+        ExecutionError(prompt_id="p", node_id="1", node_type="X", exception_type="E", exception_message="m")
+    )
     fake_comfy.knobs.fail_next, fake_comfy.knobs.fail_status, fake_comfy.knobs.retry_after = 1, 429, 7
     with ComfyClient(fake_comfy.url) as client, pytest.raises(ServerError) as info:
         client.queue()
@@ -72,8 +73,9 @@ def test_sweep_runs_on_two_servers_with_folders_manifests_summary_and_sheet(tmp_
     spec = sweep_file(tmp_path, [1, 2, 3], [16, 24])
     out = tmp_path / "out"
     with FakeComfyServer() as a, FakeComfyServer() as b:
-        code, stdout, stderr = run_cli("batch", "run", str(spec), "--server", a.url, "--server", b.url,
-                                       "--out", str(out))
+        code, stdout, stderr = run_cli(
+            "batch", "run", str(spec), "--server", a.url, "--server", b.url, "--out", str(out)
+        )
         assert code == 0, stderr
         assert a.executions and b.executions  # the pool shared the work
         assert executions_by_color(a, b) == {1: 2, 2: 2, 3: 2}
@@ -82,7 +84,9 @@ def test_sweep_runs_on_two_servers_with_folders_manifests_summary_and_sheet(tmp_
     assert (out / "color-2" / "width-24" / "manifest.json").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["done"] == 6 and summary["complete"] and not summary["failures"]
-    assert {r["server"] for r in summary["servers"]} == {a.url + "/", b.url + "/"} or len(summary["servers"]) == 2
+    assert {r["server"] for r in summary["servers"]} == {a.url + "/", b.url + "/"} or len(
+        summary["servers"]
+    ) == 2
     assert "done 6" in stdout
     # the pre-assigned prompt id is journaled before the submission, and the same id is the one that ran
     recs = records(out)
@@ -103,15 +107,18 @@ def test_sweep_runs_on_two_servers_with_folders_manifests_summary_and_sheet(tmp_
 def test_window_limits_jobs_per_server(tmp_path, fake_comfy):
     fake_comfy.knobs.node_seconds = 0.02
     spec = sweep_file(tmp_path, list(range(8)))
-    code, _, err = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o"),
-                           "--window", "3")
+    code, _, err = run_cli(
+        "batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o"), "--window", "3"
+    )
     assert code == 0, err
     seen = fake_comfy.in_flight_at_submit
     assert len(seen) == 8 and max(seen) == 2  # with the new one, 3 in flight: the queue is fed, not flooded
 
 
 def test_python_api_iterates_results(tmp_path, fake_comfy):
-    plan = parse_sweep({"prompt": image_workflow(), "axes": {"color": {"set": "Blank.color", "values": [5, 6, 7]}}}, "inline")
+    plan = parse_sweep(
+        {"prompt": image_workflow(), "axes": {"color": {"set": "Blank.color", "values": [5, 6, 7]}}}, "inline"
+    )
     batch = Batch(plan.jobs)
     assert len(batch) == 3
     results = list(batch.run(servers=[fake_comfy.url], out=tmp_path / "o", **FAST))
@@ -123,7 +130,10 @@ def test_python_api_iterates_results(tmp_path, fake_comfy):
 
 def test_python_api_stops_cleanly_when_the_loop_breaks(tmp_path, fake_comfy):
     fake_comfy.knobs.node_seconds = 0.02
-    plan = parse_sweep({"prompt": image_workflow(), "axes": {"color": {"set": "Blank.color", "values": list(range(10))}}}, "inline")
+    plan = parse_sweep(
+        {"prompt": image_workflow(), "axes": {"color": {"set": "Blank.color", "values": list(range(10))}}},
+        "inline",
+    )
     for _ in Batch(plan).run(servers=[fake_comfy.url], out=tmp_path / "o", **FAST):
         break
     state = replay(tmp_path / "o" / JOURNAL_NAME)
@@ -141,8 +151,9 @@ def test_graph_invalid_on_one_server_goes_only_to_the_other(tmp_path):
     spec = sweep_file(tmp_path, [1, 2, 3, 4])
     with FakeComfyServer() as a, FakeComfyServer() as b:
         b.nodes.pop("ImageScale")
-        code, _, err = run_cli("batch", "run", str(spec), "--server", a.url, "--server", b.url,
-                               "--out", str(tmp_path / "o"))
+        code, _, err = run_cli(
+            "batch", "run", str(spec), "--server", a.url, "--server", b.url, "--out", str(tmp_path / "o")
+        )
         assert code == 0, err
         assert len(a.executions) == 4 and not b.executions
         assert not [r for r in b.requests if r.method == "POST" and r.path.endswith("/prompt")]
@@ -153,10 +164,13 @@ def test_graph_invalid_everywhere_fails_without_submitting(tmp_path):
     with FakeComfyServer() as a, FakeComfyServer() as b:
         a.nodes.pop("ImageScale")
         b.nodes.pop("ImageScale")
-        code, stdout, err = run_cli("batch", "run", str(spec), "--server", a.url, "--server", b.url,
-                                    "--out", str(tmp_path / "o"))
+        code, stdout, err = run_cli(
+            "batch", "run", str(spec), "--server", a.url, "--server", b.url, "--out", str(tmp_path / "o")
+        )
         assert code == 1
-        assert not [r for s in (a, b) for r in s.requests if r.method == "POST" and r.path.endswith("/prompt")]
+        assert not [
+            r for s in (a, b) for r in s.requests if r.method == "POST" and r.path.endswith("/prompt")
+        ]
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["counts"]["failed"] == 2
     assert all(f["kind"] == "validation" and "ImageScale" in f["reason"] for f in summary["failures"])
@@ -165,16 +179,26 @@ def test_graph_invalid_everywhere_fails_without_submitting(tmp_path):
     with FakeComfyServer() as c:
         code, _, _ = run_cli("batch", "run", str(spec), "--server", c.url, "--out", str(tmp_path / "o"))
         assert code == 1 and not c.executions
-        code, _, _ = run_cli("batch", "run", str(spec), "--server", c.url, "--out", str(tmp_path / "o"),
-                             "--retry-failed")
+        code, _, _ = run_cli(
+            "batch", "run", str(spec), "--server", c.url, "--out", str(tmp_path / "o"), "--retry-failed"
+        )
         assert code == 0 and len(c.executions) == 2
 
 
 def test_node_exception_is_not_retried(tmp_path, fake_comfy):
     fake_comfy.knobs.fail_node = "ImageScale"
     spec = sweep_file(tmp_path, [1, 2])
-    code, _, _ = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o"),
-                         "--backoff", "0.01")
+    code, _, _ = run_cli(
+        "batch",
+        "run",
+        str(spec),
+        "--server",
+        fake_comfy.url,
+        "--out",
+        str(tmp_path / "o"),
+        "--backoff",
+        "0.01",
+    )
     assert code == 1
     assert sorted(executions_by_color(fake_comfy).values()) == [1, 1]
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
@@ -185,8 +209,19 @@ def test_node_exception_is_not_retried(tmp_path, fake_comfy):
 def test_transient_storm_of_500_and_429_is_retried(tmp_path, fake_comfy):
     fake_comfy.knobs.fail_rate = 0.3
     spec = sweep_file(tmp_path, list(range(8)))
-    code, _, err = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o"),
-                           "--backoff", "0.01", "--retries", "20")
+    code, _, err = run_cli(
+        "batch",
+        "run",
+        str(spec),
+        "--server",
+        fake_comfy.url,
+        "--out",
+        str(tmp_path / "o"),
+        "--backoff",
+        "0.01",
+        "--retries",
+        "20",
+    )
     assert code == 0, err
     assert fake_comfy.injected_faults >= 3
     assert sorted(executions_by_color(fake_comfy).values()) == [1] * 8
@@ -197,8 +232,19 @@ def test_transient_storm_of_500_and_429_is_retried(tmp_path, fake_comfy):
     fake_comfy.knobs.fail_status, fake_comfy.knobs.retry_after = 429, 0.02
     before = fake_comfy.injected_faults
     spec = sweep_file(tmp_path, list(range(100, 104)), name="s429.json")
-    code, _, err = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o2"),
-                           "--backoff", "0.01", "--retries", "20")
+    code, _, err = run_cli(
+        "batch",
+        "run",
+        str(spec),
+        "--server",
+        fake_comfy.url,
+        "--out",
+        str(tmp_path / "o2"),
+        "--backoff",
+        "0.01",
+        "--retries",
+        "20",
+    )
     assert code == 0, err
     assert fake_comfy.injected_faults > before
     assert sorted(executions_by_color(fake_comfy).values()) == [1] * 12
@@ -210,8 +256,17 @@ def test_retry_after_is_honoured(tmp_path, fake_comfy):
     fake_comfy.knobs.retry_after, fake_comfy.knobs.fault_paths = 0.4, ("/prompt",)
     spec = sweep_file(tmp_path, [1])
     start = time.monotonic()
-    code, _, _ = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o"),
-                         "--backoff", "0.001")
+    code, _, _ = run_cli(
+        "batch",
+        "run",
+        str(spec),
+        "--server",
+        fake_comfy.url,
+        "--out",
+        str(tmp_path / "o"),
+        "--backoff",
+        "0.001",
+    )
     assert code == 0 and time.monotonic() - start >= 0.4
     retries = [r for r in records(tmp_path / "o") if r["ev"] == "retry"]
     assert len(retries) == 1 and retries[0]["delay"] >= 0.4 and "429" in retries[0]["reason"]
@@ -220,8 +275,19 @@ def test_retry_after_is_honoured(tmp_path, fake_comfy):
 def test_transient_failures_give_up_then_a_rerun_retries(tmp_path, fake_comfy):
     fake_comfy.knobs.fail_rate, fake_comfy.knobs.fault_paths = 1.0, ("/prompt",)
     spec = sweep_file(tmp_path, [1])
-    code, _, _ = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o"),
-                         "--backoff", "0.001", "--retries", "2")
+    code, _, _ = run_cli(
+        "batch",
+        "run",
+        str(spec),
+        "--server",
+        fake_comfy.url,
+        "--out",
+        str(tmp_path / "o"),
+        "--backoff",
+        "0.001",
+        "--retries",
+        "2",
+    )
     assert code == 1
     state = replay(tmp_path / "o" / JOURNAL_NAME)
     (job,) = state.jobs.values()
@@ -234,8 +300,17 @@ def test_transient_failures_give_up_then_a_rerun_retries(tmp_path, fake_comfy):
 def test_lost_answer_is_not_submitted_twice(tmp_path, fake_comfy):
     fake_comfy.knobs.abort_prompt_responses = 2
     spec = sweep_file(tmp_path, [1, 2, 3])
-    code, _, err = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o"),
-                           "--backoff", "0.01")
+    code, _, err = run_cli(
+        "batch",
+        "run",
+        str(spec),
+        "--server",
+        fake_comfy.url,
+        "--out",
+        str(tmp_path / "o"),
+        "--backoff",
+        "0.01",
+    )
     assert code == 0, err
     assert sorted(executions_by_color(fake_comfy).values()) == [1, 1, 1]
 
@@ -244,8 +319,17 @@ def test_timeout_cancels_the_job(tmp_path, fake_comfy):
     spec = tmp_path / "b.jsonl"
     spec.write_text(json.dumps({"prompt": wait_workflow(seconds=5.0, steps=50), "name": "slow"}) + "\n")
     start = time.monotonic()
-    code, _, _ = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o"),
-                         "--timeout", "0.5")
+    code, _, _ = run_cli(
+        "batch",
+        "run",
+        str(spec),
+        "--server",
+        fake_comfy.url,
+        "--out",
+        str(tmp_path / "o"),
+        "--timeout",
+        "0.5",
+    )
     assert code == 1 and time.monotonic() - start < 4
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["counts"]["timed_out"] == 1 and summary["failures"][0]["kind"] == "timeout"
@@ -261,8 +345,13 @@ def _journal_submitted(out: Path, spec: Path, job_index: int, prompt_id: str, se
 
     plan = load_batch(spec)
     with Journal(out / JOURNAL_NAME) as journal:
-        journal.append("batch", plan_hash=plan_hash(plan, spec.parent), jobs=len(plan.jobs), source=str(spec),
-                       master_seed=None)
+        journal.append(
+            "batch",
+            plan_hash=plan_hash(plan, spec.parent),
+            jobs=len(plan.jobs),
+            source=str(spec),
+            master_seed=None,
+        )
         journal.append("run_start", pid=999999999, servers=[server])
         job = plan.jobs[job_index]
         journal.append("submitting", job=job.id, prompt_id=prompt_id, server=server)
@@ -330,8 +419,9 @@ def test_changed_plan_is_refused_unless_forced(tmp_path, fake_comfy):
     sweep_file(tmp_path, [1, 2, 3])
     code, _, err = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(out))
     assert code == 2 and "planned from a different batch file" in err and "--force-replan" in err
-    code, _, err = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(out),
-                           "--force-replan")
+    code, _, err = run_cli(
+        "batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(out), "--force-replan"
+    )
     assert code == 0, err
     assert sorted(executions_by_color(fake_comfy).values()) == [1, 1, 1]
 
@@ -339,8 +429,10 @@ def test_changed_plan_is_refused_unless_forced(tmp_path, fake_comfy):
 def test_random_seed_plan_is_kept_on_resume(tmp_path, fake_comfy):
     (tmp_path / "wf.json").write_text(json.dumps(image_workflow()))
     spec = tmp_path / "s.yaml"
-    spec.write_text("workflow: wf.json\naxes:\n  width: {set: Resize.width, values: [16, 24]}\n"
-                    "seed: {set: Blank.color, policy: random}\n")  # no master: one is drawn and recorded
+    spec.write_text(
+        "workflow: wf.json\naxes:\n  width: {set: Resize.width, values: [16, 24]}\n"
+        "seed: {set: Blank.color, policy: random}\n"
+    )  # no master: one is drawn and recorded
     out = tmp_path / "o"
     first = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(out))
     seeds = [j["seed"] for j in json.loads((out / "plan.json").read_text())["jobs"]]
@@ -355,7 +447,9 @@ def test_second_runner_on_the_same_folder_is_refused(tmp_path, fake_comfy):
     runner = BatchRunner(plan, [ComfyTarget(fake_comfy.url)], RunOptions(tmp_path / "o"))
     runner._lock()
     try:
-        code, _, err = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o"))
+        code, _, err = run_cli(
+            "batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o")
+        )
         assert code == 2 and "another 'charforge batch run'" in err
     finally:
         runner._unlock()
@@ -368,15 +462,32 @@ def test_status_of_a_folder_without_journal_is_an_error(tmp_path):
 
 def test_contact_sheet_axes_are_checked(tmp_path, fake_comfy):
     spec = sweep_file(tmp_path, [1, 2], [16, 24])
-    code, _, err = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o"),
-                           "--contact-sheet", "color,nope")
+    code, _, err = run_cli(
+        "batch",
+        "run",
+        str(spec),
+        "--server",
+        fake_comfy.url,
+        "--out",
+        str(tmp_path / "o"),
+        "--contact-sheet",
+        "color,nope",
+    )
     assert code == 2 and "no sweep axis 'nope'" in err
-    code, _, _ = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o"),
-                         "--contact-sheet", "width,color")
+    code, _, _ = run_cli(
+        "batch",
+        "run",
+        str(spec),
+        "--server",
+        fake_comfy.url,
+        "--out",
+        str(tmp_path / "o"),
+        "--contact-sheet",
+        "width,color",
+    )
     assert code == 0
     sheet = Image.open(tmp_path / "o" / "contact_sheet.png")
     assert sheet.width < sheet.height * 2  # 2 columns (width) x 2 rows (color)
-
 
 
 class ServerIdTarget(ComfyTarget):
@@ -386,8 +497,9 @@ class ServerIdTarget(ComfyTarget):
 
 
 def test_a_target_that_assigns_its_own_ids(tmp_path, fake_comfy):
-    plan = parse_sweep({"prompt": image_workflow(), "axes": {"color": {"set": "Blank.color", "values": [1, 2]}}},
-                       "inline")
+    plan = parse_sweep(
+        {"prompt": image_workflow(), "axes": {"color": {"set": "Blank.color", "values": [1, 2]}}}, "inline"
+    )
     results = list(Batch(plan).run(servers=[ServerIdTarget(fake_comfy.url)], out=tmp_path / "o"))
     assert all(r.ok for r in results)
     recs = records(tmp_path / "o")
@@ -401,7 +513,11 @@ def test_a_target_that_assigns_its_own_ids(tmp_path, fake_comfy):
 
 def test_an_output_the_server_will_not_serve_fails_only_that_job(tmp_path, fake_comfy):
     spec = sweep_file(tmp_path, [1, 2])
-    fake_comfy.knobs.fail_next, fake_comfy.knobs.fail_status, fake_comfy.knobs.fault_paths = 1, 404, ("/view",)
+    fake_comfy.knobs.fail_next, fake_comfy.knobs.fail_status, fake_comfy.knobs.fault_paths = (
+        1,
+        404,
+        ("/view",),
+    )
     code, _, _ = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o"))
     assert code == 1
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
@@ -422,13 +538,22 @@ def test_a_job_resumed_after_its_deadline_is_still_collected_when_finished(tmp_p
         client.wait(job)
         url = client.url
     long_ago = time.time() - 3600
-    lines = [{"t": long_ago, "ev": "batch", "plan_hash": plan_hash(plan, spec.parent), "jobs": 1},
-             {"t": long_ago, "ev": "run_start", "pid": 999999999},
-             {"t": long_ago, "ev": "submitting", "job": plan.jobs[0].id, "prompt_id": job.prompt_id, "server": url},
-             {"t": long_ago, "ev": "submitted", "job": plan.jobs[0].id, "prompt_id": job.prompt_id, "server": url}]
+    lines = [
+        {"t": long_ago, "ev": "batch", "plan_hash": plan_hash(plan, spec.parent), "jobs": 1},
+        {"t": long_ago, "ev": "run_start", "pid": 999999999},
+        {
+            "t": long_ago,
+            "ev": "submitting",
+            "job": plan.jobs[0].id,
+            "prompt_id": job.prompt_id,
+            "server": url,
+        },
+        {"t": long_ago, "ev": "submitted", "job": plan.jobs[0].id, "prompt_id": job.prompt_id, "server": url},
+    ]
     (out / JOURNAL_NAME).write_text("".join(json.dumps(line) + "\n" for line in lines))
-    code, _, err = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(out),
-                           "--timeout", "5")
+    code, _, err = run_cli(
+        "batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(out), "--timeout", "5"
+    )
     assert code == 0, err
     assert fake_comfy.executions == {job.prompt_id: 1}
     assert_outputs_once(out, plan)
@@ -440,14 +565,19 @@ def test_json_records_and_a_sheet_with_a_failed_cell(tmp_path, fake_comfy):
 
     def reject_color_two(prompt, partial):  # one job of the grid fails validation on the server
         if prompt["1"]["inputs"]["color"] == 2 and prompt["2"]["inputs"]["width"] == 24:
-            error = {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
-                     "details": "", "extra_info": {}}
+            error = {
+                "type": "prompt_outputs_failed_validation",
+                "message": "Prompt outputs failed validation",
+                "details": "",
+                "extra_info": {},
+            }
             return False, error, [], {}
         return original(prompt, partial)
 
     fake_comfy.validate_prompt = reject_color_two
-    code, stdout, _ = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o"),
-                              "--json")
+    code, stdout, _ = run_cli(
+        "batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o"), "--json"
+    )
     assert code == 1
     lines = [json.loads(line) for line in stdout.splitlines()]
     jobs = [r for r in lines if r["event"] == "job"]

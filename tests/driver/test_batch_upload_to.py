@@ -50,7 +50,7 @@ def bucket(moto_server, monkeypatch, tmp_path):
 
 def _objects(client, bucket: str, prefix: str) -> dict[str, dict]:
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
-    return {k[len(prefix):]: client.head_object(Bucket=bucket, Key=k) for k in keys}
+    return {k[len(prefix) :]: client.head_object(Bucket=bucket, Key=k) for k in keys}
 
 
 def _sent(monkeypatch) -> list[str]:
@@ -70,20 +70,34 @@ def _sent(monkeypatch) -> list[str]:
     return sent
 
 
-def test_batch_outputs_and_loras_go_up_and_a_rerun_sends_nothing(comfy_env, monkeypatch, tmp_path, bucket,
-                                                                   moto_server):
+def test_batch_outputs_and_loras_go_up_and_a_rerun_sends_nothing(
+    comfy_env, monkeypatch, tmp_path, bucket, moto_server
+):
     name, client = bucket
     spec = training_sweep(tmp_path)
     out = tmp_path / "out"
     sent = _sent(monkeypatch)
-    argv = ["batch", "run", str(spec), "--out", str(out), "--upload-to", f"s3://{name}/sweeps/one",
-            "--s3-endpoint", moto_server, "--json"]
+    argv = [
+        "batch",
+        "run",
+        str(spec),
+        "--out",
+        str(out),
+        "--upload-to",
+        f"s3://{name}/sweeps/one",
+        "--s3-endpoint",
+        moto_server,
+        "--json",
+    ]
     with training_server(comfy_env, monkeypatch) as fake:
         code, stdout, err = run_cli(*argv, "--server", fake.url)
         assert code == 0, err
         objects = _objects(client, name, "sweeps/one/")
-        local = {p.relative_to(out).as_posix(): p for p in out.rglob("*")
-                 if p.is_file() and not p.name.startswith(".") and p.name != "s3_manifest.json"}
+        local = {
+            p.relative_to(out).as_posix(): p
+            for p in out.rglob("*")
+            if p.is_file() and not p.name.startswith(".") and p.name != "s3_manifest.json"
+        }
         assert set(local) <= set(objects)
         for job in NAMES:
             assert f"name-{job}/lora/{job}.safetensors" in objects
@@ -109,8 +123,9 @@ def test_batch_outputs_and_loras_go_up_and_a_rerun_sends_nothing(comfy_env, monk
         assert SECRET_KEY not in text and ACCESS_KEY not in text
 
 
-def test_an_upload_cut_in_the_middle_is_resumed_by_the_next_run(comfy_env, monkeypatch, tmp_path, bucket,
-                                                                moto_server):
+def test_an_upload_cut_in_the_middle_is_resumed_by_the_next_run(
+    comfy_env, monkeypatch, tmp_path, bucket, moto_server
+):
     from charforge.driver.batch import Batch
     from charforge.driver.storage import S3Storage, StorageError
 
@@ -133,8 +148,11 @@ def test_an_upload_cut_in_the_middle_is_resumed_by_the_next_run(comfy_env, monke
 
     def run(fake) -> list:
         storage = S3Storage(endpoint_url=moto_server, part_size=4096, record=tmp_path / "uploads.json")
-        return list(Batch.from_file(spec).run(servers=[fake.url], out=out, upload_to=f"s3://{name}/b",
-                                               storage=storage, contact_sheet=None))
+        return list(
+            Batch.from_file(spec).run(
+                servers=[fake.url], out=out, upload_to=f"s3://{name}/b", storage=storage, contact_sheet=None
+            )
+        )
 
     with training_server(comfy_env, monkeypatch) as fake:
         [first] = run(fake)
@@ -150,6 +168,8 @@ def test_an_upload_cut_in_the_middle_is_resumed_by_the_next_run(comfy_env, monke
     head = client.head_object(Bucket=name, Key="b/name-solo/lora/solo.safetensors")
     assert head["Metadata"]["sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()
     assert head["ContentLength"] == lora.stat().st_size
-    assert [r["ev"] for r in records(out) if r["ev"] in ("uploaded", "upload_failed")] == ["upload_failed",
-                                                                                            "uploaded"]
+    assert [r["ev"] for r in records(out) if r["ev"] in ("uploaded", "upload_failed")] == [
+        "upload_failed",
+        "uploaded",
+    ]
     assert Path(out / "s3_manifest.json").exists()

@@ -36,7 +36,9 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 
 def test_jsonl_good_lines(wf, tmp_path):
     lines = [
-        json.dumps({"workflow": "wf.json", "set": {"KSampler.seed": 5, "Positive.text": "a dog"}, "tags": ["a"]}),
+        json.dumps(
+            {"workflow": "wf.json", "set": {"KSampler.seed": 5, "Positive.text": "a dog"}, "tags": ["a"]}
+        ),
         "",
         "# a comment",
         json.dumps({"workflow": str(wf), "set": ["KSampler.seed=6"], "name": "second job!"}),
@@ -51,17 +53,20 @@ def test_jsonl_good_lines(wf, tmp_path):
     assert third.prompt is not None and third.workflow is None and third.folder == third.id
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    ("{not json", "b.jsonl:2: not valid JSON"),
-    ("[1, 2]", "b.jsonl:2: expected a JSON object"),
-    ('{"set": {}}', "b.jsonl:2: give exactly one of 'workflow'"),
-    ('{"workflow": "wf.json", "sett": {}}', "b.jsonl:2: unknown key(s) sett"),
-    ('{"workflow": "missing.json"}', "b.jsonl:2: workflow file not found"),
-    ('{"workflow": "wf.json", "set": ["KSampler.seed"]}', "b.jsonl:2: --set 'KSampler.seed'"),
-    ('{"workflow": "wf.json", "set": 3}', "b.jsonl:2: 'set' must be"),
-    ('{"workflow": "wf.json", "set": {"KSamplr.seed": 1}}', "did you mean 'KSampler'"),
-    ('{"workflow": "wf.json", "set": {"KSampler.sed": 1}}', "has no input 'sed'"),
-])
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "b.jsonl:2: not valid JSON"),
+        ("[1, 2]", "b.jsonl:2: expected a JSON object"),
+        ('{"set": {}}', "b.jsonl:2: give exactly one of 'workflow'"),
+        ('{"workflow": "wf.json", "sett": {}}', "b.jsonl:2: unknown key(s) sett"),
+        ('{"workflow": "missing.json"}', "b.jsonl:2: workflow file not found"),
+        ('{"workflow": "wf.json", "set": ["KSampler.seed"]}', "b.jsonl:2: --set 'KSampler.seed'"),
+        ('{"workflow": "wf.json", "set": 3}', "b.jsonl:2: 'set' must be"),
+        ('{"workflow": "wf.json", "set": {"KSamplr.seed": 1}}', "did you mean 'KSampler'"),
+        ('{"workflow": "wf.json", "set": {"KSampler.sed": 1}}', "has no input 'sed'"),
+    ],
+)
 def test_jsonl_bad_lines(wf, tmp_path, line, message):
     path = write(tmp_path / "b.jsonl", json.dumps({"workflow": "wf.json"}) + "\n" + line + "\n")
     with pytest.raises(BatchError) as info:
@@ -77,11 +82,15 @@ def sweep(**extra) -> dict:
 
 
 def test_cartesian_product_counts_and_values():
-    plan = parse_sweep(sweep(axes={
-        "prompt": {"set": "Positive.text", "values": ["a cat", "a dog", "a fox"]},
-        "seed": {"set": "KSampler.seed", "values": [1, 2, 3, 4]},
-        "lora": {"set": "KSampler.cfg", "range": {"start": 0.5, "stop": 1.0, "step": 0.25}},
-    }))
+    plan = parse_sweep(
+        sweep(
+            axes={
+                "prompt": {"set": "Positive.text", "values": ["a cat", "a dog", "a fox"]},
+                "seed": {"set": "KSampler.seed", "values": [1, 2, 3, 4]},
+                "lora": {"set": "KSampler.cfg", "range": {"start": 0.5, "stop": 1.0, "step": 0.25}},
+            }
+        )
+    )
     assert len(plan.jobs) == 36
     assert plan.jobs[0].axes == {"prompt": "a cat", "seed": 1, "lora": 0.5}
     assert plan.jobs[-1].axes == {"prompt": "a fox", "seed": 4, "lora": 1.0}
@@ -91,16 +100,32 @@ def test_cartesian_product_counts_and_values():
 
 
 def test_zip_groups():
-    plan = parse_sweep(sweep(axes={
-        "prompt": {"set": "Positive.text", "values": ["a", "b", "c"]},
-        "negative": {"set": "Negative.text", "values": ["x", "y", "z"]},
-        "steps": {"set": "KSampler.steps", "values": [10, 20]},
-    }, zip=[["prompt", "negative"]]))
+    plan = parse_sweep(
+        sweep(
+            axes={
+                "prompt": {"set": "Positive.text", "values": ["a", "b", "c"]},
+                "negative": {"set": "Negative.text", "values": ["x", "y", "z"]},
+                "steps": {"set": "KSampler.steps", "values": [10, 20]},
+            },
+            zip=[["prompt", "negative"]],
+        )
+    )
     assert len(plan.jobs) == 6
-    assert [(j.axes["prompt"], j.axes["negative"]) for j in plan.jobs[::2]] == [("a", "x"), ("b", "y"), ("c", "z")]
+    assert [(j.axes["prompt"], j.axes["negative"]) for j in plan.jobs[::2]] == [
+        ("a", "x"),
+        ("b", "y"),
+        ("c", "z"),
+    ]
     with pytest.raises(BatchError, match="equal lengths"):
-        parse_sweep(sweep(axes={"a": {"set": "Positive.text", "values": [1, 2]},
-                                "b": {"set": "Negative.text", "values": [1]}}, zip=[["a", "b"]]))
+        parse_sweep(
+            sweep(
+                axes={
+                    "a": {"set": "Positive.text", "values": [1, 2]},
+                    "b": {"set": "Negative.text", "values": [1]},
+                },
+                zip=[["a", "b"]],
+            )
+        )
     with pytest.raises(BatchError, match="unknown axis 'c'"):
         parse_sweep(sweep(axes={"a": {"set": "Positive.text", "values": [1]}}, zip=[["a", "c"]]))
 
@@ -127,8 +152,9 @@ def test_seed_policies():
     assert [j.id for j in rnd.jobs] == [j.id for j in again.jobs]
     drawn = parse_sweep(sweep(axes=axes, seed={"set": "KSampler.seed", "policy": "random"}))
     assert drawn.master_seed is not None
-    replay = parse_sweep(sweep(axes=axes, seed={"set": "KSampler.seed", "policy": "random",
-                                                "master": drawn.master_seed}))
+    replay = parse_sweep(
+        sweep(axes=axes, seed={"set": "KSampler.seed", "policy": "random", "master": drawn.master_seed})
+    )
     assert [j.seed for j in replay.jobs] == [j.seed for j in drawn.jobs]
     with pytest.raises(BatchError, match="not one of fixed, increment, random"):
         parse_sweep(sweep(axes=axes, seed={"set": "KSampler.seed", "policy": "chaos"}))
@@ -160,8 +186,11 @@ def test_address_errors_list_candidates():
 
 
 def test_cli_batch_plan(wf, tmp_path):
-    path = write(tmp_path / "s.yaml", "workflow: wf.json\naxes:\n  seed: {set: KSampler.seed, values: [1, 2, 3]}\n"
-                 "  cfg: {set: KSampler.cfg, range: {start: 5, stop: 6}}\n")
+    path = write(
+        tmp_path / "s.yaml",
+        "workflow: wf.json\naxes:\n  seed: {set: KSampler.seed, values: [1, 2, 3]}\n"
+        "  cfg: {set: KSampler.cfg, range: {start: 5, stop: 6}}\n",
+    )
     code, out, err = run_cli("batch", "plan", str(path))
     assert code == 0, err
     lines = out.strip().splitlines()
@@ -185,7 +214,9 @@ def test_cli_batch_plan_table_on_tty(wf, tmp_path):
         def isatty(self) -> bool:
             return True
 
-    path = write(tmp_path / "b.jsonl", json.dumps({"workflow": "wf.json", "set": {"KSampler.seed": 3}}) + "\n")
+    path = write(
+        tmp_path / "b.jsonl", json.dumps({"workflow": "wf.json", "set": {"KSampler.seed": 3}}) + "\n"
+    )
     out, err = Tty(), io.StringIO()
     assert cli.main(["batch", "plan", str(path)], stdout=out, stderr=err) == 0
     head, row = out.getvalue().splitlines()

@@ -34,8 +34,20 @@ def write(path: Path, data: dict) -> Path:
 
 def test_run_downloads_and_reports(fake_comfy, tmp_path):
     wf = write(tmp_path / "wf.json", sampler_workflow())
-    code, out, err = run_cli("run", str(wf), "--server", fake_comfy.url, "--out", str(tmp_path / "o"),
-                             "--set", "KSampler.seed=99", "--set", "Positive.text=a dog", "--progress", "plain")
+    code, out, err = run_cli(
+        "run",
+        str(wf),
+        "--server",
+        fake_comfy.url,
+        "--out",
+        str(tmp_path / "o"),
+        "--set",
+        "KSampler.seed=99",
+        "--set",
+        "Positive.text=a dog",
+        "--progress",
+        "plain",
+    )
     assert code == 0, err
     assert "txt2img_00001_.png  <- node 9" in out and "manifest:" in out
     assert "running 3 (KSampler)" in err and "3 (KSampler): 4/4" in err
@@ -48,7 +60,9 @@ def test_run_downloads_and_reports(fake_comfy, tmp_path):
 
 def test_run_json_is_ndjson_with_a_result(fake_comfy, tmp_path):
     wf = write(tmp_path / "wf.json", webp_workflow())
-    code, out, err = run_cli("run", str(wf), "--server", fake_comfy.url, "--out", str(tmp_path / "o"), "--json")
+    code, out, err = run_cli(
+        "run", str(wf), "--server", fake_comfy.url, "--out", str(tmp_path / "o"), "--json"
+    )
     assert code == 0 and err == ""
     records = [json.loads(line) for line in out.splitlines()]
     kinds = [r["event"] for r in records]
@@ -91,7 +105,9 @@ def test_exit_codes_for_failure_unreachable_timeout_and_usage(fake_comfy, tmp_pa
     assert run_cli("status", "--server", "http://127.0.0.1:9")[0] == 3
     slow = write(tmp_path / "slow.json", wait_workflow(seconds=20, steps=200))
     start = time.monotonic()
-    code, _, err = run_cli("run", str(slow), "--server", fake_comfy.url, "--timeout", "0.7", "--progress", "plain")
+    code, _, err = run_cli(
+        "run", str(slow), "--server", fake_comfy.url, "--timeout", "0.7", "--progress", "plain"
+    )
     assert code == 124 and time.monotonic() - start < 5
     assert "interrupted" in err and len(fake_comfy.interrupt_calls) == 1
     assert run_cli("run", str(tmp_path / "missing.json"), "--server", fake_comfy.url)[0] == 2
@@ -106,10 +122,26 @@ def test_ctrl_c_cancels_only_this_job(fake_comfy, tmp_path):
     other = write(tmp_path / "other.json", wait_workflow(seconds=0.3, tag="other"))
     mine = write(tmp_path / "mine.json", wait_workflow(seconds=30, steps=300, tag="mine"))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "charforge.driver.cli", "run", str(mine), "--server",
-                             fake_comfy.url, "--out", str(tmp_path / "o"), "--progress", "plain"],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=sigint_as_in_a_terminal)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "charforge.driver.cli",
+            "run",
+            str(mine),
+            "--server",
+            fake_comfy.url,
+            "--out",
+            str(tmp_path / "o"),
+            "--progress",
+            "plain",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=sigint_as_in_a_terminal,
+    )
     try:
         assert proc.stderr is not None
         lines = []
@@ -117,7 +149,9 @@ def test_ctrl_c_cancels_only_this_job(fake_comfy, tmp_path):
             lines.append(line)
             if "running 1" in line:
                 break
-        code, _, _ = run_cli("run", str(other), "--server", fake_comfy.url, "--no-download", "--timeout", "0.01")
+        code, _, _ = run_cli(
+            "run", str(other), "--server", fake_comfy.url, "--no-download", "--timeout", "0.01"
+        )
         assert code == 124  # queued behind mine, then removed from the queue by its own timeout
         proc.send_signal(signal.SIGINT)
         rest = proc.communicate(timeout=20)[1]
@@ -126,8 +160,11 @@ def test_ctrl_c_cancels_only_this_job(fake_comfy, tmp_path):
             proc.kill()
     assert proc.returncode == 130, "".join(lines) + rest
     assert "cancelling job" in rest and ": interrupted" in rest
-    mine_id = next(r.body["prompt_id"] for r in fake_comfy.requests
-                   if r.path == "/prompt" and "mine" in json.dumps(r.body["prompt"]))
+    mine_id = next(
+        r.body["prompt_id"]
+        for r in fake_comfy.requests
+        if r.path == "/prompt" and "mine" in json.dumps(r.body["prompt"])
+    )
     assert fake_comfy.interrupt_calls == [{"prompt_id": mine_id}]
     deletes = [r.body["delete"] for r in fake_comfy.requests if r.path == "/queue" and r.method == "POST"]
     assert mine_id not in sum(deletes, [])
@@ -163,8 +200,10 @@ def test_status_cancel_validate_convert(fake_comfy, tmp_path):
 def test_profiles_and_env_auth(fake_comfy, tmp_path, monkeypatch):
     fake_comfy.knobs.require_headers = {"Authorization": "Bearer studio-secret-token"}
     config = tmp_path / "config.yaml"
-    config.write_text(f"default_profile: studio\nprofiles:\n  studio:\n    server: {fake_comfy.url}\n"
-                      "    token_env: STUDIO_TOKEN\n")
+    config.write_text(
+        f"default_profile: studio\nprofiles:\n  studio:\n    server: {fake_comfy.url}\n"
+        "    token_env: STUDIO_TOKEN\n"
+    )
     monkeypatch.setenv("STUDIO_TOKEN", "studio-secret-token")
     monkeypatch.setenv("CHARFORGE_CONFIG", str(config))
     for var in ("CHARFORGE_SERVER", "CHARFORGE_PROFILE", "CHARFORGE_TOKEN"):
@@ -182,8 +221,9 @@ def test_profiles_and_env_auth(fake_comfy, tmp_path, monkeypatch):
 def test_local_server_is_started_from_comfyui_dir_and_stopped(tmp_path, monkeypatch):
     comfy = tmp_path / "ComfyUI"
     comfy.mkdir()
-    (comfy / "main.py").write_text(f"import sys\nsys.path.insert(0, {str(TESTS_DIR)!r})\n"
-                                   "from fakes.comfy_server import main\nmain()\n")
+    (comfy / "main.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(TESTS_DIR)!r})\nfrom fakes.comfy_server import main\nmain()\n"
+    )
     monkeypatch.setattr(local, "DEFAULT_LOCAL_URL", "http://127.0.0.1:9")  # nothing answers there
     monkeypatch.setenv("COMFYUI_DIR", str(comfy))
     monkeypatch.setenv("COMFYUI_PYTHON", sys.executable)
@@ -227,8 +267,9 @@ def test_prefixed_https_style_url_is_used_verbatim(tmp_path):
 def test_wait_attaches_to_a_job_submitted_elsewhere(fake_comfy, client, tmp_path):
     fake_comfy.knobs.node_seconds = 0.2
     job = client.submit(webp_workflow(frames=2))
-    code, out, err = run_cli("wait", job.prompt_id, "--server", fake_comfy.url, "--out", str(tmp_path / "o"),
-                             "--progress", "plain")
+    code, out, err = run_cli(
+        "wait", job.prompt_id, "--server", fake_comfy.url, "--out", str(tmp_path / "o"), "--progress", "plain"
+    )
     assert code == 0, err
     assert "anim/clip_00001_.webp" in out
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["prompt_id"] == job.prompt_id

@@ -26,8 +26,9 @@ from charforge.driver.errors import (
 
 
 def _types(events, prompt_id):
-    return [e.type if not e.is_finished_marker else "executing:null"
-            for e in events if e.prompt_id == prompt_id]
+    return [
+        e.type if not e.is_finished_marker else "executing:null" for e in events if e.prompt_id == prompt_id
+    ]
 
 
 def test_run_follows_the_servers_message_order(client, fake_comfy):
@@ -36,9 +37,14 @@ def test_run_follows_the_servers_message_order(client, fake_comfy):
     order = _types(events, result.prompt_id)
     assert order[0] == "submitted"
     assert order[-1] == "finished"
-    for earlier, later in [("execution_start", "execution_cached"), ("execution_cached", "executing"),
-                           ("progress", "executed"), ("executed", "execution_success"),
-                           ("execution_success", "executing:null"), ("executing:null", "finished")]:
+    for earlier, later in [
+        ("execution_start", "execution_cached"),
+        ("execution_cached", "executing"),
+        ("progress", "executed"),
+        ("executed", "execution_success"),
+        ("execution_success", "executing:null"),
+        ("executing:null", "finished"),
+    ]:
         assert order.index(earlier) < order.index(later), (earlier, later, order)
     progress = [e.data["value"] for e in events if e.type == "progress"]
     assert progress == [1, 2, 3]
@@ -137,9 +143,18 @@ def test_unknown_class_400_names_the_missing_pack(client):
 
 def _two_outputs():
     wf = image_workflow()
-    wf["4"] = {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["1", 0], "filename_prefix": "x", "fps": 6.0,
-                                                            "lossless": True, "quality": 500, "method": "default"},
-               "_meta": {"title": "Broken save"}}
+    wf["4"] = {
+        "class_type": "SaveAnimatedWEBP",
+        "inputs": {
+            "images": ["1", 0],
+            "filename_prefix": "x",
+            "fps": 6.0,
+            "lossless": True,
+            "quality": 500,
+            "method": "default",
+        },
+        "_meta": {"title": "Broken save"},
+    }
     return wf
 
 
@@ -180,6 +195,7 @@ def _raw_submit(server: FakeComfyServer, workflow: dict) -> str:
         body = {"prompt": workflow, "client_id": "someone-else"}
         async with aiohttp.ClientSession() as s, s.post(server.url + "/prompt", json=body) as r:
             return (await r.json())["prompt_id"]
+
     return asyncio.run(post())
 
 
@@ -246,7 +262,10 @@ def test_basic_auth_from_url_and_custom_headers(fake_comfy):
     with ComfyClient(url) as client:
         assert "pa55w0rd" not in repr(client) and "pa55w0rd" not in client.url
         client.system_stats()
-    assert fake_comfy.requests[-1].headers["Authorization"] == BasicAuth("ann", "pa55w0rd").headers()["Authorization"]
+    assert (
+        fake_comfy.requests[-1].headers["Authorization"]
+        == BasicAuth("ann", "pa55w0rd").headers()["Authorization"]
+    )
     with ComfyClient(fake_comfy.url, auth=HeaderAuth({"X-Api-Key": "k-123456"})) as client:
         client.system_stats()
         assert "k-123456" not in repr(client)
@@ -254,8 +273,10 @@ def test_basic_auth_from_url_and_custom_headers(fake_comfy):
 
 
 def test_server_unavailable():
-    with ComfyClient("http://127.0.0.1:9", retries=0, timeout=2) as client, \
-            pytest.raises(ServerUnavailable) as info:
+    with (
+        ComfyClient("http://127.0.0.1:9", retries=0, timeout=2) as client,
+        pytest.raises(ServerUnavailable) as info,
+    ):
         client.system_stats()
     assert "cannot reach ComfyUI at http://127.0.0.1:9/" in str(info.value)
     assert info.value.exit_code == 3
@@ -318,8 +339,10 @@ def test_two_jobs_concurrently_on_one_async_client(fake_comfy):
 
     async def main():
         async with AsyncComfyClient(fake_comfy.url, poll_interval=0.5) as client:
-            a, b = await asyncio.gather(client.run(image_workflow(prefix="a/a"), timeout=10),
-                                        client.run(image_workflow(prefix="b/b"), timeout=10))
+            a, b = await asyncio.gather(
+                client.run(image_workflow(prefix="a/a"), timeout=10),
+                client.run(image_workflow(prefix="b/b"), timeout=10),
+            )
             return a, b
 
     a, b = asyncio.run(main())
@@ -329,8 +352,12 @@ def test_two_jobs_concurrently_on_one_async_client(fake_comfy):
 def test_blocking_client_is_usable_from_several_threads(fake_comfy):
     results = []
     with ComfyClient(fake_comfy.url, poll_interval=0.5) as client:
-        threads = [threading.Thread(target=lambda i=i: results.append(
-            client.run(image_workflow(prefix=f"t{i}/x"), timeout=10))) for i in range(3)]
+        threads = [
+            threading.Thread(
+                target=lambda i=i: results.append(client.run(image_workflow(prefix=f"t{i}/x"), timeout=10))
+            )
+            for i in range(3)
+        ]
         for t in threads:
             t.start()
         for t in threads:

@@ -23,23 +23,52 @@ def object_info():
     finally:
         server.stop()
     # A V3-style node whose seed declares no control widget, and one with a list-valued widget.
-    info["NoControlSeed"] = {"input": {"required": {"seed": ["INT", {"default": 0, "control_after_generate": False}],
-                                                    "steps": ["INT", {"default": 1}]}},
-                             "input_order": {"required": ["seed", "steps"]}, "output": ["INT"], "output_node": False,
-                             "display_name": "No control seed"}
-    info["Tags"] = {"input": {"required": {"tags": ["COMBO", {"options": ["a", "b", "c"], "multi_select": True}],
-                                           "images": ["IMAGE"]}},
-                    "input_order": {"required": ["tags", "images"]}, "output": [], "output_node": True,
-                    "display_name": "Tags"}
+    info["NoControlSeed"] = {
+        "input": {
+            "required": {
+                "seed": ["INT", {"default": 0, "control_after_generate": False}],
+                "steps": ["INT", {"default": 1}],
+            }
+        },
+        "input_order": {"required": ["seed", "steps"]},
+        "output": ["INT"],
+        "output_node": False,
+        "display_name": "No control seed",
+    }
+    info["Tags"] = {
+        "input": {
+            "required": {
+                "tags": ["COMBO", {"options": ["a", "b", "c"], "multi_select": True}],
+                "images": ["IMAGE"],
+            }
+        },
+        "input_order": {"required": ["tags", "images"]},
+        "output": [],
+        "output_node": True,
+        "display_name": "Tags",
+    }
     return info
 
 
 def test_classic_workflow_with_seed_control_value(object_info):
     prompt = convert_workflow(classic(), object_info)
     assert set(prompt) == {"3", "4", "5", "6", "7", "8", "9"}  # the Note is gone
-    assert prompt["3"] == {"class_type": "KSampler", "_meta": {"title": "KSampler"}, "inputs": {
-        "seed": 156680208700286, "steps": 20, "cfg": 8, "sampler_name": "euler", "scheduler": "normal", "denoise": 1,
-        "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}}
+    assert prompt["3"] == {
+        "class_type": "KSampler",
+        "_meta": {"title": "KSampler"},
+        "inputs": {
+            "seed": 156680208700286,
+            "steps": 20,
+            "cfg": 8,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "denoise": 1,
+            "model": ["4", 0],
+            "positive": ["6", 0],
+            "negative": ["7", 0],
+            "latent_image": ["5", 0],
+        },
+    }
     assert prompt["5"]["inputs"] == {"width": 512, "height": 512, "batch_size": 1}
     assert prompt["4"]["_meta"]["title"] == "Load Checkpoint"
     assert prompt["6"]["inputs"]["text"] == "a cat \n"  # dynamic prompt comment removed
@@ -64,8 +93,10 @@ def test_reroutes_are_followed(object_info):
     # VAE goes 4 -> reroute 20 -> reroute 21 -> VAEDecode
     wf["links"] = [lk for lk in wf["links"] if lk[0] != 8]
     wf["links"] += [[20, 4, 2, 20, 0, "*"], [21, 20, 0, 21, 0, "VAE"], [8, 21, 0, 8, 1, "VAE"]]
-    wf["nodes"] += [node(20, "Reroute", inputs=[("", "*", 20)], outputs=[("", "VAE")]),
-                    node(21, "Reroute", inputs=[("", "*", 21)], outputs=[("", "VAE")])]
+    wf["nodes"] += [
+        node(20, "Reroute", inputs=[("", "*", 20)], outputs=[("", "VAE")]),
+        node(21, "Reroute", inputs=[("", "*", 21)], outputs=[("", "VAE")]),
+    ]
     prompt = convert_workflow(wf, object_info)
     assert prompt["8"]["inputs"]["vae"] == ["4", 2]
     assert "20" not in prompt and "21" not in prompt
@@ -73,8 +104,9 @@ def test_reroutes_are_followed(object_info):
 
 def test_primitive_node_value_is_inlined(object_info):
     wf = classic()
-    wf["nodes"].append(node(12, "PrimitiveNode", outputs=[("INT", "INT", [12])], widgets=[777, "fixed"],
-                            title="Seed"))
+    wf["nodes"].append(
+        node(12, "PrimitiveNode", outputs=[("INT", "INT", [12])], widgets=[777, "fixed"], title="Seed")
+    )
     ks = next(n for n in wf["nodes"] if n["id"] == 3)
     ks["inputs"].append({"name": "seed", "type": "INT", "link": 12, "widget": {"name": "seed"}})
     wf["links"].append([12, 12, 0, 3, 4, "INT"])
@@ -84,17 +116,38 @@ def test_primitive_node_value_is_inlined(object_info):
 
 
 def test_muted_nodes_are_dropped_and_bypassed_nodes_wired_through(object_info):
-    wf = {"nodes": [
-        node(1, "EmptyImage", outputs=[("IMAGE", "IMAGE")], widgets=[64, 64, 1, 0]),
-        node(2, "ImageScale", inputs=[("image", "IMAGE", 1)], outputs=[("IMAGE", "IMAGE")],
-             widgets=["nearest-exact", 32, 32, "disabled"], mode=4),
-        node(3, "SaveImage", inputs=[("images", "IMAGE", 2)], widgets=["out"]),
-        node(4, "PreviewImage", inputs=[("images", "IMAGE", 3)], mode=2),
-        node(5, "ImageScale", inputs=[("image", "IMAGE", 4)], outputs=[("IMAGE", "IMAGE")],
-             widgets=["bilinear", 8, 8, "center"], mode=2),
-        node(6, "SaveImage", inputs=[("images", "IMAGE", 5)], widgets=["after-muted"]),
-    ], "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 3, 0, "IMAGE"], [3, 1, 0, 4, 0, "IMAGE"],
-                 [4, 1, 0, 5, 0, "IMAGE"], [5, 5, 0, 6, 0, "IMAGE"]], "version": 0.4}
+    wf = {
+        "nodes": [
+            node(1, "EmptyImage", outputs=[("IMAGE", "IMAGE")], widgets=[64, 64, 1, 0]),
+            node(
+                2,
+                "ImageScale",
+                inputs=[("image", "IMAGE", 1)],
+                outputs=[("IMAGE", "IMAGE")],
+                widgets=["nearest-exact", 32, 32, "disabled"],
+                mode=4,
+            ),
+            node(3, "SaveImage", inputs=[("images", "IMAGE", 2)], widgets=["out"]),
+            node(4, "PreviewImage", inputs=[("images", "IMAGE", 3)], mode=2),
+            node(
+                5,
+                "ImageScale",
+                inputs=[("image", "IMAGE", 4)],
+                outputs=[("IMAGE", "IMAGE")],
+                widgets=["bilinear", 8, 8, "center"],
+                mode=2,
+            ),
+            node(6, "SaveImage", inputs=[("images", "IMAGE", 5)], widgets=["after-muted"]),
+        ],
+        "links": [
+            [1, 1, 0, 2, 0, "IMAGE"],
+            [2, 2, 0, 3, 0, "IMAGE"],
+            [3, 1, 0, 4, 0, "IMAGE"],
+            [4, 1, 0, 5, 0, "IMAGE"],
+            [5, 5, 0, 6, 0, "IMAGE"],
+        ],
+        "version": 0.4,
+    }
     prompt = convert_workflow(wf, object_info)
     assert set(prompt) == {"1", "3", "6"}
     assert prompt["3"]["inputs"] == {"filename_prefix": "out", "images": ["1", 0]}
@@ -102,15 +155,34 @@ def test_muted_nodes_are_dropped_and_bypassed_nodes_wired_through(object_info):
 
 
 def test_bypass_picks_the_input_of_the_matching_type(object_info):
-    wf = {"nodes": [
-        node(1, "CheckpointLoaderSimple", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
-             widgets=["v1-5-pruned-emaonly.safetensors"]),
-        node(2, "LoraLoaderLike", inputs=[("model", "MODEL", 1), ("clip", "CLIP", 2)],
-             outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP")], widgets=["x.safetensors", 1, 1], mode=4),
-        node(3, "CLIPTextEncode", inputs=[("clip", "CLIP", 3)], outputs=[("CONDITIONING", "CONDITIONING")],
-             widgets=["hi"]),
-        node(4, "CF_ShowText", inputs=[("text", "STRING", None)], widgets=[]),
-    ], "links": [[1, 1, 0, 2, 0, "MODEL"], [2, 1, 1, 2, 1, "CLIP"], [3, 2, 1, 3, 0, "CLIP"]], "version": 0.4}
+    wf = {
+        "nodes": [
+            node(
+                1,
+                "CheckpointLoaderSimple",
+                outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+                widgets=["v1-5-pruned-emaonly.safetensors"],
+            ),
+            node(
+                2,
+                "LoraLoaderLike",
+                inputs=[("model", "MODEL", 1), ("clip", "CLIP", 2)],
+                outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP")],
+                widgets=["x.safetensors", 1, 1],
+                mode=4,
+            ),
+            node(
+                3,
+                "CLIPTextEncode",
+                inputs=[("clip", "CLIP", 3)],
+                outputs=[("CONDITIONING", "CONDITIONING")],
+                widgets=["hi"],
+            ),
+            node(4, "CF_ShowText", inputs=[("text", "STRING", None)], widgets=[]),
+        ],
+        "links": [[1, 1, 0, 2, 0, "MODEL"], [2, 1, 1, 2, 1, "CLIP"], [3, 2, 1, 3, 0, "CLIP"]],
+        "version": 0.4,
+    }
     prompt = convert_workflow(wf, object_info)  # the bypassed class need not be installed
     assert prompt["3"]["inputs"]["clip"] == ["1", 1]
 
@@ -118,26 +190,55 @@ def test_bypass_picks_the_input_of_the_matching_type(object_info):
 def _subgraph_workflow():
     sub_id = "0d9c3b8e-8a1e-4d0b-9b7e-1c2d3e4f5a6b"
     definition = {
-        "id": sub_id, "revision": 0, "name": "Resize block", "version": 1, "state": {},
-        "inputNode": {"id": -10, "bounding": [0, 0, 10, 10]}, "outputNode": {"id": -20, "bounding": [0, 0, 10, 10]},
-        "inputs": [{"id": "a1", "name": "image", "type": "IMAGE", "linkIds": [1]},
-                   {"id": "a2", "name": "width", "type": "INT", "linkIds": [3]}],
+        "id": sub_id,
+        "revision": 0,
+        "name": "Resize block",
+        "version": 1,
+        "state": {},
+        "inputNode": {"id": -10, "bounding": [0, 0, 10, 10]},
+        "outputNode": {"id": -20, "bounding": [0, 0, 10, 10]},
+        "inputs": [
+            {"id": "a1", "name": "image", "type": "IMAGE", "linkIds": [1]},
+            {"id": "a2", "name": "width", "type": "INT", "linkIds": [3]},
+        ],
         "outputs": [{"id": "b1", "name": "IMAGE", "type": "IMAGE", "linkIds": [2]}],
         "widgets": [],
-        "nodes": [node(1, "ImageScale", inputs=[("image", "IMAGE", 1), ("width", "INT", 3, "width")],
-                       outputs=[("IMAGE", "IMAGE")], widgets=["bilinear", 64, 48, "disabled"], title="Inner scale")],
-        "links": [{"id": 1, "origin_id": -10, "origin_slot": 0, "target_id": 1, "target_slot": 0, "type": "IMAGE"},
-                  {"id": 3, "origin_id": -10, "origin_slot": 1, "target_id": 1, "target_slot": 1, "type": "INT"},
-                  {"id": 2, "origin_id": 1, "origin_slot": 0, "target_id": -20, "target_slot": 0, "type": "IMAGE"}],
+        "nodes": [
+            node(
+                1,
+                "ImageScale",
+                inputs=[("image", "IMAGE", 1), ("width", "INT", 3, "width")],
+                outputs=[("IMAGE", "IMAGE")],
+                widgets=["bilinear", 64, 48, "disabled"],
+                title="Inner scale",
+            )
+        ],
+        "links": [
+            {"id": 1, "origin_id": -10, "origin_slot": 0, "target_id": 1, "target_slot": 0, "type": "IMAGE"},
+            {"id": 3, "origin_id": -10, "origin_slot": 1, "target_id": 1, "target_slot": 1, "type": "INT"},
+            {"id": 2, "origin_id": 1, "origin_slot": 0, "target_id": -20, "target_slot": 0, "type": "IMAGE"},
+        ],
     }
-    instance = node(10, sub_id, inputs=[("image", "IMAGE", 11), ("width", "INT", None, "width")],
-                    outputs=[("IMAGE", "IMAGE")], widgets=[24], title="Resize block")
-    return {"version": 0.4, "last_node_id": 12, "last_link_id": 12, "nodes": [
-        node(5, "EmptyImage", outputs=[("IMAGE", "IMAGE")], widgets=[16, 16, 1, 255]),
-        instance,
-        node(12, "SaveImage", inputs=[("images", "IMAGE", 12)], widgets=["sub"]),
-    ], "links": [[11, 5, 0, 10, 0, "IMAGE"], [12, 10, 0, 12, 0, "IMAGE"]],
-        "definitions": {"subgraphs": [definition]}}
+    instance = node(
+        10,
+        sub_id,
+        inputs=[("image", "IMAGE", 11), ("width", "INT", None, "width")],
+        outputs=[("IMAGE", "IMAGE")],
+        widgets=[24],
+        title="Resize block",
+    )
+    return {
+        "version": 0.4,
+        "last_node_id": 12,
+        "last_link_id": 12,
+        "nodes": [
+            node(5, "EmptyImage", outputs=[("IMAGE", "IMAGE")], widgets=[16, 16, 1, 255]),
+            instance,
+            node(12, "SaveImage", inputs=[("images", "IMAGE", 12)], widgets=["sub"]),
+        ],
+        "links": [[11, 5, 0, 10, 0, "IMAGE"], [12, 10, 0, 12, 0, "IMAGE"]],
+        "definitions": {"subgraphs": [definition]},
+    }
 
 
 def test_subgraph_is_expanded_with_execution_ids(object_info):
@@ -161,12 +262,23 @@ def test_bypassed_subgraph_is_wired_through(object_info):
 
 
 def test_upload_value_list_widgets_force_input_and_legacy_seed(object_info):
-    wf = {"version": 0.4, "nodes": [
-        node(1, "LoadImage", outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], widgets=["example.png", "image"]),
-        node(2, "Tags", inputs=[("images", "IMAGE", 1)], widgets=[["a", "c"]]),
-        node(3, "CF_ShowText", inputs=[("text", "STRING", None)], widgets=[0.5]),  # forceInput text owns no slot
-        node(4, "NoControlSeed", outputs=[("INT", "INT")], widgets=[5, 6]),
-    ], "links": [[1, 1, 0, 2, 1, "IMAGE"]]}
+    wf = {
+        "version": 0.4,
+        "nodes": [
+            node(
+                1,
+                "LoadImage",
+                outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+                widgets=["example.png", "image"],
+            ),
+            node(2, "Tags", inputs=[("images", "IMAGE", 1)], widgets=[["a", "c"]]),
+            node(
+                3, "CF_ShowText", inputs=[("text", "STRING", None)], widgets=[0.5]
+            ),  # forceInput text owns no slot
+            node(4, "NoControlSeed", outputs=[("INT", "INT")], widgets=[5, 6]),
+        ],
+        "links": [[1, 1, 0, 2, 1, "IMAGE"]],
+    }
     prompt = convert_workflow(wf, object_info)
     assert prompt["1"]["inputs"] == {"image": "example.png"}
     assert prompt["2"]["inputs"] == {"tags": {"__value__": ["a", "c"]}, "images": ["1", 0]}
@@ -186,10 +298,18 @@ def test_map_widgets_is_positional_like_the_editor(object_info):
     # Old files store `true` in the control slot; it is skipped like any control value.
     info = copy.deepcopy(object_info["KSampler"])
     named = map_widgets(info, [5, True, 20, 8.0, "euler", "normal", 1.0])
-    assert named == {"seed": 5, "steps": 20, "cfg": 8.0, "sampler_name": "euler", "scheduler": "normal",
-                     "denoise": 1.0}
+    assert named == {
+        "seed": 5,
+        "steps": 20,
+        "cfg": 8.0,
+        "sampler_name": "euler",
+        "scheduler": "normal",
+        "denoise": 1.0,
+    }
     # Widgets the file has no value for (a newer node definition) get their defaults.
-    assert map_widgets(info, [5, "fixed", 30])["denoise"] == info["input"]["required"]["denoise"][1]["default"]
+    assert (
+        map_widgets(info, [5, "fixed", 30])["denoise"] == info["input"]["required"]["denoise"][1]["default"]
+    )
     assert map_widgets(info, {"steps": 3, "bogus": 1})["steps"] == 3
 
 

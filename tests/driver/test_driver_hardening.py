@@ -26,8 +26,14 @@ TOKEN = "tok-7d1e5c0a9b3f42e8a1c6"
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CHARFORGE_CONFIG", str(tmp_path / "none.yaml"))
-    for name in ("CHARFORGE_SERVER", "CHARFORGE_PROFILE", "CHARFORGE_TOKEN", "CHARFORGE_MAX_DOWNLOAD_MB",
-                 "CHARFORGE_MAX_REPLY_MB", "RUNPOD_API_KEY"):
+    for name in (
+        "CHARFORGE_SERVER",
+        "CHARFORGE_PROFILE",
+        "CHARFORGE_TOKEN",
+        "CHARFORGE_MAX_DOWNLOAD_MB",
+        "CHARFORGE_MAX_REPLY_MB",
+        "RUNPOD_API_KEY",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -44,7 +50,7 @@ def write(path: Path, data: dict) -> Path:
 
 def leaked(secret: str, text: str) -> bool:
     """True when any 6 consecutive characters of ``secret`` appear in ``text`` (a cut-off prefix counts)."""
-    return any(secret[i:i + 6] in text for i in range(len(secret) - 5))
+    return any(secret[i : i + 6] in text for i in range(len(secret) - 5))
 
 
 def posted_prompt(server: FakeComfyServer) -> bool:
@@ -63,7 +69,9 @@ def test_token_straddling_the_old_cut_of_a_500_body_is_masked(fake_comfy, tmp_pa
     wf = write(tmp_path / "wf.json", image_workflow())
     for extra in ((), ("--json",)):
         fake_comfy.knobs.fail_next = 1
-        code, out, err = run_cli("run", str(wf), "--server", fake_comfy.url, "--out", str(tmp_path / "o"), *extra)
+        code, out, err = run_cli(
+            "run", str(wf), "--server", fake_comfy.url, "--out", str(tmp_path / "o"), *extra
+        )
         assert code == 3, err
         assert "HTTP 500" in out + err
         assert not leaked(TOKEN, out + err), out + err
@@ -99,8 +107,10 @@ def test_credentials_in_urls_are_never_shown(fake_comfy):
     code, _, err = run_cli("status", "--server", "http://me:pw-s3cr3t-value@[::1")
     assert code == 2 and "invalid server URL" in err and not leaked("pw-s3cr3t-value", err), err
     # unknown secrets in text from elsewhere: URL userinfo, bearer credentials, credential query parameters
-    text = mask("see https://bob:hunter2x@example.com/a?x=1&token=abcdef123 with Bearer zzzz.yyyy.xxxx.wwww "
-                "and Authorization: Basic dXNlcjpwYXNz")
+    text = mask(
+        "see https://bob:hunter2x@example.com/a?x=1&token=abcdef123 with Bearer zzzz.yyyy.xxxx.wwww "
+        "and Authorization: Basic dXNlcjpwYXNz"
+    )
     assert "hunter2x" not in text and "abcdef123" not in text and "zzzz" not in text and "bob:***@" in text
     assert "dXNlcjpwYXNz" not in text
     ordinary = "a basic pose, key=light, a bearer of gifts"  # prompt text: nothing looks like a credential
@@ -134,8 +144,9 @@ def test_endless_view_stream_stops_at_the_download_cap_and_leaves_no_file(fake_c
     wf = write(tmp_path / "wf.json", image_workflow())
     out_dir = tmp_path / "o"
     start = time.monotonic()
-    code, _, err = run_cli("run", str(wf), "--server", fake_comfy.url, "--out", str(out_dir),
-                           "--max-download-mb", "0.25")
+    code, _, err = run_cli(
+        "run", str(wf), "--server", fake_comfy.url, "--out", str(out_dir), "--max-download-mb", "0.25"
+    )
     assert code == 3 and time.monotonic() - start < 10, err
     assert "larger than 0.25 MiB" in err and "--max-download-mb" in err and "CHARFORGE_MAX_DOWNLOAD_MB" in err
     assert not [p for p in out_dir.rglob("*") if p.is_file()]
@@ -153,7 +164,9 @@ def test_trickling_view_is_bounded_by_the_job_timeout(fake_comfy, tmp_path):
     wf = write(tmp_path / "wf.json", image_workflow())
     out_dir = tmp_path / "o"
     start = time.monotonic()
-    code, _, err = run_cli("run", str(wf), "--server", fake_comfy.url, "--out", str(out_dir), "--timeout", "2")
+    code, _, err = run_cli(
+        "run", str(wf), "--server", fake_comfy.url, "--out", str(out_dir), "--timeout", "2"
+    )
     assert code == 124, err
     assert time.monotonic() - start < 6
     assert "downloading the outputs" in err
@@ -165,8 +178,19 @@ def test_batch_downloads_are_bounded_by_the_job_timeout_and_the_size_limit(fake_
     fake_comfy.knobs.view_mode = "trickle"
     fake_comfy.knobs.trickle_seconds = 0.2
     start = time.monotonic()
-    code, _, err = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "a"),
-                           "--timeout", "2", "--backoff", "0.05")
+    code, _, err = run_cli(
+        "batch",
+        "run",
+        str(spec),
+        "--server",
+        fake_comfy.url,
+        "--out",
+        str(tmp_path / "a"),
+        "--timeout",
+        "2",
+        "--backoff",
+        "0.05",
+    )
     assert code == 1 and time.monotonic() - start < 10, err
     ends = [r for r in records(tmp_path / "a") if r["ev"] == "timed_out"]
     assert len(ends) == 1 and "downloading its outputs did not finish within 2 s" in ends[0]["reason"]
@@ -174,8 +198,17 @@ def test_batch_downloads_are_bounded_by_the_job_timeout_and_the_size_limit(fake_
     # over the size limit: failed at once with the reason, never retried (the same request gets the same answer)
     fake_comfy.knobs.view_mode = "infinite"
     monkeypatch.setenv("CHARFORGE_MAX_DOWNLOAD_MB", "0.1")
-    code, _, err = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "b"),
-                           "--backoff", "0.05")
+    code, _, err = run_cli(
+        "batch",
+        "run",
+        str(spec),
+        "--server",
+        fake_comfy.url,
+        "--out",
+        str(tmp_path / "b"),
+        "--backoff",
+        "0.05",
+    )
     assert code == 1, err
     journal = records(tmp_path / "b")
     failed = [r for r in journal if r["ev"] == "failed"]
@@ -188,8 +221,9 @@ def test_huge_history_reply_is_refused_without_reading_it_all(fake_comfy, tmp_pa
     fake_comfy.knobs.huge_history_bytes = 1536 * 1024 * 1024  # 1.5 GB, streamed by the fake
     wf = write(tmp_path / "wf.json", image_workflow())
     start = time.monotonic()
-    code, _, err = run_cli("run", str(wf), "--server", fake_comfy.url, "--out", str(tmp_path / "o"),
-                           "--timeout", "60")
+    code, _, err = run_cli(
+        "run", str(wf), "--server", fake_comfy.url, "--out", str(tmp_path / "o"), "--timeout", "60"
+    )
     assert code == 3 and time.monotonic() - start < 15, err
     assert "larger than 1 MiB" in err and "CHARFORGE_MAX_REPLY_MB" in err
     assert fake_comfy.hostile_bytes_sent < 100 * 1024 * 1024
@@ -240,8 +274,11 @@ def test_rich_progress_shows_server_text_literally():
     view = JobView({"1": {"class_type": f"K{evil}", "_meta": {"title": f"T{evil}"}}}, ["1"])
     renderer = RichRenderer(view, Console(file=buf, force_terminal=False, color_system=None, width=300))
     renderer.start()
-    for event in (Event("executing", {"node": "1"}, "p"), Event("execution_error", {"node_id": "1"}, "p"),
-                  Event("connection_lost", {"reason": f"why{evil}"}, "p")):
+    for event in (
+        Event("executing", {"node": "1"}, "p"),
+        Event("execution_error", {"node_id": "1"}, "p"),
+        Event("connection_lost", {"reason": f"why{evil}"}, "p"),
+    ):
         renderer.handle(event)
     renderer.close()
     text = buf.getvalue()
@@ -261,15 +298,18 @@ def _entry(value):
     return lambda request: {request.path.rsplit("/", 1)[1]: value}
 
 
-@pytest.mark.parametrize("path,reply", [
-    ("/history/", _entry({"status": "success", "outputs": {}})),
-    ("/history/", _entry(["not", "an", "entry"])),
-    ("/history/", _entry({"status": {"messages": "oops"}})),
-    ("/history/", ["a", "list"]),
-    ("/queue", {"queue_running": [5], "queue_pending": []}),
-    ("/queue", {"queue_running": [], "queue_pending": "busy"}),
-    ("/queue", "busy"),
-])
+@pytest.mark.parametrize(
+    "path,reply",
+    [
+        ("/history/", _entry({"status": "success", "outputs": {}})),
+        ("/history/", _entry(["not", "an", "entry"])),
+        ("/history/", _entry({"status": {"messages": "oops"}})),
+        ("/history/", ["a", "list"]),
+        ("/queue", {"queue_running": [5], "queue_pending": []}),
+        ("/queue", {"queue_running": [], "queue_pending": "busy"}),
+        ("/queue", "busy"),
+    ],
+)
 def test_malformed_json_is_a_protocol_error(fake_comfy, path, reply):
     fake_comfy.knobs.replies = {path: reply}
     code, out, err = run_cli("status", "some-prompt-id", "--server", fake_comfy.url)
@@ -290,7 +330,9 @@ def test_malformed_history_while_following_a_job_ends_it(fake_comfy, tmp_path):
     fake_comfy.knobs.replies = {"/history/": _entry({"status": "error"})}
     wf = write(tmp_path / "wf.json", image_workflow())
     start = time.monotonic()
-    code, _, err = run_cli("run", str(wf), "--server", fake_comfy.url, "--timeout", "30", "--progress", "plain")
+    code, _, err = run_cli(
+        "run", str(wf), "--server", fake_comfy.url, "--timeout", "30", "--progress", "plain"
+    )
     assert code == 3 and time.monotonic() - start < 10, err
     assert "history entry" in err and "'status' is a string" in err
 
@@ -300,8 +342,16 @@ def test_malformed_history_while_following_a_job_ends_it(fake_comfy, tmp_path):
 
 def test_validate_names_the_nodes_of_a_cycle(fake_comfy, tmp_path):
     wf = image_workflow()
-    wf["1"] = {"class_type": "ImageScale", "inputs": {"image": ["2", 0], "upscale_method": "nearest-exact",
-                                                      "width": 8, "height": 8, "crop": "disabled"}}
+    wf["1"] = {
+        "class_type": "ImageScale",
+        "inputs": {
+            "image": ["2", 0],
+            "upscale_method": "nearest-exact",
+            "width": 8,
+            "height": 8,
+            "crop": "disabled",
+        },
+    }
     path = write(tmp_path / "wf.json", wf)
     code, _, err = run_cli("validate", str(path), "--server", fake_comfy.url)
     assert code == 2, err
@@ -322,18 +372,23 @@ def test_invalid_server_url_is_a_usage_error(tmp_path):
 def test_out_below_a_file_is_refused_before_submitting(fake_comfy, tmp_path):
     wf = write(tmp_path / "wf.json", image_workflow())
     (tmp_path / "somefile.txt").write_text("x")
-    code, _, err = run_cli("run", str(wf), "--server", fake_comfy.url, "--out", str(tmp_path / "somefile.txt" / "x"))
+    code, _, err = run_cli(
+        "run", str(wf), "--server", fake_comfy.url, "--out", str(tmp_path / "somefile.txt" / "x")
+    )
     assert code == 2 and "is a file, not a folder" in err, err
     assert not posted_prompt(fake_comfy)
 
 
-@pytest.mark.parametrize("field,value,expected", [
-    ("widgets_values", 512, "'widgets_values' is int, expected a list"),
-    ("widgets_values", "512", "'widgets_values' is a string, expected a list"),
-    ("inputs", {"clip": 3}, "'inputs' is an object, expected a list"),
-    ("inputs", 7, "'inputs' is int, expected a list"),
-    ("mode", "muted", "'mode' is a string, expected a number"),
-])
+@pytest.mark.parametrize(
+    "field,value,expected",
+    [
+        ("widgets_values", 512, "'widgets_values' is int, expected a list"),
+        ("widgets_values", "512", "'widgets_values' is a string, expected a list"),
+        ("inputs", {"clip": 3}, "'inputs' is an object, expected a list"),
+        ("inputs", 7, "'inputs' is int, expected a list"),
+        ("mode", "muted", "'mode' is a string, expected a number"),
+    ],
+)
 def test_damaged_editor_node_is_a_conversion_error_naming_it(fake_comfy, tmp_path, field, value, expected):
     ui = classic()
     node = next(n for n in ui["nodes"] if n["type"] == "EmptyLatentImage")
@@ -345,11 +400,17 @@ def test_damaged_editor_node_is_a_conversion_error_naming_it(fake_comfy, tmp_pat
     assert not posted_prompt(fake_comfy)
 
 
-@pytest.mark.parametrize("links,expected", [
-    ({"1": [1, 4, 0, 6, 0, "MODEL"]}, "'links' is dict, expected a list"),
-    ([[1, 4, "first", 6, 0, "MODEL"]], "link [1, 4, 'first', 6, 0, 'MODEL'] of the workflow is malformed"),
-    ([[[1], 4, 0, 6, 0, "MODEL"]], "link [[1], 4, 0, 6, 0, 'MODEL'] of the workflow is malformed"),
-])
+@pytest.mark.parametrize(
+    "links,expected",
+    [
+        ({"1": [1, 4, 0, 6, 0, "MODEL"]}, "'links' is dict, expected a list"),
+        (
+            [[1, 4, "first", 6, 0, "MODEL"]],
+            "link [1, 4, 'first', 6, 0, 'MODEL'] of the workflow is malformed",
+        ),
+        ([[[1], 4, 0, 6, 0, "MODEL"]], "link [[1], 4, 0, 6, 0, 'MODEL'] of the workflow is malformed"),
+    ],
+)
 def test_damaged_links_are_a_conversion_error(fake_comfy, tmp_path, links, expected):
     ui = classic()
     ui["links"] = links

@@ -26,27 +26,45 @@ def test_collect_files_finds_every_kind():
     outputs = {
         "9": {"images": [{"filename": "a.png", "subfolder": "", "type": "output"}]},
         "12": {"images": [{"filename": "v.webp", "subfolder": "anim", "type": "output"}], "animated": [True]},
-        "13": {"gifs": [{"filename": "c.mp4", "subfolder": "", "type": "output", "format": "video/h264-mp4"}]},
+        "13": {
+            "gifs": [{"filename": "c.mp4", "subfolder": "", "type": "output", "format": "video/h264-mp4"}]
+        },
         "14": {"audio": [{"filename": "s.flac", "subfolder": "audio", "type": "output"}]},
-        "15": {"video": [{"filename": "m.mp4", "subfolder": "video", "type": "output"}],
-               "text": ["hello"]},
+        "15": {"video": [{"filename": "m.mp4", "subfolder": "video", "type": "output"}], "text": ["hello"]},
         "16": {"images": [{"filename": "p.png", "subfolder": "", "type": "temp"}]},
         "17": {"text": ["caption one", "caption two"], "score": [0.91]},
         "18": None,
     }
     files = collect_files(outputs)
     assert [(f.node_id, f.key, f.filename, f.animated) for f in files] == [
-        ("9", "images", "a.png", False), ("12", "images", "v.webp", True), ("13", "gifs", "c.mp4", True),
-        ("14", "audio", "s.flac", False), ("15", "video", "m.mp4", True), ("16", "images", "p.png", False)]
+        ("9", "images", "a.png", False),
+        ("12", "images", "v.webp", True),
+        ("13", "gifs", "c.mp4", True),
+        ("14", "audio", "s.flac", False),
+        ("15", "video", "m.mp4", True),
+        ("16", "images", "p.png", False),
+    ]
     assert files[2].format == "video/h264-mp4" and files[5].type == "temp"
     values = {v.node_id: v.values for v in collect_values(outputs)}
-    assert values == {"15": {"text": ["hello"]}, "17": {"text": ["caption one", "caption two"], "score": [0.91]}}
+    assert values == {
+        "15": {"text": ["hello"]},
+        "17": {"text": ["caption one", "caption two"], "score": [0.91]},
+    }
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("../../x.png", "x.png"), ("/etc/passwd", "passwd"), ("..", "output"), (".hidden", "_hidden"),
-    ("C:\\Windows\\evil.png", "evil.png"), ("a\x00b?.png", "a_b_.png"), ("", "output"), ("ok_00001_.png", "ok_00001_.png"),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("../../x.png", "x.png"),
+        ("/etc/passwd", "passwd"),
+        ("..", "output"),
+        (".hidden", "_hidden"),
+        ("C:\\Windows\\evil.png", "evil.png"),
+        ("a\x00b?.png", "a_b_.png"),
+        ("", "output"),
+        ("ok_00001_.png", "ok_00001_.png"),
+    ],
+)
 def test_safe_name(name, expected):
     assert safe_name(name) == expected
 
@@ -64,10 +82,12 @@ def test_local_path_never_leaves_the_output_dir(tmp_path):
     elsewhere.mkdir()
     out.mkdir()
     os.symlink(elsewhere, out / "link")
-    for file in [OutputFile("1", "images", 0, "../../a.png", "../.."),
-                 OutputFile("1", "images", 0, "b.png", "/etc/cron.d"),
-                 OutputFile("1", "images", 0, "c.png", "link"),
-                 OutputFile("1", "images", 0, "d.png", "", type="../temp")]:
+    for file in [
+        OutputFile("1", "images", 0, "../../a.png", "../.."),
+        OutputFile("1", "images", 0, "b.png", "/etc/cron.d"),
+        OutputFile("1", "images", 0, "c.png", "link"),
+        OutputFile("1", "images", 0, "d.png", "", type="../temp"),
+    ]:
         path = local_path_for(out, file)
         assert path.resolve().is_relative_to(out.resolve()), path
         assert not path.resolve().is_relative_to(elsewhere.resolve())
@@ -75,10 +95,21 @@ def test_local_path_never_leaves_the_output_dir(tmp_path):
 
 def _everything_workflow() -> dict:
     wf = webp_workflow(frames=4)
-    wf["3"] = {"class_type": "CF_SaveGif", "inputs": {"images": ["1", 0], "filename_prefix": "gif/CF"},
-               "_meta": {"title": "GIF"}}
-    wf["4"] = {"class_type": "CF_SaveAudio", "inputs": {"filename_prefix": "audio/CF"}, "_meta": {"title": "Audio"}}
-    wf["5"] = {"class_type": "CF_ShowText", "inputs": {"text": "a caption", "number": 1.5}, "_meta": {"title": "Cap"}}
+    wf["3"] = {
+        "class_type": "CF_SaveGif",
+        "inputs": {"images": ["1", 0], "filename_prefix": "gif/CF"},
+        "_meta": {"title": "GIF"},
+    }
+    wf["4"] = {
+        "class_type": "CF_SaveAudio",
+        "inputs": {"filename_prefix": "audio/CF"},
+        "_meta": {"title": "Audio"},
+    }
+    wf["5"] = {
+        "class_type": "CF_ShowText",
+        "inputs": {"text": "a caption", "number": 1.5},
+        "_meta": {"title": "Cap"},
+    }
     wf["6"] = {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}, "_meta": {"title": "Peek"}}
     return wf
 
@@ -147,8 +178,9 @@ def test_manifest_contains_no_secrets(fake_comfy, tmp_path):
     with ComfyClient(url, auth=BearerAuth(token)) as client:
         result = client.run(webp_workflow(frames=2), timeout=10)
         downloads = client.download_outputs(result, tmp_path)
-        manifest = build_manifest(result, downloads, out_dir=tmp_path, server=client.url,
-                                  workflow_source=f"leaked {token}")
+        manifest = build_manifest(
+            result, downloads, out_dir=tmp_path, server=client.url, workflow_source=f"leaked {token}"
+        )
         path = write_manifest(tmp_path, manifest, secrets=client.config.secrets())
     text = Path(path).read_text()
     assert token not in text and "pw-secret-9" not in text and "***" in text

@@ -26,7 +26,9 @@ from charforge.driver.local import LocalComfyUI
 pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.slow,
-    pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="set COMFYUI_DIR to run against a real ComfyUI"),
+    pytest.mark.skipif(
+        not os.environ.get("COMFYUI_DIR"), reason="set COMFYUI_DIR to run against a real ComfyUI"
+    ),
 ]
 
 
@@ -34,8 +36,13 @@ pytestmark = [
 def comfyui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalComfyUI]:
     base = tmp_path_factory.mktemp("comfy-base")
     (base / "custom_nodes").mkdir()
-    server = LocalComfyUI(os.environ["COMFYUI_DIR"], python=os.environ.get("COMFYUI_PYTHON"), port=free_port(),
-                          extra_args=["--cpu", "--base-directory", str(base)], log_path=base / "comfyui.log")
+    server = LocalComfyUI(
+        os.environ["COMFYUI_DIR"],
+        python=os.environ.get("COMFYUI_PYTHON"),
+        port=free_port(),
+        extra_args=["--cpu", "--base-directory", str(base)],
+        log_path=base / "comfyui.log",
+    )
     server.start(timeout=300)
     try:
         yield server
@@ -50,13 +57,26 @@ def real(comfyui: LocalComfyUI) -> Iterator[ComfyClient]:
 
 
 def _slow_chain(color: int, size: int = 768, batch: int = 8) -> dict:
-    wf = {"1": {"class_type": "EmptyImage", "inputs": {"width": size, "height": size, "batch_size": batch,
-                                                       "color": color}, "_meta": {"title": "Canvas"}}}
+    wf = {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": size, "height": size, "batch_size": batch, "color": color},
+            "_meta": {"title": "Canvas"},
+        }
+    }
     previous = "1"
     for i in range(2, 8):
         side = size * 2 if i % 2 == 0 else size
-        wf[str(i)] = {"class_type": "ImageScale", "inputs": {"image": [previous, 0], "upscale_method": "lanczos",
-                                                             "width": side, "height": side, "crop": "disabled"}}
+        wf[str(i)] = {
+            "class_type": "ImageScale",
+            "inputs": {
+                "image": [previous, 0],
+                "upscale_method": "lanczos",
+                "width": side,
+                "height": side,
+                "crop": "disabled",
+            },
+        }
         previous = str(i)
     wf["9"] = {"class_type": "SaveImage", "inputs": {"images": [previous, 0], "filename_prefix": "slow/s"}}
     return wf
@@ -78,8 +98,10 @@ def test_image_and_animated_webp_are_downloaded(real, tmp_path):
     assert kinds.index("execution_start") < kinds.index("executed") < kinds.index("execution_success")
     files = real.download_outputs(result, tmp_path)
     assert len(files) == 1 and files[0].path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = int.from_bytes(files[0].path.read_bytes()[16:20], "big"), \
-        int.from_bytes(files[0].path.read_bytes()[20:24], "big")
+    width, height = (
+        int.from_bytes(files[0].path.read_bytes()[16:20], "big"),
+        int.from_bytes(files[0].path.read_bytes()[20:24], "big"),
+    )
     assert (width, height) == (40, 30)
 
     wf = webp_workflow(frames=8)
@@ -114,14 +136,26 @@ def test_cancel_interrupts_only_our_running_job(real):
 
 
 def test_cli_runs_an_editor_workflow(comfyui, tmp_path):
-    ui = {"version": 0.4, "nodes": [
-        node(1, "EmptyImage", outputs=[("IMAGE", "IMAGE")], widgets=[32, 32, 2, int(time.time()) & 0xFFFF]),
-        node(2, "Reroute", inputs=[("", "*", 1)], outputs=[("", "IMAGE")]),
-        node(3, "ImageScale", inputs=[("image", "IMAGE", 2)], outputs=[("IMAGE", "IMAGE")],
-             widgets=["nearest-exact", 8, 8, "disabled"], mode=4),
-        node(4, "SaveImage", inputs=[("images", "IMAGE", 3)], widgets=["ui/x"]),
-        node(5, "Note", widgets=["a note"]),
-    ], "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 3, 0, "IMAGE"], [3, 3, 0, 4, 0, "IMAGE"]]}
+    ui = {
+        "version": 0.4,
+        "nodes": [
+            node(
+                1, "EmptyImage", outputs=[("IMAGE", "IMAGE")], widgets=[32, 32, 2, int(time.time()) & 0xFFFF]
+            ),
+            node(2, "Reroute", inputs=[("", "*", 1)], outputs=[("", "IMAGE")]),
+            node(
+                3,
+                "ImageScale",
+                inputs=[("image", "IMAGE", 2)],
+                outputs=[("IMAGE", "IMAGE")],
+                widgets=["nearest-exact", 8, 8, "disabled"],
+                mode=4,
+            ),
+            node(4, "SaveImage", inputs=[("images", "IMAGE", 3)], widgets=["ui/x"]),
+            node(5, "Note", widgets=["a note"]),
+        ],
+        "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 3, 0, "IMAGE"], [3, 3, 0, 4, 0, "IMAGE"]],
+    }
     path = tmp_path / "ui.json"
     path.write_text(json.dumps(ui))
     out = tmp_path / "out"

@@ -57,10 +57,23 @@ def test_loads_a_png_saved_by_comfyui(tmp_path):
 # ---- overrides ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "value"), [
-    ("42", 42), ("-3", -3), ("0.5", 0.5), ("1e3", 1000.0), ("true", True), ("False", False), ("null", None),
-    ("[1, 2]", [1, 2]), ('{"a": 1}', {"a": 1}), ('"12"', "12"), ("a cat, 4k", "a cat, 4k"), ("[cat]", "[cat]"),
-])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("42", 42),
+        ("-3", -3),
+        ("0.5", 0.5),
+        ("1e3", 1000.0),
+        ("true", True),
+        ("False", False),
+        ("null", None),
+        ("[1, 2]", [1, 2]),
+        ('{"a": 1}', {"a": 1}),
+        ('"12"', "12"),
+        ("a cat, 4k", "a cat, 4k"),
+        ("[cat]", "[cat]"),
+    ],
+)
 def test_parse_value(text, value):
     assert parse_value(text) == value
 
@@ -77,10 +90,17 @@ def test_parse_set_allows_dots_in_titles():
 
 def test_override_by_id_title_and_unique_class(object_info):
     prompt = sampler_workflow()
-    new, applied = apply_overrides(prompt, [parse_set("3.seed=7"), parse_set("Positive.text=a dog"),
-                                            parse_set("EmptyLatentImage.width=768"),
-                                            parse_set("KSampler.cfg=5"), parse_set("Negative.text=123")],
-                                   object_info)
+    new, applied = apply_overrides(
+        prompt,
+        [
+            parse_set("3.seed=7"),
+            parse_set("Positive.text=a dog"),
+            parse_set("EmptyLatentImage.width=768"),
+            parse_set("KSampler.cfg=5"),
+            parse_set("Negative.text=123"),
+        ],
+        object_info,
+    )
     assert new["3"]["inputs"]["seed"] == 7
     assert new["6"]["inputs"]["text"] == "a dog"
     assert new["5"]["inputs"]["width"] == 768
@@ -104,16 +124,19 @@ def test_override_errors_list_candidates(object_info):
     assert "has no input 'sede'" in str(info.value) and "did you mean seed" in str(info.value)
     with pytest.raises(OverrideError, match="expects an integer"):
         apply_overrides(prompt, [parse_set("KSampler.steps=many")], object_info)
-    twins = {"1": {"class_type": "EmptyImage", "inputs": {}, "_meta": {"title": "Same"}},
-             "2": {"class_type": "EmptyImage", "inputs": {}, "_meta": {"title": "Same"}}}
+    twins = {
+        "1": {"class_type": "EmptyImage", "inputs": {}, "_meta": {"title": "Same"}},
+        "2": {"class_type": "EmptyImage", "inputs": {}, "_meta": {"title": "Same"}},
+    }
     with pytest.raises(OverrideError, match="2 nodes are titled 'Same'"):
         apply_overrides(twins, [parse_set("Same.width=1")], object_info)
 
 
 def test_override_values_lists_and_links(object_info):
     prompt = sampler_workflow()
-    new, applied = apply_overrides(prompt, [parse_set("Positive.clip=[1, 2]"), parse_set("VAE Decode.vae=null")],
-                                   None)
+    new, applied = apply_overrides(
+        prompt, [parse_set("Positive.clip=[1, 2]"), parse_set("VAE Decode.vae=null")], None
+    )
     assert new["6"]["inputs"]["clip"] == {"__value__": [1, 2]}  # a literal list is never read as a link
     assert applied[0].previous == {"link": ["4", 1]}
     assert new["8"]["inputs"]["vae"] is None
@@ -132,10 +155,12 @@ def test_input_files_are_uploaded_and_wired(client, fake_comfy, tmp_path):
     face.write_bytes(png_bytes(3, 3, (1, 2, 3)))
     other = tmp_path / "other.png"
     other.write_bytes(png_bytes(3, 3, (9, 9, 9)))
-    wf = {"1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}, "_meta": {"title": "Face"}},
-          "2": {"class_type": "LoadImage", "inputs": {"image": "example.png"}, "_meta": {"title": "Style"}},
-          "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "a"}},
-          "4": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "b"}}}
+    wf = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}, "_meta": {"title": "Face"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "example.png"}, "_meta": {"title": "Style"}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "a"}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "b"}},
+    }
     prepared = client.prepare_run(wf, inputs=[f"Face={face}"], sets=[f"Style.image={other}"])
     assert prepared.prompt["1"]["inputs"]["image"] == "face.png"
     assert prepared.prompt["2"]["inputs"]["image"] == "other.png"
@@ -159,11 +184,11 @@ def test_preflight_accepts_good_workflows(object_info):
 def test_preflight_reports_what_the_server_would_and_more(object_info):
     wf = sampler_workflow()
     wf["10"] = {"class_type": "ADE_AnimateDiffLoaderGen1", "inputs": {}, "_meta": {"title": "AnimateDiff"}}
-    wf["3"]["inputs"]["steps"] = 0                 # below min
-    wf["3"]["inputs"]["sampler_name"] = "eulr"     # not in list
-    wf["3"]["inputs"]["cfg"] = "high"              # not a number
-    del wf["3"]["inputs"]["negative"]              # required link missing
-    wf["8"]["inputs"]["vae"] = ["4", 1]            # CLIP into VAE
+    wf["3"]["inputs"]["steps"] = 0  # below min
+    wf["3"]["inputs"]["sampler_name"] = "eulr"  # not in list
+    wf["3"]["inputs"]["cfg"] = "high"  # not a number
+    del wf["3"]["inputs"]["negative"]  # required link missing
+    wf["8"]["inputs"]["vae"] = ["4", 1]  # CLIP into VAE
     wf["5"]["inputs"]["width"] = {"__value__": [1]}
     with pytest.raises(ValidationError) as info:
         check_workflow(wf, object_info)
@@ -178,8 +203,14 @@ def test_preflight_reports_what_the_server_would_and_more(object_info):
     assert "vae: connected to node 4 output 1 of type CLIP, but the input takes VAE" in text
     assert "width: [1] is not an integer" in text
     kinds = {p.kind for p in err.problems}
-    assert {"missing_node_class", "value_smaller_than_min", "value_not_in_list", "required_input_missing",
-            "return_type_mismatch", "invalid_input_type"} <= kinds
+    assert {
+        "missing_node_class",
+        "value_smaller_than_min",
+        "value_not_in_list",
+        "required_input_missing",
+        "return_type_mismatch",
+        "invalid_input_type",
+    } <= kinds
     assert [p.node_id for p in err.problems] == sorted((p.node_id for p in err.problems), key=int)
 
 
@@ -188,8 +219,9 @@ def test_preflight_dangling_and_malformed_links(object_info):
     wf["3"]["inputs"]["images"] = ["99", 0]
     wf["2"]["inputs"]["image"] = ["1", 5]
     problems = preflight(wf, object_info)
-    assert [str(p) for p in problems] == ['node 3 "Save" (SaveImage): images: links to node 99, which is not in '
-                                          "the workflow"]
+    assert [str(p) for p in problems] == [
+        'node 3 "Save" (SaveImage): images: links to node 99, which is not in the workflow'
+    ]
     wf["3"]["inputs"]["images"] = ["2", 0]
     problems = preflight(wf, object_info)
     assert "links to output 5 of node 1 (EmptyImage), which has 1 output(s)" in problems[0].message
@@ -212,11 +244,18 @@ def test_preflight_only_checks_what_runs_and_warns_on_unchecked(object_info):
 
 
 def test_preflight_missing_upload_file_and_no_outputs(object_info):
-    wf = {"1": {"class_type": "LoadImage", "inputs": {"image": "face.png"}},
-          "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}}
+    wf = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "face.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+    }
     problems = preflight(wf, object_info)
-    assert len(problems) == 1 and "not in the server's input folder; upload it with --input" in problems[0].message
+    assert (
+        len(problems) == 1
+        and "not in the server's input folder; upload it with --input" in problems[0].message
+    )
     wf["1"]["inputs"]["image"] = "sub/face.png"  # only the server's own check can tell
     assert preflight(wf, object_info) == []
-    lonely = {"1": {"class_type": "EmptyImage", "inputs": {"width": 1, "height": 1, "batch_size": 1, "color": 0}}}
+    lonely = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 1, "height": 1, "batch_size": 1, "color": 0}}
+    }
     assert "no output node" in preflight(lonely, object_info)[0].message

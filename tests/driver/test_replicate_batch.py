@@ -30,8 +30,11 @@ MODEL = "comfyui/any-comfyui-workflow"
 @pytest.fixture
 def pool(tmp_path: Path) -> Iterator[tuple[FakeComfyServer, FakeComfyServer, FakeReplicate]]:
     """A local fake ComfyUI, and the fake Replicate whose model runs on a second one; nodes take 0.25 s."""
-    with FakeComfyServer(knobs=Knobs(node_seconds=0.25)) as local, \
-            FakeComfyServer(knobs=Knobs(node_seconds=0.25)) as remote, FakeReplicate() as replicate:
+    with (
+        FakeComfyServer(knobs=Knobs(node_seconds=0.25)) as local,
+        FakeComfyServer(knobs=Knobs(node_seconds=0.25)) as remote,
+        FakeReplicate() as replicate,
+    ):
         replicate.add_model(MODEL, "comfyui", upstream=remote, hardware="gpu-a100-large")
         yield local, remote, replicate
 
@@ -49,13 +52,18 @@ def journal(out: Path) -> list[dict]:
 
 def environment(replicate: FakeReplicate, tmp_path: Path) -> dict[str, str]:
     config = tmp_path / "config.yaml"
-    config.write_text(f"profiles:\n  rep:\n    replicate:\n      model: {MODEL}\n      hardware: gpu-a100-large\n"
-                      "      poll_interval: 0.05\n      capacity: 3\n", encoding="utf-8")
+    config.write_text(
+        f"profiles:\n  rep:\n    replicate:\n      model: {MODEL}\n      hardware: gpu-a100-large\n"
+        "      poll_interval: 0.05\n      capacity: 3\n",
+        encoding="utf-8",
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("CHARFORGE_SERVER", "CHARFORGE_PROFILE")}
     return {**env, **replicate.env(), "CHARFORGE_CONFIG": str(config)}
 
 
-def run_until(cmd: list[str], env: dict[str, str], out: Path, done_at_least: int, timeout: float = 60) -> None:
+def run_until(
+    cmd: list[str], env: dict[str, str], out: Path, done_at_least: int, timeout: float = 60
+) -> None:
     """Start the batch and SIGKILL it once the journal holds ``done_at_least`` done jobs (over all runs)."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -73,16 +81,39 @@ def run_until(cmd: list[str], env: dict[str, str], out: Path, done_at_least: int
 
 
 def test_mixed_pool_killed_twice_every_output_exactly_once_and_cost_matches_the_bill(
-        pool: tuple[FakeComfyServer, FakeComfyServer, FakeReplicate], tmp_path: Path) -> None:
+    pool: tuple[FakeComfyServer, FakeComfyServer, FakeReplicate], tmp_path: Path
+) -> None:
     local, _, replicate = pool
     replicate.knobs.rate_limit_next = 4
     batch = tmp_path / "jobs.jsonl"
-    batch.write_text("".join(json.dumps({"name": f"j{i:02d}", "prompt": image_workflow(width=20 + i, prefix=f"j{i:02d}")})
-                             + "\n" for i in range(20)), encoding="utf-8")
+    batch.write_text(
+        "".join(
+            json.dumps({"name": f"j{i:02d}", "prompt": image_workflow(width=20 + i, prefix=f"j{i:02d}")})
+            + "\n"
+            for i in range(20)
+        ),
+        encoding="utf-8",
+    )
     out = tmp_path / "out"
     env = environment(replicate, tmp_path)
-    cmd = [sys.executable, "-m", "charforge.driver.cli", "batch", "run", str(batch), "--out", str(out),
-           "--server", local.url, "--profile", "rep", "--window", "2", "--backoff", "0.05"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "charforge.driver.cli",
+        "batch",
+        "run",
+        str(batch),
+        "--out",
+        str(out),
+        "--server",
+        local.url,
+        "--profile",
+        "rep",
+        "--window",
+        "2",
+        "--backoff",
+        "0.05",
+    ]
     run_until(cmd, env, out, 4)
     run_until(cmd, env, out, 11)
     final = subprocess.run([*cmd, "--json"], env=env, capture_output=True, text=True, timeout=120)
@@ -92,7 +123,7 @@ def test_mixed_pool_killed_twice_every_output_exactly_once_and_cost_matches_the_
     servers = {r["job"]: r["server"] for r in records if r.get("ev") == "done"}
     assert len(servers) == 20 and {"replicate:" + MODEL, local.url.rstrip("/") + "/"} >= set(servers.values())
     on_replicate = sorted(j for j, s in servers.items() if s.startswith("replicate:"))
-    assert on_replicate and len(on_replicate) < 20          # the pool really was shared
+    assert on_replicate and len(on_replicate) < 20  # the pool really was shared
     for i in range(20):
         folder = out / f"j{i:02d}"
         names = sorted(p.name for p in folder.iterdir())
@@ -102,8 +133,11 @@ def test_mixed_pool_killed_twice_every_output_exactly_once_and_cost_matches_the_
     assert not any(p.name.startswith(".staging") and any(p.iterdir()) for p in out.iterdir() if p.is_dir())
     # some Replicate jobs were in flight at a kill: sent by one run, collected by a later one
     runs = [i for i, r in enumerate(records) if r.get("ev") == "run_start"]
-    sent = {r["job"]: i for i, r in enumerate(records) if r.get("ev") == "submitted"
-            and str(r.get("server")).startswith("replicate:")}
+    sent = {
+        r["job"]: i
+        for i, r in enumerate(records)
+        if r.get("ev") == "submitted" and str(r.get("server")).startswith("replicate:")
+    }
     done_at = {r["job"]: i for i, r in enumerate(records) if r.get("ev") == "done"}
     carried = [job for job, i in sent.items() if any(i < k < done_at[job] for k in runs)]
     assert len(runs) == 3 and carried
@@ -120,7 +154,8 @@ def test_mixed_pool_killed_twice_every_output_exactly_once_and_cost_matches_the_
     assert summary["cost"]["total_usd"] == pytest.approx(replicate.bill(), rel=0.03)
     costs = json.loads((out / "costs.json").read_text())
     assert costs["servers"]["replicate:" + MODEL]["cost_usd"] == pytest.approx(
-        sum((j.predict_time or 0) * 0.0014 for j in succeeded if j.id in costs["jobs"]), rel=1e-6)
+        sum((j.predict_time or 0) * 0.0014 for j in succeeded if j.id in costs["jobs"]), rel=1e-6
+    )
     # the token appears nowhere we wrote
     for path in out.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".jsonl"):
@@ -153,17 +188,23 @@ for outcome in Batch(jobs).run([DiesAfterCreating(settings, capacity=1)], sys.ar
 
 
 def test_crash_between_create_and_journal_is_reconciled_by_tag(
-        pool: tuple[FakeComfyServer, FakeComfyServer, FakeReplicate], tmp_path: Path) -> None:
+    pool: tuple[FakeComfyServer, FakeComfyServer, FakeReplicate], tmp_path: Path
+) -> None:
     _, _, replicate = pool
     script = tmp_path / "crash.py"
     script.write_text(CRASH_SCRIPT.format(tests=str(TESTS), model=MODEL), encoding="utf-8")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(script), str(out)], env={**os.environ, **replicate.env()},
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out)],
+        env={**os.environ, **replicate.env()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     records = journal(out)
     victim = [r for r in records if r.get("job") == "victim"]
-    assert [r["ev"] for r in victim] == ["submitting"]      # the id Replicate gave was never journaled
+    assert [r["ev"] for r in victim] == ["submitting"]  # the id Replicate gave was never journaled
     assert len(replicate.created) == 2
     # resume: the journaled tag finds the prediction by listing; nothing is created again
     settings = resolve_replicate(f"replicate:{MODEL}", env=replicate.env(), config_path=Path("/nonexistent"))
@@ -178,26 +219,31 @@ def test_crash_between_create_and_journal_is_reconciled_by_tag(
     assert sorted(p.name for p in (out / "victim").iterdir()) == ["manifest.json", "victim_00001_.png"]
 
 
-def test_max_cost_stops_submitting_on_replicate(pool: tuple[FakeComfyServer, FakeComfyServer, FakeReplicate],
-                                                tmp_path: Path) -> None:
+def test_max_cost_stops_submitting_on_replicate(
+    pool: tuple[FakeComfyServer, FakeComfyServer, FakeReplicate], tmp_path: Path
+) -> None:
     _, _, replicate = pool
     settings = resolve_replicate(f"replicate:{MODEL}", env=replicate.env(), config_path=Path("/nonexistent"))
     assert settings is not None
-    settings.options.update(poll_interval=0.05, price_per_second=1.0)   # $1/s keeps the sums readable
+    settings.options.update(poll_interval=0.05, price_per_second=1.0)  # $1/s keeps the sums readable
     target = ReplicateTarget(settings, capacity=1)
     out = tmp_path / "out"
-    jobs = [Job(id=f"w{i}", name=f"w{i}", folder=f"w{i}", prompt=image_workflow(width=30 + i, prefix=f"w{i}"))
-            for i in range(4)]
+    jobs = [
+        Job(id=f"w{i}", name=f"w{i}", folder=f"w{i}", prompt=image_workflow(width=30 + i, prefix=f"w{i}"))
+        for i in range(4)
+    ]
     # each job runs 3 nodes x 0.25 s: about $0.75 (more on a busy machine); a $1.9 budget admits one or two
-    outcomes = {o.job.id: o for o in Batch(jobs).run(with_budget([target], 1.9, out=out, first_estimate=0.7), out)}
+    outcomes = {
+        o.job.id: o for o in Batch(jobs).run(with_budget([target], 1.9, out=out, first_estimate=0.7), out)
+    }
     states = [outcomes[f"w{i}"].state for i in range(4)]
     ran = states.count("done")
     assert 1 <= ran <= 2 and states == ["done"] * ran + ["failed"] * (4 - ran)
     assert "--max-cost $1.9 would be exceeded" in outcomes["w3"].reason
-    assert len(replicate.created) == ran                      # refused jobs were never sent
+    assert len(replicate.created) == ran  # refused jobs were never sent
     costs = json.loads((out / "costs.json").read_text())
     spent = [j.predict_time or 0 for j in replicate.jobs.values()]
     assert costs["total_usd"] == pytest.approx(sum(spent), rel=1e-6)
-    assert sum(spent[:-1]) <= 1.9                             # only the last admitted job may pass the limit
+    assert sum(spent[:-1]) <= 1.9  # only the last admitted job may pass the limit
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["cost"]["jobs"]) == {f"w{i}" for i in range(ran)}

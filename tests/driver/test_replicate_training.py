@@ -53,22 +53,55 @@ def cli(*argv: str) -> tuple[int, str, str]:
 
 
 def test_train_from_dataset_to_a_loaded_lora_and_a_preset(replicate: FakeReplicate, tmp_path: Path) -> None:
-    replicate.knobs.lose_create_answers = 1      # the create answer is lost: found again, not trained twice
+    replicate.knobs.lose_create_answers = 1  # the create answer is lost: found again, not trained twice
     replicate.knobs.rate_limit_next = 2
     data = dataset(tmp_path / "data")
     loras, chars, out_dir = tmp_path / "loras", tmp_path / "characters", tmp_path / "out"
-    code, out, err = cli("train", str(data), "--backend", f"replicate:{TRAINER}", "--destination", "me/alice",
-                         "--trigger-word", "alicetok", "--name", "Alice", "--steps", "30", "--rank", "8",
-                         "--learning-rate", "0.0004", "--resolution", "512", "--input", "batch_size=2",
-                         "--base-model", "sd15", "--out", str(out_dir), "--loras-dir", str(loras),
-                         "--characters-dir", str(chars), "--json")
+    code, out, err = cli(
+        "train",
+        str(data),
+        "--backend",
+        f"replicate:{TRAINER}",
+        "--destination",
+        "me/alice",
+        "--trigger-word",
+        "alicetok",
+        "--name",
+        "Alice",
+        "--steps",
+        "30",
+        "--rank",
+        "8",
+        "--learning-rate",
+        "0.0004",
+        "--resolution",
+        "512",
+        "--input",
+        "batch_size=2",
+        "--base-model",
+        "sd15",
+        "--out",
+        str(out_dir),
+        "--loras-dir",
+        str(loras),
+        "--characters-dir",
+        str(chars),
+        "--json",
+    )
     assert code == 0, err
     (job,) = replicate.jobs.values()
     assert job.kind == "training" and job.destination == "me/alice" and job.status == "succeeded"
     sent = dict(job.input)
     images_url = sent.pop("input_images")
-    assert sent == {"trigger_word": "alicetok", "steps": 30, "lora_rank": 8, "learning_rate": 0.0004,
-                    "resolution": "512", "autocaption": False, "batch_size": 2}
+    assert sent == {
+        "trigger_word": "alicetok",
+        "steps": 30,
+        "lora_rank": 8,
+        "learning_rate": 0.0004,
+        "resolution": "512",
+        "autocaption": False,
+        "batch_size": 2,
+    }
     archive = zipfile.ZipFile(io.BytesIO(replicate.files[images_url.rsplit("/", 1)[-1]][2]))
     assert sorted(archive.namelist()) == [f"img{i}.{ext}" for i in range(3) for ext in ("png", "txt")]
     result = json.loads(out.splitlines()[-1])
@@ -82,27 +115,68 @@ def test_train_from_dataset_to_a_loaded_lora_and_a_preset(replicate: FakeReplica
     assert lora.name in preset and "alicetok" in preset and "base_model: sd15" in preset
     record = json.loads(next(out_dir.glob("*.training.json")).read_text())
     assert record["training_id"] == job.id and record["images"] == 3 and record["captions"] == 3
-    assert "step 30/30" in out                    # the trainer's log lines as progress
+    assert "step 30/30" in out  # the trainer's log lines as progress
     assert replicate.token not in out + err + json.dumps(record) + preset
 
 
-def test_wrong_base_family_and_missing_destination_are_reported(replicate: FakeReplicate, tmp_path: Path) -> None:
+def test_wrong_base_family_and_missing_destination_are_reported(
+    replicate: FakeReplicate, tmp_path: Path
+) -> None:
     data = dataset(tmp_path / "data", captions=False)
-    code, _, err = cli("train", str(data), "--backend", f"replicate:{TRAINER}", "--destination", "me/alice",
-                       "--trigger-word", "tok", "--base-model", "sdxl", "--out", str(tmp_path / "out"),
-                       "--characters-dir", str(tmp_path / "chars"))
+    code, _, err = cli(
+        "train",
+        str(data),
+        "--backend",
+        f"replicate:{TRAINER}",
+        "--destination",
+        "me/alice",
+        "--trigger-word",
+        "tok",
+        "--base-model",
+        "sdxl",
+        "--out",
+        str(tmp_path / "out"),
+        "--characters-dir",
+        str(tmp_path / "chars"),
+    )
     assert code == 1 and "is for sd15, not sdxl" in err
-    assert not (tmp_path / "chars").exists()      # no preset for a LoRA that cannot be used
+    assert not (tmp_path / "chars").exists()  # no preset for a LoRA that cannot be used
     (job,) = replicate.jobs.values()
-    assert "autocaption" not in job.input          # no captions of ours: the trainer captions
-    code, _, err = cli("train", str(data), "--backend", f"replicate:{TRAINER}", "--destination", "me/nobody",
-                       "--trigger-word", "tok", "--out", str(tmp_path / "out2"))
+    assert "autocaption" not in job.input  # no captions of ours: the trainer captions
+    code, _, err = cli(
+        "train",
+        str(data),
+        "--backend",
+        f"replicate:{TRAINER}",
+        "--destination",
+        "me/nobody",
+        "--trigger-word",
+        "tok",
+        "--out",
+        str(tmp_path / "out2"),
+    )
     assert code == 2 and "create the destination model first" in err
-    code, _, err = cli("train", str(tmp_path / "empty-not-there"), "--backend", f"replicate:{TRAINER}",
-                       "--destination", "me/alice", "--trigger-word", "tok")
+    code, _, err = cli(
+        "train",
+        str(tmp_path / "empty-not-there"),
+        "--backend",
+        f"replicate:{TRAINER}",
+        "--destination",
+        "me/alice",
+        "--trigger-word",
+        "tok",
+    )
     assert code == 2 and "does not exist" in err
-    code, _, err = cli("train", str(data), "--backend", "http://127.0.0.1:1", "--destination", "me/alice",
-                       "--trigger-word", "tok")
+    code, _, err = cli(
+        "train",
+        str(data),
+        "--backend",
+        "http://127.0.0.1:1",
+        "--destination",
+        "me/alice",
+        "--trigger-word",
+        "tok",
+    )
     assert code == 2 and "only Replicate trainers" in err
 
 
@@ -110,20 +184,27 @@ def test_archive_inputs_and_lora_extraction(tmp_path: Path) -> None:
     data = dataset(tmp_path / "data")
     raw, images, captions = dataset_archive(data)
     assert (images, captions) == (3, 3) and "notes.md" not in zipfile.ZipFile(io.BytesIO(raw)).namelist()
-    body = trainer_input(TrainingParams("tok", rank=4), "https://x/f", captions=False,
-                         names={"rank": "network_dim", "images": "instance_data"})
+    body = trainer_input(
+        TrainingParams("tok", rank=4),
+        "https://x/f",
+        captions=False,
+        names={"rank": "network_dim", "images": "instance_data"},
+    )
     assert body == {"instance_data": "https://x/f", "trigger_word": "tok", "network_dim": 4}
     lora = fake_lora("sdxl", 4, "tok")
     # a tar with lora.safetensors among other files, a zip with exactly one, and the bare file
     tar_path = tmp_path / "w.tar"
     with tarfile.open(tar_path, "w") as tar:
-        for name, blob in (("../evil/lora.safetensors", lora), ("out/optimizer.pt", b"x"),
-                           ("out/other.safetensors", b"y")):
+        for name, blob in (
+            ("../evil/lora.safetensors", lora),
+            ("out/optimizer.pt", b"x"),
+            ("out/other.safetensors", b"y"),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
     assert extract_lora(tar_path, tmp_path / "a" / "l.safetensors").read_bytes() == lora
-    assert not (tmp_path / "evil").exists()        # member names never become paths
+    assert not (tmp_path / "evil").exists()  # member names never become paths
     zip_path = tmp_path / "w.zip"
     with zipfile.ZipFile(zip_path, "w") as archive:
         archive.writestr("model/weights.safetensors", lora)

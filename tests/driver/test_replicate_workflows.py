@@ -26,7 +26,9 @@ MODEL = "comfyui/any-comfyui-workflow"
 
 
 @pytest.fixture
-def replicate(fake_comfy: FakeComfyServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeReplicate]:
+def replicate(
+    fake_comfy: FakeComfyServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[FakeReplicate]:
     with FakeReplicate(knobs=ReplicateKnobs()) as fake:
         fake.add_model(MODEL, "comfyui", upstream=fake_comfy, hardware="gpu-a100-large")
         for name, value in fake.env().items():
@@ -34,8 +36,11 @@ def replicate(fake_comfy: FakeComfyServer, monkeypatch: pytest.MonkeyPatch, tmp_
         for name in ("CHARFORGE_SERVER", "CHARFORGE_PROFILE", "CHARFORGE_TOKEN"):
             monkeypatch.delenv(name, raising=False)
         config = tmp_path / "config.yaml"
-        config.write_text(f"profiles:\n  rep:\n    replicate:\n      model: {MODEL}\n      hardware: gpu-a100-large\n"
-                          "      poll_interval: 0.05\n", encoding="utf-8")
+        config.write_text(
+            f"profiles:\n  rep:\n    replicate:\n      model: {MODEL}\n      hardware: gpu-a100-large\n"
+            "      poll_interval: 0.05\n",
+            encoding="utf-8",
+        )
         monkeypatch.setenv("CHARFORGE_CONFIG", str(config))
         yield fake
 
@@ -47,10 +52,20 @@ def cli(*argv: str) -> tuple[int, str, str]:
 
 
 def load_and_save() -> dict:
-    return {"1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}, "_meta": {"title": "Face"}},
-            "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "nearest-exact",
-                                                         "width": 20, "height": 20, "crop": "disabled"}},
-            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "face/out"}}}
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}, "_meta": {"title": "Face"}},
+        "2": {
+            "class_type": "ImageScale",
+            "inputs": {
+                "image": ["1", 0],
+                "upscale_method": "nearest-exact",
+                "width": 20,
+                "height": 20,
+                "crop": "disabled",
+            },
+        },
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "face/out"}},
+    }
 
 
 def png(path: Path, shade: int = 90) -> Path:
@@ -65,16 +80,29 @@ def target(fake: FakeReplicate, **options) -> ReplicateTarget:
     return ReplicateTarget(settings)
 
 
-def test_run_uploads_inputs_follows_and_downloads_with_manifest(replicate: FakeReplicate, fake_comfy: FakeComfyServer,
-                                                                tmp_path: Path) -> None:
-    replicate.knobs.rate_limit_next = 2      # throttled twice, waits Retry-After, then goes on
-    replicate.knobs.start_delay = 0.3        # a cold boot: "starting" first
+def test_run_uploads_inputs_follows_and_downloads_with_manifest(
+    replicate: FakeReplicate, fake_comfy: FakeComfyServer, tmp_path: Path
+) -> None:
+    replicate.knobs.rate_limit_next = 2  # throttled twice, waits Retry-After, then goes on
+    replicate.knobs.start_delay = 0.3  # a cold boot: "starting" first
     wf = tmp_path / "wf.json"
     wf.write_text(json.dumps(load_and_save()), encoding="utf-8")
     face = png(tmp_path / "face.png")
     out_dir = tmp_path / "out"
-    code, out, err = cli("run", str(wf), "--server", f"replicate:{MODEL}", "--input", f"Face={face}",
-                         "--set", "ImageScale.width=24", "--out", str(out_dir), "--profile", "rep")
+    code, out, err = cli(
+        "run",
+        str(wf),
+        "--server",
+        f"replicate:{MODEL}",
+        "--input",
+        f"Face={face}",
+        "--set",
+        "ImageScale.width=24",
+        "--out",
+        str(out_dir),
+        "--profile",
+        "rep",
+    )
     assert code == 0, err
     (job_id,) = replicate.created
     job = replicate.jobs[job_id]
@@ -91,7 +119,7 @@ def test_run_uploads_inputs_follows_and_downloads_with_manifest(replicate: FakeR
     assert manifest["replicate"]["execution_seconds"] == pytest.approx(job.predict_time, abs=1e-5)
     assert manifest["replicate"]["cost_usd"] == pytest.approx(replicate.bill(), rel=1e-3)
     assert manifest["files"][0]["sha256"] and manifest["server"] == f"replicate:{MODEL}"
-    assert "starting" in err and "Running workflow" in err   # status and log lines as progress
+    assert "starting" in err and "Running workflow" in err  # status and log lines as progress
     assert replicate.token not in out + err + (out_dir / "manifest.json").read_text()
     code, out, _ = cli("status", "--server", f"replicate:{MODEL}", job_id, "--json")
     assert code == 0 and json.loads(out.splitlines()[-1])["status"] == "succeeded"
@@ -131,8 +159,8 @@ def test_create_is_never_retried_blindly_and_listing_pages_back(replicate: FakeR
             with pytest.raises(CreateOutcomeUnknown) as caught:
                 await api.create_prediction({"workflow_json": "{}"}, version=t.version)
             assert is_transient(caught.value)
-            assert len(replicate.created) == 5          # the 502'd create was sent once, not retried
-            replicate.knobs.fail_next = 2                 # reads are retried through 5xx
+            assert len(replicate.created) == 5  # the 502'd create was sent once, not retried
+            replicate.knobs.fail_next = 2  # reads are retried through 5xx
             assert (await api.prediction(ids[1])).id == ids[1]
         finally:
             await t.close()
@@ -166,9 +194,9 @@ def test_failed_prediction_reports_error_and_logs_exit_1(replicate: FakeReplicat
     assert "CUDA out of memory" in err and "last log lines" in err
 
 
-def test_missing_node_is_refused_before_sending_with_an_object_info_snapshot(replicate: FakeReplicate,
-                                                                            fake_comfy: FakeComfyServer,
-                                                                            tmp_path: Path) -> None:
+def test_missing_node_is_refused_before_sending_with_an_object_info_snapshot(
+    replicate: FakeReplicate, fake_comfy: FakeComfyServer, tmp_path: Path
+) -> None:
     with urllib.request.urlopen(f"{fake_comfy.url}/object_info") as resp:
         info = json.loads(resp.read())
     snapshot = tmp_path / "object_info.json"
@@ -179,15 +207,29 @@ def test_missing_node_is_refused_before_sending_with_an_object_info_snapshot(rep
     wf = tmp_path / "wf.json"
     wf.write_text(json.dumps(graph), encoding="utf-8")
     config = Path(str(tmp_path / "config.yaml"))
-    config.write_text(f"profiles:\n  rep:\n    replicate:\n      model: {MODEL}\n      object_info: {snapshot}\n",
-                      encoding="utf-8")
-    code, _, err = cli("run", str(wf), "--profile", "rep", "--config", str(config), "--out", str(tmp_path / "o"))
+    config.write_text(
+        f"profiles:\n  rep:\n    replicate:\n      model: {MODEL}\n      object_info: {snapshot}\n",
+        encoding="utf-8",
+    )
+    code, _, err = cli(
+        "run", str(wf), "--profile", "rep", "--config", str(config), "--out", str(tmp_path / "o")
+    )
     assert code == 2 and "IPAdapterAdvanced" in err and "not installed" in err
-    assert replicate.created == []                # nothing was sent
+    assert replicate.created == []  # nothing was sent
     # the snapshot knows the archive's files: a LoadImage of an --input passes preflight
     wf.write_text(json.dumps(load_and_save()), encoding="utf-8")
-    code, _, err = cli("run", str(wf), "--profile", "rep", "--config", str(config), "--input",
-                       f"Face={png(tmp_path / 'f.png')}", "--out", str(tmp_path / "o2"))
+    code, _, err = cli(
+        "run",
+        str(wf),
+        "--profile",
+        "rep",
+        "--config",
+        str(config),
+        "--input",
+        f"Face={png(tmp_path / 'f.png')}",
+        "--out",
+        str(tmp_path / "o2"),
+    )
     assert code == 0, err
 
 
@@ -211,10 +253,12 @@ def test_timeout_cancels_and_cancel_command(replicate: FakeReplicate, tmp_path: 
     waiting = asyncio.run(create())
     code, out, _ = cli("cancel", "--server", f"replicate:{MODEL}", waiting)
     assert code == 0 and "canceled before it started" in out
-    assert cli("cancel", "--server", f"replicate:{MODEL}", waiting)[0] == 1   # already over
+    assert cli("cancel", "--server", f"replicate:{MODEL}", waiting)[0] == 1  # already over
 
 
-def test_token_is_never_shown(replicate: FakeReplicate, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_token_is_never_shown(
+    replicate: FakeReplicate, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     replicate.knobs.fail_next, replicate.knobs.fail_status, replicate.knobs.echo_token = 10, 500, True
     wf = tmp_path / "wf.json"
     wf.write_text(json.dumps(image_workflow()), encoding="utf-8")
@@ -265,7 +309,7 @@ def test_prefer_wait_returns_a_finished_prediction_from_create(replicate: FakeRe
         try:
             await t.open()
             pid = await t.submit(await t.prepare(JobSpec(image_workflow(prefix="quick"))), None)
-            assert t._status[pid].status == "succeeded"          # no polling was needed
+            assert t._status[pid].status == "succeeded"  # no polling was needed
             gets = [path for method, path, _ in replicate.requests if method == "GET" and pid in path]
             assert gets == []
             assert t.job_cost(pid) == pytest.approx(replicate.bill(), rel=1e-3)
@@ -288,12 +332,14 @@ def test_wait_follows_a_prediction_made_elsewhere(replicate: FakeReplicate, tmp_
 
     prediction_id = asyncio.run(create())
     out_dir = tmp_path / "out"
-    code, out, err = cli("wait", "--server", f"replicate:{MODEL}", prediction_id, "--out", str(out_dir), "--json")
+    code, out, err = cli(
+        "wait", "--server", f"replicate:{MODEL}", prediction_id, "--out", str(out_dir), "--json"
+    )
     assert code == 0, err
     result = json.loads(out.splitlines()[-1])
     assert result["prediction_id"] == prediction_id and result["files"] == [str(out_dir / "later_00001_.png")]
     assert json.loads((out_dir / "manifest.json").read_text())["replicate"]["prediction_id"] == prediction_id
-    assert cli("validate", str(tmp_path), "--server", f"replicate:{MODEL}")[0] == 2   # no ComfyUI API there
+    assert cli("validate", str(tmp_path), "--server", f"replicate:{MODEL}")[0] == 2  # no ComfyUI API there
 
 
 def test_predictions_command_lists_recent_ones_with_their_job_ids(replicate: FakeReplicate) -> None:
@@ -301,8 +347,10 @@ def test_predictions_command_lists_recent_ones_with_their_job_ids(replicate: Fak
         t = target(replicate)
         try:
             await t.open()
-            return await t.submit(await t.prepare(JobSpec(image_workflow(prefix="listed"))),
-                                  "11111111-2222-4333-8444-555555555555")
+            return await t.submit(
+                await t.prepare(JobSpec(image_workflow(prefix="listed"))),
+                "11111111-2222-4333-8444-555555555555",
+            )
         finally:
             await t.close()
 

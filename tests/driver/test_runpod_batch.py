@@ -33,7 +33,9 @@ TESTS = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def runpod(fake_comfy: FakeComfyServer) -> Iterator[FakeRunPod]:
-    with FakeRunPod(knobs=RunPodKnobs(proxy_timeout=1.0, ws_idle_timeout=1.0), default_upstream=fake_comfy) as fake:
+    with FakeRunPod(
+        knobs=RunPodKnobs(proxy_timeout=1.0, ws_idle_timeout=1.0), default_upstream=fake_comfy
+    ) as fake:
         fake.add_endpoint("ep1", fake_comfy)
         yield fake
 
@@ -49,8 +51,10 @@ def settings(runpod: FakeRunPod, server: str, **options):
 
 
 def gif_only() -> dict:
-    return {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 2, "color": 9}},
-            "2": {"class_type": "CF_SaveGif", "inputs": {"images": ["1", 0], "filename_prefix": "clip"}}}
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 2, "color": 9}},
+        "2": {"class_type": "CF_SaveGif", "inputs": {"images": ["1", 0], "filename_prefix": "clip"}},
+    }
 
 
 def journal(out: Path) -> list[dict]:
@@ -64,16 +68,24 @@ def journal(out: Path) -> list[dict]:
     return lines
 
 
-def test_batch_on_a_pod_through_the_proxy(runpod: FakeRunPod, fake_comfy: FakeComfyServer, tmp_path: Path) -> None:
+def test_batch_on_a_pod_through_the_proxy(
+    runpod: FakeRunPod, fake_comfy: FakeComfyServer, tmp_path: Path
+) -> None:
     runpod.knobs.boot_seconds = 0.2
     runpod.knobs.comfy_start_seconds = 0.2
     runpod.knobs.hang_requests = 1
     fake_comfy.knobs.drop_socket_on = "execution_start"
     runpod.add_pod("pod1", fake_comfy, cost_per_hr=360.0)  # $0.10/s: big enough for the summary's 4 decimals
-    target = PodTarget(settings(runpod, "runpod-pod:pod1", on_finish="stop", ready_interval=0.05, keepalive=0.3),
-                       capacity=2, poll_interval=0.5)
-    jobs = [job("silent", wait_workflow(seconds=3.0, steps=1, tag="silent")),
-            job("img-a", image_workflow(prefix="a")), job("img-b", image_workflow(width=40, prefix="b"))]
+    target = PodTarget(
+        settings(runpod, "runpod-pod:pod1", on_finish="stop", ready_interval=0.05, keepalive=0.3),
+        capacity=2,
+        poll_interval=0.5,
+    )
+    jobs = [
+        job("silent", wait_workflow(seconds=3.0, steps=1, tag="silent")),
+        job("img-a", image_workflow(prefix="a")),
+        job("img-b", image_workflow(width=40, prefix="b")),
+    ]
     out = tmp_path / "out"
     outcomes = list(Batch(jobs).run([target], out))
     assert sorted(o.state for o in outcomes) == ["done"] * 3
@@ -97,24 +109,40 @@ def test_batch_on_serverless(runpod: FakeRunPod, tmp_path: Path) -> None:
     runpod.knobs.cold_start = 0.1
     big = tmp_path / "big.png"
     big.write_bytes(b"\x89PNG" + bytes(range(256)) * (8 * 4096))
-    load = {"1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}, "_meta": {"title": "Face"}},
-            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}}
+    load = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}, "_meta": {"title": "Face"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+    }
     target = ServerlessTarget(settings(runpod, "runpod-serverless:ep1"), capacity=2, poll_interval=0.05)
     target.client.http.backoff_base = 0.01
-    jobs = [job("img-1", image_workflow(prefix="p1")), job("img-2", image_workflow(width=50, prefix="p2")),
-            job("video", gif_only()), job("huge", load, inputs={"Face": str(big)}),
-            job("slow", wait_workflow(seconds=5.0, steps=50, tag="slow"))]
+    jobs = [
+        job("img-1", image_workflow(prefix="p1")),
+        job("img-2", image_workflow(width=50, prefix="p2")),
+        job("video", gif_only()),
+        job("huge", load, inputs={"Face": str(big)}),
+        job("slow", wait_workflow(seconds=5.0, steps=50, tag="slow")),
+    ]
     out = tmp_path / "out"
     outcomes = {o.job.id: o for o in Batch(jobs).run([target], out, timeout=1.5, backoff=0.01)}
-    assert {k: v.state for k, v in outcomes.items()} == {"img-1": "done", "img-2": "done", "video": "done",
-                                                         "huge": "failed", "slow": "timed_out"}
+    assert {k: v.state for k, v in outcomes.items()} == {
+        "img-1": "done",
+        "img-2": "done",
+        "video": "done",
+        "huge": "failed",
+        "slow": "timed_out",
+    }
     assert "network volume" in outcomes["huge"].reason and "10 MB" in outcomes["huge"].reason
     assert any("CF_SaveGif" in w for w in target.warnings)
     assert outcomes["video"].files == []
     assert target.client.http.rate_limited == 8
     # the oversize job never left the machine; every other job was sent exactly once
     assert runpod.oversize == [] and len(runpod.run_bodies) == 4
-    assert sorted(j.status for j in runpod.jobs.values()) == ["CANCELLED", "COMPLETED", "COMPLETED", "COMPLETED"]
+    assert sorted(j.status for j in runpod.jobs.values()) == [
+        "CANCELLED",
+        "COMPLETED",
+        "COMPLETED",
+        "COMPLETED",
+    ]
     # cost: executionTime x the endpoint GPU's per-second price, per job and in total
     ids = [r["prompt_id"] for r in journal(out) if r.get("ev") == "finished"]
     report = cost_report([target], {target.name: ids})
@@ -143,13 +171,16 @@ for outcome in Batch(jobs).run([target], sys.argv[1]):
 """
 
 
-def test_client_killed_mid_batch_resumes_without_double_submission(runpod: FakeRunPod, tmp_path: Path) -> None:
+def test_client_killed_mid_batch_resumes_without_double_submission(
+    runpod: FakeRunPod, tmp_path: Path
+) -> None:
     script = tmp_path / "crash.py"
     script.write_text(CRASH_SCRIPT.format(tests=str(TESTS)), encoding="utf-8")
     out = tmp_path / "out"
     env = {**os.environ, **runpod.env()}
-    proc = subprocess.Popen([sys.executable, str(script), str(out)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -184,9 +215,12 @@ def test_cost_budget_stops_new_submissions() -> None:
     assert budget.estimate() == 0.5 and not budget.allow()  # 0.5 spent + 2 in flight x 0.5 + one more > 1
 
 
-def test_max_cost_stops_submitting_and_costs_land_next_to_the_summary(runpod: FakeRunPod, tmp_path: Path) -> None:
-    target = ServerlessTarget(settings(runpod, "runpod-serverless:ep1"), capacity=1, poll_interval=0.05,
-                              price_per_second=1.0)  # $1/s makes the sums easy to follow
+def test_max_cost_stops_submitting_and_costs_land_next_to_the_summary(
+    runpod: FakeRunPod, tmp_path: Path
+) -> None:
+    target = ServerlessTarget(
+        settings(runpod, "runpod-serverless:ep1"), capacity=1, poll_interval=0.05, price_per_second=1.0
+    )  # $1/s makes the sums easy to follow
     out = tmp_path / "out"
     pool = with_budget([target], max_cost=2.6, out=out, first_estimate=1.0)
     jobs = [job(f"w{i}", wait_workflow(seconds=1.0 + i / 100, steps=2, tag=str(i))) for i in range(4)]
@@ -197,8 +231,9 @@ def test_max_cost_stops_submitting_and_costs_land_next_to_the_summary(runpod: Fa
     assert len(runpod.run_bodies) == 2  # nothing was sent once the estimate passed the limit
     costs = json.loads((out / "costs.json").read_text())
     ids = [r["prompt_id"] for r in journal(out) if r.get("ev") == "finished"]
-    assert costs["total_usd"] == pytest.approx(sum(runpod.jobs[i].to_dict()["executionTime"] / 1000 for i in ids),
-                                               abs=1e-6)
+    assert costs["total_usd"] == pytest.approx(
+        sum(runpod.jobs[i].to_dict()["executionTime"] / 1000 for i in ids), abs=1e-6
+    )
     assert costs["total_usd"] <= 2.6
     summary = json.loads((out / "summary.json").read_text())
     (row,) = summary["servers"]
@@ -206,8 +241,9 @@ def test_max_cost_stops_submitting_and_costs_land_next_to_the_summary(runpod: Fa
     # per job and per batch in the summary too (what `charforge batch status` shows)
     assert set(summary["cost"]["jobs"]) == {"w0", "w1"}
     for job_id, prompt_id in zip(("w0", "w1"), ids, strict=True):
-        assert summary["cost"]["jobs"][job_id] == pytest.approx(runpod.jobs[prompt_id].to_dict()["executionTime"] / 1000,
-                                                                abs=1e-6)
+        assert summary["cost"]["jobs"][job_id] == pytest.approx(
+            runpod.jobs[prompt_id].to_dict()["executionTime"] / 1000, abs=1e-6
+        )
     assert summary["cost"]["total_usd"] == pytest.approx(costs["total_usd"], abs=2e-3)
     # job costs are journaled: the summary rebuilt from the journal alone still has them
     (out / "summary.json").unlink()

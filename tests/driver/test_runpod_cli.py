@@ -15,8 +15,12 @@ from charforge.driver.cli import main
 
 
 @pytest.fixture
-def runpod(fake_comfy: FakeComfyServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeRunPod]:
-    with FakeRunPod(knobs=RunPodKnobs(proxy_timeout=1.0, ws_idle_timeout=1.0), default_upstream=fake_comfy) as fake:
+def runpod(
+    fake_comfy: FakeComfyServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[FakeRunPod]:
+    with FakeRunPod(
+        knobs=RunPodKnobs(proxy_timeout=1.0, ws_idle_timeout=1.0), default_upstream=fake_comfy
+    ) as fake:
         fake.add_endpoint("ep1", fake_comfy)
         for name, value in fake.env().items():
             monkeypatch.setenv(name, value)
@@ -47,7 +51,9 @@ def test_gpus_pods_and_pod_lifecycle_commands(runpod: FakeRunPod, fake_comfy: Fa
     assert runpod.pods[pod_id].status == "TERMINATED"
     code, out, err = cli("runpod", "pods")
     assert runpod.api_key not in out + err
-    code, out, _ = cli("runpod", "pod", "create", "--gpu", "NVIDIA RTX A5000", "--template", "cw3nka7d08", "--json")
+    code, out, _ = cli(
+        "runpod", "pod", "create", "--gpu", "NVIDIA RTX A5000", "--template", "cw3nka7d08", "--json"
+    )
     assert code == 0
     from_template = runpod.pods[json.loads(out.splitlines()[-1])["pod_id"]]
     assert from_template.image == "runpod/comfyui:latest" and "8080/http" in from_template.ports
@@ -65,8 +71,9 @@ def test_run_status_cancel_on_serverless(runpod: FakeRunPod, tmp_path: Path) -> 
     wf = tmp_path / "wf.json"
     wf.write_text(json.dumps(image_workflow()), encoding="utf-8")
     out_dir = tmp_path / "out"
-    code, out, err = cli("run", str(wf), "--server", "runpod-serverless:ep1", "--out", str(out_dir),
-                         "--set", "Resize.width=48")
+    code, out, err = cli(
+        "run", str(wf), "--server", "runpod-serverless:ep1", "--out", str(out_dir), "--set", "Resize.width=48"
+    )
     assert code == 0, err
     assert "submitted serverless job" in err and "COMPLETED" in err
     (png,) = out_dir.rglob("*.png")
@@ -98,16 +105,31 @@ def test_run_status_cancel_on_serverless(runpod: FakeRunPod, tmp_path: Path) -> 
     assert code == 0 and "removed from the queue" in out and job[queued].status == "CANCELLED"
 
 
-def test_run_on_a_stopped_pod_starts_and_stops_it(runpod: FakeRunPod, fake_comfy: FakeComfyServer, tmp_path: Path) -> None:
+def test_run_on_a_stopped_pod_starts_and_stops_it(
+    runpod: FakeRunPod, fake_comfy: FakeComfyServer, tmp_path: Path
+) -> None:
     runpod.knobs.boot_seconds = 0.2
     runpod.add_pod("pod1", fake_comfy)
     cfg = tmp_path / "config.yaml"
-    cfg.write_text("profiles:\n  gpu:\n    server: runpod-pod:pod1\n"
-                   "    runpod: {on_finish: stop, ready_interval: 0.05}\n", encoding="utf-8")
+    cfg.write_text(
+        "profiles:\n  gpu:\n    server: runpod-pod:pod1\n"
+        "    runpod: {on_finish: stop, ready_interval: 0.05}\n",
+        encoding="utf-8",
+    )
     wf = tmp_path / "wf.json"
     wf.write_text(json.dumps(image_workflow()), encoding="utf-8")
-    code, out, err = cli("run", str(wf), "--profile", "gpu", "--config", str(cfg), "--out", str(tmp_path / "o"),
-                         "--progress", "plain")
+    code, out, err = cli(
+        "run",
+        str(wf),
+        "--profile",
+        "gpu",
+        "--config",
+        str(cfg),
+        "--out",
+        str(tmp_path / "o"),
+        "--progress",
+        "plain",
+    )
     assert code == 0, err
     assert "starting stopped pod pod1" in err and "is ready" in err and "stop requested" in err
     assert "boot and idle included" in err
@@ -115,23 +137,43 @@ def test_run_on_a_stopped_pod_starts_and_stops_it(runpod: FakeRunPod, fake_comfy
     assert runpod.pods["pod1"].status == "EXITED"
 
 
-def test_batch_run_cli_on_serverless_and_a_pod(runpod: FakeRunPod, fake_comfy: FakeComfyServer, tmp_path: Path) -> None:
+def test_batch_run_cli_on_serverless_and_a_pod(
+    runpod: FakeRunPod, fake_comfy: FakeComfyServer, tmp_path: Path
+) -> None:
     """``charforge batch run --server runpod-serverless:ID --server runpod-pod:ID``: one pool, one journal,
     costs per job and per batch (cli/batch.py asks cli/runpod.py for RunPod servers)."""
     runpod.add_pod("pod1", fake_comfy, running=True)
     batch = tmp_path / "jobs.jsonl"
-    batch.write_text("\n".join(json.dumps({"prompt": image_workflow(width=16 + i, prefix=f"b{i}"), "name": f"b{i}"})
-                               for i in range(4)) + "\n", encoding="utf-8")
+    batch.write_text(
+        "\n".join(
+            json.dumps({"prompt": image_workflow(width=16 + i, prefix=f"b{i}"), "name": f"b{i}"})
+            for i in range(4)
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     out_dir = tmp_path / "batch"
-    code, out, err = cli("batch", "run", str(batch), "--out", str(out_dir), "--server", "runpod-serverless:ep1",
-                         "--server", "runpod-pod:pod1")
+    code, out, err = cli(
+        "batch",
+        "run",
+        str(batch),
+        "--out",
+        str(out_dir),
+        "--server",
+        "runpod-serverless:ep1",
+        "--server",
+        "runpod-pod:pod1",
+    )
     assert code == 0, err
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["counts"]["done"] == 4
     costs = json.loads((out_dir / "costs.json").read_text())
     assert set(costs["servers"]) == {"runpod-serverless:ep1", "runpod-pod:pod1"}
-    submitted = {r["prompt_id"] for r in map(json.loads, (out_dir / "journal.jsonl").read_text().splitlines())
-                 if r.get("ev") == "submitted"}
+    submitted = {
+        r["prompt_id"]
+        for r in map(json.loads, (out_dir / "journal.jsonl").read_text().splitlines())
+        if r.get("ev") == "submitted"
+    }
     assert set(costs["jobs"]) == submitted  # a cost for every job, on either server
     assert len(summary["cost"]["jobs"]) == 4 and summary["cost"]["total_usd"] > 0
     status = cli("batch", "status", str(out_dir))[1]
@@ -143,9 +185,17 @@ def test_batch_run_cli_on_a_pod(runpod: FakeRunPod, fake_comfy: FakeComfyServer,
     """``runpod-pod:ID`` in ``charforge batch run`` goes through the pod's proxy URL."""
     runpod.add_pod("pod1", fake_comfy, running=True)
     batch = tmp_path / "jobs.jsonl"
-    batch.write_text("\n".join(json.dumps({"prompt": image_workflow(width=20 + i, prefix=f"c{i}"), "name": f"c{i}"})
-                               for i in range(2)) + "\n", encoding="utf-8")
-    code, _, err = cli("batch", "run", str(batch), "--out", str(tmp_path / "b"), "--server", "runpod-pod:pod1")
+    batch.write_text(
+        "\n".join(
+            json.dumps({"prompt": image_workflow(width=20 + i, prefix=f"c{i}"), "name": f"c{i}"})
+            for i in range(2)
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    code, _, err = cli(
+        "batch", "run", str(batch), "--out", str(tmp_path / "b"), "--server", "runpod-pod:pod1"
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["counts"]["done"] == 2
     assert any("/proxy/pod1-8188/prompt" in path for _, path, _ in runpod.requests)

@@ -49,16 +49,24 @@ def test_server_string_resolves_to_the_proxy(runpod: FakeRunPod) -> None:
 
 def test_profile_with_runpod_section(tmp_path: Path) -> None:
     cfg = tmp_path / "config.yaml"
-    cfg.write_text("runpod: {api_key_env: MY_RP_KEY}\n"
-                   "profiles:\n"
-                   "  gpu:\n"
-                   "    runpod: {pod: xyz789, connect: tcp, on_finish: stop, price_per_hour: 0.5}\n"
-                   "  sls:\n"
-                   "    server: runpod-serverless:ep9\n"
-                   "    runpod: {price_per_second: 0.0002}\n", encoding="utf-8")
+    cfg.write_text(
+        "runpod: {api_key_env: MY_RP_KEY}\n"
+        "profiles:\n"
+        "  gpu:\n"
+        "    runpod: {pod: xyz789, connect: tcp, on_finish: stop, price_per_hour: 0.5}\n"
+        "  sls:\n"
+        "    server: runpod-serverless:ep9\n"
+        "    runpod: {price_per_second: 0.0002}\n",
+        encoding="utf-8",
+    )
     env = {"MY_RP_KEY": "k-abcdef"}
     pod = resolve_runpod("gpu", env=env, config_path=cfg)
-    assert (pod.kind, pod.id, pod.options["connect"], pod.options["on_finish"]) == ("pod", "xyz789", "tcp", "stop")
+    assert (pod.kind, pod.id, pod.options["connect"], pod.options["on_finish"]) == (
+        "pod",
+        "xyz789",
+        "tcp",
+        "stop",
+    )
     assert pod.api_key.reveal() == "k-abcdef" and "k-abcdef" not in repr(pod)
     sls = resolve_runpod(None, profile="sls", env=env, config_path=cfg)
     assert (sls.kind, sls.id, sls.options["price_per_second"]) == ("serverless", "ep9", 0.0002)
@@ -99,7 +107,9 @@ def test_readiness_gives_up_with_a_clear_message(runpod: FakeRunPod, fake_comfy:
 
 
 @pytest.mark.parametrize("keepalive", [0.3, 5.0])
-def test_silent_node_behind_the_proxy_timeout(runpod: FakeRunPod, fake_comfy: FakeComfyServer, keepalive: float) -> None:
+def test_silent_node_behind_the_proxy_timeout(
+    runpod: FakeRunPod, fake_comfy: FakeComfyServer, keepalive: float
+) -> None:
     """A node silent for 3x the proxy's limit (5 min vs 100 s for real). With pings below the idle limit the
     socket survives; with pings above it the proxy drops it, and reconnects + history polling still finish."""
     runpod.add_pod("pod1", fake_comfy, running=True)
@@ -108,7 +118,9 @@ def test_silent_node_behind_the_proxy_timeout(runpod: FakeRunPod, fake_comfy: Fa
     async def go():
         await target.open()
         try:
-            prompt_id = await target.submit(await target.prepare(JobSpec(wait_workflow(seconds=3.0, steps=1))), None)
+            prompt_id = await target.submit(
+                await target.prepare(JobSpec(wait_workflow(seconds=3.0, steps=1))), None
+            )
             return await target.wait(prompt_id, 30)
         finally:
             await target.close()
@@ -176,7 +188,11 @@ def test_lifecycle_create_run_terminate_and_cost(runpod: FakeRunPod, fake_comfy:
 
     asyncio.run(go())
     (pod,) = runpod.pods.values()
-    assert pod.status == "TERMINATED" and pod.image == "runpod/comfyui:latest" and target.name == "runpod-pod:new"
+    assert (
+        pod.status == "TERMINATED"
+        and pod.image == "runpod/comfyui:latest"
+        and target.name == "runpod-pod:new"
+    )
     assert target.price_per_hour == pytest.approx(runpod.gpu_price("NVIDIA GeForce RTX 4090"))
     # hourly price x wall time, boot and idle included: the same bill as the fake's
     assert target.session_cost() == pytest.approx(runpod.pod_cost(pod.id), rel=0.05)

@@ -36,13 +36,17 @@ def make_target(runpod: FakeRunPod, **options) -> ServerlessTarget:
 
 
 def gif_only_workflow() -> dict:
-    return {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 2, "color": 9}},
-            "2": {"class_type": "CF_SaveGif", "inputs": {"images": ["1", 0], "filename_prefix": "clip"}}}
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 2, "color": 9}},
+        "2": {"class_type": "CF_SaveGif", "inputs": {"images": ["1", 0], "filename_prefix": "clip"}},
+    }
 
 
 def load_image_workflow() -> dict:
-    return {"1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}, "_meta": {"title": "Face"}},
-            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "out"}}}
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}, "_meta": {"title": "Face"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "out"}},
+    }
 
 
 async def run_one(target: ServerlessTarget, spec: JobSpec, out: Path):
@@ -57,13 +61,18 @@ async def run_one(target: ServerlessTarget, spec: JobSpec, out: Path):
         await target.close()
 
 
-@pytest.mark.parametrize(("schema", "kind"), [("new", "base64"), ("new", "s3_url"), ("old", "base64"),
-                                              ("old", "s3_url")])
-def test_both_output_schemas_and_transports(runpod: FakeRunPod, tmp_path: Path, schema: str, kind: str) -> None:
+@pytest.mark.parametrize(
+    ("schema", "kind"), [("new", "base64"), ("new", "s3_url"), ("old", "base64"), ("old", "s3_url")]
+)
+def test_both_output_schemas_and_transports(
+    runpod: FakeRunPod, tmp_path: Path, schema: str, kind: str
+) -> None:
     runpod.knobs.output_schema, runpod.knobs.output_type = schema, kind
     runpod.knobs.cold_start = 0.1
     target = make_target(runpod)
-    job_id, result, files = asyncio.run(run_one(target, JobSpec(image_workflow(width=20, height=10)), tmp_path))
+    job_id, result, files = asyncio.run(
+        run_one(target, JobSpec(image_workflow(width=20, height=10)), tmp_path)
+    )
     assert len(files) == 1
     data = files[0].path.read_bytes()
     assert data.startswith(b"\x89PNG") and b"IHDR" in data
@@ -73,8 +82,9 @@ def test_both_output_schemas_and_transports(runpod: FakeRunPod, tmp_path: Path, 
     assert result.timings.execution_seconds is not None
 
 
-def test_input_images_travel_base64_and_cost_matches(runpod: FakeRunPod, fake_comfy: FakeComfyServer,
-                                                     tmp_path: Path) -> None:
+def test_input_images_travel_base64_and_cost_matches(
+    runpod: FakeRunPod, fake_comfy: FakeComfyServer, tmp_path: Path
+) -> None:
     face = tmp_path / "face.png"
     face.write_bytes(png_bytes(6, 5, (1, 2, 3)))
     target = make_target(runpod)
@@ -166,7 +176,9 @@ def test_cancel_queued_and_running_jobs(runpod: FakeRunPod, fake_comfy: FakeComf
         with pytest.raises(Interrupted):
             await target.wait(queued, 5)
         runpod.knobs.cold_start = 0.0
-        running = await target.submit(await target.prepare(JobSpec(wait_workflow(seconds=5.0, steps=50))), None)
+        running = await target.submit(
+            await target.prepare(JobSpec(wait_workflow(seconds=5.0, steps=50))), None
+        )
         for _ in range(100):
             if await target.lookup(running) == "running" and runpod.jobs[running].prompt_id:
                 break
@@ -202,7 +214,9 @@ def test_lost_run_answer_is_never_resubmitted(runpod: FakeRunPod) -> None:
     assert len(runpod.run_bodies) == 1 and len(runpod.jobs) == 1
 
 
-def test_failed_job_surfaces_the_worker_error(runpod: FakeRunPod, fake_comfy: FakeComfyServer, tmp_path: Path) -> None:
+def test_failed_job_surfaces_the_worker_error(
+    runpod: FakeRunPod, fake_comfy: FakeComfyServer, tmp_path: Path
+) -> None:
     fake_comfy.knobs.fail_node = "ImageScale"
     fake_comfy.knobs.fail_message = "CUDA out of memory"
     target = make_target(runpod)
@@ -221,8 +235,11 @@ def test_unknown_job_and_key_never_leaks(runpod: FakeRunPod) -> None:
             await target.close()
 
     assert asyncio.run(go()) == "unknown"
-    bad = resolve_runpod("runpod-serverless:ep1", env={**runpod.env(), "RUNPOD_API_KEY": "wrong-key-999"},
-                         config_path=Path("/nonexistent"))
+    bad = resolve_runpod(
+        "runpod-serverless:ep1",
+        env={**runpod.env(), "RUNPOD_API_KEY": "wrong-key-999"},
+        config_path=Path("/nonexistent"),
+    )
     assert "wrong-key-999" not in repr(bad)
     target = ServerlessTarget(bad, poll_interval=0.05)
 
@@ -241,9 +258,13 @@ def test_decode_output_shapes() -> None:
     png = png_bytes(2, 2, (9, 9, 9))
     b64 = base64.b64encode(png).decode()
     assert decode_output({"images": [{"filename": "a.png", "type": "base64", "data": b64}]})[0].data == png
-    assert decode_output({"images": [{"filename": "a.png", "type": "s3_url", "data": "https://s3/x/a.png"}]})[0].url
+    assert decode_output({"images": [{"filename": "a.png", "type": "s3_url", "data": "https://s3/x/a.png"}]})[
+        0
+    ].url
     assert decode_output({"status": "success", "message": "data:image/png;base64," + b64})[0].data == png
-    old = decode_output({"status": "success", "message": "https://bucket.s3.amazonaws.com/job/ComfyUI_001.png"})
+    old = decode_output(
+        {"status": "success", "message": "https://bucket.s3.amazonaws.com/job/ComfyUI_001.png"}
+    )
     assert old[0].filename == "ComfyUI_001.png" and old[0].url
     assert decode_output({"status": "success_no_images", "images": []}) == []
     assert json.dumps(output_warnings(gif_only_workflow()))

@@ -49,7 +49,11 @@ def storage(moto_server, monkeypatch, tmp_path):
 
 
 def _folder(root: Path) -> dict[str, bytes]:
-    files = {"a.png": b"\x89PNG" + bytes(range(256)) * 10, "a.txt": b"zqx, smile", "sub/b.jpg": b"\xff\xd8\xff" + b"j" * 500}
+    files = {
+        "a.png": b"\x89PNG" + bytes(range(256)) * 10,
+        "a.txt": b"zqx, smile",
+        "sub/b.jpg": b"\xff\xd8\xff" + b"j" * 500,
+    }
     for name, data in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
@@ -101,15 +105,18 @@ def test_multipart_upload_resumes_with_only_the_missing_parts(storage, tmp_path,
     assert sent == [4, 5]  # parts 1-3 were on the server already (their MD5s match): not sent again
     assert entry["bytes_sent"] == 2048
     head = storage.client.head_object(Bucket=storage.bucket, Key="runs/lora.safetensors")
-    assert head["ContentLength"] == len(data) and head["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert (
+        head["ContentLength"] == len(data) and head["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest()
+    )
     assert json.loads((tmp_path / "uploads.json").read_text()) == {}  # the record is gone once complete
 
 
 def test_checksum_mismatch_is_refused(storage, tmp_path):
     from charforge.driver.storage import S3Location, StorageError
 
-    storage.client.put_object(Bucket=storage.bucket, Key="bad/x.png", Body=b"real bytes",
-                              Metadata={"sha256": "0" * 64})
+    storage.client.put_object(
+        Bucket=storage.bucket, Key="bad/x.png", Body=b"real bytes", Metadata={"sha256": "0" * 64}
+    )
     with pytest.raises(StorageError, match="checksum") as caught:
         storage.download_tree(S3Location.parse(f"s3://{storage.bucket}/bad"), tmp_path / "got")
     assert not list((tmp_path / "got").rglob("*.png*"))
@@ -125,8 +132,12 @@ def test_credentials_absent_from_errors_logs_and_manifests(storage, tmp_path, ca
     (tmp_path / "manifest.json").write_text(json.dumps(entries))
     with pytest.raises(StorageError) as caught:
         storage.upload_tree(tmp_path / "photos", S3Location.parse("s3://no-such-bucket-here/p"))
-    outputs = [str(caught.value), (tmp_path / "manifest.json").read_text(), caplog.text,
-               (tmp_path / "uploads.json").read_text() if (tmp_path / "uploads.json").exists() else ""]
+    outputs = [
+        str(caught.value),
+        (tmp_path / "manifest.json").read_text(),
+        caplog.text,
+        (tmp_path / "uploads.json").read_text() if (tmp_path / "uploads.json").exists() else "",
+    ]
     for text in outputs:
         assert SECRET_KEY not in text and ACCESS_KEY not in text
 
@@ -153,7 +164,9 @@ def test_pipeline_photos_from_s3_and_results_up(storage, tmp_path, monkeypatch, 
     seen = {}
 
     def fake_run(opts, say, stderr=None):
-        seen["photos"] = sorted(p.relative_to(opts.photos).as_posix() for p in opts.photos.rglob("*") if p.is_file())
+        seen["photos"] = sorted(
+            p.relative_to(opts.photos).as_posix() for p in opts.photos.rglob("*") if p.is_file()
+        )
         for name in ("lora/pip.safetensors", "comfyui/models/big.bin", "server/datasets/x.png"):
             (opts.out / name).parent.mkdir(parents=True, exist_ok=True)
             (opts.out / name).write_bytes(b"x")
@@ -161,12 +174,24 @@ def test_pipeline_photos_from_s3_and_results_up(storage, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
     endpoint = storage.client.meta.endpoint_url
-    code = main(["pipeline", f"s3://{storage.bucket}/in", "--out", str(tmp_path / "out"), "--s3-endpoint", endpoint,
-                 "--upload-to", f"s3://{storage.bucket}/results/run1"])
+    code = main(
+        [
+            "pipeline",
+            f"s3://{storage.bucket}/in",
+            "--out",
+            str(tmp_path / "out"),
+            "--s3-endpoint",
+            endpoint,
+            "--upload-to",
+            f"s3://{storage.bucket}/results/run1",
+        ]
+    )
     assert code == 0
     assert seen["photos"] == sorted(photos)
-    keys = sorted(o["Key"] for o in storage.client.list_objects_v2(Bucket=storage.bucket,
-                                                                   Prefix="results/").get("Contents", []))
+    keys = sorted(
+        o["Key"]
+        for o in storage.client.list_objects_v2(Bucket=storage.bucket, Prefix="results/").get("Contents", [])
+    )
     assert "results/run1/lora/pip.safetensors" in keys
     assert not [k for k in keys if k.startswith(("results/run1/comfyui", "results/run1/server"))]
     captured = capsys.readouterr()

@@ -44,10 +44,20 @@ def _run(url, coro_fn):
 
 
 def test_missing_model_named_before_queueing(server):
-    manifest = parse_model_manifest({"models": [
-        {"name": "base.safetensors", "kind": "checkpoints", "size": 4},
-        {"name": "mm.safetensors", "kind": "animatediff_models", "repo": "guoyww/animatediff", "file": "mm.ckpt"},
-        {"name": "other.safetensors", "kind": "checkpoints", "size": 10}]})
+    manifest = parse_model_manifest(
+        {
+            "models": [
+                {"name": "base.safetensors", "kind": "checkpoints", "size": 4},
+                {
+                    "name": "mm.safetensors",
+                    "kind": "animatediff_models",
+                    "repo": "guoyww/animatediff",
+                    "file": "mm.ckpt",
+                },
+                {"name": "other.safetensors", "kind": "checkpoints", "size": 10},
+            ]
+        }
+    )
     check = _run(server.url, lambda c: check_models(c, manifest))
     assert [e.name for e in check.present] == ["base.safetensors"]
     with pytest.raises(MissingModels) as caught:
@@ -61,16 +71,25 @@ def test_size_or_checksum_that_differs_is_named(server):
     entry = ModelEntry("base.safetensors", "checkpoints", sha256=hashlib.sha256(b"other").hexdigest())
     check = _run(server.url, lambda c: check_models(c, [entry], verify=True))
     assert not check.ok and "sha256" in check.describe()
-    check = _run(server.url, lambda c: check_models(c, [ModelEntry("base.safetensors", "checkpoints", size=5)]))
+    check = _run(
+        server.url, lambda c: check_models(c, [ModelEntry("base.safetensors", "checkpoints", size=5)])
+    )
     assert "4 bytes on the server" in check.describe()
 
 
 def test_server_fetches_missing_models_and_refuses_a_wrong_checksum(server, host):
-    good = ModelEntry("mm.safetensors", "animatediff_models", url=host.url("mm.safetensors"), size=len(DATA),
-                      sha256=hashlib.sha256(DATA).hexdigest())
+    good = ModelEntry(
+        "mm.safetensors",
+        "animatediff_models",
+        url=host.url("mm.safetensors"),
+        size=len(DATA),
+        sha256=hashlib.sha256(DATA).hexdigest(),
+    )
     seen = []
     check = _run(server.url, lambda c: provision_models(c, [good], poll=0.05, on_progress=seen.append))
-    assert check.ok and (server.root / "models" / "animatediff_models" / "mm.safetensors").read_bytes() == DATA
+    assert (
+        check.ok and (server.root / "models" / "animatediff_models" / "mm.safetensors").read_bytes() == DATA
+    )
     assert seen
 
     bad = ModelEntry("bad.safetensors", "animatediff_models", url=host.url("mm.safetensors"), sha256="2" * 64)
@@ -87,7 +106,9 @@ def test_manifest_entries_are_checked():
         parse_model_manifest([{"name": "../x.safetensors", "kind": "loras"}])
     with pytest.raises(ValueError, match="http"):
         parse_model_manifest([{"name": "x.safetensors", "kind": "loras", "url": "file:///etc/passwd"}])
-    entry = parse_model_manifest([{"name": "x.safetensors", "kind": "loras", "repo": "a/b", "file": "x.safetensors"}])[0]
+    entry = parse_model_manifest(
+        [{"name": "x.safetensors", "kind": "loras", "repo": "a/b", "file": "x.safetensors"}]
+    )[0]
     assert entry.source_url() == "https://huggingface.co/a/b/resolve/main/x.safetensors"
 
 

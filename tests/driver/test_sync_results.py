@@ -48,7 +48,9 @@ def test_run_folder_and_lora_come_home(server, tmp_path):
     assert (out / "lora" / "run" / "pip.safetensors").read_bytes() == LORA
     assert all(f["sha256"] == hashlib.sha256(Path(f["path"]).read_bytes()).hexdigest() for f in tree.files)
     lora = _run(server.url, lambda c: download_lora(c, "pip.safetensors", out / "lora"))
-    assert Path(lora["path"]).read_bytes() == (server.root / "models" / "loras" / "pip.safetensors").read_bytes()
+    assert (
+        Path(lora["path"]).read_bytes() == (server.root / "models" / "loras" / "pip.safetensors").read_bytes()
+    )
     assert lora["downloaded"] and lora["sha256"] == hashlib.sha256(LORA).hexdigest()
 
     again = _run(server.url, lambda c: download_tree(c, "train_runs/pip", out / "lora" / "run"))

@@ -63,8 +63,15 @@ SDXL_UNET_FULL = {
     "use_linear_projection": True,
     "sample_size": 128,
 }
-CLIP_G = {**CLIP_L, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-          "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280}
+CLIP_G = {
+    **CLIP_L,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
 
 
 def _pipeline_class(tiny):
@@ -80,7 +87,9 @@ def loaded(tiny_sd15, tiny_sdxl):
     for tiny in (tiny_sd15, tiny_sdxl):
         cls = _pipeline_class(tiny)
         folder = cls.from_pretrained(tiny.diffusers_dir, local_files_only=True)
-        single = cls.from_single_file(str(tiny.single_file), config=str(tiny.diffusers_dir), local_files_only=True)
+        single = cls.from_single_file(
+            str(tiny.single_file), config=str(tiny.diffusers_dir), local_files_only=True
+        )
         out[tiny.kind] = (tiny, folder, single)
     return out
 
@@ -107,7 +116,11 @@ def test_tiny_tokenizer_loads_offline_and_matches_text_encoders(tmp_path, tiny_s
         assert tiny.text_encoder_config["vocab_size"] == TINY_VOCAB_SIZE
         assert tiny.text_encoder_config["max_position_embeddings"] == 77
         assert sorted(p.name for p in (tiny.diffusers_dir / "tokenizer").iterdir()) == [
-            "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+            "merges.txt",
+            "special_tokens_map.json",
+            "tokenizer_config.json",
+            "vocab.json",
+        ]
 
     tokenizer_2 = CLIPTokenizer.from_pretrained(str(tiny_sdxl.diffusers_dir / "tokenizer_2"))
     assert tokenizer_2.pad_token == "!" and tokenizer_2.pad_token_id == 0
@@ -123,8 +136,9 @@ def test_tiny_sd15_folder_runs_forward(loaded):
     assert type(pipe.scheduler).__name__ == "PNDMScheduler"
     assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.steps_offset == 1
     with torch.no_grad():
-        ids = pipe.tokenizer("a photo of sks person", padding="max_length", max_length=77,
-                             return_tensors="pt").input_ids
+        ids = pipe.tokenizer(
+            "a photo of sks person", padding="max_length", max_length=77, return_tensors="pt"
+        ).input_ids
         hidden = pipe.text_encoder(ids).last_hidden_state
         assert hidden.shape == (1, 77, 32)
 
@@ -156,8 +170,12 @@ def test_tiny_sdxl_folder_runs_forward(loaded):
 
         sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
         time_ids = torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]])
-        noise_pred = pipe.unet(sample, torch.tensor([500]), encoder_hidden_states=context,
-                               added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}).sample
+        noise_pred = pipe.unet(
+            sample,
+            torch.tensor([500]),
+            encoder_hidden_states=context,
+            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+        ).sample
         assert noise_pred.shape == sample.shape and torch.isfinite(noise_pred).all()
 
         latents = pipe.vae.encode(torch.rand(1, 3, 64, 64) * 2 - 1).latent_dist.mean
@@ -169,8 +187,14 @@ def test_tiny_sdxl_folder_runs_forward(loaded):
 def test_tiny_pipeline_generates_latents_end_to_end(loaded, kind):
     _, pipe, _ = loaded[kind]
     pipe.set_progress_bar_config(disable=True)
-    out = pipe("a photo of sks person", num_inference_steps=2, height=64, width=64, output_type="latent",
-               generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        "a photo of sks person",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.images.shape == (1, 4, 8, 8) and torch.isfinite(out.images).all()
 
 
@@ -296,11 +320,15 @@ def test_single_file_key_names_follow_sgm_layout(tiny_sdxl):
     for key, shape in expected_shapes.items():
         assert key in sd, key
         assert tuple(sd[key].shape) == shape, (key, tuple(sd[key].shape))
-    assert not [k for k in sd if "transformer.resblocks.0.attn.q_proj" in k or k.startswith("cond_stage_model.")]
+    assert not [
+        k for k in sd if "transformer.resblocks.0.attn.q_proj" in k or k.startswith("cond_stage_model.")
+    ]
 
     prefix = "" if "embeddings.token_embedding.weight" in te2 else "text_model."
     layer = f"{prefix}encoder.layers.0.self_attn."
-    stacked = torch.cat([te2[layer + "q_proj.weight"], te2[layer + "k_proj.weight"], te2[layer + "v_proj.weight"]])
+    stacked = torch.cat(
+        [te2[layer + "q_proj.weight"], te2[layer + "k_proj.weight"], te2[layer + "v_proj.weight"]]
+    )
     assert torch.equal(sd[g + "transformer.resblocks.0.attn.in_proj_weight"], stacked)
     assert torch.equal(sd[g + "text_projection"], te2["text_projection.weight"].t())
 
@@ -337,7 +365,9 @@ def _full_size_single_file_shapes() -> dict[str, dict[str, list[int]]]:
         clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)).state_dict()
         for kind, config, te2 in (("sd15", SD15_UNET_FULL, None), ("sdxl", SDXL_UNET_FULL, clip_g)):
             unet = UNet2DConditionModel(**config)
-            sd = pipeline_to_single_file_state_dict(unet.state_dict(), vae, clip_l, te2, unet_config=dict(unet.config))
+            sd = pipeline_to_single_file_state_dict(
+                unet.state_dict(), vae, clip_l, te2, unet_config=dict(unet.config)
+            )
             out[kind] = {key: list(tensor.shape) for key, tensor in sd.items()}
     return out
 
@@ -362,8 +392,11 @@ def test_full_size_layouts_have_the_real_parameter_counts():
 
 def test_unexpected_keys_are_named(tiny_sd15):
     unet_sd = load_component_state_dict(tiny_sd15.diffusers_dir / "unet")
-    extra = {**unet_sd, "time_embedding.cond_proj.weight": torch.zeros(1),
-             "down_blocks.0.resnets.0.mystery.weight": torch.zeros(1)}
+    extra = {
+        **unet_sd,
+        "time_embedding.cond_proj.weight": torch.zeros(1),
+        "down_blocks.0.resnets.0.mystery.weight": torch.zeros(1),
+    }
     with pytest.raises(UnexpectedKeysError) as info:
         unet_to_ldm(extra, tiny_sd15.unet_config)
     assert info.value.component == "unet"
@@ -371,7 +404,9 @@ def test_unexpected_keys_are_named(tiny_sd15):
     assert "time_embedding.cond_proj.weight" in str(info.value)
 
     vae_sd = load_component_state_dict(tiny_sd15.diffusers_dir / "vae")
-    with pytest.raises(UnexpectedKeysError, match=r"vae: 1 key.*decoder\.mid_block\.resnets\.2\.conv1\.weight"):
+    with pytest.raises(
+        UnexpectedKeysError, match=r"vae: 1 key.*decoder\.mid_block\.resnets\.2\.conv1\.weight"
+    ):
         vae_to_ldm({**vae_sd, "decoder.mid_block.resnets.2.conv1.weight": torch.zeros(1)})
 
     te_sd = load_component_state_dict(tiny_sd15.diffusers_dir / "text_encoder")
@@ -386,16 +421,21 @@ def test_unexpected_keys_are_named(tiny_sd15):
 
 
 def test_wrong_component_sets_are_refused(tiny_sd15, tiny_sdxl, tmp_path):
-    sd15 = {name: load_component_state_dict(tiny_sd15.diffusers_dir / name) for name in ("unet", "vae", "text_encoder")}
+    sd15 = {
+        name: load_component_state_dict(tiny_sd15.diffusers_dir / name)
+        for name in ("unet", "vae", "text_encoder")
+    }
     te2 = load_component_state_dict(tiny_sdxl.diffusers_dir / "text_encoder_2")
     with pytest.raises(ValueError, match="must not get one"):
-        pipeline_to_single_file_state_dict(sd15["unet"], sd15["vae"], sd15["text_encoder"], te2,
-                                           unet_config=tiny_sd15.unet_config)
+        pipeline_to_single_file_state_dict(
+            sd15["unet"], sd15["vae"], sd15["text_encoder"], te2, unet_config=tiny_sd15.unet_config
+        )
 
     sdxl_unet = load_component_state_dict(tiny_sdxl.diffusers_dir / "unet")
     with pytest.raises(ValueError, match="text_encoder_2=missing"):
-        pipeline_to_single_file_state_dict(sdxl_unet, sd15["vae"], sd15["text_encoder"],
-                                           unet_config=tiny_sdxl.unet_config)
+        pipeline_to_single_file_state_dict(
+            sdxl_unet, sd15["vae"], sd15["text_encoder"], unet_config=tiny_sdxl.unet_config
+        )
 
     te2_missing_k = {k: v for k, v in te2.items() if "layers.1.self_attn.k_proj.weight" not in k}
     with pytest.raises(ValueError, match="layer 1 has no k_proj.weight"):
@@ -415,8 +455,12 @@ def test_text_encoder_keys_with_or_without_text_model_prefix(tiny_sd15):
 
 
 def test_save_single_file_casts_and_writes_metadata(tiny_sdxl, tmp_path):
-    out = save_single_file(tiny_sdxl.diffusers_dir, tmp_path / "nested" / "xl.safetensors", dtype="fp16",
-                           metadata={"modelspec.title": "tiny"})
+    out = save_single_file(
+        tiny_sdxl.diffusers_dir,
+        tmp_path / "nested" / "xl.safetensors",
+        dtype="fp16",
+        metadata={"modelspec.title": "tiny"},
+    )
     with safe_open(str(out), "pt") as handle:
         assert handle.metadata() == {"modelspec.title": "tiny"}
         keys = handle.keys()
@@ -455,7 +499,7 @@ def test_sd15_comfy_checkpoint_has_what_comfyui_detects(sd15_comfy_checkpoint):
 # --------------------------------------------------------------------------------------------------
 # Opt-in: a real ComfyUI (COMFYUI_DIR set)
 
-_COMFY_SCRIPT = textwrap.dedent('''
+_COMFY_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, ".")
     sys.argv = [sys.argv[0], "--cpu"]
@@ -488,17 +532,23 @@ _COMFY_SCRIPT = textwrap.dedent('''
             "cond_finite": bool(torch.isfinite(cond).all()) if cond is not None else None,
         }
     print("REPORT " + json.dumps(report))
-''')
+""")
 
 
 def _run_real_comfyui(request: dict) -> dict:
     comfy = comfyui_dir()
     assert (comfy / "main.py").exists(), f"COMFYUI_DIR={comfy} has no main.py"
-    result = subprocess.run([comfyui_python(comfy), "-c", _COMFY_SCRIPT], input=json.dumps(request), cwd=comfy,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [comfyui_python(comfy), "-c", _COMFY_SCRIPT],
+        input=json.dumps(request),
+        cwd=comfy,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith("REPORT ")]
     assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(lines[-1][len("REPORT "):])
+    return json.loads(lines[-1][len("REPORT ") :])
 
 
 @pytest.mark.comfyui
@@ -511,11 +561,19 @@ def test_real_comfyui_detects_full_size_layouts():
 @pytest.mark.slow
 @pytest.mark.comfyui
 @pytest.mark.skipif(comfyui_dir() is None, reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON)")
-def test_real_comfyui_loads_the_sd15_checkpoint_and_rejects_tiny_ones(sd15_comfy_checkpoint, tiny_sd15, tiny_sdxl):
+def test_real_comfyui_loads_the_sd15_checkpoint_and_rejects_tiny_ones(
+    sd15_comfy_checkpoint, tiny_sd15, tiny_sdxl
+):
     paths = [str(sd15_comfy_checkpoint.path), str(tiny_sd15.single_file), str(tiny_sdxl.single_file)]
     loaded = _run_real_comfyui({"checkpoints": paths})["loaded"]
-    assert loaded[paths[0]] == {"model_config": "SD15", "model_channels": 320, "clip": True, "vae": True,
-                                "cond_shape": [1, 77, 768], "cond_finite": True}
+    assert loaded[paths[0]] == {
+        "model_config": "SD15",
+        "model_channels": 320,
+        "clip": True,
+        "vae": True,
+        "cond_shape": [1, 77, 768],
+        "cond_finite": True,
+    }
     for tiny in paths[1:]:
         assert "Could not detect model type" in loaded[tiny]["error"]
 
@@ -539,8 +597,12 @@ def test_component_weights_in_every_file_layout(tmp_path):
     sharded.mkdir()
     save_file(a, str(sharded / "model-00001-of-00002.safetensors"))
     save_file(b, str(sharded / "model-00002-of-00002.safetensors"))
-    index = {"weight_map": {"a.weight": "model-00001-of-00002.safetensors",
-                            "b.weight": "model-00002-of-00002.safetensors"}}
+    index = {
+        "weight_map": {
+            "a.weight": "model-00001-of-00002.safetensors",
+            "b.weight": "model-00002-of-00002.safetensors",
+        }
+    }
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
     assert load_component_state_dict(sharded).keys() == {"a.weight", "b.weight"}
 

@@ -19,8 +19,13 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def sweep_file(tmp_path: Path, colors: list[int], widths: list[int] | None = None, workflow: dict | None = None,
-               name: str = "sweep.json") -> Path:
+def sweep_file(
+    tmp_path: Path,
+    colors: list[int],
+    widths: list[int] | None = None,
+    workflow: dict | None = None,
+    name: str = "sweep.json",
+) -> Path:
     (tmp_path / "wf.json").write_text(json.dumps(workflow or image_workflow()))
     axes: dict = {"color": {"set": "Blank.color", "values": colors}}
     if widths:
@@ -45,8 +50,11 @@ def assert_outputs_once(out: Path, plan) -> None:
         folder = out / job.folder
         manifest = json.loads((folder / "manifest.json").read_text())
         listed = sorted(f["path"] for f in manifest["files"])
-        on_disk = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                         if p.is_file() and p.name != "manifest.json")
+        on_disk = sorted(
+            p.relative_to(folder).as_posix()
+            for p in folder.rglob("*")
+            if p.is_file() and p.name != "manifest.json"
+        )
         assert on_disk == listed and len(listed) == 1, (job.folder, on_disk, listed)
         assert manifest["batch"]["job"] == job.id
     assert not list(out.rglob("*.stale-*")) and not (out / ".staging").exists()
@@ -54,5 +62,3 @@ def assert_outputs_once(out: Path, plan) -> None:
 
 def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / JOURNAL_NAME).read_text().splitlines()]
-
-

@@ -62,11 +62,18 @@ MAX_UPLOAD_SIZE = 100 * 1024 * 1024
 # ----------------------------------------------------------------------------------------------------------
 
 
-def png_bytes(width: int, height: int, rgb: tuple[int, int, int], text: dict[str, str] | None = None) -> bytes:
+def png_bytes(
+    width: int, height: int, rgb: tuple[int, int, int], text: dict[str, str] | None = None
+) -> bytes:
     """Encode a solid-colour RGB PNG (with optional tEXt chunks, as ComfyUI writes ``prompt``/``workflow``)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     row = b"\x00" + bytes(rgb) * width
     raw = row * height
@@ -87,15 +94,24 @@ def animated_webp_bytes(frames: list[tuple[int, int, tuple[int, int, int]]], fps
         return b"RIFF" + struct.pack("<I", len(body)) + body
     images = [Image.new("RGB", (w, h), rgb) for w, h, rgb in frames]
     buf = io.BytesIO()
-    images[0].save(buf, format="WEBP", save_all=True, append_images=images[1:], duration=int(1000 / fps),
-                   loop=0, lossless=True)
+    images[0].save(
+        buf,
+        format="WEBP",
+        save_all=True,
+        append_images=images[1:],
+        duration=int(1000 / fps),
+        loop=0,
+        lossless=True,
+    )
     return buf.getvalue()
 
 
 def gif_bytes() -> bytes:
     """A valid 1x1 GIF89a."""
-    return (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x00\x00\x00\x00\x00"
-            b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
+    return (
+        b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x00\x00\x00\x00\x00"
+        b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+    )
 
 
 def wav_bytes(seconds: float = 0.05, rate: int = 8000) -> bytes:
@@ -169,8 +185,9 @@ class NodeDef:
     def object_info(self, server: FakeComfyServer) -> dict[str, Any]:
         types = self.input_types(server)
         info = {
-            "input": {k: {n: list(v) if isinstance(v, tuple) else v for n, v in d.items()}
-                      for k, d in types.items()},
+            "input": {
+                k: {n: list(v) if isinstance(v, tuple) else v for n, v in d.items()} for k, d in types.items()
+            },
             "input_order": {k: list(d) for k, d in types.items()},
             "output": list(self.outputs),
             "output_is_list": [False] * len(self.outputs),
@@ -262,15 +279,18 @@ async def _empty_latent(ctx, width, height, batch_size):
     return ({"batch": batch_size, "width": width, "height": height},), None
 
 
-async def _ksampler(ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-                    denoise):
+async def _ksampler(
+    ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise
+):
     await ctx.progress(steps, _seconds(ctx), preview=True)
     return (dict(latent_image, seed=seed),), None
 
 
 async def _vae_decode(ctx, samples, vae):
     await ctx.work(_seconds(ctx))
-    return (FakeImage(samples["batch"], samples["width"], samples["height"], samples.get("seed", 0) & 0xFFFFFF),), None
+    return (
+        FakeImage(samples["batch"], samples["width"], samples["height"], samples.get("seed", 0) & 0xFFFFFF),
+    ), None
 
 
 async def _wait(ctx, seconds, steps=10, anything=None):
@@ -297,12 +317,14 @@ async def _save_audio(ctx, filename_prefix):
 
 async def _hostile(ctx, anything=None):
     """Claims outputs with names that try to escape the client's output folder."""
-    return (), {"images": [
-        {"filename": "../../escape.png", "subfolder": "", "type": "output"},
-        {"filename": "abs.png", "subfolder": "/etc/cron.d", "type": "output"},
-        {"filename": "..", "subfolder": "../../..", "type": "output"},
-        {"filename": "C:\\Windows\\win.png", "subfolder": "..\\..", "type": "output"},
-    ]}
+    return (), {
+        "images": [
+            {"filename": "../../escape.png", "subfolder": "", "type": "output"},
+            {"filename": "abs.png", "subfolder": "/etc/cron.d", "type": "output"},
+            {"filename": "..", "subfolder": "../../..", "type": "output"},
+            {"filename": "C:\\Windows\\win.png", "subfolder": "..\\..", "type": "output"},
+        ]
+    }
 
 
 async def _mode(ctx, mode, value):
@@ -327,89 +349,207 @@ HIDDEN_OUT = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
 def default_nodes() -> dict[str, NodeDef]:
     """The node classes the fake server knows (a few built-ins plus a tiny fake custom pack)."""
     nodes = [
-        NodeDef("EmptyImage", {
-            "width": ("INT", {"default": 512, "min": 1, "max": 16384, "step": 1}),
-            "height": ("INT", {"default": 512, "min": 1, "max": 16384, "step": 1}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096}),
-            "color": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFF, "step": 1, "display": "color"}),
-        }, outputs=("IMAGE",), category="image", run=_empty_image),
-        NodeDef("ImageScale", {
-            "image": ("IMAGE",),
-            "upscale_method": (UPSCALE,),
-            "width": ("INT", {"default": 512, "min": 0, "max": 16384, "step": 1}),
-            "height": ("INT", {"default": 512, "min": 0, "max": 16384, "step": 1}),
-            "crop": (["disabled", "center"],),
-        }, outputs=("IMAGE",), category="image/upscaling", run=_image_scale),
-        NodeDef("SaveImage", {
-            "images": ("IMAGE", {"tooltip": "The images to save."}),
-            "filename_prefix": ("STRING", {"default": "ComfyUI"}),
-        }, hidden=HIDDEN_OUT, output_node=True, category="image", run=_save_image),
-        NodeDef("PreviewImage", {"images": ("IMAGE",)}, hidden=HIDDEN_OUT, output_node=True, category="image",
-                run=_preview_image),
-        NodeDef("SaveAnimatedWEBP", {
-            "images": ("IMAGE",),
-            "filename_prefix": ("STRING", {"default": "ComfyUI"}),
-            "fps": ("FLOAT", {"default": 6.0, "min": 0.01, "max": 1000.0, "step": 0.01}),
-            "lossless": ("BOOLEAN", {"default": True}),
-            "quality": ("INT", {"default": 80, "min": 0, "max": 100}),
-            "method": (["default", "fastest", "slowest"],),
-        }, hidden=HIDDEN_OUT, output_node=True, category="image/animation", run=_save_webp),
-        NodeDef("LoadImage", {
-            "image": (lambda s: (sorted(p.name for p in s.input_dir.iterdir() if p.is_file()),
-                                 {"image_upload": True})),
-        }, outputs=("IMAGE", "MASK"), category="image", run=_load_image,
-            validate_names=("image",), validate=_validate_load_image),
-        NodeDef("CheckpointLoaderSimple", {
-            "ckpt_name": (["v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors"],
-                          {"tooltip": "The name of the checkpoint (model) to load."}),
-        }, outputs=("MODEL", "CLIP", "VAE"), category="loaders", run=_checkpoint),
-        NodeDef("CLIPTextEncode", {
-            "text": ("STRING", {"multiline": True, "dynamicPrompts": True}),
-            "clip": ("CLIP",),
-        }, outputs=("CONDITIONING",), category="conditioning", run=_encode),
-        NodeDef("EmptyLatentImage", {
-            "width": ("INT", {"default": 512, "min": 16, "max": 16384, "step": 8}),
-            "height": ("INT", {"default": 512, "min": 16, "max": 16384, "step": 8}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096}),
-        }, outputs=("LATENT",), category="latent", run=_empty_latent),
-        NodeDef("KSampler", {
-            "model": ("MODEL",),
-            "seed": ("INT", {"default": 0, "min": 0, "max": INT_MAX, "control_after_generate": True}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
-            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-            "sampler_name": (SAMPLERS,),
-            "scheduler": (SCHEDULERS,),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "latent_image": ("LATENT",),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-        }, outputs=("LATENT",), category="sampling", run=_ksampler),
-        NodeDef("VAEDecode", {"samples": ("LATENT",), "vae": ("VAE",)}, outputs=("IMAGE",), category="latent",
-                run=_vae_decode),
+        NodeDef(
+            "EmptyImage",
+            {
+                "width": ("INT", {"default": 512, "min": 1, "max": 16384, "step": 1}),
+                "height": ("INT", {"default": 512, "min": 1, "max": 16384, "step": 1}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096}),
+                "color": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFF, "step": 1, "display": "color"}),
+            },
+            outputs=("IMAGE",),
+            category="image",
+            run=_empty_image,
+        ),
+        NodeDef(
+            "ImageScale",
+            {
+                "image": ("IMAGE",),
+                "upscale_method": (UPSCALE,),
+                "width": ("INT", {"default": 512, "min": 0, "max": 16384, "step": 1}),
+                "height": ("INT", {"default": 512, "min": 0, "max": 16384, "step": 1}),
+                "crop": (["disabled", "center"],),
+            },
+            outputs=("IMAGE",),
+            category="image/upscaling",
+            run=_image_scale,
+        ),
+        NodeDef(
+            "SaveImage",
+            {
+                "images": ("IMAGE", {"tooltip": "The images to save."}),
+                "filename_prefix": ("STRING", {"default": "ComfyUI"}),
+            },
+            hidden=HIDDEN_OUT,
+            output_node=True,
+            category="image",
+            run=_save_image,
+        ),
+        NodeDef(
+            "PreviewImage",
+            {"images": ("IMAGE",)},
+            hidden=HIDDEN_OUT,
+            output_node=True,
+            category="image",
+            run=_preview_image,
+        ),
+        NodeDef(
+            "SaveAnimatedWEBP",
+            {
+                "images": ("IMAGE",),
+                "filename_prefix": ("STRING", {"default": "ComfyUI"}),
+                "fps": ("FLOAT", {"default": 6.0, "min": 0.01, "max": 1000.0, "step": 0.01}),
+                "lossless": ("BOOLEAN", {"default": True}),
+                "quality": ("INT", {"default": 80, "min": 0, "max": 100}),
+                "method": (["default", "fastest", "slowest"],),
+            },
+            hidden=HIDDEN_OUT,
+            output_node=True,
+            category="image/animation",
+            run=_save_webp,
+        ),
+        NodeDef(
+            "LoadImage",
+            {
+                "image": (
+                    lambda s: (
+                        sorted(p.name for p in s.input_dir.iterdir() if p.is_file()),
+                        {"image_upload": True},
+                    )
+                ),
+            },
+            outputs=("IMAGE", "MASK"),
+            category="image",
+            run=_load_image,
+            validate_names=("image",),
+            validate=_validate_load_image,
+        ),
+        NodeDef(
+            "CheckpointLoaderSimple",
+            {
+                "ckpt_name": (
+                    ["v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors"],
+                    {"tooltip": "The name of the checkpoint (model) to load."},
+                ),
+            },
+            outputs=("MODEL", "CLIP", "VAE"),
+            category="loaders",
+            run=_checkpoint,
+        ),
+        NodeDef(
+            "CLIPTextEncode",
+            {
+                "text": ("STRING", {"multiline": True, "dynamicPrompts": True}),
+                "clip": ("CLIP",),
+            },
+            outputs=("CONDITIONING",),
+            category="conditioning",
+            run=_encode,
+        ),
+        NodeDef(
+            "EmptyLatentImage",
+            {
+                "width": ("INT", {"default": 512, "min": 16, "max": 16384, "step": 8}),
+                "height": ("INT", {"default": 512, "min": 16, "max": 16384, "step": 8}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096}),
+            },
+            outputs=("LATENT",),
+            category="latent",
+            run=_empty_latent,
+        ),
+        NodeDef(
+            "KSampler",
+            {
+                "model": ("MODEL",),
+                "seed": ("INT", {"default": 0, "min": 0, "max": INT_MAX, "control_after_generate": True}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                "sampler_name": (SAMPLERS,),
+                "scheduler": (SCHEDULERS,),
+                "positive": ("CONDITIONING",),
+                "negative": ("CONDITIONING",),
+                "latent_image": ("LATENT",),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            },
+            outputs=("LATENT",),
+            category="sampling",
+            run=_ksampler,
+        ),
+        NodeDef(
+            "VAEDecode",
+            {"samples": ("LATENT",), "vae": ("VAE",)},
+            outputs=("IMAGE",),
+            category="latent",
+            run=_vae_decode,
+        ),
         # --- a fake custom-node pack ---
-        NodeDef("CF_Wait", {
-            "seconds": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3600.0}),
-        }, optional={
-            "steps": ("INT", {"default": 10, "min": 1, "max": 1000}),
-            "anything": ("*",),
-        }, outputs=("FLOAT",), category="charforge/test", python_module="custom_nodes.fakepack", run=_wait),
-        NodeDef("CF_ShowText", {
-            "text": ("STRING", {"forceInput": True}),
-        }, optional={"number": ("FLOAT", {"default": 0.0})}, outputs=("STRING",), output_node=True,
-            category="charforge/test", python_module="custom_nodes.fakepack", run=_show_text),
-        NodeDef("CF_Mode", {
-            "mode": ("COMBO", {"options": ["fast", "best"]}),
-            "value": ("STRING", {"default": ""}),
-        }, outputs=("STRING",), category="charforge/test", python_module="custom_nodes.fakepack", run=_mode),
-        NodeDef("CF_SaveGif", {
-            "images": ("IMAGE",),
-            "filename_prefix": ("STRING", {"default": "gif/CF"}),
-        }, output_node=True, category="charforge/test", python_module="custom_nodes.fakepack", run=_save_gif),
-        NodeDef("CF_SaveAudio", {
-            "filename_prefix": ("STRING", {"default": "audio/CF"}),
-        }, output_node=True, category="charforge/test", python_module="custom_nodes.fakepack", run=_save_audio),
-        NodeDef("CF_Hostile", {}, optional={"anything": ("*",)}, output_node=True, category="charforge/test",
-                python_module="custom_nodes.fakepack", run=_hostile),
+        NodeDef(
+            "CF_Wait",
+            {
+                "seconds": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3600.0}),
+            },
+            optional={
+                "steps": ("INT", {"default": 10, "min": 1, "max": 1000}),
+                "anything": ("*",),
+            },
+            outputs=("FLOAT",),
+            category="charforge/test",
+            python_module="custom_nodes.fakepack",
+            run=_wait,
+        ),
+        NodeDef(
+            "CF_ShowText",
+            {
+                "text": ("STRING", {"forceInput": True}),
+            },
+            optional={"number": ("FLOAT", {"default": 0.0})},
+            outputs=("STRING",),
+            output_node=True,
+            category="charforge/test",
+            python_module="custom_nodes.fakepack",
+            run=_show_text,
+        ),
+        NodeDef(
+            "CF_Mode",
+            {
+                "mode": ("COMBO", {"options": ["fast", "best"]}),
+                "value": ("STRING", {"default": ""}),
+            },
+            outputs=("STRING",),
+            category="charforge/test",
+            python_module="custom_nodes.fakepack",
+            run=_mode,
+        ),
+        NodeDef(
+            "CF_SaveGif",
+            {
+                "images": ("IMAGE",),
+                "filename_prefix": ("STRING", {"default": "gif/CF"}),
+            },
+            output_node=True,
+            category="charforge/test",
+            python_module="custom_nodes.fakepack",
+            run=_save_gif,
+        ),
+        NodeDef(
+            "CF_SaveAudio",
+            {
+                "filename_prefix": ("STRING", {"default": "audio/CF"}),
+            },
+            output_node=True,
+            category="charforge/test",
+            python_module="custom_nodes.fakepack",
+            run=_save_audio,
+        ),
+        NodeDef(
+            "CF_Hostile",
+            {},
+            optional={"anything": ("*",)},
+            output_node=True,
+            category="charforge/test",
+            python_module="custom_nodes.fakepack",
+            run=_hostile,
+        ),
     ]
     return {n.name: n for n in nodes}
 
@@ -495,8 +635,15 @@ class RecordedRequest:
 class FakeComfyServer:
     """The fake ComfyUI server; ``start()`` runs it on 127.0.0.1 in a background thread."""
 
-    def __init__(self, *, prefix: str = "", root: str | Path | None = None, knobs: Knobs | None = None,
-                 port: int = 0, extra_routes: tuple = ()) -> None:
+    def __init__(
+        self,
+        *,
+        prefix: str = "",
+        root: str | Path | None = None,
+        knobs: Knobs | None = None,
+        port: int = 0,
+        extra_routes: tuple = (),
+    ) -> None:
         self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
         self._tmp = None
         if root is None:
@@ -538,7 +685,7 @@ class FakeComfyServer:
         self._cache: dict[str, tuple[Any, tuple, dict | None]] = {}
         self._queue_event: asyncio.Event | None = None
         self._drops_done = 0
-        self.sent: list[tuple[str | None, str, Any]] = []   # (sid, type, data) of every JSON message delivered
+        self.sent: list[tuple[str | None, str, Any]] = []  # (sid, type, data) of every JSON message delivered
         #: how many times each prompt id started executing (a batch must never run one twice)
         self.executions: dict[str, int] = {}
         #: prompt ids in the order they started executing, with their graph (to count runs per job)
@@ -669,7 +816,9 @@ class FakeComfyServer:
                 body = json.loads(await request.text())
             except ValueError:
                 body = "<invalid json>"
-        record = RecordedRequest(request.method, request.path, dict(request.query), dict(request.headers), body)
+        record = RecordedRequest(
+            request.method, request.path, dict(request.query), dict(request.headers), body
+        )
         self.requests.append(record)
         fault = self._fault(request)
         if fault is not None:
@@ -697,7 +846,7 @@ class FakeComfyServer:
             if request.transport is not None:
                 request.transport.abort()
             return web.Response(status=503)
-        path = request.path[len(self.prefix):]
+        path = request.path[len(self.prefix) :]
         if path.startswith("/api/"):
             path = path[4:]
         if path == "/ws" or (k.fault_paths and not path.startswith(tuple(k.fault_paths))):
@@ -717,7 +866,7 @@ class FakeComfyServer:
 
     def _canned_reply(self, request: web.Request) -> web.StreamResponse | None:
         """The JSON of ``knobs.replies`` for this request's path, or None."""
-        path = request.path[len(self.prefix):]
+        path = request.path[len(self.prefix) :]
         if path.startswith("/api/"):
             path = path[4:]
         for pattern, value in self.knobs.replies.items():
@@ -725,8 +874,15 @@ class FakeComfyServer:
                 return web.json_response(value(request) if callable(value) else value)
         return None
 
-    async def _stream(self, request: web.Request, head: bytes, size: int | None, tail: bytes = b"",
-                      chunk: bytes = b"x" * 65536, pause: float = 0.0) -> web.StreamResponse:
+    async def _stream(
+        self,
+        request: web.Request,
+        head: bytes,
+        size: int | None,
+        tail: bytes = b"",
+        chunk: bytes = b"x" * 65536,
+        pause: float = 0.0,
+    ) -> web.StreamResponse:
         """Stream ``head``, then ``chunk`` until ``size`` bytes (None: forever), then ``tail``; counts what went
         out in ``hostile_bytes_sent`` and stops quietly when the client leaves."""
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
@@ -784,8 +940,9 @@ class FakeComfyServer:
     async def queue_updated(self) -> None:
         await self.send("status", {"status": self.queue_info()}, None)
 
-    async def add_message(self, messages: list, event: str, data: dict, client_id: str | None,
-                          broadcast: bool = False) -> None:
+    async def add_message(
+        self, messages: list, event: str, data: dict, client_id: str | None, broadcast: bool = False
+    ) -> None:
         data = {**data, "timestamp": int(time.time() * 1000)}
         messages.append((event, data))
         if client_id is not None or broadcast:
@@ -796,7 +953,9 @@ class FakeComfyServer:
     async def h_ws(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        self.ws_connects.append(RecordedRequest("GET", request.path, dict(request.query), dict(request.headers)))
+        self.ws_connects.append(
+            RecordedRequest("GET", request.path, dict(request.query), dict(request.headers))
+        )
         sid = request.query.get("clientId", "")
         if sid:
             self.sockets.pop(sid, None)
@@ -823,8 +982,11 @@ class FakeComfyServer:
                         continue
                     if first and data.get("type") == "feature_flags":
                         self._flags[sid] = data.get("data", {})
-                        await self.send("feature_flags", {"supports_preview_metadata": True,
-                                                          "max_upload_size": MAX_UPLOAD_SIZE}, sid)
+                        await self.send(
+                            "feature_flags",
+                            {"supports_preview_metadata": True, "max_upload_size": MAX_UPLOAD_SIZE},
+                            sid,
+                        )
                     first = False
         finally:
             if self.sockets.get(sid) is ws:
@@ -847,12 +1009,18 @@ class FakeComfyServer:
                 number = -number
             self.number += 1
         if "prompt" not in json_data:
-            error = {"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided",
-                     "extra_info": {}}
+            error = {
+                "type": "no_prompt",
+                "message": "No prompt provided",
+                "details": "No prompt provided",
+                "extra_info": {},
+            }
             return web.json_response({"error": error, "node_errors": {}}, status=400)
         prompt = json_data["prompt"]
         prompt_id = str(json_data.get("prompt_id", uuid.uuid4()))
-        valid, error, outputs, node_errors = self.validate_prompt(prompt, json_data.get("partial_execution_targets"))
+        valid, error, outputs, node_errors = self.validate_prompt(
+            prompt, json_data.get("partial_execution_targets")
+        )
         extra_data = json_data.get("extra_data", {})
         if "client_id" in json_data:
             extra_data["client_id"] = json_data["client_id"]
@@ -875,20 +1043,45 @@ class FakeComfyServer:
         outputs = []
         for x in prompt:
             if "class_type" not in prompt[x]:
-                return False, {"type": "invalid_prompt",
-                               "message": "Cannot execute because a node is missing the class_type property.",
-                               "details": f"Node ID '#{x}'", "extra_info": {}}, [], {}
+                return (
+                    False,
+                    {
+                        "type": "invalid_prompt",
+                        "message": "Cannot execute because a node is missing the class_type property.",
+                        "details": f"Node ID '#{x}'",
+                        "extra_info": {},
+                    },
+                    [],
+                    {},
+                )
             class_type = prompt[x]["class_type"]
             node = self.nodes.get(class_type)
             if node is None:
-                return False, {"type": "invalid_prompt",
-                               "message": f"Cannot execute because node {class_type} does not exist.",
-                               "details": f"Node ID '#{x}'", "extra_info": {}}, [], {}
+                return (
+                    False,
+                    {
+                        "type": "invalid_prompt",
+                        "message": f"Cannot execute because node {class_type} does not exist.",
+                        "details": f"Node ID '#{x}'",
+                        "extra_info": {},
+                    },
+                    [],
+                    {},
+                )
             if node.output_node and (partial is None or x in partial):
                 outputs.append(x)
         if not outputs:
-            return False, {"type": "prompt_no_outputs", "message": "Prompt has no outputs", "details": "",
-                           "extra_info": {}}, [], {}
+            return (
+                False,
+                {
+                    "type": "prompt_no_outputs",
+                    "message": "Prompt has no outputs",
+                    "details": "",
+                    "extra_info": {},
+                },
+                [],
+                {},
+            )
         good: list[str] = []
         errors: list[tuple[str, list]] = []
         node_errors: dict[str, dict] = {}
@@ -898,9 +1091,17 @@ class FakeComfyServer:
                 ok, reasons = self._validate_inputs(prompt, o, validated)
             except Exception as ex:  # noqa: BLE001 - mirrors the server's catch-all
                 ok = False
-                reasons = [{"type": "exception_during_validation", "message": "Exception when validating node",
-                            "details": str(ex), "extra_info": {"exception_type": type(ex).__name__,
-                                                               "traceback": traceback.format_tb(ex.__traceback__)}}]
+                reasons = [
+                    {
+                        "type": "exception_during_validation",
+                        "message": "Exception when validating node",
+                        "details": str(ex),
+                        "extra_info": {
+                            "exception_type": type(ex).__name__,
+                            "traceback": traceback.format_tb(ex.__traceback__),
+                        },
+                    }
+                ]
                 validated[o] = (False, reasons)
             if ok:
                 good.append(o)
@@ -909,13 +1110,25 @@ class FakeComfyServer:
             for node_id, (node_ok, node_reasons) in validated.items():
                 if not node_ok and node_reasons:
                     if node_id not in node_errors:
-                        node_errors[node_id] = {"errors": node_reasons, "dependent_outputs": [],
-                                                "class_type": prompt[node_id]["class_type"]}
+                        node_errors[node_id] = {
+                            "errors": node_reasons,
+                            "dependent_outputs": [],
+                            "class_type": prompt[node_id]["class_type"],
+                        }
                     node_errors[node_id]["dependent_outputs"].append(o)
         if not good:
             details = "\n".join(f"{e['message']}: {e['details']}" for _, reasons in errors for e in reasons)
-            return False, {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
-                           "details": details, "extra_info": {}}, [], node_errors
+            return (
+                False,
+                {
+                    "type": "prompt_outputs_failed_validation",
+                    "message": "Prompt outputs failed validation",
+                    "details": details,
+                    "extra_info": {},
+                },
+                [],
+                node_errors,
+            )
         return True, None, good, node_errors
 
     def _validate_inputs(self, prompt: dict, unique_id: str, validated: dict) -> tuple[bool, list]:
@@ -933,25 +1146,43 @@ class FakeComfyServer:
                 info = [input_type, extra]
                 if x not in inputs:
                     if category == "required":
-                        errors.append({"type": "required_input_missing", "message": "Required input is missing",
-                                       "details": f"{x}", "extra_info": {"input_name": x}})
+                        errors.append(
+                            {
+                                "type": "required_input_missing",
+                                "message": "Required input is missing",
+                                "details": f"{x}",
+                                "extra_info": {"input_name": x},
+                            }
+                        )
                     continue
                 val = inputs[x]
                 if isinstance(val, list):
                     if len(val) != 2:
-                        errors.append({"type": "bad_linked_input",
-                                       "message": "Bad linked input, must be a length-2 list of [node_id, slot_index]",
-                                       "details": f"{x}", "extra_info": {"input_name": x, "input_config": info,
-                                                                         "received_value": val}})
+                        errors.append(
+                            {
+                                "type": "bad_linked_input",
+                                "message": "Bad linked input, must be a length-2 list of [node_id, slot_index]",
+                                "details": f"{x}",
+                                "extra_info": {"input_name": x, "input_config": info, "received_value": val},
+                            }
+                        )
                         continue
                     o_id = val[0]
                     received = self.nodes[prompt[o_id]["class_type"]].outputs[val[1]]
                     if not _types_match(received, input_type):
-                        errors.append({"type": "return_type_mismatch",
-                                       "message": "Return type mismatch between linked nodes",
-                                       "details": f"{x}, received_type({received}) mismatch input_type({input_type})",
-                                       "extra_info": {"input_name": x, "input_config": info,
-                                                      "received_type": received, "linked_node": val}})
+                        errors.append(
+                            {
+                                "type": "return_type_mismatch",
+                                "message": "Return type mismatch between linked nodes",
+                                "details": f"{x}, received_type({received}) mismatch input_type({input_type})",
+                                "extra_info": {
+                                    "input_name": x,
+                                    "input_config": info,
+                                    "received_type": received,
+                                    "linked_node": val,
+                                },
+                            }
+                        )
                         continue
                     try:
                         ok, _ = self._validate_inputs(prompt, o_id, validated)
@@ -959,12 +1190,24 @@ class FakeComfyServer:
                             valid = False
                     except Exception as ex:  # noqa: BLE001
                         valid = False
-                        validated[o_id] = (False, [{
-                            "type": "exception_during_inner_validation",
-                            "message": "Exception when validating inner node", "details": str(ex),
-                            "extra_info": {"input_name": x, "input_config": info, "exception_message": str(ex),
-                                           "exception_type": type(ex).__name__, "traceback": [],
-                                           "linked_node": val}}])
+                        validated[o_id] = (
+                            False,
+                            [
+                                {
+                                    "type": "exception_during_inner_validation",
+                                    "message": "Exception when validating inner node",
+                                    "details": str(ex),
+                                    "extra_info": {
+                                        "input_name": x,
+                                        "input_config": info,
+                                        "exception_message": str(ex),
+                                        "exception_type": type(ex).__name__,
+                                        "traceback": [],
+                                        "linked_node": val,
+                                    },
+                                }
+                            ],
+                        )
                     continue
                 if isinstance(val, dict) and "__value__" in val:
                     val = val["__value__"]
@@ -976,31 +1219,58 @@ class FakeComfyServer:
                         val = converter(val)
                         inputs[x] = val
                 except Exception as ex:  # noqa: BLE001
-                    errors.append({"type": "invalid_input_type",
-                                   "message": f"Failed to convert an input value to a {input_type} value",
-                                   "details": f"{x}, {val}, {ex}",
-                                   "extra_info": {"input_name": x, "input_config": info, "received_value": val,
-                                                  "exception_message": str(ex)}})
+                    errors.append(
+                        {
+                            "type": "invalid_input_type",
+                            "message": f"Failed to convert an input value to a {input_type} value",
+                            "details": f"{x}, {val}, {ex}",
+                            "extra_info": {
+                                "input_name": x,
+                                "input_config": info,
+                                "received_value": val,
+                                "exception_message": str(ex),
+                            },
+                        }
+                    )
                     continue
                 if x in node.validate_names:
                     continue
                 if "min" in extra and val < extra["min"]:
-                    errors.append({"type": "value_smaller_than_min",
-                                   "message": f"Value {val} smaller than min of {extra['min']}", "details": f"{x}",
-                                   "extra_info": {"input_name": x, "input_config": info, "received_value": val}})
+                    errors.append(
+                        {
+                            "type": "value_smaller_than_min",
+                            "message": f"Value {val} smaller than min of {extra['min']}",
+                            "details": f"{x}",
+                            "extra_info": {"input_name": x, "input_config": info, "received_value": val},
+                        }
+                    )
                     continue
                 if "max" in extra and val > extra["max"]:
-                    errors.append({"type": "value_bigger_than_max",
-                                   "message": f"Value {val} bigger than max of {extra['max']}", "details": f"{x}",
-                                   "extra_info": {"input_name": x, "input_config": info, "received_value": val}})
+                    errors.append(
+                        {
+                            "type": "value_bigger_than_max",
+                            "message": f"Value {val} bigger than max of {extra['max']}",
+                            "details": f"{x}",
+                            "extra_info": {"input_name": x, "input_config": info, "received_value": val},
+                        }
+                    )
                     continue
                 if isinstance(input_type, list) and val not in input_type:
-                    list_info = f"(list of length {len(input_type)})" if len(input_type) > 20 else str(input_type)
-                    errors.append({"type": "value_not_in_list", "message": "Value not in list",
-                                   "details": f"{x}: '{val}' not in {list_info}",
-                                   "extra_info": {"input_name": x,
-                                                  "input_config": None if len(input_type) > 20 else info,
-                                                  "received_value": val}})
+                    list_info = (
+                        f"(list of length {len(input_type)})" if len(input_type) > 20 else str(input_type)
+                    )
+                    errors.append(
+                        {
+                            "type": "value_not_in_list",
+                            "message": "Value not in list",
+                            "details": f"{x}: '{val}' not in {list_info}",
+                            "extra_info": {
+                                "input_name": x,
+                                "input_config": None if len(input_type) > 20 else info,
+                                "received_value": val,
+                            },
+                        }
+                    )
                     continue
         if node.validate is not None:
             for name in node.validate_names:
@@ -1008,9 +1278,14 @@ class FakeComfyServer:
                     ret = node.validate(self, inputs[name])
                     if ret is not True:
                         details = name if ret is False else f"{name} - {ret}"
-                        errors.append({"type": "custom_validation_failed",
-                                       "message": "Custom validation failed for node", "details": details,
-                                       "extra_info": {"input_name": name}})
+                        errors.append(
+                            {
+                                "type": "custom_validation_failed",
+                                "message": "Custom validation failed for node",
+                                "details": details,
+                                "extra_info": {"input_name": name},
+                            }
+                        )
         result = (False, errors) if errors or not valid else (True, [])
         validated[unique_id] = result
         return result
@@ -1021,8 +1296,12 @@ class FakeComfyServer:
         return web.json_response(self.queue_info())
 
     async def h_get_queue(self, request: web.Request) -> web.Response:
-        return web.json_response({"queue_running": [list(x) for x in self.running.values()],
-                                  "queue_pending": [list(x) for x in self.queue]})
+        return web.json_response(
+            {
+                "queue_running": [list(x) for x in self.running.values()],
+                "queue_pending": [list(x) for x in self.queue],
+            }
+        )
 
     async def h_post_queue(self, request: web.Request) -> web.Response:
         data = json.loads(await request.text() or "{}")
@@ -1060,7 +1339,7 @@ class FakeComfyServer:
             n = int(max_items)
             if offset < 0:
                 offset = len(keys) - n
-            keys = keys[max(offset, 0):][:n]
+            keys = keys[max(offset, 0) :][:n]
         elif offset > 0:
             keys = keys[offset:]
         return web.json_response({k: self.history[k] for k in keys})
@@ -1099,14 +1378,34 @@ class FakeComfyServer:
         return web.json_response({name: node.object_info(self)} if node else {})
 
     async def h_system_stats(self, request: web.Request) -> web.Response:
-        return web.json_response({
-            "system": {"os": "posix", "ram_total": 8 << 30, "ram_free": 4 << 30, "comfyui_version": COMFYUI_VERSION,
-                       "required_frontend_version": "1.27.10", "installed_templates_version": "0.1.95",
-                       "required_templates_version": "0.1.95", "python_version": "3.11.7", "pytorch_version":
-                       "2.8.0+cpu", "embedded_python": False, "argv": ["main.py", "--cpu"]},
-            "devices": [{"name": "cpu", "type": "cpu", "index": None, "vram_total": 0, "vram_free": 0,
-                         "torch_vram_total": 0, "torch_vram_free": 0}],
-        })
+        return web.json_response(
+            {
+                "system": {
+                    "os": "posix",
+                    "ram_total": 8 << 30,
+                    "ram_free": 4 << 30,
+                    "comfyui_version": COMFYUI_VERSION,
+                    "required_frontend_version": "1.27.10",
+                    "installed_templates_version": "0.1.95",
+                    "required_templates_version": "0.1.95",
+                    "python_version": "3.11.7",
+                    "pytorch_version": "2.8.0+cpu",
+                    "embedded_python": False,
+                    "argv": ["main.py", "--cpu"],
+                },
+                "devices": [
+                    {
+                        "name": "cpu",
+                        "type": "cpu",
+                        "index": None,
+                        "vram_total": 0,
+                        "vram_free": 0,
+                        "torch_vram_total": 0,
+                        "torch_vram_free": 0,
+                    }
+                ],
+            }
+        )
 
     async def h_features(self, request: web.Request) -> web.Response:
         return web.json_response({"supports_preview_metadata": True, "max_upload_size": MAX_UPLOAD_SIZE})
@@ -1114,7 +1413,9 @@ class FakeComfyServer:
     # ---- files --------------------------------------------------------------------------------------------
 
     def dir_by_type(self, kind: str | None) -> Path | None:
-        return {"output": self.output_dir, "input": self.input_dir, "temp": self.temp_dir}.get(kind or "output")
+        return {"output": self.output_dir, "input": self.input_dir, "temp": self.temp_dir}.get(
+            kind or "output"
+        )
 
     def _annotated(self, name: str, default: str) -> tuple[str, Path]:
         for kind in ("output", "input", "temp"):
@@ -1130,8 +1431,9 @@ class FakeComfyServer:
         if self.knobs.view_mode == "infinite":
             return await self._stream(request, b"", None)
         if self.knobs.view_mode == "trickle":
-            return await self._stream(request, b"", self.knobs.trickle_bytes, chunk=b"x",
-                                      pause=self.knobs.trickle_seconds)
+            return await self._stream(
+                request, b"", self.knobs.trickle_bytes, chunk=b"x", pause=self.knobs.trickle_seconds
+            )
         if self.knobs.lenient_view:
             return web.Response(body=png_bytes(2, 2, (1, 2, 3)), content_type="image/png")
         filename = q["filename"]
@@ -1193,7 +1495,7 @@ class FakeComfyServer:
     def _next_counter(self, folder: Path, filename: str) -> int:
         highest = 0
         for p in folder.glob(f"{filename}_*"):
-            part = p.name[len(filename) + 1:].split("_")[0]
+            part = p.name[len(filename) + 1 :].split("_")[0]
             if part.isdigit():
                 highest = max(highest, int(part))
         return highest + 1
@@ -1224,16 +1526,32 @@ class FakeComfyServer:
             self._interrupt = False
             raise Interrupt()
         target = ctx.client_id
-        await self.send("progress", {"value": value, "max": total, "prompt_id": ctx.prompt_id, "node": ctx.node_id},
-                        target)
-        await self.send("progress_state", {"prompt_id": ctx.prompt_id, "nodes": {ctx.node_id: self._node_state(
-            ctx, "running", value, total)}}, target)
+        await self.send(
+            "progress",
+            {"value": value, "max": total, "prompt_id": ctx.prompt_id, "node": ctx.node_id},
+            target,
+        )
+        await self.send(
+            "progress_state",
+            {
+                "prompt_id": ctx.prompt_id,
+                "nodes": {ctx.node_id: self._node_state(ctx, "running", value, total)},
+            },
+            target,
+        )
         if preview and target is not None:
             image = png_bytes(2, 2, (value % 256, 0, 0))
             if self._flags.get(target, {}).get("supports_preview_metadata"):
-                meta = json.dumps({"node_id": ctx.node_id, "prompt_id": ctx.prompt_id, "display_node_id": ctx.node_id,
-                                   "parent_node_id": None, "real_node_id": ctx.node_id,
-                                   "image_type": "image/png"}).encode()
+                meta = json.dumps(
+                    {
+                        "node_id": ctx.node_id,
+                        "prompt_id": ctx.prompt_id,
+                        "display_node_id": ctx.node_id,
+                        "parent_node_id": None,
+                        "real_node_id": ctx.node_id,
+                        "image_type": "image/png",
+                    }
+                ).encode()
                 payload = struct.pack(">I", 4) + struct.pack(">I", len(meta)) + meta + image
             else:
                 payload = struct.pack(">I", 1) + struct.pack(">I", 2) + image
@@ -1241,8 +1559,16 @@ class FakeComfyServer:
 
     @staticmethod
     def _node_state(ctx: RunContext, state: str, value: float, total: float) -> dict:
-        return {"value": value, "max": total, "state": state, "node_id": ctx.node_id, "prompt_id": ctx.prompt_id,
-                "display_node_id": ctx.node_id, "parent_node_id": None, "real_node_id": ctx.node_id}
+        return {
+            "value": value,
+            "max": total,
+            "state": state,
+            "node_id": ctx.node_id,
+            "prompt_id": ctx.prompt_id,
+            "display_node_id": ctx.node_id,
+            "parent_node_id": None,
+            "real_node_id": ctx.node_id,
+        }
 
     async def _prompt_worker(self) -> None:
         assert self._queue_event is not None
@@ -1325,9 +1651,17 @@ class FakeComfyServer:
         order = self._execution_order(prompt, outputs)
         memo: dict = {}
         signatures = {nid: self._signature(prompt, nid, memo) for nid in order}
-        cached = [nid for nid in prompt if nid in signatures and self.knobs.caching
-                  and nid in self._cache and self._cache[nid][0] == signatures[nid]]
-        await self.add_message(messages, "execution_cached", {"nodes": cached, "prompt_id": prompt_id}, client_id)
+        cached = [
+            nid
+            for nid in prompt
+            if nid in signatures
+            and self.knobs.caching
+            and nid in self._cache
+            and self._cache[nid][0] == signatures[nid]
+        ]
+        await self.add_message(
+            messages, "execution_cached", {"nodes": cached, "prompt_id": prompt_id}, client_id
+        )
         results: dict[str, tuple] = {}
         ui_outputs: dict[str, dict] = {}
         meta: dict[str, dict] = {}
@@ -1342,20 +1676,29 @@ class FakeComfyServer:
                     ui_outputs[node_id] = ui
                     meta[node_id] = self._meta(node_id)
                 if client_id is not None and (ui or node.output_node):
-                    await self.send("executed", {"node": node_id, "display_node": node_id, "output": ui,
-                                                 "prompt_id": prompt_id}, client_id)
+                    await self.send(
+                        "executed",
+                        {"node": node_id, "display_node": node_id, "output": ui, "prompt_id": prompt_id},
+                        client_id,
+                    )
                 continue
             ctx = RunContext(self, prompt_id, node_id, client_id, prompt, extra_data)
             try:
                 if self._interrupt:
                     self._interrupt = False
                     raise Interrupt()
-                await self.send("progress_state", {"prompt_id": prompt_id, "nodes": {
-                    node_id: self._node_state(ctx, "running", 0, 1)}}, client_id)
+                await self.send(
+                    "progress_state",
+                    {"prompt_id": prompt_id, "nodes": {node_id: self._node_state(ctx, "running", 0, 1)}},
+                    client_id,
+                )
                 if client_id is not None:
                     self.last_node_id = node_id
-                    await self.send("executing", {"node": node_id, "display_node": node_id, "prompt_id": prompt_id},
-                                    client_id)
+                    await self.send(
+                        "executing",
+                        {"node": node_id, "display_node": node_id, "prompt_id": prompt_id},
+                        client_id,
+                    )
                 kwargs = {}
                 for name, value in node_json["inputs"].items():
                     if isinstance(value, list) and len(value) == 2:
@@ -1372,32 +1715,57 @@ class FakeComfyServer:
                 assert node.run is not None
                 out, ui = await node.run(ctx, **kwargs)
             except Interrupt:
-                await self.add_message(messages, "execution_interrupted", {
-                    "prompt_id": prompt_id, "node_id": node_id, "node_type": node_json["class_type"],
-                    "executed": list(executed)}, client_id, broadcast=True)
+                await self.add_message(
+                    messages,
+                    "execution_interrupted",
+                    {
+                        "prompt_id": prompt_id,
+                        "node_id": node_id,
+                        "node_type": node_json["class_type"],
+                        "executed": list(executed),
+                    },
+                    client_id,
+                    broadcast=True,
+                )
                 self.last_node_id = None
                 return ("error", False), messages, ui_outputs, meta
             except Exception as ex:  # noqa: BLE001 - a node failure is reported, like ComfyUI does
                 exc_type = "ValueError" if isinstance(ex, NodeFailure) else type(ex).__name__
-                await self.add_message(messages, "execution_error", {
-                    "prompt_id": prompt_id, "node_id": node_id, "node_type": node_json["class_type"],
-                    "executed": list(executed), "exception_message": str(ex), "exception_type": exc_type,
-                    "traceback": traceback.format_tb(ex.__traceback__) + [f"{exc_type}: {ex}\n"],
-                    "current_inputs": {k: [repr(v)] for k, v in node_json["inputs"].items()},
-                    "current_outputs": list(results)}, client_id)
+                await self.add_message(
+                    messages,
+                    "execution_error",
+                    {
+                        "prompt_id": prompt_id,
+                        "node_id": node_id,
+                        "node_type": node_json["class_type"],
+                        "executed": list(executed),
+                        "exception_message": str(ex),
+                        "exception_type": exc_type,
+                        "traceback": traceback.format_tb(ex.__traceback__) + [f"{exc_type}: {ex}\n"],
+                        "current_inputs": {k: [repr(v)] for k, v in node_json["inputs"].items()},
+                        "current_outputs": list(results),
+                    },
+                    client_id,
+                )
                 self.last_node_id = None
                 return ("error", False), messages, ui_outputs, meta
             results[node_id] = out
             executed.append(node_id)
             self._cache[node_id] = (signatures[node_id], out, ui)
-            await self.send("progress_state", {"prompt_id": prompt_id, "nodes": {
-                node_id: self._node_state(ctx, "finished", 1, 1)}}, client_id)
+            await self.send(
+                "progress_state",
+                {"prompt_id": prompt_id, "nodes": {node_id: self._node_state(ctx, "finished", 1, 1)}},
+                client_id,
+            )
             if ui:
                 ui_outputs[node_id] = ui
                 meta[node_id] = self._meta(node_id)
                 if client_id is not None:
-                    await self.send("executed", {"node": node_id, "display_node": node_id, "output": ui,
-                                                 "prompt_id": prompt_id}, client_id)
+                    await self.send(
+                        "executed",
+                        {"node": node_id, "display_node": node_id, "output": ui, "prompt_id": prompt_id},
+                        client_id,
+                    )
         await self.add_message(messages, "execution_success", {"prompt_id": prompt_id}, client_id)
         self.last_node_id = None
         return ("success", True), messages, ui_outputs, meta
@@ -1428,56 +1796,118 @@ def _types_match(received: str, expected: Any) -> bool:
 def image_workflow(width: int = 32, height: int = 24, batch: int = 1, prefix: str = "test/img") -> dict:
     """EmptyImage -> ImageScale -> SaveImage."""
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": batch,
-                                                      "color": 0x3366CC}, "_meta": {"title": "Blank"}},
-        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "nearest-exact",
-                                                      "width": width, "height": height, "crop": "disabled"},
-              "_meta": {"title": "Resize"}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix},
-              "_meta": {"title": "Save"}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 16, "height": 16, "batch_size": batch, "color": 0x3366CC},
+            "_meta": {"title": "Blank"},
+        },
+        "2": {
+            "class_type": "ImageScale",
+            "inputs": {
+                "image": ["1", 0],
+                "upscale_method": "nearest-exact",
+                "width": width,
+                "height": height,
+                "crop": "disabled",
+            },
+            "_meta": {"title": "Resize"},
+        },
+        "3": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["2", 0], "filename_prefix": prefix},
+            "_meta": {"title": "Save"},
+        },
     }
 
 
 def sampler_workflow(seed: int = 1, steps: int = 4) -> dict:
     """The classic txt2img graph (fake models) ending in SaveImage."""
     return {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"},
-              "_meta": {"title": "Load Checkpoint"}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1},
-              "_meta": {"title": "Empty Latent Image"}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["4", 1]},
-              "_meta": {"title": "Positive"}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]},
-              "_meta": {"title": "Negative"}},
-        "3": {"class_type": "KSampler", "inputs": {
-            "seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
-            "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]},
-              "_meta": {"title": "KSampler"}},
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]},
-              "_meta": {"title": "VAE Decode"}},
-        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "txt2img"},
-              "_meta": {"title": "Save Image"}},
+        "4": {
+            "class_type": "CheckpointLoaderSimple",
+            "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"},
+            "_meta": {"title": "Load Checkpoint"},
+        },
+        "5": {
+            "class_type": "EmptyLatentImage",
+            "inputs": {"width": 64, "height": 64, "batch_size": 1},
+            "_meta": {"title": "Empty Latent Image"},
+        },
+        "6": {
+            "class_type": "CLIPTextEncode",
+            "inputs": {"text": "a cat", "clip": ["4", 1]},
+            "_meta": {"title": "Positive"},
+        },
+        "7": {
+            "class_type": "CLIPTextEncode",
+            "inputs": {"text": "blurry", "clip": ["4", 1]},
+            "_meta": {"title": "Negative"},
+        },
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {
+                "seed": seed,
+                "steps": steps,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+                "model": ["4", 0],
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": ["5", 0],
+            },
+            "_meta": {"title": "KSampler"},
+        },
+        "8": {
+            "class_type": "VAEDecode",
+            "inputs": {"samples": ["3", 0], "vae": ["4", 2]},
+            "_meta": {"title": "VAE Decode"},
+        },
+        "9": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["8", 0], "filename_prefix": "txt2img"},
+            "_meta": {"title": "Save Image"},
+        },
     }
 
 
 def webp_workflow(frames: int = 8) -> dict:
     """EmptyImage(frames) -> SaveAnimatedWEBP."""
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": frames, "color": 255},
-              "_meta": {"title": "Frames"}},
-        "2": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["1", 0], "filename_prefix": "anim/clip",
-                                                           "fps": 8.0, "lossless": True, "quality": 80,
-                                                           "method": "default"},
-              "_meta": {"title": "Save WEBP"}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": frames, "color": 255},
+            "_meta": {"title": "Frames"},
+        },
+        "2": {
+            "class_type": "SaveAnimatedWEBP",
+            "inputs": {
+                "images": ["1", 0],
+                "filename_prefix": "anim/clip",
+                "fps": 8.0,
+                "lossless": True,
+                "quality": 80,
+                "method": "default",
+            },
+            "_meta": {"title": "Save WEBP"},
+        },
     }
 
 
 def wait_workflow(seconds: float = 1.0, steps: int = 10, tag: str = "") -> dict:
     """CF_Wait -> CF_ShowText: a cancellable job that reports progress."""
     return {
-        "1": {"class_type": "CF_Wait", "inputs": {"seconds": seconds, "steps": steps}, "_meta": {"title": "Wait"}},
-        "2": {"class_type": "CF_ShowText", "inputs": {"text": f"done {tag}".strip(), "number": ["1", 0]},
-              "_meta": {"title": "Show"}},
+        "1": {
+            "class_type": "CF_Wait",
+            "inputs": {"seconds": seconds, "steps": steps},
+            "_meta": {"title": "Wait"},
+        },
+        "2": {
+            "class_type": "CF_ShowText",
+            "inputs": {"text": f"done {tag}".strip(), "number": ["1", 0]},
+            "_meta": {"title": "Show"},
+        },
     }
 
 
@@ -1494,8 +1924,9 @@ def main(argv: list[str] | None = None) -> None:
     args, _ = parser.parse_known_args(argv)
     if args.listen != "127.0.0.1":
         raise SystemExit("the fake server only listens on 127.0.0.1")
-    server = FakeComfyServer(port=args.port, knobs=Knobs(node_seconds=args.node_seconds,
-                                                        caching=args.caching == "on")).start()
+    server = FakeComfyServer(
+        port=args.port, knobs=Knobs(node_seconds=args.node_seconds, caching=args.caching == "on")
+    ).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with contextlib.suppress(KeyboardInterrupt):

@@ -22,9 +22,16 @@ class FakeChat:
 
             def do_POST(self):  # noqa: N802 - http.server's naming
                 length = int(self.headers.get("Content-Length", 0))
-                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
-                                       "body": json.loads(self.rfile.read(length))})
-                status, body, headers = outer.script.pop(0) if outer.script else (500, {"error": "no script"}, {})
+                outer.requests.append(
+                    {
+                        "path": self.path,
+                        "auth": self.headers.get("Authorization"),
+                        "body": json.loads(self.rfile.read(length)),
+                    }
+                )
+                status, body, headers = (
+                    outer.script.pop(0) if outer.script else (500, {"error": "no script"}, {})
+                )
                 data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
                 self.send_response(status)
                 for k, v in headers.items():
@@ -45,10 +52,15 @@ class FakeChat:
 
 
 def chat(content: str) -> tuple[int, dict, dict]:
-    return 200, {"choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}, {}
+    return (
+        200,
+        {"choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]},
+        {},
+    )
 
 
 def scenes_json(count: int, first: str = "close-up portrait of the character, face clearly visible") -> str:
-    items = [{"prompt": first, "caption": "Hello"}] + [{"prompt": f"the character in scene {i}", "caption": f"S{i}"}
-                                                       for i in range(2, count + 1)]
+    items = [{"prompt": first, "caption": "Hello"}] + [
+        {"prompt": f"the character in scene {i}", "caption": f"S{i}"} for i in range(2, count + 1)
+    ]
     return json.dumps({"scenes": items})

@@ -40,7 +40,13 @@ import aiohttp
 from aiohttp import web
 
 #: USD per second by hardware, the fake's own price list (the bill the driver's estimate is compared with)
-PRICES = {"cpu": 0.0001, "gpu-t4": 0.000225, "gpu-l40s": 0.000975, "gpu-a100-large": 0.0014, "gpu-h100": 0.001525}
+PRICES = {
+    "cpu": 0.0001,
+    "gpu-t4": 0.000225,
+    "gpu-l40s": 0.000975,
+    "gpu-a100-large": 0.0014,
+    "gpu-h100": 0.001525,
+}
 
 
 def iso(ts: float | None) -> str | None:
@@ -80,11 +86,11 @@ class ReplicateKnobs:
 class FakeModel:
     owner: str
     name: str
-    kind: str                      # "comfyui" | "trainer" | "plain"
+    kind: str  # "comfyui" | "trainer" | "plain"
     hardware: str = "gpu-a100-large"
     versions: list[str] = field(default_factory=list)
-    upstream: Any = None           # FakeComfyServer for "comfyui"
-    lora_base: str = "sd15"        # what the trainer's LoRA is for
+    upstream: Any = None  # FakeComfyServer for "comfyui"
+    lora_base: str = "sd15"  # what the trainer's LoRA is for
 
     @property
     def full_name(self) -> str:
@@ -96,7 +102,7 @@ class FakeJob:
     """A prediction or a training."""
 
     id: str
-    kind: str                      # "prediction" | "training"
+    kind: str  # "prediction" | "training"
     model: FakeModel
     version: str
     input: dict[str, Any]
@@ -120,14 +126,27 @@ class FakeJob:
     def to_dict(self, base: str) -> dict[str, Any]:
         path = "predictions" if self.kind == "prediction" else "trainings"
         data: dict[str, Any] = {
-            "id": self.id, "model": self.model.full_name, "version": self.version, "input": self.input,
-            "output": self.output, "logs": "\n".join(self.logs), "error": self.error, "status": self.status,
-            "source": "api", "data_removed": False, "created_at": iso(self.created), "started_at": iso(self.started),
-            "completed_at": iso(self.finished), "metrics": {},
-            "urls": {"get": f"{base}/v1/{path}/{self.id}", "cancel": f"{base}/v1/{path}/{self.id}/cancel"}}
+            "id": self.id,
+            "model": self.model.full_name,
+            "version": self.version,
+            "input": self.input,
+            "output": self.output,
+            "logs": "\n".join(self.logs),
+            "error": self.error,
+            "status": self.status,
+            "source": "api",
+            "data_removed": False,
+            "created_at": iso(self.created),
+            "started_at": iso(self.started),
+            "completed_at": iso(self.finished),
+            "metrics": {},
+            "urls": {"get": f"{base}/v1/{path}/{self.id}", "cancel": f"{base}/v1/{path}/{self.id}/cancel"},
+        }
         if self.predict_time is not None:
-            data["metrics"] = {"predict_time": round(self.predict_time, 6),
-                               "total_time": round((self.finished or 0) - self.created, 6)}
+            data["metrics"] = {
+                "predict_time": round(self.predict_time, 6),
+                "total_time": round((self.finished or 0) - self.created, 6),
+            }
         if self.destination:
             data["destination"] = self.destination
         return data
@@ -136,16 +155,21 @@ class FakeJob:
 class FakeReplicate:
     """The fake; ``start()`` runs it in a background thread (or use it as a context manager)."""
 
-    def __init__(self, *, token: str = "r8_fake_token_0123456789abcdef", knobs: ReplicateKnobs | None = None,
-                 seed: int = 7) -> None:
+    def __init__(
+        self,
+        *,
+        token: str = "r8_fake_token_0123456789abcdef",
+        knobs: ReplicateKnobs | None = None,
+        seed: int = 7,
+    ) -> None:
         self.token = token
         self.knobs = knobs or ReplicateKnobs()
         self.models: dict[str, FakeModel] = {}
         self.jobs: dict[str, FakeJob] = {}
-        self.files: dict[str, tuple[str, str, bytes]] = {}   # id -> (name, content type, bytes)
+        self.files: dict[str, tuple[str, str, bytes]] = {}  # id -> (name, content type, bytes)
         self.delivery: dict[str, bytes] = {}
         self.requests: list[tuple[str, str, int]] = []
-        self.created: list[str] = []                          # ids of every prediction/training created
+        self.created: list[str] = []  # ids of every prediction/training created
         self.port = 0
         self._rng = random.Random(seed)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -163,11 +187,20 @@ class FakeReplicate:
     def env(self) -> dict[str, str]:
         return {"REPLICATE_API_TOKEN": self.token, "CHARFORGE_REPLICATE_API_URL": self.url}
 
-    def add_model(self, full_name: str, kind: str, *, upstream: Any = None, hardware: str = "gpu-a100-large",
-                  versions: int = 1, lora_base: str = "sd15") -> FakeModel:
+    def add_model(
+        self,
+        full_name: str,
+        kind: str,
+        *,
+        upstream: Any = None,
+        hardware: str = "gpu-a100-large",
+        versions: int = 1,
+        lora_base: str = "sd15",
+    ) -> FakeModel:
         owner, _, name = full_name.partition("/")
-        model = FakeModel(owner, name, kind, hardware, [self._version_id() for _ in range(versions)], upstream,
-                          lora_base)
+        model = FakeModel(
+            owner, name, kind, hardware, [self._version_id() for _ in range(versions)], upstream, lora_base
+        )
         self.models[full_name] = model
         return model
 
@@ -176,8 +209,11 @@ class FakeReplicate:
 
     def bill(self, kind: str | None = None) -> float:
         """What Replicate would charge: predict_time x the hardware's price, over every finished job."""
-        return sum((j.predict_time or 0.0) * PRICES[j.model.hardware] for j in self.jobs.values()
-                   if kind is None or j.kind == kind)
+        return sum(
+            (j.predict_time or 0.0) * PRICES[j.model.hardware]
+            for j in self.jobs.values()
+            if kind is None or j.kind == kind
+        )
 
     def tagged(self) -> list[str]:
         """The CharForge tag of every prediction created (duplicates mean a job was created twice)."""
@@ -263,18 +299,31 @@ class FakeReplicate:
             if request.path.startswith("/v1/"):
                 if request.headers.get("Authorization") != f"Bearer {self.token}":
                     status = 401
-                    return web.json_response({"title": "Unauthenticated", "detail": "You did not pass a valid "
-                                              "authentication token", "status": 401}, status=401)
+                    return web.json_response(
+                        {
+                            "title": "Unauthenticated",
+                            "detail": "You did not pass a valid authentication token",
+                            "status": 401,
+                        },
+                        status=401,
+                    )
                 if self.knobs.rate_limit_next > 0:
                     self.knobs.rate_limit_next -= 1
                     status = 429
-                    headers = {"Retry-After": f"{self.knobs.retry_after:g}"} if self.knobs.retry_after else None
-                    return web.json_response({"detail": "Request was throttled. Expected available in 1 second.",
-                                              "status": 429}, status=429, headers=headers)
+                    headers = (
+                        {"Retry-After": f"{self.knobs.retry_after:g}"} if self.knobs.retry_after else None
+                    )
+                    return web.json_response(
+                        {"detail": "Request was throttled. Expected available in 1 second.", "status": 429},
+                        status=429,
+                        headers=headers,
+                    )
                 if self.knobs.fail_next > 0:
                     self.knobs.fail_next -= 1
                     status = self.knobs.fail_status
-                    text = f"upstream error (token {self.token})" if self.knobs.echo_token else "upstream error"
+                    text = (
+                        f"upstream error (token {self.token})" if self.knobs.echo_token else "upstream error"
+                    )
                     return web.Response(status=status, text=text)
             response = await handler(request)
             status = response.status
@@ -285,7 +334,9 @@ class FakeReplicate:
     # ---- predictions and trainings ---------------------------------------------------------------------------
 
     def _problem(self, status: int, detail: str) -> web.Response:
-        return web.json_response({"title": "Invalid request", "detail": detail, "status": status}, status=status)
+        return web.json_response(
+            {"title": "Invalid request", "detail": detail, "status": status}, status=status
+        )
 
     def _version_owner(self, version: str) -> tuple[FakeModel, str] | None:
         ident = version.split(":", 1)[-1]
@@ -329,8 +380,9 @@ class FakeReplicate:
             model, version = found
         if model.kind != "comfyui":
             return self._problem(422, f"{model.full_name} does not take predictions here")
-        return await self._answer_created(request, FakeJob(new_id(self._rng), "prediction", model, version,
-                                                           body["input"], time.time()))
+        return await self._answer_created(
+            request, FakeJob(new_id(self._rng), "prediction", model, version, body["input"], time.time())
+        )
 
     async def h_create_training(self, request: web.Request) -> web.StreamResponse:
         model = self.models.get(f"{request.match_info['owner']}/{request.match_info['name']}")
@@ -340,9 +392,18 @@ class FakeReplicate:
         destination = str(body.get("destination") or "")
         if destination not in self.models:
             return self._problem(422, f"The specified training destination {destination} does not exist")
-        return await self._answer_created(request, FakeJob(new_id(self._rng), "training", model,
-                                                           request.match_info["version"], dict(body.get("input") or {}),
-                                                           time.time(), destination=destination))
+        return await self._answer_created(
+            request,
+            FakeJob(
+                new_id(self._rng),
+                "training",
+                model,
+                request.match_info["version"],
+                dict(body.get("input") or {}),
+                time.time(),
+                destination=destination,
+            ),
+        )
 
     def _job(self, request: web.Request) -> FakeJob | None:
         job = self.jobs.get(request.match_info["id"])
@@ -368,26 +429,41 @@ class FakeReplicate:
 
     async def h_list(self, request: web.Request) -> web.Response:
         kind = "prediction" if request.path == "/v1/predictions" else "training"
-        jobs = sorted((j for j in self.jobs.values() if j.kind == kind), key=lambda j: j.created, reverse=True)
+        jobs = sorted(
+            (j for j in self.jobs.values() if j.kind == kind), key=lambda j: j.created, reverse=True
+        )
         start = int(request.query.get("cursor", "0"))
-        page = jobs[start:start + self.knobs.page_size]
+        page = jobs[start : start + self.knobs.page_size]
         more = start + self.knobs.page_size < len(jobs)
         nxt = f"{self.url}{request.path}?cursor={start + self.knobs.page_size}" if more else None
-        return web.json_response({"previous": None, "next": nxt, "results": [j.to_dict(self.url) for j in page]})
+        return web.json_response(
+            {"previous": None, "next": nxt, "results": [j.to_dict(self.url) for j in page]}
+        )
 
     # ---- models, files, delivery --------------------------------------------------------------------------
 
     def _version_json(self, model: FakeModel, version: str) -> dict[str, Any]:
-        return {"id": version, "created_at": iso(time.time()), "cog_version": "0.9.0",
-                "openapi_schema": {"components": {"schemas": {"Input": {"properties": {}}}}}}
+        return {
+            "id": version,
+            "created_at": iso(time.time()),
+            "cog_version": "0.9.0",
+            "openapi_schema": {"components": {"schemas": {"Input": {"properties": {}}}}},
+        }
 
     async def h_model(self, request: web.Request) -> web.Response:
         model = self.models.get(f"{request.match_info['owner']}/{request.match_info['name']}")
         if model is None:
             return self._problem(404, "Not found.")
         latest = self._version_json(model, model.versions[-1]) if model.versions else None
-        return web.json_response({"url": f"https://replicate.com/{model.full_name}", "owner": model.owner,
-                                  "name": model.name, "visibility": "public", "latest_version": latest})
+        return web.json_response(
+            {
+                "url": f"https://replicate.com/{model.full_name}",
+                "owner": model.owner,
+                "name": model.name,
+                "visibility": "public",
+                "latest_version": latest,
+            }
+        )
 
     async def h_version(self, request: web.Request) -> web.Response:
         model = self.models.get(f"{request.match_info['owner']}/{request.match_info['name']}")
@@ -410,9 +486,18 @@ class FakeReplicate:
             return self._problem(422, "content is required")
         file_id = new_id(self._rng)
         self.files[file_id] = (name, ctype, bytes(data))
-        return web.json_response({"id": file_id, "name": name, "content_type": ctype, "size": len(data),
-                                  "metadata": metadata, "created_at": iso(time.time()),
-                                  "urls": {"get": f"{self.url}/v1/files/{file_id}"}}, status=201)
+        return web.json_response(
+            {
+                "id": file_id,
+                "name": name,
+                "content_type": ctype,
+                "size": len(data),
+                "metadata": metadata,
+                "created_at": iso(time.time()),
+                "urls": {"get": f"{self.url}/v1/files/{file_id}"},
+            },
+            status=201,
+        )
 
     async def h_file(self, request: web.Request) -> web.Response:
         item = self.files.get(request.match_info["id"])
@@ -449,7 +534,9 @@ class FakeReplicate:
         except asyncio.CancelledError:
             if job.prompt_id and job.model.upstream is not None and self._session is not None:
                 with contextlib.suppress(Exception):
-                    await self._session.post(f"{job.model.upstream.url}/interrupt", json={"prompt_id": job.prompt_id})
+                    await self._session.post(
+                        f"{job.model.upstream.url}/interrupt", json={"prompt_id": job.prompt_id}
+                    )
             raise
 
     async def _comfy(self, job: FakeJob) -> tuple[Any, Any]:
@@ -482,8 +569,9 @@ class FakeReplicate:
                     job.logs.append(f"Extracted {name}")
         job.prompt_id = new_id(self._rng)
         job.logs.append("Running workflow")
-        async with self._session.post(f"{base}/prompt", json={"prompt": workflow, "client_id": "cog",
-                                                             "prompt_id": job.prompt_id}) as resp:
+        async with self._session.post(
+            f"{base}/prompt", json={"prompt": workflow, "client_id": "cog", "prompt_id": job.prompt_id}
+        ) as resp:
             answer = await resp.json()
             if resp.status != 200:
                 job.logs.append(json.dumps(answer))
@@ -516,8 +604,11 @@ class FakeReplicate:
                         continue
                     if item.get("type") == "temp" and not job.input.get("return_temp_files"):
                         continue
-                    params = {"filename": item["filename"], "subfolder": item.get("subfolder", ""),
-                              "type": item.get("type", "output")}
+                    params = {
+                        "filename": item["filename"],
+                        "subfolder": item.get("subfolder", ""),
+                        "type": item.get("type", "output"),
+                    }
                     async with self._session.get(f"{base}/view", params=params) as resp:
                         content = await resp.read()
                     delivery_key = f"{job.id}/{item['filename']}"
@@ -545,8 +636,10 @@ class FakeReplicate:
         lora = fake_lora(job.model.lora_base, rank, str(job.input.get("trigger_word", "TOK")))
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for name, data in (("output/flux_train_replicate/lora.safetensors", lora),
-                               ("output/flux_train_replicate/config.yaml", b"job: train\n")):
+            for name, data in (
+                ("output/flux_train_replicate/lora.safetensors", lora),
+                ("output/flux_train_replicate/config.yaml", b"job: train\n"),
+            ):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -562,15 +655,23 @@ def fake_lora(base: str, rank: int, trigger: str) -> bytes:
     """A small kohya-layout LoRA safetensors file (zeros) for SD1.5 or SDXL attention layers."""
     width = 320 if base == "sd15" else 640
     prefix = "lora_unet_down_blocks_0" if base == "sd15" else "lora_unet_down_blocks_1"
-    header: dict[str, Any] = {"__metadata__": {"ss_output_name": "replicate", "ss_tag_frequency": json.dumps(
-        {"img": {trigger: 3}}), "ss_base_model_version": "sd_v1" if base == "sd15" else "sdxl_base_v1-0"}}
+    header: dict[str, Any] = {
+        "__metadata__": {
+            "ss_output_name": "replicate",
+            "ss_tag_frequency": json.dumps({"img": {trigger: 3}}),
+            "ss_base_model_version": "sd_v1" if base == "sd15" else "sdxl_base_v1-0",
+        }
+    }
     offset = 0
     parts = []
     for block in range(2):
         for proj in ("to_q", "to_k", "to_v"):
             name = f"{prefix}_attentions_{block}_transformer_blocks_0_attn1_{proj}"
-            for key, shape in ((f"{name}.lora_down.weight", [rank, width]), (f"{name}.lora_up.weight", [width, rank]),
-                               (f"{name}.alpha", [])):
+            for key, shape in (
+                (f"{name}.lora_down.weight", [rank, width]),
+                (f"{name}.lora_up.weight", [width, rank]),
+                (f"{name}.alpha", []),
+            ):
                 count = 1
                 for d in shape:
                     count *= d

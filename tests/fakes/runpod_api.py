@@ -143,20 +143,41 @@ class FakeEndpoint:
 
 
 DEFAULT_GPUS = [
-    {"id": "NVIDIA GeForce RTX 4090", "displayName": "RTX 4090", "memoryInGb": 24, "securePrice": 0.69,
-     "communityPrice": 0.34},
-    {"id": "NVIDIA RTX A5000", "displayName": "RTX A5000", "memoryInGb": 24, "securePrice": 0.27,
-     "communityPrice": 0.16},
-    {"id": "NVIDIA H100 80GB HBM3", "displayName": "H100 SXM", "memoryInGb": 80, "securePrice": 2.99,
-     "communityPrice": None},
+    {
+        "id": "NVIDIA GeForce RTX 4090",
+        "displayName": "RTX 4090",
+        "memoryInGb": 24,
+        "securePrice": 0.69,
+        "communityPrice": 0.34,
+    },
+    {
+        "id": "NVIDIA RTX A5000",
+        "displayName": "RTX A5000",
+        "memoryInGb": 24,
+        "securePrice": 0.27,
+        "communityPrice": 0.16,
+    },
+    {
+        "id": "NVIDIA H100 80GB HBM3",
+        "displayName": "H100 SXM",
+        "memoryInGb": 80,
+        "securePrice": 2.99,
+        "communityPrice": None,
+    },
 ]
 
 
 class FakeRunPod:
     """The fake; ``start()`` runs it in a background thread (or use it as a context manager)."""
 
-    def __init__(self, *, api_key: str = "rp-test-key-123456", knobs: RunPodKnobs | None = None,
-                 gpus: list[dict[str, Any]] | None = None, default_upstream: Any = None) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str = "rp-test-key-123456",
+        knobs: RunPodKnobs | None = None,
+        gpus: list[dict[str, Any]] | None = None,
+        default_upstream: Any = None,
+    ) -> None:
         self.api_key = api_key
         self.knobs = knobs or RunPodKnobs()
         self.gpus = [dict(g) for g in (gpus or DEFAULT_GPUS)]
@@ -164,15 +185,24 @@ class FakeRunPod:
         self.pods: dict[str, FakePod] = {}
         self.endpoints: dict[str, FakeEndpoint] = {}
         #: pod templates (``GET /v2/templates/{id}``): the official ComfyUI one by default
-        self.templates: dict[str, dict[str, Any]] = {"cw3nka7d08": {
-            "id": "cw3nka7d08", "name": "ComfyUI", "image": "runpod/comfyui:latest", "args": "", "disk": 50,
-            "ports": ["8188/http", "22/tcp", "8080/http"], "env": {}, "registry": None}}
+        self.templates: dict[str, dict[str, Any]] = {
+            "cw3nka7d08": {
+                "id": "cw3nka7d08",
+                "name": "ComfyUI",
+                "image": "runpod/comfyui:latest",
+                "args": "",
+                "disk": 50,
+                "ports": ["8188/http", "22/tcp", "8080/http"],
+                "env": {},
+                "registry": None,
+            }
+        }
         self.jobs: dict[str, FakeJob] = {}
         self.s3: dict[str, bytes] = {}
-        self.requests: list[tuple[str, str, int]] = []   # (method, path, answered status)
-        self.run_bodies: list[dict[str, Any]] = []       # every /run body that was accepted (a job created)
-        self.oversize: list[int] = []                    # sizes of /run bodies refused as too large
-        self.ws_drops = 0                                # sockets the proxy dropped for idleness
+        self.requests: list[tuple[str, str, int]] = []  # (method, path, answered status)
+        self.run_bodies: list[dict[str, Any]] = []  # every /run body that was accepted (a job created)
+        self.oversize: list[int] = []  # sizes of /run bodies refused as too large
+        self.ws_drops = 0  # sockets the proxy dropped for idleness
         self.proxy_524 = 0
         self.proxy_502 = 0
         self.port = 0
@@ -204,8 +234,12 @@ class FakeRunPod:
 
     def env(self) -> dict[str, str]:
         """Environment variables pointing the driver at this fake."""
-        return {"RUNPOD_API_KEY": self.api_key, "CHARFORGE_RUNPOD_API_URL": self.api_url,
-                "RUNPOD_ENDPOINT_BASE_URL": self.endpoint_url, "CHARFORGE_RUNPOD_PROXY": self.proxy_template}
+        return {
+            "RUNPOD_API_KEY": self.api_key,
+            "CHARFORGE_RUNPOD_API_URL": self.api_url,
+            "RUNPOD_ENDPOINT_BASE_URL": self.endpoint_url,
+            "CHARFORGE_RUNPOD_PROXY": self.proxy_template,
+        }
 
     # ---- set-up helpers ----------------------------------------------------------------------------------
 
@@ -215,10 +249,26 @@ class FakeRunPod:
                 return float(gpu["securePrice"] if gpu["securePrice"] is not None else gpu["communityPrice"])
         raise KeyError(gpu_id)
 
-    def add_pod(self, pod_id: str, upstream: Any, *, gpu: str = "NVIDIA GeForce RTX 4090", running: bool = False,
-                cost_per_hr: float | None = None, ports: list[str] | None = None) -> FakePod:
-        pod = FakePod(pod_id, f"pod-{pod_id}", gpu, cost_per_hr if cost_per_hr is not None else self.gpu_price(gpu),
-                      "runpod/comfyui:latest", None, ports or ["8188/http", "22/tcp"], upstream)
+    def add_pod(
+        self,
+        pod_id: str,
+        upstream: Any,
+        *,
+        gpu: str = "NVIDIA GeForce RTX 4090",
+        running: bool = False,
+        cost_per_hr: float | None = None,
+        ports: list[str] | None = None,
+    ) -> FakePod:
+        pod = FakePod(
+            pod_id,
+            f"pod-{pod_id}",
+            gpu,
+            cost_per_hr if cost_per_hr is not None else self.gpu_price(gpu),
+            "runpod/comfyui:latest",
+            None,
+            ports or ["8188/http", "22/tcp"],
+            upstream,
+        )
         self.pods[pod_id] = pod
         if running:
             self._start_pod(pod, boot=False)
@@ -342,11 +392,15 @@ class FakeRunPod:
                 if self.knobs.fail_next > 0:
                     self.knobs.fail_next -= 1
                     status = self.knobs.fail_status
-                    return web.Response(status=status, text=self.knobs.fail_body.replace("{key}", self.api_key))
+                    return web.Response(
+                        status=status, text=self.knobs.fail_body.replace("{key}", self.api_key)
+                    )
                 if self.knobs.rate_limit_next > 0:
                     self.knobs.rate_limit_next -= 1
                     status = 429
-                    headers = {"Retry-After": f"{self.knobs.retry_after:g}"} if self.knobs.retry_after else None
+                    headers = (
+                        {"Retry-After": f"{self.knobs.retry_after:g}"} if self.knobs.retry_after else None
+                    )
                     return web.json_response({"error": "Too Many Requests"}, status=429, headers=headers)
             response = await handler(request)
             status = response.status
@@ -365,17 +419,29 @@ class FakeRunPod:
         mapping = {}
         if status == "RUNNING" and any(p.endswith("/tcp") and p.startswith("8188") for p in pod.ports):
             mapping = {"8188": pod.upstream.port}
-        return {"id": pod.id, "name": pod.name, "status": status, "image": pod.image, "templateId": pod.template_id,
-                "gpu": {"id": pod.gpu_id, "count": pod.gpu_count}, "costPerHr": pod.cost_per_hr,
-                "ports": pod.ports, "publicIp": "127.0.0.1" if mapping else None, "portMappings": mapping,
-                "lastStartedAt": (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(pod.last_started_at)) + "Z")
-                if pod.last_started_at else None}
+        return {
+            "id": pod.id,
+            "name": pod.name,
+            "status": status,
+            "image": pod.image,
+            "templateId": pod.template_id,
+            "gpu": {"id": pod.gpu_id, "count": pod.gpu_count},
+            "costPerHr": pod.cost_per_hr,
+            "ports": pod.ports,
+            "publicIp": "127.0.0.1" if mapping else None,
+            "portMappings": mapping,
+            "lastStartedAt": (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(pod.last_started_at)) + "Z")
+            if pod.last_started_at
+            else None,
+        }
 
     def _problem(self, status: int, title: str, detail: str) -> web.Response:
         return web.json_response({"title": title, "status": status, "detail": detail}, status=status)
 
     async def h_list_pods(self, request: web.Request) -> web.Response:
-        return web.json_response({"pods": [self._pod_json(p) for p in self.pods.values() if p.status != "TERMINATED"]})
+        return web.json_response(
+            {"pods": [self._pod_json(p) for p in self.pods.values() if p.status != "TERMINATED"]}
+        )
 
     async def h_get_pod(self, request: web.Request) -> web.Response:
         pod = self.pods.get(request.match_info["pod_id"])
@@ -392,9 +458,17 @@ class FakeRunPod:
             return self._problem(400, "Bad Request", "name and image are required")
         pod_id = uuid.uuid4().hex[:14]
         price = self.gpu_price(gpu) * int((body.get("gpu") or {}).get("count") or 1)
-        pod = FakePod(pod_id, str(body["name"]), gpu, price, body["image"], None,
-                      list(body.get("ports") or ["8188/http"]), self.default_upstream,
-                      gpu_count=int((body.get("gpu") or {}).get("count") or 1))
+        pod = FakePod(
+            pod_id,
+            str(body["name"]),
+            gpu,
+            price,
+            body["image"],
+            None,
+            list(body.get("ports") or ["8188/http"]),
+            self.default_upstream,
+            gpu_count=int((body.get("gpu") or {}).get("count") or 1),
+        )
         self.pods[pod_id] = pod
         self._start_pod(pod)
         return web.json_response(self._pod_json(pod), status=201)
@@ -441,8 +515,9 @@ class FakeRunPod:
         now = time.time()
         if pod is None or pod.current_status(now) != "RUNNING" or now < self.ready_at(pod) or port != "8188":
             self.proxy_502 += 1
-            return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>",
-                                content_type="text/html")
+            return web.Response(
+                status=502, text="<html><body>502 Bad Gateway</body></html>", content_type="text/html"
+            )
         if self.knobs.hang_requests > 0:
             self.knobs.hang_requests -= 1
             await asyncio.sleep(self.knobs.proxy_timeout)
@@ -460,11 +535,20 @@ class FakeRunPod:
         async def forward() -> web.Response:
             if body and self.knobs.uplink_bytes_per_second:
                 await asyncio.sleep(len(body) / self.knobs.uplink_bytes_per_second)
-            async with session.request(request.method, upstream, params=request.query, data=body or None,
-                                       headers=headers, allow_redirects=False) as resp:
+            async with session.request(
+                request.method,
+                upstream,
+                params=request.query,
+                data=body or None,
+                headers=headers,
+                allow_redirects=False,
+            ) as resp:
                 data = await resp.read()
-                out_headers = {k: v for k, v in resp.headers.items()
-                               if k.lower() in ("content-type", "content-disposition", "retry-after")}
+                out_headers = {
+                    k: v
+                    for k, v in resp.headers.items()
+                    if k.lower() in ("content-type", "content-disposition", "retry-after")
+                }
                 return web.Response(status=resp.status, body=data, headers=out_headers)
 
         try:
@@ -483,8 +567,9 @@ class FakeRunPod:
         loop = asyncio.get_running_loop()
         last = [loop.time()]
         try:
-            up = await self._session.ws_connect(upstream + (f"?{request.query_string}" if request.query_string else ""),
-                                                max_msg_size=0)
+            up = await self._session.ws_connect(
+                upstream + (f"?{request.query_string}" if request.query_string else ""), max_msg_size=0
+            )
         except aiohttp.ClientError:
             await client.close()
             return client
@@ -596,10 +681,18 @@ class FakeRunPod:
         jobs = [j for j in self.jobs.values() if j.endpoint == ep.id]
         count = lambda *s: sum(1 for j in jobs if j.status in s)  # noqa: E731
         running = count("IN_PROGRESS")
-        return web.json_response({
-            "jobs": {"completed": count("COMPLETED"), "failed": count("FAILED", "TIMED_OUT"),
-                     "inProgress": running, "inQueue": count("IN_QUEUE"), "retried": ep.retried},
-            "workers": {"idle": 0 if running else 1, "running": running}})
+        return web.json_response(
+            {
+                "jobs": {
+                    "completed": count("COMPLETED"),
+                    "failed": count("FAILED", "TIMED_OUT"),
+                    "inProgress": running,
+                    "inQueue": count("IN_QUEUE"),
+                    "retried": ep.retried,
+                },
+                "workers": {"idle": 0 if running else 1, "running": running},
+            }
+        )
 
     async def h_s3(self, request: web.Request) -> web.Response:
         data = self.s3.get(request.match_info["key"])
@@ -652,12 +745,16 @@ class FakeRunPod:
                 if resp.status != 200:
                     return None, f"Error uploading image {image.get('name')}"
         job.prompt_id = str(uuid.uuid4())
-        async with self._session.post(f"{base}/prompt", json={"prompt": workflow, "client_id": "worker",
-                                                              "prompt_id": job.prompt_id}) as resp:
+        async with self._session.post(
+            f"{base}/prompt", json={"prompt": workflow, "client_id": "worker", "prompt_id": job.prompt_id}
+        ) as resp:
             answer = await resp.json()
             if resp.status != 200:
-                details = [f"Node {k}: {e.get('message')}" for k, v in (answer.get("node_errors") or {}).items()
-                           for e in v.get("errors", [])]
+                details = [
+                    f"Node {k}: {e.get('message')}"
+                    for k, v in (answer.get("node_errors") or {}).items()
+                    for e in v.get("errors", [])
+                ]
                 return {"details": details or [str(answer.get("error"))]}, "Workflow validation failed"
         while True:
             async with self._session.get(f"{base}/history/{job.prompt_id}") as resp:
@@ -676,16 +773,27 @@ class FakeRunPod:
             for item in node_output.get("images") or []:  # only "images": gifs/video/audio are dropped
                 if item.get("type") == "temp":
                     continue
-                params = {"filename": item["filename"], "subfolder": item.get("subfolder", ""), "type": item["type"]}
+                params = {
+                    "filename": item["filename"],
+                    "subfolder": item.get("subfolder", ""),
+                    "type": item["type"],
+                }
                 async with self._session.get(f"{base}/view", params=params) as resp:
                     content = await resp.read()
                 if self.knobs.output_type == "s3_url":
                     key = f"{job.id}-{item['filename']}"
                     self.s3[key] = content
-                    images.append({"filename": item["filename"], "type": "s3_url", "data": f"{self.url}/s3/{key}"})
+                    images.append(
+                        {"filename": item["filename"], "type": "s3_url", "data": f"{self.url}/s3/{key}"}
+                    )
                 else:
-                    images.append({"filename": item["filename"], "type": "base64",
-                                   "data": base64.b64encode(content).decode("ascii")})
+                    images.append(
+                        {
+                            "filename": item["filename"],
+                            "type": "base64",
+                            "data": base64.b64encode(content).decode("ascii"),
+                        }
+                    )
         if self.knobs.output_schema == "old":
             if not images:
                 return {"status": "success", "message": "No images generated"}, None

@@ -43,25 +43,41 @@ def add_train_node(server: FakeComfyServer, seconds: float = 0.0) -> None:
         loras = server.root / "models" / "loras"
         loras.mkdir(parents=True, exist_ok=True)
         (loras / f"{name}.safetensors").write_bytes(lora_bytes(name))
-        text = (f"{name}.safetensors: {steps} steps, final loss 0.1234; run folder {run}; preset 'sd15' values "
-                "used, not steps (turn use_preset_values off)")
+        text = (
+            f"{name}.safetensors: {steps} steps, final loss 0.1234; run folder {run}; preset 'sd15' values "
+            "used, not steps (turn use_preset_values off)"
+        )
         shown = {"filename": "loss.png", "subfolder": f"charforge/train_runs/{name}", "type": "output"}
         return (f"{name}.safetensors", None, None, None), {"text": [text], "images": [shown]}
 
     server.nodes["CharForgeTrainLoRA"] = NodeDef(
-        "CharForgeTrainLoRA", {"output_name": ("STRING", {"default": "my_character"}),
-                               "steps": ("INT", {"default": 10, "min": 0, "max": 100000})},
-        outputs=("STRING", "CHARFORGE_TRAINING_RUN", "IMAGE", "IMAGE"), output_node=True,
-        category="CharForge/Train", run=train)
+        "CharForgeTrainLoRA",
+        {
+            "output_name": ("STRING", {"default": "my_character"}),
+            "steps": ("INT", {"default": 10, "min": 0, "max": 100000}),
+        },
+        outputs=("STRING", "CHARFORGE_TRAINING_RUN", "IMAGE", "IMAGE"),
+        output_node=True,
+        category="CharForge/Train",
+        run=train,
+    )
 
 
 def training_sweep(tmp_path: Path, names: list[str] = NAMES) -> Path:
-    graph = {"1": {"class_type": "CharForgeTrainLoRA", "_meta": {"title": "Train"},
-                   "inputs": {"output_name": "x", "steps": 4}}}
+    graph = {
+        "1": {
+            "class_type": "CharForgeTrainLoRA",
+            "_meta": {"title": "Train"},
+            "inputs": {"output_name": "x", "steps": 4},
+        }
+    }
     (tmp_path / "train.json").write_text(json.dumps(graph))
     spec = tmp_path / "sweep.json"
-    spec.write_text(json.dumps({"workflow": "train.json", "axes": {"name": {"set": "Train.output_name",
-                                                                             "values": names}}}))
+    spec.write_text(
+        json.dumps(
+            {"workflow": "train.json", "axes": {"name": {"set": "Train.output_name", "values": names}}}
+        )
+    )
     return spec
 
 
@@ -87,18 +103,24 @@ def training_server(comfy_env, monkeypatch, stall: Stall | None = None) -> Itera
         stall.on = False
         path = transfer._model_path("loras", request.match_info.get("name", ""))
         data = path.read_bytes()
-        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
-                                               "Content-Length": str(len(data))})
+        response = web.StreamResponse(
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))}
+        )
         await response.prepare(request)
-        await response.write(data[:len(data) // 2])
+        await response.write(data[: len(data) // 2])
         stall.hit.set()
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and request.transport is not None and not request.transport.is_closing():
+        while (
+            time.monotonic() < deadline
+            and request.transport is not None
+            and not request.transport.is_closing()
+        ):
             await asyncio.sleep(0.05)  # the driver is killed meanwhile
         return response
 
-    monkeypatch.setattr(transfer, "ROUTES", tuple((m, p, lora_file if h is real else h)
-                                                  for m, p, h in transfer.ROUTES))
+    monkeypatch.setattr(
+        transfer, "ROUTES", tuple((m, p, lora_file if h is real else h) for m, p, h in transfer.ROUTES)
+    )
     with transfer_server(comfy_env) as fake:
         add_train_node(fake)
         yield fake

@@ -57,7 +57,7 @@ def draw(alpha: float | None, seed: int, text: str = "", size: int = SIZE) -> by
         other = face_image((size, size), faces=FACE, person=OTHER_PERSON, noise=6, seed=noise_seed)
         rgb = ((1.0 - alpha) * own + alpha * other.astype(np.float32)).round().astype(np.uint8)
         x, y, blue = FACE[0]
-        rgb[y:y + 16, x:x + 16] = (255, 0, blue)
+        rgb[y : y + 16, x : x + 16] = (255, 0, blue)
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -78,31 +78,76 @@ class TuneServer(FakeComfyServer):
         int_input = ("INT", {"default": 0, "min": 0, "max": 100000})
         self.nodes["CharForgeTrainLoRA"] = NodeDef(
             "CharForgeTrainLoRA",
-            {"base_model": (["v1-5-pruned-emaonly.safetensors", "[diffusers] tiny_sd15"],),
-             "dataset_folder": ("STRING", {"default": ""}), "trigger_word": ("STRING", {"default": "ohwx"}),
-             "output_name": ("STRING", {"default": "my_character"}),
-             "preset": (["sdxl", "sd15", "fast", "high_quality"],), "steps": int_input,
-             "learning_rate": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 10.0, "step": 1e-5}),
-             "rank": ("INT", {"default": 32, "min": 0, "max": 256}), "resolution": int_input,
-             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}), "seed": int_input,
-             "resume": (["auto", "never"],), "memory_profile": (["auto", "check", "off"],)},
-            optional={"overrides": ("STRING", {"default": "", "multiline": True}),
-                      "save_character": ("STRING", {"default": ""}), "use_preset_values": ("BOOLEAN", {"default": True})},
-            outputs=("STRING", "CHARFORGE_TRAINING_RUN", "IMAGE", "IMAGE"), output_node=True, category="CharForge/Train",
-            run=self._train)
+            {
+                "base_model": (["v1-5-pruned-emaonly.safetensors", "[diffusers] tiny_sd15"],),
+                "dataset_folder": ("STRING", {"default": ""}),
+                "trigger_word": ("STRING", {"default": "ohwx"}),
+                "output_name": ("STRING", {"default": "my_character"}),
+                "preset": (["sdxl", "sd15", "fast", "high_quality"],),
+                "steps": int_input,
+                "learning_rate": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 10.0, "step": 1e-5}),
+                "rank": ("INT", {"default": 32, "min": 0, "max": 256}),
+                "resolution": int_input,
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+                "seed": int_input,
+                "resume": (["auto", "never"],),
+                "memory_profile": (["auto", "check", "off"],),
+            },
+            optional={
+                "overrides": ("STRING", {"default": "", "multiline": True}),
+                "save_character": ("STRING", {"default": ""}),
+                "use_preset_values": ("BOOLEAN", {"default": True}),
+            },
+            outputs=("STRING", "CHARFORGE_TRAINING_RUN", "IMAGE", "IMAGE"),
+            output_node=True,
+            category="CharForge/Train",
+            run=self._train,
+        )
         strength = ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01})
-        self.nodes["LoraLoader"] = NodeDef("LoraLoader", {
-            "model": ("MODEL",), "clip": ("CLIP",), "lora_name": lambda server: (sorted([*LORAS, *server.trained]),),
-            "strength_model": strength, "strength_clip": strength}, outputs=("MODEL", "CLIP"), category="loaders",
-            run=self._lora)
+        self.nodes["LoraLoader"] = NodeDef(
+            "LoraLoader",
+            {
+                "model": ("MODEL",),
+                "clip": ("CLIP",),
+                "lora_name": lambda server: (sorted([*LORAS, *server.trained]),),
+                "strength_model": strength,
+                "strength_clip": strength,
+            },
+            outputs=("MODEL", "CLIP"),
+            category="loaders",
+            run=self._lora,
+        )
         self.nodes["SaveImage"] = dataclasses.replace(self.nodes["SaveImage"], run=self._save)
 
     # ---- nodes --------------------------------------------------------------------------------------------
 
-    async def _train(self, ctx, base_model, dataset_folder, trigger_word, output_name, preset, steps, learning_rate,
-                     rank, resolution, batch_size, seed, resume, memory_profile, overrides="", save_character="",
-                     use_preset_values=True, **_hidden):
-        settings = {"learning_rate": learning_rate, "rank": rank, "steps": steps, **json.loads(overrides or "{}")}
+    async def _train(
+        self,
+        ctx,
+        base_model,
+        dataset_folder,
+        trigger_word,
+        output_name,
+        preset,
+        steps,
+        learning_rate,
+        rank,
+        resolution,
+        batch_size,
+        seed,
+        resume,
+        memory_profile,
+        overrides="",
+        save_character="",
+        use_preset_values=True,
+        **_hidden,
+    ):
+        settings = {
+            "learning_rate": learning_rate,
+            "rank": rank,
+            "steps": steps,
+            **json.loads(overrides or "{}"),
+        }
         self.trainings.append((output_name, steps, settings))
         if self.train_seconds:
             await asyncio.sleep(self.train_seconds)
@@ -121,8 +166,13 @@ class TuneServer(FakeComfyServer):
             for sample_seed in seeds:
                 file = run / "samples" / f"step_{steps}_{index}.png"
                 file.write_bytes(draw(alpha, sample_seed, prompt))
-                images.append({"filename": file.name, "subfolder": f"charforge/train_runs/{name}/samples",
-                               "type": "output"})
+                images.append(
+                    {
+                        "filename": file.name,
+                        "subfolder": f"charforge/train_runs/{name}/samples",
+                        "type": "output",
+                    }
+                )
                 index += 1
         text = f"{lora}: {steps} steps, final loss 0.1000; run folder {run}"
         return (lora, None, None, None), {"text": [text], "images": images}
@@ -152,11 +202,15 @@ def write_search(path: Path, **changes) -> Path:
     import yaml
 
     data = {
-        "name": "hero_tune", "character": "hero", "workflow": str(path.parent / "train.json"),
+        "name": "hero_tune",
+        "character": "hero",
+        "workflow": str(path.parent / "train.json"),
         "fixed": {"schedule": "constant"},
         "space": {"learning_rate": {"low": 1e-5, "high": 1e-2, "log": True}, "rank": [4, 8, 16, 32, 64]},
-        "objectives": ["combined"], "weights": {"identity": 1.0, "text": 0.0, "diversity": 0.0},
-        "budget": {"trials": 8}, "seed": 3,
+        "objectives": ["combined"],
+        "weights": {"identity": 1.0, "text": 0.0, "diversity": 0.0},
+        "budget": {"trials": 8},
+        "seed": 3,
         "eval": {"scenes": ["portrait", "walking in a park"], "seeds": [1, 2]},
         "scoring": {"det_size": 160},
     }
@@ -166,11 +220,30 @@ def write_search(path: Path, **changes) -> Path:
 
 
 def write_train_workflow(path: Path) -> Path:
-    graph = {"1": {"class_type": "CharForgeTrainLoRA", "_meta": {"title": "Train LoRA (CharForge)"}, "inputs": {
-        "base_model": "v1-5-pruned-emaonly.safetensors", "dataset_folder": "hero/img", "trigger_word": "hero_cf",
-        "output_name": "hero", "preset": "sd15", "steps": 300, "learning_rate": 1e-4, "rank": 16, "resolution": 512,
-        "batch_size": 1, "seed": 42, "resume": "auto", "memory_profile": "auto", "overrides": "", "save_character": "",
-        "use_preset_values": False}}}
+    graph = {
+        "1": {
+            "class_type": "CharForgeTrainLoRA",
+            "_meta": {"title": "Train LoRA (CharForge)"},
+            "inputs": {
+                "base_model": "v1-5-pruned-emaonly.safetensors",
+                "dataset_folder": "hero/img",
+                "trigger_word": "hero_cf",
+                "output_name": "hero",
+                "preset": "sd15",
+                "steps": 300,
+                "learning_rate": 1e-4,
+                "rank": 16,
+                "resolution": 512,
+                "batch_size": 1,
+                "seed": 42,
+                "resume": "auto",
+                "memory_profile": "auto",
+                "overrides": "",
+                "save_character": "",
+                "use_preset_values": False,
+            },
+        }
+    }
     path.write_text(json.dumps(graph))
     return path
 
@@ -191,20 +264,42 @@ def env_fixture(no_comfy, monkeypatch, models, tmp_path) -> Path:
     """Models above, the character 'hero' with reference photos, the training workflow and a loras folder."""
     monkeypatch.setenv("CHARFORGE_MODELS_DIR", str(models))
     monkeypatch.setenv("CHARFORGE_PATH_CHARFORGE", str(tmp_path / "charforge"))
-    for var in ("CHARFORGE_SERVER", "CHARFORGE_PROFILE", "CHARFORGE_TOKEN", "CHARFORGE_PATH_INSIGHTFACE", "COMFYUI_DIR"):
+    for var in (
+        "CHARFORGE_SERVER",
+        "CHARFORGE_PROFILE",
+        "CHARFORGE_TOKEN",
+        "CHARFORGE_PATH_INSIGHTFACE",
+        "COMFYUI_DIR",
+    ):
         monkeypatch.delenv(var, raising=False)
     refs = tmp_path / "refs"
     refs.mkdir()
     for seed in range(4):
         Image.fromarray(face_image((SIZE, SIZE), faces=FACE, person=0, noise=6, seed=200 + seed)).save(
-            refs / f"ref{seed}.png")
+            refs / f"ref{seed}.png"
+        )
     folder = tmp_path / "charforge" / "characters"
     folder.mkdir(parents=True)
-    (folder / "hero.yaml").write_text(yaml.safe_dump({
-        "display_name": "Hero", "trigger_words": ["hero_cf"], "prompt": "photo of a woman",
-        "negative_prompt": "blurry", "reference_photos": str(refs), "threshold": 0.5,
-        "generation": {"steps": 8, "cfg": 5.0, "width": SIZE, "height": SIZE, "sampler": "euler",
-                       "scheduler": "normal"}}))
+    (folder / "hero.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "display_name": "Hero",
+                "trigger_words": ["hero_cf"],
+                "prompt": "photo of a woman",
+                "negative_prompt": "blurry",
+                "reference_photos": str(refs),
+                "threshold": 0.5,
+                "generation": {
+                    "steps": 8,
+                    "cfg": 5.0,
+                    "width": SIZE,
+                    "height": SIZE,
+                    "sampler": "euler",
+                    "scheduler": "normal",
+                },
+            }
+        )
+    )
     write_train_workflow(tmp_path / "train.json")
     return tmp_path
 

@@ -44,8 +44,14 @@ from pathlib import Path
 from typing import Any
 
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 # Skip reasons (the keys of summary.json's "skipped_by_reason").
@@ -243,42 +249,51 @@ class Editor:
         self.context = self.page = None
 
 
-async def convert_all(args: argparse.Namespace, templates: list[Template], object_info: dict[str, Any],
-                      out: Path) -> tuple[list[Outcome], dict[str, Any]]:
+async def convert_all(
+    args: argparse.Namespace, templates: list[Template], object_info: dict[str, Any], out: Path
+) -> tuple[list[Outcome], dict[str, Any]]:
     """Convert each template in the editor; returns the outcomes and facts about the page."""
     from playwright.async_api import async_playwright
 
     outcomes: list[Outcome] = []
     taken: set[str] = set()
     async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS,
-                                                   headless=True)
+        browser = await playwright.chromium.launch(
+            executable_path=args.chromium, args=CHROMIUM_ARGS, headless=True
+        )
         editor = Editor(browser, args.server, args.ready_timeout)
         try:
             started = time.monotonic()
             info = await editor.open()
-            page_facts = {"frontend_version": info["frontendVersion"],
-                          "page_ready_seconds": round(time.monotonic() - started, 2)}
+            page_facts = {
+                "frontend_version": info["frontendVersion"],
+                "page_ready_seconds": round(time.monotonic() - started, 2),
+            }
             known = set(object_info) | set(info["registered"])
             page_facts["frontend_only_types"] = sorted(set(info["registered"]) - set(object_info))
             attempted = 0
             for template in templates:
                 if template.workflow is None:
-                    outcomes.append(Outcome(template.name, template.source, "skipped", INVALID,
-                                            template.error))
+                    outcomes.append(
+                        Outcome(template.name, template.source, "skipped", INVALID, template.error)
+                    )
                     continue
                 missing = sorted(t for t in node_types(template.workflow) if t not in known)
                 if missing:
-                    outcomes.append(Outcome(template.name, template.source, "skipped", MISSING_NODES,
-                                            missing))
+                    outcomes.append(
+                        Outcome(template.name, template.source, "skipped", MISSING_NODES, missing)
+                    )
                     continue
                 if args.limit is not None and attempted >= args.limit:
                     continue  # counted as "not attempted"; skips above are still reported
                 attempted += 1
                 outcome = await convert_one(editor, template, args.timeout, out, taken)
                 outcomes.append(outcome)
-                print(f"  {outcome.status:9} {template.name}"
-                      + (f" ({outcome.reason})" if outcome.reason else ""), flush=True)
+                print(
+                    f"  {outcome.status:9} {template.name}"
+                    + (f" ({outcome.reason})" if outcome.reason else ""),
+                    flush=True,
+                )
                 if outcome.status != "converted":
                     # The page may be stuck or show an error dialog: start the next template from a clean one.
                     try:
@@ -292,14 +307,22 @@ async def convert_all(args: argparse.Namespace, templates: list[Template], objec
     return outcomes, page_facts
 
 
-async def convert_one(editor: Editor, template: Template, timeout: float, out: Path,
-                      taken: set[str]) -> Outcome:
+async def convert_one(
+    editor: Editor, template: Template, timeout: float, out: Path, taken: set[str]
+) -> Outcome:
     """Load one template in the editor, convert it, and write its API prompt when that worked."""
     started = time.monotonic()
 
     def skipped(reason: str, detail: Any, warnings: list[str] | None = None) -> Outcome:
-        return Outcome(template.name, template.source, "skipped", reason, detail,
-                       seconds=round(time.monotonic() - started, 2), warnings=warnings or [])
+        return Outcome(
+            template.name,
+            template.source,
+            "skipped",
+            reason,
+            detail,
+            seconds=round(time.monotonic() - started, 2),
+            warnings=warnings or [],
+        )
 
     try:
         result = await editor.convert(template.workflow, timeout)
@@ -309,18 +332,27 @@ async def convert_one(editor: Editor, template: Template, timeout: float, out: P
         return skipped(LOAD_FAILED, f"{type(error).__name__}: {error}"[:2000])
     logged = [line[:500] for line in result.get("logged", [])]
     if result["stage"] != "done":
-        return skipped(LOAD_FAILED if result["stage"] == "load" else CONVERT_FAILED, result["error"][:2000],
-                       logged)
+        return skipped(
+            LOAD_FAILED if result["stage"] == "load" else CONVERT_FAILED, result["error"][:2000], logged
+        )
     expected_nodes = len(template.workflow["nodes"])
     if result["loadedNodes"] != expected_nodes:
         # The editor catches errors while configuring the graph, shows them in a dialog and stops loading.
         problem = f"editor holds {result['loadedNodes']} of the workflow's {expected_nodes} nodes"
         return skipped(LOAD_FAILED, {"problem": problem, "console_errors": logged})
     file_name = output_name(template.name, taken)
-    (out / file_name).write_text(json.dumps(result["output"], indent=2, ensure_ascii=False) + "\n",
-                                 encoding="utf-8")
-    return Outcome(template.name, template.source, "converted", file=file_name, nodes=len(result["output"]),
-                   seconds=round(time.monotonic() - started, 2), warnings=logged)
+    (out / file_name).write_text(
+        json.dumps(result["output"], indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    return Outcome(
+        template.name,
+        template.source,
+        "converted",
+        file=file_name,
+        nodes=len(result["output"]),
+        seconds=round(time.monotonic() - started, 2),
+        warnings=logged,
+    )
 
 
 def select(templates: list[Template], patterns: list[str] | None) -> list[Template]:
@@ -330,20 +362,34 @@ def select(templates: list[Template], patterns: list[str] | None) -> list[Templa
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--server", required=True, help="ComfyUI base URL, e.g. http://127.0.0.1:8400")
-    parser.add_argument("--out", required=True, type=Path, help="folder for <template>.api.json and summary.json")
-    parser.add_argument("--templates", type=Path,
-                        help="folder of editor-format template JSON files (default: the server's templates)")
-    parser.add_argument("--name", action="append", metavar="GLOB",
-                        help="only templates whose name matches (repeatable)")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="folder for <template>.api.json and summary.json"
+    )
+    parser.add_argument(
+        "--templates",
+        type=Path,
+        help="folder of editor-format template JSON files (default: the server's templates)",
+    )
+    parser.add_argument(
+        "--name", action="append", metavar="GLOB", help="only templates whose name matches (repeatable)"
+    )
     parser.add_argument("--limit", type=int, help="convert at most N templates (skipped ones do not count)")
     parser.add_argument("--timeout", type=float, default=60, help="seconds per template (default 60)")
-    parser.add_argument("--ready-timeout", type=float, default=120,
-                        help="seconds to wait for the editor to start (default 120)")
-    parser.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"),
-                        help="Chromium executable (default $CHROMIUM or /usr/bin/chromium)")
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=120,
+        help="seconds to wait for the editor to start (default 120)",
+    )
+    parser.add_argument(
+        "--chromium",
+        default=os.environ.get("CHROMIUM", "/usr/bin/chromium"),
+        help="Chromium executable (default $CHROMIUM or /usr/bin/chromium)",
+    )
     args = parser.parse_args(argv)
     args.server = args.server.rstrip("/")
     return args
@@ -353,8 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     if importlib.util.find_spec("playwright") is None:
-        print("error: Python Playwright is missing: pip install playwright (its browsers are not needed)",
-              file=sys.stderr)
+        print(
+            "error: Python Playwright is missing: pip install playwright (its browsers are not needed)",
+            file=sys.stderr,
+        )
         return 2
     try:
         object_info = http_json(f"{args.server}/object_info")
@@ -399,12 +447,15 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.monotonic() - started, 1),
         "templates": [o.as_dict() for o in outcomes],
     }
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
-                                           encoding="utf-8")
-    print(f"found {len(templates)}, converted {len(converted)}, skipped {len(skipped)}"
-          + (f" ({', '.join(f'{reason}: {n}' for reason, n in by_reason.items())})" if skipped else "")
-          + (f", not attempted {summary['not_attempted']}" if summary["not_attempted"] else "")
-          + f", {summary['seconds']}s; summary: {args.out / 'summary.json'}")
+    (args.out / "summary.json").write_text(
+        json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    print(
+        f"found {len(templates)}, converted {len(converted)}, skipped {len(skipped)}"
+        + (f" ({', '.join(f'{reason}: {n}' for reason, n in by_reason.items())})" if skipped else "")
+        + (f", not attempted {summary['not_attempted']}" if summary["not_attempted"] else "")
+        + f", {summary['seconds']}s; summary: {args.out / 'summary.json'}"
+    )
     if "aborted" in page_facts:
         return 2
     failed = [o for o in skipped if o.reason != MISSING_NODES]

@@ -28,8 +28,11 @@ from charforge.driver.client import ComfyClient
 pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.slow,
-    pytest.mark.skipif(comfyui_dir() is None, reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-                                                      "the real-ComfyUI suite; see CONTRIBUTING.md"),
+    pytest.mark.skipif(
+        comfyui_dir() is None,
+        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
+        "the real-ComfyUI suite; see CONTRIBUTING.md",
+    ),
 ]
 
 JOB_TIMEOUT = 45.0  # the driver's wall-clock limit for each job
@@ -76,7 +79,9 @@ class TcpProxy:
 
     def start(self) -> None:
         async def start() -> None:
-            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+            self._server = await asyncio.start_server(
+                self._handle, "127.0.0.1", self.port, reuse_address=True
+            )
 
         self._call(start())
 
@@ -176,15 +181,30 @@ def proxy(server: RunningComfyUI) -> Iterator[TcpProxy]:
 
 def _slow_job(color: int) -> dict:
     """EmptyImage -> ImageScale (lanczos) up and down SCALES times -> SaveImage: seconds of CPU, no models."""
-    wf: dict = {"1": {"class_type": "EmptyImage", "inputs": {"width": SIDE, "height": SIDE, "batch_size": BATCH,
-                                                             "color": color}}}
+    wf: dict = {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": SIDE, "height": SIDE, "batch_size": BATCH, "color": color},
+        }
+    }
     previous = "1"
     for i in range(2, 2 + SCALES):
         side = SIDE * 2 if i % 2 == 0 else SIDE
-        wf[str(i)] = {"class_type": "ImageScale", "inputs": {"image": [previous, 0], "upscale_method": "lanczos",
-                                                             "width": side, "height": side, "crop": "disabled"}}
+        wf[str(i)] = {
+            "class_type": "ImageScale",
+            "inputs": {
+                "image": [previous, 0],
+                "upscale_method": "lanczos",
+                "width": side,
+                "height": side,
+                "crop": "disabled",
+            },
+        }
         previous = str(i)
-    wf["99"] = {"class_type": "SaveImage", "inputs": {"images": [previous, 0], "filename_prefix": "proxy/run"}}
+    wf["99"] = {
+        "class_type": "SaveImage",
+        "inputs": {"images": [previous, 0], "filename_prefix": "proxy/run"},
+    }
     return wf
 
 
@@ -192,7 +212,9 @@ def _fresh_color() -> int:
     return (time.time_ns() // 1000) & 0xFFFFFF  # a new color per job, so ComfyUI's cache runs it for real
 
 
-def _check_result(server: RunningComfyUI, client: ComfyClient, result, out: Path, disrupted_at: float) -> None:
+def _check_result(
+    server: RunningComfyUI, client: ComfyClient, result, out: Path, disrupted_at: float
+) -> None:
     entry = server.get(f"/history/{result.prompt_id}")[result.prompt_id]  # straight from the server
     assert entry["status"]["status_str"] == "success"
     stamps = {kind: data["timestamp"] / 1000 for kind, data in entry["status"]["messages"]}
@@ -253,7 +275,7 @@ def test_websocket_cut_while_http_keeps_working(server, proxy, tmp_path):
         assert result is not None
         # No message could tell the driver the job ended: the WebSocket stayed refused, the history said it.
         kinds = [e.type for e in events]
-        after_cut = kinds[kinds.index("connection_lost"):]
+        after_cut = kinds[kinds.index("connection_lost") :]
         assert "reconnected" not in after_cut and "execution_success" not in after_cut
         assert after_cut[-1] == "finished" and proxy.websocket_refusals >= 1
         proxy.block_websockets = False

@@ -58,13 +58,18 @@ def _skip_reason() -> str | None:
     return None
 
 
-
 # --- checks ------------------------------------------------------------------------------------------------
+
 
 def is_link(value: Any) -> bool:
     """ComfyUI reads an input as a link when it is ``[node_id: str, output_index: int]``."""
-    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
-            and isinstance(value[1], int) and not isinstance(value[1], bool))
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+        and not isinstance(value[1], bool)
+    )
 
 
 def api_graph_problems(prompt: Any, object_info: dict[str, Any]) -> list[str]:
@@ -73,8 +78,11 @@ def api_graph_problems(prompt: Any, object_info: dict[str, Any]) -> list[str]:
         return [f"not a non-empty object: {type(prompt).__name__}"]
     problems = []
     for node_id, node in prompt.items():
-        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) \
-                or not isinstance(node.get("inputs"), dict):
+        if (
+            not isinstance(node, dict)
+            or not isinstance(node.get("class_type"), str)
+            or not isinstance(node.get("inputs"), dict)
+        ):
             problems.append(f"node {node_id}: needs a string class_type and an inputs object: {node!r:.200}")
             continue
         if node["class_type"] not in object_info:
@@ -89,8 +97,10 @@ def api_graph_problems(prompt: Any, object_info: dict[str, Any]) -> list[str]:
                 continue
             outputs = object_info.get(source.get("class_type"), {}).get("output", [])
             if not 0 <= index < len(outputs):
-                problems.append(f"node {node_id} input {name}: output {index} of {source_id} "
-                                f"({source.get('class_type')}) does not exist ({len(outputs)} outputs)")
+                problems.append(
+                    f"node {node_id} input {name}: output {index} of {source_id} "
+                    f"({source.get('class_type')}) does not exist ({len(outputs)} outputs)"
+                )
     return problems
 
 
@@ -104,8 +114,9 @@ def prompt_differences(reference: dict[str, Any], candidate: dict[str, Any]) -> 
     for node_id in sorted(set(reference) & set(candidate), key=_id_order):
         want, got = reference[node_id], candidate[node_id]
         if want.get("class_type") != got.get("class_type"):
-            differences.append(f"node {node_id}: class_type {got.get('class_type')!r}, "
-                               f"frontend {want.get('class_type')!r}")
+            differences.append(
+                f"node {node_id}: class_type {got.get('class_type')!r}, frontend {want.get('class_type')!r}"
+            )
             continue
         want_inputs, got_inputs = want.get("inputs", {}), got.get("inputs", {})
         label = f"node {node_id} ({want.get('class_type')})"
@@ -115,8 +126,10 @@ def prompt_differences(reference: dict[str, Any], candidate: dict[str, Any]) -> 
             differences.append(f"{label}: input {name!r} extra ({_short(got_inputs[name])})")
         for name in want_inputs.keys() & got_inputs.keys():
             if not _same(want_inputs[name], got_inputs[name]):
-                differences.append(f"{label}: input {name!r} is {_short(got_inputs[name])}, "
-                                   f"frontend {_short(want_inputs[name])}")
+                differences.append(
+                    f"{label}: input {name!r} is {_short(got_inputs[name])}, "
+                    f"frontend {_short(want_inputs[name])}"
+                )
     return differences
 
 
@@ -140,6 +153,7 @@ def _id_order(node_id: str) -> tuple:
 
 # --- the driver's converter ----------------------------------------------------------------------------------
 
+
 def driver_converter():
     """``(convert(workflow, object_info) -> API prompt, None)``, or ``(None, why not)``."""
     try:
@@ -155,15 +169,23 @@ def driver_converter():
         parameters = inspect.signature(function).parameters
         if "object_info" in parameters:
             return functools.partial(_call_keyword, function), None
-        positional = [p for p in parameters.values()
-                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+        positional = [
+            p
+            for p in parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+        ]
         if len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in positional):
             return functools.partial(_call_positional, function), None
-    public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-                    and getattr(v, "__module__", None) == module.__name__)
-    return None, (f"charforge.driver.workflow.convert has no converter yet: expected convert_workflow(workflow, "
-                  f"object_info) (or {', '.join(CONVERTER_NAMES[1:])}); it defines: "
-                  f"{', '.join(public) or 'nothing public'}")
+    public = sorted(
+        n
+        for n, v in vars(module).items()
+        if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__
+    )
+    return None, (
+        f"charforge.driver.workflow.convert has no converter yet: expected convert_workflow(workflow, "
+        f"object_info) (or {', '.join(CONVERTER_NAMES[1:])}); it defines: "
+        f"{', '.join(public) or 'nothing public'}"
+    )
 
 
 def _call_keyword(function, workflow: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any]:
@@ -199,13 +221,18 @@ def compare_with_driver(cases: list[tuple[str, dict, dict]], object_info: dict[s
             continue
         differences = prompt_differences(reference, ours)
         if differences:
-            shown = differences[:40] + ([f"... {len(differences) - 40} more"] if len(differences) > 40 else [])
+            shown = differences[:40] + (
+                [f"... {len(differences) - 40} more"] if len(differences) > 40 else []
+            )
             report.append(f"{name}: {len(differences)} difference(s)\n    " + "\n    ".join(shown))
-    assert not report, (f"driver conversion differs from the ComfyUI frontend on {len(report)} of "
-                        f"{len(cases)} template(s):\n" + "\n".join(report))
+    assert not report, (
+        f"driver conversion differs from the ComfyUI frontend on {len(report)} of "
+        f"{len(cases)} template(s):\n" + "\n".join(report)
+    )
 
 
 # --- tests ---------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class FrontendRun:
@@ -231,8 +258,20 @@ def frontend_run(tmp_path_factory) -> FrontendRun:
     server = start_comfyui(comfy, root / "base")
     out = root / "reference"
     try:
-        command = [sys.executable, str(SCRIPT), "--server", server.url, "--out", str(out),
-                   "--chromium", CHROMIUM, "--timeout", "45", "--ready-timeout", "90"]
+        command = [
+            sys.executable,
+            str(SCRIPT),
+            "--server",
+            server.url,
+            "--out",
+            str(out),
+            "--chromium",
+            CHROMIUM,
+            "--timeout",
+            "45",
+            "--ready-timeout",
+            "90",
+        ]
         for name in TEMPLATES:
             command += ["--name", name]
         run = subprocess.run(command, capture_output=True, text=True, timeout=170)
@@ -268,10 +307,13 @@ def test_frontend_converts_templates_to_valid_api_graphs(frontend_run):
 
     # What the frontend is known to do with these templates (guards the reference itself).
     by_name = {name: prompt for name, _, prompt in run.cases}
-    assert any(":" in node_id for node_id in by_name["image_qwen_image_instantx_controlnet"]), \
+    assert any(":" in node_id for node_id in by_name["image_qwen_image_instantx_controlnet"]), (
         "subgraph nodes should appear with 'outer:inner' ids"
+    )
     for prompt in by_name.values():
-        assert not {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"} & {n["class_type"] for n in prompt.values()}
+        assert not {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"} & {
+            n["class_type"] for n in prompt.values()
+        }
 
 
 @pytest.mark.comfyui
@@ -281,8 +323,10 @@ def test_driver_conversion_matches_frontend(frontend_run):
     compare_with_driver(frontend_run.cases, frontend_run.object_info)
 
 
-@pytest.mark.skipif(not os.environ.get("FRONTEND_REF_DIR"),
-                    reason="set FRONTEND_REF_DIR to a frontend_reference.py --out folder to compare with it")
+@pytest.mark.skipif(
+    not os.environ.get("FRONTEND_REF_DIR"),
+    reason="set FRONTEND_REF_DIR to a frontend_reference.py --out folder to compare with it",
+)
 def test_driver_matches_saved_references():
     out = Path(os.environ["FRONTEND_REF_DIR"])
     summary = json.loads((out / "summary.json").read_text())

@@ -24,14 +24,19 @@ from cf_testing.real_comfyui import comfyui_dir, comfyui_python, pack_import_fai
 
 pytestmark = [
     pytest.mark.comfyui,
-    pytest.mark.skipif(comfyui_dir() is None, reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-                                                      "the real-ComfyUI suite; see CONTRIBUTING.md"),
+    pytest.mark.skipif(
+        comfyui_dir() is None,
+        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
+        "the real-ComfyUI suite; see CONTRIBUTING.md",
+    ),
 ]
 PORTS = range(18700, 18800)
 
 
 def _hashes(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()
+    }
 
 
 def _prompt(batch_size: int) -> dict:
@@ -39,12 +44,29 @@ def _prompt(batch_size: int) -> dict:
         return {"class_type": class_type, "inputs": inputs}
 
     return {
-        "1": node("CharForgeLoadDataset", folder="hero", name="hero", recursive=False, read_captions=True, workers=1),
-        "2": node("CharForgeCaptionDataset", dataset=["1", 0], backend="blip", model="tiny-blip",
-                  mode="skip existing", trigger="ohwx", class_tokens="woman", template="{trigger} {class}, {caption}",
-                  keep_tokens="", banned_words="", style_tags="", max_tokens=75, tokenizer="", batch_size=batch_size,
-                  max_new_tokens=6),
-        "3": node("CharForgeCaptionReview", dataset=["2", 0], max_images=10, thumbnail_size=128, missing_first=True),
+        "1": node(
+            "CharForgeLoadDataset", folder="hero", name="hero", recursive=False, read_captions=True, workers=1
+        ),
+        "2": node(
+            "CharForgeCaptionDataset",
+            dataset=["1", 0],
+            backend="blip",
+            model="tiny-blip",
+            mode="skip existing",
+            trigger="ohwx",
+            class_tokens="woman",
+            template="{trigger} {class}, {caption}",
+            keep_tokens="",
+            banned_words="",
+            style_tags="",
+            max_tokens=75,
+            tokenizer="",
+            batch_size=batch_size,
+            max_new_tokens=6,
+        ),
+        "3": node(
+            "CharForgeCaptionReview", dataset=["2", 0], max_images=10, thumbnail_size=128, missing_first=True
+        ),
     }
 
 
@@ -57,8 +79,18 @@ def test_caption_a_dataset_folder_in_real_comfyui(tmp_path, monkeypatch):
     monkeypatch.setattr(real_comfyui, "free_port", lambda ports=None: real_free_port(PORTS))
     comfy = comfyui_dir()
     base = tmp_path / "base"
-    subprocess.run([sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(comfy), "--base-directory",
-                    str(base), "--no-deps"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "install.py"),
+            "--comfyui",
+            str(comfy),
+            "--base-directory",
+            str(base),
+            "--no-deps",
+        ],
+        check=True,
+    )
     write_tiny_blip(base / "models" / "blip" / "tiny-blip")
     photos = base / "input" / "hero"
     photos.mkdir(parents=True)
@@ -77,8 +109,10 @@ def test_caption_a_dataset_folder_in_real_comfyui(tmp_path, monkeypatch):
 
         def run(batch_size: int) -> dict:
             prompt_id = str(uuid.uuid4())
-            reply = server.post("/prompt", {"prompt": _prompt(batch_size), "prompt_id": prompt_id,
-                                            "client_id": "cf-caption-test"})
+            reply = server.post(
+                "/prompt",
+                {"prompt": _prompt(batch_size), "prompt_id": prompt_id, "client_id": "cf-caption-test"},
+            )
             assert reply["node_errors"] == {}, reply
             entry = server.wait_history(prompt_id, timeout=300)
             assert entry["status"]["status_str"] == "success", entry["status"]

@@ -25,14 +25,20 @@ from cf_testing.real_comfyui import comfyui_dir, comfyui_python, pack_import_fai
 
 pytestmark = [
     pytest.mark.comfyui,
-    pytest.mark.skipif(comfyui_dir() is None, reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-                                                      "the real-ComfyUI suite; see CONTRIBUTING.md"),
+    pytest.mark.skipif(
+        comfyui_dir() is None,
+        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
+        "the real-ComfyUI suite; see CONTRIBUTING.md",
+    ),
 ]
 
 
 def _hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _prompt(folder: str, pack: str) -> dict:
@@ -40,21 +46,67 @@ def _prompt(folder: str, pack: str) -> dict:
         return {"class_type": class_type, "inputs": inputs}
 
     return {
-        "1": node("CharForgeLoadDataset", folder=folder, name="planted", recursive=False, read_captions=True,
-                  workers=2),
-        "2": node("CharForgeAnalyseDataset", dataset=["1", 0], face_detector="auto", insightface_pack=pack,
-                  workers=2),
+        "1": node(
+            "CharForgeLoadDataset",
+            folder=folder,
+            name="planted",
+            recursive=False,
+            read_captions=True,
+            workers=2,
+        ),
+        "2": node(
+            "CharForgeAnalyseDataset",
+            dataset=["1", 0],
+            face_detector="auto",
+            insightface_pack=pack,
+            workers=2,
+        ),
         # The test pack's random recogniser separates people less than ArcFace does: a tighter threshold.
-        "3": node("CharForgeFilterDataset", dataset=["2", 0], min_side=512, min_sharpness=50.0, min_brightness=0.1,
-                  max_brightness=0.92, min_contrast=0.03, require_face=True, max_people=1, min_face_size=64,
-                  max_identity_distance=0.3),
+        "3": node(
+            "CharForgeFilterDataset",
+            dataset=["2", 0],
+            min_side=512,
+            min_sharpness=50.0,
+            min_brightness=0.1,
+            max_brightness=0.92,
+            min_contrast=0.03,
+            require_face=True,
+            max_people=1,
+            min_face_size=64,
+            max_identity_distance=0.3,
+        ),
         "4": node("CharForgeDeduplicateDataset", dataset=["3", 0], threshold=8, hash="phash", workers=2),
-        "5": node("CharForgeCropDataset", dataset=["4", 0], buckets="sdxl", mode="face", headroom=0.15,
-                  square=False, upscale=False, format="jpg", workers=2),
-        "6": node("CharForgeAugmentDataset", dataset=["5", 0], flip=True, color_jitter=0.05, seed=1, workers=2),
-        "7": node("CharForgeExportDataset", dataset=["6", 0], trigger="ohwx", class_tokens="woman", repeats=10,
-                  export_name="kohya", caption_mode="caption, trigger first"),
-        "8": node("CharForgeDatasetReport", dataset=["7", 0], trigger="", thumbnail_size=160, per_sheet=48, workers=2),
+        "5": node(
+            "CharForgeCropDataset",
+            dataset=["4", 0],
+            buckets="sdxl",
+            mode="face",
+            headroom=0.15,
+            square=False,
+            upscale=False,
+            format="jpg",
+            workers=2,
+        ),
+        "6": node(
+            "CharForgeAugmentDataset", dataset=["5", 0], flip=True, color_jitter=0.05, seed=1, workers=2
+        ),
+        "7": node(
+            "CharForgeExportDataset",
+            dataset=["6", 0],
+            trigger="ohwx",
+            class_tokens="woman",
+            repeats=10,
+            export_name="kohya",
+            caption_mode="caption, trigger first",
+        ),
+        "8": node(
+            "CharForgeDatasetReport",
+            dataset=["7", 0],
+            trigger="",
+            thumbnail_size=160,
+            per_sheet=48,
+            workers=2,
+        ),
         "9": node("PreviewImage", images=["8", 0]),
     }
 
@@ -80,8 +132,18 @@ def test_planted_folder_through_real_comfyui(tmp_path):
     comfy = comfyui_dir()
     base = tmp_path / "base"
     python = comfyui_python(comfy)
-    subprocess.run([sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(comfy), "--base-directory",
-                    str(base), "--no-deps"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "install.py"),
+            "--comfyui",
+            str(comfy),
+            "--base-directory",
+            str(base),
+            "--no-deps",
+        ],
+        check=True,
+    )
     write_face_pack(base / "models" / "insightface", pack="tiny")
     photos = make_planted_folder(base / "input" / "planted", marker="cell")
     before = _hashes(photos)
@@ -94,8 +156,10 @@ def test_planted_folder_through_real_comfyui(tmp_path):
         assert info["category"] == "CharForge/Dataset" and info["output"][0] == "CHARFORGE_DATASET"
 
         prompt_id = str(uuid.uuid4())
-        reply = server.post("/prompt", {"prompt": _prompt("planted", "tiny"), "prompt_id": prompt_id,
-                                        "client_id": "cf-dataset-test"})
+        reply = server.post(
+            "/prompt",
+            {"prompt": _prompt("planted", "tiny"), "prompt_id": prompt_id, "client_id": "cf-dataset-test"},
+        )
         assert reply["node_errors"] == {}, reply
         entry = server.wait_history(prompt_id, timeout=300)
         assert entry["status"]["status_str"] == "success", entry["status"]
@@ -114,12 +178,16 @@ def test_planted_folder_through_real_comfyui(tmp_path):
         reasons = {img["name"]: img["reasons"] for img in data["images"] if not img["augmentations"]}
         for name, expected in EXPECTED.items():
             assert reasons[name] and reasons[name][0].startswith(expected), (name, reasons[name])
-        for pair, reason in ((("good_01.jpg", "good_01 copy.jpg"), "exact duplicate of "),
-                             (("good_02.jpg", "good_02_resized.jpg"), "near duplicate of ")):
+        for pair, reason in (
+            (("good_01.jpg", "good_01 copy.jpg"), "exact duplicate of "),
+            (("good_02.jpg", "good_02_resized.jpg"), "near duplicate of "),
+        ):
             dropped = [n for n in pair if reasons[n]]
             assert len(dropped) == 1 and reasons[dropped[0]][0].startswith(reason), [reasons[n] for n in pair]
         accepted = sorted(name for name, why in reasons.items() if not why)
-        assert len(accepted) == 9, accepted  # 4 good + 2 survivors of duplicate pairs + unicode, alpha, rotated
+        assert len(accepted) == 9, (
+            accepted
+        )  # 4 good + 2 survivors of duplicate pairs + unicode, alpha, rotated
         assert "Élodie_été_写真.jpg" in accepted and "rotated.jpg" in accepted and "alpha.png" in accepted
         assert data["counts"]["accepted"] == 27  # each with a flipped and a jittered copy
 

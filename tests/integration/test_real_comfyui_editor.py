@@ -39,8 +39,9 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(_skip_reason() is not None
 
 
 def _load_thumbnails():
-    spec = importlib.util.spec_from_file_location("charforge_workflows_thumbnails",
-                                                  REPO_ROOT / "workflows" / "thumbnails.py")
+    spec = importlib.util.spec_from_file_location(
+        "charforge_workflows_thumbnails", REPO_ROOT / "workflows" / "thumbnails.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
@@ -55,8 +56,19 @@ NAMES = thumbnails.workflow_names()
 def editor_server(tmp_path_factory):
     comfy = comfyui_dir()
     base = tmp_path_factory.mktemp("editor_base")
-    subprocess.run([sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(comfy), "--base-directory",
-                    str(base), "--no-deps"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "install.py"),
+            "--comfyui",
+            str(comfy),
+            "--base-directory",
+            str(base),
+            "--no-deps",
+        ],
+        check=True,
+        capture_output=True,
+    )
     # A ComfyUI folder ships input/example.png, which LoadImage nodes (controlnet_lora) show by default; a fresh
     # base directory has no input folder of its own.
     if (comfy / "input" / "example.png").is_file():

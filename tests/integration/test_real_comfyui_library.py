@@ -30,13 +30,16 @@ from cf_testing.comfyui import REPO_ROOT
 pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.slow,
-    pytest.mark.skipif(real.comfyui_dir() is None, reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-                                                           "the real-ComfyUI suite; see CONTRIBUTING.md"),
+    pytest.mark.skipif(
+        real.comfyui_dir() is None,
+        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
+        "the real-ComfyUI suite; see CONTRIBUTING.md",
+    ),
 ]
 
 PORTS = range(18400, 18500)
 
-COMFY_SIDE = textwrap.dedent(r'''
+COMFY_SIDE = textwrap.dedent(r"""
     import json, logging, os, sys
     sys.path.insert(0, os.getcwd())  # cwd = the ComfyUI folder
     job = json.load(open(sys.argv[-1]))
@@ -121,23 +124,51 @@ COMFY_SIDE = textwrap.dedent(r'''
         scale = float((outs[b] - base).abs().max())
         results["numeric"][f"{a} vs {b}"] = {"max_diff": float((outs[a] - outs[b]).abs().max()), "scale": scale}
     print("RESULT " + json.dumps(results))
-''')
+""")
 
 # ComfyUI's own U-Net configs for the two families (comfy/model_detection.py, unet_config_from_diffusers_unet).
 UNET_CONFIGS = {
-    "sd15": {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-             "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
-             "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-             "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-             "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-             "use_temporal_attention": False, "use_temporal_resblock": False},
-    "sdxl": {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-             "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
-             "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
-             "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
-             "context_dim": 2048, "num_head_channels": 64,
-             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-             "use_temporal_attention": False, "use_temporal_resblock": False},
+    "sd15": {
+        "use_checkpoint": False,
+        "image_size": 32,
+        "out_channels": 4,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "adm_in_channels": None,
+        "in_channels": 4,
+        "model_channels": 320,
+        "num_res_blocks": [2, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "channel_mult": [1, 2, 4, 4],
+        "transformer_depth_middle": 1,
+        "use_linear_in_transformer": False,
+        "context_dim": 768,
+        "num_heads": 8,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+    },
+    "sdxl": {
+        "use_checkpoint": False,
+        "image_size": 32,
+        "out_channels": 4,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "num_classes": "sequential",
+        "adm_in_channels": 2816,
+        "in_channels": 4,
+        "model_channels": 320,
+        "num_res_blocks": [2, 2, 2],
+        "transformer_depth": [0, 0, 2, 2, 10, 10],
+        "channel_mult": [1, 2, 4],
+        "transformer_depth_middle": 10,
+        "use_linear_in_transformer": True,
+        "context_dim": 2048,
+        "num_head_channels": 64,
+        "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+    },
 }
 
 
@@ -149,22 +180,33 @@ def _full_state(arch: str, seed: int, rank: int, alpha: float | None, entries=No
     modules = {}
     for entry in entries or formats.module_table(arch).entries.values():
         out_dim, in_dim, *kernel = entry.shape
-        down = torch.randn(rank, in_dim, *kernel, generator=generator) / (in_dim * (kernel[0] * kernel[1] if kernel else 1)) ** 0.5
-        up = scale * torch.randn(out_dim, rank, *([1, 1] if kernel else []), generator=generator) / rank ** 0.5
+        down = (
+            torch.randn(rank, in_dim, *kernel, generator=generator)
+            / (in_dim * (kernel[0] * kernel[1] if kernel else 1)) ** 0.5
+        )
+        up = scale * torch.randn(out_dim, rank, *([1, 1] if kernel else []), generator=generator) / rank**0.5
         a = None if alpha is None else torch.tensor(float(alpha))
-        modules[(entry.component, entry.name)] = formats.LoraModule(entry.component, entry.name, down.half(),
-                                                                    up.half(), a)
+        modules[(entry.component, entry.name)] = formats.LoraModule(
+            entry.component, entry.name, down.half(), up.half(), a
+        )
     return formats.LoraState(arch, modules, {"modelspec.trigger_phrase": f"zk_{arch}"}, "")
 
 
 def _run_comfy_side(comfy, tmp_path, job) -> dict:
     (tmp_path / "job.json").write_text(json.dumps(job))
     (tmp_path / "comfy_side.py").write_text(COMFY_SIDE)
-    proc = subprocess.run([real.comfyui_python(comfy), str(tmp_path / "comfy_side.py"), str(tmp_path / "job.json")],
-                          cwd=comfy, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [real.comfyui_python(comfy), str(tmp_path / "comfy_side.py"), str(tmp_path / "job.json")],
+        cwd=comfy,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"ComfyUI side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    assert proc.returncode == 0 and lines, (
+        f"ComfyUI side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def test_library_files_load_in_comfyui_key_maps_and_patch_a_full_unet(tmp_path):
@@ -179,11 +221,13 @@ def test_library_files_load_in_comfyui_key_maps_and_patch_a_full_unet(tmp_path):
         made = {"a_kohya": a, "b_peft": b}
         for fmt in ("peft", "comfyui"):
             made[f"a_{fmt}"] = formats.convert_file(a, tmp_path / f"{arch}_a_{fmt}.safetensors", fmt)
-        made["a_peft_kohya"] = formats.convert_file(made["a_peft"], tmp_path / f"{arch}_a_pk.safetensors", "kohya")
+        made["a_peft_kohya"] = formats.convert_file(
+            made["a_peft"], tmp_path / f"{arch}_a_pk.safetensors", "kohya"
+        )
         made["merged"], _ = merge.merge_files([(a, 0.7), (b, 0.3)], tmp_path / f"{arch}_m.safetensors")
-        made["merged_svd_comfyui"], report = merge.merge_files([(a, 0.7), (b, 0.3)],
-                                                               tmp_path / f"{arch}_ms.safetensors", rank=3,
-                                                               fmt="comfyui")
+        made["merged_svd_comfyui"], report = merge.merge_files(
+            [(a, 0.7), (b, 0.3)], tmp_path / f"{arch}_ms.safetensors", rank=3, fmt="comfyui"
+        )
         assert 0 < report.retained < 1
         made["resized"], _ = merge.resize_file(a, tmp_path / f"{arch}_r.safetensors", rank=2)
         files[arch] = {name: str(path) for name, path in made.items()}
@@ -192,10 +236,15 @@ def test_library_files_load_in_comfyui_key_maps_and_patch_a_full_unet(tmp_path):
     job = {
         "unet_configs": UNET_CONFIGS,
         "key_checks": files,
-        "numeric": {"a_kohya": [[sd15["a_kohya"], 1.0]], "a_peft": [[sd15["a_peft"], 1.0]],
-                    "a_comfyui": [[sd15["a_comfyui"], 1.0]], "merged": [[sd15["merged"], 1.0]],
-                    "sequential": [[sd15["a_kohya"], 0.7], [sd15["b_peft"], 0.3]],
-                    "merged_svd_comfyui": [[sd15["merged_svd_comfyui"], 1.0]], "resized": [[sd15["resized"], 1.0]]},
+        "numeric": {
+            "a_kohya": [[sd15["a_kohya"], 1.0]],
+            "a_peft": [[sd15["a_peft"], 1.0]],
+            "a_comfyui": [[sd15["a_comfyui"], 1.0]],
+            "merged": [[sd15["merged"], 1.0]],
+            "sequential": [[sd15["a_kohya"], 0.7], [sd15["b_peft"], 0.3]],
+            "merged_svd_comfyui": [[sd15["merged_svd_comfyui"], 1.0]],
+            "resized": [[sd15["resized"], 1.0]],
+        },
         "compare": [["a_peft", "a_kohya"], ["a_comfyui", "a_kohya"], ["merged", "sequential"]],
     }
     results = _run_comfy_side(comfy, tmp_path, job)
@@ -224,10 +273,13 @@ def _small_sd15_lora(seed: int, trigger: str, tags: dict | None = None):
     table = formats.module_table("sd15")
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(SD15_COMFY_UNET)
-    entries = [formats.ModuleEntry("unet", name, "", tuple(module.weight.shape))
-               for name, module in unet.named_modules()
-               if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and ("unet", name) in table.entries
-               and (".attentions." in name or ".resnets." in name)]
+    entries = [
+        formats.ModuleEntry("unet", name, "", tuple(module.weight.shape))
+        for name, module in unet.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+        and ("unet", name) in table.entries
+        and (".attentions." in name or ".resnets." in name)
+    ]
     entries += [e for e in table.entries.values() if e.component == "te1"]
     state = _full_state("sd15", seed, 4, 4.0, entries=entries, scale=1.0)
     state.metadata = {"modelspec.trigger_phrase": trigger, "ss_tag_frequency": json.dumps(tags or {})}
@@ -258,14 +310,21 @@ def test_workflow_with_load_character_and_apply_lora_stack(tmp_path, monkeypatch
     loras = base / "models" / "loras"
     loras.mkdir(parents=True)
     alice = formats.write_state(_small_sd15_lora(1, "alice_cf"), loras / "alice.safetensors", "kohya")
-    style = formats.write_state(_small_sd15_lora(2, "", {"1_style": {"film grain": 5}}), loras / "style.safetensors",
-                                "kohya")
+    style = formats.write_state(
+        _small_sd15_lora(2, "", {"1_style": {"film grain": 5}}), loras / "style.safetensors", "kohya"
+    )
     formats.convert_file(alice, loras / "alice_peft.safetensors", "peft")
     merge.merge_files([(alice, 0.5), (style, 0.5)], loras / "merged.safetensors")
     preset = Character(
-        name="alice", trigger_words=["alice_cf"], prompt="photo of a woman", negative_prompt="blurry",
+        name="alice",
+        trigger_words=["alice_cf"],
+        prompt="photo of a woman",
+        negative_prompt="blurry",
         loras=[CharacterLora("alice.safetensors", 1.0)],
-        generation=GenerationParams(steps=2, cfg=5.0, width=64, height=64, sampler="euler", scheduler="normal"))
+        generation=GenerationParams(
+            steps=2, cfg=5.0, width=64, height=64, sampler="euler", scheduler="normal"
+        ),
+    )
     characters.save_character(preset, folder=base / "models" / "charforge" / "characters")
     (base / "models" / "charforge" / "characters" / "bad.yaml").write_text(yaml.safe_dump({"promt": "x"}))
 
@@ -274,38 +333,87 @@ def test_workflow_with_load_character_and_apply_lora_stack(tmp_path, monkeypatch
         return {
             n["pos"]: {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": text}},
             n["neg"]: {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": [scale_node, 1]}},
-            n["lat"]: {"class_type": "EmptyLatentImage", "inputs": {"width": [scale_node, 7], "height": [scale_node, 8],
-                                                                    "batch_size": 1}},
-            n["ks"]: {"class_type": "KSampler", "inputs": {"model": model, "positive": [n["pos"], 0],
-                                                           "negative": [n["neg"], 0], "latent_image": [n["lat"], 0],
-                                                           "seed": 3, "steps": [scale_node, 5], "cfg": [scale_node, 6],
-                                                           "sampler_name": "euler", "scheduler": "normal",
-                                                           "denoise": 1.0}},
-            n["save"]: {"class_type": "SaveLatent", "inputs": {"samples": [n["ks"], 0],
-                                                               "filename_prefix": f"library/{tag}"}},
+            n["lat"]: {
+                "class_type": "EmptyLatentImage",
+                "inputs": {"width": [scale_node, 7], "height": [scale_node, 8], "batch_size": 1},
+            },
+            n["ks"]: {
+                "class_type": "KSampler",
+                "inputs": {
+                    "model": model,
+                    "positive": [n["pos"], 0],
+                    "negative": [n["neg"], 0],
+                    "latent_image": [n["lat"], 0],
+                    "seed": 3,
+                    "steps": [scale_node, 5],
+                    "cfg": [scale_node, 6],
+                    "sampler_name": "euler",
+                    "scheduler": "normal",
+                    "denoise": 1.0,
+                },
+            },
+            n["save"]: {
+                "class_type": "SaveLatent",
+                "inputs": {"samples": [n["ks"], 0], "filename_prefix": f"library/{tag}"},
+            },
         }
 
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15_tiny.safetensors"}},
-        "2": {"class_type": "CharForgeLoadCharacter", "inputs": {"character": "alice", "extra_prompt": "at the beach",
-                                                                 "lora_weight_scale": 1.0}},
-        "3": {"class_type": "CharForgeApplyLoraStack", "inputs": {"model": ["1", 0], "clip": ["1", 1],
-                                                                  "loras": ["2", 2], "prompt": ["2", 0],
-                                                                  "inject_trigger_words": True,
-                                                                  "lora_1": "style.safetensors", "strength_1": 0.5,
-                                                                  "lora_2": "None", "strength_2": 1.0,
-                                                                  "lora_3": "None", "strength_3": 1.0}},
-        "4": {"class_type": "CharForgeLoadCharacter", "inputs": {"character": "alice", "extra_prompt": "at the beach",
-                                                                 "lora_weight_scale": 0.0}},
-        "5": {"class_type": "CharForgeApplyLoraStack", "inputs": {"model": ["1", 0], "clip": ["1", 1],
-                                                                  "loras": ["4", 2], "prompt": ["4", 0],
-                                                                  "inject_trigger_words": True}},
-        "6": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
-                                                     "lora_name": "alice_peft.safetensors",
-                                                     "strength_model": 1.0, "strength_clip": 1.0}},
-        "7": {"class_type": "LoraLoader", "inputs": {"model": ["6", 0], "clip": ["6", 1],
-                                                     "lora_name": "merged.safetensors",
-                                                     "strength_model": 0.5, "strength_clip": 0.5}},
+        "2": {
+            "class_type": "CharForgeLoadCharacter",
+            "inputs": {"character": "alice", "extra_prompt": "at the beach", "lora_weight_scale": 1.0},
+        },
+        "3": {
+            "class_type": "CharForgeApplyLoraStack",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "loras": ["2", 2],
+                "prompt": ["2", 0],
+                "inject_trigger_words": True,
+                "lora_1": "style.safetensors",
+                "strength_1": 0.5,
+                "lora_2": "None",
+                "strength_2": 1.0,
+                "lora_3": "None",
+                "strength_3": 1.0,
+            },
+        },
+        "4": {
+            "class_type": "CharForgeLoadCharacter",
+            "inputs": {"character": "alice", "extra_prompt": "at the beach", "lora_weight_scale": 0.0},
+        },
+        "5": {
+            "class_type": "CharForgeApplyLoraStack",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "loras": ["4", 2],
+                "prompt": ["4", 0],
+                "inject_trigger_words": True,
+            },
+        },
+        "6": {
+            "class_type": "LoraLoader",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "lora_name": "alice_peft.safetensors",
+                "strength_model": 1.0,
+                "strength_clip": 1.0,
+            },
+        },
+        "7": {
+            "class_type": "LoraLoader",
+            "inputs": {
+                "model": ["6", 0],
+                "clip": ["6", 1],
+                "lora_name": "merged.safetensors",
+                "strength_model": 0.5,
+                "strength_clip": 0.5,
+            },
+        },
         "8": {"class_type": "CharForgeLoraInfo", "inputs": {"lora": "merged.safetensors"}},
     }
     prompt.update(sampled("with", ["3", 0], ["3", 1], ["3", 2], "2"))
@@ -328,7 +436,9 @@ def test_workflow_with_load_character_and_apply_lora_stack(tmp_path, monkeypatch
         latents = {}
         for tag in ("with", "without", "stock"):
             (saved,) = outputs[f"{tag}s"]["latents"]
-            latents[tag] = load_file(str(base / "output" / saved["subfolder"] / saved["filename"]))["latent_tensor"]
+            latents[tag] = load_file(str(base / "output" / saved["subfolder"] / saved["filename"]))[
+                "latent_tensor"
+            ]
             assert latents[tag].shape == (1, 4, 8, 8) and torch.isfinite(latents[tag]).all()
         assert (latents["with"] - latents["without"]).abs().max() > 1e-3
         assert (latents["stock"] - latents["without"]).abs().max() > 1e-3
@@ -338,10 +448,20 @@ def test_workflow_with_load_character_and_apply_lora_stack(tmp_path, monkeypatch
 
         # a broken preset fails with the file and field named, and nothing else breaks
         prompt_id = str(uuid.uuid4())
-        server.post("/prompt", {"prompt": {"9": {"class_type": "CharForgeLoadCharacter", "inputs": {
-            "character": "bad", "extra_prompt": "", "lora_weight_scale": 1.0}}, "10": {
-            "class_type": "PreviewAny", "inputs": {"source": ["9", 0]}}}, "prompt_id": prompt_id,
-            "client_id": "cf-library"})
+        server.post(
+            "/prompt",
+            {
+                "prompt": {
+                    "9": {
+                        "class_type": "CharForgeLoadCharacter",
+                        "inputs": {"character": "bad", "extra_prompt": "", "lora_weight_scale": 1.0},
+                    },
+                    "10": {"class_type": "PreviewAny", "inputs": {"source": ["9", 0]}},
+                },
+                "prompt_id": prompt_id,
+                "client_id": "cf-library",
+            },
+        )
         entry = server.wait_history(prompt_id, timeout=120)
         messages = json.dumps(entry["status"])
         assert entry["status"]["status_str"] == "error" and "bad.yaml" in messages and "promt" in messages

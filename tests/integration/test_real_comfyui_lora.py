@@ -30,11 +30,14 @@ from cf_testing.real_comfyui import comfyui_dir, comfyui_python
 pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.slow,
-    pytest.mark.skipif(comfyui_dir() is None, reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-                                                      "the real-ComfyUI suite; see CONTRIBUTING.md"),
+    pytest.mark.skipif(
+        comfyui_dir() is None,
+        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
+        "the real-ComfyUI suite; see CONTRIBUTING.md",
+    ),
 ]
 
-COMFY_SIDE = textwrap.dedent(r'''
+COMFY_SIDE = textwrap.dedent(r"""
     import json, logging, os, sys
     sys.path.insert(0, os.getcwd())  # run with cwd = the ComfyUI folder
     job_path = sys.argv[-1]
@@ -109,7 +112,7 @@ COMFY_SIDE = textwrap.dedent(r'''
         results[task["name"]] = out
         print("task done", task["name"], flush=True)
     print("RESULT " + json.dumps(results))
-''')
+""")
 
 
 def _init_random(module: torch.nn.Module, seed: int) -> None:
@@ -139,7 +142,9 @@ def _materialize_lora(network, seed: int, scale: float = 0.5) -> None:
                         part.to_empty(device="cpu")
                     with torch.no_grad():
                         fan_in = part.weight[0].numel()
-                        part.weight.copy_(scale * torch.randn(part.weight.shape, generator=generator) / fan_in**0.5)
+                        part.weight.copy_(
+                            scale * torch.randn(part.weight.shape, generator=generator) / fan_in**0.5
+                        )
 
 
 def _meta_unet(arch: str, dtype: torch.dtype):
@@ -148,7 +153,9 @@ def _meta_unet(arch: str, dtype: torch.dtype):
     from charforge.engine.train.models import shipped_config_dir
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(shipped_config_dir(arch) / "unet"))
+        unet = UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(shipped_config_dir(arch) / "unet")
+        )
     return unet.to(dtype)
 
 
@@ -157,11 +164,18 @@ def _run_comfy(comfy, tmp_path, tasks) -> dict:
     job.write_text(json.dumps({"tasks": tasks}))
     script = tmp_path / "comfy_side.py"
     script.write_text(COMFY_SIDE)
-    proc = subprocess.run([comfyui_python(comfy), str(script), str(job)], cwd=comfy, capture_output=True, text=True,
-                          timeout=1800)
+    proc = subprocess.run(
+        [comfyui_python(comfy), str(script), str(job)],
+        cwd=comfy,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"ComfyUI side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    assert proc.returncode == 0 and lines, (
+        f"ComfyUI side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -212,8 +226,9 @@ def test_sd15_single_file_and_lora_in_real_comfyui(comfy, tmp_path, monkeypatch)
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
     torch.manual_seed(1)
     text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder"))
-    state = pipeline_to_single_file_state_dict(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(),
-                                               unet_config=dict(unet.config))
+    state = pipeline_to_single_file_state_dict(
+        unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), unet_config=dict(unet.config)
+    )
     checkpoint = tmp_path / "sd15_full.safetensors"
     save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, str(checkpoint))
     del unet, vae, text_encoder, state
@@ -236,9 +251,14 @@ def test_sd15_single_file_and_lora_in_real_comfyui(comfy, tmp_path, monkeypatch)
     with torch.no_grad():
         lora_cond = encode_prompts(model, [prompt]).hidden
         lora_out = model.unet(inputs["x"], inputs["t"], encoder_hidden_states=inputs["context"]).sample
-    lora_path = export_lora(tmp_path / "sd15_lora.safetensors", network, "sd15", model.unet_config,
-                            lora_metadata(arch="sd15", settings=settings, title="t", trigger_phrase="ohwx"),
-                            dtype=torch.float32)
+    lora_path = export_lora(
+        tmp_path / "sd15_lora.safetensors",
+        network,
+        "sd15",
+        model.unet_config,
+        lora_metadata(arch="sd15", settings=settings, title="t", trigger_phrase="ohwx"),
+        dtype=torch.float32,
+    )
     modules = network.modules()
     unet_modules = sum(m.component == "unet" for m in modules)
     ids = tokenize(model.tokenizers[0], [prompt])[0, 0]  # (prompts, windows, 77)
@@ -246,9 +266,21 @@ def test_sd15_single_file_and_lora_in_real_comfyui(comfy, tmp_path, monkeypatch)
     del model, network
     gc.collect()
 
-    results = _run_comfy(comfy, tmp_path, [{"name": "sd15", "kind": "checkpoint", "file": str(checkpoint),
-                                            "lora": str(lora_path), "inputs": str(tmp_path / "inputs.pt"),
-                                            "prompt": prompt, "out": str(tmp_path / "sd15_out.pt")}])
+    results = _run_comfy(
+        comfy,
+        tmp_path,
+        [
+            {
+                "name": "sd15",
+                "kind": "checkpoint",
+                "file": str(checkpoint),
+                "lora": str(lora_path),
+                "inputs": str(tmp_path / "inputs.pt"),
+                "prompt": prompt,
+                "out": str(tmp_path / "sd15_out.pt"),
+            }
+        ],
+    )
     result = results["sd15"]
     print("SD1.5 in ComfyUI:", json.dumps(result))
     assert result["model_class"] == "BaseModel"  # ComfyUI's SD1.5 model
@@ -257,7 +289,7 @@ def test_sd15_single_file_and_lora_in_real_comfyui(comfy, tmp_path, monkeypatch)
     assert result["unet_patches"] == unet_modules
     assert result["clip_patches"] == len(modules) - unet_modules
     out = torch.load(tmp_path / "sd15_out.pt")
-    assert torch.equal(out["tokens"][:len(ids)], ids)  # the same vocabulary, the same ids
+    assert torch.equal(out["tokens"][: len(ids)], ids)  # the same vocabulary, the same ids
     torch.testing.assert_close(out["base"], base_out, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(out["lora"], lora_out, rtol=1e-3, atol=1e-3)
     assert (out["lora"] - out["base"]).abs().max() > 1e-2
@@ -279,11 +311,20 @@ def test_sdxl_unet_and_text_encoder_lora_in_real_comfyui(comfy, tmp_path):
     unet = _meta_unet("sdxl", torch.bfloat16).to_empty(device="cpu")
     _init_random(unet, 0)
     unet_file = tmp_path / "sdxl_unet.safetensors"
-    save_file({k: v.contiguous() for k, v in unet_to_ldm(unet.state_dict(), dict(unet.config)).items()}, str(unet_file))
+    save_file(
+        {k: v.contiguous() for k, v in unet_to_ldm(unet.state_dict(), dict(unet.config)).items()},
+        str(unet_file),
+    )
     generator = torch.Generator().manual_seed(5)
-    text_embeds, time_ids = torch.randn(1, 1280, generator=generator), torch.tensor([[64.0, 64, 0, 0, 64, 64]])
-    inputs = {"x": torch.randn(1, 4, 8, 8, generator=generator), "t": torch.tensor([500]),
-              "context": torch.randn(1, 77, 2048, generator=generator)}
+    text_embeds, time_ids = (
+        torch.randn(1, 1280, generator=generator),
+        torch.tensor([[64.0, 64, 0, 0, 64, 64]]),
+    )
+    inputs = {
+        "x": torch.randn(1, 4, 8, 8, generator=generator),
+        "t": torch.tensor([500]),
+        "context": torch.randn(1, 77, 2048, generator=generator),
+    }
     with torch.no_grad():  # what ComfyUI calls y: pooled text + embedded size/crop ids
         time_embeds = unet.add_time_proj(time_ids.flatten()).reshape(1, -1)
         inputs["y"] = torch.cat([text_embeds, time_embeds], dim=-1)
@@ -291,8 +332,12 @@ def test_sdxl_unet_and_text_encoder_lora_in_real_comfyui(comfy, tmp_path):
 
     def forward(unet):
         with torch.no_grad():
-            return unet(inputs["x"].to(torch.bfloat16), inputs["t"], encoder_hidden_states=inputs["context"].to(
-                torch.bfloat16), added_cond_kwargs=added).sample.float()
+            return unet(
+                inputs["x"].to(torch.bfloat16),
+                inputs["t"],
+                encoder_hidden_states=inputs["context"].to(torch.bfloat16),
+                added_cond_kwargs=added,
+            ).sample.float()
 
     base_out = forward(unet)
     # The blocks run one after another: each ResNet block and each transformer block rounds once to bf16.
@@ -320,11 +365,22 @@ def test_sdxl_unet_and_text_encoder_lora_in_real_comfyui(comfy, tmp_path):
     te_modules = len(te_network.modules())
     assert te_modules == 6 * (12 + 32)
 
-    results = _run_comfy(comfy, tmp_path, [
-        {"name": "unet", "kind": "unet", "file": str(unet_file), "lora": str(unet_lora), "dtype": "bfloat16",
-         "inputs": str(tmp_path / "inputs.pt"), "out": str(tmp_path / "sdxl_out.pt")},
-        {"name": "te", "kind": "sdxl_clip_keys", "lora": str(te_lora)},
-    ])
+    results = _run_comfy(
+        comfy,
+        tmp_path,
+        [
+            {
+                "name": "unet",
+                "kind": "unet",
+                "file": str(unet_file),
+                "lora": str(unet_lora),
+                "dtype": "bfloat16",
+                "inputs": str(tmp_path / "inputs.pt"),
+                "out": str(tmp_path / "sdxl_out.pt"),
+            },
+            {"name": "te", "kind": "sdxl_clip_keys", "lora": str(te_lora)},
+        ],
+    )
     print("SDXL in ComfyUI:", json.dumps(results))
     assert results["unet"]["model_class"] == "SDXL"
     assert results["unet"]["not_loaded"] == [] and results["te"]["not_loaded"] == []
@@ -339,10 +395,11 @@ def test_sdxl_unet_and_text_encoder_lora_in_real_comfyui(comfy, tmp_path):
     base_error = _relative_error(out["base"], base_out)
     delta, delta_ours = out["lora"] - out["base"], lora_out - base_out
     delta_error = _relative_error(delta, delta_ours, scale=base_out)  # in units of the output's size
-    print(f"SDXL depth {depth}: tolerance {tolerance:.4f}, base error {base_error:.4f}, delta error {delta_error:.4f}, "
-          f"delta size {float(delta_ours.norm() / base_out.norm()):.4f}, delta cosine {_cosine(delta, delta_ours):.4f}")
+    print(
+        f"SDXL depth {depth}: tolerance {tolerance:.4f}, base error {base_error:.4f}, delta error {delta_error:.4f}, "
+        f"delta size {float(delta_ours.norm() / base_out.norm()):.4f}, delta cosine {_cosine(delta, delta_ours):.4f}"
+    )
     assert base_error < tolerance
     assert delta_error < 2 * tolerance
     # The LoRA's effect stands out of the rounding, so the two checks above can tell a LoRA that was not applied.
     assert float(delta_ours.norm() / base_out.norm()) > 4 * tolerance
-

@@ -25,8 +25,11 @@ from charforge.nodes import NODE_CLASS_MAPPINGS
 
 pytestmark = [
     pytest.mark.comfyui,
-    pytest.mark.skipif(comfyui_dir() is None, reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-                                                      "the real-ComfyUI suite; see CONTRIBUTING.md"),
+    pytest.mark.skipif(
+        comfyui_dir() is None,
+        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
+        "the real-ComfyUI suite; see CONTRIBUTING.md",
+    ),
 ]
 
 
@@ -59,36 +62,60 @@ def _check_server(server, pack_dir_name: str) -> None:
         Image.new("RGB", size, (200, 10 * index, 0)).save(photos / f"p{index}.png")
     (photos / "broken.jpg").write_bytes(b"not an image")
     prompt = {
-        "1": {"class_type": "CharForgeListImages",
-              "inputs": {"folder": "hero", "recursive": False, "max_preview": 4, "preview_size": 64}},
+        "1": {
+            "class_type": "CharForgeListImages",
+            "inputs": {"folder": "hero", "recursive": False, "max_preview": 4, "preview_size": 64},
+        },
         "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
     }
     if "cv2" not in server.hidden_modules:
-        prompt["3"] = {"class_type": "CharForgeImageQuality", "inputs": {"images": ["1", 0], "min_sharpness": 60.0}}
+        prompt["3"] = {
+            "class_type": "CharForgeImageQuality",
+            "inputs": {"images": ["1", 0], "min_sharpness": 60.0},
+        }
     prompt_id = str(uuid.uuid4())
     reply = server.post("/prompt", {"prompt": prompt, "prompt_id": prompt_id, "client_id": "cf-test"})
     assert reply["node_errors"] == {}
     entry = server.wait_history(prompt_id)
     assert entry["status"]["status_str"] == "success", entry["status"]
-    assert "2 image(s)" in entry["outputs"]["1"]["text"][0] and "broken.jpg" in entry["outputs"]["1"]["text"][0]
+    assert (
+        "2 image(s)" in entry["outputs"]["1"]["text"][0] and "broken.jpg" in entry["outputs"]["1"]["text"][0]
+    )
     assert len(entry["outputs"]["2"]["images"]) == 2
     if "3" in prompt:
         assert entry["outputs"]["3"]["text"][0].endswith("image(s) sharp (min_sharpness 60)")
 
 
 def _clone(target: Path) -> None:
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     if dirty:
         print("note: uncommitted changes are not part of the clone/registry installs")
-    subprocess.run(["git", "clone", "--quiet", "--depth", "1", f"file://{REPO_ROOT}", str(target)], check=True)
+    subprocess.run(
+        ["git", "clone", "--quiet", "--depth", "1", f"file://{REPO_ROOT}", str(target)], check=True
+    )
 
 
 def test_install_py_into_comfyui(comfy, tmp_path):
     base = tmp_path / "base"
     python = comfyui_python(comfy)
-    subprocess.run([sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(comfy), "--base-directory",
-                    str(base), "--python", python], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "install.py"),
+            "--comfyui",
+            str(comfy),
+            "--base-directory",
+            str(base),
+            "--python",
+            python,
+        ],
+        check=True,
+    )
     assert (base / "custom_nodes" / "charforge").is_symlink()
     server = start_comfyui(comfy, base, python)
     try:
@@ -100,7 +127,9 @@ def test_install_py_into_comfyui(comfy, tmp_path):
 def _install_like_manager_and_check(comfy: Path, base: Path, pack: Path) -> None:
     """ComfyUI-Manager runs the pack's install.py with ComfyUI's Python, cwd = pack, COMFYUI_PATH set."""
     python = comfyui_python(comfy)
-    subprocess.run([python, "install.py"], cwd=pack, env=dict(os.environ, COMFYUI_PATH=str(comfy)), check=True)
+    subprocess.run(
+        [python, "install.py"], cwd=pack, env=dict(os.environ, COMFYUI_PATH=str(comfy)), check=True
+    )
     server = start_comfyui(comfy, base, python)
     try:
         _check_server(server, pack.name)
@@ -122,12 +151,16 @@ def _registry_zip(work: Path) -> Path:
     _clone(clone)
     comfy_cli = os.environ.get("COMFY_CLI") or shutil.which("comfy")
     if comfy_cli:
-        subprocess.run([comfy_cli, "--skip-prompt", "--no-enable-telemetry", "node", "pack"], cwd=clone, check=True)
+        subprocess.run(
+            [comfy_cli, "--skip-prompt", "--no-enable-telemetry", "node", "pack"], cwd=clone, check=True
+        )
         return clone / "node.zip"
     import fnmatch
 
     patterns = [p.strip() for p in (clone / ".comfyignore").read_text().splitlines() if p.strip()]
-    files = subprocess.run(["git", "ls-files"], cwd=clone, capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=clone, capture_output=True, text=True, check=True
+    ).stdout.split()
     archive = work / "node.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         for name in files:
@@ -154,10 +187,22 @@ def test_missing_optional_packages_do_not_stop_the_pack(comfy, tmp_path):
     hide = tmp_path / "hide"
     hide.mkdir()
     # A None entry in sys.modules makes `import x` fail and find_spec('x') return None, as if not installed.
-    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['insightface'] = None\nsys.modules['cv2'] = None\n")
+    (hide / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['insightface'] = None\nsys.modules['cv2'] = None\n"
+    )
     python = comfyui_python(comfy)
-    subprocess.run([sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(comfy), "--base-directory",
-                    str(base), "--no-deps"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "install.py"),
+            "--comfyui",
+            str(comfy),
+            "--base-directory",
+            str(base),
+            "--no-deps",
+        ],
+        check=True,
+    )
     server = start_comfyui(comfy, base, python, env={"PYTHONPATH": str(hide)})
     server.hidden_modules = {"cv2", "insightface"}
     try:
@@ -167,10 +212,23 @@ def test_missing_optional_packages_do_not_stop_the_pack(comfy, tmp_path):
         assert {"CharForgeListImages", "CharForgeImageQuality"} <= set(server.get("/object_info"))
         # The node that needs opencv fails with a message saying what to install; the server carries on.
         prompt_id = str(uuid.uuid4())
-        server.post("/prompt", {"prompt_id": prompt_id, "client_id": "cf-test", "prompt": {
-            "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
-            "2": {"class_type": "CharForgeImageQuality", "inputs": {"images": ["1", 0], "min_sharpness": 60.0}},
-        }})
+        server.post(
+            "/prompt",
+            {
+                "prompt_id": prompt_id,
+                "client_id": "cf-test",
+                "prompt": {
+                    "1": {
+                        "class_type": "EmptyImage",
+                        "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0},
+                    },
+                    "2": {
+                        "class_type": "CharForgeImageQuality",
+                        "inputs": {"images": ["1", 0], "min_sharpness": 60.0},
+                    },
+                },
+            },
+        )
         entry = server.wait_history(prompt_id)
         assert entry["status"]["status_str"] == "error"
         errors = [data for event, data in entry["status"]["messages"] if event == "execution_error"]

@@ -34,8 +34,14 @@ from cf_testing.models import build_tiny_sd15
 from cf_testing.real_comfyui import comfyui_dir, comfyui_python, pack_import_failures, start_comfyui
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 STEPS = 40  # a few seconds a step on a busy CPU
 SAMPLE_EVERY = 10
 
@@ -50,12 +56,17 @@ def _skip_reason() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
-              pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.slow,
+    pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason())),
+]
 
 READY_JS = """() => !!(window.app && window.app.graph && window.app.canvas && window.app.vueAppReady
     && Object.keys(window.LiteGraph.registered_node_types).length > 0)"""
-CLOSE_TOASTS_JS = """() => document.querySelectorAll('.p-toast-message .p-toast-close-button').forEach((b) => b.click())"""
+CLOSE_TOASTS_JS = (
+    """() => document.querySelectorAll('.p-toast-message .p-toast-close-button').forEach((b) => b.click())"""
+)
 
 # The shipped workflow, as the template browser opens it, pointed at the tiny model and dataset, then queued.
 QUEUE_WORKFLOW_JS = """async ({settings}) => {
@@ -82,8 +93,19 @@ def server(tmp_path_factory):
     comfy = comfyui_dir()
     root = tmp_path_factory.mktemp("panel")
     base = root / "base"
-    subprocess.run([sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(comfy), "--base-directory",
-                    str(base), "--no-deps"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "install.py"),
+            "--comfyui",
+            str(comfy),
+            "--base-directory",
+            str(base),
+            "--no-deps",
+        ],
+        check=True,
+        capture_output=True,
+    )
     tiny = build_tiny_sd15(root / "tiny")
     shutil.copytree(tiny.diffusers_dir, base / "models" / "diffusers" / "tiny_sd15")
     rng = np.random.default_rng(0)
@@ -102,7 +124,8 @@ def server(tmp_path_factory):
     (characters / "alice.yaml").write_text(
         "name: alice\ndisplay_name: Alice\ntrigger_words: [sks]\nloras:\n  - {name: alice.safetensors, weight: 0.8}\n"
         "prompt: photo of a woman, natural light\nthreshold: 0.35\nbase_model: sd15\n"
-        "generation: {steps: 20, cfg: 6.5, width: 512, height: 512}\n")
+        "generation: {steps: 20, cfg: 6.5, width: 512, height: 512}\n"
+    )
     running = start_comfyui(comfy, base, comfyui_python(comfy))
     try:
         assert not pack_import_failures(running.log(), "charforge"), running.log()[-3000:]
@@ -113,7 +136,9 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
-    folder = Path(os.environ.get("CHARFORGE_PANEL_SCREENSHOTS") or tmp_path_factory.mktemp("panel_screenshots"))
+    folder = Path(
+        os.environ.get("CHARFORGE_PANEL_SCREENSHOTS") or tmp_path_factory.mktemp("panel_screenshots")
+    )
     folder.mkdir(parents=True, exist_ok=True)
     print(f"panel screenshots: {folder}")
     return folder
@@ -122,11 +147,26 @@ def shots(tmp_path_factory) -> Path:
 def _make_dataset_report(server) -> None:
     """The dataset nodes write a dataset with its report (as the dataset_prep workflow does)."""
     prompt = {
-        "1": {"class_type": "CharForgeLoadDataset", "inputs": {
-            "folder": str(server.base_dir / "input" / "photos"), "name": "alice_photos", "recursive": False,
-            "read_captions": True, "workers": 1}},
-        "2": {"class_type": "CharForgeDatasetReport", "inputs": {
-            "dataset": ["1", 0], "trigger": "sks", "thumbnail_size": 64, "per_sheet": 48, "workers": 1}},
+        "1": {
+            "class_type": "CharForgeLoadDataset",
+            "inputs": {
+                "folder": str(server.base_dir / "input" / "photos"),
+                "name": "alice_photos",
+                "recursive": False,
+                "read_captions": True,
+                "workers": 1,
+            },
+        },
+        "2": {
+            "class_type": "CharForgeDatasetReport",
+            "inputs": {
+                "dataset": ["1", 0],
+                "trigger": "sks",
+                "thumbnail_size": 64,
+                "per_sheet": 48,
+                "workers": 1,
+            },
+        },
     }
     prompt_id = str(uuid.uuid4())
     server.post("/prompt", {"prompt": prompt, "prompt_id": prompt_id})
@@ -144,13 +184,21 @@ def page(server):
         try:
             context = browser.new_context(viewport={"width": 1440, "height": 900})
             # Only the ComfyUI server: the editor's calls elsewhere (release notes, registry) would just wait.
-            context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(origin)
-                          or not route.request.url.startswith("http") else route.abort("blockedbyclient"))
+            context.route(
+                "**/*",
+                lambda route: (
+                    route.continue_()
+                    if route.request.url.startswith(origin) or not route.request.url.startswith("http")
+                    else route.abort("blockedbyclient")
+                ),
+            )
             page = context.new_page()
             page.errors = []
             page.on("pageerror", lambda error: page.errors.append(f"{error}\n{error.stack}"))
-            page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" and "CharForge" in m.text
-                    else None)
+            page.on(
+                "console",
+                lambda m: page.errors.append(m.text) if m.type == "error" and "CharForge" in m.text else None,
+            )
             _open_editor(page, origin)
             # The frontend itself throws once while it applies its settings at start; what happens from here on
             # (the panel, its requests, the nodes it inserts) must raise nothing.
@@ -213,12 +261,34 @@ def test_the_panel_in_the_editor(server, page, shots):
     _shot(page, shots, "01_tab_opened")
 
     # A tiny training run queued from the shipped workflow shows up; its loss curve grows while it trains.
-    overrides = {"sample_steps": 2, "mixed_precision": "no", "bucket_step": 32, "min_bucket": 32,
-                 "sample_every": SAMPLE_EVERY, "checkpoint_every": SAMPLE_EVERY}
-    page.evaluate(QUEUE_WORKFLOW_JS, {"settings": {
-        "base_model": "[diffusers] tiny_sd15", "dataset_folder": "img", "trigger_word": "sks", "output_name": "alice",
-        "preset": "fast", "steps": STEPS, "learning_rate": 1e-4, "rank": 4, "resolution": 64, "seed": 0,
-        "resume": "auto", "memory_profile": "off", "overrides": json.dumps(overrides)}})
+    overrides = {
+        "sample_steps": 2,
+        "mixed_precision": "no",
+        "bucket_step": 32,
+        "min_bucket": 32,
+        "sample_every": SAMPLE_EVERY,
+        "checkpoint_every": SAMPLE_EVERY,
+    }
+    page.evaluate(
+        QUEUE_WORKFLOW_JS,
+        {
+            "settings": {
+                "base_model": "[diffusers] tiny_sd15",
+                "dataset_folder": "img",
+                "trigger_word": "sks",
+                "output_name": "alice",
+                "preset": "fast",
+                "steps": STEPS,
+                "learning_rate": 1e-4,
+                "rank": 4,
+                "resolution": 64,
+                "seed": 0,
+                "resume": "auto",
+                "memory_profile": "off",
+                "overrides": json.dumps(overrides),
+            }
+        },
+    )
     run_card = page.locator('.cf-run[data-run="alice"]')
     run_card.wait_for(timeout=120_000)
     first = _wait(lambda: (n := page.evaluate(CHART_POINTS_JS, "alice")) >= 5 and n, 180, "the first steps")
@@ -244,9 +314,15 @@ def test_the_panel_in_the_editor(server, page, shots):
     _shot(page, shots, "04_resumed")
     page.locator('.cf-run[data-run="alice"] .cf-state-completed').wait_for(timeout=600_000)
 
-    def summaries() -> list[str]:  # Train LoRA's summary of each finished prompt (the run folder is done first)
-        return [out["text"][0] for entry in server.get("/history").values()
-                for out in entry.get("outputs", {}).values() if "alice.safetensors" in (out.get("text") or [""])[0]]
+    def summaries() -> list[
+        str
+    ]:  # Train LoRA's summary of each finished prompt (the run folder is done first)
+        return [
+            out["text"][0]
+            for entry in server.get("/history").values()
+            for out in entry.get("outputs", {}).values()
+            if "alice.safetensors" in (out.get("text") or [""])[0]
+        ]
 
     texts = _wait(summaries, 60, "the resumed prompt in the history")
     assert any(f"resumed at step {stopped_at}" in text and f"{STEPS} steps" in text for text in texts), texts
@@ -268,7 +344,9 @@ def test_the_panel_in_the_editor(server, page, shots):
         return {points: widget ? Number(widget.element.dataset.points) : 0,
                 saved: node.serialize().widgets_values.length, inputs: Object.keys(output[String(node.id)].inputs)};
     }""")
-    assert on_node["points"] > 0 and on_node["saved"] == 17 and "charforge_live_loss" not in on_node["inputs"], on_node
+    assert (
+        on_node["points"] > 0 and on_node["saved"] == 17 and "charforge_live_loss" not in on_node["inputs"]
+    ), on_node
 
     # Its LoRA goes into the graph as a Load LoRA node.
     page.locator('[data-action="insert-lora"]').click()
@@ -281,8 +359,9 @@ def test_the_panel_in_the_editor(server, page, shots):
     card = page.locator('.cf-card[data-dataset="alice_photos"]')
     card.wait_for(timeout=10_000)
     assert "4 accepted · 1 rejected · 5 in all" in card.inner_text()
-    page.wait_for_function("() => [...document.querySelectorAll('.cf-sheet')].every((i) => i.naturalWidth > 0)",
-                           timeout=10_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.cf-sheet')].every((i) => i.naturalWidth > 0)", timeout=10_000
+    )
     _shot(page, shots, "06_datasets")
     card.locator('[data-action="report"]').click()
     report = page.frame_locator("iframe.cf-report")
@@ -307,8 +386,13 @@ def test_the_panel_in_the_editor(server, page, shots):
     page.wait_for_timeout(300)
     _shot(page, shots, "08_character_inserted")
     prompt_id = str(uuid.uuid4())
-    server.post("/prompt", {"prompt_id": prompt_id, "prompt": {
-        "1": node["api"], "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}})
+    server.post(
+        "/prompt",
+        {
+            "prompt_id": prompt_id,
+            "prompt": {"1": node["api"], "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}},
+        },
+    )
     entry = server.wait_history(prompt_id)
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert "sks" in json.dumps(entry["outputs"]["2"])
@@ -324,9 +408,17 @@ def test_the_editor_and_the_nodes_work_without_the_panel_scripts(server, shots):
             page = browser.new_page(viewport={"width": 1440, "height": 900})
             blocked = []
             # Playwright asks the route registered last first.
-            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server.url)
-                       or not route.request.url.startswith("http") else route.abort("blockedbyclient"))
-            page.route("**/extensions/charforge/**", lambda route: blocked.append(route.request.url) or route.abort())
+            page.route(
+                "**/*",
+                lambda route: (
+                    route.continue_()
+                    if route.request.url.startswith(server.url) or not route.request.url.startswith("http")
+                    else route.abort("blockedbyclient")
+                ),
+            )
+            page.route(
+                "**/extensions/charforge/**", lambda route: blocked.append(route.request.url) or route.abort()
+            )
             _open_editor(page, server.url)
             assert blocked, "the editor did not ask for the panel's scripts"
             assert page.locator(".charforge-tab-button").count() == 0

@@ -23,8 +23,11 @@ from cf_testing.comfyui import REPO_ROOT
 pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.slow,
-    pytest.mark.skipif(real.comfyui_dir() is None, reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-                                                           "the real-ComfyUI suite; see CONTRIBUTING.md"),
+    pytest.mark.skipif(
+        real.comfyui_dir() is None,
+        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
+        "the real-ComfyUI suite; see CONTRIBUTING.md",
+    ),
 ]
 
 PORTS = range(18500, 18550)
@@ -44,16 +47,28 @@ def test_pipeline_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch):
     monkeypatch.setenv("COMFYUI_DIR", str(comfy))
     monkeypatch.setenv("COMFYUI_PYTHON", python)
     # A ComfyUI someone runs on 8188 must not be picked up: this test starts its own.
-    monkeypatch.setattr(pipeline, "probe", lambda url, timeout=1.5: url != local.DEFAULT_LOCAL_URL and
-                        local.probe(url, timeout))
+    monkeypatch.setattr(
+        pipeline,
+        "probe",
+        lambda url, timeout=1.5: url != local.DEFAULT_LOCAL_URL and local.probe(url, timeout),
+    )
     out = tmp_path / "out"
     said: list[str] = []
 
     def options():
-        return pipeline.PipelineOptions(photos=REPO_ROOT / "samples" / "character", out=out, character="pip",
-                                        trigger="zqx", class_tokens="cartoon boy", face_check=False, tiny=True,
-                                        port=real.free_port(PORTS), install=False, progress="plain",
-                                        stage_timeout=900)
+        return pipeline.PipelineOptions(
+            photos=REPO_ROOT / "samples" / "character",
+            out=out,
+            character="pip",
+            trigger="zqx",
+            class_tokens="cartoon boy",
+            face_check=False,
+            tiny=True,
+            port=real.free_port(PORTS),
+            install=False,
+            progress="plain",
+            stage_timeout=900,
+        )
 
     state = pipeline.run_pipeline(options(), said.append)
     stages = state["stages"]
@@ -98,7 +113,10 @@ def test_pipeline_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch):
     pngs = list((out / "images").rglob("*.png"))
     assert all(p.parent == out / "images" for p in pngs)  # flat, no ComfyUI subfolders or temp/
     assert len([p for p in pngs if p.name.startswith("tiny_random_candidate_")]) == 4
-    assert any(p.name.startswith("tiny_random_best_") for p in pngs) and (out / "images" / "score_table.png").is_file()
+    assert (
+        any(p.name.startswith("tiny_random_best_") for p in pngs)
+        and (out / "images" / "score_table.png").is_file()
+    )
 
     # Video
     video = Path(stages["video"]["video"])
@@ -107,9 +125,23 @@ def test_pipeline_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch):
     assert video.suffix == ".mp4" and decoded.frame_count == 8 and (decoded.width, decoded.height) == (64, 64)
 
     # The layout README.txt and docs/pipeline.md describe; nothing else beside the ComfyUI base directory
-    assert {p.name for p in out.iterdir()} == {"README.txt", "dataset", "captions", "lora", "images", "video",
-                                               "comfyui", "pipeline_state.json"}
-    for stage in ("dataset", "captions", "lora", "images", "video"):  # comfyui/ is ComfyUI's own base directory
+    assert {p.name for p in out.iterdir()} == {
+        "README.txt",
+        "dataset",
+        "captions",
+        "lora",
+        "images",
+        "video",
+        "comfyui",
+        "pipeline_state.json",
+    }
+    for stage in (
+        "dataset",
+        "captions",
+        "lora",
+        "images",
+        "video",
+    ):  # comfyui/ is ComfyUI's own base directory
         assert not (out / stage / "temp").exists() and not (out / stage / "charforge").exists(), stage
     assert (out / "README.txt").read_text().startswith("TINY RANDOM MODELS")
 

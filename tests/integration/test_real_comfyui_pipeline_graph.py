@@ -26,8 +26,11 @@ from cf_testing.comfyui import REPO_ROOT
 pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.slow,
-    pytest.mark.skipif(real.comfyui_dir() is None, reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-                                                           "the real-ComfyUI suite; see CONTRIBUTING.md"),
+    pytest.mark.skipif(
+        real.comfyui_dir() is None,
+        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
+        "the real-ComfyUI suite; see CONTRIBUTING.md",
+    ),
 ]
 
 PORTS = range(18850, 18900)
@@ -71,11 +74,19 @@ def _tiny_prompt(refs: Path, face_pack: str) -> dict:
     only("CharForgeLoadFaceModels")["pack"] = face_pack
     only("CharForgeBuildIdentity").update(name="pip_graph", folder=str(refs))
     only("CharForgeLoadClip")["model"] = tiny.CLIP_FOLDER
-    only("CharForgeLoadVideoModel").update(base_model=f"[diffusers] {tiny.DIFFUSERS}",
-                                           motion_module=tiny.MOTION_MODULE)
+    only("CharForgeLoadVideoModel").update(
+        base_model=f"[diffusers] {tiny.DIFFUSERS}", motion_module=tiny.MOTION_MODULE
+    )
     generate = only("CharForgeGenerateVideo")
-    generate.update(prompt=f"0: photo of {TRIGGER} cartoon boy\n4: {TRIGGER} cartoon boy smiling", frames=8,
-                    width=64, height=64, steps=2, context_length=8, context_overlap=2)
+    generate.update(
+        prompt=f"0: photo of {TRIGGER} cartoon boy\n4: {TRIGGER} cartoon boy smiling",
+        frames=8,
+        width=64,
+        height=64,
+        steps=2,
+        context_length=8,
+        context_overlap=2,
+    )
     return prompt
 
 
@@ -114,8 +125,11 @@ def test_character_pipeline_graph_runs_in_one_queue(tmp_path, monkeypatch):
             editor = client.prepare(REPO_ROOT / "workflows" / "character_pipeline.json")
             assert editor.prompt == json.loads(WORKFLOW.read_text(encoding="utf-8"))
             prepared = client.prepare_run(prompt, preflight=True, upload=False)
-            result = client.run(prepared.workflow, timeout=1800,
-                                on_event=lambda e: e.type == "executing" and e.node and executed.append(e.node))
+            result = client.run(
+                prepared.workflow,
+                timeout=1800,
+                on_event=lambda e: e.type == "executing" and e.node and executed.append(e.node),
+            )
             downloads = client.download_outputs(result, out / "files", include_temp=True)
         texts = {v.node_id: "\n".join(str(t) for t in v.values.get("text") or []) for v in result.values}
         log = server.local.log_path.read_text(errors="replace")
@@ -128,8 +142,12 @@ def test_character_pipeline_graph_runs_in_one_queue(tmp_path, monkeypatch):
 
     # ComfyUI ran the training before anything that uses the LoRA (the STRING link orders them).
     (train,) = ids["CharForgeTrainLoRA"]
-    for user in ids["CharForgeLoadLoraByName"] + ids["KSampler"] + ids["CharForgeVideoLoRA"] + \
-            ids["CharForgeGenerateVideo"]:
+    for user in (
+        ids["CharForgeLoadLoraByName"]
+        + ids["KSampler"]
+        + ids["CharForgeVideoLoRA"]
+        + ids["CharForgeGenerateVideo"]
+    ):
         assert executed.index(train) < executed.index(user), executed
 
     # Dataset report and captions

@@ -25,8 +25,11 @@ from charforge.engine.video import rife
 pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.slow,
-    pytest.mark.skipif(real.comfyui_dir() is None, reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-                                                           "the real-ComfyUI suite; see CONTRIBUTING.md"),
+    pytest.mark.skipif(
+        real.comfyui_dir() is None,
+        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
+        "the real-ComfyUI suite; see CONTRIBUTING.md",
+    ),
 ]
 
 PORTS = range(18800, 18850)
@@ -38,8 +41,16 @@ def _workflow() -> dict:
         "1": {"class_type": "LoadImage", "inputs": {"image": "a.png"}},
         "2": {"class_type": "LoadImage", "inputs": {"image": "b.png"}},
         "3": {"class_type": "ImageBatch", "inputs": {"image1": ["1", 0], "image2": ["2", 0]}},
-        "4": {"class_type": "CharForgeInterpolateFrames", "inputs": {
-            "frames": ["3", 0], "multiplier": "4", "fps": 8.0, "loop": False, "interpolator": "rife49.pth"}},
+        "4": {
+            "class_type": "CharForgeInterpolateFrames",
+            "inputs": {
+                "frames": ["3", 0],
+                "multiplier": "4",
+                "fps": 8.0,
+                "loop": False,
+                "interpolator": "rife49.pth",
+            },
+        },
         "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "rife/frame"}},
     }
 
@@ -71,16 +82,24 @@ def test_interpolate_frames_with_rife_in_real_comfyui(tmp_path, monkeypatch):
     try:
         info = server.get("/object_info/CharForgeInterpolateFrames")["CharForgeInterpolateFrames"]
         assert info["input"]["optional"]["interpolator"][0] == [
-            "auto", "optical flow", "rife49.pth", "[ComfyUI-Frame-Interpolation] rife47.pth"]
+            "auto",
+            "optical flow",
+            "rife49.pth",
+            "[ComfyUI-Frame-Interpolation] rife47.pth",
+        ]
         prompt_id = str(uuid.uuid4())
-        reply = server.post("/prompt", {"prompt": _workflow(), "prompt_id": prompt_id, "client_id": "cf-rife"})
+        reply = server.post(
+            "/prompt", {"prompt": _workflow(), "prompt_id": prompt_id, "client_id": "cf-rife"}
+        )
         assert reply["node_errors"] == {}, reply
         entry = server.wait_history(prompt_id, timeout=300)
         assert entry["status"]["status_str"] == "success", (entry["status"], server.log()[-4000:])
         images = entry["outputs"]["5"]["images"]
         assert len(images) == 5
-        frames = [np.asarray(Image.open(base / "output" / i["subfolder"] / i["filename"]).convert("RGB"))
-                  for i in images]
+        frames = [
+            np.asarray(Image.open(base / "output" / i["subfolder"] / i["filename"]).convert("RGB"))
+            for i in images
+        ]
         assert all(f.shape == (SIZE, SIZE, 3) for f in frames)
         assert np.array_equal(frames[0], originals[0]) and np.array_equal(frames[4], originals[1])
         for middle in frames[1:4]:
@@ -90,4 +109,3 @@ def test_interpolate_frames_with_rife_in_real_comfyui(tmp_path, monkeypatch):
         assert "Traceback" not in log, log[-4000:]
     finally:
         server.stop()
-

@@ -26,13 +26,21 @@ from cf_testing.face_models import face_image, write_clip_folder, write_face_pac
 pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.slow,
-    pytest.mark.skipif(real.comfyui_dir() is None, reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-                                                           "the real-ComfyUI suite; see CONTRIBUTING.md"),
+    pytest.mark.skipif(
+        real.comfyui_dir() is None,
+        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
+        "the real-ComfyUI suite; see CONTRIBUTING.md",
+    ),
 ]
 PORTS = range(18550, 18600)
-SCENES = ["close-up portrait of the character, face clearly visible", "the character reads a letter",
-          "the character walks to the harbour", "the character boards a boat", "the character at sea at sunset",
-          "the character arrives on an island"]
+SCENES = [
+    "close-up portrait of the character, face clearly visible",
+    "the character reads a letter",
+    "the character walks to the harbour",
+    "the character boards a boat",
+    "the character at sea at sunset",
+    "the character arrives on an island",
+]
 
 
 def test_story_both_modes_and_ablation_in_real_comfyui(tmp_path, monkeypatch, sd15_comfy_checkpoint):
@@ -50,7 +58,9 @@ def test_story_both_modes_and_ablation_in_real_comfyui(tmp_path, monkeypatch, sd
     write_clip_folder(base / "models" / "clip_vision" / "tiny_clip")
     (base / "models" / "checkpoints").mkdir(parents=True)
     (base / "models" / "checkpoints" / "sd15_tiny.safetensors").symlink_to(sd15_comfy_checkpoint.path)
-    build_tiny_character_lora(base / "models" / "loras" / "hero.safetensors", sd15_comfy_checkpoint.unet_config)
+    build_tiny_character_lora(
+        base / "models" / "loras" / "hero.safetensors", sd15_comfy_checkpoint.unet_config
+    )
     refs = tmp_path / "refs"
     refs.mkdir()
     for seed in range(3):
@@ -65,11 +75,42 @@ def test_story_both_modes_and_ablation_in_real_comfyui(tmp_path, monkeypatch, sd
     out_dir = tmp_path / "story"
     try:
         stdout, stderr = io.StringIO(), io.StringIO()
-        code = cli.main(["story", "She sails to the island.", "--server", server.url, "--scenes", str(scenes),
-                         "--lora", "hero.safetensors:0.8", "--trigger", "ohwx woman", "--reference", str(refs),
-                         "--checkpoint", "sd15_tiny.safetensors", "--candidates", "2", "--steps", "2",
-                         "--width", "64", "--height", "64", "--sampler", "euler", "--scheduler", "normal",
-                         "--timeout", "300", "--out", str(out_dir)], stdout=stdout, stderr=stderr)
+        code = cli.main(
+            [
+                "story",
+                "She sails to the island.",
+                "--server",
+                server.url,
+                "--scenes",
+                str(scenes),
+                "--lora",
+                "hero.safetensors:0.8",
+                "--trigger",
+                "ohwx woman",
+                "--reference",
+                str(refs),
+                "--checkpoint",
+                "sd15_tiny.safetensors",
+                "--candidates",
+                "2",
+                "--steps",
+                "2",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--sampler",
+                "euler",
+                "--scheduler",
+                "normal",
+                "--timeout",
+                "300",
+                "--out",
+                str(out_dir),
+            ],
+            stdout=stdout,
+            stderr=stderr,
+        )
         assert code == 0, stderr.getvalue() + server.log()[-4000:]
         editor_outputs = _run_storyboard_workflow(server)
         log = server.log()
@@ -81,7 +122,9 @@ def test_story_both_modes_and_ablation_in_real_comfyui(tmp_path, monkeypatch, sd
         folder = out_dir / mode
         data = json.loads((folder / "metadata.json").read_text())
         assert data["mode"] == mode and len(data["frames"]) == 6
-        assert data["models"]["clip"] == "tiny_clip" and data["models"]["checkpoint"] == "sd15_tiny.safetensors"
+        assert (
+            data["models"]["clip"] == "tiny_clip" and data["models"]["checkpoint"] == "sd15_tiny.safetensors"
+        )
         for i, frame in enumerate(data["frames"]):
             assert frame["seed"] == 42 + i and frame["candidates"] == 2 and frame["text"] is not None
             # The test detector finds planted red cells only: a random frame rarely has one, and says so.
@@ -97,13 +140,18 @@ def test_story_both_modes_and_ablation_in_real_comfyui(tmp_path, monkeypatch, sd
     for row in ablation["modes"]:
         frames = json.loads((out_dir / row["mode"] / "metadata.json").read_text())["frames"]
         assert row["text_mean"] is not None and row["faces"] == sum(f["identity"] is not None for f in frames)
-    assert f"| base model without LoRA | 6 | {ablation['modes'][2]['faces']} |" in (out_dir / "ablation.md").read_text()
+    assert (
+        f"| base model without LoRA | 6 | {ablation['modes'][2]['faces']} |"
+        in (out_dir / "ablation.md").read_text()
+    )
     # The editor workflow (list fan-out through ComfyUI's own nodes, INPUT_IS_LIST selection) on the same server.
     sheet_ui = editor_outputs["13"]["images"][0]
     folder = base / "output" / sheet_ui["subfolder"]
     assert sheet_ui["filename"] == "sheet.png" and (folder / "sheet.png").is_file()
     board = json.loads((folder / "metadata.json").read_text())
-    assert [f["seed"] for f in board["frames"]] == list(range(42, 48)) and board["models"]["clip"] == "clip:tiny_clip"
+    assert [f["seed"] for f in board["frames"]] == list(range(42, 48)) and board["models"][
+        "clip"
+    ] == "clip:tiny_clip"
     assert all(f["candidates"] == 2 and f["text"] is not None for f in board["frames"])
     assert len(editor_outputs["15"]["images"]) == 12  # the preview of every candidate: 6 frames x 2
     keep = os.environ.get("CHARFORGE_KEEP_STORY")  # to look at the sheets: a folder to copy the output to
@@ -118,8 +166,15 @@ def _run_storyboard_workflow(server) -> dict:
     prompt["2"]["inputs"]["lora_name"] = "hero.safetensors"
     prompt["6"]["inputs"].update(width=64, height=64, batch_size=2)
     prompt["7"]["inputs"].update(steps=2, sampler_name="euler", scheduler="normal")
-    prompt["10"] = {"class_type": "CharForgeBuildIdentity", "inputs": {
-        "face_models": ["9", 0], "name": "hero", "save": False, "folder": "charforge_story/hero_refs"}}
+    prompt["10"] = {
+        "class_type": "CharForgeBuildIdentity",
+        "inputs": {
+            "face_models": ["9", 0],
+            "name": "hero",
+            "save": False,
+            "folder": "charforge_story/hero_refs",
+        },
+    }
     prompt["11"]["inputs"]["model"] = "tiny_clip"
     prompt_id = str(uuid.uuid4())
     reply = server.post("/prompt", {"prompt": prompt, "prompt_id": prompt_id, "client_id": "cf-story"})

@@ -6,8 +6,10 @@ import pytest
 
 from cf_testing.real_comfyui import comfyui_dir, comfyui_python
 
-pytestmark = [pytest.mark.comfyui,
-              pytest.mark.skipif(comfyui_dir() is None, reason="set COMFYUI_DIR to run the real-ComfyUI suite")]
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(comfyui_dir() is None, reason="set COMFYUI_DIR to run the real-ComfyUI suite"),
+]
 
 
 def test_real_comfyui_matches_the_recording(tmp_path):
@@ -16,6 +18,9 @@ def test_real_comfyui_matches_the_recording(tmp_path):
     comfy = comfyui_dir()
     actual = run_scenario(comfyui_python(comfy), str(comfy), tmp_path, cwd=comfy)
     expected = json.loads(RECORDED.read_text())
-    differences = {k: (actual.get(k), expected.get(k)) for k in set(actual) | set(expected)
-                   if actual.get(k) != expected.get(k)}
+    differences = {
+        k: (actual.get(k), expected.get(k))
+        for k in set(actual) | set(expected)
+        if actual.get(k) != expected.get(k)
+    }
     assert not differences, f"this ComfyUI differs from the recorded 0.3.64 behaviour: {differences}"

@@ -30,8 +30,11 @@ from cf_testing.real_comfyui import comfyui_dir, comfyui_python, pack_import_fai
 
 pytestmark = [
     pytest.mark.comfyui,
-    pytest.mark.skipif(comfyui_dir() is None, reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-                                                      "the real-ComfyUI suite; see CONTRIBUTING.md"),
+    pytest.mark.skipif(
+        comfyui_dir() is None,
+        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
+        "the real-ComfyUI suite; see CONTRIBUTING.md",
+    ),
 ]
 
 WORKFLOW = REPO_ROOT / "workflows" / "synthesize_dataset.json"
@@ -40,8 +43,11 @@ FACE = ((160, 160, 102),)
 
 
 def _hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _editor_for_test(tmp_path: Path) -> Path:
@@ -82,8 +88,18 @@ def test_shipped_synthesis_workflow_through_real_comfyui(tmp_path):
     comfy = comfyui_dir()
     base = tmp_path / "base"
     python = comfyui_python(comfy)
-    subprocess.run([sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(comfy), "--base-directory",
-                    str(base), "--no-deps"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "install.py"),
+            "--comfyui",
+            str(comfy),
+            "--base-directory",
+            str(base),
+            "--no-deps",
+        ],
+        check=True,
+    )
     models = base / "models"
     write_face_pack(models / "insightface", pack="buffalo_l")
     build_swapper_onnx(models / "insightface" / "inswapper_128.onnx", mode="identity")
@@ -93,7 +109,9 @@ def test_shipped_synthesis_workflow_through_real_comfyui(tmp_path):
     for i in range(3):
         write_rgb(photos / f"hero_{i}.png", _varied(face_image(SIZE, FACE, person=1, noise=6, seed=i), i))
     for i in range(2):
-        write_rgb(sources / f"pose_{i}.png", _varied(face_image(SIZE, FACE, person=1, noise=6, seed=50 + i), 50 + i))
+        write_rgb(
+            sources / f"pose_{i}.png", _varied(face_image(SIZE, FACE, person=1, noise=6, seed=50 + i), 50 + i)
+        )
     write_rgb(sources / "stranger.png", face_image(SIZE, FACE, person=7))
     write_rgb(sources / "empty.png", blank_image(SIZE))
     before = _hashes(sources)
@@ -116,7 +134,9 @@ def test_shipped_synthesis_workflow_through_real_comfyui(tmp_path):
         synth["inputs"]["max_share"] = 0.5
 
         prompt_id = str(uuid.uuid4())
-        reply = server.post("/prompt", {"prompt": prompt, "prompt_id": prompt_id, "client_id": "cf-synth-test"})
+        reply = server.post(
+            "/prompt", {"prompt": prompt, "prompt_id": prompt_id, "client_id": "cf-synth-test"}
+        )
         assert reply["node_errors"] == {}, reply
         entry = server.wait_history(prompt_id, timeout=600)
         assert entry["status"]["status_str"] == "success", entry["status"]
@@ -128,12 +148,18 @@ def test_shipped_synthesis_workflow_through_real_comfyui(tmp_path):
         dataset = base / "output" / "charforge" / "datasets" / "my_character"
         report = json.loads((dataset / "report" / "report.json").read_text(encoding="utf-8"))
         marked = {Path(s["source"]).name: s["status"] for s in report["synthetic"]["images"]}
-        assert marked == {"pose_0.png": "accepted", "pose_1.png": "accepted", "stranger.png": "rejected"}, marked
+        assert marked == {"pose_0.png": "accepted", "pose_1.png": "accepted", "stranger.png": "rejected"}, (
+            marked
+        )
         assert report["synthetic"]["accepted"] == 2 and report["counts"]["accepted"] == 5
         rows = {r["name"]: r for r in report["images"]}
-        stranger = next(r for r in rows.values() if r["synthetic"] and r["synthesized_from"].endswith("stranger.png"))
+        stranger = next(
+            r for r in rows.values() if r["synthetic"] and r["synthesized_from"].endswith("stranger.png")
+        )
         assert stranger["reasons"][0].startswith("identity check: similarity")
-        assert {u["name"] for u in report["upscaled"]} == {n for n, r in rows.items() if r["status"] == "accepted"}
+        assert {u["name"] for u in report["upscaled"]} == {
+            n for n, r in rows.items() if r["status"] == "accepted"
+        }
         assert all(u["factor"] == pytest.approx(1.6) for u in report["upscaled"])
         html = (dataset / "report" / "report.html").read_text(encoding="utf-8")
         assert "Synthetic and upscaled images" in html and "stranger.png" in html

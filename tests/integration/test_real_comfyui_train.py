@@ -31,8 +31,11 @@ from cf_testing.real_comfyui import comfyui_dir, comfyui_python, pack_import_fai
 pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.slow,
-    pytest.mark.skipif(comfyui_dir() is None, reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-                                                      "the real-ComfyUI suite; see CONTRIBUTING.md"),
+    pytest.mark.skipif(
+        comfyui_dir() is None,
+        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
+        "the real-ComfyUI suite; see CONTRIBUTING.md",
+    ),
 ]
 
 CLIENT = "cf-train-test"
@@ -54,8 +57,18 @@ def _port_in_range(low: int = 8700, high: int = 8799) -> int:
 def server(tmp_path, monkeypatch):
     comfy = comfyui_dir()
     base = tmp_path / "base"
-    subprocess.run([sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(comfy), "--base-directory",
-                    str(base), "--no-deps"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "install.py"),
+            "--comfyui",
+            str(comfy),
+            "--base-directory",
+            str(base),
+            "--no-deps",
+        ],
+        check=True,
+    )
     tiny = build_tiny_sd15(tmp_path / "tiny")
     shutil.copytree(tiny.diffusers_dir, base / "models" / "diffusers" / "tiny_sd15")
     folder = base / "input" / "img" / "3_sks person"
@@ -73,13 +86,33 @@ def server(tmp_path, monkeypatch):
 
 
 def _prompt() -> dict:
-    overrides = {"sample_steps": 2, "mixed_precision": "no", "bucket_step": 32, "min_bucket": 32, "sample_every": 0}
+    overrides = {
+        "sample_steps": 2,
+        "mixed_precision": "no",
+        "bucket_step": 32,
+        "min_bucket": 32,
+        "sample_every": 0,
+    }
     return {
-        "1": {"class_type": "CharForgeTrainLoRA", "inputs": {
-            "base_model": "[diffusers] tiny_sd15", "dataset_folder": "img", "trigger_word": "sks",
-            "output_name": "alice", "preset": "fast", "steps": STEPS, "learning_rate": 0.0, "rank": 4,
-            "resolution": 64, "batch_size": 1, "seed": 0, "resume": "auto", "memory_profile": "auto",
-            "overrides": json.dumps(overrides)}},
+        "1": {
+            "class_type": "CharForgeTrainLoRA",
+            "inputs": {
+                "base_model": "[diffusers] tiny_sd15",
+                "dataset_folder": "img",
+                "trigger_word": "sks",
+                "output_name": "alice",
+                "preset": "fast",
+                "steps": STEPS,
+                "learning_rate": 0.0,
+                "rank": 4,
+                "resolution": 64,
+                "batch_size": 1,
+                "seed": 0,
+                "resume": "auto",
+                "memory_profile": "auto",
+                "overrides": json.dumps(overrides),
+            },
+        },
         "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 2]}},
     }
 
@@ -94,8 +127,9 @@ async def _queue_and_watch(url: str, interrupt_at: int | None, timeout: float = 
     seen: dict[str, list] = {"progress": [], "charforge.train.progress": [], "end": []}
     async with aiohttp.ClientSession() as session, session.ws_connect(f"{url}/ws?clientId={CLIENT}") as ws:
         prompt_id = str(uuid.uuid4())
-        async with session.post(f"{url}/prompt", json={"prompt": _prompt(), "client_id": CLIENT,
-                                                         "prompt_id": prompt_id}) as response:
+        async with session.post(
+            f"{url}/prompt", json={"prompt": _prompt(), "client_id": CLIENT, "prompt_id": prompt_id}
+        ) as response:
             body = await response.json()
             assert response.status == 200 and body["node_errors"] == {}, body
         interrupted = False

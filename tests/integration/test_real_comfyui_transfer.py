@@ -25,8 +25,11 @@ pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.slow,
     pytest.mark.timeout(2700),  # two whole pipeline runs on CPU
-    pytest.mark.skipif(real.comfyui_dir() is None, reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-                                                           "the real-ComfyUI suite; see CONTRIBUTING.md"),
+    pytest.mark.skipif(
+        real.comfyui_dir() is None,
+        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
+        "the real-ComfyUI suite; see CONTRIBUTING.md",
+    ),
 ]
 
 PORTS = range(18550, 18599)
@@ -37,9 +40,19 @@ def _sha(path: Path) -> str:
 
 
 def _options(pipeline, out: Path, **kw):
-    return pipeline.PipelineOptions(photos=REPO_ROOT / "samples" / "character", out=out, character="pip",
-                                    trigger="zqx", class_tokens="cartoon boy", face_check=False, tiny=True,
-                                    install=False, progress="plain", stage_timeout=900, **kw)
+    return pipeline.PipelineOptions(
+        photos=REPO_ROOT / "samples" / "character",
+        out=out,
+        character="pip",
+        trigger="zqx",
+        class_tokens="cartoon boy",
+        face_check=False,
+        tiny=True,
+        install=False,
+        progress="plain",
+        stage_timeout=900,
+        **kw,
+    )
 
 
 def test_remote_pipeline_gives_the_local_outputs(tmp_path, monkeypatch):
@@ -49,13 +62,20 @@ def test_remote_pipeline_gives_the_local_outputs(tmp_path, monkeypatch):
 
     comfy = real.comfyui_dir()
     python = real.comfyui_python(comfy)
-    if subprocess.run([python, "-c", "import av, diffusers, peft, cv2, onnxruntime, transformers"],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            [python, "-c", "import av, diffusers, peft, cv2, onnxruntime, transformers"], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("ComfyUI's Python lacks the pack's requirements (pip install -r requirements.txt)")
     monkeypatch.setenv("COMFYUI_DIR", str(comfy))
     monkeypatch.setenv("COMFYUI_PYTHON", python)
-    monkeypatch.setattr(pipeline, "probe", lambda url, timeout=1.5: url != local.DEFAULT_LOCAL_URL and
-                        local.probe(url, timeout))
+    monkeypatch.setattr(
+        pipeline,
+        "probe",
+        lambda url, timeout=1.5: url != local.DEFAULT_LOCAL_URL and local.probe(url, timeout),
+    )
     said: list[str] = []
 
     # The remote server: its own base directory, the pack installed, no model
@@ -64,9 +84,13 @@ def test_remote_pipeline_gives_the_local_outputs(tmp_path, monkeypatch):
     server = real.start_comfyui(comfy, base, python)
     try:
         remote_out = tmp_path / "remote"
-        remote = pipeline.run_pipeline(_options(pipeline, remote_out, server=server.url, remote=True), said.append)
+        remote = pipeline.run_pipeline(
+            _options(pipeline, remote_out, server=server.url, remote=True), said.append
+        )
         said.clear()
-        again = pipeline.run_pipeline(_options(pipeline, remote_out, server=server.url, remote=True), said.append)
+        again = pipeline.run_pipeline(
+            _options(pipeline, remote_out, server=server.url, remote=True), said.append
+        )
         assert sum("finished in an earlier run, skipped" in line for line in said) == len(pipeline.STAGES)
         assert again["stages"] == remote["stages"]
     finally:
@@ -91,8 +115,9 @@ def test_remote_pipeline_gives_the_local_outputs(tmp_path, monkeypatch):
     remote_captions = {p.name: p.read_text() for p in (remote_out / "captions").glob("*.txt")}
     local_captions = {p.name: p.read_text() for p in (local_out / "captions").glob("*.txt")}
     assert remote_captions == local_captions and len(remote_captions) == r["dataset"]["accepted"]
-    assert sorted(p.name for p in (remote_out / "images").glob("*.png")) == \
-        sorted(p.name for p in (local_out / "images").glob("*.png"))
+    assert sorted(p.name for p in (remote_out / "images").glob("*.png")) == sorted(
+        p.name for p in (local_out / "images").glob("*.png")
+    )
     video = read_video(Path(r["video"]["video"]))
     assert video.frame_count == 8 and (video.width, video.height) == (64, 64)
     same_lora = _sha(lora) == _sha(Path(h["lora"]["lora_path"]))

@@ -30,25 +30,45 @@ pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.slow,
     pytest.mark.timeout(3600),
-    pytest.mark.skipif(real.comfyui_dir() is None, reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-                                                           "the real-ComfyUI suite; see CONTRIBUTING.md"),
+    pytest.mark.skipif(
+        real.comfyui_dir() is None,
+        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
+        "the real-ComfyUI suite; see CONTRIBUTING.md",
+    ),
 ]
 
 PORTS = range(18650, 18700)
 SIZE = 64
-TINY_OVERRIDES = {"sample_steps": 2, "sample_size": 64, "mixed_precision": "no", "bucket_step": 32, "min_bucket": 32}
+TINY_OVERRIDES = {
+    "sample_steps": 2,
+    "sample_size": 64,
+    "mixed_precision": "no",
+    "bucket_step": 32,
+    "min_bucket": 32,
+}
 
 
 def _base(tmp: Path, name: str, models: Path) -> Path:
     base = tmp / name
-    subprocess.run([sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(real.comfyui_dir()),
-                    "--base-directory", str(base), "--no-deps"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "install.py"),
+            "--comfyui",
+            str(real.comfyui_dir()),
+            "--base-directory",
+            str(base),
+            "--no-deps",
+        ],
+        check=True,
+    )
     shutil.copytree(models, base / "models", dirs_exist_ok=True)
     folder = base / "input" / "img" / "3_zqx person"
     folder.mkdir(parents=True)
     for i in range(3):
         Image.fromarray(face_image((SIZE, SIZE), faces=((16, 16, 128),), person=0, noise=4, seed=i)).save(
-            folder / f"p{i}.png")
+            folder / f"p{i}.png"
+        )
         (folder / f"p{i}.txt").write_text("zqx person, portrait")
     return base
 
@@ -62,13 +82,18 @@ def test_tune_four_trials_over_two_real_servers(tmp_path, monkeypatch):
 
     comfy = real.comfyui_dir()
     python = real.comfyui_python(comfy)
-    if subprocess.run([python, "-c", "import diffusers, peft, transformers"], capture_output=True).returncode != 0:
+    if (
+        subprocess.run([python, "-c", "import diffusers, peft, transformers"], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("ComfyUI's Python lacks the pack's requirements (pip install -r requirements.txt)")
     models = tiny.write_tiny_models(tmp_path / "tiny_models", parts=("sd15",))
     monkeypatch.setattr(real, "free_port", lambda ports=None: _free_port())
     # One thread each: two servers on a small machine otherwise fight over every core.
     threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    servers = [real.start_comfyui(comfy, _base(tmp_path, name, models), python, env=threads) for name in ("a", "b")]
+    servers = [
+        real.start_comfyui(comfy, _base(tmp_path, name, models), python, env=threads) for name in ("a", "b")
+    ]
     try:
         # scoring happens here, with its own tiny face pack and CLIP, and the character's reference photos
         scoring = tmp_path / "scoring_models"
@@ -79,31 +104,90 @@ def test_tune_four_trials_over_two_real_servers(tmp_path, monkeypatch):
         refs = tmp_path / "refs"
         refs.mkdir()
         for i in range(3):
-            Image.fromarray(face_image((SIZE, SIZE), faces=((16, 16, 128),), person=0, noise=4, seed=50 + i)).save(
-                refs / f"r{i}.png")
+            Image.fromarray(
+                face_image((SIZE, SIZE), faces=((16, 16, 128),), person=0, noise=4, seed=50 + i)
+            ).save(refs / f"r{i}.png")
         characters = tmp_path / "charforge" / "characters"
         characters.mkdir(parents=True)
-        (characters / "zqx.yaml").write_text(yaml.safe_dump({
-            "trigger_words": ["zqx"], "prompt": "photo of a person", "negative_prompt": "blurry",
-            "reference_photos": str(refs), "generation": {"steps": 2, "cfg": 4.0, "width": SIZE, "height": SIZE,
-                                                          "sampler": "euler", "scheduler": "normal"}}))
-        train = {"1": {"class_type": "CharForgeTrainLoRA", "inputs": {
-            "base_model": f"[diffusers] {tiny.DIFFUSERS}", "dataset_folder": "img", "trigger_word": "zqx",
-            "output_name": "zqx", "preset": "fast", "steps": 2, "learning_rate": 1e-4, "rank": 4, "resolution": 64,
-            "batch_size": 1, "seed": 0, "resume": "auto", "memory_profile": "off",
-            "overrides": json.dumps(TINY_OVERRIDES), "save_character": "", "use_preset_values": False}}}
+        (characters / "zqx.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "trigger_words": ["zqx"],
+                    "prompt": "photo of a person",
+                    "negative_prompt": "blurry",
+                    "reference_photos": str(refs),
+                    "generation": {
+                        "steps": 2,
+                        "cfg": 4.0,
+                        "width": SIZE,
+                        "height": SIZE,
+                        "sampler": "euler",
+                        "scheduler": "normal",
+                    },
+                }
+            )
+        )
+        train = {
+            "1": {
+                "class_type": "CharForgeTrainLoRA",
+                "inputs": {
+                    "base_model": f"[diffusers] {tiny.DIFFUSERS}",
+                    "dataset_folder": "img",
+                    "trigger_word": "zqx",
+                    "output_name": "zqx",
+                    "preset": "fast",
+                    "steps": 2,
+                    "learning_rate": 1e-4,
+                    "rank": 4,
+                    "resolution": 64,
+                    "batch_size": 1,
+                    "seed": 0,
+                    "resume": "auto",
+                    "memory_profile": "off",
+                    "overrides": json.dumps(TINY_OVERRIDES),
+                    "save_character": "",
+                    "use_preset_values": False,
+                },
+            }
+        }
         (tmp_path / "train.json").write_text(json.dumps(train))
         search = tmp_path / "search.yaml"
-        search.write_text(yaml.safe_dump({
-            "name": "zqx_tune", "character": "zqx", "workflow": "train.json", "fixed": {"schedule": "constant"},
-            "space": {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}, "rank": [2, 4]},
-            "budget": {"trials": 4}, "seed": 1, "pruning": {"segments": 2, "startup_trials": 1},
-            "eval": {"scenes": ["portrait", "in a garden"], "seeds": [1, 2], "checkpoint": tiny.CHECKPOINT},
-            "scoring": {"det_size": SIZE}}))
+        search.write_text(
+            yaml.safe_dump(
+                {
+                    "name": "zqx_tune",
+                    "character": "zqx",
+                    "workflow": "train.json",
+                    "fixed": {"schedule": "constant"},
+                    "space": {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}, "rank": [2, 4]},
+                    "budget": {"trials": 4},
+                    "seed": 1,
+                    "pruning": {"segments": 2, "startup_trials": 1},
+                    "eval": {
+                        "scenes": ["portrait", "in a garden"],
+                        "seeds": [1, 2],
+                        "checkpoint": tiny.CHECKPOINT,
+                    },
+                    "scoring": {"det_size": SIZE},
+                }
+            )
+        )
         out = tmp_path / "tune"
         stdout, stderr = io.StringIO(), io.StringIO()
-        argv = ["tune", str(search), "--out", str(out), "--server", servers[0].url, "--server", servers[1].url,
-                "--loras-dir", str(tmp_path / "loras"), "--timeout", "600"]
+        argv = [
+            "tune",
+            str(search),
+            "--out",
+            str(out),
+            "--server",
+            servers[0].url,
+            "--server",
+            servers[1].url,
+            "--loras-dir",
+            str(tmp_path / "loras"),
+            "--timeout",
+            "600",
+        ]
         code = cli.main(argv, stdout=stdout, stderr=stderr)
         assert code == 0, (stderr.getvalue()[-4000:], servers[0].log()[-3000:])
     finally:
@@ -114,8 +198,14 @@ def test_tune_four_trials_over_two_real_servers(tmp_path, monkeypatch):
     trials = data["trials"]
     assert len(trials) == 4 and all(t["state"] in ("complete", "pruned") for t in trials), trials
     assert len({t["server"] for t in trials}) == 2  # both servers trained
-    for name in ("report.html", "best.yaml", "report/pareto.png", "report/history.png", "report/importances.png",
-                 "report/best_grid.png"):
+    for name in (
+        "report.html",
+        "best.yaml",
+        "report/pareto.png",
+        "report/history.png",
+        "report/importances.png",
+        "report/best_grid.png",
+    ):
         assert (out / name).is_file(), name
     best = yaml.safe_load((out / "best.yaml").read_text())
     lora = Path(best["copied_to"])

@@ -28,8 +28,11 @@ from cf_testing.video_models import video_assets
 pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.slow,
-    pytest.mark.skipif(real.comfyui_dir() is None, reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-                                                           "the real-ComfyUI suite; see CONTRIBUTING.md"),
+    pytest.mark.skipif(
+        real.comfyui_dir() is None,
+        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
+        "the real-ComfyUI suite; see CONTRIBUTING.md",
+    ),
 ]
 
 FRAMES, SIZE, FPS = 8, 64, 8.0
@@ -48,22 +51,60 @@ def _port_in_project_range() -> int:
 
 def video_workflow() -> dict:
     return {
-        "1": {"class_type": "CharForgeLoadVideoModel", "inputs": {
-            "base_model": "[diffusers] tiny_sd15", "motion_module": "tiny_mm_v3.safetensors", "dtype": "auto",
-            "attention": "sdpa", "vae_slicing": True, "vae_tiling": False, "cpu_offload": False, "compile": False}},
-        "2": {"class_type": "CharForgeVideoLoRA", "inputs": {"model": ["1", 0], "lora_name": "tiny_character.safetensors",
-                                                            "strength": 0.8}},
-        "3": {"class_type": "CharForgeMotionLoRA", "inputs": {"model": ["2", 0], "motion_lora": "tiny_zoom.safetensors",
-                                                             "strength": 1.0}},
-        "4": {"class_type": "CharForgeGenerateVideo", "inputs": {
-            "model": ["3", 0], "prompt": "0: a photo of sks person\n4: sks person smiling", "negative_prompt": "blurry",
-            "frames": FRAMES, "fps": FPS, "width": SIZE, "height": SIZE, "steps": 2, "cfg": 7.5, "scheduler": "ddim",
-            "seed": 7, "context_length": 16, "context_overlap": 4}},
-        "5": {"class_type": "CharForgeInterpolateFrames", "inputs": {"frames": ["4", 0], "multiplier": "2",
-                                                                    "fps": ["4", 1], "loop": False}},
-        "6": {"class_type": "CharForgeSaveVideo", "inputs": {"frames": ["5", 0], "fps": ["5", 1], "format": "mp4",
-                                                            "filename_prefix": "video/hero", "quality": 80,
-                                                            "loop_count": 0}},
+        "1": {
+            "class_type": "CharForgeLoadVideoModel",
+            "inputs": {
+                "base_model": "[diffusers] tiny_sd15",
+                "motion_module": "tiny_mm_v3.safetensors",
+                "dtype": "auto",
+                "attention": "sdpa",
+                "vae_slicing": True,
+                "vae_tiling": False,
+                "cpu_offload": False,
+                "compile": False,
+            },
+        },
+        "2": {
+            "class_type": "CharForgeVideoLoRA",
+            "inputs": {"model": ["1", 0], "lora_name": "tiny_character.safetensors", "strength": 0.8},
+        },
+        "3": {
+            "class_type": "CharForgeMotionLoRA",
+            "inputs": {"model": ["2", 0], "motion_lora": "tiny_zoom.safetensors", "strength": 1.0},
+        },
+        "4": {
+            "class_type": "CharForgeGenerateVideo",
+            "inputs": {
+                "model": ["3", 0],
+                "prompt": "0: a photo of sks person\n4: sks person smiling",
+                "negative_prompt": "blurry",
+                "frames": FRAMES,
+                "fps": FPS,
+                "width": SIZE,
+                "height": SIZE,
+                "steps": 2,
+                "cfg": 7.5,
+                "scheduler": "ddim",
+                "seed": 7,
+                "context_length": 16,
+                "context_overlap": 4,
+            },
+        },
+        "5": {
+            "class_type": "CharForgeInterpolateFrames",
+            "inputs": {"frames": ["4", 0], "multiplier": "2", "fps": ["4", 1], "loop": False},
+        },
+        "6": {
+            "class_type": "CharForgeSaveVideo",
+            "inputs": {
+                "frames": ["5", 0],
+                "fps": ["5", 1],
+                "format": "mp4",
+                "filename_prefix": "video/hero",
+                "quality": 80,
+                "loop_count": 0,
+            },
+        },
     }
 
 
@@ -82,8 +123,11 @@ def test_video_workflow_in_real_comfyui_and_driver_download(tmp_path, monkeypatc
     (base / "custom_nodes" / "charforge").symlink_to(REPO_ROOT)
     models = base / "models"
     shutil.copytree(assets.sd15.diffusers_dir, models / "diffusers" / "tiny_sd15")
-    for folder, source in (("animatediff_models", assets.modules["v3"].original_file),
-                           ("animatediff_motion_lora", assets.motion_lora), ("loras", assets.character_lora)):
+    for folder, source in (
+        ("animatediff_models", assets.modules["v3"].original_file),
+        ("animatediff_motion_lora", assets.motion_lora),
+        ("loras", assets.character_lora),
+    ):
         (models / folder).mkdir(parents=True, exist_ok=True)
         shutil.copy(source, models / folder)
 
@@ -93,11 +137,18 @@ def test_video_workflow_in_real_comfyui_and_driver_download(tmp_path, monkeypatc
         info = server.get("/object_info")
         assert info["CharForgeGenerateVideo"]["category"] == "CharForge/Video"
         assert info["CharForgeSaveVideo"]["output_node"] is True
-        assert "tiny_mm_v3.safetensors" in info["CharForgeLoadVideoModel"]["input"]["required"]["motion_module"][0]
-        assert "[diffusers] tiny_sd15" in info["CharForgeLoadVideoModel"]["input"]["required"]["base_model"][0]
+        assert (
+            "tiny_mm_v3.safetensors"
+            in info["CharForgeLoadVideoModel"]["input"]["required"]["motion_module"][0]
+        )
+        assert (
+            "[diffusers] tiny_sd15" in info["CharForgeLoadVideoModel"]["input"]["required"]["base_model"][0]
+        )
 
         prompt_id = str(uuid.uuid4())
-        reply = server.post("/prompt", {"prompt": video_workflow(), "prompt_id": prompt_id, "client_id": "cf-video"})
+        reply = server.post(
+            "/prompt", {"prompt": video_workflow(), "prompt_id": prompt_id, "client_id": "cf-video"}
+        )
         assert reply["node_errors"] == {}, reply
         entry = server.wait_history(prompt_id, timeout=600)
         assert entry["status"]["status_str"] == "success", (entry["status"], server.log()[-4000:])
@@ -121,12 +172,33 @@ def test_video_workflow_in_real_comfyui_and_driver_download(tmp_path, monkeypatc
         workflow_file = tmp_path / "video_api.json"
         workflow_file.write_text(json.dumps(video_workflow()))
         out_dir = tmp_path / "driver_out"
-        run = subprocess.run([sys.executable, "-m", "charforge.driver.cli", "run", str(workflow_file), "--server",
-                              server.url, "--out", str(out_dir), "--set", "4.seed=8", "--progress", "plain",
-                              "--json"], capture_output=True, text=True, timeout=600)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "charforge.driver.cli",
+                "run",
+                str(workflow_file),
+                "--server",
+                server.url,
+                "--out",
+                str(out_dir),
+                "--set",
+                "4.seed=8",
+                "--progress",
+                "plain",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:], server.log()[-3000:])
         downloaded = sorted(out_dir.rglob("*.mp4"))
-        assert [p.name for p in downloaded] == ["hero_00002_.mp4"], (run.stdout[-2000:], list(out_dir.rglob("*")))
+        assert [p.name for p in downloaded] == ["hero_00002_.mp4"], (
+            run.stdout[-2000:],
+            list(out_dir.rglob("*")),
+        )
         again = read_video(downloaded[0])
         assert (again.frame_count, again.width, again.height) == (2 * FRAMES - 1, SIZE, SIZE)
         log = server.log()

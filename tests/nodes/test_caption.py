@@ -14,8 +14,16 @@ from charforge.engine.dataset import DatasetManifest
 from charforge.nodes.caption import CaptionDataset, CaptionRules
 from charforge.nodes.dataset import ExportDataset, LoadDataset
 
-RULES = {"trigger": "ohwx", "class_tokens": "woman", "template": "{trigger} {class}, {caption}", "keep_tokens": "",
-         "banned_words": "", "style_tags": "", "max_tokens": 75, "tokenizer": ""}
+RULES = {
+    "trigger": "ohwx",
+    "class_tokens": "woman",
+    "template": "{trigger} {class}, {caption}",
+    "keep_tokens": "",
+    "banned_words": "",
+    "style_tags": "",
+    "max_tokens": 75,
+    "tokenizer": "",
+}
 
 
 def _photo(path, color):
@@ -40,14 +48,25 @@ def tagger(comfy_env):
 
 
 def _load(folder, name="hero"):
-    return run_node(LoadDataset, folder=str(folder), name=name, recursive=False, read_captions=True,
-                    workers=1).result[0]
+    return run_node(
+        LoadDataset, folder=str(folder), name=name, recursive=False, read_captions=True, workers=1
+    ).result[0]
 
 
 def test_rules_node_standalone():
-    run = run_node(CaptionRules, caption="1girl, Smiling,\nsmiling, watermark", trigger="ohwx", class_tokens="woman",
-                   template="a photo of {trigger} {class}, {caption}", keep_tokens="", banned_words="watermark",
-                   style_tags="film grain", max_tokens=75, tokenizer="", deduplicate=True)
+    run = run_node(
+        CaptionRules,
+        caption="1girl, Smiling,\nsmiling, watermark",
+        trigger="ohwx",
+        class_tokens="woman",
+        template="a photo of {trigger} {class}, {caption}",
+        keep_tokens="",
+        banned_words="watermark",
+        style_tags="film grain",
+        max_tokens=75,
+        tokenizer="",
+        deduplicate=True,
+    )
     caption, tokens, report = run.result
     assert caption == "a photo of ohwx woman, 1girl, Smiling, film grain"
     assert tokens > 0 and "estimated" in report
@@ -57,13 +76,24 @@ def test_rules_node_standalone():
 def test_caption_dataset_with_wd14_skips_existing_and_writes_sidecars(comfy_env, photos, tagger):
     before = sorted(p.name for p in photos.iterdir())
     dataset = _load(photos)
-    run = run_node(CaptionDataset, node_id="9", dataset=dataset, backend="wd14", model="", mode="skip existing",
-                   batch_size=2, **RULES)
+    run = run_node(
+        CaptionDataset,
+        node_id="9",
+        dataset=dataset,
+        backend="wd14",
+        model="",
+        mode="skip existing",
+        batch_size=2,
+        **RULES,
+    )
     manifest, report = run.result
     assert isinstance(manifest, DatasetManifest)
     captions = {e.name: e.caption for e in manifest.entries}
-    assert captions == {"a.png": "ohwx woman, blue sky, ^_^", "b.png": "ohwx woman, red theme, ^_^",
-                        "c.png": "hand written caption"}
+    assert captions == {
+        "a.png": "ohwx woman, blue sky, ^_^",
+        "b.png": "ohwx woman, red theme, ^_^",
+        "c.png": "hand written caption",
+    }
     assert "captioned 2" in report and "skipped 1" in report and "tiny-tagger.onnx" in report
     for entry in manifest.entries[:2]:
         assert read_sidecar(sidecar_path(manifest, entry)) == entry.caption
@@ -73,17 +103,38 @@ def test_caption_dataset_with_wd14_skips_existing_and_writes_sidecars(comfy_env,
     assert saved.history[-1].stage == "caption" and saved.entries[0].caption == captions["a.png"]
 
     # Second run: everything is captioned already, the model is not asked again.
-    again = run_node(CaptionDataset, dataset=manifest, backend="wd14", model="tiny-tagger", mode="skip existing",
-                     batch_size=2, **RULES)
+    again = run_node(
+        CaptionDataset,
+        dataset=manifest,
+        backend="wd14",
+        model="tiny-tagger",
+        mode="skip existing",
+        batch_size=2,
+        **RULES,
+    )
     assert "captioned 0" in again.result[1] and "skipped 3" in again.result[1]
 
-    over = run_node(CaptionDataset, dataset=manifest, backend="wd14", model="tiny-tagger", mode="overwrite",
-                    batch_size=2, **RULES)
+    over = run_node(
+        CaptionDataset,
+        dataset=manifest,
+        backend="wd14",
+        model="tiny-tagger",
+        mode="overwrite",
+        batch_size=2,
+        **RULES,
+    )
     assert {e.name: e.caption for e in over.result[0].entries}["c.png"] == "ohwx woman, hero (character), ^_^"
 
     # Export takes the new captions.
-    exported = run_node(ExportDataset, dataset=over.result[0], trigger="ohwx", class_tokens="woman", repeats=5,
-                        export_name="kohya", caption_mode="caption as is")
+    exported = run_node(
+        ExportDataset,
+        dataset=over.result[0],
+        trigger="ohwx",
+        class_tokens="woman",
+        repeats=5,
+        export_name="kohya",
+        caption_mode="caption as is",
+    )
     texts = sorted(p.read_text(encoding="utf-8") for p in Path(exported.result[1]).rglob("*.txt"))
     assert "ohwx woman, blue sky, ^_^\n" in texts
 
@@ -91,17 +142,38 @@ def test_caption_dataset_with_wd14_skips_existing_and_writes_sidecars(comfy_env,
 def test_missing_tagger_names_the_folder_and_files(comfy_env, photos):
     bridge.register_model_folders()
     with pytest.raises(CaptionerError, match=r"wd14_tagger.*\.onnx.*\.csv"):
-        run_node(CaptionDataset, dataset=_load(photos), backend="wd14", model="", mode="overwrite", batch_size=2,
-                 **RULES)
+        run_node(
+            CaptionDataset,
+            dataset=_load(photos),
+            backend="wd14",
+            model="",
+            mode="overwrite",
+            batch_size=2,
+            **RULES,
+        )
 
 
 def test_caption_dataset_with_openai_endpoint_and_a_429(comfy_env, photos, monkeypatch):
     monkeypatch.setenv("CF_NODE_KEY", "sk-node-secret")
     fake = FakeEndpoint()
     try:
-        fake.script = [(429, {"error": {"message": "rate limited"}}, {"Retry-After": "0"}), "caption", "refuse"]
-        run = run_node(CaptionDataset, dataset=_load(photos), backend="openai", model="llava", mode="overwrite",
-                       batch_size=1, base_url=fake.url, api_key_env="CF_NODE_KEY", prompt="Describe.", **RULES)
+        fake.script = [
+            (429, {"error": {"message": "rate limited"}}, {"Retry-After": "0"}),
+            "caption",
+            "refuse",
+        ]
+        run = run_node(
+            CaptionDataset,
+            dataset=_load(photos),
+            backend="openai",
+            model="llava",
+            mode="overwrite",
+            batch_size=1,
+            base_url=fake.url,
+            api_key_env="CF_NODE_KEY",
+            prompt="Describe.",
+            **RULES,
+        )
     finally:
         fake.close()
     manifest, report = run.result
@@ -122,8 +194,15 @@ def test_cancel_stops_between_images_and_frees_the_model(comfy_env, photos, tagg
     dataset = _load(photos)
     comfy_env.interrupt()
     with pytest.raises(comfy_env.model_management.InterruptProcessingException):
-        run_node(CaptionDataset, dataset=dataset, backend="wd14", model="tiny-tagger", mode="overwrite",
-                 batch_size=1, **RULES)
+        run_node(
+            CaptionDataset,
+            dataset=dataset,
+            backend="wd14",
+            model="tiny-tagger",
+            mode="overwrite",
+            batch_size=1,
+            **RULES,
+        )
     assert closed == [True]
 
 
@@ -137,8 +216,18 @@ def test_tokenizer_choice_comfyui_uses_comfyuis_clip_vocabulary(no_comfy, monkey
     monkeypatch.setenv("COMFYUI_DIR", str(no_comfy / "ComfyUI"))
     folder = write_tiny_clip_tokenizer(no_comfy / "ComfyUI" / "comfy" / "sd1_tokenizer")
     assert resolve_tokenizer("ComfyUI") == str(folder)
-    run = run_node(CaptionRules, caption="a b c d e f g h", trigger="ohwx", class_tokens="", template="{caption}",
-                   keep_tokens="", banned_words="", style_tags="", max_tokens=6, tokenizer="comfyui",
-                   deduplicate=True)
+    run = run_node(
+        CaptionRules,
+        caption="a b c d e f g h",
+        trigger="ohwx",
+        class_tokens="",
+        template="{caption}",
+        keep_tokens="",
+        banned_words="",
+        style_tags="",
+        max_tokens=6,
+        tokenizer="comfyui",
+        deduplicate=True,
+    )
     caption, tokens, report = run.result
     assert caption.startswith("ohwx") and tokens <= 6 and "shortened" in report and "estimated" not in report

@@ -29,7 +29,9 @@ def photos(tmp_path):
 
 
 def test_lists_counts_and_previews(comfy_env, photos):
-    run = run_node(ListImages, node_id="5", folder=str(photos), recursive=False, max_preview=8, preview_size=64)
+    run = run_node(
+        ListImages, node_id="5", folder=str(photos), recursive=False, max_preview=8, preview_size=64
+    )
     preview, count, paths = run.result
     assert count == 3
     assert [os.path.basename(p) for p in paths.splitlines()] == ["img1.webp", "img2.jpg", "img10.png"]
@@ -68,7 +70,9 @@ def test_relative_folder_is_under_comfy_input(comfy_env):
 
 def test_empty_folder_gives_zero_and_a_black_frame(comfy_env, tmp_path):
     (tmp_path / "empty").mkdir()
-    run = run_node(ListImages, folder=str(tmp_path / "empty"), recursive=False, max_preview=2, preview_size=64)
+    run = run_node(
+        ListImages, folder=str(tmp_path / "empty"), recursive=False, max_preview=2, preview_size=64
+    )
     preview, count, paths = run.result
     assert count == 0 and paths == ""
     assert tuple(preview.shape) == (1, 64, 64, 3) and float(preview.max()) == 0.0
@@ -99,6 +103,7 @@ def test_runs_outside_comfyui(no_comfy, photos):
 
 
 # ---------------------------------------------------------------------------- Image Quality
+
 
 def _batch(*arrays):
     import numpy as np
@@ -157,5 +162,7 @@ def test_quality_without_opencv_says_what_to_install(comfy_env, monkeypatch):
     from charforge.deps import MissingDependencyError
 
     monkeypatch.setitem(sys.modules, "cv2", None)  # as if opencv were not installed
-    with pytest.raises(MissingDependencyError, match=r"opencv-python-headless.*pip install opencv-python-headless"):
+    with pytest.raises(
+        MissingDependencyError, match=r"opencv-python-headless.*pip install opencv-python-headless"
+    ):
         run_node(ImageQuality, images=_batch(_checkerboard(32, 4)), min_sharpness=60.0)

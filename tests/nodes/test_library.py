@@ -54,8 +54,14 @@ def _weight_key(state, key):
 
 
 def test_nodes_are_registered():
-    for node_id in ("CharForgeLoadCharacter", "CharForgeApplyLoraStack", "CharForgeLoraInfo", "CharForgeMergeLoras",
-                    "CharForgeResizeLora", "CharForgeConvertLora"):
+    for node_id in (
+        "CharForgeLoadCharacter",
+        "CharForgeApplyLoraStack",
+        "CharForgeLoraInfo",
+        "CharForgeMergeLoras",
+        "CharForgeResizeLora",
+        "CharForgeConvertLora",
+    ):
         assert NODE_CLASS_MAPPINGS[node_id].CATEGORY == "CharForge/Library"
 
 
@@ -68,9 +74,16 @@ def test_apply_lora_stack_patches_with_comfyui_and_injects_trigger_words(env):
     write(b, env.loras / "style.safetensors", "comfyui")
     model, clip = _patchers(a)
     assert "style.safetensors" in nodes.ApplyLoraStack.INPUT_TYPES()["optional"]["lora_1"][0]
-    run = run_node(nodes.ApplyLoraStack, model=model, clip=clip, inject_trigger_words=True,
-                   loras=[("alice.safetensors", 0.8, 0.5)], prompt="in a park",
-                   lora_1="style.safetensors", strength_1=-0.4)
+    run = run_node(
+        nodes.ApplyLoraStack,
+        model=model,
+        clip=clip,
+        inject_trigger_words=True,
+        loras=[("alice.safetensors", 0.8, 0.5)],
+        prompt="in a park",
+        lora_1="style.safetensors",
+        strength_1=-0.4,
+    )
     new_model, new_clip, prompt, report = run.result
     assert new_model is not model and not model.patches  # ComfyUI clones; the input stays unpatched
     assert prompt == "alice_cf, film grain, in a park"
@@ -90,8 +103,14 @@ def test_apply_lora_stack_reports_keys_comfyui_did_not_load(env, caplog):
     write(a, env.loras / "a.safetensors")
     model, _ = _patchers(a)
     with caplog.at_level(logging.WARNING):
-        run = run_node(nodes.ApplyLoraStack, model=model, clip=None, inject_trigger_words=False,
-                       lora_1="a.safetensors", strength_1=1.0)
+        run = run_node(
+            nodes.ApplyLoraStack,
+            model=model,
+            clip=None,
+            inject_trigger_words=False,
+            lora_1="a.safetensors",
+            strength_1=1.0,
+        )
     report = run.result[3]
     te_keys = sum(1 for m in a.modules.values() if m.component != "unet")
     assert f"{3 * te_keys} key(s) NOT loaded" in report and "lora_te" in report
@@ -107,10 +126,16 @@ def test_load_character_outputs(env):
 
     identity = identity_from_embeddings("alice", "buffalo_l", [("a.png", np.ones(512, np.float32), 1)])
     save_identity(identity)
-    preset = Character(name="alice", trigger_words=["alice_cf"], prompt="photo of a woman",
-                       negative_prompt="blurry", identity="alice", threshold=0.4,
-                       loras=[CharacterLora("alice.safetensors", 0.8, 0.6)],
-                       generation=GenerationParams(steps=12, cfg=5.0, width=512, height=768))
+    preset = Character(
+        name="alice",
+        trigger_words=["alice_cf"],
+        prompt="photo of a woman",
+        negative_prompt="blurry",
+        identity="alice",
+        threshold=0.4,
+        loras=[CharacterLora("alice.safetensors", 0.8, 0.6)],
+        generation=GenerationParams(steps=12, cfg=5.0, width=512, height=768),
+    )
     chars.save_character(preset)
     assert nodes.LoadCharacter.INPUT_TYPES()["required"]["character"][0] == ["alice"]
     run = run_node(nodes.LoadCharacter, character="alice", extra_prompt="at the beach", lora_weight_scale=0.5)
@@ -132,10 +157,26 @@ def test_info_merge_resize_convert_nodes_write_new_files(env):
     info = run_node(nodes.LoraInfo, lora="a.safetensors")
     assert info.result[1] == "zk" and info.result[2] == "sd15" and "kohya" in info.ui["text"][0]
 
-    first = run_node(nodes.MergeLoras, lora_1="a.safetensors", weight_1=0.5, lora_2="b.safetensors", weight_2=0.5,
-                     rank=0, output_name="ab", format="comfyui")
-    second = run_node(nodes.MergeLoras, lora_1="a.safetensors", weight_1=0.5, lora_2="b.safetensors", weight_2=0.5,
-                      rank=2, output_name="ab", format="kohya")
+    first = run_node(
+        nodes.MergeLoras,
+        lora_1="a.safetensors",
+        weight_1=0.5,
+        lora_2="b.safetensors",
+        weight_2=0.5,
+        rank=0,
+        output_name="ab",
+        format="comfyui",
+    )
+    second = run_node(
+        nodes.MergeLoras,
+        lora_1="a.safetensors",
+        weight_1=0.5,
+        lora_2="b.safetensors",
+        weight_2=0.5,
+        rank=2,
+        output_name="ab",
+        format="kohya",
+    )
     assert (first.result[0], second.result[0]) == ("ab.safetensors", "ab_2.safetensors")  # never overwritten
     assert "energy kept" in second.result[1]
     merged = formats.read_state(env.loras / "ab.safetensors")
@@ -164,8 +205,14 @@ def test_load_lora_by_name_takes_a_linked_string_and_patches_with_comfyui(env):
     a = random_state("sdxl", seed=6)
     write(a, env.loras / "hero.safetensors", "kohya")
     model, clip = _patchers(a)
-    run = run_node(nodes.LoadLoraByName, model=model, clip=clip, lora_name="hero.safetensors", strength_model=0.7,
-                   strength_clip=0.3)
+    run = run_node(
+        nodes.LoadLoraByName,
+        model=model,
+        clip=clip,
+        lora_name="hero.safetensors",
+        strength_model=0.7,
+        strength_clip=0.3,
+    )
     new_model, new_clip, report = run.result
     assert report == "hero.safetensors: model 0.7, clip 0.3" and run.ui["text"] == [report]
     assert new_model is not model and not model.patches
@@ -173,12 +220,16 @@ def test_load_lora_by_name_takes_a_linked_string_and_patches_with_comfyui(env):
     for key in a.modules:
         weight_key = _weight_key(a, key)
         patcher, original, strength = (new_model, model, 0.7) if key[0] == "unet" else (new_clip, clip, 0.3)
-        torch.testing.assert_close(patcher.patched_weight(weight_key),
-                                   original.weights[weight_key] + strength * deltas[key].float(),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            patcher.patched_weight(weight_key),
+            original.weights[weight_key] + strength * deltas[key].float(),
+            rtol=1e-4,
+            atol=1e-4,
+        )
     # Train LoRA's output is "<name>.safetensors"; the extension may also be left out.
-    again = run_node(nodes.LoadLoraByName, model=model, clip=None, lora_name="hero", strength_model=1.0,
-                     strength_clip=0.0).result[2]
+    again = run_node(
+        nodes.LoadLoraByName, model=model, clip=None, lora_name="hero", strength_model=1.0, strength_clip=0.0
+    ).result[2]
     assert again.startswith("hero.safetensors: model 1, clip 0")
 
 
@@ -186,17 +237,41 @@ def test_load_lora_by_name_reports_unloaded_keys_and_missing_files(env):
     a = random_state("sdxl", seed=7)
     write(a, env.loras / "a.safetensors")
     model, _ = _patchers(a)
-    report = run_node(nodes.LoadLoraByName, model=model, clip=None, lora_name="a.safetensors", strength_model=1.0,
-                      strength_clip=1.0).result[2]
+    report = run_node(
+        nodes.LoadLoraByName,
+        model=model,
+        clip=None,
+        lora_name="a.safetensors",
+        strength_model=1.0,
+        strength_clip=1.0,
+    ).result[2]
     te_keys = sum(1 for m in a.modules.values() if m.component != "unet")
     assert f"{3 * te_keys} key(s) NOT loaded" in report
-    with pytest.raises(bridge.ModelNotFoundError, match=r"'missing' is not in the loras folder.*found: a\.safetensors"):
-        run_node(nodes.LoadLoraByName, model=model, clip=None, lora_name="missing", strength_model=1.0,
-                 strength_clip=1.0)
+    with pytest.raises(
+        bridge.ModelNotFoundError, match=r"'missing' is not in the loras folder.*found: a\.safetensors"
+    ):
+        run_node(
+            nodes.LoadLoraByName,
+            model=model,
+            clip=None,
+            lora_name="missing",
+            strength_model=1.0,
+            strength_clip=1.0,
+        )
     for bad in ("", "../a.safetensors", "/etc/a.safetensors"):
         with pytest.raises(ValueError):
-            run_node(nodes.LoadLoraByName, model=model, clip=None, lora_name=bad, strength_model=1.0,
-                     strength_clip=1.0)
-    assert nodes.LoadLoraByName.IS_CHANGED(lora_name="a.safetensors") == \
-        (env.loras / "a.safetensors").stat().st_mtime
-    assert nodes.LoadLoraByName.IS_CHANGED() == ""  # linked: ComfyUI passes nothing, the source keys the cache
+            run_node(
+                nodes.LoadLoraByName,
+                model=model,
+                clip=None,
+                lora_name=bad,
+                strength_model=1.0,
+                strength_clip=1.0,
+            )
+    assert (
+        nodes.LoadLoraByName.IS_CHANGED(lora_name="a.safetensors")
+        == (env.loras / "a.safetensors").stat().st_mtime
+    )
+    assert (
+        nodes.LoadLoraByName.IS_CHANGED() == ""
+    )  # linked: ComfyUI passes nothing, the source keys the cache

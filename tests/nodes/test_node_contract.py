@@ -32,7 +32,9 @@ def test_declaration(node_id, cls):
     assert cls.__doc__ and cls.__doc__.strip()
     assert isinstance(cls.RETURN_TYPES, tuple)
     for out_type in cls.RETURN_TYPES:
-        assert out_type in KNOWN_TYPES, f"output type {out_type!r} is neither a ComfyUI type nor in CUSTOM_TYPES"
+        assert out_type in KNOWN_TYPES, (
+            f"output type {out_type!r} is neither a ComfyUI type nor in CUSTOM_TYPES"
+        )
     if hasattr(cls, "RETURN_NAMES"):
         assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
     if hasattr(cls, "OUTPUT_TOOLTIPS"):
@@ -40,7 +42,9 @@ def test_declaration(node_id, cls):
     if hasattr(cls, "OUTPUT_IS_LIST"):
         assert len(cls.OUTPUT_IS_LIST) == len(cls.RETURN_TYPES)
     if not cls.RETURN_TYPES:
-        assert getattr(cls, "OUTPUT_NODE", False), "a node without outputs must be an OUTPUT_NODE or it never runs"
+        assert getattr(cls, "OUTPUT_NODE", False), (
+            "a node without outputs must be an OUTPUT_NODE or it never runs"
+        )
 
     declared = _inputs(cls)
     for section in ("required", "optional"):
@@ -59,9 +63,16 @@ def test_declaration(node_id, cls):
     for name in list(declared.get("optional", {})) + list(declared.get("hidden", {})):
         # ComfyUI omits unconnected optional inputs: the function needs a default for them.
         if name in params:
-            assert params[name].default is not inspect.Parameter.empty, f"optional input {name!r} needs a default"
-    required = {n for n, p in params.items() if n != "self" and p.default is inspect.Parameter.empty
-                and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+            assert params[name].default is not inspect.Parameter.empty, (
+                f"optional input {name!r} needs a default"
+            )
+    required = {
+        n
+        for n, p in params.items()
+        if n != "self"
+        and p.default is inspect.Parameter.empty
+        and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
     assert required <= set(declared.get("required", {})), f"function requires undeclared {required}"
 
     info = node_info(node_id, cls, NODE_DISPLAY_NAME_MAPPINGS[node_id])

@@ -25,33 +25,59 @@ def pack(comfy_env):
     assert panel.register_routes()
     folder = RunFolder.create(runs_directory(), "alice")
     folder.update_status(state="cancelled", step=3, total_steps=10, loss=0.2, state_step=3)
-    folder.write_config({"config": {"steps": 10, "lora": {"rank": 4}}, "arch": "sd15", "base_model": "/m/tiny",
-                         "trigger_word": "sks", "dataset": {"images": 2}})
+    folder.write_config(
+        {
+            "config": {"steps": 10, "lora": {"rank": 4}},
+            "arch": "sd15",
+            "base_model": "/m/tiny",
+            "trigger_word": "sks",
+            "dataset": {"images": 2},
+        }
+    )
     folder.append_metrics([MetricsRow(s, 1.0 / s, 1e-4, 2.0, 0, s * 0.5) for s in (1, 2, 3)])
     folder.state_path.write_bytes(b"state")
     folder.samples_dir.mkdir()
     for name in ("step_000002_0.png", "step_000002_1.png", "step_000003_0.png"):
         (folder.samples_dir / name).write_bytes(b"\x89PNG sample")
     folder.loss_curve_path.write_bytes(b"\x89PNG loss")
-    folder.write_origin({"prompt": {"1": {"class_type": "CharForgeTrainLoRA",
-                                          "inputs": {"output_name": "alice", "resume": "never"}},
-                                    "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 2]}}},
-                         "prompt_id": "p-1", "workflow": {"nodes": []}})
+    folder.write_origin(
+        {
+            "prompt": {
+                "1": {
+                    "class_type": "CharForgeTrainLoRA",
+                    "inputs": {"output_name": "alice", "resume": "never"},
+                },
+                "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 2]}},
+            },
+            "prompt_id": "p-1",
+            "workflow": {"nodes": []},
+        }
+    )
 
     datasets = Path(panel.datasets_directory())
     report = datasets / "alice" / "report"
     report.mkdir(parents=True)
     (datasets / "alice" / "manifest.json").write_text("{}")
-    (report / "report.json").write_text(json.dumps({
-        "counts": {"images": 5, "accepted": 4, "rejected": 1}, "rejection_reasons": {"too small": 1},
-        "captions": {"coverage": 1.0}, "trigger": {"word": "sks"}, "contact_sheets": ["contact_sheet_001.png"]}))
+    (report / "report.json").write_text(
+        json.dumps(
+            {
+                "counts": {"images": 5, "accepted": 4, "rejected": 1},
+                "rejection_reasons": {"too small": 1},
+                "captions": {"coverage": 1.0},
+                "trigger": {"word": "sks"},
+                "contact_sheets": ["contact_sheet_001.png"],
+            }
+        )
+    )
     (report / "report.html").write_text("<html>report</html>")
     (report / "contact_sheet_001.png").write_bytes(b"\x89PNG sheet")
 
     characters = comfy_env.base_dir / "models" / "charforge" / "characters"
     characters.mkdir(parents=True)
-    (characters / "alice.yaml").write_text("name: alice\ntrigger_words: [sks]\nloras:\n  - {name: alice.safetensors, "
-                                           "weight: 0.8}\nthreshold: 0.35\n")
+    (characters / "alice.yaml").write_text(
+        "name: alice\ntrigger_words: [sks]\nloras:\n  - {name: alice.safetensors, "
+        "weight: 0.8}\nthreshold: 0.35\n"
+    )
     (characters / "broken.yaml").write_text("name: [not a name\n")
 
     (comfy_env.base_dir / "secret.txt").write_text(SECRET)
@@ -72,7 +98,9 @@ def _request(env, method: str, path: str, body: dict | None = None, raw: bool = 
         async with TestClient(TestServer(app)) as client:
             url = str(client.make_url("")).rstrip("/") + path
             # raw: sent byte for byte (no client-side ".." folding), as a hostile client would
-            response = await client.session.request(method, yarl.URL(url, encoded=True) if raw else url, json=body)
+            response = await client.session.request(
+                method, yarl.URL(url, encoded=True) if raw else url, json=body
+            )
             return response.status, await response.read(), response.headers.get("Content-Type", "")
 
     return asyncio.run(go())
@@ -101,11 +129,18 @@ def test_panel_routes_are_a_no_op_outside_comfyui(no_comfy):
 def test_run_details(pack):
     status, run = get_json(pack, "/charforge/runs/alice")
     assert status == 200
-    assert (run["name"], run["state"], run["step"], run["total_steps"], run["resumable"]) == \
-        ("alice", "cancelled", 3, 10, True)
+    assert (run["name"], run["state"], run["step"], run["total_steps"], run["resumable"]) == (
+        "alice",
+        "cancelled",
+        3,
+        10,
+        True,
+    )
     assert [m["step"] for m in run["metrics"]] == [1, 2, 3] and run["metrics"][1]["loss"] == 0.5
-    assert run["samples"] == [{"step": 2, "files": ["samples/step_000002_0.png", "samples/step_000002_1.png"]},
-                              {"step": 3, "files": ["samples/step_000003_0.png"]}]
+    assert run["samples"] == [
+        {"step": 2, "files": ["samples/step_000002_0.png", "samples/step_000002_1.png"]},
+        {"step": 3, "files": ["samples/step_000003_0.png"]},
+    ]
     assert run["loss_curve"] == "loss.png" and run["can_queue_again"] and run["prompt_id"] == "p-1"
     assert (run["arch"], run["base_model"], run["trigger_word"], run["rank"]) == ("sd15", "tiny", "sks", 4)
     assert "prompt" not in run  # the origin's prompt stays on the server
@@ -120,25 +155,28 @@ def test_run_files_are_served(pack):
     assert (status, data) == (200, b"\x89PNG loss")
 
 
-@pytest.mark.parametrize("path", [
-    "/charforge/runs/alice/files/../../../secret.png",
-    "/charforge/runs/alice/files/..%2F..%2F..%2Fsecret.png",
-    "/charforge/runs/alice/files/%2e%2e/%2e%2e/%2e%2e/secret.png",
-    "/charforge/runs/alice/files/samples%2F..%2F..%2F..%2F..%2Fsecret.png",
-    "/charforge/runs/alice/files/..%5C..%5C..%5Csecret.png",
-    "/charforge/runs/alice/files/%2Fetc%2Fpasswd",
-    "/charforge/runs/alice/files//etc/passwd",
-    "/charforge/runs/..%2F..%2F..%2F/files/secret.png",
-    "/charforge/runs/%2e%2e/files/secret.png",
-    "/charforge/runs/alice/files/status.json",  # inside, but not an image the panel shows
-    "/charforge/runs/alice/files/state.pt",
-    "/charforge/runs/alice/files/samples/missing.png",
-    "/charforge/runs/alice/files/samples%00.png",
-    "/charforge/datasets/alice/files/../../../../secret.txt",
-    "/charforge/datasets/alice/files/report%2F..%2F..%2F..%2F..%2F..%2Fsecret.png",
-    "/charforge/datasets/..%2F..%2F..%2F/files/secret.png",
-    "/charforge/datasets/alice/files/manifest.json%00.png",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/charforge/runs/alice/files/../../../secret.png",
+        "/charforge/runs/alice/files/..%2F..%2F..%2Fsecret.png",
+        "/charforge/runs/alice/files/%2e%2e/%2e%2e/%2e%2e/secret.png",
+        "/charforge/runs/alice/files/samples%2F..%2F..%2F..%2F..%2Fsecret.png",
+        "/charforge/runs/alice/files/..%5C..%5C..%5Csecret.png",
+        "/charforge/runs/alice/files/%2Fetc%2Fpasswd",
+        "/charforge/runs/alice/files//etc/passwd",
+        "/charforge/runs/..%2F..%2F..%2F/files/secret.png",
+        "/charforge/runs/%2e%2e/files/secret.png",
+        "/charforge/runs/alice/files/status.json",  # inside, but not an image the panel shows
+        "/charforge/runs/alice/files/state.pt",
+        "/charforge/runs/alice/files/samples/missing.png",
+        "/charforge/runs/alice/files/samples%00.png",
+        "/charforge/datasets/alice/files/../../../../secret.txt",
+        "/charforge/datasets/alice/files/report%2F..%2F..%2F..%2F..%2F..%2Fsecret.png",
+        "/charforge/datasets/..%2F..%2F..%2F/files/secret.png",
+        "/charforge/datasets/alice/files/manifest.json%00.png",
+    ],
+)
 def test_traversal_is_refused(pack, path):
     for raw in (False, True):
         status, data, _ = _request(pack, "GET", path, raw=raw)
@@ -157,10 +195,15 @@ def test_links_out_of_the_folders_are_refused(pack, tmp_path):
     run = Path(runs_directory()) / "alice"
     os.symlink(pack.base_dir / "secret.png", run / "samples" / "step_000009_0.png")
     os.symlink(outside, Path(runs_directory()) / "linked")
-    os.symlink(pack.base_dir / "secret.png", Path(panel.datasets_directory()) / "alice" / "report" / "sheet.png")
-    for path in ("/charforge/runs/alice/files/samples/step_000009_0.png", "/charforge/runs/linked",
-                 "/charforge/runs/linked/files/samples/step_000001_0.png",
-                 "/charforge/datasets/alice/files/report/sheet.png"):
+    os.symlink(
+        pack.base_dir / "secret.png", Path(panel.datasets_directory()) / "alice" / "report" / "sheet.png"
+    )
+    for path in (
+        "/charforge/runs/alice/files/samples/step_000009_0.png",
+        "/charforge/runs/linked",
+        "/charforge/runs/linked/files/samples/step_000001_0.png",
+        "/charforge/datasets/alice/files/report/sheet.png",
+    ):
         status, data, _ = _request(pack, "GET", path)
         assert status == 404 and SECRET.encode() not in data, path
 
@@ -170,12 +213,26 @@ def test_safe_file_rules(tmp_path):
 
     (tmp_path / "run" / "samples").mkdir(parents=True)
     (tmp_path / "run" / "samples" / "a.png").write_bytes(b"x")
-    assert safe_file(tmp_path, "run", "samples/a.png", {".png": "image/png"}) == (tmp_path / "run/samples/a.png").resolve()
+    assert (
+        safe_file(tmp_path, "run", "samples/a.png", {".png": "image/png"})
+        == (tmp_path / "run/samples/a.png").resolve()
+    )
     assert safe_file(tmp_path, "run") == (tmp_path / "run").resolve()
-    for name, relative in [("..", ""), (".", ""), ("run/..", ""), ("run\\x", ""), ("", ""), (".hidden", ""),
-                           ("run", "../run/samples/a.png"), ("run", "samples/../samples/a.png"),
-                           ("run", "/samples/a.png"), ("run", "samples\\a.png"), ("run", "samples//a.png"),
-                           ("run", "samples/a.png\x00"), ("run", str(tmp_path / "run/samples/a.png"))]:
+    for name, relative in [
+        ("..", ""),
+        (".", ""),
+        ("run/..", ""),
+        ("run\\x", ""),
+        ("", ""),
+        (".hidden", ""),
+        ("run", "../run/samples/a.png"),
+        ("run", "samples/../samples/a.png"),
+        ("run", "/samples/a.png"),
+        ("run", "samples\\a.png"),
+        ("run", "samples//a.png"),
+        ("run", "samples/a.png\x00"),
+        ("run", str(tmp_path / "run/samples/a.png")),
+    ]:
         assert safe_file(tmp_path, name, relative, {".png": "image/png"}) is None, (name, relative)
     assert safe_file(tmp_path, "run", "samples/a.png", {".jpg": "image/jpeg"}) is None
 
@@ -236,7 +293,9 @@ def test_resume_queues_the_runs_prompt_again_through_comfyui(pack, monkeypatch):
     assert status == 200 and body == {"queued": "alice", "prompt_id": "p-2"}
     [(prompt, client_id, workflow)] = queued
     assert prompt["1"]["inputs"] == {"output_name": "alice", "resume": "auto"} and client_id == "browser-1"
-    assert prompt["2"] == {"class_type": "PreviewImage", "inputs": {"images": ["1", 2]}} and workflow == {"nodes": []}
+    assert prompt["2"] == {"class_type": "PreviewImage", "inputs": {"images": ["1", 2]}} and workflow == {
+        "nodes": []
+    }
 
     folder = RunFolder(Path(runs_directory()) / "alice")
     folder.update_status(state="completed")
@@ -258,4 +317,8 @@ def test_resume_reports_comfyuis_refusal(pack, monkeypatch):
 
     monkeypatch.setattr(bridge, "queue_prompt", refuse)
     status, body = get_json(pack, "/charforge/runs/alice/resume", "POST")
-    assert status == 400 and "failed validation" in body["error"] and body["node_errors"] == {"1": {"errors": ["x"]}}
+    assert (
+        status == 400
+        and "failed validation" in body["error"]
+        and body["node_errors"] == {"1": {"errors": ["x"]}}
+    )

@@ -34,10 +34,23 @@ def setup(comfy_env, tiny_sd15):
 
 
 INPUTS = {
-    "base_model": "[diffusers] tiny_sd15", "dataset_folder": "img", "trigger_word": "sks", "output_name": "alice",
-    "preset": "fast", "steps": 2, "learning_rate": 0.0, "rank": 4, "resolution": 64, "batch_size": 1, "seed": 0,
-    "resume": "auto", "memory_profile": "off", "use_preset_values": False,
-    "overrides": json.dumps({"sample_steps": 1, "mixed_precision": "no", "bucket_step": 32, "min_bucket": 32}),
+    "base_model": "[diffusers] tiny_sd15",
+    "dataset_folder": "img",
+    "trigger_word": "sks",
+    "output_name": "alice",
+    "preset": "fast",
+    "steps": 2,
+    "learning_rate": 0.0,
+    "rank": 4,
+    "resolution": 64,
+    "batch_size": 1,
+    "seed": 0,
+    "resume": "auto",
+    "memory_profile": "off",
+    "use_preset_values": False,
+    "overrides": json.dumps(
+        {"sample_steps": 1, "mixed_precision": "no", "bucket_step": 32, "min_bucket": 32}
+    ),
 }
 
 

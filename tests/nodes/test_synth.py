@@ -61,7 +61,9 @@ def batch(*images):
 
 def test_loaders_list_the_swapper_and_restorers_of_their_folders(comfy):
     swappers = LoadFaceSwapper.INPUT_TYPES()["required"]["swapper"][0]
-    assert swappers == ["inswapper_128.onnx"]  # the face packs below models/insightface/models are not swappers
+    assert swappers == [
+        "inswapper_128.onnx"
+    ]  # the face packs below models/insightface/models are not swappers
     assert LoadFaceRestorer.INPUT_TYPES()["required"]["model"][0] == ["RestoreFormer-tiny.pth"]
     (swapper,) = run_node(LoadFaceSwapper, swapper="inswapper_128.onnx", provider="CPU").result
     (restorer,) = run_node(LoadFaceRestorer, model="RestoreFormer-tiny.pth").result
@@ -70,18 +72,35 @@ def test_loaders_list_the_swapper_and_restorers_of_their_folders(comfy):
 
 def test_swap_and_restore_faces_on_a_batch(comfy):
     (face_models,) = run_node(LoadFaceModels, pack="buffalo_l", det_size=320, provider="CPU").result
-    identity, *_ = run_node(BuildIdentity, face_models=face_models, name="hero", save=False,
-                            images=batch(face_image(SIZE, FACE, person=1))).result
+    identity, *_ = run_node(
+        BuildIdentity,
+        face_models=face_models,
+        name="hero",
+        save=False,
+        images=batch(face_image(SIZE, FACE, person=1)),
+    ).result
     (swapper,) = run_node(LoadFaceSwapper, swapper="inswapper_128.onnx", provider="CPU").result
-    images, swapped, report = run_node(SwapFace, images=batch(face_image(SIZE, FACE, person=2), blank_image(SIZE)),
-                                       face_models=face_models, swapper=swapper, identity=identity,
-                                       which="main").result
+    images, swapped, report = run_node(
+        SwapFace,
+        images=batch(face_image(SIZE, FACE, person=2), blank_image(SIZE)),
+        face_models=face_models,
+        swapper=swapper,
+        identity=identity,
+        which="main",
+    ).result
     assert images.shape == (2, 320, 320, 3) and swapped == 1
     assert "image 1: 0 face(s), 0 swapped" in report
     assert torch.equal(images[1], batch(blank_image(SIZE))[0])  # no face: passed through
     (restorer,) = run_node(LoadFaceRestorer, model="RestoreFormer-tiny.pth").result
-    restored, faces = run_node(RestoreFaces, images=batch(face_image(SIZE, FACE, person=2)), face_models=face_models,
-                               restorer=restorer, which="all", blend=1.0, fidelity=0.5).result
+    restored, faces = run_node(
+        RestoreFaces,
+        images=batch(face_image(SIZE, FACE, person=2)),
+        face_models=face_models,
+        restorer=restorer,
+        which="all",
+        blend=1.0,
+        fidelity=0.5,
+    ).result
     assert faces == 1 and restored.shape == (1, 320, 320, 3)
 
 
@@ -96,29 +115,56 @@ def test_synthesize_crop_with_comfys_upscale_model_and_report(comfy, tmp_path, s
         write_rgb(sources / f"pose_{i}.png", face_image(SIZE, FACE, person=1, noise=6, seed=30 + i))
     write_rgb(sources / "stranger.png", face_image(SIZE, FACE, person=7))
     (face_models,) = run_node(LoadFaceModels, pack="buffalo_l", det_size=320, provider="CPU").result
-    identity, *_ = run_node(BuildIdentity, face_models=face_models, name="hero", save=False, folder=str(photos)).result
+    identity, *_ = run_node(
+        BuildIdentity, face_models=face_models, name="hero", save=False, folder=str(photos)
+    ).result
     (swapper,) = run_node(LoadFaceSwapper, swapper="inswapper_128.onnx", provider="CPU").result
-    dataset, *_ = run_node(LoadDataset, folder=str(photos), name="hero", recursive=False, read_captions=True,
-                           workers=1).result
-    out = run_node(SynthesizeDataset, dataset=dataset, sources=str(sources), face_models=face_models,
-                   swapper=swapper, identity=identity, which="main", threshold=0.0, max_share=0.5)
+    dataset, *_ = run_node(
+        LoadDataset, folder=str(photos), name="hero", recursive=False, read_captions=True, workers=1
+    ).result
+    out = run_node(
+        SynthesizeDataset,
+        dataset=dataset,
+        sources=str(sources),
+        face_models=face_models,
+        swapper=swapper,
+        identity=identity,
+        which="main",
+        threshold=0.0,
+        max_share=0.5,
+    )
     manifest, summary, preview = out.result
     assert "3 synthetic image(s) from 3 source(s): 2 accepted" in summary
     assert preview.shape == (2, 320, 320, 3)
-    assert any(p.node_id == "1" and p.value == p.total == 3 for p in comfy.progress)  # progress on the node's bar
+    assert any(
+        p.node_id == "1" and p.value == p.total == 3 for p in comfy.progress
+    )  # progress on the node's bar
     # ComfyUI's Load Upscale Model hands over a spandrel descriptor: Crop uses it for the small photos.
     upscale_model = ModelLoader().load_from_file(str(synth_files["upscaler"]))
-    cropped, crop_summary = run_node(CropDataset, dataset=manifest, buckets="sd15", mode="face", headroom=0.15,
-                                     square=True, upscale=False, format="png", workers=1,
-                                     upscale_model=upscale_model).result
+    cropped, crop_summary = run_node(
+        CropDataset,
+        dataset=manifest,
+        buckets="sd15",
+        mode="face",
+        headroom=0.15,
+        square=True,
+        upscale=False,
+        format="png",
+        workers=1,
+        upscale_model=upscale_model,
+    ).result
     assert "upscaled with ESRGAN x4" in crop_summary
     assert all(e.upscaled == pytest.approx(1.6) for e in cropped.accepted)
-    sheet, html_path, text = run_node(DatasetReport, dataset=cropped, trigger="", thumbnail_size=96, per_sheet=48,
-                                      workers=1).result
+    sheet, html_path, text = run_node(
+        DatasetReport, dataset=cropped, trigger="", thumbnail_size=96, per_sheet=48, workers=1
+    ).result
     report = json.loads((Path(cropped.folder) / "report" / "report.json").read_text(encoding="utf-8"))
     assert report["synthetic"]["accepted"] == 2 and report["synthetic"]["rejected"] == 1
-    assert {Path(s["source"]).name for s in report["synthetic"]["images"]} == {"pose_0.png", "pose_1.png",
-                                                                                "stranger.png"}
+    assert {Path(s["source"]).name for s in report["synthetic"]["images"]} == {
+        "pose_0.png",
+        "pose_1.png",
+        "stranger.png",
+    }
     assert "synthetic from" in Path(html_path).read_text(encoding="utf-8")
 
 
@@ -127,12 +173,24 @@ def test_synthesize_stops_on_cancel(comfy, tmp_path):
     write_rgb(photos / "hero.png", face_image(SIZE, FACE, person=1))
     write_rgb(sources / "pose.png", face_image(SIZE, FACE, person=1))
     (face_models,) = run_node(LoadFaceModels, pack="buffalo_l", det_size=320, provider="CPU").result
-    identity, *_ = run_node(BuildIdentity, face_models=face_models, name="hero", save=False, folder=str(photos)).result
+    identity, *_ = run_node(
+        BuildIdentity, face_models=face_models, name="hero", save=False, folder=str(photos)
+    ).result
     (swapper,) = run_node(LoadFaceSwapper, swapper="inswapper_128.onnx", provider="CPU").result
-    dataset, *_ = run_node(LoadDataset, folder=str(photos), name="hero", recursive=False, read_captions=True,
-                           workers=1).result
+    dataset, *_ = run_node(
+        LoadDataset, folder=str(photos), name="hero", recursive=False, read_captions=True, workers=1
+    ).result
     comfy.interrupt()
     with pytest.raises(Cancelled):
-        run_node(SynthesizeDataset, dataset=dataset, sources=str(sources), face_models=face_models, swapper=swapper,
-                 identity=identity, which="main", threshold=0.0, max_share=0.5)
+        run_node(
+            SynthesizeDataset,
+            dataset=dataset,
+            sources=str(sources),
+            face_models=face_models,
+            swapper=swapper,
+            identity=identity,
+            which="main",
+            threshold=0.0,
+            max_share=0.5,
+        )
     assert not (Path(dataset.folder) / "synthetic").exists()

@@ -38,10 +38,22 @@ def setup(comfy_env, tiny_sd15):
 
 def _inputs(**overrides):
     inputs = {
-        "base_model": "[diffusers] tiny_sd15", "dataset_folder": "img", "trigger_word": "sks",
-        "output_name": "alice", "preset": "fast", "steps": 4, "learning_rate": 0.0, "rank": 4, "resolution": 64,
-        "batch_size": 1, "seed": 0, "resume": "auto", "memory_profile": "off",
-        "overrides": json.dumps({"sample_steps": 2, "mixed_precision": "no", "bucket_step": 32, "min_bucket": 32}),
+        "base_model": "[diffusers] tiny_sd15",
+        "dataset_folder": "img",
+        "trigger_word": "sks",
+        "output_name": "alice",
+        "preset": "fast",
+        "steps": 4,
+        "learning_rate": 0.0,
+        "rank": 4,
+        "resolution": 64,
+        "batch_size": 1,
+        "seed": 0,
+        "resume": "auto",
+        "memory_profile": "off",
+        "overrides": json.dumps(
+            {"sample_steps": 2, "mixed_precision": "no", "bucket_step": 32, "min_bucket": 32}
+        ),
     }
     inputs.update(overrides)
     return inputs
@@ -81,7 +93,9 @@ def test_node_trains_reports_progress_and_interrupts_then_resumes(setup):
     assert [c.value for c in setup.progress] == [3, 4]
     assert loss_curve.shape == (1, 384, 768, 3) and samples.shape == (1, 64, 64, 3)
     assert "resumed at step 2" in out.ui["text"][0]
-    assert {"filename": "loss.png", "subfolder": "charforge/train_runs/alice", "type": "output"} in out.ui["images"]
+    assert {"filename": "loss.png", "subfolder": "charforge/train_runs/alice", "type": "output"} in out.ui[
+        "images"
+    ]
     events = [data for event, data, _ in setup.server.messages if event == "charforge.train.progress"]
     assert events and events[-1]["phase"] == "done" and all(e["run"] == "alice" for e in events)
     assert any(e.get("phase") == "training" and "eta_seconds" in e for e in events)
@@ -93,10 +107,14 @@ def test_node_takes_a_dataset_manifest(setup):
     from charforge.nodes.train import TrainLoRA
 
     folder = Path(bridge.input_directory()) / "img" / "3_sks person"
-    entries = [manifest_module.ImageEntry(id=p.stem, source=str(p), file=str(p), caption="sks person")
-               for p in sorted(folder.glob("*.png"))]
+    entries = [
+        manifest_module.ImageEntry(id=p.stem, source=str(p), file=str(p), caption="sks person")
+        for p in sorted(folder.glob("*.png"))
+    ]
     manifest = manifest_module.DatasetManifest(name="ds", folder=str(folder.parent), entries=entries)
-    out = run_node(TrainLoRA, **_inputs(dataset=manifest, dataset_folder="", output_name="from manifest", steps=1))
+    out = run_node(
+        TrainLoRA, **_inputs(dataset=manifest, dataset_folder="", output_name="from manifest", steps=1)
+    )
     assert out.result[0] == "from_manifest.safetensors"
 
 

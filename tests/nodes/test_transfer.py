@@ -46,14 +46,26 @@ def _put(server, dataset: str, name: str, body: bytes, *, size=None, sha=None, o
     from urllib.parse import quote
 
     path = name if raw else quote(name, safe="/")
-    url = (f"{server.url}/charforge/transfer/inputs/{dataset if raw else quote(dataset)}/files/{path}?size={len(body) if size is None else size}"
-           f"&sha256={sha or hashlib.sha256(body).hexdigest()}&offset={offset}")
+    url = (
+        f"{server.url}/charforge/transfer/inputs/{dataset if raw else quote(dataset)}/files/{path}?size={len(body) if size is None else size}"
+        f"&sha256={sha or hashlib.sha256(body).hexdigest()}&offset={offset}"
+    )
     status, body, _ = _call(url, "PUT", body)
     return status, json.loads(body or b"null")
 
 
-@pytest.mark.parametrize("name", ["../escape.png", "a/../../escape.png", "/abs.png", "a\\b.png", ".hidden.png",
-                                  "sub/.uploads/x.png", "%2e%2e/escape.png"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../escape.png",
+        "a/../../escape.png",
+        "/abs.png",
+        "a\\b.png",
+        ".hidden.png",
+        "sub/.uploads/x.png",
+        "%2e%2e/escape.png",
+    ],
+)
 def test_upload_names_outside_the_folder_are_refused(server, name):
     status, answer = _put(server, "pip", name, PNG, raw=name.startswith("%"))
     assert status in (400, 403, 404), (name, status, answer)
@@ -67,7 +79,7 @@ def test_upload_refuses_types_sizes_and_bad_bytes(server, monkeypatch):
     assert _put(server, "pip", "fake.png", b"not a png")[0] == 415  # complete, but not a PNG
     status, answer = _put(server, "pip", "a.png", PNG, sha="0" * 64)
     assert status == 422 and "sha256" in answer["error"]
-    assert _put(server, "pip", "huge.png", PNG[:4], size=10 ** 12)[0] == 413
+    assert _put(server, "pip", "huge.png", PNG[:4], size=10**12)[0] == 413
     assert _put(server, "bad%20name!", "a.png", PNG, raw=True)[0] == 400
     monkeypatch.setattr(transfer, "MAX_CHUNK", 16)
     assert _put(server, "pip", "a.png", PNG)[0] == 413  # the body is larger than one chunk may be
@@ -90,14 +102,25 @@ def test_outputs_served_only_from_charforges_folder_with_range(server):
     base = f"{server.url}/charforge/transfer/outputs"
     status, body, _ = _call(f"{base}/index/train_runs/alice")
     index = json.loads(body)
-    assert status == 200 and sorted(index["files"]) == ["train_runs/alice/alice.safetensors",
-                                                         "train_runs/alice/loss.png"]
+    assert status == 200 and sorted(index["files"]) == [
+        "train_runs/alice/alice.safetensors",
+        "train_runs/alice/loss.png",
+    ]
     lora = index["files"]["train_runs/alice/alice.safetensors"]
     assert lora["sha256"] == hashlib.sha256(b"lora" * 1000).hexdigest()
-    status, body, _ = _call(f"{base}/files/train_runs/alice/alice.safetensors", headers={"Range": "bytes=3996-"})
+    status, body, _ = _call(
+        f"{base}/files/train_runs/alice/alice.safetensors", headers={"Range": "bytes=3996-"}
+    )
     assert status == 206 and body == b"lora"
-    for path in ("files/train_runs/alice/out/secret.txt", "files/../secret.txt", "files/train_runs/alice/.hidden",
-                 "files/%2e%2e/secret.txt", "index/train_runs/alice/out", "files//etc/passwd", "index/.."):
+    for path in (
+        "files/train_runs/alice/out/secret.txt",
+        "files/../secret.txt",
+        "files/train_runs/alice/.hidden",
+        "files/%2e%2e/secret.txt",
+        "index/train_runs/alice/out",
+        "files//etc/passwd",
+        "index/..",
+    ):
         status, body, _ = _call(f"{base}/{path}")
         assert status in (400, 403, 404), path
         assert b"not for you" not in body
@@ -139,18 +162,31 @@ def test_server_downloads_a_model_resumed_and_checked(server, tmp_path):
         target = server.root / "models" / "checkpoints" / "tiny.safetensors"
         target.parent.mkdir(parents=True, exist_ok=True)
         Path(str(target) + ".part").write_bytes(data[:30_000])  # an earlier attempt that stopped
-        entry = {"name": "tiny.safetensors", "kind": "checkpoints", "url": host.url("tiny.safetensors"),
-                 "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        status, body, _ = _call(f"{server.url}/charforge/transfer/models/download", "POST",
-                                json.dumps({"models": [entry]}).encode(), {"Content-Type": "application/json"})
+        entry = {
+            "name": "tiny.safetensors",
+            "kind": "checkpoints",
+            "url": host.url("tiny.safetensors"),
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        status, body, _ = _call(
+            f"{server.url}/charforge/transfer/models/download",
+            "POST",
+            json.dumps({"models": [entry]}).encode(),
+            {"Content-Type": "application/json"},
+        )
         assert status == 202
         assert _wait_downloads(server, "checkpoints/tiny.safetensors")["state"] == "done"
         assert target.read_bytes() == data
         assert host.requests == [("/tiny.safetensors", "bytes=30000-")]
 
         wrong = dict(entry, name="wrong.safetensors", sha256="1" * 64)
-        _call(f"{server.url}/charforge/transfer/models/download", "POST", json.dumps({"models": [wrong]}).encode(),
-              {"Content-Type": "application/json"})
+        _call(
+            f"{server.url}/charforge/transfer/models/download",
+            "POST",
+            json.dumps({"models": [wrong]}).encode(),
+            {"Content-Type": "application/json"},
+        )
         state = _wait_downloads(server, "checkpoints/wrong.safetensors")
         assert state["state"] == "failed" and "sha256" in state["error"]
         assert not list(target.parent.glob("wrong.safetensors*"))

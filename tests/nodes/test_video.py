@@ -37,7 +37,9 @@ def comfy(comfy_env, assets):
     shutil.copytree(assets.sd15.diffusers_dir, models / "diffusers" / "tiny_sd15")
     (models / "animatediff_models").mkdir(parents=True)
     shutil.copy(assets.modules["v3"].original_file, models / "animatediff_models")
-    shutil.copytree(assets.modules["v2"].diffusers_dir, models / "animatediff_models" / "tiny_mm_v2_diffusers")
+    shutil.copytree(
+        assets.modules["v2"].diffusers_dir, models / "animatediff_models" / "tiny_mm_v2_diffusers"
+    )
     (models / "animatediff_motion_lora").mkdir()
     shutil.copy(assets.motion_lora, models / "animatediff_motion_lora")
     (models / "loras").mkdir(exist_ok=True)
@@ -45,8 +47,14 @@ def comfy(comfy_env, assets):
     yield comfy_env
 
 
-OPTIONS = {"dtype": "auto", "attention": "sdpa", "vae_slicing": True, "vae_tiling": False, "cpu_offload": False,
-           "compile": False}
+OPTIONS = {
+    "dtype": "auto",
+    "attention": "sdpa",
+    "vae_slicing": True,
+    "vae_tiling": False,
+    "cpu_offload": False,
+    "compile": False,
+}
 
 
 def test_node_constants_match_the_engine():
@@ -65,20 +73,37 @@ def test_model_choices_list_files_and_diffusers_folders(comfy):
 
 
 def test_user_flow_model_loras_generate_interpolate_save(comfy):
-    loaded = run_node(LoadVideoModel, base_model="[diffusers] tiny_sd15", motion_module="tiny_mm_v3.safetensors",
-                      **OPTIONS)
+    loaded = run_node(
+        LoadVideoModel, base_model="[diffusers] tiny_sd15", motion_module="tiny_mm_v3.safetensors", **OPTIONS
+    )
     model, info = loaded.result
     assert "AnimateDiff v3 (SD1.5), original layout" in info and "on cpu" in info
     model = run_node(VideoLoRA, model=model, lora_name="tiny_character.safetensors", strength=0.8).result[0]
     model = run_node(MotionLoRA, model=model, motion_lora="tiny_zoom.safetensors", strength=1.0).result[0]
     assert len(model.loras) == 1 and len(model.motion_loras) == 1
 
-    generated = run_node(GenerateVideo, node_id="7", model=model, prompt="0: a photo\n4: sks person",
-                         negative_prompt="blurry", frames=8, fps=8.0, width=64, height=64, steps=2, cfg=7.5,
-                         scheduler="ddim", seed=5, context_length=16, context_overlap=4)
+    generated = run_node(
+        GenerateVideo,
+        node_id="7",
+        model=model,
+        prompt="0: a photo\n4: sks person",
+        negative_prompt="blurry",
+        frames=8,
+        fps=8.0,
+        width=64,
+        height=64,
+        steps=2,
+        cfg=7.5,
+        scheduler="ddim",
+        seed=5,
+        context_length=16,
+        context_overlap=4,
+    )
     frames, fps, report = generated.result
     assert frames.shape == (8, 64, 64, 3) and fps == 8.0
-    assert "LoRA tiny_character.safetensors x0.8" in report and "motion LoRA tiny_zoom.safetensors x1" in report
+    assert (
+        "LoRA tiny_character.safetensors x0.8" in report and "motion LoRA tiny_zoom.safetensors x1" in report
+    )
     assert "frame 4: sks person" in report
     node_progress = [p for p in comfy.progress if p.node_id == "7"]
     assert [p.value for p in node_progress] == [1, 2, 3] and node_progress[-1].total == 3
@@ -86,8 +111,16 @@ def test_user_flow_model_loras_generate_interpolate_save(comfy):
     doubled, fps2 = run_node(InterpolateFrames, frames=frames, multiplier="2", fps=fps, loop=False).result
     assert doubled.shape == (15, 64, 64, 3) and fps2 == 16.0
 
-    saved = run_node(SaveVideo, frames=doubled, fps=fps2, format="mp4", filename_prefix="video/hero", quality=80,
-                     loop_count=0, prompt={"1": {"class_type": "CharForgeGenerateVideo"}})
+    saved = run_node(
+        SaveVideo,
+        frames=doubled,
+        fps=fps2,
+        format="mp4",
+        filename_prefix="video/hero",
+        quality=80,
+        loop_count=0,
+        prompt={"1": {"class_type": "CharForgeGenerateVideo"}},
+    )
     entry = {"filename": "hero_00001_.mp4", "subfolder": "video", "type": "output"}
     assert saved.ui == {"images": [entry], "animated": [True]}
     path = comfy.base_dir / "output" / "video" / "hero_00001_.mp4"
@@ -95,18 +128,43 @@ def test_user_flow_model_loras_generate_interpolate_save(comfy):
     decoded = read_video(path)
     assert (decoded.frame_count, decoded.width, decoded.height, decoded.fps) == (15, 64, 64, 16.0)
     assert "CharForgeGenerateVideo" in decoded.metadata.get("comment", "")
-    again = run_node(SaveVideo, frames=frames, fps=8.0, format="webp", filename_prefix="video/hero", quality=80,
-                     loop_count=0)
+    again = run_node(
+        SaveVideo,
+        frames=frames,
+        fps=8.0,
+        format="webp",
+        filename_prefix="video/hero",
+        quality=80,
+        loop_count=0,
+    )
     assert again.ui["images"][0]["filename"] == "hero_00002_.webp"  # one counter across formats
 
 
 def test_diffusers_motion_folder_and_cancel(comfy):
-    model = run_node(LoadVideoModel, base_model="[diffusers] tiny_sd15",
-                     motion_module="[diffusers] tiny_mm_v2_diffusers", **OPTIONS).result[0]
+    model = run_node(
+        LoadVideoModel,
+        base_model="[diffusers] tiny_sd15",
+        motion_module="[diffusers] tiny_mm_v2_diffusers",
+        **OPTIONS,
+    ).result[0]
     comfy.interrupt()
     with pytest.raises(comfy.model_management.InterruptProcessingException):
-        run_node(GenerateVideo, model=model, prompt="a photo", negative_prompt="", frames=8, fps=8.0, width=64,
-                 height=64, steps=3, cfg=7.5, scheduler="ddim", seed=1, context_length=16, context_overlap=4)
+        run_node(
+            GenerateVideo,
+            model=model,
+            prompt="a photo",
+            negative_prompt="",
+            frames=8,
+            fps=8.0,
+            width=64,
+            height=64,
+            steps=3,
+            cfg=7.5,
+            scheduler="ddim",
+            seed=1,
+            context_length=16,
+            context_overlap=4,
+        )
     assert comfy.progress == []
 
 
@@ -124,12 +182,19 @@ def test_video_lora_takes_a_linked_lora_name_from_training(comfy):
 
     spec = VideoLoRA.INPUT_TYPES()
     assert list(spec["required"]) == ["model", "lora_name", "strength"]
-    assert spec["optional"]["lora_name_from"][0] == "STRING" and spec["optional"]["lora_name_from"][1]["forceInput"]
+    assert (
+        spec["optional"]["lora_name_from"][0] == "STRING"
+        and spec["optional"]["lora_name_from"][1]["forceInput"]
+    )
     model = VideoModelSpec(base="base", motion_module="mm")
-    linked = run_node(VideoLoRA, model=model, lora_name="(none)", strength=0.6,
-                      lora_name_from="tiny_character").result[0]
+    linked = run_node(
+        VideoLoRA, model=model, lora_name="(none)", strength=0.6, lora_name_from="tiny_character"
+    ).result[0]
     path = comfy.base_dir / "models" / "loras" / "tiny_character.safetensors"
     assert [(Path(r.path), r.strength) for r in linked.loras] == [(path, 0.6)]
-    assert run_node(VideoLoRA, model=model, lora_name="(none)", strength=1.0, lora_name_from="").result[0] is model
+    assert (
+        run_node(VideoLoRA, model=model, lora_name="(none)", strength=1.0, lora_name_from="").result[0]
+        is model
+    )
     with pytest.raises(bridge.ModelNotFoundError, match="not in the loras folder"):
         run_node(VideoLoRA, model=model, lora_name="(none)", strength=1.0, lora_name_from="other.safetensors")

@@ -19,8 +19,18 @@ ROOTS = {
     "charforge.recipes": REPO_ROOT / "recipes",
 }
 # ComfyUI's own top-level modules: only the bridge may import them.
-COMFYUI_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "server", "execution",
-                   "nodes", "latent_preview", "node_helpers"}
+COMFYUI_MODULES = {
+    "comfy",
+    "comfy_api",
+    "comfy_extras",
+    "comfy_execution",
+    "folder_paths",
+    "server",
+    "execution",
+    "nodes",
+    "latent_preview",
+    "node_helpers",
+}
 HEAVY = {"torch", "numpy"}
 
 
@@ -109,24 +119,40 @@ def _assert_none(found: list[str]) -> None:
 
 
 def test_the_scan_sees_every_part():
-    for part in ("charforge.bridge", "charforge.engine", "charforge.nodes", "charforge.common", "charforge.driver",
-                 "charforge.recipes"):
+    for part in (
+        "charforge.bridge",
+        "charforge.engine",
+        "charforge.nodes",
+        "charforge.common",
+        "charforge.driver",
+        "charforge.recipes",
+    ):
         assert any(_under(name, part) for name in MODULES), part
     # ...and lazy imports: the bridge reaches ComfyUI only through importlib.
     assert {"folder_paths", "comfy.utils"} <= {target for target, _ in imports("charforge.bridge")}
 
 
 def test_engine_never_imports_the_driver_or_recipes():
-    _assert_none(_violations("charforge.engine", lambda target, _: _under(target, "charforge.driver",
-                                                                          "charforge.recipes")))
+    _assert_none(
+        _violations(
+            "charforge.engine", lambda target, _: _under(target, "charforge.driver", "charforge.recipes")
+        )
+    )
 
 
 def test_driver_never_imports_the_pack_recipes_or_torch():
     """The driver talks to servers only: it runs where neither torch nor the node pack's packages are."""
-    pack = ("charforge.engine", "charforge.nodes", "charforge.bridge", "charforge.pack", "charforge.deps",
-            "charforge.catalogue")
-    _assert_none(_violations("charforge.driver", lambda target, _: _under(target, *pack, "charforge.recipes",
-                                                                          *HEAVY)))
+    pack = (
+        "charforge.engine",
+        "charforge.nodes",
+        "charforge.bridge",
+        "charforge.pack",
+        "charforge.deps",
+        "charforge.catalogue",
+    )
+    _assert_none(
+        _violations("charforge.driver", lambda target, _: _under(target, *pack, "charforge.recipes", *HEAVY))
+    )
 
 
 def test_only_the_bridge_imports_comfyui():
@@ -145,14 +171,21 @@ def test_common_imports_nothing_of_ours_and_nothing_heavy():
 
 def test_recipes_never_reach_into_comfyui_or_the_node_adapters():
     """Recipes use the driver, the engine and common; the adapters and the bridge belong to ComfyUI's process."""
-    _assert_none(_violations("charforge.recipes", lambda target, _: _under(target, "charforge.nodes",
-                                                                           "charforge.bridge", "charforge.pack")))
+    _assert_none(
+        _violations(
+            "charforge.recipes",
+            lambda target, _: _under(target, "charforge.nodes", "charforge.bridge", "charforge.pack"),
+        )
+    )
 
 
 def import_cycles(part: str) -> list[list[str]]:
     """Import cycles between the modules under `part` (each as the modules on it, first repeated at the end)."""
-    graph = {name: sorted({t for t, _ in imports(name) if t in MODULES and _under(t, part) and t != name})
-             for name in MODULES if _under(name, part)}
+    graph = {
+        name: sorted({t for t, _ in imports(name) if t in MODULES and _under(t, part) and t != name})
+        for name in MODULES
+        if _under(name, part)
+    }
     cycles: list[list[str]] = []
     # Tarjan's strongly connected components: every component of more than one module holds a cycle.
     index: dict[str, int] = {}

@@ -8,6 +8,7 @@ from charforge import bridge
 
 # ---------------------------------------------------------------------------- inside ComfyUI
 
+
 def test_detects_comfyui(comfy_env):
     assert bridge.in_comfyui()
 
@@ -55,7 +56,11 @@ def test_progress_goes_through_comfy_progress_bar(comfy_env):
     progress.advance()
     progress.advance(2)
     progress.progress(10)  # clamped to total, as ComfyUI does
-    assert [(c.value, c.total, c.node_id) for c in comfy_env.progress] == [(1, 4, "7"), (3, 4, "7"), (4, 4, "7")]
+    assert [(c.value, c.total, c.node_id) for c in comfy_env.progress] == [
+        (1, 4, "7"),
+        (3, 4, "7"),
+        (4, 4, "7"),
+    ]
     assert [m[0] for m in comfy_env.server.messages] == ["progress"] * 3
 
 
@@ -89,6 +94,7 @@ def test_directories_are_comfyuis(comfy_env):
 
 
 # ---------------------------------------------------------------------------- plain Python
+
 
 def test_fallback_model_folders_from_environment(no_comfy, monkeypatch):
     models = no_comfy / "models"
@@ -200,8 +206,12 @@ def test_model_folders_holding_a_marker_file(no_comfy, monkeypatch):
         (root / "diffusers" / name / "model_index.json").write_text("{}")
     (root / "diffusers" / "no_marker").mkdir()
     assert bridge.model_dirs("diffusers", "model_index.json") == ["a", "group/b"]  # one or two levels down
-    assert bridge.model_dirs("diffusers", "model_index.json", lambda marker: marker.parent.name == "b") == ["group/b"]
-    assert bridge.find_model_dir("diffusers", "group/b", "model_index.json") == str(root / "diffusers" / "group" / "b")
+    assert bridge.model_dirs("diffusers", "model_index.json", lambda marker: marker.parent.name == "b") == [
+        "group/b"
+    ]
+    assert bridge.find_model_dir("diffusers", "group/b", "model_index.json") == str(
+        root / "diffusers" / "group" / "b"
+    )
     with pytest.raises(bridge.ModelNotFoundError, match="diffusers model 'no_marker' not found"):
         bridge.find_model_dir("diffusers", "no_marker", "model_index.json", what="diffusers model")
     assert bridge.first_model_folder("loras") == root / "loras"

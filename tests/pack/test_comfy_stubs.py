@@ -16,6 +16,9 @@ from cf_testing.stub_record import RECORDED, run_scenario
 def test_stand_ins_match_recorded_comfyui(tmp_path):
     expected = json.loads(RECORDED.read_text())
     actual = run_scenario(sys.executable, str(STUBS_DIR), tmp_path)
-    differences = {k: (actual.get(k), expected.get(k)) for k in set(actual) | set(expected)
-                   if actual.get(k) != expected.get(k)}
+    differences = {
+        k: (actual.get(k), expected.get(k))
+        for k in set(actual) | set(expected)
+        if actual.get(k) != expected.get(k)
+    }
     assert not differences, f"stand-in vs ComfyUI 0.3.64: {differences}"

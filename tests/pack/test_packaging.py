@@ -34,8 +34,11 @@ def test_every_package_folder_is_packaged():
         for init in (REPO_ROOT / folder).rglob("__init__.py"):
             rel = init.parent.relative_to(REPO_ROOT / folder).parts
             sub = ".".join((name, *rel)) if rel else name
-            if not any(sub.startswith(other + ".") or sub == other for other in mapping if other != name
-                       and other.startswith(name + ".")):
+            if not any(
+                sub.startswith(other + ".") or sub == other
+                for other in mapping
+                if other != name and other.startswith(name + ".")
+            ):
                 found.add(sub)
     assert found == declared
 
@@ -65,7 +68,7 @@ def test_registry_icon_is_shipped():
     url = PYPROJECT["tool"]["comfy"]["Icon"]
     prefix = "https://raw.githubusercontent.com/charforge/charforge/main/"
     assert url.startswith(prefix)
-    icon = REPO_ROOT / url[len(prefix):]
+    icon = REPO_ROOT / url[len(prefix) :]
     assert icon.is_file(), f"{icon} is missing (python docs/make_icon.py)"
     with Image.open(icon) as image:
         assert image.format == "PNG" and image.width == image.height and 64 <= image.width <= 400
@@ -100,7 +103,9 @@ def test_install_copy_keeps_what_comfyui_needs_and_backs_up(tmp_path):
     subprocess.run(args, check=True, capture_output=True)
     target = comfy / "custom_nodes" / "charforge"
     assert not target.is_symlink()
-    assert (target / "__init__.py").exists() and (target / "custom_nodes" / "charforge" / "bridge.py").exists()
+    assert (target / "__init__.py").exists() and (
+        target / "custom_nodes" / "charforge" / "bridge.py"
+    ).exists()
     assert not (target / ".git").exists() and not (target / ".venv").exists()
     subprocess.run(args, check=True, capture_output=True)  # update in place
     assert (comfy / "custom_nodes" / "charforge.old.disabled").exists()
@@ -122,11 +127,22 @@ def _checkout_after_demo(tmp_path):
     (pack / "__pycache__" / "pack.cpython-311.pyc").write_bytes(b"0")
     (repo / "workflows" / "api").mkdir(parents=True)
     (repo / "workflows" / "object_info").mkdir()
-    for rel in ("workflows/dataset_prep.json", "workflows/dataset_prep.jpg", "workflows/api/dataset_prep.json",
-                "workflows/layout.py", "workflows/object_info/builtin.json", "LICENSE"):
+    for rel in (
+        "workflows/dataset_prep.json",
+        "workflows/dataset_prep.jpg",
+        "workflows/api/dataset_prep.json",
+        "workflows/layout.py",
+        "workflows/object_info/builtin.json",
+        "LICENSE",
+    ):
         (repo / rel).write_text("x")
-    for rel in ("out/comfyui/output/charforge/big.png", ".venv/lib/site.py", "tests/test_x.py",
-                "charforge.egg-info/PKG-INFO", "docs/pipeline.md"):
+    for rel in (
+        "out/comfyui/output/charforge/big.png",
+        ".venv/lib/site.py",
+        "tests/test_x.py",
+        "charforge.egg-info/PKG-INFO",
+        "docs/pipeline.md",
+    ):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_text("x")
     (repo / "out" / "comfyui" / "custom_nodes").mkdir(parents=True)
@@ -143,17 +159,30 @@ def test_install_copy_copies_only_the_pack_never_through_links(tmp_path):
     repo = _checkout_after_demo(tmp_path)
     comfy = _fake_comfyui(tmp_path)
     started = time.monotonic()
-    result = subprocess.run([sys.executable, str(repo / "install.py"), "--comfyui", str(comfy), "--no-deps",
-                             "--copy"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(repo / "install.py"), "--comfyui", str(comfy), "--no-deps", "--copy"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert time.monotonic() - started < 30
     target = comfy / "custom_nodes" / "charforge"
     copied = sorted(str(p.relative_to(target)) for p in target.rglob("*") if not p.is_dir())
-    assert copied == ["LICENSE", "README.md", "__init__.py", "custom_nodes/charforge/__init__.py",
-                      "custom_nodes/charforge/engine/train/configs/sd15/unet.json",
-                      "custom_nodes/charforge/pack.py", "install.py", "pyproject.toml", "requirements.txt",
-                      "workflows/api/dataset_prep.json", "workflows/dataset_prep.jpg",
-                      "workflows/dataset_prep.json"]
+    assert copied == [
+        "LICENSE",
+        "README.md",
+        "__init__.py",
+        "custom_nodes/charforge/__init__.py",
+        "custom_nodes/charforge/engine/train/configs/sd15/unet.json",
+        "custom_nodes/charforge/pack.py",
+        "install.py",
+        "pyproject.toml",
+        "requirements.txt",
+        "workflows/api/dataset_prep.json",
+        "workflows/dataset_prep.jpg",
+        "workflows/dataset_prep.json",
+    ]
     assert not any(p.is_symlink() for p in target.rglob("*"))
     assert "12 files" in result.stdout
 
@@ -162,8 +191,15 @@ def test_install_copy_of_this_checkout_is_the_allow_list():
     files = install.pack_files(REPO_ROOT)
     assert {Path("__init__.py"), Path("requirements.txt"), Path("install.py")} <= set(files)
     assert Path("custom_nodes/charforge/pack.py") in files
-    assert {p.parts[0] for p in files} <= {"__init__.py", "install.py", "requirements.txt", "pyproject.toml",
-                                           "README.md", "custom_nodes", "workflows"}
+    assert {p.parts[0] for p in files} <= {
+        "__init__.py",
+        "install.py",
+        "requirements.txt",
+        "pyproject.toml",
+        "README.md",
+        "custom_nodes",
+        "workflows",
+    }
     assert all(p.parts[0] != "out" and "__pycache__" not in p.parts for p in files)
     shipped = {p.name for p in (REPO_ROOT / "workflows").glob("*.json")}
     assert shipped <= {p.name for p in files if p.parent == Path("workflows")}
@@ -173,12 +209,18 @@ def test_install_refuses_foreign_folder_and_non_comfyui(tmp_path):
     comfy = _fake_comfyui(tmp_path)
     (comfy / "custom_nodes" / "charforge").mkdir()
     (comfy / "custom_nodes" / "charforge" / "precious.txt").write_text("keep me")
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(comfy), "--no-deps"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(comfy), "--no-deps"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1 and "--force" in result.stdout
     assert (comfy / "custom_nodes" / "charforge" / "precious.txt").exists()
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(tmp_path), "--no-deps"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(tmp_path), "--no-deps"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1 and "does not look like a ComfyUI" in result.stdout
 
 
@@ -227,8 +269,9 @@ def test_requirements_install_one_by_one_optional_failures_tolerated(monkeypatch
 
 def test_cli_entry_point_runs():
     for module in ("charforge.recipes.cli", "charforge.driver.cli"):  # every command; the driver's alone
-        result = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True,
-                                cwd=Path.home())
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--version"], capture_output=True, text=True, cwd=Path.home()
+        )
         assert result.returncode == 0 and "charforge 0.1.0" in result.stdout, module
 
 
@@ -251,8 +294,26 @@ print(sorted(m for m in sys.modules if m.startswith(("charforge.engine", "charfo
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     listed, heavy = result.stdout.splitlines()
-    assert listed == str(["run", "wait", "validate", "status", "cancel", "convert", "batch", "story", "runpod",
-                          "replicate", "train", "lora", "character", "dataset", "tune", "pipeline"])
+    assert listed == str(
+        [
+            "run",
+            "wait",
+            "validate",
+            "status",
+            "cancel",
+            "convert",
+            "batch",
+            "story",
+            "runpod",
+            "replicate",
+            "train",
+            "lora",
+            "character",
+            "dataset",
+            "tune",
+            "pipeline",
+        ]
+    )
     assert heavy == "[]"
 
 

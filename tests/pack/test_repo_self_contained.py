@@ -22,7 +22,9 @@ CITATION = re.compile(r"docs/(" + "|".join(re.escape(p) for p in CITED_PAGES) + 
 
 def _tracked_texts() -> dict[str, str]:
     try:
-        names = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=True).stdout
+        names = subprocess.run(
+            ["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     texts = {}
@@ -37,12 +39,16 @@ def _tracked_texts() -> dict[str, str]:
 
 
 def test_no_tracked_file_points_outside_the_repository():
-    found = [f"{name}:{number}: {line.strip()}"
-             for name, text in _tracked_texts().items()
-             for number, line in enumerate(text.splitlines(), 1)
-             if any(marker in line for marker in OUTSIDE)]
-    assert not found, ("these lines point at files outside the repository; write the fact into docs/ in our "
-                       "own words and cite that page instead:\n" + "\n".join(found))
+    found = [
+        f"{name}:{number}: {line.strip()}"
+        for name, text in _tracked_texts().items()
+        for number, line in enumerate(text.splitlines(), 1)
+        if any(marker in line for marker in OUTSIDE)
+    ]
+    assert not found, (
+        "these lines point at files outside the repository; write the fact into docs/ in our "
+        "own words and cite that page instead:\n" + "\n".join(found)
+    )
 
 
 def test_cited_sections_exist():
@@ -50,8 +56,10 @@ def test_cited_sections_exist():
     for page in CITED_PAGES:
         text = (REPO_ROOT / "docs" / page).read_text()
         headings[page] = set(re.findall(r"^#+ (\d+(?:\.\d+)?)\.? ", text, re.M))
-    missing = [f"{name}: docs/{page} §{section}"
-               for name, text in _tracked_texts().items()
-               for page, section in CITATION.findall(text)
-               if section not in headings[page]]
+    missing = [
+        f"{name}: docs/{page} §{section}"
+        for name, text in _tracked_texts().items()
+        for page, section in CITATION.findall(text)
+        if section not in headings[page]
+    ]
     assert not missing, "citations of sections that do not exist:\n" + "\n".join(missing)

@@ -34,7 +34,10 @@ def test_info_text_and_json(loras):
     code, out, _ = _run("lora", "info", str(a), "--json", "--metadata")
     record = json.loads(out.strip().splitlines()[-1])
     assert record["event"] == "result" and record["base_model"] == "sdxl" and record["format"] == "kohya"
-    assert record["trigger_words"] == ["alice_cf"] and record["metadata"]["modelspec.trigger_phrase"] == "alice_cf"
+    assert (
+        record["trigger_words"] == ["alice_cf"]
+        and record["metadata"]["modelspec.trigger_phrase"] == "alice_cf"
+    )
 
 
 def test_merge_resize_convert(loras, tmp_path):
@@ -48,10 +51,14 @@ def test_merge_resize_convert(loras, tmp_path):
     # never overwrites without --force
     code, _, err = _run("lora", "merge", str(pa), "-o", str(tmp_path / "m.safetensors"))
     assert code == 2 and "exists" in err
-    code, out, _ = _run("lora", "resize", str(pa), "--rank", "2", "-o", str(tmp_path / "r.safetensors"), "--json")
+    code, out, _ = _run(
+        "lora", "resize", str(pa), "--rank", "2", "-o", str(tmp_path / "r.safetensors"), "--json"
+    )
     record = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and 0 < record["energy"]["retained"] < 1
-    code, out, _ = _run("lora", "resize", str(pa), "--rank", "1", "-o", str(tmp_path / "r1.safetensors"), "--modules")
+    code, out, _ = _run(
+        "lora", "resize", str(pa), "--rank", "1", "-o", str(tmp_path / "r1.safetensors"), "--modules"
+    )
     assert "energy kept" in out and "r4->1" in out
     code, out, _ = _run("lora", "convert", str(pa), "--to", "comfyui", "-o", str(tmp_path / "c.safetensors"))
     assert code == 0 and "kohya -> comfyui" in out
@@ -63,9 +70,29 @@ def test_merge_resize_convert(loras, tmp_path):
 def test_character_new_list_show(no_comfy, monkeypatch, loras):
     monkeypatch.setenv("CHARFORGE_MODELS_DIR", str(no_comfy / "models"))
     _, _, pa, _ = loras
-    code, out, err = _run("character", "new", "alice", "--from-lora", str(pa), "--weight", "0.8",
-                          "--lora", "film.safetensors:0.4:0.2", "--prompt", "photo of a woman", "--negative", "blurry",
-                          "--identity", "alice", "--threshold", "0.35", "--steps", "30", "--seed", "7")
+    code, out, err = _run(
+        "character",
+        "new",
+        "alice",
+        "--from-lora",
+        str(pa),
+        "--weight",
+        "0.8",
+        "--lora",
+        "film.safetensors:0.4:0.2",
+        "--prompt",
+        "photo of a woman",
+        "--negative",
+        "blurry",
+        "--identity",
+        "alice",
+        "--threshold",
+        "0.35",
+        "--steps",
+        "30",
+        "--seed",
+        "7",
+    )
     assert code == 0, err
     path = no_comfy / "models" / "charforge" / "characters" / "alice.yaml"
     assert str(path) in out
@@ -75,8 +102,10 @@ def test_character_new_list_show(no_comfy, monkeypatch, loras):
     assert out.startswith("alice\t") and "alice_cf" in out
     code, out, _ = _run("character", "show", "alice", "--json")
     record = json.loads(out.strip().splitlines()[-1])
-    assert record["loras"] == [{"name": "a.safetensors", "weight": 0.8},
-                               {"name": "film.safetensors", "weight": 0.4, "clip_weight": 0.2}]
+    assert record["loras"] == [
+        {"name": "a.safetensors", "weight": 0.8},
+        {"name": "film.safetensors", "weight": 0.4, "clip_weight": 0.2},
+    ]
     assert record["base_model"] == "sdxl" and record["generation"]["width"] == 1024
     assert record["generation"]["seed"] == 7 and record["prompt_text"] == "alice_cf, photo of a woman"
     path.write_text(path.read_text() + "bogus: 1\n")
@@ -86,7 +115,9 @@ def test_character_new_list_show(no_comfy, monkeypatch, loras):
     assert code == 2 and "bogus" in err
 
 
-def test_character_new_with_folder_is_found_by_list_and_show_with_the_same_folder(no_comfy, monkeypatch, tmp_path):
+def test_character_new_with_folder_is_found_by_list_and_show_with_the_same_folder(
+    no_comfy, monkeypatch, tmp_path
+):
     monkeypatch.setenv("CHARFORGE_MODELS_DIR", str(no_comfy / "models"))
     elsewhere = tmp_path / "my presets"
     code, out, err = _run("character", "new", "bob", "--trigger", "bob_cf", "--folder", str(elsewhere))

@@ -54,8 +54,11 @@ async def _save_planted(ctx, images, filename_prefix, **_hidden):
         raise NodeFailure(f"planted failure at strength {strength}")
     person = PLANTED[round(float(strength), 3)]
     size = (images.width, images.height)
-    rgb = blank_image(size) if person is None else face_image(size, faces=((144, 144, 128),), person=person,
-                                                              noise=2, seed=seed)
+    rgb = (
+        blank_image(size)
+        if person is None
+        else face_image(size, faces=((144, 144, 128),), person=person, noise=2, seed=seed)
+    )
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     return (), {"images": [ctx.server._write_output(filename_prefix, "png", buffer.getvalue())]}
@@ -68,10 +71,19 @@ class EvalServer(FakeComfyServer):
         super().__init__(**kw)
         self.fail_strength: float | None = None  # SaveImage raises for graphs with this LoRA strength
         strength = ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01})
-        self.nodes["LoraLoader"] = NodeDef("LoraLoader", {"model": ("MODEL",), "clip": ("CLIP",),
-                                                          "lora_name": (list(LORAS),), "strength_model": strength,
-                                                          "strength_clip": strength},
-                                           outputs=("MODEL", "CLIP"), category="loaders", run=_lora)
+        self.nodes["LoraLoader"] = NodeDef(
+            "LoraLoader",
+            {
+                "model": ("MODEL",),
+                "clip": ("CLIP",),
+                "lora_name": (list(LORAS),),
+                "strength_model": strength,
+                "strength_clip": strength,
+            },
+            outputs=("MODEL", "CLIP"),
+            category="loaders",
+            run=_lora,
+        )
         self.nodes["SaveImage"] = dataclasses.replace(self.nodes["SaveImage"], run=_save_planted)
 
     def graphs(self) -> list[dict]:
@@ -100,8 +112,9 @@ def env(no_comfy, monkeypatch, models, tmp_path):
     refs = tmp_path / "refs"
     refs.mkdir()
     for seed in range(3):
-        Image.fromarray(face_image((SIZE, SIZE), faces=((144, 144, 128),), person=0, noise=2,
-                                   seed=100 + seed)).save(refs / f"ref{seed}.png")
+        Image.fromarray(
+            face_image((SIZE, SIZE), faces=((144, 144, 128),), person=0, noise=2, seed=100 + seed)
+        ).save(refs / f"ref{seed}.png")
     (refs / "notes.txt").write_text("not a photo")
     write_character(tmp_path, "hero", reference_photos=str(refs))
     return tmp_path
@@ -110,11 +123,23 @@ def env(no_comfy, monkeypatch, models, tmp_path):
 def write_character(base: Path, name: str, **fields) -> Path:
     import yaml
 
-    data = {"display_name": name.title(), "trigger_words": ["hero_cf"],
-            "loras": [{"name": "hero.safetensors", "weight": 0.9}], "prompt": "photo of a woman",
-            "negative_prompt": "blurry, deformed", "threshold": 0.5,
-            "generation": {"steps": 12, "cfg": 5.5, "width": SIZE, "height": SIZE, "sampler": "dpmpp_2m",
-                           "scheduler": "karras"}, **fields}
+    data = {
+        "display_name": name.title(),
+        "trigger_words": ["hero_cf"],
+        "loras": [{"name": "hero.safetensors", "weight": 0.9}],
+        "prompt": "photo of a woman",
+        "negative_prompt": "blurry, deformed",
+        "threshold": 0.5,
+        "generation": {
+            "steps": 12,
+            "cfg": 5.5,
+            "width": SIZE,
+            "height": SIZE,
+            "sampler": "dpmpp_2m",
+            "scheduler": "karras",
+        },
+        **fields,
+    }
     folder = base / "charforge" / "characters"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.yaml"
@@ -132,9 +157,27 @@ SCENES = ["portrait, looking at the camera", "walking in a park"]
 
 
 def eval_args(server: FakeComfyServer, out: Path, *extra: str) -> list[str]:
-    args = ["lora", "eval", "hero.safetensors", "--character", "hero", "--server", server.url, "--strengths",
-            "1.0,0.4,0.8,0.6", "--seeds", "7,8", "--checkpoint", "v1-5-pruned-emaonly.safetensors",
-            "--out", str(out), "--cell", "96", "--det-size", "320"]
+    args = [
+        "lora",
+        "eval",
+        "hero.safetensors",
+        "--character",
+        "hero",
+        "--server",
+        server.url,
+        "--strengths",
+        "1.0,0.4,0.8,0.6",
+        "--seeds",
+        "7,8",
+        "--checkpoint",
+        "v1-5-pruned-emaonly.safetensors",
+        "--out",
+        str(out),
+        "--cell",
+        "96",
+        "--det-size",
+        "320",
+    ]
     for scene in SCENES:
         args += ["--prompt", scene]
     return args + list(extra)
@@ -155,13 +198,22 @@ def test_eval_renders_the_grid_scores_it_and_picks_the_planted_best(env):
         cells: dict[float, set] = {}
         for graph in graphs:
             assert {n["class_type"] for n in graph.values()} == set(GENERATION_NODES)
-            by_class = {n["class_type"]: n["inputs"] for n in graph.values() if n["class_type"] != "CLIPTextEncode"}
+            by_class = {
+                n["class_type"]: n["inputs"] for n in graph.values() if n["class_type"] != "CLIPTextEncode"
+            }
             lora, sampler = by_class["LoraLoader"], by_class["KSampler"]
             assert lora["lora_name"] == "hero.safetensors" and lora["strength_model"] == lora["strength_clip"]
             assert by_class["CheckpointLoaderSimple"]["ckpt_name"] == "v1-5-pruned-emaonly.safetensors"
-            assert (sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == \
-                (12, 5.5, "dpmpp_2m", "karras")
-            assert (by_class["EmptyLatentImage"]["width"], by_class["EmptyLatentImage"]["height"]) == (SIZE, SIZE)
+            assert (sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == (
+                12,
+                5.5,
+                "dpmpp_2m",
+                "karras",
+            )
+            assert (by_class["EmptyLatentImage"]["width"], by_class["EmptyLatentImage"]["height"]) == (
+                SIZE,
+                SIZE,
+            )
             texts = {n["inputs"]["text"] for n in graph.values() if n["class_type"] == "CLIPTextEncode"}
             positive = graph[sampler["positive"][0]]["inputs"]["text"]
             assert graph[sampler["negative"][0]]["inputs"]["text"] == "blurry, deformed" and positive in texts
@@ -181,8 +233,12 @@ def test_eval_renders_the_grid_scores_it_and_picks_the_planted_best(env):
         assert results["prompts"][0]["scored_text"] == f"photo of a woman, {SCENES[0]}"  # no trigger word
         images = results["images"]
         assert len(images) == 16 and all(i["state"] == "done" and (out / i["file"]).is_file() for i in images)
-        assert [(i["strength"], i["prompt_index"], i["seed"]) for i in images[:4]] == \
-            [(0.4, 1, 7), (0.4, 1, 8), (0.4, 2, 7), (0.4, 2, 8)]
+        assert [(i["strength"], i["prompt_index"], i["seed"]) for i in images[:4]] == [
+            (0.4, 1, 7),
+            (0.4, 1, 8),
+            (0.4, 2, 7),
+            (0.4, 2, 8),
+        ]
         for image in images:
             person = PLANTED[image["strength"]]
             assert isinstance(image["text"], float)
@@ -215,8 +271,9 @@ def test_eval_renders_the_grid_scores_it_and_picks_the_planted_best(env):
             column = (image["prompt_index"] - 1) * 2 + [7, 8].index(image["seed"])
             cell = np.asarray(grid.crop(layout.image_box(row, column)), dtype=np.float32)
             with Image.open(out / image["file"]) as picture:
-                source = np.asarray(picture.convert("RGB").resize(layout.thumb, Image.Resampling.LANCZOS),
-                                    dtype=np.float32)
+                source = np.asarray(
+                    picture.convert("RGB").resize(layout.thumb, Image.Resampling.LANCZOS), dtype=np.float32
+                )
             assert np.abs(cell - source).mean() < 2.0, (row, column)
         blank = np.asarray(grid.crop(layout.image_box(0, 0)), dtype=np.float32)
         face = np.asarray(grid.crop(layout.image_box(2, 0)), dtype=np.float32)
@@ -227,7 +284,9 @@ def test_eval_renders_the_grid_scores_it_and_picks_the_planted_best(env):
         assert code == 0, stderr
         assert len(server.executed) == 16
         record = json.loads(stdout.strip().splitlines()[-1])
-        assert record["event"] == "result" and record["best_strength"] == PLANTED_BEST and record["failed"] == 0
+        assert (
+            record["event"] == "result" and record["best_strength"] == PLANTED_BEST and record["failed"] == 0
+        )
 
 
 def test_identity_only_with_a_saved_identity(env, tmp_path):
@@ -236,17 +295,42 @@ def test_identity_only_with_a_saved_identity(env, tmp_path):
     from charforge.engine.score import build_identity, save_identity
 
     analyzer = FaceAnalyzer.load("buffalo_l", det_size=320)
-    photos = [(p.name, np.asarray(Image.open(p).convert("RGB"))) for p in sorted((env / "refs").glob("*.png"))]
+    photos = [
+        (p.name, np.asarray(Image.open(p).convert("RGB"))) for p in sorted((env / "refs").glob("*.png"))
+    ]
     saved = save_identity(build_identity("hero", analyzer, photos), tmp_path / "identities")
     write_character(env, "hero", identity=str(saved))
     out = env / "eval"
     with EvalServer() as server:
-        code, stdout, stderr = run_cli("lora", "eval", "hero.safetensors", "--character", "hero", "--server",
-                                       server.url, "--strengths", "0.6,0.8", "--seeds", "3", "--clip", "none",
-                                       "--prompt", "portrait", "--out", str(out), "--cell", "64", "--det-size", "320")
+        code, stdout, stderr = run_cli(
+            "lora",
+            "eval",
+            "hero.safetensors",
+            "--character",
+            "hero",
+            "--server",
+            server.url,
+            "--strengths",
+            "0.6,0.8",
+            "--seeds",
+            "3",
+            "--clip",
+            "none",
+            "--prompt",
+            "portrait",
+            "--out",
+            str(out),
+            "--cell",
+            "64",
+            "--det-size",
+            "320",
+        )
     assert code == 0, stderr
     results = json.loads((out / "results.json").read_text())
-    assert results["scoring"]["clip"] is None and results["scoring"]["identity_source"] == "saved identity 'hero'"
+    assert (
+        results["scoring"]["clip"] is None
+        and results["scoring"]["identity_source"] == "saved identity 'hero'"
+    )
     assert results["best_strength"] == 0.8 and "v1-5-pruned-emaonly" in stderr  # default checkpoint, noted
     for row in results["per_strength"]:
         image = next(i for i in results["images"] if i["strength"] == row["strength"])
@@ -255,8 +339,25 @@ def test_identity_only_with_a_saved_identity(env, tmp_path):
 
 def test_failed_renders_are_reported_left_out_and_retried_on_rerun(env):
     out = env / "eval"
-    args = ["lora", "eval", "hero.safetensors", "--character", "hero", "--strengths", "0.6,0.8", "--seeds", "5",
-            "--prompt", "portrait", "--out", str(out), "--cell", "64", "--det-size", "320"]
+    args = [
+        "lora",
+        "eval",
+        "hero.safetensors",
+        "--character",
+        "hero",
+        "--strengths",
+        "0.6,0.8",
+        "--seeds",
+        "5",
+        "--prompt",
+        "portrait",
+        "--out",
+        str(out),
+        "--cell",
+        "64",
+        "--det-size",
+        "320",
+    ]
     with EvalServer() as server:
         server.fail_strength = 0.8
         code, stdout, stderr = run_cli(*args, "--server", server.url)
@@ -268,7 +369,9 @@ def test_failed_renders_are_reported_left_out_and_retried_on_rerun(env):
         assert row["images"] == 0 and row["combined"] is None
         assert results["best_strength"] == 0.6 and results["failed"] == 1
         with Image.open(out / "grid.png") as grid:
-            cell = np.asarray(grid.convert("RGB").crop(grid_layout(2, 1, (SIZE, SIZE), 64, 2).image_box(1, 0)))
+            cell = np.asarray(
+                grid.convert("RGB").crop(grid_layout(2, 1, (SIZE, SIZE), 64, 2).image_box(1, 0))
+            )
         assert (cell.reshape(-1, 3)[:50] == cell.reshape(-1, 3)[0]).all()  # a plain grey "failed" cell
 
         server.fail_strength = None
@@ -279,7 +382,9 @@ def test_failed_renders_are_reported_left_out_and_retried_on_rerun(env):
         assert json.loads((out / "results.json").read_text())["best_strength"] == PLANTED_BEST
 
         # another grid in the same folder is refused (its job folders would be taken for this grid's images)
-        code, _, stderr = run_cli(*[a if a != "0.6,0.8" else "0.6,0.8,1.0" for a in args], "--server", server.url)
+        code, _, stderr = run_cli(
+            *[a if a != "0.6,0.8" else "0.6,0.8,1.0" for a in args], "--server", server.url
+        )
         assert code == 2 and "holds the evaluation of a different grid" in stderr
         assert len(server.executed) == runs + 1
 
@@ -289,8 +394,15 @@ def test_failed_renders_are_reported_left_out_and_retried_on_rerun(env):
 
 def test_plan_keeps_seeds_and_prompts_fixed_across_strengths(env):
     character = load_character("hero")
-    graph = eval_graph(character, lora="hero.safetensors", checkpoint="base.safetensors", strength=1.0,
-                       prompt="p", seed=0, save_prefix="x")
+    graph = eval_graph(
+        character,
+        lora="hero.safetensors",
+        checkpoint="base.safetensors",
+        strength=1.0,
+        prompt="p",
+        seed=0,
+        save_prefix="x",
+    )
     plan = plan_grid(graph, [0.5, 1.0, 1.5], ["a", "b"], [11, 12, 13])
     assert len(plan.jobs) == 18 and len({job.id for job in plan.jobs}) == 18
     seen: dict[float, list] = {}
@@ -298,22 +410,40 @@ def test_plan_keeps_seeds_and_prompts_fixed_across_strengths(env):
         applied, _ = apply_overrides(graph, [parse_set(o) for o in job.overrides])
         lora = applied["2"]["inputs"]
         assert lora["strength_model"] == lora["strength_clip"] == job.axes["strength"]
-        seen.setdefault(job.axes["strength"], []).append((applied["3"]["inputs"]["text"],
-                                                          applied["6"]["inputs"]["seed"]))
+        seen.setdefault(job.axes["strength"], []).append(
+            (applied["3"]["inputs"]["text"], applied["6"]["inputs"]["seed"])
+        )
     assert list(seen) == [0.5, 1.0, 1.5]  # rows in order: strength, then prompt, then seed
     assert seen[0.5] == seen[1.0] == seen[1.5] == [(p, s) for p in "ab" for s in (11, 12, 13)]
 
 
-
-def _image(strength: float, identity: float | None, text: float | None, job: str, state: str = "done") -> EvalImage:
-    return EvalImage(strength, 0, 1, "p", "p", job, state=state, identity=identity,
-                     identity_passed=identity is not None and identity >= 0.5, text=text)
+def _image(
+    strength: float, identity: float | None, text: float | None, job: str, state: str = "done"
+) -> EvalImage:
+    return EvalImage(
+        strength,
+        0,
+        1,
+        "p",
+        "p",
+        job,
+        state=state,
+        identity=identity,
+        identity_passed=identity is not None and identity >= 0.5,
+        text=text,
+    )
 
 
 def test_best_strength_ties_go_to_the_lower_strength_and_no_face_counts_zero():
-    images = [_image(1.0, 0.7, 0.2, "a"), _image(1.0, 0.7, 0.2, "b"), _image(0.6, 0.7, 0.2, "c"),
-              _image(0.6, 0.7, 0.2, "d"), _image(0.8, 0.9, 0.2, "e"), _image(0.8, None, 0.2, "f"),
-              _image(0.4, None, None, "g", state="failed")]
+    images = [
+        _image(1.0, 0.7, 0.2, "a"),
+        _image(1.0, 0.7, 0.2, "b"),
+        _image(0.6, 0.7, 0.2, "c"),
+        _image(0.6, 0.7, 0.2, "d"),
+        _image(0.8, 0.9, 0.2, "e"),
+        _image(0.8, None, 0.2, "f"),
+        _image(0.4, None, None, "g", state="failed"),
+    ]
     summaries, best = summarise(images, [1.0, 0.6, 0.8, 0.4], 1.0, 0.5, 0.5)
     by = {s.strength: s for s in summaries}
     assert by[1.0].combined == by[0.6].combined == pytest.approx((0.7 + 0.5 * 2.5 * 0.2) / 1.5, abs=1e-4)
@@ -335,22 +465,51 @@ def test_best_strength_ties_go_to_the_lower_strength_and_no_face_counts_zero():
 
 def test_unknown_character(env):
     with EvalServer() as server:
-        code, _, stderr = run_cli("lora", "eval", "hero.safetensors", "--character", "nobody", "--server",
-                                  server.url, "--out", str(env / "o"))
+        code, _, stderr = run_cli(
+            "lora",
+            "eval",
+            "hero.safetensors",
+            "--character",
+            "nobody",
+            "--server",
+            server.url,
+            "--out",
+            str(env / "o"),
+        )
         assert code == 2 and "character 'nobody'" in stderr and "Saved characters: hero" in stderr
         assert server.prompt_posts() == 0
 
 
 def test_lora_missing_on_the_server(env):
     with EvalServer() as server:
-        code, _, stderr = run_cli("lora", "eval", "heroine.safetensors", "--character", "hero", "--server",
-                                  server.url, "--out", str(env / "o"))
+        code, _, stderr = run_cli(
+            "lora",
+            "eval",
+            "heroine.safetensors",
+            "--character",
+            "hero",
+            "--server",
+            server.url,
+            "--out",
+            str(env / "o"),
+        )
         assert code == 2 and "LoRA 'heroine.safetensors' is not in the loras folder" in stderr
         assert "did you mean 'hero.safetensors'" in stderr and "styles/film_grain.safetensors" in stderr
         assert server.prompt_posts() == 0 and not (env / "o").exists()
         # a path to the file is matched by its name
-        code, _, stderr = run_cli("lora", "eval", "/somewhere/film_grain.safetensors", "--character", "hero",
-                                  "--server", server.url, "--checkpoint", "nope.safetensors", "--out", str(env / "o"))
+        code, _, stderr = run_cli(
+            "lora",
+            "eval",
+            "/somewhere/film_grain.safetensors",
+            "--character",
+            "hero",
+            "--server",
+            server.url,
+            "--checkpoint",
+            "nope.safetensors",
+            "--out",
+            str(env / "o"),
+        )
         assert code == 2 and "using the server's 'styles/film_grain.safetensors'" in stderr
         assert "checkpoint 'nope.safetensors' is not on the server" in stderr and server.prompt_posts() == 0
 
@@ -360,37 +519,85 @@ def test_missing_scoring_models_and_references(env, monkeypatch, models):
     empty.mkdir()
     monkeypatch.setenv("CHARFORGE_MODELS_DIR", str(empty))
     with EvalServer() as server:
-        base = ["lora", "eval", "hero.safetensors", "--character", "hero", "--server", server.url,
-                "--out", str(env / "o")]
+        base = [
+            "lora",
+            "eval",
+            "hero.safetensors",
+            "--character",
+            "hero",
+            "--server",
+            server.url,
+            "--out",
+            str(env / "o"),
+        ]
         code, _, stderr = run_cli(*base)
         assert code == 2 and "InsightFace pack 'buffalo_l' not found" in stderr and "--face-models" in stderr
         # the face pack from the flag; then CLIP is what is missing
         code, _, stderr = run_cli(*base, "--face-models", str(models / "insightface"))
         assert code == 2 and "no CLIP model for text agreement" in stderr and "--clip none" in stderr
-        code, _, stderr = run_cli(*base, "--face-models", str(models / "insightface"), "--clip", str(env / "nope"))
+        code, _, stderr = run_cli(
+            *base, "--face-models", str(models / "insightface"), "--clip", str(env / "nope")
+        )
         assert code == 2 and "CLIP model" in stderr and "not found" in stderr
         # a character without identity or photos
         write_character(env, "faceless")
-        code, _, stderr = run_cli("lora", "eval", "hero.safetensors", "--character", "faceless", "--server",
-                                  server.url, "--out", str(env / "o"), "--face-models", str(models / "insightface"),
-                                  "--clip", "none")
+        code, _, stderr = run_cli(
+            "lora",
+            "eval",
+            "hero.safetensors",
+            "--character",
+            "faceless",
+            "--server",
+            server.url,
+            "--out",
+            str(env / "o"),
+            "--face-models",
+            str(models / "insightface"),
+            "--clip",
+            "none",
+        )
         assert code == 2 and "has no identity and no reference_photos" in stderr and "--reference" in stderr
         # packages that are not installed are named with the install command
         import importlib.util
 
         real = importlib.util.find_spec
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "insightface"
-                            else real(name, *a))
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda name, *a: None if name == "insightface" else real(name, *a)
+        )
         code, _, stderr = run_cli(*base)
-        assert code == 2 and "needs insightface" in stderr and 'pip install "charforge[nodes,faces]"' in stderr
+        assert (
+            code == 2 and "needs insightface" in stderr and 'pip install "charforge[nodes,faces]"' in stderr
+        )
         assert server.prompt_posts() == 0
 
 
 def test_bad_lists_are_usage_errors(env):
-    code, _, stderr = run_cli("lora", "eval", "hero.safetensors", "--character", "hero", "--strengths", "0.5,x",
-                              "--server", "http://127.0.0.1:9", "--out", str(env / "o"))
+    code, _, stderr = run_cli(
+        "lora",
+        "eval",
+        "hero.safetensors",
+        "--character",
+        "hero",
+        "--strengths",
+        "0.5,x",
+        "--server",
+        "http://127.0.0.1:9",
+        "--out",
+        str(env / "o"),
+    )
     assert code == 2 and "--strengths: 'x' is not a number" in stderr
     (env / "prompts.txt").write_text("# only a comment\n\n")
-    code, _, stderr = run_cli("lora", "eval", "hero.safetensors", "--character", "hero", "--prompts",
-                              str(env / "prompts.txt"), "--server", "http://127.0.0.1:9", "--out", str(env / "o"))
+    code, _, stderr = run_cli(
+        "lora",
+        "eval",
+        "hero.safetensors",
+        "--character",
+        "hero",
+        "--prompts",
+        str(env / "prompts.txt"),
+        "--server",
+        "http://127.0.0.1:9",
+        "--out",
+        str(env / "o"),
+    )
     assert code == 2 and "no prompt in the file" in stderr

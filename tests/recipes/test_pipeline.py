@@ -50,20 +50,35 @@ class RecordingRunner:
 def _opts(tmp_path, **kw):
     photos = tmp_path / "photos"
     photos.mkdir(exist_ok=True)
-    return pipeline.PipelineOptions(photos=photos, out=tmp_path / "out", character="pip", trigger="zqx",
-                                    class_tokens="cartoon boy", **kw)
+    return pipeline.PipelineOptions(
+        photos=photos, out=tmp_path / "out", character="pip", trigger="zqx", class_tokens="cartoon boy", **kw
+    )
 
 
 def _tiny_models():
-    return pipeline.Models(tiny=True, checkpoint="tiny.safetensors", train_base="[diffusers] tiny", arch="sd15",
-                           tagger="tiny-tagger", clip="tiny_clip", motion="tiny_mm.safetensors", faces=False)
+    return pipeline.Models(
+        tiny=True,
+        checkpoint="tiny.safetensors",
+        train_base="[diffusers] tiny",
+        arch="sd15",
+        tagger="tiny-tagger",
+        clip="tiny_clip",
+        motion="tiny_mm.safetensors",
+        faces=False,
+    )
 
 
 def _manifest(export: Path, entries: list[tuple[str, str, str]]) -> None:
     """A kohya export's manifest.json with (id, source, file) entries, as the Export node writes it."""
     export.mkdir(parents=True, exist_ok=True)
-    (export / "manifest.json").write_text(json.dumps({"name": export.parent.name, "entries": [
-        {"id": i, "source": source, "file": file} for i, source, file in entries]}))
+    (export / "manifest.json").write_text(
+        json.dumps(
+            {
+                "name": export.parent.name,
+                "entries": [{"id": i, "source": source, "file": file} for i, source, file in entries],
+            }
+        )
+    )
 
 
 def _canned(tmp_path: Path) -> dict[str, dict[str, str]]:
@@ -71,15 +86,28 @@ def _canned(tmp_path: Path) -> dict[str, dict[str, str]]:
     ds = tmp_path / "server" / "datasets"
     photos = tmp_path / "photos"
     kohya = ds / "pip" / "kohya"
-    _manifest(kohya, [("0001", f"{photos}/a.jpg", "img/10_zqx cartoon boy/0001.jpg"),
-                      ("0002", f"{photos}/b.jpg", "img/10_zqx cartoon boy/0002.jpg"),
-                      ("0003", f"{photos}/c.jpg", f"{photos}/c.jpg"),  # rejected: never exported
-                      ("0004", f"{photos}/d.jpg", "img/10_zqx cartoon boy/0004.jpg")])
+    _manifest(
+        kohya,
+        [
+            ("0001", f"{photos}/a.jpg", "img/10_zqx cartoon boy/0001.jpg"),
+            ("0002", f"{photos}/b.jpg", "img/10_zqx cartoon boy/0002.jpg"),
+            ("0003", f"{photos}/c.jpg", f"{photos}/c.jpg"),  # rejected: never exported
+            ("0004", f"{photos}/d.jpg", "img/10_zqx cartoon boy/0004.jpg"),
+        ],
+    )
     captioned = ds / "pip_captioned" / "captioned" / "img" / "10_zqx cartoon boy"
     captioned.mkdir(parents=True)
-    _manifest(captioned.parent.parent, [
-        (f"000{i + 1}", f"{kohya}/img/10_zqx cartoon boy/{old}.jpg", f"img/10_zqx cartoon boy/000{i + 1}.jpg")
-        for i, old in enumerate(("0001", "0002", "0004"))])
+    _manifest(
+        captioned.parent.parent,
+        [
+            (
+                f"000{i + 1}",
+                f"{kohya}/img/10_zqx cartoon boy/{old}.jpg",
+                f"img/10_zqx cartoon boy/000{i + 1}.jpg",
+            )
+            for i, old in enumerate(("0001", "0002", "0004"))
+        ],
+    )
     for i in range(3):
         (captioned / f"000{i + 1}.txt").write_text(f"zqx, smile {i}")
     for name in ("pip", "pip_captioned"):
@@ -90,7 +118,9 @@ def _canned(tmp_path: Path) -> dict[str, dict[str, str]]:
         (report / "contact_sheet_001.png").write_bytes(b"png")
     return {
         "CharForgeLoadDataset": {},  # replaced below per workflow
-        "CharForgeTrainLoRA": {"1": "pip.safetensors: 4 steps, final loss 0.1234; run folder /srv/train_runs/pip"},
+        "CharForgeTrainLoRA": {
+            "1": "pip.safetensors: 4 steps, final loss 0.1234; run folder /srv/train_runs/pip"
+        },
         "CharForgeClipScore": {"10": "4 scored, mean 0.21", "11": "kept candidate 2 of 4"},
         "CharForgeSaveVideo": {},
     }
@@ -104,13 +134,19 @@ def test_every_stage_edits_the_nodes_it_means(tmp_path):
     state: dict[str, Any] = {}
     runner = RecordingRunner(tmp_path, canned)
 
-    runner.texts = {"CharForgeFilterDataset": {
-        "6": f"11 image(s) exported to {ds / 'pip/kohya/img/10_zqx cartoon boy'} (11 written, 0 unchanged, 0 removed)",
-        "7": f"11 accepted, 1 rejected (blurry: 1); 1 contact sheet page(s); report: {ds / 'pip/report/report.html'}"}}
+    runner.texts = {
+        "CharForgeFilterDataset": {
+            "6": f"11 image(s) exported to {ds / 'pip/kohya/img/10_zqx cartoon boy'} (11 written, 0 unchanged, 0 removed)",
+            "7": f"11 accepted, 1 rejected (blurry: 1); 1 contact sheet page(s); report: {ds / 'pip/report/report.html'}",
+        }
+    }
     state["dataset"] = pipeline.stage_dataset(runner, opts, models, state)
     prompt = runner.prompts[-1]
     assert prompt["1"]["class_type"] == "CharForgeLoadDataset"
-    assert prompt["1"]["inputs"]["folder"] == str(opts.photos.resolve()) and prompt["1"]["inputs"]["name"] == "pip"
+    assert (
+        prompt["1"]["inputs"]["folder"] == str(opts.photos.resolve())
+        and prompt["1"]["inputs"]["name"] == "pip"
+    )
     assert prompt["2"]["inputs"]["face_detector"] == "none" and prompt["3"]["inputs"]["require_face"] is False
     assert prompt["6"]["class_type"] == "CharForgeExportDataset" and prompt["6"]["inputs"]["trigger"] == "zqx"
     assert prompt["5"]["inputs"]["buckets"] == "sd15"
@@ -118,17 +154,26 @@ def test_every_stage_edits_the_nodes_it_means(tmp_path):
     assert state["dataset"]["accepted"] == 11
     # The selection's report is copied next to its contact sheets (downloaded there, flat).
     selection = opts.out / "dataset" / "selection"
-    assert (selection / "report.html").read_text().endswith(" pip") and (selection / "contact_sheet_001.png").exists()
+    assert (selection / "report.html").read_text().endswith(" pip") and (
+        selection / "contact_sheet_001.png"
+    ).exists()
     assert state["dataset"]["report_html"] == str(selection / "report.html")
 
     captioned = ds / "pip_captioned" / "captioned" / "img" / "10_zqx cartoon boy"
-    runner.texts = {"CharForgeCaptionDataset": {
-        "2": "3 captioned", "3": f"3 image(s) exported to {captioned} (3 written, 0 unchanged, 0 removed)",
-        "4": f"3 accepted; report: {ds / 'pip_captioned/report/report.html'}"}}
+    runner.texts = {
+        "CharForgeCaptionDataset": {
+            "2": "3 captioned",
+            "3": f"3 image(s) exported to {captioned} (3 written, 0 unchanged, 0 removed)",
+            "4": f"3 accepted; report: {ds / 'pip_captioned/report/report.html'}",
+        }
+    }
     state["captions"] = pipeline.stage_captions(runner, opts, models, state)
     prompt = runner.prompts[-1]
     assert prompt["1"]["inputs"]["folder"] == state["dataset"]["train_data_dir"]
-    assert prompt["2"]["class_type"] == "CharForgeCaptionDataset" and prompt["2"]["inputs"]["model"] == "tiny-tagger"
+    assert (
+        prompt["2"]["class_type"] == "CharForgeCaptionDataset"
+        and prompt["2"]["inputs"]["model"] == "tiny-tagger"
+    )
     assert state["captions"]["count"] == 3
     # Named after the photos they describe, though both exports renumbered them (c.jpg was rejected).
     captions = opts.out / "captions"
@@ -146,12 +191,16 @@ def test_every_stage_edits_the_nodes_it_means(tmp_path):
     assert train["inputs"]["dataset_folder"] == str(captioned.parent)
     assert train["inputs"]["base_model"] == "[diffusers] tiny" and train["inputs"]["steps"] == 4
     assert train["inputs"]["output_name"] == "pip_tiny_random"  # what tiny models made says so
-    assert state["lora"]["lora_name"] == "pip.safetensors" and state["lora"]["run_dir"] == "/srv/train_runs/pip"
+    assert (
+        state["lora"]["lora_name"] == "pip.safetensors" and state["lora"]["run_dir"] == "/srv/train_runs/pip"
+    )
 
     runner.texts = {"CharForgeClipScore": canned["CharForgeClipScore"]}
     state["images"] = pipeline.stage_images(runner, opts, models, state)
     prompt = runner.prompts[-1]
-    assert prompt["2"]["class_type"] == "LoraLoader" and prompt["2"]["inputs"]["lora_name"] == "pip.safetensors"
+    assert (
+        prompt["2"]["class_type"] == "LoraLoader" and prompt["2"]["inputs"]["lora_name"] == "pip.safetensors"
+    )
     assert prompt["1"]["inputs"]["ckpt_name"] == "tiny.safetensors"
     assert prompt["3"]["inputs"]["text"].startswith("photo of zqx cartoon boy")
     assert "zqx" not in prompt["10"]["inputs"]["prompt"]  # CLIP does not know the trigger word
@@ -166,16 +215,28 @@ def test_every_stage_edits_the_nodes_it_means(tmp_path):
     prompt = runner.prompts[-1]
     assert prompt["2"]["inputs"]["lora_name"] == "pip.safetensors"
     assert prompt["1"]["inputs"]["motion_module"] == "tiny_mm.safetensors"
-    assert "CharForgeIdentityDrift" not in {n["class_type"] for n in prompt.values()}  # no identity without faces
+    assert "CharForgeIdentityDrift" not in {
+        n["class_type"] for n in prompt.values()
+    }  # no identity without faces
     assert state["video"]["video"].endswith(".mp4")
     assert prompt["4"]["inputs"]["filename_prefix"] == "charforge/pip/tiny_random_video"
     assert runner.previews[-1] is None  # no drift plot without faces
 
     lines = "\n".join(pipeline.summary_lines({"stages": state, "tiny": True}, opts.out))
-    for needle in ("dataset/report.html", "dataset/selection/report.html", "captions", "LoRA", "scores.txt", ".mp4",
-                   "tiny random models", "README.txt"):
+    for needle in (
+        "dataset/report.html",
+        "dataset/selection/report.html",
+        "captions",
+        "LoRA",
+        "scores.txt",
+        ".mp4",
+        "tiny random models",
+        "README.txt",
+    ):
         assert needle in lines, needle
-    readme = pipeline.out_readme({"stages": state, "tiny": True, "settings": pipeline._settings(opts, models)})
+    readme = pipeline.out_readme(
+        {"stages": state, "tiny": True, "settings": pipeline._settings(opts, models)}
+    )
     assert readme.startswith("TINY RANDOM MODELS") and "tiny_random" in readme and "'zqx'" in readme
     for folder in ("dataset/", "captions/", "lora/", "images/", "video/", "comfyui/", "pipeline_state.json"):
         assert f"\n{folder}" in readme, folder
@@ -183,11 +244,25 @@ def test_every_stage_edits_the_nodes_it_means(tmp_path):
 
 
 def test_the_identity_route_builds_an_identity_and_keeps_the_drift_check(tmp_path):
-    runner = RecordingRunner(tmp_path, {"CharForgeBuildIdentity": {}, "CharForgeScoreIdentity": {"10": "scores"},
-                                        "CharForgeSaveVideo": {"7": "drift ok"}})
+    runner = RecordingRunner(
+        tmp_path,
+        {
+            "CharForgeBuildIdentity": {},
+            "CharForgeScoreIdentity": {"10": "scores"},
+            "CharForgeSaveVideo": {"7": "drift ok"},
+        },
+    )
     opts = _opts(tmp_path)
-    models = pipeline.Models(tiny=False, checkpoint="v15.safetensors", train_base="v15.safetensors", arch="sd15",
-                             tagger="", clip="clip-l", motion="mm.ckpt", faces=True)
+    models = pipeline.Models(
+        tiny=False,
+        checkpoint="v15.safetensors",
+        train_base="v15.safetensors",
+        arch="sd15",
+        tagger="",
+        clip="clip-l",
+        motion="mm.ckpt",
+        faces=True,
+    )
     state = {"captions": {"train_data_dir": "/data/img"}, "lora": {"lora_name": "pip.safetensors"}}
     pipeline.stage_images(runner, opts, models, state)
     identity, generate = runner.prompts
@@ -224,7 +299,9 @@ class _DownloadingClient:
         for kind, subfolder, filename in self.outputs:
             if kind == "temp" and not include_temp:
                 continue
-            source = OutputFile(node_id="1", key="images", index=0, filename=filename, subfolder=subfolder, type=kind)
+            source = OutputFile(
+                node_id="1", key="images", index=0, filename=filename, subfolder=subfolder, type=kind
+            )
             path = local_path_for(Path(out_dir), source)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(filename.encode())
@@ -234,10 +311,17 @@ class _DownloadingClient:
 
 @pytest.mark.parametrize("previews", [None, "score_table"])
 def test_stage_outputs_land_flat_and_temporary_previews_only_when_named(tmp_path, previews):
-    runner = pipeline.Runner(_DownloadingClient([("output", "charforge/pip", "tiny_random_best_00001_.png"),
-                                                 ("output", "charforge/pip", "tiny_random_candidate_00001_.png"),
-                                                 ("temp", "", "charforge_score_ab12.png")]),
-                             _opts(tmp_path), print)
+    runner = pipeline.Runner(
+        _DownloadingClient(
+            [
+                ("output", "charforge/pip", "tiny_random_best_00001_.png"),
+                ("output", "charforge/pip", "tiny_random_candidate_00001_.png"),
+                ("temp", "", "charforge_score_ab12.png"),
+            ]
+        ),
+        _opts(tmp_path),
+        print,
+    )
     out = tmp_path / "out" / "images"
     out.mkdir(parents=True)
     (out / "tiny_random_best_00001_.png").write_bytes(b"from an earlier run")
@@ -273,6 +357,7 @@ def test_a_rerun_skips_finished_stages(tmp_path, monkeypatch):
             if name in fail:
                 raise pipeline.PipelineError("boom")
             return {"ok": name}
+
         return run
 
     monkeypatch.setattr(pipeline, "acquire_server", lambda opts, say: pipeline.Server("http://127.0.0.1:1"))
@@ -308,14 +393,24 @@ def test_no_comfyui_offline_says_what_to_do(tmp_path, monkeypatch):
 
 
 def test_the_command_is_registered():
-    args = build_parser().parse_args(["pipeline", "photos", "--out", "o", "--no-face-check", "--character", "pip"])
+    args = build_parser().parse_args(
+        ["pipeline", "photos", "--out", "o", "--no-face-check", "--character", "pip"]
+    )
     assert args.func.__module__ == "charforge.recipes.cli.pipeline"
     assert args.no_face_check and args.character == "pip" and str(args.out) == "o"
 
 
 def test_the_stage_workflows_the_pipeline_edits_are_shipped():
-    for name in ("dataset_prep", "caption_dataset", "train_lora_sd15", "train_lora_sdxl", "build_identity",
-                 "score_best_of_n", "generate_best_of_n_clip", "video_animatediff"):
+    for name in (
+        "dataset_prep",
+        "caption_dataset",
+        "train_lora_sd15",
+        "train_lora_sdxl",
+        "build_identity",
+        "score_best_of_n",
+        "generate_best_of_n_clip",
+        "video_animatediff",
+    ):
         assert pipeline.load_stage_workflow(name)
 
 
@@ -371,17 +466,21 @@ def test_the_samples_are_small_made_by_the_script_and_one_character():
         assert drawn.shape == stored.shape and np.abs(drawn - stored).mean() < 4
 
 
-@pytest.mark.parametrize(("ready", "comfy_dir", "expected"), [
-    ((True, True), "/opt/ComfyUI", "found"),  # CharForge and models on 8188: use it
-    ((True, False), "/opt/ComfyUI", "own"),  # no models there: start our own, which can take tiny ones
-    ((False, False), "/opt/ComfyUI", "own"),
-    ((False, False), None, "error"),  # nothing to start: say how to install the pack
-])
+@pytest.mark.parametrize(
+    ("ready", "comfy_dir", "expected"),
+    [
+        ((True, True), "/opt/ComfyUI", "found"),  # CharForge and models on 8188: use it
+        ((True, False), "/opt/ComfyUI", "own"),  # no models there: start our own, which can take tiny ones
+        ((False, False), "/opt/ComfyUI", "own"),
+        ((False, False), None, "error"),  # nothing to start: say how to install the pack
+    ],
+)
 def test_which_comfyui_is_used(tmp_path, monkeypatch, ready, comfy_dir, expected):
     monkeypatch.setattr(pipeline, "probe", lambda url, timeout=1.5: url == pipeline.DEFAULT_LOCAL_URL)
     monkeypatch.setattr(pipeline, "_charforge_ready", lambda url: ready)
-    monkeypatch.setattr(pipeline, "start_own_server", lambda path, out, say, port=None: pipeline.Server("own", None,
-                                                                                                          path))
+    monkeypatch.setattr(
+        pipeline, "start_own_server", lambda path, out, say, port=None: pipeline.Server("own", None, path)
+    )
     (tmp_path / "ComfyUI").mkdir()
     (tmp_path / "ComfyUI" / "main.py").write_text("")
     env = {"COMFYUI_DIR": str(tmp_path / "ComfyUI"), "COMFYUI_PYTHON": "python"} if comfy_dir else {}
@@ -399,15 +498,26 @@ def test_the_base_model_family_comes_from_the_checkpoint_keys(tmp_path):
     folder = tmp_path / "base" / "models" / "checkpoints"
     folder.mkdir(parents=True)
     tensor = np.zeros(1, np.float32)
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": tensor,
-               "conditioner.embedders.1.model.ln_final.weight": tensor}, str(folder / "ponyDiffusionV6.safetensors"))
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": tensor,
-               "cond_stage_model.transformer.text_model.final_layer_norm.weight": tensor},
-              str(folder / "my_xl_looking_sd15.safetensors"))
+    save_file(
+        {
+            "model.diffusion_model.input_blocks.0.0.weight": tensor,
+            "conditioner.embedders.1.model.ln_final.weight": tensor,
+        },
+        str(folder / "ponyDiffusionV6.safetensors"),
+    )
+    save_file(
+        {
+            "model.diffusion_model.input_blocks.0.0.weight": tensor,
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight": tensor,
+        },
+        str(folder / "my_xl_looking_sd15.safetensors"),
+    )
     server = pipeline.Server("http://127.0.0.1:1", base_dir=tmp_path / "base")
     assert pipeline.checkpoint_arch(server, "ponyDiffusionV6.safetensors") == "sdxl"  # no "xl" in the name
     assert pipeline.checkpoint_arch(server, "my_xl_looking_sd15.safetensors") == "sd15"  # the keys win
-    assert pipeline.checkpoint_arch(server, "remote_juggernautXL.safetensors") == "sdxl"  # not local: the name
+    assert (
+        pipeline.checkpoint_arch(server, "remote_juggernautXL.safetensors") == "sdxl"
+    )  # not local: the name
     assert pipeline.checkpoint_arch(server, "remote_dreamshaper.ckpt") == "sd15"
 
 
@@ -420,7 +530,9 @@ def test_the_readme_and_out_readme_describe_the_same_layout():
     assert folders >= {"dataset", "captions", "lora", "images", "video", "comfyui"}
     described = set(re.findall(r"^([a-z]+)/ ", pipeline.out_readme({"stages": {}}), re.MULTILINE))
     assert folders == described
-    assert "datasets/pip/report/report.html" not in readme  # the report the demo leaves is out/dataset/report.html
+    assert (
+        "datasets/pip/report/report.html" not in readme
+    )  # the report the demo leaves is out/dataset/report.html
 
 
 def test_own_server_sees_every_model_folder_of_the_comfyui_install(tmp_path):
@@ -431,6 +543,7 @@ def test_own_server_sees_every_model_folder_of_the_comfyui_install(tmp_path):
 
     data = yaml.safe_load(pipeline.extra_model_paths(tmp_path / "ComfyUI" / "models"))["comfyui_install"]
     assert data.pop("base_path") == str(tmp_path / "ComfyUI" / "models")
-    assert {key: value.split() for key, value in data.items()} == \
-        {key: [f"{name}/" for name in names] for key, names in all_model_folders().items()}
+    assert {key: value.split() for key, value in data.items()} == {
+        key: [f"{name}/" for name in names] for key, names in all_model_folders().items()
+    }
     assert {"blip", "frame_interpolation", "charforge", "checkpoints"} <= set(data)

@@ -44,11 +44,15 @@ class ServerSide:
             entries = []
             for i, photo in enumerate(photos, 1):
                 (img / f"{i:04d}.png").write_bytes(photo.read_bytes())
-                entries.append({"id": f"{i:04d}", "source": str(photo), "file": f"img/10_zqx cartoon boy/{i:04d}.png"})
+                entries.append(
+                    {"id": f"{i:04d}", "source": str(photo), "file": f"img/10_zqx cartoon boy/{i:04d}.png"}
+                )
             (ds / "pip" / "kohya" / "manifest.json").write_text(json.dumps({"entries": entries}))
             self._report(ds / "pip")
-            return {"6": f"{len(photos)} image(s) exported to {img} ({len(photos)} written)",
-                    "7": f"report: {ds / 'pip' / 'report' / 'report.html'}"}
+            return {
+                "6": f"{len(photos)} image(s) exported to {img} ({len(photos)} written)",
+                "7": f"report: {ds / 'pip' / 'report' / 'report.html'}",
+            }
         if "CharForgeCaptionDataset" in classes:
             source = Path(prompt["1"]["inputs"]["folder"])
             img = ds / "pip_captioned" / "captioned" / "img" / "10_zqx cartoon boy"
@@ -57,11 +61,18 @@ class ServerSide:
             for i, picture in enumerate(sorted(source.rglob("*.png")), 1):
                 (img / f"{i:04d}.png").write_bytes(picture.read_bytes())
                 (img / f"{i:04d}.txt").write_text(f"zqx, cartoon boy, tag{i}")
-                entries.append({"id": f"{i:04d}", "source": str(picture), "file": f"img/10_zqx cartoon boy/{i:04d}.png"})
-            (ds / "pip_captioned" / "captioned" / "manifest.json").write_text(json.dumps({"entries": entries}))
+                entries.append(
+                    {"id": f"{i:04d}", "source": str(picture), "file": f"img/10_zqx cartoon boy/{i:04d}.png"}
+                )
+            (ds / "pip_captioned" / "captioned" / "manifest.json").write_text(
+                json.dumps({"entries": entries})
+            )
             self._report(ds / "pip_captioned")
-            return {"2": "captioned", "3": f"{len(entries)} image(s) exported to {img} ({len(entries)} written)",
-                    "4": f"report: {ds / 'pip_captioned' / 'report' / 'report.html'}"}
+            return {
+                "2": "captioned",
+                "3": f"{len(entries)} image(s) exported to {img} ({len(entries)} written)",
+                "4": f"report: {ds / 'pip_captioned' / 'report' / 'report.html'}",
+            }
         if "CharForgeTrainLoRA" in classes:
             run = self.root / "train_runs" / "pip_tiny_random"
             (run / "samples").mkdir(parents=True, exist_ok=True)
@@ -104,9 +115,20 @@ def _stand_ins(monkeypatch, server: ServerSide) -> None:
 
     monkeypatch.setattr(pipeline, "ComfyClient", Client)
     monkeypatch.setattr(pipeline, "Runner", Runner)
-    monkeypatch.setattr(pipeline, "choose_models", lambda *a: pipeline.Models(
-        tiny=True, checkpoint="tiny.safetensors", train_base="[diffusers] tiny", arch="sd15", tagger="t",
-        clip="c", motion=None, faces=False))
+    monkeypatch.setattr(
+        pipeline,
+        "choose_models",
+        lambda *a: pipeline.Models(
+            tiny=True,
+            checkpoint="tiny.safetensors",
+            train_base="[diffusers] tiny",
+            arch="sd15",
+            tagger="t",
+            clip="c",
+            motion=None,
+            faces=False,
+        ),
+    )
 
 
 def _photos(tmp_path: Path) -> Path:
@@ -126,8 +148,15 @@ def remote_run(comfy_env, tmp_path, monkeypatch):
         monkeypatch.setattr(pipeline, "acquire_server", lambda opts, say: pipeline.Server(fake.url))
 
         def run(said=None):
-            opts = pipeline.PipelineOptions(photos=photos, out=tmp_path / "out", character="pip", trigger="zqx",
-                                            class_tokens="cartoon boy", remote=True, face_check=False)
+            opts = pipeline.PipelineOptions(
+                photos=photos,
+                out=tmp_path / "out",
+                character="pip",
+                trigger="zqx",
+                class_tokens="cartoon boy",
+                remote=True,
+                face_check=False,
+            )
             return pipeline.run_pipeline(opts, (said if said is not None else []).append)
 
         yield fake, server, run, tmp_path / "out"
@@ -139,8 +168,13 @@ def test_remote_run_brings_everything_home_and_resumes_after_a_kill(remote_run):
     with pytest.raises(KeyboardInterrupt):
         run()
     assert server.folders == [str((fake.input_dir / "charforge" / "pip").resolve())]
-    assert sorted(p.name for p in (out / "captions").iterdir()) == ["pip_1.txt", "pip_2.txt"]  # named after photos
-    assert (out / "dataset" / "report.html").is_file() and (out / "dataset" / "selection" / "report.html").is_file()
+    assert sorted(p.name for p in (out / "captions").iterdir()) == [
+        "pip_1.txt",
+        "pip_2.txt",
+    ]  # named after photos
+    assert (out / "dataset" / "report.html").is_file() and (
+        out / "dataset" / "selection" / "report.html"
+    ).is_file()
 
     server.kill_training = False
     fake.requests.clear()
@@ -149,7 +183,10 @@ def test_remote_run_brings_everything_home_and_resumes_after_a_kill(remote_run):
     assert sum("finished in an earlier run, skipped" in line for line in said) == 2  # dataset, captions
     assert not [r for r in fake.requests if r.method == "PUT"]  # no photo sent again
     lora = state["stages"]["lora"]
-    assert Path(lora["lora_path"]).read_bytes() == (fake.root / "models" / "loras" / lora["lora_name"]).read_bytes()
+    assert (
+        Path(lora["lora_path"]).read_bytes()
+        == (fake.root / "models" / "loras" / lora["lora_name"]).read_bytes()
+    )
     assert lora["lora_sha256"] == hashlib.sha256(LORA).hexdigest()
     assert (out / "lora" / "run" / "samples" / "step_000002_0.png").is_file()
     assert (out / "lora" / "run" / "pip_tiny_random.safetensors").read_bytes() == LORA
@@ -178,19 +215,30 @@ def test_on_a_runpod_pod_started_for_the_run_and_stopped_after(comfy_env, tmp_pa
         for name, value in runpod.env().items():
             monkeypatch.setenv(name, value)
         config = tmp_path / "config.yaml"
-        config.write_text("profiles:\n  gpu:\n    server: runpod-pod:pod1\n"
-                          "    runpod: {on_finish: stop, ready_interval: 0.05}\n")
+        config.write_text(
+            "profiles:\n  gpu:\n    server: runpod-pod:pod1\n"
+            "    runpod: {on_finish: stop, ready_interval: 0.05}\n"
+        )
         monkeypatch.setenv("CHARFORGE_CONFIG", str(config))
         server = ServerSide(fake)
         _stand_ins(monkeypatch, server)
         said: list[str] = []
-        opts = pipeline.PipelineOptions(photos=photos, out=tmp_path / "out", character="pip", trigger="zqx",
-                                        class_tokens="cartoon boy", face_check=False, server="gpu")
+        opts = pipeline.PipelineOptions(
+            photos=photos,
+            out=tmp_path / "out",
+            character="pip",
+            trigger="zqx",
+            class_tokens="cartoon boy",
+            face_check=False,
+            server="gpu",
+        )
         state = pipeline.run_pipeline(opts, said.append)
         assert runpod.pods["pod1"].status == "EXITED"  # stopped again
         proxied = [r for r in fake.requests if r.method == "PUT"]
     assert proxied and state["remote"] is True
-    assert state["pod"]["id"] == "pod1" and state["pod"]["finish"] == "stopped" and state["pod"]["cost_usd"] >= 0
+    assert (
+        state["pod"]["id"] == "pod1" and state["pod"]["finish"] == "stopped" and state["pod"]["cost_usd"] >= 0
+    )
     assert any(line.startswith("pod pod1:") and "/h = $" in line for line in said)
     assert any("RunPod pod" in line for line in pipeline.summary_lines(state, tmp_path / "out"))
     assert Path(state["stages"]["lora"]["lora_path"]).read_bytes() == LORA

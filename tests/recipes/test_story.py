@@ -20,9 +20,14 @@ from charforge.recipes import cli
 from charforge.recipes.story import Character, Guidance, detect_guidance, frame_graph
 
 LORA_IDENTITY, BASE_IDENTITY, GUIDE_IDENTITY, TEXT = 0.71, 0.23, 0.88, 0.31
-SCENES = ["close-up portrait of the character, face clearly visible", "the character reads a letter",
-          "the character walks to the harbour", "the character boards a boat", "the character at sea at sunset",
-          "the character arrives on an island"]
+SCENES = [
+    "close-up portrait of the character, face clearly visible",
+    "the character reads a letter",
+    "the character walks to the harbour",
+    "the character boards a boat",
+    "the character at sea at sunset",
+    "the character arrives on an island",
+]
 
 
 async def _lora(ctx, model, clip, lora_name, strength_model, strength_clip):
@@ -45,8 +50,9 @@ async def _build_identity(ctx, face_models, name, save, folder="", images=None):
     photos = [p for p in (ctx.server.input_dir / folder).iterdir() if p.is_file()]
     if not photos:
         raise ValueError(f"no photos in {folder}")
-    return (f"IDENTITY:{name}:{len(photos)}", 0.3, f"{len(photos)} reference(s)", FakeImage(1, 8, 8)), \
-        {"text": [f"{len(photos)} reference(s)"]}
+    return (f"IDENTITY:{name}:{len(photos)}", 0.3, f"{len(photos)} reference(s)", FakeImage(1, 8, 8)), {
+        "text": [f"{len(photos)} reference(s)"]
+    }
 
 
 async def _load_identity(ctx, name):
@@ -65,32 +71,75 @@ async def _clip_vision(ctx, clip_name):
     return (f"CV:{clip_name}",), None
 
 
-async def _ipadapter(ctx, model, ipadapter, image, weight, weight_type, combine_embeds, start_at, end_at,
-                     embeds_scaling, clip_vision=None, **_):
+async def _ipadapter(
+    ctx,
+    model,
+    ipadapter,
+    image,
+    weight,
+    weight_type,
+    combine_embeds,
+    start_at,
+    end_at,
+    embeds_scaling,
+    clip_vision=None,
+    **_,
+):
     return (f"{model}+IPA({weight})",), None
 
 
-async def _select(ctx, images, prompts, face_models, identity, mode, identity_weight, text_weight, face_choice,
-                  seeds=None, captions=None, clip=None, reference=None, first_frame=1):
+async def _select(
+    ctx,
+    images,
+    prompts,
+    face_models,
+    identity,
+    mode,
+    identity_weight,
+    text_weight,
+    face_choice,
+    seeds=None,
+    captions=None,
+    clip=None,
+    reference=None,
+    first_frame=1,
+):
     """Planted scores: identity depends on whether the graph loads the LoRA, guide identity on the reference."""
     assert identity.startswith("IDENTITY:") and face_models.startswith("FACES:")
     lora = any(node["class_type"] == "LoraLoader" for node in ctx.prompt.values())
-    frame = {"index": first_frame - 1, "prompt": prompts, "seed": seeds, "candidates": images.batch,
-             "chosen": images.batch - 1, "identity": LORA_IDENTITY if lora else BASE_IDENTITY,
-             "text": TEXT if clip else None, "guide_identity": GUIDE_IDENTITY if reference is not None else None,
-             "combined": 0.5, "note": ""}
+    frame = {
+        "index": first_frame - 1,
+        "prompt": prompts,
+        "seed": seeds,
+        "candidates": images.batch,
+        "chosen": images.batch - 1,
+        "identity": LORA_IDENTITY if lora else BASE_IDENTITY,
+        "text": TEXT if clip else None,
+        "guide_identity": GUIDE_IDENTITY if reference is not None else None,
+        "combined": 0.5,
+        "note": "",
+    }
     record = json.dumps({"format": "charforge.storyboard", "version": 1, "mode": mode, "frames": [frame]})
     color = (images.color + first_frame * 40) & 0xFFFFFF
-    return (FakeImage(1, images.width, images.height, color), record, "report", "SCORES"), \
-        {"text": ["report"], "storyboard": [record]}
+    return (FakeImage(1, images.width, images.height, color), record, "report", "SCORES"), {
+        "text": ["report"],
+        "storyboard": [record],
+    }
 
 
 def _select_def() -> NodeDef:
     """Storyboard Select with the input declarations of the real node (the driver must match them)."""
     declared = StoryboardSelect.INPUT_TYPES()
-    return NodeDef("CharForgeStoryboardSelect", dict(declared["required"]), dict(declared["optional"]),
-                   outputs=StoryboardSelect.RETURN_TYPES, output_node=True, category="CharForge/Story",
-                   python_module="custom_nodes.charforge", run=_select)
+    return NodeDef(
+        "CharForgeStoryboardSelect",
+        dict(declared["required"]),
+        dict(declared["optional"]),
+        outputs=StoryboardSelect.RETURN_TYPES,
+        output_node=True,
+        category="CharForge/Story",
+        python_module="custom_nodes.charforge",
+        run=_select,
+    )
 
 
 class StoryServer(FakeComfyServer):
@@ -100,45 +149,102 @@ class StoryServer(FakeComfyServer):
         super().__init__(**kw)
         flt = ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0})
         nodes = [
-            NodeDef("LoraLoader", {"model": ("MODEL",), "clip": ("CLIP",),
-                                   "lora_name": (["hero.safetensors", "other.safetensors"],),
-                                   "strength_model": flt, "strength_clip": flt},
-                    outputs=("MODEL", "CLIP"), run=_lora),
-            NodeDef("VAEEncode", {"pixels": ("IMAGE",), "vae": ("VAE",)}, outputs=("LATENT",), run=_vae_encode),
-            NodeDef("RepeatLatentBatch", {"samples": ("LATENT",), "amount": ("INT", {"default": 1, "min": 1,
-                                                                                      "max": 64})},
-                    outputs=("LATENT",), run=_repeat),
-            NodeDef("CharForgeLoadFaceModels", {"pack": (["antelopev2", "buffalo_l"],),
-                                                "det_size": ("INT", {"default": 640, "min": 160, "max": 1280}),
-                                                "provider": (["auto", "CPU"],)},
-                    outputs=("CHARFORGE_FACE_MODELS",), run=_face_models),
-            NodeDef("CharForgeBuildIdentity", {"face_models": ("CHARFORGE_FACE_MODELS",), "name": ("STRING", {}),
-                                               "save": ("BOOLEAN", {"default": True})},
-                    optional={"images": ("IMAGE",), "folder": ("STRING", {"default": ""})},
-                    outputs=("CHARFORGE_IDENTITY", "FLOAT", "STRING", "IMAGE"), output_node=True,
-                    run=_build_identity),
-            NodeDef("CharForgeLoadIdentity", {"name": (["hero_saved"],)},
-                    outputs=("CHARFORGE_IDENTITY", "FLOAT", "STRING"), run=_load_identity),
-            NodeDef("CharForgeLoadClip", {"model": (["clip-vit-b"] if clip else ["(no CLIP folder found)"],),
-                                          "device": (["auto", "cpu", "cuda"],)},
-                    optional={"path": ("STRING", {"default": ""})}, outputs=("CHARFORGE_CLIP",), run=_load_clip),
+            NodeDef(
+                "LoraLoader",
+                {
+                    "model": ("MODEL",),
+                    "clip": ("CLIP",),
+                    "lora_name": (["hero.safetensors", "other.safetensors"],),
+                    "strength_model": flt,
+                    "strength_clip": flt,
+                },
+                outputs=("MODEL", "CLIP"),
+                run=_lora,
+            ),
+            NodeDef(
+                "VAEEncode", {"pixels": ("IMAGE",), "vae": ("VAE",)}, outputs=("LATENT",), run=_vae_encode
+            ),
+            NodeDef(
+                "RepeatLatentBatch",
+                {"samples": ("LATENT",), "amount": ("INT", {"default": 1, "min": 1, "max": 64})},
+                outputs=("LATENT",),
+                run=_repeat,
+            ),
+            NodeDef(
+                "CharForgeLoadFaceModels",
+                {
+                    "pack": (["antelopev2", "buffalo_l"],),
+                    "det_size": ("INT", {"default": 640, "min": 160, "max": 1280}),
+                    "provider": (["auto", "CPU"],),
+                },
+                outputs=("CHARFORGE_FACE_MODELS",),
+                run=_face_models,
+            ),
+            NodeDef(
+                "CharForgeBuildIdentity",
+                {
+                    "face_models": ("CHARFORGE_FACE_MODELS",),
+                    "name": ("STRING", {}),
+                    "save": ("BOOLEAN", {"default": True}),
+                },
+                optional={"images": ("IMAGE",), "folder": ("STRING", {"default": ""})},
+                outputs=("CHARFORGE_IDENTITY", "FLOAT", "STRING", "IMAGE"),
+                output_node=True,
+                run=_build_identity,
+            ),
+            NodeDef(
+                "CharForgeLoadIdentity",
+                {"name": (["hero_saved"],)},
+                outputs=("CHARFORGE_IDENTITY", "FLOAT", "STRING"),
+                run=_load_identity,
+            ),
+            NodeDef(
+                "CharForgeLoadClip",
+                {
+                    "model": (["clip-vit-b"] if clip else ["(no CLIP folder found)"],),
+                    "device": (["auto", "cpu", "cuda"],),
+                },
+                optional={"path": ("STRING", {"default": ""})},
+                outputs=("CHARFORGE_CLIP",),
+                run=_load_clip,
+            ),
             _select_def(),
         ]
         if ipadapter:
             nodes += [
-                NodeDef("IPAdapterModelLoader", {"ipadapter_file": (["ip-adapter_sd15.safetensors",
-                                                                     "ip-adapter-plus-face_sd15.safetensors"],)},
-                        outputs=("IPADAPTER",), run=_ipadapter_loader),
-                NodeDef("CLIPVisionLoader", {"clip_name": (["CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"],)},
-                        outputs=("CLIP_VISION",), run=_clip_vision),
-                NodeDef("IPAdapterAdvanced", {
-                    "model": ("MODEL",), "ipadapter": ("IPADAPTER",), "image": ("IMAGE",),
-                    "weight": ("FLOAT", {"default": 1.0, "min": -1, "max": 5}),
-                    "weight_type": (["linear", "ease in"],), "combine_embeds": (["concat", "add"],),
-                    "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0}),
-                    "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0}),
-                    "embeds_scaling": (["V only", "K+V"],)},
-                    optional={"clip_vision": ("CLIP_VISION",)}, outputs=("MODEL",), run=_ipadapter),
+                NodeDef(
+                    "IPAdapterModelLoader",
+                    {
+                        "ipadapter_file": (
+                            ["ip-adapter_sd15.safetensors", "ip-adapter-plus-face_sd15.safetensors"],
+                        )
+                    },
+                    outputs=("IPADAPTER",),
+                    run=_ipadapter_loader,
+                ),
+                NodeDef(
+                    "CLIPVisionLoader",
+                    {"clip_name": (["CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"],)},
+                    outputs=("CLIP_VISION",),
+                    run=_clip_vision,
+                ),
+                NodeDef(
+                    "IPAdapterAdvanced",
+                    {
+                        "model": ("MODEL",),
+                        "ipadapter": ("IPADAPTER",),
+                        "image": ("IMAGE",),
+                        "weight": ("FLOAT", {"default": 1.0, "min": -1, "max": 5}),
+                        "weight_type": (["linear", "ease in"],),
+                        "combine_embeds": (["concat", "add"],),
+                        "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0}),
+                        "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0}),
+                        "embeds_scaling": (["V only", "K+V"],),
+                    },
+                    optional={"clip_vision": ("CLIP_VISION",)},
+                    outputs=("MODEL",),
+                    run=_ipadapter,
+                ),
             ]
         self.nodes.update({n.name: n for n in nodes})
 
@@ -179,10 +285,30 @@ def scenes(tmp_path) -> Path:
 def test_story_both_modes_and_base_write_frames_sheets_metadata_and_ablation(tmp_path, refs, scenes):
     out = tmp_path / "out"
     with StoryServer() as server:
-        code, stdout, stderr = run_cli("story", "She sails to the island.", "--server", server.url, "--scenes",
-                                       str(scenes), "--lora", "hero.safetensors:0.8", "--trigger", "ohwx woman",
-                                       "--reference", str(refs), "--candidates", "3", "--seed", "100",
-                                       "--width", "64", "--height", "48", "--out", str(out))
+        code, stdout, stderr = run_cli(
+            "story",
+            "She sails to the island.",
+            "--server",
+            server.url,
+            "--scenes",
+            str(scenes),
+            "--lora",
+            "hero.safetensors:0.8",
+            "--trigger",
+            "ohwx woman",
+            "--reference",
+            str(refs),
+            "--candidates",
+            "3",
+            "--seed",
+            "100",
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--out",
+            str(out),
+        )
         prompts = server.prompts()
         uploaded = sorted(p.name for p in (server.input_dir / "charforge_story" / "hero_refs").iterdir())
     assert code == 0, stderr
@@ -191,21 +317,27 @@ def test_story_both_modes_and_base_write_frames_sheets_metadata_and_ablation(tmp
 
     simple, reference, base = prompts[:6], prompts[6:12], prompts[12:]
     for i, prompt in enumerate(simple):
-        assert prompt["20"]["inputs"]["lora_name"] == "hero.safetensors" and prompt["20"]["inputs"]["strength_model"] == 0.8
+        assert (
+            prompt["20"]["inputs"]["lora_name"] == "hero.safetensors"
+            and prompt["20"]["inputs"]["strength_model"] == 0.8
+        )
         assert prompt["3"]["inputs"]["text"] == f"ohwx woman, {SCENES[i]}"
         assert prompt["5"]["class_type"] == "EmptyLatentImage" and prompt["5"]["inputs"]["batch_size"] == 3
         assert prompt["6"]["inputs"]["seed"] == 100 + i and prompt["6"]["inputs"]["denoise"] == 1.0
         assert prompt["9"]["inputs"]["folder"] == "charforge_story/hero_refs"
         assert prompt["11"]["inputs"]["mode"] == "simple" and prompt["11"]["inputs"]["clip"] == ["10", 0]
-    assert all("20" not in p and p["3"]["inputs"]["text"] == s["3"]["inputs"]["text"]
-               for p, s in zip(base, simple, strict=True))
+    assert all(
+        "20" not in p and p["3"]["inputs"]["text"] == s["3"]["inputs"]["text"]
+        for p, s in zip(base, simple, strict=True)
+    )
     assert [p["6"]["inputs"]["seed"] for p in base] == [p["6"]["inputs"]["seed"] for p in simple]
     assert reference[0]["5"]["class_type"] == "EmptyLatentImage" and "30" not in reference[0]
     for i, prompt in enumerate(reference[1:], start=2):
         assert prompt["34"]["class_type"] == "VAEEncode" and prompt["5"]["class_type"] == "RepeatLatentBatch"
         assert prompt["5"]["inputs"]["amount"] == 3 and prompt["6"]["inputs"]["denoise"] == 0.55
         assert prompt["30"]["inputs"]["image"].startswith("charforge_story/") and prompt["11"]["inputs"][
-            "reference"] == ["30", 0]
+            "reference"
+        ] == ["30", 0]
         assert prompt["11"]["inputs"]["first_frame"] == i and prompt["11"]["inputs"]["mode"] == "reference"
 
     for mode in ("simple", "reference", "base"):
@@ -218,7 +350,9 @@ def test_story_both_modes_and_base_write_frames_sheets_metadata_and_ablation(tmp
         assert [f["image"] for f in data["frames"]] == names[:6] and data["frames"][0]["candidates"] == 3
         assert data["frames"][1]["caption"] == "the character reads a letter"
         assert data["models"]["checkpoint"] == "v1-5-pruned-emaonly.safetensors"
-        assert data["models"]["loras"] == ([] if mode == "base" else [{"name": "hero.safetensors", "weight": 0.8}])
+        assert data["models"]["loras"] == (
+            [] if mode == "base" else [{"name": "hero.safetensors", "weight": 0.8}]
+        )
         with Image.open(folder / "frame_01.png") as frame:  # (the fake LoadImage makes 64 x 64 frames 2+)
             assert frame.size == (64, 48)
         with Image.open(folder / "sheet.png") as sheet:
@@ -230,7 +364,10 @@ def test_story_both_modes_and_base_write_frames_sheets_metadata_and_ablation(tmp
 
     ablation = json.loads((out / "ablation.json").read_text())
     rows = {r["mode"]: r for r in ablation["modes"]}
-    assert rows["simple"]["identity_mean"] == LORA_IDENTITY and rows["reference"]["identity_mean"] == LORA_IDENTITY
+    assert (
+        rows["simple"]["identity_mean"] == LORA_IDENTITY
+        and rows["reference"]["identity_mean"] == LORA_IDENTITY
+    )
     assert rows["base"]["identity_mean"] == BASE_IDENTITY and rows["simple"]["text_mean"] == TEXT
     assert ablation["best_identity"] == "simple"
     assert "| base model without LoRA | 6 | 6 | 0.230 |" in (out / "ablation.md").read_text()
@@ -248,18 +385,38 @@ def test_story_with_llm_scenes_ipadapter_and_saved_identity(tmp_path, monkeypatc
     out = tmp_path / "out"
     try:
         with StoryServer(ipadapter=True, clip=False) as server:
-            code, stdout, stderr = run_cli("story", "She sails away.", "--server", server.url, "--mode", "reference",
-                                           "--no-base", "--lora", "hero.safetensors", "--reference", "hero_saved",
-                                           "--llm-url", endpoint.url, "--llm-key-env", "CF_STORY_TEST_KEY",
-                                           "--candidates", "2", "--json", "--out", str(out))
+            code, stdout, stderr = run_cli(
+                "story",
+                "She sails away.",
+                "--server",
+                server.url,
+                "--mode",
+                "reference",
+                "--no-base",
+                "--lora",
+                "hero.safetensors",
+                "--reference",
+                "hero_saved",
+                "--llm-url",
+                endpoint.url,
+                "--llm-key-env",
+                "CF_STORY_TEST_KEY",
+                "--candidates",
+                "2",
+                "--json",
+                "--out",
+                str(out),
+            )
             prompts = server.prompts()
     finally:
         endpoint.close()
     assert code == 0, stderr + stdout
     assert endpoint.requests[-1]["auth"] == "Bearer sk-secret" and "sk-secret" not in stdout + stderr
-    assert len(prompts) == 6 and prompts[0]["9"] == {"class_type": "CharForgeLoadIdentity",
-                                                     "inputs": {"name": "hero_saved"},
-                                                     "_meta": {"title": "Character identity"}}
+    assert len(prompts) == 6 and prompts[0]["9"] == {
+        "class_type": "CharForgeLoadIdentity",
+        "inputs": {"name": "hero_saved"},
+        "_meta": {"title": "Character identity"},
+    }
     assert "10" not in prompts[0]  # no CLIP folder on the server: no text agreement
     guided = prompts[3]
     assert guided["31"]["inputs"]["ipadapter_file"] == "ip-adapter-plus-face_sd15.safetensors"
@@ -268,7 +425,10 @@ def test_story_with_llm_scenes_ipadapter_and_saved_identity(tmp_path, monkeypatc
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["event"] == "result" and set(result["sheets"]) == {"reference"}
     data = json.loads((out / "reference" / "metadata.json").read_text())
-    assert data["frames"][0]["prompt"].startswith("close-up portrait") and data["frames"][2]["guidance"] == "ipadapter"
+    assert (
+        data["frames"][0]["prompt"].startswith("close-up portrait")
+        and data["frames"][2]["guidance"] == "ipadapter"
+    )
     assert data["frames"][0]["text"] is None and data["models"]["guidance"]["kind"] == "ipadapter"
     assert json.loads((out / "ablation.json").read_text())["best_text"] is None
 
@@ -280,15 +440,25 @@ def test_story_errors_are_usage_errors(tmp_path, refs, scenes):
         assert code == 2 and "'missing.safetensors' is not in the server's loras folder" in err
         code, _, err = run_cli("story", *common, "--lora", "hero.safetensors", "--reference", "nobody")
         assert code == 2 and "neither a local folder nor an identity saved" in err and "hero_saved" in err
-        code, _, err = run_cli("story", *common, "--lora", "hero.safetensors", "--reference", str(refs),
-                               "--guidance", "ipadapter")
+        code, _, err = run_cli(
+            "story",
+            *common,
+            "--lora",
+            "hero.safetensors",
+            "--reference",
+            str(refs),
+            "--guidance",
+            "ipadapter",
+        )
         assert code == 2 and "IPAdapterModelLoader" in err
         assert server.prompts() == []
     code, _, err = run_cli("story", "x", "--scenes", str(scenes), "--out", str(tmp_path / "o"))
     assert code == 2 and "name the character" in err
     short = tmp_path / "short.txt"
     short.write_text("one\ntwo\n")
-    code, _, err = run_cli("story", "--scenes", str(short), "--lora", "a.safetensors", "--out", str(tmp_path / "o"))
+    code, _, err = run_cli(
+        "story", "--scenes", str(short), "--lora", "a.safetensors", "--out", str(tmp_path / "o")
+    )
     assert code == 2 and "has 2: add scenes" in err
 
 
@@ -298,14 +468,39 @@ def test_guidance_detection_and_graph_shape():
     with pytest.raises(Exception, match="lacks the nodes"):
         detect_guidance(info, "ipadapter")
     character = Character("hero", loras=[("a.safetensors", 1.0), ("b.safetensors", 0.5)])
-    graph = frame_graph(character=character, checkpoint="m.safetensors", prompt="p", seed=1, candidates=2,
-                        mode="simple", identity={"name": "hero"}, face_pack="buffalo_l", clip_model=None,
-                        weights=(1.0, 0.5), frame=1, save_prefix="x/frame_01")
+    graph = frame_graph(
+        character=character,
+        checkpoint="m.safetensors",
+        prompt="p",
+        seed=1,
+        candidates=2,
+        mode="simple",
+        identity={"name": "hero"},
+        face_pack="buffalo_l",
+        clip_model=None,
+        weights=(1.0, 0.5),
+        frame=1,
+        save_prefix="x/frame_01",
+    )
     assert graph["21"]["inputs"]["model"] == ["20", 0] and graph["6"]["inputs"]["model"] == ["21", 0]
     assert graph["12"]["inputs"]["filename_prefix"] == "x/frame_01" and "10" not in graph
-    guided = frame_graph(character=character, checkpoint="m", prompt="p", seed=1, candidates=2, mode="reference",
-                         identity={"name": "hero"}, face_pack="buffalo_l", clip_model="c", weights=(1.0, 0.5),
-                         frame=2, save_prefix="x", guide_image="f.png", guidance=Guidance("img2img"), denoise=0.4)
+    guided = frame_graph(
+        character=character,
+        checkpoint="m",
+        prompt="p",
+        seed=1,
+        candidates=2,
+        mode="reference",
+        identity={"name": "hero"},
+        face_pack="buffalo_l",
+        clip_model="c",
+        weights=(1.0, 0.5),
+        frame=2,
+        save_prefix="x",
+        guide_image="f.png",
+        guidance=Guidance("img2img"),
+        denoise=0.4,
+    )
     assert guided["6"]["inputs"]["denoise"] == 0.4 and guided["34"]["inputs"]["pixels"] == ["30", 0]
 
 
@@ -314,17 +509,47 @@ def test_a_character_from_flags_renders_with_the_preset_schemas_defaults():
     gives an unknown base model; metadata keeps the settings flat beside the rest."""
     character = Character("hero")
     assert character.generation == GenerationParams(width=default_size(""), height=default_size(""))
-    graph = frame_graph(character=character, checkpoint="m", prompt="p", seed=1, candidates=1, mode="simple",
-                        identity={"name": "hero"}, face_pack="buffalo_l", clip_model=None, weights=(1.0, 0.5),
-                        frame=1, save_prefix="x")
+    graph = frame_graph(
+        character=character,
+        checkpoint="m",
+        prompt="p",
+        seed=1,
+        candidates=1,
+        mode="simple",
+        identity={"name": "hero"},
+        face_pack="buffalo_l",
+        clip_model=None,
+        weights=(1.0, 0.5),
+        frame=1,
+        save_prefix="x",
+    )
     sampler, latent = graph["6"]["inputs"], graph["5"]["inputs"]
-    assert (sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == (25, 7.0, "euler",
-                                                                                                 "normal")
+    assert (sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == (
+        25,
+        7.0,
+        "euler",
+        "normal",
+    )
     assert (latent["width"], latent["height"]) == (512, 512)
     record = character.to_dict()
-    assert list(record) == ["name", "trigger", "prompt", "negative", "loras", "reference", "reference_photos",
-                            "threshold", "checkpoint", "steps", "cfg", "width", "height", "sampler", "scheduler",
-                            "display_name"]
+    assert list(record) == [
+        "name",
+        "trigger",
+        "prompt",
+        "negative",
+        "loras",
+        "reference",
+        "reference_photos",
+        "threshold",
+        "checkpoint",
+        "steps",
+        "cfg",
+        "width",
+        "height",
+        "sampler",
+        "scheduler",
+        "display_name",
+    ]
     assert (record["width"], record["sampler"]) == (512, "euler")
 
 
@@ -337,14 +562,28 @@ def test_story_with_a_character_preset(tmp_path, monkeypatch, scenes):
         "display_name: Mara\ntrigger_words: [mara_cf]\n"
         "loras:\n  - {name: hero.safetensors, weight: 0.9, clip_weight: 0.5}\n"
         "negative_prompt: ugly\nidentity: hero_saved\nprompt: photo of a woman\n"
-        "generation: {steps: 3, cfg: 5.0, width: 64, height: 48, sampler: euler, scheduler: normal}\n")
+        "generation: {steps: 3, cfg: 5.0, width: 64, height: 48, sampler: euler, scheduler: normal}\n"
+    )
     monkeypatch.setenv("CHARFORGE_MODELS_DIR", str(models))
     bridge.reset()
     try:
         with StoryServer() as server:
-            code, _, stderr = run_cli("story", "--character", "mara", "--server", server.url, "--scenes", str(scenes),
-                                      "--mode", "simple", "--no-base", "--candidates", "1", "--out",
-                                      str(tmp_path / "out"))
+            code, _, stderr = run_cli(
+                "story",
+                "--character",
+                "mara",
+                "--server",
+                server.url,
+                "--scenes",
+                str(scenes),
+                "--mode",
+                "simple",
+                "--no-base",
+                "--candidates",
+                "1",
+                "--out",
+                str(tmp_path / "out"),
+            )
             prompts = server.prompts()
     finally:
         bridge.reset()
@@ -353,10 +592,15 @@ def test_story_with_a_character_preset(tmp_path, monkeypatch, scenes):
     assert first["20"]["inputs"]["strength_model"] == 0.9 and first["20"]["inputs"]["strength_clip"] == 0.5
     assert first["3"]["inputs"]["text"] == f"mara_cf, {SCENES[0]}, photo of a woman"
     assert first["4"]["inputs"]["text"] == "ugly" and first["9"]["inputs"] == {"name": "hero_saved"}
-    assert (first["6"]["inputs"]["steps"], first["6"]["inputs"]["sampler_name"], first["5"]["inputs"]["height"]) == \
-        (3, "euler", 48)
+    assert (
+        first["6"]["inputs"]["steps"],
+        first["6"]["inputs"]["sampler_name"],
+        first["5"]["inputs"]["height"],
+    ) == (3, "euler", 48)
     data = json.loads((tmp_path / "out" / "simple" / "metadata.json").read_text())
     assert data["character"]["display_name"] == "Mara"
     assert data["models"]["loras"] == [{"name": "hero.safetensors", "weight": 0.9, "clip_weight": 0.5}]
-    code, _, err = run_cli("story", "--character", "nobody", "--scenes", str(scenes), "--out", str(tmp_path / "o"))
+    code, _, err = run_cli(
+        "story", "--character", "nobody", "--scenes", str(scenes), "--out", str(tmp_path / "o")
+    )
     assert code == 2 and "nobody" in err

@@ -57,8 +57,18 @@ def run(*argv):
 
 def test_synthesize_writes_a_marked_dataset_and_report(folders):
     photos, sources, out = folders
-    code, stdout, stderr = run("dataset", "synthesize", str(photos), "--sources", str(sources), "--out", str(out),
-                               "--det-size", "320", "--json")
+    code, stdout, stderr = run(
+        "dataset",
+        "synthesize",
+        str(photos),
+        "--sources",
+        str(sources),
+        "--out",
+        str(out),
+        "--det-size",
+        "320",
+        "--json",
+    )
     assert code == 0, stderr + stdout
     records = [json.loads(line) for line in stdout.splitlines()]
     result = next(r for r in records if r["event"] == "result")
@@ -75,8 +85,21 @@ def test_synthesize_with_a_restorer_names_it(folders):
     photos, sources, out = folders
     shutil.rmtree(sources)
     write_rgb(sources / "pose.png", face_image(SIZE, FACE, person=1))
-    code, stdout, stderr = run("dataset", "synthesize", str(photos), "--sources", str(sources), "--out", str(out),
-                               "--det-size", "320", "--restore", "RestoreFormer-tiny.pth", "--max-share", "1")
+    code, stdout, stderr = run(
+        "dataset",
+        "synthesize",
+        str(photos),
+        "--sources",
+        str(sources),
+        "--out",
+        str(out),
+        "--det-size",
+        "320",
+        "--restore",
+        "RestoreFormer-tiny.pth",
+        "--max-share",
+        "1",
+    )
     assert code == 0, stderr
     assert "restorer RestoreFormer-tiny.pth (RestoreFormer)" in stderr
     assert "1 synthetic image(s) from 1 source(s)" in stdout
@@ -84,10 +107,25 @@ def test_synthesize_with_a_restorer_names_it(folders):
 
 def test_usage_errors_exit_2(folders):
     photos, sources, out = folders
-    code, _, stderr = run("dataset", "synthesize", str(photos / "nope"), "--sources", str(sources), "--out", str(out))
+    code, _, stderr = run(
+        "dataset", "synthesize", str(photos / "nope"), "--sources", str(sources), "--out", str(out)
+    )
     assert code == 2 and "is not a folder" in stderr
-    code, _, stderr = run("dataset", "synthesize", str(photos), "--sources", str(sources), "--out", str(out),
-                          "--swapper", "missing.onnx", "--det-size", "320")
+    code, _, stderr = run(
+        "dataset",
+        "synthesize",
+        str(photos),
+        "--sources",
+        str(sources),
+        "--out",
+        str(out),
+        "--swapper",
+        "missing.onnx",
+        "--det-size",
+        "320",
+    )
     assert code == 2 and "inswapper_128.onnx directly in" in stderr
-    code, _, stderr = run("dataset", "synthesize", str(photos), "--sources", str(sources), "--out", str(sources))
+    code, _, stderr = run(
+        "dataset", "synthesize", str(photos), "--sources", str(sources), "--out", str(sources)
+    )
     assert code == 2 and "its own folder" in stderr

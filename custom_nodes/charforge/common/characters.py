@@ -65,8 +65,14 @@ class GenerationParams:
     seed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"steps": self.steps, "cfg": self.cfg, "width": self.width, "height": self.height,
-                "sampler": self.sampler, "scheduler": self.scheduler}
+        data = {
+            "steps": self.steps,
+            "cfg": self.cfg,
+            "width": self.width,
+            "height": self.height,
+            "sampler": self.sampler,
+            "scheduler": self.scheduler,
+        }
         if self.seed is not None:
             data["seed"] = self.seed
         return data
@@ -74,9 +80,9 @@ class GenerationParams:
 
 @dataclass
 class CharacterLora:
-    name: str                   # file name in the loras folder (or an absolute path)
-    weight: float = 1.0         # model strength
-    clip_weight: float | None = None   # text-encoder strength; None = same as weight
+    name: str  # file name in the loras folder (or an absolute path)
+    weight: float = 1.0  # model strength
+    clip_weight: float | None = None  # text-encoder strength; None = same as weight
 
     @property
     def strength_clip(self) -> float:
@@ -105,7 +111,7 @@ class Character:
     base_model: str = ""
     generation: GenerationParams = field(default_factory=GenerationParams)
     notes: str = ""
-    path: str | None = None     # where it was loaded from (not saved)
+    path: str | None = None  # where it was loaded from (not saved)
 
     @property
     def lora_stack(self) -> list[tuple[str, float]]:
@@ -161,8 +167,20 @@ def inject_trigger_words(prompt: str, words: list[str]) -> str:
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_TOP_KEYS = {"name", "display_name", "trigger_words", "loras", "prompt", "negative_prompt", "identity",
-             "reference_photos", "threshold", "base_model", "generation", "notes"}
+_TOP_KEYS = {
+    "name",
+    "display_name",
+    "trigger_words",
+    "loras",
+    "prompt",
+    "negative_prompt",
+    "identity",
+    "reference_photos",
+    "threshold",
+    "base_model",
+    "generation",
+    "notes",
+}
 _GEN_KEYS = {"steps", "cfg", "width", "height", "sampler", "scheduler", "seed"}
 
 
@@ -172,15 +190,26 @@ def safe_name(name: str) -> str:
     if name.lower().endswith(SUFFIXES):
         name = name.rsplit(".", 1)[0]
     if not _NAME.match(name):
-        raise CharacterError(f"{short_repr(name)} is not a usable character name: use letters, digits, '-', '_' or '.', "
-                             "starting with a letter or digit", field="name")
+        raise CharacterError(
+            f"{short_repr(name)} is not a usable character name: use letters, digits, '-', '_' or '.', "
+            "starting with a letter or digit",
+            field="name",
+        )
     return name
 
 
 def _number(value, kind, path, key, low, high):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-        raise CharacterError(f"must be {'an integer' if kind is int else 'a number'} in {low}..{high}, "
-                             f"got {short_repr(value)}", path, key)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and not float(value).is_integer())
+    ):
+        raise CharacterError(
+            f"must be {'an integer' if kind is int else 'a number'} in {low}..{high}, "
+            f"got {short_repr(value)}",
+            path,
+            key,
+        )
     if not low <= value <= high:
         raise CharacterError(f"must be in {low}..{high}, got {short_repr(value)}", path, key)
     return kind(value)
@@ -200,7 +229,9 @@ def validate_character(data: Any, name: str, path: str | os.PathLike | None = No
         raise CharacterError(f"a character file holds a mapping of fields, got {type(data).__name__}", path)
     unknown = sorted(set(map(str, data)) - _TOP_KEYS)
     if unknown:
-        raise CharacterError(f"unknown field(s) {short_repr(unknown)}; known: {sorted(_TOP_KEYS)}", path, unknown[0])
+        raise CharacterError(
+            f"unknown field(s) {short_repr(unknown)}; known: {sorted(_TOP_KEYS)}", path, unknown[0]
+        )
     triggers = data.get("trigger_words") or []
     if isinstance(triggers, str):
         triggers = [w.strip() for w in triggers.split(",") if w.strip()]
@@ -209,13 +240,17 @@ def validate_character(data: Any, name: str, path: str | os.PathLike | None = No
     loras = []
     raw_loras = data.get("loras") or []
     if not isinstance(raw_loras, list):
-        raise CharacterError(f"must be a list of {{name, weight}}, got {short_repr(raw_loras)}", path, "loras")
+        raise CharacterError(
+            f"must be a list of {{name, weight}}, got {short_repr(raw_loras)}", path, "loras"
+        )
     for index, item in enumerate(raw_loras):
         key = f"loras[{index}]"
         if isinstance(item, str):
             item = {"name": item}
         if not isinstance(item, dict):
-            raise CharacterError(f"must be a file name or {{name, weight, clip_weight}}, got {short_repr(item)}", path, key)
+            raise CharacterError(
+                f"must be a file name or {{name, weight, clip_weight}}, got {short_repr(item)}", path, key
+            )
         extra = sorted(set(item) - {"name", "weight", "clip_weight"})
         if extra:
             raise CharacterError(f"unknown field(s) {short_repr(extra)}", path, key)
@@ -228,37 +263,56 @@ def validate_character(data: Any, name: str, path: str | os.PathLike | None = No
         loras.append(CharacterLora(lora_name, weight, clip))
     gen_data = data.get("generation") or {}
     if not isinstance(gen_data, dict):
-        raise CharacterError(f"must be a mapping ({sorted(_GEN_KEYS)}), got {short_repr(gen_data)}", path, "generation")
+        raise CharacterError(
+            f"must be a mapping ({sorted(_GEN_KEYS)}), got {short_repr(gen_data)}", path, "generation"
+        )
     unknown = sorted(set(map(str, gen_data)) - _GEN_KEYS)
     if unknown:
-        raise CharacterError(f"unknown field(s) {short_repr(unknown)}; known: {sorted(_GEN_KEYS)}", path,
-                             f"generation.{unknown[0][:40]}")
+        raise CharacterError(
+            f"unknown field(s) {short_repr(unknown)}; known: {sorted(_GEN_KEYS)}",
+            path,
+            f"generation.{unknown[0][:40]}",
+        )
     defaults = GenerationParams()
     gen = GenerationParams(
         steps=_number(gen_data.get("steps", defaults.steps), int, path, "generation.steps", 1, 10000),
         cfg=_number(gen_data.get("cfg", defaults.cfg), float, path, "generation.cfg", 0.0, 100.0),
         width=_number(gen_data.get("width", defaults.width), int, path, "generation.width", 16, 16384),
         height=_number(gen_data.get("height", defaults.height), int, path, "generation.height", 16, 16384),
-        sampler=_text(gen_data.get("sampler", defaults.sampler), path, "generation.sampler") or defaults.sampler,
+        sampler=_text(gen_data.get("sampler", defaults.sampler), path, "generation.sampler")
+        or defaults.sampler,
         scheduler=_text(gen_data.get("scheduler", defaults.scheduler), path, "generation.scheduler")
         or defaults.scheduler,
-        seed=None if gen_data.get("seed") is None else _number(gen_data["seed"], int, path, "generation.seed", 0,
-                                                               2**64 - 1),
+        seed=None
+        if gen_data.get("seed") is None
+        else _number(gen_data["seed"], int, path, "generation.seed", 0, 2**64 - 1),
     )
     for key in ("width", "height"):
         if getattr(gen, key) % 8:
-            raise CharacterError(f"must be a multiple of 8 (latents are 1/8 size), got {getattr(gen, key)}", path,
-                                 f"generation.{key}")
+            raise CharacterError(
+                f"must be a multiple of 8 (latents are 1/8 size), got {getattr(gen, key)}",
+                path,
+                f"generation.{key}",
+            )
     base_model = _text(data.get("base_model"), path, "base_model").strip().lower()
     if base_model not in BASE_MODELS:
-        raise CharacterError(f"must be one of sd15, sdxl (or empty), got {short_repr(base_model)}", path, "base_model")
+        raise CharacterError(
+            f"must be one of sd15, sdxl (or empty), got {short_repr(base_model)}", path, "base_model"
+        )
     threshold = _number(data.get("threshold", 0.0) or 0.0, float, path, "threshold", 0.0, 1.0)
     display = _text(data.get("display_name"), path, "display_name").strip()
     return Character(
-        name=name, display_name=display or name, trigger_words=[w.strip() for w in triggers], loras=loras,
+        name=name,
+        display_name=display or name,
+        trigger_words=[w.strip() for w in triggers],
+        loras=loras,
         prompt=_text(data.get("prompt"), path, "prompt").strip(),
         negative_prompt=_text(data.get("negative_prompt"), path, "negative_prompt").strip(),
         identity=_text(data.get("identity"), path, "identity").strip(),
         reference_photos=_text(data.get("reference_photos"), path, "reference_photos").strip(),
-        threshold=threshold, base_model=base_model, generation=gen,
-        notes=_text(data.get("notes"), path, "notes"), path=str(path) if path else None)
+        threshold=threshold,
+        base_model=base_model,
+        generation=gen,
+        notes=_text(data.get("notes"), path, "notes"),
+        path=str(path) if path else None,
+    )

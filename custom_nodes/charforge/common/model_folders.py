@@ -25,15 +25,31 @@ class ModelFolder:
 # Folders that ComfyUI itself does not define. Names follow the conventions users already have on disk
 # (AnimateDiff-Evolved, InsightFace packs, WD14 tagger, Florence-2 packs), so existing downloads are found.
 PACK_MODEL_FOLDERS: tuple[ModelFolder, ...] = (
-    ModelFolder("animatediff_models", PT_EXTENSIONS, "AnimateDiff motion modules (mm_sd_v15_v2, v3_sd15_mm, ...)"),
+    ModelFolder(
+        "animatediff_models", PT_EXTENSIONS, "AnimateDiff motion modules (mm_sd_v15_v2, v3_sd15_mm, ...)"
+    ),
     ModelFolder("animatediff_motion_lora", PT_EXTENSIONS, "AnimateDiff motion LoRAs"),
     ModelFolder("insightface", frozenset({".onnx"}), "InsightFace packs: insightface/models/<pack>/*.onnx"),
     ModelFolder("wd14_tagger", frozenset({".onnx", ".csv"}), "WD14-style taggers: <name>.onnx + <name>.csv"),
-    ModelFolder("LLM", frozenset({".json", ".safetensors", ".bin"}), "captioners as Hugging Face folders (Florence-2, BLIP)"),
-    ModelFolder("blip", frozenset({".json", ".safetensors", ".bin"}), "BLIP / BLIP-2 captioners as Hugging Face folders"),
+    ModelFolder(
+        "LLM",
+        frozenset({".json", ".safetensors", ".bin"}),
+        "captioners as Hugging Face folders (Florence-2, BLIP)",
+    ),
+    ModelFolder(
+        "blip",
+        frozenset({".json", ".safetensors", ".bin"}),
+        "BLIP / BLIP-2 captioners as Hugging Face folders",
+    ),
     ModelFolder("frame_interpolation", PT_EXTENSIONS, "frame interpolation checkpoints (RIFE, FILM)"),
-    ModelFolder("facerestore_models", PT_EXTENSIONS, "face restoration models (GFPGAN, CodeFormer, RestoreFormer)"),
-    ModelFolder("charforge", frozenset({".json", ".yaml", ".yml", ".safetensors"}), "CharForge identities and characters"),
+    ModelFolder(
+        "facerestore_models", PT_EXTENSIONS, "face restoration models (GFPGAN, CodeFormer, RestoreFormer)"
+    ),
+    ModelFolder(
+        "charforge",
+        frozenset({".json", ".yaml", ".yml", ".safetensors"}),
+        "CharForge identities and characters",
+    ),
 )
 
 # Built-in ComfyUI keys the pack reads, with their folder names under a ComfyUI ``models`` folder.

@@ -48,13 +48,14 @@ class Backoff:
         """Whether `attempt` (0-based) is the last one the policy allows."""
         return attempt >= self.attempts - 1
 
-    def delay(self, retry: int, retry_after: float | None = None,
-              rng: Callable[[], float] = random.random) -> float:
+    def delay(
+        self, retry: int, retry_after: float | None = None, rng: Callable[[], float] = random.random
+    ) -> float:
         """Seconds to wait before retry number `retry` (0-based): the server's `retry_after` when it sent one,
         else jittered exponential; never more than `cap`. `rng` returns a float in [0, 1)."""
         if retry_after is not None:
             return min(self.cap, max(0.0, retry_after))
-        return min(self.cap, self.base * 2 ** retry) * (1.0 - self.jitter + self.jitter * rng())
+        return min(self.cap, self.base * 2**retry) * (1.0 - self.jitter + self.jitter * rng())
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:

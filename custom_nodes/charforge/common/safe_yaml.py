@@ -40,12 +40,16 @@ def load_yaml(text: str, source: str = "the YAML file", max_bytes: int = MAX_YAM
 
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
-        raise UnsafeYaml(f"{source} is {size} bytes; YAML files read here are at most {max_bytes} bytes "
-                         "(a preset, scene list, sweep spec or config file is a few kilobytes)")
+        raise UnsafeYaml(
+            f"{source} is {size} bytes; YAML files read here are at most {max_bytes} bytes "
+            "(a preset, scene list, sweep spec or config file is a few kilobytes)"
+        )
     # Scan the events first: an alias is refused before any node is composed, so nothing expands.
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent):
             line = event.start_mark.line + 1 if event.start_mark else "?"
-            raise UnsafeYaml(f"{source} line {line}: YAML aliases (*{str(event.anchor)[:40]}) are not allowed "
-                             "here; write the value out instead of referring to an anchor (&name)")
+            raise UnsafeYaml(
+                f"{source} line {line}: YAML aliases (*{str(event.anchor)[:40]}) are not allowed "
+                "here; write the value out instead of referring to an anchor (&name)"
+            )
     return yaml.safe_load(text)

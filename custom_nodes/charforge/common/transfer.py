@@ -28,8 +28,21 @@ MAX_UPLOAD_FILE = 64 * 1024 * 1024
 MAX_CHUNK = 16 * 1024 * 1024
 DEFAULT_CHUNK = 4 * 1024 * 1024
 #: model folder kinds the download route may write into
-MODEL_KINDS = frozenset({"checkpoints", "loras", "vae", "diffusers", "clip_vision", "animatediff_models",
-                         "wd14_tagger", "insightface", "upscale_models", "controlnet", "embeddings"})
+MODEL_KINDS = frozenset(
+    {
+        "checkpoints",
+        "loras",
+        "vae",
+        "diffusers",
+        "clip_vision",
+        "animatediff_models",
+        "wd14_tagger",
+        "insightface",
+        "upscale_models",
+        "controlnet",
+        "embeddings",
+    }
+)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -103,7 +116,11 @@ class ModelEntry:
         return ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v not in ("", None) and not (k == "revision" and v == "main")}
+        return {
+            k: v
+            for k, v in asdict(self).items()
+            if v not in ("", None) and not (k == "revision" and v == "main")
+        }
 
 
 def parse_model_entry(data: Any) -> ModelEntry:
@@ -112,7 +129,9 @@ def parse_model_entry(data: Any) -> ModelEntry:
         raise ValueError(f"a model entry must be a mapping, not {type(data).__name__}")
     unknown = set(data) - {"name", "kind", "url", "repo", "file", "revision", "size", "sha256"}
     if unknown:
-        raise ValueError(f"unknown field(s) in model entry {data.get('name')!r}: {', '.join(sorted(unknown))}")
+        raise ValueError(
+            f"unknown field(s) in model entry {data.get('name')!r}: {', '.join(sorted(unknown))}"
+        )
     name, kind = str(data.get("name") or ""), str(data.get("kind") or "")
     if relative_parts(name) is None:
         raise ValueError(f"model name {name!r} is not a plain relative file name")
@@ -127,8 +146,16 @@ def parse_model_entry(data: Any) -> ModelEntry:
     url = str(data.get("url") or "")
     if url and not url.startswith(("http://", "https://")):
         raise ValueError(f"model {name!r}: url must be http(s)://, not {url.split(':', 1)[0]}:")
-    return ModelEntry(name, kind, url, str(data.get("repo") or ""), str(data.get("file") or ""),
-                      str(data.get("revision") or "main"), size, sha)
+    return ModelEntry(
+        name,
+        kind,
+        url,
+        str(data.get("repo") or ""),
+        str(data.get("file") or ""),
+        str(data.get("revision") or "main"),
+        size,
+        sha,
+    )
 
 
 def parse_model_manifest(document: Any) -> list[ModelEntry]:

@@ -45,8 +45,13 @@ class Control:
     updates. Every hook is optional: ``Control()`` reports nothing and never stops.
     """
 
-    def __init__(self, on_progress: ProgressHook | None = None, should_stop: Callable[[], bool] | None = None,
-                 on_event: EventHook | None = None, total: int = 0):
+    def __init__(
+        self,
+        on_progress: ProgressHook | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        on_event: EventHook | None = None,
+        total: int = 0,
+    ):
         self._on_progress = on_progress
         self._should_stop = should_stop
         self._on_event = on_event

@@ -38,9 +38,15 @@ class ImageTooLarge(ValueError):
         self.path = str(path)
         self.size = size
         self.limit = limit
-        what = f"{size[0]} x {size[1]} ({size[0] * size[1] / 1e6:.1f} MP" if size else "(more pixels than Pillow allows"
-        self.reason = (f"too large: {what}; the limit is {limit / 1e6:g} MP: shrink the image, or raise the limit "
-                       f"with {ENV_VAR})")
+        what = (
+            f"{size[0]} x {size[1]} ({size[0] * size[1] / 1e6:.1f} MP"
+            if size
+            else "(more pixels than Pillow allows"
+        )
+        self.reason = (
+            f"too large: {what}; the limit is {limit / 1e6:g} MP: shrink the image, or raise the limit "
+            f"with {ENV_VAR})"
+        )
         super().__init__(f"{self.path}: {self.reason}")
 
 
@@ -57,7 +63,9 @@ def max_image_pixels(override: int | None = None) -> int:
     try:
         limit = int(float(value))
     except (TypeError, ValueError):
-        raise ValueError(f"{source} must be a number of pixels such as 100000000, got {str(value)[:40]!r}") from None
+        raise ValueError(
+            f"{source} must be a number of pixels such as 100000000, got {str(value)[:40]!r}"
+        ) from None
     if limit < 1:
         raise ValueError(f"{source} must be at least 1 pixel, got {limit}")
     return limit

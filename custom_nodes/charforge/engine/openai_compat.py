@@ -48,7 +48,9 @@ class Secrets:
     """The secrets one client holds (API key, URL password), and masking of any text that might echo them."""
 
     def __init__(self, values: list[str] | None = None):
-        self._values = sorted({v for v in (values or []) if v and len(v) >= _MIN_SECRET}, key=len, reverse=True)
+        self._values = sorted(
+            {v for v in (values or []) if v and len(v) >= _MIN_SECRET}, key=len, reverse=True
+        )
 
     def add(self, value: str) -> None:
         if value and len(value) >= _MIN_SECRET and value not in self._values:
@@ -91,14 +93,21 @@ def split_userinfo(base_url: str) -> tuple[str, str | None, str | None]:
     return clean, urllib.parse.unquote(user), urllib.parse.unquote(password) if password else None
 
 
-def first_choice(reply: Any, where: str, error: type[EndpointError] = EndpointError) -> tuple[dict, str | None]:
+def first_choice(
+    reply: Any, where: str, error: type[EndpointError] = EndpointError
+) -> tuple[dict, str | None]:
     """``(message, finish_reason)`` of a reply's first choice; `error` describing the reply's shape if none."""
     choices = reply.get("choices") if isinstance(reply, dict) else None
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        what = (f"no 'choices' ({describe_shape(reply)})" if not isinstance(reply, dict) or "choices" not in reply
-                else f"'choices' that is {describe_shape(choices)}")
-        raise error(f"{where} answered without a usable choice: the reply had {what}. Is this an OpenAI-"
-                    "compatible chat-completions endpoint, and does the model exist?")
+        what = (
+            f"no 'choices' ({describe_shape(reply)})"
+            if not isinstance(reply, dict) or "choices" not in reply
+            else f"'choices' that is {describe_shape(choices)}"
+        )
+        raise error(
+            f"{where} answered without a usable choice: the reply had {what}. Is this an OpenAI-"
+            "compatible chat-completions endpoint, and does the model exist?"
+        )
     message = choices[0].get("message")
     reason = choices[0].get("finish_reason")
     return (message if isinstance(message, dict) else {}), (reason if isinstance(reason, str) else None)
@@ -108,18 +117,30 @@ def message_text(message: dict) -> str:
     """A message's text (plain content, or the text of its content parts)."""
     content = message.get("content")
     if isinstance(content, list):  # some servers answer with content parts
-        return " ".join(part.get("text", "") for part in content
-                        if isinstance(part, dict) and isinstance(part.get("text"), str))
+        return " ".join(
+            part.get("text", "")
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
     return content if isinstance(content, str) else ""
 
 
 class ChatClient:
     """POSTs chat-completions requests with retries; every error message and log line is masked."""
 
-    def __init__(self, base_url: str, api_key_env: str = "OPENAI_API_KEY", *, timeout: float = 60.0,
-                 max_retries: int = 5, base_delay: float = 1.0, max_delay: float = 60.0,
-                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None,
-                 error: type[EndpointError] = EndpointError):
+    def __init__(
+        self,
+        base_url: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        base_delay: float = 1.0,
+        max_delay: float = 60.0,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+        error: type[EndpointError] = EndpointError,
+    ):
         if not base_url.strip():
             raise error("the endpoint's base URL is empty (e.g. http://127.0.0.1:11434/v1 for Ollama)")
         self.api_key_env = api_key_env.strip()
@@ -180,12 +201,19 @@ class ChatClient:
             except urllib.error.HTTPError as exc:
                 last = f"HTTP {exc.code}: {self._error_detail(exc)}"
                 if exc.code not in RETRY_STATUS:
-                    hint = (f" (check the API key in ${self.api_key_env})" if exc.code in (401, 403) else
-                            " (is the model name right?)" if exc.code == 404 else "")
+                    hint = (
+                        f" (check the API key in ${self.api_key_env})"
+                        if exc.code in (401, 403)
+                        else " (is the model name right?)"
+                        if exc.code == 404
+                        else ""
+                    )
                     raise self._fail(f"{self.url} answered {last}{hint}") from None
                 retry_after = retry_after_seconds(exc.headers.get("Retry-After") if exc.headers else None)
             except ValueError as exc:  # urllib's "unknown url type" and the like: retrying will not help
-                raise self._fail(f"{self.url} is not a usable URL: {mask_then_cut(exc, self.mask, 200)}") from None
+                raise self._fail(
+                    f"{self.url} is not a usable URL: {mask_then_cut(exc, self.mask, 200)}"
+                ) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
                 reason = getattr(exc, "reason", exc)
                 last = f"connection failed: {mask_then_cut(reason, self.mask, 200)}"
@@ -202,8 +230,10 @@ class ChatClient:
         try:
             data = json.loads(raw.decode("utf-8", "replace"))
         except ValueError:
-            raise self._fail(f"{self.url} answered something that is not JSON ({len(raw)} bytes of {kind}); is "
-                             "this the API's base URL (it usually ends in /v1)?") from None
+            raise self._fail(
+                f"{self.url} answered something that is not JSON ({len(raw)} bytes of {kind}); is "
+                "this the API's base URL (it usually ends in /v1)?"
+            ) from None
         if not isinstance(data, dict):
             raise self._fail(f"{self.url} answered {describe_shape(data)} instead of a JSON object")
         return data

@@ -38,38 +38,88 @@ MARKER = "CHARFORGE_TINY_MODELS.txt"
 # ComfyUI detects SD1.5 by model_channels 320 and context_dim 768; the widths of deeper levels and the depth are
 # free. Four levels (as SD1.5), because AnimateDiff motion modules have one per level; one block each.
 SD15_UNET: dict[str, Any] = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 320, 320, 320], "layers_per_block": 1, "attention_head_dim": 8,
-    "cross_attention_dim": 768, "use_linear_projection": False,
+    "block_out_channels": [320, 320, 320, 320],
+    "layers_per_block": 1,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "use_linear_projection": False,
 }
 SD15_VAE: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 512,
 }
 CLIP_L: dict[str, Any] = {
-    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768,
-    "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
 }
-SCHEDULER: dict[str, Any] = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-             "num_train_timesteps": 1000}
+SCHEDULER: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+}
 TINY_CLIP: dict[str, Any] = {
-    "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "patch_size": 8, "image_size": 32},
+    "vision": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "patch_size": 8,
+        "image_size": 32,
+    },
     "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
     "projection_dim": 16,
 }
 TAGS = [  # tag_id, name, category (0 general, 4 character, 9 rating), count
-    (0, "general", 9, 1000), (1, "sensitive", 9, 100), (2, "portrait", 0, 900), (3, "solo", 0, 800),
-    (4, "smile", 0, 700), (5, "short_hair", 0, 600), (6, "outdoors", 0, 500), (7, "looking_at_viewer", 0, 400),
+    (0, "general", 9, 1000),
+    (1, "sensitive", 9, 100),
+    (2, "portrait", 0, 900),
+    (3, "solo", 0, 800),
+    (4, "smile", 0, 700),
+    (5, "short_hair", 0, 600),
+    (6, "outdoors", 0, 500),
+    (7, "looking_at_viewer", 0, 400),
 ]
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
-MERGES = (("t", "h"), ("th", "e</w>"), ("i", "n"), ("a", "n"), ("o", "f</w>"), ("p", "h"), ("ph", "o"),
-          ("t", "o</w>"), ("pho", "to</w>"))
+MERGES = (
+    ("t", "h"),
+    ("th", "e</w>"),
+    ("i", "n"),
+    ("a", "n"),
+    ("o", "f</w>"),
+    ("p", "h"),
+    ("ph", "o"),
+    ("t", "o</w>"),
+    ("pho", "to</w>"),
+)
 
 Say = Callable[[str], None]
 
@@ -86,7 +136,11 @@ def _seeded(seed: int, build):
 
 
 def _byte_symbols() -> list[str]:
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     shifted = [b for b in range(256) if b not in printable]
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(shifted))]
 
@@ -101,13 +155,28 @@ def tiny_vocab() -> dict[str, int]:
 def write_tokenizer(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps(tiny_vocab(), ensure_ascii=False), encoding="utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES),
-                                          encoding="utf-8")
-    special = {"bos_token": START_TOKEN, "eos_token": END_TOKEN, "unk_token": END_TOKEN, "pad_token": END_TOKEN}
+    (directory / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES), encoding="utf-8"
+    )
+    special = {
+        "bos_token": START_TOKEN,
+        "eos_token": END_TOKEN,
+        "unk_token": END_TOKEN,
+        "pad_token": END_TOKEN,
+    }
     (directory / "special_tokens_map.json").write_text(json.dumps(special))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        **special, "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-        "add_prefix_space": False, "errors": "replace"}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                **special,
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": 77,
+                "do_lower_case": True,
+                "add_prefix_space": False,
+                "errors": "replace",
+            }
+        )
+    )
     return directory
 
 
@@ -130,21 +199,33 @@ def write_sd15(models_dir: Path, seed: int = 0) -> tuple[Path, Path]:
         module.to(torch.float16)
     single = models_dir / "checkpoints" / CHECKPOINT
     single.parent.mkdir(parents=True, exist_ok=True)
-    state = pipeline_to_single_file_state_dict(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(),
-                                               unet_config=dict(unet.config))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(single),
-              metadata={"charforge.tiny_model": "sd15", "charforge.note": "random weights"})
+    state = pipeline_to_single_file_state_dict(
+        unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), unet_config=dict(unet.config)
+    )
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(single),
+        metadata={"charforge.tiny_model": "sd15", "charforge.note": "random weights"},
+    )
     folder = models_dir / "diffusers" / DIFFUSERS
     folder.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
     vae.save_pretrained(str(folder / "vae"), safe_serialization=True)
     text_encoder.save_pretrained(str(folder / "text_encoder"), safe_serialization=True)
     PNDMScheduler(**SCHEDULER, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1).save_pretrained(
-        str(folder / "scheduler"))
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-             "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+        str(folder / "scheduler")
+    )
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.30.0",
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
     # No tokenizer folder: CharForge's loaders take the CLIP vocabulary from ComfyUI (comfy/sd1_tokenizer) and
     # configure it as SD1.5's shipped config says (a copy of ComfyUI's folder would bring its 8192-token limit).
     index["tokenizer"] = [None, None]
@@ -159,10 +240,14 @@ def write_motion_module(models_dir: Path, seed: int = 0) -> Path:
     from .video.motion import save_motion_module
 
     def build():
-        adapter = MotionAdapter(block_out_channels=tuple(SD15_UNET["block_out_channels"]),
-                                motion_layers_per_block=SD15_UNET["layers_per_block"], motion_num_attention_heads=8,
-                                motion_norm_num_groups=32, use_motion_mid_block=False,
-                                motion_max_seq_length=32).eval()
+        adapter = MotionAdapter(
+            block_out_channels=tuple(SD15_UNET["block_out_channels"]),
+            motion_layers_per_block=SD15_UNET["layers_per_block"],
+            motion_num_attention_heads=8,
+            motion_norm_num_groups=32,
+            use_motion_mid_block=False,
+            motion_max_seq_length=32,
+        ).eval()
         import torch
 
         with torch.no_grad():  # fresh output projections are zero (a no-op module); make them do something
@@ -172,8 +257,12 @@ def write_motion_module(models_dir: Path, seed: int = 0) -> Path:
         return adapter
 
     adapter = _seeded(seed, build)
-    return save_motion_module(adapter.state_dict(), models_dir / "animatediff_models" / MOTION_MODULE, "original",
-                              metadata={"charforge.tiny_model": "motion_module"})
+    return save_motion_module(
+        adapter.state_dict(),
+        models_dir / "animatediff_models" / MOTION_MODULE,
+        "original",
+        metadata={"charforge.tiny_model": "motion_module"},
+    )
 
 
 def write_tagger(models_dir: Path, size: int = 64, seed: int = 0) -> Path:
@@ -189,15 +278,20 @@ def write_tagger(models_dir: Path, size: int = 64, seed: int = 0) -> Path:
     b = rng.normal(0, 1.0, (len(TAGS),)).astype(np.float32)
     b[2:] = np.abs(b[2:]) + 0.5  # general tags above the usual 0.35 threshold, whatever the picture
     graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["input_1"], ["pooled"], axes=[1, 2], keepdims=0),
-         helper.make_node("MatMul", ["pooled", "W"], ["logits_nobias"]),
-         helper.make_node("Add", ["logits_nobias", "B"], ["logits"]),
-         helper.make_node("Sigmoid", ["logits"], ["predictions_sigmoid"])],
+        [
+            helper.make_node("ReduceMean", ["input_1"], ["pooled"], axes=[1, 2], keepdims=0),
+            helper.make_node("MatMul", ["pooled", "W"], ["logits_nobias"]),
+            helper.make_node("Add", ["logits_nobias", "B"], ["logits"]),
+            helper.make_node("Sigmoid", ["logits"], ["predictions_sigmoid"]),
+        ],
         "charforge_tiny_tagger",
         [helper.make_tensor_value_info("input_1", TensorProto.FLOAT, ["batch", size, size, 3])],
         [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, ["batch", len(TAGS)])],
-        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="charforge-tiny")
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="charforge-tiny"
+    )
     model.ir_version = 8
     onnx.checker.check_model(model)
     path = folder / f"{TAGGER}.onnx"
@@ -212,20 +306,39 @@ def write_clip(models_dir: Path, seed: int = 0) -> Path:
     from transformers import CLIPConfig, CLIPModel
 
     vocab = tiny_vocab()
-    text = {**TINY_CLIP["text"], "vocab_size": len(vocab), "max_position_embeddings": 77,
-            "bos_token_id": vocab[START_TOKEN], "eos_token_id": vocab[END_TOKEN], "pad_token_id": vocab[END_TOKEN]}
-    config = CLIPConfig(text_config=text, vision_config=dict(TINY_CLIP["vision"]),
-                        projection_dim=TINY_CLIP["projection_dim"])
+    text = {
+        **TINY_CLIP["text"],
+        "vocab_size": len(vocab),
+        "max_position_embeddings": 77,
+        "bos_token_id": vocab[START_TOKEN],
+        "eos_token_id": vocab[END_TOKEN],
+        "pad_token_id": vocab[END_TOKEN],
+    }
+    config = CLIPConfig(
+        text_config=text, vision_config=dict(TINY_CLIP["vision"]), projection_dim=TINY_CLIP["projection_dim"]
+    )
     folder = models_dir / "clip_vision" / CLIP_FOLDER
     model = _seeded(seed, lambda: CLIPModel(config).eval())
     model.save_pretrained(str(folder))
     write_tokenizer(folder)
     size = TINY_CLIP["vision"]["image_size"]
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
-        "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "resample": 3,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "CLIPImageProcessor",
+                "do_resize": True,
+                "size": {"shortest_edge": size},
+                "do_center_crop": True,
+                "crop_size": {"height": size, "width": size},
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "resample": 3,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+            }
+        )
+    )
     return folder
 
 
@@ -238,7 +351,9 @@ def written_parts(models_dir: str | Path) -> set[str]:
     return set(marker.read_text().split()) if marker.is_file() else set()
 
 
-def write_tiny_models(models_dir: str | Path, *, parts: Iterable[str] = PARTS, say: Say | None = None) -> Path:
+def write_tiny_models(
+    models_dir: str | Path, *, parts: Iterable[str] = PARTS, say: Say | None = None
+) -> Path:
     """Write the tiny models into `models_dir` (a ComfyUI-style models folder). Parts already written are kept."""
     say = say or (lambda text: None)
     models_dir = Path(models_dir)

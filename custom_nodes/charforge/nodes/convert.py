@@ -112,8 +112,12 @@ def stack_images(images: list, torch):
     out = []
     for image in images:
         if tuple(image.shape[:2]) != (height, width):
-            image = torch.nn.functional.interpolate(image.permute(2, 0, 1)[None].float(), size=(height, width),
-                                                    mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+            image = torch.nn.functional.interpolate(
+                image.permute(2, 0, 1)[None].float(),
+                size=(height, width),
+                mode="bilinear",
+                align_corners=False,
+            )[0].permute(1, 2, 0)
         out.append(image.float())
     return torch.stack(out)
 
@@ -143,11 +147,16 @@ def show_file(path: str) -> dict:
         target = os.path.join(bridge.temp_directory(), "charforge_" + os.path.basename(path))
         shutil.copyfile(path, target)
         return {"filename": os.path.basename(target), "subfolder": "", "type": "temp"}
-    return {"filename": os.path.basename(path), "subfolder": "" if subfolder == "." else subfolder.replace(os.sep, "/"),
-            "type": "output"}
+    return {
+        "filename": os.path.basename(path),
+        "subfolder": "" if subfolder == "." else subfolder.replace(os.sep, "/"),
+        "type": "output",
+    }
 
 
-def show_picture(picture, filename: str | None = None, subfolder: str = "", prefix: str = "charforge") -> dict:
+def show_picture(
+    picture, filename: str | None = None, subfolder: str = "", prefix: str = "charforge"
+) -> dict:
     """Show a PIL image: saved into ComfyUI's temp folder (`subfolder` inside it) as `filename`
     (default ``<prefix>_<random>.png``; a ``.jpg`` name is saved as JPEG, quality 90)."""
     folder = os.path.join(bridge.temp_directory(), subfolder)

@@ -56,23 +56,41 @@ class ListImages:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "folder": ("STRING", {
-                    "default": "",
-                    "placeholder": "/path/to/photos",
-                    "tooltip": "Folder of photos: an absolute path, or a path relative to ComfyUI's input folder.",
-                }),
-                "recursive": ("BOOLEAN", {
-                    "default": False,
-                    "tooltip": "Also list images in subfolders (hidden folders are skipped).",
-                }),
-                "max_preview": ("INT", {
-                    "default": 8, "min": 1, "max": 64, "step": 1,
-                    "tooltip": "How many images to include in the preview batch.",
-                }),
-                "preview_size": ("INT", {
-                    "default": 256, "min": 64, "max": 1024, "step": 8,
-                    "tooltip": "Side of the square each preview image is fitted into, in pixels.",
-                }),
+                "folder": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "placeholder": "/path/to/photos",
+                        "tooltip": "Folder of photos: an absolute path, or a path relative to ComfyUI's input folder.",
+                    },
+                ),
+                "recursive": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Also list images in subfolders (hidden folders are skipped).",
+                    },
+                ),
+                "max_preview": (
+                    "INT",
+                    {
+                        "default": 8,
+                        "min": 1,
+                        "max": 64,
+                        "step": 1,
+                        "tooltip": "How many images to include in the preview batch.",
+                    },
+                ),
+                "preview_size": (
+                    "INT",
+                    {
+                        "default": 256,
+                        "min": 64,
+                        "max": 1024,
+                        "step": 8,
+                        "tooltip": "Side of the square each preview image is fitted into, in pixels.",
+                    },
+                ),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
@@ -103,7 +121,8 @@ class ListImages:
         report = f"{len(readable)} image(s) in {result.folder}"
         if rejected:
             report += f"; {len(rejected)} rejected: " + "; ".join(
-                f"{os.path.basename(r.path)} ({r.reason})" for r in rejected)
+                f"{os.path.basename(r.path)} ({r.reason})" for r in rejected
+            )
         return {"ui": {"text": [report]}, "result": (batch, len(readable), "\n".join(readable))}
 
 
@@ -130,11 +149,17 @@ class ImageQuality:
         return {
             "required": {
                 "images": ("IMAGE", {"tooltip": "The images to measure."}),
-                "min_sharpness": ("FLOAT", {
-                    "default": 60.0, "min": 0.0, "max": 10000.0, "step": 1.0,
-                    "tooltip": "Sharpness an image needs to count as sharp. Above ~100 is usually crisp; "
-                               "below ~30 is visibly blurred.",
-                }),
+                "min_sharpness": (
+                    "FLOAT",
+                    {
+                        "default": 60.0,
+                        "min": 0.0,
+                        "max": 10000.0,
+                        "step": 1.0,
+                        "tooltip": "Sharpness an image needs to count as sharp. Above ~100 is usually crisp; "
+                        "below ~30 is visibly blurred.",
+                    },
+                ),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
@@ -167,10 +192,16 @@ def _stage_progress(node_id, label: str):
 
 
 def _workers_input():
-    return ("INT", {
-        "default": 0, "min": 0, "max": 64, "step": 1,
-        "tooltip": "Images processed at once. 0 uses one per CPU core; 1 processes one image at a time.",
-    })
+    return (
+        "INT",
+        {
+            "default": 0,
+            "min": 0,
+            "max": 64,
+            "step": 1,
+            "tooltip": "Images processed at once. 0 uses one per CPU core; 1 processes one image at a time.",
+        },
+    )
 
 
 def _dataset_input(tooltip: str = "The dataset from the previous dataset node."):
@@ -209,28 +240,47 @@ class LoadDataset:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "folder": ("STRING", {
-                    "default": "", "placeholder": "/path/to/photos",
-                    "tooltip": "Folder of photos: an absolute path, or relative to ComfyUI's input folder. "
-                               "Leave empty to use only the connected images.",
-                }),
-                "name": ("STRING", {
-                    "default": "character",
-                    "tooltip": "Dataset name: its files go to output/charforge/datasets/<name>/. "
-                               "Loading again with the same name replaces that dataset's manifest.",
-                }),
-                "recursive": ("BOOLEAN", {
-                    "default": False, "tooltip": "Also load photos in subfolders (hidden folders are skipped).",
-                }),
-                "read_captions": ("BOOLEAN", {
-                    "default": True,
-                    "tooltip": "Use the first line of photo.txt next to photo.jpg as its caption (kohya convention).",
-                }),
+                "folder": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "placeholder": "/path/to/photos",
+                        "tooltip": "Folder of photos: an absolute path, or relative to ComfyUI's input folder. "
+                        "Leave empty to use only the connected images.",
+                    },
+                ),
+                "name": (
+                    "STRING",
+                    {
+                        "default": "character",
+                        "tooltip": "Dataset name: its files go to output/charforge/datasets/<name>/. "
+                        "Loading again with the same name replaces that dataset's manifest.",
+                    },
+                ),
+                "recursive": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Also load photos in subfolders (hidden folders are skipped).",
+                    },
+                ),
+                "read_captions": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "Use the first line of photo.txt next to photo.jpg as its caption (kohya convention).",
+                    },
+                ),
                 "workers": _workers_input(),
             },
             "optional": {
-                "images": ("IMAGE", {"tooltip": "Images from other nodes, added after the folder's photos "
-                                                "(written into the dataset folder as PNG)."}),
+                "images": (
+                    "IMAGE",
+                    {
+                        "tooltip": "Images from other nodes, added after the folder's photos "
+                        "(written into the dataset folder as PNG)."
+                    },
+                ),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
@@ -248,22 +298,40 @@ class LoadDataset:
         target = dataset_folder(_datasets_root(), name)
         progress = _stage_progress(node_id, "load dataset")
         if (folder or "").strip():
-            manifest = load_folder(resolve_folder(folder), target, name=target.name, recursive=recursive,
-                                   read_captions=read_captions, workers=workers, on_image=progress)
+            manifest = load_folder(
+                resolve_folder(folder),
+                target,
+                name=target.name,
+                recursive=recursive,
+                read_captions=read_captions,
+                workers=workers,
+                on_image=progress,
+            )
         elif images is None:
             raise ValueError("nothing to load: type the folder of your photos, or connect images")
         else:
             manifest = DatasetManifest(name=target.name, folder=str(target))
         if images is not None:
-            add_arrays(manifest, image_rgb8(images), on_image=_stage_progress(node_id, "load images"),
-                       total=int(images.shape[0]))
+            add_arrays(
+                manifest,
+                image_rgb8(images),
+                on_image=_stage_progress(node_id, "load images"),
+                total=int(images.shape[0]),
+            )
         unreadable = manifest.rejected
         summary = f"{len(manifest.entries)} image(s) loaded into {manifest.folder}"
         if unreadable:
-            summary += f"; {len(unreadable)} unreadable: " + "; ".join(
-                f"{e.name} ({e.rejected[0]})" for e in unreadable[:10]) + (" ..." if len(unreadable) > 10 else "")
-        text = _finish(manifest, "load", {"folder": folder, "recursive": recursive,
-                                          "read_captions": read_captions}, summary)
+            summary += (
+                f"; {len(unreadable)} unreadable: "
+                + "; ".join(f"{e.name} ({e.rejected[0]})" for e in unreadable[:10])
+                + (" ..." if len(unreadable) > 10 else "")
+            )
+        text = _finish(
+            manifest,
+            "load",
+            {"folder": folder, "recursive": recursive, "read_captions": read_captions},
+            summary,
+        )
         return {"ui": {"text": [text]}, "result": (manifest, len(manifest.entries), summary)}
 
 
@@ -281,8 +349,10 @@ class AnalyseDataset:
     CATEGORY = CATEGORY
     RETURN_TYPES = (DATASET, "STRING")
     RETURN_NAMES = ("dataset", "summary")
-    OUTPUT_TOOLTIPS = ("The dataset with measures filled in: connect to Filter or Deduplicate.",
-                       "Which face detector ran and what was found.")
+    OUTPUT_TOOLTIPS = (
+        "The dataset with measures filled in: connect to Filter or Deduplicate.",
+        "Which face detector ran and what was found.",
+    )
     FUNCTION = "analyse"
 
     @classmethod
@@ -290,20 +360,30 @@ class AnalyseDataset:
         return {
             "required": {
                 "dataset": _dataset_input(),
-                "face_detector": (list(DETECTOR_CHOICES), {
-                    "default": "auto",
-                    "tooltip": "auto: InsightFace when a pack is installed, else the fallback. insightface: fail "
-                               "if no pack. fallback: MTCNN (mtcnn package) or OpenCV Haar. none: skip faces.",
-                }),
-                "insightface_pack": ("STRING", {
-                    "default": "buffalo_l",
-                    "tooltip": "InsightFace pack folder under models/insightface/models/ (buffalo_l, antelopev2).",
-                }),
+                "face_detector": (
+                    list(DETECTOR_CHOICES),
+                    {
+                        "default": "auto",
+                        "tooltip": "auto: InsightFace when a pack is installed, else the fallback. insightface: fail "
+                        "if no pack. fallback: MTCNN (mtcnn package) or OpenCV Haar. none: skip faces.",
+                    },
+                ),
+                "insightface_pack": (
+                    "STRING",
+                    {
+                        "default": "buffalo_l",
+                        "tooltip": "InsightFace pack folder under models/insightface/models/ (buffalo_l, antelopev2).",
+                    },
+                ),
                 "workers": _workers_input(),
             },
             "optional": {
-                "face_models": ("CHARFORGE_FACE_MODELS", {
-                    "tooltip": "Already loaded InsightFace models (Load Face Models); overrides face_detector."}),
+                "face_models": (
+                    "CHARFORGE_FACE_MODELS",
+                    {
+                        "tooltip": "Already loaded InsightFace models (Load Face Models); overrides face_detector."
+                    },
+                ),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
@@ -316,8 +396,13 @@ class AnalyseDataset:
             choice = DetectorChoice(InsightFaces(face_models), "InsightFace models from the connected input")
         else:
             choice = choose_detector(face_detector, pack=insightface_pack.strip() or "buffalo_l")
-        manifest = analyse(dataset, choice.detector, choice.name, workers=workers,
-                           on_image=_stage_progress(node_id, "analyse dataset"))
+        manifest = analyse(
+            dataset,
+            choice.detector,
+            choice.name,
+            workers=workers,
+            on_image=_stage_progress(node_id, "analyse dataset"),
+        )
         measured = [e for e in manifest.entries if e.scores.sharpness is not None]
         summary = f"face detector: {choice.name} ({choice.note}); {len(measured)} image(s) measured"
         if choice.detector is not None:
@@ -342,8 +427,11 @@ class DeduplicateDataset:
     CATEGORY = CATEGORY
     RETURN_TYPES = (DATASET, "INT", "STRING")
     RETURN_NAMES = ("dataset", "duplicate_groups", "summary")
-    OUTPUT_TOOLTIPS = ("The dataset with duplicates rejected.", "How many duplicate groups were found.",
-                       "The groups: which photo was kept and which were dropped.")
+    OUTPUT_TOOLTIPS = (
+        "The dataset with duplicates rejected.",
+        "How many duplicate groups were found.",
+        "The groups: which photo was kept and which were dropped.",
+    )
     FUNCTION = "deduplicate"
 
     @classmethod
@@ -351,17 +439,26 @@ class DeduplicateDataset:
         return {
             "required": {
                 "dataset": _dataset_input(),
-                "threshold": ("INT", {
-                    "default": DEFAULT_THRESHOLD, "min": 0, "max": 32, "step": 1,
-                    "tooltip": "Bits (of 64) two hashes may differ by and still count as the same photo. 0: only "
-                               "identical pixels; 4-10: re-encodes and resizes; above 12 starts matching "
-                               "different photos of the same scene.",
-                }),
-                "hash": (list(HASH_KINDS), {
-                    "default": "phash",
-                    "tooltip": "phash: robust to blur and colour changes. dhash: stricter on edits. both: must "
-                               "match on both (fewest false matches).",
-                }),
+                "threshold": (
+                    "INT",
+                    {
+                        "default": DEFAULT_THRESHOLD,
+                        "min": 0,
+                        "max": 32,
+                        "step": 1,
+                        "tooltip": "Bits (of 64) two hashes may differ by and still count as the same photo. 0: only "
+                        "identical pixels; 4-10: re-encodes and resizes; above 12 starts matching "
+                        "different photos of the same scene.",
+                    },
+                ),
+                "hash": (
+                    list(HASH_KINDS),
+                    {
+                        "default": "phash",
+                        "tooltip": "phash: robust to blur and colour changes. dhash: stricter on edits. both: must "
+                        "match on both (fewest false matches).",
+                    },
+                ),
                 "workers": _workers_input(),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
@@ -370,8 +467,13 @@ class DeduplicateDataset:
     def deduplicate(self, dataset, threshold, hash, workers, node_id=None):
         from ..engine.dataset import deduplicate
 
-        manifest = deduplicate(dataset, threshold=threshold, hash_kind=hash, workers=workers,
-                               on_image=_stage_progress(node_id, "deduplicate dataset"))
+        manifest = deduplicate(
+            dataset,
+            threshold=threshold,
+            hash_kind=hash,
+            workers=workers,
+            on_image=_stage_progress(node_id, "deduplicate dataset"),
+        )
         names = manifest.by_id()
         groups = [", ".join(names[i].name for i in group) for group in manifest.duplicate_groups]
         dropped = sum(len(g) - 1 for g in manifest.duplicate_groups)
@@ -386,7 +488,7 @@ class FilterDataset:
     """Reject photos below the quality thresholds (size, sharpness, exposure, faces, identity)."""
 
     DESCRIPTION = (
-        "Rejects photos that fail a threshold and records why (\"blurry: sharpness 12 < 50\"). Rules whose "
+        'Rejects photos that fail a threshold and records why ("blurry: sharpness 12 < 50"). Rules whose '
         "measure is missing are skipped (face rules need Analyse with a face detector; identity needs "
         "InsightFace). Never fails: when nothing passes, the dataset is empty and the summary says which rules "
         "rejected the photos. Set a threshold to 0 to switch its rule off."
@@ -394,8 +496,11 @@ class FilterDataset:
     CATEGORY = CATEGORY
     RETURN_TYPES = (DATASET, "INT", "STRING")
     RETURN_NAMES = ("dataset", "accepted", "summary")
-    OUTPUT_TOOLTIPS = ("The dataset with failing photos rejected.", "How many photos are still accepted.",
-                       "How many photos each rule rejected.")
+    OUTPUT_TOOLTIPS = (
+        "The dataset with failing photos rejected.",
+        "How many photos are still accepted.",
+        "How many photos each rule rejected.",
+    )
     FUNCTION = "filter"
 
     @classmethod
@@ -404,43 +509,123 @@ class FilterDataset:
         return {
             "required": {
                 "dataset": _dataset_input(),
-                "min_side": ("INT", {"default": d.min_side, "min": 0, "max": 8192, "step": 8,
-                                     "tooltip": "Shorter side in pixels a photo needs (512 for SD1.5, 768-1024 "
-                                                "for SDXL)."}),
-                "min_sharpness": ("FLOAT", {"default": d.min_sharpness, "min": 0.0, "max": 10000.0, "step": 1.0,
-                                            "tooltip": "Sharpness a photo needs. Above ~100 is crisp; below ~30 "
-                                                       "visibly blurred."}),
-                "min_brightness": ("FLOAT", {"default": d.min_brightness, "min": 0.0, "max": 1.0, "step": 0.01,
-                                             "tooltip": "Mean brightness (0 black .. 1 white) below which a "
-                                                        "photo is too dark."}),
-                "max_brightness": ("FLOAT", {"default": d.max_brightness, "min": 0.0, "max": 1.0, "step": 0.01,
-                                             "tooltip": "Mean brightness above which a photo is too bright "
-                                                        "(1 switches the rule off)."}),
-                "min_contrast": ("FLOAT", {"default": d.min_contrast, "min": 0.0, "max": 0.5, "step": 0.005,
-                                           "tooltip": "Spread of brightness a photo needs (flat, washed-out "
-                                                      "photos score below ~0.03)."}),
-                "require_face": ("BOOLEAN", {"default": d.require_face,
-                                             "tooltip": "Reject photos in which no face was found."}),
-                "max_people": ("INT", {"default": d.max_people, "min": 0, "max": 20, "step": 1,
-                                       "tooltip": "Most faces of similar size (at least a quarter of the main "
-                                                  "face's area) allowed; 1 rejects group photos. 0: no limit."}),
-                "min_face_size": ("INT", {"default": d.min_face_size, "min": 0, "max": 4096, "step": 8,
-                                          "tooltip": "Pixels the main face's shorter side needs."}),
-                "max_identity_distance": ("FLOAT", {
-                    "default": d.max_identity_distance, "min": 0.0, "max": 2.0, "step": 0.01,
-                    "tooltip": "Largest distance of the main face to the dataset's average identity (InsightFace "
-                               "only). The same person is usually below 0.5, someone else above 0.7."}),
+                "min_side": (
+                    "INT",
+                    {
+                        "default": d.min_side,
+                        "min": 0,
+                        "max": 8192,
+                        "step": 8,
+                        "tooltip": "Shorter side in pixels a photo needs (512 for SD1.5, 768-1024 for SDXL).",
+                    },
+                ),
+                "min_sharpness": (
+                    "FLOAT",
+                    {
+                        "default": d.min_sharpness,
+                        "min": 0.0,
+                        "max": 10000.0,
+                        "step": 1.0,
+                        "tooltip": "Sharpness a photo needs. Above ~100 is crisp; below ~30 visibly blurred.",
+                    },
+                ),
+                "min_brightness": (
+                    "FLOAT",
+                    {
+                        "default": d.min_brightness,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Mean brightness (0 black .. 1 white) below which a photo is too dark.",
+                    },
+                ),
+                "max_brightness": (
+                    "FLOAT",
+                    {
+                        "default": d.max_brightness,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Mean brightness above which a photo is too bright "
+                        "(1 switches the rule off).",
+                    },
+                ),
+                "min_contrast": (
+                    "FLOAT",
+                    {
+                        "default": d.min_contrast,
+                        "min": 0.0,
+                        "max": 0.5,
+                        "step": 0.005,
+                        "tooltip": "Spread of brightness a photo needs (flat, washed-out "
+                        "photos score below ~0.03).",
+                    },
+                ),
+                "require_face": (
+                    "BOOLEAN",
+                    {"default": d.require_face, "tooltip": "Reject photos in which no face was found."},
+                ),
+                "max_people": (
+                    "INT",
+                    {
+                        "default": d.max_people,
+                        "min": 0,
+                        "max": 20,
+                        "step": 1,
+                        "tooltip": "Most faces of similar size (at least a quarter of the main "
+                        "face's area) allowed; 1 rejects group photos. 0: no limit.",
+                    },
+                ),
+                "min_face_size": (
+                    "INT",
+                    {
+                        "default": d.min_face_size,
+                        "min": 0,
+                        "max": 4096,
+                        "step": 8,
+                        "tooltip": "Pixels the main face's shorter side needs.",
+                    },
+                ),
+                "max_identity_distance": (
+                    "FLOAT",
+                    {
+                        "default": d.max_identity_distance,
+                        "min": 0.0,
+                        "max": 2.0,
+                        "step": 0.01,
+                        "tooltip": "Largest distance of the main face to the dataset's average identity (InsightFace "
+                        "only). The same person is usually below 0.5, someone else above 0.7.",
+                    },
+                ),
             },
         }
 
-    def filter(self, dataset, min_side, min_sharpness, min_brightness, max_brightness, min_contrast,
-               require_face, max_people, min_face_size, max_identity_distance):
+    def filter(
+        self,
+        dataset,
+        min_side,
+        min_sharpness,
+        min_brightness,
+        max_brightness,
+        min_contrast,
+        require_face,
+        max_people,
+        min_face_size,
+        max_identity_distance,
+    ):
         from ..engine.dataset import apply_filters
 
-        settings = FilterSettings(min_side=min_side, min_sharpness=min_sharpness, min_brightness=min_brightness,
-                                  max_brightness=max_brightness, min_contrast=min_contrast,
-                                  require_face=require_face, max_people=max_people, min_face_size=min_face_size,
-                                  max_identity_distance=max_identity_distance)
+        settings = FilterSettings(
+            min_side=min_side,
+            min_sharpness=min_sharpness,
+            min_brightness=min_brightness,
+            max_brightness=max_brightness,
+            min_contrast=min_contrast,
+            require_face=require_face,
+            max_people=max_people,
+            min_face_size=min_face_size,
+            max_identity_distance=max_identity_distance,
+        )
         manifest, summary = apply_filters(dataset, settings)
         text = _finish(manifest, "filter", {}, summary)
         return {"ui": {"text": [text]}, "result": (manifest, len(manifest.accepted), summary)}
@@ -467,51 +652,107 @@ class CropDataset:
         return {
             "required": {
                 "dataset": _dataset_input(),
-                "buckets": (["sdxl", "sd15"], {"default": "sdxl",
-                                               "tooltip": "sdxl: ~1024x1024-pixel buckets (SDXL, Pony, Flux). "
-                                                          "sd15: ~512x512 (Stable Diffusion 1.5)."}),
-                "mode": (list(CROP_MODES), {"default": "face",
-                                            "tooltip": "face: frame on the main face (centre crop when none was "
-                                                       "found). centre: always crop the middle."}),
-                "headroom": ("FLOAT", {"default": 0.15, "min": 0.0, "max": 0.9, "step": 0.01,
-                                       "tooltip": "Share of the crop's height kept above the top of the face."}),
-                "square": ("BOOLEAN", {"default": False,
-                                       "tooltip": "Crop every photo square (1024x1024 or 512x512) instead of "
-                                                  "to the bucket closest to its shape."}),
-                "upscale": ("BOOLEAN", {"default": False,
-                                        "tooltip": "Enlarge photos smaller than their bucket. Off: they are "
-                                                   "trained at their own size (less blur)."}),
-                "format": (list(FORMATS), {"default": "jpg",
-                                           "tooltip": "jpg: quality 95 (fast, small). png: lossless, but about 15 "
-                                                      "times slower to write and 3 times larger."}),
+                "buckets": (
+                    ["sdxl", "sd15"],
+                    {
+                        "default": "sdxl",
+                        "tooltip": "sdxl: ~1024x1024-pixel buckets (SDXL, Pony, Flux). "
+                        "sd15: ~512x512 (Stable Diffusion 1.5).",
+                    },
+                ),
+                "mode": (
+                    list(CROP_MODES),
+                    {
+                        "default": "face",
+                        "tooltip": "face: frame on the main face (centre crop when none was "
+                        "found). centre: always crop the middle.",
+                    },
+                ),
+                "headroom": (
+                    "FLOAT",
+                    {
+                        "default": 0.15,
+                        "min": 0.0,
+                        "max": 0.9,
+                        "step": 0.01,
+                        "tooltip": "Share of the crop's height kept above the top of the face.",
+                    },
+                ),
+                "square": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Crop every photo square (1024x1024 or 512x512) instead of "
+                        "to the bucket closest to its shape.",
+                    },
+                ),
+                "upscale": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Enlarge photos smaller than their bucket. Off: they are "
+                        "trained at their own size (less blur).",
+                    },
+                ),
+                "format": (
+                    list(FORMATS),
+                    {
+                        "default": "jpg",
+                        "tooltip": "jpg: quality 95 (fast, small). png: lossless, but about 15 "
+                        "times slower to write and 3 times larger.",
+                    },
+                ),
                 "workers": _workers_input(),
             },
             "optional": {
-                "upscale_model": ("UPSCALE_MODEL", {
-                    "tooltip": "From ComfyUI's Load Upscale Model (models/upscale_models: ESRGAN, Real-ESRGAN, "
-                               "SwinIR, ...). Photos smaller than their bucket are enlarged with it, tiled, instead "
-                               "of a plain resize."}),
+                "upscale_model": (
+                    "UPSCALE_MODEL",
+                    {
+                        "tooltip": "From ComfyUI's Load Upscale Model (models/upscale_models: ESRGAN, Real-ESRGAN, "
+                        "SwinIR, ...). Photos smaller than their bucket are enlarged with it, tiled, instead "
+                        "of a plain resize."
+                    },
+                ),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
 
-    def crop(self, dataset, buckets, mode, headroom, square, upscale, format, workers, upscale_model=None,
-             node_id=None):
+    def crop(
+        self,
+        dataset,
+        buckets,
+        mode,
+        headroom,
+        square,
+        upscale,
+        format,
+        workers,
+        upscale_model=None,
+        node_id=None,
+    ):
         from ..engine.dataset import CropSettings, crop_dataset
 
-        settings = CropSettings(bucket_set=buckets, mode=mode, headroom=headroom, square=square, upscale=upscale,
-                                format=format)
+        settings = CropSettings(
+            bucket_set=buckets, mode=mode, headroom=headroom, square=square, upscale=upscale, format=format
+        )
         upscaler = None
         if upscale_model is not None:
             from ..engine.models.devices import best_device
             from ..engine.synth import wrap_descriptor
 
             # ComfyUI keeps loaded upscale models on the CPU and moves them to the GPU only while they run.
-            upscaler = wrap_descriptor(upscale_model, f"{upscale_model.architecture.id} x{upscale_model.scale}")
+            upscaler = wrap_descriptor(
+                upscale_model, f"{upscale_model.architecture.id} x{upscale_model.scale}"
+            )
             upscaler.to(best_device())
         try:
-            manifest = crop_dataset(dataset, settings, workers=workers,
-                                    on_image=_stage_progress(node_id, "crop dataset"), upscaler=upscaler)
+            manifest = crop_dataset(
+                dataset,
+                settings,
+                workers=workers,
+                on_image=_stage_progress(node_id, "crop dataset"),
+                upscaler=upscaler,
+            )
         finally:
             if upscaler is not None:
                 upscaler.to("cpu")
@@ -539,12 +780,30 @@ class AugmentDataset:
         return {
             "required": {
                 "dataset": _dataset_input(),
-                "flip": ("BOOLEAN", {"default": True, "tooltip": "Add a horizontally mirrored copy of each photo."}),
-                "color_jitter": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.5, "step": 0.01,
-                                           "tooltip": "Strength of a colour-jittered copy (0: none; 0.05-0.15 is "
-                                                      "mild)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "step": 1,
-                                 "tooltip": "Seed of the colour jitter (the same seed gives the same copies)."}),
+                "flip": (
+                    "BOOLEAN",
+                    {"default": True, "tooltip": "Add a horizontally mirrored copy of each photo."},
+                ),
+                "color_jitter": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 0.5,
+                        "step": 0.01,
+                        "tooltip": "Strength of a colour-jittered copy (0: none; 0.05-0.15 is mild).",
+                    },
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 0xFFFFFFFF,
+                        "step": 1,
+                        "tooltip": "Seed of the colour jitter (the same seed gives the same copies).",
+                    },
+                ),
                 "workers": _workers_input(),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
@@ -554,7 +813,9 @@ class AugmentDataset:
         from ..engine.dataset import AugmentSettings, augment
 
         settings = AugmentSettings(flip=flip, color_jitter=color_jitter, seed=seed)
-        manifest = augment(dataset, settings, workers=workers, on_image=_stage_progress(node_id, "augment dataset"))
+        manifest = augment(
+            dataset, settings, workers=workers, on_image=_stage_progress(node_id, "augment dataset")
+        )
         summary = manifest.history[-1].summary
         text = _finish(manifest, "augment", {}, summary)
         return {"ui": {"text": [text]}, "result": (manifest, summary)}
@@ -572,9 +833,11 @@ class ExportDataset:
     CATEGORY = CATEGORY
     RETURN_TYPES = (DATASET, "STRING", "STRING")
     RETURN_NAMES = ("dataset", "train_data_dir", "summary")
-    OUTPUT_TOOLTIPS = ("The dataset (with the export folder recorded).",
-                       "The img folder to give a kohya-style trainer as train_data_dir.",
-                       "What was written.")
+    OUTPUT_TOOLTIPS = (
+        "The dataset (with the export folder recorded).",
+        "The img folder to give a kohya-style trainer as train_data_dir.",
+        "What was written.",
+    )
     FUNCTION = "export"
     OUTPUT_NODE = True
 
@@ -583,21 +846,45 @@ class ExportDataset:
         return {
             "required": {
                 "dataset": _dataset_input(),
-                "trigger": ("STRING", {"default": "ohwx",
-                                       "tooltip": "Trigger word: a rare token the LoRA binds the character to. "
-                                                  "Put first in every caption and in the folder name."}),
-                "class_tokens": ("STRING", {"default": "person",
-                                            "tooltip": "What the character is (woman, man, person, cat...): "
-                                                       "the caption of photos without one."}),
-                "repeats": ("INT", {"default": 10, "min": 1, "max": 1000, "step": 1,
-                                    "tooltip": "How often each photo is seen per epoch (the folder's number)."}),
-                "export_name": ("STRING", {"default": "kohya",
-                                           "tooltip": "Folder inside the dataset folder to export into."}),
-                "caption_mode": (list(CAPTION_MODES), {
-                    "default": CAPTION_MODES[0],
-                    "tooltip": "caption, trigger first: the photo's caption with the trigger put first. caption as "
-                               "is: unchanged. trigger and class only: ignore captions. Photos without a "
-                               "caption always get \"trigger, class\"."}),
+                "trigger": (
+                    "STRING",
+                    {
+                        "default": "ohwx",
+                        "tooltip": "Trigger word: a rare token the LoRA binds the character to. "
+                        "Put first in every caption and in the folder name.",
+                    },
+                ),
+                "class_tokens": (
+                    "STRING",
+                    {
+                        "default": "person",
+                        "tooltip": "What the character is (woman, man, person, cat...): "
+                        "the caption of photos without one.",
+                    },
+                ),
+                "repeats": (
+                    "INT",
+                    {
+                        "default": 10,
+                        "min": 1,
+                        "max": 1000,
+                        "step": 1,
+                        "tooltip": "How often each photo is seen per epoch (the folder's number).",
+                    },
+                ),
+                "export_name": (
+                    "STRING",
+                    {"default": "kohya", "tooltip": "Folder inside the dataset folder to export into."},
+                ),
+                "caption_mode": (
+                    list(CAPTION_MODES),
+                    {
+                        "default": CAPTION_MODES[0],
+                        "tooltip": "caption, trigger first: the photo's caption with the trigger put first. caption as "
+                        "is: unchanged. trigger and class only: ignore captions. Photos without a "
+                        'caption always get "trigger, class".',
+                    },
+                ),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
@@ -605,8 +892,15 @@ class ExportDataset:
     def export(self, dataset, trigger, class_tokens, repeats, export_name, caption_mode, node_id=None):
         from ..engine.dataset import export_kohya
 
-        result = export_kohya(dataset, trigger, class_tokens, repeats=repeats, export_name=export_name,
-                              caption_mode=caption_mode, on_image=_stage_progress(node_id, "export dataset"))
+        result = export_kohya(
+            dataset,
+            trigger,
+            class_tokens,
+            repeats=repeats,
+            export_name=export_name,
+            caption_mode=caption_mode,
+            on_image=_stage_progress(node_id, "export dataset"),
+        )
         text = _finish(result.manifest, "export", {}, result.summary)
         return {"ui": {"text": [text]}, "result": (result.manifest, result.train_data_dir, result.summary)}
 
@@ -623,9 +917,11 @@ class DatasetReport:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "STRING", "STRING")
     RETURN_NAMES = ("contact_sheet", "report_html", "summary")
-    OUTPUT_TOOLTIPS = ("The contact sheet pages (up to 16) as an image batch.",
-                       "Path of report.html (report.json is next to it).",
-                       "Counts and the main rejection reasons.")
+    OUTPUT_TOOLTIPS = (
+        "The contact sheet pages (up to 16) as an image batch.",
+        "Path of report.html (report.json is next to it).",
+        "Counts and the main rejection reasons.",
+    )
     FUNCTION = "report"
     OUTPUT_NODE = True
 
@@ -634,13 +930,34 @@ class DatasetReport:
         return {
             "required": {
                 "dataset": _dataset_input(),
-                "trigger": ("STRING", {"default": "",
-                                       "tooltip": "Trigger word to look for in captions (empty: the one the last "
-                                                  "export used)."}),
-                "thumbnail_size": ("INT", {"default": 192, "min": 64, "max": 512, "step": 16,
-                                           "tooltip": "Side of each thumbnail in pixels."}),
-                "per_sheet": ("INT", {"default": 48, "min": 1, "max": 400, "step": 1,
-                                      "tooltip": "Photos per contact-sheet page."}),
+                "trigger": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "Trigger word to look for in captions (empty: the one the last "
+                        "export used).",
+                    },
+                ),
+                "thumbnail_size": (
+                    "INT",
+                    {
+                        "default": 192,
+                        "min": 64,
+                        "max": 512,
+                        "step": 16,
+                        "tooltip": "Side of each thumbnail in pixels.",
+                    },
+                ),
+                "per_sheet": (
+                    "INT",
+                    {
+                        "default": 48,
+                        "min": 1,
+                        "max": 400,
+                        "step": 1,
+                        "tooltip": "Photos per contact-sheet page.",
+                    },
+                ),
                 "workers": _workers_input(),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
@@ -649,13 +966,21 @@ class DatasetReport:
     def report(self, dataset, trigger, thumbnail_size, per_sheet, workers, node_id=None):
         from ..engine.dataset import write_report
 
-        written = write_report(dataset, trigger=trigger, thumb_size=thumbnail_size, per_sheet=per_sheet,
-                               workers=workers, on_image=_stage_progress(node_id, "dataset report"))
+        written = write_report(
+            dataset,
+            trigger=trigger,
+            thumb_size=thumbnail_size,
+            per_sheet=per_sheet,
+            workers=workers,
+            on_image=_stage_progress(node_id, "dataset report"),
+        )
         data = written["data"]
         counts = data["counts"]
         reasons = ", ".join(f"{k}: {v}" for k, v in list(data["rejection_reasons"].items())[:6]) or "none"
-        summary = (f"{counts['accepted']} accepted, {counts['rejected']} rejected ({reasons}); "
-                   f"{len(written['sheets'])} contact sheet page(s); report: {written['html']}")
+        summary = (
+            f"{counts['accepted']} accepted, {counts['rejected']} rejected ({reasons}); "
+            f"{len(written['sheets'])} contact sheet page(s); report: {written['html']}"
+        )
         images = [show_file(path) for path in written["sheets"]]
         batch = rgb8_to_image_batch(written["pages"])
         return {"ui": {"images": images, "text": [summary]}, "result": (batch, written["html"], summary)}

@@ -30,9 +30,12 @@ FORMAT_CHOICES = ["kohya", "peft", "comfyui"]
 
 # The LoRA stack is the shape other packs' stack nodes use (Efficiency Nodes, Comfyroll "LORA_STACK"), so
 # stacks wire between them.
-CUSTOM_TYPES.setdefault(LORA_STACK, "LoRAs to apply together: a list of (lora file name in the loras folder, "
-                                    "model strength, clip strength) tuples, the shape other packs' LoRA stack "
-                                    "nodes use (nodes/library.py).")
+CUSTOM_TYPES.setdefault(
+    LORA_STACK,
+    "LoRAs to apply together: a list of (lora file name in the loras folder, "
+    "model strength, clip strength) tuples, the shape other packs' LoRA stack "
+    "nodes use (nodes/library.py).",
+)
 
 
 def _loras() -> list[str]:
@@ -78,23 +81,48 @@ def _text_ui(text: str) -> dict:
 class LoadCharacter:
     """Load a character preset: prompt, negative prompt, LoRAs, identity and generation settings."""
 
-    DESCRIPTION = ("Loads a character preset (models/charforge/characters/<name>.yaml): the prompt with the "
-                   "character's trigger words, the negative prompt, its LoRAs with their weights (wire into Apply "
-                   "LoRA Stack), its reference identity (wire into Score Identity) and its generation settings "
-                   "(wire into KSampler / Empty Latent Image). Create presets with `charforge character new` or "
-                   "the Train LoRA node's save_character input.")
+    DESCRIPTION = (
+        "Loads a character preset (models/charforge/characters/<name>.yaml): the prompt with the "
+        "character's trigger words, the negative prompt, its LoRAs with their weights (wire into Apply "
+        "LoRA Stack), its reference identity (wire into Score Identity) and its generation settings "
+        "(wire into KSampler / Empty Latent Image). Create presets with `charforge character new` or "
+        "the Train LoRA node's save_character input."
+    )
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("STRING", "STRING", LORA_STACK, "CHARFORGE_IDENTITY", "FLOAT", "INT", "FLOAT", "INT", "INT",
-                    "STRING")
-    RETURN_NAMES = ("prompt", "negative", "loras", "identity", "threshold", "steps", "cfg", "width", "height",
-                    "report")
+    RETURN_TYPES = (
+        "STRING",
+        "STRING",
+        LORA_STACK,
+        "CHARFORGE_IDENTITY",
+        "FLOAT",
+        "INT",
+        "FLOAT",
+        "INT",
+        "INT",
+        "STRING",
+    )
+    RETURN_NAMES = (
+        "prompt",
+        "negative",
+        "loras",
+        "identity",
+        "threshold",
+        "steps",
+        "cfg",
+        "width",
+        "height",
+        "report",
+    )
     OUTPUT_TOOLTIPS = (
         "Trigger words + the character's base prompt + extra_prompt.",
         "The character's negative prompt.",
         "The character's LoRAs with their default weights.",
         "The character's reference identity (None when the preset names none: then leave it unwired).",
         "Identity similarity a render needs (0 = the identity's own suggestion).",
-        "Sampling steps.", "CFG scale.", "Image width.", "Image height.",
+        "Sampling steps.",
+        "CFG scale.",
+        "Image width.",
+        "Image height.",
         "Summary of the preset, with sampler and scheduler names.",
     )
     FUNCTION = "load"
@@ -102,14 +130,35 @@ class LoadCharacter:
     @classmethod
     def INPUT_TYPES(cls):
         names = chars.list_characters() or [NO_CHARACTER]
-        return {"required": {
-            "character": (names, {"default": names[0],
-                                  "tooltip": "A saved character (models/charforge/characters/<name>.yaml)."}),
-            "extra_prompt": ("STRING", {"default": "", "multiline": True,
-                                        "tooltip": "Added after the character's prompt (the scene, the outfit...)."}),
-            "lora_weight_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 4.0, "step": 0.05,
-                                            "tooltip": "Multiplies every LoRA weight of the preset."}),
-        }}
+        return {
+            "required": {
+                "character": (
+                    names,
+                    {
+                        "default": names[0],
+                        "tooltip": "A saved character (models/charforge/characters/<name>.yaml).",
+                    },
+                ),
+                "extra_prompt": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "multiline": True,
+                        "tooltip": "Added after the character's prompt (the scene, the outfit...).",
+                    },
+                ),
+                "lora_weight_scale": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 4.0,
+                        "step": 0.05,
+                        "tooltip": "Multiplies every LoRA weight of the preset.",
+                    },
+                ),
+            }
+        }
 
     @classmethod
     def IS_CHANGED(cls, character, **_):
@@ -120,8 +169,10 @@ class LoadCharacter:
 
     def load(self, character, extra_prompt="", lora_weight_scale=1.0):
         if character == NO_CHARACTER:
-            raise ValueError("no character is saved yet: create one with `charforge character new` or the Train "
-                             "LoRA node's save_character input")
+            raise ValueError(
+                "no character is saved yet: create one with `charforge character new` or the Train "
+                "LoRA node's save_character input"
+            )
         preset = chars.load_character(character)
         identity = None
         notes = []
@@ -131,20 +182,35 @@ class LoadCharacter:
             identity = load_identity(preset.identity)
         else:
             notes.append("no identity in the preset: leave the identity output unwired")
-        stack = [(lora.name, lora.weight * lora_weight_scale, lora.strength_clip * lora_weight_scale)
-                 for lora in preset.loras]
+        stack = [
+            (lora.name, lora.weight * lora_weight_scale, lora.strength_clip * lora_weight_scale)
+            for lora in preset.loras
+        ]
         gen = preset.generation
-        lines = [f"character: {preset.display_name} ({preset.path})",
-                 f"trigger words: {', '.join(preset.trigger_words) or '-'}",
-                 "loras: " + (", ".join(f"{n} {w:g}/{c:g}" for n, w, c in stack) or "-"),
-                 f"sampler: {gen.sampler}, scheduler: {gen.scheduler}, steps {gen.steps}, cfg {gen.cfg:g}, "
-                 f"{gen.width}x{gen.height}" + (f", seed {gen.seed}" if gen.seed is not None else ""),
-                 f"threshold: {preset.threshold:g}"] + notes
+        lines = [
+            f"character: {preset.display_name} ({preset.path})",
+            f"trigger words: {', '.join(preset.trigger_words) or '-'}",
+            "loras: " + (", ".join(f"{n} {w:g}/{c:g}" for n, w, c in stack) or "-"),
+            f"sampler: {gen.sampler}, scheduler: {gen.scheduler}, steps {gen.steps}, cfg {gen.cfg:g}, "
+            f"{gen.width}x{gen.height}" + (f", seed {gen.seed}" if gen.seed is not None else ""),
+            f"threshold: {preset.threshold:g}",
+        ] + notes
         report = "\n".join(lines)
-        return {"ui": _text_ui(report),
-                "result": (preset.prompt_text(extra_prompt), preset.negative_prompt, stack, identity,
-                           float(preset.threshold), int(gen.steps), float(gen.cfg), int(gen.width),
-                           int(gen.height), report)}
+        return {
+            "ui": _text_ui(report),
+            "result": (
+                preset.prompt_text(extra_prompt),
+                preset.negative_prompt,
+                stack,
+                identity,
+                float(preset.threshold),
+                int(gen.steps),
+                float(gen.cfg),
+                int(gen.width),
+                int(gen.height),
+                report,
+            ),
+        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,35 +223,66 @@ SLOTS = 3
 class ApplyLoraStack:
     """Apply several LoRAs to MODEL and CLIP with per-LoRA weights, using ComfyUI's own LoRA patching."""
 
-    DESCRIPTION = ("Patches every LoRA of the stack (e.g. from Load Character) and of the slots below into the "
-                   "model and text encoder, in order, exactly as ComfyUI's Load LoRA does. Adds the LoRAs' trigger "
-                   "words (from their metadata) to the prompt when they are missing, and reports any key ComfyUI "
-                   "could not load.")
+    DESCRIPTION = (
+        "Patches every LoRA of the stack (e.g. from Load Character) and of the slots below into the "
+        "model and text encoder, in order, exactly as ComfyUI's Load LoRA does. Adds the LoRAs' trigger "
+        "words (from their metadata) to the prompt when they are missing, and reports any key ComfyUI "
+        "could not load."
+    )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "CLIP", "STRING", "STRING")
     RETURN_NAMES = ("model", "clip", "prompt", "report")
-    OUTPUT_TOOLTIPS = ("The model with the LoRAs.", "The text encoder with the LoRAs.",
-                       "The prompt with the LoRAs' trigger words added.", "What was applied.")
+    OUTPUT_TOOLTIPS = (
+        "The model with the LoRAs.",
+        "The text encoder with the LoRAs.",
+        "The prompt with the LoRAs' trigger words added.",
+        "What was applied.",
+    )
     FUNCTION = "apply"
 
     @classmethod
     def INPUT_TYPES(cls):
         choices = _lora_choices()
         optional: dict[str, tuple[Any, dict[str, Any]]] = {
-            "loras": (LORA_STACK, {"tooltip": "A LoRA stack (Load Character, or another pack's stack node)."}),
-            "prompt": ("STRING", {"forceInput": True,
-                                  "tooltip": "Prompt to add trigger words to (e.g. Load Character's prompt)."}),
+            "loras": (
+                LORA_STACK,
+                {"tooltip": "A LoRA stack (Load Character, or another pack's stack node)."},
+            ),
+            "prompt": (
+                "STRING",
+                {
+                    "forceInput": True,
+                    "tooltip": "Prompt to add trigger words to (e.g. Load Character's prompt).",
+                },
+            ),
         }
         for slot in range(1, SLOTS + 1):
-            optional[f"lora_{slot}"] = (choices, {"default": NONE, "tooltip": f"Extra LoRA {slot} (None = skip)."})
-            optional[f"strength_{slot}"] = ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05,
-                                                      "tooltip": f"Strength of LoRA {slot} on model and CLIP."})
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model."}),
-            "clip": ("CLIP", {"tooltip": "The text encoder."}),
-            "inject_trigger_words": ("BOOLEAN", {"default": True,
-                                                 "tooltip": "Add each LoRA's trigger words to the prompt."}),
-        }, "optional": optional, "hidden": {"node_id": "UNIQUE_ID"}}
+            optional[f"lora_{slot}"] = (
+                choices,
+                {"default": NONE, "tooltip": f"Extra LoRA {slot} (None = skip)."},
+            )
+            optional[f"strength_{slot}"] = (
+                "FLOAT",
+                {
+                    "default": 1.0,
+                    "min": -10.0,
+                    "max": 10.0,
+                    "step": 0.05,
+                    "tooltip": f"Strength of LoRA {slot} on model and CLIP.",
+                },
+            )
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder."}),
+                "inject_trigger_words": (
+                    "BOOLEAN",
+                    {"default": True, "tooltip": "Add each LoRA's trigger words to the prompt."},
+                ),
+            },
+            "optional": optional,
+            "hidden": {"node_id": "UNIQUE_ID"},
+        }
 
     @classmethod
     def IS_CHANGED(cls, **kwargs):
@@ -194,7 +291,10 @@ class ApplyLoraStack:
     def apply(self, model, clip, inject_trigger_words=True, loras=None, prompt="", node_id=None, **slots):
         from ..engine.library.inspect import inspect_lora
 
-        stack = [(str(item[0]), float(item[1]), float(item[2] if len(item) > 2 else item[1])) for item in loras or []]
+        stack = [
+            (str(item[0]), float(item[1]), float(item[2] if len(item) > 2 else item[1]))
+            for item in loras or []
+        ]
         for slot in range(1, SLOTS + 1):
             name = slots.get(f"lora_{slot}") or NONE
             if name != NONE:
@@ -230,31 +330,61 @@ class ApplyLoraStack:
 class LoadLoraByName:
     """Apply one LoRA named by a linked STRING (e.g. Train LoRA's lora_name) to MODEL and CLIP."""
 
-    DESCRIPTION = ("Like ComfyUI's Load LoRA, but the LoRA's file name comes in as a linked STRING instead of a "
-                   "pick from the list, so a LoRA trained earlier in the same graph (Train LoRA's lora_name "
-                   "output) can be used right away: the link also makes ComfyUI run the training first. The name "
-                   "is looked up in the loras folder(s) and patched in with ComfyUI's own LoRA code; keys ComfyUI "
-                   "could not load are reported.")
+    DESCRIPTION = (
+        "Like ComfyUI's Load LoRA, but the LoRA's file name comes in as a linked STRING instead of a "
+        "pick from the list, so a LoRA trained earlier in the same graph (Train LoRA's lora_name "
+        "output) can be used right away: the link also makes ComfyUI run the training first. The name "
+        "is looked up in the loras folder(s) and patched in with ComfyUI's own LoRA code; keys ComfyUI "
+        "could not load are reported."
+    )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
     RETURN_NAMES = ("model", "clip", "report")
-    OUTPUT_TOOLTIPS = ("The model with the LoRA.", "The text encoder with the LoRA.",
-                       "What was applied, and any key ComfyUI did not load.")
+    OUTPUT_TOOLTIPS = (
+        "The model with the LoRA.",
+        "The text encoder with the LoRA.",
+        "What was applied, and any key ComfyUI did not load.",
+    )
     FUNCTION = "apply"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model."}),
-            "clip": ("CLIP", {"tooltip": "The text encoder."}),
-            "lora_name": ("STRING", {"forceInput": True, "tooltip": (
-                "A LoRA file name in the loras folder, e.g. Train LoRA's lora_name output (my_character.safetensors;"
-                " the .safetensors may be left out).")}),
-            "strength_model": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                         "tooltip": "How strongly the LoRA changes the diffusion model."}),
-            "strength_clip": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                        "tooltip": "How strongly the LoRA changes the text encoder."}),
-        }}
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder."}),
+                "lora_name": (
+                    "STRING",
+                    {
+                        "forceInput": True,
+                        "tooltip": (
+                            "A LoRA file name in the loras folder, e.g. Train LoRA's lora_name output (my_character.safetensors;"
+                            " the .safetensors may be left out)."
+                        ),
+                    },
+                ),
+                "strength_model": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -10.0,
+                        "max": 10.0,
+                        "step": 0.01,
+                        "tooltip": "How strongly the LoRA changes the diffusion model.",
+                    },
+                ),
+                "strength_clip": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -10.0,
+                        "max": 10.0,
+                        "step": 0.01,
+                        "tooltip": "How strongly the LoRA changes the text encoder.",
+                    },
+                ),
+            }
+        }
 
     @classmethod
     def IS_CHANGED(cls, lora_name=None, **_):
@@ -267,8 +397,9 @@ class LoadLoraByName:
         if strength_model == 0 and strength_clip == 0:
             report = f"{name}: skipped (strength 0)"
             return {"ui": _text_ui(report), "result": (model, clip, report)}
-        model, clip, not_loaded = bridge.apply_lora(model, clip, _lora_path(name), float(strength_model),
-                                                    float(strength_clip))
+        model, clip, not_loaded = bridge.apply_lora(
+            model, clip, _lora_path(name), float(strength_model), float(strength_clip)
+        )
         report = f"{name}: model {strength_model:g}, clip {strength_clip:g}"
         if not_loaded:
             report += f"; {len(not_loaded)} key(s) NOT loaded, e.g. {not_loaded[0]}"
@@ -282,11 +413,15 @@ def resolve_lora_name(lora_name: str) -> str:
     """
     name = str(lora_name or "").strip().replace("\\", "/")
     if not name:
-        raise ValueError("lora_name is empty: link Train LoRA's lora_name (or any STRING with a LoRA file name)")
+        raise ValueError(
+            "lora_name is empty: link Train LoRA's lora_name (or any STRING with a LoRA file name)"
+        )
     if name.startswith("/") or name[1:2] == ":" or ".." in name.split("/"):
         raise ValueError(f"lora_name {lora_name!r} must be a name in the loras folder, not a path")
     listed = _loras()
-    candidates = [name] if name.lower().endswith((".safetensors", ".pt", ".ckpt")) else [name, name + ".safetensors"]
+    candidates = (
+        [name] if name.lower().endswith((".safetensors", ".pt", ".ckpt")) else [name, name + ".safetensors"]
+    )
     for candidate in candidates:
         if candidate in listed:
             return candidate
@@ -297,8 +432,9 @@ def resolve_lora_name(lora_name: str) -> str:
         except bridge.ModelNotFoundError:
             continue
     shown = ", ".join(listed[:10]) + (" ..." if len(listed) > 10 else "") if listed else "none"
-    raise bridge.ModelNotFoundError(f"LoRA {name!r} is not in the loras folder(s) {bridge.model_folders('loras')} "
-                                    f"(found: {shown})")
+    raise bridge.ModelNotFoundError(
+        f"LoRA {name!r} is not in the loras folder(s) {bridge.model_folders('loras')} (found: {shown})"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,9 +444,11 @@ def resolve_lora_name(lora_name: str) -> str:
 class LoraInfo:
     """Show what a LoRA file is: format, base model, rank, alpha, trigger words, training settings."""
 
-    DESCRIPTION = ("Reads a LoRA's metadata and keys: its format (kohya, diffusers/peft, ComfyUI), the base model "
-                   "it was trained for and which full-size models it fits, rank(s), alpha, trigger words, training "
-                   "settings and the most frequent caption tags.")
+    DESCRIPTION = (
+        "Reads a LoRA's metadata and keys: its format (kohya, diffusers/peft, ComfyUI), the base model "
+        "it was trained for and which full-size models it fits, rank(s), alpha, trigger words, training "
+        "settings and the most frequent caption tags."
+    )
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING", "STRING", "STRING")
@@ -321,7 +459,9 @@ class LoraInfo:
     @classmethod
     def INPUT_TYPES(cls):
         names = _loras() or [NONE]
-        return {"required": {"lora": (names, {"default": names[0], "tooltip": "A file in the loras folder."})}}
+        return {
+            "required": {"lora": (names, {"default": names[0], "tooltip": "A file in the loras folder."})}
+        }
 
     @classmethod
     def IS_CHANGED(cls, lora, **_):
@@ -344,9 +484,11 @@ class LoraInfo:
 class MergeLoras:
     """Merge up to four LoRAs with weights into a new LoRA file (optionally at a lower rank)."""
 
-    DESCRIPTION = ("Writes a new LoRA whose effect is exactly the weighted sum of the inputs' effects (ranks "
-                   "concatenated). With a target rank the sum is compressed by SVD and the energy kept is reported. "
-                   "The file goes into the loras folder; an existing name gets a numeric suffix.")
+    DESCRIPTION = (
+        "Writes a new LoRA whose effect is exactly the weighted sum of the inputs' effects (ranks "
+        "concatenated). With a target rank the sum is compressed by SVD and the energy kept is reported. "
+        "The file goes into the loras folder; an existing name gets a numeric suffix."
+    )
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING", "STRING")
@@ -360,20 +502,51 @@ class MergeLoras:
         choices = _lora_choices()
         required = {
             "lora_1": (names, {"default": names[0], "tooltip": "First LoRA."}),
-            "weight_1": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05,
-                                   "tooltip": "Weight of the first LoRA's effect."}),
+            "weight_1": (
+                "FLOAT",
+                {
+                    "default": 1.0,
+                    "min": -10.0,
+                    "max": 10.0,
+                    "step": 0.05,
+                    "tooltip": "Weight of the first LoRA's effect.",
+                },
+            ),
         }
         optional: dict[str, tuple[Any, dict[str, Any]]] = {}
         for slot in range(2, 5):
-            optional[f"lora_{slot}"] = (choices, {"default": NONE, "tooltip": f"LoRA {slot} (None = unused)."})
-            optional[f"weight_{slot}"] = ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05,
-                                                    "tooltip": f"Weight of LoRA {slot}'s effect."})
-        required.update({
-            "rank": ("INT", {"default": 0, "min": 0, "max": 1024,
-                             "tooltip": "0 = exact merge (ranks add up); else SVD to at most this rank."}),
-            "output_name": ("STRING", {"default": "merged", "tooltip": "File name (without .safetensors)."}),
-            "format": (FORMAT_CHOICES, {"default": "kohya", "tooltip": "Key layout of the new file."}),
-        })
+            optional[f"lora_{slot}"] = (
+                choices,
+                {"default": NONE, "tooltip": f"LoRA {slot} (None = unused)."},
+            )
+            optional[f"weight_{slot}"] = (
+                "FLOAT",
+                {
+                    "default": 1.0,
+                    "min": -10.0,
+                    "max": 10.0,
+                    "step": 0.05,
+                    "tooltip": f"Weight of LoRA {slot}'s effect.",
+                },
+            )
+        required.update(
+            {
+                "rank": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 1024,
+                        "tooltip": "0 = exact merge (ranks add up); else SVD to at most this rank.",
+                    },
+                ),
+                "output_name": (
+                    "STRING",
+                    {"default": "merged", "tooltip": "File name (without .safetensors)."},
+                ),
+                "format": (FORMAT_CHOICES, {"default": "kohya", "tooltip": "Key layout of the new file."}),
+            }
+        )
         return {"required": required, "optional": optional, "hidden": {"node_id": "UNIQUE_ID"}}
 
     def merge(self, lora_1, weight_1, rank, output_name, format, node_id=None, **slots):  # noqa: A002 - input name
@@ -388,8 +561,13 @@ class MergeLoras:
             raise ValueError("no LoRA file in the loras folder")
         target = _output_path(output_name, "merged")
         progress = bridge.control(1, node_id=node_id, label="merge loras")
-        path, energy = merge_files([(_lora_path(n), w) for n, w in sources], target, rank=rank or None, fmt=format,
-                                   on_module=progress.check)
+        path, energy = merge_files(
+            [(_lora_path(n), w) for n, w in sources],
+            target,
+            rank=rank or None,
+            fmt=format,
+            on_module=progress.check,
+        )
         progress.advance()
         report = f"{path.name}: " + " + ".join(f"{w:g} x {n}" for n, w in sources)
         if energy is not None:
@@ -400,25 +578,33 @@ class MergeLoras:
 class ResizeLora:
     """Shrink a LoRA to a lower rank by SVD and report the energy each module keeps."""
 
-    DESCRIPTION = ("Writes a copy of the LoRA with every module truncated to at most the given rank by SVD (the "
-                   "best approximation of its effect at that rank). Reports the share of the effect's energy "
-                   "(squared Frobenius norm) kept overall and for the worst module.")
+    DESCRIPTION = (
+        "Writes a copy of the LoRA with every module truncated to at most the given rank by SVD (the "
+        "best approximation of its effect at that rank). Reports the share of the effect's energy "
+        "(squared Frobenius norm) kept overall and for the worst module."
+    )
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING", "FLOAT", "STRING")
     RETURN_NAMES = ("lora_name", "energy_kept", "report")
-    OUTPUT_TOOLTIPS = ("The new file's name in the loras folder.", "Fraction of the energy kept (0..1).",
-                       "Summary.")
+    OUTPUT_TOOLTIPS = (
+        "The new file's name in the loras folder.",
+        "Fraction of the energy kept (0..1).",
+        "Summary.",
+    )
     FUNCTION = "resize"
 
     @classmethod
     def INPUT_TYPES(cls):
         names = _loras() or [NONE]
-        return {"required": {
-            "lora": (names, {"default": names[0], "tooltip": "The LoRA to shrink."}),
-            "rank": ("INT", {"default": 8, "min": 1, "max": 1024, "tooltip": "Target rank per module."}),
-            "output_name": ("STRING", {"default": "", "tooltip": "File name; empty = <lora>_r<rank>."}),
-        }, "hidden": {"node_id": "UNIQUE_ID"}}
+        return {
+            "required": {
+                "lora": (names, {"default": names[0], "tooltip": "The LoRA to shrink."}),
+                "rank": ("INT", {"default": 8, "min": 1, "max": 1024, "tooltip": "Target rank per module."}),
+                "output_name": ("STRING", {"default": "", "tooltip": "File name; empty = <lora>_r<rank>."}),
+            },
+            "hidden": {"node_id": "UNIQUE_ID"},
+        }
 
     def resize(self, lora, rank, output_name, node_id=None):
         from ..engine.library.merge import resize_file
@@ -434,9 +620,11 @@ class ResizeLora:
 class ConvertLora:
     """Rewrite a LoRA's keys in another layout (kohya, diffusers/peft, ComfyUI)."""
 
-    DESCRIPTION = ("Writes a copy of the LoRA with its keys in the kohya (lora_unet_...), diffusers/peft "
-                   "(unet....lora_A) or ComfyUI (diffusion_model....) layout. Tensors and metadata are unchanged, so "
-                   "converting back gives the same file contents.")
+    DESCRIPTION = (
+        "Writes a copy of the LoRA with its keys in the kohya (lora_unet_...), diffusers/peft "
+        "(unet....lora_A) or ComfyUI (diffusion_model....) layout. Tensors and metadata are unchanged, so "
+        "converting back gives the same file contents."
+    )
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING", "STRING")
@@ -447,11 +635,13 @@ class ConvertLora:
     @classmethod
     def INPUT_TYPES(cls):
         names = _loras() or [NONE]
-        return {"required": {
-            "lora": (names, {"default": names[0], "tooltip": "The LoRA to convert."}),
-            "to": (FORMAT_CHOICES, {"default": "kohya", "tooltip": "Target key layout."}),
-            "output_name": ("STRING", {"default": "", "tooltip": "File name; empty = <lora>_<format>."}),
-        }}
+        return {
+            "required": {
+                "lora": (names, {"default": names[0], "tooltip": "The LoRA to convert."}),
+                "to": (FORMAT_CHOICES, {"default": "kohya", "tooltip": "Target key layout."}),
+                "output_name": ("STRING", {"default": "", "tooltip": "File name; empty = <lora>_<format>."}),
+            }
+        }
 
     def convert(self, lora, to, output_name):
         from ..engine.library.formats import read_state, write_state

@@ -42,8 +42,9 @@ def datasets_directory() -> str:
     return os.path.join(bridge.output_directory(), *DATASETS_SUBFOLDER)
 
 
-def safe_file(root: str | os.PathLike, name: str, relative: str = "",
-              types: dict[str, str] | None = None) -> Path | None:
+def safe_file(
+    root: str | os.PathLike, name: str, relative: str = "", types: dict[str, str] | None = None
+) -> Path | None:
     """``root/name/relative`` when it is an existing file inside ``root/name`` (links followed) whose suffix is
     in `types`; ``root/name`` itself (a folder inside `root`) when `relative` is empty; None otherwise.
 
@@ -52,7 +53,12 @@ def safe_file(root: str | os.PathLike, name: str, relative: str = "",
     if not name or name in (".", "..") or any(c in name for c in "/\\\x00") or name.startswith("."):
         return None
     parts = relative.split("/") if relative else []
-    if "\\" in relative or "\x00" in relative or relative.startswith("/") or any(p in ("", ".", "..") for p in parts):
+    if (
+        "\\" in relative
+        or "\x00" in relative
+        or relative.startswith("/")
+        or any(p in ("", ".", "..") for p in parts)
+    ):
         return None
     try:
         base = Path(root).resolve(strict=True)
@@ -84,8 +90,14 @@ def _error(status: int, message: str):
 def _file(path: Path, types: dict[str, str]):
     from aiohttp import web
 
-    return web.FileResponse(path, headers={"Content-Type": types[path.suffix.lower()], "Cache-Control": "no-cache",
-                                           "X-Content-Type-Options": "nosniff"})
+    return web.FileResponse(
+        path,
+        headers={
+            "Content-Type": types[path.suffix.lower()],
+            "Cache-Control": "no-cache",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
 
 
 def _run_folder(request):
@@ -110,8 +122,11 @@ async def run_handler(request):
 
 async def run_file_handler(request):
     folder = _run_folder(request)
-    path = None if folder is None else safe_file(folder.root.parent, folder.name, request.match_info.get("path", ""),
-                                                 RUN_FILE_TYPES)
+    path = (
+        None
+        if folder is None
+        else safe_file(folder.root.parent, folder.name, request.match_info.get("path", ""), RUN_FILE_TYPES)
+    )
     if path is None:
         return _error(404, "no such file in a CharForge run folder")
     return _file(path, RUN_FILE_TYPES)
@@ -149,16 +164,20 @@ async def resume_handler(request):
     origin = folder.read_origin()
     prompt = origin.get("prompt")
     if not isinstance(prompt, dict):
-        return _error(409, f"run {folder.name!r} was not queued from ComfyUI (no origin.json): queue its "
-                           "workflow again with the same settings to resume it")
+        return _error(
+            409,
+            f"run {folder.name!r} was not queued from ComfyUI (no origin.json): queue its "
+            "workflow again with the same settings to resume it",
+        )
     prompt = {key: dict(node) for key, node in prompt.items()}
     for node in prompt.values():
         if node.get("class_type") == TRAIN_NODE:
             node["inputs"] = {**node.get("inputs", {}), "resume": "auto"}
     client_id = body.get("client_id") if isinstance(body, dict) else None
     try:
-        prompt_id = await bridge.queue_prompt(prompt, client_id=str(client_id) if client_id else None,
-                                              workflow=origin.get("workflow"))
+        prompt_id = await bridge.queue_prompt(
+            prompt, client_id=str(client_id) if client_id else None, workflow=origin.get("workflow")
+        )
     except bridge.PromptRejected as exc:
         return _json({"error": str(exc), "node_errors": exc.node_errors}, 400)
     log.info("CharForge panel: queued run %s again (prompt %s)", folder.name, prompt_id)
@@ -178,8 +197,11 @@ async def datasets_handler(request):
 async def dataset_file_handler(request):
     name = request.match_info.get("dataset", "")
     folder = safe_file(datasets_directory(), name)
-    path = None if folder is None or not (folder / "manifest.json").is_file() else \
-        safe_file(datasets_directory(), name, request.match_info.get("path", ""), DATASET_FILE_TYPES)
+    path = (
+        None
+        if folder is None or not (folder / "manifest.json").is_file()
+        else safe_file(datasets_directory(), name, request.match_info.get("path", ""), DATASET_FILE_TYPES)
+    )
     if path is None:
         return _error(404, "no such file in a CharForge dataset folder")
     return _file(path, DATASET_FILE_TYPES)

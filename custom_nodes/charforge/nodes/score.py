@@ -63,8 +63,10 @@ PROVIDERS = {
 }
 NO_IDENTITY = "(no identity saved yet)"
 NO_CLIP = "(no CLIP folder found)"
-THRESHOLD_TOOLTIP = ("Cosine similarity an image's face needs to pass (ArcFace: ~0.32+ is usually the same person "
-                     "on real photos). 0 = use the identity's suggested threshold, calibrated on its references.")
+THRESHOLD_TOOLTIP = (
+    "Cosine similarity an image's face needs to pass (ArcFace: ~0.32+ is usually the same person "
+    "on real photos). 0 = use the identity's suggested threshold, calibrated on its references."
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,20 +108,32 @@ class LoadFaceModels:
         packs = sorted(set(available_face_packs()) | set(KNOWN_PACKS))
         return {
             "required": {
-                "pack": (packs, {
-                    "default": "buffalo_l",
-                    "tooltip": "InsightFace pack folder in models/insightface/models/. buffalo_l is the usual choice; "
-                               "an identity only compares with faces from the pack it was built with.",
-                }),
-                "det_size": ("INT", {
-                    "default": 640, "min": 160, "max": 1280, "step": 32,
-                    "tooltip": "Detection resolution in pixels. 640 suits most images; when nothing is found the "
-                               "detector retries smaller sizes (close-ups) automatically.",
-                }),
-                "provider": (list(PROVIDERS), {
-                    "default": "auto",
-                    "tooltip": "ONNX Runtime device. auto picks CUDA, CoreML or DirectML when available, else CPU.",
-                }),
+                "pack": (
+                    packs,
+                    {
+                        "default": "buffalo_l",
+                        "tooltip": "InsightFace pack folder in models/insightface/models/. buffalo_l is the usual choice; "
+                        "an identity only compares with faces from the pack it was built with.",
+                    },
+                ),
+                "det_size": (
+                    "INT",
+                    {
+                        "default": 640,
+                        "min": 160,
+                        "max": 1280,
+                        "step": 32,
+                        "tooltip": "Detection resolution in pixels. 640 suits most images; when nothing is found the "
+                        "detector retries smaller sizes (close-ups) automatically.",
+                    },
+                ),
+                "provider": (
+                    list(PROVIDERS),
+                    {
+                        "default": "auto",
+                        "tooltip": "ONNX Runtime device. auto picks CUDA, CoreML or DirectML when available, else CPU.",
+                    },
+                ),
             },
         }
 
@@ -153,18 +167,32 @@ class BuildIdentity:
         return {
             "required": {
                 "face_models": ("CHARFORGE_FACE_MODELS", {"tooltip": "From Load Face Models."}),
-                "name": ("STRING", {"default": "my_character",
-                                    "tooltip": "Identity name; also the file name in models/charforge/identities/."}),
-                "save": ("BOOLEAN", {"default": True,
-                                     "tooltip": "Save (overwrite) the identity file so Load Identity can use it."}),
+                "name": (
+                    "STRING",
+                    {
+                        "default": "my_character",
+                        "tooltip": "Identity name; also the file name in models/charforge/identities/.",
+                    },
+                ),
+                "save": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "Save (overwrite) the identity file so Load Identity can use it.",
+                    },
+                ),
             },
             "optional": {
                 "images": ("IMAGE", {"tooltip": "Reference photos as a batch (e.g. from Load Image)."}),
-                "folder": ("STRING", {
-                    "default": "", "placeholder": "/path/to/reference/photos",
-                    "tooltip": "Or a folder of reference photos (absolute, or relative to ComfyUI's input folder), "
-                               "e.g. the dataset folder. Both may be given.",
-                }),
+                "folder": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "placeholder": "/path/to/reference/photos",
+                        "tooltip": "Or a folder of reference photos (absolute, or relative to ComfyUI's input folder), "
+                        "e.g. the dataset folder. Both may be given.",
+                    },
+                ),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
@@ -182,28 +210,43 @@ class BuildIdentity:
             found, skipped = folder_images(resolve_folder(folder))
             sources += found
         if not sources:
-            raise ValueError("no reference photos: connect images or give a folder of photos of the character")
+            raise ValueError(
+                "no reference photos: connect images or give a folder of photos of the character"
+            )
         progress = bridge.control(len(sources), node_id=node_id, label="build identity")
         identity = build_identity(name, face_models, sources, control=progress)
         identity.skipped = skipped + identity.skipped
         report = identity.summary()
         if save:
             report += f"; saved to {save_identity(identity)}"
-        rows = [[r.source, r.faces_found, r.similarity, "outlier" if r.outlier else ""] for r in identity.references]
+        rows = [
+            [r.source, r.faces_found, r.similarity, "outlier" if r.outlier else ""]
+            for r in identity.references
+        ]
         rows += [[source, 0, None, why] for source, why in identity.skipped]
-        status = [("fail" if r.outlier else "pass") for r in identity.references] + ["none"] * len(identity.skipped)
-        table = table_image(f"identity {identity.name}: {len(identity.references)} reference(s)",
-                            ["reference", "faces", "vs others", "note"], rows, status,
-                            footer=f"suggested threshold {identity.suggested_threshold:.3f}; baseline {identity.baseline}")
-        return {"ui": {"text": [report], "images": [_show_table(table)]},
-                "result": (identity, identity.suggested_threshold, report, _image_of(table))}
+        status = [("fail" if r.outlier else "pass") for r in identity.references] + ["none"] * len(
+            identity.skipped
+        )
+        table = table_image(
+            f"identity {identity.name}: {len(identity.references)} reference(s)",
+            ["reference", "faces", "vs others", "note"],
+            rows,
+            status,
+            footer=f"suggested threshold {identity.suggested_threshold:.3f}; baseline {identity.baseline}",
+        )
+        return {
+            "ui": {"text": [report], "images": [_show_table(table)]},
+            "result": (identity, identity.suggested_threshold, report, _image_of(table)),
+        }
 
 
 class LoadIdentity:
     """Load a saved reference identity by name."""
 
-    DESCRIPTION = ("Loads an identity saved by Build Identity from models/charforge/identities/. The identity "
-                   "only compares with faces from the same InsightFace pack it was built with.")
+    DESCRIPTION = (
+        "Loads an identity saved by Build Identity from models/charforge/identities/. The identity "
+        "only compares with faces from the same InsightFace pack it was built with."
+    )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CHARFORGE_IDENTITY", "FLOAT", "STRING")
     RETURN_NAMES = ("identity", "suggested_threshold", "report")
@@ -213,8 +256,17 @@ class LoadIdentity:
     @classmethod
     def INPUT_TYPES(cls):
         names = list_identities() or [NO_IDENTITY]
-        return {"required": {"name": (names, {"default": names[0],
-                                              "tooltip": "A saved identity (models/charforge/identities/<name>.json)."})}}
+        return {
+            "required": {
+                "name": (
+                    names,
+                    {
+                        "default": names[0],
+                        "tooltip": "A saved identity (models/charforge/identities/<name>.json).",
+                    },
+                )
+            }
+        }
 
     @classmethod
     def IS_CHANGED(cls, name, **_):
@@ -260,16 +312,24 @@ class ScoreIdentity:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "face_models": ("CHARFORGE_FACE_MODELS", {"tooltip": "From Load Face Models (same pack as the identity)."}),
+                "face_models": (
+                    "CHARFORGE_FACE_MODELS",
+                    {"tooltip": "From Load Face Models (same pack as the identity)."},
+                ),
                 "identity": ("CHARFORGE_IDENTITY", {"tooltip": "From Build Identity or Load Identity."}),
                 "images": ("IMAGE", {"tooltip": "The images to score, e.g. a generated batch."}),
-                "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": THRESHOLD_TOOLTIP}),
-                "face_choice": (list(FACE_CHOICES), {
-                    "default": "largest",
-                    "tooltip": "Which face counts when there are several: the largest, or the one most like the "
-                               "identity (group shots).",
-                }),
+                "threshold": (
+                    "FLOAT",
+                    {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": THRESHOLD_TOOLTIP},
+                ),
+                "face_choice": (
+                    list(FACE_CHOICES),
+                    {
+                        "default": "largest",
+                        "tooltip": "Which face counts when there are several: the largest, or the one most like the "
+                        "identity (group shots).",
+                    },
+                ),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
@@ -277,12 +337,15 @@ class ScoreIdentity:
     def score(self, face_models, identity, images, threshold, face_choice, node_id=None):
         progress = bridge.control(int(images.shape[0]), node_id=node_id, label="score identity")
         frames = ((f"image {i}", frame) for i, frame in enumerate(image_frames(images)))
-        sheet = score_identity(face_models, identity, frames, _threshold(threshold), face_choice,
-                               control=progress)
+        sheet = score_identity(
+            face_models, identity, frames, _threshold(threshold), face_choice, control=progress
+        )
         table = sheet_table(sheet, f"identity vs {identity.name} ({face_models.name})")
         mean = sheet.stats()["mean"] or 0.0
-        return {"ui": {"text": [sheet.summary()], "images": [_show_table(table)]},
-                "result": (sheet, len(sheet.passed_indices), float(mean), _image_of(table), sheet.to_json())}
+        return {
+            "ui": {"text": [sheet.summary()], "images": [_show_table(table)]},
+            "result": (sheet, len(sheet.passed_indices), float(mean), _image_of(table), sheet.to_json()),
+        }
 
 
 class FilterByScore:
@@ -311,9 +374,20 @@ class FilterByScore:
         return {
             "required": {
                 "images": ("IMAGE", {"tooltip": "The batch that was scored (same order)."}),
-                "scores": ("CHARFORGE_SCORES", {"tooltip": "From Score Identity, CLIP Score or Combine Scores."}),
-                "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": "Pass mark. 0 = keep the threshold the scores were judged with."}),
+                "scores": (
+                    "CHARFORGE_SCORES",
+                    {"tooltip": "From Score Identity, CLIP Score or Combine Scores."},
+                ),
+                "threshold": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Pass mark. 0 = keep the threshold the scores were judged with.",
+                    },
+                ),
             },
         }
 
@@ -326,8 +400,10 @@ class FilterByScore:
         else:
             out = empty_image_batch(like=images)
         kept_sheet = scores.subset(result.kept)
-        return {"ui": {"text": [result.report]},
-                "result": (out, len(result.kept), result.report, kept_sheet, ",".join(map(str, result.kept)))}
+        return {
+            "ui": {"text": [result.report]},
+            "result": (out, len(result.kept), result.report, kept_sheet, ",".join(map(str, result.kept))),
+        }
 
 
 class BestOfN:
@@ -355,9 +431,14 @@ class BestOfN:
         return {
             "required": {
                 "images": ("IMAGE", {"tooltip": "All candidates, group after group."}),
-                "scores": ("CHARFORGE_SCORES", {"tooltip": "Scores of the same batch (identity, CLIP or combined)."}),
-                "group_size": ("INT", {"default": 4, "min": 1, "max": 256, "step": 1,
-                                       "tooltip": "Candidates per group (N)."}),
+                "scores": (
+                    "CHARFORGE_SCORES",
+                    {"tooltip": "Scores of the same batch (identity, CLIP or combined)."},
+                ),
+                "group_size": (
+                    "INT",
+                    {"default": 4, "min": 1, "max": 256, "step": 1, "tooltip": "Candidates per group (N)."},
+                ),
             },
         }
 
@@ -367,9 +448,15 @@ class BestOfN:
         picks = best_of_n(scores, group_size)
         indices = [p.index for p in picks]
         report = best_of_n_report(picks, scores.metric)
-        return {"ui": {"text": [report]},
-                "result": (images[torch.tensor(indices, dtype=torch.long)], report, scores.subset(indices),
-                           ",".join(map(str, indices)))}
+        return {
+            "ui": {"text": [report]},
+            "result": (
+                images[torch.tensor(indices, dtype=torch.long)],
+                report,
+                scores.subset(indices),
+                ",".join(map(str, indices)),
+            ),
+        }
 
 
 class IdentityDrift:
@@ -399,11 +486,18 @@ class IdentityDrift:
             "required": {
                 "face_models": ("CHARFORGE_FACE_MODELS", {"tooltip": "From Load Face Models."}),
                 "identity": ("CHARFORGE_IDENTITY", {"tooltip": "From Build Identity or Load Identity."}),
-                "frames": ("IMAGE", {"tooltip": "Video frames as an image batch (e.g. from a video loader)."}),
-                "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": THRESHOLD_TOOLTIP}),
-                "face_choice": (list(FACE_CHOICES), {"default": "largest",
-                                                     "tooltip": "Which face counts when a frame has several."}),
+                "frames": (
+                    "IMAGE",
+                    {"tooltip": "Video frames as an image batch (e.g. from a video loader)."},
+                ),
+                "threshold": (
+                    "FLOAT",
+                    {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": THRESHOLD_TOOLTIP},
+                ),
+                "face_choice": (
+                    list(FACE_CHOICES),
+                    {"default": "largest", "tooltip": "Which face counts when a frame has several."},
+                ),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
@@ -411,14 +505,27 @@ class IdentityDrift:
     def drift(self, face_models, identity, frames, threshold, face_choice, node_id=None):
         progress = bridge.control(int(frames.shape[0]), node_id=node_id, label="identity drift")
         labelled = ((f"frame {i}", frame) for i, frame in enumerate(image_frames(frames)))
-        sheet = score_identity(face_models, identity, labelled, _threshold(threshold), face_choice,
-                               control=progress)
+        sheet = score_identity(
+            face_models, identity, labelled, _threshold(threshold), face_choice, control=progress
+        )
         report = identity_drift(sheet)
-        plot = line_plot(f"identity vs {identity.name}: mean {report.mean if report.mean is not None else '-'}, "
-                         f"min {report.min if report.min is not None else '-'}", sheet.values, sheet.threshold)
-        return {"ui": {"text": [report.summary()], "images": [_show_table(plot)]},
-                "result": (_image_of(plot), float(report.mean or 0.0), float(report.min or 0.0),
-                           ",".join(map(str, report.drifting)), json.dumps(report.to_dict(), indent=1), sheet)}
+        plot = line_plot(
+            f"identity vs {identity.name}: mean {report.mean if report.mean is not None else '-'}, "
+            f"min {report.min if report.min is not None else '-'}",
+            sheet.values,
+            sheet.threshold,
+        )
+        return {
+            "ui": {"text": [report.summary()], "images": [_show_table(plot)]},
+            "result": (
+                _image_of(plot),
+                float(report.mean or 0.0),
+                float(report.min or 0.0),
+                ",".join(map(str, report.drifting)),
+                json.dumps(report.to_dict(), indent=1),
+                sheet,
+            ),
+        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -446,14 +553,20 @@ class LoadClip:
         names = list_clip_models() or [NO_CLIP]
         return {
             "required": {
-                "model": (names, {"default": names[0],
-                                  "tooltip": "A CLIP folder inside models/clip_vision/."}),
-                "device": (["auto", "cpu", "cuda"], {"default": "auto",
-                                                     "tooltip": "auto: the GPU when there is one (fp16), else CPU."}),
+                "model": (
+                    names,
+                    {"default": names[0], "tooltip": "A CLIP folder inside models/clip_vision/."},
+                ),
+                "device": (
+                    ["auto", "cpu", "cuda"],
+                    {"default": "auto", "tooltip": "auto: the GPU when there is one (fp16), else CPU."},
+                ),
             },
             "optional": {
-                "path": ("STRING", {"default": "",
-                                    "tooltip": "Absolute path of a CLIP folder; overrides model when set."}),
+                "path": (
+                    "STRING",
+                    {"default": "", "tooltip": "Absolute path of a CLIP folder; overrides model when set."},
+                ),
             },
         }
 
@@ -462,8 +575,10 @@ class LoadClip:
 
         name = path.strip() or model
         if name == NO_CLIP:
-            raise FileNotFoundError("no CLIP folder found in models/clip_vision/: put a Hugging Face CLIP folder "
-                                    "there (e.g. openai/clip-vit-large-patch14) or give its path")
+            raise FileNotFoundError(
+                "no CLIP folder found in models/clip_vision/: put a Hugging Face CLIP folder "
+                "there (e.g. openai/clip-vit-large-patch14) or give its path"
+            )
         return (ClipScorer.load(name, device=None if device == "auto" else device),)
 
 
@@ -478,8 +593,12 @@ class ClipScore:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CHARFORGE_SCORES", "FLOAT", "IMAGE", "STRING")
     RETURN_NAMES = ("scores", "mean", "table", "json")
-    OUTPUT_TOOLTIPS = ("Per-image CLIP scores.", "Mean CLIP score of the batch.", "The scores as a table image.",
-                       "The scores as JSON.")
+    OUTPUT_TOOLTIPS = (
+        "Per-image CLIP scores.",
+        "Mean CLIP score of the batch.",
+        "The scores as a table image.",
+        "The scores as JSON.",
+    )
     FUNCTION = "score"
     OUTPUT_NODE = True
 
@@ -489,14 +608,41 @@ class ClipScore:
             "required": {
                 "clip": ("CHARFORGE_CLIP", {"tooltip": "From Load CLIP (CharForge)."}),
                 "images": ("IMAGE", {"tooltip": "The images to score."}),
-                "prompt": ("STRING", {"default": "", "multiline": True,
-                                      "tooltip": "The prompt the images were made from (or one per line)."}),
-                "one_per_line": ("BOOLEAN", {"default": False,
-                                             "tooltip": "Each line of prompt belongs to the image at the same position."}),
-                "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": "CLIP score an image needs to pass; 0 = every image passes."}),
-                "batch_size": ("INT", {"default": 32, "min": 1, "max": 512, "step": 1,
-                                       "tooltip": "Images per CLIP forward pass (lower it if memory runs out)."}),
+                "prompt": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "multiline": True,
+                        "tooltip": "The prompt the images were made from (or one per line).",
+                    },
+                ),
+                "one_per_line": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Each line of prompt belongs to the image at the same position.",
+                    },
+                ),
+                "threshold": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "CLIP score an image needs to pass; 0 = every image passes.",
+                    },
+                ),
+                "batch_size": (
+                    "INT",
+                    {
+                        "default": 32,
+                        "min": 1,
+                        "max": 512,
+                        "step": 1,
+                        "tooltip": "Images per CLIP forward pass (lower it if memory runs out).",
+                    },
+                ),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
@@ -506,11 +652,19 @@ class ClipScore:
 
         count = int(images.shape[0])
         progress = bridge.control(count, node_id=node_id, label="clip score")
-        sheet = clip_sheet(clip, images, batch_prompts(prompt, one_per_line, count), _threshold(threshold),
-                           batch_size=batch_size, control=progress)
+        sheet = clip_sheet(
+            clip,
+            images,
+            batch_prompts(prompt, one_per_line, count),
+            _threshold(threshold),
+            batch_size=batch_size,
+            control=progress,
+        )
         table = sheet_table(sheet, f"CLIP scores ({clip.name})")
-        return {"ui": {"text": [sheet.summary()], "images": [_show_table(table)]},
-                "result": (sheet, float(sheet.stats()["mean"] or 0.0), _image_of(table), sheet.to_json())}
+        return {
+            "ui": {"text": [sheet.summary()], "images": [_show_table(table)]},
+            "result": (sheet, float(sheet.stats()["mean"] or 0.0), _image_of(table), sheet.to_json()),
+        }
 
 
 class CombineScores:
@@ -524,8 +678,12 @@ class CombineScores:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CHARFORGE_SCORES", "STRING", "IMAGE", "STRING")
     RETURN_NAMES = ("scores", "ranking", "table", "json")
-    OUTPUT_TOOLTIPS = ("Combined per-image scores.", "Batch positions from best to worst, comma separated.",
-                       "The combined scores as a table image.", "The combined scores as JSON.")
+    OUTPUT_TOOLTIPS = (
+        "Combined per-image scores.",
+        "Batch positions from best to worst, comma separated.",
+        "The combined scores as a table image.",
+        "The combined scores as JSON.",
+    )
     FUNCTION = "combine"
     OUTPUT_NODE = True
 
@@ -533,17 +691,44 @@ class CombineScores:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "identity_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
-                                              "tooltip": "Weight of identity similarity."}),
-                "text_weight": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.05,
-                                          "tooltip": "Weight of the CLIPScore (2.5 x CLIP cosine)."}),
-                "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.5, "step": 0.01,
-                                        "tooltip": "Combined score needed to pass; 0 = pass when every weighted "
-                                                   "score passes its own threshold."}),
+                "identity_weight": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 10.0,
+                        "step": 0.05,
+                        "tooltip": "Weight of identity similarity.",
+                    },
+                ),
+                "text_weight": (
+                    "FLOAT",
+                    {
+                        "default": 0.5,
+                        "min": 0.0,
+                        "max": 10.0,
+                        "step": 0.05,
+                        "tooltip": "Weight of the CLIPScore (2.5 x CLIP cosine).",
+                    },
+                ),
+                "threshold": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 2.5,
+                        "step": 0.01,
+                        "tooltip": "Combined score needed to pass; 0 = pass when every weighted "
+                        "score passes its own threshold.",
+                    },
+                ),
             },
             "optional": {
                 "identity_scores": ("CHARFORGE_SCORES", {"tooltip": "From Score Identity."}),
-                "clip_scores": ("CHARFORGE_SCORES", {"tooltip": "From CLIP Score (same images, same order)."}),
+                "clip_scores": (
+                    "CHARFORGE_SCORES",
+                    {"tooltip": "From CLIP Score (same images, same order)."},
+                ),
             },
         }
 
@@ -551,9 +736,13 @@ class CombineScores:
         sheet = combine(identity_scores, clip_scores, identity_weight, text_weight, _threshold(threshold))
         order = rank(sheet)
         table = sheet_table(sheet, f"combined: {sheet.source}")
-        return {"ui": {"text": [sheet.summary() + "; best first: " + ",".join(map(str, order[:16]))],
-                       "images": [_show_table(table)]},
-                "result": (sheet, ",".join(map(str, order)), _image_of(table), sheet.to_json())}
+        return {
+            "ui": {
+                "text": [sheet.summary() + "; best first: " + ",".join(map(str, order[:16]))],
+                "images": [_show_table(table)],
+            },
+            "result": (sheet, ",".join(map(str, order)), _image_of(table), sheet.to_json()),
+        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -572,8 +761,11 @@ class PickCheckpoint:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING", "IMAGE", "STRING")
     RETURN_NAMES = ("best_checkpoint", "table", "json")
-    OUTPUT_TOOLTIPS = ("Name of the best checkpoint (subfolder name, or epoch/step tag).",
-                       "All checkpoints as a table image.", "Per-checkpoint metrics as JSON.")
+    OUTPUT_TOOLTIPS = (
+        "Name of the best checkpoint (subfolder name, or epoch/step tag).",
+        "All checkpoints as a table image.",
+        "Per-checkpoint metrics as JSON.",
+    )
     FUNCTION = "pick"
     OUTPUT_NODE = True
 
@@ -583,20 +775,50 @@ class PickCheckpoint:
             "required": {
                 "face_models": ("CHARFORGE_FACE_MODELS", {"tooltip": "From Load Face Models."}),
                 "identity": ("CHARFORGE_IDENTITY", {"tooltip": "The character the run was trained on."}),
-                "samples_folder": ("STRING", {"default": "", "placeholder": "/path/to/run/sample",
-                                              "tooltip": "Folder of the run's sample images."}),
-                "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": THRESHOLD_TOOLTIP}),
-                "identity_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
-                                              "tooltip": "Weight of identity in the ranking."}),
-                "text_weight": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.05,
-                                          "tooltip": "Weight of CLIPScore in the ranking (only with clip connected)."}),
+                "samples_folder": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "placeholder": "/path/to/run/sample",
+                        "tooltip": "Folder of the run's sample images.",
+                    },
+                ),
+                "threshold": (
+                    "FLOAT",
+                    {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": THRESHOLD_TOOLTIP},
+                ),
+                "identity_weight": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 10.0,
+                        "step": 0.05,
+                        "tooltip": "Weight of identity in the ranking.",
+                    },
+                ),
+                "text_weight": (
+                    "FLOAT",
+                    {
+                        "default": 0.5,
+                        "min": 0.0,
+                        "max": 10.0,
+                        "step": 0.05,
+                        "tooltip": "Weight of CLIPScore in the ranking (only with clip connected).",
+                    },
+                ),
             },
             "optional": {
                 "clip": ("CHARFORGE_CLIP", {"tooltip": "Optional: also rank by prompt agreement."}),
-                "prompts": ("STRING", {"default": "", "multiline": True,
-                                       "tooltip": "The sample prompts, one per line in sample order (sd-scripts "
-                                                  "numbers them _00_, _01_, ...), or one prompt for all."}),
+                "prompts": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "multiline": True,
+                        "tooltip": "The sample prompts, one per line in sample order (sd-scripts "
+                        "numbers them _00_, _01_, ...), or one prompt for all.",
+                    },
+                ),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
@@ -605,26 +827,42 @@ class PickCheckpoint:
     def IS_CHANGED(cls, samples_folder="", **_):
         return folder_signature(samples_folder)
 
-    def pick(self, face_models, identity, samples_folder, threshold, identity_weight, text_weight,
-             clip=None, prompts="", node_id=None):
+    def pick(
+        self,
+        face_models,
+        identity,
+        samples_folder,
+        threshold,
+        identity_weight,
+        text_weight,
+        clip=None,
+        prompts="",
+        node_id=None,
+    ):
         from ..engine.score.clip import prompt_lines
 
         groups = checkpoint_groups(resolve_folder(samples_folder))
         lines = prompt_lines(prompts)
-        progress = bridge.control(sum(len(v) for v in groups.values()), node_id=node_id, label="pick checkpoint")
+        progress = bridge.control(
+            sum(len(v) for v in groups.values()), node_id=node_id, label="pick checkpoint"
+        )
         summaries = []
         for name in sorted(groups, key=natural_key):
             frames, _ = labelled_images(groups[name])
             chosen = sample_prompts([label for label, _ in frames], lines)
-            sheet, text = score_set(frames, face_models, identity, clip, chosen, _threshold(threshold), progress)
+            sheet, text = score_set(
+                frames, face_models, identity, clip, chosen, _threshold(threshold), progress
+            )
             summaries.append(summarise_set(name, sheet, text, identity_weight, text_weight))
         best = best_set(summaries)
         table = sets_table(f"checkpoints vs {identity.name}", summaries, best)
         name = best.name if best else ""
         report = f"best checkpoint: {name}" if best else "no checkpoint sample showed a face"
         data = {"best": name, "checkpoints": [s.as_dict() for s in summaries]}
-        return {"ui": {"text": [report], "images": [_show_table(table)]},
-                "result": (name, _image_of(table), json.dumps(data, indent=1))}
+        return {
+            "ui": {"text": [report], "images": [_show_table(table)]},
+            "result": (name, _image_of(table), json.dumps(data, indent=1)),
+        }
 
 
 class CompareSets:
@@ -639,8 +877,11 @@ class CompareSets:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "STRING", "STRING")
     RETURN_NAMES = ("table", "json", "csv_path")
-    OUTPUT_TOOLTIPS = ("The comparison table as an image.", "Per-set metrics as JSON.",
-                       "Path of the CSV written under output/charforge/.")
+    OUTPUT_TOOLTIPS = (
+        "The comparison table as an image.",
+        "Per-set metrics as JSON.",
+        "Path of the CSV written under output/charforge/.",
+    )
     FUNCTION = "compare"
     OUTPUT_NODE = True
 
@@ -652,23 +893,48 @@ class CompareSets:
                 "face_models": ("CHARFORGE_FACE_MODELS", {"tooltip": "From Load Face Models."}),
                 "identity": ("CHARFORGE_IDENTITY", {"tooltip": "The character every set should show."}),
                 "set_1": ("IMAGE", {"tooltip": "Images of set 1."}),
-                "names": ("STRING", {"default": "simple, reference-guided, base model",
-                                     "tooltip": "Set names, comma separated, in set order."}),
-                "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": THRESHOLD_TOOLTIP}),
+                "names": (
+                    "STRING",
+                    {
+                        "default": "simple, reference-guided, base model",
+                        "tooltip": "Set names, comma separated, in set order.",
+                    },
+                ),
+                "threshold": (
+                    "FLOAT",
+                    {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": THRESHOLD_TOOLTIP},
+                ),
             },
             "optional": {
                 **sets,
                 "clip": ("CHARFORGE_CLIP", {"tooltip": "Optional: also measure prompt agreement."}),
-                "prompt": ("STRING", {"default": "", "multiline": True,
-                                      "tooltip": "Prompt(s) for the CLIP score: one for all images, or one line "
-                                                 "per image of each set."}),
+                "prompt": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "multiline": True,
+                        "tooltip": "Prompt(s) for the CLIP score: one for all images, or one line "
+                        "per image of each set.",
+                    },
+                ),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
 
-    def compare(self, face_models, identity, set_1, names, threshold, set_2=None, set_3=None, set_4=None,
-                clip=None, prompt="", node_id=None):
+    def compare(
+        self,
+        face_models,
+        identity,
+        set_1,
+        names,
+        threshold,
+        set_2=None,
+        set_3=None,
+        set_4=None,
+        clip=None,
+        prompt="",
+        node_id=None,
+    ):
         sets = [s for s in (set_1, set_2, set_3, set_4) if s is not None]
         labels = [n.strip() for n in names.split(",") if n.strip()]
         labels += [f"set {i + 1}" for i in range(len(labels), len(sets))]
@@ -679,15 +945,21 @@ class CompareSets:
         summaries = []
         for name, images in zip(labels, sets, strict=False):
             frames = [(f"{name} {i}", f) for i, f in enumerate(image_frames(images))]
-            sheet, text = score_set(frames, face_models, identity, clip, lines, _threshold(threshold), progress)
+            sheet, text = score_set(
+                frames, face_models, identity, clip, lines, _threshold(threshold), progress
+            )
             summaries.append(summarise_set(name, sheet, text))
         best = best_set(summaries)
         table = sets_table(f"sets vs {identity.name}", summaries, best)
         path = write_sets_csv(summaries, os.path.join(bridge.output_directory(), "charforge"), "compare_sets")
         data = {"best": best.name if best else None, "sets": [s.as_dict() for s in summaries], "csv": path}
-        summary = "; ".join(f"{s.name}: identity mean {s.identity_mean}, min {s.identity_min}" for s in summaries)
-        return {"ui": {"text": [summary], "images": [_show_table(table)]},
-                "result": (_image_of(table), json.dumps(data, indent=1), path)}
+        summary = "; ".join(
+            f"{s.name}: identity mean {s.identity_mean}, min {s.identity_min}" for s in summaries
+        )
+        return {
+            "ui": {"text": [summary], "images": [_show_table(table)]},
+            "result": (_image_of(table), json.dumps(data, indent=1), path),
+        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -701,8 +973,10 @@ def _torch():
 
 def _check_batch(images, scores) -> None:
     if int(images.shape[0]) != len(scores):
-        raise ValueError(f"the scores are for {len(scores)} image(s) but the batch has {int(images.shape[0])}: "
-                         f"connect the same batch that was scored")
+        raise ValueError(
+            f"the scores are for {len(scores)} image(s) but the batch has {int(images.shape[0])}: "
+            f"connect the same batch that was scored"
+        )
 
 
 NODE_CLASS_MAPPINGS = {

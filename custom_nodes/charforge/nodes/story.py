@@ -82,44 +82,108 @@ class StoryScenes:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "scenes": ("STRING", {"default": EXAMPLE_SCENES, "multiline": True,
-                                      "tooltip": "One scene per line (or a JSON/YAML list of prompts or of "
-                                                 "{prompt, caption}). Frame 1 should show the face clearly. "
-                                                 "Leave empty to split the story below with an LLM."}),
-                "trigger": ("STRING", {"default": "ohwx person",
-                                       "tooltip": "The character's trigger words, put first in every prompt "
-                                                  "(skipped where a scene already has them)."}),
-                "style": ("STRING", {"default": "cinematic still, detailed, soft light",
-                                     "tooltip": "Appended to every prompt, e.g. the look of the whole story."}),
-                "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFF,
-                                 "tooltip": "Seed of frame 1; frame i uses seed + i - 1."}),
+                "scenes": (
+                    "STRING",
+                    {
+                        "default": EXAMPLE_SCENES,
+                        "multiline": True,
+                        "tooltip": "One scene per line (or a JSON/YAML list of prompts or of "
+                        "{prompt, caption}). Frame 1 should show the face clearly. "
+                        "Leave empty to split the story below with an LLM.",
+                    },
+                ),
+                "trigger": (
+                    "STRING",
+                    {
+                        "default": "ohwx person",
+                        "tooltip": "The character's trigger words, put first in every prompt "
+                        "(skipped where a scene already has them).",
+                    },
+                ),
+                "style": (
+                    "STRING",
+                    {
+                        "default": "cinematic still, detailed, soft light",
+                        "tooltip": "Appended to every prompt, e.g. the look of the whole story.",
+                    },
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 42,
+                        "min": 0,
+                        "max": 0xFFFFFFFF,
+                        "tooltip": "Seed of frame 1; frame i uses seed + i - 1.",
+                    },
+                ),
             },
             "optional": {
-                "story": ("STRING", {"default": "", "multiline": True,
-                                     "tooltip": "A story sentence for the LLM (used only when scenes is empty)."}),
-                "llm_base_url": ("STRING", {"default": "",
-                                            "tooltip": "OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 "
-                                                       "or http://127.0.0.1:11434/v1 (Ollama)."}),
-                "llm_model": ("STRING", {"default": "gpt-4o-mini", "tooltip": "Chat model name at the endpoint."}),
-                "api_key_env": ("STRING", {"default": "OPENAI_API_KEY",
-                                           "tooltip": "Name of the environment variable holding the API key (the "
-                                                      "key itself never goes in a workflow). Local servers need none."}),
-                "frames": ("INT", {"default": 0, "min": 0, "max": MAX_FRAMES,
-                                   "tooltip": f"Frames the LLM should make: 0 = it chooses {MIN_FRAMES}-{MAX_FRAMES}."}),
+                "story": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "multiline": True,
+                        "tooltip": "A story sentence for the LLM (used only when scenes is empty).",
+                    },
+                ),
+                "llm_base_url": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 "
+                        "or http://127.0.0.1:11434/v1 (Ollama).",
+                    },
+                ),
+                "llm_model": (
+                    "STRING",
+                    {"default": "gpt-4o-mini", "tooltip": "Chat model name at the endpoint."},
+                ),
+                "api_key_env": (
+                    "STRING",
+                    {
+                        "default": "OPENAI_API_KEY",
+                        "tooltip": "Name of the environment variable holding the API key (the "
+                        "key itself never goes in a workflow). Local servers need none.",
+                    },
+                ),
+                "frames": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": MAX_FRAMES,
+                        "tooltip": f"Frames the LLM should make: 0 = it chooses {MIN_FRAMES}-{MAX_FRAMES}.",
+                    },
+                ),
             },
         }
 
-    def scenes(self, scenes, trigger, style, seed, story="", llm_base_url="", llm_model="gpt-4o-mini",
-               api_key_env="OPENAI_API_KEY", frames=0):
+    def scenes(
+        self,
+        scenes,
+        trigger,
+        style,
+        seed,
+        story="",
+        llm_base_url="",
+        llm_model="gpt-4o-mini",
+        api_key_env="OPENAI_API_KEY",
+        frames=0,
+    ):
         notes = []
         if scenes.strip():
             found = parse_scenes(scenes)
         elif story.strip():
             if not llm_base_url.strip():
-                raise ValueError("scenes is empty and no LLM endpoint is given: write the scenes (one per line) or "
-                                 "set llm_base_url to split the story")
-            splitter = SceneSplitter(LLMSettings(base_url=llm_base_url.strip(), model=llm_model.strip(),
-                                                 api_key_env=api_key_env.strip()))
+                raise ValueError(
+                    "scenes is empty and no LLM endpoint is given: write the scenes (one per line) or "
+                    "set llm_base_url to split the story"
+                )
+            splitter = SceneSplitter(
+                LLMSettings(
+                    base_url=llm_base_url.strip(), model=llm_model.strip(), api_key_env=api_key_env.strip()
+                )
+            )
             found = splitter.split(story, frames or None)
             notes.append(f"{len(found)} scenes from {llm_model} at {llm_base_url.strip()}")
             if splitter.malformed:
@@ -127,13 +191,22 @@ class StoryScenes:
         else:
             raise ValueError("write the scenes (one per line), or a story sentence plus an LLM endpoint")
         if not MIN_FRAMES <= len(found) <= MAX_FRAMES:
-            notes.append(f"note: storyboards usually have {MIN_FRAMES}-{MAX_FRAMES} frames; this one has {len(found)}")
+            notes.append(
+                f"note: storyboards usually have {MIN_FRAMES}-{MAX_FRAMES} frames; this one has {len(found)}"
+            )
         prompts = [frame_prompt(scene, trigger, style) for scene in found]
         seeds = [int(seed) + i for i in range(len(found))]
         captions = [scene.caption for scene in found]
-        listing = json.dumps([{"prompt": p, "caption": c, "seed": s} for p, c, s in zip(prompts, captions, seeds,
-                                                                                           strict=True)], indent=1)
-        report = "\n".join([f"{len(found)} frame(s)", *notes, *(f"{i + 1}. {p}" for i, p in enumerate(prompts))])
+        listing = json.dumps(
+            [
+                {"prompt": p, "caption": c, "seed": s}
+                for p, c, s in zip(prompts, captions, seeds, strict=True)
+            ],
+            indent=1,
+        )
+        report = "\n".join(
+            [f"{len(found)} frame(s)", *notes, *(f"{i + 1}. {p}" for i, p in enumerate(prompts))]
+        )
         return {"ui": {"text": [report]}, "result": (prompts, seeds, captions, listing, len(found))}
 
 
@@ -165,40 +238,112 @@ class StoryboardSelect:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "images": ("IMAGE", {"tooltip": "The candidates: one batch of N per frame (the list from VAEDecode), "
-                                                "or a single batch of frames x N, frame after frame."}),
-                "prompts": ("STRING", {"forceInput": True,
-                                       "tooltip": "The frames' prompts (the prompts list of Story Scenes)."}),
+                "images": (
+                    "IMAGE",
+                    {
+                        "tooltip": "The candidates: one batch of N per frame (the list from VAEDecode), "
+                        "or a single batch of frames x N, frame after frame."
+                    },
+                ),
+                "prompts": (
+                    "STRING",
+                    {
+                        "forceInput": True,
+                        "tooltip": "The frames' prompts (the prompts list of Story Scenes).",
+                    },
+                ),
                 "face_models": ("CHARFORGE_FACE_MODELS", {"tooltip": "From Load Face Models."}),
-                "identity": ("CHARFORGE_IDENTITY", {"tooltip": "The character's identity (Build/Load Identity)."}),
-                "mode": (list(MODES), {"default": "simple",
-                                       "tooltip": "simple: every frame selected by identity to the character. "
-                                                  "reference: frame 1 by the character, later frames by identity to "
-                                                  "frame 1. base: like simple, recorded as the base-model run of "
-                                                  "the ablation."}),
-                "identity_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
-                                              "tooltip": "Weight of identity in the choice."}),
-                "text_weight": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.05,
-                                          "tooltip": "Weight of text agreement (CLIPScore) in the choice; used only "
-                                                     "with clip connected."}),
-                "face_choice": (list(FACE_CHOICES), {"default": "largest",
-                                                     "tooltip": "Which face counts when a candidate has several."}),
+                "identity": (
+                    "CHARFORGE_IDENTITY",
+                    {"tooltip": "The character's identity (Build/Load Identity)."},
+                ),
+                "mode": (
+                    list(MODES),
+                    {
+                        "default": "simple",
+                        "tooltip": "simple: every frame selected by identity to the character. "
+                        "reference: frame 1 by the character, later frames by identity to "
+                        "frame 1. base: like simple, recorded as the base-model run of "
+                        "the ablation.",
+                    },
+                ),
+                "identity_weight": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 10.0,
+                        "step": 0.05,
+                        "tooltip": "Weight of identity in the choice.",
+                    },
+                ),
+                "text_weight": (
+                    "FLOAT",
+                    {
+                        "default": 0.5,
+                        "min": 0.0,
+                        "max": 10.0,
+                        "step": 0.05,
+                        "tooltip": "Weight of text agreement (CLIPScore) in the choice; used only "
+                        "with clip connected.",
+                    },
+                ),
+                "face_choice": (
+                    list(FACE_CHOICES),
+                    {"default": "largest", "tooltip": "Which face counts when a candidate has several."},
+                ),
             },
             "optional": {
-                "seeds": ("INT", {"forceInput": True, "tooltip": "The frames' seeds (Story Scenes), for the record."}),
-                "captions": ("STRING", {"forceInput": True, "tooltip": "The frames' captions (Story Scenes)."}),
-                "clip": ("CHARFORGE_CLIP", {"tooltip": "Optional: also select by prompt agreement (Load CLIP)."}),
-                "reference": ("IMAGE", {"tooltip": "Optional, reference mode: the image later frames must match "
-                                                   "(e.g. frame 1 of an earlier run)."}),
-                "first_frame": ("INT", {"default": 1, "min": 1, "max": 1000,
-                                        "tooltip": "Story position of the first frame given here (when frames are "
-                                                   "generated one job at a time, as charforge story does)."}),
+                "seeds": (
+                    "INT",
+                    {"forceInput": True, "tooltip": "The frames' seeds (Story Scenes), for the record."},
+                ),
+                "captions": (
+                    "STRING",
+                    {"forceInput": True, "tooltip": "The frames' captions (Story Scenes)."},
+                ),
+                "clip": (
+                    "CHARFORGE_CLIP",
+                    {"tooltip": "Optional: also select by prompt agreement (Load CLIP)."},
+                ),
+                "reference": (
+                    "IMAGE",
+                    {
+                        "tooltip": "Optional, reference mode: the image later frames must match "
+                        "(e.g. frame 1 of an earlier run)."
+                    },
+                ),
+                "first_frame": (
+                    "INT",
+                    {
+                        "default": 1,
+                        "min": 1,
+                        "max": 1000,
+                        "tooltip": "Story position of the first frame given here (when frames are "
+                        "generated one job at a time, as charforge story does).",
+                    },
+                ),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
 
-    def select(self, images, prompts, face_models, identity, mode, identity_weight, text_weight, face_choice,
-               seeds=None, captions=None, clip=None, reference=None, first_frame=1, node_id=None):
+    def select(
+        self,
+        images,
+        prompts,
+        face_models,
+        identity,
+        mode,
+        identity_weight,
+        text_weight,
+        face_choice,
+        seeds=None,
+        captions=None,
+        clip=None,
+        reference=None,
+        first_frame=1,
+        node_id=None,
+    ):
         torch = _torch()
         analyzer, character = _one(face_models), _one(identity)
         mode, face_choice = _one(mode, "simple"), _one(face_choice, "largest")
@@ -236,40 +381,87 @@ class StoryboardSelect:
             if mode == "reference" and index == 0 and guide is None:
                 guide, guide_note = _guide_identity(analyzer, chosen.cpu().numpy(), "frame 1")
             candidate_scores = [
-                {"index": i, "identity": _r(sheet.rows[i].value), "text": _r(text.rows[i].value) if text else None,
-                 "guide_identity": _r(guide_sheet.rows[i].value) if guide_sheet else None}
-                for i in range(len(sheet))]
-            note = "; ".join(n for n in (pick.note, sheet.rows[pick.index].reason if sheet.rows[pick.index].value is
-                                         None else "") if n)
-            frames.append(StoryFrame(
-                index=index, prompt=prompt, caption=str(captions[position]) if position < len(captions) else "",
-                seed=int(seeds[position]) if position < len(seeds) else None, candidates=len(sheet), chosen=pick.index,
-                identity=sheet.rows[pick.index].value, text=pick.text, combined=pick.combined,
-                guide_identity=guide_sheet.rows[pick.index].value if guide_sheet else None,
-                guidance="", note=note, candidate_scores=candidate_scores))
-            report.append(f"frame {index + 1}: candidate {pick.index} of {len(sheet)}"
-                          + (f", identity {frames[-1].identity:.3f}" if frames[-1].identity is not None else ", no face")
-                          + (f", text {pick.text:.3f}" if pick.text is not None else "")
-                          + (f" ({note})" if note else ""))
-        board = Storyboard(mode=mode, frames=frames,
-                           models={"face_models": getattr(analyzer, "name", ""),
-                                   "identity": f"{character.name} ({character.model})",
-                                   "clip": getattr(clip, "name", None)},
-                           settings={"identity_weight": identity_weight, "text_weight": text_weight,
-                                     "face_choice": face_choice},
-                           notes=[guide_note] if guide_note else [])
+                {
+                    "index": i,
+                    "identity": _r(sheet.rows[i].value),
+                    "text": _r(text.rows[i].value) if text else None,
+                    "guide_identity": _r(guide_sheet.rows[i].value) if guide_sheet else None,
+                }
+                for i in range(len(sheet))
+            ]
+            note = "; ".join(
+                n
+                for n in (
+                    pick.note,
+                    sheet.rows[pick.index].reason if sheet.rows[pick.index].value is None else "",
+                )
+                if n
+            )
+            frames.append(
+                StoryFrame(
+                    index=index,
+                    prompt=prompt,
+                    caption=str(captions[position]) if position < len(captions) else "",
+                    seed=int(seeds[position]) if position < len(seeds) else None,
+                    candidates=len(sheet),
+                    chosen=pick.index,
+                    identity=sheet.rows[pick.index].value,
+                    text=pick.text,
+                    combined=pick.combined,
+                    guide_identity=guide_sheet.rows[pick.index].value if guide_sheet else None,
+                    guidance="",
+                    note=note,
+                    candidate_scores=candidate_scores,
+                )
+            )
+            report.append(
+                f"frame {index + 1}: candidate {pick.index} of {len(sheet)}"
+                + (
+                    f", identity {frames[-1].identity:.3f}"
+                    if frames[-1].identity is not None
+                    else ", no face"
+                )
+                + (f", text {pick.text:.3f}" if pick.text is not None else "")
+                + (f" ({note})" if note else "")
+            )
+        board = Storyboard(
+            mode=mode,
+            frames=frames,
+            models={
+                "face_models": getattr(analyzer, "name", ""),
+                "identity": f"{character.name} ({character.model})",
+                "clip": getattr(clip, "name", None),
+            },
+            settings={
+                "identity_weight": identity_weight,
+                "text_weight": text_weight,
+                "face_choice": face_choice,
+            },
+            notes=[guide_note] if guide_note else [],
+        )
         stats = board.stats()
-        summary = (f"{len(frames)} frame(s), {stats['faces']} with a face"
-                   + (f", mean identity {stats['identity_mean']:.3f}" if stats["identity_mean"] is not None else "")
-                   + (f", mean text {stats['text_mean']:.3f}" if stats["text_mean"] is not None else ""))
+        summary = (
+            f"{len(frames)} frame(s), {stats['faces']} with a face"
+            + (f", mean identity {stats['identity_mean']:.3f}" if stats["identity_mean"] is not None else "")
+            + (f", mean text {stats['text_mean']:.3f}" if stats["text_mean"] is not None else "")
+        )
         report_text = "\n".join([summary, *board.notes, *report])
         out = stack_images(kept, torch)
         picks = ScoreSheet("identity", [], None, f"{character.name} ({character.model})")
         for i, frame in enumerate(frames):
-            picks.rows.append(ImageScore(i, frame.identity, frame.identity is not None, "" if frame.identity
-                                         is not None else "no face found", f"frame {frame.index + 1}"))
-        return {"ui": {"text": [report_text], "storyboard": [board.to_json(indent=None)]},
-                "result": (out, board.to_json(), report_text, picks)}
+            picks.rows.append(
+                ImageScore(
+                    i,
+                    frame.identity,
+                    frame.identity is not None,
+                    "" if frame.identity is not None else "no face found",
+                    f"frame {frame.index + 1}",
+                )
+            )
+        return {
+            "ui": {"text": [report_text], "storyboard": [board.to_json(indent=None)]},
+            "result": (out, board.to_json(), report_text, picks),
+        }
 
 
 def _r(value):
@@ -296,10 +488,12 @@ def _frame_batches(images: list, frames: int) -> list:
         return images
     if len(images) == 1 and int(images[0].shape[0]) % frames == 0:
         size = int(images[0].shape[0]) // frames
-        return [images[0][i * size:(i + 1) * size] for i in range(frames)]
+        return [images[0][i * size : (i + 1) * size] for i in range(frames)]
     counts = [int(b.shape[0]) for b in images]
-    raise ValueError(f"{frames} prompt(s) but {len(images)} image batch(es) of {counts} image(s): give one batch of "
-                     f"candidates per frame, or one batch of frames x N")
+    raise ValueError(
+        f"{frames} prompt(s) but {len(images)} image batch(es) of {counts} image(s): give one batch of "
+        f"candidates per frame, or one batch of frames x N"
+    )
 
 
 class StoryboardSheet:
@@ -313,8 +507,11 @@ class StoryboardSheet:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "STRING", "STRING")
     RETURN_NAMES = ("sheet", "folder", "metadata")
-    OUTPUT_TOOLTIPS = ("The sheet image.", "The folder the storyboard was written to.",
-                       "metadata.json's content.")
+    OUTPUT_TOOLTIPS = (
+        "The sheet image.",
+        "The folder the storyboard was written to.",
+        "metadata.json's content.",
+    )
     FUNCTION = "save"
     OUTPUT_NODE = True
 
@@ -323,18 +520,41 @@ class StoryboardSheet:
         return {
             "required": {
                 "frames": ("IMAGE", {"tooltip": "The frames in story order (Storyboard Select's frames)."}),
-                "storyboard": ("STRING", {"forceInput": True,
-                                          "tooltip": "The storyboard record (Storyboard Select's storyboard)."}),
+                "storyboard": (
+                    "STRING",
+                    {
+                        "forceInput": True,
+                        "tooltip": "The storyboard record (Storyboard Select's storyboard).",
+                    },
+                ),
                 "title": ("STRING", {"default": "", "tooltip": "Title printed on the sheet (optional)."}),
-                "filename_prefix": ("STRING", {"default": "charforge/storyboard",
-                                               "tooltip": "Folder prefix under the output folder; a number is added "
-                                                          "(storyboard_00001, ...)."}),
-                "columns": ("INT", {"default": 0, "min": 0, "max": 10,
-                                    "tooltip": "Frames per row; 0 picks 3-5 by the number of frames."}),
+                "filename_prefix": (
+                    "STRING",
+                    {
+                        "default": "charforge/storyboard",
+                        "tooltip": "Folder prefix under the output folder; a number is added "
+                        "(storyboard_00001, ...).",
+                    },
+                ),
+                "columns": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 10,
+                        "tooltip": "Frames per row; 0 picks 3-5 by the number of frames.",
+                    },
+                ),
             },
             "optional": {
-                "story": ("STRING", {"default": "", "multiline": True,
-                                     "tooltip": "The story sentence, recorded in metadata.json."}),
+                "story": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "multiline": True,
+                        "tooltip": "The story sentence, recorded in metadata.json.",
+                    },
+                ),
             },
         }
 
@@ -345,8 +565,10 @@ class StoryboardSheet:
             raise ValueError(f"storyboard is not a storyboard record from Storyboard Select: {exc}") from None
         count = int(frames.shape[0])
         if count != len(board.frames):
-            raise ValueError(f"{count} frame image(s) but the storyboard record has {len(board.frames)} frame(s): "
-                             f"connect Storyboard Select's frames and storyboard outputs together")
+            raise ValueError(
+                f"{count} frame image(s) but the storyboard record has {len(board.frames)} frame(s): "
+                f"connect Storyboard Select's frames and storyboard outputs together"
+            )
         if story.strip():
             board.story = story.strip()
         root = bridge.output_directory()
@@ -357,14 +579,16 @@ class StoryboardSheet:
             frame.image = f"frame_{frame.index + 1:02d}.png"
             picture.save(os.path.join(folder, frame.image), compress_level=4)
             shown.append(show_file(os.path.join(folder, frame.image)))
-        sheet = storyboard_sheet(pictures, board.frames, title or board.story or f"storyboard ({board.label})",
-                                 columns or None)
+        sheet = storyboard_sheet(
+            pictures, board.frames, title or board.story or f"storyboard ({board.label})", columns or None
+        )
         sheet.save(os.path.join(folder, "sheet.png"), compress_level=4)
         path = board.write(folder)
         text = f"storyboard of {count} frame(s) ({board.label}) written to {folder}"
-        return {"ui": {"images": [show_file(os.path.join(folder, "sheet.png")), *shown],
-                       "text": [text]},
-                "result": (pil_to_image_batch([sheet]), folder, path.read_text(encoding="utf-8"))}
+        return {
+            "ui": {"images": [show_file(os.path.join(folder, "sheet.png")), *shown], "text": [text]},
+            "result": (pil_to_image_batch([sheet]), folder, path.read_text(encoding="utf-8")),
+        }
 
 
 def _new_folder(root: str, prefix: str) -> str:
@@ -375,7 +599,11 @@ def _new_folder(root: str, prefix: str) -> str:
     parent, _, stem = prefix.replace("\\", "/").rpartition("/")
     base = os.path.join(root, parent)
     os.makedirs(base, exist_ok=True)
-    taken = [int(m.group(1)) for name in os.listdir(base) if (m := re.fullmatch(re.escape(stem) + r"_(\d{5})", name))]
+    taken = [
+        int(m.group(1))
+        for name in os.listdir(base)
+        if (m := re.fullmatch(re.escape(stem) + r"_(\d{5})", name))
+    ]
     number = max(taken, default=0) + 1
     while True:
         name = f"{stem}_{number:05d}"

@@ -33,8 +33,10 @@ PREVIEW_LIMIT = 16
 
 WHICH_TOOLTIP = "main: only the largest face of each image. all: every face with landmarks."
 BLEND_TOOLTIP = "Share of the restored face in the result: 1 = fully restored, 0.5 = half way, 0 = unchanged."
-FIDELITY_TOOLTIP = ("CodeFormer only: 0 = strongest restoration (may drift from the person), 1 = closest to the "
-                    "input face. 0.5-0.7 keeps the likeness on swapped faces.")
+FIDELITY_TOOLTIP = (
+    "CodeFormer only: 0 = strongest restoration (may drift from the person), 1 = closest to the "
+    "input face. 0.5-0.7 keeps the likeness on swapped faces."
+)
 
 
 def _swappers() -> list[str]:
@@ -50,9 +52,11 @@ def _restorers() -> list[str]:
 class LoadFaceSwapper:
     """Load InsightFace's face swapper (inswapper_128.onnx) from models/insightface."""
 
-    DESCRIPTION = ("Loads the InsightFace face swapper (inswapper_128.onnx, the file ReActor users already have in "
-                   "models/insightface/) with ONNX Runtime on the best available device. It swaps an identity "
-                   "built with the buffalo_l face pack onto faces.")
+    DESCRIPTION = (
+        "Loads the InsightFace face swapper (inswapper_128.onnx, the file ReActor users already have in "
+        "models/insightface/) with ONNX Runtime on the best available device. It swaps an identity "
+        "built with the buffalo_l face pack onto faces."
+    )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CHARFORGE_FACE_SWAPPER",)
     RETURN_NAMES = ("swapper",)
@@ -62,24 +66,38 @@ class LoadFaceSwapper:
     @classmethod
     def INPUT_TYPES(cls):
         names = _swappers()
-        return {"required": {
-            "swapper": (names, {"default": DEFAULT_SWAPPER if DEFAULT_SWAPPER in names else names[0],
-                                "tooltip": "A swapper .onnx directly in models/insightface/ (inswapper_128.onnx)."}),
-            "provider": (list(PROVIDERS), {"default": "auto", "tooltip": "ONNX Runtime device; auto picks the best."}),
-        }}
+        return {
+            "required": {
+                "swapper": (
+                    names,
+                    {
+                        "default": DEFAULT_SWAPPER if DEFAULT_SWAPPER in names else names[0],
+                        "tooltip": "A swapper .onnx directly in models/insightface/ (inswapper_128.onnx).",
+                    },
+                ),
+                "provider": (
+                    list(PROVIDERS),
+                    {"default": "auto", "tooltip": "ONNX Runtime device; auto picks the best."},
+                ),
+            }
+        }
 
     def load(self, swapper, provider):
         if swapper == NO_SWAPPER:
-            raise ValueError("no face swapper found: put inswapper_128.onnx directly in ComfyUI/models/insightface/")
+            raise ValueError(
+                "no face swapper found: put inswapper_128.onnx directly in ComfyUI/models/insightface/"
+            )
         return (FaceSwapper.load(swapper, providers=PROVIDERS.get(provider)),)
 
 
 class LoadFaceRestorer:
     """Load a face-restoration model (GFPGAN, CodeFormer, RestoreFormer) from models/facerestore_models."""
 
-    DESCRIPTION = ("Loads a face-restoration model through spandrel, which recognises GFPGAN (v1.3, v1.4), "
-                   "RestoreFormer and, with the spandrel_extra_arches package installed, CodeFormer from the file "
-                   "itself. Files go in models/facerestore_models/ (the folder the popular face-restore packs use).")
+    DESCRIPTION = (
+        "Loads a face-restoration model through spandrel, which recognises GFPGAN (v1.3, v1.4), "
+        "RestoreFormer and, with the spandrel_extra_arches package installed, CodeFormer from the file "
+        "itself. Files go in models/facerestore_models/ (the folder the popular face-restore packs use)."
+    )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CHARFORGE_FACE_RESTORER",)
     RETURN_NAMES = ("restorer",)
@@ -89,53 +107,98 @@ class LoadFaceRestorer:
     @classmethod
     def INPUT_TYPES(cls):
         names = _restorers()
-        return {"required": {"model": (names, {"default": names[0],
-                                               "tooltip": "A GFPGAN / CodeFormer / RestoreFormer file in "
-                                                          "models/facerestore_models/."})}}
+        return {
+            "required": {
+                "model": (
+                    names,
+                    {
+                        "default": names[0],
+                        "tooltip": "A GFPGAN / CodeFormer / RestoreFormer file in "
+                        "models/facerestore_models/.",
+                    },
+                )
+            }
+        }
 
     def load(self, model):
         if model == NO_RESTORER:
-            raise ValueError("no face-restoration model found: put GFPGANv1.4.pth (or codeformer.pth, "
-                             "RestoreFormer.pth) in ComfyUI/models/facerestore_models/")
+            raise ValueError(
+                "no face-restoration model found: put GFPGANv1.4.pth (or codeformer.pth, "
+                "RestoreFormer.pth) in ComfyUI/models/facerestore_models/"
+            )
         return (load_face_restorer(model),)
 
 
 class SwapFace:
     """Swap the character's face (an identity) onto the faces of every image of a batch."""
 
-    DESCRIPTION = ("Replaces the main face (or every face) of each image with the identity's face, using the "
-                   "face swapper, and pastes it back with a feathered mask so nothing outside the face changes. "
-                   "With a restorer connected, the swapped faces are restored afterwards (inswapper works at 128 px, "
-                   "so swapped faces are soft). Images without a face pass through unchanged.")
+    DESCRIPTION = (
+        "Replaces the main face (or every face) of each image with the identity's face, using the "
+        "face swapper, and pastes it back with a feathered mask so nothing outside the face changes. "
+        "With a restorer connected, the swapped faces are restored afterwards (inswapper works at 128 px, "
+        "so swapped faces are soft). Images without a face pass through unchanged."
+    )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "INT", "STRING")
     RETURN_NAMES = ("images", "swapped", "report")
-    OUTPUT_TOOLTIPS = ("The images with the faces swapped.", "How many images had a face swapped.",
-                       "Per image: faces found and swapped.")
+    OUTPUT_TOOLTIPS = (
+        "The images with the faces swapped.",
+        "How many images had a face swapped.",
+        "Per image: faces found and swapped.",
+    )
     FUNCTION = "swap"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "images": ("IMAGE", {"tooltip": "The images whose faces are replaced (poses, outfits, backgrounds)."}),
-                "face_models": ("CHARFORGE_FACE_MODELS", {"tooltip": "From Load Face Models (finds the faces)."}),
+                "images": (
+                    "IMAGE",
+                    {"tooltip": "The images whose faces are replaced (poses, outfits, backgrounds)."},
+                ),
+                "face_models": (
+                    "CHARFORGE_FACE_MODELS",
+                    {"tooltip": "From Load Face Models (finds the faces)."},
+                ),
                 "swapper": ("CHARFORGE_FACE_SWAPPER", {"tooltip": "From Load Face Swapper."}),
-                "identity": ("CHARFORGE_IDENTITY", {"tooltip": "The character, from Build Identity or Load Identity "
-                                                               "(built with buffalo_l)."}),
+                "identity": (
+                    "CHARFORGE_IDENTITY",
+                    {
+                        "tooltip": "The character, from Build Identity or Load Identity "
+                        "(built with buffalo_l)."
+                    },
+                ),
                 "which": (list(FACE_CHOICES), {"default": "main", "tooltip": WHICH_TOOLTIP}),
             },
             "optional": {
-                "restorer": ("CHARFORGE_FACE_RESTORER", {"tooltip": "Optional: restore the swapped faces with it."}),
-                "blend": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": BLEND_TOOLTIP}),
-                "fidelity": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
-                                       "tooltip": FIDELITY_TOOLTIP}),
+                "restorer": (
+                    "CHARFORGE_FACE_RESTORER",
+                    {"tooltip": "Optional: restore the swapped faces with it."},
+                ),
+                "blend": (
+                    "FLOAT",
+                    {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": BLEND_TOOLTIP},
+                ),
+                "fidelity": (
+                    "FLOAT",
+                    {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": FIDELITY_TOOLTIP},
+                ),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
 
-    def swap(self, images, face_models, swapper, identity, which, restorer=None, blend=1.0, fidelity=0.5,
-             node_id=None):
+    def swap(
+        self,
+        images,
+        face_models,
+        swapper,
+        identity,
+        which,
+        restorer=None,
+        blend=1.0,
+        fidelity=0.5,
+        node_id=None,
+    ):
         control = bridge.control(int(images.shape[0]), node_id=node_id, label="swap face")
         results, lines, count = [], [], 0
         for index, rgb in enumerate(image_rgb8(images)):
@@ -143,8 +206,9 @@ class SwapFace:
             swapped = swapper.swap(rgb, faces, identity.centroid, which)
             out = swapped.rgb
             if restorer is not None and swapped.swapped:
-                out = restore_faces(restorer, out, face_models.detect(out), RestoreSettings(blend, fidelity, which),
-                                    control).rgb
+                out = restore_faces(
+                    restorer, out, face_models.detect(out), RestoreSettings(blend, fidelity, which), control
+                ).rgb
             count += bool(swapped.swapped)
             lines.append(f"image {index}: {swapped.faces_found} face(s), {len(swapped.swapped)} swapped")
             results.append(out)
@@ -156,9 +220,11 @@ class SwapFace:
 class RestoreFaces:
     """Restore the faces of every image of a batch with GFPGAN, CodeFormer or RestoreFormer."""
 
-    DESCRIPTION = ("Finds the faces of each image, aligns each to the 512 px template face-restoration models were "
-                   "trained on, restores it, mixes it with the original by blend and pastes it back with a "
-                   "feathered mask: only the faces change.")
+    DESCRIPTION = (
+        "Finds the faces of each image, aligns each to the 512 px template face-restoration models were "
+        "trained on, restores it, mixes it with the original by blend and pastes it back with a "
+        "feathered mask: only the faces change."
+    )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "INT")
     RETURN_NAMES = ("images", "faces")
@@ -170,12 +236,20 @@ class RestoreFaces:
         return {
             "required": {
                 "images": ("IMAGE", {"tooltip": "Images whose faces are restored."}),
-                "face_models": ("CHARFORGE_FACE_MODELS", {"tooltip": "From Load Face Models (finds the faces)."}),
+                "face_models": (
+                    "CHARFORGE_FACE_MODELS",
+                    {"tooltip": "From Load Face Models (finds the faces)."},
+                ),
                 "restorer": ("CHARFORGE_FACE_RESTORER", {"tooltip": "From Load Face Restorer."}),
                 "which": (list(FACE_CHOICES), {"default": "all", "tooltip": WHICH_TOOLTIP}),
-                "blend": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": BLEND_TOOLTIP}),
-                "fidelity": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
-                                       "tooltip": FIDELITY_TOOLTIP}),
+                "blend": (
+                    "FLOAT",
+                    {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": BLEND_TOOLTIP},
+                ),
+                "fidelity": (
+                    "FLOAT",
+                    {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": FIDELITY_TOOLTIP},
+                ),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
@@ -184,8 +258,9 @@ class RestoreFaces:
         control = bridge.control(int(images.shape[0]), node_id=node_id, label="restore faces")
         results, total = [], 0
         for rgb in image_rgb8(images):
-            result = restore_faces(restorer, rgb, face_models.detect(rgb), RestoreSettings(blend, fidelity, which),
-                                   control)
+            result = restore_faces(
+                restorer, rgb, face_models.detect(rgb), RestoreSettings(blend, fidelity, which), control
+            )
             total += len(result.restored)
             results.append(result.rgb)
             control.advance()
@@ -206,35 +281,73 @@ class SynthesizeDataset:
     CATEGORY = CATEGORY
     RETURN_TYPES = (DATASET, "STRING", "IMAGE")
     RETURN_NAMES = ("dataset", "summary", "synthetic")
-    OUTPUT_TOOLTIPS = ("The dataset with the synthetic entries added.", "What was made, accepted and rejected.",
-                       f"The accepted synthetic images (up to {PREVIEW_LIMIT}; one black frame when none).")
+    OUTPUT_TOOLTIPS = (
+        "The dataset with the synthetic entries added.",
+        "What was made, accepted and rejected.",
+        f"The accepted synthetic images (up to {PREVIEW_LIMIT}; one black frame when none).",
+    )
     FUNCTION = "synthesize"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "dataset": (DATASET, {"tooltip": "The dataset of the character's photos (from Load Dataset)."}),
-                "sources": ("STRING", {"default": "", "placeholder": "/path/to/source/images",
-                                       "tooltip": "Folder of images to put the character into (absolute, or relative "
-                                                  "to ComfyUI's input folder). Only read."}),
+                "dataset": (
+                    DATASET,
+                    {"tooltip": "The dataset of the character's photos (from Load Dataset)."},
+                ),
+                "sources": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "placeholder": "/path/to/source/images",
+                        "tooltip": "Folder of images to put the character into (absolute, or relative "
+                        "to ComfyUI's input folder). Only read.",
+                    },
+                ),
                 "face_models": ("CHARFORGE_FACE_MODELS", {"tooltip": "From Load Face Models (buffalo_l)."}),
                 "swapper": ("CHARFORGE_FACE_SWAPPER", {"tooltip": "From Load Face Swapper."}),
-                "identity": ("CHARFORGE_IDENTITY", {"tooltip": "The character, from Build Identity (e.g. on the "
-                                                               "photo folder) or Load Identity."}),
+                "identity": (
+                    "CHARFORGE_IDENTITY",
+                    {
+                        "tooltip": "The character, from Build Identity (e.g. on the "
+                        "photo folder) or Load Identity."
+                    },
+                ),
                 "which": (list(FACE_CHOICES), {"default": "main", "tooltip": WHICH_TOOLTIP}),
-                "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": "Identity similarity a result needs to be kept. 0 = the "
-                                                   "identity's suggested threshold."}),
-                "max_share": ("FLOAT", {"default": DEFAULT_MAX_SHARE, "min": 0.0, "max": 1.0, "step": 0.05,
-                                        "tooltip": "Largest share of the dataset's accepted images that may be "
-                                                   "synthetic (0.4: at most 4 in 10). 1 = no cap."}),
+                "threshold": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Identity similarity a result needs to be kept. 0 = the "
+                        "identity's suggested threshold.",
+                    },
+                ),
+                "max_share": (
+                    "FLOAT",
+                    {
+                        "default": DEFAULT_MAX_SHARE,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.05,
+                        "tooltip": "Largest share of the dataset's accepted images that may be "
+                        "synthetic (0.4: at most 4 in 10). 1 = no cap.",
+                    },
+                ),
             },
             "optional": {
                 "restorer": ("CHARFORGE_FACE_RESTORER", {"tooltip": "Optional: restore the swapped faces."}),
-                "blend": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": BLEND_TOOLTIP}),
-                "fidelity": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
-                                       "tooltip": FIDELITY_TOOLTIP}),
+                "blend": (
+                    "FLOAT",
+                    {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": BLEND_TOOLTIP},
+                ),
+                "fidelity": (
+                    "FLOAT",
+                    {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": FIDELITY_TOOLTIP},
+                ),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }
@@ -243,15 +356,37 @@ class SynthesizeDataset:
     def IS_CHANGED(cls, sources="", **_):
         return folder_signature(sources) if sources and sources.strip() else ""
 
-    def synthesize(self, dataset, sources, face_models, swapper, identity, which, threshold, max_share,
-                   restorer=None, blend=1.0, fidelity=0.5, node_id=None):
-        settings = SynthSettings(which=which, threshold=None if threshold <= 0 else float(threshold),
-                                 max_share=max_share, restore=restorer is not None, blend=blend, fidelity=fidelity)
+    def synthesize(
+        self,
+        dataset,
+        sources,
+        face_models,
+        swapper,
+        identity,
+        which,
+        threshold,
+        max_share,
+        restorer=None,
+        blend=1.0,
+        fidelity=0.5,
+        node_id=None,
+    ):
+        settings = SynthSettings(
+            which=which,
+            threshold=None if threshold <= 0 else float(threshold),
+            max_share=max_share,
+            restore=restorer is not None,
+            blend=blend,
+            fidelity=fidelity,
+        )
         control = bridge.control(node_id=node_id, label="synthesize dataset")
-        manifest, summary = synthesize(dataset, resolve_folder(sources), identity, face_models, swapper, restorer,
-                                       settings, control)
+        manifest, summary = synthesize(
+            dataset, resolve_folder(sources), identity, face_models, swapper, restorer, settings, control
+        )
         manifest.save()
-        kept = [entry.file for entry in manifest.entries if entry.synthetic and entry.accepted][:PREVIEW_LIMIT]
+        kept = [entry.file for entry in manifest.entries if entry.synthetic and entry.accepted][
+            :PREVIEW_LIMIT
+        ]
         text = f"{summary.text()}\n{manifest.summary()}"
         return {"ui": {"text": [text]}, "result": (manifest, text, files_to_image_batch(kept))}
 

@@ -28,18 +28,22 @@ def runs_directory() -> str:
 def base_model_choices() -> list[str]:
     """Checkpoint files, then diffusers folders (with model_index.json) as ``[diffusers] <folder>``."""
     choices = list(bridge.list_models("checkpoints")) + [
-        DIFFUSERS_PREFIX + n for n in bridge.model_dirs("diffusers", "model_index.json")]
+        DIFFUSERS_PREFIX + n for n in bridge.model_dirs("diffusers", "model_index.json")
+    ]
     return choices or ["(no checkpoints found)"]
 
 
 def resolve_base_model(name: str) -> str:
     """Full path of a ``checkpoints`` file or a ``[diffusers] <folder>`` choice (or an absolute path)."""
     if name.startswith(DIFFUSERS_PREFIX):
-        return bridge.find_model_dir("diffusers", name[len(DIFFUSERS_PREFIX):], "model_index.json",
-                                     what="diffusers model")
+        return bridge.find_model_dir(
+            "diffusers", name[len(DIFFUSERS_PREFIX) :], "model_index.json", what="diffusers model"
+        )
     if name.startswith("(no "):
-        raise bridge.ModelNotFoundError("no base model: put an SD1.5 / SDXL checkpoint into ComfyUI's checkpoints "
-                                        "folder (or a diffusers folder into models/diffusers) and reload the page")
+        raise bridge.ModelNotFoundError(
+            "no base model: put an SD1.5 / SDXL checkpoint into ComfyUI's checkpoints "
+            "folder (or a diffusers folder into models/diffusers) and reload the page"
+        )
     return bridge.find_model("checkpoints", name)
 
 
@@ -56,9 +60,9 @@ def _parse_overrides(text: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"overrides must be a JSON object like {{\"rank\": 16}}: {exc}") from exc
+        raise ValueError(f'overrides must be a JSON object like {{"rank": 16}}: {exc}') from exc
     if not isinstance(value, dict):
-        raise ValueError("overrides must be a JSON object like {\"rank\": 16, \"noise_offset\": 0.05}")
+        raise ValueError('overrides must be a JSON object like {"rank": 16, "noise_offset": 0.05}')
     return value
 
 
@@ -97,85 +101,199 @@ class TrainLoRA:
         choices = base_model_choices()
         return {
             "required": {
-                "base_model": (choices, {
-                    "default": choices[0],
-                    "tooltip": "SD1.5 or SDXL checkpoint from the checkpoints folder, or a diffusers folder from "
-                               "models/diffusers. The architecture is read from the file."}),
-                "dataset_folder": ("STRING", {
-                    "default": "",
-                    "placeholder": "/path/to/img (contains 10_ohwx woman/)",
-                    "tooltip": "Kohya dataset folder: the folder that CONTAINS '<repeats>_<trigger class>' "
-                               "subfolders (a relative path is read from ComfyUI's input folder). Ignored when a "
-                               "dataset is connected."}),
-                "trigger_word": ("STRING", {
-                    "default": "ohwx",
-                    "tooltip": "The word the LoRA is bound to; used in sample prompts and written into the "
-                               "LoRA's metadata (modelspec.trigger_phrase)."}),
-                "output_name": ("STRING", {
-                    "default": "my_character",
-                    "tooltip": "Name of the run and of the LoRA file (<name>.safetensors in the loras folder). "
-                               "The same name with the same settings resumes an unfinished run."}),
-                "preset": (list(PRESETS), {
-                    "default": "sdxl",
-                    "tooltip": "sdxl / sd15: balanced (rank 32, 1500 steps). fast: rank 16, 500 steps. "
-                               "high_quality: rank 64 + conv layers, 2500 steps. Resolution follows the model "
-                               "(1024 SDXL, 512 SD1.5)."}),
-                "steps": ("INT", {"default": BASIC_DEFAULTS["steps"], "min": 0, "max": 100000, "step": 1,
-                                  "tooltip": "Training steps. Used when use_preset_values is off (0 = the "
-                                             "preset's)."}),
-                "learning_rate": ("FLOAT", {"default": BASIC_DEFAULTS["learning_rate"], "min": 0.0, "max": 10.0,
-                                            "step": 1e-5, "round": 1e-6,
-                                            "tooltip": "U-Net learning rate. Used when use_preset_values is off "
-                                                       "(0 = the preset's)."}),
-                "rank": ("INT", {"default": BASIC_DEFAULTS["rank"], "min": 0, "max": 256, "step": 1,
-                                 "tooltip": "LoRA rank (alpha follows at half the rank). Used when "
-                                            "use_preset_values is off (0 = the preset's)."}),
-                "resolution": ("INT", {"default": BASIC_DEFAULTS["resolution"], "min": 0, "max": 2048, "step": 64,
-                                       "tooltip": "Training resolution in pixels (buckets keep about this area). "
-                                                  "Used when use_preset_values is off (0 = the model's: 1024 "
-                                                  "SDXL, 512 SD1.5)."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "step": 1,
-                                       "tooltip": "Images per step (one bucket size per batch)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "step": 1,
-                                 "tooltip": "Seed for LoRA initialisation, data order and noise."}),
-                "resume": (["auto", "never"], {
-                    "default": "auto",
-                    "tooltip": "auto: continue an unfinished (or cancelled) run with the same name, model, data "
-                               "and settings; never: always start a new run."}),
-                "memory_profile": (["auto", "check", "off"], {
-                    "default": "auto",
-                    "tooltip": "auto: estimate memory first and turn on gradient checkpointing / 8-bit Adam / "
-                               "smaller batches when needed; check: refuse if it does not fit; off: no check."}),
+                "base_model": (
+                    choices,
+                    {
+                        "default": choices[0],
+                        "tooltip": "SD1.5 or SDXL checkpoint from the checkpoints folder, or a diffusers folder from "
+                        "models/diffusers. The architecture is read from the file.",
+                    },
+                ),
+                "dataset_folder": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "placeholder": "/path/to/img (contains 10_ohwx woman/)",
+                        "tooltip": "Kohya dataset folder: the folder that CONTAINS '<repeats>_<trigger class>' "
+                        "subfolders (a relative path is read from ComfyUI's input folder). Ignored when a "
+                        "dataset is connected.",
+                    },
+                ),
+                "trigger_word": (
+                    "STRING",
+                    {
+                        "default": "ohwx",
+                        "tooltip": "The word the LoRA is bound to; used in sample prompts and written into the "
+                        "LoRA's metadata (modelspec.trigger_phrase).",
+                    },
+                ),
+                "output_name": (
+                    "STRING",
+                    {
+                        "default": "my_character",
+                        "tooltip": "Name of the run and of the LoRA file (<name>.safetensors in the loras folder). "
+                        "The same name with the same settings resumes an unfinished run.",
+                    },
+                ),
+                "preset": (
+                    list(PRESETS),
+                    {
+                        "default": "sdxl",
+                        "tooltip": "sdxl / sd15: balanced (rank 32, 1500 steps). fast: rank 16, 500 steps. "
+                        "high_quality: rank 64 + conv layers, 2500 steps. Resolution follows the model "
+                        "(1024 SDXL, 512 SD1.5).",
+                    },
+                ),
+                "steps": (
+                    "INT",
+                    {
+                        "default": BASIC_DEFAULTS["steps"],
+                        "min": 0,
+                        "max": 100000,
+                        "step": 1,
+                        "tooltip": "Training steps. Used when use_preset_values is off (0 = the preset's).",
+                    },
+                ),
+                "learning_rate": (
+                    "FLOAT",
+                    {
+                        "default": BASIC_DEFAULTS["learning_rate"],
+                        "min": 0.0,
+                        "max": 10.0,
+                        "step": 1e-5,
+                        "round": 1e-6,
+                        "tooltip": "U-Net learning rate. Used when use_preset_values is off "
+                        "(0 = the preset's).",
+                    },
+                ),
+                "rank": (
+                    "INT",
+                    {
+                        "default": BASIC_DEFAULTS["rank"],
+                        "min": 0,
+                        "max": 256,
+                        "step": 1,
+                        "tooltip": "LoRA rank (alpha follows at half the rank). Used when "
+                        "use_preset_values is off (0 = the preset's).",
+                    },
+                ),
+                "resolution": (
+                    "INT",
+                    {
+                        "default": BASIC_DEFAULTS["resolution"],
+                        "min": 0,
+                        "max": 2048,
+                        "step": 64,
+                        "tooltip": "Training resolution in pixels (buckets keep about this area). "
+                        "Used when use_preset_values is off (0 = the model's: 1024 "
+                        "SDXL, 512 SD1.5).",
+                    },
+                ),
+                "batch_size": (
+                    "INT",
+                    {
+                        "default": 1,
+                        "min": 1,
+                        "max": 64,
+                        "step": 1,
+                        "tooltip": "Images per step (one bucket size per batch).",
+                    },
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 2**31 - 1,
+                        "step": 1,
+                        "tooltip": "Seed for LoRA initialisation, data order and noise.",
+                    },
+                ),
+                "resume": (
+                    ["auto", "never"],
+                    {
+                        "default": "auto",
+                        "tooltip": "auto: continue an unfinished (or cancelled) run with the same name, model, data "
+                        "and settings; never: always start a new run.",
+                    },
+                ),
+                "memory_profile": (
+                    ["auto", "check", "off"],
+                    {
+                        "default": "auto",
+                        "tooltip": "auto: estimate memory first and turn on gradient checkpointing / 8-bit Adam / "
+                        "smaller batches when needed; check: refuse if it does not fit; off: no check.",
+                    },
+                ),
             },
             "optional": {
-                "dataset": (DATASET, {"tooltip": "A CharForge dataset (its kohya export, or its accepted photos "
-                                                 "and captions). Takes precedence over dataset_folder."}),
-                "overrides": ("STRING", {
-                    "default": "", "multiline": True,
-                    "tooltip": "More settings as JSON, by name: e.g. {\"noise_offset\": 0.05, \"flip\": true, "
-                               "\"train_text_encoder\": true, \"optimizer\": \"prodigy\", \"learning_rate\": 1.0, "
-                               "\"sample_every\": 100, \"sample_prompts\": [\"ohwx at the beach\"]}. "
-                               "See docs/training.md for every name."}),
-                "save_character": ("STRING", {
-                    "default": "",
-                    "tooltip": "When set, save a character preset of this name for the trained LoRA (trigger word, "
-                               "LoRA at weight 1, size defaults) for Load Character; an existing one is kept."}),
+                "dataset": (
+                    DATASET,
+                    {
+                        "tooltip": "A CharForge dataset (its kohya export, or its accepted photos "
+                        "and captions). Takes precedence over dataset_folder."
+                    },
+                ),
+                "overrides": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "multiline": True,
+                        "tooltip": 'More settings as JSON, by name: e.g. {"noise_offset": 0.05, "flip": true, '
+                        '"train_text_encoder": true, "optimizer": "prodigy", "learning_rate": 1.0, '
+                        '"sample_every": 100, "sample_prompts": ["ohwx at the beach"]}. '
+                        "See docs/training.md for every name.",
+                    },
+                ),
+                "save_character": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "When set, save a character preset of this name for the trained LoRA (trigger word, "
+                        "LoRA at weight 1, size defaults) for Load Character; an existing one is kept.",
+                    },
+                ),
                 # Last, so workflows saved before it existed load their widget values in the right places.
-                "use_preset_values": ("BOOLEAN", {
-                    "default": True, "label_on": "preset's steps, LR, rank, resolution",
-                    "label_off": "steps, LR, rank, resolution above",
-                    "tooltip": "On: steps, learning_rate, rank and resolution come from the preset (the numbers "
-                               "above are ignored; the defaults show the sdxl preset's). Off: the numbers above "
-                               "are used (0 = the preset's)."}),
+                "use_preset_values": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "label_on": "preset's steps, LR, rank, resolution",
+                        "label_off": "steps, LR, rank, resolution above",
+                        "tooltip": "On: steps, learning_rate, rank and resolution come from the preset (the numbers "
+                        "above are ignored; the defaults show the sdxl preset's). Off: the numbers above "
+                        "are used (0 = the preset's).",
+                    },
+                ),
             },
             # The prompt (and the editor's workflow) go into the run folder's origin.json: the CharForge panel
             # queues them again to resume the run.
             "hidden": {"node_id": "UNIQUE_ID", "prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
-    def train(self, base_model, dataset_folder, trigger_word, output_name, preset, steps, learning_rate, rank,
-              resolution, batch_size, seed, resume, memory_profile, dataset=None, overrides="", node_id=None,
-              save_character="", use_preset_values=None, prompt=None, extra_pnginfo=None):
+    def train(
+        self,
+        base_model,
+        dataset_folder,
+        trigger_word,
+        output_name,
+        preset,
+        steps,
+        learning_rate,
+        rank,
+        resolution,
+        batch_size,
+        seed,
+        resume,
+        memory_profile,
+        dataset=None,
+        overrides="",
+        node_id=None,
+        save_character="",
+        use_preset_values=None,
+        prompt=None,
+        extra_pnginfo=None,
+    ):
         for module in ("torch", "diffusers", "transformers", "peft", "safetensors"):
             require(module)
         from ..engine.train.config import fit_warmup, ignored_basic_settings, preset_config, with_overrides
@@ -189,38 +307,78 @@ class TrainLoRA:
         config = preset_config(preset, arch)
         basic = {"steps": steps, "learning_rate": learning_rate, "rank": rank, "resolution": resolution}
         ignored = ignored_basic_settings(config, **basic) if use_preset_values else []
-        settings: dict = {"seed": int(seed), "batch_size": int(batch_size), "trigger_word": trigger_word.strip()}
+        settings: dict = {
+            "seed": int(seed),
+            "batch_size": int(batch_size),
+            "trigger_word": trigger_word.strip(),
+        }
         settings.update(basic_settings(**basic, use_preset_values=use_preset_values))
         settings.update(_parse_overrides(overrides))
         config = fit_warmup(with_overrides(config, settings))
 
-        source = dataset if dataset is not None else (resolve_folder(dataset_folder) if dataset_folder.strip() else "")
+        source = (
+            dataset
+            if dataset is not None
+            else (resolve_folder(dataset_folder) if dataset_folder.strip() else "")
+        )
         if not source:
-            raise ValueError("no training data: connect a CharForge dataset or type a kohya dataset folder "
-                             "(the folder that contains '<repeats>_<trigger class>' subfolders)")
+            raise ValueError(
+                "no training data: connect a CharForge dataset or type a kohya dataset folder "
+                "(the folder that contains '<repeats>_<trigger class>' subfolders)"
+            )
         name = safe_run_name(output_name)
-        request = TrainRequest(base_model=model_path, dataset=source, runs_dir=runs_directory(), name=name,
-                               config=config, lora_dir=str(bridge.first_model_folder("loras")), resume=resume,
-                               memory_profile=memory_profile, tokenizer_dirs=comfyui_tokenizer_dirs(),
-                               origin=_origin(prompt, extra_pnginfo, node_id))
+        request = TrainRequest(
+            base_model=model_path,
+            dataset=source,
+            runs_dir=runs_directory(),
+            name=name,
+            config=config,
+            lora_dir=str(bridge.first_model_folder("loras")),
+            resume=resume,
+            memory_profile=memory_profile,
+            tokenizer_dirs=comfyui_tokenizer_dirs(),
+            origin=_origin(prompt, extra_pnginfo, node_id),
+        )
         result = train(request, bridge.control(config.steps, node_id=node_id, label=f"train {name}"))
 
         lora_name = Path(result.exported_path or result.lora_path).name
-        run = TrainingRun(name=Path(result.run_dir).name, run_dir=result.run_dir, state="completed", step=result.step,
-                          total_steps=config.steps, loss=result.loss, lora_path=result.exported_path or result.lora_path,
-                          lora_name=lora_name, samples=tuple(result.samples), loss_curve=result.loss_curve)
-        summary = (f"{lora_name}: {result.step} steps, final loss {result.loss:.4f}"
-                   + (f" (resumed at step {result.resumed_from})" if result.resumed_from else "")
-                   + f"; run folder {result.run_dir}")
+        run = TrainingRun(
+            name=Path(result.run_dir).name,
+            run_dir=result.run_dir,
+            state="completed",
+            step=result.step,
+            total_steps=config.steps,
+            loss=result.loss,
+            lora_path=result.exported_path or result.lora_path,
+            lora_name=lora_name,
+            samples=tuple(result.samples),
+            loss_curve=result.loss_curve,
+        )
+        summary = (
+            f"{lora_name}: {result.step} steps, final loss {result.loss:.4f}"
+            + (f" (resumed at step {result.resumed_from})" if result.resumed_from else "")
+            + f"; run folder {result.run_dir}"
+        )
         if ignored:
-            summary += f"; preset {preset!r} values used, not {', '.join(ignored)} (turn use_preset_values off)"
+            summary += (
+                f"; preset {preset!r} values used, not {', '.join(ignored)} (turn use_preset_values off)"
+            )
         if save_character.strip():
             from ..engine.library.characters import save_training_character
 
-            summary += "; " + save_training_character(save_character.strip(), lora_name, trigger_word, arch,
-                                                      config.data.resolution)
+            summary += "; " + save_training_character(
+                save_character.strip(), lora_name, trigger_word, arch, config.data.resolution
+            )
         ui = {"text": [summary], "images": [show_file(p) for p in [result.loss_curve, *result.samples]]}
-        return {"ui": ui, "result": (lora_name, run, files_to_image_batch([result.loss_curve]), files_to_image_batch(result.samples))}
+        return {
+            "ui": ui,
+            "result": (
+                lora_name,
+                run,
+                files_to_image_batch([result.loss_curve]),
+                files_to_image_batch(result.samples),
+            ),
+        }
 
 
 async def _runs_handler(request):

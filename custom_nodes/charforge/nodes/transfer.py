@@ -106,11 +106,18 @@ def output_path(relative: str, folder_ok: bool = False) -> Path | None:
 
 
 async def info_handler(request):
-    return _json({"input_dir": str(Path(bridge.input_directory()).resolve()),
-                  "output_dir": str(Path(bridge.output_directory()).resolve()),
-                  "upload_dir": str(upload_store().root.resolve()), "outputs_dir": str(outputs_root().resolve()),
-                  "max_chunk": MAX_CHUNK, "chunk": DEFAULT_CHUNK, "max_file": MAX_UPLOAD_FILE,
-                  "types": sorted(UPLOAD_TYPES)})
+    return _json(
+        {
+            "input_dir": str(Path(bridge.input_directory()).resolve()),
+            "output_dir": str(Path(bridge.output_directory()).resolve()),
+            "upload_dir": str(upload_store().root.resolve()),
+            "outputs_dir": str(outputs_root().resolve()),
+            "max_chunk": MAX_CHUNK,
+            "chunk": DEFAULT_CHUNK,
+            "max_file": MAX_UPLOAD_FILE,
+            "types": sorted(UPLOAD_TYPES),
+        }
+    )
 
 
 async def inputs_handler(request):
@@ -129,8 +136,12 @@ def _announced(request) -> tuple[Announced, int]:
         raise UploadRefused(400, "size and offset must be whole numbers of bytes") from None
     if offset < 0:
         raise UploadRefused(400, "offset must not be negative")
-    item = Announced(request.match_info.get("dataset", ""), request.match_info.get("name", ""), size,
-                     query.get("sha256", "").lower())
+    item = Announced(
+        request.match_info.get("dataset", ""),
+        request.match_info.get("name", ""),
+        size,
+        query.get("sha256", "").lower(),
+    )
     return item, offset
 
 
@@ -148,7 +159,9 @@ async def upload_chunk_handler(request):
         lock = _upload_locks.setdefault(item.sha256, asyncio.Lock())
         async with lock:
             if await asyncio.to_thread(store.present, item, target):
-                return _json({"complete": True, "name": item.name, "received": item.size, "path": str(target)})
+                return _json(
+                    {"complete": True, "name": item.name, "received": item.size, "path": str(target)}
+                )
             handle = store.open_chunk(item, offset, length)
             written = 0
             try:
@@ -172,12 +185,14 @@ async def prune_handler(request):
     try:
         body = await request.json()
     except ValueError:
-        return _error(400, "the body must be JSON: {\"keep\": [name, ...]}")
+        return _error(400, 'the body must be JSON: {"keep": [name, ...]}')
     keep = body.get("keep") if isinstance(body, dict) else None
     if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
-        return _error(400, "the body must be JSON: {\"keep\": [name, ...]}")
+        return _error(400, 'the body must be JSON: {"keep": [name, ...]}')
     try:
-        removed = await asyncio.to_thread(upload_store().prune, request.match_info.get("dataset", ""), set(keep))
+        removed = await asyncio.to_thread(
+            upload_store().prune, request.match_info.get("dataset", ""), set(keep)
+        )
     except UploadRefused as exc:
         return _error(exc.status, str(exc), **exc.extra)
     return _json({"removed": removed})
@@ -213,9 +228,15 @@ def _file(path: Path):
     from aiohttp import web
 
     # FileResponse answers Range requests (206), which is how an interrupted download resumes
-    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream",
-                                           "Content-Disposition": f'attachment; filename="{path.name}"',
-                                           "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+    return web.FileResponse(
+        path,
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Disposition": f'attachment; filename="{path.name}"',
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "no-cache",
+        },
+    )
 
 
 async def outputs_file_handler(request):
@@ -252,7 +273,9 @@ def _models(kinds: list[str], compute: bool, only: set[str] | None = None) -> di
         names = set(bridge.list_models(kind))
         for folder in bridge.model_folders(kind):  # model folders (diffusers, CLIP) are listed by name too
             if Path(folder).is_dir():
-                names.update(p.name for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
+                names.update(
+                    p.name for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")
+                )
         for name in sorted(names if only is None else names & only):
             path = _model_path(kind, name)
             if path is None:
@@ -293,7 +316,9 @@ def _download(entry: ModelEntry, key: str) -> None:
 
     try:
         target = bridge.first_model_folder(entry.kind).joinpath(*entry.name.split("/"))
-        digest = download_file(entry.source_url(), target, sha256=entry.sha256, size=entry.size, progress=progress)
+        digest = download_file(
+            entry.source_url(), target, sha256=entry.sha256, size=entry.size, progress=progress
+        )
         hash_cache().remember(target, digest)
         state.update(state="done", sha256=digest, received=target.stat().st_size, finished=time.time())
         log.info("CharForge: downloaded %s model %s", entry.kind, entry.name)
@@ -308,7 +333,7 @@ async def download_handler(request):
         body = await request.json()
         entries = [parse_model_entry(item) for item in body.get("models", [])]
     except (ValueError, AttributeError, TypeError) as exc:
-        return _error(400, f"the body must be {{\"models\": [manifest entry, ...]}}: {exc}")
+        return _error(400, f'the body must be {{"models": [manifest entry, ...]}}: {exc}')
     started = []
     for entry in entries:
         if not entry.source_url():
@@ -318,13 +343,22 @@ async def download_handler(request):
             current = _downloads.get(key)
             if current and current["state"] == "downloading":
                 continue
-            if _model_path(entry.kind, entry.name) is not None and (current is None or current["state"] == "done"):
+            if _model_path(entry.kind, entry.name) is not None and (
+                current is None or current["state"] == "done"
+            ):
                 _downloads[key] = {"name": entry.name, "kind": entry.kind, "state": "done", "present": True}
                 continue
-            _downloads[key] = {"name": entry.name, "kind": entry.kind, "state": "downloading", "received": 0,
-                               "size": entry.size, "started": time.time()}
-        threading.Thread(target=_download, args=(entry, key), name=f"charforge-download-{entry.name}",
-                         daemon=True).start()
+            _downloads[key] = {
+                "name": entry.name,
+                "kind": entry.kind,
+                "state": "downloading",
+                "received": 0,
+                "size": entry.size,
+                "started": time.time(),
+            }
+        threading.Thread(
+            target=_download, args=(entry, key), name=f"charforge-download-{entry.name}", daemon=True
+        ).start()
         started.append(key)
     return _json({"started": started}, 202)
 

@@ -57,12 +57,14 @@ def motion_module_choices() -> list[str]:
 
 def resolve_motion_module(name: str) -> str:
     if name.startswith(DIFFUSERS_PREFIX):
-        return bridge.find_model_dir(MOTION_FOLDER, name[len(DIFFUSERS_PREFIX):], "config.json",
-                                     what="motion module folder")
+        return bridge.find_model_dir(
+            MOTION_FOLDER, name[len(DIFFUSERS_PREFIX) :], "config.json", what="motion module folder"
+        )
     if name.startswith("(no "):
         raise bridge.ModelNotFoundError(
             "no motion module: download one (v3_sd15_mm.ckpt or mm_sd_v15_v2.ckpt for SD1.5, the AnimateDiff-SDXL "
-            f"beta module for SDXL) into ComfyUI's models/{MOTION_FOLDER} folder and reload the page")
+            f"beta module for SDXL) into ComfyUI's models/{MOTION_FOLDER} folder and reload the page"
+        )
     return bridge.find_model(MOTION_FOLDER, name)
 
 
@@ -88,8 +90,10 @@ class LoadVideoModel:
     CATEGORY = CATEGORY
     RETURN_TYPES = (VIDEO_MODEL, "STRING")
     RETURN_NAMES = ("model", "info")
-    OUTPUT_TOOLTIPS = ("The video model: wire it into Video LoRA / Motion LoRA / Generate Video.",
-                       "What was loaded (base architecture, motion module version and its frame window).")
+    OUTPUT_TOOLTIPS = (
+        "The video model: wire it into Video LoRA / Motion LoRA / Generate Video.",
+        "What was loaded (base architecture, motion module version and its frame window).",
+    )
     FUNCTION = "load"
 
     @classmethod
@@ -98,42 +102,119 @@ class LoadVideoModel:
         modules = motion_module_choices()
         return {
             "required": {
-                "base_model": (bases, {"default": bases[0], "tooltip": (
-                    "SD1.5 or SDXL checkpoint (checkpoints folder) or a diffusers folder (models/diffusers). It must "
-                    "match the motion module: SD1.5 for v1/v2/v3, SDXL for the SDXL beta module.")}),
-                "motion_module": (modules, {"default": modules[0], "tooltip": (
-                    "AnimateDiff motion module from models/animatediff_models (file or diffusers folder). v3_sd15_mm "
-                    "and mm_sd_v15_v2 are the usual SD1.5 choices; motion LoRAs need v2.")}),
-                "dtype": (list(DTYPES), {"default": "auto", "tooltip": (
-                    "Weights' precision. auto: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU.")}),
-                "attention": (["sdpa", "eager"], {"default": "sdpa", "tooltip": (
-                    "sdpa: PyTorch's fused attention (flash / memory-efficient kernels), fastest. eager: the plain "
-                    "matmul version, for debugging.")}),
-                "vae_slicing": ("BOOLEAN", {"default": True, "tooltip": (
-                    "Decode 8 frames at a time instead of all at once (much less memory for long clips).")}),
-                "vae_tiling": ("BOOLEAN", {"default": False, "tooltip": (
-                    "Also decode each frame in tiles: for large sizes on small GPUs; slightly slower.")}),
-                "cpu_offload": ("BOOLEAN", {"default": False, "tooltip": (
-                    "Keep the text encoder(s) and VAE in CPU memory and move them to the GPU only while used.")}),
-                "compile": ("BOOLEAN", {"default": False, "tooltip": (
-                    "Run the U-Net through torch.compile: the first clip takes a minute longer, later clips of "
-                    "the same size are faster. Needs a working Triton / C++ compiler.")}),
+                "base_model": (
+                    bases,
+                    {
+                        "default": bases[0],
+                        "tooltip": (
+                            "SD1.5 or SDXL checkpoint (checkpoints folder) or a diffusers folder (models/diffusers). It must "
+                            "match the motion module: SD1.5 for v1/v2/v3, SDXL for the SDXL beta module."
+                        ),
+                    },
+                ),
+                "motion_module": (
+                    modules,
+                    {
+                        "default": modules[0],
+                        "tooltip": (
+                            "AnimateDiff motion module from models/animatediff_models (file or diffusers folder). v3_sd15_mm "
+                            "and mm_sd_v15_v2 are the usual SD1.5 choices; motion LoRAs need v2."
+                        ),
+                    },
+                ),
+                "dtype": (
+                    list(DTYPES),
+                    {
+                        "default": "auto",
+                        "tooltip": (
+                            "Weights' precision. auto: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU."
+                        ),
+                    },
+                ),
+                "attention": (
+                    ["sdpa", "eager"],
+                    {
+                        "default": "sdpa",
+                        "tooltip": (
+                            "sdpa: PyTorch's fused attention (flash / memory-efficient kernels), fastest. eager: the plain "
+                            "matmul version, for debugging."
+                        ),
+                    },
+                ),
+                "vae_slicing": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": (
+                            "Decode 8 frames at a time instead of all at once (much less memory for long clips)."
+                        ),
+                    },
+                ),
+                "vae_tiling": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": (
+                            "Also decode each frame in tiles: for large sizes on small GPUs; slightly slower."
+                        ),
+                    },
+                ),
+                "cpu_offload": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": (
+                            "Keep the text encoder(s) and VAE in CPU memory and move them to the GPU only while used."
+                        ),
+                    },
+                ),
+                "compile": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": (
+                            "Run the U-Net through torch.compile: the first clip takes a minute longer, later clips of "
+                            "the same size are faster. Needs a working Triton / C++ compiler."
+                        ),
+                    },
+                ),
             },
         }
 
-    def load(self, base_model, motion_module, dtype="auto", attention="sdpa", vae_slicing=True, vae_tiling=False,
-             cpu_offload=False, compile=False):
+    def load(
+        self,
+        base_model,
+        motion_module,
+        dtype="auto",
+        attention="sdpa",
+        vae_slicing=True,
+        vae_tiling=False,
+        cpu_offload=False,
+        compile=False,
+    ):
         require("diffusers")
         from ..engine.video import RuntimeOptions, VideoModelSpec, load_video_model
 
-        options = RuntimeOptions(dtype=dtype, attention=attention, vae_slicing=bool(vae_slicing),
-                                 vae_tiling=bool(vae_tiling), offload=bool(cpu_offload), compile=bool(compile))
+        options = RuntimeOptions(
+            dtype=dtype,
+            attention=attention,
+            vae_slicing=bool(vae_slicing),
+            vae_tiling=bool(vae_tiling),
+            offload=bool(cpu_offload),
+            compile=bool(compile),
+        )
         motion_path = resolve_motion_module(motion_module)  # the file a new user is most likely missing
-        spec = VideoModelSpec(base=resolve_base_model(base_model), motion_module=motion_path, options=options,
-                              tokenizer_dirs=comfyui_tokenizer_dirs())
+        spec = VideoModelSpec(
+            base=resolve_base_model(base_model),
+            motion_module=motion_path,
+            options=options,
+            tokenizer_dirs=comfyui_tokenizer_dirs(),
+        )
         model, _ = load_video_model(spec)
-        info = (f"{model.arch.upper()} base {Path(spec.base).name}; {model.motion.describe()}; window "
-                f"{model.motion.window} frames; {str(model.dtype).removeprefix('torch.')} on {model.device}")
+        info = (
+            f"{model.arch.upper()} base {Path(spec.base).name}; {model.motion.describe()}; window "
+            f"{model.motion.window} frames; {str(model.dtype).removeprefix('torch.')} on {model.device}"
+        )
         return (spec, info)
 
 
@@ -156,17 +237,42 @@ class VideoLoRA:
         loras = _with_none(bridge.list_models("loras"))
         return {
             "required": {
-                "model": (VIDEO_MODEL, {"tooltip": "The video model from Load Video Model (or another LoRA node)."}),
-                "lora_name": (loras, {"default": loras[min(1, len(loras) - 1)], "tooltip": (
-                    "A LoRA for the same base architecture (SD1.5 / SDXL), from the loras folder.")}),
-                "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, "tooltip": (
-                    "How strongly the LoRA applies (1.0 as trained; 0 switches it off).")}),
+                "model": (
+                    VIDEO_MODEL,
+                    {"tooltip": "The video model from Load Video Model (or another LoRA node)."},
+                ),
+                "lora_name": (
+                    loras,
+                    {
+                        "default": loras[min(1, len(loras) - 1)],
+                        "tooltip": (
+                            "A LoRA for the same base architecture (SD1.5 / SDXL), from the loras folder."
+                        ),
+                    },
+                ),
+                "strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -4.0,
+                        "max": 4.0,
+                        "step": 0.05,
+                        "tooltip": ("How strongly the LoRA applies (1.0 as trained; 0 switches it off)."),
+                    },
+                ),
             },
             "optional": {
-                "lora_name_from": ("STRING", {"forceInput": True, "tooltip": (
-                    "A LoRA file name in the loras folder as a linked STRING, e.g. Train LoRA's lora_name: used "
-                    "instead of lora_name (set that to (none)), so a LoRA trained in the same graph feeds the video "
-                    "and is trained first.")}),
+                "lora_name_from": (
+                    "STRING",
+                    {
+                        "forceInput": True,
+                        "tooltip": (
+                            "A LoRA file name in the loras folder as a linked STRING, e.g. Train LoRA's lora_name: used "
+                            "instead of lora_name (set that to (none)), so a LoRA trained in the same graph feeds the video "
+                            "and is trained first."
+                        ),
+                    },
+                ),
             },
         }
 
@@ -199,11 +305,27 @@ class MotionLoRA:
         loras = _with_none(bridge.list_models(MOTION_LORA_FOLDER))
         return {
             "required": {
-                "model": (VIDEO_MODEL, {"tooltip": "The video model from Load Video Model (or another LoRA node)."}),
-                "motion_lora": (loras, {"default": loras[min(1, len(loras) - 1)], "tooltip": (
-                    "A motion LoRA from models/animatediff_motion_lora.")}),
-                "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, "tooltip": (
-                    "How strongly the move applies (1.0 as trained).")}),
+                "model": (
+                    VIDEO_MODEL,
+                    {"tooltip": "The video model from Load Video Model (or another LoRA node)."},
+                ),
+                "motion_lora": (
+                    loras,
+                    {
+                        "default": loras[min(1, len(loras) - 1)],
+                        "tooltip": ("A motion LoRA from models/animatediff_motion_lora."),
+                    },
+                ),
+                "strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -4.0,
+                        "max": 4.0,
+                        "step": 0.05,
+                        "tooltip": ("How strongly the move applies (1.0 as trained)."),
+                    },
+                ),
             },
         }
 
@@ -237,74 +359,249 @@ class GenerateVideo:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (VIDEO_MODEL, {"tooltip": "The video model (Load Video Model, then any LoRA nodes)."}),
-                "prompt": ("STRING", {"multiline": True, "default": "0: ohwx woman smiling, looking at the camera\n"
-                                                                    "16: ohwx woman laughing, turning her head\n"
-                                                                    "photo, natural light", "tooltip": (
-                    "The prompt, or a schedule: one '<frame>: <prompt>' line per keyframe; lines without a frame "
-                    "number are appended to every keyframe.")}),
-                "negative_prompt": ("STRING", {"multiline": True, "default": "blurry, low quality, deformed",
-                                               "tooltip": "What the clip should not show (all frames)."}),
-                "frames": ("INT", {"default": 16, "min": 1, "max": 1024, "tooltip": (
-                    "Number of frames. Above the context length the clip is made in overlapping windows.")}),
-                "fps": ("FLOAT", {"default": 8.0, "min": 1.0, "max": 60.0, "step": 0.5, "tooltip": (
-                    "Playback frame rate passed on to Save Video (AnimateDiff modules were trained at about 8).")}),
-                "width": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8,
-                                  "tooltip": "Frame width in pixels (multiple of 8); SD1.5 512, SDXL 1024."}),
-                "height": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8,
-                                   "tooltip": "Frame height in pixels (multiple of 8)."}),
+                "model": (
+                    VIDEO_MODEL,
+                    {"tooltip": "The video model (Load Video Model, then any LoRA nodes)."},
+                ),
+                "prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "0: ohwx woman smiling, looking at the camera\n"
+                        "16: ohwx woman laughing, turning her head\n"
+                        "photo, natural light",
+                        "tooltip": (
+                            "The prompt, or a schedule: one '<frame>: <prompt>' line per keyframe; lines without a frame "
+                            "number are appended to every keyframe."
+                        ),
+                    },
+                ),
+                "negative_prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "blurry, low quality, deformed",
+                        "tooltip": "What the clip should not show (all frames).",
+                    },
+                ),
+                "frames": (
+                    "INT",
+                    {
+                        "default": 16,
+                        "min": 1,
+                        "max": 1024,
+                        "tooltip": (
+                            "Number of frames. Above the context length the clip is made in overlapping windows."
+                        ),
+                    },
+                ),
+                "fps": (
+                    "FLOAT",
+                    {
+                        "default": 8.0,
+                        "min": 1.0,
+                        "max": 60.0,
+                        "step": 0.5,
+                        "tooltip": (
+                            "Playback frame rate passed on to Save Video (AnimateDiff modules were trained at about 8)."
+                        ),
+                    },
+                ),
+                "width": (
+                    "INT",
+                    {
+                        "default": 512,
+                        "min": 64,
+                        "max": 2048,
+                        "step": 8,
+                        "tooltip": "Frame width in pixels (multiple of 8); SD1.5 512, SDXL 1024.",
+                    },
+                ),
+                "height": (
+                    "INT",
+                    {
+                        "default": 512,
+                        "min": 64,
+                        "max": 2048,
+                        "step": 8,
+                        "tooltip": "Frame height in pixels (multiple of 8).",
+                    },
+                ),
                 "steps": ("INT", {"default": 25, "min": 1, "max": 200, "tooltip": "Denoising steps."}),
-                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": (
-                    "Classifier-free guidance: how closely to follow the prompt (1 or less turns it off and "
-                    "halves the work).")}),
-                "scheduler": (list(SCHEDULERS), {"default": "ddim", "tooltip": (
-                    "Sampler. ddim is AnimateDiff's reference; euler_a gives more motion variety; dpmpp_2m_karras "
-                    "converges in fewer steps.")}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
-                                 "tooltip": "Noise seed: the same seed and settings give the same clip on any device."}),
-                "context_length": ("INT", {"default": 16, "min": 0, "max": 32, "tooltip": (
-                    "Frames per context window (0 = the motion module's own window, 16). At most the module's "
-                    "positional table (24 for v1, 32 for v2/v3/SDXL).")}),
-                "context_overlap": ("INT", {"default": 4, "min": 0, "max": 31, "tooltip": (
-                    "Frames shared by neighbouring windows; more overlap blends seams more smoothly but costs more "
-                    "windows.")}),
+                "cfg": (
+                    "FLOAT",
+                    {
+                        "default": 7.5,
+                        "min": 0.0,
+                        "max": 30.0,
+                        "step": 0.1,
+                        "tooltip": (
+                            "Classifier-free guidance: how closely to follow the prompt (1 or less turns it off and "
+                            "halves the work)."
+                        ),
+                    },
+                ),
+                "scheduler": (
+                    list(SCHEDULERS),
+                    {
+                        "default": "ddim",
+                        "tooltip": (
+                            "Sampler. ddim is AnimateDiff's reference; euler_a gives more motion variety; dpmpp_2m_karras "
+                            "converges in fewer steps."
+                        ),
+                    },
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": SEED_MAX,
+                        "control_after_generate": True,
+                        "tooltip": "Noise seed: the same seed and settings give the same clip on any device.",
+                    },
+                ),
+                "context_length": (
+                    "INT",
+                    {
+                        "default": 16,
+                        "min": 0,
+                        "max": 32,
+                        "tooltip": (
+                            "Frames per context window (0 = the motion module's own window, 16). At most the module's "
+                            "positional table (24 for v1, 32 for v2/v3/SDXL)."
+                        ),
+                    },
+                ),
+                "context_overlap": (
+                    "INT",
+                    {
+                        "default": 4,
+                        "min": 0,
+                        "max": 31,
+                        "tooltip": (
+                            "Frames shared by neighbouring windows; more overlap blends seams more smoothly but costs more "
+                            "windows."
+                        ),
+                    },
+                ),
             },
             "optional": {
-                "init_images": ("IMAGE", {"tooltip": (
-                    "Image to video (one image) or video to video (a frame batch, e.g. from LoadVideo + "
-                    "GetVideoComponents): resampled to the frame count and cropped to the size.")}),
-                "strength": ("FLOAT", {"default": 0.75, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": (
-                    "With init_images: how much is redrawn (1.0 ignores them, 0.3 keeps them mostly).")}),
-                "closed_loop": ("BOOLEAN", {"default": False, "tooltip": (
-                    "Windows wrap around the end so the last frames blend into the first: for looping clips.")}),
-                "blend_prompts": ("BOOLEAN", {"default": True, "tooltip": (
-                    "Blend prompt embeddings between keyframes (off: switch at each keyframe).")}),
-                "beta_schedule": (list(BETA_SCHEDULES), {"default": "auto", "tooltip": (
-                    "Noise schedule. auto = linear, what AnimateDiff modules were trained with; base = the "
-                    "checkpoint's own schedule.")}),
-                "clip_skip": ("INT", {"default": 1, "min": 1, "max": 4, "tooltip": (
-                    "Text-encoder layer to use, counted from the last (2 = penultimate, as many anime models "
-                    "expect).")}),
+                "init_images": (
+                    "IMAGE",
+                    {
+                        "tooltip": (
+                            "Image to video (one image) or video to video (a frame batch, e.g. from LoadVideo + "
+                            "GetVideoComponents): resampled to the frame count and cropped to the size."
+                        )
+                    },
+                ),
+                "strength": (
+                    "FLOAT",
+                    {
+                        "default": 0.75,
+                        "min": 0.01,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": (
+                            "With init_images: how much is redrawn (1.0 ignores them, 0.3 keeps them mostly)."
+                        ),
+                    },
+                ),
+                "closed_loop": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": (
+                            "Windows wrap around the end so the last frames blend into the first: for looping clips."
+                        ),
+                    },
+                ),
+                "blend_prompts": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": (
+                            "Blend prompt embeddings between keyframes (off: switch at each keyframe)."
+                        ),
+                    },
+                ),
+                "beta_schedule": (
+                    list(BETA_SCHEDULES),
+                    {
+                        "default": "auto",
+                        "tooltip": (
+                            "Noise schedule. auto = linear, what AnimateDiff modules were trained with; base = the "
+                            "checkpoint's own schedule."
+                        ),
+                    },
+                ),
+                "clip_skip": (
+                    "INT",
+                    {
+                        "default": 1,
+                        "min": 1,
+                        "max": 4,
+                        "tooltip": (
+                            "Text-encoder layer to use, counted from the last (2 = penultimate, as many anime models "
+                            "expect)."
+                        ),
+                    },
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def generate(self, model, prompt, negative_prompt, frames, fps, width, height, steps, cfg, scheduler, seed,
-                 context_length, context_overlap, init_images=None, strength=0.75, closed_loop=False,
-                 blend_prompts=True, beta_schedule="auto", clip_skip=1, unique_id=None):
+    def generate(
+        self,
+        model,
+        prompt,
+        negative_prompt,
+        frames,
+        fps,
+        width,
+        height,
+        steps,
+        cfg,
+        scheduler,
+        seed,
+        context_length,
+        context_overlap,
+        init_images=None,
+        strength=0.75,
+        closed_loop=False,
+        blend_prompts=True,
+        beta_schedule="auto",
+        clip_skip=1,
+        unique_id=None,
+    ):
         require("diffusers")
         from ..engine.video import ContextOptions, VideoRequest, generate_video, load_video_model
         from ..engine.video.prompts import describe_schedule
 
         loaded, lora_report = load_video_model(model)
         request = VideoRequest(
-            prompt=prompt, negative_prompt=negative_prompt, frames=int(frames), width=int(width), height=int(height),
-            steps=int(steps), cfg=float(cfg), scheduler=scheduler, beta_schedule=beta_schedule, seed=int(seed),
-            clip_skip=int(clip_skip), blend_prompts=bool(blend_prompts),
-            context=ContextOptions(length=int(context_length), overlap=int(context_overlap), loop=bool(closed_loop)),
-            init_frames=init_images, strength=float(strength) if init_images is not None else 1.0)
-        result = generate_video(loaded, request, bridge.control(int(steps) + 1, node_id=unique_id,
-                                                                label="generate video"))
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            frames=int(frames),
+            width=int(width),
+            height=int(height),
+            steps=int(steps),
+            cfg=float(cfg),
+            scheduler=scheduler,
+            beta_schedule=beta_schedule,
+            seed=int(seed),
+            clip_skip=int(clip_skip),
+            blend_prompts=bool(blend_prompts),
+            context=ContextOptions(
+                length=int(context_length), overlap=int(context_overlap), loop=bool(closed_loop)
+            ),
+            init_frames=init_images,
+            strength=float(strength) if init_images is not None else 1.0,
+        )
+        result = generate_video(
+            loaded, request, bridge.control(int(steps) + 1, node_id=unique_id, label="generate video")
+        )
         windows = result.windows
         lines = [
             f"{len(result.frames)} frames {width}x{height} at {fps:g} fps, seed {seed}, {result.steps_run} steps "
@@ -313,7 +610,8 @@ class GenerateVideo:
             *lora_report,
             f"context: {len(windows)} window(s) of {result.info['context_length']} frames"
             + (f", overlap {context_overlap}" if len(windows) > 1 else ""),
-            "prompt schedule:", describe_schedule(result.keyframes, int(frames)),
+            "prompt schedule:",
+            describe_schedule(result.keyframes, int(frames)),
         ]
         return (result.frames, float(fps), "\n".join(lines))
 
@@ -347,8 +645,11 @@ def interpolator_files() -> list[str]:
     names = list(bridge.list_models(INTERPOLATION_FOLDER))
     pack = _vfi_pack_dir()
     if pack is not None:
-        names += sorted(VFI_PREFIX + p.name for p in pack.iterdir()
-                        if p.is_file() and p.suffix.lower() in (".pth", ".pkl", ".safetensors", ".ckpt"))
+        names += sorted(
+            VFI_PREFIX + p.name
+            for p in pack.iterdir()
+            if p.is_file() and p.suffix.lower() in (".pth", ".pkl", ".safetensors", ".ckpt")
+        )
     return names
 
 
@@ -359,7 +660,7 @@ def interpolator_choices() -> list[str]:
 def resolve_interpolator_file(name: str) -> str:
     if name.startswith(VFI_PREFIX):
         pack = _vfi_pack_dir()
-        path = pack / name[len(VFI_PREFIX):] if pack is not None else None
+        path = pack / name[len(VFI_PREFIX) :] if pack is not None else None
         if path is None or not path.is_file():
             raise bridge.ModelNotFoundError(f"{name!r} not found in {VFI_PACK}'s ckpts/rife folder")
         return str(path)
@@ -396,18 +697,43 @@ class InterpolateFrames:
         return {
             "required": {
                 "frames": ("IMAGE", {"tooltip": "The clip's frames (an IMAGE batch)."}),
-                "multiplier": (list(MULTIPLIERS), {"default": "2", "tooltip": "2: double the frames, 4: four times."}),
-                "fps": ("FLOAT", {"default": 8.0, "min": 1.0, "max": 240.0, "step": 0.5, "tooltip": (
-                    "Frame rate of the input (connect Generate Video's fps).")}),
-                "loop": ("BOOLEAN", {"default": False, "tooltip": (
-                    "Also add in-betweens from the last frame back to the first (for looping clips).")}),
+                "multiplier": (
+                    list(MULTIPLIERS),
+                    {"default": "2", "tooltip": "2: double the frames, 4: four times."},
+                ),
+                "fps": (
+                    "FLOAT",
+                    {
+                        "default": 8.0,
+                        "min": 1.0,
+                        "max": 240.0,
+                        "step": 0.5,
+                        "tooltip": ("Frame rate of the input (connect Generate Video's fps)."),
+                    },
+                ),
+                "loop": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": (
+                            "Also add in-betweens from the last frame back to the first (for looping clips)."
+                        ),
+                    },
+                ),
             },
             # Optional and last, so workflows saved before it existed still load and validate (auto).
             "optional": {
-                "interpolator": (interpolator_choices(), {"default": AUTO, "tooltip": (
-                    "auto: the newest supported RIFE file found, else optical flow. 'optical flow': OpenCV, no "
-                    "model file. Or a RIFE 4.7 - 4.9 file (rife47.pth, rife49.pth) from models/"
-                    "frame_interpolation or ComfyUI-Frame-Interpolation's ckpts/rife folder.")}),
+                "interpolator": (
+                    interpolator_choices(),
+                    {
+                        "default": AUTO,
+                        "tooltip": (
+                            "auto: the newest supported RIFE file found, else optical flow. 'optical flow': OpenCV, no "
+                            "model file. Or a RIFE 4.7 - 4.9 file (rife47.pth, rife49.pth) from models/"
+                            "frame_interpolation or ComfyUI-Frame-Interpolation's ckpts/rife folder."
+                        ),
+                    },
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -423,9 +749,19 @@ class InterpolateFrames:
             from ..engine.video.rife import interpolate_rife
 
             tasks = max((count - 1 + (1 if loop and count > 1 else 0)) * (factor - 1), 1)
-            out = interpolate_rife(frames, loaded, factor, bool(loop),
-                                   control=bridge.control(tasks, node_id=unique_id, label="interpolate frames (RIFE)"))
-            log.info("Interpolate Frames: RIFE %s (%s) on %s", loaded.version, Path(loaded.path).name, loaded.device)
+            out = interpolate_rife(
+                frames,
+                loaded,
+                factor,
+                bool(loop),
+                control=bridge.control(tasks, node_id=unique_id, label="interpolate frames (RIFE)"),
+            )
+            log.info(
+                "Interpolate Frames: RIFE %s (%s) on %s",
+                loaded.version,
+                Path(loaded.path).name,
+                loaded.device,
+            )
         else:
             require("cv2")
             from ..engine.video import interpolate_frames
@@ -474,33 +810,96 @@ class SaveVideo:
         return {
             "required": {
                 "frames": ("IMAGE", {"tooltip": "The frames to save (an IMAGE batch)."}),
-                "fps": ("FLOAT", {"default": 8.0, "min": 1.0, "max": 240.0, "step": 0.5, "tooltip": (
-                    "Playback frame rate (connect Generate Video's or Interpolate Frames' fps).")}),
-                "format": (list(FORMATS), {"default": "mp4", "tooltip": (
-                    "mp4: H.264, plays everywhere. webm: VP9, smaller. gif: 256 colours. webp: animated WebP.")}),
-                "filename_prefix": ("STRING", {"default": "video/CharForge", "tooltip": (
-                    "File name prefix inside the output folder; may include a subfolder and %date% style "
-                    "variables like ComfyUI's Save nodes.")}),
-                "quality": ("INT", {"default": 80, "min": 0, "max": 100, "tooltip": (
-                    "0-100. MP4: CRF 35-0.2*q (80 -> 19); WebM: CRF 50-0.25*q; WebP: quality; GIF ignores it.")}),
-                "loop_count": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": (
-                    "GIF / WebP: how often to play (0 = forever).")}),
+                "fps": (
+                    "FLOAT",
+                    {
+                        "default": 8.0,
+                        "min": 1.0,
+                        "max": 240.0,
+                        "step": 0.5,
+                        "tooltip": (
+                            "Playback frame rate (connect Generate Video's or Interpolate Frames' fps)."
+                        ),
+                    },
+                ),
+                "format": (
+                    list(FORMATS),
+                    {
+                        "default": "mp4",
+                        "tooltip": (
+                            "mp4: H.264, plays everywhere. webm: VP9, smaller. gif: 256 colours. webp: animated WebP."
+                        ),
+                    },
+                ),
+                "filename_prefix": (
+                    "STRING",
+                    {
+                        "default": "video/CharForge",
+                        "tooltip": (
+                            "File name prefix inside the output folder; may include a subfolder and %date% style "
+                            "variables like ComfyUI's Save nodes."
+                        ),
+                    },
+                ),
+                "quality": (
+                    "INT",
+                    {
+                        "default": 80,
+                        "min": 0,
+                        "max": 100,
+                        "tooltip": (
+                            "0-100. MP4: CRF 35-0.2*q (80 -> 19); WebM: CRF 50-0.25*q; WebP: quality; GIF ignores it."
+                        ),
+                    },
+                ),
+                "loop_count": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 100,
+                        "tooltip": ("GIF / WebP: how often to play (0 = forever)."),
+                    },
+                ),
             },
             "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
 
-    def save(self, frames, fps=8.0, format="mp4", filename_prefix="video/CharForge", quality=80, loop_count=0,
-             prompt=None, unique_id=None):
+    def save(
+        self,
+        frames,
+        fps=8.0,
+        format="mp4",
+        filename_prefix="video/CharForge",
+        quality=80,
+        loop_count=0,
+        prompt=None,
+        unique_id=None,
+    ):
         if format in ("mp4", "webm"):
             require("av")
         from ..engine.video import save_video
         from ..engine.video.encode import generation_metadata
 
         metadata = generation_metadata({"prompt": prompt}) if prompt else None
-        saved = save_video(frames, bridge.output_directory(), filename_prefix, fps=float(fps), fmt=format,
-                           quality=int(quality), loop=int(loop_count), metadata=metadata)
-        log.info("CharForge: saved %s (%d frames, %dx%d, %g fps)", saved.path, saved.frame_count, saved.width,
-                 saved.height, saved.fps)
+        saved = save_video(
+            frames,
+            bridge.output_directory(),
+            filename_prefix,
+            fps=float(fps),
+            fmt=format,
+            quality=int(quality),
+            loop=int(loop_count),
+            metadata=metadata,
+        )
+        log.info(
+            "CharForge: saved %s (%d frames, %dx%d, %g fps)",
+            saved.path,
+            saved.frame_count,
+            saved.width,
+            saved.height,
+            saved.fps,
+        )
         return {"ui": {"images": [saved.ui_entry()], "animated": [True]}, "result": (saved.path,)}
 
 
@@ -520,4 +919,3 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "CharForgeInterpolateFrames": "Interpolate Frames (CharForge)",
     "CharForgeSaveVideo": "Save Video (CharForge)",
 }
-

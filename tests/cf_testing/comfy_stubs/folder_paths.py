@@ -158,8 +158,11 @@ def get_full_path_or_raise(folder_name, filename):
 
 
 def annotated_filepath(name):
-    for suffix, directory in ((" [output]", output_directory), (" [input]", input_directory),
-                              (" [temp]", temp_directory)):
+    for suffix, directory in (
+        (" [output]", output_directory),
+        (" [input]", input_directory),
+        (" [temp]", temp_directory),
+    ):
         if name.endswith(suffix):
             return name[: -len(suffix)], directory
     return name, None
@@ -181,17 +184,23 @@ def get_save_image_path(filename_prefix, output_dir, image_width=0, image_height
         prefix_len = len(os.path.basename(filename_prefix))
         prefix = filename[: prefix_len + 1]
         try:
-            digits = int(filename[prefix_len + 1:].split("_")[0])
+            digits = int(filename[prefix_len + 1 :].split("_")[0])
         except ValueError:
             digits = 0
         return digits, prefix
 
     if "%" in filename_prefix:
         now = time.localtime()
-        for token, value in (("%width%", image_width), ("%height%", image_height), ("%year%", now.tm_year),
-                             ("%month%", f"{now.tm_mon:02}"), ("%day%", f"{now.tm_mday:02}"),
-                             ("%hour%", f"{now.tm_hour:02}"), ("%minute%", f"{now.tm_min:02}"),
-                             ("%second%", f"{now.tm_sec:02}")):
+        for token, value in (
+            ("%width%", image_width),
+            ("%height%", image_height),
+            ("%year%", now.tm_year),
+            ("%month%", f"{now.tm_mon:02}"),
+            ("%day%", f"{now.tm_mday:02}"),
+            ("%hour%", f"{now.tm_hour:02}"),
+            ("%minute%", f"{now.tm_min:02}"),
+            ("%second%", f"{now.tm_sec:02}"),
+        ):
             filename_prefix = filename_prefix.replace(token, str(value))
     subfolder = os.path.dirname(os.path.normpath(filename_prefix))
     filename = os.path.basename(os.path.normpath(filename_prefix))
@@ -205,10 +214,14 @@ def get_save_image_path(filename_prefix, output_dir, image_width=0, image_height
             f"\n         commonpath: {common}"
         )
     try:
-        counter = max(
-            c for c, p in (counter_of(f) for f in os.listdir(full_output_folder))
-            if os.path.normcase(p[:-1]) == os.path.normcase(filename) and p[-1] == "_"
-        ) + 1
+        counter = (
+            max(
+                c
+                for c, p in (counter_of(f) for f in os.listdir(full_output_folder))
+                if os.path.normcase(p[:-1]) == os.path.normcase(filename) and p[-1] == "_"
+            )
+            + 1
+        )
     except (ValueError, FileNotFoundError):
         os.makedirs(full_output_folder, exist_ok=True)
         counter = 1

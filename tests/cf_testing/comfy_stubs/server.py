@@ -11,6 +11,7 @@ class _Routes:
         def decorator(handler):
             self.registered.append((method, path, handler))
             return handler
+
         return decorator
 
     def get(self, path, **_):

@@ -22,7 +22,9 @@ def folders(tmp_path_factory):
     blip = write_tiny_blip(root / "tiny-blip")
     terms = root / "terms"
     terms.mkdir()
-    (terms / "colours.txt").write_text("# my colours\nred\nblue  # the sky\n\ngreen\nRed\nyellow\n", encoding="utf-8")
+    (terms / "colours.txt").write_text(
+        "# my colours\nred\nblue  # the sky\n\ngreen\nRed\nyellow\n", encoding="utf-8"
+    )
     (terms / "mediums.txt").write_text("a tintype\n", encoding="utf-8")
     tagger = write_tiny_wd14(root / "wd14")
     yield {"clip": clip, "blip": blip, "terms": terms, "wd14": tagger}
@@ -30,8 +32,11 @@ def folders(tmp_path_factory):
 
 
 def _images():
-    return [Image.new("RGB", (48, 32), (250, 10, 10)), Image.new("RGB", (32, 40), (10, 10, 250)),
-            Image.new("RGB", (40, 40), (10, 250, 10))]
+    return [
+        Image.new("RGB", (48, 32), (250, 10, 10)),
+        Image.new("RGB", (32, 40), (10, 10, 250)),
+        Image.new("RGB", (40, 40), (10, 250, 10)),
+    ]
 
 
 def test_term_files_extend_and_add_lists(folders):
@@ -45,8 +50,13 @@ def test_term_files_extend_and_add_lists(folders):
 def test_terms_are_ranked_by_clip_similarity(folders):
     from transformers import CLIPModel, CLIPProcessor
 
-    settings = InterrogatorSettings(lists=("colours", "mediums"), top_k=2, top_k_per_list={"mediums": 1},
-                                    terms_folders=[str(folders["terms"])], device="cpu")
+    settings = InterrogatorSettings(
+        lists=("colours", "mediums"),
+        top_k=2,
+        top_k_per_list={"mediums": 1},
+        terms_folders=[str(folders["terms"])],
+        device="cpu",
+    )
     with ClipInterrogator(str(folders["clip"]), None, settings) as interrogator:
         images = _images()
         ranked = interrogator.rank(images)
@@ -73,10 +83,13 @@ def test_terms_are_ranked_by_clip_similarity(folders):
 
 
 def test_sentence_caption_comes_first(folders):
-    sentence = TransformersCaptioner("blip", str(folders["blip"]), HFSettings(max_new_tokens=4, min_new_tokens=4))
+    sentence = TransformersCaptioner(
+        "blip", str(folders["blip"]), HFSettings(max_new_tokens=4, min_new_tokens=4)
+    )
     alone = sentence.caption(_images()[:2])
-    settings = InterrogatorSettings(lists=("flavours",), top_k_per_list={"flavours": 2}, device="cpu",
-                                    terms_folders=[])
+    settings = InterrogatorSettings(
+        lists=("flavours",), top_k_per_list={"flavours": 2}, device="cpu", terms_folders=[]
+    )
     ClipScorer.clear_cache()
     with ClipInterrogator(str(folders["clip"]), sentence, settings) as interrogator:
         captions = interrogator.caption(_images()[:2])
@@ -95,17 +108,24 @@ def test_sentence_caption_comes_first(folders):
 
 def test_unknown_list_and_missing_clip_are_explained(folders, no_comfy):
     with pytest.raises(CaptionerError, match="unknown term list.*nope.*colours"):
-        ClipInterrogator(str(folders["clip"]), None, InterrogatorSettings(lists=("nope",), device="cpu",
-                                                                          terms_folders=[str(folders["terms"])]))
+        ClipInterrogator(
+            str(folders["clip"]),
+            None,
+            InterrogatorSettings(lists=("nope",), device="cpu", terms_folders=[str(folders["terms"])]),
+        )
     with pytest.raises(CaptionerError, match="clip_vision"):
         ClipInterrogator("no-such-clip", None, InterrogatorSettings(device="cpu"))
 
 
 def test_merge_keeps_order_and_each_term_once():
-    assert merge_captions(["a woman with long hair, smiling", "long_hair, Smiling, blue eyes, woman"]) == \
-        "a woman with long hair, smiling, blue eyes"
-    assert merge_captions(["a woman with long hair", "woman, long hair"], drop_contained=False) == \
-        "a woman with long hair, woman, long hair"
+    assert (
+        merge_captions(["a woman with long hair, smiling", "long_hair, Smiling, blue eyes, woman"])
+        == "a woman with long hair, smiling, blue eyes"
+    )
+    assert (
+        merge_captions(["a woman with long hair", "woman, long hair"], drop_contained=False)
+        == "a woman with long hair, woman, long hair"
+    )
     assert merge_captions(["", "red, red , blue"]) == "red, blue"
 
 
@@ -122,8 +142,14 @@ def test_ensemble_runs_members_in_order(folders):
     assert merged == [merge_captions([s, t]) for s, t in zip(sentences, tags, strict=True)]
     assert merged[0].startswith(sentences[0]) and "red theme" in merged[0]
     assert blip.model is None and tagger._session is None
-    reverse = EnsembleCaptioner([WD14Tagger(str(folders["wd14"])), TransformersCaptioner(
-        "blip", str(folders["blip"]), HFSettings(max_new_tokens=3, min_new_tokens=3))])
+    reverse = EnsembleCaptioner(
+        [
+            WD14Tagger(str(folders["wd14"])),
+            TransformersCaptioner(
+                "blip", str(folders["blip"]), HFSettings(max_new_tokens=3, min_new_tokens=3)
+            ),
+        ]
+    )
     assert reverse.caption(_images()[:1])[0].startswith(tags[0])
     reverse.close()
     with pytest.raises(CaptionerError):

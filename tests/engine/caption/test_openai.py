@@ -23,10 +23,12 @@ def endpoint():
 
 
 def make(endpoint, sleeps=None, **kw):
-    settings = OpenAISettings(base_url=endpoint.url, model="llava", api_key_env="CF_TEST_KEY", timeout=5,
-                              concurrency=1, **kw)
-    return OpenAICompatCaptioner(settings, sleep=(sleeps.append if sleeps is not None else lambda s: None),
-                                 rng=random.Random(0))
+    settings = OpenAISettings(
+        base_url=endpoint.url, model="llava", api_key_env="CF_TEST_KEY", timeout=5, concurrency=1, **kw
+    )
+    return OpenAICompatCaptioner(
+        settings, sleep=(sleeps.append if sleeps is not None else lambda s: None), rng=random.Random(0)
+    )
 
 
 def red():
@@ -36,7 +38,10 @@ def red():
 def test_sends_prompt_and_base64_image_with_key_from_env(endpoint, monkeypatch):
     monkeypatch.setenv("CF_TEST_KEY", SECRET)
     cap = make(endpoint, prompt="Describe.", system_prompt="Be brief.")
-    assert cap.caption([red(), Image.new("RGB", (20, 20), (0, 0, 255))]) == ["A red square.", "A blue square."]
+    assert cap.caption([red(), Image.new("RGB", (20, 20), (0, 0, 255))]) == [
+        "A red square.",
+        "A blue square.",
+    ]
     first = endpoint.requests[0]
     assert first["path"] == "/v1/chat/completions"
     assert first["auth"] == f"Bearer {SECRET}"
@@ -55,8 +60,11 @@ def test_no_key_variable_sends_no_authorization(endpoint, monkeypatch):
 
 
 def test_429_with_retry_after_then_success(endpoint):
-    endpoint.script = [(429, {"error": {"message": "slow down"}}, {"Retry-After": "3"}),
-                       (503, {"error": "busy"}, {}), "caption"]
+    endpoint.script = [
+        (429, {"error": {"message": "slow down"}}, {"Retry-After": "3"}),
+        (503, {"error": "busy"}, {}),
+        "caption",
+    ]
     sleeps = []
     cap = make(endpoint, sleeps, base_delay=0.5, max_delay=30)
     assert cap.caption([red()]) == ["A red square."]
@@ -85,8 +93,19 @@ def test_client_errors_fail_at_once_without_leaking_the_key(endpoint, monkeypatc
 
 
 def test_refusals_give_empty_captions_and_a_note(endpoint):
-    endpoint.script = ["refuse", (200, {"choices": [{"message": {"content": "I'm sorry, I can't describe this."},
-                                                     "finish_reason": "stop"}]}, {}), "caption"]
+    endpoint.script = [
+        "refuse",
+        (
+            200,
+            {
+                "choices": [
+                    {"message": {"content": "I'm sorry, I can't describe this."}, "finish_reason": "stop"}
+                ]
+            },
+            {},
+        ),
+        "caption",
+    ]
     cap = make(endpoint)
     assert cap.caption([red(), red(), red()]) == ["", "", "A red square."]
     assert any("refused 2" in n for n in cap.notes())
@@ -94,5 +113,7 @@ def test_refusals_give_empty_captions_and_a_note(endpoint):
 
 def test_concurrent_requests_keep_the_order(endpoint):
     images = [Image.new("RGB", (16, 16), (255, 0, 0) if i % 2 else (0, 0, 255)) for i in range(6)]
-    cap = OpenAICompatCaptioner(OpenAISettings(base_url=endpoint.url, model="m", api_key_env="", concurrency=3))
+    cap = OpenAICompatCaptioner(
+        OpenAISettings(base_url=endpoint.url, model="m", api_key_env="", concurrency=3)
+    )
     assert cap.caption(images) == ["A blue square.", "A red square."] * 3

@@ -72,17 +72,26 @@ def _json(status, payload):
 def _no_key_anywhere(text: str) -> None:
     assert KEY not in text
     for size in (8, 12, 20):  # no long fragment of it either (a key cut in half is still a leak)
-        assert all(KEY[i:i + size] not in text for i in range(len(KEY) - size + 1)), text
+        assert all(KEY[i : i + size] not in text for i in range(len(KEY) - size + 1)), text
 
 
 def _caption(server, **kw):
-    settings = OpenAISettings(base_url=server.url, model="m", api_key_env="CF_SECRET_KEY", timeout=5,
-                              concurrency=1, max_retries=1, **kw)
+    settings = OpenAISettings(
+        base_url=server.url,
+        model="m",
+        api_key_env="CF_SECRET_KEY",
+        timeout=5,
+        concurrency=1,
+        max_retries=1,
+        **kw,
+    )
     return OpenAICompatCaptioner(settings, sleep=lambda s: None, rng=random.Random(0))
 
 
 def _splitter(server):
-    settings = LLMSettings(base_url=server.url, model="m", api_key_env="CF_SECRET_KEY", timeout=5, max_retries=1)
+    settings = LLMSettings(
+        base_url=server.url, model="m", api_key_env="CF_SECRET_KEY", timeout=5, max_retries=1
+    )
     return SceneSplitter(settings, sleep=lambda s: None, rng=random.Random(0))
 
 
@@ -120,7 +129,9 @@ def test_non_json_answers_are_described_not_quoted(server):
     server.script = [(200, f"<html>proxy login for {KEY}</html>".encode(), "text/html")]
     with pytest.raises(SceneSplitError) as info:
         _splitter(server).split("she sails to the island")
-    assert "not JSON" in str(info.value) and "text/html" in str(info.value) and "<html>" not in str(info.value)
+    assert (
+        "not JSON" in str(info.value) and "text/html" in str(info.value) and "<html>" not in str(info.value)
+    )
     _no_key_anywhere(str(info.value))
     server.script = [(403, f"<html>denied {KEY}</html>".encode(), "text/html")]
     with pytest.raises(SceneSplitError) as info:
@@ -145,8 +156,9 @@ def test_url_password_is_sent_as_basic_auth_and_masked_everywhere(monkeypatch):
     try:
         password = "hunter2-very-secret"
         fake.script = [_json(401, {"error": {"message": f"user alice with {password} refused"}})]
-        client = ChatClient(f"http://alice:{password}@127.0.0.1:{fake.port}/v1", "CF_NO_KEY", timeout=5,
-                            max_retries=0)
+        client = ChatClient(
+            f"http://alice:{password}@127.0.0.1:{fake.port}/v1", "CF_NO_KEY", timeout=5, max_retries=0
+        )
         with pytest.raises(EndpointError) as info:
             client.complete({"model": "m", "messages": []})
         assert fake.auth[0].startswith("Basic ")

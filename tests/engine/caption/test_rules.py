@@ -51,7 +51,9 @@ def test_trigger_inside_template_part_is_that_part_first():
 
 
 def test_keep_tokens_follow_the_trigger_in_order():
-    out = apply_rules("red hat, woman, smiling, solo", rules(template="{caption}", keep_tokens=["solo", "woman"]))
+    out = apply_rules(
+        "red hat, woman, smiling, solo", rules(template="{caption}", keep_tokens=["solo", "woman"])
+    )
     assert out.text == "ohwx, solo, woman, red hat, smiling"
     assert out.protected == 3
 
@@ -105,8 +107,10 @@ def test_approximation_counts_long_words_and_punctuation():
 
 
 def test_long_protected_part_is_cut_by_words():
-    out = apply_rules("one two three four five six seven eight nine ten", rules(template="{trigger} {caption}",
-                                                                                max_tokens=5))
+    out = apply_rules(
+        "one two three four five six seven eight nine ten",
+        rules(template="{trigger} {caption}", max_tokens=5),
+    )
     assert out.text == "ohwx one two three four" and out.truncated
 
 
@@ -117,7 +121,9 @@ def clip_tokenizer_dir(tmp_path_factory):
 
 def test_limit_in_real_clip_tokens(clip_tokenizer_dir):
     tok = load_tokenizer(clip_tokenizer_dir)
-    caption = "a woman with long brown hair, wearing a red dress, standing in a sunny park, smiling at the camera"
+    caption = (
+        "a woman with long brown hair, wearing a red dress, standing in a sunny park, smiling at the camera"
+    )
     full = apply_rules(caption, rules(template="{caption}", tokenizer=clip_tokenizer_dir))
     assert full.exact_count and not full.truncated
     assert full.tokens == len(tok(full.text, add_special_tokens=False)["input_ids"])

@@ -77,13 +77,18 @@ def test_sidecars_never_go_next_to_source_photos(tmp_path, photos):
         assert sidecar_path(ds, entry) == tmp_path / "ds" / "captions" / f"{entry.id}.txt"
     run = caption_dataset(ds, FakeCaptioner(), CaptionRules(trigger="ohwx"), mode="overwrite")
     assert _snapshot(photos) == before  # the photo folder is untouched
-    assert sorted(p.name for p in (tmp_path / "ds" / "captions").iterdir()) == ["0001.txt", "0002.txt", "0003.txt"]
+    assert sorted(p.name for p in (tmp_path / "ds" / "captions").iterdir()) == [
+        "0001.txt",
+        "0002.txt",
+        "0003.txt",
+    ]
     assert len(run.captioned) == 3
 
 
 def test_sidecars_next_to_cropped_working_files(tmp_path, photos):
-    ds = crop_dataset(load_folder(photos, tmp_path / "ds"), CropSettings(bucket_set="sd15", square=True,
-                                                                       upscale=True))
+    ds = crop_dataset(
+        load_folder(photos, tmp_path / "ds"), CropSettings(bucket_set="sd15", square=True, upscale=True)
+    )
     run = caption_dataset(ds, FakeCaptioner(), CaptionRules(trigger="ohwx"), mode="overwrite")
     for entry in run.manifest.accepted:
         assert os.path.dirname(entry.file) != str(photos)
@@ -152,8 +157,13 @@ def test_augmented_copies_share_their_originals_new_caption(tmp_path, photos):
 def test_progress_per_image_and_bad_mode(tmp_path, photos):
     ds = load_folder(photos, tmp_path / "ds", read_captions=False)
     seen = []
-    caption_dataset(ds, FakeCaptioner(batch_size=2), CaptionRules(), mode="overwrite",
-                    on_image=lambda d, t: seen.append((d, t)))
+    caption_dataset(
+        ds,
+        FakeCaptioner(batch_size=2),
+        CaptionRules(),
+        mode="overwrite",
+        on_image=lambda d, t: seen.append((d, t)),
+    )
     assert seen == [(1, 3), (2, 3), (3, 3)]
     with pytest.raises(ValueError, match="skip existing"):
         caption_dataset(ds, FakeCaptioner(), CaptionRules(), mode="replace")
@@ -168,6 +178,8 @@ def test_loading_a_folder_reads_sidecars_through_the_one_sidecar_reader(tmp_path
     (tmp_path / "a.txt").write_text("\n  ohwx, smiling  \n", encoding="utf-8")
     assert read_caption(tmp_path / "a.png") == "ohwx, smiling"
     seen = []
-    monkeypatch.setattr(sidecars, "read_sidecar", lambda path: seen.append(Path(path).name) or "from the one reader")
+    monkeypatch.setattr(
+        sidecars, "read_sidecar", lambda path: seen.append(Path(path).name) or "from the one reader"
+    )
     assert read_caption(tmp_path / "a.png") == "from the one reader"
     assert seen == ["a.txt"]

@@ -32,8 +32,12 @@ def models_dir(no_comfy, tiny_models, monkeypatch):
 
 
 def _images():
-    return [Image.new("RGB", (40, 30), (255, 0, 0)), Image.new("RGB", (30, 50), (0, 0, 255)),
-            Image.new("RGBA", (64, 64), (0, 200, 0, 128)), Image.new("L", (20, 20), 90)]
+    return [
+        Image.new("RGB", (40, 30), (255, 0, 0)),
+        Image.new("RGB", (30, 50), (0, 0, 255)),
+        Image.new("RGBA", (64, 64), (0, 200, 0, 128)),
+        Image.new("L", (20, 20), 90),
+    ]
 
 
 def test_saved_in_the_real_on_disk_format(tiny_models):
@@ -86,16 +90,22 @@ def test_max_tokens_limits_the_caption(tiny_models):
     with TransformersCaptioner("blip", str(tiny_models["blip"]), HFSettings(max_new_tokens=2)) as short:
         words = short.caption(_images()[:1])[0].split()
     assert 1 <= len(words) <= 2
-    assert all(w.lstrip("#") in {x.lstrip("#") for x in BLIP_WORDS} for w in words)  # decoded from the vocabulary
+    assert all(
+        w.lstrip("#") in {x.lstrip("#") for x in BLIP_WORDS} for w in words
+    )  # decoded from the vocabulary
 
 
 def test_blip_prompt_and_florence_tasks(tiny_models):
-    with TransformersCaptioner("blip", str(tiny_models["blip"]), HFSettings(prompt="a photo of", max_new_tokens=3)) as c:
+    with TransformersCaptioner(
+        "blip", str(tiny_models["blip"]), HFSettings(prompt="a photo of", max_new_tokens=3)
+    ) as c:
         ids = c._inputs(_images()[:1])["input_ids"][0].tolist()
         assert c.processor.tokenizer.decode(ids, skip_special_tokens=True) == "a photo of"
         assert c.caption(_images()[:1])[0].startswith("a photo of")
-    for task, words in (("<CAPTION>", "what does the image describe?"),
-                        ("<MORE_DETAILED_CAPTION>", "describe with a paragraph")):
+    for task, words in (
+        ("<CAPTION>", "what does the image describe?"),
+        ("<MORE_DETAILED_CAPTION>", "describe with a paragraph"),
+    ):
         with TransformersCaptioner("florence2", str(tiny_models["florence2"]), HFSettings(task=task)) as c:
             ids = c._inputs(_images()[:1])["input_ids"][0].tolist()
             assert words in c.processor.tokenizer.decode(ids, skip_special_tokens=True).lower()
@@ -128,7 +138,9 @@ def test_opt_in_download_uses_the_hub_into_the_model_folder(models_dir, tiny_mod
         resolve_model("blip", "Salesforce/blip-image-captioning-base")
     assert calls == []  # never without consent
     folder = resolve_model("blip", "Salesforce/blip-image-captioning-base", allow_download=True)
-    assert calls == [("Salesforce/blip-image-captioning-base", str(models_dir / "blip" / "blip-image-captioning-base"))]
+    assert calls == [
+        ("Salesforce/blip-image-captioning-base", str(models_dir / "blip" / "blip-image-captioning-base"))
+    ]
     assert folder == models_dir / "blip" / "blip-image-captioning-base"
     # Second time: found on disk under the repository's name, no download.
     assert resolve_model("blip", "Salesforce/blip-image-captioning-base", allow_download=True) == folder

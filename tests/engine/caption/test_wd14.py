@@ -78,8 +78,12 @@ def test_tags_from_the_real_onnx_model(tagger_dir):
 
 
 def test_thresholds_exclusions_and_options(tagger_dir):
-    strict = WD14Tagger("tiny-tagger", WD14Settings(character_threshold=0.95, general_threshold=0.6,
-                                                    replace_underscore=False, include_rating=True))
+    strict = WD14Tagger(
+        "tiny-tagger",
+        WD14Settings(
+            character_threshold=0.95, general_threshold=0.6, replace_underscore=False, include_rating=True
+        ),
+    )
     assert strict.caption([square(GREEN)]) == ["general"]  # hero 0.91 < 0.95; ^_^ 0.5 < 0.6; best rating
     assert strict.caption([square(BLUE)]) == ["blue_sky, general"]
     excluded = WD14Tagger("tiny-tagger", WD14Settings(exclude_tags=["blue_sky", "^_^"]))
@@ -89,8 +93,10 @@ def test_thresholds_exclusions_and_options(tagger_dir):
 def test_probabilities_match_a_numpy_reimplementation(no_comfy):
     onnx_path = write_tiny_wd14(no_comfy / "rand", designed=False, seed=3)
     tagger = WD14Tagger(str(onnx_path))
-    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (30, 50, 3), dtype=np.uint8))
-              for i in range(3)]
+    images = [
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (30, 50, 3), dtype=np.uint8))
+        for i in range(3)
+    ]
     got = tagger.probabilities(images)
     import onnx
     from onnx import numpy_helper
@@ -117,5 +123,7 @@ def test_csv_of_another_model_is_refused(no_comfy):
 
 def test_best_providers_prefers_gpu_and_ends_with_cpu():
     assert best_providers(["CPUExecutionProvider", "CUDAExecutionProvider"]) == [
-        "CUDAExecutionProvider", "CPUExecutionProvider"]
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
     assert best_providers(["AzureExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]

@@ -128,7 +128,7 @@ def test_perceptual_hashes_match_copies_and_separate_photos():
         assert hamming(phash(photo), phash(copy)) <= 4
         assert hamming(dhash(photo), dhash(copy)) <= 6
         assert hamming(phash(photo), phash(cv2.GaussianBlur(photo, (0, 0), 3))) <= 6
-    distances = [hamming(phash(a), phash(b)) for i, a in enumerate(photos) for b in photos[i + 1:]]
+    distances = [hamming(phash(a), phash(b)) for i, a in enumerate(photos) for b in photos[i + 1 :]]
     assert min(distances) > 12, distances
     assert len(phash(photos[0])) == 16 and int(phash(photos[0]), 16) >= 0
 
@@ -147,8 +147,10 @@ def test_grouping_is_transitive_and_respects_the_threshold():
 def test_bucket_lists():
     sdxl = bucket_list("sdxl")
     assert (1024, 1024) in sdxl and (832, 1216) in sdxl and (1216, 832) in sdxl and (896, 1152) in sdxl
-    assert all(w % 64 == 0 and h % 64 == 0 and w * h <= 1024 * 1024 and w * h > 0.85 * 1024 * 1024 / 1.2
-               for w, h in sdxl)
+    assert all(
+        w % 64 == 0 and h % 64 == 0 and w * h <= 1024 * 1024 and w * h > 0.85 * 1024 * 1024 / 1.2
+        for w, h in sdxl
+    )
     sd15 = bucket_list("sd15")
     assert (512, 512) in sd15 and all(w * h <= 512 * 512 for w, h in sd15)
     assert closest_bucket(4000, 3000, sdxl) == (1152, 896)
@@ -181,13 +183,21 @@ def test_face_crop_keeps_headroom_and_stays_inside():
 
 def test_manifest_round_trip_keeps_everything(tmp_path):
     folder = tmp_path / "ds"
-    entry = ImageEntry(id="0001", source="/photos/a.jpg", file=str(folder / "crops-x" / "0001.png"), width=832,
-                       height=1216, sha256="ab" * 32, caption="ohwx, smiling", faces=FaceInfo(1, 1, [1, 2, 3, 4],
-                                                                                               0.9, 2.0))
+    entry = ImageEntry(
+        id="0001",
+        source="/photos/a.jpg",
+        file=str(folder / "crops-x" / "0001.png"),
+        width=832,
+        height=1216,
+        sha256="ab" * 32,
+        caption="ohwx, smiling",
+        faces=FaceInfo(1, 1, [1, 2, 3, 4], 0.9, 2.0),
+    )
     entry.reject("blurry: sharpness 3 < 50")
     entry.flag("EXIF orientation 6 applied")
-    manifest = DatasetManifest(name="ds", folder=str(folder), entries=[entry], detector="mtcnn",
-                               duplicate_groups=[["0001", "0002"]])
+    manifest = DatasetManifest(
+        name="ds", folder=str(folder), entries=[entry], detector="mtcnn", duplicate_groups=[["0001", "0002"]]
+    )
     manifest.record("analyse", {"face_detector": "mtcnn"}, "1 image(s) measured")
     path = manifest.save()
     data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -217,8 +227,10 @@ def test_names_and_captions():
     with pytest.raises(ValueError, match="trigger"):
         subject_folder_name(10, " ", "")
     entry = ImageEntry(id="1", source="a", file="a", caption="a photo of a woman, ohwx, smiling\nline two")
-    assert caption_for(entry, "ohwx", "woman", "caption, trigger first") == \
-        "ohwx, a photo of a woman, smiling line two"
+    assert (
+        caption_for(entry, "ohwx", "woman", "caption, trigger first")
+        == "ohwx, a photo of a woman, smiling line two"
+    )
     assert caption_for(entry, "ohwx", "woman", "trigger and class only") == "ohwx, woman"
     entry.caption = None
     assert caption_for(entry, "ohwx", "woman", "caption as is") == "ohwx, woman"
@@ -302,7 +314,9 @@ def drawn_face(size: int = 400) -> np.ndarray:
         cv2.circle(img, (c + dx, c - 10), 8, (60, 40, 30), -1)
         cv2.circle(img, (c + dx, c - 10), 4, (10, 10, 10), -1)
         cv2.line(img, (c + dx - 22, c - 35), (c + dx + 22, c - 38), (70, 50, 40), 5)
-    cv2.polylines(img, [np.array([[c, c - 5], [c - 14, c + 40], [c + 14, c + 40]])], False, (180, 120, 100), 3)
+    cv2.polylines(
+        img, [np.array([[c, c - 5], [c - 14, c + 40], [c + 14, c + 40]])], False, (180, 120, 100), 3
+    )
     cv2.ellipse(img, (c, c + 70), (35, 12), 0, 0, 180, (160, 60, 60), -1)
     return cv2.GaussianBlur(img, (0, 0), 2)
 

@@ -23,14 +23,24 @@ SIDE = 13000
 
 def bomb_png(path: Path, side: int = SIDE) -> Path:
     """A 1-bit greyscale PNG of side x side white pixels, written row by row (about 20 KB on disk)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     row = b"\x00" + b"\xff" * ((side + 7) // 8)
     packer = zlib.compressobj(9)
     body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
-                     + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", body)
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -60,7 +70,11 @@ def test_dataset_report_shows_too_large(bomb, tmp_path):
     manifest = load_folder(photos, tmp_path / "ds", workers=2)
     by_name = {e.name: e for e in manifest.entries}
     assert by_name["fine.png"].rejected == []
-    assert by_name["bomb.png"].rejected[0].startswith(f"too large: {SIDE} x {SIDE} (169.0 MP; the limit is 50 MP")
+    assert (
+        by_name["bomb.png"]
+        .rejected[0]
+        .startswith(f"too large: {SIDE} x {SIDE} (169.0 MP; the limit is 50 MP")
+    )
     out = write_report(manifest, thumb_size=64, workers=2)
     data = json.loads(Path(out["json"]).read_text(encoding="utf-8"))
     assert data["rejection_reasons"] == {"too large": 1}
@@ -80,7 +94,7 @@ import cv2, numpy, PIL.Image  # imported first, so that import memory counts in 
 from charforge.engine.dataset import analyse, load_folder, write_report
 from charforge.engine.dataset.analyse import measure_entry
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-manifest = analyse(load_folder({str(photos)!r}, {str(tmp_path / 'ds')!r}, workers=2), None, workers=2)
+manifest = analyse(load_folder({str(photos)!r}, {str(tmp_path / "ds")!r}, workers=2), None, workers=2)
 assert measure_entry(manifest.entries[0], None).error.startswith("too large")  # a stage that does not skip it
 write_report(manifest, thumb_size=64, workers=2)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

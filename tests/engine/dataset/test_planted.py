@@ -54,16 +54,21 @@ class MarkerFaces:
             x, y, w, h, area = stats[label]
             if area < 150 or h < 1.2 * w:  # not a face, or a face lying on its side
                 continue
-            inside = rgb[y:y + h, x + w // 4:x + 3 * w // 4].min(axis=2)
+            inside = rgb[y : y + h, x + w // 4 : x + 3 * w // 4].min(axis=2)
             embedding = np.zeros(512, dtype=np.float32)
             embedding[1 if (inside > 220).mean() > 0.02 else 0] = 1.0
-            faces.append(Face(box=(float(x), float(y), float(x + w), float(y + h)), score=0.99, embedding=embedding))
+            faces.append(
+                Face(box=(float(x), float(y), float(x + w), float(y + h)), score=0.99, embedding=embedding)
+            )
         return sorted(faces, key=lambda f: -f.area)
 
 
 def _tree_hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -97,25 +102,70 @@ def pipeline(planted, tmp_path_factory):
     before = _tree_hashes(planted)
     try:
         runs = {}
-        runs["load"] = run_node(LoadDataset, folder=str(planted), name="élodie test", recursive=False,
-                                read_captions=True, workers=2)
+        runs["load"] = run_node(
+            LoadDataset,
+            folder=str(planted),
+            name="élodie test",
+            recursive=False,
+            read_captions=True,
+            workers=2,
+        )
         dataset = runs["load"].result[0]
-        runs["analyse"] = run_node(AnalyseDataset, dataset=dataset, face_detector="none", insightface_pack="",
-                                   workers=2, face_models=MarkerFaces())
-        runs["filter"] = run_node(FilterDataset, dataset=runs["analyse"].result[0], min_side=512,
-                                  min_sharpness=50.0, min_brightness=0.1, max_brightness=0.92, min_contrast=0.03,
-                                  require_face=True, max_people=1, min_face_size=64, max_identity_distance=0.6)
-        runs["dedup"] = run_node(DeduplicateDataset, dataset=runs["filter"].result[0], threshold=8, hash="phash",
-                                 workers=2)
-        runs["crop"] = run_node(CropDataset, dataset=runs["dedup"].result[0], buckets="sdxl", mode="face",
-                                headroom=0.15, square=False, upscale=False, format="png", workers=2)
-        runs["augment"] = run_node(AugmentDataset, dataset=runs["crop"].result[0], flip=True, color_jitter=0.0,
-                                   seed=0, workers=2)
-        runs["export"] = run_node(ExportDataset, dataset=runs["augment"].result[0], trigger="ohwx",
-                                  class_tokens="woman", repeats=10, export_name="kohya",
-                                  caption_mode="caption, trigger first")
-        runs["report"] = run_node(DatasetReport, dataset=runs["export"].result[0], trigger="", thumbnail_size=128,
-                                  per_sheet=48, workers=2)
+        runs["analyse"] = run_node(
+            AnalyseDataset,
+            dataset=dataset,
+            face_detector="none",
+            insightface_pack="",
+            workers=2,
+            face_models=MarkerFaces(),
+        )
+        runs["filter"] = run_node(
+            FilterDataset,
+            dataset=runs["analyse"].result[0],
+            min_side=512,
+            min_sharpness=50.0,
+            min_brightness=0.1,
+            max_brightness=0.92,
+            min_contrast=0.03,
+            require_face=True,
+            max_people=1,
+            min_face_size=64,
+            max_identity_distance=0.6,
+        )
+        runs["dedup"] = run_node(
+            DeduplicateDataset, dataset=runs["filter"].result[0], threshold=8, hash="phash", workers=2
+        )
+        runs["crop"] = run_node(
+            CropDataset,
+            dataset=runs["dedup"].result[0],
+            buckets="sdxl",
+            mode="face",
+            headroom=0.15,
+            square=False,
+            upscale=False,
+            format="png",
+            workers=2,
+        )
+        runs["augment"] = run_node(
+            AugmentDataset, dataset=runs["crop"].result[0], flip=True, color_jitter=0.0, seed=0, workers=2
+        )
+        runs["export"] = run_node(
+            ExportDataset,
+            dataset=runs["augment"].result[0],
+            trigger="ohwx",
+            class_tokens="woman",
+            repeats=10,
+            export_name="kohya",
+            caption_mode="caption, trigger first",
+        )
+        runs["report"] = run_node(
+            DatasetReport,
+            dataset=runs["export"].result[0],
+            trigger="",
+            thumbnail_size=128,
+            per_sheet=48,
+            workers=2,
+        )
         yield {"runs": runs, "base": base, "before": before, "planted": planted}
     finally:
         sys.path.remove(str(STUBS_DIR))
@@ -132,8 +182,18 @@ EXPECTED_REJECTIONS = {
     "group.jpg": "several people",
     "someone_else.jpg": "different person",
 }
-EXPECTED_ACCEPTED = {"good_03.jpg", "good_04.jpg", "good_05.jpg", "good_06.jpg",
-                     "Élodie_été_写真.jpg", "alpha.png", "palette.png", "grey.png", "grey16.png", "rotated.jpg"}
+EXPECTED_ACCEPTED = {
+    "good_03.jpg",
+    "good_04.jpg",
+    "good_05.jpg",
+    "good_06.jpg",
+    "Élodie_été_写真.jpg",
+    "alpha.png",
+    "palette.png",
+    "grey.png",
+    "grey16.png",
+    "rotated.jpg",
+}
 
 
 def test_each_planted_problem_is_caught_with_its_reason(pipeline):
@@ -144,8 +204,10 @@ def test_each_planted_problem_is_caught_with_its_reason(pipeline):
         assert reasons[name][0].startswith(expected), (name, reasons[name])
     # Exactly one photo of each duplicate pair survives, and the other names it.
     kept = set()
-    for pair, reason in (({"good_01.jpg", "good_01 copy.jpg"}, "exact duplicate of {}"),
-                         ({"good_02.jpg", "good_02_resized.jpg"}, "near duplicate of {} (hash distance")):
+    for pair, reason in (
+        ({"good_01.jpg", "good_01 copy.jpg"}, "exact duplicate of {}"),
+        ({"good_02.jpg", "good_02_resized.jpg"}, "near duplicate of {} (hash distance"),
+    ):
         dropped = [n for n in pair if reasons[n]]
         assert len(dropped) == 1, (pair, [reasons[n] for n in pair])
         survivor = (pair - set(dropped)).pop()
@@ -238,9 +300,13 @@ def test_contact_sheet_and_reports(pipeline):
     assert reasons["unreadable image"] == 1 and reasons["blurry"] == 1 and reasons["too small"] == 1
     assert reasons["no face"] == 1 and reasons["several people"] == 1 and reasons["different person"] == 1
     assert reasons["exact duplicate"] == 1 and reasons["near duplicate"] == 1
-    assert len(data["duplicate_groups"]) == 2 and {g["kept"] for g in data["duplicate_groups"]} >= {"good_02.jpg"}
+    assert len(data["duplicate_groups"]) == 2 and {g["kept"] for g in data["duplicate_groups"]} >= {
+        "good_02.jpg"
+    }
     assert sum(data["buckets"].values()) == counts["accepted"]
-    assert data["trigger"]["word"] == "ohwx" and data["trigger"]["in_captions"] == 2  # unicode photo + its flip
+    assert (
+        data["trigger"]["word"] == "ohwx" and data["trigger"]["in_captions"] == 2
+    )  # unicode photo + its flip
     assert data["captions"]["with_caption"] == 2
     html = Path(html_path).read_text(encoding="utf-8")
     assert "Élodie_été_写真.jpg" in html and "contact_sheet_001.png" in html
@@ -252,35 +318,84 @@ def test_reexport_is_idempotent(pipeline):
     train_dir = Path(pipeline["runs"]["export"].result[1])
     before = _tree_hashes(train_dir.parent)
     mtimes = {p: p.stat().st_mtime_ns for p in train_dir.rglob("*") if p.is_file()}
-    again = run_node(ExportDataset, dataset=dataset, trigger="ohwx", class_tokens="woman", repeats=10,
-                     export_name="kohya", caption_mode="caption, trigger first")
+    again = run_node(
+        ExportDataset,
+        dataset=dataset,
+        trigger="ohwx",
+        class_tokens="woman",
+        repeats=10,
+        export_name="kohya",
+        caption_mode="caption, trigger first",
+    )
     assert "0 written" in again.result[2] and "0 stale" in again.result[2]
     assert _tree_hashes(train_dir.parent) == before
     assert {p: p.stat().st_mtime_ns for p in train_dir.rglob("*") if p.is_file()} == mtimes
     # A new trigger renames the folder: the old one is removed, nothing stale is left behind.
-    renamed = run_node(ExportDataset, dataset=dataset, trigger="sks", class_tokens="woman", repeats=5,
-                       export_name="kohya", caption_mode="caption, trigger first")
+    renamed = run_node(
+        ExportDataset,
+        dataset=dataset,
+        trigger="sks",
+        class_tokens="woman",
+        repeats=5,
+        export_name="kohya",
+        caption_mode="caption, trigger first",
+    )
     assert [p.name for p in train_dir.iterdir()] == ["5_sks woman"]
     assert "stale" in renamed.result[2]
-    run_node(ExportDataset, dataset=dataset, trigger="ohwx", class_tokens="woman", repeats=10,
-             export_name="kohya", caption_mode="caption, trigger first")
+    run_node(
+        ExportDataset,
+        dataset=dataset,
+        trigger="ohwx",
+        class_tokens="woman",
+        repeats=10,
+        export_name="kohya",
+        caption_mode="caption, trigger first",
+    )
     assert _tree_hashes(train_dir.parent) == before
 
 
 def test_filters_that_reject_everything_give_an_empty_dataset(pipeline):
     analysed = pipeline["runs"]["analyse"].result[0]
-    run = run_node(FilterDataset, dataset=analysed, min_side=8000, min_sharpness=50.0, min_brightness=0.1,
-                   max_brightness=0.92, min_contrast=0.03, require_face=True, max_people=1, min_face_size=64,
-                   max_identity_distance=0.6)
+    run = run_node(
+        FilterDataset,
+        dataset=analysed,
+        min_side=8000,
+        min_sharpness=50.0,
+        min_brightness=0.1,
+        max_brightness=0.92,
+        min_contrast=0.03,
+        require_face=True,
+        max_people=1,
+        min_face_size=64,
+        max_identity_distance=0.6,
+    )
     empty, accepted, summary = run.result
     assert accepted == 0 and empty.accepted == []
     assert "Nothing passed" in summary and "too small" in summary
-    cropped = run_node(CropDataset, dataset=empty, buckets="sd15", mode="centre", headroom=0.1, square=True,
-                       upscale=False, format="jpg", workers=1).result[0]
-    export = run_node(ExportDataset, dataset=cropped, trigger="ohwx", class_tokens="woman", repeats=1,
-                      export_name="empty", caption_mode="caption as is")
+    cropped = run_node(
+        CropDataset,
+        dataset=empty,
+        buckets="sd15",
+        mode="centre",
+        headroom=0.1,
+        square=True,
+        upscale=False,
+        format="jpg",
+        workers=1,
+    ).result[0]
+    export = run_node(
+        ExportDataset,
+        dataset=cropped,
+        trigger="ohwx",
+        class_tokens="woman",
+        repeats=1,
+        export_name="empty",
+        caption_mode="caption as is",
+    )
     assert export.result[2].startswith("0 image(s) exported")
-    report = run_node(DatasetReport, dataset=cropped, trigger="ohwx", thumbnail_size=64, per_sheet=100, workers=1)
+    report = run_node(
+        DatasetReport, dataset=cropped, trigger="ohwx", thumbnail_size=64, per_sheet=100, workers=1
+    )
     assert report.result[0].shape[0] == 1
     # The manifest the filter was given is unchanged (ComfyUI shares node outputs between consumers).
     assert analysed.accepted and len(analysed.accepted) > 0
@@ -294,28 +409,50 @@ def test_cache_shared_inputs_are_not_mutated(pipeline):
 
 
 def test_progress_is_reported_per_image_and_cancel_stops(comfy_env, planted):
-    run = run_node(LoadDataset, node_id="7", folder=str(planted), name="progress", recursive=False,
-                   read_captions=False, workers=1)
+    run = run_node(
+        LoadDataset,
+        node_id="7",
+        folder=str(planted),
+        name="progress",
+        recursive=False,
+        read_captions=False,
+        workers=1,
+    )
     dataset = run.result[0]
     comfy_env.progress.clear()
-    run_node(AnalyseDataset, node_id="8", dataset=dataset, face_detector="none", insightface_pack="", workers=2)
+    run_node(
+        AnalyseDataset, node_id="8", dataset=dataset, face_detector="none", insightface_pack="", workers=2
+    )
     readable = len([e for e in dataset.entries if e.accepted])
     assert [c.value for c in comfy_env.progress] == list(range(1, readable + 1))
     assert {c.node_id for c in comfy_env.progress} == {"8"}
     comfy_env.progress.clear()
     comfy_env.interrupt()
     with pytest.raises(comfy_env.model_management.InterruptProcessingException):
-        run_node(AnalyseDataset, node_id="8", dataset=dataset, face_detector="none", insightface_pack="", workers=2)
+        run_node(
+            AnalyseDataset, node_id="8", dataset=dataset, face_detector="none", insightface_pack="", workers=2
+        )
     assert comfy_env.progress == []
 
 
 def test_load_images_from_other_nodes(comfy_env):
     import torch
 
-    batch = torch.from_numpy(np.stack([synthetic_photo(40, size=(320, 256)),
-                                       synthetic_photo(41, size=(320, 256))]).astype(np.float32) / 255.0)
-    run = run_node(LoadDataset, folder="", name="from nodes", recursive=False, read_captions=True, workers=1,
-                   images=batch)
+    batch = torch.from_numpy(
+        np.stack([synthetic_photo(40, size=(320, 256)), synthetic_photo(41, size=(320, 256))]).astype(
+            np.float32
+        )
+        / 255.0
+    )
+    run = run_node(
+        LoadDataset,
+        folder="",
+        name="from nodes",
+        recursive=False,
+        read_captions=True,
+        workers=1,
+        images=batch,
+    )
     dataset, count, _ = run.result
     assert count == 2
     for entry in dataset.entries:
@@ -323,8 +460,15 @@ def test_load_images_from_other_nodes(comfy_env):
         with Image.open(entry.source) as img:
             assert img.size == (320, 256)
     # The same images again are the same files.
-    again = run_node(LoadDataset, folder="", name="from nodes", recursive=False, read_captions=True, workers=1,
-                     images=batch).result[0]
+    again = run_node(
+        LoadDataset,
+        folder="",
+        name="from nodes",
+        recursive=False,
+        read_captions=True,
+        workers=1,
+        images=batch,
+    ).result[0]
     assert [e.source for e in again.entries] == [e.source for e in dataset.entries]
     assert len(os.listdir(Path(dataset.folder) / "inputs")) == 2
 

@@ -41,7 +41,7 @@ def test_kohya_dataset_toml_stays_valid_with_control_characters(tmp_path):
     from charforge.engine.dataset.export import dataset_toml
     from charforge.engine.dataset.manifest import DatasetManifest
 
-    folder = tmp_path / "odd\nfolder \"quoted\" \\ back"
+    folder = tmp_path / 'odd\nfolder "quoted" \\ back'
     text = dataset_toml(folder, 3, "ohwx\twoman\x7f", DatasetManifest(name="x", folder=str(tmp_path)))
     subset = tomllib.loads(text)["datasets"][0]["subsets"][0]
     assert subset["image_dir"] == folder.as_posix() and subset["class_tokens"] == "ohwx\twoman\x7f"

@@ -29,8 +29,9 @@ except ImportError:
     HAVE_INSIGHTFACE = False
 
 needs_insightface = pytest.mark.skipif(
-    not HAVE_INSIGHTFACE, reason="insightface is not installed (pip install -e '.[faces]'); the real load path "
-                                 "cannot run")
+    not HAVE_INSIGHTFACE,
+    reason="insightface is not installed (pip install -e '.[faces]'); the real load path cannot run",
+)
 
 
 @pytest.fixture(scope="session")
@@ -153,7 +154,11 @@ def test_missing_pack_names_folder_and_expected_files(models_dir):
         FaceAnalyzer.load("antelopev2")
     message = str(error.value)
     assert str(models_dir / "insightface" / "models" / "antelopev2") in message
-    assert "scrfd_10g_bnkps.onnx" in message and "glintr100.onnx" in message and "Packs found: buffalo_l" in message
+    assert (
+        "scrfd_10g_bnkps.onnx" in message
+        and "glintr100.onnx" in message
+        and "Packs found: buffalo_l" in message
+    )
 
 
 def test_no_model_folder_configured(no_comfy):
@@ -180,7 +185,9 @@ def test_pack_without_a_detector_is_explained(no_comfy, tmp_path, monkeypatch):
 def test_provider_choice_prefers_accelerators():
     assert best_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     assert best_providers(["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]) == [
-        "CUDAExecutionProvider", "CPUExecutionProvider"]
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
     assert best_providers(["DmlExecutionProvider", "CPUExecutionProvider"])[0] == "DmlExecutionProvider"
     assert best_providers(["CoreMLExecutionProvider", "CPUExecutionProvider"])[0] == "CoreMLExecutionProvider"
 

@@ -17,12 +17,20 @@ from charforge.engine.library import characters as chars
 
 def _alice() -> Character:
     return Character(
-        name="alice", display_name="Alice Liddell", trigger_words=["alice_cf", "blue dress"],
+        name="alice",
+        display_name="Alice Liddell",
+        trigger_words=["alice_cf", "blue dress"],
         loras=[CharacterLora("alice.safetensors", 0.9), CharacterLora("styles/film.safetensors", 0.4, 0.2)],
-        prompt="photo of a woman, natural light", negative_prompt="blurry, deformed", identity="alice",
-        reference_photos="/data/alice", threshold=0.35, base_model="sdxl",
-        generation=GenerationParams(steps=30, cfg=6.5, width=832, height=1216, sampler="dpmpp_2m",
-                                    scheduler="karras", seed=42))
+        prompt="photo of a woman, natural light",
+        negative_prompt="blurry, deformed",
+        identity="alice",
+        reference_photos="/data/alice",
+        threshold=0.35,
+        base_model="sdxl",
+        generation=GenerationParams(
+            steps=30, cfg=6.5, width=832, height=1216, sampler="dpmpp_2m", scheduler="karras", seed=42
+        ),
+    )
 
 
 @pytest.fixture
@@ -44,7 +52,10 @@ def test_round_trip_through_the_characters_folder(models_dir):
     assert loaded.lora_stack == [("alice.safetensors", 0.9), ("styles/film.safetensors", 0.4)]
     assert loaded.loras[1].strength_clip == 0.2 and loaded.loras[0].strength_clip == 0.9
     # what the storyboard uses
-    assert loaded.prompt_text("in a garden") == "alice_cf, blue dress, photo of a woman, natural light, in a garden"
+    assert (
+        loaded.prompt_text("in a garden")
+        == "alice_cf, blue dress, photo of a woman, natural light, in a garden"
+    )
 
 
 def test_never_overwrites_unless_asked(models_dir):
@@ -68,8 +79,10 @@ def test_inside_comfyui_presets_live_in_models_charforge(comfy_env):
 
 
 def test_trigger_words_are_injected_once():
-    assert inject_trigger_words("photo of Alice_CF smiling", ["alice_cf", "sks"]) == \
-        "sks, photo of Alice_CF smiling"
+    assert (
+        inject_trigger_words("photo of Alice_CF smiling", ["alice_cf", "sks"])
+        == "sks, photo of Alice_CF smiling"
+    )
     once = inject_trigger_words("a park", ["ohwx man"])
     assert inject_trigger_words(once, ["ohwx man"]) == once == "ohwx man, a park"
     assert inject_trigger_words("", ["x"]) == "x"

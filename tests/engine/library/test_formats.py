@@ -27,7 +27,9 @@ def _same_file(a, b) -> None:
         assert ta[key].dtype == tb[key].dtype, key
         assert torch.equal(ta[key], tb[key]), key
     ma, mb = formats.read_header(a)[0], formats.read_header(b)[0]
-    assert {k: v for k, v in ma.items() if k not in HASH_KEYS} == {k: v for k, v in mb.items() if k not in HASH_KEYS}
+    assert {k: v for k, v in ma.items() if k not in HASH_KEYS} == {
+        k: v for k, v in mb.items() if k not in HASH_KEYS
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -63,21 +65,33 @@ def test_key_spellings_per_layout():
     state = random_state("sdxl")
     key = ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
     module = state.modules.get(key) or LoraModule(*key, torch.zeros(1, 2), torch.zeros(3, 1))
-    assert formats.module_key_base("sdxl", module, "kohya") == \
-        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
-    assert formats.module_key_base("sd15", module, "kohya") == \
-        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
-    assert formats.module_key_base("sdxl", module, "comfyui") == \
-        "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    assert (
+        formats.module_key_base("sdxl", module, "kohya")
+        == "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    )
+    assert (
+        formats.module_key_base("sd15", module, "kohya")
+        == "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    )
+    assert (
+        formats.module_key_base("sdxl", module, "comfyui")
+        == "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    )
     # ComfyUI maps diffusers attention projections only in the attention-processor spelling (docs/comfyui-contract.md §6).
-    assert formats.module_key_base("sdxl", module, "peft") == \
-        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q"
-    out = LoraModule("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0", module.down, module.up)
+    assert (
+        formats.module_key_base("sdxl", module, "peft")
+        == "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q"
+    )
+    out = LoraModule(
+        "unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0", module.down, module.up
+    )
     assert formats.module_key_base("sdxl", out, "peft").endswith("attn1.processor.to_out")
     te2 = LoraModule("te2", "text_model.encoder.layers.3.mlp.fc1", module.down, module.up)
     assert formats.module_key_base("sdxl", te2, "kohya") == "lora_te2_text_model_encoder_layers_3_mlp_fc1"
-    assert formats.module_key_base("sdxl", te2, "comfyui") == \
-        "text_encoders.clip_g.transformer.text_model.encoder.layers.3.mlp.fc1"
+    assert (
+        formats.module_key_base("sdxl", te2, "comfyui")
+        == "text_encoders.clip_g.transformer.text_model.encoder.layers.3.mlp.fc1"
+    )
 
 
 @pytest.mark.parametrize("arch", formats.ARCHS)
@@ -109,11 +123,21 @@ def test_trainer_files_convert_through_every_layout(trained_loras, tmp_path):
 def test_other_diffusers_spellings_and_missing_alpha(tmp_path):
     generator = torch.Generator().manual_seed(4)
     tensors = {
-        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight": torch.randn(2, 5, generator=generator),
-        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight": torch.randn(4, 2, generator=generator),
-        "text_encoder.text_model.encoder.layers.0.self_attn.k_proj.lora_linear_layer.down.weight": torch.randn(2, 5, generator=generator),
-        "text_encoder.text_model.encoder.layers.0.self_attn.k_proj.lora_linear_layer.up.weight": torch.randn(4, 2, generator=generator),
-        "text_encoder.encoder.layers.1.mlp.fc1.lora_A.weight": torch.randn(2, 5, generator=generator),  # transformers 5
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight": torch.randn(
+            2, 5, generator=generator
+        ),
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight": torch.randn(
+            4, 2, generator=generator
+        ),
+        "text_encoder.text_model.encoder.layers.0.self_attn.k_proj.lora_linear_layer.down.weight": torch.randn(
+            2, 5, generator=generator
+        ),
+        "text_encoder.text_model.encoder.layers.0.self_attn.k_proj.lora_linear_layer.up.weight": torch.randn(
+            4, 2, generator=generator
+        ),
+        "text_encoder.encoder.layers.1.mlp.fc1.lora_A.weight": torch.randn(
+            2, 5, generator=generator
+        ),  # transformers 5
         "text_encoder.encoder.layers.1.mlp.fc1.lora_B.weight": torch.randn(4, 2, generator=generator),
     }
     save_file(tensors, str(tmp_path / "d.safetensors"))
@@ -131,8 +155,10 @@ def test_errors_name_the_keys(tmp_path):
         formats.detect_format(["model.weird_key.weight"])
     with pytest.raises(LoraFormatError, match="mix"):
         formats.detect_format(["lora_unet_x.lora_down.weight", "diffusion_model.x.lora_down.weight"])
-    bad = {"lora_unet_not_a_layer.lora_down.weight": torch.zeros(1, 2),
-           "lora_unet_not_a_layer.lora_up.weight": torch.zeros(2, 1)}
+    bad = {
+        "lora_unet_not_a_layer.lora_down.weight": torch.zeros(1, 2),
+        "lora_unet_not_a_layer.lora_up.weight": torch.zeros(2, 1),
+    }
     with pytest.raises(LoraFormatError, match="lora_unet_not_a_layer"):
         formats.state_from_tensors(bad)
     half = {"lora_unet_input_blocks_0_0.lora_down.weight": torch.zeros(1, 4, 3, 3)}

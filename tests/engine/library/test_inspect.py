@@ -61,7 +61,9 @@ def test_metadata_fallbacks_for_trigger_words(tmp_path):
     info = lora_inspect.inspect_lora(tmp_path / "a.safetensors")
     assert info.trigger_words == ["ohwx"]
     assert info.tag_frequency[:2] == [("ohwx", 18), ("hat", 5)]
-    save_file(tensors, str(tmp_path / "b.safetensors"), metadata={"ss_training_comment": "trigger: zk man, zk"})
+    save_file(
+        tensors, str(tmp_path / "b.safetensors"), metadata={"ss_training_comment": "trigger: zk man, zk"}
+    )
     assert lora_inspect.inspect_lora(tmp_path / "b.safetensors").trigger_words == ["zk man", "zk"]
 
 
@@ -98,10 +100,16 @@ def test_not_a_lora(tmp_path):
 
 
 def test_other_architectures_are_described_not_rejected(tmp_path):
-    tensors = {"diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight": torch.zeros(2, 8),
-               "diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight": torch.zeros(24, 2),
-               "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_down.weight": torch.zeros(2, 8),
-               "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_up.weight": torch.zeros(8, 2)}
+    tensors = {
+        "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight": torch.zeros(2, 8),
+        "diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight": torch.zeros(24, 2),
+        "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_down.weight": torch.zeros(
+            2, 8
+        ),
+        "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_up.weight": torch.zeros(
+            8, 2
+        ),
+    }
     save_file(tensors, str(tmp_path / "flux.safetensors"))
     info = lora_inspect.inspect_lora(tmp_path / "flux.safetensors")
     assert info.format == "comfyui" and info.fits == [] and info.base_model == "unknown"

@@ -73,7 +73,9 @@ def test_resize_to_full_rank_reproduces_the_delta(tmp_path, fmt):
 
 def test_resize_reports_the_energy_kept_per_module_and_overall(tmp_path):
     state = random_state("sd15", seed=6, rank=6)
-    path, report = merge.resize_file(write(state, tmp_path / "s.safetensors"), tmp_path / "r.safetensors", rank=2)
+    path, report = merge.resize_file(
+        write(state, tmp_path / "s.safetensors"), tmp_path / "r.safetensors", rank=2
+    )
     totals = kept = 0.0
     for entry in report.modules:
         s2 = torch.linalg.svdvals(state.modules[(entry.component, entry.name)].delta().flatten(1)).square()

@@ -23,30 +23,43 @@ def f32(values) -> bytes:
     return struct.pack(f"<{len(values)}f", *values)
 
 
-def build(path: Path, tensors: dict, metadata: dict | None = None, header_extra: dict | None = None,
-          cut: int = 0) -> Path:
+def build(
+    path: Path, tensors: dict, metadata: dict | None = None, header_extra: dict | None = None, cut: int = 0
+) -> Path:
     """A safetensors file from {key: (dtype, shape, raw bytes)}; `cut` drops that many trailing bytes."""
     header, data = {}, b""
     for key, (dtype, shape, raw) in tensors.items():
-        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        header[key] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [len(data), len(data) + len(raw)],
+        }
         data += raw
     if metadata is not None:
         header["__metadata__"] = metadata
     header.update(header_extra or {})
     text = json.dumps(header).encode()
     blob = struct.pack("<Q", len(text)) + text + data
-    path.write_bytes(blob[:len(blob) - cut] if cut else blob)
+    path.write_bytes(blob[: len(blob) - cut] if cut else blob)
     return path
 
 
-def module(base: str, rank: int = 2, width: int = 6, up_rank: int | None = None, alpha: float | None = 2.0,
-           poison: float | None = None) -> dict:
+def module(
+    base: str,
+    rank: int = 2,
+    width: int = 6,
+    up_rank: int | None = None,
+    alpha: float | None = 2.0,
+    poison: float | None = None,
+) -> dict:
     down = [0.01 * (i + 1) for i in range(rank * width)]
     if poison is not None:
         down[3] = poison
     up_rank = rank if up_rank is None else up_rank
-    out = {f"{base}.lora_down.weight": ("F32", (rank, width), f32(down)),
-           f"{base}.lora_up.weight": ("F32", (width + 1, up_rank), f32([0.02] * ((width + 1) * up_rank)))}
+    out = {
+        f"{base}.lora_down.weight": ("F32", (rank, width), f32(down)),
+        f"{base}.lora_up.weight": ("F32", (width + 1, up_rank), f32([0.02] * ((width + 1) * up_rank))),
+    }
     if alpha is not None:
         out[f"{base}.alpha"] = ("F32", (), f32([alpha]))
     return out
@@ -65,11 +78,15 @@ def test_a_good_hand_built_file_opens_everywhere(tmp_path):
 
 def test_mismatched_ranks_are_refused_by_info_merge_resize_and_convert(tmp_path):
     path = build(tmp_path / "ranks.safetensors", {**module(Q, rank=4, up_rank=8), **module(K)})
-    for action in (lambda: lora_inspect.inspect_lora(path),
-                   lambda: merge.merge_files([(path, 1.0), (good(tmp_path), 1.0)], tmp_path / "m.safetensors"),
-                   lambda: merge.resize_file(path, tmp_path / "r.safetensors", 2),
-                   lambda: formats.convert_file(path, tmp_path / "c.safetensors", "peft")):
-        with pytest.raises(InvalidLoraFile, match="rank mismatch: down \\[4, 6\\] has rank 4 but up \\[7, 8\\]") as info:
+    for action in (
+        lambda: lora_inspect.inspect_lora(path),
+        lambda: merge.merge_files([(path, 1.0), (good(tmp_path), 1.0)], tmp_path / "m.safetensors"),
+        lambda: merge.resize_file(path, tmp_path / "r.safetensors", 2),
+        lambda: formats.convert_file(path, tmp_path / "c.safetensors", "peft"),
+    ):
+        with pytest.raises(
+            InvalidLoraFile, match="rank mismatch: down \\[4, 6\\] has rank 4 but up \\[7, 8\\]"
+        ) as info:
             action()
         assert info.value.key == f"{Q}.lora_up.weight" and str(path) in str(info.value)
     assert not any((tmp_path / n).exists() for n in ("m.safetensors", "r.safetensors", "c.safetensors"))
@@ -95,11 +112,15 @@ def test_truncated_file_and_offsets_past_the_end_are_refused(tmp_path):
     assert info.value.key is not None
     # A header claiming rank 100000 with data that is not there (it used to be shown as valid).
     liar = tmp_path / "liar.safetensors"
-    header = {f"{Q}.lora_down.weight": {"dtype": "F32", "shape": [100000, 6], "data_offsets": [0, 2400000]},
-              f"{Q}.lora_up.weight": {"dtype": "F32", "shape": [7, 100000], "data_offsets": [2400000, 5200000]}}
+    header = {
+        f"{Q}.lora_down.weight": {"dtype": "F32", "shape": [100000, 6], "data_offsets": [0, 2400000]},
+        f"{Q}.lora_up.weight": {"dtype": "F32", "shape": [7, 100000], "data_offsets": [2400000, 5200000]},
+    }
     text = json.dumps(header).encode()
     liar.write_bytes(struct.pack("<Q", len(text)) + text + b"\0" * 64)
-    with pytest.raises(InvalidLoraFile, match=r"data_offsets \[0, 2400000\] outside the file's 64 data bytes"):
+    with pytest.raises(
+        InvalidLoraFile, match=r"data_offsets \[0, 2400000\] outside the file's 64 data bytes"
+    ):
         lora_inspect.inspect_lora(liar)
     with pytest.raises(InvalidLoraFile, match="outside the file"):
         formats.read_state(liar)
@@ -110,13 +131,20 @@ def test_truncated_file_and_offsets_past_the_end_are_refused(tmp_path):
 
 
 def test_offsets_must_match_dtype_times_shape_and_not_overlap(tmp_path):
-    wrong = build(tmp_path / "size.safetensors", {f"{Q}.lora_down.weight": ("F32", (2, 6), f32([0.0] * 11)),
-                                                  f"{Q}.lora_up.weight": ("F32", (7, 2), f32([0.0] * 14))})
+    wrong = build(
+        tmp_path / "size.safetensors",
+        {
+            f"{Q}.lora_down.weight": ("F32", (2, 6), f32([0.0] * 11)),
+            f"{Q}.lora_up.weight": ("F32", (7, 2), f32([0.0] * 14)),
+        },
+    )
     with pytest.raises(InvalidLoraFile, match=r"holds 44 bytes but F32 x \[2, 6\] needs 48"):
         lora_inspect.inspect_lora(wrong)
     overlap = tmp_path / "overlap.safetensors"
-    header = {f"{Q}.lora_down.weight": {"dtype": "F32", "shape": [2, 6], "data_offsets": [0, 48]},
-              f"{Q}.lora_up.weight": {"dtype": "F32", "shape": [7, 2], "data_offsets": [8, 64]}}
+    header = {
+        f"{Q}.lora_down.weight": {"dtype": "F32", "shape": [2, 6], "data_offsets": [0, 48]},
+        f"{Q}.lora_up.weight": {"dtype": "F32", "shape": [7, 2], "data_offsets": [8, 64]},
+    }
     text = json.dumps(header).encode()
     overlap.write_bytes(struct.pack("<Q", len(text)) + text + b"\0" * 64)
     with pytest.raises(InvalidLoraFile, match="overlaps"):
@@ -124,8 +152,11 @@ def test_offsets_must_match_dtype_times_shape_and_not_overlap(tmp_path):
 
 
 def test_unknown_dtype_and_non_text_metadata_are_refused(tmp_path):
-    odd = build(tmp_path / "dtype.safetensors", {**module(Q)}, header_extra={
-        f"{K}.lora_down.weight": {"dtype": "F128", "shape": [1], "data_offsets": [0, 0]}})
+    odd = build(
+        tmp_path / "dtype.safetensors",
+        {**module(Q)},
+        header_extra={f"{K}.lora_down.weight": {"dtype": "F128", "shape": [1], "data_offsets": [0, 0]}},
+    )
     with pytest.raises(InvalidLoraFile, match="unknown dtype 'F128'") as info:
         lora_inspect.inspect_lora(odd)
     assert info.value.key == f"{K}.lora_down.weight"
@@ -137,8 +168,11 @@ def test_unknown_dtype_and_non_text_metadata_are_refused(tmp_path):
 
 def test_deeply_nested_json_never_overflows_the_stack(tmp_path):
     deep = "[" * 200_000 + "]" * 200_000
-    path = build(tmp_path / "deep_meta.safetensors", {**module(Q), **module(K)},
-                 {"ss_tag_frequency": deep, "modelspec.trigger_phrase": "ohwx"})
+    path = build(
+        tmp_path / "deep_meta.safetensors",
+        {**module(Q), **module(K)},
+        {"ss_tag_frequency": deep, "modelspec.trigger_phrase": "ohwx"},
+    )
     info = lora_inspect.inspect_lora(path)  # metadata JSON too deep to parse is simply not read
     assert info.tag_frequency == [] and info.trigger_words == ["ohwx"]
     header = tmp_path / "deep_header.safetensors"

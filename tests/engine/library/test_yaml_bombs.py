@@ -12,8 +12,9 @@ from charforge.engine.library.characters import read_character_file
 from charforge.engine.story.scenes import parse_scenes
 
 # Nine levels of nine aliases: 9**9 (387 million) strings once expanded, from under a kilobyte.
-LAUGHS = "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n" + "".join(
-    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+)
 
 
 def test_billion_laughs_preset_is_refused_quickly_with_a_short_message(tmp_path):

@@ -50,7 +50,9 @@ def test_scores_are_cosines_independent_of_batching(comfy):
     other = scorer.score(images[:1], ["the thing on the ring"])
     assert other[0] != pytest.approx(one[0], abs=1e-4)
     per_image = scorer.score(images[:2], ["a photo of sks person", "the thing on the ring"])
-    assert per_image == pytest.approx([one[0], scorer.score(images[1:2], ["the thing on the ring"])[0]], abs=1e-5)
+    assert per_image == pytest.approx(
+        [one[0], scorer.score(images[1:2], ["the thing on the ring"])[0]], abs=1e-5
+    )
     with pytest.raises(ValueError, match="one prompt for all images or one per image"):
         scorer.score(images, ["a", "b"])
 
@@ -80,17 +82,37 @@ def test_clip_nodes_load_score_and_combine(comfy):
     assert LoadClip.INPUT_TYPES()["required"]["model"][0] == ["tiny-clip"]
     (clip,) = run_node(LoadClip, model="tiny-clip", device="cpu").result
     images = torch.rand(4, 32, 32, 3, generator=torch.Generator().manual_seed(1))
-    run = run_node(ClipScore, node_id="4", clip=clip, images=images, prompt="a photo of sks person",
-                   one_per_line=False, threshold=0.0, batch_size=2)
+    run = run_node(
+        ClipScore,
+        node_id="4",
+        clip=clip,
+        images=images,
+        prompt="a photo of sks person",
+        one_per_line=False,
+        threshold=0.0,
+        batch_size=2,
+    )
     sheet, mean, table, as_json = run.result
     assert len(sheet) == 4 and sheet.metric == "clip" and all(r.passed for r in sheet.rows)
     assert mean == pytest.approx(float(np.mean(sheet.values)), abs=1e-4) and run.ui["images"]
     assert [c.value for c in comfy.progress if c.node_id == "4"] == [2, 4]  # one step per batch of images
 
-    identity = ScoreSheet("identity", [ImageScore(i, v, v is not None and v >= 0.4, "", f"image {i}")
-                                       for i, v in enumerate([0.8, None, 0.5, 0.3])], 0.4)
-    combined, ranking, table, as_json = run_node(CombineScores, identity_weight=1.0, text_weight=0.5,
-                                                 threshold=0.0, identity_scores=identity, clip_scores=sheet).result
+    identity = ScoreSheet(
+        "identity",
+        [
+            ImageScore(i, v, v is not None and v >= 0.4, "", f"image {i}")
+            for i, v in enumerate([0.8, None, 0.5, 0.3])
+        ],
+        0.4,
+    )
+    combined, ranking, table, as_json = run_node(
+        CombineScores,
+        identity_weight=1.0,
+        text_weight=0.5,
+        threshold=0.0,
+        identity_scores=identity,
+        clip_scores=sheet,
+    ).result
     assert combined.rows[1].value is None and ranking.split(",")[0] == "0" and ranking.split(",")[-1] == "1"
     kept = run_node(FilterByScore, images=images, scores=combined, threshold=0.0).result
     assert kept[1] == 2 and kept[4] == "0,2"
@@ -99,8 +121,15 @@ def test_clip_nodes_load_score_and_combine(comfy):
 def test_one_prompt_per_line_must_match_the_batch(comfy):
     (clip,) = run_node(LoadClip, model="tiny-clip", device="cpu").result
     with pytest.raises(ValueError, match="one prompt line per image"):
-        run_node(ClipScore, clip=clip, images=torch.rand(3, 32, 32, 3), prompt="a\nb", one_per_line=True,
-                 threshold=0.0, batch_size=8)
+        run_node(
+            ClipScore,
+            clip=clip,
+            images=torch.rand(3, 32, 32, 3),
+            prompt="a\nb",
+            one_per_line=True,
+            threshold=0.0,
+            batch_size=8,
+        )
 
 
 def test_load_clip_from_an_absolute_path_outside_comfyui(no_comfy, clip_folder):

@@ -50,11 +50,14 @@ def sheet(values, threshold=0.5, metric="identity"):
     rows = []
     for i, v in enumerate(values):
         passed = judge(v, threshold)
-        rows.append(ImageScore(i, v, passed, "no face found" if v is None else "" if passed else "low", f"img{i}"))
+        rows.append(
+            ImageScore(i, v, passed, "no face found" if v is None else "" if passed else "low", f"img{i}")
+        )
     return ScoreSheet(metric, rows, threshold, "planted")
 
 
 # ---------------------------------------------------------------------------------------------- identity
+
 
 def test_identity_centroid_baseline_and_suggested_threshold():
     refs = [(f"r{i}.jpg", around(BASE, 0.8, i), 1) for i in range(4)]
@@ -93,7 +96,9 @@ def test_no_usable_reference_is_a_clear_error():
 def test_identity_file_round_trip_in_the_charforge_folder(no_comfy, monkeypatch, tmp_path):
     monkeypatch.setenv("CHARFORGE_MODELS_DIR", str(tmp_path / "models"))
     refs = [(f"r{i}.jpg", around(BASE, 0.8, i), 1) for i in range(3)]
-    identity = identity_from_embeddings("My Hero", "insightface:buffalo_l", refs, [("blank.png", "no face found")])
+    identity = identity_from_embeddings(
+        "My Hero", "insightface:buffalo_l", refs, [("blank.png", "no face found")]
+    )
     path = save_identity(identity)
     assert path == tmp_path / "models" / "charforge" / "identities" / "My_Hero.json"
     assert path.stat().st_size < 40_000  # small enough to share
@@ -118,6 +123,7 @@ def test_identity_files_are_checked():
 
 # ---------------------------------------------------------------------------------------------- scoring
 
+
 class PlantedAnalyzer:
     """Stands in for FaceAnalyzer: each 'image' is the list of faces to return."""
 
@@ -132,8 +138,9 @@ def face(size, embedding):
 
 
 def test_scoring_main_face_no_face_and_threshold():
-    identity = identity_from_embeddings("hero", "insightface:buffalo_l",
-                                        [(f"r{i}", around(BASE, 0.9, i), 1) for i in range(3)])
+    identity = identity_from_embeddings(
+        "hero", "insightface:buffalo_l", [(f"r{i}", around(BASE, 0.9, i), 1) for i in range(3)]
+    )
     same, stranger = around(BASE, 0.9, 10), unit(np.random.default_rng(7).normal(size=512))
     images = [("same", [face(100, same)]), ("none", []), ("group", [face(200, stranger), face(50, same)])]
     result = score_identity(PlantedAnalyzer(), identity, images)
@@ -141,8 +148,12 @@ def test_scoring_main_face_no_face_and_threshold():
     first, none, group = result.rows
     assert first.passed and first.value > 0.7 and first.details["faces"] == 1
     assert none.value is None and not none.passed and none.reason == "no face found"
-    assert not group.passed and group.value < 0.2 and "below" in group.reason  # the largest face is the stranger
-    best = score_identity(PlantedAnalyzer(), identity, images, threshold=0.5, face_choice="best_match").rows[2]
+    assert (
+        not group.passed and group.value < 0.2 and "below" in group.reason
+    )  # the largest face is the stranger
+    best = score_identity(PlantedAnalyzer(), identity, images, threshold=0.5, face_choice="best_match").rows[
+        2
+    ]
     assert best.passed and best.details["face"] == 1
     assert "not scored: 1 (none: no face found)" in result.summary()
 
@@ -154,6 +165,7 @@ def test_identity_of_another_face_model_is_refused():
 
 
 # ---------------------------------------------------------------------------------------------- acting on scores
+
 
 def test_filter_keeps_passing_and_reports_when_none_pass():
     result = filter_passing(sheet([0.7, None, 0.3, 0.55]))
@@ -232,6 +244,7 @@ def test_sheet_json_round_trip_and_subset():
 
 
 # ---------------------------------------------------------------------------------------------- pictures
+
 
 def test_table_and_plot_images():
     image = table_image("scores", ["#", "value"], [[0, 0.5], [1, None]], ["pass", "none"], footer="1 of 2")

@@ -41,36 +41,50 @@ SECRET = "sk-story-SECRET-42"
 
 
 def test_text_scene_list_skips_blanks_comments_and_markers():
-    scenes = parse_scenes("# my story\n1. portrait of her face\n\n- she runs\n* she jumps\nScene 4: she sleeps\n"
-                          "she wakes, 2 cats watch\n")
-    assert [s.prompt for s in scenes] == ["portrait of her face", "she runs", "she jumps", "she sleeps",
-                                          "she wakes, 2 cats watch"]
+    scenes = parse_scenes(
+        "# my story\n1. portrait of her face\n\n- she runs\n* she jumps\nScene 4: she sleeps\n"
+        "she wakes, 2 cats watch\n"
+    )
+    assert [s.prompt for s in scenes] == [
+        "portrait of her face",
+        "she runs",
+        "she jumps",
+        "she sleeps",
+        "she wakes, 2 cats watch",
+    ]
     assert scenes[0].caption == "portrait of her face"
 
 
 def test_json_and_yaml_scene_lists(tmp_path):
     data = {"scenes": ["close-up of the face", {"prompt": "walking  in   rain", "caption": "Rain"}]}
     (tmp_path / "s.json").write_text(json.dumps(data))
-    (tmp_path / "s.yaml").write_text("scenes:\n  - close-up of the face\n  - prompt: walking in rain\n    caption: Rain\n")
+    (tmp_path / "s.yaml").write_text(
+        "scenes:\n  - close-up of the face\n  - prompt: walking in rain\n    caption: Rain\n"
+    )
     (tmp_path / "s.txt").write_text("close-up of the face\nwalking in rain\n")
     for name in ("s.json", "s.yaml"):
         scenes = load_scenes(tmp_path / name)
-        assert [s.to_dict() for s in scenes] == [{"prompt": "close-up of the face", "caption": "close-up of the face"},
-                                                 {"prompt": "walking in rain", "caption": "Rain"}]
+        assert [s.to_dict() for s in scenes] == [
+            {"prompt": "close-up of the face", "caption": "close-up of the face"},
+            {"prompt": "walking in rain", "caption": "Rain"},
+        ]
     assert [s.prompt for s in load_scenes(tmp_path / "s.txt")] == ["close-up of the face", "walking in rain"]
     # auto detection of a bare JSON list and of YAML mappings
     assert len(parse_scenes('["a", "b"]')) == 2
     assert parse_scenes("- prompt: a\n  caption: A\n- prompt: b\n")[0].caption == "A"
 
 
-@pytest.mark.parametrize(("text", "fmt", "message"), [
-    ("", "auto", "holds no scene"),
-    ("{not json", "json", "not valid JSON"),
-    ('{"frames": []}', "json", "without a 'scenes' list"),
-    ('[{"caption": "x"}]', "json", "has no 'prompt'"),
-    ("[3]", "json", "must be a prompt string"),
-    ("scenes: [a, [b", "yaml", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    ("text", "fmt", "message"),
+    [
+        ("", "auto", "holds no scene"),
+        ("{not json", "json", "not valid JSON"),
+        ('{"frames": []}', "json", "without a 'scenes' list"),
+        ('[{"caption": "x"}]', "json", "has no 'prompt'"),
+        ("[3]", "json", "must be a prompt string"),
+        ("scenes: [a, [b", "yaml", "not valid YAML"),
+    ],
+)
 def test_bad_scene_lists_say_what_is_wrong(text, fmt, message):
     with pytest.raises(ValueError, match=message):
         parse_scenes(text, fmt)
@@ -102,16 +116,21 @@ def endpoint():
 
 
 def splitter(endpoint, sleeps=None, **kw):
-    settings = LLMSettings(base_url=endpoint.url, model="story-model", api_key_env="CF_STORY_KEY", timeout=5, **kw)
-    return SceneSplitter(settings, sleep=(sleeps.append if sleeps is not None else lambda s: None),
-                         rng=random.Random(0))
+    settings = LLMSettings(
+        base_url=endpoint.url, model="story-model", api_key_env="CF_STORY_KEY", timeout=5, **kw
+    )
+    return SceneSplitter(
+        settings, sleep=(sleeps.append if sleeps is not None else lambda s: None), rng=random.Random(0)
+    )
 
 
 def test_split_sends_the_story_with_key_and_parses_scenes(endpoint, monkeypatch):
     monkeypatch.setenv("CF_STORY_KEY", SECRET)
     endpoint.script = [chat(scenes_json(7))]
     scenes = splitter(endpoint).split("She finds a map and sails to the island.")
-    assert len(scenes) == 7 and scenes[0].caption == "Hello" and scenes[6].prompt == "the character in scene 7"
+    assert (
+        len(scenes) == 7 and scenes[0].caption == "Hello" and scenes[6].prompt == "the character in scene 7"
+    )
     request = endpoint.requests[0]
     assert request["path"] == "/v1/chat/completions" and request["auth"] == f"Bearer {SECRET}"
     body = request["body"]
@@ -130,16 +149,22 @@ def test_exact_frame_count_fenced_json_and_face_first(endpoint):
 
 def test_429_backs_off_then_succeeds(endpoint):
     sleeps = []
-    endpoint.script = [(429, {"error": {"message": "rate limited"}}, {"Retry-After": "2"}),
-                       (503, {"error": "busy"}, {}), chat(scenes_json(8))]
+    endpoint.script = [
+        (429, {"error": {"message": "rate limited"}}, {"Retry-After": "2"}),
+        (503, {"error": "busy"}, {}),
+        chat(scenes_json(8)),
+    ]
     s = splitter(endpoint, sleeps, base_delay=1.0)
     assert len(s.split("story")) == 8
     assert s.retries == 2 and sleeps[0] == 2.0 and 1.0 <= sleeps[1] <= 2.0  # Retry-After, then jittered 2**1
 
 
 def test_malformed_json_is_asked_again_with_the_reason(endpoint):
-    endpoint.script = [chat("Sure! Here are your scenes: 1. ..."), chat(json.dumps({"scenes": ["one", "two"]})),
-                       chat(scenes_json(6))]
+    endpoint.script = [
+        chat("Sure! Here are your scenes: 1. ..."),
+        chat(json.dumps({"scenes": ["one", "two"]})),
+        chat(scenes_json(6)),
+    ]
     s = splitter(endpoint)
     assert len(s.split("story")) == 6
     assert len(s.malformed) == 2 and "not valid JSON" in s.malformed[0] and "has 2 scenes" in s.malformed[1]
@@ -158,12 +183,16 @@ def test_client_errors_fail_at_once_without_the_key(endpoint, monkeypatch):
     endpoint.script = [(401, {"error": {"message": f"bad key {SECRET}"}}, {})]
     with pytest.raises(SceneSplitError) as info:
         splitter(endpoint).split("story")
-    assert "HTTP 401" in str(info.value) and "CF_STORY_KEY" in str(info.value) and SECRET not in str(info.value)
+    assert (
+        "HTTP 401" in str(info.value) and "CF_STORY_KEY" in str(info.value) and SECRET not in str(info.value)
+    )
     assert len(endpoint.requests) == 1
 
 
 def test_retries_run_out():
-    s = SceneSplitter(LLMSettings(base_url="http://127.0.0.1:9/v1", timeout=1, max_retries=2), sleep=lambda _: None)
+    s = SceneSplitter(
+        LLMSettings(base_url="http://127.0.0.1:9/v1", timeout=1, max_retries=2), sleep=lambda _: None
+    )
     with pytest.raises(SceneSplitError, match=r"gave up after 3 attempt\(s\).*connection failed"):
         s.split("story")
 
@@ -181,8 +210,13 @@ def test_parse_scene_reply_limits():
 
 
 def sheet(metric, values):
-    return ScoreSheet(metric, [ImageScore(i, v, v is not None, "" if v is not None else "no face found")
-                               for i, v in enumerate(values)])
+    return ScoreSheet(
+        metric,
+        [
+            ImageScore(i, v, v is not None, "" if v is not None else "no face found")
+            for i, v in enumerate(values)
+        ],
+    )
 
 
 def test_pick_combines_identity_and_text():
@@ -212,9 +246,20 @@ def test_pick_without_faces_falls_back():
 
 
 def board(mode, identities, texts):
-    frames = [StoryFrame(index=i, prompt=f"prompt {i}", caption=f"caption {i}", seed=42 + i, candidates=4,
-                         chosen=i % 4, identity=v, text=t, image=f"frame_{i + 1:02d}.png")
-              for i, (v, t) in enumerate(zip(identities, texts, strict=True))]
+    frames = [
+        StoryFrame(
+            index=i,
+            prompt=f"prompt {i}",
+            caption=f"caption {i}",
+            seed=42 + i,
+            candidates=4,
+            chosen=i % 4,
+            identity=v,
+            text=t,
+            image=f"frame_{i + 1:02d}.png",
+        )
+        for i, (v, t) in enumerate(zip(identities, texts, strict=True))
+    ]
     return Storyboard(mode=mode, frames=frames, story="a story", models={"checkpoint": "tiny.safetensors"})
 
 
@@ -224,8 +269,16 @@ def test_metadata_round_trip(tmp_path):
     path = b.write(tmp_path)
     data = json.loads(path.read_text())
     assert data["format"] == "charforge.storyboard" and data["mode"] == "reference"
-    assert data["summary"] == {"frames": 3, "faces": 2, "identity_mean": 0.6, "identity_min": 0.5, "text_mean": 0.25}
-    assert [f["seed"] for f in data["frames"]] == [42, 43, 44] and data["frames"][1]["guide_identity"] == 0.8123
+    assert data["summary"] == {
+        "frames": 3,
+        "faces": 2,
+        "identity_mean": 0.6,
+        "identity_min": 0.5,
+        "text_mean": 0.25,
+    }
+    assert [f["seed"] for f in data["frames"]] == [42, 43, 44] and data["frames"][1][
+        "guide_identity"
+    ] == 0.8123
     again = load_storyboard(tmp_path)
     assert again.to_dict() == b.to_dict()
     with pytest.raises(ValueError, match="mode must be one of"):
@@ -233,7 +286,15 @@ def test_metadata_round_trip(tmp_path):
 
 
 def test_sheet_draws_every_frame_in_a_grid():
-    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (90, 90, 90)]
+    colours = [
+        (255, 0, 0),
+        (0, 255, 0),
+        (0, 0, 255),
+        (255, 255, 0),
+        (0, 255, 255),
+        (255, 0, 255),
+        (90, 90, 90),
+    ]
     images = [Image.new("RGB", (64, 48), c) for c in colours]
     b = board("simple", [0.5, None, 0.7, 0.4, 0.3, 0.2, 0.1], [0.3] * 7)
     picture = storyboard_sheet(images, b.frames, "title", thumb=100)
@@ -250,11 +311,17 @@ def test_sheet_draws_every_frame_in_a_grid():
 
 
 def test_ablation_table_compares_the_modes(tmp_path):
-    boards = [board("simple", [0.5, 0.6], [0.30, 0.32]), board("reference", [0.7, 0.8], [0.28, 0.26]),
-              board("base", [0.1, None], [None, None])]
+    boards = [
+        board("simple", [0.5, 0.6], [0.30, 0.32]),
+        board("reference", [0.7, 0.8], [0.28, 0.26]),
+        board("base", [0.1, None], [None, None]),
+    ]
     rows = ablation_rows(boards)
     assert [(r.mode, r.faces, r.identity_mean, r.text_mean) for r in rows] == [
-        ("simple", 2, 0.55, 0.31), ("reference", 2, 0.75, 0.27), ("base", 1, 0.1, None)]
+        ("simple", 2, 0.55, 0.31),
+        ("reference", 2, 0.75, 0.27),
+        ("base", 1, 0.1, None),
+    ]
     data = ablation_to_dict(rows)
     assert data["best_identity"] == "reference" and data["best_text"] == "simple"
     markdown = ablation_to_markdown(rows)

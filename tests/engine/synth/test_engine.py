@@ -103,8 +103,10 @@ def test_the_swapper_loads_through_insightfaces_model_zoo(models):
     assert emap.shape == (512, 512) and np.array_equal(model.emap, emap)
 
     swapper = FaceSwapper.load("inswapper_random.onnx", providers=["CPUExecutionProvider"])
-    assert swapper.size == 128 and FaceSwapper.load("inswapper_random.onnx",
-                                                   providers=["CPUExecutionProvider"]) is swapper
+    assert (
+        swapper.size == 128
+        and FaceSwapper.load("inswapper_random.onnx", providers=["CPUExecutionProvider"]) is swapper
+    )
 
 
 def test_paste_back_changes_nothing_outside_the_face_mask(analyzer):
@@ -120,12 +122,21 @@ def test_paste_back_changes_nothing_outside_the_face_mask(analyzer):
     # Where the feathered mask, warped into the photo, is zero, every pixel keeps its exact value.
     from insightface.app.common import Face as InsightFace
 
-    _, matrix = swapper._model.get(photo[:, :, ::-1].copy(), InsightFace(kps=face.landmarks),
-                                   InsightFace(embedding=identity), paste_back=False)
+    _, matrix = swapper._model.get(
+        photo[:, :, ::-1].copy(),
+        InsightFace(kps=face.landmarks),
+        InsightFace(embedding=identity),
+        paste_back=False,
+    )
     alpha = cv2.warpAffine(feather_mask(128), cv2.invertAffineTransform(matrix), (SIZE[0], SIZE[1]))
     assert not changed[alpha <= 0].any()
     x1, y1, x2, y2 = box
-    assert not changed[:y1].any() and not changed[y2:].any() and not changed[:, :x1].any() and not changed[:, x2:].any()
+    assert (
+        not changed[:y1].any()
+        and not changed[y2:].any()
+        and not changed[:, :x1].any()
+        and not changed[:, x2:].any()
+    )
 
 
 def test_swap_main_or_all_faces(analyzer):
@@ -161,7 +172,7 @@ def test_restorers_are_detected_by_spandrel_and_restore_only_the_face(models, an
     photo = face_image(SIZE, FACE, person=1)
     faces = analyzer.detect(photo)
     result = restore_faces(model, photo, faces, RestoreSettings(blend=1.0, fidelity=0.7))
-    (x1, y1, x2, y2), = result.restored
+    ((x1, y1, x2, y2),) = result.restored
     changed = np.any(result.rgb != photo, axis=2)
     assert changed[y1:y2, x1:x2].sum() > 5000
     outside = changed.copy()
@@ -211,8 +222,11 @@ def test_crop_uses_the_upscaler_for_small_photos_and_reports_by_how_much(models,
     write_rgb(photos / "small.png", np.random.default_rng(1).integers(0, 256, (150, 200, 3), dtype=np.uint8))
     write_rgb(photos / "big.png", np.random.default_rng(2).integers(0, 256, (600, 600, 3), dtype=np.uint8))
     manifest = load_folder(photos, tmp_path / "ds")
-    cropped = crop_dataset(manifest, CropSettings(bucket_set="sd15", square=True, format="png"),
-                           upscaler=load_upscaler("4x-tiny-esrgan.safetensors"))
+    cropped = crop_dataset(
+        manifest,
+        CropSettings(bucket_set="sd15", square=True, format="png"),
+        upscaler=load_upscaler("4x-tiny-esrgan.safetensors"),
+    )
     big, small = cropped.entries  # natural order of the file names
     assert small.bucket == [512, 512] and small.upscaled == pytest.approx(3.41, abs=0.01)
     assert any("upscaled 3.41x with 4x-tiny-esrgan.safetensors" in note for note in small.flags)
@@ -226,8 +240,9 @@ def test_crop_uses_the_upscaler_for_small_photos_and_reports_by_how_much(models,
 
 
 def test_identity_check_rejects_a_planted_wrong_face(analyzer):
-    identity = build_identity("hero", analyzer, [(f"ref{i}", face_image(SIZE, FACE, person=1, noise=6, seed=i))
-                                                 for i in range(3)])
+    identity = build_identity(
+        "hero", analyzer, [(f"ref{i}", face_image(SIZE, FACE, person=1, noise=6, seed=i)) for i in range(3)]
+    )
     threshold = identity.suggested_threshold
     same = check_identity(analyzer, identity, face_image(SIZE, FACE, person=1, noise=6, seed=9), threshold)
     wrong = check_identity(analyzer, identity, face_image(SIZE, FACE, person=7), threshold)
@@ -268,17 +283,25 @@ def test_synthesize_marks_scores_caps_and_never_touches_the_sources(analyzer, tm
     photos, sources = _folders(tmp_path)
     before = folder_hash(sources)
     manifest = load_folder(photos, tmp_path / "ds")
-    identity = build_identity("hero", analyzer, [(p.name, np.asarray(__import__("PIL.Image").Image.open(p)))
-                                                 for p in sorted(photos.glob("*.png"))])
+    identity = build_identity(
+        "hero",
+        analyzer,
+        [(p.name, np.asarray(__import__("PIL.Image").Image.open(p))) for p in sorted(photos.glob("*.png"))],
+    )
     swapper = FaceSwapper.load("inswapper_128.onnx")
     seen = []
     control = Control(on_progress=lambda done, total, text: seen.append((done, total)))
-    out, summary = synthesize(manifest, sources, identity, analyzer, swapper,
-                              settings=SynthSettings(max_share=0.4), control=control)
+    out, summary = synthesize(
+        manifest, sources, identity, analyzer, swapper, settings=SynthSettings(max_share=0.4), control=control
+    )
     assert folder_hash(sources) == before  # the source folder is only read
     synthetic = [e for e in out.entries if e.synthetic]
-    assert [Path(e.synthesized_from).name for e in synthetic] == ["pose_0.png", "pose_1.png", "pose_2.png",
-                                                                  "wrong.png"]
+    assert [Path(e.synthesized_from).name for e in synthetic] == [
+        "pose_0.png",
+        "pose_1.png",
+        "pose_2.png",
+        "wrong.png",
+    ]
     assert all(Path(e.file).parent == tmp_path / "ds" / "synthetic" for e in synthetic)
     by_source = {Path(e.synthesized_from).name: e for e in synthetic}
     assert "identity check: similarity" in by_source["wrong.png"].rejected[0]
@@ -286,7 +309,9 @@ def test_synthesize_marks_scores_caps_and_never_touches_the_sources(analyzer, tm
     capped = [e for e in synthetic if any(r.startswith("synthetic cap") for r in e.rejected)]
     assert len(capped) == 1 and sum(e.accepted for e in synthetic) == 2
     assert by_source["pose_0.png"].caption == "standing on a beach"
-    assert summary.sources == 5 and summary.made == 4 and summary.below_threshold == 1 and summary.over_cap == 1
+    assert (
+        summary.sources == 5 and summary.made == 4 and summary.below_threshold == 1 and summary.over_cap == 1
+    )
     assert summary.skipped == [(str(sources / "empty.png"), "no face found")]
     assert seen[-1] == (5, 5)
     # Marked in the manifest file and in the report, with the source image.
@@ -314,14 +339,36 @@ def test_synthesize_restores_and_stops_on_cancel(analyzer, models, tmp_path):
         return len(calls) > 2
 
     with pytest.raises(Cancelled):
-        synthesize(manifest, sources, identity, analyzer, swapper, restorer, control=Control(should_stop=stop_after_two))
-    out, summary = synthesize(manifest, sources, identity, analyzer, swapper, restorer,
-                              settings=SynthSettings(max_share=1.0, threshold=-1.0))
+        synthesize(
+            manifest,
+            sources,
+            identity,
+            analyzer,
+            swapper,
+            restorer,
+            control=Control(should_stop=stop_after_two),
+        )
+    out, summary = synthesize(
+        manifest,
+        sources,
+        identity,
+        analyzer,
+        swapper,
+        restorer,
+        settings=SynthSettings(max_share=1.0, threshold=-1.0),
+    )
     made = [e for e in out.entries if e.synthetic]
-    assert summary.made == 4 and all(any("restored with RestoreFormer-tiny.pth" in n for n in e.flags) for e in made)
+    assert summary.made == 4 and all(
+        any("restored with RestoreFormer-tiny.pth" in n for n in e.flags) for e in made
+    )
     # A random-weight restorer paints over the planted face: the identity check catches every one of them.
-    assert summary.accepted == 0 and all(e.rejected == ["identity check: no face found in the result"] for e in made)
-    assert out.history[-1].stage == "synthesize" and out.history[-1].settings["restorer"] == "RestoreFormer-tiny.pth"
+    assert summary.accepted == 0 and all(
+        e.rejected == ["identity check: no face found in the result"] for e in made
+    )
+    assert (
+        out.history[-1].stage == "synthesize"
+        and out.history[-1].settings["restorer"] == "RestoreFormer-tiny.pth"
+    )
 
 
 def test_synthesis_settings_are_checked(analyzer, tmp_path):

@@ -58,8 +58,10 @@ def test_kohya_folder(kohya):
     # Pointing at the inner folder (the most common mistake) works too.
     inner = read_kohya_folder(kohya / "10_ohwx woman")
     assert [i.image for i in inner] == [items[0].image, items[1].image]
-    assert tag_frequency(items) == {"10_ohwx woman": {"ohwx woman": 2, "red dress": 1},
-                                    "2_ohwx woman, outdoors": {"ohwx woman": 1, "outdoors": 1}}
+    assert tag_frequency(items) == {
+        "10_ohwx woman": {"ohwx woman": 2, "red dress": 1},
+        "2_ohwx woman, outdoors": {"ohwx woman": 1, "outdoors": 1},
+    }
 
 
 def test_kohya_folder_errors_say_what_to_do(tmp_path):
@@ -88,12 +90,17 @@ def test_dataset_manifest_source(tmp_path, kohya):
     manifest_module = pytest.importorskip("charforge.engine.dataset.manifest")
     a, b = _image(tmp_path / "ds" / "a.png"), _image(tmp_path / "ds" / "b.png", seed=3)
     (tmp_path / "ds" / "b.txt").write_text("sidecar caption")
-    entries = [manifest_module.ImageEntry(id="1", source=str(a), file=str(a), caption="ohwx, smiling"),
-               manifest_module.ImageEntry(id="2", source=str(b), file=str(b)),
-               manifest_module.ImageEntry(id="3", source=str(a), file=str(a), rejected=["blurry"])]
+    entries = [
+        manifest_module.ImageEntry(id="1", source=str(a), file=str(a), caption="ohwx, smiling"),
+        manifest_module.ImageEntry(id="2", source=str(b), file=str(b)),
+        manifest_module.ImageEntry(id="3", source=str(a), file=str(a), rejected=["blurry"]),
+    ]
     manifest = manifest_module.DatasetManifest(name="alice", folder=str(tmp_path / "ds"), entries=entries)
     items = load_items(manifest)
-    assert [(i.caption, i.subset) for i in items] == [("ohwx, smiling", "alice"), ("sidecar caption", "alice")]
+    assert [(i.caption, i.subset) for i in items] == [
+        ("ohwx, smiling", "alice"),
+        ("sidecar caption", "alice"),
+    ]
     path = manifest.save()
     assert [i.caption for i in load_items(path)] == ["ohwx, smiling", "sidecar caption"]
     manifest.export_dir = str(kohya)  # after Export Dataset: its kohya folder (repeats, final captions) wins
@@ -132,9 +139,13 @@ def test_captions_shuffle_after_keep_tokens_and_drop():
     settings = DataSettings(shuffle_caption=True, keep_tokens=1)
     seen = {process_caption(caption, settings, random.Random(i)) for i in range(20)}
     assert len(seen) > 5
-    assert all(c.startswith("ohwx woman, ") and sorted(c.split(", ")) == sorted(caption.split(", ")) for c in seen)
+    assert all(
+        c.startswith("ohwx woman, ") and sorted(c.split(", ")) == sorted(caption.split(", ")) for c in seen
+    )
     assert process_caption(caption, DataSettings(), random.Random(0)) == caption
-    dropped = [process_caption(caption, DataSettings(caption_dropout=0.5), random.Random(i)) for i in range(200)]
+    dropped = [
+        process_caption(caption, DataSettings(caption_dropout=0.5), random.Random(i)) for i in range(200)
+    ]
     assert 60 < dropped.count("") < 140
 
 
@@ -181,17 +192,22 @@ def test_latent_cache_is_keyed_by_content(tmp_path, to_disk):
     assert data.cache_latents(encode, "vae2") == 2  # another VAE: new keys
     if to_disk:
         assert len(list((tmp_path / "cache" / "latents").glob("*.safetensors"))) == 4
-        again = TrainingData.prepare(read_kohya_folder(tmp_path / "img"), settings, cache_dir=tmp_path / "cache")
+        again = TrainingData.prepare(
+            read_kohya_folder(tmp_path / "img"), settings, cache_dir=tmp_path / "cache"
+        )
         assert again.cache_latents(encode, "vae1") == 0  # found on disk
         _image(folder / "a.png", seed=9)  # the photo changed: its old latents are not used
-        changed = TrainingData.prepare(read_kohya_folder(tmp_path / "img"), settings, cache_dir=tmp_path / "cache")
+        changed = TrainingData.prepare(
+            read_kohya_folder(tmp_path / "img"), settings, cache_dir=tmp_path / "cache"
+        )
         assert changed.cache_latents(encode, "vae1") == 2
 
 
 def test_text_cache_includes_the_empty_caption_when_dropping(tmp_path):
     _image(tmp_path / "img" / "1_x" / "a.png")
-    data = TrainingData.prepare(read_kohya_folder(tmp_path / "img"),
-                                DataSettings(resolution=64, caption_dropout=0.1))
+    data = TrainingData.prepare(
+        read_kohya_folder(tmp_path / "img"), DataSettings(resolution=64, caption_dropout=0.1)
+    )
     assert data.captions_to_cache() == ["x", ""]
     encoded = data.cache_text(lambda captions: {"hidden": torch.ones(len(captions), 77, 8)}, "te")
     assert encoded == 2 and data.text("", "te")["hidden"].shape == (77, 8)
@@ -252,9 +268,16 @@ def test_face_mask_weights_the_face_box(tmp_path):
 def test_face_boxes_come_from_the_manifest(tmp_path):
     manifest_module = pytest.importorskip("charforge.engine.dataset.manifest")
     a, b = _image(tmp_path / "ds" / "a.png", (64, 64)), _image(tmp_path / "ds" / "b.png", (64, 64), seed=3)
-    entries = [manifest_module.ImageEntry(id="0001", source=str(a), file=str(a), caption="ohwx",
-                                          faces=manifest_module.FaceInfo(count=1, box=[8, 8, 40, 40])),
-               manifest_module.ImageEntry(id="0002", source=str(b), file=str(b), caption="ohwx")]
+    entries = [
+        manifest_module.ImageEntry(
+            id="0001",
+            source=str(a),
+            file=str(a),
+            caption="ohwx",
+            faces=manifest_module.FaceInfo(count=1, box=[8, 8, 40, 40]),
+        ),
+        manifest_module.ImageEntry(id="0002", source=str(b), file=str(b), caption="ohwx"),
+    ]
     manifest = manifest_module.DatasetManifest(name="alice", folder=str(tmp_path / "ds"), entries=entries)
     items = load_items(manifest)
     assert [i.face_box for i in items] == [(8.0, 8.0, 40.0, 40.0), None]
@@ -262,10 +285,16 @@ def test_face_boxes_come_from_the_manifest(tmp_path):
     _image(export / "0001.png", (64, 64)), _image(export / "0002.png", (64, 64), seed=3)
     manifest.export_dir = str(export.parent)
     assert [(Path(i.image).name, i.face_box) for i in load_items(manifest)] == [
-        ("0001.png", (8.0, 8.0, 40.0, 40.0)), ("0002.png", None)]
+        ("0001.png", (8.0, 8.0, 40.0, 40.0)),
+        ("0002.png", None),
+    ]
 
-    data = TrainingData.prepare(load_items(manifest), DataSettings(resolution=64, min_bucket=64, face_mask=True,
-                                                                    face_mask_margin=0.0, face_mask_background=0.0))
+    data = TrainingData.prepare(
+        load_items(manifest),
+        DataSettings(
+            resolution=64, min_bucket=64, face_mask=True, face_mask_margin=0.0, face_mask_background=0.0
+        ),
+    )
     assert data.settings.uses_masks
     assert float(data.mask(0)[0, 0, 0]) == 0.0 and float(data.mask(0)[0, 3, 3]) > 0.9
     assert float(data.mask(1).min()) == 1.0  # no face found: the plain loss

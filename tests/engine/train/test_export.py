@@ -31,8 +31,14 @@ from charforge.engine.train.lora import (
 from charforge.engine.train.models import PromptEmbeddings, encode_prompts, load_base_model
 
 SETTINGS = LoraSettings(rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, train_text_encoder=True)
-MINIMUM_SS_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
-                   "ss_network_args")
+MINIMUM_SS_KEYS = (
+    "ss_v2",
+    "ss_base_model_version",
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_args",
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # cf_testing/threads.py
@@ -44,8 +50,10 @@ def _unet_output(model, embeds: PromptEmbeddings, unet=None):
     sample = torch.randn(1, 4, 8, 8, generator=generator)
     kwargs = {}
     if model.is_sdxl:
-        kwargs["added_cond_kwargs"] = {"text_embeds": embeds.pooled,
-                                       "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": embeds.pooled,
+            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]),
+        }
     with torch.no_grad():
         return unet(sample, torch.tensor([400]), encoder_hidden_states=embeds.hidden, **kwargs).sample
 
@@ -68,13 +76,32 @@ def exported(request, tiny_sd15, tiny_sdxl, tmp_path_factory):
         for param in network.parameters():
             param.add_(0.2 * torch.randn(param.shape, generator=generator))
     lora_output = _unet_output(model, _encode(model))
-    metadata = lora_metadata(arch=model.arch, settings=SETTINGS, title="alice", trigger_phrase="sks person",
-                             resolution=(64, 64), training={"learning_rate": 1e-4, "steps": 10},
-                             tag_frequency={"10_sks person": {"sks person": 1, "smiling": 1}})
-    path = export_lora(tmp_path_factory.mktemp("lora") / f"{model.arch}.safetensors", network, model.arch,
-                       model.unet_config, metadata, dtype=torch.float32)
-    return {"tiny": tiny, "model": model, "network": network, "base_components": base_components,
-            "base_output": base_output, "lora_output": lora_output, "path": path}
+    metadata = lora_metadata(
+        arch=model.arch,
+        settings=SETTINGS,
+        title="alice",
+        trigger_phrase="sks person",
+        resolution=(64, 64),
+        training={"learning_rate": 1e-4, "steps": 10},
+        tag_frequency={"10_sks person": {"sks person": 1, "smiling": 1}},
+    )
+    path = export_lora(
+        tmp_path_factory.mktemp("lora") / f"{model.arch}.safetensors",
+        network,
+        model.arch,
+        model.unet_config,
+        metadata,
+        dtype=torch.float32,
+    )
+    return {
+        "tiny": tiny,
+        "model": model,
+        "network": network,
+        "base_components": base_components,
+        "base_output": base_output,
+        "lora_output": lora_output,
+        "path": path,
+    }
 
 
 def test_lora_changes_the_model(exported):
@@ -104,14 +131,24 @@ def test_every_exported_key_maps_onto_a_module_of_the_base_model(exported):
                 matches = [k for k in unet_sd if k.endswith(".weight") and k[:-7].replace(".", "_") == body]
                 shape = tuple(unet_sd[matches[0]].shape) if len(matches) == 1 else None
             else:
-                matches = [k for k in checkpoint if k.startswith("model.diffusion_model.") and k.endswith(".weight")
-                           and k[len("model.diffusion_model."):-7].replace(".", "_") == body]
+                matches = [
+                    k
+                    for k in checkpoint
+                    if k.startswith("model.diffusion_model.")
+                    and k.endswith(".weight")
+                    and k[len("model.diffusion_model.") : -7].replace(".", "_") == body
+                ]
                 shape = checkpoint[matches[0]] if len(matches) == 1 else None
         elif stem.startswith(("lora_te_", "lora_te1_")):
             body = stem.split("_", 2)[2]
             prefix = "cond_stage_model.transformer." if sd15 else "conditioner.embedders.0.transformer."
-            matches = [k for k in checkpoint if k.startswith(prefix) and k.endswith(".weight")
-                       and k[len(prefix):-7].replace(".", "_") == body]
+            matches = [
+                k
+                for k in checkpoint
+                if k.startswith(prefix)
+                and k.endswith(".weight")
+                and k[len(prefix) : -7].replace(".", "_") == body
+            ]
             shape = checkpoint[matches[0]] if len(matches) == 1 else None
         else:
             assert stem.startswith("lora_te2_") and not sd15
@@ -162,8 +199,9 @@ def test_metadata_is_all_strings_with_kohya_and_modelspec_keys(exported):
     assert json.loads(metadata["ss_tag_frequency"]) == {"10_sks person": {"sks person": 1, "smiling": 1}}
     assert metadata["ss_learning_rate"] == "0.0001" and metadata["ss_steps"] == "10"
     assert metadata["modelspec.trigger_phrase"] == "sks person"
-    assert metadata["modelspec.architecture"] == ("stable-diffusion-xl-v1-base/lora" if sdxl
-                                                  else "stable-diffusion-v1/lora")
+    assert metadata["modelspec.architecture"] == (
+        "stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora"
+    )
     assert metadata["modelspec.resolution"] == "64x64" and metadata["modelspec.title"] == "alice"
     assert metadata["modelspec.hash_sha256"].startswith("0x") and len(metadata["sshs_model_hash"]) == 64
 
@@ -217,7 +255,9 @@ def full_unets():
     out = {}
     for arch in ("sd15", "sdxl"):
         with torch.device("meta"):
-            out[arch] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(shipped_config_dir(arch) / "unet"))
+            out[arch] = UNet2DConditionModel.from_config(
+                UNet2DConditionModel.load_config(shipped_config_dir(arch) / "unet")
+            )
     return out
 
 
@@ -229,8 +269,14 @@ def test_kohya_target_set_matches_the_reference_counts(full_unets):
     assert (len(wide), len(attention)) == (722, 560)
     assert set(attention) < set(wide)
     for name in wide:
-        leaf = name.split(".transformer_blocks.")[-1] if ".transformer_blocks." in name else name.rsplit(".", 1)[-1]
-        assert leaf.endswith(("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"))
+        leaf = (
+            name.split(".transformer_blocks.")[-1]
+            if ".transformer_blocks." in name
+            else name.rsplit(".", 1)[-1]
+        )
+        assert leaf.endswith(
+            ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+        )
 
     def lora_params(unet, names, rank):
         total = 0
@@ -249,26 +295,47 @@ def test_kohya_target_set_matches_the_reference_counts(full_unets):
     assert "down_blocks.0.resnets.1.conv2" in conv and "up_blocks.0.upsamplers.0.conv" in conv
 
 
-@pytest.mark.parametrize(("component", "module", "expected"), [
-    # The worked examples of docs/comfyui-contract.md §6 (SDXL).
-    ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
-     "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"),
-    ("unet", "up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_out.0",
-     "lora_unet_output_blocks_2_1_transformer_blocks_9_attn2_to_out_0"),
-    ("unet", "down_blocks.0.resnets.1.conv2", "lora_unet_input_blocks_2_0_out_layers_3"),
-    ("text_encoder_2", "text_model.encoder.layers.31.mlp.fc2", "lora_te2_text_model_encoder_layers_31_mlp_fc2"),
-    ("text_encoder", "encoder.layers.3.self_attn.q_proj", "lora_te1_text_model_encoder_layers_3_self_attn_q_proj"),
-])
+@pytest.mark.parametrize(
+    ("component", "module", "expected"),
+    [
+        # The worked examples of docs/comfyui-contract.md §6 (SDXL).
+        (
+            "unet",
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+        ),
+        (
+            "unet",
+            "up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_out.0",
+            "lora_unet_output_blocks_2_1_transformer_blocks_9_attn2_to_out_0",
+        ),
+        ("unet", "down_blocks.0.resnets.1.conv2", "lora_unet_input_blocks_2_0_out_layers_3"),
+        (
+            "text_encoder_2",
+            "text_model.encoder.layers.31.mlp.fc2",
+            "lora_te2_text_model_encoder_layers_31_mlp_fc2",
+        ),
+        (
+            "text_encoder",
+            "encoder.layers.3.self_attn.q_proj",
+            "lora_te1_text_model_encoder_layers_3_self_attn_q_proj",
+        ),
+    ],
+)
 def test_sdxl_names_follow_the_reference(full_unets, component, module, expected):
     assert kohya_name(component, module, "sdxl", dict(full_unets["sdxl"].config)) == expected
 
 
 def test_sd15_names_keep_diffusers_paths(full_unets):
     config = dict(full_unets["sd15"].config)
-    assert kohya_name("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "sd15", config) == \
-        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    assert kohya_name("text_encoder", "encoder.layers.0.mlp.fc1", "sd15", config) == \
-        "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    assert (
+        kohya_name("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "sd15", config)
+        == "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    )
+    assert (
+        kohya_name("text_encoder", "encoder.layers.0.mlp.fc1", "sd15", config)
+        == "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    )
 
 
 def test_text_encoder_targets_are_the_six_linears_per_layer(tiny_sdxl):

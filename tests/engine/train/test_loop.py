@@ -33,7 +33,7 @@ pytestmark = [
 
 
 def _pattern(path, size=(64, 64), shift=0):
-    yy, xx = np.mgrid[0:size[1], 0:size[0]]
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
     rgb = np.stack([(xx * 4 + shift) % 256, (yy * 4) % 256, ((xx + yy) * 2) % 256], -1).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(path)
@@ -51,9 +51,20 @@ def dataset(tmp_path_factory):
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    base = {"steps": 6, "resolution": 64, "bucket_step": 32, "min_bucket": 32, "rank": 4, "alpha": 4.0,
-            "mixed_precision": "no", "learning_rate": 1e-3, "warmup_steps": 0, "sample_every": 0,
-            "sample_steps": 2, "checkpoint_every": 0}
+    base = {
+        "steps": 6,
+        "resolution": 64,
+        "bucket_step": 32,
+        "min_bucket": 32,
+        "rank": 4,
+        "alpha": 4.0,
+        "mixed_precision": "no",
+        "learning_rate": 1e-3,
+        "warmup_steps": 0,
+        "sample_every": 0,
+        "sample_steps": 2,
+        "checkpoint_every": 0,
+    }
     base.update(overrides)
     return with_overrides(TrainConfig(), base)
 
@@ -72,7 +83,9 @@ def test_training_measurably_learns(arch, tiny_sd15, tiny_sdxl, tmp_path):
     tiny = tiny_sd15 if arch == "sd15" else tiny_sdxl
     image = _pattern(tmp_path / "one.png")
     extra = {"conv_rank": 4, "conv_alpha": 4.0} if arch == "sdxl" else {}
-    config = tiny_config(steps=20, batch_size=2, learning_rate=1e-2, schedule="constant", rank=8, alpha=8.0, **extra)
+    config = tiny_config(
+        steps=20, batch_size=2, learning_rate=1e-2, schedule="constant", rank=8, alpha=8.0, **extra
+    )
     model = load_base_model(tiny.diffusers_dir)
     data = TrainingData.prepare(items_from_pairs([(str(image), "sks person")]), config.data)
     trainer = Trainer(model, data, config)
@@ -138,8 +151,17 @@ def test_stop_and_resume_equals_an_uninterrupted_run(arch, tiny_sd15, tiny_sdxl,
     tiny = tiny_sd15 if arch == "sd15" else tiny_sdxl
     # Everything random at once: LoRA dropout (global RNG), flips, caption shuffle and dropout (per-step
     # RNG), two micro-batches per step, a warm-up + cosine schedule; the text encoders run every step.
-    config = tiny_config(steps=4, dropout=0.1, flip=True, shuffle_caption=True, caption_dropout=0.3,
-                         grad_accumulation=2, warmup_steps=1, schedule="cosine", noise_offset=0.05)
+    config = tiny_config(
+        steps=4,
+        dropout=0.1,
+        flip=True,
+        shuffle_caption=True,
+        caption_dropout=0.3,
+        grad_accumulation=2,
+        warmup_steps=1,
+        schedule="cosine",
+        noise_offset=0.05,
+    )
     straight = _trainer(tiny, dataset, config)
     straight.train()
 
@@ -194,8 +216,14 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_sdxl, dataset):
 
 def _request(tiny, dataset, runs_dir, config, **kwargs):
     kwargs.setdefault("memory_profile", "off")
-    return TrainRequest(base_model=str(tiny.diffusers_dir), dataset=str(dataset), runs_dir=str(runs_dir),
-                        name="alice", config=config, **kwargs)
+    return TrainRequest(
+        base_model=str(tiny.diffusers_dir),
+        dataset=str(dataset),
+        runs_dir=str(runs_dir),
+        name="alice",
+        config=config,
+        **kwargs,
+    )
 
 
 def _stop_after(steps: int) -> Control:
@@ -209,7 +237,9 @@ def _stop_after(steps: int) -> Control:
 
 def test_cancel_leaves_a_state_that_resumes_and_resumes_accumulate(tiny_sd15, dataset, tmp_path):
     config = tiny_config(steps=6, dropout=0.1, flip=True, trigger_word="sks", schedule="constant")
-    reference = train(_request(tiny_sd15, dataset, tmp_path / "a", config, lora_dir=str(tmp_path / "loras_a")))
+    reference = train(
+        _request(tiny_sd15, dataset, tmp_path / "a", config, lora_dir=str(tmp_path / "loras_a"))
+    )
     assert reference.step == 6 and reference.resumed_from == 0
 
     runs = tmp_path / "b"
@@ -259,10 +289,13 @@ def test_resume_keeps_its_run_when_the_memory_profile_changes(tiny_sd15, dataset
     model = load_base_model(tiny_sd15.diffusers_dir)
     roomy = preflight.DeviceInfo("cuda", "test GPU", 2**36, 2**36, 1.0)
     plain = preflight.estimate(model, config, roomy, unet_config=unet_config)
-    checkpointed = preflight.estimate(model, replace(config, gradient_checkpointing=True), roomy,
-                                      unet_config=unet_config)
-    middle = (max(plain.peak_bytes, plain.caching_peak_bytes)
-              + max(checkpointed.peak_bytes, checkpointed.caching_peak_bytes)) // 2
+    checkpointed = preflight.estimate(
+        model, replace(config, gradient_checkpointing=True), roomy, unet_config=unet_config
+    )
+    middle = (
+        max(plain.peak_bytes, plain.caching_peak_bytes)
+        + max(checkpointed.peak_bytes, checkpointed.caching_peak_bytes)
+    ) // 2
     tight = replace(roomy, free_bytes=int(middle / preflight.SAFETY))
 
     monkeypatch.setattr(preflight, "device_info", lambda *args, **kwargs: roomy)
@@ -290,22 +323,34 @@ def test_failure_is_recorded_and_resumable(tiny_sd15, dataset, tmp_path):
 
 
 def test_run_folder_contents(tiny_sdxl, dataset, tmp_path):
-    config = tiny_config(steps=4, sample_every=2, checkpoint_every=2, trigger_word="sks",
-                         sample_prompts=["sks at the beach", "portrait"], sample_seeds=[1, 2])
+    config = tiny_config(
+        steps=4,
+        sample_every=2,
+        checkpoint_every=2,
+        trigger_word="sks",
+        sample_prompts=["sks at the beach", "portrait"],
+        sample_seeds=[1, 2],
+    )
     events, steps = [], []
-    control = Control(on_progress=lambda done, total, text: steps.append((done, total)),
-                      on_event=lambda name, data: events.append(data) if name == "train.progress" else None)
+    control = Control(
+        on_progress=lambda done, total, text: steps.append((done, total)),
+        on_event=lambda name, data: events.append(data) if name == "train.progress" else None,
+    )
     result = train(_request(tiny_sdxl, dataset, tmp_path, config, memory_profile="auto"), control)
     folder = RunFolder(result.run_dir)
     document = json.loads(folder.config_path.read_text())
     assert document["arch"] == "sdxl" and document["config"]["lora"]["rank"] == 4
     assert document["preflight"]["fits"] and document["versions"]["diffusers"]
     assert [p.name for p in sorted(folder.samples_dir.iterdir())] == [
-        f"step_{s:06d}_{i}.png" for s in (2, 4) for i in range(4)]
+        f"step_{s:06d}_{i}.png" for s in (2, 4) for i in range(4)
+    ]
     assert len(result.samples) == 4 and Image.open(result.samples[0]).size == (64, 64)
     assert [p.name for p in folder.checkpoints_dir.iterdir()] == ["alice_step000002.safetensors"]
     assert Image.open(result.loss_curve).size == (768, 384)
-    assert folder.metrics_path.read_text().splitlines()[0] == "step,loss,lr,steps_per_second,epoch,elapsed_seconds"
+    assert (
+        folder.metrics_path.read_text().splitlines()[0]
+        == "step,loss,lr,steps_per_second,epoch,elapsed_seconds"
+    )
     phases = [e["phase"] for e in events]
     assert phases[0] == "loading" and "caching" in phases and phases[-1] == "done"
     assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]  # every step as progress; events at most every 0.5 s
@@ -349,7 +394,12 @@ def test_missing_optimizer_package_names_the_install(monkeypatch):
 
 def test_presets_and_overrides():
     sdxl = preset_config("sdxl", "sdxl")
-    assert (sdxl.data.resolution, sdxl.lora.rank, sdxl.lora.alpha, sdxl.min_snr_gamma) == (1024, 32, 16.0, 5.0)
+    assert (sdxl.data.resolution, sdxl.lora.rank, sdxl.lora.alpha, sdxl.min_snr_gamma) == (
+        1024,
+        32,
+        16.0,
+        5.0,
+    )
     assert preset_config("sd15", "sd15").data.resolution == 512
     assert preset_config("fast", "sd15").steps < preset_config("high_quality", "sd15").steps
     assert preset_config("high_quality", "sdxl").lora.conv_rank > 0
@@ -369,7 +419,9 @@ def test_long_captions_train_with_150_tokens(tiny_sdxl, tmp_path):
     caption = "sks person, " + ", ".join(["red dress"] * 60)  # well past 75 tokens
     config = tiny_config(steps=2, max_token_length=150)
     model = load_base_model(tiny_sdxl.diffusers_dir)
-    trainer = Trainer(model, TrainingData.prepare(items_from_pairs([(str(image), caption)]), config.data), config)
+    trainer = Trainer(
+        model, TrainingData.prepare(items_from_pairs([(str(image), caption)]), config.data), config
+    )
     trainer.setup()
     assert trainer._text_table[caption]["hidden"].shape[0] == 152  # cached at the full length
     trainer.train()

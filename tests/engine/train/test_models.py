@@ -31,23 +31,30 @@ def _tokenizer_dir(tiny):
 # Shipped configs: the real SD1.5 / SDXL architectures (published parameter counts)
 
 
-@pytest.mark.parametrize(("arch", "unet", "vae", "text_encoders"), [
-    ("sd15", 859_520_964, 83_653_863, [123_060_480]),
-    ("sdxl", 2_567_463_684, 83_653_863, [123_060_480, 694_659_840]),
-])
+@pytest.mark.parametrize(
+    ("arch", "unet", "vae", "text_encoders"),
+    [
+        ("sd15", 859_520_964, 83_653_863, [123_060_480]),
+        ("sdxl", 2_567_463_684, 83_653_863, [123_060_480, 694_659_840]),
+    ],
+)
 def test_shipped_configs_build_the_published_models(arch, unet, vae, text_encoders):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     folder = shipped_config_dir(arch)
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}[arch]
+    assert (
+        index["_class_name"] == {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}[arch]
+    )
     with torch.device("meta"):
         built_unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         built_vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
         encoders = [CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))]
         if arch == "sdxl":
-            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")))
+            encoders.append(
+                CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+            )
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(built_unet) == unet
     assert count(built_vae) == vae
@@ -74,15 +81,34 @@ def _fake_file(path, keys):
     return path
 
 
-@pytest.mark.parametrize(("keys", "message"), [
-    ({"model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3)}, "diffusion model only"),
-    ({"model.diffusion_model.input_blocks.0.0.weight": (8, 9, 3, 3), "first_stage_model.x": (1,)}, "inpainting"),
-    ({"model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3), "first_stage_model.x": (1,),
-      "cond_stage_model.model.ln_final.weight": (4,)}, "SD2"),
-    ({"model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3), "first_stage_model.x": (1,),
-      "model.diffusion_model.label_emb.0.0.weight": (8, 2560), "conditioner.embedders.0.model.x": (1,)}, "refiner"),
-    ({"double_blocks.0.img_attn.norm.key_norm.scale": (4,)}, "Flux"),
-])
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3)}, "diffusion model only"),
+        (
+            {"model.diffusion_model.input_blocks.0.0.weight": (8, 9, 3, 3), "first_stage_model.x": (1,)},
+            "inpainting",
+        ),
+        (
+            {
+                "model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3),
+                "first_stage_model.x": (1,),
+                "cond_stage_model.model.ln_final.weight": (4,),
+            },
+            "SD2",
+        ),
+        (
+            {
+                "model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3),
+                "first_stage_model.x": (1,),
+                "model.diffusion_model.label_emb.0.0.weight": (8, 2560),
+                "conditioner.embedders.0.model.x": (1,),
+            },
+            "refiner",
+        ),
+        ({"double_blocks.0.img_attn.norm.key_norm.scale": (4,)}, "Flux"),
+    ],
+)
 def test_unsupported_files_are_refused_with_the_reason(tmp_path, keys, message):
     path = _fake_file(tmp_path / "model.safetensors", keys)
     with pytest.raises(UnsupportedModelError, match=message):
@@ -101,11 +127,16 @@ def test_detect_arch_of_missing_or_foreign_paths(tmp_path):
 
 
 def test_single_file_and_folder_load_the_same_weights(tiny_sd15):
-    single = load_base_model(tiny_sd15.single_file, config_dir=tiny_sd15.diffusers_dir,
-                             tokenizer_dir=_tokenizer_dir(tiny_sd15))
+    single = load_base_model(
+        tiny_sd15.single_file, config_dir=tiny_sd15.diffusers_dir, tokenizer_dir=_tokenizer_dir(tiny_sd15)
+    )
     folder = load_base_model(tiny_sd15.diffusers_dir)
     assert single.arch == folder.arch == "sd15"
-    for a, b in ((single.unet, folder.unet), (single.vae, folder.vae), (single.text_encoders[0], folder.text_encoders[0])):
+    for a, b in (
+        (single.unet, folder.unet),
+        (single.vae, folder.vae),
+        (single.text_encoders[0], folder.text_encoders[0]),
+    ):
         sa, sb = a.state_dict(), b.state_dict()
         assert set(sa) == set(sb)
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -183,8 +214,8 @@ def test_tokenize_in_windows(tmp_path, pad):
     torch.testing.assert_close(long_ids[:, 0], reference.input_ids)  # the first window is unchanged
     n = len(word_ids)
     tail = long_ids[3, 1].tolist()  # 100 words: the second window holds words 76-100, then EOS and padding
-    assert tail[0] == tokenizer.bos_token_id and tail[1:1 + 25 * n] == word_ids * 25
-    assert tail[1 + 25 * n] == tokenizer.eos_token_id and set(tail[2 + 25 * n:]) == {tokenizer.pad_token_id}
+    assert tail[0] == tokenizer.bos_token_id and tail[1 : 1 + 25 * n] == word_ids * 25
+    assert tail[1 + 25 * n] == tokenizer.eos_token_id and set(tail[2 + 25 * n :]) == {tokenizer.pad_token_id}
     assert long_ids[0, 1].tolist()[:2] == [tokenizer.bos_token_id, tokenizer.eos_token_id]  # an empty window
     with pytest.raises(ValueError, match="multiple of 75"):
         tokenize(tokenizer, prompts, 100)

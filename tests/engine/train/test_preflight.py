@@ -54,8 +54,10 @@ def _device(free_bytes, tflops=10.0):
 
 
 def _tiny_config(**overrides):
-    return with_overrides(preset_config("sdxl", "sdxl"),
-                          {"resolution": 64, "rank": 4, "alpha": 4.0, "mixed_precision": "no", **overrides})
+    return with_overrides(
+        preset_config("sdxl", "sdxl"),
+        {"resolution": 64, "rank": 4, "alpha": 4.0, "mixed_precision": "no", **overrides},
+    )
 
 
 def test_estimate_parts_and_time(tiny_model):
@@ -64,8 +66,11 @@ def test_estimate_parts_and_time(tiny_model):
     assert set(result.parts) == {"unet weights", "vae weights", "lora + optimizer", "activations"}
     assert result.fits and result.peak_bytes > sum(result.parts.values())  # allocator slack on top
     assert result.seconds_per_step > 0 and result.total_seconds >= 100 * result.seconds_per_step
-    uncached = estimate(tiny_model, replace(config, data=replace(config.data, cache_text_encoder_outputs=False)),
-                        _device(8 * GB))
+    uncached = estimate(
+        tiny_model,
+        replace(config, data=replace(config.data, cache_text_encoder_outputs=False)),
+        _device(8 * GB),
+    )
     assert "text encoder weights" in uncached.parts
     with_gc = estimate(tiny_model, replace(config, gradient_checkpointing=True), _device(8 * GB))
     assert with_gc.parts["activations"] < result.parts["activations"]
@@ -80,8 +85,10 @@ def test_auto_profile_turns_on_checkpointing_only_when_needed(tiny_model):
     plain = estimate(tiny_model, replace(config, gradient_checkpointing=False), _device(8 * GB))
     checkpointed = estimate(tiny_model, replace(config, gradient_checkpointing=True), _device(8 * GB))
     # A device with room for the checkpointed run only.
-    budget = (max(checkpointed.peak_bytes, checkpointed.caching_peak_bytes)
-              + max(plain.peak_bytes, plain.caching_peak_bytes)) // 2
+    budget = (
+        max(checkpointed.peak_bytes, checkpointed.caching_peak_bytes)
+        + max(plain.peak_bytes, plain.caching_peak_bytes)
+    ) // 2
     tight = auto_profile(tiny_model, config, _device(int(budget / 0.92)))
     assert tight.config.gradient_checkpointing and "gradient checkpointing on" in tight.notes[0]
 

@@ -17,11 +17,13 @@ def moving_square(count=12, height=64, width=96, step=4):
     frames = np.zeros((count, height, width, 3), np.float32)
     frames[..., 2] = 0.2
     for i in range(count):
-        frames[i, 20:36, 8 + step * i:24 + step * i] = (1.0, 0.8, 0.1)
+        frames[i, 20:36, 8 + step * i : 24 + step * i] = (1.0, 0.8, 0.1)
     return frames
 
 
-@pytest.mark.parametrize(("fmt", "fps"), [("mp4", 8.0), ("mp4", 12.5), ("webm", 24.0), ("gif", 8.0), ("webp", 10.0)])
+@pytest.mark.parametrize(
+    ("fmt", "fps"), [("mp4", 8.0), ("mp4", 12.5), ("webm", 24.0), ("gif", 8.0), ("webp", 10.0)]
+)
 def test_saved_file_decodes_with_its_frames_size_and_fps(tmp_path, fmt, fps):
     frames = moving_square()
     saved = save_video(frames, tmp_path, "video/clip", fps=fps, fmt=fmt, metadata={"comment": "seed 1"})
@@ -32,8 +34,9 @@ def test_saved_file_decodes_with_its_frames_size_and_fps(tmp_path, fmt, fps):
     assert decoded.fps == pytest.approx(fps, rel=0.01)
     # Lossy, but the picture survives: the square is where it was drawn.
     square = decoded.frames[5, 22:34, 30:42].astype(np.float32) / 255
-    assert square[..., 0].mean() > 0.8 and decoded.frames[5, 50:60, 70:90, 2].mean() / 255 == pytest.approx(0.2,
-                                                                                                            abs=0.08)
+    assert square[..., 0].mean() > 0.8 and decoded.frames[5, 50:60, 70:90, 2].mean() / 255 == pytest.approx(
+        0.2, abs=0.08
+    )
 
 
 def test_save_path_follows_comfyui_counters(tmp_path):
@@ -43,8 +46,11 @@ def test_save_path_follows_comfyui_counters(tmp_path):
     target = save_path("video/clip", tmp_path)
     assert (target.counter, target.filename, target.subfolder) == (5, "clip", "video")  # any extension counts
     assert target.file("webm").endswith("video/clip_00005_.webm")
-    assert save_path("new/sub/clip_%width%x%height%", tmp_path, 96, 64).file("mp4").endswith(
-        "new/sub/clip_96x64_00001_.mp4")
+    assert (
+        save_path("new/sub/clip_%width%x%height%", tmp_path, 96, 64)
+        .file("mp4")
+        .endswith("new/sub/clip_96x64_00001_.mp4")
+    )
     with pytest.raises(SaveOutsideOutputError):
         save_path("../escape", tmp_path)
 

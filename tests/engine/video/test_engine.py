@@ -37,8 +37,10 @@ def spec_for(assets, version="v3", layout="original", arch="sd15", single_file=T
     return VideoModelSpec(
         base=str(tiny.single_file if single_file else tiny.diffusers_dir),
         motion_module=str(module.original_file if layout == "original" else module.diffusers_dir),
-        config_dir=str(tiny.diffusers_dir), tokenizer_dirs=(str(tiny.diffusers_dir / "tokenizer"),),
-        options=bridge_free_options())
+        config_dir=str(tiny.diffusers_dir),
+        tokenizer_dirs=(str(tiny.diffusers_dir / "tokenizer"),),
+        options=bridge_free_options(),
+    )
 
 
 def bridge_free_options():
@@ -49,10 +51,21 @@ def bridge_free_options():
 
 def clip(spec, **changes):
     model, report = load_video_model(spec)
-    request = VideoRequest(**{"prompt": "a photo of sks person", "frames": 8, "width": SIZE, "height": SIZE,
-                              "steps": 2, "seed": 3, **changes})
+    request = VideoRequest(
+        **{
+            "prompt": "a photo of sks person",
+            "frames": 8,
+            "width": SIZE,
+            "height": SIZE,
+            "steps": 2,
+            "seed": 3,
+            **changes,
+        }
+    )
     calls = []
-    result = generate_video(model, request, Control(on_progress=lambda done, total, text: calls.append((done, total))))
+    result = generate_video(
+        model, request, Control(on_progress=lambda done, total, text: calls.append((done, total)))
+    )
     return result, calls, report
 
 
@@ -110,7 +123,9 @@ def test_clip_three_times_the_window_is_made_in_windows(assets):
     # Neighbouring frames across a seam are no further apart than neighbours inside a window.
     steps = (result.frames[1:] - result.frames[:-1]).abs().mean(dim=(1, 2, 3))
     assert float(steps[[5, 6, 7, 12, 13]].max()) < 3 * float(steps.median()) + 1e-3
-    looped, _, _ = clip(spec_for(assets), frames=24, context=ContextOptions(length=8, overlap=2, loop=True), steps=1)
+    looped, _, _ = clip(
+        spec_for(assets), frames=24, context=ContextOptions(length=8, overlap=2, loop=True), steps=1
+    )
     assert looped.frames.shape[0] == 24 and any(0 in w and 23 in w for w in looped.windows)
 
 
@@ -124,7 +139,9 @@ def test_prompt_travel_blends_embeddings_per_frame(assets):
     keyframes = parse_prompt_schedule("0: a photo\n4: sks person")
     cond = encode_schedule(model, keyframes, "", 8)
     assert torch.allclose(cond.positive[2], (cond.positive[0] + cond.positive[4]) / 2, atol=1e-5)
-    assert torch.equal(cond.positive[4], cond.positive[7]) and not torch.equal(cond.positive[0], cond.positive[4])
+    assert torch.equal(cond.positive[4], cond.positive[7]) and not torch.equal(
+        cond.positive[0], cond.positive[4]
+    )
     travel, _, _ = clip(spec_for(assets), prompt="0: a photo\n4: sks person")
     assert travel.frames.shape[0] == 8
 
@@ -133,7 +150,11 @@ def test_init_image_and_video(assets):
     image = torch.zeros(1, 40, 80, 3)
     image[:, :, 40:] = 1.0
     fitted = _fit_frames(image, 4, SIZE, SIZE)
-    assert fitted.shape == (4, 3, SIZE, SIZE) and fitted[:, :, :, :30].max() <= -0.9 and fitted[:, :, :, 34:].min() >= 0.9
+    assert (
+        fitted.shape == (4, 3, SIZE, SIZE)
+        and fitted[:, :, :, :30].max() <= -0.9
+        and fitted[:, :, :, 34:].min() >= 0.9
+    )
     txt, _, _ = clip(spec_for(assets), steps=4)
     img2vid, calls, _ = clip(spec_for(assets), steps=4, init_frames=image, strength=0.5)
     assert img2vid.steps_run == 2 and calls[0] == (1, 3)
@@ -218,7 +239,14 @@ def test_memory_options_give_the_same_clip(assets):
 
     reference, _, _ = clip(spec_for(assets))
     spec = spec_for(assets)
-    options = RuntimeOptions(device="cpu", dtype="fp32", attention="eager", vae_slicing=False, vae_tiling=True,
-                             offload=True, channels_last=True)
+    options = RuntimeOptions(
+        device="cpu",
+        dtype="fp32",
+        attention="eager",
+        vae_slicing=False,
+        vae_tiling=True,
+        offload=True,
+        channels_last=True,
+    )
     other, _, _ = clip(VideoModelSpec(**{**spec.__dict__, "options": options}))
     assert torch.allclose(reference.frames, other.frames, atol=1e-4)

@@ -27,16 +27,25 @@ def assets(tmp_path_factory):
     return video_assets(tmp_path_factory.getbasetemp() / "video_assets")
 
 
-@pytest.mark.parametrize(("version", "mid", "frames", "levels"), [
-    ("v1", False, 24, 4), ("v2", True, 32, 4), ("v3", False, 32, 4), ("sdxl", False, 32, 3)])
+@pytest.mark.parametrize(
+    ("version", "mid", "frames", "levels"),
+    [("v1", False, 24, 4), ("v2", True, 32, 4), ("v3", False, 32, 4), ("sdxl", False, 32, 3)],
+)
 def test_version_is_read_from_the_weights_in_both_layouts(assets, version, mid, frames, levels):
     module = assets.modules[version]
     for path, layout in ((module.original_file, "original"), (module.diffusers_dir, "diffusers")):
         info = inspect_motion_module(path)
-        assert (info.version, info.layout, info.has_mid_block, info.max_frames) == (version, layout, mid, frames)
+        assert (info.version, info.layout, info.has_mid_block, info.max_frames) == (
+            version,
+            layout,
+            mid,
+            frames,
+        )
         assert len(info.block_out_channels) == levels
         assert info.base == ("sdxl" if version == "sdxl" else "sd15")
-    assert inspect_motion_module(assets.modules["v2"].original_ckpt).version == "v2"  # pickled .ckpt, as published
+    assert (
+        inspect_motion_module(assets.modules["v2"].original_ckpt).version == "v2"
+    )  # pickled .ckpt, as published
 
 
 def test_original_layout_is_what_animatediff_evolved_reads(assets):
@@ -45,11 +54,20 @@ def test_original_layout_is_what_animatediff_evolved_reads(assets):
     state = read_weights(assets.modules["v2"].original_file)
     assert all("temporal" in key for key in state)
     assert any(key.startswith("mid_block.motion_modules.0.temporal_transformer.") for key in state)
-    table = state["down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0."
-                  "attention_blocks.1.pos_encoder.pe"]
+    table = state[
+        "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0."
+        "attention_blocks.1.pos_encoder.pe"
+    ]
     assert tuple(table.shape) == (1, 32, 32)
-    for name in ("norms.0.weight", "norms.1.bias", "ff_norm.weight", "attention_blocks.0.to_q.weight",
-                 "attention_blocks.1.to_out.0.bias", "ff.net.0.proj.weight", "ff.net.2.weight"):
+    for name in (
+        "norms.0.weight",
+        "norms.1.bias",
+        "ff_norm.weight",
+        "attention_blocks.0.to_q.weight",
+        "attention_blocks.1.to_out.0.bias",
+        "ff.net.0.proj.weight",
+        "ff.net.2.weight",
+    ):
         assert f"up_blocks.3.motion_modules.2.temporal_transformer.transformer_blocks.0.{name}" in state
 
 
@@ -69,12 +87,17 @@ def test_files_that_are_not_animatediff_modules_are_named(tmp_path):
     from safetensors.torch import save_file
 
     cases = {
-        "hotshot.safetensors": {"down_blocks.0.temporal_attentions.0.positional_encoding": torch.zeros(1, 8, 4)},
+        "hotshot.safetensors": {
+            "down_blocks.0.temporal_attentions.0.positional_encoding": torch.zeros(1, 8, 4)
+        },
         "checkpoint.safetensors": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)},
         "other.safetensors": {"encoder.weight": torch.zeros(2)},
     }
-    messages = {"hotshot.safetensors": "HotshotXL", "checkpoint.safetensors": "checkpoints folder",
-                "other.safetensors": "no AnimateDiff"}
+    messages = {
+        "hotshot.safetensors": "HotshotXL",
+        "checkpoint.safetensors": "checkpoints folder",
+        "other.safetensors": "no AnimateDiff",
+    }
     for name, tensors in cases.items():
         save_file(tensors, str(tmp_path / name))
         with pytest.raises(MotionModuleError, match=messages[name]):
@@ -85,7 +108,9 @@ def test_files_that_are_not_animatediff_modules_are_named(tmp_path):
     with pytest.raises(MotionModuleError, match="AnimateLCM"):
         inspect_state_dict(no_pe)
     with pytest.raises(MotionModuleError, match="do not belong"):
-        original_to_diffusers({prefix.format(0) + "transformer_blocks.0.attention_blocks.0.bogus.weight": torch.zeros(1)})
+        original_to_diffusers(
+            {prefix.format(0) + "transformer_blocks.0.attention_blocks.0.bogus.weight": torch.zeros(1)}
+        )
 
 
 def test_motion_lora_formats(assets):
@@ -105,8 +130,10 @@ def test_motion_lora_formats(assets):
 
 def test_prompt_schedule_parsing_and_blending():
     keyframes = parse_prompt_schedule('"0": "smiling",\n"8": "waving",\nphoto, golden hour\n')
-    assert [(k.frame, k.prompt) for k in keyframes] == [(0, "smiling, photo, golden hour"),
-                                                        (8, "waving, photo, golden hour")]
+    assert [(k.frame, k.prompt) for k in keyframes] == [
+        (0, "smiling, photo, golden hour"),
+        (8, "waving, photo, golden hour"),
+    ]
     blends = frame_blends(keyframes, 12)
     assert (blends[0].first, blends[0].t) == (0, 0.0)
     assert (blends[4].first, blends[4].second, blends[4].t) == (0, 1, 0.5)
@@ -131,9 +158,14 @@ def test_context_windows_cover_every_frame_and_end_on_the_last():
 
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_schedulers_use_the_animatediff_betas(name):
-    scheduler = make_scheduler(name, {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
+    scheduler = make_scheduler(
+        name, {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    )
     assert scheduler.config.beta_schedule == "linear"
     assert scheduler.config.timestep_spacing == "linspace"
     scheduler.set_timesteps(10)
     assert len(scheduler.timesteps) >= 10
-    assert make_scheduler(name, {"beta_schedule": "scaled_linear"}, "base").config.beta_schedule == "scaled_linear"
+    assert (
+        make_scheduler(name, {"beta_schedule": "scaled_linear"}, "base").config.beta_schedule
+        == "scaled_linear"
+    )

@@ -21,8 +21,10 @@ from charforge.nodes.video import InterpolateFrames
 
 def expected_layout() -> dict[str, tuple[int, ...]]:
     keys = {
-        "encode.0.weight": (16, 3, 3, 3), "encode.0.bias": (16,),
-        "encode.1.weight": (16, 4, 4, 4), "encode.1.bias": (4,),  # ConvTranspose2d: (in, out, k, k)
+        "encode.0.weight": (16, 3, 3, 3),
+        "encode.0.bias": (16,),
+        "encode.1.weight": (16, 4, 4, 4),
+        "encode.1.bias": (4,),  # ConvTranspose2d: (in, out, k, k)
     }
     for i, (c, cin) in enumerate(((192, 15), (128, 20), (96, 20), (64, 20))):
         keys[f"block{i}.conv0.0.0.weight"] = (c // 2, cin, 3, 3)
@@ -84,7 +86,9 @@ def test_loader_reads_every_layout(files, state, kind):
 def test_interpolation_keeps_originals_in_place(files, frames, multiplier):
     loaded = rife.load_rife(files["plain"], device="cpu")
     out = rife.interpolate_rife(frames, loaded, multiplier)
-    assert out.shape == (interpolated_count(3, multiplier), 64, 64, 3) == ((3 - 1) * multiplier + 1, 64, 64, 3)
+    assert (
+        out.shape == (interpolated_count(3, multiplier), 64, 64, 3) == ((3 - 1) * multiplier + 1, 64, 64, 3)
+    )
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert out.min() >= 0 and out.max() <= 1
     for i in range(3):
@@ -126,7 +130,9 @@ def test_flow_scale_warp_direction_and_mask(state, frames):
     loaded = rife.LoadedRIFE(model.eval(), "4.7", "shift", torch.device("cpu"), torch.float32)
     out = rife.interpolate_rife(frames[:2], loaded, 2)
     torch.testing.assert_close(out[1][:, :60], frames[0][:, 4:], atol=1e-4, rtol=0)
-    torch.testing.assert_close(out[1][:, 60:], frames[0][:, 63:].expand(64, 4, 3), atol=1e-4, rtol=0)  # border
+    torch.testing.assert_close(
+        out[1][:, 60:], frames[0][:, 63:].expand(64, 4, 3), atol=1e-4, rtol=0
+    )  # border
 
 
 def test_ensemble_is_symmetric_in_time(files, frames):
@@ -144,8 +150,9 @@ def test_ensemble_is_symmetric_in_time(files, frames):
 def test_batching_ensemble_progress_and_cancel(files, frames):
     loaded = rife.load_rife(files["plain"], device="cpu")
     calls = []
-    one = rife.interpolate_rife(frames, loaded, 2, batch_size=1,
-                                control=Control(on_progress=lambda d, t, text: calls.append((d, t))))
+    one = rife.interpolate_rife(
+        frames, loaded, 2, batch_size=1, control=Control(on_progress=lambda d, t, text: calls.append((d, t)))
+    )
     many = rife.interpolate_rife(frames, loaded, 2, batch_size=8)
     torch.testing.assert_close(one, many, atol=1e-5, rtol=0)
     assert calls == [(0, 2), (1, 2), (2, 2)]
@@ -203,13 +210,19 @@ def test_node_picks_the_rife_file(comfy_env, files, state, frames, monkeypatch):
     (pack / "rife47.pth").write_bytes(files["plain"].read_bytes())
     monkeypatch.setattr(bridge, "comfyui_root", lambda: comfy_env.base_dir)
     choices = InterpolateFrames.INPUT_TYPES()["optional"]["interpolator"]
-    assert choices[0] == ["auto", "optical flow", "rife426.pth", "rife49.pth",
-                          "[ComfyUI-Frame-Interpolation] rife47.pth"]
+    assert choices[0] == [
+        "auto",
+        "optical flow",
+        "rife426.pth",
+        "rife49.pth",
+        "[ComfyUI-Frame-Interpolation] rife47.pth",
+    ]
     assert choices[1]["default"] == "auto"
 
     comfy_env.progress.clear()
-    out, fps = run_node(InterpolateFrames, frames=frames, multiplier="4", fps=8.0, loop=False,
-                        interpolator="rife49.pth").result
+    out, fps = run_node(
+        InterpolateFrames, frames=frames, multiplier="4", fps=8.0, loop=False, interpolator="rife49.pth"
+    ).result
     assert out.shape == (5, 64, 64, 3) and fps == 32.0
     assert comfy_env.progress and comfy_env.progress[-1].value == comfy_env.progress[-1].total == 3
     expected = rife.interpolate_rife(frames, rife.load_rife(files["plain"], device="cpu"), 4)
@@ -218,13 +231,24 @@ def test_node_picks_the_rife_file(comfy_env, files, state, frames, monkeypatch):
     # auto skips the unsupported newer file and uses rife49; the pack's copy works by name too
     auto, _ = run_node(InterpolateFrames, frames=frames, multiplier="2", fps=8.0, loop=False).result
     assert not torch.allclose(auto, flow_out, atol=1e-3)
-    torch.testing.assert_close(auto, rife.interpolate_rife(frames, rife.load_rife(files["plain"], device="cpu"), 2))
-    pack_out, _ = run_node(InterpolateFrames, frames=frames, multiplier="2", fps=8.0, loop=False,
-                           interpolator="[ComfyUI-Frame-Interpolation] rife47.pth").result
+    torch.testing.assert_close(
+        auto, rife.interpolate_rife(frames, rife.load_rife(files["plain"], device="cpu"), 2)
+    )
+    pack_out, _ = run_node(
+        InterpolateFrames,
+        frames=frames,
+        multiplier="2",
+        fps=8.0,
+        loop=False,
+        interpolator="[ComfyUI-Frame-Interpolation] rife47.pth",
+    ).result
     torch.testing.assert_close(pack_out, auto)
-    flow_again, _ = run_node(InterpolateFrames, frames=frames, multiplier="2", fps=8.0, loop=False,
-                             interpolator="optical flow").result
+    flow_again, _ = run_node(
+        InterpolateFrames, frames=frames, multiplier="2", fps=8.0, loop=False, interpolator="optical flow"
+    ).result
     torch.testing.assert_close(flow_again, flow_out)
     with pytest.raises(rife.UnsupportedRIFEError, match="rife426.pth.*4.22"):
-        run_node(InterpolateFrames, frames=frames, multiplier="2", fps=8.0, loop=False, interpolator="rife426.pth")
+        run_node(
+            InterpolateFrames, frames=frames, multiplier="2", fps=8.0, loop=False, interpolator="rife426.pth"
+        )
     assert video_nodes.resolve_interpolator_file("rife49.pth") == str(folder / "rife49.pth")

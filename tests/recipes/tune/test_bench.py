@@ -17,24 +17,53 @@ def test_bench_ranks_planted_loras_and_the_base_model(env):
     with TuneServer() as server:
         server.trained["mine.safetensors"] = dict(OPTIMUM)  # draws the character
         server.trained["overcooked.safetensors"] = {"learning_rate": 1e-2, "rank": 16}  # no face at all
-        code, stdout, stderr = run_cli("lora", "bench", "mine.safetensors", "downloaded_style.safetensors",
-                                       "overcooked.safetensors", "--character", "hero", "--server", server.url,
-                                       "--out", str(out), "--prompt", "portrait", "--prompt", "in a park",
-                                       "--seeds", "1,2", "--checkpoint", "v1-5-pruned-emaonly.safetensors",
-                                       "--det-size", "160")
+        code, stdout, stderr = run_cli(
+            "lora",
+            "bench",
+            "mine.safetensors",
+            "downloaded_style.safetensors",
+            "overcooked.safetensors",
+            "--character",
+            "hero",
+            "--server",
+            server.url,
+            "--out",
+            str(out),
+            "--prompt",
+            "portrait",
+            "--prompt",
+            "in a park",
+            "--seeds",
+            "1,2",
+            "--checkpoint",
+            "v1-5-pruned-emaonly.safetensors",
+            "--det-size",
+            "160",
+        )
         assert code == 0, stderr
         loras = [lora for lora, _, _ in server.renders]
         assert loras.count(None) == 4 and loras.count("mine.safetensors") == 4  # base model: no LoraLoader
 
         data = json.loads((out / "bench.json").read_text())
         rows = {r["lora"]: r for r in data["rows"]}
-        assert list(rows) == ["mine.safetensors", "downloaded_style.safetensors", "overcooked.safetensors",
-                              "base model"]
+        assert list(rows) == [
+            "mine.safetensors",
+            "downloaded_style.safetensors",
+            "overcooked.safetensors",
+            "base model",
+        ]
         assert rows["mine.safetensors"]["identity"] > 0.95 and rows["mine.safetensors"]["faces"] == 4
-        assert rows["mine.safetensors"]["identity"] > rows["downloaded_style.safetensors"]["identity"] > \
-            rows["base model"]["identity"]
-        assert rows["overcooked.safetensors"]["identity"] == 0 and rows["overcooked.safetensors"]["faces"] == 0
-        assert all(r["images"] == 4 and r["cmmd"] is not None and r["diversity"] is not None for r in rows.values())
+        assert (
+            rows["mine.safetensors"]["identity"]
+            > rows["downloaded_style.safetensors"]["identity"]
+            > rows["base model"]["identity"]
+        )
+        assert (
+            rows["overcooked.safetensors"]["identity"] == 0 and rows["overcooked.safetensors"]["faces"] == 0
+        )
+        assert all(
+            r["images"] == 4 and r["cmmd"] is not None and r["diversity"] is not None for r in rows.values()
+        )
         table = (out / "table.md").read_text()
         best_line = next(line for line in table.splitlines() if line.rstrip().endswith("best |"))
         assert best_line.startswith("| mine.safetensors") and "| base model" in stdout
@@ -44,16 +73,44 @@ def test_bench_ranks_planted_loras_and_the_base_model(env):
 
         # rerun: resumed, nothing rendered again
         before = len(server.renders)
-        code, _, stderr = run_cli("lora", "bench", "mine.safetensors", "downloaded_style.safetensors",
-                                  "overcooked.safetensors", "--character", "hero", "--server", server.url,
-                                  "--out", str(out), "--prompt", "portrait", "--prompt", "in a park", "--seeds", "1,2",
-                                  "--checkpoint", "v1-5-pruned-emaonly.safetensors", "--det-size", "160")
+        code, _, stderr = run_cli(
+            "lora",
+            "bench",
+            "mine.safetensors",
+            "downloaded_style.safetensors",
+            "overcooked.safetensors",
+            "--character",
+            "hero",
+            "--server",
+            server.url,
+            "--out",
+            str(out),
+            "--prompt",
+            "portrait",
+            "--prompt",
+            "in a park",
+            "--seeds",
+            "1,2",
+            "--checkpoint",
+            "v1-5-pruned-emaonly.safetensors",
+            "--det-size",
+            "160",
+        )
         assert code == 0, stderr
         assert len(server.renders) == before
 
 
 def test_bench_names_a_lora_the_server_does_not_have(env):
     with TuneServer() as server:
-        code, _, stderr = run_cli("lora", "bench", "missing.safetensors", "--character", "hero", "--server",
-                                  server.url, "--out", str(env / "bench"))
+        code, _, stderr = run_cli(
+            "lora",
+            "bench",
+            "missing.safetensors",
+            "--character",
+            "hero",
+            "--server",
+            server.url,
+            "--out",
+            str(env / "bench"),
+        )
     assert code == 2 and "missing.safetensors" in stderr and "downloaded_style.safetensors" in stderr

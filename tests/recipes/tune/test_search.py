@@ -48,10 +48,13 @@ def test_search_finds_the_planted_optimum_and_writes_the_report(env):
     search = write_search(env / "search.yaml", budget={"trials": 10})
     out = env / "tune"
     with TuneServer() as server:
-        code, stdout, stderr = run_cli("tune", str(search), "--out", str(out), "--server", server.url,
-                                       "--loras-dir", str(env / "loras"))
+        code, stdout, stderr = run_cli(
+            "tune", str(search), "--out", str(out), "--server", server.url, "--loras-dir", str(env / "loras")
+        )
         assert code == 0, stderr
-        graphs = [g for _, g in server.executed if any(n["class_type"] == "CharForgeTrainLoRA" for n in g.values())]
+        graphs = [
+            g for _, g in server.executed if any(n["class_type"] == "CharForgeTrainLoRA" for n in g.values())
+        ]
 
     trials = trials_of(out)
     assert len(trials) == 10 and all(t["state"] == "complete" for t in trials)
@@ -70,12 +73,21 @@ def test_search_finds_the_planted_optimum_and_writes_the_report(env):
         extra = json.loads(inputs["overrides"])
         assert inputs["use_preset_values"] is False and inputs["resume"] == "auto" and inputs["steps"] == 300
         assert inputs["output_name"].startswith("hero_tune_t") and inputs["dataset_folder"] == "hero/img"
-        assert extra["schedule"] == "constant" and extra["sample_prompts"][0].startswith("hero_cf, photo of a woman")
+        assert extra["schedule"] == "constant" and extra["sample_prompts"][0].startswith(
+            "hero_cf, photo of a woman"
+        )
     assert {t["settings"]["rank"] for t in trials} <= {4, 8, 16, 32, 64}
 
     # the report
-    for name in ("report.html", "trials.json", "best.yaml", "report/pareto.png", "report/importances.png",
-                 "report/history.png", "report/best_grid.png"):
+    for name in (
+        "report.html",
+        "trials.json",
+        "best.yaml",
+        "report/pareto.png",
+        "report/importances.png",
+        "report/history.png",
+        "report/best_grid.png",
+    ):
         assert (out / name).is_file(), name
     html = (out / "report.html").read_text()
     assert "Pareto front" in html and f"trial {best['trial']}" in html and "learning_rate" in html
@@ -91,8 +103,9 @@ def test_search_finds_the_planted_optimum_and_writes_the_report(env):
 
     # running it again: nothing new is trained, rendered or copied
     with TuneServer() as again:
-        code, stdout, stderr = run_cli("tune", str(search), "--out", str(out), "--server", again.url,
-                                       "--loras-dir", str(env / "loras"))
+        code, stdout, stderr = run_cli(
+            "tune", str(search), "--out", str(out), "--server", again.url, "--loras-dir", str(env / "loras")
+        )
         assert code == 0, stderr
         assert again.trainings == [] and again.renders == []
     assert len(trials_of(out)) == 10 and yaml.safe_load((out / "best.yaml").read_text()) == best
@@ -102,11 +115,17 @@ def test_search_finds_the_planted_optimum_and_writes_the_report(env):
 
 def test_several_objectives_give_a_pareto_front(env):
     """NSGA-II over identity, text agreement and CLIP-feature MMD to the references (pruning is off then)."""
-    search = write_search(env / "search.yaml", objectives=["identity", "text", "cmmd"], budget={"trials": 5},
-                          pruning={"segments": 2})
+    search = write_search(
+        env / "search.yaml",
+        objectives=["identity", "text", "cmmd"],
+        budget={"trials": 5},
+        pruning={"segments": 2},
+    )
     out = env / "tune"
     with TuneServer() as server:
-        code, stdout, stderr = run_cli("tune", str(search), "--out", str(out), "--server", server.url, "--json")
+        code, stdout, stderr = run_cli(
+            "tune", str(search), "--out", str(out), "--server", server.url, "--json"
+        )
         assert code == 0, stderr
         assert sorted(name for name, _, _ in server.trainings) == [f"hero_tune_t{n:04d}" for n in range(5)]
     data = json.loads((out / "trials.json").read_text())
@@ -128,24 +147,37 @@ def test_pruning_stops_planted_bad_trials_after_their_first_segment(env):
     assert bad > BROKEN_LR
     # A good trial first (the search file's start point), then the random sampler; the median of the finished
     # trials' first-segment scores is a good one's, so every bad trial after it is stopped there.
-    search = write_search(env / "search.yaml", sampler="random", seed=5, budget={"trials": 7},
-                          space={"learning_rate": [good, bad]}, fixed={"schedule": "constant", "rank": 16},
-                          start=[{"learning_rate": good}],
-                          pruning={"segments": 3, "pruner": "median", "startup_trials": 1})
+    search = write_search(
+        env / "search.yaml",
+        sampler="random",
+        seed=5,
+        budget={"trials": 7},
+        space={"learning_rate": [good, bad]},
+        fixed={"schedule": "constant", "rank": 16},
+        start=[{"learning_rate": good}],
+        pruning={"segments": 3, "pruner": "median", "startup_trials": 1},
+    )
     out = env / "tune"
     with TuneServer() as server:
-        code, _, stderr = run_cli("tune", str(search), "--out", str(out), "--server", server.url, "--no-report")
+        code, _, stderr = run_cli(
+            "tune", str(search), "--out", str(out), "--server", server.url, "--no-report"
+        )
         assert code == 0, stderr
         trainings = server.trainings
     study = _study(out)
     by_number = sorted(study.get_trials(), key=lambda t: t.number)
-    steps = {t.number: [s for name, s, _ in trainings if name == f"hero_tune_t{t.number:04d}"] for t in by_number}
+    steps = {
+        t.number: [s for name, s, _ in trainings if name == f"hero_tune_t{t.number:04d}"] for t in by_number
+    }
     seen_good = False
     pruned_bad = 0
     for t in by_number:
         lr = t.params["learning_rate"]
         if lr == good:
-            assert t.state.name == "COMPLETE" and steps[t.number] == [100, 200, 300], (t.number, steps[t.number])
+            assert t.state.name == "COMPLETE" and steps[t.number] == [100, 200, 300], (
+                t.number,
+                steps[t.number],
+            )
             seen_good = True
         elif seen_good:  # a bad trial once a good one finished: stopped after segment 1 (100 of 300 steps)
             assert t.state.name == "PRUNED" and steps[t.number] == [100], (t.number, t.state, steps[t.number])
@@ -169,8 +201,9 @@ def test_trials_spread_over_two_servers_and_stay_on_theirs(env):
     search = write_search(env / "search.yaml", budget={"trials": 4})
     out = env / "tune"
     with TuneServer(train_seconds=0.4) as a, TuneServer(train_seconds=0.4) as b:
-        code, _, stderr = run_cli("tune", str(search), "--out", str(out), "--server", a.url, "--server", b.url,
-                                  "--no-report")
+        code, _, stderr = run_cli(
+            "tune", str(search), "--out", str(out), "--server", a.url, "--server", b.url, "--no-report"
+        )
         assert code == 0, stderr
         trained = {a.url: {name for name, _, _ in a.trainings}, b.url: {name for name, _, _ in b.trainings}}
         rendered = {a.url: {lora for lora, _, _ in a.renders}, b.url: {lora for lora, _, _ in b.renders}}
@@ -194,11 +227,28 @@ def test_a_search_killed_mid_way_resumes_without_running_finished_trials_again(e
 
     search = write_search(env / "search.yaml", budget={"trials": 5})
     out = env / "tune"
-    child_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    child_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
     with TuneServer(train_seconds=0.6) as server:
-        child = subprocess.Popen([sys.executable, "-m", "charforge.recipes.cli", "tune", str(search), "--out",
-                                  str(out), "--server", server.url, "--no-report"], env=child_env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "charforge.recipes.cli",
+                "tune",
+                str(search),
+                "--out",
+                str(out),
+                "--server",
+                server.url,
+                "--no-report",
+            ],
+            env=child_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and child.poll() is None:
             time.sleep(0.3)
@@ -220,15 +270,21 @@ def test_a_search_killed_mid_way_resumes_without_running_finished_trials_again(e
         before_render = list(server.renders)
         time.sleep(1.0)  # a job the killed driver left on the server finishes there
 
-        code, _, stderr = run_cli("tune", str(search), "--out", str(out), "--server", server.url, "--no-report")
+        code, _, stderr = run_cli(
+            "tune", str(search), "--out", str(out), "--server", server.url, "--no-report"
+        )
         assert code == 0, stderr
-        after_train = server.trainings[len(before_train):]
-        after_render = server.renders[len(before_render):]
+        after_train = server.trainings[len(before_train) :]
+        after_render = server.renders[len(before_render) :]
 
     trials = _study(out).get_trials()
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3, 4] and all(t.state.name == "COMPLETE" for t in trials)
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3, 4] and all(
+        t.state.name == "COMPLETE" for t in trials
+    )
     # finished trials were neither trained nor rendered again
-    names = {name for name, _, _ in after_train} | {lora.removesuffix(".safetensors") for lora, _, _ in after_render}
+    names = {name for name, _, _ in after_train} | {
+        lora.removesuffix(".safetensors") for lora, _, _ in after_render
+    }
     assert not names & {f"hero_tune_t{n:04d}" for n in finished}, (names, finished)
     # the trial left running was taken up, not started again (its training job ran once, on the server)
     assert running and f"resuming 1 trial(s) an earlier run left running: {min(running)}" in stderr
@@ -240,7 +296,9 @@ def test_the_time_budget_stops_the_search(env):
     search = write_search(env / "search.yaml", budget={"trials": 10, "hours": 0.0001})  # 0.36 s
     out = env / "tune"
     with TuneServer() as server:
-        code, stdout, stderr = run_cli("tune", str(search), "--out", str(out), "--server", server.url, "--no-report")
+        code, stdout, stderr = run_cli(
+            "tune", str(search), "--out", str(out), "--server", server.url, "--no-report"
+        )
     assert code == 0, stderr
     study = _study(out)
     assert len(study.get_trials()) == 1 and "time budget spent (0.0001 h)" in stdout

@@ -9,10 +9,17 @@ from charforge.recipes.tune.spec import METRICS, load_spec, parse_spec
 
 optuna = pytest.importorskip("optuna")
 
-BASE = {"character": "hero", "workflow": "train.json",
-        "space": {"learning_rate": {"low": 1e-5, "high": 1e-3, "log": True}, "rank": [8, 16, 32],
-                  "steps": {"low": 500, "high": 2000, "step": 250}, "caption_dropout": {"low": 0.0, "high": 0.2},
-                  "train_text_encoder": [False, True]}}
+BASE = {
+    "character": "hero",
+    "workflow": "train.json",
+    "space": {
+        "learning_rate": {"low": 1e-5, "high": 1e-3, "log": True},
+        "rank": [8, 16, 32],
+        "steps": {"low": 500, "high": 2000, "step": 250},
+        "caption_dropout": {"low": 0.0, "high": 0.2},
+        "train_text_encoder": [False, True],
+    },
+}
 
 
 def test_a_full_search_file_parses(tmp_path):
@@ -49,29 +56,39 @@ def test_defaults_and_settings_of_a_trial():
     trial = study.ask()
     settings = spec.settings(trial)
     assert settings["schedule"] == "constant" and 1e-5 <= settings["learning_rate"] <= 1e-3
-    assert settings["rank"] in (8, 16, 32) and settings["steps"] % 250 == 0 and isinstance(settings["steps"], int)
+    assert (
+        settings["rank"] in (8, 16, 32)
+        and settings["steps"] % 250 == 0
+        and isinstance(settings["steps"], int)
+    )
     assert isinstance(settings["train_text_encoder"], bool)
     # a trial taken up again gets the values it had
     again = optuna.trial.Trial(study, trial._trial_id)
     assert spec.settings(again) == settings
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"space": {"learning_rate": {"low": 0, "high": 1e-3, "log": True}}}, "log-uniform range needs low > 0"),
-    ({"space": {"rank": {"low": 32, "high": 8}}}, "must be below high"),
-    ({"space": {"rank": []}}, "non-empty list"),
-    ({"objectives": ["beauty"]}, "choose distinct names"),
-    ({"sampler": "cmaes"}, "choose tpe, nsga2, random"),
-    ({"budget": {"trials": 0}}, "at least 1"),
-    ({"budget": {"minutes": 3}}, "unknown key(s) minutes"),
-    ({"pruning": {"pruner": "hyperband"}}, "choose median, halving, none"),
-    ({"eval": {"scenes": ["one"], "seeds": [1]}}, "at least 2 images"),
-    ({"fixed": {"rank": 16}}, "both fixed and searched"),
-    ({"start": [{"alpha": 4}]}, "alpha is not searched"),
-    ({"name": "a b"}, "letters, digits"),
-    ({"colour": "red"}, "unknown key(s) colour"),
-    ({"weights": {"identity": -1}}, ">= 0"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"space": {"learning_rate": {"low": 0, "high": 1e-3, "log": True}}},
+            "log-uniform range needs low > 0",
+        ),
+        ({"space": {"rank": {"low": 32, "high": 8}}}, "must be below high"),
+        ({"space": {"rank": []}}, "non-empty list"),
+        ({"objectives": ["beauty"]}, "choose distinct names"),
+        ({"sampler": "cmaes"}, "choose tpe, nsga2, random"),
+        ({"budget": {"trials": 0}}, "at least 1"),
+        ({"budget": {"minutes": 3}}, "unknown key(s) minutes"),
+        ({"pruning": {"pruner": "hyperband"}}, "choose median, halving, none"),
+        ({"eval": {"scenes": ["one"], "seeds": [1]}}, "at least 2 images"),
+        ({"fixed": {"rank": 16}}, "both fixed and searched"),
+        ({"start": [{"alpha": 4}]}, "alpha is not searched"),
+        ({"name": "a b"}, "letters, digits"),
+        ({"colour": "red"}, "unknown key(s) colour"),
+        ({"weights": {"identity": -1}}, ">= 0"),
+    ],
+)
 def test_mistakes_are_named(change, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_spec(dict(BASE, **change))
@@ -96,12 +113,22 @@ def test_the_configured_tpe_finds_a_planted_optimum_more_often_than_random():
     from charforge.recipes.tune.search import make_sampler
 
     def objective(lr: float, rank: int) -> float:
-        return 0.0 if lr > BROKEN_LR else 1.0 - 0.6 * min(1.0, 0.5 * distance({"learning_rate": lr, "rank": rank}))
+        return (
+            0.0
+            if lr > BROKEN_LR
+            else 1.0 - 0.6 * min(1.0, 0.5 * distance({"learning_rate": lr, "rank": rank}))
+        )
 
     def found(sampler_name: str, seed: int) -> bool:
-        spec = parse_spec(dict(BASE, space={"learning_rate": {"low": 1e-5, "high": 1e-2, "log": True},
-                                            "rank": [4, 8, 16, 32, 64]}, sampler=sampler_name, seed=seed,
-                               budget={"trials": 12}))
+        spec = parse_spec(
+            dict(
+                BASE,
+                space={"learning_rate": {"low": 1e-5, "high": 1e-2, "log": True}, "rank": [4, 8, 16, 32, 64]},
+                sampler=sampler_name,
+                seed=seed,
+                budget={"trials": 12},
+            )
+        )
         study = optuna.create_study(direction="maximize", sampler=make_sampler(spec, 0))
         for _ in range(12):
             trial = study.ask()
@@ -128,11 +155,14 @@ def test_a_training_segment_graph(tmp_path):
     graph = json.loads(workflow.read_text())
     graph["1"]["inputs"]["overrides"] = json.dumps({"learning_rate": 1.0, "steps": 900, "flip": True})
     workflow.write_text(json.dumps(graph))
-    spec = parse_spec(dict(BASE, workflow=str(workflow), set={"Train LoRA (CharForge).dataset_folder": "x/img"}))
+    spec = parse_spec(
+        dict(BASE, workflow=str(workflow), set={"Train LoRA (CharForge).dataset_folder": "x/img"})
+    )
     train = TrainGraph(spec)
     assert train.settings_value({}, "steps") == 900  # the JSON's, as the node would use it
-    made = train.segment_graph("t_0001", {"learning_rate": 2e-4, "rank": 8, "optimizer": "adamw"}, 300,
-                               {"sample_every": 0})
+    made = train.segment_graph(
+        "t_0001", {"learning_rate": 2e-4, "rank": 8, "optimizer": "adamw"}, 300, {"sample_every": 0}
+    )
     inputs = made["1"]["inputs"]
     extra = json.loads(inputs["overrides"])
     assert (inputs["learning_rate"], inputs["rank"], inputs["steps"]) == (2e-4, 8, 300)

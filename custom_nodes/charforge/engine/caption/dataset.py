@@ -41,8 +41,10 @@ class CaptionRun:
 
     @property
     def summary(self) -> str:
-        text = (f"captioned {len(self.captioned)}, copied to {len(self.copied)} augmented cop(ies), "
-                f"skipped {len(self.skipped)} already captioned, {len(self.failed)} without caption")
+        text = (
+            f"captioned {len(self.captioned)}, copied to {len(self.copied)} augmented cop(ies), "
+            f"skipped {len(self.skipped)} already captioned, {len(self.failed)} without caption"
+        )
         if self.failed:
             text += ": " + "; ".join(f"{k} ({v})" for k, v in list(self.failed.items())[:8])
         if self.notes:
@@ -56,9 +58,15 @@ def _load(entry: ImageEntry, max_side: int | None):
     return Image.fromarray(read_rgb(entry.file, max_side=max_side).rgb)
 
 
-def caption_dataset(manifest: DatasetManifest, captioner: Captioner, rules: CaptionRules,
-                    mode: str = "skip existing", on_image: ProgressFn | None = None,
-                    batch_size: int | None = None, workers: int = 0) -> CaptionRun:
+def caption_dataset(
+    manifest: DatasetManifest,
+    captioner: Captioner,
+    rules: CaptionRules,
+    mode: str = "skip existing",
+    on_image: ProgressFn | None = None,
+    batch_size: int | None = None,
+    workers: int = 0,
+) -> CaptionRun:
     """Caption the accepted photos of a copy of `manifest`; writes sidecars, returns the copy and a report.
 
     `on_image(done, total)` is called after each photo (it may raise to cancel: captions finished so far
@@ -85,11 +93,12 @@ def caption_dataset(manifest: DatasetManifest, captioner: Captioner, rules: Capt
     done = 0
     size = max(1, int(batch_size or captioner.batch_size or 1))
     new_captions: dict[str, str] = {}
-    batches = [todo[start:start + size] for start in range(0, len(todo), size)]
+    batches = [todo[start : start + size] for start in range(0, len(todo), size)]
     threads = max(1, int(workers or min(8, os.cpu_count() or 1)))
     # Photos are decoded on `threads` threads, and the next batch is decoded while the model captions the
     # current one, so a GPU model does not wait for JPEG decoding.
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="charforge-caption-load") as pool:
+
         def submit(entries):
             return [pool.submit(_load, entry, captioner.max_side) for entry in entries]
 
@@ -138,8 +147,9 @@ def caption_dataset(manifest: DatasetManifest, captioner: Captioner, rules: Capt
     return run
 
 
-def _store(manifest: DatasetManifest, entry: ImageEntry, text: str, rules: CaptionRules, mode: str,
-           run: CaptionRun) -> str | None:
+def _store(
+    manifest: DatasetManifest, entry: ImageEntry, text: str, rules: CaptionRules, mode: str, run: CaptionRun
+) -> str | None:
     """Write `text` (after the rules) as the caption of `entry` and return it; None when it is empty."""
     if not text or not text.strip():
         run.failed[entry.id] = "the captioner gave no caption"

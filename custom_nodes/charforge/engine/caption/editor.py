@@ -35,8 +35,10 @@ class EditRun:
 
     def summary(self, preview: int = 10) -> str:
         verb = "would change" if self.dry_run else "changed"
-        lines = [f"{verb} {len(self.changes)} caption(s), {self.unchanged} unchanged"
-                 + (f", {len(self.skipped)} skipped" if self.skipped else "")]
+        lines = [
+            f"{verb} {len(self.changes)} caption(s), {self.unchanged} unchanged"
+            + (f", {len(self.skipped)} skipped" if self.skipped else "")
+        ]
         for edit in self.changes[:preview]:
             lines.append(f"{edit.name}: {edit.before!r} -> {edit.after!r}")
         if len(self.changes) > preview:
@@ -56,8 +58,14 @@ def _pattern(find: str, regex: bool, case_sensitive: bool) -> re.Pattern[str]:
     return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)", flags)
 
 
-def edit_caption(caption: str, operation: str, find: str = "", text: str = "", regex: bool = False,
-                 case_sensitive: bool = False) -> str:
+def edit_caption(
+    caption: str,
+    operation: str,
+    find: str = "",
+    text: str = "",
+    regex: bool = False,
+    case_sensitive: bool = False,
+) -> str:
     """One caption after the edit (tidied: one line, clean commas)."""
     if operation not in OPERATIONS:
         raise ValueError(f"caption edit {operation!r} is not one of {', '.join(OPERATIONS)}")
@@ -66,7 +74,9 @@ def edit_caption(caption: str, operation: str, find: str = "", text: str = "", r
     if operation in ("find and replace", "remove"):
         if not find.strip():
             raise ValueError(f"{operation} needs something to find")
-        out = _pattern(find, regex, case_sensitive).sub(text if operation == "find and replace" else " ", caption)
+        out = _pattern(find, regex, case_sensitive).sub(
+            text if operation == "find and replace" else " ", caption
+        )
     elif operation == "prepend":
         key = text.lower()
         out = caption if not text or caption.lower().startswith(key) else f"{text}, {caption}"
@@ -76,8 +86,15 @@ def edit_caption(caption: str, operation: str, find: str = "", text: str = "", r
     return _tidy(out)
 
 
-def edit_captions(manifest: DatasetManifest, operation: str, find: str = "", text: str = "", regex: bool = False,
-                  case_sensitive: bool = False, dry_run: bool = True) -> EditRun:
+def edit_captions(
+    manifest: DatasetManifest,
+    operation: str,
+    find: str = "",
+    text: str = "",
+    regex: bool = False,
+    case_sensitive: bool = False,
+    dry_run: bool = True,
+) -> EditRun:
     """Apply the edit to every accepted photo's caption; returns the (copied) manifest and the changes."""
     manifest = manifest.copy()
     run = EditRun(manifest, dry_run=dry_run)

@@ -129,10 +129,10 @@ def collapse_repeats(part: str, longest: int = 8) -> str:
         for size in range(1, min(longest, len(words) // 2) + 1):
             i = 0
             while i + 2 * size <= len(words):
-                first = [w.lower() for w in words[i:i + size]]
-                second = [w.lower() for w in words[i + size:i + 2 * size]]
+                first = [w.lower() for w in words[i : i + size]]
+                second = [w.lower() for w in words[i + size : i + 2 * size]]
                 if first == second:
-                    del words[i + size:i + 2 * size]
+                    del words[i + size : i + 2 * size]
                     changed = True
                 else:
                     i += 1
@@ -182,7 +182,9 @@ def put_front(parts: list[str], trigger: str, keep_tokens: list[str]) -> tuple[l
 
 def approx_token_count(text: str) -> int:
     """Estimated CLIP tokens: ceil(len / 6) per run of letters/digits, one per punctuation mark."""
-    return sum(math.ceil(len(m.group()) / 6) if m.group()[0].isalnum() else 1 for m in _WORD_OR_MARK.finditer(text))
+    return sum(
+        math.ceil(len(m.group()) / 6) if m.group()[0].isalnum() else 1 for m in _WORD_OR_MARK.finditer(text)
+    )
 
 
 @lru_cache(maxsize=4)
@@ -194,7 +196,8 @@ def load_tokenizer(folder: str):
     if not (path / "vocab.json").is_file() or not (path / "merges.txt").is_file():
         raise FileNotFoundError(
             f"tokenizer folder {str(path)!r} needs vocab.json and merges.txt (a CLIP tokenizer, e.g. the "
-            "'tokenizer' folder of a diffusers SD1.5/SDXL model)")
+            "'tokenizer' folder of a diffusers SD1.5/SDXL model)"
+        )
     transformers = require("transformers")
     return transformers.CLIPTokenizer.from_pretrained(str(path))
 
@@ -211,7 +214,9 @@ def token_counter(tokenizer: str | None):
     return count, True
 
 
-def limit_tokens(parts: list[str], protected: int, max_tokens: int, count, trigger: str = "") -> tuple[list[str], bool]:
+def limit_tokens(
+    parts: list[str], protected: int, max_tokens: int, count, trigger: str = ""
+) -> tuple[list[str], bool]:
     """Drop unprotected parts from the end, then words, until ``count(join(parts)) <= max_tokens``.
 
     Words are never cut up to and including the trigger word (a caption must keep its trigger even when
@@ -228,7 +233,7 @@ def limit_tokens(parts: list[str], protected: int, max_tokens: int, count, trigg
         if trigger:
             pattern = _phrase_pattern(trigger)
             for index in range(len(words)):
-                if pattern.search(" ".join(words[:index + 1])):
+                if pattern.search(" ".join(words[: index + 1])):
                     keep_min = index + 1
                     break
         lo, hi = keep_min, len(words)

@@ -51,7 +51,9 @@ def write_sidecar(path: str | os.PathLike, caption: str) -> Path:
     """Write `caption` as one UTF-8 line (newline-terminated) atomically; refuses an empty caption."""
     text = " ".join(caption.split())
     if not text:
-        raise ValueError(f"refusing to write an empty caption to {path} (trainers reject empty caption files)")
+        raise ValueError(
+            f"refusing to write an empty caption to {path} (trainers reject empty caption files)"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -26,7 +26,9 @@ from .scan import rejection_reason
 ProgressFn = Callable[[int, int], None]
 
 DETECT_SIZE = 640  # long side (at most) the face detector sees
-PEOPLE_AREA_RATIO = 0.25  # a second face this large relative to the main one is another person, not background
+PEOPLE_AREA_RATIO = (
+    0.25  # a second face this large relative to the main one is another person, not background
+)
 CENTROID_KEEP = 0.8  # the centroid is re-estimated from the closest 80 % of faces, so outliers do not pull it
 
 
@@ -57,9 +59,13 @@ def measure_entry(entry: ImageEntry, detector: FaceDetector | None) -> _Measured
     result.notes = decoded.notes
     grey = analysis_grey(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
     quality = measure_grey(grey)
-    result.scores = Scores(sharpness=round(quality.sharpness, 3), brightness=round(quality.brightness, 4),
-                           contrast=round(quality.contrast, 4), dark_fraction=round(quality.dark_fraction, 4),
-                           bright_fraction=round(quality.bright_fraction, 4))
+    result.scores = Scores(
+        sharpness=round(quality.sharpness, 3),
+        brightness=round(quality.brightness, 4),
+        contrast=round(quality.contrast, 4),
+        dark_fraction=round(quality.dark_fraction, 4),
+        bright_fraction=round(quality.bright_fraction, 4),
+    )
     result.hashes = {"phash": phash(grey), "dhash": dhash(grey)}
     if detector is not None:
         try:
@@ -80,8 +86,13 @@ def measure_entry(entry: ImageEntry, detector: FaceDetector | None) -> _Measured
     return result
 
 
-def analyse(manifest: DatasetManifest, detector: FaceDetector | None, detector_name: str | None = None,
-            workers: int = 0, on_image: ProgressFn | None = None) -> DatasetManifest:
+def analyse(
+    manifest: DatasetManifest,
+    detector: FaceDetector | None,
+    detector_name: str | None = None,
+    workers: int = 0,
+    on_image: ProgressFn | None = None,
+) -> DatasetManifest:
     """A new manifest with scores, hashes and faces filled in for every readable entry."""
     np = require("numpy")
     out = manifest.copy()

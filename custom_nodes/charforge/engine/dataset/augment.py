@@ -64,15 +64,26 @@ def _augment(entry: ImageEntry, settings: AugmentSettings, folder: Path) -> list
     made = []
     fmt = "jpg" if Path(entry.file).suffix.lower() in (".jpg", ".jpeg") else "png"
     if settings.flip:
-        made.append(("flip", write_rgb(folder / f"{entry.id}-flip.{fmt}", np.ascontiguousarray(rgb[:, ::-1]))))
+        made.append(
+            ("flip", write_rgb(folder / f"{entry.id}-flip.{fmt}", np.ascontiguousarray(rgb[:, ::-1])))
+        )
     if settings.color_jitter > 0:
         rng = np.random.default_rng(_seed(settings, entry.id))
-        made.append(("jitter", write_rgb(folder / f"{entry.id}-jitter.{fmt}", jitter(rgb, settings.color_jitter, rng))))
+        made.append(
+            (
+                "jitter",
+                write_rgb(folder / f"{entry.id}-jitter.{fmt}", jitter(rgb, settings.color_jitter, rng)),
+            )
+        )
     return made
 
 
-def augment(manifest: DatasetManifest, settings: AugmentSettings | None = None, workers: int = 0,
-            on_image: ProgressFn | None = None) -> DatasetManifest:
+def augment(
+    manifest: DatasetManifest,
+    settings: AugmentSettings | None = None,
+    workers: int = 0,
+    on_image: ProgressFn | None = None,
+) -> DatasetManifest:
     """A new manifest with the augmented copies appended after the originals."""
     settings = settings or AugmentSettings()
     if not 0.0 <= settings.color_jitter <= 0.5:
@@ -88,8 +99,9 @@ def augment(manifest: DatasetManifest, settings: AugmentSettings | None = None, 
             on_image(index + 1, total)
 
     copies = []
-    for entry, made in zip(todo, ordered_map(lambda e: _augment(e, settings, folder), todo, workers, report),
-                           strict=True):
+    for entry, made in zip(
+        todo, ordered_map(lambda e: _augment(e, settings, folder), todo, workers, report), strict=True
+    ):
         if isinstance(made, str):
             entry.reject(made)
             continue
@@ -99,13 +111,18 @@ def augment(manifest: DatasetManifest, settings: AugmentSettings | None = None, 
             twin.file = path
             twin.parent = entry.id
             twin.duplicate_group = None
-            twin.augmentations = [*entry.augmentations, kind if kind == "flip" else
-                                  f"color jitter {settings.color_jitter:g} (seed {settings.seed})"]
+            twin.augmentations = [
+                *entry.augmentations,
+                kind if kind == "flip" else f"color jitter {settings.color_jitter:g} (seed {settings.seed})",
+            ]
             if kind == "flip" and twin.faces and twin.faces.box:
                 x1, y1, x2, y2 = twin.faces.box
                 twin.faces.box = [round(twin.width - x2, 1), y1, round(twin.width - x1, 1), y2]
             copies.append(twin)
     out.entries.extend(copies)
-    out.record("augment", asdict(settings), f"{len(copies)} augmented cop{'y' if len(copies) == 1 else 'ies'} "
-                                            f"of {len(todo)} image(s)")
+    out.record(
+        "augment",
+        asdict(settings),
+        f"{len(copies)} augmented cop{'y' if len(copies) == 1 else 'ies'} of {len(todo)} image(s)",
+    )
     return out

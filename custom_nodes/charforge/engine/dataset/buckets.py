@@ -44,8 +44,9 @@ def closest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda wh: (abs(math.log(wh[0] / wh[1]) - aspect), -wh[0] * wh[1]))
 
 
-def fit_without_upscale(bucket: tuple[int, int], width: float, height: float,
-                        step: int = STEP) -> tuple[int, int]:
+def fit_without_upscale(
+    bucket: tuple[int, int], width: float, height: float, step: int = STEP
+) -> tuple[int, int]:
     """The bucket, or the largest size of about its shape, in `step`s, that a width x height photo covers.
 
     A photo smaller than its bucket is trained at its own size (rounded down to the step) rather than

@@ -51,11 +51,14 @@ class CropSettings:
         if self.format not in FORMATS:
             raise ValueError(f"format {self.format!r} is not one of {', '.join(FORMATS)}")
         if not 0.0 <= self.headroom <= 0.9:
-            raise ValueError(f"headroom {self.headroom} must be between 0 and 0.9 (a share of the crop height)")
+            raise ValueError(
+                f"headroom {self.headroom} must be between 0 and 0.9 (a share of the crop height)"
+            )
 
 
-def plan_crop(width: int, height: int, bucket: tuple[int, int], face_box: list[float] | None,
-              headroom: float) -> tuple[int, int, int, int]:
+def plan_crop(
+    width: int, height: int, bucket: tuple[int, int], face_box: list[float] | None, headroom: float
+) -> tuple[int, int, int, int]:
     """The crop (x1, y1, x2, y2) of a width x height photo with the bucket's aspect ratio."""
     aspect = bucket[0] / bucket[1]
     crop_w = min(float(width), height * aspect)
@@ -118,8 +121,10 @@ def crop_entry(entry: ImageEntry, settings: CropSettings, folder: Path, upscaler
         with _upscale_lock:
             resized = upscale_to(upscaler, region, size)
         upscaled = round(factor, 2)
-        notes.append(f"upscaled {upscaled:g}x with {upscaler.name} ({region.shape[1]}x{region.shape[0]} -> "
-                     f"{size[0]}x{size[1]})")
+        notes.append(
+            f"upscaled {upscaled:g}x with {upscaler.name} ({region.shape[1]}x{region.shape[0]} -> "
+            f"{size[0]}x{size[1]})"
+        )
     else:
         resized = resize(region, size)
     path = write_rgb(folder / f"{entry.id}.{settings.format}", resized)
@@ -141,8 +146,13 @@ def _move_face(entry: ImageEntry, box: list[int], size: list[int]) -> None:
         entry.faces.size = round(entry.faces.size * min(sx, sy), 1)
 
 
-def crop_dataset(manifest: DatasetManifest, settings: CropSettings | None = None, workers: int = 0,
-                 on_image: ProgressFn | None = None, upscaler: Any = None) -> DatasetManifest:
+def crop_dataset(
+    manifest: DatasetManifest,
+    settings: CropSettings | None = None,
+    workers: int = 0,
+    on_image: ProgressFn | None = None,
+    upscaler: Any = None,
+) -> DatasetManifest:
     """A new manifest whose accepted entries point at their cropped, bucket-sized working files.
 
     With `upscaler` (an ``engine.synth.ImageModel``), crops smaller than their bucket are enlarged to it
@@ -151,8 +161,11 @@ def crop_dataset(manifest: DatasetManifest, settings: CropSettings | None = None
     settings = settings or CropSettings()
     settings.validate()
     out = manifest.copy()
-    key = settings.key() if upscaler is None else hashlib.sha256(
-        f"{settings.key()}:{upscaler.name}".encode()).hexdigest()[:8]
+    key = (
+        settings.key()
+        if upscaler is None
+        else hashlib.sha256(f"{settings.key()}:{upscaler.name}".encode()).hexdigest()[:8]
+    )
     folder = Path(out.folder) / f"crops-{key}"
     folder.mkdir(parents=True, exist_ok=True)
     todo = [entry for entry in out.entries if entry.accepted]
@@ -162,8 +175,11 @@ def crop_dataset(manifest: DatasetManifest, settings: CropSettings | None = None
         if on_image is not None:
             on_image(index + 1, total)
 
-    for entry, result in zip(todo, ordered_map(lambda e: crop_entry(e, settings, folder, upscaler), todo, workers, report),
-                             strict=True):
+    for entry, result in zip(
+        todo,
+        ordered_map(lambda e: crop_entry(e, settings, folder, upscaler), todo, workers, report),
+        strict=True,
+    ):
         if "error" in result:
             entry.reject(result["error"])
             continue
@@ -185,5 +201,7 @@ def crop_dataset(manifest: DatasetManifest, settings: CropSettings | None = None
     summary = f"{len(todo)} image(s) cropped into {folder.name} ({histogram})"
     if upscaler is not None:
         summary += f"; {len(upscaled)} upscaled with {upscaler.name}"
-    out.record("crop", {**asdict(settings), "upscaler": upscaler.name if upscaler is not None else None}, summary)
+    out.record(
+        "crop", {**asdict(settings), "upscaler": upscaler.name if upscaler is not None else None}, summary
+    )
     return out

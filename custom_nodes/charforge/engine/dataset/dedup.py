@@ -38,8 +38,13 @@ def _rank(entry: ImageEntry, order: int) -> tuple:
     return (sharpness, entry.width * entry.height, -order)
 
 
-def deduplicate(manifest: DatasetManifest, threshold: int = DEFAULT_THRESHOLD, hash_kind: str = "phash",
-                workers: int = 0, on_image: ProgressFn | None = None) -> DatasetManifest:
+def deduplicate(
+    manifest: DatasetManifest,
+    threshold: int = DEFAULT_THRESHOLD,
+    hash_kind: str = "phash",
+    workers: int = 0,
+    on_image: ProgressFn | None = None,
+) -> DatasetManifest:
     """A new manifest where all but the best photo of each duplicate group are rejected."""
     if hash_kind not in HASH_KINDS:
         raise ValueError(f"hash {hash_kind!r} is not one of {', '.join(HASH_KINDS)}")

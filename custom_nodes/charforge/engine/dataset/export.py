@@ -111,33 +111,42 @@ def _toml_string(text: str) -> str:
 def dataset_toml(subject_dir: Path, repeats: int, class_tokens: str, manifest: DatasetManifest) -> str:
     """A kohya ``--dataset_config`` for the exported folder (buckets as the last Crop made them)."""
     crop = next((h.settings for h in reversed(manifest.history) if h.stage == "crop"), None)
-    resolution, smallest, largest = (1024, 256, 2048) if not crop or crop.get("bucket_set") == "sdxl" else (
-        512, 256, 1024)
-    return "\n".join([
-        "# Written by CharForge. Use with: --dataset_config dataset.toml",
-        "[general]",
-        'caption_extension = ".txt"',
-        "keep_tokens = 1  # the trigger word comes first in every caption",
-        "",
-        "[[datasets]]",
-        f"resolution = {resolution}",
-        "enable_bucket = true",
-        f"min_bucket_reso = {smallest}",
-        f"max_bucket_reso = {largest}",
-        "bucket_reso_steps = 64",
-        "bucket_no_upscale = true",
-        "",
-        "  [[datasets.subsets]]",
-        f"  image_dir = {_toml_string(subject_dir.as_posix())}",
-        f"  num_repeats = {int(repeats)}",
-        f"  class_tokens = {_toml_string(class_tokens)}",
-        "",
-    ])
+    resolution, smallest, largest = (
+        (1024, 256, 2048) if not crop or crop.get("bucket_set") == "sdxl" else (512, 256, 1024)
+    )
+    return "\n".join(
+        [
+            "# Written by CharForge. Use with: --dataset_config dataset.toml",
+            "[general]",
+            'caption_extension = ".txt"',
+            "keep_tokens = 1  # the trigger word comes first in every caption",
+            "",
+            "[[datasets]]",
+            f"resolution = {resolution}",
+            "enable_bucket = true",
+            f"min_bucket_reso = {smallest}",
+            f"max_bucket_reso = {largest}",
+            "bucket_reso_steps = 64",
+            "bucket_no_upscale = true",
+            "",
+            "  [[datasets.subsets]]",
+            f"  image_dir = {_toml_string(subject_dir.as_posix())}",
+            f"  num_repeats = {int(repeats)}",
+            f"  class_tokens = {_toml_string(class_tokens)}",
+            "",
+        ]
+    )
 
 
-def export_kohya(manifest: DatasetManifest, trigger: str, class_tokens: str, repeats: int = 10,
-                 export_name: str = "kohya", caption_mode: str = CAPTION_MODES[0],
-                 on_image=None) -> ExportResult:
+def export_kohya(
+    manifest: DatasetManifest,
+    trigger: str,
+    class_tokens: str,
+    repeats: int = 10,
+    export_name: str = "kohya",
+    caption_mode: str = CAPTION_MODES[0],
+    on_image=None,
+) -> ExportResult:
     """Write the accepted entries into ``<dataset>/<export_name>`` in kohya's layout (see module doc)."""
     if caption_mode not in CAPTION_MODES:
         raise ValueError(f"caption mode {caption_mode!r} is not one of {', '.join(CAPTION_MODES)}")
@@ -175,15 +184,24 @@ def export_kohya(manifest: DatasetManifest, trigger: str, class_tokens: str, rep
         if on_image is not None:
             on_image(index + 1, len(accepted))
     removed = _remove_stale(img_dir, keep)
-    toml = dataset_toml(subject, repeats, " ".join(t for t in (trigger.strip(), class_tokens.strip()) if t), out)
+    toml = dataset_toml(
+        subject, repeats, " ".join(t for t in (trigger.strip(), class_tokens.strip()) if t), out
+    )
     write_bytes_atomic(root / "dataset.toml", toml.encode("utf-8"), only_if_changed=True)
     out.export_dir = str(img_dir)
     exported.export_dir = str(img_dir)
-    settings = {"trigger": trigger, "class_tokens": class_tokens, "repeats": repeats, "caption_mode": caption_mode}
+    settings = {
+        "trigger": trigger,
+        "class_tokens": class_tokens,
+        "repeats": repeats,
+        "caption_mode": caption_mode,
+    }
     # The exported manifest says what is there, not what this run changed: re-exporting rewrites nothing.
     exported.record("export", settings, f"{len(accepted)} image(s) exported to {subject}")
-    summary = (f"{len(accepted)} image(s) exported to {subject} ({written} written, {unchanged} unchanged, "
-               f"{removed} stale file(s) removed); train_data_dir = {img_dir}")
+    summary = (
+        f"{len(accepted)} image(s) exported to {subject} ({written} written, {unchanged} unchanged, "
+        f"{removed} stale file(s) removed); train_data_dir = {img_dir}"
+    )
     out.record("export", settings, summary)
     text = json.dumps(exported.to_dict(), indent=1, ensure_ascii=False) + "\n"
     write_bytes_atomic(root / "manifest.json", text.encode("utf-8"), only_if_changed=True)

@@ -80,9 +80,15 @@ class MtcnnFaces:
 
     def detect(self, rgb) -> list[Face]:
         boxes, scores, landmarks = self._net.detect_arrays(rgb)
-        return [Face(box=(float(x1), float(y1), float(x2), float(y2)), score=float(score), landmarks=marks,
-                     embedding=None)
-                for (x1, y1, x2, y2), score, marks in zip(boxes, scores, landmarks, strict=True)]
+        return [
+            Face(
+                box=(float(x1), float(y1), float(x2), float(y2)),
+                score=float(score),
+                landmarks=marks,
+                embedding=None,
+            )
+            for (x1, y1, x2, y2), score, marks in zip(boxes, scores, landmarks, strict=True)
+        ]
 
 
 def haar_cascade_path() -> str | None:
@@ -124,9 +130,12 @@ class HaarFaces:
     def detect(self, rgb) -> list[Face]:
         cv2 = require("cv2")
         grey = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
-        found = self._classifier().detectMultiScale(grey, scaleFactor=1.1, minNeighbors=5,
-                                                    minSize=(self._min_face, self._min_face))
-        faces = [Face(box=(float(x), float(y), float(x + w), float(y + h)), score=1.0) for x, y, w, h in found]
+        found = self._classifier().detectMultiScale(
+            grey, scaleFactor=1.1, minNeighbors=5, minSize=(self._min_face, self._min_face)
+        )
+        faces = [
+            Face(box=(float(x), float(y), float(x + w), float(y + h)), score=1.0) for x, y, w, h in found
+        ]
         return sorted(faces, key=lambda face: -face.area)
 
 
@@ -164,7 +173,8 @@ def _load_insightface(pack: str, det_size: int) -> InsightFaces:
     except ImportError as exc:
         raise MissingDependencyError(
             "InsightFace detection needs CharForge's face engine (charforge.engine.faces), which is not "
-            f"part of this installation ({exc})") from exc
+            f"part of this installation ({exc})"
+        ) from exc
     return InsightFaces(FaceAnalyzer.load(pack=pack, det_size=det_size))
 
 
@@ -174,8 +184,10 @@ def _load_fallback(min_face: int) -> tuple[FaceDetector | None, str]:
     cascade = haar_cascade_path()
     if cascade:
         return HaarFaces(cascade, min_face=min_face), "OpenCV Haar cascade (no identity embeddings)"
-    return None, ("no fallback face detector is installed: install the mtcnn package "
-                  f"({install_hint(['mtcnn'])}) or put an InsightFace pack into models/insightface")
+    return None, (
+        "no fallback face detector is installed: install the mtcnn package "
+        f"({install_hint(['mtcnn'])}) or put an InsightFace pack into models/insightface"
+    )
 
 
 # The fallback detectors look for faces of at least this many pixels in the (at most 640 px) analysis
@@ -184,8 +196,9 @@ def _load_fallback(min_face: int) -> tuple[FaceDetector | None, str]:
 FALLBACK_MIN_FACE = 32
 
 
-def choose_detector(choice: str = "auto", pack: str = "buffalo_l", det_size: int = 640,
-                    min_face: int = FALLBACK_MIN_FACE) -> DetectorChoice:
+def choose_detector(
+    choice: str = "auto", pack: str = "buffalo_l", det_size: int = 640, min_face: int = FALLBACK_MIN_FACE
+) -> DetectorChoice:
     """Pick and load a face detector.
 
     ``auto``: InsightFace when `pack` (or any pack) is installed, else MTCNN, else the Haar cascade,

@@ -30,9 +30,21 @@ class FilterSettings:
 
 
 # The reason each rule writes starts with one of these words; the report counts by it.
-REASONS = ("too small", "blurry", "too dark", "too bright", "low contrast", "no face", "several people",
-           "face too small", "different person", "exact duplicate", "near duplicate", "unreadable image",
-           "too large")
+REASONS = (
+    "too small",
+    "blurry",
+    "too dark",
+    "too bright",
+    "low contrast",
+    "no face",
+    "several people",
+    "face too small",
+    "different person",
+    "exact duplicate",
+    "near duplicate",
+    "unreadable image",
+    "too large",
+)
 
 
 def _check(entry: ImageEntry, s: FilterSettings, use_faces: bool) -> list[str]:
@@ -66,7 +78,9 @@ def _check(entry: ImageEntry, s: FilterSettings, use_faces: bool) -> list[str]:
     return reasons
 
 
-def apply_filters(manifest: DatasetManifest, settings: FilterSettings | None = None) -> tuple[DatasetManifest, str]:
+def apply_filters(
+    manifest: DatasetManifest, settings: FilterSettings | None = None
+) -> tuple[DatasetManifest, str]:
     """A new manifest with failing entries rejected, and a summary of what each rule did."""
     settings = settings or FilterSettings()
     out = manifest.copy()
@@ -82,7 +96,9 @@ def apply_filters(manifest: DatasetManifest, settings: FilterSettings | None = N
     notes = []
     analysed = any(entry.scores.sharpness is not None for entry in out.entries)
     if not analysed and out.entries:
-        notes.append("sharpness, exposure and faces were not measured (run Analyse first): only size was checked")
+        notes.append(
+            "sharpness, exposure and faces were not measured (run Analyse first): only size was checked"
+        )
     elif not use_faces:
         notes.append("face rules skipped: Analyse ran without a face detector")
     rules = ", ".join(f"{rule}: {count}" for rule, count in hits.most_common()) or "nothing failed"

@@ -70,7 +70,9 @@ def _popcount(values, np):
     return table[as_bytes].sum(axis=-1)
 
 
-def group_near_duplicates(hashes: Sequence[Sequence[str]], threshold: int, block: int = 2048) -> list[list[int]]:
+def group_near_duplicates(
+    hashes: Sequence[Sequence[str]], threshold: int, block: int = 2048
+) -> list[list[int]]:
     """Groups (lists of indices, each sorted, at least 2 long) of items whose hashes are within `threshold`.
 
     `hashes[i]` holds one hash per kind for item i (e.g. ``[phash, dhash]``); two items match when every

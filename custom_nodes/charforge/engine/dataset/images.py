@@ -56,8 +56,12 @@ def _orientation(img) -> int:
         return 1
 
 
-def read_rgb(path: str | os.PathLike, max_side: int | None = None, min_scale: float | None = None,
-             decode_side: int | None = None) -> Decoded:
+def read_rgb(
+    path: str | os.PathLike,
+    max_side: int | None = None,
+    min_scale: float | None = None,
+    decode_side: int | None = None,
+) -> Decoded:
     """Decode `path` as an 8-bit RGB array with its EXIF orientation applied.
 
     With `max_side`, the result's long side is at most `max_side` (smaller images are left as they are),
@@ -88,7 +92,9 @@ def read_rgb(path: str | os.PathLike, max_side: int | None = None, min_scale: fl
         if rgb is None:
             if scale is not None and scale < 1.0 and img.format == "JPEG":
                 # The decoder picks the smallest of 1/2, 1/4, 1/8 that still covers the requested size.
-                img.draft("RGB", (max(1, math.ceil(img.size[0] * scale)), max(1, math.ceil(img.size[1] * scale))))
+                img.draft(
+                    "RGB", (max(1, math.ceil(img.size[0] * scale)), max(1, math.ceil(img.size[1] * scale)))
+                )
             img.load()
             if orientation != 1:
                 img = ImageOps.exif_transpose(img)
@@ -121,8 +127,12 @@ def _decode_jpeg_with_opencv(path, stored_size: tuple[int, int], scale: float | 
             if max(stored_size) // factor >= need:
                 reduction = factor
                 break
-    flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-            8: cv2.IMREAD_REDUCED_COLOR_8}[reduction]
+    flag = {
+        1: cv2.IMREAD_COLOR,
+        2: cv2.IMREAD_REDUCED_COLOR_2,
+        4: cv2.IMREAD_REDUCED_COLOR_4,
+        8: cv2.IMREAD_REDUCED_COLOR_8,
+    }[reduction]
     bgr = cv2.imdecode(data, flag)
     if bgr is None or bgr.ndim != 3:
         return None
@@ -149,8 +159,15 @@ def _to_rgb_array(img, notes: list[str], np):
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
     if mode != "RGB":
-        labels = {"P": "palette", "L": "greyscale", "1": "black-and-white", "CMYK": "CMYK", "YCbCr": "YCbCr",
-                  "LAB": "Lab", "HSV": "HSV"}
+        labels = {
+            "P": "palette",
+            "L": "greyscale",
+            "1": "black-and-white",
+            "CMYK": "CMYK",
+            "YCbCr": "YCbCr",
+            "LAB": "Lab",
+            "HSV": "HSV",
+        }
         notes.append(f"{labels.get(mode, mode)} image converted to RGB")
         return np.asarray(img.convert("RGB"))
     return np.asarray(img)

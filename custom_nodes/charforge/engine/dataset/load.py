@@ -65,9 +65,15 @@ def short_error(exc: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def load_folder(folder: str | os.PathLike, dataset_dir: str | os.PathLike, name: str | None = None,
-                recursive: bool = False, read_captions: bool = True, workers: int = 0,
-                on_image: ProgressFn | None = None) -> DatasetManifest:
+def load_folder(
+    folder: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    name: str | None = None,
+    recursive: bool = False,
+    read_captions: bool = True,
+    workers: int = 0,
+    on_image: ProgressFn | None = None,
+) -> DatasetManifest:
     """A manifest of every image in `folder` (naturally sorted), stored in `dataset_dir`.
 
     The source folder is only read. Files inside `dataset_dir` are skipped, so a dataset folder placed
@@ -81,8 +87,13 @@ def load_folder(folder: str | os.PathLike, dataset_dir: str | os.PathLike, name:
     return manifest
 
 
-def add_files(manifest: DatasetManifest, paths: Iterable[str], read_captions: bool = True, workers: int = 0,
-              on_image: ProgressFn | None = None) -> DatasetManifest:
+def add_files(
+    manifest: DatasetManifest,
+    paths: Iterable[str],
+    read_captions: bool = True,
+    workers: int = 0,
+    on_image: ProgressFn | None = None,
+) -> DatasetManifest:
     """Append an entry per file to `manifest` (in place: used while building a new manifest)."""
     paths = [str(Path(p).resolve()) for p in paths]
     total = len(paths)
@@ -98,8 +109,9 @@ def add_files(manifest: DatasetManifest, paths: Iterable[str], read_captions: bo
     return manifest
 
 
-def add_arrays(manifest: DatasetManifest, arrays: Iterable, on_image: ProgressFn | None = None,
-               total: int | None = None) -> DatasetManifest:
+def add_arrays(
+    manifest: DatasetManifest, arrays: Iterable, on_image: ProgressFn | None = None, total: int | None = None
+) -> DatasetManifest:
     """Write RGB uint8 arrays into ``<dataset>/inputs/`` as PNG and append an entry for each (in place).
 
     File names come from the pixels' hash, so the same images loaded twice are written once.

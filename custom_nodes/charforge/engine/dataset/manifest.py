@@ -163,8 +163,12 @@ class DatasetManifest:
         history = [StageRecord(**_known(StageRecord, h)) for h in data.get("history", [])]
         export_dir = data.get("export_dir")
         return cls(
-            name=data.get("name", Path(folder).name), folder=folder, entries=entries, history=history,
-            detector=data.get("detector"), duplicate_groups=[list(g) for g in data.get("duplicate_groups", [])],
+            name=data.get("name", Path(folder).name),
+            folder=folder,
+            entries=entries,
+            history=history,
+            detector=data.get("detector"),
+            duplicate_groups=[list(g) for g in data.get("duplicate_groups", [])],
             export_dir=_absolute(folder, export_dir) if export_dir else None,
             version=int(data.get("version", FORMAT_VERSION)),
         )

@@ -43,7 +43,8 @@ def weights_folder() -> Path | None:
 def available() -> bool:
     """True when the weights and the two packages that read them (joblib, lz4) are installed."""
     return weights_folder() is not None and all(
-        importlib.util.find_spec(name) is not None for name in ("joblib", "lz4"))
+        importlib.util.find_spec(name) is not None for name in ("joblib", "lz4")
+    )
 
 
 def _load_weights(folder: Path) -> dict[str, list]:
@@ -55,10 +56,14 @@ def _load_weights(folder: Path) -> dict[str, list]:
                 require("lz4")
             except MissingDependencyError as exc:
                 raise MissingDependencyError(
-                    f"the MTCNN face detector needs joblib and lz4 (installed with mtcnn): {exc}") from exc
-            _weights_cache[key] = _to_torch({
-                net: [w.astype("float32") for w in joblib.load(os.fspath(folder / f"{net}.lz4"))]
-                for net in ("pnet", "rnet", "onet")})
+                    f"the MTCNN face detector needs joblib and lz4 (installed with mtcnn): {exc}"
+                ) from exc
+            _weights_cache[key] = _to_torch(
+                {
+                    net: [w.astype("float32") for w in joblib.load(os.fspath(folder / f"{net}.lz4"))]
+                    for net in ("pnet", "rnet", "onet")
+                }
+            )
         return _weights_cache[key]
 
 
@@ -148,11 +153,18 @@ def _nms(boxes, scores, threshold: float, method: str = "union"):
         i = order[0]
         keep.append(i)
         rest = order[1:]
-        w = np.maximum(0.0, np.minimum(boxes[i, 2], boxes[rest, 2]) - np.maximum(boxes[i, 0], boxes[rest, 0]) + 1)
-        h = np.maximum(0.0, np.minimum(boxes[i, 3], boxes[rest, 3]) - np.maximum(boxes[i, 1], boxes[rest, 1]) + 1)
+        w = np.maximum(
+            0.0, np.minimum(boxes[i, 2], boxes[rest, 2]) - np.maximum(boxes[i, 0], boxes[rest, 0]) + 1
+        )
+        h = np.maximum(
+            0.0, np.minimum(boxes[i, 3], boxes[rest, 3]) - np.maximum(boxes[i, 1], boxes[rest, 1]) + 1
+        )
         inter = w * h
-        overlap = inter / np.minimum(areas[i], areas[rest]) if method == "min" else inter / (
-            areas[i] + areas[rest] - inter)
+        overlap = (
+            inter / np.minimum(areas[i], areas[rest])
+            if method == "min"
+            else inter / (areas[i] + areas[rest] - inter)
+        )
         order = rest[overlap <= threshold]
     return np.asarray(keep, dtype=int)
 
@@ -191,7 +203,7 @@ def _patches(image, boxes, size: int):
         sx1, sy1, sx2, sy2 = max(x1, 0), max(y1, 0), min(x2 + 1, width), min(y2 + 1, height)
         if sx2 <= sx1 or sy2 <= sy1:
             continue
-        patch[sy1 - y1:sy2 - y1, sx1 - x1:sx2 - x1] = image[sy1:sy2, sx1:sx2]
+        patch[sy1 - y1 : sy2 - y1, sx1 - x1 : sx2 - x1] = image[sy1:sy2, sx1:sx2]
         out[index] = cv2.resize(patch, (size, size), interpolation=cv2.INTER_LINEAR)
     return out
 
@@ -201,8 +213,13 @@ class MtcnnDetector:
 
     name = "mtcnn"
 
-    def __init__(self, weights: dict[str, list], min_face: int = 20, thresholds=(0.6, 0.7, 0.8),
-                 scale_factor: float = 0.709):
+    def __init__(
+        self,
+        weights: dict[str, list],
+        min_face: int = 20,
+        thresholds=(0.6, 0.7, 0.8),
+        scale_factor: float = 0.709,
+    ):
         self._w = weights
         self.min_face = min_face
         self.thresholds = thresholds
@@ -215,7 +232,8 @@ class MtcnnDetector:
         if folder is None:
             raise MissingDependencyError(
                 "the fallback face detector uses the weights shipped in the mtcnn package, which is not "
-                f"installed. Install it into the Python that runs ComfyUI: {require_hint()}")
+                f"installed. Install it into the Python that runs ComfyUI: {require_hint()}"
+            )
         return cls(_load_weights(folder), **options)
 
     def detect_arrays(self, rgb):
@@ -232,8 +250,11 @@ class MtcnnDetector:
         scale = 12.0 / self.min_face
         while min(height, width) * scale >= 12:
             # Resizing the 8-bit image is several times faster than resizing the float one.
-            level = cv2.resize(rgb, (max(1, int(width * scale + 0.5)), max(1, int(height * scale + 0.5))),
-                               interpolation=cv2.INTER_AREA)
+            level = cv2.resize(
+                rgb,
+                (max(1, int(width * scale + 0.5)), max(1, int(height * scale + 0.5))),
+                interpolation=cv2.INTER_AREA,
+            )
             level = (level.astype(np.float32) - 127.5) / 128.0
             offsets, prob = _run(_pnet, self._w["pnet"], level[None])
             offsets = offsets.transpose(0, 2, 3, 1)
@@ -273,7 +294,9 @@ class MtcnnDetector:
         squares = boxes[keep, :4]
         w = (squares[:, 2] - squares[:, 0] + 1)[:, None]
         h = (squares[:, 3] - squares[:, 1] + 1)[:, None]
-        landmarks = np.stack([squares[:, [0]] + marks[keep, :5] * w, squares[:, [1]] + marks[keep, 5:] * h], axis=2)
+        landmarks = np.stack(
+            [squares[:, [0]] + marks[keep, :5] * w, squares[:, [1]] + marks[keep, 5:] * h], axis=2
+        )
         refined = _refine(squares, offsets[keep])
         scores = prob[keep, 1]
         order = _nms(refined, scores, 0.7, method="min")

@@ -30,8 +30,12 @@ def resolve_workers(workers: int) -> int:
     return default_workers() if workers <= 0 else workers
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int = 0,
-                on_result: Callable[[int, R], None] | None = None) -> Iterator[R]:
+def ordered_map(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    workers: int = 0,
+    on_result: Callable[[int, R], None] | None = None,
+) -> Iterator[R]:
     """Yield ``fn(item)`` for each item in order, computed on `workers` threads (0: one per core).
 
     `on_result(index, result)` is called in the caller's thread as each result is taken, which is where

@@ -47,8 +47,11 @@ def analysis_grey(grey):
     scale = ANALYSIS_SIZE / max(grey.shape)
     if scale != 1.0:
         interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_CUBIC
-        grey = cv2.resize(grey, (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale))),
-                          interpolation=interpolation)
+        grey = cv2.resize(
+            grey,
+            (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale))),
+            interpolation=interpolation,
+        )
     return grey
 
 

@@ -70,8 +70,10 @@ def build_report(manifest: DatasetManifest, trigger: str = "") -> dict[str, Any]
         },
         "rejection_reasons": dict(reasons.most_common()),
         "buckets": dict(sorted(buckets.items(), key=lambda kv: -kv[1])),
-        "duplicate_groups": [{"kept": names.get(g[0], g[0]), "dropped": [names.get(i, i) for i in g[1:]]}
-                             for g in manifest.duplicate_groups],
+        "duplicate_groups": [
+            {"kept": names.get(g[0], g[0]), "dropped": [names.get(i, i) for i in g[1:]]}
+            for g in manifest.duplicate_groups
+        ],
         "captions": {
             "with_caption": len(captioned),
             "without_caption": len(accepted) - len(captioned),
@@ -86,19 +88,37 @@ def build_report(manifest: DatasetManifest, trigger: str = "") -> dict[str, Any]
             "accepted": sum(1 for e in accepted if e.synthetic),
             "rejected": sum(1 for e in manifest.rejected if e.synthetic),
             "share": round(sum(1 for e in accepted if e.synthetic) / len(accepted), 3) if accepted else 0.0,
-            "images": [{"name": e.name, "status": _status(e), "source": e.synthesized_from}
-                       for e in manifest.entries if e.synthetic],
+            "images": [
+                {"name": e.name, "status": _status(e), "source": e.synthesized_from}
+                for e in manifest.entries
+                if e.synthetic
+            ],
         },
         "upscaled": [{"name": e.name, "factor": e.upscaled} for e in manifest.entries if e.upscaled],
         "train_data_dir": manifest.export_dir,
         "history": [asdict(h) for h in manifest.history],
-        "images": [{
-            "id": e.id, "name": e.name, "status": _status(e), "reasons": e.rejected, "notes": e.flags,
-            "source": e.source, "file": e.file, "size": [e.width, e.height], "bucket": e.bucket,
-            "scores": asdict(e.scores), "faces": asdict(e.faces) if e.faces else None,
-            "duplicate_group": e.duplicate_group, "augmentations": e.augmentations, "caption": e.caption,
-            "synthetic": e.synthetic, "synthesized_from": e.synthesized_from, "upscaled": e.upscaled,
-        } for e in manifest.entries],
+        "images": [
+            {
+                "id": e.id,
+                "name": e.name,
+                "status": _status(e),
+                "reasons": e.rejected,
+                "notes": e.flags,
+                "source": e.source,
+                "file": e.file,
+                "size": [e.width, e.height],
+                "bucket": e.bucket,
+                "scores": asdict(e.scores),
+                "faces": asdict(e.faces) if e.faces else None,
+                "duplicate_group": e.duplicate_group,
+                "augmentations": e.augmentations,
+                "caption": e.caption,
+                "synthetic": e.synthetic,
+                "synthesized_from": e.synthesized_from,
+                "upscaled": e.upscaled,
+            }
+            for e in manifest.entries
+        ],
     }
     return data
 
@@ -107,9 +127,16 @@ def build_report(manifest: DatasetManifest, trigger: str = "") -> dict[str, Any]
 
 
 # Fonts with accented Latin (and more) tried before Pillow's built-in one, which has ASCII only.
-FONT_CANDIDATES = ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "Arial.ttf", "arial.ttf",
-                   "/System/Library/Fonts/Supplemental/Arial Unicode.ttf", "/Library/Fonts/Arial Unicode.ttf",
-                   "LiberationSans-Regular.ttf", "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf")
+FONT_CANDIDATES = (
+    "DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "Arial.ttf",
+    "arial.ttf",
+    "/System/Library/Fonts/Supplemental/Arial Unicode.ttf",
+    "/Library/Fonts/Arial Unicode.ttf",
+    "LiberationSans-Regular.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+)
 
 
 @functools.lru_cache(maxsize=8)
@@ -139,9 +166,16 @@ def visible(text: str) -> str:
     for char in str(text):
         if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
             code = ord(char)
-            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char)
-                       or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
-                           else f"\\U{code:08x}"))
+            out.append(
+                {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char)
+                or (
+                    f"\\x{code:02x}"
+                    if code < 0x100
+                    else f"\\u{code:04x}"
+                    if code < 0x10000
+                    else f"\\U{code:08x}"
+                )
+            )
         else:
             out.append(char)
     return "".join(out)
@@ -179,7 +213,7 @@ def _wrap(draw, text: str, font, width: int, lines: int) -> list[str]:
     if line:
         out.append(line)
     if len(out) > lines:
-        out = out[: lines - 1] + [" ".join(out[lines - 1:])]
+        out = out[: lines - 1] + [" ".join(out[lines - 1 :])]
     return [_fit_text(draw, line, font, width) for line in out]
 
 
@@ -228,7 +262,9 @@ def _draw_cell(sheet, draw, entry: ImageEntry, thumb, ratio: float, x: int, y: i
         draw.text((ox + 8, oy + size // 2 - 8), "cannot be read", fill=(230, 230, 230), font=fonts[0][0])
     tx, ty, width = x + 5, y + size + 10, size
     font, line_h = fonts[0], fonts[1]
-    draw.text((tx, ty), _fit_text(draw, f"{entry.id}  {entry.name}", font, width), fill=(20, 20, 20), font=font[0])
+    draw.text(
+        (tx, ty), _fit_text(draw, f"{entry.id}  {entry.name}", font, width), fill=(20, 20, 20), font=font[0]
+    )
     if entry.rejected:
         lines = _wrap(draw, "; ".join(entry.rejected), font, width, 2)
         text_colour = RED
@@ -240,12 +276,22 @@ def _draw_cell(sheet, draw, entry: ImageEntry, thumb, ratio: float, x: int, y: i
         text_colour = GREEN if not entry.parent else GREY
     for i, line in enumerate(lines):
         draw.text((tx, ty + line_h * (1 + i)), line, fill=text_colour, font=font[0])
-    draw.text((tx, ty + line_h * 3), _fit_text(draw, _scores_line(entry), font, width), fill=(60, 60, 60),
-              font=font[0])
+    draw.text(
+        (tx, ty + line_h * 3),
+        _fit_text(draw, _scores_line(entry), font, width),
+        fill=(60, 60, 60),
+        font=font[0],
+    )
 
 
-def contact_sheets(manifest: DatasetManifest, thumb_size: int = 192, per_sheet: int = 48, columns: int = 8,
-                   workers: int = 0, on_image: ProgressFn | None = None):
+def contact_sheets(
+    manifest: DatasetManifest,
+    thumb_size: int = 192,
+    per_sheet: int = 48,
+    columns: int = 8,
+    workers: int = 0,
+    on_image: ProgressFn | None = None,
+):
     """Yield contact-sheet pages (PIL images, all the same size), one thumbnail decoded at a time."""
     from PIL import Image, ImageDraw
 
@@ -266,7 +312,9 @@ def contact_sheets(manifest: DatasetManifest, thumb_size: int = 192, per_sheet: 
         draw = ImageDraw.Draw(page)
         title = f"{summary}  |  page {number} of {pages}"
         title_font = _font(font_size + 2)
-        draw.text((8, 6), _fit_text(draw, title, title_font, page_size[0] - 16), fill=(0, 0, 0), font=title_font[0])
+        draw.text(
+            (8, 6), _fit_text(draw, title, title_font, page_size[0] - 16), fill=(0, 0, 0), font=title_font[0]
+        )
         return page, draw
 
     def report(index: int, _thumb) -> None:
@@ -276,15 +324,18 @@ def contact_sheets(manifest: DatasetManifest, thumb_size: int = 192, per_sheet: 
     number = 1
     page, draw = new_page(number)
     slot = 0
-    for entry, (thumb, ratio) in zip(entries, ordered_map(lambda e: _thumbnail(e, thumb_size), entries, workers,
-                                                           report), strict=True):
+    for entry, (thumb, ratio) in zip(
+        entries, ordered_map(lambda e: _thumbnail(e, thumb_size), entries, workers, report), strict=True
+    ):
         if slot == per_sheet:
             yield page
             number += 1
             page, draw = new_page(number)
             slot = 0
         row, col = divmod(slot, columns)
-        _draw_cell(page, draw, entry, thumb, ratio, 4 + col * cell_w, header + row * cell_h, thumb_size, fonts)
+        _draw_cell(
+            page, draw, entry, thumb, ratio, 4 + col * cell_w, header + row * cell_h, thumb_size, fonts
+        )
         slot += 1
     yield page
 
@@ -303,10 +354,18 @@ def _html(data: dict[str, Any], sheets: list[str]) -> str:
         return f"<table><tr><th>{e(head[0])}</th><th>{e(head[1])}</th></tr>{body}</table>"
 
     trig = data["trigger"]
-    trigger_text = (f"{trig['in_captions']} of {data['captions']['with_caption']} captions contain "
-                    f"“{trig['word']}”" if trig["word"] else "no trigger word given")
-    groups = "".join(f"<li><b>{e(g['kept'])}</b> kept; dropped {e(', '.join(g['dropped']))}</li>"
-                     for g in data["duplicate_groups"]) or "<li>none</li>"
+    trigger_text = (
+        f"{trig['in_captions']} of {data['captions']['with_caption']} captions contain “{trig['word']}”"
+        if trig["word"]
+        else "no trigger word given"
+    )
+    groups = (
+        "".join(
+            f"<li><b>{e(g['kept'])}</b> kept; dropped {e(', '.join(g['dropped']))}</li>"
+            for g in data["duplicate_groups"]
+        )
+        or "<li>none</li>"
+    )
     rows = "".join(
         f"<tr class='{e(img['status'])}'><td>{e(img['id'])}</td><td>{e(img['name'])}</td><td>{e(img['status'])}</td>"
         f"<td>{e('; '.join(img['reasons']))}</td><td>{e(str(img['size'][0]))}x{e(str(img['size'][1]))}</td>"
@@ -314,26 +373,29 @@ def _html(data: dict[str, Any], sheets: list[str]) -> str:
         f"<td>{'' if img['faces'] is None else img['faces']['count']}</td>"
         f"<td>{e(str(img['bucket'] or ''))}</td><td>{e(img['caption'] or '')}</td>"
         f"<td>{e(Path(img['synthesized_from']).name) if img['synthetic'] else ''}</td></tr>"
-        for img in data["images"])
-    images = "".join(f"<p><img src='{e(name)}' alt='contact sheet {i + 1}'></p>" for i, name in enumerate(sheets))
+        for img in data["images"]
+    )
+    images = "".join(
+        f"<p><img src='{e(name)}' alt='contact sheet {i + 1}'></p>" for i, name in enumerate(sheets)
+    )
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{e(data['dataset'])}: dataset report</title>
+<html lang="en"><head><meta charset="utf-8"><title>{e(data["dataset"])}: dataset report</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse;margin:.5em 0 1.5em}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}} tr.rejected td{{color:#b32}}
 tr.augmented td{{color:#666}} img{{max-width:100%}}</style></head><body>
-<h1>Dataset “{e(data['dataset'])}”</h1>
-<p>{counts['accepted']} accepted ({counts['augmented_copies']} augmented copies), {counts['rejected']} rejected,
-{counts['images']} in all. Face detector: {e(data['face_detector'])}.
-{('Train with train_data_dir = <code>' + e(data['train_data_dir']) + '</code>.') if data['train_data_dir'] else ''}</p>
-<h2>Why photos were rejected</h2>{table(list(data['rejection_reasons'].items()), ('reason', 'photos'))}
-<h2>Buckets</h2>{table(list(data['buckets'].items()), ('bucket', 'photos'))}
+<h1>Dataset “{e(data["dataset"])}”</h1>
+<p>{counts["accepted"]} accepted ({counts["augmented_copies"]} augmented copies), {counts["rejected"]} rejected,
+{counts["images"]} in all. Face detector: {e(data["face_detector"])}.
+{("Train with train_data_dir = <code>" + e(data["train_data_dir"]) + "</code>.") if data["train_data_dir"] else ""}</p>
+<h2>Why photos were rejected</h2>{table(list(data["rejection_reasons"].items()), ("reason", "photos"))}
+<h2>Buckets</h2>{table(list(data["buckets"].items()), ("bucket", "photos"))}
 <h2>Duplicate groups</h2><ul>{groups}</ul>
-<h2>Synthetic and upscaled images</h2><p>{data['synthetic']['accepted']} accepted synthetic image(s)
-({data['synthetic']['share']:.0%} of the accepted), {data['synthetic']['rejected']} rejected.</p>
-{table([(s['name'], f"{s['status']}, from {s['source']}") for s in data['synthetic']['images']], ('synthetic', 'source'))}
-{table([(u['name'], f"{u['factor']:g}x") for u in data['upscaled']], ('upscaled', 'by'))}
-<h2>Captions</h2><p>{data['captions']['with_caption']} of {counts['accepted']} accepted photos have a caption
-(coverage {data['captions']['coverage']:.0%}); {e(trigger_text)}.</p>
+<h2>Synthetic and upscaled images</h2><p>{data["synthetic"]["accepted"]} accepted synthetic image(s)
+({data["synthetic"]["share"]:.0%} of the accepted), {data["synthetic"]["rejected"]} rejected.</p>
+{table([(s["name"], f"{s['status']}, from {s['source']}") for s in data["synthetic"]["images"]], ("synthetic", "source"))}
+{table([(u["name"], f"{u['factor']:g}x") for u in data["upscaled"]], ("upscaled", "by"))}
+<h2>Captions</h2><p>{data["captions"]["with_caption"]} of {counts["accepted"]} accepted photos have a caption
+(coverage {data["captions"]["coverage"]:.0%}); {e(trigger_text)}.</p>
 <h2>Contact sheets</h2>{images}
 <h2>Every photo</h2><table><tr><th>id</th><th>file</th><th>status</th><th>reasons</th><th>size</th>
 <th>sharpness</th><th>faces</th><th>bucket</th><th>caption</th><th>synthetic from</th></tr>{rows}</table>
@@ -341,8 +403,15 @@ tr.augmented td{{color:#666}} img{{max-width:100%}}</style></head><body>
 """
 
 
-def write_report(manifest: DatasetManifest, trigger: str = "", thumb_size: int = 192, per_sheet: int = 48,
-                 columns: int = 8, workers: int = 0, on_image: ProgressFn | None = None) -> dict[str, Any]:
+def write_report(
+    manifest: DatasetManifest,
+    trigger: str = "",
+    thumb_size: int = 192,
+    per_sheet: int = 48,
+    columns: int = 8,
+    workers: int = 0,
+    on_image: ProgressFn | None = None,
+) -> dict[str, Any]:
     """Write the contact sheets, ``report.json`` and ``report.html``; return their paths and the data.
 
     Returns ``{"folder", "sheets": [paths], "json", "html", "data"}``.
@@ -354,7 +423,9 @@ def write_report(manifest: DatasetManifest, trigger: str = "", thumb_size: int =
         old.unlink()
     sheets = []
     arrays: list[Any] = []
-    for number, page in enumerate(contact_sheets(manifest, thumb_size, per_sheet, columns, workers, on_image), 1):
+    for number, page in enumerate(
+        contact_sheets(manifest, thumb_size, per_sheet, columns, workers, on_image), 1
+    ):
         path = folder / f"contact_sheet_{number:03d}.png"
         page.save(path, compress_level=3)
         sheets.append(str(path))
@@ -366,8 +437,14 @@ def write_report(manifest: DatasetManifest, trigger: str = "", thumb_size: int =
     html_path = folder / "report.html"
     write_bytes_atomic(json_path, (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
     write_bytes_atomic(html_path, _html(data, data["contact_sheets"]).encode("utf-8"))
-    return {"folder": str(folder), "sheets": sheets, "json": str(json_path), "html": str(html_path),
-            "data": data, "pages": arrays}
+    return {
+        "folder": str(folder),
+        "sheets": sheets,
+        "json": str(json_path),
+        "html": str(html_path),
+        "data": data,
+        "pages": arrays,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ listing
@@ -386,24 +463,37 @@ def list_datasets(root: str | Path) -> list[dict[str, Any]]:
         if folder.name.startswith((".", "_")) or not manifest_path.is_file():
             continue
         report_json = folder / "report" / "report.json"
-        entry: dict[str, Any] = {"name": folder.name, "updated_at": manifest_path.stat().st_mtime,
-                                 "report": None, "contact_sheets": []}
+        entry: dict[str, Any] = {
+            "name": folder.name,
+            "updated_at": manifest_path.stat().st_mtime,
+            "report": None,
+            "contact_sheets": [],
+        }
         try:
             if report_json.is_file():
                 data = json.loads(report_json.read_text(encoding="utf-8"))
                 entry["updated_at"] = max(entry["updated_at"], report_json.stat().st_mtime)
                 if (folder / "report" / "report.html").is_file():
                     entry["report"] = "report/report.html"
-                entry["contact_sheets"] = [f"report/{name}" for name in data.get("contact_sheets", [])
-                                           if (folder / "report" / name).is_file()]
+                entry["contact_sheets"] = [
+                    f"report/{name}"
+                    for name in data.get("contact_sheets", [])
+                    if (folder / "report" / name).is_file()
+                ]
             else:
                 data = build_report(DatasetManifest.load(manifest_path))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             entry["error"] = f"cannot read {folder.name}: {exc}"
             found.append(entry)
             continue
-        entry.update({"counts": data.get("counts", {}), "rejection_reasons": data.get("rejection_reasons", {}),
-                      "captions": data.get("captions", {}), "trigger": (data.get("trigger") or {}).get("word"),
-                      "train_data_dir": data.get("train_data_dir")})
+        entry.update(
+            {
+                "counts": data.get("counts", {}),
+                "rejection_reasons": data.get("rejection_reasons", {}),
+                "captions": data.get("captions", {}),
+                "trigger": (data.get("trigger") or {}).get("word"),
+                "train_data_dir": data.get("train_data_dir"),
+            }
+        )
         found.append(entry)
     return sorted(found, key=lambda d: -d["updated_at"])

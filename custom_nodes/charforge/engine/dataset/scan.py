@@ -53,8 +53,12 @@ def _split_digits(text: str) -> list[str]:
     return out
 
 
-def scan_folder(folder: str | os.PathLike, recursive: bool = False, verify: bool = False,
-                on_file: Callable[[int, int], None] | None = None) -> ScanResult:
+def scan_folder(
+    folder: str | os.PathLike,
+    recursive: bool = False,
+    verify: bool = False,
+    on_file: Callable[[int, int], None] | None = None,
+) -> ScanResult:
     """List the image files in `folder` (optionally its subfolders), naturally sorted.
 
     With `verify`, every file is opened and decoded; files that fail are moved to ``rejected`` with the
@@ -124,7 +128,9 @@ def letterbox(img, size: int, fill: tuple[int, int, int] = (0, 0, 0)):
     from PIL import Image
 
     scale = size / max(img.width, img.height)
-    resized = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.LANCZOS)
+    resized = img.resize(
+        (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.LANCZOS
+    )
     canvas = Image.new("RGB", (size, size), fill)
     canvas.paste(resized, ((size - resized.width) // 2, (size - resized.height) // 2))
     return canvas

@@ -11,6 +11,14 @@ from .analyzer import EMBEDDING_SIZE, Face, FaceAnalyzer, as_rgb_uint8, best_pro
 from .packs import KNOWN_PACKS, FaceModelsNotFoundError, available_face_packs, insightface_roots, locate_pack
 
 __all__ = [
-    "EMBEDDING_SIZE", "Face", "FaceAnalyzer", "as_rgb_uint8", "best_providers",
-    "KNOWN_PACKS", "FaceModelsNotFoundError", "available_face_packs", "insightface_roots", "locate_pack",
+    "EMBEDDING_SIZE",
+    "Face",
+    "FaceAnalyzer",
+    "as_rgb_uint8",
+    "best_providers",
+    "KNOWN_PACKS",
+    "FaceModelsNotFoundError",
+    "available_face_packs",
+    "insightface_roots",
+    "locate_pack",
 ]

@@ -22,8 +22,12 @@ log = logging.getLogger("charforge")
 
 EMBEDDING_SIZE = 512
 # Best first. CPU is always appended as the fallback onnxruntime uses for unsupported operators.
-PROVIDER_PREFERENCE = ("CUDAExecutionProvider", "CoreMLExecutionProvider", "DmlExecutionProvider",
-                       "CPUExecutionProvider")
+PROVIDER_PREFERENCE = (
+    "CUDAExecutionProvider",
+    "CoreMLExecutionProvider",
+    "DmlExecutionProvider",
+    "CPUExecutionProvider",
+)
 # Close-up photos often hide the face from the detector at 640 px; retry smaller, as IPAdapter FaceID does.
 RETRY_STEP = 64
 RETRY_MIN = 320
@@ -47,7 +51,11 @@ class Face:
 
     def as_dict(self) -> dict:
         """JSON-friendly summary (no embedding)."""
-        return {"box": [round(v, 1) for v in self.box], "score": round(self.score, 4), "area": round(self.area, 1)}
+        return {
+            "box": [round(v, 1) for v in self.box],
+            "score": round(self.score, 4),
+            "area": round(self.area, 1),
+        }
 
 
 def best_providers(available: list[str] | None = None) -> list[str]:
@@ -79,7 +87,9 @@ class FaceAnalyzer:
     _cache: dict[tuple, FaceAnalyzer] = {}
     _cache_lock = threading.Lock()
 
-    def __init__(self, app: Any, pack: str, det_size: int, providers: list[str], with_embeddings: bool, folder: str):
+    def __init__(
+        self, app: Any, pack: str, det_size: int, providers: list[str], with_embeddings: bool, folder: str
+    ):
         self._app = app
         self._detector = app.models["detection"]
         self._recogniser = app.models.get("recognition") if with_embeddings else None
@@ -94,8 +104,13 @@ class FaceAnalyzer:
         return f"FaceAnalyzer({self.name}, det_size={self.det_size}, providers={self.providers})"
 
     @classmethod
-    def load(cls, pack: str = "buffalo_l", det_size: int = 640, providers: list[str] | None = None,
-             with_embeddings: bool = True) -> FaceAnalyzer:
+    def load(
+        cls,
+        pack: str = "buffalo_l",
+        det_size: int = 640,
+        providers: list[str] | None = None,
+        with_embeddings: bool = True,
+    ) -> FaceAnalyzer:
         """Load (or reuse) the detector and recogniser of `pack` from the insightface model folder(s).
 
         Raises `FaceModelsNotFoundError` when the pack is missing, misplaced or lacks a detector or
@@ -121,7 +136,9 @@ class FaceAnalyzer:
         return cached
 
     @classmethod
-    def _load_uncached(cls, location, det_size: int, providers: list[str], with_embeddings: bool) -> FaceAnalyzer:
+    def _load_uncached(
+        cls, location, det_size: int, providers: list[str], with_embeddings: bool
+    ) -> FaceAnalyzer:
         from insightface.app import FaceAnalysis
 
         modules = ["detection", "recognition"] if with_embeddings else ["detection"]
@@ -130,13 +147,18 @@ class FaceAnalyzer:
             with contextlib.redirect_stdout(chatter):
                 # The absolute folder as `name`: insightface joins it onto root/models (a no-op for an absolute
                 # path), and a folder of the same name in the working directory cannot shadow it.
-                app = FaceAnalysis(name=str(location.folder.resolve()), root=str(location.root),
-                                   allowed_modules=modules, providers=providers)
+                app = FaceAnalysis(
+                    name=str(location.folder.resolve()),
+                    root=str(location.root),
+                    allowed_modules=modules,
+                    providers=providers,
+                )
         except AssertionError as exc:  # insightface asserts that a detector was found
             files = ", ".join(p.name for p in location.onnx_files())
             raise FaceModelsNotFoundError(
                 f"no face detector among the .onnx files in {location.folder} ({files}); expected "
-                f"{expected_files(location.name)}. Re-download the pack or pick another.") from exc
+                f"{expected_files(location.name)}. Re-download the pack or pick another."
+            ) from exc
         finally:
             if chatter.getvalue():
                 log.debug("insightface: %s", chatter.getvalue().strip())
@@ -144,10 +166,13 @@ class FaceAnalyzer:
             files = ", ".join(p.name for p in location.onnx_files())
             raise FaceModelsNotFoundError(
                 f"no face recogniser (ArcFace, 112x112 input) among the .onnx files in {location.folder} ({files}); "
-                f"expected {expected_files(location.name)}.")
+                f"expected {expected_files(location.name)}."
+            )
         with contextlib.redirect_stdout(io.StringIO()):
             app.prepare(ctx_id=0, det_size=(det_size, det_size))
-        log.info("CharForge: loaded face models %s from %s (%s)", location.name, location.folder, providers[0])
+        log.info(
+            "CharForge: loaded face models %s from %s (%s)", location.name, location.folder, providers[0]
+        )
         return cls(app, location.name, det_size, providers, with_embeddings, str(location.folder))
 
     @classmethod

@@ -77,7 +77,9 @@ def locate_pack(pack: str) -> PackLocation:
     """The folder insightface will load `pack` from; raises `FaceModelsNotFoundError` with the fix."""
     pack = pack.strip()
     if not pack or "/" in pack or "\\" in pack or pack in (".", ".."):
-        raise FaceModelsNotFoundError(f"invalid face model pack name {pack!r}: give a folder name such as buffalo_l")
+        raise FaceModelsNotFoundError(
+            f"invalid face model pack name {pack!r}: give a folder name such as buffalo_l"
+        )
     roots = insightface_roots()
     for root in roots:
         location = PackLocation(root, pack)
@@ -88,27 +90,35 @@ def locate_pack(pack: str) -> PackLocation:
 
 def _not_found_message(pack: str, roots: list[Path]) -> str:
     if not roots:
-        return (f"InsightFace pack {pack!r} not found: no insightface model folder is configured. Inside ComfyUI it is "
-                f"ComfyUI/models/insightface; outside, set CHARFORGE_MODELS_DIR or COMFYUI_DIR (or "
-                f"CHARFORGE_PATH_INSIGHTFACE). Put the files ({expected_files(pack)}) in "
-                f"<models>/insightface/models/{pack}/.")
+        return (
+            f"InsightFace pack {pack!r} not found: no insightface model folder is configured. Inside ComfyUI it is "
+            f"ComfyUI/models/insightface; outside, set CHARFORGE_MODELS_DIR or COMFYUI_DIR (or "
+            f"CHARFORGE_PATH_INSIGHTFACE). Put the files ({expected_files(pack)}) in "
+            f"<models>/insightface/models/{pack}/."
+        )
     for root in roots:
         folder = root / "models" / pack
         nested = [p for p in sorted(folder.iterdir()) if _has_onnx(p)] if folder.is_dir() else []
         if nested:
             inner = nested[0]
-            return (f"InsightFace pack {pack!r} is nested one folder too deep: the .onnx files are in {inner}, but "
-                    f"insightface only loads files directly in {folder} (a common result of unzipping "
-                    f"{pack}.zip inside its own folder). Fix: move the files up one level, e.g. "
-                    f"`mv \"{inner}\"/*.onnx \"{folder}/\"` and remove the empty {inner.name} folder.")
+            return (
+                f"InsightFace pack {pack!r} is nested one folder too deep: the .onnx files are in {inner}, but "
+                f"insightface only loads files directly in {folder} (a common result of unzipping "
+                f"{pack}.zip inside its own folder). Fix: move the files up one level, e.g. "
+                f'`mv "{inner}"/*.onnx "{folder}/"` and remove the empty {inner.name} folder.'
+            )
         flat = root / pack
         if _has_onnx(flat):
-            return (f"InsightFace pack {pack!r} is in {flat}, but insightface looks in {folder} (note the extra "
-                    f"'models' level). Fix: move the folder: `mkdir -p \"{root / 'models'}\" && "
-                    f"mv \"{flat}\" \"{folder}\"`.")
+            return (
+                f"InsightFace pack {pack!r} is in {flat}, but insightface looks in {folder} (note the extra "
+                f"'models' level). Fix: move the folder: `mkdir -p \"{root / 'models'}\" && "
+                f'mv "{flat}" "{folder}"`.'
+            )
     searched = ", ".join(str(r / "models" / pack) for r in roots)
     found = available_face_packs()
     other = f" Packs found: {', '.join(found)}." if found else ""
-    return (f"InsightFace pack {pack!r} not found; looked in: {searched}. Expected {expected_files(pack)} directly "
-            f"in one of those folders.{other} buffalo_l is the usual choice; antelopev2 must be downloaded by hand "
-            f"and its archive unpacks one folder too deep.")
+    return (
+        f"InsightFace pack {pack!r} not found; looked in: {searched}. Expected {expected_files(pack)} directly "
+        f"in one of those folders.{other} buffalo_l is the usual choice; antelopev2 must be downloaded by hand "
+        f"and its archive unpacks one folder too deep."
+    )

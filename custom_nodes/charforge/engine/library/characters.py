@@ -44,8 +44,10 @@ def character_folder() -> Path:
     """Where new presets are written: ``characters`` in the first ``charforge`` model folder."""
     folders = bridge.model_folders(FOLDER_KIND)
     if not folders:
-        raise FileNotFoundError("no charforge model folder is configured: inside ComfyUI it is models/charforge; "
-                                "outside, set CHARFORGE_MODELS_DIR or COMFYUI_DIR (or CHARFORGE_PATH_CHARFORGE)")
+        raise FileNotFoundError(
+            "no charforge model folder is configured: inside ComfyUI it is models/charforge; "
+            "outside, set CHARFORGE_MODELS_DIR or COMFYUI_DIR (or CHARFORGE_PATH_CHARFORGE)"
+        )
     return Path(folders[0]) / SUBFOLDER
 
 
@@ -55,8 +57,13 @@ def list_characters(folder: str | os.PathLike | None = None) -> list[str]:
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             return []
-        return sorted({p.name.rsplit(".", 1)[0] for p in folder.iterdir()
-                       if p.is_file() and p.name.lower().endswith(SUFFIXES)})
+        return sorted(
+            {
+                p.name.rsplit(".", 1)[0]
+                for p in folder.iterdir()
+                if p.is_file() and p.name.lower().endswith(SUFFIXES)
+            }
+        )
     names = set()
     for entry in bridge.list_models(FOLDER_KIND):
         parts = entry.replace("\\", "/").split("/")
@@ -87,7 +94,9 @@ def character_path(name_or_path: str | os.PathLike, folder: str | os.PathLike | 
         folders = [str(Path(f) / SUBFOLDER) for f in bridge.model_folders(FOLDER_KIND)]
     known = list_characters(folder)
     hint = f" Saved characters: {', '.join(known)}." if known else " No character is saved yet."
-    raise CharacterError(f"character {short_repr(name)} not found in {', '.join(folders) or 'any folder'}.{hint}")
+    raise CharacterError(
+        f"character {short_repr(name)} not found in {', '.join(folders) or 'any folder'}.{hint}"
+    )
 
 
 def read_character_file(path: str | os.PathLike) -> Character:
@@ -107,8 +116,12 @@ def read_character_file(path: str | os.PathLike) -> Character:
         raise CharacterError(f"not valid YAML: {exc}", path) from None
     name = path.name.rsplit(".", 1)[0]
     if isinstance(data, dict) and data.get("name") not in (None, name):
-        raise CharacterError(f"says name {short_repr(data.get('name'))} but the file is {path.name}: the file name is the "
-                             "character's name", path, "name")
+        raise CharacterError(
+            f"says name {short_repr(data.get('name'))} but the file is {path.name}: the file name is the "
+            "character's name",
+            path,
+            "name",
+        )
     return validate_character(data if data is not None else {}, name, path)
 
 
@@ -118,7 +131,9 @@ def load_character(name_or_path: str | os.PathLike, folder: str | os.PathLike | 
     return read_character_file(character_path(name_or_path, folder))
 
 
-def save_character(character: Character, folder: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+def save_character(
+    character: Character, folder: str | os.PathLike | None = None, overwrite: bool = False
+) -> Path:
     """Write the preset as ``<folder>/<name>.yaml`` (default `character_folder()`); never replaces an
     existing file unless `overwrite`. The written file is read back and validated."""
     import yaml
@@ -138,19 +153,41 @@ def save_character(character: Character, folder: str | os.PathLike | None = None
     return path
 
 
-def character_from_training(name: str, lora_name: str, trigger_words: list[str], *, weight: float = 1.0,
-                            base_model: str = "", prompt: str = "", identity: str = "",
-                            reference_photos: str = "", resolution: int | None = None) -> Character:
+def character_from_training(
+    name: str,
+    lora_name: str,
+    trigger_words: list[str],
+    *,
+    weight: float = 1.0,
+    base_model: str = "",
+    prompt: str = "",
+    identity: str = "",
+    reference_photos: str = "",
+    resolution: int | None = None,
+) -> Character:
     """The preset a finished training run suggests: its LoRA at `weight`, its trigger words, size defaults."""
     size = resolution or default_size(base_model)
-    return Character(name=safe_name(name), display_name=name, trigger_words=list(trigger_words),
-                     loras=[CharacterLora(lora_name, weight)], prompt=prompt, identity=identity,
-                     reference_photos=reference_photos, base_model=base_model,
-                     generation=GenerationParams(width=size, height=size))
+    return Character(
+        name=safe_name(name),
+        display_name=name,
+        trigger_words=list(trigger_words),
+        loras=[CharacterLora(lora_name, weight)],
+        prompt=prompt,
+        identity=identity,
+        reference_photos=reference_photos,
+        base_model=base_model,
+        generation=GenerationParams(width=size, height=size),
+    )
 
 
-def save_training_character(name: str, lora_name: str, trigger_word: str, base_model: str = "",
-                            resolution: int | None = None, folder: str | os.PathLike | None = None) -> str:
+def save_training_character(
+    name: str,
+    lora_name: str,
+    trigger_word: str,
+    base_model: str = "",
+    resolution: int | None = None,
+    folder: str | os.PathLike | None = None,
+) -> str:
     """The end-of-training hook: save a preset for the LoRA just trained, never replacing an existing one.
 
     Returns one line for the training report (where it was saved, or why not).
@@ -174,13 +211,24 @@ def character_cards() -> list[dict]:
         except (CharacterError, OSError) as exc:
             cards.append({"name": name, "error": str(exc)})
             continue
-        cards.append({
-            "name": character.name, "display_name": character.display_name or character.name,
-            "trigger_words": list(character.trigger_words),
-            "loras": [{"name": lora.name, "weight": lora.weight,
-                       "clip_weight": lora.weight if lora.clip_weight is None else lora.clip_weight}
-                      for lora in character.loras],
-            "identity": character.identity, "threshold": character.threshold, "base_model": character.base_model,
-            "prompt": character.prompt, "size": [character.generation.width, character.generation.height],
-        })
+        cards.append(
+            {
+                "name": character.name,
+                "display_name": character.display_name or character.name,
+                "trigger_words": list(character.trigger_words),
+                "loras": [
+                    {
+                        "name": lora.name,
+                        "weight": lora.weight,
+                        "clip_weight": lora.weight if lora.clip_weight is None else lora.clip_weight,
+                    }
+                    for lora in character.loras
+                ],
+                "identity": character.identity,
+                "threshold": character.threshold,
+                "base_model": character.base_model,
+                "prompt": character.prompt,
+                "size": [character.generation.width, character.generation.height],
+            }
+        )
     return cards

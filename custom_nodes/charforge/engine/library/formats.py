@@ -46,10 +46,20 @@ ARCHS = ("sd15", "sdxl")
 COMPONENTS = ("unet", "te1", "te2")
 
 # Suffix spellings ComfyUI accepts for the two LoRA matrices (docs/comfyui-contract.md §6), longest first.
-DOWN_SUFFIXES = (".lora_linear_layer.down.weight", ".lora_A.default.weight", ".lora_down.weight",
-                 ".lora.down.weight", ".lora_A.weight")
-UP_SUFFIXES = (".lora_linear_layer.up.weight", ".lora_B.default.weight", ".lora_up.weight",
-               ".lora.up.weight", ".lora_B.weight")
+DOWN_SUFFIXES = (
+    ".lora_linear_layer.down.weight",
+    ".lora_A.default.weight",
+    ".lora_down.weight",
+    ".lora.down.weight",
+    ".lora_A.weight",
+)
+UP_SUFFIXES = (
+    ".lora_linear_layer.up.weight",
+    ".lora_B.default.weight",
+    ".lora_up.weight",
+    ".lora.up.weight",
+    ".lora_B.weight",
+)
 FULL_DELTA_SUFFIXES = (".diff", ".diff_b", ".dora_scale")
 
 KOHYA_TE_PREFIX = {("sd15", "te1"): "lora_te_", ("sdxl", "te1"): "lora_te1_", ("sdxl", "te2"): "lora_te2_"}
@@ -78,11 +88,11 @@ class InvalidLoraFile(LoraFormatError):
 class LoraModule:
     """One adapted layer: ``delta = scale * up @ down`` with ``scale = alpha / rank`` (1.0 without alpha)."""
 
-    component: str            # "unet", "te1" (CLIP-L) or "te2" (SDXL's bigG)
-    name: str                 # diffusers path (U-Net) or ``text_model.encoder.layers.<i>.<...>`` (text encoders)
-    down: Any                 # torch.Tensor [rank, in] or [rank, in, kh, kw]
-    up: Any                   # torch.Tensor [out, rank] or [out, rank, 1, 1]
-    alpha: Any = None         # 0-D torch.Tensor as stored, or None when the file has none
+    component: str  # "unet", "te1" (CLIP-L) or "te2" (SDXL's bigG)
+    name: str  # diffusers path (U-Net) or ``text_model.encoder.layers.<i>.<...>`` (text encoders)
+    down: Any  # torch.Tensor [rank, in] or [rank, in, kh, kw]
+    up: Any  # torch.Tensor [out, rank] or [out, rank, 1, 1]
+    alpha: Any = None  # 0-D torch.Tensor as stored, or None when the file has none
 
     @property
     def rank(self) -> int:
@@ -111,7 +121,7 @@ class LoraState:
     modules: dict[tuple[str, str], LoraModule]
     metadata: dict[str, str] = field(default_factory=dict)
     source_format: str = ""
-    extras: dict[str, Any] = field(default_factory=dict)   # full-delta tensors, keyed as in the file (comfyui)
+    extras: dict[str, Any] = field(default_factory=dict)  # full-delta tensors, keyed as in the file (comfyui)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,22 +172,34 @@ def check_structure(shapes: Mapping[str, tuple[int, ...]], source: str | os.Path
         if "diff" in roles or "diff_b" in roles:  # full-weight deltas: no LoRA pair to check
             continue
         if "alpha" in roles and math.prod(shapes[roles["alpha"]]) != 1:
-            raise InvalidLoraFile(source, f"alpha has shape {list(shapes[roles['alpha']])}; it is one number",
-                                  roles["alpha"])
+            raise InvalidLoraFile(
+                source, f"alpha has shape {list(shapes[roles['alpha']])}; it is one number", roles["alpha"]
+            )
         if "down" not in roles or "up" not in roles:
             missing = "up" if "down" in roles else "down"
-            raise InvalidLoraFile(source, f"module {base[:120]!r} has no {missing} weight (a LoRA module needs both "
-                                          "up and down)", next(iter(roles.values())))
+            raise InvalidLoraFile(
+                source,
+                f"module {base[:120]!r} has no {missing} weight (a LoRA module needs both up and down)",
+                next(iter(roles.values())),
+            )
         down, up = tuple(shapes[roles["down"]]), tuple(shapes[roles["up"]])
         if len(down) not in (2, 4) or len(up) != len(down):
-            raise InvalidLoraFile(source, f"down {list(down)} and up {list(up)} must both be 2-D (linear) or 4-D "
-                                          "(conv)", roles["down"])
+            raise InvalidLoraFile(
+                source,
+                f"down {list(down)} and up {list(up)} must both be 2-D (linear) or 4-D (conv)",
+                roles["down"],
+            )
         if down[0] < 1 or up[1] != down[0]:
-            raise InvalidLoraFile(source, f"rank mismatch: down {list(down)} has rank {down[0]} but up {list(up)} "
-                                          f"has {up[1]}; the file is damaged or was written wrongly", roles["up"])
+            raise InvalidLoraFile(
+                source,
+                f"rank mismatch: down {list(down)} has rank {down[0]} but up {list(up)} "
+                f"has {up[1]}; the file is damaged or was written wrongly",
+                roles["up"],
+            )
         if len(up) == 4 and up[2:] != (1, 1):
-            raise InvalidLoraFile(source, f"conv up weight has kernel {list(up[2:])}; LoRA up kernels are 1 x 1",
-                                  roles["up"])
+            raise InvalidLoraFile(
+                source, f"conv up weight has kernel {list(up[2:])}; LoRA up kernels are 1 x 1", roles["up"]
+            )
         if min(*down[1:], up[0]) < 1:
             raise InvalidLoraFile(source, f"empty weight (down {list(down)}, up {list(up)})", roles["down"])
 
@@ -188,8 +210,11 @@ def check_finite(tensors: Mapping[str, Any], source: str | os.PathLike) -> None:
 
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
-            raise InvalidLoraFile(source, "holds NaN or infinite values (a diverged training run?); use an earlier "
-                                          "checkpoint of it", key)
+            raise InvalidLoraFile(
+                source,
+                "holds NaN or infinite values (a diverged training run?); use an earlier checkpoint of it",
+                key,
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,9 +250,9 @@ def kohya_key_base(arch: str, component: str, name: str, ldm: str | None = None)
 @dataclass(frozen=True)
 class ModuleEntry:
     component: str
-    name: str                  # diffusers path / text_model path
-    ldm: str                   # LDM path (U-Net) or the same path (text encoders)
-    shape: tuple[int, ...]     # the adapted weight's shape in the full-size model
+    name: str  # diffusers path / text_model path
+    ldm: str  # LDM path (U-Net) or the same path (text encoders)
+    shape: tuple[int, ...]  # the adapted weight's shape in the full-size model
 
 
 @dataclass
@@ -241,9 +266,14 @@ class ModuleTable:
 def _te_layer_entries(component: str, layers: int, width: int, ff: int) -> list[ModuleEntry]:
     """ComfyUI maps only the six linears of each text-encoder layer (docs/comfyui-contract.md §6)."""
     out = []
-    shapes = {"self_attn.q_proj": (width, width), "self_attn.k_proj": (width, width),
-              "self_attn.v_proj": (width, width), "self_attn.out_proj": (width, width),
-              "mlp.fc1": (ff, width), "mlp.fc2": (width, ff)}
+    shapes = {
+        "self_attn.q_proj": (width, width),
+        "self_attn.k_proj": (width, width),
+        "self_attn.v_proj": (width, width),
+        "self_attn.out_proj": (width, width),
+        "mlp.fc1": (ff, width),
+        "mlp.fc2": (width, ff),
+    }
     for layer in range(layers):
         for part, shape in shapes.items():
             name = f"text_model.encoder.layers.{layer}.{part}"
@@ -274,12 +304,15 @@ def module_table(arch: str) -> ModuleTable:
         path = CONFIGS / arch / folder / "config.json"
         if path.is_file():
             te = json.loads(path.read_text(encoding="utf-8"))
-            entries += _te_layer_entries(component, te["num_hidden_layers"], te["hidden_size"],
-                                         te["intermediate_size"])
+            entries += _te_layer_entries(
+                component, te["num_hidden_layers"], te["hidden_size"], te["intermediate_size"]
+            )
     table = ModuleTable(arch, {}, {}, {})
     for entry in entries:
         table.entries[(entry.component, entry.name)] = entry
-        if entry.component == "unet":  # either spelling: the diffusers path (SD1.5's) or the LDM path (SDXL's)
+        if (
+            entry.component == "unet"
+        ):  # either spelling: the diffusers path (SD1.5's) or the LDM path (SDXL's)
             table.by_kohya[kohya_key_base("sd15", "unet", entry.name)] = entry
             table.by_kohya[kohya_key_base("sdxl", "unet", entry.name, entry.ldm)] = entry
             table.by_ldm[entry.ldm] = entry
@@ -335,9 +368,11 @@ def detect_format(keys) -> str:
         else:
             found[kind] = found.get(kind, 0) + 1
     if unknown:
-        raise LoraFormatError(f"{len(unknown)} key(s) in no known LoRA layout (kohya lora_unet_/lora_te*, peft "
-                              f"unet./text_encoder., comfyui diffusion_model./text_encoders.): "
-                              f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+        raise LoraFormatError(
+            f"{len(unknown)} key(s) in no known LoRA layout (kohya lora_unet_/lora_te*, peft "
+            f"unet./text_encoder., comfyui diffusion_model./text_encoders.): "
+            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+        )
     if len(found) > 1:
         raise LoraFormatError(f"keys mix several layouts: {found}; convert the parts separately")
     return next(iter(found))
@@ -355,13 +390,13 @@ def _component_and_base(key_base: str, fmt: str) -> tuple[str, str]:
         for component in ("te2", "te1", "unet"):
             prefix = PEFT_PREFIX[component]
             if key_base.startswith(prefix):
-                return component, key_base[len(prefix):]
+                return component, key_base[len(prefix) :]
     if fmt == "comfyui":
         if key_base.startswith("diffusion_model."):
-            return "unet", key_base[len("diffusion_model."):]
+            return "unet", key_base[len("diffusion_model.") :]
         for component, prefix in COMFY_TE_PREFIX.items():
             if key_base.startswith(prefix):
-                return component, key_base[len(prefix):]
+                return component, key_base[len(prefix) :]
     raise LoraFormatError(f"key {key_base!r} has no known {fmt} component prefix")
 
 
@@ -398,7 +433,9 @@ def _group(keys, fmt: str) -> tuple[dict[str, dict[str, str]], list[str]]:
     return groups, stray
 
 
-def resolve_arch(keys, fmt: str, metadata: Mapping[str, str] | None = None) -> tuple[str, dict[str, list[str]]]:
+def resolve_arch(
+    keys, fmt: str, metadata: Mapping[str, str] | None = None
+) -> tuple[str, dict[str, list[str]]]:
     """The base model (``sd15``/``sdxl``) whose layers every module of the file names; also, per arch,
     the module bases it does not know. Ties are broken by metadata, then by SDXL-only naming."""
     groups, _ = _group(keys, fmt)
@@ -416,8 +453,18 @@ def resolve_arch(keys, fmt: str, metadata: Mapping[str, str] | None = None) -> t
     hint = metadata_arch(metadata or {})
     if hint in candidates:
         return hint, missing
-    if fmt == "kohya" and any(b.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks",
-                                            "lora_unet_middle_block", "lora_te1_", "lora_te2_")) for b in groups):
+    if fmt == "kohya" and any(
+        b.startswith(
+            (
+                "lora_unet_input_blocks",
+                "lora_unet_output_blocks",
+                "lora_unet_middle_block",
+                "lora_te1_",
+                "lora_te2_",
+            )
+        )
+        for b in groups
+    ):
         return "sdxl", missing
     return "sd15", missing
 
@@ -437,8 +484,12 @@ def metadata_arch(metadata: Mapping[str, str]) -> str | None:
 # Reading and writing
 
 
-def state_from_tensors(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None,
-                       arch: str | None = None, source: str = "state dict") -> LoraState:
+def state_from_tensors(
+    tensors: Mapping[str, Any],
+    metadata: Mapping[str, str] | None = None,
+    arch: str | None = None,
+    source: str = "state dict",
+) -> LoraState:
     """Parse a LoRA state dict in any known format into a `LoraState`."""
     metadata = dict(metadata or {})
     fmt = detect_format(tensors.keys())
@@ -446,8 +497,10 @@ def state_from_tensors(tensors: Mapping[str, Any], metadata: Mapping[str, str] |
     if arch is None:
         arch, missing = resolve_arch(tensors.keys(), fmt, metadata)
         if missing[arch]:
-            raise LoraFormatError(f"{source}: {len(missing[arch])} module(s) match no layer of SD1.5 or SDXL: "
-                                  f"{', '.join(missing[arch][:5])}")
+            raise LoraFormatError(
+                f"{source}: {len(missing[arch])} module(s) match no layer of SD1.5 or SDXL: "
+                f"{', '.join(missing[arch][:5])}"
+            )
     table = module_table(arch)
     groups, stray = _group(tensors.keys(), fmt)
     if stray:
@@ -471,8 +524,13 @@ def state_from_tensors(tensors: Mapping[str, Any], metadata: Mapping[str, str] |
         key = (entry.component, entry.name)
         if key in modules:
             raise LoraFormatError(f"{source}: module {base!r} repeats {entry.component} {entry.name}")
-        modules[key] = LoraModule(entry.component, entry.name, tensors[roles["down"]], tensors[roles["up"]],
-                                  tensors.get(roles["alpha"]) if "alpha" in roles else None)
+        modules[key] = LoraModule(
+            entry.component,
+            entry.name,
+            tensors[roles["down"]],
+            tensors[roles["up"]],
+            tensors.get(roles["alpha"]) if "alpha" in roles else None,
+        )
     return LoraState(arch, modules, metadata, fmt, extras)
 
 
@@ -508,8 +566,11 @@ def module_key_base(state_arch: str, module: LoraModule, fmt: str) -> str:
     raise ValueError(f"unknown LoRA format {fmt!r}; expected one of {FORMATS}")
 
 
-_WRITE_SUFFIX = {"kohya": (".lora_down.weight", ".lora_up.weight"), "peft": (".lora_A.weight", ".lora_B.weight"),
-                 "comfyui": (".lora_down.weight", ".lora_up.weight")}
+_WRITE_SUFFIX = {
+    "kohya": (".lora_down.weight", ".lora_up.weight"),
+    "peft": (".lora_A.weight", ".lora_B.weight"),
+    "comfyui": (".lora_down.weight", ".lora_up.weight"),
+}
 
 
 def state_to_tensors(state: LoraState, fmt: str) -> dict[str, Any]:
@@ -518,8 +579,10 @@ def state_to_tensors(state: LoraState, fmt: str) -> dict[str, Any]:
         raise ValueError(f"unknown LoRA format {fmt!r}; expected one of {FORMATS}")
     if state.extras and fmt != "comfyui":
         keys = sorted(state.extras)
-        raise LoraFormatError(f"{len(keys)} full-weight delta tensor(s) (.diff/.diff_b, as ComfyUI's trainer writes) "
-                              f"exist only in the comfyui layout: {', '.join(keys[:5])}; convert to comfyui")
+        raise LoraFormatError(
+            f"{len(keys)} full-weight delta tensor(s) (.diff/.diff_b, as ComfyUI's trainer writes) "
+            f"exist only in the comfyui layout: {', '.join(keys[:5])}; convert to comfyui"
+        )
     down_suffix, up_suffix = _WRITE_SUFFIX[fmt]
     out: dict[str, Any] = {}
     for module in state.modules.values():
@@ -532,14 +595,21 @@ def state_to_tensors(state: LoraState, fmt: str) -> dict[str, Any]:
     return out
 
 
-def write_state(state: LoraState, path: str | os.PathLike, fmt: str = "kohya", overwrite: bool = False,
-                metadata: Mapping[str, str] | None = None) -> Path:
+def write_state(
+    state: LoraState,
+    path: str | os.PathLike,
+    fmt: str = "kohya",
+    overwrite: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
     """Write `state` as a ``.safetensors`` LoRA in `fmt`; refuses to replace an existing file unless asked."""
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: LoRA files are written as .safetensors")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another name (or allow overwriting: --force on the command line)")
+        raise FileExistsError(
+            f"{path} exists; choose another name (or allow overwriting: --force on the command line)"
+        )
     meta = dict(state.metadata if metadata is None else metadata)
     meta["charforge.lora_format"] = fmt
     tensors = state_to_tensors(state, fmt)
@@ -566,7 +636,7 @@ def tensors_sha256(tensors: Mapping[str, Any]) -> str:
 def _data_sha256(serialized: bytes) -> str:
     """SHA-256 of a safetensors file's tensor data (everything after the header), as ``sshs_model_hash``."""
     header_length = int.from_bytes(serialized[:8], "little")
-    return hashlib.sha256(serialized[8 + header_length:]).hexdigest()
+    return hashlib.sha256(serialized[8 + header_length :]).hexdigest()
 
 
 def save_lora(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> Path:
@@ -602,8 +672,13 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
         return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})  # noqa: SIM118
 
 
-def convert_file(source: str | os.PathLike, target: str | os.PathLike, fmt: str, overwrite: bool = False,
-                 arch: str | None = None) -> Path:
+def convert_file(
+    source: str | os.PathLike,
+    target: str | os.PathLike,
+    fmt: str,
+    overwrite: bool = False,
+    arch: str | None = None,
+) -> Path:
     """Convert a LoRA file to `fmt` (``kohya``, ``peft`` or ``comfyui``); metadata is kept."""
     state = read_state(source, arch=arch)
     return write_state(state, target, fmt, overwrite=overwrite)

@@ -35,18 +35,43 @@ from .safetensors_file import loads_bounded, nonfinite_keys, read_values
 ARCH_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL"}
 
 # Training settings worth showing (ss_* without the prefix), in display order.
-TRAINING_KEYS = ("network_module", "network_dim", "network_alpha", "network_args", "learning_rate", "unet_lr",
-                 "text_encoder_lr", "optimizer", "lr_scheduler", "lr_warmup_steps", "max_train_steps", "steps",
-                 "epoch", "num_epochs", "batch_size_per_device", "total_batch_size", "resolution", "seed",
-                 "mixed_precision", "noise_offset", "min_snr_gamma", "num_train_images", "clip_skip",
-                 "sd_model_name", "training_started_at", "training_finished_at", "output_name", "training_comment")
+TRAINING_KEYS = (
+    "network_module",
+    "network_dim",
+    "network_alpha",
+    "network_args",
+    "learning_rate",
+    "unet_lr",
+    "text_encoder_lr",
+    "optimizer",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "max_train_steps",
+    "steps",
+    "epoch",
+    "num_epochs",
+    "batch_size_per_device",
+    "total_batch_size",
+    "resolution",
+    "seed",
+    "mixed_precision",
+    "noise_offset",
+    "min_snr_gamma",
+    "num_train_images",
+    "clip_skip",
+    "sd_model_name",
+    "training_started_at",
+    "training_finished_at",
+    "output_name",
+    "training_comment",
+)
 
 
 @dataclass
 class FitCheck:
     arch: str
-    names_match: bool          # every module names a layer of this base model
-    shapes_match: bool         # ... with the full-size model's weight shape
+    names_match: bool  # every module names a layer of this base model
+    shapes_match: bool  # ... with the full-size model's weight shape
     unknown_modules: list[str] = field(default_factory=list)
     wrong_shapes: list[str] = field(default_factory=list)
 
@@ -58,11 +83,11 @@ class LoraInfo:
     path: str
     size_bytes: int
     format: str
-    base_model: str                    # "sd15", "sdxl" or "unknown"
-    base_model_from: str               # "metadata", "keys", "shapes" or ""
+    base_model: str  # "sd15", "sdxl" or "unknown"
+    base_model_from: str  # "metadata", "keys", "shapes" or ""
     modules: int
     modules_per_component: dict[str, int]
-    ranks: dict[str, int]              # rank -> number of modules
+    ranks: dict[str, int]  # rank -> number of modules
     alphas: list[float]
     full_delta_tensors: int
     conv_modules: int
@@ -149,10 +174,15 @@ def _guess_arch_from_names(bases: list[str], shapes: dict[str, tuple[int, ...]])
     """Base model from key names and shapes alone (no torch): SDXL-only and SD1.5-only layers, then the
     cross-attention width (768 SD1.5, 2048 SDXL)."""
     text = "\n".join(bases)
-    if re.search(r"lora_te2_|text_encoder_2\.|clip_g\.|add_embedding|label_emb|transformer_blocks[._][1-9]", text):
+    if re.search(
+        r"lora_te2_|text_encoder_2\.|clip_g\.|add_embedding|label_emb|transformer_blocks[._][1-9]", text
+    ):
         return "sdxl", "keys"
-    if re.search(r"down_blocks[._]0[._]attentions|up_blocks[._]3[._]attentions|input_blocks[._][12][._]1[._]"
-                 r"|output_blocks[._](9|10|11)[._]1[._]", text):
+    if re.search(
+        r"down_blocks[._]0[._]attentions|up_blocks[._]3[._]attentions|input_blocks[._][12][._]1[._]"
+        r"|output_blocks[._](9|10|11)[._]1[._]",
+        text,
+    ):
         return "sd15", "keys"
     for base, shape in shapes.items():
         if re.search(r"attn2[._]to_k", base) and len(shape) >= 2:
@@ -202,8 +232,11 @@ def _finiteness(path: Path, checked) -> list[str]:
     bad = nonfinite_keys(path, checked)
     if bad:
         more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
-        raise InvalidLoraFile(path, f"holds NaN or infinite values{more}; a diverged training run? use an earlier "
-                                    "checkpoint of it", bad[0])
+        raise InvalidLoraFile(
+            path,
+            f"holds NaN or infinite values{more}; a diverged training run? use an earlier checkpoint of it",
+            bad[0],
+        )
     return []
 
 
@@ -252,7 +285,9 @@ def inspect_lora(path: str | os.PathLike) -> LoraInfo:
     checks = _fit_checks(fmt, groups, header)
     if checks is None:
         notes.append("torch/diffusers not installed: base model guessed from names, shapes not checked")
-        base_model, source = (arch_meta, "metadata") if arch_meta else _guess_arch_from_names(list(groups), shapes)
+        base_model, source = (
+            (arch_meta, "metadata") if arch_meta else _guess_arch_from_names(list(groups), shapes)
+        )
         fits = []
     else:
         named = [c.arch for c in checks if c.names_match]
@@ -268,20 +303,41 @@ def inspect_lora(path: str | os.PathLike) -> LoraInfo:
             if base_model == "unknown" and named:
                 base_model, source = named[0], "keys"
         if named and not fits:
-            notes.append(f"module names fit {', '.join(named)} but shapes match no full-size model "
-                         "(a LoRA for a smaller or different model)")
+            notes.append(
+                f"module names fit {', '.join(named)} but shapes match no full-size model "
+                "(a LoRA for a smaller or different model)"
+            )
         if arch_meta and arch_meta not in named:
             notes.append(f"metadata says {arch_meta} but the modules do not all fit it")
         for check in checks:
             if check.arch == base_model and check.unknown_modules:
-                notes.append(f"{len(check.unknown_modules)} module(s) match no {base_model} layer: "
-                             f"{', '.join(check.unknown_modules[:3])}")
-    training = {k: metadata[f"ss_{k}"] for k in TRAINING_KEYS if metadata.get(f"ss_{k}") not in (None, "", "None")}
+                notes.append(
+                    f"{len(check.unknown_modules)} module(s) match no {base_model} layer: "
+                    f"{', '.join(check.unknown_modules[:3])}"
+                )
+    training = {
+        k: metadata[f"ss_{k}"] for k in TRAINING_KEYS if metadata.get(f"ss_{k}") not in (None, "", "None")
+    }
     title = metadata.get("modelspec.title") or metadata.get("ss_output_name") or ""
     return LoraInfo(
-        path=str(path), size_bytes=path.stat().st_size, format=fmt, base_model=base_model,
-        base_model_from=source, modules=sum(per_component.values()), modules_per_component=dict(per_component),
-        ranks=dict(ranks), alphas=sorted(alphas), full_delta_tensors=full, conv_modules=conv,
-        dtypes=sorted({t.dtype for t in header.values()}), title=title, trigger_words=trigger_words(metadata),
-        tag_frequency=tag_frequency(metadata)[:50], training=training, fits=fits, fit_checks=checks or [],
-        notes=notes, metadata=metadata)
+        path=str(path),
+        size_bytes=path.stat().st_size,
+        format=fmt,
+        base_model=base_model,
+        base_model_from=source,
+        modules=sum(per_component.values()),
+        modules_per_component=dict(per_component),
+        ranks=dict(ranks),
+        alphas=sorted(alphas),
+        full_delta_tensors=full,
+        conv_modules=conv,
+        dtypes=sorted({t.dtype for t in header.values()}),
+        title=title,
+        trigger_words=trigger_words(metadata),
+        tag_frequency=tag_frequency(metadata)[:50],
+        training=training,
+        fits=fits,
+        fit_checks=checks or [],
+        notes=notes,
+        metadata=metadata,
+    )

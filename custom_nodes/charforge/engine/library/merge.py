@@ -27,7 +27,7 @@ class ModuleEnergy:
     name: str
     rank_before: int
     rank_after: int
-    energy_total: float      # squared Frobenius norm of the delta
+    energy_total: float  # squared Frobenius norm of the delta
     energy_kept: float
 
     @property
@@ -58,9 +58,19 @@ class ResizeReport:
         return text
 
     def to_dict(self) -> dict:
-        return {"retained": self.retained,
-                "modules": [{"component": m.component, "name": m.name, "rank_before": m.rank_before,
-                             "rank_after": m.rank_after, "retained": m.retained} for m in self.modules]}
+        return {
+            "retained": self.retained,
+            "modules": [
+                {
+                    "component": m.component,
+                    "name": m.name,
+                    "rank_before": m.rank_before,
+                    "rank_after": m.rank_after,
+                    "retained": m.retained,
+                }
+                for m in self.modules
+            ],
+        }
 
 
 def _factors(parts: Sequence[tuple[float, LoraModule]]):
@@ -75,8 +85,10 @@ def _factors(parts: Sequence[tuple[float, LoraModule]]):
 def _check_shapes(key, parts) -> None:
     shapes = {(tuple(m.up.shape[:1]), tuple(m.down.shape[1:])) for _, m in parts}
     if len(shapes) > 1:
-        raise LoraFormatError(f"{key[0]} module {key[1]}: the LoRAs disagree on its shape {sorted(shapes)}; "
-                              "they were trained for different base models")
+        raise LoraFormatError(
+            f"{key[0]} module {key[1]}: the LoRAs disagree on its shape {sorted(shapes)}; "
+            "they were trained for different base models"
+        )
 
 
 def _svd_module(parts, rank: int, dtype):
@@ -84,8 +96,8 @@ def _svd_module(parts, rank: int, dtype):
     import torch
 
     up_all, down_all = _factors(parts)
-    q1, r1 = torch.linalg.qr(up_all)              # up_all = q1 r1
-    q2, r2 = torch.linalg.qr(down_all.T)          # down_all = r2^T q2^T
+    q1, r1 = torch.linalg.qr(up_all)  # up_all = q1 r1
+    q2, r2 = torch.linalg.qr(down_all.T)  # down_all = r2^T q2^T
     u, s, vh = torch.linalg.svd(r1 @ r2.T)
     energy = s.square()
     keep = max(1, min(rank, int(s.numel())))
@@ -103,8 +115,13 @@ def _shaped(parts, up, down, dtype):
     return up, down
 
 
-def merge_states(states: Sequence[LoraState], weights: Sequence[float], rank: int | None = None,
-                 dtype=None, on_module: Callable[[], None] | None = None) -> tuple[LoraState, ResizeReport | None]:
+def merge_states(
+    states: Sequence[LoraState],
+    weights: Sequence[float],
+    rank: int | None = None,
+    dtype=None,
+    on_module: Callable[[], None] | None = None,
+) -> tuple[LoraState, ResizeReport | None]:
     """Merge LoRAs with weights into one state; with `rank`, SVD-truncate each module to at most `rank`.
 
     Returns the merged state and, when `rank` is given, the retained-energy report.
@@ -137,16 +154,18 @@ def merge_states(states: Sequence[LoraState], weights: Sequence[float], rank: in
         else:
             up_t, down_t, kept, total, kept_energy = _svd_module(parts, rank, dtype)
             up, down = _shaped(parts, up_t, down_t, dtype)
-            report.modules.append(ModuleEnergy(key[0], key[1], sum(m.rank for _, m in parts), kept, total,
-                                               kept_energy))
+            report.modules.append(
+                ModuleEnergy(key[0], key[1], sum(m.rank for _, m in parts), kept, total, kept_energy)
+            )
         modules[key] = LoraModule(key[0], key[1], down, up, torch.tensor(float(up.shape[1]), dtype=dtype))
         if on_module is not None:
             on_module()
     return LoraState(states[0].arch, modules, {}, "merge"), report if rank is not None else None
 
 
-def resize_state(state: LoraState, rank: int, dtype=None,
-                 on_module: Callable[[], None] | None = None) -> tuple[LoraState, ResizeReport]:
+def resize_state(
+    state: LoraState, rank: int, dtype=None, on_module: Callable[[], None] | None = None
+) -> tuple[LoraState, ResizeReport]:
     """The LoRA with every module truncated to at most `rank` by SVD, and the energy each keeps."""
     resized, report = merge_states([state], [1.0], rank=rank, dtype=dtype, on_module=on_module)
     assert report is not None  # merge_states reports whenever it is given a rank
@@ -154,8 +173,9 @@ def resize_state(state: LoraState, rank: int, dtype=None,
     return resized, report
 
 
-def _merged_metadata(sources: Sequence[tuple[str, float]], states: Sequence[LoraState], rank: int | None,
-                     base: dict[str, str]) -> dict[str, str]:
+def _merged_metadata(
+    sources: Sequence[tuple[str, float]], states: Sequence[LoraState], rank: int | None, base: dict[str, str]
+) -> dict[str, str]:
     import json
 
     meta = dict(base)
@@ -174,17 +194,33 @@ def _merged_metadata(sources: Sequence[tuple[str, float]], states: Sequence[Lora
     return meta
 
 
-def merge_files(sources: Sequence[tuple[str | os.PathLike, float]], target: str | os.PathLike,
-                rank: int | None = None, fmt: str = "kohya", overwrite: bool = False,
-                on_module: Callable[[], None] | None = None) -> tuple[Path, ResizeReport | None]:
+def merge_files(
+    sources: Sequence[tuple[str | os.PathLike, float]],
+    target: str | os.PathLike,
+    rank: int | None = None,
+    fmt: str = "kohya",
+    overwrite: bool = False,
+    on_module: Callable[[], None] | None = None,
+) -> tuple[Path, ResizeReport | None]:
     """Merge ``[(file, weight), ...]`` into `target` (kohya layout unless `fmt` says otherwise)."""
     states = [read_state(path) for path, _ in sources]
     merged, report = merge_states(states, [w for _, w in sources], rank=rank, on_module=on_module)
     first = states[0].metadata
-    keep = {k: v for k, v in first.items() if k.startswith(("ss_base_model_version", "modelspec.architecture",
-                                                            "modelspec.implementation", "modelspec.resolution",
-                                                            "modelspec.sai_model_spec", "ss_v2",
-                                                            "ss_network_module"))}
+    keep = {
+        k: v
+        for k, v in first.items()
+        if k.startswith(
+            (
+                "ss_base_model_version",
+                "modelspec.architecture",
+                "modelspec.implementation",
+                "modelspec.resolution",
+                "modelspec.sai_model_spec",
+                "ss_v2",
+                "ss_network_module",
+            )
+        )
+    }
     keep["modelspec.title"] = Path(target).stem
     meta = _merged_metadata([(str(p), float(w)) for p, w in sources], states, rank, keep)
     if report is not None:
@@ -193,8 +229,14 @@ def merge_files(sources: Sequence[tuple[str | os.PathLike, float]], target: str 
     return path, report
 
 
-def resize_file(source: str | os.PathLike, target: str | os.PathLike, rank: int, fmt: str | None = None,
-                overwrite: bool = False, on_module: Callable[[], None] | None = None) -> tuple[Path, ResizeReport]:
+def resize_file(
+    source: str | os.PathLike,
+    target: str | os.PathLike,
+    rank: int,
+    fmt: str | None = None,
+    overwrite: bool = False,
+    on_module: Callable[[], None] | None = None,
+) -> tuple[Path, ResizeReport]:
     """Resize a LoRA file to at most `rank` per module; keeps its layout and metadata unless `fmt` is given."""
     state = read_state(source)
     resized, report = resize_state(state, rank, on_module=on_module)

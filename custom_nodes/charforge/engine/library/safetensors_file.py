@@ -22,15 +22,46 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-               "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+}
 MAX_HEADER_BYTES = 100_000_000
 MAX_JSON_DEPTH = 32  # a header is 2 levels deep; metadata JSON (ss_tag_frequency) 3
-_STRUCT = {"F64": "d", "F32": "f", "F16": "e", "I64": "q", "I32": "i", "I16": "h", "I8": "b", "U64": "Q",
-           "U32": "I", "U16": "H", "U8": "B", "BOOL": "?"}
+_STRUCT = {
+    "F64": "d",
+    "F32": "f",
+    "F16": "e",
+    "I64": "q",
+    "I32": "i",
+    "I16": "h",
+    "I8": "b",
+    "U64": "Q",
+    "U32": "I",
+    "U16": "H",
+    "U8": "B",
+    "BOOL": "?",
+}
 # Exponent bits of each float dtype (as the same-width unsigned integer): all ones means NaN or Inf.
-_EXPONENT = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00),
-             "BF16": ("<u2", 0x7F80)}
+_EXPONENT = {
+    "F64": ("<u8", 0x7FF0000000000000),
+    "F32": ("<u4", 0x7F800000),
+    "F16": ("<u2", 0x7C00),
+    "BF16": ("<u2", 0x7F80),
+}
 
 
 class SafetensorsError(ValueError):
@@ -103,18 +134,25 @@ def _tensor_info(path: Path, key: str, value: Any, data_size: int) -> TensorInfo
         raise SafetensorsError(path, f"is {type(value).__name__}, not a tensor entry", key)
     dtype = value.get("dtype")
     if dtype not in DTYPE_BYTES:
-        raise SafetensorsError(path, f"has unknown dtype {str(dtype)[:20]!r} (known: {', '.join(DTYPE_BYTES)})", key)
+        raise SafetensorsError(
+            path, f"has unknown dtype {str(dtype)[:20]!r} (known: {', '.join(DTYPE_BYTES)})", key
+        )
     shape = value.get("shape")
     if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(n) and n >= 0 for n in shape):
-        raise SafetensorsError(path, f"has shape {str(shape)[:60]}; a shape is a list of at most 8 non-negative "
-                                     "integers", key)
+        raise SafetensorsError(
+            path, f"has shape {str(shape)[:60]}; a shape is a list of at most 8 non-negative integers", key
+        )
     offsets = value.get("data_offsets")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(n) for n in offsets)):
         raise SafetensorsError(path, f"has data_offsets {str(offsets)[:60]}; expected [start, end]", key)
     start, end = offsets
     if not 0 <= start <= end <= data_size:
-        raise SafetensorsError(path, f"has data_offsets [{start}, {end}] outside the file's {data_size} data bytes "
-                                     "(truncated or damaged file: download or export it again)", key)
+        raise SafetensorsError(
+            path,
+            f"has data_offsets [{start}, {end}] outside the file's {data_size} data bytes "
+            "(truncated or damaged file: download or export it again)",
+            key,
+        )
     need = math.prod(shape) * DTYPE_BYTES[dtype]
     if end - start != need:
         raise SafetensorsError(path, f"holds {end - start} bytes but {dtype} x {shape} needs {need}", key)
@@ -131,24 +169,34 @@ def read_header(path: str | os.PathLike) -> Header:
             raise SafetensorsError(path, f"is not a safetensors file ({size} bytes, too short)")
         length = int.from_bytes(head, "little")
         if length < 2 or length > min(MAX_HEADER_BYTES, size - 8):
-            raise SafetensorsError(path, f"is not a safetensors file, or truncated: its header claims {length} "
-                                         f"bytes but the file has {size - 8} after the length")
+            raise SafetensorsError(
+                path,
+                f"is not a safetensors file, or truncated: its header claims {length} "
+                f"bytes but the file has {size - 8} after the length",
+            )
         raw = fh.read(length)
     try:
         header = loads_bounded(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise SafetensorsError(path, f"is not a safetensors file (header: {str(exc)[:120]})") from None
     if not isinstance(header, dict):
-        raise SafetensorsError(path, f"is not a safetensors file (header is {type(header).__name__}, not an object)")
+        raise SafetensorsError(
+            path, f"is not a safetensors file (header is {type(header).__name__}, not an object)"
+        )
     raw_meta = header.pop("__metadata__", None)
     if raw_meta is None:
         raw_meta = {}
     if not isinstance(raw_meta, dict):
-        raise SafetensorsError(path, f"is {type(raw_meta).__name__}; metadata maps text to text", "__metadata__")
+        raise SafetensorsError(
+            path, f"is {type(raw_meta).__name__}; metadata maps text to text", "__metadata__"
+        )
     for key, value in raw_meta.items():
         if not isinstance(value, str):
-            raise SafetensorsError(path, f"is {type(value).__name__}; metadata values must be text (JSON inside a "
-                                         "string is fine)", f"__metadata__.{key}")
+            raise SafetensorsError(
+                path,
+                f"is {type(value).__name__}; metadata values must be text (JSON inside a string is fine)",
+                f"__metadata__.{key}",
+            )
     data_start = 8 + length
     data_size = size - data_start
     tensors = {key: _tensor_info(path, key, value, data_size) for key, value in header.items()}
@@ -164,27 +212,32 @@ def read_values(path: str | os.PathLike, header: Header, key: str, limit: int = 
     """The values of one small tensor (at most `limit` elements) as floats, with the standard library only."""
     info = header.tensors[key]
     if info.numel > limit:
-        raise SafetensorsError(path, f"has {info.numel} values; only small tensors (at most {limit}) are read "
-                                     "this way", key)
+        raise SafetensorsError(
+            path, f"has {info.numel} values; only small tensors (at most {limit}) are read this way", key
+        )
     with Path(path).open("rb") as fh:
         fh.seek(header.data_start + info.offsets[0])
         raw = fh.read(info.offsets[1] - info.offsets[0])
     if info.dtype == "BF16":  # the high half of a float32
-        return [struct.unpack("<f", b"\x00\x00" + raw[i:i + 2])[0] for i in range(0, len(raw), 2)]
+        return [struct.unpack("<f", b"\x00\x00" + raw[i : i + 2])[0] for i in range(0, len(raw), 2)]
     code = _STRUCT.get(info.dtype)
     if code is None:
         raise SafetensorsError(path, f"has dtype {info.dtype}, which is read only with torch", key)
     return [float(v) for v in struct.unpack(f"<{info.numel}{code}", raw)]
 
 
-def nonfinite_keys(path: str | os.PathLike, header: Header, keys: Iterable[str] | None = None,
-                   chunk: int = 1 << 22) -> list[str]:
+def nonfinite_keys(
+    path: str | os.PathLike, header: Header, keys: Iterable[str] | None = None, chunk: int = 1 << 22
+) -> list[str]:
     """The float tensors (of `keys`, default all) holding a NaN or an infinity. Needs numpy."""
     import numpy as np
 
     bad = []
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=header.data_start) if \
-        Path(path).stat().st_size > header.data_start else None
+    data = (
+        np.memmap(path, dtype=np.uint8, mode="r", offset=header.data_start)
+        if Path(path).stat().st_size > header.data_start
+        else None
+    )
     try:
         for key in keys if keys is not None else header.tensors:
             info = header.tensors[key]
@@ -195,11 +248,10 @@ def nonfinite_keys(path: str | os.PathLike, header: Header, keys: Iterable[str] 
             start, end = info.offsets
             step = chunk - chunk % width
             for at in range(start, end, step):
-                words = data[at:min(end, at + step)].view(view)
+                words = data[at : min(end, at + step)].view(view)
                 if np.any((words & mask) == mask):
                     bad.append(key)
                     break
     finally:
         del data
     return bad
-

@@ -96,9 +96,12 @@ _DOWN_BLOCK_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # type
 _UP_BLOCK_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 
 _DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
 }
 
 
@@ -108,7 +111,9 @@ class UnexpectedKeysError(ValueError):
     def __init__(self, component: str, keys: list[str]):
         self.component = component
         self.keys = sorted(keys)
-        shown = ", ".join(self.keys[:10]) + (f", ... ({len(self.keys) - 10} more)" if len(self.keys) > 10 else "")
+        shown = ", ".join(self.keys[:10]) + (
+            f", ... ({len(self.keys) - 10} more)" if len(self.keys) > 10 else ""
+        )
         super().__init__(
             f"{component}: {len(self.keys)} key(s) have no single-file (LDM/SGM) name: {shown}. "
             "Only SD1.5 / SDXL components with the standard diffusers block types can be converted."
@@ -152,7 +157,9 @@ def unet_module_names(unet_config: Mapping) -> dict[str, str]:
     layers = _per_level(unet_config.get("layers_per_block", 2), levels, "layers_per_block")
     mid_type = unet_config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"
     if mid_type != "UNetMidBlock2DCrossAttn":
-        raise ValueError(f"unet config: mid_block_type {mid_type!r}; only UNetMidBlock2DCrossAttn is supported")
+        raise ValueError(
+            f"unet config: mid_block_type {mid_type!r}; only UNetMidBlock2DCrossAttn is supported"
+        )
 
     names = {
         "conv_in": "input_blocks.0.0",
@@ -193,7 +200,9 @@ def unet_module_names(unet_config: Mapping) -> dict[str, str]:
                 names[f"up_blocks.{level}.attentions.{layer}"] = f"output_blocks.{index}.1"
             index += 1
         if level < levels - 1:
-            names[f"up_blocks.{level}.upsamplers.0.conv"] = f"output_blocks.{index - 1}.{2 if attention else 1}.conv"
+            names[f"up_blocks.{level}.upsamplers.0.conv"] = (
+                f"output_blocks.{index - 1}.{2 if attention else 1}.conv"
+            )
     return names
 
 
@@ -374,7 +383,9 @@ def clip_to_open_clip(state_dict: StateDict) -> dict[str, torch.Tensor]:
         if set(parts) != {"q", "k", "v"}:
             missing = sorted({"q", "k", "v"} - set(parts))
             raise ValueError(f"text_encoder_2: layer {layer} has no {'/'.join(missing)}_proj.{param}")
-        out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat(
+            [parts["q"], parts["k"], parts["v"]]
+        )
     if unexpected:
         raise UnexpectedKeysError("text_encoder_2", unexpected)
     return out
@@ -528,6 +539,7 @@ def save_single_file(
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors_torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, str(out_path),
-                                metadata=header or None)
+    safetensors_torch.save_file(
+        {k: v.contiguous() for k, v in state_dict.items()}, str(out_path), metadata=header or None
+    )
     return out_path

@@ -47,8 +47,9 @@ def _is_clip_folder(folder: Path) -> bool:
 
 def list_clip_models() -> list[str]:
     """Full CLIP model folders (vision + text) inside the clip_vision model folder(s), as names."""
-    return bridge.model_dirs(FOLDER_KIND, "config.json", lambda config: _is_clip_folder(config.parent),
-                             depths=(0, 1, 2))
+    return bridge.model_dirs(
+        FOLDER_KIND, "config.json", lambda config: _is_clip_folder(config.parent), depths=(0, 1, 2)
+    )
 
 
 def resolve_clip_model(name: str) -> Path:
@@ -64,13 +65,16 @@ def resolve_clip_model(name: str) -> Path:
         if candidate.is_file():
             raise FileNotFoundError(
                 f"{candidate} is a single file; a CLIP score needs a full CLIP model folder (vision + text towers) "
-                f"such as a download of openai/clip-vit-large-patch14, placed in models/{FOLDER_KIND}/<name>/")
+                f"such as a download of openai/clip-vit-large-patch14, placed in models/{FOLDER_KIND}/<name>/"
+            )
     where = ", ".join(str(c) for c in candidates) or "(no clip_vision folder configured)"
     found = list_clip_models()
     hint = f" CLIP folders found: {', '.join(found)}." if found else ""
-    raise FileNotFoundError(f"CLIP model {name!r} not found; looked for a folder with a CLIP config.json in: {where}. "
-                            f"Put a Hugging Face CLIP folder (config.json, model.safetensors, tokenizer and "
-                            f"preprocessor files) in models/{FOLDER_KIND}/<name>/ or give its absolute path.{hint}")
+    raise FileNotFoundError(
+        f"CLIP model {name!r} not found; looked for a folder with a CLIP config.json in: {where}. "
+        f"Put a Hugging Face CLIP folder (config.json, model.safetensors, tokenizer and "
+        f"preprocessor files) in models/{FOLDER_KIND}/<name>/ or give its absolute path.{hint}"
+    )
 
 
 def default_device() -> str:
@@ -94,8 +98,12 @@ def _read_preprocess(folder: Path, image_size: int) -> _Preprocess:
         size = size.get("shortest_edge") or size.get("height") or image_size
     crop = data.get("crop_size", size)
     crop = (crop.get("height", size), crop.get("width", size)) if isinstance(crop, dict) else (crop, crop)
-    return _Preprocess(int(size), (int(crop[0]), int(crop[1])), tuple(data.get("image_mean", OPENAI_MEAN)),
-                       tuple(data.get("image_std", OPENAI_STD)))
+    return _Preprocess(
+        int(size),
+        (int(crop[0]), int(crop[1])),
+        tuple(data.get("image_mean", OPENAI_MEAN)),
+        tuple(data.get("image_std", OPENAI_STD)),
+    )
 
 
 class ClipScorer:
@@ -104,7 +112,9 @@ class ClipScorer:
     _cache: dict[tuple, ClipScorer] = {}
     _lock = threading.Lock()
 
-    def __init__(self, model: Any, tokenizer: Any, preprocess: _Preprocess, device: str, dtype: Any, name: str):
+    def __init__(
+        self, model: Any, tokenizer: Any, preprocess: _Preprocess, device: str, dtype: Any, name: str
+    ):
         self.model, self.tokenizer, self.preprocess = model, tokenizer, preprocess
         self.device, self.dtype, self.name = device, dtype, name
         self.max_tokens = int(getattr(model.config.text_config, "max_position_embeddings", 77))
@@ -121,8 +131,11 @@ class ClipScorer:
         key = (str(folder.resolve()), device, str(dtype))
         with cls._lock:
             if key not in cls._cache:
-                model = transformers.CLIPModel.from_pretrained(str(folder), dtype=dtype) \
-                    if _accepts_dtype(transformers) else transformers.CLIPModel.from_pretrained(str(folder), torch_dtype=dtype)
+                model = (
+                    transformers.CLIPModel.from_pretrained(str(folder), dtype=dtype)
+                    if _accepts_dtype(transformers)
+                    else transformers.CLIPModel.from_pretrained(str(folder), torch_dtype=dtype)
+                )
                 model.eval().to(device)
                 tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
                 preprocess = _read_preprocess(folder, int(model.config.vision_config.image_size))
@@ -146,11 +159,12 @@ class ClipScorer:
         scale = self.preprocess.size / min(height, width)
         new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
         if (new_h, new_w) != (height, width):
-            x = functional.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False,
-                                       antialias=True)
+            x = functional.interpolate(
+                x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True
+            )
         crop_h, crop_w = self.preprocess.crop
         top, left = max(0, (new_h - crop_h) // 2), max(0, (new_w - crop_w) // 2)
-        x = x[:, :, top:top + crop_h, left:left + crop_w].clamp(0.0, 1.0)
+        x = x[:, :, top : top + crop_h, left : left + crop_w].clamp(0.0, 1.0)
         mean = torch.tensor(self.preprocess.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.preprocess.std, device=self.device).view(1, 3, 1, 1)
         return ((x - mean) / std).to(self.dtype)
@@ -163,34 +177,44 @@ class ClipScorer:
         out = []
         with torch.inference_mode():
             for start in range(0, images.shape[0], batch_size):
-                chunk = images[start:start + batch_size]
+                chunk = images[start : start + batch_size]
                 features = _features(self.model.get_image_features(pixel_values=self._pixels(chunk)))
                 out.append(torch.nn.functional.normalize(features.float(), dim=-1))
                 if control is not None:
                     control.advance(int(chunk.shape[0]))
-        return torch.cat(out) if out else torch.zeros((0, self.model.config.projection_dim), device=self.device)
+        return (
+            torch.cat(out) if out else torch.zeros((0, self.model.config.projection_dim), device=self.device)
+        )
 
     def embed_texts(self, texts: Sequence[str]) -> Any:
         """Normalised text embeddings [T, D]; prompts longer than the model's context are truncated."""
         torch = require("torch")
-        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
-                                return_tensors="pt")
+        tokens = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
         with torch.inference_mode():
-            features = _features(self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
-                                                              attention_mask=tokens["attention_mask"].to(self.device)))
+            features = _features(
+                self.model.get_text_features(
+                    input_ids=tokens["input_ids"].to(self.device),
+                    attention_mask=tokens["attention_mask"].to(self.device),
+                )
+            )
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
     def truncated(self, texts: Sequence[str]) -> list[str]:
         """The prompts that are longer than the text context (their ends are ignored)."""
         return [t for t in texts if len(self.tokenizer(t)["input_ids"]) > self.max_tokens]
 
-    def score(self, images, prompts: Sequence[str], batch_size: int = 32,
-              control: Control | None = None) -> list[float]:
+    def score(
+        self, images, prompts: Sequence[str], batch_size: int = 32, control: Control | None = None
+    ) -> list[float]:
         """Cosine similarity of image i with prompts[i] (or with the single prompt for every image)."""
         count = int(images.shape[0])
         if len(prompts) not in (1, count):
-            raise ValueError(f"give one prompt for all images or one per image: got {len(prompts)} prompts for "
-                             f"{count} images")
+            raise ValueError(
+                f"give one prompt for all images or one per image: got {len(prompts)} prompts for "
+                f"{count} images"
+            )
         unique = list(dict.fromkeys(prompts))
         text = self.embed_texts(unique)
         image = self.embed_images(images, batch_size, control)
@@ -209,9 +233,15 @@ def _accepts_dtype(transformers) -> bool:
     return major >= 5
 
 
-def clip_sheet(scorer: ClipScorer, images, prompts: Sequence[str], threshold: float | None = None,
-               labels: Sequence[str] | None = None, batch_size: int = 32,
-               control: Control | None = None) -> ScoreSheet:
+def clip_sheet(
+    scorer: ClipScorer,
+    images,
+    prompts: Sequence[str],
+    threshold: float | None = None,
+    labels: Sequence[str] | None = None,
+    batch_size: int = 32,
+    control: Control | None = None,
+) -> ScoreSheet:
     """A `ScoreSheet` of CLIP scores (metric ``clip``) for a [B, H, W, 3] batch and its prompt(s)."""
     values = scorer.score(images, prompts, batch_size, control)
     rows = []
@@ -219,8 +249,11 @@ def clip_sheet(scorer: ClipScorer, images, prompts: Sequence[str], threshold: fl
         passed = judge(value, threshold)
         reason = "" if passed else f"clip {value:.3f} below {threshold:.3f}"
         prompt = prompts[0 if len(prompts) == 1 else i]
-        rows.append(ImageScore(i, value, passed, reason, labels[i] if labels else f"image {i}",
-                               {"prompt": prompt[:200]}))
+        rows.append(
+            ImageScore(
+                i, value, passed, reason, labels[i] if labels else f"image {i}", {"prompt": prompt[:200]}
+            )
+        )
     notes = []
     long = scorer.truncated(list(dict.fromkeys(prompts)))
     if long:

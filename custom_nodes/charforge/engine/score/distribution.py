@@ -159,6 +159,7 @@ def frechet_distance(generated: Any, reference: Any) -> float:
 def clip_image_features(scorer: Any, images: Sequence[Any], batch_size: int = 16) -> np.ndarray:
     """Unit-length CLIP image embeddings ``[N, D]`` of RGB images (uint8 arrays or PIL images) of any sizes."""
     import torch
+
     rows = []
     for image in images:
         rgb = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
@@ -186,8 +187,10 @@ def fid_available() -> str | None:
     except ImportError:
         return "FID needs the pytorch-fid package (pip install pytorch-fid)"
     if find_inception_weights() is None:
-        return (f"FID needs its Inception weights ({INCEPTION_WEIGHTS}) in torch's hub cache "
-                f"(<torch hub dir>/checkpoints/); CharForge does not download them")
+        return (
+            f"FID needs its Inception weights ({INCEPTION_WEIGHTS}) in torch's hub cache "
+            f"(<torch hub dir>/checkpoints/); CharForge does not download them"
+        )
     return None
 
 

@@ -68,8 +68,12 @@ class ReferenceIdentity:
         if not sims:
             return None
         values = np.asarray(sims, dtype=np.float64)
-        return {"mean": round(float(values.mean()), 4), "min": round(float(values.min()), 4),
-                "max": round(float(values.max()), 4), "std": round(float(values.std()), 4)}
+        return {
+            "mean": round(float(values.mean()), 4),
+            "min": round(float(values.min()), 4),
+            "max": round(float(values.max()), 4),
+            "std": round(float(values.std()), 4),
+        }
 
     @property
     def suggested_threshold(self) -> float:
@@ -91,13 +95,16 @@ class ReferenceIdentity:
         text = f"identity {self.name!r} from {len(self.references)} reference(s) ({self.model})"
         baseline = self.baseline
         if baseline:
-            text += (f"; references agree at {baseline['mean']:.3f} on average (lowest {baseline['min']:.3f}); "
-                     f"suggested threshold {self.suggested_threshold:.3f}")
+            text += (
+                f"; references agree at {baseline['mean']:.3f} on average (lowest {baseline['min']:.3f}); "
+                f"suggested threshold {self.suggested_threshold:.3f}"
+            )
         else:
             text += f"; one reference gives no baseline: add 3 or more; default threshold {DEFAULT_THRESHOLD}"
         if self.outliers:
             text += "; outliers (another person or a poor photo?): " + ", ".join(
-                f"{r.source} ({r.similarity:.2f})" for r in self.outliers)
+                f"{r.source} ({r.similarity:.2f})" for r in self.outliers
+            )
         if self.skipped:
             text += f"; skipped {len(self.skipped)}: " + ", ".join(f"{s} ({why})" for s, why in self.skipped)
         return text
@@ -115,9 +122,16 @@ class ReferenceIdentity:
             "suggested_threshold": self.suggested_threshold,
             "baseline": self.baseline,
             "centroid": [round(float(v), 6) for v in self.centroid],
-            "references": [{"source": r.source, "similarity": None if r.similarity is None else round(r.similarity, 4),
-                            "faces_found": r.faces_found, "outlier": r.outlier,
-                            "embedding": [round(float(v), 5) for v in r.embedding]} for r in self.references],
+            "references": [
+                {
+                    "source": r.source,
+                    "similarity": None if r.similarity is None else round(r.similarity, 4),
+                    "faces_found": r.faces_found,
+                    "outlier": r.outlier,
+                    "embedding": [round(float(v), 5) for v in r.embedding],
+                }
+                for r in self.references
+            ],
             "skipped": [{"source": s, "reason": why} for s, why in self.skipped],
         }
 
@@ -127,13 +141,28 @@ class ReferenceIdentity:
         if data.get("format") != FORMAT:
             raise ValueError(f"not a CharForge identity (format {data.get('format')!r}, expected {FORMAT!r})")
         if int(data.get("version", 0)) > VERSION:
-            raise ValueError(f"identity file version {data['version']} is newer than this CharForge reads ({VERSION}); "
-                             f"update CharForge")
-        refs = [ReferenceFace(r["source"], np.asarray(r["embedding"], np.float32), r.get("similarity"),
-                              int(r.get("faces_found", 1)), bool(r.get("outlier", False)))
-                for r in data.get("references", [])]
-        return cls(data["name"], data["model"], _normalise(np.asarray(data["centroid"], np.float32)), refs,
-                   [(s["source"], s["reason"]) for s in data.get("skipped", [])], data.get("created", ""))
+            raise ValueError(
+                f"identity file version {data['version']} is newer than this CharForge reads ({VERSION}); "
+                f"update CharForge"
+            )
+        refs = [
+            ReferenceFace(
+                r["source"],
+                np.asarray(r["embedding"], np.float32),
+                r.get("similarity"),
+                int(r.get("faces_found", 1)),
+                bool(r.get("outlier", False)),
+            )
+            for r in data.get("references", [])
+        ]
+        return cls(
+            data["name"],
+            data["model"],
+            _normalise(np.asarray(data["centroid"], np.float32)),
+            refs,
+            [(s["source"], s["reason"]) for s in data.get("skipped", [])],
+            data.get("created", ""),
+        )
 
 
 def _normalise(vector):
@@ -141,14 +170,20 @@ def _normalise(vector):
     return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
 
-def identity_from_embeddings(name: str, model: str, references: list[tuple[str, Any, int]],
-                             skipped: list[tuple[str, str]] | None = None) -> ReferenceIdentity:
+def identity_from_embeddings(
+    name: str,
+    model: str,
+    references: list[tuple[str, Any, int]],
+    skipped: list[tuple[str, str]] | None = None,
+) -> ReferenceIdentity:
     """Build an identity from (source, normalised embedding, faces found) triples."""
     np = require("numpy")
     if not references:
         reasons = "; ".join(f"{s}: {why}" for s, why in (skipped or [])) or "no images given"
-        raise ValueError(f"cannot build identity {name!r}: no usable reference face ({reasons}). Use clear, "
-                         f"front-facing photos where the face is at least ~100 px wide.")
+        raise ValueError(
+            f"cannot build identity {name!r}: no usable reference face ({reasons}). Use clear, "
+            f"front-facing photos where the face is at least ~100 px wide."
+        )
     matrix = np.stack([_normalise(np.asarray(e, np.float32)) for _, e, _ in references])
     refs = []
     for i, (source, _, faces_found) in enumerate(references):
@@ -156,16 +191,25 @@ def identity_from_embeddings(name: str, model: str, references: list[tuple[str, 
         if len(references) > 1:
             others = _normalise(np.delete(matrix, i, axis=0).sum(axis=0))
             similarity = float(matrix[i] @ others)
-        refs.append(ReferenceFace(source, matrix[i], similarity, faces_found,
-                                  outlier=similarity is not None and similarity < ARCFACE_SAME_PERSON))
+        refs.append(
+            ReferenceFace(
+                source,
+                matrix[i],
+                similarity,
+                faces_found,
+                outlier=similarity is not None and similarity < ARCFACE_SAME_PERSON,
+            )
+        )
     centroid_refs = [r.embedding for r in refs if not r.outlier] or [r.embedding for r in refs]
     centroid = _normalise(np.stack(centroid_refs).mean(axis=0))
-    return ReferenceIdentity(name, model, centroid, refs, list(skipped or []),
-                             time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return ReferenceIdentity(
+        name, model, centroid, refs, list(skipped or []), time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    )
 
 
-def build_identity(name: str, analyzer, images: Iterable[tuple[str, Any]],
-                   control: Control | None = None) -> ReferenceIdentity:
+def build_identity(
+    name: str, analyzer, images: Iterable[tuple[str, Any]], control: Control | None = None
+) -> ReferenceIdentity:
     """Detect the main (largest) face of each (source, RGB image) and build the identity from them.
 
     Images without a face are skipped and named in the identity's `skipped` list, never raised.
@@ -202,8 +246,9 @@ def identity_folder() -> Path:
     return bridge.first_model_folder(FOLDER_KIND) / SUBFOLDER
 
 
-def save_identity(identity: ReferenceIdentity, folder: str | os.PathLike | None = None,
-                  overwrite: bool = True) -> Path:
+def save_identity(
+    identity: ReferenceIdentity, folder: str | os.PathLike | None = None, overwrite: bool = True
+) -> Path:
     """Write the identity as ``<folder>/<name>.json`` (default folder: `identity_folder()`); return the path."""
     target = Path(folder) if folder is not None else identity_folder()
     target.mkdir(parents=True, exist_ok=True)
@@ -236,6 +281,10 @@ def load_identity(name_or_path: str | os.PathLike) -> ReferenceIdentity:
             path = Path(bridge.find_model(FOLDER_KIND, f"{SUBFOLDER}/{name}.json"))
         except bridge.ModelNotFoundError as exc:
             known = list_identities()
-            hint = f" Saved identities: {', '.join(known)}." if known else " No identity is saved yet: build one first."
+            hint = (
+                f" Saved identities: {', '.join(known)}."
+                if known
+                else " No identity is saved yet: build one first."
+            )
             raise FileNotFoundError(f"identity {name!r} not found ({exc}).{hint}") from exc
     return ReferenceIdentity.from_dict(json.loads(path.read_text(encoding="utf-8")))

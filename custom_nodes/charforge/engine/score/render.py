@@ -47,8 +47,14 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def table_image(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
-                row_status: Sequence[str | None] | None = None, footer: str = "", font_size: int = 14):
+def table_image(
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    row_status: Sequence[str | None] | None = None,
+    footer: str = "",
+    font_size: int = 14,
+):
     """A PIL image of a table. `row_status` per row: "pass", "fail", "none" (no score) or None (plain)."""
     from PIL import Image, ImageDraw
 
@@ -59,11 +65,17 @@ def table_image(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     texts = [[_cell(v) for v in row] for row in shown]
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     pad, line = 10, font_size + 10
-    widths = [max([text_width(probe, str(c), font)] + [text_width(probe, r[i], font) for r in texts]) + 2 * pad
-              for i, c in enumerate(columns)]
+    widths = [
+        max([text_width(probe, str(c), font)] + [text_width(probe, r[i], font) for r in texts]) + 2 * pad
+        for i, c in enumerate(columns)
+    ]
     notes = [n for n in (footer, f"... and {more} more row(s) (see the JSON output)" if more else "") if n]
-    width = max(sum(widths), text_width(probe, title, bold) + 2 * pad,
-                *(text_width(probe, n, font) + 2 * pad for n in notes), 200)
+    width = max(
+        sum(widths),
+        text_width(probe, title, bold) + 2 * pad,
+        *(text_width(probe, n, font) + 2 * pad for n in notes),
+        200,
+    )
     height = line + 6 + line * (len(texts) + 1) + line * len(notes) + pad
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
@@ -91,8 +103,14 @@ def table_image(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     return image
 
 
-def line_plot(title: str, values: Sequence[float | None], threshold: float | None = None,
-              size: tuple[int, int] = (800, 360), y_label: str = "similarity", x_label: str = "frame"):
+def line_plot(
+    title: str,
+    values: Sequence[float | None],
+    threshold: float | None = None,
+    size: tuple[int, int] = (800, 360),
+    y_label: str = "similarity",
+    x_label: str = "frame",
+):
     """A PIL line plot of per-frame values; None values (no face) are marked below the axis."""
     from PIL import Image, ImageDraw
 
@@ -103,7 +121,7 @@ def line_plot(title: str, values: Sequence[float | None], threshold: float | Non
     left, right, top, bottom = 56, width - 16, 34, height - 44
     draw.text((left, 8), title, fill=INK, font=load_font(15))
     known = [v for v in values if v is not None]
-    low = min([0.0, *known, *( [threshold] if threshold is not None else [])])
+    low = min([0.0, *known, *([threshold] if threshold is not None else [])])
     high = max([1.0, *known])
     span = (high - low) or 1.0
 
@@ -145,7 +163,9 @@ def line_plot(title: str, values: Sequence[float | None], threshold: float | Non
             draw.line([previous, point], fill=LINE, width=2)
         below = threshold is not None and v < threshold
         r = 4 if count <= 120 else 2
-        draw.ellipse([point[0] - r, point[1] - r, point[0] + r, point[1] + r], fill=THRESHOLD if below else LINE)
+        draw.ellipse(
+            [point[0] - r, point[1] - r, point[0] + r, point[1] + r], fill=THRESHOLD if below else LINE
+        )
         previous = point
     if any(v is None for v in values):
         draw.text((left + 6, bottom - 24), "x = no face", fill=MUTED, font=font)
@@ -165,9 +185,29 @@ def sheet_table(sheet, title: str | None = None):
 
 def sets_table(title: str, summaries: Sequence, best=None):
     """Per-set summaries (`select.SetSummary`) as a table image, the best set marked."""
-    columns = ["set", "images", "faces", "identity mean", "identity min", "pass rate", "clip mean", "combined"]
-    rows = [[s.name, s.images, s.faces, s.identity_mean, s.identity_min, s.identity_pass_rate, s.clip_mean, s.combined]
-            for s in summaries]
+    columns = [
+        "set",
+        "images",
+        "faces",
+        "identity mean",
+        "identity min",
+        "pass rate",
+        "clip mean",
+        "combined",
+    ]
+    rows = [
+        [
+            s.name,
+            s.images,
+            s.faces,
+            s.identity_mean,
+            s.identity_min,
+            s.identity_pass_rate,
+            s.clip_mean,
+            s.combined,
+        ]
+        for s in summaries
+    ]
     status = ["pass" if best is not None and s.name == best.name else None for s in summaries]
     footer = f"best: {best.name} (combined {best.combined:.3f})" if best else "no set had a face to score"
     return table_image(title, columns, rows, status, footer=footer)

@@ -18,12 +18,18 @@ def check_same_model(identity: ReferenceIdentity, analyzer) -> None:
         raise ValueError(
             f"identity {identity.name!r} was built with {identity.model}, but the face models loaded are "
             f"{analyzer.name}; embeddings of different face models cannot be compared. Load "
-            f"{identity.model.split(':', 1)[-1]} or rebuild the identity with {analyzer.name.split(':', 1)[-1]}.")
+            f"{identity.model.split(':', 1)[-1]} or rebuild the identity with {analyzer.name.split(':', 1)[-1]}."
+        )
 
 
-def score_identity(analyzer, identity: ReferenceIdentity, images: Iterable[tuple[str, Any]],
-                   threshold: float | None = None, face_choice: str = "largest",
-                   control: Control | None = None) -> ScoreSheet:
+def score_identity(
+    analyzer,
+    identity: ReferenceIdentity,
+    images: Iterable[tuple[str, Any]],
+    threshold: float | None = None,
+    face_choice: str = "largest",
+    control: Control | None = None,
+) -> ScoreSheet:
     """Score each (label, RGB image): similarity of its main face to `identity`, pass/fail at `threshold`.
 
     The main face is the largest one (``largest``) or the one most similar to the identity

@@ -19,8 +19,11 @@ def rejudge(sheet: ScoreSheet, threshold: float | None) -> ScoreSheet:
     rows = []
     for row in sheet.rows:
         passed = judge(row.value, threshold)
-        reason = row.reason if row.value is None else ("" if passed else f"{sheet.metric} {row.value:.3f} below "
-                                                                         f"{threshold:.3f}")
+        reason = (
+            row.reason
+            if row.value is None
+            else ("" if passed else f"{sheet.metric} {row.value:.3f} below {threshold:.3f}")
+        )
         rows.append(ImageScore(row.index, row.value, passed, reason, row.label, dict(row.details)))
     return ScoreSheet(sheet.metric, rows, threshold, sheet.source, list(sheet.notes))
 
@@ -40,7 +43,9 @@ def filter_passing(sheet: ScoreSheet, threshold: float | None = None) -> FilterR
     if sheet.threshold is not None:
         report += f" ({sheet.metric} >= {sheet.threshold:.3f})"
     if dropped:
-        report += "; dropped: " + ", ".join(f"{row.label or row.index} ({row.reason})" for row in dropped[:12])
+        report += "; dropped: " + ", ".join(
+            f"{row.label or row.index} ({row.reason})" for row in dropped[:12]
+        )
         if len(dropped) > 12:
             report += f", and {len(dropped) - 12} more"
     if not kept:
@@ -68,7 +73,7 @@ def best_of_n(sheet: ScoreSheet, group_size: int) -> list[Pick]:
         raise ValueError(f"group_size must be at least 1, got {group_size}")
     picks = []
     for group, start in enumerate(range(0, len(sheet.rows), group_size)):
-        rows = sheet.rows[start:start + group_size]
+        rows = sheet.rows[start : start + group_size]
         scored = [(row.value, row) for row in rows if row.value is not None]
         note = ""
         if scored:
@@ -88,8 +93,10 @@ def best_of_n_report(picks: list[Pick], metric: str) -> str:
     lines = [f"{len(picks)} group(s), {sum(p.passed for p in picks)} with a passing pick"]
     for pick in picks:
         value = "no score" if pick.value is None else f"{metric} {pick.value:.3f}"
-        lines.append(f"group {pick.group + 1}: image {pick.index} of {pick.candidates} candidates, {value}"
-                     + (f" ({pick.note})" if pick.note else ""))
+        lines.append(
+            f"group {pick.group + 1}: image {pick.index} of {pick.candidates} candidates, {value}"
+            + (f" ({pick.note})" if pick.note else "")
+        )
     return "\n".join(lines)
 
 
@@ -107,8 +114,10 @@ class DriftReport:
     def summary(self) -> str:
         if not self.scored:
             return f"no face found in any of {self.frames} frame(s)"
-        text = (f"{self.frames} frame(s): mean similarity {self.mean:.3f}, min {self.min:.3f} at frame {self.min_frame}; "
-                f"{len(self.drifting)} frame(s) drift below {self.threshold:.3f}")
+        text = (
+            f"{self.frames} frame(s): mean similarity {self.mean:.3f}, min {self.min:.3f} at frame {self.min_frame}; "
+            f"{len(self.drifting)} frame(s) drift below {self.threshold:.3f}"
+        )
         if self.drifting:
             text += ": " + _ranges(self.drifting)
         if self.no_face:
@@ -116,9 +125,17 @@ class DriftReport:
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        return {"frames": self.frames, "scored": self.scored, "mean": self.mean, "min": self.min,
-                "min_frame": self.min_frame, "threshold": self.threshold, "drifting_frames": self.drifting,
-                "no_face_frames": self.no_face, "summary": self.summary()}
+        return {
+            "frames": self.frames,
+            "scored": self.scored,
+            "mean": self.mean,
+            "min": self.min,
+            "min_frame": self.min_frame,
+            "threshold": self.threshold,
+            "drifting_frames": self.drifting,
+            "no_face_frames": self.no_face,
+            "summary": self.summary(),
+        }
 
 
 def _ranges(frames: list[int]) -> str:
@@ -147,30 +164,42 @@ def identity_drift(sheet: ScoreSheet, threshold: float | None = None) -> DriftRe
     scored = [(row.value, row) for row in sheet.rows if row.value is not None]
     worst = min(scored, key=lambda pair: pair[0]) if scored else None
     return DriftReport(
-        frames=len(sheet.rows), scored=len(scored),
+        frames=len(sheet.rows),
+        scored=len(scored),
         mean=round(sum(value for value, _ in scored) / len(scored), 4) if scored else None,
         min=round(worst[0], 4) if worst is not None else None,
         min_frame=worst[1].index if worst is not None else None,
         threshold=threshold,
         drifting=[row.index for value, row in scored if value < threshold],
-        no_face=[row.index for row in sheet.rows if row.value is None])
+        no_face=[row.index for row in sheet.rows if row.value is None],
+    )
 
 
-def combine(identity: ScoreSheet | None, text: ScoreSheet | None, identity_weight: float = 1.0,
-            text_weight: float = 1.0, threshold: float | None = None) -> ScoreSheet:
+def combine(
+    identity: ScoreSheet | None,
+    text: ScoreSheet | None,
+    identity_weight: float = 1.0,
+    text_weight: float = 1.0,
+    threshold: float | None = None,
+) -> ScoreSheet:
     """Weighted mean of identity similarity and CLIPScore (2.5 x CLIP cosine, floored at 0) per image.
 
     An image missing a weighted component (no face) gets no combined score. Without `threshold`, an
     image passes when every weighted component passed its own threshold.
     """
-    parts = [(s, w, name) for s, w, name in ((identity, identity_weight, "identity"), (text, text_weight, "clip"))
-             if s is not None and w > 0]
+    parts = [
+        (s, w, name)
+        for s, w, name in ((identity, identity_weight, "identity"), (text, text_weight, "clip"))
+        if s is not None and w > 0
+    ]
     if not parts:
         raise ValueError("combine needs identity or CLIP scores with a weight above 0")
     lengths = {len(s) for s, _, _ in parts}
     if len(lengths) > 1:
-        raise ValueError(f"the score sheets cover different batches ({' vs '.join(str(len(s)) for s, _, _ in parts)} "
-                         f"images); score the same images")
+        raise ValueError(
+            f"the score sheets cover different batches ({' vs '.join(str(len(s)) for s, _, _ in parts)} "
+            f"images); score the same images"
+        )
     total = sum(w for _, w, _ in parts)
     rows = []
     for index in range(lengths.pop()):
@@ -195,16 +224,26 @@ def combine(identity: ScoreSheet | None, text: ScoreSheet | None, identity_weigh
         if value is not None and threshold is not None:
             passed = value >= threshold
             reasons = [] if passed else [f"combined {value:.3f} below {threshold:.3f}"]
-        rows.append(ImageScore(index, value, value is not None and passed, "; ".join(r for r in reasons if r),
-                               label, details))
+        rows.append(
+            ImageScore(
+                index, value, value is not None and passed, "; ".join(r for r in reasons if r), label, details
+            )
+        )
     source = " + ".join(f"{w:g} x {name}" for _, w, name in parts)
-    return ScoreSheet("combined", rows, threshold, source,
-                      ["combined = weighted mean of identity similarity and 2.5 x max(CLIP cosine, 0)"])
+    return ScoreSheet(
+        "combined",
+        rows,
+        threshold,
+        source,
+        ["combined = weighted mean of identity similarity and 2.5 x max(CLIP cosine, 0)"],
+    )
 
 
 def rank(sheet: ScoreSheet) -> list[int]:
     """Batch positions from best to worst score; unscored images last, in batch order."""
-    scored = sorted(((row.value, row) for row in sheet.rows if row.value is not None), key=lambda pair: -pair[0])
+    scored = sorted(
+        ((row.value, row) for row in sheet.rows if row.value is not None), key=lambda pair: -pair[0]
+    )
     return [row.index for _, row in scored] + [row.index for row in sheet.rows if row.value is None]
 
 
@@ -228,8 +267,13 @@ class SetSummary:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
-def summarise_set(name: str, identity: ScoreSheet | None = None, text: ScoreSheet | None = None,
-                  identity_weight: float = 1.0, text_weight: float = 1.0) -> SetSummary:
+def summarise_set(
+    name: str,
+    identity: ScoreSheet | None = None,
+    text: ScoreSheet | None = None,
+    identity_weight: float = 1.0,
+    text_weight: float = 1.0,
+) -> SetSummary:
     """Mean/min identity similarity, pass rate and mean CLIP score of one set of images.
 
     The set's `combined` value is the weighted mean of its identity mean and CLIPScore mean (the identity

@@ -78,7 +78,8 @@ def checkpoint_groups(root: str) -> dict[str, list[str]]:
         raise ValueError(
             f"cannot tell which checkpoint each sample in {root} belongs to ({len(unknown)} file(s) like "
             f"{unknown[:3]}): put each checkpoint's samples in its own subfolder (named after the checkpoint), or "
-            f"keep sd-scripts / ai-toolkit sample names")
+            f"keep sd-scripts / ai-toolkit sample names"
+        )
     return groups
 
 
@@ -100,9 +101,15 @@ def sample_prompts(labels: Sequence[str], lines: Sequence[str]) -> list[str]:
     return out
 
 
-def score_set(frames: Sequence[tuple[str, Any]], analyzer, identity: ReferenceIdentity, clip=None,
-              prompts: Sequence[str] = (), threshold: float | None = None,
-              control: Control | None = None) -> tuple[ScoreSheet, ScoreSheet | None]:
+def score_set(
+    frames: Sequence[tuple[str, Any]],
+    analyzer,
+    identity: ReferenceIdentity,
+    clip=None,
+    prompts: Sequence[str] = (),
+    threshold: float | None = None,
+    control: Control | None = None,
+) -> tuple[ScoreSheet, ScoreSheet | None]:
     """Identity sheet (and CLIP sheet, with `clip` and `prompts`) of one set of (label, RGB array) frames.
 
     `prompts`: one for all frames or one per frame (otherwise the first is used for all). Frames of mixed
@@ -116,12 +123,16 @@ def score_set(frames: Sequence[tuple[str, Any]], analyzer, identity: ReferenceId
 
     from .clip import clip_sheet
 
-    batch = [torch.from_numpy(np.asarray(f, dtype=np.float32) / (255.0 if f.dtype == np.uint8 else 1.0))
-             for _, f in frames]
+    batch = [
+        torch.from_numpy(np.asarray(f, dtype=np.float32) / (255.0 if f.dtype == np.uint8 else 1.0))
+        for _, f in frames
+    ]
     chosen = list(prompts) if len(prompts) in (1, len(frames)) else list(prompts[:1])
     if len({tuple(b.shape) for b in batch}) == 1:
         return sheet, clip_sheet(clip, torch.stack(batch), chosen, labels=[label for label, _ in frames])
-    rows = [clip_sheet(clip, b[None], [chosen[0 if len(chosen) == 1 else i]]).rows[0] for i, b in enumerate(batch)]
+    rows = [
+        clip_sheet(clip, b[None], [chosen[0 if len(chosen) == 1 else i]]).rows[0] for i, b in enumerate(batch)
+    ]
     for i, row in enumerate(rows):
         row.index, row.label = i, frames[i][0]
     return sheet, ScoreSheet("clip", rows, None, clip.name)
@@ -139,5 +150,13 @@ def write_sets_csv(summaries: Sequence[SetSummary], folder: str, stem: str) -> s
     return path
 
 
-__all__ = ["SAMPLE_NAMES", "checkpoint_groups", "folder_images", "labelled_images", "natural_key", "sample_prompts",
-           "score_set", "write_sets_csv"]
+__all__ = [
+    "SAMPLE_NAMES",
+    "checkpoint_groups",
+    "folder_images",
+    "labelled_images",
+    "natural_key",
+    "sample_prompts",
+    "score_set",
+    "write_sets_csv",
+]

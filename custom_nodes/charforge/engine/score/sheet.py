@@ -81,7 +81,8 @@ class ScoreSheet:
             text += f"; mean {s['mean']:.3f}, min {s['min']:.3f}, max {s['max']:.3f}"
         if self.unscored:
             text += f"; not scored: {len(self.unscored)} (" + ", ".join(
-                f"{row.label or row.index}: {row.reason}" for row in self.unscored[:5])
+                f"{row.label or row.index}: {row.reason}" for row in self.unscored[:5]
+            )
             text += ", ...)" if len(self.unscored) > 5 else ")"
         return text
 
@@ -91,8 +92,11 @@ class ScoreSheet:
         rows = []
         for new, old in enumerate(indices):
             row = by_index[old]
-            rows.append(ImageScore(new, row.value, row.passed, row.reason, row.label,
-                                   {**row.details, "original_index": old}))
+            rows.append(
+                ImageScore(
+                    new, row.value, row.passed, row.reason, row.label, {**row.details, "original_index": old}
+                )
+            )
         return ScoreSheet(self.metric, rows, self.threshold, self.source, list(self.notes))
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,10 +114,24 @@ class ScoreSheet:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScoreSheet:
-        rows = [ImageScore(r["index"], r.get("value"), bool(r.get("passed")), r.get("reason", ""),
-                           r.get("label", ""), dict(r.get("details") or {})) for r in data.get("images", [])]
-        return cls(data.get("metric", "score"), rows, data.get("threshold"), data.get("source", ""),
-                   list(data.get("notes", [])))
+        rows = [
+            ImageScore(
+                r["index"],
+                r.get("value"),
+                bool(r.get("passed")),
+                r.get("reason", ""),
+                r.get("label", ""),
+                dict(r.get("details") or {}),
+            )
+            for r in data.get("images", [])
+        ]
+        return cls(
+            data.get("metric", "score"),
+            rows,
+            data.get("threshold"),
+            data.get("source", ""),
+            list(data.get("notes", [])),
+        )
 
 
 def json_safe(value: Any) -> Any:

@@ -31,8 +31,17 @@ def ablation_rows(storyboards: list[Storyboard]) -> list[AblationRow]:
     rows = []
     for board in storyboards:
         stats = board.stats()
-        rows.append(AblationRow(board.mode, MODE_LABELS[board.mode], stats["frames"], stats["faces"],
-                                stats["identity_mean"], stats["identity_min"], stats["text_mean"]))
+        rows.append(
+            AblationRow(
+                board.mode,
+                MODE_LABELS[board.mode],
+                stats["frames"],
+                stats["faces"],
+                stats["identity_mean"],
+                stats["identity_min"],
+                stats["text_mean"],
+            )
+        )
     return rows
 
 
@@ -45,7 +54,7 @@ def ablation_to_dict(rows: list[AblationRow]) -> dict[str, Any]:
     return {
         "metrics": {
             "identity_mean": "mean cosine similarity (ArcFace) of each frame's face to the character's identity; "
-                             "frames without a face are left out and counted in 'faces'",
+            "frames without a face are left out and counted in 'faces'",
             "text_mean": "mean CLIP cosine between each frame and its prompt (text agreement)",
         },
         "modes": [r.to_dict() for r in rows],
@@ -59,16 +68,24 @@ def _cell(value: Any) -> str:
 
 
 def ablation_to_markdown(rows: list[AblationRow], title: str = "Storyboard ablation") -> str:
-    lines = [f"# {title}", "",
-             "| mode | frames | frames with a face | mean identity | min identity | mean text agreement |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"# {title}",
+        "",
+        "| mode | frames | frames with a face | mean identity | min identity | mean text agreement |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        lines.append(f"| {r.label} | {r.frames} | {r.faces} | {_cell(r.identity_mean)} | {_cell(r.identity_min)} "
-                     f"| {_cell(r.text_mean)} |")
+        lines.append(
+            f"| {r.label} | {r.frames} | {r.faces} | {_cell(r.identity_mean)} | {_cell(r.identity_min)} "
+            f"| {_cell(r.text_mean)} |"
+        )
     data = ablation_to_dict(rows)
-    lines += ["", "Identity: ArcFace cosine similarity of each frame's face to the character (higher is the same "
-              "person more clearly); frames without a face are not averaged. Text agreement: CLIP cosine between "
-              "each frame and its prompt; '-' when no CLIP model was available."]
+    lines += [
+        "",
+        "Identity: ArcFace cosine similarity of each frame's face to the character (higher is the same "
+        "person more clearly); frames without a face are not averaged. Text agreement: CLIP cosine between "
+        "each frame and its prompt; '-' when no CLIP model was available.",
+    ]
     if data["best_identity"]:
         lines.append(f"Best identity: {MODE_LABELS[data['best_identity']]}.")
     if data["best_text"]:

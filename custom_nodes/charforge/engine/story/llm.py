@@ -36,7 +36,7 @@ SYSTEM_PROMPT = (
     "look comes from elsewhere, do not describe their face or hair). Scene 1 must be a close-up portrait "
     "that shows the character's face clearly, looking at the camera. Each prompt is one line of comma-"
     "separated visual phrases: action, pose, framing, setting, lighting. Each caption is at most 8 words. "
-    "Answer with JSON only, no prose: {{\"scenes\": [{{\"prompt\": \"...\", \"caption\": \"...\"}}]}}"
+    'Answer with JSON only, no prose: {{"scenes": [{{"prompt": "...", "caption": "..."}}]}}'
 )
 _FENCE = re.compile(r"^\s*```(?:json)?\s*\n(.*)\n\s*```\s*$", re.DOTALL)
 
@@ -64,8 +64,10 @@ class LLMSettings:
     json_mode: bool = True  # send response_format {"type": "json_object"}
 
     def __repr__(self) -> str:
-        return (f"LLMSettings(base_url={split_userinfo(self.base_url)[0]!r}, model={self.model!r}, "
-                f"api_key_env={self.api_key_env!r})")
+        return (
+            f"LLMSettings(base_url={split_userinfo(self.base_url)[0]!r}, model={self.model!r}, "
+            f"api_key_env={self.api_key_env!r})"
+        )
 
 
 def parse_scene_reply(content: str, minimum: int = MIN_FRAMES, maximum: int = MAX_FRAMES) -> list[Scene]:
@@ -77,8 +79,9 @@ def parse_scene_reply(content: str, minimum: int = MIN_FRAMES, maximum: int = MA
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise MalformedReply(f"the answer is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") \
-            from None
+        raise MalformedReply(
+            f"the answer is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from None
     try:
         scenes = scenes_from_data(data, "the answer")
     except ValueError as exc:
@@ -91,12 +94,22 @@ def parse_scene_reply(content: str, minimum: int = MIN_FRAMES, maximum: int = MA
 class SceneSplitter:
     """Splits story sentences into scene prompts with a chat model behind an OpenAI-compatible endpoint."""
 
-    def __init__(self, settings: LLMSettings | None = None, sleep=time.sleep, rng: random.Random | None = None):
+    def __init__(
+        self, settings: LLMSettings | None = None, sleep=time.sleep, rng: random.Random | None = None
+    ):
         self.settings = settings or LLMSettings()
         s = self.settings
-        self.client = ChatClient(s.base_url, s.api_key_env, timeout=s.timeout, max_retries=s.max_retries,
-                                 base_delay=s.base_delay, max_delay=s.max_delay, sleep=sleep,
-                                 rng=rng or random.Random(), error=SceneSplitError)
+        self.client = ChatClient(
+            s.base_url,
+            s.api_key_env,
+            timeout=s.timeout,
+            max_retries=s.max_retries,
+            base_delay=s.base_delay,
+            max_delay=s.max_delay,
+            sleep=sleep,
+            rng=rng or random.Random(),
+            error=SceneSplitError,
+        )
         self.malformed: list[str] = []  # why earlier answers were rejected
 
     @property
@@ -106,26 +119,31 @@ class SceneSplitter:
 
     def payload(self, messages: list[dict[str, str]]) -> dict[str, Any]:
         s = self.settings
-        body: dict[str, Any] = {"model": s.model, "messages": messages, "temperature": s.temperature,
-                                "max_tokens": s.max_tokens}
+        body: dict[str, Any] = {
+            "model": s.model,
+            "messages": messages,
+            "temperature": s.temperature,
+            "max_tokens": s.max_tokens,
+        }
         if s.json_mode:
             body["response_format"] = {"type": "json_object"}
         return body
 
-    def split(self, story: str, frames: int | None = None, minimum: int = MIN_FRAMES,
-              maximum: int = MAX_FRAMES) -> list[Scene]:
+    def split(
+        self, story: str, frames: int | None = None, minimum: int = MIN_FRAMES, maximum: int = MAX_FRAMES
+    ) -> list[Scene]:
         """Scene prompts for `story` (exactly `frames` of them when given), frame 1 showing the face clearly."""
         story = " ".join(story.split())
         if not story:
-            raise SceneSplitError("the story is empty: give a sentence such as 'she finds a map and sails to the "
-                                  "island'")
+            raise SceneSplitError(
+                "the story is empty: give a sentence such as 'she finds a map and sails to the island'"
+            )
         if frames is not None:
             if not minimum <= frames <= maximum:
                 raise SceneSplitError(f"frames must be {minimum}-{maximum}, got {frames}")
             minimum = maximum = frames
         system = SYSTEM_PROMPT.format(low=minimum, high=maximum)
-        messages = [{"role": "system", "content": system},
-                    {"role": "user", "content": f"Story: {story}"}]
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": f"Story: {story}"}]
         self.malformed = []
         for _ in range(max(1, self.settings.json_attempts)):
             reply = self.client.complete(self.payload(messages))
@@ -135,11 +153,20 @@ class SceneSplitter:
                 scenes = parse_scene_reply(content, minimum, maximum)
             except MalformedReply as exc:
                 self.malformed.append(mask_then_cut(exc, self.client.mask, 200))
-                messages = [*messages[:2], {"role": "assistant", "content": content[:4000]},
-                            {"role": "user", "content": f"That answer was rejected: {exc}. Answer again with JSON "
-                                                        f"only, exactly in the requested shape."}]
+                messages = [
+                    *messages[:2],
+                    {"role": "assistant", "content": content[:4000]},
+                    {
+                        "role": "user",
+                        "content": f"That answer was rejected: {exc}. Answer again with JSON "
+                        f"only, exactly in the requested shape.",
+                    },
+                ]
                 continue
             return ensure_face_first(scenes)
-        raise SceneSplitError(f"{self.settings.model} at {split_userinfo(self.settings.base_url)[0]} gave no usable scene list in "
-                              f"{len(self.malformed)} answer(s): " + "; ".join(self.malformed)
-                              + ". Try another model, or write the scenes yourself (--scenes FILE).")
+        raise SceneSplitError(
+            f"{self.settings.model} at {split_userinfo(self.settings.base_url)[0]} gave no usable scene list in "
+            f"{len(self.malformed)} answer(s): "
+            + "; ".join(self.malformed)
+            + ". Try another model, or write the scenes yourself (--scenes FILE)."
+        )

@@ -52,7 +52,9 @@ def _scene_from(item: Any, where: str) -> Scene:
     if isinstance(item, dict):
         prompt = item.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{where} has no 'prompt' text (keys found: {short_repr(sorted(map(str, item)))})")
+            raise ValueError(
+                f"{where} has no 'prompt' text (keys found: {short_repr(sorted(map(str, item)))})"
+            )
         caption = item.get("caption", "")
         if caption is not None and not isinstance(caption, str):
             raise ValueError(f"{where}: 'caption' must be text, got {type(caption).__name__}")
@@ -64,7 +66,9 @@ def scenes_from_data(data: Any, source: str = "the scene list") -> list[Scene]:
     """Scenes from parsed JSON/YAML: a list, or an object whose ``scenes`` key holds the list."""
     if isinstance(data, dict):
         if "scenes" not in data:
-            raise ValueError(f"{source} is an object without a 'scenes' list (keys: {short_repr(sorted(map(str, data)))})")
+            raise ValueError(
+                f"{source} is an object without a 'scenes' list (keys: {short_repr(sorted(map(str, data)))})"
+            )
         data = data["scenes"]
     if not isinstance(data, list):
         raise ValueError(f"{source} must be a list of scenes, got {type(data).__name__}")
@@ -77,7 +81,8 @@ def _guess_format(text: str) -> str:
         return "json"
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if any(re.match(r"^\s*scenes\s*:", ln) for ln in lines) or any(
-            re.match(r"^\s*-\s+(prompt|caption)\s*:", ln) for ln in lines):
+        re.match(r"^\s*-\s+(prompt|caption)\s*:", ln) for ln in lines
+    ):
         return "yaml"
     return "text"
 
@@ -98,8 +103,10 @@ def parse_scenes(text: str, fmt: str = "auto", source: str = "the scene list") -
         try:
             import yaml
         except ImportError:
-            raise ValueError(f"{source} is YAML but PyYAML is not installed: pip install PyYAML, or write one scene "
-                             f"per line") from None
+            raise ValueError(
+                f"{source} is YAML but PyYAML is not installed: pip install PyYAML, or write one scene "
+                f"per line"
+            ) from None
         try:
             data = load_yaml(text, source)
         except UnsafeYaml as exc:
@@ -134,8 +141,10 @@ def load_scenes(path: str | Path) -> list[Scene]:
 def check_scene_count(scenes: list[Scene], minimum: int = MIN_FRAMES, maximum: int = MAX_FRAMES) -> None:
     """Raise when a storyboard would have fewer than `minimum` or more than `maximum` frames."""
     if not minimum <= len(scenes) <= maximum:
-        raise ValueError(f"a storyboard has {minimum}-{maximum} frames, the scene list has {len(scenes)}: "
-                         f"{'add' if len(scenes) < minimum else 'remove'} scenes")
+        raise ValueError(
+            f"a storyboard has {minimum}-{maximum} frames, the scene list has {len(scenes)}: "
+            f"{'add' if len(scenes) < minimum else 'remove'} scenes"
+        )
 
 
 def shows_face(prompt: str) -> bool:

@@ -26,17 +26,27 @@ class FramePick:
     ranking: list[int] = field(default_factory=list)  # every candidate, best first
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "candidates": self.candidates, "identity": _round(self.identity),
-                "text": _round(self.text), "combined": _round(self.combined), "note": self.note,
-                "ranking": list(self.ranking)}
+        return {
+            "index": self.index,
+            "candidates": self.candidates,
+            "identity": _round(self.identity),
+            "text": _round(self.text),
+            "combined": _round(self.combined),
+            "note": self.note,
+            "ranking": list(self.ranking),
+        }
 
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(float(value), 4)
 
 
-def pick_frame(identity: ScoreSheet | None, text: ScoreSheet | None = None, identity_weight: float = 1.0,
-               text_weight: float = 0.5) -> FramePick:
+def pick_frame(
+    identity: ScoreSheet | None,
+    text: ScoreSheet | None = None,
+    identity_weight: float = 1.0,
+    text_weight: float = 0.5,
+) -> FramePick:
     """The best candidate of one frame from its identity and/or text score sheets (same candidates, same order)."""
     sheets = [s for s in (identity, text) if s is not None]
     if not sheets:
@@ -45,8 +55,10 @@ def pick_frame(identity: ScoreSheet | None, text: ScoreSheet | None = None, iden
     if count == 0:
         raise ValueError("a frame has no candidate image")
     if any(len(s) != count for s in sheets):
-        raise ValueError(f"the identity and text scores cover different candidates "
-                         f"({' vs '.join(str(len(s)) for s in sheets)})")
+        raise ValueError(
+            f"the identity and text scores cover different candidates "
+            f"({' vs '.join(str(len(s)) for s in sheets)})"
+        )
     if identity_weight <= 0 and text_weight <= 0:  # no preference given: weigh what there is equally
         identity_weight = text_weight = 1.0
     use_identity = identity if identity_weight > 0 else None

@@ -34,13 +34,21 @@ def _score_line(frame: StoryFrame) -> str:
     return " | ".join(parts)
 
 
-def storyboard_sheet(images: Sequence, frames: Sequence[StoryFrame], title: str = "", columns: int | None = None,
-                     thumb: int = 320, font_size: int = 14):
+def storyboard_sheet(
+    images: Sequence,
+    frames: Sequence[StoryFrame],
+    title: str = "",
+    columns: int | None = None,
+    thumb: int = 320,
+    font_size: int = 14,
+):
     """A PIL image of `images` (PIL, one per frame, any sizes) in a grid with the frames' captions and scores."""
     from PIL import Image, ImageDraw
 
     if len(images) != len(frames):
-        raise ValueError(f"the sheet needs one image per frame: got {len(images)} image(s) for {len(frames)} frame(s)")
+        raise ValueError(
+            f"the sheet needs one image per frame: got {len(images)} image(s) for {len(frames)} frame(s)"
+        )
     if not images:
         raise ValueError("a storyboard sheet needs at least one frame")
     columns = columns or _columns(len(images))
@@ -64,8 +72,10 @@ def storyboard_sheet(images: Sequence, frames: Sequence[StoryFrame], title: str 
         y = pad + header + row * (cell_h + gap)
         picture = image.convert("RGB")
         scale = thumb / max(picture.size)
-        shown = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
-                               Image.Resampling.LANCZOS)
+        shown = picture.resize(
+            (max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+            Image.Resampling.LANCZOS,
+        )
         draw.rectangle([x - 1, y - 1, x + thumb, y + thumb], outline=(210, 210, 210))
         sheet.paste(shown, (x + (thumb - shown.width) // 2, y + (thumb - shown.height) // 2))
         ty = y + thumb + 8

@@ -57,7 +57,9 @@ class Storyboard:
     frames: list[StoryFrame]
     story: str = ""
     character: dict[str, Any] = field(default_factory=dict)  # name, trigger, LoRAs, identity reference
-    models: dict[str, Any] = field(default_factory=dict)  # checkpoint, LoRAs, face models, CLIP, guidance models
+    models: dict[str, Any] = field(
+        default_factory=dict
+    )  # checkpoint, LoRAs, face models, CLIP, guidance models
     settings: dict[str, Any] = field(default_factory=dict)  # steps, cfg, size, sampler, candidates, weights
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     notes: list[str] = field(default_factory=list)
@@ -83,19 +85,37 @@ class Storyboard:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return json_safe({"format": FORMAT, "version": VERSION, "mode": self.mode, "label": self.label,
-                       "story": self.story, "created": self.created, "character": self.character,
-                       "models": self.models, "settings": self.settings, "summary": self.stats(),
-                       "notes": self.notes, "frames": [f.to_dict() for f in self.frames]})
+        return json_safe(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "mode": self.mode,
+                "label": self.label,
+                "story": self.story,
+                "created": self.created,
+                "character": self.character,
+                "models": self.models,
+                "settings": self.settings,
+                "summary": self.stats(),
+                "notes": self.notes,
+                "frames": [f.to_dict() for f in self.frames],
+            }
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Storyboard:
         if data.get("format") not in (None, FORMAT):
             raise ValueError(f"not a storyboard record (format {data.get('format')!r})")
-        return cls(mode=data["mode"], frames=[StoryFrame.from_dict(f) for f in data.get("frames", [])],
-                   story=data.get("story", ""), character=dict(data.get("character") or {}),
-                   models=dict(data.get("models") or {}), settings=dict(data.get("settings") or {}),
-                   created=data.get("created", ""), notes=list(data.get("notes") or []))
+        return cls(
+            mode=data["mode"],
+            frames=[StoryFrame.from_dict(f) for f in data.get("frames", [])],
+            story=data.get("story", ""),
+            character=dict(data.get("character") or {}),
+            models=dict(data.get("models") or {}),
+            settings=dict(data.get("settings") or {}),
+            created=data.get("created", ""),
+            notes=list(data.get("notes") or []),
+        )
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)

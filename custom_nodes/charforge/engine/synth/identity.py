@@ -35,8 +35,12 @@ def check_identity(analyzer, identity: ReferenceIdentity, rgb, threshold: float)
         return IdentityCheck(None, False, "identity check: no face found in the result", 0)
     similarity = float(identity.similarity(faces[0].embedding))
     if similarity < threshold:
-        return IdentityCheck(similarity, False, f"identity check: similarity {similarity:.3f} < {threshold:.3f} "
-                                                f"to {identity.name!r}", len(faces))
+        return IdentityCheck(
+            similarity,
+            False,
+            f"identity check: similarity {similarity:.3f} < {threshold:.3f} to {identity.name!r}",
+            len(faces),
+        )
     return IdentityCheck(similarity, True, "", len(faces))
 
 
@@ -56,7 +60,7 @@ def cap_synthetic(candidates: list[tuple[Any, float]], allowance: int | None) ->
     if allowance is None or len(candidates) <= allowance:
         return [item for item, _ in candidates], []
     ranked = sorted(range(len(candidates)), key=lambda i: -candidates[i][1])
-    keep = set(ranked[:max(allowance, 0)])
+    keep = set(ranked[: max(allowance, 0)])
     kept = [item for i, (item, _) in enumerate(candidates) if i in keep]
     over = [item for i, (item, _) in enumerate(candidates) if i not in keep]
     return kept, over

@@ -105,14 +105,22 @@ def load_image_model(path: str, name: str | None = None, device: str | None = No
     try:
         descriptor = spandrel.ModelLoader(device=device, registry=registry).load_from_file(path)
     except spandrel.UnsupportedModelError as exc:
-        hint = "" if extra_architectures_installed() else (
-            " If it is a CodeFormer model, install spandrel_extra_arches (`pip install spandrel_extra_arches`; "
-            "non-commercial licence).")
-        raise UnsupportedModelFile(f"{Path(path).name}: spandrel does not recognise this model's architecture "
-                                   f"({exc}).{hint}") from exc
+        hint = (
+            ""
+            if extra_architectures_installed()
+            else (
+                " If it is a CodeFormer model, install spandrel_extra_arches (`pip install spandrel_extra_arches`; "
+                "non-commercial licence)."
+            )
+        )
+        raise UnsupportedModelFile(
+            f"{Path(path).name}: spandrel does not recognise this model's architecture ({exc}).{hint}"
+        ) from exc
     if not isinstance(descriptor, spandrel.ImageModelDescriptor):
-        raise UnsupportedModelFile(f"{Path(path).name} is a {descriptor.architecture.id} model that needs a mask "
-                                   f"(inpainting); it cannot restore or upscale an image")
+        raise UnsupportedModelFile(
+            f"{Path(path).name} is a {descriptor.architecture.id} model that needs a mask "
+            f"(inpainting); it cannot restore or upscale an image"
+        )
     descriptor.model.eval()
     return ImageModel(descriptor, name or Path(path).name, str(path))
 
@@ -141,7 +149,8 @@ def load_face_restorer(name: str, device: str | None = None) -> ImageModel:
     if model.purpose != "FaceSR":
         raise UnsupportedModelFile(
             f"{name} is a {model.architecture} model ({model.purpose}), not a face-restoration model; face "
-            f"restoration takes {', '.join(FACE_ARCHITECTURES)} files (put upscalers in {UPSCALE_FOLDER})")
+            f"restoration takes {', '.join(FACE_ARCHITECTURES)} files (put upscalers in {UPSCALE_FOLDER})"
+        )
     return model
 
 
@@ -150,10 +159,14 @@ def load_upscaler(name: str, device: str | None = None) -> ImageModel:
     ``upscale_models``."""
     model = _cached(UPSCALE_FOLDER, name, device)
     if model.purpose == "FaceSR":
-        raise UnsupportedModelFile(f"{name} is a face-restoration model ({model.architecture}); pick an upscaler")
+        raise UnsupportedModelFile(
+            f"{name} is a face-restoration model ({model.architecture}); pick an upscaler"
+        )
     if model.scale < 2:
-        raise UnsupportedModelFile(f"{name} ({model.architecture}) does not enlarge (scale {model.scale}); "
-                                   f"pick a 2x or 4x upscale model")
+        raise UnsupportedModelFile(
+            f"{name} ({model.architecture}) does not enlarge (scale {model.scale}); "
+            f"pick a 2x or 4x upscale model"
+        )
     return model
 
 

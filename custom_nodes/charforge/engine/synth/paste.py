@@ -18,11 +18,22 @@ from ...deps import require
 
 # ArcFace's 112 px five-point template (insightface's alignment; eyes, nose, mouth corners), the reference
 # both templates below are made from.
-ARCFACE_112 = ((38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), (41.5493, 92.3655), (70.7299, 92.2041))
+ARCFACE_112 = (
+    (38.2946, 51.6963),
+    (73.5318, 51.5014),
+    (56.0252, 71.7366),
+    (41.5493, 92.3655),
+    (70.7299, 92.2041),
+)
 # The 512 px FFHQ-style template face-restoration models (GFPGAN, CodeFormer, RestoreFormer) were trained on:
 # a looser crop with hair and chin, eyes about 126 px apart.
-FFHQ_512 = ((192.98138, 239.94708), (318.90277, 240.1936), (256.63416, 314.01935), (201.26117, 371.41043),
-            (313.08905, 371.15118))
+FFHQ_512 = (
+    (192.98138, 239.94708),
+    (318.90277, 240.1936),
+    (256.63416, 314.01935),
+    (201.26117, 371.41043),
+    (313.08905, 371.15118),
+)
 
 
 def template(points: tuple[tuple[float, float], ...], size: int, reference: int) -> Any:
@@ -55,16 +66,16 @@ def feather_mask(size: int, erode: float = 0.1, blur: float = 0.05) -> Any:
     cv2 = require("cv2")
     border = max(1, int(round(size * erode)))
     mask = np.zeros((size, size), np.float32)
-    mask[border:size - border, border:size - border] = 1.0
+    mask[border : size - border, border : size - border] = 1.0
     radius = int(round(size * blur))
     if radius > 0:
         kernel = 2 * radius + 1
         mask = cv2.GaussianBlur(mask, (kernel, kernel), 0)
         # The blur must not lift the outer border off zero: that ring is "outside the face".
-        mask[:border // 2 + 1, :] = 0.0
-        mask[-(border // 2 + 1):, :] = 0.0
-        mask[:, :border // 2 + 1] = 0.0
-        mask[:, -(border // 2 + 1):] = 0.0
+        mask[: border // 2 + 1, :] = 0.0
+        mask[-(border // 2 + 1) :, :] = 0.0
+        mask[:, : border // 2 + 1] = 0.0
+        mask[:, -(border // 2 + 1) :] = 0.0
     return mask
 
 
@@ -93,9 +104,17 @@ def paste_back(rgb, crop, matrix, mask=None) -> tuple[Any, tuple[int, int, int, 
     local = inverse.copy()
     local[:, 2] -= (x1, y1)
     box_w, box_h = x2 - x1, y2 - y1
-    face = cv2.warpAffine(crop, local, (box_w, box_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    alpha = cv2.warpAffine(mask.astype(np.float32), local, (box_w, box_h), flags=cv2.INTER_LINEAR,
-                           borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    face = cv2.warpAffine(
+        crop, local, (box_w, box_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
+    alpha = cv2.warpAffine(
+        mask.astype(np.float32),
+        local,
+        (box_w, box_h),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0.0,
+    )
     alpha = np.clip(alpha, 0.0, 1.0)[..., None]
     region = out[y1:y2, x1:x2]
     blended = face.astype(np.float32) * alpha + region.astype(np.float32) * (1.0 - alpha)

@@ -63,8 +63,13 @@ def run_face_model(model: ImageModel, crop, fidelity: float = 0.5):
     return (y * 255.0 + 0.5).astype(np.uint8)
 
 
-def restore_faces(model: ImageModel, rgb, faces: list[Face], settings: RestoreSettings | None = None,
-                  control: Control | None = None) -> RestoreResult:
+def restore_faces(
+    model: ImageModel,
+    rgb,
+    faces: list[Face],
+    settings: RestoreSettings | None = None,
+    control: Control | None = None,
+) -> RestoreResult:
     """`rgb` with its faces (from `FaceAnalyzer.detect`, largest first; they need landmarks) restored.
 
     `control` is checked before each face (restoring one face on a CPU takes seconds).
@@ -88,8 +93,11 @@ def restore_faces(model: ImageModel, rgb, faces: list[Face], settings: RestoreSe
         else:
             restored = run_face_model(model, crop, settings.fidelity)
         if 0.0 < settings.blend < 1.0:
-            restored = (restored.astype(np.float32) * settings.blend
-                        + crop.astype(np.float32) * (1.0 - settings.blend) + 0.5).astype(np.uint8)
+            restored = (
+                restored.astype(np.float32) * settings.blend
+                + crop.astype(np.float32) * (1.0 - settings.blend)
+                + 0.5
+            ).astype(np.uint8)
         out, box = paste_back(out, restored, matrix, mask)
         if box is not None:
             boxes.append(box)

@@ -75,7 +75,8 @@ class FaceSwapper:
         except bridge.ModelNotFoundError as exc:
             raise SwapperNotFoundError(
                 f"face swapper {name_or_path!r} not found ({exc}). Put inswapper_128.onnx directly in "
-                f"models/insightface/ (next to the models/ folder of the face packs).") from exc
+                f"models/insightface/ (next to the models/ folder of the face packs)."
+            ) from exc
         require("onnxruntime")
         require("insightface")
         providers = list(providers) if providers else best_providers()
@@ -102,7 +103,8 @@ class FaceSwapper:
             kind = type(model).__name__ if model is not None else "not an InsightFace model"
             raise SwapperNotFoundError(
                 f"{Path(path).name} is not a face swapper ({kind}): a swapper has two inputs, a 1 x 3 x 128 x 128 "
-                f"face crop and a 1 x 512 identity (inswapper_128.onnx)")
+                f"face crop and a 1 x 512 identity (inswapper_128.onnx)"
+            )
         log.info("CharForge: loaded face swapper %s (%s)", Path(path).name, providers[0])
         return cls(model, path, providers)
 

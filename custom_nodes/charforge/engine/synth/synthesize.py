@@ -65,20 +65,32 @@ class SynthSummary:
     warnings: list[str] = field(default_factory=list)
 
     def text(self) -> str:
-        parts = [*self.warnings, f"{self.made} synthetic image(s) from {self.sources} source(s): {self.accepted} accepted",
-                 f"{self.below_threshold} below the identity threshold {self.threshold:.3f}"]
+        parts = [
+            *self.warnings,
+            f"{self.made} synthetic image(s) from {self.sources} source(s): {self.accepted} accepted",
+            f"{self.below_threshold} below the identity threshold {self.threshold:.3f}",
+        ]
         if self.over_cap:
             parts.append(f"{self.over_cap} over the synthetic cap ({self.allowance} allowed)")
         if self.skipped:
-            parts.append(f"{len(self.skipped)} source(s) skipped: " + ", ".join(
-                f"{os.path.basename(s)} ({why})" for s, why in self.skipped[:5])
-                + (" ..." if len(self.skipped) > 5 else ""))
+            parts.append(
+                f"{len(self.skipped)} source(s) skipped: "
+                + ", ".join(f"{os.path.basename(s)} ({why})" for s, why in self.skipped[:5])
+                + (" ..." if len(self.skipped) > 5 else "")
+            )
         return "; ".join(parts)
 
 
-def synthesize(manifest: DatasetManifest, sources: str | os.PathLike, identity: ReferenceIdentity, analyzer,
-               swapper: FaceSwapper, restorer: ImageModel | None = None, settings: SynthSettings | None = None,
-               control: Control | None = None) -> tuple[DatasetManifest, SynthSummary]:
+def synthesize(
+    manifest: DatasetManifest,
+    sources: str | os.PathLike,
+    identity: ReferenceIdentity,
+    analyzer,
+    swapper: FaceSwapper,
+    restorer: ImageModel | None = None,
+    settings: SynthSettings | None = None,
+    control: Control | None = None,
+) -> tuple[DatasetManifest, SynthSummary]:
     """A new manifest: `manifest`'s entries plus one synthetic entry per source image with a face.
 
     `analyzer` is a `FaceAnalyzer` with embeddings, of the face model `identity` was built with. `control`
@@ -92,20 +104,34 @@ def synthesize(manifest: DatasetManifest, sources: str | os.PathLike, identity: 
     out = manifest.copy()
     folder = Path(out.folder) / SYNTHETIC_FOLDER
     dataset_root = Path(out.folder).resolve()
-    paths = [p for p in scan_folder(sources, recursive=settings.recursive).images
-             if not _inside(p, dataset_root)]
+    paths = [
+        p for p in scan_folder(sources, recursive=settings.recursive).images if not _inside(p, dataset_root)
+    ]
     summary = SynthSummary(sources=len(paths), threshold=threshold)
     if identity.model != SWAPPER_FACE_MODEL:
-        summary.warnings.append(f"note: identity {identity.name!r} was built with {identity.model}; the swapper "
-                                f"was trained on {SWAPPER_FACE_MODEL} embeddings, so swapped faces may not look "
-                                f"like the character (rebuild the identity with buffalo_l)")
+        summary.warnings.append(
+            f"note: identity {identity.name!r} was built with {identity.model}; the swapper "
+            f"was trained on {SWAPPER_FACE_MODEL} embeddings, so swapped faces may not look "
+            f"like the character (rebuild the identity with buffalo_l)"
+        )
     restore = RestoreSettings(settings.blend, settings.fidelity, settings.which)
     made: list[tuple[ImageEntry, IdentityCheck]] = []
     control.progress(0, max(len(paths), 1), "swapping faces")
     for index, path in enumerate(paths):
-        entry_check = _synthesize_one(path, index, folder, identity, analyzer, swapper,
-                                      restorer if settings.restore else None, restore, settings, threshold,
-                                      control, summary)
+        entry_check = _synthesize_one(
+            path,
+            index,
+            folder,
+            identity,
+            analyzer,
+            swapper,
+            restorer if settings.restore else None,
+            restore,
+            settings,
+            threshold,
+            control,
+            summary,
+        )
         if entry_check is not None:
             made.append(entry_check)
         control.progress(index + 1, max(len(paths), 1), os.path.basename(path))
@@ -116,25 +142,43 @@ def synthesize(manifest: DatasetManifest, sources: str | os.PathLike, identity: 
     room = None if summary.allowance is None else max(summary.allowance - earlier, 0)
     kept, over = cap_synthetic(passing, room)
     for entry in over:
-        entry.reject(f"synthetic cap: at most {settings.max_share:.0%} of the dataset may be synthetic "
-                     f"({summary.allowance} for {real} photo(s)); this one scored lower than those kept")
+        entry.reject(
+            f"synthetic cap: at most {settings.max_share:.0%} of the dataset may be synthetic "
+            f"({summary.allowance} for {real} photo(s)); this one scored lower than those kept"
+        )
     summary.made = len(made)
     summary.accepted = len(kept)
     summary.below_threshold = sum(1 for _, check in made if not check.passed)
     summary.over_cap = len(over)
     out.entries.extend(entry for entry, _ in made)
     record = asdict(settings)
-    record.update({"sources": str(sources), "identity": identity.name, "swapper": swapper.name,
-                   "restorer": restorer.name if restorer is not None and settings.restore else None,
-                   "threshold": threshold})
+    record.update(
+        {
+            "sources": str(sources),
+            "identity": identity.name,
+            "swapper": swapper.name,
+            "restorer": restorer.name if restorer is not None and settings.restore else None,
+            "threshold": threshold,
+        }
+    )
     out.record("synthesize", record, summary.text())
     return out, summary
 
 
-def _synthesize_one(path: str, index: int, folder: Path, identity: ReferenceIdentity, analyzer,
-                    swapper: FaceSwapper, restorer: ImageModel | None, restore: RestoreSettings,
-                    settings: SynthSettings, threshold: float, control: Control,
-                    summary: SynthSummary) -> tuple[ImageEntry, IdentityCheck] | None:
+def _synthesize_one(
+    path: str,
+    index: int,
+    folder: Path,
+    identity: ReferenceIdentity,
+    analyzer,
+    swapper: FaceSwapper,
+    restorer: ImageModel | None,
+    restore: RestoreSettings,
+    settings: SynthSettings,
+    threshold: float,
+    control: Control,
+    summary: SynthSummary,
+) -> tuple[ImageEntry, IdentityCheck] | None:
     try:
         rgb = read_rgb(path).rgb
     except Exception as exc:  # noqa: BLE001 - an unreadable source is skipped with the reason
@@ -152,15 +196,25 @@ def _synthesize_one(path: str, index: int, folder: Path, identity: ReferenceIden
         # Re-detect: the swapped face's landmarks are where the restorer must align it.
         restored = restore_faces(restorer, result, analyzer.detect(result), restore, control)
         result = restored.rgb
-        notes.append(f"faces restored with {restorer.name} (blend {restore.blend:g}"
-                     + (f", fidelity {restore.fidelity:g})" if restorer.architecture == "CodeFormer" else ")"))
+        notes.append(
+            f"faces restored with {restorer.name} (blend {restore.blend:g}"
+            + (f", fidelity {restore.fidelity:g})" if restorer.architecture == "CodeFormer" else ")")
+        )
     check = check_identity(analyzer, identity, result, threshold)
     stem = Path(path).stem
     target = folder / f"{index + 1:04d}-{stem}.{settings.format}"
     write_rgb(target, result)
-    entry = ImageEntry(id=f"{ID_PREFIX}{index + 1:04d}", source=str(target), file=str(target),
-                       width=int(result.shape[1]), height=int(result.shape[0]), sha256=file_sha256(target),
-                       caption=read_caption(path), synthetic=True, synthesized_from=str(Path(path).resolve()))
+    entry = ImageEntry(
+        id=f"{ID_PREFIX}{index + 1:04d}",
+        source=str(target),
+        file=str(target),
+        width=int(result.shape[1]),
+        height=int(result.shape[0]),
+        sha256=file_sha256(target),
+        caption=read_caption(path),
+        synthetic=True,
+        synthesized_from=str(Path(path).resolve()),
+    )
     for note in notes:
         entry.flag(note)
     if check.similarity is not None:
@@ -176,4 +230,3 @@ def _inside(path: str, folder: Path) -> bool:
     except ValueError:
         return False
     return True
-

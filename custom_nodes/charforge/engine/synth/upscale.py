@@ -27,12 +27,21 @@ DEFAULT_PAD = 32
 
 def tile_boxes(width: int, height: int, tile: int) -> list[tuple[int, int, int, int]]:
     """The (x1, y1, x2, y2) tiles covering a width x height image, row by row."""
-    return [(x, y, min(x + tile, width), min(y + tile, height))
-            for y in range(0, height, tile) for x in range(0, width, tile)]
+    return [
+        (x, y, min(x + tile, width), min(y + tile, height))
+        for y in range(0, height, tile)
+        for x in range(0, width, tile)
+    ]
 
 
-def upscale_tiled(model: ImageModel, rgb, tile: int = DEFAULT_TILE, pad: int = DEFAULT_PAD,
-                  control: Control | None = None, on_tile: Callable[[int, int], None] | None = None) -> Any:
+def upscale_tiled(
+    model: ImageModel,
+    rgb,
+    tile: int = DEFAULT_TILE,
+    pad: int = DEFAULT_PAD,
+    control: Control | None = None,
+    on_tile: Callable[[int, int], None] | None = None,
+) -> Any:
     """`rgb` (H x W x 3 uint8) enlarged `model.scale` times, tile by tile; returns uint8.
 
     `control` advances per tile and can stop the work between tiles.
@@ -55,9 +64,11 @@ def upscale_tiled(model: ImageModel, rgb, tile: int = DEFAULT_TILE, pad: int = D
         piece = piece.permute(2, 0, 1)[None] / 255.0
         with torch.inference_mode():
             result = model.descriptor(piece)
-        result = result[0, :, (y1 - py1) * scale:(y2 - py1) * scale, (x1 - px1) * scale:(x2 - px1) * scale]
+        result = result[
+            0, :, (y1 - py1) * scale : (y2 - py1) * scale, (x1 - px1) * scale : (x2 - px1) * scale
+        ]
         values = result.clamp(0.0, 1.0).mul(255.0).add(0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        out[y1 * scale:y2 * scale, x1 * scale:x2 * scale] = values
+        out[y1 * scale : y2 * scale, x1 * scale : x2 * scale] = values
         del piece, result
         if on_tile is not None:
             on_tile(index + 1, len(boxes))
@@ -71,8 +82,14 @@ def passes_needed(scale: int, factor: float) -> int:
     return max(1, math.ceil(math.log(factor) / math.log(scale) - 1e-9))
 
 
-def upscale_to(model: ImageModel, rgb, size: tuple[int, int], tile: int = DEFAULT_TILE, pad: int = DEFAULT_PAD,
-               control: Control | None = None) -> Any:
+def upscale_to(
+    model: ImageModel,
+    rgb,
+    size: tuple[int, int],
+    tile: int = DEFAULT_TILE,
+    pad: int = DEFAULT_PAD,
+    control: Control | None = None,
+) -> Any:
     """`rgb` enlarged with the model until it covers `size` (width, height), then resized to exactly `size`.
 
     An image that already covers `size` is only resized.

@@ -115,7 +115,12 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         data = dict(data)
-        nested = {"lora": LoraSettings, "data": DataSettings, "optim": OptimSettings, "samples": SampleSettings}
+        nested = {
+            "lora": LoraSettings,
+            "data": DataSettings,
+            "optim": OptimSettings,
+            "samples": SampleSettings,
+        }
         for name, kind in nested.items():
             if name in data:
                 values = {k: v for k, v in data[name].items() if k in {f.name for f in fields(kind)}}
@@ -140,8 +145,16 @@ class TrainConfig:
 # Fields a resumed run may change without changing what the steps so far computed (gradient
 # checkpointing recomputes the same numbers). `steps` is one of them only for constant schedules; the
 # run checks that (a cosine schedule depends on the total).
-RESUME_FREE_FIELDS = ("steps", "samples", "checkpoint_every", "state_every", "compile", "trigger_word", "save_dtype",
-                      "gradient_checkpointing")
+RESUME_FREE_FIELDS = (
+    "steps",
+    "samples",
+    "checkpoint_every",
+    "state_every",
+    "compile",
+    "trigger_word",
+    "save_dtype",
+    "gradient_checkpointing",
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,24 +225,38 @@ def preset_config(preset: str, arch: str) -> TrainConfig:
     if preset in ("sdxl", "sd15"):
         return base
     if preset == "fast":
-        return replace(base, steps=500, lora=LoraSettings(rank=16, alpha=16.0),
-                       optim=replace(base.optim, learning_rate=2e-4, schedule="constant", warmup_steps=0),
-                       samples=SampleSettings(every=0), checkpoint_every=0)
-    return replace(base, steps=2500,
-                   lora=LoraSettings(rank=64, alpha=32.0, conv_rank=8, conv_alpha=4.0),
-                   optim=replace(base.optim, warmup_steps=100), noise_offset=0.0357,
-                   samples=SampleSettings(every=250, seeds=(42, 7)))
+        return replace(
+            base,
+            steps=500,
+            lora=LoraSettings(rank=16, alpha=16.0),
+            optim=replace(base.optim, learning_rate=2e-4, schedule="constant", warmup_steps=0),
+            samples=SampleSettings(every=0),
+            checkpoint_every=0,
+        )
+    return replace(
+        base,
+        steps=2500,
+        lora=LoraSettings(rank=64, alpha=32.0, conv_rank=8, conv_alpha=4.0),
+        optim=replace(base.optim, warmup_steps=100),
+        noise_offset=0.0357,
+        samples=SampleSettings(every=250, seeds=(42, 7)),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # The four basic settings a user sets by hand (the Train LoRA node's widgets; see presets.basic_settings)
 
 
-def ignored_basic_settings(config: TrainConfig, *, steps: int, learning_rate: float, rank: int,
-                           resolution: int) -> list[str]:
+def ignored_basic_settings(
+    config: TrainConfig, *, steps: int, learning_rate: float, rank: int, resolution: int
+) -> list[str]:
     """The numbers that differ from `config` (built with the preset's values), for a note to the user."""
-    used = {"steps": config.steps, "learning_rate": config.optim.learning_rate, "rank": config.lora.rank,
-            "resolution": config.data.resolution}
+    used = {
+        "steps": config.steps,
+        "learning_rate": config.optim.learning_rate,
+        "rank": config.lora.rank,
+        "resolution": config.data.resolution,
+    }
     given = {"steps": steps, "learning_rate": learning_rate, "rank": rank, "resolution": resolution}
     return [f"{name} {given[name]:g}" for name in used if given[name] and given[name] != used[name]]
 

@@ -77,7 +77,9 @@ class DataSettings:
     cache_to_disk: bool = False  # otherwise in memory
     masked_loss: bool = False  # weight the loss by each image's mask (see `prepare_mask`)
     face_mask: bool = False  # weight the loss towards each image's face box from the dataset manifest
-    face_mask_margin: float = 0.5  # the face box grown by this fraction of its size on every side (hair, chin)
+    face_mask_margin: float = (
+        0.5  # the face box grown by this fraction of its size on every side (hair, chin)
+    )
     face_mask_background: float = 0.25  # loss weight outside the grown face box (0 = face only)
 
     def __post_init__(self):
@@ -92,9 +94,8 @@ class DataSettings:
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1) (got {self.caption_dropout})")
 
-
-# --------------------------------------------------------------------------------------------------
-# Sources
+    # --------------------------------------------------------------------------------------------------
+    # Sources
 
     @property
     def uses_masks(self) -> bool:
@@ -103,8 +104,11 @@ class DataSettings:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    images = sorted(p for p in folder.iterdir()
-                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    images = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
     stems = {p.stem for p in images}
     # "<stem>_mask.png" next to "<stem>.jpg" is that photo's loss mask, not a photo.
     return [p for p in images if not (p.stem.endswith("_mask") and p.stem[:-5] in stems)]
@@ -130,12 +134,16 @@ def read_kohya_folder(folder: str | os.PathLike, caption_extension: str = ".txt"
     if not subsets:
         if _images_in(root):
             # A plain folder of images: one subset, one repeat, captions from sidecars.
-            return [TrainItem(str(p), _read_caption(p, "", caption_extension), 1, root.name) for p in _images_in(root)]
+            return [
+                TrainItem(str(p), _read_caption(p, "", caption_extension), 1, root.name)
+                for p in _images_in(root)
+            ]
         others = [p.name for p in root.iterdir() if p.is_dir()][:5]
         raise DatasetError(
             f"{root} has no '<repeats>_<name>' subfolders (e.g. '10_ohwx woman') and no images"
             + (f"; its subfolders are {others}" if others else "")
-            + ". Point at the folder that CONTAINS the '<repeats>_<name>' folders.")
+            + ". Point at the folder that CONTAINS the '<repeats>_<name>' folders."
+        )
     items = []
     for subset in subsets:
         match = _REPEAT_FOLDER.fullmatch(subset.name)
@@ -143,16 +151,26 @@ def read_kohya_folder(folder: str | os.PathLike, caption_extension: str = ".txt"
         repeats_text, class_tokens = match.groups()
         repeats = int(repeats_text)
         if repeats < 1:
-            raise DatasetError(f"{subset}: the repeat count is {repeats}; use at least 1 (e.g. '10_{class_tokens}')")
+            raise DatasetError(
+                f"{subset}: the repeat count is {repeats}; use at least 1 (e.g. '10_{class_tokens}')"
+            )
         for image in _images_in(subset):
-            items.append(TrainItem(str(image), _read_caption(image, class_tokens.strip(), caption_extension),
-                                   repeats, subset.name))
+            items.append(
+                TrainItem(
+                    str(image),
+                    _read_caption(image, class_tokens.strip(), caption_extension),
+                    repeats,
+                    subset.name,
+                )
+            )
     if not items:
         raise DatasetError(f"no images (png, jpg, webp, ...) in the subfolders of {root}")
     return items
 
 
-def items_from_pairs(pairs: Iterable[tuple[str, str]], repeats: int = 1, subset: str = "images") -> list[TrainItem]:
+def items_from_pairs(
+    pairs: Iterable[tuple[str, str]], repeats: int = 1, subset: str = "images"
+) -> list[TrainItem]:
     """Items from ``(image path, caption)`` pairs."""
     items = [TrainItem(str(image), str(caption or ""), repeats, subset) for image, caption in pairs]
     missing = [i.image for i in items if not os.path.isfile(i.image)]
@@ -178,7 +196,9 @@ def items_from_manifest(manifest: Any, repeats: int = 1) -> list[TrainItem]:
     export_dir = getattr(manifest, "export_dir", None)
     if export_dir and Path(export_dir).is_dir():
         # Export names each file "<entry id>.<ext>" and keeps its pixels, so the boxes still fit.
-        return [replace(item, face_box=boxes.get(Path(item.image).stem)) for item in read_kohya_folder(export_dir)]
+        return [
+            replace(item, face_box=boxes.get(Path(item.image).stem)) for item in read_kohya_folder(export_dir)
+        ]
     name = str(getattr(manifest, "name", "dataset"))
     items = []
     for entry in entries:
@@ -211,8 +231,10 @@ def load_items(source: Any, repeats: int = 1) -> list[TrainItem]:
         return read_kohya_folder(path)
     if hasattr(source, "entries"):
         return items_from_manifest(source, repeats)
-    raise DatasetError(f"cannot train on a {type(source).__name__}: give a kohya folder, a dataset manifest "
-                       "or (image, caption) pairs")
+    raise DatasetError(
+        f"cannot train on a {type(source).__name__}: give a kohya folder, a dataset manifest "
+        "or (image, caption) pairs"
+    )
 
 
 def tag_frequency(items: Sequence[TrainItem]) -> dict[str, dict[str, int]]:
@@ -229,7 +251,9 @@ def tag_frequency(items: Sequence[TrainItem]) -> dict[str, dict[str, int]]:
 # Buckets
 
 
-def bucket_sizes(resolution: int, step: int = 64, min_size: int = 256, max_size: int = 2048) -> list[tuple[int, int]]:
+def bucket_sizes(
+    resolution: int, step: int = 64, min_size: int = 256, max_size: int = 2048
+) -> list[tuple[int, int]]:
     """(width, height) buckets with at most ``resolution²`` pixels, sides multiples of `step` in range."""
     area = resolution * resolution
     min_size = min(min_size, resolution)
@@ -283,7 +307,9 @@ def prepare_image(path: str, bucket: tuple[int, int], flip: bool = False) -> Pre
     image = load_image(path)
     cropped, top_left = _cover_crop(image, bucket, flip)
     array = np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0
-    return PreparedImage(torch.from_numpy(array).permute(2, 0, 1).contiguous(), (image.height, image.width), top_left)
+    return PreparedImage(
+        torch.from_numpy(array).permute(2, 0, 1).contiguous(), (image.height, image.width), top_left
+    )
 
 
 MASK_SUFFIXES = ("_mask.png", "_mask.jpg", "_mask.webp")
@@ -299,9 +325,16 @@ def mask_file(image: str | os.PathLike) -> Path | None:
     return None
 
 
-def prepare_mask(path: str, bucket: tuple[int, int], flip: bool = False, factor: int = 8,
-                 use_file_mask: bool = True, face_box: Sequence[float] | None = None, face_margin: float = 0.5,
-                 face_background: float = 0.25) -> torch.Tensor:
+def prepare_mask(
+    path: str,
+    bucket: tuple[int, int],
+    flip: bool = False,
+    factor: int = 8,
+    use_file_mask: bool = True,
+    face_box: Sequence[float] | None = None,
+    face_margin: float = 0.5,
+    face_background: float = 0.25,
+) -> torch.Tensor:
     """The loss weights of `path` at latent size: (1, height / factor, width / factor) in [0, 1].
 
     From a ``<stem>_mask.png`` next to the image (white = train, black = ignore, grey = partly, as
@@ -320,7 +353,9 @@ def prepare_mask(path: str, bucket: tuple[int, int], flip: bool = False, factor:
         img = ImageOps.exif_transpose(img)
         if sidecar is not None:
             mask = img.convert("L")
-        elif use_file_mask and (img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)):
+        elif use_file_mask and (
+            img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)
+        ):
             mask = img.convert("RGBA").getchannel("A")
         else:
             mask = None
@@ -331,8 +366,15 @@ def prepare_mask(path: str, bucket: tuple[int, int], flip: bool = False, factor:
         face = Image.new("L", size, round(255 * face_background))
         ImageDraw.Draw(face).ellipse((x1 - grow_x, y1 - grow_y, x2 + grow_x, y2 + grow_y), fill=255)
         face = face.filter(ImageFilter.GaussianBlur(max(1.0, 0.05 * max(x2 - x1, y2 - y1))))
-        mask = face if mask is None else Image.fromarray(
-            (np.asarray(mask, dtype=np.float32) * np.asarray(face, dtype=np.float32) / 255.0).round().astype(np.uint8))
+        mask = (
+            face
+            if mask is None
+            else Image.fromarray(
+                (np.asarray(mask, dtype=np.float32) * np.asarray(face, dtype=np.float32) / 255.0)
+                .round()
+                .astype(np.uint8)
+            )
+        )
     if mask is None:
         return torch.ones(1, bucket[1] // factor, bucket[0] // factor)
     cropped, _ = _cover_crop(mask, bucket, flip)
@@ -351,7 +393,7 @@ def process_caption(caption: str, settings: DataSettings, rng: random.Random) ->
     if not settings.shuffle_caption:
         return caption
     tags = [t.strip() for t in caption.split(",") if t.strip()]
-    keep, rest = tags[: settings.keep_tokens], tags[settings.keep_tokens:]
+    keep, rest = tags[: settings.keep_tokens], tags[settings.keep_tokens :]
     rng.shuffle(rest)
     return ", ".join(keep + rest)
 
@@ -435,14 +477,16 @@ class TrainingData:
     texts: TensorCache = field(default_factory=TensorCache)
 
     @classmethod
-    def prepare(cls, items: Sequence[TrainItem], settings: DataSettings,
-                cache_dir: str | os.PathLike | None = None) -> TrainingData:
+    def prepare(
+        cls, items: Sequence[TrainItem], settings: DataSettings, cache_dir: str | os.PathLike | None = None
+    ) -> TrainingData:
         """Measure every image, assign buckets and hash the files (raises `DatasetError` on bad images)."""
         if not items:
             raise DatasetError("no training images")
         if settings.enable_buckets:
-            choices = bucket_sizes(settings.resolution, settings.bucket_step, settings.min_bucket,
-                                   settings.max_bucket)
+            choices = bucket_sizes(
+                settings.resolution, settings.bucket_step, settings.min_bucket, settings.max_bucket
+            )
         else:
             choices = [(settings.resolution, settings.resolution)]
         buckets, sizes, hashes, bad = [], [], [], []
@@ -459,11 +503,19 @@ class TrainingData:
             buckets.append(choose_bucket(width, height, choices))
             hashes.append(file_sha256(item.image))
         if bad:
-            raise DatasetError(f"{len(bad)} image(s) cannot be read: {'; '.join(bad[:5])}; remove or replace them")
+            raise DatasetError(
+                f"{len(bad)} image(s) cannot be read: {'; '.join(bad[:5])}; remove or replace them"
+            )
         folder = Path(cache_dir) if cache_dir and settings.cache_to_disk else None
-        return cls(list(items), settings, buckets, sizes, hashes,
-                   TensorCache(folder / "latents" if folder else None),
-                   TensorCache(folder / "text" if folder else None))
+        return cls(
+            list(items),
+            settings,
+            buckets,
+            sizes,
+            hashes,
+            TensorCache(folder / "latents" if folder else None),
+            TensorCache(folder / "text" if folder else None),
+        )
 
     @property
     def num_samples(self) -> int:
@@ -489,7 +541,7 @@ class TrainingData:
         for bucket in sorted(by_bucket):
             indices = by_bucket[bucket]
             rng.shuffle(indices)
-            batches += [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+            batches += [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
         rng.shuffle(batches)
         return batches
 
@@ -501,17 +553,28 @@ class TrainingData:
     def latent_key(self, index: int, flip: bool, vae_fingerprint: str) -> str:
         return cache_key("latent", self.hashes[index], self.buckets[index], flip, vae_fingerprint)
 
-    def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], vae_fingerprint: str,
-                      batch_size: int = 4, on_item: Callable[[int, int], None] | None = None) -> int:
+    def cache_latents(
+        self,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        vae_fingerprint: str,
+        batch_size: int = 4,
+        on_item: Callable[[int, int], None] | None = None,
+    ) -> int:
         """Encode every image (and mirror, with flip) not cached yet; returns how many were encoded."""
-        todo = [(i, flip) for i in range(len(self.items)) for flip in ((False, True) if self.settings.flip else (False,))
-                if self.latent_key(i, flip, vae_fingerprint) not in self.latents]
+        todo = [
+            (i, flip)
+            for i in range(len(self.items))
+            for flip in ((False, True) if self.settings.flip else (False,))
+            if self.latent_key(i, flip, vae_fingerprint) not in self.latents
+        ]
         groups: dict[tuple[int, int], list[tuple[int, bool]]] = {}
         for index, flip in todo:
             groups.setdefault(self.buckets[index], []).append((index, flip))
         done = 0
-        for chunk in (g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)):
-            pixels = torch.stack([prepare_image(self.items[i].image, self.buckets[i], flip).pixels for i, flip in chunk])
+        for chunk in (g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)):
+            pixels = torch.stack(
+                [prepare_image(self.items[i].image, self.buckets[i], flip).pixels for i, flip in chunk]
+            )
             latents = encode(pixels)
             for (index, flip), latent in zip(chunk, latents, strict=True):
                 self.latents.put(self.latent_key(index, flip, vae_fingerprint), {"latent": latent})
@@ -526,9 +589,15 @@ class TrainingData:
     def mask(self, index: int, flip: bool = False) -> torch.Tensor:
         """Loss weights of item `index` at latent size (see `prepare_mask`)."""
         s, item = self.settings, self.items[index]
-        return prepare_mask(item.image, self.buckets[index], flip, use_file_mask=s.masked_loss,
-                            face_box=item.face_box if s.face_mask else None,
-                            face_margin=s.face_mask_margin, face_background=s.face_mask_background)
+        return prepare_mask(
+            item.image,
+            self.buckets[index],
+            flip,
+            use_file_mask=s.masked_loss,
+            face_box=item.face_box if s.face_mask else None,
+            face_margin=s.face_mask_margin,
+            face_background=s.face_mask_background,
+        )
 
     def mask_hashes(self) -> list[str]:
         """SHA-256 of each item's mask file ("" without one) and its face box: what a run was trained on."""
@@ -561,14 +630,20 @@ class TrainingData:
             captions.append("")
         return captions
 
-    def cache_text(self, encode: Callable[[list[str]], dict[str, torch.Tensor]], text_fingerprint: str,
-                   batch_size: int = 8) -> int:
+    def cache_text(
+        self,
+        encode: Callable[[list[str]], dict[str, torch.Tensor]],
+        text_fingerprint: str,
+        batch_size: int = 8,
+    ) -> int:
         todo = [c for c in self.captions_to_cache() if self.text_key(c, text_fingerprint) not in self.texts]
         for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
+            chunk = todo[start : start + batch_size]
             encoded = encode(chunk)
             for row, caption in enumerate(chunk):
-                self.texts.put(self.text_key(caption, text_fingerprint), {k: v[row] for k, v in encoded.items()})
+                self.texts.put(
+                    self.text_key(caption, text_fingerprint), {k: v[row] for k, v in encoded.items()}
+                )
         return len(todo)
 
     def text(self, caption: str, text_fingerprint: str) -> dict[str, torch.Tensor]:

@@ -75,8 +75,9 @@ def kohya_name(component: str, module_name: str, arch: str, unet_config: Mapping
     return kohya_key_base(arch, LIBRARY_COMPONENT[component], module_name, ldm)
 
 
-def kohya_state_dict(network: LoraNetwork, arch: str, unet_config: Mapping,
-                     dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+def kohya_state_dict(
+    network: LoraNetwork, arch: str, unet_config: Mapping, dtype: torch.dtype = torch.float16
+) -> dict[str, torch.Tensor]:
     """The network's weights under kohya names, as contiguous CPU tensors in `dtype`."""
     out: dict[str, torch.Tensor] = {}
     for module in network.modules():
@@ -164,8 +165,14 @@ def lora_metadata(
     return {k: _s(v) for k, v in meta.items()}
 
 
-def export_lora(path: str | os.PathLike, network: LoraNetwork, arch: str, unet_config: Mapping,
-                metadata: Mapping[str, str], dtype: torch.dtype = torch.float16) -> Path:
+def export_lora(
+    path: str | os.PathLike,
+    network: LoraNetwork,
+    arch: str,
+    unet_config: Mapping,
+    metadata: Mapping[str, str],
+    dtype: torch.dtype = torch.float16,
+) -> Path:
     """Write the network as a kohya-style ``.safetensors`` LoRA at `path`; returns the path."""
     return save_lora(path, kohya_state_dict(network, arch, unet_config, dtype), metadata)
 
@@ -174,8 +181,9 @@ def export_lora(path: str | os.PathLike, network: LoraNetwork, arch: str, unet_c
 # Merging into a model (previews, tests)
 
 
-def kohya_module_map(components: Mapping[str, torch.nn.Module], arch: str,
-                     unet_config: Mapping) -> dict[str, torch.nn.Module]:
+def kohya_module_map(
+    components: Mapping[str, torch.nn.Module], arch: str, unet_config: Mapping
+) -> dict[str, torch.nn.Module]:
     """kohya key stem -> the base model's Linear / Conv2d it adapts, for every such layer of `components`.
 
     Layers already wrapped by peft are looked through (their ``base_layer``).
@@ -202,8 +210,13 @@ def kohya_module_map(components: Mapping[str, torch.nn.Module], arch: str,
     return out
 
 
-def merge_lora(components: Mapping[str, torch.nn.Module], tensors: Mapping[str, torch.Tensor], arch: str,
-               unet_config: Mapping, multiplier: float = 1.0) -> list[str]:
+def merge_lora(
+    components: Mapping[str, torch.nn.Module],
+    tensors: Mapping[str, torch.Tensor],
+    arch: str,
+    unet_config: Mapping,
+    multiplier: float = 1.0,
+) -> list[str]:
     """Add a kohya LoRA's deltas into the base weights of `components` in place.
 
     Returns the key stems that matched no module (an empty list means every key was used).

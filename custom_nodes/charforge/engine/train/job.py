@@ -64,7 +64,9 @@ class TrainRequest:
     memory_profile: str = "auto"  # "auto": pick memory options by preflight; "check": refuse only; "off"
     config_dir: str | None = None  # configs for a non-standard single file (tests)
     tokenizer_dirs: tuple[str, ...] = ()  # where the CLIP vocabulary may be (single files)
-    origin: dict[str, Any] | None = None  # where it was queued from (a ComfyUI prompt and its id): origin.json
+    origin: dict[str, Any] | None = (
+        None  # where it was queued from (a ComfyUI prompt and its id): origin.json
+    )
 
 
 @dataclass
@@ -82,7 +84,9 @@ class TrainResult:
 
 def _dataset_hash(data: TrainingData) -> str:
     masks = data.mask_hashes() if data.settings.uses_masks else [""] * len(data.items)
-    rows = [(h, item.caption, item.repeats, m) for h, item, m in zip(data.hashes, data.items, masks, strict=True)]
+    rows = [
+        (h, item.caption, item.repeats, m) for h, item, m in zip(data.hashes, data.items, masks, strict=True)
+    ]
     return cache_key(rows, data.settings.__dict__)
 
 
@@ -93,8 +97,14 @@ def _versions() -> dict[str, str]:
 
     from ... import __version__
 
-    return {"charforge": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version()}
+    return {
+        "charforge": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _unet_config_file(request: TrainRequest) -> dict:
@@ -109,7 +119,9 @@ def _unet_config_file(request: TrainRequest) -> dict:
     return json.loads((folder / "unet" / "config.json").read_text())
 
 
-def _find_resumable(request: TrainRequest, requested: TrainConfig, identity: dict[str, str]) -> RunFolder | None:
+def _find_resumable(
+    request: TrainRequest, requested: TrainConfig, identity: dict[str, str]
+) -> RunFolder | None:
     """The newest run folder of this name that trained the same thing and holds a state, if any."""
     if request.resume not in RESUME_MODES:
         raise ValueError(f"resume must be one of {RESUME_MODES}, got {request.resume!r}")
@@ -131,9 +143,16 @@ def _resumed_config(saved: dict[str, Any], requested: TrainConfig) -> TrainConfi
     """The saved run's config (with the memory options its preflight chose) plus the fields a resume may
     change, from the new request."""
     config = TrainConfig.from_dict(saved["config"])
-    return replace(config, steps=requested.steps, samples=requested.samples, checkpoint_every=requested.checkpoint_every,
-                   state_every=requested.state_every, compile=requested.compile,
-                   trigger_word=requested.trigger_word, save_dtype=requested.save_dtype)
+    return replace(
+        config,
+        steps=requested.steps,
+        samples=requested.samples,
+        checkpoint_every=requested.checkpoint_every,
+        state_every=requested.state_every,
+        compile=requested.compile,
+        trigger_word=requested.trigger_word,
+        save_dtype=requested.save_dtype,
+    )
 
 
 def train(request: TrainRequest, control: Control | None = None) -> TrainResult:
@@ -148,12 +167,20 @@ def train(request: TrainRequest, control: Control | None = None) -> TrainResult:
     """
     # ComfyUI runs nodes under torch.inference_mode(): tensors made there cannot take part in autograd.
     # The trainer sets TF32 / cuDNN autotuning for itself; the host process gets its own settings back.
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    flags = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    )
     try:
         with torch.inference_mode(False), torch.enable_grad():
             return _train(request, _Reporter(or_default(control), safe_run_name(request.name)))
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags
+        (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.benchmark,
+        ) = flags
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the model is gone: give the memory back to ComfyUI
 
@@ -170,15 +197,21 @@ class _Reporter:
     def __call__(self, event: dict[str, Any]) -> None:
         training = event.get("phase") == "training"
         if training:
-            self.control.progress(int(event["step"]), int(event["total_steps"]),
-                                  text=f"loss {event['loss']:.4f}")
+            self.control.progress(
+                int(event["step"]), int(event["total_steps"]), text=f"loss {event['loss']:.4f}"
+            )
         else:
             self.control.check()
         now = time.monotonic()
         if not training or now - self._last_event >= EVENT_INTERVAL or event["step"] == event["total_steps"]:
             self._last_event = now
-            self.control.event("train.progress", {"run": self.run, **{
-                key: value for key, value in event.items() if isinstance(value, (int, float, str))}})
+            self.control.event(
+                "train.progress",
+                {
+                    "run": self.run,
+                    **{key: value for key, value in event.items() if isinstance(value, (int, float, str))},
+                },
+            )
 
 
 def _train(request: TrainRequest, report: _Reporter) -> TrainResult:
@@ -202,8 +235,12 @@ def _train(request: TrainRequest, report: _Reporter) -> TrainResult:
         traced = profiling.submit(profile_for, unet_config, config)
     report({"phase": "loading", "message": f"loading {os.path.basename(request.base_model)}"})
     try:
-        model = load_base_model(request.base_model, dtype=load_dtype, config_dir=request.config_dir,
-                                tokenizer_candidates=request.tokenizer_dirs)
+        model = load_base_model(
+            request.base_model,
+            dtype=load_dtype,
+            config_dir=request.config_dir,
+            tokenizer_candidates=request.tokenizer_dirs,
+        )
     finally:
         if profiling is not None:
             profiling.shutdown(wait=False)
@@ -211,8 +248,13 @@ def _train(request: TrainRequest, report: _Reporter) -> TrainResult:
     cache_dir = Path(request.runs_dir) / "_cache"
     data = TrainingData.prepare(items, config.data, cache_dir=cache_dir)
 
-    identity = {"base_model": fingerprint(model.unet), "text": model.fingerprints.get("text_encoder", ""),
-                "vae": model.fingerprints["vae"], "dataset": _dataset_hash(data), "arch": model.arch}
+    identity = {
+        "base_model": fingerprint(model.unet),
+        "text": model.fingerprints.get("text_encoder", ""),
+        "vae": model.fingerprints["vae"],
+        "dataset": _dataset_hash(data),
+        "arch": model.arch,
+    }
     requested = config
     folder = _find_resumable(request, requested, identity)
     resuming = folder is not None
@@ -228,8 +270,14 @@ def _train(request: TrainRequest, report: _Reporter) -> TrainResult:
         if resuming or request.memory_profile == "check":
             # A resumed run keeps its optimizer and batch; only gradient checkpointing may change.
             chooser = auto_profile if request.memory_profile == "auto" else check
-            estimate = chooser(model, config, info, num_images=len(items), unet_config=unet_config,
-                               **({"only_checkpointing": True} if chooser is auto_profile else {}))
+            estimate = chooser(
+                model,
+                config,
+                info,
+                num_images=len(items),
+                unet_config=unet_config,
+                **({"only_checkpointing": True} if chooser is auto_profile else {}),
+            )
         else:
             estimate = auto_profile(model, config, info, num_images=len(items), unet_config=unet_config)
         config = estimate.config
@@ -238,9 +286,20 @@ def _train(request: TrainRequest, report: _Reporter) -> TrainResult:
         folder = RunFolder.create(request.runs_dir, safe_run_name(request.name))
     mark_active(folder, True)
     try:
-        session = TrainingSession(request=request, config=config, requested=requested, model=model, data=data,
-                                  device=device, folder=folder, resuming=resuming, identity=identity,
-                                  estimate=estimate, report=report, started=started)
+        session = TrainingSession(
+            request=request,
+            config=config,
+            requested=requested,
+            model=model,
+            data=data,
+            device=device,
+            folder=folder,
+            resuming=resuming,
+            identity=identity,
+            estimate=estimate,
+            report=report,
+            started=started,
+        )
         return session.run()
     finally:
         mark_active(folder, False)
@@ -271,18 +330,34 @@ class TrainingSession:
 
     def run(self) -> TrainResult:
         folder, config, data, model = self.folder, self.config, self.data, self.model
-        folder.write_config({
-            "config": config.to_dict(), "request_hash": self.requested.result_hash(), "identity": self.identity,
-            "base_model": self.request.base_model, "arch": model.arch, "trigger_word": config.trigger_word,
-            "dataset": {"images": len(data.items), "samples_per_epoch": data.num_samples,
-                        "buckets": data.bucket_histogram(), "subsets": sorted({i.subset for i in data.items})},
-            "device": str(self.device), "versions": _versions(),
-            "preflight": self.estimate.as_dict() if self.estimate is not None else None,
-        })
+        folder.write_config(
+            {
+                "config": config.to_dict(),
+                "request_hash": self.requested.result_hash(),
+                "identity": self.identity,
+                "base_model": self.request.base_model,
+                "arch": model.arch,
+                "trigger_word": config.trigger_word,
+                "dataset": {
+                    "images": len(data.items),
+                    "samples_per_epoch": data.num_samples,
+                    "buckets": data.bucket_histogram(),
+                    "subsets": sorted({i.subset for i in data.items}),
+                },
+                "device": str(self.device),
+                "versions": _versions(),
+                "preflight": self.estimate.as_dict() if self.estimate is not None else None,
+            }
+        )
         if self.request.origin:
             folder.write_origin(self.request.origin)
-        folder.update_status(state="running", phase="caching", total_steps=config.steps, error=None,
-                             started_at=folder.read_status().get("started_at") or self.started)
+        folder.update_status(
+            state="running",
+            phase="caching",
+            total_steps=config.steps,
+            error=None,
+            started_at=folder.read_status().get("started_at") or self.started,
+        )
 
         def on_cache(what: str, done: int, total: int) -> None:
             self.report({"phase": "caching", "what": what, "done": done, "total": total})
@@ -299,10 +374,15 @@ class TrainingSession:
                 log.info("CharForge: resuming %s at step %d", folder.name, self.resumed_from)
             folder.truncate_metrics(self.resumed_from)
             captions = [item.caption for item in data.items]
-            self.plan = plan_samples(model, config.samples, sample_prompts(config.samples, config.trigger_word,
-                                                                           captions),
-                                     config.samples.size or config.data.resolution, self.device, config.clip_skip,
-                                     config.max_token_length)
+            self.plan = plan_samples(
+                model,
+                config.samples,
+                sample_prompts(config.samples, config.trigger_word, captions),
+                config.samples.size or config.data.resolution,
+                self.device,
+                config.clip_skip,
+                config.max_token_length,
+            )
             trainer.train(on_step=self._on_step, after_step=self._after_step, control=self.report.control)
             return self._finish()
         except BaseException as exc:
@@ -316,28 +396,56 @@ class TrainingSession:
             folder.append_metrics(self.pending)
         cancelled = isinstance(exc, (Cancelled, KeyboardInterrupt))
         # Steps done since the last saved state are kept, unless the error hit the weights update itself.
-        if trainer.optimizer is not None and not trainer.updating and \
-                (trainer.step > self.resumed_from or not folder.state_path.is_file()):
+        if (
+            trainer.optimizer is not None
+            and not trainer.updating
+            and (trainer.step > self.resumed_from or not folder.state_path.is_file())
+        ):
             self._save_state()
         folder.write_loss_curve()
-        folder.update_status(state="cancelled" if cancelled else "failed", step=trainer.step,
-                             error=None if cancelled else f"{type(exc).__name__}: {exc}")
+        folder.update_status(
+            state="cancelled" if cancelled else "failed",
+            step=trainer.step,
+            error=None if cancelled else f"{type(exc).__name__}: {exc}",
+        )
         if isinstance(exc, Cancelled):  # say where the run can be resumed (the same exception goes on)
-            exc.args = (f"training cancelled at step {trainer.step}; queue it again to resume ({folder.root})",)
+            exc.args = (
+                f"training cancelled at step {trainer.step}; queue it again to resume ({folder.root})",
+            )
 
     def _on_step(self, step_report: StepReport) -> None:
         """Metrics, status and progress after each step."""
-        self.pending.append(MetricsRow(step_report.step, step_report.loss, step_report.lr,
-                                       round(step_report.steps_per_second, 4), step_report.epoch,
-                                       round(step_report.elapsed_seconds, 3)))
+        self.pending.append(
+            MetricsRow(
+                step_report.step,
+                step_report.loss,
+                step_report.lr,
+                round(step_report.steps_per_second, 4),
+                step_report.epoch,
+                round(step_report.elapsed_seconds, 3),
+            )
+        )
         now = time.monotonic()
         if now - self.last_status > 1.0 or step_report.step == step_report.total_steps:
             self.last_status = now
-            self.folder.update_status(state="running", phase="training", step=step_report.step,
-                                      loss=step_report.loss, eta_seconds=round(step_report.eta_seconds, 1))
-        self.report({"phase": "training", "step": step_report.step, "total_steps": step_report.total_steps,
-                     "loss": step_report.loss, "lr": step_report.lr,
-                     "steps_per_second": step_report.steps_per_second, "eta_seconds": step_report.eta_seconds})
+            self.folder.update_status(
+                state="running",
+                phase="training",
+                step=step_report.step,
+                loss=step_report.loss,
+                eta_seconds=round(step_report.eta_seconds, 1),
+            )
+        self.report(
+            {
+                "phase": "training",
+                "step": step_report.step,
+                "total_steps": step_report.total_steps,
+                "loss": step_report.loss,
+                "lr": step_report.lr,
+                "steps_per_second": step_report.steps_per_second,
+                "eta_seconds": step_report.eta_seconds,
+            }
+        )
 
     def _after_step(self, step: int) -> None:
         """Samples, checkpoints and the resumable state at their intervals."""
@@ -348,8 +456,14 @@ class TrainingSession:
         if config.samples.every and step % config.samples.every == 0 and step < config.steps:
             self._save_samples(step)
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-            export_lora(self.folder.checkpoint_path(step), self.trainer.lora_network(), self.model.arch,
-                        self.model.unet_config, self._lora_metadata(step), _save_dtype(config))
+            export_lora(
+                self.folder.checkpoint_path(step),
+                self.trainer.lora_network(),
+                self.model.arch,
+                self.model.unet_config,
+                self._lora_metadata(step),
+                _save_dtype(config),
+            )
         state_every = config.state_every or config.checkpoint_every
         if state_every and step % state_every == 0 and step < config.steps:
             self._save_state()
@@ -357,8 +471,9 @@ class TrainingSession:
     def _save_samples(self, step: int) -> list[str]:
         self.report({"phase": "sampling", "step": step})
         paths = []
-        for index, image in enumerate(render_samples(self.model, self.plan, self.trainer.device,
-                                                     self.trainer.autocast_dtype)):
+        for index, image in enumerate(
+            render_samples(self.model, self.plan, self.trainer.device, self.trainer.autocast_dtype)
+        ):
             path = self.folder.sample_path(step, index)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp.png")
@@ -376,8 +491,14 @@ class TrainingSession:
         folder, trainer, config, request = self.folder, self.trainer, self.config, self.request
         self.report({"phase": "saving", "step": trainer.step})
         samples = [str(p) for p in folder.samples_at(trainer.step)] or self._save_samples(trainer.step)
-        lora_path = export_lora(folder.lora_path, trainer.lora_network(), self.model.arch, self.model.unet_config,
-                                self._lora_metadata(trainer.step), _save_dtype(config))
+        lora_path = export_lora(
+            folder.lora_path,
+            trainer.lora_network(),
+            self.model.arch,
+            self.model.unet_config,
+            self._lora_metadata(trainer.step),
+            _save_dtype(config),
+        )
         exported = None
         if request.lora_dir:
             exported = Path(request.lora_dir) / lora_path.name
@@ -387,30 +508,54 @@ class TrainingSession:
             os.replace(tmp, exported)
         self._save_state()
         curve = folder.write_loss_curve()
-        folder.update_status(state="completed", phase="done", step=trainer.step, loss=trainer.last_loss,
-                             eta_seconds=0, lora=str(exported or lora_path), finished_at=time.time())
+        folder.update_status(
+            state="completed",
+            phase="done",
+            step=trainer.step,
+            loss=trainer.last_loss,
+            eta_seconds=0,
+            lora=str(exported or lora_path),
+            finished_at=time.time(),
+        )
         self.report({"phase": "done", "step": trainer.step, "lora": str(exported or lora_path)})
-        return TrainResult(str(folder.root), str(lora_path), str(exported) if exported else None, trainer.step,
-                           trainer.last_loss, samples, str(curve), self.resumed_from,
-                           self.estimate.as_dict() if self.estimate is not None else None)
+        return TrainResult(
+            str(folder.root),
+            str(lora_path),
+            str(exported) if exported else None,
+            trainer.step,
+            trainer.last_loss,
+            samples,
+            str(curve),
+            self.resumed_from,
+            self.estimate.as_dict() if self.estimate is not None else None,
+        )
 
     def _lora_metadata(self, step: int) -> dict[str, str]:
-        return _lora_metadata(self.folder.name, self.config, self.model, self.data, step, self.started,
-                              self.request.base_model)
+        return _lora_metadata(
+            self.folder.name, self.config, self.model, self.data, step, self.started, self.request.base_model
+        )
 
 
 def _save_dtype(config: TrainConfig) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.save_dtype]
 
 
-def _lora_metadata(title: str, config: TrainConfig, model: BaseModel, data: TrainingData, step: int,
-                   started: float, base_model: str) -> dict[str, str]:
+def _lora_metadata(
+    title: str,
+    config: TrainConfig,
+    model: BaseModel,
+    data: TrainingData,
+    step: int,
+    started: float,
+    base_model: str,
+) -> dict[str, str]:
     epoch_batches = max(1, len(data.epoch_batches(0, config.batch_size, config.seed)))
     training = {
         "learning_rate": config.optim.learning_rate,
         "unet_lr": config.optim.learning_rate,
         "text_encoder_lr": (config.optim.text_encoder_lr or config.optim.learning_rate / 10)
-        if config.lora.train_text_encoder else 0.0,
+        if config.lora.train_text_encoder
+        else 0.0,
         "optimizer": config.optim.optimizer,
         "lr_scheduler": config.optim.schedule,
         "lr_warmup_steps": config.optim.warmup_steps,
@@ -431,9 +576,13 @@ def _lora_metadata(title: str, config: TrainConfig, model: BaseModel, data: Trai
         "min_bucket_reso": config.data.min_bucket,
         "max_bucket_reso": config.data.max_bucket,
         "bucket_info": {"buckets": data.bucket_histogram()},
-        "dataset_dirs": {s: {"n_repeats": next(i.repeats for i in data.items if i.subset == s),
-                             "img_count": sum(1 for i in data.items if i.subset == s)}
-                         for s in sorted({i.subset for i in data.items})},
+        "dataset_dirs": {
+            s: {
+                "n_repeats": next(i.repeats for i in data.items if i.subset == s),
+                "img_count": sum(1 for i in data.items if i.subset == s),
+            }
+            for s in sorted({i.subset for i in data.items})
+        },
         "cache_latents": config.data.cache_latents,
         "clip_skip": config.clip_skip,
         "max_token_length": config.max_token_length,
@@ -454,10 +603,16 @@ def _lora_metadata(title: str, config: TrainConfig, model: BaseModel, data: Trai
         "training_finished_at": time.time(),
         "charforge_trigger_word": config.trigger_word,
     }
-    return lora_metadata(arch=model.arch, settings=config.lora, title=title, trigger_phrase=config.trigger_word,
-                         resolution=(config.data.resolution, config.data.resolution), training=training,
-                         tag_frequency=tag_frequency(data.items),
-                         prediction_type="v" if model.prediction_type == "v_prediction" else "epsilon")
+    return lora_metadata(
+        arch=model.arch,
+        settings=config.lora,
+        title=title,
+        trigger_phrase=config.trigger_word,
+        resolution=(config.data.resolution, config.data.resolution),
+        training=training,
+        tag_frequency=tag_frequency(data.items),
+        prediction_type="v" if model.prediction_type == "v_prediction" else "epsilon",
+    )
 
 
 __all__ = ["TrainRequest", "TrainResult", "TrainingSession", "train"]

@@ -66,9 +66,17 @@ def capture_rng() -> dict[str, Any]:
         import numpy as np
 
         # The global (legacy MT19937) generator gives the 5-tuple; numpy's stubs say a dict for this call.
-        name, keys, position, has_gauss, cached = cast(tuple[str, Any, int, int, float], np.random.get_state())
+        name, keys, position, has_gauss, cached = cast(
+            tuple[str, Any, int, int, float], np.random.get_state()
+        )
         # As plain values and a tensor, so the state file loads with torch.load(weights_only=True).
-        state["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached))
+        state["numpy"] = (
+            name,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(position),
+            int(has_gauss),
+            float(cached),
+        )
     except ImportError:
         pass
     return state
@@ -86,8 +94,9 @@ def restore_rng(state: dict[str, Any]) -> None:
         np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
 
 
-def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
-                    prediction_type: str) -> torch.Tensor:
+def min_snr_weights(
+    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
     """Per-sample loss weights min(SNR, γ) / SNR (ε-prediction) or min(SNR, γ) / (SNR + 1) (v)."""
     alpha = alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = alpha / (1.0 - alpha)
@@ -98,7 +107,9 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
 class Trainer:
     """Trains a LoRA on `model` with `data` as `config` says. Create, `setup()`, then `train()`."""
 
-    def __init__(self, model: BaseModel, data: TrainingData, config: TrainConfig, device: torch.device | str = "cpu"):
+    def __init__(
+        self, model: BaseModel, data: TrainingData, config: TrainConfig, device: torch.device | str = "cpu"
+    ):
         self.model = model
         self.data = data
         self.config = config
@@ -150,15 +161,23 @@ class Trainer:
         """
         config, model = self.config, self.model
         data_settings = config.data
-        self._text_fingerprint = ":".join([model.fingerprints.get("text_encoder", ""),
-                                           model.fingerprints.get("text_encoder_2", ""),
-                                           f"clip_skip={config.clip_skip}",
-                                           f"max_tokens={config.max_token_length}"])
+        self._text_fingerprint = ":".join(
+            [
+                model.fingerprints.get("text_encoder", ""),
+                model.fingerprints.get("text_encoder_2", ""),
+                f"clip_skip={config.clip_skip}",
+                f"max_tokens={config.max_token_length}",
+            ]
+        )
         # Caching first, with only the VAE / text encoders on the device: the peak stays low.
         if data_settings.cache_latents:
             model.vae.to(self.device)
-            self.data.cache_latents(self._encode_images, model.fingerprints["vae"], batch_size=1,
-                                    on_item=(lambda d, t: on_cache("latents", d, t)) if on_cache else None)
+            self.data.cache_latents(
+                self._encode_images,
+                model.fingerprints["vae"],
+                batch_size=1,
+                on_item=(lambda d, t: on_cache("latents", d, t)) if on_cache else None,
+            )
         if self.caches_text:
             for te in model.text_encoders:
                 te.to(self.device)
@@ -220,24 +239,35 @@ class Trainer:
         flips = (False, True) if self.config.data.flip else (False,)
         self._latent_table = {}
         if self.config.data.cache_latents:
-            self._latent_table = {(i, f): self.data.latent(i, f, vae_fingerprint).to(self.device)
-                                  for i in range(len(self.data.items)) for f in flips}
+            self._latent_table = {
+                (i, f): self.data.latent(i, f, vae_fingerprint).to(self.device)
+                for i in range(len(self.data.items))
+                for f in flips
+            }
         self._text_table = {}
         if self.caches_text:
             for caption in self.data.captions_to_cache():
                 row = self.data.text(caption, self._text_fingerprint)
                 self._text_table[caption] = {k: v.to(self.device) for k, v in row.items()}
-        self._time_id_table = {(i, f): self.data.time_ids(i, f).to(self.device)
-                               for i in range(len(self.data.items)) for f in flips}
+        self._time_id_table = {
+            (i, f): self.data.time_ids(i, f).to(self.device)
+            for i in range(len(self.data.items))
+            for f in flips
+        }
         self._mask_table = {}
         if self.config.data.uses_masks:
-            self._mask_table = {(i, f): self.data.mask(i, f).to(self.device)
-                                for i in range(len(self.data.items)) for f in flips}
+            self._mask_table = {
+                (i, f): self.data.mask(i, f).to(self.device)
+                for i in range(len(self.data.items))
+                for f in flips
+            }
 
     @property
     def caches_text(self) -> bool:
         s = self.config.data
-        return s.cache_text_encoder_outputs and not s.shuffle_caption and not self.config.lora.train_text_encoder
+        return (
+            s.cache_text_encoder_outputs and not s.shuffle_caption and not self.config.lora.train_text_encoder
+        )
 
     def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.model.vae
@@ -246,8 +276,9 @@ class Trainer:
             return vae.encode(pixels).latent_dist.mean.float() * self.model.vae_scaling_factor
 
     def _encode_text_dict(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        embeds = encode_prompts(self.model, captions, self.device, self.config.clip_skip,
-                              self.config.max_token_length)
+        embeds = encode_prompts(
+            self.model, captions, self.device, self.config.clip_skip, self.config.max_token_length
+        )
         out = {"hidden": embeds.hidden.float()}
         if embeds.pooled is not None:
             out["pooled"] = embeds.pooled.float()
@@ -260,7 +291,10 @@ class Trainer:
 
     def _epoch(self, epoch: int) -> list[list[int]]:
         if self._batches_cache is None or self._batches_cache[0] != epoch:
-            self._batches_cache = (epoch, self.data.epoch_batches(epoch, self.config.batch_size, self.config.seed))
+            self._batches_cache = (
+                epoch,
+                self.data.epoch_batches(epoch, self.config.batch_size, self.config.seed),
+            )
         return self._batches_cache[1]
 
     def micro_batch(self, index: int) -> tuple[int, list[int]]:
@@ -283,16 +317,21 @@ class Trainer:
             return PromptEmbeddings(torch.stack([r["hidden"] for r in rows]), pooled)
         context = contextlib.nullcontext() if self.config.lora.train_text_encoder else torch.no_grad()
         with context, self._autocast():
-            return encode_prompts(self.model, captions, self.device, self.config.clip_skip,
-                              self.config.max_token_length)
+            return encode_prompts(
+                self.model, captions, self.device, self.config.clip_skip, self.config.max_token_length
+            )
 
     def _latents(self, items: list[int], flips: list[bool]) -> torch.Tensor:
         if self.config.data.cache_latents:
             return torch.stack([self._latent_table[(i, f)] for i, f in zip(items, flips, strict=True)])
         from .data import prepare_image
 
-        pixels = torch.stack([prepare_image(self.data.items[i].image, self.data.buckets[i], f).pixels
-                              for i, f in zip(items, flips, strict=True)])
+        pixels = torch.stack(
+            [
+                prepare_image(self.data.items[i].image, self.data.buckets[i], f).pixels
+                for i, f in zip(items, flips, strict=True)
+            ]
+        )
         return self._encode_images(pixels)
 
     def micro_batch_loss(self, index: int) -> torch.Tensor:
@@ -308,11 +347,14 @@ class Trainer:
         device = self.device
         noise = torch.randn(latents.shape, generator=generator, device=device)
         if config.noise_offset:
-            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device)
+            offset = torch.randn(
+                (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device
+            )
             noise += config.noise_offset * offset
         scheduler = model.noise_scheduler
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
-                                  device=device)
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device
+        )
         noisy = scheduler.add_noise(latents, noise, timesteps)
         if model.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)
@@ -330,8 +372,12 @@ class Trainer:
         if self._unet_forward is None:
             raise AttributeError("the trainer has no U-Net forward yet: call setup() first")
         with self._autocast():
-            prediction = self._unet_forward(noisy.to(weight_dtype), timesteps,
-                                            encoder_hidden_states=cond.hidden.to(weight_dtype), **kwargs).sample
+            prediction = self._unet_forward(
+                noisy.to(weight_dtype),
+                timesteps,
+                encoder_hidden_states=cond.hidden.to(weight_dtype),
+                **kwargs,
+            ).sample
         per_pixel = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
         if config.data.uses_masks:
             masks = torch.stack([self._mask_table[(i, f)] for i, f in zip(items, flips, strict=True)])
@@ -340,8 +386,9 @@ class Trainer:
         else:
             per_sample = per_pixel.mean(dim=(1, 2, 3))
         if config.min_snr_gamma > 0:
-            per_sample = per_sample * min_snr_weights(scheduler.alphas_cumprod, timesteps, config.min_snr_gamma,
-                                                      model.prediction_type)
+            per_sample = per_sample * min_snr_weights(
+                scheduler.alphas_cumprod, timesteps, config.min_snr_gamma, model.prediction_type
+            )
         return per_sample.mean()
 
     def train_step(self, control: Control | None = None) -> float:
@@ -383,9 +430,13 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- the loop
 
-    def train(self, until: int | None = None, on_step: Callable[[StepReport], None] | None = None,
-              control: Control | None = None,
-              after_step: Callable[[int], None] | None = None) -> int:
+    def train(
+        self,
+        until: int | None = None,
+        on_step: Callable[[StepReport], None] | None = None,
+        control: Control | None = None,
+        after_step: Callable[[int], None] | None = None,
+    ) -> int:
         """Run steps until `until` (default: ``config.steps``) completed steps; returns the step reached.
 
         `on_step` gets the progress after each step, then `after_step(step)` runs (checkpoints, samples).
@@ -402,19 +453,30 @@ class Trainer:
             loss = self.train_step(control)
             if not math.isfinite(loss):
                 raise FloatingPointError(
-                    f"the loss became {loss} at step {self.step}; lower the learning rate or use bf16 instead of fp16")
+                    f"the loss became {loss} at step {self.step}; lower the learning rate or use bf16 instead of fp16"
+                )
             step_time = time.perf_counter() - step_start
             rate = 1.0 / step_time if rate == 0.0 else 0.9 * rate + 0.1 / step_time
             if on_step is not None:
                 done = self.step - start_step
                 elapsed = time.perf_counter() - start_time
                 steps_per_second = done / elapsed if elapsed > 0 else rate
-                on_step(StepReport(
-                    step=self.step, total_steps=until, loss=loss, lr=self.current_lr(),
-                    steps_per_second=steps_per_second,
-                    eta_seconds=(until - self.step) / steps_per_second if steps_per_second > 0 else float("inf"),
-                    epoch=self.micro_batch(max(0, self.step * self.config.optim.grad_accumulation - 1))[0],
-                    elapsed_seconds=elapsed))
+                on_step(
+                    StepReport(
+                        step=self.step,
+                        total_steps=until,
+                        loss=loss,
+                        lr=self.current_lr(),
+                        steps_per_second=steps_per_second,
+                        eta_seconds=(until - self.step) / steps_per_second
+                        if steps_per_second > 0
+                        else float("inf"),
+                        epoch=self.micro_batch(max(0, self.step * self.config.optim.grad_accumulation - 1))[
+                            0
+                        ],
+                        elapsed_seconds=elapsed,
+                    )
+                )
             if after_step is not None:
                 after_step(self.step)
         return self.step
@@ -437,17 +499,26 @@ class Trainer:
                 cond = self._conditioning([self.data.items[index].caption])
                 kwargs: dict[str, Any] = {}
                 if model.is_sdxl:
-                    kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled,
-                                                   "time_ids": self._time_id_table[(index, False)][None]}
+                    kwargs["added_cond_kwargs"] = {
+                        "text_embeds": cond.pooled,
+                        "time_ids": self._time_id_table[(index, False)][None],
+                    }
                 for timestep in timesteps:
                     noise = torch.randn(latent.shape, generator=generator).to(self.device)
                     t = torch.tensor([timestep], device=self.device)
                     noisy = model.noise_scheduler.add_noise(latent, noise, t)
-                    target = (model.noise_scheduler.get_velocity(latent, noise, t)
-                              if model.prediction_type == "v_prediction" else noise)
+                    target = (
+                        model.noise_scheduler.get_velocity(latent, noise, t)
+                        if model.prediction_type == "v_prediction"
+                        else noise
+                    )
                     with self._autocast():
-                        prediction = model.unet(noisy.to(model.unet.dtype), t,
-                                                encoder_hidden_states=cond.hidden.to(model.unet.dtype), **kwargs).sample
+                        prediction = model.unet(
+                            noisy.to(model.unet.dtype),
+                            t,
+                            encoder_hidden_states=cond.hidden.to(model.unet.dtype),
+                            **kwargs,
+                        ).sample
                     losses.append(torch.nn.functional.mse_loss(prediction.float(), target).item())
         return sum(losses) / len(losses)
 
@@ -471,9 +542,14 @@ class Trainer:
             "scheduler": scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": self.rng_at_step,
-            "data": {"seed": self.config.seed, "epoch": epoch, "position": position,
-                     "micro_batches_per_epoch": self.micro_batches_per_epoch(), "micro_batches_done": micro,
-                     "next_batch": self.micro_batch(micro)[1]},
+            "data": {
+                "seed": self.config.seed,
+                "epoch": epoch,
+                "position": position,
+                "micro_batches_per_epoch": self.micro_batches_per_epoch(),
+                "micro_batches_done": micro,
+                "next_batch": self.micro_batch(micro)[1],
+            },
             "loss": self.last_loss,
         }
 
@@ -485,7 +561,8 @@ class Trainer:
         if data["micro_batches_per_epoch"] != self.micro_batches_per_epoch():
             raise ValueError(
                 f"the dataset changed since this run was saved ({data['micro_batches_per_epoch']} batches per epoch "
-                f"then, {self.micro_batches_per_epoch()} now): start a new run")
+                f"then, {self.micro_batches_per_epoch()} now): start a new run"
+            )
         network, optimizer, scheduler = self._built()
         network.load_state_dict(state["lora"])
         optimizer.load_state_dict(state["optimizer"])

@@ -29,8 +29,14 @@ ADAPTER = "default"
 TARGET_SETS = ("kohya", "attention")
 
 _ATTENTION_LEAVES = ("to_q", "to_k", "to_v", "to_out.0")
-_TEXT_LEAVES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
-                "mlp.fc2")
+_TEXT_LEAVES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "mlp.fc1",
+    "mlp.fc2",
+)
 _CONV_PARENTS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 
 
@@ -61,7 +67,8 @@ class LoraSettings:
 
 def _is_pointwise(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear) or (
-        isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1))
+        isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+    )
 
 
 def unet_target_modules(unet: torch.nn.Module, targets: str = "kohya", conv: bool = False) -> dict[str, str]:
@@ -86,12 +93,16 @@ def unet_target_modules(unet: torch.nn.Module, targets: str = "kohya", conv: boo
 def text_encoder_target_modules(text_encoder: torch.nn.Module) -> list[str]:
     """The six Linear layers of every CLIP encoder layer, by module name."""
     pattern = re.compile(r"(.*\.)?encoder\.layers\.\d+\.(" + "|".join(map(re.escape, _TEXT_LEAVES)) + r")")
-    return [name for name, module in text_encoder.named_modules()
-            if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name)]
+    return [
+        name
+        for name, module in text_encoder.named_modules()
+        if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name)
+    ]
 
 
-def _inject(module: torch.nn.Module, names: dict[str, str], settings: LoraSettings, rank: int, alpha: float,
-            seed: int) -> None:
+def _inject(
+    module: torch.nn.Module, names: dict[str, str], settings: LoraSettings, rank: int, alpha: float, seed: int
+) -> None:
     peft = require("peft")
     conv_names = [n for n, kind in names.items() if kind == "conv"]
     config = peft.LoraConfig(
@@ -174,24 +185,36 @@ class LoraNetwork:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """``<component>.<parameter name>`` -> a CPU copy of every LoRA parameter (for resumable state)."""
-        return {f"{c}.{n}": p.detach().to("cpu", copy=True) for c, module in self.components.items()
-                for n, p in module.named_parameters() if "lora_" in n}
+        return {
+            f"{c}.{n}": p.detach().to("cpu", copy=True)
+            for c, module in self.components.items()
+            for n, p in module.named_parameters()
+            if "lora_" in n
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy values saved by `state_dict` back into the layers; every parameter must be present."""
-        own = {f"{c}.{n}": p for c, module in self.components.items()
-               for n, p in module.named_parameters() if "lora_" in n}
+        own = {
+            f"{c}.{n}": p
+            for c, module in self.components.items()
+            for n, p in module.named_parameters()
+            if "lora_" in n
+        }
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(f"LoRA state does not fit this network: {len(missing)} missing (e.g. {missing[:2]}), "
-                             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}); was it saved with other "
-                             "rank / targets / text-encoder settings?")
+            raise ValueError(
+                f"LoRA state does not fit this network: {len(missing)} missing (e.g. {missing[:2]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}); was it saved with other "
+                "rank / targets / text-encoder settings?"
+            )
         with torch.no_grad():
             for key, param in own.items():
                 if tuple(state[key].shape) != tuple(param.shape):
-                    raise ValueError(f"LoRA state: {key} has shape {tuple(state[key].shape)}, "
-                                     f"expected {tuple(param.shape)}")
+                    raise ValueError(
+                        f"LoRA state: {key} has shape {tuple(state[key].shape)}, "
+                        f"expected {tuple(param.shape)}"
+                    )
                 param.copy_(state[key])
 
     def modules(self) -> list[LoraModule]:
@@ -201,8 +224,15 @@ class LoraNetwork:
         for component, root in self.components.items():
             for name, module in root.named_modules():
                 if isinstance(module, lora.LoraLayer) and ADAPTER in module.lora_A:
-                    out.append(LoraModule(component, name, module.lora_A[ADAPTER].weight,
-                                          module.lora_B[ADAPTER].weight, float(module.lora_alpha[ADAPTER])))
+                    out.append(
+                        LoraModule(
+                            component,
+                            name,
+                            module.lora_A[ADAPTER].weight,
+                            module.lora_B[ADAPTER].weight,
+                            float(module.lora_alpha[ADAPTER]),
+                        )
+                    )
         return out
 
     def set_enabled(self, enabled: bool) -> None:

@@ -35,9 +35,12 @@ CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
 }
 
 # Pipeline classes (diffusers) and a human name per architecture.
@@ -92,7 +95,7 @@ def _single_file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def arch_from_keys(shapes: dict[str, tuple[int, ...]]) -> str:
-    """"sd15" or "sdxl" from a single file's tensor names and shapes; raises `UnsupportedModelError`.
+    """ "sd15" or "sdxl" from a single file's tensor names and shapes; raises `UnsupportedModelError`.
 
     SDXL base: an SGM U-Net with ``label_emb`` and both ``conditioner.embedders`` (CLIP-L, bigG).
     SD1.5: an LDM U-Net with 4 input channels and a CLIP-L text encoder under ``cond_stage_model.transformer``.
@@ -106,42 +109,54 @@ def arch_from_keys(shapes: dict[str, tuple[int, ...]]) -> str:
         prefixes = sorted({k.split(".")[0] for k in shapes})[:8]
         raise UnsupportedModelError(
             f"not an SD1.5 / SDXL checkpoint: no 'model.diffusion_model.' U-Net keys (top-level names: {prefixes}). "
-            "Flux, SD3 and other architectures are not supported by this trainer.")
+            "Flux, SD3 and other architectures are not supported by this trainer."
+        )
     if conv_in is not None and conv_in[1] != 4:
         raise UnsupportedModelError(
             f"the U-Net takes {conv_in[1]} input channels (an inpainting or instruct model); train on a regular "
-            "4-channel SD1.5 / SDXL checkpoint")
+            "4-channel SD1.5 / SDXL checkpoint"
+        )
     if not has_vae:
         raise UnsupportedModelError(
             "this file holds a U-Net but no VAE / text encoder (a 'diffusion model only' file); training needs a "
-            "full checkpoint from the checkpoints folder, or a diffusers folder")
+            "full checkpoint from the checkpoints folder, or a diffusers folder"
+        )
     if label is not None:
         has_te1 = any(k.startswith("conditioner.embedders.0.transformer.") for k in shapes)
         has_te2 = any(k.startswith("conditioner.embedders.1.model.") for k in shapes)
         if not (has_te1 and has_te2):
             raise UnsupportedModelError(
                 "an SDXL-family file without both SDXL base text encoders (CLIP-L and bigG): the SDXL refiner "
-                "and other variants are not supported")
+                "and other variants are not supported"
+            )
         return "sdxl"
     if any(k.startswith("cond_stage_model.model.") for k in shapes):
-        raise UnsupportedModelError("an SD2.x checkpoint (OpenCLIP text encoder); only SD1.5 and SDXL are supported")
+        raise UnsupportedModelError(
+            "an SD2.x checkpoint (OpenCLIP text encoder); only SD1.5 and SDXL are supported"
+        )
     if any(k.startswith("cond_stage_model.transformer.") for k in shapes):
         return "sd15"
-    raise UnsupportedModelError("a U-Net and VAE but no SD1.5 (cond_stage_model) or SDXL (conditioner) text encoder")
+    raise UnsupportedModelError(
+        "a U-Net and VAE but no SD1.5 (cond_stage_model) or SDXL (conditioner) text encoder"
+    )
 
 
 def detect_arch(source: str | os.PathLike) -> str:
-    """"sd15" or "sdxl" for a single-file checkpoint or a diffusers folder."""
+    """ "sd15" or "sdxl" for a single-file checkpoint or a diffusers folder."""
     source = Path(source)
     if source.is_dir():
         index = source / "model_index.json"
         if not index.is_file():
-            raise UnsupportedModelError(f"{source} is a folder without model_index.json: not a diffusers model")
+            raise UnsupportedModelError(
+                f"{source} is a folder without model_index.json: not a diffusers model"
+            )
         name = json.loads(index.read_text()).get("_class_name", "")
         for arch, pipeline in _PIPELINES.items():
             if name == pipeline:
                 return arch
-        raise UnsupportedModelError(f"{source}: pipeline {name!r}; expected one of {sorted(_PIPELINES.values())}")
+        raise UnsupportedModelError(
+            f"{source}: pipeline {name!r}; expected one of {sorted(_PIPELINES.values())}"
+        )
     if not source.is_file():
         raise FileNotFoundError(f"base model not found: {source}")
     return arch_from_keys(_single_file_shapes(source))
@@ -171,7 +186,8 @@ def find_tokenizer_dir(candidates: Sequence[str | os.PathLike | None] = ()) -> P
         "the CLIP tokenizer vocabulary (vocab.json + merges.txt) was not found; looked in: "
         + (", ".join(str(p) for p in tried) or "nowhere")
         + ". Inside ComfyUI it is comfy/sd1_tokenizer; elsewhere set CHARFORGE_CLIP_TOKENIZER or COMFYUI_DIR, "
-          "or train from a diffusers folder (it has its own tokenizer)")
+        "or train from a diffusers folder (it has its own tokenizer)"
+    )
 
 
 def load_tokenizers(arch: str, vocab_dir: str | os.PathLike) -> list:
@@ -182,8 +198,11 @@ def load_tokenizers(arch: str, vocab_dir: str | os.PathLike) -> list:
     tokenizers = []
     for name in names:
         config = json.loads((shipped_config_dir(arch) / name / "tokenizer_config.json").read_text())
-        tokenizers.append(CLIPTokenizer.from_pretrained(
-            str(vocab_dir), pad_token=config["pad_token"], model_max_length=config["model_max_length"]))
+        tokenizers.append(
+            CLIPTokenizer.from_pretrained(
+                str(vocab_dir), pad_token=config["pad_token"], model_max_length=config["model_max_length"]
+            )
+        )
     return tokenizers
 
 
@@ -241,8 +260,13 @@ class BaseModel:
         cls = getattr(diffusers, _PIPELINES[self.arch])
         if scheduler is None:
             scheduler = diffusers.EulerDiscreteScheduler.from_config(self.sample_scheduler_config)
-        parts: dict[str, Any] = {"vae": self.vae, "unet": self.unet, "scheduler": scheduler,
-                                 "text_encoder": self.text_encoders[0], "tokenizer": self.tokenizers[0]}
+        parts: dict[str, Any] = {
+            "vae": self.vae,
+            "unet": self.unet,
+            "scheduler": scheduler,
+            "text_encoder": self.text_encoders[0],
+            "tokenizer": self.tokenizers[0],
+        }
         if self.is_sdxl:
             parts.update(text_encoder_2=self.text_encoders[1], tokenizer_2=self.tokenizers[1])
         else:
@@ -279,10 +303,16 @@ def _dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
 def _training_scheduler(scheduler_config: dict):
     from diffusers import DDPMScheduler
 
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-            "steps_offset")
-    return DDPMScheduler(**{k: scheduler_config[k] for k in keys if k in scheduler_config},
-                         clip_sample=False)
+    keys = (
+        "num_train_timesteps",
+        "beta_start",
+        "beta_end",
+        "beta_schedule",
+        "trained_betas",
+        "prediction_type",
+        "steps_offset",
+    )
+    return DDPMScheduler(**{k: scheduler_config[k] for k in keys if k in scheduler_config}, clip_sample=False)
 
 
 def load_base_model(
@@ -323,8 +353,9 @@ def load_base_model(
         if arch == "sd15":
             tokenizers.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         config = str(config_dir or shipped_config_dir(arch))
-        pipe = cls.from_single_file(str(source), config=config, **_dtype_argument(weight_dtype), **offline,
-                                     **tokenizers)
+        pipe = cls.from_single_file(
+            str(source), config=config, **_dtype_argument(weight_dtype), **offline, **tokenizers
+        )
     text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if arch == "sdxl" else [])
     tokenizers_out = [pipe.tokenizer] + ([pipe.tokenizer_2] if arch == "sdxl" else [])
     vae = pipe.vae
@@ -334,11 +365,21 @@ def load_base_model(
         module.requires_grad_(False)
         module.eval()
     scheduler_config = dict(pipe.scheduler.config)
-    model = BaseModel(arch=arch, source=str(source), unet=pipe.unet, vae=vae, text_encoders=text_encoders,
-                      tokenizers=tokenizers_out, noise_scheduler=_training_scheduler(scheduler_config),
-                      sample_scheduler_config=scheduler_config, dtype=weight_dtype)
-    model.fingerprints = {"vae": fingerprint(vae),
-                          **{f"text_encoder{'_2' if i else ''}": fingerprint(te) for i, te in enumerate(text_encoders)}}
+    model = BaseModel(
+        arch=arch,
+        source=str(source),
+        unet=pipe.unet,
+        vae=vae,
+        text_encoders=text_encoders,
+        tokenizers=tokenizers_out,
+        noise_scheduler=_training_scheduler(scheduler_config),
+        sample_scheduler_config=scheduler_config,
+        dtype=weight_dtype,
+    )
+    model.fingerprints = {
+        "vae": fingerprint(vae),
+        **{f"text_encoder{'_2' if i else ''}": fingerprint(te) for i, te in enumerate(text_encoders)},
+    }
     return model
 
 
@@ -361,8 +402,10 @@ class PromptEmbeddings:
         return self.pooled
 
     def to(self, device=None, dtype=None) -> PromptEmbeddings:
-        return PromptEmbeddings(self.hidden.to(device=device, dtype=dtype),
-                                None if self.pooled is None else self.pooled.to(device=device, dtype=dtype))
+        return PromptEmbeddings(
+            self.hidden.to(device=device, dtype=dtype),
+            None if self.pooled is None else self.pooled.to(device=device, dtype=dtype),
+        )
 
     def index(self, items) -> PromptEmbeddings:
         return PromptEmbeddings(self.hidden[items], None if self.pooled is None else self.pooled[items])
@@ -390,11 +433,13 @@ def tokenize(tokenizer, prompts: Sequence[str], max_tokens: int = 75) -> torch.T
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     rows = []
     for prompt in prompts:
-        content = tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids[:max_tokens]
+        content = tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids[
+            :max_tokens
+        ]
         body = content + [eos] + [pad] * (max_tokens - len(content))  # max_tokens + 1 tokens
         chunks = []
         for i in range(windows):
-            part = body[i * window:(i + 1) * window]
+            part = body[i * window : (i + 1) * window]
             if part[0] == pad and i > 0:  # a window past the text: starts with EOS, like the first one ends
                 part = [eos] + part[1:]
             end = eos if part[-1] not in (eos, pad) else pad  # text cut at the window's edge: close it
@@ -418,8 +463,13 @@ def _join_windows(hidden: torch.Tensor, windows: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def encode_prompts(model: BaseModel, prompts: Sequence[str], device: torch.device | str | None = None,
-                   clip_skip: int = 1, max_tokens: int = 75) -> PromptEmbeddings:
+def encode_prompts(
+    model: BaseModel,
+    prompts: Sequence[str],
+    device: torch.device | str | None = None,
+    clip_skip: int = 1,
+    max_tokens: int = 75,
+) -> PromptEmbeddings:
     """Encode `prompts` as the U-Net expects (gradients flow when a text encoder has trainable LoRA).
 
     SD1.5: the last hidden state of CLIP-L (``clip_skip`` 2: the layer before, through the final layer
@@ -446,7 +496,8 @@ def encode_prompts(model: BaseModel, prompts: Sequence[str], device: torch.devic
     return PromptEmbeddings(_join_windows(hidden, windows), pooled)
 
 
-def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
-                  target_size: tuple[int, int]) -> torch.Tensor:
+def sdxl_time_ids(
+    original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
+) -> torch.Tensor:
     """SDXL's size/crop conditioning (6,): original (h, w), crop (top, left), target (h, w), in pixels."""
     return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)

@@ -19,8 +19,11 @@ import torch
 from ...deps import MissingDependencyError, require
 from .config import OptimSettings
 
-_PACKAGES = {"adamw8bit": ("bitsandbytes", "bitsandbytes"), "prodigy": ("prodigyopt", "prodigyopt"),
-             "adafactor": ("transformers", "transformers")}
+_PACKAGES = {
+    "adamw8bit": ("bitsandbytes", "bitsandbytes"),
+    "prodigy": ("prodigyopt", "prodigyopt"),
+    "adafactor": ("transformers", "transformers"),
+}
 
 
 def optimizer_available(name: str) -> bool:
@@ -34,13 +37,21 @@ def optimizer_available(name: str) -> bool:
     return True
 
 
-def build_optimizer(groups: Sequence[dict], settings: OptimSettings, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    groups: Sequence[dict], settings: OptimSettings, device: torch.device
+) -> torch.optim.Optimizer:
     """The optimizer for parameter `groups` (each ``{"params": [...], "lr": ...}``)."""
     name = settings.optimizer
     if name == "adamw":
         fused = device.type == "cuda"
-        return torch.optim.AdamW(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay,
-                                 betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+        return torch.optim.AdamW(
+            groups,
+            lr=settings.learning_rate,
+            weight_decay=settings.weight_decay,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            fused=fused or None,
+        )
     if name in _PACKAGES:
         module_name, package = _PACKAGES[name]
         try:
@@ -48,14 +59,28 @@ def build_optimizer(groups: Sequence[dict], settings: OptimSettings, device: tor
         except MissingDependencyError as exc:
             raise MissingDependencyError(f"optimizer {name!r} needs {package}: {exc}") from exc
         if name == "adamw8bit":
-            return module.optim.AdamW8bit(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+            return module.optim.AdamW8bit(
+                groups, lr=settings.learning_rate, weight_decay=settings.weight_decay
+            )
         if name == "prodigy":
-            return module.Prodigy(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay,
-                                  decouple=True, use_bias_correction=True, safeguard_warmup=True)
+            return module.Prodigy(
+                groups,
+                lr=settings.learning_rate,
+                weight_decay=settings.weight_decay,
+                decouple=True,
+                use_bias_correction=True,
+                safeguard_warmup=True,
+            )
         from transformers.optimization import Adafactor
 
-        return Adafactor(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay,
-                         scale_parameter=False, relative_step=False, warmup_init=False)
+        return Adafactor(
+            groups,
+            lr=settings.learning_rate,
+            weight_decay=settings.weight_decay,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+        )
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -74,8 +99,10 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> 
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, settings: OptimSettings,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, settings: OptimSettings, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` over `lr_factor`; one ``step()`` per optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, settings.schedule, settings.warmup_steps))
+        optimizer, lambda step: lr_factor(step, total_steps, settings.schedule, settings.warmup_steps)
+    )

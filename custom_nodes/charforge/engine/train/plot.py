@@ -19,8 +19,9 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
-def loss_curve(steps: Sequence[int], losses: Sequence[float], size: tuple[int, int] = (768, 384),
-               title: str = "loss"):
+def loss_curve(
+    steps: Sequence[int], losses: Sequence[float], size: tuple[int, int] = (768, 384), title: str = "loss"
+):
     """A PIL image of the per-step loss (light) and its moving average (dark), with axis labels.
 
     Constant or empty series draw fine (ComfyUI's own loss graph divides by the range and fails there).
@@ -33,8 +34,11 @@ def loss_curve(steps: Sequence[int], losses: Sequence[float], size: tuple[int, i
     left, right, top, bottom = 64, 16, 28, 36
     draw.rectangle([left, top, width - right, height - bottom], outline=(160, 160, 160))
     points = [(s, v) for s, v in zip(steps, losses, strict=False) if math.isfinite(v)]
-    draw.text((left, 8), f"{title}: {len(points)} step(s)" + (f", last {_fmt(points[-1][1])}" if points else ""),
-              fill=(0, 0, 0))
+    draw.text(
+        (left, 8),
+        f"{title}: {len(points)} step(s)" + (f", last {_fmt(points[-1][1])}" if points else ""),
+        fill=(0, 0, 0),
+    )
     if not points:
         return image
     xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -47,7 +51,9 @@ def loss_curve(steps: Sequence[int], losses: Sequence[float], size: tuple[int, i
     plot_w, plot_h = width - left - right, height - top - bottom
 
     def to_xy(x: float, y: float) -> tuple[float, float]:
-        return left + (x - x_min) / (x_max - x_min) * plot_w, top + (1 - (y - y_min) / (y_max - y_min)) * plot_h
+        return left + (x - x_min) / (x_max - x_min) * plot_w, top + (
+            1 - (y - y_min) / (y_max - y_min)
+        ) * plot_h
 
     for fraction in (0.0, 0.5, 1.0):
         y = y_min + fraction * (y_max - y_min)

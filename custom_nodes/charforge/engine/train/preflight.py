@@ -42,7 +42,12 @@ from .lora import LoraSettings, add_lora
 EFFICIENCY = {"cuda": 0.35, "cpu": 0.5}
 SAFETY = 0.92  # use at most this share of free memory
 SLACK = 1.10  # allocator fragmentation
-OPTIMIZER_BYTES_PER_PARAM = {"adamw": 16, "adamw8bit": 10, "prodigy": 24, "adafactor": 9}  # fp32 param+grad+state
+OPTIMIZER_BYTES_PER_PARAM = {
+    "adamw": 16,
+    "adamw8bit": 10,
+    "prodigy": 24,
+    "adafactor": 9,
+}  # fp32 param+grad+state
 CHECKPOINT_UNITS = ("ResnetBlock2D", "BasicTransformerBlock")
 
 
@@ -95,7 +100,9 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | 
     return 2 * size**3 / best / 1e12
 
 
-def device_info(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, measure: bool = True) -> DeviceInfo:
+def device_info(
+    device: torch.device | str, dtype: torch.dtype = torch.bfloat16, measure: bool = True
+) -> DeviceInfo:
     """Name, memory and measured throughput of `device`."""
     device = torch.device(device)
     if device.type == "cuda":
@@ -163,8 +170,15 @@ def _flash_like_sdpa(counter: list[float]):
 
 
 @functools.lru_cache(maxsize=16)
-def _profile_cached(config_json: str, lora_json: str, batch: int, height: int, width: int, dtype_name: str,
-                    context_tokens: int) -> UNetProfile:
+def _profile_cached(
+    config_json: str,
+    lora_json: str,
+    batch: int,
+    height: int,
+    width: int,
+    dtype_name: str,
+    context_tokens: int,
+) -> UNetProfile:
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -209,14 +223,23 @@ def _profile_cached(config_json: str, lora_json: str, batch: int, height: int, w
     context = torch.empty(batch, context_tokens, unet_config["cross_attention_dim"], **meta)
     kwargs: dict[str, Any] = {}
     if unet_config.get("addition_embed_type") == "text_time":
-        pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled, **meta),
-                                       "time_ids": torch.empty(batch, 6, **meta)}
+        pooled = (
+            unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+        )
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.empty(batch, pooled, **meta),
+            "time_ids": torch.empty(batch, 6, **meta),
+        }
     attention = [0.0]
     try:
-        with _flash_like_sdpa(attention), FlopCounterMode(display=False) as counter, \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = unet(sample, torch.full((batch,), 500, device="meta"), encoder_hidden_states=context, **kwargs).sample
+        with (
+            _flash_like_sdpa(attention),
+            FlopCounterMode(display=False) as counter,
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            out = unet(
+                sample, torch.full((batch,), 500, device="meta"), encoder_hidden_states=context, **kwargs
+            ).sample
             forward = counter.get_total_flops() + attention[0]
             out.float().square().mean().backward()
     finally:
@@ -236,13 +259,26 @@ def _profile_cached(config_json: str, lora_json: str, batch: int, height: int, w
     )
 
 
-def profile_unet(unet_config: dict, lora: LoraSettings, batch: int, latent_hw: tuple[int, int],
-                 dtype: torch.dtype = torch.bfloat16, context_tokens: int = 77) -> UNetProfile:
+def profile_unet(
+    unet_config: dict,
+    lora: LoraSettings,
+    batch: int,
+    latent_hw: tuple[int, int],
+    dtype: torch.dtype = torch.bfloat16,
+    context_tokens: int = 77,
+) -> UNetProfile:
     """Trace one training step of a U-Net with `unet_config` on the meta device (cached per arguments)."""
     config = {k: v for k, v in dict(unet_config).items() if not k.startswith("_")}
     lora_fields = {k: v for k, v in lora.__dict__.items()}
-    return _profile_cached(json.dumps(config, sort_keys=True, default=list), json.dumps(lora_fields, sort_keys=True),
-                           batch, latent_hw[0], latent_hw[1], str(dtype).removeprefix("torch."), context_tokens)
+    return _profile_cached(
+        json.dumps(config, sort_keys=True, default=list),
+        json.dumps(lora_fields, sort_keys=True),
+        batch,
+        latent_hw[0],
+        latent_hw[1],
+        str(dtype).removeprefix("torch."),
+        context_tokens,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,16 +309,25 @@ class Estimate:
 
     def summary(self) -> str:
         parts = ", ".join(f"{k} {_gb(v)}" for k, v in self.parts.items())
-        return (f"estimated peak {_gb(max(self.peak_bytes, self.caching_peak_bytes))} on {self.device.describe()} "
-                f"({parts}); about {self.seconds_per_step:.2f} s/step, {self.total_seconds / 60:.1f} min in all "
-                f"(gradient checkpointing {'on' if self.config.gradient_checkpointing else 'off'}, "
-                f"optimizer {self.config.optim.optimizer}, batch {self.config.batch_size})")
+        return (
+            f"estimated peak {_gb(max(self.peak_bytes, self.caching_peak_bytes))} on {self.device.describe()} "
+            f"({parts}); about {self.seconds_per_step:.2f} s/step, {self.total_seconds / 60:.1f} min in all "
+            f"(gradient checkpointing {'on' if self.config.gradient_checkpointing else 'off'}, "
+            f"optimizer {self.config.optim.optimizer}, batch {self.config.batch_size})"
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"parts": self.parts, "peak_bytes": self.peak_bytes, "caching_peak_bytes": self.caching_peak_bytes,
-                "flops_per_step": self.flops_per_step, "seconds_per_step": self.seconds_per_step,
-                "total_seconds": self.total_seconds, "fits": self.fits, "device": self.device.__dict__,
-                "notes": list(self.notes)}
+        return {
+            "parts": self.parts,
+            "peak_bytes": self.peak_bytes,
+            "caching_peak_bytes": self.caching_peak_bytes,
+            "flops_per_step": self.flops_per_step,
+            "seconds_per_step": self.seconds_per_step,
+            "total_seconds": self.total_seconds,
+            "fits": self.fits,
+            "device": self.device.__dict__,
+            "notes": list(self.notes),
+        }
 
 
 def training_dtype(config: TrainConfig) -> torch.dtype:
@@ -295,8 +340,9 @@ def profile_for(unet_config: dict, config: TrainConfig) -> UNetProfile:
     return profile_unet(unet_config, config.lora, config.batch_size, (latent, latent), training_dtype(config))
 
 
-def estimate(model, config: TrainConfig, device: DeviceInfo, num_images: int = 1,
-             unet_config: dict | None = None) -> Estimate:
+def estimate(
+    model, config: TrainConfig, device: DeviceInfo, num_images: int = 1, unet_config: dict | None = None
+) -> Estimate:
     """Estimate peak memory and time of training `model` (a `models.BaseModel`) with `config`.
 
     ``unet_config`` (default: the model's) is what the U-Net is traced from.
@@ -305,17 +351,24 @@ def estimate(model, config: TrainConfig, device: DeviceInfo, num_images: int = 1
     profile = profile_for(unet_config or model.unet_config, config)
     element = torch.finfo(dtype).bits // 8
     parts: dict[str, int] = {"unet weights": profile.unet_parameters * element}
-    vae_bytes = sum(p.numel() for p in model.vae.parameters()) * (4 if model.vae.dtype == torch.float32 else element)
+    vae_bytes = sum(p.numel() for p in model.vae.parameters()) * (
+        4 if model.vae.dtype == torch.float32 else element
+    )
     te_bytes = sum(p.numel() for te in model.text_encoders for p in te.parameters() if p.ndim) * element
     parts["vae weights"] = vae_bytes
-    cached_text = (config.data.cache_text_encoder_outputs and not config.data.shuffle_caption
-                   and not config.lora.train_text_encoder)
+    cached_text = (
+        config.data.cache_text_encoder_outputs
+        and not config.data.shuffle_caption
+        and not config.lora.train_text_encoder
+    )
     if not cached_text:
         parts["text encoder weights"] = te_bytes
     lora_params = profile.lora_parameters
     if config.lora.train_text_encoder:
-        lora_params += sum(te.config.num_hidden_layers * 6 * 2 * config.lora.rank * te.config.hidden_size
-                           for te in model.text_encoders)
+        lora_params += sum(
+            te.config.num_hidden_layers * 6 * 2 * config.lora.rank * te.config.hidden_size
+            for te in model.text_encoders
+        )
     parts["lora + optimizer"] = lora_params * OPTIMIZER_BYTES_PER_PARAM[config.optim.optimizer]
     activations = profile.saved_bytes_checkpointed if config.gradient_checkpointing else profile.saved_bytes
     parts["activations"] = int(activations + 2 * profile.largest_saved_bytes)
@@ -324,7 +377,11 @@ def estimate(model, config: TrainConfig, device: DeviceInfo, num_images: int = 1
     # Caching: the VAE encodes one full-resolution image (about eight 128-channel full-size tensors alive).
     pixels = config.data.resolution**2
     vae_element = 4 if model.vae.dtype == torch.float32 else element
-    caching = int((vae_bytes + te_bytes + 8 * 128 * pixels * vae_element) * SLACK) if config.data.cache_latents else 0
+    caching = (
+        int((vae_bytes + te_bytes + 8 * 128 * pixels * vae_element) * SLACK)
+        if config.data.cache_latents
+        else 0
+    )
 
     flops = profile.flops + (profile.forward_flops if config.gradient_checkpointing else 0.0)
     flops *= config.optim.grad_accumulation
@@ -336,8 +393,14 @@ def estimate(model, config: TrainConfig, device: DeviceInfo, num_images: int = 1
     return Estimate(parts, peak, caching, flops, seconds, total, device, config)
 
 
-def auto_profile(model, config: TrainConfig, device: DeviceInfo, num_images: int = 1,
-                 unet_config: dict | None = None, only_checkpointing: bool = False) -> Estimate:
+def auto_profile(
+    model,
+    config: TrainConfig,
+    device: DeviceInfo,
+    num_images: int = 1,
+    unet_config: dict | None = None,
+    only_checkpointing: bool = False,
+) -> Estimate:
     """Pick memory options that fit `device`, fastest first; the returned estimate holds the chosen config.
 
     Order: as given without gradient checkpointing; with it; 8-bit AdamW (if bitsandbytes is there);
@@ -355,8 +418,13 @@ def auto_profile(model, config: TrainConfig, device: DeviceInfo, num_images: int
     while batch > 1:
         batch //= 2
         accumulation = config.optim.grad_accumulation * (config.batch_size // batch)
-        candidates.append(replace(candidates[-1], batch_size=batch,
-                                  optim=replace(candidates[-1].optim, grad_accumulation=accumulation)))
+        candidates.append(
+            replace(
+                candidates[-1],
+                batch_size=batch,
+                optim=replace(candidates[-1].optim, grad_accumulation=accumulation),
+            )
+        )
     for candidate in candidates:
         result = estimate(model, candidate, device, num_images, unet_config)
         tried.append(result)
@@ -365,7 +433,8 @@ def auto_profile(model, config: TrainConfig, device: DeviceInfo, num_images: int
                 result.notes.append(
                     f"memory profile: gradient checkpointing {'on' if candidate.gradient_checkpointing else 'off'}, "
                     f"optimizer {candidate.optim.optimizer}, batch {candidate.batch_size} x "
-                    f"{candidate.optim.grad_accumulation} accumulation")
+                    f"{candidate.optim.grad_accumulation} accumulation"
+                )
             return result
     best = min(tried, key=lambda e: max(e.peak_bytes, e.caching_peak_bytes))
     raise PreflightError(
@@ -373,16 +442,19 @@ def auto_profile(model, config: TrainConfig, device: DeviceInfo, num_images: int
         f"{_gb(max(best.peak_bytes, best.caching_peak_bytes))}, and {best.device.describe()} allows "
         f"{_gb(best.budget_bytes)} ({', '.join(f'{k} {_gb(v)}' for k, v in best.parts.items())}). "
         "Lower the resolution or rank, train attention-only, cache text-encoder outputs, use 8-bit AdamW "
-        "(pip install bitsandbytes), or free GPU memory (close other models).")
+        "(pip install bitsandbytes), or free GPU memory (close other models)."
+    )
 
 
-def check(model, config: TrainConfig, device: DeviceInfo, num_images: int = 1,
-          unet_config: dict | None = None) -> Estimate:
+def check(
+    model, config: TrainConfig, device: DeviceInfo, num_images: int = 1, unet_config: dict | None = None
+) -> Estimate:
     """Estimate `config` as it is and raise `PreflightError` if it does not fit (no options changed)."""
     result = estimate(model, config, device, num_images, unet_config)
     if not result.fits:
         raise PreflightError(
             f"this training does not fit: {result.summary()}; the device allows {_gb(result.budget_bytes)}. "
             "Turn on gradient checkpointing or the automatic memory profile, lower the resolution, rank or "
-            "batch size, or free GPU memory.")
+            "batch size, or free GPU memory."
+        )
     return result

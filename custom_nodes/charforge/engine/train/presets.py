@@ -15,8 +15,9 @@ RESOLUTION = {"sd15": 512, "sdxl": 1024}  # the native resolution of each archit
 BASIC_DEFAULTS = {"steps": 1500, "learning_rate": 1e-4, "rank": 32, "resolution": 1024}
 
 
-def basic_settings(*, steps: int, learning_rate: float, rank: int, resolution: int,
-                   use_preset_values: bool | None = None) -> dict[str, Any]:
+def basic_settings(
+    *, steps: int, learning_rate: float, rank: int, resolution: int, use_preset_values: bool | None = None
+) -> dict[str, Any]:
     """Overrides for steps / learning rate / rank / resolution, with what follows from them.
 
     ``use_preset_values=True`` keeps the preset's values (the numbers are ignored); ``False`` uses the
@@ -34,5 +35,7 @@ def basic_settings(*, steps: int, learning_rate: float, rank: int, resolution: i
     if rank:
         settings.update(rank=int(rank), alpha=max(1.0, rank / 2))
     if resolution:
-        settings.update(resolution=int(resolution), min_bucket=max(64, resolution // 4), max_bucket=resolution * 2)
+        settings.update(
+            resolution=int(resolution), min_bucket=max(64, resolution // 4), max_bucket=resolution * 2
+        )
     return settings

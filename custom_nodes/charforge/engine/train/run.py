@@ -145,9 +145,16 @@ class RunFolder:
         rows = []
         with open(self.metrics_path, newline="", encoding="utf-8") as handle:
             for raw in csv.DictReader(handle):
-                rows.append(MetricsRow(int(raw["step"]), float(raw["loss"]), float(raw["lr"]),
-                                       float(raw["steps_per_second"]), int(raw["epoch"]),
-                                       float(raw["elapsed_seconds"])))
+                rows.append(
+                    MetricsRow(
+                        int(raw["step"]),
+                        float(raw["loss"]),
+                        float(raw["lr"]),
+                        float(raw["steps_per_second"]),
+                        int(raw["epoch"]),
+                        float(raw["elapsed_seconds"]),
+                    )
+                )
         return rows
 
     def append_metrics(self, rows: Iterable[MetricsRow]) -> None:
@@ -279,31 +286,38 @@ def list_runs(runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
         if not status:
             continue
         state = status.get("state", "queued")
-        if state in ("running", "queued") and str(path.resolve()) not in active and \
-                time.time() - float(status.get("updated_at", 0)) > STALE_AFTER_SECONDS:
+        if (
+            state in ("running", "queued")
+            and str(path.resolve()) not in active
+            and time.time() - float(status.get("updated_at", 0)) > STALE_AFTER_SECONDS
+        ):
             state = "failed"
             status.setdefault("error", "the process training this run ended; queue it again to resume")
-        out.append({
-            "name": folder.name,
-            "state": state,
-            "step": status.get("step", 0),
-            "total_steps": status.get("total_steps"),
-            "loss": status.get("loss"),
-            "eta_seconds": status.get("eta_seconds"),
-            "phase": status.get("phase"),
-            "lora": status.get("lora"),
-            "error": status.get("error"),
-            "updated_at": status.get("updated_at"),
-            "run_dir": str(path),
-            "resumable": folder.state_path.is_file() and state != "completed",
-        })
+        out.append(
+            {
+                "name": folder.name,
+                "state": state,
+                "step": status.get("step", 0),
+                "total_steps": status.get("total_steps"),
+                "loss": status.get("loss"),
+                "eta_seconds": status.get("eta_seconds"),
+                "phase": status.get("phase"),
+                "lora": status.get("lora"),
+                "error": status.get("error"),
+                "updated_at": status.get("updated_at"),
+                "run_dir": str(path),
+                "resumable": folder.state_path.is_file() and state != "completed",
+            }
+        )
     return sorted(out, key=lambda r: -(r["updated_at"] or 0))
 
 
 def run_details(folder: RunFolder) -> dict[str, Any]:
     """What a UI shows of one run: its list entry plus the loss history, the samples of every sampled step,
     the checkpoints and the settings that matter. File names are relative to the run folder."""
-    [entry] = [r for r in list_runs(folder.root.parent) if r["name"] == folder.name] or [{"name": folder.name}]
+    [entry] = [r for r in list_runs(folder.root.parent) if r["name"] == folder.name] or [
+        {"name": folder.name}
+    ]
     samples: dict[int, list[str]] = {}
     for path in sorted(folder.samples_dir.glob("step_*_*.png")):
         parts = path.stem.split("_")
@@ -312,8 +326,9 @@ def run_details(folder: RunFolder) -> dict[str, Any]:
     checkpoints = []
     for path in sorted(folder.checkpoints_dir.glob("*.safetensors")):
         match = re.search(r"_step(\d+)$", path.stem)
-        checkpoints.append({"file": path.relative_to(folder.root).as_posix(),
-                            "step": int(match.group(1)) if match else None})
+        checkpoints.append(
+            {"file": path.relative_to(folder.root).as_posix(), "step": int(match.group(1)) if match else None}
+        )
     config = folder.read_config()
     settings = config.get("config", {})
     origin = folder.read_origin()

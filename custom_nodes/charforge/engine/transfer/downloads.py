@@ -18,9 +18,17 @@ class DownloadFailed(Exception):
     """The file could not be fetched or is not the one the manifest describes."""
 
 
-def download_file(url: str, target: str | os.PathLike, *, sha256: str = "", size: int | None = None,
-                  progress: Progress | None = None, timeout: float = 60.0, block: int = 1 << 20,
-                  headers: dict[str, str] | None = None) -> str:
+def download_file(
+    url: str,
+    target: str | os.PathLike,
+    *,
+    sha256: str = "",
+    size: int | None = None,
+    progress: Progress | None = None,
+    timeout: float = 60.0,
+    block: int = 1 << 20,
+    headers: dict[str, str] | None = None,
+) -> str:
     """Download `url` into `target` and return its sha256.
 
     The bytes go into ``<target>.part`` first; a later call resumes from its length (``Range``), starting over
@@ -58,9 +66,11 @@ def download_file(url: str, target: str | os.PathLike, *, sha256: str = "", size
                         if progress is not None:
                             progress(done, total)
         except (urllib.error.URLError, OSError) as exc:
-            raise DownloadFailed(f"downloading {target.name}: {getattr(exc, 'reason', None) or exc} "
-                                 f"({partial.stat().st_size if partial.exists() else 0} bytes kept; "
-                                 "start again to resume)") from None
+            raise DownloadFailed(
+                f"downloading {target.name}: {getattr(exc, 'reason', None) or exc} "
+                f"({partial.stat().st_size if partial.exists() else 0} bytes kept; "
+                "start again to resume)"
+            ) from None
     got = partial.stat().st_size
     if size is not None and got != size:
         partial.unlink(missing_ok=True)
@@ -68,9 +78,8 @@ def download_file(url: str, target: str | os.PathLike, *, sha256: str = "", size
     digest = sha256_file(partial)
     if sha256 and digest != sha256.lower():
         partial.unlink(missing_ok=True)
-        raise DownloadFailed(f"{target.name}: sha256 {digest} is not the manifest's {sha256}; the file was removed")
+        raise DownloadFailed(
+            f"{target.name}: sha256 {digest} is not the manifest's {sha256}; the file was removed"
+        )
     os.replace(partial, target)
     return digest
-
-
-

@@ -27,8 +27,11 @@ from ...common.transfer import (
 from .hashes import HashCache
 
 _MAGIC = {  # the first bytes each image type starts with
-    ".png": (b"\x89PNG\r\n\x1a\n",), ".jpg": (b"\xff\xd8\xff",), ".jpeg": (b"\xff\xd8\xff",),
-    ".webp": (b"RIFF",), ".bmp": (b"BM",),
+    ".png": (b"\x89PNG\r\n\x1a\n",),
+    ".jpg": (b"\xff\xd8\xff",),
+    ".jpeg": (b"\xff\xd8\xff",),
+    ".webp": (b"RIFF",),
+    ".bmp": (b"BM",),
 }
 
 
@@ -56,7 +59,9 @@ def content_ok(path: Path, suffix: str) -> bool:
     with open(path, "rb") as handle:
         head = handle.read(16)
     if suffix in IMAGE_TYPES:
-        return any(head.startswith(m) for m in _MAGIC[suffix]) and (suffix != ".webp" or head[8:12] == b"WEBP")
+        return any(head.startswith(m) for m in _MAGIC[suffix]) and (
+            suffix != ".webp" or head[8:12] == b"WEBP"
+        )
     if suffix in CAPTION_TYPES:
         try:
             path.read_bytes().decode("utf-8")
@@ -87,10 +92,15 @@ class UploadStore:
         folder = self.dataset_dir(dataset)
         parts = relative_parts(name)
         if parts is None:
-            raise UploadRefused(400, f"file name {name!r} is not a plain relative name inside the dataset folder")
+            raise UploadRefused(
+                400, f"file name {name!r} is not a plain relative name inside the dataset folder"
+            )
         if Path(parts[-1]).suffix.lower() not in UPLOAD_TYPES:
-            raise UploadRefused(415, f"{name!r}: only images ({', '.join(sorted(IMAGE_TYPES))}) and captions "
-                                     f"({', '.join(sorted(CAPTION_TYPES))}) can be uploaded")
+            raise UploadRefused(
+                415,
+                f"{name!r}: only images ({', '.join(sorted(IMAGE_TYPES))}) and captions "
+                f"({', '.join(sorted(CAPTION_TYPES))}) can be uploaded",
+            )
         path = folder.joinpath(*parts)
         # a link inside the folder that points out of it is refused like '..'
         root = self.root.resolve()
@@ -105,7 +115,9 @@ class UploadStore:
         if not is_sha256(item.sha256):
             raise UploadRefused(400, "sha256 must be 64 lower-case hex digits")
         if item.size < 0 or item.size > self.max_file:
-            raise UploadRefused(413, f"{item.name!r} is {item.size} bytes; the limit for one file is {self.max_file}")
+            raise UploadRefused(
+                413, f"{item.name!r} is {item.size} bytes; the limit for one file is {self.max_file}"
+            )
         return self.target(item.dataset, item.name)
 
     # ---- state -------------------------------------------------------------------------------------------
@@ -128,12 +140,22 @@ class UploadStore:
                 rel = path.relative_to(folder).as_posix()
                 if path.is_file() and relative_parts(rel) is not None and path.suffix.lower() in UPLOAD_TYPES:
                     files[rel] = {"size": path.stat().st_size, "sha256": self.hashes.sha256(path)}
-        partial = {p.stem: p.stat().st_size for p in self.partials.glob("*.part")} if self.partials.is_dir() else {}
-        return {"dataset": dataset, "folder": str(folder.resolve()) if folder.is_dir() else str(folder),
-                "files": files, "partial": partial}
+        partial = (
+            {p.stem: p.stat().st_size for p in self.partials.glob("*.part")} if self.partials.is_dir() else {}
+        )
+        return {
+            "dataset": dataset,
+            "folder": str(folder.resolve()) if folder.is_dir() else str(folder),
+            "files": files,
+            "partial": partial,
+        }
 
     def present(self, item: Announced, target: Path) -> bool:
-        return target.is_file() and target.stat().st_size == item.size and self.hashes.sha256(target) == item.sha256
+        return (
+            target.is_file()
+            and target.stat().st_size == item.size
+            and self.hashes.sha256(target) == item.sha256
+        )
 
     # ---- writing -----------------------------------------------------------------------------------------
 
@@ -142,10 +164,14 @@ class UploadStore:
         `offset` is not where it ends)."""
         self.check(item)
         if offset + length > item.size:
-            raise UploadRefused(400, f"bytes {offset}-{offset + length} go past the announced size {item.size}")
+            raise UploadRefused(
+                400, f"bytes {offset}-{offset + length} go past the announced size {item.size}"
+            )
         current = self.received(item.sha256)
         if offset != current:
-            raise UploadRefused(409, f"expected the chunk at offset {current}, got {offset}", received=current)
+            raise UploadRefused(
+                409, f"expected the chunk at offset {current}, got {offset}", received=current
+            )
         self.partials.mkdir(parents=True, exist_ok=True)
         return open(self.partial_path(item.sha256), "ab")
 
@@ -156,8 +182,11 @@ class UploadStore:
         digest = sha256_file(partial)
         if digest != item.sha256:
             partial.unlink(missing_ok=True)
-            raise UploadRefused(422, f"{item.name!r}: the received bytes have sha256 {digest}, not the announced "
-                                     f"{item.sha256}; send the file again")
+            raise UploadRefused(
+                422,
+                f"{item.name!r}: the received bytes have sha256 {digest}, not the announced "
+                f"{item.sha256}; send the file again",
+            )
         suffix = target.suffix.lower()
         if not content_ok(partial, suffix):
             partial.unlink(missing_ok=True)

@@ -39,7 +39,9 @@ class VideoFormat:
 
 
 FORMATS: dict[str, VideoFormat] = {
-    "mp4": VideoFormat("mp4", "mp4", "video/mp4", "pyav", "H.264 MP4: plays everywhere (yuv420p, even sizes)"),
+    "mp4": VideoFormat(
+        "mp4", "mp4", "video/mp4", "pyav", "H.264 MP4: plays everywhere (yuv420p, even sizes)"
+    ),
     "webm": VideoFormat("webm", "webm", "video/webm", "pyav", "VP9 WebM: smaller files, browsers play it"),
     "gif": VideoFormat("gif", "gif", "image/gif", "pillow", "GIF: 256 colours, times in 1/100 s"),
     "webp": VideoFormat("webp", "webp", "image/webp", "pillow", "animated WebP: small, browsers show it"),
@@ -66,9 +68,16 @@ class SavePath:
 
 def _expand(prefix: str, width: int, height: int) -> str:
     now = time.localtime()
-    values = {"%width%": str(width), "%height%": str(height), "%year%": str(now.tm_year),
-              "%month%": f"{now.tm_mon:02}", "%day%": f"{now.tm_mday:02}", "%hour%": f"{now.tm_hour:02}",
-              "%minute%": f"{now.tm_min:02}", "%second%": f"{now.tm_sec:02}"}
+    values = {
+        "%width%": str(width),
+        "%height%": str(height),
+        "%year%": str(now.tm_year),
+        "%month%": f"{now.tm_mon:02}",
+        "%day%": f"{now.tm_mday:02}",
+        "%hour%": f"{now.tm_hour:02}",
+        "%minute%": f"{now.tm_min:02}",
+        "%second%": f"{now.tm_sec:02}",
+    }
     for key, value in values.items():
         prefix = prefix.replace(key, value)
     return prefix
@@ -76,10 +85,10 @@ def _expand(prefix: str, width: int, height: int) -> str:
 
 def _counter_of(name: str, filename: str) -> int | None:
     """The counter of `name` if it is ``<filename>_<digits>_...`` (case as the file system compares)."""
-    head = name[:len(filename) + 1]
+    head = name[: len(filename) + 1]
     if os.path.normcase(head[:-1]) != os.path.normcase(filename) or head[-1:] != "_":
         return None
-    digits = name[len(filename) + 1:].split("_")[0]
+    digits = name[len(filename) + 1 :].split("_")[0]
     return int(digits) if digits.isdigit() else 0
 
 
@@ -92,7 +101,9 @@ def save_path(prefix: str, output_dir: str | os.PathLike, width: int = 0, height
     subfolder, filename = os.path.dirname(normal), os.path.basename(normal)
     folder = os.path.join(output_dir, subfolder)
     if os.path.commonpath((output_dir, os.path.abspath(folder))) != output_dir:
-        raise SaveOutsideOutputError(f"filename prefix {prefix!r} would save outside the output folder {output_dir}")
+        raise SaveOutsideOutputError(
+            f"filename prefix {prefix!r} would save outside the output folder {output_dir}"
+        )
     try:
         counters = [c for c in (_counter_of(n, filename) for n in os.listdir(folder)) if c is not None]
     except FileNotFoundError:
@@ -133,8 +144,9 @@ def _check_fps(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
 
 
-def _write_pyav(frames: np.ndarray, path: Path, fps: float, fmt: VideoFormat, quality: int,
-                metadata: Mapping[str, str]) -> None:
+def _write_pyav(
+    frames: np.ndarray, path: Path, fps: float, fmt: VideoFormat, quality: int, metadata: Mapping[str, str]
+) -> None:
     av = require("av")
     rate = _check_fps(fps)
     frames = _even(frames)
@@ -157,8 +169,15 @@ def _write_pyav(frames: np.ndarray, path: Path, fps: float, fmt: VideoFormat, qu
             container.mux(packet)
 
 
-def _write_pillow(frames: np.ndarray, path: Path, fps: float, fmt: VideoFormat, quality: int, loop: int,
-                  metadata: Mapping[str, str]) -> None:
+def _write_pillow(
+    frames: np.ndarray,
+    path: Path,
+    fps: float,
+    fmt: VideoFormat,
+    quality: int,
+    loop: int,
+    metadata: Mapping[str, str],
+) -> None:
     from PIL import Image
 
     _check_fps(fps)
@@ -168,15 +187,39 @@ def _write_pillow(frames: np.ndarray, path: Path, fps: float, fmt: VideoFormat, 
         # GIF stores delays in 1/100 s: alternate the rounding so the clip keeps its length (8 fps: 120, 130, ...).
         ticks = [round(i * 100.0 / fps) for i in range(len(images) + 1)]
         durations = [max(b - a, 1) * 10 for a, b in zip(ticks, ticks[1:], strict=False)]
-        images[0].save(str(path), save_all=True, append_images=images[1:], duration=durations, loop=loop,
-                       disposal=1, optimize=False, comment=metadata.get("comment", "").encode())
+        images[0].save(
+            str(path),
+            save_all=True,
+            append_images=images[1:],
+            duration=durations,
+            loop=loop,
+            disposal=1,
+            optimize=False,
+            comment=metadata.get("comment", "").encode(),
+        )
     else:
-        images[0].save(str(path), format="WEBP", save_all=True, append_images=images[1:], duration=duration,
-                       loop=loop, quality=int(quality), method=4, lossless=False)
+        images[0].save(
+            str(path),
+            format="WEBP",
+            save_all=True,
+            append_images=images[1:],
+            duration=duration,
+            loop=loop,
+            quality=int(quality),
+            method=4,
+            lossless=False,
+        )
 
 
-def write_video(frames, path: str | os.PathLike, fps: float, fmt: str = "mp4", quality: int = 80, loop: int = 0,
-                metadata: Mapping[str, str] | None = None) -> Path:
+def write_video(
+    frames,
+    path: str | os.PathLike,
+    fps: float,
+    fmt: str = "mp4",
+    quality: int = 80,
+    loop: int = 0,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
     """Write `frames` ((F, H, W, 3) float 0..1 or uint8) to `path` as `fmt`; returns the path.
 
     ``loop`` is the GIF / WebP loop count (0 = forever). ``metadata`` (str -> str) goes into the MP4 /
@@ -224,16 +267,34 @@ class SavedVideo:
         return {"filename": self.filename, "subfolder": self.subfolder, "type": self.type}
 
 
-def save_video(frames, output_dir: str | os.PathLike, prefix: str = "video/CharForge", *, fps: float = 8.0,
-               fmt: str = "mp4", quality: int = 80, loop: int = 0, metadata: Mapping[str, str] | None = None,
-               folder_type: str = "output") -> SavedVideo:
+def save_video(
+    frames,
+    output_dir: str | os.PathLike,
+    prefix: str = "video/CharForge",
+    *,
+    fps: float = 8.0,
+    fmt: str = "mp4",
+    quality: int = 80,
+    loop: int = 0,
+    metadata: Mapping[str, str] | None = None,
+    folder_type: str = "output",
+) -> SavedVideo:
     """Write `frames` under `output_dir` with the ComfyUI naming convention (see the module docstring)."""
     array = to_uint8(frames)
     height, width = array.shape[1:3]
     target = save_path(prefix, output_dir, width, height)
     path = write_video(array, target.file(FORMATS[fmt].extension), fps, fmt, quality, loop, metadata)
-    return SavedVideo(str(path), path.name, target.subfolder.replace(os.sep, "/"), folder_type, fmt, float(fps),
-                      len(array), width, height)
+    return SavedVideo(
+        str(path),
+        path.name,
+        target.subfolder.replace(os.sep, "/"),
+        folder_type,
+        fmt,
+        float(fps),
+        len(array),
+        width,
+        height,
+    )
 
 
 def generation_metadata(info: Mapping[str, object]) -> dict[str, str]:
@@ -295,6 +356,9 @@ def _read_pillow(path: Path, max_frames: int | None) -> DecodedVideo:
     array = np.stack(frames)
     mean = float(np.mean(durations)) if durations else 0.0
     fps = 1000.0 / mean if mean > 0 else 0.0
-    metadata = {k: v.decode(errors="replace") if isinstance(v, bytes) else str(v) for k, v in info.items()
-                if k in ("comment", "loop")}
+    metadata = {
+        k: v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+        for k, v in info.items()
+        if k in ("comment", "loop")
+    }
     return DecodedVideo(array, fps, array.shape[2], array.shape[1], metadata)

@@ -94,8 +94,14 @@ class FrameConditioning:
     negative_pooled: torch.Tensor | None = None
 
 
-def encode_schedule(model: VideoModel, keyframes: list[Keyframe], negative_prompt: str, frames: int,
-                    clip_skip: int = 1, blend: bool = True) -> FrameConditioning:
+def encode_schedule(
+    model: VideoModel,
+    keyframes: list[Keyframe],
+    negative_prompt: str,
+    frames: int,
+    clip_skip: int = 1,
+    blend: bool = True,
+) -> FrameConditioning:
     """Encode each keyframe prompt once and blend them into one embedding per frame."""
     pipe = model.pipe
     encoders = model.text_encoders()
@@ -106,11 +112,17 @@ def encode_schedule(model: VideoModel, keyframes: list[Keyframe], negative_promp
             prompts = [k.prompt for k in keyframes]
             if model.is_sdxl:
                 pos, neg, pooled, neg_pooled = pipe.encode_prompt(
-                    prompt=prompts, device=model.device, num_videos_per_prompt=1, do_classifier_free_guidance=True,
-                    negative_prompt=[negative_prompt] * len(prompts), clip_skip=skip)
+                    prompt=prompts,
+                    device=model.device,
+                    num_videos_per_prompt=1,
+                    do_classifier_free_guidance=True,
+                    negative_prompt=[negative_prompt] * len(prompts),
+                    clip_skip=skip,
+                )
             else:
-                pos, neg = pipe.encode_prompt(prompts, model.device, 1, True, [negative_prompt] * len(prompts),
-                                              clip_skip=skip)
+                pos, neg = pipe.encode_prompt(
+                    prompts, model.device, 1, True, [negative_prompt] * len(prompts), clip_skip=skip
+                )
                 pooled = neg_pooled = None
     finally:
         model.park(*encoders)
@@ -124,9 +136,12 @@ def encode_schedule(model: VideoModel, keyframes: list[Keyframe], negative_promp
         mixed = table[first].float() * (1 - weight) + table[second].float() * weight
         return mixed.to(model.dtype)
 
-    return FrameConditioning(per_frame(pos), neg[:1].expand(frames, *neg.shape[1:]).to(model.dtype),
-                             None if pooled is None else per_frame(pooled),
-                             None if neg_pooled is None else neg_pooled[:1].expand(frames, -1).to(model.dtype))
+    return FrameConditioning(
+        per_frame(pos),
+        neg[:1].expand(frames, *neg.shape[1:]).to(model.dtype),
+        None if pooled is None else per_frame(pooled),
+        None if neg_pooled is None else neg_pooled[:1].expand(frames, -1).to(model.dtype),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,15 +155,19 @@ def _fit_frames(images: torch.Tensor, frames: int, width: int, height: int) -> t
     if images.dim() != 4 or images.shape[-1] < 3:
         raise ValueError(f"init frames must be an IMAGE batch (N, H, W, 3); got shape {tuple(images.shape)}")
     count = images.shape[0]
-    index = [0] * frames if count == 1 else [round(i * (count - 1) / max(frames - 1, 1)) for i in range(frames)]
+    index = (
+        [0] * frames if count == 1 else [round(i * (count - 1) / max(frames - 1, 1)) for i in range(frames)]
+    )
     chosen = images[index, :, :, :3].permute(0, 3, 1, 2).float()
     h, w = chosen.shape[-2:]
     scale = max(width / w, height / h)
     new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
     if (new_h, new_w) != (h, w):
-        chosen = F.interpolate(chosen, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+        chosen = F.interpolate(
+            chosen, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
+        )
     top, left = (new_h - height) // 2, (new_w - width) // 2
-    chosen = chosen[:, :, top:top + height, left:left + width]
+    chosen = chosen[:, :, top : top + height, left : left + width]
     return chosen.clamp(0, 1) * 2 - 1
 
 
@@ -164,7 +183,7 @@ def encode_frames(model: VideoModel, pixels: torch.Tensor) -> torch.Tensor:
         out = []
         with torch.inference_mode():
             for start in range(0, pixels.shape[0], _chunk(model)):
-                batch = pixels[start:start + _chunk(model)].to(model.device, vae.dtype)
+                batch = pixels[start : start + _chunk(model)].to(model.device, vae.dtype)
                 out.append(vae.encode(batch).latent_dist.mean)
         latents = torch.cat(out) * vae.config.scaling_factor
     finally:
@@ -172,8 +191,9 @@ def encode_frames(model: VideoModel, pixels: torch.Tensor) -> torch.Tensor:
     return latents.permute(1, 0, 2, 3)[None].to(model.dtype)
 
 
-def decode_latents(model: VideoModel, latents: torch.Tensor, progress: Callable[[], None] | None = None
-                   ) -> torch.Tensor:
+def decode_latents(
+    model: VideoModel, latents: torch.Tensor, progress: Callable[[], None] | None = None
+) -> torch.Tensor:
     """Latents (1, 4, F, h, w) -> frames (F, H, W, 3) float32 0..1 on the CPU."""
     vae = model.vae
     model.bring(vae)
@@ -182,7 +202,7 @@ def decode_latents(model: VideoModel, latents: torch.Tensor, progress: Callable[
         out = []
         with torch.inference_mode():
             for start in range(0, frames.shape[0], _chunk(model)):
-                batch = frames[start:start + _chunk(model)].to(vae.dtype)
+                batch = frames[start : start + _chunk(model)].to(vae.dtype)
                 images = vae.decode(batch).sample
                 out.append(((images.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu())
                 if progress is not None:
@@ -219,8 +239,14 @@ def _pooled(embeddings: torch.Tensor | None) -> torch.Tensor:
     return embeddings
 
 
-def _window_plan(model: VideoModel, cond: FrameConditioning, frames: list[int], weight: torch.Tensor,
-                 guidance: bool, request: VideoRequest) -> _WindowPlan:
+def _window_plan(
+    model: VideoModel,
+    cond: FrameConditioning,
+    frames: list[int],
+    weight: torch.Tensor,
+    guidance: bool,
+    request: VideoRequest,
+) -> _WindowPlan:
     index = torch.tensor(frames, device=cond.positive.device)
     text = torch.cat([cond.negative[index], cond.positive[index]]) if guidance else cond.positive[index]
     kwargs = {}
@@ -251,21 +277,30 @@ def generate_video(model: VideoModel, request: VideoRequest, control: Control | 
     context = request.context
     length = context.length or info.window
     if length > info.max_frames:
-        raise ValueError(f"context length {length} is longer than this motion module's positional table "
-                         f"({info.max_frames} frames); use at most {info.max_frames}")
+        raise ValueError(
+            f"context length {length} is longer than this motion module's positional table "
+            f"({info.max_frames} frames); use at most {info.max_frames}"
+        )
     windows = context_windows(request.frames, length, context.overlap, context.loop)
     weights = [window_weights(len(w), context.fuse) for w in windows]
 
     keyframes = parse_prompt_schedule(request.prompt)
-    cond = encode_schedule(model, keyframes, request.negative_prompt, request.frames, request.clip_skip,
-                           request.blend_prompts)
+    cond = encode_schedule(
+        model, keyframes, request.negative_prompt, request.frames, request.clip_skip, request.blend_prompts
+    )
 
     scheduler = make_scheduler(request.scheduler, model.scheduler_config, request.beta_schedule)
     # Timesteps stay on the CPU: the schedulers index their tables with them, which on the GPU would wait
     # for the device every step.
     scheduler.set_timesteps(request.steps)
     timesteps = scheduler.timesteps
-    shape = (1, model.unet.config.in_channels, request.frames, request.height // scale, request.width // scale)
+    shape = (
+        1,
+        model.unet.config.in_channels,
+        request.frames,
+        request.height // scale,
+        request.width // scale,
+    )
     noise = _noise(request.seed, shape).to(model.device)
     if request.init_frames is not None and request.strength < 1.0:
         keep = min(int(request.steps * request.strength), request.steps)
@@ -284,8 +319,10 @@ def generate_video(model: VideoModel, request: VideoRequest, control: Control | 
     total = len(timesteps) + decode_chunks
     done = 0
     guidance = request.cfg > 1.0
-    plans = [_window_plan(model, cond, frames, weight, guidance, request) for frames, weight in zip(windows, weights,
-                                                                                                   strict=True)]
+    plans = [
+        _window_plan(model, cond, frames, weight, guidance, request)
+        for frames, weight in zip(windows, weights, strict=True)
+    ]
     extra = {}
     if "generator" in inspect.signature(scheduler.step).parameters:  # ancestral samplers draw fresh noise
         extra["generator"] = torch.Generator("cpu").manual_seed(int(request.seed + 1) & 0xFFFF_FFFF_FFFF_FFFF)
@@ -301,7 +338,9 @@ def generate_video(model: VideoModel, request: VideoRequest, control: Control | 
                 x = scaled.index_select(2, plan.index)
                 if guidance:
                     x = torch.cat([x, x])
-                out = model.unet_forward(x, t_device, encoder_hidden_states=plan.text, **plan.kwargs).sample.float()
+                out = model.unet_forward(
+                    x, t_device, encoder_hidden_states=plan.text, **plan.kwargs
+                ).sample.float()
                 if guidance:
                     uncond, positive = out.chunk(2)
                     out = uncond + request.cfg * (positive - uncond)
@@ -318,7 +357,17 @@ def generate_video(model: VideoModel, request: VideoRequest, control: Control | 
             control.progress(done, total)
 
         frames = decode_latents(model, latents, decoded_chunk)
-    return VideoResult(frames=frames, seed=request.seed, keyframes=keyframes, windows=windows,
-                       steps_run=len(timesteps), seconds=time.perf_counter() - start_time,
-                       info={"motion": info.describe(), "context_length": length, "dtype": str(model.dtype),
-                             "device": str(model.device)})
+    return VideoResult(
+        frames=frames,
+        seed=request.seed,
+        keyframes=keyframes,
+        windows=windows,
+        steps_run=len(timesteps),
+        seconds=time.perf_counter() - start_time,
+        info={
+            "motion": info.describe(),
+            "context_length": length,
+            "dtype": str(model.dtype),
+            "device": str(model.device),
+        },
+    )

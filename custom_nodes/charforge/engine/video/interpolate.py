@@ -27,11 +27,23 @@ MULTIPLIERS = (2, 3, 4, 8)
 def _flow(cv2, a_gray: np.ndarray, b_gray: np.ndarray) -> np.ndarray:
     # More pyramid levels for larger frames, so motion of a few percent of the width is still found.
     levels = max(3, min(6, int(np.log2(max(a_gray.shape) / 32))))
-    return cv2.calcOpticalFlowFarneback(a_gray, b_gray, None, pyr_scale=0.5, levels=levels, winsize=15,
-                                        iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
+    return cv2.calcOpticalFlowFarneback(
+        a_gray,
+        b_gray,
+        None,
+        pyr_scale=0.5,
+        levels=levels,
+        winsize=15,
+        iterations=3,
+        poly_n=5,
+        poly_sigma=1.2,
+        flags=0,
+    )
 
 
-def _warp(cv2, image: np.ndarray, flow: np.ndarray, amount: float, grid: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+def _warp(
+    cv2, image: np.ndarray, flow: np.ndarray, amount: float, grid: tuple[np.ndarray, np.ndarray]
+) -> np.ndarray:
     map_x = grid[0] - amount * flow[..., 0]
     map_y = grid[1] - amount * flow[..., 1]
     return cv2.remap(image, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
@@ -55,8 +67,9 @@ def between(a: np.ndarray, b: np.ndarray, times: list[float]) -> list[np.ndarray
     return out
 
 
-def interpolate_frames(frames, multiplier: int = 2, loop: bool = False,
-                       control: Control | None = None) -> np.ndarray:
+def interpolate_frames(
+    frames, multiplier: int = 2, loop: bool = False, control: Control | None = None
+) -> np.ndarray:
     """`frames` (N, H, W, 3) float 0..1 (array or tensor) with ``multiplier - 1`` new frames between each pair.
 
     Returns float32 (M, H, W, 3); see the module docstring for M. `control` gets the progress (and may stop

@@ -192,7 +192,9 @@ class VideoModel:
                 name = ref.adapter_name
                 wanted[name] = (kind, ref)
                 strengths[name] = strengths.get(name, 0.0) + ref.strength  # the same file twice adds up
-        stale = [n for n in self.adapters if n not in wanted or self.adapters[n] != _file_key(wanted[n][1].path)]
+        stale = [
+            n for n in self.adapters if n not in wanted or self.adapters[n] != _file_key(wanted[n][1].path)
+        ]
         if stale:
             self.pipe.delete_adapters(stale)
             for name in stale:
@@ -212,14 +214,18 @@ class VideoModel:
                     raise
                 with contextlib.suppress(Exception):  # a half-injected adapter must not stay behind
                     self.pipe.delete_adapters([name])
-                raise VideoModelError(f"{Path(ref.path).name}: could not be loaded as a "
-                                      f"{'motion ' if kind == 'motion' else ''}LoRA for this "
-                                      f"{self.arch.upper()} model: {exc}") from exc
+                raise VideoModelError(
+                    f"{Path(ref.path).name}: could not be loaded as a "
+                    f"{'motion ' if kind == 'motion' else ''}LoRA for this "
+                    f"{self.arch.upper()} model: {exc}"
+                ) from exc
             added = self._adapted_layers(name)
             if added == 0:
                 self.pipe.delete_adapters([name])
-                raise VideoModelError(f"{Path(ref.path).name} matched no layer of this {self.arch.upper()} model "
-                                      "(a LoRA for another base model?)")
+                raise VideoModelError(
+                    f"{Path(ref.path).name} matched no layer of this {self.arch.upper()} model "
+                    "(a LoRA for another base model?)"
+                )
             self.adapters[name] = _file_key(ref.path)
             log.debug("video: adapter %s (%d layers, %d before)", name, added, before)
         names = list(wanted)
@@ -230,7 +236,9 @@ class VideoModel:
             self.pipe.disable_lora()
         for name, (kind, ref) in wanted.items():
             label = "motion LoRA" if kind == "motion" else "LoRA"
-            report.append(f"{label} {Path(ref.path).name} x{strengths[name]:g} ({self._adapted_layers(name)} layers)")
+            report.append(
+                f"{label} {Path(ref.path).name} x{strengths[name]:g} ({self._adapted_layers(name)} layers)"
+            )
         return report
 
     def _adapted_layers(self, adapter: str | None = None) -> int:
@@ -238,7 +246,9 @@ class VideoModel:
         for module in [self.pipe.unet, *self.text_encoders()]:
             for sub in module.modules():
                 lora_a = getattr(sub, "lora_A", None)
-                if isinstance(lora_a, torch.nn.ModuleDict) and (len(lora_a) > 0 if adapter is None else adapter in lora_a):
+                if isinstance(lora_a, torch.nn.ModuleDict) and (
+                    len(lora_a) > 0 if adapter is None else adapter in lora_a
+                ):
                     count += 1
         return count
 
@@ -283,7 +293,9 @@ def motion_unet(unet2d, adapter):
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
-        raise VideoModelError(f"the base U-Net and the motion module do not make a motion U-Net: {exc}") from exc
+        raise VideoModelError(
+            f"the base U-Net and the motion module do not make a motion U-Net: {exc}"
+        ) from exc
     return model
 
 
@@ -295,21 +307,43 @@ def build_video_model(spec: VideoModelSpec) -> VideoModel:
     device = spec.options.resolve_device()
     dtype = spec.options.resolve_dtype(device)
     adapter, info = load_motion_adapter(spec.motion_module)
-    base = load_base_model(spec.base, dtype=dtype, config_dir=spec.config_dir,
-                           tokenizer_candidates=spec.tokenizer_dirs)
+    base = load_base_model(
+        spec.base, dtype=dtype, config_dir=spec.config_dir, tokenizer_candidates=spec.tokenizer_dirs
+    )
     if base.arch != info.base:
         need = "an SDXL checkpoint" if info.base == "sdxl" else "an SD1.5 checkpoint"
-        raise VideoModelError(f"{Path(spec.motion_module).name} is an {info.describe()} module and needs {need}; "
-                              f"{Path(spec.base).name} is {base.arch.upper()}")
+        raise VideoModelError(
+            f"{Path(spec.motion_module).name} is an {info.describe()} module and needs {need}; "
+            f"{Path(spec.base).name} is {base.arch.upper()}"
+        )
     unet2d, base.unet = base.unet, None
-    return assemble_video_model(base.arch, unet2d, adapter, info, vae=base.vae, text_encoders=base.text_encoders,
-                                tokenizers=base.tokenizers, scheduler_config=base.sample_scheduler_config,
-                                options=spec.options, key=_model_key(spec))
+    return assemble_video_model(
+        base.arch,
+        unet2d,
+        adapter,
+        info,
+        vae=base.vae,
+        text_encoders=base.text_encoders,
+        tokenizers=base.tokenizers,
+        scheduler_config=base.sample_scheduler_config,
+        options=spec.options,
+        key=_model_key(spec),
+    )
 
 
-def assemble_video_model(arch: str, unet2d, adapter, info: MotionModuleInfo, *, vae, text_encoders: list,
-                         tokenizers: list, scheduler_config: dict, options: RuntimeOptions,
-                         key: tuple = ()) -> VideoModel:
+def assemble_video_model(
+    arch: str,
+    unet2d,
+    adapter,
+    info: MotionModuleInfo,
+    *,
+    vae,
+    text_encoders: list,
+    tokenizers: list,
+    scheduler_config: dict,
+    options: RuntimeOptions,
+    key: tuple = (),
+) -> VideoModel:
     """A `VideoModel` from loaded parts (the base model's 2D U-Net, a ``MotionAdapter``, VAE, text
     encoders, tokenizers). `build_video_model` reads them from files; the benchmark builds them with
     random weights. The parts end up on the run device in the options' dtype."""
@@ -320,7 +354,9 @@ def assemble_video_model(arch: str, unet2d, adapter, info: MotionModuleInfo, *, 
     adapter_widths = tuple(info.block_out_channels)
     unet_widths = tuple(unet2d.config.block_out_channels)
     if adapter_widths != unet_widths:
-        raise VideoModelError(f"motion module widths {adapter_widths} do not match the base U-Net's {unet_widths}")
+        raise VideoModelError(
+            f"motion module widths {adapter_widths} do not match the base U-Net's {unet_widths}"
+        )
     unet = motion_unet(unet2d, adapter)
     if unet.dtype != dtype:
         unet = unet.to(dtype)
@@ -331,13 +367,24 @@ def assemble_video_model(arch: str, unet2d, adapter, info: MotionModuleInfo, *, 
     pipe: diffusers.AnimateDiffPipeline | diffusers.AnimateDiffSDXLPipeline
     if arch == "sdxl":
         pipe = diffusers.AnimateDiffSDXLPipeline(
-            vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tokenizers[0],
-            tokenizer_2=tokenizers[1], unet=unet, motion_adapter=None,  # type: ignore[arg-type]
-            scheduler=scheduler)
+            vae=vae,
+            text_encoder=text_encoders[0],
+            text_encoder_2=text_encoders[1],
+            tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1],
+            unet=unet,
+            motion_adapter=None,  # type: ignore[arg-type]
+            scheduler=scheduler,
+        )
     else:
-        pipe = diffusers.AnimateDiffPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0],
-                                             unet=unet, motion_adapter=None,  # type: ignore[arg-type]
-                                             scheduler=scheduler)
+        pipe = diffusers.AnimateDiffPipeline(
+            vae=vae,
+            text_encoder=text_encoders[0],
+            tokenizer=tokenizers[0],
+            unet=unet,
+            motion_adapter=None,  # type: ignore[arg-type]
+            scheduler=scheduler,
+        )
     pipe.set_progress_bar_config(disable=True)
     if options.attention == "eager":
         from diffusers.models.attention_processor import AttnProcessor
@@ -351,15 +398,29 @@ def assemble_video_model(arch: str, unet2d, adapter, info: MotionModuleInfo, *, 
         unet.to(device)
     else:
         pipe.to(device)
-    model = VideoModel(arch=arch, pipe=pipe, motion=info, device=device, dtype=dtype, options=options,
-                       scheduler_config=dict(scheduler_config), key=key)
+    model = VideoModel(
+        arch=arch,
+        pipe=pipe,
+        motion=info,
+        device=device,
+        dtype=dtype,
+        options=options,
+        scheduler_config=dict(scheduler_config),
+        key=key,
+    )
     if options.compile:
         model._unet_call = torch.compile(unet, dynamic=False)
     return model
 
 
 def _model_key(spec: VideoModelSpec) -> tuple:
-    return (_file_key(spec.base), _file_key(spec.motion_module), spec.options, spec.config_dir, spec.tokenizer_dirs)
+    return (
+        _file_key(spec.base),
+        _file_key(spec.motion_module),
+        spec.options,
+        spec.config_dir,
+        spec.tokenizer_dirs,
+    )
 
 
 _cache_lock = threading.Lock()

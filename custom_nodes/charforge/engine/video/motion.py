@@ -109,9 +109,16 @@ class MotionModuleInfo:
         }
 
     def describe(self) -> str:
-        names = {"v1": "AnimateDiff v1 (SD1.5)", "v2": "AnimateDiff v2 (SD1.5)", "v3": "AnimateDiff v3 (SD1.5)",
-                 "sdxl": "AnimateDiff-SDXL beta", "sd15-custom": "AnimateDiff-style SD1.5 module"}
-        return f"{names.get(self.version, self.version)}, {self.layout} layout, up to {self.max_frames} frames"
+        names = {
+            "v1": "AnimateDiff v1 (SD1.5)",
+            "v2": "AnimateDiff v2 (SD1.5)",
+            "v3": "AnimateDiff v3 (SD1.5)",
+            "sdxl": "AnimateDiff-SDXL beta",
+            "sd15-custom": "AnimateDiff-style SD1.5 module",
+        }
+        return (
+            f"{names.get(self.version, self.version)}, {self.layout} layout, up to {self.max_frames} frames"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,7 +131,8 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001 - say which file and why, whatever the pickle problem is
         raise MotionModuleError(
             f"{path.name}: could not be read as a weights-only PyTorch checkpoint ({exc}). Use the .safetensors "
-            "version of the file if there is one.") from exc
+            "version of the file if there is one."
+        ) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -146,8 +154,12 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"):
+    for name in (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.bin",
+    ):
         if (folder / name).is_file():
             return read_weights(folder / name)
     raise MotionModuleError(f"{folder}: a diffusers folder without diffusion_pytorch_model weights")
@@ -174,19 +186,25 @@ def _layout(keys: list[str]) -> str:
     if any(_DIFFUSERS_KEY.fullmatch(k) for k in keys):
         return "diffusers"
     if any("temporal_attentions" in k or "positional_encoding" in k for k in keys):
-        raise MotionModuleError("a HotshotXL module (temporal_attentions / positional_encoding keys); only "
-                                "AnimateDiff modules (v1, v2, v3, SDXL beta) are supported")
+        raise MotionModuleError(
+            "a HotshotXL module (temporal_attentions / positional_encoding keys); only "
+            "AnimateDiff modules (v1, v2, v3, SDXL beta) are supported"
+        )
     if any(k.startswith("model.diffusion_model.") for k in keys):
-        raise MotionModuleError("a Stable Diffusion checkpoint, not a motion module: it belongs in the "
-                                "checkpoints folder")
+        raise MotionModuleError(
+            "a Stable Diffusion checkpoint, not a motion module: it belongs in the checkpoints folder"
+        )
     shown = ", ".join(sorted(keys)[:4])
-    raise MotionModuleError(f"no AnimateDiff motion-module keys (down_blocks.N.motion_modules.M...) found; "
-                            f"first keys: {shown}")
+    raise MotionModuleError(
+        f"no AnimateDiff motion-module keys (down_blocks.N.motion_modules.M...) found; first keys: {shown}"
+    )
 
 
 def _unexpected(keys: list[str], what: str) -> MotionModuleError:
     shown = ", ".join(sorted(keys)[:6]) + (f", ... ({len(keys) - 6} more)" if len(keys) > 6 else "")
-    return MotionModuleError(f"{len(keys)} {what} key(s) do not belong to an AnimateDiff motion module: {shown}")
+    return MotionModuleError(
+        f"{len(keys)} {what} key(s) do not belong to an AnimateDiff motion module: {shown}"
+    )
 
 
 def original_to_diffusers(state_dict: StateDict) -> dict[str, torch.Tensor]:
@@ -223,9 +241,14 @@ def original_to_diffusers(state_dict: StateDict) -> dict[str, torch.Tensor]:
             continue
         for old, new in _ORIGINAL_BLOCK_PARTS.items():
             if part.startswith(old):
-                leaf = part[len(old):]
-                valid = (_ATTENTION_LEAVES.fullmatch(leaf) if new.startswith("attn") else
-                         _FF_LEAVES.fullmatch(leaf) if new == "ff." else leaf in ("weight", "bias"))
+                leaf = part[len(old) :]
+                valid = (
+                    _ATTENTION_LEAVES.fullmatch(leaf)
+                    if new.startswith("attn")
+                    else _FF_LEAVES.fullmatch(leaf)
+                    if new == "ff."
+                    else leaf in ("weight", "bias")
+                )
                 if valid:
                     out[block + new + leaf] = tensor
                     break
@@ -238,9 +261,11 @@ def original_to_diffusers(state_dict: StateDict) -> dict[str, torch.Tensor]:
         if first is None:
             out[key] = table
         elif first.shape != table.shape or not torch.allclose(first.float(), table.float(), atol=1e-3):
-            raise MotionModuleError(f"{key}: the two attention blocks carry different positional tables; "
-                                    "diffusers shares one table per transformer block, so this module cannot "
-                                    "be loaded faithfully")
+            raise MotionModuleError(
+                f"{key}: the two attention blocks carry different positional tables; "
+                "diffusers shares one table per transformer block, so this module cannot "
+                "be loaded faithfully"
+            )
     return out
 
 
@@ -270,7 +295,7 @@ def diffusers_to_original(state_dict: StateDict) -> dict[str, torch.Tensor]:
             continue
         for new, old in _DIFFUSERS_BLOCK_PARTS.items():
             if part.startswith(new):
-                out[block + old + part[len(new):]] = tensor
+                out[block + old + part[len(new) :]] = tensor
                 break
         else:
             unexpected.append(key)
@@ -291,11 +316,14 @@ def inspect_state_dict(state_dict: StateDict, layout: str | None = None) -> Moti
     diffusers_sd = original_to_diffusers(state_dict) if layout == "original" else dict(state_dict)
     dkeys = list(diffusers_sd)
     if any(k.startswith("conv_in.") for k in keys):
-        raise MotionModuleError("a PIA module (conv_in keys); only AnimateDiff text-to-video modules are supported")
+        raise MotionModuleError(
+            "a PIA module (conv_in keys); only AnimateDiff text-to-video modules are supported"
+        )
     levels = sorted(_count(dkeys, r"down_blocks\.(\d+)\.motion_modules\."))
     if levels != list(range(len(levels))) or len(levels) not in (3, 4):
-        raise MotionModuleError(f"a motion module with {len(levels)} down levels; AnimateDiff modules have 4 "
-                                "(SD1.5) or 3 (SDXL)")
+        raise MotionModuleError(
+            f"a motion module with {len(levels)} down levels; AnimateDiff modules have 4 (SD1.5) or 3 (SDXL)"
+        )
     widths = []
     for level in levels:
         norm = diffusers_sd.get(f"down_blocks.{level}.motion_modules.0.norm.weight")
@@ -306,8 +334,10 @@ def inspect_state_dict(state_dict: StateDict, layout: str | None = None) -> Moti
     transformer_layers = len(_count(dkeys, r"down_blocks\.0\.motion_modules\.0\.transformer_blocks\.(\d+)\."))
     tables = [v for k, v in diffusers_sd.items() if k.endswith("pos_embed.pe")]
     if not tables:
-        raise MotionModuleError("no positional tables (pos_encoder.pe): an AnimateLCM-style module, which this "
-                                "loader does not support")
+        raise MotionModuleError(
+            "no positional tables (pos_encoder.pe): an AnimateLCM-style module, which this "
+            "loader does not support"
+        )
     max_frames = int(tables[0].shape[1])
     has_mid = any(k.startswith("mid_block.") for k in dkeys)
     base = "sdxl" if len(levels) == 3 else "sd15"
@@ -321,9 +351,16 @@ def inspect_state_dict(state_dict: StateDict, layout: str | None = None) -> Moti
         version = "v1"
     else:
         version = "sd15-custom"
-    return MotionModuleInfo(version=version, base=base, layout=layout, block_out_channels=tuple(widths),
-                            layers_per_block=layers, transformer_layers=max(transformer_layers, 1),
-                            has_mid_block=has_mid, max_frames=max_frames)
+    return MotionModuleInfo(
+        version=version,
+        base=base,
+        layout=layout,
+        block_out_channels=tuple(widths),
+        layers_per_block=layers,
+        transformer_layers=max(transformer_layers, 1),
+        has_mid_block=has_mid,
+        max_frames=max_frames,
+    )
 
 
 def inspect_motion_module(path: str | os.PathLike) -> MotionModuleInfo:
@@ -347,8 +384,13 @@ def load_motion_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         heads = config.get("motion_num_attention_heads", DEFAULT_HEADS)
         if isinstance(heads, (list, tuple)):
             heads = heads[0] if len(set(heads)) == 1 else DEFAULT_HEADS
-        info = MotionModuleInfo(**{**info.__dict__, "num_attention_heads": int(heads),
-                                   "norm_num_groups": int(config.get("motion_norm_num_groups", DEFAULT_NORM_GROUPS))})
+        info = MotionModuleInfo(
+            **{
+                **info.__dict__,
+                "num_attention_heads": int(heads),
+                "norm_num_groups": int(config.get("motion_norm_num_groups", DEFAULT_NORM_GROUPS)),
+            }
+        )
         return state, info
     try:
         state = read_weights(path)
@@ -376,16 +418,24 @@ def load_motion_adapter(path: str | os.PathLike):
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
     if missing or unexpected or wrong:
-        details = "; ".join(f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                            for name, keys in (("missing", missing), ("unexpected", unexpected),
-                                               ("wrong shape", wrong)) if keys)
-        raise MotionModuleError(f"{Path(path).name} ({info.describe()}) does not fit a MotionAdapter: {details}")
+        details = "; ".join(
+            f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        )
+        raise MotionModuleError(
+            f"{Path(path).name} ({info.describe()}) does not fit a MotionAdapter: {details}"
+        )
     adapter.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return adapter.eval().requires_grad_(False), info
 
 
-def save_motion_module(state_dict: StateDict, path: str | os.PathLike, layout: str = "original",
-                       metadata: Mapping[str, str] | None = None) -> Path:
+def save_motion_module(
+    state_dict: StateDict,
+    path: str | os.PathLike,
+    layout: str = "original",
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
     """Write a diffusers-named motion module state dict as one ``.safetensors`` in `layout`."""
     require("safetensors")
     from safetensors.torch import save_file
@@ -395,7 +445,9 @@ def save_motion_module(state_dict: StateDict, path: str | os.PathLike, layout: s
     tensors = diffusers_to_original(state_dict) if layout == "original" else dict(state_dict)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=dict(metadata or {}) or None)
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=dict(metadata or {}) or None
+    )
     return path
 
 
@@ -404,10 +456,12 @@ def save_motion_module(state_dict: StateDict, path: str | os.PathLike, layout: s
 
 _MOTION_LORA_ORIGINAL = re.compile(
     _BLOCK + r"\.temporal_transformer\.transformer_blocks\.(?P<k>\d+)\.attention_blocks\.(?P<n>[01])\."
-    r"processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<side>down|up)\.weight")
+    r"processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<side>down|up)\.weight"
+)
 _MOTION_LORA_DIFFUSERS = re.compile(
     r"(?:unet\.)?(?P<module>(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.motion_modules\.\d+\.transformer_blocks\."
-    r"\d+\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0))\.(?P<side>lora_A|lora_B|lora\.down|lora\.up)\.weight")
+    r"\d+\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0))\.(?P<side>lora_A|lora_B|lora\.down|lora\.up)\.weight"
+)
 
 
 def motion_lora_to_diffusers(state_dict: StateDict) -> dict[str, torch.Tensor]:
@@ -422,8 +476,10 @@ def motion_lora_to_diffusers(state_dict: StateDict) -> dict[str, torch.Tensor]:
     for key, tensor in state_dict.items():
         if m := _MOTION_LORA_ORIGINAL.fullmatch(key):
             proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
-            module = (f"{m['block']}.motion_modules.{m['module']}.transformer_blocks.{m['k']}."
-                      f"attn{int(m['n']) + 1}.{proj}")
+            module = (
+                f"{m['block']}.motion_modules.{m['module']}.transformer_blocks.{m['k']}."
+                f"attn{int(m['n']) + 1}.{proj}"
+            )
             side = "lora_A" if m["side"] == "down" else "lora_B"
         elif m := _MOTION_LORA_DIFFUSERS.fullmatch(key):
             module = m["module"]
@@ -434,15 +490,20 @@ def motion_lora_to_diffusers(state_dict: StateDict) -> dict[str, torch.Tensor]:
         out[f"unet.{module}.{side}.weight"] = tensor
     if unexpected:
         shown = ", ".join(sorted(unexpected)[:4])
-        raise MotionModuleError(f"{len(unexpected)} key(s) are not motion-LoRA keys (expected "
-                                f"...attention_blocks.N.processor.to_q_lora.down.weight): {shown}")
+        raise MotionModuleError(
+            f"{len(unexpected)} key(s) are not motion-LoRA keys (expected "
+            f"...attention_blocks.N.processor.to_q_lora.down.weight): {shown}"
+        )
     if not out:
         raise MotionModuleError("no motion-LoRA tensors found")
     stems = {k.rsplit(".lora_", 1)[0] for k in out}
-    incomplete = sorted(s for s in stems if f"{s}.lora_A.weight" not in out or f"{s}.lora_B.weight" not in out)
+    incomplete = sorted(
+        s for s in stems if f"{s}.lora_A.weight" not in out or f"{s}.lora_B.weight" not in out
+    )
     if incomplete:
-        raise MotionModuleError(f"{len(incomplete)} motion-LoRA layer(s) miss their down or up matrix, e.g. "
-                                f"{incomplete[0]}")
+        raise MotionModuleError(
+            f"{len(incomplete)} motion-LoRA layer(s) miss their down or up matrix, e.g. {incomplete[0]}"
+        )
     return out
 
 
@@ -457,14 +518,20 @@ def load_motion_lora(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def motion_lora_to_original(state_dict: StateDict) -> dict[str, torch.Tensor]:
     """Diffusers-named motion-LoRA tensors (from `motion_lora_to_diffusers`) in the original format."""
     out: dict[str, torch.Tensor] = {}
-    pattern = re.compile(r"unet\.(?P<block>.+?)\.motion_modules\.(?P<module>\d+)\.transformer_blocks\.(?P<k>\d+)\."
-                         r"attn(?P<n>[12])\.(?P<proj>to_q|to_k|to_v|to_out\.0)\.(?P<side>lora_A|lora_B)\.weight")
+    pattern = re.compile(
+        r"unet\.(?P<block>.+?)\.motion_modules\.(?P<module>\d+)\.transformer_blocks\.(?P<k>\d+)\."
+        r"attn(?P<n>[12])\.(?P<proj>to_q|to_k|to_v|to_out\.0)\.(?P<side>lora_A|lora_B)\.weight"
+    )
     for key, tensor in state_dict.items():
         m = pattern.fullmatch(key)
         if m is None:
             raise MotionModuleError(f"not a diffusers motion-LoRA key: {key}")
         proj = "to_out" if m["proj"] == "to_out.0" else m["proj"]
         side = "down" if m["side"] == "lora_A" else "up"
-        out[(f"{m['block']}.motion_modules.{m['module']}.temporal_transformer.transformer_blocks.{m['k']}."
-             f"attention_blocks.{int(m['n']) - 1}.processor.{proj}_lora.{side}.weight")] = tensor
+        out[
+            (
+                f"{m['block']}.motion_modules.{m['module']}.temporal_transformer.transformer_blocks.{m['k']}."
+                f"attention_blocks.{int(m['n']) - 1}.processor.{proj}_lora.{side}.weight"
+            )
+        ] = tensor
     return out

@@ -62,7 +62,10 @@ def parse_prompt_schedule(text: str) -> list[Keyframe]:
     if not keyframes:
         return [Keyframe(0, ", ".join(p for p in shared if p))]
     suffix = ", ".join(p for p in shared if p)
-    return [Keyframe(frame, ", ".join(p for p in (prompt, suffix) if p)) for frame, prompt in sorted(keyframes.items())]
+    return [
+        Keyframe(frame, ", ".join(p for p in (prompt, suffix) if p))
+        for frame, prompt in sorted(keyframes.items())
+    ]
 
 
 def frame_blends(keyframes: list[Keyframe], frames: int, blend: bool = True) -> list[FrameBlend]:

@@ -91,8 +91,11 @@ class FlowBlock(nn.Module):
         if scale != 1:
             x = F.interpolate(x, scale_factor=1.0 / scale, mode="bilinear", align_corners=False)
         if flow is not None:
-            small = flow if scale == 1 else F.interpolate(flow, scale_factor=1.0 / scale, mode="bilinear",
-                                                          align_corners=False)
+            small = (
+                flow
+                if scale == 1
+                else F.interpolate(flow, scale_factor=1.0 / scale, mode="bilinear", align_corners=False)
+            )
             x = torch.cat((x, small / scale), 1)
         out = self.lastconv(self.convblock(self.conv0(x)))
         if scale != 1:
@@ -158,10 +161,13 @@ class IFNet(nn.Module):
             else:
                 assert mask is not None  # the first block sets flow and mask together
                 wfeat0, wfeat1 = warp(feat0, flow[:, :2]), warp(feat1, flow[:, 2:4])
-                delta, new_mask = block(torch.cat((warped0, warped1, wfeat0, wfeat1, t, mask), 1), flow, scale)
+                delta, new_mask = block(
+                    torch.cat((warped0, warped1, wfeat0, wfeat1, t, mask), 1), flow, scale
+                )
                 if ensemble:
                     back_delta, back_mask = block(
-                        torch.cat((warped1, warped0, wfeat1, wfeat0, 1 - t, -mask), 1), _swap(flow), scale)
+                        torch.cat((warped1, warped0, wfeat1, wfeat0, 1 - t, -mask), 1), _swap(flow), scale
+                    )
                     delta = (delta + _swap(back_delta)) / 2
                     new_mask = (new_mask - back_mask) / 2
                 flow, mask = flow + delta, new_mask
@@ -202,7 +208,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             continue
         key = str(key)
         while key.startswith("module."):
-            key = key[len("module."):]
+            key = key[len("module.") :]
         out[key] = value
     return out
 
@@ -218,8 +224,9 @@ def detect_version(state: dict[str, torch.Tensor]) -> str:
     keys = set(state)
     if not any(k.startswith("block0.") for k in keys):
         sample = ", ".join(sorted(keys)[:4]) or "no tensors"
-        raise UnsupportedRIFEError(f"not a RIFE IFNet checkpoint (no block0.* tensors; keys start {sample}). "
-                                   f"Supported: {SUPPORTED}.")
+        raise UnsupportedRIFEError(
+            f"not a RIFE IFNet checkpoint (no block0.* tensors; keys start {sample}). Supported: {SUPPORTED}."
+        )
     encode = state.get("encode.0.weight")
     if any(k.startswith("block4.") for k in keys):
         found = "RIFE 4.22 or later (5 flow blocks)"
@@ -228,8 +235,11 @@ def detect_version(state: dict[str, torch.Tensor]) -> str:
     elif encode is not None and encode.shape[0] == 32:
         found = "RIFE 4.10 - 4.12 (32-channel feature encoder)"
     elif encode is None:
-        found = "RIFE 4.6 or earlier (no feature encoder)" if not any(
-            k.startswith(("contextnet.", "unet.")) for k in keys) else "RIFE 4.0 - 4.3 with refinement U-Net"
+        found = (
+            "RIFE 4.6 or earlier (no feature encoder)"
+            if not any(k.startswith(("contextnet.", "unet.")) for k in keys)
+            else "RIFE 4.0 - 4.3 with refinement U-Net"
+        )
     else:
         expected = _expected_shapes()
         missing = sorted(set(expected) - keys)
@@ -258,10 +268,16 @@ _cache: dict[tuple, LoadedRIFE] = {}
 _refused: dict[tuple, str] = {}  # (path, mtime, size) -> why it is not a supported RIFE file
 
 
-def pick_device_dtype(device: str | torch.device | None = None, dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+def pick_device_dtype(
+    device: str | torch.device | None = None, dtype: str = "auto"
+) -> tuple[torch.device, torch.dtype]:
     """auto: CUDA if present, in fp16 (Practical-RIFE's own half-precision mode: more mantissa than bf16 for
     the flows); fp32 on CPU. bf16 on request."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if dtype != "auto":
         if dtype not in names:
@@ -272,7 +288,9 @@ def pick_device_dtype(device: str | torch.device | None = None, dtype: str = "au
     return dev, torch.float16
 
 
-def load_rife(path: str | os.PathLike, device: str | torch.device | None = None, dtype: str = "auto") -> LoadedRIFE:
+def load_rife(
+    path: str | os.PathLike, device: str | torch.device | None = None, dtype: str = "auto"
+) -> LoadedRIFE:
     """Read, check (`detect_version`) and load a RIFE file; the last one loaded stays cached."""
     dev, torch_dtype = pick_device_dtype(device, dtype)
     path = str(path)
@@ -312,9 +330,17 @@ def _pad_multiple(scale: float) -> int:
     return max(64, int(round(64 / scale)))
 
 
-def interpolate_rife(frames, loaded: LoadedRIFE, multiplier: int = 2, loop: bool = False, *, scale: float = 1.0,
-                     ensemble: bool = False, batch_size: int = 4,
-                     control: Control | None = None) -> torch.Tensor:
+def interpolate_rife(
+    frames,
+    loaded: LoadedRIFE,
+    multiplier: int = 2,
+    loop: bool = False,
+    *,
+    scale: float = 1.0,
+    ensemble: bool = False,
+    batch_size: int = 4,
+    control: Control | None = None,
+) -> torch.Tensor:
     """`frames` (N, H, W, 3) in 0..1 (tensor or array) with ``multiplier - 1`` RIFE frames between each pair.
 
     Same frame layout as `interpolate.interpolate_frames`: ``(N - 1) * multiplier + 1`` frames
@@ -354,7 +380,7 @@ def interpolate_rife(frames, loaded: LoadedRIFE, multiplier: int = 2, loop: bool
     with torch.inference_mode():
         for start in range(0, len(tasks), batch_size):
             control.check()
-            batch = tasks[start:start + batch_size]
+            batch = tasks[start : start + batch_size]
             first = torch.tensor([pairs[p][0] for p, _ in batch], device=device)
             second = torch.tensor([pairs[p][1] for p, _ in batch], device=device)
             t = torch.tensor([k / multiplier for _, k in batch], device=device, dtype=dtype).view(-1, 1, 1, 1)

@@ -14,7 +14,14 @@ from typing import Any
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
 BETA_SCHEDULES = ("auto", "linear", "scaled_linear", "base")
 
-_COMMON = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+_COMMON = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+)
 
 
 def make_scheduler(name: str, base_config: dict[str, Any] | None = None, beta_schedule: str = "auto"):
@@ -26,8 +33,13 @@ def make_scheduler(name: str, base_config: dict[str, Any] | None = None, beta_sc
     if beta_schedule not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta schedule {beta_schedule!r}; choose one of {BETA_SCHEDULES}")
     base = {k: v for k, v in (base_config or {}).items() if k in _COMMON and v is not None}
-    config = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon",
-              **base}
+    config = {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "prediction_type": "epsilon",
+        **base,
+    }
     config.pop("trained_betas", None)
     if beta_schedule in ("auto", "linear"):
         config["beta_schedule"] = "linear"
@@ -43,6 +55,7 @@ def make_scheduler(name: str, base_config: dict[str, Any] | None = None, beta_sc
     if name == "euler_a":
         return diffusers.EulerAncestralDiscreteScheduler(**config)
     if name in ("dpmpp_2m", "dpmpp_2m_karras"):
-        return diffusers.DPMSolverMultistepScheduler(**config, algorithm_type="dpmsolver++", solver_order=2,
-                                                     use_karras_sigmas=name.endswith("karras"))
+        return diffusers.DPMSolverMultistepScheduler(
+            **config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=name.endswith("karras")
+        )
     return diffusers.UniPCMultistepScheduler(**config)

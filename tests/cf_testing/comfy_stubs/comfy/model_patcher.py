@@ -32,5 +32,7 @@ class ModelPatcher:
         for strength, (up, down, alpha), _, _, _ in self.patches.get(key, []):
             rank = down.shape[0]
             scale = 1.0 if alpha is None else float(alpha) / rank
-            weight += strength * scale * (up.flatten(1).float() @ down.flatten(1).float()).reshape(weight.shape)
+            weight += (
+                strength * scale * (up.flatten(1).float() @ down.flatten(1).float()).reshape(weight.shape)
+            )
         return weight

@@ -8,10 +8,24 @@ are logged as ``lora key not loaded: <key>`` at WARNING, as ComfyUI does.
 
 import logging
 
-_UP = (".lora_up.weight", "_lora.up.weight", ".lora_B.weight", ".lora.up.weight", ".lora_B",
-       ".lora_linear_layer.up.weight", ".lora_B.default.weight")
-_DOWN = (".lora_down.weight", "_lora.down.weight", ".lora_A.weight", ".lora.down.weight", ".lora_A",
-         ".lora_linear_layer.down.weight", ".lora_A.default.weight")
+_UP = (
+    ".lora_up.weight",
+    "_lora.up.weight",
+    ".lora_B.weight",
+    ".lora.up.weight",
+    ".lora_B",
+    ".lora_linear_layer.up.weight",
+    ".lora_B.default.weight",
+)
+_DOWN = (
+    ".lora_down.weight",
+    "_lora.down.weight",
+    ".lora_A.weight",
+    ".lora.down.weight",
+    ".lora_A",
+    ".lora_linear_layer.down.weight",
+    ".lora_A.default.weight",
+)
 
 
 def _key_map(patcher):
@@ -21,15 +35,17 @@ def _key_map(patcher):
             continue
         base = k[: -len(".weight")]
         if k.startswith("diffusion_model."):
-            key_map["lora_unet_" + base[len("diffusion_model."):].replace(".", "_")] = k
+            key_map["lora_unet_" + base[len("diffusion_model.") :].replace(".", "_")] = k
             key_map[base] = k
         else:
             key_map["text_encoders." + base] = k
-            for clip_name, prefixes in (("clip_l.transformer.", ("lora_te_", "lora_te1_")),
-                                        ("clip_g.transformer.", ("lora_te2_",))):
+            for clip_name, prefixes in (
+                ("clip_l.transformer.", ("lora_te_", "lora_te1_")),
+                ("clip_g.transformer.", ("lora_te2_",)),
+            ):
                 if base.startswith(clip_name):
                     for prefix in prefixes:
-                        key_map[prefix + base[len(clip_name):].replace(".", "_")] = k
+                        key_map[prefix + base[len(clip_name) :].replace(".", "_")] = k
     return key_map
 
 

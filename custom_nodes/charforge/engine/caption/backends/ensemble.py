@@ -23,7 +23,10 @@ def _key(part: str) -> str:
 
 
 def _contains(sentence: str, tag: str) -> bool:
-    return re.search(r"(?<!\w)" + r"\s+".join(re.escape(w) for w in tag.split()) + r"(?!\w)", sentence) is not None
+    return (
+        re.search(r"(?<!\w)" + r"\s+".join(re.escape(w) for w in tag.split()) + r"(?!\w)", sentence)
+        is not None
+    )
 
 
 def merge_captions(captions: list[str], drop_contained: bool = True) -> str:
@@ -37,8 +40,11 @@ def merge_captions(captions: list[str], drop_contained: bool = True) -> str:
             key = _key(part)
             if key in keys:
                 continue
-            if drop_contained and len(key.split()) <= TAG_WORDS and any(
-                    len(k.split()) > len(key.split()) and _contains(k, key) for k in keys):
+            if (
+                drop_contained
+                and len(key.split()) <= TAG_WORDS
+                and any(len(k.split()) > len(key.split()) and _contains(k, key) for k in keys)
+            ):
                 continue
             kept.append(part)
             keys.append(key)
@@ -66,7 +72,9 @@ class EnsembleCaptioner(Captioner):
         for member in self.members:
             captions = member.caption(images)
             if len(captions) != len(images):
-                raise CaptionerError(f"{member.name} returned {len(captions)} captions for {len(images)} images")
+                raise CaptionerError(
+                    f"{member.name} returned {len(captions)} captions for {len(images)} images"
+                )
             outputs.append(captions)
         return [merge_captions([out[i] for out in outputs], self.drop_contained) for i in range(len(images))]
 

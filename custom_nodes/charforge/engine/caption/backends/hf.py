@@ -42,9 +42,11 @@ log = logging.getLogger("charforge")
 DOWNLOAD_ENV = "CHARFORGE_ALLOW_DOWNLOAD"
 PREPROCESS_CHUNK = 8  # images per preprocessing thread
 FLORENCE_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
-EXPECTED_FILES = ("config.json, model.safetensors (or pytorch_model.bin), preprocessor_config.json or "
-                  "processor_config.json, and the tokenizer files (tokenizer.json or vocab.txt / vocab.json + "
-                  "merges.txt, tokenizer_config.json)")
+EXPECTED_FILES = (
+    "config.json, model.safetensors (or pytorch_model.bin), preprocessor_config.json or "
+    "processor_config.json, and the tokenizer files (tokenizer.json or vocab.txt / vocab.json + "
+    "merges.txt, tokenizer_config.json)"
+)
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,30 @@ class ModelKind:
 
 
 KINDS: dict[str, ModelKind] = {
-    "blip": ModelKind("blip", ("blip",), ("blip", "LLM"), "BlipForConditionalGeneration", "BlipProcessor",
-                      "Salesforce/blip-image-captioning-large"),
-    "blip2": ModelKind("blip2", ("blip-2",), ("blip", "LLM"), "Blip2ForConditionalGeneration", "Blip2Processor",
-                       "Salesforce/blip2-opt-2.7b"),
-    "florence2": ModelKind("florence2", ("florence2",), ("LLM",), "Florence2ForConditionalGeneration",
-                           "AutoProcessor", "florence-community/Florence-2-large"),
+    "blip": ModelKind(
+        "blip",
+        ("blip",),
+        ("blip", "LLM"),
+        "BlipForConditionalGeneration",
+        "BlipProcessor",
+        "Salesforce/blip-image-captioning-large",
+    ),
+    "blip2": ModelKind(
+        "blip2",
+        ("blip-2",),
+        ("blip", "LLM"),
+        "Blip2ForConditionalGeneration",
+        "Blip2Processor",
+        "Salesforce/blip2-opt-2.7b",
+    ),
+    "florence2": ModelKind(
+        "florence2",
+        ("florence2",),
+        ("LLM",),
+        "Florence2ForConditionalGeneration",
+        "AutoProcessor",
+        "florence-community/Florence-2-large",
+    ),
 }
 
 
@@ -132,8 +152,11 @@ def _snapshot_download(repo_id: str, local_dir: str) -> str:
     """Download `repo_id` into `local_dir` (the weights as safetensors, plus configs and tokenizer files)."""
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(repo_id=repo_id, local_dir=local_dir,
-                             allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.py"])
+    return snapshot_download(
+        repo_id=repo_id,
+        local_dir=local_dir,
+        allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.py"],
+    )
 
 
 #: Replaced in tests by a fake (no network in the test suite).
@@ -155,8 +178,11 @@ def resolve_model(backend: str, name: str, allow_download: bool = False) -> Path
         name = found[0] if found else kind.default_repo
     path = Path(name).expanduser()
     candidates = [path] if path.is_absolute() else [Path(f) / name for f in folders]
-    repo = name if (not path.is_absolute() and name.count("/") == 1 and not any(c.is_dir() for c in candidates)) \
+    repo = (
+        name
+        if (not path.is_absolute() and name.count("/") == 1 and not any(c.is_dir() for c in candidates))
         else None
+    )
     if repo:  # "owner/model": look for "<folder>/model" as a download would have named it
         candidates += [Path(f) / name.split("/")[-1] for f in folders]
     for candidate in candidates:
@@ -165,14 +191,18 @@ def resolve_model(backend: str, name: str, allow_download: bool = False) -> Path
         if (candidate / "config.json").is_file():
             model_type = _model_type(candidate)
             if model_type not in kind.model_types:
-                raise CaptionerError(f"{candidate} holds a {model_type!r} model, not a {backend} captioner "
-                                     f"(config.json model_type should be {' or '.join(kind.model_types)})")
+                raise CaptionerError(
+                    f"{candidate} holds a {model_type!r} model, not a {backend} captioner "
+                    f"(config.json model_type should be {' or '.join(kind.model_types)})"
+                )
             return candidate
     repo = repo or (kind.default_repo if name == _default_name(kind) else None)
     if repo and download_allowed(allow_download) and not path.is_absolute():
         if not folders:
-            raise CaptionerError(f"cannot download {repo}: no {kind.folders[0]} model folder is configured "
-                                 "(set CHARFORGE_MODELS_DIR or COMFYUI_DIR)")
+            raise CaptionerError(
+                f"cannot download {repo}: no {kind.folders[0]} model folder is configured "
+                "(set CHARFORGE_MODELS_DIR or COMFYUI_DIR)"
+            )
         if os.environ.get("HF_HUB_OFFLINE", "").strip() in ("1", "true", "True"):
             raise CaptionerError(f"cannot download {repo}: HF_HUB_OFFLINE is set")
         target = Path(folders[0]) / repo.split("/")[-1]
@@ -192,7 +222,8 @@ def resolve_model(backend: str, name: str, allow_download: bool = False) -> Path
         f"{backend} model {name!r} not found; looked in: {where}. Put a Hugging Face folder ({EXPECTED_FILES}) "
         f"into models/{kind.folders[0]}/<name>/, e.g. a download of {download} "
         f"(`huggingface-cli download {download} --local-dir models/{kind.folders[0]}/{download.split('/')[-1]}`), "
-        f"or allow the download (allow_download, or {DOWNLOAD_ENV}=1) and name the repository {download!r}.{hint}")
+        f"or allow the download (allow_download, or {DOWNLOAD_ENV}=1) and name the repository {download!r}.{hint}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,27 +275,36 @@ class TransformersCaptioner(Captioner):
         self.name = backend
         self.settings = s = settings or HFSettings()
         if backend == "florence2" and s.task not in FLORENCE_TASKS:
-            raise CaptionerError(f"Florence-2 task {s.task!r} is not a caption task: one of {', '.join(FLORENCE_TASKS)}")
+            raise CaptionerError(
+                f"Florence-2 task {s.task!r} is not a caption task: one of {', '.join(FLORENCE_TASKS)}"
+            )
         self.folder = resolve_model(backend, model, s.allow_download)
         self.device = pick_device(s.device)
         self.dtype = pick_dtype(self.device, s.dtype)
         self.batch_size = max(1, int(s.batch_size))
         model_class = getattr(transformers, self.kind.model_class, None)
         if model_class is None:
-            raise CaptionerError(f"transformers {transformers.__version__} has no {self.kind.model_class}; "
-                                 "upgrade transformers")
+            raise CaptionerError(
+                f"transformers {transformers.__version__} has no {self.kind.model_class}; "
+                "upgrade transformers"
+            )
         remote = {"trust_remote_code": True} if s.trust_remote_code else {}
         try:
-            self.processor = getattr(transformers, self.kind.processor_class).from_pretrained(str(self.folder),
-                                                                                            **remote)
+            self.processor = getattr(transformers, self.kind.processor_class).from_pretrained(
+                str(self.folder), **remote
+            )
             dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
             self.model = model_class.from_pretrained(str(self.folder), **{dtype_key: self.dtype}, **remote)
         except Exception as exc:  # noqa: BLE001 - transformers raises many types; name the folder and the fix
             hint = ""
             if backend == "florence2" and _has_remote_code(self.folder) and not s.trust_remote_code:
-                hint = (" This looks like the original microsoft/Florence-2 format (its own modelling code): use the "
-                        "transformers-format florence-community/Florence-2-base or -large instead")
-            raise CaptionerError(f"could not load the {backend} model in {self.folder}: {exc}.{hint}") from exc
+                hint = (
+                    " This looks like the original microsoft/Florence-2 format (its own modelling code): use the "
+                    "transformers-format florence-community/Florence-2-base or -large instead"
+                )
+            raise CaptionerError(
+                f"could not load the {backend} model in {self.folder}: {exc}.{hint}"
+            ) from exc
         self.model.eval().to(self.device)
         # Photos are decoded shrunk (JPEG draft mode) to twice the model's input size: the processor resizes
         # them to that size anyway, and decoding a 24-megapixel photo in full would dominate the time.
@@ -272,8 +312,9 @@ class TransformersCaptioner(Captioner):
         self.max_side = max(768, 2 * int(getattr(vision, "image_size", 0) or 384))
         self._torch = torch
         self._pool: ThreadPoolExecutor | None = None
-        self._decoder_only = backend == "blip2" and not getattr(self.model.config.text_config,
-                                                                "is_encoder_decoder", False)
+        self._decoder_only = backend == "blip2" and not getattr(
+            self.model.config.text_config, "is_encoder_decoder", False
+        )
         log.info("CharForge: loaded %s %s on %s (%s)", backend, self.folder, self.device, self.dtype)
 
     def _process(self, images: list[Any]) -> dict:
@@ -289,16 +330,21 @@ class TransformersCaptioner(Captioner):
     def _inputs(self, images: list[Any]):
         # A large batch is preprocessed in chunks on several threads (PIL resizing releases the GIL), then
         # joined: every image gets the same prompt, so the chunks' token tensors have the same length.
-        chunks = [images[i:i + PREPROCESS_CHUNK] for i in range(0, len(images), PREPROCESS_CHUNK)]
+        chunks = [images[i : i + PREPROCESS_CHUNK] for i in range(0, len(images), PREPROCESS_CHUNK)]
         if len(chunks) > 1:
             if self._pool is None:
                 from concurrent.futures import ThreadPoolExecutor
 
-                self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
-                                                thread_name_prefix="charforge-caption-preprocess")
+                self._pool = ThreadPoolExecutor(
+                    max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="charforge-caption-preprocess"
+                )
             parts = list(self._pool.map(self._process, chunks))
-            inputs = {key: self._torch.cat([part[key] for part in parts]) if hasattr(parts[0][key], "shape")
-                      else parts[0][key] for key in parts[0]}
+            inputs = {
+                key: self._torch.cat([part[key] for part in parts])
+                if hasattr(parts[0][key], "shape")
+                else parts[0][key]
+                for key in parts[0]
+            }
         else:
             inputs = self._process(images)
         out = {}
@@ -316,8 +362,11 @@ class TransformersCaptioner(Captioner):
         if self.model is None:
             raise CaptionerError(f"this {self.name} captioner was closed")
         inputs = self._inputs(images)
-        kwargs: dict[str, Any] = {"max_new_tokens": max(1, int(s.max_new_tokens)), "do_sample": False,
-                  "num_beams": max(1, int(s.num_beams))}
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max(1, int(s.max_new_tokens)),
+            "do_sample": False,
+            "num_beams": max(1, int(s.num_beams)),
+        }
         if s.min_new_tokens > 0:
             kwargs["min_new_tokens"] = min(int(s.min_new_tokens), kwargs["max_new_tokens"])
         if s.repetition_penalty and s.repetition_penalty != 1.0:
@@ -325,7 +374,7 @@ class TransformersCaptioner(Captioner):
         with self._torch.inference_mode():
             tokens = self.model.generate(**inputs, **kwargs)
         if self._decoder_only:
-            tokens = tokens[:, self._prompt_length(inputs, tokens):]
+            tokens = tokens[:, self._prompt_length(inputs, tokens) :]
         return tokens
 
     def _prompt_length(self, inputs: dict, tokens) -> int:
@@ -337,7 +386,7 @@ class TransformersCaptioner(Captioner):
         given = inputs.get("input_ids")
         if given is not None:
             prompt = given[0].tolist()
-            return len(prompt) if first[:len(prompt)] == prompt else 0
+            return len(prompt) if first[: len(prompt)] == prompt else 0
         image_token = getattr(self.model.config, "image_token_index", None)
         n = 0
         while n < len(first) and image_token is not None and first[n] == image_token:
@@ -356,12 +405,14 @@ class TransformersCaptioner(Captioner):
             return []
         out: list[str] = []
         for start in range(0, len(images), self.batch_size):
-            out += self.decode(self.generate(images[start:start + self.batch_size]))
+            out += self.decode(self.generate(images[start : start + self.batch_size]))
         return out
 
     def notes(self) -> list[str]:
         extra = f", task {self.settings.task}" if self.name == "florence2" else ""
-        return [f"{self.name} {self.folder.name} on {self.device} ({str(self.dtype).replace('torch.', '')}{extra})"]
+        return [
+            f"{self.name} {self.folder.name} on {self.device} ({str(self.dtype).replace('torch.', '')}{extra})"
+        ]
 
     def close(self) -> None:
         if getattr(self, "model", None) is None:

@@ -35,8 +35,13 @@ class ClipInterrogator(Captioner):
 
     name = "clip_interrogator"
 
-    def __init__(self, clip_model: str, sentence: Captioner | None = None,
-                 settings: InterrogatorSettings | None = None, scorer: Any = None):
+    def __init__(
+        self,
+        clip_model: str,
+        sentence: Captioner | None = None,
+        settings: InterrogatorSettings | None = None,
+        scorer: Any = None,
+    ):
         from ...score.clip import ClipScorer, default_device
         from ..terms import load_term_lists
 
@@ -44,7 +49,9 @@ class ClipInterrogator(Captioner):
         self.sentence = sentence
         cached = {id(v) for v in ClipScorer._cache.values()}
         try:
-            self.scorer = scorer or ClipScorer.load(clip_model, device=s.device or default_device(), half=s.half)
+            self.scorer = scorer or ClipScorer.load(
+                clip_model, device=s.device or default_device(), half=s.half
+            )
         except FileNotFoundError as exc:
             raise CaptionerError(str(exc)) from exc
         # A CLIP model this captioner loaded is unloaded by `close()`; one the CLIP score nodes already
@@ -53,8 +60,10 @@ class ClipInterrogator(Captioner):
         available = load_term_lists(s.terms_folders)
         missing = [name for name in s.lists if name not in available]
         if missing:
-            raise CaptionerError(f"unknown term list(s) {', '.join(missing)}: available are "
-                                 f"{', '.join(sorted(available))} (add <name>.txt files to a terms folder)")
+            raise CaptionerError(
+                f"unknown term list(s) {', '.join(missing)}: available are "
+                f"{', '.join(sorted(available))} (add <name>.txt files to a terms folder)"
+            )
         self.lists = {name: available[name] for name in s.lists}
         self.batch_size = max(1, min(s.batch_size, sentence.batch_size if sentence else s.batch_size))
         self.max_side = None
@@ -65,7 +74,7 @@ class ClipInterrogator(Captioner):
             import torch
 
             terms = self.lists[name]
-            chunks = [self.scorer.embed_texts(terms[i:i + 256]) for i in range(0, len(terms), 256)]
+            chunks = [self.scorer.embed_texts(terms[i : i + 256]) for i in range(0, len(terms), 256)]
             self._term_embeddings[name] = torch.cat(chunks)
         return self._term_embeddings[name]
 
@@ -84,7 +93,9 @@ class ClipInterrogator(Captioner):
             image = image.resize((width, height), Image.Resampling.BICUBIC)
             crop_h, crop_w = pre.crop
             left, top = max(0, (width - crop_w) // 2), max(0, (height - crop_h) // 2)
-            arrays.append(np.asarray(image.crop((left, top, left + crop_w, top + crop_h)), dtype=np.float32) / 255.0)
+            arrays.append(
+                np.asarray(image.crop((left, top, left + crop_w, top + crop_h)), dtype=np.float32) / 255.0
+            )
         return torch.from_numpy(np.stack(arrays))
 
     def rank(self, images: list[Any]) -> list[dict[str, list[tuple[str, float]]]]:
@@ -103,8 +114,11 @@ class ClipInterrogator(Captioner):
         chosen: list[str] = []
         for name in self.lists:
             k = s.top_k_per_list.get(name, s.top_k)
-            best = [term for term, sim in ranked[name][:max(0, k)]
-                    if s.min_similarity is None or sim >= s.min_similarity]
+            best = [
+                term
+                for term, sim in ranked[name][: max(0, k)]
+                if s.min_similarity is None or sim >= s.min_similarity
+            ]
             chosen += best
         return chosen
 
@@ -116,7 +130,8 @@ class ClipInterrogator(Captioner):
             sentences = self.sentence.caption(images)
             if len(sentences) != len(images):
                 raise CaptionerError(
-                    f"{self.sentence.name} returned {len(sentences)} captions for {len(images)} images")
+                    f"{self.sentence.name} returned {len(sentences)} captions for {len(images)} images"
+                )
         out = []
         for sentence, ranked in zip(sentences, self.rank(images), strict=True):
             parts = ([sentence.strip()] if sentence and sentence.strip() else []) + self.terms_for(ranked)

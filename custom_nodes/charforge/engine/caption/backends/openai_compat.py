@@ -34,13 +34,25 @@ from ...openai_compat import (
 )
 from .base import Captioner, CaptionerError
 
-__all__ = ["DEFAULT_PROMPT", "RETRY_STATUS", "OpenAICompatCaptioner", "OpenAISettings", "RequestFailed",
-           "image_data_url", "is_refusal"]
+__all__ = [
+    "DEFAULT_PROMPT",
+    "RETRY_STATUS",
+    "OpenAICompatCaptioner",
+    "OpenAISettings",
+    "RequestFailed",
+    "image_data_url",
+    "is_refusal",
+]
 
-DEFAULT_PROMPT = ("Describe this photo in one sentence for an image-generation training caption: the person's "
-                  "appearance, clothing, pose, expression, setting and lighting. No preamble.")
-_REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|sorry, (but )?i|i can(no|'?)t (help|assist|describe|provide)|"
-                      r"i('m| am) (unable|not able) to)", re.IGNORECASE)
+DEFAULT_PROMPT = (
+    "Describe this photo in one sentence for an image-generation training caption: the person's "
+    "appearance, clothing, pose, expression, setting and lighting. No preamble."
+)
+_REFUSAL = re.compile(
+    r"^\s*(i'?m sorry|i am sorry|sorry, (but )?i|i can(no|'?)t (help|assist|describe|provide)|"
+    r"i('m| am) (unable|not able) to)",
+    re.IGNORECASE,
+)
 
 
 @dataclass
@@ -61,8 +73,10 @@ class OpenAISettings:
     concurrency: int = 4  # requests in flight at once
 
     def __repr__(self) -> str:  # safe to log: no key, and a password in the URL is left out
-        return (f"OpenAISettings(base_url={split_userinfo(self.base_url)[0]!r}, model={self.model!r}, "
-                f"api_key_env={self.api_key_env!r})")
+        return (
+            f"OpenAISettings(base_url={split_userinfo(self.base_url)[0]!r}, model={self.model!r}, "
+            f"api_key_env={self.api_key_env!r})"
+        )
 
 
 class RequestFailed(CaptionerError, EndpointError):
@@ -90,12 +104,22 @@ class OpenAICompatCaptioner(Captioner):
 
     name = "openai"
 
-    def __init__(self, settings: OpenAISettings | None = None, sleep=time.sleep, rng: random.Random | None = None):
+    def __init__(
+        self, settings: OpenAISettings | None = None, sleep=time.sleep, rng: random.Random | None = None
+    ):
         self.settings = settings or OpenAISettings()
         s = self.settings
-        self.client = ChatClient(s.base_url, s.api_key_env, timeout=s.timeout, max_retries=s.max_retries,
-                                 base_delay=s.base_delay, max_delay=s.max_delay, sleep=sleep,
-                                 rng=rng or random.Random(), error=RequestFailed)
+        self.client = ChatClient(
+            s.base_url,
+            s.api_key_env,
+            timeout=s.timeout,
+            max_retries=s.max_retries,
+            base_delay=s.base_delay,
+            max_delay=s.max_delay,
+            sleep=sleep,
+            rng=rng or random.Random(),
+            error=RequestFailed,
+        )
         self.max_side = s.max_side
         self.batch_size = max(1, s.concurrency) * 2
         self.refused = 0
@@ -110,11 +134,21 @@ class OpenAICompatCaptioner(Captioner):
         messages: list[dict[str, Any]] = []
         if s.system_prompt.strip():
             messages.append({"role": "system", "content": s.system_prompt})
-        messages.append({"role": "user", "content": [
-            {"type": "text", "text": s.prompt},
-            {"type": "image_url", "image_url": {"url": image_data_url(image, s.jpeg_quality)}},
-        ]})
-        return {"model": s.model, "messages": messages, "max_tokens": s.max_tokens, "temperature": s.temperature}
+        messages.append(
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": s.prompt},
+                    {"type": "image_url", "image_url": {"url": image_data_url(image, s.jpeg_quality)}},
+                ],
+            }
+        )
+        return {
+            "model": s.model,
+            "messages": messages,
+            "max_tokens": s.max_tokens,
+            "temperature": s.temperature,
+        }
 
     def caption_one(self, image: Any) -> str:
         reply = self.client.complete(self.payload(image))

@@ -27,8 +27,14 @@ MODEL_FOLDER = "wd14_tagger"
 DEFAULT_MODEL = "wd-v1-4-moat-tagger-v2"
 DEFAULT_SIZE = 448
 GENERAL, CHARACTER, RATING = 0, 4, 9
-PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider",
-                  "DmlExecutionProvider", "CoreMLExecutionProvider", "CPUExecutionProvider")
+PROVIDER_ORDER = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "ROCMExecutionProvider",
+    "DmlExecutionProvider",
+    "CoreMLExecutionProvider",
+    "CPUExecutionProvider",
+)
 
 
 @dataclass
@@ -81,18 +87,27 @@ def find_tagger(name: str) -> tuple[Path, Path]:
                 break
         if found is None:
             folders = bridge.model_folders(MODEL_FOLDER)
-            where = ", ".join(folders) if folders else "no folder configured (set CHARFORGE_MODELS_DIR or COMFYUI_DIR)"
+            where = (
+                ", ".join(folders)
+                if folders
+                else "no folder configured (set CHARFORGE_MODELS_DIR or COMFYUI_DIR)"
+            )
             raise CaptionerError(
                 f"WD14 tagger {stem!r} not found. Put {stem}.onnx and {stem}.csv (the model's model.onnx and "
-                f"selected_tags.csv, renamed) into the {MODEL_FOLDER} model folder; looked in: {where}")
+                f"selected_tags.csv, renamed) into the {MODEL_FOLDER} model folder; looked in: {where}"
+            )
         onnx_path = found
     csv_path = onnx_path.with_suffix(".csv")
     if not onnx_path.is_file():
-        raise CaptionerError(f"WD14 tagger file {onnx_path} does not exist (expected {onnx_path.name} and "
-                             f"{csv_path.name} in the {MODEL_FOLDER} folder)")
+        raise CaptionerError(
+            f"WD14 tagger file {onnx_path} does not exist (expected {onnx_path.name} and "
+            f"{csv_path.name} in the {MODEL_FOLDER} folder)"
+        )
     if not csv_path.is_file():
-        raise CaptionerError(f"WD14 tagger {onnx_path.name} has no tag list: expected {csv_path.name} next to it "
-                             "(the model's selected_tags.csv, renamed)")
+        raise CaptionerError(
+            f"WD14 tagger {onnx_path.name} has no tag list: expected {csv_path.name} next to it "
+            "(the model's selected_tags.csv, renamed)"
+        )
     return onnx_path, csv_path
 
 
@@ -149,7 +164,8 @@ class WD14Tagger(Captioner):
         self.tags = read_tags(self.csv_path)
         try:
             self._session = ort.InferenceSession(
-                str(self.onnx_path), providers=providers or best_providers(ort.get_available_providers()))
+                str(self.onnx_path), providers=providers or best_providers(ort.get_available_providers())
+            )
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types; say which file and why
             hint = " (WD14 v3 taggers need a recent onnxruntime)" if "opset" in str(exc).lower() else ""
             raise CaptionerError(f"could not load {self.onnx_path}: {exc}{hint}") from exc
@@ -163,10 +179,14 @@ class WD14Tagger(Captioner):
         self.batch_size = max(1, self.settings.batch_size)
         outputs = self._session.get_outputs()[0].shape
         if len(outputs) == 2 and isinstance(outputs[1], int) and outputs[1] != len(self.tags):
-            raise CaptionerError(f"{self.onnx_path.name} has {outputs[1]} outputs but {self.csv_path.name} lists "
-                                 f"{len(self.tags)} tags: the .csv belongs to another model")
+            raise CaptionerError(
+                f"{self.onnx_path.name} has {outputs[1]} outputs but {self.csv_path.name} lists "
+                f"{len(self.tags)} tags: the .csv belongs to another model"
+            )
         self.provider = self._session.get_providers()[0]
-        self._excluded = {t.strip().lower().replace("_", " ") for t in self.settings.exclude_tags if t.strip()}
+        self._excluded = {
+            t.strip().lower().replace("_", " ") for t in self.settings.exclude_tags if t.strip()
+        }
 
     def probabilities(self, images: list[Any]):
         """(N, tags) probabilities for PIL images."""
@@ -176,8 +196,10 @@ class WD14Tagger(Captioner):
             raise CaptionerError("this WD14 tagger was closed")
         batch = np.stack([preprocess(image, self.size) for image in images])
         step = self._fixed_batch or len(images)
-        out = [self._session.run([self._output_name], {self._input_name: batch[i:i + step]})[0]
-               for i in range(0, len(images), step)]
+        out = [
+            self._session.run([self._output_name], {self._input_name: batch[i : i + step]})[0]
+            for i in range(0, len(images), step)
+        ]
         return np.concatenate(out, axis=0)
 
     def tags_for(self, scores) -> list[tuple[str, float]]:
@@ -191,12 +213,17 @@ class WD14Tagger(Captioner):
                 continue
             threshold = s.character_threshold if tag.category == CHARACTER else s.general_threshold
             if score >= threshold:
-                chosen.setdefault(tag.category if tag.category == CHARACTER else GENERAL, []).append((tag.name, score))
+                chosen.setdefault(tag.category if tag.category == CHARACTER else GENERAL, []).append(
+                    (tag.name, score)
+                )
         result = sorted(chosen[CHARACTER], key=lambda t: -t[1]) + sorted(chosen[GENERAL], key=lambda t: -t[1])
         if s.include_rating and ratings:
             result.append(max(ratings, key=lambda t: t[1]))
-        return [(self._display(name), score) for name, score in result
-                if name.lower().replace("_", " ") not in self._excluded]
+        return [
+            (self._display(name), score)
+            for name, score in result
+            if name.lower().replace("_", " ") not in self._excluded
+        ]
 
     def _display(self, name: str) -> str:
         # Short emoticon tags (^_^, o_o, >_<) keep their underscores.
