@@ -1,4 +1,8 @@
-"""Caption nodes (menu: CharForge/Caption)."""
+"""Caption nodes (menu: CharForge/Caption).
+
+The work is in ``charforge.engine.caption``. Longer than 600 lines: most of it is the declarations of the stage's 5 nodes, every input documented in
+its tooltip.
+"""
 
 from __future__ import annotations
 

@@ -9,6 +9,9 @@
 - Merge LoRAs, Resize LoRA, Convert LoRA: write new files into the loras folder, never over an existing one
 
 The logic lives in ``charforge.engine.library``.
+
+Longer than 600 lines: most of it is the declarations of the stage's 7 nodes, every input documented in
+its tooltip.
 """
 
 from __future__ import annotations

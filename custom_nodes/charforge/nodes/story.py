@@ -5,6 +5,9 @@ per frame as a ComfyUI list, so ComfyUI's own CLIPTextEncode / KSampler / VAEDec
 ``Storyboard Select`` receives every frame's N candidates at once (INPUT_IS_LIST) and keeps the best of each
 by identity and text agreement; ``Storyboard Sheet`` saves the frames, the sheet image and metadata.json.
 The logic lives in ``charforge.engine.story`` and ``charforge.engine.score``.
+
+Longer than 600 lines: most of it is the declarations of the stage's 3 nodes, every input documented in
+its tooltip.
 """
 
 from __future__ import annotations

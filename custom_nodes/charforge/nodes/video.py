@@ -7,6 +7,9 @@ small description (`charforge.engine.video.VideoModelSpec`); the engine keeps th
 Save Video reports its file under the UI key ``images`` with ``animated: [true]``, the shape ComfyUI's
 own video nodes use, so the ComfyUI frontend previews it and API clients that read ``images`` from the
 history find it (see docs/video.md).
+
+Longer than 600 lines: most of it is the declarations of the stage's 6 nodes, every input documented in
+its tooltip.
 """
 
 from __future__ import annotations
