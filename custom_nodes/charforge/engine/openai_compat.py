@@ -29,7 +29,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from ..common.retry import Backoff, retry_after_seconds
 
@@ -125,8 +125,41 @@ def message_text(message: dict) -> str:
     return content if isinstance(content, str) else ""
 
 
+class EndpointSettings(Protocol):
+    """The connection fields every caller's settings carry (caption backend, scene splitter)."""
+
+    base_url: str
+    api_key_env: str
+    timeout: float
+    max_retries: int
+    base_delay: float
+    max_delay: float
+
+
 class ChatClient:
     """POSTs chat-completions requests with retries; every error message and log line is masked."""
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: EndpointSettings,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+        error: type[EndpointError] = EndpointError,
+    ) -> ChatClient:
+        """A client for `settings`' endpoint, key variable, timeout and retry policy."""
+        return cls(
+            settings.base_url,
+            settings.api_key_env,
+            timeout=settings.timeout,
+            max_retries=settings.max_retries,
+            base_delay=settings.base_delay,
+            max_delay=settings.max_delay,
+            sleep=sleep,
+            rng=rng or random.Random(),
+            error=error,
+        )
 
     def __init__(
         self,

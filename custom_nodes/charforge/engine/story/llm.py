@@ -98,18 +98,7 @@ class SceneSplitter:
         self, settings: LLMSettings | None = None, sleep=time.sleep, rng: random.Random | None = None
     ):
         self.settings = settings or LLMSettings()
-        s = self.settings
-        self.client = ChatClient(
-            s.base_url,
-            s.api_key_env,
-            timeout=s.timeout,
-            max_retries=s.max_retries,
-            base_delay=s.base_delay,
-            max_delay=s.max_delay,
-            sleep=sleep,
-            rng=rng or random.Random(),
-            error=SceneSplitError,
-        )
+        self.client = ChatClient.from_settings(self.settings, sleep=sleep, rng=rng, error=SceneSplitError)
         self.malformed: list[str] = []  # why earlier answers were rejected
 
     @property

@@ -109,17 +109,7 @@ class OpenAICompatCaptioner(Captioner):
     ):
         self.settings = settings or OpenAISettings()
         s = self.settings
-        self.client = ChatClient(
-            s.base_url,
-            s.api_key_env,
-            timeout=s.timeout,
-            max_retries=s.max_retries,
-            base_delay=s.base_delay,
-            max_delay=s.max_delay,
-            sleep=sleep,
-            rng=rng or random.Random(),
-            error=RequestFailed,
-        )
+        self.client = ChatClient.from_settings(s, sleep=sleep, rng=rng, error=RequestFailed)
         self.max_side = s.max_side
         self.batch_size = max(1, s.concurrency) * 2
         self.refused = 0
