@@ -105,6 +105,10 @@ class PipelineOptions:
     models_manifest: Path | None = None
     #: let the server download the manifest's missing models from their URLs
     provision: bool = False
+    #: train the LoRA on this Replicate trainer (replicate:OWNER/MODEL) into `destination` (recipes/train_stage.py)
+    train_on: str | None = None
+    destination: str | None = None
+    replicate: Any = None  # its resolved ReplicateSettings (the CLI resolves them; else from train_on)
 
     def __post_init__(self) -> None:
         if not self.trigger:
@@ -767,6 +771,10 @@ def stage_captions(
 def stage_lora(
     runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]
 ) -> dict[str, Any]:
+    if opts.train_on:  # on a hosted Replicate trainer instead of the server
+        from .train_stage import stage_lora_replicate
+
+        return stage_lora_replicate(runner, opts, models, state)
     prompt = load_stage_workflow("train_lora_sdxl" if models.arch == "sdxl" else "train_lora_sd15")
     inputs = prompt["1"]["inputs"]
     inputs.update(

@@ -8,7 +8,7 @@ from .blocking import call, server_info
 from .models import MissingModels, ModelCheck, check_models, provision_models, provision_tiny, require_models
 from .results import DownloadedTree, download_lora, download_tree
 from .training import TrainedLoRA, bring_training_home, output_relative, parse_train_summary, trained_loras
-from .uploads import UploadReport, upload_folder
+from .uploads import UploadReport, upload_folder, upload_lora
 
 __all__ = [
     "DownloadedTree",
@@ -30,4 +30,5 @@ __all__ = [
     "server_info",
     "trained_loras",
     "upload_folder",
+    "upload_lora",
 ]

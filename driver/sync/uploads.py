@@ -191,3 +191,55 @@ async def _send_file(
             raise DriverError(
                 f"uploading {name}: all {size} bytes sent but the server did not complete the file"
             )
+
+
+async def upload_lora(
+    client: AsyncComfyClient,
+    lora: str | Path,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    retries: int = 5,
+) -> dict[str, Any]:
+    """Put a LoRA trained elsewhere (on Replicate) into the server's loras folder under its own name, in chunks
+    like photos (resumed from the server's offset after a dropped connection); a file the server already holds
+    with the same sha256 is not sent. Returns ``{"name", "sha256", "size", "sent"}``."""
+    lora = Path(lora)
+    name, size = lora.name, lora.stat().st_size
+    sha = await asyncio.to_thread(_sha256, lora)
+    _, listing = await request_json(
+        client, "GET", path("models"), params={"kinds": "loras", "names": name, "hash": "1"}
+    )
+    present = {m.get("name"): m for m in (listing.get("models") or {}).get("loras") or []}
+    if (present.get(name) or {}).get("sha256") == sha:
+        return {"name": name, "sha256": sha, "size": size, "sent": 0}
+    route = path("models", "loras", "files", name)
+    offset, sent, failures = 0, 0, 0
+    while True:
+        with open(lora, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read(min(chunk, size - offset))
+        params = {"size": str(size), "sha256": sha, "offset": str(offset)}
+        try:
+            status, answer = await request_json(
+                client, "PUT", route, params=params, data=data, ok=(200, 409), retries=0
+            )
+        except (ServerUnavailable, ServerError) as exc:
+            if isinstance(exc, ServerError) and exc.status not in PROXY_GAVE_UP:
+                raise
+            failures += 1
+            if failures > retries:
+                raise ServerUnavailable(f"uploading {name}: {exc} ({retries} retries)") from None
+            await asyncio.sleep(min(10.0, 0.2 * 2**failures))
+            continue  # the same offset again: the server answers 409 with how much it has
+        if status == 409:
+            offset = int(answer.get("received", 0))
+            continue
+        sent += len(data)
+        if answer.get("complete"):
+            return {"name": name, "sha256": sha, "size": size, "sent": sent}
+        new_offset = int(answer.get("received", -1))
+        if new_offset <= offset and data:
+            raise ServerError(f"uploading {name}: the server did not take the chunk at {offset}")
+        offset = new_offset
+        if offset >= size:
+            raise DriverError(f"uploading {name}: all {size} bytes sent but the server did not complete it")

@@ -10,6 +10,8 @@ place. The work is done by ``engine/transfer``; these handlers only translate HT
     GET  /charforge/transfer/outputs/files/{path}              one file of output/charforge (Range for resume)
     GET  /charforge/transfer/models?kinds=a,b[&names=x,y][&hash=1]  models present, sha256 when known (or hash=1)
     GET  /charforge/transfer/models/loras/files/{name}         a LoRA file (the trained LoRA comes home)
+    PUT  /charforge/transfer/models/loras/files/{name}         one chunk of a LoRA trained elsewhere (Replicate)
+                                                               into the first loras folder, as photos go up
     POST /charforge/transfer/models/download                   {"models": [manifest entry, ...]}: fetch here
     GET  /charforge/transfer/models/downloads                  what those downloads are doing
     POST /charforge/transfer/models/tiny                       {"parts": [...]}: write the tiny demo models
@@ -43,7 +45,7 @@ from ..common.transfer import (
     relative_parts,
 )
 from ..engine.transfer.hashes import HashCache
-from ..engine.transfer.uploads import Announced, UploadRefused, UploadStore
+from ..engine.transfer.uploads import Announced, LoraStore, UploadRefused, UploadStore
 
 log = logging.getLogger("charforge")
 
@@ -116,6 +118,7 @@ async def info_handler(request):
             "chunk": DEFAULT_CHUNK,
             "max_file": MAX_UPLOAD_FILE,
             "types": sorted(UPLOAD_TYPES),
+            "lora_uploads": True,  # PUT models/loras/files/{name}
         }
     )
 
@@ -147,7 +150,18 @@ def _announced(request) -> tuple[Announced, int]:
 
 async def upload_chunk_handler(request):
     """Append one chunk; answers ``{"received": n}`` or ``{"complete": true, ...}`` once the file is in place."""
-    store = upload_store()
+    return await _receive_chunk(request, upload_store())
+
+
+async def lora_upload_handler(request):
+    """One chunk of a LoRA into the first loras folder (answers as :func:`upload_chunk_handler`)."""
+    folders = bridge.model_folders("loras")
+    if not folders:
+        return _error(404, "this server has no loras folder")
+    return await _receive_chunk(request, LoraStore(folders[0]))
+
+
+async def _receive_chunk(request, store: UploadStore):
     try:
         item, offset = _announced(request)
         target = store.check(item)
@@ -410,6 +424,7 @@ ROUTES = (
     ("GET", "/charforge/transfer/outputs/files/{path:.+}", outputs_file_handler),
     ("GET", "/charforge/transfer/models", models_handler),
     ("GET", "/charforge/transfer/models/loras/files/{name:.+}", lora_file_handler),
+    ("PUT", "/charforge/transfer/models/loras/files/{name:.+}", lora_upload_handler),
     ("POST", "/charforge/transfer/models/download", download_handler),
     ("GET", "/charforge/transfer/models/downloads", downloads_handler),
     ("POST", "/charforge/transfer/models/tiny", tiny_handler),

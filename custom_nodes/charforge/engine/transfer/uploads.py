@@ -62,6 +62,9 @@ def content_ok(path: Path, suffix: str) -> bool:
         return any(head.startswith(m) for m in _MAGIC[suffix]) and (
             suffix != ".webp" or head[8:12] == b"WEBP"
         )
+    if suffix == ".safetensors":  # an 8-byte header length, then the JSON header
+        size = int.from_bytes(head[:8], "little")
+        return head[8:9] == b"{" and 0 < size < path.stat().st_size
     if suffix in CAPTION_TYPES:
         try:
             path.read_bytes().decode("utf-8")
@@ -205,3 +208,31 @@ class UploadStore:
                 self.target(dataset, name).unlink(missing_ok=True)
                 removed.append(name)
         return removed
+
+
+#: the largest LoRA the upload route accepts
+MAX_LORA_FILE = 4 * 1024 * 1024 * 1024
+
+
+class LoraStore(UploadStore):
+    """A LoRA trained elsewhere (on Replicate) uploaded in chunks into a loras folder, the same way as photos:
+    one plain ``.safetensors`` name, never replacing a different file of that name."""
+
+    def __init__(self, loras_dir: str | os.PathLike, max_file: int = MAX_LORA_FILE):
+        super().__init__(loras_dir, max_file)
+
+    def target(self, dataset: str, name: str) -> Path:
+        parts = relative_parts(name)
+        if parts is None or len(parts) != 1 or Path(name).suffix.lower() != ".safetensors":
+            raise UploadRefused(400, f"LoRA name {name!r}: one plain file name ending in .safetensors")
+        path = self.root / name
+        if path.is_symlink():
+            raise UploadRefused(403, f"{name!r} is a link in the loras folder")
+        return path
+
+    def complete(self, item: Announced) -> Path:
+        target = self.check(item)
+        if target.is_file() and not self.present(item, target):
+            self.partial_path(item.sha256).unlink(missing_ok=True)
+            raise UploadRefused(403, f"another LoRA named {item.name!r} is in the loras folder; not replaced")
+        return super().complete(item)
