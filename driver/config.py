@@ -34,10 +34,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from charforge.common import config_file
@@ -606,12 +606,57 @@ def runpod_api_key(
     return None
 
 
-def _runpod_file_section(env: Mapping[str, str], config_path: Path | None) -> Mapping[str, Any]:
+_Named = TypeVar("_Named")  # what a hosted target's server-string parser returns
+
+
+def _file_section(env: Mapping[str, str], config_path: Path | None, name: str) -> Mapping[str, Any]:
+    """The config file's top-level `name` section (``runpod``, ``replicate``), {} when it has none."""
     data = load_config_file(config_path or config_file.config_path(env))
-    section = data.get("runpod") or {}
+    section = data.get(name) or {}
     if not isinstance(section, Mapping):
-        raise ConfigError("the config file's 'runpod' section must be a mapping")
+        raise ConfigError(f"the config file's {name!r} section must be a mapping")
     return section
+
+
+def _hosted_profile(
+    server: str | None,
+    profile: str | None,
+    env: Mapping[str, str],
+    path: Path,
+    parse: Callable[[str | None], _Named | None],
+    key: str,
+) -> tuple[_Named | None, str | None, Mapping[str, Any], Mapping[str, Any]] | None:
+    """What a hosted target's resolver (RunPod, Replicate) starts from: the target `parse` reads from the
+    server string, ``$CHARFORGE_SERVER`` or the profile's ``server:`` (None when none names one), the
+    profile in force (explicit, a profile name given as the server, ``$CHARFORGE_PROFILE`` or the file's
+    ``default_profile``), its settings and its `key` section. None when the server names another kind."""
+    data = load_config_file(path)
+    profiles = data.get("profiles") or {}
+    if server and isinstance(profiles, dict) and server in profiles and not any(c in server for c in ":/."):
+        profile, server = server, None
+    named = parse(server) if server else None
+    if server and named is None:
+        return None
+    if not server and env.get("CHARFORGE_SERVER"):
+        named = parse(env["CHARFORGE_SERVER"])
+        if named is None:
+            return None
+    profile = (
+        profile or env.get("CHARFORGE_PROFILE") or (None if server or named else data.get("default_profile"))
+    )
+    settings: Mapping[str, Any] = {}
+    if profile is not None and isinstance(profiles, dict) and isinstance(profiles.get(profile), Mapping):
+        settings = profiles[profile]
+    section = settings.get(key) or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"profile {profile!r}: {key!r} must be a mapping")
+    if named is None:
+        named = parse(_expand(settings.get("server"), env, f"profile {profile!r}"))
+    return named, profile, settings, section
+
+
+def _runpod_file_section(env: Mapping[str, str], config_path: Path | None) -> Mapping[str, Any]:
+    return _file_section(env, config_path, "runpod")
 
 
 def resolve_runpod(
@@ -629,28 +674,10 @@ def resolve_runpod(
     """
     env = os.environ if env is None else env
     path = config_path or config_file.config_path(env)
-    data = load_config_file(path)
-    profiles = data.get("profiles") or {}
-    if server and isinstance(profiles, dict) and server in profiles and not any(c in server for c in ":/."):
-        profile, server = server, None
-    named = parse_runpod_server(server) if server else None
-    if server and named is None:
+    found = _hosted_profile(server, profile, env, path, parse_runpod_server, "runpod")
+    if found is None:
         return None
-    if not server and env.get("CHARFORGE_SERVER"):
-        named = parse_runpod_server(env["CHARFORGE_SERVER"])
-        if named is None:
-            return None
-    profile = (
-        profile or env.get("CHARFORGE_PROFILE") or (None if server or named else data.get("default_profile"))
-    )
-    settings: Mapping[str, Any] = {}
-    if profile is not None and isinstance(profiles, dict) and isinstance(profiles.get(profile), Mapping):
-        settings = profiles[profile]
-    section = settings.get("runpod") or {}
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"profile {profile!r}: 'runpod' must be a mapping")
-    if named is None:
-        named = parse_runpod_server(_expand(settings.get("server"), env, f"profile {profile!r}"))
+    named, profile, settings, section = found
     if named is None and section.get("pod"):
         named = ("pod", str(section["pod"]))
     if named is None and section.get("endpoint"):
@@ -756,11 +783,7 @@ def replicate_token(
 
 
 def _replicate_file_section(env: Mapping[str, str], config_path: Path | None) -> Mapping[str, Any]:
-    data = load_config_file(config_path or config_file.config_path(env))
-    section = data.get("replicate") or {}
-    if not isinstance(section, Mapping):
-        raise ConfigError("the config file's 'replicate' section must be a mapping")
-    return section
+    return _file_section(env, config_path, "replicate")
 
 
 def resolve_replicate(
@@ -778,28 +801,10 @@ def resolve_replicate(
     """
     env = os.environ if env is None else env
     path = config_path or config_file.config_path(env)
-    data = load_config_file(path)
-    profiles = data.get("profiles") or {}
-    if server and isinstance(profiles, dict) and server in profiles and not any(c in server for c in ":/."):
-        profile, server = server, None
-    named = parse_replicate_server(server) if server else None
-    if server and named is None:
+    found = _hosted_profile(server, profile, env, path, parse_replicate_server, "replicate")
+    if found is None:
         return None
-    if not server and env.get("CHARFORGE_SERVER"):
-        named = parse_replicate_server(env["CHARFORGE_SERVER"])
-        if named is None:
-            return None
-    profile = (
-        profile or env.get("CHARFORGE_PROFILE") or (None if server or named else data.get("default_profile"))
-    )
-    settings: Mapping[str, Any] = {}
-    if profile is not None and isinstance(profiles, dict) and isinstance(profiles.get(profile), Mapping):
-        settings = profiles[profile]
-    section = settings.get("replicate") or {}
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"profile {profile!r}: 'replicate' must be a mapping")
-    if named is None:
-        named = parse_replicate_server(_expand(settings.get("server"), env, f"profile {profile!r}"))
+    named, profile, settings, section = found
     if named is None and section.get("model"):
         named = parse_replicate_server(REPLICATE_PREFIX + str(section["model"]))
     if named is None:
