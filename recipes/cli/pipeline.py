@@ -93,6 +93,17 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
         metavar="URL",
         help="S3-compatible endpoint (R2, MinIO, RunPod volumes; default: AWS or $AWS_ENDPOINT_URL)",
     )
+    p.add_argument(
+        "--train-on",
+        metavar="replicate:OWNER/MODEL[:VERSION]",
+        help="train the LoRA on this Replicate trainer (or a profile naming one) instead of the server; "
+        "the LoRA comes home into OUT/lora and goes into the server's loras folder (docs/replicate.md)",
+    )
+    p.add_argument(
+        "--destination",
+        metavar="OWNER/NAME",
+        help="with --train-on: your Replicate model that receives the trained version (it must exist)",
+    )
     p.set_defaults(func=cmd_pipeline)
 
 
@@ -100,6 +111,20 @@ def _storage(args: argparse.Namespace) -> Any:
     from ...driver.storage import S3Storage
 
     return S3Storage(endpoint_url=args.s3_endpoint)
+
+
+def _train_on(args: argparse.Namespace, opts: Any, out: Any) -> None:
+    """Resolve ``--train-on`` (as ``charforge train --backend``) before any stage runs; its token is masked."""
+    from ...driver.config import resolve_replicate
+    from ...driver.errors import ConfigError, UsageError
+
+    settings = resolve_replicate(args.train_on, config_path=args.config)
+    if settings is None:
+        raise ConfigError(f"--train-on {args.train_on!r}: name a Replicate trainer (replicate:OWNER/MODEL)")
+    if not args.destination:
+        raise UsageError("--train-on needs --destination OWNER/NAME (your Replicate model; it must exist)")
+    out.secrets = [*out.secrets, *settings.secrets()]
+    opts.train_on, opts.destination, opts.replicate = args.train_on, args.destination, settings
 
 
 def cmd_pipeline(args: argparse.Namespace, out: Any) -> int:
@@ -135,6 +160,8 @@ def cmd_pipeline(args: argparse.Namespace, out: Any) -> int:
         models_manifest=args.models_manifest,
         provision=args.provision,
     )
+    if args.train_on:
+        _train_on(args, opts, out)
     state = run_pipeline(opts, out.note, stderr=out.stderr)
     lines = summary_lines(state, opts.out)
     lines.insert(1, f"pipeline finished in {state.get('seconds', 0):.0f} s; everything is under {opts.out}")
