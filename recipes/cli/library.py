@@ -1,7 +1,7 @@
 """``charforge lora ...`` and ``charforge character ...``: the LoRA library and character presets.
 
 Runs locally on files (no server), except ``lora eval``, which renders through a ComfyUI server (see
-``recipes/lora_eval.py``). The engine is imported only when a command runs: ``lora info`` needs nothing beyond
+``recipes/lora_eval/``). The engine is imported only when a command runs: ``lora info`` needs nothing beyond
 the standard library (with numpy it also checks the weights for NaN/Inf, and says when it could not), the
 ``character`` commands only PyYAML (a driver-only install has it); merge,
 resize and convert need the node pack's extra (torch, diffusers): ``pip install "charforge[nodes]"``; eval
