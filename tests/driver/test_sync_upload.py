@@ -144,3 +144,39 @@ def test_through_the_pod_proxy_chunks_fit_its_response_limit(comfy_env, tmp_path
         report = _upload(url, tmp_path / "photos", chunk=16_000)
     assert "p.png" in report.sent
     assert runpod.proxy_524 >= 2
+
+
+def _safetensors(path: Path, payload: bytes) -> bytes:
+    """A minimal safetensors file: the 8-byte header length, a JSON header, the bytes."""
+    header = b'{"__metadata__": {"format": "pt"}}'
+    data = len(header).to_bytes(8, "little") + header + payload
+    path.write_bytes(data)
+    return data
+
+
+def test_a_lora_goes_up_into_the_loras_folder_in_chunks_once_and_never_replaces_another(server, tmp_path):
+    from charforge.driver.errors import ServerError
+    from charforge.driver.sync import upload_lora
+
+    def up(path: Path, **options):
+        async def go():
+            async with AsyncComfyClient(server.url, retries=0) as client:
+                return await upload_lora(client, path, **options)
+
+        return asyncio.run(go())
+
+    lora = tmp_path / "zqx-abc.safetensors"
+    data = _safetensors(lora, b"w" * 5000)
+    sent = up(lora, chunk=1024)
+    placed = server.root / "models" / "loras" / lora.name
+    assert placed.read_bytes() == data and sent["sent"] == len(data)
+    assert up(lora)["sent"] == 0  # the server has it (same sha256): nothing sent
+    _safetensors(lora, b"x" * 5000)  # another file of the same name is refused, the first one stays
+    with pytest.raises(ServerError, match="not replaced"):
+        up(lora)
+    assert placed.read_bytes() == data
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ServerError, match="content is not"):
+        up(bad)
+    assert not (server.root / "models" / "loras" / "bad.safetensors").exists()
