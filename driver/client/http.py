@@ -1,5 +1,6 @@
-"""HTTP details the ComfyUI client and the RunPod clients share: the User-Agent, which exceptions mean "timed
-out", bounded reads of a body, and short descriptions of network failures."""
+"""HTTP details the ComfyUI client and the hosted-service clients (RunPod, Replicate) share: the User-Agent,
+which exceptions mean "timed out", session timeouts, bounded reads of a body, the typed error for an HTTP status,
+and short descriptions of network failures."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Callable
 
 import aiohttp
 
+from ..errors import AuthenticationError, DriverError, ServerError, ServerUnavailable
+
 try:  # the package version, for the User-Agent
     from charforge import __version__ as _VERSION
 except Exception:  # noqa: BLE001 - the node pack may be absent in a driver-only install
@@ -18,6 +21,59 @@ except Exception:  # noqa: BLE001 - the node pack may be absent in a driver-only
 USER_AGENT = f"charforge-driver/{_VERSION}"
 # asyncio.TimeoutError is the builtin TimeoutError only from Python 3.11 on.
 TIMEOUT_ERRORS = (asyncio.TimeoutError, TimeoutError)
+
+
+class RateLimited(ServerError):
+    """HTTP 429 after every retry; ``retry_after`` is the server's hint in seconds (if any)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message, status=429)
+        self.retry_after = retry_after
+
+
+def client_timeout(connect: float, read: float) -> aiohttp.ClientTimeout:
+    """No overall limit (uploads and long polls may take a while): `connect` seconds to connect, `read` seconds
+    between two reads."""
+    return aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect, sock_read=read)
+
+
+def status_error(
+    where: str,
+    status: int,
+    snippet: str,
+    *,
+    service: str,
+    auth_hint: str,
+    rate_limited: str,
+    retry_after: float | None,
+) -> DriverError:
+    """The typed error for a hosted service's failed answer (`where`: "METHOD url", masked; `snippet`: the body,
+    masked and cut): 401/403 authentication (with `auth_hint`), 429 `RateLimited` (`rate_limited` is its
+    message), 5xx unavailable (retryable), any other status a plain `ServerError`."""
+    if status in (401, 403):
+        return AuthenticationError(f"{where}: HTTP {status} from {service} ({auth_hint})")
+    if status == 429:
+        return RateLimited(f"{where}: HTTP 429, {rate_limited}", retry_after=retry_after)
+    if status >= 500:
+        return ServerUnavailable(f"{where}: HTTP {status} from {service}: {snippet or '(empty body)'}")
+    return ServerError(
+        f"{where}: HTTP {status} from {service}: {snippet or '(empty body)'}", status=status, body=snippet
+    )
+
+
+def failure_reason(exc: BaseException, sent: bool) -> tuple[str, bool]:
+    """Why a request failed without an answer ("timed out" or the error's text) and whether the request may have
+    reached the server (`sent`, or anything but a refused connection)."""
+    reason = "timed out" if isinstance(exc, TIMEOUT_ERRORS) else (str(exc) or type(exc).__name__)
+    return reason, sent or not isinstance(exc, aiohttp.ClientConnectorError)
+
+
+def lost_answer(method: str, url: str, reason: str) -> str:
+    """The (unmasked) message for a create request whose answer never came back."""
+    return (
+        f"{method} {url}: the request was sent but no answer came back ({reason}); it may or may "
+        "not have been accepted"
+    )
 
 
 def is_loopback(netloc: str) -> bool:

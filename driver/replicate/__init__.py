@@ -8,8 +8,9 @@ docs/replicate.md.
 
 from __future__ import annotations
 
+from ..client.http import RateLimited
 from ..config import ReplicateSettings, resolve_replicate
-from .api import CreateOutcomeUnknown, Prediction, RateLimited, ReplicateAPI
+from .api import CreateOutcomeUnknown, Prediction, ReplicateAPI
 from .workflows import ReplicateTarget, make_settings, output_urls, tag_workflow, workflow_tag
 
 __all__ = [

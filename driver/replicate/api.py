@@ -29,22 +29,22 @@ import aiohttp
 
 from charforge.common.retry import Backoff, retry_after_seconds
 
-from ..client.http import TIMEOUT_ERRORS, USER_AGENT, read_body
+from ..client.http import (
+    TIMEOUT_ERRORS,
+    USER_AGENT,
+    client_timeout,
+    failure_reason,
+    lost_answer,
+    read_body,
+    status_error,
+)
 from ..config import DOWNLOAD_LIMIT_SETTING, REPLICATE_API_URL, REPLY_LIMIT_SETTING, Limits, Secret, mib
-from ..errors import AuthenticationError, DriverError, ProtocolError, ServerError, ServerUnavailable
+from ..errors import DriverError, ProtocolError, ServerError, ServerUnavailable
 from ..secrets import mask, mask_body
 
 #: Replicate's prediction and training states; the last three are final.
 STATUSES = ("starting", "processing", "succeeded", "failed", "canceled")
 TERMINAL = ("succeeded", "failed", "canceled")
-
-
-class RateLimited(ServerError):
-    """HTTP 429 after every retry; ``retry_after`` is the server's hint in seconds (if any)."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message, status=429)
-        self.retry_after = retry_after
 
 
 class CreateOutcomeUnknown(ServerUnavailable):
@@ -160,12 +160,7 @@ class ReplicateAPI:
 
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            timeout = aiohttp.ClientTimeout(
-                total=None,
-                connect=self.connect_timeout,
-                sock_connect=self.connect_timeout,
-                sock_read=self.read_timeout,
-            )
+            timeout = client_timeout(self.connect_timeout, self.read_timeout)
             self._session = aiohttp.ClientSession(headers={"User-Agent": USER_AGENT}, timeout=timeout)
         return self._session
 
@@ -191,25 +186,19 @@ class ReplicateAPI:
     def _error(
         self, method: str, url: str, status: int, body: bytes, retry_after: float | None
     ) -> DriverError:
-        where = f"{method} {self.redact(url)}"
         snippet = mask_body(body, self.secrets(), limit=300)
-        if status in (401, 403):
-            hint = (
+        return status_error(
+            f"{method} {self.redact(url)}",
+            status,
+            snippet,
+            service="Replicate",
+            auth_hint=(
                 "no token was sent: set REPLICATE_API_TOKEN (or replicate.token_env in the config file)"
                 if not self.token
                 else "the token was refused: check REPLICATE_API_TOKEN and its account"
-            )
-            return AuthenticationError(f"{where}: HTTP {status} from Replicate ({hint})")
-        if status == 429:
-            return RateLimited(
-                f"{where}: HTTP 429, Replicate's rate limit still exceeded after "
-                f"{self.max_429_retries} retries: {snippet}",
-                retry_after=retry_after,
-            )
-        if status >= 500:
-            return ServerUnavailable(f"{where}: HTTP {status} from Replicate: {snippet or '(empty body)'}")
-        return ServerError(
-            f"{where}: HTTP {status} from Replicate: {snippet or '(empty body)'}", status=status, body=snippet
+            ),
+            rate_limited=f"Replicate's rate limit still exceeded after {self.max_429_retries} retries: {snippet}",
+            retry_after=retry_after,
         )
 
     async def request(
@@ -278,15 +267,9 @@ class ReplicateAPI:
                             status=resp.status,
                         ) from None
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, *TIMEOUT_ERRORS) as exc:
-                reason = "timed out" if isinstance(exc, TIMEOUT_ERRORS) else (str(exc) or type(exc).__name__)
-                delivered = sent or not isinstance(exc, aiohttp.ClientConnectorError)
+                reason, delivered = failure_reason(exc, sent)
                 if creates and delivered:
-                    raise CreateOutcomeUnknown(
-                        self.redact(
-                            f"{method} {url}: the request was sent but no answer came back ({reason}); it may or may "
-                            "not have been accepted"
-                        )
-                    ) from None
+                    raise CreateOutcomeUnknown(self.redact(lost_answer(method, url, reason))) from None
                 if failed >= self.retries:
                     raise ServerUnavailable(
                         self.redact(f"cannot reach Replicate ({method} {url}): {reason}")

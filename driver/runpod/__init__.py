@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..client.http import RateLimited
 from ..config import RunPodSettings, resolve_runpod
 from .api import EndpointInfo, GpuType, Pod, RunPodAPI
-from .http import RateLimited, SubmitOutcomeUnknown
+from .http import SubmitOutcomeUnknown
 from .pod import PodSession, PodTarget, pod_address, wait_ready
 from .serverless import (
     JobStatus,

@@ -21,20 +21,19 @@ import aiohttp
 
 from charforge.common.retry import Backoff, retry_after_seconds
 
-from ..client.http import TIMEOUT_ERRORS, read_body
+from ..client.http import (
+    TIMEOUT_ERRORS,
+    client_timeout,
+    failure_reason,
+    lost_answer,
+    read_body,
+    status_error,
+)
 from ..config import REPLY_LIMIT_SETTING, Limits, Secret, mib
-from ..errors import AuthenticationError, DriverError, ProtocolError, ServerError, ServerUnavailable
+from ..errors import DriverError, ProtocolError, ServerError, ServerUnavailable
 from ..secrets import mask, mask_body
 
 USER_AGENT = "charforge-driver-runpod"
-
-
-class RateLimited(ServerError):
-    """HTTP 429 after every retry; ``retry_after`` is the server's hint in seconds (if any)."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message, status=429)
-        self.retry_after = retry_after
 
 
 class SubmitOutcomeUnknown(DriverError):
@@ -99,12 +98,7 @@ class RunPodHTTP:
             headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
             if self.api_key:
                 headers["Authorization"] = f"Bearer {self.api_key.reveal()}"
-            timeout = aiohttp.ClientTimeout(
-                total=None,
-                connect=self.connect_timeout,
-                sock_connect=self.connect_timeout,
-                sock_read=self.read_timeout,
-            )
+            timeout = client_timeout(self.connect_timeout, self.read_timeout)
             self._session = aiohttp.ClientSession(headers=headers, timeout=timeout)
         return self._session
 
@@ -116,27 +110,18 @@ class RunPodHTTP:
     def _error(
         self, method: str, url: str, status: int, body: bytes, retry_after: float | None
     ) -> DriverError:
-        snippet = mask_body(body, self.secrets(), limit=300)
-        where = f"{method} {self.redact(url)}"
-        if status in (401, 403):
-            hint = (
+        return status_error(
+            f"{method} {self.redact(url)}",
+            status,
+            mask_body(body, self.secrets(), limit=300),
+            service=self.what,
+            auth_hint=(
                 "no API key was sent: set RUNPOD_API_KEY (or runpod.api_key_env in the config file)"
                 if not self.api_key
                 else "the API key was refused: check RUNPOD_API_KEY and its permissions"
-            )
-            return AuthenticationError(f"{where}: HTTP {status} from {self.what} ({hint})")
-        if status == 429:
-            return RateLimited(
-                f"{where}: HTTP 429, {self.what} rate limit still exceeded after "
-                f"{self.max_429_retries} retries",
-                retry_after=retry_after,
-            )
-        if status >= 500:
-            return ServerUnavailable(f"{where}: HTTP {status} from {self.what}: {snippet or '(empty body)'}")
-        return ServerError(
-            f"{where}: HTTP {status} from {self.what}: {snippet or '(empty body)'}",
-            status=status,
-            body=snippet,
+            ),
+            rate_limited=f"{self.what} rate limit still exceeded after {self.max_429_retries} retries",
+            retry_after=retry_after,
         )
 
     async def request(
@@ -159,16 +144,7 @@ class RunPodHTTP:
         """
         attempt_429 = 0
         attempt = 0
-        timeout = (
-            None
-            if read_timeout is None
-            else aiohttp.ClientTimeout(
-                total=None,
-                connect=self.connect_timeout,
-                sock_connect=self.connect_timeout,
-                sock_read=read_timeout,
-            )
-        )
+        timeout = None if read_timeout is None else client_timeout(self.connect_timeout, read_timeout)
         if json_body is not None:
             data = json.dumps(json_body, separators=(",", ":")).encode("utf-8")
         headers = {"Content-Type": "application/json"} if data is not None else None
@@ -228,16 +204,10 @@ class RunPodHTTP:
                             status=resp.status,
                         ) from None
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, *TIMEOUT_ERRORS) as exc:
-                reason = "timed out" if isinstance(exc, TIMEOUT_ERRORS) else (str(exc) or type(exc).__name__)
                 # A refused connection never delivered the request; anything later might have.
-                delivered = sent or not isinstance(exc, aiohttp.ClientConnectorError)
+                reason, delivered = failure_reason(exc, sent)
                 if creates and delivered:
-                    raise SubmitOutcomeUnknown(
-                        self.redact(
-                            f"{method} {url}: the request was sent but no answer came back ({reason}); it may or may "
-                            "not have been accepted"
-                        )
-                    ) from None
+                    raise SubmitOutcomeUnknown(self.redact(lost_answer(method, url, reason))) from None
                 if attempt >= retries:
                     raise ServerUnavailable(
                         self.redact(f"cannot reach {self.what} ({method} {url}): {reason}")
