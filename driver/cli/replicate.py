@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ..config import ReplicateSettings, resolve_replicate
-from ..errors import ConfigError, DriverError, JobTimeout
+from ..errors import ConfigError
 from ..manifest import build_manifest, write_manifest
-
-Command = Callable[[argparse.Namespace, Any], int]
+from .hosted import Command, route_commands, run_job, run_main
 
 
 def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
@@ -40,90 +37,54 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
     predictions.add_argument("--limit", type=int, default=20, help="how many (default: 20)")
     predictions.add_argument("--model", metavar="OWNER/NAME", help="only this model's")
     predictions.set_defaults(func=cmd_predictions)
-    for name in ("run", "wait", "status", "cancel", "validate"):
-        parser = sub.choices.get(name)
-        if parser is not None and parser.get_default("func") is not None:
-            parser.set_defaults(func=_routed(name, parser.get_default("func")))
+    route_commands(sub, resolve_replicate, _dispatch)
 
 
-def _settings(args: argparse.Namespace) -> ReplicateSettings | None:
-    return resolve_replicate(
-        getattr(args, "server", None),
-        profile=getattr(args, "profile", None),
-        config_path=getattr(args, "config", None),
-    )
-
-
-def _routed(name: str, original: Command) -> Command:
-    def command(args: argparse.Namespace, out: Any) -> int:
-        settings = _settings(args)
-        if settings is None:
-            return original(args, out)
-        out.secrets = [*out.secrets, *settings.secrets()]
-        handler = {
-            "run": replicate_run,
-            "wait": replicate_wait,
-            "status": replicate_status,
-            "cancel": replicate_cancel,
-        }.get(name)
-        if handler is None:
-            raise ConfigError(
-                f"'charforge {name}' does not work with a Replicate model (no ComfyUI API there); "
-                "use run, wait, status or cancel"
-            )
-        return handler(args, settings, out)
-
-    command.__doc__ = original.__doc__
-    return command
-
-
-def _input_map(items: list[str]) -> dict[str, str]:
-    mapping: dict[str, str] = {}
-    for text in items:
-        left, _, path = text.partition("=")
-        mapping[left.strip()] = path.strip()
-    return mapping
+def _dispatch(
+    name: str, original: Command, args: argparse.Namespace, settings: ReplicateSettings, out: Any
+) -> int:
+    handler = {
+        "run": replicate_run,
+        "wait": replicate_wait,
+        "status": replicate_status,
+        "cancel": replicate_cancel,
+    }.get(name)
+    if handler is None:
+        raise ConfigError(
+            f"'charforge {name}' does not work with a Replicate model (no ComfyUI API there); "
+            "use run, wait, status or cancel"
+        )
+    return handler(args, settings, out)
 
 
 def replicate_run(args: argparse.Namespace, settings: ReplicateSettings, out: Any) -> int:
     """``charforge run --server replicate:OWNER/MODEL``: create the prediction, follow it, download its files."""
-    from ..batch.targets import JobSpec
     from ..replicate import ReplicateTarget
 
     started = time.monotonic()
     target = ReplicateTarget(settings, preflight=not args.no_preflight)
 
-    async def main() -> int:
-        prediction_id = None
-        try:
-            await target.open()
-            graph = await target.prepare(
-                JobSpec(args.workflow, list(args.set), _input_map(args.input), source=str(args.workflow))
-            )
-            for warning in target.warnings:
-                out.note(f"warning: {warning}")
-            prediction_id = await target.submit(graph, None)
-            out.note(
-                f"created prediction {prediction_id} on {settings.model} (if this command dies, follow it "
-                f"with: charforge wait --server {settings.server} {prediction_id} --out {args.out})"
-            )
-            if out.json:
-                out.record(
-                    "submitted", prediction_id=prediction_id, model=settings.model, version=target.version
-                )
-            return await _follow(target, prediction_id, args, out, started, str(args.workflow))
-        except (KeyboardInterrupt, asyncio.CancelledError, JobTimeout):
-            if prediction_id is not None:
-                with contextlib.suppress(DriverError):
-                    out.note(f"prediction {prediction_id}: {await target.cancel(prediction_id)}")
-            raise
-        finally:
-            await target.close()
+    def submitted(prediction_id: str) -> None:
+        out.note(
+            f"created prediction {prediction_id} on {settings.model} (if this command dies, follow it "
+            f"with: charforge wait --server {settings.server} {prediction_id} --out {args.out})"
+        )
+        if out.json:
+            out.record("submitted", prediction_id=prediction_id, model=settings.model, version=target.version)
 
-    try:
-        return asyncio.run(main())
-    except KeyboardInterrupt:
-        return 130
+    async def main() -> int:
+        return await run_job(
+            target,
+            args,
+            out,
+            noun="prediction",
+            submitted=submitted,
+            follow=lambda prediction_id: _follow(
+                target, prediction_id, args, out, started, str(args.workflow)
+            ),
+        )
+
+    return run_main(main)
 
 
 def replicate_wait(args: argparse.Namespace, settings: ReplicateSettings, out: Any) -> int:
@@ -139,10 +100,7 @@ def replicate_wait(args: argparse.Namespace, settings: ReplicateSettings, out: A
         finally:
             await target.close()
 
-    try:
-        return asyncio.run(main())
-    except KeyboardInterrupt:
-        return 130
+    return run_main(main)
 
 
 async def _follow(

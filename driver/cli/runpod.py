@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..config import RunPodSettings, resolve_runpod
-from ..errors import ConfigError, DriverError, JobTimeout
+from ..errors import ConfigError
 from ..manifest import build_manifest, write_manifest
-
-Command = Callable[[argparse.Namespace, Any], int]
+from .hosted import Command, route_commands, run_job, run_main
 
 
 def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
@@ -72,10 +70,7 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
     health.add_argument("endpoint_id")
     health.set_defaults(func=cmd_endpoint_status)
 
-    for name in ("run", "wait", "status", "cancel", "validate"):
-        parser = sub.choices.get(name)
-        if parser is not None and parser.get_default("func") is not None:
-            parser.set_defaults(func=_routed(name, parser.get_default("func")))
+    route_commands(sub, resolve_runpod, _dispatch)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -91,26 +86,18 @@ def _settings(args: argparse.Namespace) -> RunPodSettings | None:
     )
 
 
-def _routed(name: str, original: Command) -> Command:
-    def command(args: argparse.Namespace, out: Any) -> int:
-        settings = _settings(args)
-        if settings is None:
-            return original(args, out)
-        out.secrets = list(out.secrets) + settings.secrets()
-        if settings.kind == "serverless":
-            handler = {"run": serverless_run, "status": serverless_status, "cancel": serverless_cancel}.get(
-                name
+def _dispatch(
+    name: str, original: Command, args: argparse.Namespace, settings: RunPodSettings, out: Any
+) -> int:
+    if settings.kind == "serverless":
+        handler = {"run": serverless_run, "status": serverless_status, "cancel": serverless_cancel}.get(name)
+        if handler is None:
+            raise ConfigError(
+                f"'charforge {name}' does not work with a serverless endpoint (no ComfyUI API "
+                "there); use run, status or cancel"
             )
-            if handler is None:
-                raise ConfigError(
-                    f"'charforge {name}' does not work with a serverless endpoint (no ComfyUI API "
-                    "there); use run, status or cancel"
-                )
-            return handler(args, settings, out)
-        return pod_command(name, original, args, settings, out)
-
-    command.__doc__ = original.__doc__
-    return command
+        return handler(args, settings, out)
+    return pod_command(name, original, args, settings, out)
 
 
 def pod_command(
@@ -155,99 +142,74 @@ def pod_command(
                 )
 
 
-def _input_map(items: list[str]) -> dict[str, str]:
-    mapping: dict[str, str] = {}
-    for text in items:
-        left, _, path = text.partition("=")
-        mapping[left.strip()] = path.strip()
-    return mapping
-
-
 def serverless_run(args: argparse.Namespace, settings: RunPodSettings, out: Any) -> int:
     """``charforge run --server runpod-serverless:ID``: submit, follow /status, download the images."""
-    from ..batch.targets import JobSpec
     from ..runpod.serverless import ServerlessTarget
 
     started = time.monotonic()
     target = ServerlessTarget(settings)
 
-    async def main() -> int:
-        job_id = None
-        try:
-            await target.open()
-            graph = await target.prepare(
-                JobSpec(args.workflow, list(args.set), _input_map(args.input), source=str(args.workflow))
-            )
-            for warning in target.warnings:
-                out.note(f"warning: {warning}")
-            job_id = await target.submit(graph, None)
-            out.note(
-                f"submitted serverless job {job_id} (if this command dies, look it up with: charforge status "
-                f"--server {settings.server} {job_id})"
-            )
-            if out.json:
-                out.record("submitted", job_id=job_id, endpoint=settings.id)
-            timeout = args.timeout
+    def submitted(job_id: str) -> None:
+        out.note(
+            f"submitted serverless job {job_id} (if this command dies, look it up with: charforge status "
+            f"--server {settings.server} {job_id})"
+        )
+        if out.json:
+            out.record("submitted", job_id=job_id, endpoint=settings.id)
 
-            def on_status(status: Any) -> None:
-                text = status.status
-                if status.delay_ms is not None and status.status != "IN_QUEUE":
-                    text += f" (waited {status.delay_ms / 1000:.1f} s in the queue)"
-                out.note(f"job {job_id}: {text}")
+    async def follow(job_id: str) -> int:
+        timeout = args.timeout
 
-            result = await target.wait(job_id, timeout, on_status=on_status)
-            downloads = [] if args.no_download else await target.download(result, args.out)
-            times = target.job_times(job_id)
-            cost = target.job_cost(job_id)
-            manifest_path = None
-            if not args.no_download:
-                manifest = build_manifest(
-                    result,
-                    downloads,
-                    out_dir=args.out,
-                    server=settings.server,
-                    workflow_source=str(args.workflow),
-                    wall_seconds=time.monotonic() - started,
-                    warnings=target.warnings,
-                )
-                manifest["runpod"] = {
-                    "job_id": job_id,
-                    "endpoint": settings.id,
-                    **times,
-                    "cost_usd": cost,
-                    "price_per_second": target.price_per_second,
-                }
-                manifest_path = write_manifest(args.out, manifest, secrets=settings.secrets())
-            lines = [
-                f"done: job {job_id}, queue {times['queue_seconds'] or 0:.1f} s, ran "
-                f"{times['execution_seconds'] or 0:.1f} s"
-                + (f", about ${cost:.4f}" if cost is not None else "")
-            ]
-            lines += [f"  {d.path}" for d in downloads]
-            if not args.no_download and not downloads:
-                lines.append("  (the worker returned no images)")
-            out.result(
-                "\n".join(lines),
-                job_id=job_id,
-                files=[str(d.path) for d in downloads],
-                cost_usd=cost,
-                manifest=str(manifest_path) if manifest_path else None,
+        def on_status(status: Any) -> None:
+            text = status.status
+            if status.delay_ms is not None and status.status != "IN_QUEUE":
+                text += f" (waited {status.delay_ms / 1000:.1f} s in the queue)"
+            out.note(f"job {job_id}: {text}")
+
+        result = await target.wait(job_id, timeout, on_status=on_status)
+        downloads = [] if args.no_download else await target.download(result, args.out)
+        times = target.job_times(job_id)
+        cost = target.job_cost(job_id)
+        manifest_path = None
+        if not args.no_download:
+            manifest = build_manifest(
+                result,
+                downloads,
+                out_dir=args.out,
+                server=settings.server,
+                workflow_source=str(args.workflow),
+                wall_seconds=time.monotonic() - started,
+                warnings=target.warnings,
+            )
+            manifest["runpod"] = {
+                "job_id": job_id,
+                "endpoint": settings.id,
                 **times,
-            )
-            return 0
-        except (KeyboardInterrupt, asyncio.CancelledError, JobTimeout):
-            if job_id is not None:
-                with contextlib.suppress(DriverError):
-                    outcome = await target.cancel(job_id)
-                    out.note(f"job {job_id}: {outcome}")
-            raise
-        finally:
-            await target.close()
+                "cost_usd": cost,
+                "price_per_second": target.price_per_second,
+            }
+            manifest_path = write_manifest(args.out, manifest, secrets=settings.secrets())
+        lines = [
+            f"done: job {job_id}, queue {times['queue_seconds'] or 0:.1f} s, ran "
+            f"{times['execution_seconds'] or 0:.1f} s" + (f", about ${cost:.4f}" if cost is not None else "")
+        ]
+        lines += [f"  {d.path}" for d in downloads]
+        if not args.no_download and not downloads:
+            lines.append("  (the worker returned no images)")
+        out.result(
+            "\n".join(lines),
+            job_id=job_id,
+            files=[str(d.path) for d in downloads],
+            cost_usd=cost,
+            manifest=str(manifest_path) if manifest_path else None,
+            **times,
+        )
+        return 0
 
-    try:
-        return asyncio.run(main())
-    except KeyboardInterrupt:
-        return 130
+    async def main() -> int:
+        return await run_job(target, args, out, noun="job", submitted=submitted, follow=follow)
+
+    return run_main(main)
 
 
 def serverless_status(args: argparse.Namespace, settings: RunPodSettings, out: Any) -> int:
