@@ -1,5 +1,5 @@
 """``charforge pipeline PHOTOS_DIR --out out``: the end-to-end character pipeline in one command (see
-recipes/pipeline.py, imported when the command runs)."""
+recipes/pipeline/, imported when the command runs)."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def test_remote_pipeline_gives_the_local_outputs(tmp_path, monkeypatch):
     monkeypatch.setenv("COMFYUI_DIR", str(comfy))
     monkeypatch.setenv("COMFYUI_PYTHON", python)
     monkeypatch.setattr(
-        pipeline,
+        pipeline.server,
         "probe",
         lambda url, timeout=1.5: url != local.DEFAULT_LOCAL_URL and local.probe(url, timeout),
     )

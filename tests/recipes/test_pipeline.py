@@ -384,8 +384,8 @@ def test_a_rerun_skips_finished_stages(tmp_path, monkeypatch):
 
 
 def test_no_comfyui_offline_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "probe", lambda url, timeout=1.5: False)
-    monkeypatch.setattr(pipeline, "_online", lambda *a, **k: False)
+    monkeypatch.setattr(pipeline.server, "probe", lambda url, timeout=1.5: False)
+    monkeypatch.setattr(pipeline.server, "_online", lambda *a, **k: False)
     with pytest.raises(ServerUnavailable) as info:
         pipeline.acquire_server(_opts(tmp_path), print, env={})
     text = str(info.value)
@@ -476,10 +476,14 @@ def test_the_samples_are_small_made_by_the_script_and_one_character():
     ],
 )
 def test_which_comfyui_is_used(tmp_path, monkeypatch, ready, comfy_dir, expected):
-    monkeypatch.setattr(pipeline, "probe", lambda url, timeout=1.5: url == pipeline.DEFAULT_LOCAL_URL)
-    monkeypatch.setattr(pipeline, "_charforge_ready", lambda url: ready)
     monkeypatch.setattr(
-        pipeline, "start_own_server", lambda path, out, say, port=None: pipeline.Server("own", None, path)
+        pipeline.server, "probe", lambda url, timeout=1.5: url == pipeline.server.DEFAULT_LOCAL_URL
+    )
+    monkeypatch.setattr(pipeline.server, "_charforge_ready", lambda url: ready)
+    monkeypatch.setattr(
+        pipeline.server,
+        "start_own_server",
+        lambda path, out, say, port=None: pipeline.Server("own", None, path),
     )
     (tmp_path / "ComfyUI").mkdir()
     (tmp_path / "ComfyUI" / "main.py").write_text("")
@@ -489,7 +493,7 @@ def test_which_comfyui_is_used(tmp_path, monkeypatch, ready, comfy_dir, expected
             pipeline.acquire_server(_opts(tmp_path), print, env=env)
         return
     server = pipeline.acquire_server(_opts(tmp_path), print, env=env)
-    assert (server.url == pipeline.DEFAULT_LOCAL_URL) == (expected == "found")
+    assert (server.url == pipeline.server.DEFAULT_LOCAL_URL) == (expected == "found")
 
 
 def test_the_base_model_family_comes_from_the_checkpoint_keys(tmp_path):
