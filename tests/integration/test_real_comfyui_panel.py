@@ -8,7 +8,8 @@ character preset. Then, as a user in the editor: the tab appears; the shipped ``
 pointed at the tiny model, is queued and its run shows up with a loss curve that grows while it trains;
 Cancel in the panel stops it; Resume continues it to the end; the finished run's samples show and its LoRA goes
 into the graph as a Load LoRA node; a dataset's report opens; a character card inserts a Load Character node
-that runs. Last, with the panel's scripts blocked the editor and the nodes still load.
+that runs; a checkpoint's recorded scores show beside its samples; the Dataset Report node's contact sheet opens
+full size from the node's menu. Last, with the panel's scripts blocked the editor and the nodes still load.
 
 A screenshot of each state goes to ``$CHARFORGE_PANEL_SCREENSHOTS`` (default: the test's temporary folder).
 """
@@ -144,8 +145,9 @@ def shots(tmp_path_factory) -> Path:
     return folder
 
 
-def _make_dataset_report(server) -> None:
-    """The dataset nodes write a dataset with its report (as the dataset_prep workflow does)."""
+def _make_dataset_report(server) -> list[dict]:
+    """The dataset nodes write a dataset with its report (as the dataset_prep workflow does); returns the
+    contact sheets the Dataset Report node shows (ComfyUI's image entries)."""
     prompt = {
         "1": {
             "class_type": "CharForgeLoadDataset",
@@ -172,6 +174,26 @@ def _make_dataset_report(server) -> None:
     server.post("/prompt", {"prompt": prompt, "prompt_id": prompt_id})
     entry = server.wait_history(prompt_id, timeout=180)
     assert entry["status"]["status_str"] == "success", entry["status"]
+    return entry["outputs"]["2"]["images"]
+
+
+# A Dataset Report node in the graph showing the contact sheets it made (as after its run), then its context menu
+# entry "View full size" (web/full_size.js) pressed: the dialog's image is the sheet at its own resolution.
+FULL_SIZE_JS = """async ({images}) => {
+    const node = window.LiteGraph.createNode('CharForgeDatasetReport');
+    window.app.graph.add(node);
+    node.images = images;
+    const options = [];
+    node.getExtraMenuOptions(window.app.canvas, options);
+    const entry = options.find((o) => o && o.content === 'View full size');
+    if (!entry) return {entries: options.filter(Boolean).map((o) => o.content)};
+    entry.callback();
+    const img = document.querySelector('.cf-dialog img.cf-full');
+    await new Promise((resolve) => (img.complete ? resolve() : img.addEventListener('load', resolve)));
+    const result = {src: img.src, width: img.naturalWidth, height: img.naturalHeight, shown: img.clientWidth};
+    window.app.graph.remove(node);
+    return result;
+}"""
 
 
 @pytest.fixture
@@ -249,7 +271,7 @@ def _wait(predicate, timeout: float, what: str, interval: float = 0.25):
 
 @pytest.mark.timeout(1800)  # a tiny run still takes minutes on a busy CPU
 def test_the_panel_in_the_editor(server, page, shots):
-    _make_dataset_report(server)
+    sheets = _make_dataset_report(server)
 
     # The tab appears and opens.
     tab = page.locator(".charforge-tab-button")
@@ -336,6 +358,24 @@ def test_the_panel_in_the_editor(server, page, shots):
     assert page.evaluate(CHART_POINTS_JS, "alice") == STEPS
     _shot(page, shots, "05_completed_with_samples")
 
+    # Scores Pick Checkpoint recorded in the run folder (engine/score/sets.py: what the node writes) show beside
+    # each checkpoint's samples, the best marked.
+    from charforge.engine.score import SetSummary
+    from charforge.engine.score.sets import record_run_scores
+
+    scored = [
+        SetSummary(f"{step:06d}", 2, 2, 0.3 + step / 100, 0.3, 1.0, None, None, 0.3 + step / 100)
+        for step in (SAMPLE_EVERY, 2 * SAMPLE_EVERY)
+    ]
+    run_dir = server.base_dir / "output" / "charforge" / "train_runs" / "alice"
+    record_run_scores(run_dir, scored, {"identity": "alice", "clip_model": None})
+    page.locator('.cf-run[data-run="alice"]').click()  # a click reads the run again
+    best = page.locator(f'.cf-score.cf-best[data-score-step="{2 * SAMPLE_EVERY}"]')
+    best.wait_for(timeout=15_000)
+    assert "best" in best.inner_text() and "2/2 faces" in best.inner_text()
+    assert page.locator(".cf-score").count() == 2
+    _shot(page, shots, "05b_checkpoint_scores")
+
     # The node drew the curve too, and it stays out of the saved workflow and the prompt.
     on_node = page.evaluate("""async () => {
         const node = window.app.graph.nodes.find((n) => n.type === 'CharForgeTrainLoRA');
@@ -368,6 +408,17 @@ def test_the_panel_in_the_editor(server, page, shots):
     report.get_by_text("Why photos were rejected").wait_for(timeout=10_000)
     page.wait_for_timeout(500)
     _shot(page, shots, "07_dataset_report")
+    page.keyboard.press("Escape")
+    assert page.locator(".cf-dialog").count() == 0
+
+    # The Dataset Report node's contact sheet opens full size from the node's context menu.
+    with Image.open(
+        server.base_dir / sheets[0]["type"] / sheets[0]["subfolder"] / sheets[0]["filename"]
+    ) as sheet:
+        size = sheet.size
+    full = page.evaluate(FULL_SIZE_JS, {"images": sheets})
+    assert (full.get("width"), full.get("height")) == size and "/view?" in full["src"], full
+    _shot(page, shots, "07b_contact_sheet_full_size")
     page.keyboard.press("Escape")
     assert page.locator(".cf-dialog").count() == 0
 

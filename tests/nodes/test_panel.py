@@ -322,3 +322,54 @@ def test_resume_reports_comfyuis_refusal(pack, monkeypatch):
         and "failed validation" in body["error"]
         and body["node_errors"] == {"1": {"errors": ["x"]}}
     )
+
+
+def test_run_details_carry_the_checkpoint_scores_pick_checkpoint_wrote(pack, comfy_with_faces):
+    """Pick Checkpoint on a run's samples writes the scores into the run folder; the run's details show them."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from cf_testing.comfyui import run_node
+    from cf_testing.face_models import blank_image, face_image
+    from charforge.engine.train.run import RunFolder
+    from charforge.nodes.score import BuildIdentity, LoadFaceModels, PickCheckpoint
+    from charforge.nodes.train import runs_directory
+
+    assert get_json(pack, "/charforge/runs/alice")[1]["scores"] == []
+    folder = RunFolder(Path(runs_directory()) / "alice")
+    for path in folder.samples_dir.iterdir():
+        path.unlink()
+    for step, persons in ((2, [7, None]), (3, [0, 0])):
+        for index, person in enumerate(persons):
+            image = blank_image() if person is None else face_image(person=person, noise=2, seed=index)
+            Image.fromarray(image).save(folder.sample_path(step, index))
+    (face_models,) = run_node(LoadFaceModels, pack="buffalo_l", det_size=320, provider="auto").result
+    references = [face_image(person=0, noise=2, seed=s) for s in range(3)]
+    identity = run_node(
+        BuildIdentity,
+        face_models=face_models,
+        name="alice",
+        save=False,
+        images=torch.from_numpy(np.stack([r.astype(np.float32) / 255.0 for r in references])),
+    ).result[0]
+    run = run_node(
+        PickCheckpoint,
+        face_models=face_models,
+        identity=identity,
+        samples_folder=str(folder.samples_dir),
+        threshold=0.0,
+        identity_weight=1.0,
+        text_weight=0.5,
+    )
+    assert run.result[0] == "000003" and "scores saved in alice/scores.json" in run.ui["text"][0]
+    status, details = get_json(pack, "/charforge/runs/alice")
+    assert status == 200 and details["best_scored_step"] == 3
+    assert [(s["step"], s["images"], s["faces"], s["identity"]) for s in details["scores"]] == [
+        (2, 2, 1, "alice"),
+        (3, 2, 2, "alice"),
+    ]
+    assert details["scores"][1]["identity_mean"] > details["scores"][0]["identity_mean"]
+    # the file stays in the run folder; other runs' folders and the runs folder get nothing
+    assert sorted(p.name for p in Path(runs_directory()).iterdir()) == ["alice"]
+    assert (folder.root / "scores.json").is_file()

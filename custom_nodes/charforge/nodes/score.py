@@ -40,6 +40,8 @@ from ..engine.score.sets import (
     folder_images,
     labelled_images,
     natural_key,
+    record_run_scores,
+    run_folder_of,
     sample_prompts,
     score_set,
     write_sets_csv,
@@ -841,7 +843,8 @@ class PickCheckpoint:
     ):
         from ..engine.score.clip import prompt_lines
 
-        groups = checkpoint_groups(resolve_folder(samples_folder))
+        root = resolve_folder(samples_folder)
+        groups = checkpoint_groups(root)
         lines = prompt_lines(prompts)
         progress = bridge.control(
             sum(len(v) for v in groups.values()), node_id=node_id, label="pick checkpoint"
@@ -859,6 +862,20 @@ class PickCheckpoint:
         name = best.name if best else ""
         report = f"best checkpoint: {name}" if best else "no checkpoint sample showed a face"
         data = {"best": name, "checkpoints": [s.as_dict() for s in summaries]}
+        run_dir = run_folder_of(root)
+        if run_dir:  # a CharForge run's samples: the panel shows the scores beside them
+            basis = {
+                "identity": identity.name,
+                "clip_model": getattr(clip, "name", None) if clip is not None and lines else None,
+                "threshold": _threshold(threshold),
+                "identity_weight": identity_weight,
+                "text_weight": text_weight,
+            }
+            try:
+                record_run_scores(run_dir, summaries, basis)
+                report += f"; scores saved in {os.path.basename(run_dir)}/scores.json"
+            except OSError as exc:
+                report += f"; scores not saved in the run folder ({exc})"
         return {
             "ui": {"text": [report], "images": [_show_table(table)]},
             "result": (name, _image_of(table), json.dumps(data, indent=1)),

@@ -5,14 +5,20 @@
 - `checkpoint_groups`: a run's sample images grouped by checkpoint (one subfolder each, or the step tag in
   sd-scripts / ai-toolkit sample names) and `sample_prompts`, each sample's prompt by its prompt index;
 - `score_set`: identity (and CLIP) sheets of one set; `select.summarise_set` / `best_set` summarise them;
-- `write_sets_csv`: the per-set metrics as a CSV file.
+- `write_sets_csv`: the per-set metrics as a CSV file;
+- `run_folder_of` / `record_run_scores` / `read_run_scores`: a CharForge training run's per-checkpoint
+  scores, kept in its run folder (``scores.json``) for the editor's panel.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
+import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -23,11 +29,16 @@ from .scoring import score_identity
 from .select import SetSummary
 from .sheet import ScoreSheet
 
-# Sample names that carry the checkpoint: sd-scripts ``<name>_e000004_00_<time>.png`` (epoch) or
+# Sample names that carry the checkpoint: CharForge's own ``step_000500_0.png`` (engine/train/run.py), sd-scripts ``<name>_e000004_00_<time>.png`` (epoch) or
 # ``<name>_000500_00_<time>.png`` (step), then the prompt index; ai-toolkit ``<time>__000000500_0.jpg``.
 SD_SCRIPTS_SAMPLE = re.compile(r"(?:^|_)(e\d{6}|\d{6})_(\d{2})(?:_|\.|$)")
 AI_TOOLKIT_SAMPLE = re.compile(r"__(\d{9})_(\d+)")
-SAMPLE_NAMES = (SD_SCRIPTS_SAMPLE, AI_TOOLKIT_SAMPLE)
+CHARFORGE_SAMPLE = re.compile(r"^step_(\d{6})_(\d+)\.")
+SAMPLE_NAMES = (CHARFORGE_SAMPLE, SD_SCRIPTS_SAMPLE, AI_TOOLKIT_SAMPLE)
+
+RUN_SCORES_FILE = "scores.json"
+RUN_SCORES_FORMAT = "charforge.run_scores"
+_RUN_SCORES_LOCK = threading.Lock()
 
 
 def labelled_images(paths: Sequence[str]) -> tuple[list[tuple[str, Any]], list[tuple[str, str]]]:
@@ -150,12 +161,101 @@ def write_sets_csv(summaries: Sequence[SetSummary], folder: str, stem: str) -> s
     return path
 
 
+# --------------------------------------------------------------------------------------------------
+# Scores of a CharForge training run, kept in its run folder
+
+
+def run_folder_of(samples_folder: str) -> str | None:
+    """The CharForge run folder whose samples `samples_folder` is (``<run>/samples``, the run folder holding
+    ``status.json``), links resolved; None for any other folder (sd-scripts / ai-toolkit output, a copy)."""
+    real = os.path.realpath(samples_folder)
+    parent = os.path.dirname(real)
+    if os.path.basename(real) == "samples" and os.path.isfile(os.path.join(parent, "status.json")):
+        return parent
+    return None
+
+
+def _checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint group of a CharForge run: ``000500`` (the sample names' tag) or a subfolder
+    such as ``step_500``; None when the name has no number."""
+    digits = re.findall(r"\d+", name)
+    return int(digits[-1]) if digits else None
+
+
+def read_run_scores(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run folder's ``scores.json`` (``{"checkpoints": {step: {...}}, "best": step or None, ...}``);
+    empty when it has none or it does not read."""
+    try:
+        with open(os.path.join(run_dir, RUN_SCORES_FILE), encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or not isinstance(data.get("checkpoints"), dict):
+        return {}
+    return data
+
+
+def record_run_scores(
+    run_dir: str | os.PathLike,
+    summaries: Sequence[SetSummary],
+    basis: dict[str, Any],
+) -> dict[str, Any]:
+    """Merge the per-checkpoint `summaries` of one scoring into ``<run_dir>/scores.json`` and return it.
+
+    A checkpoint scored again replaces its earlier entry; the others stay. `basis` says what the numbers
+    were measured with (identity, CLIP model, threshold, weights); ``best`` is the step with the highest
+    combined value among the checkpoints scored on the newest entry's basis (values of different identities
+    or weights are not comparable). The file is written to a temporary file in the run folder and moved into
+    place; nothing is written anywhere else."""
+    run_dir = os.path.realpath(run_dir)
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"no run folder {run_dir}")
+    now = time.time()
+    with _RUN_SCORES_LOCK:
+        data = read_run_scores(run_dir)
+        checkpoints = dict(data.get("checkpoints", {}))
+        for summary in summaries:
+            step = _checkpoint_step(summary.name)
+            if step is None:
+                continue
+            checkpoints[str(step)] = {**summary.as_dict(), "step": step, **basis, "scored_at": now}
+        comparable = [c for c in checkpoints.values() if all(c.get(k) == v for k, v in basis.items())]
+        ranked = [c for c in comparable if c.get("combined") is not None]
+        best = max(
+            ranked,
+            key=lambda c: (c["combined"], c.get("identity_pass_rate") or 0.0, -c["step"]),
+            default=None,
+        )
+        data = {
+            "format": RUN_SCORES_FORMAT,
+            "version": 1,
+            "checkpoints": dict(sorted(checkpoints.items(), key=lambda item: int(item[0]))),
+            "best": best["step"] if best else None,
+            "updated_at": now,
+        }
+        handle, tmp = tempfile.mkstemp(prefix=f".{RUN_SCORES_FILE}.", suffix=".tmp", dir=run_dir)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                json.dump(data, out, indent=1, sort_keys=True)
+                out.write("\n")
+            os.replace(tmp, os.path.join(run_dir, RUN_SCORES_FILE))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    return data
+
+
 __all__ = [
+    "RUN_SCORES_FILE",
     "SAMPLE_NAMES",
     "checkpoint_groups",
     "folder_images",
     "labelled_images",
     "natural_key",
+    "read_run_scores",
+    "record_run_scores",
+    "run_folder_of",
     "sample_prompts",
     "score_set",
     "write_sets_csv",

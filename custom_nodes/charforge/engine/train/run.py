@@ -11,6 +11,7 @@
         checkpoints/      <run name>_step000500.safetensors ...
         state.pt          resumable state: LoRA weights, optimizer, schedule, RNG, step, data position
         origin.json       where the run was queued from (a ComfyUI prompt and its id), when known
+        scores.json       identity / CLIP scores per sampled step, when Pick Checkpoint scored the samples
         <run name>.safetensors   the final LoRA (also copied into ComfyUI's loras folder)
 
 Every file is written to a temporary name and moved into place (``os.replace``), so a crash or a
@@ -314,7 +315,8 @@ def list_runs(runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def run_details(folder: RunFolder) -> dict[str, Any]:
     """What a UI shows of one run: its list entry plus the loss history, the samples of every sampled step,
-    the checkpoints and the settings that matter. File names are relative to the run folder."""
+    the checkpoints, their identity / CLIP scores (``scores``, one entry per scored step, and
+    ``best_scored_step``) and the settings that matter. File names are relative to the run folder."""
     [entry] = [r for r in list_runs(folder.root.parent) if r["name"] == folder.name] or [
         {"name": folder.name}
     ]
@@ -332,6 +334,9 @@ def run_details(folder: RunFolder) -> dict[str, Any]:
     config = folder.read_config()
     settings = config.get("config", {})
     origin = folder.read_origin()
+    from ..score.sets import read_run_scores
+
+    scores = read_run_scores(folder.root)
     return {
         **entry,
         "metrics": [{"step": r.step, "loss": r.loss, "lr": r.lr} for r in folder.read_metrics()],
@@ -345,6 +350,8 @@ def run_details(folder: RunFolder) -> dict[str, Any]:
         "dataset_images": (config.get("dataset") or {}).get("images"),
         "prompt_id": origin.get("prompt_id"),
         "can_queue_again": bool(origin.get("prompt")),
+        "scores": [entry for entry in scores.get("checkpoints", {}).values() if isinstance(entry, dict)],
+        "best_scored_step": scores.get("best"),
     }
 
 

@@ -28,6 +28,10 @@ export function formatLoss(loss) {
   return typeof loss === "number" && Number.isFinite(loss) ? loss.toFixed(4) : "–";
 }
 
+export function formatScore(value) {
+  return typeof value === "number" && Number.isFinite(value) ? value.toFixed(3) : "–";
+}
+
 // A full-size view over the editor (a report, a sample image); closes on Escape or a click outside.
 export function openDialog(title, content) {
   const close = () => {

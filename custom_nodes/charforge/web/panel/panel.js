@@ -2,7 +2,7 @@
 // (nodes/panel.py). Runs refresh while something trains and take the trainer's live
 // `charforge.train.progress` messages; the others load when opened.
 import { drawLossCurve } from "./chart.js";
-import { formatLoss, formatSeconds, h, openDialog } from "./dom.js";
+import { formatLoss, formatScore, formatSeconds, h, openDialog } from "./dom.js";
 import { insertNode } from "./graph.js";
 import { STYLE } from "./style.js";
 
@@ -137,7 +137,7 @@ export function createPanel(root, { app, api }) {
     // The details are rebuilt only when more than the numbers changed: the sample images stay loaded.
     const d = state.details;
     const signature = d && JSON.stringify([d.name, d.state, d.resumable, d.can_queue_again, d.lora, d.error,
-      d.samples, d.checkpoints]);
+      d.samples, d.checkpoints, d.scores, d.best_scored_step]);
     if (signature !== state.detailsSignature) {
       state.detailsSignature = signature;
       state.detailsElement = d ? runDetails(d) : null;
@@ -188,9 +188,26 @@ export function createPanel(root, { app, api }) {
     }
     const facts = [run.arch, run.base_model, run.trigger_word && `trigger “${run.trigger_word}”`,
       run.rank && `rank ${run.rank}`, run.dataset_images && `${run.dataset_images} images`].filter(Boolean);
-    // One column per sampled step, oldest first, each seed's image in the same row: checkpoints side by side.
+    // One column per sampled step, oldest first, each seed's image in the same row: checkpoints side by side,
+    // each with its identity / CLIP scores when Pick Checkpoint scored it (scores.json), the best one marked.
+    const scores = new Map((run.scores ?? []).map((entry) => [entry.step, entry]));
+    const steps = new Set(run.samples.map((group) => group.step));
+    const scoreLine = (step) => {
+      const entry = scores.get(step);
+      if (!entry) return "";
+      const best = run.best_scored_step === step;
+      const parts = [entry.identity_mean !== null && entry.identity_mean !== undefined && `id ${formatScore(entry.identity_mean)}`,
+        entry.faces !== null && entry.faces !== undefined && `${entry.faces}/${entry.images} faces`,
+        entry.clip_mean !== null && entry.clip_mean !== undefined && `clip ${formatScore(entry.clip_mean)}`].filter(Boolean);
+      return h("div", { class: `cf-score${best ? " cf-best" : ""}`, "data-score-step": step,
+        title: `scored against ${entry.identity ?? "?"}${entry.clip_model ? ` and ${entry.clip_model}` : ""}` +
+          (entry.combined !== null && entry.combined !== undefined ? `; combined ${formatScore(entry.combined)}` : "") +
+          (entry.identity_min !== null && entry.identity_min !== undefined ? `; identity min ${formatScore(entry.identity_min)}` : "") },
+      best ? h("div", {}, h("b", {}, "★ best")) : "", (parts.length ? parts : ["no face"]).map((part) => h("div", {}, part)));
+    };
     const samples = run.samples.map((group) => h("div", { class: "cf-sample-row", "data-step": group.step },
       h("div", { class: "cf-muted" }, `step ${group.step}`),
+      scoreLine(group.step),
       group.files.map((path) => h("img", {
         class: "cf-sample", src: file(path), loading: "lazy", alt: `${run.name} step ${group.step}`,
         onclick: () => openDialog(`${run.name}: step ${group.step}`, h("img", { class: "cf-full", src: file(path) })),
@@ -202,6 +219,9 @@ export function createPanel(root, { app, api }) {
       h("canvas", { class: "cf-chart", "data-cf-chart": run.name }),
       samples.length ? h("div", { class: "cf-section" }, "Samples") : "",
       samples.length ? h("div", { class: "cf-samples" }, samples) : "",
+      // scored steps whose samples are gone (or scored from a copy): their numbers still show
+      [...scores.values()].filter((entry) => !steps.has(entry.step)).map((entry) =>
+        h("div", { class: "cf-muted" }, `step ${entry.step}: `, scoreLine(entry.step))),
       run.checkpoints.length ? h("div", { class: "cf-section" }, "Checkpoints") : "",
       run.checkpoints.map((c) => h("div", { class: "cf-muted" }, c.file.split("/").pop())));
   }

@@ -37,6 +37,8 @@ export const STYLE = `
 .charforge-panel .cf-sample-row { display: flex; flex-direction: column; gap: 4px; flex: none; }
 .charforge-panel .cf-sample { width: 72px; height: 72px; object-fit: cover; border-radius: 4px; cursor: zoom-in;
   image-rendering: pixelated; }
+.charforge-panel .cf-score { font-size: 11px; opacity: 0.85; max-width: 72px; line-height: 1.25; }
+.charforge-panel .cf-best { color: #7bd88f; opacity: 1; }
 .charforge-panel .cf-sheet { width: 100%; border-radius: 4px; cursor: zoom-in; margin-top: 4px; }
 .charforge-panel .cf-chips { display: flex; gap: 4px; flex-wrap: wrap; margin: 4px 0; }
 .charforge-panel .cf-chip { font-size: 11px; padding: 1px 7px; border-radius: 10px; background: rgba(74, 158, 255, 0.25); }
@@ -50,4 +52,6 @@ export const STYLE = `
 .cf-dialog-body { flex: 1; overflow: auto; display: flex; align-items: flex-start; justify-content: center; }
 .cf-dialog .cf-report { width: 100%; height: 100%; border: 0; background: #fff; }
 .cf-dialog .cf-full { max-width: 100%; image-rendering: auto; }
+.cf-dialog .cf-zoomable { cursor: zoom-in; }
+.cf-dialog .cf-zoomable.cf-natural { max-width: none; cursor: zoom-out; }
 `;
