@@ -1,5 +1,8 @@
 """Storyboards headless: ``charforge story`` as a Python API over :class:`~charforge.driver.client.ComfyClient`.
 
+(Over 600 lines on purpose: the guidance detection, the frame graph and :class:`StoryRun` change together, every
+mode being a graph variant and a run variant, and the run's frames, files and ablation share its state.)
+
 For every frame the driver submits one API-format graph of ComfyUI's own generation nodes (checkpoint,
 character LoRAs, CLIPTextEncode, KSampler with N candidates, VAEDecode) followed by CharForge's Storyboard
 Select, which scores the candidates on the server (identity to the character, text agreement with CLIP when

@@ -1,6 +1,9 @@
 """The asyncio ComfyUI client, :class:`AsyncComfyClient`: HTTP requests with retries, submitting with our own
 prompt id, cancelling one job, uploads and bounded downloads. Following a job is :mod:`.follow`, the WebSocket
 :mod:`.websocket`. Nothing here prints; events are handed to the caller.
+
+(Over 600 lines on purpose: one class whose methods share the session, the retry policy and the limits; following
+a job and the WebSocket already live in their own modules.)
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """RunPod Serverless endpoints running worker-comfyui: submit through ``/run``, follow ``/status``.
 
+(Over 600 lines on purpose: worker-comfyui's request and output format, the client and the batch target are one
+contract with the worker, each part small, and they change together when the worker does.)
+
 What the worker expects and returns (worker-comfyui, facts in docs/runpod.md):
 
 * input ``{"input": {"workflow": <API graph>, "images": [{"name": "x.png", "image": "<base64>"}]}}``; the images

@@ -1,5 +1,8 @@
 """LoRA file formats: detect which one a file uses, read it into one neutral form, write it in another.
 
+(Over 600 lines on purpose: the three key layouts are one mapping read both ways, detect, read and write;
+splitting the module table from its readers and writers would scatter each format's rules.)
+
 Three key layouts are understood (docs/comfyui-contract.md §6, docs/ecosystem.md §2):
 
 ==========  ==================================================  ==============================================

@@ -1,5 +1,8 @@
 """Training data: where images and captions come from, how they are sized, and the caches.
 
+(Over 600 lines on purpose: sources, buckets, captions and caches are the one data path the trainer reads, each
+section short, and the cache keys depend on all of them.)
+
 Sources (`load_items`):
 
 - a **kohya folder**: the parent of ``<repeats>_<class tokens>/`` subfolders with images and ``.txt``

@@ -1,5 +1,8 @@
 """One training job from start to LoRA: load, check, cache, train, save — resumable at every step.
 
+(Over 600 lines on purpose: one job from load to save, resumable at every step; the request, the resume checks
+and :class:`TrainingSession` share the run folder's state and read best in order.)
+
 `train()` is what the ComfyUI node (and a plain-Python script) calls::
 
     from charforge.engine.train.job import TrainRequest, train
