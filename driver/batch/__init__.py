@@ -12,7 +12,8 @@
 from .api import Batch
 from .journal import JOURNAL_NAME, replay
 from .plan import BatchError, BatchPlan, Job, load_batch, parse_sweep, plan_hash
-from .runner import BatchRunner, JobOutcome, RunOptions
+from .run_types import JobOutcome, RunOptions
+from .runner import BatchRunner
 from .targets import ComfyTarget, JobSpec, Target
 
 __all__ = [

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .plan import BatchPlan, Job, load_batch
-from .runner import BatchRunner, JobOutcome, RunOptions
+from .run_types import JobOutcome, RunOptions
+from .runner import BatchRunner
 from .targets import ComfyTarget, Target
 
 

@@ -33,8 +33,9 @@ How it works, and what it guarantees:
   collected by the next run.
 
 (Over 600 lines on purpose: :class:`BatchRunner` is one state machine whose every transition is journaled before
-it acts; read top to bottom it shows that rule holding, which spreading it over modules would hide. Planning,
-targets, the journal, summaries and the Python API live in their own modules.)
+it acts; read top to bottom it shows that rule holding, which spreading it over modules would hide. What is not
+that state machine lives beside it: :mod:`.run_types` (options, outcomes), :mod:`.lora_home` (trained LoRAs home),
+:mod:`.uploads` (``upload_to``), and planning, targets, the journal, summaries and the Python API.)
 """
 
 from __future__ import annotations
@@ -49,14 +50,11 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import IO, Any
 
 from charforge.common.retry import Backoff
 
-from ..config import redact
 from ..errors import (
     DriverError,
     ExecutionError,
@@ -67,108 +65,18 @@ from ..errors import (
     UsageError,
 )
 from ..manifest import build_manifest, write_manifest
-from ..secrets import mask
-from ..sync import NoTransferRoutes, TrainedLoRA, trained_loras
+from ..sync import trained_loras
 from ..workflow.load import Workflow, load_workflow
 from .journal import IN_FLIGHT, JOURNAL_NAME, Journal, replay
+from .lora_home import LoraHome, _pending_training
 from .plan import BatchError, BatchPlan, Job, plan_entry, plan_hash
+from .run_types import STAGING, JobOutcome, RunOptions, Step, _reason, _Retryable
 from .summary import PLAN_NAME, SUMMARY_NAME, build_summary, write_json_atomic
 from .targets import JobSpec, Target, is_transient, retry_after
-
-STAGING = ".staging"
-S3_MANIFEST = "s3_manifest.json"
+from .uploads import Uploads
 
 
-@dataclass
-class RunOptions:
-    """How a batch runs (the ``charforge batch run`` options)."""
-
-    out: Path
-    timeout: float | None = None
-    retries: int = 6
-    backoff: float = 1.0
-    backoff_max: float = 60.0
-    max_resubmits: int = 3
-    force_replan: bool = False
-    retry_failed: bool = False
-    summary_interval: float = 2.0
-    fsync: bool = True
-    contact_sheet: tuple[str, str] | str | None = "auto"
-    #: bring trained LoRAs and their run folders into the job folders (servers with CharForge's file routes)
-    lora_home: bool = True
-    #: ``s3://bucket/prefix``: upload every done job's folder and the batch's files there
-    upload_to: str | None = None
-    #: the S3-compatible endpoint (default: AWS or ``$AWS_ENDPOINT_URL``); ``storage``: a ready S3Storage
-    s3_endpoint: str | None = None
-    storage: Any = None
-
-
-@dataclass
-class JobOutcome:
-    """The end of one job, as :meth:`Batch.run` yields it."""
-
-    job: Job
-    state: str
-    folder: Path
-    prompt_id: str | None = None
-    server: str | None = None
-    files: list[Path] = field(default_factory=list)
-    reason: str | None = None
-    skipped: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.state == "done"
-
-
-class Step(Enum):
-    """How a step of one job ended, when it did not hand on a prompt id (the runner's control flow)."""
-
-    REQUEUE = "requeue"  # invalid on this server, perhaps valid on another: back to the queue
-    ENDED = "ended"  # the job reached its end (done, failed or timed out), already journaled
-    LOST = "lost"  # the server forgot the job: submit it again
-
-
-class _Retryable(Exception):
-    """Internal: a transient failure that exhausted its retries."""
-
-
-def _reason(exc: BaseException) -> str:
-    return mask(str(exc).strip()) or type(exc).__name__
-
-
-def _training(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """The manifest's training entries (``state``: pending / home / not_home); a manifest written before they
-    existed gets them from its Train LoRA texts, pending."""
-    entries = manifest.get("training")
-    if isinstance(entries, list):
-        return [e for e in entries if isinstance(e, dict)]
-    return [
-        {"node_id": t.node_id, "lora": t.lora, "run_dir": t.run_dir, "state": "pending"}
-        for t in trained_loras(manifest.get("values") or {})
-    ]
-
-
-def _pending_training(folder: Path) -> bool:
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and any(e.get("state") == "pending" for e in _training(manifest))
-
-
-def _write_manifest_over(path: Path, manifest: dict[str, Any]) -> None:
-    """Replace a job's manifest in one step (a reader sees the old one or the new one, never half)."""
-    text = redact(json.dumps(manifest, indent=2, ensure_ascii=False, default=str), [])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-class BatchRunner:
+class BatchRunner(LoraHome, Uploads):
     """Runs one plan on a pool of targets into ``options.out`` (use :class:`Batch` for the friendly API)."""
 
     def __init__(
@@ -727,83 +635,6 @@ class BatchRunner:
         if self._uploads is not None:
             self._uploads.put_nowait(job.id)
 
-    async def _bring_home(self, job: Job, target: Target, final: Path, prompt_id: str | None) -> bool:
-        """The LoRAs the job trained and their run folders into ``final/lora/``, the manifest rewritten with
-        them; False (journaled ``failed``, kind ``home``: the next run downloads again) when that failed."""
-        manifest_path = final / "manifest.json"
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return True  # not a manifest this runner wrote: nothing it knows to bring home
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
-            return True
-        entries = _training(manifest)
-        pending = [e for e in entries if e.get("state") == "pending"]
-        if not pending:
-            return True
-        fetch = getattr(target, "fetch_training", None)
-        why = None
-        if fetch is None:
-            why = "this kind of server cannot send files (no CharForge file routes)"
-            if target.name not in self._no_files:
-                self._no_files.add(target.name)
-                self.note(f"trained LoRAs stay on {target.name}: {why}")
-        elif target.name in self._no_files:
-            why = f"{target.name} has no CharForge transfer routes"
-        else:
-            trained = [
-                TrainedLoRA(str(e["lora"]), str(e["run_dir"]), str(e.get("node_id") or "")) for e in pending
-            ]
-            try:
-                got = await self._retrying(job, "bringing the LoRA home", lambda: fetch(trained, final))
-            except NoTransferRoutes as exc:
-                self._no_files.add(target.name)
-                why = _reason(exc)
-                self.note(f"trained LoRAs stay on {target.name}: {why}")
-            except _Retryable as exc:
-                self._fail(
-                    job,
-                    "failed",
-                    "home",
-                    f"{exc}; the outputs are here, rerun to bring the LoRA home (the job is not run again)",
-                    target,
-                    prompt_id,
-                )
-                return False
-            except (DriverError, OSError, ValueError, KeyError) as exc:
-                self._fail(
-                    job,
-                    "failed",
-                    "home",
-                    f"bringing the LoRA home: {_reason(exc)}; rerun to try again (the job is not run again)",
-                    target,
-                    prompt_id,
-                )
-                return False
-            else:
-                by_key = {(g["node_id"], g["lora"]): g for g in got}
-                for entry in pending:
-                    home = by_key.get((entry["node_id"], entry["lora"]))
-                    if home is not None:
-                        entry.update(
-                            {k: v for k, v in home.items() if k != "files"}, files=len(home["files"])
-                        )
-                        title = ((manifest.get("values") or {}).get(entry["node_id"]) or {}).get("title")
-                        for f in home["files"]:
-                            f["title"] = title
-                        known = {f["path"] for f in manifest["files"]}
-                        manifest["files"] += [
-                            {k: v for k, v in f.items() if k != "downloaded"}
-                            for f in home["files"]
-                            if f["path"] not in known
-                        ]
-        if why is not None:
-            for entry in pending:
-                entry.update(state="not_home", reason=why)
-        manifest["training"] = entries
-        _write_manifest_over(manifest_path, manifest)
-        return True
-
     # ---- the run -------------------------------------------------------------------------------------------
 
     def write_summary(self) -> dict[str, Any]:
@@ -940,97 +771,6 @@ class BatchRunner:
                         await self._upload_batch_files()
             journal.close()
             self._unlock()
-
-    # ---- uploads (--upload-to) ------------------------------------------------------------------------------
-
-    async def _uploader(self) -> None:
-        """Upload done jobs' folders one after the other, as they are queued (None ends it)."""
-        assert self._uploads is not None
-        while True:
-            job_id = await self._uploads.get()
-            if job_id is None:
-                return
-            await self._upload_job(self.jobs[job_id])
-
-    def _upload_reason(self, exc: BaseException) -> str:
-        return mask(_reason(exc), getattr(self._storage, "_secrets", ()))
-
-    async def _upload_job(self, job: Job) -> None:
-        from ..storage.s3 import S3Location
-
-        folder = self.out / job.folder
-        location = S3Location(self._location.bucket, self._location.key(job.folder))
-        try:
-            entries = await asyncio.to_thread(self._storage.upload_tree, folder, location)
-        except Exception as exc:  # noqa: BLE001 - StorageError, OSError...: journaled, tried again next run
-            reason = self._upload_reason(exc)
-            self._log("upload_failed", job=job.id, url=str(location), reason=reason)
-            self.note(
-                f"{job.folder}: upload to {location} failed: {reason.splitlines()[0]} (the next run tries "
-                "again)"
-            )
-            return
-        sent = [e for e in entries if e["uploaded"]]
-        self._uploaded_now += 1
-        self._log(
-            "uploaded",
-            job=job.id,
-            url=str(location),
-            sent=len(sent),
-            bytes_sent=sum(e["bytes_sent"] for e in entries),
-            files=[
-                {
-                    "path": Path(e["path"]).relative_to(folder).as_posix(),
-                    "size": e["size"],
-                    "sha256": e["sha256"],
-                }
-                for e in entries
-            ],
-        )
-
-    async def _upload_batch_files(self) -> None:
-        """The batch's own files up, with ``s3_manifest.json`` listing every object of the batch; skipped when
-        this run uploaded no job and they went to the same place before (a rerun with nothing new sends
-        nothing)."""
-        assert self.journal is not None
-        state = self.journal.state
-        where = str(self._location)
-        if self._uploaded_now == 0 and state.batch_uploaded == where:
-            return
-        listing = []
-        for job in self.plan.jobs:
-            upload = state.job(job.id).upload if job.id in state.jobs else None
-            if not upload:
-                continue
-            for f in upload.get("files") or []:
-                listing.append(
-                    {
-                        "path": f"{job.folder}/{f['path']}",
-                        "url": f"{upload['url']}/{f['path']}",
-                        "size": f["size"],
-                        "sha256": f["sha256"],
-                    }
-                )
-        names = [PLAN_NAME, SUMMARY_NAME, JOURNAL_NAME, "contact_sheet.png", "costs.json"]
-        try:
-            for name in names:
-                if (self.out / name).is_file():
-                    entry = await asyncio.to_thread(
-                        self._storage.upload_file, self.out / name, self._location, name
-                    )
-                    listing.append(
-                        {"path": name, "url": entry["url"], "size": entry["size"], "sha256": entry["sha256"]}
-                    )
-            write_json_atomic(self.out / S3_MANIFEST, listing, indent=1)
-            await asyncio.to_thread(
-                self._storage.upload_file, self.out / S3_MANIFEST, self._location, S3_MANIFEST
-            )
-        except Exception as exc:  # noqa: BLE001 - noted; the next run tries again
-            reason = self._upload_reason(exc)
-            self.note(f"the batch's files were not uploaded to {where}: {reason.splitlines()[0]}")
-            raise
-        self._log("uploaded_batch", url=where, files=len(listing))
-        self.note(f"uploaded to {where}: {len(listing)} file(s) listed in {self.out / S3_MANIFEST}")
 
     def _contact_sheet(self) -> None:
         spec = self.options.contact_sheet
