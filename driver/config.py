@@ -1,5 +1,8 @@
 """Where the server is and how to authenticate: URLs, auth, environment variables and profiles.
 
+(Over 600 lines on purpose: every server setting, ComfyUI's, RunPod's and Replicate's, is resolved here in the one
+order below, from the same file and environment; split, the precedence rule would live in two places.)
+
 Precedence, highest first: explicit arguments (``--server``, ``auth=``) > ``CHARFORGE_*`` environment
 variables > the chosen profile of the config file (``$CHARFORGE_CONFIG`` or ``~/.config/charforge/config.yaml``).
 
@@ -24,9 +27,6 @@ Environment variables: ``CHARFORGE_SERVER``, ``CHARFORGE_PROFILE``, ``CHARFORGE_
 
 Secrets are kept in :class:`Secret` objects whose ``repr``/``str`` is ``***``; :func:`redact` removes them from
 any text (error messages, logs, manifests).
-
-(About 700 lines on purpose: every server setting, ComfyUI's, RunPod's and Replicate's, is resolved here in the one order
-above, from the same file and environment; split, the precedence rule would live in two places.)
 """
 
 from __future__ import annotations
