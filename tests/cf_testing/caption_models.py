@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from charforge.engine.tiny import write_wd14_onnx
+
 TAGS = [  # tag_id, name, category, count
     (9999999, "general", 9, 800000),
     (9999998, "explicit", 9, 100000),
@@ -73,35 +75,20 @@ def write_tiny_wd14(
     fixed_batch: int | None = None,
 ) -> Path:
     """Write ``<folder>/<name>.onnx`` and ``<name>.csv``; return the .onnx path."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     w, b = _weights(designed, seed)
-    batch = fixed_batch if fixed_batch else "batch"
-    graph = helper.make_graph(
-        [
-            helper.make_node("ReduceMean", ["input_1"], ["pooled"], axes=[1, 2], keepdims=0),
-            helper.make_node("MatMul", ["pooled", "W"], ["logits_nobias"]),
-            helper.make_node("Add", ["logits_nobias", "B"], ["logits"]),
-            helper.make_node("Sigmoid", ["logits"], ["predictions_sigmoid"]),
-        ],
-        "tiny_wd14",
-        [helper.make_tensor_value_info("input_1", TensorProto.FLOAT, [batch, size, size, 3])],
-        [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, [batch, len(TAGS)])],
-        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
+    return write_wd14_onnx(
+        folder,
+        name,
+        w,
+        b,
+        TAGS,
+        size=size,
+        batch=fixed_batch if fixed_batch else "batch",
+        graph_name="tiny_wd14",
+        producer="charforge-tests",
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="charforge-tests"
-    )
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx_path = folder / f"{name}.onnx"
-    onnx.save(model, str(onnx_path))
-    rows = ["tag_id,name,category,count"] + [f"{t},{n},{c},{k}" for t, n, c, k in TAGS]
-    (folder / f"{name}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return onnx_path
 
 
 class FakeEndpoint:

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from charforge.engine import tiny
+
 DETECTOR_FILE = "det_tiny.onnx"
 RECOGNISER_FILE = "w600k_tiny.onnx"
 OPSET = 13
@@ -342,18 +344,7 @@ CLIP_VIT_L14 = {
     },
     "projection_dim": 768,
 }
-TINY_CLIP = {
-    "vision": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "patch_size": 8,
-        "image_size": 32,
-    },
-    "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
-    "projection_dim": 16,
-}
+TINY_CLIP = tiny.TINY_CLIP  # the demo's tiny CLIP sizes
 
 
 def clip_config(spec: dict = TINY_CLIP):
@@ -391,18 +382,7 @@ def write_clip_folder(directory: str | Path, spec: dict = TINY_CLIP, seed: int =
     model.save_pretrained(str(directory))
     write_tiny_clip_tokenizer(directory)
     size = spec["vision"]["image_size"]
-    preprocessor = {
-        "image_processor_type": "CLIPImageProcessor",
-        "do_resize": True,
-        "size": {"shortest_edge": size},
-        "do_center_crop": True,
-        "crop_size": {"height": size, "width": size},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "resample": 3,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-    }
-    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    (directory / "preprocessor_config.json").write_text(
+        json.dumps(tiny.clip_preprocessor_config(size), indent=2)
+    )
     return directory

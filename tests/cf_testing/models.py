@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from charforge.engine import tiny
 from charforge.engine.models.single_file import pipeline_to_single_file_state_dict, save_single_file
 
 START_TOKEN = "<|startoftext|>"
@@ -217,33 +218,10 @@ SD15_COMFY_UNET = {
     "use_linear_projection": False,
 }
 
-# ComfyUI builds its VAE and CLIP-L at fixed sizes, so these are the real configs.
-SD15_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-}
-
-CLIP_L = {
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 768,
-    "layer_norm_eps": 1e-5,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
-}
+# ComfyUI builds its VAE and CLIP-L at fixed sizes, so these are the real configs (the demo's), CLIP-L with the
+# legacy token ids.
+SD15_VAE = tiny.SD15_VAE
+CLIP_L = {**tiny.CLIP_L, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
 
 
 @dataclass(frozen=True)
@@ -274,11 +252,7 @@ class ComfyCheckpoint:
     text_encoder_layers: int
 
 
-def _seeded(seed: int, build):
-    # Each component gets its own seed, so one component's weights never depend on another's build.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
+_seeded = tiny.seeded  # each component gets its own seed
 
 
 def _text_encoder(config: dict, with_projection: bool, seed: int):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +124,9 @@ MERGES = (
 Say = Callable[[str], None]
 
 
-def _seeded(seed: int, build):
+def seeded(seed: int, build):
+    """`build()` with torch's random generator seeded by `seed`, the caller's generator state left as it was
+    (each component gets its own seed, so one component's weights never depend on another's build)."""
     import torch
 
     with torch.random.fork_rng(devices=[]):
@@ -192,9 +194,9 @@ def write_sd15(models_dir: Path, seed: int = 0) -> tuple[Path, Path]:
 
     from .models.single_file import pipeline_to_single_file_state_dict
 
-    unet = _seeded(seed, lambda: UNet2DConditionModel(**SD15_UNET).eval())
-    vae = _seeded(seed + 1, lambda: AutoencoderKL(**SD15_VAE, scaling_factor=0.18215).eval())
-    text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L)).eval())
+    unet = seeded(seed, lambda: UNet2DConditionModel(**SD15_UNET).eval())
+    vae = seeded(seed + 1, lambda: AutoencoderKL(**SD15_VAE, scaling_factor=0.18215).eval())
+    text_encoder = seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L)).eval())
     for module in (unet, vae, text_encoder):
         module.to(torch.float16)
     single = models_dir / "checkpoints" / CHECKPOINT
@@ -256,7 +258,7 @@ def write_motion_module(models_dir: Path, seed: int = 0) -> Path:
                     param.normal_(0.0, 0.02)
         return adapter
 
-    adapter = _seeded(seed, build)
+    adapter = seeded(seed, build)
     return save_motion_module(
         adapter.state_dict(),
         models_dir / "animatediff_models" / MOTION_MODULE,
@@ -268,8 +270,6 @@ def write_motion_module(models_dir: Path, seed: int = 0) -> Path:
 def write_tagger(models_dir: Path, size: int = 64, seed: int = 0) -> Path:
     """A WD14-style ONNX tagger (NHWC BGR 0-255 input, sigmoid per tag) with a matching tag CSV."""
     import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
     folder = models_dir / "wd14_tagger"
     folder.mkdir(parents=True, exist_ok=True)
@@ -277,6 +277,27 @@ def write_tagger(models_dir: Path, size: int = 64, seed: int = 0) -> Path:
     w = (rng.normal(0, 0.0005, (3, len(TAGS)))).astype(np.float32)  # pixels are 0-255: a gentle colour tilt
     b = rng.normal(0, 1.0, (len(TAGS),)).astype(np.float32)
     b[2:] = np.abs(b[2:]) + 0.5  # general tags above the usual 0.35 threshold, whatever the picture
+    return write_wd14_onnx(folder, TAGGER, w, b, TAGS, size=size, graph_name="charforge_tiny_tagger")
+
+
+def write_wd14_onnx(
+    folder: Path,
+    name: str,
+    w: Any,
+    b: Any,
+    tags: Sequence[tuple[int, str, int, int]],
+    *,
+    size: int,
+    batch: int | str = "batch",
+    graph_name: str,
+    producer: str = "charforge-tiny",
+) -> Path:
+    """``<folder>/<name>.onnx`` (WD14's interface: NHWC BGR 0-255 ``input_1``, ``predictions_sigmoid`` per tag;
+    inside, the mean pixel times `w` (3 x tags) plus `b`) and ``<name>.csv`` listing `tags`
+    (tag_id, name, category, count); returns the .onnx path."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
     graph = helper.make_graph(
         [
             helper.make_node("ReduceMean", ["input_1"], ["pooled"], axes=[1, 2], keepdims=0),
@@ -284,20 +305,18 @@ def write_tagger(models_dir: Path, size: int = 64, seed: int = 0) -> Path:
             helper.make_node("Add", ["logits_nobias", "B"], ["logits"]),
             helper.make_node("Sigmoid", ["logits"], ["predictions_sigmoid"]),
         ],
-        "charforge_tiny_tagger",
-        [helper.make_tensor_value_info("input_1", TensorProto.FLOAT, ["batch", size, size, 3])],
-        [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, ["batch", len(TAGS)])],
+        graph_name,
+        [helper.make_tensor_value_info("input_1", TensorProto.FLOAT, [batch, size, size, 3])],
+        [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, [batch, len(tags)])],
         initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="charforge-tiny"
-    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name=producer)
     model.ir_version = 8
     onnx.checker.check_model(model)
-    path = folder / f"{TAGGER}.onnx"
+    path = folder / f"{name}.onnx"
     onnx.save(model, str(path))
-    rows = ["tag_id,name,category,count"] + [f"{t},{n},{c},{k}" for t, n, c, k in TAGS]
-    (folder / f"{TAGGER}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    rows = ["tag_id,name,category,count"] + [f"{t},{n},{c},{k}" for t, n, c, k in tags]
+    (folder / f"{name}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return path
 
 
@@ -318,28 +337,30 @@ def write_clip(models_dir: Path, seed: int = 0) -> Path:
         text_config=text, vision_config=dict(TINY_CLIP["vision"]), projection_dim=TINY_CLIP["projection_dim"]
     )
     folder = models_dir / "clip_vision" / CLIP_FOLDER
-    model = _seeded(seed, lambda: CLIPModel(config).eval())
+    model = seeded(seed, lambda: CLIPModel(config).eval())
     model.save_pretrained(str(folder))
     write_tokenizer(folder)
     size = TINY_CLIP["vision"]["image_size"]
-    (folder / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "CLIPImageProcessor",
-                "do_resize": True,
-                "size": {"shortest_edge": size},
-                "do_center_crop": True,
-                "crop_size": {"height": size, "width": size},
-                "do_rescale": True,
-                "rescale_factor": 1 / 255,
-                "do_normalize": True,
-                "resample": 3,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711],
-            }
-        )
-    )
+    (folder / "preprocessor_config.json").write_text(json.dumps(clip_preprocessor_config(size)))
     return folder
+
+
+def clip_preprocessor_config(size: int) -> dict[str, Any]:
+    """The ``preprocessor_config.json`` of a CLIP folder whose images are `size` pixels square (CLIP's own
+    resize, centre crop and normalisation)."""
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": size},
+        "do_center_crop": True,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "resample": 3,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+    }
 
 
 PARTS = ("sd15", "motion", "tagger", "clip")
