@@ -234,6 +234,106 @@ def test_crop_uses_the_upscaler_for_small_photos_and_reports_by_how_much(models,
     report = build_report(cropped)
     assert report["upscaled"] == [{"name": "small.png", "factor": 3.41}]
     assert "1 upscaled with 4x-tiny-esrgan.safetensors" in cropped.history[-1].summary
+    # No faces, no Analyse: no identity to score the enhanced crop against, and the report says so.
+    assert small.enhanced is not None and small.enhanced["kept"] and "similarity" not in small.enhanced
+    assert report["enhanced"]["check"].startswith("enhanced images not scored: the dataset has no identity")
+    assert report["enhanced"]["images"][0]["source"] == small.source
+
+
+class PlantedUpscaler:
+    """A x2 'model' (a spandrel-like descriptor): nearest-neighbour enlargement, faithful to the face, except
+    on the calls numbered in `destroy`, which return flat grey (the face is gone)."""
+
+    scale = 2
+    device = "cpu"
+
+    def __init__(self, destroy=()):
+        self.destroy, self.calls = set(destroy), 0
+
+    def __call__(self, x):
+        import torch
+
+        out = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+        self.calls += 1
+        return torch.full_like(out, 0.35) if self.calls in self.destroy else out
+
+
+def test_enhanced_crops_are_scored_against_the_datasets_identity(analyzer, tmp_path):
+    from charforge.engine.dataset import analyse, write_report
+    from charforge.engine.dataset.faces import InsightFaces
+    from charforge.engine.synth import ImageModel
+
+    photos = tmp_path / "photos"
+    for i in range(3):
+        write_rgb(photos / f"hero_{i}.png", face_image(SIZE, FACE, person=1, noise=6, seed=i))
+    detector = InsightFaces(analyzer)
+    manifest = analyse(load_folder(photos, tmp_path / "ds"), detector, detector.name, workers=1)
+    assert manifest.identity["model"] == "insightface:buffalo_l" and manifest.identity["references"] == 3
+    # The second photo's upscale destroys its face; the others are enlarged faithfully.
+    upscaler = ImageModel(PlantedUpscaler(destroy={2}), "planted-x2", "")
+    cropped = crop_dataset(
+        manifest, CropSettings(bucket_set="sd15", square=True, format="png"), workers=1, upscaler=upscaler
+    )
+    first, destroyed, third = cropped.entries
+    threshold = manifest.identity["threshold"]
+    for kept in (first, third):
+        assert kept.accepted and kept.upscaled == 1.6 and kept.bucket == [512, 512]
+        assert kept.enhanced["kept"] and kept.enhanced["similarity"] >= threshold
+        assert kept.enhanced["factor"] == 1.6 and kept.enhanced["source"] == kept.source
+    # Refused: the photo stays, un-enhanced (at its own size, as without an upscaler), with the reason.
+    assert destroyed.accepted and destroyed.upscaled is None and destroyed.bucket == [320, 320]
+    assert not destroyed.enhanced["kept"] and destroyed.enhanced["similarity"] is None
+    reason = destroyed.enhanced["reason"]
+    assert (
+        reason.startswith("enhanced image: no face found any more (") and destroyed.enhanced["before"] > 0.9
+    )
+    assert any(f"refused: {reason}; the un-enhanced crop is kept" in note for note in destroyed.flags)
+    assert "1 upscale(s) refused by the identity check" in cropped.history[-1].summary
+
+    report = build_report(cropped)
+    enhanced = report["enhanced"]
+    assert enhanced["check"].startswith("enhanced images scored against 'ds' (insightface:buffalo_l)")
+    assert (enhanced["kept"], enhanced["refused"]) == (2, 1)
+    assert [(i["name"], i["kept"], i["factor"]) for i in enhanced["images"]] == [
+        ("hero_0.png", True, 1.6),
+        ("hero_1.png", False, 1.6),
+        ("hero_2.png", True, 1.6),
+    ]
+    assert enhanced["images"][1]["reason"] == reason and enhanced["images"][1]["source"] == destroyed.source
+    assert report["upscaled"] == [
+        {"name": "hero_0.png", "factor": 1.6},
+        {"name": "hero_2.png", "factor": 1.6},
+    ]
+    page = Path(write_report(cropped)["html"]).read_text(encoding="utf-8")
+    assert "kept, 1.6x with planted-x2, from hero_0.png, identity" in page
+    assert "refused (enhanced image: no face found any more (" in page and "2 kept, 1 refused" in page
+
+
+def test_an_upscaler_that_changes_the_person_is_refused_with_the_similarity(analyzer, tmp_path):
+    from charforge.engine.dataset import analyse
+    from charforge.engine.dataset.faces import InsightFaces
+    from charforge.engine.synth import EnhanceCheck, ImageModel, identity_from_record
+
+    photos = tmp_path / "photos"
+    for i in range(3):
+        write_rgb(photos / f"hero_{i}.png", face_image(SIZE, FACE, person=1, noise=6, seed=i))
+    detector = InsightFaces(analyzer)
+    manifest = analyse(load_folder(photos, tmp_path / "ds"), detector, detector.name, workers=1)
+    check = EnhanceCheck(analyzer, identity_from_record(manifest.identity), manifest.identity["threshold"])
+    before = face_image(SIZE, FACE, person=1, noise=6, seed=5)
+    stranger = face_image(SIZE, FACE, person=7)  # what a face-inventing upscaler could make of it
+    verdict, was = check.judge(before, stranger)
+    assert not verdict.passed and was is not None and was > check.threshold > verdict.similarity
+    assert verdict.reason == (
+        f"enhanced image no longer matches the identity ({verdict.similarity:.3f} < {check.threshold:.3f}; "
+        f"{was:.3f} before)"
+    )
+    same, _ = check.judge(before, face_image(SIZE, FACE, person=1, noise=6, seed=6))
+    assert same.passed
+    # Not enhanced into a worse match: a photo already below the threshold is not the upscaler's fault.
+    low = EnhanceCheck(analyzer, check.identity, 0.999)
+    assert low.judge(before, before)[0].passed
+    assert ImageModel(PlantedUpscaler(), "x", "").scale == 2
 
 
 # ------------------------------------------------------------------------------------------ identity

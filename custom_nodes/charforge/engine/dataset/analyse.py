@@ -4,7 +4,8 @@ For every readable entry: resolution, sharpness and exposure (quality.py, at 512
 (for Deduplicate), and faces: how many, how many people (faces at least a quarter of the main face's
 area), the main face's box, score and size. When the detector gives identity embeddings (InsightFace),
 each main face's distance to the dataset's own face centroid is measured too: a photo of someone else
-stands out from the rest.
+stands out from the rest. The same embeddings (of the photos, not of synthetic images) become the dataset's
+identity, kept in the manifest (``identity``): what Crop scores the photos it enhances against.
 """
 
 from __future__ import annotations
@@ -122,6 +123,17 @@ def analyse(
     by_id = out.by_id()
     for entry_id, distance in identity_distances(embeddings).items():
         by_id[entry_id].scores.identity_distance = round(distance, 4)
+    out.identity = None
+    photos = [
+        (by_id[i].name, e, getattr(by_id[i].faces, "count", 1))
+        for i, e in embeddings.items()
+        if not by_id[i].synthetic
+    ]
+    if photos and detector is not None:
+        from ..synth.identity import dataset_identity  # only reached with InsightFace, whose engine it needs
+
+        models = getattr(detector, "_analyzer", detector)  # the FaceAnalyzer behind InsightFaces
+        out.identity = dataset_identity(out.name, detector.name, photos, getattr(models, "det_size", None))
     return out
 
 

@@ -5,8 +5,15 @@ rectangle of the bucket's shape inside the photo; with a face box it is moved so
 horizontally and has `headroom` (a share of the crop's height) above the top of the face box, then
 clamped to the photo. Photos smaller than their bucket go to a smaller size of the same shape unless
 `upscale` is on, or an upscale model is given: then the crop is enlarged with the model (tiled, see
-``engine.synth.upscale``) instead of a plain resize, and the entry records by how much. Results are written to ``<dataset>/crops-<settings key>/<id>.<format>`` and become the
-entries' working files; the source photos are only read.
+``engine.synth.upscale``) instead of a plain resize, and the entry records by how much. Results are written
+to ``<dataset>/crops-<settings key>/<id>.<format>`` and become the entries' working files; the source photos
+are only read.
+
+An enhanced (upscaled) crop is scored against the dataset's identity (``engine.synth.identity.EnhanceCheck``:
+the identity Analyse built, or one given). When enhancement changed who the face looks like, the enhanced
+crop is refused and the crop the stage makes without a model is kept instead: the photo itself passed Filter,
+only the model failed it. Either way the entry's ``enhanced`` record says what happened, with the source
+photo, the factor, the similarity and the reason.
 """
 
 from __future__ import annotations
@@ -89,10 +96,13 @@ def target_size(entry: ImageEntry, settings: CropSettings) -> tuple[int, int]:
 _upscale_lock = threading.Lock()
 
 
-def crop_entry(entry: ImageEntry, settings: CropSettings, folder: Path, upscaler: Any = None) -> dict:
+def crop_entry(
+    entry: ImageEntry, settings: CropSettings, folder: Path, upscaler: Any = None, check: Any = None
+) -> dict:
     """Crop, resize and write one entry; returns the fields to update (or an "error").
 
-    `upscaler` (an ``engine.synth.ImageModel``) enlarges crops smaller than their bucket."""
+    `upscaler` (an ``engine.synth.ImageModel``) enlarges crops smaller than their bucket; `check` (an
+    ``engine.synth.EnhanceCheck``) scores each enlarged crop, and a refused one gives way to the plain crop."""
     bucket = target_size(entry, settings)
     # The final size first (a smaller photo keeps its own size), then the crop of exactly that shape,
     # so the resize never stretches.
@@ -115,12 +125,38 @@ def crop_entry(entry: ImageEntry, settings: CropSettings, folder: Path, upscaler
     factor = max(size[0] / region.shape[1], size[1] / region.shape[0])
     notes = [] if face or settings.mode == "centre" else ["no face box: centre crop"]
     upscaled = None
+    enhanced: dict[str, Any] | None = None
     if upscaler is not None and factor > 1.0:
         from ..synth.upscale import upscale_to
 
         with _upscale_lock:
             resized = upscale_to(upscaler, region, size)
         upscaled = round(factor, 2)
+        enhanced = {"by": upscaler.name, "factor": upscaled, "source": entry.source, "kept": True}
+        verdict = None
+        if check is not None:
+            try:
+                verdict, before = check.judge(resize(region, size), resized)
+            except Exception as exc:  # noqa: BLE001 - a face model failing on one crop must not stop the rest
+                from .load import short_error
+
+                enhanced["reason"] = f"identity check failed: {short_error(exc)}"
+        if verdict is not None:
+            enhanced.update(
+                similarity=None if verdict.similarity is None else round(verdict.similarity, 4),
+                before=None if before is None else round(before, 4),
+                threshold=check.threshold,
+            )
+            if not verdict.passed:
+                plain = crop_entry(entry, settings, folder)
+                if "error" not in plain:
+                    enhanced.update(kept=False, reason=verdict.reason)
+                    plain["notes"].append(
+                        f"upscaling {upscaled:g}x with {upscaler.name} refused: {verdict.reason}; "
+                        "the un-enhanced crop is kept"
+                    )
+                    plain["enhanced"] = enhanced
+                return plain
         notes.append(
             f"upscaled {upscaled:g}x with {upscaler.name} ({region.shape[1]}x{region.shape[0]} -> "
             f"{size[0]}x{size[1]})"
@@ -130,7 +166,14 @@ def crop_entry(entry: ImageEntry, settings: CropSettings, folder: Path, upscaler
     path = write_rgb(folder / f"{entry.id}.{settings.format}", resized)
     if size != bucket:
         notes.append(f"smaller than its bucket {bucket[0]}x{bucket[1]}: kept at {size[0]}x{size[1]}")
-    return {"file": path, "bucket": list(size), "crop_box": list(box), "notes": notes, "upscaled": upscaled}
+    return {
+        "file": path,
+        "bucket": list(size),
+        "crop_box": list(box),
+        "notes": notes,
+        "upscaled": upscaled,
+        "enhanced": enhanced,
+    }
 
 
 def _move_face(entry: ImageEntry, box: list[int], size: list[int]) -> None:
@@ -152,15 +195,31 @@ def crop_dataset(
     workers: int = 0,
     on_image: ProgressFn | None = None,
     upscaler: Any = None,
+    identity_check: bool = True,
+    analyzer: Any = None,
+    identity: Any = None,
+    threshold: float | None = None,
 ) -> DatasetManifest:
     """A new manifest whose accepted entries point at their cropped, bucket-sized working files.
 
     With `upscaler` (an ``engine.synth.ImageModel``), crops smaller than their bucket are enlarged to it
-    with the model; those entries get ``upscaled`` (the factor) and a note naming the model.
+    with the model; those entries get ``upscaled`` (the factor), ``enhanced`` and a note naming the model.
+    With `identity_check`, each enlarged crop is scored against `identity` (a ``ReferenceIdentity``;
+    default: the dataset's own, from Analyse) with `analyzer` (default: the identity's face pack) at
+    `threshold` (default: the identity's); one below it is refused and the plain crop kept
+    (``engine.synth.identity.EnhanceCheck``). Without an identity the stage's summary says so.
     """
     settings = settings or CropSettings()
     settings.validate()
     out = manifest.copy()
+    check, check_note = None, ""
+    if upscaler is not None:
+        if identity_check:
+            from ..synth.identity import enhance_check
+
+            check, check_note = enhance_check(out, analyzer, identity, threshold)
+        else:
+            check_note = "enhanced images not scored: the identity check is switched off"
     key = (
         settings.key()
         if upscaler is None
@@ -177,7 +236,7 @@ def crop_dataset(
 
     for entry, result in zip(
         todo,
-        ordered_map(lambda e: crop_entry(e, settings, folder, upscaler), todo, workers, report),
+        ordered_map(lambda e: crop_entry(e, settings, folder, upscaler, check), todo, workers, report),
         strict=True,
     ):
         if "error" in result:
@@ -189,6 +248,7 @@ def crop_dataset(
         entry.bucket = result["bucket"]
         entry.crop_box = result["crop_box"]
         entry.upscaled = result["upscaled"]
+        entry.enhanced = result.get("enhanced")
         for note in result["notes"]:
             entry.flag(note)
     buckets: dict[str, int] = {}
@@ -199,9 +259,22 @@ def crop_dataset(
     histogram = ", ".join(f"{k}: {v}" for k, v in sorted(buckets.items()))
     upscaled = [entry for entry in todo if entry.upscaled]
     summary = f"{len(todo)} image(s) cropped into {folder.name} ({histogram})"
+    identity_note = None
     if upscaler is not None:
         summary += f"; {len(upscaled)} upscaled with {upscaler.name}"
+        refused = [entry for entry in todo if entry.enhanced and not entry.enhanced["kept"]]
+        if refused:
+            summary += f"; {len(refused)} upscale(s) refused by the identity check (plain crop kept)"
+        identity_note = check.describe() if check is not None else check_note
+        if check is None:
+            summary += f"; {check_note}"
     out.record(
-        "crop", {**asdict(settings), "upscaler": upscaler.name if upscaler is not None else None}, summary
+        "crop",
+        {
+            **asdict(settings),
+            "upscaler": upscaler.name if upscaler is not None else None,
+            "identity_check": identity_note,
+        },
+        summary,
     )
     return out

@@ -66,6 +66,9 @@ class ImageEntry:
     synthetic: bool = False  # made by the synthesis stage (face swap), not a photo of the character
     synthesized_from: str | None = None  # the source image a synthetic entry's face was swapped onto
     upscaled: float | None = None  # enlarged this many times by an upscale model (Crop), else None
+    # Crop's enhancement and its identity check: {"by", "factor", "source", "kept", "similarity", "before",
+    # "threshold", "reason"}; None when the working file was not enhanced (see engine.synth.identity)
+    enhanced: dict[str, Any] | None = None
     flags: list[str] = field(default_factory=list)  # notes that do not reject ("alpha composited on white")
     rejected: list[str] = field(default_factory=list)  # reasons; empty means accepted
 
@@ -110,6 +113,10 @@ class DatasetManifest:
     detector: str | None = None  # the face detector Analyse used ("insightface:buffalo_l", "mtcnn", ...)
     duplicate_groups: list[list[str]] = field(default_factory=list)  # entry ids, the kept one first
     export_dir: str | None = None  # the kohya `img` folder of the last export (pass it as train_data_dir)
+    # The dataset's own identity, from Analyse's embeddings (InsightFace only): what enhanced images are
+    # scored against. {"name", "model", "centroid", "threshold", "references", "outliers"}; see
+    # engine.synth.identity.identity_record
+    identity: dict[str, Any] | None = None
     version: int = FORMAT_VERSION
 
     # ---------------------------------------------------------------------------- views
@@ -170,6 +177,7 @@ class DatasetManifest:
             detector=data.get("detector"),
             duplicate_groups=[list(g) for g in data.get("duplicate_groups", [])],
             export_dir=_absolute(folder, export_dir) if export_dir else None,
+            identity=data.get("identity"),
             version=int(data.get("version", FORMAT_VERSION)),
         )
 

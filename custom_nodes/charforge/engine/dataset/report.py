@@ -95,6 +95,7 @@ def build_report(manifest: DatasetManifest, trigger: str = "") -> dict[str, Any]
             ],
         },
         "upscaled": [{"name": e.name, "factor": e.upscaled} for e in manifest.entries if e.upscaled],
+        "enhanced": _enhanced(manifest),
         "train_data_dir": manifest.export_dir,
         "history": [asdict(h) for h in manifest.history],
         "images": [
@@ -116,11 +117,39 @@ def build_report(manifest: DatasetManifest, trigger: str = "") -> dict[str, Any]
                 "synthetic": e.synthetic,
                 "synthesized_from": e.synthesized_from,
                 "upscaled": e.upscaled,
+                "enhanced": e.enhanced,
             }
             for e in manifest.entries
         ],
     }
     return data
+
+
+def _enhanced(manifest: DatasetManifest) -> dict[str, Any]:
+    """Enhanced photos (kept or refused by the identity check) and how they were checked."""
+    check = None
+    for record in reversed(manifest.history):
+        if record.stage == "crop":
+            check = record.settings.get("identity_check")
+            break
+    images = [
+        {"name": e.name, "status": _status(e), **e.enhanced}
+        for e in manifest.entries
+        if e.enhanced is not None
+    ]
+    return {
+        "check": check,  # how enhanced images were scored, or why they were not (None: nothing enhanced)
+        "kept": sum(1 for image in images if image["kept"]),
+        "refused": sum(1 for image in images if not image["kept"]),
+        "images": images,
+    }
+
+
+def _enhanced_text(image: dict[str, Any]) -> str:
+    text = f"{image['factor']:g}x with {image['by']}, from {Path(image['source']).name}"
+    if image.get("similarity") is not None:
+        text += f", identity {image['similarity']:.3f}"
+    return f"kept, {text}" if image["kept"] else f"refused ({image.get('reason', '')}), {text}"
 
 
 # ------------------------------------------------------------------------------------------ contact sheet
@@ -238,6 +267,8 @@ def _scores_line(entry: ImageEntry) -> str:
         parts.append(f"id {entry.scores.identity_distance:.2f}")
     if entry.upscaled:
         parts.append(f"upscaled {entry.upscaled:g}x")
+    if entry.enhanced and not entry.enhanced["kept"]:
+        parts.append("upscale refused")
     if entry.synthetic and entry.rejected:
         parts.append("synthetic")
     return "  ".join(parts)
@@ -394,6 +425,9 @@ tr.augmented td{{color:#666}} img{{max-width:100%}}</style></head><body>
 ({data["synthetic"]["share"]:.0%} of the accepted), {data["synthetic"]["rejected"]} rejected.</p>
 {table([(s["name"], f"{s['status']}, from {s['source']}") for s in data["synthetic"]["images"]], ("synthetic", "source"))}
 {table([(u["name"], f"{u['factor']:g}x") for u in data["upscaled"]], ("upscaled", "by"))}
+<p>Identity check of enhanced images: {e(data["enhanced"]["check"] or "nothing was enhanced")};
+{data["enhanced"]["kept"]} kept, {data["enhanced"]["refused"]} refused (the un-enhanced crop kept).</p>
+{table([(x["name"], _enhanced_text(x)) for x in data["enhanced"]["images"]], ("enhanced", "result"))}
 <h2>Captions</h2><p>{data["captions"]["with_caption"]} of {counts["accepted"]} accepted photos have a caption
 (coverage {data["captions"]["coverage"]:.0%}); {e(trigger_text)}.</p>
 <h2>Contact sheets</h2>{images}

@@ -5,12 +5,23 @@
 - `upscale`: any spandrel upscale model (``models/upscale_models``), tiled in bounded memory
 - `paste`: aligned crops and the feathered paste-back both face stages use (pixels outside the mask keep
   their values)
-- `identity`: the identity check of each synthetic image and the cap on their share of a dataset
+- `identity`: the identity check of each synthetic or enhanced image and the cap on synthetic ones
 - `synthesize`: a source folder -> synthetic dataset entries, marked with the image they came from
 - `models`: loading restoration and upscale files through spandrel
 """
 
-from .identity import DEFAULT_MAX_SHARE, IdentityCheck, cap_synthetic, check_identity, synthetic_allowance
+from .identity import (
+    DEFAULT_MAX_SHARE,
+    EnhanceCheck,
+    IdentityCheck,
+    cap_synthetic,
+    check_identity,
+    dataset_identity,
+    enhance_check,
+    identity_from_record,
+    identity_record,
+    synthetic_allowance,
+)
 from .models import (
     FACE_ARCHITECTURES,
     RESTORE_FOLDER,
@@ -30,9 +41,14 @@ from .upscale import tile_boxes, upscale_tiled, upscale_to
 
 __all__ = [
     "DEFAULT_MAX_SHARE",
+    "EnhanceCheck",
     "IdentityCheck",
     "cap_synthetic",
     "check_identity",
+    "dataset_identity",
+    "enhance_check",
+    "identity_from_record",
+    "identity_record",
     "synthetic_allowance",
     "FACE_ARCHITECTURES",
     "RESTORE_FOLDER",
