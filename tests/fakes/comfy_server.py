@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from fakes.loopback import LoopbackServer
 
 COMFYUI_VERSION = "0.3.64"
 MAX_UPLOAD_SIZE = 100 * 1024 * 1024
@@ -632,8 +633,11 @@ class RecordedRequest:
     time: float = field(default_factory=time.time)
 
 
-class FakeComfyServer:
+class FakeComfyServer(LoopbackServer):
     """The fake ComfyUI server; ``start()`` runs it on 127.0.0.1 in a background thread."""
+
+    thread_name = "fake-comfy"
+    what = "fake ComfyUI server"
 
     def __init__(
         self,
@@ -663,11 +667,7 @@ class FakeComfyServer:
         self.requests: list[RecordedRequest] = []
         self.ws_connects: list[RecordedRequest] = []
         self.interrupt_calls: list[dict] = []
-        self.port = port
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._started = threading.Event()
+        self._init_loopback(port)
         # ComfyUI state
         self.sockets: dict[str, web.WebSocketResponse] = {}
         self._transports: dict[str, Any] = {}
@@ -712,29 +712,10 @@ class FakeComfyServer:
         base = f"http://127.0.0.1:{self.port}"
         return f"{base}{self.prefix}/" if self.prefix else base
 
-    def start(self) -> FakeComfyServer:
-        self._thread = threading.Thread(target=self._thread_main, name="fake-comfy", daemon=True)
-        self._thread.start()
-        if not self._started.wait(10):
-            raise RuntimeError("fake ComfyUI server did not start")
-        return self
-
     def stop(self) -> None:
-        if self._loop is not None and self._runner is not None:
-            fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
-            with contextlib.suppress(Exception):  # best effort in teardown
-                fut.result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+        super().stop()
         if self._tmp is not None:
             self._tmp.cleanup()
-
-    def __enter__(self) -> FakeComfyServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def restart(self) -> None:
         """Simulate a ComfyUI restart: queue, running job, history and cache are forgotten, sockets drop."""
@@ -758,14 +739,6 @@ class FakeComfyServer:
         """Run ``coro_fn(*args)`` on the server loop from a test thread and return its result."""
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coro_fn(*args), self._loop).result(10)
-
-    def _thread_main(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._startup())
-        self._started.set()
-        self._loop.run_forever()
-        self._loop.close()
 
     async def _startup(self) -> None:
         self._queue_event = asyncio.Event()
@@ -792,19 +765,14 @@ class FakeComfyServer:
         for method, path, handler in routes:
             for full in (self.prefix + path, self.prefix + "/api" + path):
                 app.router.add_route(method, full, handler)
-        self._runner = web.AppRunner(app, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await self._listen(app)
         self._worker = asyncio.ensure_future(self._prompt_worker())
 
     async def _shutdown(self) -> None:
         self._worker.cancel()
         for ws in list(self.sockets.values()):
             await ws.close()
-        assert self._runner is not None
-        await self._runner.cleanup()
+        await self._cleanup()
 
     # ---- middleware: auth, Origin check, request log --------------------------------------------------------
 

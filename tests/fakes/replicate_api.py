@@ -29,7 +29,6 @@ import random
 import string
 import struct
 import tarfile
-import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from fakes.loopback import LoopbackServer
 
 #: USD per second by hardware, the fake's own price list (the bill the driver's estimate is compared with)
 PRICES = {
@@ -152,8 +152,11 @@ class FakeJob:
         return data
 
 
-class FakeReplicate:
+class FakeReplicate(LoopbackServer):
     """The fake; ``start()`` runs it in a background thread (or use it as a context manager)."""
+
+    thread_name = "fake-replicate"
+    what = "fake Replicate"
 
     def __init__(
         self,
@@ -170,19 +173,10 @@ class FakeReplicate:
         self.delivery: dict[str, bytes] = {}
         self.requests: list[tuple[str, str, int]] = []
         self.created: list[str] = []  # ids of every prediction/training created
-        self.port = 0
+        self._init_loopback()
         self._rng = random.Random(seed)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
-        self._started = threading.Event()
-        self._session: aiohttp.ClientSession | None = None
 
     # ---- set-up and accounting ---------------------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
         return {"REPLICATE_API_TOKEN": self.token, "CHARFORGE_REPLICATE_API_URL": self.url}
@@ -229,36 +223,6 @@ class FakeReplicate:
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
-    def start(self) -> FakeReplicate:
-        self._thread = threading.Thread(target=self._main, name="fake-replicate", daemon=True)
-        self._thread.start()
-        if not self._started.wait(10):
-            raise RuntimeError("fake Replicate did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
-            with contextlib.suppress(Exception):
-                fut.result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
-
-    def __enter__(self) -> FakeReplicate:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _main(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._startup())
-        self._started.set()
-        self._loop.run_forever()
-        self._loop.close()
-
     async def _startup(self) -> None:
         app = web.Application(middlewares=[self._middleware], client_max_size=256 * 1024 * 1024)
         r = app.router
@@ -277,20 +241,13 @@ class FakeReplicate:
         r.add_get("/v1/files/{id}", self.h_file)
         r.add_get("/delivery/{key:.+}", self.h_delivery)
         self._session = aiohttp.ClientSession()
-        self._runner = web.AppRunner(app, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await self._listen(app)
 
     async def _shutdown(self) -> None:
         for job in self.jobs.values():
             if job.task is not None:
                 job.task.cancel()
-        if self._session is not None:
-            await self._session.close()
-        assert self._runner is not None
-        await self._runner.cleanup()
+        await self._cleanup()
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:

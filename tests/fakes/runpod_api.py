@@ -28,7 +28,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from fakes.loopback import LoopbackServer
 
 MB = 1_000_000
 # asyncio.TimeoutError is the builtin TimeoutError only from Python 3.11 on.
@@ -167,8 +167,11 @@ DEFAULT_GPUS = [
 ]
 
 
-class FakeRunPod:
+class FakeRunPod(LoopbackServer):
     """The fake; ``start()`` runs it in a background thread (or use it as a context manager)."""
+
+    thread_name = "fake-runpod"
+    what = "fake RunPod"
 
     def __init__(
         self,
@@ -205,18 +208,9 @@ class FakeRunPod:
         self.ws_drops = 0  # sockets the proxy dropped for idleness
         self.proxy_524 = 0
         self.proxy_502 = 0
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
-        self._started = threading.Event()
-        self._session: aiohttp.ClientSession | None = None
+        self._init_loopback()
 
     # ---- addresses for the driver ----------------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def api_url(self) -> str:
@@ -313,36 +307,6 @@ class FakeRunPod:
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
 
-    def start(self) -> FakeRunPod:
-        self._thread = threading.Thread(target=self._main, name="fake-runpod", daemon=True)
-        self._thread.start()
-        if not self._started.wait(10):
-            raise RuntimeError("fake RunPod did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
-            with contextlib.suppress(Exception):
-                fut.result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
-
-    def __enter__(self) -> FakeRunPod:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _main(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._startup())
-        self._started.set()
-        self._loop.run_forever()
-        self._loop.close()
-
     async def _startup(self) -> None:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * MB)
         r = app.router
@@ -362,20 +326,13 @@ class FakeRunPod:
         r.add_get("/s3/{key}", self.h_s3)
         r.add_route("*", "/proxy/{pod_port}/{tail:.*}", self.h_proxy)
         self._session = aiohttp.ClientSession()
-        self._runner = web.AppRunner(app, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await self._listen(app)
 
     async def _shutdown(self) -> None:
         for job in self.jobs.values():
             if job.task is not None:
                 job.task.cancel()
-        if self._session is not None:
-            await self._session.close()
-        assert self._runner is not None
-        await self._runner.cleanup()
+        await self._cleanup()
 
     # ---- middleware: API key, 429 storms, request log -----------------------------------------------------
 
