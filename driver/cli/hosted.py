@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 from ..errors import DriverError, JobTimeout
+from ..manifest import build_manifest, write_manifest
 
 Command = Callable[[argparse.Namespace, Any], int]
 
@@ -109,3 +111,58 @@ def run_main(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         return asyncio.run(main())
     except KeyboardInterrupt:
         return 130
+
+
+async def finish_job(
+    target: Any,
+    settings: Any,
+    result: Any,
+    job_id: str,
+    args: argparse.Namespace,
+    out: Any,
+    *,
+    started: float,
+    workflow_source: str | None,
+    service: str,
+    service_fields: dict[str, Any],
+    summary: Callable[[dict[str, Any]], str],
+    nothing: str,
+    id_field: str,
+) -> int:
+    """Download a finished job's files (unless ``--no-download``) with the manifest (its `service` section:
+    `service_fields`, the job's times, cost and price) and report them: `summary` of the times, the estimated
+    cost, the files (`nothing` when there are none); the JSON record names the job by `id_field`."""
+    downloads = [] if args.no_download else await target.download(result, args.out)
+    times = target.job_times(job_id)
+    cost = target.job_cost(job_id)
+    manifest_path = None
+    if not args.no_download:
+        manifest = build_manifest(
+            result,
+            downloads,
+            out_dir=args.out,
+            server=settings.server,
+            workflow_source=workflow_source,
+            wall_seconds=time.monotonic() - started,
+            warnings=target.warnings,
+        )
+        manifest[service] = {
+            **service_fields,
+            **times,
+            "cost_usd": cost,
+            "price_per_second": target.price_per_second,
+        }
+        manifest_path = write_manifest(args.out, manifest, secrets=settings.secrets())
+    lines = [summary(times) + (f", about ${cost:.4f}" if cost is not None else "")]
+    lines += [f"  {d.path}" for d in downloads]
+    if not args.no_download and not downloads:
+        lines.append(f"  ({nothing})")
+    out.result(
+        "\n".join(lines),
+        **{id_field: job_id},
+        files=[str(d.path) for d in downloads],
+        cost_usd=cost,
+        manifest=str(manifest_path) if manifest_path else None,
+        **times,
+    )
+    return 0

@@ -15,8 +15,7 @@ from typing import Any
 
 from ..config import ReplicateSettings, resolve_replicate
 from ..errors import ConfigError
-from ..manifest import build_manifest, write_manifest
-from .hosted import Command, route_commands, run_job, run_main
+from .hosted import Command, finish_job, route_commands, run_job, run_main
 
 
 def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
@@ -122,46 +121,23 @@ async def _follow(
 
     result = await target.wait(prediction_id, args.timeout, on_update=on_update)
     prediction_id = result.prompt_id
-    downloads = [] if args.no_download else await target.download(result, args.out)
-    times = target.job_times(prediction_id)
-    cost = target.job_cost(prediction_id)
-    manifest_path = None
-    if not args.no_download:
-        manifest = build_manifest(
-            result,
-            downloads,
-            out_dir=args.out,
-            server=settings.server,
-            workflow_source=workflow_source,
-            wall_seconds=time.monotonic() - started,
-            warnings=target.warnings,
-        )
-        manifest["replicate"] = {
-            "prediction_id": prediction_id,
-            "model": settings.model,
-            "version": target.version,
-            **times,
-            "cost_usd": cost,
-            "price_per_second": target.price_per_second,
-        }
-        manifest_path = write_manifest(args.out, manifest, secrets=settings.secrets())
-    ran = times["execution_seconds"]
-    lines = [
-        f"done: prediction {prediction_id}, ran {ran or 0:.1f} s"
-        + (f", about ${cost:.4f}" if cost is not None else "")
-    ]
-    lines += [f"  {d.path}" for d in downloads]
-    if not args.no_download and not downloads:
-        lines.append("  (the model returned no files)")
-    out.result(
-        "\n".join(lines),
-        prediction_id=prediction_id,
-        files=[str(d.path) for d in downloads],
-        cost_usd=cost,
-        manifest=str(manifest_path) if manifest_path else None,
-        **times,
+    return await finish_job(
+        target,
+        settings,
+        result,
+        prediction_id,
+        args,
+        out,
+        started=started,
+        workflow_source=workflow_source,
+        service="replicate",
+        service_fields={"prediction_id": prediction_id, "model": settings.model, "version": target.version},
+        summary=lambda times: (
+            f"done: prediction {prediction_id}, ran {times['execution_seconds'] or 0:.1f} s"
+        ),
+        nothing="the model returned no files",
+        id_field="prediction_id",
     )
-    return 0
 
 
 def replicate_status(args: argparse.Namespace, settings: ReplicateSettings, out: Any) -> int:

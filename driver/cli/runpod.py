@@ -19,8 +19,7 @@ from typing import Any
 
 from ..config import RunPodSettings, resolve_runpod
 from ..errors import ConfigError
-from ..manifest import build_manifest, write_manifest
-from .hosted import Command, route_commands, run_job, run_main
+from .hosted import Command, finish_job, route_commands, run_job, run_main
 
 
 def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
@@ -167,44 +166,24 @@ def serverless_run(args: argparse.Namespace, settings: RunPodSettings, out: Any)
             out.note(f"job {job_id}: {text}")
 
         result = await target.wait(job_id, timeout, on_status=on_status)
-        downloads = [] if args.no_download else await target.download(result, args.out)
-        times = target.job_times(job_id)
-        cost = target.job_cost(job_id)
-        manifest_path = None
-        if not args.no_download:
-            manifest = build_manifest(
-                result,
-                downloads,
-                out_dir=args.out,
-                server=settings.server,
-                workflow_source=str(args.workflow),
-                wall_seconds=time.monotonic() - started,
-                warnings=target.warnings,
-            )
-            manifest["runpod"] = {
-                "job_id": job_id,
-                "endpoint": settings.id,
-                **times,
-                "cost_usd": cost,
-                "price_per_second": target.price_per_second,
-            }
-            manifest_path = write_manifest(args.out, manifest, secrets=settings.secrets())
-        lines = [
-            f"done: job {job_id}, queue {times['queue_seconds'] or 0:.1f} s, ran "
-            f"{times['execution_seconds'] or 0:.1f} s" + (f", about ${cost:.4f}" if cost is not None else "")
-        ]
-        lines += [f"  {d.path}" for d in downloads]
-        if not args.no_download and not downloads:
-            lines.append("  (the worker returned no images)")
-        out.result(
-            "\n".join(lines),
-            job_id=job_id,
-            files=[str(d.path) for d in downloads],
-            cost_usd=cost,
-            manifest=str(manifest_path) if manifest_path else None,
-            **times,
+        return await finish_job(
+            target,
+            settings,
+            result,
+            job_id,
+            args,
+            out,
+            started=started,
+            workflow_source=str(args.workflow),
+            service="runpod",
+            service_fields={"job_id": job_id, "endpoint": settings.id},
+            summary=lambda times: (
+                f"done: job {job_id}, queue {times['queue_seconds'] or 0:.1f} s, ran "
+                f"{times['execution_seconds'] or 0:.1f} s"
+            ),
+            nothing="the worker returned no images",
+            id_field="job_id",
         )
-        return 0
 
     async def main() -> int:
         return await run_job(target, args, out, noun="job", submitted=submitted, follow=follow)
