@@ -142,44 +142,24 @@ async def download_tree(
     for rel, meta in sorted((index.get("files") or {}).items()):
         size, sha = int(meta["size"]), str(meta["sha256"])
         target = _local(tree.out_dir, remote, rel)
-        if await _have(target, size, sha):
-            tree.files.append(
-                {
-                    "remote": rel,
-                    "path": str(target),
-                    "size": size,
-                    "sha256": sha,
-                    "downloaded": False,
-                    "bytes_received": 0,
-                }
-            )
-            continue
-        local = (have or {}).get(sha)
-        if local is not None and await _have(local, size, sha):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + ".part")
-            await asyncio.to_thread(shutil.copyfile, local, partial)
-            os.replace(partial, target)
-            tree.files.append(
-                {
-                    "remote": rel,
-                    "path": str(target),
-                    "size": size,
-                    "sha256": sha,
-                    "downloaded": False,
-                    "bytes_received": 0,
-                }
-            )
-            continue
-        received = await fetch_file(client, path("outputs", "files", rel), target, size, sha, retries)
+        received: int | None = None  # None: the file was already here (or a copy of it was)
+        if not await _have(target, size, sha):
+            local = (have or {}).get(sha)
+            if local is not None and await _have(local, size, sha):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                partial = target.with_name(target.name + ".part")
+                await asyncio.to_thread(shutil.copyfile, local, partial)
+                os.replace(partial, target)
+            else:
+                received = await fetch_file(client, path("outputs", "files", rel), target, size, sha, retries)
         tree.files.append(
             {
                 "remote": rel,
                 "path": str(target),
                 "size": size,
                 "sha256": sha,
-                "downloaded": True,
-                "bytes_received": received,
+                "downloaded": received is not None,
+                "bytes_received": received or 0,
             }
         )
     return tree
