@@ -20,21 +20,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from charforge.common.transfer import CAPTION_TYPES
+from charforge.common.transfer import CAPTION_TYPES, sha256_file
 
 from ..driver.errors import ConfigError, DriverError
 from ..driver.sync import call, server_info, upload_lora
 
 RECORD = "replicate.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def settings_for(opts: Any) -> Any:
@@ -65,12 +57,12 @@ def flat_dataset(train_data_dir: Path, target: Path) -> tuple[Path, str]:
     for number, image in enumerate(images, 1):
         stem = f"{number:04d}_{image.stem}"
         shutil.copy2(image, target / f"{stem}{image.suffix.lower()}")
-        digest.update(f"{stem}{image.suffix.lower()}:{_sha256(image)}\n".encode())
+        digest.update(f"{stem}{image.suffix.lower()}:{sha256_file(image)}\n".encode())
         for suffix in sorted(CAPTION_TYPES):
             caption = image.with_suffix(suffix)
             if caption.is_file():
                 shutil.copy2(caption, target / f"{stem}.txt")
-                digest.update(f"{stem}.txt:{_sha256(caption)}\n".encode())
+                digest.update(f"{stem}.txt:{sha256_file(caption)}\n".encode())
                 break
     return target, digest.hexdigest()
 
@@ -86,7 +78,7 @@ def _reusable(record_path: Path, fingerprint: str, model: str, base_model: str) 
     lora = Path(record.get("lora_path", ""))
     if record.get("dataset") != fingerprint or record.get("model") != model or not lora.is_file():
         return None
-    if _sha256(lora) != record.get("lora_sha256") or check_lora(lora, base_model)[1]:
+    if sha256_file(lora) != record.get("lora_sha256") or check_lora(lora, base_model)[1]:
         return None
     return record
 
@@ -161,7 +153,7 @@ def stage_lora_replicate(runner: Any, opts: Any, models: Any, state: dict[str, A
             "training_id": outcome.training.id,
             "new_version": outcome.new_version,
             "lora_path": str(trained.lora),
-            "lora_sha256": _sha256(trained.lora),
+            "lora_sha256": sha256_file(trained.lora),
             "predict_time": outcome.predict_time,
             "cost_usd": outcome.cost_usd,
             "preset": trained.preset,
@@ -175,7 +167,7 @@ def stage_lora_replicate(runner: Any, opts: Any, models: Any, state: dict[str, A
         loras = base_dir / "models" / "loras"
         loras.mkdir(parents=True, exist_ok=True)
         placed = loras / lora.name
-        if not placed.is_file() or _sha256(placed) != record["lora_sha256"]:
+        if not placed.is_file() or sha256_file(placed) != record["lora_sha256"]:
             shutil.copy2(lora, placed)
         where = str(placed)
     else:

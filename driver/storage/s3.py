@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from charforge.common.transfer import sha256_file
+
 from ..errors import ConfigError, DriverError, UsageError
 from ..secrets import mask
 
@@ -74,14 +76,6 @@ def quiet_botocore() -> None:
 
 def is_s3(value: str | os.PathLike | None) -> bool:
     return isinstance(value, str) and value.startswith("s3://")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _md5(data: bytes) -> str:
@@ -162,7 +156,7 @@ class S3Storage:
         object already had this sha256)."""
         path = Path(path)
         key = location.key(relative)
-        size, sha = path.stat().st_size, _sha256(path)
+        size, sha = path.stat().st_size, sha256_file(path)
         entry = {
             "path": str(path),
             "url": f"s3://{location.bucket}/{key}",
@@ -342,7 +336,7 @@ class S3Storage:
         sha = head.get("Metadata", {}).get("sha256", "")
         etag = str(head.get("ETag", "")).strip('"')
         entry = {"url": where, "path": str(target), "size": size, "sha256": sha, "downloaded": False}
-        if target.is_file() and target.stat().st_size == size and sha and _sha256(target) == sha:
+        if target.is_file() and target.stat().st_size == size and sha and sha256_file(target) == sha:
             return entry
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".part")
@@ -360,7 +354,7 @@ class S3Storage:
                     handle.write(block)
         elif not partial.exists():
             partial.write_bytes(b"")
-        digest = _sha256(partial)
+        digest = sha256_file(partial)
         ok = digest == sha if sha else ("-" in etag or _md5(partial.read_bytes()) == etag)
         if partial.stat().st_size != size or not ok:
             partial.unlink(missing_ok=True)

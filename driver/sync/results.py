@@ -9,7 +9,6 @@ announced is removed and refused. Each downloaded file comes back as a manifest 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from charforge.common.transfer import relative_parts
+from charforge.common.transfer import relative_parts, sha256_file
 
 from ..client.async_client import AsyncComfyClient
 from ..client.http import describe_error, read_head
@@ -39,17 +38,11 @@ class DownloadedTree:
         return sum(f["bytes_received"] for f in self.files)
 
 
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 async def _have(target: Path, size: int, sha: str) -> bool:
     return (
-        target.is_file() and target.stat().st_size == size and await asyncio.to_thread(_sha256, target) == sha
+        target.is_file()
+        and target.stat().st_size == size
+        and await asyncio.to_thread(sha256_file, target) == sha
     )
 
 
@@ -101,7 +94,7 @@ async def fetch_file(
                 ) from None
             await asyncio.sleep(min(10.0, 0.2 * 2**attempt))
     got = partial.stat().st_size if partial.exists() else 0
-    digest = await asyncio.to_thread(_sha256, partial) if partial.exists() else ""
+    digest = await asyncio.to_thread(sha256_file, partial) if partial.exists() else ""
     if got != size or digest != sha:
         partial.unlink(missing_ok=True)
         raise ProtocolError(

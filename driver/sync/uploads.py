@@ -9,13 +9,18 @@ each byte range crosses the wire once (unless it was lost on the way).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from charforge.common.transfer import DEFAULT_CHUNK, MAX_UPLOAD_FILE, dataset_name_ok, local_files
+from charforge.common.transfer import (
+    DEFAULT_CHUNK,
+    MAX_UPLOAD_FILE,
+    dataset_name_ok,
+    local_files,
+    sha256_file,
+)
 
 from ..client.async_client import AsyncComfyClient
 from ..errors import DriverError, ServerError, ServerUnavailable, UsageError
@@ -50,14 +55,6 @@ class UploadReport:
             "bytes_sent": self.bytes_sent,
             "files": self.files,
         }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 async def _listing(client: AsyncComfyClient, dataset: str) -> dict[str, Any]:
@@ -99,7 +96,7 @@ async def upload_folder(
             + ", ".join(too_big)
             + "; shrink or remove them"
         )
-    hashes = {name: await asyncio.to_thread(_sha256, p) for name, p in files.items()}
+    hashes = {name: await asyncio.to_thread(sha256_file, p) for name, p in files.items()}
     listing = await _listing(client, dataset)
     report = UploadReport(dataset, str(listing.get("folder", "")))
     remote = listing.get("files") or {}
@@ -205,7 +202,7 @@ async def upload_lora(
     with the same sha256 is not sent. Returns ``{"name", "sha256", "size", "sent"}``."""
     lora = Path(lora)
     name, size = lora.name, lora.stat().st_size
-    sha = await asyncio.to_thread(_sha256, lora)
+    sha = await asyncio.to_thread(sha256_file, lora)
     _, listing = await request_json(
         client, "GET", path("models"), params={"kinds": "loras", "names": name, "hash": "1"}
     )

@@ -12,7 +12,6 @@ is bounded whatever the folder holds.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import threading
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ...common.transfer import sha256_file
 from ...deps import require
 from ..images import decode_slot, open_image
 
@@ -202,11 +202,7 @@ def resize_long_side(rgb, max_side: int):
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path, chunk)
 
 
 def encode_rgb(rgb, suffix: str, quality: int = 95) -> bytes:
