@@ -207,11 +207,11 @@ export function createPanel(root, { app, api }) {
     };
     const samples = run.samples.map((group) => h("div", { class: "cf-sample-row", "data-step": group.step },
       h("div", { class: "cf-muted" }, `step ${group.step}`),
-      scoreLine(group.step),
       group.files.map((path) => h("img", {
         class: "cf-sample", src: file(path), loading: "lazy", alt: `${run.name} step ${group.step}`,
         onclick: () => openDialog(`${run.name}: step ${group.step}`, h("img", { class: "cf-full", src: file(path) })),
-      }))));
+      })),
+      scoreLine(group.step))); // under the images, so the images of every step stay in line
     return h("div", { class: "cf-details", "data-run": run.name },
       h("div", { class: "cf-row" }, h("b", {}, run.name), h("span", { class: "cf-actions" }, actions)),
       facts.length ? h("div", { class: "cf-muted" }, facts.join(" · ")) : "",
