@@ -81,7 +81,7 @@ def load_folder(
     """
     dataset_dir = Path(dataset_dir).resolve()
     scanned = scan_folder(folder, recursive=recursive)
-    paths = [p for p in scanned.images if not _inside(p, dataset_dir)]
+    paths = [p for p in scanned.images if not inside(p, dataset_dir)]
     manifest = DatasetManifest(name=name or dataset_dir.name, folder=str(dataset_dir))
     add_files(manifest, paths, read_captions=read_captions, workers=workers, on_image=on_image)
     return manifest
@@ -131,7 +131,8 @@ def add_arrays(
     return add_files(manifest, written, read_captions=False, workers=1)
 
 
-def _inside(path: str, folder: Path) -> bool:
+def inside(path: str, folder: Path) -> bool:
+    """Whether `path` (resolved) lies in `folder` (already resolved)."""
     try:
         Path(path).resolve().relative_to(folder)
     except ValueError:

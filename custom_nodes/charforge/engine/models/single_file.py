@@ -95,7 +95,8 @@ _OPEN_CLIP_LAYER_PARTS = {
 _DOWN_BLOCK_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # type -> has attention
 _UP_BLOCK_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 
-_DTYPES = {
+#: dtype names the loaders and the trainer accept
+DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
     "fp16": torch.float16,
@@ -486,9 +487,9 @@ def load_component_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def save_single_file(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..control import Control, or_default
 from ..dataset.images import file_sha256, read_rgb, write_rgb
-from ..dataset.load import read_caption
+from ..dataset.load import inside, read_caption
 from ..dataset.manifest import DatasetManifest, ImageEntry
 from ..dataset.scan import rejection_reason, scan_folder
 from ..score import ReferenceIdentity, check_same_model
@@ -105,7 +105,7 @@ def synthesize(
     folder = Path(out.folder) / SYNTHETIC_FOLDER
     dataset_root = Path(out.folder).resolve()
     paths = [
-        p for p in scan_folder(sources, recursive=settings.recursive).images if not _inside(p, dataset_root)
+        p for p in scan_folder(sources, recursive=settings.recursive).images if not inside(p, dataset_root)
     ]
     summary = SynthSummary(sources=len(paths), threshold=threshold)
     if identity.model != SWAPPER_FACE_MODEL:
@@ -222,11 +222,3 @@ def _synthesize_one(
     if not check.passed:
         entry.reject(check.reason)
     return entry, check
-
-
-def _inside(path: str, folder: Path) -> bool:
-    try:
-        Path(path).resolve().relative_to(folder)
-    except ValueError:
-        return False
-    return True

@@ -29,19 +29,11 @@ from typing import Any
 import torch
 
 from ...deps import require
+from ..models.single_file import DTYPES
 
 ARCHS = ("sd15", "sdxl")
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
-
-DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
 
 # Pipeline classes (diffusers) and a human name per architecture.
 _PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
