@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -85,3 +85,22 @@ class LoopbackServer:
             await self._session.close()
         assert self._runner is not None
         await self._runner.cleanup()
+
+
+def throttled(knobs: Any) -> dict[str, str] | None:
+    """Spend one of ``knobs.rate_limit_next`` (the 429 answers still to give): the answer's headers
+    (``Retry-After`` when ``knobs.retry_after`` is set, else {}); None when no 429 is due."""
+    if knobs.rate_limit_next <= 0:
+        return None
+    knobs.rate_limit_next -= 1
+    return {"Retry-After": f"{knobs.retry_after:g}"} if knobs.retry_after else {}
+
+
+async def history_entry(session: aiohttp.ClientSession, base: str, prompt_id: str, interval: float) -> Any:
+    """Poll a ComfyUI's ``/history/<prompt_id>`` every `interval` seconds until the job is there; its entry."""
+    while True:
+        async with session.get(f"{base}/history/{prompt_id}") as resp:
+            history = await resp.json()
+        if prompt_id in history:
+            return history[prompt_id]
+        await asyncio.sleep(interval)

@@ -37,7 +37,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from fakes.loopback import LoopbackServer
+from fakes.loopback import LoopbackServer, history_entry, throttled
 
 #: USD per second by hardware, the fake's own price list (the bill the driver's estimate is compared with)
 PRICES = {
@@ -264,12 +264,9 @@ class FakeReplicate(LoopbackServer):
                         },
                         status=401,
                     )
-                if self.knobs.rate_limit_next > 0:
-                    self.knobs.rate_limit_next -= 1
+                headers = throttled(self.knobs)
+                if headers is not None:
                     status = 429
-                    headers = (
-                        {"Retry-After": f"{self.knobs.retry_after:g}"} if self.knobs.retry_after else None
-                    )
                     return web.json_response(
                         {"detail": "Request was throttled. Expected available in 1 second.", "status": 429},
                         status=429,
@@ -533,13 +530,7 @@ class FakeReplicate(LoopbackServer):
             if resp.status != 200:
                 job.logs.append(json.dumps(answer))
                 return None, f"ComfyUI rejected the workflow: {json.dumps(answer.get('node_errors'))[:300]}"
-        while True:
-            async with self._session.get(f"{base}/history/{job.prompt_id}") as resp:
-                history = await resp.json()
-            if job.prompt_id in history:
-                entry = history[job.prompt_id]
-                break
-            await asyncio.sleep(0.03)
+        entry = await history_entry(self._session, base, job.prompt_id, 0.03)
         status = entry.get("status") or {}
         for message in status.get("messages") or []:
             if message[0] == "execution_start":

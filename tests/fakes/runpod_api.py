@@ -35,7 +35,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
-from fakes.loopback import LoopbackServer
+from fakes.loopback import LoopbackServer, history_entry, throttled
 
 MB = 1_000_000
 # asyncio.TimeoutError is the builtin TimeoutError only from Python 3.11 on.
@@ -352,12 +352,9 @@ class FakeRunPod(LoopbackServer):
                     return web.Response(
                         status=status, text=self.knobs.fail_body.replace("{key}", self.api_key)
                     )
-                if self.knobs.rate_limit_next > 0:
-                    self.knobs.rate_limit_next -= 1
+                headers = throttled(self.knobs)
+                if headers is not None:
                     status = 429
-                    headers = (
-                        {"Retry-After": f"{self.knobs.retry_after:g}"} if self.knobs.retry_after else None
-                    )
                     return web.json_response({"error": "Too Many Requests"}, status=429, headers=headers)
             response = await handler(request)
             status = response.status
@@ -713,13 +710,7 @@ class FakeRunPod(LoopbackServer):
                     for e in v.get("errors", [])
                 ]
                 return {"details": details or [str(answer.get("error"))]}, "Workflow validation failed"
-        while True:
-            async with self._session.get(f"{base}/history/{job.prompt_id}") as resp:
-                history = await resp.json()
-            if job.prompt_id in history:
-                entry = history[job.prompt_id]
-                break
-            await asyncio.sleep(0.05)
+        entry = await history_entry(self._session, base, job.prompt_id, 0.05)
         status = entry.get("status") or {}
         if status.get("status_str") == "error":
             messages = [m for m in status.get("messages", []) if m[0] == "execution_error"]
