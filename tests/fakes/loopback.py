@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -71,16 +72,22 @@ class LoopbackServer:
     async def _shutdown(self) -> None:
         await self._cleanup()
 
-    async def _listen(self, app: web.Application) -> None:
-        """Serve `app` on 127.0.0.1 (``self.port``, or a free port when 0) and note the port."""
+    async def _listen(self, app: web.Application, *, client_session: bool = False) -> None:
+        """Serve `app` on 127.0.0.1 (``self.port``, or a free port when 0) and note the port; with
+        `client_session`, open ``self._session`` first for the fake's own outgoing requests."""
+        if client_session:
+            self._session = aiohttp.ClientSession()
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
-    async def _cleanup(self) -> None:
-        """Close the outgoing session (if any) and stop serving."""
+    async def _cleanup(self, tasks: Iterable[asyncio.Task | None] = ()) -> None:
+        """Cancel `tasks` (a fake's jobs in flight), close the outgoing session (if any) and stop serving."""
+        for task in tasks:
+            if task is not None:
+                task.cancel()
         if self._session is not None:
             await self._session.close()
         assert self._runner is not None

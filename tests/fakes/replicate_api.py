@@ -240,14 +240,10 @@ class FakeReplicate(LoopbackServer):
         r.add_post("/v1/files", self.h_upload)
         r.add_get("/v1/files/{id}", self.h_file)
         r.add_get("/delivery/{key:.+}", self.h_delivery)
-        self._session = aiohttp.ClientSession()
-        await self._listen(app)
+        await self._listen(app, client_session=True)
 
     async def _shutdown(self) -> None:
-        for job in self.jobs.values():
-            if job.task is not None:
-                job.task.cancel()
-        await self._cleanup()
+        await self._cleanup(job.task for job in self.jobs.values())
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:

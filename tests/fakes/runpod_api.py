@@ -325,14 +325,10 @@ class FakeRunPod(LoopbackServer):
         r.add_get("/sls/{endpoint_id}/health", self.h_health)
         r.add_get("/s3/{key}", self.h_s3)
         r.add_route("*", "/proxy/{pod_port}/{tail:.*}", self.h_proxy)
-        self._session = aiohttp.ClientSession()
-        await self._listen(app)
+        await self._listen(app, client_session=True)
 
     async def _shutdown(self) -> None:
-        for job in self.jobs.values():
-            if job.task is not None:
-                job.task.cancel()
-        await self._cleanup()
+        await self._cleanup(job.task for job in self.jobs.values())
 
     # ---- middleware: API key, 429 storms, request log -----------------------------------------------------
 
