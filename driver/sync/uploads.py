@@ -129,6 +129,18 @@ async def upload_folder(
     return report
 
 
+async def _dropped(exc: ServerUnavailable | ServerError, failures: int, retries: int, name: str) -> int:
+    """After a chunk's connection dropped (or a proxy gave up): the failures so far, once the backoff has been
+    waited; raised again when it is another server error, ServerUnavailable when the retries are spent."""
+    if isinstance(exc, ServerError) and exc.status not in PROXY_GAVE_UP:
+        raise exc
+    failures += 1
+    if failures > retries:
+        raise ServerUnavailable(f"uploading {name}: {exc} ({retries} retries)") from None
+    await asyncio.sleep(min(10.0, 0.2 * 2**failures))
+    return failures
+
+
 async def _send_file(
     client: AsyncComfyClient,
     dataset: str,
@@ -160,12 +172,7 @@ async def _send_file(
         except (ServerUnavailable, ServerError) as exc:
             # the connection dropped (or a proxy gave up, 524): some of the chunk may have arrived; the
             # server says how much
-            if isinstance(exc, ServerError) and exc.status not in PROXY_GAVE_UP:
-                raise
-            failures += 1
-            if failures > retries:
-                raise ServerUnavailable(f"uploading {name}: {exc} ({retries} retries)") from None
-            await asyncio.sleep(min(10.0, 0.2 * 2**failures))
+            failures = await _dropped(exc, failures, retries, name)
             listing = await _listing(client, dataset)
             if (listing.get("files", {}).get(name) or {}).get("sha256") == sha:
                 return sent
@@ -221,12 +228,7 @@ async def upload_lora(
                 client, "PUT", route, params=params, data=data, ok=(200, 409), retries=0
             )
         except (ServerUnavailable, ServerError) as exc:
-            if isinstance(exc, ServerError) and exc.status not in PROXY_GAVE_UP:
-                raise
-            failures += 1
-            if failures > retries:
-                raise ServerUnavailable(f"uploading {name}: {exc} ({retries} retries)") from None
-            await asyncio.sleep(min(10.0, 0.2 * 2**failures))
+            failures = await _dropped(exc, failures, retries, name)
             continue  # the same offset again: the server answers 409 with how much it has
         if status == 409:
             offset = int(answer.get("received", 0))
