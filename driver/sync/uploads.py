@@ -129,6 +129,21 @@ async def upload_folder(
     return report
 
 
+async def _put_chunk(
+    client: AsyncComfyClient, route: str, file: Path, offset: int, size: int, sha: str, chunk: int
+) -> tuple[int, int, Any]:
+    """PUT the chunk of `file` at `offset` (at most `chunk` bytes) to a resumable upload route: the bytes sent,
+    the status (200, or 409 when the server holds another offset) and the answer."""
+    with open(file, "rb") as handle:
+        handle.seek(offset)
+        data = handle.read(min(chunk, size - offset))
+    params = {"size": str(size), "sha256": sha, "offset": str(offset)}
+    status, answer = await request_json(
+        client, "PUT", route, params=params, data=data, ok=(200, 409), retries=0
+    )
+    return len(data), status, answer
+
+
 async def _dropped(exc: ServerUnavailable | ServerError, failures: int, retries: int, name: str) -> int:
     """After a chunk's connection dropped (or a proxy gave up): the failures so far, once the backoff has been
     waited; raised again when it is another server error, ServerUnavailable when the retries are spent."""
@@ -160,15 +175,9 @@ async def _send_file(
     if offset > size:
         offset = 0
     while True:
-        with open(local, "rb") as handle:
-            handle.seek(offset)
-            data = handle.read(min(chunk, size - offset))
-        params = {"size": str(size), "sha256": sha, "offset": str(offset)}
         try:
-            status, answer = await request_json(
-                client, "PUT", route, params=params, data=data, ok=(200, 409), retries=0
-            )
-            sent += len(data)
+            length, status, answer = await _put_chunk(client, route, local, offset, size, sha, chunk)
+            sent += length
         except (ServerUnavailable, ServerError) as exc:
             # the connection dropped (or a proxy gave up, 524): some of the chunk may have arrived; the
             # server says how much
@@ -186,7 +195,7 @@ async def _send_file(
                 on_progress(name, size, size)
             return sent
         new_offset = int(answer.get("received", -1))
-        if new_offset <= offset and data:
+        if new_offset <= offset and length:
             raise ServerError(f"uploading {name}: the server did not take the chunk at {offset}")
         offset = new_offset
         if on_progress is not None:
@@ -219,25 +228,19 @@ async def upload_lora(
     route = path("models", "loras", "files", name)
     offset, sent, failures = 0, 0, 0
     while True:
-        with open(lora, "rb") as handle:
-            handle.seek(offset)
-            data = handle.read(min(chunk, size - offset))
-        params = {"size": str(size), "sha256": sha, "offset": str(offset)}
         try:
-            status, answer = await request_json(
-                client, "PUT", route, params=params, data=data, ok=(200, 409), retries=0
-            )
+            length, status, answer = await _put_chunk(client, route, lora, offset, size, sha, chunk)
         except (ServerUnavailable, ServerError) as exc:
             failures = await _dropped(exc, failures, retries, name)
             continue  # the same offset again: the server answers 409 with how much it has
         if status == 409:
             offset = int(answer.get("received", 0))
             continue
-        sent += len(data)
+        sent += length
         if answer.get("complete"):
             return {"name": name, "sha256": sha, "size": size, "sent": sent}
         new_offset = int(answer.get("received", -1))
-        if new_offset <= offset and data:
+        if new_offset <= offset and length:
             raise ServerError(f"uploading {name}: the server did not take the chunk at {offset}")
         offset = new_offset
         if offset >= size:
