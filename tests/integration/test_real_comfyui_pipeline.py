@@ -36,8 +36,10 @@ PORTS = range(18500, 18550)
 def test_pipeline_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch):
     from safetensors import safe_open
 
-    from charforge.driver import local, pipeline
+    from charforge.driver import local
     from charforge.engine.video import read_video
+    from charforge.recipes import pipeline
+    from charforge.recipes.pipeline import server as pipeline_server
 
     comfy = real.comfyui_dir()
     python = real.comfyui_python(comfy)
@@ -48,7 +50,7 @@ def test_pipeline_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch):
     monkeypatch.setenv("COMFYUI_PYTHON", python)
     # A ComfyUI someone runs on 8188 must not be picked up: this test starts its own.
     monkeypatch.setattr(
-        pipeline,
+        pipeline_server,
         "probe",
         lambda url, timeout=1.5: url != local.DEFAULT_LOCAL_URL and local.probe(url, timeout),
     )
