@@ -231,6 +231,9 @@ def test_huge_history_reply_is_refused_without_reading_it_all(fake_comfy, tmp_pa
 
 def test_oversize_websocket_message_is_dropped_and_the_job_still_finishes(fake_comfy):
     fake_comfy.knobs.oversize_ws_bytes = 1024 * 1024
+    # The job must still be running when the oversize message arrives (on a loaded machine history polling
+    # could otherwise finish it before the socket's reader ever sees the message).
+    fake_comfy.knobs.start_delay = 2.0
     events = []
     with ComfyClient(fake_comfy.url, poll_interval=0.5, max_reply_bytes=64 * 1024) as client:
         result = client.run(image_workflow(), timeout=30, on_event=events.append)
