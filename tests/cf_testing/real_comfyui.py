@@ -146,3 +146,25 @@ def pack_import_failures(log: str, pack_marker: str) -> list[str]:
         if pack_marker in line and ("IMPORT FAILED" in line or "Cannot import" in line or "Skip " in line):
             bad.append(line)
     return bad
+
+
+def pack_tracebacks(log: str) -> list[str]:
+    """The tracebacks in a ComfyUI log, less ComfyUI's own optional node modules failing to import.
+
+    ComfyUI imports every ``comfy_extras`` module at start and logs a traceback for each one whose optional
+    dependency is missing (``torchaudio`` for its audio nodes, say); those say nothing about CharForge and
+    differ from machine to machine. Every other traceback is returned, whole, for the assertion message.
+    """
+    blocks = []
+    for block in log.split("Traceback (most recent call last):")[1:]:
+        # A traceback ends where ComfyUI's next line that is not indented starts after the exception line.
+        lines = block.splitlines()
+        end = next(
+            (i for i, line in enumerate(lines[1:], 1) if line and not line.startswith(" ") and ":" in line),
+            len(lines) - 1,
+        )
+        text = "\n".join(lines[: end + 1])
+        optional_extra = "/comfy_extras/" in text and "ModuleNotFoundError" in lines[end]
+        if not optional_extra:
+            blocks.append("Traceback (most recent call last):" + text)
+    return blocks
