@@ -229,17 +229,27 @@ def test_huge_history_reply_is_refused_without_reading_it_all(fake_comfy, tmp_pa
     assert fake_comfy.hostile_bytes_sent < 100 * 1024 * 1024
 
 
-def test_oversize_websocket_message_is_dropped_and_the_job_still_finishes(fake_comfy):
+def test_oversize_websocket_message_is_dropped_and_the_job_still_finishes(fake_comfy, monkeypatch):
+    from charforge.driver.client import websocket
+
     fake_comfy.knobs.oversize_ws_bytes = 1024 * 1024
-    # The job must still be running when the oversize message arrives (on a loaded machine history polling
-    # could otherwise finish it before the socket's reader ever sees the message).
-    fake_comfy.knobs.start_delay = 2.0
-    events = []
+    fake_comfy.knobs.start_delay = 2.0  # the job outlasts the drop, so the socket reconnects while it runs
+    # Every event the socket broadcasts, also those sent before the job was submitted (and so before it had a
+    # listener): the fake sends the oversize message as soon as the socket connects.
+    broadcast = []
+    original = websocket.EventSocket._broadcast
+
+    def record(self, event):
+        broadcast.append(event)
+        return original(self, event)
+
+    monkeypatch.setattr(websocket.EventSocket, "_broadcast", record)
     with ComfyClient(fake_comfy.url, poll_interval=0.5, max_reply_bytes=64 * 1024) as client:
-        result = client.run(image_workflow(), timeout=30, on_event=events.append)
+        result = client.run(image_workflow(), timeout=30)
     assert result.files
-    reasons = [e.data.get("reason", "") for e in events if e.type == "connection_lost"]
-    assert any("WebSocket message larger than 0.0625 MiB" in r for r in reasons), reasons
+    reasons = [e.data.get("reason", "") for e in broadcast if e.type == "connection_lost"]
+    assert any("WebSocket message larger than 0.0625 MiB" in r for r in reasons), (reasons, broadcast)
+    assert any(e.type == "reconnected" for e in broadcast)
 
 
 # ---- 3. terminal escapes ----------------------------------------------------------------------------------------
