@@ -435,8 +435,6 @@ def is_cancellation(exc: BaseException) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Server messages and routes
 
-_routes: set[tuple[int, str, str]] = set()
-
 
 def add_route(method: str, path: str, handler: Callable[[Any], Any]) -> bool:
     """Register an aiohttp `handler` for ``METHOD path`` on ComfyUI's server, once (ComfyUI also serves it
@@ -445,10 +443,13 @@ def add_route(method: str, path: str, handler: Callable[[Any], Any]) -> bool:
     instance = getattr(getattr(getattr(comfy, "server", None), "PromptServer", None), "instance", None)
     if instance is None:
         return False
-    key = (id(instance), method.upper(), path)
-    if key not in _routes:
+    # What was registered is remembered on the server object itself: a module-level set keyed by id() would
+    # take a new server that reuses a collected one's id for one that already has the route.
+    registered: set[tuple[str, str]] = instance.__dict__.setdefault("_charforge_routes", set())
+    key = (method.upper(), path)
+    if key not in registered:
         getattr(instance.routes, method.lower())(path)(handler)
-        _routes.add(key)
+        registered.add(key)
     return True
 
 
