@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from fakes.comfy_server import FakeComfyServer
+from fakes.comfy_server import FakeComfyServer, png_bytes
 
 
 @contextlib.contextmanager
@@ -28,3 +28,27 @@ def transfer_server(comfy_env: Any, **options: Any) -> Iterator[FakeComfyServer]
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+def tiny_models(pipeline: Any) -> Any:
+    """The pipeline's model choice for a run on tiny models (what the remote-pipeline tests patch in)."""
+    return pipeline.Models(
+        tiny=True,
+        checkpoint="tiny.safetensors",
+        train_base="[diffusers] tiny",
+        arch="sd15",
+        tagger="t",
+        clip="c",
+        motion=None,
+        faces=False,
+    )
+
+
+def sample_photos(tmp_path: Any) -> Any:
+    """Two small photos of 'pip' in ``tmp_path/photos``."""
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, color in (("pip_1.png", (200, 0, 0)), ("pip_2.png", (0, 200, 0))):
+        (photos / name).write_bytes(png_bytes(8, 8, color))
+    return photos

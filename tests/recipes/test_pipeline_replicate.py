@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes.charforge_routes import transfer_server
-from fakes.comfy_server import FakeComfyServer, png_bytes
+from fakes.charforge_routes import sample_photos, tiny_models, transfer_server
+from fakes.comfy_server import FakeComfyServer
 from fakes.replicate_api import FakeReplicate
 
 from charforge.driver.client import ComfyClient
@@ -97,28 +97,11 @@ def _stand_ins(monkeypatch: pytest.MonkeyPatch, side: ServerSide, server: pipeli
     monkeypatch.setattr(pipeline, "ComfyClient", Client)
     monkeypatch.setattr(pipeline, "Runner", Runner)
     monkeypatch.setattr(pipeline, "acquire_server", lambda opts, say: server)
-    monkeypatch.setattr(
-        pipeline,
-        "choose_models",
-        lambda *a: pipeline.Models(
-            tiny=True,
-            checkpoint="tiny.safetensors",
-            train_base="[diffusers] tiny",
-            arch="sd15",
-            tagger="t",
-            clip="c",
-            motion=None,
-            faces=False,
-        ),
-    )
+    monkeypatch.setattr(pipeline, "choose_models", lambda *a: tiny_models(pipeline))
 
 
 def _photos(tmp_path: Path) -> Path:
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for name, color in (("pip_1.png", (200, 0, 0)), ("pip_2.png", (0, 200, 0))):
-        (photos / name).write_bytes(png_bytes(8, 8, color))
-    return photos
+    return sample_photos(tmp_path)
 
 
 def cli(*argv: str) -> tuple[int, str, str]:

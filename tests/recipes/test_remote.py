@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from fakes.charforge_routes import transfer_server
+from fakes.charforge_routes import sample_photos, tiny_models, transfer_server
 from fakes.comfy_server import png_bytes
 
 from charforge.driver.client import ComfyClient
@@ -115,28 +115,11 @@ def _stand_ins(monkeypatch, server: ServerSide) -> None:
 
     monkeypatch.setattr(pipeline, "ComfyClient", Client)
     monkeypatch.setattr(pipeline, "Runner", Runner)
-    monkeypatch.setattr(
-        pipeline,
-        "choose_models",
-        lambda *a: pipeline.Models(
-            tiny=True,
-            checkpoint="tiny.safetensors",
-            train_base="[diffusers] tiny",
-            arch="sd15",
-            tagger="t",
-            clip="c",
-            motion=None,
-            faces=False,
-        ),
-    )
+    monkeypatch.setattr(pipeline, "choose_models", lambda *a: tiny_models(pipeline))
 
 
 def _photos(tmp_path: Path) -> Path:
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for name, color in (("pip_1.png", (200, 0, 0)), ("pip_2.png", (0, 200, 0))):
-        (photos / name).write_bytes(png_bytes(8, 8, color))
-    return photos
+    return sample_photos(tmp_path)
 
 
 @pytest.fixture
