@@ -27,6 +27,7 @@ from typing import Any
 
 from charforge.common.characters import join_prompt
 from charforge.driver.errors import UsageError
+from charforge.driver.sync import parse_train_summary
 from charforge.driver.workflow.load import load_workflow
 from charforge.driver.workflow.overrides import Override, apply_overrides, resolve_node
 
@@ -175,9 +176,9 @@ def lora_from_outputs(folder: Path, output_name: str) -> tuple[str, str | None]:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
         for node in (manifest.get("values") or {}).values():
             for text in node.get("text") or []:
-                match = re.match(r"\s*(\S+?\.safetensors): .*?run folder (.+?)\s*(?:;|$)", str(text))
-                if match:
-                    return match.group(1), Path(match.group(2).replace("\\", "/")).name
+                trained = parse_train_summary(text)
+                if trained is not None:
+                    return trained.lora, trained.run_name
     return f"{output_name}.safetensors", output_name
 
 
