@@ -366,6 +366,15 @@ class S3Storage:
         entry.update(sha256=digest, downloaded=True)
         return entry
 
+    def fetch_object(self, url: str, folder: str | Path) -> dict[str, Any]:
+        """One object, ``s3://bucket/key``, downloaded into `folder` under the key's last name (a model manifest
+        kept on S3): checked and resumed as :meth:`download_file`; nothing is fetched when the copy is current."""
+        location = S3Location.parse(url)
+        name = PurePosixPath(location.prefix).name
+        if not name:
+            raise UsageError(f"{url!r} names a bucket, not a file (s3://bucket/path/manifest.yaml)")
+        return self.download_file(location, location.prefix, Path(folder) / name)
+
     def download_tree(
         self, location: S3Location, folder: str | Path, suffixes: frozenset[str] | None = None
     ) -> list[dict[str, Any]]:

@@ -72,10 +72,10 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
     )
     p.add_argument(
         "--models",
-        type=Path,
         metavar="MANIFEST",
         dest="models_manifest",
-        help="model manifest (YAML/JSON) checked against the server before anything is queued",
+        help="model manifest (YAML/JSON, a file or s3://bucket/key) checked against the server before anything "
+        "is queued",
     )
     p.add_argument(
         "--provision",
@@ -142,6 +142,11 @@ def cmd_pipeline(args: argparse.Namespace, out: Any) -> int:
             f"photos from {args.photos}: {sum(e['downloaded'] for e in got)} downloaded, "
             f"{len(got)} in {photos}"
         )
+    manifest = Path(args.models_manifest) if args.models_manifest else None
+    if is_s3(args.models_manifest):
+        got = _storage(args).fetch_object(args.models_manifest, Path(args.out) / "models_manifest")
+        manifest = Path(got["path"])
+        out.note(f"model manifest from {args.models_manifest}: {manifest}")
     opts = PipelineOptions(
         photos=photos,
         out=args.out,
@@ -157,7 +162,7 @@ def cmd_pipeline(args: argparse.Namespace, out: Any) -> int:
         install=not args.no_install,
         progress="plain" if out.json else args.progress,
         remote=args.remote,
-        models_manifest=args.models_manifest,
+        models_manifest=manifest,
         provision=args.provision,
     )
     if args.train_on:

@@ -197,3 +197,37 @@ def test_pipeline_photos_from_s3_and_results_up(storage, tmp_path, monkeypatch, 
     captured = capsys.readouterr()
     for text in (captured.out, captured.err, (tmp_path / "out" / "s3_manifest.json").read_text()):
         assert SECRET_KEY not in text and ACCESS_KEY not in text
+
+
+def test_pipeline_model_manifest_from_s3(storage, tmp_path, monkeypatch):
+    """``--models s3://bucket/key``: the manifest comes down into OUT (checked by its sha256) and the run reads
+    that copy; a second run finds it current and fetches nothing; a key that does not exist stops the run."""
+    from charforge.common.transfer import load_model_manifest
+    from charforge.driver.storage import S3Location, StorageError
+    from charforge.recipes import pipeline
+    from charforge.recipes.cli import main
+
+    text = "models:\n  - name: base.safetensors\n    kind: checkpoints\n    url: https://example.invalid/b\n"
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest.yaml").write_text(text)
+    storage.upload_tree(tmp_path / "m", S3Location.parse(f"s3://{storage.bucket}/config"))
+    (tmp_path / "photos").mkdir()
+    seen = []
+
+    def fake_run(opts, say, stderr=None):
+        seen.append([e.name for e in load_model_manifest(opts.models_manifest)])
+        assert opts.models_manifest.parent.parent == opts.out
+        return {"stages": {}, "seconds": 1}
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
+    endpoint = storage.client.meta.endpoint_url
+    args = ["pipeline", str(tmp_path / "photos"), "--out", str(tmp_path / "out"), "--s3-endpoint", endpoint]
+    for _ in range(2):
+        assert main([*args, "--models", f"s3://{storage.bucket}/config/manifest.yaml"]) == 0
+    assert seen == [["base.safetensors"], ["base.safetensors"]]
+    got = storage.fetch_object(
+        f"s3://{storage.bucket}/config/manifest.yaml", tmp_path / "out" / "models_manifest"
+    )
+    assert got["downloaded"] is False
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.fetch_object(f"s3://{storage.bucket}/config/missing.yaml", tmp_path / "x")
