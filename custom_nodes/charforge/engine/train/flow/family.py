@@ -1,0 +1,104 @@
+"""The family interface: what a flow-matching base (Flux.1, SD3.x) gives the trainer.
+
+A family is a subclass of `FlowModel` that loads its parts and knows three things the trainer does not:
+how images become latents, how captions become conditioning, and how its transformer is called. The
+trainer (`flow.trainer.FlowTrainer`) does the rest the same way for every family: noise levels, the
+objective, caches, LoRA, fp8 storage, steps, state. See the package docstring for the contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .objective import FlowSettings
+
+
+@dataclass
+class FlowModel:
+    """A flow-matching base model's parts, ready for training (subclass per family).
+
+    ``text_encoders`` maps an encoder name (``"clip_l"``, ``"t5"``, ...) to its module; after the
+    captions are cached the trainer calls `release_text_encoders` and the frozen ones are dropped.
+    ``text_outputs`` maps each key `encode_text` returns to the encoder that makes it, so the trainer
+    knows which outputs it may cache and which an encoder with LoRA must recompute every step.
+    """
+
+    arch: str
+    source: str
+    transformer: Any
+    vae: Any
+    text_encoders: dict[str, Any]
+    tokenizers: dict[str, Any]
+    dtype: torch.dtype
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    # -------------------------------------------------------------- what each family sets
+    family: str = ""  # "flux", "sd3"
+    default_sampling: str = "logit_normal"  # FlowSettings.timestep_sampling "auto"
+    text_outputs: dict[str, str] = field(default_factory=dict)  # output key -> encoder name
+    lora_text_encoder: str = "clip_l"  # the encoder the optional text-encoder LoRA goes on
+
+    # -------------------------------------------------------------- the contract
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] (B, 3, H, W) -> the latents the transformer is trained on (B, C, h, w), fp32,
+        already shifted and scaled."""
+        raise NotImplementedError
+
+    def encode_text(
+        self,
+        captions: Sequence[str],
+        device: torch.device | str,
+        settings: FlowSettings,
+        encoders: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Captions -> conditioning tensors, batch first (keys as in ``text_outputs``); only the outputs of
+        `encoders` (default: all). Gradients flow through an encoder that has trainable LoRA."""
+        raise NotImplementedError
+
+    def predict(
+        self,
+        noisy: torch.Tensor,
+        sigmas: torch.Tensor,
+        text: dict[str, torch.Tensor],
+        settings: FlowSettings,
+    ) -> torch.Tensor:
+        """The transformer's velocity prediction for latents `noisy` (B, C, h, w) at noise levels `sigmas`
+        (B,), in the latent layout (B, C, h, w)."""
+        raise NotImplementedError
+
+    def lora_targets(self, preset: str) -> list[str]:
+        """Module names of the transformer that get LoRA for a target preset (``"attention"``,
+        ``"all_linear"``)."""
+        raise NotImplementedError
+
+    def text_fingerprint(self, settings: FlowSettings) -> str:
+        """What the cached caption outputs depend on (weights of the encoders, token lengths)."""
+        return ":".join(self.fingerprints.get(name, "") for name in sorted(self.text_encoders))
+
+    # -------------------------------------------------------------- shared behaviour
+
+    @property
+    def transformer_config(self) -> dict:
+        return dict(self.transformer.config)
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        """The modules LoRA may go on, by the names the LoRA network and its export use."""
+        out = {"transformer": self.transformer}
+        if self.text_encoders.get(self.lora_text_encoder) is not None:
+            out["text_encoder"] = self.text_encoders[self.lora_text_encoder]
+        return out
+
+    def release_text_encoders(self, keep: Sequence[str] = ()) -> None:
+        """Drop the text encoders not in `keep` (their outputs are cached): frees their memory."""
+        for name in list(self.text_encoders):
+            if name not in keep:
+                self.text_encoders[name] = None
+
+    def image_tokens(self, latent_height: int, latent_width: int) -> int:
+        """Image tokens the transformer sees for a latent of this size (2x2 patches)."""
+        return (latent_height // 2) * (latent_width // 2)
