@@ -16,8 +16,10 @@ A preset::
     identity: alice               # a saved identity (Build Identity) or the path of its .json
     reference_photos: /data/alice/photos    # optional: the photos the identity was built from
     threshold: 0.35               # identity similarity a render needs; 0 = the identity's own suggestion
-    base_model: sdxl              # optional: sd15 / sdxl
+    base_model: sdxl              # optional: sd15 / sdxl / flux-dev / flux-schnell / sd3-medium / sd35-medium /
+                                  # sd35-large (the family ids of architecture detection)
     generation: {steps: 25, cfg: 6.5, width: 1024, height: 1024, sampler: euler, scheduler: normal}
+    # Flux also reads generation.guidance (FluxGuidance, 3.5) and SD3/SD3.5 generation.shift (ModelSamplingSD3, 3.0)
 
 A preset without ``width``/``height`` renders at 1024 px; what CharForge creates from a base model (``charforge
 character new``, a finished training run, a storyboard from flags) sizes it with `default_size`.
@@ -33,12 +35,15 @@ from typing import Any
 from .safe_yaml import short_repr
 
 SUFFIXES = (".yaml", ".yml")
-BASE_MODELS = ("", "sd15", "sdxl")
+FLUX_FAMILIES = ("flux-dev", "flux-schnell")
+SD3_FAMILIES = ("sd3-medium", "sd35-medium", "sd35-large")
+BASE_MODELS = ("", "sd15", "sdxl", *FLUX_FAMILIES, *SD3_FAMILIES)
 
 
 def default_size(base_model: str) -> int:
-    """The square image size for a base model family: 1024 for SDXL, else 512 (SD1.5 and unknown)."""
-    return 1024 if base_model == "sdxl" else 512
+    """The square image size for a base model family: 512 for SD1.5 and unknown ones, else 1024 (SDXL, Flux,
+    SD3/SD3.5)."""
+    return 512 if base_model in ("", "sd15") or base_model not in BASE_MODELS else 1024
 
 
 class CharacterError(ValueError):
@@ -54,7 +59,11 @@ class CharacterError(ValueError):
 
 @dataclass
 class GenerationParams:
-    """Defaults for rendering this character (ComfyUI's KSampler and EmptyLatentImage inputs)."""
+    """Defaults for rendering this character (ComfyUI's KSampler and EmptyLatentImage inputs).
+
+    `guidance` is Flux's distilled guidance (ComfyUI's FluxGuidance; Flux samples at cfg 1.0) and `shift` the
+    sampling shift of SD3/SD3.5 (ModelSamplingSD3); other families ignore them. `family_generation` gives each
+    family's defaults."""
 
     steps: int = 25
     cfg: float = 7.0
@@ -63,6 +72,8 @@ class GenerationParams:
     sampler: str = "euler"
     scheduler: str = "normal"
     seed: int | None = None
+    guidance: float = 3.5
+    shift: float = 3.0
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -75,7 +86,33 @@ class GenerationParams:
         }
         if self.seed is not None:
             data["seed"] = self.seed
+        # Only where they differ from the defaults: SD1.5/SDXL presets read as before.
+        if self.guidance != GenerationParams.guidance:
+            data["guidance"] = self.guidance
+        if self.shift != GenerationParams.shift:
+            data["shift"] = self.shift
         return data
+
+
+# Per-family sampling defaults: Flux.1-dev is guidance-distilled (cfg 1.0, FluxGuidance 3.5, euler/simple as in
+# ComfyUI's Flux examples); schnell is timestep-distilled (4 steps, no guidance input); SD3/SD3.5 use real
+# classifier-free guidance with the flow-matching shift 3.0 (ModelSamplingSD3) and the sgm_uniform schedule.
+_FAMILY_SAMPLING: dict[str, dict[str, Any]] = {
+    "sd15": {"steps": 25, "cfg": 7.0, "sampler": "dpmpp_2m", "scheduler": "karras"},
+    "sdxl": {"steps": 25, "cfg": 7.0, "sampler": "dpmpp_2m", "scheduler": "karras"},
+    "flux-dev": {"steps": 20, "cfg": 1.0, "sampler": "euler", "scheduler": "simple", "guidance": 3.5},
+    "flux-schnell": {"steps": 4, "cfg": 1.0, "sampler": "euler", "scheduler": "simple", "guidance": 3.5},
+    "sd3-medium": {"steps": 28, "cfg": 5.0, "sampler": "euler", "scheduler": "sgm_uniform", "shift": 3.0},
+    "sd35-medium": {"steps": 40, "cfg": 4.5, "sampler": "euler", "scheduler": "sgm_uniform", "shift": 3.0},
+    "sd35-large": {"steps": 28, "cfg": 4.5, "sampler": "euler", "scheduler": "sgm_uniform", "shift": 3.0},
+}
+
+
+def family_generation(base_model: str) -> GenerationParams:
+    """The generation defaults of a base model family (a `BASE_MODELS` id), at its `default_size`; an empty or
+    unknown family gets the plain `GenerationParams` defaults at 512 px."""
+    size = default_size(base_model)
+    return GenerationParams(width=size, height=size, **_FAMILY_SAMPLING.get(base_model, {}))
 
 
 @dataclass
@@ -181,7 +218,7 @@ _TOP_KEYS = {
     "generation",
     "notes",
 }
-_GEN_KEYS = {"steps", "cfg", "width", "height", "sampler", "scheduler", "seed"}
+_GEN_KEYS = {"steps", "cfg", "width", "height", "sampler", "scheduler", "seed", "guidance", "shift"}
 
 
 def safe_name(name: str) -> str:
@@ -286,6 +323,10 @@ def validate_character(data: Any, name: str, path: str | os.PathLike | None = No
         seed=None
         if gen_data.get("seed") is None
         else _number(gen_data["seed"], int, path, "generation.seed", 0, 2**64 - 1),
+        guidance=_number(
+            gen_data.get("guidance", defaults.guidance), float, path, "generation.guidance", 0.0, 100.0
+        ),
+        shift=_number(gen_data.get("shift", defaults.shift), float, path, "generation.shift", 0.0, 100.0),
     )
     for key in ("width", "height"):
         if getattr(gen, key) % 8:
@@ -297,7 +338,9 @@ def validate_character(data: Any, name: str, path: str | os.PathLike | None = No
     base_model = _text(data.get("base_model"), path, "base_model").strip().lower()
     if base_model not in BASE_MODELS:
         raise CharacterError(
-            f"must be one of sd15, sdxl (or empty), got {short_repr(base_model)}", path, "base_model"
+            f"must be one of {', '.join(b for b in BASE_MODELS if b)} (or empty), got {short_repr(base_model)}",
+            path,
+            "base_model",
         )
     threshold = _number(data.get("threshold", 0.0) or 0.0, float, path, "threshold", 0.0, 1.0)
     display = _text(data.get("display_name"), path, "display_name").strip()
