@@ -28,7 +28,7 @@ from ..progress import JobView, make_renderer
 from ..terminal import safe_json_line
 from ..workflow.load import load_workflow
 from ..workflow.preflight import nodes_to_run
-from .common import Output, connect
+from .common import Output, connect, report_cancel
 
 try:
     from charforge import __version__
@@ -475,14 +475,12 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_cancel(args: argparse.Namespace, out: Output) -> int:
     with connect(args, out) as client:
-        outcome = client.cancel(args.prompt_id)
-        text = {
+        texts = {
             "removed": "removed from the queue",
             "interrupted": "interrupted",
             "not_active": "not queued or running (already finished, or unknown)",
-        }[outcome]
-        out.result(f"job {args.prompt_id}: {text}", prompt_id=args.prompt_id, outcome=outcome)
-    return 0 if outcome != "not_active" else 1
+        }
+        return report_cancel(out, "job", args.prompt_id, client.cancel(args.prompt_id), texts)
 
 
 def cmd_convert(args: argparse.Namespace, out: Output) -> int:

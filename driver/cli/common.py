@@ -85,6 +85,15 @@ class Output:
             self.stderr.flush()
 
 
+def report_cancel(
+    out: Output, what: str, job_id: str, outcome: str, texts: dict[str, str], id_field: str = "prompt_id"
+) -> int:
+    """Say how cancelling `what` `job_id` ended, in the server kind's words for each outcome (`texts`:
+    ``removed``, ``interrupted``, ``not_active``), and return the exit code: 1 when nothing was active."""
+    out.result(f"{what} {job_id}: {texts[outcome]}", **{id_field: job_id}, outcome=outcome)
+    return 0 if outcome != "not_active" else 1
+
+
 @contextlib.contextmanager
 def connect(args: argparse.Namespace, out: Output) -> Iterator[ComfyClient]:
     """A client for the server the arguments name (or a local one); stops a server it started."""

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config import ReplicateSettings, resolve_replicate
 from ..errors import ConfigError
+from .common import report_cancel
 from .hosted import Command, finish_job, route_commands, run_job, run_main
 
 
@@ -181,14 +182,14 @@ def replicate_cancel(args: argparse.Namespace, settings: ReplicateSettings, out:
         finally:
             await target.close()
 
-    outcome = asyncio.run(main())
-    text = {
+    texts = {
         "removed": "canceled before it started",
         "interrupted": "canceled while running",
         "not_active": "already finished (or unknown)",
-    }[outcome]
-    out.result(f"prediction {args.prompt_id}: {text}", prediction_id=args.prompt_id, outcome=outcome)
-    return 0 if outcome != "not_active" else 1
+    }
+    return report_cancel(
+        out, "prediction", args.prompt_id, asyncio.run(main()), texts, id_field="prediction_id"
+    )
 
 
 def cmd_predictions(args: argparse.Namespace, out: Any) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..config import RunPodSettings, resolve_runpod
 from ..errors import ConfigError
+from .common import report_cancel
 from .hosted import Command, finish_job, route_commands, run_job, run_main
 
 
@@ -229,13 +230,12 @@ def serverless_cancel(args: argparse.Namespace, settings: RunPodSettings, out: A
             outcome = await target.cancel(args.prompt_id)
         finally:
             await target.close()
-        text = {
+        texts = {
             "removed": "removed from the queue",
             "interrupted": "stopped while running",
             "not_active": "already finished (or unknown)",
-        }[outcome]
-        out.result(f"job {args.prompt_id}: {text}", prompt_id=args.prompt_id, outcome=outcome)
-        return 0 if outcome != "not_active" else 1
+        }
+        return report_cancel(out, "job", args.prompt_id, outcome, texts)
 
     return asyncio.run(main())
 
