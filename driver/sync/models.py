@@ -4,16 +4,22 @@ missing files fetched *by the server* from their URL (resumed, checked by size a
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-from charforge.common.transfer import ModelEntry
+from charforge.common.transfer import ModelEntry, hf_token, is_hf_url
 
 from ..client.async_client import AsyncComfyClient
+from ..client.http import is_loopback
+from ..config import Secret
 from ..errors import DriverError, JobTimeout
 from ._http import path, request_json
+
+log = logging.getLogger("charforge.driver.sync")
 
 
 class MissingModels(DriverError):
@@ -104,10 +110,17 @@ async def provision_models(
     poll: float = 1.0,
     timeout: float = 3600.0,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    token: Secret | str | None = None,
 ) -> ModelCheck:
     """Have the server download the missing `entries` with a URL (resumed, checked there); wait until every
     one is done and return the final check. A refused download (wrong checksum, unreachable URL) raises
-    :class:`MissingModels` with the server's reason."""
+    :class:`MissingModels` with the server's reason.
+
+    Gated or private Hugging Face files: `token` (default: ``HF_TOKEN`` / ``HUGGING_FACE_HUB_TOKEN`` of this
+    process) goes with the request when a missing file is on the hub, unless the link to the server is plain
+    http to another machine (then only a token set on the server is used). The server sends it to the hub
+    only and keeps it nowhere; every message is masked.
+    """
     check = await check_models(client, entries)
     if check.different:
         require_models(check, client.url)
@@ -116,13 +129,11 @@ async def provision_models(
         require_models(ModelCheck(missing=[e for e in check.missing if not e.source_url()]), client.url)
     if not fetchable:
         return check
-    await request_json(
-        client,
-        "POST",
-        path("models", "download"),
-        json_body={"models": [e.to_dict() for e in fetchable]},
-        ok=(202,),
-    )
+    body: dict[str, Any] = {"models": [e.to_dict() for e in fetchable]}
+    secret = _token_for(client, fetchable, token)
+    if secret is not None:
+        body["hf_token"] = secret.reveal()
+    await request_json(client, "POST", path("models", "download"), json_body=body, ok=(202,))
     keys = {f"{e.kind}/{e.name}": e for e in fetchable}
     deadline = time.monotonic() + timeout
     while True:
@@ -151,6 +162,26 @@ async def provision_models(
     final = await check_models(client, entries)
     require_models(final, client.url)
     return final
+
+
+def _token_for(
+    client: AsyncComfyClient, entries: list[ModelEntry], token: Secret | str | None
+) -> Secret | None:
+    """The Hugging Face token to send with these downloads, or None (none set, no file on the hub, or a link
+    that would carry it in the clear)."""
+    value = token if token is not None else hf_token()
+    secret = value if isinstance(value, Secret) else Secret(value)  # masked wherever it might appear
+    if not secret or not any(is_hf_url(e.source_url()) for e in entries):
+        return None
+    parts = urlsplit(client.url)
+    if parts.scheme != "https" and not is_loopback(parts.netloc):
+        log.warning(
+            "not sending HF_TOKEN to %s over plain http; gated Hugging Face files need HF_TOKEN set on the "
+            "server (or reach it over https)",
+            client.url,
+        )
+        return None
+    return secret
 
 
 async def provision_tiny(

@@ -129,3 +129,84 @@ def test_tiny_demo_models_written_by_the_server(server, monkeypatch):
     assert written == [(str(server.root / "models"), ["sd15", "motion"])]
     with pytest.raises(DriverError, match="disk full"):
         _run(server.url, lambda c: provision_tiny(c, ["clip"], poll=0.05))
+
+
+HF_SECRET = "hf_CharForgeTestToken0123456789"
+
+
+def test_gated_hub_file_fetched_with_the_drivers_token_and_never_shown(server, tmp_path, monkeypatch, caplog):
+    """A gated file on the hub (``HF_ENDPOINT`` pointed at a loopback host that answers 401 without the bearer
+    token): refused without a token with the fix named; fetched with the driver's ``HF_TOKEN``, which goes to
+    the hub only (not along its redirect to the CDN host), is kept in no download state and appears in no
+    message."""
+    (tmp_path / "cdn").mkdir()
+    (tmp_path / "cdn" / "blob").write_bytes(DATA)
+    (tmp_path / "hub").mkdir()
+    cdn = FileServer(tmp_path / "cdn")
+    hub = FileServer(
+        tmp_path / "hub",
+        token=HF_SECRET,
+        redirects={"/org/gated/resolve/main/g.safetensors": cdn.url("blob")},
+    )
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.port}")
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        entry = ModelEntry(
+            "g.safetensors",
+            "checkpoints",
+            repo="org/gated",
+            file="g.safetensors",
+            size=len(DATA),
+            sha256=hashlib.sha256(DATA).hexdigest(),
+        )
+        with pytest.raises(MissingModels, match="gated or private.*HF_TOKEN"):
+            _run(server.url, lambda c: provision_models(c, [entry], poll=0.05))
+        assert hub.authorizations == [None] and not cdn.requests
+
+        monkeypatch.setenv("HF_TOKEN", HF_SECRET)
+        states = []
+        with caplog.at_level("DEBUG"):
+            check = _run(
+                server.url, lambda c: provision_models(c, [entry], poll=0.05, on_progress=states.append)
+            )
+        assert check.ok
+        assert (server.root / "models" / "checkpoints" / "g.safetensors").read_bytes() == DATA
+        assert hub.authorizations[-1] == f"Bearer {HF_SECRET}"
+        assert cdn.authorizations == [None]  # the redirect to another host carries no token
+        shown = (
+            repr(states)
+            + caplog.text
+            + repr(_run(server.url, lambda c: c._request("GET", "/charforge/transfer/models/downloads")))
+        )
+        assert HF_SECRET not in shown
+
+        # a wrong token: refused, the reason says so, the token is not in it
+        (server.root / "models" / "checkpoints" / "g.safetensors").unlink()
+        with pytest.raises(MissingModels) as caught:
+            _run(
+                server.url,
+                lambda c: provision_models(c, [entry], poll=0.05, token="hf_wrong_token_value_123"),
+            )
+        assert "not accepted" in str(caught.value) and "hf_wrong_token_value_123" not in str(caught.value)
+    finally:
+        hub.close()
+        cdn.close()
+
+
+def test_token_never_sent_in_the_clear_to_another_machine(monkeypatch):
+    from charforge.driver.sync.models import _token_for
+
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    hub_entry = [ModelEntry("a.safetensors", "checkpoints", repo="o/r", file="a.safetensors")]
+    other = [ModelEntry("b.safetensors", "checkpoints", url="https://example.com/b.safetensors")]
+
+    class Client:
+        def __init__(self, url):
+            self.url = url
+
+    assert _token_for(Client("https://pod-8188.proxy.runpod.net"), hub_entry, HF_SECRET).reveal() == HF_SECRET
+    assert _token_for(Client("http://127.0.0.1:8188"), hub_entry, HF_SECRET) is not None
+    assert _token_for(Client("http://10.0.0.5:8188"), hub_entry, HF_SECRET) is None  # plain http elsewhere
+    assert _token_for(Client("https://pod-8188.proxy.runpod.net"), other, HF_SECRET) is None  # not the hub
+    assert _token_for(Client("https://pod-8188.proxy.runpod.net"), hub_entry, "") is None

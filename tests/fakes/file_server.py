@@ -1,5 +1,6 @@
 """A loopback HTTP server of files with Range support (a model host such as Hugging Face), recording the
-Range header of every request."""
+Range and Authorization headers of every request; optionally it wants a bearer token (401 without it, as the
+hub answers for a gated file) and redirects some paths elsewhere (as the hub sends large files to its CDN)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,19 @@ from pathlib import Path
 
 
 class FileServer:
-    def __init__(self, root: str | Path, ranges: bool = True):
+    def __init__(
+        self,
+        root: str | Path,
+        ranges: bool = True,
+        token: str | None = None,
+        redirects: dict[str, str] | None = None,
+    ):
         self.root = Path(root)
         self.ranges = ranges
+        self.token = token
+        self.redirects = dict(redirects or {})
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        self.authorizations: list[str | None] = []  # the Authorization header of every request
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -22,6 +32,16 @@ class FileServer:
             def do_GET(self):
                 rng = self.headers.get("Range")
                 server.requests.append((self.path, rng))
+                server.authorizations.append(self.headers.get("Authorization"))
+                if server.token is not None and self.headers.get("Authorization") != f"Bearer {server.token}":
+                    self.send_error(401)
+                    return
+                if self.path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 file = server.root / self.path.lstrip("/").split("?")[0]
                 if not file.is_file():
                     self.send_error(404)

@@ -16,6 +16,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 #: what a photo folder may send up: images and caption sidecars (lower-case suffixes)
 IMAGE_TYPES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
@@ -93,6 +94,32 @@ def local_files(folder: str | os.PathLike, types: frozenset[str] = UPLOAD_TYPES)
 # The model manifest
 
 
+#: environment variables holding a Hugging Face access token (the first one set wins), as huggingface_hub reads
+HF_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+_HF_HOSTS = frozenset({"huggingface.co", "hf.co"})
+
+
+def hf_endpoint() -> str:
+    """The Hugging Face hub's address: ``$HF_ENDPOINT`` (a mirror, as huggingface_hub allows) or
+    ``https://huggingface.co``."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def hf_token(env: Any = None) -> str:
+    """The Hugging Face token of `env` (default: this process's environment), "" when none is set."""
+    env = os.environ if env is None else env
+    return next((str(env[name]) for name in HF_TOKEN_VARS if env.get(name)), "")
+
+
+def is_hf_url(url: str) -> bool:
+    """Whether `url` is on the Hugging Face hub (or ``$HF_ENDPOINT``): the only host a token is sent to."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    return bool(host) and (
+        host in _HF_HOSTS or parts.netloc.lower() == urlsplit(hf_endpoint()).netloc.lower()
+    )
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """One model a job needs: its file `name` in the ComfyUI model folder `kind`, where to get it (a URL, or a
@@ -108,11 +135,12 @@ class ModelEntry:
     sha256: str = ""
 
     def source_url(self) -> str:
-        """Where the file can be downloaded from ("" when the manifest says nowhere)."""
+        """Where the file can be downloaded from ("" when the manifest says nowhere); a Hugging Face file
+        resolves against :func:`hf_endpoint`."""
         if self.url:
             return self.url
         if self.repo and self.file:
-            return f"https://huggingface.co/{self.repo}/resolve/{self.revision}/{self.file}"
+            return f"{hf_endpoint()}/{self.repo}/resolve/{self.revision}/{self.file}"
         return ""
 
     def to_dict(self) -> dict[str, Any]:

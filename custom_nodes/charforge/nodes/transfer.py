@@ -41,6 +41,7 @@ from ..common.transfer import (
     MODEL_KINDS,
     UPLOAD_TYPES,
     ModelEntry,
+    hf_token,
     parse_model_entry,
     relative_parts,
 )
@@ -320,7 +321,7 @@ async def lora_file_handler(request):
     return _file(path)
 
 
-def _download(entry: ModelEntry, key: str) -> None:
+def _download(entry: ModelEntry, key: str, token: str = "") -> None:
     from ..engine.transfer.downloads import DownloadFailed, download_file
 
     state = _downloads[key]
@@ -331,7 +332,7 @@ def _download(entry: ModelEntry, key: str) -> None:
     try:
         target = bridge.first_model_folder(entry.kind).joinpath(*entry.name.split("/"))
         digest = download_file(
-            entry.source_url(), target, sha256=entry.sha256, size=entry.size, progress=progress
+            entry.source_url(), target, sha256=entry.sha256, size=entry.size, progress=progress, token=token
         )
         hash_cache().remember(target, digest)
         state.update(state="done", sha256=digest, received=target.stat().st_size, finished=time.time())
@@ -348,6 +349,9 @@ async def download_handler(request):
         entries = [parse_model_entry(item) for item in body.get("models", [])]
     except (ValueError, AttributeError, TypeError) as exc:
         return _error(400, f'the body must be {{"models": [manifest entry, ...]}}: {exc}')
+    # a token the driver sent for this request, else the server's own; used for hub URLs only, never kept
+    # in the download states (which GET models/downloads shows) nor logged
+    token = str(body.get("hf_token") or "") or hf_token()
     started = []
     for entry in entries:
         if not entry.source_url():
@@ -371,7 +375,7 @@ async def download_handler(request):
                 "started": time.time(),
             }
         threading.Thread(
-            target=_download, args=(entry, key), name=f"charforge-download-{entry.name}", daemon=True
+            target=_download, args=(entry, key, token), name=f"charforge-download-{entry.name}", daemon=True
         ).start()
         started.append(key)
     return _json({"started": started}, 202)
