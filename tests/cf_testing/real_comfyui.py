@@ -6,6 +6,7 @@ and writes its log to a file the tests read.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -14,8 +15,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
+
+from .comfyui import REPO_ROOT
+
+#: why an opt-in real-ComfyUI test module is skipped when no ComfyUI is named
+SKIP_REASON = (
+    "set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run the real-ComfyUI suite; see CONTRIBUTING.md"
+)
+#: the browser the editor tests drive (Playwright's own browsers are never downloaded)
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
 
 def comfyui_dir() -> Path | None:
@@ -30,6 +43,49 @@ def comfyui_python(comfy: Path) -> str:
         if candidate.exists():
             return str(candidate)
     return sys.executable
+
+
+def suite_marks(*extra: pytest.MarkDecorator, slow: bool = True) -> list[pytest.MarkDecorator]:
+    """The ``pytestmark`` of an opt-in real-ComfyUI test module: marked ``comfyui`` (and ``slow``, and any
+    `extra` marks such as a longer timeout), skipped with :data:`SKIP_REASON` when ``COMFYUI_DIR`` is unset."""
+    return [
+        pytest.mark.comfyui,
+        *([pytest.mark.slow] if slow else []),
+        *extra,
+        pytest.mark.skipif(comfyui_dir() is None, reason=SKIP_REASON),
+    ]
+
+
+def browser_skip_reason() -> str | None:
+    """Why a browser test of the editor cannot run here (no ComfyUI, no Chromium, no Playwright), or None."""
+    if comfyui_dir() is None:
+        return "set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run the real-ComfyUI suite"
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)"
+    if importlib.util.find_spec("playwright") is None:
+        return "Python Playwright is not installed (pip install playwright; no `playwright install` needed)"
+    return None
+
+
+def install_pack(comfy: Path, base: Path, *, capture_output: bool = False) -> None:
+    """Link the pack into the throwaway `base` directory of ComfyUI `comfy` with install.py, as a user would
+    (``--no-deps``: the test ComfyUI's Python has the packages already)."""
+    command = [sys.executable, str(REPO_ROOT / "install.py"), "--comfyui", str(comfy)]
+    subprocess.run(
+        [*command, "--base-directory", str(base), "--no-deps"], check=True, capture_output=capture_output
+    )
+
+
+def link_pack(base: Path) -> None:
+    """Link the pack into `base`/custom_nodes directly (the tests that do not exercise install.py)."""
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / "charforge").symlink_to(REPO_ROOT)
+
+
+def require_module(python: str, module: str) -> None:
+    """Skip the test when ComfyUI's Python cannot import `module` (an optional package such as insightface)."""
+    if subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode != 0:
+        pytest.skip(f"ComfyUI's Python has no {module}")
 
 
 def free_port(ports: range | None = None) -> int:
@@ -83,6 +139,15 @@ class RunningComfyUI:
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s; log:\n{self.log()[-3000:]}")
 
+    def run_prompt(self, prompt: dict, client_id: str, timeout: float = 300) -> dict:
+        """Queue `prompt`, wait for it and return its outputs; it must validate and succeed (log in the message)."""
+        prompt_id = str(uuid.uuid4())
+        reply = self.post("/prompt", {"prompt": prompt, "prompt_id": prompt_id, "client_id": client_id})
+        assert reply["node_errors"] == {}, reply
+        entry = self.wait_history(prompt_id, timeout=timeout)
+        assert entry["status"]["status_str"] == "success", (entry["status"], self.log()[-4000:])
+        return entry["outputs"]
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -100,13 +165,15 @@ def start_comfyui(
     timeout: float = 240,
     extra_args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    ports: range | None = None,
 ) -> RunningComfyUI:
-    """Start ComfyUI on a free loopback port and wait until /system_stats answers."""
+    """Start ComfyUI on a free loopback port (the first free one of `ports` when given: a test module's own
+    range keeps parallel runs of the suite apart) and wait until /system_stats answers."""
     # ComfyUI 0.3.64 crashes at start when <base>/custom_nodes is missing, and keeps its database in its
     # own folder unless told otherwise.
     (base_dir / "custom_nodes").mkdir(parents=True, exist_ok=True)
     (base_dir / "user").mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = free_port(ports)
     log_path = base_dir / "comfyui.log"
     log_file = open(log_path, "w")  # noqa: SIM115 - stays open for the server's lifetime
     command = [

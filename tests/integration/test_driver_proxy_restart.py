@@ -22,18 +22,17 @@ from pathlib import Path
 
 import pytest
 
-from cf_testing.real_comfyui import RunningComfyUI, comfyui_dir, comfyui_python, free_port, start_comfyui
+from cf_testing.real_comfyui import (
+    RunningComfyUI,
+    comfyui_dir,
+    comfyui_python,
+    free_port,
+    start_comfyui,
+    suite_marks,
+)
 from charforge.driver.client import ComfyClient
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        comfyui_dir() is None,
-        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-        "the real-ComfyUI suite; see CONTRIBUTING.md",
-    ),
-]
+pytestmark = suite_marks()
 
 JOB_TIMEOUT = 45.0  # the driver's wall-clock limit for each job
 SIDE, BATCH, SCALES = 1024, 3, 8  # about 7 s on 2 CPU cores (ImageScale lanczos runs PIL per image)

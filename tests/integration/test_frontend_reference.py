@@ -28,10 +28,9 @@ from typing import Any
 
 import pytest
 
-from cf_testing.real_comfyui import comfyui_dir, start_comfyui
+from cf_testing.real_comfyui import CHROMIUM, browser_skip_reason, comfyui_dir, start_comfyui
 
 SCRIPT = Path(__file__).with_name("frontend_reference.py")
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
 # Small templates that between them use primitive nodes, reroutes, notes, subgraphs, and bypassed and muted
 # nodes: the parts of the conversion that are easy to get wrong.
@@ -46,16 +45,6 @@ TEMPLATES = {
 # Names under which the driver's converter may be exposed, most likely first (driver/workflow/prepare.py calls
 # ``convert_workflow(ui_workflow, object_info)``).
 CONVERTER_NAMES = ("convert_workflow", "editor_to_api", "workflow_to_api", "ui_to_api", "to_api", "convert")
-
-
-def _skip_reason() -> str | None:
-    if comfyui_dir() is None:
-        return "set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run the real-ComfyUI suite"
-    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-        return f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)"
-    if importlib.util.find_spec("playwright") is None:
-        return "Python Playwright is not installed (pip install playwright; no `playwright install` needed)"
-    return None
 
 
 # --- checks ------------------------------------------------------------------------------------------------
@@ -249,7 +238,7 @@ class FrontendRun:
 def frontend_run(tmp_path_factory) -> FrontendRun:
     """Start ComfyUI, run the reference script on ``TEMPLATES``, and read what it wrote; the server is
     stopped before the tests look at the results."""
-    reason = _skip_reason()
+    reason = browser_skip_reason()
     if reason:
         pytest.skip(reason)
     comfy = comfyui_dir()

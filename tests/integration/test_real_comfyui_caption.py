@@ -11,25 +11,18 @@ node again) must skip every photo. The server listens on a port in 18700-18799.
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
-import uuid
 from pathlib import Path
 
-import pytest
+from cf_testing.real_comfyui import (
+    comfyui_dir,
+    comfyui_python,
+    install_pack,
+    pack_import_failures,
+    start_comfyui,
+    suite_marks,
+)
 
-from cf_testing import real_comfyui
-from cf_testing.comfyui import REPO_ROOT
-from cf_testing.real_comfyui import comfyui_dir, comfyui_python, pack_import_failures, start_comfyui
-
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.skipif(
-        comfyui_dir() is None,
-        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-        "the real-ComfyUI suite; see CONTRIBUTING.md",
-    ),
-]
+pytestmark = suite_marks(slow=False)
 PORTS = range(18700, 18800)
 
 
@@ -75,22 +68,9 @@ def test_caption_a_dataset_folder_in_real_comfyui(tmp_path, monkeypatch):
 
     from cf_testing.caption_models import write_tiny_blip
 
-    real_free_port = real_comfyui.free_port
-    monkeypatch.setattr(real_comfyui, "free_port", lambda ports=None: real_free_port(PORTS))
     comfy = comfyui_dir()
     base = tmp_path / "base"
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "install.py"),
-            "--comfyui",
-            str(comfy),
-            "--base-directory",
-            str(base),
-            "--no-deps",
-        ],
-        check=True,
-    )
+    install_pack(comfy, base)
     write_tiny_blip(base / "models" / "blip" / "tiny-blip")
     photos = base / "input" / "hero"
     photos.mkdir(parents=True)
@@ -99,7 +79,7 @@ def test_caption_a_dataset_folder_in_real_comfyui(tmp_path, monkeypatch):
     (photos / "c.txt").write_text("my own caption\n", encoding="utf-8")
     before = _hashes(photos)
 
-    server = start_comfyui(comfy, base, comfyui_python(comfy))
+    server = start_comfyui(comfy, base, comfyui_python(comfy), ports=PORTS)
     try:
         assert int(server.url.rsplit(":", 1)[1]) in PORTS
         failures = pack_import_failures(server.log(), "charforge")
@@ -108,15 +88,7 @@ def test_caption_a_dataset_folder_in_real_comfyui(tmp_path, monkeypatch):
         assert "blip" in info["input"]["required"]["backend"][0]
 
         def run(batch_size: int) -> dict:
-            prompt_id = str(uuid.uuid4())
-            reply = server.post(
-                "/prompt",
-                {"prompt": _prompt(batch_size), "prompt_id": prompt_id, "client_id": "cf-caption-test"},
-            )
-            assert reply["node_errors"] == {}, reply
-            entry = server.wait_history(prompt_id, timeout=300)
-            assert entry["status"]["status_str"] == "success", entry["status"]
-            return entry["outputs"]
+            return server.run_prompt(_prompt(batch_size), "cf-caption-test")
 
         first = run(2)
         report = first["2"]["text"][0]

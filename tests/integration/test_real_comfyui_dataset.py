@@ -13,24 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
-import pytest
+from cf_testing.real_comfyui import (
+    comfyui_dir,
+    comfyui_python,
+    install_pack,
+    pack_import_failures,
+    start_comfyui,
+    suite_marks,
+)
 
-from cf_testing.comfyui import REPO_ROOT
-from cf_testing.real_comfyui import comfyui_dir, comfyui_python, pack_import_failures, start_comfyui
-
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.skipif(
-        comfyui_dir() is None,
-        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-        "the real-ComfyUI suite; see CONTRIBUTING.md",
-    ),
-]
+pytestmark = suite_marks(slow=False)
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -132,18 +127,7 @@ def test_planted_folder_through_real_comfyui(tmp_path):
     comfy = comfyui_dir()
     base = tmp_path / "base"
     python = comfyui_python(comfy)
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "install.py"),
-            "--comfyui",
-            str(comfy),
-            "--base-directory",
-            str(base),
-            "--no-deps",
-        ],
-        check=True,
-    )
+    install_pack(comfy, base)
     write_face_pack(base / "models" / "insightface", pack="tiny")
     photos = make_planted_folder(base / "input" / "planted", marker="cell")
     before = _hashes(photos)

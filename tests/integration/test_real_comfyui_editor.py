@@ -11,31 +11,26 @@ the Note; and that the server lists each workflow as a template with its thumbna
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
-import subprocess
 import sys
 import urllib.request
 
 import pytest
 
 from cf_testing.comfyui import REPO_ROOT
-from cf_testing.real_comfyui import comfyui_dir, comfyui_python, start_comfyui
+from cf_testing.real_comfyui import (
+    CHROMIUM,
+    browser_skip_reason,
+    comfyui_dir,
+    comfyui_python,
+    install_pack,
+    start_comfyui,
+)
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-
-
-def _skip_reason() -> str | None:
-    if comfyui_dir() is None:
-        return "set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run the real-ComfyUI suite"
-    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-        return f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)"
-    if importlib.util.find_spec("playwright") is None:
-        return "Python Playwright is not installed (pip install playwright; no `playwright install` needed)"
-    return None
-
-
-pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(browser_skip_reason() is not None, reason=str(browser_skip_reason())),
+]
 
 
 def _load_thumbnails():
@@ -56,19 +51,7 @@ NAMES = thumbnails.workflow_names()
 def editor_server(tmp_path_factory):
     comfy = comfyui_dir()
     base = tmp_path_factory.mktemp("editor_base")
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "install.py"),
-            "--comfyui",
-            str(comfy),
-            "--base-directory",
-            str(base),
-            "--no-deps",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    install_pack(comfy, base, capture_output=True)
     # A ComfyUI folder ships input/example.png, which LoadImage nodes (controlnet_lora) show by default; a fresh
     # base directory has no input folder of its own.
     if (comfy / "input" / "example.png").is_file():

@@ -20,22 +20,12 @@ import subprocess
 import textwrap
 import uuid
 
-import pytest
 import torch
 import yaml
 
 import cf_testing.real_comfyui as real
-from cf_testing.comfyui import REPO_ROOT
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        real.comfyui_dir() is None,
-        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-        "the real-ComfyUI suite; see CONTRIBUTING.md",
-    ),
-]
+pytestmark = real.suite_marks()
 
 PORTS = range(18400, 18500)
 
@@ -286,15 +276,6 @@ def _small_sd15_lora(seed: int, trigger: str, tags: dict | None = None):
     return state
 
 
-def _queue(server, prompt: dict) -> dict:
-    prompt_id = str(uuid.uuid4())
-    reply = server.post("/prompt", {"prompt": prompt, "prompt_id": prompt_id, "client_id": "cf-library"})
-    assert reply["node_errors"] == {}, reply
-    entry = server.wait_history(prompt_id, timeout=600)
-    assert entry["status"]["status_str"] == "success", (entry["status"], server.log()[-4000:])
-    return entry["outputs"]
-
-
 def test_workflow_with_load_character_and_apply_lora_stack(tmp_path, monkeypatch, sd15_comfy_checkpoint):
     from safetensors.torch import load_file
 
@@ -303,8 +284,7 @@ def test_workflow_with_load_character_and_apply_lora_stack(tmp_path, monkeypatch
 
     comfy = real.comfyui_dir()
     base = tmp_path / "base"
-    (base / "custom_nodes").mkdir(parents=True)
-    (base / "custom_nodes" / "charforge").symlink_to(REPO_ROOT)
+    real.link_pack(base)
     (base / "models" / "checkpoints").mkdir(parents=True)
     (base / "models" / "checkpoints" / "sd15_tiny.safetensors").symlink_to(sd15_comfy_checkpoint.path)
     loras = base / "models" / "loras"
@@ -420,13 +400,11 @@ def test_workflow_with_load_character_and_apply_lora_stack(tmp_path, monkeypatch
     prompt.update(sampled("without", ["5", 0], ["5", 1], ["5", 2], "4"))
     prompt.update(sampled("stock", ["7", 0], ["7", 1], ["2", 0], "2"))
 
-    real_free_port = real.free_port
-    monkeypatch.setattr(real, "free_port", lambda ports=None: real_free_port(PORTS))
-    server = real.start_comfyui(comfy, base, real.comfyui_python(comfy))
+    server = real.start_comfyui(comfy, base, real.comfyui_python(comfy), ports=PORTS)
     try:
         info = server.get("/object_info")
         assert info["CharForgeLoadCharacter"]["input"]["required"]["character"][0] == ["alice", "bad"]
-        outputs = _queue(server, prompt)
+        outputs = server.run_prompt(prompt, "cf-library", timeout=600)
         report = outputs["3"]["text"][0]
         assert "alice.safetensors: model 1, clip 1" in report and "style.safetensors: model 0.5" in report
         assert "NOT loaded" not in report

@@ -25,17 +25,9 @@ import textwrap
 import pytest
 import torch
 
-from cf_testing.real_comfyui import comfyui_dir, comfyui_python
+from cf_testing.real_comfyui import comfyui_dir, comfyui_python, suite_marks
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        comfyui_dir() is None,
-        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-        "the real-ComfyUI suite; see CONTRIBUTING.md",
-    ),
-]
+pytestmark = suite_marks()
 
 COMFY_SIDE = textwrap.dedent(r"""
     import json, logging, os, sys

@@ -20,17 +20,17 @@ import pytest
 from PIL import Image
 
 from cf_testing.comfyui import REPO_ROOT
-from cf_testing.real_comfyui import comfyui_dir, comfyui_python, pack_import_failures, start_comfyui
+from cf_testing.real_comfyui import (
+    comfyui_dir,
+    comfyui_python,
+    install_pack,
+    pack_import_failures,
+    start_comfyui,
+    suite_marks,
+)
 from charforge.nodes import NODE_CLASS_MAPPINGS
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.skipif(
-        comfyui_dir() is None,
-        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-        "the real-ComfyUI suite; see CONTRIBUTING.md",
-    ),
-]
+pytestmark = suite_marks(slow=False)
 
 
 @pytest.fixture
@@ -191,18 +191,7 @@ def test_missing_optional_packages_do_not_stop_the_pack(comfy, tmp_path):
         "import sys\nsys.modules['insightface'] = None\nsys.modules['cv2'] = None\n"
     )
     python = comfyui_python(comfy)
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "install.py"),
-            "--comfyui",
-            str(comfy),
-            "--base-directory",
-            str(base),
-            "--no-deps",
-        ],
-        check=True,
-    )
+    install_pack(comfy, base)
     server = start_comfyui(comfy, base, python, env={"PYTHONPATH": str(hide)})
     server.hidden_modules = {"cv2", "insightface"}
     try:

@@ -16,12 +16,9 @@ A screenshot of each state goes to ``$CHARFORGE_PANEL_SCREENSHOTS`` (default: th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -30,11 +27,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cf_testing.comfyui import REPO_ROOT
 from cf_testing.models import build_tiny_sd15
-from cf_testing.real_comfyui import comfyui_dir, comfyui_python, pack_import_failures, start_comfyui
+from cf_testing.real_comfyui import (
+    CHROMIUM,
+    browser_skip_reason,
+    comfyui_dir,
+    comfyui_python,
+    install_pack,
+    pack_import_failures,
+    start_comfyui,
+)
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -47,20 +50,10 @@ STEPS = 40  # a few seconds a step on a busy CPU
 SAMPLE_EVERY = 10
 
 
-def _skip_reason() -> str | None:
-    if comfyui_dir() is None:
-        return "set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run the real-ComfyUI suite"
-    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-        return f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)"
-    if importlib.util.find_spec("playwright") is None:
-        return "Python Playwright is not installed (pip install playwright; no `playwright install` needed)"
-    return None
-
-
 pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.slow,
-    pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason())),
+    pytest.mark.skipif(browser_skip_reason() is not None, reason=str(browser_skip_reason())),
 ]
 
 READY_JS = """() => !!(window.app && window.app.graph && window.app.canvas && window.app.vueAppReady
@@ -94,19 +87,7 @@ def server(tmp_path_factory):
     comfy = comfyui_dir()
     root = tmp_path_factory.mktemp("panel")
     base = root / "base"
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "install.py"),
-            "--comfyui",
-            str(comfy),
-            "--base-directory",
-            str(base),
-            "--no-deps",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    install_pack(comfy, base, capture_output=True)
     tiny = build_tiny_sd15(root / "tiny")
     shutil.copytree(tiny.diffusers_dir, base / "models" / "diffusers" / "tiny_sd15")
     rng = np.random.default_rng(0)

@@ -20,15 +20,7 @@ import pytest
 import cf_testing.real_comfyui as real
 from cf_testing.comfyui import REPO_ROOT
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        real.comfyui_dir() is None,
-        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-        "the real-ComfyUI suite; see CONTRIBUTING.md",
-    ),
-]
+pytestmark = real.suite_marks()
 
 PORTS = range(18500, 18550)
 

@@ -23,15 +23,7 @@ from PIL import Image
 import cf_testing.real_comfyui as real
 from cf_testing.comfyui import REPO_ROOT
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        real.comfyui_dir() is None,
-        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-        "the real-ComfyUI suite; see CONTRIBUTING.md",
-    ),
-]
+pytestmark = real.suite_marks()
 
 PORTS = range(18850, 18900)
 WORKFLOW = REPO_ROOT / "workflows" / "api" / "character_pipeline.json"

@@ -14,23 +14,13 @@ from __future__ import annotations
 import uuid
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 import cf_testing.real_comfyui as real
-from cf_testing.comfyui import REPO_ROOT
 from charforge.engine.video import rife
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        real.comfyui_dir() is None,
-        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-        "the real-ComfyUI suite; see CONTRIBUTING.md",
-    ),
-]
+pytestmark = real.suite_marks()
 
 PORTS = range(18800, 18850)
 SIZE = 64
@@ -59,8 +49,7 @@ def test_interpolate_frames_with_rife_in_real_comfyui(tmp_path, monkeypatch):
     comfy = real.comfyui_dir()
     python = real.comfyui_python(comfy)
     base = tmp_path / "base"
-    (base / "custom_nodes").mkdir(parents=True)
-    (base / "custom_nodes" / "charforge").symlink_to(REPO_ROOT)
+    real.link_pack(base)
     folder = base / "models" / "frame_interpolation"
     folder.mkdir(parents=True)
     torch.manual_seed(0)
@@ -76,9 +65,7 @@ def test_interpolate_frames_with_rife_in_real_comfyui(tmp_path, monkeypatch):
     for name, pixels in zip(("a.png", "b.png"), originals, strict=True):
         Image.fromarray(pixels).save(base / "input" / name)
 
-    free_port = real.free_port
-    monkeypatch.setattr(real, "free_port", lambda ports=None: free_port(PORTS))
-    server = real.start_comfyui(comfy, base, python)
+    server = real.start_comfyui(comfy, base, python, ports=PORTS)
     try:
         info = server.get("/object_info/CharForgeInterpolateFrames")["CharForgeInterpolateFrames"]
         assert info["input"]["optional"]["interpolator"][0] == [

@@ -9,57 +9,25 @@ the planted red cells those models detect; the generated image has none and must
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import urllib.request
-import uuid
 
-import pytest
 from PIL import Image
 
 import cf_testing.real_comfyui as real
-from cf_testing.comfyui import REPO_ROOT
 from cf_testing.face_models import blank_image, face_image, write_face_pack
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        real.comfyui_dir() is None,
-        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-        "the real-ComfyUI suite; see CONTRIBUTING.md",
-    ),
-]
+pytestmark = real.suite_marks()
 
 
-def _port_in_project_range() -> int:
-    for port in range(8500, 8600):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 8500-8599")
-
-
-def _run(server, prompt: dict) -> dict:
-    prompt_id = str(uuid.uuid4())
-    reply = server.post("/prompt", {"prompt": prompt, "prompt_id": prompt_id, "client_id": "cf-score"})
-    assert reply["node_errors"] == {}, reply
-    entry = server.wait_history(prompt_id, timeout=300)
-    assert entry["status"]["status_str"] == "success", (entry["status"], server.log()[-4000:])
-    return entry["outputs"]
+PORTS = range(8500, 8600)
 
 
 def test_identity_score_filter_best_in_real_comfyui(tmp_path, monkeypatch, sd15_comfy_checkpoint):
     comfy = real.comfyui_dir()
     python = real.comfyui_python(comfy)
-    if subprocess.run([python, "-c", "import insightface"], capture_output=True).returncode != 0:
-        pytest.skip("ComfyUI's Python has no insightface")
+    real.require_module(python, "insightface")
     base = tmp_path / "base"
-    (base / "custom_nodes").mkdir(parents=True)
-    (base / "custom_nodes" / "charforge").symlink_to(REPO_ROOT)
+    real.link_pack(base)
     write_face_pack(base / "models" / "insightface", "buffalo_l")
     (base / "models" / "checkpoints").mkdir(parents=True)
     (base / "models" / "checkpoints" / "sd15_tiny.safetensors").symlink_to(sd15_comfy_checkpoint.path)
@@ -76,16 +44,14 @@ def test_identity_score_filter_best_in_real_comfyui(tmp_path, monkeypatch, sd15_
     ):
         Image.fromarray(image).save(base / "input" / f"{name}.png")
 
-    monkeypatch.setattr(real, "free_port", _port_in_project_range)
-    server = real.start_comfyui(comfy, base, python)
+    server = real.start_comfyui(comfy, base, python, ports=PORTS)
     try:
         info = server.get("/object_info")
         assert info["CharForgeScoreIdentity"]["category"] == "CharForge/Score"
         assert "buffalo_l" in info["CharForgeLoadFaceModels"]["input"]["required"]["pack"][0]
 
         # 1. Build the identity from the reference folder.
-        outputs = _run(
-            server,
+        outputs = server.run_prompt(
             {
                 "1": {
                     "class_type": "CharForgeLoadFaceModels",
@@ -96,6 +62,7 @@ def test_identity_score_filter_best_in_real_comfyui(tmp_path, monkeypatch, sd15_
                     "inputs": {"face_models": ["1", 0], "name": "hero", "save": True, "folder": "refs"},
                 },
             },
+            "cf-score",
         )
         report = outputs["2"]["text"][0]
         assert "3 reference(s)" in report and "no_face.png (no face found)" in report and "saved to" in report
@@ -169,7 +136,7 @@ def test_identity_score_filter_best_in_real_comfyui(tmp_path, monkeypatch, sd15_
             },
             "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
         }
-        outputs = _run(server, prompt)
+        outputs = server.run_prompt(prompt, "cf-score")
         summary = outputs["3"]["text"][0]
         # Photos 0 and 2 show the character, 1 someone else, 3 no face: reported, not raised. Image 4 is the
         # generated one (random weights: whatever it shows, it is scored or reported like the others).

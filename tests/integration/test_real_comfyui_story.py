@@ -13,25 +13,14 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import uuid
 
-import pytest
 from PIL import Image
 
 import cf_testing.real_comfyui as real
 from cf_testing.comfyui import REPO_ROOT
 from cf_testing.face_models import face_image, write_clip_folder, write_face_pack
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        real.comfyui_dir() is None,
-        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-        "the real-ComfyUI suite; see CONTRIBUTING.md",
-    ),
-]
+pytestmark = real.suite_marks()
 PORTS = range(18550, 18600)
 SCENES = [
     "close-up portrait of the character, face clearly visible",
@@ -49,11 +38,9 @@ def test_story_both_modes_and_ablation_in_real_comfyui(tmp_path, monkeypatch, sd
 
     comfy = real.comfyui_dir()
     python = real.comfyui_python(comfy)
-    if subprocess.run([python, "-c", "import insightface"], capture_output=True).returncode != 0:
-        pytest.skip("ComfyUI's Python has no insightface")
+    real.require_module(python, "insightface")
     base = tmp_path / "base"
-    (base / "custom_nodes").mkdir(parents=True)
-    (base / "custom_nodes" / "charforge").symlink_to(REPO_ROOT)
+    real.link_pack(base)
     write_face_pack(base / "models" / "insightface", "buffalo_l")
     write_clip_folder(base / "models" / "clip_vision" / "tiny_clip")
     (base / "models" / "checkpoints").mkdir(parents=True)
@@ -69,9 +56,7 @@ def test_story_both_modes_and_ablation_in_real_comfyui(tmp_path, monkeypatch, sd
     scenes.write_text("\n".join(SCENES) + "\n")
     monkeypatch.setenv("CHARFORGE_CONFIG", str(tmp_path / "no-config.yaml"))
 
-    free_port = real.free_port
-    monkeypatch.setattr(real, "free_port", lambda ports=None: free_port(PORTS))
-    server = real.start_comfyui(comfy, base, python)
+    server = real.start_comfyui(comfy, base, python, ports=PORTS)
     out_dir = tmp_path / "story"
     try:
         stdout, stderr = io.StringIO(), io.StringIO()
@@ -176,9 +161,4 @@ def _run_storyboard_workflow(server) -> dict:
         },
     }
     prompt["11"]["inputs"]["model"] = "tiny_clip"
-    prompt_id = str(uuid.uuid4())
-    reply = server.post("/prompt", {"prompt": prompt, "prompt_id": prompt_id, "client_id": "cf-story"})
-    assert reply["node_errors"] == {}, reply
-    entry = server.wait_history(prompt_id, timeout=600)
-    assert entry["status"]["status_str"] == "success", (entry["status"], server.log()[-4000:])
-    return entry["outputs"]
+    return server.run_prompt(prompt, "cf-story", timeout=600)

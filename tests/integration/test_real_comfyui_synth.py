@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -26,16 +25,16 @@ from pathlib import Path
 import pytest
 
 from cf_testing.comfyui import REPO_ROOT
-from cf_testing.real_comfyui import comfyui_dir, comfyui_python, pack_import_failures, start_comfyui
+from cf_testing.real_comfyui import (
+    comfyui_dir,
+    comfyui_python,
+    install_pack,
+    pack_import_failures,
+    start_comfyui,
+    suite_marks,
+)
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.skipif(
-        comfyui_dir() is None,
-        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-        "the real-ComfyUI suite; see CONTRIBUTING.md",
-    ),
-]
+pytestmark = suite_marks(slow=False)
 
 WORKFLOW = REPO_ROOT / "workflows" / "synthesize_dataset.json"
 SIZE = (320, 320)
@@ -88,18 +87,7 @@ def test_shipped_synthesis_workflow_through_real_comfyui(tmp_path):
     comfy = comfyui_dir()
     base = tmp_path / "base"
     python = comfyui_python(comfy)
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "install.py"),
-            "--comfyui",
-            str(comfy),
-            "--base-directory",
-            str(base),
-            "--no-deps",
-        ],
-        check=True,
-    )
+    install_pack(comfy, base)
     models = base / "models"
     write_face_pack(models / "insightface", pack="buffalo_l")
     build_swapper_onnx(models / "insightface" / "inswapper_128.onnx", mode="identity")

@@ -13,9 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import uuid
 
@@ -23,52 +20,30 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cf_testing import real_comfyui
-from cf_testing.comfyui import REPO_ROOT
 from cf_testing.models import build_tiny_sd15
-from cf_testing.real_comfyui import comfyui_dir, comfyui_python, pack_import_failures, start_comfyui
+from cf_testing.real_comfyui import (
+    comfyui_dir,
+    comfyui_python,
+    install_pack,
+    pack_import_failures,
+    start_comfyui,
+    suite_marks,
+)
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        comfyui_dir() is None,
-        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-        "the real-ComfyUI suite; see CONTRIBUTING.md",
-    ),
-]
+pytestmark = suite_marks()
 
 CLIENT = "cf-train-test"
 STEPS = 30
 
 
-def _port_in_range(low: int = 8700, high: int = 8799) -> int:
-    for port in range(low, high + 1):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free loopback port in {low}-{high}")
+PORTS = range(8700, 8800)
 
 
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     comfy = comfyui_dir()
     base = tmp_path / "base"
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "install.py"),
-            "--comfyui",
-            str(comfy),
-            "--base-directory",
-            str(base),
-            "--no-deps",
-        ],
-        check=True,
-    )
+    install_pack(comfy, base)
     tiny = build_tiny_sd15(tmp_path / "tiny")
     shutil.copytree(tiny.diffusers_dir, base / "models" / "diffusers" / "tiny_sd15")
     folder = base / "input" / "img" / "3_sks person"
@@ -77,8 +52,7 @@ def server(tmp_path, monkeypatch):
     for name in ("a", "b"):
         Image.fromarray((rng.random((64, 80, 3)) * 255).astype(np.uint8)).save(folder / f"{name}.png")
         (folder / f"{name}.txt").write_text("sks person, smiling")
-    monkeypatch.setattr(real_comfyui, "free_port", _port_in_range)
-    running = start_comfyui(comfy, base, comfyui_python(comfy))
+    running = start_comfyui(comfy, base, comfyui_python(comfy), ports=PORTS)
     try:
         yield running
     finally:

@@ -21,16 +21,7 @@ import pytest
 import cf_testing.real_comfyui as real
 from cf_testing.comfyui import REPO_ROOT
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.slow,
-    pytest.mark.timeout(2700),  # two whole pipeline runs on CPU
-    pytest.mark.skipif(
-        real.comfyui_dir() is None,
-        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-        "the real-ComfyUI suite; see CONTRIBUTING.md",
-    ),
-]
+pytestmark = real.suite_marks(pytest.mark.timeout(2700))  # two whole pipeline runs on CPU
 
 PORTS = range(18550, 18599)
 

@@ -15,7 +15,6 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,19 +22,9 @@ import yaml
 from PIL import Image
 
 import cf_testing.real_comfyui as real
-from cf_testing.comfyui import REPO_ROOT
 from cf_testing.face_models import face_image, write_clip_folder, write_face_pack
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.slow,
-    pytest.mark.timeout(3600),
-    pytest.mark.skipif(
-        real.comfyui_dir() is None,
-        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-        "the real-ComfyUI suite; see CONTRIBUTING.md",
-    ),
-]
+pytestmark = real.suite_marks(pytest.mark.timeout(3600))
 
 PORTS = range(18650, 18700)
 SIZE = 64
@@ -50,18 +39,7 @@ TINY_OVERRIDES = {
 
 def _base(tmp: Path, name: str, models: Path) -> Path:
     base = tmp / name
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "install.py"),
-            "--comfyui",
-            str(real.comfyui_dir()),
-            "--base-directory",
-            str(base),
-            "--no-deps",
-        ],
-        check=True,
-    )
+    real.install_pack(real.comfyui_dir(), base)
     shutil.copytree(models, base / "models", dirs_exist_ok=True)
     folder = base / "input" / "img" / "3_zqx person"
     folder.mkdir(parents=True)
@@ -88,11 +66,11 @@ def test_tune_four_trials_over_two_real_servers(tmp_path, monkeypatch):
     ):
         pytest.skip("ComfyUI's Python lacks the pack's requirements (pip install -r requirements.txt)")
     models = tiny.write_tiny_models(tmp_path / "tiny_models", parts=("sd15",))
-    monkeypatch.setattr(real, "free_port", lambda ports=None: _free_port())
     # One thread each: two servers on a small machine otherwise fight over every core.
     threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     servers = [
-        real.start_comfyui(comfy, _base(tmp_path, name, models), python, env=threads) for name in ("a", "b")
+        real.start_comfyui(comfy, _base(tmp_path, name, models), python, env=threads, ports=PORTS)
+        for name in ("a", "b")
     ]
     try:
         # scoring happens here, with its own tiny face pack and CLIP, and the character's reference photos
@@ -220,16 +198,3 @@ def test_tune_four_trials_over_two_real_servers(tmp_path, monkeypatch):
     print("report:", out / "report.html")
     print(stdout.getvalue())
     print(stderr.getvalue()[-3000:])
-
-
-def _free_port() -> int:
-    import socket
-
-    for port in PORTS:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free loopback port in {PORTS.start}-{PORTS.stop - 1}")

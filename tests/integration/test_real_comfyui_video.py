@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -22,31 +21,14 @@ import uuid
 import pytest
 
 import cf_testing.real_comfyui as real
-from cf_testing.comfyui import REPO_ROOT
 from cf_testing.video_models import video_assets
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        real.comfyui_dir() is None,
-        reason="set COMFYUI_DIR (and optionally COMFYUI_PYTHON) to run "
-        "the real-ComfyUI suite; see CONTRIBUTING.md",
-    ),
-]
+pytestmark = real.suite_marks()
 
 FRAMES, SIZE, FPS = 8, 64, 8.0
 
 
-def _port_in_project_range() -> int:
-    for port in range(8800, 8900):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 8800-8899")
+PORTS = range(8800, 8900)
 
 
 def video_workflow() -> dict:
@@ -119,8 +101,7 @@ def test_video_workflow_in_real_comfyui_and_driver_download(tmp_path, monkeypatc
         pytest.skip("ComfyUI's Python lacks av / diffusers / peft / opencv (pip install -r requirements.txt)")
     assets = video_assets(tmp_path / "assets")
     base = tmp_path / "base"
-    (base / "custom_nodes").mkdir(parents=True)
-    (base / "custom_nodes" / "charforge").symlink_to(REPO_ROOT)
+    real.link_pack(base)
     models = base / "models"
     shutil.copytree(assets.sd15.diffusers_dir, models / "diffusers" / "tiny_sd15")
     for folder, source in (
@@ -131,8 +112,7 @@ def test_video_workflow_in_real_comfyui_and_driver_download(tmp_path, monkeypatc
         (models / folder).mkdir(parents=True, exist_ok=True)
         shutil.copy(source, models / folder)
 
-    monkeypatch.setattr(real, "free_port", _port_in_project_range)
-    server = real.start_comfyui(comfy, base, python)
+    server = real.start_comfyui(comfy, base, python, ports=PORTS)
     try:
         info = server.get("/object_info")
         assert info["CharForgeGenerateVideo"]["category"] == "CharForge/Video"
