@@ -42,6 +42,14 @@ MODEL_FILE_INPUTS = frozenset({
     ("CharForgeLoadFaceSwapper", "swapper"),
     ("CharForgeLoadFaceRestorer", "model"),
     ("UpscaleModelLoader", "model_name"),
+    ("UNETLoader", "unet_name"),
+    ("LoraLoaderModelOnly", "lora_name"),
+    ("DualCLIPLoader", "clip_name1"),
+    ("DualCLIPLoader", "clip_name2"),
+    ("TripleCLIPLoader", "clip_name1"),
+    ("TripleCLIPLoader", "clip_name2"),
+    ("TripleCLIPLoader", "clip_name3"),
+    ("VAELoader", "vae_name"),
 })
 
 

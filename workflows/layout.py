@@ -216,10 +216,11 @@ def main() -> int:
     sys.path.insert(0, str(WORKFLOWS_DIR))
     import build_api  # noqa: E402 - the sibling script
     import definitions  # noqa: E402 - the sibling script
+    import definitions_flow  # noqa: E402 - the sibling script (Flux and SD3.5)
 
     info = build_api.object_info()
     built = set()
-    for build in definitions.BUILDERS:
+    for build in definitions.BUILDERS + definitions_flow.BUILDERS:
         layout = build(lambda name: Layout(name, info))
         built.add(layout.name)
         print(f"wrote {layout.write().relative_to(WORKFLOWS_DIR.parent)}")

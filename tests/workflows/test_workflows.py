@@ -27,7 +27,8 @@ from charforge.driver.workflow.preflight import preflight
 WORKFLOWS = REPO_ROOT / "workflows"
 EXPECTED = {"dataset_prep", "caption_dataset", "build_identity", "score_best_of_n", "generate_best_of_n_clip",
             "train_lora_sd15", "train_lora_sdxl", "controlnet_lora", "video_animatediff", "character_lora",
-            "character_pipeline", "synthesize_dataset"}
+            "character_pipeline", "synthesize_dataset", "flux_lora", "flux_best_of_n", "flux_storyboard", "sd35_lora",
+            "sd35_best_of_n", "sd35_storyboard"}
 UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 
@@ -66,7 +67,10 @@ def _accepting_model_files(info: dict[str, Any], prompt: dict[str, Any]) -> dict
                     declared = info[node["class_type"]]["input"].get(section) or {}
                     if name in declared:
                         spec = list(declared[name])
-                        spec[0] = [*spec[0], value]
+                        if spec[0] == "COMBO":  # the newer form: the choices are in the options
+                            spec[1] = {**spec[1], "options": [*spec[1].get("options", []), value]}
+                        else:
+                            spec[0] = [*spec[0], value]
                         declared[name] = spec
     return info
 
@@ -600,3 +604,107 @@ def test_video_animatediff_with_drift_runs_through_the_harness(comfy_env, tmp_pa
     assert Path(results["4"][0]).is_file() and Path(results["4"][0]).suffix == ".mp4"
     plot, mean, minimum, drifting, report, _ = results["7"]
     assert plot.ndim == 4 and report
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Flux.1 and SD3.5 generation (issue 18): ComfyUI's own loaders and samplers, the family's sampling defaults
+# ------------------------------------------------------------------------------------------------------------
+
+FLOW_WORKFLOWS = {"flux_lora": "flux-dev", "flux_best_of_n": "flux-dev", "flux_storyboard": "flux-dev",
+                  "sd35_lora": "sd35-large", "sd35_best_of_n": "sd35-large", "sd35_storyboard": "sd35-large"}
+
+
+def _by_class(prompt: dict[str, Any]) -> dict[str, list[str]]:
+    ids: dict[str, list[str]] = {}
+    for node_id, node in prompt.items():
+        ids.setdefault(node["class_type"], []).append(node_id)
+    return ids
+
+
+def _source(prompt: dict[str, Any], node_id: str, name: str) -> str:
+    value = prompt[node_id]["inputs"][name]
+    assert isinstance(value, list), f"{prompt[node_id]['class_type']}.{name} is not linked"
+    return str(value[0])
+
+
+@pytest.mark.parametrize("name", sorted(FLOW_WORKFLOWS))
+def test_flux_and_sd35_workflows_sample_with_the_character_lora_and_the_familys_settings(name):
+    from charforge.common.characters import family_generation
+
+    prompt = _api(WORKFLOWS / f"{name}.json")
+    ids = _by_class(prompt)
+    gen = family_generation(FLOW_WORKFLOWS[name])
+    (sampler,) = ids["KSampler"]
+    inputs = prompt[sampler]["inputs"]
+    assert (inputs["steps"], inputs["cfg"], inputs["sampler_name"], inputs["scheduler"]) == \
+        (gen.steps, gen.cfg, gen.sampler, gen.scheduler)
+    # The model path: base loader -> character LoRA (model only: these families' text encoders stay as they
+    # are) -> the family's sampling node -> KSampler.
+    sampling = _source(prompt, sampler, "model")
+    lora = _source(prompt, sampling, "model")
+    assert prompt[lora]["class_type"] == "LoraLoaderModelOnly" and prompt[lora]["inputs"]["strength_model"] > 0
+    base = prompt[_source(prompt, lora, "model")]["class_type"]
+    (latent,) = ids["EmptySD3LatentImage"]  # the 16-channel latent of both families
+    assert "EmptyLatentImage" not in ids and "LoraLoader" not in ids
+    assert (prompt[latent]["inputs"]["width"], prompt[latent]["inputs"]["height"]) == (gen.width, gen.height)
+    positive = prompt[_source(prompt, sampler, "positive")]
+    decode = ids["VAEDecode"][0]
+    if FLOW_WORKFLOWS[name].startswith("flux"):
+        assert base == "UNETLoader" and prompt[sampling]["class_type"] == "ModelSamplingFlux"
+        # The resolution-dependent shift is computed for the latent's size.
+        assert (prompt[sampling]["inputs"]["width"], prompt[sampling]["inputs"]["height"]) == (gen.width, gen.height)
+        assert gen.cfg == 1.0 and positive["class_type"] == "FluxGuidance"
+        assert positive["inputs"]["guidance"] == gen.guidance == 3.5
+        (clip,) = ids["DualCLIPLoader"]
+        assert prompt[clip]["inputs"]["type"] == "flux"
+        assert {prompt[clip]["inputs"]["clip_name1"], prompt[clip]["inputs"]["clip_name2"]} == \
+            {"clip_l.safetensors", "t5xxl_fp16.safetensors"}
+        vae = _source(prompt, decode, "vae")
+        assert prompt[vae]["class_type"] == "VAELoader" and prompt[vae]["inputs"]["vae_name"] == "ae.safetensors"
+    else:
+        assert base == "CheckpointLoaderSimple" and prompt[sampling]["class_type"] == "ModelSamplingSD3"
+        assert prompt[sampling]["inputs"]["shift"] == gen.shift == 3.0
+        assert gen.cfg > 1.0 and positive["class_type"] == "CLIPTextEncode"
+        negative = prompt[_source(prompt, sampler, "negative")]
+        assert negative["inputs"]["text"], "SD3.5 uses real guidance: the negative prompt counts"
+        (clip,) = ids["TripleCLIPLoader"]
+        assert {prompt[clip]["inputs"][f"clip_name{i}"] for i in (1, 2, 3)} == \
+            {"clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"}
+        assert prompt[_source(prompt, decode, "vae")]["class_type"] == "CheckpointLoaderSimple"
+    # Every text encoding comes from the family's text-encoder loader.
+    clip_loader = ids.get("DualCLIPLoader", ids.get("TripleCLIPLoader"))[0]
+    assert all(_source(prompt, n, "clip") == clip_loader for n in ids["CLIPTextEncode"])
+
+
+@pytest.mark.parametrize("name", ["flux_best_of_n", "sd35_best_of_n"])
+def test_flux_and_sd35_best_of_n_score_every_candidate_by_identity_and_clip(name):
+    prompt = _api(WORKFLOWS / f"{name}.json")
+    ids = _by_class(prompt)
+    (decode,) = ids["VAEDecode"]
+    (latent,) = ids["EmptySD3LatentImage"]
+    (best,) = ids["CharForgeBestOfN"]
+    (combine,) = ids["CharForgeCombineScores"]
+    assert prompt[best]["inputs"]["group_size"] == prompt[latent]["inputs"]["batch_size"] > 1
+    assert prompt[best]["inputs"]["images"] == [decode, 0] and prompt[best]["inputs"]["scores"] == [combine, 0]
+    assert prompt[_source(prompt, combine, "identity_scores")]["class_type"] == "CharForgeScoreIdentity"
+    assert prompt[_source(prompt, combine, "clip_scores")]["class_type"] == "CharForgeClipScore"
+    for scorer in ids["CharForgeScoreIdentity"] + ids["CharForgeClipScore"]:
+        assert prompt[scorer]["inputs"]["images"] == [decode, 0]
+
+
+@pytest.mark.parametrize("name", ["flux_storyboard", "sd35_storyboard"])
+def test_flux_and_sd35_storyboards_prompt_and_seed_every_frame_from_the_scenes(name):
+    prompt = _api(WORKFLOWS / f"{name}.json")
+    ids = _by_class(prompt)
+    (scenes,) = ids["CharForgeStoryScenes"]
+    (sampler,) = ids["KSampler"]
+    (select,) = ids["CharForgeStoryboardSelect"]
+    assert prompt[sampler]["inputs"]["seed"] == [scenes, 1]
+    encoders_from_scenes = [n for n in ids["CLIPTextEncode"] if prompt[n]["inputs"]["text"] == [scenes, 0]]
+    assert len(encoders_from_scenes) == 1
+    # The frame prompt reaches the sampler (through FluxGuidance for Flux).
+    positive = _source(prompt, sampler, "positive")
+    assert encoders_from_scenes[0] in {positive, *_ancestors(prompt, positive)}
+    assert {k: prompt[select]["inputs"][k] for k in ("prompts", "seeds", "captions")} == \
+        {"prompts": [scenes, 0], "seeds": [scenes, 1], "captions": [scenes, 2]}
+    assert prompt[select]["inputs"]["images"] == [ids["VAEDecode"][0], 0]
