@@ -13,6 +13,7 @@ from ..batch.journal import JOURNAL_NAME, replay
 from ..batch.plan import BatchError, load_batch
 from ..batch.summary import render_table, summary_of
 from ..config import resolve_server
+from .common import add_pool_options
 
 RUN_EPILOG = """\
 The output folder holds one folder per job (named from the sweep axes, with its outputs and manifest.json),
@@ -56,23 +57,11 @@ def register(sub: argparse._SubParsersAction, *, server: argparse.ArgumentParser
     run.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="batch folder (created or resumed)"
     )
-    run.add_argument(
-        "--server",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="a server of the pool (repeatable): a ComfyUI URL, runpod-pod:ID, "
+    add_pool_options(
+        run,
+        "a server of the pool (repeatable): a ComfyUI URL, runpod-pod:ID, "
         "runpod-serverless:ID or replicate:OWNER/MODEL[:VERSION]",
     )
-    run.add_argument(
-        "--profile",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="a config-file profile of the pool (repeatable)",
-    )
-    run.add_argument("--config", type=Path, metavar="FILE", help="config file for --profile")
-    run.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
     run.add_argument(
         "--window",
         type=int,

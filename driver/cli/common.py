@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any
 
 from ..client.sync_client import ComfyClient
@@ -83,6 +84,21 @@ class Output:
         else:
             self.stderr.write(self.clean(f"error: {exc}") + "\n")
             self.stderr.flush()
+
+
+def add_pool_options(parser: argparse.ArgumentParser, server_help: str) -> None:
+    """The options naming a pool of servers (``charforge batch run``, ``charforge tune``): ``--server`` and
+    ``--profile``, both repeatable, ``--config`` and ``--insecure``; `server_help` says which kinds of server."""
+    parser.add_argument("--server", action="append", default=[], metavar="URL", help=server_help)
+    parser.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a config-file profile of the pool (repeatable)",
+    )
+    parser.add_argument("--config", type=Path, metavar="FILE", help="config file for --profile")
+    parser.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
 
 
 def report_cancel(

@@ -8,6 +8,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from charforge.driver.cli.common import add_pool_options
+
 TUNE_EPILOG = """\
 Each trial trains a LoRA with the Train LoRA node of the search file's workflow (its settings from the search
 space), renders the evaluation scenes x seeds with it, and scores them here: identity (ArcFace), text agreement
@@ -45,7 +47,7 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
     tune.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="search folder (created or resumed)"
     )
-    _pool_options(tune)
+    add_pool_options(tune, "a ComfyUI server of the pool (repeatable), or runpod-pod:ID")
     tune.add_argument("--trials", type=int, metavar="N", help="trial budget (overrides budget.trials)")
     tune.add_argument("--hours", type=float, metavar="H", help="time budget (overrides budget.hours)")
     tune.add_argument("--dollars", type=float, metavar="USD", help="cost budget (overrides budget.dollars)")
@@ -64,25 +66,6 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
     )
     tune.add_argument("--json", action="store_true", help="newline-delimited JSON on stdout")
     tune.set_defaults(func=cmd_tune)
-
-
-def _pool_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--server",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="a ComfyUI server of the pool (repeatable), or runpod-pod:ID",
-    )
-    p.add_argument(
-        "--profile",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="a config-file profile of the pool (repeatable)",
-    )
-    p.add_argument("--config", type=Path, metavar="FILE", help="config file for --profile")
-    p.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
 
 
 def pool_servers(args: argparse.Namespace, out: Any) -> list[Any]:
