@@ -1,0 +1,384 @@
+"""SD3 Medium, SD3.5 Medium and SD3.5 Large for training: loading, the three text encoders, the model call.
+
+Sources, fully offline (`engine.models.sd3_files` reads and converts the files):
+
+- a **checkpoint** (ComfyUI's ``checkpoints`` folder) with the MMDiT and VAE, with or without the text
+  encoders inside; missing encoders come from their own files;
+- **separate files**: the MMDiT alone (``diffusion_models``), ``clip_l``, ``clip_g`` and ``t5xxl``
+  (``text_encoders`` / ``clip``; fp16, bf16, fp8 or ComfyUI's scaled fp8) and the VAE (``vae``);
+- a **diffusers folder** (``model_index.json`` of a ``StableDiffusion3Pipeline``).
+
+The MMDiT's shape and variant come from its tensors; the text encoders and the VAE use the configs shipped
+in ``configs/sd3`` (``config_dir`` replaces them for shrunken test models). Tokenizers: the CLIP vocabulary
+as for SD (`models.find_tokenizer_dir`; the second CLIP pads with ``!``), T5's ``tokenizer.json`` as for
+Flux.1 (`flux.load_t5_tokenizer`).
+
+Conditioning as diffusers' ``StableDiffusion3Pipeline`` builds it: CLIP-L's and CLIP-G's penultimate hidden
+states (77 tokens each) side by side on the channels (768 + 1280), zero-padded to T5's 4096, followed on the
+sequence by T5-XXL's last hidden states padded to ``t5_max_length`` tokens (default 256, the pipeline's
+default, so a LoRA trains on the sequence length it is sampled with: 77 + 256 = 333 tokens); the pooled
+vector is CLIP-L's projected pooled output (768) then CLIP-G's (1280). Each encoder's outputs are separate
+entries (``clip_l``, ``clip_l_pooled``, ``clip_g``, ``clip_g_pooled``, ``t5``) so the trainer caches what the
+frozen encoders make and recomputes only an encoder that has LoRA; `joint_conditioning` assembles them.
+
+The model call passes σ·1000 as the timestep (the scheduler's timesteps are σ·1000) and returns the
+velocity. Noise levels default to SD3's: logit-normal σ shifted by 3.0 (`DEFAULT_SHIFT`, the shift of the
+released models' scheduler and of ComfyUI's ModelSamplingSD3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ....deps import require
+from ...models import sd3_files
+from ..models import (
+    CONFIG_ROOT,
+    UnsupportedModelError,
+    _dtype_argument,
+    find_tokenizer_dir,
+    fingerprint,
+    resolve_dtype,
+)
+from .family import FlowModel
+from .flux import MissingPartError, load_t5_tokenizer
+from .objective import FlowSettings
+
+ARCHS = sd3_files.VARIANTS  # sd3-medium, sd35-medium, sd35-large
+CONFIG_DIR = CONFIG_ROOT / "sd3"
+T5_LENGTH = 256  # diffusers' StableDiffusion3Pipeline default max_sequence_length
+DEFAULT_SHIFT = 3.0
+CLIP_ENCODERS = ("clip_l", "clip_g")
+TEXT_ENCODER_FOLDERS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}
+TOKENIZER_FOLDERS = {"clip_l": "tokenizer", "clip_g": "tokenizer_2", "t5": "tokenizer_3"}
+
+# LoRA presets over the joint blocks' diffusers names. The last block's context stream is "pre-only" (no
+# to_add_out, no ff_context) and only SD3.5 Medium's first 13 blocks have attn2: absent modules are skipped.
+ATTENTION_LEAVES = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+)
+MLP_LEAVES = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+
+
+@dataclass(frozen=True)
+class SD3Files:
+    """Where an SD3-family model's parts are: the model (checkpoint, bare MMDiT or diffusers folder) and
+    the parts a checkpoint may lack."""
+
+    model: str
+    clip_l: str | None = None
+    clip_g: str | None = None
+    t5: str | None = None
+    vae: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class SD3Model(FlowModel):
+    """SD3 / SD3.5: MMDiT, 16-channel VAE, CLIP-L (``clip_l``), CLIP-G (``clip_g``) and T5-XXL (``t5``)."""
+
+    def __post_init__(self):
+        self.family = "sd3"
+        # TODO(H4a): "shift" uses FlowSettings.discrete_flow_shift (3.1582, kohya's Flux value); SD3's own
+        # is DEFAULT_SHIFT (3.0). A per-family default shift in the flow core would make "auto" exact.
+        self.default_sampling = "shift"
+        self.text_outputs = {
+            "clip_l": "clip_l",
+            "clip_l_pooled": "clip_l",
+            "clip_g": "clip_g",
+            "clip_g_pooled": "clip_g",
+            "t5": "t5",
+        }
+        self.lora_text_encoder = "clip_l"
+
+    def t5_length(self, settings: FlowSettings) -> int:
+        return settings.t5_max_length or T5_LENGTH
+
+    def text_fingerprint(self, settings: FlowSettings) -> str:
+        return f"{super().text_fingerprint(settings)}:t5={self.t5_length(settings)}"
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        with torch.no_grad():
+            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean.float()
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def encode_text(self, captions, device, settings, encoders=None) -> dict[str, torch.Tensor]:
+        encoders = tuple(dict.fromkeys(self.text_outputs.values())) if encoders is None else tuple(encoders)
+        captions = list(captions)
+        out: dict[str, torch.Tensor] = {}
+        for name in CLIP_ENCODERS:
+            if name not in encoders:
+                continue
+            tokenizer = self.tokenizers[name]
+            ids = tokenizer(
+                captions,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
+            result = self.text_encoders[name](ids, output_hidden_states=True)
+            out[name] = result.hidden_states[-2]
+            out[name + "_pooled"] = result[0]  # the projected pooled output (text_embeds)
+        if "t5" in encoders:
+            ids = self.tokenizers["t5"](
+                captions,
+                padding="max_length",
+                max_length=self.t5_length(settings),
+                truncation=True,
+                add_special_tokens=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
+            out["t5"] = self.text_encoders["t5"](ids)[0]
+        return out
+
+    def predict(self, noisy, sigmas, text, settings) -> torch.Tensor:
+        dtype = noisy.dtype
+        hidden, pooled = joint_conditioning(text)
+        return self.transformer(
+            hidden_states=noisy,
+            encoder_hidden_states=hidden.to(dtype),
+            pooled_projections=pooled.to(dtype),
+            timestep=(sigmas * 1000.0).to(dtype),
+            return_dict=False,
+        )[0]
+
+    def lora_targets(self, preset: str) -> list[str]:
+        return sd3_lora_targets(self.transformer, preset)
+
+
+def joint_conditioning(text: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context, pooled) for the MMDiT from the encoders' outputs: [CLIP-L | CLIP-G | zeros] tokens, then
+    the T5 tokens; pooled = CLIP-L pooled then CLIP-G pooled (as ``StableDiffusion3Pipeline.encode_prompt``)."""
+    clip = torch.cat([text["clip_l"], text["clip_g"]], dim=-1)
+    t5 = text["t5"]
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    hidden = torch.cat([clip, t5.to(clip.dtype)], dim=-2)
+    pooled = torch.cat([text["clip_l_pooled"], text["clip_g_pooled"]], dim=-1)
+    return hidden, pooled
+
+
+def sd3_lora_targets(transformer: torch.nn.Module, preset: str) -> list[str]:
+    """The MMDiT's module names for a preset: ``attention`` (q/k/v/out of both streams and SD3.5 Medium's
+    second image attention) or ``all_linear`` (also both streams' MLPs). Modulation and embedding layers
+    are never adapted (as for Flux.1)."""
+    if preset not in ("attention", "all_linear"):
+        raise ValueError(f"LoRA target preset {preset!r}: choose 'attention' or 'all_linear'")
+    leaves = ATTENTION_LEAVES + (MLP_LEAVES if preset == "all_linear" else ())
+    names = []
+    for name, module in transformer.named_modules():
+        if not isinstance(module, torch.nn.Linear) or ".lora_" in name or ".base_layer" in name:
+            continue
+        parts = name.split(".", 2)
+        if parts[0] == "transformer_blocks" and len(parts) == 3 and parts[2] in leaves:
+            names.append(name)
+    return names
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _config(config_dir: Path, sub: str) -> dict:
+    return json.loads((config_dir / sub / "config.json").read_text())
+
+
+def _clip_tokenizers(candidates: Sequence[str | os.PathLike | None], folder: Path | None = None) -> dict:
+    """CLIP-L's and CLIP-G's tokenizers: a diffusers folder's own, else the CLIP vocabulary found elsewhere,
+    configured as the shipped ``configs/sd3/tokenizer*`` say (CLIP-G pads with ``!``)."""
+    from transformers import CLIPTokenizer
+
+    out = {}
+    for name in CLIP_ENCODERS:
+        sub = TOKENIZER_FOLDERS[name]
+        if folder is not None and (folder / sub / "vocab.json").is_file():
+            out[name] = CLIPTokenizer.from_pretrained(str(folder / sub))
+            continue
+        config = json.loads((CONFIG_DIR / sub / "tokenizer_config.json").read_text())
+        vocab = find_tokenizer_dir(list(candidates))
+        out[name] = CLIPTokenizer.from_pretrained(
+            str(vocab), pad_token=config["pad_token"], model_max_length=config["model_max_length"]
+        )
+    return out
+
+
+def load_sd3(
+    files: SD3Files | str | os.PathLike,
+    *,
+    dtype: torch.dtype | str = torch.bfloat16,
+    config_dir: str | os.PathLike | None = None,
+    tokenizer_candidates: Sequence[str | os.PathLike | None] = (),
+    t5_tokenizer_candidates: Sequence[str | os.PathLike | None] = (),
+) -> SD3Model:
+    """Load an SD3-family model from `files` (or a checkpoint / diffusers folder path) on the CPU in `dtype`.
+
+    Never touches the network. The VAE stays in fp32 (it is small and overflows in fp16).
+    """
+    require("diffusers")
+    require("transformers")
+    files = files if isinstance(files, SD3Files) else SD3Files(str(files))
+    weight_dtype = resolve_dtype(dtype, torch.bfloat16)
+    source = Path(files.model).expanduser()
+    if source.is_dir():
+        model = _load_folder(source, weight_dtype, tokenizer_candidates)
+    elif source.is_file():
+        configs = Path(config_dir) if config_dir else CONFIG_DIR
+        model = _load_files(files, weight_dtype, configs, tokenizer_candidates, t5_tokenizer_candidates)
+    else:
+        raise FileNotFoundError(f"base model not found: {source}")
+    model.fingerprints = {
+        "vae": fingerprint(model.vae),
+        **{name: fingerprint(module) for name, module in model.text_encoders.items()},
+    }
+    return model
+
+
+def _load_folder(source: Path, dtype: torch.dtype, tokenizer_candidates) -> SD3Model:
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    index = source / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if name != "StableDiffusion3Pipeline":
+        raise UnsupportedModelError(f"{source}: pipeline {name!r}, not a StableDiffusion3Pipeline folder")
+    if not (source / TEXT_ENCODER_FOLDERS["t5"]).is_dir():
+        raise MissingPartError(
+            f"{source} has no text_encoder_3 (T5-XXL); SD3 training needs all three encoders"
+        )
+    offline = {"local_files_only": True}
+    transformer = SD3Transformer2DModel.from_pretrained(
+        str(source / "transformer"), **_dtype_argument(dtype), **offline
+    )
+    vae = AutoencoderKL.from_pretrained(str(source / "vae"), **_dtype_argument(torch.float32), **offline)
+    encoders = {
+        "clip_l": CLIPTextModelWithProjection.from_pretrained(
+            str(source / "text_encoder"), dtype=dtype, **offline
+        ),
+        "clip_g": CLIPTextModelWithProjection.from_pretrained(
+            str(source / "text_encoder_2"), dtype=dtype, **offline
+        ),
+        "t5": T5EncoderModel.from_pretrained(str(source / "text_encoder_3"), dtype=dtype, **offline),
+    }
+    tokenizers = _clip_tokenizers(tokenizer_candidates, source)
+    tokenizers["t5"] = load_t5_tokenizer([source / TOKENIZER_FOLDERS["t5"]])
+    config = dict(transformer.config)
+    shapes = {"joint_blocks.0.context_block.attn.qkv.weight": (0,)}  # structure flags only
+    if config.get("qk_norm"):
+        shapes["joint_blocks.0.x_block.attn.ln_q.weight"] = (0,)
+    if config.get("dual_attention_layers"):
+        shapes["joint_blocks.0.x_block.attn2.qkv.weight"] = (0,)
+    return _model(sd3_files.sd3_variant(shapes), source, transformer, vae, encoders, tokenizers, dtype)
+
+
+def _model(arch, source, transformer, vae, encoders, tokenizers, dtype) -> SD3Model:
+    for module in (transformer, vae, *encoders.values()):
+        module.requires_grad_(False)
+        module.eval()
+    return SD3Model(
+        arch=arch,
+        source=str(source),
+        transformer=transformer,
+        vae=vae,
+        text_encoders=encoders,
+        tokenizers=tokenizers,
+        dtype=dtype,
+    )
+
+
+def _part_file(path: str | None, what: str, folder: str) -> Path:
+    if not path:
+        raise MissingPartError(
+            f"SD3 training needs the {what}, which this checkpoint does not contain: put it in ComfyUI's "
+            f"models/{folder} folder and choose it (or use a checkpoint that includes it)"
+        )
+    if not Path(path).is_file():
+        raise MissingPartError(f"the {what} file was not found: {path}")
+    return Path(path)
+
+
+def _encoder_state(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """A separate text-encoder file's tensors, without a ComfyUI checkpoint prefix if it has one."""
+    state = sd3_files.read_tensors(path)
+    for prefix in (sd3_files.ENCODER_PREFIXES[name], "transformer."):
+        if any(k.startswith(prefix) for k in state):
+            return sd3_files.strip_prefix(state, prefix)
+    return state
+
+
+def _load_files(
+    files: SD3Files, dtype: torch.dtype, configs: Path, tokenizer_candidates, t5_candidates
+) -> SD3Model:
+    path = Path(files.model)
+    shapes = sd3_files.tensor_shapes(path)
+    prefix = sd3_files.transformer_prefix(shapes)
+    if prefix is None:
+        top = sorted({k.split(".")[0] for k in shapes})[:8]
+        raise UnsupportedModelError(
+            f"{path} is not an SD3 / SD3.5 model: no MMDiT ('{sd3_files.TRIGGER}'); top-level names: {top}"
+        )
+    arch = sd3_files.sd3_variant(shapes)
+    mmdit = sd3_files.read_tensors(path, lambda k: k.startswith(prefix))
+    transformer = sd3_files.build_transformer(
+        sd3_files.strip_prefix(mmdit, prefix) if prefix else mmdit, dtype
+    )
+    del mmdit
+    inside = sd3_files.encoders_in(shapes)
+    encoders = {}
+    builders = {
+        "clip_l": lambda s: sd3_files.build_clip(s, _config(configs, "text_encoder"), dtype, "CLIP-L"),
+        "clip_g": lambda s: sd3_files.build_clip(s, _config(configs, "text_encoder_2"), dtype, "CLIP-G"),
+        "t5": lambda s: sd3_files.build_t5(s, _config(configs, "text_encoder_3"), dtype),
+    }
+    given = {"clip_l": files.clip_l, "clip_g": files.clip_g, "t5": files.t5}
+    titles = {
+        "clip_l": "CLIP-L text encoder (clip_l)",
+        "clip_g": "CLIP-G text encoder (clip_g)",
+        "t5": "T5-XXL (t5xxl)",
+    }
+    for name, build in builders.items():
+        file_name = "t5xxl" if name == "t5" else name
+        if given[name]:  # a file the user chose wins over the checkpoint's copy
+            state = _encoder_state(_part_file(given[name], titles[name], "text_encoders"), file_name)
+        elif file_name in inside:
+            own = sd3_files.ENCODER_PREFIXES[file_name]
+            state = sd3_files.strip_prefix(
+                sd3_files.read_tensors(path, lambda k, p=own: k.startswith(p)), own
+            )
+        else:
+            state = _encoder_state(_part_file(None, titles[name], "text_encoders"), file_name)
+        encoders[name] = build(state)
+    if files.vae:
+        vae_state = sd3_files.read_tensors(_part_file(files.vae, "VAE", "vae"))
+        vae_state = sd3_files.strip_prefix(vae_state, sd3_files.VAE_PREFIX) or vae_state
+    elif sd3_files.has_vae(shapes):
+        vae_prefix = sd3_files.VAE_PREFIX
+        vae_state = sd3_files.strip_prefix(
+            sd3_files.read_tensors(path, lambda k: k.startswith(vae_prefix)), vae_prefix
+        )
+    else:
+        vae_state = sd3_files.read_tensors(_part_file(None, "VAE", "vae"))
+    vae = sd3_files.build_vae(vae_state, _config(configs, "vae"), torch.float32)
+    tokenizers = _clip_tokenizers(tokenizer_candidates)
+    tokenizers["t5"] = load_t5_tokenizer(list(t5_candidates))
+    return _model(arch, path, transformer, vae, encoders, tokenizers, dtype)
