@@ -222,7 +222,17 @@ def parse_jsonl(text: str, source: str = "batch.jsonl", base: Path | None = None
             )
         )
     _dedupe_folders(jobs)
+    _distinct_training_names(jobs, lambda job: job.prompt or cache.get(job.workflow or ""))
     return BatchPlan(source, "jsonl", jobs)
+
+
+def _distinct_training_names(jobs: list[Job], graph_of: Any) -> None:
+    """Jobs that would train the same LoRA name get their own (:func:`~..sync.training.distinct_training_names`)."""
+    from ..sync.training import distinct_training_names
+
+    extra = distinct_training_names([(job.id, graph_of(job), job.overrides) for job in jobs])
+    for job in jobs:
+        job.overrides += extra.get(job.id, [])
 
 
 def _dedupe_folders(jobs: list[Job]) -> None:
@@ -431,6 +441,7 @@ def parse_sweep(
             )
         )
     _dedupe_folders(jobs)
+    _distinct_training_names(jobs, lambda job: graph)
     return BatchPlan(source, "sweep", jobs, master)
 
 

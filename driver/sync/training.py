@@ -11,12 +11,14 @@ resumed, checked by sha256, nothing downloaded twice. Used by the batch runner a
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from ..client.async_client import AsyncComfyClient
 from ..errors import DriverError
+from ..workflow.overrides import apply_overrides, parse_set
 from .blocking import server_info
 from .results import download_lora, download_tree
 
@@ -63,6 +65,40 @@ def trained_loras(values: dict[str, Any]) -> list[TrainedLoRA]:
             if trained is not None:
                 found.append(trained)
     return found
+
+
+def training_names(graph: dict[str, Any] | None, overrides: list[str]) -> dict[str, str]:
+    """The ``output_name`` of each training node of an API `graph` once `overrides` (``NODE.INPUT=VALUE``) are
+    applied: ``{node_id: name}`` (a name wired from another node, or an editor-format graph, gives nothing)."""
+    if not graph:
+        return {}
+    try:
+        prompt, _ = apply_overrides(graph, [parse_set(text) for text in overrides])
+    except DriverError:
+        return {}
+    return {
+        str(node_id): node["inputs"]["output_name"]
+        for node_id, node in prompt.items()
+        if isinstance(node, dict)
+        and node.get("class_type") in TRAIN_NODE_CLASSES
+        and isinstance((node.get("inputs") or {}).get("output_name"), str)
+    }
+
+
+def distinct_training_names(jobs: list[tuple[str, dict[str, Any] | None, list[str]]]) -> dict[str, list[str]]:
+    """Overrides that keep the jobs of one batch from training into the same LoRA file on the server.
+
+    `jobs` are ``(job id, API graph, overrides)``; for every training node whose ``output_name`` another job
+    (or node) of the batch trains too, the job gets ``NODE.output_name=<name>_<first 8 of its id>``: each LoRA
+    and run folder stays its own, and planning the same file again gives the same names."""
+    names = {job_id: training_names(graph, overrides) for job_id, graph, overrides in jobs}
+    count = Counter(name for per_job in names.values() for name in per_job.values())
+    extra: dict[str, list[str]] = {}
+    for job_id, per_job in names.items():
+        for node_id, name in sorted(per_job.items()):
+            if count[name] > 1:
+                extra.setdefault(job_id, []).append(f"{node_id}.output_name={name}_{job_id[:8]}")
+    return extra
 
 
 def _server_path(path: str) -> PurePath:

@@ -235,3 +235,42 @@ def test_a_lora_refused_by_its_checksum_is_downloaded_by_the_next_run_not_traine
     manifest = json.loads((out / "name-solo" / "manifest.json").read_text())
     assert manifest["training"][0]["state"] == "home"
     assert (out / "name-solo" / "lora" / "run" / "solo" / "loss.png").is_file()
+
+
+def test_jobs_training_the_same_name_each_keep_their_own_lora(comfy_env, monkeypatch, tmp_path):
+    """A steps sweep whose jobs all train ``output_name: pip``: the plan gives each job its own name
+    (``pip_<job id>``), so each job's LoRA and run folder on the server is its own and each comes home into its
+    job folder; planning again gives the same names."""
+    from charforge.driver.batch.plan import load_batch
+
+    graph = {
+        "1": {
+            "class_type": "CharForgeTrainLoRA",
+            "_meta": {"title": "Train"},
+            "inputs": {"output_name": "pip", "steps": 4},
+        }
+    }
+    (tmp_path / "train.json").write_text(json.dumps(graph))
+    spec = tmp_path / "steps.json"
+    spec.write_text(
+        json.dumps({"workflow": "train.json", "axes": {"steps": {"set": "Train.steps", "values": [2, 3]}}})
+    )
+    plan = load_batch(spec)
+    names = {job.id: [o for o in job.overrides if ".output_name=" in o] for job in plan.jobs}
+    assert names == {job.id: [f"1.output_name=pip_{job.id[:8]}"] for job in plan.jobs}
+    assert {j.id: j.overrides for j in load_batch(spec).jobs} == {j.id: j.overrides for j in plan.jobs}
+
+    out = tmp_path / "out"
+    with training_server(comfy_env, monkeypatch) as fake:
+        code, _, err = run_cli("batch", "run", str(spec), "--server", fake.url, "--out", str(out))
+        assert code == 0, err
+        for job in plan.jobs:
+            name = f"pip_{job.id[:8]}"
+            folder = out / job.folder
+            assert (folder / "lora" / f"{name}.safetensors").read_bytes() == lora_bytes(name)
+            assert (folder / "lora" / "run" / name / "samples").is_dir()
+        assert not (fake.root / "models" / "loras" / "pip.safetensors").exists()
+    # a batch whose jobs train different names keeps them as given
+    assert not [
+        o for j in load_batch(training_sweep(tmp_path)).jobs for o in j.overrides if "output_name=x_" in o
+    ]
