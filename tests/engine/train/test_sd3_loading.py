@@ -1,0 +1,182 @@
+"""SD3 / SD3.5 bases for training: every file layout loads the same model, the variant comes from the
+tensors, and the conditioning is what diffusers' StableDiffusion3Pipeline computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cf_testing.sd3_models import build_tiny_sd3
+from charforge.engine.library.flow_layouts import single_file_state
+from charforge.engine.models import sd3_files
+from charforge.engine.train.flow import sd3
+from charforge.engine.train.flow.flux import MissingPartError
+from charforge.engine.train.flow.objective import FlowSettings
+from charforge.engine.train.models import UnsupportedModelError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # cf_testing/threads.py
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_sd3(tmp_path_factory.mktemp("sd3"), "sd35-medium")
+
+
+def _load(tiny, files):
+    return sd3.load_sd3(
+        files,
+        dtype="fp32",
+        config_dir=tiny.config_dir,
+        tokenizer_candidates=[tiny.clip_vocab],
+        t5_tokenizer_candidates=[tiny.t5_tokenizer],
+    )
+
+
+def _layouts(tiny):
+    parts = {"clip_l": str(tiny.clip_l), "clip_g": str(tiny.clip_g), "t5": str(tiny.t5xxl)}
+    return {
+        "checkpoint with encoders": sd3.SD3Files(str(tiny.checkpoint)),
+        "checkpoint without encoders": sd3.SD3Files(str(tiny.checkpoint_no_encoders), **parts),
+        "separate files": sd3.SD3Files(str(tiny.mmdit), vae=str(tiny.vae), **parts),
+    }
+
+
+def _assert_same_weights(module, reference, what):
+    ours, theirs = module.state_dict(), reference.state_dict()
+    assert set(ours) == set(theirs), (what, sorted(set(ours) ^ set(theirs))[:5])
+    different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not different, (what, different[:5])
+
+
+def test_every_layout_loads_the_weights_diffusers_loads(tiny):
+    """Single file with / without encoders and separate files give the diffusers folder's modules bit for
+    bit; the folder itself loads as diffusers' own pipeline does."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny.diffusers_dir), local_files_only=True)
+    reference = {
+        "transformer": pipe.transformer,
+        "vae": pipe.vae,
+        "clip_l": pipe.text_encoder,
+        "clip_g": pipe.text_encoder_2,
+        "t5": pipe.text_encoder_3,
+    }
+    for name, files in {**_layouts(tiny), "diffusers folder": tiny.diffusers_dir}.items():
+        model = _load(tiny, files)
+        assert model.arch == "sd35-medium" and model.family == "sd3"
+        ours = {"transformer": model.transformer, "vae": model.vae, **model.text_encoders}
+        for part, module in ours.items():
+            _assert_same_weights(module, reference[part], f"{name}: {part}")
+        assert list(model.transformer.config["dual_attention_layers"]) == [0]
+
+
+def test_conditioning_is_the_pipelines(tiny):
+    """Context (77 CLIP + 256 T5 tokens, CLIP-L|CLIP-G padded to the T5 width) and pooled vector equal
+    StableDiffusion3Pipeline.encode_prompt's; the empty caption too (what caption dropout trains on)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny.diffusers_dir), local_files_only=True)
+    model = _load(tiny, _layouts(tiny)["separate files"])
+    captions = ["a photo of sks person smiling in the park", ""]
+    with torch.no_grad():
+        expected, _, expected_pooled, _ = pipe.encode_prompt(
+            captions, captions, captions, do_classifier_free_guidance=False
+        )
+        text = model.encode_text(captions, "cpu", FlowSettings())
+        context, pooled = sd3.joint_conditioning(text)
+    assert context.shape == (2, 77 + sd3.T5_LENGTH, 128) and pooled.shape == (2, 96)
+    assert torch.equal(context, expected) and torch.equal(pooled, expected_pooled)
+    # Only the asked encoders run: the trainer caches the frozen ones and recomputes an adapted one.
+    assert set(model.encode_text(captions, "cpu", FlowSettings(), ["clip_l"])) == {"clip_l", "clip_l_pooled"}
+    shorter = model.encode_text(captions, "cpu", FlowSettings(t5_max_length=77), ["t5"])["t5"]
+    assert shorter.shape[1] == 77
+
+
+def test_prediction_is_the_transformer_at_sigma_times_1000(tiny):
+    model = _load(tiny, tiny.diffusers_dir)
+    text = model.encode_text(["sks person"], "cpu", FlowSettings())
+    context, pooled = sd3.joint_conditioning(text)
+    noisy = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.25])
+    with torch.no_grad():
+        ours = model.predict(noisy, sigma, text, FlowSettings())
+        theirs = model.transformer(
+            hidden_states=noisy,
+            encoder_hidden_states=context,
+            pooled_projections=pooled,
+            timestep=sigma * 1000,
+        ).sample
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("arch", sd3_files.VARIANTS)
+def test_full_size_variants_are_told_apart_by_their_tensors(arch):
+    """A full-size MMDiT of each variant (meta device: shapes only), in ComfyUI's layout with the checkpoint
+    prefix, gives its variant and exactly the shipped diffusers config."""
+    import json
+
+    from diffusers import SD3Transformer2DModel
+
+    shipped = json.loads((sd3.CONFIG_DIR / "transformer" / f"{arch}.json").read_text())
+    shipped.pop("_class_name")
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**shipped)
+    comfy = single_file_state("sd3", model.state_dict())
+    shapes = {sd3_files.TRANSFORMER_PREFIX + k: tuple(v.shape) for k, v in comfy.items()}
+    assert sd3_files.sd3_variant(shapes) == arch
+    config = sd3_files.transformer_config(shapes)
+    assert {**config, "dual_attention_layers": list(config["dual_attention_layers"])} == shipped
+    # Without the prefix (a diffusion_models file) the same.
+    assert (
+        sd3_files.sd3_variant({k.removeprefix(sd3_files.TRANSFORMER_PREFIX): v for k, v in shapes.items()})
+        == arch
+    )
+
+
+def test_refusals_say_what_is_wrong_and_where_parts_go(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 1)}, str(other))
+    with pytest.raises(UnsupportedModelError, match="not an SD3 / SD3.5 model.*double_blocks"):
+        _load(tiny, sd3.SD3Files(str(other)))
+    with pytest.raises(MissingPartError, match="T5-XXL.*models/text_encoders"):
+        _load(
+            tiny,
+            sd3.SD3Files(str(tiny.checkpoint_no_encoders), clip_l=str(tiny.clip_l), clip_g=str(tiny.clip_g)),
+        )
+    with pytest.raises(MissingPartError, match="VAE.*models/vae"):
+        _load(
+            tiny,
+            sd3.SD3Files(
+                str(tiny.mmdit), clip_l=str(tiny.clip_l), clip_g=str(tiny.clip_g), t5=str(tiny.t5xxl)
+            ),
+        )
+
+
+def test_clip_l_without_projection_uses_the_unprojected_pooled_output(tiny, tmp_path):
+    """A CLIP-L file made for Flux.1 has no text_projection: its pooled output is passed through unprojected
+    (what ComfyUI gives SD3 from CLIP-L), with the hidden states unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tiny.clip_l))
+    state.pop("text_projection.weight")
+    bare = tmp_path / "clip_l_no_projection.safetensors"
+    save_file(state, str(bare))
+    parts = {"clip_g": str(tiny.clip_g), "t5": str(tiny.t5xxl), "vae": str(tiny.vae)}
+    with_projection = _load(tiny, sd3.SD3Files(str(tiny.mmdit), clip_l=str(tiny.clip_l), **parts))
+    without = _load(tiny, sd3.SD3Files(str(tiny.mmdit), clip_l=str(bare), **parts))
+    with torch.no_grad():
+        a = with_projection.encode_text(["sks person"], "cpu", FlowSettings(), ["clip_l"])
+        b = without.encode_text(["sks person"], "cpu", FlowSettings(), ["clip_l"])
+        unprojected = (
+            without.text_encoders["clip_l"]
+            .text_model(
+                with_projection.tokenizers["clip_l"](
+                    ["sks person"], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+                ).input_ids
+            )
+            .pooler_output
+        )
+    assert torch.equal(a["clip_l"], b["clip_l"])
+    assert torch.equal(b["clip_l_pooled"], unprojected)
