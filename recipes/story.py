@@ -33,19 +33,10 @@ from typing import Any
 from charforge.common.characters import GenerationParams, default_size
 from charforge.driver.client import ComfyClient
 from charforge.driver.errors import DriverError, UsageError
+from charforge.driver.workflow.object_info import LORA_TXT2IMG_NODES, input_choices
 
 SELECT = "CharForgeStoryboardSelect"
-GENERATION_NODES = (
-    "CheckpointLoaderSimple",
-    "LoraLoader",
-    "CLIPTextEncode",
-    "EmptyLatentImage",
-    "KSampler",
-    "VAEDecode",
-    "SaveImage",
-    "CharForgeLoadFaceModels",
-    SELECT,
-)
+GENERATION_NODES = (*LORA_TXT2IMG_NODES, "CharForgeLoadFaceModels", SELECT)
 IMG2IMG_NODES = ("LoadImage", "VAEEncode", "RepeatLatentBatch")
 IPADAPTER_NODES = ("IPAdapterModelLoader", "CLIPVisionLoader", "IPAdapterAdvanced", "LoadImage")
 NO_CLIP = "(no CLIP folder found)"
@@ -187,21 +178,6 @@ class StoryResult:
 # What the server offers
 
 
-def _choices(info: dict[str, Any], node: str, name: str) -> list[str] | None:
-    """The combo choices of input `name` of `node` in /object_info, or None when the node or input is absent."""
-    spec = info.get(node) or {}
-    for section in ("required", "optional"):
-        declared = (spec.get("input") or {}).get(section) or {}
-        if name in declared:
-            kind = declared[name][0] if isinstance(declared[name], list) and declared[name] else None
-            if isinstance(kind, list):
-                return [str(c) for c in kind]
-            if kind == "COMBO" and len(declared[name]) > 1:
-                return [str(c) for c in (declared[name][1] or {}).get("options", [])]
-            return []
-    return None
-
-
 def detect_guidance(
     info: dict[str, Any], wanted: str = "auto", ipadapter_file: str | None = None
 ) -> Guidance:
@@ -209,8 +185,8 @@ def detect_guidance(
     if wanted not in GUIDANCE:
         raise UsageError(f"--guidance must be one of {GUIDANCE}, got {wanted!r}")
     missing_nodes = [n for n in IPADAPTER_NODES if n not in info]
-    files = _choices(info, "IPAdapterModelLoader", "ipadapter_file") or []
-    clip_vision = _choices(info, "CLIPVisionLoader", "clip_name") or []
+    files = input_choices(info, "IPAdapterModelLoader", "ipadapter_file") or []
+    clip_vision = input_choices(info, "CLIPVisionLoader", "clip_name") or []
     if not missing_nodes and files and clip_vision:
         if ipadapter_file:
             if ipadapter_file not in files:
@@ -436,7 +412,7 @@ class StoryRun:
                 f"the server lacks the node(s) {', '.join(missing)}"
                 + ("; install the CharForge pack into that ComfyUI (python install.py)" if pack else "")
             )
-        checkpoints = _choices(info, "CheckpointLoaderSimple", "ckpt_name") or []
+        checkpoints = input_choices(info, "CheckpointLoaderSimple", "ckpt_name") or []
         checkpoint = self.character.checkpoint
         if checkpoint is None:
             if not checkpoints:
@@ -449,14 +425,14 @@ class StoryRun:
             raise UsageError(
                 f"checkpoint {checkpoint!r} is not on the server; it has: {', '.join(checkpoints) or 'none'}"
             )
-        loras = _choices(info, "LoraLoader", "lora_name") or []
+        loras = input_choices(info, "LoraLoader", "lora_name") or []
         for lora in (entry[0] for entry in self.character.loras):
             if lora not in loras:
                 raise UsageError(
                     f"LoRA {lora!r} is not in the server's loras folder; it has: {', '.join(loras) or 'none'}"
                 )
         clip = self.options.clip_model
-        clip_choices = [c for c in (_choices(info, "CharForgeLoadClip", "model") or []) if c != NO_CLIP]
+        clip_choices = [c for c in (input_choices(info, "CharForgeLoadClip", "model") or []) if c != NO_CLIP]
         if clip is None:
             clip = clip_choices[0] if clip_choices else None
             if clip is None:
@@ -489,7 +465,7 @@ class StoryRun:
                 self.client.upload(photo, subfolder=folder, overwrite=True)
             self.note(f"uploaded {len(photos)} reference photo(s) to the server's input/{folder}")
             return {"folder": folder, "label": self.character.name, "source": str(path)}
-        names = _choices(self.info, "CharForgeLoadIdentity", "name") or []
+        names = input_choices(self.info, "CharForgeLoadIdentity", "name") or []
         if reference not in names:
             photo_folder = (
                 Path(self.character.reference_photos).expanduser()

@@ -14,6 +14,18 @@ from typing import Any
 #: Input options that mark a file-picking combo whose value can be a local file to upload.
 UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload", "upload")
 
+#: ComfyUI's built-in nodes of a text-to-image graph with a LoRA (what ``charforge lora eval`` and ``charforge
+#: story`` check a server for before they build one)
+LORA_TXT2IMG_NODES = (
+    "CheckpointLoaderSimple",
+    "LoraLoader",
+    "CLIPTextEncode",
+    "EmptyLatentImage",
+    "KSampler",
+    "VAEDecode",
+    "SaveImage",
+)
+
 #: ``(kind, options)`` of one declared input (see the module docstring).
 InputSpec = tuple[Any, dict[str, Any]]
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from charforge.driver.batch import BatchPlan, parse_sweep
 from charforge.driver.errors import UsageError, close_matches
+from charforge.driver.workflow.object_info import LORA_TXT2IMG_NODES, input_choices
 
 FORMAT = "charforge.lora_eval"
 VERSION = 1
@@ -23,15 +24,7 @@ DEFAULT_SCENES = (
     "upper body, standing outdoors in daylight",
     "sitting at a table in a cafe, side view",
 )
-GENERATION_NODES = (
-    "CheckpointLoaderSimple",
-    "LoraLoader",
-    "CLIPTextEncode",
-    "EmptyLatentImage",
-    "KSampler",
-    "VAEDecode",
-    "SaveImage",
-)
+GENERATION_NODES = LORA_TXT2IMG_NODES
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RENDERS = "renders"  # the batch folder inside --out
 RESULTS_NAME = "results.json"
@@ -286,22 +279,6 @@ def plan_grid(
 # What the server offers
 
 
-def _choices(info: dict[str, Any], node: str, name: str) -> list[str] | None:
-    """The combo choices of input `name` of `node` in /object_info (None when the node or input is absent)."""
-    declared = (info.get(node) or {}).get("input") or {}
-    for section in ("required", "optional"):
-        spec = (declared.get(section) or {}).get(name)
-        if spec is None:
-            continue
-        kind = spec[0] if isinstance(spec, list) and spec else None
-        if isinstance(kind, list):
-            return [str(c) for c in kind]
-        if kind == "COMBO" and len(spec) > 1 and isinstance(spec[1], dict):
-            return [str(c) for c in spec[1].get("options", [])]
-        return []
-    return None
-
-
 def _listing(names: list[str], limit: int = 12) -> str:
     if not names:
         return "none"
@@ -319,7 +296,7 @@ def check_server(
         raise UsageError(
             f"the server {url} lacks ComfyUI's node(s) {', '.join(missing)}; is it a ComfyUI server?"
         )
-    loras = _choices(info, "LoraLoader", "lora_name") or []
+    loras = input_choices(info, "LoraLoader", "lora_name") or []
     chosen_lora = lora
     if lora not in loras:
         by_name = [c for c in loras if Path(c.replace("\\", "/")).name == Path(lora.replace("\\", "/")).name]
@@ -334,7 +311,7 @@ def check_server(
                 f"{_listing(loras)}. Copy the file into ComfyUI/models/loras/ (then refresh or restart "
                 f"ComfyUI) and give its name as LoraLoader lists it."
             )
-    checkpoints = _choices(info, "CheckpointLoaderSimple", "ckpt_name") or []
+    checkpoints = input_choices(info, "CheckpointLoaderSimple", "ckpt_name") or []
     if checkpoint is None:
         if not checkpoints:
             raise UsageError(

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..tables import markdown_table
 from .plan import EvalImage, StrengthSummary
 
 
@@ -46,14 +47,7 @@ def table_text(summaries: list[StrengthSummary], best: StrengthSummary | None) -
         ]
         for s in summaries
     ]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    return "\n".join(
-        [line(heads), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)]
-    )
+    return markdown_table(heads, rows)
 
 
 # --------------------------------------------------------------------------------------------------

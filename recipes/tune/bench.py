@@ -21,6 +21,7 @@ from typing import Any
 
 from charforge.driver.errors import UsageError
 
+from ..tables import markdown_table
 from .scores import SetScorer, SetScores
 from .spec import EvalSet
 from .trials import EvalRenderer, PoolServer
@@ -113,14 +114,7 @@ def bench_table(rows: Sequence[BenchRow]) -> str:
         ]
         for r in rows
     ]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(heads)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    return "\n".join(
-        [line(heads), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(b) for b in body)]
-    )
+    return markdown_table(heads, body)
 
 
 def write_bench(
