@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .data import DataSettings
+from .flow.objective import FlowSettings
 from .lora import LoraSettings
 from .presets import BASIC_DEFAULTS, PRESETS, RESOLUTION, basic_settings  # noqa: F401 - re-exported
 
@@ -83,11 +84,13 @@ class TrainConfig:
     data: DataSettings = field(default_factory=DataSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     samples: SampleSettings = field(default_factory=SampleSettings)
+    flow: FlowSettings = field(default_factory=FlowSettings)  # flow-matching bases (Flux.1, SD3.x) only
     min_snr_gamma: float = 5.0  # 0 = plain MSE
     noise_offset: float = 0.0
     mixed_precision: str = "bf16"  # "no", "bf16", "fp16"; "no" trains in fp32
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the U-Net (CUDA only)
+    compile: bool = False  # torch.compile the step's forward and loss (CUDA only)
+    loss_every: int = 10  # read the loss back to the host every N steps (the only sync of a step)
     clip_skip: int = 1
     max_token_length: int = 75  # 150 / 225: longer captions are encoded in 75-token windows (kohya's option)
     checkpoint_every: int = 0  # write a LoRA checkpoint every N steps (0 = only the final LoRA)
@@ -99,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"max_token_length must be 75, 150 or 225 (got {self.max_token_length})")
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1 (got {self.steps})")
+        if self.loss_every < 1:
+            raise ValueError(f"loss_every must be at least 1 (got {self.loss_every})")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1 (got {self.batch_size})")
         if self.mixed_precision not in PRECISIONS:
@@ -120,6 +125,7 @@ class TrainConfig:
             "data": DataSettings,
             "optim": OptimSettings,
             "samples": SampleSettings,
+            "flow": FlowSettings,
         }
         for name, kind in nested.items():
             if name in data:
@@ -133,6 +139,8 @@ class TrainConfig:
     def result_hash(self) -> str:
         """A hash of the fields that change the trained weights (resume requires it to match)."""
         data = self.to_dict()
+        if self.flow == FlowSettings():
+            data.pop("flow")  # runs saved before the flow settings existed keep their hash
         for dotted in RESUME_FREE_FIELDS:
             head, _, tail = dotted.partition(".")
             if tail:
@@ -151,6 +159,7 @@ RESUME_FREE_FIELDS = (
     "checkpoint_every",
     "state_every",
     "compile",
+    "loss_every",
     "trigger_word",
     "save_dtype",
     "gradient_checkpointing",
@@ -164,7 +173,13 @@ RESUME_FREE_FIELDS = (
 def _field_paths() -> dict[str, str]:
     """Short name -> dotted path for every setting (``rank`` -> ``lora.rank``); dotted paths map to themselves."""
     paths: dict[str, str] = {}
-    nested = {"lora": LoraSettings, "data": DataSettings, "optim": OptimSettings, "samples": SampleSettings}
+    nested = {
+        "lora": LoraSettings,
+        "data": DataSettings,
+        "optim": OptimSettings,
+        "samples": SampleSettings,
+        "flow": FlowSettings,
+    }
     for f in fields(TrainConfig):
         if f.name in nested:
             for sub in fields(nested[f.name]):

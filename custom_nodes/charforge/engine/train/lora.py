@@ -6,6 +6,8 @@ Target sets for the U-Net (module names are diffusers'):
   ``to_q/to_k/to_v/to_out.0`` of ``attn1`` and ``attn2``, ``ff.net.0.proj``, ``ff.net.2``, ``proj_in``,
   ``proj_out``. About twice the parameters of diffusers' default (docs/model-configs.md §9.1).
 - ``attention``: only ``to_q/to_k/to_v/to_out.0``.
+- ``all_linear``: the same as ``kohya`` on a U-Net (the name the flow-matching transformers' presets use,
+  see ``flow.flux.flux_lora_targets``).
 - with ``conv_rank > 0`` (LoCon): also the convolutions of the res blocks, down- and upsamplers
   (3x3 ``conv1``/``conv2``/``conv``, 1x1 ``conv_shortcut``) and the res blocks' ``time_emb_proj``, at
   ``conv_rank`` / ``conv_alpha``.
@@ -26,7 +28,7 @@ import torch
 from ...deps import require
 
 ADAPTER = "default"
-TARGET_SETS = ("kohya", "attention")
+TARGET_SETS = ("kohya", "attention", "all_linear")
 
 _ATTENTION_LEAVES = ("to_q", "to_k", "to_v", "to_out.0")
 _TEXT_LEAVES = (
@@ -47,7 +49,7 @@ class LoraSettings:
     rank: int = 32
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: str = "kohya"  # "kohya" or "attention"
+    targets: str = "kohya"  # "kohya" or "attention" ("all_linear": kohya's on a U-Net)
     conv_rank: int = 0  # > 0 adds LoCon layers on the res-block / sampler convolutions
     conv_alpha: float = 1.0
     train_text_encoder: bool = False
