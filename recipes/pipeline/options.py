@@ -98,14 +98,20 @@ class Server:
 @dataclass
 class Models:
     tiny: bool
-    checkpoint: str  # for ComfyUI's CheckpointLoaderSimple
+    checkpoint: (
+        str  # the base model: CheckpointLoaderSimple's (or, base_folder diffusion_models, UNETLoader's)
+    )
     train_base: str  # for CharForge's Train LoRA / Load Video Model
-    arch: str  # sd15 / sdxl
+    arch: str  # the family: sd15 / sdxl / flux-dev / flux-schnell / sd3-medium / sd35-medium / sd35-large
     tagger: str  # "" = the first tagger in models/wd14_tagger
     clip: str | None
     motion: str | None
     faces: bool  # identity scoring (InsightFace pack installed and face checks on)
     notes: list[str] = field(default_factory=list)
+    base_folder: str = "checkpoints"  # or diffusion_models (a Flux model on its own)
+    #: Flux / SD3: the text-encoder loader's inputs (clip_name1, ...) -> file, and Flux's VAE file
+    text_encoders: dict[str, str] = field(default_factory=dict)
+    vae: str | None = None
 
 
 class PipelineError(DriverError):

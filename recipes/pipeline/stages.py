@@ -16,6 +16,7 @@ from ...driver.progress import JobView, make_renderer
 from ...driver.sync import parse_train_summary
 from ...driver.workflow.preflight import nodes_to_run
 from ..remote import RemoteFiles
+from .families import FAMILY_NAMES, IMAGES_WORKFLOW, group
 from .options import TINY_MARK, TINY_TRAIN, WORKFLOWS, Models, PipelineError, PipelineOptions, Say, Server
 
 # ------------------------------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def stage_dataset(
     if not opts.face_check:
         prompt["2"]["inputs"]["face_detector"] = "none"
         prompt["3"]["inputs"]["require_face"] = False
-    prompt["5"]["inputs"]["buckets"] = models.arch
+    prompt["5"]["inputs"]["buckets"] = "sd15" if models.arch == "sd15" else "sdxl"  # Flux, SD3: 1024 px too
     prompt["6"]["inputs"].update(trigger=opts.trigger, class_tokens=opts.class_tokens, export_name="kohya")
     prompt["7"]["inputs"]["trigger"] = opts.trigger
     _, texts, files = runner.run(prompt, opts.out / "dataset" / "selection")
@@ -265,8 +266,10 @@ def stage_lora(
         from ..train_stage import stage_lora_replicate
 
         return stage_lora_replicate(runner, opts, models, state)
-    prompt = load_stage_workflow("train_lora_sdxl" if models.arch == "sdxl" else "train_lora_sd15")
+    prompt = load_stage_workflow("train_lora_sd15" if models.arch == "sd15" else "train_lora_sdxl")
     inputs = prompt["1"]["inputs"]
+    if group(models.arch) != "sd":
+        inputs["preset"] = _flow_preset(runner, models)
     inputs.update(
         base_model=models.train_base,
         dataset_folder=state["captions"]["train_data_dir"],
@@ -319,6 +322,28 @@ def stage_lora(
     }
 
 
+def _flow_preset(runner: Runner, models: Models) -> str:
+    """Train LoRA's preset for a Flux / SD3 base (the family's own, else its group's); refuses, naming the
+    server, when its Train LoRA does not offer the base model (a CharForge without Flux/SD3.5 training)."""
+    from .server import _choices
+
+    client = getattr(runner, "client", None)
+    info = client.object_info(refresh=True) if client is not None else {}
+    bases = _choices(info, "CharForgeTrainLoRA", "base_model")
+    presets = _choices(info, "CharForgeTrainLoRA", "preset")
+    if info and models.train_base not in bases:
+        raise PipelineError(
+            f"the Train LoRA node on {client.url} does not offer {models.train_base!r} "
+            f"({FAMILY_NAMES[models.arch]}): update CharForge there to train {FAMILY_NAMES[models.arch]} LoRAs, "
+            "or train elsewhere (--train-on)"
+        )
+    kind = group(models.arch)
+    for preset in (models.arch, kind, "sd35" if kind == "sd3" else kind):
+        if preset in presets:
+            return preset
+    return models.arch
+
+
 def runner_server_models(runner: Runner) -> list[Path]:
     server: Server | None = getattr(runner, "server", None)
     if server is None:
@@ -350,16 +375,110 @@ def _positive(opts: PipelineOptions) -> str:
     )
 
 
+def _build_identity(runner: Runner, opts: PipelineOptions, state: dict[str, Any]) -> None:
+    identity = load_stage_workflow("build_identity")
+    identity["2"]["inputs"].update(name=opts.character, folder=state["captions"]["train_data_dir"])
+    runner.run(identity, opts.out / "images" / "identity", previews="identity_table")
+
+
+def _write_scores(
+    opts: PipelineOptions, models: Models, texts: dict[str, str], nodes: tuple[str, str]
+) -> Path:
+    scores = opts.out / "images" / "scores.txt"
+    scores.parent.mkdir(parents=True, exist_ok=True)
+    scores.write_text(
+        f"scored by {'identity (InsightFace)' if models.faces else 'CLIP score'}\n\n"
+        + texts.get(nodes[0], "")
+        + "\n\n"
+        + texts.get(nodes[1], "")
+        + "\n",
+        encoding="utf-8",
+    )
+    return scores
+
+
+def _nodes(prompt: dict[str, Any], class_type: str) -> list[str]:
+    return [node_id for node_id, node in prompt.items() if node["class_type"] == class_type]
+
+
+def flow_images_prompt(opts: PipelineOptions, models: Models, lora: str) -> tuple[dict[str, Any], str, str]:
+    """The Flux / SD3.5 best-of-N workflow set up for this run: (prompt, scores node, report node).
+
+    The base model, its text encoders and VAE, the LoRA, the prompts, N and the family's sampling defaults;
+    without an identity the face nodes go and the candidates are ranked by CLIP score alone."""
+    from charforge.common.characters import family_generation
+
+    gen = family_generation(models.arch)
+    prompt = load_stage_workflow(IMAGES_WORKFLOW[group(models.arch)])
+    (base,) = [n for n in prompt if prompt[n]["class_type"] in ("UNETLoader", "CheckpointLoaderSimple")]
+    if models.base_folder == "checkpoints":  # a Flux all-in-one file: its MODEL output is the same socket
+        prompt[base] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models.checkpoint}}
+    else:
+        prompt[base] = {
+            "class_type": "UNETLoader",
+            "inputs": {"unet_name": models.checkpoint, "weight_dtype": "default"},
+        }
+    (encoders,) = _nodes(prompt, "DualCLIPLoader") + _nodes(prompt, "TripleCLIPLoader")
+    prompt[encoders]["inputs"].update(models.text_encoders)
+    for vae in _nodes(prompt, "VAELoader"):
+        prompt[vae]["inputs"]["vae_name"] = models.vae
+    (lora_node,) = _nodes(prompt, "LoraLoaderModelOnly")
+    prompt[lora_node]["inputs"]["lora_name"] = lora
+    positive, _negative = _nodes(prompt, "CLIPTextEncode")
+    prompt[positive]["inputs"]["text"] = _positive(opts)
+    for node_id in _nodes(prompt, "ModelSamplingFlux") + _nodes(prompt, "EmptySD3LatentImage"):
+        prompt[node_id]["inputs"].update(width=gen.width, height=gen.height)
+    for node_id in _nodes(prompt, "ModelSamplingSD3"):
+        prompt[node_id]["inputs"]["shift"] = gen.shift
+    for node_id in _nodes(prompt, "FluxGuidance"):
+        prompt[node_id]["inputs"]["guidance"] = gen.guidance
+    (latent,) = _nodes(prompt, "EmptySD3LatentImage")
+    prompt[latent]["inputs"]["batch_size"] = opts.candidates
+    (sampler,) = _nodes(prompt, "KSampler")
+    prompt[sampler]["inputs"].update(
+        steps=gen.steps, cfg=gen.cfg, sampler_name=gen.sampler, scheduler=gen.scheduler
+    )
+    (best,) = _nodes(prompt, "CharForgeBestOfN")
+    prompt[best]["inputs"]["group_size"] = opts.candidates
+    (clip_score,) = _nodes(prompt, "CharForgeClipScore")
+    prompt[clip_score]["inputs"]["prompt"] = _positive(opts).replace(f"{opts.trigger} ", "")
+    (clip,) = _nodes(prompt, "CharForgeLoadClip")
+    prompt[clip]["inputs"]["model"] = models.clip
+    saves = {prompt[n]["inputs"]["images"][0] == best: n for n in _nodes(prompt, "SaveImage")}
+    prompt[saves[False]]["inputs"]["filename_prefix"] = _prefix(opts, models, "candidate")
+    prompt[saves[True]]["inputs"]["filename_prefix"] = _prefix(opts, models, "best")
+    (combine,) = _nodes(prompt, "CharForgeCombineScores")
+    if models.faces:
+        (identity,) = _nodes(prompt, "CharForgeLoadIdentity")
+        prompt[identity]["inputs"]["name"] = opts.character
+        return prompt, combine, best
+    for class_type in ("CharForgeLoadFaceModels", "CharForgeLoadIdentity", "CharForgeScoreIdentity"):
+        for node_id in _nodes(prompt, class_type):
+            del prompt[node_id]
+    del prompt[combine]
+    prompt[best]["inputs"]["scores"] = [clip_score, 0]
+    return prompt, clip_score, best
+
+
 def stage_images(
     runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]
 ) -> dict[str, Any]:
     lora = state["lora"]["lora_name"]
+    if group(models.arch) != "sd":
+        if models.faces:
+            _build_identity(runner, opts, state)
+        prompt, score_node, report_node = flow_images_prompt(opts, models, lora)
+        _, texts, files = runner.run(prompt, opts.out / "images", previews="score_table")
+        return {
+            "files": [str(f) for f in files],
+            "scores": str(_write_scores(opts, models, texts, (score_node, report_node))),
+            "by": "identity" if models.faces else "clip",
+            "family": models.arch,
+        }
     size = 128 if models.tiny else (1024 if models.arch == "sdxl" else 512)
     steps = 4 if models.tiny else 25
     if models.faces:
-        identity = load_stage_workflow("build_identity")
-        identity["2"]["inputs"].update(name=opts.character, folder=state["captions"]["train_data_dir"])
-        runner.run(identity, opts.out / "images" / "identity", previews="identity_table")
+        _build_identity(runner, opts, state)
         prompt = load_stage_workflow("score_best_of_n")
         prompt["9"]["inputs"]["name"] = opts.character
         prompt["11"]["inputs"]["group_size"] = opts.candidates
@@ -379,16 +498,7 @@ def stage_images(
     prompt["5"]["inputs"].update(width=size, height=size, batch_size=opts.candidates)
     prompt["6"]["inputs"].update(steps=steps)
     _, texts, files = runner.run(prompt, opts.out / "images", previews="score_table")
-    scores = opts.out / "images" / "scores.txt"
-    scores.parent.mkdir(parents=True, exist_ok=True)
-    scores.write_text(
-        f"scored by {'identity (InsightFace)' if models.faces else 'CLIP score'}\n\n"
-        + texts.get(score_node, "")
-        + "\n\n"
-        + texts.get(report_node, "")
-        + "\n",
-        encoding="utf-8",
-    )
+    scores = _write_scores(opts, models, texts, (score_node, report_node))
     return {
         "files": [str(f) for f in files],
         "scores": str(scores),
@@ -399,6 +509,8 @@ def stage_images(
 def stage_video(
     runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]
 ) -> dict[str, Any]:
+    if group(models.arch) != "sd":
+        return {"skipped": f"no AnimateDiff video for a {FAMILY_NAMES[models.arch]} base (SD1.5/SDXL only)"}
     if models.motion is None:
         return {"skipped": "no motion module"}
     prompt = load_stage_workflow("video_animatediff")

@@ -32,6 +32,8 @@ DEFAULT_CHUNK = 4 * 1024 * 1024
 MODEL_KINDS = frozenset(
     {
         "checkpoints",
+        "diffusion_models",  # Flux.1 as published: the diffusion model alone
+        "text_encoders",
         "loras",
         "vae",
         "diffusers",

@@ -8,7 +8,9 @@ place. The work is done by ``engine/transfer``; these handlers only translate HT
     POST /charforge/transfer/inputs/{dataset}/prune            {"keep": [name, ...]}: remove the others
     GET  /charforge/transfer/outputs/index/{path}              files under output/charforge/<path> (size, sha256)
     GET  /charforge/transfer/outputs/files/{path}              one file of output/charforge (Range for resume)
-    GET  /charforge/transfer/models?kinds=a,b[&names=x,y][&hash=1]  models present, sha256 when known (or hash=1)
+    GET  /charforge/transfer/models?kinds=a,b[&names=x,y][&hash=1][&arch=1]  models present, sha256 when known
+                                                               (or hash=1), with arch=1 each file's model family
+                                                               read from its tensors (arch, or arch_error)
     GET  /charforge/transfer/models/loras/files/{name}         a LoRA file (the trained LoRA comes home)
     PUT  /charforge/transfer/models/loras/files/{name}         one chunk of a LoRA trained elsewhere (Replicate)
                                                                into the first loras folder, as photos go up
@@ -280,7 +282,33 @@ def _model_path(kind: str, name: str) -> Path | None:
     return None
 
 
-def _models(kinds: list[str], compute: bool, only: set[str] | None = None) -> dict[str, Any]:
+def _arch(path: Path) -> dict[str, str]:
+    """The model family of a base-model file from its tensor names (the trainer's detection), or why not."""
+    from ..engine.models import flux_files, sd3_files
+    from ..engine.train.models import UnsupportedModelError, detect_arch
+
+    try:
+        return {"arch": detect_arch(path)}
+    except UnsupportedModelError as exc:
+        refusal = str(exc)
+    except (OSError, ValueError) as exc:
+        return {"arch_error": str(exc)}
+    # TODO(H4a): detect_arch learns the Flux / SD3 family ids; until then the engine's readers of those files.
+    try:
+        shapes = sd3_files.tensor_shapes(path)
+    except (OSError, ValueError) as exc:
+        return {"arch_error": str(exc)}
+    model = flux_files.strip_prefix(shapes)
+    if flux_files.is_bfl_flux(model):
+        return {"arch": "flux-dev" if "guidance_in.in_layer.weight" in model else "flux-schnell"}
+    if sd3_files.is_sd3(shapes):
+        return {"arch": sd3_files.sd3_variant(shapes)}
+    return {"arch_error": refusal}
+
+
+def _models(
+    kinds: list[str], compute: bool, only: set[str] | None = None, arch: bool = False
+) -> dict[str, Any]:
     cache = hash_cache()
     present: dict[str, list[dict[str, Any]]] = {}
     for kind in kinds:
@@ -299,6 +327,8 @@ def _models(kinds: list[str], compute: bool, only: set[str] | None = None) -> di
             if path.is_file():
                 entry["size"] = path.stat().st_size
                 entry["sha256"] = cache.sha256(path) if compute else cache.cached(path)
+                if arch:
+                    entry.update(_arch(path))
             entries.append(entry)
         present[kind] = entries
     return {"models": present}
@@ -311,7 +341,8 @@ async def models_handler(request):
         return _error(400, f"unknown model kind(s): {', '.join(unknown)}")
     names = request.query.get("names")
     only = {n for n in names.split(",") if n} if names else None
-    return _json(await asyncio.to_thread(_models, kinds, request.query.get("hash") in ("1", "true"), only))
+    flags = [request.query.get(flag) in ("1", "true") for flag in ("hash", "arch")]
+    return _json(await asyncio.to_thread(_models, kinds, flags[0], only, flags[1]))
 
 
 async def lora_file_handler(request):
