@@ -15,6 +15,10 @@ Pure functions on strings; `CaptionRules` holds the options. The order of `apply
 6. style tags are appended (skipping ones already present);
 7. length: while the caption is longer than `max_tokens`, whole parts are dropped from the end (never a
    protected one); if the protected parts alone are still too long, words are cut from the end.
+   With ``sentences`` (captions written as prose, for T5-conditioned bases such as Flux and SD3.5) whole
+   sentences are dropped from the end instead, so the caption ends at a sentence end; only when not even
+   the first sentence fits is that one cut, at its last comma that fits (then at a word), and closed with
+   a full stop.
 
 Token counts use a CLIP tokenizer folder (``vocab.json`` + ``merges.txt``, loaded with transformers'
 ``CLIPTokenizer``) when `tokenizer` is given, not counting the start and end tokens (CLIP's 77-token
@@ -22,6 +26,15 @@ context leaves 75 for the caption). Without one, `approx_token_count` estimates:
 digits counts ceil(length / 6) tokens (CLIP's BPE splits long and rare words) and each punctuation mark
 one token. The estimate is usually within about 20 % of CLIP's count on English captions; give the
 tokenizer for an exact limit.
+
+With ``text_encoder="t5"`` the limit counts T5 tokens (Flux and SD3.5 read captions through T5, whose
+512-token context leaves 511 for the caption before its end token). A T5 tokenizer folder
+(``tokenizer.json`` or ``spiece.model``, e.g. ComfyUI's ``comfy/text_encoders/t5_tokenizer`` or a diffusers
+Flux model's ``tokenizer_2``) counts exactly; without one `approx_t5_token_count` estimates on the safe side
+for English prose: ceil(length / 4) per ordinary word, ceil(length / 2) + 1 per word with digits, inner
+capitals or non-ASCII letters (T5 splits those finely), one per punctuation mark. On prose captions it
+over-counts T5 by 10-25 %; made-up words (a trigger such as ``ohwx``) can be split into single letters and
+counted low, so give the tokenizer for an exact limit.
 """
 
 from __future__ import annotations
@@ -33,6 +46,8 @@ from functools import lru_cache
 from pathlib import Path
 
 CLIP_CAPTION_TOKENS = 75  # 77-token context minus start and end tokens
+T5_CAPTION_TOKENS = 511  # 512-token context minus the end token (Flux.1-dev, SD3.5)
+TEXT_ENCODERS = ("clip", "t5")
 DEFAULT_TEMPLATE = "{trigger}, {caption}"
 
 _WORD_OR_MARK = re.compile(r"[^\W_]+|[^\w\s]|_", re.UNICODE)
@@ -50,7 +65,9 @@ class CaptionRules:
     style_tags: list[str] = field(default_factory=list)  # appended at the end
     deduplicate: bool = True
     max_tokens: int = 0  # 0: no limit
-    tokenizer: str | None = None  # a CLIP tokenizer folder; None: word-count approximation
+    tokenizer: str | None = None  # a CLIP or T5 tokenizer folder; None: word-count approximation
+    text_encoder: str = "clip"  # whose tokens max_tokens counts without a tokenizer folder: clip | t5
+    sentences: bool = False  # prose captions: the limit drops whole sentences (see step 7)
 
 
 @dataclass
@@ -187,25 +204,55 @@ def approx_token_count(text: str) -> int:
     )
 
 
+def _fine_word(word: str) -> bool:
+    """A word T5 splits finely: digits, capitals after the first letter, or non-ASCII letters."""
+    return any(c.isdigit() for c in word) or any(c.isupper() for c in word[1:]) or not word.isascii()
+
+
+def approx_t5_token_count(text: str) -> int:
+    """Estimated T5 tokens, on the high side for prose (see the module docstring)."""
+    total = 0
+    for m in _WORD_OR_MARK.finditer(text):
+        word = m.group()
+        if not word[0].isalnum():
+            total += 1
+        elif _fine_word(word):
+            total += math.ceil(len(word) / 2) + 1
+        else:
+            total += math.ceil(len(word) / 4)
+    return total
+
+
 @lru_cache(maxsize=4)
 def load_tokenizer(folder: str):
-    """A transformers ``CLIPTokenizer`` from a folder with ``vocab.json`` and ``merges.txt`` (cached)."""
+    """The tokenizer in `folder` (cached): a transformers ``CLIPTokenizer`` when it has ``vocab.json`` and
+    ``merges.txt``, else a T5 tokenizer from ``tokenizer.json`` or ``spiece.model``."""
     from ...deps import require
 
     path = Path(folder).expanduser()
-    if not (path / "vocab.json").is_file() or not (path / "merges.txt").is_file():
-        raise FileNotFoundError(
-            f"tokenizer folder {str(path)!r} needs vocab.json and merges.txt (a CLIP tokenizer, e.g. the "
-            "'tokenizer' folder of a diffusers SD1.5/SDXL model)"
-        )
     transformers = require("transformers")
-    return transformers.CLIPTokenizer.from_pretrained(str(path))
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        return transformers.CLIPTokenizer.from_pretrained(str(path))
+    if (path / "tokenizer.json").is_file() or (path / "spiece.model").is_file():
+        if (path / "tokenizer_config.json").is_file():
+            return transformers.AutoTokenizer.from_pretrained(str(path))
+        if (path / "tokenizer.json").is_file():
+            return transformers.PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+        return transformers.T5Tokenizer(str(path / "spiece.model"))
+    raise FileNotFoundError(
+        f"tokenizer folder {str(path)!r} needs vocab.json and merges.txt (a CLIP tokenizer, e.g. the "
+        "'tokenizer' folder of a diffusers SD1.5/SDXL model) or tokenizer.json / spiece.model (a T5 tokenizer, "
+        "e.g. ComfyUI's comfy/text_encoders/t5_tokenizer or the 'tokenizer_2' folder of a diffusers Flux model)"
+    )
 
 
-def token_counter(tokenizer: str | None):
-    """A function text -> token count, and whether it is exact (a real tokenizer)."""
+def token_counter(tokenizer: str | None, text_encoder: str = "clip"):
+    """A function text -> token count, and whether it is exact (a real tokenizer). Without a tokenizer
+    folder, the estimate for `text_encoder` ("clip" or "t5")."""
+    if text_encoder not in TEXT_ENCODERS:
+        raise ValueError(f"text encoder {text_encoder!r} is not one of {', '.join(TEXT_ENCODERS)}")
     if not tokenizer:
-        return approx_token_count, False
+        return (approx_t5_token_count if text_encoder == "t5" else approx_token_count), False
     tok = load_tokenizer(str(tokenizer))
 
     def count(text: str) -> int:
@@ -215,18 +262,18 @@ def token_counter(tokenizer: str | None):
 
 
 def limit_tokens(
-    parts: list[str], protected: int, max_tokens: int, count, trigger: str = ""
+    parts: list[str], protected: int, max_tokens: int, count, trigger: str = "", join=join_parts
 ) -> tuple[list[str], bool]:
     """Drop unprotected parts from the end, then words, until ``count(join(parts)) <= max_tokens``.
 
     Words are never cut up to and including the trigger word (a caption must keep its trigger even when
     the trigger alone is longer than the limit)."""
-    if max_tokens <= 0 or count(join_parts(parts)) <= max_tokens:
+    if max_tokens <= 0 or count(join(parts)) <= max_tokens:
         return parts, False
     parts = list(parts)
-    while len(parts) > max(protected, 1) and count(join_parts(parts)) > max_tokens:
+    while len(parts) > max(protected, 1) and count(join(parts)) > max_tokens:
         parts.pop()
-    text = join_parts(parts)
+    text = join(parts)
     if count(text) > max_tokens:
         words = text.split(" ")
         keep_min = 1
@@ -245,6 +292,42 @@ def limit_tokens(
                 hi = mid - 1
         parts = split_parts(" ".join(words[:lo]).rstrip(","))
     return parts, True
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def join_sentences(parts: list[str]) -> str:
+    """Parts joined by ", ", except after a part that ends a sentence (then one space)."""
+    text = ""
+    for part in parts:
+        text += part if not text else (" " if text[-1] in ".!?" else ", ") + part
+    return text
+
+
+def limit_sentences(
+    parts: list[str], protected: int, max_tokens: int, count, trigger: str = ""
+) -> tuple[list[str], bool]:
+    """Drop whole sentences from the end until ``count(join_sentences(parts)) <= max_tokens``; the protected
+    parts always stay. When not even the first sentence fits, it is cut at its last comma that fits (then at
+    a word, as `limit_tokens` does) and ends with a full stop when that still fits."""
+    if max_tokens <= 0 or count(join_sentences(parts)) <= max_tokens:
+        return parts, False
+    head = parts[:protected]
+    sentences = [s for s in _SENTENCE_END.split(join_sentences(parts[protected:])) if s]
+    for n in range(len(sentences) - 1, 0, -1):
+        candidate = head + split_parts(" ".join(sentences[:n]))
+        if count(join_sentences(candidate)) <= max_tokens:
+            return candidate, True
+    cut = head + (split_parts(sentences[0]) if sentences else [])
+    while len(cut) > protected + 1 and count(join_sentences(cut)) > max_tokens:
+        cut.pop()  # the first sentence's clauses, from the end; its first clause is cut by words if need be
+    cut, _ = limit_tokens(cut, len(cut), max_tokens, count, trigger, join=join_sentences)
+    if len(cut) > protected and cut[-1][-1] not in ".!?":
+        closed = [*cut[:-1], cut[-1] + "."]
+        if count(join_sentences(closed)) <= max_tokens:
+            cut = closed
+    return cut, True
 
 
 # ------------------------------------------------------------------------------------------ all rules
@@ -271,9 +354,13 @@ def apply_rules(caption: str, rules: CaptionRules) -> RuledCaption:
         if tag.lower() not in present:
             parts.append(tag)
             present.add(tag.lower())
-    count, exact = token_counter(rules.tokenizer)
-    parts, truncated = limit_tokens(parts, protected, rules.max_tokens, count, trigger)
-    final = join_parts(parts)
+    count, exact = token_counter(rules.tokenizer, rules.text_encoder)
+    if rules.sentences:
+        parts, truncated = limit_sentences(parts, protected, rules.max_tokens, count, trigger)
+        final = join_sentences(parts)
+    else:
+        parts, truncated = limit_tokens(parts, protected, rules.max_tokens, count, trigger)
+        final = join_parts(parts)
     return RuledCaption(final, count(final), min(protected, len(parts)), truncated, exact)
 
 

@@ -59,6 +59,8 @@ class ModelKind:
     model_class: str
     processor_class: str
     default_repo: str
+    #: model_type -> why that family is not this one and what to use instead (added to the refusal)
+    hints: tuple[tuple[str, str], ...] = ()
 
 
 KINDS: dict[str, ModelKind] = {
@@ -130,9 +132,9 @@ def _folders(kind: ModelKind) -> list[str]:
     return out
 
 
-def list_models(backend: str) -> list[str]:
+def list_models(backend: str | ModelKind) -> list[str]:
     """Names (relative folder paths) of the `backend` models found in its model folders."""
-    kind = KINDS[backend]
+    kind = backend if isinstance(backend, ModelKind) else KINDS[backend]
     names = set()
     for folder in _folders(kind):
         base = Path(folder)
@@ -167,14 +169,15 @@ def _default_name(kind: ModelKind) -> str:
     return kind.default_repo.split("/")[-1]
 
 
-def resolve_model(backend: str, name: str, allow_download: bool = False) -> Path:
+def resolve_model(backend: str | ModelKind, name: str, allow_download: bool = False) -> Path:
     """The folder of `backend` model `name`: a folder name in its model folders, an absolute path, or (with
     `allow_download`) a hub repository ``owner/name`` downloaded into ``<first model folder>/<name>``."""
-    kind = KINDS[backend]
+    kind = backend if isinstance(backend, ModelKind) else KINDS[backend]
+    backend = kind.backend
     name = (name or "").strip().strip('"')
     folders = _folders(kind)
     if not name:
-        found = list_models(backend)
+        found = list_models(kind)
         name = found[0] if found else kind.default_repo
     path = Path(name).expanduser()
     candidates = [path] if path.is_absolute() else [Path(f) / name for f in folders]
@@ -191,9 +194,11 @@ def resolve_model(backend: str, name: str, allow_download: bool = False) -> Path
         if (candidate / "config.json").is_file():
             model_type = _model_type(candidate)
             if model_type not in kind.model_types:
+                hint = dict(kind.hints).get(str(model_type), "")
                 raise CaptionerError(
                     f"{candidate} holds a {model_type!r} model, not a {backend} captioner "
                     f"(config.json model_type should be {' or '.join(kind.model_types)})"
+                    + (f": {hint}" if hint else "")
                 )
             return candidate
     repo = repo or (kind.default_repo if name == _default_name(kind) else None)
@@ -215,7 +220,7 @@ def resolve_model(backend: str, name: str, allow_download: bool = False) -> Path
             raise CaptionerError(f"downloaded {repo} into {target}, but it has no config.json")
         return target
     where = ", ".join(str(c) for c in candidates) or f"(no {'/'.join(kind.folders)} model folder configured)"
-    found = list_models(backend)
+    found = list_models(kind)
     hint = f" {backend} models found: {', '.join(found)}." if found else ""
     download = repo or kind.default_repo
     raise CaptionerError(
