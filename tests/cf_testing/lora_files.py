@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from charforge.engine.library import formats
+from charforge.engine.library.flow_layouts import Factors, FlowVariant, lora_targets
 from charforge.engine.library.formats import LoraModule, LoraState
 
 
@@ -99,3 +100,82 @@ def trained_loras(tiny_sd15, tiny_sdxl, tmp_path_factory):
             dtype=torch.float32,
         )
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Flux / SD3 LoRAs (engine/library/flow_layouts.py)
+
+# Tiny diffusers configs with every kind of block (SD3: block 0 with attn2, block 1 the pre-only last one) and
+# the matching `FlowVariant`s: the same weights and embedders as the full-size models at toy widths.
+FLUX_TINY_CONFIG = {
+    "patch_size": 1,
+    "in_channels": 4,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 16,
+    "pooled_projection_dim": 12,
+    "guidance_embeds": True,
+    "axes_dims_rope": (2, 2, 4),
+}
+SD3_TINY_CONFIG = {
+    "sample_size": 8,
+    "patch_size": 2,
+    "in_channels": 4,
+    "num_layers": 2,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 16,
+    "caption_projection_dim": 16,
+    "pooled_projection_dim": 12,
+    "out_channels": 4,
+    "pos_embed_max_size": 8,
+    "qk_norm": "rms_norm",
+    "dual_attention_layers": (0,),
+}
+
+
+FLUX_TINY = FlowVariant(
+    "flux-tiny", "flux", 16, 2, 2, guidance=True, context_dim=16, pooled_dim=12, latent_channels=1
+)
+SD3_TINY = FlowVariant(
+    "sd3-tiny", "sd3", 16, 2, dual_blocks=(0,), context_dim=16, pooled_dim=12, latent_channels=4
+)
+
+
+def random_split_modules(
+    names_shapes, seed: int = 0, rank: int = 2, alpha: float | None = 1.0, dtype=torch.float32
+):
+    """Random diffusers-named LoRA factors ({name: Factors}) for ``{name: (out, in[, kh, kw])}``."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in names_shapes.items():
+        down = torch.randn(rank, *shape[1:], generator=generator).to(dtype)
+        up = torch.randn(shape[0], rank, *([1, 1] if len(shape) == 4 else []), generator=generator).to(dtype)
+        out[name] = Factors(down, up, None if alpha is None else torch.tensor(alpha, dtype=dtype))
+    return out
+
+
+def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every Linear / Conv2d weight shape of a diffusers model by module path (the all-linear LoRA targets)."""
+    return {
+        name: tuple(module.weight.shape)
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+    }
+
+
+def random_flow_state(
+    variant, seed: int = 0, rank: int = 2, alpha: float | None = 1.5, dtype=torch.float32
+) -> LoraState:
+    """A fused-layout LoRA on every adaptable weight of `variant` (`flow_layouts.lora_targets`)."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = {}
+    for name, shape in lora_targets(variant).items():
+        down = torch.randn(rank, *shape[1:], generator=generator).to(dtype)
+        up = torch.randn(shape[0], rank, *([1, 1] if len(shape) == 4 else []), generator=generator).to(dtype)
+        a = None if alpha is None else torch.tensor(alpha, dtype=dtype)
+        modules[("unet", name)] = LoraModule("unet", name, down, up, a)
+    meta = {"ss_network_dim": str(rank), "modelspec.title": f"test-{variant.arch}"}
+    return LoraState(variant.family, modules, meta, "")

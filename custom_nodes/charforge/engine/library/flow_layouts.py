@@ -1,5 +1,8 @@
 """Flux and SD3/SD3.5 LoRA key layouts: the fused single-file names and diffusers' split names, both ways.
 
+(Over 600 lines on purpose: one name table per family read four ways (single-file, kohya, diffusers, whole
+checkpoints) plus the fuse/split rules on it; split apart, each reader would need its own copy of the table.)
+
 The single-file model (BFL's Flux files, Stability's SD3 files; what ComfyUI, Forge and kohya's tools load)
 fuses layers that diffusers keeps apart (docs/flux.md, "LoRA key layouts"):
 
@@ -365,10 +368,9 @@ _FAMILY_HINTS = (
         ),
     ),
     ("flux", re.compile(r"(?:^|[._])(img_in|txt_in|vector_in|time_in)(?:[._]|$)")),
-    (
-        "sd3",
-        re.compile(r"(?:^|[._])(joint_blocks|pos_embed|attn2[._]to_[qkv]|t_embedder|y_embedder)(?:[._]|$)"),
-    ),
+    ("sd3", re.compile(r"(?:^|[._])(joint_blocks|pos_embed|t_embedder|y_embedder)(?:[._]|$)")),
+    # SD3.5 Medium's second attention (the U-Nets' attn2 sits deeper, under down_blocks/input_blocks ...)
+    ("sd3", re.compile(r"^(?:transformer\.|lora_transformer_)?transformer_blocks[._]\d+[._]attn2[._]")),
 )
 _SD_UNET = re.compile(
     r"(?:^|[._])(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)[._]"

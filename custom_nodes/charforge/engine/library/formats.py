@@ -348,9 +348,9 @@ def _split_suffix(key: str) -> tuple[str, str]:
 
 def key_format(key: str) -> str | None:
     """The format a single key belongs to, or None."""
-    if key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
+    if key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")):
         return "kohya"
-    if key.startswith(("unet.", "text_encoder.", "text_encoder_2.")):
+    if key.startswith(("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3.")):
         return "peft"
     if key.startswith(("diffusion_model.", "text_encoders.")):
         return "comfyui"
@@ -373,7 +373,7 @@ def detect_format(keys) -> str:
     if unknown:
         raise LoraFormatError(
             f"{len(unknown)} key(s) in no known LoRA layout (kohya lora_unet_/lora_te*, peft "
-            f"unet./text_encoder., comfyui diffusion_model./text_encoders.): "
+            f"unet./transformer./text_encoder., comfyui diffusion_model./text_encoders.): "
             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
         )
     if len(found) > 1:
@@ -493,9 +493,15 @@ def state_from_tensors(
     arch: str | None = None,
     source: str = "state dict",
 ) -> LoraState:
-    """Parse a LoRA state dict in any known format into a `LoraState`."""
+    """Parse a LoRA state dict in any known format into a `LoraState` (SD1.5 / SDXL, or Flux / SD3: `arch`
+    ``flux`` / ``sd3``, read by `flow_formats`)."""
     metadata = dict(metadata or {})
     fmt = detect_format(tensors.keys())
+    family = flow_family(tensors, metadata, arch)
+    if family is not None:
+        from . import flow_formats
+
+        return flow_formats.state_from_tensors(tensors, metadata, family, fmt, source)
     check_structure({k: tuple(v.shape) for k, v in tensors.items()}, source)
     if arch is None:
         arch, missing = resolve_arch(tensors.keys(), fmt, metadata)
@@ -535,6 +541,22 @@ def state_from_tensors(
             tensors.get(roles["alpha"]) if "alpha" in roles else None,
         )
     return LoraState(arch, modules, metadata, fmt, extras)
+
+
+def flow_family(
+    tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, arch: str | None = None
+) -> str | None:
+    """``flux`` / ``sd3`` when `tensors` are a LoRA for those transformers (or `arch` says so), else None."""
+    from .flow_layouts import FAMILIES, FlowLayoutError, detect_family
+
+    if arch is not None:
+        return arch if arch in FAMILIES else None
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    try:
+        family = detect_family(tensors.keys(), shapes, metadata)
+    except FlowLayoutError as exc:
+        raise LoraFormatError(str(exc)) from None
+    return family if family in FAMILIES else None
 
 
 def read_state(path: str | os.PathLike, arch: str | None = None) -> LoraState:
@@ -580,6 +602,10 @@ def state_to_tensors(state: LoraState, fmt: str) -> dict[str, Any]:
     """The state dict of `state` in `fmt`."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown LoRA format {fmt!r}; expected one of {FORMATS}")
+    if state.arch not in ARCHS:
+        from . import flow_formats
+
+        return flow_formats.state_to_tensors(state, fmt)
     if state.extras and fmt != "comfyui":
         keys = sorted(state.extras)
         raise LoraFormatError(
