@@ -39,9 +39,36 @@ from .lora import LoraNetwork, LoraSettings
 
 # The trained components under the library's names (``te1`` CLIP-L, ``te2`` SDXL's bigG).
 LIBRARY_COMPONENT = {"unet": "unet", "text_encoder": "te1", "text_encoder_2": "te2"}
-BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-MODELSPEC_IMPLEMENTATION = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
+BASE_MODEL_VERSION = {
+    "sd15": "sd_v1",
+    "sdxl": "sdxl_base_v1-0",
+    "flux-dev": "flux1",
+    "flux-schnell": "flux1",
+    "sd3-medium": "sd3",
+    "sd35-medium": "sd3",
+    "sd35-large": "sd3",
+}
+MODELSPEC_ARCHITECTURE = {
+    "sd15": "stable-diffusion-v1/lora",
+    "sdxl": "stable-diffusion-xl-v1-base/lora",
+    "flux-dev": "flux-1-dev/lora",
+    "flux-schnell": "flux-1-schnell/lora",
+    "sd3-medium": "stable-diffusion-v3-medium/lora",
+    "sd35-medium": "stable-diffusion-v3.5-medium/lora",
+    "sd35-large": "stable-diffusion-v3.5-large/lora",
+}
+MODELSPEC_IMPLEMENTATION = {
+    "sd15": "diffusers",
+    "sdxl": "https://github.com/Stability-AI/generative-models",
+    "flux-dev": "https://github.com/black-forest-labs/flux",
+    "flux-schnell": "https://github.com/black-forest-labs/flux",
+    "sd3-medium": "https://github.com/Stability-AI/sd3.5",
+    "sd35-medium": "https://github.com/Stability-AI/sd3.5",
+    "sd35-large": "https://github.com/Stability-AI/sd3.5",
+}
+# kohya's network module per family (the SD ones are networks.lora).
+NETWORK_MODULE = {"flux-dev": "networks.lora_flux", "flux-schnell": "networks.lora_flux"}
+NETWORK_MODULE.update(dict.fromkeys(("sd3-medium", "sd35-medium", "sd35-large"), "networks.lora_sd3"))
 MODELSPEC_VERSION = "1.0.1"
 
 _EMPTY = torch.empty(0)
@@ -138,7 +165,7 @@ def lora_metadata(
     meta: dict[str, Any] = {
         "ss_v2": False,
         "ss_base_model_version": BASE_MODEL_VERSION[arch],
-        "ss_network_module": "networks.lora",
+        "ss_network_module": NETWORK_MODULE.get(arch, "networks.lora"),
         "ss_network_dim": settings.rank,
         "ss_network_alpha": settings.alpha,
         "ss_network_args": network_args(settings) or None,
