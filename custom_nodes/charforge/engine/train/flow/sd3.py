@@ -59,7 +59,7 @@ TEXT_ENCODER_FOLDERS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t
 TOKENIZER_FOLDERS = {"clip_l": "tokenizer", "clip_g": "tokenizer_2", "t5": "tokenizer_3"}
 
 # LoRA presets over the joint blocks' diffusers names. The last block's context stream is "pre-only" (no
-# to_add_out, no ff_context) and only SD3.5 Medium's first 13 blocks have attn2: absent modules are skipped.
+# to_add_out, no ff_context, its queries unused) and only SD3.5 Medium's first 13 blocks have attn2.
 ATTENTION_LEAVES = (
     "attn.to_q",
     "attn.to_k",
@@ -186,12 +186,15 @@ def sd3_lora_targets(transformer: torch.nn.Module, preset: str) -> list[str]:
     if preset not in ("attention", "all_linear"):
         raise ValueError(f"LoRA target preset {preset!r}: choose 'attention' or 'all_linear'")
     leaves = ATTENTION_LEAVES + (MLP_LEAVES if preset == "all_linear" else ())
+    # The last block's text queries make outputs the model throws away (its context stream is pre-only):
+    # a LoRA there never gets a gradient.
+    dead = f"transformer_blocks.{transformer.config.num_layers - 1}.attn.add_q_proj"
     names = []
     for name, module in transformer.named_modules():
         if not isinstance(module, torch.nn.Linear) or ".lora_" in name or ".base_layer" in name:
             continue
         parts = name.split(".", 2)
-        if parts[0] == "transformer_blocks" and len(parts) == 3 and parts[2] in leaves:
+        if parts[0] == "transformer_blocks" and len(parts) == 3 and parts[2] in leaves and name != dead:
             names.append(name)
     return names
 
