@@ -58,6 +58,19 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
         "--tiny", action="store_true", help="use tiny random models even when real ones are installed"
     )
     p.add_argument(
+        "--captioner",
+        choices=["wd14", "vlm"],
+        default="wd14",
+        help="wd14: booru tags (default); vlm: sentences from a Qwen2.5-VL or JoyCaption folder in the server's "
+        "models/LLM, as Flux and SD3.5 are trained (docs/captioning.md)",
+    )
+    p.add_argument(
+        "--caption-model",
+        default="",
+        metavar="NAME",
+        help="with --captioner vlm: the folder in models/LLM (default: the first Qwen2.5-VL/LLaVA one there)",
+    )
+    p.add_argument(
         "--candidates", type=int, default=4, metavar="N", help="images generated per pick (default: 4)"
     )
     p.add_argument(
@@ -164,6 +177,8 @@ def cmd_pipeline(args: argparse.Namespace, out: Any) -> int:
         remote=args.remote,
         models_manifest=manifest,
         provision=args.provision,
+        captioner=args.captioner,
+        caption_model=args.caption_model,
     )
     if args.train_on:
         _train_on(args, opts, out)

@@ -218,6 +218,33 @@ def _twin(to_local: Callable[[str], Path] | None, source: str) -> str:
         return source
 
 
+def vlm_caption_node(opts: PipelineOptions, arch: str) -> dict[str, Any]:
+    """Caption Dataset, VLM in place of the tagger: sentences, trigger and class first, limited to what the base
+    model's text encoder reads (T5's 512 for Flux.1-dev and SD3/SD3.5, 256 for schnell; CLIP's 77 for SD1.5/SDXL)."""
+    text_encoder = "clip" if group(arch) == "sd" else "t5"
+    max_tokens = 75 if text_encoder == "clip" else 255 if arch == "flux-schnell" else 511
+    return {
+        "inputs": {
+            "dataset": ["1", 0],
+            "model": opts.caption_model,
+            "style": "training caption",
+            "mode": "overwrite",
+            "trigger": opts.trigger,
+            "class_tokens": opts.class_tokens,
+            "template": "{trigger} {class}, {caption}",
+            "keep_tokens": "",
+            "banned_words": "",
+            "style_tags": "",
+            "max_tokens": max_tokens,
+            "tokenizer": "comfyui",
+            "batch_size": 4,
+            "text_encoder": text_encoder,
+        },
+        "class_type": "CharForgeCaptionDatasetVLM",
+        "_meta": {"title": "Caption Dataset, VLM (CharForge)"},
+    }
+
+
 def stage_captions(
     runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]
 ) -> dict[str, Any]:
@@ -225,9 +252,12 @@ def stage_captions(
     prompt["1"]["inputs"].update(
         folder=state["dataset"]["train_data_dir"], name=f"{opts.character}_captioned"
     )
-    prompt["2"]["inputs"].update(
-        backend="wd14", model=models.tagger, trigger=opts.trigger, class_tokens=opts.class_tokens
-    )
+    if opts.captioner == "vlm":
+        prompt["2"] = vlm_caption_node(opts, models.arch)
+    else:
+        prompt["2"]["inputs"].update(
+            backend="wd14", model=models.tagger, trigger=opts.trigger, class_tokens=opts.class_tokens
+        )
     prompt["3"]["inputs"].update(
         trigger=opts.trigger, class_tokens=opts.class_tokens, export_name="captioned"
     )
