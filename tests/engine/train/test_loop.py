@@ -64,6 +64,7 @@ def tiny_config(**overrides) -> TrainConfig:
         "sample_every": 0,
         "sample_steps": 2,
         "checkpoint_every": 0,
+        "loss_every": 1,  # a report per step: the cancel tests stop at a reported step (test_compile_ready: > 1)
     }
     base.update(overrides)
     return with_overrides(TrainConfig(), base)

@@ -1,5 +1,8 @@
 """The training loop: noise-prediction loss on LoRA parameters, one optimizer step at a time.
 
+(Over 600 lines on purpose: the step, the loop and the resumable state are one unit; exact resume
+depends on all three drawing and saving the same randomness.)
+
 What a step does: take the next batch of the epoch order (`TrainingData.epoch_batches`), add noise at
 uniformly drawn timesteps, predict it with the U-Net, and minimise the MSE to the noise (or to the
 velocity for v-prediction models), weighted per sample by min-SNR-γ when set and per pixel by the
@@ -9,6 +12,13 @@ Determinism: all randomness of micro-batch ``m`` (noise, timesteps, flips, capti
 comes from generators seeded with ``(seed, m)``; only LoRA dropout draws from the global RNG, whose
 state is saved with the resumable state. So a run stopped after step k and resumed is the same
 computation as one that never stopped; on the CPU bit for bit.
+
+Host and device: a step never waits for the device. Its inputs (cached latents, text outputs, size ids,
+masks) are device tensors from `setup()` on, its noise is drawn on the device, and its loss stays there;
+``train()`` reads the losses back every ``config.loss_every`` steps, in one copy (the one point where the
+host waits for the device; fp16's loss scaler adds one per step, bf16 and fp32 have none). The tensor work
+from the batch to the loss (`Trainer.denoising_loss`) is one graph without breaks for ``torch.compile``
+(``compile``), checked by tests/engine/train/test_compile_ready.py.
 
 Stopping: ``control.check()`` is asked between micro-batches and before every step, and ``on_step`` (the
 progress report) may raise too. Either way (`Cancelled` or any error) the loop leaves the model at the
@@ -50,6 +60,16 @@ class StepReport:
     eta_seconds: float
     epoch: int
     elapsed_seconds: float
+
+
+@dataclass(frozen=True)
+class _Unread:
+    """A completed step whose loss is still on the device."""
+
+    step: int
+    loss: torch.Tensor
+    lr: float
+    elapsed: float  # seconds since `train` started, when the step was queued
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -120,10 +140,11 @@ class Trainer:
         self.scaler: torch.amp.GradScaler | None = None
         self.step = 0  # completed optimizer steps
         self.rng_at_step: dict[str, Any] = {}  # global RNG right after `step` completed
-        self.last_loss = float("nan")
+        self._last_loss = float("nan")
+        self._unread_loss: torch.Tensor | None = None  # the last step's loss, still on the device
         self.updating = False  # inside the optimizer / schedule update (a state saved now could be torn)
         self._batches_cache: tuple[int, list[list[int]]] | None = None
-        self._unet_forward: Callable[..., Any] | None = None  # the U-Net, compiled or not (setup)
+        self._loss_fn: Callable[..., torch.Tensor] | None = None  # denoising_loss, compiled or not (setup)
         self._text_fingerprint = ""
         self._latent_table: dict[tuple[int, bool], torch.Tensor] = {}
         self._text_table: dict[str, dict[str, torch.Tensor]] = {}
@@ -225,9 +246,9 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # few shapes (one per bucket): tuned once each
             model.unet.to(memory_format=torch.channels_last)
         self._load_device_tables()
-        self._unet_forward = model.unet
+        self._loss_fn = self.denoising_loss
         if config.compile and self.device.type == "cuda":
-            self._unet_forward = torch.compile(model.unet)
+            self._loss_fn = torch.compile(self.denoising_loss)
         # LoRA dropout draws from the global RNG: start it from the run's seed (resume restores it).
         torch.manual_seed(config.seed)
         self.rng_at_step = capture_rng()
@@ -351,36 +372,58 @@ class Trainer:
                 (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device
             )
             noise += config.noise_offset * offset
-        scheduler = model.noise_scheduler
         timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device
+            0,
+            model.noise_scheduler.config.num_train_timesteps,
+            (latents.shape[0],),
+            generator=generator,
+            device=device,
         )
+        cond = self._conditioning(captions)
+        pairs = list(zip(items, flips, strict=True))
+        time_ids = torch.stack([self._time_id_table[p] for p in pairs]) if model.is_sdxl else None
+        masks = torch.stack([self._mask_table[p] for p in pairs]) if config.data.uses_masks else None
+        if self._loss_fn is None:
+            raise AttributeError("the trainer has no loss function yet: call setup() first")
+        return self._loss_fn(latents, noise, timesteps, cond.hidden, cond.pooled, time_ids, masks)
+
+    def denoising_loss(
+        self,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        hidden: torch.Tensor,
+        pooled: torch.Tensor | None,
+        time_ids: torch.Tensor | None,
+        masks: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The tensor work of a micro-batch, from its latents, noise and conditioning to the loss.
+
+        Noising, the U-Net with the LoRA and the weighted MSE: what ``compile`` compiles, as one graph.
+        The batch choice and the random draws stay outside (`micro_batch_loss`).
+        """
+        config, model = self.config, self.model
+        scheduler = model.noise_scheduler
         noisy = scheduler.add_noise(latents, noise, timesteps)
         if model.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-
-        cond = self._conditioning(captions)
         kwargs: dict[str, Any] = {}
-        if model.is_sdxl:
-            time_ids = torch.stack([self._time_id_table[(i, f)] for i, f in zip(items, flips, strict=True)])
-            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids}
+        if time_ids is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
         weight_dtype = model.unet.dtype
         if self.device.type == "cuda":
             noisy = noisy.contiguous(memory_format=torch.channels_last)
-        if self._unet_forward is None:
-            raise AttributeError("the trainer has no U-Net forward yet: call setup() first")
         with self._autocast():
-            prediction = self._unet_forward(
+            prediction = model.unet(
                 noisy.to(weight_dtype),
                 timesteps,
-                encoder_hidden_states=cond.hidden.to(weight_dtype),
+                encoder_hidden_states=hidden.to(weight_dtype),
                 **kwargs,
             ).sample
         per_pixel = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
-        if config.data.uses_masks:
-            masks = torch.stack([self._mask_table[(i, f)] for i, f in zip(items, flips, strict=True)])
+        if masks is not None:
             # Weighted mean: a mask that keeps a small region does not shrink the loss (and the step size).
             per_sample = (per_pixel * masks).mean(dim=(1, 2, 3)) / masks.mean(dim=(1, 2, 3)).clamp_min(1e-3)
         else:
@@ -391,8 +434,24 @@ class Trainer:
             )
         return per_sample.mean()
 
+    @property
+    def last_loss(self) -> float:
+        """The mean loss of the last completed step (read back from the device if `train` has not yet)."""
+        if self._unread_loss is not None:
+            self._last_loss, self._unread_loss = float(self._unread_loss), None
+        return self._last_loss
+
+    @last_loss.setter
+    def last_loss(self, value: float) -> None:
+        self._last_loss, self._unread_loss = value, None
+
     def train_step(self, control: Control | None = None) -> float:
-        """One optimizer step (``grad_accumulation`` micro-batches); returns its mean loss."""
+        """One optimizer step (``grad_accumulation`` micro-batches); returns its mean loss (read back)."""
+        self.device_step(control)
+        return self.last_loss
+
+    def device_step(self, control: Control | None = None) -> torch.Tensor:
+        """One optimizer step without waiting for the device: its mean loss as a device tensor."""
         config = self.config
         accumulation = config.optim.grad_accumulation
         network, optimizer, scheduler = self._built()
@@ -400,7 +459,7 @@ class Trainer:
             if not module.training:
                 module.train()
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        losses = []
         for micro in range(accumulation):
             if control is not None and micro:
                 control.check()
@@ -409,7 +468,7 @@ class Trainer:
                 self.scaler.scale(loss).backward()
             else:
                 loss.backward()
-            total += float(loss.detach())
+            losses.append(loss.detach())
         params = network.parameters()
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
@@ -425,7 +484,8 @@ class Trainer:
         self.step += 1
         self.rng_at_step = capture_rng()
         self.updating = False
-        self.last_loss = total
+        total = torch.stack(losses).double().sum()
+        self._unread_loss = total
         return total
 
     # ---------------------------------------------------------------------------- the loop
@@ -439,47 +499,67 @@ class Trainer:
     ) -> int:
         """Run steps until `until` (default: ``config.steps``) completed steps; returns the step reached.
 
-        `on_step` gets the progress after each step, then `after_step(step)` runs (checkpoints, samples).
-        `control.check()` raises `Cancelled` when the user asked to stop; any exception leaves
-        `state_dict()` at the last completed step.
+        `after_step(step)` runs after each step (checkpoints, samples). `on_step` gets each step's progress
+        and loss, in order, when the losses are read back: every ``config.loss_every`` steps, at the last
+        step and when the loop stops on an error. `control.check()` raises `Cancelled` when the user asked
+        to stop; any exception leaves `state_dict()` at the last completed step.
         """
         until = self.config.steps if until is None else until
         start_time, start_step = time.perf_counter(), self.step
-        rate = 0.0
-        while self.step < until:
-            if control is not None:
-                control.check()
-            step_start = time.perf_counter()
-            loss = self.train_step(control)
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"the loss became {loss} at step {self.step}; lower the learning rate or use bf16 instead of fp16"
-                )
-            step_time = time.perf_counter() - step_start
-            rate = 1.0 / step_time if rate == 0.0 else 0.9 * rate + 0.1 / step_time
-            if on_step is not None:
-                done = self.step - start_step
-                elapsed = time.perf_counter() - start_time
-                steps_per_second = done / elapsed if elapsed > 0 else rate
-                on_step(
-                    StepReport(
-                        step=self.step,
-                        total_steps=until,
-                        loss=loss,
-                        lr=self.current_lr(),
-                        steps_per_second=steps_per_second,
-                        eta_seconds=(until - self.step) / steps_per_second
-                        if steps_per_second > 0
-                        else float("inf"),
-                        epoch=self.micro_batch(max(0, self.step * self.config.optim.grad_accumulation - 1))[
-                            0
-                        ],
-                        elapsed_seconds=elapsed,
-                    )
-                )
-            if after_step is not None:
-                after_step(self.step)
+        unread: list[_Unread] = []
+        try:
+            while self.step < until:
+                if control is not None:
+                    control.check()
+                loss = self.device_step(control)
+                unread.append(_Unread(self.step, loss, self.current_lr(), time.perf_counter() - start_time))
+                if len(unread) >= self.config.loss_every or self.step >= until:
+                    self._report(unread, until, start_step, on_step)
+                if after_step is not None:
+                    after_step(self.step)
+        except BaseException:
+            # The steps completed before the error still get their reports (a stopped run's metrics).
+            with contextlib.suppress(Exception):
+                self._report(unread, until, start_step, on_step)
+            raise
         return self.step
+
+    def _report(
+        self,
+        unread: list[_Unread],
+        until: int,
+        start_step: int,
+        on_step: Callable[[StepReport], None] | None,
+    ) -> None:
+        """Read the losses of the `unread` steps back in one copy (emptying it), then report each step."""
+        if not unread:
+            return
+        steps = list(unread)
+        unread.clear()
+        values = torch.stack([s.loss for s in steps]).tolist()
+        for done, value in zip(steps, values, strict=True):
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"the loss became {value} at step {done.step}; lower the learning rate or use bf16 instead of fp16"
+                )
+            if on_step is None:
+                continue
+            count = done.step - start_step
+            steps_per_second = count / done.elapsed if done.elapsed > 0 else 0.0
+            on_step(
+                StepReport(
+                    step=done.step,
+                    total_steps=until,
+                    loss=value,
+                    lr=done.lr,
+                    steps_per_second=steps_per_second,
+                    eta_seconds=(until - done.step) / steps_per_second
+                    if steps_per_second > 0
+                    else float("inf"),
+                    epoch=self.micro_batch(max(0, done.step * self.config.optim.grad_accumulation - 1))[0],
+                    elapsed_seconds=done.elapsed,
+                )
+            )
 
     def evaluate(self, timesteps: list[int], seed: int = 1234, items: list[int] | None = None) -> float:
         """Plain denoising MSE over `items` (default all) at fixed `timesteps` and noise (no weighting).
