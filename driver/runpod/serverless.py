@@ -36,6 +36,7 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 
 from charforge.common.retry import Backoff
+from charforge.common.transfer import RECEIPT_PREFIX, STORE_NODE_CLASS
 
 from ..client.http import TIMEOUT_ERRORS
 from ..client.models import JobResult, Timings
@@ -54,9 +55,11 @@ from ..errors import (
 )
 from ..outputs import DownloadedFile, OutputFile, local_path_for, open_unique
 from ..secrets import mask
+from ..sync.training import TrainedLoRA, bring_training_home
 from ..workflow.load import coerce_workflow
 from ..workflow.overrides import apply_overrides, parse_input, parse_set, plan_inputs
 from .http import RunPodHTTP
+from .results import add_store_nodes, receipt, results_location
 
 if TYPE_CHECKING:
     from ..batch.targets import JobSpec
@@ -507,6 +510,9 @@ class ServerlessTarget:
         )
         self.price_source = "config" if self.price_per_second is not None else None
         self.warnings: list[str] = []
+        #: where trained runs go (runpod.results / $CHARFORGE_SERVERLESS_RESULTS): see results.py
+        self.results = results_location(options)
+        self.s3_endpoint = options.get("s3_endpoint") or None
         self._images: dict[str, bytes] = {}
         self._submitted: dict[str, float] = {}
         self._prompts: dict[str, dict[str, Any]] = {}
@@ -548,6 +554,7 @@ class ServerlessTarget:
                 "charforge convert WORKFLOW -o api.json --server URL"
             )
         prompt, _ = apply_overrides(wf.prompt, [parse_set(s) for s in spec.sets], None)
+        prompt = add_store_nodes(prompt, self.results)  # a trained LoRA leaves the worker through storage
         files = [parse_input(f"{k}={v}") for k, v in (spec.inputs or {}).items()]
         images: dict[str, bytes] = {}
         for item in plan_inputs(prompt, files, [], None):
@@ -589,7 +596,30 @@ class ServerlessTarget:
         """Follow ``/status`` until the job ends (``on_status(JobStatus)`` at each change of state)."""
         status = await self.client.wait(prompt_id, timeout=timeout, on_status=on_status)
         self._status[prompt_id] = status
-        return result_from_status(status, self._prompts.get(prompt_id), self._submitted.get(prompt_id))
+        result = result_from_status(status, self._prompts.get(prompt_id), self._submitted.get(prompt_id))
+        await self._read_receipts(result, status)
+        return result
+
+    async def _read_receipts(self, result: JobResult, status: JobStatus) -> None:
+        """The Train LoRA texts of the runs the job sent to storage, from the receipt images the worker
+        returned, as outputs of their Send Training to Storage nodes (the batch runner brings them home)."""
+        for item in decode_output(status.output):
+            if not item.filename.startswith(RECEIPT_PREFIX):
+                continue
+            data = item.data if item.data is not None else await self.client.fetch(str(item.url))
+            found = receipt(item.filename, data)
+            if found is None:
+                continue
+            node = str(found.get("node") or f"charforge_store_{len(result.outputs)}")
+            result.outputs.setdefault(node, {}).setdefault("text", []).append(found["summary"])
+            result.prompt.setdefault(node, {"class_type": STORE_NODE_CLASS, "inputs": {}})
+
+    async def fetch_training(self, trained: list[TrainedLoRA], folder: Path) -> list[dict[str, Any]]:
+        """The runs the job sent to storage, home into ``folder/lora/`` (checked by sha256)."""
+        from ..storage import S3Storage
+
+        storage = await asyncio.to_thread(S3Storage, endpoint_url=self.s3_endpoint)
+        return await bring_training_home(None, trained, folder, storage=storage)
 
     async def download(self, result: JobResult, out_dir: Path) -> list[DownloadedFile]:
         items = decode_output(((result.history or {}).get("runpod") or {}).get("output"))

@@ -10,11 +10,14 @@ resumed, checked by sha256, nothing downloaded twice. Used by the batch runner a
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import Any
+
+from charforge.common.transfer import STORE_NODE_CLASS
 
 from ..client.async_client import AsyncComfyClient
 from ..errors import DriverError
@@ -24,6 +27,9 @@ from .results import download_lora, download_tree
 
 #: node classes that train a LoRA and say so in their text output
 TRAIN_NODE_CLASSES = frozenset({"CharForgeTrainLoRA"})
+#: nodes that sent a training run to S3-compatible storage and say so in the same words, the run folder being
+#: ``s3://bucket/prefix/run/<run name>`` (a RunPod serverless worker's LoRA comes home from there)
+STORED_NODE_CLASSES = frozenset({STORE_NODE_CLASS})
 
 _SUMMARY = re.compile(r"^\s*(\S+?\.safetensors): .*?run folder (.+?)\s*(?:;\s|$)")
 
@@ -58,7 +64,10 @@ def trained_loras(values: dict[str, Any]) -> list[TrainedLoRA]:
     {"class_type": ..., "text": [...]}}``); only nodes of :data:`TRAIN_NODE_CLASSES` count."""
     found = []
     for node_id, node in sorted((values or {}).items()):
-        if not isinstance(node, dict) or node.get("class_type") not in TRAIN_NODE_CLASSES:
+        if (
+            not isinstance(node, dict)
+            or node.get("class_type") not in TRAIN_NODE_CLASSES | STORED_NODE_CLASSES
+        ):
             continue
         for text in node.get("text") or []:
             trained = parse_train_summary(text, str(node_id))
@@ -118,32 +127,70 @@ def output_relative(server_path: str, outputs_dir: str) -> PurePosixPath:
         ) from None
 
 
+def stored(item: TrainedLoRA) -> bool:
+    """Whether the run was sent to S3-compatible storage (it comes home from there, not from the server)."""
+    return item.run_dir.startswith("s3://")
+
+
+def _from_storage(
+    item: TrainedLoRA, run_local: Path, lora_dir: Path, storage: Any
+) -> tuple[dict, list[dict]]:
+    """The LoRA and run folder of a stored run (``<prefix>/lora/<name>``, ``<prefix>/run/<run name>/``), each
+    file checked against the sha256 in its metadata (blocking: boto3)."""
+    from ..storage import S3Location, S3Storage
+
+    run = S3Location.parse(item.run_dir)
+    prefix, _, _ = run.prefix.rpartition(f"/{RUN_DIR}/")
+    if not prefix or PurePosixPath(run.prefix).name != item.run_name:
+        raise DriverError(f"{item.run_dir} is not a run folder sent by {STORE_NODE_CLASS} (…/run/<name>)")
+    storage = storage or S3Storage()
+    base = S3Location(run.bucket, prefix)
+    lora = storage.download_file(base, base.key(f"lora/{item.lora}"), lora_dir / item.lora)
+    tree = storage.download_tree(run, run_local)
+    for got in (lora, *tree):
+        got["remote"] = got["url"]
+    return lora, tree
+
+
 async def bring_training_home(
-    client: AsyncComfyClient,
+    client: AsyncComfyClient | None,
     trained: list[TrainedLoRA],
     folder: str | Path,
     *,
     outputs_dir: str | None = None,
+    storage: Any = None,
 ) -> list[dict[str, Any]]:
     """Download each LoRA into ``folder/lora/`` and its run folder into ``folder/lora/run/<run name>/``.
 
     Returns one entry per LoRA: ``lora``, ``run_dir``, ``node_id``, ``state`` (``home``), ``lora_path`` and
     ``run_path`` (relative to `folder`), ``lora_sha256`` and ``files`` (manifest-style entries of every file,
     paths relative to `folder`). A LoRA the run folder also holds is copied locally, not downloaded twice.
+    A run sent to S3-compatible storage (:func:`stored`) comes home from there with `storage` (an
+    :class:`~charforge.driver.storage.S3Storage`; by default one from boto3's usual configuration); the others
+    come from `client`'s transfer routes.
     """
     folder = Path(folder)
-    if outputs_dir is None and trained:
+    if outputs_dir is None and any(not stored(t) for t in trained):
+        if client is None:
+            raise DriverError("this server cannot send files: only runs sent to storage can come home")
         outputs_dir = str((await server_info(client))["outputs_dir"])
     entries = []
     for item in trained:
-        relative = output_relative(item.run_dir, outputs_dir or "")
-        lora = await download_lora(client, item.lora, folder / LORA_DIR)
         run_local = folder / LORA_DIR / RUN_DIR / item.run_name
-        tree = await download_tree(
-            client, relative.as_posix(), run_local, have={lora["sha256"]: Path(lora["path"])}
-        )
+        if stored(item):
+            lora, tree_files = await asyncio.to_thread(
+                _from_storage, item, run_local, folder / LORA_DIR, storage
+            )
+        else:
+            assert client is not None
+            relative = output_relative(item.run_dir, outputs_dir or "")
+            lora = await download_lora(client, item.lora, folder / LORA_DIR)
+            tree = await download_tree(
+                client, relative.as_posix(), run_local, have={lora["sha256"]: Path(lora["path"])}
+            )
+            tree_files = tree.files
         files = [_entry(folder, item, "lora", 0, lora)]
-        files += [_entry(folder, item, "run", i, f) for i, f in enumerate(tree.files)]
+        files += [_entry(folder, item, "run", i, f) for i, f in enumerate(tree_files)]
         entries.append(
             {
                 "node_id": item.node_id,

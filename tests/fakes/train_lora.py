@@ -48,7 +48,20 @@ def add_train_node(server: FakeComfyServer, seconds: float = 0.0) -> None:
             "used, not steps (turn use_preset_values off)"
         )
         shown = {"filename": "loss.png", "subfolder": f"charforge/train_runs/{name}", "type": "output"}
-        return (f"{name}.safetensors", None, None, None), {"text": [text], "images": [shown]}
+        from charforge.engine.train.run import TrainingRun
+
+        trained = TrainingRun(
+            name=name,
+            run_dir=str(run),
+            state="completed",
+            step=steps,
+            total_steps=steps,
+            loss=0.1234,
+            lora_path=str(loras / f"{name}.safetensors"),
+            lora_name=f"{name}.safetensors",
+            loss_curve=str(run / "loss.png"),
+        )
+        return (f"{name}.safetensors", trained, None, None), {"text": [text], "images": [shown]}
 
     server.nodes["CharForgeTrainLoRA"] = NodeDef(
         "CharForgeTrainLoRA",
@@ -60,6 +73,29 @@ def add_train_node(server: FakeComfyServer, seconds: float = 0.0) -> None:
         output_node=True,
         category="CharForge/Train",
         run=train,
+    )
+
+
+def add_store_node(server: FakeComfyServer) -> None:
+    """CharForge's Send Training to Storage on the fake server: the real node's code, run in a thread as
+    ComfyUI runs a node (it sends to S3 with this process's AWS variables: the worker's environment)."""
+    from charforge.common.transfer import STORE_NODE_CLASS
+    from charforge.nodes.storage import SendTrainingToStorage
+
+    async def send(ctx, run, destination, **_hidden):
+        answer = await asyncio.to_thread(
+            SendTrainingToStorage().send, run=run, destination=destination, unique_id=ctx.node_id
+        )
+        return answer["result"], answer["ui"]
+
+    server.nodes[STORE_NODE_CLASS] = NodeDef(
+        STORE_NODE_CLASS,
+        {"run": ("CHARFORGE_TRAINING_RUN", {}), "destination": ("STRING", {"default": ""})},
+        hidden={"unique_id": "UNIQUE_ID"},
+        outputs=("STRING",),
+        output_node=True,
+        category="CharForge/Transfer",
+        run=send,
     )
 
 

@@ -96,6 +96,12 @@ def local_files(folder: str | os.PathLike, types: frozenset[str] = UPLOAD_TYPES)
 # The model manifest
 
 
+#: the node that sends a training run to S3-compatible storage from the server (nodes/storage.py), and the
+#: name of the receipt text in the PNG it shows (what a RunPod serverless worker returns of it)
+STORE_NODE_CLASS = "CharForgeSendTrainingToStorage"
+RECEIPT_KEY = "charforge_results"
+RECEIPT_PREFIX = RECEIPT_KEY + "_"
+
 #: environment variables holding a Hugging Face access token (the first one set wins), as huggingface_hub reads
 HF_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 _HF_HOSTS = frozenset({"huggingface.co", "hf.co"})

@@ -29,7 +29,7 @@ class _HubRedirects(urllib.request.HTTPRedirectHandler):
     def __init__(self, token: str) -> None:
         self.token = token
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is not None and self.token and is_hf_url(newurl):
             new.add_unredirected_header("Authorization", f"Bearer {self.token}")

@@ -1,0 +1,210 @@
+"""Results sent from the server itself to S3-compatible storage: what a RunPod serverless worker trained must
+leave the worker before it goes away (its disk does, and worker-comfyui returns images only).
+
+The server's own credentials are used (never the driver's): boto3's usual chain (``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY``, a profile, a role), else the keys worker-comfyui's own S3 upload reads
+(``BUCKET_ACCESS_KEY_ID`` / ``BUCKET_SECRET_ACCESS_KEY``); the endpoint of a service other than AWS from
+``CHARFORGE_S3_ENDPOINT``, ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``. No message names a key.
+
+Every object carries its sha256 in its metadata (``sha256``), as the driver's storage writes them, so the
+driver's download checks each file and refuses a mismatch; an object that already holds the same bytes is not
+sent again (a rerun after a cut-off upload sends only the rest). Large files go up in parts (boto3's transfer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...common.transfer import RECEIPT_KEY, sha256_file
+from ..control import Control
+
+ENDPOINT_VARS = ("CHARFORGE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_S3 = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,62})(?:/(.*))?$")
+
+
+class StorageFailed(Exception):
+    """The destination is not usable or an upload failed (the reason never contains a credential)."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    """``s3://bucket/prefix``."""
+
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, url: str) -> Destination:
+        found = _S3.match(url.strip())
+        if not found:
+            raise StorageFailed(f"{url!r} is not an s3://bucket/prefix destination")
+        prefix = (found.group(2) or "").strip("/")
+        if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+            raise StorageFailed(f"{url!r}: the prefix must not contain empty, '.' or '..' parts")
+        return cls(found.group(1), prefix)
+
+    def key(self, relative: str) -> str:
+        return f"{self.prefix}/{relative}" if self.prefix else relative
+
+    def url(self, relative: str = "") -> str:
+        key = self.key(relative) if relative else self.prefix
+        return f"s3://{self.bucket}/{key}" if key else f"s3://{self.bucket}"
+
+
+def s3_client(env: Any = None) -> Any:
+    """A boto3 S3 client from the server's environment (see the module docstring)."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise StorageFailed(
+            "sending results to S3 needs boto3 in the Python that runs ComfyUI: pip install boto3"
+        ) from None
+    env = os.environ if env is None else env
+    for name in ("botocore", "boto3", "s3transfer"):  # their DEBUG log holds signed headers
+        import logging
+
+        logging.getLogger(name).setLevel(logging.WARNING)
+    endpoint = next((env[v] for v in ENDPOINT_VARS if env.get(v)), None)
+    keys: dict[str, str] = {}
+    if not env.get("AWS_ACCESS_KEY_ID") and env.get("BUCKET_ACCESS_KEY_ID"):
+        keys = {
+            "aws_access_key_id": env["BUCKET_ACCESS_KEY_ID"],
+            "aws_secret_access_key": env.get("BUCKET_SECRET_ACCESS_KEY", ""),
+        }
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        config=Config(
+            retries={"max_attempts": 5, "mode": "standard"},
+            s3={"addressing_style": "path" if endpoint else "auto"},
+        ),
+        **keys,
+    )
+
+
+_CREDENTIAL_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "BUCKET_ACCESS_KEY_ID",
+    "BUCKET_SECRET_ACCESS_KEY",
+)
+
+
+def _error(what: str, exc: BaseException) -> StorageFailed:
+    """A readable reason (S3's error code and message) with every credential of the environment hidden."""
+    detail = getattr(exc, "response", None)
+    error = detail.get("Error", {}) if isinstance(detail, dict) else {}
+    text = f"{error.get('Code')}: {error.get('Message')}" if error else f"{type(exc).__name__}: {exc}"
+    for name in _CREDENTIAL_VARS:
+        value = os.environ.get(name, "")
+        if len(value) >= 4:
+            text = text.replace(value, "***")
+    return StorageFailed(f"{what}: {text[:400]}")
+
+
+def send_file(client: Any, path: Path, where: Destination, relative: str) -> dict[str, Any]:
+    """One file up as ``prefix/relative`` with its sha256 in the metadata; nothing is sent when the object
+    already holds these bytes. Returns ``{"key", "size", "sha256", "sent"}``."""
+    digest = sha256_file(path)
+    key = where.key(relative)
+    entry = {"key": relative, "size": path.stat().st_size, "sha256": digest, "sent": False}
+    try:
+        head = client.head_object(Bucket=where.bucket, Key=key)
+    except Exception:  # noqa: BLE001 - botocore's not-found and access errors: upload and see
+        head = None
+    if head is not None and (head.get("Metadata") or {}).get("sha256") == digest:
+        return entry
+    try:
+        client.upload_file(str(path), where.bucket, key, ExtraArgs={"Metadata": {"sha256": digest}})
+    except Exception as exc:  # noqa: BLE001 - boto3/botocore errors, reported without credentials
+        raise _error(f"sending {relative} to {where.url(relative)}", exc) from None
+    entry["sent"] = True
+    return entry
+
+
+def send_tree(
+    client: Any,
+    files: list[tuple[Path, str]],
+    where: Destination,
+    control: Control | None = None,
+    on_file: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Each ``(path, relative name)`` up below `where` (see :func:`send_file`); stops between files on cancel."""
+    sent = []
+    for number, (path, relative) in enumerate(files, 1):
+        if control is not None:
+            control.check()
+        entry = send_file(client, path, where, relative)
+        sent.append(entry)
+        if on_file is not None:
+            on_file(entry)
+        if control is not None:
+            control.progress(number, len(files), relative)
+    return sent
+
+
+def run_files(run_dir: Path) -> list[tuple[Path, str]]:
+    """The files of a training run folder with their names relative to it (hidden files left out)."""
+    return [
+        (p, p.relative_to(run_dir).as_posix())
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(run_dir).parts)
+    ]
+
+
+def store_training(
+    lora: Path,
+    run_dir: Path,
+    summary: str,
+    destination: str,
+    control: Control | None = None,
+    client: Any = None,
+) -> dict[str, Any]:
+    """A trained LoRA and its run folder up to `destination`: ``lora/<name>`` and ``run/<run folder name>/``.
+
+    Returns the receipt: the destination, the Train LoRA `summary` with the run folder replaced by its place on
+    S3 (the text the driver reads, as it reads the node's own), and every file with size and sha256.
+    """
+    where = Destination.parse(destination)
+    if not lora.is_file():
+        raise StorageFailed(f"the LoRA {lora} is not there; nothing was sent")
+    if not run_dir.is_dir():
+        raise StorageFailed(f"the run folder {run_dir} is not there; nothing was sent")
+    client = client if client is not None else s3_client()
+    files = [(lora, f"lora/{lora.name}")]
+    files += [(path, f"run/{run_dir.name}/{name}") for path, name in run_files(run_dir)]
+    sent = send_tree(client, files, where, control)
+    head, _, rest = summary.partition("; run folder ")
+    tail = rest.partition("; ")[2]
+    text = f"{head}; run folder {where.url('run/' + run_dir.name)}" + (f"; {tail}" if tail else "")
+    return {
+        "destination": where.url(),
+        "summary": text,
+        "lora": lora.name,
+        "run": run_dir.name,
+        "files": sent,
+    }
+
+
+def receipt_text(receipt: dict[str, Any]) -> str:
+    """The receipt as the text stored in the PNG the node shows (ASCII JSON)."""
+    return json.dumps(receipt, ensure_ascii=True, separators=(",", ":"))
+
+
+__all__ = [
+    "RECEIPT_KEY",
+    "Destination",
+    "StorageFailed",
+    "receipt_text",
+    "s3_client",
+    "send_tree",
+    "store_training",
+]

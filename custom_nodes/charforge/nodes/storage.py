@@ -1,0 +1,88 @@
+"""Sending results to S3-compatible storage from the server (menu: CharForge/Transfer): how a trained LoRA leaves
+a RunPod serverless worker, whose disk goes away and whose handler returns images only."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .. import bridge
+from ..common.transfer import RECEIPT_PREFIX, STORE_NODE_CLASS
+from ..deps import require
+
+CATEGORY = "CharForge/Transfer"
+TRAINING_RUN = "CHARFORGE_TRAINING_RUN"
+
+
+class SendTrainingToStorage:
+    """Send a trained LoRA and its run folder to S3-compatible storage with the server's own credentials."""
+
+    DESCRIPTION = (
+        "Sends the LoRA and the whole run folder (loss curve, samples, checkpoints, state) of a Train LoRA run to "
+        "s3://bucket/prefix (lora/<name> and run/<run name>/), each file with its sha256 in the object's "
+        "metadata; a file already there with the same bytes is not sent again. Credentials and endpoint come "
+        "from this server's environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or worker-comfyui's "
+        "BUCKET_ACCESS_KEY_ID / BUCKET_SECRET_ACCESS_KEY; AWS_ENDPOINT_URL or CHARFORGE_S3_ENDPOINT for R2, MinIO "
+        "or RunPod volumes). Shows a small receipt image whose text names every file: on a RunPod serverless "
+        "endpoint that image is what the worker returns, and the driver downloads the rest from storage."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("destination",)
+    OUTPUT_TOOLTIPS = ("Where the run went: s3://bucket/prefix.",)
+    FUNCTION = "send"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "run": (TRAINING_RUN, {"tooltip": "The run of a Train LoRA node."}),
+                "destination": (
+                    "STRING",
+                    {
+                        "default": "s3://bucket/charforge/runs",
+                        "tooltip": "s3://bucket/prefix to send the LoRA and the run folder to (the bucket must "
+                        "exist; this server's credentials must be allowed to write there).",
+                    },
+                ),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def send(self, run, destination, unique_id=None):
+        from ..engine.transfer.storage import RECEIPT_KEY, StorageFailed, receipt_text, store_training
+
+        image = require("PIL.Image")
+        png = require("PIL.PngImagePlugin")
+        lora = run.lora_path if os.path.isfile(run.lora_path) else os.path.join(run.run_dir, run.lora_name)
+        summary = f"{run.lora_name}: {run.step} steps, final loss {run.loss:.4f}; run folder {run.run_dir}"
+        try:
+            receipt = store_training(
+                Path(lora),
+                Path(run.run_dir),
+                summary,
+                destination,
+                bridge.control(0, label=f"send {run.name}"),
+            )
+        except StorageFailed as exc:
+            raise RuntimeError(f"Send Training to Storage: {exc}") from None
+        receipt["node"] = str(unique_id or "")
+        folder = os.path.join(bridge.output_directory(), "charforge", "results")
+        os.makedirs(folder, exist_ok=True)
+        key = hashlib.sha256(receipt["destination"].encode()).hexdigest()[:12]
+        path = os.path.join(folder, f"{RECEIPT_PREFIX}{run.name}_{key}.png")
+        info = png.PngInfo()
+        info.add_text(RECEIPT_KEY, receipt_text(receipt))
+        image.new("RGB", (64, 16), (32, 96, 64)).save(path, pnginfo=info)
+        sent = sum(1 for f in receipt["files"] if f["sent"])
+        text = (
+            f"{receipt['summary']}; sent {sent} of {len(receipt['files'])} files to {receipt['destination']}"
+        )
+        shown = {"filename": os.path.basename(path), "subfolder": "charforge/results", "type": "output"}
+        return {"ui": {"text": [text], "images": [shown]}, "result": (receipt["destination"],)}
+
+
+NODE_CLASS_MAPPINGS = {STORE_NODE_CLASS: SendTrainingToStorage}
+NODE_DISPLAY_NAME_MAPPINGS = {STORE_NODE_CLASS: "Send Training to Storage (CharForge)"}

@@ -1,0 +1,111 @@
+"""Training on a RunPod serverless endpoint: the LoRA and run folder come home through S3-compatible storage.
+
+worker-comfyui returns only the images of a job, and the worker's disk goes away with it, so a Train LoRA run
+must leave the worker by itself. For each training node of a job, :func:`add_store_nodes` adds CharForge's
+*Send Training to Storage* node (``nodes/storage.py``), wired to the node's run, with a destination of its own
+below the endpoint's results location (``runpod.results`` in the profile, or ``$CHARFORGE_SERVERLESS_RESULTS``:
+``s3://bucket/prefix``). On the worker that node sends the LoRA and the run folder there with the worker's own
+credentials (the endpoint's environment) and shows a small receipt PNG holding, in a text chunk, the Train
+LoRA text with the run folder's place on S3. That image is what the worker returns; :func:`receipt` reads it
+back, and the batch runner then brings the run home from storage like any trained LoRA
+(:func:`charforge.driver.sync.training.bring_training_home`), checked by the sha256 of each object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import uuid
+import zlib
+from typing import Any
+
+from charforge.common.transfer import RECEIPT_KEY, RECEIPT_PREFIX, STORE_NODE_CLASS
+
+from ..errors import UsageError
+from ..sync.training import TRAIN_NODE_CLASSES
+
+RESULTS_ENV = "CHARFORGE_SERVERLESS_RESULTS"
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def results_location(options: dict[str, Any] | None = None) -> str | None:
+    """Where a serverless endpoint's trained runs go: the profile's ``runpod.results`` or
+    ``$CHARFORGE_SERVERLESS_RESULTS`` (an ``s3://bucket/prefix``), None when neither is set."""
+    value = str((options or {}).get("results") or os.environ.get(RESULTS_ENV) or "").strip().rstrip("/")
+    if value and not value.startswith("s3://"):
+        raise UsageError(f"runpod.results / {RESULTS_ENV} must be s3://bucket/prefix, not {value!r}")
+    return value or None
+
+
+def add_store_nodes(prompt: dict[str, Any], results: str | None) -> dict[str, Any]:
+    """`prompt` with a Send Training to Storage node after each training node that has none (a new destination
+    below `results` for each submission). Raises :class:`UsageError` naming the fixes when the job trains and no
+    results location is set: its LoRA would be lost with the worker."""
+    trains = [
+        str(node_id)
+        for node_id, node in prompt.items()
+        if isinstance(node, dict) and node.get("class_type") in TRAIN_NODE_CLASSES
+    ]
+    if not trains:
+        return prompt
+    if results is None:
+        raise UsageError(
+            "this job trains a LoRA, and a RunPod serverless worker returns only images and loses its disk: "
+            f"the LoRA would never come home. Set runpod.results in the profile (or {RESULTS_ENV}) to "
+            "s3://bucket/prefix and give the endpoint credentials for it in its environment (AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY, and AWS_ENDPOINT_URL for R2, MinIO or RunPod volumes), with CharForge and "
+            "boto3 in the worker image; or train on a pod (--server runpod-pod:POD_ID)"
+        )
+    linked = {
+        str(node["inputs"]["run"][0])
+        for node in prompt.values()
+        if isinstance(node, dict)
+        and node.get("class_type") == STORE_NODE_CLASS
+        and isinstance((node.get("inputs") or {}).get("run"), list)
+    }
+    new = dict(prompt)
+    for node_id in trains:
+        if node_id in linked:
+            continue
+        new[f"charforge_store_{node_id}"] = {
+            "class_type": STORE_NODE_CLASS,
+            "inputs": {"run": [node_id, 1], "destination": f"{results}/{uuid.uuid4().hex[:16]}"},
+            "_meta": {"title": f"Send training {node_id} to storage"},
+        }
+    return new
+
+
+def png_text(data: bytes, key: str) -> str | None:
+    """The value of the PNG text chunk `key` (``tEXt``, ``zTXt`` or uncompressed ``iTXt``), None without one."""
+    if not data.startswith(_PNG):
+        return None
+    pos = len(_PNG)
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IEND":
+            break
+        name, _, rest = body.partition(b"\0")
+        if name.decode("latin-1") != key:
+            continue
+        if kind == b"tEXt":
+            return rest.decode("latin-1")
+        if kind == b"zTXt" and rest[:1] == b"\0":
+            return zlib.decompress(rest[1:]).decode("latin-1")
+        if kind == b"iTXt" and rest[:1] == b"\0":
+            return rest[2:].split(b"\0", 2)[-1].decode("utf-8")
+    return None
+
+
+def receipt(filename: str, data: bytes) -> dict[str, Any] | None:
+    """The receipt a Send Training to Storage image holds, None for any other image."""
+    if not filename.startswith(RECEIPT_PREFIX):
+        return None
+    text = png_text(data, RECEIPT_KEY)
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) and isinstance(value.get("summary"), str) else None

@@ -1,0 +1,197 @@
+"""Training on a RunPod serverless endpoint brings every LoRA home: ``charforge batch run`` with training jobs
+against the fake serverless worker (worker-comfyui's behaviour: images only, the worker's disk never reachable)
+and a real S3-compatible server on loopback (moto). The driver adds CharForge's Send Training to Storage node
+(the real node's code runs on the fake worker, with the worker's credentials from the environment); the
+worker returns its receipt image; the LoRA and run folder come home from S3, checked by sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+
+import pytest
+from fakes.comfy_server import FakeComfyServer
+from fakes.moto_s3 import ACCESS_KEY, SECRET_KEY, moto_s3, use_s3
+from fakes.runpod_api import FakeRunPod, RunPodKnobs
+from fakes.train_lora import NAMES, add_store_node, add_train_node, lora_bytes, training_sweep
+
+from charforge.driver import cli
+
+pytest.importorskip("boto3")
+pytest.importorskip("moto")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    with moto_s3() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def worker(
+    comfy_env, monkeypatch, tmp_path, s3_endpoint
+) -> Iterator[tuple[FakeRunPod, FakeComfyServer, str]]:
+    """A serverless endpoint ``ep1`` whose worker runs Train LoRA and Send Training to Storage; the driver's and
+    the worker's AWS variables point at moto; the results go to ``s3://<bucket>/results``."""
+    from charforge import bridge
+
+    bridge.register_model_folders()
+    bucket = use_s3(monkeypatch, s3_endpoint, str(tmp_path))
+    with FakeComfyServer(root=comfy_env.base_dir) as comfy:
+        add_train_node(comfy)
+        add_store_node(comfy)
+        with FakeRunPod(knobs=RunPodKnobs(proxy_timeout=1.0, ws_idle_timeout=1.0)) as runpod:
+            runpod.add_endpoint("ep1", comfy)
+            for name, value in runpod.env().items():
+                monkeypatch.setenv(name, value)
+            for name in ("CHARFORGE_SERVER", "CHARFORGE_PROFILE", "CHARFORGE_TOKEN"):
+                monkeypatch.delenv(name, raising=False)
+            monkeypatch.setenv("CHARFORGE_CONFIG", str(tmp_path / "none.yaml"))
+            yield runpod, comfy, bucket
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.main(list(argv), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _objects(bucket: str, prefix: str) -> dict[str, dict]:
+    import boto3
+
+    client = boto3.client("s3")
+    found = {}
+    for item in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []):
+        head = client.head_object(Bucket=bucket, Key=item["Key"])
+        found[item["Key"]] = head["Metadata"]
+    return found
+
+
+def test_training_sweep_on_serverless_brings_every_lora_home_through_s3(worker, tmp_path, monkeypatch):
+    runpod, comfy, bucket = worker
+    monkeypatch.setenv("CHARFORGE_SERVERLESS_RESULTS", f"s3://{bucket}/results")
+    spec = training_sweep(tmp_path)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(
+        "batch", "run", str(spec), "--server", "runpod-serverless:ep1", "--out", str(out), "--json"
+    )
+    assert code == 0, err
+
+    # each job went to the worker with a store node wired to its Train LoRA run, its own destination
+    destinations = []
+    for body in runpod.run_bodies:
+        graph = body["input"]["workflow"]
+        [store] = [n for n in graph.values() if n["class_type"] == "CharForgeSendTrainingToStorage"]
+        assert store["inputs"]["run"] == ["1", 1]
+        destinations.append(store["inputs"]["destination"])
+    assert len(set(destinations)) == 3 and all(d.startswith(f"s3://{bucket}/results/") for d in destinations)
+
+    for name in NAMES:
+        folder = out / f"name-{name}"
+        lora = folder / "lora" / f"{name}.safetensors"
+        assert (
+            lora.read_bytes()
+            == lora_bytes(name)
+            == (comfy.root / "models" / "loras" / lora.name).read_bytes()
+        )
+        run = folder / "lora" / "run" / name
+        assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()) == [
+            "loss.png",
+            f"{name}.safetensors",
+            "samples/step_000004_0.png",
+            "status.json",
+        ]
+        manifest = json.loads((folder / "manifest.json").read_text())
+        [training] = manifest["training"]
+        assert training["state"] == "home" and training["lora"] == f"{name}.safetensors"
+        assert training["run_dir"].startswith(f"s3://{bucket}/results/") and training["run_dir"].endswith(
+            f"/run/{name}"
+        )
+        assert training["lora_sha256"] == hashlib.sha256(lora_bytes(name)).hexdigest()
+        listed = {f["path"]: f for f in manifest["files"]}
+        on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {
+            "manifest.json"
+        }
+        assert set(listed) == on_disk  # the worker's images (loss curve, receipt) and what came home
+        assert any(p.startswith("charforge_results_") for p in listed)
+        for rel, entry in listed.items():
+            assert entry["sha256"] == hashlib.sha256((folder / rel).read_bytes()).hexdigest()
+        for text in ((folder / "manifest.json").read_text(), stdout, err):
+            assert SECRET_KEY not in text and ACCESS_KEY not in text
+
+    # every object on S3 carries its sha256
+    stored = _objects(bucket, "results/")
+    assert len(stored) == 3 * 5 and all(len(meta.get("sha256", "")) == 64 for meta in stored.values())
+
+    # a rerun submits nothing and downloads nothing
+    runs = len(runpod.run_bodies)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    code, _, err = run_cli("batch", "run", str(spec), "--server", "runpod-serverless:ep1", "--out", str(out))
+    assert code == 0, err
+    assert len(runpod.run_bodies) == runs
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamps
+
+
+def test_a_training_job_without_a_results_location_is_refused_before_it_is_sent(
+    worker, tmp_path, monkeypatch
+):
+    runpod, _, _ = worker
+    monkeypatch.delenv("CHARFORGE_SERVERLESS_RESULTS", raising=False)
+    spec = training_sweep(tmp_path, ["solo"])
+    code, _, err = run_cli(
+        "batch", "run", str(spec), "--server", "runpod-serverless:ep1", "--out", str(tmp_path / "out")
+    )
+    assert code != 0
+    assert "runpod.results" in err and "CHARFORGE_SERVERLESS_RESULTS" in err and "runpod-pod" in err
+    assert runpod.run_bodies == []  # nothing was sent, nothing billed
+
+
+def test_a_stored_file_that_does_not_match_its_checksum_is_refused(worker, tmp_path, monkeypatch):
+    """The LoRA on S3 replaced by other bytes (its recorded sha256 kept): the download is refused, the job's
+    LoRA stays pending, and a rerun after the object is right brings it home without training again."""
+    import boto3
+
+    runpod, _, bucket = worker
+    monkeypatch.setenv("CHARFORGE_SERVERLESS_RESULTS", f"s3://{bucket}/results")
+    spec = training_sweep(tmp_path, ["solo"])
+    out = tmp_path / "out"
+    client = boto3.client("s3")
+    from charforge.engine.transfer import storage
+
+    def corrupting_client(*args, **kwargs):
+        made = real_s3_client(*args, **kwargs)
+        original = made.upload_file
+
+        def upload(path, bucket_name, key, ExtraArgs=None):  # noqa: N803 - boto3's name
+            original(path, bucket_name, key, ExtraArgs=ExtraArgs)
+            if key.endswith("/lora/solo.safetensors"):
+                made.put_object(
+                    Bucket=bucket_name, Key=key, Body=b"not the lora", Metadata=ExtraArgs["Metadata"]
+                )
+
+        made.upload_file = upload
+        return made
+
+    real_s3_client = storage.s3_client
+    monkeypatch.setattr(storage, "s3_client", corrupting_client)
+    code, _, err = run_cli("batch", "run", str(spec), "--server", "runpod-serverless:ep1", "--out", str(out))
+    assert code != 0 and "do not match" in err
+    manifest = json.loads((out / "name-solo" / "manifest.json").read_text())
+    assert manifest["training"][0]["state"] == "pending"
+    assert not (out / "name-solo" / "lora" / "solo.safetensors").exists()
+    assert not list(out.rglob("*.part"))
+
+    [key] = [k for k in _objects(bucket, "results/") if k.endswith("/lora/solo.safetensors")]
+    client.put_object(
+        Bucket=bucket,
+        Key=key,
+        Body=lora_bytes("solo"),
+        Metadata={"sha256": hashlib.sha256(lora_bytes("solo")).hexdigest()},
+    )
+    runs = len(runpod.run_bodies)
+    code, _, err = run_cli("batch", "run", str(spec), "--server", "runpod-serverless:ep1", "--out", str(out))
+    assert code == 0, err
+    assert len(runpod.run_bodies) == runs  # not trained again
+    assert (out / "name-solo" / "lora" / "solo.safetensors").read_bytes() == lora_bytes("solo")
