@@ -333,3 +333,59 @@ def test_fp8_base_step_stays_close_to_the_bf16_base_step(tiny_flux, dataset):
     flat16 = torch.cat([g.flatten() for g in grads16.values()])
     flat8 = torch.cat([grads8[k].flatten() for k in grads16])
     assert float((flat8 - flat16).norm() / flat16.norm()) < 0.10
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture detection from tensor names
+
+
+def _shapes_file(path, state):
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(v.shape, dtype=torch.float16) for k, v in state.items()}, str(path))
+    return path
+
+
+def test_detect_arch_reads_flux_from_tensor_names(tiny_flux, tmp_path):
+    from safetensors.torch import load_file
+
+    from charforge.engine.train.models import UnsupportedModelError, detect_arch
+
+    bfl = load_file(str(tiny_flux.transformer_file))
+    assert detect_arch(tiny_flux.transformer_file) == "flux-dev"
+    assert detect_arch(tiny_flux.diffusers_dir) == "flux-dev"
+    prefixed = {f"model.diffusion_model.{k}": v for k, v in bfl.items()}
+    assert detect_arch(_shapes_file(tmp_path / "full.safetensors", prefixed)) == "flux-dev"
+    schnell = {k: v for k, v in bfl.items() if not k.startswith("guidance_in.")}
+    assert detect_arch(_shapes_file(tmp_path / "schnell.safetensors", schnell)) == "flux-schnell"
+    diffusers_named = bfl_to_diffusers(bfl)
+    assert detect_arch(_shapes_file(tmp_path / "diffusers_named.safetensors", diffusers_named)) == "flux-dev"
+    fill = dict(bfl, **{"img_in.weight": torch.zeros(32, 384)})
+    with pytest.raises(UnsupportedModelError, match="Fill"):
+        detect_arch(_shapes_file(tmp_path / "fill.safetensors", fill))
+    flux2 = dict(bfl, **{"single_stream_modulation.lin.weight": torch.zeros(2, 2)})
+    with pytest.raises(UnsupportedModelError, match="Flux.2"):
+        detect_arch(_shapes_file(tmp_path / "flux2.safetensors", flux2))
+
+
+def test_a_diffusers_named_single_file_loads_like_the_bfl_one(tiny_flux, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from charforge.engine.train.flow.load import load_flow_model
+
+    path = tmp_path / "flux_diffusers_names.safetensors"
+    save_file(bfl_to_diffusers(load_file(str(tiny_flux.transformer_file))), str(path))
+    kwargs = {
+        "parts": {
+            "clip_l": str(tiny_flux.clip_l_file),
+            "t5": str(tiny_flux.t5_file),
+            "vae": str(tiny_flux.vae_file),
+        },
+        "dtype": "fp32",
+        "config_dir": tiny_flux.diffusers_dir,
+        "tokenizer_candidates": [tiny_flux.clip_tokenizer_dir],
+        "t5_tokenizer_candidates": [tiny_flux.t5_tokenizer_dir],
+    }
+    a = load_flow_model(path, **kwargs).transformer.state_dict()
+    b = load_flow_model(tiny_flux.transformer_file, **kwargs).transformer.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -106,6 +106,12 @@ def is_bfl_flux(keys) -> bool:
     return TRIGGER in keys and "img_in.weight" in keys
 
 
+def is_diffusers_flux(keys) -> bool:
+    """Whether these names are a Flux.1 transformer saved with diffusers' names (a single-file export)."""
+    keys = set(keys)
+    return "x_embedder.weight" in keys and "single_transformer_blocks.0.proj_mlp.weight" in keys
+
+
 def _count(keys, pattern: str) -> int:
     """Blocks counted from 0 up to the first missing index (as ComfyUI counts them)."""
     indices = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}

@@ -32,12 +32,27 @@ from ...deps import require
 from ..models.single_file import DTYPES
 
 ARCHS = ("sd15", "sdxl")
+# Flow-matching transformer bases (engine.train.flow): detected here, loaded by their family's loader.
+FLOW_ARCHS = ("flux-dev", "flux-schnell", "sd3-medium", "sd35-medium", "sd35-large")
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 # Pipeline classes (diffusers) and a human name per architecture.
 _PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
-ARCH_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+ARCH_NAMES = {
+    "sd15": "SD1.5",
+    "sdxl": "SDXL",
+    "flux-dev": "Flux.1-dev",
+    "flux-schnell": "Flux.1-schnell",
+    "sd3-medium": "SD3 Medium",
+    "sd35-medium": "SD3.5 Medium",
+    "sd35-large": "SD3.5 Large",
+}
+
+
+def is_flow_arch(arch: str) -> bool:
+    """Whether `arch` is trained by the flow-matching trainer (``engine.train.flow``)."""
+    return arch in FLOW_ARCHS
 
 
 class UnsupportedModelError(ValueError):
@@ -86,12 +101,46 @@ def _single_file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def arch_from_keys(shapes: dict[str, tuple[int, ...]]) -> str:
-    """ "sd15" or "sdxl" from a single file's tensor names and shapes; raises `UnsupportedModelError`.
+def _flow_arch(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """A flow-matching arch id from a file's tensors (Flux.1 in BFL or diffusers names, SD3.x), or None;
+    raises `UnsupportedModelError` for the Flux relatives this trainer does not handle."""
+    from ..models import flux_files, sd3_files
 
+    bare = flux_files.strip_prefix(shapes)
+    if any(k.startswith("single_stream_modulation.") for k in bare):
+        raise UnsupportedModelError("a Flux.2 model: only Flux.1 (dev, schnell) is supported")
+    if any(k.startswith("distilled_guidance_layer.") for k in bare):
+        raise UnsupportedModelError("a Chroma model (Flux-derived): only Flux.1 (dev, schnell) is supported")
+    if not flux_files.is_bfl_flux(bare) and flux_files.is_diffusers_flux(bare):
+        guided = any(k.startswith("time_text_embed.guidance_embedder.") for k in bare)
+        bare = {"img_in.weight": bare["x_embedder.weight"], flux_files.TRIGGER: (0,)}
+        if guided:
+            bare["guidance_in.in_layer.weight"] = (0,)
+    if flux_files.is_bfl_flux(bare):
+        channels = bare["img_in.weight"][1]
+        if channels != 64:
+            raise UnsupportedModelError(
+                f"a Flux.1 model with {channels // 4} latent input channels (Fill / Depth / Canny, or Kontext): "
+                "train on the base Flux.1-dev or schnell"
+            )
+        return "flux-dev" if "guidance_in.in_layer.weight" in bare else "flux-schnell"
+    if sd3_files.is_sd3(shapes):
+        return sd3_files.sd3_variant(shapes)
+    return None
+
+
+def arch_from_keys(shapes: dict[str, tuple[int, ...]]) -> str:
+    """The architecture id of a single file from its tensor names and shapes; raises `UnsupportedModelError`.
+
+    ``flux-dev`` / ``flux-schnell``: a Flux.1 transformer (``double_blocks.0.img_attn.norm.key_norm.scale`` +
+    ``img_in``, with or without ``model.diffusion_model.``; dev has ``guidance_in``), or the same in
+    diffusers names. ``sd3-medium`` / ``sd35-medium`` / ``sd35-large``: an SD3 MMDiT (``models.sd3_files``).
     SDXL base: an SGM U-Net with ``label_emb`` and both ``conditioner.embedders`` (CLIP-L, bigG).
     SD1.5: an LDM U-Net with 4 input channels and a CLIP-L text encoder under ``cond_stage_model.transformer``.
     """
+    flow = _flow_arch(shapes)
+    if flow is not None:
+        return flow
     unet = "model.diffusion_model."
     has_unet = any(k.startswith(unet) for k in shapes)
     has_vae = any(k.startswith("first_stage_model.") for k in shapes)
@@ -100,8 +149,8 @@ def arch_from_keys(shapes: dict[str, tuple[int, ...]]) -> str:
     if not has_unet:
         prefixes = sorted({k.split(".")[0] for k in shapes})[:8]
         raise UnsupportedModelError(
-            f"not an SD1.5 / SDXL checkpoint: no 'model.diffusion_model.' U-Net keys (top-level names: {prefixes}). "
-            "Flux, SD3 and other architectures are not supported by this trainer."
+            f"not a model this trainer knows: no SD1.5 / SDXL U-Net ('model.diffusion_model.'), Flux.1 or SD3 "
+            f"transformer keys (top-level names: {prefixes}). Supported: {', '.join(ARCH_NAMES.values())}"
         )
     if conv_in is not None and conv_in[1] != 4:
         raise UnsupportedModelError(
@@ -133,8 +182,20 @@ def arch_from_keys(shapes: dict[str, tuple[int, ...]]) -> str:
     )
 
 
+_FLOW_PIPELINES = {"FluxPipeline", "StableDiffusion3Pipeline"}
+
+
+def _flow_folder_arch(source: Path, pipeline: str) -> str:
+    config = json.loads((source / "transformer" / "config.json").read_text())
+    if pipeline == "FluxPipeline":
+        return "flux-dev" if config.get("guidance_embeds") else "flux-schnell"
+    if config.get("dual_attention_layers"):
+        return "sd35-medium"
+    return "sd35-large" if config.get("qk_norm") else "sd3-medium"
+
+
 def detect_arch(source: str | os.PathLike) -> str:
-    """ "sd15" or "sdxl" for a single-file checkpoint or a diffusers folder."""
+    """The architecture id (`ARCHS`, `FLOW_ARCHS`) of a single-file checkpoint or a diffusers folder."""
     source = Path(source)
     if source.is_dir():
         index = source / "model_index.json"
@@ -143,11 +204,13 @@ def detect_arch(source: str | os.PathLike) -> str:
                 f"{source} is a folder without model_index.json: not a diffusers model"
             )
         name = json.loads(index.read_text()).get("_class_name", "")
+        if name in _FLOW_PIPELINES:
+            return _flow_folder_arch(source, name)
         for arch, pipeline in _PIPELINES.items():
             if name == pipeline:
                 return arch
         raise UnsupportedModelError(
-            f"{source}: pipeline {name!r}; expected one of {sorted(_PIPELINES.values())}"
+            f"{source}: pipeline {name!r}; expected one of {sorted([*_PIPELINES.values(), *_FLOW_PIPELINES])}"
         )
     if not source.is_file():
         raise FileNotFoundError(f"base model not found: {source}")
@@ -328,6 +391,11 @@ def load_base_model(
 
     source = Path(source).expanduser()
     arch = detect_arch(source)
+    if is_flow_arch(arch):
+        raise UnsupportedModelError(
+            f"{source.name} is {ARCH_NAMES[arch]}, a flow-matching base: load it with "
+            "engine.train.flow.load_flow_model (the Train LoRA node does)"
+        )
     weight_dtype = resolve_dtype(dtype)
     cls = getattr(diffusers, _PIPELINES[arch])
     offline = {"local_files_only": True}

@@ -415,6 +415,8 @@ def _load_files(
 
     state = _read(files.transformer)
     transformer_state = flux_files.strip_prefix(state)
+    if flux_files.is_diffusers_flux(transformer_state):  # a transformer saved with diffusers' names
+        transformer_state = flux_files.diffusers_to_bfl(transformer_state)
     if not flux_files.is_bfl_flux(transformer_state):
         raise UnsupportedModelError(f"{files.transformer} is not a Flux.1 diffusion model")
     transformer = _transformer_from_state(transformer_state, dtype)
