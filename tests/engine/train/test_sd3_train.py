@@ -15,9 +15,13 @@ from PIL import Image
 
 from cf_testing.sd3_models import build_tiny_sd3
 from charforge.engine.library import flow_layouts
+from charforge.engine.library.formats import read_lora
+from charforge.engine.models import sd3_files
 from charforge.engine.train.config import TrainConfig, with_overrides
 from charforge.engine.train.data import TrainingData, items_from_pairs, prepare_image, read_kohya_folder
+from charforge.engine.train.export import lora_metadata
 from charforge.engine.train.flow import sd3
+from charforge.engine.train.flow.export import export_flow_lora
 from charforge.engine.train.flow.objective import FlowSettings
 from charforge.engine.train.flow.trainer import FlowTrainer
 
@@ -221,12 +225,23 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tiny, dataset):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny, dataset):
-    """A few steps on every linear layer of the joint blocks, so every LoRA matrix is non-zero."""
+def trained(tiny, dataset, tmp_path_factory):
+    """A few steps on every linear layer of the joint blocks (every LoRA matrix non-zero), written in both
+    layouts with the SD3.5 metadata."""
     config = sd3_config(steps=3, learning_rate=2e-2, targets="kohya", alpha=2.0)
     trainer = _trainer(tiny, dataset, config)
     trainer.train()
-    return trainer
+    folder = tmp_path_factory.mktemp("sd3_lora")
+    meta = lora_metadata(
+        arch=trainer.model.arch, settings=config.lora, title="alice", trigger_phrase="sks person"
+    )
+    files = {
+        layout: export_flow_lora(
+            folder / f"{layout}.safetensors", trainer.network, "sd3", meta, torch.float32, layout
+        )
+        for layout in ("kohya", "peft")
+    }
+    return trainer, files
 
 
 def _modules(trainer) -> dict[str, flow_layouts.Factors]:
@@ -258,30 +273,23 @@ def _merge(transformer, modules: dict[str, flow_layouts.Factors]):
     return transformer
 
 
-def test_diffusers_layout_loads_in_the_sd3_pipeline_and_equals_a_hand_merge(tiny, trained, tmp_path, caplog):
-    """A diffusers / peft-named file (``transformer.<module>.lora_A/B.weight``, alpha folded into B) loads in
-    StableDiffusion3Pipeline.load_lora_weights with no warning, and its output equals merging the trained
-    deltas into the weights by hand, and the peft model's own output."""
+def test_peft_file_loads_in_the_sd3_pipeline_and_equals_a_hand_merge(tiny, trained, caplog):
+    """The diffusers / peft file (``transformer.<module>.lora_A/B.weight``) loads in
+    StableDiffusion3Pipeline.load_lora_weights with every key used, and its output equals merging the
+    trained deltas into the weights by hand, and the peft model's own output."""
     import logging
 
     from diffusers import StableDiffusion3Pipeline
-    from safetensors.torch import save_file
 
-    modules = _modules(trained)
+    trainer, files = trained
+    modules = _modules(trainer)
     assert len(modules) == 24 and all(f.up.abs().sum() > 0 for f in modules.values())
-    state = {}
-    for name, factors in modules.items():
-        state[f"transformer.{name}.lora_A.weight"] = factors.down.contiguous()
-        state[f"transformer.{name}.lora_B.weight"] = (factors.up * factors.scale).contiguous()
-    path = tmp_path / "sd3_lora_diffusers.safetensors"
-    save_file(state, str(path))
-
     pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny.diffusers_dir), local_files_only=True)
     text = sd3.load_sd3(tiny.diffusers_dir, dtype="fp32").encode_text(["sks person"], "cpu", FlowSettings())
     base = _output(pipe.transformer, text)
     clean = copy.deepcopy(pipe.transformer)
     with caplog.at_level(logging.WARNING):
-        pipe.load_lora_weights(str(path))
+        pipe.load_lora_weights(str(files["peft"]))
     # The only warnings allowed: the file has no text-encoder LoRA (diffusers says so for each CLIP).
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert all(w.startswith("No LoRA keys associated to CLIPTextModelWithProjection") for w in warnings), (
@@ -289,24 +297,48 @@ def test_diffusers_layout_loads_in_the_sd3_pipeline_and_equals_a_hand_merge(tiny
     )
     loaded = _output(pipe.transformer, text)
     merged = _output(_merge(clean, modules), text)
-    trained.lora_network().set_enabled(True)
-    peft = _output(trained.model.transformer.eval(), text)
+    trainer.lora_network().set_enabled(True)
+    peft = _output(trainer.model.transformer.eval(), text)
     assert (loaded - base).abs().max() > 1e-3
     torch.testing.assert_close(loaded, merged, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loaded, peft, rtol=1e-4, atol=1e-5)
 
 
-def test_kohya_layout_round_trips_with_the_trained_effect(tiny, trained):
-    """The kohya SD3 layout (``lora_unet_joint_blocks_N_x_block_attn_qkv`` ..., fused q/k/v) that ComfyUI
-    and kohya's tools load: every trained module is in it, and reading it back gives the same deltas."""
-    modules = _modules(trained)
-    tensors = flow_layouts.kohya_tensors("sd3", modules)
-    stems = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
-    assert "lora_unet_joint_blocks_0_x_block_attn_qkv" in stems
-    assert "lora_unet_joint_blocks_0_x_block_attn2_qkv" in stems
-    assert "lora_unet_joint_blocks_1_context_block_attn_qkv" in stems
+def test_kohya_file_patched_onto_the_single_file_weights_equals_the_hand_merge(tiny, trained):
+    """The kohya SD3 file (``lora_unet_joint_blocks_N_x_block_attn_qkv`` ..., fused q/k/v as ComfyUI and
+    kohya's tools load it): each ``up @ down`` added to the ComfyUI-layout weight of that name gives, read
+    back into diffusers, the hand-merged model; the metadata names the SD3.5 Medium LoRA."""
+    from diffusers import SD3Transformer2DModel
+
+    trainer, files = trained
+    tensors, metadata = read_lora(files["kohya"])
+    stems = {k.split(".")[0] for k in tensors}
+    assert {
+        "lora_unet_joint_blocks_0_x_block_attn_qkv",
+        "lora_unet_joint_blocks_0_x_block_attn2_qkv",
+        "lora_unet_joint_blocks_0_context_block_mlp_fc2",
+        "lora_unet_joint_blocks_1_context_block_attn_qkv",  # k/v trained, q a zero block
+    } <= stems
     assert "lora_unet_joint_blocks_1_context_block_attn_proj" not in stems  # pre-only: no projection
-    back = flow_layouts.diffusers_modules_from_kohya("sd3", tensors)
-    assert set(back) == set(modules)
-    for name, factors in modules.items():
-        torch.testing.assert_close(back[name].delta(), factors.delta(), rtol=1e-6, atol=1e-9)
+    assert metadata["modelspec.architecture"] == "stable-diffusion-3.5-medium/lora"
+    assert (
+        metadata["ss_network_module"] == "networks.lora_sd3"
+        and metadata["modelspec.trigger_phrase"] == "sks person"
+    )
+
+    reference = SD3Transformer2DModel.from_pretrained(
+        str(tiny.diffusers_dir / "transformer"), local_files_only=True
+    )
+    text = sd3.load_sd3(tiny.diffusers_dir, dtype="fp32").encode_text(["sks person"], "cpu", FlowSettings())
+    comfy = flow_layouts.single_file_state("sd3", reference.state_dict())
+    with torch.no_grad():
+        for stem in stems:
+            name = stem.removeprefix("lora_unet_")
+            weight = next(
+                k for k in comfy if k.endswith(".weight") and k[: -len(".weight")].replace(".", "_") == name
+            )
+            down, up = tensors[stem + ".lora_down.weight"], tensors[stem + ".lora_up.weight"]
+            comfy[weight] = comfy[weight] + float(tensors[stem + ".alpha"]) / down.shape[0] * (up @ down)
+    patched = sd3_files.build_transformer(comfy)
+    merged = _merge(copy.deepcopy(reference), _modules(trainer))
+    torch.testing.assert_close(_output(patched, text), _output(merged, text), rtol=1e-4, atol=1e-5)

@@ -53,9 +53,9 @@ MODELSPEC_ARCHITECTURE = {
     "sdxl": "stable-diffusion-xl-v1-base/lora",
     "flux-dev": "flux-1-dev/lora",
     "flux-schnell": "flux-1-schnell/lora",
-    "sd3-medium": "stable-diffusion-v3-medium/lora",
-    "sd35-medium": "stable-diffusion-v3.5-medium/lora",
-    "sd35-large": "stable-diffusion-v3.5-large/lora",
+    "sd3-medium": "stable-diffusion-3-medium/lora",
+    "sd35-medium": "stable-diffusion-3.5-medium/lora",
+    "sd35-large": "stable-diffusion-3.5-large/lora",
 }
 MODELSPEC_IMPLEMENTATION = {
     "sd15": "diffusers",
