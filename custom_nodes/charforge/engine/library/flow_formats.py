@@ -77,7 +77,7 @@ def te_shapes(family: str) -> dict[tuple[str, str], tuple[int, int]]:
     return out
 
 
-def _locate(family: str, fmt: str, base: str) -> tuple[str, str, int | None] | None:
+def locate(family: str, fmt: str, base: str) -> tuple[str, str, int | None] | None:
     """``(component, name, part)`` of one key stem: name is the single-file path (part None) or, for a
     peft transformer module, the diffusers path with its part index; None when it names nothing known."""
     unet = UNET_PREFIX[fmt]
@@ -123,7 +123,7 @@ def state_from_tensors(
         if any(r in roles for r in ("diff", "diff_b", "dora_scale")):
             extras.update({k: tensors[k] for k in roles.values()})
             continue
-        found = _locate(family, fmt, base)
+        found = locate(family, fmt, base)
         if found is None:
             unknown.append(base)
             continue

@@ -423,7 +423,8 @@ def detect_family(
     if max(int(m.group(1)) for m in blocks) >= VARIANTS["flux-dev"].depth:
         return "sd3"
     for key, shape in (shapes or {}).items():
-        if re.search(r"(attn[._]to_q|to_q)[._].*(lora_A|lora_down|lora[._]down)", key) and len(shape) == 2:
+        # a down tensor [rank, in] or a module's weight shape [out, in]: the in size is the hidden size
+        if re.search(r"[._]to_q(?:[._](?:lora_A|lora_down|lora[._]down)|$)", key) and len(shape) == 2:
             if shape[1] == VARIANTS["flux-dev"].hidden:
                 return "flux"
             if shape[1] in (VARIANTS["sd3-medium"].hidden, VARIANTS["sd35-large"].hidden):
@@ -606,6 +607,41 @@ def split(target: Target, fused: Factors) -> dict[int, Factors]:
             alpha_for(int(used.numel())),
         )
     return out if out else {}
+
+
+def _column_owners(target: Target, factors: Factors) -> list[set[int]]:
+    """For each rank column of a fused LoRA, the parts whose rows use it (non-zero up entries)."""
+    up = factors.up.flatten(1) if factors.up.dim() > 2 else factors.up
+    rows = part_rows(target, int(up.shape[0]))
+    used = []
+    start = 0
+    for size in rows:
+        used.append(up[start : start + size].abs().sum(0) != 0)
+        start += size
+    return [{i for i in range(len(rows)) if bool(used[i][c])} for c in range(int(up.shape[1]))]
+
+
+def block_structured(target: Target, factors: Factors) -> bool:
+    """Whether every rank column of a fused LoRA serves one part at most (split LoRAs fused, not kohya's own
+    fused training): then its parts can be treated as separate LoRAs without growing its rank."""
+    return not target.fused or all(len(owners) <= 1 for owners in _column_owners(target, factors))
+
+
+def group_columns(target: Target, factors: Factors) -> Factors:
+    """The same LoRA with its rank columns ordered by the part they serve (part 0's first; shared or unused
+    columns last), so the up matrix is block-diagonal wherever the LoRA allows; the product is unchanged."""
+    if not target.fused:
+        return factors
+    owners = _column_owners(target, factors)
+    order = sorted(
+        range(len(owners)), key=lambda c: (min(owners[c]) if len(owners[c]) == 1 else len(target.parts), c)
+    )
+    if order == list(range(len(owners))):
+        return factors
+    import torch
+
+    index = torch.tensor(order)
+    return Factors(factors.down.index_select(0, index), factors.up.index_select(1, index), factors.alpha)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ is opened (`formats.read_checked_header`: header, offsets, dtypes, down/up/alpha
 weights are also checked for NaN/Inf, and without it the notes say they were not. When torch and
 diffusers are present the module names are also resolved against the full-size SD1.5 / SDXL layer tables
 (`formats.module_table`), which makes the base-model answer exact and checks every module's shape.
+Flux and SD3/SD3.5 LoRAs are recognised from their names alone (`flow_layouts.detect_family`) and checked
+against the full-size variants' weight shapes (`flow_layouts.lora_targets`), also without torch.
 """
 
 from __future__ import annotations
@@ -18,6 +20,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .flow_formats import locate
+from .flow_layouts import (
+    VARIANTS,
+    FlowLayoutError,
+    detect_family,
+    lora_targets,
+    part_rows,
+    target_from_diffusers,
+    target_from_single_file,
+)
 from .formats import (
     ARCHS,
     InvalidLoraFile,
@@ -32,7 +44,17 @@ from .formats import (
 )
 from .safetensors_file import loads_bounded, nonfinite_keys, read_values
 
-ARCH_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL"}
+ARCH_NAMES = {
+    "sd15": "Stable Diffusion 1.5",
+    "sdxl": "Stable Diffusion XL",
+    "flux": "Flux.1",
+    "sd3": "Stable Diffusion 3 / 3.5",
+    "flux-dev": "Flux.1-dev",
+    "flux-schnell": "Flux.1-schnell",
+    "sd3-medium": "SD3 Medium",
+    "sd35-medium": "SD3.5 Medium",
+    "sd35-large": "SD3.5 Large",
+}
 
 # Training settings worth showing (ss_* without the prefix), in display order.
 TRAINING_KEYS = (
@@ -223,6 +245,57 @@ def _fit_checks(fmt: str, groups: dict[str, dict[str, str]], header) -> list[Fit
     return checks
 
 
+def _flow_fit_checks(family: str, fmt: str, groups: dict[str, dict[str, str]], header) -> list[FitCheck]:
+    """Per full-size Flux / SD3 variant: do the module names and the adapted weights' shapes fit it?"""
+    checks = []
+    for arch, variant in VARIANTS.items():
+        if variant.family != family:
+            continue
+        shapes = lora_targets(variant)
+        check = FitCheck(arch, True, True)
+        for base, roles in groups.items():
+            if "down" not in roles or "up" not in roles:
+                continue
+            found = locate(family, fmt, base)
+            if found is None or (found[0] == "unet" and _single_file_name(family, found) not in shapes):
+                check.unknown_modules.append(base)
+                continue
+            component, name, part = found
+            if component != "unet":
+                continue  # CLIP text encoders: the same in every variant
+            target = target_from_single_file(family, _single_file_name(family, found))
+            assert target is not None
+            expected = shapes[target.name]
+            if part is not None:
+                expected = (part_rows(target, expected[0])[part], *expected[1:])
+            down, up = header[roles["down"]].shape, header[roles["up"]].shape
+            weight = (up[0], *down[1:])
+            if tuple(weight) != tuple(expected):
+                check.wrong_shapes.append(f"{base} {list(weight)} (model {list(expected)})")
+        check.names_match = not check.unknown_modules
+        check.shapes_match = check.names_match and not check.wrong_shapes
+        checks.append(check)
+    return checks
+
+
+def _is_fused(family: str, fmt: str, base: str) -> bool:
+    found = locate(family, fmt, base)
+    if found is None or found[0] != "unet" or found[2] is not None:
+        return False
+    target = target_from_single_file(family, found[1])
+    return target is not None and target.fused
+
+
+def _single_file_name(family: str, found: tuple[str, str, int | None]) -> str:
+    """The single-file weight a located transformer module adapts (a peft part names its diffusers module)."""
+    _, name, part = found
+    if part is None:
+        return name
+    resolved = target_from_diffusers(family, name)
+    assert resolved is not None
+    return resolved[0].name
+
+
 def _finiteness(path: Path, checked) -> list[str]:
     """Refuse a file whose weights hold NaN/Inf (numpy needed); without numpy, a note saying so."""
     try:
@@ -277,13 +350,43 @@ def inspect_lora(path: str | os.PathLike) -> LoraInfo:
                 alphas.update(read_values(path, checked, roles["alpha"]))
             except ValueError as exc:
                 raise InvalidLoraFile(path, str(getattr(exc, "reason", exc)), roles["alpha"]) from None
-    if "alpha" not in {r for roles in groups.values() for r in roles} and per_component:
+    try:
+        family = detect_family(groups, shapes, metadata)
+    except FlowLayoutError as exc:
+        family = None
+        notes.append(str(exc))
+    no_alpha = "alpha" not in {r for roles in groups.values() for r in roles} and per_component
+    if no_alpha and not (family in ("flux", "sd3") and fmt == "peft"):  # peft Flux/SD3: alpha folded in
         notes.append("no .alpha tensors: ComfyUI applies these LoRAs at scale 1.0 (not alpha/rank)")
 
     notes += _finiteness(path, checked)
     arch_meta = metadata_arch(metadata)
-    checks = _fit_checks(fmt, groups, header)
-    if checks is None:
+    checks = _fit_checks(fmt, groups, header) if family not in ("flux", "sd3") else None
+    if family in ("flux", "sd3"):
+        per_component = Counter(
+            (locate(family, fmt, base) or ("?",))[0] for base, roles in groups.items() if "down" in roles
+        )
+        checks = _flow_fit_checks(family, fmt, groups, header)
+        fits = [c.arch for c in checks if c.shapes_match]
+        base_model, source = family, "keys"
+        named = [c.arch for c in checks if c.names_match]
+        if not named:
+            unknown = min((c.unknown_modules for c in checks), key=len)
+            notes.append(
+                f"{len(unknown)} module(s) match no {ARCH_NAMES[family]} layer: {', '.join(unknown[:3])}"
+            )
+        elif not fits:
+            notes.append(
+                f"module names fit {', '.join(ARCH_NAMES[a] for a in named)} but shapes match no full-size "
+                "model (a LoRA for a smaller or different model)"
+            )
+        fused = sum(1 for base in groups if _is_fused(family, fmt, base))
+        if fused:
+            notes.append(
+                f"{fused} module(s) adapt fused weights (qkv / linear1): their rank counts every part "
+                "(to_q, to_k, to_v ...) together"
+            )
+    elif checks is None:
         notes.append("torch/diffusers not installed: base model guessed from names, shapes not checked")
         base_model, source = (
             (arch_meta, "metadata") if arch_meta else _guess_arch_from_names(list(groups), shapes)

@@ -4,6 +4,11 @@ Merging is exact: for every module the result's delta is ``sum_i w_i * delta_i``
 up @ down``). Without a target rank the ranks are concatenated (rank = sum of the inputs' ranks, alpha =
 rank so the scale is 1); with a target rank the summed delta is factorised by SVD and truncated.
 
+Flux / SD3 modules on fused weights (``qkv``, ``linear1``) that came from split LoRAs (each rank column serves
+one part: to_q, to_k, ...) are merged and resized part by part and fused again, so the result keeps that
+block form (what diffusers splits back into compact per-part LoRAs) and a target rank means the rank of each
+part, as in training. Natively fused modules (one LoRA over the whole qkv) are treated as one matrix.
+
 The SVD never forms the dense delta: with ``U_all = [w_i s_i up_i]`` and ``D_all = [down_i]`` the delta is
 ``U_all @ D_all``; QR of both factors leaves a small ``r x r`` matrix whose SVD gives the singular values of the
 delta exactly. The retained energy of a module is ``sum(kept sigma^2) / sum(all sigma^2)``, the fraction of
@@ -18,7 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .formats import LoraFormatError, LoraModule, LoraState, read_state, write_state
+from . import flow_layouts
+from .formats import ARCHS, LoraFormatError, LoraModule, LoraState, read_state, write_state
 
 
 @dataclass
@@ -115,6 +121,34 @@ def _shaped(parts, up, down, dtype):
     return up, down
 
 
+def _fused_target(arch: str, key: tuple[str, str]) -> flow_layouts.Target | None:
+    if arch in ARCHS or key[0] != "unet":
+        return None
+    target = flow_layouts.target_from_single_file(arch, key[1])
+    return target if target is not None and target.fused else None
+
+
+def _merge_by_part(target, parts, rank: int | None, dtype):
+    """Merge (and with `rank`, truncate) a fused module part by part; ``(up, down, energy total, kept)``."""
+    import torch
+
+    by_part: dict[int, list] = {}
+    for weight, module in parts:
+        factors = flow_layouts.Factors(module.down, module.up, module.alpha)
+        for index, piece in flow_layouts.split(target, factors).items():
+            by_part.setdefault(index, []).append((weight, piece))
+    pieces, total, kept = {}, 0.0, 0.0
+    for index, group in sorted(by_part.items()):
+        if rank is None:
+            up, down = _factors(group)
+        else:
+            up, down, _, part_total, part_kept = _svd_module(group, rank, dtype)
+            total, kept = total + part_total, kept + part_kept
+        pieces[index] = flow_layouts.Factors(down, up, torch.tensor(float(up.shape[1]), dtype=torch.float64))
+    fused = flow_layouts.fuse(target, pieces)
+    return fused.up, fused.down, total, kept
+
+
 def merge_states(
     states: Sequence[LoraState],
     weights: Sequence[float],
@@ -148,8 +182,24 @@ def merge_states(
     for key in keys:
         parts = [(float(w), s.modules[key]) for s, w in zip(states, weights, strict=True) if key in s.modules]
         _check_shapes(key, parts)
-        if rank is None:
+        target = _fused_target(states[0].arch, key)
+        if target is not None and all(
+            flow_layouts.block_structured(target, flow_layouts.Factors(m.down, m.up, m.alpha))
+            for _, m in parts
+        ):
+            up_t, down_t, total, kept_energy = _merge_by_part(target, parts, rank, dtype)
+            up, down = _shaped(parts, up_t, down_t, dtype)
+            if rank is not None:
+                report.modules.append(
+                    ModuleEnergy(
+                        key[0], key[1], sum(m.rank for _, m in parts), up.shape[1], total, kept_energy
+                    )
+                )
+        elif rank is None:
             up_all, down_all = _factors(parts)
+            if target is not None:  # a natively fused input among them: order the columns by part
+                grouped = flow_layouts.group_columns(target, flow_layouts.Factors(down_all, up_all))
+                up_all, down_all = grouped.up, grouped.down
             up, down = _shaped(parts, up_all, down_all, dtype)
         else:
             up_t, down_t, kept, total, kept_energy = _svd_module(parts, rank, dtype)
