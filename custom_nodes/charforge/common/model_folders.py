@@ -34,7 +34,7 @@ PACK_MODEL_FOLDERS: tuple[ModelFolder, ...] = (
     ModelFolder(
         "LLM",
         frozenset({".json", ".safetensors", ".bin"}),
-        "captioners as Hugging Face folders (Florence-2, BLIP)",
+        "captioners as Hugging Face folders (Florence-2, BLIP, Qwen2.5-VL, JoyCaption / LLaVA)",
     ),
     ModelFolder(
         "blip",

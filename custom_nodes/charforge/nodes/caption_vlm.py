@@ -127,7 +127,7 @@ class CaptionDatasetVLM:
                         "tooltip": "Counts tokens for max_tokens: 'comfyui' for ComfyUI's own T5 vocabulary "
                         "(comfy/text_encoders/t5_tokenizer, the estimate where it is missing; CLIP's when "
                         "text_encoder is clip), a tokenizer folder (T5: tokenizer.json or spiece.model, e.g. a "
-                        "diffusers Flux model's tokenizer_2), or empty for an estimate that counts prose 10-25 % "
+                        "diffusers Flux model's tokenizer_2), or empty for an estimate that counts prose 10-26 % "
                         "high. The report says which counted.",
                     },
                 ),

@@ -33,7 +33,7 @@ With ``text_encoder="t5"`` the limit counts T5 tokens (Flux and SD3.5 read capti
 Flux model's ``tokenizer_2``) counts exactly; without one `approx_t5_token_count` estimates on the safe side
 for English prose: ceil(length / 4) per ordinary word, ceil(length / 2) + 1 per word with digits, inner
 capitals or non-ASCII letters (T5 splits those finely), one per punctuation mark. On prose captions it
-over-counts T5 by 10-25 %; made-up words (a trigger such as ``ohwx``) can be split into single letters and
+over-counts T5 by 10-26 %; made-up words (a trigger such as ``ohwx``) can be split into single letters and
 counted low, so give the tokenizer for an exact limit.
 """
 
