@@ -9,18 +9,32 @@ credentials (the endpoint's environment) and shows a small receipt PNG holding, 
 LoRA text with the run folder's place on S3. That image is what the worker returns; :func:`receipt` reads it
 back, and the batch runner then brings the run home from storage like any trained LoRA
 (:func:`charforge.driver.sync.training.bring_training_home`), checked by the sha256 of each object.
+
+The dataset goes the other way: a training node's ``dataset_folder`` that is a folder on this machine is sent
+to ``<results>/datasets/<name>-<fingerprint>`` (:func:`dataset_location`), and one that is already an ``s3://``
+location is used as it is; :func:`add_fetch_nodes` puts a *Fetch from Storage* node before the training node,
+which downloads it on the worker (sha256-checked) and hands it the folder. worker-comfyui's own ``images`` input
+cannot carry a dataset: it lands flat in ``input/`` (no ``<repeats>_<trigger class>/`` folders, no captions).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
 import uuid
 import zlib
+from pathlib import Path
 from typing import Any
 
-from charforge.common.transfer import RECEIPT_KEY, RECEIPT_PREFIX, STORE_NODE_CLASS
+from charforge.common.transfer import (
+    FETCH_NODE_CLASS,
+    RECEIPT_KEY,
+    RECEIPT_PREFIX,
+    STORE_NODE_CLASS,
+    sha256_file,
+)
 
 from ..errors import UsageError
 from ..sync.training import TRAIN_NODE_CLASSES
@@ -42,11 +56,7 @@ def add_store_nodes(prompt: dict[str, Any], results: str | None) -> dict[str, An
     """`prompt` with a Send Training to Storage node after each training node that has none (a new destination
     below `results` for each submission). Raises :class:`UsageError` naming the fixes when the job trains and no
     results location is set: its LoRA would be lost with the worker."""
-    trains = [
-        str(node_id)
-        for node_id, node in prompt.items()
-        if isinstance(node, dict) and node.get("class_type") in TRAIN_NODE_CLASSES
-    ]
+    trains = _train_nodes(prompt)
     if not trains:
         return prompt
     if results is None:
@@ -73,6 +83,63 @@ def add_store_nodes(prompt: dict[str, Any], results: str | None) -> dict[str, An
             "inputs": {"run": [node_id, 1], "destination": f"{results}/{uuid.uuid4().hex[:16]}"},
             "_meta": {"title": f"Send training {node_id} to storage"},
         }
+    return new
+
+
+def _train_nodes(prompt: dict[str, Any]) -> list[str]:
+    return [
+        str(node_id)
+        for node_id, node in prompt.items()
+        if isinstance(node, dict) and node.get("class_type") in TRAIN_NODE_CLASSES
+    ]
+
+
+def local_datasets(prompt: dict[str, Any]) -> dict[str, Path]:
+    """Training nodes whose ``dataset_folder`` is a folder on this machine: ``{node_id: folder}`` (it goes up to
+    storage and the worker fetches it)."""
+    found = {}
+    for node_id in _train_nodes(prompt):
+        value = (prompt[node_id].get("inputs") or {}).get("dataset_folder")
+        if isinstance(value, str) and value.strip() and not value.startswith("s3://"):
+            folder = Path(value).expanduser()
+            if folder.is_dir():
+                found[node_id] = folder
+    return found
+
+
+def dataset_location(results: str, folder: Path) -> str:
+    """Where a local dataset folder goes: ``<results>/datasets/<name>-<fingerprint>``, the fingerprint over its
+    files' names and sha256 (content-addressed: an unchanged folder is found there and not sent again; a
+    changed one gets a place of its own, so the worker never mixes two versions)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and not any(part.startswith(".") for part in rel.split("/")):
+            digest.update(f"{rel}:{sha256_file(path)}\n".encode())
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in folder.name)[:40] or "dataset"
+    return f"{results}/datasets/{name}-{digest.hexdigest()[:16]}"
+
+
+def add_fetch_nodes(prompt: dict[str, Any], sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """`prompt` with a Fetch from Storage node before each training node whose dataset is on storage (its
+    ``dataset_folder`` an ``s3://`` location, or the node's entry in `sources`), wired into ``dataset_folder``."""
+    new = dict(prompt)
+    for node_id in _train_nodes(prompt):
+        inputs = dict(prompt[node_id].get("inputs") or {})
+        value = inputs.get("dataset_folder")
+        source = (sources or {}).get(node_id) or (
+            value if isinstance(value, str) and value.startswith("s3://") else None
+        )
+        if source is None:
+            continue
+        fetch_id = f"charforge_fetch_{node_id}"
+        new[fetch_id] = {
+            "class_type": FETCH_NODE_CLASS,
+            "inputs": {"source": source, "folder_name": ""},
+            "_meta": {"title": f"Fetch the dataset of {node_id}"},
+        }
+        inputs["dataset_folder"] = [fetch_id, 0]
+        new[node_id] = {**prompt[node_id], "inputs": inputs}
     return new
 
 

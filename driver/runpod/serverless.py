@@ -59,7 +59,14 @@ from ..sync.training import TrainedLoRA, bring_training_home
 from ..workflow.load import coerce_workflow
 from ..workflow.overrides import apply_overrides, parse_input, parse_set, plan_inputs
 from .http import RunPodHTTP
-from .results import add_store_nodes, receipt, results_location
+from .results import (
+    add_fetch_nodes,
+    add_store_nodes,
+    dataset_location,
+    local_datasets,
+    receipt,
+    results_location,
+)
 
 if TYPE_CHECKING:
     from ..batch.targets import JobSpec
@@ -555,6 +562,10 @@ class ServerlessTarget:
             )
         prompt, _ = apply_overrides(wf.prompt, [parse_set(s) for s in spec.sets], None)
         prompt = add_store_nodes(prompt, self.results)  # a trained LoRA leaves the worker through storage
+        sources = {}
+        for node_id, folder in local_datasets(prompt).items():  # and a local dataset reaches it the same way
+            sources[node_id] = await asyncio.to_thread(self._dataset_up, folder)
+        prompt = add_fetch_nodes(prompt, sources)
         files = [parse_input(f"{k}={v}") for k, v in (spec.inputs or {}).items()]
         images: dict[str, bytes] = {}
         for item in plan_inputs(prompt, files, [], None):
@@ -567,6 +578,19 @@ class ServerlessTarget:
             self._warn(text)
         self._images.update(images)
         return prompt
+
+    def _dataset_up(self, folder: Path) -> str:
+        """A local dataset folder up to storage (content-addressed below the results location; blocking)."""
+        from ..storage import S3Location, S3Storage
+
+        assert self.results is not None  # add_store_nodes refused a training job without one
+        location = dataset_location(self.results, folder)
+        entries = S3Storage(endpoint_url=self.s3_endpoint).upload_tree(folder, S3Location.parse(location))
+        sent = sum(1 for e in entries if e.get("uploaded"))
+        log.info(
+            "%s: dataset %s -> %s (%d of %d files sent)", self.name, folder, location, sent, len(entries)
+        )
+        return location
 
     def _images_for(self, graph: dict[str, Any]) -> dict[str, bytes]:
         names = {

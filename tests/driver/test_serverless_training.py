@@ -10,12 +10,13 @@ import hashlib
 import io
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fakes.comfy_server import FakeComfyServer
 from fakes.moto_s3 import ACCESS_KEY, SECRET_KEY, moto_s3, use_s3
 from fakes.runpod_api import FakeRunPod, RunPodKnobs
-from fakes.train_lora import NAMES, add_store_node, add_train_node, lora_bytes, training_sweep
+from fakes.train_lora import NAMES, add_fetch_node, add_store_node, add_train_node, lora_bytes, training_sweep
 
 from charforge.driver import cli
 
@@ -42,6 +43,7 @@ def worker(
     with FakeComfyServer(root=comfy_env.base_dir) as comfy:
         add_train_node(comfy)
         add_store_node(comfy)
+        add_fetch_node(comfy)
         with FakeRunPod(knobs=RunPodKnobs(proxy_timeout=1.0, ws_idle_timeout=1.0)) as runpod:
             runpod.add_endpoint("ep1", comfy)
             for name, value in runpod.env().items():
@@ -195,3 +197,52 @@ def test_a_stored_file_that_does_not_match_its_checksum_is_refused(worker, tmp_p
     assert code == 0, err
     assert len(runpod.run_bodies) == runs  # not trained again
     assert (out / "name-solo" / "lora" / "solo.safetensors").read_bytes() == lora_bytes("solo")
+
+
+def test_a_local_dataset_goes_up_through_storage_and_reaches_the_worker(worker, tmp_path, monkeypatch):
+    """Training jobs whose dataset_folder is a kohya folder on this machine: it goes up once to
+    ``<results>/datasets/<name>-<fingerprint>`` (sha256 metadata), the worker fetches it into its input folder
+    with Fetch from Storage (subfolders and captions kept, byte-identical) and trains on that; a changed photo
+    gives the dataset a new place, so the worker never mixes two versions."""
+    runpod, comfy, bucket = worker
+    monkeypatch.setenv("CHARFORGE_SERVERLESS_RESULTS", f"s3://{bucket}/results")
+    dataset = tmp_path / "ds"
+    (dataset / "10_pip woman").mkdir(parents=True)
+    (dataset / "10_pip woman" / "a.png").write_bytes(b"\x89PNG" + bytes(range(200)))
+    (dataset / "10_pip woman" / "a.txt").write_text("pip woman, smiling")
+    spec = training_sweep(tmp_path, ["pip_a", "pip_b"])
+    graph = json.loads((tmp_path / "train.json").read_text())
+    graph["1"]["inputs"]["dataset_folder"] = str(dataset)
+    (tmp_path / "train.json").write_text(json.dumps(graph))
+    code, _, err = run_cli(
+        "batch", "run", str(spec), "--server", "runpod-serverless:ep1", "--out", str(tmp_path / "out")
+    )
+    assert code == 0, err
+
+    stored = [k for k in _objects(bucket, "results/datasets/")]
+    assert len(stored) == 2 and all(k.startswith("results/datasets/ds-") for k in stored)
+    for body in runpod.run_bodies:  # the job sent no local path, only where the worker fetches it from
+        graph = body["input"]["workflow"]
+        [fetch] = [n for n in graph.values() if n["class_type"] == "CharForgeFetchFromStorage"]
+        assert fetch["inputs"]["source"].startswith(f"s3://{bucket}/results/datasets/ds-")
+        assert graph["1"]["inputs"]["dataset_folder"] == ["charforge_fetch_1", 0]
+    for name in ("pip_a", "pip_b"):
+        worker_folder = Path(comfy.trained_on[name])
+        assert worker_folder.parent == comfy.root / "input" / "charforge"
+        assert (worker_folder / "10_pip woman" / "a.png").read_bytes() == (
+            dataset / "10_pip woman" / "a.png"
+        ).read_bytes()
+        assert (worker_folder / "10_pip woman" / "a.txt").read_text() == "pip woman, smiling"
+        assert (tmp_path / "out" / f"name-{name}" / "lora" / f"{name}.safetensors").is_file()
+
+    (dataset / "10_pip woman" / "a.png").write_bytes(b"\x89PNG changed")
+    spec = training_sweep(tmp_path, ["pip_c"])
+    graph = json.loads((tmp_path / "train.json").read_text())
+    graph["1"]["inputs"]["dataset_folder"] = str(dataset)
+    (tmp_path / "train.json").write_text(json.dumps(graph))
+    code, _, err = run_cli(
+        "batch", "run", str(spec), "--server", "runpod-serverless:ep1", "--out", str(tmp_path / "out2")
+    )
+    assert code == 0, err
+    assert len(_objects(bucket, "results/datasets/")) == 4
+    assert (Path(comfy.trained_on["pip_c"]) / "10_pip woman" / "a.png").read_bytes() == b"\x89PNG changed"

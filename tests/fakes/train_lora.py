@@ -28,9 +28,12 @@ def lora_bytes(name: str) -> bytes:
 
 def add_train_node(server: FakeComfyServer, seconds: float = 0.0) -> None:
     """Train LoRA as the fake server runs it: the run folder under output/charforge/train_runs/<name>, the LoRA
-    in models/loras and in the run folder, the loss curve shown, and the node's text."""
+    in models/loras and in the run folder, the loss curve shown, and the node's text. The dataset folder each
+    run was given is kept in ``server.trained_on`` (by output name)."""
+    server.trained_on = {}  # type: ignore[attr-defined]
 
-    async def train(ctx, output_name, steps, **_hidden):
+    async def train(ctx, output_name, steps, dataset_folder="", **_hidden):
+        server.trained_on[output_name] = dataset_folder  # type: ignore[attr-defined]
         if seconds:
             await asyncio.sleep(seconds)
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", output_name)
@@ -69,6 +72,7 @@ def add_train_node(server: FakeComfyServer, seconds: float = 0.0) -> None:
             "output_name": ("STRING", {"default": "my_character"}),
             "steps": ("INT", {"default": 10, "min": 0, "max": 100000}),
         },
+        optional={"dataset_folder": ("STRING", {"default": ""})},
         outputs=("STRING", "CHARFORGE_TRAINING_RUN", "IMAGE", "IMAGE"),
         output_node=True,
         category="CharForge/Train",
@@ -96,6 +100,24 @@ def add_store_node(server: FakeComfyServer) -> None:
         output_node=True,
         category="CharForge/Transfer",
         run=send,
+    )
+
+
+def add_fetch_node(server: FakeComfyServer) -> None:
+    """CharForge's Fetch from Storage on the fake server: the real node's code, in a thread."""
+    from charforge.common.transfer import FETCH_NODE_CLASS
+    from charforge.nodes.storage import FetchFromStorage
+
+    async def fetch(ctx, source, folder_name="", **_hidden):
+        answer = await asyncio.to_thread(FetchFromStorage().fetch, source=source, folder_name=folder_name)
+        return answer["result"], answer["ui"]
+
+    server.nodes[FETCH_NODE_CLASS] = NodeDef(
+        FETCH_NODE_CLASS,
+        {"source": ("STRING", {"default": ""}), "folder_name": ("STRING", {"default": ""})},
+        outputs=("STRING",),
+        category="CharForge/Transfer",
+        run=fetch,
     )
 
 

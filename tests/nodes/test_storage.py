@@ -86,3 +86,39 @@ def test_bad_destinations_and_missing_runs_are_refused(comfy_env, s3_endpoint, t
     (Path(run.run_dir) / "pip.safetensors").unlink()
     with pytest.raises(RuntimeError, match="is not there; nothing was sent"):
         SendTrainingToStorage().send(run, f"s3://{bucket}/x")
+
+
+def test_fetch_keeps_the_layout_checks_every_file_and_refuses_a_mismatch(
+    comfy_env, s3_endpoint, tmp_path, monkeypatch
+):
+    import boto3
+
+    from charforge.nodes.storage import FetchFromStorage
+
+    bucket = use_s3(monkeypatch, s3_endpoint, str(tmp_path))
+    client = boto3.client("s3")
+
+    def put(key, body, sha=None):
+        meta = {"sha256": sha or hashlib.sha256(body).hexdigest()}
+        client.put_object(Bucket=bucket, Key=key, Body=body, Metadata=meta)
+
+    put("ds/10_pip woman/a.png", b"\x89PNG a")
+    put("ds/10_pip woman/a.txt", b"pip woman")
+    answer = FetchFromStorage().fetch(f"s3://{bucket}/ds", "pip")
+    [folder] = answer["result"]
+    assert Path(folder) == Path(comfy_env.base_dir) / "input" / "charforge" / "pip"
+    assert (Path(folder) / "10_pip woman" / "a.txt").read_bytes() == b"pip woman"
+    again = FetchFromStorage().fetch(f"s3://{bucket}/ds", "pip")
+    assert "(0 fetched, 2 already here)" in again["ui"]["text"][0]
+
+    put("bad/x.png", b"other bytes", sha="0" * 64)
+    with pytest.raises(RuntimeError, match="do not match the sha256"):
+        FetchFromStorage().fetch(f"s3://{bucket}/bad", "bad")
+    assert not list((Path(comfy_env.base_dir) / "input" / "charforge" / "bad").rglob("*.png*"))
+    put("hidden/.uploads/x.png", b"x")
+    with pytest.raises(RuntimeError, match="refused"):
+        FetchFromStorage().fetch(f"s3://{bucket}/hidden", "hidden")
+    with pytest.raises(ValueError, match="folder_name"):
+        FetchFromStorage().fetch(f"s3://{bucket}/ds", "../escape")
+    with pytest.raises(RuntimeError, match="holds no files"):
+        FetchFromStorage().fetch(f"s3://{bucket}/nothing-here", "")

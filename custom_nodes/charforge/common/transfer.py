@@ -99,6 +99,8 @@ def local_files(folder: str | os.PathLike, types: frozenset[str] = UPLOAD_TYPES)
 #: the node that sends a training run to S3-compatible storage from the server (nodes/storage.py), and the
 #: name of the receipt text in the PNG it shows (what a RunPod serverless worker returns of it)
 STORE_NODE_CLASS = "CharForgeSendTrainingToStorage"
+#: the node that fetches a folder (a dataset) from S3-compatible storage into the server's input folder
+FETCH_NODE_CLASS = "CharForgeFetchFromStorage"
 RECEIPT_KEY = "charforge_results"
 RECEIPT_PREFIX = RECEIPT_KEY + "_"
 

@@ -1,5 +1,5 @@
-"""Sending results to S3-compatible storage from the server (menu: CharForge/Transfer): how a trained LoRA leaves
-a RunPod serverless worker, whose disk goes away and whose handler returns images only."""
+"""Files between the server and S3-compatible storage (menu: CharForge/Transfer): how a trained LoRA leaves a RunPod
+serverless worker, whose disk goes away and whose handler returns images only, and how a dataset reaches it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from .. import bridge
-from ..common.transfer import RECEIPT_PREFIX, STORE_NODE_CLASS
+from ..common.transfer import FETCH_NODE_CLASS, RECEIPT_PREFIX, STORE_NODE_CLASS
 from ..deps import require
 
 CATEGORY = "CharForge/Transfer"
@@ -84,5 +84,62 @@ class SendTrainingToStorage:
         return {"ui": {"text": [text], "images": [shown]}, "result": (receipt["destination"],)}
 
 
-NODE_CLASS_MAPPINGS = {STORE_NODE_CLASS: SendTrainingToStorage}
-NODE_DISPLAY_NAME_MAPPINGS = {STORE_NODE_CLASS: "Send Training to Storage (CharForge)"}
+class FetchFromStorage:
+    """Fetch a folder (a dataset) from S3-compatible storage into ComfyUI's input folder."""
+
+    DESCRIPTION = (
+        "Downloads every file below s3://bucket/prefix into input/charforge/<folder name>/ (subfolders kept, e.g. "
+        "a kohya dataset's <repeats>_<trigger class>/), each checked against the sha256 stored with it; files "
+        "already there with the same bytes are kept. Outputs the folder's path for Train LoRA's dataset_folder. "
+        "Credentials and endpoint come from this server's environment, as for Send Training to Storage."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("folder",)
+    OUTPUT_TOOLTIPS = ("The local folder with the fetched files (wire it into Train LoRA's dataset_folder).",)
+    FUNCTION = "fetch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "source": (
+                    "STRING",
+                    {"default": "s3://bucket/datasets/alice", "tooltip": "s3://bucket/prefix to download."},
+                ),
+                "folder_name": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "The folder under input/charforge/ (letters, digits, . _ -); empty: named "
+                        "after the source.",
+                    },
+                ),
+            }
+        }
+
+    def fetch(self, source, folder_name=""):
+        from ..common.transfer import dataset_name_ok
+        from ..engine.transfer.storage import Destination, StorageFailed, fetch_tree, s3_client
+
+        name = folder_name.strip() or "s3_" + hashlib.sha256(source.strip().encode()).hexdigest()[:16]
+        if not dataset_name_ok(name):
+            raise ValueError(
+                f"Fetch from Storage: folder_name {name!r} must be letters, digits, '.', '_', '-'"
+            )
+        folder = Path(bridge.input_directory()) / "charforge" / name
+        try:
+            where = Destination.parse(source)
+            got = fetch_tree(s3_client(), where, folder, bridge.control(0, label=f"fetch {name}"))
+        except StorageFailed as exc:
+            raise RuntimeError(f"Fetch from Storage: {exc}") from None
+        fetched = sum(1 for f in got if f["fetched"])
+        text = f"{len(got)} files from {source} in {folder} ({fetched} fetched, {len(got) - fetched} already here)"
+        return {"ui": {"text": [text]}, "result": (str(folder),)}
+
+
+NODE_CLASS_MAPPINGS = {STORE_NODE_CLASS: SendTrainingToStorage, FETCH_NODE_CLASS: FetchFromStorage}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    STORE_NODE_CLASS: "Send Training to Storage (CharForge)",
+    FETCH_NODE_CLASS: "Fetch from Storage (CharForge)",
+}

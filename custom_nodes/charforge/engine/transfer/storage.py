@@ -1,5 +1,7 @@
-"""Results sent from the server itself to S3-compatible storage: what a RunPod serverless worker trained must
-leave the worker before it goes away (its disk does, and worker-comfyui returns images only).
+"""Files between the server itself and S3-compatible storage: what a RunPod serverless worker trained must
+leave the worker before it goes away (its disk does, and worker-comfyui returns images only), and a dataset
+the driver put on storage comes down to the worker (its ``images`` input lands flat in ``input/``, which a
+kohya dataset with ``<repeats>_<trigger class>/`` folders cannot use).
 
 The server's own credentials are used (never the driver's): boto3's usual chain (``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY``, a profile, a role), else the keys worker-comfyui's own S3 upload reads
@@ -208,3 +210,61 @@ __all__ = [
     "send_tree",
     "store_training",
 ]
+
+
+def fetch_tree(client: Any, source: Destination, folder: Path, control: Control | None = None) -> list[dict]:
+    """Every object below `source` into `folder` (keys become relative paths), each checked against the sha256
+    in its metadata: a mismatch removes the file and stops. A file already there with that sha256 is kept; a
+    key that would leave `folder` or name a hidden file is refused. Returns ``{"key", "size", "sha256",
+    "fetched"}`` per file."""
+    base = source.key("") if source.prefix else ""
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=source.bucket, Prefix=base)
+        items = [item for page in pages for item in page.get("Contents", [])]
+    except Exception as exc:  # noqa: BLE001 - boto3/botocore errors, reported without credentials
+        raise _error(f"listing {source.url()}", exc) from None
+    if not items:
+        raise StorageFailed(f"{source.url()} holds no files")
+    folder = Path(folder)
+    done = []
+    for number, item in enumerate(items, 1):
+        if control is not None:
+            control.check()
+        relative = item["Key"][len(base) :]
+        parts = relative.split("/")
+        if not relative or relative.endswith("/"):
+            continue
+        if any(p in ("", ".", "..") or p.startswith(".") or "\\" in p for p in parts):
+            raise StorageFailed(f"{source.url(relative)}: refused (a name outside the folder or hidden)")
+        target = folder.joinpath(*parts)
+        try:
+            head = client.head_object(Bucket=source.bucket, Key=item["Key"])
+        except Exception as exc:  # noqa: BLE001
+            raise _error(f"reading {source.url(relative)}", exc) from None
+        expected = (head.get("Metadata") or {}).get("sha256", "")
+        entry = {
+            "key": relative,
+            "size": int(head.get("ContentLength", 0)),
+            "sha256": expected,
+            "fetched": False,
+        }
+        if not (target.is_file() and expected and sha256_file(target) == expected):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".part")
+            try:
+                client.download_file(source.bucket, item["Key"], str(partial))
+            except Exception as exc:  # noqa: BLE001
+                partial.unlink(missing_ok=True)
+                raise _error(f"fetching {source.url(relative)}", exc) from None
+            digest = sha256_file(partial)
+            if expected and digest != expected:
+                partial.unlink(missing_ok=True)
+                raise StorageFailed(
+                    f"{source.url(relative)}: the bytes do not match the sha256 it was stored with; removed"
+                )
+            os.replace(partial, target)
+            entry.update(sha256=digest, fetched=True)
+        done.append(entry)
+        if control is not None:
+            control.progress(number, len(items), relative)
+    return done
