@@ -27,8 +27,8 @@ def resolve_counting_tokenizer(value: str, text_encoder: str) -> str | None:
             raise FileNotFoundError(f"tokenizer folder {folder!r} does not exist")
         return folder
     root = bridge.comfyui_root()
-    folder = root / T5_TOKENIZER if root is not None else None
-    return str(folder) if folder is not None and (folder / "tokenizer.json").is_file() else None
+    t5 = root / T5_TOKENIZER if root is not None else None
+    return str(t5) if t5 is not None and (t5 / "tokenizer.json").is_file() else None
 
 
 def _counting_note(rules) -> str:
