@@ -139,7 +139,7 @@ def test_load_character_outputs(env):
     chars.save_character(preset)
     assert nodes.LoadCharacter.INPUT_TYPES()["required"]["character"][0] == ["alice"]
     run = run_node(nodes.LoadCharacter, character="alice", extra_prompt="at the beach", lora_weight_scale=0.5)
-    prompt, negative, stack, ident, threshold, steps, cfg, width, height, report = run.result
+    prompt, negative, stack, ident, threshold, steps, cfg, width, height, report, guidance, shift = run.result
     assert prompt == "alice_cf, photo of a woman, at the beach" and negative == "blurry"
     assert stack == [("alice.safetensors", 0.4, 0.3)]
     assert ident.name == "alice" and ident.model == "buffalo_l"

@@ -5,7 +5,8 @@
   trigger words from the LoRAs' metadata injected into the prompt
 - Load LoRA (by name): one LoRA whose file name is a linked STRING (Train LoRA's lora_name), so one graph can
   train a LoRA and generate with it
-- LoRA Info: what a LoRA file is (format, base model, rank, alpha, trigger words, training settings)
+- LoRA Info: what a LoRA file is (format, base model, rank, alpha, trigger words, training settings); SD1.5,
+  SDXL, Flux.1 and SD3/SD3.5 LoRAs alike
 - Merge LoRAs, Resize LoRA, Convert LoRA: write new files into the loras folder, never over an existing one
 
 The logic lives in ``charforge.engine.library``.
@@ -88,7 +89,8 @@ class LoadCharacter:
         "Loads a character preset (models/charforge/characters/<name>.yaml): the prompt with the "
         "character's trigger words, the negative prompt, its LoRAs with their weights (wire into Apply "
         "LoRA Stack), its reference identity (wire into Score Identity) and its generation settings "
-        "(wire into KSampler / Empty Latent Image). Create presets with `charforge character new` or "
+        "(wire into KSampler / Empty Latent Image; Flux's guidance into FluxGuidance, SD3.5's shift into "
+        "ModelSamplingSD3). Create presets with `charforge character new` or "
         "the Train LoRA node's save_character input."
     )
     CATEGORY = CATEGORY
@@ -103,6 +105,8 @@ class LoadCharacter:
         "INT",
         "INT",
         "STRING",
+        "FLOAT",
+        "FLOAT",
     )
     RETURN_NAMES = (
         "prompt",
@@ -115,6 +119,8 @@ class LoadCharacter:
         "width",
         "height",
         "report",
+        "guidance",
+        "shift",
     )
     OUTPUT_TOOLTIPS = (
         "Trigger words + the character's base prompt + extra_prompt.",
@@ -127,6 +133,8 @@ class LoadCharacter:
         "Image width.",
         "Image height.",
         "Summary of the preset, with sampler and scheduler names.",
+        "Flux's distilled guidance (FluxGuidance; Flux samples at cfg 1.0).",
+        "SD3/SD3.5's sampling shift (ModelSamplingSD3).",
     )
     FUNCTION = "load"
 
@@ -198,6 +206,12 @@ class LoadCharacter:
             f"{gen.width}x{gen.height}" + (f", seed {gen.seed}" if gen.seed is not None else ""),
             f"threshold: {preset.threshold:g}",
         ] + notes
+        if preset.base_model:
+            lines.insert(1, f"base model: {preset.base_model}")
+        if preset.base_model.startswith("flux"):
+            lines.insert(-len(notes) or len(lines), f"guidance: {gen.guidance:g} (FluxGuidance)")
+        elif preset.base_model.startswith("sd3"):
+            lines.insert(-len(notes) or len(lines), f"shift: {gen.shift:g} (ModelSamplingSD3)")
         report = "\n".join(lines)
         return {
             "ui": _text_ui(report),
@@ -212,6 +226,8 @@ class LoadCharacter:
                 int(gen.width),
                 int(gen.height),
                 report,
+                float(gen.guidance),
+                float(gen.shift),
             ),
         }
 
@@ -228,9 +244,9 @@ class ApplyLoraStack:
 
     DESCRIPTION = (
         "Patches every LoRA of the stack (e.g. from Load Character) and of the slots below into the "
-        "model and text encoder, in order, exactly as ComfyUI's Load LoRA does. Adds the LoRAs' trigger "
-        "words (from their metadata) to the prompt when they are missing, and reports any key ComfyUI "
-        "could not load."
+        "model and text encoder, in order, exactly as ComfyUI's Load LoRA does (SD1.5, SDXL, Flux.1 and "
+        "SD3/SD3.5 LoRAs: wire Load Diffusion Model's MODEL and the text encoders' CLIP). Adds the "
+        "LoRAs' trigger words (from their metadata) to the prompt when they are missing, and reports each LoRA's base model and any key ComfyUI could not load."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "CLIP", "STRING", "STRING")
@@ -311,16 +327,23 @@ class ApplyLoraStack:
                 progress.advance()
                 continue
             path = _lora_path(name)
+            try:
+                found = inspect_lora(path)
+            except (ValueError, OSError) as exc:
+                found, problem = None, exc
             model, clip, not_loaded = bridge.apply_lora(model, clip, path, strength_model, strength_clip)
-            line = f"{name}: model {strength_model:g}, clip {strength_clip:g}"
+            line = f"{name}: model {strength_model:g}" + (
+                f", clip {strength_clip:g}" if clip is not None else ""
+            )
+            line += f" ({found.base_model} LoRA)" if found else ""
             if not_loaded:
                 line += f"; {len(not_loaded)} key(s) NOT loaded, e.g. {not_loaded[0]}"
             lines.append(line)
             if inject_trigger_words:
-                try:
-                    words += [w for w in inspect_lora(path).trigger_words if w not in words]
-                except (ValueError, OSError) as exc:
-                    lines.append(f"{name}: no trigger words ({exc})")
+                if found is None:
+                    lines.append(f"{name}: no trigger words ({problem})")
+                else:
+                    words += [w for w in found.trigger_words if w not in words]
             progress.advance()
         text = prompt or ""
         if inject_trigger_words and words:
@@ -449,14 +472,19 @@ class LoraInfo:
 
     DESCRIPTION = (
         "Reads a LoRA's metadata and keys: its format (kohya, diffusers/peft, ComfyUI), the base model "
-        "it was trained for and which full-size models it fits, rank(s), alpha, trigger words, training "
-        "settings and the most frequent caption tags."
+        "it was trained for (SD1.5, SDXL, Flux.1, SD3/SD3.5) and which full-size models it fits (e.g. "
+        "Flux.1-dev vs schnell, SD3.5 Medium vs Large), rank(s), alpha, trigger words, training settings "
+        "and the most frequent caption tags."
     )
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING", "STRING", "STRING")
     RETURN_NAMES = ("info", "trigger_words", "base_model")
-    OUTPUT_TOOLTIPS = ("The readable summary.", "Trigger words, comma separated.", "sd15, sdxl or unknown.")
+    OUTPUT_TOOLTIPS = (
+        "The readable summary.",
+        "Trigger words, comma separated.",
+        "sd15, sdxl, flux, sd3 or unknown.",
+    )
     FUNCTION = "info"
 
     @classmethod
@@ -625,8 +653,11 @@ class ConvertLora:
 
     DESCRIPTION = (
         "Writes a copy of the LoRA with its keys in the kohya (lora_unet_...), diffusers/peft "
-        "(unet....lora_A) or ComfyUI (diffusion_model....) layout. Tensors and metadata are unchanged, so "
-        "converting back gives the same file contents."
+        "(unet.... / transformer....lora_A) or ComfyUI (diffusion_model....) layout. Tensors and metadata "
+        "are unchanged, so converting back gives the same file contents. Flux and SD3.5 LoRAs: kohya and "
+        "ComfyUI fuse q, k, v (qkv, linear1) where diffusers/peft splits them (to_q, to_k, to_v, "
+        "proj_mlp); the conversion fuses or splits without changing the LoRA's effect, and peft files "
+        "carry alpha folded into the weights."
     )
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
