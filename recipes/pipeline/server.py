@@ -30,15 +30,15 @@ from .options import REPO_ROOT, PipelineError, PipelineOptions, Say, Server
 
 
 def _charforge_ready(url: str) -> tuple[bool, bool]:
-    """(has CharForge's nodes, has a base checkpoint and a CLIP model for scores) for the server at `url`."""
+    """(has CharForge's nodes, has a base model (a checkpoint, or a diffusion model such as Flux) and a CLIP
+    model for scores) for the server at `url`."""
     try:
         with ComfyClient(resolve_server(url)) as client:
             info = client.object_info()
     except DriverError:
         return False, False
-    models = bool(_choices(info, "CheckpointLoaderSimple", "ckpt_name")) and bool(
-        _choices(info, "CharForgeLoadClip", "model")
-    )
+    base = _choices(info, "CheckpointLoaderSimple", "ckpt_name") or _choices(info, "UNETLoader", "unet_name")
+    models = bool(base) and bool(_choices(info, "CharForgeLoadClip", "model"))
     return "CharForgeTrainLoRA" in info, models
 
 
@@ -173,8 +173,10 @@ def _bring_up_pod(settings: RunPodSettings, opts: PipelineOptions, say: Say) -> 
     """A RunPod pod for the run: created or started per the profile and waited for; the run is remote."""
     if settings.kind != "pod":
         raise ConfigError(
-            f"{opts.server} is a serverless endpoint: it returns images only and has no file routes; "
-            "run the pipeline on a pod (runpod-pod:ID, or a profile with runpod: {pod: ...})"
+            f"{opts.server} is a serverless endpoint: each stage would run on a fresh worker that returns "
+            "images only and keeps no files for the next stage, so the pipeline cannot run there whole. Run it "
+            "on a pod (runpod-pod:ID, or a profile with runpod: {pod: ...}), or run it on your server and train "
+            f"on the endpoint: --train-on {opts.server} (docs/runpod.md)"
         )
     session = PodSession(settings, on_message=say)
 
