@@ -42,7 +42,7 @@ from .config import TrainConfig
 from .data import TrainingData, cache_key, load_items, tag_frequency
 from .export import export_lora, lora_metadata
 from .loop import StepReport, Trainer, pick_device
-from .models import BaseModel, fingerprint, load_base_model
+from .models import BaseModel, detect_arch, fingerprint, is_flow_arch, load_base_model
 from .run import MetricsRow, RunFolder, existing_runs, mark_active, safe_run_name
 from .samples import plan_samples, render_samples, sample_prompts
 
@@ -67,6 +67,10 @@ class TrainRequest:
     memory_profile: str = "auto"  # "auto": pick memory options by preflight; "check": refuse only; "off"
     config_dir: str | None = None  # configs for a non-standard single file (tests)
     tokenizer_dirs: tuple[str, ...] = ()  # where the CLIP vocabulary may be (single files)
+    t5_tokenizer_dirs: tuple[str, ...] = ()  # where T5's tokenizer.json may be (Flux.1 / SD3 single files)
+    # Flux.1 / SD3 parts a diffusion-model file lacks, by name: clip_l, clip_g (SD3), t5, vae (file paths).
+    parts: dict[str, str] | None = None
+    lora_layout: str = "kohya"  # Flux.1 / SD3: "kohya" (fused, what ComfyUI loads) or "peft" (diffusers)
     origin: dict[str, Any] | None = (
         None  # where it was queued from (a ComfyUI prompt and its id): origin.json
     )
@@ -227,6 +231,9 @@ def _train(request: TrainRequest, report: _Reporter) -> TrainResult:
 
     if device.type == "cpu" and config.mixed_precision != "no":
         config = replace(config, mixed_precision="no")  # autocast on CPU is slower than fp32 for these models
+    arch = detect_arch(request.base_model)
+    if is_flow_arch(arch):
+        return _train_flow(request, report, config, arch, device, load_dtype, started)
 
     # The preflight trace needs only the U-Net config: run it while the weights load.
     unet_config, profiling = None, None
@@ -248,8 +255,7 @@ def _train(request: TrainRequest, report: _Reporter) -> TrainResult:
         if profiling is not None:
             profiling.shutdown(wait=False)
     items = load_items(request.dataset)
-    cache_dir = Path(request.runs_dir) / "_cache"
-    data = TrainingData.prepare(items, config.data, cache_dir=cache_dir)
+    data = TrainingData.prepare(items, config.data, cache_dir=Path(request.runs_dir) / "_cache")
 
     identity = {
         "base_model": fingerprint(model.unet),
@@ -285,6 +291,70 @@ def _train(request: TrainRequest, report: _Reporter) -> TrainResult:
             estimate = auto_profile(model, config, info, num_images=len(items), unet_config=unet_config)
         config = estimate.config
         log.info("CharForge training preflight: %s", estimate.summary())
+    return _start_session(
+        request, report, config, requested, model, data, device, folder, identity, estimate, started
+    )
+
+
+def _train_flow(
+    request: TrainRequest,
+    report: _Reporter,
+    config: TrainConfig,
+    arch: str,
+    device: torch.device,
+    load_dtype: torch.dtype,
+    started: float,
+) -> TrainResult:
+    """The same job for a flow-matching base (Flux.1, SD3.x): its loader, preflight and trainer."""
+    from .flow.load import load_flow_model
+    from .flow.preflight import flow_profile
+
+    report({"phase": "loading", "message": f"loading {os.path.basename(request.base_model)}"})
+    if device.type == "cuda" and load_dtype == torch.float32:
+        load_dtype = torch.bfloat16  # full-precision Flux / SD3 weights do not fit a consumer card
+    model = load_flow_model(
+        request.base_model,
+        parts=request.parts,
+        dtype=load_dtype,
+        config_dir=request.config_dir,
+        tokenizer_candidates=request.tokenizer_dirs,
+        t5_tokenizer_candidates=request.t5_tokenizer_dirs,
+        arch=arch,
+    )
+    items = load_items(request.dataset)
+    data = TrainingData.prepare(items, config.data, cache_dir=Path(request.runs_dir) / "_cache")
+    identity = {
+        "base_model": fingerprint(model.transformer),
+        "text": ":".join(model.fingerprints.get(n, "") for n in sorted(model.text_encoders)),
+        "vae": model.fingerprints["vae"],
+        "dataset": _dataset_hash(data),
+        "arch": model.arch,
+    }
+    requested = config
+    folder = _find_resumable(request, requested, identity)
+    if folder is not None:
+        config = _resumed_config(folder.read_config(), requested)
+    estimate = None
+    if request.memory_profile != "off":
+        estimate = flow_profile(
+            model,
+            config,
+            device,
+            num_images=len(items),
+            only_checkpointing=folder is not None,
+            check_only=request.memory_profile == "check",
+        )
+        config = estimate.config
+        log.info("CharForge training preflight: %s", estimate.summary())
+    return _start_session(
+        request, report, config, requested, model, data, device, folder, identity, estimate, started
+    )
+
+
+def _start_session(
+    request, report, config, requested, model, data, device, folder, identity, estimate, started
+) -> TrainResult:
+    resuming = folder is not None
     if folder is None:
         folder = RunFolder.create(request.runs_dir, safe_run_name(request.name))
     mark_active(folder, True)
@@ -316,7 +386,7 @@ class TrainingSession:
     request: TrainRequest
     config: TrainConfig  # what runs (the saved config when resuming, with the preflight's memory options)
     requested: TrainConfig  # what was asked for (its hash decides what a later request may resume)
-    model: BaseModel
+    model: Any  # BaseModel, or a flow.family.FlowModel
     data: TrainingData
     device: torch.device
     folder: RunFolder
@@ -365,7 +435,7 @@ class TrainingSession:
         def on_cache(what: str, done: int, total: int) -> None:
             self.report({"phase": "caching", "what": what, "done": done, "total": total})
 
-        self.trainer = trainer = Trainer(model, data, config, self.device)
+        self.trainer = trainer = self._trainer()
         try:
             trainer.setup(on_cache=on_cache)
             if self.resuming:
@@ -377,15 +447,16 @@ class TrainingSession:
                 log.info("CharForge: resuming %s at step %d", folder.name, self.resumed_from)
             folder.truncate_metrics(self.resumed_from)
             captions = [item.caption for item in data.items]
-            self.plan = plan_samples(
-                model,
-                config.samples,
-                sample_prompts(config.samples, config.trigger_word, captions),
-                config.samples.size or config.data.resolution,
-                self.device,
-                config.clip_skip,
-                config.max_token_length,
-            )
+            if not self.flow:
+                self.plan = plan_samples(
+                    model,
+                    config.samples,
+                    sample_prompts(config.samples, config.trigger_word, captions),
+                    config.samples.size or config.data.resolution,
+                    self.device,
+                    config.clip_skip,
+                    config.max_token_length,
+                )
             trainer.train(on_step=self._on_step, after_step=self._after_step, control=self.report.control)
             return self._finish()
         except BaseException as exc:
@@ -459,19 +530,46 @@ class TrainingSession:
         if config.samples.every and step % config.samples.every == 0 and step < config.steps:
             self._save_samples(step)
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-            export_lora(
-                self.folder.checkpoint_path(step),
-                self.trainer.lora_network(),
-                self.model.arch,
-                self.model.unet_config,
-                self._lora_metadata(step),
-                _save_dtype(config),
-            )
+            self._export(self.folder.checkpoint_path(step), step)
         state_every = config.state_every or config.checkpoint_every
         if state_every and step % state_every == 0 and step < config.steps:
             self._save_state()
 
+    @property
+    def flow(self) -> bool:
+        return is_flow_arch(self.model.arch)
+
+    def _trainer(self) -> Trainer:
+        if self.flow:
+            from .flow.trainer import FlowTrainer
+
+            return FlowTrainer(self.model, self.data, self.config, self.device)
+        return Trainer(self.model, self.data, self.config, self.device)
+
+    def _export(self, path: Path, step: int) -> Path:
+        if self.flow:
+            from .flow.export import export_flow_lora
+
+            return export_flow_lora(
+                path,
+                self.trainer.lora_network(),
+                self.model.family,
+                self._lora_metadata(step),
+                _save_dtype(self.config),
+                self.request.lora_layout,
+            )
+        return export_lora(
+            path,
+            self.trainer.lora_network(),
+            self.model.arch,
+            self.model.unet_config,
+            self._lora_metadata(step),
+            _save_dtype(self.config),
+        )
+
     def _save_samples(self, step: int) -> list[str]:
+        if self.plan is None:  # flow-matching bases: no sample images yet
+            return []
         self.report({"phase": "sampling", "step": step})
         paths = []
         for index, image in enumerate(
@@ -491,17 +589,10 @@ class TrainingSession:
 
     def _finish(self) -> TrainResult:
         """Done: final samples, the LoRA (run folder + loras), the state (so "train more" can continue)."""
-        folder, trainer, config, request = self.folder, self.trainer, self.config, self.request
+        folder, trainer, request = self.folder, self.trainer, self.request
         self.report({"phase": "saving", "step": trainer.step})
         samples = [str(p) for p in folder.samples_at(trainer.step)] or self._save_samples(trainer.step)
-        lora_path = export_lora(
-            folder.lora_path,
-            trainer.lora_network(),
-            self.model.arch,
-            self.model.unet_config,
-            self._lora_metadata(trainer.step),
-            _save_dtype(config),
-        )
+        lora_path = self._export(folder.lora_path, trainer.step)
         exported = None
         if request.lora_dir:
             exported = Path(request.lora_dir) / lora_path.name
@@ -614,7 +705,11 @@ def _lora_metadata(
         resolution=(config.data.resolution, config.data.resolution),
         training=training,
         tag_frequency=tag_frequency(data.items),
-        prediction_type="v" if model.prediction_type == "v_prediction" else "epsilon",
+        prediction_type="flow"
+        if is_flow_arch(model.arch)
+        else "v"
+        if model.prediction_type == "v_prediction"
+        else "epsilon",
     )
 
 
