@@ -1,5 +1,6 @@
-"""The pipeline's training stage on Replicate: ``charforge pipeline PHOTOS --train-on replicate:OWNER/MODEL
---destination OWNER/NAME``.
+"""The pipeline's training stage elsewhere than its server: on Replicate (``charforge pipeline PHOTOS --train-on
+replicate:OWNER/MODEL --destination OWNER/NAME``) or on a RunPod serverless endpoint (``--train-on
+runpod-serverless:ENDPOINT_ID``, :func:`stage_lora_serverless`).
 
 The dataset and caption stages run on the ComfyUI server as always; this stage flattens the captioned dataset
 (images + same-named ``.txt`` captions), trains on the hosted trainer through :func:`recipes.train.train_remote`
@@ -83,6 +84,53 @@ def _reusable(record_path: Path, fingerprint: str, model: str, base_model: str) 
     return record
 
 
+def _check_lora_target(runner: Any, where: str) -> Path | None:
+    """The base folder of a ComfyUI the pipeline started (the LoRA is copied there), else None once the server
+    is known to take a LoRA through its transfer routes; refuses before anything is trained otherwise."""
+    server = getattr(runner, "server", None)
+    base_dir = getattr(server, "base_dir", None)
+    client = runner.client
+    if base_dir is None:  # a server the pipeline did not start: the LoRA goes up through the transfer routes
+        try:
+            info = call(client, server_info)
+        except DriverError as exc:
+            raise DriverError(
+                f"the server {client.url} cannot receive the LoRA trained on {where} ({exc}); install or "
+                "update CharForge on it, or train there (leave out --train-on). Nothing was trained."
+            ) from None
+        if not info.get("lora_uploads"):
+            raise DriverError(
+                f"the CharForge on {client.url} is too old to receive a LoRA (no LoRA upload route); update "
+                "CharForge on it and restart it, or leave out --train-on. Nothing was trained."
+            )
+    return base_dir
+
+
+def _place_lora(runner: Any, lora: Path, sha256: str, say: Any) -> str:
+    """The LoRA where the generation stages look for it: copied into the loras folder of a ComfyUI the pipeline
+    started, else uploaded through the transfer routes (nothing sent when the server has it)."""
+    base_dir = getattr(getattr(runner, "server", None), "base_dir", None)
+    if base_dir is not None:
+        loras = base_dir / "models" / "loras"
+        loras.mkdir(parents=True, exist_ok=True)
+        placed = loras / lora.name
+        if not placed.is_file() or sha256_file(placed) != sha256:
+            shutil.copy2(lora, placed)
+        return str(placed)
+    client = runner.client
+    sent = call(client, upload_lora, lora)
+    where = f"models/loras/{lora.name} on {client.url}"
+    say(f"LoRA on the server: {where} ({sent['sent']} bytes sent)")
+    return where
+
+
+def stage_lora_elsewhere(runner: Any, opts: Any, models: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """The ``lora`` stage when ``opts.train_on`` names a Replicate trainer or a RunPod serverless endpoint."""
+    if getattr(opts, "runpod", None) is not None or str(opts.train_on).startswith("runpod-serverless:"):
+        return stage_lora_serverless(runner, opts, models, state)
+    return stage_lora_replicate(runner, opts, models, state)
+
+
 def stage_lora_replicate(runner: Any, opts: Any, models: Any, state: dict[str, Any]) -> dict[str, Any]:
     """The ``lora`` stage when ``opts.train_on`` names a Replicate trainer (see the module docstring)."""
     from ..driver.replicate.training import TrainingParams
@@ -96,22 +144,7 @@ def stage_lora_replicate(runner: Any, opts: Any, models: Any, state: dict[str, A
             text = text.replace(secret, "***")
         runner.say(text)
 
-    server = getattr(runner, "server", None)
-    base_dir = getattr(server, "base_dir", None)
-    client = runner.client
-    if base_dir is None:  # a server the pipeline did not start: the LoRA goes up through the transfer routes
-        try:
-            info = call(client, server_info)
-        except DriverError as exc:
-            raise DriverError(
-                f"the server {client.url} cannot receive the LoRA trained on Replicate ({exc}); install or "
-                "update CharForge on it, or train there (leave out --train-on). Nothing was trained."
-            ) from None
-        if not info.get("lora_uploads"):
-            raise DriverError(
-                f"the CharForge on {client.url} is too old to receive a LoRA (no LoRA upload route); update "
-                "CharForge on it and restart it, or leave out --train-on. Nothing was trained."
-            )
+    base_dir = _check_lora_target(runner, "Replicate")
     remote = getattr(runner, "remote", None)
     server_dir = state["captions"]["train_data_dir"]
     source = remote.local(server_dir) if remote is not None else Path(server_dir)
@@ -163,17 +196,7 @@ def stage_lora_replicate(runner: Any, opts: Any, models: Any, state: dict[str, A
             f"trained {trained.lora.name} on Replicate (training {outcome.training.id}); checked with LoRA Info"
         )
     lora = Path(record["lora_path"])
-    if base_dir is not None:
-        loras = base_dir / "models" / "loras"
-        loras.mkdir(parents=True, exist_ok=True)
-        placed = loras / lora.name
-        if not placed.is_file() or sha256_file(placed) != record["lora_sha256"]:
-            shutil.copy2(lora, placed)
-        where = str(placed)
-    else:
-        sent = call(client, upload_lora, lora)
-        where = f"models/loras/{lora.name} on {client.url}"
-        say(f"LoRA on the server: {where} ({sent['sent']} bytes sent)")
+    where = _place_lora(runner, lora, record["lora_sha256"], say)
     return {
         "lora_name": lora.name,
         "lora_path": str(lora),
@@ -184,5 +207,81 @@ def stage_lora_replicate(runner: Any, opts: Any, models: Any, state: dict[str, A
         "new_version": record.get("new_version"),
         "cost_usd": record.get("cost_usd"),
         "run_dir": None,
+        "files": [str(lora)],
+    }
+
+
+SERVERLESS_DIR = "serverless"
+
+
+def stage_lora_serverless(runner: Any, opts: Any, models: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """The ``lora`` stage on a RunPod serverless endpoint (``--train-on runpod-serverless:ENDPOINT_ID``).
+
+    The pipeline's Train LoRA graph runs there as a one-job batch (``OUT/lora/serverless/``, journaled: a rerun
+    follows or collects the job it already sent, never trains twice): the captioned dataset goes up through
+    S3-compatible storage and is fetched by the worker, the LoRA and run folder come back the same way
+    (driver/runpod/results.py), checked by sha256; the LoRA then goes where the generation stages look for it.
+    """
+    from ..driver.batch import Batch, Job
+    from ..driver.config import resolve_runpod
+    from ..driver.runpod import ServerlessTarget
+    from .pipeline.options import TINY_TRAIN
+    from .pipeline.stages import _marked, load_stage_workflow
+
+    settings = getattr(opts, "runpod", None) or resolve_runpod(opts.train_on)
+    if settings is None or settings.kind != "serverless":
+        raise ConfigError(f"--train-on {opts.train_on!r}: name a serverless endpoint (runpod-serverless:ID)")
+    if models.arch not in ("sd15", "sdxl"):
+        raise ConfigError(
+            f"training a {models.arch} LoRA on a serverless endpoint is not wired into the pipeline; train on the "
+            "server (leave out --train-on) or a pod"
+        )
+    _check_lora_target(runner, opts.train_on)
+    remote = getattr(runner, "remote", None)
+    server_dir = state["captions"]["train_data_dir"]
+    dataset = remote.local(server_dir) if remote is not None else Path(server_dir)
+    prompt = load_stage_workflow("train_lora_sd15" if models.arch == "sd15" else "train_lora_sdxl")
+    inputs = prompt["1"]["inputs"]
+    inputs.update(
+        base_model=models.train_base,
+        dataset_folder=str(dataset),
+        trigger_word=opts.trigger,
+        output_name=_marked(opts.character, models, suffix=True),
+    )
+    if models.tiny:
+        inputs.update(TINY_TRAIN)
+    job_id = hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:16]
+    target = ServerlessTarget(settings, capacity=1)
+    runner.say(f"training on {target.name}; the dataset goes up through {target.results or 'storage'}")
+    folder = opts.out / "lora" / SERVERLESS_DIR
+    [outcome] = list(
+        Batch([Job(id=job_id, name="train", folder="train", prompt=prompt)]).run(
+            [target], folder, timeout=opts.stage_timeout, on_message=runner.say
+        )
+    )
+    if outcome.state != "done":
+        raise DriverError(f"training on {target.name} {outcome.state}: {outcome.reason}")
+    manifest = json.loads((outcome.folder / "manifest.json").read_text(encoding="utf-8"))
+    homes = [e for e in manifest.get("training") or [] if e.get("state") == "home"]
+    if not homes:
+        reasons = "; ".join(str(e.get("reason") or e.get("state")) for e in manifest.get("training") or [])
+        raise DriverError(
+            f"the LoRA trained on {target.name} did not come home ({reasons or 'no trained LoRA reported'}); "
+            "rerun to try again (the job is not sent again)"
+        )
+    home = homes[0]
+    lora = outcome.folder / home["lora_path"]
+    where = _place_lora(runner, lora, home["lora_sha256"], runner.say)
+    cost = (manifest.get("runpod") or {}).get("cost_usd")
+    return {
+        "lora_name": lora.name,
+        "lora_path": str(lora),
+        "lora_sha256": home["lora_sha256"],
+        "server_lora": where,
+        "trained_on": target.name,
+        "job": outcome.prompt_id,
+        "run_dir": home["run_dir"],
+        "run_copy": str(outcome.folder / home["run_path"]),
+        "cost_usd": cost,
         "files": [str(lora)],
     }

@@ -101,7 +101,15 @@ _LOOKUP = {
 
 # Output nodes by what worker-comfyui returns for them: it collects only the ``images`` key of ComfyUI's outputs
 # and skips ``temp`` ones (previews).
-IMAGE_SAVERS = {"SaveImage", "SaveAnimatedWEBP", "SaveAnimatedPNG", "Image Save", "SaveImageWebsocket"}
+IMAGE_SAVERS = {
+    "SaveImage",
+    "SaveAnimatedWEBP",
+    "SaveAnimatedPNG",
+    "Image Save",
+    "SaveImageWebsocket",
+    "CharForgeTrainLoRA",  # shows its loss curve and samples from the output folder
+    STORE_NODE_CLASS,  # its receipt: how a trained LoRA comes home (results.py)
+}
 PREVIEW_ONLY = {"PreviewImage", "PreviewAny"}
 NON_IMAGE_SAVERS = {
     "VHS_VideoCombine",

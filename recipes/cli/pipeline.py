@@ -108,9 +108,10 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
     )
     p.add_argument(
         "--train-on",
-        metavar="replicate:OWNER/MODEL[:VERSION]",
-        help="train the LoRA on this Replicate trainer (or a profile naming one) instead of the server; "
-        "the LoRA comes home into OUT/lora and goes into the server's loras folder (docs/replicate.md)",
+        metavar="replicate:OWNER/MODEL[:VERSION]|runpod-serverless:ID",
+        help="train the LoRA on this Replicate trainer or RunPod serverless endpoint (or a profile naming one) "
+        "instead of the server; the LoRA comes home into OUT/lora and goes into the server's loras folder "
+        "(docs/replicate.md, docs/runpod.md)",
     )
     p.add_argument(
         "--destination",
@@ -128,9 +129,19 @@ def _storage(args: argparse.Namespace) -> Any:
 
 def _train_on(args: argparse.Namespace, opts: Any, out: Any) -> None:
     """Resolve ``--train-on`` (as ``charforge train --backend``) before any stage runs; its token is masked."""
-    from ...driver.config import resolve_replicate
+    from ...driver.config import resolve_replicate, resolve_runpod
     from ...driver.errors import ConfigError, UsageError
 
+    if not args.train_on.startswith("replicate:"):
+        endpoint = resolve_runpod(args.train_on, config_path=args.config)
+        if endpoint is not None:
+            if endpoint.kind != "serverless":
+                raise UsageError(
+                    f"--train-on {args.train_on!r} is a pod: run the whole pipeline there (--server {args.train_on})"
+                )
+            out.secrets = [*out.secrets, *endpoint.secrets()]
+            opts.train_on, opts.runpod = args.train_on, endpoint
+            return
     settings = resolve_replicate(args.train_on, config_path=args.config)
     if settings is None:
         raise ConfigError(f"--train-on {args.train_on!r}: name a Replicate trainer (replicate:OWNER/MODEL)")

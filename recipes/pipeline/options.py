@@ -74,6 +74,7 @@ class PipelineOptions:
     train_on: str | None = None
     destination: str | None = None
     replicate: Any = None  # its resolved ReplicateSettings (the CLI resolves them; else from train_on)
+    runpod: Any = None  # or the RunPodSettings of a serverless endpoint (--train-on runpod-serverless:ID)
     #: the captions stage: "wd14" tags, or "vlm" sentences (Flux, SD3.5) from a Qwen2.5-VL / JoyCaption folder
     #: in the server's models/LLM (`caption_model`; empty: the first one there)
     captioner: str = "wd14"

@@ -292,10 +292,10 @@ def stage_captions(
 def stage_lora(
     runner: Runner, opts: PipelineOptions, models: Models, state: dict[str, Any]
 ) -> dict[str, Any]:
-    if opts.train_on:  # on a hosted Replicate trainer instead of the server
-        from ..train_stage import stage_lora_replicate
+    if opts.train_on:  # on a hosted Replicate trainer or a RunPod serverless endpoint instead of the server
+        from ..train_stage import stage_lora_elsewhere
 
-        return stage_lora_replicate(runner, opts, models, state)
+        return stage_lora_elsewhere(runner, opts, models, state)
     prompt = load_stage_workflow("train_lora_sd15" if models.arch == "sd15" else "train_lora_sdxl")
     inputs = prompt["1"]["inputs"]
     if group(models.arch) != "sd":

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fakes.charforge_routes import transfer_server
-from fakes.comfy_server import FakeComfyServer, NodeDef, png_bytes
+from fakes.comfy_server import FakeComfyServer, FakeImage, NodeDef, png_bytes
 
 NAMES = ["pip_a", "pip_b", "pip_c"]
 LORA_ROUTE = "/charforge/transfer/models/loras/files/"
@@ -64,7 +64,8 @@ def add_train_node(server: FakeComfyServer, seconds: float = 0.0) -> None:
             lora_name=f"{name}.safetensors",
             loss_curve=str(run / "loss.png"),
         )
-        return (f"{name}.safetensors", trained, None, None), {"text": [text], "images": [shown]}
+        curve, samples = FakeImage(1, 4, 4, 0x010203), FakeImage(1, 4, 4, 0x040506)
+        return (f"{name}.safetensors", trained, curve, samples), {"text": [text], "images": [shown]}
 
     server.nodes["CharForgeTrainLoRA"] = NodeDef(
         "CharForgeTrainLoRA",

@@ -1,0 +1,194 @@
+"""``charforge pipeline --train-on runpod-serverless:ID``: the dataset and caption stages on the pipeline's
+ComfyUI (a stand-in that writes what the nodes write), the LoRA trained on the fake serverless endpoint whose
+worker behaves like worker-comfyui (images only, a disk of its own): the captioned dataset goes up through a real
+S3-compatible server on loopback (moto) and the worker fetches it; the LoRA and run folder come back the same way,
+into out/lora and the pipeline ComfyUI's loras folder; a rerun sends no job again; no credential in any output."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakes.charforge_routes import sample_photos, tiny_models
+from fakes.comfy_server import FakeComfyServer
+from fakes.moto_s3 import ACCESS_KEY, SECRET_KEY, moto_s3, use_s3
+from fakes.runpod_api import FakeRunPod
+from fakes.train_lora import add_fetch_node, add_store_node, add_train_node, lora_bytes
+
+from charforge.driver.client import ComfyClient
+from charforge.recipes import pipeline
+from charforge.recipes.cli import main
+
+pytest.importorskip("boto3")
+pytest.importorskip("moto")
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def endpoint(comfy_env, monkeypatch, tmp_path) -> Iterator[tuple[FakeRunPod, FakeComfyServer, str]]:
+    from charforge import bridge
+
+    bridge.register_model_folders()
+    with moto_s3() as s3:
+        bucket = use_s3(monkeypatch, s3, str(tmp_path))
+        with FakeComfyServer(root=comfy_env.base_dir) as worker:
+            add_train_node(worker)
+            add_store_node(worker)
+            add_fetch_node(worker)
+            with FakeRunPod() as runpod:
+                runpod.add_endpoint("ep1", worker)
+                for name, value in runpod.env().items():
+                    monkeypatch.setenv(name, value)
+                monkeypatch.setenv("CHARFORGE_CONFIG", str(tmp_path / "none.yaml"))
+                monkeypatch.setenv("CHARFORGE_SERVERLESS_RESULTS", f"s3://{bucket}/results")
+                yield runpod, worker, bucket
+
+
+def _stand_ins(monkeypatch: pytest.MonkeyPatch, output_dir: Path, server: pipeline.Server) -> list[dict]:
+    """The dataset and caption nodes as the pipeline's server runs them (a kohya export with captions); no
+    prompt may train there."""
+    prompts: list[dict[str, Any]] = []
+
+    class Runner(pipeline.Runner):
+        def run(self, prompt, out_dir, previews=None):
+            classes = {n["class_type"] for n in prompt.values()}
+            prompts.append(prompt)
+            assert "CharForgeTrainLoRA" not in classes
+            texts = {"10": "scored", "11": "kept 1"}
+            if "CharForgeLoadDataset" in classes:
+                captioning = "CharForgeCaptionDataset" in classes
+                export = output_dir / "charforge" / "datasets" / ("pip_captioned" if captioning else "pip")
+                img = export / "img" / "10_zqx cartoon boy"
+                img.mkdir(parents=True, exist_ok=True)
+                pictures = sorted(Path(prompt["1"]["inputs"]["folder"]).rglob("*.png"))
+                for i, picture in enumerate(pictures, 1):
+                    (img / f"{i:04d}.png").write_bytes(picture.read_bytes())
+                    (img / f"{i:04d}.txt").write_text(f"zqx, cartoon boy, tag{i}")
+                (export / "manifest.json").write_text(json.dumps({"entries": []}))
+                report = export.parent / "report.html"
+                report.write_text("<p>report</p>")
+                exported = f"{len(pictures)} image(s) exported to {img} ({len(pictures)} written)"
+                texts = (
+                    {"2": "captioned", "3": exported, "4": f"report: {report}"}
+                    if captioning
+                    else {"6": exported, "7": f"report: {report}"}
+                )
+            files = []
+            if out_dir is not None:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                files = [out_dir / "file.png"]
+                files[0].write_bytes(b"png")
+            return None, texts, files
+
+    class Client(ComfyClient):
+        def object_info(self, refresh: bool = False):
+            return {"CharForgeTrainLoRA": {}}
+
+    monkeypatch.setattr(pipeline, "ComfyClient", Client)
+    monkeypatch.setattr(pipeline, "Runner", Runner)
+    monkeypatch.setattr(pipeline, "acquire_server", lambda opts, say: server)
+    monkeypatch.setattr(pipeline, "choose_models", lambda *a: tiny_models(pipeline))
+    return prompts
+
+
+def _pipeline(photos: Path, out: Path, url: str) -> tuple[int, str, str]:
+    return cli(
+        "pipeline",
+        str(photos),
+        "--out",
+        str(out),
+        "--server",
+        url,
+        "--character",
+        "pip",
+        "--trigger",
+        "zqx",
+        "--class",
+        "cartoon boy",
+        "--no-face-check",
+        "--no-install",
+        "--progress",
+        "plain",
+        "--train-on",
+        "runpod-serverless:ep1",
+    )
+
+
+def test_the_pipeline_trains_on_a_serverless_endpoint_and_the_lora_comes_home(
+    endpoint, tmp_path, monkeypatch
+):
+    runpod, worker, bucket = endpoint
+    photos, out, base = sample_photos(tmp_path), tmp_path / "out", tmp_path / "base"
+    with FakeComfyServer() as main_server:
+        prompts = _stand_ins(
+            monkeypatch, main_server.output_dir, pipeline.Server(main_server.url, base_dir=base)
+        )
+        code, stdout, stderr = _pipeline(photos, out, main_server.url)
+        assert code == 0, stderr
+        assert len(runpod.run_bodies) == 1
+        graph = runpod.run_bodies[0]["input"]["workflow"]
+        assert {n["class_type"] for n in graph.values()} - {"PreviewImage"} == {
+            "CharForgeTrainLoRA",
+            "CharForgeFetchFromStorage",
+            "CharForgeSendTrainingToStorage",
+        }
+        state = json.loads((out / pipeline.STATE_FILE).read_text())
+        lora = state["stages"]["lora"]
+        name = Path(lora["lora_path"]).name
+        trained = name.removesuffix(".safetensors")
+        home = Path(lora["lora_path"])
+        assert home.read_bytes() == lora_bytes(trained)
+        assert lora["lora_sha256"] == hashlib.sha256(lora_bytes(trained)).hexdigest()
+        assert lora["trained_on"] == "runpod-serverless:ep1" and lora["run_dir"].startswith(f"s3://{bucket}/")
+        assert (Path(lora["run_copy"]) / "loss.png").is_file()
+        assert (base / "models" / "loras" / name).read_bytes() == lora_bytes(
+            trained
+        )  # where generation looks
+        # the worker trained on the captioned export, fetched from storage byte for byte
+        captioned = main_server.output_dir / "charforge" / "datasets" / "pip_captioned" / "img"
+        on_worker = Path(worker.trained_on[trained])
+        assert sorted(
+            p.relative_to(on_worker).as_posix() for p in on_worker.rglob("*") if p.is_file()
+        ) == sorted(p.relative_to(captioned).as_posix() for p in captioned.rglob("*") if p.is_file())
+        # the generation stage loads that LoRA by its name
+        assert any(p.get("2", {}).get("inputs", {}).get("lora_name") == name for p in prompts)
+        outputs = [stdout, stderr]
+
+        # the state is lost after training: the stage runs again, finds its job done, sends nothing
+        (out / pipeline.STATE_FILE).unlink()
+        (base / "models" / "loras" / name).unlink()
+        code, stdout, stderr = _pipeline(photos, out, main_server.url)
+        assert code == 0, stderr
+        assert len(runpod.run_bodies) == 1
+        assert (base / "models" / "loras" / name).read_bytes() == lora_bytes(trained)
+        outputs += [stdout, stderr]
+    files = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".txt", ".jsonl", ".html")]
+    for text in outputs + [p.read_text(errors="replace") for p in files]:
+        assert SECRET_KEY not in text and ACCESS_KEY not in text and runpod.api_key not in text
+
+
+def test_the_whole_pipeline_on_serverless_is_refused_with_the_fix(endpoint, tmp_path):
+    code, _, stderr = cli(
+        "pipeline",
+        str(sample_photos(tmp_path)),
+        "--out",
+        str(tmp_path / "out"),
+        "--server",
+        "runpod-serverless:ep1",
+    )
+    assert code != 0
+    assert (
+        "serverless endpoint" in stderr
+        and "runpod-pod" in stderr
+        and "--train-on runpod-serverless" in stderr
+    )
