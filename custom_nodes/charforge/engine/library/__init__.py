@@ -2,6 +2,8 @@
 character presets.
 
 - `formats`: detect kohya / peft / comfyui key layouts, read into `LoraState`, write in any layout
+- `flow_layouts`: Flux / SD3 single-file (fused) <-> diffusers (split) LoRA names, fuse and split, family
+  detection; `flow_formats`: Flux / SD3 LoRA files in the three layouts
 - `inspect`: what a LoRA file is (base model, ranks, alpha, trigger words, training settings, fits)
 - `merge`: weighted merge of several LoRAs and SVD rank resize with the retained energy
 - `characters`: character presets (YAML) in ``<models>/charforge/characters/``
