@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -263,6 +264,24 @@ def _window_plan(
     return _WindowPlan(index.to(model.device), weight.to(model.device), text, kwargs)
 
 
+def window_prediction(
+    unet: Callable[..., Any], latents: torch.Tensor, timestep: torch.Tensor, plan: _WindowPlan, cfg: float
+) -> torch.Tensor:
+    """The guided noise prediction for one window's `latents` (1, C, L, h, w) at `timestep` (a device tensor).
+
+    With ``cfg > 1`` the U-Net sees the window twice in one batch (negative, then positive prompt) and the
+    two predictions are mixed. All tensor work on the device: with the U-Net it is one graph for
+    ``torch.compile`` (tests/engine/video/test_compile_ready.py).
+    """
+    guidance = cfg > 1.0
+    x = torch.cat([latents, latents]) if guidance else latents
+    out = unet(x, timestep, encoder_hidden_states=plan.text, **plan.kwargs).sample.float()
+    if guidance:
+        uncond, positive = out.chunk(2)
+        out = uncond + cfg * (positive - uncond)
+    return out
+
+
 def generate_video(model: VideoModel, request: VideoRequest, control: Control | None = None) -> VideoResult:
     """Make the clip `request` describes with `model`.
 
@@ -335,15 +354,9 @@ def generate_video(model: VideoModel, request: VideoRequest, control: Control | 
             coverage = torch.zeros(request.frames, dtype=torch.float32, device=model.device)
             for plan in plans:
                 control.check()
-                x = scaled.index_select(2, plan.index)
-                if guidance:
-                    x = torch.cat([x, x])
-                out = model.unet_forward(
-                    x, t_device, encoder_hidden_states=plan.text, **plan.kwargs
-                ).sample.float()
-                if guidance:
-                    uncond, positive = out.chunk(2)
-                    out = uncond + request.cfg * (positive - uncond)
+                out = window_prediction(
+                    model.unet_forward, scaled.index_select(2, plan.index), t_device, plan, request.cfg
+                )
                 prediction.index_add_(2, plan.index, out * plan.weight.view(1, 1, -1, 1, 1))
                 coverage.index_add_(0, plan.index, plan.weight)
             prediction /= coverage.view(1, 1, -1, 1, 1)
