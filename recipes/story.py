@@ -70,6 +70,7 @@ class Character:
     checkpoint: str | None = None
     generation: GenerationParams = field(default_factory=_flag_generation)
     display_name: str = ""
+    base_model: str = ""  # the preset's family id (flux-dev, sd35-large, ...); "" = ask the server
 
     def to_dict(self) -> dict[str, Any]:
         """The record in metadata.json: the generation settings flat beside the rest (the seed is the run's)."""
@@ -133,6 +134,7 @@ def character_from_preset(name: str) -> Character:
         reference_photos=photos,
         threshold=preset.threshold or None,
         generation=replace(preset.generation),
+        base_model=preset.base_model,
     )
 
 
@@ -244,8 +246,12 @@ def frame_graph(
     denoise: float = 0.55,
     ipadapter_weight: float = 0.7,
     info: dict[str, Any] | None = None,
+    flow: Any = None,
 ) -> dict[str, Any]:
     """The API-format prompt that generates `candidates` images of one frame and keeps the best.
+
+    `flow` (a :class:`charforge.recipes.story_flow.FlowBase`) builds it for a FLUX.1 / SD3 base instead of an
+    SD1.5/SDXL checkpoint.
 
     `identity` is ``{"name": <saved identity>}`` or ``{"folder": <reference photos in the input folder>}``.
     With `guide_image` (a file in the server's input folder) the frame is guided by it (`guidance`) and
@@ -258,9 +264,17 @@ def frame_graph(
         g[node_id] = {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
         return [node_id, 0]
 
-    add("1", "CheckpointLoaderSimple", "Load Checkpoint", ckpt_name=checkpoint)
-    model, clip = ["1", 0], ["1", 1]
-    if use_loras:
+    from . import story_flow
+
+    empty_latent = "EmptyLatentImage" if flow is None else "EmptySD3LatentImage"
+    if flow is not None:
+        model, clip, vae = story_flow.loaders(
+            add, flow, checkpoint, character.loras if use_loras else [], gen
+        )
+    else:
+        add("1", "CheckpointLoaderSimple", "Load Checkpoint", ckpt_name=checkpoint)
+        model, clip, vae = ["1", 0], ["1", 1], ["1", 2]
+    if use_loras and flow is None:
         for i, lora in enumerate(character.loras):
             node = f"2{i}"
             add(
@@ -274,7 +288,9 @@ def frame_graph(
                 strength_clip=lora[2] if len(lora) > 2 else lora[1],
             )
             model, clip = [node, 0], [node, 1]
-    positive = add("3", "CLIPTextEncode", "Frame prompt", text=prompt, clip=clip)
+    positive = story_flow.guided(
+        add, flow, add("3", "CLIPTextEncode", "Frame prompt", text=prompt, clip=clip), gen
+    )
     negative = add("4", "CLIPTextEncode", "Negative prompt", text=character.negative, clip=clip)
     denoise_value = 1.0
     if guide_image is not None:
@@ -290,21 +306,21 @@ def frame_graph(
             model = ["33", 0]
             latent = add(
                 "5",
-                "EmptyLatentImage",
+                empty_latent,
                 "N candidates",
                 width=gen.width,
                 height=gen.height,
                 batch_size=candidates,
             )
         else:
-            encoded = add("34", "VAEEncode", "Encode frame 1", pixels=image, vae=["1", 2])
+            encoded = add("34", "VAEEncode", "Encode frame 1", pixels=image, vae=vae)
             latent = add(
                 "5", "RepeatLatentBatch", "N candidates from frame 1", samples=encoded, amount=candidates
             )
             denoise_value = denoise
     else:
         latent = add(
-            "5", "EmptyLatentImage", "N candidates", width=gen.width, height=gen.height, batch_size=candidates
+            "5", empty_latent, "N candidates", width=gen.width, height=gen.height, batch_size=candidates
         )
     sampled = add(
         "6",
@@ -321,7 +337,7 @@ def frame_graph(
         scheduler=gen.scheduler,
         denoise=denoise_value,
     )
-    images = add("7", "VAEDecode", "Decode", samples=sampled, vae=["1", 2])
+    images = add("7", "VAEDecode", "Decode", samples=sampled, vae=vae)
     faces = add("8", "CharForgeLoadFaceModels", "Face models", pack=face_pack, det_size=640, provider="auto")
     if "name" in identity:
         ident = add("9", "CharForgeLoadIdentity", "Character identity", name=identity["name"])
@@ -400,6 +416,7 @@ class StoryRun:
         self.ipadapter_file = ipadapter_file
         self.run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
         self.info: dict[str, Any] = {}
+        self.flow: Any = None  # story_flow.FlowBase for a FLUX.1 / SD3 base
 
     # ---- checks against the server ------------------------------------------------------------------
 
@@ -412,7 +429,9 @@ class StoryRun:
                 f"the server lacks the node(s) {', '.join(missing)}"
                 + ("; install the CharForge pack into that ComfyUI (python install.py)" if pack else "")
             )
-        checkpoints = input_choices(info, "CheckpointLoaderSimple", "ckpt_name") or []
+        from .story_flow import base_models
+
+        checkpoints = base_models(info)  # checkpoints, then diffusion models (FLUX.1)
         checkpoint = self.character.checkpoint
         if checkpoint is None:
             if not checkpoints:
@@ -447,6 +466,18 @@ class StoryRun:
                 f"CLIP model {clip!r} is not on the server; it has: {', '.join(clip_choices) or 'none'}"
             )
         return checkpoint, clip
+
+    def _family(self, checkpoint: str) -> None:
+        """A FLUX.1 / SD3 base: its loaders (story_flow); a character given by flags gets the family's settings."""
+        from charforge.common.characters import family_generation
+
+        from .story_flow import flow_base
+
+        self.flow = flow_base(self.client, self.info, self.character.base_model, checkpoint)
+        if self.flow is not None:
+            self.note(f"{checkpoint}: a {self.flow.family} base model")
+            if not self.character.base_model:  # no preset settings for this family: its defaults
+                self.character.generation = family_generation(self.flow.family)
 
     def _identity(self) -> dict[str, Any]:
         reference = self.character.reference
@@ -520,6 +551,7 @@ class StoryRun:
             denoise=self.options.denoise,
             ipadapter_weight=self.options.ipadapter_weight,
             info=self.info,
+            flow=self.flow,
         )
         result = self.client.run(graph, timeout=self.options.timeout)
         record = (result.outputs.get("11") or {}).get("storyboard") or []
@@ -588,6 +620,10 @@ class StoryRun:
             "face_models": self.options.face_pack,
             "clip": clip,
         }
+        if self.flow is not None:
+            models.update(
+                family=self.flow.family, text_encoders=self.flow.files.text_encoders, vae=self.flow.files.vae
+            )
         if mode == "reference" and guidance is not None:
             models["guidance"] = {
                 "kind": guidance.kind,
@@ -643,9 +679,17 @@ class StoryRun:
             raise UsageError("--candidates must be at least 1")
         self.info = self.client.object_info()
         checkpoint, clip = self._check()
+        self._family(checkpoint)
         identity = self._identity()
         guidance = None
-        if "reference" in self.options.modes:
+        if "reference" in self.options.modes and self.flow is not None:
+            if self.options.guidance == "ipadapter":
+                raise UsageError(
+                    "--guidance ipadapter: IP-Adapter models are made for SD1.5/SDXL, not this base"
+                )
+            guidance = Guidance("img2img", reason="image-to-image from frame 1")
+            self.note(f"reference mode: frames 2+ guided by {guidance.reason}")
+        elif "reference" in self.options.modes:
             guidance = detect_guidance(self.info, self.options.guidance, self.ipadapter_file)
             self.note(f"reference mode: frames 2+ guided by {guidance.reason}")
         self.out_dir.mkdir(parents=True, exist_ok=True)
