@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 from charforge.engine import tiny
@@ -201,3 +202,10 @@ def build_tiny_flux(directory: str | Path, *, guidance: bool = True, seed: int =
         clip_tokenizer_dir=folder / "tokenizer",
         t5_tokenizer_dir=folder / "tokenizer_2",
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """A tiny random Flux.1-dev (`TinyFlux`): diffusers folder + ComfyUI files (import it into a test module
+    or conftest to use it)."""
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny_flux"))

@@ -24,8 +24,10 @@ def test_node_shows_the_default_presets_real_values():
     assert (
         optional["use_preset_values"][0] == "BOOLEAN" and optional["use_preset_values"][1]["default"] is True
     )
-    # Saved editor workflows store widget values by position: the new widget comes last.
-    assert list(optional)[-1] == "use_preset_values"
+    # Saved editor workflows store widget values by position: newer widgets come after older ones.
+    names = list(optional)
+    assert names == ["dataset", "overrides", "save_character", "use_preset_values", *names[4:]]
+    assert names[4:] == ["clip_l", "t5xxl", "clip_g", "vae", "lora_layout"]  # Flux.1 / SD3 parts (issue 18)
 
 
 def test_preset_values_ignore_the_numbers():

@@ -18,6 +18,8 @@ CATEGORY = "CharForge/Train"
 TRAINING_RUN = "CHARFORGE_TRAINING_RUN"
 DATASET = "CHARFORGE_DATASET"
 DIFFUSERS_PREFIX = "[diffusers] "
+DIFFUSION_MODEL_PREFIX = "[diffusion model] "
+NONE = "(none)"
 
 
 def runs_directory() -> str:
@@ -26,23 +28,44 @@ def runs_directory() -> str:
 
 
 def base_model_choices() -> list[str]:
-    """Checkpoint files, then diffusers folders (with model_index.json) as ``[diffusers] <folder>``."""
-    choices = list(bridge.list_models("checkpoints")) + [
-        DIFFUSERS_PREFIX + n for n in bridge.model_dirs("diffusers", "model_index.json")
-    ]
+    """Checkpoint files, diffusers folders (with model_index.json) as ``[diffusers] <folder>``, then
+    diffusion-model files (Flux.1 / SD3 transformers from ``diffusion_models`` / ``unet``) as
+    ``[diffusion model] <file>``."""
+    choices = (
+        list(bridge.list_models("checkpoints"))
+        + [DIFFUSERS_PREFIX + n for n in bridge.model_dirs("diffusers", "model_index.json")]
+        + [DIFFUSION_MODEL_PREFIX + n for n in bridge.list_models("diffusion_models")]
+    )
     return choices or ["(no checkpoints found)"]
+
+
+def part_choices(kind: str) -> list[str]:
+    """``(none)`` then the files of a model folder (text encoders, VAEs) for a Flux.1 / SD3 part input."""
+    return [NONE, *bridge.list_models(kind)]
+
+
+def resolve_parts(**chosen: str | None) -> dict[str, str]:
+    """Full paths of the chosen Flux.1 / SD3 parts (``clip_l``, ``clip_g``, ``t5``: text_encoders; ``vae``)."""
+    out = {}
+    for name, value in chosen.items():
+        if value and value != NONE:
+            out[name] = bridge.find_model("vae" if name == "vae" else "text_encoders", value)
+    return out
 
 
 def resolve_base_model(name: str) -> str:
     """Full path of a ``checkpoints`` file or a ``[diffusers] <folder>`` choice (or an absolute path)."""
+    if name.startswith(DIFFUSION_MODEL_PREFIX):
+        return bridge.find_model("diffusion_models", name[len(DIFFUSION_MODEL_PREFIX) :])
     if name.startswith(DIFFUSERS_PREFIX):
         return bridge.find_model_dir(
             "diffusers", name[len(DIFFUSERS_PREFIX) :], "model_index.json", what="diffusers model"
         )
     if name.startswith("(no "):
         raise bridge.ModelNotFoundError(
-            "no base model: put an SD1.5 / SDXL checkpoint into ComfyUI's checkpoints "
-            "folder (or a diffusers folder into models/diffusers) and reload the page"
+            "no base model: put an SD1.5 / SDXL checkpoint into ComfyUI's checkpoints folder, a Flux.1 / SD3 "
+            "diffusion model into models/diffusion_models (or a diffusers folder into models/diffusers) and "
+            "reload the page"
         )
     return bridge.find_model("checkpoints", name)
 
@@ -51,6 +74,12 @@ def comfyui_tokenizer_dirs() -> tuple[str, ...]:
     """ComfyUI's own CLIP vocabulary (``comfy/sd1_tokenizer``) when ComfyUI's folder is known."""
     root = bridge.comfyui_root()
     return (str(root / "comfy" / "sd1_tokenizer"),) if root is not None else ()
+
+
+def comfyui_t5_tokenizer_dirs() -> tuple[str, ...]:
+    """ComfyUI's own T5 tokenizer (``comfy/text_encoders/t5_tokenizer``) when ComfyUI's folder is known."""
+    root = bridge.comfyui_root()
+    return (str(root / "comfy" / "text_encoders" / "t5_tokenizer"),) if root is not None else ()
 
 
 def _parse_overrides(text: str) -> dict:
@@ -75,12 +104,13 @@ def _origin(prompt, extra_pnginfo, node_id) -> dict | None:
 
 
 class TrainLoRA:
-    """Train a character LoRA for SD1.5 or SDXL and save it into ComfyUI's loras folder."""
+    """Train a character LoRA for SD1.5, SDXL, Flux.1 or SD3.x and save it into ComfyUI's loras folder."""
 
     DESCRIPTION = (
         "Trains a LoRA (kohya-style keys, loads in ComfyUI's LoRA loaders, diffusers and kohya tools) on a kohya "
         "dataset folder (<repeats>_<trigger class>/ with .txt captions) or a CharForge dataset, from an SD1.5 / "
-        "SDXL checkpoint. Checks memory first and picks gradient checkpointing / 8-bit Adam when needed. "
+        "SDXL checkpoint or a Flux.1 (dev, schnell) / SD3.5 diffusion model with its text encoders and VAE "
+        "chosen below. Checks memory first and picks gradient checkpointing / 8-bit Adam / an fp8 base when needed. "
         "Writes a run folder (config, metrics.csv, loss.png, samples, checkpoints, resumable state) under "
         "output/charforge/train_runs. Cancel stops within a step; queue it again to resume where it stopped."
     )
@@ -105,8 +135,9 @@ class TrainLoRA:
                     choices,
                     {
                         "default": choices[0],
-                        "tooltip": "SD1.5 or SDXL checkpoint from the checkpoints folder, or a diffusers folder from "
-                        "models/diffusers. The architecture is read from the file.",
+                        "tooltip": "SD1.5 / SDXL / SD3.5 checkpoint from the checkpoints folder, a Flux.1 or SD3.5 "
+                        "diffusion model from models/diffusion_models (choose its text encoders and VAE below), "
+                        "or a diffusers folder from models/diffusers. The architecture is read from the file.",
                     },
                 ),
                 "dataset_folder": (
@@ -265,6 +296,37 @@ class TrainLoRA:
                         "are used (0 = the preset's).",
                     },
                 ),
+                # Flux.1 / SD3 parts a diffusion-model file lacks (after the older inputs, for saved workflows).
+                "clip_l": (
+                    part_choices("text_encoders"),
+                    {
+                        "default": NONE,
+                        "tooltip": "Flux.1 / SD3: the CLIP-L text encoder (models/text_encoders).",
+                    },
+                ),
+                "t5xxl": (
+                    part_choices("text_encoders"),
+                    {
+                        "default": NONE,
+                        "tooltip": "Flux.1 / SD3: T5-XXL (fp16 or fp8) from models/text_encoders.",
+                    },
+                ),
+                "clip_g": (
+                    part_choices("text_encoders"),
+                    {"default": NONE, "tooltip": "SD3: the CLIP-G text encoder (models/text_encoders)."},
+                ),
+                "vae": (
+                    part_choices("vae"),
+                    {"default": NONE, "tooltip": "Flux.1: ae.safetensors; SD3: its VAE (models/vae)."},
+                ),
+                "lora_layout": (
+                    ["kohya", "peft"],
+                    {
+                        "default": "kohya",
+                        "tooltip": "Flux.1 / SD3 LoRA keys: kohya (fused lora_unet_double_blocks_..., what ComfyUI, "
+                        "Forge and kohya load) or peft (diffusers' names). SD1.5 / SDXL always kohya.",
+                    },
+                ),
             },
             # The prompt (and the editor's workflow) go into the run folder's origin.json: the CharForge panel
             # queues them again to resume the run.
@@ -293,6 +355,11 @@ class TrainLoRA:
         use_preset_values=None,
         prompt=None,
         extra_pnginfo=None,
+        clip_l=NONE,
+        t5xxl=NONE,
+        clip_g=NONE,
+        vae=NONE,
+        lora_layout="kohya",
     ):
         for module in ("torch", "diffusers", "transformers", "peft", "safetensors"):
             require(module)
@@ -337,6 +404,9 @@ class TrainLoRA:
             resume=resume,
             memory_profile=memory_profile,
             tokenizer_dirs=comfyui_tokenizer_dirs(),
+            t5_tokenizer_dirs=comfyui_t5_tokenizer_dirs(),
+            parts=resolve_parts(clip_l=clip_l, t5=t5xxl, clip_g=clip_g, vae=vae),
+            lora_layout=lora_layout,
             origin=_origin(prompt, extra_pnginfo, node_id),
         )
         result = train(request, bridge.control(config.steps, node_id=node_id, label=f"train {name}"))

@@ -9,7 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 PRESETS = ("sdxl", "sd15", "fast", "high_quality")
-RESOLUTION = {"sd15": 512, "sdxl": 1024}  # the native resolution of each architecture
+RESOLUTION = {  # the native resolution of each architecture
+    "sd15": 512,
+    "sdxl": 1024,
+    "flux-dev": 1024,
+    "flux-schnell": 1024,
+    "sd3-medium": 1024,
+    "sd35-medium": 1024,
+    "sd35-large": 1024,
+}
+FLOW_ARCHS = ("flux-dev", "flux-schnell", "sd3-medium", "sd35-medium", "sd35-large")
 
 # What the default preset (``sdxl`` on an SDXL model) uses: the node shows these, so its widgets never read 0.
 BASIC_DEFAULTS = {"steps": 1500, "learning_rate": 1e-4, "rank": 32, "resolution": 1024}
