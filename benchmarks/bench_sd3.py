@@ -145,7 +145,6 @@ def random_sd3(arch: str, device, dtype, work: Path, smoke_dir: Path | None = No
 
 def _train_config(args, resolution: int, checkpointing: bool, precision: str):
     from charforge.engine.train.config import TrainConfig, with_overrides
-    from charforge.engine.train.flow.sd3 import DEFAULT_SHIFT
 
     return with_overrides(
         TrainConfig(),
@@ -162,7 +161,6 @@ def _train_config(args, resolution: int, checkpointing: bool, precision: str):
             "sample_every": 0,
             "checkpoint_every": 0,
             "min_snr_gamma": 0.0,
-            "discrete_flow_shift": DEFAULT_SHIFT,
         },
     )
 

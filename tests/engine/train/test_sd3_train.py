@@ -67,7 +67,6 @@ def sd3_config(**overrides) -> TrainConfig:
         "sample_every": 0,
         "checkpoint_every": 0,
         "min_snr_gamma": 0.0,
-        "discrete_flow_shift": sd3.DEFAULT_SHIFT,
     }
     base.update(overrides)
     return with_overrides(TrainConfig(), base)
@@ -187,6 +186,20 @@ def test_step_equals_a_hand_written_diffusers_peft_flow_matching_step(tiny, data
     assert set(ours) == set(theirs) and len(ours) == 2 * len(targets)
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-7)
+
+
+def test_preconditioned_outputs_weight_the_velocity_error_by_sigma_squared(tiny, dataset):
+    """``precondition_outputs`` (diffusers' SD3 option) compares x0 estimates x_σ − σ·v with x0: the same batch's
+    loss is the plain velocity loss times σ², σ being the one the step drew (SD3's 3.0 shift by default)."""
+    plain = _trainer(tiny, dataset, sd3_config(batch_size=1))
+    preconditioned = _trainer(tiny, dataset, sd3_config(batch_size=1, precondition_outputs=True))
+    with torch.no_grad():
+        velocity_loss, x0_loss = plain.micro_batch_loss(0), preconditioned.micro_batch_loss(0)
+    generator = plain._generator(0)
+    torch.randn((1, 16, 8, 8), generator=generator)  # the noise is drawn first
+    u = torch.sigmoid(torch.randn((1,), generator=generator))
+    sigma = float(3.0 * u / (1 + 2.0 * u))
+    assert float(x0_loss) == pytest.approx(sigma**2 * float(velocity_loss), rel=1e-5)
 
 
 def test_stop_and_resume_equals_an_uninterrupted_run(tiny, dataset):

@@ -39,6 +39,7 @@ class FlowModel:
     # -------------------------------------------------------------- what each family sets
     family: str = ""  # "flux", "sd3"
     default_sampling: str = "logit_normal"  # FlowSettings.timestep_sampling "auto"
+    default_shift: float = 3.1582  # the ``shift`` mode's strength when FlowSettings.discrete_flow_shift is 0
     text_outputs: dict[str, str] = field(default_factory=dict)  # output key -> encoder name
     lora_text_encoder: str = "clip_l"  # the encoder the optional text-encoder LoRA goes on
 

@@ -8,6 +8,7 @@ the mean squared error to it. How σ is drawn decides which noise levels trainin
 ``uniform``      σ ~ U(0, 1)
 ``logit_normal`` σ = sigmoid(N(logit_mean, logit_std)): most steps at middle noise levels
 ``shift``        a logit-normal σ moved towards noise: σ' = sσ / (1 + (s − 1)σ), s = ``discrete_flow_shift``
+                 (0: the family's, SD3's 3.0, otherwise kohya's 3.1582)
 ``flux_shift``   a logit-normal σ moved by the image size, the shift Flux.1 samples with:
                  σ' = e^μ / (e^μ + 1/σ − 1), μ from 0.5 at 256 image tokens to 1.15 at 4,096 (1024²)
 ``auto``         the family's choice (Flux.1: ``flux_shift``)
@@ -29,6 +30,7 @@ SAMPLINGS = ("auto", "uniform", "logit_normal", "shift", "flux_shift")
 # Flux.1's resolution-dependent shift: μ is linear in the number of image tokens between these points.
 BASE_SHIFT, MAX_SHIFT = 0.5, 1.15
 BASE_TOKENS, MAX_TOKENS = 256, 4096
+DEFAULT_DISCRETE_SHIFT = 3.1582  # ``shift``'s strength when neither settings nor family name one (kohya's)
 
 
 @dataclass(frozen=True)
@@ -38,18 +40,23 @@ class FlowSettings:
     timestep_sampling: str = "auto"
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    discrete_flow_shift: float = 3.1582  # ``shift`` only
+    discrete_flow_shift: float = 0.0  # ``shift`` only; 0 = the family's (`FlowModel.default_shift`)
     guidance_scale: float = 1.0  # Flux.1-dev's guidance input while training (schnell has none)
     t5_max_length: int = 0  # T5 tokens; 0 = the family's (Flux.1-dev 512, schnell 256)
     fp8_base: bool = False  # store the frozen base's linear weights in float8 (e4m3), compute in bf16
+    # Loss on the x0 estimate x_σ − σ·prediction against x0 instead of on the velocity (diffusers' SD3
+    # --precondition_outputs): the same gradient direction per sample, weighted by σ².
+    precondition_outputs: bool = False
 
     def __post_init__(self):
         if self.timestep_sampling not in SAMPLINGS:
             raise ValueError(f"timestep_sampling {self.timestep_sampling!r}: choose one of {SAMPLINGS}")
         if self.logit_std <= 0:
             raise ValueError(f"logit_std must be positive (got {self.logit_std})")
-        if self.discrete_flow_shift <= 0:
-            raise ValueError(f"discrete_flow_shift must be positive (got {self.discrete_flow_shift})")
+        if self.discrete_flow_shift < 0:
+            raise ValueError(
+                f"discrete_flow_shift must be positive, or 0 for the family's (got {self.discrete_flow_shift})"
+            )
         if self.t5_max_length < 0 or self.t5_max_length > 512:
             raise ValueError(
                 f"t5_max_length must be 0 (the family's) or up to 512 (got {self.t5_max_length})"
@@ -78,10 +85,12 @@ def sample_sigmas(
     *,
     default: str,
     image_tokens: int,
+    default_shift: float = DEFAULT_DISCRETE_SHIFT,
     generator: torch.Generator,
     device: torch.device | str,
 ) -> torch.Tensor:
-    """`count` noise levels in (0, 1) as `settings` say (``auto`` = `default`), float32 on `device`."""
+    """`count` noise levels in (0, 1) as `settings` say (``auto`` = `default`; ``shift`` with the settings'
+    strength, or `default_shift` when they leave it 0), float32 on `device`."""
     mode = default if settings.timestep_sampling == "auto" else settings.timestep_sampling
     if mode == "uniform":
         sigmas = torch.rand((count,), generator=generator, device=device)
@@ -89,7 +98,7 @@ def sample_sigmas(
         normal = torch.randn((count,), generator=generator, device=device)
         sigmas = torch.sigmoid(normal * settings.logit_std + settings.logit_mean)
         if mode == "shift":
-            sigmas = discrete_shift(sigmas, settings.discrete_flow_shift)
+            sigmas = discrete_shift(sigmas, settings.discrete_flow_shift or default_shift)
         elif mode == "flux_shift":
             sigmas = exponential_shift(sigmas, flux_mu(image_tokens))
         elif mode != "logit_normal":

@@ -99,9 +99,8 @@ class SD3Model(FlowModel):
 
     def __post_init__(self):
         self.family = "sd3"
-        # TODO(H4a): "shift" uses FlowSettings.discrete_flow_shift (3.1582, kohya's Flux value); SD3's own
-        # is DEFAULT_SHIFT (3.0). A per-family default shift in the flow core would make "auto" exact.
         self.default_sampling = "shift"
+        self.default_shift = DEFAULT_SHIFT
         self.text_outputs = {
             "clip_l": "clip_l",
             "clip_l_pooled": "clip_l",

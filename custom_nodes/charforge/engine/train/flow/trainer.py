@@ -6,7 +6,8 @@ stopped-and-resumed flow run is the same computation as an uninterrupted one. Wh
 
 1. the latents of the batch (cached by `data.TrainingData`, shifted and scaled by the family);
 2. noise ε and noise levels σ from the micro-batch's generator (in that order; `objective.sample_sigmas`);
-3. x_σ = (1 − σ)x0 + σε, the family's prediction, MSE to ε − x0 — per latent pixel, weighted by the
+3. x_σ = (1 − σ)x0 + σε, the family's prediction, MSE to ε − x0 (with ``precondition_outputs``: the x0
+   estimate x_σ − σ·prediction against x0, the same error weighted by σ²) — per latent pixel, weighted by the
    image's mask / face box when set (the loss is taken in the latent layout, before packing, so a mask at
    latent size applies directly), averaged per sample then over the batch.
 
@@ -185,6 +186,7 @@ class FlowTrainer(Trainer):
             latents.shape[0],
             config.flow,
             default=model.default_sampling,
+            default_shift=model.default_shift,
             image_tokens=model.image_tokens(latents.shape[-2], latents.shape[-1]),
             generator=generator,
             device=self.device,
@@ -194,7 +196,11 @@ class FlowTrainer(Trainer):
         text = self._conditioning(captions)
         with self._autocast():
             prediction = model.predict(noisy.to(model.transformer.dtype), sigmas, text, config.flow)
-        per_pixel = torch.nn.functional.mse_loss(prediction.float(), target, reduction="none")
+        prediction = prediction.float()
+        if config.flow.precondition_outputs:  # compare x0 estimates: x_σ − σ·v against x0
+            prediction = noisy - sigmas.reshape(-1, 1, 1, 1) * prediction
+            target = latents
+        per_pixel = torch.nn.functional.mse_loss(prediction, target, reduction="none")
         if config.data.uses_masks:
             masks = torch.stack([self._mask_table[(i, f)] for i, f in zip(items, flips, strict=True)])
             per_sample = (per_pixel * masks).mean(dim=(1, 2, 3)) / masks.mean(dim=(1, 2, 3)).clamp_min(1e-3)
