@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PORTS = range(18300, 18400)
 sys.path.insert(0, str(ROOT / "tests"))
-from cf_testing.real_comfyui import free_port  # noqa: E402 - the tests' helpers, not installed
+from cf_testing.real_comfyui import free_port, start_comfyui  # noqa: E402 - the tests' helpers, not installed
 
 
 def rss_mib() -> float:
@@ -209,30 +209,14 @@ def start_servers(
                 "off",
             ]
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            url = f"http://127.0.0.1:{port}"
+            servers.append((url, proc))
+            wait_up(url, proc)
         else:
-            base = tmp / f"comfy{i}"
-            (base / "custom_nodes").mkdir(parents=True)
-            (base / "user").mkdir(parents=True)
-            cmd = [
-                args.comfyui_python,
-                "main.py",
-                "--cpu",
-                "--listen",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--base-directory",
-                str(base),
-                "--database-url",
-                f"sqlite:///{base / 'user' / 'db.sqlite'}",
-            ]
-            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-            proc = subprocess.Popen(
-                cmd, cwd=args.comfyui_dir, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env
-            )
-        url = f"http://127.0.0.1:{port}"
-        servers.append((url, proc))
-        wait_up(url, proc)
+            threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+            comfy, base = Path(args.comfyui_dir), tmp / f"comfy{i}"
+            server = start_comfyui(comfy, base, args.comfyui_python, env=threads, port=port)
+            servers.append((server.url, server.process))
     return servers
 
 

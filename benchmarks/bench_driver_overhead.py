@@ -180,6 +180,16 @@ class Api:
         self.client.close()
 
 
+def _last_json_line(command: list[str], env: dict[str, str], what: str) -> Any:
+    """Run a command line tool to the end and read the JSON record its last stdout line holds."""
+    proc = subprocess.run(
+        command, capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, timeout=120
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed ({proc.returncode}): {proc.stdout[-1000:]} {proc.stderr[-1000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 class Cli:
     name = "cli"
 
@@ -190,7 +200,7 @@ class Cli:
         self.env = env
 
     def run(self, wf: dict[str, Any], path: Path, index: int) -> str:
-        proc = subprocess.run(
+        record = _last_json_line(
             [
                 self.exe,
                 "run",
@@ -201,17 +211,9 @@ class Cli:
                 str(self.out / str(index)),
                 "--json",
             ],
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            env=self.env,
-            timeout=120,
+            self.env,
+            "charforge run",
         )
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"charforge run failed ({proc.returncode}): {proc.stdout[-1000:]} {proc.stderr[-1000:]}"
-            )
-        record = json.loads(proc.stdout.strip().splitlines()[-1])
         assert record["event"] == "result" and len(record["files"]) == 1, record
         return record["prompt_id"]
 
@@ -230,7 +232,7 @@ class ComfyCli:
         self.env = dict(env, HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"))
 
     def run(self, wf: dict[str, Any], path: Path, index: int) -> str:
-        proc = subprocess.run(
+        envelope = _last_json_line(
             [
                 self.exe,
                 "--skip-prompt",
@@ -243,17 +245,9 @@ class ComfyCli:
                 "--port",
                 self.port,
             ],
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            env=self.env,
-            timeout=120,
+            self.env,
+            "comfy run",
         )
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"comfy run failed ({proc.returncode}): {proc.stdout[-1000:]} {proc.stderr[-1000:]}"
-            )
-        envelope = json.loads(proc.stdout.strip().splitlines()[-1])
         assert envelope.get("ok") and envelope["data"]["status"] == "completed", envelope
         return envelope["data"]["prompt_id"]
 

@@ -115,6 +115,24 @@ class NodeRun:
     ui: dict[str, list] = field(default_factory=dict)
 
 
+def load_script(path: Path, name: str) -> ModuleType:
+    """A script of the repository that is no package module (install.py, workflows/build_api.py, ...) imported by
+    its path as module `name` (registered in sys.modules, where dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def image_batch(*images: Any) -> Any:
+    """A ComfyUI IMAGE batch (float tensor, batch x height x width x channels, 0..1) of uint8 RGB images."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images]))
+
+
 def run_node(cls: type, node_id: str = "1", instance: Any = None, **inputs) -> NodeRun:
     """Call a node like ComfyUI's executor: keyword inputs, hidden inputs filled, return value checked."""
     declared = cls.INPUT_TYPES()

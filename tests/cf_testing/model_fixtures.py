@@ -7,6 +7,9 @@ as read-only: they are shared by every test of the session.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 
@@ -24,6 +27,21 @@ def tiny_sdxl(tmp_path_factory):
     from .models import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+@pytest.fixture
+def train_env(comfy_env, tiny_sd15):
+    """The ComfyUI stand-in (`comfy_env`) with the tiny SD1.5 as the diffusers model ``tiny_sd15`` and a kohya
+    dataset of two photos in input/img/3_sks person."""
+    import numpy as np
+
+    from charforge import bridge
+
+    from .photos import write_training_folder
+
+    shutil.copytree(tiny_sd15.diffusers_dir, comfy_env.base_dir / "models" / "diffusers" / "tiny_sd15")
+    write_training_folder(Path(bridge.input_directory()) / "img" / "3_sks person", np.random.default_rng(0))
+    return comfy_env
 
 
 @pytest.fixture(scope="session")

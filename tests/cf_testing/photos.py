@@ -8,6 +8,7 @@ person) or the red cells of the InsightFace-format test pack (cf_testing/face_mo
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import cv2
@@ -120,4 +121,39 @@ def make_planted_folder(folder: Path, marker: str = "ellipse") -> Path:
     exif = Image.new("RGB", (1, 1)).getexif()
     exif[0x0112] = 6
     save_image(folder / "rotated.jpg", stored, quality=95, exif=exif.tobytes())
+    return folder
+
+
+#: Filter Dataset's settings for the planted folder (make_planted_folder): each planted problem fails one of them
+PLANTED_FILTER = {
+    "min_side": 512,
+    "min_sharpness": 50.0,
+    "min_brightness": 0.1,
+    "max_brightness": 0.92,
+    "min_contrast": 0.03,
+    "require_face": True,
+    "max_people": 1,
+    "min_face_size": 64,
+    "max_identity_distance": 0.6,
+}
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """The SHA-256 of every file below `folder`, by relative path (to show a stage left its source untouched)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def write_training_folder(
+    folder: Path, rng: np.random.Generator, size=(64, 80), caption: str = "sks person, smiling"
+) -> Path:
+    """A kohya-style training folder (``.../img/3_sks person``): two noise photos, a.png and b.png (`size` is
+    height, width), each with its caption file."""
+    folder.mkdir(parents=True)
+    for name in ("a", "b"):
+        Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8)).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(caption)
     return folder

@@ -166,16 +166,19 @@ def start_comfyui(
     extra_args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     ports: range | None = None,
+    port: int | None = None,
 ) -> RunningComfyUI:
     """Start ComfyUI on a free loopback port (the first free one of `ports` when given: a test module's own
-    range keeps parallel runs of the suite apart) and wait until /system_stats answers."""
+    range keeps parallel runs of the suite apart; `port` to restart a server on the port it had) and wait until
+    /system_stats answers. The log (``<base_dir>/comfyui.log``) is appended to, so a restart keeps the first
+    run's lines."""
     # ComfyUI 0.3.64 crashes at start when <base>/custom_nodes is missing, and keeps its database in its
     # own folder unless told otherwise.
     (base_dir / "custom_nodes").mkdir(parents=True, exist_ok=True)
     (base_dir / "user").mkdir(parents=True, exist_ok=True)
-    port = free_port(ports)
+    port = port or free_port(ports)
     log_path = base_dir / "comfyui.log"
-    log_file = open(log_path, "w")  # noqa: SIM115 - stays open for the server's lifetime
+    log_file = open(log_path, "a")  # noqa: SIM115 - stays open for the server's lifetime
     command = [
         python or comfyui_python(comfy),
         "main.py",

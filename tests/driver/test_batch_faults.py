@@ -14,7 +14,14 @@ import threading
 import time
 from pathlib import Path
 
-from fakes.batch_checks import assert_outputs_once, executions_by_color, records, run_cli, sweep_file
+from fakes.batch_checks import (
+    assert_outputs_once,
+    batch_run,
+    executions_by_color,
+    records,
+    run_cli,
+    sweep_file,
+)
 from fakes.comfy_server import FakeComfyServer, Knobs, image_workflow
 from fakes.processes import sigint_as_in_a_terminal
 
@@ -109,7 +116,7 @@ def test_sigint_stops_cleanly_and_the_rerun_finishes(tmp_path):
         state = replay(out / JOURNAL_NAME)
         assert state.runs[-1]["reason"] == "interrupted" and not state.torn
         assert "rerun the same command to resume" in proc.stderr.read()
-        code, _, err = run_cli("batch", "run", str(spec), "--server", server.url, "--out", str(out))
+        code, _, err = batch_run(spec, out, server.url)
         assert code == 0, err
         assert max(server.executions.values()) == 1 and set(executions_by_color(server).values()) == {1}
     assert_outputs_once(out, load_batch(spec))
@@ -158,21 +165,7 @@ def test_dropped_connections_and_websockets(tmp_path):
     out = tmp_path / "out"
     knobs = Knobs(node_seconds=0.005, drop_rate=0.15, drop_socket_on="executing", drop_times=5, fault_seed=3)
     with FakeComfyServer(knobs=knobs) as a, FakeComfyServer(knobs=Knobs(node_seconds=0.005)) as b:
-        code, _, err = run_cli(
-            "batch",
-            "run",
-            str(spec),
-            "--server",
-            a.url,
-            "--server",
-            b.url,
-            "--out",
-            str(out),
-            "--backoff",
-            "0.02",
-            "--retries",
-            "20",
-        )
+        code, _, err = batch_run(spec, out, [a.url, b.url], "--backoff", "0.02", "--retries", "20")
         assert code == 0, err
         assert a.injected_faults > 0
         assert max([*a.executions.values(), *b.executions.values()]) == 1

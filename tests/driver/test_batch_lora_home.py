@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from fakes.batch_checks import records, run_cli
+from fakes.batch_checks import batch_run, records
+from fakes.charforge_routes import lying_checksums
 from fakes.comfy_server import FakeComfyServer
 from fakes.train_lora import (
     LORA_ROUTE,
@@ -91,9 +92,7 @@ def test_a_training_sweep_brings_every_lora_and_run_folder_home(comfy_env, monke
     spec = training_sweep(tmp_path)
     out = tmp_path / "out"
     with training_server(comfy_env, monkeypatch) as fake:
-        code, stdout, err = run_cli(
-            "batch", "run", str(spec), "--server", fake.url, "--out", str(out), "--json"
-        )
+        code, stdout, err = batch_run(spec, out, fake.url, "--json")
         assert code == 0, err
         check_home(fake, out)
         done = [json.loads(line) for line in stdout.splitlines() if '"event": "job"' in line]
@@ -105,7 +104,7 @@ def test_a_training_sweep_brings_every_lora_and_run_folder_home(comfy_env, monke
         assert len([r for r in fake.requests if r.path.startswith(LORA_ROUTE)]) == 3
 
         fake.requests.clear()  # a rerun: nothing is submitted or downloaded again
-        code, _, err = run_cli("batch", "run", str(spec), "--server", fake.url, "--out", str(out))
+        code, _, err = batch_run(spec, out, fake.url)
         assert code == 0, err
         assert not [r for r in fake.requests if r.path.startswith(("/prompt", "/charforge/transfer"))]
         assert len(fake.executed) == 3
@@ -159,7 +158,7 @@ def test_driver_killed_before_the_lora_came_home_resumes_by_downloading(comfy_en
         executed = len(fake.executed)
 
         fake.requests.clear()
-        code, _, err = run_cli("batch", "run", str(spec), "--server", fake.url, "--out", str(out))
+        code, _, err = batch_run(spec, out, fake.url)
         assert code == 0, err
         check_home(fake, out)
         assert max(fake.executions.values()) == 1 and len(fake.executed) == 3 >= executed
@@ -179,7 +178,7 @@ def test_a_server_without_transfer_routes_keeps_the_lora_and_says_so(tmp_path):
     out = tmp_path / "out"
     with FakeComfyServer() as fake:
         add_train_node(fake)
-        code, _, err = run_cli("batch", "run", str(spec), "--server", fake.url, "--out", str(out))
+        code, _, err = batch_run(spec, out, fake.url)
     assert code == 0, err
     assert "trained LoRAs stay on" in err and "transfer routes" in err
     manifest = json.loads((out / "name-solo" / "manifest.json").read_text())
@@ -194,9 +193,7 @@ def test_no_lora_home_leaves_it_on_the_server(comfy_env, monkeypatch, tmp_path):
     spec = training_sweep(tmp_path, ["solo"])
     out = tmp_path / "out"
     with training_server(comfy_env, monkeypatch) as fake:
-        code, _, err = run_cli(
-            "batch", "run", str(spec), "--server", fake.url, "--out", str(out), "--no-lora-home"
-        )
+        code, _, err = batch_run(spec, out, fake.url, "--no-lora-home")
     assert code == 0, err
     assert "training" not in json.loads((out / "name-solo" / "manifest.json").read_text())
     assert not (out / "name-solo" / "lora").exists()
@@ -205,31 +202,18 @@ def test_no_lora_home_leaves_it_on_the_server(comfy_env, monkeypatch, tmp_path):
 def test_a_lora_refused_by_its_checksum_is_downloaded_by_the_next_run_not_trained_again(
     comfy_env, monkeypatch, tmp_path
 ):
-    from charforge.nodes import transfer
-
     spec = training_sweep(tmp_path, ["solo"])
     out = tmp_path / "out"
-    real_index = transfer._index
-
-    def lying_index(folder):
-        index = real_index(folder)
-        for meta in index["files"].values():
-            meta["sha256"] = "0" * 64
-        return index
-
     with training_server(comfy_env, monkeypatch) as fake:
-        monkeypatch.setattr(transfer, "_index", lying_index)
-        code, _, err = run_cli("batch", "run", str(spec), "--server", fake.url, "--out", str(out))
+        with lying_checksums():
+            code, _, err = batch_run(spec, out, fake.url)
         assert code == 1 and "failed (home)" in err and "sha256" in err
         state = replay(out / JOURNAL_NAME)
         [job] = state.jobs.values()
         assert (job.state, job.kind) == ("failed", "home")
         assert not list((out / "name-solo").rglob("*.part"))  # a refused file is not kept
 
-        monkeypatch.setattr(transfer, "_index", real_index)
-        code, _, err = run_cli(
-            "batch", "run", str(spec), "--server", fake.url, "--out", str(out)
-        )  # no --retry-failed
+        code, _, err = batch_run(spec, out, fake.url)  # no --retry-failed
         assert code == 0, err
         assert len(fake.executed) == 1 and replay(out / JOURNAL_NAME).jobs[job.id].state == "done"
     manifest = json.loads((out / "name-solo" / "manifest.json").read_text())
@@ -262,7 +246,7 @@ def test_jobs_training_the_same_name_each_keep_their_own_lora(comfy_env, monkeyp
 
     out = tmp_path / "out"
     with training_server(comfy_env, monkeypatch) as fake:
-        code, _, err = run_cli("batch", "run", str(spec), "--server", fake.url, "--out", str(out))
+        code, _, err = batch_run(spec, out, fake.url)
         assert code == 0, err
         for job in plan.jobs:
             name = f"pip_{job.id[:8]}"

@@ -7,7 +7,6 @@ ports 18300-18399 only.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,10 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes.batch_checks import assert_outputs_once, run_cli
+from fakes.batch_checks import assert_outputs_once, batch_run
 from PIL import Image
 
-from cf_testing.real_comfyui import RunningComfyUI, comfyui_dir, comfyui_python, free_port
+import cf_testing.real_comfyui as real
+from cf_testing.real_comfyui import RunningComfyUI, comfyui_dir
 from charforge.driver.batch import load_batch
 from charforge.driver.batch.journal import JOURNAL_NAME, replay
 
@@ -62,42 +62,7 @@ axes:
 def start_comfyui(base: Path, port: int | None = None) -> RunningComfyUI:
     comfy = comfyui_dir()
     assert comfy is not None
-    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
-    (base / "user").mkdir(parents=True, exist_ok=True)
-    port = port or free_port(PORTS)
-    log_path = base / "comfyui.log"
-    log = open(log_path, "a")  # noqa: SIM115 - open for the server's lifetime
-    process = subprocess.Popen(
-        [
-            comfyui_python(comfy),
-            "main.py",
-            "--cpu",
-            "--listen",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--base-directory",
-            str(base),
-            "--database-url",
-            f"sqlite:///{base / 'user' / 'comfyui.db'}",
-        ],
-        cwd=comfy,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    server = RunningComfyUI(f"http://127.0.0.1:{port}", base, log_path, process)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"ComfyUI exited: {server.log()[-3000:]}")
-        try:
-            server.get("/system_stats", timeout=2)
-            return server
-        except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.5)
-    server.stop()
-    raise TimeoutError(f"ComfyUI did not start: {server.log()[-3000:]}")
+    return real.start_comfyui(comfy, base, ports=PORTS, port=port)
 
 
 @pytest.fixture(scope="module")
@@ -120,17 +85,7 @@ def test_36_job_sweep_with_contact_sheet(tmp_path, comfyui):
     plan = load_batch(spec)
     assert len(plan.jobs) == 36 and plan.jobs[0].folder == "prompt-16711680/seed-0/strength-0.25"
     out = tmp_path / "out"
-    code, stdout, err = run_cli(
-        "batch",
-        "run",
-        str(spec),
-        "--server",
-        comfyui.url,
-        "--out",
-        str(out),
-        "--contact-sheet",
-        "seed,strength",
-    )
+    code, stdout, err = batch_run(spec, out, comfyui.url, "--contact-sheet", "seed,strength")
     assert code == 0, err
     assert "done 36" in stdout
     assert_outputs_once(out, plan)
@@ -174,7 +129,7 @@ def test_killed_and_resumed_against_real_comfyui(tmp_path, comfyui):
     proc.wait()
     state = replay(journal)
     in_flight = [j for j in state.jobs.values() if j.state in ("submitting", "submitted", "finished")]
-    code, _, err = run_cli("batch", "run", str(spec), "--server", comfyui.url, "--out", str(out))
+    code, _, err = batch_run(spec, out, comfyui.url)
     assert code == 0, err
     plan = load_batch(spec)
     assert_outputs_once(out, plan)

@@ -7,7 +7,14 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes.batch_checks import assert_outputs_once, executions_by_color, records, run_cli, sweep_file
+from fakes.batch_checks import (
+    assert_outputs_once,
+    batch_run,
+    executions_by_color,
+    records,
+    run_cli,
+    sweep_file,
+)
 from fakes.comfy_server import FakeComfyServer, image_workflow, wait_workflow
 from PIL import Image
 
@@ -73,9 +80,7 @@ def test_sweep_runs_on_two_servers_with_folders_manifests_summary_and_sheet(tmp_
     spec = sweep_file(tmp_path, [1, 2, 3], [16, 24])
     out = tmp_path / "out"
     with FakeComfyServer() as a, FakeComfyServer() as b:
-        code, stdout, stderr = run_cli(
-            "batch", "run", str(spec), "--server", a.url, "--server", b.url, "--out", str(out)
-        )
+        code, stdout, stderr = batch_run(spec, out, [a.url, b.url])
         assert code == 0, stderr
         assert a.executions and b.executions  # the pool shared the work
         assert executions_by_color(a, b) == {1: 2, 2: 2, 3: 2}
@@ -98,7 +103,7 @@ def test_sweep_runs_on_two_servers_with_folders_manifests_summary_and_sheet(tmp_
     assert sheet.width > 3 * 200 and sheet.height > 2 * 200
     # rerun: nothing runs again
     with FakeComfyServer() as c:
-        code, _, _ = run_cli("batch", "run", str(spec), "--server", c.url, "--out", str(out))
+        code, _, _ = batch_run(spec, out, c.url)
         assert code == 0 and not c.executions
     code, stdout, _ = run_cli("batch", "status", str(out))
     assert code == 0 and "6 jobs, complete" in stdout and "done 6" in stdout
@@ -107,9 +112,7 @@ def test_sweep_runs_on_two_servers_with_folders_manifests_summary_and_sheet(tmp_
 def test_window_limits_jobs_per_server(tmp_path, fake_comfy):
     fake_comfy.knobs.node_seconds = 0.02
     spec = sweep_file(tmp_path, list(range(8)))
-    code, _, err = run_cli(
-        "batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o"), "--window", "3"
-    )
+    code, _, err = batch_run(spec, tmp_path / "o", fake_comfy.url, "--window", "3")
     assert code == 0, err
     seen = fake_comfy.in_flight_at_submit
     assert len(seen) == 8 and max(seen) == 2  # with the new one, 3 in flight: the queue is fed, not flooded
@@ -151,9 +154,7 @@ def test_graph_invalid_on_one_server_goes_only_to_the_other(tmp_path):
     spec = sweep_file(tmp_path, [1, 2, 3, 4])
     with FakeComfyServer() as a, FakeComfyServer() as b:
         b.nodes.pop("ImageScale")
-        code, _, err = run_cli(
-            "batch", "run", str(spec), "--server", a.url, "--server", b.url, "--out", str(tmp_path / "o")
-        )
+        code, _, err = batch_run(spec, tmp_path / "o", [a.url, b.url])
         assert code == 0, err
         assert len(a.executions) == 4 and not b.executions
         assert not [r for r in b.requests if r.method == "POST" and r.path.endswith("/prompt")]
@@ -164,9 +165,7 @@ def test_graph_invalid_everywhere_fails_without_submitting(tmp_path):
     with FakeComfyServer() as a, FakeComfyServer() as b:
         a.nodes.pop("ImageScale")
         b.nodes.pop("ImageScale")
-        code, stdout, err = run_cli(
-            "batch", "run", str(spec), "--server", a.url, "--server", b.url, "--out", str(tmp_path / "o")
-        )
+        code, stdout, err = batch_run(spec, tmp_path / "o", [a.url, b.url])
         assert code == 1
         assert not [
             r for s in (a, b) for r in s.requests if r.method == "POST" and r.path.endswith("/prompt")
@@ -177,28 +176,16 @@ def test_graph_invalid_everywhere_fails_without_submitting(tmp_path):
     assert "failures:" in stdout
     # a deterministic failure is not retried by a rerun (unless asked)
     with FakeComfyServer() as c:
-        code, _, _ = run_cli("batch", "run", str(spec), "--server", c.url, "--out", str(tmp_path / "o"))
+        code, _, _ = batch_run(spec, tmp_path / "o", c.url)
         assert code == 1 and not c.executions
-        code, _, _ = run_cli(
-            "batch", "run", str(spec), "--server", c.url, "--out", str(tmp_path / "o"), "--retry-failed"
-        )
+        code, _, _ = batch_run(spec, tmp_path / "o", c.url, "--retry-failed")
         assert code == 0 and len(c.executions) == 2
 
 
 def test_node_exception_is_not_retried(tmp_path, fake_comfy):
     fake_comfy.knobs.fail_node = "ImageScale"
     spec = sweep_file(tmp_path, [1, 2])
-    code, _, _ = run_cli(
-        "batch",
-        "run",
-        str(spec),
-        "--server",
-        fake_comfy.url,
-        "--out",
-        str(tmp_path / "o"),
-        "--backoff",
-        "0.01",
-    )
+    code, _, _ = batch_run(spec, tmp_path / "o", fake_comfy.url, "--backoff", "0.01")
     assert code == 1
     assert sorted(executions_by_color(fake_comfy).values()) == [1, 1]
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
@@ -209,19 +196,7 @@ def test_node_exception_is_not_retried(tmp_path, fake_comfy):
 def test_transient_storm_of_500_and_429_is_retried(tmp_path, fake_comfy):
     fake_comfy.knobs.fail_rate = 0.3
     spec = sweep_file(tmp_path, list(range(8)))
-    code, _, err = run_cli(
-        "batch",
-        "run",
-        str(spec),
-        "--server",
-        fake_comfy.url,
-        "--out",
-        str(tmp_path / "o"),
-        "--backoff",
-        "0.01",
-        "--retries",
-        "20",
-    )
+    code, _, err = batch_run(spec, tmp_path / "o", fake_comfy.url, "--backoff", "0.01", "--retries", "20")
     assert code == 0, err
     assert fake_comfy.injected_faults >= 3
     assert sorted(executions_by_color(fake_comfy).values()) == [1] * 8
@@ -232,19 +207,7 @@ def test_transient_storm_of_500_and_429_is_retried(tmp_path, fake_comfy):
     fake_comfy.knobs.fail_status, fake_comfy.knobs.retry_after = 429, 0.02
     before = fake_comfy.injected_faults
     spec = sweep_file(tmp_path, list(range(100, 104)), name="s429.json")
-    code, _, err = run_cli(
-        "batch",
-        "run",
-        str(spec),
-        "--server",
-        fake_comfy.url,
-        "--out",
-        str(tmp_path / "o2"),
-        "--backoff",
-        "0.01",
-        "--retries",
-        "20",
-    )
+    code, _, err = batch_run(spec, tmp_path / "o2", fake_comfy.url, "--backoff", "0.01", "--retries", "20")
     assert code == 0, err
     assert fake_comfy.injected_faults > before
     assert sorted(executions_by_color(fake_comfy).values()) == [1] * 12
@@ -256,17 +219,7 @@ def test_retry_after_is_honoured(tmp_path, fake_comfy):
     fake_comfy.knobs.retry_after, fake_comfy.knobs.fault_paths = 0.4, ("/prompt",)
     spec = sweep_file(tmp_path, [1])
     start = time.monotonic()
-    code, _, _ = run_cli(
-        "batch",
-        "run",
-        str(spec),
-        "--server",
-        fake_comfy.url,
-        "--out",
-        str(tmp_path / "o"),
-        "--backoff",
-        "0.001",
-    )
+    code, _, _ = batch_run(spec, tmp_path / "o", fake_comfy.url, "--backoff", "0.001")
     assert code == 0 and time.monotonic() - start >= 0.4
     retries = [r for r in records(tmp_path / "o") if r["ev"] == "retry"]
     assert len(retries) == 1 and retries[0]["delay"] >= 0.4 and "429" in retries[0]["reason"]
@@ -275,42 +228,20 @@ def test_retry_after_is_honoured(tmp_path, fake_comfy):
 def test_transient_failures_give_up_then_a_rerun_retries(tmp_path, fake_comfy):
     fake_comfy.knobs.fail_rate, fake_comfy.knobs.fault_paths = 1.0, ("/prompt",)
     spec = sweep_file(tmp_path, [1])
-    code, _, _ = run_cli(
-        "batch",
-        "run",
-        str(spec),
-        "--server",
-        fake_comfy.url,
-        "--out",
-        str(tmp_path / "o"),
-        "--backoff",
-        "0.001",
-        "--retries",
-        "2",
-    )
+    code, _, _ = batch_run(spec, tmp_path / "o", fake_comfy.url, "--backoff", "0.001", "--retries", "2")
     assert code == 1
     state = replay(tmp_path / "o" / JOURNAL_NAME)
     (job,) = state.jobs.values()
     assert job.state == "failed" and job.kind == "transient" and job.retries == 2
     fake_comfy.knobs.fail_rate = 0.0
-    code, _, _ = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o"))
+    code, _, _ = batch_run(spec, tmp_path / "o", fake_comfy.url)
     assert code == 0 and len(fake_comfy.executions) == 1
 
 
 def test_lost_answer_is_not_submitted_twice(tmp_path, fake_comfy):
     fake_comfy.knobs.abort_prompt_responses = 2
     spec = sweep_file(tmp_path, [1, 2, 3])
-    code, _, err = run_cli(
-        "batch",
-        "run",
-        str(spec),
-        "--server",
-        fake_comfy.url,
-        "--out",
-        str(tmp_path / "o"),
-        "--backoff",
-        "0.01",
-    )
+    code, _, err = batch_run(spec, tmp_path / "o", fake_comfy.url, "--backoff", "0.01")
     assert code == 0, err
     assert sorted(executions_by_color(fake_comfy).values()) == [1, 1, 1]
 
@@ -319,17 +250,7 @@ def test_timeout_cancels_the_job(tmp_path, fake_comfy):
     spec = tmp_path / "b.jsonl"
     spec.write_text(json.dumps({"prompt": wait_workflow(seconds=5.0, steps=50), "name": "slow"}) + "\n")
     start = time.monotonic()
-    code, _, _ = run_cli(
-        "batch",
-        "run",
-        str(spec),
-        "--server",
-        fake_comfy.url,
-        "--out",
-        str(tmp_path / "o"),
-        "--timeout",
-        "0.5",
-    )
+    code, _, _ = batch_run(spec, tmp_path / "o", fake_comfy.url, "--timeout", "0.5")
     assert code == 1 and time.monotonic() - start < 4
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["counts"]["timed_out"] == 1 and summary["failures"][0]["kind"] == "timeout"
@@ -370,7 +291,7 @@ def test_resume_follows_a_job_the_server_still_has(tmp_path, fake_comfy):
     _journal_submitted(out, spec, 0, "11111111-aaaa-4bbb-8ccc-000000000001", url)
     with (out / JOURNAL_NAME).open("a") as handle:
         handle.write('{"t": 1, "ev": "submitting", "job": "torn')  # the killed driver's torn last line
-    code, _, err = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(out))
+    code, _, err = batch_run(spec, out, fake_comfy.url)
     assert code == 0, err
     assert sorted(executions_by_color(fake_comfy).values()) == [1, 1]
     assert fake_comfy.executions["11111111-aaaa-4bbb-8ccc-000000000001"] == 1
@@ -388,7 +309,7 @@ def test_resume_resubmits_with_a_new_id_when_the_server_forgot(tmp_path, fake_co
     with ComfyClient(fake_comfy.url) as client:
         url = client.url
     _journal_submitted(out, spec, 1, "22222222-aaaa-4bbb-8ccc-000000000002", url)
-    code, _, err = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(out))
+    code, _, err = batch_run(spec, out, fake_comfy.url)
     assert code == 0, err
     assert "22222222-aaaa-4bbb-8ccc-000000000002" not in fake_comfy.executions
     evs = [r["ev"] for r in records(out) if r.get("job") == load_batch(spec).jobs[1].id]
@@ -399,14 +320,14 @@ def test_resume_resubmits_with_a_new_id_when_the_server_forgot(tmp_path, fake_co
 def test_resume_after_a_crash_between_rename_and_journal_does_not_download_again(tmp_path, fake_comfy):
     spec = sweep_file(tmp_path, [1, 2])
     out = tmp_path / "o"
-    code, _, _ = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(out))
+    code, _, _ = batch_run(spec, out, fake_comfy.url)
     assert code == 0
     # cut the journal back to before the first "done": the folder is complete but the journal does not know
     lines = (out / JOURNAL_NAME).read_text().splitlines(keepends=True)
     first_done = next(i for i, line in enumerate(lines) if '"ev":"done"' in line)
     (out / JOURNAL_NAME).write_text("".join(lines[:first_done]))
     with FakeComfyServer() as fresh:  # a server that knows nothing: the outputs must not be fetched again
-        code, _, err = run_cli("batch", "run", str(spec), "--server", fresh.url, "--out", str(out))
+        code, _, err = batch_run(spec, out, fresh.url)
         assert code == 0, err
         assert len(fresh.executions) <= 1 and not [r for r in fresh.requests if r.path.endswith("/view")][1:]
     assert_outputs_once(out, load_batch(spec))
@@ -415,13 +336,11 @@ def test_resume_after_a_crash_between_rename_and_journal_does_not_download_again
 def test_changed_plan_is_refused_unless_forced(tmp_path, fake_comfy):
     spec = sweep_file(tmp_path, [1, 2])
     out = tmp_path / "o"
-    assert run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(out))[0] == 0
+    assert batch_run(spec, out, fake_comfy.url)[0] == 0
     sweep_file(tmp_path, [1, 2, 3])
-    code, _, err = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(out))
+    code, _, err = batch_run(spec, out, fake_comfy.url)
     assert code == 2 and "planned from a different batch file" in err and "--force-replan" in err
-    code, _, err = run_cli(
-        "batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(out), "--force-replan"
-    )
+    code, _, err = batch_run(spec, out, fake_comfy.url, "--force-replan")
     assert code == 0, err
     assert sorted(executions_by_color(fake_comfy).values()) == [1, 1, 1]
 
@@ -434,9 +353,9 @@ def test_random_seed_plan_is_kept_on_resume(tmp_path, fake_comfy):
         "seed: {set: Blank.color, policy: random}\n"
     )  # no master: one is drawn and recorded
     out = tmp_path / "o"
-    first = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(out))
+    first = batch_run(spec, out, fake_comfy.url)
     seeds = [j["seed"] for j in json.loads((out / "plan.json").read_text())["jobs"]]
-    second = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(out))
+    second = batch_run(spec, out, fake_comfy.url)
     assert "different batch file" not in second[2] and first[0] == second[0]
     assert [j["seed"] for j in json.loads((out / "plan.json").read_text())["jobs"]] == seeds
 
@@ -447,9 +366,7 @@ def test_second_runner_on_the_same_folder_is_refused(tmp_path, fake_comfy):
     runner = BatchRunner(plan, [ComfyTarget(fake_comfy.url)], RunOptions(tmp_path / "o"))
     runner._lock()
     try:
-        code, _, err = run_cli(
-            "batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o")
-        )
+        code, _, err = batch_run(spec, tmp_path / "o", fake_comfy.url)
         assert code == 2 and "another 'charforge batch run'" in err
     finally:
         runner._unlock()
@@ -462,29 +379,9 @@ def test_status_of_a_folder_without_journal_is_an_error(tmp_path):
 
 def test_contact_sheet_axes_are_checked(tmp_path, fake_comfy):
     spec = sweep_file(tmp_path, [1, 2], [16, 24])
-    code, _, err = run_cli(
-        "batch",
-        "run",
-        str(spec),
-        "--server",
-        fake_comfy.url,
-        "--out",
-        str(tmp_path / "o"),
-        "--contact-sheet",
-        "color,nope",
-    )
+    code, _, err = batch_run(spec, tmp_path / "o", fake_comfy.url, "--contact-sheet", "color,nope")
     assert code == 2 and "no sweep axis 'nope'" in err
-    code, _, _ = run_cli(
-        "batch",
-        "run",
-        str(spec),
-        "--server",
-        fake_comfy.url,
-        "--out",
-        str(tmp_path / "o"),
-        "--contact-sheet",
-        "width,color",
-    )
+    code, _, _ = batch_run(spec, tmp_path / "o", fake_comfy.url, "--contact-sheet", "width,color")
     assert code == 0
     sheet = Image.open(tmp_path / "o" / "contact_sheet.png")
     assert sheet.width < sheet.height * 2  # 2 columns (width) x 2 rows (color)
@@ -518,7 +415,7 @@ def test_an_output_the_server_will_not_serve_fails_only_that_job(tmp_path, fake_
         404,
         ("/view",),
     )
-    code, _, _ = run_cli("batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o"))
+    code, _, _ = batch_run(spec, tmp_path / "o", fake_comfy.url)
     assert code == 1
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["counts"] == {**summary["counts"], "done": 1, "failed": 1}
@@ -551,9 +448,7 @@ def test_a_job_resumed_after_its_deadline_is_still_collected_when_finished(tmp_p
         {"t": long_ago, "ev": "submitted", "job": plan.jobs[0].id, "prompt_id": job.prompt_id, "server": url},
     ]
     (out / JOURNAL_NAME).write_text("".join(json.dumps(line) + "\n" for line in lines))
-    code, _, err = run_cli(
-        "batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(out), "--timeout", "5"
-    )
+    code, _, err = batch_run(spec, out, fake_comfy.url, "--timeout", "5")
     assert code == 0, err
     assert fake_comfy.executions == {job.prompt_id: 1}
     assert_outputs_once(out, plan)
@@ -575,9 +470,7 @@ def test_json_records_and_a_sheet_with_a_failed_cell(tmp_path, fake_comfy):
         return original(prompt, partial)
 
     fake_comfy.validate_prompt = reject_color_two
-    code, stdout, _ = run_cli(
-        "batch", "run", str(spec), "--server", fake_comfy.url, "--out", str(tmp_path / "o"), "--json"
-    )
+    code, stdout, _ = batch_run(spec, tmp_path / "o", fake_comfy.url, "--json")
     assert code == 1
     lines = [json.loads(line) for line in stdout.splitlines()]
     jobs = [r for r in lines if r["event"] == "job"]

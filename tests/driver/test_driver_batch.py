@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from fakes.comfy_server import sampler_workflow
 
+from cf_testing.cli import run_driver_cli as run_cli
 from charforge.driver import cli
 from charforge.driver.batch.plan import BatchError, expand_range, load_batch, parse_sweep, safe_name
 
@@ -23,12 +24,6 @@ def wf(tmp_path: Path) -> Path:
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 # JSON Lines ---------------------------------------------------------------------------------------------------

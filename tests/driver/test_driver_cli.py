@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -16,15 +15,10 @@ from fakes.comfy_server import FakeComfyServer, image_workflow, sampler_workflow
 from fakes.processes import sigint_as_in_a_terminal
 from fakes.ui_workflows import classic
 
-from charforge.driver import cli, local
+from cf_testing.cli import run_driver_cli as run_cli
+from charforge.driver import local
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def write(path: Path, data: dict) -> Path:

@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes.batch_checks import records, sweep_file
+from fakes.batch_checks import batch_run, records, sweep_file
 from fakes.comfy_server import FakeComfyServer, image_workflow
 from fakes.runpod_api import FakeRunPod
 from fakes.ui_workflows import classic
 
+from cf_testing.cli import run_driver_cli as run_cli
 from charforge.driver import cli
 from charforge.driver.client import ComfyClient
 from charforge.driver.secrets import mask, mask_body
@@ -35,12 +36,6 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "RUNPOD_API_KEY",
     ):
         monkeypatch.delenv(name, raising=False)
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def write(path: Path, data: dict) -> Path:
@@ -178,19 +173,7 @@ def test_batch_downloads_are_bounded_by_the_job_timeout_and_the_size_limit(fake_
     fake_comfy.knobs.view_mode = "trickle"
     fake_comfy.knobs.trickle_seconds = 0.2
     start = time.monotonic()
-    code, _, err = run_cli(
-        "batch",
-        "run",
-        str(spec),
-        "--server",
-        fake_comfy.url,
-        "--out",
-        str(tmp_path / "a"),
-        "--timeout",
-        "2",
-        "--backoff",
-        "0.05",
-    )
+    code, _, err = batch_run(spec, tmp_path / "a", fake_comfy.url, "--timeout", "2", "--backoff", "0.05")
     assert code == 1 and time.monotonic() - start < 10, err
     ends = [r for r in records(tmp_path / "a") if r["ev"] == "timed_out"]
     assert len(ends) == 1 and "downloading its outputs did not finish within 2 s" in ends[0]["reason"]
@@ -198,17 +181,7 @@ def test_batch_downloads_are_bounded_by_the_job_timeout_and_the_size_limit(fake_
     # over the size limit: failed at once with the reason, never retried (the same request gets the same answer)
     fake_comfy.knobs.view_mode = "infinite"
     monkeypatch.setenv("CHARFORGE_MAX_DOWNLOAD_MB", "0.1")
-    code, _, err = run_cli(
-        "batch",
-        "run",
-        str(spec),
-        "--server",
-        fake_comfy.url,
-        "--out",
-        str(tmp_path / "b"),
-        "--backoff",
-        "0.05",
-    )
+    code, _, err = batch_run(spec, tmp_path / "b", fake_comfy.url, "--backoff", "0.05")
     assert code == 1, err
     journal = records(tmp_path / "b")
     failed = [r for r in journal if r["ev"] == "failed"]

@@ -4,7 +4,6 @@ the fake's bill, and ``--max-cost``."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -15,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fakes.batch_checks import journal
 from fakes.comfy_server import FakeComfyServer, Knobs, image_workflow
 from fakes.replicate_api import FakeReplicate
 
@@ -37,17 +37,6 @@ def pool(tmp_path: Path) -> Iterator[tuple[FakeComfyServer, FakeComfyServer, Fak
     ):
         replicate.add_model(MODEL, "comfyui", upstream=remote, hardware="gpu-a100-large")
         yield local, remote, replicate
-
-
-def journal(out: Path) -> list[dict]:
-    path = out / "journal.jsonl"
-    if not path.exists():
-        return []
-    lines = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):  # a torn last line while the writer is killed
-            lines.append(json.loads(line))
-    return lines
 
 
 def environment(replicate: FakeReplicate, tmp_path: Path) -> dict[str, str]:

@@ -12,27 +12,16 @@ from pathlib import Path
 
 import pytest
 from fakes.comfy_server import png_bytes
-from fakes.replicate_api import PRICES, FakeReplicate, fake_lora
+from fakes.replicate_api import PRICES, TRAINER, FakeReplicate, fake_lora, trainer_fake
 
+from cf_testing.cli import run_charforge as cli
 from charforge.driver.errors import ProtocolError
 from charforge.driver.replicate.training import TrainingParams, dataset_archive, extract_lora, trainer_input
-from charforge.recipes.cli import main
-
-TRAINER = "ostris/flux-dev-lora-trainer"
 
 
 @pytest.fixture
 def replicate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeReplicate]:
-    with FakeReplicate() as fake:
-        fake.add_model(TRAINER, "trainer", hardware="gpu-h100", lora_base="sd15")
-        fake.add_model("me/alice", "plain", versions=0)
-        for name, value in fake.env().items():
-            monkeypatch.setenv(name, value)
-        for name in ("CHARFORGE_SERVER", "CHARFORGE_PROFILE"):
-            monkeypatch.delenv(name, raising=False)
-        config = tmp_path / "config.yaml"
-        config.write_text("replicate:\n  poll_interval: 0.05\n  hardware: gpu-h100\n", encoding="utf-8")
-        monkeypatch.setenv("CHARFORGE_CONFIG", str(config))
+    with trainer_fake(monkeypatch, tmp_path, "me/alice") as fake:
         yield fake
 
 
@@ -44,12 +33,6 @@ def dataset(folder: Path, captions: bool = True) -> Path:
             (folder / f"img{i}.txt").write_text(f"alicetok, photo {i}", encoding="utf-8")
     (folder / "notes.md").write_text("not an image", encoding="utf-8")
     return folder
-
-
-def cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = main(list(argv), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_train_from_dataset_to_a_loaded_lora_and_a_preset(replicate: FakeReplicate, tmp_path: Path) -> None:

@@ -16,8 +16,9 @@ import pytest
 from fakes.comfy_server import FakeComfyServer, image_workflow, png_bytes, wait_workflow
 from fakes.replicate_api import FakeReplicate, ReplicateKnobs
 
+from cf_testing.cli import point_cli_at
+from cf_testing.cli import run_driver_cli as cli
 from charforge.driver.batch.targets import JobSpec, is_transient
-from charforge.driver.cli import main
 from charforge.driver.config import resolve_replicate
 from charforge.driver.errors import AuthenticationError, ExecutionError, JobTimeout
 from charforge.driver.replicate import CreateOutcomeUnknown, ReplicateAPI, ReplicateTarget, workflow_tag
@@ -31,24 +32,12 @@ def replicate(
 ) -> Iterator[FakeReplicate]:
     with FakeReplicate(knobs=ReplicateKnobs()) as fake:
         fake.add_model(MODEL, "comfyui", upstream=fake_comfy, hardware="gpu-a100-large")
-        for name, value in fake.env().items():
-            monkeypatch.setenv(name, value)
-        for name in ("CHARFORGE_SERVER", "CHARFORGE_PROFILE", "CHARFORGE_TOKEN"):
-            monkeypatch.delenv(name, raising=False)
-        config = tmp_path / "config.yaml"
-        config.write_text(
+        config = (
             f"profiles:\n  rep:\n    replicate:\n      model: {MODEL}\n      hardware: gpu-a100-large\n"
-            "      poll_interval: 0.05\n",
-            encoding="utf-8",
+            "      poll_interval: 0.05\n"
         )
-        monkeypatch.setenv("CHARFORGE_CONFIG", str(config))
+        point_cli_at(monkeypatch, fake.env(), tmp_path / "config.yaml", config)
         yield fake
-
-
-def cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = main(list(argv), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def load_and_save() -> dict:

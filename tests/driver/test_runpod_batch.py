@@ -8,7 +8,6 @@ Times are scaled down 100x: proxy timeout and idle limit 1 s (100 s for real), s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fakes.batch_checks import journal
 from fakes.comfy_server import FakeComfyServer, image_workflow, wait_workflow
 from fakes.runpod_api import FakeRunPod, RunPodKnobs
 
@@ -55,17 +55,6 @@ def gif_only() -> dict:
         "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 2, "color": 9}},
         "2": {"class_type": "CF_SaveGif", "inputs": {"images": ["1", 0], "filename_prefix": "clip"}},
     }
-
-
-def journal(out: Path) -> list[dict]:
-    path = out / "journal.jsonl"
-    if not path.exists():
-        return []
-    lines = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):  # a torn last line while the writer is killed
-            lines.append(json.loads(line))
-    return lines
 
 
 def test_batch_on_a_pod_through_the_proxy(

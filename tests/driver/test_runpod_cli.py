@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +10,8 @@ import pytest
 from fakes.comfy_server import FakeComfyServer, image_workflow
 from fakes.runpod_api import FakeRunPod, RunPodKnobs
 
-from charforge.driver.cli import main
+from cf_testing.cli import point_cli_at
+from cf_testing.cli import run_driver_cli as cli
 
 
 @pytest.fixture
@@ -22,18 +22,8 @@ def runpod(
         knobs=RunPodKnobs(proxy_timeout=1.0, ws_idle_timeout=1.0), default_upstream=fake_comfy
     ) as fake:
         fake.add_endpoint("ep1", fake_comfy)
-        for name, value in fake.env().items():
-            monkeypatch.setenv(name, value)
-        for name in ("CHARFORGE_SERVER", "CHARFORGE_PROFILE", "CHARFORGE_TOKEN"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("CHARFORGE_CONFIG", str(tmp_path / "none.yaml"))
+        point_cli_at(monkeypatch, fake.env(), tmp_path / "none.yaml")
         yield fake
-
-
-def cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = main(list(argv), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_gpus_pods_and_pod_lifecycle_commands(runpod: FakeRunPod, fake_comfy: FakeComfyServer) -> None:

@@ -8,7 +8,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from fakes.charforge_routes import transfer_server
+from fakes.charforge_routes import lying_checksums, transfer_server
 
 from charforge.driver.client.async_client import AsyncComfyClient
 from charforge.driver.errors import ProtocolError
@@ -72,18 +72,7 @@ def test_interrupted_download_resumes_with_range(server, tmp_path):
 
 
 def test_checksum_mismatch_is_refused_and_nothing_kept(server, tmp_path, monkeypatch):
-    from charforge.nodes import transfer
-
-    real_index = transfer._index
-
-    def lying_index(folder):
-        index = real_index(folder)
-        for meta in index["files"].values():
-            meta["sha256"] = "0" * 64
-        return index
-
-    monkeypatch.setattr(transfer, "_index", lying_index)
-    with pytest.raises(ProtocolError, match="sha256"):
+    with lying_checksums(), pytest.raises(ProtocolError, match="sha256"):
         _run(server.url, lambda c: download_tree(c, "train_runs/pip", tmp_path / "run"))
     assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
 

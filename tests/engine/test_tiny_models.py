@@ -3,6 +3,9 @@
 The writer is proven right by diffusers' own single-file loader: it must read our file back into
 identical tensors. Key names are also spot-checked against the real layout, and (opt-in, COMFYUI_DIR set)
 against a real ComfyUI's model detection and checkpoint loader.
+
+(Over 600 lines on purpose: it mirrors the one module it tests, cf_testing.models, whose builders and writer
+every other test relies on.)
 """
 
 from __future__ import annotations

@@ -3,20 +3,14 @@ makes (outputs exactly once, executions per job)."""
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 from pathlib import Path
 
 from fakes.comfy_server import FakeComfyServer, image_workflow
 
-from charforge.driver import cli
+from cf_testing.cli import run_driver_cli as run_cli  # noqa: F401 - the batch tests take it from here
 from charforge.driver.batch.journal import JOURNAL_NAME
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def sweep_file(
@@ -60,5 +54,25 @@ def assert_outputs_once(out: Path, plan) -> None:
     assert not list(out.rglob("*.stale-*")) and not (out / ".staging").exists()
 
 
+def batch_run(spec: Path, out: Path, server: str | list[str], *options: str) -> tuple[int, str, str]:
+    """``batch run SPEC --server URL ... --out OUT OPTIONS`` through the driver's command line, in this process."""
+    servers = [server] if isinstance(server, str) else server
+    pool = [arg for url in servers for arg in ("--server", url)]
+    return run_cli("batch", "run", str(spec), *pool, "--out", str(out), *options)
+
+
 def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / JOURNAL_NAME).read_text().splitlines()]
+
+
+def journal(out: Path) -> list[dict]:
+    """The journal's records so far, read while a batch may still be writing it: none before it exists, and a torn
+    last line (the writer killed mid-line) left out."""
+    path = out / JOURNAL_NAME
+    if not path.exists():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            lines.append(json.loads(line))
+    return lines

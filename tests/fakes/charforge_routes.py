@@ -26,6 +26,26 @@ def transfer_server(comfy_env: Any, **options: Any) -> Iterator[FakeComfyServer]
         yield server
 
 
+@contextlib.contextmanager
+def lying_checksums() -> Iterator[None]:
+    """While inside: the transfer routes' file index gives every file a wrong sha256 (a download must refuse it)."""
+    from charforge.nodes import transfer
+
+    real_index = transfer._index
+
+    def lying_index(folder):
+        index = real_index(folder)
+        for meta in index["files"].values():
+            meta["sha256"] = "0" * 64
+        return index
+
+    transfer._index = lying_index
+    try:
+        yield
+    finally:
+        transfer._index = real_index
+
+
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
 

@@ -27,6 +27,9 @@ Usage::
         client = ComfyClient(server.url)
 
 Run as a script it stands in for ComfyUI's ``main.py`` (``--listen 127.0.0.1 --port N``) until killed.
+
+(Over 600 lines on purpose: it is one protocol, and its parts share the one queue, history and socket state that
+the documented message order depends on; the thread and event loop around it are :mod:`fakes.loopback`'s.)
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ Flux LoRA trainers (``input_images`` zip, ``trigger_word``, ``steps``, ``lora_ra
 States ``starting`` -> ``processing`` -> ``succeeded`` | ``failed`` | ``canceled``; ``metrics.predict_time`` is
 the processing time and the bill is that x the model hardware's price per second. Knobs add 429 storms with
 ``Retry-After``, 5xx answers, lost create answers (created, connection cut), slow starts and failures.
+
+(Over 600 lines on purpose: predictions, trainings, models and files share one fake account's state and its
+billing, which the tests read across endpoints; the serving thread and loop are :mod:`fakes.loopback`'s.)
 """
 
 from __future__ import annotations
@@ -31,13 +34,18 @@ import struct
 import tarfile
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from fakes.loopback import LoopbackServer, history_entry, throttled
+
+#: the hosted LoRA trainer the training tests use (shaped like the Flux LoRA trainers on Replicate)
+TRAINER = "ostris/flux-dev-lora-trainer"
 
 #: USD per second by hardware, the fake's own price list (the bill the driver's estimate is compared with)
 PRICES = {
@@ -593,6 +601,20 @@ class FakeReplicate(LoopbackServer):
         version = self._version_id()
         model.versions.append(version)
         return {"version": f"{model.full_name}:{version}", "weights": f"{self.url}/delivery/{key}"}, None
+
+
+@contextlib.contextmanager
+def trainer_fake(monkeypatch: Any, tmp_path: Path, destination: str) -> Iterator[FakeReplicate]:
+    """A fake Replicate with an ostris-style Flux LoRA trainer (:data:`TRAINER`, on an H100, making SD1.5-sized
+    LoRAs) and the empty `destination` model, with the command line pointed at it (polling every 0.05 s)."""
+    from cf_testing.cli import point_cli_at
+
+    with FakeReplicate() as fake:
+        fake.add_model(TRAINER, "trainer", hardware="gpu-h100", lora_base="sd15")
+        fake.add_model(destination, "plain", versions=0)
+        config = "replicate:\n  poll_interval: 0.05\n  hardware: gpu-h100\n"
+        point_cli_at(monkeypatch, fake.env(), tmp_path / "config.yaml", config)
+        yield fake
 
 
 def fake_lora(base: str, rank: int, trigger: str) -> bytes:

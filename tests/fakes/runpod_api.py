@@ -20,6 +20,9 @@ One aiohttp server on 127.0.0.1 serves three roots:
 
 Knobs (:class:`RunPodKnobs`) add 429 storms, lost ``/run`` answers, cold starts and boot phases. Every request
 is recorded; billing is tracked per pod (hourly price x running time) and per job (execution time).
+
+(Over 600 lines on purpose: the three roots share the pods, endpoints, billing and request record of one fake
+account, which tests read across them; the serving thread and loop are :mod:`fakes.loopback`'s.)
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import yaml
 from fakes.comfy_server import FakeComfyServer, NodeDef
 from PIL import Image
 
+from cf_testing.cli import run_charforge as run_cli  # noqa: F401 - the tune tests take it from here
 from cf_testing.face_models import blank_image, face_image, write_clip_folder, write_face_pack
 
 OPTIMUM = {"learning_rate": 3e-4, "rank": 16}
@@ -302,12 +303,3 @@ def env_fixture(no_comfy, monkeypatch, models, tmp_path) -> Path:
     )
     write_train_workflow(tmp_path / "train.json")
     return tmp_path
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    """The ``charforge`` command in this process: (exit code, stdout, stderr)."""
-    from charforge.recipes import cli
-
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()

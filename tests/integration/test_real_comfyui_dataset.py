@@ -11,11 +11,11 @@ markers) goes into ComfyUI's input folder; one prompt chains Load -> Analyse -> 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from pathlib import Path
 
+from cf_testing.photos import PLANTED_FILTER, tree_hashes
 from cf_testing.real_comfyui import (
     comfyui_dir,
     comfyui_python,
@@ -26,14 +26,6 @@ from cf_testing.real_comfyui import (
 )
 
 pytestmark = suite_marks(slow=False)
-
-
-def _hashes(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _prompt(folder: str, pack: str) -> dict:
@@ -60,15 +52,7 @@ def _prompt(folder: str, pack: str) -> dict:
         "3": node(
             "CharForgeFilterDataset",
             dataset=["2", 0],
-            min_side=512,
-            min_sharpness=50.0,
-            min_brightness=0.1,
-            max_brightness=0.92,
-            min_contrast=0.03,
-            require_face=True,
-            max_people=1,
-            min_face_size=64,
-            max_identity_distance=0.3,
+            **{**PLANTED_FILTER, "max_identity_distance": 0.3},
         ),
         "4": node("CharForgeDeduplicateDataset", dataset=["3", 0], threshold=8, hash="phash", workers=2),
         "5": node(
@@ -130,7 +114,7 @@ def test_planted_folder_through_real_comfyui(tmp_path):
     install_pack(comfy, base)
     write_face_pack(base / "models" / "insightface", pack="tiny")
     photos = make_planted_folder(base / "input" / "planted", marker="cell")
-    before = _hashes(photos)
+    before = tree_hashes(photos)
 
     server = start_comfyui(comfy, base, python)
     try:
@@ -179,7 +163,7 @@ def test_planted_folder_through_real_comfyui(tmp_path):
         assert train_dir == dataset / "kohya" / "img"
         subject = train_dir / "10_ohwx woman"
         assert len(list(subject.glob("*.jpg"))) == 27 and len(list(subject.glob("*.txt"))) == 27
-        assert _hashes(photos) == before, "the source folder changed"
+        assert tree_hashes(photos) == before, "the source folder changed"
         print(report_text)
     finally:
         server.stop()

@@ -10,14 +10,12 @@ the Note; and that the server lists each workflow as a template with its thumbna
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 import urllib.request
 
 import pytest
 
-from cf_testing.comfyui import REPO_ROOT
+from cf_testing.comfyui import REPO_ROOT, load_script
 from cf_testing.real_comfyui import (
     CHROMIUM,
     browser_skip_reason,
@@ -33,17 +31,7 @@ pytestmark = [
 ]
 
 
-def _load_thumbnails():
-    spec = importlib.util.spec_from_file_location(
-        "charforge_workflows_thumbnails", REPO_ROOT / "workflows" / "thumbnails.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-thumbnails = _load_thumbnails()
+thumbnails = load_script(REPO_ROOT / "workflows" / "thumbnails.py", "charforge_workflows_thumbnails")
 NAMES = thumbnails.workflow_names()
 
 

@@ -28,6 +28,7 @@ import pytest
 from PIL import Image
 
 from cf_testing.models import build_tiny_sd15
+from cf_testing.photos import write_training_folder
 from cf_testing.real_comfyui import (
     CHROMIUM,
     browser_skip_reason,
@@ -91,13 +92,9 @@ def server(tmp_path_factory):
     tiny = build_tiny_sd15(root / "tiny")
     shutil.copytree(tiny.diffusers_dir, base / "models" / "diffusers" / "tiny_sd15")
     rng = np.random.default_rng(0)
-    kohya = base / "input" / "img" / "3_sks person"
+    write_training_folder(base / "input" / "img" / "3_sks person", rng)
     photos = base / "input" / "photos"
-    kohya.mkdir(parents=True)
     photos.mkdir(parents=True)
-    for name in ("a", "b"):
-        Image.fromarray((rng.random((64, 80, 3)) * 255).astype(np.uint8)).save(kohya / f"{name}.png")
-        (kohya / f"{name}.txt").write_text("sks person, smiling")
     for index in range(4):
         Image.fromarray((rng.random((96, 128, 3)) * 255).astype(np.uint8)).save(photos / f"photo_{index}.png")
     (photos / "photo_4.png").write_bytes(b"not an image")  # a rejection reason for the report to show

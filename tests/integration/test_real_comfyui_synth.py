@@ -16,7 +16,6 @@ source, list the upscaled photos, and the source folder must be unchanged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import uuid
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from cf_testing.comfyui import REPO_ROOT
+from cf_testing.photos import tree_hashes
 from cf_testing.real_comfyui import (
     comfyui_dir,
     comfyui_python,
@@ -39,14 +39,6 @@ pytestmark = suite_marks(slow=False)
 WORKFLOW = REPO_ROOT / "workflows" / "synthesize_dataset.json"
 SIZE = (320, 320)
 FACE = ((160, 160, 102),)
-
-
-def _hashes(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _editor_for_test(tmp_path: Path) -> Path:
@@ -102,7 +94,7 @@ def test_shipped_synthesis_workflow_through_real_comfyui(tmp_path):
         )
     write_rgb(sources / "stranger.png", face_image(SIZE, FACE, person=7))
     write_rgb(sources / "empty.png", blank_image(SIZE))
-    before = _hashes(sources)
+    before = tree_hashes(sources)
 
     server = start_comfyui(comfy, base, python)
     try:
@@ -154,7 +146,7 @@ def test_shipped_synthesis_workflow_through_real_comfyui(tmp_path):
         assert all(u["factor"] == pytest.approx(1.6) for u in report["upscaled"])
         html = (dataset / "report" / "report.html").read_text(encoding="utf-8")
         assert "Synthetic and upscaled images" in html and "stranger.png" in html
-        assert _hashes(sources) == before, "the source folder changed"
+        assert tree_hashes(sources) == before, "the source folder changed"
         print(summary)
         print(json.dumps(report["synthetic"], indent=1))
     finally:

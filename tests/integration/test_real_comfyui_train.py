@@ -18,9 +18,9 @@ import uuid
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from cf_testing.models import build_tiny_sd15
+from cf_testing.photos import write_training_folder
 from cf_testing.real_comfyui import (
     comfyui_dir,
     comfyui_python,
@@ -46,12 +46,7 @@ def server(tmp_path, monkeypatch):
     install_pack(comfy, base)
     tiny = build_tiny_sd15(tmp_path / "tiny")
     shutil.copytree(tiny.diffusers_dir, base / "models" / "diffusers" / "tiny_sd15")
-    folder = base / "input" / "img" / "3_sks person"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in ("a", "b"):
-        Image.fromarray((rng.random((64, 80, 3)) * 255).astype(np.uint8)).save(folder / f"{name}.png")
-        (folder / f"{name}.txt").write_text("sks person, smiling")
+    write_training_folder(base / "input" / "img" / "3_sks person", np.random.default_rng(0))
     running = start_comfyui(comfy, base, comfyui_python(comfy), ports=PORTS)
     try:
         yield running

@@ -4,12 +4,9 @@ prompt id) and the run's details as the panel reads them."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from cf_testing.comfyui import run_node
 
@@ -17,20 +14,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
     pytest.mark.usefixtures("one_thread"),
 ]
-
-
-@pytest.fixture
-def setup(comfy_env, tiny_sd15):
-    from charforge import bridge
-
-    shutil.copytree(tiny_sd15.diffusers_dir, comfy_env.base_dir / "models" / "diffusers" / "tiny_sd15")
-    folder = Path(bridge.input_directory()) / "img" / "3_sks person"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in ("a", "b"):
-        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / f"{name}.png")
-        (folder / f"{name}.txt").write_text("sks person")
-    return comfy_env
 
 
 INPUTS = {
@@ -54,7 +37,7 @@ INPUTS = {
 }
 
 
-def test_the_node_records_its_prompt_for_the_panel(setup):
+def test_the_node_records_its_prompt_for_the_panel(train_env):
     from charforge.engine.train.run import RunFolder, run_details
     from charforge.nodes.train import TrainLoRA, runs_directory
 
@@ -71,7 +54,7 @@ def test_the_node_records_its_prompt_for_the_panel(setup):
     assert details["samples"] == [{"step": 2, "files": ["samples/step_000002_0.png"]}]
 
 
-def test_no_origin_without_a_prompt(setup):
+def test_no_origin_without_a_prompt(train_env):
     from charforge.engine.train.run import RunFolder, run_details
     from charforge.nodes.train import TrainLoRA, runs_directory
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cf_testing.comfyui import image_batch as batch
 from cf_testing.comfyui import run_node
 from cf_testing.face_models import blank_image, face_image
 from charforge import bridge
@@ -40,10 +41,6 @@ needs_insightface = pytest.mark.skipif(
     not HAVE_INSIGHTFACE,
     reason="insightface is not installed (pip install -e '.[faces]'); the real load path cannot run",
 )
-
-
-def batch(*images):
-    return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images]))
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cf_testing.comfyui import image_batch as batch
 from cf_testing.comfyui import node_info, run_node
 from cf_testing.face_models import blank_image, face_image
 from charforge.engine.faces import FaceAnalyzer
@@ -28,8 +29,20 @@ needs_insightface = pytest.mark.skipif(
 )
 
 
-def batch(*images):
-    return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images]))
+def select(analyzer, character, images, prompts, mode, text_weight=0.5, **inputs):
+    """Storyboard Select run as ComfyUI runs a list node (every input a list), scoring the largest face."""
+    return run_node(
+        StoryboardSelect,
+        images=images,
+        prompts=prompts,
+        face_models=[analyzer],
+        identity=[character],
+        mode=[mode],
+        identity_weight=[1.0],
+        text_weight=[text_weight],
+        face_choice=["largest"],
+        **inputs,
+    )
 
 
 @pytest.fixture
@@ -111,17 +124,13 @@ def test_select_keeps_the_character_and_reference_mode_follows_frame_1(comfy):
         batch(face_image(person=0, noise=2, seed=13), face_image(person=7), blank_image()),
     ]
     prompts = ["ohwx close-up", "ohwx walks", "ohwx sleeps"]
-    run = run_node(
-        StoryboardSelect,
+    run = select(
+        analyzer,
+        character,
+        frames,
+        prompts,
+        "simple",
         node_id="5",
-        images=frames,
-        prompts=prompts,
-        face_models=[analyzer],
-        identity=[character],
-        mode=["simple"],
-        identity_weight=[1.0],
-        text_weight=[0.5],
-        face_choice=["largest"],
         seeds=[42, 43, 44],
         captions=["a", "b", "c"],
     )
@@ -141,16 +150,13 @@ def test_select_keeps_the_character_and_reference_mode_follows_frame_1(comfy):
         batch(face_image(person=0, noise=2, seed=22), face_image(person=5, noise=2, seed=3)),
         batch(face_image(person=5, noise=2, seed=4), face_image(person=0, noise=2, seed=23)),
     ]
-    run = run_node(
-        StoryboardSelect,
-        images=frames,
-        prompts=prompts,
-        face_models=[analyzer],
-        identity=[character],
-        mode=["reference"],
-        identity_weight=[1.0],
-        text_weight=[0.0],
-        face_choice=["largest"],
+    run = select(
+        analyzer,
+        character,
+        frames,
+        prompts,
+        "reference",
+        text_weight=0.0,
         reference=[batch(face_image(person=5, noise=2, seed=9))],
     )
     board = json.loads(run.result[1])
@@ -160,16 +166,13 @@ def test_select_keeps_the_character_and_reference_mode_follows_frame_1(comfy):
     assert "selected by identity to reference image" in board["notes"][0]
 
     # One job per frame (as charforge story sends them): first_frame places it in the story.
-    run = run_node(
-        StoryboardSelect,
-        images=[frames[1]],
-        prompts=[prompts[1]],
-        face_models=[analyzer],
-        identity=[character],
-        mode=["reference"],
-        identity_weight=[1.0],
-        text_weight=[0.0],
-        face_choice=["largest"],
+    run = select(
+        analyzer,
+        character,
+        [frames[1]],
+        [prompts[1]],
+        "reference",
+        text_weight=0.0,
         reference=[frames[0][1:2]],
         first_frame=[2],
     )
@@ -184,31 +187,11 @@ def test_select_splits_one_batch_and_checks_counts(comfy):
     one = batch(
         blank_image(), face_image(person=0), face_image(person=0, noise=2, seed=1), face_image(person=3)
     )
-    run = run_node(
-        StoryboardSelect,
-        images=[one],
-        prompts=["a", "b"],
-        face_models=[analyzer],
-        identity=[character],
-        mode=["base"],
-        identity_weight=[1.0],
-        text_weight=[0.5],
-        face_choice=["largest"],
-    )
+    run = select(analyzer, character, [one], ["a", "b"], "base")
     board = json.loads(run.result[1])
     assert [f["chosen"] for f in board["frames"]] == [1, 0] and board["mode"] == "base"
     with pytest.raises(ValueError, match="3 prompt"):
-        run_node(
-            StoryboardSelect,
-            images=[one, one],
-            prompts=["a", "b", "c"],
-            face_models=[analyzer],
-            identity=[character],
-            mode=["simple"],
-            identity_weight=[1.0],
-            text_weight=[0.5],
-            face_choice=["largest"],
-        )
+        select(analyzer, character, [one, one], ["a", "b", "c"], "simple")
 
 
 def test_sheet_writes_frames_sheet_and_metadata(comfy_env):
@@ -287,17 +270,7 @@ def test_reference_mode_without_a_face_in_frame_1_falls_back_to_the_character(co
         batch(blank_image(), blank_image(value=120)),
         batch(face_image(person=5), face_image(person=0, noise=2, seed=1)),
     ]
-    run = run_node(
-        StoryboardSelect,
-        images=frames,
-        prompts=["a", "b"],
-        face_models=[analyzer],
-        identity=[character],
-        mode=["reference"],
-        identity_weight=[1.0],
-        text_weight=[0.5],
-        face_choice=["largest"],
-    )
+    run = select(analyzer, character, frames, ["a", "b"], "reference")
     board = json.loads(run.result[1])
     assert [f["chosen"] for f in board["frames"]] == [0, 1] and board["frames"][1]["guide_identity"] is None
     assert "frame 1 shows no face" in board["notes"][0] and "kept the first" in board["frames"][0]["note"]
@@ -315,18 +288,7 @@ def test_select_with_clip_records_text_agreement(comfy, tmp_path):
         candidates = batch(
             face_image(person=0, noise=2, seed=1), face_image(person=0, noise=2, seed=2), blank_image()
         )
-        run = run_node(
-            StoryboardSelect,
-            images=[candidates],
-            prompts=["ohwx at the harbour"],
-            face_models=[analyzer],
-            identity=[character],
-            mode=["simple"],
-            identity_weight=[1.0],
-            text_weight=[0.5],
-            face_choice=["largest"],
-            clip=[clip],
-        )
+        run = select(analyzer, character, [candidates], ["ohwx at the harbour"], "simple", clip=[clip])
         frame = json.loads(run.result[1])["frames"][0]
         expected = clip_sheet(clip, candidates, ["ohwx at the harbour"]).values
         assert [c["text"] for c in frame["candidate_scores"]] == [round(v, 4) for v in expected]

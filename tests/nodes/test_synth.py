@@ -6,13 +6,13 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("insightface")
 pytest.importorskip("spandrel")
 
+from cf_testing.comfyui import image_batch as batch  # noqa: E402
 from cf_testing.comfyui import run_node  # noqa: E402
 from cf_testing.face_models import blank_image, face_image  # noqa: E402
 from cf_testing.synth_models import build_restorer, build_swapper_onnx, build_upscaler  # noqa: E402
@@ -53,10 +53,6 @@ def comfy(comfy_with_faces, synth_files):
     yield comfy_with_faces
     FaceSwapper.clear_cache()
     synth_models.clear_cache()
-
-
-def batch(*images):
-    return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images]))
 
 
 def test_loaders_list_the_swapper_and_restorers_of_their_folders(comfy):
@@ -104,6 +100,20 @@ def test_swap_and_restore_faces_on_a_batch(comfy):
     assert faces == 1 and restored.shape == (1, 320, 320, 3)
 
 
+def _synthesis_inputs(photos: Path):
+    """What Synthesize Dataset takes, from the loader nodes: face models, the identity of `photos`, the
+    swapper, and `photos` loaded as the dataset ``hero``."""
+    (face_models,) = run_node(LoadFaceModels, pack="buffalo_l", det_size=320, provider="CPU").result
+    identity, *_ = run_node(
+        BuildIdentity, face_models=face_models, name="hero", save=False, folder=str(photos)
+    ).result
+    (swapper,) = run_node(LoadFaceSwapper, swapper="inswapper_128.onnx", provider="CPU").result
+    dataset, *_ = run_node(
+        LoadDataset, folder=str(photos), name="hero", recursive=False, read_captions=True, workers=1
+    ).result
+    return face_models, identity, swapper, dataset
+
+
 @pytest.mark.slow
 def test_synthesize_crop_with_comfys_upscale_model_and_report(comfy, tmp_path, synth_files):
     from spandrel import ModelLoader
@@ -114,14 +124,7 @@ def test_synthesize_crop_with_comfys_upscale_model_and_report(comfy, tmp_path, s
     for i in range(2):
         write_rgb(sources / f"pose_{i}.png", face_image(SIZE, FACE, person=1, noise=6, seed=30 + i))
     write_rgb(sources / "stranger.png", face_image(SIZE, FACE, person=7))
-    (face_models,) = run_node(LoadFaceModels, pack="buffalo_l", det_size=320, provider="CPU").result
-    identity, *_ = run_node(
-        BuildIdentity, face_models=face_models, name="hero", save=False, folder=str(photos)
-    ).result
-    (swapper,) = run_node(LoadFaceSwapper, swapper="inswapper_128.onnx", provider="CPU").result
-    dataset, *_ = run_node(
-        LoadDataset, folder=str(photos), name="hero", recursive=False, read_captions=True, workers=1
-    ).result
+    face_models, identity, swapper, dataset = _synthesis_inputs(photos)
     out = run_node(
         SynthesizeDataset,
         dataset=dataset,
@@ -172,14 +175,7 @@ def test_synthesize_stops_on_cancel(comfy, tmp_path):
     photos, sources = tmp_path / "photos", tmp_path / "sources"
     write_rgb(photos / "hero.png", face_image(SIZE, FACE, person=1))
     write_rgb(sources / "pose.png", face_image(SIZE, FACE, person=1))
-    (face_models,) = run_node(LoadFaceModels, pack="buffalo_l", det_size=320, provider="CPU").result
-    identity, *_ = run_node(
-        BuildIdentity, face_models=face_models, name="hero", save=False, folder=str(photos)
-    ).result
-    (swapper,) = run_node(LoadFaceSwapper, swapper="inswapper_128.onnx", provider="CPU").result
-    dataset, *_ = run_node(
-        LoadDataset, folder=str(photos), name="hero", recursive=False, read_captions=True, workers=1
-    ).result
+    face_models, identity, swapper, dataset = _synthesis_inputs(photos)
     comfy.interrupt()
     with pytest.raises(Cancelled):
         run_node(

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cf_testing.comfyui import run_node
 
@@ -19,21 +16,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
     pytest.mark.usefixtures("one_thread"),  # cf_testing/threads.py
 ]
-
-
-@pytest.fixture
-def setup(comfy_env, tiny_sd15):
-    """ComfyUI base dir with the tiny SD1.5 as a diffusers model and a kohya dataset in input/."""
-    from charforge import bridge
-
-    shutil.copytree(tiny_sd15.diffusers_dir, comfy_env.base_dir / "models" / "diffusers" / "tiny_sd15")
-    folder = Path(bridge.input_directory()) / "img" / "3_sks person"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in ("a", "b"):
-        Image.fromarray((rng.random((64, 80, 3)) * 255).astype(np.uint8)).save(folder / f"{name}.png")
-        (folder / f"{name}.txt").write_text("sks person, smiling")
-    return comfy_env
 
 
 def _inputs(**overrides):
@@ -59,49 +41,49 @@ def _inputs(**overrides):
     return inputs
 
 
-def test_node_trains_reports_progress_and_interrupts_then_resumes(setup):
+def test_node_trains_reports_progress_and_interrupts_then_resumes(train_env):
     from charforge import bridge
     from charforge.nodes.train import TrainLoRA, runs_directory
 
     assert "[diffusers] tiny_sd15" in TrainLoRA.INPUT_TYPES()["required"]["base_model"][0]
 
     # Press Cancel while step 2 is reported: ComfyUI's hook raises at the next progress update.
-    original = setup.utils.PROGRESS_BAR_HOOK
+    original = train_env.utils.PROGRESS_BAR_HOOK
 
     def hook(value, total, preview, prompt_id=None, node_id=None):
         original(value, total, preview, prompt_id=prompt_id, node_id=node_id)
         if value == 2:
-            setup.interrupt()
+            train_env.interrupt()
 
-    setup.utils.set_progress_bar_global_hook(hook)
+    train_env.utils.set_progress_bar_global_hook(hook)
     # ComfyUI's executor runs every node under inference mode; training must still get gradients.
-    with pytest.raises(setup.model_management.InterruptProcessingException), torch.inference_mode():
+    with pytest.raises(train_env.model_management.InterruptProcessingException), torch.inference_mode():
         run_node(TrainLoRA, node_id="7", **_inputs())
     status = json.loads((Path(runs_directory()) / "alice" / "status.json").read_text())
     assert status["state"] == "cancelled" and status["state_step"] == 2
-    assert [c.value for c in setup.progress] == [1, 2] and setup.progress[0].node_id == "7"
+    assert [c.value for c in train_env.progress] == [1, 2] and train_env.progress[0].node_id == "7"
     assert "alice.safetensors" not in bridge.list_models("loras")
 
     # Queued again: resumes at step 2 and finishes.
-    setup.utils.set_progress_bar_global_hook(original)
-    setup.progress.clear()
+    train_env.utils.set_progress_bar_global_hook(original)
+    train_env.progress.clear()
     with torch.inference_mode():
         out = run_node(TrainLoRA, node_id="7", **_inputs())
     lora_name, run, loss_curve, samples = out.result
     assert lora_name == "alice.safetensors" and lora_name in bridge.list_models("loras")
     assert run.step == 4 and run.state == "completed" and run.lora_name == lora_name
-    assert [c.value for c in setup.progress] == [3, 4]
+    assert [c.value for c in train_env.progress] == [3, 4]
     assert loss_curve.shape == (1, 384, 768, 3) and samples.shape == (1, 64, 64, 3)
     assert "resumed at step 2" in out.ui["text"][0]
     assert {"filename": "loss.png", "subfolder": "charforge/train_runs/alice", "type": "output"} in out.ui[
         "images"
     ]
-    events = [data for event, data, _ in setup.server.messages if event == "charforge.train.progress"]
+    events = [data for event, data, _ in train_env.server.messages if event == "charforge.train.progress"]
     assert events and events[-1]["phase"] == "done" and all(e["run"] == "alice" for e in events)
     assert any(e.get("phase") == "training" and "eta_seconds" in e for e in events)
 
 
-def test_node_takes_a_dataset_manifest(setup):
+def test_node_takes_a_dataset_manifest(train_env):
     manifest_module = pytest.importorskip("charforge.engine.dataset.manifest")
     from charforge import bridge
     from charforge.nodes.train import TrainLoRA
@@ -125,7 +107,7 @@ def test_tokenizer_is_looked_for_in_comfyui(comfy_env):
     assert folder.endswith("comfy/sd1_tokenizer") and "comfy_stubs" in folder
 
 
-def test_node_errors_are_actionable(setup):
+def test_node_errors_are_actionable(train_env):
     from charforge.nodes.train import TrainLoRA
 
     with pytest.raises(ValueError, match="no training data"):
@@ -136,13 +118,13 @@ def test_node_errors_are_actionable(setup):
         run_node(TrainLoRA, **_inputs(overrides='{"rnak": 4}'))
 
 
-def test_runs_route(setup):
+def test_runs_route(train_env):
     from charforge.engine.train.run import RunFolder
     from charforge.nodes.train import register_routes, runs_directory
 
     assert register_routes()
     assert register_routes()  # once per server
-    routes = [(m, p, h) for m, p, h in setup.server.routes.registered if p == "/charforge/runs"]
+    routes = [(m, p, h) for m, p, h in train_env.server.routes.registered if p == "/charforge/runs"]
     assert len(routes) == 1 and routes[0][0] == "GET"
     folder = RunFolder.create(runs_directory(), "bob")
     folder.update_status(state="running", step=5, total_steps=10, loss=0.1, eta_seconds=3.0)

@@ -1,6 +1,5 @@
 """Packaging: pyproject, requirements and install.py agree and do what users rely on."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -10,20 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from cf_testing.comfyui import REPO_ROOT
+from cf_testing.comfyui import REPO_ROOT, load_script
 from cf_testing.compat import tomllib
 
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 
 
-def _load_install():
-    spec = importlib.util.spec_from_file_location("cf_install", REPO_ROOT / "install.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-install = _load_install()
+install = load_script(REPO_ROOT / "install.py", "cf_install")
 
 
 def test_every_package_folder_is_packaged():

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
 import torch
 
+from cf_testing.cli import run_charforge as _run
 from cf_testing.lora_files import dense_deltas, random_state, write
 from charforge.engine.library import formats
-from charforge.recipes.cli import main
-
-
-def _run(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    code = main(list(argv), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture

@@ -18,10 +18,10 @@ import pytest
 from fakes.comfy_server import FakeComfyServer, NodeDef, NodeFailure
 from PIL import Image
 
+from cf_testing.cli import run_charforge as run_cli
 from cf_testing.face_models import blank_image, face_image, write_clip_folder, write_face_pack
 from charforge.driver.workflow import apply_overrides, parse_set
 from charforge.engine.library.characters import load_character
-from charforge.recipes import cli
 from charforge.recipes.lora_eval import (
     GENERATION_NODES,
     EvalImage,
@@ -145,12 +145,6 @@ def write_character(base: Path, name: str, **fields) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 SCENES = ["portrait, looking at the camera", "walking in a park"]

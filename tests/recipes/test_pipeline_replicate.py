@@ -7,7 +7,6 @@ token is in no output."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,27 +15,16 @@ from typing import Any
 import pytest
 from fakes.charforge_routes import sample_photos, tiny_models, transfer_server
 from fakes.comfy_server import FakeComfyServer
-from fakes.replicate_api import FakeReplicate
+from fakes.replicate_api import TRAINER, FakeReplicate, trainer_fake
 
+from cf_testing.cli import run_charforge as cli
 from charforge.driver.client import ComfyClient
 from charforge.recipes import pipeline
-from charforge.recipes.cli import main
-
-TRAINER = "ostris/flux-dev-lora-trainer"
 
 
 @pytest.fixture
 def replicate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeReplicate]:
-    with FakeReplicate() as fake:
-        fake.add_model(TRAINER, "trainer", hardware="gpu-h100", lora_base="sd15")
-        fake.add_model("me/pip", "plain", versions=0)
-        for name, value in fake.env().items():
-            monkeypatch.setenv(name, value)
-        for name in ("CHARFORGE_SERVER", "CHARFORGE_PROFILE"):
-            monkeypatch.delenv(name, raising=False)
-        config = tmp_path / "config.yaml"
-        config.write_text("replicate:\n  poll_interval: 0.05\n  hardware: gpu-h100\n", encoding="utf-8")
-        monkeypatch.setenv("CHARFORGE_CONFIG", str(config))
+    with trainer_fake(monkeypatch, tmp_path, "me/pip") as fake:
         yield fake
 
 
@@ -102,12 +90,6 @@ def _stand_ins(monkeypatch: pytest.MonkeyPatch, side: ServerSide, server: pipeli
 
 def _photos(tmp_path: Path) -> Path:
     return sample_photos(tmp_path)
-
-
-def cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = main(list(argv), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _pipeline(photos: Path, out: Path, url: str, *extra: str) -> tuple[int, str, str]:

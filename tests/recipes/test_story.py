@@ -6,7 +6,6 @@ or not), so the ablation's numbers are known in advance."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -14,9 +13,9 @@ import pytest
 from fakes.comfy_server import FakeComfyServer, FakeImage, NodeDef
 from PIL import Image
 
+from cf_testing.cli import run_charforge as run_cli
 from charforge.common.characters import GenerationParams, default_size
 from charforge.nodes.story import StoryboardSelect
-from charforge.recipes import cli
 from charforge.recipes.story import Character, Guidance, detect_guidance, frame_graph
 
 LORA_IDENTITY, BASE_IDENTITY, GUIDE_IDENTITY, TEXT = 0.71, 0.23, 0.88, 0.31
@@ -250,12 +249,6 @@ class StoryServer(FakeComfyServer):
 
     def prompts(self) -> list[dict]:
         return [prompt for _, prompt in self.executed]
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(autouse=True)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("insightface")
 pytest.importorskip("spandrel")
 
+from cf_testing.cli import run_charforge as run  # noqa: E402
 from cf_testing.face_models import blank_image, face_image, write_face_pack  # noqa: E402
 from cf_testing.synth_models import build_restorer, build_swapper_onnx  # noqa: E402
 from charforge.engine.dataset import DatasetManifest  # noqa: E402
@@ -18,7 +19,6 @@ from charforge.engine.dataset.images import write_rgb  # noqa: E402
 from charforge.engine.faces import FaceAnalyzer  # noqa: E402
 from charforge.engine.synth import FaceSwapper  # noqa: E402
 from charforge.engine.synth import models as synth_models  # noqa: E402
-from charforge.recipes import cli  # noqa: E402
 
 SIZE = (320, 320)
 FACE = ((160, 160, 102),)
@@ -49,26 +49,14 @@ def folders(no_comfy, models_root, monkeypatch, tmp_path):
     synth_models.clear_cache()
 
 
-def run(*argv):
-    stdout, stderr = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), stdout=stdout, stderr=stderr)
-    return code, stdout.getvalue(), stderr.getvalue()
+def synthesize(photos: Path, sources: Path, out: Path, *options: str) -> tuple[int, str, str]:
+    """``charforge dataset synthesize PHOTOS --sources SOURCES --out OUT OPTIONS``, in this process."""
+    return run("dataset", "synthesize", str(photos), "--sources", str(sources), "--out", str(out), *options)
 
 
 def test_synthesize_writes_a_marked_dataset_and_report(folders):
     photos, sources, out = folders
-    code, stdout, stderr = run(
-        "dataset",
-        "synthesize",
-        str(photos),
-        "--sources",
-        str(sources),
-        "--out",
-        str(out),
-        "--det-size",
-        "320",
-        "--json",
-    )
+    code, stdout, stderr = synthesize(photos, sources, out, "--det-size", "320", "--json")
     assert code == 0, stderr + stdout
     records = [json.loads(line) for line in stdout.splitlines()]
     result = next(r for r in records if r["event"] == "result")
@@ -85,20 +73,8 @@ def test_synthesize_with_a_restorer_names_it(folders):
     photos, sources, out = folders
     shutil.rmtree(sources)
     write_rgb(sources / "pose.png", face_image(SIZE, FACE, person=1))
-    code, stdout, stderr = run(
-        "dataset",
-        "synthesize",
-        str(photos),
-        "--sources",
-        str(sources),
-        "--out",
-        str(out),
-        "--det-size",
-        "320",
-        "--restore",
-        "RestoreFormer-tiny.pth",
-        "--max-share",
-        "1",
+    code, stdout, stderr = synthesize(
+        photos, sources, out, "--det-size", "320", "--restore", "RestoreFormer-tiny.pth", "--max-share", "1"
     )
     assert code == 0, stderr
     assert "restorer RestoreFormer-tiny.pth (RestoreFormer)" in stderr
@@ -107,25 +83,9 @@ def test_synthesize_with_a_restorer_names_it(folders):
 
 def test_usage_errors_exit_2(folders):
     photos, sources, out = folders
-    code, _, stderr = run(
-        "dataset", "synthesize", str(photos / "nope"), "--sources", str(sources), "--out", str(out)
-    )
+    code, _, stderr = synthesize(photos / "nope", sources, out)
     assert code == 2 and "is not a folder" in stderr
-    code, _, stderr = run(
-        "dataset",
-        "synthesize",
-        str(photos),
-        "--sources",
-        str(sources),
-        "--out",
-        str(out),
-        "--swapper",
-        "missing.onnx",
-        "--det-size",
-        "320",
-    )
+    code, _, stderr = synthesize(photos, sources, out, "--swapper", "missing.onnx", "--det-size", "320")
     assert code == 2 and "inswapper_128.onnx directly in" in stderr
-    code, _, stderr = run(
-        "dataset", "synthesize", str(photos), "--sources", str(sources), "--out", str(sources)
-    )
+    code, _, stderr = synthesize(photos, sources, sources)
     assert code == 2 and "its own folder" in stderr

@@ -3,12 +3,14 @@
 CharForge's node definitions come from the pack itself; ComfyUI's built-in ones from the snapshot recorded from
 a real ComfyUI 0.3.64 in workflows/object_info/builtin.json. Workflows made only of CharForge nodes (plus
 ComfyUI's PreviewImage) also run through the harness on generated photos and tiny models.
+
+(Over 600 lines on purpose: every shipped workflow is checked against the same definitions, snapshot and
+twins here, so a new workflow adds its case beside the others.)
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import re
 import uuid
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cf_testing.comfyui import REPO_ROOT, run_node
+from cf_testing.comfyui import REPO_ROOT, load_script, run_node
 from cf_testing.threads import one_torch_thread
 from charforge.driver.workflow.convert import _control_count, _widget_specs
 from charforge.driver.workflow.preflight import preflight
@@ -32,14 +34,7 @@ EXPECTED = {"dataset_prep", "caption_dataset", "build_identity", "score_best_of_
 UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 
-def _load_builder():
-    spec = importlib.util.spec_from_file_location("charforge_workflows_build_api", WORKFLOWS / "build_api.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build_api = _load_builder()
+build_api = load_script(WORKFLOWS / "build_api.py", "charforge_workflows_build_api")
 EDITOR_FILES = build_api.editor_files()
 IDS = [p.stem for p in EDITOR_FILES]
 
@@ -196,14 +191,7 @@ def test_editor_layout_is_for_people(path):
     assert workflow["last_link_id"] >= max((lk[0] for lk in workflow["links"]), default=0)
 
 
-def _load_layout():
-    spec = importlib.util.spec_from_file_location("charforge_workflows_layout", WORKFLOWS / "layout.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-layout = _load_layout()
+layout = load_script(WORKFLOWS / "layout.py", "charforge_workflows_layout")
 # The editor's (ComfyUI frontend 1.27) zod check of a workflow's id: z.string().uuid().
 ZOD_UUID = re.compile(r"^[0-9a-fA-F]{8}\b-[0-9a-fA-F]{4}\b-[0-9a-fA-F]{4}\b-[0-9a-fA-F]{4}\b-[0-9a-fA-F]{12}$")
 

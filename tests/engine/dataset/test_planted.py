@@ -12,7 +12,6 @@ and unicode file names.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 from PIL import Image
 
 from cf_testing.comfyui import run_node
-from cf_testing.photos import make_planted_folder, synthetic_photo
+from cf_testing.photos import PLANTED_FILTER, make_planted_folder, synthetic_photo, tree_hashes
 from charforge.engine.dataset import DatasetManifest, Face
 from charforge.nodes.dataset import (
     AnalyseDataset,
@@ -63,14 +62,6 @@ class MarkerFaces:
         return sorted(faces, key=lambda f: -f.area)
 
 
-def _tree_hashes(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory) -> Path:
     return make_planted_folder(tmp_path_factory.mktemp("planted") / "photos of Élodie")
@@ -99,7 +90,7 @@ def pipeline(planted, tmp_path_factory):
     folder_paths = importlib.import_module("folder_paths")
     folder_paths.set_base_directory(base)
     bridge.reset()
-    before = _tree_hashes(planted)
+    before = tree_hashes(planted)
     try:
         runs = {}
         runs["load"] = run_node(
@@ -122,15 +113,7 @@ def pipeline(planted, tmp_path_factory):
         runs["filter"] = run_node(
             FilterDataset,
             dataset=runs["analyse"].result[0],
-            min_side=512,
-            min_sharpness=50.0,
-            min_brightness=0.1,
-            max_brightness=0.92,
-            min_contrast=0.03,
-            require_face=True,
-            max_people=1,
-            min_face_size=64,
-            max_identity_distance=0.6,
+            **PLANTED_FILTER,
         )
         runs["dedup"] = run_node(
             DeduplicateDataset, dataset=runs["filter"].result[0], threshold=8, hash="phash", workers=2
@@ -269,7 +252,7 @@ def test_export_is_kohya_layout_with_captions(pipeline):
 
 
 def test_source_folder_is_untouched(pipeline):
-    assert _tree_hashes(pipeline["planted"]) == pipeline["before"]
+    assert tree_hashes(pipeline["planted"]) == pipeline["before"]
 
 
 def test_everything_is_written_under_the_dataset_folder(pipeline):
@@ -316,7 +299,7 @@ def test_contact_sheet_and_reports(pipeline):
 def test_reexport_is_idempotent(pipeline):
     dataset = pipeline["runs"]["augment"].result[0]
     train_dir = Path(pipeline["runs"]["export"].result[1])
-    before = _tree_hashes(train_dir.parent)
+    before = tree_hashes(train_dir.parent)
     mtimes = {p: p.stat().st_mtime_ns for p in train_dir.rglob("*") if p.is_file()}
     again = run_node(
         ExportDataset,
@@ -328,7 +311,7 @@ def test_reexport_is_idempotent(pipeline):
         caption_mode="caption, trigger first",
     )
     assert "0 written" in again.result[2] and "0 stale" in again.result[2]
-    assert _tree_hashes(train_dir.parent) == before
+    assert tree_hashes(train_dir.parent) == before
     assert {p: p.stat().st_mtime_ns for p in train_dir.rglob("*") if p.is_file()} == mtimes
     # A new trigger renames the folder: the old one is removed, nothing stale is left behind.
     renamed = run_node(
@@ -351,7 +334,7 @@ def test_reexport_is_idempotent(pipeline):
         export_name="kohya",
         caption_mode="caption, trigger first",
     )
-    assert _tree_hashes(train_dir.parent) == before
+    assert tree_hashes(train_dir.parent) == before
 
 
 def test_filters_that_reject_everything_give_an_empty_dataset(pipeline):
@@ -359,15 +342,7 @@ def test_filters_that_reject_everything_give_an_empty_dataset(pipeline):
     run = run_node(
         FilterDataset,
         dataset=analysed,
-        min_side=8000,
-        min_sharpness=50.0,
-        min_brightness=0.1,
-        max_brightness=0.92,
-        min_contrast=0.03,
-        require_face=True,
-        max_people=1,
-        min_face_size=64,
-        max_identity_distance=0.6,
+        **{**PLANTED_FILTER, "min_side": 8000},
     )
     empty, accepted, summary = run.result
     assert accepted == 0 and empty.accepted == []

@@ -17,29 +17,16 @@ def test_bench_ranks_planted_loras_and_the_base_model(env):
     with TuneServer() as server:
         server.trained["mine.safetensors"] = dict(OPTIMUM)  # draws the character
         server.trained["overcooked.safetensors"] = {"learning_rate": 1e-2, "rank": 16}  # no face at all
-        code, stdout, stderr = run_cli(
-            "lora",
-            "bench",
-            "mine.safetensors",
-            "downloaded_style.safetensors",
-            "overcooked.safetensors",
-            "--character",
-            "hero",
-            "--server",
-            server.url,
-            "--out",
-            str(out),
-            "--prompt",
-            "portrait",
-            "--prompt",
-            "in a park",
-            "--seeds",
-            "1,2",
-            "--checkpoint",
-            "v1-5-pruned-emaonly.safetensors",
-            "--det-size",
-            "160",
-        )
+
+        def bench():
+            loras = ("mine.safetensors", "downloaded_style.safetensors", "overcooked.safetensors")
+            scenes = ("--prompt", "portrait", "--prompt", "in a park", "--seeds", "1,2")
+            return run_cli(
+                *("lora", "bench", *loras, "--character", "hero", "--server", server.url, "--out", str(out)),
+                *(*scenes, "--checkpoint", "v1-5-pruned-emaonly.safetensors", "--det-size", "160"),
+            )
+
+        code, stdout, stderr = bench()
         assert code == 0, stderr
         loras = [lora for lora, _, _ in server.renders]
         assert loras.count(None) == 4 and loras.count("mine.safetensors") == 4  # base model: no LoraLoader
@@ -73,29 +60,7 @@ def test_bench_ranks_planted_loras_and_the_base_model(env):
 
         # rerun: resumed, nothing rendered again
         before = len(server.renders)
-        code, _, stderr = run_cli(
-            "lora",
-            "bench",
-            "mine.safetensors",
-            "downloaded_style.safetensors",
-            "overcooked.safetensors",
-            "--character",
-            "hero",
-            "--server",
-            server.url,
-            "--out",
-            str(out),
-            "--prompt",
-            "portrait",
-            "--prompt",
-            "in a park",
-            "--seeds",
-            "1,2",
-            "--checkpoint",
-            "v1-5-pruned-emaonly.safetensors",
-            "--det-size",
-            "160",
-        )
+        code, _, stderr = bench()
         assert code == 0, stderr
         assert len(server.renders) == before
 
