@@ -246,3 +246,45 @@ def test_a_local_dataset_goes_up_through_storage_and_reaches_the_worker(worker, 
     assert code == 0, err
     assert len(_objects(bucket, "results/datasets/")) == 4
     assert (Path(comfy.trained_on["pip_c"]) / "10_pip woman" / "a.png").read_bytes() == b"\x89PNG changed"
+
+
+def test_a_driver_killed_while_the_worker_trains_resumes_and_brings_the_lora_home(
+    worker, tmp_path, monkeypatch
+):
+    """The driver SIGKILLed after RunPod accepted the job: the resumed batch looks the job up by its journaled
+    id, reads the receipt from /status and brings the LoRA home from storage; the job is never sent twice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fakes.batch_checks import journal
+
+    runpod, comfy, bucket = worker
+    add_train_node(comfy, seconds=3.0)  # the worker is still training when the driver dies
+    monkeypatch.setenv("CHARFORGE_SERVERLESS_RESULTS", f"s3://{bucket}/results")
+    spec = training_sweep(tmp_path, ["solo"])
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "charforge.driver.cli", "batch", "run", str(spec), "--out", str(out)]
+    proc = subprocess.Popen(
+        [*command, "--server", "runpod-serverless:ep1"],
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(r.get("ev") == "submitted" for r in journal(out)):
+            time.sleep(0.02)
+        assert any(r.get("ev") == "submitted" for r in journal(out)), "the batch never submitted"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert len(runpod.run_bodies) == 1 and not (out / "name-solo").exists()
+    code, _, err = run_cli("batch", "run", str(spec), "--server", "runpod-serverless:ep1", "--out", str(out))
+    assert code == 0, err
+    assert len(runpod.run_bodies) == 1
+    assert (out / "name-solo" / "lora" / "solo.safetensors").read_bytes() == lora_bytes("solo")
+    manifest = json.loads((out / "name-solo" / "manifest.json").read_text())
+    assert manifest["training"][0]["state"] == "home"
