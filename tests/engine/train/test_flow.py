@@ -389,3 +389,52 @@ def test_a_diffusers_named_single_file_loads_like_the_bfl_one(tiny_flux, tmp_pat
     a = load_flow_model(path, **kwargs).transformer.state_dict()
     b = load_flow_model(tiny_flux.transformer_file, **kwargs).transformer.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------------------------
+# Carried-over features
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tiny_flux, dataset):
+    plain = _trainer(tiny_flux, dataset, flow_config(steps=2))
+    plain.train()
+    checkpointed = _trainer(tiny_flux, dataset, flow_config(steps=2, gradient_checkpointing=True))
+    checkpointed.train()
+    expected, got = plain.network.state_dict(), checkpointed.network.state_dict()
+    assert any(v.abs().max() > 0 for k, v in got.items() if "lora_B" in k)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_clip_l_lora_trains_with_t5_cached_and_dropped(tiny_flux, dataset, tmp_path):
+    from charforge.engine.library.formats import read_lora
+    from charforge.engine.train.flow.export import export_flow_lora
+
+    trainer = _trainer(tiny_flux, dataset, flow_config(steps=2, train_text_encoder=True, learning_rate=1e-2))
+    model = trainer.model
+    assert model.text_encoders["t5"] is None and model.text_encoders["clip_l"] is not None
+    assert all("pooled" not in row for row in trainer._text_table.values())  # CLIP-L runs every step
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items() if k.startswith("text_encoder.")}
+    trainer.train()
+    after = trainer.network.state_dict()
+    assert before and any(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
+    tensors, _ = read_lora(export_flow_lora(tmp_path / "te.safetensors", trainer.network, "flux", {}))
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_") for k in tensors)
+    assert any(k.startswith("lora_unet_") for k in tensors)
+
+
+def test_face_mask_weights_the_loss(tiny_flux, tmp_path):
+    from charforge.engine.train.data import TrainItem
+
+    image = _pattern(tmp_path / "a.png")
+    items = [TrainItem(str(image), "sks person", face_box=(0.0, 0.0, 24.0, 24.0))]
+    losses = []
+    for overrides in ({}, {"face_mask": True, "face_mask_margin": 0.0, "face_mask_background": 0.0}):
+        config = flow_config(**overrides)
+        trainer = FlowTrainer(
+            load_flux(tiny_flux.diffusers_dir, dtype="fp32"), TrainingData.prepare(items, config.data), config
+        )
+        trainer.setup()
+        with torch.no_grad():
+            losses.append(float(trainer.micro_batch_loss(0)))
+    assert losses[1] != pytest.approx(losses[0], rel=1e-3)  # only the top-left face region counts
