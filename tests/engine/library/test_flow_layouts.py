@@ -226,13 +226,38 @@ def test_whole_checkpoints_convert_both_ways_and_agree_with_the_flux_loader():
             assert all(torch.equal(theirs[k], single[k]) for k in single)
 
 
+def test_the_real_comfyui_fixtures_have_the_real_layouts():
+    """tests/cf_testing/flow_checkpoints.py writes the files the real-ComfyUI test loads: the shallow Flux from
+    a shape table, checked here against diffusers' full-width model (on the meta device)."""
+    from diffusers import FluxTransformer2DModel
+
+    from cf_testing.flow_checkpoints import TINY_SD35, shallow_flux_shapes, tiny_sd35_state
+    from charforge.engine.models.flux_files import flux_config
+
+    with torch.device("meta"):  # diffusers' defaults are Flux.1's width
+        full = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
+    single = fl.single_file_state("flux", full.state_dict())
+    assert {k: tuple(v.shape) for k, v in single.items()} == shallow_flux_shapes()
+    assert sum(torch.Size(s).numel() for s in shallow_flux_shapes().values()) == pytest.approx(
+        545.5e6, rel=1e-3
+    )
+    config = flux_config(shallow_flux_shapes())
+    assert (config["num_layers"], config["num_single_layers"], config["guidance_embeds"]) == (1, 1, True)
+    sd35 = tiny_sd35_state()
+    # ComfyUI builds depth = width / 64 blocks of `depth` heads: the tiny file must keep that ratio.
+    assert sd35["x_embedder.proj.weight"].shape[0] == 64 * TINY_SD35.depth
+    lora = {k.removesuffix(".weight"): tuple(v.shape) for k, v in sd35.items() if k.endswith(".weight")}
+    assert {k: lora[k] for k in fl.lora_targets(TINY_SD35)} == fl.lora_targets(TINY_SD35)
+    assert "joint_blocks.0.x_block.attn2.ln_q.weight" in sd35 and "pos_embed" in sd35
+
+
 # --------------------------------------------------------------------------------------------------
 # diffusers reading our files
 
 
 def _installed_deltas(model, adapter="cf"):
     return {
-        name: module.get_delta_weight(adapter)
+        name: module.get_delta_weight(adapter).detach()
         for name, module in model.named_modules()
         if hasattr(module, "get_delta_weight") and adapter in getattr(module, "lora_A", {})
     }
