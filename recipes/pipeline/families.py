@@ -223,7 +223,7 @@ def _flux_vae(shapes: dict[str, tuple[int, ...]] | None, name: str) -> bool:
     """A 16-channel autoencoder (FLUX.1's ae): its decoder's first conv takes 16 channels; by name when the
     file is not local."""
     if shapes:
-        conv = shapes.get("decoder.conv_in.weight") or shapes.get("vae.decoder.conv_in.weight")
-        return bool(conv) and len(conv) == 4 and conv[1] == 16
+        conv = shapes.get("decoder.conv_in.weight") or shapes.get("vae.decoder.conv_in.weight") or ()
+        return len(conv) == 4 and conv[1] == 16
     lowered = Path(name).name.lower()
     return lowered.startswith("ae.") or "flux" in lowered

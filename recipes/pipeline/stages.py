@@ -361,7 +361,7 @@ def _flow_preset(runner: Runner, models: Models) -> str:
     info = client.object_info(refresh=True) if client is not None else {}
     bases = _choices(info, "CharForgeTrainLoRA", "base_model")
     presets = _choices(info, "CharForgeTrainLoRA", "preset")
-    if info and models.train_base not in bases:
+    if client is not None and info and models.train_base not in bases:
         raise PipelineError(
             f"the Train LoRA node on {client.url} does not offer {models.train_base!r} "
             f"({FAMILY_NAMES[models.arch]}): update CharForge there to train {FAMILY_NAMES[models.arch]} LoRAs, "
