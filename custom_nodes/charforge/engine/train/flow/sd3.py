@@ -33,6 +33,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -178,7 +179,7 @@ def joint_conditioning(text: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
     return hidden, pooled
 
 
-def sd3_lora_targets(transformer: torch.nn.Module, preset: str) -> list[str]:
+def sd3_lora_targets(transformer: Any, preset: str) -> list[str]:
     """The MMDiT's module names for a preset: ``attention`` (q/k/v/out of both streams and SD3.5 Medium's
     second image attention) or ``all_linear`` (also both streams' MLPs). Modulation and embedding layers
     are never adapted (as for Flux.1)."""
@@ -310,12 +311,14 @@ def _load_folder(source: Path, dtype: torch.dtype, tokenizer_candidates) -> SD3M
     vae = AutoencoderKL.from_pretrained(str(source / "vae"), **_dtype_argument(torch.float32), **offline)
     encoders = {
         "clip_l": CLIPTextModelWithProjection.from_pretrained(
-            str(source / "text_encoder"), dtype=dtype, **offline
+            str(source / "text_encoder"), dtype=dtype, local_files_only=True
         ),
         "clip_g": CLIPTextModelWithProjection.from_pretrained(
-            str(source / "text_encoder_2"), dtype=dtype, **offline
+            str(source / "text_encoder_2"), dtype=dtype, local_files_only=True
         ),
-        "t5": T5EncoderModel.from_pretrained(str(source / "text_encoder_3"), dtype=dtype, **offline),
+        "t5": T5EncoderModel.from_pretrained(
+            str(source / "text_encoder_3"), dtype=dtype, local_files_only=True
+        ),
     }
     tokenizers = _clip_tokenizers(tokenizer_candidates, source)
     tokenizers["t5"] = load_t5_tokenizer([source / TOKENIZER_FOLDERS["t5"]])
@@ -363,6 +366,11 @@ def _encoder_state(path: Path, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def _read_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of `path` under `prefix` (only those are read), without it."""
+    return sd3_files.strip_prefix(sd3_files.read_tensors(path, lambda key: key.startswith(prefix)), prefix)
+
+
 def _load_files(
     files: SD3Files, dtype: torch.dtype, configs: Path, tokenizer_candidates, t5_candidates
 ) -> SD3Model:
@@ -375,11 +383,7 @@ def _load_files(
             f"{path} is not an SD3 / SD3.5 model: no MMDiT ('{sd3_files.TRIGGER}'); top-level names: {top}"
         )
     arch = sd3_files.sd3_variant(shapes)
-    mmdit = sd3_files.read_tensors(path, lambda k: k.startswith(prefix))
-    transformer = sd3_files.build_transformer(
-        sd3_files.strip_prefix(mmdit, prefix) if prefix else mmdit, dtype
-    )
-    del mmdit
+    transformer = sd3_files.build_transformer(_read_prefixed(path, prefix), dtype)
     inside = sd3_files.encoders_in(shapes)
     encoders = {}
     builders = {
@@ -398,10 +402,7 @@ def _load_files(
         if given[name]:  # a file the user chose wins over the checkpoint's copy
             state = _encoder_state(_part_file(given[name], titles[name], "text_encoders"), file_name)
         elif file_name in inside:
-            own = sd3_files.ENCODER_PREFIXES[file_name]
-            state = sd3_files.strip_prefix(
-                sd3_files.read_tensors(path, lambda k, p=own: k.startswith(p)), own
-            )
+            state = _read_prefixed(path, sd3_files.ENCODER_PREFIXES[file_name])
         else:
             state = _encoder_state(_part_file(None, titles[name], "text_encoders"), file_name)
         encoders[name] = build(state)
@@ -409,10 +410,7 @@ def _load_files(
         vae_state = sd3_files.read_tensors(_part_file(files.vae, "VAE", "vae"))
         vae_state = sd3_files.strip_prefix(vae_state, sd3_files.VAE_PREFIX) or vae_state
     elif sd3_files.has_vae(shapes):
-        vae_prefix = sd3_files.VAE_PREFIX
-        vae_state = sd3_files.strip_prefix(
-            sd3_files.read_tensors(path, lambda k: k.startswith(vae_prefix)), vae_prefix
-        )
+        vae_state = _read_prefixed(path, sd3_files.VAE_PREFIX)
     else:
         vae_state = sd3_files.read_tensors(_part_file(None, "VAE", "vae"))
     vae = sd3_files.build_vae(vae_state, _config(configs, "vae"), torch.float32)
