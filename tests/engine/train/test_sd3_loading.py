@@ -197,3 +197,35 @@ def test_step_flops_match_the_closed_form(arch):
     step, forward = sd3.step_flops(config, 128, 128)
     assert forward == pytest.approx(2 * weights + attention, rel=2e-3)
     assert step == pytest.approx(2 * 2 * weights + 3 * attention, rel=2e-3)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8", "scaled_fp8"])
+def test_fp8_t5_and_a_diffusers_named_vae_file(tiny, tmp_path, scaled):
+    """ComfyUI's fp8 T5-XXL files (plain e4m3, or scaled: ``weight x scale_weight``) load close to the fp32
+    encoder, and a VAE file in diffusers' names loads the same VAE as the LDM-named one."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tiny.t5xxl))
+    fp8 = {}
+    for key, tensor in state.items():
+        if key.endswith(".weight") and tensor.ndim == 2 and "embed" not in key and key != "shared.weight":
+            scale = tensor.abs().max() / 448 if scaled else torch.tensor(1.0)
+            fp8[key] = (tensor / scale).to(torch.float8_e4m3fn)
+            if scaled:
+                fp8[key[: -len("weight")] + "scale_weight"] = scale.reshape(1)
+        else:
+            fp8[key] = tensor
+    if scaled:
+        fp8["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    t5_fp8 = tmp_path / "t5xxl_fp8.safetensors"
+    save_file(fp8, str(t5_fp8))
+    parts = {"clip_l": str(tiny.clip_l), "clip_g": str(tiny.clip_g)}
+    vae_diffusers = tiny.diffusers_dir / "vae" / "diffusion_pytorch_model.safetensors"
+    reference = _load(tiny, sd3.SD3Files(str(tiny.mmdit), t5=str(tiny.t5xxl), vae=str(tiny.vae), **parts))
+    model = _load(tiny, sd3.SD3Files(str(tiny.mmdit), t5=str(t5_fp8), vae=str(vae_diffusers), **parts))
+    _assert_same_weights(model.vae, reference.vae, "diffusers-named VAE")
+    with torch.no_grad():
+        ours = model.encode_text(["a photo of sks person"], "cpu", FlowSettings(), ["t5"])["t5"]
+        theirs = reference.encode_text(["a photo of sks person"], "cpu", FlowSettings(), ["t5"])["t5"]
+    relative = float((ours - theirs).norm() / theirs.norm())
+    assert 0 < relative < 0.1, relative  # really rounded to e4m3 (3 mantissa bits), and close
