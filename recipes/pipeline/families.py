@@ -68,23 +68,6 @@ def header_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     }
 
 
-def flow_family(shapes: dict[str, tuple[int, ...]]) -> str | None:
-    """Flux / SD3 family ids from the engine's readers of those files (``engine/models/flux_files.py``,
-    ``engine/models/sd3_files.py``: ComfyUI's triggers; guidance embedding = dev, dual attention = SD3.5 Medium,
-    q/k norm = SD3.5 Large).
-
-    TODO(H4a): ``arch_from_keys`` learns these ids (flux-dev, flux-schnell, sd3-medium, sd35-medium, sd35-large);
-    this goes when it has."""
-    from charforge.engine.models import flux_files, sd3_files
-
-    model = flux_files.strip_prefix(shapes)
-    if flux_files.is_bfl_flux(model):
-        return "flux-dev" if "guidance_in.in_layer.weight" in model else "flux-schnell"
-    if sd3_files.is_sd3(shapes):
-        return sd3_files.sd3_variant(shapes)
-    return None
-
-
 def _looks_like_flow(shapes: dict[str, tuple[int, ...]]) -> bool:
     return any(".double_blocks." in f".{k}" or ".joint_blocks." in f".{k}" for k in shapes)
 
@@ -92,8 +75,9 @@ def _looks_like_flow(shapes: dict[str, tuple[int, ...]]) -> bool:
 def family_from_shapes(shapes: dict[str, tuple[int, ...]], name: str) -> str:
     """The family id of a base model from its tensor names and shapes; a clear refusal for anything else.
 
-    SD1.5/SDXL files are recognised by their text encoders alone (as the pipeline always has: a file whose VAE
-    was stripped still renders with one); Flux and SD3/SD3.5 by the trainer's rules."""
+    SD1.5/SDXL files are recognised by their text encoders alone, as the pipeline always has (a file whose VAE
+    was stripped still renders with one from elsewhere); Flux, SD3/SD3.5 and the refusals are the trainer's
+    (``arch_from_keys``)."""
     if not _looks_like_flow(shapes):
         if any(k.startswith("conditioner.embedders.1.") for k in shapes):
             return "sdxl"
@@ -107,12 +91,9 @@ def family_from_shapes(shapes: dict[str, tuple[int, ...]], name: str) -> str:
     try:
         family = arch_from_keys(shapes)
     except UnsupportedModelError as exc:
-        found = flow_family(shapes)
-        if found is None:
-            raise PipelineError(
-                f"base model {name!r} is not a model the pipeline can use: {exc} (supported: {SUPPORTED})"
-            ) from None
-        family = found
+        raise PipelineError(
+            f"base model {name!r} is not a model the pipeline can use: {exc} (supported: {SUPPORTED})"
+        ) from None
     if family not in FAMILY_NAMES:
         raise PipelineError(f"base model {name!r} is a {family} model; the pipeline supports {SUPPORTED}")
     return family

@@ -284,26 +284,12 @@ def _model_path(kind: str, name: str) -> Path | None:
 
 def _arch(path: Path) -> dict[str, str]:
     """The model family of a base-model file from its tensor names (the trainer's detection), or why not."""
-    from ..engine.models import flux_files, sd3_files
     from ..engine.train.models import UnsupportedModelError, detect_arch
 
     try:
         return {"arch": detect_arch(path)}
-    except UnsupportedModelError as exc:
-        refusal = str(exc)
-    except (OSError, ValueError) as exc:
+    except (UnsupportedModelError, OSError, ValueError) as exc:
         return {"arch_error": str(exc)}
-    # TODO(H4a): detect_arch learns the Flux / SD3 family ids; until then the engine's readers of those files.
-    try:
-        shapes = sd3_files.tensor_shapes(path)
-    except (OSError, ValueError) as exc:
-        return {"arch_error": str(exc)}
-    model = flux_files.strip_prefix(shapes)
-    if flux_files.is_bfl_flux(model):
-        return {"arch": "flux-dev" if "guidance_in.in_layer.weight" in model else "flux-schnell"}
-    if sd3_files.is_sd3(shapes):
-        return {"arch": sd3_files.sd3_variant(shapes)}
-    return {"arch_error": refusal}
 
 
 def _models(
