@@ -15,7 +15,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from charforge.common.characters import Character, CharacterLora, GenerationParams, default_size, safe_name
+from charforge.common.characters import (
+    BASE_MODELS,
+    Character,
+    CharacterLora,
+    GenerationParams,
+    family_generation,
+    safe_name,
+)
 
 EXIT_BAD_INPUT = 2
 FORMATS = ("kohya", "peft", "comfyui")
@@ -222,13 +229,17 @@ def _register_character(sub: Any) -> None:
     new.add_argument(
         "--threshold", type=float, default=0.0, help="identity similarity needed (0 = identity's own)"
     )
-    new.add_argument("--base-model", choices=("", "sd15", "sdxl"), default="", help="the base model family")
-    new.add_argument("--steps", type=int, default=GenerationParams.steps)
-    new.add_argument("--cfg", type=float, default=GenerationParams.cfg)
-    new.add_argument("--width", type=int, default=None, help="default 1024 for sdxl, else 512")
-    new.add_argument("--height", type=int, default=None, help="default 1024 for sdxl, else 512")
-    new.add_argument("--sampler", default=GenerationParams.sampler)
-    new.add_argument("--scheduler", default=GenerationParams.scheduler)
+    new.add_argument("--base-model", choices=BASE_MODELS, default="", help="the base model family")
+    new.add_argument(
+        "--steps", type=int, default=None, help=f"default: the base model's ({GenerationParams.steps} for SD)"
+    )
+    new.add_argument(
+        "--cfg", type=float, default=None, help=f"default: the base model's ({GenerationParams.cfg} for SD)"
+    )
+    new.add_argument("--width", type=int, default=None, help="default 512 for sd15 (and none), else 1024")
+    new.add_argument("--height", type=int, default=None, help="default 512 for sd15 (and none), else 1024")
+    new.add_argument("--sampler", default=None, help="default: the base model's")
+    new.add_argument("--scheduler", default=None, help="default: the base model's")
     new.add_argument("--seed", type=int, default=None)
     new.add_argument(
         "--folder",
@@ -440,9 +451,12 @@ def cmd_character_new(args: argparse.Namespace, out: Any) -> int:
         if args.from_lora is not None:
             found = _engine("inspect").inspect_lora(args.from_lora)
             triggers += [w for w in found.trigger_words if w not in triggers]
-            base_model = base_model or (found.base_model if found.base_model in ("sd15", "sdxl") else "")
+            if not base_model and found.base_model in BASE_MODELS:
+                base_model = found.base_model
+            elif not base_model and len(found.fits) == 1 and found.fits[0] in BASE_MODELS:
+                base_model = found.fits[0]  # a Flux / SD3 LoRA whose shapes fit one variant (flux-dev ...)
             loras.insert(0, CharacterLora(args.from_lora.name, args.weight))
-        size = default_size(base_model)
+        defaults = family_generation(base_model)
         character = Character(
             name=safe_name(args.name),
             display_name=args.display_name or args.name,
@@ -455,13 +469,15 @@ def cmd_character_new(args: argparse.Namespace, out: Any) -> int:
             threshold=args.threshold,
             base_model=base_model,
             generation=GenerationParams(
-                steps=args.steps,
-                cfg=args.cfg,
-                width=args.width or size,
-                height=args.height or size,
-                sampler=args.sampler,
-                scheduler=args.scheduler,
+                steps=args.steps if args.steps is not None else defaults.steps,
+                cfg=args.cfg if args.cfg is not None else defaults.cfg,
+                width=args.width or defaults.width,
+                height=args.height or defaults.height,
+                sampler=args.sampler or defaults.sampler,
+                scheduler=args.scheduler or defaults.scheduler,
                 seed=args.seed,
+                guidance=defaults.guidance,
+                shift=defaults.shift,
             ),
         )
         path = chars.save_character(character, folder=args.folder, overwrite=args.force)

@@ -123,3 +123,28 @@ def test_character_new_with_folder_is_found_by_list_and_show_with_the_same_folde
     assert json.loads(out.strip().splitlines()[-1])["trigger_words"] == ["bob_cf"]
     code, _, err = _run("character", "show", "bob")  # not in the characters folder, as the message said
     assert code == 2 and "not found" in err
+
+
+def test_flux_lora_info_and_a_preset_from_it(no_comfy, monkeypatch, tmp_path):
+    from cf_testing.lora_files import FLUX_TINY, random_flow_state
+    from charforge.engine.library import flow_layouts as fl
+    from charforge.engine.library.formats import LoraModule, LoraState
+
+    monkeypatch.setenv("CHARFORGE_MODELS_DIR", str(no_comfy / "models"))
+    tiny = write(random_flow_state(FLUX_TINY), tmp_path / "tiny.safetensors")
+    code, out, err = _run("lora", "info", str(tiny), "--json")
+    record = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and record["base_model"] == "flux" and record["fits"] == []
+    # A full-size Flux.1-dev LoRA (guidance embedder adapted): the preset gets flux-dev and its sampling.
+    shape = fl.lora_targets(fl.VARIANTS["flux-dev"])["guidance_in.in_layer"]
+    module = LoraModule(
+        "unet", "guidance_in.in_layer", torch.ones(2, shape[1]), torch.ones(shape[0], 2), None
+    )
+    state = LoraState("flux", {("unet", module.name): module}, {"modelspec.trigger_phrase": "sks"}, "")
+    dev = write(state, tmp_path / "dev.safetensors")
+    code, out, err = _run("character", "new", "sks", "--from-lora", str(dev))
+    assert code == 0, err
+    code, out, _ = _run("character", "show", "sks", "--json")
+    record = json.loads(out.strip().splitlines()[-1])
+    assert record["base_model"] == "flux-dev" and record["trigger_words"] == ["sks"]
+    assert record["generation"]["cfg"] == 1.0 and record["generation"]["width"] == 1024

@@ -90,6 +90,7 @@ def test_full_size_variants_have_the_published_parameter_counts():
     ("keys", "family"),
     [
         (["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"], "flux"),
+        (["lora_unet_guidance_in_in_layer.lora_down.weight"], "flux"),
         (["diffusion_model.single_blocks.3.linear1.lora_up.weight"], "flux"),
         (["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"], "flux"),
         (["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"], "sd3"),

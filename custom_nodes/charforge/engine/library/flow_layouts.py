@@ -367,7 +367,7 @@ _FAMILY_HINTS = (
             r"(?:^|[._])(double_blocks|single_blocks|single_transformer_blocks|guidance_embedder)[._]"
         ),
     ),
-    ("flux", re.compile(r"(?:^|[._])(img_in|txt_in|vector_in|time_in)(?:[._]|$)")),
+    ("flux", re.compile(r"(?:^|[._])(img_in|txt_in|vector_in|time_in|guidance_in)(?:[._]|$)")),
     ("sd3", re.compile(r"(?:^|[._])(joint_blocks|pos_embed|t_embedder|y_embedder)(?:[._]|$)")),
     # SD3.5 Medium's second attention (the U-Nets' attn2 sits deeper, under down_blocks/input_blocks ...)
     ("sd3", re.compile(r"^(?:transformer\.|lora_transformer_)?transformer_blocks[._]\d+[._]attn2[._]")),
