@@ -121,6 +121,20 @@ _ENCODER_ROLES = {
     "flux": (("clip_name1", "clip_l"), ("clip_name2", "t5xxl")),
     "sd3": (("clip_name1", "clip_l"), ("clip_name2", "clip_g"), ("clip_name3", "t5xxl")),
 }
+# Train LoRA's label for a file of models/diffusion_models in its base_model list (nodes/train.py).
+DIFFUSION_MODEL_LABEL = "[diffusion model] "
+
+
+def encoders_by_role(family: str, text_encoders: dict[str, str]) -> dict[str, str]:
+    """The chosen text encoders keyed by role (``clip_l``, ``clip_g``, ``t5xxl``: Train LoRA's part inputs)
+    instead of by the loader's socket (``clip_name1`` ...)."""
+    return {
+        role: text_encoders[socket]
+        for socket, role in _ENCODER_ROLES[group(family)]
+        if socket in text_encoders
+    }
+
+
 _ROLE_HINTS = {
     "clip_l": r"clip[_-]?l\b|clip[_-]?l[_.]",
     "clip_g": r"clip[_-]?g\b|clip[_-]?g[_.]",

@@ -10,6 +10,7 @@ from ...driver.client import ComfyClient
 from ...driver.errors import DriverError
 from ...driver.sync import call, provision_tiny
 from .families import (
+    DIFFUSION_MODEL_LABEL,
     FAMILY_NAMES,
     choose_family_files,
     family_from_name,
@@ -238,7 +239,7 @@ def _flow_models(
     return Models(
         False,
         name,
-        name,
+        DIFFUSION_MODEL_LABEL + name if kind == "diffusion_models" else name,
         family,
         tagger,
         clip,

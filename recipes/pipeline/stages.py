@@ -16,7 +16,7 @@ from ...driver.progress import JobView, make_renderer
 from ...driver.sync import parse_train_summary
 from ...driver.workflow.preflight import nodes_to_run
 from ..remote import RemoteFiles
-from .families import FAMILY_NAMES, IMAGES_WORKFLOW, group
+from .families import FAMILY_NAMES, IMAGES_WORKFLOW, encoders_by_role, group
 from .options import TINY_MARK, TINY_TRAIN, WORKFLOWS, Models, PipelineError, PipelineOptions, Say, Server
 
 # ------------------------------------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ def stage_lora(
     prompt = load_stage_workflow("train_lora_sd15" if models.arch == "sd15" else "train_lora_sdxl")
     inputs = prompt["1"]["inputs"]
     if group(models.arch) != "sd":
-        inputs["preset"] = _flow_preset(runner, models)
+        _flow_training(runner, models, inputs)
     inputs.update(
         base_model=models.train_base,
         dataset_folder=state["captions"]["train_data_dir"],
@@ -352,26 +352,27 @@ def stage_lora(
     }
 
 
-def _flow_preset(runner: Runner, models: Models) -> str:
-    """Train LoRA's preset for a Flux / SD3 base (the family's own, else its group's); refuses, naming the
-    server, when its Train LoRA does not offer the base model (a CharForge without Flux/SD3.5 training)."""
+def _flow_training(runner: Runner, models: Models, inputs: dict[str, Any]) -> None:
+    """Train LoRA's inputs for a Flux / SD3 base: its text encoders and VAE as the node's part inputs (the
+    preset keeps its name: on these bases each preset is the transformer recipe). Refuses, naming the server,
+    when its Train LoRA does not offer the base model (a CharForge without Flux/SD3.5 training)."""
     from .server import _choices
 
     client = getattr(runner, "client", None)
     info = client.object_info(refresh=True) if client is not None else {}
-    bases = _choices(info, "CharForgeTrainLoRA", "base_model")
-    presets = _choices(info, "CharForgeTrainLoRA", "preset")
-    if client is not None and info and models.train_base not in bases:
+    if (
+        client is not None
+        and info
+        and models.train_base not in _choices(info, "CharForgeTrainLoRA", "base_model")
+    ):
         raise PipelineError(
             f"the Train LoRA node on {client.url} does not offer {models.train_base!r} "
             f"({FAMILY_NAMES[models.arch]}): update CharForge there to train {FAMILY_NAMES[models.arch]} LoRAs, "
             "or train elsewhere (--train-on)"
         )
-    kind = group(models.arch)
-    for preset in (models.arch, kind, "sd35" if kind == "sd3" else kind):
-        if preset in presets:
-            return preset
-    return models.arch
+    inputs.update(encoders_by_role(models.arch, models.text_encoders))
+    if models.vae:
+        inputs["vae"] = models.vae
 
 
 def runner_server_models(runner: Runner) -> list[Path]:

@@ -189,6 +189,7 @@ def test_a_flux_diffusion_model_brings_its_text_encoders_and_vae_and_no_video(tm
         "flux1-dev.safetensors",
         "diffusion_models",
     )
+    assert models.train_base == "[diffusion model] flux1-dev.safetensors"  # Train LoRA's label for it
     assert models.text_encoders == {
         "clip_name1": "clip_l.safetensors",
         "clip_name2": "t5xxl_fp16.safetensors",
@@ -361,17 +362,24 @@ class TrainRecorder(Recorder):
         return None, {"1": text}, []
 
 
-def test_the_lora_stage_trains_on_the_flux_base_with_its_preset_or_refuses(tmp_path):
+def test_the_lora_stage_trains_on_the_flux_base_with_its_parts_or_refuses(tmp_path):
     models = _flow_models("flux-dev", faces=False)
+    models.train_base = "[diffusion model] flux1-dev.safetensors"
     state = {"captions": {"train_data_dir": "/srv/pip/img"}}
-    runner = TrainRecorder(TrainClient(["flux1-dev.safetensors"], ["sdxl", "sd15", "flux-dev", "fast"]))
+    runner = TrainRecorder(TrainClient(["[diffusion model] flux1-dev.safetensors"], ["sdxl", "sd15", "fast"]))
     stages.stage_lora(runner, _opts(tmp_path), models, state)
     inputs = runner.prompts[-1]["1"]["inputs"]
-    assert (inputs["base_model"], inputs["preset"]) == ("flux1-dev.safetensors", "flux-dev")
-    assert inputs["dataset_folder"] == "/srv/pip/img"
+    assert inputs["base_model"] == "[diffusion model] flux1-dev.safetensors"
+    assert (inputs["clip_l"], inputs["t5xxl"], inputs["vae"]) == (
+        "clip_l.safetensors",
+        "t5xxl_fp8_e4m3fn.safetensors",
+        "ae.safetensors",
+    )
+    assert "clip_g" not in inputs and inputs["dataset_folder"] == "/srv/pip/img"
     old = TrainRecorder(TrainClient(["v1-5.safetensors"], ["sdxl", "sd15"]))
     with pytest.raises(
-        pipeline.PipelineError, match="does not offer 'flux1-dev.safetensors'.*update CharForge"
+        pipeline.PipelineError,
+        match=r"does not offer '\[diffusion model\] flux1-dev.safetensors'.*update CharForge",
     ):
         stages.stage_lora(old, _opts(tmp_path), models, state)
     assert old.prompts == []  # refused before anything is queued
