@@ -53,7 +53,12 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
         action="store_true",
         help="drawn or non-human characters: no face rules in the dataset, images picked by CLIP score",
     )
-    p.add_argument("--base-model", metavar="CKPT", help="checkpoint on the server (default: the first one)")
+    p.add_argument(
+        "--base-model",
+        metavar="MODEL",
+        help="a checkpoint or diffusion model (FLUX.1) on the server (default: the first checkpoint); its family "
+        "(SD1.5, SDXL, FLUX.1, SD3/SD3.5) is read from its tensors",
+    )
     p.add_argument(
         "--tiny", action="store_true", help="use tiny random models even when real ones are installed"
     )
