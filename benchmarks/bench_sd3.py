@@ -19,8 +19,9 @@ Configurations (issue 18's target in brackets: >= 45 % MFU against the practical
 
 The text encoders are the real widths with one layer each (their outputs are cached before the first step
 and they are dropped, so they never enter a step); the VAE is SD3's at full size (it caches the latents).
-Conditioning is 77 CLIP + 256 T5 tokens (the pipeline's default). FLOPs per step: `sd3.step_flops` (counted
-on the meta device; frozen base: 2 x linear + 3 x attention), MFU = FLOPs / (median s/step x peak), against
+Conditioning is 77 CLIP + 256 T5 tokens (the pipeline's default). FLOPs per step: the flow preflight's count
+(`flow.preflight.step_flops`; frozen base: 2 x linear + 3 x attention, checkpointing recompute left out as
+MFU asks), MFU = FLOPs / (median s/step x peak), against
 the practical 795 TFLOP/s and the 989.5 TFLOP/s spec (docs/model-configs.md §9.4). Steady state: warm-up
 steps, then ``--measure`` steps each read back (synchronised).
 
@@ -36,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -183,7 +185,7 @@ def trainer_steps(name: str, arch: str, args, device, work: Path, checkpointing:
     import torch
 
     from charforge.engine.train.data import TrainingData, read_kohya_folder
-    from charforge.engine.train.flow.sd3 import step_flops
+    from charforge.engine.train.flow.preflight import step_flops
     from charforge.engine.train.flow.trainer import FlowTrainer
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -204,10 +206,7 @@ def trainer_steps(name: str, arch: str, args, device, work: Path, checkpointing:
         start = time.perf_counter()
         trainer.train_step()  # returns the loss as a float: the step has finished on the device
         times.append(time.perf_counter() - start)
-    latent = args.resolution // 8
-    flops, _ = step_flops(dict(model.transformer.config), latent, latent, TEXT_TOKENS)
-    if checkpointing:
-        flops += step_flops(dict(model.transformer.config), latent, latent, TEXT_TOKENS)[1]  # the recompute
+    _, flops = step_flops(model, replace(config, gradient_checkpointing=False))  # MFU: no recompute
     result = {
         "config": name,
         "arch": arch,
@@ -228,7 +227,8 @@ def anchor_steps(name: str, arch: str, args, device, work: Path) -> dict:
     import torch
     from peft import LoraConfig, inject_adapter_in_model
 
-    from charforge.engine.train.flow.sd3 import sd3_lora_targets, step_flops
+    from charforge.engine.train.flow.preflight import step_flops
+    from charforge.engine.train.flow.sd3 import SD3Model, sd3_lora_targets
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = _configs(arch, args.smoke_dir)["transformer"]
@@ -277,7 +277,8 @@ def anchor_steps(name: str, arch: str, args, device, work: Path) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    flops, _ = step_flops(config, latent, latent, TEXT_TOKENS)
+    stand_in = SD3Model(arch, "random", transformer, None, {}, {}, dtype)  # only its shape is read
+    _, flops = step_flops(stand_in, _train_config(args, args.resolution, False, "bf16"))
     result = {
         "config": name,
         "arch": arch,

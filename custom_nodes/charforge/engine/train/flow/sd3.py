@@ -199,41 +199,6 @@ def sd3_lora_targets(transformer: Any, preset: str) -> list[str]:
     return names
 
 
-def step_flops(
-    transformer_config: dict,
-    latent_height: int,
-    latent_width: int,
-    text_tokens: int = 77 + T5_LENGTH,
-    batch: int = 1,
-) -> tuple[float, float]:
-    """(FLOPs of one LoRA training step with a frozen base, of which the forward pass) for an MMDiT of
-    `transformer_config` at a latent of this size, counted with torch's FlopCounterMode on the meta device
-    (no memory, a few seconds for SD3.5 Large).
-
-    The step is forward + backward to the activations: the frozen linear layers cost their forward once more
-    (input gradients only), attention twice more; gradient checkpointing adds one forward. LoRA adapters add
-    about 1 %, embedders and modulation less than 0.1 %.
-    """
-    from diffusers import SD3Transformer2DModel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    config = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        model = SD3Transformer2DModel(**config)
-        latents = torch.empty(batch, config["in_channels"], latent_height, latent_width)
-        context = torch.empty(batch, text_tokens, config["joint_attention_dim"])
-        pooled = torch.empty(batch, config["pooled_projection_dim"])
-        timestep = torch.empty(batch)
-    with FlopCounterMode(display=False) as counter:
-        model(
-            hidden_states=latents, encoder_hidden_states=context, pooled_projections=pooled, timestep=timestep
-        )
-    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
-    attention = float(counts.get("aten.bmm", 0))  # the scaled dot products (matmuls of the layers are addmm)
-    forward = float(counter.get_total_flops())
-    return 2 * (forward - attention) + 3 * attention, forward
-
-
 # --------------------------------------------------------------------------------------------------
 # Loading
 
