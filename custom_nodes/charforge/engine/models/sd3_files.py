@@ -32,7 +32,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ from ..library.flow_layouts import single_file_state
 log = logging.getLogger(__name__)
 
 VARIANTS = ("sd3-medium", "sd35-medium", "sd35-large")
-VARIANT_NAMES = {"sd3-medium": "SD3 Medium", "sd35-medium": "SD3.5 Medium", "sd35-large": "SD3.5 Large"}
 
 TRANSFORMER_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -378,12 +377,3 @@ def write_single_file(
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in out.items()}, str(path), metadata=dict(metadata or {}) or None)
     return path
-
-
-def describe(shapes: Shapes, encoders: Iterable[str] = ()) -> str:
-    """One line for messages: the variant and what the file carries."""
-    parts = [VARIANT_NAMES[sd3_variant(shapes)]]
-    carried = [*encoders_in(shapes), *encoders]
-    parts.append("with " + ", ".join(carried) if carried else "without text encoders")
-    parts.append("with VAE" if has_vae(shapes) else "without VAE")
-    return " ".join(parts)
