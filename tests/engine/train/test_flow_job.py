@@ -43,6 +43,7 @@ def _config(**overrides):
         "warmup_steps": 0,
         "schedule": "constant",
         "sample_every": 0,
+        "sample_steps": 2,
         "checkpoint_every": 2,
         "trigger_word": "sks",
         "loss_every": 1,  # progress (and so the stop below) after every step
@@ -89,6 +90,10 @@ def test_flux_job_from_comfyui_files_cancels_resumes_and_writes_a_kohya_lora(tin
     assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for k in tensors)
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["modelspec.trigger_phrase"] == "sks"
     assert meta["modelspec.prediction_type"] == "flow"
+    # Final sample images (the prompts were encoded before the text encoders were dropped).
+    assert len(result.samples) == 1
+    with Image.open(result.samples[0]) as sample:
+        assert sample.size == (64, 64) and np.asarray(sample.convert("L")).std() > 0
     saved = json.loads((tmp_path / "runs" / "alice" / "config.json").read_text())
     assert saved["arch"] == "flux-dev"
 

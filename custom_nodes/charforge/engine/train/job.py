@@ -436,7 +436,19 @@ class TrainingSession:
             self.report({"phase": "caching", "what": what, "done": done, "total": total})
 
         self.trainer = trainer = self._trainer()
+        captions = [item.caption for item in data.items]
         try:
+            if self.flow:  # prompts encoded before the trainer drops the text encoders
+                from .flow.samples import plan_flow_samples
+
+                self.plan = plan_flow_samples(
+                    model,
+                    config.samples,
+                    sample_prompts(config.samples, config.trigger_word, captions),
+                    config.samples.size or config.data.resolution,
+                    self.device,
+                    config.flow,
+                )
             trainer.setup(on_cache=on_cache)
             if self.resuming:
                 state = folder.load_state()
@@ -446,7 +458,6 @@ class TrainingSession:
                 self.resumed_from = trainer.step
                 log.info("CharForge: resuming %s at step %d", folder.name, self.resumed_from)
             folder.truncate_metrics(self.resumed_from)
-            captions = [item.caption for item in data.items]
             if not self.flow:
                 self.plan = plan_samples(
                     model,
@@ -568,13 +579,19 @@ class TrainingSession:
         )
 
     def _save_samples(self, step: int) -> list[str]:
-        if self.plan is None:  # flow-matching bases: no sample images yet
+        if self.plan is None:  # a flow family without a sampler
             return []
         self.report({"phase": "sampling", "step": step})
         paths = []
-        for index, image in enumerate(
-            render_samples(self.model, self.plan, self.trainer.device, self.trainer.autocast_dtype)
-        ):
+        if self.flow:
+            from .flow.samples import render_flow_samples
+
+            images = render_flow_samples(
+                self.model, self.plan, self.trainer.device, self.trainer.autocast_dtype
+            )
+        else:
+            images = render_samples(self.model, self.plan, self.trainer.device, self.trainer.autocast_dtype)
+        for index, image in enumerate(images):
             path = self.folder.sample_path(step, index)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp.png")

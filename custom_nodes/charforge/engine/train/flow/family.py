@@ -77,6 +77,15 @@ class FlowModel:
         ``"all_linear"``)."""
         raise NotImplementedError
 
+    def sample(self, text: dict[str, torch.Tensor], seed: int, size: int, settings: Any, device) -> Any:
+        """One sample image (PIL) for one prompt's conditioning `text` (batch of 1) at `size` x `size`, with
+        ``settings`` a ``config.SampleSettings`` (steps, guidance). Families without a sampler leave it."""
+        raise NotImplementedError
+
+    @property
+    def can_sample(self) -> bool:
+        return type(self).sample is not FlowModel.sample
+
     def text_fingerprint(self, settings: FlowSettings) -> str:
         """What the cached caption outputs depend on (weights of the encoders, token lengths)."""
         return ":".join(self.fingerprints.get(name, "") for name in sorted(self.text_encoders))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +223,9 @@ def _required(path: str | None, what: str, folder: str) -> str:
 class FluxModel(FlowModel):
     """Flux.1 dev / schnell: transformer, ae VAE, CLIP-L (``clip_l``) and T5-XXL (``t5``)."""
 
+    scheduler_config: dict = field(default_factory=dict)  # the sampling scheduler (samples during training)
+    _pipeline: Any = field(default=None, repr=False)
+
     def __post_init__(self):
         self.family = "flux"
         self.default_sampling = "flux_shift"
@@ -290,6 +293,46 @@ class FluxModel(FlowModel):
 
     def lora_targets(self, preset: str) -> list[str]:
         return flux_lora_targets(self.transformer, preset)
+
+    def sample(self, text, seed, size, settings, device):
+        """One image through diffusers' ``FluxPipeline`` on these modules (no text encoders: the prompt's
+        cached conditioning goes in). Guidance: dev's distilled guidance, the samples' ``guidance`` (its SD
+        default 5.0 means Flux's usual 3.5 here); schnell has none."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        from ..config import SampleSettings
+
+        if self._pipeline is None:
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+            self._pipeline = FluxPipeline(
+                scheduler=scheduler,
+                vae=self.vae,
+                text_encoder=None,
+                tokenizer=None,
+                text_encoder_2=None,
+                tokenizer_2=None,
+                transformer=self.transformer,
+            )
+            self._pipeline.set_progress_bar_config(disable=True)
+        guidance = 3.5 if settings.guidance == SampleSettings().guidance else settings.guidance
+        dtype = self.transformer.dtype
+        vae_dtype = self.vae.dtype
+        self.vae.to(dtype)  # the pipeline decodes in the transformer's dtype
+        try:
+            out = self._pipeline(
+                prompt_embeds=text["t5"].to(device, dtype),
+                pooled_prompt_embeds=text["pooled"].to(device, dtype),
+                num_inference_steps=settings.steps,
+                guidance_scale=guidance,
+                height=size,
+                width=size,
+                max_sequence_length=text["t5"].shape[1],
+                generator=torch.Generator().manual_seed(seed),
+                output_type="pil",
+            )
+        finally:
+            self.vae.to(vae_dtype)
+        return out.images[0]
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -398,6 +441,7 @@ def _load_folder(source: Path, dtype: torch.dtype, tokenizer_candidates) -> Flux
         clip_tokenizer = CLIPTokenizer.from_pretrained(str(find_tokenizer_dir(list(tokenizer_candidates))))
     t5_tokenizer = load_t5_tokenizer([source / "tokenizer_2"])
     return FluxModel(
+        scheduler_config=json.loads((source / "scheduler" / "scheduler_config.json").read_text()),
         arch=flux_arch(dict(transformer.config)),
         source=str(source),
         transformer=transformer,
@@ -434,7 +478,11 @@ def _load_files(
     if not vae_state:
         vae_state = _read(_required(files.vae, "VAE (ae.safetensors)", "vae"))
     clip_tokenizer = CLIPTokenizer.from_pretrained(str(find_tokenizer_dir(list(tokenizer_candidates))))
+    scheduler = configs / "scheduler" / "scheduler_config.json"
+    if not scheduler.is_file():
+        scheduler = CONFIG_ROOT / arch / "scheduler" / "scheduler_config.json"
     return FluxModel(
+        scheduler_config=json.loads(scheduler.read_text()),
         arch=arch,
         source=str(files.transformer),
         transformer=transformer,
