@@ -46,6 +46,7 @@ from .models import BaseModel, PromptEmbeddings, encode_prompts
 from .optim import build_optimizer, build_scheduler
 
 STATE_VERSION = 1
+REPORT_SECONDS = 2.0  # the longest `train` goes without reading the losses back (progress on slow GPUs)
 
 
 @dataclass(frozen=True)
@@ -500,21 +501,29 @@ class Trainer:
         """Run steps until `until` (default: ``config.steps``) completed steps; returns the step reached.
 
         `after_step(step)` runs after each step (checkpoints, samples). `on_step` gets each step's progress
-        and loss, in order, when the losses are read back: every ``config.loss_every`` steps, at the last
-        step and when the loop stops on an error. `control.check()` raises `Cancelled` when the user asked
+        and loss, in order, when the losses are read back: after the first step, then every
+        ``config.loss_every`` steps or `REPORT_SECONDS`, whichever comes first (a slow GPU still shows
+        progress), at the last step and when the loop stops on an error. `control.check()` raises `Cancelled` when the user asked
         to stop; any exception leaves `state_dict()` at the last completed step.
         """
         until = self.config.steps if until is None else until
         start_time, start_step = time.perf_counter(), self.step
         unread: list[_Unread] = []
+        last_read = start_time
         try:
             while self.step < until:
                 if control is not None:
                     control.check()
                 loss = self.device_step(control)
                 unread.append(_Unread(self.step, loss, self.current_lr(), time.perf_counter() - start_time))
-                if len(unread) >= self.config.loss_every or self.step >= until:
+                if (
+                    len(unread) >= self.config.loss_every
+                    or self.step >= until
+                    or self.step == start_step + 1
+                    or time.perf_counter() - last_read >= REPORT_SECONDS
+                ):
                     self._report(unread, until, start_step, on_step)
+                    last_read = time.perf_counter()
                 if after_step is not None:
                     after_step(self.step)
         except BaseException:
