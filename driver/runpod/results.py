@@ -176,3 +176,23 @@ def receipt(filename: str, data: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) and isinstance(value.get("summary"), str) else None
+
+
+def stored_summary(destination: str, endpoint_url: str | None = None, storage: Any = None) -> str | None:
+    """The Train LoRA text of a run found at `destination` on storage (``lora/<name>`` and ``run/<run name>/``
+    below it), for a job whose receipt did not come back; None when nothing is there (blocking: boto3)."""
+    from ..storage import S3Location, S3Storage
+
+    location = S3Location.parse(destination)
+    storage = storage or S3Storage(endpoint_url=endpoint_url)
+    base = location.key("")
+    loras, runs = set(), set()
+    for item in storage.list_objects(location):
+        parts = str(item["Key"])[len(base) :].split("/")
+        if len(parts) == 2 and parts[0] == "lora" and parts[1].endswith(".safetensors"):
+            loras.add(parts[1])
+        elif len(parts) > 2 and parts[0] == "run":
+            runs.add(parts[1])
+    if len(loras) != 1 or len(runs) != 1:
+        return None
+    return f"{loras.pop()}: sent to storage; run folder {location}/run/{runs.pop()}"

@@ -66,6 +66,7 @@ from .results import (
     local_datasets,
     receipt,
     results_location,
+    stored_summary,
 )
 
 if TYPE_CHECKING:
@@ -645,6 +646,17 @@ class ServerlessTarget:
             node = str(found.get("node") or f"charforge_store_{len(result.outputs)}")
             result.outputs.setdefault(node, {}).setdefault("text", []).append(found["summary"])
             result.prompt.setdefault(node, {"class_type": STORE_NODE_CLASS, "inputs": {}})
+        # A receipt the worker did not return (worker-comfyui before 5.0 returns one image only): the run is on
+        # storage at the destination this driver gave the node, so it is read from there.
+        for node_id, node in list(result.prompt.items()):
+            if not isinstance(node, dict) or node.get("class_type") != STORE_NODE_CLASS:
+                continue
+            destination = (node.get("inputs") or {}).get("destination")
+            if node_id in result.outputs or not isinstance(destination, str):
+                continue
+            summary = await asyncio.to_thread(stored_summary, str(destination), self.s3_endpoint)
+            if summary is not None:
+                result.outputs[node_id] = {"text": [summary]}
 
     async def fetch_training(self, trained: list[TrainedLoRA], folder: Path) -> list[dict[str, Any]]:
         """The runs the job sent to storage, home into ``folder/lora/`` (checked by sha256)."""

@@ -98,15 +98,18 @@ def distinct_training_names(jobs: list[tuple[str, dict[str, Any] | None, list[st
     """Overrides that keep the jobs of one batch from training into the same LoRA file on the server.
 
     `jobs` are ``(job id, API graph, overrides)``; for every training node whose ``output_name`` another job
-    (or node) of the batch trains too, the job gets ``NODE.output_name=<name>_<first 8 of its id>``: each LoRA
-    and run folder stays its own, and planning the same file again gives the same names."""
+    (or node) of the batch trains too, the job gets ``NODE.output_name=<name>_<first 8 of its id>`` (and
+    ``_<node id>`` when two of its own nodes share the name): each LoRA and run folder stays its own, and
+    planning the same file again gives the same names."""
     names = {job_id: training_names(graph, overrides) for job_id, graph, overrides in jobs}
     count = Counter(name for per_job in names.values() for name in per_job.values())
     extra: dict[str, list[str]] = {}
     for job_id, per_job in names.items():
+        within = Counter(per_job.values())
         for node_id, name in sorted(per_job.items()):
             if count[name] > 1:
-                extra.setdefault(job_id, []).append(f"{node_id}.output_name={name}_{job_id[:8]}")
+                unique = f"{name}_{job_id[:8]}" + (f"_{node_id}" if within[name] > 1 else "")
+                extra.setdefault(job_id, []).append(f"{node_id}.output_name={unique}")
     return extra
 
 

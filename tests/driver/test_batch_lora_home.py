@@ -9,12 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from fakes.batch_checks import batch_run, records
+from fakes.batch_checks import batch_process, batch_run, records
 from fakes.charforge_routes import lying_checksums
 from fakes.comfy_server import FakeComfyServer
 from fakes.train_lora import (
@@ -116,27 +114,7 @@ def test_driver_killed_before_the_lora_came_home_resumes_by_downloading(comfy_en
     stall = Stall()
     with training_server(comfy_env, monkeypatch, stall) as fake:
         stall.on = True
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "charforge.driver.cli",
-                "batch",
-                "run",
-                str(spec),
-                "--out",
-                str(out),
-                "--server",
-                fake.url,
-                "--window",
-                "1",
-                "--backoff",
-                "0.05",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = batch_process(spec, out, fake.url, "--window", "1", "--backoff", "0.05")
         try:
             assert stall.hit.wait(60), "the LoRA download never started"
             deadline = time.monotonic() + 20  # some bytes are on disk: a download was cut in the middle
@@ -258,3 +236,21 @@ def test_jobs_training_the_same_name_each_keep_their_own_lora(comfy_env, monkeyp
     assert not [
         o for j in load_batch(training_sweep(tmp_path)).jobs for o in j.overrides if "output_name=x_" in o
     ]
+
+
+def test_distinct_training_names_cover_overrides_and_nodes_of_one_job():
+    from charforge.driver.sync.training import distinct_training_names
+
+    graph = {
+        "1": {"class_type": "CharForgeTrainLoRA", "inputs": {"output_name": "pip"}},
+        "2": {"class_type": "CharForgeTrainLoRA", "inputs": {"output_name": "pip"}},
+        "3": {"class_type": "CharForgeTrainLoRA", "inputs": {"output_name": ["9", 0]}},  # wired: not read
+    }
+    extra = distinct_training_names(
+        [("aaaaaaaa11", graph, []), ("bbbbbbbb22", graph, ["1.output_name=solo", "2.output_name=duo"])]
+    )
+    # job a trains "pip" twice; job b's overrides name its runs apart from everything else
+    assert extra == {"aaaaaaaa11": ["1.output_name=pip_aaaaaaaa_1", "2.output_name=pip_aaaaaaaa_2"]}
+    assert (
+        distinct_training_names([("c", None, []), ("d", {"1": {"class_type": "X", "inputs": {}}}, [])]) == {}
+    )

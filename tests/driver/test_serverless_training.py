@@ -288,3 +288,20 @@ def test_a_driver_killed_while_the_worker_trains_resumes_and_brings_the_lora_hom
     assert (out / "name-solo" / "lora" / "solo.safetensors").read_bytes() == lora_bytes("solo")
     manifest = json.loads((out / "name-solo" / "manifest.json").read_text())
     assert manifest["training"][0]["state"] == "home"
+
+
+@pytest.mark.parametrize(("schema", "kind"), [("old", "base64"), ("new", "s3_url")])
+def test_the_lora_comes_home_whatever_the_worker_returns(worker, tmp_path, monkeypatch, schema, kind):
+    """worker-comfyui >= 5.0 with its own S3 upload (images as presigned URLs), and <= 4.x that returns only the
+    last image (the receipt may be missing: the run is then found at the destination the driver gave)."""
+    runpod, _, bucket = worker
+    runpod.knobs.output_schema, runpod.knobs.output_type = schema, kind
+    monkeypatch.setenv("CHARFORGE_SERVERLESS_RESULTS", f"s3://{bucket}/results")
+    spec = training_sweep(tmp_path, ["solo", "duo"])
+    out = tmp_path / "out"
+    code, _, err = run_cli("batch", "run", str(spec), "--server", "runpod-serverless:ep1", "--out", str(out))
+    assert code == 0, err
+    for name in ("solo", "duo"):
+        assert (out / f"name-{name}" / "lora" / f"{name}.safetensors").read_bytes() == lora_bytes(name)
+        manifest = json.loads((out / f"name-{name}" / "manifest.json").read_text())
+        assert manifest["training"][0]["state"] == "home"
