@@ -68,15 +68,6 @@ def _te_names(family: str) -> dict[str, dict[str, str]]:
     return out
 
 
-def te_shapes(family: str) -> dict[tuple[str, str], tuple[int, int]]:
-    """Every adaptable text-encoder weight of `family` with its shape."""
-    out = {}
-    for component, (layers, width, ff) in _TEXT_ENCODERS[family].items():
-        for entry in _te_layer_entries(component, layers, width, ff):
-            out[(component, entry.name)] = entry.shape
-    return out
-
-
 def locate(family: str, fmt: str, base: str) -> tuple[str, str, int | None] | None:
     """``(component, name, part)`` of one key stem: name is the single-file path (part None) or, for a
     peft transformer module, the diffusers path with its part index; None when it names nothing known."""

@@ -530,15 +530,15 @@ def fuse(target: Target, parts: Mapping[int, Factors]) -> Factors:
     scale = first.scale
     downs, ups = [], []
     for index, units in enumerate(target.units):
-        factors = parts.get(index)
-        if factors is None:
+        given = parts.get(index)
+        if given is None:
             downs.append(first.down.new_zeros((fill_rank, *first.down.shape[1:])))
             ups.append(first.up.new_zeros((units * hidden, fill_rank, *first.up.shape[2:])))
             continue
-        up = factors.up
-        if factors.scale != scale:  # fold the ratio into the up block so alpha / rank can be shared
-            up = (up.to(torch.float64) * (factors.scale / scale)).to(up.dtype)
-        downs.append(factors.down)
+        up = given.up
+        if given.scale != scale:  # fold the ratio into the up block so alpha / rank can be shared
+            up = (up.to(torch.float64) * (given.scale / scale)).to(up.dtype)
+        downs.append(given.down)
         ups.append(up)
     rank = sum(d.shape[0] for d in downs)
     down = torch.cat(downs, dim=0)
