@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,12 @@ from typing import Any
 import pytest
 
 from .comfyui import REPO_ROOT, STUB_MODULES, STUBS_DIR, load_pack_like_comfyui, unload_pack
+
+#: marks a test that runs InsightFace's real load path (skipped where the ``faces`` extra is not installed)
+needs_insightface = pytest.mark.skipif(
+    importlib.util.find_spec("insightface") is None,
+    reason="insightface is not installed (pip install -e '.[faces]'); the real load path cannot run",
+)
 
 
 @dataclass

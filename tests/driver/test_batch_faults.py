@@ -9,13 +9,13 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 from fakes.batch_checks import (
     assert_outputs_once,
+    batch_process,
     batch_run,
     executions_by_color,
     records,
@@ -30,25 +30,8 @@ from charforge.driver.batch.journal import JOURNAL_NAME, replay
 
 
 def _driver(spec: Path, out: Path, *servers: str) -> subprocess.Popen:
-    argv = [
-        sys.executable,
-        "-m",
-        "charforge.driver.cli",
-        "batch",
-        "run",
-        str(spec),
-        "--out",
-        str(out),
-        "--backoff",
-        "0.05",
-        "--window",
-        "3",
-    ]
-    for url in servers:
-        argv += ["--server", url]
-    return subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal
-    )
+    options = ("--backoff", "0.05", "--window", "3")
+    return batch_process(spec, out, list(servers), *options, preexec_fn=sigint_as_in_a_terminal)
 
 
 def test_driver_killed_at_random_points_of_a_100_job_batch(tmp_path):

@@ -9,12 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from fakes.batch_checks import batch_run, records
+from fakes.batch_checks import batch_process, batch_run, records
 from fakes.charforge_routes import lying_checksums
 from fakes.comfy_server import FakeComfyServer
 from fakes.train_lora import (
@@ -116,27 +114,7 @@ def test_driver_killed_before_the_lora_came_home_resumes_by_downloading(comfy_en
     stall = Stall()
     with training_server(comfy_env, monkeypatch, stall) as fake:
         stall.on = True
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "charforge.driver.cli",
-                "batch",
-                "run",
-                str(spec),
-                "--out",
-                str(out),
-                "--server",
-                fake.url,
-                "--window",
-                "1",
-                "--backoff",
-                "0.05",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = batch_process(spec, out, fake.url, "--window", "1", "--backoff", "0.05")
         try:
             assert stall.hit.wait(60), "the LoRA download never started"
             deadline = time.monotonic() + 20  # some bytes are on disk: a download was cut in the middle

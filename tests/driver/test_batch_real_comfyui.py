@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from fakes.batch_checks import assert_outputs_once, batch_run
+from fakes.batch_checks import assert_outputs_once, batch_process, batch_run
 from PIL import Image
 
 import cf_testing.real_comfyui as real
@@ -104,21 +102,7 @@ def test_killed_and_resumed_against_real_comfyui(tmp_path, comfyui):
     spec = _spec(tmp_path)
     (tmp_path / "sweep.yaml").write_text(SWEEP.replace("0.25, 0.5, 0.75", "0.3, 0.6, 0.9"))  # fresh outputs
     out = tmp_path / "out"
-    argv = [
-        sys.executable,
-        "-m",
-        "charforge.driver.cli",
-        "batch",
-        "run",
-        str(spec),
-        "--server",
-        comfyui.url,
-        "--out",
-        str(out),
-        "--window",
-        "3",
-    ]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = batch_process(spec, out, comfyui.url, "--window", "3")
     journal = out / JOURNAL_NAME
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:

@@ -25,6 +25,21 @@ def replicate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeR
         yield fake
 
 
+def train(data: Path, destination: str, trigger: str, *options: str) -> tuple[int, str, str]:
+    """``charforge train DATA --backend replicate:TRAINER --destination D --trigger-word T OPTIONS``."""
+    return cli(
+        "train",
+        str(data),
+        "--backend",
+        f"replicate:{TRAINER}",
+        "--destination",
+        destination,
+        "--trigger-word",
+        trigger,
+        *options,
+    )
+
+
 def dataset(folder: Path, captions: bool = True) -> Path:
     folder.mkdir()
     for i in range(3):
@@ -40,14 +55,9 @@ def test_train_from_dataset_to_a_loaded_lora_and_a_preset(replicate: FakeReplica
     replicate.knobs.rate_limit_next = 2
     data = dataset(tmp_path / "data")
     loras, chars, out_dir = tmp_path / "loras", tmp_path / "characters", tmp_path / "out"
-    code, out, err = cli(
-        "train",
-        str(data),
-        "--backend",
-        f"replicate:{TRAINER}",
-        "--destination",
+    code, out, err = train(
+        data,
         "me/alice",
-        "--trigger-word",
         "alicetok",
         "--name",
         "Alice",
@@ -106,14 +116,9 @@ def test_wrong_base_family_and_missing_destination_are_reported(
     replicate: FakeReplicate, tmp_path: Path
 ) -> None:
     data = dataset(tmp_path / "data", captions=False)
-    code, _, err = cli(
-        "train",
-        str(data),
-        "--backend",
-        f"replicate:{TRAINER}",
-        "--destination",
+    code, _, err = train(
+        data,
         "me/alice",
-        "--trigger-word",
         "tok",
         "--base-model",
         "sdxl",
@@ -126,29 +131,9 @@ def test_wrong_base_family_and_missing_destination_are_reported(
     assert not (tmp_path / "chars").exists()  # no preset for a LoRA that cannot be used
     (job,) = replicate.jobs.values()
     assert "autocaption" not in job.input  # no captions of ours: the trainer captions
-    code, _, err = cli(
-        "train",
-        str(data),
-        "--backend",
-        f"replicate:{TRAINER}",
-        "--destination",
-        "me/nobody",
-        "--trigger-word",
-        "tok",
-        "--out",
-        str(tmp_path / "out2"),
-    )
+    code, _, err = train(data, "me/nobody", "tok", "--out", str(tmp_path / "out2"))
     assert code == 2 and "create the destination model first" in err
-    code, _, err = cli(
-        "train",
-        str(tmp_path / "empty-not-there"),
-        "--backend",
-        f"replicate:{TRAINER}",
-        "--destination",
-        "me/alice",
-        "--trigger-word",
-        "tok",
-    )
+    code, _, err = train(tmp_path / "empty-not-there", "me/alice", "tok")
     assert code == 2 and "does not exist" in err
     code, _, err = cli(
         "train",

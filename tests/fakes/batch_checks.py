@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 from fakes.comfy_server import FakeComfyServer, image_workflow
 
@@ -52,6 +55,19 @@ def assert_outputs_once(out: Path, plan) -> None:
         assert on_disk == listed and len(listed) == 1, (job.folder, on_disk, listed)
         assert manifest["batch"]["job"] == job.id
     assert not list(out.rglob("*.stale-*")) and not (out / ".staging").exists()
+
+
+def batch_process(
+    spec: Path, out: Path, server: str | list[str], *options: str, **popen: Any
+) -> subprocess.Popen:
+    """The same command as its own process (``python -m charforge.driver.cli``), to be killed: stdout dropped,
+    stderr piped as text; `popen` goes to :class:`subprocess.Popen`."""
+    servers = [server] if isinstance(server, str) else server
+    pool = [arg for url in servers for arg in ("--server", url)]
+    argv = [sys.executable, "-m", "charforge.driver.cli", "batch", "run", str(spec), *pool, "--out", str(out)]
+    return subprocess.Popen(
+        [*argv, *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen
+    )
 
 
 def batch_run(spec: Path, out: Path, server: str | list[str], *options: str) -> tuple[int, str, str]:

@@ -13,16 +13,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from cf_testing.real_comfyui import (
-    comfyui_dir,
-    comfyui_python,
-    install_pack,
-    pack_import_failures,
-    start_comfyui,
-    suite_marks,
-)
+import cf_testing.real_comfyui as real
 
-pytestmark = suite_marks(slow=False)
+pytestmark = real.suite_marks(slow=False)
 PORTS = range(18700, 18800)
 
 
@@ -68,9 +61,9 @@ def test_caption_a_dataset_folder_in_real_comfyui(tmp_path, monkeypatch):
 
     from cf_testing.caption_models import write_tiny_blip
 
-    comfy = comfyui_dir()
+    comfy = real.comfyui_dir()
     base = tmp_path / "base"
-    install_pack(comfy, base)
+    real.install_pack(comfy, base)
     write_tiny_blip(base / "models" / "blip" / "tiny-blip")
     photos = base / "input" / "hero"
     photos.mkdir(parents=True)
@@ -79,10 +72,10 @@ def test_caption_a_dataset_folder_in_real_comfyui(tmp_path, monkeypatch):
     (photos / "c.txt").write_text("my own caption\n", encoding="utf-8")
     before = _hashes(photos)
 
-    server = start_comfyui(comfy, base, comfyui_python(comfy), ports=PORTS)
+    server = real.start_comfyui(comfy, base, real.comfyui_python(comfy), ports=PORTS)
     try:
         assert int(server.url.rsplit(":", 1)[1]) in PORTS
-        failures = pack_import_failures(server.log(), "charforge")
+        failures = real.pack_import_failures(server.log(), "charforge")
         assert not failures, failures
         info = server.get("/object_info/CharForgeCaptionDataset")["CharForgeCaptionDataset"]
         assert "blip" in info["input"]["required"]["backend"][0]

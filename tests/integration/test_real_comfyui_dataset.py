@@ -15,17 +15,10 @@ import json
 import uuid
 from pathlib import Path
 
+import cf_testing.real_comfyui as real
 from cf_testing.photos import PLANTED_FILTER, tree_hashes
-from cf_testing.real_comfyui import (
-    comfyui_dir,
-    comfyui_python,
-    install_pack,
-    pack_import_failures,
-    start_comfyui,
-    suite_marks,
-)
 
-pytestmark = suite_marks(slow=False)
+pytestmark = real.suite_marks(slow=False)
 
 
 def _prompt(folder: str, pack: str) -> dict:
@@ -108,18 +101,18 @@ def test_planted_folder_through_real_comfyui(tmp_path):
     from cf_testing.face_models import write_face_pack
     from cf_testing.photos import make_planted_folder
 
-    comfy = comfyui_dir()
+    comfy = real.comfyui_dir()
     base = tmp_path / "base"
-    python = comfyui_python(comfy)
-    install_pack(comfy, base)
+    python = real.comfyui_python(comfy)
+    real.install_pack(comfy, base)
     write_face_pack(base / "models" / "insightface", pack="tiny")
     photos = make_planted_folder(base / "input" / "planted", marker="cell")
     before = tree_hashes(photos)
 
-    server = start_comfyui(comfy, base, python)
+    server = real.start_comfyui(comfy, base, python)
     try:
         log = server.log()
-        assert not pack_import_failures(log, "charforge"), pack_import_failures(log, "charforge")
+        assert not real.pack_import_failures(log, "charforge"), real.pack_import_failures(log, "charforge")
         info = server.get("/object_info/CharForgeLoadDataset")["CharForgeLoadDataset"]
         assert info["category"] == "CharForge/Dataset" and info["output"][0] == "CHARFORGE_DATASET"
 

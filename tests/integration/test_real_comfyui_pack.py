@@ -19,23 +19,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import cf_testing.real_comfyui as real
 from cf_testing.comfyui import REPO_ROOT
-from cf_testing.real_comfyui import (
-    comfyui_dir,
-    comfyui_python,
-    install_pack,
-    pack_import_failures,
-    start_comfyui,
-    suite_marks,
-)
 from charforge.nodes import NODE_CLASS_MAPPINGS
 
-pytestmark = suite_marks(slow=False)
+pytestmark = real.suite_marks(slow=False)
 
 
 @pytest.fixture
 def comfy():
-    path = comfyui_dir()
+    path = real.comfyui_dir()
     assert (path / "main.py").exists(), f"COMFYUI_DIR={path} has no main.py"
     return path
 
@@ -49,7 +42,7 @@ def _check_server(server, pack_dir_name: str) -> None:
         assert entry["python_module"] == f"custom_nodes.{pack_dir_name}"
         assert entry["description"]
     log = server.log()
-    assert not pack_import_failures(log, pack_dir_name), pack_import_failures(log, pack_dir_name)
+    assert not real.pack_import_failures(log, pack_dir_name), real.pack_import_failures(log, pack_dir_name)
     assert "Unable to parse pyproject.toml" not in log
     assert "CharForge 0.1.0:" in log  # the pack's own startup line
     # The model folders the pack registers are real ComfyUI folder keys now.
@@ -102,7 +95,7 @@ def _clone(target: Path) -> None:
 
 def test_install_py_into_comfyui(comfy, tmp_path):
     base = tmp_path / "base"
-    python = comfyui_python(comfy)
+    python = real.comfyui_python(comfy)
     subprocess.run(
         [
             sys.executable,
@@ -117,7 +110,7 @@ def test_install_py_into_comfyui(comfy, tmp_path):
         check=True,
     )
     assert (base / "custom_nodes" / "charforge").is_symlink()
-    server = start_comfyui(comfy, base, python)
+    server = real.start_comfyui(comfy, base, python)
     try:
         _check_server(server, "charforge")
     finally:
@@ -126,11 +119,11 @@ def test_install_py_into_comfyui(comfy, tmp_path):
 
 def _install_like_manager_and_check(comfy: Path, base: Path, pack: Path) -> None:
     """ComfyUI-Manager runs the pack's install.py with ComfyUI's Python, cwd = pack, COMFYUI_PATH set."""
-    python = comfyui_python(comfy)
+    python = real.comfyui_python(comfy)
     subprocess.run(
         [python, "install.py"], cwd=pack, env=dict(os.environ, COMFYUI_PATH=str(comfy)), check=True
     )
-    server = start_comfyui(comfy, base, python)
+    server = real.start_comfyui(comfy, base, python)
     try:
         _check_server(server, pack.name)
     finally:
@@ -190,9 +183,9 @@ def test_missing_optional_packages_do_not_stop_the_pack(comfy, tmp_path):
     (hide / "sitecustomize.py").write_text(
         "import sys\nsys.modules['insightface'] = None\nsys.modules['cv2'] = None\n"
     )
-    python = comfyui_python(comfy)
-    install_pack(comfy, base)
-    server = start_comfyui(comfy, base, python, env={"PYTHONPATH": str(hide)})
+    python = real.comfyui_python(comfy)
+    real.install_pack(comfy, base)
+    server = real.start_comfyui(comfy, base, python, env={"PYTHONPATH": str(hide)})
     server.hidden_modules = {"cv2", "insightface"}
     try:
         log = server.log()

@@ -23,18 +23,11 @@ from pathlib import Path
 
 import pytest
 
+import cf_testing.real_comfyui as real
 from cf_testing.comfyui import REPO_ROOT
 from cf_testing.photos import tree_hashes
-from cf_testing.real_comfyui import (
-    comfyui_dir,
-    comfyui_python,
-    install_pack,
-    pack_import_failures,
-    start_comfyui,
-    suite_marks,
-)
 
-pytestmark = suite_marks(slow=False)
+pytestmark = real.suite_marks(slow=False)
 
 WORKFLOW = REPO_ROOT / "workflows" / "synthesize_dataset.json"
 SIZE = (320, 320)
@@ -76,10 +69,10 @@ def test_shipped_synthesis_workflow_through_real_comfyui(tmp_path):
     from cf_testing.synth_models import build_swapper_onnx, build_upscaler
     from charforge.engine.dataset.images import write_rgb
 
-    comfy = comfyui_dir()
+    comfy = real.comfyui_dir()
     base = tmp_path / "base"
-    python = comfyui_python(comfy)
-    install_pack(comfy, base)
+    python = real.comfyui_python(comfy)
+    real.install_pack(comfy, base)
     models = base / "models"
     write_face_pack(models / "insightface", pack="buffalo_l")
     build_swapper_onnx(models / "insightface" / "inswapper_128.onnx", mode="identity")
@@ -96,10 +89,10 @@ def test_shipped_synthesis_workflow_through_real_comfyui(tmp_path):
     write_rgb(sources / "empty.png", blank_image(SIZE))
     before = tree_hashes(sources)
 
-    server = start_comfyui(comfy, base, python)
+    server = real.start_comfyui(comfy, base, python)
     try:
         log = server.log()
-        assert not pack_import_failures(log, "charforge"), pack_import_failures(log, "charforge")
+        assert not real.pack_import_failures(log, "charforge"), real.pack_import_failures(log, "charforge")
         info = server.get("/object_info")
         assert info["CharForgeSynthesizeDataset"]["category"] == "CharForge/Synthesis"
         prompt = build_api.convert(_editor_for_test(tmp_path), info)

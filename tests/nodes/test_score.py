@@ -13,6 +13,7 @@ from PIL import Image
 from cf_testing.comfyui import image_batch as batch
 from cf_testing.comfyui import run_node
 from cf_testing.face_models import blank_image, face_image
+from cf_testing.fixtures import needs_insightface
 from charforge import bridge
 from charforge.deps import MissingDependencyError
 from charforge.engine.faces import Face
@@ -28,18 +29,6 @@ from charforge.nodes.score import (
     LoadIdentity,
     PickCheckpoint,
     ScoreIdentity,
-)
-
-try:
-    import insightface  # noqa: F401
-
-    HAVE_INSIGHTFACE = True
-except ImportError:
-    HAVE_INSIGHTFACE = False
-
-needs_insightface = pytest.mark.skipif(
-    not HAVE_INSIGHTFACE,
-    reason="insightface is not installed (pip install -e '.[faces]'); the real load path cannot run",
 )
 
 

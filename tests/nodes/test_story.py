@@ -13,20 +13,11 @@ from PIL import Image
 from cf_testing.comfyui import image_batch as batch
 from cf_testing.comfyui import node_info, run_node
 from cf_testing.face_models import blank_image, face_image
+from cf_testing.fixtures import needs_insightface
 from charforge.engine.faces import FaceAnalyzer
 from charforge.engine.score import build_identity
 from charforge.nodes import NODE_CLASS_MAPPINGS
 from charforge.nodes.story import StoryboardSelect, StoryboardSheet, StoryScenes
-
-try:
-    import insightface  # noqa: F401
-
-    HAVE_INSIGHTFACE = True
-except ImportError:
-    HAVE_INSIGHTFACE = False
-needs_insightface = pytest.mark.skipif(
-    not HAVE_INSIGHTFACE, reason="insightface is not installed (pip install -e '.[faces]')"
-)
 
 
 def select(analyzer, character, images, prompts, mode, text_weight=0.5, **inputs):

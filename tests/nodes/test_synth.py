@@ -100,9 +100,9 @@ def test_swap_and_restore_faces_on_a_batch(comfy):
     assert faces == 1 and restored.shape == (1, 320, 320, 3)
 
 
-def _synthesis_inputs(photos: Path):
-    """What Synthesize Dataset takes, from the loader nodes: face models, the identity of `photos`, the
-    swapper, and `photos` loaded as the dataset ``hero``."""
+def _synthesis_inputs(photos: Path, sources: Path) -> dict:
+    """Synthesize Dataset's inputs, from the loader nodes: `photos` loaded as the dataset ``hero`` with its
+    identity, the face models and the swapper, `sources`; the main face swapped, no threshold, half synthetic."""
     (face_models,) = run_node(LoadFaceModels, pack="buffalo_l", det_size=320, provider="CPU").result
     identity, *_ = run_node(
         BuildIdentity, face_models=face_models, name="hero", save=False, folder=str(photos)
@@ -111,7 +111,16 @@ def _synthesis_inputs(photos: Path):
     dataset, *_ = run_node(
         LoadDataset, folder=str(photos), name="hero", recursive=False, read_captions=True, workers=1
     ).result
-    return face_models, identity, swapper, dataset
+    return {
+        "dataset": dataset,
+        "sources": str(sources),
+        "face_models": face_models,
+        "swapper": swapper,
+        "identity": identity,
+        "which": "main",
+        "threshold": 0.0,
+        "max_share": 0.5,
+    }
 
 
 @pytest.mark.slow
@@ -124,18 +133,7 @@ def test_synthesize_crop_with_comfys_upscale_model_and_report(comfy, tmp_path, s
     for i in range(2):
         write_rgb(sources / f"pose_{i}.png", face_image(SIZE, FACE, person=1, noise=6, seed=30 + i))
     write_rgb(sources / "stranger.png", face_image(SIZE, FACE, person=7))
-    face_models, identity, swapper, dataset = _synthesis_inputs(photos)
-    out = run_node(
-        SynthesizeDataset,
-        dataset=dataset,
-        sources=str(sources),
-        face_models=face_models,
-        swapper=swapper,
-        identity=identity,
-        which="main",
-        threshold=0.0,
-        max_share=0.5,
-    )
+    out = run_node(SynthesizeDataset, **_synthesis_inputs(photos, sources))
     manifest, summary, preview = out.result
     assert "3 synthetic image(s) from 3 source(s): 2 accepted" in summary
     assert preview.shape == (2, 320, 320, 3)
@@ -175,18 +173,8 @@ def test_synthesize_stops_on_cancel(comfy, tmp_path):
     photos, sources = tmp_path / "photos", tmp_path / "sources"
     write_rgb(photos / "hero.png", face_image(SIZE, FACE, person=1))
     write_rgb(sources / "pose.png", face_image(SIZE, FACE, person=1))
-    face_models, identity, swapper, dataset = _synthesis_inputs(photos)
+    inputs = _synthesis_inputs(photos, sources)
     comfy.interrupt()
     with pytest.raises(Cancelled):
-        run_node(
-            SynthesizeDataset,
-            dataset=dataset,
-            sources=str(sources),
-            face_models=face_models,
-            swapper=swapper,
-            identity=identity,
-            which="main",
-            threshold=0.0,
-            max_share=0.5,
-        )
-    assert not (Path(dataset.folder) / "synthetic").exists()
+        run_node(SynthesizeDataset, **inputs)
+    assert not (Path(inputs["dataset"].folder) / "synthetic").exists()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cf_testing.face_models import blank_image, face_image, write_face_pack
+from cf_testing.fixtures import needs_insightface
 from charforge.deps import MissingDependencyError
 from charforge.engine.faces import (
     FaceAnalyzer,
@@ -19,18 +20,6 @@ from charforge.engine.faces import (
     available_face_packs,
     best_providers,
     locate_pack,
-)
-
-try:
-    import insightface  # noqa: F401
-
-    HAVE_INSIGHTFACE = True
-except ImportError:
-    HAVE_INSIGHTFACE = False
-
-needs_insightface = pytest.mark.skipif(
-    not HAVE_INSIGHTFACE,
-    reason="insightface is not installed (pip install -e '.[faces]'); the real load path cannot run",
 )
 
 
