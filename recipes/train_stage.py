@@ -272,7 +272,9 @@ def stage_lora_serverless(runner: Any, opts: Any, models: Any, state: dict[str, 
     home = homes[0]
     lora = outcome.folder / home["lora_path"]
     where = _place_lora(runner, lora, home["lora_sha256"], runner.say)
-    cost = target.job_cost(outcome.prompt_id) if outcome.prompt_id else None  # known when followed in this run
+    cost = (
+        target.job_cost(outcome.prompt_id) if outcome.prompt_id else None
+    )  # known when followed in this run
     return {
         "lora_name": lora.name,
         "lora_path": str(lora),
