@@ -146,6 +146,7 @@ def test_info_on_a_small_model_says_no_full_size_model_fits(tmp_path):
     assert info.base_model == "flux" and info.fits == []
     assert any("shapes match no full-size model" in n for n in info.notes)
     assert any("fused weights" in n for n in info.notes)
+    assert "fits: no full-size Flux.1 model" in info.summary()
 
 
 # --------------------------------------------------------------------------------------------------

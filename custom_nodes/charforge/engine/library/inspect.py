@@ -105,7 +105,7 @@ class LoraInfo:
     path: str
     size_bytes: int
     format: str
-    base_model: str  # "sd15", "sdxl" or "unknown"
+    base_model: str  # "sd15", "sdxl", "flux", "sd3" or "unknown"
     base_model_from: str  # "metadata", "keys", "shapes" or ""
     modules: int
     modules_per_component: dict[str, int]
@@ -130,6 +130,10 @@ class LoraInfo:
             data.pop("metadata")
         return data
 
+    def _known(self) -> str:
+        flow = self.base_model in ("flux", "sd3")
+        return f"{ARCH_NAMES[self.base_model]} model" if flow else "SD1.5/SDXL model"
+
     def summary(self) -> str:
         """A few readable lines (the LoRA Info node and ``charforge lora info``)."""
         ranks = ", ".join(f"{r} ({n})" for r, n in sorted(self.ranks.items(), key=lambda x: int(x[0])))
@@ -145,7 +149,7 @@ class LoraInfo:
             f"rank: {ranks or '-'}",
             f"alpha: {alphas}",
             f"trigger words: {', '.join(self.trigger_words) or '(none in metadata)'}",
-            f"fits: {', '.join(ARCH_NAMES.get(a, a) for a in self.fits) or 'no full-size SD1.5/SDXL model'}",
+            f"fits: {', '.join(ARCH_NAMES.get(a, a) for a in self.fits) or 'no full-size ' + self._known()}",
         ]
         if self.title:
             lines.insert(1, f"title: {self.title}")
