@@ -7,6 +7,7 @@ as read-only: they are shared by every test of the session.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -42,6 +43,29 @@ def train_env(comfy_env, tiny_sd15):
     shutil.copytree(tiny_sd15.diffusers_dir, comfy_env.base_dir / "models" / "diffusers" / "tiny_sd15")
     write_training_folder(Path(bridge.input_directory()) / "img" / "3_sks person", np.random.default_rng(0))
     return comfy_env
+
+
+def train_inputs(**changes):
+    """Train LoRA's inputs for `train_env` (four steps of the tiny SD1.5 on its two photos, a sample at step 2),
+    with `changes`."""
+    overrides = {"sample_steps": 2, "mixed_precision": "no", "bucket_step": 32, "min_bucket": 32}
+    inputs = {
+        "base_model": "[diffusers] tiny_sd15",
+        "dataset_folder": "img",
+        "trigger_word": "sks",
+        "output_name": "alice",
+        "preset": "fast",
+        "steps": 4,
+        "learning_rate": 0.0,
+        "rank": 4,
+        "resolution": 64,
+        "batch_size": 1,
+        "seed": 0,
+        "resume": "auto",
+        "memory_profile": "off",
+        "overrides": json.dumps(overrides),
+    }
+    return {**inputs, **changes}
 
 
 @pytest.fixture(scope="session")

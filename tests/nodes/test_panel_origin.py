@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cf_testing.comfyui import run_node
+from cf_testing.model_fixtures import train_inputs
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
@@ -16,25 +17,11 @@ pytestmark = [
 ]
 
 
-INPUTS = {
-    "base_model": "[diffusers] tiny_sd15",
-    "dataset_folder": "img",
-    "trigger_word": "sks",
-    "output_name": "alice",
-    "preset": "fast",
-    "steps": 2,
-    "learning_rate": 0.0,
-    "rank": 4,
-    "resolution": 64,
-    "batch_size": 1,
-    "seed": 0,
-    "resume": "auto",
-    "memory_profile": "off",
-    "use_preset_values": False,
-    "overrides": json.dumps(
-        {"sample_steps": 1, "mixed_precision": "no", "bucket_step": 32, "min_bucket": 32}
-    ),
-}
+INPUTS = train_inputs(
+    steps=2,
+    use_preset_values=False,
+    overrides=json.dumps({"sample_steps": 1, "mixed_precision": "no", "bucket_step": 32, "min_bucket": 32}),
+)
 
 
 def test_the_node_records_its_prompt_for_the_panel(train_env):

@@ -10,35 +10,13 @@ import pytest
 import torch
 
 from cf_testing.comfyui import run_node
+from cf_testing.model_fixtures import train_inputs
 
 # diffusers' Euler scheduler (sample images) trips a numpy 2 deprecation; not ours to fix.
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
     pytest.mark.usefixtures("one_thread"),  # cf_testing/threads.py
 ]
-
-
-def _inputs(**overrides):
-    inputs = {
-        "base_model": "[diffusers] tiny_sd15",
-        "dataset_folder": "img",
-        "trigger_word": "sks",
-        "output_name": "alice",
-        "preset": "fast",
-        "steps": 4,
-        "learning_rate": 0.0,
-        "rank": 4,
-        "resolution": 64,
-        "batch_size": 1,
-        "seed": 0,
-        "resume": "auto",
-        "memory_profile": "off",
-        "overrides": json.dumps(
-            {"sample_steps": 2, "mixed_precision": "no", "bucket_step": 32, "min_bucket": 32}
-        ),
-    }
-    inputs.update(overrides)
-    return inputs
 
 
 def test_node_trains_reports_progress_and_interrupts_then_resumes(train_env):
@@ -58,7 +36,7 @@ def test_node_trains_reports_progress_and_interrupts_then_resumes(train_env):
     train_env.utils.set_progress_bar_global_hook(hook)
     # ComfyUI's executor runs every node under inference mode; training must still get gradients.
     with pytest.raises(train_env.model_management.InterruptProcessingException), torch.inference_mode():
-        run_node(TrainLoRA, node_id="7", **_inputs())
+        run_node(TrainLoRA, node_id="7", **train_inputs())
     status = json.loads((Path(runs_directory()) / "alice" / "status.json").read_text())
     assert status["state"] == "cancelled" and status["state_step"] == 2
     assert [c.value for c in train_env.progress] == [1, 2] and train_env.progress[0].node_id == "7"
@@ -68,7 +46,7 @@ def test_node_trains_reports_progress_and_interrupts_then_resumes(train_env):
     train_env.utils.set_progress_bar_global_hook(original)
     train_env.progress.clear()
     with torch.inference_mode():
-        out = run_node(TrainLoRA, node_id="7", **_inputs())
+        out = run_node(TrainLoRA, node_id="7", **train_inputs())
     lora_name, run, loss_curve, samples = out.result
     assert lora_name == "alice.safetensors" and lora_name in bridge.list_models("loras")
     assert run.step == 4 and run.state == "completed" and run.lora_name == lora_name
@@ -95,7 +73,7 @@ def test_node_takes_a_dataset_manifest(train_env):
     ]
     manifest = manifest_module.DatasetManifest(name="ds", folder=str(folder.parent), entries=entries)
     out = run_node(
-        TrainLoRA, **_inputs(dataset=manifest, dataset_folder="", output_name="from manifest", steps=1)
+        TrainLoRA, **train_inputs(dataset=manifest, dataset_folder="", output_name="from manifest", steps=1)
     )
     assert out.result[0] == "from_manifest.safetensors"
 
@@ -111,11 +89,11 @@ def test_node_errors_are_actionable(train_env):
     from charforge.nodes.train import TrainLoRA
 
     with pytest.raises(ValueError, match="no training data"):
-        run_node(TrainLoRA, **_inputs(dataset_folder=""))
+        run_node(TrainLoRA, **train_inputs(dataset_folder=""))
     with pytest.raises(ValueError, match="JSON object"):
-        run_node(TrainLoRA, **_inputs(overrides="rank=4"))
+        run_node(TrainLoRA, **train_inputs(overrides="rank=4"))
     with pytest.raises(ValueError, match="unknown training setting"):
-        run_node(TrainLoRA, **_inputs(overrides='{"rnak": 4}'))
+        run_node(TrainLoRA, **train_inputs(overrides='{"rnak": 4}'))
 
 
 def test_runs_route(train_env):
