@@ -245,3 +245,31 @@ def test_fp8_t5_and_a_diffusers_named_vae_file(tiny, tmp_path, scaled):
         theirs = reference.encode_text(["a photo of sks person"], "cpu", FlowSettings(), ["t5"])["t5"]
     relative = float((ours - theirs).norm() / theirs.norm())
     assert 0 < relative < 0.1, relative  # really rounded to e4m3 (3 mantissa bits), and close
+
+
+def test_samples_are_the_pipelines_images(tiny):
+    """A training sample (cached conditioning, no text encoders) is the image StableDiffusion3Pipeline makes
+    with its own encoders for the same prompt, empty negative prompt, guidance, steps and seed."""
+    import numpy as np
+    from diffusers import StableDiffusion3Pipeline
+
+    from charforge.engine.train.config import SampleSettings
+
+    model = _load(tiny, tiny.diffusers_dir)
+    with torch.no_grad():
+        text = model.encode_text(["a photo of sks person"], "cpu", FlowSettings())
+    model.release_text_encoders()
+    ours = model.sample(text, 3, 64, SampleSettings(steps=3, guidance=4.0), torch.device("cpu"))
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny.diffusers_dir), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(
+        "a photo of sks person",
+        negative_prompt="",
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(3),
+    ).images[0]
+    assert ours.size == (64, 64)
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))

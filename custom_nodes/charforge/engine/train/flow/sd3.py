@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,14 @@ class SD3Files:
 
 @dataclass
 class SD3Model(FlowModel):
-    """SD3 / SD3.5: MMDiT, 16-channel VAE, CLIP-L (``clip_l``), CLIP-G (``clip_g``) and T5-XXL (``t5``)."""
+    """SD3 / SD3.5: MMDiT, 16-channel VAE, CLIP-L (``clip_l``), CLIP-G (``clip_g``) and T5-XXL (``t5``).
+
+    ``negative`` is the empty caption's conditioning (the pipeline's negative prompt for classifier-free
+    guidance in samples), kept from the first encoding that runs all three encoders, before they are dropped.
+    """
+
+    negative: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _pipeline: Any = field(default=None, repr=False)
 
     def __post_init__(self):
         self.family = "sd3"
@@ -125,7 +132,14 @@ class SD3Model(FlowModel):
 
     def encode_text(self, captions, device, settings, encoders=None) -> dict[str, torch.Tensor]:
         encoders = tuple(dict.fromkeys(self.text_outputs.values())) if encoders is None else tuple(encoders)
-        captions = list(captions)
+        if not self.negative and set(encoders) == set(self.text_encoders):
+            with torch.no_grad():
+                self.negative = {
+                    k: v.detach().cpu() for k, v in self._encode([""], device, settings, encoders).items()
+                }
+        return self._encode(list(captions), device, settings, encoders)
+
+    def _encode(self, captions: list[str], device, settings, encoders) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name in CLIP_ENCODERS:
             if name not in encoders:
@@ -166,6 +180,57 @@ class SD3Model(FlowModel):
 
     def lora_targets(self, preset: str) -> list[str]:
         return sd3_lora_targets(self.transformer, preset)
+
+    def sample(self, text, seed, size, settings, device):
+        """One image through diffusers' ``StableDiffusion3Pipeline`` on these modules (no text encoders: the
+        prompt's cached conditioning goes in), with classifier-free guidance ``settings.guidance`` against the
+        empty caption, ``settings.steps`` Euler steps on the 3.0-shifted schedule."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+        if self._pipeline is None:
+            scheduler_config = json.loads((CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
+            self._pipeline = StableDiffusion3Pipeline(
+                transformer=self.transformer,
+                scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_config),
+                vae=self.vae,
+                text_encoder=None,
+                tokenizer=None,
+                text_encoder_2=None,
+                tokenizer_2=None,
+                text_encoder_3=None,
+                tokenizer_3=None,
+            )
+            self._pipeline.set_progress_bar_config(disable=True)
+        dtype = self.transformer.dtype
+        context, pooled = joint_conditioning(text)
+        negative: dict[str, Any] = {}
+        if settings.guidance > 1:
+            if not self.negative:
+                raise RuntimeError(
+                    "SD3 samples with guidance need the empty caption's conditioning (encode first)"
+                )
+            negative_context, negative_pooled = joint_conditioning(self.negative)
+            negative = {
+                "negative_prompt_embeds": negative_context.to(device, dtype),
+                "negative_pooled_prompt_embeds": negative_pooled.to(device, dtype),
+            }
+        vae_dtype = self.vae.dtype
+        self.vae.to(dtype)  # the pipeline decodes in the transformer's dtype
+        try:
+            out = self._pipeline(
+                prompt_embeds=context.to(device, dtype),
+                pooled_prompt_embeds=pooled.to(device, dtype),
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance,
+                height=size,
+                width=size,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="pil",
+                **negative,
+            )
+        finally:
+            self.vae.to(vae_dtype)
+        return out.images[0]
 
 
 def joint_conditioning(text: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
