@@ -189,16 +189,21 @@ class SD3Model(FlowModel):
 
         if self._pipeline is None:
             scheduler_config = json.loads((CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
+            # No text encoders: the conditioning comes cached.
+            names = (
+                "text_encoder",
+                "tokenizer",
+                "text_encoder_2",
+                "tokenizer_2",
+                "text_encoder_3",
+                "tokenizer_3",
+            )
+            absent: dict[str, Any] = dict.fromkeys(names)
             self._pipeline = StableDiffusion3Pipeline(
                 transformer=self.transformer,
                 scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_config),
                 vae=self.vae,
-                text_encoder=None,
-                tokenizer=None,
-                text_encoder_2=None,
-                tokenizer_2=None,
-                text_encoder_3=None,
-                tokenizer_3=None,
+                **absent,
             )
             self._pipeline.set_progress_bar_config(disable=True)
         dtype = self.transformer.dtype
