@@ -90,7 +90,8 @@ def safe_name(value: Any, limit: int = 48) -> str:
     return text[:limit].rstrip("-.") or "_"
 
 
-def _format_value(value: Any) -> str:
+def value_text(value: Any) -> str:
+    """An axis value as text: a string as it is, anything else as JSON (``0.5``, ``[1, 2]``)."""
     return value if isinstance(value, str) else json.dumps(value)
 
 
@@ -100,7 +101,7 @@ def _override(address: str, value: Any, where: str) -> Override:
         ov = parse_set(f"{address}=x")
     except OverrideError as exc:
         raise BatchError(f"{where}: {exc}") from None
-    ov.value, ov.raw = value, _format_value(value)
+    ov.value, ov.raw = value, value_text(value)
     ov.text = f"{address}={ov.raw}"
     return ov
 

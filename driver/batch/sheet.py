@@ -11,14 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .plan import BatchError, BatchPlan, Job
+from .plan import BatchError, BatchPlan, Job, value_text
 
 SHEET_NAME = "contact_sheet.png"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-
-
-def _label(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
 
 
 def axes_for_sheet(plan: BatchPlan, spec: tuple[str, str] | str | None) -> tuple[str, str] | None:
@@ -91,11 +87,11 @@ def make_contact_sheet(
     for i, xv in enumerate(xs):
         draw.text(
             (margin_left + i * (thumb * per_cell + pad) + pad, margin_top - 16),
-            _label(xv)[:40],
+            value_text(xv)[:40],
             fill=(0, 0, 0),
         )
     for j, yv in enumerate(ys):
-        draw.text((pad, margin_top + j * (thumb + pad) + thumb // 2), _label(yv)[:22], fill=(0, 0, 0))
+        draw.text((pad, margin_top + j * (thumb + pad) + thumb // 2), value_text(yv)[:22], fill=(0, 0, 0))
     for (i, j), group in cells.items():
         for k, job in enumerate(group):
             left = margin_left + i * (thumb * per_cell + pad) + pad + k * thumb
