@@ -355,3 +355,43 @@ def test_kohya_file_patched_onto_the_single_file_weights_equals_the_hand_merge(t
     patched = sd3_files.build_transformer(comfy)
     merged = _merge(copy.deepcopy(reference), _modules(trainer))
     torch.testing.assert_close(_output(patched, text), _output(merged, text), rtol=1e-4, atol=1e-5)
+
+
+def test_clip_l_lora_trains_with_the_others_cached_and_loads_in_the_pipeline(tiny, dataset, tmp_path, caplog):
+    """With a CLIP-L LoRA, CLIP-G and T5-XXL are cached then dropped and CLIP-L runs every step; the peft file's
+    ``text_encoder.`` part loads in StableDiffusion3Pipeline.load_lora_weights and gives its prompt encoding
+    the trained CLIP-L's."""
+    import logging
+
+    from diffusers import StableDiffusion3Pipeline
+
+    config = sd3_config(steps=2, learning_rate=5e-2, train_text_encoder=True, text_encoder_lr=5e-2)
+    trainer = _trainer(tiny, dataset, config)
+    encoders = trainer.model.text_encoders
+    assert encoders["clip_g"] is None and encoders["t5"] is None and encoders["clip_l"] is not None
+    trainer.train()
+    clip_lora = trainer.lora_network().parameters("text_encoder")
+    assert clip_lora and any(p.abs().sum() > 0 for p in clip_lora)
+    meta = lora_metadata(arch=trainer.model.arch, settings=config.lora, title="alice")
+    path = export_flow_lora(
+        tmp_path / "peft.safetensors", trainer.network, "sd3", meta, torch.float32, "peft"
+    )
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny.diffusers_dir), local_files_only=True)
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(path))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    # CLIP-G (text_encoder_2) has no LoRA in the file; nothing else may be reported.
+    assert all(w.startswith("No LoRA keys associated to CLIPTextModelWithProjection") for w in warnings), (
+        warnings
+    )
+    assert len(warnings) <= 1
+    with torch.no_grad():
+        trainer.lora_network().set_enabled(False)
+        base = trainer.model.encode_text(["sks person"], "cpu", FlowSettings(), ["clip_l"])
+        trainer.lora_network().set_enabled(True)
+        ours = trainer.model.encode_text(["sks person"], "cpu", FlowSettings(), ["clip_l"])
+        theirs = pipe._get_clip_prompt_embeds("sks person", device="cpu", clip_model_index=0)
+    torch.testing.assert_close(theirs[0], ours["clip_l"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(theirs[1], ours["clip_l_pooled"], rtol=1e-4, atol=1e-5)
+    assert (ours["clip_l"] - base["clip_l"]).abs().max() > 1e-3  # the LoRA changed CLIP-L
