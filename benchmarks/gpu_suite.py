@@ -45,6 +45,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +63,11 @@ SECTIONS = (
     ("sdxl_b4", 1.0, 40),
     ("sd15_b1", 0.7, 25),
     ("clip", 0.5, 15),
+    (
+        "sdxl_compile",
+        1.0,
+        150,
+    ),  # last: the compile alone takes minutes; --only sdxl_compile runs it by itself
 )
 
 
@@ -215,7 +221,7 @@ def side_by_side(row: str, unit: str, times: dict[str, list[float]], target: flo
 # Training
 
 
-def _trainer(ctx: Context, arch: str, batch: int, images: int):
+def _trainer(ctx: Context, arch: str, batch: int, images: int, compile: bool = False):
     import bench_train
     import torch
 
@@ -224,6 +230,7 @@ def _trainer(ctx: Context, arch: str, batch: int, images: int):
 
     res = ctx.res[arch]
     config = bench_train._config(arch, res, ctx.rank, 1_000_000, batch, False, ctx.precision)
+    config = replace(config, compile=compile)
     dataset = bench_train.write_dataset(ctx.work / f"data_{arch}_{batch}", images, res)
     torch.manual_seed(0)
     model = bench_train.random_model(arch, ctx.device, ctx.dtype, ctx.work, ctx.config_dirs.get(arch))
@@ -295,17 +302,28 @@ def section_sdxl_train(ctx: Context, deadline: float) -> list:
     )
 
 
-def _ours_alone(ctx: Context, deadline: float, row: str, arch: str, batch: int, target: float | None) -> list:
+def _ours_alone(
+    ctx: Context,
+    deadline: float,
+    row: str,
+    arch: str,
+    batch: int,
+    target: float | None,
+    compile: bool = False,
+) -> list:
     from charforge.engine.train.preflight import profile_for
 
-    trainer, _, _ = _trainer(ctx, arch, batch, max(4, batch))
+    trainer, _, _ = _trainer(ctx, arch, batch, max(4, batch), compile)
     ours = _ours(ctx, trainer)
+    start = time.perf_counter()
     peak = _alone(ctx, ours)
+    warmup_s = time.perf_counter() - start
     times = interleave(ctx, {"ours": ours}, 1, deadline)["ours"]
     per_step = [t / ctx.steps_per_round for t in times]
     flops = profile_for(dict(trainer.model.unet.config), trainer.config).flops
     median = statistics.median(per_step)
     extra = {"resolution": ctx.res[arch], "batch": batch, "rank": ctx.rank, "peak_gib": peak}
+    extra |= {"compile": compile, "warmup_s": round(warmup_s, 1)}
     extra |= {
         "tflop_per_step": round(flops / 1e12, 3),
         "mfu_vs_795": round(flops / median / PRACTICAL_PEAK, 4),
@@ -321,6 +339,11 @@ def section_sdxl_b4(ctx: Context, deadline: float) -> list:
 
 def section_sd15_b1(ctx: Context, deadline: float) -> list:
     return _ours_alone(ctx, deadline, "sd15_b1", "sd15", 1, 0.05)
+
+
+def section_sdxl_compile(ctx: Context, deadline: float) -> list:
+    """``compile=True`` (inductor, CUDA only: on the CPU the trainer runs eager and the row says so)."""
+    return _ours_alone(ctx, deadline, "sdxl_b1_compile", "sdxl", 1, 0.12, compile=ctx.device.type == "cuda")
 
 
 def section_sdxl_job(ctx: Context, deadline: float) -> list:

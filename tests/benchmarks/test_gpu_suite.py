@@ -38,7 +38,7 @@ def test_the_smoke_run_measures_every_section(tmp_path):
     for row in ("sdxl_b1", "sdxl_b1_gc", "video_8f", "caption"):
         assert {(row, "ours"), (row, "anchor"), (row, "ratio")} <= set(rows)
         assert rows[(row, "ratio")]["speedup"] > 0
-    for row in ("video_14f", "sdxl_b4", "sd15_b1", "clip_score", "sdxl_job"):
+    for row in ("video_14f", "sdxl_b4", "sd15_b1", "clip_score", "sdxl_job", "sdxl_b1_compile"):
         assert (row, "ours") in rows
     assert rows[("sdxl_b1", "ours")]["s_per_step"]["median"] > 0
     assert rows[("caption", "ours")]["sidecars"] == rows[("caption", "ours")]["images_per_round"]
