@@ -209,6 +209,37 @@ def start_comfyui(
     raise TimeoutError(f"ComfyUI did not answer within {timeout}s; log:\n{server.log()[-5000:]}")
 
 
+def slow_workflow(color: int, size: int, batch: int, scales: int, prefix: str) -> dict:
+    """A job that keeps a CPU ComfyUI busy for seconds without any model: EmptyImage, then ImageScale (lanczos)
+    up to twice `size` and back `scales` times, then SaveImage (node ``"99"``) under `prefix`. A new `color`
+    per job keeps ComfyUI's cache from skipping it."""
+    workflow: dict = {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": size, "height": size, "batch_size": batch, "color": color},
+        }
+    }
+    previous = "1"
+    for i in range(2, 2 + scales):
+        side = size * 2 if i % 2 == 0 else size
+        workflow[str(i)] = {
+            "class_type": "ImageScale",
+            "inputs": {
+                "image": [previous, 0],
+                "upscale_method": "lanczos",
+                "width": side,
+                "height": side,
+                "crop": "disabled",
+            },
+        }
+        previous = str(i)
+    workflow["99"] = {
+        "class_type": "SaveImage",
+        "inputs": {"images": [previous, 0], "filename_prefix": prefix},
+    }
+    return workflow
+
+
 def pack_import_failures(log: str, pack_marker: str) -> list[str]:
     """Lines of a ComfyUI startup log that report a failed import of the pack named by `pack_marker`."""
     bad = []

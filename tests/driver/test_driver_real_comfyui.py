@@ -17,7 +17,7 @@ import pytest
 from fakes.comfy_server import image_workflow, webp_workflow
 from fakes.ui_workflows import node
 
-from cf_testing.real_comfyui import free_port
+from cf_testing.real_comfyui import free_port, slow_workflow
 from charforge.driver import cli
 from charforge.driver.client import ComfyClient
 from charforge.driver.errors import Interrupted, ValidationError
@@ -54,32 +54,6 @@ def comfyui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalComfyUI]:
 def real(comfyui: LocalComfyUI) -> Iterator[ComfyClient]:
     with ComfyClient(comfyui.url, poll_interval=1.0) as client:
         yield client
-
-
-def _slow_chain(color: int, size: int = 768, batch: int = 8) -> dict:
-    wf = {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": size, "height": size, "batch_size": batch, "color": color},
-            "_meta": {"title": "Canvas"},
-        }
-    }
-    previous = "1"
-    for i in range(2, 8):
-        side = size * 2 if i % 2 == 0 else size
-        wf[str(i)] = {
-            "class_type": "ImageScale",
-            "inputs": {
-                "image": [previous, 0],
-                "upscale_method": "lanczos",
-                "width": side,
-                "height": side,
-                "crop": "disabled",
-            },
-        }
-        previous = str(i)
-    wf["9"] = {"class_type": "SaveImage", "inputs": {"images": [previous, 0], "filename_prefix": "slow/s"}}
-    return wf
 
 
 def test_status_and_version(real):
@@ -125,7 +99,7 @@ def test_bad_workflows_fail_in_preflight_and_at_the_server(real):
 
 
 def test_cancel_interrupts_only_our_running_job(real):
-    job = real.submit(_slow_chain(color=int(time.time()) & 0xFFFF))
+    job = real.submit(slow_workflow(int(time.time()) & 0xFFFF, size=768, batch=8, scales=6, prefix="slow/s"))
     with pytest.raises(Interrupted):
         for event in real.watch(job, timeout=300):
             if event.type == "executing" and event.node == "3":

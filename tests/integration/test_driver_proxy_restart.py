@@ -27,6 +27,7 @@ from cf_testing.real_comfyui import (
     comfyui_dir,
     comfyui_python,
     free_port,
+    slow_workflow,
     start_comfyui,
     suite_marks,
 )
@@ -179,32 +180,7 @@ def proxy(server: RunningComfyUI) -> Iterator[TcpProxy]:
 
 
 def _slow_job(color: int) -> dict:
-    """EmptyImage -> ImageScale (lanczos) up and down SCALES times -> SaveImage: seconds of CPU, no models."""
-    wf: dict = {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": SIDE, "height": SIDE, "batch_size": BATCH, "color": color},
-        }
-    }
-    previous = "1"
-    for i in range(2, 2 + SCALES):
-        side = SIDE * 2 if i % 2 == 0 else SIDE
-        wf[str(i)] = {
-            "class_type": "ImageScale",
-            "inputs": {
-                "image": [previous, 0],
-                "upscale_method": "lanczos",
-                "width": side,
-                "height": side,
-                "crop": "disabled",
-            },
-        }
-        previous = str(i)
-    wf["99"] = {
-        "class_type": "SaveImage",
-        "inputs": {"images": [previous, 0], "filename_prefix": "proxy/run"},
-    }
-    return wf
+    return slow_workflow(color, SIDE, BATCH, SCALES, "proxy/run")
 
 
 def _fresh_color() -> int:
