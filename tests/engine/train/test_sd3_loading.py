@@ -273,3 +273,18 @@ def test_samples_are_the_pipelines_images(tiny):
     ).images[0]
     assert ours.size == (64, 64)
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_open_clip_named_clip_g_file_loads_the_same_encoder(tiny, tmp_path):
+    """A CLIP-G file in OpenCLIP's layout (``transformer.resblocks.N.attn.in_proj_weight`` ..., as SDXL files
+    store bigG; written here by the single-file writer) loads the same encoder as the Hugging Face-named one."""
+    from safetensors.torch import load_file, save_file
+
+    from charforge.engine.models.single_file import clip_to_open_clip
+
+    open_clip = tmp_path / "clip_g_open_clip.safetensors"
+    save_file(clip_to_open_clip(load_file(str(tiny.clip_g))), str(open_clip))
+    parts = {"clip_l": str(tiny.clip_l), "t5": str(tiny.t5xxl), "vae": str(tiny.vae)}
+    reference = _load(tiny, sd3.SD3Files(str(tiny.mmdit), clip_g=str(tiny.clip_g), **parts))
+    model = _load(tiny, sd3.SD3Files(str(tiny.mmdit), clip_g=str(open_clip), **parts))
+    _assert_same_weights(model.text_encoders["clip_g"], reference.text_encoders["clip_g"], "OpenCLIP clip_g")

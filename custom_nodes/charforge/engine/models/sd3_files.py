@@ -269,8 +269,24 @@ def build_vae(
     return _assign(model, state, dtype, "SD3 VAE")
 
 
-def _clip_state(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """CLIP text tensors under ``text_model.`` (files with or without that prefix), position ids dropped."""
+def _open_clip_prefix(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The prefix of an OpenCLIP-layout text encoder (``transformer.resblocks...``), None for Hugging Face names."""
+    for prefix in ("", "model.", "transformer."):
+        if prefix + "transformer.resblocks.0.ln_1.weight" in state:
+            return prefix
+    return None
+
+
+def _clip_state(state: Mapping[str, torch.Tensor], config: Any) -> StateDict:
+    """CLIP text tensors in Hugging Face names under ``text_model.`` (files with or without that prefix, or in
+    OpenCLIP's layout as bigG is sometimes stored: converted by diffusers), position ids dropped."""
+    prefix = _open_clip_prefix(state)
+    if prefix is not None:
+        from types import SimpleNamespace
+
+        from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+        state = convert_open_clip_checkpoint(SimpleNamespace(config=config), dict(state), prefix)
     out: StateDict = {}
     for key, tensor in state.items():
         if key.endswith("position_ids"):
@@ -287,7 +303,7 @@ def build_clip(
     dtype: torch.dtype = torch.float32,
     name: str = "CLIP",
 ):
-    """A ``CLIPTextModelWithProjection`` from Hugging Face-named tensors.
+    """A ``CLIPTextModelWithProjection`` from Hugging Face-named (or OpenCLIP-named) tensors.
 
     A file without ``text_projection.weight`` (CLIP-L files made for Flux have none) gets the identity,
     so its pooled output is the un-projected one, which is what ComfyUI feeds SD3 from CLIP-L anyway.
@@ -295,8 +311,8 @@ def build_clip(
     require("transformers")
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    state = _clip_state(state)
     text_config = CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
+    state = _clip_state(state, text_config)
     if "text_projection.weight" not in state:
         if text_config.projection_dim != text_config.hidden_size:
             raise ValueError(

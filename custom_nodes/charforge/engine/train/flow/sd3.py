@@ -395,9 +395,15 @@ def _part_file(path: str | None, what: str, folder: str) -> Path:
 def _encoder_state(path: Path, name: str) -> dict[str, torch.Tensor]:
     """A separate text-encoder file's tensors, without a ComfyUI checkpoint prefix if it has one."""
     state = sd3_files.read_tensors(path)
-    for prefix in (sd3_files.ENCODER_PREFIXES[name], "transformer."):
-        if any(k.startswith(prefix) for k in state):
-            return sd3_files.strip_prefix(state, prefix)
+    prefix = sd3_files.ENCODER_PREFIXES[name]
+    if any(k.startswith(prefix) for k in state):
+        return sd3_files.strip_prefix(state, prefix)
+    # Hugging Face names under ``transformer.`` (OpenCLIP's ``transformer.resblocks`` stay as they are).
+    if any(
+        k.startswith(("transformer.text_model.", "transformer.encoder.", "transformer.shared."))
+        for k in state
+    ):
+        return sd3_files.strip_prefix(state, "transformer.")
     return state
 
 
