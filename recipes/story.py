@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from charforge.common.characters import GenerationParams, default_size
 from charforge.driver.client import ComfyClient
 from charforge.driver.errors import DriverError, UsageError
 from charforge.driver.workflow.object_info import LORA_TXT2IMG_NODES, input_choices
+from charforge.recipes.names import ascii_name
 
 SELECT = "CharForgeStoryboardSelect"
 GENERATION_NODES = (*LORA_TXT2IMG_NODES, "CharForgeLoadFaceModels", SELECT)
@@ -392,10 +392,6 @@ def _defaults(info: dict[str, Any], node: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "story"
-
-
 class StoryRun:
     """One ``charforge story`` run: every mode's storyboard, the sheets, metadata and the ablation."""
 
@@ -491,7 +487,7 @@ class StoryRun:
             photos = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not photos:
                 raise UsageError(f"--reference {path}: no photo ({', '.join(IMAGE_SUFFIXES)}) in that folder")
-            folder = f"charforge_story/{_safe(self.character.name)}_refs"
+            folder = f"charforge_story/{ascii_name(self.character.name, 'story')}_refs"
             for photo in photos:
                 self.client.upload(photo, subfolder=folder, overwrite=True)
             self.note(f"uploaded {len(photos)} reference photo(s) to the server's input/{folder}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from charforge.common.characters import join_prompt
 from charforge.driver.batch import BatchPlan
 from charforge.driver.errors import UsageError
 
+from ..names import ascii_name
 from .plan import (
     FORMAT,
     GRID_NAME,
@@ -38,10 +38,6 @@ from .sheet import _cell, draw_grid, strength_label, table_text
 
 # --------------------------------------------------------------------------------------------------
 # Running
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "lora"
 
 
 def first_image(files: list[Path]) -> Path | None:
@@ -136,7 +132,9 @@ class LoraEval:
         info = self.client.object_info()
         lora, checkpoint = check_server(info, self.lora, self.options.checkpoint, self.client.url, self.note)
         texts = self.prompt_texts()
-        prefix = f"charforge_eval/{_safe(self.character.name)}_{_safe(Path(lora).stem)}"
+        prefix = (
+            f"charforge_eval/{ascii_name(self.character.name, 'lora')}_{ascii_name(Path(lora).stem, 'lora')}"
+        )
         graph = eval_graph(
             self.character,
             lora=lora,

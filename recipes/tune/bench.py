@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from charforge.driver.errors import UsageError
 
+from ..names import ascii_name
 from ..tables import markdown_table
 from .scores import SetScorer, SetScores
 from .spec import EvalSet
@@ -37,10 +37,6 @@ class BenchRow:
     folder: Path
     grid: Path
     failed: int
-
-
-def _folder_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "lora"
 
 
 def bench_loras(
@@ -68,7 +64,7 @@ def bench_loras(
     used: set[str] = set()
     for lora in names:
         label = lora or BASE
-        folder_name = _folder_name(Path(lora).stem if lora else "base_model")
+        folder_name = ascii_name(Path(lora).stem if lora else "base_model", "lora")
         while folder_name in used:
             folder_name += "_"
         used.add(folder_name)
