@@ -217,7 +217,7 @@ def run_anchor(args, transformer_config: dict, device) -> dict:
     def step():
         noise = torch.randn_like(x0)
         u = torch.rand(1, device=device)
-        index = (u * 1000).long()
+        index = (u * 1000).to(torch.int64)
         sigma = sigmas_table[index].to(x0.dtype).reshape(-1, 1, 1, 1)
         noisy = (1.0 - sigma) * x0 + sigma * noise
         packed = noisy.view(1, 16, latent // 2, 2, latent // 2, 2).permute(0, 2, 4, 1, 3, 5)

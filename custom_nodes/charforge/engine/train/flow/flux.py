@@ -93,12 +93,14 @@ def t5_tokenizer_candidates(extra: Sequence[str | os.PathLike | None] = ()) -> l
 
 def load_t5_tokenizer(candidates: Sequence[str | os.PathLike | None] = ()):
     """T5's tokenizer from the first folder with a ``tokenizer.json``; `MissingPartError` otherwise."""
-    from transformers import T5TokenizerFast
+    import transformers
 
+    # tokenizers-backed T5 (reads tokenizer.json; transformers 5 names it T5Tokenizer, 4.x T5TokenizerFast)
+    tokenizer_class = getattr(transformers, "T5TokenizerFast", transformers.T5Tokenizer)
     tried = t5_tokenizer_candidates(candidates)
     for folder in tried:
         if (folder / "tokenizer.json").is_file():
-            return T5TokenizerFast.from_pretrained(str(folder))
+            return tokenizer_class.from_pretrained(str(folder))
     raise MissingPartError(
         "the T5 tokenizer (tokenizer.json) was not found; looked in: "
         + (", ".join(str(p) for p in tried) or "nowhere")
@@ -156,15 +158,17 @@ def _clip_from_state(state: dict[str, torch.Tensor], config_dir: Path, dtype: to
             f"not a CLIP-L text encoder: {len(missing)} missing (e.g. {missing[:2]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}) tensors"
         )
-    return model.to(dtype)
+    return torch.nn.Module.to(model, dtype)
 
 
 def _t5_from_state(state: dict[str, torch.Tensor], config_dir: Path, dtype: torch.dtype):
     from transformers import T5Config, T5EncoderModel
 
     state = _dequantise(state, dtype)
-    state.setdefault("shared.weight", state.get("encoder.embed_tokens.weight"))
-    state["encoder.embed_tokens.weight"] = state["shared.weight"]
+    if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
+        state["shared.weight"] = state["encoder.embed_tokens.weight"]
+    if "shared.weight" in state:
+        state["encoder.embed_tokens.weight"] = state["shared.weight"]
     with torch.device("meta"):
         model = T5EncoderModel(T5Config(**_config(config_dir, "text_encoder_2")))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -174,7 +178,7 @@ def _t5_from_state(state: dict[str, torch.Tensor], config_dir: Path, dtype: torc
             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}) tensors"
         )
     model.encoder.embed_tokens = model.shared
-    return model.to(dtype)
+    return torch.nn.Module.to(model, dtype)
 
 
 def _vae_from_state(state: dict[str, torch.Tensor], config_dir: Path, dtype: torch.dtype):
@@ -304,14 +308,14 @@ class FluxModel(FlowModel):
 
         if self._pipeline is None:
             scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+            parts: dict[str, Any] = {  # no text encoders: the prompts' conditioning is cached
+                "text_encoder": None,
+                "tokenizer": None,
+                "text_encoder_2": None,
+                "tokenizer_2": None,
+            }
             self._pipeline = FluxPipeline(
-                scheduler=scheduler,
-                vae=self.vae,
-                text_encoder=None,
-                tokenizer=None,
-                text_encoder_2=None,
-                tokenizer_2=None,
-                transformer=self.transformer,
+                scheduler=scheduler, vae=self.vae, transformer=self.transformer, **parts
             )
             self._pipeline.set_progress_bar_config(disable=True)
         guidance = 3.5 if settings.guidance == SampleSettings().guidance else settings.guidance
@@ -428,13 +432,14 @@ def _load_folder(source: Path, dtype: torch.dtype, tokenizer_candidates) -> Flux
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
-    offline = {"local_files_only": True}
     transformer = FluxTransformer2DModel.from_pretrained(
-        str(source / "transformer"), **_dtype_argument(dtype), **offline
+        str(source / "transformer"), **_dtype_argument(dtype), local_files_only=True
     )
-    vae = AutoencoderKL.from_pretrained(str(source / "vae"), **_dtype_argument(torch.float32), **offline)
-    clip = CLIPTextModel.from_pretrained(str(source / "text_encoder"), dtype=dtype, **offline)
-    t5 = T5EncoderModel.from_pretrained(str(source / "text_encoder_2"), dtype=dtype, **offline)
+    vae = AutoencoderKL.from_pretrained(
+        str(source / "vae"), **_dtype_argument(torch.float32), local_files_only=True
+    )
+    clip = CLIPTextModel.from_pretrained(str(source / "text_encoder"), dtype=dtype, local_files_only=True)
+    t5 = T5EncoderModel.from_pretrained(str(source / "text_encoder_2"), dtype=dtype, local_files_only=True)
     if (source / "tokenizer" / "vocab.json").is_file():
         clip_tokenizer = CLIPTokenizer.from_pretrained(str(source / "tokenizer"))
     else:

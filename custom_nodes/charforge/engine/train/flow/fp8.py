@@ -14,6 +14,8 @@ Call it after the LoRA layers are added (so their initial values are drawn in fu
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 FP8 = torch.float8_e4m3fn
@@ -45,8 +47,9 @@ def to_fp8(module: torch.nn.Linear, compute_dtype: torch.dtype = torch.bfloat16)
     module.weight = torch.nn.Parameter(q, requires_grad=False)
     module.register_buffer("weight_scale", scale.to(q.device))
     module.__class__ = Fp8Linear
-    module.compute_dtype = compute_dtype
-    return module  # type: ignore[return-value]
+    fp8 = cast(Fp8Linear, module)
+    fp8.compute_dtype = compute_dtype
+    return fp8
 
 
 def store_fp8(

@@ -27,22 +27,28 @@ def load_flow_model(
     """
     arch = arch or detect_arch(source)
     parts = dict(parts or {})
-    common = {
-        "dtype": dtype,
-        "config_dir": config_dir,
-        "tokenizer_candidates": tokenizer_candidates,
-        "t5_tokenizer_candidates": t5_tokenizer_candidates,
-    }
     if arch in ("flux-dev", "flux-schnell"):
         from .flux import FluxFiles, load_flux
 
         files = FluxFiles(str(source), parts.get("clip_l"), parts.get("t5"), parts.get("vae"))
-        return load_flux(files, **common)
+        return load_flux(
+            files,
+            dtype=dtype,
+            config_dir=config_dir,
+            tokenizer_candidates=tokenizer_candidates,
+            t5_tokenizer_candidates=t5_tokenizer_candidates,
+        )
     if arch in ("sd3-medium", "sd35-medium", "sd35-large"):
         from .sd3 import SD3Files, load_sd3
 
         sd3_files = SD3Files(
             str(source), parts.get("clip_l"), parts.get("clip_g"), parts.get("t5"), parts.get("vae")
         )
-        return load_sd3(sd3_files, **common)
+        return load_sd3(
+            sd3_files,
+            dtype=dtype,
+            config_dir=config_dir,
+            tokenizer_candidates=tokenizer_candidates,
+            t5_tokenizer_candidates=t5_tokenizer_candidates,
+        )
     raise UnsupportedModelError(f"{ARCH_NAMES.get(arch, arch)} is not a flow-matching base")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -126,7 +126,7 @@ class FlowTrainer(Trainer):
         if config.gradient_checkpointing:
             model.transformer.enable_gradient_checkpointing()
             if config.lora.train_text_encoder:
-                self.network.components["text_encoder"].gradient_checkpointing_enable()
+                cast(Any, self.network.components["text_encoder"]).gradient_checkpointing_enable()
         groups = [{"params": self.network.parameters("transformer"), "lr": config.optim.learning_rate}]
         te_params = self.network.parameters("text_encoder")
         if te_params:
