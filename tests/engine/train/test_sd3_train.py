@@ -395,3 +395,24 @@ def test_clip_l_lora_trains_with_the_others_cached_and_loads_in_the_pipeline(tin
     torch.testing.assert_close(theirs[0], ours["clip_l"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(theirs[1], ours["clip_l_pooled"], rtol=1e-4, atol=1e-5)
     assert (ours["clip_l"] - base["clip_l"]).abs().max() > 1e-3  # the LoRA changed CLIP-L
+
+
+def test_bf16_recipe_runs_with_the_lora_in_fp32(tiny, dataset):
+    """The GPU recipe (bf16 base, bf16 autocast, fp32 LoRA and optimizer state) on the CPU: finite losses, the
+    base stays bf16 and the LoRA fp32, and the timestep reaches the MMDiT unrounded."""
+    config = sd3_config(steps=2, mixed_precision="bf16")
+    model = sd3.load_sd3(tiny.diffusers_dir, dtype="bf16")
+    trainer = FlowTrainer(model, TrainingData.prepare(read_kohya_folder(dataset), config.data), config)
+    trainer.setup()
+    seen = []
+    hook = model.transformer.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["timestep"]), with_kwargs=True
+    )
+    try:
+        trainer.train()
+    finally:
+        hook.remove()
+    assert np.isfinite(trainer.last_loss)
+    assert model.transformer.pos_embed.proj.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.lora_network().parameters())
+    assert seen and all(t.dtype == torch.float32 for t in seen)

@@ -174,7 +174,7 @@ class SD3Model(FlowModel):
             hidden_states=noisy,
             encoder_hidden_states=hidden.to(dtype),
             pooled_projections=pooled.to(dtype),
-            timestep=(sigmas * 1000.0).to(dtype),
+            timestep=sigmas.float() * 1000.0,  # fp32 like the scheduler's timesteps (bf16 would round them)
             return_dict=False,
         )[0]
 
