@@ -438,3 +438,45 @@ def test_face_mask_weights_the_loss(tiny_flux, tmp_path):
         with torch.no_grad():
             losses.append(float(trainer.micro_batch_loss(0)))
     assert losses[1] != pytest.approx(losses[0], rel=1e-3)  # only the top-left face region counts
+
+
+def test_full_width_conversion_agrees_with_diffusers_converter():
+    """Flux.1's real widths (3072, 1 double + 1 single block): our BFL -> diffusers renaming gives the names,
+    shapes and values diffusers' own single-file converter gives. The bulk stays on the meta device; the fused
+    and swapped tensors (the ones whose rows move) are real, random bytes."""
+    import json
+
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    from charforge.engine.library.flow_layouts import single_file_state
+    from charforge.engine.train.models import CONFIG_ROOT
+
+    config = json.loads((CONFIG_ROOT / "flux-dev" / "transformer" / "config.json").read_text())
+    config.update(num_layers=1, num_single_layers=1)
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config)
+    bfl = single_file_state("flux", model.state_dict())  # the library's independent table, meta tensors
+    generator = torch.Generator().manual_seed(0)
+    probes = [
+        "final_layer.adaLN_modulation.1.weight",
+        "double_blocks.0.img_attn.qkv.weight",
+        "double_blocks.0.txt_attn.qkv.bias",
+        "single_blocks.0.linear1.weight",
+        "single_blocks.0.linear1.bias",
+    ]
+    for key in probes:
+        bfl[key] = torch.randint(0, 255, bfl[key].shape, generator=generator, dtype=torch.uint8)
+    assert flux_config({k: tuple(v.shape) for k, v in bfl.items()}) == {
+        **{k: v for k, v in config.items() if not k.startswith("_")},
+        "axes_dims_rope": (16, 56, 56),
+    }
+    ours = bfl_to_diffusers(bfl)
+    reference = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert set(ours) == set(reference) == set(model.state_dict())
+    for key, value in reference.items():
+        assert tuple(ours[key].shape) == tuple(value.shape), key
+        if not value.is_meta:
+            assert torch.equal(ours[key], value), key
+    # norm_out weight, image q/k/v weights, text q/k/v biases, linear1 weight and bias parts (4 each)
+    assert sum(not v.is_meta for v in reference.values()) == 1 + 3 + 3 + 4 + 4
