@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import struct
+import tempfile
 import uuid
 import zlib
 from pathlib import Path
@@ -30,9 +31,13 @@ from typing import Any
 
 from charforge.common.transfer import (
     FETCH_NODE_CLASS,
+    OUTPUT_VALUES,
+    OUTPUTS_NODE_CLASS,
     RECEIPT_KEY,
     RECEIPT_PREFIX,
     STORE_NODE_CLASS,
+    output_input_name,
+    relative_parts,
     sha256_file,
 )
 
@@ -196,3 +201,92 @@ def stored_summary(destination: str, endpoint_url: str | None = None, storage: A
     if len(loras) != 1 or len(runs) != 1:
         return None
     return f"{loras.pop()}: sent to storage; run folder {location}/run/{runs.pop()}"
+
+
+# --------------------------------------------------------------------------------------------------
+# What a job's CharForge nodes wrote: videos, storyboard folders, datasets and reports, score sheets
+
+#: below a Send Outputs to Storage destination: the files (``files/<path below ComfyUI's output folder>``) and
+#: the receipt listing them (the node's own layout, engine/transfer/storage.py)
+FILES_PREFIX = "files/"
+RECEIPT_OBJECT = "receipt.json"
+
+
+def add_outputs_node(prompt: dict[str, Any], results: str | None) -> tuple[dict[str, Any], str | None]:
+    """`prompt` with one Send Outputs to Storage node wired to every output of a CharForge node that names what
+    the node wrote (:data:`~charforge.common.transfer.OUTPUT_VALUES`), with a new destination below `results`;
+    the prompt unchanged when it has no such node or already sends its outputs. Without a results location
+    the prompt is unchanged too and a warning says what stays on the worker."""
+    wired: dict[str, list[Any]] = {
+        output_input_name(str(node_id), index): [str(node_id), index]
+        for node_id, node in sorted(prompt.items())
+        if isinstance(node, dict)
+        for index in sorted(OUTPUT_VALUES.get(str(node.get("class_type")), {}))
+    }
+    has_node = any(isinstance(n, dict) and n.get("class_type") == OUTPUTS_NODE_CLASS for n in prompt.values())
+    if not wired or has_node:
+        return prompt, None
+    if results is None:
+        classes = sorted({str(prompt[str(link[0])]["class_type"]) for link in wired.values()})
+        return prompt, (
+            f"what {', '.join(classes)} write(s) on the worker (videos, folders, reports, score sheets) cannot "
+            f"come home without storage: set runpod.results in the profile (or {RESULTS_ENV}) to "
+            "s3://bucket/prefix, with credentials for it in the endpoint's environment"
+        )
+    new = dict(prompt)
+    new["charforge_outputs"] = {
+        "class_type": OUTPUTS_NODE_CLASS,
+        "inputs": {"destination": f"{results}/outputs/{uuid.uuid4().hex[:16]}", **wired},
+        "_meta": {"title": "Send outputs to storage"},
+    }
+    return new, None
+
+
+def stored_receipt(destination: str, endpoint_url: str | None = None, storage: Any = None) -> dict | None:
+    """The receipt a Send Outputs to Storage node left at `destination` (``receipt.json``), for a job whose
+    receipt image did not come back; None when there is none (blocking: boto3)."""
+    from ..storage import S3Location, S3Storage, StorageError
+
+    location = S3Location.parse(destination)
+    storage = storage or S3Storage(endpoint_url=endpoint_url)
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            got = storage.download_file(location, location.key(RECEIPT_OBJECT), Path(folder) / RECEIPT_OBJECT)
+            value = json.loads(Path(got["path"]).read_text(encoding="ascii"))
+        except (StorageError, ValueError, OSError):
+            return None
+    return value if isinstance(value, dict) and isinstance(value.get("files"), list) else None
+
+
+def outputs_home(
+    receipt: dict[str, Any], out_dir: Path, endpoint_url: str | None = None, storage: Any = None
+) -> list[dict[str, Any]]:
+    """Every file a receipt lists, from its destination into ``out_dir/<path below the output folder>`` (the
+    layout a local run gives), each checked against its sha256; a file already there with those bytes is not
+    downloaded again. Returns ``{"path", "local", "node", "class_type", "size", "sha256", "downloaded", "url"}`` per
+    file. A receipt naming a path outside `out_dir` or a hidden one is refused (blocking: boto3)."""
+    from ..storage import S3Location, S3Storage
+
+    location = S3Location.parse(str(receipt["destination"]))
+    storage = storage or S3Storage(endpoint_url=endpoint_url)
+    done = []
+    for entry in receipt.get("files") or []:
+        name = str(entry.get("path") or "")
+        parts = relative_parts(name)
+        if parts is None or str(entry.get("key")) != FILES_PREFIX + name:
+            raise UsageError(f"the receipt at {location} names {name!r}, not a plain file name: refused")
+        got = storage.download_file(
+            location, location.key(FILES_PREFIX + name), Path(out_dir).joinpath(*parts)
+        )
+        if entry.get("sha256") and got["sha256"] != entry["sha256"]:
+            raise UsageError(f"{got['url']} is not the file the receipt names (sha256 differs)")
+        done.append(
+            {
+                **got,
+                "local": got["path"],
+                "path": name,
+                "node": str(entry.get("node") or ""),
+                "class_type": entry.get("class_type"),
+            }
+        )
+    return done

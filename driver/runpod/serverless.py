@@ -29,14 +29,14 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
 from charforge.common.retry import Backoff
-from charforge.common.transfer import RECEIPT_PREFIX, STORE_NODE_CLASS
+from charforge.common.transfer import OUTPUTS_NODE_CLASS, RECEIPT_PREFIX, STORE_NODE_CLASS
 
 from ..client.http import TIMEOUT_ERRORS
 from ..client.models import JobResult, Timings
@@ -61,11 +61,14 @@ from ..workflow.overrides import apply_overrides, parse_input, parse_set, plan_i
 from .http import RunPodHTTP
 from .results import (
     add_fetch_nodes,
+    add_outputs_node,
     add_store_nodes,
     dataset_location,
     local_datasets,
+    outputs_home,
     receipt,
     results_location,
+    stored_receipt,
     stored_summary,
 )
 
@@ -110,6 +113,7 @@ IMAGE_SAVERS = {
     "SaveImageWebsocket",
     "CharForgeTrainLoRA",  # shows its loss curve and samples from the output folder
     STORE_NODE_CLASS,  # its receipt: how a trained LoRA comes home (results.py)
+    OUTPUTS_NODE_CLASS,  # its receipt: how videos, storyboards, datasets, reports and sheets come home
 }
 PREVIEW_ONLY = {"PreviewImage", "PreviewAny"}
 NON_IMAGE_SAVERS = {
@@ -571,6 +575,9 @@ class ServerlessTarget:
             )
         prompt, _ = apply_overrides(wf.prompt, [parse_set(s) for s in spec.sets], None)
         prompt = add_store_nodes(prompt, self.results)  # a trained LoRA leaves the worker through storage
+        prompt, stays = add_outputs_node(prompt, self.results)  # and what CharForge's nodes wrote, too
+        if stays:
+            self._warn(stays)
         sources = {}
         for node_id, folder in local_datasets(prompt).items():  # and a local dataset reaches it the same way
             sources[node_id] = await asyncio.to_thread(self._dataset_up, folder)
@@ -645,18 +652,41 @@ class ServerlessTarget:
                 continue
             node = str(found.get("node") or f"charforge_store_{len(result.outputs)}")
             result.outputs.setdefault(node, {}).setdefault("text", []).append(found["summary"])
+            if found.get("kind") == "outputs":
+                self._outputs_receipt(result, node, found)
+                continue
             result.prompt.setdefault(node, {"class_type": STORE_NODE_CLASS, "inputs": {}})
         # A receipt the worker did not return (worker-comfyui before 5.0 returns one image only): the run is on
         # storage at the destination this driver gave the node, so it is read from there.
         for node_id, node in list(result.prompt.items()):
-            if not isinstance(node, dict) or node.get("class_type") != STORE_NODE_CLASS:
+            if not isinstance(node, dict) or node.get("class_type") not in (
+                STORE_NODE_CLASS,
+                OUTPUTS_NODE_CLASS,
+            ):
                 continue
             destination = (node.get("inputs") or {}).get("destination")
             if node_id in result.outputs or not isinstance(destination, str):
                 continue
+            if node["class_type"] == OUTPUTS_NODE_CLASS:
+                found = await asyncio.to_thread(stored_receipt, destination, self.s3_endpoint)
+                if found is not None:
+                    result.outputs[node_id] = {"text": [str(found.get("summary") or "")]}
+                    self._outputs_receipt(result, node_id, found)
+                continue
             summary = await asyncio.to_thread(stored_summary, str(destination), self.s3_endpoint)
             if summary is not None:
                 result.outputs[node_id] = {"text": [summary]}
+
+    @staticmethod
+    def _outputs_receipt(result: JobResult, node_id: str, found: dict[str, Any]) -> None:
+        """Keep an outputs receipt for :meth:`download`, its destination the one this driver gave the node (a
+        receipt naming another place is not followed)."""
+        given = ((result.prompt.get(node_id) or {}).get("inputs") or {}).get("destination")
+        if isinstance(given, str):
+            found = {**found, "destination": given.rstrip("/")}
+        history = result.history if result.history is not None else {}
+        history.setdefault("charforge_outputs", []).append(found)
+        result.history = history
 
     async def fetch_training(self, trained: list[TrainedLoRA], folder: Path) -> list[dict[str, Any]]:
         """The runs the job sent to storage, home into ``folder/lora/`` (checked by sha256)."""
@@ -666,10 +696,20 @@ class ServerlessTarget:
         return await bring_training_home(None, trained, folder, storage=storage)
 
     async def download(self, result: JobResult, out_dir: Path) -> list[DownloadedFile]:
+        """The worker's images, then every file the job's Send Outputs to Storage node sent, from storage into
+        ``out_dir/<path below the output folder>`` (a worker image that is one of those comes once, from there)."""
         items = decode_output(((result.history or {}).get("runpod") or {}).get("output"))
+        receipts = (result.history or {}).get("charforge_outputs") or []
+        stored = {
+            (PurePosixPath(str(f.get("path"))).name, str(f.get("sha256")))
+            for r in receipts
+            for f in r["files"]
+        }
         done: list[DownloadedFile] = []
         for index, item in enumerate(items):
             data = item.data if item.data is not None else await self.client.fetch(str(item.url))
+            if (item.filename, hashlib.sha256(data).hexdigest()) in stored:
+                continue
             source = OutputFile("serverless", "images", index, item.filename)
             path, handle = open_unique(local_path_for(Path(out_dir), source))
             with handle:
@@ -677,6 +717,24 @@ class ServerlessTarget:
             done.append(
                 DownloadedFile(source, path, len(data), hashlib.sha256(data).hexdigest(), "worker-comfyui")
             )
+        for found in receipts:
+            got = await asyncio.to_thread(outputs_home, found, Path(out_dir), self.s3_endpoint)
+            for index, entry in enumerate(got):
+                name = PurePosixPath(entry["path"])
+                folder = "" if str(name.parent) == "." else str(name.parent)
+                source = OutputFile(entry["node"], "files", index, name.name, folder)
+                node = result.prompt.get(entry["node"]) or {}
+                title = (node.get("_meta") or {}).get("title") if isinstance(node, dict) else None
+                done.append(
+                    DownloadedFile(
+                        source,
+                        Path(entry["local"]),
+                        entry["size"],
+                        entry["sha256"],
+                        entry["class_type"],
+                        title,
+                    )
+                )
         return done
 
     async def cancel(self, prompt_id: str) -> str:

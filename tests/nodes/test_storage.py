@@ -122,3 +122,100 @@ def test_fetch_keeps_the_layout_checks_every_file_and_refuses_a_mismatch(
         FetchFromStorage().fetch(f"s3://{bucket}/ds", "../escape")
     with pytest.raises(RuntimeError, match="holds no files"):
         FetchFromStorage().fetch(f"s3://{bucket}/nothing-here", "")
+
+
+def test_send_outputs_sends_what_the_wired_outputs_name_inside_the_output_folder_only(
+    comfy_env, s3_endpoint, tmp_path, monkeypatch
+):
+    """Send Outputs to Storage, as the driver wires it: a video file, a storyboard folder (its hidden file left
+    out), a dataset manifest's folder, a report's folder and a score sheet go up below files/ with their sha256;
+    a path outside ComfyUI's output folder (also through a link) is noted and never sent; a second run sends
+    nothing; the receipt (image and receipt.json) lists every file with the node that wrote it."""
+    import json
+    from types import SimpleNamespace
+
+    import boto3
+
+    from charforge import bridge
+    from charforge.driver.runpod.results import receipt
+    from charforge.nodes.storage import SendOutputsToStorage
+
+    bucket = use_s3(monkeypatch, s3_endpoint, str(tmp_path))
+    out = Path(bridge.output_directory())
+    (out / "video").mkdir(parents=True)
+    (out / "video" / "v_00001_.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 video")
+    board = out / "charforge" / "storyboard_00001"
+    board.mkdir(parents=True)
+    (board / "frame_01.png").write_bytes(b"\x89PNG frame")
+    (board / ".lock").write_bytes(b"hidden")
+    dataset = out / "charforge" / "datasets" / "pip"
+    (dataset / "report").mkdir(parents=True)
+    (dataset / "manifest.json").write_text("{}")
+    (dataset / "report" / "report.html").write_text("<html>")
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not an output")
+    (out / "link.txt").symlink_to(outside)
+    prompt = {
+        "2": {"class_type": "CharForgeSaveVideo"},
+        "3": {"class_type": "CharForgeStoryboardSheet"},
+        "5": {"class_type": "CharForgeExportDataset"},
+        "6": {"class_type": "CharForgeDatasetReport"},
+        "7": {"class_type": "CharForgeClipScore"},
+        "8": {"class_type": "CharForgeSaveVideo"},
+        "9": {"class_type": "CharForgeSaveVideo"},
+    }
+    wired = {
+        "from_2__0": str(out / "video" / "v_00001_.mp4"),
+        "from_3__1": str(board),
+        "from_5__0": SimpleNamespace(folder=str(dataset)),
+        "from_6__1": str(dataset / "report" / "report.html"),
+        "from_7__3": json.dumps({"rows": [1, 2]}),
+        "from_8__0": str(outside),
+        "from_9__0": str(out / "link.txt"),
+    }
+    node = SendOutputsToStorage()
+    answer = node.send(f"s3://{bucket}/o/1", prompt=prompt, unique_id="cf", **wired)
+    client = boto3.client("s3")
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"])
+    [sheet] = [k for k in keys if k.endswith("7_CharForgeClipScore.json")]
+    assert keys == sorted(
+        [
+            "o/1/files/video/v_00001_.mp4",
+            "o/1/files/charforge/storyboard_00001/frame_01.png",
+            "o/1/files/charforge/datasets/pip/manifest.json",
+            "o/1/files/charforge/datasets/pip/report/report.html",
+            sheet,
+            "o/1/receipt.json",
+        ]
+    )
+    assert json.loads(client.get_object(Bucket=bucket, Key=sheet)["Body"].read()) == {"rows": [1, 2]}
+    notes = "\n".join(answer["ui"]["text"][1:])
+    assert "CharForgeSaveVideo 8" in notes and "CharForgeSaveVideo 9" in notes
+
+    [shown] = answer["ui"]["images"]
+    png = (out / shown["subfolder"] / shown["filename"]).read_bytes()
+    found = receipt(shown["filename"], png)
+    assert found is not None and found["kind"] == "outputs" and found["node"] == "cf"
+    by_path = {f["path"]: f for f in found["files"]}
+    assert by_path["video/v_00001_.mp4"]["node"] == "2"
+    assert by_path["charforge/datasets/pip/report/report.html"]["node"] == "5"  # sent once, first owner
+    assert all(f["sent"] for f in found["files"])
+    stored = json.loads(client.get_object(Bucket=bucket, Key="o/1/receipt.json")["Body"].read())
+    assert stored["files"] == found["files"]
+
+    again = node.send(f"s3://{bucket}/o/1", prompt=prompt, unique_id="cf", **wired)
+    assert "(0 sent" in again["ui"]["text"][0]
+
+
+def test_the_output_table_names_outputs_the_nodes_have():
+    """Every entry of OUTPUT_VALUES is an output of that node class of the right type."""
+    from charforge.common.transfer import OUTPUT_VALUES
+    from charforge.nodes import NODE_CLASS_MAPPINGS
+
+    expected = {"file": "STRING", "folder": "STRING", "folder_of": "STRING", "sheet": "STRING"}
+    for class_type, outputs in OUTPUT_VALUES.items():
+        cls = NODE_CLASS_MAPPINGS[class_type]
+        assert getattr(cls, "OUTPUT_NODE", False), class_type
+        for index, kind in outputs.items():
+            returned = cls.RETURN_TYPES[index]
+            assert returned == expected.get(kind, "CHARFORGE_DATASET"), (class_type, index, returned)

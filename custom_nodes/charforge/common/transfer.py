@@ -103,6 +103,39 @@ STORE_NODE_CLASS = "CharForgeSendTrainingToStorage"
 FETCH_NODE_CLASS = "CharForgeFetchFromStorage"
 RECEIPT_KEY = "charforge_results"
 RECEIPT_PREFIX = RECEIPT_KEY + "_"
+#: the node that sends what a job's CharForge nodes wrote (videos, storyboard folders, datasets and their
+#: reports, score sheets) to S3-compatible storage from the server (nodes/storage.py)
+OUTPUTS_NODE_CLASS = "CharForgeSendOutputsToStorage"
+#: the outputs of CharForge's nodes that name what the node wrote, by class and output index, with how the
+#: Send Outputs to Storage node reads the value: ``file`` (a path), ``folder`` (a folder, sent whole),
+#: ``folder_of`` (a file whose folder is sent whole), ``dataset`` (a dataset manifest: its folder) and
+#: ``sheet`` (JSON text kept as a file). The driver wires these into that node; the node reads them so.
+OUTPUT_VALUES: dict[str, dict[int, str]] = {
+    "CharForgeSaveVideo": {0: "file"},
+    "CharForgeStoryboardSheet": {1: "folder"},
+    "CharForgeExportDataset": {0: "dataset"},
+    "CharForgeDatasetReport": {1: "folder_of"},
+    "CharForgeScoreIdentity": {4: "sheet"},
+    "CharForgeClipScore": {3: "sheet"},
+    "CharForgeCombineScores": {3: "sheet"},
+    "CharForgePickCheckpoint": {2: "sheet"},
+    "CharForgeCompareSets": {1: "sheet", 2: "file"},
+}
+#: the input name the driver gives the value of output `index` of node `node_id` on Send Outputs to Storage
+OUTPUT_INPUT_PREFIX = "from_"
+
+
+def output_input_name(node_id: str, index: int) -> str:
+    return f"{OUTPUT_INPUT_PREFIX}{node_id}__{index}"
+
+
+def parse_output_input(name: str) -> tuple[str, int] | None:
+    """``(node id, output index)`` of an input named by :func:`output_input_name`, None for any other name."""
+    if not name.startswith(OUTPUT_INPUT_PREFIX):
+        return None
+    node_id, sep, index = name[len(OUTPUT_INPUT_PREFIX) :].rpartition("__")
+    return (node_id, int(index)) if sep and node_id and index.isdigit() else None
+
 
 #: environment variables holding a Hugging Face access token (the first one set wins), as huggingface_hub reads
 HF_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")

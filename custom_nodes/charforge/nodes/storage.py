@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from .. import bridge
-from ..common.transfer import FETCH_NODE_CLASS, RECEIPT_PREFIX, STORE_NODE_CLASS
+from ..common.transfer import FETCH_NODE_CLASS, OUTPUTS_NODE_CLASS, RECEIPT_PREFIX, STORE_NODE_CLASS
 from ..deps import require
 
 CATEGORY = "CharForge/Transfer"
@@ -52,10 +52,8 @@ class SendTrainingToStorage:
         }
 
     def send(self, run, destination, unique_id=None):
-        from ..engine.transfer.storage import RECEIPT_KEY, StorageFailed, receipt_text, store_training
+        from ..engine.transfer.storage import StorageFailed, store_training
 
-        image = require("PIL.Image")
-        png = require("PIL.PngImagePlugin")
         lora = run.lora_path if os.path.isfile(run.lora_path) else os.path.join(run.run_dir, run.lora_name)
         summary = f"{run.lora_name}: {run.step} steps, final loss {run.loss:.4f}; run folder {run.run_dir}"
         try:
@@ -69,19 +67,93 @@ class SendTrainingToStorage:
         except StorageFailed as exc:
             raise RuntimeError(f"Send Training to Storage: {exc}") from None
         receipt["node"] = str(unique_id or "")
-        folder = os.path.join(bridge.output_directory(), "charforge", "results")
-        os.makedirs(folder, exist_ok=True)
-        key = hashlib.sha256(receipt["destination"].encode()).hexdigest()[:12]
-        path = os.path.join(folder, f"{RECEIPT_PREFIX}{run.name}_{key}.png")
-        info = png.PngInfo()
-        info.add_text(RECEIPT_KEY, receipt_text(receipt))
-        image.new("RGB", (64, 16), (32, 96, 64)).save(path, pnginfo=info)
+        shown = _show_receipt(receipt, run.name)
         sent = sum(1 for f in receipt["files"] if f["sent"])
         text = (
             f"{receipt['summary']}; sent {sent} of {len(receipt['files'])} files to {receipt['destination']}"
         )
-        shown = {"filename": os.path.basename(path), "subfolder": "charforge/results", "type": "output"}
         return {"ui": {"text": [text], "images": [shown]}, "result": (receipt["destination"],)}
+
+
+def _show_receipt(receipt: dict, name: str) -> dict:
+    """The receipt as a small PNG in output/charforge/results (its text in a PNG text chunk): the image a
+    RunPod serverless worker returns, which the driver reads. Returns the node's ``ui`` image entry."""
+    from ..engine.transfer.storage import RECEIPT_KEY, receipt_text
+
+    image = require("PIL.Image")
+    png = require("PIL.PngImagePlugin")
+    folder = os.path.join(bridge.output_directory(), "charforge", "results")
+    os.makedirs(folder, exist_ok=True)
+    key = hashlib.sha256(receipt["destination"].encode()).hexdigest()[:12]
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:60]
+    path = os.path.join(folder, f"{RECEIPT_PREFIX}{safe}_{key}.png")
+    info = png.PngInfo()
+    info.add_text(RECEIPT_KEY, receipt_text(receipt))
+    image.new("RGB", (64, 16), (32, 96, 64)).save(path, pnginfo=info)
+    return {"filename": os.path.basename(path), "subfolder": "charforge/results", "type": "output"}
+
+
+class SendOutputsToStorage:
+    """Send what a job's CharForge nodes wrote to S3-compatible storage with the server's own credentials."""
+
+    DESCRIPTION = (
+        "Sends the files CharForge nodes of this job wrote (Save Video's video, Storyboard Sheet's folder, an "
+        "exported dataset's folder, Dataset Report's report folder, score sheets as JSON, Compare Sets' CSV) to "
+        "s3://bucket/prefix/files/<path below ComfyUI's output folder>, each with its sha256 in the object's "
+        "metadata (a file already there with the same bytes is not sent again), and a receipt.json listing "
+        "them. The driver wires the nodes' outputs in as extra inputs (from_<node id>__<output index>); only "
+        "files inside ComfyUI's output folder are sent, hidden ones never. Credentials as for Send Training "
+        "to Storage. Shows a receipt image: what a RunPod serverless worker returns, so the driver can bring "
+        "every file home from storage."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("destination",)
+    OUTPUT_TOOLTIPS = ("Where the files went: s3://bucket/prefix.",)
+    FUNCTION = "send"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "destination": (
+                    "STRING",
+                    {
+                        "default": "s3://bucket/charforge/outputs",
+                        "tooltip": "s3://bucket/prefix to send the files to (the bucket must exist; this "
+                        "server's credentials must be allowed to write there).",
+                    },
+                ),
+            },
+            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
+        }
+
+    def send(self, destination, prompt=None, unique_id=None, **outputs):
+        from ..common.transfer import OUTPUT_VALUES, parse_output_input
+        from ..engine.transfer.storage import OutputValue, StorageFailed, output_files, store_outputs
+
+        values = []
+        for name, value in sorted(outputs.items()):
+            wired = parse_output_input(name)
+            if wired is None:
+                continue
+            node_id, index = wired
+            class_type = str(((prompt or {}).get(node_id) or {}).get("class_type") or "")
+            kind = OUTPUT_VALUES.get(class_type, {}).get(index, "file")
+            values.append(OutputValue(node_id, class_type, kind, value))
+        tag = hashlib.sha256(destination.strip().encode()).hexdigest()[:12]
+        root = bridge.output_directory()
+        files, notes = output_files(values, Path(root), Path(root) / "charforge" / "scores" / tag)
+        try:
+            receipt = store_outputs(files, destination, bridge.control(0, label="send outputs"))
+        except StorageFailed as exc:
+            raise RuntimeError(f"Send Outputs to Storage: {exc}") from None
+        receipt["node"] = str(unique_id or "")
+        shown = _show_receipt(receipt, "outputs")
+        sent = sum(1 for f in receipt["files"] if f["sent"])
+        text = f"{receipt['summary']} ({sent} sent, {len(receipt['files']) - sent} already there)"
+        return {"ui": {"text": [text, *notes], "images": [shown]}, "result": (receipt["destination"],)}
 
 
 class FetchFromStorage:
@@ -138,8 +210,13 @@ class FetchFromStorage:
         return {"ui": {"text": [text]}, "result": (str(folder),)}
 
 
-NODE_CLASS_MAPPINGS = {STORE_NODE_CLASS: SendTrainingToStorage, FETCH_NODE_CLASS: FetchFromStorage}
+NODE_CLASS_MAPPINGS = {
+    STORE_NODE_CLASS: SendTrainingToStorage,
+    OUTPUTS_NODE_CLASS: SendOutputsToStorage,
+    FETCH_NODE_CLASS: FetchFromStorage,
+}
 NODE_DISPLAY_NAME_MAPPINGS = {
     STORE_NODE_CLASS: "Send Training to Storage (CharForge)",
+    OUTPUTS_NODE_CLASS: "Send Outputs to Storage (CharForge)",
     FETCH_NODE_CLASS: "Fetch from Storage (CharForge)",
 }

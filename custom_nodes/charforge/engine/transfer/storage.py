@@ -15,6 +15,7 @@ sent again (a rerun after a cut-off upload sends only the rest). Large files go 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...common.transfer import RECEIPT_KEY, sha256_file
+from ...common.transfer import RECEIPT_KEY, relative_parts, sha256_file
 from ..control import Control
 
 ENDPOINT_VARS = ("CHARFORGE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -205,9 +206,12 @@ __all__ = [
     "RECEIPT_KEY",
     "Destination",
     "StorageFailed",
+    "fetch_tree",
+    "output_files",
     "receipt_text",
     "s3_client",
     "send_tree",
+    "store_outputs",
     "store_training",
 ]
 
@@ -268,3 +272,137 @@ def fetch_tree(client: Any, source: Destination, folder: Path, control: Control 
         if control is not None:
             control.progress(number, len(items), relative)
     return done
+
+
+# --------------------------------------------------------------------------------------------------
+# What a job's nodes wrote (Send Outputs to Storage)
+
+#: how a node's output value names what it wrote (common.transfer.OUTPUT_VALUES)
+OUTPUT_KINDS = ("file", "folder", "folder_of", "dataset", "sheet")
+#: where below the destination the files go (``files/<path below ComfyUI's output folder>``) and the receipt
+FILES_PREFIX = "files/"
+RECEIPT_OBJECT = "receipt.json"
+
+
+@dataclass(frozen=True)
+class OutputValue:
+    """One output value wired into Send Outputs to Storage: which node gave it and how it is read."""
+
+    node: str
+    class_type: str
+    kind: str
+    value: Any
+
+
+def _inside(path: Path, root: Path) -> str | None:
+    """`path`'s name below `root` after following links, None when it is outside, hidden or not a plain name
+    (the rules of ComfyUI's ``/view`` and of the transfer routes)."""
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    if not real.is_relative_to(root):
+        return None
+    rel = real.relative_to(root).as_posix()
+    return rel if relative_parts(rel) is not None else None
+
+
+def _folder_files(folder: Path, root: Path) -> list[tuple[Path, str]]:
+    if _inside(folder, root) is None or not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.resolve().rglob("*")):
+        rel = _inside(path, root)
+        if rel is not None and path.is_file():
+            found.append((path.resolve(), rel))
+    return found
+
+
+def _sheet_text(value: Any) -> str | None:
+    text = value.to_json() if callable(getattr(value, "to_json", None)) else value
+    if not isinstance(text, str) or not text.strip():
+        return None
+    try:
+        json.loads(text)
+    except ValueError:
+        return None
+    return text
+
+
+def output_files(
+    values: list[OutputValue], output_dir: Path, sheets_dir: Path
+) -> tuple[list[tuple[Path, str, OutputValue]], list[str]]:
+    """The files the wired values name, each with its name below `output_dir` (ComfyUI's output folder) and
+    the value that named it; a file named twice is listed once. Score sheets (JSON text) are written into
+    `sheets_dir` (inside `output_dir`) as ``<node>_<class>.json`` first. Returns the files and a note for each
+    value that named nothing usable (outside the output folder, missing, not JSON)."""
+    root = Path(output_dir).resolve()
+    files: dict[str, tuple[Path, str, OutputValue]] = {}
+    notes = []
+    for item in values:
+        found: list[tuple[Path, str]] = []
+        value = item.value
+        if item.kind == "sheet":
+            text = _sheet_text(value)
+            if text is not None:
+                safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{item.node}_{item.class_type}")
+                sheet = Path(sheets_dir) / f"{safe}.json"
+                sheet.parent.mkdir(parents=True, exist_ok=True)
+                sheet.write_text(text, encoding="utf-8")
+                rel = _inside(sheet, root)
+                found = [(sheet.resolve(), rel)] if rel else []
+        else:
+            if item.kind == "dataset":
+                value = getattr(value, "folder", None)
+            if isinstance(value, (str, os.PathLike)) and str(value).strip():
+                path = Path(value)
+                if item.kind == "folder_of":
+                    path = path.parent
+                if path.is_dir() and item.kind != "file":
+                    found = _folder_files(path, root)
+                elif path.is_file():
+                    rel = _inside(path, root)
+                    found = [(path.resolve(), rel)] if rel else []
+        if not found:
+            notes.append(
+                f"{item.class_type} {item.node}: nothing in the output folder to send ({value!r:.120})"
+            )
+        for path, rel in found:
+            files.setdefault(rel, (path, rel, item))
+    return list(files.values()), notes
+
+
+def store_outputs(
+    files: list[tuple[Path, str, OutputValue]],
+    destination: str,
+    control: Control | None = None,
+    client: Any = None,
+) -> dict[str, Any]:
+    """The files up to ``<destination>/files/<name>`` (see :func:`send_file`: sha256 metadata, nothing sent
+    twice) and the receipt as ``<destination>/receipt.json``. Returns the receipt: the destination, a summary
+    and every file with its name below the output folder, the node and class that wrote it, size and sha256."""
+    where = Destination.parse(destination)
+    client = client if client is not None else s3_client()
+    owners = {FILES_PREFIX + rel: item for _, rel, item in files}
+    sent = send_tree(client, [(path, FILES_PREFIX + rel) for path, rel, _ in files], where, control)
+    for entry in sent:
+        owner = owners[entry["key"]]
+        entry.update(path=entry["key"][len(FILES_PREFIX) :], node=owner.node, class_type=owner.class_type)
+    nodes = len({e["node"] for e in sent})
+    receipt = {
+        "kind": "outputs",
+        "destination": where.url(),
+        "summary": f"{len(sent)} file(s) of {nodes} node(s) sent to {where.url()}",
+        "files": sent,
+    }
+    body = receipt_text(receipt).encode("ascii")
+    try:
+        client.put_object(
+            Bucket=where.bucket,
+            Key=where.key(RECEIPT_OBJECT),
+            Body=body,
+            Metadata={"sha256": hashlib.sha256(body).hexdigest()},
+        )
+    except Exception as exc:  # noqa: BLE001 - boto3/botocore errors, reported without credentials
+        raise _error(f"sending the receipt to {where.url(RECEIPT_OBJECT)}", exc) from None
+    return receipt
