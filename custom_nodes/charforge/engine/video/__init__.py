@@ -6,6 +6,8 @@
 - `prompts`, `context`, `schedulers`: the pieces the sampler uses;
 - `encode`: mp4 / webm / gif / webp files with ComfyUI's save-path convention, and reading them back;
 - `interpolate`: optical-flow frame interpolation; `rife`: RIFE 4.7 - 4.9 (imported on use).
+- `audio`: sound files read and muxed into saved clips; `audio_features`: beats, loudness, onsets, bands and the
+  per-frame schedules made from them (both imported on use).
 """
 
 from .context import ContextOptions, context_windows, window_weights
