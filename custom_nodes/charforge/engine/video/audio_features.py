@@ -206,7 +206,7 @@ def analyse_audio(audio: Audio, fps: float, frames: int | None = None) -> AudioF
     power = np.array(
         [
             float(np.mean(signal[a:b] ** 2)) if b > a and a < len(signal) else 0.0
-            for a, b in zip(bounds, bounds[1:])
+            for a, b in zip(bounds, bounds[1:], strict=False)
         ],
         dtype=np.float64,
     )
