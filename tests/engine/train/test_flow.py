@@ -480,3 +480,45 @@ def test_full_width_conversion_agrees_with_diffusers_converter():
             assert torch.equal(ours[key], value), key
     # norm_out weight, image q/k/v weights, text q/k/v biases, linear1 weight and bias parts (4 each)
     assert sum(not v.is_meta for v in reference.values()) == 1 + 3 + 3 + 4 + 4
+
+
+def test_schnell_has_no_guidance_and_shorter_t5():
+    """Flux.1-schnell: the call passes no guidance (its transformer has no guidance embedder) and T5 pads
+    to 256 tokens; the output equals the transformer called by hand on the packed tokens."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    from cf_testing.flow_models import TINY_FLUX
+    from charforge.engine.train.flow.flux import FluxModel
+
+    transformer = FluxTransformer2DModel(**TINY_FLUX, guidance_embeds=False).eval()
+    model = FluxModel(
+        arch="flux-schnell",
+        source="",
+        transformer=transformer,
+        vae=None,
+        text_encoders={},
+        tokenizers={},
+        dtype=torch.float32,
+    )
+    settings = FlowSettings()
+    assert not model.has_guidance and model.t5_length(settings) == 256
+    generator = torch.Generator().manual_seed(3)
+    noisy = torch.randn(1, 16, 8, 8, generator=generator)
+    text = {
+        "t5": torch.randn(1, 5, 32, generator=generator),
+        "pooled": torch.randn(1, 32, generator=generator),
+    }
+    sigmas = torch.tensor([0.4])
+    with torch.no_grad():
+        got = model.predict(noisy, sigmas, text, settings)
+        out = transformer(
+            hidden_states=FluxPipeline._pack_latents(noisy, 1, 16, 8, 8),
+            timestep=sigmas,
+            guidance=None,
+            pooled_projections=text["pooled"],
+            encoder_hidden_states=text["t5"],
+            txt_ids=torch.zeros(5, 3),
+            img_ids=FluxPipeline._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32),
+            return_dict=False,
+        )[0]
+    torch.testing.assert_close(got, FluxPipeline._unpack_latents(out, 64, 64, 8), rtol=0, atol=0)
