@@ -310,7 +310,7 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tiny_flux, dataset):
 
 
 def test_fp8_base_step_stays_close_to_the_bf16_base_step(tiny_flux, dataset):
-    """The same batch with the base in bf16 and in fp8 (bf16 compute): loss within 2 %, LoRA gradients
+    """The same batch with the base in bf16 and in fp8 (bf16 compute): loss within 1 %, LoRA gradients
     within 10 % (relative norm of the difference)."""
     results = []
     for fp8 in (False, True):
@@ -329,7 +329,8 @@ def test_fp8_base_step_stays_close_to_the_bf16_base_step(tiny_flux, dataset):
             ]
             assert weights and all(w.dtype == torch.float8_e4m3fn for w in weights)
     (loss16, grads16), (loss8, grads8) = results
-    assert loss8 == pytest.approx(loss16, rel=0.02)
+    # Measured on this model: loss 8e-5 relative, gradients 3.6 % (relative norm of the difference).
+    assert loss8 == pytest.approx(loss16, rel=0.01)
     flat16 = torch.cat([g.flatten() for g in grads16.values()])
     flat8 = torch.cat([grads8[k].flatten() for k in grads16])
     assert float((flat8 - flat16).norm() / flat16.norm()) < 0.10
