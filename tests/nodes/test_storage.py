@@ -219,3 +219,35 @@ def test_the_output_table_names_outputs_the_nodes_have():
         for index, kind in outputs.items():
             returned = cls.RETURN_TYPES[index]
             assert returned == expected.get(kind, "CHARFORGE_DATASET"), (class_type, index, returned)
+
+
+def test_without_boto3_the_pack_loads_and_the_storage_nodes_name_the_install(
+    comfy_env, monkeypatch, tmp_path
+):
+    """boto3 is in requirements.txt, but a ComfyUI whose install of it failed still loads the pack: the storage
+    module imports without it, and a storage node run says what to install."""
+    import importlib
+    import sys
+
+    from charforge import bridge
+
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    monkeypatch.setitem(sys.modules, "botocore", None)
+    monkeypatch.setitem(sys.modules, "botocore.config", None)
+    from charforge.nodes import storage
+
+    importlib.reload(storage)
+    assert set(storage.NODE_CLASS_MAPPINGS) == {
+        "CharForgeSendTrainingToStorage",
+        "CharForgeSendOutputsToStorage",
+        "CharForgeFetchFromStorage",
+    }
+    video = Path(bridge.output_directory()) / "v.mp4"
+    video.parent.mkdir(parents=True, exist_ok=True)
+    video.write_bytes(b"video")
+    with pytest.raises(RuntimeError, match=r"needs boto3 .*pip install boto3"):
+        storage.SendOutputsToStorage().send(
+            "s3://bucket/o", prompt={"1": {"class_type": "CharForgeSaveVideo"}}, from_1__0=str(video)
+        )
+    with pytest.raises(RuntimeError, match=r"pip install boto3"):
+        storage.FetchFromStorage().fetch("s3://bucket/ds", "ds")
