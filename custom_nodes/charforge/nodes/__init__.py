@@ -6,9 +6,21 @@ packages only inside the functions that run, so the pack always loads.
 
 from __future__ import annotations
 
-from . import caption, caption_vlm, dataset, library, score, storage, story, synth, train, video
+from . import caption, caption_vlm, dataset, library, score, storage, story, synth, train, video, video_audio
 
-STAGE_MODULES = (dataset, synth, caption, caption_vlm, score, train, storage, video, story, library)
+STAGE_MODULES = (
+    dataset,
+    synth,
+    caption,
+    caption_vlm,
+    score,
+    train,
+    storage,
+    video,
+    video_audio,
+    story,
+    library,
+)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

@@ -34,6 +34,7 @@ NONE = "(none)"
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
 BETA_SCHEDULES = ("auto", "linear", "scaled_linear", "base")
 FORMATS = ("mp4", "webm", "gif", "webp")
+AUDIO_CODECS = ("auto", "aac", "opus", "flac")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 MULTIPLIERS = ("2", "4")
 SEED_MAX = 0xFFFF_FFFF_FFFF_FFFF
@@ -799,7 +800,8 @@ class SaveVideo:
         "Writes the frames as H.264 MP4, VP9 WebM, GIF or animated WebP into the output folder, named the way "
         "ComfyUI names its files (prefix, 5-digit counter). PyAV (bundles its own FFmpeg) and Pillow do the "
         "encoding: no system ffmpeg needed. The file is reported under the standard 'images' key with "
-        "animated: true, so the ComfyUI page previews it and API clients find it in the history."
+        "animated: true, so the ComfyUI page previews it and API clients find it in the history. Connect audio "
+        "to put a sound track into an mp4 / webm, in sync and as long as the clip."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING",)
@@ -865,6 +867,37 @@ class SaveVideo:
                     },
                 ),
             },
+            # Optional and last, so workflows saved before they existed still load (no sound).
+            "optional": {
+                "audio": (
+                    "AUDIO",
+                    {
+                        "tooltip": (
+                            "Sound to put into the mp4 / webm (Load Audio, CharForge's or ComfyUI's): cut or padded "
+                            "with silence to the clip's length, in sync from its first frame."
+                        )
+                    },
+                ),
+                "audio_offset": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 36000.0,
+                        "step": 0.01,
+                        "tooltip": "Seconds into the sound where the clip's first frame starts.",
+                    },
+                ),
+                "audio_codec": (
+                    list(AUDIO_CODECS),
+                    {
+                        "default": "auto",
+                        "tooltip": (
+                            "auto: AAC in mp4, Opus in webm (every player). flac: lossless, in mp4 only."
+                        ),
+                    },
+                ),
+            },
             "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
 
@@ -876,11 +909,16 @@ class SaveVideo:
         filename_prefix="video/CharForge",
         quality=80,
         loop_count=0,
+        audio=None,
+        audio_offset=0.0,
+        audio_codec="auto",
         prompt=None,
         unique_id=None,
     ):
         if format in ("mp4", "webm"):
             require("av")
+        if audio is not None and format not in ("mp4", "webm"):
+            raise ValueError(f"a {format} file has no sound: save as mp4 or webm to keep the audio")
         from ..engine.video import save_video
         from ..engine.video.encode import generation_metadata
 
@@ -895,6 +933,20 @@ class SaveVideo:
             loop=int(loop_count),
             metadata=metadata,
         )
+        if audio is not None:
+            from ..engine.video.audio import mux_audio
+            from .video_audio import to_engine_audio
+
+            muxed = mux_audio(
+                saved.path, to_engine_audio(audio), offset=float(audio_offset), codec=str(audio_codec)
+            )
+            log.info(
+                "CharForge: %s audio from %g s, %.3f s beside %.3f s of video",
+                muxed.codec,
+                float(audio_offset),
+                muxed.audio_seconds,
+                muxed.video_seconds,
+            )
         log.info(
             "CharForge: saved %s (%d frames, %dx%d, %g fps)",
             saved.path,
