@@ -146,6 +146,14 @@ class Context:
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
 
+    def peak_of(self, run: Callable[[], object], baseline: int = 0) -> float | None:
+        """GiB at the peak of one more `run()` above `baseline` bytes (None, and no run, on the CPU)."""
+        if self.device.type != "cuda":
+            return None
+        self.reset_peak()
+        run()
+        return self.peak_gib(baseline)
+
     def peak_gib(self, baseline: int = 0) -> float | None:
         import torch
 
@@ -251,9 +259,7 @@ def _alone(ctx: Context, step: Callable[[], None]) -> float | None:
     """Warm-up (`ctx.warmup` steps), then one round alone; the peak memory of that round in GiB."""
     for _ in range(max(1, ctx.warmup // ctx.steps_per_round)):
         step()
-    ctx.reset_peak()
-    step()
-    return ctx.peak_gib()  # everything held: the model, LoRA, optimizer, caches and activations
+    return ctx.peak_of(step)  # everything held: the model, LoRA, optimizer, caches and activations
 
 
 def section_sdxl_train(ctx: Context, deadline: float) -> list:
@@ -274,9 +280,7 @@ def section_sdxl_train(ctx: Context, deadline: float) -> list:
     anchor = lambda: [anchor_step.step() for _ in range(ctx.steps_per_round)]  # noqa: E731
     for _ in range(max(1, ctx.warmup // ctx.steps_per_round)):
         anchor()
-    ctx.reset_peak()
-    anchor()
-    anchor_peak = ctx.peak_gib(held)
+    anchor_peak = ctx.peak_of(anchor, held)
     middle = time.perf_counter() + (deadline - time.perf_counter()) / 2
     plain = interleave(ctx, {"ours": ours, "anchor": anchor}, 1, middle)
     unet.enable_gradient_checkpointing()
@@ -453,9 +457,7 @@ def section_video(ctx: Context, deadline: float) -> list:
     peak = {}
     for name, run in (("short", ours), ("long", ours_long)):
         run()
-        ctx.reset_peak()
-        run()
-        peak[name] = ctx.peak_gib()
+        peak[name] = ctx.peak_of(run)
     held = ctx.reset_peak()
     unet, adapter, vae, text_encoder, tokenizer = bench_video.build_parts(
         configs, ctx.device, ctx.dtype, tokenizer_dir
@@ -492,9 +494,7 @@ def section_video(ctx: Context, deadline: float) -> list:
         )
 
     anchor()
-    ctx.reset_peak()
-    anchor()
-    anchor_peak = ctx.peak_gib(held)
+    anchor_peak = ctx.peak_of(anchor, held)
     share = deadline - time.perf_counter()
     times = interleave(ctx, {"ours": ours, "anchor": anchor}, 1, time.perf_counter() + share * 0.7)
     long_times = interleave(ctx, {"ours": ours_long}, 1, deadline)
