@@ -83,7 +83,7 @@ def install_wheels(folder: Path) -> Path:
         raise SystemExit(f"no wheels in {folder}: run benchmarks/gpu_wheels.sh here and carry {folder.name}")
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
-        + ["--upgrade", "--target", str(target), *wheels],
+        + ["--no-cache-dir", "--upgrade", "--target", str(target), *wheels],
         check=True,
     )
     sys.path.insert(0, str(target))
