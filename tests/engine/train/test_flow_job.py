@@ -90,6 +90,8 @@ def test_flux_job_from_comfyui_files_cancels_resumes_and_writes_a_kohya_lora(tin
     assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for k in tensors)
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["modelspec.trigger_phrase"] == "sks"
     assert meta["modelspec.prediction_type"] == "flow"
+    assert meta["ss_guidance_scale"] == "1.0" and meta["ss_timestep_sampling"] == "flux_shift"
+    assert meta["ss_t5xxl_max_token_length"] == "512" and "ss_min_snr_gamma" not in meta
     # Final sample images (the prompts were encoded before the text encoders were dropped).
     assert len(result.samples) == 1
     with Image.open(result.samples[0]) as sample:

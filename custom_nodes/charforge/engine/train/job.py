@@ -714,6 +714,22 @@ def _lora_metadata(
         "training_finished_at": time.time(),
         "charforge_trigger_word": config.trigger_word,
     }
+    if is_flow_arch(model.arch):  # the flow objective's settings, under kohya's names where it has them
+        flow = config.flow
+        training.update(
+            timestep_sampling=model.default_sampling
+            if flow.timestep_sampling == "auto"
+            else flow.timestep_sampling,
+            logit_mean=flow.logit_mean,
+            logit_std=flow.logit_std,
+            discrete_flow_shift=flow.discrete_flow_shift or getattr(model, "default_shift", 0.0),
+            guidance_scale=flow.guidance_scale,
+            t5xxl_max_token_length=model.t5_length(flow),
+            model_prediction_type="raw",
+            fp8_base=flow.fp8_base,
+        )
+        for unused in ("min_snr_gamma", "noise_offset", "clip_skip", "max_token_length"):
+            training.pop(unused)
     return lora_metadata(
         arch=model.arch,
         settings=config.lora,
