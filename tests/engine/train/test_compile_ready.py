@@ -222,6 +222,9 @@ def test_steps_read_back_only_the_loss_every_n_steps(tiny_sd15, dataset, host_re
         trainer.train(on_step=reports.append)
     assert host_reads.scalar_reads == 0
     assert host_reads.copies["count"] - copies_before == 4  # one tolist() per read, nothing else
+    with host_reads:  # the count does see a read (what a per-step float(loss) would add)
+        float(torch.ones(()) * 2)
+    assert host_reads.scalar_reads == 1
 
     every_step = _trainer(tiny_sd15, dataset, steps=6, loss_every=1)
     _fused_optimizer(every_step)
