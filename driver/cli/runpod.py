@@ -148,6 +148,7 @@ def serverless_run(args: argparse.Namespace, settings: RunPodSettings, out: Any)
 
     started = time.monotonic()
     target = ServerlessTarget(settings)
+    target.training_home = True  # a trained LoRA comes home with the files (a batch runner does it itself)
 
     def submitted(job_id: str) -> None:
         out.note(

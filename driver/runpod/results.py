@@ -26,7 +26,7 @@ import struct
 import tempfile
 import uuid
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from charforge.common.transfer import (
@@ -42,6 +42,7 @@ from charforge.common.transfer import (
 )
 
 from ..errors import UsageError
+from ..outputs import DownloadedFile, OutputFile
 from ..sync.training import TRAIN_NODE_CLASSES
 
 RESULTS_ENV = "CHARFORGE_SERVERLESS_RESULTS"
@@ -290,3 +291,28 @@ def outputs_home(
             }
         )
     return done
+
+
+def downloaded_files(
+    got: list[dict[str, Any]], out_dir: Path, prompt: dict[str, Any]
+) -> list[DownloadedFile]:
+    """What came home from storage as the manifest's files: each of `got` (``path`` below `out_dir`, ``node``
+    or ``node_id``, ``class_type``, ``size`` or ``bytes``, ``sha256``) tied to its node and that node's title."""
+    files = []
+    for index, entry in enumerate(got):
+        name = PurePosixPath(entry["path"])
+        node_id = str(entry.get("node", entry.get("node_id")) or "")
+        folder = "" if str(name.parent) == "." else str(name.parent)
+        node = prompt.get(node_id)
+        title = (node.get("_meta") or {}).get("title") if isinstance(node, dict) else None
+        files.append(
+            DownloadedFile(
+                OutputFile(node_id, str(entry.get("output") or "files"), index, name.name, folder),
+                Path(out_dir).joinpath(*name.parts),
+                int(entry.get("size", entry.get("bytes")) or 0),
+                str(entry["sha256"]),
+                entry.get("class_type"),
+                title,
+            )
+        )
+    return files

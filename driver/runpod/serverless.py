@@ -55,7 +55,7 @@ from ..errors import (
 )
 from ..outputs import DownloadedFile, OutputFile, local_path_for, open_unique
 from ..secrets import mask
-from ..sync.training import TrainedLoRA, bring_training_home
+from ..sync.training import TrainedLoRA, bring_training_home, trained_loras
 from ..workflow.load import coerce_workflow
 from ..workflow.overrides import apply_overrides, parse_input, parse_set, plan_inputs
 from .http import RunPodHTTP
@@ -64,6 +64,7 @@ from .results import (
     add_outputs_node,
     add_store_nodes,
     dataset_location,
+    downloaded_files,
     local_datasets,
     outputs_home,
     receipt,
@@ -532,6 +533,9 @@ class ServerlessTarget:
         self.warnings: list[str] = []
         #: where trained runs go (runpod.results / $CHARFORGE_SERVERLESS_RESULTS): see results.py
         self.results = results_location(options)
+        #: whether :meth:`download` also brings trained LoRAs home (``charforge run``; a batch runner does it
+        #: itself with :meth:`fetch_training`)
+        self.training_home = False
         self.s3_endpoint = options.get("s3_endpoint") or None
         self._images: dict[str, bytes] = {}
         self._submitted: dict[str, float] = {}
@@ -719,22 +723,15 @@ class ServerlessTarget:
             )
         for found in receipts:
             got = await asyncio.to_thread(outputs_home, found, Path(out_dir), self.s3_endpoint)
-            for index, entry in enumerate(got):
-                name = PurePosixPath(entry["path"])
-                folder = "" if str(name.parent) == "." else str(name.parent)
-                source = OutputFile(entry["node"], "files", index, name.name, folder)
-                node = result.prompt.get(entry["node"]) or {}
-                title = (node.get("_meta") or {}).get("title") if isinstance(node, dict) else None
-                done.append(
-                    DownloadedFile(
-                        source,
-                        Path(entry["local"]),
-                        entry["size"],
-                        entry["sha256"],
-                        entry["class_type"],
-                        title,
-                    )
-                )
+            done += downloaded_files(got, Path(out_dir), result.prompt)
+        if self.training_home:  # charforge run: no batch runner brings the LoRA home afterwards
+            values = {
+                v.node_id: {"class_type": result.node_class(v.node_id), **v.values} for v in result.values
+            }
+            trained = [t for t in trained_loras(values) if t.run_dir.startswith("s3://")]
+            if trained:
+                for home in await self.fetch_training(trained, Path(out_dir)):
+                    done += downloaded_files(home["files"], Path(out_dir), result.prompt)
         return done
 
     async def cancel(self, prompt_id: str) -> str:

@@ -19,6 +19,7 @@ from fakes.comfy_server import FakeComfyServer
 from fakes.moto_s3 import ACCESS_KEY, SECRET_KEY, moto_s3, use_s3
 from fakes.runpod_api import FakeRunPod, RunPodKnobs
 from fakes.storage_outputs import add_output_nodes, video_story_graph
+from fakes.train_lora import add_store_node, add_train_node, lora_bytes
 
 from charforge.driver import cli
 
@@ -45,6 +46,8 @@ def worker(
     bucket = use_s3(monkeypatch, s3_endpoint, str(tmp_path))
     with FakeComfyServer(root=comfy_env.base_dir) as comfy:
         add_output_nodes(comfy)
+        add_train_node(comfy)
+        add_store_node(comfy)
         with FakeRunPod(knobs=RunPodKnobs(proxy_timeout=1.0, ws_idle_timeout=1.0)) as runpod:
             runpod.add_endpoint("ep1", comfy)
             for name, value in runpod.env().items():
@@ -125,6 +128,34 @@ def test_run_brings_a_video_and_a_storyboard_folder_home_through_storage(worker,
     assert prefix + "receipt.json" in keys and prefix + "files/video/CharForge_00001_.mp4" in keys
     for key in keys:
         assert len(client.head_object(Bucket=bucket, Key=key)["Metadata"]["sha256"]) == 64
+
+
+def test_run_of_a_training_job_brings_the_lora_and_run_folder_home_with_the_video(
+    worker, tmp_path, monkeypatch
+):
+    """``charforge run`` (no batch runner to bring the LoRA home afterwards): one job trains and saves a video;
+    the LoRA, its run folder and the video all arrive in --out, listed in the manifest."""
+    runpod, comfy, bucket = worker
+    monkeypatch.setenv("CHARFORGE_SERVERLESS_RESULTS", f"s3://{bucket}/results")
+    graph = video_story_graph()
+    del graph["3"], graph["4"]
+    graph["9"] = {"class_type": "CharForgeTrainLoRA", "inputs": {"output_name": "pip", "steps": 4}}
+    (tmp_path / "train.json").write_text(json.dumps(graph))
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        "run", str(tmp_path / "train.json"), "--server", "runpod-serverless:ep1", "--out", str(out)
+    )
+    assert code == 0, err
+    assert (out / "lora" / "pip.safetensors").read_bytes() == lora_bytes("pip")
+    run = out / "lora" / "run" / "pip"
+    assert (run / "loss.png").read_bytes() == (
+        comfy.output_dir / "charforge/train_runs/pip/loss.png"
+    ).read_bytes()
+    assert (out / "video/CharForge_00001_.mp4").is_file()
+    listed = {f["path"]: f for f in json.loads((out / "manifest.json").read_text())["files"]}
+    assert set(listed) == _files(out) - {"manifest.json"}
+    assert listed["lora/pip.safetensors"]["class_type"] == "CharForgeTrainLoRA"
+    assert listed["lora/pip.safetensors"]["sha256"] == hashlib.sha256(lora_bytes("pip")).hexdigest()
 
 
 def test_batch_brings_each_jobs_files_home_and_a_rerun_downloads_nothing(worker, tmp_path, monkeypatch):
