@@ -399,5 +399,56 @@ def synthesize_dataset(new):
     return w
 
 
+def video_audio_reactive(new):
+    w = new("video_audio_reactive")
+    w.note(
+        "AUDIO-REACTIVE VIDEO - an AnimateDiff clip of your character whose prompt changes on the music's beats,\n"
+        "saved with the music in the mp4.\n\n"
+        "SET BEFORE QUEUEING\n"
+        "- Load Audio > audio: a sound file in ComfyUI's input folder (upload one with the node's button): wav,\n"
+        "  flac, mp3, m4a. start / duration: the part of the song the clip uses (duration 0 = to the end).\n"
+        "- Audio Prompt Travel > prompts: one prompt per line, keep your trigger word; a new line every\n"
+        "  beats_per_prompt beats (4 = once a bar), cycling. shared is added to every prompt. fps sets the clip's\n"
+        "  frame rate; frames 0 = as long as the sound. Generate Video takes its prompt, frames and fps.\n"
+        "- Load Video Model: an SD1.5 checkpoint and an AnimateDiff motion module (models/animatediff_models/).\n"
+        "- Character LoRA: your LoRA from models/loras/ (bypass it with Ctrl+B for the base model).\n"
+        "- Generate Video > blend_prompts: off switches the prompt exactly on the beat, on glides between beats.\n\n"
+        "MODELS\n"
+        "SD1.5 checkpoint (models/checkpoints/), AnimateDiff motion module, character LoRA (models/loras/).\n\n"
+        "RESULT\n"
+        "output/charforge/audio_video_00001_.mp4 with the song's part as AAC audio, in sync, as long as the clip\n"
+        "(shown on Save Video). Audio Prompt Travel's info lists the tempo, the beat frames and the schedule.\n"
+        "8 s at 8 fps is 64 frames: made in overlapping 16-frame windows.")
+    w.group("1 - Music & beats", "#3f789e")
+    audio = w.node("CharForgeLoadAudio", audio="my_song.wav", start=0.0, duration=8.0)
+    travel = w.node("CharForgeAudioPromptTravel", height=330,
+                    prompts="ohwx person dancing, arms up\nohwx person spinning, hair flying\n"
+                    "ohwx person jumping, laughing",
+                    shared="photo, stage lights, natural skin", fps=8.0, frames=0, beats_per_prompt=2,
+                    skip_beats=0)
+    w.link(audio, "audio", travel, "audio")
+    w.group("2 - Model & character LoRA", "#8A8")
+    model = w.node("CharForgeLoadVideoModel", base_model="v1-5-pruned-emaonly.safetensors",
+                   motion_module="mm_sd_v15_v2.ckpt")
+    lora = w.node("CharForgeVideoLoRA", title="Character LoRA", lora_name="my_character.safetensors",
+                  strength=0.8)
+    w.link(model, "model", lora, "model")
+    w.group("3 - Generate on the beat", "#a1309b")
+    generate = w.node("CharForgeGenerateVideo", negative_prompt=NEGATIVE, width=512, height=512, steps=25,
+                      cfg=7.5, scheduler="ddim", seed=42, context_length=16, context_overlap=4,
+                      blend_prompts=False, widgets={"prompt": "", "frames": 64, "fps": 8.0})
+    w.link(lora, "model", generate, "model")
+    w.link(travel, "prompt", generate, "prompt")
+    w.link(travel, "frames", generate, "frames")
+    w.link(travel, "fps", generate, "fps")
+    w.group("4 - Save with the music", "#b58b2a")
+    save = w.node("CharForgeSaveVideo", height=420, format="mp4", filename_prefix="charforge/audio_video",
+                  quality=80, loop_count=0, audio_offset=0.0, audio_codec="auto")
+    w.link(generate, "frames", save, "frames")
+    w.link(generate, "fps", save, "fps")
+    w.link(audio, "audio", save, "audio")
+    return w
+
+
 BUILDERS = (caption_dataset, train_lora_sdxl, generate_best_of_n_clip, controlnet_lora, character_lora,
-            character_pipeline, synthesize_dataset)
+            character_pipeline, synthesize_dataset, video_audio_reactive)

@@ -15,7 +15,9 @@ from ..errors import NodeProblem, ValidationError, close_matches
 from .object_info import declared_inputs, is_file_picker, is_output_node, output_types, split_spec
 from .overrides import node_title
 
-_KNOWN_IGNORED_INPUTS = {"upload"}  # the frontend's upload button value appears in exported API workflows
+# What the editor submits beside the declared inputs and ComfyUI ignores: the upload button's value, and the
+# audio player of nodes with an audio upload (ComfyUI's Load Audio, CharForge's) as "audioUI" (convert.py).
+_KNOWN_IGNORED_INPUTS = {"upload", "audioUI"}
 
 
 def _type_name(kind: Any) -> str:

@@ -30,7 +30,7 @@ WORKFLOWS = REPO_ROOT / "workflows"
 EXPECTED = {"dataset_prep", "caption_dataset", "build_identity", "score_best_of_n", "generate_best_of_n_clip",
             "train_lora_sd15", "train_lora_sdxl", "controlnet_lora", "video_animatediff", "character_lora",
             "character_pipeline", "synthesize_dataset", "flux_lora", "flux_best_of_n", "flux_storyboard", "sd35_lora",
-            "sd35_best_of_n", "sd35_storyboard"}
+            "sd35_best_of_n", "sd35_storyboard", "video_audio_reactive"}
 UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 
@@ -454,7 +454,7 @@ CHARFORGE_ONLY = {p.stem for p in EDITOR_FILES
                   if all(n["type"].startswith("CharForge") or n["type"] in UI_ONLY | {"PreviewImage", "SaveImage"}
                          for n in _editor(p)["nodes"])}
 RUN_THROUGH_HARNESS = {"dataset_prep", "build_identity", "train_lora_sd15", "caption_dataset", "train_lora_sdxl",
-                       "character_lora", "video_animatediff"}
+                       "character_lora", "video_animatediff", "video_audio_reactive"}
 
 
 def test_every_charforge_only_workflow_runs_through_the_harness():
@@ -592,6 +592,53 @@ def test_video_animatediff_with_drift_runs_through_the_harness(comfy_env, tmp_pa
     assert Path(results["4"][0]).is_file() and Path(results["4"][0]).suffix == ".mp4"
     plot, mean, minimum, drifting, report, _ = results["7"]
     assert plot.ndim == 4 and report
+
+
+@pytest.mark.slow
+def test_video_audio_reactive_changes_prompts_on_beats_and_saves_the_music(comfy_env, tmp_path):
+    import shutil
+
+    from cf_testing.audio_files import click_track, write_pcm
+    from cf_testing.video_models import video_assets
+    from charforge import bridge
+    from charforge.engine.video.audio import media_durations
+    from charforge.engine.video.prompts import parse_prompt_schedule
+
+    assets = video_assets(tmp_path / "assets")
+    models = comfy_env.base_dir / "models"
+    shutil.copytree(assets.sd15.diffusers_dir, models / "diffusers" / "tiny_sd15")
+    (models / "animatediff_models").mkdir(parents=True)
+    shutil.copy(assets.modules["v3"].original_file, models / "animatediff_models")
+    (models / "loras").mkdir(parents=True, exist_ok=True)
+    shutil.copy(assets.character_lora, models / "loras")
+    bridge.register_model_folders()
+    prompt = _api(WORKFLOWS / "video_audio_reactive.json")
+    ids = _by_class(prompt)
+    load, travel, generate, save = (ids[c][0] for c in ("CharForgeLoadAudio", "CharForgeAudioPromptTravel",
+                                                        "CharForgeGenerateVideo", "CharForgeSaveVideo"))
+    samples, _ = click_track(120.0, 4.0, 44100)  # clicks at 0.25, 0.75, ... s
+    (comfy_env.base_dir / "input").mkdir(parents=True, exist_ok=True)
+    write_pcm(comfy_env.base_dir / "input" / prompt[load]["inputs"]["audio"], samples, 44100)
+    assert prompt[load]["inputs"].pop("audioUI") == ""  # the editor's audio player: ComfyUI drops it
+    assert _source(prompt, save, "audio") == load and _source(prompt, generate, "prompt") == travel
+    assert _source(prompt, generate, "frames") == travel and prompt[generate]["inputs"]["blend_prompts"] is False
+    prompt[load]["inputs"].update(start=0.5, duration=2.0)  # the clicks now fall at 0.25, 0.75, ... s of the clip
+    prompt[travel]["inputs"]["beats_per_prompt"] = 1
+    prompt[ids["CharForgeLoadVideoModel"][0]]["inputs"].update(base_model="[diffusers] tiny_sd15",
+                                                             motion_module=assets.modules["v3"].original_file.name)
+    prompt[ids["CharForgeVideoLoRA"][0]]["inputs"]["lora_name"] = assets.character_lora.name
+    prompt[generate]["inputs"].update(width=64, height=64, steps=2, context_length=8, context_overlap=2)
+    with one_torch_thread():
+        results = _run_prompt(prompt)
+    schedule, frames, fps, _ = results[travel]
+    assert (frames, fps) == (16, 8.0)
+    assert [k.frame for k in parse_prompt_schedule(schedule)] == [0, 2, 6, 10, 14]
+    assert results[generate][0].shape[:3] == (16, 64, 64)
+    assert "frame 6: ohwx person jumping, laughing" in results[generate][2]  # the third prompt on the second beat
+    video = Path(results[save][0])
+    assert video.suffix == ".mp4"
+    video_seconds, audio_seconds = media_durations(video)
+    assert video_seconds == pytest.approx(2.0) and abs(audio_seconds - video_seconds) < 1 / 8
 
 
 # ------------------------------------------------------------------------------------------------------------
