@@ -386,3 +386,21 @@ def write_clip_folder(directory: str | Path, spec: dict = TINY_CLIP, seed: int =
         json.dumps(tiny.clip_preprocessor_config(size), indent=2)
     )
     return directory
+
+
+def write_scoring_models(root: Path) -> Path:
+    """A models folder for scoring on this machine: the tiny InsightFace pack (``insightface/buffalo_l``) and
+    a tiny CLIP (``clip_vision/tiny-clip``)."""
+    write_face_pack(root / "insightface", "buffalo_l")
+    write_clip_folder(root / "clip_vision" / "tiny-clip")
+    return root
+
+
+def use_scoring_models(monkeypatch, models: Path, home: Path) -> None:
+    """Plain Python scoring with `models` and characters under `home`/charforge: no server, profile, token,
+    InsightFace path or ComfyUI from the user's environment."""
+    monkeypatch.setenv("CHARFORGE_MODELS_DIR", str(models))
+    monkeypatch.setenv("CHARFORGE_PATH_CHARFORGE", str(home / "charforge"))
+    for var in ("CHARFORGE_SERVER", "CHARFORGE_PROFILE", "CHARFORGE_TOKEN", "CHARFORGE_PATH_INSIGHTFACE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("COMFYUI_DIR", raising=False)

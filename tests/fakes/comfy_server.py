@@ -66,25 +66,23 @@ MAX_UPLOAD_SIZE = 100 * 1024 * 1024
 # ----------------------------------------------------------------------------------------------------------
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data and CRC."""
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
+
+
 def png_bytes(
     width: int, height: int, rgb: tuple[int, int, int], text: dict[str, str] | None = None
 ) -> bytes:
     """Encode a solid-colour RGB PNG (with optional tEXt chunks, as ComfyUI writes ``prompt``/``workflow``)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data))
-            + kind
-            + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-        )
-
     row = b"\x00" + bytes(rgb) * width
     raw = row * height
-    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    out = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
     for key, value in (text or {}).items():
-        out += chunk(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1", "replace"))
-    out += chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+        out += png_chunk(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1", "replace"))
+    out += png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b"")
     return out
 
 
@@ -1762,6 +1760,25 @@ def _types_match(received: str, expected: Any) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # Ready-made API-format workflows
 # ----------------------------------------------------------------------------------------------------------
+
+
+async def _lora(ctx: RunContext, model, clip, lora_name, strength_model, strength_clip):
+    return (f"{model}+{lora_name}", f"{clip}+{lora_name}"), None
+
+
+def lora_loader(loras: Any) -> NodeDef:
+    """ComfyUI's LoraLoader (its inputs and ranges) for a fake that needs one: `loras` the names it lists, or a
+    function of the server returning the input's spec; it hands the model and CLIP on tagged with the LoRA."""
+    strength = ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01})
+    names = loras if callable(loras) else (list(loras),)
+    inputs = {"model": ("MODEL",), "clip": ("CLIP",), "lora_name": names}
+    return NodeDef(
+        "LoraLoader",
+        {**inputs, "strength_model": strength, "strength_clip": strength},
+        outputs=("MODEL", "CLIP"),
+        category="loaders",
+        run=_lora,
+    )
 
 
 def image_workflow(width: int = 32, height: int = 24, batch: int = 1, prefix: str = "test/img") -> dict:

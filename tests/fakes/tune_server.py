@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from fakes.comfy_server import FakeComfyServer, NodeDef
+from fakes.comfy_server import FakeComfyServer, NodeDef, lora_loader
 from PIL import Image
 
 from cf_testing.cli import run_charforge as run_cli  # noqa: F401 - the tune tests take it from here
-from cf_testing.face_models import blank_image, face_image, write_clip_folder, write_face_pack
+from cf_testing.face_models import blank_image, face_image, use_scoring_models, write_scoring_models
 
 OPTIMUM = {"learning_rate": 3e-4, "rank": 16}
 BROKEN_LR = 3e-3
@@ -104,20 +104,7 @@ class TuneServer(FakeComfyServer):
             category="CharForge/Train",
             run=self._train,
         )
-        strength = ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01})
-        self.nodes["LoraLoader"] = NodeDef(
-            "LoraLoader",
-            {
-                "model": ("MODEL",),
-                "clip": ("CLIP",),
-                "lora_name": lambda server: (sorted([*LORAS, *server.trained]),),
-                "strength_model": strength,
-                "strength_clip": strength,
-            },
-            outputs=("MODEL", "CLIP"),
-            category="loaders",
-            run=self._lora,
-        )
+        self.nodes["LoraLoader"] = lora_loader(lambda server: (sorted([*LORAS, *server.trained]),))
         self.nodes["SaveImage"] = dataclasses.replace(self.nodes["SaveImage"], run=self._save)
 
     # ---- nodes --------------------------------------------------------------------------------------------
@@ -177,9 +164,6 @@ class TuneServer(FakeComfyServer):
                 index += 1
         text = f"{lora}: {steps} steps, final loss 0.1000; run folder {run}"
         return (lora, None, None, None), {"text": [text], "images": images}
-
-    async def _lora(self, ctx, model, clip, lora_name, strength_model, strength_clip):
-        return (f"{model}+{lora_name}", f"{clip}+{lora_name}"), None
 
     async def _save(self, ctx, images, filename_prefix, **_hidden):
         nodes = ctx.prompt.values()
@@ -254,25 +238,13 @@ def write_train_workflow(path: Path) -> Path:
 
 @pytest.fixture(scope="module", name="models")
 def models_fixture(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tune-models")
-    write_face_pack(root / "insightface", "buffalo_l")
-    write_clip_folder(root / "clip_vision" / "tiny-clip")
-    return root
+    return write_scoring_models(tmp_path_factory.mktemp("tune-models"))
 
 
 @pytest.fixture(name="env")
 def env_fixture(no_comfy, monkeypatch, models, tmp_path) -> Path:
     """Models above, the character 'hero' with reference photos, the training workflow and a loras folder."""
-    monkeypatch.setenv("CHARFORGE_MODELS_DIR", str(models))
-    monkeypatch.setenv("CHARFORGE_PATH_CHARFORGE", str(tmp_path / "charforge"))
-    for var in (
-        "CHARFORGE_SERVER",
-        "CHARFORGE_PROFILE",
-        "CHARFORGE_TOKEN",
-        "CHARFORGE_PATH_INSIGHTFACE",
-        "COMFYUI_DIR",
-    ):
-        monkeypatch.delenv(var, raising=False)
+    use_scoring_models(monkeypatch, models, tmp_path)
     refs = tmp_path / "refs"
     refs.mkdir()
     for seed in range(4):

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes.comfy_server import FakeComfyServer, NodeDef, NodeFailure
+from fakes.comfy_server import FakeComfyServer, NodeFailure, lora_loader
 from PIL import Image
 
 from cf_testing.cli import run_charforge as run_cli
-from cf_testing.face_models import blank_image, face_image, write_clip_folder, write_face_pack
+from cf_testing.face_models import blank_image, face_image, use_scoring_models, write_scoring_models
 from charforge.driver.workflow import apply_overrides, parse_set
 from charforge.engine.library.characters import load_character
 from charforge.recipes.lora_eval import (
@@ -39,10 +39,6 @@ PLANTED = {0.4: None, 0.6: 3, 0.8: 0, 1.0: 1}
 PLANTED_BEST = 0.8
 SIZE = 320
 LORAS = ["hero.safetensors", "styles/film_grain.safetensors"]
-
-
-async def _lora(ctx, model, clip, lora_name, strength_model, strength_clip):
-    return (f"{model}+{lora_name}", f"{clip}+{lora_name}"), None
 
 
 async def _save_planted(ctx, images, filename_prefix, **_hidden):
@@ -70,20 +66,7 @@ class EvalServer(FakeComfyServer):
     def __init__(self, **kw):
         super().__init__(**kw)
         self.fail_strength: float | None = None  # SaveImage raises for graphs with this LoRA strength
-        strength = ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01})
-        self.nodes["LoraLoader"] = NodeDef(
-            "LoraLoader",
-            {
-                "model": ("MODEL",),
-                "clip": ("CLIP",),
-                "lora_name": (list(LORAS),),
-                "strength_model": strength,
-                "strength_clip": strength,
-            },
-            outputs=("MODEL", "CLIP"),
-            category="loaders",
-            run=_lora,
-        )
+        self.nodes["LoraLoader"] = lora_loader(LORAS)
         self.nodes["SaveImage"] = dataclasses.replace(self.nodes["SaveImage"], run=_save_planted)
 
     def graphs(self) -> list[dict]:
@@ -96,19 +79,13 @@ class EvalServer(FakeComfyServer):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     """A models folder with a tiny InsightFace pack (models/insightface) and a tiny CLIP (models/clip_vision)."""
-    root = tmp_path_factory.mktemp("eval-models")
-    write_face_pack(root / "insightface", "buffalo_l")
-    write_clip_folder(root / "clip_vision" / "tiny-clip")
-    return root
+    return write_scoring_models(tmp_path_factory.mktemp("eval-models"))
 
 
 @pytest.fixture
 def env(no_comfy, monkeypatch, models, tmp_path):
     """Plain Python with the models above; characters in tmp_path/charforge/characters; reference photos."""
-    monkeypatch.setenv("CHARFORGE_MODELS_DIR", str(models))
-    monkeypatch.setenv("CHARFORGE_PATH_CHARFORGE", str(tmp_path / "charforge"))
-    for var in ("CHARFORGE_SERVER", "CHARFORGE_PROFILE", "CHARFORGE_TOKEN", "CHARFORGE_PATH_INSIGHTFACE"):
-        monkeypatch.delenv(var, raising=False)
+    use_scoring_models(monkeypatch, models, tmp_path)
     refs = tmp_path / "refs"
     refs.mkdir()
     for seed in range(3):

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from fakes.comfy_server import FakeComfyServer, FakeImage, NodeDef
+from fakes.comfy_server import FakeComfyServer, FakeImage, NodeDef, lora_loader
 from PIL import Image
 
 from cf_testing.cli import run_charforge as run_cli
@@ -27,10 +27,6 @@ SCENES = [
     "the character at sea at sunset",
     "the character arrives on an island",
 ]
-
-
-async def _lora(ctx, model, clip, lora_name, strength_model, strength_clip):
-    return (f"{model}+{lora_name}", f"{clip}+{lora_name}"), None
 
 
 async def _vae_encode(ctx, pixels, vae):
@@ -146,20 +142,8 @@ class StoryServer(FakeComfyServer):
 
     def __init__(self, *, ipadapter: bool = False, clip: bool = True, **kw):
         super().__init__(**kw)
-        flt = ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0})
         nodes = [
-            NodeDef(
-                "LoraLoader",
-                {
-                    "model": ("MODEL",),
-                    "clip": ("CLIP",),
-                    "lora_name": (["hero.safetensors", "other.safetensors"],),
-                    "strength_model": flt,
-                    "strength_clip": flt,
-                },
-                outputs=("MODEL", "CLIP"),
-                run=_lora,
-            ),
+            lora_loader(["hero.safetensors", "other.safetensors"]),
             NodeDef(
                 "VAEEncode", {"pixels": ("IMAGE",), "vae": ("VAE",)}, outputs=("LATENT",), run=_vae_encode
             ),

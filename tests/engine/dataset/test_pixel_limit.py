@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from fakes.comfy_server import png_chunk
 from PIL import Image
 
 from charforge.engine import images
@@ -23,23 +24,14 @@ SIDE = 13000
 
 def bomb_png(path: Path, side: int = SIDE) -> Path:
     """A 1-bit greyscale PNG of side x side white pixels, written row by row (about 20 KB on disk)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data))
-            + kind
-            + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-        )
-
     row = b"\x00" + b"\xff" * ((side + 7) // 8)
     packer = zlib.compressobj(9)
     body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
     path.write_bytes(
         b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
-        + chunk(b"IDAT", body)
-        + chunk(b"IEND", b"")
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+        + png_chunk(b"IDAT", body)
+        + png_chunk(b"IEND", b"")
     )
     return path
 
