@@ -270,7 +270,7 @@ def test_step_equals_a_hand_written_diffusers_peft_flow_matching_step(tiny_flux,
     reference = torch.nn.functional.mse_loss(prediction, noise - x0)
     reference.backward()
 
-    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)  # measured: 1 float32 ulp apart
     ours = {n: p.grad for n, p in trainer.model.transformer.named_parameters() if "lora_" in n}
     theirs = {n: p.grad for n, p in transformer.named_parameters() if "lora_" in n}
     assert set(ours) == set(theirs)
