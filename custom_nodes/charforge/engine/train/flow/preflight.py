@@ -12,8 +12,8 @@ U-Net on the meta device; ``engine.train.preflight``):
   attention forward, plus one more forward with gradient checkpointing. Flux.1-dev at 1024² (4,096
   image + 512 text tokens): 74.4 TFLOP forward, 163.6 TFLOP per step.
 - **Memory**: the transformer's weights on the device (bf16, or 1 byte per block-linear weight with
-  ``fp8_base``), the text encoders only while their outputs are not cached (then they are dropped), the
-  LoRA with its gradients and optimizer state, and the activations autograd keeps: about
+  ``fp8_base``), the text encoders only while their outputs are not cached (then they are dropped, and the
+  cached outputs, fp32, one set per caption, are counted instead), the LoRA with its gradients and optimizer state, and the activations autograd keeps: about
   `ACTIVATIONS_PER_TOKEN` × d values per token per block without checkpointing, one block input per block
   plus one block's activations with it; a backward transient and 10 % allocator slack on top. The caching
   phase (VAE + text encoders, one image) is checked on its own.
@@ -129,6 +129,9 @@ def estimate(model, config: TrainConfig, device: DeviceInfo, num_images: int = 1
     parts["lora + optimizer"] = (
         _lora_parameters(model, config) * OPTIMIZER_BYTES_PER_PARAM[config.optim.optimizer]
     )
+    if cached:  # every caption's cached conditioning sits on the device in fp32 (one per image at most, + "")
+        width = model.transformer.config.joint_attention_dim
+        parts["cached text"] = (num_images + 1) * text_tokens(model, config) * width * 4
     tokens = ((config.data.resolution // 16) ** 2 + text_tokens(model, config)) * config.batch_size
     block_activations = ACTIVATIONS_PER_TOKEN * tokens * d * element
     if config.gradient_checkpointing:
