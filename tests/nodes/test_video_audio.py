@@ -39,7 +39,7 @@ def test_node_constants_match_the_engine():
 
 def test_load_audio_lists_input_files_and_gives_comfyuis_audio_value(song):
     choices = LoadAudio.INPUT_TYPES()["required"]["audio"]
-    assert choices[0] == ["music/clicks.wav"] and choices[1]["audio_upload"] is True
+    assert choices[0] == ["music/clicks.wav"]
     audio, seconds, info = run_node(LoadAudio, audio="music/clicks.wav", start=0.5, duration=2.0).result
     assert set(audio) == {"waveform", "sample_rate"} and audio["sample_rate"] == RATE
     waveform = audio["waveform"]

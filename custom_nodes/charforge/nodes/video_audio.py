@@ -43,7 +43,7 @@ def resolve_audio(name: str) -> str:
     if name == NO_AUDIO or not name.strip():
         raise FileNotFoundError(
             f"no audio file chosen: put a sound file (wav, flac, mp3, m4a) into ComfyUI's input folder {root} "
-            "or upload one with the node's button, then pick it"
+            "and reload the page, then pick it (or upload one with ComfyUI's own Load Audio node)"
         )
     path = os.path.abspath(os.path.join(root, name))
     if os.path.commonpath((root, path)) != root:
@@ -113,8 +113,12 @@ class LoadAudio:
                     files,
                     {
                         "default": files[0],
-                        "audio_upload": True,
-                        "tooltip": "A sound file in ComfyUI's input folder (the upload button puts one there).",
+                        # No "audio_upload": the editor draws its upload button and player only for ComfyUI's own
+                        # audio nodes (it fails on others); ComfyUI's Load Audio has them and feeds these nodes.
+                        "tooltip": (
+                            "A sound file in ComfyUI's input folder (copy it there, or use ComfyUI's own Load Audio "
+                            "node, which uploads, instead of this one)."
+                        ),
                     },
                 ),
                 "start": (
