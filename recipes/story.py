@@ -85,14 +85,21 @@ class Character:
             "reference_photos": self.reference_photos,
             "threshold": self.threshold,
             "checkpoint": self.checkpoint,
-            "steps": gen.steps,
-            "cfg": gen.cfg,
-            "width": gen.width,
-            "height": gen.height,
-            "sampler": gen.sampler,
-            "scheduler": gen.scheduler,
+            **_generation_record(gen),
             "display_name": self.display_name,
         }
+
+
+def _generation_record(gen: GenerationParams) -> dict[str, Any]:
+    """The generation settings as a storyboard records them (the character's and the run's metadata)."""
+    return {
+        "steps": gen.steps,
+        "cfg": gen.cfg,
+        "width": gen.width,
+        "height": gen.height,
+        "sampler": gen.sampler,
+        "scheduler": gen.scheduler,
+    }
 
 
 def _lora_dict(lora: tuple) -> dict[str, Any]:
@@ -632,12 +639,7 @@ class StoryRun:
         settings = {
             "candidates": self.options.candidates,
             "seed": self.options.seed,
-            "steps": gen.steps,
-            "cfg": gen.cfg,
-            "width": gen.width,
-            "height": gen.height,
-            "sampler": gen.sampler,
-            "scheduler": gen.scheduler,
+            **_generation_record(gen),
             "identity_weight": self.options.identity_weight,
             "text_weight": self.options.text_weight,
             "server": self.client.url,

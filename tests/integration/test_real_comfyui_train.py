@@ -19,6 +19,7 @@ import uuid
 import numpy as np
 import pytest
 
+from cf_testing.model_fixtures import train_inputs
 from cf_testing.models import build_tiny_sd15
 from cf_testing.photos import write_training_folder
 from cf_testing.real_comfyui import (
@@ -65,22 +66,7 @@ def _prompt() -> dict:
     return {
         "1": {
             "class_type": "CharForgeTrainLoRA",
-            "inputs": {
-                "base_model": "[diffusers] tiny_sd15",
-                "dataset_folder": "img",
-                "trigger_word": "sks",
-                "output_name": "alice",
-                "preset": "fast",
-                "steps": STEPS,
-                "learning_rate": 0.0,
-                "rank": 4,
-                "resolution": 64,
-                "batch_size": 1,
-                "seed": 0,
-                "resume": "auto",
-                "memory_profile": "auto",
-                "overrides": json.dumps(overrides),
-            },
+            "inputs": train_inputs(steps=STEPS, memory_profile="auto", overrides=json.dumps(overrides)),
         },
         "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 2]}},
     }

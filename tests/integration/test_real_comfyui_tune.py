@@ -23,6 +23,7 @@ from PIL import Image
 
 import cf_testing.real_comfyui as real
 from cf_testing.face_models import face_image, write_clip_folder, write_face_pack
+from cf_testing.model_fixtures import train_inputs
 
 pytestmark = real.suite_marks(pytest.mark.timeout(3600))
 
@@ -108,24 +109,16 @@ def test_tune_four_trials_over_two_real_servers(tmp_path, monkeypatch):
         train = {
             "1": {
                 "class_type": "CharForgeTrainLoRA",
-                "inputs": {
-                    "base_model": f"[diffusers] {tiny.DIFFUSERS}",
-                    "dataset_folder": "img",
-                    "trigger_word": "zqx",
-                    "output_name": "zqx",
-                    "preset": "fast",
-                    "steps": 2,
-                    "learning_rate": 1e-4,
-                    "rank": 4,
-                    "resolution": 64,
-                    "batch_size": 1,
-                    "seed": 0,
-                    "resume": "auto",
-                    "memory_profile": "off",
-                    "overrides": json.dumps(TINY_OVERRIDES),
-                    "save_character": "",
-                    "use_preset_values": False,
-                },
+                "inputs": train_inputs(
+                    base_model=f"[diffusers] {tiny.DIFFUSERS}",
+                    trigger_word="zqx",
+                    output_name="zqx",
+                    steps=2,
+                    learning_rate=1e-4,
+                    overrides=json.dumps(TINY_OVERRIDES),
+                    save_character="",
+                    use_preset_values=False,
+                ),
             }
         }
         (tmp_path / "train.json").write_text(json.dumps(train))

@@ -127,6 +127,11 @@ def write_character(base: Path, name: str, **fields) -> Path:
 SCENES = ["portrait, looking at the camera", "walking in a park"]
 
 
+def lora_eval(lora: str, character: str, *options: str) -> tuple[int, str, str]:
+    """``charforge lora eval LORA --character CHARACTER OPTIONS`` in this process."""
+    return run_cli("lora", "eval", lora, "--character", character, *options)
+
+
 def eval_args(server: FakeComfyServer, out: Path, *extra: str) -> list[str]:
     args = [
         "lora",
@@ -273,11 +278,8 @@ def test_identity_only_with_a_saved_identity(env, tmp_path):
     write_character(env, "hero", identity=str(saved))
     out = env / "eval"
     with EvalServer() as server:
-        code, stdout, stderr = run_cli(
-            "lora",
-            "eval",
+        code, stdout, stderr = lora_eval(
             "hero.safetensors",
-            "--character",
             "hero",
             "--server",
             server.url,
@@ -436,16 +438,8 @@ def test_best_strength_ties_go_to_the_lower_strength_and_no_face_counts_zero():
 
 def test_unknown_character(env):
     with EvalServer() as server:
-        code, _, stderr = run_cli(
-            "lora",
-            "eval",
-            "hero.safetensors",
-            "--character",
-            "nobody",
-            "--server",
-            server.url,
-            "--out",
-            str(env / "o"),
+        code, _, stderr = lora_eval(
+            "hero.safetensors", "nobody", "--server", server.url, "--out", str(env / "o")
         )
         assert code == 2 and "character 'nobody'" in stderr and "Saved characters: hero" in stderr
         assert server.prompt_posts() == 0
@@ -453,26 +447,15 @@ def test_unknown_character(env):
 
 def test_lora_missing_on_the_server(env):
     with EvalServer() as server:
-        code, _, stderr = run_cli(
-            "lora",
-            "eval",
-            "heroine.safetensors",
-            "--character",
-            "hero",
-            "--server",
-            server.url,
-            "--out",
-            str(env / "o"),
+        code, _, stderr = lora_eval(
+            "heroine.safetensors", "hero", "--server", server.url, "--out", str(env / "o")
         )
         assert code == 2 and "LoRA 'heroine.safetensors' is not in the loras folder" in stderr
         assert "did you mean 'hero.safetensors'" in stderr and "styles/film_grain.safetensors" in stderr
         assert server.prompt_posts() == 0 and not (env / "o").exists()
         # a path to the file is matched by its name
-        code, _, stderr = run_cli(
-            "lora",
-            "eval",
+        code, _, stderr = lora_eval(
             "/somewhere/film_grain.safetensors",
-            "--character",
             "hero",
             "--server",
             server.url,
@@ -512,11 +495,8 @@ def test_missing_scoring_models_and_references(env, monkeypatch, models):
         assert code == 2 and "CLIP model" in stderr and "not found" in stderr
         # a character without identity or photos
         write_character(env, "faceless")
-        code, _, stderr = run_cli(
-            "lora",
-            "eval",
+        code, _, stderr = lora_eval(
             "hero.safetensors",
-            "--character",
             "faceless",
             "--server",
             server.url,
@@ -543,11 +523,8 @@ def test_missing_scoring_models_and_references(env, monkeypatch, models):
 
 
 def test_bad_lists_are_usage_errors(env):
-    code, _, stderr = run_cli(
-        "lora",
-        "eval",
+    code, _, stderr = lora_eval(
         "hero.safetensors",
-        "--character",
         "hero",
         "--strengths",
         "0.5,x",
@@ -558,11 +535,8 @@ def test_bad_lists_are_usage_errors(env):
     )
     assert code == 2 and "--strengths: 'x' is not a number" in stderr
     (env / "prompts.txt").write_text("# only a comment\n\n")
-    code, _, stderr = run_cli(
-        "lora",
-        "eval",
+    code, _, stderr = lora_eval(
         "hero.safetensors",
-        "--character",
         "hero",
         "--prompts",
         str(env / "prompts.txt"),
