@@ -42,7 +42,7 @@ from .config import TrainConfig
 from .data import TrainingData, cache_key, load_items, tag_frequency
 from .export import export_lora, lora_metadata
 from .loop import StepReport, Trainer, pick_device
-from .models import BaseModel, detect_arch, fingerprint, is_flow_arch, load_base_model
+from .models import detect_arch, fingerprint, is_flow_arch, load_base_model
 from .run import MetricsRow, RunFolder, existing_runs, mark_active, safe_run_name
 from .samples import plan_samples, render_samples, sample_prompts
 
@@ -654,7 +654,7 @@ def _save_dtype(config: TrainConfig) -> torch.dtype:
 def _lora_metadata(
     title: str,
     config: TrainConfig,
-    model: BaseModel,
+    model: Any,  # BaseModel, or a flow.family.FlowModel
     data: TrainingData,
     step: int,
     started: float,
