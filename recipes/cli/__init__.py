@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "charforge.recipes.cli.dataset",
     "charforge.recipes.cli.tune",
     "charforge.recipes.cli.pipeline",
+    "charforge.recipes.cli.video",
 )
 
 

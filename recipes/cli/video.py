@@ -1,0 +1,158 @@
+"""``charforge video --audio SONG``: the shipped audio-reactive AnimateDiff workflow, run on a server.
+
+The sound file is uploaded into the server's input folder, the workflow's settings are set from the options
+(as ``charforge run --set`` / ``--input`` would), and the clip (mp4 with the music) comes home into ``--out``
+with a manifest. Only the workflow file is read locally: the command needs neither torch nor the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from charforge.driver.errors import UsageError
+from charforge.driver.workflow.overrides import Override
+
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+AUDIO_WORKFLOW = "video_audio_reactive"
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus")
+
+EPILOG = """\
+The workflow is workflows/video_audio_reactive.json: Load Audio (CharForge) -> Audio Prompt Travel -> Generate
+Video (prompt, frames and fps from the beats) -> Save Video with the music muxed in (AAC in mp4, Opus in webm).
+Options left out keep the workflow's values. Anything else: charforge run workflows/video_audio_reactive.json
+--input "Load Audio (CharForge)=song.mp3" --set NODE.INPUT=VALUE.
+"""
+
+
+def _lora(text: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:WEIGHT`` -> (file name in the server's loras folder, weight)."""
+    name, weight = text, 0.8
+    head, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            name, weight = head, float(tail)
+        except ValueError:
+            name = text
+    if not name.strip():
+        raise argparse.ArgumentTypeError(f"--lora {text!r}: use FILE or FILE:WEIGHT")
+    return name.strip(), weight
+
+
+def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
+    p = sub.add_parser(
+        "video",
+        parents=[server],
+        help="an AnimateDiff clip of the character cut to music (--audio)",
+        description="Run the audio-reactive video workflow on a ComfyUI with CharForge: the prompt changes on "
+        "the music's beats and the saved mp4 carries the music, in sync.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--audio",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the music (wav, flac, mp3, m4a, ogg): uploaded to the server's input folder",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a prompt (repeatable): the clip cycles through them, a new one every --beats-per-prompt beats",
+    )
+    p.add_argument("--shared", metavar="TEXT", help="text added to every prompt (style, place, light)")
+    p.add_argument("--negative", metavar="TEXT", help="negative prompt")
+    p.add_argument("--start", type=float, metavar="S", help="seconds into the music where the clip starts")
+    p.add_argument("--duration", type=float, metavar="S", help="seconds of music (and clip); 0 = to the end")
+    p.add_argument("--fps", type=float, metavar="F", help="the clip's frame rate (beats land on its frames)")
+    p.add_argument("--beats-per-prompt", type=int, metavar="N", help="a new prompt every N beats")
+    p.add_argument("--switch", choices=["cut", "blend"], help="cut on the beat, or blend between beats")
+    p.add_argument("--base-model", metavar="NAME", help="SD1.5 / SDXL checkpoint on the server")
+    p.add_argument("--motion-module", metavar="NAME", help="AnimateDiff motion module on the server")
+    p.add_argument(
+        "--lora",
+        type=_lora,
+        metavar="FILE[:WEIGHT]",
+        help="the character LoRA in the server's loras folder ('(none)' for the base model)",
+    )
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--format", choices=["mp4", "webm"], help="container (default: the workflow's mp4)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("output"),
+        metavar="DIR",
+        help="where the clip goes (default ./output)",
+    )
+    p.add_argument("--timeout", type=float, metavar="S", help="limit for the whole job")
+    p.add_argument("--progress", choices=["auto", "rich", "plain"], default="auto")
+    p.set_defaults(func=cmd_video)
+
+
+def video_settings(args: argparse.Namespace) -> tuple[list[Override], list[str]]:
+    """The ``--set`` overrides and ``--input`` text the options mean for the audio workflow (nodes by class)."""
+    audio = Path(args.audio)
+    if not audio.is_file():
+        raise UsageError(f"--audio {audio}: no such file")
+    if audio.suffix.lower() not in AUDIO_SUFFIXES:
+        raise UsageError(
+            f"--audio {audio}: not a sound file this workflow reads ({', '.join(AUDIO_SUFFIXES)})"
+        )
+    sets: list[tuple[str, str, Any]] = []
+
+    def put(node: str, name: str, value: Any) -> None:
+        if value is not None:
+            sets.append((node, name, value))
+
+    put("CharForgeLoadAudio", "start", args.start)
+    put("CharForgeLoadAudio", "duration", args.duration)
+    put("CharForgeAudioPromptTravel", "prompts", "\n".join(args.prompt) if args.prompt else None)
+    put("CharForgeAudioPromptTravel", "shared", args.shared)
+    put("CharForgeAudioPromptTravel", "fps", args.fps)
+    put("CharForgeAudioPromptTravel", "beats_per_prompt", args.beats_per_prompt)
+    put("CharForgeLoadVideoModel", "base_model", args.base_model)
+    put("CharForgeLoadVideoModel", "motion_module", args.motion_module)
+    if args.lora is not None:
+        put("CharForgeVideoLoRA", "lora_name", args.lora[0])
+        put("CharForgeVideoLoRA", "strength", args.lora[1])
+    put("CharForgeGenerateVideo", "negative_prompt", args.negative)
+    put("CharForgeGenerateVideo", "width", args.width)
+    put("CharForgeGenerateVideo", "height", args.height)
+    put("CharForgeGenerateVideo", "steps", args.steps)
+    put("CharForgeGenerateVideo", "seed", args.seed)
+    put("CharForgeGenerateVideo", "blend_prompts", None if args.switch is None else args.switch == "blend")
+    put("CharForgeSaveVideo", "format", args.format)
+    # Typed values, not NODE.INPUT=VALUE texts: a prompt with a newline or a file name like "1.5" stays as given.
+    overrides = [
+        Override(node, name, value, value if isinstance(value, str) else json.dumps(value), f"{node}.{name}")
+        for node, name, value in sets
+    ]
+    return overrides, [f"CharForgeLoadAudio.audio={audio}"]
+
+
+def cmd_video(args: argparse.Namespace, out: Any) -> int:
+    from charforge.driver.cli.app import cmd_run
+
+    sets, inputs = video_settings(args)
+    run_args = argparse.Namespace(
+        **vars(args),
+        workflow=WORKFLOWS / f"{AUDIO_WORKFLOW}.json",
+        set=sets,
+        input=inputs,
+        no_download=False,
+        no_previews=True,
+        no_preflight=False,
+        allow_partial=False,
+        max_download_mb=None,
+    )
+    if not run_args.workflow.is_file():
+        raise UsageError(f"{run_args.workflow} not found: charforge video runs from a checkout of CharForge")
+    return cmd_run(run_args, out)
