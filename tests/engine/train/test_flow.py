@@ -523,3 +523,44 @@ def test_schnell_has_no_guidance_and_shorter_t5():
             return_dict=False,
         )[0]
     torch.testing.assert_close(got, FluxPipeline._unpack_latents(out, 64, 64, 8), rtol=0, atol=0)
+
+
+def test_a_full_comfyui_checkpoint_needs_no_other_file(tiny_flux, tmp_path):
+    """Transformer under model.diffusion_model., CLIP-L and T5 under text_encoders.*.transformer., VAE under
+    vae.: loaded from the one file equal to the separate files."""
+    from safetensors.torch import load_file, save_file
+
+    state = {f"model.diffusion_model.{k}": v for k, v in load_file(str(tiny_flux.transformer_file)).items()}
+    state.update(
+        {f"text_encoders.clip_l.transformer.{k}": v for k, v in load_file(str(tiny_flux.clip_l_file)).items()}
+    )
+    state.update(
+        {f"text_encoders.t5xxl.transformer.{k}": v for k, v in load_file(str(tiny_flux.t5_file)).items()}
+    )
+    state.update({f"vae.{k}": v for k, v in load_file(str(tiny_flux.vae_file)).items()})
+    path = tmp_path / "flux_full_checkpoint.safetensors"
+    save_file(state, str(path))
+    kwargs = {
+        "dtype": "fp32",
+        "config_dir": tiny_flux.diffusers_dir,
+        "tokenizer_candidates": [tiny_flux.clip_tokenizer_dir],
+        "t5_tokenizer_candidates": [tiny_flux.t5_tokenizer_dir],
+    }
+    whole = load_flux(FluxFiles(str(path)), **kwargs)
+    parts = load_flux(
+        FluxFiles(
+            str(tiny_flux.transformer_file),
+            str(tiny_flux.clip_l_file),
+            str(tiny_flux.t5_file),
+            str(tiny_flux.vae_file),
+        ),
+        **kwargs,
+    )
+    for a, b in (
+        (whole.transformer, parts.transformer),
+        (whole.vae, parts.vae),
+        (whole.text_encoders["clip_l"], parts.text_encoders["clip_l"]),
+        (whole.text_encoders["t5"], parts.text_encoders["t5"]),
+    ):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)

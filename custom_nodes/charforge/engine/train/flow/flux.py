@@ -468,20 +468,21 @@ def _load_files(
         transformer_state = flux_files.diffusers_to_bfl(transformer_state)
     if not flux_files.is_bfl_flux(transformer_state):
         raise UnsupportedModelError(f"{files.transformer} is not a Flux.1 diffusion model")
-    transformer = _transformer_from_state(transformer_state, dtype)
-    arch = flux_arch(dict(transformer.config))
-    configs = config_dir or CONFIG_ROOT / arch
-    # A full ComfyUI checkpoint carries the other parts; otherwise each comes from its own file.
+    # A full ComfyUI checkpoint carries the other parts; otherwise each comes from its own file (checked
+    # before the transformer is built, so a missing one is named at once).
     clip_state = _part(state, CLIP_PREFIXES[:2], "text_model.final_layer_norm.weight")
     t5_state = _part(state, T5_PREFIXES[:2], "encoder.final_layer_norm.weight")
     vae_state = _part(state, ("vae.",), "decoder.conv_out.weight")
+    clip_file = None if clip_state else _required(files.clip_l, "CLIP-L text encoder", "text_encoders")
+    t5_file = None if t5_state else _required(files.t5, "T5-XXL text encoder", "text_encoders")
+    vae_file = None if vae_state else _required(files.vae, "VAE (ae.safetensors)", "vae")
+    transformer = _transformer_from_state(transformer_state, dtype)
+    arch = flux_arch(dict(transformer.config))
+    configs = config_dir or CONFIG_ROOT / arch
     del state, transformer_state
-    if not clip_state:
-        clip_state = _read(_required(files.clip_l, "CLIP-L text encoder", "text_encoders"))
-    if not t5_state:
-        t5_state = _read(_required(files.t5, "T5-XXL text encoder", "text_encoders"))
-    if not vae_state:
-        vae_state = _read(_required(files.vae, "VAE (ae.safetensors)", "vae"))
+    clip_state = clip_state if clip_file is None else _read(clip_file)
+    t5_state = t5_state if t5_file is None else _read(t5_file)
+    vae_state = vae_state if vae_file is None else _read(vae_file)
     clip_tokenizer = CLIPTokenizer.from_pretrained(str(find_tokenizer_dir(list(tokenizer_candidates))))
     scheduler = configs / "scheduler" / "scheduler_config.json"
     if not scheduler.is_file():
