@@ -304,6 +304,7 @@ print(sorted(m for m in sys.modules if m.startswith(("charforge.engine", "charfo
             "dataset",
             "tune",
             "pipeline",
+            "video",
         ]
     )
     assert heavy == "[]"
