@@ -10,13 +10,12 @@ from __future__ import annotations
 import io
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from cf_testing.train_data import kohya_folder, pattern_image, tiny_train_config
 from charforge.engine.models.flux_files import bfl_to_diffusers, diffusers_to_bfl, flux_config
-from charforge.engine.train.config import TrainConfig, with_overrides
+from charforge.engine.train.config import TrainConfig
 from charforge.engine.train.data import TrainingData, items_from_pairs, read_kohya_folder
 from charforge.engine.train.flow.flux import FluxFiles, load_flux
 from charforge.engine.train.flow.objective import FlowSettings, flux_mu, sample_sigmas
@@ -27,41 +26,14 @@ pytestmark = [pytest.mark.usefixtures("one_thread")]
 SIGMAS = [0.1, 0.3, 0.5, 0.7, 0.9]
 
 
-def _pattern(path, size=(64, 64), shift=0):
-    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
-    rgb = np.stack([(xx * 4 + shift) % 256, (yy * 4) % 256, ((xx + yy) * 2) % 256], -1).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow_data") / "img"
-    _pattern(root / "2_sks person" / "a.png")
-    (root / "2_sks person" / "a.txt").write_text("sks person, red shirt, smiling")
-    _pattern(root / "2_sks person" / "b.png", shift=40)
-    (root / "2_sks person" / "b.txt").write_text("sks person, blue shirt")
-    return root
+    return kohya_folder(root, ["sks person, red shirt, smiling", "sks person, blue shirt"])
 
 
 def flow_config(**overrides) -> TrainConfig:
-    base = {
-        "steps": 4,
-        "resolution": 64,
-        "bucket_step": 32,
-        "min_bucket": 32,
-        "rank": 4,
-        "alpha": 4.0,
-        "mixed_precision": "no",
-        "learning_rate": 1e-3,
-        "warmup_steps": 0,
-        "sample_every": 0,
-        "checkpoint_every": 0,
-        "min_snr_gamma": 0.0,
-    }
-    base.update(overrides)
-    return with_overrides(TrainConfig(), base)
+    return tiny_train_config(**{"min_snr_gamma": 0.0, **overrides})
 
 
 def _trainer(tiny_flux, dataset, config, dtype="fp32"):
@@ -185,7 +157,7 @@ def test_timestep_sampling_modes():
 
 
 def test_training_measurably_learns(tiny_flux, tmp_path):
-    image = _pattern(tmp_path / "one.png")
+    image = pattern_image(tmp_path / "one.png")
     config = flow_config(steps=40, batch_size=2, learning_rate=1e-2, schedule="constant", rank=8, alpha=8.0)
     model = load_flux(tiny_flux.diffusers_dir, dtype="fp32")
     trainer = FlowTrainer(
@@ -427,7 +399,7 @@ def test_clip_l_lora_trains_with_t5_cached_and_dropped(tiny_flux, dataset, tmp_p
 def test_face_mask_weights_the_loss(tiny_flux, tmp_path):
     from charforge.engine.train.data import TrainItem
 
-    image = _pattern(tmp_path / "a.png")
+    image = pattern_image(tmp_path / "a.png")
     items = [TrainItem(str(image), "sks person", face_box=(0.0, 0.0, 24.0, 24.0))]
     losses = []
     for overrides in ({}, {"face_mask": True, "face_mask_margin": 0.0, "face_mask_background": 0.0}):

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from charforge.engine.control import Cancelled, Control
+from cf_testing.train_data import kohya_folder, stop_after, tiny_job_config
+from charforge.engine.control import Cancelled
 from charforge.engine.library.formats import read_lora
-from charforge.engine.train.config import TrainConfig, with_overrides
+from charforge.engine.train.config import with_overrides
 from charforge.engine.train.job import TrainRequest, train
 from charforge.engine.train.preflight import DeviceInfo, PreflightError
 
@@ -20,45 +21,8 @@ pytestmark = [pytest.mark.usefixtures("one_thread")]
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flow_job") / "img" / "2_sks person"
-    root.mkdir(parents=True)
-    yy, xx = np.mgrid[0:64, 0:64]
-    for name, shift in (("a", 0), ("b", 40)):
-        rgb = np.stack([(xx * 4 + shift) % 256, (yy * 4) % 256, ((xx + yy) * 2) % 256], -1).astype(np.uint8)
-        Image.fromarray(rgb).save(root / f"{name}.png")
-        (root / f"{name}.txt").write_text(f"sks person, photo {name}")
-    return root.parent
-
-
-def _config(**overrides):
-    base = {
-        "steps": 4,
-        "resolution": 64,
-        "bucket_step": 32,
-        "min_bucket": 32,
-        "rank": 4,
-        "alpha": 4.0,
-        "mixed_precision": "no",
-        "learning_rate": 1e-3,
-        "warmup_steps": 0,
-        "schedule": "constant",
-        "sample_every": 0,
-        "sample_steps": 2,
-        "checkpoint_every": 2,
-        "trigger_word": "sks",
-        "loss_every": 1,  # progress (and so the stop below) after every step
-    }
-    base.update(overrides)
-    return with_overrides(TrainConfig(), base)
-
-
-def _stop_after(steps: int) -> Control:
-    seen = {"step": 0}
-
-    def on_progress(done, total, text):
-        seen["step"] = done
-
-    return Control(on_progress=on_progress, should_stop=lambda: seen["step"] >= steps)
+    root = tmp_path_factory.mktemp("flow_job") / "img"
+    return kohya_folder(root, [f"sks person, photo {name}" for name in "ab"])
 
 
 def test_flux_job_from_comfyui_files_cancels_resumes_and_writes_a_kohya_lora(tiny_flux, dataset, tmp_path):
@@ -72,7 +36,7 @@ def test_flux_job_from_comfyui_files_cancels_resumes_and_writes_a_kohya_lora(tin
         dataset=str(dataset),
         runs_dir=str(tmp_path / "runs"),
         name="alice",
-        config=_config(),
+        config=tiny_job_config(),
         lora_dir=str(tmp_path / "loras"),
         config_dir=str(tiny_flux.diffusers_dir),
         tokenizer_dirs=(str(tiny_flux.clip_tokenizer_dir),),
@@ -80,7 +44,7 @@ def test_flux_job_from_comfyui_files_cancels_resumes_and_writes_a_kohya_lora(tin
         memory_profile="auto",
     )
     with pytest.raises(Cancelled, match="cancelled at step 2"):
-        train(request, _stop_after(2))
+        train(request, stop_after(2))
     status = json.loads((tmp_path / "runs" / "alice" / "status.json").read_text())
     assert status["state"] == "cancelled" and status["step"] == 2, status
     result = train(request)
@@ -129,7 +93,7 @@ def test_flux_step_flops_match_the_published_count():
     from charforge.engine.train.flow.preflight import step_flops
 
     model = _full_flux()
-    config = _config(resolution=1024, mixed_precision="bf16")
+    config = tiny_job_config(resolution=1024, mixed_precision="bf16")
     forward, step = step_flops(model, config)
     assert forward == pytest.approx(74.39e12, rel=1e-3)
     assert step == pytest.approx(163.59e12, rel=1e-3)  # 2 x linear + 3 x attention
@@ -141,7 +105,7 @@ def test_flux_preflight_picks_fp8_and_checkpointing_for_24_gb_and_refuses_with_n
     from charforge.engine.train.flow.preflight import flow_profile
 
     model = _full_flux()
-    config = _config(resolution=1024, rank=16, alpha=16.0, mixed_precision="bf16", steps=1000)
+    config = tiny_job_config(resolution=1024, rank=16, alpha=16.0, mixed_precision="bf16", steps=1000)
     card = DeviceInfo("cuda", "24 GB card", 24 * 2**30, 24 * 2**30, 160.0)
     chosen = flow_profile(model, config, "cuda", info=card)
     assert chosen.config.gradient_checkpointing and chosen.config.flow.fp8_base

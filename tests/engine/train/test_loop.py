@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cf_testing.train_data import kohya_folder, pattern_image, stop_after, tiny_train_config
 from charforge.engine.control import Cancelled, Control
 from charforge.engine.library.formats import read_lora
 from charforge.engine.train.config import TrainConfig, preset_config, with_overrides
@@ -32,42 +33,15 @@ pytestmark = [
 ]
 
 
-def _pattern(path, size=(64, 64), shift=0):
-    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
-    rgb = np.stack([(xx * 4 + shift) % 256, (yy * 4) % 256, ((xx + yy) * 2) % 256], -1).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "img"
-    _pattern(root / "2_sks person" / "a.png")
-    (root / "2_sks person" / "a.txt").write_text("sks person, red shirt, smiling")
-    _pattern(root / "2_sks person" / "b.png", shift=40)
-    (root / "2_sks person" / "b.txt").write_text("sks person, blue shirt")
-    return root
+    return kohya_folder(root, ["sks person, red shirt, smiling", "sks person, blue shirt"])
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    base = {
-        "steps": 6,
-        "resolution": 64,
-        "bucket_step": 32,
-        "min_bucket": 32,
-        "rank": 4,
-        "alpha": 4.0,
-        "mixed_precision": "no",
-        "learning_rate": 1e-3,
-        "warmup_steps": 0,
-        "sample_every": 0,
-        "sample_steps": 2,
-        "checkpoint_every": 0,
-        "loss_every": 1,  # a report per step: the cancel tests stop at a reported step (test_compile_ready: > 1)
-    }
-    base.update(overrides)
-    return with_overrides(TrainConfig(), base)
+    # a report per step: the cancel tests stop at a reported step (test_compile_ready: > 1)
+    return tiny_train_config(**{"steps": 6, "sample_steps": 2, "loss_every": 1, **overrides})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,7 +56,7 @@ def test_training_measurably_learns(arch, tiny_sd15, tiny_sdxl, tmp_path):
     transformer LoRA alone can hardly shape the output; it trains with the LoCon conv layers as well.
     """
     tiny = tiny_sd15 if arch == "sd15" else tiny_sdxl
-    image = _pattern(tmp_path / "one.png")
+    image = pattern_image(tmp_path / "one.png")
     extra = {"conv_rank": 4, "conv_alpha": 4.0} if arch == "sdxl" else {}
     config = tiny_config(
         steps=20, batch_size=2, learning_rate=1e-2, schedule="constant", rank=8, alpha=8.0, **extra
@@ -103,7 +77,7 @@ def test_training_measurably_learns(arch, tiny_sd15, tiny_sdxl, tmp_path):
 
 
 def test_masked_loss_weights_pixels(tiny_sd15, tmp_path):
-    image = _pattern(tmp_path / "img" / "1_x" / "a.png")
+    image = pattern_image(tmp_path / "img" / "1_x" / "a.png")
     config = tiny_config(masked_loss=True)
     model = load_base_model(tiny_sd15.diffusers_dir)
     data = TrainingData.prepare(read_kohya_folder(tmp_path / "img"), config.data)
@@ -122,7 +96,7 @@ def test_masked_loss_weights_pixels(tiny_sd15, tmp_path):
 
 
 def test_face_mask_weights_the_face(tiny_sd15, tmp_path):
-    image = _pattern(tmp_path / "a.png")
+    image = pattern_image(tmp_path / "a.png")
     items = [TrainItem(str(image), "sks person", face_box=(0.0, 0.0, 24.0, 24.0))]
     losses = []
     for overrides in ({}, {"face_mask": True, "face_mask_margin": 0.0, "face_mask_background": 0.0}):
@@ -227,15 +201,6 @@ def _request(tiny, dataset, runs_dir, config, **kwargs):
     )
 
 
-def _stop_after(steps: int) -> Control:
-    seen = {"step": 0}
-
-    def on_progress(done, total, text):
-        seen["step"] = done
-
-    return Control(on_progress=on_progress, should_stop=lambda: seen["step"] >= steps)
-
-
 def test_cancel_leaves_a_state_that_resumes_and_resumes_accumulate(tiny_sd15, dataset, tmp_path):
     config = tiny_config(steps=6, dropout=0.1, flip=True, trigger_word="sks", schedule="constant")
     reference = train(
@@ -246,7 +211,7 @@ def test_cancel_leaves_a_state_that_resumes_and_resumes_accumulate(tiny_sd15, da
     runs = tmp_path / "b"
     for stop in (2, 4):
         with pytest.raises(Cancelled, match=f"cancelled at step {stop}; queue it again to resume") as caught:
-            train(_request(tiny_sd15, dataset, runs, config), _stop_after(stop))
+            train(_request(tiny_sd15, dataset, runs, config), stop_after(stop))
         assert str(runs / "alice") in str(caught.value)
         folder = RunFolder(runs / "alice")
         status = folder.read_status()
@@ -301,7 +266,7 @@ def test_resume_keeps_its_run_when_the_memory_profile_changes(tiny_sd15, dataset
 
     monkeypatch.setattr(preflight, "device_info", lambda *args, **kwargs: roomy)
     with pytest.raises(Cancelled):
-        train(_request(tiny_sd15, dataset, tmp_path, config, memory_profile="auto"), _stop_after(2))
+        train(_request(tiny_sd15, dataset, tmp_path, config, memory_profile="auto"), stop_after(2))
     assert not RunFolder(tmp_path / "alice").read_config()["config"]["gradient_checkpointing"]
     monkeypatch.setattr(preflight, "device_info", lambda *args, **kwargs: tight)
     result = train(_request(tiny_sd15, dataset, tmp_path, config, memory_profile="auto"))
@@ -416,7 +381,7 @@ def test_presets_and_overrides():
 
 
 def test_long_captions_train_with_150_tokens(tiny_sdxl, tmp_path):
-    image = _pattern(tmp_path / "a.png")
+    image = pattern_image(tmp_path / "a.png")
     caption = "sks person, " + ", ".join(["red dress"] * 60)  # well past 75 tokens
     config = tiny_config(steps=2, max_token_length=150)
     model = load_base_model(tiny_sdxl.diffusers_dir)

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from cf_testing.sd3_models import build_tiny_sd3
-from charforge.engine.control import Cancelled, Control
+from cf_testing.train_data import kohya_folder, stop_after, tiny_job_config
+from charforge.engine.control import Cancelled
 from charforge.engine.library.formats import read_lora
 from charforge.engine.train.config import TrainConfig, with_overrides
 from charforge.engine.train.job import TrainRequest, train
@@ -25,46 +26,12 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd3_job") / "img" / "2_sks person"
-    root.mkdir(parents=True)
-    yy, xx = np.mgrid[0:64, 0:64]
-    for name, shift in (("a", 0), ("b", 40)):
-        rgb = np.stack([(xx * 4 + shift) % 256, (yy * 4) % 256, ((xx + yy) * 2) % 256], -1).astype(np.uint8)
-        Image.fromarray(rgb).save(root / f"{name}.png")
-        (root / f"{name}.txt").write_text(f"a photo of sks person, photo {name}")
-    return root.parent
-
-
-def _stop_after(steps: int) -> Control:
-    seen = {"step": 0}
-
-    def on_progress(done, total, text):
-        seen["step"] = done
-
-    return Control(on_progress=on_progress, should_stop=lambda: seen["step"] >= steps)
+    root = tmp_path_factory.mktemp("sd3_job") / "img"
+    return kohya_folder(root, [f"a photo of sks person, photo {name}" for name in "ab"])
 
 
 def test_sd35_job_from_comfyui_files_cancels_resumes_and_writes_a_kohya_lora(tiny, dataset, tmp_path):
-    config = with_overrides(
-        TrainConfig(),
-        {
-            "steps": 4,
-            "resolution": 64,
-            "bucket_step": 32,
-            "min_bucket": 32,
-            "rank": 4,
-            "alpha": 4.0,
-            "mixed_precision": "no",
-            "learning_rate": 1e-3,
-            "warmup_steps": 0,
-            "schedule": "constant",
-            "sample_every": 0,
-            "sample_steps": 2,
-            "checkpoint_every": 2,
-            "trigger_word": "sks",
-            "loss_every": 1,  # progress (and so the stop below) after every step
-        },
-    )
+    config = tiny_job_config()
     request = TrainRequest(
         base_model=str(tiny.mmdit),
         parts={
@@ -84,7 +51,7 @@ def test_sd35_job_from_comfyui_files_cancels_resumes_and_writes_a_kohya_lora(tin
         memory_profile="auto",
     )
     with pytest.raises(Cancelled, match="cancelled at step 2"):
-        train(request, _stop_after(2))
+        train(request, stop_after(2))
     status = json.loads((tmp_path / "runs" / "alice" / "status.json").read_text())
     assert status["state"] == "cancelled" and status["step"] == 2, status
     result = train(request)

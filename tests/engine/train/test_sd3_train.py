@@ -11,13 +11,13 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cf_testing.sd3_models import build_tiny_sd3
+from cf_testing.train_data import kohya_folder, pattern_image, tiny_train_config
 from charforge.engine.library import flow_layouts
 from charforge.engine.library.formats import read_lora
 from charforge.engine.models import sd3_files
-from charforge.engine.train.config import TrainConfig, with_overrides
+from charforge.engine.train.config import TrainConfig
 from charforge.engine.train.data import TrainingData, items_from_pairs, prepare_image, read_kohya_folder
 from charforge.engine.train.export import lora_metadata
 from charforge.engine.train.flow import sd3
@@ -30,14 +30,6 @@ pytestmark = [pytest.mark.usefixtures("one_thread")]  # cf_testing/threads.py
 SIGMAS = [0.1, 0.3, 0.5, 0.7, 0.9]
 
 
-def _pattern(path, size=(64, 64), shift=0):
-    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
-    rgb = np.stack([(xx * 4 + shift) % 256, (yy * 4) % 256, ((xx + yy) * 2) % 256], -1).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return build_tiny_sd3(tmp_path_factory.mktemp("sd3"), "sd35-medium")
@@ -46,30 +38,11 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd3_data") / "img"
-    _pattern(root / "2_sks person" / "a.png")
-    (root / "2_sks person" / "a.txt").write_text("a photo of sks person smiling")
-    _pattern(root / "2_sks person" / "b.png", shift=40)
-    (root / "2_sks person" / "b.txt").write_text("sks person in the park")
-    return root
+    return kohya_folder(root, ["a photo of sks person smiling", "sks person in the park"])
 
 
 def sd3_config(**overrides) -> TrainConfig:
-    base = {
-        "steps": 4,
-        "resolution": 64,
-        "bucket_step": 32,
-        "min_bucket": 32,
-        "rank": 4,
-        "alpha": 4.0,
-        "mixed_precision": "no",
-        "learning_rate": 1e-3,
-        "warmup_steps": 0,
-        "sample_every": 0,
-        "checkpoint_every": 0,
-        "min_snr_gamma": 0.0,
-    }
-    base.update(overrides)
-    return with_overrides(TrainConfig(), base)
+    return tiny_train_config(**{"min_snr_gamma": 0.0, **overrides})
 
 
 def _trainer(tiny, dataset, config):
@@ -80,7 +53,7 @@ def _trainer(tiny, dataset, config):
 
 
 def test_training_measurably_learns(tiny, tmp_path):
-    image = _pattern(tmp_path / "one.png")
+    image = pattern_image(tmp_path / "one.png")
     config = sd3_config(steps=40, batch_size=2, learning_rate=1e-2, schedule="constant", rank=8, alpha=8.0)
     model = sd3.load_sd3(tiny.diffusers_dir, dtype="fp32")
     data = TrainingData.prepare(items_from_pairs([(str(image), "a photo of sks person")]), config.data)

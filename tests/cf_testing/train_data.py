@@ -1,0 +1,82 @@
+"""What the trainer tests share: a patterned picture, a two-picture kohya folder, the tiny run settings, a stop.
+
+The trainers (U-Net loop, Flux.1, SD3) are tested on the same small set-up: 64 px patterned pictures (smooth,
+so a few steps measurably learn them) in one ``2_sks person`` concept folder, rank-4 LoRA, fp32, no samples
+or checkpoints unless a test asks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from charforge.engine.control import Control
+from charforge.engine.train.config import TrainConfig, with_overrides
+
+#: the settings every tiny training test starts from (a test's own keys go on top)
+TINY_TRAIN: dict[str, Any] = {
+    "steps": 4,
+    "resolution": 64,
+    "bucket_step": 32,
+    "min_bucket": 32,
+    "rank": 4,
+    "alpha": 4.0,
+    "mixed_precision": "no",
+    "learning_rate": 1e-3,
+    "warmup_steps": 0,
+    "sample_every": 0,
+    "checkpoint_every": 0,
+}
+
+
+#: a whole job's extras on top: 2-step samples, a checkpoint every 2 steps, progress (so a stop) every step
+TINY_JOB: dict[str, Any] = {
+    "schedule": "constant",
+    "sample_steps": 2,
+    "checkpoint_every": 2,
+    "trigger_word": "sks",
+    "loss_every": 1,
+}
+
+
+def pattern_image(path: Path, size: tuple[int, int] = (64, 64), shift: int = 0) -> Path:
+    """Write a smooth RGB pattern (``shift`` moves the red ramp) to ``path``, making its folder."""
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
+    rgb = np.stack([(xx * 4 + shift) % 256, (yy * 4) % 256, ((xx + yy) * 2) % 256], -1).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def kohya_folder(root: Path, captions: Sequence[str], concept: str = "2_sks person") -> Path:
+    """A kohya dataset below ``root``: ``root/<concept>/a.png, a.txt, b.png, ...`` (patterns shifted by 40
+    per picture), one caption per picture. Returns ``root``."""
+    for index, caption in enumerate(captions):
+        name = chr(ord("a") + index)
+        pattern_image(root / concept / f"{name}.png", shift=40 * index)
+        (root / concept / f"{name}.txt").write_text(caption)
+    return root
+
+
+def tiny_train_config(**overrides: Any) -> TrainConfig:
+    """``TrainConfig`` with :data:`TINY_TRAIN` and then ``overrides``."""
+    return with_overrides(TrainConfig(), {**TINY_TRAIN, **overrides})
+
+
+def tiny_job_config(**overrides: Any) -> TrainConfig:
+    """``TrainConfig`` with :data:`TINY_TRAIN`, :data:`TINY_JOB` and then ``overrides``."""
+    return tiny_train_config(**{**TINY_JOB, **overrides})
+
+
+def stop_after(steps: int) -> Control:
+    """A Control that asks to stop once progress has reported ``steps`` done."""
+    seen = {"step": 0}
+
+    def on_progress(done, total, text):
+        seen["step"] = done
+
+    return Control(on_progress=on_progress, should_stop=lambda: seen["step"] >= steps)
