@@ -130,7 +130,12 @@ def _rules(
     max_tokens,
     tokenizer,
     deduplicate=True,
+    *,
+    resolve=resolve_tokenizer,
+    **more,
 ):
+    """The rules from the rule widgets; ``resolve`` turns the tokenizer widget into a folder (or None),
+    ``more`` are further CaptionRules fields (text_encoder, sentences)."""
     from ..engine.caption.postprocess import CaptionRules, split_list
 
     return CaptionRules(
@@ -142,8 +147,44 @@ def _rules(
         style_tags=split_list(style_tags),
         deduplicate=deduplicate,
         max_tokens=int(max_tokens),
-        tokenizer=resolve_tokenizer(tokenizer),
+        tokenizer=resolve(tokenizer),
+        **more,
     )
+
+
+def _mode_input() -> tuple:
+    """The dataset captioners' mode widget (what to do with photos that have a caption)."""
+    from ..engine.caption.dataset import MODES
+
+    return (
+        list(MODES),
+        {
+            "default": MODES[0],
+            "tooltip": "skip existing: leave photos that already have a caption alone. overwrite: caption "
+            "every photo anew. append: add the new caption after the existing one.",
+        },
+    )
+
+
+def _caption_run(dataset, captioner, rules, mode, node_id, label: str, settings: dict, notes=()):
+    """Caption ``dataset`` with ``captioner`` (closed afterwards, also on cancel), record the stage and
+    answer as the dataset captioners do: the report shown and (dataset, report)."""
+    from ..engine.caption.dataset import caption_dataset
+
+    try:
+        run = caption_dataset(
+            dataset,
+            captioner,
+            rules,
+            mode=mode,
+            batch_size=captioner.batch_size,
+            on_image=_stage_progress(node_id, label),
+        )
+    finally:
+        captioner.close()  # free the model even when cancelled
+    run.notes.extend(notes)
+    text = _finish(run.manifest, "caption", settings, run.summary)
+    return {"ui": {"text": [text]}, "result": (run.manifest, run.summary)}
 
 
 class CaptionRules:
@@ -247,21 +288,13 @@ class CaptionDataset:
     @classmethod
     def INPUT_TYPES(cls):
         from ..engine.caption.backends.openai_compat import DEFAULT_PROMPT
-        from ..engine.caption.dataset import MODES
 
         return {
             "required": {
                 "dataset": (DATASET, {"tooltip": "The dataset from Load/Crop/Augment Dataset."}),
                 "backend": (list(BACKENDS), {"default": BACKENDS[0], "tooltip": BACKEND_TOOLTIP}),
                 "model": _model_input(),
-                "mode": (
-                    list(MODES),
-                    {
-                        "default": MODES[0],
-                        "tooltip": "skip existing: leave photos that already have a caption alone. overwrite: caption "
-                        "every photo anew. append: add the new caption after the existing one.",
-                    },
-                ),
+                "mode": _mode_input(),
                 **_rule_inputs(),
                 "batch_size": (
                     "INT",
@@ -357,23 +390,10 @@ class CaptionDataset:
         node_id=None,
         **options,
     ):
-        from ..engine.caption.dataset import caption_dataset
-
         rules = _rules(
             trigger, class_tokens, template, keep_tokens, banned_words, style_tags, max_tokens, tokenizer
         )
         captioner = make_captioner(backend, model, batch_size, **options)
-        try:
-            run = caption_dataset(
-                dataset,
-                captioner,
-                rules,
-                mode=mode,
-                batch_size=captioner.batch_size,
-                on_image=_stage_progress(node_id, "caption dataset"),
-            )
-        finally:
-            captioner.close()  # free the model even when cancelled
         settings = {
             "backend": backend,
             "model": model,
@@ -383,8 +403,7 @@ class CaptionDataset:
             "template": template,
             "max_tokens": max_tokens,
         }
-        text = _finish(run.manifest, "caption", settings, run.summary)
-        return {"ui": {"text": [text]}, "result": (run.manifest, run.summary)}
+        return _caption_run(dataset, captioner, rules, mode, node_id, "caption dataset", settings)
 
 
 def _model_input():

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 
 from .. import bridge
-from .caption import CATEGORY, PRECISIONS, _rule_inputs, resolve_tokenizer
-from .dataset import DATASET, _finish, _stage_progress
+from .caption import CATEGORY, PRECISIONS, _caption_run, _mode_input, _rule_inputs, _rules, resolve_tokenizer
+from .dataset import DATASET
 
 SENTENCE_TEMPLATE = "{trigger} {class}, {caption}"
 T5_TOKENIZER = "comfy/text_encoders/t5_tokenizer"  # ComfyUI's own copy of T5's vocabulary
@@ -63,7 +63,6 @@ class CaptionDatasetVLM:
     @classmethod
     def INPUT_TYPES(cls):
         from ..engine.caption.backends.vlm import DEFAULT_STYLE, STYLES
-        from ..engine.caption.dataset import MODES
         from ..engine.caption.postprocess import T5_CAPTION_TOKENS, TEXT_ENCODERS
 
         rules = _rule_inputs()
@@ -87,14 +86,7 @@ class CaptionDatasetVLM:
                         "A prompt below replaces the style's instruction.",
                     },
                 ),
-                "mode": (
-                    list(MODES),
-                    {
-                        "default": MODES[0],
-                        "tooltip": "skip existing: leave photos that already have a caption alone. overwrite: "
-                        "caption every photo anew. append: add the new caption after the existing one.",
-                    },
-                ),
+                "mode": _mode_input(),
                 "trigger": rules["trigger"],
                 "class_tokens": rules["class_tokens"],
                 "template": (
@@ -225,18 +217,17 @@ class CaptionDatasetVLM:
         node_id=None,
     ):
         from ..engine.caption.backends.vlm import VLMCaptioner, VLMSettings
-        from ..engine.caption.dataset import caption_dataset
-        from ..engine.caption.postprocess import CaptionRules, split_list
 
-        rules = CaptionRules(
-            trigger=trigger.strip(),
-            class_tokens=class_tokens.strip(),
-            template=template,
-            keep_tokens=split_list(keep_tokens),
-            banned_words=split_list(banned_words),
-            style_tags=split_list(style_tags),
-            max_tokens=int(max_tokens),
-            tokenizer=resolve_counting_tokenizer(tokenizer, text_encoder),
+        rules = _rules(
+            trigger,
+            class_tokens,
+            template,
+            keep_tokens,
+            banned_words,
+            style_tags,
+            max_tokens,
+            tokenizer,
+            resolve=lambda value: resolve_counting_tokenizer(value, text_encoder),
             text_encoder=text_encoder,
             sentences=True,
         )
@@ -254,18 +245,6 @@ class CaptionDatasetVLM:
         captioner = VLMCaptioner(
             model, settings, control=bridge.control(node_id=node_id, label="caption (vlm)")
         )
-        try:
-            run = caption_dataset(
-                dataset,
-                captioner,
-                rules,
-                mode=mode,
-                batch_size=captioner.batch_size,
-                on_image=_stage_progress(node_id, "caption dataset (vlm)"),
-            )
-        finally:
-            captioner.close()  # free the model even when cancelled
-        run.notes.append(_counting_note(rules))
         settings_record = {
             "backend": "vlm",
             "model": model,
@@ -277,8 +256,10 @@ class CaptionDatasetVLM:
             "max_tokens": max_tokens,
             "text_encoder": text_encoder,
         }
-        text = _finish(run.manifest, "caption", settings_record, run.summary)
-        return {"ui": {"text": [text]}, "result": (run.manifest, run.summary)}
+        notes = [_counting_note(rules)]
+        return _caption_run(
+            dataset, captioner, rules, mode, node_id, "caption dataset (vlm)", settings_record, notes
+        )
 
 
 NODE_CLASS_MAPPINGS = {"CharForgeCaptionDatasetVLM": CaptionDatasetVLM}
