@@ -24,6 +24,7 @@ compressor). `beat_prompt_schedule` writes a prompt-travel text with a keyframe 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -283,6 +284,27 @@ def feature_schedule(features: AudioFeatures, mapping: ScheduleMapping) -> np.nd
 def schedule_text(values: np.ndarray, decimals: int = 3) -> str:
     """``frame: value`` lines, one per frame (the keyframed-value form other schedule nodes read)."""
     return "\n".join(f"{i}: {float(v):.{decimals}f}" for i, v in enumerate(values))
+
+
+_VALUE_LINE = re.compile(r'\s*"?(\d+)"?\s*:\s*\(?\s*(-?[0-9.]+(?:[eE]-?\d+)?)\s*\)?\s*,?\s*')
+
+
+def parse_value_schedule(text: str, frames: int) -> list[float]:
+    """One value per frame from ``frame: value`` lines (what `schedule_text` writes; ``"4": (0.5),`` too).
+
+    Between keyframes the value changes linearly; before the first and after the last it is held."""
+    points: dict[int, float] = {}
+    for number, line in enumerate((text or "").splitlines(), 1):
+        if not line.strip() or line.strip() in ("{", "}"):
+            continue
+        match = _VALUE_LINE.fullmatch(line)
+        if not match:
+            raise ValueError(f"value schedule line {number} is not '<frame>: <value>': {line.strip()!r}")
+        points[int(match.group(1))] = float(match.group(2))
+    if not points:
+        raise ValueError("the value schedule has no keyframes ('<frame>: <value>' lines)")
+    keys = sorted(points)
+    return [float(v) for v in np.interp(np.arange(frames), keys, [points[k] for k in keys])]
 
 
 def beat_keyframes(features: AudioFeatures, every: int = 1, offset: int = 0) -> list[int]:

@@ -53,6 +53,8 @@ class VideoRequest:
     context: ContextOptions = field(default_factory=ContextOptions)
     init_frames: torch.Tensor | None = None
     strength: float = 0.75
+    # With init frames: one strength per frame instead of `strength` (e.g. from music, engine/video/audio_features).
+    frame_strengths: list[float] | None = None
 
     def validate(self, scale: int = 8) -> None:
         if not 1 <= self.frames <= MAX_FRAMES:
@@ -64,6 +66,14 @@ class VideoRequest:
             raise ValueError(f"steps must be at least 1 (got {self.steps})")
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1] (got {self.strength})")
+        if self.frame_strengths is not None:
+            if len(self.frame_strengths) != self.frames:
+                raise ValueError(
+                    f"frame_strengths has {len(self.frame_strengths)} values for {self.frames} frames (one per frame)"
+                )
+            bad = [s for s in self.frame_strengths if not 0.0 < s <= 1.0]
+            if bad:
+                raise ValueError(f"frame strengths must be in (0, 1]; got {bad[:5]}")
         if self.clip_skip < 1:
             raise ValueError(f"clip_skip counts from 1 (the last layer); got {self.clip_skip}")
 
@@ -321,8 +331,11 @@ def generate_video(model: VideoModel, request: VideoRequest, control: Control | 
         request.width // scale,
     )
     noise = _noise(request.seed, shape).to(model.device)
-    if request.init_frames is not None and request.strength < 1.0:
-        keep = min(int(request.steps * request.strength), request.steps)
+    per_frame = request.frame_strengths if request.init_frames is not None else None
+    strength = max(per_frame) if per_frame else request.strength
+    held: torch.Tensor | None = None  # per frame: timesteps it waits at the init frames before it is redrawn
+    if request.init_frames is not None and (strength < 1.0 or per_frame):
+        keep = min(int(request.steps * strength), request.steps)
         begin = (request.steps - keep) * scheduler.order
         timesteps = timesteps[begin:]
         if hasattr(scheduler, "set_begin_index"):
@@ -330,6 +343,11 @@ def generate_video(model: VideoModel, request: VideoRequest, control: Control | 
         pixels = _fit_frames(request.init_frames, request.frames, request.width, request.height)
         init_latents = encode_frames(model, pixels).float()
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1]) if len(timesteps) else init_latents
+        if per_frame:
+            # A frame with less strength starts later: until its step it is the init frame noised to the current
+            # timestep (as inpainting holds the unmasked area), and the frames being redrawn see it meanwhile.
+            own = [min(int(request.steps * s), request.steps) for s in per_frame]
+            held = torch.tensor([(keep - k) * scheduler.order for k in own])
     else:
         latents = noise * scheduler.init_noise_sigma
     # Latents and scheduler arithmetic stay in float32; only the U-Net runs in the model's dtype.
@@ -348,7 +366,13 @@ def generate_video(model: VideoModel, request: VideoRequest, control: Control | 
 
     with torch.inference_mode():
         # The U-Net gets each timestep as a device tensor (a CPU one would be copied over, and wait, every call).
-        for t, t_device in zip(timesteps, timesteps.to(model.device), strict=True):
+        for index, (t, t_device) in enumerate(zip(timesteps, timesteps.to(model.device), strict=True)):
+            if held is not None and bool((held > index).any()):
+                waiting = torch.nonzero(held > index).flatten().to(model.device)
+                renoised = scheduler.add_noise(
+                    init_latents.index_select(2, waiting), noise.index_select(2, waiting), t.reshape(1)
+                )
+                latents = latents.index_copy(2, waiting, renoised)
             scaled = scheduler.scale_model_input(latents, t).to(model.dtype)
             prediction = torch.zeros(latents.shape, dtype=torch.float32, device=model.device)
             coverage = torch.zeros(request.frames, dtype=torch.float32, device=model.device)
@@ -363,6 +387,11 @@ def generate_video(model: VideoModel, request: VideoRequest, control: Control | 
             latents = scheduler.step(prediction, t, latents, **extra).prev_sample
             done += 1
             control.progress(done, total)
+        if held is not None and bool(
+            (held >= len(timesteps)).any()
+        ):  # frames never redrawn stay the init frames
+            kept = torch.nonzero(held >= len(timesteps)).flatten().to(model.device)
+            latents = latents.index_copy(2, kept, init_latents.index_select(2, kept))
 
         def decoded_chunk() -> None:
             nonlocal done
