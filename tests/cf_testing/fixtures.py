@@ -130,3 +130,13 @@ def comfy_with_faces(comfy_env, face_pack_models):
     shutil.copytree(face_pack_models, comfy_env.base_dir / "models" / "insightface")
     yield comfy_env
     FaceAnalyzer.clear_cache()
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A real S3-compatible server (moto, fakes/moto_s3.py) on loopback for one test module; its endpoint URL."""
+    pytest.importorskip("moto")
+    from fakes.moto_s3 import moto_s3
+
+    with moto_s3() as endpoint:
+        yield endpoint

@@ -6,7 +6,6 @@ again."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import time
@@ -20,6 +19,7 @@ from fakes.train_lora import (
     NAMES,
     Stall,
     add_train_node,
+    check_lora_home,
     lora_bytes,
     training_server,
     training_sweep,
@@ -38,31 +38,10 @@ def check_home(fake: FakeComfyServer, out: Path) -> None:
     folders = job_folders(out)
     assert sorted(folders) == NAMES
     for name, folder in folders.items():
-        lora = folder / "lora" / f"{name}.safetensors"
-        assert lora.read_bytes() == (fake.root / "models" / "loras" / f"{name}.safetensors").read_bytes()
-        run = folder / "lora" / "run" / name
-        assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()) == [
-            "loss.png",
-            f"{name}.safetensors",
-            "samples/step_000004_0.png",
-            "status.json",
-        ]
-        manifest = json.loads((folder / "manifest.json").read_text())
-        [training] = manifest["training"]
-        assert training["state"] == "home" and training["lora"] == f"{name}.safetensors"
+        training = check_lora_home(folder, name, fake.root)
         assert (
             training["lora_path"] == f"lora/{name}.safetensors" and training["run_path"] == f"lora/run/{name}"
         )
-        assert training["lora_sha256"] == hashlib.sha256(lora_bytes(name)).hexdigest()
-        listed = {f["path"]: f for f in manifest["files"]}
-        on_disk = {
-            p.relative_to(folder).as_posix()
-            for p in folder.rglob("*")
-            if p.is_file() and p.name != "manifest.json"
-        }
-        assert set(listed) == on_disk  # the outputs (the loss curve shown) and everything that came home
-        for rel, entry in listed.items():
-            assert entry["sha256"] == hashlib.sha256((folder / rel).read_bytes()).hexdigest()
         assert not list(folder.rglob("*.part"))
 
 

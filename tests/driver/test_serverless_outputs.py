@@ -9,19 +9,19 @@ and listed in the manifest."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fakes.comfy_server import FakeComfyServer
-from fakes.moto_s3 import ACCESS_KEY, SECRET_KEY, moto_s3, use_s3
-from fakes.runpod_api import FakeRunPod, RunPodKnobs
+from fakes.moto_s3 import ACCESS_KEY, SECRET_KEY
+from fakes.runpod_api import FakeRunPod
+from fakes.serverless_worker import serverless_endpoint
 from fakes.storage_outputs import add_output_nodes, video_story_graph
 from fakes.train_lora import add_store_node, add_train_node, lora_bytes
 
-from charforge.driver import cli
+from cf_testing.cli import run_driver_cli
 
 pytest.importorskip("boto3")
 pytest.importorskip("moto")
@@ -31,37 +31,15 @@ OUTPUTS = "CharForgeSendOutputsToStorage"
 FRAMES = [f"frame_{i:02d}.png" for i in range(1, 5)]
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with moto_s3() as endpoint:
-        yield endpoint
-
-
 @pytest.fixture
 def worker(
     comfy_env, monkeypatch, tmp_path, s3_endpoint
 ) -> Iterator[tuple[FakeRunPod, FakeComfyServer, str]]:
     """A serverless endpoint ``ep1`` whose worker runs the real Save Video, Storyboard Sheet and Send Outputs to
     Storage; the driver's and the worker's AWS variables point at moto."""
-    bucket = use_s3(monkeypatch, s3_endpoint, str(tmp_path))
-    with FakeComfyServer(root=comfy_env.base_dir) as comfy:
-        add_output_nodes(comfy)
-        add_train_node(comfy)
-        add_store_node(comfy)
-        with FakeRunPod(knobs=RunPodKnobs(proxy_timeout=1.0, ws_idle_timeout=1.0)) as runpod:
-            runpod.add_endpoint("ep1", comfy)
-            for name, value in runpod.env().items():
-                monkeypatch.setenv(name, value)
-            for name in ("CHARFORGE_SERVER", "CHARFORGE_PROFILE", "CHARFORGE_TOKEN"):
-                monkeypatch.delenv(name, raising=False)
-            monkeypatch.setenv("CHARFORGE_CONFIG", str(tmp_path / "none.yaml"))
-            yield runpod, comfy, bucket
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.main(list(argv), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
+    nodes = (add_output_nodes, add_train_node, add_store_node)
+    with serverless_endpoint(monkeypatch, tmp_path, s3_endpoint, comfy_env.base_dir, *nodes) as endpoint:
+        yield endpoint
 
 
 def _files(folder: Path) -> set[str]:
@@ -99,7 +77,7 @@ def test_run_brings_a_video_and_a_storyboard_folder_home_through_storage(worker,
     monkeypatch.setenv("CHARFORGE_SERVERLESS_RESULTS", f"s3://{bucket}/results")
     (tmp_path / "story.json").write_text(json.dumps(video_story_graph()))
     out = tmp_path / "out"
-    code, stdout, err = run_cli(
+    code, stdout, err = run_driver_cli(
         "run", str(tmp_path / "story.json"), "--server", "runpod-serverless:ep1", "--out", str(out)
     )
     assert code == 0, err
@@ -142,7 +120,7 @@ def test_run_of_a_training_job_brings_the_lora_and_run_folder_home_with_the_vide
     graph["9"] = {"class_type": "CharForgeTrainLoRA", "inputs": {"output_name": "pip", "steps": 4}}
     (tmp_path / "train.json").write_text(json.dumps(graph))
     out = tmp_path / "out"
-    code, _, err = run_cli(
+    code, _, err = run_driver_cli(
         "run", str(tmp_path / "train.json"), "--server", "runpod-serverless:ep1", "--out", str(out)
     )
     assert code == 0, err
@@ -167,7 +145,9 @@ def test_batch_brings_each_jobs_files_home_and_a_rerun_downloads_nothing(worker,
         json.dumps({"workflow": "story.json", "axes": {"seed": {"set": "Frames.seed", "values": [0, 1]}}})
     )
     out = tmp_path / "out"
-    code, _, err = run_cli("batch", "run", str(spec), "--server", "runpod-serverless:ep1", "--out", str(out))
+    code, _, err = run_driver_cli(
+        "batch", "run", str(spec), "--server", "runpod-serverless:ep1", "--out", str(out)
+    )
     assert code == 0, err
     assert len(runpod.run_bodies) == 2
     folders = sorted(p.parent for p in out.glob("*/manifest.json"))
@@ -181,7 +161,9 @@ def test_batch_brings_each_jobs_files_home_and_a_rerun_downloads_nothing(worker,
     assert len(videos) == 2  # two seeds, two videos
 
     stamps = {p: p.stat().st_mtime_ns for folder in folders for p in folder.rglob("*") if p.is_file()}
-    code, _, err = run_cli("batch", "run", str(spec), "--server", "runpod-serverless:ep1", "--out", str(out))
+    code, _, err = run_driver_cli(
+        "batch", "run", str(spec), "--server", "runpod-serverless:ep1", "--out", str(out)
+    )
     assert code == 0, err
     assert len(runpod.run_bodies) == 2  # nothing sent again
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing downloaded or rewritten
@@ -195,7 +177,7 @@ def test_a_worker_that_returns_one_image_still_brings_every_file_home(worker, tm
     monkeypatch.setenv("CHARFORGE_SERVERLESS_RESULTS", f"s3://{bucket}/results")
     (tmp_path / "story.json").write_text(json.dumps(video_story_graph()))
     out = tmp_path / "out"
-    code, _, err = run_cli(
+    code, _, err = run_driver_cli(
         "run", str(tmp_path / "story.json"), "--server", "runpod-serverless:ep1", "--out", str(out)
     )
     assert code == 0, err
@@ -212,7 +194,7 @@ def test_without_a_results_location_the_job_runs_and_says_what_stays_on_the_work
     monkeypatch.delenv("CHARFORGE_SERVERLESS_RESULTS", raising=False)
     (tmp_path / "story.json").write_text(json.dumps(video_story_graph()))
     out = tmp_path / "out"
-    code, _, err = run_cli(
+    code, _, err = run_driver_cli(
         "run", str(tmp_path / "story.json"), "--server", "runpod-serverless:ep1", "--out", str(out)
     )
     assert code == 0, err
@@ -287,7 +269,7 @@ def test_a_stored_file_whose_bytes_do_not_match_is_refused(worker, tmp_path, mon
     monkeypatch.setattr(storage, "s3_client", corrupting_client)
     (tmp_path / "story.json").write_text(json.dumps(video_story_graph()))
     out = tmp_path / "out"
-    code, _, err = run_cli(
+    code, _, err = run_driver_cli(
         "run", str(tmp_path / "story.json"), "--server", "runpod-serverless:ep1", "--out", str(out)
     )
     assert code != 0 and "do not match" in err and "CharForge_00001_.mp4" in err

@@ -183,3 +183,30 @@ def training_server(comfy_env, monkeypatch, stall: Stall | None = None) -> Itera
     with transfer_server(comfy_env) as fake:
         add_train_node(fake)
         yield fake
+
+
+def check_lora_home(folder: Path, name: str, server_root: Path) -> dict:
+    """Job folder `folder` holds LoRA `name` (the stand-in's bytes, as on the server under `server_root`) and its
+    run folder (loss curve, LoRA, the sample, status), every file in its manifest with its sha256; returns the
+    manifest's one training record (state "home")."""
+    lora = folder / "lora" / f"{name}.safetensors"
+    assert (
+        lora.read_bytes() == lora_bytes(name) == (server_root / "models" / "loras" / lora.name).read_bytes()
+    )
+    run = folder / "lora" / "run" / name
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()) == [
+        "loss.png",
+        f"{name}.safetensors",
+        "samples/step_000004_0.png",
+        "status.json",
+    ]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    [training] = manifest["training"]
+    assert training["state"] == "home" and training["lora"] == f"{name}.safetensors"
+    assert training["lora_sha256"] == hashlib.sha256(lora_bytes(name)).hexdigest()
+    listed = {f["path"]: f for f in manifest["files"]}
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(listed) == on_disk  # the outputs (the loss curve shown) and everything that came home
+    for rel, entry in listed.items():
+        assert entry["sha256"] == hashlib.sha256((folder / rel).read_bytes()).hexdigest()
+    return training

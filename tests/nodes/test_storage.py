@@ -5,20 +5,13 @@ refused with the reason, and the receipt image holds the text the driver reads b
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakes.moto_s3 import ACCESS_KEY, SECRET_KEY, moto_s3, use_s3
+from fakes.moto_s3 import ACCESS_KEY, SECRET_KEY, use_s3
 
 pytest.importorskip("boto3")
 pytest.importorskip("moto")
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with moto_s3() as endpoint:
-        yield endpoint
 
 
 def _run(tmp_path: Path):
