@@ -201,14 +201,13 @@ class _Reporter:
         self.run = run
         self._last_event = 0.0
 
+    def step_done(self, step: int, total: int) -> None:
+        """A training step finished (its loss is read back later): the progress bar moves and a stop lands."""
+        self.control.progress(step, total)
+
     def __call__(self, event: dict[str, Any]) -> None:
         training = event.get("phase") == "training"
-        if training:
-            self.control.progress(
-                int(event["step"]), int(event["total_steps"]), text=f"loss {event['loss']:.4f}"
-            )
-        else:
-            self.control.check()
+        self.control.check()  # the step's progress went out when it finished (`step_done`); this has its loss
         now = time.monotonic()
         if not training or now - self._last_event >= EVENT_INTERVAL or event["step"] == event["total_steps"]:
             self._last_event = now
@@ -468,7 +467,12 @@ class TrainingSession:
                     config.clip_skip,
                     config.max_token_length,
                 )
-            trainer.train(on_step=self._on_step, after_step=self._after_step, control=self.report.control)
+            trainer.train(
+                on_step=self._on_step,
+                after_step=self._after_step,
+                control=self.report.control,
+                on_progress=self.report.step_done,
+            )
             return self._finish()
         except BaseException as exc:
             self._stopped(exc)

@@ -497,8 +497,12 @@ class Trainer:
         on_step: Callable[[StepReport], None] | None = None,
         control: Control | None = None,
         after_step: Callable[[int], None] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> int:
         """Run steps until `until` (default: ``config.steps``) completed steps; returns the step reached.
+
+        `on_progress(step, until)` runs after every step without waiting for the device (a progress bar moves
+        every step and a stop pressed there lands at the next step; the loss comes later, with `on_step`).
 
         `after_step(step)` runs after each step (checkpoints, samples). `on_step` gets each step's progress
         and loss, in order, when the losses are read back: after the first step, then every
@@ -516,6 +520,8 @@ class Trainer:
                     control.check()
                 loss = self.device_step(control)
                 unread.append(_Unread(self.step, loss, self.current_lr(), time.perf_counter() - start_time))
+                if on_progress is not None:
+                    on_progress(self.step, until)
                 if (
                     len(unread) >= self.config.loss_every
                     or self.step >= until
