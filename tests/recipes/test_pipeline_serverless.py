@@ -11,16 +11,15 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from fakes.charforge_routes import sample_photos, tiny_models
+from fakes.charforge_routes import sample_photos
 from fakes.comfy_server import FakeComfyServer
 from fakes.moto_s3 import ACCESS_KEY, SECRET_KEY, moto_s3, use_s3
+from fakes.pipeline_stand_ins import DatasetStages, pipeline_argv, use_stand_ins
 from fakes.runpod_api import FakeRunPod
 from fakes.train_lora import add_fetch_node, add_store_node, add_train_node, lora_bytes
 
-from charforge.driver.client import ComfyClient
 from charforge.recipes import pipeline
 from charforge.recipes.cli import main
 
@@ -54,74 +53,8 @@ def endpoint(comfy_env, monkeypatch, tmp_path) -> Iterator[tuple[FakeRunPod, Fak
                 yield runpod, worker, bucket
 
 
-def _stand_ins(monkeypatch: pytest.MonkeyPatch, output_dir: Path, server: pipeline.Server) -> list[dict]:
-    """The dataset and caption nodes as the pipeline's server runs them (a kohya export with captions); no
-    prompt may train there."""
-    prompts: list[dict[str, Any]] = []
-
-    class Runner(pipeline.Runner):
-        def run(self, prompt, out_dir, previews=None):
-            classes = {n["class_type"] for n in prompt.values()}
-            prompts.append(prompt)
-            assert "CharForgeTrainLoRA" not in classes
-            texts = {"10": "scored", "11": "kept 1"}
-            if "CharForgeLoadDataset" in classes:
-                captioning = "CharForgeCaptionDataset" in classes
-                export = output_dir / "charforge" / "datasets" / ("pip_captioned" if captioning else "pip")
-                img = export / "img" / "10_zqx cartoon boy"
-                img.mkdir(parents=True, exist_ok=True)
-                pictures = sorted(Path(prompt["1"]["inputs"]["folder"]).rglob("*.png"))
-                for i, picture in enumerate(pictures, 1):
-                    (img / f"{i:04d}.png").write_bytes(picture.read_bytes())
-                    (img / f"{i:04d}.txt").write_text(f"zqx, cartoon boy, tag{i}")
-                (export / "manifest.json").write_text(json.dumps({"entries": []}))
-                report = export.parent / "report.html"
-                report.write_text("<p>report</p>")
-                exported = f"{len(pictures)} image(s) exported to {img} ({len(pictures)} written)"
-                texts = (
-                    {"2": "captioned", "3": exported, "4": f"report: {report}"}
-                    if captioning
-                    else {"6": exported, "7": f"report: {report}"}
-                )
-            files = []
-            if out_dir is not None:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                files = [out_dir / "file.png"]
-                files[0].write_bytes(b"png")
-            return None, texts, files
-
-    class Client(ComfyClient):
-        def object_info(self, refresh: bool = False):
-            return {"CharForgeTrainLoRA": {}}
-
-    monkeypatch.setattr(pipeline, "ComfyClient", Client)
-    monkeypatch.setattr(pipeline, "Runner", Runner)
-    monkeypatch.setattr(pipeline, "acquire_server", lambda opts, say: server)
-    monkeypatch.setattr(pipeline, "choose_models", lambda *a: tiny_models(pipeline))
-    return prompts
-
-
 def _pipeline(photos: Path, out: Path, url: str) -> tuple[int, str, str]:
-    return cli(
-        "pipeline",
-        str(photos),
-        "--out",
-        str(out),
-        "--server",
-        url,
-        "--character",
-        "pip",
-        "--trigger",
-        "zqx",
-        "--class",
-        "cartoon boy",
-        "--no-face-check",
-        "--no-install",
-        "--progress",
-        "plain",
-        "--train-on",
-        "runpod-serverless:ep1",
-    )
+    return cli(*pipeline_argv(photos, out, url, "--train-on", "runpod-serverless:ep1"))
 
 
 def test_the_pipeline_trains_on_a_serverless_endpoint_and_the_lora_comes_home(
@@ -130,9 +63,8 @@ def test_the_pipeline_trains_on_a_serverless_endpoint_and_the_lora_comes_home(
     runpod, worker, bucket = endpoint
     photos, out, base = sample_photos(tmp_path), tmp_path / "out", tmp_path / "base"
     with FakeComfyServer() as main_server:
-        prompts = _stand_ins(
-            monkeypatch, main_server.output_dir, pipeline.Server(main_server.url, base_dir=base)
-        )
+        stages = DatasetStages(main_server.output_dir)
+        use_stand_ins(monkeypatch, stages, pipeline.Server(main_server.url, base_dir=base))
         code, stdout, stderr = _pipeline(photos, out, main_server.url)
         assert code == 0, stderr
         assert len(runpod.run_bodies) == 1
@@ -155,13 +87,13 @@ def test_the_pipeline_trains_on_a_serverless_endpoint_and_the_lora_comes_home(
             trained
         )  # where generation looks
         # the worker trained on the captioned export, fetched from storage byte for byte
-        captioned = main_server.output_dir / "charforge" / "datasets" / "pip_captioned" / "img"
+        captioned = main_server.output_dir / "charforge" / "datasets" / "pip_captioned" / "captioned" / "img"
         on_worker = Path(worker.trained_on[trained])
         assert sorted(
             p.relative_to(on_worker).as_posix() for p in on_worker.rglob("*") if p.is_file()
         ) == sorted(p.relative_to(captioned).as_posix() for p in captioned.rglob("*") if p.is_file())
         # the generation stage loads that LoRA by its name
-        assert any(p.get("2", {}).get("inputs", {}).get("lora_name") == name for p in prompts)
+        assert any(p.get("2", {}).get("inputs", {}).get("lora_name") == name for p in stages.prompts)
         outputs = [stdout, stderr]
 
         # the state is lost after training: the stage runs again, finds its job done, sends nothing

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 import pytest
-from fakes.charforge_routes import sample_photos, tiny_models, transfer_server
+from fakes.charforge_routes import sample_photos, transfer_server
 from fakes.comfy_server import png_bytes
+from fakes.pipeline_stand_ins import use_stand_ins
 
-from charforge.driver.client import ComfyClient
 from charforge.recipes import pipeline
 
 LORA = b"lora weights " * 2000
@@ -95,39 +95,12 @@ class ServerSide:
         (report / "contact_sheet_001.png").write_bytes(png_bytes(4, 4, (3, 3, 3)))
 
 
-class Client(ComfyClient):
-    def object_info(self, refresh: bool = False):
-        return {"CharForgeTrainLoRA": {}}
-
-
-def _stand_ins(monkeypatch, server: ServerSide) -> None:
-    """The ComfyUI side of each stage (ServerSide), a client whose server has CharForge, tiny models."""
-
-    class Runner(pipeline.Runner):
-        def run(self, prompt, out_dir, previews=None):
-            texts = server(prompt)
-            files = []
-            if out_dir is not None:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                files = [out_dir / "file.png"]
-                files[0].write_bytes(b"png")
-            return None, texts, files
-
-    monkeypatch.setattr(pipeline, "ComfyClient", Client)
-    monkeypatch.setattr(pipeline, "Runner", Runner)
-    monkeypatch.setattr(pipeline, "choose_models", lambda *a: tiny_models(pipeline))
-
-
-def _photos(tmp_path: Path) -> Path:
-    return sample_photos(tmp_path)
-
-
 @pytest.fixture
 def remote_run(comfy_env, tmp_path, monkeypatch):
-    photos = _photos(tmp_path)
+    photos = sample_photos(tmp_path)
     with transfer_server(comfy_env) as fake:
         server = ServerSide(fake)
-        _stand_ins(monkeypatch, server)
+        use_stand_ins(monkeypatch, server)
         monkeypatch.setattr(pipeline, "acquire_server", lambda opts, say: pipeline.Server(fake.url))
 
         def run(said=None):
@@ -192,7 +165,7 @@ def test_on_a_runpod_pod_started_for_the_run_and_stopped_after(comfy_env, tmp_pa
     chunks, downloads), then stopped per on_finish with its time and cost in the state and the summary."""
     from fakes.runpod_api import FakeRunPod, RunPodKnobs
 
-    photos = _photos(tmp_path)
+    photos = sample_photos(tmp_path)
     with transfer_server(comfy_env) as fake, FakeRunPod(knobs=RunPodKnobs(proxy_timeout=5.0)) as runpod:
         runpod.add_pod("pod1", fake)  # stopped
         for name, value in runpod.env().items():
@@ -204,7 +177,7 @@ def test_on_a_runpod_pod_started_for_the_run_and_stopped_after(comfy_env, tmp_pa
         )
         monkeypatch.setenv("CHARFORGE_CONFIG", str(config))
         server = ServerSide(fake)
-        _stand_ins(monkeypatch, server)
+        use_stand_ins(monkeypatch, server)
         said: list[str] = []
         opts = pipeline.PipelineOptions(
             photos=photos,
