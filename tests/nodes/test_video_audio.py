@@ -142,3 +142,55 @@ def test_save_video_muxes_the_audio_in_sync(song, comfy_env):
     silent = run_node(SaveVideo, format="mp4", filename_prefix="video/quiet", **{**common, "audio": None})
     with pytest.raises(ValueError, match="no audio stream"):
         load_audio(silent.result[0])
+
+
+def test_an_audio_schedule_sets_generate_videos_strength_frame_by_frame(song, comfy_env, tmp_path):
+    import shutil
+
+    from cf_testing.video_models import video_assets
+    from charforge import bridge
+    from charforge.engine.video.models import unload_video_model
+    from charforge.nodes.video import GenerateVideo, LoadVideoModel
+
+    assets = video_assets(tmp_path / "assets")
+    models = comfy_env.base_dir / "models"
+    shutil.copytree(assets.sd15.diffusers_dir, models / "diffusers" / "tiny_sd15")
+    (models / "animatediff_models").mkdir(parents=True)
+    shutil.copy(assets.modules["v3"].original_file, models / "animatediff_models")
+    bridge.register_model_folders()
+    options = {"dtype": "fp32", "attention": "sdpa", "vae_slicing": True, "vae_tiling": False}
+    model = run_node(
+        LoadVideoModel,
+        base_model="[diffusers] tiny_sd15",
+        motion_module=assets.modules["v3"].original_file.name,
+        cpu_offload=False,
+        compile=False,
+        **options,
+    ).result[0]
+    audio = run_node(LoadAudio, audio="music/clicks.wav", start=0.0, duration=1.0).result[0]
+    schedule = run_node(
+        AudioSchedule,
+        audio=audio,
+        feature="beat",
+        fps=8.0,
+        frames=8,
+        low=0.3,
+        high=0.9,
+        smooth=0.0,
+        attack=0.0,
+        release=0.2,
+        invert=False,
+    ).result[1]
+    settings = {
+        "model": model, "prompt": "a photo", "negative_prompt": "", "frames": 8, "fps": 8.0, "width": 64,
+        "height": 64, "steps": 4, "cfg": 7.5, "scheduler": "ddim", "seed": 1, "context_length": 16,
+        "context_overlap": 4, "init_images": torch.rand(8, 64, 64, 3, generator=torch.Generator().manual_seed(0)),
+    }  # fmt: skip
+    try:
+        plain = run_node(GenerateVideo, strength=0.6, **settings).result
+        flat = run_node(GenerateVideo, strength_schedule="0: 0.6\n7: 0.6", **settings).result
+        beats, _, info = run_node(GenerateVideo, strength_schedule=schedule, **settings).result
+    finally:
+        unload_video_model()
+    assert torch.equal(plain[0], flat[0])  # the same strength on every frame is the plain strength
+    assert not torch.equal(beats, plain[0]) and "strength per frame: 0.30 to 0.90" in info

@@ -552,6 +552,17 @@ class GenerateVideo:
                         ),
                     },
                 ),
+                "strength_schedule": (
+                    "STRING",
+                    {
+                        "forceInput": True,
+                        "tooltip": (
+                            "With init_images: one strength per frame as '<frame>: <value>' lines (Audio Schedule's "
+                            "schedule output; values between keyframes are interpolated), instead of strength. A "
+                            "weaker frame is redrawn from a later step and stays nearer its init frame."
+                        ),
+                    },
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -577,11 +588,18 @@ class GenerateVideo:
         blend_prompts=True,
         beta_schedule="auto",
         clip_skip=1,
+        strength_schedule=None,
         unique_id=None,
     ):
         require("diffusers")
         from ..engine.video import ContextOptions, VideoRequest, generate_video, load_video_model
         from ..engine.video.prompts import describe_schedule
+
+        frame_strengths = None
+        if init_images is not None and strength_schedule is not None and str(strength_schedule).strip():
+            from ..engine.video.audio_features import parse_value_schedule
+
+            frame_strengths = parse_value_schedule(str(strength_schedule), int(frames))
 
         loaded, lora_report = load_video_model(model)
         request = VideoRequest(
@@ -602,6 +620,7 @@ class GenerateVideo:
             ),
             init_frames=init_images,
             strength=float(strength) if init_images is not None else 1.0,
+            frame_strengths=frame_strengths,
         )
         result = generate_video(
             loaded, request, bridge.control(int(steps) + 1, node_id=unique_id, label="generate video")
@@ -617,6 +636,8 @@ class GenerateVideo:
             "prompt schedule:",
             describe_schedule(result.keyframes, int(frames)),
         ]
+        if frame_strengths:
+            lines.append(f"strength per frame: {min(frame_strengths):.2f} to {max(frame_strengths):.2f}")
         return (result.frames, float(fps), "\n".join(lines))
 
 
