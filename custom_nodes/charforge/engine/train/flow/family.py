@@ -42,13 +42,18 @@ class FlowModel:
     default_shift: float = 3.1582  # the ``shift`` mode's strength when FlowSettings.discrete_flow_shift is 0
     text_outputs: dict[str, str] = field(default_factory=dict)  # output key -> encoder name
     lora_text_encoder: str = "clip_l"  # the encoder the optional text-encoder LoRA goes on
+    default_t5_length: int = 256  # T5 tokens when FlowSettings.t5_max_length is 0
 
     # -------------------------------------------------------------- the contract
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] (B, 3, H, W) -> the latents the transformer is trained on (B, C, h, w), fp32,
-        already shifted and scaled."""
-        raise NotImplementedError
+        already shifted and scaled. Here: the VAE's latent mean, shifted and scaled by its config (Flux.1's
+        and SD3's VAEs); a family with another VAE overrides it."""
+        vae = self.vae
+        with torch.no_grad():
+            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean.float()
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
 
     def encode_text(
         self,
@@ -86,9 +91,14 @@ class FlowModel:
     def can_sample(self) -> bool:
         return type(self).sample is not FlowModel.sample
 
+    def t5_length(self, settings: FlowSettings) -> int:
+        """T5 tokens the captions are padded (and cut) to."""
+        return settings.t5_max_length or self.default_t5_length
+
     def text_fingerprint(self, settings: FlowSettings) -> str:
         """What the cached caption outputs depend on (weights of the encoders, token lengths)."""
-        return ":".join(self.fingerprints.get(name, "") for name in sorted(self.text_encoders))
+        encoders = ":".join(self.fingerprints.get(name, "") for name in sorted(self.text_encoders))
+        return f"{encoders}:t5={self.t5_length(settings)}"
 
     # -------------------------------------------------------------- shared behaviour
 
@@ -112,3 +122,14 @@ class FlowModel:
     def image_tokens(self, latent_height: int, latent_width: int) -> int:
         """Image tokens the transformer sees for a latent of this size (2x2 patches)."""
         return (latent_height // 2) * (latent_width // 2)
+
+
+def token_ids(tokenizer: Any, captions: Sequence[str], device, max_length: int | None = None) -> torch.Tensor:
+    """Captions -> token ids padded (and cut) to `max_length` (default: the tokenizer's own), on `device`."""
+    return tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=tokenizer.model_max_length if max_length is None else max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)

@@ -41,8 +41,7 @@ from ..models import (
     fingerprint,
     resolve_dtype,
 )
-from .family import FlowModel
-from .objective import FlowSettings
+from .family import FlowModel, token_ids
 
 ARCHS = ("flux-dev", "flux-schnell")
 T5_LENGTH = {"flux-dev": 512, "flux-schnell": 256}
@@ -208,15 +207,21 @@ def _transformer_from_state(state: dict[str, torch.Tensor], dtype: torch.dtype):
     return model
 
 
-def _required(path: str | None, what: str, folder: str) -> str:
+def required_file(path: str | None, what: str, missing: str) -> str:
+    """`path` when it names a file; else MissingPartError: `missing` when none was given."""
     if not path:
-        raise MissingPartError(
-            f"Flux.1 training needs the {what}: put it in ComfyUI's models/{folder} folder and choose it "
-            "(the diffusion-model file holds only the transformer)"
-        )
+        raise MissingPartError(missing)
     if not Path(path).is_file():
         raise MissingPartError(f"the {what} file was not found: {path}")
     return path
+
+
+def _required(path: str | None, what: str, folder: str) -> str:
+    missing = (
+        f"Flux.1 training needs the {what}: put it in ComfyUI's models/{folder} folder and choose it "
+        "(the diffusion-model file holds only the transformer)"
+    )
+    return required_file(path, what, missing)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,44 +240,20 @@ class FluxModel(FlowModel):
         self.default_sampling = "flux_shift"
         self.text_outputs = {"pooled": "clip_l", "t5": "t5"}
         self.lora_text_encoder = "clip_l"
+        self.default_t5_length = T5_LENGTH.get(self.arch, 512)
 
     @property
     def has_guidance(self) -> bool:
         return bool(self.transformer.config.guidance_embeds)
 
-    def t5_length(self, settings: FlowSettings) -> int:
-        return settings.t5_max_length or T5_LENGTH.get(self.arch, 512)
-
-    def text_fingerprint(self, settings: FlowSettings) -> str:
-        return f"{super().text_fingerprint(settings)}:t5={self.t5_length(settings)}"
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.vae
-        with torch.no_grad():
-            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean.float()
-        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
-
     def encode_text(self, captions, device, settings, encoders=None) -> dict[str, torch.Tensor]:
         encoders = tuple(self.text_outputs.values()) if encoders is None else tuple(encoders)
         out: dict[str, torch.Tensor] = {}
         if "clip_l" in encoders:
-            tokenizer = self.tokenizers["clip_l"]
-            ids = tokenizer(
-                list(captions),
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(device)
+            ids = token_ids(self.tokenizers["clip_l"], captions, device)
             out["pooled"] = self.text_encoders["clip_l"](ids, output_hidden_states=False).pooler_output
         if "t5" in encoders:
-            ids = self.tokenizers["t5"](
-                list(captions),
-                padding="max_length",
-                max_length=self.t5_length(settings),
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(device)
+            ids = token_ids(self.tokenizers["t5"], captions, device, self.t5_length(settings))
             out["t5"] = self.text_encoders["t5"](ids, output_hidden_states=False)[0]
         return out
 

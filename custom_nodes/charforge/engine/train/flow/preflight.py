@@ -66,8 +66,7 @@ def _shape(model) -> dict[str, Any]:
 
 
 def text_tokens(model, config: TrainConfig) -> int:
-    t5 = model.t5_length(config.flow) if hasattr(model, "t5_length") else 256
-    return t5 + (77 if model.family == "sd3" else 0)
+    return model.t5_length(config.flow) + (77 if model.family == "sd3" else 0)
 
 
 def step_flops(model, config: TrainConfig, image_tokens: int | None = None) -> tuple[float, float]:

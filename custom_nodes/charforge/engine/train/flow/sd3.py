@@ -47,9 +47,9 @@ from ..models import (
     fingerprint,
     resolve_dtype,
 )
-from .family import FlowModel
+from . import flux
+from .family import FlowModel, token_ids
 from .flux import MissingPartError, load_t5_tokenizer
-from .objective import FlowSettings
 
 ARCHS = sd3_files.VARIANTS  # sd3-medium, sd35-medium, sd35-large
 CONFIG_DIR = CONFIG_ROOT / "sd3"
@@ -61,21 +61,15 @@ TOKENIZER_FOLDERS = {"clip_l": "tokenizer", "clip_g": "tokenizer_2", "t5": "toke
 
 # LoRA presets over the joint blocks' diffusers names. The last block's context stream is "pre-only" (no
 # to_add_out, no ff_context, its queries unused) and only SD3.5 Medium's first 13 blocks have attn2.
+# The joint blocks' names are Flux.1's double blocks' (both diffusers joint-attention blocks).
 ATTENTION_LEAVES = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
+    *flux.ATTENTION_LEAVES["double"],
     "attn2.to_q",
     "attn2.to_k",
     "attn2.to_v",
     "attn2.to_out.0",
 )
-MLP_LEAVES = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+MLP_LEAVES = flux.MLP_LEAVES["double"]
 
 
 @dataclass(frozen=True)
@@ -117,18 +111,7 @@ class SD3Model(FlowModel):
             "t5": "t5",
         }
         self.lora_text_encoder = "clip_l"
-
-    def t5_length(self, settings: FlowSettings) -> int:
-        return settings.t5_max_length or T5_LENGTH
-
-    def text_fingerprint(self, settings: FlowSettings) -> str:
-        return f"{super().text_fingerprint(settings)}:t5={self.t5_length(settings)}"
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.vae
-        with torch.no_grad():
-            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean.float()
-        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        self.default_t5_length = T5_LENGTH
 
     def encode_text(self, captions, device, settings, encoders=None) -> dict[str, torch.Tensor]:
         encoders = tuple(dict.fromkeys(self.text_outputs.values())) if encoders is None else tuple(encoders)
@@ -144,26 +127,12 @@ class SD3Model(FlowModel):
         for name in CLIP_ENCODERS:
             if name not in encoders:
                 continue
-            tokenizer = self.tokenizers[name]
-            ids = tokenizer(
-                captions,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(device)
+            ids = token_ids(self.tokenizers[name], captions, device)
             result = self.text_encoders[name](ids, output_hidden_states=True)
             out[name] = result.hidden_states[-2]
             out[name + "_pooled"] = result[0]  # the projected pooled output (text_embeds)
         if "t5" in encoders:
-            ids = self.tokenizers["t5"](
-                captions,
-                padding="max_length",
-                max_length=self.t5_length(settings),
-                truncation=True,
-                add_special_tokens=True,
-                return_tensors="pt",
-            ).input_ids.to(device)
+            ids = token_ids(self.tokenizers["t5"], captions, device, self.t5_length(settings))
             out["t5"] = self.text_encoders["t5"](ids)[0]
         return out
 
@@ -382,14 +351,11 @@ def _model(arch, source, transformer, vae, encoders, tokenizers, dtype) -> SD3Mo
 
 
 def _part_file(path: str | None, what: str, folder: str) -> Path:
-    if not path:
-        raise MissingPartError(
-            f"SD3 training needs the {what}, which this checkpoint does not contain: put it in ComfyUI's "
-            f"models/{folder} folder and choose it (or use a checkpoint that includes it)"
-        )
-    if not Path(path).is_file():
-        raise MissingPartError(f"the {what} file was not found: {path}")
-    return Path(path)
+    missing = (
+        f"SD3 training needs the {what}, which this checkpoint does not contain: put it in ComfyUI's "
+        f"models/{folder} folder and choose it (or use a checkpoint that includes it)"
+    )
+    return Path(flux.required_file(path, what, missing))
 
 
 def _encoder_state(path: Path, name: str) -> dict[str, torch.Tensor]:
