@@ -40,6 +40,7 @@ import torch
 
 from ...deps import require
 from ..library.flow_layouts import single_file_state
+from .tensor_files import unscale_fp8
 
 log = logging.getLogger(__name__)
 
@@ -68,36 +69,6 @@ class NotSD3Error(ValueError):
 
 # --------------------------------------------------------------------------------------------------
 # Reading files
-
-
-def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of a ``.safetensors`` file (header only) or a ``.ckpt`` / ``.pt`` (memory-mapped)."""
-    path = Path(path)
-    if path.suffix.lower() in (".safetensors", ".sft"):
-        require("safetensors")
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as handle:
-            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
-    state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-    state = state.get("state_dict", state) if isinstance(state, dict) else {}
-    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def read_tensors(
-    path: str | os.PathLike, keep: Callable[[str], bool] = lambda key: True
-) -> dict[str, torch.Tensor]:
-    """The tensors of one file whose names `keep` accepts (only those are read from a safetensors file)."""
-    path = Path(path)
-    if path.suffix.lower() in (".safetensors", ".sft"):
-        require("safetensors")
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys() if keep(k)}  # noqa: SIM118
-    state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-    state = state.get("state_dict", state) if isinstance(state, dict) else {}
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and keep(k)}
 
 
 def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -330,12 +301,7 @@ def build_clip(
 
 def _t5_state(state: Mapping[str, torch.Tensor]) -> StateDict:
     """T5 encoder tensors with scaled-fp8 files unscaled (``weight * scale_weight``) and the embedding tied."""
-    out: StateDict = {}
-    for key, tensor in state.items():
-        if key == "scaled_fp8" or key.endswith(".scale_weight") or key.endswith(".scale_input"):
-            continue
-        scale = state.get(key[: -len("weight")] + "scale_weight") if key.endswith(".weight") else None
-        out[key] = tensor.float() * scale.float() if scale is not None else tensor
+    out = unscale_fp8(state)
     if "shared.weight" not in out and "encoder.embed_tokens.weight" in out:
         out["shared.weight"] = out["encoder.embed_tokens.weight"]
     out.setdefault("encoder.embed_tokens.weight", out.get("shared.weight", torch.empty(0)))

@@ -30,6 +30,7 @@ import torch
 
 from ...deps import require
 from ..models.single_file import DTYPES
+from ..models.tensor_files import tensor_shapes
 
 ARCHS = ("sd15", "sdxl")
 # Flow-matching transformer bases (engine.train.flow): detected here, loaded by their family's loader.
@@ -83,22 +84,6 @@ def shipped_config_dir(arch: str) -> Path:
 
 # --------------------------------------------------------------------------------------------------
 # Architecture detection
-
-
-def _single_file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of a single-file checkpoint, without reading the tensors (safetensors)."""
-    if path.suffix.lower() in (".safetensors", ".sft"):
-        require("safetensors")
-        from safetensors import safe_open
-
-        shapes = {}
-        with safe_open(str(path), "pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                shapes[key] = tuple(handle.get_slice(key).get_shape())
-        return shapes
-    state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-    state = state.get("state_dict", state) if isinstance(state, dict) else {}
-    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def _flow_arch(shapes: dict[str, tuple[int, ...]]) -> str | None:
@@ -214,7 +199,7 @@ def detect_arch(source: str | os.PathLike) -> str:
         )
     if not source.is_file():
         raise FileNotFoundError(f"base model not found: {source}")
-    return arch_from_keys(_single_file_shapes(source))
+    return arch_from_keys(tensor_shapes(source))
 
 
 # --------------------------------------------------------------------------------------------------

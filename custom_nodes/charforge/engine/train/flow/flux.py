@@ -33,6 +33,7 @@ import torch
 
 from ....deps import require
 from ...models import flux_files
+from ...models.tensor_files import unscale_fp8
 from ..models import (
     CONFIG_ROOT,
     UnsupportedModelError,
@@ -129,14 +130,7 @@ def _part(state: dict[str, torch.Tensor], prefixes: Sequence[str], marker: str) 
 
 def _dequantise(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """fp8 (and ComfyUI's scaled fp8: ``<name>.scale_weight``) tensors in `dtype`; markers dropped."""
-    out = {}
-    for key, value in state.items():
-        if key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input")):
-            continue
-        scale = state.get(key[: -len(".weight")] + ".scale_weight") if key.endswith(".weight") else None
-        value = value.to(torch.float32) * scale.to(torch.float32) if scale is not None else value
-        out[key] = value.to(dtype)
-    return out
+    return {key: value.to(dtype) for key, value in unscale_fp8(state).items()}
 
 
 def _config(config_dir: Path, sub: str) -> dict:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from ....deps import require
-from ...models import sd3_files
+from ...models import sd3_files, tensor_files
 from ..models import (
     CONFIG_ROOT,
     UnsupportedModelError,
@@ -360,7 +360,7 @@ def _part_file(path: str | None, what: str, folder: str) -> Path:
 
 def _encoder_state(path: Path, name: str) -> dict[str, torch.Tensor]:
     """A separate text-encoder file's tensors, without a ComfyUI checkpoint prefix if it has one."""
-    state = sd3_files.read_tensors(path)
+    state = tensor_files.read_tensors(path)
     prefix = sd3_files.ENCODER_PREFIXES[name]
     if any(k.startswith(prefix) for k in state):
         return sd3_files.strip_prefix(state, prefix)
@@ -375,14 +375,14 @@ def _encoder_state(path: Path, name: str) -> dict[str, torch.Tensor]:
 
 def _read_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors of `path` under `prefix` (only those are read), without it."""
-    return sd3_files.strip_prefix(sd3_files.read_tensors(path, lambda key: key.startswith(prefix)), prefix)
+    return sd3_files.strip_prefix(tensor_files.read_tensors(path, lambda key: key.startswith(prefix)), prefix)
 
 
 def _load_files(
     files: SD3Files, dtype: torch.dtype, configs: Path, tokenizer_candidates, t5_candidates
 ) -> SD3Model:
     path = Path(files.model)
-    shapes = sd3_files.tensor_shapes(path)
+    shapes = tensor_files.tensor_shapes(path)
     prefix = sd3_files.transformer_prefix(shapes)
     if prefix is None:
         top = sorted({k.split(".")[0] for k in shapes})[:8]
@@ -414,12 +414,12 @@ def _load_files(
             state = _encoder_state(_part_file(None, titles[name], "text_encoders"), file_name)
         encoders[name] = build(state)
     if files.vae:
-        vae_state = sd3_files.read_tensors(_part_file(files.vae, "VAE", "vae"))
+        vae_state = tensor_files.read_tensors(_part_file(files.vae, "VAE", "vae"))
         vae_state = sd3_files.strip_prefix(vae_state, sd3_files.VAE_PREFIX) or vae_state
     elif sd3_files.has_vae(shapes):
         vae_state = _read_prefixed(path, sd3_files.VAE_PREFIX)
     else:
-        vae_state = sd3_files.read_tensors(_part_file(None, "VAE", "vae"))
+        vae_state = tensor_files.read_tensors(_part_file(None, "VAE", "vae"))
     vae = sd3_files.build_vae(vae_state, _config(configs, "vae"), torch.float32)
     tokenizers = _clip_tokenizers(tokenizer_candidates)
     tokenizers["t5"] = load_t5_tokenizer(list(t5_candidates))
