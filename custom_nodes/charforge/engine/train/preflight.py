@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -393,6 +394,45 @@ def estimate(
     return Estimate(parts, peak, caching, flops, seconds, total, device, config)
 
 
+def add_smaller_batches(candidates: list[TrainConfig], config: TrainConfig, only_checkpointing: bool) -> None:
+    """Append to `candidates` the last one with the batch halved down to 1 and gradient accumulation raised
+    to keep `config`'s effective batch (none for a resumed run, ``only_checkpointing``: its batch is fixed)."""
+    batch = config.batch_size if not only_checkpointing else 1
+    while batch > 1:
+        batch //= 2
+        accumulation = config.optim.grad_accumulation * (config.batch_size // batch)
+        candidates.append(
+            replace(
+                candidates[-1],
+                batch_size=batch,
+                optim=replace(candidates[-1].optim, grad_accumulation=accumulation),
+            )
+        )
+
+
+def first_fitting(
+    candidates: list[TrainConfig],
+    config: TrainConfig,
+    estimate_one: Callable[[TrainConfig], Estimate],
+    options: Callable[[TrainConfig], str],
+) -> tuple[Estimate | None, Estimate]:
+    """(the estimate of the first candidate that fits, or None; the smallest estimate tried). A chosen candidate
+    other than `config` gets a note: gradient checkpointing, `options` (what else it changed), batch."""
+    tried = []
+    for candidate in candidates:
+        result = estimate_one(candidate)
+        tried.append(result)
+        if result.fits:
+            if candidate != config:
+                result.notes.append(
+                    f"memory profile: gradient checkpointing {'on' if candidate.gradient_checkpointing else 'off'}, "
+                    f"{options(candidate)}, batch {candidate.batch_size} x "
+                    f"{candidate.optim.grad_accumulation} accumulation"
+                )
+            return result, result
+    return None, min(tried, key=lambda e: max(e.peak_bytes, e.caching_peak_bytes))
+
+
 def auto_profile(
     model,
     config: TrainConfig,
@@ -410,33 +450,18 @@ def auto_profile(
     """
     from .optim import optimizer_available
 
-    tried = []
     candidates = [replace(config, gradient_checkpointing=False), replace(config, gradient_checkpointing=True)]
     if not only_checkpointing and config.optim.optimizer == "adamw" and optimizer_available("adamw8bit"):
         candidates.append(replace(candidates[-1], optim=replace(config.optim, optimizer="adamw8bit")))
-    batch = config.batch_size if not only_checkpointing else 1
-    while batch > 1:
-        batch //= 2
-        accumulation = config.optim.grad_accumulation * (config.batch_size // batch)
-        candidates.append(
-            replace(
-                candidates[-1],
-                batch_size=batch,
-                optim=replace(candidates[-1].optim, grad_accumulation=accumulation),
-            )
-        )
-    for candidate in candidates:
-        result = estimate(model, candidate, device, num_images, unet_config)
-        tried.append(result)
-        if result.fits:
-            if candidate != config:
-                result.notes.append(
-                    f"memory profile: gradient checkpointing {'on' if candidate.gradient_checkpointing else 'off'}, "
-                    f"optimizer {candidate.optim.optimizer}, batch {candidate.batch_size} x "
-                    f"{candidate.optim.grad_accumulation} accumulation"
-                )
-            return result
-    best = min(tried, key=lambda e: max(e.peak_bytes, e.caching_peak_bytes))
+    add_smaller_batches(candidates, config, only_checkpointing)
+    chosen, best = first_fitting(
+        candidates,
+        config,
+        lambda candidate: estimate(model, candidate, device, num_images, unet_config),
+        lambda candidate: f"optimizer {candidate.optim.optimizer}",
+    )
+    if chosen is not None:
+        return chosen
     raise PreflightError(
         f"this training does not fit: even with gradient checkpointing it needs about "
         f"{_gb(max(best.peak_bytes, best.caching_peak_bytes))}, and {best.device.describe()} allows "

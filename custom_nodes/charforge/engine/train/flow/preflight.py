@@ -38,7 +38,9 @@ from ..preflight import (
     Estimate,
     PreflightError,
     _gb,
+    add_smaller_batches,
     device_info,
+    first_fitting,
 )
 
 ACTIVATIONS_PER_TOKEN = 34  # values of width d autograd keeps per token per block (bf16), no checkpointing
@@ -174,30 +176,15 @@ def flow_profile(
         ]
         if not config.flow.fp8_base and not only_checkpointing:
             candidates.append(replace(candidates[-1], flow=replace(config.flow, fp8_base=True)))
-        batch = config.batch_size if not only_checkpointing else 1
-        while batch > 1:
-            batch //= 2
-            accumulation = config.optim.grad_accumulation * (config.batch_size // batch)
-            candidates.append(
-                replace(
-                    candidates[-1],
-                    batch_size=batch,
-                    optim=replace(candidates[-1].optim, grad_accumulation=accumulation),
-                )
-            )
-    tried = []
-    for candidate in candidates:
-        result = estimate(model, candidate, info, num_images)
-        tried.append(result)
-        if result.fits:
-            if candidate != config:
-                result.notes.append(
-                    f"memory profile: gradient checkpointing {'on' if candidate.gradient_checkpointing else 'off'}, "
-                    f"fp8 base {'on' if candidate.flow.fp8_base else 'off'}, batch {candidate.batch_size} x "
-                    f"{candidate.optim.grad_accumulation} accumulation"
-                )
-            return result
-    best = min(tried, key=lambda e: max(e.peak_bytes, e.caching_peak_bytes))
+        add_smaller_batches(candidates, config, only_checkpointing)
+    chosen, best = first_fitting(
+        candidates,
+        config,
+        lambda candidate: estimate(model, candidate, info, num_images),
+        lambda candidate: f"fp8 base {'on' if candidate.flow.fp8_base else 'off'}",
+    )
+    if chosen is not None:
+        return chosen
     raise PreflightError(
         f"this {model.arch} training does not fit: the smallest option (gradient checkpointing "
         f"{'on' if best.config.gradient_checkpointing else 'off'}, fp8 base {'on' if best.config.flow.fp8_base else 'off'}) "
