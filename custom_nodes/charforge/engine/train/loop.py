@@ -125,6 +125,14 @@ def min_snr_weights(
     return clipped / (snr + 1.0) if prediction_type == "v_prediction" else clipped / snr
 
 
+def masked_mean(per_pixel: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample mean of a (B, C, H, W) loss; with `masks` a weighted mean, so that a mask keeping a small
+    region does not shrink the loss (and the step size)."""
+    if masks is None:
+        return per_pixel.mean(dim=(1, 2, 3))
+    return (per_pixel * masks).mean(dim=(1, 2, 3)) / masks.mean(dim=(1, 2, 3)).clamp_min(1e-3)
+
+
 class Trainer:
     """Trains a LoRA on `model` with `data` as `config` says. Create, `setup()`, then `train()`."""
 
@@ -424,11 +432,7 @@ class Trainer:
                 **kwargs,
             ).sample
         per_pixel = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
-        if masks is not None:
-            # Weighted mean: a mask that keeps a small region does not shrink the loss (and the step size).
-            per_sample = (per_pixel * masks).mean(dim=(1, 2, 3)) / masks.mean(dim=(1, 2, 3)).clamp_min(1e-3)
-        else:
-            per_sample = per_pixel.mean(dim=(1, 2, 3))
+        per_sample = masked_mean(per_pixel, masks)
         if config.min_snr_gamma > 0:
             per_sample = per_sample * min_snr_weights(
                 scheduler.alphas_cumprod, timesteps, config.min_snr_gamma, model.prediction_type
@@ -576,13 +580,10 @@ class Trainer:
                 )
             )
 
-    def evaluate(self, timesteps: list[int], seed: int = 1234, items: list[int] | None = None) -> float:
-        """Plain denoising MSE over `items` (default all) at fixed `timesteps` and noise (no weighting).
-
-        The same numbers for the same arguments, so it compares the model before and after training
-        (or with the LoRA switched off via ``network.set_enabled(False)``).
-        """
-        model = self.model
+    def evaluate(self, timesteps: list[Any], seed: int = 1234, items: list[int] | None = None) -> float:
+        """Plain MSE of the model's prediction over `items` (default all) at fixed `timesteps` and noise (no
+        weighting): the same number for the same arguments, so it compares the model before and after
+        training (or with the LoRA switched off via ``network.set_enabled(False)``)."""
         items = list(range(len(self.data.items))) if items is None else items
         generator = torch.Generator().manual_seed(seed)
         for module in self.lora_network().components.values():
@@ -591,31 +592,38 @@ class Trainer:
         with torch.no_grad():
             for index in items:
                 latent = self._latents([index], [False]).to(self.device, torch.float32)
-                cond = self._conditioning([self.data.items[index].caption])
-                kwargs: dict[str, Any] = {}
-                if model.is_sdxl:
-                    kwargs["added_cond_kwargs"] = {
-                        "text_embeds": cond.pooled,
-                        "time_ids": self._time_id_table[(index, False)][None],
-                    }
-                for timestep in timesteps:
-                    noise = torch.randn(latent.shape, generator=generator).to(self.device)
-                    t = torch.tensor([timestep], device=self.device)
-                    noisy = model.noise_scheduler.add_noise(latent, noise, t)
-                    target = (
-                        model.noise_scheduler.get_velocity(latent, noise, t)
-                        if model.prediction_type == "v_prediction"
-                        else noise
-                    )
-                    with self._autocast():
-                        prediction = model.unet(
-                            noisy.to(model.unet.dtype),
-                            t,
-                            encoder_hidden_states=cond.hidden.to(model.unet.dtype),
-                            **kwargs,
-                        ).sample
-                    losses.append(torch.nn.functional.mse_loss(prediction.float(), target).item())
+                losses += self._evaluation_losses(index, latent, timesteps, generator)
         return sum(losses) / len(losses)
+
+    def _evaluation_losses(self, index: int, latent, timesteps: list[Any], generator) -> list[float]:
+        """Item `index`'s denoising MSE at each of `timesteps` (noise drawn from `generator` in turn)."""
+        model = self.model
+        cond = self._conditioning([self.data.items[index].caption])
+        kwargs: dict[str, Any] = {}
+        if model.is_sdxl:
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": cond.pooled,
+                "time_ids": self._time_id_table[(index, False)][None],
+            }
+        losses = []
+        for timestep in timesteps:
+            noise = torch.randn(latent.shape, generator=generator).to(self.device)
+            t = torch.tensor([timestep], device=self.device)
+            noisy = model.noise_scheduler.add_noise(latent, noise, t)
+            target = (
+                model.noise_scheduler.get_velocity(latent, noise, t)
+                if model.prediction_type == "v_prediction"
+                else noise
+            )
+            with self._autocast():
+                prediction = model.unet(
+                    noisy.to(model.unet.dtype),
+                    t,
+                    encoder_hidden_states=cond.hidden.to(model.unet.dtype),
+                    **kwargs,
+                ).sample
+            losses.append(torch.nn.functional.mse_loss(prediction.float(), target).item())
+        return losses
 
     def current_lr(self) -> float:
         if self.optimizer is None:

@@ -29,7 +29,7 @@ import torch
 
 from ..config import TrainConfig
 from ..data import TrainingData, process_caption
-from ..loop import Trainer, capture_rng
+from ..loop import Trainer, capture_rng, masked_mean
 from ..lora import LoraNetwork, _inject, text_encoder_target_modules
 from ..optim import build_optimizer, build_scheduler
 from .family import FlowModel
@@ -201,35 +201,22 @@ class FlowTrainer(Trainer):
             prediction = noisy - sigmas.reshape(-1, 1, 1, 1) * prediction
             target = latents
         per_pixel = torch.nn.functional.mse_loss(prediction, target, reduction="none")
+        masks = None
         if config.data.uses_masks:
             masks = torch.stack([self._mask_table[(i, f)] for i, f in zip(items, flips, strict=True)])
-            per_sample = (per_pixel * masks).mean(dim=(1, 2, 3)) / masks.mean(dim=(1, 2, 3)).clamp_min(1e-3)
-        else:
-            per_sample = per_pixel.mean(dim=(1, 2, 3))
-        return per_sample.mean()
+        return masked_mean(per_pixel, masks).mean()
 
-    def evaluate(self, timesteps: list[Any], seed: int = 1234, items: list[int] | None = None) -> float:
-        """Plain velocity MSE over `items` (default all) at fixed noise levels σ = `timesteps` (floats in
-        (0, 1)) and fixed noise: the same number for the same arguments (before / after training)."""
+    def _evaluation_losses(self, index: int, latent, timesteps: list[Any], generator) -> list[float]:
+        """Item `index`'s velocity MSE at noise levels σ = `timesteps` (floats in (0, 1)); `evaluate` averages."""
         model = self.model
-        items = list(range(len(self.data.items))) if items is None else items
-        generator = torch.Generator().manual_seed(seed)
-        for module in self.lora_network().components.values():
-            module.eval()
+        text = self._conditioning([self.data.items[index].caption])
         losses = []
-        with torch.no_grad():
-            for index in items:
-                latent = self._latents([index], [False]).to(self.device, torch.float32)
-                text = self._conditioning([self.data.items[index].caption])
-                for sigma in timesteps:
-                    noise = torch.randn(latent.shape, generator=generator).to(self.device)
-                    sigmas = torch.tensor([float(sigma)], device=self.device)
-                    with self._autocast():
-                        prediction = model.predict(
-                            noised(latent, noise, sigmas).to(model.transformer.dtype),
-                            sigmas,
-                            text,
-                            self.config.flow,
-                        )
-                    losses.append(torch.nn.functional.mse_loss(prediction.float(), noise - latent).item())
-        return sum(losses) / len(losses)
+        for sigma in timesteps:
+            noise = torch.randn(latent.shape, generator=generator).to(self.device)
+            sigmas = torch.tensor([float(sigma)], device=self.device)
+            with self._autocast():
+                prediction = model.predict(
+                    noised(latent, noise, sigmas).to(model.transformer.dtype), sigmas, text, self.config.flow
+                )
+            losses.append(torch.nn.functional.mse_loss(prediction.float(), noise - latent).item())
+        return losses
