@@ -19,6 +19,7 @@ so a wrong conversion changes the frames.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,3 +191,72 @@ def video_assets(directory: str | Path) -> VideoAssets:
             ),
         )
     return _assets
+
+
+# --------------------------------------------------------------------------------------------------
+# HotShot-XL
+
+
+def hotshot_layout(widths: tuple[int, ...] = (320, 640, 1280), table: int = 24) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape of a HotShot-XL temporal-layer file (``hsxl_temporal_layers.safetensors``)
+    for an SDXL U-Net of `widths`, written out from the published layout (not from CharForge's converter):
+    ``down_blocks.{0,1,2}.temporal_attentions.{0,1}`` and ``up_blocks.{0,1,2}.temporal_attentions.{0,1,2}``,
+    no mid block; each a GroupNorm, in/out projections and one transformer block of two temporal self-attention
+    blocks (no q/k/v bias, a [1, table, C] positional table each), two LayerNorms, a GEGLU feed-forward and its
+    LayerNorm."""
+    modules = [
+        (f"down_blocks.{i}.temporal_attentions.{j}", c) for i, c in enumerate(widths) for j in range(2)
+    ]
+    modules += [
+        (f"up_blocks.{i}.temporal_attentions.{j}", c)
+        for i, c in enumerate(reversed(widths))
+        for j in range(3)
+    ]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for prefix, c in modules:
+        shapes.update({f"{prefix}.norm.weight": (c,), f"{prefix}.norm.bias": (c,)})
+        for name in ("proj_in", "proj_out"):
+            shapes.update({f"{prefix}.{name}.weight": (c, c), f"{prefix}.{name}.bias": (c,)})
+        block = f"{prefix}.transformer_blocks.0"
+        for n in (0, 1):
+            attention = f"{block}.attention_blocks.{n}"
+            shapes.update({f"{attention}.{p}.weight": (c, c) for p in ("to_q", "to_k", "to_v")})
+            shapes.update({f"{attention}.to_out.0.weight": (c, c), f"{attention}.to_out.0.bias": (c,)})
+            shapes[f"{attention}.pos_encoder.positional_encoding"] = (1, table, c)
+            shapes.update({f"{block}.norms.{n}.weight": (c,), f"{block}.norms.{n}.bias": (c,)})
+        shapes.update({f"{block}.ff.net.0.proj.weight": (8 * c, c), f"{block}.ff.net.0.proj.bias": (8 * c,)})
+        shapes.update({f"{block}.ff.net.2.weight": (c, 4 * c), f"{block}.ff.net.2.bias": (c,)})
+        shapes.update({f"{block}.ff_norm.weight": (c,), f"{block}.ff_norm.bias": (c,)})
+    return shapes
+
+
+def sinusoid_table(length: int, channels: int) -> torch.Tensor:
+    """The [1, length, channels] sine / cosine table HotShot-XL stores for each attention block."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    rate = torch.exp(torch.arange(0, channels, 2, dtype=torch.float32) * (-math.log(10000.0) / channels))
+    table = torch.zeros(1, length, channels)
+    table[0, :, 0::2] = torch.sin(position * rate)
+    table[0, :, 1::2] = torch.cos(position * rate)
+    return table
+
+
+def build_tiny_hotshot_module(path: str | Path, seed: int = 0) -> Path:
+    """A HotShot-XL temporal-layer file for the tiny SDXL U-Net: the published names, random weights (output
+    projections included, so the layers change the frames), sinusoid tables of 24 frames."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in hotshot_layout(tuple(TINY_SDXL_UNET["block_out_channels"])).items():
+        if name.endswith("positional_encoding"):
+            tensors[name] = sinusoid_table(shape[1], shape[2])
+        elif name.endswith(".weight") and len(shape) == 1:  # norms
+            tensors[name] = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        elif len(shape) == 1:
+            tensors[name] = 0.1 * torch.randn(shape, generator=generator)
+        else:
+            tensors[name] = torch.randn(shape, generator=generator) / math.sqrt(shape[1])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"charforge.test_model": "tiny_hsxl_temporal_layers"})
+    return path

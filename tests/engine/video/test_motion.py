@@ -94,7 +94,7 @@ def test_files_that_are_not_animatediff_modules_are_named(tmp_path):
         "other.safetensors": {"encoder.weight": torch.zeros(2)},
     }
     messages = {
-        "hotshot.safetensors": "HotshotXL",
+        "hotshot.safetensors": "not HotShot-XL's layout",
         "checkpoint.safetensors": "checkpoints folder",
         "other.safetensors": "no AnimateDiff",
     }

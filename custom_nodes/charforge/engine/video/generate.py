@@ -318,7 +318,8 @@ def generate_video(model: VideoModel, request: VideoRequest, control: Control | 
         model, keyframes, request.negative_prompt, request.frames, request.clip_skip, request.blend_prompts
     )
 
-    scheduler = make_scheduler(request.scheduler, model.scheduler_config, request.beta_schedule)
+    betas = info.auto_beta_schedule if request.beta_schedule == "auto" else request.beta_schedule
+    scheduler = make_scheduler(request.scheduler, model.scheduler_config, betas)
     # Timesteps stay on the CPU: the schedulers index their tables with them, which on the GPU would wait
     # for the device every step.
     scheduler.set_timesteps(request.steps)

@@ -24,6 +24,9 @@ table length tells v3 (32) from v1 (24). Neither layout stores the attention hea
 GroupNorm group count; every published module uses 8 heads and 32 groups, which is assumed for
 original-layout files (a diffusers folder says so in its ``config.json``).
 
+HotShot-XL's temporal-layer file (``temporal_attentions`` keys with ``positional_encoding`` tables) is read
+here too and converted by `hotshot` (same tensors under other names; its GroupNorm works per frame).
+
 Motion LoRAs (``models/animatediff_motion_lora``) in the original format adapt the temporal attention
 projections: ``<attention block>.processor.to_{q,k,v,out}_lora.{down,up}.weight``, applied as
 ``W + strength * up @ down``. They are converted to diffusers' LoRA format (``unet.<module>.lora_A/B``)
@@ -77,14 +80,15 @@ class MotionModuleInfo:
     """What a motion module file is, read from its tensors.
 
     ``version`` is ``"v1"``, ``"v2"``, ``"v3"`` (SD1.5) or ``"sdxl"`` (AnimateDiff-SDXL beta);
-    ``"sd15-custom"`` for an SD1.5 module whose positional table has another length. ``window`` is
+    ``"sd15-custom"`` for an SD1.5 module whose positional table has another length; ``"hotshot"`` for
+    HotShot-XL (SDXL, its own file layout, an 8-frame window). ``window`` is
     the frame count the module was trained on (16 for all published ones); ``max_frames`` the length
     of its positional table, the most frames one context window may hold.
     """
 
     version: str
     base: str  # "sd15" or "sdxl"
-    layout: str  # "original" or "diffusers"
+    layout: str  # "original", "diffusers" or "hotshot"
     block_out_channels: tuple[int, ...]
     layers_per_block: int
     transformer_layers: int
@@ -93,6 +97,13 @@ class MotionModuleInfo:
     num_attention_heads: int = DEFAULT_HEADS
     norm_num_groups: int = DEFAULT_NORM_GROUPS
     window: int = 16
+    # What beta_schedule "auto" means: AnimateDiff trained on "linear" betas, HotShot-XL on SDXL's own ("base").
+    auto_beta_schedule: str = "linear"
+
+    @property
+    def per_frame_norm(self) -> bool:
+        """HotShot-XL's temporal GroupNorm normalises each frame alone (AnimateDiff's: the whole window)."""
+        return self.version == "hotshot"
 
     def adapter_config(self) -> dict:
         """Keyword arguments for ``diffusers.MotionAdapter``."""
@@ -115,6 +126,7 @@ class MotionModuleInfo:
             "v3": "AnimateDiff v3 (SD1.5)",
             "sdxl": "AnimateDiff-SDXL beta",
             "sd15-custom": "AnimateDiff-style SD1.5 module",
+            "hotshot": "HotShot-XL",
         }
         return (
             f"{names.get(self.version, self.version)}, {self.layout} layout, up to {self.max_frames} frames"
@@ -185,10 +197,15 @@ def _layout(keys: list[str]) -> str:
         return "original"
     if any(_DIFFUSERS_KEY.fullmatch(k) for k in keys):
         return "diffusers"
+    from .hotshot import is_hotshot_layout
+
+    if is_hotshot_layout(keys):
+        return "hotshot"
     if any("temporal_attentions" in k or "positional_encoding" in k for k in keys):
         raise MotionModuleError(
-            "a HotshotXL module (temporal_attentions / positional_encoding keys); only "
-            "AnimateDiff modules (v1, v2, v3, SDXL beta) are supported"
+            "temporal_attentions / positional_encoding keys, but not HotShot-XL's layout (every "
+            "<block>.temporal_attentions.<j> with transformer_blocks.0.attention_blocks.N.pos_encoder."
+            "positional_encoding tables); AnimateDiff (v1, v2, v3, SDXL beta) and HotShot-XL modules are supported"
         )
     if any(k.startswith("model.diffusion_model.") for k in keys):
         raise MotionModuleError(
@@ -260,7 +277,9 @@ def original_to_diffusers(state_dict: StateDict) -> dict[str, torch.Tensor]:
         first = out.get(key)
         if first is None:
             out[key] = table
-        elif first.shape != table.shape or not torch.allclose(first.float(), table.float(), atol=1e-3):
+        elif first.shape != table.shape or (
+            not first.is_meta and not torch.allclose(first.float(), table.float(), atol=1e-3)
+        ):  # meta tensors (shape checks of full-size layouts) have no values to compare
             raise MotionModuleError(
                 f"{key}: the two attention blocks carry different positional tables; "
                 "diffusers shares one table per transformer block, so this module cannot "
@@ -313,7 +332,14 @@ def inspect_state_dict(state_dict: StateDict, layout: str | None = None) -> Moti
     """Version and architecture of a motion module from its tensor names and shapes (either layout)."""
     keys = list(state_dict)
     layout = layout or _layout(keys)
-    diffusers_sd = original_to_diffusers(state_dict) if layout == "original" else dict(state_dict)
+    if layout == "hotshot":
+        from .hotshot import hotshot_to_diffusers
+
+        diffusers_sd = hotshot_to_diffusers(state_dict)
+    elif layout == "original":
+        diffusers_sd = original_to_diffusers(state_dict)
+    else:
+        diffusers_sd = dict(state_dict)
     dkeys = list(diffusers_sd)
     if any(k.startswith("conv_in.") for k in keys):
         raise MotionModuleError(
@@ -341,6 +367,26 @@ def inspect_state_dict(state_dict: StateDict, layout: str | None = None) -> Moti
     max_frames = int(tables[0].shape[1])
     has_mid = any(k.startswith("mid_block.") for k in dkeys)
     base = "sdxl" if len(levels) == 3 else "sd15"
+    if layout == "hotshot":
+        from .hotshot import HOTSHOT_WINDOW
+
+        if base != "sdxl" or has_mid or layers != 2:
+            raise MotionModuleError(
+                f"HotShot-XL-style keys, but {len(levels)} down levels, {layers} modules per level"
+                f"{' and a mid block' if has_mid else ''}; HotShot-XL has 3 levels of 2 and no mid block (SDXL)"
+            )
+        return MotionModuleInfo(
+            version="hotshot",
+            base="sdxl",
+            layout=layout,
+            block_out_channels=tuple(widths),
+            layers_per_block=layers,
+            transformer_layers=max(transformer_layers, 1),
+            has_mid_block=False,
+            max_frames=max_frames,
+            window=HOTSHOT_WINDOW,
+            auto_beta_schedule="base",
+        )
     if base == "sdxl":
         version = "sdxl"
     elif has_mid:
@@ -397,7 +443,11 @@ def load_motion_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         info = inspect_state_dict(state)
     except MotionModuleError as exc:
         raise MotionModuleError(f"{path.name}: {exc}") from None
-    if info.layout == "original":
+    if info.layout == "hotshot":
+        from .hotshot import hotshot_to_diffusers
+
+        state = hotshot_to_diffusers(state)
+    elif info.layout == "original":
         state = original_to_diffusers(state)
     return state, info
 
