@@ -120,14 +120,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         data = dict(data)
-        nested = {
-            "lora": LoraSettings,
-            "data": DataSettings,
-            "optim": OptimSettings,
-            "samples": SampleSettings,
-            "flow": FlowSettings,
-        }
-        for name, kind in nested.items():
+        for name, kind in NESTED_SETTINGS.items():
             if name in data:
                 values = {k: v for k, v in data[name].items() if k in {f.name for f in fields(kind)}}
                 for key, value in values.items():
@@ -149,6 +142,15 @@ class TrainConfig:
                 data.pop(head, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
+
+#: TrainConfig's groups of settings: field name -> its dataclass
+NESTED_SETTINGS: dict[str, type] = {
+    "lora": LoraSettings,
+    "data": DataSettings,
+    "optim": OptimSettings,
+    "samples": SampleSettings,
+    "flow": FlowSettings,
+}
 
 # Fields a resumed run may change without changing what the steps so far computed (gradient
 # checkpointing recomputes the same numbers). `steps` is one of them only for constant schedules; the
@@ -173,13 +175,7 @@ RESUME_FREE_FIELDS = (
 def _field_paths() -> dict[str, str]:
     """Short name -> dotted path for every setting (``rank`` -> ``lora.rank``); dotted paths map to themselves."""
     paths: dict[str, str] = {}
-    nested = {
-        "lora": LoraSettings,
-        "data": DataSettings,
-        "optim": OptimSettings,
-        "samples": SampleSettings,
-        "flow": FlowSettings,
-    }
+    nested = NESTED_SETTINGS
     for f in fields(TrainConfig):
         if f.name in nested:
             for sub in fields(nested[f.name]):

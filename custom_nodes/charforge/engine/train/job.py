@@ -438,16 +438,7 @@ class TrainingSession:
         captions = [item.caption for item in data.items]
         try:
             if self.flow:  # prompts encoded before the trainer drops the text encoders
-                from .flow.samples import plan_flow_samples
-
-                self.plan = plan_flow_samples(
-                    model,
-                    config.samples,
-                    sample_prompts(config.samples, config.trigger_word, captions),
-                    config.samples.size or config.data.resolution,
-                    self.device,
-                    config.flow,
-                )
+                self.plan = self._plan_samples(model, config, captions)
             trainer.setup(on_cache=on_cache)
             if self.resuming:
                 state = folder.load_state()
@@ -458,15 +449,7 @@ class TrainingSession:
                 log.info("CharForge: resuming %s at step %d", folder.name, self.resumed_from)
             folder.truncate_metrics(self.resumed_from)
             if not self.flow:
-                self.plan = plan_samples(
-                    model,
-                    config.samples,
-                    sample_prompts(config.samples, config.trigger_word, captions),
-                    config.samples.size or config.data.resolution,
-                    self.device,
-                    config.clip_skip,
-                    config.max_token_length,
-                )
+                self.plan = self._plan_samples(model, config, captions)
             trainer.train(
                 on_step=self._on_step,
                 after_step=self._after_step,
@@ -553,6 +536,18 @@ class TrainingSession:
     @property
     def flow(self) -> bool:
         return is_flow_arch(self.model.arch)
+
+    def _plan_samples(self, model, config: TrainConfig, captions: list[str]):
+        """The sample prompts' plan (prompts encoded now, while the text encoders are loaded)."""
+        prompts = sample_prompts(config.samples, config.trigger_word, captions)
+        size = config.samples.size or config.data.resolution
+        if self.flow:
+            from .flow.samples import plan_flow_samples
+
+            return plan_flow_samples(model, config.samples, prompts, size, self.device, config.flow)
+        return plan_samples(
+            model, config.samples, prompts, size, self.device, config.clip_skip, config.max_token_length
+        )
 
     def _trainer(self) -> Trainer:
         if self.flow:
