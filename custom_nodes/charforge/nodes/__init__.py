@@ -6,7 +6,20 @@ packages only inside the functions that run, so the pack always loads.
 
 from __future__ import annotations
 
-from . import caption, caption_vlm, dataset, library, score, storage, story, synth, train, video, video_audio
+from . import (
+    caption,
+    caption_vlm,
+    dataset,
+    library,
+    score,
+    storage,
+    story,
+    synth,
+    train,
+    video,
+    video_audio,
+    video_face,
+)
 
 STAGE_MODULES = (
     dataset,
@@ -18,6 +31,7 @@ STAGE_MODULES = (
     storage,
     video,
     video_audio,
+    video_face,
     story,
     library,
 )

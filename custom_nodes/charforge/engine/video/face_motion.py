@@ -248,10 +248,23 @@ class FaceLandmarker:
     def load(
         cls, pack: str = "buffalo_l", det_size: int = 640, providers: list[str] | None = None
     ) -> FaceLandmarker:
+        from ..faces import FaceAnalyzer
+
+        return cls.for_analyzer(FaceAnalyzer.load(pack, det_size=det_size, providers=providers))
+
+    @classmethod
+    def for_analyzer(cls, face_models) -> FaceLandmarker:
+        """The landmarker of a loaded pack (Load Face Models' value): its detector without embeddings and the
+        pack's landmark models."""
         from ..faces import FaceAnalyzer, locate_pack
 
-        analyzer = FaceAnalyzer.load(pack, det_size=det_size, providers=providers, with_embeddings=False)
-        location = locate_pack(pack)
+        analyzer = FaceAnalyzer.load(
+            face_models.pack,
+            det_size=face_models.det_size,
+            providers=face_models.providers,
+            with_embeddings=False,
+        )
+        location = locate_pack(face_models.pack)
         stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in location.onnx_files())
         key = (str(location.folder.resolve()), stamp, tuple(analyzer.providers))
         with cls._lock:
@@ -493,3 +506,18 @@ def read_driving_video(path: str | Path, max_frames: int = 0, frame_step: int = 
         frames = frames[:max_frames]
     fps = (video.fps or 0.0) / frame_step
     return frames, fps
+
+
+def cover_frames(frames, width: int, height: int) -> np.ndarray:
+    """Frames (F, h, w, 3 uint8) scaled to cover `width` x `height` and centre-cropped, as `retarget` maps points."""
+    cv2 = require("cv2")
+    frames = np.asarray(frames)
+    h, w = frames.shape[1:3]
+    scale = max(width / w, height / h)
+    size = (max(width, round(w * scale)), max(height, round(h * scale)))
+    x0, y0 = (size[0] - width) // 2, (size[1] - height) // 2
+    out = np.empty((len(frames), height, width, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        scaled = cv2.resize(np.ascontiguousarray(frame), size, interpolation=cv2.INTER_AREA)
+        out[i] = scaled[y0 : y0 + height, x0 : x0 + width]
+    return out
