@@ -35,6 +35,7 @@ from .formats import (
     _group,
     _te_layer_entries,
     check_structure,
+    refuse_extras,
 )
 
 FLOW_FAMILIES = layouts.FAMILIES
@@ -164,12 +165,7 @@ def state_to_tensors(state: LoraState, fmt: str) -> dict[str, Any]:
     family = state.arch
     if fmt not in _WRITE_SUFFIX:
         raise ValueError(f"unknown LoRA format {fmt!r}; expected one of {tuple(_WRITE_SUFFIX)}")
-    if state.extras and fmt != "comfyui":
-        keys = sorted(state.extras)
-        raise LoraFormatError(
-            f"{len(keys)} full-weight delta tensor(s) (.diff/.diff_b, as ComfyUI's trainer writes) "
-            f"exist only in the comfyui layout: {', '.join(keys[:5])}; convert to comfyui"
-        )
+    refuse_extras(state, fmt)
     down_suffix, up_suffix = _WRITE_SUFFIX[fmt]
     out: dict[str, Any] = {}
 

@@ -598,6 +598,16 @@ _WRITE_SUFFIX = {
 }
 
 
+def refuse_extras(state: LoraState, fmt: str) -> None:
+    """Full-weight deltas (.diff/.diff_b) can be written only in the comfyui layout: LoraFormatError else."""
+    if state.extras and fmt != "comfyui":
+        keys = sorted(state.extras)
+        raise LoraFormatError(
+            f"{len(keys)} full-weight delta tensor(s) (.diff/.diff_b, as ComfyUI's trainer writes) "
+            f"exist only in the comfyui layout: {', '.join(keys[:5])}; convert to comfyui"
+        )
+
+
 def state_to_tensors(state: LoraState, fmt: str) -> dict[str, Any]:
     """The state dict of `state` in `fmt`."""
     if fmt not in FORMATS:
@@ -606,12 +616,7 @@ def state_to_tensors(state: LoraState, fmt: str) -> dict[str, Any]:
         from . import flow_formats
 
         return flow_formats.state_to_tensors(state, fmt)
-    if state.extras and fmt != "comfyui":
-        keys = sorted(state.extras)
-        raise LoraFormatError(
-            f"{len(keys)} full-weight delta tensor(s) (.diff/.diff_b, as ComfyUI's trainer writes) "
-            f"exist only in the comfyui layout: {', '.join(keys[:5])}; convert to comfyui"
-        )
+    refuse_extras(state, fmt)
     down_suffix, up_suffix = _WRITE_SUFFIX[fmt]
     out: dict[str, Any] = {}
     for module in state.modules.values():
