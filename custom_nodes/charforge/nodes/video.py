@@ -45,8 +45,9 @@ SEED_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 
 def _is_motion_adapter(config: Path) -> bool:
+    """A diffusers MotionAdapter folder, or HotShot-XL's unet folder (its own UNet3DConditionModel class)."""
     try:
-        return json.loads(config.read_text()).get("_class_name") == "MotionAdapter"
+        return json.loads(config.read_text()).get("_class_name") in ("MotionAdapter", "UNet3DConditionModel")
     except (OSError, ValueError):
         return False
 
@@ -67,7 +68,7 @@ def resolve_motion_module(name: str) -> str:
     if name.startswith("(no "):
         raise bridge.ModelNotFoundError(
             "no motion module: download one (v3_sd15_mm.ckpt or mm_sd_v15_v2.ckpt for SD1.5, the AnimateDiff-SDXL "
-            f"beta module for SDXL) into ComfyUI's models/{MOTION_FOLDER} folder and reload the page"
+            f"beta module or HotShot-XL's hsxl_temporal_layers.safetensors for SDXL) into ComfyUI's models/{MOTION_FOLDER} folder and reload the page"
         )
     return bridge.find_model(MOTION_FOLDER, name)
 
@@ -86,8 +87,9 @@ class LoadVideoModel:
     DESCRIPTION = (
         "Loads a base model (SD1.5 or SDXL checkpoint from the checkpoints folder, or a diffusers folder) and an "
         "AnimateDiff motion module from models/animatediff_models: the original files users download "
-        "(mm_sd_v15_v2, v3_sd15_mm, mm_sd_v14/v15, the SDXL beta module; .ckpt or .safetensors) or diffusers "
-        "MotionAdapter folders. The module version is read from its weights. Runs through diffusers, not "
+        "(mm_sd_v15_v2, v3_sd15_mm, mm_sd_v14/v15, the SDXL beta module; .ckpt or .safetensors), diffusers "
+        "MotionAdapter folders, or HotShot-XL (hsxl_temporal_layers.safetensors, or its unet folder) for SDXL. "
+        "The module version is read from its weights. Runs through diffusers, not "
         "ComfyUI's model patcher, so ComfyUI updates do not break it. Memory options: dtype, attention, "
         "VAE slicing / tiling, CPU offload, torch.compile."
     )
@@ -112,7 +114,7 @@ class LoadVideoModel:
                         "default": bases[0],
                         "tooltip": (
                             "SD1.5 or SDXL checkpoint (checkpoints folder) or a diffusers folder (models/diffusers). It must "
-                            "match the motion module: SD1.5 for v1/v2/v3, SDXL for the SDXL beta module."
+                            "match the motion module: SD1.5 for v1/v2/v3, SDXL for the SDXL beta module and HotShot-XL."
                         ),
                     },
                 ),
@@ -122,7 +124,8 @@ class LoadVideoModel:
                         "default": modules[0],
                         "tooltip": (
                             "AnimateDiff motion module from models/animatediff_models (file or diffusers folder). v3_sd15_mm "
-                            "and mm_sd_v15_v2 are the usual SD1.5 choices; motion LoRAs need v2."
+                            "and mm_sd_v15_v2 are the usual SD1.5 choices; motion LoRAs need v2. For SDXL: the "
+                            "AnimateDiff-SDXL beta module or HotShot-XL (hsxl_temporal_layers; 8-frame window)."
                         ),
                     },
                 ),
@@ -472,8 +475,8 @@ class GenerateVideo:
                         "min": 0,
                         "max": 32,
                         "tooltip": (
-                            "Frames per context window (0 = the motion module's own window, 16). At most the module's "
-                            "positional table (24 for v1, 32 for v2/v3/SDXL)."
+                            "Frames per context window (0 = the motion module's own window: 16, 8 for HotShot-XL). At "
+                            "most the module's positional table (24 for v1 and HotShot-XL, 32 for v2/v3/SDXL beta)."
                         ),
                     },
                 ),
@@ -535,8 +538,8 @@ class GenerateVideo:
                     {
                         "default": "auto",
                         "tooltip": (
-                            "Noise schedule. auto = linear, what AnimateDiff modules were trained with; base = the "
-                            "checkpoint's own schedule."
+                            "Noise schedule. auto = what the motion module was trained with: linear for AnimateDiff, "
+                            "the checkpoint's own (scaled_linear) for HotShot-XL; base = the checkpoint's own schedule."
                         ),
                     },
                 ),

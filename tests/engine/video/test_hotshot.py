@@ -130,6 +130,43 @@ def test_tiny_file_loads_every_tensor_where_its_name_says(hotshot_file):
         assert torch.equal(file[hotshot_name], own[adapter_name]), hotshot_name
 
 
+def test_hotshot_xl_unet_folder_gives_the_same_temporal_layers(hotshot_file, tmp_path):
+    """HotShot-XL's repository layout (``unet/config.json`` of its UNet3DConditionModel and the whole U-Net's
+    weights): the temporal layers are taken, equal to the single file's; the spatial ones are left to the base."""
+    import json
+
+    from safetensors.torch import save_file
+
+    unet = tmp_path / "Hotshot-XL" / "unet"
+    unet.mkdir(parents=True)
+    (tmp_path / "Hotshot-XL" / "model_index.json").write_text(
+        json.dumps({"_class_name": "HotshotXLPipeline"})
+    )
+    (unet / "config.json").write_text(
+        json.dumps({"_class_name": "UNet3DConditionModel", "down_block_types": ["DownBlock3D"]})
+    )
+    spatial = {
+        "conv_in.weight": torch.ones(32, 4, 3, 3),
+        "down_blocks.1.attentions.0.proj_in.weight": torch.ones(64, 64),
+    }
+    save_file({**read_weights(hotshot_file), **spatial}, str(unet / "diffusion_pytorch_model.safetensors"))
+    expected = load_motion_adapter(hotshot_file)[0].state_dict()
+    for folder in (unet, unet.parent):
+        adapter, info = load_motion_adapter(folder)
+        assert info.version == "hotshot" and info.window == 8
+        got = adapter.state_dict()
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    modelscope = tmp_path / "text-to-video" / "unet"
+    modelscope.mkdir(parents=True)
+    (modelscope / "config.json").write_text(json.dumps({"_class_name": "UNet3DConditionModel"}))
+    save_file(
+        {"down_blocks.0.temp_attentions.0.norm.weight": torch.ones(32)},
+        str(modelscope / "diffusion_pytorch_model.safetensors"),
+    )
+    with pytest.raises(MotionModuleError, match="without HotShot-XL temporal layers"):
+        inspect_motion_module(modelscope.parent)
+
+
 def test_files_that_are_not_hotshot_xl_modules_are_named(hotshot_file, tmp_path):
     from safetensors.torch import save_file
 

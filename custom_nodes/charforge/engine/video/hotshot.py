@@ -32,13 +32,17 @@ context window is 8 frames, and at most 24 fit its table. It was trained with SD
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from .motion import MotionModuleError, original_to_diffusers
+from ...deps import require
+from .motion import MotionModuleError, original_to_diffusers, read_weights
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -137,3 +141,65 @@ def use_per_frame_norms(unet: torch.nn.Module) -> int:
         module.norm = per_frame
         count += 1
     return count
+
+
+# --------------------------------------------------------------------------------------------------
+# HotShot-XL's own diffusers-style folder
+
+HOTSHOT_UNET_CLASS = "UNet3DConditionModel"  # HotShot-XL's own class name in its unet/config.json
+
+
+def hotshot_unet_folder(path: str | os.PathLike) -> Path | None:
+    """HotShot-XL's ``unet`` folder when `path` is it or the pipeline folder holding it (a clone of the
+    published repository), else None. Recognised by ``config.json``'s ``_class_name``."""
+    path = Path(path)
+    for folder in (path, path / "unet"):
+        config = folder / "config.json"
+        if not config.is_file():
+            continue
+        try:
+            if json.loads(config.read_text()).get("_class_name") == HOTSHOT_UNET_CLASS:
+                return folder
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def temporal_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    """The ``temporal_attentions`` tensors of a full HotShot-XL U-Net weight file (a safetensors file is read
+    tensor by tensor, so the spatial layers are never loaded)."""
+    if weights.suffix == ".safetensors":
+        require("safetensors")
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt", device="cpu") as file:
+            names = [k for k in file.keys() if ".temporal_attentions." in k]  # noqa: SIM118 - not a dict
+            return {k: file.get_tensor(k) for k in names}
+    return {k: v for k, v in read_weights(weights).items() if ".temporal_attentions." in k}
+
+
+def load_hotshot_folder(path: str | os.PathLike):
+    """The temporal layers of HotShot-XL's ``unet`` folder (at `path` or ``path/unet``) as a diffusers-named
+    state dict plus its `MotionModuleInfo`.
+
+    The folder holds the whole 3-D U-Net; HotShot-XL's own inference does the same with another SDXL
+    (``--spatial_unet_base``): only the temporal layers are taken, the base checkpoint gives the rest.
+    """
+    from .motion import diffusers_weight_file, inspect_state_dict
+
+    folder = hotshot_unet_folder(path)
+    if folder is None:
+        raise MotionModuleError(
+            f"{path}: not HotShot-XL's unet folder (config.json _class_name {HOTSHOT_UNET_CLASS})"
+        )
+    temporal = temporal_tensors(diffusers_weight_file(folder))
+    if not is_hotshot_layout(temporal):
+        raise MotionModuleError(
+            f"{folder}: a {HOTSHOT_UNET_CLASS} folder without HotShot-XL temporal layers "
+            "(<block>.temporal_attentions.<j> with positional_encoding tables)"
+        )
+    try:
+        info = inspect_state_dict(temporal, "hotshot")
+    except MotionModuleError as exc:
+        raise MotionModuleError(f"{folder}: {exc}") from None
+    return hotshot_to_diffusers(temporal), info

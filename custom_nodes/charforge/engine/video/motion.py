@@ -166,6 +166,11 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return read_weights(diffusers_weight_file(folder))
+
+
+def diffusers_weight_file(folder: Path) -> Path:
+    """The weight file of a diffusers model folder (full precision preferred over fp16, safetensors over .bin)."""
     for name in (
         "diffusion_pytorch_model.safetensors",
         "diffusion_pytorch_model.fp16.safetensors",
@@ -173,7 +178,7 @@ def _diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
         "diffusion_pytorch_model.fp16.bin",
     ):
         if (folder / name).is_file():
-            return read_weights(folder / name)
+            return folder / name
     raise MotionModuleError(f"{folder}: a diffusers folder without diffusion_pytorch_model weights")
 
 
@@ -417,13 +422,20 @@ def inspect_motion_module(path: str | os.PathLike) -> MotionModuleInfo:
 def load_motion_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], MotionModuleInfo]:
     """The motion module at `path` as a diffusers-named state dict plus what it is.
 
-    `path` is an original-layout or diffusers-layout single file, or a diffusers ``MotionAdapter`` folder
-    (its ``config.json`` then supplies heads and groups).
+    `path` is an original-layout, diffusers-layout or HotShot-XL single file, a diffusers ``MotionAdapter``
+    folder (its ``config.json`` then supplies heads and groups) or HotShot-XL's ``unet`` folder (or the
+    pipeline folder holding it), whose temporal layers are used (`hotshot.load_hotshot_folder`).
     """
     path = Path(path)
     if path.is_dir():
+        from .hotshot import hotshot_unet_folder, load_hotshot_folder
+
+        if hotshot_unet_folder(path) is not None:
+            return load_hotshot_folder(path)
         if not is_diffusers_motion_folder(path):
-            raise MotionModuleError(f"{path}: a folder without a MotionAdapter config.json")
+            raise MotionModuleError(
+                f"{path}: a folder without a MotionAdapter config.json (nor HotShot-XL's unet folder)"
+            )
         config = json.loads((path / "config.json").read_text())
         state = _diffusers_weights(path)
         info = inspect_state_dict(state, "diffusers")
