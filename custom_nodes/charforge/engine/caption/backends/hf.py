@@ -266,6 +266,19 @@ def pick_dtype(device: str, dtype: str = "auto"):
 # The captioner
 
 
+def on_device(batch: Any, device: Any, dtype: Any) -> dict[str, Any]:
+    """A processor's output as a dict with its tensors on `device`, the floating-point ones (pixels) in `dtype`;
+    ids, masks and other values as they are."""
+    out = {}
+    for key, value in batch.items():
+        if hasattr(value, "to"):
+            value = value.to(device)
+            if value.is_floating_point():
+                value = value.to(dtype)
+        out[key] = value
+    return out
+
+
 class TransformersCaptioner(Captioner):
     """BLIP, BLIP-2 or Florence-2 from a Hugging Face folder; the model stays loaded until `close()`."""
 
@@ -352,14 +365,7 @@ class TransformersCaptioner(Captioner):
             }
         else:
             inputs = self._process(images)
-        out = {}
-        for key, value in inputs.items():
-            if hasattr(value, "to"):
-                value = value.to(self.device)
-                if value.is_floating_point():
-                    value = value.to(self.dtype)
-            out[key] = value
-        return out
+        return on_device(inputs, self.device, self.dtype)
 
     def generate(self, images: list[Any]):
         """Token ids of the generated captions (the prompt removed for decoder-only models)."""

@@ -275,14 +275,7 @@ class VLMCaptioner(Captioner):
             add_special_tokens=self._add_special,
             return_tensors="pt",
         )
-        out = {}
-        for key, value in batch.items():
-            if hasattr(value, "to"):
-                value = value.to(self.device)
-                if value.is_floating_point():
-                    value = value.to(self.dtype)
-            out[key] = value
-        return out
+        return hf.on_device(batch, self.device, self.dtype)
 
     def generate(self, images: list[Any]):
         """Token ids of the generated captions (the prompt removed), one row per image, padded at the end."""
