@@ -451,5 +451,45 @@ def video_audio_reactive(new):
     return w
 
 
+def video_hotshot_xl(new):
+    w = new("video_hotshot_xl")
+    w.note(
+        "HOTSHOT-XL VIDEO - an SDXL clip of your character with HotShot-XL's temporal layers and your SDXL LoRA.\n\n"
+        "SET BEFORE QUEUEING\n"
+        "- Load Video Model > base_model: an SDXL checkpoint; HotShot-XL works best with one fine-tuned for\n"
+        "  512 x 512 (hotshotco/SDXL-512). motion_module: hsxl_temporal_layers.safetensors (or the\n"
+        "  [diffusers] Hotshot-XL/unet folder of a clone of hotshotco/Hotshot-XL).\n"
+        "- Character LoRA: your SDXL LoRA from models/loras/ (bypass it with Ctrl+B for the base model).\n"
+        "- Generate Video > prompt: one keyframe per line ('<frame>: prompt'), keep your trigger word; a line\n"
+        "  without a frame number is added to every keyframe.\n"
+        "- context_length 8: HotShot-XL was trained on 8-frame clips (1 s at 8 fps). Longer clips are made in\n"
+        "  overlapping 8-frame windows (at most 24 per window). beta_schedule auto = SDXL's own noise schedule.\n\n"
+        "MODELS\n"
+        "SDXL checkpoint (models/checkpoints/), hsxl_temporal_layers.safetensors (models/animatediff_models/),\n"
+        "SDXL character LoRA (models/loras/).\n\n"
+        "RESULT\n"
+        "output/charforge/hotshot_xl_00001_.mp4: 16 frames at 8 fps, shown on Save Video.")
+    w.group("1 - SDXL + HotShot-XL + character LoRA", "#8A8")
+    model = w.node("CharForgeLoadVideoModel", base_model="sd_xl_base_1.0.safetensors",
+                   motion_module="hsxl_temporal_layers.safetensors")
+    lora = w.node("CharForgeVideoLoRA", title="Character LoRA", lora_name="my_character_xl.safetensors",
+                  strength=0.8)
+    w.link(model, "model", lora, "model")
+    w.group("2 - Generate in 8-frame windows", "#a1309b")
+    generate = w.node("CharForgeGenerateVideo", height=560,
+                      prompt="0: photo of ohwx person smiling, looking at the camera\n"
+                      "8: photo of ohwx person laughing, turning the head\nnatural light, sharp focus",
+                      negative_prompt=NEGATIVE, frames=16, fps=8.0, width=512, steps=30, cfg=7.5,
+                      scheduler="euler_a", seed=42, context_length=8, context_overlap=4,
+                      widgets={"height": 512})
+    w.link(lora, "model", generate, "model")
+    w.group("3 - Save", "#b58b2a")
+    save = w.node("CharForgeSaveVideo", height=420, format="mp4", filename_prefix="charforge/hotshot_xl",
+                  quality=80)
+    w.link(generate, "frames", save, "frames")
+    w.link(generate, "fps", save, "fps")
+    return w
+
+
 BUILDERS = (caption_dataset, train_lora_sdxl, generate_best_of_n_clip, controlnet_lora, character_lora,
-            character_pipeline, synthesize_dataset, video_audio_reactive)
+            character_pipeline, synthesize_dataset, video_audio_reactive, video_hotshot_xl)

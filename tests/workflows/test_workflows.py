@@ -30,7 +30,8 @@ WORKFLOWS = REPO_ROOT / "workflows"
 EXPECTED = {"dataset_prep", "caption_dataset", "build_identity", "score_best_of_n", "generate_best_of_n_clip",
             "train_lora_sd15", "train_lora_sdxl", "controlnet_lora", "video_animatediff", "character_lora",
             "character_pipeline", "synthesize_dataset", "flux_lora", "flux_best_of_n", "flux_storyboard", "sd35_lora",
-            "sd35_best_of_n", "sd35_storyboard", "video_audio_reactive"}
+            "sd35_best_of_n", "sd35_storyboard", "video_audio_reactive",
+            "video_hotshot_xl"}
 UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 
@@ -454,7 +455,7 @@ CHARFORGE_ONLY = {p.stem for p in EDITOR_FILES
                   if all(n["type"].startswith("CharForge") or n["type"] in UI_ONLY | {"PreviewImage", "SaveImage"}
                          for n in _editor(p)["nodes"])}
 RUN_THROUGH_HARNESS = {"dataset_prep", "build_identity", "train_lora_sd15", "caption_dataset", "train_lora_sdxl",
-                       "character_lora", "video_animatediff", "video_audio_reactive"}
+                       "character_lora", "video_animatediff", "video_audio_reactive", "video_hotshot_xl"}
 
 
 def test_every_charforge_only_workflow_runs_through_the_harness():
@@ -638,6 +639,42 @@ def test_video_audio_reactive_changes_prompts_on_beats_and_saves_the_music(comfy
     assert video.suffix == ".mp4"
     video_seconds, audio_seconds = media_durations(video)
     assert video_seconds == pytest.approx(2.0) and abs(audio_seconds - video_seconds) < 1 / 8
+
+
+@pytest.mark.slow
+def test_video_hotshot_xl_makes_sixteen_frames_in_eight_frame_windows_with_the_lora(comfy_env, tmp_path):
+    import shutil
+
+    from cf_testing.video_models import build_tiny_hotshot_module, video_assets
+    from charforge import bridge
+
+    assets = video_assets(tmp_path / "assets")
+    models = comfy_env.base_dir / "models"
+    shutil.copytree(assets.sdxl.diffusers_dir, models / "diffusers" / "tiny_sdxl")
+    build_tiny_hotshot_module(models / "animatediff_models" / "hsxl_temporal_layers.safetensors")
+    (models / "loras").mkdir(parents=True, exist_ok=True)
+    shutil.copy(assets.sdxl_character_lora, models / "loras")
+    bridge.register_model_folders()
+    prompt = _api(WORKFLOWS / "video_hotshot_xl.json")
+    ids = _by_class(prompt)
+    load, lora, generate, save = (ids[c][0] for c in ("CharForgeLoadVideoModel", "CharForgeVideoLoRA",
+                                                      "CharForgeGenerateVideo", "CharForgeSaveVideo"))
+    assert prompt[load]["inputs"]["motion_module"] == "hsxl_temporal_layers.safetensors"
+    assert _source(prompt, generate, "model") == lora and _source(prompt, lora, "model") == load
+    settings = prompt[generate]["inputs"]
+    assert (settings["frames"], settings["fps"], settings["context_length"]) == (16, 8.0, 8)
+    prompt[load]["inputs"]["base_model"] = "[diffusers] tiny_sdxl"
+    prompt[lora]["inputs"]["lora_name"] = assets.sdxl_character_lora.name
+    settings.update(width=64, height=64, steps=2)
+    with one_torch_thread():
+        results = _run_prompt(prompt)
+    assert "HotShot-XL" in results[load][1] and "window 8 frames" in results[load][1]
+    frames, fps, info = results[generate]
+    assert frames.shape[:3] == (16, 64, 64) and fps == 8.0
+    assert f"LoRA {assets.sdxl_character_lora.name} x0.8" in info
+    assert "context: 3 window(s) of 8 frames, overlap 4" in info
+    video = Path(results[save][0])
+    assert video.suffix == ".mp4" and video.is_file()
 
 
 # ------------------------------------------------------------------------------------------------------------
