@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..models import fingerprint
 from .objective import FlowSettings
 
 
@@ -112,6 +113,18 @@ class FlowModel:
         if self.text_encoders.get(self.lora_text_encoder) is not None:
             out["text_encoder"] = self.text_encoders[self.lora_text_encoder]
         return out
+
+    def frozen(self) -> FlowModel:
+        """This model, just loaded, with every part frozen in eval mode and the fingerprints of its VAE and
+        text encoders taken (what the caches are checked against)."""
+        for module in (self.transformer, self.vae, *self.text_encoders.values()):
+            module.requires_grad_(False)
+            module.eval()
+        self.fingerprints = {
+            "vae": fingerprint(self.vae),
+            **{name: fingerprint(module) for name, module in self.text_encoders.items()},
+        }
+        return self
 
     def release_text_encoders(self, keep: Sequence[str] = ()) -> None:
         """Drop the text encoders not in `keep` (their outputs are cached): frees their memory."""

@@ -39,7 +39,6 @@ from ..models import (
     UnsupportedModelError,
     _dtype_argument,
     find_tokenizer_dir,
-    fingerprint,
     resolve_dtype,
 )
 from .family import FlowModel, token_ids
@@ -393,13 +392,7 @@ def load_flux(
             tokenizer_candidates,
             t5_tokenizer_candidates,
         )
-    for module in (model.transformer, model.vae, *model.text_encoders.values()):
-        module.requires_grad_(False)
-        module.eval()
-    model.fingerprints = {
-        "vae": fingerprint(model.vae),
-        **{name: fingerprint(module) for name, module in model.text_encoders.items()},
-    }
+    model.frozen()
     return model
 
 

@@ -44,7 +44,6 @@ from ..models import (
     UnsupportedModelError,
     _dtype_argument,
     find_tokenizer_dir,
-    fingerprint,
     resolve_dtype,
 )
 from . import flux
@@ -289,10 +288,7 @@ def load_sd3(
         model = _load_files(files, weight_dtype, configs, tokenizer_candidates, t5_tokenizer_candidates)
     else:
         raise FileNotFoundError(f"base model not found: {source}")
-    model.fingerprints = {
-        "vae": fingerprint(model.vae),
-        **{name: fingerprint(module) for name, module in model.text_encoders.items()},
-    }
+    model.frozen()
     return model
 
 
@@ -336,9 +332,6 @@ def _load_folder(source: Path, dtype: torch.dtype, tokenizer_candidates) -> SD3M
 
 
 def _model(arch, source, transformer, vae, encoders, tokenizers, dtype) -> SD3Model:
-    for module in (transformer, vae, *encoders.values()):
-        module.requires_grad_(False)
-        module.eval()
     return SD3Model(
         arch=arch,
         source=str(source),
