@@ -39,6 +39,7 @@ MODEL_FILE_INPUTS = frozenset({
     ("CharForgeVideoLoRA", "lora_name"),
     ("CharForgeMotionLoRA", "motion_lora"),
     ("CharForgeLoadAudio", "audio"),  # a file in the input folder
+    ("CharForgeFaceMotion", "video"),  # a file in the input folder
     ("CharForgeLoadClip", "model"),
     ("CharForgeLoadFaceSwapper", "swapper"),
     ("CharForgeLoadFaceRestorer", "model"),

@@ -1,6 +1,7 @@
-"""``charforge video --audio SONG``: the shipped audio-reactive AnimateDiff workflow, run on a server.
+"""``charforge video --audio SONG`` / ``--driving-video FILE``: the shipped audio-reactive AnimateDiff workflow, or
+the face-driven ControlNet workflow, run on a server.
 
-The sound file is uploaded into the server's input folder, the workflow's settings are set from the options
+The sound file (or driving video) is uploaded into the server's input folder, the workflow's settings are set from the options
 (as ``charforge run --set`` / ``--input`` would), and the clip (mp4 with the music) comes home into ``--out``
 with a manifest. Only the workflow file is read locally: the command needs neither torch nor the engine.
 """
@@ -18,12 +19,19 @@ from charforge.driver.workflow.overrides import Override
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 AUDIO_WORKFLOW = "video_audio_reactive"
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus")
+FACE_WORKFLOW = "video_face_motion"
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".gif", ".webp")
 
 EPILOG = """\
 The workflow is workflows/video_audio_reactive.json: Load Audio (CharForge) -> Audio Prompt Travel -> Generate
 Video (prompt, frames and fps from the beats) -> Save Video with the music muxed in (AAC in mp4, Opus in webm).
 Options left out keep the workflow's values. Anything else: charforge run workflows/video_audio_reactive.json
 --input "Load Audio (CharForge)=song.mp3" --set NODE.INPUT=VALUE.
+
+With --driving-video the workflow is workflows/video_face_motion.json: Face Motion from Video (the driving
+face's landmarks as face maps) -> ComfyUI's Apply ControlNet + KSampler (video to video, character LoRA) ->
+Save Video and Identity Drift. --prompt, --negative, --base-model, --lora, --width/--height, --steps, --seed and
+--format apply to it too; --controlnet, --denoise and --max-frames are its own.
 """
 
 
@@ -45,19 +53,33 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
     p = sub.add_parser(
         "video",
         parents=[server],
-        help="an AnimateDiff clip of the character cut to music (--audio)",
-        description="Run the audio-reactive video workflow on a ComfyUI with CharForge: the prompt changes on "
-        "the music's beats and the saved mp4 carries the music, in sync.",
+        help="a clip of the character cut to music (--audio) or following a driving face (--driving-video)",
+        description="Run the audio-reactive video workflow on a ComfyUI with CharForge (the prompt changes on "
+        "the music's beats and the saved mp4 carries the music, in sync), or the face-driven one (the character's "
+        "face follows a driving video's landmarks through a ControlNet).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--audio",
         type=Path,
-        required=True,
         metavar="FILE",
         help="the music (wav, flac, mp3, m4a, ogg): uploaded to the server's input folder",
     )
+    source.add_argument(
+        "--driving-video",
+        type=Path,
+        metavar="FILE",
+        help="a video of a face (mp4, webm, mov, gif) whose motion the character follows: uploaded",
+    )
+    p.add_argument(
+        "--controlnet", metavar="NAME", help="face / pose ControlNet on the server (--driving-video)"
+    )
+    p.add_argument(
+        "--denoise", type=float, metavar="D", help="how much of the driving frames is redrawn (0-1)"
+    )
+    p.add_argument("--max-frames", type=int, metavar="N", help="driving frames used (0 = all)")
     p.add_argument(
         "--prompt",
         action="append",
@@ -97,8 +119,60 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
     p.set_defaults(func=cmd_video)
 
 
+def _overrides(sets: list[tuple[str, str, Any]]) -> list[Override]:
+    # Typed values, not NODE.INPUT=VALUE texts: a prompt with a newline or a file name like "1.5" stays as given.
+    return [
+        Override(node, name, value, value if isinstance(value, str) else json.dumps(value), f"{node}.{name}")
+        for node, name, value in sets
+        if value is not None
+    ]
+
+
+def face_settings(args: argparse.Namespace) -> tuple[list[Override], list[str]]:
+    """The ``--set`` overrides and ``--input`` text the options mean for the face-driven workflow."""
+    video = Path(args.driving_video)
+    if not video.is_file():
+        raise UsageError(f"--driving-video {video}: no such file")
+    if video.suffix.lower() not in VIDEO_SUFFIXES:
+        raise UsageError(
+            f"--driving-video {video}: not a video this workflow reads ({', '.join(VIDEO_SUFFIXES)})"
+        )
+    for option in ("shared", "start", "duration", "fps", "beats_per_prompt", "switch", "motion_module"):
+        if getattr(args, option, None) is not None:
+            raise UsageError(
+                f"--{option.replace('_', '-')} belongs to --audio; the face-driven clip has no use for it"
+            )
+    if args.denoise is not None and not 0.0 < args.denoise <= 1.0:
+        raise UsageError(f"--denoise {args.denoise}: give a value in (0, 1]")
+    sets: list[tuple[str, str, Any]] = [
+        ("CharForgeFaceMotion", "width", args.width),
+        ("CharForgeFaceMotion", "height", args.height),
+        ("CharForgeFaceMotion", "max_frames", args.max_frames),
+        ("CheckpointLoaderSimple", "ckpt_name", args.base_model),
+        ("ControlNetLoader", "control_net_name", args.controlnet),
+        ("Positive prompt", "text", ", ".join(args.prompt) if args.prompt else None),
+        ("Negative prompt", "text", args.negative),
+        ("KSampler", "steps", args.steps),
+        ("KSampler", "seed", args.seed),
+        ("KSampler", "denoise", args.denoise),
+        ("CharForgeSaveVideo", "format", args.format),
+    ]
+    if args.lora is not None:
+        sets += [("LoraLoader", "lora_name", args.lora[0])]
+        sets += [
+            ("LoraLoader", "strength_model", args.lora[1]),
+            ("LoraLoader", "strength_clip", args.lora[1]),
+        ]
+    return _overrides(sets), [f"CharForgeFaceMotion.video={video}"]
+
+
 def video_settings(args: argparse.Namespace) -> tuple[list[Override], list[str]]:
     """The ``--set`` overrides and ``--input`` text the options mean for the audio workflow (nodes by class)."""
+    if getattr(args, "driving_video", None) is not None:
+        return face_settings(args)
+    for option in ("controlnet", "denoise", "max_frames"):
+        if getattr(args, option, None) is not None:
+            raise UsageError(f"--{option.replace('_', '-')} belongs to --driving-video")
     audio = Path(args.audio)
     if not audio.is_file():
         raise UsageError(f"--audio {audio}: no such file")
@@ -142,9 +216,10 @@ def cmd_video(args: argparse.Namespace, out: Any) -> int:
     from charforge.driver.cli.app import cmd_run
 
     sets, inputs = video_settings(args)
+    name = FACE_WORKFLOW if getattr(args, "driving_video", None) is not None else AUDIO_WORKFLOW
     run_args = argparse.Namespace(
         **vars(args),
-        workflow=WORKFLOWS / f"{AUDIO_WORKFLOW}.json",
+        workflow=WORKFLOWS / f"{name}.json",
         set=sets,
         input=inputs,
         no_download=False,
