@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from . import safetensors_file
-from .safetensors_file import Header, SafetensorsError, TensorInfo
+from .safetensors_file import FileProblem, Header, SafetensorsError, TensorInfo
 
 FORMATS = ("kohya", "peft", "comfyui")
 ARCHS = ("sd15", "sdxl")
@@ -76,15 +76,8 @@ class LoraFormatError(ValueError):
     """A LoRA file (or state dict) that cannot be read or converted; the message names the keys."""
 
 
-class InvalidLoraFile(LoraFormatError):
+class InvalidLoraFile(FileProblem, LoraFormatError):
     """A LoRA refused when opened or before writing: `path`, `key` (None: the whole file) and `reason`."""
-
-    def __init__(self, path: str | os.PathLike, reason: str, key: str | None = None):
-        self.path = str(path)
-        self.key = key
-        self.reason = reason
-        where = f" {key[:120]!r}" if key is not None else ""
-        super().__init__(f"{self.path}:{where} {reason}")
 
 
 @dataclass

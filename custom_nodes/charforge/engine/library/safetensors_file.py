@@ -64,8 +64,9 @@ _EXPONENT = {
 }
 
 
-class SafetensorsError(ValueError):
-    """A ``.safetensors`` file that cannot be trusted; `path`, `key` (None: the file as a whole), `reason`."""
+class FileProblem(Exception):
+    """What is wrong with one file: `path`, `key` (None: the file as a whole) and `reason`, shown as
+    ``path: 'key' reason``. Mixed into the errors of the readers that name a file's tensor."""
 
     def __init__(self, path: str | os.PathLike, reason: str, key: str | None = None):
         self.path = str(path)
@@ -73,6 +74,10 @@ class SafetensorsError(ValueError):
         self.reason = reason
         where = f" {key[:120]!r}" if key is not None else ""
         super().__init__(f"{self.path}:{where} {reason}")
+
+
+class SafetensorsError(FileProblem, ValueError):
+    """A ``.safetensors`` file that cannot be trusted; `path`, `key` (None: the file as a whole), `reason`."""
 
 
 @dataclass(frozen=True)
