@@ -20,6 +20,8 @@ WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 AUDIO_WORKFLOW = "video_audio_reactive"
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus")
 FACE_WORKFLOW = "video_face_motion"
+HOTSHOT_WORKFLOW = "video_hotshot_xl"
+HOTSHOT_FRAMES = 16  # the shipped workflow's clip length, used to spread --prompt keyframes without --frames
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".gif", ".webp")
 
 EPILOG = """\
@@ -32,6 +34,11 @@ With --driving-video the workflow is workflows/video_face_motion.json: Face Moti
 face's landmarks as face maps) -> ComfyUI's Apply ControlNet + KSampler (video to video, character LoRA) ->
 Save Video and Identity Drift. --prompt, --negative, --base-model, --lora, --width/--height, --steps, --seed and
 --format apply to it too; --controlnet, --denoise and --max-frames are its own.
+
+With --hotshot the workflow is workflows/video_hotshot_xl.json: an SDXL checkpoint with HotShot-XL's temporal
+layers and the character LoRA -> Generate Video (8-frame context windows) -> Save Video. Several --prompt
+become keyframes spread evenly over --frames (prompt travel), --shared is added to each; --fps, --base-model,
+--motion-module, --lora, --negative, --width/--height, --steps, --seed and --format apply.
 """
 
 
@@ -53,7 +60,8 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
     p = sub.add_parser(
         "video",
         parents=[server],
-        help="a clip of the character cut to music (--audio) or following a driving face (--driving-video)",
+        help="a clip of the character cut to music (--audio), following a driving face (--driving-video) "
+        "or made with HotShot-XL on SDXL (--hotshot)",
         description="Run the audio-reactive video workflow on a ComfyUI with CharForge (the prompt changes on "
         "the music's beats and the saved mp4 carries the music, in sync), or the face-driven one (the character's "
         "face follows a driving video's landmarks through a ControlNet).",
@@ -73,6 +81,12 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
         metavar="FILE",
         help="a video of a face (mp4, webm, mov, gif) whose motion the character follows: uploaded",
     )
+    source.add_argument(
+        "--hotshot",
+        action="store_true",
+        help="an SDXL clip with HotShot-XL's temporal layers and the character LoRA (prompt travel)",
+    )
+    p.add_argument("--frames", type=int, metavar="N", help="frames in the clip (--hotshot)")
     p.add_argument(
         "--controlnet", metavar="NAME", help="face / pose ControlNet on the server (--driving-video)"
     )
@@ -166,8 +180,50 @@ def face_settings(args: argparse.Namespace) -> tuple[list[Override], list[str]]:
     return _overrides(sets), [f"CharForgeFaceMotion.video={video}"]
 
 
+def hotshot_settings(args: argparse.Namespace) -> tuple[list[Override], list[str]]:
+    """The ``--set`` overrides the options mean for the HotShot-XL workflow (nothing to upload)."""
+    for option in ("start", "duration", "beats_per_prompt", "switch", "controlnet", "denoise", "max_frames"):
+        if getattr(args, option, None) is not None:
+            raise UsageError(f"--{option.replace('_', '-')} has no use in the HotShot-XL clip (--hotshot)")
+    if args.frames is not None and args.frames < 1:
+        raise UsageError(f"--frames {args.frames}: give at least 1")
+    prompt = None
+    if args.prompt:
+        frames = args.frames or HOTSHOT_FRAMES
+        starts = [round(i * frames / len(args.prompt)) for i in range(len(args.prompt))]
+        lines = [f"{start}: {text}" for start, text in zip(starts, args.prompt, strict=True)]
+        prompt = "\n".join(lines + ([args.shared] if args.shared else []))
+    elif args.shared:
+        raise UsageError("--shared is added to each --prompt: give at least one --prompt with it")
+    sets: list[tuple[str, str, Any]] = [
+        ("CharForgeLoadVideoModel", "base_model", args.base_model),
+        ("CharForgeLoadVideoModel", "motion_module", args.motion_module),
+        ("CharForgeGenerateVideo", "prompt", prompt),
+        ("CharForgeGenerateVideo", "negative_prompt", args.negative),
+        ("CharForgeGenerateVideo", "frames", args.frames),
+        ("CharForgeGenerateVideo", "fps", args.fps),
+        ("CharForgeGenerateVideo", "width", args.width),
+        ("CharForgeGenerateVideo", "height", args.height),
+        ("CharForgeGenerateVideo", "steps", args.steps),
+        ("CharForgeGenerateVideo", "seed", args.seed),
+        ("CharForgeSaveVideo", "format", args.format),
+    ]
+    if args.lora is not None:
+        sets += [
+            ("CharForgeVideoLoRA", "lora_name", args.lora[0]),
+            ("CharForgeVideoLoRA", "strength", args.lora[1]),
+        ]
+    return _overrides(sets), []
+
+
 def video_settings(args: argparse.Namespace) -> tuple[list[Override], list[str]]:
     """The ``--set`` overrides and ``--input`` text the options mean for the audio workflow (nodes by class)."""
+    if getattr(args, "hotshot", False):
+        return hotshot_settings(args)
+    if getattr(args, "frames", None) is not None:
+        raise UsageError(
+            "--frames belongs to --hotshot (the other clips take their length from the sound or video)"
+        )
     if getattr(args, "driving_video", None) is not None:
         return face_settings(args)
     for option in ("controlnet", "denoise", "max_frames"):
@@ -217,6 +273,8 @@ def cmd_video(args: argparse.Namespace, out: Any) -> int:
 
     sets, inputs = video_settings(args)
     name = FACE_WORKFLOW if getattr(args, "driving_video", None) is not None else AUDIO_WORKFLOW
+    if getattr(args, "hotshot", False):
+        name = HOTSHOT_WORKFLOW
     run_args = argparse.Namespace(
         **vars(args),
         workflow=WORKFLOWS / f"{name}.json",
