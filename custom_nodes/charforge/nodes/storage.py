@@ -52,27 +52,35 @@ class SendTrainingToStorage:
         }
 
     def send(self, run, destination, unique_id=None):
-        from ..engine.transfer.storage import StorageFailed, store_training
+        from ..engine.transfer.storage import store_training
 
         lora = run.lora_path if os.path.isfile(run.lora_path) else os.path.join(run.run_dir, run.lora_name)
         summary = f"{run.lora_name}: {run.step} steps, final loss {run.loss:.4f}; run folder {run.run_dir}"
-        try:
-            receipt = store_training(
-                Path(lora),
-                Path(run.run_dir),
-                summary,
-                destination,
-                bridge.control(0, label=f"send {run.name}"),
-            )
-        except StorageFailed as exc:
-            raise RuntimeError(f"Send Training to Storage: {exc}") from None
-        receipt["node"] = str(unique_id or "")
-        shown = _show_receipt(receipt, run.name)
-        sent = sum(1 for f in receipt["files"] if f["sent"])
+        receipt, shown, sent = _send(
+            "Send Training to Storage",
+            lambda control: store_training(Path(lora), Path(run.run_dir), summary, destination, control),
+            f"send {run.name}",
+            run.name,
+            unique_id,
+        )
         text = (
             f"{receipt['summary']}; sent {sent} of {len(receipt['files'])} files to {receipt['destination']}"
         )
         return {"ui": {"text": [text], "images": [shown]}, "result": (receipt["destination"],)}
+
+
+def _send(node: str, store, label: str, name: str, unique_id) -> tuple[dict, dict, int]:
+    """Run `store(control)` (a storage upload answering its receipt), refusing a failure in `node`'s name;
+    returns (the receipt with this node's id, its receipt image entry, how many files were sent)."""
+    from ..engine.transfer.storage import StorageFailed
+
+    try:
+        receipt = store(bridge.control(0, label=label))
+    except StorageFailed as exc:
+        raise RuntimeError(f"{node}: {exc}") from None
+    receipt["node"] = str(unique_id or "")
+    shown = _show_receipt(receipt, name)
+    return receipt, shown, sum(1 for f in receipt["files"] if f["sent"])
 
 
 def _show_receipt(receipt: dict, name: str) -> dict:
@@ -131,7 +139,7 @@ class SendOutputsToStorage:
 
     def send(self, destination, prompt=None, unique_id=None, **outputs):
         from ..common.transfer import OUTPUT_VALUES, parse_output_input
-        from ..engine.transfer.storage import OutputValue, StorageFailed, output_files, store_outputs
+        from ..engine.transfer.storage import OutputValue, output_files, store_outputs
 
         values = []
         for name, value in sorted(outputs.items()):
@@ -145,13 +153,13 @@ class SendOutputsToStorage:
         tag = hashlib.sha256(destination.strip().encode()).hexdigest()[:12]
         root = bridge.output_directory()
         files, notes = output_files(values, Path(root), Path(root) / "charforge" / "scores" / tag)
-        try:
-            receipt = store_outputs(files, destination, bridge.control(0, label="send outputs"))
-        except StorageFailed as exc:
-            raise RuntimeError(f"Send Outputs to Storage: {exc}") from None
-        receipt["node"] = str(unique_id or "")
-        shown = _show_receipt(receipt, "outputs")
-        sent = sum(1 for f in receipt["files"] if f["sent"])
+        receipt, shown, sent = _send(
+            "Send Outputs to Storage",
+            lambda control: store_outputs(files, destination, control),
+            "send outputs",
+            "outputs",
+            unique_id,
+        )
         text = f"{receipt['summary']} ({sent} sent, {len(receipt['files']) - sent} already there)"
         return {"ui": {"text": [text, *notes], "images": [shown]}, "result": (receipt["destination"],)}
 
