@@ -546,13 +546,13 @@ def video_hotshot_xl(new):
         "SDXL character LoRA (models/loras/).\n\n"
         "RESULT\n"
         "output/charforge/hotshot_xl_00001_.mp4: 16 frames at 8 fps, shown on Save Video.")
-    w.group("1 - SDXL + HotShot-XL + character LoRA", "#8A8")
+    w.group("1 - SDXL, HotShot-XL, LoRA", "#8A8")
     model = w.node("CharForgeLoadVideoModel", base_model="sd_xl_base_1.0.safetensors",
                    motion_module="hsxl_temporal_layers.safetensors")
     lora = w.node("CharForgeVideoLoRA", title="Character LoRA", lora_name="my_character_xl.safetensors",
                   strength=0.8)
     w.link(model, "model", lora, "model")
-    w.group("2 - Generate in 8-frame windows", "#a1309b")
+    w.group("2 - Generate (8-frame windows)", "#a1309b")
     generate = w.node("CharForgeGenerateVideo", height=560,
                       prompt="0: photo of ohwx person smiling, looking at the camera\n"
                       "8: photo of ohwx person laughing, turning the head\nnatural light, sharp focus",
