@@ -25,7 +25,7 @@ from charforge.engine import tiny
 from charforge.engine.models import sd3_files
 from charforge.engine.models.single_file import vae_to_ldm
 
-from .models import END_TOKEN, TINY_VOCAB_SIZE, write_tiny_clip_tokenizer
+from .models import END_TOKEN, TINY_VAE, TINY_VOCAB_SIZE, write_tiny_clip_tokenizer
 
 TINY_T5_PIECES = (
     "▁a",
@@ -115,16 +115,9 @@ TINY_T5 = {
     "pad_token_id": 0,
     "eos_token_id": 1,
 }
-TINY_SD3_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
+TINY_SD3_VAE = {  # the SD tiny VAE with SD3's 16 latent channels and scaling
+    **TINY_VAE,
     "latent_channels": 16,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [32, 32, 64, 64],
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "sample_size": 64,
     "scaling_factor": 1.5305,
     "shift_factor": 0.0609,
     "use_quant_conv": False,

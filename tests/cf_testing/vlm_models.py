@@ -175,14 +175,26 @@ TINY_QWEN_VISION = {
 }
 
 
+def _save_random(folder: Path, model_class, config, generation: dict, processor, seed: int) -> Path:
+    """`model_class(config)` with random weights from `seed`, greedy decoding with the `generation` token ids,
+    saved with `processor` in `folder`."""
+    import torch
+    from transformers import GenerationConfig
+
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    model.generation_config = GenerationConfig(**generation, do_sample=False)
+    model.save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
+    return folder
+
+
 def write_tiny_qwen25vl(folder: str | Path, seed: int = 0, max_cells: int = 9) -> Path:
     """A tiny `Qwen2_5_VLForConditionalGeneration` + `Qwen2_5_VLProcessor` in `folder`.
 
     Images are resized to at most `max_cells` cells of 28x28 pixels (one cell = one image token after the
     2x2 merge), keeping their aspect ratio, as the real processor does with its pixel budget."""
-    import torch
     from transformers import (
-        GenerationConfig,
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
@@ -198,20 +210,15 @@ def write_tiny_qwen25vl(folder: str | Path, seed: int = 0, max_cells: int = 9) -
     tokenizer.eos_token = "<|im_end|>"
     ids = {token: backend.token_to_id(token) for token in QWEN_SPECIALS}
     cell = 28
-    image_processor = Qwen2VLImageProcessor(
-        min_pixels=cell * cell,
-        max_pixels=max_cells * cell * cell,
-        patch_size=14,
-        merge_size=2,
-        temporal_patch_size=2,
-    )
-    video_processor = Qwen2VLVideoProcessor(
-        min_pixels=cell * cell,
-        max_pixels=max_cells * cell * cell,
-        patch_size=14,
-        merge_size=2,
-        temporal_patch_size=2,
-    )
+    pixels = {
+        "min_pixels": cell * cell,
+        "max_pixels": max_cells * cell * cell,
+        "patch_size": 14,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    image_processor = Qwen2VLImageProcessor(**pixels)
+    video_processor = Qwen2VLVideoProcessor(**pixels)
     config = Qwen2_5_VLConfig(
         text_config={
             **TINY_QWEN_TEXT,
@@ -226,23 +233,18 @@ def write_tiny_qwen25vl(folder: str | Path, seed: int = 0, max_cells: int = 9) -
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
-        do_sample=False,
-    )
-    model.save_pretrained(str(folder))
+    generation = {
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
     processor = Qwen2_5_VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
         chat_template=QWEN_CHAT_TEMPLATE,
     )
-    processor.save_pretrained(str(folder))
-    return folder
+    return _save_random(folder, Qwen2_5_VLForConditionalGeneration, config, generation, processor, seed)
 
 
 TINY_SIGLIP = {
@@ -269,9 +271,7 @@ TINY_LLAMA = {
 def write_tiny_llava(folder: str | Path, seed: int = 0) -> Path:
     """A tiny `LlavaForConditionalGeneration` shaped like JoyCaption (SigLIP vision tower, all patches kept
     with ``vision_feature_select_strategy="full"``, a Llama text model) + `LlavaProcessor` in `folder`."""
-    import torch
     from transformers import (
-        GenerationConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -308,15 +308,11 @@ def write_tiny_llava(folder: str | Path, seed: int = 0) -> Path:
         vision_feature_select_strategy="full",
         vision_feature_layer=-2,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|begin_of_text|>"],
-        eos_token_id=[ids["<|end_of_text|>"], ids["<|eot_id|>"]],
-        pad_token_id=ids["<|finetune_right_pad_id|>"],
-        do_sample=False,
-    )
-    model.save_pretrained(str(folder))
+    generation = {
+        "bos_token_id": ids["<|begin_of_text|>"],
+        "eos_token_id": [ids["<|end_of_text|>"], ids["<|eot_id|>"]],
+        "pad_token_id": ids["<|finetune_right_pad_id|>"],
+    }
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -326,5 +322,4 @@ def write_tiny_llava(folder: str | Path, seed: int = 0) -> Path:
         image_token="<image>",
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
-    processor.save_pretrained(str(folder))
-    return folder
+    return _save_random(folder, LlavaForConditionalGeneration, config, generation, processor, seed)
