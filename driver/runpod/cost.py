@@ -114,9 +114,11 @@ class CostBudget:
         self.in_flight += 1
 
     def finished(self, cost: float | None) -> None:
+        """A job ended; an unknown `cost` counts as the current estimate, so a job whose bill was not
+        reported still uses budget (counting it as free let a pool overspend)."""
+        estimate = self.estimate()
         self.in_flight = max(0, self.in_flight - 1)
-        if cost is not None:
-            self.spent.append(float(cost))
+        self.spent.append(float(cost) if cost is not None else estimate)
 
 
 class BudgetExceeded(UsageError):

@@ -204,6 +204,17 @@ def test_cost_budget_stops_new_submissions() -> None:
     assert budget.estimate() == 0.5 and not budget.allow()  # 0.5 spent + 2 in flight x 0.5 + one more > 1
 
 
+def test_a_job_whose_cost_is_unknown_still_uses_budget() -> None:
+    # A job that ends without a bill (the platform reported no time) counts as the estimate, not as free:
+    # otherwise a pool keeps admitting jobs past --max-cost.
+    budget = CostBudget(limit=1.0, first_estimate=0.4)
+    for _ in range(2):
+        assert budget.allow()
+        budget.started()
+        budget.finished(None)
+    assert budget.spent == [0.4, 0.4] and not budget.allow()  # 0.8 + one more 0.4 > 1.0
+
+
 def test_max_cost_stops_submitting_and_costs_land_next_to_the_summary(
     runpod: FakeRunPod, tmp_path: Path
 ) -> None:
