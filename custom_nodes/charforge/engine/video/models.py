@@ -358,7 +358,8 @@ def assemble_video_model(
             f"motion module widths {adapter_widths} do not match the base U-Net's {unet_widths}"
         )
     unet = motion_unet(unet2d, adapter)
-    if info.per_frame_norm:  # HotShot-XL: its temporal GroupNorm works frame by frame (engine/video/hotshot.py)
+    # HotShot-XL: its temporal GroupNorm works frame by frame (engine/video/hotshot.py).
+    if info.per_frame_norm:
         from .hotshot import use_per_frame_norms
 
         use_per_frame_norms(unet)
