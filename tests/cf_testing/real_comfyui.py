@@ -45,6 +45,36 @@ def comfyui_python(comfy: Path) -> str:
     return sys.executable
 
 
+def checkout() -> Path:
+    """The ComfyUI checkout of ``COMFYUI_DIR`` (the suite is skipped without it), asserted to be one."""
+    path = comfyui_dir()
+    assert path is not None and (path / "main.py").exists(), f"COMFYUI_DIR={path} has no main.py"
+    return path
+
+
+def run_comfy_script(comfy: Path, folder: Path, script: str, job: dict, timeout: float = 1800) -> dict:
+    """Run `script` (written to `folder`) in ComfyUI's Python with the ComfyUI folder as working directory
+    and a JSON file of `job` as its last argument; returns the JSON its last ``RESULT `` line printed
+    (the test fails with the tails of its output when it failed or printed none)."""
+    import json
+    import subprocess
+
+    (folder / "job.json").write_text(json.dumps(job))
+    (folder / "comfy_side.py").write_text(script)
+    proc = subprocess.run(
+        [comfyui_python(comfy), str(folder / "comfy_side.py"), str(folder / "job.json")],
+        cwd=comfy,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, (
+        f"ComfyUI side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
 def suite_marks(*extra: pytest.MarkDecorator, slow: bool = True) -> list[pytest.MarkDecorator]:
     """The ``pytestmark`` of an opt-in real-ComfyUI test module: marked ``comfyui`` (and ``slow``, and any
     `extra` marks such as a longer timeout), skipped with :data:`SKIP_REASON` when ``COMFYUI_DIR`` is unset."""

@@ -17,8 +17,6 @@ The ComfyUI side runs in ComfyUI's Python as a subprocess, like test_real_comfyu
 
 from __future__ import annotations
 
-import json
-import subprocess
 import textwrap
 
 import pytest
@@ -33,7 +31,7 @@ from cf_testing.flow_checkpoints import (
     write_shallow_flux,
     write_tiny_sd35,
 )
-from cf_testing.real_comfyui import comfyui_dir, comfyui_python, suite_marks
+from cf_testing.real_comfyui import checkout, run_comfy_script, suite_marks
 from charforge.engine.library import flow_layouts as fl
 from charforge.engine.library import formats
 from charforge.engine.library.formats import LoraModule, LoraState
@@ -128,9 +126,7 @@ def _expected(state: LoraState, path) -> None:
 
 @pytest.fixture
 def comfy():
-    path = comfyui_dir()
-    assert (path / "main.py").exists(), f"COMFYUI_DIR={path} has no main.py"
-    return path
+    return checkout()
 
 
 def test_flux_and_sd35_files_and_loras_in_real_comfyui(comfy, tmp_path):
@@ -158,22 +154,8 @@ def test_flux_and_sd35_files_and_loras_in_real_comfyui(comfy, tmp_path):
                 "modules": len(state.modules),
             }
         )
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"models": str(models), "loras": str(loras), "tasks": tasks}))
-    script = tmp_path / "comfy_side.py"
-    script.write_text(COMFY_SIDE)
-    proc = subprocess.run(
-        [comfyui_python(comfy), str(script), str(job)],
-        cwd=comfy,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, (
-        f"ComfyUI side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    )
-    results = json.loads(lines[-1][len("RESULT ") :])
+    job = {"models": str(models), "loras": str(loras), "tasks": tasks}
+    results = run_comfy_script(comfy, tmp_path, COMFY_SIDE, job)
 
     flux, sd3 = results["flux"], results["sd3"]
     assert (flux["model_class"], flux["config_class"]) == ("Flux", "Flux")  # dev: guidance_in present

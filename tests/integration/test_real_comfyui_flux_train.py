@@ -13,8 +13,6 @@ own LoRA layers (each diffusers module's rows placed at its offset in the fused 
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cf_testing.flow_checkpoints import cached, write_shallow_flux
-from cf_testing.real_comfyui import comfyui_dir, comfyui_python, suite_marks
+from cf_testing.real_comfyui import checkout, run_comfy_script, suite_marks
 
 pytestmark = suite_marks()
 
@@ -146,9 +144,7 @@ def _comfy_side() -> str:
 
 @pytest.fixture
 def comfy():
-    path = comfyui_dir()
-    assert (path / "main.py").exists(), f"COMFYUI_DIR={path} has no main.py"
-    return path
+    return checkout()
 
 
 def test_trained_flux_loras_load_in_real_comfyui(comfy, tmp_path):
@@ -174,22 +170,8 @@ def test_trained_flux_loras_load_in_real_comfyui(comfy, tmp_path):
                 "expected": str(tmp_path / f"{preset}_expected.safetensors"),
             }
         )
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"models": str(models), "loras": str(loras), "tasks": tasks}))
-    script = tmp_path / "comfy_side.py"
-    script.write_text(_comfy_side())
-    proc = subprocess.run(
-        [comfyui_python(comfy), str(script), str(job)],
-        cwd=comfy,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, (
-        f"ComfyUI side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    )
-    results = json.loads(lines[-1][len("RESULT ") :])
+    job = {"models": str(models), "loras": str(loras), "tasks": tasks}
+    results = run_comfy_script(comfy, tmp_path, _comfy_side(), job)
     assert len(expected_names["all_linear"]) == 10 and len(expected_names["attention"]) == 5
     for preset in ("all_linear", "attention"):
         result = results[preset]

@@ -16,7 +16,6 @@ Ports 18400-18499.
 from __future__ import annotations
 
 import json
-import subprocess
 import textwrap
 import uuid
 
@@ -183,20 +182,7 @@ def _full_state(arch: str, seed: int, rank: int, alpha: float | None, entries=No
 
 
 def _run_comfy_side(comfy, tmp_path, job) -> dict:
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    (tmp_path / "comfy_side.py").write_text(COMFY_SIDE)
-    proc = subprocess.run(
-        [real.comfyui_python(comfy), str(tmp_path / "comfy_side.py"), str(tmp_path / "job.json")],
-        cwd=comfy,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, (
-        f"ComfyUI side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    )
-    return json.loads(lines[-1][len("RESULT ") :])
+    return real.run_comfy_script(comfy, tmp_path, COMFY_SIDE, job)
 
 
 def test_library_files_load_in_comfyui_key_maps_and_patch_a_full_unet(tmp_path):

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import gc
 import json
-import subprocess
 import textwrap
 
 import pytest
 import torch
 
-from cf_testing.real_comfyui import comfyui_dir, comfyui_python, suite_marks
+from cf_testing.real_comfyui import checkout, run_comfy_script, suite_marks
 
 pytestmark = suite_marks()
 
@@ -152,22 +151,7 @@ def _meta_unet(arch: str, dtype: torch.dtype):
 
 
 def _run_comfy(comfy, tmp_path, tasks) -> dict:
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"tasks": tasks}))
-    script = tmp_path / "comfy_side.py"
-    script.write_text(COMFY_SIDE)
-    proc = subprocess.run(
-        [comfyui_python(comfy), str(script), str(job)],
-        cwd=comfy,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, (
-        f"ComfyUI side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    )
-    return json.loads(lines[-1][len("RESULT ") :])
+    return run_comfy_script(comfy, tmp_path, COMFY_SIDE, {"tasks": tasks})
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -192,8 +176,7 @@ def rounding_tolerance(dtype: torch.dtype, depth: int, margin: float = 3.0) -> f
 
 @pytest.fixture
 def comfy():
-    path = comfyui_dir()
-    assert (path / "main.py").exists(), f"COMFYUI_DIR={path} has no main.py"
+    path = checkout()
     assert (path / "comfy" / "sd1_tokenizer" / "vocab.json").is_file()
     return path
 
