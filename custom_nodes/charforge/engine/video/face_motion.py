@@ -370,7 +370,9 @@ def track_faces(
         raise ValueError("no frames to track")
     height, width = np.asarray(frames[0]).shape[:2]
     control.progress(0, count, "face motion: landmarks")
-    found, rows, previous = [], [], None
+    found: list[bool] = []
+    rows: list[np.ndarray | None] = []
+    previous = None
     size = None
     for i in range(count):
         face = landmarker.analyse(as_rgb_uint8(np.asarray(frames[i])), kind, previous)
@@ -409,7 +411,7 @@ def _frames_from_rows(values, sources, kind, width, height, fps) -> FaceTrack:
         if kind == "68":
             points = rest[:136].reshape(68, 2)
             points3d = np.column_stack([points, rest[136:]])
-            pose = pose_from_3d(points3d, template)
+            pose: FacePose | None = pose_from_3d(points3d, template)
         else:
             points = rest.reshape(-1, 2)
             pose = pose_from_2d(five, width, height, five_template)
@@ -445,17 +447,17 @@ def retarget(
             raise ValueError(f"face box {face_box} is empty (x1, y1, x2, y2 with x2 > x1, y2 > y1)")
         sx, sy = (x2 - x1) / mw, (y2 - y1) / mh
         tx, ty = x1 - median[0] * sx, y1 - median[1] * sy
-    scale = np.array([sx, sy])
+    factor = np.array([sx, sy])
     shift = np.array([tx, ty])
     frames = []
     for f in track.frames:
-        box = (f.box.reshape(2, 2) * scale + shift).ravel()
+        box = (f.box.reshape(2, 2) * factor + shift).ravel()
         points3d = None
         if f.points3d is not None:
             points3d = f.points3d.copy()
-            points3d[:, :2] = points3d[:, :2] * scale + shift
+            points3d[:, :2] = points3d[:, :2] * factor + shift
             points3d[:, 2] *= math.sqrt(sx * sy)
-        frames.append(FaceFrame(f.index, f.source, box, f.points * scale + shift, f.pose, points3d))
+        frames.append(FaceFrame(f.index, f.source, box, f.points * factor + shift, f.pose, points3d))
     return FaceTrack(frames, int(width), int(height), track.fps, track.landmarks)
 
 
