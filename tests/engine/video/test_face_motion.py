@@ -264,3 +264,17 @@ def test_retarget_puts_the_median_face_box_on_the_character_face():
     assert np.allclose(covered.frames[0].points, [[150 * scale - (640 * scale - 512) / 2, 110 * scale]])
     with pytest.raises(ValueError, match="empty"):
         retarget(track, 512, 512, face_box=(10, 10, 5, 20))
+
+
+def test_tracking_reports_progress_and_stops_on_cancel(landmarker):
+    from charforge.engine.control import Cancelled, Control
+    from charforge.engine.video.face_motion import track_faces
+
+    frames, _ = _clip(count=6, hidden=())
+    seen = []
+    control = Control(
+        on_progress=lambda done, total, text: seen.append((done, total)), should_stop=lambda: len(seen) > 3
+    )
+    with pytest.raises(Cancelled):
+        track_faces(frames, FPS, landmarker, "5", control=control)
+    assert seen == [(0, 6), (1, 6), (2, 6), (3, 6)]  # stopped after the third frame, not at the end
