@@ -7,7 +7,8 @@ or checkpoints unless a test asks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +81,59 @@ def stop_after(steps: int) -> Control:
         seen["step"] = done
 
     return Control(on_progress=on_progress, should_stop=lambda: seen["step"] >= steps)
+
+
+#: everything random at once, for the resume tests: LoRA dropout (global RNG), flips, caption dropout, two
+#: micro-batches per step, a warm-up + cosine schedule
+RESUME_SETTINGS: dict[str, Any] = {
+    "steps": 4,
+    "dropout": 0.1,
+    "flip": True,
+    "caption_dropout": 0.3,
+    "grad_accumulation": 2,
+    "warmup_steps": 1,
+    "schedule": "cosine",
+}
+
+
+def straight_and_resumed(make_trainer: Callable[[], Any]) -> tuple[Any, Any]:
+    """(a run trained straight through, a run stopped after 2 steps whose state went through bytes into a fresh
+    trainer, with the global RNG reseeded meanwhile, and then finished); `make_trainer` sets one up."""
+    import torch
+
+    straight = make_trainer()
+    straight.train()
+    first = make_trainer()
+    first.train(until=2)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    torch.manual_seed(999)  # whatever happened to the global RNG meanwhile must not matter
+    second = make_trainer()
+    buffer.seek(0)
+    second.load_state_dict(torch.load(buffer, weights_only=True))
+    assert second.step == 2
+    second.train()
+    return straight, second
+
+
+def assert_same_lora(expected: Any, got: Any) -> None:
+    """Two LoRA networks hold bit-identical tensors under the same names."""
+    import torch
+
+    want, have = expected.state_dict(), got.state_dict()
+    assert set(want) == set(have)
+    for key in want:
+        assert torch.equal(have[key], want[key]), key
+
+
+def assert_lora_grads_close(ours: Any, theirs: Any) -> set[str]:
+    """The LoRA parameters of two modules have the same names and gradients (to float32 accumulation order);
+    returns the names."""
+    import torch
+
+    mine = {n: p.grad for n, p in ours.named_parameters() if "lora_" in n}
+    other = {n: p.grad for n, p in theirs.named_parameters() if "lora_" in n}
+    assert set(mine) == set(other)
+    for key in mine:
+        torch.testing.assert_close(mine[key], other[key], rtol=1e-5, atol=1e-7)
+    return set(mine)

@@ -7,13 +7,20 @@ resumed run is the uninterrupted run bit for bit; the fp8-stored base trains lik
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
 
-from cf_testing.train_data import kohya_folder, pattern_image, tiny_train_config
+from cf_testing.train_data import (
+    RESUME_SETTINGS,
+    assert_lora_grads_close,
+    assert_same_lora,
+    kohya_folder,
+    pattern_image,
+    straight_and_resumed,
+    tiny_train_config,
+)
 from charforge.engine.models.flux_files import bfl_to_diffusers, diffusers_to_bfl, flux_config
 from charforge.engine.train.config import TrainConfig
 from charforge.engine.train.data import TrainingData, items_from_pairs, read_kohya_folder
@@ -243,42 +250,16 @@ def test_step_equals_a_hand_written_diffusers_peft_flow_matching_step(tiny_flux,
     reference.backward()
 
     torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)  # measured: 1 float32 ulp apart
-    ours = {n: p.grad for n, p in trainer.model.transformer.named_parameters() if "lora_" in n}
-    theirs = {n: p.grad for n, p in transformer.named_parameters() if "lora_" in n}
-    assert set(ours) == set(theirs)
-    for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-7)
+    assert_lora_grads_close(trainer.model.transformer, transformer)
 
 
 def test_stop_and_resume_equals_an_uninterrupted_run(tiny_flux, dataset):
     # LoRA dropout (global RNG), flips, caption dropout (the empty caption's cached embedding), two
     # micro-batches per step, a warm-up + cosine schedule.
-    config = flow_config(
-        steps=4,
-        dropout=0.1,
-        flip=True,
-        caption_dropout=0.3,
-        grad_accumulation=2,
-        warmup_steps=1,
-        schedule="cosine",
-    )
-    straight = _trainer(tiny_flux, dataset, config)
-    straight.train()
-
-    first = _trainer(tiny_flux, dataset, config)
-    first.train(until=2)
-    buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)
-    torch.manual_seed(999)
-    second = _trainer(tiny_flux, dataset, config)
-    buffer.seek(0)
-    second.load_state_dict(torch.load(buffer, weights_only=True))
-    second.train()
-    expected, resumed = straight.network.state_dict(), second.network.state_dict()
-    assert set(expected) == set(resumed)
-    for key in expected:
-        assert torch.equal(resumed[key], expected[key]), key
-    assert second.last_loss == straight.last_loss
+    config = flow_config(**RESUME_SETTINGS)
+    straight, resumed = straight_and_resumed(lambda: _trainer(tiny_flux, dataset, config))
+    assert_same_lora(straight.network, resumed.network)
+    assert resumed.last_loss == straight.last_loss
 
 
 def test_fp8_base_step_stays_close_to_the_bf16_base_step(tiny_flux, dataset):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import replace
@@ -12,7 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cf_testing.train_data import kohya_folder, pattern_image, stop_after, tiny_train_config
+from cf_testing.train_data import (
+    RESUME_SETTINGS,
+    kohya_folder,
+    pattern_image,
+    stop_after,
+    straight_and_resumed,
+    tiny_train_config,
+)
 from charforge.engine.control import Cancelled, Control
 from charforge.engine.library.formats import read_lora
 from charforge.engine.train.config import TrainConfig, preset_config, with_overrides
@@ -126,31 +132,8 @@ def test_stop_and_resume_equals_an_uninterrupted_run(arch, tiny_sd15, tiny_sdxl,
     tiny = tiny_sd15 if arch == "sd15" else tiny_sdxl
     # Everything random at once: LoRA dropout (global RNG), flips, caption shuffle and dropout (per-step
     # RNG), two micro-batches per step, a warm-up + cosine schedule; the text encoders run every step.
-    config = tiny_config(
-        steps=4,
-        dropout=0.1,
-        flip=True,
-        shuffle_caption=True,
-        caption_dropout=0.3,
-        grad_accumulation=2,
-        warmup_steps=1,
-        schedule="cosine",
-        noise_offset=0.05,
-    )
-    straight = _trainer(tiny, dataset, config)
-    straight.train()
-
-    first = _trainer(tiny, dataset, config)
-    first.train(until=2)
-    buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)
-    torch.manual_seed(999)  # whatever happened to the global RNG meanwhile must not matter
-    second = _trainer(tiny, dataset, config)
-    buffer.seek(0)
-    second.load_state_dict(torch.load(buffer, weights_only=True))
-    assert second.step == 2
-    second.train()
-
+    config = tiny_config(**RESUME_SETTINGS, shuffle_caption=True, noise_offset=0.05)
+    straight, second = straight_and_resumed(lambda: _trainer(tiny, dataset, config))
     expected, resumed = straight.network.state_dict(), second.network.state_dict()
     assert set(expected) == set(resumed)
     for key in expected:

@@ -6,14 +6,21 @@ key layouts) with the trained effect."""
 from __future__ import annotations
 
 import copy
-import io
 
 import numpy as np
 import pytest
 import torch
 
 from cf_testing.sd3_models import build_tiny_sd3
-from cf_testing.train_data import kohya_folder, pattern_image, tiny_train_config
+from cf_testing.train_data import (
+    RESUME_SETTINGS,
+    assert_lora_grads_close,
+    assert_same_lora,
+    kohya_folder,
+    pattern_image,
+    straight_and_resumed,
+    tiny_train_config,
+)
 from charforge.engine.library import flow_layouts
 from charforge.engine.library.formats import read_lora
 from charforge.engine.models import sd3_files
@@ -154,11 +161,7 @@ def test_step_equals_a_hand_written_diffusers_peft_flow_matching_step(tiny, data
     reference.backward()
 
     torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)
-    ours = {n: p.grad for n, p in trainer.model.transformer.named_parameters() if "lora_" in n}
-    theirs = {n: p.grad for n, p in transformer.named_parameters() if "lora_" in n}
-    assert set(ours) == set(theirs) and len(ours) == 2 * len(targets)
-    for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-7)
+    assert len(assert_lora_grads_close(trainer.model.transformer, transformer)) == 2 * len(targets)
 
 
 def test_preconditioned_outputs_weight_the_velocity_error_by_sigma_squared(tiny, dataset):
@@ -178,32 +181,10 @@ def test_preconditioned_outputs_weight_the_velocity_error_by_sigma_squared(tiny,
 def test_stop_and_resume_equals_an_uninterrupted_run(tiny, dataset):
     # LoRA dropout (global RNG), flips, caption dropout (the empty caption's cached conditioning), two
     # micro-batches per step, a warm-up + cosine schedule.
-    config = sd3_config(
-        steps=4,
-        dropout=0.1,
-        flip=True,
-        caption_dropout=0.3,
-        grad_accumulation=2,
-        warmup_steps=1,
-        schedule="cosine",
-    )
-    straight = _trainer(tiny, dataset, config)
-    straight.train()
-
-    first = _trainer(tiny, dataset, config)
-    first.train(until=2)
-    buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)
-    torch.manual_seed(999)  # whatever happened to the global RNG meanwhile must not matter
-    second = _trainer(tiny, dataset, config)
-    buffer.seek(0)
-    second.load_state_dict(torch.load(buffer, weights_only=True))
-    second.train()
-    expected, resumed = straight.network.state_dict(), second.network.state_dict()
-    assert set(expected) == set(resumed)
-    for key in expected:
-        assert torch.equal(resumed[key], expected[key]), key
-    assert second.last_loss == straight.last_loss
+    config = sd3_config(**RESUME_SETTINGS)
+    straight, resumed = straight_and_resumed(lambda: _trainer(tiny, dataset, config))
+    assert_same_lora(straight.network, resumed.network)
+    assert resumed.last_loss == straight.last_loss
 
 
 # --------------------------------------------------------------------------------------------------
