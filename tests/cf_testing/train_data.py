@@ -137,3 +137,31 @@ def assert_lora_grads_close(ours: Any, theirs: Any) -> set[str]:
     for key in mine:
         torch.testing.assert_close(mine[key], other[key], rtol=1e-5, atol=1e-7)
     return set(mine)
+
+
+def cancel_then_resume(request: Any) -> Any:
+    """Run the training job `request` stopped after step 2 (it says so, and its status is "cancelled" at 2),
+    then again: it resumes at step 2, finishes the 4 steps of :data:`TINY_JOB`-style settings and carries the
+    preflight's estimate. Returns the second run's result."""
+    import json
+
+    import pytest
+
+    from charforge.engine.control import Cancelled
+    from charforge.engine.train.job import train
+
+    with pytest.raises(Cancelled, match="cancelled at step 2"):
+        train(request, stop_after(2))
+    status = json.loads((Path(request.runs_dir) / request.name / "status.json").read_text())
+    assert status["state"] == "cancelled" and status["step"] == 2, status
+    result = train(request)
+    assert result.resumed_from == 2 and result.step == 4
+    assert result.estimate is not None and result.estimate["flops_per_step"] > 0
+    return result
+
+
+def assert_one_sample(result: Any, size: int = 64) -> None:
+    """The run made one final sample image of `size` pixels that is not blank."""
+    assert len(result.samples) == 1
+    with Image.open(result.samples[0]) as sample:
+        assert sample.size == (size, size) and np.asarray(sample.convert("L")).std() > 0

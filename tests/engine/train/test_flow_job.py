@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from cf_testing.train_data import kohya_folder, stop_after, tiny_job_config
-from charforge.engine.control import Cancelled
+from cf_testing.train_data import assert_one_sample, cancel_then_resume, kohya_folder, tiny_job_config
 from charforge.engine.library.formats import read_lora
 from charforge.engine.train.config import with_overrides
-from charforge.engine.train.job import TrainRequest, train
+from charforge.engine.train.job import TrainRequest
 from charforge.engine.train.preflight import DeviceInfo, PreflightError
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
@@ -43,13 +40,7 @@ def test_flux_job_from_comfyui_files_cancels_resumes_and_writes_a_kohya_lora(tin
         t5_tokenizer_dirs=(str(tiny_flux.t5_tokenizer_dir),),
         memory_profile="auto",
     )
-    with pytest.raises(Cancelled, match="cancelled at step 2"):
-        train(request, stop_after(2))
-    status = json.loads((tmp_path / "runs" / "alice" / "status.json").read_text())
-    assert status["state"] == "cancelled" and status["step"] == 2, status
-    result = train(request)
-    assert result.resumed_from == 2 and result.step == 4
-    assert result.estimate is not None and result.estimate["flops_per_step"] > 0
+    result = cancel_then_resume(request)
     tensors, meta = read_lora(result.exported_path)
     assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for k in tensors)
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["modelspec.trigger_phrase"] == "sks"
@@ -57,9 +48,7 @@ def test_flux_job_from_comfyui_files_cancels_resumes_and_writes_a_kohya_lora(tin
     assert meta["ss_guidance_scale"] == "1.0" and meta["ss_timestep_sampling"] == "flux_shift"
     assert meta["ss_t5xxl_max_token_length"] == "512" and "ss_min_snr_gamma" not in meta
     # Final sample images (the prompts were encoded before the text encoders were dropped).
-    assert len(result.samples) == 1
-    with Image.open(result.samples[0]) as sample:
-        assert sample.size == (64, 64) and np.asarray(sample.convert("L")).std() > 0
+    assert_one_sample(result)
     saved = json.loads((tmp_path / "runs" / "alice" / "config.json").read_text())
     assert saved["arch"] == "flux-dev"
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from cf_testing.sd3_models import build_tiny_sd3
-from cf_testing.train_data import kohya_folder, stop_after, tiny_job_config
-from charforge.engine.control import Cancelled
+from cf_testing.train_data import assert_one_sample, cancel_then_resume, kohya_folder, tiny_job_config
 from charforge.engine.library.formats import read_lora
 from charforge.engine.train.config import TrainConfig, with_overrides
-from charforge.engine.train.job import TrainRequest, train
+from charforge.engine.train.job import TrainRequest
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]  # cf_testing/threads.py
 
@@ -50,22 +47,14 @@ def test_sd35_job_from_comfyui_files_cancels_resumes_and_writes_a_kohya_lora(tin
         t5_tokenizer_dirs=(str(tiny.t5_tokenizer),),
         memory_profile="auto",
     )
-    with pytest.raises(Cancelled, match="cancelled at step 2"):
-        train(request, stop_after(2))
-    status = json.loads((tmp_path / "runs" / "alice" / "status.json").read_text())
-    assert status["state"] == "cancelled" and status["step"] == 2, status
-    result = train(request)
-    assert result.resumed_from == 2 and result.step == 4
-    assert result.estimate is not None and result.estimate["flops_per_step"] > 0
+    result = cancel_then_resume(request)
     tensors, meta = read_lora(result.exported_path)
     assert any(k.startswith("lora_unet_joint_blocks_0_x_block_attn2_qkv.") for k in tensors)
     assert any(k.startswith("lora_unet_joint_blocks_1_context_block_attn_qkv.") for k in tensors)
     assert meta["modelspec.architecture"] == "stable-diffusion-3.5-medium/lora"
     assert meta["ss_network_module"] == "networks.lora_sd3" and meta["modelspec.trigger_phrase"] == "sks"
     # The final sample (its prompt and the empty negative encoded before the three encoders were dropped).
-    assert len(result.samples) == 1
-    with Image.open(result.samples[0]) as sample:
-        assert sample.size == (64, 64) and np.asarray(sample.convert("L")).std() > 0
+    assert_one_sample(result)
     saved = json.loads((tmp_path / "runs" / "alice" / "config.json").read_text())
     assert saved["arch"] == "sd35-medium"
 
