@@ -140,3 +140,18 @@ def s3_endpoint():
 
     with moto_s3() as endpoint:
         yield endpoint
+
+
+@pytest.fixture
+def loras_env(comfy_env):
+    """The ComfyUI stand-in with the pack's model folders registered and an empty ``models/loras``
+    (``.loras``); the stand-in's LoRA modules (comfy.sd, comfy.model_patcher) are dropped afterwards."""
+    from charforge import bridge
+
+    bridge.register_model_folders()
+    loras = comfy_env.base_dir / "models" / "loras"
+    loras.mkdir(parents=True)
+    comfy_env.loras = loras
+    yield comfy_env
+    for name in ("comfy.sd", "comfy.model_patcher"):
+        sys.modules.pop(name, None)

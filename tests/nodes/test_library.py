@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 import numpy as np
 import pytest
@@ -20,14 +19,8 @@ from charforge.nodes import library as nodes
 
 
 @pytest.fixture
-def env(comfy_env):
-    bridge.register_model_folders()
-    loras = comfy_env.base_dir / "models" / "loras"
-    loras.mkdir(parents=True)
-    comfy_env.loras = loras
-    yield comfy_env
-    for name in ("comfy.sd", "comfy.model_patcher"):
-        sys.modules.pop(name, None)
+def env(loras_env):
+    return loras_env  # cf_testing/fixtures.py
 
 
 def _patchers(state):

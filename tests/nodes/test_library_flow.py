@@ -6,14 +6,11 @@ toy widths), which is what ComfyUI's key map resolves ``lora_unet_<path>`` and `
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
 from cf_testing.comfyui import run_node
 from cf_testing.lora_files import FLUX_TINY, SD3_TINY, random_flow_state, write
-from charforge import bridge
 from charforge.common.characters import Character, CharacterLora, family_generation
 from charforge.engine.library import characters as chars
 from charforge.engine.library import formats
@@ -21,14 +18,8 @@ from charforge.nodes import library as nodes
 
 
 @pytest.fixture
-def env(comfy_env):
-    bridge.register_model_folders()
-    loras = comfy_env.base_dir / "models" / "loras"
-    loras.mkdir(parents=True)
-    comfy_env.loras = loras
-    yield comfy_env
-    for name in ("comfy.sd", "comfy.model_patcher"):
-        sys.modules.pop(name, None)
+def env(loras_env):
+    return loras_env  # cf_testing/fixtures.py
 
 
 def _model(state):
