@@ -166,3 +166,12 @@ def run_node(cls: type, node_id: str = "1", instance: Any = None, **inputs) -> N
             f"{cls.__name__} returned {len(result)} values for {len(cls.RETURN_TYPES)} outputs"
         )
     return NodeRun(result=result, ui=ui)
+
+
+def load_dataset(folder: Any, name: str = "hero") -> Any:
+    """The DATASET of Load Dataset on `folder` (its captions read, one worker), as a workflow starts."""
+    from charforge.nodes.dataset import LoadDataset
+
+    return run_node(
+        LoadDataset, folder=str(folder), name=name, recursive=False, read_captions=True, workers=1
+    ).result[0]

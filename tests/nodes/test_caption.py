@@ -6,13 +6,13 @@ import pytest
 from PIL import Image
 
 from cf_testing.caption_models import FakeEndpoint, write_tiny_wd14
-from cf_testing.comfyui import run_node
+from cf_testing.comfyui import load_dataset, run_node
 from charforge import bridge
 from charforge.engine.caption.backends.base import CaptionerError
 from charforge.engine.caption.sidecars import read_sidecar, sidecar_path
 from charforge.engine.dataset import DatasetManifest
 from charforge.nodes.caption import CaptionDataset, CaptionRules
-from charforge.nodes.dataset import ExportDataset, LoadDataset
+from charforge.nodes.dataset import ExportDataset
 
 RULES = {
     "trigger": "ohwx",
@@ -47,12 +47,6 @@ def tagger(comfy_env):
     write_tiny_wd14(comfy_env.base_dir / "models" / "wd14_tagger")
 
 
-def _load(folder, name="hero"):
-    return run_node(
-        LoadDataset, folder=str(folder), name=name, recursive=False, read_captions=True, workers=1
-    ).result[0]
-
-
 def test_rules_node_standalone():
     run = run_node(
         CaptionRules,
@@ -75,7 +69,7 @@ def test_rules_node_standalone():
 
 def test_caption_dataset_with_wd14_skips_existing_and_writes_sidecars(comfy_env, photos, tagger):
     before = sorted(p.name for p in photos.iterdir())
-    dataset = _load(photos)
+    dataset = load_dataset(photos)
     run = run_node(
         CaptionDataset,
         node_id="9",
@@ -144,7 +138,7 @@ def test_missing_tagger_names_the_folder_and_files(comfy_env, photos):
     with pytest.raises(CaptionerError, match=r"wd14_tagger.*\.onnx.*\.csv"):
         run_node(
             CaptionDataset,
-            dataset=_load(photos),
+            dataset=load_dataset(photos),
             backend="wd14",
             model="",
             mode="overwrite",
@@ -164,7 +158,7 @@ def test_caption_dataset_with_openai_endpoint_and_a_429(comfy_env, photos, monke
         ]
         run = run_node(
             CaptionDataset,
-            dataset=_load(photos),
+            dataset=load_dataset(photos),
             backend="openai",
             model="llava",
             mode="overwrite",
@@ -191,7 +185,7 @@ def test_cancel_stops_between_images_and_frees_the_model(comfy_env, photos, tagg
 
     closed = []
     monkeypatch.setattr(wd14.WD14Tagger, "close", lambda self: closed.append(True))
-    dataset = _load(photos)
+    dataset = load_dataset(photos)
     comfy_env.interrupt()
     with pytest.raises(comfy_env.model_management.InterruptProcessingException):
         run_node(

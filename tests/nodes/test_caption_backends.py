@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from cf_testing.caption_models import write_tiny_blip, write_tiny_florence2, write_tiny_wd14
-from cf_testing.comfyui import run_node
+from cf_testing.comfyui import load_dataset, run_node
 from cf_testing.face_models import write_clip_folder
 from cf_testing.models import write_tiny_clip_tokenizer
 from charforge import bridge
@@ -18,7 +18,6 @@ from charforge.engine.caption.sidecars import read_sidecar, sidecar_path
 from charforge.engine.dataset import DatasetManifest
 from charforge.engine.score.clip import ClipScorer
 from charforge.nodes.caption import CaptionDataset, CaptionEditor, CaptionImages, CaptionReview
-from charforge.nodes.dataset import LoadDataset
 
 RULES = {
     "trigger": "ohwx",
@@ -69,18 +68,12 @@ def photos(comfy_env):
     return folder
 
 
-def _load(folder):
-    return run_node(
-        LoadDataset, folder=str(folder), name="hero", recursive=False, read_captions=True, workers=1
-    ).result[0]
-
-
 def test_caption_dataset_with_blip_writes_sidecars_then_skips(comfy_env, models, photos):
     before = {p.name: p.read_bytes() for p in photos.iterdir()}
     run = run_node(
         CaptionDataset,
         node_id="5",
-        dataset=_load(photos),
+        dataset=load_dataset(photos),
         backend="blip",
         model="",
         mode="skip existing",
@@ -116,7 +109,7 @@ def test_caption_dataset_with_blip_writes_sidecars_then_skips(comfy_env, models,
 def test_florence_and_missing_model_message(comfy_env, models, photos):
     run = run_node(
         CaptionDataset,
-        dataset=_load(photos),
+        dataset=load_dataset(photos),
         backend="florence2",
         model="tiny-florence2",
         mode="overwrite",
@@ -129,7 +122,7 @@ def test_florence_and_missing_model_message(comfy_env, models, photos):
     with pytest.raises(CaptionerError, match=r"models/LLM.*config\.json"):
         run_node(
             CaptionDataset,
-            dataset=_load(photos),
+            dataset=load_dataset(photos),
             backend="florence2",
             model="Florence-2-base",
             mode="overwrite",
@@ -141,7 +134,7 @@ def test_florence_and_missing_model_message(comfy_env, models, photos):
 def test_ensemble_and_interrogator_through_the_node(comfy_env, models, photos, built):
     run = run_node(
         CaptionDataset,
-        dataset=_load(photos),
+        dataset=load_dataset(photos),
         backend="ensemble",
         model="",
         mode="overwrite",
@@ -156,7 +149,7 @@ def test_ensemble_and_interrogator_through_the_node(comfy_env, models, photos, b
     with pytest.raises(CaptionerError, match="ensemble member 'nope'"):
         run_node(
             CaptionDataset,
-            dataset=_load(photos),
+            dataset=load_dataset(photos),
             backend="ensemble",
             model="",
             mode="overwrite",
@@ -169,7 +162,7 @@ def test_ensemble_and_interrogator_through_the_node(comfy_env, models, photos, b
     (terms / "colours.txt").write_text("crimson\nnavy\nemerald\n", encoding="utf-8")
     run = run_node(
         CaptionDataset,
-        dataset=_load(photos),
+        dataset=load_dataset(photos),
         backend="clip_interrogator",
         model="tiny-blip",
         mode="overwrite",
@@ -229,7 +222,7 @@ def test_caption_images_gives_one_string_per_image(comfy_env, models, built):
 
 
 def test_review_shows_images_and_captions(comfy_env, models, photos):
-    dataset = _load(photos)
+    dataset = load_dataset(photos)
     run = run_node(CaptionReview, dataset=dataset, max_images=10, thumbnail_size=64, missing_first=True)
     images, texts = run.ui["images"], run.ui["text"]
     assert len(images) == 3 and all(
@@ -246,7 +239,7 @@ def test_review_shows_images_and_captions(comfy_env, models, photos):
 def test_editor_dry_run_then_writes_only_dataset_sidecars(comfy_env, models, photos):
     dataset = run_node(
         CaptionDataset,
-        dataset=_load(photos),
+        dataset=load_dataset(photos),
         backend="wd14",
         model="tiny-tagger",
         mode="skip existing",

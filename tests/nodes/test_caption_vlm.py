@@ -6,14 +6,13 @@ import shutil
 import pytest
 from PIL import Image
 
-from cf_testing.comfyui import run_node
+from cf_testing.comfyui import load_dataset, run_node
 from cf_testing.vlm_models import write_tiny_llava, write_tiny_qwen25vl
 from charforge import bridge
 from charforge.engine.caption.backends.base import CaptionerError
 from charforge.engine.caption.postprocess import approx_t5_token_count
 from charforge.engine.caption.sidecars import read_sidecar, sidecar_path
 from charforge.nodes.caption_vlm import CaptionDatasetVLM
-from charforge.nodes.dataset import LoadDataset
 
 INPUTS = {
     "trigger": "ohwx",
@@ -56,16 +55,10 @@ def photos(comfy_env):
     return folder
 
 
-def _load(folder):
-    return run_node(
-        LoadDataset, folder=str(folder), name="hero", recursive=False, read_captions=True, workers=1
-    ).result[0]
-
-
 def test_caption_dataset_vlm_writes_prose_captions_trigger_first(comfy_env, models, photos):
     before = {p.name: p.read_bytes() for p in photos.iterdir()}
     run = run_node(
-        CaptionDatasetVLM, dataset=_load(photos), model="tiny-qwen", mode="skip existing", **INPUTS
+        CaptionDatasetVLM, dataset=load_dataset(photos), model="tiny-qwen", mode="skip existing", **INPUTS
     )
     manifest, report = run.result
     captions = {e.name: e.caption for e in manifest.entries}
@@ -97,7 +90,7 @@ def test_llava_with_comfyuis_t5_vocabulary_counts_exactly(comfy_env, models, pho
     monkeypatch.setattr(bridge, "comfyui_root", lambda: root)
     run = run_node(
         CaptionDatasetVLM,
-        dataset=_load(photos),
+        dataset=load_dataset(photos),
         model=str(models / "tiny-llava"),
         mode="overwrite",
         **{**INPUTS, "max_tokens": 30, "prompt": "Describe the {class} in one sentence."},
@@ -115,7 +108,13 @@ def test_unknown_architecture_is_refused_by_name(comfy_env, models, photos):
     cog.mkdir()
     (cog / "config.json").write_text(json.dumps({"model_type": "cogvlm"}))
     with pytest.raises(CaptionerError, match="holds a 'cogvlm' model.*own modelling code"):
-        run_node(CaptionDatasetVLM, dataset=_load(photos), model="cogvlm-chat-hf", mode="overwrite", **INPUTS)
+        run_node(
+            CaptionDatasetVLM,
+            dataset=load_dataset(photos),
+            model="cogvlm-chat-hf",
+            mode="overwrite",
+            **INPUTS,
+        )
 
 
 def test_cancel_stops_and_frees_the_model(comfy_env, models, photos, monkeypatch):
@@ -124,7 +123,7 @@ def test_cancel_stops_and_frees_the_model(comfy_env, models, photos, monkeypatch
     closed = []
     real_close = vlm.VLMCaptioner.close
     monkeypatch.setattr(vlm.VLMCaptioner, "close", lambda self: closed.append(True) or real_close(self))
-    dataset = _load(photos)
+    dataset = load_dataset(photos)
     comfy_env.interrupt()
     with pytest.raises(comfy_env.model_management.InterruptProcessingException):
         run_node(CaptionDatasetVLM, dataset=dataset, model="tiny-qwen", mode="overwrite", **INPUTS)
