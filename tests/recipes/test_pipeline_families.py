@@ -24,18 +24,6 @@ from charforge.recipes import pipeline
 from charforge.recipes.pipeline import families, stages
 from charforge.recipes.pipeline.models import choose_models
 
-TINY_FLUX = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 1,
-    "num_single_layers": 1,
-    "attention_head_dim": 16,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 32,
-    "pooled_projection_dim": 32,
-    "axes_dims_rope": (4, 6, 6),
-}
-
 
 def _write_flux(path: Path, guidance: bool) -> Path:
     """A tiny FLUX.1 transformer in BFL names, as in ComfyUI's diffusion_models folder."""
@@ -43,6 +31,7 @@ def _write_flux(path: Path, guidance: bool) -> Path:
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import save_file
 
+    from cf_testing.flow_models import TINY_FLUX
     from charforge.engine.models.flux_files import diffusers_to_bfl
 
     torch.manual_seed(0)
