@@ -1,6 +1,7 @@
 """HTTP details the ComfyUI client and the hosted-service clients (RunPod, Replicate) share: the User-Agent,
-which exceptions mean "timed out", session timeouts, bounded reads of a body, the typed error for an HTTP status,
-and short descriptions of network failures."""
+which exceptions mean "timed out", session timeouts, a lazily opened session that keeps its secret out of
+messages, bounded reads of a body, the typed error for an HTTP status, ISO 8601 timestamps, and short
+descriptions of network failures."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import asyncio
 import contextlib
 import ipaddress
 from collections.abc import Callable
+from datetime import datetime
+from typing import Any
 
 import aiohttp
 
@@ -35,6 +38,54 @@ def client_timeout(connect: float, read: float) -> aiohttp.ClientTimeout:
     """No overall limit (uploads and long polls may take a while): `connect` seconds to connect, `read` seconds
     between two reads."""
     return aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect, sock_read=read)
+
+
+class ServiceSession:
+    """One aiohttp session per client, opened on first use and reopened after a close, for a hosted service
+    whose secret (`_secret`) must never show in a message (`redact`). Subclasses set ``connect_timeout`` and
+    ``read_timeout`` and may add headers (`_headers`)."""
+
+    connect_timeout: float
+    read_timeout: float
+    _session: aiohttp.ClientSession | None = None
+
+    def _secret(self) -> Any:
+        """The service's key or token (a config ``Secret``), or None."""
+        return None
+
+    def _headers(self) -> dict[str, str]:
+        return {"User-Agent": USER_AGENT}
+
+    def secrets(self) -> list[str]:
+        secret = self._secret()
+        return [secret.reveal()] if secret else []
+
+    def redact(self, text: str) -> str:
+        from ..secrets import mask
+
+        return mask(text, self.secrets())
+
+    async def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            timeout = client_timeout(self.connect_timeout, self.read_timeout)
+            self._session = aiohttp.ClientSession(headers=self._headers(), timeout=timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def parse_time(text: Any) -> float | None:
+    """An ISO 8601 timestamp as the hosted services write it (``2023-09-08T16:19:34.765994Z``) in epoch seconds;
+    None for anything else."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def status_error(

@@ -20,7 +20,6 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -31,10 +30,10 @@ from charforge.common.retry import Backoff, retry_after_seconds
 
 from ..client.http import (
     TIMEOUT_ERRORS,
-    USER_AGENT,
-    client_timeout,
+    ServiceSession,
     failure_reason,
     lost_answer,
+    parse_time,
     read_body,
     status_error,
 )
@@ -53,16 +52,6 @@ class CreateOutcomeUnknown(ServerUnavailable):
     A transient error (the batch runner retries it), but only after looking the job up by its tag: neither
     this client nor the runner sends the request again while Replicate may already run it.
     """
-
-
-def parse_time(text: Any) -> float | None:
-    """Replicate's ISO 8601 timestamps (``2023-09-08T16:19:34.765994Z``) as epoch seconds."""
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 @dataclass
@@ -123,7 +112,7 @@ class Prediction:
         return float(value) if isinstance(value, (int, float)) else None
 
 
-class ReplicateAPI:
+class ReplicateAPI(ServiceSession):
     """One aiohttp session with the token as a Bearer header; every message passes through :func:`mask`."""
 
     def __init__(
@@ -148,26 +137,12 @@ class ReplicateAPI:
         self.retries = retries
         self.rate_limited = 0  # 429 answers seen (reports and tests)
         self.limits = Limits.resolve()
-        self._session: aiohttp.ClientSession | None = None
+        self._session = None
 
     # ---- plumbing --------------------------------------------------------------------------------------------
 
-    def secrets(self) -> list[str]:
-        return [self.token.reveal()] if self.token else []
-
-    def redact(self, text: str) -> str:
-        return mask(text, self.secrets())
-
-    async def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            timeout = client_timeout(self.connect_timeout, self.read_timeout)
-            self._session = aiohttp.ClientSession(headers={"User-Agent": USER_AGENT}, timeout=timeout)
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+    def _secret(self) -> Secret | None:
+        return self.token
 
     async def __aenter__(self) -> ReplicateAPI:
         return self

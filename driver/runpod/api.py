@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
+from ..client.http import parse_time
 from ..config import RUNPOD_API_URL, Secret
 from ..errors import ConfigError, ServerError
 from .http import RunPodHTTP
@@ -29,15 +29,6 @@ def _number(value: Any) -> float | None:
     try:
         return None if value is None or value == "" else float(value)
     except (TypeError, ValueError):
-        return None
-
-
-def _parse_time(value: Any) -> float | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
         return None
 
 
@@ -113,7 +104,7 @@ class Pod:
             public_ip=data.get("publicIp") or None,
             port_mappings={str(k): int(v) for k, v in mappings.items()},
             ports=list(ports),
-            last_started_at=_parse_time(data.get("lastStartedAt")),
+            last_started_at=parse_time(data.get("lastStartedAt")),
             image=data.get("image"),
             raw=data,
         )

@@ -23,6 +23,7 @@ from charforge.common.retry import Backoff, retry_after_seconds
 
 from ..client.http import (
     TIMEOUT_ERRORS,
+    ServiceSession,
     client_timeout,
     failure_reason,
     lost_answer,
@@ -31,7 +32,7 @@ from ..client.http import (
 )
 from ..config import REPLY_LIMIT_SETTING, Limits, Secret, mib
 from ..errors import DriverError, ProtocolError, ServerError, ServerUnavailable
-from ..secrets import mask, mask_body
+from ..secrets import mask_body
 
 USER_AGENT = "charforge-driver-runpod"
 
@@ -62,7 +63,7 @@ def _retry_after(headers: Any) -> float | None:
     return retry_after_seconds(headers.get("Retry-After") if headers is not None else None)
 
 
-class RunPodHTTP:
+class RunPodHTTP(ServiceSession):
     """One aiohttp session with the API key as a Bearer token; every message passes through redaction."""
 
     def __init__(
@@ -85,27 +86,16 @@ class RunPodHTTP:
         self.what = what
         self.rate_limited = 0  # 429 answers seen (for reports and tests)
         self.max_reply_bytes = Limits.resolve().max_reply_bytes
-        self._session: aiohttp.ClientSession | None = None
+        self._session = None
 
-    def secrets(self) -> list[str]:
-        return [self.api_key.reveal()] if self.api_key else []
+    def _secret(self) -> Secret | None:
+        return self.api_key
 
-    def redact(self, text: str) -> str:
-        return mask(text, self.secrets())
-
-    async def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
-            if self.api_key:
-                headers["Authorization"] = f"Bearer {self.api_key.reveal()}"
-            timeout = client_timeout(self.connect_timeout, self.read_timeout)
-            self._session = aiohttp.ClientSession(headers=headers, timeout=timeout)
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+    def _headers(self) -> dict[str, str]:
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key.reveal()}"
+        return headers
 
     def _error(
         self, method: str, url: str, status: int, body: bytes, retry_after: float | None
