@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from charforge.driver.workflow.load import load_workflow
 from charforge.driver.workflow.overrides import Override, apply_overrides, resolve_node
 
 from ..lora_eval import POSITIVE, SAMPLER, EvalImage, draw_grid, eval_graph, first_image, plan_grid, summarise
+from ..names import ascii_name
 from .scores import SetScorer, SetScores, sample_images
 from .spec import NODE_INPUTS, TRAIN_CLASS, EvalSet, TuneSpec
 
@@ -256,7 +256,7 @@ class EvalRenderer:
         strength = self.eval.strength
         seeds = self.eval.seeds
         fulls = [full for full, _ in self.texts]
-        prefix = f"charforge_tune/{_safe(Path(lora).stem if lora else 'base')}"
+        prefix = f"charforge_tune/{ascii_name(Path(lora).stem if lora else 'base', 'lora')}"
         graph = eval_graph(
             self.character,
             lora=lora or "",
@@ -484,10 +484,6 @@ def _single_job(graph: dict[str, Any], name: str) -> list[Any]:
     from charforge.driver.batch.plan import job_id
 
     return [Job(job_id(None, graph, []), name, "job", prompt=graph)]
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "lora"
 
 
 def _fmt(value: float | None) -> str:
