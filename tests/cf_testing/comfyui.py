@@ -175,3 +175,30 @@ def load_dataset(folder: Any, name: str = "hero") -> Any:
     return run_node(
         LoadDataset, folder=str(folder), name=name, recursive=False, read_captions=True, workers=1
     ).result[0]
+
+
+def build_api() -> ModuleType:
+    """workflows/build_api.py (the API twins and the recorded node definitions) as a module."""
+    return load_script(REPO_ROOT / "workflows" / "build_api.py", "charforge_workflows_build_api")
+
+
+def accepting(info: dict, prompt: dict, extra: tuple[tuple[str, str], ...] = ()) -> dict:
+    """A copy of recorded node definitions `info` (whose loader lists are empty: recorded on a server without
+    models) with every model file `prompt` names, and the values of the (class, input) pairs in `extra`,
+    added to its input's list of choices, so that a preflight accepts the graph's own file names."""
+    import copy
+
+    accepted = build_api().MODEL_FILE_INPUTS | set(extra)
+    info = copy.deepcopy(info)
+    for node in prompt.values():
+        for name, value in node["inputs"].items():
+            declared = (info[node["class_type"]]["input"].get("required") or {}).get(name)
+            if declared is None or not isinstance(value, str) or (node["class_type"], name) not in accepted:
+                continue
+            kind, options = declared[0], (declared[1] if len(declared) > 1 else {})
+            if kind == "COMBO":
+                declared = [kind, {**options, "options": [*options.get("options", []), value]}]
+            else:
+                declared = [[*kind, value], options]
+            info[node["class_type"]]["input"]["required"][name] = declared
+    return info

@@ -9,15 +9,13 @@ test_pipeline.py); each edited workflow is validated against the node definition
 
 from __future__ import annotations
 
-import copy
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from cf_testing.comfyui import REPO_ROOT
+from cf_testing.comfyui import REPO_ROOT, accepting, build_api
 from charforge.common.characters import family_generation
 from charforge.driver.workflow.preflight import preflight
 from charforge.recipes import pipeline
@@ -195,36 +193,15 @@ def test_a_flux_base_without_t5_is_refused_naming_the_file_to_put_in_place(tmp_p
         choose_models(client, server, _opts(tmp_path), print)
 
 
-def _build_api():
-    spec = importlib.util.spec_from_file_location(
-        "charforge_build_api_families", REPO_ROOT / "workflows" / "build_api.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _validate(prompt: dict[str, Any], info: dict[str, Any]) -> None:
-    """Preflight against the recorded node definitions, with the run's model files in the loaders' lists (the
-    recorded lists are empty: they came from a server without models)."""
-    info = copy.deepcopy(info)
-    for node in prompt.values():
-        for name, value in node["inputs"].items():
-            if (node["class_type"], name) not in _build_api().MODEL_FILE_INPUTS:
-                continue
-            declared = info[node["class_type"]]["input"]["required"]
-            kind, options = declared[name][0], (declared[name][1] if len(declared[name]) > 1 else {})
-            if kind == "COMBO":
-                declared[name] = [kind, {**options, "options": [*options.get("options", []), value]}]
-            else:
-                declared[name] = [[*kind, value], options]
-    problems = preflight(prompt, info)
+    """Preflight against the recorded node definitions, with the run's model files in the loaders' lists."""
+    problems = preflight(prompt, accepting(info, prompt))
     assert problems == [], "\n".join(map(str, problems))
 
 
 @pytest.fixture(scope="module")
 def recorded_info():
-    return _build_api().object_info()
+    return build_api().object_info()
 
 
 class Recorder:

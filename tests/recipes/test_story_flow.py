@@ -3,13 +3,11 @@ sampling nodes, validated against the node definitions recorded from a real Comf
 
 from __future__ import annotations
 
-import copy
-import importlib.util
 from typing import Any
 
 import pytest
 
-from cf_testing.comfyui import REPO_ROOT
+from cf_testing.comfyui import accepting, build_api
 from charforge.common.characters import family_generation
 from charforge.driver.errors import UsageError
 from charforge.driver.workflow.preflight import preflight
@@ -17,42 +15,14 @@ from charforge.recipes import story, story_flow
 from charforge.recipes.pipeline.families import FamilyFiles
 
 
-def _build_api():
-    spec = importlib.util.spec_from_file_location(
-        "charforge_build_api_story", REPO_ROOT / "workflows" / "build_api.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build_api = _build_api()
-
-
 @pytest.fixture(scope="module")
 def recorded_info() -> dict[str, Any]:
-    return build_api.object_info()
+    return build_api().object_info()
 
 
 def _accepting(info: dict[str, Any], prompt: dict[str, Any]) -> dict[str, Any]:
     """The recorded definitions with the graph's model files and saved names in the loaders' lists."""
-    info = copy.deepcopy(info)
-    for node in prompt.values():
-        for name, value in node["inputs"].items():
-            declared = (info[node["class_type"]]["input"].get("required") or {}).get(name)
-            if declared is None or not isinstance(value, str):
-                continue
-            if (node["class_type"], name) in build_api.MODEL_FILE_INPUTS or (node["class_type"], name) == (
-                "CharForgeLoadIdentity",
-                "name",
-            ):
-                kind, options = declared[0], (declared[1] if len(declared) > 1 else {})
-                if kind == "COMBO":
-                    declared = [kind, {**options, "options": [*options.get("options", []), value]}]
-                else:
-                    declared = [[*kind, value], options]
-                info[node["class_type"]]["input"]["required"][name] = declared
-    return info
+    return accepting(info, prompt, extra=(("CharForgeLoadIdentity", "name"),))
 
 
 FLUX = story_flow.FlowBase(
