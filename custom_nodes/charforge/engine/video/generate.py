@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..control import Control, or_default
 from .context import ContextOptions, context_windows, window_weights
+from .controlnet import VideoControl, WindowControl, control_residuals, fit_control_frames, window_controls
 from .models import VideoModel
 from .prompts import Keyframe, frame_blends, parse_prompt_schedule
 from .schedulers import make_scheduler
@@ -55,6 +56,8 @@ class VideoRequest:
     strength: float = 0.75
     # With init frames: one strength per frame instead of `strength` (e.g. from music, engine/video/audio_features).
     frame_strengths: list[float] | None = None
+    # ControlNets with per-frame control images, applied in every U-Net call (engine/video/controlnet.py).
+    controls: list[VideoControl] = field(default_factory=list)
 
     def validate(self, scale: int = 8) -> None:
         if not 1 <= self.frames <= MAX_FRAMES:
@@ -76,6 +79,8 @@ class VideoRequest:
                 raise ValueError(f"frame strengths must be in (0, 1]; got {bad[:5]}")
         if self.clip_skip < 1:
             raise ValueError(f"clip_skip counts from 1 (the last layer); got {self.clip_skip}")
+        for control in self.controls:
+            control.validate()
 
 
 @dataclass
@@ -241,6 +246,7 @@ class _WindowPlan:
     weight: torch.Tensor  # blend weight per frame of the window
     text: torch.Tensor  # (2L or L, 77, D): negative then positive per frame
     kwargs: dict
+    controls: list[WindowControl] = field(default_factory=list)  # the window's control frames per ControlNet
 
 
 def _pooled(embeddings: torch.Tensor | None) -> torch.Tensor:
@@ -275,17 +281,24 @@ def _window_plan(
 
 
 def window_prediction(
-    unet: Callable[..., Any], latents: torch.Tensor, timestep: torch.Tensor, plan: _WindowPlan, cfg: float
+    unet: Callable[..., Any],
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    plan: _WindowPlan,
+    cfg: float,
+    controls: list[WindowControl] | None = None,
 ) -> torch.Tensor:
     """The guided noise prediction for one window's `latents` (1, C, L, h, w) at `timestep` (a device tensor).
 
     With ``cfg > 1`` the U-Net sees the window twice in one batch (negative, then positive prompt) and the
     two predictions are mixed. All tensor work on the device: with the U-Net it is one graph for
-    ``torch.compile`` (tests/engine/video/test_compile_ready.py).
+    ``torch.compile`` (tests/engine/video/test_compile_ready.py). `controls`: the ControlNets acting at this step,
+    called on the same batch first; their summed residuals go into the U-Net.
     """
     guidance = cfg > 1.0
     x = torch.cat([latents, latents]) if guidance else latents
-    out = unet(x, timestep, encoder_hidden_states=plan.text, **plan.kwargs).sample.float()
+    residuals = control_residuals(controls or [], x, timestep, plan.text, plan.kwargs)
+    out = unet(x, timestep, encoder_hidden_states=plan.text, **plan.kwargs, **residuals).sample.float()
     if guidance:
         uncond, positive = out.chunk(2)
         out = uncond + cfg * (positive - uncond)
@@ -361,6 +374,15 @@ def generate_video(model: VideoModel, request: VideoRequest, control: Control | 
         _window_plan(model, cond, frames, weight, guidance, request)
         for frames, weight in zip(windows, weights, strict=True)
     ]
+    if request.controls:
+        fitted = [
+            fit_control_frames(c.frames, request.frames, request.width, request.height).to(
+                model.device, model.dtype
+            )
+            for c in request.controls
+        ]
+        for plan in plans:
+            plan.controls = window_controls(request.controls, fitted, plan.index, guidance)
     extra = {}
     if "generator" in inspect.signature(scheduler.step).parameters:  # ancestral samplers draw fresh noise
         extra["generator"] = torch.Generator("cpu").manual_seed(int(request.seed + 1) & 0xFFFF_FFFF_FFFF_FFFF)
@@ -377,10 +399,16 @@ def generate_video(model: VideoModel, request: VideoRequest, control: Control | 
             scaled = scheduler.scale_model_input(latents, t).to(model.dtype)
             prediction = torch.zeros(latents.shape, dtype=torch.float32, device=model.device)
             coverage = torch.zeros(request.frames, dtype=torch.float32, device=model.device)
+            acting = [c.active(index, len(timesteps)) for c in request.controls]
             for plan in plans:
                 control.check()
                 out = window_prediction(
-                    model.unet_forward, scaled.index_select(2, plan.index), t_device, plan, request.cfg
+                    model.unet_forward,
+                    scaled.index_select(2, plan.index),
+                    t_device,
+                    plan,
+                    request.cfg,
+                    [w for w, on in zip(plan.controls, acting, strict=True) if on],
                 )
                 prediction.index_add_(2, plan.index, out * plan.weight.view(1, 1, -1, 1, 1))
                 coverage.index_add_(0, plan.index, plan.weight)
@@ -412,5 +440,6 @@ def generate_video(model: VideoModel, request: VideoRequest, control: Control | 
             "context_length": length,
             "dtype": str(model.dtype),
             "device": str(model.device),
+            "controlnets": [c.name for c in request.controls],
         },
     )

@@ -156,6 +156,7 @@ class VideoModel:
     scheduler_config: dict
     key: tuple
     adapters: dict[str, tuple] = field(default_factory=dict)  # adapter name -> file key
+    unet2d_config: dict = field(default_factory=dict)  # the base's 2D U-Net (ControlNets are derived from it)
     _unet_call: Any = None
 
     @property
@@ -412,6 +413,7 @@ def assemble_video_model(
         options=options,
         scheduler_config=dict(scheduler_config),
         key=key,
+        unet2d_config=dict(unet2d.config),
     )
     if options.compile:
         model._unet_call = torch.compile(unet, dynamic=False)
