@@ -80,3 +80,35 @@ def build_sd15_controlnet(path: str | Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, str(path))
     return path
+
+
+def tiny_video_controlnet(unet_config: dict, seed: int = 1):
+    """diffusers' ControlNetModel.from_unet of a tiny U-Net of `unet_config` (the video tests' tiny SD1.5), with a
+    small conditioning embedding (4, 8, 8, 16) and random zero convolutions."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_config)
+        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
+        with torch.no_grad():
+            zero = [
+                *net.controlnet_down_blocks,
+                net.controlnet_mid_block,
+                net.controlnet_cond_embedding.conv_out,
+            ]
+            for conv in zero:
+                conv.weight.normal_(0, 0.3)
+                conv.bias.normal_(0, 0.1)
+    return net.eval()
+
+
+def write_ldm_controlnet(net, unet_config: dict, path: str | Path) -> Path:
+    """`net` as an original-layout (``control_model.``) safetensors file in float32."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = controlnet_to_ldm(net.state_dict(), unet_config)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path

@@ -198,3 +198,58 @@ def test_video_lora_takes_a_linked_lora_name_from_training(comfy):
     )
     with pytest.raises(bridge.ModelNotFoundError, match="not in the loras folder"):
         run_node(VideoLoRA, model=model, lora_name="(none)", strength=1.0, lora_name_from="other.safetensors")
+
+
+def test_generate_video_with_control_frames_and_a_controlnet_file(comfy, assets):
+    """A ControlNet from models/controlnet steers the clip as the engine does; control frames without a ControlNet
+    are refused with a message; saved workflows without the new inputs still run."""
+    import torch
+
+    from cf_testing.controlnet_models import tiny_video_controlnet, write_ldm_controlnet
+
+    unet_config = dict(assets.sd15.unet_config)
+    write_ldm_controlnet(
+        tiny_video_controlnet(unet_config),
+        unet_config,
+        comfy.base_dir / "models" / "controlnet" / "tiny_face.safetensors",
+    )
+    assert "tiny_face.safetensors" in GenerateVideo.INPUT_TYPES()["optional"]["controlnet"][0]
+    model, _ = run_node(
+        LoadVideoModel, base_model="[diffusers] tiny_sd15", motion_module="tiny_mm_v3.safetensors", **OPTIONS
+    ).result
+    common = dict(
+        model=model,
+        prompt="ohwx person",
+        negative_prompt="",
+        frames=4,
+        fps=8.0,
+        width=64,
+        height=64,
+        steps=2,
+        cfg=7.5,
+        scheduler="ddim",
+        seed=1,
+        context_length=0,
+        context_overlap=0,
+    )
+    plain = run_node(GenerateVideo, **common).result[0]
+    faces = torch.rand(4, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    steered, _, info = run_node(
+        GenerateVideo,
+        **common,
+        control_frames=faces,
+        controlnet="tiny_face.safetensors",
+        control_strength=0.8,
+    ).result
+    assert "ControlNet tiny_face.safetensors x0.8, steps 0 to 1" in info
+    assert (steered - plain).abs().max() > 0.02
+    weaker = run_node(
+        GenerateVideo,
+        **common,
+        control_frames=faces,
+        controlnet="tiny_face.safetensors",
+        control_strength=0.2,
+    ).result[0]
+    assert 0 < (weaker - plain).abs().mean() < (steered - plain).abs().mean()
+    with pytest.raises(ValueError, match="no ControlNet is chosen"):
+        GenerateVideo().generate(**common, control_frames=faces)

@@ -77,6 +77,33 @@ def _with_none(names: list[str]) -> list[str]:
     return [NONE, *names]
 
 
+CONTROLNET_FOLDER = "controlnet"
+
+
+def _is_controlnet(config: Path) -> bool:
+    try:
+        return json.loads(config.read_text()).get("_class_name") == "ControlNetModel"
+    except (OSError, ValueError):
+        return False
+
+
+def controlnet_choices() -> list[str]:
+    """(none), ControlNet files of models/controlnet, then diffusers ControlNet folders as ``[diffusers] <folder>``."""
+    folders = bridge.model_dirs(CONTROLNET_FOLDER, "config.json", _is_controlnet)
+    files = [
+        n for n in bridge.list_models(CONTROLNET_FOLDER) if not any(n.startswith(f + "/") for f in folders)
+    ]
+    return _with_none(files + [DIFFUSERS_PREFIX + n for n in folders])
+
+
+def resolve_controlnet(name: str) -> str:
+    if name.startswith(DIFFUSERS_PREFIX):
+        return bridge.find_model_dir(
+            CONTROLNET_FOLDER, name[len(DIFFUSERS_PREFIX) :], "config.json", what="ControlNet folder"
+        )
+    return bridge.find_model(CONTROLNET_FOLDER, name)
+
+
 # --------------------------------------------------------------------------------------------------
 # Nodes
 
@@ -350,7 +377,8 @@ class GenerateVideo:
         "(embeddings blend between keyframes; lines without a number are added to every keyframe). Clips longer "
         "than the context length are made in overlapping windows blended every step, so 64+ frames from a "
         "16-frame module use the memory of 16. Connect init_images (one image or a clip) for image / video to "
-        "video. Progress per step; Cancel stops between steps."
+        "video, and control_frames with a ControlNet to steer every frame (face landmarks, pose). Progress per step; "
+        "Cancel stops between steps."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "FLOAT", "STRING")
@@ -566,6 +594,57 @@ class GenerateVideo:
                         ),
                     },
                 ),
+                "control_frames": (
+                    "IMAGE",
+                    {
+                        "tooltip": (
+                            "Control images for the ControlNet, one per frame (e.g. Face Motion's control_frames: face "
+                            "landmark dots, or pose / depth maps); resampled to the frame count and cropped to the "
+                            "size like init_images. Each context window's U-Net calls see their own frames' images."
+                        )
+                    },
+                ),
+                "controlnet": (
+                    controlnet_choices(),
+                    {
+                        "default": NONE,
+                        "tooltip": (
+                            "A ControlNet for the base (SD1.5 / SDXL) from models/controlnet: an original-layout file "
+                            "(control_v11p_sd15_openpose.pth), a diffusers file or a diffusers folder. Used when "
+                            "control_frames is connected."
+                        ),
+                    },
+                ),
+                "control_strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 2.0,
+                        "step": 0.01,
+                        "tooltip": "How strongly the ControlNet steers (its residuals are multiplied by this).",
+                    },
+                ),
+                "control_start": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Fraction of the steps run before the ControlNet starts acting.",
+                    },
+                ),
+                "control_end": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Fraction of the steps run after which the ControlNet stops acting.",
+                    },
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -592,6 +671,11 @@ class GenerateVideo:
         beta_schedule="auto",
         clip_skip=1,
         strength_schedule=None,
+        control_frames=None,
+        controlnet=NONE,
+        control_strength=1.0,
+        control_start=0.0,
+        control_end=1.0,
         unique_id=None,
     ):
         require("diffusers")
@@ -605,6 +689,24 @@ class GenerateVideo:
             frame_strengths = parse_value_schedule(str(strength_schedule), int(frames))
 
         loaded, lora_report = load_video_model(model)
+        controls = []
+        if control_frames is not None and controlnet not in (None, "", NONE):
+            from ..engine.video.controlnet import VideoControl, controlnet_for
+
+            controls.append(
+                VideoControl(
+                    controlnet_for(loaded, resolve_controlnet(str(controlnet))),
+                    control_frames,
+                    float(control_strength),
+                    float(control_start),
+                    float(control_end),
+                    name=str(controlnet),
+                )
+            )
+        elif control_frames is not None:
+            raise ValueError(
+                "control_frames is connected but no ControlNet is chosen: pick one from models/controlnet"
+            )
         request = VideoRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -624,6 +726,7 @@ class GenerateVideo:
             init_frames=init_images,
             strength=float(strength) if init_images is not None else 1.0,
             frame_strengths=frame_strengths,
+            controls=controls,
         )
         result = generate_video(
             loaded, request, bridge.control(int(steps) + 1, node_id=unique_id, label="generate video")
@@ -641,6 +744,8 @@ class GenerateVideo:
         ]
         if frame_strengths:
             lines.append(f"strength per frame: {min(frame_strengths):.2f} to {max(frame_strengths):.2f}")
+        for c in controls:
+            lines.append(f"ControlNet {c.name} x{c.strength:g}, steps {c.start:g} to {c.end:g}")
         return (result.frames, float(fps), "\n".join(lines))
 
 

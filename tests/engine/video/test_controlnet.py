@@ -5,7 +5,7 @@ control_guidance_start / end), also per context window with the window's own con
 import pytest
 import torch
 
-from cf_testing.controlnet_models import controlnet_to_ldm
+from cf_testing.controlnet_models import tiny_video_controlnet, write_ldm_controlnet
 from cf_testing.video_models import video_assets
 from charforge.engine.video import (
     ContextOptions,
@@ -42,25 +42,6 @@ def spec_for(assets):
     )
 
 
-def tiny_controlnet(unet_config: dict, seed: int):
-    """diffusers' ControlNetModel.from_unet of a tiny SD1.5 U-Net; zero convolutions made random."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
-
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**unet_config)
-        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
-        with torch.no_grad():
-            for conv in [
-                *net.controlnet_down_blocks,
-                net.controlnet_mid_block,
-                net.controlnet_cond_embedding.conv_out,
-            ]:
-                conv.weight.normal_(0, 0.3)
-                conv.bias.normal_(0, 0.1)
-    return net.eval()
-
-
 @pytest.fixture(scope="module")
 def controlnets(assets, tmp_path_factory):
     from safetensors.torch import save_file
@@ -69,11 +50,8 @@ def controlnets(assets, tmp_path_factory):
     unet_config = dict(assets.sd15.unet_config)
     nets = {}
     for seed in (1, 2):
-        net = tiny_controlnet(unet_config, seed)
-        ldm = folder / f"control_{seed}.safetensors"
-        save_file(
-            {k: v.contiguous() for k, v in controlnet_to_ldm(net.state_dict(), unet_config).items()}, ldm
-        )
+        net = tiny_video_controlnet(unet_config, seed)
+        ldm = write_ldm_controlnet(net, unet_config, folder / f"control_{seed}.safetensors")
         flat = folder / f"diffusers_{seed}.safetensors"
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, flat)
         net.save_pretrained(folder / f"folder_{seed}")
