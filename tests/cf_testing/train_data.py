@@ -165,3 +165,35 @@ def assert_one_sample(result: Any, size: int = 64) -> None:
     assert len(result.samples) == 1
     with Image.open(result.samples[0]) as sample:
         assert sample.size == (size, size) and np.asarray(sample.convert("L")).std() > 0
+
+
+#: face-mask settings that make only the face box count (the face-mask tests: with and without)
+FACE_ONLY: dict[str, Any] = {"face_mask": True, "face_mask_margin": 0.0, "face_mask_background": 0.0}
+
+
+def peft_lora(module: Any, targets: list[str], seed: int, rank: int = 4, alpha: float = 2.0) -> Any:
+    """peft's own LoRA on `targets` of `module` (a reference for the trainer's), its initial matrices drawn
+    from `seed` as the trainer draws its own; only the LoRA parameters trainable. Returns `module`."""
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets), module)
+    for name, param in module.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return module
+
+
+def first_batch(trainer: Any) -> tuple[list[str], Any]:
+    """The captions and the prepared pixels (B, 3, H, W) of a trainer's first micro-batch."""
+    import torch
+
+    from charforge.engine.train.data import prepare_image
+
+    _, items = trainer.micro_batch(0)
+    captions = [trainer.data.items[i].caption for i in items]
+    pixels = torch.stack(
+        [prepare_image(trainer.data.items[i].image, trainer.data.buckets[i]).pixels for i in items]
+    )
+    return captions, pixels

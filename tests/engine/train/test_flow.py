@@ -13,11 +13,14 @@ import pytest
 import torch
 
 from cf_testing.train_data import (
+    FACE_ONLY,
     RESUME_SETTINGS,
     assert_lora_grads_close,
     assert_same_lora,
+    first_batch,
     kohya_folder,
     pattern_image,
+    peft_lora,
     straight_and_resumed,
     tiny_train_config,
 )
@@ -187,7 +190,6 @@ def test_training_measurably_learns(tiny_flux, tmp_path):
 def test_step_equals_a_hand_written_diffusers_peft_flow_matching_step(tiny_flux, dataset):
     """One micro-batch through the trainer == the same batch through FluxPipeline's own helpers + peft."""
     from diffusers import FluxPipeline
-    from peft import LoraConfig, inject_adapter_in_model
 
     config = flow_config(batch_size=2, rank=4, alpha=2.0, guidance_scale=1.0)
     trainer = _trainer(tiny_flux, dataset, config)
@@ -209,19 +211,8 @@ def test_step_equals_a_hand_written_diffusers_peft_flow_matching_step(tiny_flux,
         }
         and "transformer_blocks." in n
     ]  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2.0, target_modules=targets), transformer)
-    for name, param in transformer.named_parameters():
-        param.requires_grad_("lora_" in name)
-
-    _, items = trainer.micro_batch(0)
-    captions = [trainer.data.items[i].caption for i in items]
-    from charforge.engine.train.data import prepare_image
-
-    pixels = torch.stack(
-        [prepare_image(trainer.data.items[i].image, trainer.data.buckets[i]).pixels for i in items]
-    )
+    peft_lora(transformer, targets, config.seed)
+    captions, pixels = first_batch(trainer)
     with torch.no_grad():
         raw = pipe.vae.encode(pixels).latent_dist.mean
         x0 = (raw - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
@@ -383,7 +374,7 @@ def test_face_mask_weights_the_loss(tiny_flux, tmp_path):
     image = pattern_image(tmp_path / "a.png")
     items = [TrainItem(str(image), "sks person", face_box=(0.0, 0.0, 24.0, 24.0))]
     losses = []
-    for overrides in ({}, {"face_mask": True, "face_mask_margin": 0.0, "face_mask_background": 0.0}):
+    for overrides in ({}, FACE_ONLY):
         config = flow_config(**overrides)
         trainer = FlowTrainer(
             load_flux(tiny_flux.diffusers_dir, dtype="fp32"), TrainingData.prepare(items, config.data), config

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from cf_testing.train_data import (
+    FACE_ONLY,
     RESUME_SETTINGS,
     kohya_folder,
     pattern_image,
@@ -105,7 +106,7 @@ def test_face_mask_weights_the_face(tiny_sd15, tmp_path):
     image = pattern_image(tmp_path / "a.png")
     items = [TrainItem(str(image), "sks person", face_box=(0.0, 0.0, 24.0, 24.0))]
     losses = []
-    for overrides in ({}, {"face_mask": True, "face_mask_margin": 0.0, "face_mask_background": 0.0}):
+    for overrides in ({}, FACE_ONLY):
         config = tiny_config(**overrides)
         model = load_base_model(tiny_sd15.diffusers_dir)
         trainer = Trainer(model, TrainingData.prepare(items, config.data), config)

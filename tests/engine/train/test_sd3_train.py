@@ -16,8 +16,10 @@ from cf_testing.train_data import (
     RESUME_SETTINGS,
     assert_lora_grads_close,
     assert_same_lora,
+    first_batch,
     kohya_folder,
     pattern_image,
+    peft_lora,
     straight_and_resumed,
     tiny_train_config,
 )
@@ -25,7 +27,7 @@ from charforge.engine.library import flow_layouts
 from charforge.engine.library.formats import read_lora
 from charforge.engine.models import sd3_files
 from charforge.engine.train.config import TrainConfig
-from charforge.engine.train.data import TrainingData, items_from_pairs, prepare_image, read_kohya_folder
+from charforge.engine.train.data import TrainingData, items_from_pairs, read_kohya_folder
 from charforge.engine.train.export import lora_metadata
 from charforge.engine.train.flow import sd3
 from charforge.engine.train.flow.export import export_flow_lora
@@ -107,7 +109,6 @@ def test_step_equals_a_hand_written_diffusers_peft_flow_matching_step(tiny, data
     encoding, the VAE, SD3's shifted logit-normal σ and the transformer with peft LoRA: same loss and the
     same LoRA gradients."""
     from diffusers import StableDiffusion3Pipeline
-    from peft import LoraConfig, inject_adapter_in_model
 
     config = sd3_config(batch_size=2, rank=4, alpha=2.0, targets="attention")
     trainer = _trainer(tiny, dataset, config)
@@ -128,17 +129,8 @@ def test_step_equals_a_hand_written_diffusers_peft_flow_matching_step(tiny, data
         and n.split(".", 2)[2] in attention
     ]
     targets.remove("transformer_blocks.1.attn.add_q_proj")  # the last block's text queries feed nothing
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2.0, target_modules=targets), transformer)
-    for name, param in transformer.named_parameters():
-        param.requires_grad_("lora_" in name)
-
-    _, items = trainer.micro_batch(0)
-    captions = [trainer.data.items[i].caption for i in items]
-    pixels = torch.stack(
-        [prepare_image(trainer.data.items[i].image, trainer.data.buckets[i]).pixels for i in items]
-    )
+    peft_lora(transformer, targets, config.seed)
+    captions, pixels = first_batch(trainer)
     with torch.no_grad():
         raw = pipe.vae.encode(pixels).latent_dist.mean
         x0 = (raw - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
