@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from fakes.comfy_server import FakeComfyServer
-from fakes.moto_s3 import ACCESS_KEY, SECRET_KEY
+from fakes.moto_s3 import ACCESS_KEY, SECRET_KEY, corrupt_uploads
 from fakes.runpod_api import FakeRunPod
 from fakes.serverless_worker import serverless_endpoint
 from fakes.storage_outputs import add_output_nodes, video_story_graph
@@ -246,27 +246,9 @@ def test_a_receipt_naming_a_path_outside_out_is_refused(tmp_path):
 def test_a_stored_file_whose_bytes_do_not_match_is_refused(worker, tmp_path, monkeypatch):
     """The mp4 on storage replaced by other bytes (its recorded sha256 kept): the download is refused with the
     reason and nothing of it is left in --out."""
-    from charforge.engine.transfer import storage
-
     runpod, _, bucket = worker
     monkeypatch.setenv("CHARFORGE_SERVERLESS_RESULTS", f"s3://{bucket}/results")
-    real_s3_client = storage.s3_client
-
-    def corrupting_client(*args, **kwargs):
-        made = real_s3_client(*args, **kwargs)
-        original = made.upload_file
-
-        def upload(path, bucket_name, key, ExtraArgs=None):  # noqa: N803 - boto3's name
-            original(path, bucket_name, key, ExtraArgs=ExtraArgs)
-            if key.endswith(".mp4"):
-                made.put_object(
-                    Bucket=bucket_name, Key=key, Body=b"not the video", Metadata=ExtraArgs["Metadata"]
-                )
-
-        made.upload_file = upload
-        return made
-
-    monkeypatch.setattr(storage, "s3_client", corrupting_client)
+    corrupt_uploads(monkeypatch, ".mp4", b"not the video")
     (tmp_path / "story.json").write_text(json.dumps(video_story_graph()))
     out = tmp_path / "out"
     code, _, err = run_driver_cli(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from fakes.comfy_server import FakeComfyServer
-from fakes.moto_s3 import ACCESS_KEY, SECRET_KEY
+from fakes.moto_s3 import ACCESS_KEY, SECRET_KEY, corrupt_uploads
 from fakes.runpod_api import FakeRunPod
 from fakes.serverless_worker import serverless_endpoint
 from fakes.train_lora import (
@@ -126,24 +126,7 @@ def test_a_stored_file_that_does_not_match_its_checksum_is_refused(worker, tmp_p
     spec = training_sweep(tmp_path, ["solo"])
     out = tmp_path / "out"
     client = boto3.client("s3")
-    from charforge.engine.transfer import storage
-
-    def corrupting_client(*args, **kwargs):
-        made = real_s3_client(*args, **kwargs)
-        original = made.upload_file
-
-        def upload(path, bucket_name, key, ExtraArgs=None):  # noqa: N803 - boto3's name
-            original(path, bucket_name, key, ExtraArgs=ExtraArgs)
-            if key.endswith("/lora/solo.safetensors"):
-                made.put_object(
-                    Bucket=bucket_name, Key=key, Body=b"not the lora", Metadata=ExtraArgs["Metadata"]
-                )
-
-        made.upload_file = upload
-        return made
-
-    real_s3_client = storage.s3_client
-    monkeypatch.setattr(storage, "s3_client", corrupting_client)
+    corrupt_uploads(monkeypatch, "/lora/solo.safetensors", b"not the lora")
     code, _, err = run_driver_cli(
         "batch", "run", str(spec), "--server", "runpod-serverless:ep1", "--out", str(out)
     )

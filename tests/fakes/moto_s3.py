@@ -41,3 +41,25 @@ def use_s3(monkeypatch: Any, endpoint: str, name: str) -> str:
     bucket = f"b{hashlib.sha1(name.encode()).hexdigest()[:12]}"
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     return bucket
+
+
+def corrupt_uploads(monkeypatch: Any, suffix: str, body: bytes) -> None:
+    """CharForge's storage uploads replace each object whose key ends with `suffix` by `body` right after
+    sending it, keeping the metadata (so the recorded sha256 no longer matches): a damaged object on storage."""
+    from charforge.engine.transfer import storage
+
+    real_s3_client = storage.s3_client
+
+    def corrupting_client(*args, **kwargs):
+        made = real_s3_client(*args, **kwargs)
+        original = made.upload_file
+
+        def upload(path, bucket_name, key, ExtraArgs=None):  # noqa: N803 - boto3's name
+            original(path, bucket_name, key, ExtraArgs=ExtraArgs)
+            if key.endswith(suffix):
+                made.put_object(Bucket=bucket_name, Key=key, Body=body, Metadata=ExtraArgs["Metadata"])
+
+        made.upload_file = upload
+        return made
+
+    monkeypatch.setattr(storage, "s3_client", corrupting_client)
