@@ -7,7 +7,6 @@ into out/lora and the pipeline ComfyUI's loras folder; a rerun sends no job agai
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,42 +14,29 @@ from pathlib import Path
 import pytest
 from fakes.charforge_routes import sample_photos
 from fakes.comfy_server import FakeComfyServer
-from fakes.moto_s3 import ACCESS_KEY, SECRET_KEY, moto_s3, use_s3
+from fakes.moto_s3 import ACCESS_KEY, SECRET_KEY
 from fakes.pipeline_stand_ins import DatasetStages, pipeline_argv, use_stand_ins
 from fakes.runpod_api import FakeRunPod
+from fakes.serverless_worker import serverless_endpoint
 from fakes.train_lora import add_fetch_node, add_store_node, add_train_node, lora_bytes
 
 from charforge.recipes import pipeline
-from charforge.recipes.cli import main
 
 pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
 
-def cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = main(list(argv), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture
-def endpoint(comfy_env, monkeypatch, tmp_path) -> Iterator[tuple[FakeRunPod, FakeComfyServer, str]]:
+def endpoint(
+    comfy_env, monkeypatch, tmp_path, s3_endpoint
+) -> Iterator[tuple[FakeRunPod, FakeComfyServer, str]]:
     from charforge import bridge
 
     bridge.register_model_folders()
-    with moto_s3() as s3:
-        bucket = use_s3(monkeypatch, s3, str(tmp_path))
-        with FakeComfyServer(root=comfy_env.base_dir) as worker:
-            add_train_node(worker)
-            add_store_node(worker)
-            add_fetch_node(worker)
-            with FakeRunPod() as runpod:
-                runpod.add_endpoint("ep1", worker)
-                for name, value in runpod.env().items():
-                    monkeypatch.setenv(name, value)
-                monkeypatch.setenv("CHARFORGE_CONFIG", str(tmp_path / "none.yaml"))
-                monkeypatch.setenv("CHARFORGE_SERVERLESS_RESULTS", f"s3://{bucket}/results")
-                yield runpod, worker, bucket
+    nodes = (add_train_node, add_store_node, add_fetch_node)
+    with serverless_endpoint(monkeypatch, tmp_path, s3_endpoint, comfy_env.base_dir, *nodes) as found:
+        monkeypatch.setenv("CHARFORGE_SERVERLESS_RESULTS", f"s3://{found[2]}/results")
+        yield found
 
 
 def _pipeline(photos: Path, out: Path, url: str) -> tuple[int, str, str]:
