@@ -20,6 +20,7 @@ from fakes.runpod_api import FakeRunPod
 from fakes.serverless_worker import serverless_endpoint
 from fakes.train_lora import add_fetch_node, add_store_node, add_train_node, lora_bytes
 
+from cf_testing.cli import run_charforge as cli
 from charforge.recipes import pipeline
 
 pytest.importorskip("boto3")
