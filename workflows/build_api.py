@@ -38,6 +38,7 @@ MODEL_FILE_INPUTS = frozenset({
     ("CharForgeLoadVideoModel", "motion_module"),
     ("CharForgeVideoLoRA", "lora_name"),
     ("CharForgeMotionLoRA", "motion_lora"),
+    ("CharForgeGenerateVideo", "controlnet"),
     ("CharForgeLoadAudio", "audio"),  # a file in the input folder
     ("CharForgeFaceMotion", "video"),  # a file in the input folder
     ("CharForgeLoadClip", "model"),

@@ -455,25 +455,27 @@ def video_face_motion(new):
     w = new("video_face_motion")
     w.note(
         "FACE-DRIVEN VIDEO - your character's face follows a driving video (talking, expressions, head turns):\n"
-        "the video's face landmarks steer a ControlNet while the character LoRA keeps the identity, checked per\n"
-        "frame by Identity Drift.\n\n"
+        "the video's face landmarks steer a ControlNet inside AnimateDiff video to video, the motion module keeps\n"
+        "the frames coherent and the character LoRA keeps the identity, checked per frame by Identity Drift.\n\n"
         "SET BEFORE QUEUEING\n"
         "- Face Motion > video: the driving video in ComfyUI's input folder (copy it there and press R; `charforge\n"
         "  video --driving-video FILE` uploads it). max_frames 16 / frame_step 1: the part used. width / height:\n"
-        "  the clip's size. landmarks auto takes buffalo_l's 68 3D points; style dots is the OpenPose face style.\n"
-        "  Connect an image of your character to character_image to move the face onto its face box.\n"
-        "- Load Checkpoint / Character LoRA: the SD1.5 base and your LoRA; keep the trigger word in the prompt.\n"
-        "- Load ControlNet Model: an SD1.5 ControlNet that reads face dots (control_v11p_sd15_openpose).\n"
-        "- KSampler > denoise 0.7 redraws the driving frames (video to video); 1.0 ignores their colours.\n"
+        "  the face maps' size (keep them as Generate Video's). landmarks auto takes buffalo_l's 68 3D points;\n"
+        "  style dots is the OpenPose face style. Connect an image of your character to character_image to move\n"
+        "  the face onto its face box.\n"
+        "- Load Video Model: the SD1.5 base and an AnimateDiff motion module; Character LoRA: your LoRA; keep the\n"
+        "  trigger word in the prompt.\n"
+        "- Generate Video > controlnet: an SD1.5 ControlNet that reads face dots (control_v11p_sd15_openpose);\n"
+        "  control_strength 0.9, control_end 0.9. strength 0.7 redraws the driving frames (video to video); 1.0\n"
+        "  ignores their colours. Frame count and rate come from Face Motion; clips longer than the context\n"
+        "  length are made in overlapping windows, each with its own face maps.\n"
         "- Build Identity > folder: photos of your character, for the drift check.\n\n"
         "MODELS\n"
-        "insightface/models/buffalo_l (detector + 1k3d68 / 2d106det landmarks), checkpoints/ (SD1.5), loras/,\n"
-        "controlnet/ (control_v11p_sd15_openpose.pth).\n\n"
+        "insightface/models/buffalo_l (detector + 1k3d68 / 2d106det landmarks), checkpoints/ (SD1.5),\n"
+        "animatediff_models/ (v3_sd15_mm.ckpt), loras/, controlnet/ (control_v11p_sd15_openpose.pth).\n\n"
         "RESULT\n"
         "output/charforge/face_video_00001_.mp4 at the driving video's frame rate; the face maps and the identity\n"
-        "drift plot are previewed; Face Motion's pose_table lists yaw / pitch / roll per frame. Frames are drawn\n"
-        "one by one with ComfyUI's sampler (no temporal layers): the ControlNet and the driving frames hold them\n"
-        "together.")
+        "drift plot are previewed; Face Motion's pose_table lists yaw / pitch / roll per frame.")
     w.group("1 - Driving video -> face maps", "#3f789e")
     faces = w.node("CharForgeLoadFaceModels", pack="buffalo_l")
     motion = w.node("CharForgeFaceMotion", video="driving.mp4", width=512, height=512, max_frames=16, frame_step=1,
@@ -481,49 +483,35 @@ def video_face_motion(new):
     maps = w.node("PreviewImage", title="Face maps", height=260)
     w.link(faces, "face_models", motion, "face_models")
     w.link(motion, "control_frames", maps, "images")
-    w.group("2 - Model, character LoRA & prompts", "#8A8")
-    ckpt = w.node("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
-    lora = w.node("LoraLoader", title="Character LoRA", lora_name="my_character.safetensors", strength_model=0.9,
-                  strength_clip=0.9)
-    pos = w.node("CLIPTextEncode", title="Positive prompt", height=140,
-                 text="photo of ohwx person talking, head and shoulders portrait, natural light, sharp focus")
-    neg = w.node("CLIPTextEncode", title="Negative prompt", height=110, text=NEGATIVE)
-    w.link(ckpt, "MODEL", lora, "model")
-    w.link(ckpt, "CLIP", lora, "clip")
-    w.link(lora, "CLIP", pos, "clip")
-    w.link(lora, "CLIP", neg, "clip")
+    w.group("2 - Video model & character LoRA", "#8A8")
+    model = w.node("CharForgeLoadVideoModel", base_model="v1-5-pruned-emaonly.safetensors",
+                   motion_module="v3_sd15_mm.ckpt")
+    lora = w.node("CharForgeVideoLoRA", title="Character LoRA", lora_name="my_character.safetensors",
+                  strength=0.9)
+    w.link(model, "model", lora, "model")
     w.group("3 - Face ControlNet & video to video", "#a1309b")
-    cn = w.node("ControlNetLoader", control_net_name="control_v11p_sd15_openpose.pth")
-    apply = w.node("ControlNetApplyAdvanced", title="Apply ControlNet", strength=0.9, start_percent=0.0,
-                   end_percent=0.9)
-    encode = w.node("VAEEncode", title="VAE Encode (driving frames)")
-    sampler = w.node("KSampler", seed=42, steps=25, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=0.7)
-    decode = w.node("VAEDecode")
-    w.link(pos, "CONDITIONING", apply, "positive")
-    w.link(neg, "CONDITIONING", apply, "negative")
-    w.link(cn, "CONTROL_NET", apply, "control_net")
-    w.link(motion, "control_frames", apply, "image")
-    w.link(ckpt, "VAE", apply, "vae")
-    w.link(motion, "driving_frames", encode, "pixels")
-    w.link(ckpt, "VAE", encode, "vae")
-    w.link(lora, "MODEL", sampler, "model")
-    w.link(apply, "positive", sampler, "positive")
-    w.link(apply, "negative", sampler, "negative")
-    w.link(encode, "LATENT", sampler, "latent_image")
-    w.link(sampler, "LATENT", decode, "samples")
-    w.link(ckpt, "VAE", decode, "vae")
+    generate = w.node("CharForgeGenerateVideo", height=640,
+                      prompt="photo of ohwx person talking, head and shoulders portrait, natural light, sharp focus",
+                      negative_prompt=NEGATIVE, width=512, steps=25, cfg=7.5, scheduler="ddim", seed=42,
+                      context_length=16, context_overlap=4, strength=0.7,
+                      controlnet="control_v11p_sd15_openpose.pth", control_strength=0.9, control_start=0.0,
+                      control_end=0.9, widgets={"frames": 16, "height": 512})
+    w.link(lora, "model", generate, "model")
+    w.link(motion, "frames", generate, "frames")
+    w.link(motion, "driving_frames", generate, "init_images")
+    w.link(motion, "control_frames", generate, "control_frames")
     w.group("4 - Save & identity drift", "#b58b2a")
     save = w.node("CharForgeSaveVideo", height=420, format="mp4", filename_prefix="charforge/face_video", quality=80,
                   loop_count=0)
     identity = w.node("CharForgeBuildIdentity", name="my_character", save=True, folder="charforge/my_character")
     drift = w.node("CharForgeIdentityDrift")
     plot = w.node("PreviewImage", title="Identity drift", height=260)
-    w.link(decode, "IMAGE", save, "frames")
+    w.link(generate, "frames", save, "frames")
     w.link(motion, "fps", save, "fps")
     w.link(faces, "face_models", identity, "face_models")
     w.link(faces, "face_models", drift, "face_models")
     w.link(identity, "identity", drift, "identity")
-    w.link(decode, "IMAGE", drift, "frames")
+    w.link(generate, "frames", drift, "frames")
     w.link(drift, "plot", plot, "images")
     return w
 

@@ -31,9 +31,10 @@ Options left out keep the workflow's values. Anything else: charforge run workfl
 --input "Load Audio (CharForge)=song.mp3" --set NODE.INPUT=VALUE.
 
 With --driving-video the workflow is workflows/video_face_motion.json: Face Motion from Video (the driving
-face's landmarks as face maps) -> ComfyUI's Apply ControlNet + KSampler (video to video, character LoRA) ->
-Save Video and Identity Drift. --prompt, --negative, --base-model, --lora, --width/--height, --steps, --seed and
---format apply to it too; --controlnet, --denoise and --max-frames are its own.
+face's landmarks as face maps) -> Generate Video (AnimateDiff video to video of the driving frames, the face maps
+steering a ControlNet in every step, character LoRA) -> Save Video and Identity Drift. --prompt, --negative,
+--base-model, --motion-module, --lora, --width/--height, --steps, --seed and --format apply to it too;
+--controlnet, --denoise and --max-frames are its own.
 
 With --hotshot the workflow is workflows/video_hotshot_xl.json: an SDXL checkpoint with HotShot-XL's temporal
 layers and the character LoRA -> Generate Video (8-frame context windows) -> Save Video. Several --prompt
@@ -151,7 +152,7 @@ def face_settings(args: argparse.Namespace) -> tuple[list[Override], list[str]]:
         raise UsageError(
             f"--driving-video {video}: not a video this workflow reads ({', '.join(VIDEO_SUFFIXES)})"
         )
-    for option in ("shared", "start", "duration", "fps", "beats_per_prompt", "switch", "motion_module"):
+    for option in ("shared", "start", "duration", "fps", "beats_per_prompt", "switch"):
         if getattr(args, option, None) is not None:
             raise UsageError(
                 f"--{option.replace('_', '-')} belongs to --audio; the face-driven clip has no use for it"
@@ -162,20 +163,22 @@ def face_settings(args: argparse.Namespace) -> tuple[list[Override], list[str]]:
         ("CharForgeFaceMotion", "width", args.width),
         ("CharForgeFaceMotion", "height", args.height),
         ("CharForgeFaceMotion", "max_frames", args.max_frames),
-        ("CheckpointLoaderSimple", "ckpt_name", args.base_model),
-        ("ControlNetLoader", "control_net_name", args.controlnet),
-        ("Positive prompt", "text", ", ".join(args.prompt) if args.prompt else None),
-        ("Negative prompt", "text", args.negative),
-        ("KSampler", "steps", args.steps),
-        ("KSampler", "seed", args.seed),
-        ("KSampler", "denoise", args.denoise),
+        ("CharForgeLoadVideoModel", "base_model", args.base_model),
+        ("CharForgeLoadVideoModel", "motion_module", args.motion_module),
+        ("CharForgeGenerateVideo", "controlnet", args.controlnet),
+        ("CharForgeGenerateVideo", "prompt", ", ".join(args.prompt) if args.prompt else None),
+        ("CharForgeGenerateVideo", "negative_prompt", args.negative),
+        ("CharForgeGenerateVideo", "width", args.width),
+        ("CharForgeGenerateVideo", "height", args.height),
+        ("CharForgeGenerateVideo", "steps", args.steps),
+        ("CharForgeGenerateVideo", "seed", args.seed),
+        ("CharForgeGenerateVideo", "strength", args.denoise),
         ("CharForgeSaveVideo", "format", args.format),
     ]
     if args.lora is not None:
-        sets += [("LoraLoader", "lora_name", args.lora[0])]
         sets += [
-            ("LoraLoader", "strength_model", args.lora[1]),
-            ("LoraLoader", "strength_clip", args.lora[1]),
+            ("CharForgeVideoLoRA", "lora_name", args.lora[0]),
+            ("CharForgeVideoLoRA", "strength", args.lora[1]),
         ]
     return _overrides(sets), [f"CharForgeFaceMotion.video={video}"]
 

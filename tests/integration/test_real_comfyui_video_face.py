@@ -1,18 +1,21 @@
 """Opt-in: the face-driven video in a real ComfyUI, from ``charforge video --driving-video`` to the clip and the
 identity-drift plot.
 
-The pack is linked into a throwaway base directory with a tiny SD1.5 checkpoint ComfyUI detects as SD1.5, a kohya
-character LoRA for it, a tiny SD1.5 ControlNet in the original file layout (cf_testing/controlnet_models.py) and the
-face pack of the face-motion tests: the planted detector and landmark models whose points follow two coloured dots.
-Checks:
+The pack is linked into a throwaway base directory with a tiny SD1.5 (diffusers folder), a tiny AnimateDiff v3
+module, a kohya character LoRA for it, a tiny ControlNet of that SD1.5 in the original file layout
+(cf_testing/controlnet_models.py) and the face pack of the face-motion tests: the planted detector and landmark
+models whose points follow two coloured dots. Checks:
 
-- ComfyUI's ControlNet loader reads the tiny ControlNet with every tensor used, and its control outputs equal
-  diffusers' ControlNetModel on the same weights (float tolerance);
+- the original file layout is ComfyUI's: for a full-width SD1.5 ControlNet written the same way, ComfyUI's
+  ControlNet loader uses every tensor and its control outputs equal diffusers' ControlNetModel on the same weights
+  (float tolerance), and the engine's loader (engine/video/controlnet.py) reads the same file into exactly those
+  weights;
 - ``charforge video --driving-video talking.mp4`` uploads the clip, runs the shipped video_face_motion workflow
-  through ``/prompt`` (Face Motion -> ComfyUI's Apply ControlNet + VAE Encode + KSampler with the LoRA -> Save
-  Video, Build Identity + Identity Drift) and downloads the mp4; the mp4 served by ``/view`` is the downloaded
-  file, with one frame per driving frame at the driving frame rate; the face maps ComfyUI sent to the ControlNet
-  have the planted points; the identity-drift plot was produced.
+  through ``/prompt`` (Face Motion -> Generate Video: AnimateDiff video to video of the driving frames with the
+  face maps steering the ControlNet and the character LoRA -> Save Video, Build Identity + Identity Drift) and
+  downloads the mp4; the mp4 served by ``/view`` is the downloaded file, with one frame per driving frame at the
+  driving frame rate; the face maps Generate Video got have the planted points; the identity-drift plot was
+  produced.
 
 Runs when COMFYUI_DIR is set. Ports 19350-19399.
 """
@@ -79,11 +82,16 @@ def _controlnet_matches_diffusers(comfy, python, path, tmp_path):
     import torch
 
     from cf_testing.models import SD15_COMFY_UNET
+    from charforge.engine.video.controlnet import load_controlnet
 
     reference = build_controlnet_model()
     with torch.no_grad():  # the file is fp16: compare on the same rounded weights
         for p in reference.parameters():
             p.copy_(p.half().float())
+    ours = load_controlnet(path, dict(SD15_COMFY_UNET), torch.float32, torch.device("cpu")).state_dict()
+    expected = reference.state_dict()
+    assert ours.keys() == expected.keys() and all(torch.equal(ours[k], expected[k]) for k in expected)
+    del ours
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(1, 4, 8, 8, generator=generator)
     hint = torch.rand(1, 3, 64, 64, generator=generator)
@@ -108,8 +116,11 @@ def _controlnet_matches_diffusers(comfy, python, path, tmp_path):
     np.testing.assert_allclose(theirs["middle"], mid.numpy(), rtol=1e-3, atol=1e-4)
 
 
-def test_face_driven_video_in_real_comfyui_from_the_charforge_command(tmp_path, sd15_comfy_checkpoint):
-    from cf_testing.video_models import build_tiny_character_lora
+def test_face_driven_video_in_real_comfyui_from_the_charforge_command(tmp_path):
+    import shutil
+
+    from cf_testing.controlnet_models import tiny_video_controlnet, write_ldm_controlnet
+    from cf_testing.video_models import video_assets
     from charforge.engine.video import read_video, write_video
 
     comfy = real.comfyui_dir()
@@ -121,10 +132,17 @@ def test_face_driven_video_in_real_comfyui_from_the_charforge_command(tmp_path, 
     real.link_pack(base)
     models = base / "models"
     write_face_motion_pack(models / "insightface", "buffalo_l")
-    (models / "checkpoints").mkdir(parents=True)
-    (models / "checkpoints" / "sd15_tiny.safetensors").symlink_to(sd15_comfy_checkpoint.path)
-    build_tiny_character_lora(models / "loras" / "hero.safetensors", sd15_comfy_checkpoint.unet_config)
-    controlnet = build_sd15_controlnet(models / "controlnet" / "face_cn.safetensors")
+    assets = video_assets(tmp_path / "assets")
+    shutil.copytree(assets.sd15.diffusers_dir, models / "diffusers" / "tiny_sd15")
+    (models / "animatediff_models").mkdir(parents=True)
+    shutil.copy(assets.modules["v3"].original_file, models / "animatediff_models")
+    (models / "loras").mkdir(parents=True)
+    shutil.copy(assets.character_lora, models / "loras" / "hero.safetensors")
+    unet_config = dict(assets.sd15.unet_config)
+    write_ldm_controlnet(
+        tiny_video_controlnet(unet_config), unet_config, models / "controlnet" / "face_cn.safetensors"
+    )
+    full_width = build_sd15_controlnet(tmp_path / "sd15_controlnet.safetensors")
     photos = base / "input" / "charforge" / "my_character"
     photos.mkdir(parents=True)
     for seed in range(3):
@@ -132,19 +150,19 @@ def test_face_driven_video_in_real_comfyui_from_the_charforge_command(tmp_path, 
     frames, truth = _driving_clip()
     driving = write_video(frames, tmp_path / "talking.mp4", fps=FPS, quality=100)
 
-    _controlnet_matches_diffusers(comfy, python, controlnet, tmp_path)
+    _controlnet_matches_diffusers(comfy, python, full_width, tmp_path)
 
     server = real.start_comfyui(comfy, base, python, ports=PORTS)
     try:
         info = server.get("/object_info")
         assert info["CharForgeFaceMotion"]["output"][0] == "IMAGE"
-        recorded = json.loads((real.REPO_ROOT / "workflows" / "object_info" / "builtin.json").read_text())
-        assert recorded["VAEEncode"] == info["VAEEncode"]  # the snapshot entry the workflow tests use
+        assert "face_cn.safetensors" in info["CharForgeGenerateVideo"]["input"]["optional"]["controlnet"][0]
 
         out_dir = tmp_path / "video_out"
         code, stdout, stderr = run_charforge(
             "video", "--driving-video", str(driving), "--server", server.url, "--out", str(out_dir),
-            "--base-model", "sd15_tiny.safetensors", "--lora", "hero.safetensors:0.8",
+            "--base-model", "[diffusers] tiny_sd15", "--motion-module", assets.modules["v3"].original_file.name,
+            "--lora", "hero.safetensors:0.8",
             "--controlnet", "face_cn.safetensors", "--prompt", "ohwx person talking",
             "--width", "64", "--height", "64", "--steps", "2", "--max-frames", "0",
             "--progress", "plain", "--json",
@@ -174,16 +192,16 @@ def test_face_driven_video_in_real_comfyui_from_the_charforge_command(tmp_path, 
 
         motion = node_of("CharForgeFaceMotion")
         assert nodes[motion]["inputs"]["video"] != "driving.mp4"  # the uploaded file
-        apply = node_of("ControlNetApplyAdvanced")
-        assert nodes[apply]["inputs"]["image"] == [motion, 0]
-        assert nodes[node_of("ControlNetLoader")]["inputs"]["control_net_name"] == "face_cn.safetensors"
+        generate = nodes[node_of("CharForgeGenerateVideo")]["inputs"]
+        assert generate["control_frames"] == [motion, 0] and generate["init_images"] == [motion, 1]
+        assert generate["controlnet"] == "face_cn.safetensors" and generate["frames"] == [motion, 3]
         save = node_of("CharForgeSaveVideo")
         entry = history["outputs"][save]["images"][0]
         url = f"{server.url}/view?filename={entry['filename']}&subfolder={entry['subfolder']}&type=output"
         with urllib.request.urlopen(url, timeout=30) as response:
             assert response.read() == downloaded[0].read_bytes()
 
-        # The face maps the ControlNet got (previewed by the workflow): the planted points, scaled 640 -> 64.
+        # The face maps Generate Video's ControlNet got (previewed by the workflow): the planted points, scaled 640 -> 64.
         maps = history["outputs"][node_of("PreviewImage", "Face maps")]["images"]
         assert len(maps) == FRAMES
         template = template_68()

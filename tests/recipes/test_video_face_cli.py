@@ -21,13 +21,14 @@ build_api = load_script(REPO_ROOT / "workflows" / "build_api.py", "charforge_wor
 def object_info():
     """The pack's and ComfyUI's node definitions, with the model files this test names on the "server"."""
     info = build_api.object_info()
-    for cls, name, files in (
-        ("CheckpointLoaderSimple", "ckpt_name", ["sd15.safetensors"]),
-        ("LoraLoader", "lora_name", ["hero.safetensors"]),
-        ("ControlNetLoader", "control_net_name", ["face_cn.safetensors"]),
+    for cls, section, name, files in (
+        ("CharForgeLoadVideoModel", "required", "base_model", ["sd15.safetensors"]),
+        ("CharForgeLoadVideoModel", "required", "motion_module", ["mm_v3.ckpt"]),
+        ("CharForgeVideoLoRA", "required", "lora_name", ["hero.safetensors"]),
+        ("CharForgeGenerateVideo", "optional", "controlnet", ["face_cn.safetensors"]),
     ):
-        spec = info[cls]["input"]["required"][name]
-        info[cls]["input"]["required"][name] = [spec[0] + files, *spec[1:]]
+        spec = info[cls]["input"][section][name]
+        info[cls]["input"][section][name] = [spec[0] + files, *spec[1:]]
     return info
 
 
@@ -41,6 +42,7 @@ def test_options_set_the_face_workflow_and_upload_the_driving_video(tmp_path, ob
     args = _args(
         "--driving-video", str(clip), "--prompt", "ohwx talking", "--prompt", "smiling", "--negative", "blurry",
         "--lora", "hero.safetensors:0.7", "--base-model", "sd15.safetensors", "--controlnet", "face_cn.safetensors",
+        "--motion-module", "mm_v3.ckpt",
         "--width", "384", "--height", "448", "--max-frames", "24", "--steps", "10", "--seed", "3",
         "--denoise", "0.6", "--format", "webm",
     )  # fmt: skip
@@ -49,21 +51,23 @@ def test_options_set_the_face_workflow_and_upload_the_driving_video(tmp_path, ob
     prepared = prepare_run(WORKFLOWS / f"{FACE_WORKFLOW}.json", object_info, sets=sets, inputs=inputs)
     prompt = prepared.workflow.prompt
     nodes = {node["class_type"]: node["inputs"] for node in prompt.values()}
-    titled = {node.get("_meta", {}).get("title"): node["inputs"] for node in prompt.values()}
     motion = nodes["CharForgeFaceMotion"]
     assert (motion["width"], motion["height"], motion["max_frames"]) == (384, 448, 24)
-    assert titled["Positive prompt"]["text"] == "ohwx talking, smiling"
-    assert titled["Negative prompt"]["text"] == "blurry"
-    lora = nodes["LoraLoader"]
-    assert (lora["lora_name"], lora["strength_model"], lora["strength_clip"]) == (
+    generate = nodes["CharForgeGenerateVideo"]
+    assert (generate["prompt"], generate["negative_prompt"]) == ("ohwx talking, smiling", "blurry")
+    assert (generate["width"], generate["height"]) == (384, 448)  # the face maps' size and the clip's
+    assert (generate["steps"], generate["seed"], generate["strength"]) == (10, 3, 0.6)
+    assert generate["controlnet"] == "face_cn.safetensors"
+    assert (nodes["CharForgeVideoLoRA"]["lora_name"], nodes["CharForgeVideoLoRA"]["strength"]) == (
         "hero.safetensors",
         0.7,
-        0.7,
     )
-    assert nodes["CheckpointLoaderSimple"]["ckpt_name"] == "sd15.safetensors"
-    assert nodes["ControlNetLoader"]["control_net_name"] == "face_cn.safetensors"
-    sampler = nodes["KSampler"]
-    assert (sampler["steps"], sampler["seed"], sampler["denoise"]) == (10, 3, 0.6)
+    model = nodes["CharForgeLoadVideoModel"]
+    assert (model["base_model"], model["motion_module"]) == ("sd15.safetensors", "mm_v3.ckpt")
+    # Frames, driving frames and face maps come from Face Motion: one clip, one face map per frame.
+    motion_id = next(i for i, n in prompt.items() if n["class_type"] == "CharForgeFaceMotion")
+    assert generate["frames"] == [motion_id, 3]
+    assert generate["init_images"] == [motion_id, 1] and generate["control_frames"] == [motion_id, 0]
     assert nodes["CharForgeSaveVideo"]["format"] == "webm"
     [upload] = prepared.pending_uploads
     assert upload.path == clip and upload.input == "video"

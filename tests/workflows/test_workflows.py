@@ -141,6 +141,8 @@ def test_charforge_widget_values_are_within_declared_ranges(path, object_info):
                 # Only with the trained LoRA's name linked into lora_name_from (the one-graph pipeline).
                 assert isinstance(node["inputs"].get("lora_name_from"), list), f"{where}: no LoRA at all"
                 continue
+            if (node["class_type"], name) == ("CharForgeGenerateVideo", "controlnet") and value == "(none)":
+                continue  # no ControlNet: the plain clip
             if (node["class_type"], name) in build_api.MODEL_FILE_INPUTS:
                 assert isinstance(value, str) and value and not value.startswith("("), f"{where}: {value!r}"
                 continue
@@ -455,7 +457,8 @@ CHARFORGE_ONLY = {p.stem for p in EDITOR_FILES
                   if all(n["type"].startswith("CharForge") or n["type"] in UI_ONLY | {"PreviewImage", "SaveImage"}
                          for n in _editor(p)["nodes"])}
 RUN_THROUGH_HARNESS = {"dataset_prep", "build_identity", "train_lora_sd15", "caption_dataset", "train_lora_sdxl",
-                       "character_lora", "video_animatediff", "video_audio_reactive", "video_hotshot_xl"}
+                       "character_lora", "video_animatediff", "video_audio_reactive", "video_hotshot_xl",
+                       "video_face_motion"}
 
 
 def test_every_charforge_only_workflow_runs_through_the_harness():
@@ -675,6 +678,72 @@ def test_video_hotshot_xl_makes_sixteen_frames_in_eight_frame_windows_with_the_l
     assert "context: 3 window(s) of 8 frames, overlap 4" in info
     video = Path(results[save][0])
     assert video.suffix == ".mp4" and video.is_file()
+
+
+@pytest.mark.slow
+def test_video_face_motion_drives_animatediff_vid2vid_through_the_face_controlnet(comfy_env, tmp_path):
+    """Face Motion's face maps, driving frames, frame count and rate reach Generate Video (ControlNet, video to
+    video, character LoRA); the clip is saved and Identity Drift plots it."""
+    import math
+    import shutil
+
+    from cf_testing.controlnet_models import tiny_video_controlnet, write_ldm_controlnet
+    from cf_testing.face_models import face_image
+    from cf_testing.face_motion_models import motion_frame, write_face_motion_pack
+    from cf_testing.video_models import video_assets
+    from charforge import bridge
+    from charforge.engine.faces import FaceAnalyzer
+    from charforge.engine.video import face_motion, write_video
+
+    assets = video_assets(tmp_path / "assets")
+    models = comfy_env.base_dir / "models"
+    shutil.copytree(assets.sd15.diffusers_dir, models / "diffusers" / "tiny_sd15")
+    (models / "animatediff_models").mkdir(parents=True)
+    shutil.copy(assets.modules["v3"].original_file, models / "animatediff_models")
+    (models / "loras").mkdir(parents=True, exist_ok=True)
+    shutil.copy(assets.character_lora, models / "loras")
+    unet_config = dict(assets.sd15.unet_config)
+    write_ldm_controlnet(tiny_video_controlnet(unet_config), unet_config, models / "controlnet" / "face_cn.safetensors")
+    write_face_motion_pack(models / "insightface", "buffalo_l")
+    bridge.register_model_folders()
+    frames = []
+    for i in range(6):
+        green = (136.0 + 2.0 * i, 166.0)
+        blue = (green[0] + 36 * math.cos(math.radians(3.0 * i)), green[1] + 36 * math.sin(math.radians(3.0 * i)))
+        frames.append(motion_frame((320, 320), (144, 144), green, blue))
+    (comfy_env.base_dir / "input").mkdir(parents=True, exist_ok=True)
+
+    prompt = _api(WORKFLOWS / "video_face_motion.json")
+    ids = _by_class(prompt)
+    motion, load, lora, generate, save, identity, drift = (ids[c][0] for c in (
+        "CharForgeFaceMotion", "CharForgeLoadVideoModel", "CharForgeVideoLoRA", "CharForgeGenerateVideo",
+        "CharForgeSaveVideo", "CharForgeBuildIdentity", "CharForgeIdentityDrift"))
+    assert "KSampler" not in ids and "ControlNetApplyAdvanced" not in ids
+    for name, output in (("control_frames", 0), ("init_images", 1), ("frames", 3)):
+        assert prompt[generate]["inputs"][name] == [motion, output], name
+    assert _source(prompt, save, "frames") == generate and _source(prompt, drift, "frames") == generate
+    write_video(np.stack(frames), comfy_env.base_dir / "input" / prompt[motion]["inputs"]["video"], fps=10.0,
+                quality=100)
+    photos = comfy_env.base_dir / "input" / prompt[identity]["inputs"]["folder"]
+    photos.mkdir(parents=True)
+    for seed in range(2):
+        Image.fromarray(face_image(person=0, noise=2, seed=seed)).save(photos / f"ref_{seed}.png")
+    prompt[motion]["inputs"].update(width=64, height=64, max_frames=0)
+    prompt[load]["inputs"].update(base_model="[diffusers] tiny_sd15", motion_module=assets.modules["v3"].original_file.name)
+    prompt[lora]["inputs"]["lora_name"] = assets.character_lora.name
+    prompt[generate]["inputs"].update(width=64, height=64, steps=2, context_length=4, context_overlap=1,
+                                      controlnet="face_cn.safetensors")
+    try:
+        with one_torch_thread():
+            results = _run_prompt(prompt)
+    finally:
+        FaceAnalyzer.clear_cache()
+        face_motion.FaceLandmarker._cache.clear()
+    clip, fps, info = results[generate]
+    assert clip.shape[:3] == (6, 64, 64)
+    assert "ControlNet face_cn.safetensors x0.9, steps 0 to 0.9" in info and "window(s) of 4 frames" in info
+    assert Path(results[save][0]).suffix == ".mp4" and Path(results[save][0]).is_file()
+    assert results[drift][0].ndim == 4
 
 
 # ------------------------------------------------------------------------------------------------------------
