@@ -364,18 +364,25 @@ class Trainer:
         )
         return self._encode_images(pixels)
 
-    def micro_batch_loss(self, index: int) -> torch.Tensor:
-        """The (weighted) loss of micro-batch `index`, with gradients."""
-        config, model = self.config, self.model
-        epoch, items = self.micro_batch(index)
+    def _draw(self, index: int) -> tuple[list[int], list[bool], list[str], torch.Tensor, torch.Tensor, Any]:
+        """Micro-batch `index`: (items, flips, processed captions, latents, noise, the step's generator for
+        further draws). Flips and caption processing come from a per-step RNG, the noise from the step's
+        generator, always in this order, so a resumed run draws exactly what the uninterrupted one drew."""
+        config = self.config
+        _, items = self.micro_batch(index)
         rng = random.Random(f"{config.seed}:{index}")
         generator = self._generator(index)
         flips = [config.data.flip and rng.random() < 0.5 for _ in items]
         captions = [process_caption(self.data.items[i].caption, config.data, rng) for i in items]
-
         latents = self._latents(items, flips).float()
+        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        return items, flips, captions, latents, noise, generator
+
+    def micro_batch_loss(self, index: int) -> torch.Tensor:
+        """The (weighted) loss of micro-batch `index`, with gradients."""
+        config, model = self.config, self.model
+        items, flips, captions, latents, noise, generator = self._draw(index)
         device = self.device
-        noise = torch.randn(latents.shape, generator=generator, device=device)
         if config.noise_offset:
             offset = torch.randn(
                 (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device

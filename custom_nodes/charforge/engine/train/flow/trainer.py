@@ -21,14 +21,13 @@ Shuffled captions need every encoder every step (nothing is cached or dropped).
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Callable
 from typing import Any, cast
 
 import torch
 
 from ..config import TrainConfig
-from ..data import TrainingData, process_caption
+from ..data import TrainingData
 from ..loop import Trainer, capture_rng, masked_mean
 from ..lora import LoraNetwork, _inject, text_encoder_target_modules
 from ..optim import build_optimizer, build_scheduler
@@ -175,13 +174,7 @@ class FlowTrainer(Trainer):
 
     def micro_batch_loss(self, index: int) -> torch.Tensor:
         config, model = self.config, self.model
-        _, items = self.micro_batch(index)
-        rng = random.Random(f"{config.seed}:{index}")
-        generator = self._generator(index)
-        flips = [config.data.flip and rng.random() < 0.5 for _ in items]
-        captions = [process_caption(self.data.items[i].caption, config.data, rng) for i in items]
-        latents = self._latents(items, flips).float()
-        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        items, flips, captions, latents, noise, generator = self._draw(index)
         sigmas = sample_sigmas(
             latents.shape[0],
             config.flow,
