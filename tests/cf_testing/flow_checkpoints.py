@@ -104,3 +104,14 @@ def write_tiny_sd35(path: Path, seed: int = 0) -> None:
     from safetensors.torch import save_file
 
     save_file(tiny_sd35_state(seed), str(path))
+
+
+def comfy_flux_folders(root: Path) -> tuple[Path, Path, Path]:
+    """ComfyUI-style ``diffusion_models`` and ``loras`` folders in `root`, the shallow full-width Flux.1 file
+    (written once, cached) linked into the first as ``flux_shallow.safetensors``: (models, loras, the file)."""
+    models, loras = root / "diffusion_models", root / "loras"
+    models.mkdir()
+    loras.mkdir()
+    flux = cached("flux1-dev-shallow-1x1-bf16.safetensors", write_shallow_flux)
+    (models / "flux_shallow.safetensors").symlink_to(flux)
+    return models, loras, flux

@@ -26,9 +26,8 @@ from safetensors.torch import save_file
 from cf_testing.flow_checkpoints import (
     SHALLOW_FLUX,
     TINY_SD35,
-    cached,
+    comfy_flux_folders,
     shallow_flux_shapes,
-    write_shallow_flux,
     write_tiny_sd35,
 )
 from cf_testing.real_comfyui import checkout, run_comfy_script, suite_marks
@@ -130,11 +129,7 @@ def comfy():
 
 
 def test_flux_and_sd35_files_and_loras_in_real_comfyui(comfy, tmp_path):
-    models, loras = tmp_path / "diffusion_models", tmp_path / "loras"
-    models.mkdir()
-    loras.mkdir()
-    flux = cached("flux1-dev-shallow-1x1-bf16.safetensors", write_shallow_flux)
-    (models / "flux_shallow.safetensors").symlink_to(flux)
+    models, loras, _ = comfy_flux_folders(tmp_path)
     write_tiny_sd35(models / "sd35_tiny.safetensors")
     tasks = []
     for name, variant, model in (

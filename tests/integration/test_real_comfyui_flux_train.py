@@ -12,14 +12,14 @@ own LoRA layers (each diffusers module's rows placed at its offset in the fused 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cf_testing.flow_checkpoints import cached, write_shallow_flux
+from cf_testing.comfyui import load_script
+from cf_testing.flow_checkpoints import comfy_flux_folders
 from cf_testing.real_comfyui import checkout, run_comfy_script, suite_marks
 
 pytestmark = suite_marks()
@@ -133,13 +133,9 @@ def _expected(network) -> dict[str, torch.Tensor]:
 
 def _comfy_side() -> str:
     """The ComfyUI-side script of test_real_comfyui_flux.py (UNETLoader, LoraLoaderModelOnly, patched deltas)."""
-    spec = importlib.util.spec_from_file_location(
-        "cf_real_comfyui_flux", Path(__file__).with_name("test_real_comfyui_flux.py")
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.COMFY_SIDE
+    return load_script(
+        Path(__file__).with_name("test_real_comfyui_flux.py"), "cf_real_comfyui_flux"
+    ).COMFY_SIDE
 
 
 @pytest.fixture
@@ -150,11 +146,7 @@ def comfy():
 def test_trained_flux_loras_load_in_real_comfyui(comfy, tmp_path):
     from charforge.engine.train.flow.export import export_flow_lora
 
-    models, loras = tmp_path / "diffusion_models", tmp_path / "loras"
-    models.mkdir()
-    loras.mkdir()
-    flux = cached("flux1-dev-shallow-1x1-bf16.safetensors", write_shallow_flux)
-    (models / "flux_shallow.safetensors").symlink_to(flux)
+    models, loras, flux = comfy_flux_folders(tmp_path)
     tasks, expected_names = [], {}
     for preset in ("all_linear", "attention"):
         network = _trained_network(flux, preset, tmp_path)
