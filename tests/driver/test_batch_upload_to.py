@@ -11,41 +11,20 @@ from pathlib import Path
 
 import pytest
 from fakes.batch_checks import records, run_cli
+from fakes.moto_s3 import ACCESS_KEY, SECRET_KEY, use_s3
 from fakes.train_lora import NAMES, training_server, training_sweep
 
 pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
-ACCESS_KEY = "AKIACHARFORGEBATCH01"
-SECRET_KEY = "s3cr3t-charforge-batch-key-0123456789"
-
-
-@pytest.fixture(scope="module")
-def moto_server():
-    import moto.s3.models
-    from moto.server import ThreadedMotoServer
-
-    moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = 256  # small parts for tests (5 MiB on AWS)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
 
 @pytest.fixture
-def bucket(moto_server, monkeypatch, tmp_path):
+def bucket(s3_endpoint, monkeypatch, tmp_path):
     import boto3
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the multipart record (~/.cache/charforge) stays here
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    name = f"b{hashlib.sha1(str(tmp_path).encode()).hexdigest()[:12]}"
-    client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
-    client.create_bucket(Bucket=name)
-    return name, client
+    name = use_s3(monkeypatch, s3_endpoint, str(tmp_path), endpoint_env=False)
+    return name, boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
 
 
 def _objects(client, bucket: str, prefix: str) -> dict[str, dict]:
@@ -71,7 +50,7 @@ def _sent(monkeypatch) -> list[str]:
 
 
 def test_batch_outputs_and_loras_go_up_and_a_rerun_sends_nothing(
-    comfy_env, monkeypatch, tmp_path, bucket, moto_server
+    comfy_env, monkeypatch, tmp_path, bucket, s3_endpoint
 ):
     name, client = bucket
     spec = training_sweep(tmp_path)
@@ -86,7 +65,7 @@ def test_batch_outputs_and_loras_go_up_and_a_rerun_sends_nothing(
         "--upload-to",
         f"s3://{name}/sweeps/one",
         "--s3-endpoint",
-        moto_server,
+        s3_endpoint,
         "--json",
     ]
     with training_server(comfy_env, monkeypatch) as fake:
@@ -124,7 +103,7 @@ def test_batch_outputs_and_loras_go_up_and_a_rerun_sends_nothing(
 
 
 def test_an_upload_cut_in_the_middle_is_resumed_by_the_next_run(
-    comfy_env, monkeypatch, tmp_path, bucket, moto_server
+    comfy_env, monkeypatch, tmp_path, bucket, s3_endpoint
 ):
     from charforge.driver.batch import Batch
     from charforge.driver.storage import S3Storage, StorageError
@@ -147,7 +126,7 @@ def test_an_upload_cut_in_the_middle_is_resumed_by_the_next_run(
     monkeypatch.setattr(S3Storage, "upload_part", failing)
 
     def run(fake) -> list:
-        storage = S3Storage(endpoint_url=moto_server, part_size=4096, record=tmp_path / "uploads.json")
+        storage = S3Storage(endpoint_url=s3_endpoint, part_size=4096, record=tmp_path / "uploads.json")
         return list(
             Batch.from_file(spec).run(
                 servers=[fake.url], out=out, upload_to=f"s3://{name}/b", storage=storage, contact_sheet=None

@@ -10,40 +10,18 @@ import logging
 from pathlib import Path
 
 import pytest
+from fakes.moto_s3 import ACCESS_KEY, SECRET_KEY, use_s3
 
 pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
-ACCESS_KEY = "AKIACHARFORGETEST01"
-SECRET_KEY = "s3cr3t-charforge-test-key-0123456789"
-
-
-@pytest.fixture(scope="module")
-def moto_server():
-    import moto.s3.models
-    from moto.server import ThreadedMotoServer
-
-    moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = 256  # small parts for tests (5 MiB on AWS)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
 
 @pytest.fixture
-def storage(moto_server, monkeypatch, tmp_path):
-    import boto3
-
+def storage(s3_endpoint, monkeypatch, tmp_path):
     from charforge.driver.storage import S3Storage
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    bucket = f"b{hashlib.sha1(str(tmp_path).encode()).hexdigest()[:12]}"
-    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
-    store = S3Storage(endpoint_url=moto_server, part_size=1024, record=tmp_path / "uploads.json")
+    bucket = use_s3(monkeypatch, s3_endpoint, str(tmp_path), endpoint_env=False)
+    store = S3Storage(endpoint_url=s3_endpoint, part_size=1024, record=tmp_path / "uploads.json")
     store.bucket = bucket  # type: ignore[attr-defined]
     return store
 

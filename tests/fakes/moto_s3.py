@@ -28,15 +28,17 @@ def moto_s3() -> Iterator[str]:
         server.stop()
 
 
-def use_s3(monkeypatch: Any, endpoint: str, name: str) -> str:
+def use_s3(monkeypatch: Any, endpoint: str, name: str, endpoint_env: bool = True) -> str:
     """Point this process's AWS variables at `endpoint` (as the driver's and the worker's environment both
-    would) and create a bucket named after `name`; returns the bucket."""
+    would; without ``AWS_ENDPOINT_URL`` when not `endpoint_env`: the caller passes the endpoint itself) and
+    create a bucket named after `name`; returns the bucket."""
     import boto3
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    if endpoint_env:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     bucket = f"b{hashlib.sha1(name.encode()).hexdigest()[:12]}"
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
