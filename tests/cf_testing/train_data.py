@@ -197,3 +197,30 @@ def first_batch(trainer: Any) -> tuple[list[str], Any]:
         [prepare_image(trainer.data.items[i].image, trainer.data.buckets[i]).pixels for i in items]
     )
     return captions, pixels
+
+
+#: a short run on one picture that a tiny model measurably learns (a constant, high learning rate, rank 8)
+LEARNING_SETTINGS: dict[str, Any] = {
+    "batch_size": 2,
+    "learning_rate": 1e-2,
+    "schedule": "constant",
+    "rank": 8,
+    "alpha": 8.0,
+}
+
+
+def losses_before_and_after(trainer: Any, timesteps: list[Any]) -> tuple[float, float]:
+    """(the base model's evaluation loss, the trained LoRA's) of a set-up trainer, which is trained in between;
+    checks that the LoRA starts as a no-op and that the base weights never move."""
+    import pytest
+
+    trainer.network.set_enabled(False)
+    base_loss = trainer.evaluate(timesteps)
+    trainer.network.set_enabled(True)
+    assert trainer.evaluate(timesteps) == pytest.approx(base_loss, rel=1e-6)  # the LoRA starts as a no-op
+    trainer.train()
+    lora_loss = trainer.evaluate(timesteps)
+    trainer.network.set_enabled(False)
+    assert trainer.evaluate(timesteps) == pytest.approx(base_loss, rel=1e-6)  # the base weights never moved
+    trainer.network.set_enabled(True)
+    return base_loss, lora_loss
