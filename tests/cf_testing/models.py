@@ -128,23 +128,14 @@ _SCHEDULER_BETAS = {
     "steps_offset": 1,
 }
 
-TINY_SD15_UNET = {
+TINY_SD15_UNET = {  # the engine's SD1.5-layout U-Net (tiny.SD15_UNET), narrower and smaller
+    **tiny.SD15_UNET,
     "sample_size": 16,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": [
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     "block_out_channels": [32, 64, 64, 64],
     "layers_per_block": 2,
     "attention_head_dim": 2,
     "cross_attention_dim": 32,
     "norm_num_groups": 32,
-    "use_linear_projection": False,
 }
 
 TINY_SDXL_UNET = {
