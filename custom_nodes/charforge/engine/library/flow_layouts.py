@@ -42,6 +42,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .safetensors_file import name_from_metadata
+
 FAMILIES = ("flux", "sd3")
 KOHYA_UNET = "lora_unet_"
 PEFT_TRANSFORMER = "transformer."
@@ -382,13 +384,9 @@ _TRANSFORMER_BLOCK = re.compile(
 
 def metadata_family(metadata: Mapping[str, str]) -> str | None:
     """``flux`` / ``sd3`` from ``modelspec.architecture`` or kohya's ``ss_base_model_version``, if present."""
-    spec = metadata.get("modelspec.architecture", "").lower()
-    version = metadata.get("ss_base_model_version", "").lower()
-    if spec.startswith("flux") or version.startswith("flux"):
-        return "flux"
-    if spec.startswith("stable-diffusion-3") or version.startswith("sd3"):
-        return "sd3"
-    return None
+    return name_from_metadata(
+        metadata, {"flux": (("flux",), ("flux",)), "sd3": (("sd3",), ("stable-diffusion-3",))}, lower=True
+    )
 
 
 def detect_family(

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from . import safetensors_file
-from .safetensors_file import FileProblem, Header, SafetensorsError, TensorInfo
+from .safetensors_file import FileProblem, Header, SafetensorsError, TensorInfo, name_from_metadata
 
 FORMATS = ("kohya", "peft", "comfyui")
 ARCHS = ("sd15", "sdxl")
@@ -467,13 +467,10 @@ def resolve_arch(
 
 def metadata_arch(metadata: Mapping[str, str]) -> str | None:
     """``sd15``/``sdxl`` from kohya's ``ss_base_model_version`` or ``modelspec.architecture``, if present."""
-    version = metadata.get("ss_base_model_version", "")
-    spec = metadata.get("modelspec.architecture", "")
-    if version.startswith("sdxl") or spec.startswith("stable-diffusion-xl"):
-        return "sdxl"
-    if version.startswith("sd_v1") or spec.startswith("stable-diffusion-v1"):
-        return "sd15"
-    return None
+    return name_from_metadata(
+        metadata,
+        {"sdxl": (("sdxl",), ("stable-diffusion-xl",)), "sd15": (("sd_v1",), ("stable-diffusion-v1",))},
+    )
 
 
 # --------------------------------------------------------------------------------------------------

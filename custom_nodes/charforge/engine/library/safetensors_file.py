@@ -17,7 +17,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,24 @@ _EXPONENT = {
     "F16": ("<u2", 0x7C00),
     "BF16": ("<u2", 0x7F80),
 }
+
+
+def name_from_metadata(
+    metadata: Mapping[str, str],
+    names: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]],
+    lower: bool = False,
+) -> str | None:
+    """The first of `names` (name -> (prefixes of kohya's ``ss_base_model_version``, prefixes of
+    ``modelspec.architecture``)) that one of the two entries of a file's `metadata` starts with (compared in
+    lower case with `lower`); None when neither names one."""
+    version = metadata.get("ss_base_model_version", "")
+    spec = metadata.get("modelspec.architecture", "")
+    if lower:
+        version, spec = version.lower(), spec.lower()
+    for name, (versions, specs) in names.items():
+        if version.startswith(versions) or spec.startswith(specs):
+            return name
+    return None
 
 
 class FileProblem(Exception):
