@@ -75,3 +75,12 @@ def sd15_comfy_checkpoint(tmp_path_factory):
     from .models import build_sd15_comfy_checkpoint
 
     return build_sd15_comfy_checkpoint(tmp_path_factory.mktemp("sd15_comfy") / "sd15_comfy.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd35(tmp_path_factory):
+    """A tiny SD3.5 Medium of the real architecture in every layout (`cf_testing.sd3_models.TinySD3`): the
+    diffusers folder, ComfyUI's separate files and the shipped configs."""
+    from .sd3_models import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd35"), "sd35-medium")

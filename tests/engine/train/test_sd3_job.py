@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from cf_testing.sd3_models import build_tiny_sd3
 from cf_testing.train_data import assert_one_sample, cancel_then_resume, kohya_folder, tiny_job_config
 from charforge.engine.library.formats import read_lora
 from charforge.engine.train.config import TrainConfig, with_overrides
@@ -17,8 +16,8 @@ pytestmark = [pytest.mark.usefixtures("one_thread")]  # cf_testing/threads.py
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_sd3(tmp_path_factory.mktemp("sd3_job_model"), "sd35-medium")
+def tiny(tiny_sd35):
+    return tiny_sd35  # cf_testing/model_fixtures.py: built once per test run
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cf_testing.sd3_models import build_tiny_sd3
 from charforge.engine.library.flow_layouts import single_file_state
 from charforge.engine.models import sd3_files
 from charforge.engine.train.flow import sd3
@@ -18,8 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # cf_testing/threads.py
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_sd3(tmp_path_factory.mktemp("sd3"), "sd35-medium")
+def tiny(tiny_sd35):
+    return tiny_sd35  # cf_testing/model_fixtures.py: built once per test run
 
 
 def _load(tiny, files):

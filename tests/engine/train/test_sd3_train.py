@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from cf_testing.sd3_models import build_tiny_sd3
 from cf_testing.train_data import (
     LEARNING_SETTINGS,
     RESUME_SETTINGS,
@@ -42,8 +41,8 @@ SIGMAS = [0.1, 0.3, 0.5, 0.7, 0.9]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_sd3(tmp_path_factory.mktemp("sd3"), "sd35-medium")
+def tiny(tiny_sd35):
+    return tiny_sd35  # cf_testing/model_fixtures.py: built once per test run
 
 
 @pytest.fixture(scope="module")
