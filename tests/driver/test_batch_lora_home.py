@@ -21,6 +21,7 @@ from fakes.train_lora import (
     add_train_node,
     check_lora_home,
     lora_bytes,
+    train_spec,
     training_server,
     training_sweep,
 )
@@ -184,18 +185,7 @@ def test_jobs_training_the_same_name_each_keep_their_own_lora(comfy_env, monkeyp
     job folder; planning again gives the same names."""
     from charforge.driver.batch.plan import load_batch
 
-    graph = {
-        "1": {
-            "class_type": "CharForgeTrainLoRA",
-            "_meta": {"title": "Train"},
-            "inputs": {"output_name": "pip", "steps": 4},
-        }
-    }
-    (tmp_path / "train.json").write_text(json.dumps(graph))
-    spec = tmp_path / "steps.json"
-    spec.write_text(
-        json.dumps({"workflow": "train.json", "axes": {"steps": {"set": "Train.steps", "values": [2, 3]}}})
-    )
+    spec = train_spec(tmp_path, "pip", "steps", "Train.steps", [2, 3], "steps.json")
     plan = load_batch(spec)
     names = {job.id: [o for o in job.overrides if ".output_name=" in o] for job in plan.jobs}
     assert names == {job.id: [f"1.output_name=pip_{job.id[:8]}"] for job in plan.jobs}

@@ -122,22 +122,29 @@ def add_fetch_node(server: FakeComfyServer) -> None:
     )
 
 
-def training_sweep(tmp_path: Path, names: list[str] = NAMES) -> Path:
+def train_spec(
+    tmp_path: Path, output_name: str, axis: str, setting: str, values: list, file: str = "sweep.json"
+) -> Path:
+    """A batch spec in `tmp_path`: one Train LoRA node (title Train, `output_name`, 4 steps) in train.json, swept
+    over `axis` setting `setting` (e.g. ``Train.steps``) to each of `values`."""
     graph = {
         "1": {
             "class_type": "CharForgeTrainLoRA",
             "_meta": {"title": "Train"},
-            "inputs": {"output_name": "x", "steps": 4},
+            "inputs": {"output_name": output_name, "steps": 4},
         }
     }
     (tmp_path / "train.json").write_text(json.dumps(graph))
-    spec = tmp_path / "sweep.json"
+    spec = tmp_path / file
     spec.write_text(
-        json.dumps(
-            {"workflow": "train.json", "axes": {"name": {"set": "Train.output_name", "values": names}}}
-        )
+        json.dumps({"workflow": "train.json", "axes": {axis: {"set": setting, "values": values}}})
     )
     return spec
+
+
+def training_sweep(tmp_path: Path, names: list[str] = NAMES) -> Path:
+    """Train LoRA swept over its output name: one LoRA per name in `names`."""
+    return train_spec(tmp_path, "x", "name", "Train.output_name", names)
 
 
 class Stall:
