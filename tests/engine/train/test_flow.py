@@ -12,20 +12,7 @@ import math
 import pytest
 import torch
 
-from cf_testing.train_data import (
-    FACE_ONLY,
-    LEARNING_SETTINGS,
-    RESUME_SETTINGS,
-    assert_lora_grads_close,
-    assert_same_lora,
-    first_batch,
-    kohya_folder,
-    losses_before_and_after,
-    pattern_image,
-    peft_lora,
-    straight_and_resumed,
-    tiny_train_config,
-)
+from cf_testing import train_data as td
 from charforge.engine.models.flux_files import bfl_to_diffusers, diffusers_to_bfl, flux_config
 from charforge.engine.train.config import TrainConfig
 from charforge.engine.train.data import TrainingData, items_from_pairs, read_kohya_folder
@@ -41,11 +28,11 @@ SIGMAS = [0.1, 0.3, 0.5, 0.7, 0.9]
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow_data") / "img"
-    return kohya_folder(root, ["sks person, red shirt, smiling", "sks person, blue shirt"])
+    return td.kohya_folder(root, ["sks person, red shirt, smiling", "sks person, blue shirt"])
 
 
 def flow_config(**overrides) -> TrainConfig:
-    return tiny_train_config(**{"min_snr_gamma": 0.0, **overrides})
+    return td.tiny_train_config(**{"min_snr_gamma": 0.0, **overrides})
 
 
 def _trainer(tiny_flux, dataset, config, dtype="fp32"):
@@ -169,15 +156,15 @@ def test_timestep_sampling_modes():
 
 
 def test_training_measurably_learns(tiny_flux, tmp_path):
-    image = pattern_image(tmp_path / "one.png")
-    config = flow_config(steps=40, **LEARNING_SETTINGS)
+    image = td.pattern_image(tmp_path / "one.png")
+    config = flow_config(steps=40, **td.LEARNING_SETTINGS)
     model = load_flux(tiny_flux.diffusers_dir, dtype="fp32")
     trainer = FlowTrainer(
         model, TrainingData.prepare(items_from_pairs([(str(image), "sks person")]), config.data), config
     )
     trainer.setup()
     assert all(te is None for te in model.text_encoders.values())  # cached, then the encoders were dropped
-    base_loss, lora_loss = losses_before_and_after(trainer, SIGMAS)
+    base_loss, lora_loss = td.losses_before_and_after(trainer, SIGMAS)
     # Measured 0.77 of the base (1.47 -> 1.14): the 32-wide, two-block transformer has little room.
     assert lora_loss < 0.85 * base_loss, (base_loss, lora_loss)
 
@@ -206,8 +193,8 @@ def test_step_equals_a_hand_written_diffusers_peft_flow_matching_step(tiny_flux,
         }
         and "transformer_blocks." in n
     ]  # fmt: skip
-    peft_lora(transformer, targets, config.seed)
-    captions, pixels = first_batch(trainer)
+    td.peft_lora(transformer, targets, config.seed)
+    captions, pixels = td.first_batch(trainer)
     with torch.no_grad():
         raw = pipe.vae.encode(pixels).latent_dist.mean
         x0 = (raw - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
@@ -236,15 +223,15 @@ def test_step_equals_a_hand_written_diffusers_peft_flow_matching_step(tiny_flux,
     reference.backward()
 
     torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)  # measured: 1 float32 ulp apart
-    assert_lora_grads_close(trainer.model.transformer, transformer)
+    td.assert_lora_grads_close(trainer.model.transformer, transformer)
 
 
 def test_stop_and_resume_equals_an_uninterrupted_run(tiny_flux, dataset):
     # LoRA dropout (global RNG), flips, caption dropout (the empty caption's cached embedding), two
     # micro-batches per step, a warm-up + cosine schedule.
-    config = flow_config(**RESUME_SETTINGS)
-    straight, resumed = straight_and_resumed(lambda: _trainer(tiny_flux, dataset, config))
-    assert_same_lora(straight.network, resumed.network)
+    config = flow_config(**td.RESUME_SETTINGS)
+    straight, resumed = td.straight_and_resumed(lambda: _trainer(tiny_flux, dataset, config))
+    td.assert_same_lora(straight.network, resumed.network)
     assert resumed.last_loss == straight.last_loss
 
 
@@ -366,10 +353,10 @@ def test_clip_l_lora_trains_with_t5_cached_and_dropped(tiny_flux, dataset, tmp_p
 def test_face_mask_weights_the_loss(tiny_flux, tmp_path):
     from charforge.engine.train.data import TrainItem
 
-    image = pattern_image(tmp_path / "a.png")
+    image = td.pattern_image(tmp_path / "a.png")
     items = [TrainItem(str(image), "sks person", face_box=(0.0, 0.0, 24.0, 24.0))]
     losses = []
-    for overrides in ({}, FACE_ONLY):
+    for overrides in ({}, td.FACE_ONLY):
         config = flow_config(**overrides)
         trainer = FlowTrainer(
             load_flux(tiny_flux.diffusers_dir, dtype="fp32"), TrainingData.prepare(items, config.data), config

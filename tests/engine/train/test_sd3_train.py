@@ -11,19 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cf_testing.train_data import (
-    LEARNING_SETTINGS,
-    RESUME_SETTINGS,
-    assert_lora_grads_close,
-    assert_same_lora,
-    first_batch,
-    kohya_folder,
-    losses_before_and_after,
-    pattern_image,
-    peft_lora,
-    straight_and_resumed,
-    tiny_train_config,
-)
+from cf_testing import train_data as td
 from charforge.engine.library import flow_layouts
 from charforge.engine.library.formats import read_lora
 from charforge.engine.models import sd3_files
@@ -48,11 +36,11 @@ def tiny(tiny_sd35):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd3_data") / "img"
-    return kohya_folder(root, ["a photo of sks person smiling", "sks person in the park"])
+    return td.kohya_folder(root, ["a photo of sks person smiling", "sks person in the park"])
 
 
 def sd3_config(**overrides) -> TrainConfig:
-    return tiny_train_config(**{"min_snr_gamma": 0.0, **overrides})
+    return td.tiny_train_config(**{"min_snr_gamma": 0.0, **overrides})
 
 
 def _trainer(tiny, dataset, config):
@@ -63,14 +51,14 @@ def _trainer(tiny, dataset, config):
 
 
 def test_training_measurably_learns(tiny, tmp_path):
-    image = pattern_image(tmp_path / "one.png")
-    config = sd3_config(steps=40, **LEARNING_SETTINGS)
+    image = td.pattern_image(tmp_path / "one.png")
+    config = sd3_config(steps=40, **td.LEARNING_SETTINGS)
     model = sd3.load_sd3(tiny.diffusers_dir, dtype="fp32")
     data = TrainingData.prepare(items_from_pairs([(str(image), "a photo of sks person")]), config.data)
     trainer = FlowTrainer(model, data, config)
     trainer.setup()
     assert all(te is None for te in model.text_encoders.values())  # cached, then all three encoders dropped
-    base_loss, lora_loss = losses_before_and_after(trainer, SIGMAS)
+    base_loss, lora_loss = td.losses_before_and_after(trainer, SIGMAS)
     # Measured 0.78 of the base (1.57 -> 1.22); the tiny MMDiT's un-adapted output layer (adaLN + proj_out)
     # keeps it from going much lower in so few steps.
     assert lora_loss < 0.8 * base_loss, (base_loss, lora_loss)
@@ -123,8 +111,8 @@ def test_step_equals_a_hand_written_diffusers_peft_flow_matching_step(tiny, data
         and n.split(".", 2)[2] in attention
     ]
     targets.remove("transformer_blocks.1.attn.add_q_proj")  # the last block's text queries feed nothing
-    peft_lora(transformer, targets, config.seed)
-    captions, pixels = first_batch(trainer)
+    td.peft_lora(transformer, targets, config.seed)
+    captions, pixels = td.first_batch(trainer)
     with torch.no_grad():
         raw = pipe.vae.encode(pixels).latent_dist.mean
         x0 = (raw - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
@@ -147,7 +135,7 @@ def test_step_equals_a_hand_written_diffusers_peft_flow_matching_step(tiny, data
     reference.backward()
 
     torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)
-    assert len(assert_lora_grads_close(trainer.model.transformer, transformer)) == 2 * len(targets)
+    assert len(td.assert_lora_grads_close(trainer.model.transformer, transformer)) == 2 * len(targets)
 
 
 def test_preconditioned_outputs_weight_the_velocity_error_by_sigma_squared(tiny, dataset):
@@ -167,9 +155,9 @@ def test_preconditioned_outputs_weight_the_velocity_error_by_sigma_squared(tiny,
 def test_stop_and_resume_equals_an_uninterrupted_run(tiny, dataset):
     # LoRA dropout (global RNG), flips, caption dropout (the empty caption's cached conditioning), two
     # micro-batches per step, a warm-up + cosine schedule.
-    config = sd3_config(**RESUME_SETTINGS)
-    straight, resumed = straight_and_resumed(lambda: _trainer(tiny, dataset, config))
-    assert_same_lora(straight.network, resumed.network)
+    config = sd3_config(**td.RESUME_SETTINGS)
+    straight, resumed = td.straight_and_resumed(lambda: _trainer(tiny, dataset, config))
+    td.assert_same_lora(straight.network, resumed.network)
     assert resumed.last_loss == straight.last_loss
 
 
