@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from cf_testing.comfyui import run_node
 from cf_testing.video_models import video_assets
@@ -253,3 +254,39 @@ def test_generate_video_with_control_frames_and_a_controlnet_file(comfy, assets)
     assert 0 < (weaker - plain).abs().mean() < (steered - plain).abs().mean()
     with pytest.raises(ValueError, match="no ControlNet is chosen"):
         GenerateVideo().generate(**common, control_frames=faces)
+
+
+def test_audio_schedule_drives_the_lora_strength_per_window(comfy):
+    """Audio Schedule's schedule output into Generate Video's lora_strength_schedule: the LoRA strength of each
+    context window follows the music (the mean over its frames); a schedule of 1.0 leaves the clip unchanged."""
+    import numpy as np
+
+    from cf_testing.audio_files import click_track, write_pcm
+    from charforge.nodes.video_audio import AudioSchedule, LoadAudio
+
+    samples, _ = click_track(120.0, 2.0, 44100)  # the first second: beats give 2.0, the rest 0.0
+    (comfy.base_dir / "input").mkdir(parents=True, exist_ok=True)
+    write_pcm(comfy.base_dir / "input" / "clicks.wav", samples, 44100)
+    audio = run_node(LoadAudio, audio="clicks.wav", start=0.0, duration=0.0).result[0]
+    values, schedule, _, count, _ = run_node(
+        AudioSchedule, audio=audio, feature="beat", fps=8.0, frames=8, low=0.0, high=2.0, smooth=0.0,
+        attack=0.0, release=0.0, invert=False,
+    ).result  # fmt: skip
+    assert count == 8 and max(values) == pytest.approx(2.0) and min(values) == pytest.approx(0.0)
+    model, _ = run_node(
+        LoadVideoModel, base_model="[diffusers] tiny_sd15", motion_module="tiny_mm_v3.safetensors", **OPTIONS
+    ).result
+    (model,) = run_node(VideoLoRA, model=model, lora_name="tiny_character.safetensors", strength=0.8).result
+    common = dict(
+        model=model, prompt="ohwx person", negative_prompt="", frames=8, fps=8.0, width=64, height=64, steps=2,
+        cfg=7.5, scheduler="ddim", seed=1, context_length=4, context_overlap=0,
+    )  # fmt: skip
+    plain = run_node(GenerateVideo, **common).result[0]
+    steered, _, info = run_node(GenerateVideo, **common, lora_strength_schedule=schedule).result
+    means = [float(np.mean(values[:4])), float(np.mean(values[4:]))]
+    assert means != [1.0, 1.0]
+    assert f"LoRA strength x per window (all): {means[0]:.2f}, {means[1]:.2f}" in info
+    assert (steered - plain).abs().max() > 0.01
+    ones = "\n".join(f"{i}: 1.0" for i in range(8))
+    same = run_node(GenerateVideo, **common, lora_strength_schedule=ones).result[0]
+    assert torch.equal(same, plain)

@@ -645,6 +645,26 @@ class GenerateVideo:
                         "tooltip": "Fraction of the steps run after which the ControlNet stops acting.",
                     },
                 ),
+                "lora_strength_schedule": (
+                    "STRING",
+                    {
+                        "forceInput": True,
+                        "tooltip": (
+                            "Per-frame multipliers of the LoRA strengths as '<frame>: <value>' lines (Audio Schedule's "
+                            "schedule output). Applied per context window: each window's U-Net calls run at strength x "
+                            "the mean over its frames (shorter windows follow the music more closely)."
+                        ),
+                    },
+                ),
+                "lora_schedule_applies_to": (
+                    ["all", "lora", "motion"],
+                    {
+                        "default": "all",
+                        "tooltip": (
+                            "Which LoRAs the schedule scales: all, the character LoRAs (lora) or the motion LoRAs."
+                        ),
+                    },
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -676,6 +696,8 @@ class GenerateVideo:
         control_strength=1.0,
         control_start=0.0,
         control_end=1.0,
+        lora_strength_schedule=None,
+        lora_schedule_applies_to="all",
         unique_id=None,
     ):
         require("diffusers")
@@ -688,6 +710,14 @@ class GenerateVideo:
 
             frame_strengths = parse_value_schedule(str(strength_schedule), int(frames))
 
+        lora_schedule = None
+        if lora_strength_schedule is not None and str(lora_strength_schedule).strip():
+            from ..engine.video.audio_features import parse_value_schedule
+            from ..engine.video.lora_schedule import LoraSchedule
+
+            lora_schedule = LoraSchedule(
+                parse_value_schedule(str(lora_strength_schedule), int(frames)), str(lora_schedule_applies_to)
+            )
         loaded, lora_report = load_video_model(model)
         controls = []
         if control_frames is not None and controlnet not in (None, "", NONE):
@@ -727,6 +757,7 @@ class GenerateVideo:
             strength=float(strength) if init_images is not None else 1.0,
             frame_strengths=frame_strengths,
             controls=controls,
+            lora_schedule=lora_schedule,
         )
         result = generate_video(
             loaded, request, bridge.control(int(steps) + 1, node_id=unique_id, label="generate video")
@@ -746,6 +777,9 @@ class GenerateVideo:
             lines.append(f"strength per frame: {min(frame_strengths):.2f} to {max(frame_strengths):.2f}")
         for c in controls:
             lines.append(f"ControlNet {c.name} x{c.strength:g}, steps {c.start:g} to {c.end:g}")
+        if lora_schedule is not None:
+            means = ", ".join(f"{m:.2f}" for m in result.info["lora_schedule"]["window_means"])
+            lines.append(f"LoRA strength x per window ({lora_schedule.target}): {means}")
         return (result.frames, float(fps), "\n".join(lines))
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..control import Control, or_default
 from .context import ContextOptions, context_windows, window_weights
 from .controlnet import VideoControl, WindowControl, control_residuals, fit_control_frames, window_controls
+from .lora_schedule import LoraSchedule, scheduled_loras
 from .models import VideoModel
 from .prompts import Keyframe, frame_blends, parse_prompt_schedule
 from .schedulers import make_scheduler
@@ -58,6 +59,8 @@ class VideoRequest:
     frame_strengths: list[float] | None = None
     # ControlNets with per-frame control images, applied in every U-Net call (engine/video/controlnet.py).
     controls: list[VideoControl] = field(default_factory=list)
+    # Per-frame multipliers of the LoRAs' strengths, applied per context window (engine/video/lora_schedule.py).
+    lora_schedule: LoraSchedule | None = None
 
     def validate(self, scale: int = 8) -> None:
         if not 1 <= self.frames <= MAX_FRAMES:
@@ -81,6 +84,8 @@ class VideoRequest:
             raise ValueError(f"clip_skip counts from 1 (the last layer); got {self.clip_skip}")
         for control in self.controls:
             control.validate()
+        if self.lora_schedule is not None:
+            self.lora_schedule.validate(self.frames)
 
 
 @dataclass
@@ -387,7 +392,7 @@ def generate_video(model: VideoModel, request: VideoRequest, control: Control | 
     if "generator" in inspect.signature(scheduler.step).parameters:  # ancestral samplers draw fresh noise
         extra["generator"] = torch.Generator("cpu").manual_seed(int(request.seed + 1) & 0xFFFF_FFFF_FFFF_FFFF)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), scheduled_loras(model, request.lora_schedule) as scheduled:
         # The U-Net gets each timestep as a device tensor (a CPU one would be copied over, and wait, every call).
         for index, (t, t_device) in enumerate(zip(timesteps, timesteps.to(model.device), strict=True)):
             if held is not None and bool((held > index).any()):
@@ -400,8 +405,10 @@ def generate_video(model: VideoModel, request: VideoRequest, control: Control | 
             prediction = torch.zeros(latents.shape, dtype=torch.float32, device=model.device)
             coverage = torch.zeros(request.frames, dtype=torch.float32, device=model.device)
             acting = [c.active(index, len(timesteps)) for c in request.controls]
-            for plan in plans:
+            for plan, frames_of_window in zip(plans, windows, strict=True):
                 control.check()
+                if scheduled is not None:
+                    scheduled.enter(frames_of_window)
                 out = window_prediction(
                     model.unet_forward,
                     scaled.index_select(2, plan.index),
@@ -441,5 +448,13 @@ def generate_video(model: VideoModel, request: VideoRequest, control: Control | 
             "dtype": str(model.dtype),
             "device": str(model.device),
             "controlnets": [c.name for c in request.controls],
+            "lora_schedule": (
+                None
+                if request.lora_schedule is None
+                else {
+                    "target": request.lora_schedule.target,
+                    "window_means": request.lora_schedule.window_means(windows),
+                }
+            ),
         },
     )

@@ -157,6 +157,9 @@ class VideoModel:
     key: tuple
     adapters: dict[str, tuple] = field(default_factory=dict)  # adapter name -> file key
     unet2d_config: dict = field(default_factory=dict)  # the base's 2D U-Net (ControlNets are derived from it)
+    lora_strengths: dict[str, tuple[str, float]] = field(
+        default_factory=dict
+    )  # active: name -> (kind, strength)
     _unet_call: Any = None
 
     @property
@@ -230,6 +233,7 @@ class VideoModel:
             self.adapters[name] = _file_key(ref.path)
             log.debug("video: adapter %s (%d layers, %d before)", name, added, before)
         names = list(wanted)
+        self.lora_strengths = {n: (wanted[n][0], strengths[n]) for n in names}
         if names:
             self.pipe.set_adapters(names, adapter_weights=[strengths[n] for n in names])
             self.pipe.enable_lora()
