@@ -42,6 +42,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .formats import LowRank
 from .safetensors_file import name_from_metadata
 
 FAMILIES = ("flux", "sd3")
@@ -438,27 +439,12 @@ def detect_family(
 
 
 @dataclass
-class Factors:
+class Factors(LowRank):
     """One LoRA module's tensors: ``delta = alpha / rank * up @ down`` (alpha None: scale 1)."""
 
     down: Any  # torch.Tensor [rank, in] or [rank, in, kh, kw]
     up: Any  # torch.Tensor [out, rank] or [out, rank, 1, 1]
     alpha: Any = None  # 0-D tensor or None
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def scale(self) -> float:
-        return 1.0 if self.alpha is None else float(self.alpha) / self.rank
-
-    def delta(self):
-        import torch
-
-        up = self.up.to(torch.float64).flatten(1)
-        down = self.down.to(torch.float64).flatten(1)
-        return (self.scale * (up @ down)).reshape(self.up.shape[0], *self.down.shape[1:])
 
 
 def _swap_halves(up):

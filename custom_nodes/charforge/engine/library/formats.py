@@ -80,15 +80,13 @@ class InvalidLoraFile(FileProblem, LoraFormatError):
     """A LoRA refused when opened or before writing: `path`, `key` (None: the whole file) and `reason`."""
 
 
-@dataclass
-class LoraModule:
-    """One adapted layer: ``delta = scale * up @ down`` with ``scale = alpha / rank`` (1.0 without alpha)."""
+class LowRank:
+    """The arithmetic of a LoRA module with ``down``, ``up`` and ``alpha``: ``delta = scale * up @ down``,
+    ``scale = alpha / rank`` (1.0 without alpha)."""
 
-    component: str  # "unet", "te1" (CLIP-L) or "te2" (SDXL's bigG)
-    name: str  # diffusers path (U-Net) or ``text_model.encoder.layers.<i>.<...>`` (text encoders)
-    down: Any  # torch.Tensor [rank, in] or [rank, in, kh, kw]
-    up: Any  # torch.Tensor [out, rank] or [out, rank, 1, 1]
-    alpha: Any = None  # 0-D torch.Tensor as stored, or None when the file has none
+    down: Any
+    up: Any
+    alpha: Any
 
     @property
     def rank(self) -> int:
@@ -99,7 +97,8 @@ class LoraModule:
         return 1.0 if self.alpha is None else float(self.alpha) / self.rank
 
     def delta(self, dtype=None):
-        """The dense weight change this module adds at strength 1 (shape of the adapted weight)."""
+        """The dense weight change this module adds at strength 1 (shape of the adapted weight), in `dtype`
+        (float64 by default)."""
         import torch
 
         dtype = dtype or torch.float64
@@ -107,6 +106,17 @@ class LoraModule:
         down = self.down.to(dtype).flatten(1)
         shape = (self.up.shape[0], *self.down.shape[1:])
         return (self.scale * (up @ down)).reshape(shape)
+
+
+@dataclass
+class LoraModule(LowRank):
+    """One adapted layer: ``delta = scale * up @ down`` with ``scale = alpha / rank`` (1.0 without alpha)."""
+
+    component: str  # "unet", "te1" (CLIP-L) or "te2" (SDXL's bigG)
+    name: str  # diffusers path (U-Net) or ``text_model.encoder.layers.<i>.<...>`` (text encoders)
+    down: Any  # torch.Tensor [rank, in] or [rank, in, kh, kw]
+    up: Any  # torch.Tensor [out, rank] or [out, rank, 1, 1]
+    alpha: Any = None  # 0-D torch.Tensor as stored, or None when the file has none
 
 
 @dataclass
