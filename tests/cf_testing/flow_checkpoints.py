@@ -25,22 +25,16 @@ import torch
 
 from charforge.engine.library import flow_layouts as fl
 
+from .sd3_models import TINY_SD3_TRANSFORMERS
+
 SHALLOW_FLUX = fl.FlowVariant("flux-shallow", "flux", 3072, 1, 1, guidance=True)
 FLUX_HEAD_DIM = 128
+# the trainer tests' tiny SD3.5 Medium MMDiT, with 16x16 latents and 64-wide text conditioning
 TINY_SD35_CONFIG = {
+    **TINY_SD3_TRANSFORMERS["sd35-medium"],
     "sample_size": 16,
-    "patch_size": 2,
-    "in_channels": 16,
-    "out_channels": 16,
-    "num_layers": 2,
-    "attention_head_dim": 64,
-    "num_attention_heads": 2,
     "joint_attention_dim": 64,
-    "caption_projection_dim": 128,
     "pooled_projection_dim": 64,
-    "pos_embed_max_size": 16,
-    "qk_norm": "rms_norm",
-    "dual_attention_layers": (0,),
 }
 TINY_SD35 = fl.FlowVariant(
     "sd35-tiny", "sd3", 128, 2, dual_blocks=(0,), context_dim=64, pooled_dim=64, latent_channels=16
