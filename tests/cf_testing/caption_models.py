@@ -501,3 +501,17 @@ def write_tiny_florence2(
     )
     processor.save_pretrained(str(folder))
     return folder
+
+
+#: the caption-rule widgets of the caption nodes as the node tests set them: trigger ohwx, class woman, CLIP's
+#: 75 tokens, estimated counts
+RULE_WIDGETS = {
+    "trigger": "ohwx",
+    "class_tokens": "woman",
+    "template": "{trigger} {class}, {caption}",
+    "keep_tokens": "",
+    "banned_words": "",
+    "style_tags": "",
+    "max_tokens": 75,
+    "tokenizer": "",
+}

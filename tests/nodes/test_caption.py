@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from cf_testing.caption_models import RULE_WIDGETS as RULES
 from cf_testing.caption_models import FakeEndpoint, write_tiny_wd14
 from cf_testing.comfyui import load_dataset, run_node
 from charforge import bridge
@@ -13,17 +14,6 @@ from charforge.engine.caption.sidecars import read_sidecar, sidecar_path
 from charforge.engine.dataset import DatasetManifest
 from charforge.nodes.caption import CaptionDataset, CaptionRules
 from charforge.nodes.dataset import ExportDataset
-
-RULES = {
-    "trigger": "ohwx",
-    "class_tokens": "woman",
-    "template": "{trigger} {class}, {caption}",
-    "keep_tokens": "",
-    "banned_words": "",
-    "style_tags": "",
-    "max_tokens": 75,
-    "tokenizer": "",
-}
 
 
 def _photo(path, color):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cf_testing.caption_models import RULE_WIDGETS as RULES
 from cf_testing.caption_models import write_tiny_blip, write_tiny_florence2, write_tiny_wd14
 from cf_testing.comfyui import load_dataset, run_node
 from cf_testing.face_models import write_clip_folder
@@ -19,16 +20,6 @@ from charforge.engine.dataset import DatasetManifest
 from charforge.engine.score.clip import ClipScorer
 from charforge.nodes.caption import CaptionDataset, CaptionEditor, CaptionImages, CaptionReview
 
-RULES = {
-    "trigger": "ohwx",
-    "class_tokens": "woman",
-    "template": "{trigger} {class}, {caption}",
-    "keep_tokens": "",
-    "banned_words": "",
-    "style_tags": "",
-    "max_tokens": 75,
-    "tokenizer": "",
-}
 LOCAL = {"max_new_tokens": 4}
 
 

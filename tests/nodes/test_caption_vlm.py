@@ -6,6 +6,7 @@ import shutil
 import pytest
 from PIL import Image
 
+from cf_testing.caption_models import RULE_WIDGETS
 from cf_testing.comfyui import load_dataset, run_node
 from cf_testing.vlm_models import write_tiny_llava, write_tiny_qwen25vl
 from charforge import bridge
@@ -15,12 +16,7 @@ from charforge.engine.caption.sidecars import read_sidecar, sidecar_path
 from charforge.nodes.caption_vlm import CaptionDatasetVLM
 
 INPUTS = {
-    "trigger": "ohwx",
-    "class_tokens": "woman",
-    "template": "{trigger} {class}, {caption}",
-    "keep_tokens": "",
-    "banned_words": "",
-    "style_tags": "",
+    **RULE_WIDGETS,
     "max_tokens": 40,
     "tokenizer": "comfyui",
     "batch_size": 2,
