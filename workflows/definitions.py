@@ -413,7 +413,10 @@ def video_audio_reactive(new):
         "  frame rate; frames 0 = as long as the sound. Generate Video takes its prompt, frames and fps.\n"
         "- Load Video Model: an SD1.5 checkpoint and an AnimateDiff motion module (models/animatediff_models/).\n"
         "- Character LoRA: your LoRA from models/loras/ (bypass it with Ctrl+B for the base model).\n"
-        "- Generate Video > blend_prompts: off switches the prompt exactly on the beat, on glides between beats.\n\n"
+        "- Generate Video > blend_prompts: off switches the prompt exactly on the beat, on glides between beats.\n"
+        "- Bass -> LoRA strength (Audio Schedule): the LoRA strength follows the bass, x0.85 quiet to x1.0 on a hit,\n"
+        "  per context window (the mean over its frames; shorter context_length follows more closely). Generate\n"
+        "  Video > lora_schedule_applies_to picks the LoRAs it scales; delete the link for a constant strength.\n\n"
         "MODELS\n"
         "SD1.5 checkpoint (models/checkpoints/), AnimateDiff motion module, character LoRA (models/loras/).\n\n"
         "RESULT\n"
@@ -428,6 +431,11 @@ def video_audio_reactive(new):
                     shared="photo, stage lights, natural skin", fps=8.0, frames=0, beats_per_prompt=2,
                     skip_beats=0)
     w.link(audio, "audio", travel, "audio")
+    bass = w.node("CharForgeAudioSchedule", title="Bass -> LoRA strength", feature="low", low=0.85, high=1.0,
+                  smooth=0.0, attack=0.0, release=0.3, invert=False, widgets={"fps": 8.0, "frames": 0})
+    w.link(audio, "audio", bass, "audio")
+    w.link(travel, "fps", bass, "fps")
+    w.link(travel, "frames", bass, "frames")
     w.group("2 - Model & character LoRA", "#8A8")
     model = w.node("CharForgeLoadVideoModel", base_model="v1-5-pruned-emaonly.safetensors",
                    motion_module="mm_sd_v15_v2.ckpt")
@@ -442,6 +450,7 @@ def video_audio_reactive(new):
     w.link(travel, "prompt", generate, "prompt")
     w.link(travel, "frames", generate, "frames")
     w.link(travel, "fps", generate, "fps")
+    w.link(bass, "schedule", generate, "lora_strength_schedule")
     w.group("4 - Save with the music", "#b58b2a")
     save = w.node("CharForgeSaveVideo", height=420, format="mp4", filename_prefix="charforge/audio_video",
                   quality=80, loop_count=0, audio_offset=0.0, audio_codec="auto")

@@ -638,6 +638,13 @@ def test_video_audio_reactive_changes_prompts_on_beats_and_saves_the_music(comfy
     assert [k.frame for k in parse_prompt_schedule(schedule)] == [0, 2, 6, 10, 14]
     assert results[generate][0].shape[:3] == (16, 64, 64)
     assert "frame 6: ohwx person jumping, laughing" in results[generate][2]  # the third prompt on the second beat
+    # The bass schedule reaches the LoRA strength, one multiplier per context window, within its range.
+    (bass,) = ids["CharForgeAudioSchedule"]
+    assert _source(prompt, generate, "lora_strength_schedule") == bass and _source(prompt, bass, "frames") == travel
+    assert len(results[bass][0]) == 16
+    line = next(x for x in results[generate][2].splitlines() if x.startswith("LoRA strength x per window"))
+    means = [float(v) for v in line.split(": ")[1].split(", ")]
+    assert len(means) == 3 and all(0.85 <= m <= 1.0 for m in means)
     video = Path(results[save][0])
     assert video.suffix == ".mp4"
     video_seconds, audio_seconds = media_durations(video)
