@@ -36,7 +36,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,7 +43,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # cf_testing: tiny models, small tokenizers
 sys.path.insert(0, str(HERE))
 
-from bench_train import PRACTICAL_PEAK, SPEC_PEAK, _environment, _init_random, _vocab_dir, write_dataset  # noqa: E402
+from bench_train import (  # noqa: E402
+    PRACTICAL_PEAK,
+    SPEC_PEAK,
+    _environment,
+    _init_random,
+    _vocab_dir,
+    timed_steps,
+    write_dataset,
+)
 
 CONFIGS = ("anchor_sd35_large_b1", "sd35_large_b1", "sd35_large_b1_gc", "sd35_medium_b1")
 TEXT_TOKENS = 77 + 256
@@ -198,14 +205,8 @@ def trainer_steps(name: str, arch: str, args, device, work: Path, checkpointing:
     )
     trainer.setup()
     trainer.train(until=args.warmup)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.measure):
-        start = time.perf_counter()
-        trainer.train_step()  # returns the loss as a float: the step has finished on the device
-        times.append(time.perf_counter() - start)
+    # train_step returns the loss as a float: the step has finished on the device
+    times = timed_steps(trainer.train_step, device, args.measure)
     _, flops = step_flops(model, replace(config, gradient_checkpointing=False))  # MFU: no recompute
     result = {
         "config": name,
@@ -269,14 +270,7 @@ def anchor_steps(name: str, arch: str, args, device, work: Path) -> dict:
 
     for _ in range(args.warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.measure):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    times = timed_steps(step, device, args.measure)
     stand_in = SD3Model(arch, "random", transformer, None, {}, {}, dtype)  # only its shape is read
     _, flops = step_flops(stand_in, _train_config(args, args.resolution, False, "bf16"))
     result = {

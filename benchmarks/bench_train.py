@@ -123,6 +123,22 @@ def random_model(arch: str, device, dtype, work: Path, config_dir: Path | None =
     return model
 
 
+def timed_steps(step, device, measure: int) -> list[float]:
+    """Seconds of each of `measure` calls of `step` (one that returns when the step has finished on the device,
+    e.g. by reading its loss back), after the warm-up: the device synchronised and its peak-memory count reset."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(measure):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def write_dataset(folder: Path, count: int, size: int) -> Path:
     """`count` distinct synthetic photos (smooth patterns + noise) in a kohya folder, captioned."""
     import numpy as np
@@ -203,14 +219,7 @@ def steady_state(name: str, arch: str, args, device, work: Path, batch: int, che
     trainer = Trainer(model, data, config, device)
     trainer.setup()
     trainer.train(until=args.warmup)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.measure):
-        start = time.perf_counter()
-        trainer.train_step()
-        times.append(time.perf_counter() - start)
+    times = timed_steps(trainer.train_step, device, args.measure)
     flops = profile_for(dict(model.unet.config), config).flops
     median = statistics.median(times)
     result = {
