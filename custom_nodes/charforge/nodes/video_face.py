@@ -59,9 +59,9 @@ class FaceMotion:
         "Tracks the face of a driving video (talking, expressions, head turns) with the face models' detector and "
         "landmark models (buffalo_l: 68 3D points from 1k3d68.onnx, 106 from 2d106det.onnx; else the detector's 5), "
         "smooths the track, fills frames without a face from their neighbours (listed in info), and draws each "
-        "frame as white dots on black (OpenPose face style) at the output size. Feed control_frames to Apply "
-        "ControlNet with a face / openpose-face ControlNet; driving_frames are the video at the same size for "
-        "video to video. With a character image, the driving face is moved and scaled onto the character's face."
+        "frame as white dots on black (OpenPose face style) at the output size. Feed control_frames to Generate "
+        "Video's control_frames (or ComfyUI's Apply ControlNet) with a face / openpose-face ControlNet; driving_frames "
+        "are the video at the same size for video to video. With a character image, the driving face is moved and scaled onto the character's face."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "IMAGE", "FLOAT", "INT", "STRING", "STRING")

@@ -234,3 +234,27 @@ def test_context_windows_take_their_own_control_frames(assets, controlnets):
             window,
             float((ours[part] - theirs).abs().max()),
         )
+
+
+def test_an_sdxl_clip_takes_an_sdxl_controlnet(assets, tmp_path):
+    """SDXL: the ControlNet gets the window's pooled text and size ids once per frame; its control acts."""
+    from charforge.engine.video import VideoModelSpec as Spec
+
+    tiny = assets.sdxl
+    spec = Spec(
+        base=str(tiny.single_file),
+        motion_module=str(assets.modules["sdxl"].original_file),
+        config_dir=str(tiny.diffusers_dir),
+        tokenizer_dirs=(str(tiny.diffusers_dir / "tokenizer"),),
+        options=RuntimeOptions(device="cpu", dtype="fp32"),
+    )
+    model, _ = load_video_model(spec)
+    unet_config = dict(tiny.unet_config)
+    path = write_ldm_controlnet(tiny_video_controlnet(unet_config), unet_config, tmp_path / "xl.safetensors")
+    net = load_controlnet(path, model.unet2d_config, torch.float32, torch.device("cpu"))
+    plain = our_clip(model, [], steps=2)
+    steered = our_clip(model, [VideoControl(net, control_frames(), 1.0)], steps=2)
+    assert steered.shape == plain.shape and (steered - plain).abs().max() > 0.02
+    sd15, _ = load_video_model(spec_for(assets))
+    with pytest.raises(ControlNetError, match="xl.safetensors does not fit"):
+        load_controlnet(path, sd15.unet2d_config, torch.float32, torch.device("cpu"))
