@@ -9,6 +9,9 @@ from __future__ import annotations
 
 NEGATIVE = "blurry, low quality, deformed, watermark, text, several people"
 POSITIVE = "photo of ohwx person, head and shoulders portrait, looking at the camera, natural light, sharp focus"
+CLIP_PROMPT = "photo of a person, head and shoulders portrait, looking at the camera"
+# SD1.5 sampling of the image workflows: 25 DPM++ 2M Karras steps at cfg 7.
+SD_SAMPLING = {"seed": 42, "steps": 25, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}
 
 
 def caption_dataset(new):
@@ -83,13 +86,101 @@ def _generation(w, *, ckpt: str, lora: str, batch: int, width: int = 512, height
     w.link(ckpt_id, "MODEL", lora_id, "model")
     w.link(ckpt_id, "CLIP", lora_id, "clip")
     w.group("2 - Prompts", "#8A8", width=2)
+    pos, neg, latent = _prompts(w, (lora_id, "CLIP"), batch, width, height)
+    return ckpt_id, lora_id, pos, neg, latent
+
+
+def _prompts(w, clip, batch: int, width: int = 512, height: int = 512):
+    """Positive and negative prompt (text encoder `clip`, a (node, output) pair) + the empty latent."""
     pos = w.node("CLIPTextEncode", title="Positive prompt", height=160, text=POSITIVE)
     neg = w.node("CLIPTextEncode", title="Negative prompt", height=120, text=NEGATIVE)
     latent = w.node("EmptyLatentImage", title="Empty Latent (N = batch_size)", width=width, height=height,
                     batch_size=batch)
-    w.link(lora_id, "CLIP", pos, "clip")
-    w.link(lora_id, "CLIP", neg, "clip")
-    return ckpt_id, lora_id, pos, neg, latent
+    w.link(*clip, pos, "clip")
+    w.link(*clip, neg, "clip")
+    return pos, neg, latent
+
+
+def sample(w, model, positive, negative, latent: int, vae, **settings):
+    """KSampler -> VAEDecode; model, positive, negative and vae are (node, output) pairs. Returns both ids."""
+    sampler = w.node("KSampler", **settings)
+    decode = w.node("VAEDecode")
+    w.link(*model, sampler, "model")
+    w.link(*positive, sampler, "positive")
+    w.link(*negative, sampler, "negative")
+    w.link(latent, "LATENT", sampler, "latent_image")
+    w.link(sampler, "LATENT", decode, "samples")
+    w.link(*vae, decode, "vae")
+    return sampler, decode
+
+
+def save_image(w, images, prefix: str, title: str | None = None) -> None:
+    """SaveImage of `images` (a (node, output) pair) as output/<prefix>_*.png."""
+    save = w.node("SaveImage", title=title, height=300, filename_prefix=prefix)
+    w.link(*images, save, "images")
+
+
+def clip_score(w, images: int) -> int:
+    """Load CLIP + CLIP Score of the IMAGE output of `images` against CLIP_PROMPT. Returns the score node."""
+    clip = w.node("CharForgeLoadClip", model="clip-vit-large-patch14", device="auto")
+    score = w.node("CharForgeClipScore", prompt=CLIP_PROMPT)
+    w.link(clip, "clip", score, "clip")
+    w.link(images, "IMAGE", score, "images")
+    return score
+
+
+def keep_best(w, images: int, scores, prefix: str) -> None:
+    """Best of N (groups of 4) of the IMAGE output of `images` by `scores` (a (node, output) pair), saved."""
+    best = w.node("CharForgeBestOfN", group_size=4)
+    w.link(images, "IMAGE", best, "images")
+    w.link(*scores, best, "scores")
+    save_image(w, (best, "images"), prefix, title="Best candidate")
+
+
+def score_and_keep_best(w, images: int, faces: int, identity: int, prefix: str) -> None:
+    """Identity score + CLIP score, combined (1.0 / 0.5), and the best of each 4 kept."""
+    score_id = w.node("CharForgeScoreIdentity")
+    w.link(faces, "face_models", score_id, "face_models")
+    w.link(identity, "identity", score_id, "identity")
+    w.link(images, "IMAGE", score_id, "images")
+    score_clip = clip_score(w, images)
+    combined = w.node("CharForgeCombineScores", identity_weight=1.0, text_weight=0.5)
+    w.link(score_id, "scores", combined, "identity_scores")
+    w.link(score_clip, "scores", combined, "clip_scores")
+    keep_best(w, images, (combined, "scores"), prefix)
+
+
+def _build_identity(w, faces: int, **widgets) -> int:
+    identity = w.node("CharForgeBuildIdentity", name="my_character", folder="charforge/my_character", **widgets)
+    w.link(faces, "face_models", identity, "face_models")
+    return identity
+
+
+def _video_model(w, base_model: str, motion_module: str, lora_name: str, strength: float,
+                 lora_title: str = "Character LoRA") -> int:
+    """Load Video Model -> Video LoRA. Returns the LoRA node (its 'model' output feeds Generate Video)."""
+    model = w.node("CharForgeLoadVideoModel", base_model=base_model, motion_module=motion_module)
+    lora = w.node("CharForgeVideoLoRA", title=lora_title, lora_name=lora_name, strength=strength)
+    w.link(model, "model", lora, "model")
+    return lora
+
+
+def _save_video(w, frames, fps, prefix: str, height: int | None = 420, **widgets) -> int:
+    """Save Video (mp4) of `frames` at `fps` (both (node, output) pairs)."""
+    save = w.node("CharForgeSaveVideo", height=height, format="mp4", filename_prefix=prefix, **widgets)
+    w.link(*frames, save, "frames")
+    w.link(*fps, save, "fps")
+    return save
+
+
+def _drift_check(w, faces: int, identity: int, frames: int) -> None:
+    """Identity Drift of Generate Video's frames against `identity`, its plot previewed."""
+    drift = w.node("CharForgeIdentityDrift")
+    plot = w.node("PreviewImage", title="Identity drift", height=260)
+    w.link(faces, "face_models", drift, "face_models")
+    w.link(identity, "identity", drift, "identity")
+    w.link(frames, "frames", drift, "frames")
+    w.link(drift, "plot", plot, "images")
 
 
 def generate_best_of_n_clip(new):
@@ -114,28 +205,12 @@ def generate_best_of_n_clip(new):
     ckpt, lora, pos, neg, latent = _generation(w, ckpt="v1-5-pruned-emaonly.safetensors",
                                                lora="my_character.safetensors", batch=4)
     w.group("3 - Sample", "#a1309b")
-    sampler = w.node("KSampler", seed=42, steps=25, cfg=7.0, sampler_name="dpmpp_2m", scheduler="karras",
-                     denoise=1.0)
-    decode = w.node("VAEDecode")
-    save_all = w.node("SaveImage", title="Every candidate", height=300, filename_prefix="charforge/candidates")
-    w.link(lora, "MODEL", sampler, "model")
-    w.link(pos, "CONDITIONING", sampler, "positive")
-    w.link(neg, "CONDITIONING", sampler, "negative")
-    w.link(latent, "LATENT", sampler, "latent_image")
-    w.link(sampler, "LATENT", decode, "samples")
-    w.link(ckpt, "VAE", decode, "vae")
-    w.link(decode, "IMAGE", save_all, "images")
+    _, decode = sample(w, (lora, "MODEL"), (pos, "CONDITIONING"), (neg, "CONDITIONING"), latent, (ckpt, "VAE"),
+                       **SD_SAMPLING)
+    save_image(w, (decode, "IMAGE"), "charforge/candidates", title="Every candidate")
     w.group("4 - Score by CLIP & keep the best", "#b58b2a")
-    clip = w.node("CharForgeLoadClip", model="clip-vit-large-patch14", device="auto")
-    score = w.node("CharForgeClipScore", prompt="photo of a person, head and shoulders portrait, looking at the "
-                   "camera")
-    best = w.node("CharForgeBestOfN", group_size=4)
-    save_best = w.node("SaveImage", title="Best candidate", height=300, filename_prefix="charforge/best")
-    w.link(clip, "clip", score, "clip")
-    w.link(decode, "IMAGE", score, "images")
-    w.link(decode, "IMAGE", best, "images")
-    w.link(score, "scores", best, "scores")
-    w.link(best, "images", save_best, "images")
+    score = clip_score(w, decode)
+    keep_best(w, decode, (score, "scores"), "charforge/best")
     return w
 
 
@@ -169,22 +244,14 @@ def controlnet_lora(new):
     w.group("4 - Apply ControlNet & sample", "#b58b2a")
     apply = w.node("ControlNetApplyAdvanced", title="Apply ControlNet", strength=0.8, start_percent=0.0,
                    end_percent=0.8)
-    sampler = w.node("KSampler", seed=42, steps=25, cfg=7.0, sampler_name="dpmpp_2m", scheduler="karras",
-                     denoise=1.0)
-    decode = w.node("VAEDecode")
-    save = w.node("SaveImage", height=300, filename_prefix="charforge/controlnet")
     w.link(pos, "CONDITIONING", apply, "positive")
     w.link(neg, "CONDITIONING", apply, "negative")
     w.link(cn, "CONTROL_NET", apply, "control_net")
     w.link(canny, "IMAGE", apply, "image")
     w.link(ckpt, "VAE", apply, "vae")
-    w.link(lora, "MODEL", sampler, "model")
-    w.link(apply, "positive", sampler, "positive")
-    w.link(apply, "negative", sampler, "negative")
-    w.link(latent, "LATENT", sampler, "latent_image")
-    w.link(sampler, "LATENT", decode, "samples")
-    w.link(ckpt, "VAE", decode, "vae")
-    w.link(decode, "IMAGE", save, "images")
+    _, decode = sample(w, (lora, "MODEL"), (apply, "positive"), (apply, "negative"), latent, (ckpt, "VAE"),
+                       **SD_SAMPLING)
+    save_image(w, (decode, "IMAGE"), "charforge/controlnet")
     return w
 
 
@@ -275,69 +342,30 @@ def character_pipeline(new):
     ckpt = w.node("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
     lora = w.node("CharForgeLoadLoraByName", title="Load LoRA (by name): the trained LoRA", strength_model=0.9,
                   strength_clip=0.9)
-    pos = w.node("CLIPTextEncode", title="Positive prompt", height=160, text=POSITIVE)
-    neg = w.node("CLIPTextEncode", title="Negative prompt", height=120, text=NEGATIVE)
-    latent = w.node("EmptyLatentImage", title="Empty Latent (N = batch_size)", width=512, height=512, batch_size=4)
     w.link(ckpt, "MODEL", lora, "model")
     w.link(ckpt, "CLIP", lora, "clip")
     w.link(train, "lora_name", lora, "lora_name")
-    w.link(lora, "clip", pos, "clip")
-    w.link(lora, "clip", neg, "clip")
+    pos, neg, latent = _prompts(w, (lora, "clip"), batch=4)
     w.group("5 - Sample N candidates", "#3f789e")
-    sampler = w.node("KSampler", seed=42, steps=25, cfg=7.0, sampler_name="dpmpp_2m", scheduler="karras",
-                     denoise=1.0)
-    decode = w.node("VAEDecode")
-    save_all = w.node("SaveImage", title="Every candidate", height=300, filename_prefix="charforge/pipeline_candidate")
-    w.link(lora, "model", sampler, "model")
-    w.link(pos, "CONDITIONING", sampler, "positive")
-    w.link(neg, "CONDITIONING", sampler, "negative")
-    w.link(latent, "LATENT", sampler, "latent_image")
-    w.link(sampler, "LATENT", decode, "samples")
-    w.link(ckpt, "VAE", decode, "vae")
-    w.link(decode, "IMAGE", save_all, "images")
+    _, decode = sample(w, (lora, "model"), (pos, "CONDITIONING"), (neg, "CONDITIONING"), latent, (ckpt, "VAE"),
+                       **SD_SAMPLING)
+    save_image(w, (decode, "IMAGE"), "charforge/pipeline_candidate", title="Every candidate")
     w.group("6 - Score (identity + CLIP) & keep the best", "#8A8", width=2)
     faces = w.node("CharForgeLoadFaceModels", pack="buffalo_l")
-    identity = w.node("CharForgeBuildIdentity", name="my_character", save=True, folder="charforge/my_character")
-    score_id = w.node("CharForgeScoreIdentity")
-    clip = w.node("CharForgeLoadClip", model="clip-vit-large-patch14", device="auto")
-    score_clip = w.node("CharForgeClipScore", prompt="photo of a person, head and shoulders portrait, looking at "
-                        "the camera")
-    combined = w.node("CharForgeCombineScores", identity_weight=1.0, text_weight=0.5)
-    best = w.node("CharForgeBestOfN", group_size=4)
-    save_best = w.node("SaveImage", title="Best candidate", height=300, filename_prefix="charforge/pipeline_best")
-    w.link(faces, "face_models", identity, "face_models")
-    w.link(faces, "face_models", score_id, "face_models")
-    w.link(identity, "identity", score_id, "identity")
-    w.link(decode, "IMAGE", score_id, "images")
-    w.link(clip, "clip", score_clip, "clip")
-    w.link(decode, "IMAGE", score_clip, "images")
-    w.link(score_id, "scores", combined, "identity_scores")
-    w.link(score_clip, "scores", combined, "clip_scores")
-    w.link(decode, "IMAGE", best, "images")
-    w.link(combined, "scores", best, "scores")
-    w.link(best, "images", save_best, "images")
+    identity = _build_identity(w, faces, save=True)
+    score_and_keep_best(w, decode, faces, identity, "charforge/pipeline_best")
     w.group("7 - Video with the trained LoRA & drift check", "#a1309b", width=2)
-    video_model = w.node("CharForgeLoadVideoModel", base_model="v1-5-pruned-emaonly.safetensors",
-                         motion_module="mm_sd_v15_v2.ckpt")
-    video_lora = w.node("CharForgeVideoLoRA", title="Video LoRA: the trained LoRA", lora_name="(none)",
-                        strength=0.8)
+    video_lora = _video_model(w, "v1-5-pruned-emaonly.safetensors", "mm_sd_v15_v2.ckpt", "(none)", 0.8,
+                              lora_title="Video LoRA: the trained LoRA")
     generate = w.node("CharForgeGenerateVideo", height=520, prompt=(
         "0: photo of ohwx person smiling, looking at the camera\n16: photo of ohwx person laughing, turning the "
         "head\nnatural light, sharp focus"), negative_prompt="blurry, low quality, deformed, several people",
         frames=32, fps=8.0, width=512, steps=25, cfg=7.5, scheduler="ddim", seed=42, context_length=16,
         context_overlap=4, widgets={"height": 512})
-    save_video = w.node("CharForgeSaveVideo", format="mp4", filename_prefix="charforge/pipeline_video")
-    drift = w.node("CharForgeIdentityDrift")
-    plot = w.node("PreviewImage", title="Identity drift", height=260)
-    w.link(video_model, "model", video_lora, "model")
     w.link(train, "lora_name", video_lora, "lora_name_from")
     w.link(video_lora, "model", generate, "model")
-    w.link(generate, "frames", save_video, "frames")
-    w.link(generate, "fps", save_video, "fps")
-    w.link(faces, "face_models", drift, "face_models")
-    w.link(identity, "identity", drift, "identity")
-    w.link(generate, "frames", drift, "frames")
-    w.link(drift, "plot", plot, "images")
+    _save_video(w, (generate, "frames"), (generate, "fps"), "charforge/pipeline_video", height=None)
+    _drift_check(w, faces, identity, generate)
     return w
 
 
@@ -363,10 +391,9 @@ def synthesize_dataset(new):
         "synthetic images are marked with their source image and upscaled photos with the factor.")
     w.group("1 - Character & models", "#3f789e")
     faces = w.node("CharForgeLoadFaceModels", pack="buffalo_l")
-    identity = w.node("CharForgeBuildIdentity", name="my_character", folder="charforge/my_character")
+    identity = _build_identity(w, faces)
     swapper = w.node("CharForgeLoadFaceSwapper", swapper="inswapper_128.onnx")
     restorer = w.node("CharForgeLoadFaceRestorer", model="GFPGANv1.4.pth")
-    w.link(faces, "face_models", identity, "face_models")
     w.group("2 - Photos + swapped sources", "#8A8")
     load = w.node("CharForgeLoadDataset", folder="charforge/my_character", name="my_character")
     synth = w.node("CharForgeSynthesizeDataset", sources="charforge/sources", which="main", max_share=0.4,
@@ -437,11 +464,7 @@ def video_audio_reactive(new):
     w.link(travel, "fps", bass, "fps")
     w.link(travel, "frames", bass, "frames")
     w.group("2 - Model & character LoRA", "#8A8")
-    model = w.node("CharForgeLoadVideoModel", base_model="v1-5-pruned-emaonly.safetensors",
-                   motion_module="mm_sd_v15_v2.ckpt")
-    lora = w.node("CharForgeVideoLoRA", title="Character LoRA", lora_name="my_character.safetensors",
-                  strength=0.8)
-    w.link(model, "model", lora, "model")
+    lora = _video_model(w, "v1-5-pruned-emaonly.safetensors", "mm_sd_v15_v2.ckpt", "my_character.safetensors", 0.8)
     w.group("3 - Generate on the beat", "#a1309b")
     generate = w.node("CharForgeGenerateVideo", negative_prompt=NEGATIVE, width=512, height=512, steps=25,
                       cfg=7.5, scheduler="ddim", seed=42, context_length=16, context_overlap=4,
@@ -452,10 +475,8 @@ def video_audio_reactive(new):
     w.link(travel, "fps", generate, "fps")
     w.link(bass, "schedule", generate, "lora_strength_schedule")
     w.group("4 - Save with the music", "#b58b2a")
-    save = w.node("CharForgeSaveVideo", height=420, format="mp4", filename_prefix="charforge/audio_video",
-                  quality=80, loop_count=0, audio_offset=0.0, audio_codec="auto")
-    w.link(generate, "frames", save, "frames")
-    w.link(generate, "fps", save, "fps")
+    save = _save_video(w, (generate, "frames"), (generate, "fps"), "charforge/audio_video", quality=80, loop_count=0,
+                       audio_offset=0.0, audio_codec="auto")
     w.link(audio, "audio", save, "audio")
     return w
 
@@ -493,11 +514,7 @@ def video_face_motion(new):
     w.link(faces, "face_models", motion, "face_models")
     w.link(motion, "control_frames", maps, "images")
     w.group("2 - Video model & character LoRA", "#8A8")
-    model = w.node("CharForgeLoadVideoModel", base_model="v1-5-pruned-emaonly.safetensors",
-                   motion_module="v3_sd15_mm.ckpt")
-    lora = w.node("CharForgeVideoLoRA", title="Character LoRA", lora_name="my_character.safetensors",
-                  strength=0.9)
-    w.link(model, "model", lora, "model")
+    lora = _video_model(w, "v1-5-pruned-emaonly.safetensors", "v3_sd15_mm.ckpt", "my_character.safetensors", 0.9)
     w.group("3 - Face ControlNet & video to video", "#a1309b")
     generate = w.node("CharForgeGenerateVideo", height=640,
                       prompt="photo of ohwx person talking, head and shoulders portrait, natural light, sharp focus",
@@ -510,18 +527,9 @@ def video_face_motion(new):
     w.link(motion, "driving_frames", generate, "init_images")
     w.link(motion, "control_frames", generate, "control_frames")
     w.group("4 - Save & identity drift", "#b58b2a")
-    save = w.node("CharForgeSaveVideo", height=420, format="mp4", filename_prefix="charforge/face_video", quality=80,
-                  loop_count=0)
-    identity = w.node("CharForgeBuildIdentity", name="my_character", save=True, folder="charforge/my_character")
-    drift = w.node("CharForgeIdentityDrift")
-    plot = w.node("PreviewImage", title="Identity drift", height=260)
-    w.link(generate, "frames", save, "frames")
-    w.link(motion, "fps", save, "fps")
-    w.link(faces, "face_models", identity, "face_models")
-    w.link(faces, "face_models", drift, "face_models")
-    w.link(identity, "identity", drift, "identity")
-    w.link(generate, "frames", drift, "frames")
-    w.link(drift, "plot", plot, "images")
+    _save_video(w, (generate, "frames"), (motion, "fps"), "charforge/face_video", quality=80, loop_count=0)
+    identity = _build_identity(w, faces, save=True)
+    _drift_check(w, faces, identity, generate)
     return w
 
 
@@ -544,11 +552,8 @@ def video_hotshot_xl(new):
         "RESULT\n"
         "output/charforge/hotshot_xl_00001_.mp4: 16 frames at 8 fps, shown on Save Video.")
     w.group("1 - SDXL, HotShot-XL, LoRA", "#8A8")
-    model = w.node("CharForgeLoadVideoModel", base_model="sd_xl_base_1.0.safetensors",
-                   motion_module="hsxl_temporal_layers.safetensors")
-    lora = w.node("CharForgeVideoLoRA", title="Character LoRA", lora_name="my_character_xl.safetensors",
-                  strength=0.8)
-    w.link(model, "model", lora, "model")
+    lora = _video_model(w, "sd_xl_base_1.0.safetensors", "hsxl_temporal_layers.safetensors",
+                        "my_character_xl.safetensors", 0.8)
     w.group("2 - Generate (8-frame windows)", "#a1309b")
     generate = w.node("CharForgeGenerateVideo", height=560,
                       prompt="0: photo of ohwx person smiling, looking at the camera\n"
@@ -558,10 +563,7 @@ def video_hotshot_xl(new):
                       widgets={"height": 512})
     w.link(lora, "model", generate, "model")
     w.group("3 - Save", "#b58b2a")
-    save = w.node("CharForgeSaveVideo", height=420, format="mp4", filename_prefix="charforge/hotshot_xl",
-                  quality=80)
-    w.link(generate, "frames", save, "frames")
-    w.link(generate, "fps", save, "fps")
+    _save_video(w, (generate, "frames"), (generate, "fps"), "charforge/hotshot_xl", quality=80)
     return w
 
 

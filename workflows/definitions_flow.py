@@ -17,8 +17,10 @@ classifier-free guidance (cfg 4.5) and a negative prompt.
 
 from __future__ import annotations
 
+from functools import partial
+
 from charforge.common.characters import family_generation
-from definitions import NEGATIVE, POSITIVE
+from definitions import CLIP_PROMPT, NEGATIVE, POSITIVE, sample, save_image, score_and_keep_best
 
 STORY_SCENES = (
     "close-up portrait of the character, face clearly visible, looking at the camera, morning light\n"
@@ -28,7 +30,6 @@ STORY_SCENES = (
     "the character stands on the deck at sunset, three-quarter view\n"
     "the character arrives on an island beach, full body, golden hour"
 )
-CLIP_PROMPT = "photo of a person, head and shoulders portrait, looking at the camera"
 
 FLUX = {
     "family": "flux-dev",
@@ -118,16 +119,8 @@ def _prompts(w, spec: dict, clip: int, positive: str = POSITIVE, batch: int = 1,
 
 def _sample(w, spec: dict, model: int, cond, neg: int, latent: int, vae, seed: int = 42):
     gen = family_generation(spec["family"])
-    sampler = w.node("KSampler", seed=seed, steps=gen.steps, cfg=gen.cfg, sampler_name=gen.sampler,
-                     scheduler=gen.scheduler, denoise=1.0)
-    decode = w.node("VAEDecode")
-    w.link(model, "MODEL", sampler, "model")
-    w.link(cond[0], cond[1], sampler, "positive")
-    w.link(neg, "CONDITIONING", sampler, "negative")
-    w.link(latent, "LATENT", sampler, "latent_image")
-    w.link(sampler, "LATENT", decode, "samples")
-    w.link(vae[0], vae[1], decode, "vae")
-    return sampler, decode
+    return sample(w, (model, "MODEL"), cond, (neg, "CONDITIONING"), latent, vae, seed=seed, steps=gen.steps,
+                  cfg=gen.cfg, sampler_name=gen.sampler, scheduler=gen.scheduler, denoise=1.0)
 
 
 def _note(spec: dict, what: str, extra_set: str, result: str) -> str:
@@ -147,8 +140,7 @@ def _lora(new, name: str, spec: dict):
     cond, neg, latent = _prompts(w, spec, clip)
     w.group("3 - Sample & save", "#a1309b")
     _, decode = _sample(w, spec, model, cond, neg, latent, vae)
-    save = w.node("SaveImage", height=300, filename_prefix=f"charforge/{name}")
-    w.link(decode, "IMAGE", save, "images")
+    save_image(w, (decode, "IMAGE"), f"charforge/{name}")
     return w
 
 
@@ -169,27 +161,11 @@ def _best_of_n(new, name: str, spec: dict):
     cond, neg, latent = _prompts(w, spec, clip, batch=4)
     w.group("3 - Sample N candidates", "#a1309b")
     _, decode = _sample(w, spec, model, cond, neg, latent, vae)
-    save_all = w.node("SaveImage", title="Every candidate", height=300, filename_prefix=f"charforge/{name}_candidate")
-    w.link(decode, "IMAGE", save_all, "images")
+    save_image(w, (decode, "IMAGE"), f"charforge/{name}_candidate", title="Every candidate")
     w.group("4 - Score (identity + CLIP) & keep the best", "#b58b2a", width=2)
     faces = w.node("CharForgeLoadFaceModels", pack="buffalo_l")
     identity = w.node("CharForgeLoadIdentity", name="my_character")
-    score_id = w.node("CharForgeScoreIdentity")
-    clip_model = w.node("CharForgeLoadClip", model="clip-vit-large-patch14", device="auto")
-    score_clip = w.node("CharForgeClipScore", prompt=CLIP_PROMPT)
-    combined = w.node("CharForgeCombineScores", identity_weight=1.0, text_weight=0.5)
-    best = w.node("CharForgeBestOfN", group_size=4)
-    save_best = w.node("SaveImage", title="Best candidate", height=300, filename_prefix=f"charforge/{name}_best")
-    w.link(faces, "face_models", score_id, "face_models")
-    w.link(identity, "identity", score_id, "identity")
-    w.link(decode, "IMAGE", score_id, "images")
-    w.link(clip_model, "clip", score_clip, "clip")
-    w.link(decode, "IMAGE", score_clip, "images")
-    w.link(score_id, "scores", combined, "identity_scores")
-    w.link(score_clip, "scores", combined, "clip_scores")
-    w.link(decode, "IMAGE", best, "images")
-    w.link(combined, "scores", best, "scores")
-    w.link(best, "images", save_best, "images")
+    score_and_keep_best(w, decode, faces, identity, f"charforge/{name}_best")
     return w
 
 
@@ -245,28 +221,7 @@ def _positive_of(w, guided: int) -> int:
     raise ValueError(f"node {guided} has no input link")
 
 
-def flux_lora(new):
-    return _lora(new, "flux_lora", FLUX)
-
-
-def flux_best_of_n(new):
-    return _best_of_n(new, "flux_best_of_n", FLUX)
-
-
-def flux_storyboard(new):
-    return _storyboard(new, "flux_storyboard", FLUX)
-
-
-def sd35_lora(new):
-    return _lora(new, "sd35_lora", SD35)
-
-
-def sd35_best_of_n(new):
-    return _best_of_n(new, "sd35_best_of_n", SD35)
-
-
-def sd35_storyboard(new):
-    return _storyboard(new, "sd35_storyboard", SD35)
-
-
-BUILDERS = (flux_lora, flux_best_of_n, flux_storyboard, sd35_lora, sd35_best_of_n, sd35_storyboard)
+# flux_lora, flux_best_of_n, flux_storyboard, sd35_lora, sd35_best_of_n, sd35_storyboard
+BUILDERS = tuple(partial(build, name=f"{family}_{kind}", spec=spec)
+                 for family, spec in (("flux", FLUX), ("sd35", SD35))
+                 for kind, build in (("lora", _lora), ("best_of_n", _best_of_n), ("storyboard", _storyboard)))
