@@ -122,6 +122,100 @@ def build_parts(configs: dict, device, dtype, tokenizer_dir: Path):
     return unet, adapter, vae, text_encoder, tokenizer
 
 
+# SD1.5's noise schedule; the diffusers anchor gets it as beta_schedule "linear" (see diffusers_pipeline).
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+}
+
+
+def charforge_model(configs: dict, device, dtype, tokenizer_dir: Path, options):
+    """CharForge's video model assembled from fresh random-weight parts (`options`: its RuntimeOptions)."""
+    import torch
+
+    from charforge.engine.video.models import assemble_video_model
+    from charforge.engine.video.motion import inspect_state_dict
+
+    unet, adapter, vae, text_encoder, tokenizer = build_parts(configs, device, dtype, tokenizer_dir)
+    with torch.device(device):
+        return assemble_video_model(
+            "sd15",
+            unet,
+            adapter,
+            inspect_state_dict(adapter.state_dict(), "diffusers"),
+            vae=vae,
+            text_encoders=[text_encoder],
+            tokenizers=[tokenizer],
+            scheduler_config=SCHEDULER_CONFIG,
+            options=options,
+        )
+
+
+def video_request(frames: int, size: int, steps: int, cfg: float, window: int, overlap: int):
+    """The benchmark's clip for CharForge: PROMPT / NEGATIVE, DDIM, seed 1, square frames."""
+    from charforge.engine.video import ContextOptions, VideoRequest
+
+    return VideoRequest(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        frames=frames,
+        width=size,
+        height=size,
+        steps=steps,
+        cfg=cfg,
+        scheduler="ddim",
+        seed=1,
+        context=ContextOptions(length=window, overlap=overlap),
+    )
+
+
+def diffusers_pipeline(configs: dict, device, dtype, tokenizer_dir: Path):
+    """diffusers' AnimateDiffPipeline as published, on fresh random-weight parts, with the same DDIM schedule."""
+    import diffusers
+    import torch
+
+    unet, adapter, vae, text_encoder, tokenizer = build_parts(configs, device, dtype, tokenizer_dir)
+    scheduler = diffusers.DDIMScheduler(
+        **{**SCHEDULER_CONFIG, "beta_schedule": "linear"},
+        clip_sample=False,
+        timestep_spacing="linspace",
+        set_alpha_to_one=False,
+    )
+    with torch.device(device):
+        pipe = diffusers.AnimateDiffPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            motion_adapter=adapter,
+            scheduler=scheduler,
+        )
+    pipe.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_clip(pipe, frames: int, size: int, steps: int, cfg: float):
+    """The same clip as video_request through the diffusers pipeline (frames as numpy)."""
+    import torch
+
+    return pipe(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        num_frames=frames,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=cfg,
+        generator=torch.Generator("cpu").manual_seed(1),
+        output_type="np",
+    ).frames
+
+
 def _sync(device) -> None:
     import torch
 
@@ -183,9 +277,7 @@ def main() -> None:
     import torch
 
     from cf_testing.models import write_tiny_clip_tokenizer
-    from charforge.engine.video import ContextOptions, RuntimeOptions, VideoRequest, generate_video
-    from charforge.engine.video.models import assemble_video_model
-    from charforge.engine.video.motion import inspect_state_dict
+    from charforge.engine.video import RuntimeOptions, generate_video
 
     smoke = args.smoke
     chosen = args.configs or (["charforge", "diffusers"] if smoke else list(CONFIGS))
@@ -256,47 +348,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer_dir = write_tiny_clip_tokenizer(Path(scratch) / "tokenizer")
-        scheduler_config = {
-            "num_train_timesteps": 1000,
-            "beta_start": 0.00085,
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "prediction_type": "epsilon",
-            "steps_offset": 1,
-        }
 
         for config in [c for c in chosen if c.startswith("charforge")]:
             options = RuntimeOptions(
                 device=device.type, dtype=dtype_name, compile=config == "charforge-compile"
             )
-            unet, adapter, vae, text_encoder, tokenizer = build_parts(configs, device, dtype, tokenizer_dir)
-            info = inspect_state_dict(adapter.state_dict(), "diffusers")
-            with torch.device(device):
-                model = assemble_video_model(
-                    "sd15",
-                    unet,
-                    adapter,
-                    info,
-                    vae=vae,
-                    text_encoders=[text_encoder],
-                    tokenizers=[tokenizer],
-                    scheduler_config=scheduler_config,
-                    options=options,
-                )
-            del unet, adapter
+            model = charforge_model(configs, device, dtype, tokenizer_dir, options)
             for frames in frames_list:
-                request = VideoRequest(
-                    prompt=PROMPT,
-                    negative_prompt=NEGATIVE,
-                    frames=frames,
-                    width=size,
-                    height=size,
-                    steps=steps,
-                    cfg=args.cfg,
-                    scheduler="ddim",
-                    seed=1,
-                    context=ContextOptions(length=window, overlap=overlap),
-                )
+                request = video_request(frames, size, steps, args.cfg, window, overlap)
                 warmup, times, peak = time_clips(
                     lambda m=model, r=request: generate_video(m, r), repeats, device
                 )
@@ -305,39 +364,11 @@ def main() -> None:
             _reset_peak(device)
 
         if "diffusers" in chosen:
-            unet, adapter, vae, text_encoder, tokenizer = build_parts(configs, device, dtype, tokenizer_dir)
-            scheduler = diffusers.DDIMScheduler(
-                **{**scheduler_config, "beta_schedule": "linear"},
-                clip_sample=False,
-                timestep_spacing="linspace",
-                set_alpha_to_one=False,
-            )
-            with torch.device(device):
-                pipe = diffusers.AnimateDiffPipeline(
-                    vae=vae,
-                    text_encoder=text_encoder,
-                    tokenizer=tokenizer,
-                    unet=unet,
-                    motion_adapter=adapter,
-                    scheduler=scheduler,
-                )
-            pipe.to(device, dtype)
-            pipe.set_progress_bar_config(disable=True)
-            del unet
+            pipe = diffusers_pipeline(configs, device, dtype, tokenizer_dir)
             for frames in [f for f in frames_list if f <= window]:  # the published pipeline has no windows
 
                 def run(frames=frames):
-                    return pipe(
-                        prompt=PROMPT,
-                        negative_prompt=NEGATIVE,
-                        num_frames=frames,
-                        height=size,
-                        width=size,
-                        num_inference_steps=steps,
-                        guidance_scale=args.cfg,
-                        generator=torch.Generator("cpu").manual_seed(1),
-                        output_type="np",
-                    ).frames
+                    return diffusers_clip(pipe, frames, size, steps, args.cfg)
 
                 warmup, times, peak = time_clips(run, repeats, device)
                 report("diffusers", frames, warmup, times, peak)

@@ -400,98 +400,35 @@ def section_sdxl_job(ctx: Context, deadline: float) -> list:
 
 def section_video(ctx: Context, deadline: float) -> list:
     import bench_video
-    import diffusers
-    import torch
 
     from cf_testing.models import write_tiny_clip_tokenizer
-    from charforge.engine.video import ContextOptions, RuntimeOptions, VideoRequest, generate_video
-    from charforge.engine.video.models import assemble_video_model
-    from charforge.engine.video.motion import inspect_state_dict
+    from charforge.engine.video import RuntimeOptions, generate_video
 
     configs = bench_video.model_configs(ctx.smoke)
     tokenizer_dir = write_tiny_clip_tokenizer(ctx.work / "video_tokenizer")
     frames, long_frames, window, overlap = (8, 14, 8, 2) if ctx.smoke else (16, 64, 16, 4)
     size, steps = (64, 2) if ctx.smoke else (512, 25)
-    scheduler_config = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "prediction_type": "epsilon",
-        "steps_offset": 1,
-    }
     dtype_name = "fp32" if ctx.smoke else "bf16"
-    unet, adapter, vae, text_encoder, tokenizer = bench_video.build_parts(
-        configs, ctx.device, ctx.dtype, tokenizer_dir
+    model = bench_video.charforge_model(
+        configs,
+        ctx.device,
+        ctx.dtype,
+        tokenizer_dir,
+        RuntimeOptions(device=ctx.device.type, dtype=dtype_name),
     )
-    with torch.device(ctx.device):
-        model = assemble_video_model(
-            "sd15",
-            unet,
-            adapter,
-            inspect_state_dict(adapter.state_dict(), "diffusers"),
-            vae=vae,
-            text_encoders=[text_encoder],
-            tokenizers=[tokenizer],
-            scheduler_config=scheduler_config,
-            options=RuntimeOptions(device=ctx.device.type, dtype=dtype_name),
-        )
-    del unet, adapter
-
-    def request(count: int) -> VideoRequest:
-        return VideoRequest(
-            prompt=bench_video.PROMPT,
-            negative_prompt=bench_video.NEGATIVE,
-            frames=count,
-            width=size,
-            height=size,
-            steps=steps,
-            cfg=7.5,
-            scheduler="ddim",
-            seed=1,
-            context=ContextOptions(length=window, overlap=overlap),
-        )
-
-    ours = lambda: generate_video(model, request(frames))  # noqa: E731
-    ours_long = lambda: generate_video(model, request(long_frames))  # noqa: E731
+    short_request = bench_video.video_request(frames, size, steps, 7.5, window, overlap)
+    long_request = bench_video.video_request(long_frames, size, steps, 7.5, window, overlap)
+    ours = lambda: generate_video(model, short_request)  # noqa: E731
+    ours_long = lambda: generate_video(model, long_request)  # noqa: E731
     peak = {}
     for name, run in (("short", ours), ("long", ours_long)):
         run()
         peak[name] = ctx.peak_of(run)
     held = ctx.reset_peak()
-    unet, adapter, vae, text_encoder, tokenizer = bench_video.build_parts(
-        configs, ctx.device, ctx.dtype, tokenizer_dir
-    )
-    scheduler = diffusers.DDIMScheduler(
-        **{**scheduler_config, "beta_schedule": "linear"},
-        clip_sample=False,
-        timestep_spacing="linspace",
-        set_alpha_to_one=False,
-    )
-    with torch.device(ctx.device):
-        pipe = diffusers.AnimateDiffPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            motion_adapter=adapter,
-            scheduler=scheduler,
-        )
-    pipe.to(ctx.device, ctx.dtype)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = bench_video.diffusers_pipeline(configs, ctx.device, ctx.dtype, tokenizer_dir)
 
     def anchor() -> None:
-        pipe(
-            prompt=bench_video.PROMPT,
-            negative_prompt=bench_video.NEGATIVE,
-            num_frames=frames,
-            height=size,
-            width=size,
-            num_inference_steps=steps,
-            guidance_scale=7.5,
-            generator=torch.Generator("cpu").manual_seed(1),
-            output_type="np",
-        )
+        bench_video.diffusers_clip(pipe, frames, size, steps, 7.5)
 
     anchor()
     anchor_peak = ctx.peak_of(anchor, held)
