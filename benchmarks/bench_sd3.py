@@ -30,7 +30,6 @@ Record the results in docs/benchmarks.md with the device, versions and date.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -49,6 +48,9 @@ from bench_train import (  # noqa: E402
     _environment,
     _init_random,
     _vocab_dir,
+    print_result,
+    record_peak_memory,
+    step_parser,
     timed_steps,
     write_dataset,
 )
@@ -218,8 +220,7 @@ def trainer_steps(name: str, arch: str, args, device, work: Path, checkpointing:
         **_timings(times, flops),
         "final_loss": trainer.last_loss,
     }
-    if device.type == "cuda":
-        result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    record_peak_memory(result, device)
     return result
 
 
@@ -280,19 +281,12 @@ def anchor_steps(name: str, arch: str, args, device, work: Path) -> dict:
         "rank": args.rank,
         **_timings(times, flops),
     }
-    if device.type == "cuda":
-        result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    record_peak_memory(result, device)
     return result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="+", choices=CONFIGS, help="run only these configurations")
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, few steps: check the script")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--measure", type=int, default=20)
-    parser.add_argument("--rank", type=int, default=16)
-    args = parser.parse_args()
+    args = step_parser(__doc__, warmup=5, measure=20, rank=16, configs=CONFIGS).parse_args()
 
     import torch
 
@@ -322,9 +316,7 @@ def main() -> None:
                 result = trainer_steps(name, arch, args, device, work, name.endswith("_gc"))
                 if name in anchors:
                     result["vs_anchor"] = round(anchors[name] / result["s_per_step_median"], 3)
-            print(json.dumps({**result, **environment, "smoke": args.smoke}), flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            print_result(result, environment, args.smoke, device)
 
 
 if __name__ == "__main__":

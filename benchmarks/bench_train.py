@@ -139,6 +139,37 @@ def timed_steps(step, device, measure: int) -> list[float]:
     return times
 
 
+def record_peak_memory(result: dict, device) -> None:
+    """Add the device's peak allocated memory since the last reset (GiB) to `result`, on CUDA only."""
+    import torch
+
+    if device.type == "cuda":
+        result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+def step_parser(
+    doc: str, warmup: int, measure: int, rank: int, configs: tuple[str, ...]
+) -> argparse.ArgumentParser:
+    """The options every training-step benchmark takes (its own defaults for warm-up, measured steps, rank);
+    `doc`: the script's docstring, whose first paragraph is the description."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=configs, help="run only these configurations")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, few steps: check the script")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--measure", type=int, default=measure)
+    parser.add_argument("--rank", type=int, default=rank)
+    return parser
+
+
+def print_result(result: dict, environment: dict, smoke: bool, device) -> None:
+    """One JSON line per configuration; the CUDA cache emptied before the next one."""
+    import torch
+
+    print(json.dumps({**result, **environment, "smoke": smoke}), flush=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def write_dataset(folder: Path, count: int, size: int) -> Path:
     """`count` distinct synthetic photos (smooth patterns + noise) in a kohya folder, captioned."""
     import numpy as np
@@ -244,8 +275,7 @@ def steady_state(name: str, arch: str, args, device, work: Path, batch: int, che
         "mfu_spec": float(f"{flops / median / SPEC_PEAK:.4g}"),
         "final_loss": trainer.last_loss,
     }
-    if device.type == "cuda":
-        result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    record_peak_memory(result, device)
     del trainer, model
     return result
 
@@ -321,18 +351,12 @@ def whole_job(args, device, work: Path) -> dict:
         "final_loss": result.loss,
         "preflight_seconds_per_step": (result.estimate or {}).get("seconds_per_step"),
     }
-    if device.type == "cuda":
-        out["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    record_peak_memory(out, device)
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="+", choices=CONFIGS, help="run only these configurations")
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, few steps: check the script")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--measure", type=int, default=50)
-    parser.add_argument("--rank", type=int, default=32)
+    parser = step_parser(__doc__, warmup=10, measure=50, rank=32, configs=CONFIGS)
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--job-steps", type=int, default=500)
     parser.add_argument("--sample-steps", type=int, default=20)
@@ -369,9 +393,7 @@ def main() -> None:
                 arch = "sd15" if name.startswith("sd15") else "sdxl"
                 batch = 4 if name == "sdxl_b4" else 1
                 result = steady_state(name, arch, args, device, work, batch, name.endswith("_gc"))
-            print(json.dumps({**result, **environment, "smoke": args.smoke}), flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            print_result(result, environment, args.smoke, device)
 
 
 if __name__ == "__main__":
