@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from cf_testing.train_data import tiny_train_config
 from charforge.engine.control import Cancelled, Control
 from charforge.engine.train import loop
-from charforge.engine.train.config import TrainConfig, with_overrides
 from charforge.engine.train.data import TrainingData, read_kohya_folder
 from charforge.engine.train.loop import Trainer
 from charforge.engine.train.models import load_base_model
@@ -69,24 +69,7 @@ def _trainer(tiny, dataset, precision: str = "no", **overrides) -> Trainer:
     """A set-up trainer on `tiny`'s model with its U-Net cut to MINIMAL_UNET (random weights, seeded)."""
     from diffusers import UNet2DConditionModel
 
-    config = with_overrides(
-        TrainConfig(),
-        {
-            "steps": 4,
-            "resolution": 64,
-            "bucket_step": 32,
-            "min_bucket": 32,
-            "rank": 4,
-            "alpha": 4.0,
-            "mixed_precision": precision,
-            "learning_rate": 1e-3,
-            "warmup_steps": 0,
-            "sample_every": 0,
-            "checkpoint_every": 0,
-            "masked_loss": True,
-            **overrides,
-        },
-    )
+    config = tiny_train_config(**{"mixed_precision": precision, "masked_loss": True, **overrides})
     model = load_base_model(tiny.diffusers_dir, dtype="bf16" if precision == "bf16" else "fp32")
     torch.manual_seed(0)
     unet_config = {**dict(model.unet.config), **MINIMAL_UNET[model.arch]}
