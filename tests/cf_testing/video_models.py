@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -191,6 +192,36 @@ def video_assets(directory: str | Path) -> VideoAssets:
             ),
         )
     return _assets
+
+
+#: the side of the tiny clips the video tests make
+CLIP_SIZE = 64
+
+
+def tiny_video_spec(
+    assets: VideoAssets, motion_module: str | Path, arch: str = "sd15", single_file: bool = True
+):
+    """A CPU fp32 ``VideoModelSpec`` on the tiny `arch` base (its single file, or its diffusers folder) with
+    `motion_module`; configs and tokenizer from the base's diffusers folder."""
+    from charforge.engine.video import RuntimeOptions, VideoModelSpec
+
+    tiny: Any = assets.sdxl if arch == "sdxl" else assets.sd15  # a cf_testing.models.TinyPipeline
+    return VideoModelSpec(
+        base=str(tiny.single_file if single_file else tiny.diffusers_dir),
+        motion_module=str(motion_module),
+        config_dir=str(tiny.diffusers_dir),
+        tokenizer_dirs=(str(tiny.diffusers_dir / "tokenizer"),),
+        options=RuntimeOptions(device="cpu", dtype="fp32"),
+    )
+
+
+def tiny_clip_request(**fields):
+    """A ``VideoRequest`` for an 8-frame CLIP_SIZE clip of "a photo of sks person"; `fields` go on top."""
+    from charforge.engine.video import VideoRequest
+
+    return VideoRequest(
+        **{"prompt": "a photo of sks person", "frames": 8, "width": CLIP_SIZE, "height": CLIP_SIZE, **fields}
+    )
 
 
 # --------------------------------------------------------------------------------------------------

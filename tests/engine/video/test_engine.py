@@ -4,7 +4,7 @@ layouts, kohya character LoRAs, motion LoRAs, long clips through context windows
 import pytest
 import torch
 
-from cf_testing.video_models import video_assets
+from cf_testing.video_models import CLIP_SIZE, tiny_clip_request, tiny_video_spec, video_assets
 from charforge import bridge
 from charforge.engine.control import Cancelled, Control
 from charforge.engine.video import (
@@ -19,7 +19,7 @@ from charforge.engine.video.generate import _fit_frames, encode_schedule
 from charforge.engine.video.models import unload_video_model
 from charforge.engine.video.prompts import parse_prompt_schedule
 
-SIZE = 64
+SIZE = CLIP_SIZE
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # cf_testing/threads.py
@@ -32,36 +32,14 @@ def assets(tmp_path_factory):
 
 
 def spec_for(assets, version="v3", layout="original", arch="sd15", single_file=True):
-    tiny = assets.sdxl if arch == "sdxl" else assets.sd15
     module = assets.modules[version]
-    return VideoModelSpec(
-        base=str(tiny.single_file if single_file else tiny.diffusers_dir),
-        motion_module=str(module.original_file if layout == "original" else module.diffusers_dir),
-        config_dir=str(tiny.diffusers_dir),
-        tokenizer_dirs=(str(tiny.diffusers_dir / "tokenizer"),),
-        options=bridge_free_options(),
-    )
-
-
-def bridge_free_options():
-    from charforge.engine.video import RuntimeOptions
-
-    return RuntimeOptions(device="cpu", dtype="fp32")
+    motion = module.original_file if layout == "original" else module.diffusers_dir
+    return tiny_video_spec(assets, motion, arch, single_file)
 
 
 def clip(spec, **changes):
     model, report = load_video_model(spec)
-    request = VideoRequest(
-        **{
-            "prompt": "a photo of sks person",
-            "frames": 8,
-            "width": SIZE,
-            "height": SIZE,
-            "steps": 2,
-            "seed": 3,
-            **changes,
-        }
-    )
+    request = tiny_clip_request(**{"steps": 2, "seed": 3, **changes})
     calls = []
     result = generate_video(
         model, request, Control(on_progress=lambda done, total, text: calls.append((done, total)))

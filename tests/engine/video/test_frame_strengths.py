@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cf_testing.video_models import video_assets
+from cf_testing.video_models import tiny_video_spec, video_assets
 from charforge.engine.video import (
-    RuntimeOptions,
-    VideoModelSpec,
     VideoRequest,
     generate_video,
     load_video_model,
@@ -26,15 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # cf_testing/threads.py
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     assets = video_assets(tmp_path_factory.getbasetemp() / "video_assets")
-    tiny = assets.sd15
-    spec = VideoModelSpec(
-        base=str(tiny.single_file),
-        motion_module=str(assets.modules["v3"].original_file),
-        config_dir=str(tiny.diffusers_dir),
-        tokenizer_dirs=(str(tiny.diffusers_dir / "tokenizer"),),
-        options=RuntimeOptions(device="cpu", dtype="fp32"),
-    )
-    yield load_video_model(spec)[0]
+    yield load_video_model(tiny_video_spec(assets, assets.modules["v3"].original_file))[0]
     unload_video_model()
 
 

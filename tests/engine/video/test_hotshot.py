@@ -9,15 +9,20 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from cf_testing.video_models import build_tiny_hotshot_module, hotshot_layout, sinusoid_table, video_assets
+from cf_testing.video_models import (
+    CLIP_SIZE,
+    build_tiny_hotshot_module,
+    hotshot_layout,
+    sinusoid_table,
+    tiny_clip_request,
+    tiny_video_spec,
+    video_assets,
+)
 from charforge.engine.control import Control
 from charforge.engine.video import (
     ContextOptions,
     MotionModuleError,
-    RuntimeOptions,
     VideoModelError,
-    VideoModelSpec,
-    VideoRequest,
     generate_video,
     inspect_motion_module,
     load_motion_adapter,
@@ -27,7 +32,7 @@ from charforge.engine.video.hotshot import FrameGroupNorm, hotshot_to_diffusers
 from charforge.engine.video.models import unload_video_model
 from charforge.engine.video.motion import inspect_state_dict, read_weights
 
-SIZE = 64
+SIZE = CLIP_SIZE
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # cf_testing/threads.py
 
@@ -44,30 +49,13 @@ def hotshot_file(tmp_path_factory):
 
 
 def spec_for(assets, module, base="sdxl"):
-    tiny = assets.sdxl if base == "sdxl" else assets.sd15
-    return VideoModelSpec(
-        base=str(tiny.single_file),
-        motion_module=str(module),
-        config_dir=str(tiny.diffusers_dir),
-        tokenizer_dirs=(str(tiny.diffusers_dir / "tokenizer"),),
-        options=RuntimeOptions(device="cpu", dtype="fp32"),
-    )
+    return tiny_video_spec(assets, module, arch=base)
 
 
 def clip(spec, **changes):
     model, report = load_video_model(spec)
-    request = VideoRequest(
-        **{
-            "prompt": "a photo of sks person",
-            "frames": 8,
-            "width": SIZE,
-            "height": SIZE,
-            "steps": 3,
-            "seed": 5,
-            "context": ContextOptions(length=0),  # the module's own window
-            **changes,
-        }
-    )
+    # context length 0: the module's own window
+    request = tiny_clip_request(**{"steps": 3, "seed": 5, "context": ContextOptions(length=0), **changes})
     return generate_video(model, request, Control()), report
 
 
