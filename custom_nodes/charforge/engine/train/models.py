@@ -340,19 +340,24 @@ def _dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype": dtype} if renamed else {"torch_dtype": dtype}
 
 
+#: the keys of a base model's scheduler config that describe its noise schedule: what a training or sampling
+#: scheduler built for that model takes over from it
+NOISE_SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "steps_offset",
+)
+
+
 def _training_scheduler(scheduler_config: dict):
     from diffusers import DDPMScheduler
 
-    keys = (
-        "num_train_timesteps",
-        "beta_start",
-        "beta_end",
-        "beta_schedule",
-        "trained_betas",
-        "prediction_type",
-        "steps_offset",
-    )
-    return DDPMScheduler(**{k: scheduler_config[k] for k in keys if k in scheduler_config}, clip_sample=False)
+    schedule = {k: scheduler_config[k] for k in NOISE_SCHEDULE_KEYS if k in scheduler_config}
+    return DDPMScheduler(**schedule, clip_sample=False)
 
 
 def load_base_model(

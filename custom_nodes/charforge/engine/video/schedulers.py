@@ -14,25 +14,19 @@ from typing import Any
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
 BETA_SCHEDULES = ("auto", "linear", "scaled_linear", "base")
 
-_COMMON = (
-    "num_train_timesteps",
-    "beta_start",
-    "beta_end",
-    "beta_schedule",
-    "trained_betas",
-    "prediction_type",
-)
-
 
 def make_scheduler(name: str, base_config: dict[str, Any] | None = None, beta_schedule: str = "auto"):
     """A fresh diffusers scheduler `name` with the base model's betas and the chosen beta schedule."""
     import diffusers
 
+    from ..train.models import NOISE_SCHEDULE_KEYS
+
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {SCHEDULERS}")
     if beta_schedule not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta schedule {beta_schedule!r}; choose one of {BETA_SCHEDULES}")
-    base = {k: v for k, v in (base_config or {}).items() if k in _COMMON and v is not None}
+    # steps_offset and the beta schedule are set below; trained betas are not used
+    base = {k: v for k, v in (base_config or {}).items() if k in NOISE_SCHEDULE_KEYS and v is not None}
     config = {
         "num_train_timesteps": 1000,
         "beta_start": 0.00085,
