@@ -42,7 +42,7 @@ import torch
 from torch.nn import functional as F
 
 from ...deps import require
-from .motion import MotionModuleError, original_to_diffusers, read_weights
+from .motion import MotionModuleError, original_to_diffusers, read_weights, shown_keys
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -79,12 +79,9 @@ def hotshot_to_diffusers(state_dict: StateDict) -> dict[str, torch.Tensor]:
             rest = rest[: -len("positional_encoding")] + "pe"
         renamed[f"{m['block']}.motion_modules.{m['module']}.temporal_transformer.{rest}"] = tensor
     if foreign:
-        shown = ", ".join(sorted(foreign)[:4]) + (
-            f", ... ({len(foreign) - 4} more)" if len(foreign) > 4 else ""
-        )
         raise MotionModuleError(
             f"{len(foreign)} key(s) are not HotShot-XL temporal-layer keys "
-            f"(<block>.temporal_attentions.<j>...): {shown}"
+            f"(<block>.temporal_attentions.<j>...): {shown_keys(foreign, 4)}"
         )
     try:
         return original_to_diffusers(renamed)

@@ -41,6 +41,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -222,10 +223,16 @@ def _layout(keys: list[str]) -> str:
     )
 
 
+def shown_keys(keys: list[str], limit: int) -> str:
+    """The first `limit` of `keys` in order, then how many more there are, for an error message."""
+    return ", ".join(sorted(keys)[:limit]) + (
+        f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    )
+
+
 def _unexpected(keys: list[str], what: str) -> MotionModuleError:
-    shown = ", ".join(sorted(keys)[:6]) + (f", ... ({len(keys) - 6} more)" if len(keys) > 6 else "")
     return MotionModuleError(
-        f"{len(keys)} {what} key(s) do not belong to an AnimateDiff motion module: {shown}"
+        f"{len(keys)} {what} key(s) do not belong to an AnimateDiff motion module: {shown_keys(keys, 6)}"
     )
 
 
@@ -372,6 +379,7 @@ def inspect_state_dict(state_dict: StateDict, layout: str | None = None) -> Moti
     max_frames = int(tables[0].shape[1])
     has_mid = any(k.startswith("mid_block.") for k in dkeys)
     base = "sdxl" if len(levels) == 3 else "sd15"
+    hotshot: dict[str, Any] = {}  # HotShot-XL: its own window and SDXL's own noise schedule
     if layout == "hotshot":
         from .hotshot import HOTSHOT_WINDOW
 
@@ -380,19 +388,9 @@ def inspect_state_dict(state_dict: StateDict, layout: str | None = None) -> Moti
                 f"HotShot-XL-style keys, but {len(levels)} down levels, {layers} modules per level"
                 f"{' and a mid block' if has_mid else ''}; HotShot-XL has 3 levels of 2 and no mid block (SDXL)"
             )
-        return MotionModuleInfo(
-            version="hotshot",
-            base="sdxl",
-            layout=layout,
-            block_out_channels=tuple(widths),
-            layers_per_block=layers,
-            transformer_layers=max(transformer_layers, 1),
-            has_mid_block=False,
-            max_frames=max_frames,
-            window=HOTSHOT_WINDOW,
-            auto_beta_schedule="base",
-        )
-    if base == "sdxl":
+        version = "hotshot"
+        hotshot = {"window": HOTSHOT_WINDOW, "auto_beta_schedule": "base"}
+    elif base == "sdxl":
         version = "sdxl"
     elif has_mid:
         version = "v2"
@@ -411,6 +409,7 @@ def inspect_state_dict(state_dict: StateDict, layout: str | None = None) -> Moti
         transformer_layers=max(transformer_layers, 1),
         has_mid_block=has_mid,
         max_frames=max_frames,
+        **hotshot,
     )
 
 
