@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +112,28 @@ def link_pack(base: Path) -> None:
     """Link the pack into `base`/custom_nodes directly (the tests that do not exercise install.py)."""
     (base / "custom_nodes").mkdir(parents=True)
     (base / "custom_nodes" / "charforge").symlink_to(REPO_ROOT)
+
+
+def base_with_models(
+    tmp_path: Path, diffusers: Mapping[str, Path], files: Sequence[tuple[str, Path]] = ()
+) -> Path:
+    """A throwaway base directory (`tmp_path`/base) with the pack linked and models where a user puts them:
+    each diffusers folder copied to models/diffusers/<name>, each (folder, file) copied into models/<folder>/."""
+    base = tmp_path / "base"
+    link_pack(base)
+    models = base / "models"
+    for name, folder in diffusers.items():
+        shutil.copytree(folder, models / "diffusers" / name)
+    for folder, source in files:
+        (models / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, models / folder)
+    return base
+
+
+def require_packages(python: str, *modules: str) -> None:
+    """Skip the test when ComfyUI's Python cannot import all of `modules` (the pack's requirements)."""
+    if subprocess.run([python, "-c", f"import {', '.join(modules)}"], capture_output=True).returncode != 0:
+        pytest.skip(f"ComfyUI's Python lacks {' / '.join(modules)} (pip install -r requirements.txt)")
 
 
 def require_module(python: str, module: str) -> None:

@@ -12,7 +12,6 @@ Runs when COMFYUI_DIR is set.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import urllib.request
@@ -96,21 +95,17 @@ def test_video_workflow_in_real_comfyui_and_driver_download(tmp_path, monkeypatc
 
     comfy = real.comfyui_dir()
     python = real.comfyui_python(comfy)
-    probe = "import av, diffusers, peft, cv2"
-    if subprocess.run([python, "-c", probe], capture_output=True).returncode != 0:
-        pytest.skip("ComfyUI's Python lacks av / diffusers / peft / opencv (pip install -r requirements.txt)")
+    real.require_packages(python, "av", "diffusers", "peft", "cv2")
     assets = video_assets(tmp_path / "assets")
-    base = tmp_path / "base"
-    real.link_pack(base)
-    models = base / "models"
-    shutil.copytree(assets.sd15.diffusers_dir, models / "diffusers" / "tiny_sd15")
-    for folder, source in (
-        ("animatediff_models", assets.modules["v3"].original_file),
-        ("animatediff_motion_lora", assets.motion_lora),
-        ("loras", assets.character_lora),
-    ):
-        (models / folder).mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, models / folder)
+    base = real.base_with_models(
+        tmp_path,
+        {"tiny_sd15": assets.sd15.diffusers_dir},
+        [
+            ("animatediff_models", assets.modules["v3"].original_file),
+            ("animatediff_motion_lora", assets.motion_lora),
+            ("loras", assets.character_lora),
+        ],
+    )
 
     server = real.start_comfyui(comfy, base, python, ports=PORTS)
     try:

@@ -68,19 +68,13 @@ def test_audio_reactive_video_in_real_comfyui_from_the_charforge_command(tmp_pat
 
     comfy = real.comfyui_dir()
     python = real.comfyui_python(comfy)
-    if subprocess.run([python, "-c", "import av, diffusers, peft"], capture_output=True).returncode != 0:
-        pytest.skip("ComfyUI's Python lacks av / diffusers / peft (pip install -r requirements.txt)")
+    real.require_packages(python, "av", "diffusers", "peft")
     assets = video_assets(tmp_path / "assets")
-    base = tmp_path / "base"
-    real.link_pack(base)
-    models = base / "models"
-    shutil.copytree(assets.sd15.diffusers_dir, models / "diffusers" / "tiny_sd15")
-    for folder, source in (
-        ("animatediff_models", assets.modules["v3"].original_file),
-        ("loras", assets.character_lora),
-    ):
-        (models / folder).mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, models / folder)
+    base = real.base_with_models(
+        tmp_path,
+        {"tiny_sd15": assets.sd15.diffusers_dir},
+        [("animatediff_models", assets.modules["v3"].original_file), ("loras", assets.character_lora)],
+    )
     samples, _ = click_track(120.0, 4.0, RATE)  # clicks at 0.25, 0.75, ... s
     song = write_pcm(tmp_path / "clicks.wav", samples, RATE)
     (base / "input").mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,6 @@ Runs when COMFYUI_DIR is set.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import urllib.request
 
 import pytest
@@ -35,16 +33,12 @@ def test_hotshot_xl_workflow_in_real_comfyui_from_the_charforge_commands(tmp_pat
 
     comfy = real.comfyui_dir()
     python = real.comfyui_python(comfy)
-    if subprocess.run([python, "-c", "import av, diffusers, peft"], capture_output=True).returncode != 0:
-        pytest.skip("ComfyUI's Python lacks av / diffusers / peft (pip install -r requirements.txt)")
+    real.require_packages(python, "av", "diffusers", "peft")
     assets = video_assets(tmp_path / "assets")
-    base = tmp_path / "base"
-    real.link_pack(base)
-    models = base / "models"
-    shutil.copytree(assets.sdxl.diffusers_dir, models / "diffusers" / "tiny_sdxl")
-    build_tiny_hotshot_module(models / "animatediff_models" / HOTSHOT)
-    (models / "loras").mkdir(parents=True, exist_ok=True)
-    shutil.copy(assets.sdxl_character_lora, models / "loras")
+    base = real.base_with_models(
+        tmp_path, {"tiny_sdxl": assets.sdxl.diffusers_dir}, [("loras", assets.sdxl_character_lora)]
+    )
+    build_tiny_hotshot_module(base / "models" / "animatediff_models" / HOTSHOT)
     lora = assets.sdxl_character_lora.name
 
     server = real.start_comfyui(comfy, base, python, ports=PORTS)
