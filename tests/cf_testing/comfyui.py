@@ -6,7 +6,9 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import shutil
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -113,6 +115,16 @@ class NodeRun:
 
     result: tuple
     ui: dict[str, list] = field(default_factory=dict)
+
+
+def place_models(models: Path, diffusers: Mapping[str, Path], files: Sequence[tuple[str, Path]] = ()) -> None:
+    """Put test models where a user would, below a ComfyUI `models` folder: each diffusers folder as
+    models/diffusers/<name>, each (folder, file) copied into models/<folder>/."""
+    for name, folder in diffusers.items():
+        shutil.copytree(folder, models / "diffusers" / name)
+    for folder, source in files:
+        (models / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, models / folder)
 
 
 def load_script(path: Path, name: str) -> ModuleType:

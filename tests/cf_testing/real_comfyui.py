@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .comfyui import REPO_ROOT
+from .comfyui import REPO_ROOT, place_models
 
 #: why an opt-in real-ComfyUI test module is skipped when no ComfyUI is named
 SKIP_REASON = (
@@ -121,12 +120,7 @@ def base_with_models(
     each diffusers folder copied to models/diffusers/<name>, each (folder, file) copied into models/<folder>/."""
     base = tmp_path / "base"
     link_pack(base)
-    models = base / "models"
-    for name, folder in diffusers.items():
-        shutil.copytree(folder, models / "diffusers" / name)
-    for folder, source in files:
-        (models / folder).mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, models / folder)
+    place_models(base / "models", diffusers, files)
     return base
 
 

@@ -551,6 +551,22 @@ def test_character_lora_runs_photos_to_lora_in_one_graph(comfy_env, tiny_sd15):
     assert (comfy_env.base_dir / "models" / "loras" / lora_name).is_file()
 
 
+def _video_models(comfy_env, assets, sdxl: bool = False) -> Path:
+    """The tiny video models where a user puts them, the pack's folders registered; returns the models folder.
+    SD1.5 (diffusers/tiny_sd15) + the AnimateDiff v3 module + the character LoRA, or SDXL (tiny_sdxl) + its LoRA."""
+    from cf_testing.comfyui import place_models
+    from charforge import bridge
+
+    models = comfy_env.base_dir / "models"
+    if sdxl:
+        place_models(models, {"tiny_sdxl": assets.sdxl.diffusers_dir}, [("loras", assets.sdxl_character_lora)])
+    else:
+        place_models(models, {"tiny_sd15": assets.sd15.diffusers_dir},
+                     [("animatediff_models", assets.modules["v3"].original_file), ("loras", assets.character_lora)])
+    bridge.register_model_folders()
+    return models
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 def test_video_animatediff_with_drift_runs_through_the_harness(comfy_env, tmp_path):
@@ -559,17 +575,10 @@ def test_video_animatediff_with_drift_runs_through_the_harness(comfy_env, tmp_pa
 
     from cf_testing.face_models import face_image, write_face_pack
     from cf_testing.video_models import video_assets
-    from charforge import bridge
     from charforge.engine.faces import FaceAnalyzer
 
     assets = video_assets(tmp_path / "assets")
-    models = comfy_env.base_dir / "models"
-    shutil.copytree(assets.sd15.diffusers_dir, models / "diffusers" / "tiny_sd15")
-    (models / "animatediff_models").mkdir(parents=True)
-    shutil.copy(assets.modules["v3"].original_file, models / "animatediff_models")
-    (models / "loras").mkdir(parents=True, exist_ok=True)
-    shutil.copy(assets.character_lora, models / "loras")
-    bridge.register_model_folders()
+    models = _video_models(comfy_env, assets)
     pack = write_face_pack(tmp_path / "pack" / "insightface", "buffalo_l").parent.parent
     shutil.copytree(pack, models / "insightface")
     identity = _api(WORKFLOWS / "build_identity.json")
@@ -600,22 +609,14 @@ def test_video_animatediff_with_drift_runs_through_the_harness(comfy_env, tmp_pa
 
 @pytest.mark.slow
 def test_video_audio_reactive_changes_prompts_on_beats_and_saves_the_music(comfy_env, tmp_path):
-    import shutil
 
     from cf_testing.audio_files import click_track, write_pcm
     from cf_testing.video_models import video_assets
-    from charforge import bridge
     from charforge.engine.video.audio import media_durations
     from charforge.engine.video.prompts import parse_prompt_schedule
 
     assets = video_assets(tmp_path / "assets")
-    models = comfy_env.base_dir / "models"
-    shutil.copytree(assets.sd15.diffusers_dir, models / "diffusers" / "tiny_sd15")
-    (models / "animatediff_models").mkdir(parents=True)
-    shutil.copy(assets.modules["v3"].original_file, models / "animatediff_models")
-    (models / "loras").mkdir(parents=True, exist_ok=True)
-    shutil.copy(assets.character_lora, models / "loras")
-    bridge.register_model_folders()
+    _video_models(comfy_env, assets)
     prompt = _api(WORKFLOWS / "video_audio_reactive.json")
     ids = _by_class(prompt)
     load, travel, generate, save = (ids[c][0] for c in ("CharForgeLoadAudio", "CharForgeAudioPromptTravel",
@@ -653,18 +654,12 @@ def test_video_audio_reactive_changes_prompts_on_beats_and_saves_the_music(comfy
 
 @pytest.mark.slow
 def test_video_hotshot_xl_makes_sixteen_frames_in_eight_frame_windows_with_the_lora(comfy_env, tmp_path):
-    import shutil
 
     from cf_testing.video_models import build_tiny_hotshot_module, video_assets
-    from charforge import bridge
 
     assets = video_assets(tmp_path / "assets")
-    models = comfy_env.base_dir / "models"
-    shutil.copytree(assets.sdxl.diffusers_dir, models / "diffusers" / "tiny_sdxl")
+    models = _video_models(comfy_env, assets, sdxl=True)
     build_tiny_hotshot_module(models / "animatediff_models" / "hsxl_temporal_layers.safetensors")
-    (models / "loras").mkdir(parents=True, exist_ok=True)
-    shutil.copy(assets.sdxl_character_lora, models / "loras")
-    bridge.register_model_folders()
     prompt = _api(WORKFLOWS / "video_hotshot_xl.json")
     ids = _by_class(prompt)
     load, lora, generate, save = (ids[c][0] for c in ("CharForgeLoadVideoModel", "CharForgeVideoLoRA",
@@ -692,27 +687,19 @@ def test_video_face_motion_drives_animatediff_vid2vid_through_the_face_controlne
     """Face Motion's face maps, driving frames, frame count and rate reach Generate Video (ControlNet, video to
     video, character LoRA); the clip is saved and Identity Drift plots it."""
     import math
-    import shutil
 
     from cf_testing.controlnet_models import tiny_video_controlnet, write_ldm_controlnet
     from cf_testing.face_models import face_image
     from cf_testing.face_motion_models import motion_frame, write_face_motion_pack
     from cf_testing.video_models import video_assets
-    from charforge import bridge
     from charforge.engine.faces import FaceAnalyzer
     from charforge.engine.video import face_motion, write_video
 
     assets = video_assets(tmp_path / "assets")
-    models = comfy_env.base_dir / "models"
-    shutil.copytree(assets.sd15.diffusers_dir, models / "diffusers" / "tiny_sd15")
-    (models / "animatediff_models").mkdir(parents=True)
-    shutil.copy(assets.modules["v3"].original_file, models / "animatediff_models")
-    (models / "loras").mkdir(parents=True, exist_ok=True)
-    shutil.copy(assets.character_lora, models / "loras")
+    models = _video_models(comfy_env, assets)
     unet_config = dict(assets.sd15.unet_config)
     write_ldm_controlnet(tiny_video_controlnet(unet_config), unet_config, models / "controlnet" / "face_cn.safetensors")
     write_face_motion_pack(models / "insightface", "buffalo_l")
-    bridge.register_model_folders()
     frames = []
     for i in range(6):
         green = (136.0 + 2.0 * i, 166.0)
