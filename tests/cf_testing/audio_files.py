@@ -32,28 +32,28 @@ def write_pcm(path: Path, samples: np.ndarray, rate: int, codec: str = "pcm_s16l
     """Int16 samples ((n,) or (channels, n)) into a wav (pcm_s16le) or flac file."""
     samples = np.atleast_2d(samples).astype(np.int16)
     layout = "mono" if samples.shape[0] == 1 else "stereo"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=rate, layout=layout)
-        frame = av.AudioFrame.from_ndarray(
-            np.ascontiguousarray(samples.T.reshape(1, -1)), format="s16", layout=layout
-        )
-        frame.sample_rate = rate
-        for packet in stream.encode(frame):
-            container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return path
+    frame = av.AudioFrame.from_ndarray(
+        np.ascontiguousarray(samples.T.reshape(1, -1)), format="s16", layout=layout
+    )
+    return _encode(path, frame, codec, rate, layout)
 
 
 def write_lossy(path: Path, samples: np.ndarray, rate: int) -> Path:
     """Float mono samples as mp3 (LAME) or m4a (AAC), by the suffix, as a phone or an editor would save them."""
     codec = {".mp3": "libmp3lame", ".m4a": "aac"}[path.suffix]
-    with av.open(str(path), "w", format="mp4" if path.suffix == ".m4a" else None) as container:
-        stream = container.add_stream(codec, rate=rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray(
-            np.atleast_2d(samples).astype(np.float32), format="fltp", layout="mono"
-        )
-        frame.sample_rate = rate
+    frame = av.AudioFrame.from_ndarray(
+        np.atleast_2d(samples).astype(np.float32), format="fltp", layout="mono"
+    )
+    return _encode(path, frame, codec, rate, "mono", "mp4" if path.suffix == ".m4a" else None)
+
+
+def _encode(
+    path: Path, frame: av.AudioFrame, codec: str, rate: int, layout: str, container_format: str | None = None
+) -> Path:
+    """Encode one audio frame (all the samples) with `codec` into `path`, flushing the encoder."""
+    frame.sample_rate = rate
+    with av.open(str(path), "w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=rate, layout=layout)
         for packet in stream.encode(frame):
             container.mux(packet)
         for packet in stream.encode(None):
