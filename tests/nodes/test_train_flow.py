@@ -10,6 +10,7 @@ import pytest
 
 from cf_testing.comfyui import run_node
 from cf_testing.flow_models import tiny_flux  # noqa: F401 - a fixture
+from cf_testing.model_fixtures import train_inputs
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 
@@ -23,24 +24,15 @@ def test_node_trains_a_flux_lora_from_a_diffusers_folder(train_env, tiny_flux):
     optional = TrainLoRA.INPUT_TYPES()["optional"]
     assert {"clip_l", "t5xxl", "clip_g", "vae", "lora_layout"} <= set(optional)
     assert optional["t5xxl"][0][0] == NONE
-    out = run_node(
-        TrainLoRA,
+    inputs = train_inputs(
         base_model="[diffusers] tiny_flux",
-        dataset_folder="img",
-        trigger_word="sks",
         output_name="flux alice",
-        preset="fast",
         steps=2,
-        learning_rate=0.0,
-        rank=4,
-        resolution=64,
-        batch_size=1,
-        seed=0,
-        resume="auto",
         memory_profile="auto",
         use_preset_values=False,
         overrides=json.dumps({"mixed_precision": "no", "bucket_step": 32, "min_bucket": 32}),
     )
+    out = run_node(TrainLoRA, **inputs)
     lora_name, run, _, _ = out.result
     assert lora_name == "flux_alice.safetensors" and lora_name in bridge.list_models("loras")
     assert run.step == 2
