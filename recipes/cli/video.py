@@ -143,6 +143,34 @@ def _overrides(sets: list[tuple[str, str, Any]]) -> list[Override]:
     ]
 
 
+def _model_sets(args: argparse.Namespace) -> list[tuple[str, str, Any]]:
+    """--base-model and --motion-module: Load Video Model's inputs."""
+    return [
+        ("CharForgeLoadVideoModel", "base_model", args.base_model),
+        ("CharForgeLoadVideoModel", "motion_module", args.motion_module),
+    ]
+
+
+def _lora_sets(args: argparse.Namespace) -> list[tuple[str, str, Any]]:
+    """--lora FILE:WEIGHT: Video LoRA's file and strength (nothing without --lora)."""
+    if args.lora is None:
+        return []
+    return [
+        ("CharForgeVideoLoRA", "lora_name", args.lora[0]),
+        ("CharForgeVideoLoRA", "strength", args.lora[1]),
+    ]
+
+
+def _size_steps_seed(args: argparse.Namespace) -> list[tuple[str, str, Any]]:
+    """--width, --height, --steps, --seed: Generate Video's inputs."""
+    return [
+        ("CharForgeGenerateVideo", "width", args.width),
+        ("CharForgeGenerateVideo", "height", args.height),
+        ("CharForgeGenerateVideo", "steps", args.steps),
+        ("CharForgeGenerateVideo", "seed", args.seed),
+    ]
+
+
 def face_settings(args: argparse.Namespace) -> tuple[list[Override], list[str]]:
     """The ``--set`` overrides and ``--input`` text the options mean for the face-driven workflow."""
     video = Path(args.driving_video)
@@ -163,23 +191,15 @@ def face_settings(args: argparse.Namespace) -> tuple[list[Override], list[str]]:
         ("CharForgeFaceMotion", "width", args.width),
         ("CharForgeFaceMotion", "height", args.height),
         ("CharForgeFaceMotion", "max_frames", args.max_frames),
-        ("CharForgeLoadVideoModel", "base_model", args.base_model),
-        ("CharForgeLoadVideoModel", "motion_module", args.motion_module),
+        *_model_sets(args),
         ("CharForgeGenerateVideo", "controlnet", args.controlnet),
         ("CharForgeGenerateVideo", "prompt", ", ".join(args.prompt) if args.prompt else None),
         ("CharForgeGenerateVideo", "negative_prompt", args.negative),
-        ("CharForgeGenerateVideo", "width", args.width),
-        ("CharForgeGenerateVideo", "height", args.height),
-        ("CharForgeGenerateVideo", "steps", args.steps),
-        ("CharForgeGenerateVideo", "seed", args.seed),
+        *_size_steps_seed(args),
         ("CharForgeGenerateVideo", "strength", args.denoise),
         ("CharForgeSaveVideo", "format", args.format),
+        *_lora_sets(args),
     ]
-    if args.lora is not None:
-        sets += [
-            ("CharForgeVideoLoRA", "lora_name", args.lora[0]),
-            ("CharForgeVideoLoRA", "strength", args.lora[1]),
-        ]
     return _overrides(sets), [f"CharForgeFaceMotion.video={video}"]
 
 
@@ -199,23 +219,15 @@ def hotshot_settings(args: argparse.Namespace) -> tuple[list[Override], list[str
     elif args.shared:
         raise UsageError("--shared is added to each --prompt: give at least one --prompt with it")
     sets: list[tuple[str, str, Any]] = [
-        ("CharForgeLoadVideoModel", "base_model", args.base_model),
-        ("CharForgeLoadVideoModel", "motion_module", args.motion_module),
+        *_model_sets(args),
         ("CharForgeGenerateVideo", "prompt", prompt),
         ("CharForgeGenerateVideo", "negative_prompt", args.negative),
         ("CharForgeGenerateVideo", "frames", args.frames),
         ("CharForgeGenerateVideo", "fps", args.fps),
-        ("CharForgeGenerateVideo", "width", args.width),
-        ("CharForgeGenerateVideo", "height", args.height),
-        ("CharForgeGenerateVideo", "steps", args.steps),
-        ("CharForgeGenerateVideo", "seed", args.seed),
+        *_size_steps_seed(args),
         ("CharForgeSaveVideo", "format", args.format),
+        *_lora_sets(args),
     ]
-    if args.lora is not None:
-        sets += [
-            ("CharForgeVideoLoRA", "lora_name", args.lora[0]),
-            ("CharForgeVideoLoRA", "strength", args.lora[1]),
-        ]
     return _overrides(sets), []
 
 
@@ -239,36 +251,21 @@ def video_settings(args: argparse.Namespace) -> tuple[list[Override], list[str]]
         raise UsageError(
             f"--audio {audio}: not a sound file this workflow reads ({', '.join(AUDIO_SUFFIXES)})"
         )
-    sets: list[tuple[str, str, Any]] = []
-
-    def put(node: str, name: str, value: Any) -> None:
-        if value is not None:
-            sets.append((node, name, value))
-
-    put("CharForgeLoadAudio", "start", args.start)
-    put("CharForgeLoadAudio", "duration", args.duration)
-    put("CharForgeAudioPromptTravel", "prompts", "\n".join(args.prompt) if args.prompt else None)
-    put("CharForgeAudioPromptTravel", "shared", args.shared)
-    put("CharForgeAudioPromptTravel", "fps", args.fps)
-    put("CharForgeAudioPromptTravel", "beats_per_prompt", args.beats_per_prompt)
-    put("CharForgeLoadVideoModel", "base_model", args.base_model)
-    put("CharForgeLoadVideoModel", "motion_module", args.motion_module)
-    if args.lora is not None:
-        put("CharForgeVideoLoRA", "lora_name", args.lora[0])
-        put("CharForgeVideoLoRA", "strength", args.lora[1])
-    put("CharForgeGenerateVideo", "negative_prompt", args.negative)
-    put("CharForgeGenerateVideo", "width", args.width)
-    put("CharForgeGenerateVideo", "height", args.height)
-    put("CharForgeGenerateVideo", "steps", args.steps)
-    put("CharForgeGenerateVideo", "seed", args.seed)
-    put("CharForgeGenerateVideo", "blend_prompts", None if args.switch is None else args.switch == "blend")
-    put("CharForgeSaveVideo", "format", args.format)
-    # Typed values, not NODE.INPUT=VALUE texts: a prompt with a newline or a file name like "1.5" stays as given.
-    overrides = [
-        Override(node, name, value, value if isinstance(value, str) else json.dumps(value), f"{node}.{name}")
-        for node, name, value in sets
+    sets: list[tuple[str, str, Any]] = [
+        ("CharForgeLoadAudio", "start", args.start),
+        ("CharForgeLoadAudio", "duration", args.duration),
+        ("CharForgeAudioPromptTravel", "prompts", "\n".join(args.prompt) if args.prompt else None),
+        ("CharForgeAudioPromptTravel", "shared", args.shared),
+        ("CharForgeAudioPromptTravel", "fps", args.fps),
+        ("CharForgeAudioPromptTravel", "beats_per_prompt", args.beats_per_prompt),
+        *_model_sets(args),
+        *_lora_sets(args),
+        ("CharForgeGenerateVideo", "negative_prompt", args.negative),
+        *_size_steps_seed(args),
+        ("CharForgeGenerateVideo", "blend_prompts", None if args.switch is None else args.switch == "blend"),
+        ("CharForgeSaveVideo", "format", args.format),
     ]
-    return overrides, [f"CharForgeLoadAudio.audio={audio}"]
+    return _overrides(sets), [f"CharForgeLoadAudio.audio={audio}"]
 
 
 def cmd_video(args: argparse.Namespace, out: Any) -> int:
