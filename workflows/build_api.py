@@ -56,8 +56,9 @@ MODEL_FILE_INPUTS = frozenset({
 })
 
 
-def node_info(node_id: str, cls: type, display_name: str | None = None) -> dict[str, Any]:
-    """The ``/object_info`` entry ComfyUI builds for a V1 node class."""
+def node_info(node_id: str, cls: type, display_name: str | None = None,
+              python_module: str = "custom_nodes.charforge") -> dict[str, Any]:
+    """The ``/object_info`` entry ComfyUI builds for a V1 node class (of the pack at `python_module`)."""
     inputs = cls.INPUT_TYPES()
     info: dict[str, Any] = {
         "input": inputs,
@@ -68,7 +69,7 @@ def node_info(node_id: str, cls: type, display_name: str | None = None) -> dict[
         "name": node_id,
         "display_name": display_name or node_id,
         "description": getattr(cls, "DESCRIPTION", ""),
-        "python_module": "custom_nodes.charforge",
+        "python_module": python_module,
         "category": getattr(cls, "CATEGORY", "sd"),
         "output_node": bool(getattr(cls, "OUTPUT_NODE", False)),
     }

@@ -89,24 +89,8 @@ def unload_pack(module: ModuleType) -> None:
 def node_info(
     node_id: str, cls: type, display_name: str | None = None, python_module: str = "custom_nodes.x"
 ):
-    """What ComfyUI's GET /object_info returns for a V1 node class."""
-    inputs = cls.INPUT_TYPES()
-    info = {
-        "input": inputs,
-        "input_order": {section: list(values.keys()) for section, values in inputs.items()},
-        "output": list(cls.RETURN_TYPES),
-        "output_is_list": list(getattr(cls, "OUTPUT_IS_LIST", [False] * len(cls.RETURN_TYPES))),
-        "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)),
-        "name": node_id,
-        "display_name": display_name or node_id,
-        "description": getattr(cls, "DESCRIPTION", ""),
-        "python_module": python_module,
-        "category": getattr(cls, "CATEGORY", "sd"),
-        "output_node": bool(getattr(cls, "OUTPUT_NODE", False)),
-    }
-    if hasattr(cls, "OUTPUT_TOOLTIPS"):
-        info["output_tooltips"] = list(cls.OUTPUT_TOOLTIPS)
-    return info
+    """What ComfyUI's GET /object_info returns for a V1 node class (workflows/build_api.py builds it)."""
+    return build_api().node_info(node_id, cls, display_name, python_module)
 
 
 @dataclass
