@@ -379,15 +379,19 @@ def _photos(folder: Path, count: int = 4) -> None:
         Image.fromarray(pixels).resize((640, 512), Image.NEAREST).save(folder / f"photo_{i}.png")
 
 
-@pytest.mark.slow
-def test_dataset_prep_runs_through_the_harness(comfy_env):
+def _dataset_prep_without_faces(comfy_env, count: int = 4) -> tuple[dict, dict]:
+    """dataset_prep run on `count` generated photos; they have no faces, so the face rules are off, as the
+    workflow's note says to do for non-human characters. Returns (the prompt, its results)."""
     prompt = _api(WORKFLOWS / "dataset_prep.json")
-    _photos(comfy_env.base_dir / "input" / prompt["1"]["inputs"]["folder"])
-    # The generated photos have no faces: switch the face rules off, as the workflow's note says to do for
-    # non-human characters.
+    _photos(comfy_env.base_dir / "input" / prompt["1"]["inputs"]["folder"], count=count)
     prompt["2"]["inputs"]["face_detector"] = "none"
     prompt["3"]["inputs"]["require_face"] = False
-    results = _run_prompt(prompt)
+    return prompt, _run_prompt(prompt)
+
+
+@pytest.mark.slow
+def test_dataset_prep_runs_through_the_harness(comfy_env):
+    _, results = _dataset_prep_without_faces(comfy_env)
     export_summary = results["6"][2]
     train_data_dir = Path(results["6"][1])
     assert train_data_dir.is_dir(), export_summary
@@ -432,11 +436,8 @@ def test_dataset_prep_then_train_lora_run_through_the_harness(comfy_env, tiny_sd
     import shutil
 
     shutil.copytree(tiny_sd15.diffusers_dir, comfy_env.base_dir / "models" / "diffusers" / "tiny_sd15")
-    prep = _api(WORKFLOWS / "dataset_prep.json")
-    _photos(comfy_env.base_dir / "input" / prep["1"]["inputs"]["folder"], count=2)
-    prep["2"]["inputs"]["face_detector"] = "none"
-    prep["3"]["inputs"]["require_face"] = False
-    train_data_dir = _run_prompt(prep)["6"][1]
+    prep, results = _dataset_prep_without_faces(comfy_env, count=2)
+    train_data_dir = results["6"][1]
 
     train = _api(WORKFLOWS / "train_lora_sd15.json")
     inputs = train["1"]["inputs"]
@@ -482,11 +483,7 @@ def test_caption_dataset_runs_on_an_exported_dataset(comfy_env):
 
     bridge.register_model_folders()
     write_tiny_wd14(comfy_env.base_dir / "models" / "wd14_tagger")
-    prep = _api(WORKFLOWS / "dataset_prep.json")
-    _photos(comfy_env.base_dir / "input" / prep["1"]["inputs"]["folder"], count=3)
-    prep["2"]["inputs"]["face_detector"] = "none"
-    prep["3"]["inputs"]["require_face"] = False
-    exported = _run_prompt(prep)["6"][1]
+    exported = _dataset_prep_without_faces(comfy_env, count=3)[1]["6"][1]
 
     prompt = _api(WORKFLOWS / "caption_dataset.json")
     assert prompt["1"]["inputs"]["recursive"] is True and prompt["1"]["inputs"]["read_captions"] is False
