@@ -40,14 +40,38 @@ def caption_dataset(new):
                  class_tokens="person")
     w.link(load, "dataset", cap, "dataset")
     w.group("3 - Export (kohya) & report", "#b58b2a", width=2)
-    exp = w.node("CharForgeExportDataset", trigger="ohwx", class_tokens="person", repeats=10,
-                 export_name="captioned", caption_mode="caption as is")
-    rep = w.node("CharForgeDatasetReport", trigger="ohwx")
-    prev = w.node("PreviewImage", title="Contact sheet", height=300)
-    w.link(cap, "dataset", exp, "dataset")
-    w.link(exp, "dataset", rep, "dataset")
-    w.link(rep, "contact_sheet", prev, "images")
+    _export_and_report(w, cap, "captioned", sheet_height=300, caption_mode="caption as is")
     return w
+
+
+def _dataset_stages(w, source: int, buckets: str, upscaler: str | None = None) -> int:
+    """Analyse (faces) -> Filter (a face required) -> Deduplicate -> Crop to `buckets`, with an upscale model
+    for small photos if `upscaler` names one. Returns the Crop node."""
+    analyse = w.node("CharForgeAnalyseDataset", face_detector="auto")
+    filt = w.node("CharForgeFilterDataset", require_face=True)
+    dedup = w.node("CharForgeDeduplicateDataset")
+    upscale = w.node("UpscaleModelLoader", model_name=upscaler) if upscaler else None
+    crop = w.node("CharForgeCropDataset", buckets=buckets, format="jpg")
+    w.link(source, "dataset", analyse, "dataset")
+    w.link(analyse, "dataset", filt, "dataset")
+    w.link(filt, "dataset", dedup, "dataset")
+    w.link(dedup, "dataset", crop, "dataset")
+    if upscale:
+        w.link(upscale, "UPSCALE_MODEL", crop, "upscale_model")
+    return crop
+
+
+def _export_and_report(w, source: int, export_name: str, sheet_height: int = 260, **export_widgets) -> int:
+    """Export (kohya, trigger ohwx, class person, 10 repeats) -> Dataset Report, its contact sheet previewed.
+    Returns the Export node."""
+    exp = w.node("CharForgeExportDataset", trigger="ohwx", class_tokens="person", repeats=10,
+                 export_name=export_name, **export_widgets)
+    rep = w.node("CharForgeDatasetReport", trigger="ohwx")
+    sheet = w.node("PreviewImage", title="Contact sheet", height=sheet_height)
+    w.link(source, "dataset", exp, "dataset")
+    w.link(exp, "dataset", rep, "dataset")
+    w.link(rep, "contact_sheet", sheet, "images")
+    return exp
 
 
 def train_lora_sdxl(new):
@@ -259,25 +283,12 @@ def _photos_to_lora(w):
     """Groups 1-3 of character_lora and character_pipeline: photos -> dataset -> captions -> Train LoRA."""
     w.group("1 - Photos -> dataset", "#3f789e")
     load = w.node("CharForgeLoadDataset", folder="charforge/my_character", name="my_character")
-    analyse = w.node("CharForgeAnalyseDataset", face_detector="auto")
-    filt = w.node("CharForgeFilterDataset", require_face=True)
-    dedup = w.node("CharForgeDeduplicateDataset")
-    crop = w.node("CharForgeCropDataset", buckets="sd15", format="jpg")
-    w.link(load, "dataset", analyse, "dataset")
-    w.link(analyse, "dataset", filt, "dataset")
-    w.link(filt, "dataset", dedup, "dataset")
-    w.link(dedup, "dataset", crop, "dataset")
+    crop = _dataset_stages(w, load, "sd15")
     w.group("2 - Captions, export & report", "#8A8", width=2)
     cap = w.node("CharForgeCaptionDataset", backend="wd14", model="", mode="skip existing", trigger="ohwx",
                  class_tokens="person")
-    exp = w.node("CharForgeExportDataset", trigger="ohwx", class_tokens="person", repeats=10, export_name="kohya",
-                 caption_mode="caption as is")
-    rep = w.node("CharForgeDatasetReport", trigger="ohwx")
-    sheet = w.node("PreviewImage", title="Contact sheet", height=260)
     w.link(crop, "dataset", cap, "dataset")
-    w.link(cap, "dataset", exp, "dataset")
-    w.link(exp, "dataset", rep, "dataset")
-    w.link(rep, "contact_sheet", sheet, "images")
+    exp = _export_and_report(w, cap, "kohya", caption_mode="caption as is")
     w.group("3 - Train the LoRA", "#a1309b")
     train = w.node("CharForgeTrainLoRA", base_model="v1-5-pruned-emaonly.safetensors", trigger_word="ohwx",
                    output_name="my_character", preset="sd15", resolution=512, seed=42,
@@ -406,23 +417,9 @@ def synthesize_dataset(new):
     w.link(restorer, "restorer", synth, "restorer")
     w.link(synth, "synthetic", preview, "images")
     w.group("3 - Dataset stages", "#b58b2a")
-    analyse = w.node("CharForgeAnalyseDataset", face_detector="auto")
-    filt = w.node("CharForgeFilterDataset", require_face=True)
-    dedup = w.node("CharForgeDeduplicateDataset")
-    upscaler = w.node("UpscaleModelLoader", model_name="4x-UltraSharp.pth")
-    crop = w.node("CharForgeCropDataset", buckets="sdxl", format="jpg")
-    w.link(synth, "dataset", analyse, "dataset")
-    w.link(analyse, "dataset", filt, "dataset")
-    w.link(filt, "dataset", dedup, "dataset")
-    w.link(dedup, "dataset", crop, "dataset")
-    w.link(upscaler, "UPSCALE_MODEL", crop, "upscale_model")
+    crop = _dataset_stages(w, synth, "sdxl", upscaler="4x-UltraSharp.pth")
     w.group("4 - Export & report", "#a1309b")
-    exp = w.node("CharForgeExportDataset", trigger="ohwx", class_tokens="person", repeats=10, export_name="kohya")
-    rep = w.node("CharForgeDatasetReport", trigger="ohwx")
-    sheet = w.node("PreviewImage", title="Contact sheet", height=260)
-    w.link(crop, "dataset", exp, "dataset")
-    w.link(exp, "dataset", rep, "dataset")
-    w.link(rep, "contact_sheet", sheet, "images")
+    _export_and_report(w, crop, "kohya")
     return w
 
 
