@@ -97,8 +97,18 @@ export function createPanel(root, { app, api }) {
       details.eta_seconds = data.eta_seconds;
       details.state = "running";
     }
+    // A training step means the run is running now, whatever the list read last (queued, or cancelled
+    // before a resume): the badge follows at once and the list is read again at the busy pace.
+    const listed = state.runs.find((run) => run.name === data.run);
+    if (listed && data.phase === "training" && listed.state !== "running") {
+      listed.state = "running";
+      if (state.view === "runs") {
+        clearTimeout(state.timer);
+        state.timer = setTimeout(refresh, BUSY_REFRESH_MS);
+      }
+    }
     if (state.view === "runs") renderRuns();
-    const unknown = !state.runs.some((run) => run.name === data.run);
+    const unknown = !listed;
     if (data.phase === "done" || (unknown && Date.now() - state.askedAt > 1000)) {
       state.askedAt = Date.now(); // at most one list request a second for a run the list does not have yet
       refresh();
