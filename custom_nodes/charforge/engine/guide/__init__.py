@@ -1,0 +1,7 @@
+"""Guidance of a diffusion model by a reference image or face, with torch only (no ComfyUI here).
+
+- ``ipadapter``: IP-Adapter files (base, plus, plus-face, full-face, FaceID, FaceID-Plus-v2 and
+  InstantID's adapter; SD1.5 and SDXL): reading, variant detection, the image-projection modules with
+  the published parameter names, the per-layer ``to_k_ip`` / ``to_v_ip`` weights in layer order, and
+  the extra cross-attention term. See docs/guide.md.
+"""
