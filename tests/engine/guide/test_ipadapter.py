@@ -243,6 +243,15 @@ def _random_file(unet, variant, embed):
         }
     elif variant == "plus":
         proj = _resampler_keys(64, 2, 16, embed, cross)
+    elif variant == "full_face":
+        proj = {
+            "proj.0.weight": (embed, embed),
+            "proj.0.bias": (embed,),
+            "proj.2.weight": (cross, embed),
+            "proj.2.bias": (cross,),
+            "proj.3.weight": (cross,),
+            "proj.3.bias": (cross,),
+        }
     else:
         proj = {
             "proj.0.weight": (1024, 512),  # diffusers derives the hidden width as a multiple of 512
@@ -252,6 +261,10 @@ def _random_file(unet, variant, embed):
             "norm.weight": (cross,),
             "norm.bias": (cross,),
         }
+        if variant == "faceid_plus":  # its resampler works at the cross width, heads of 64
+            proj |= _resampler_keys(
+                cross, cross // 64, 16, embed, cross, "perceiver_resampler.", latents=False
+            )
     torch.manual_seed(2)
     shapes = {"image_proj": proj, "ip_adapter": _ip_layers(widths, cross)}
     return {
@@ -261,15 +274,28 @@ def _random_file(unet, variant, embed):
 
 
 @pytest.mark.parametrize(
-    ("variant", "sdxl"), [("base", False), ("plus", False), ("faceid", False), ("base", True), ("plus", True)]
+    ("variant", "sdxl"),
+    [
+        ("base", False),
+        ("plus", False),
+        ("full_face", False),
+        ("faceid", False),
+        ("base", True),
+        ("plus", True),
+        ("faceid_plus", True),
+    ],
 )
 def test_unet_output_matches_diffusers_ip_adapter(variant, sdxl):
     unet = _tiny_unet(sdxl)
-    embed = {"base": 24, "plus": 40, "faceid": 512}[variant]
+    embed = {"base": 24, "plus": 40, "full_face": 40, "faceid": 512, "faceid_plus": 40}[variant]
     groups = _random_file(unet, variant, embed)
     torch.manual_seed(3)
     batch = 2
-    image = torch.randn(batch, 1, 5, embed) if variant == "plus" else torch.randn(batch, 1, embed)
+    image = (
+        torch.randn(batch, 1, 5, embed) if variant in ("plus", "full_face") else torch.randn(batch, 1, embed)
+    )
+    if variant == "faceid_plus":  # a face embedding, plus CLIP hidden states of the face crop
+        image, clip_hidden = torch.randn(batch, 1, 512), torch.randn(batch, 1, 5, embed)
     sample = torch.randn(batch, 4, 8, 8)
     text = torch.randn(batch, 7, unet.config.cross_attention_dim)
     added = {"text_embeds": torch.randn(batch, 32), "time_ids": torch.randn(batch, 6)} if sdxl else {}
@@ -280,7 +306,10 @@ def test_unet_output_matches_diffusers_ip_adapter(variant, sdxl):
 
         ours = ipa.build_ip_adapter(groups, name=f"{variant}.bin")
         assert ours.variant == variant
-        tokens = ours.projection(image[:, 0])
+        if variant == "faceid_plus":  # v2: the face tokens added back at 0.8
+            tokens = ours.projection(image[:, 0], clip_hidden[:, 0], shortcut=True, shortcut_scale=0.8)
+        else:
+            tokens = ours.projection(image[:, 0])
         processors = {}
         layers = iter(ours.layers)
         for name in unet.attn_processors:
@@ -298,6 +327,9 @@ def test_unet_output_matches_diffusers_ip_adapter(variant, sdxl):
         for processor in unet.attn_processors.values():
             if hasattr(processor, "scale"):
                 processor.scale = [scale]
+        if variant == "faceid_plus":
+            reference = unet.encoder_hid_proj.image_projection_layers[0]
+            reference.clip_embeds, reference.shortcut, reference.shortcut_scale = clip_hidden, True, 0.8
         reference_tokens = unet.encoder_hid_proj([image])[0]
         theirs = unet(sample, 10, text, added_cond_kwargs=added | {"image_embeds": [image]}).sample
 
