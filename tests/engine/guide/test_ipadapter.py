@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from charforge.engine.guide import attn2_patch as attn2
 from charforge.engine.guide import ipadapter as ipa
 
 # --- published layouts, written out from the shapes of the released files ------------------------------
@@ -361,3 +362,113 @@ def test_weight_zero_and_masks_select_where_the_adapter_acts():
     image_mask[:, :, :32] = 1
     grid = ipa.mask_for_layer(image_mask, 4, 4).reshape(4, 4)
     assert torch.equal(grid[:, :2], torch.ones(4, 2)) and torch.equal(grid[:, 2:], torch.zeros(4, 2))
+
+
+# --- ComfyUI's attn2-replace convention (engine side; registering it in ComfyUI is the bridge's part) ----
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_comfy_slots_follow_the_file_layer_order(family):
+    """ComfyUI's input block n is diffusers' down block (n-1)//3, attention (n-1)%3; output block n is up
+    block n//3, attention n%3; the full-size U-Net (meta device) numbers its cross-attentions in that order."""
+    from diffusers import UNet2DConditionModel
+
+    if family == "sd15":
+        config = dict(cross_attention_dim=768, attention_head_dim=8)
+    else:
+        config = dict(
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    theirs = [name.removesuffix(".processor") for name in unet.attn_processors if "attn2" in name]
+
+    def diffusers_name(block, number, index):
+        if block == "input":
+            place = f"down_blocks.{(number - 1) // 3}.attentions.{(number - 1) % 3}"
+        elif block == "output":
+            place = f"up_blocks.{number // 3}.attentions.{number % 3}"
+        else:
+            place = "mid_block.attentions.0"
+        return f"{place}.transformer_blocks.{index}.attn2"
+
+    slots = attn2.comfy_attn2_slots(family)
+    assert [diffusers_name(*slot) for slot in slots] == theirs
+    widths = SD15_WIDTHS if family == "sd15" else SDXL_WIDTHS
+    assert [unet.get_submodule(name).to_q.out_features for name in theirs] == widths
+
+
+class _PatchProcessor:
+    """Calls a ComfyUI-style attn2 replacement as ComfyUI's transformer block does: projected q, k, v."""
+
+    def __init__(self, patch, options):
+        self.patch, self.options = patch, options
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **_):
+        q = attn.to_q(hidden_states)
+        k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        side = int(round(hidden_states.shape[1] ** 0.5))
+        options = dict(
+            self.options, n_heads=attn.heads, activations_shape=[q.shape[0], q.shape[2], side, side]
+        )
+        return attn.to_out[1](attn.to_out[0](self.patch(q, k, v, options)))
+
+
+def _run_with_patches(unet, adapter, inputs, options, sample, text, added):
+    processors, n = {}, 0
+    for name, processor in unet.attn_processors.items():
+        if name.endswith("attn2.processor"):
+            processors[name] = _PatchProcessor(attn2.IPAttn2Patch(inputs, n), options)
+            n += 1
+        else:
+            processors[name] = processor
+    assert n == len(adapter.layers)
+    unet.set_attn_processor(processors)
+    return unet(sample, 10, text, added_cond_kwargs=added).sample
+
+
+def test_attn2_patch_with_a_cfg_batch_matches_diffusers():
+    """Negative and positive prompt in one batch (ComfyUI's cond_or_uncond), plus adapter, SDXL-like U-Net."""
+    unet = _tiny_unet(sdxl=True)
+    groups = _random_file(unet, "plus", 40)
+    adapter = ipa.build_ip_adapter(groups, name="plus.bin")
+    torch.manual_seed(5)
+    negative, positive = torch.randn(1, 1, 5, 40), torch.randn(1, 1, 5, 40)
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 64)
+    added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
+    with torch.no_grad():
+        plain = unet(sample, 10, text, added_cond_kwargs=added).sample
+        item = attn2.AdapterInput(
+            adapter, adapter.projection(positive[:, 0]), adapter.projection(negative[:, 0]), weight=0.6
+        )
+        options = {"cond_or_uncond": [1, 0], "sigmas": torch.tensor([3.0, 3.0])}
+        ours = _run_with_patches(unet, adapter, [item], options, sample, text, added)
+        # outside its sigma range the adapter leaves the output alone
+        late = attn2.AdapterInput(item.adapter, item.cond_tokens, item.uncond_tokens, 0.6, sigma_start=2.0)
+        gated = _run_with_patches(unet, adapter, [late], options, sample, text, added)
+        # a mask of ones over the picture is the same as no mask
+        ones = attn2.AdapterInput(
+            item.adapter, item.cond_tokens, item.uncond_tokens, 0.6, mask=torch.ones(1, 64, 64)
+        )
+        masked = _run_with_patches(unet, adapter, [ones], options, sample, text, added)
+
+        unet._load_ip_adapter_weights([groups])
+        for processor in unet.attn_processors.values():
+            if hasattr(processor, "scale"):
+                processor.scale = [0.6]
+        image = torch.cat([negative, positive])  # row 0 is the negative prompt, as cond_or_uncond says
+        theirs = unet(sample, 10, text, added_cond_kwargs=added | {"image_embeds": [image]}).sample
+
+    assert (ours - plain).abs().max() > 1e-3
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4), (ours - theirs).abs().max()
+    assert torch.allclose(gated, plain, atol=1e-6)
+    assert torch.allclose(masked, ours, atol=1e-6)
