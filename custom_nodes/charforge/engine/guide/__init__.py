@@ -3,5 +3,9 @@
 - ``ipadapter``: IP-Adapter files (base, plus, plus-face, full-face, FaceID, FaceID-Plus-v2 and
   InstantID's adapter; SD1.5 and SDXL): reading, variant detection, the image-projection modules with
   the published parameter names, the per-layer ``to_k_ip`` / ``to_v_ip`` weights in layer order, and
-  the extra cross-attention term. See docs/guide.md.
+  the extra cross-attention term;
+- ``attn2_patch``: that term as a callable in ComfyUI's cross-attention replacement convention, and the
+  ComfyUI block slots of each file layer (registered in ComfyUI by the bridge; not wired yet).
+
+See docs/guide.md.
 """

@@ -14,11 +14,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from .ipadapter import IPAdapter, IPTerm, cross_attention, mask_for_layer
+from .ipadapter import IPAdapter, IPLayer, IPTerm, cross_attention, mask_for_layer
 
 __all__ = ["AdapterInput", "IPAttn2Patch", "comfy_attn2_slots"]
 
@@ -85,7 +85,7 @@ class IPAttn2Patch:
                 height, width = _grid(extra_options, q.shape[1])
                 grid = mask_for_layer(item.mask.to(q.device), height, width)
                 mask = torch.cat([_fit(grid, per_chunk) for _ in chunks])
-            terms.append(IPTerm(tokens, item.adapter.layers[self.layer], item.weight, mask))
+            terms.append(IPTerm(tokens, cast(IPLayer, item.adapter.layers[self.layer]), item.weight, mask))
         return cross_attention(q, k, v, int(extra_options["n_heads"]), terms)
 
 

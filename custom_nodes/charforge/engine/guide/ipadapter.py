@@ -28,6 +28,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -257,7 +258,7 @@ class PerceiverResampler(nn.Module):
             latents = self.latents.expand(inputs.shape[0], -1, -1)
         inputs = self.proj_in(inputs)
         for block in self.layers:
-            attention, feed_forward = block[0], block[1]
+            attention, feed_forward = cast(nn.ModuleList, block)
             latents = attention(inputs, latents) + latents
             latents = feed_forward(latents) + latents
         return self.norm_out(self.proj_out(latents))
@@ -378,7 +379,10 @@ class IPAdapter:
     def lora_deltas(self, scale: float = 1.0) -> dict[int, dict[str, torch.Tensor]]:
         """FaceID: ``{attention-layer index: {"to_q" | "to_k" | "to_v" | "to_out": scale · up @ down}}``."""
         return {
-            index: {name.removesuffix("_lora"): scale * pair.delta() for name, pair in lora.named_children()}
+            index: {
+                name.removesuffix("_lora"): scale * cast(LoRAPair, pair).delta()
+                for name, pair in lora.named_children()
+            }
             for index, lora in self.lora.items()
         }
 
