@@ -161,6 +161,10 @@ class StoryOptions:
     face_pack: str = "buffalo_l"
     clip_model: str | None = None  # None: the first CLIP folder the server lists; "none": no text agreement
     timeout: float | None = None  # per job
+    # retries (story_retry): regenerate a frame below threshold with new seeds, up to `retries` more times
+    retries: int = 0
+    min_text: float | None = 0.70  # CLIP text agreement a frame must reach (when CLIP is measured)
+    min_identity: float | None = None  # identity a frame must reach; None: the character's threshold, if any
 
 
 @dataclass
@@ -532,9 +536,45 @@ class StoryRun:
         guide_image: str | None,
         folder: Path,
     ) -> Any:
+        from .story_retry import RetryPolicy, best_of_attempts
+
+        options = self.options
+        policy = RetryPolicy(
+            retries=options.retries,
+            min_text=options.min_text,
+            min_identity=options.min_identity
+            if options.min_identity is not None
+            else self.character.threshold,
+        )
+
+        def render(seed: int, attempt: int, name: str) -> Any:
+            if attempt:
+                self.note(f"{mode}: frame {index + 1} below threshold: attempt {attempt + 1}, seed {seed}")
+            return self._render(
+                mode, index, prompt, checkpoint, identity, clip, guidance, guide_image, folder, seed, name
+            )
+
+        name = f"frame_{index + 1:02d}.png"
+        if options.retries == 0:  # retrying off: one attempt, no threshold recorded (as before retries)
+            return render(options.seed + index, 0, name)
+        return best_of_attempts(render, options.seed + index, policy, folder, name)
+
+    def _render(
+        self,
+        mode: str,
+        index: int,
+        prompt: str,
+        checkpoint: str,
+        identity: dict[str, Any],
+        clip: str | None,
+        guidance: Guidance | None,
+        guide_image: str | None,
+        folder: Path,
+        seed: int,
+        name: str,
+    ) -> Any:
         from charforge.engine.story import StoryFrame
 
-        seed = self.options.seed + index
         graph = frame_graph(
             character=self.character,
             checkpoint=checkpoint,
@@ -570,7 +610,7 @@ class StoryRun:
         if not files:
             raise DriverError(f"{mode} frame {index + 1}: SaveImage wrote no file")
         downloaded = self.client.download(files[0], folder / ".download")
-        target = folder / f"frame_{index + 1:02d}.png"
+        target = folder / name
         os.replace(downloaded.path, target)
         frame.index, frame.seed, frame.image = index, seed, target.name
         frame.caption = self.scenes[index].caption
@@ -644,7 +684,20 @@ class StoryRun:
             "text_weight": self.options.text_weight,
             "server": self.client.url,
         }
+        if self.options.retries:
+            settings["retries"] = {
+                "retries": self.options.retries,
+                "min_text": self.options.min_text,
+                "min_identity": self.options.min_identity
+                if self.options.min_identity is not None
+                else self.character.threshold,
+            }
         notes = []
+        failed = [f.index + 1 for f in frames if f.passed is False]
+        if failed:
+            notes.append(
+                f"frame(s) {', '.join(map(str, failed))} never passed the thresholds (marked on the sheet)"
+            )
         if mode == "reference" and guidance is not None:
             notes.append(
                 f"frames 2+ guided by frame 1 with {guidance.reason} and selected by identity to frame 1"
@@ -675,6 +728,8 @@ class StoryRun:
             raise UsageError(f"unknown mode(s) {unknown}: use simple, reference and/or base")
         if self.options.candidates < 1:
             raise UsageError("--candidates must be at least 1")
+        if self.options.retries < 0:
+            raise UsageError("--retries must be 0 or more")
         self.info = self.client.object_info()
         checkpoint, clip = self._check()
         self._family(checkpoint)
@@ -710,6 +765,9 @@ class StoryRun:
                 f"{mode}: {stats['frames']} frame(s), {stats['faces']} with a face, mean identity "
                 f"{stats['identity_mean']}, mean text agreement {stats['text_mean']}"
             )
+            for text in board.notes:
+                if "never passed" in text:
+                    self.note(f"{mode}: {text}")
         ablation = write_ablation(ablation_rows(list(boards.values())), self.out_dir)
         summary = self.out_dir / "metadata.json"
         summary.write_text(

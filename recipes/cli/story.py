@@ -78,6 +78,26 @@ def register(sub, *, server, output) -> None:
     story.add_argument("--seed", type=int, default=42, help="seed of frame 1; frame i uses seed + i - 1")
     story.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the storyboards go")
     story.add_argument("--timeout", type=float, metavar="S", help="limit per frame job")
+    story.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="regenerate a frame below threshold with new seeds up to N more times (default 0: off)",
+    )
+    story.add_argument(
+        "--min-text",
+        type=float,
+        default=0.70,
+        metavar="X",
+        help="CLIP text agreement a frame must reach (0.70)",
+    )
+    story.add_argument(
+        "--min-identity",
+        type=float,
+        metavar="X",
+        help="identity a frame must reach (default: the character's threshold, if any)",
+    )
     char = story.add_argument_group("character (instead of, or on top of, --character)")
     char.add_argument(
         "--lora",
@@ -218,6 +238,9 @@ def cmd_story(args: argparse.Namespace, out) -> int:
         face_pack=args.face_pack,
         clip_model=args.clip,
         timeout=args.timeout,
+        retries=args.retries,
+        min_text=args.min_text,
+        min_identity=args.min_identity,
     )
     with connect(args, out) as client:
         result = StoryRun(

@@ -10,6 +10,8 @@ from ..score.render import BACKGROUND, INK, MUTED, load_font, text_width
 from .storyboard import StoryFrame
 
 FAIL_INK = (190, 50, 40)
+NOT_PASSED = (220, 30, 30)  # frame never passed the retry thresholds: border, badge and legend
+LEGEND_NOT_PASSED = "red frame: retried, never passed the thresholds (best attempt shown)"
 
 
 def _columns(count: int) -> int:
@@ -61,7 +63,8 @@ def storyboard_sheet(
     cell_h = thumb + 8 + caption_lines * line + line + 6
     header = (line + 16) if title else 0
     width = pad * 2 + columns * thumb + (columns - 1) * gap
-    height = pad * 2 + header + rows * cell_h + (rows - 1) * gap
+    legend = (line + 8) if any(f.passed is False for f in frames) else 0
+    height = pad * 2 + header + rows * cell_h + (rows - 1) * gap + legend
     sheet = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     if title:
@@ -78,6 +81,14 @@ def storyboard_sheet(
         )
         draw.rectangle([x - 1, y - 1, x + thumb, y + thumb], outline=(210, 210, 210))
         sheet.paste(shown, (x + (thumb - shown.width) // 2, y + (thumb - shown.height) // 2))
+        if frame.passed is False:
+            for width_px in range(4):
+                draw.rectangle(
+                    [x - 1 - width_px, y - 1 - width_px, x + thumb + width_px, y + thumb + width_px],
+                    outline=NOT_PASSED,
+                )
+            draw.rectangle([x, y, x + 22, y + 22], fill=NOT_PASSED)
+            draw.text((x + 8, y + 3), "!", fill=(255, 255, 255), font=font)
         ty = y + thumb + 8
         for text in caption:
             draw.text((x, ty), text, fill=INK, font=font)
@@ -88,4 +99,8 @@ def storyboard_sheet(
         while score and text_width(draw, score, small) > thumb and " | " in score:
             score = score.rsplit(" | ", 1)[0]
         draw.text((x, ty), score, fill=colour, font=small)
+    if legend:
+        ly = height - pad - line
+        draw.rectangle([pad, ly + 2, pad + 14, ly + 16], fill=NOT_PASSED)
+        draw.text((pad + 22, ly), LEGEND_NOT_PASSED, fill=INK, font=small)
     return sheet

@@ -39,6 +39,9 @@ class StoryFrame:
     guidance: str = ""  # how the frame was guided: "", "ipadapter", "img2img", "controlnet"
     note: str = ""
     candidate_scores: list[dict[str, Any]] = field(default_factory=list)
+    # retries (charforge story --retries): every attempt's seed, scores and whether it passed the thresholds
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    passed: bool | None = None  # None: no threshold checked; False: no attempt passed (marked on the sheet)
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))

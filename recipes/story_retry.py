@@ -1,0 +1,114 @@
+"""Retries until a storyboard frame passes: regenerate a frame with new seeds while its scores are below threshold.
+
+After a frame is rendered and scored (Storyboard Select on the server), :func:`passes` checks it against a
+:class:`RetryPolicy` -- text agreement (CLIP cosine) at least ``min_text`` when CLIP was measured, identity at
+least ``min_identity`` when that is set (the character's threshold). A frame that fails is queued again with
+:func:`attempt_seed` (the frame seed and the attempt number, so a rerun makes the same attempts), up to
+``retries`` more times. The best attempt is kept (a passing one first, then the highest score sum), and every
+attempt -- seed, scores, passed, its image file -- is recorded on the frame (``StoryFrame.attempts``); a frame
+none of whose attempts passed has ``passed = False`` and is marked on the sheet.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SEED_STRIDE = 1_000_003  # attempt n of a frame: frame seed + n * stride (never another frame's seed)
+SEED_LIMIT = 2**64  # ComfyUI's KSampler seed range
+
+
+@dataclass
+class RetryPolicy:
+    retries: int = 2  # regenerations after the first attempt; 0 disables retrying
+    min_text: float | None = 0.70  # CLIP text agreement; None: not checked
+    min_identity: float | None = None  # identity to the character; None: not checked
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ValueError(f"retries must be 0 or more, got {self.retries}")
+
+
+def attempt_seed(seed: int, attempt: int) -> int:
+    """The seed of attempt `attempt` (0 = the frame's own seed) of a frame whose seed is `seed`."""
+    return (seed + attempt * SEED_STRIDE) % SEED_LIMIT
+
+
+def failures(frame: Any, policy: RetryPolicy) -> list[str]:
+    """Why `frame` (a StoryFrame) is below threshold; empty when it passes. Unmeasured text is not a failure;
+    a frame without a face fails an identity threshold."""
+    why = []
+    if policy.min_text is not None and frame.text is not None and frame.text < policy.min_text:
+        why.append(f"text {frame.text:.2f} < {policy.min_text:.2f}")
+    if policy.min_identity is not None:
+        if frame.identity is None:
+            why.append("no face")
+        elif frame.identity < policy.min_identity:
+            why.append(f"identity {frame.identity:.2f} < {policy.min_identity:.2f}")
+    return why
+
+
+def passes(frame: Any, policy: RetryPolicy) -> bool:
+    return not failures(frame, policy)
+
+
+def _rank(frame: Any, passed: bool) -> tuple:
+    return (passed, (frame.identity or 0.0) + (frame.text or 0.0))
+
+
+def best_of_attempts(
+    render: Callable[[int, int, str], Any],
+    seed: int,
+    policy: RetryPolicy,
+    folder: Path,
+    image_name: str,
+) -> Any:
+    """Render a frame (``render(seed, attempt, file_name)`` returns the scored StoryFrame whose image it wrote
+    under `folder` as `file_name`) until it passes or the retries are spent; returns the best attempt's frame,
+    its image copied to `image_name`, with every attempt in ``attempts`` and ``passed`` set."""
+    stem = Path(image_name).stem
+    tried: list[tuple[Any, bool]] = []
+    records: list[dict[str, Any]] = []
+    for attempt in range(policy.retries + 1):
+        name = image_name if attempt == 0 else f"{stem}_try{attempt + 1}.png"
+        frame = render(attempt_seed(seed, attempt), attempt, name)
+        why = failures(frame, policy)
+        tried.append((frame, not why))
+        records.append(
+            {
+                "attempt": attempt + 1,
+                "seed": frame.seed,
+                "identity": frame.identity,
+                "text": frame.text,
+                "guide_identity": frame.guide_identity,
+                "passed": not why,
+                "why": "; ".join(why),
+                "image": name,
+            }
+        )
+        if not why:
+            break
+    best, passed = max(tried, key=lambda item: _rank(*item))
+    if best.image != image_name:  # the kept attempt becomes the frame's image; the others stay beside it
+        first = folder / image_name
+        if first.exists():
+            shutil.copyfile(first, folder / f"{stem}_try1.png")
+            records[0]["image"] = f"{stem}_try1.png"
+        shutil.copyfile(folder / best.image, first)
+        best.image = image_name
+    best.attempts = records
+    best.passed = passed
+    if len(records) > 1:
+        kept = next(r["attempt"] for r in records if r["seed"] == best.seed)
+        best.note = "; ".join(
+            n
+            for n in [
+                best.note,
+                f"attempt {kept} of {len(records)} kept" + ("" if passed else ", none passed"),
+            ]
+            if n
+        )
+    return best
