@@ -218,7 +218,7 @@ def draw_pose(people: list[Person], height: int, width: int, body=True, face=Tru
     for person in people:
         ok = person.body_scores > SCORE_MIN
         if body:
-            for (a, b), colour in zip(LIMBS, BODY_COLOURS, strict=True):
+            for (a, b), colour in zip(LIMBS, BODY_COLOURS[: len(LIMBS)], strict=True):
                 if not (ok[a] and ok[b]):
                     continue
                 (xa, ya), (xb, yb) = person.body[a], person.body[b]
