@@ -571,3 +571,22 @@ def apply_lora(
     finally:
         root.removeHandler(collector)
     return new_model, new_clip, collector.lines
+
+
+def percent_to_sigma(model: Any, percent: float) -> float:
+    """The sigma at ``percent`` (0 = first step, 1 = last) of a MODEL's own noise schedule, as ComfyUI's
+    samplers convert start / end percentages (``model_sampling.percent_to_sigma``)."""
+    return float(model.get_model_object("model_sampling").percent_to_sigma(percent))
+
+
+def patch_attn2(model: Any, make_patch: Callable[[tuple[str, int, int], Any], Any], slots: list) -> Any:
+    """A clone of a MODEL with a cross-attention (``attn2``) replacement in each of ``slots``
+    ((block name, block number, transformer index)). ``make_patch(slot, existing)`` gets the replacement
+    already there (from an earlier node, or None) so chained nodes can combine theirs with it."""
+    patched = model.clone()
+    options = patched.model_options.get("transformer_options", {})
+    existing = options.get("patches_replace", {}).get("attn2", {})
+    for block, number, index in slots:
+        slot = (block, number, index)
+        patched.set_model_attn2_replace(make_patch(slot, existing.get(slot)), block, number, index)
+    return patched

@@ -10,6 +10,7 @@ from . import (
     caption,
     caption_vlm,
     dataset,
+    guide,
     library,
     score,
     score_multi,
@@ -36,6 +37,7 @@ STAGE_MODULES = (
     video_face,
     story,
     library,
+    guide,
 )
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}

@@ -2,19 +2,41 @@
 
 `weights` is the patched model's state dict (``diffusion_model.<ldm>.weight`` for a U-Net,
 ``clip_l.transformer.<...>.weight`` for a text encoder), as ComfyUI's ``model.state_dict()`` would list it.
+
+`model_options` / `set_model_attn2_replace` keep ComfyUI's bookkeeping of attention replacements
+(``model_options["transformer_options"]["patches_replace"]["attn2"][(block, number, index)]``, copied on
+write, deep-copied by `clone`); `get_model_object` looks names up on `objects` (e.g. ``model_sampling``),
+which a test fills.
 """
+
+import copy
 
 
 class ModelPatcher:
-    def __init__(self, weights, kind="model"):
+    def __init__(self, weights, kind="model", objects=None):
         self.weights = dict(weights)
         self.kind = kind
         self.patches = {}
+        self.model_options = {"transformer_options": {}}
+        self.objects = dict(objects or {})
 
     def clone(self):
-        n = ModelPatcher(self.weights, self.kind)
+        n = ModelPatcher(self.weights, self.kind, self.objects)
         n.patches = {k: list(v) for k, v in self.patches.items()}
+        n.model_options = copy.deepcopy(self.model_options)
         return n
+
+    def get_model_object(self, name):
+        return self.objects[name]
+
+    def set_model_attn2_replace(self, patch, block_name, number, transformer_index=None):
+        # ComfyUI: set_model_options_patch_replace copies each dict level before writing the one key.
+        to = dict(self.model_options["transformer_options"])
+        to["patches_replace"] = dict(to.get("patches_replace", {}))
+        to["patches_replace"]["attn2"] = dict(to["patches_replace"].get("attn2", {}))
+        key = (block_name, number) if transformer_index is None else (block_name, number, transformer_index)
+        to["patches_replace"]["attn2"][key] = patch
+        self.model_options["transformer_options"] = to
 
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
         # ComfyUI: patches for keys the model has are appended as (strength_patch, patch, strength_model,
