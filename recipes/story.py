@@ -424,6 +424,7 @@ class StoryRun:
         self.run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
         self.info: dict[str, Any] = {}
         self.flow: Any = None  # story_flow.FlowBase for a FLUX.1 / SD3 base
+        self._journals: dict[Path, Any] = {}  # storyboard folder -> story_retry.AttemptJournal (with retries)
 
     # ---- checks against the server ------------------------------------------------------------------
 
@@ -596,6 +597,19 @@ class StoryRun:
             info=self.info,
             flow=self.flow,
         )
+        journal = None
+        if self.options.retries:  # resumable: an attempt rendered by an earlier run is not queued again
+            from .story_retry import AttemptJournal
+
+            journal = self._journals.setdefault(folder, AttemptJournal(folder))
+            key = AttemptJournal.key(graph, self.run_id)
+            hit = journal.get(key)
+            if hit is not None:
+                import shutil
+
+                self.note(f"{mode}: frame {index + 1}, seed {seed}: recorded by an earlier run, not queued")
+                shutil.copyfile(hit[1], folder / name)
+                return replace(StoryFrame.from_dict(hit[0]), image=name)
         result = self.client.run(graph, timeout=self.options.timeout)
         record = (result.outputs.get("11") or {}).get("storyboard") or []
         if not record:
@@ -616,6 +630,8 @@ class StoryRun:
         frame.caption = self.scenes[index].caption
         if guide_image is not None and guidance is not None:
             frame.guidance = guidance.kind
+        if journal is not None:
+            journal.put(key, frame.to_dict(), target)
         return frame
 
     def _storyboard(

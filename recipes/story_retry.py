@@ -11,6 +11,9 @@ none of whose attempts passed has ``passed = False`` and is marked on the sheet.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,3 +115,37 @@ def best_of_attempts(
             if n
         )
     return best
+
+
+class AttemptJournal:
+    """The attempts a storyboard folder has already rendered, so a rerun into the same ``--out`` does not queue
+    them again: ``.attempts/journal.json`` maps a key of the frame graph (the run id left out) to the scored
+    frame record, and ``.attempts/<key>.png`` keeps that attempt's image."""
+
+    def __init__(self, folder: Path) -> None:
+        self.dir = Path(folder) / ".attempts"
+        self.path = self.dir / "journal.json"
+        self.entries: dict[str, Any] = {}
+        if self.path.is_file():
+            try:
+                self.entries = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                self.entries = {}  # an unreadable journal: the attempts are rendered again
+
+    @staticmethod
+    def key(graph: dict[str, Any], run_id: str) -> str:
+        text = json.dumps(graph, sort_keys=True, ensure_ascii=False).replace(run_id, "")
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+    def get(self, key: str) -> tuple[dict[str, Any], Path] | None:
+        entry = self.entries.get(key)
+        image = self.dir / f"{key}.png"
+        return (entry, image) if entry is not None and image.is_file() else None
+
+    def put(self, key: str, frame: dict[str, Any], image: Path) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(image, self.dir / f"{key}.png")
+        self.entries[key] = frame
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self.entries, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(temporary, self.path)

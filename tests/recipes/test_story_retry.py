@@ -173,6 +173,28 @@ def test_low_scoring_frames_are_regenerated_recorded_and_marked(tmp_path):
     assert _red_pixels(folder / "sheet.png") > 4 * 320  # a 4 px border round the thumbnail, badge, legend
 
 
+def test_a_rerun_does_not_redo_recorded_attempts(tmp_path):
+    out = tmp_path / "out"
+    code, _, stderr, prompts = _story(tmp_path, out, "--retries", "2")
+    assert code == 0 and len(prompts) == 9, stderr
+    first = json.loads((out / "simple" / "metadata.json").read_text())["frames"]
+    code, _, stderr, prompts = _story(tmp_path, out, "--retries", "2")  # the same run again: nothing queued
+    assert code == 0 and prompts == [], stderr
+    again = json.loads((out / "simple" / "metadata.json").read_text())["frames"]
+    assert [f["attempts"] for f in again] == [f["attempts"] for f in first]
+    with (
+        Image.open(out / "simple" / "frame_03.png") as kept,
+        Image.open(out / "simple" / "frame_03_try2.png") as b,
+    ):
+        assert kept.convert("RGB").getpixel((5, 5)) == b.convert("RGB").getpixel((5, 5))
+    # one more retry allowed: only frame 3's 4th attempt is queued (and passes)
+    code, _, stderr, prompts = _story(tmp_path, out, "--retries", "3")
+    assert code == 0, stderr
+    assert [p["6"]["inputs"]["seed"] for p in prompts] == [attempt_seed(SEED + 2, 3)]
+    frame3 = json.loads((out / "simple" / "metadata.json").read_text())["frames"][2]
+    assert frame3["passed"] is True and [a["passed"] for a in frame3["attempts"]] == [False] * 3 + [True]
+
+
 def test_retries_zero_disables_and_thresholds_are_configurable(tmp_path):
     out = tmp_path / "off"
     code, _, stderr, prompts = _story(tmp_path, out, "--retries", "0")
