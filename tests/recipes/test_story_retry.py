@@ -178,8 +178,9 @@ def test_a_rerun_does_not_redo_recorded_attempts(tmp_path):
     code, _, stderr, prompts = _story(tmp_path, out, "--retries", "2")
     assert code == 0 and len(prompts) == 9, stderr
     first = json.loads((out / "simple" / "metadata.json").read_text())["frames"]
-    code, _, stderr, prompts = _story(tmp_path, out, "--retries", "2")  # the same run again: nothing queued
+    code, stdout, stderr, prompts = _story(tmp_path, out, "--retries", "2")  # the same again: nothing queued
     assert code == 0 and prompts == [], stderr
+    assert (stdout + stderr).count("recorded by an earlier run") == 9
     again = json.loads((out / "simple" / "metadata.json").read_text())["frames"]
     assert [f["attempts"] for f in again] == [f["attempts"] for f in first]
     with (

@@ -1,0 +1,126 @@
+"""Opt-in: ``charforge story --retries`` against a real ComfyUI with tiny models.
+
+Same server set-up as test_real_comfyui_story.py (tiny SD1.5 checkpoint and LoRA, test face models, tiny CLIP
+folder). The text-agreement threshold is planted above what any frame can reach (cosine < 1.0001), so every
+frame is below threshold: each is regenerated once with the derived seed, both attempts and their scores are
+in metadata.json, no attempt passes and the sheet marks every frame. A second run into the same folder queues
+no job (the attempts are recorded). Ports 19470-19499.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+from PIL import Image
+
+import cf_testing.real_comfyui as real
+from cf_testing.face_models import face_image, write_clip_folder, write_face_pack
+
+pytestmark = real.suite_marks()
+PORTS = range(19470, 19500)
+SCENES = [
+    "close-up portrait of the character",
+    "the character reads a letter",
+    "the character walks to the harbour",
+    "the character boards a boat",
+    "the character at sea at sunset",
+    "the character arrives on an island",
+]
+
+
+def test_story_retries_regenerate_low_scoring_frames_in_real_comfyui(
+    tmp_path, monkeypatch, sd15_comfy_checkpoint
+):
+    from cf_testing.video_models import build_tiny_character_lora
+    from charforge.engine.story.sheet import NOT_PASSED
+    from charforge.recipes import cli
+    from charforge.recipes.story_retry import attempt_seed
+
+    comfy = real.comfyui_dir()
+    python = real.comfyui_python(comfy)
+    real.require_module(python, "insightface")
+    base = tmp_path / "base"
+    real.link_pack(base)
+    write_face_pack(base / "models" / "insightface", "buffalo_l")
+    write_clip_folder(base / "models" / "clip_vision" / "tiny_clip")
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "checkpoints" / "sd15_tiny.safetensors").symlink_to(sd15_comfy_checkpoint.path)
+    build_tiny_character_lora(
+        base / "models" / "loras" / "hero.safetensors", sd15_comfy_checkpoint.unet_config
+    )
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    Image.fromarray(face_image(person=0, noise=2, seed=0)).save(refs / "ref0.png")
+    scenes = tmp_path / "scenes.txt"
+    scenes.write_text("\n".join(SCENES) + "\n")
+    monkeypatch.setenv("CHARFORGE_CONFIG", str(tmp_path / "no-config.yaml"))
+    out_dir = tmp_path / "story"
+    args = [
+        "story",
+        "--scenes",
+        str(scenes),
+        "--lora",
+        "hero.safetensors:0.8",
+        "--trigger",
+        "ohwx woman",
+        "--reference",
+        str(refs),
+        "--checkpoint",
+        "sd15_tiny.safetensors",
+        "--mode",
+        "simple",
+        "--no-base",
+        "--candidates",
+        "1",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--retries",
+        "1",
+        "--min-text",
+        "1.0001",
+        "--timeout",
+        "300",
+        "--out",
+        str(out_dir),
+    ]
+
+    server = real.start_comfyui(comfy, base, python, ports=PORTS)
+    try:
+        runs = []
+        for _ in range(2):
+            stdout, stderr = io.StringIO(), io.StringIO()
+            code = cli.main([*args, "--server", server.url], stdout=stdout, stderr=stderr)
+            assert code == 0, stderr.getvalue() + server.log()[-4000:]
+            runs.append(stdout.getvalue() + stderr.getvalue())
+        log = server.log()
+        assert not real.pack_tracebacks(log), log[-4000:]
+    finally:
+        server.stop()
+
+    folder = out_dir / "simple"
+    data = json.loads((folder / "metadata.json").read_text())
+    assert data["settings"]["retries"]["min_text"] == 1.0001
+    for i, frame in enumerate(data["frames"]):
+        attempts = frame["attempts"]
+        assert [a["seed"] for a in attempts] == [42 + i, attempt_seed(42 + i, 1)]
+        assert all(a["text"] is not None and a["text"] < 1.0001 and not a["passed"] for a in attempts)
+        assert frame["passed"] is False and frame["seed"] in (42 + i, attempt_seed(42 + i, 1))
+        kept = max(attempts, key=lambda a: (a["identity"] or 0.0) + a["text"])
+        assert frame["seed"] == kept["seed"]
+        with (
+            Image.open(folder / f"frame_{i + 1:02d}_try1.png") as one,
+            Image.open(folder / f"frame_{i + 1:02d}_try2.png") as two,
+        ):
+            assert np.abs(np.asarray(one, dtype=np.int16) - np.asarray(two, dtype=np.int16)).max() > 0
+    assert "frame(s) 1, 2, 3, 4, 5, 6 never passed" in " ".join(data["notes"])
+    with Image.open(folder / "sheet.png") as sheet:
+        pixels = np.asarray(sheet.convert("RGB"))
+    assert np.all(pixels == np.array(NOT_PASSED, dtype=np.uint8), axis=-1).sum() > 6 * 4 * 320
+    # the second run queued nothing: every attempt came from the record of the first
+    assert runs[1].count("recorded by an earlier run") == 12
