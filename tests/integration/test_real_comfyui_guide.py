@@ -1,0 +1,143 @@
+"""Opt-in: the IP-Adapter nodes against a real ComfyUI (COMFYUI_DIR set), in ComfyUI's own Python.
+
+A tiny U-Net of ComfyUI's SD1.5 layout (ComfyUI's own model config, 32 base channels, text width 768, so
+its 16 cross-attention layers are the SD1.5 slots) with random weights, a tiny CLIP vision model built by
+ComfyUI's ``ClipVisionModel`` from a small config (ComfyUI's loader picks full-size ViT configs from a
+file's keys, so a tiny encoder cannot come through Load CLIP Vision; the class and its ``encode_image`` are
+the real ones), and a base IP-Adapter file of matching widths. Load IP-Adapter + Apply IP-Adapter patch
+the MODEL; one step of ComfyUI's own sampler (``common_ksampler``, CFG 3) with the patched MODEL must give
+a different latent from the plain MODEL, the same one (to float rounding: the patch's attention is
+torch's, not ComfyUI's) at weight 0 and when start/end leave no step, and
+the plain MODEL must be unchanged afterwards (the node patches a clone).
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import cf_testing.real_comfyui as real
+from cf_testing.comfyui import REPO_ROOT
+
+pytestmark = real.suite_marks()
+
+COMFY_SIDE = textwrap.dedent(r"""
+    import json, os, sys
+    sys.path.insert(0, os.getcwd())  # cwd = the ComfyUI folder
+    job = json.load(open(sys.argv[-1]))
+    sys.argv = [sys.argv[0], "--cpu"]
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    import torch
+    import comfy.clip_vision, comfy.model_patcher, comfy.supported_models
+    import nodes
+    from safetensors.torch import save_file
+    sys.path.insert(0, job["pack_parent"])
+    from charforge.nodes import guide
+
+    torch.manual_seed(0)
+    cfg = dict(job["unet_config"], dtype=torch.float32)
+    model = comfy.supported_models.SD15(cfg).get_model({}, device="cpu")  # detection wants full size
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim >= 2:
+                param.copy_(torch.randn(param.shape) / param[0].numel() ** 0.5)
+            elif name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.zero_()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+
+    with open(job["clip_config"], "w") as f:
+        json.dump(job["clip_vision"], f)
+    clip_vision = comfy.clip_vision.ClipVisionModel(job["clip_config"])
+    clip_vision.load_sd({k: torch.randn(v.shape) * 0.05 for k, v in clip_vision.get_sd().items()})
+
+    embed, widths = job["clip_vision"]["projection_dim"], job["widths"]
+    state = {"image_proj.proj.weight": torch.randn(4 * 768, embed) / embed ** 0.5,
+             "image_proj.proj.bias": torch.zeros(4 * 768),
+             "image_proj.norm.weight": torch.ones(768), "image_proj.norm.bias": torch.zeros(768)}
+    for n, width in enumerate(widths):
+        for key in ("to_k_ip", "to_v_ip"):
+            state[f"ip_adapter.{2 * n + 1}.{key}.weight"] = torch.randn(width, 768) / 768 ** 0.5 * 4
+    save_file(state, job["adapter"])
+
+    loaded, variant = guide.LoadIPAdapter().load(job["adapter"])["result"]
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+    positive = [[torch.randn(1, 7, 768, generator=torch.Generator().manual_seed(5)), {}]]
+    negative = [[torch.zeros(1, 7, 768), {}]]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+
+    def step(m):
+        with torch.no_grad():
+            return nodes.common_ksampler(m, 7, 1, 3.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+    def apply(weight, start, end):
+        return guide.ApplyIPAdapter().apply(patcher, loaded, clip_vision, image, weight, start, end)[0]
+
+    plain = step(patcher)
+    results = {"variant": variant}
+    for name, args in {"on": (1.0, 0.0, 1.0), "weight0": (0.0, 0.0, 1.0), "closed": (1.0, 1.0, 1.0)}.items():
+        out = step(apply(*args))
+        results[name] = {"diff": float((out - plain).abs().max()), "finite": bool(torch.isfinite(out).all())}
+    results["plain_again"] = float((step(patcher) - plain).abs().max())
+    results["scale"] = float(plain.abs().max())
+    print("RESULT " + json.dumps(results))
+""")
+
+# ComfyUI's SD1.5 U-Net config (comfy/model_detection.py) at 32 base channels (SD15 adds 8 heads).
+UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": 768,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+# Cross-attention widths in the file's layer order (down blocks, up blocks, middle block).
+WIDTHS = [32, 32, 64, 64, 128, 128] + [128] * 3 + [64] * 3 + [32] * 3 + [128]
+CLIP_VISION = {
+    "hidden_act": "quick_gelu",
+    "hidden_size": 32,
+    "image_size": 28,
+    "intermediate_size": 64,
+    "layer_norm_eps": 1e-05,
+    "model_type": "clip_vision_model",
+    "num_attention_heads": 2,
+    "num_channels": 3,
+    "num_hidden_layers": 2,
+    "patch_size": 14,
+    "projection_dim": 24,
+}
+
+
+def test_apply_ip_adapter_changes_a_comfyui_sampler_step(tmp_path):
+    comfy = real.checkout()
+    job = {
+        "pack_parent": str(REPO_ROOT / "custom_nodes"),
+        "unet_config": UNET_CONFIG,
+        "widths": WIDTHS,
+        "clip_vision": CLIP_VISION,
+        "clip_config": str(tmp_path / "clip_vision.json"),
+        "adapter": str(tmp_path / "ip-adapter_sd15_tiny.safetensors"),
+    }
+    result = real.run_comfy_script(comfy, tmp_path, COMFY_SIDE, job, timeout=600)
+    assert result["variant"] == "base (sd15)"
+    # The patched layers attend with torch's SDPA, ComfyUI's own layers with its CPU attention: the two
+    # agree to float32 rounding, so "unchanged" means within 1e-4 of the output's size.
+    tolerance = 1e-4 * max(result["scale"], 1.0)
+    assert result["on"]["finite"] and result["on"]["diff"] > 100 * tolerance, result
+    assert result["weight0"]["diff"] <= tolerance, result
+    assert result["closed"]["diff"] <= tolerance, result
+    assert result["plain_again"] == 0.0, result
