@@ -30,6 +30,7 @@ API_DIR_NAME = "api"
 MODEL_FILE_INPUTS = frozenset({
     ("CheckpointLoaderSimple", "ckpt_name"),
     ("LoraLoader", "lora_name"),
+    ("CreateHookLora", "lora_name"),
     ("ControlNetLoader", "control_net_name"),
     ("LoadImage", "image"),  # a file in the input folder
     ("CharForgeTrainLoRA", "base_model"),

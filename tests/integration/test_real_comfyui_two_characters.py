@@ -1,0 +1,144 @@
+"""Opt-in: the shipped two_characters workflow in a real ComfyUI (COMFYUI_DIR set), through /prompt.
+
+ComfyUI's own hook nodes carry two random LoRAs (real SD1.5 layer names, full-size tensors) on two masked
+prompts into KSampler with the shallow full-width SD1.5 test checkpoint. Checked: the workflow as shipped
+runs (sizes shrunk), the hook LoRAs change the picture (the same seed with both hook strengths at 0 gives
+another image), and Score Characters reports each character. The random-weight checkpoint draws no face the
+test face models find, so both characters are reported missing there; a second prompt scores a planted
+picture of the two people side by side (left and right swapped) through the same node, which gives each
+character its similarity.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+import cf_testing.real_comfyui as real
+from cf_testing import lora_files
+from cf_testing.face_models import blank_image, face_image, write_face_pack
+
+pytestmark = real.suite_marks()
+
+PORTS = range(8860, 8880)
+WORKFLOW = real.REPO_ROOT / "workflows" / "api" / "two_characters.json"
+WIDTH, HEIGHT = 128, 64
+FACE = ((144, 144, 100),)
+
+
+def _pair(left, right):
+    halves = [blank_image() if p is None else face_image(faces=FACE, person=p) for p in (left, right)]
+    return np.concatenate(halves, axis=1)
+
+
+def _shipped(strength: float) -> dict:
+    prompt = json.loads(WORKFLOW.read_text(encoding="utf-8"))
+    for node in prompt.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = "sd15_tiny.safetensors"
+        elif kind == "CreateHookLora":
+            inputs["strength_model"] = inputs["strength_clip"] = strength
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=WIDTH, height=HEIGHT, batch_size=1)
+        elif kind == "SolidMask":
+            inputs.update(width=WIDTH if inputs["value"] == 0 else WIDTH // 2, height=HEIGHT)
+        elif kind == "MaskComposite":
+            inputs["x"] = 0 if inputs["x"] == 0 else WIDTH // 2
+        elif kind == "KSampler":
+            inputs.update(steps=2, sampler_name="euler", scheduler="normal")
+        elif kind == "CharForgeLoadFaceModels":
+            inputs.update(det_size=640, provider="CPU")
+        elif kind == "SaveImage":
+            inputs["filename_prefix"] = f"two_{strength:g}"
+    return prompt
+
+
+def test_two_characters_workflow_in_real_comfyui(tmp_path, sd15_comfy_checkpoint):
+    comfy = real.comfyui_dir()
+    python = real.comfyui_python(comfy)
+    real.require_module(python, "insightface")
+    base = tmp_path / "base"
+    real.link_pack(base)
+    write_face_pack(base / "models" / "insightface", "buffalo_l")
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "checkpoints" / "sd15_tiny.safetensors").symlink_to(sd15_comfy_checkpoint.path)
+    loras = base / "models" / "loras"
+    loras.mkdir(parents=True)
+    for seed, name in enumerate(("character_a", "character_b")):
+        lora_files.write(
+            lora_files.random_state("sd15", seed=seed, full_size=True), loras / f"{name}.safetensors"
+        )
+    (base / "input").mkdir(parents=True)
+    for name, picture in (("ann", _pair(0, None)), ("bob", _pair(1, None))):
+        Image.fromarray(picture).save(base / "input" / f"{name}.png")
+    Image.fromarray(_pair(0, 1)).save(base / "input" / "ab.png")
+    Image.fromarray(_pair(1, 0)).save(base / "input" / "ba.png")
+
+    server = real.start_comfyui(comfy, base, python, ports=PORTS)
+    try:
+        # The two identities, saved under the names the workflow loads.
+        for name, file in (("character_a", "ann.png"), ("character_b", "bob.png")):
+            server.run_prompt(
+                {
+                    "1": {
+                        "class_type": "CharForgeLoadFaceModels",
+                        "inputs": {"pack": "buffalo_l", "det_size": 640, "provider": "CPU"},
+                    },
+                    "2": {"class_type": "LoadImage", "inputs": {"image": file}},
+                    "3": {
+                        "class_type": "CharForgeBuildIdentity",
+                        "inputs": {"face_models": ["1", 0], "name": name, "save": True, "images": ["2", 0]},
+                    },
+                },
+                "cf-two",
+            )
+        assert (base / "models" / "charforge" / "identities" / "character_b.json").is_file()
+
+        # 1. The shipped workflow, hooks on and off.
+        images = {}
+        for strength in (1.0, 0.0):
+            prompt = _shipped(strength)
+            outputs = server.run_prompt(prompt, "cf-two")
+            (score,) = [k for k, v in prompt.items() if v["class_type"] == "CharForgeScoreCharacters"]
+            (save,) = [k for k, v in prompt.items() if v["class_type"] == "SaveImage"]
+            table = outputs[score]["text"][0]
+            assert "character_a" in table and "character_b" in table and "missing" in table
+            saved = outputs[save]["images"][0]
+            with Image.open(base / "output" / saved.get("subfolder", "") / saved["filename"]) as image:
+                assert image.size == (WIDTH, HEIGHT)
+                images[strength] = np.asarray(image.convert("RGB"), dtype=np.int16)
+        assert np.abs(images[1.0] - images[0.0]).mean() > 0.5, "the hook LoRAs did not change the picture"
+
+        # 2. Score Characters on two people side by side: each keeps its own face, wherever it stands.
+        outputs = server.run_prompt(
+            {
+                "1": {
+                    "class_type": "CharForgeLoadFaceModels",
+                    "inputs": {"pack": "buffalo_l", "det_size": 640, "provider": "CPU"},
+                },
+                "2": {"class_type": "CharForgeLoadIdentity", "inputs": {"name": "character_a"}},
+                "3": {"class_type": "CharForgeLoadIdentity", "inputs": {"name": "character_b"}},
+                "4": {"class_type": "LoadImage", "inputs": {"image": "ab.png"}},
+                "5": {"class_type": "LoadImage", "inputs": {"image": "ba.png"}},
+                "6": {"class_type": "ImageBatch", "inputs": {"image1": ["4", 0], "image2": ["5", 0]}},
+                "7": {
+                    "class_type": "CharForgeScoreCharacters",
+                    "inputs": {
+                        "face_models": ["1", 0],
+                        "images": ["6", 0],
+                        "identity_1": ["2", 0],
+                        "identity_2": ["3", 0],
+                        "threshold": 0.5,
+                    },
+                },
+            },
+            "cf-two",
+        )
+        table = outputs["7"]["text"][0]
+        print(table)
+        assert "FAIL" not in table and "passed 2/2, missing 0" in table
+    finally:
+        server.stop()
