@@ -183,7 +183,7 @@ def apply_to_model(model, loaded: LoadedAdapter, cond, uncond, weight, start_at,
     )
     slots = comfy_attn2_slots(loaded.adapter.family)
 
-    def make_patch(slot, existing):
+    def make_patch(slot: tuple[str, int, int], existing: Any) -> Any:
         patch_class = shared_patch_class()
         if existing is not None and not isinstance(existing, patch_class):
             raise ValueError(
@@ -197,7 +197,7 @@ def apply_to_model(model, loaded: LoadedAdapter, cond, uncond, weight, start_at,
 
 
 @functools.cache
-def shared_patch_class() -> type:
+def shared_patch_class() -> type[Any]:
     """The attn2 replacement class this pack installs (built on first use: nodes import without torch)."""
     from ..engine.guide.attn2_patch import IPAttn2Patch
 
@@ -210,7 +210,7 @@ def shared_patch_class() -> type:
 
         def __call__(self, q, k, v, extra_options):
             for item in self.inputs:
-                layer = item.adapter.layers[self.layer]
+                layer: Any = item.adapter.layers[self.layer]
                 weight = layer.to_k_ip.weight
                 if weight.device != q.device or weight.dtype != q.dtype:
                     layer.to(device=q.device, dtype=q.dtype)
