@@ -218,3 +218,31 @@ def test_faceid_takes_the_identity_embedding_and_variants_go_to_their_node(env):
     ).result[0]
     with pytest.raises(ValueError, match="plus IP-Adapter.*use Apply IP-Adapter\\)"):
         guide.ApplyIPAdapterFaceID().apply(_model(), plus, identity, 1.0, 0.0, 1.0, 1.0)
+
+
+def test_a_mask_limits_the_adapter_to_its_region(env):
+    loaded = run_node(
+        guide.LoadIPAdapter, ipadapter_name=_write(env.ipadapter, "m.safetensors", "base")
+    ).result[0]
+    mask = torch.zeros(32, 32)
+    mask[:, :16] = 1.0  # left half; a ComfyUI MASK may come without a batch dimension
+    common = {"clip_vision": _ClipVision(), "image": torch.rand(1, 16, 16, 3), "start_at": 0.0, "end_at": 1.0}
+    (patched,) = run_node(
+        guide.ApplyIPAdapter, model=_model(), ipadapter=loaded, weight=1.0, attn_mask=mask, **common
+    ).result
+    (full,) = run_node(guide.ApplyIPAdapter, model=_model(), ipadapter=loaded, weight=1.0, **common).result
+    patch = patched.model_options["transformer_options"]["patches_replace"]["attn2"][SLOTS[2]]
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 16, WIDTH), torch.randn(2, 7, WIDTH), torch.randn(2, 7, WIDTH)
+    options = {"n_heads": HEADS, "cond_or_uncond": [1, 0], "activations_shape": [2, WIDTH, 4, 4]}
+    with torch.no_grad():
+        masked = patch(q, k, v, options)
+        unmasked = _call(full, SLOTS[2], q, k, v, 1.0)
+    grid = masked.reshape(2, 4, 4, WIDTH)
+    plain = _attend(q, k, v).reshape(2, 4, 4, WIDTH)
+    torch.testing.assert_close(
+        grid[:, :, 2:], plain[:, :, 2:], atol=1e-5, rtol=1e-5
+    )  # right half: no adapter
+    torch.testing.assert_close(
+        grid[:, :, :2], unmasked.reshape(2, 4, 4, WIDTH)[:, :, :2], atol=1e-5, rtol=1e-5
+    )
