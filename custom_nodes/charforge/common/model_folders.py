@@ -31,6 +31,10 @@ PACK_MODEL_FOLDERS: tuple[ModelFolder, ...] = (
     ModelFolder("animatediff_motion_lora", PT_EXTENSIONS, "AnimateDiff motion LoRAs"),
     ModelFolder("insightface", frozenset({".onnx"}), "InsightFace packs: insightface/models/<pack>/*.onnx"),
     ModelFolder("ipadapter", PT_EXTENSIONS, "IP-Adapter / FaceID / InstantID adapters (.safetensors, .bin)"),
+    ModelFolder("dwpose", frozenset({".onnx"}), "DWPose pose maps: yolox_l.onnx + dw-ll_ucoco_384.onnx"),
+    ModelFolder(
+        "depth_anything", frozenset({".json", ".safetensors", ".bin"}), "Depth Anything folders (depth maps)"
+    ),
     ModelFolder("wd14_tagger", frozenset({".onnx", ".csv"}), "WD14-style taggers: <name>.onnx + <name>.csv"),
     ModelFolder(
         "LLM",

@@ -11,6 +11,7 @@ from . import (
     caption_vlm,
     dataset,
     guide,
+    guide_maps,
     library,
     score,
     score_multi,
@@ -38,6 +39,7 @@ STAGE_MODULES = (
     story,
     library,
     guide,
+    guide_maps,
 )
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
