@@ -71,7 +71,7 @@ def best_of_attempts(
 ) -> Any:
     """Render a frame (``render(seed, attempt, file_name)`` returns the scored StoryFrame whose image it wrote
     under `folder` as `file_name`) until it passes or the retries are spent; returns the best attempt's frame,
-    its image copied to `image_name`, with every attempt in ``attempts`` and ``passed`` set."""
+    its image copied to `image_name` (after more than one attempt each is kept as ``<stem>_tryK.png``), with every attempt in ``attempts`` and ``passed`` set."""
     stem = Path(image_name).stem
     tried: list[tuple[Any, bool]] = []
     records: list[dict[str, Any]] = []
@@ -95,13 +95,13 @@ def best_of_attempts(
         if not why:
             break
     best, passed = max(tried, key=lambda item: _rank(*item))
-    if best.image != image_name:  # the kept attempt becomes the frame's image; the others stay beside it
+    if len(records) > 1:  # every attempt keeps its file; the kept one is also the frame's image
         first = folder / image_name
-        if first.exists():
-            shutil.copyfile(first, folder / f"{stem}_try1.png")
-            records[0]["image"] = f"{stem}_try1.png"
-        shutil.copyfile(folder / best.image, first)
-        best.image = image_name
+        shutil.copyfile(first, folder / f"{stem}_try1.png")
+        records[0]["image"] = f"{stem}_try1.png"
+        if best.image != image_name:
+            shutil.copyfile(folder / best.image, first)
+            best.image = image_name
     best.attempts = records
     best.passed = passed
     if len(records) > 1:
