@@ -40,6 +40,7 @@ MODEL_FILE_INPUTS = frozenset({
     ("CharForgeVideoLoRA", "lora_name"),
     ("CharForgeMotionLoRA", "motion_lora"),
     ("CharForgeGenerateVideo", "controlnet"),
+    ("CharForgeDepthMap", "model"),  # a folder in models/depth_anything
     ("CharForgeLoadAudio", "audio"),  # a file in the input folder
     ("CharForgeFaceMotion", "video"),  # a file in the input folder
     ("CharForgeLoadClip", "model"),

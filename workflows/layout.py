@@ -217,11 +217,13 @@ def main() -> int:
     import build_api  # noqa: E402 - the sibling script
     import definitions  # noqa: E402 - the sibling script
     import definitions_flow  # noqa: E402 - the sibling script (Flux and SD3.5)
+    import definitions_guide  # noqa: E402 - the sibling script (pose + depth ControlNets)
     import definitions_multi  # noqa: E402 - the sibling script (two characters)
 
     info = build_api.object_info()
     built = set()
-    for build in definitions.BUILDERS + definitions_flow.BUILDERS + definitions_multi.BUILDERS:
+    builders = definitions.BUILDERS + definitions_flow.BUILDERS + definitions_multi.BUILDERS
+    for build in builders + definitions_guide.BUILDERS:
         layout = build(lambda name: Layout(name, info))
         built.add(layout.name)
         print(f"wrote {layout.write().relative_to(WORKFLOWS_DIR.parent)}")
