@@ -129,7 +129,7 @@ class MultiScoreSheet:
         """Per character over the batch: mean similarity (scored images), passed and missing counts."""
         out = {}
         for i, name in enumerate(self.names):
-            sims = [r.characters[i].similarity for r in self.rows if r.characters[i].similarity is not None]
+            sims = [s for r in self.rows if (s := r.characters[i].similarity) is not None]
             out[name] = {
                 "mean_similarity": round(sum(sims) / len(sims), 4) if sims else None,
                 "passed": sum(r.characters[i].passed for r in self.rows),
