@@ -62,6 +62,8 @@ def _map_batch(images, draw, label: str, unique_id=None):
 
 
 class PoseMap:
+    """Pose maps for an OpenPose ControlNet: people and their 133 keypoints (DWPose), drawn in OpenPose colours."""
+
     DESCRIPTION = (
         "OpenPose-style pose maps from DWPose (models/dwpose: yolox_l.onnx finds people, dw-ll_ucoco_384.onnx "
         "places 133 body, feet, face and hand keypoints) drawn in the standard OpenPose colours on black, for an "
@@ -77,7 +79,10 @@ class PoseMap:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "images": ("IMAGE",),
+                "images": (
+                    "IMAGE",
+                    {"tooltip": "The photos or frames to turn into control maps (one map each)."},
+                ),
                 "body": ("BOOLEAN", {"default": True, "tooltip": "Draw the 18 body points and limbs."}),
                 "hands": ("BOOLEAN", {"default": True, "tooltip": "Draw both hands' 21 points and bones."}),
                 "face": ("BOOLEAN", {"default": True, "tooltip": "Draw the 68 face points as white dots."}),
@@ -95,6 +100,8 @@ class PoseMap:
 
 
 class DepthMap:
+    """Depth maps for a depth ControlNet from a Depth Anything folder (transformers), nearest white."""
+
     DESCRIPTION = (
         "Depth maps from a Depth Anything model folder (models/depth_anything/<name>: config.json and weights from "
         "the Hugging Face hub), nearest white, farthest black, for a depth ControlNet through Apply ControlNet."
@@ -109,7 +116,10 @@ class DepthMap:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "images": ("IMAGE",),
+                "images": (
+                    "IMAGE",
+                    {"tooltip": "The photos or frames to turn into control maps (one map each)."},
+                ),
                 "model": (depth_choices(), {"tooltip": "A Depth Anything folder in models/depth_anything."}),
                 "resolution": (
                     "INT",
@@ -141,6 +151,8 @@ class DepthMap:
 
 
 class CannyMap:
+    """Canny edge maps for a Canny ControlNet (OpenCV), white edges on black."""
+
     DESCRIPTION = (
         "Canny edge maps (OpenCV, white edges on black) for a Canny ControlNet through Apply ControlNet."
     )
@@ -153,9 +165,28 @@ class CannyMap:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "images": ("IMAGE",),
-                "low_threshold": ("INT", {"default": 100, "min": 0, "max": 255}),
-                "high_threshold": ("INT", {"default": 200, "min": 0, "max": 255}),
+                "images": (
+                    "IMAGE",
+                    {"tooltip": "The photos or frames to turn into control maps (one map each)."},
+                ),
+                "low_threshold": (
+                    "INT",
+                    {
+                        "default": 100,
+                        "min": 0,
+                        "max": 255,
+                        "tooltip": "Canny's lower hysteresis threshold (weak edges).",
+                    },
+                ),
+                "high_threshold": (
+                    "INT",
+                    {
+                        "default": 200,
+                        "min": 0,
+                        "max": 255,
+                        "tooltip": "Canny's upper hysteresis threshold (strong edges).",
+                    },
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -169,6 +200,8 @@ class CannyMap:
 
 
 class LineArtMap:
+    """Model-free line-art maps for a line-art ControlNet, white lines on black."""
+
     DESCRIPTION = (
         "Model-free line drawings (white lines on black; the photo divided by its blur) for a line-art "
         "ControlNet through Apply ControlNet."
@@ -182,9 +215,30 @@ class LineArtMap:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "images": ("IMAGE",),
-                "blur": ("FLOAT", {"default": 4.0, "min": 0.5, "max": 32.0, "step": 0.5}),
-                "strength": ("FLOAT", {"default": 8.0, "min": 1.0, "max": 64.0, "step": 0.5}),
+                "images": (
+                    "IMAGE",
+                    {"tooltip": "The photos or frames to turn into control maps (one map each)."},
+                ),
+                "blur": (
+                    "FLOAT",
+                    {
+                        "default": 4.0,
+                        "min": 0.5,
+                        "max": 32.0,
+                        "step": 0.5,
+                        "tooltip": "Gaussian blur (sigma, pixels) the photo is divided by: larger keeps broader strokes.",
+                    },
+                ),
+                "strength": (
+                    "FLOAT",
+                    {
+                        "default": 8.0,
+                        "min": 1.0,
+                        "max": 64.0,
+                        "step": 0.5,
+                        "tooltip": "How dark the lines are drawn: higher gives bolder lines.",
+                    },
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
