@@ -177,6 +177,21 @@ class Guidance:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class _FrameJob:
+    """One frame to render: what :meth:`StoryRun._frame` retries and :meth:`StoryRun._render` queues."""
+
+    mode: str
+    index: int
+    prompt: str
+    checkpoint: str
+    identity: dict[str, Any]
+    clip: str | None
+    guidance: Guidance | None
+    guide_image: str | None
+    folder: Path
+
+
 @dataclass
 class StoryResult:
     out_dir: Path
@@ -525,18 +540,7 @@ class StoryRun:
 
     # ---- running --------------------------------------------------------------------------------------
 
-    def _frame(
-        self,
-        mode: str,
-        index: int,
-        prompt: str,
-        checkpoint: str,
-        identity: dict[str, Any],
-        clip: str | None,
-        guidance: Guidance | None,
-        guide_image: str | None,
-        folder: Path,
-    ) -> Any:
+    def _frame(self, job: _FrameJob) -> Any:
         from .story_retry import RetryPolicy, best_of_attempts
 
         options = self.options
@@ -550,31 +554,27 @@ class StoryRun:
 
         def render(seed: int, attempt: int, name: str) -> Any:
             if attempt:
-                self.note(f"{mode}: frame {index + 1} below threshold: attempt {attempt + 1}, seed {seed}")
-            return self._render(
-                mode, index, prompt, checkpoint, identity, clip, guidance, guide_image, folder, seed, name
-            )
+                self.note(
+                    f"{job.mode}: frame {job.index + 1} below threshold: attempt {attempt + 1}, seed {seed}"
+                )
+            return self._render(job, seed, name)
 
-        name = f"frame_{index + 1:02d}.png"
+        name = f"frame_{job.index + 1:02d}.png"
         if options.retries == 0:  # retrying off: one attempt, no threshold recorded (as before retries)
-            return render(options.seed + index, 0, name)
-        return best_of_attempts(render, options.seed + index, policy, folder, name)
+            return render(options.seed + job.index, 0, name)
+        return best_of_attempts(render, options.seed + job.index, policy, job.folder, name)
 
-    def _render(
-        self,
-        mode: str,
-        index: int,
-        prompt: str,
-        checkpoint: str,
-        identity: dict[str, Any],
-        clip: str | None,
-        guidance: Guidance | None,
-        guide_image: str | None,
-        folder: Path,
-        seed: int,
-        name: str,
-    ) -> Any:
+    def _render(self, job: _FrameJob, seed: int, name: str) -> Any:
         from charforge.engine.story import StoryFrame
+
+        mode, index, prompt, checkpoint = job.mode, job.index, job.prompt, job.checkpoint
+        identity, clip, guidance, guide_image, folder = (
+            job.identity,
+            job.clip,
+            job.guidance,
+            job.guide_image,
+            job.folder,
+        )
 
         graph = frame_graph(
             character=self.character,
@@ -652,15 +652,17 @@ class StoryRun:
             prompt = frame_prompt(scene, self.character.trigger, style)
             self.note(f"{mode}: frame {index + 1}/{len(self.scenes)}: {prompt[:90]}")
             frame = self._frame(
-                mode,
-                index,
-                prompt,
-                checkpoint,
-                identity,
-                clip,
-                guidance if mode == "reference" else None,
-                guide_image,
-                folder,
+                _FrameJob(
+                    mode,
+                    index,
+                    prompt,
+                    checkpoint,
+                    identity,
+                    clip,
+                    guidance if mode == "reference" else None,
+                    guide_image,
+                    folder,
+                )
             )
             frames.append(frame)
             if mode == "reference" and index == 0:

@@ -124,6 +124,31 @@ def base_with_models(
     return base
 
 
+def face_checkpoint_base(
+    tmp_path: Path, checkpoint, *, clip_folder: bool = False, character_lora: bool = False
+) -> tuple[Path, str, Path]:
+    """ComfyUI (skipping without insightface), its Python and a base (`tmp_path`/base) with the pack linked,
+    the test face models (buffalo_l), `checkpoint` (an sd15_comfy_checkpoint) as sd15_tiny.safetensors and,
+    when asked, a tiny CLIP folder (clip_vision/tiny_clip) and a tiny character LoRA (loras/hero.safetensors)."""
+    from .face_models import write_clip_folder, write_face_pack
+
+    comfy = comfyui_dir()
+    python = comfyui_python(comfy)
+    require_module(python, "insightface")
+    base = tmp_path / "base"
+    link_pack(base)
+    write_face_pack(base / "models" / "insightface", "buffalo_l")
+    if clip_folder:
+        write_clip_folder(base / "models" / "clip_vision" / "tiny_clip")
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "checkpoints" / "sd15_tiny.safetensors").symlink_to(checkpoint.path)
+    if character_lora:
+        from .video_models import build_tiny_character_lora
+
+        build_tiny_character_lora(base / "models" / "loras" / "hero.safetensors", checkpoint.unet_config)
+    return comfy, python, base
+
+
 def require_packages(python: str, *modules: str) -> None:
     """Skip the test when ComfyUI's Python cannot import all of `modules` (the pack's requirements)."""
     if subprocess.run([python, "-c", f"import {', '.join(modules)}"], capture_output=True).returncode != 0:

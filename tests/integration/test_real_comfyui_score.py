@@ -14,7 +14,7 @@ import urllib.request
 from PIL import Image
 
 import cf_testing.real_comfyui as real
-from cf_testing.face_models import blank_image, face_image, write_face_pack
+from cf_testing.face_models import blank_image, face_image
 
 pytestmark = real.suite_marks()
 
@@ -23,14 +23,7 @@ PORTS = range(8500, 8600)
 
 
 def test_identity_score_filter_best_in_real_comfyui(tmp_path, monkeypatch, sd15_comfy_checkpoint):
-    comfy = real.comfyui_dir()
-    python = real.comfyui_python(comfy)
-    real.require_module(python, "insightface")
-    base = tmp_path / "base"
-    real.link_pack(base)
-    write_face_pack(base / "models" / "insightface", "buffalo_l")
-    (base / "models" / "checkpoints").mkdir(parents=True)
-    (base / "models" / "checkpoints" / "sd15_tiny.safetensors").symlink_to(sd15_comfy_checkpoint.path)
+    comfy, python, base = real.face_checkpoint_base(tmp_path, sd15_comfy_checkpoint)
     refs = base / "input" / "refs"
     refs.mkdir(parents=True)
     for seed in range(3):

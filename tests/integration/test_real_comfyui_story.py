@@ -18,7 +18,7 @@ from PIL import Image
 
 import cf_testing.real_comfyui as real
 from cf_testing.comfyui import REPO_ROOT
-from cf_testing.face_models import face_image, write_clip_folder, write_face_pack
+from cf_testing.face_models import face_image
 
 pytestmark = real.suite_marks()
 PORTS = range(18550, 18600)
@@ -33,20 +33,10 @@ SCENES = [
 
 
 def test_story_both_modes_and_ablation_in_real_comfyui(tmp_path, monkeypatch, sd15_comfy_checkpoint):
-    from cf_testing.video_models import build_tiny_character_lora
     from charforge.recipes import cli
 
-    comfy = real.comfyui_dir()
-    python = real.comfyui_python(comfy)
-    real.require_module(python, "insightface")
-    base = tmp_path / "base"
-    real.link_pack(base)
-    write_face_pack(base / "models" / "insightface", "buffalo_l")
-    write_clip_folder(base / "models" / "clip_vision" / "tiny_clip")
-    (base / "models" / "checkpoints").mkdir(parents=True)
-    (base / "models" / "checkpoints" / "sd15_tiny.safetensors").symlink_to(sd15_comfy_checkpoint.path)
-    build_tiny_character_lora(
-        base / "models" / "loras" / "hero.safetensors", sd15_comfy_checkpoint.unet_config
+    comfy, python, base = real.face_checkpoint_base(
+        tmp_path, sd15_comfy_checkpoint, clip_folder=True, character_lora=True
     )
     refs = tmp_path / "refs"
     refs.mkdir()

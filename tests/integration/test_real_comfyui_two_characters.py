@@ -18,7 +18,7 @@ from PIL import Image
 
 import cf_testing.real_comfyui as real
 from cf_testing import lora_files
-from cf_testing.face_models import blank_image, face_image, write_face_pack
+from cf_testing.face_models import blank_image, face_image
 
 pytestmark = real.suite_marks()
 
@@ -57,14 +57,7 @@ def _shipped(strength: float) -> dict:
 
 
 def test_two_characters_workflow_in_real_comfyui(tmp_path, sd15_comfy_checkpoint):
-    comfy = real.comfyui_dir()
-    python = real.comfyui_python(comfy)
-    real.require_module(python, "insightface")
-    base = tmp_path / "base"
-    real.link_pack(base)
-    write_face_pack(base / "models" / "insightface", "buffalo_l")
-    (base / "models" / "checkpoints").mkdir(parents=True)
-    (base / "models" / "checkpoints" / "sd15_tiny.safetensors").symlink_to(sd15_comfy_checkpoint.path)
+    comfy, python, base = real.face_checkpoint_base(tmp_path, sd15_comfy_checkpoint)
     loras = base / "models" / "loras"
     loras.mkdir(parents=True)
     for seed, name in enumerate(("character_a", "character_b")):

@@ -122,6 +122,11 @@ def stack_images(images: list, torch):
     return torch.stack(out)
 
 
+def threshold_input(tooltip: str) -> tuple[str, dict]:
+    """A 0..1 FLOAT threshold input (0 by default, step 0.01) with ``tooltip``."""
+    return ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": tooltip})
+
+
 def empty_image_batch(size: int = 64, like=None):
     """A one-image black batch: what a node returns for IMAGE when it has nothing to show.
 

@@ -219,7 +219,17 @@ def shared_patch_class() -> type[Any]:
     return _Shared
 
 
-class ApplyIPAdapter:
+class _ApplyAdapterNode:
+    """What the two Apply nodes declare alike: one MODEL output from ``apply``."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The MODEL with the adapter applied (a clone; the input MODEL is unchanged).",)
+    FUNCTION = "apply"
+
+
+class ApplyIPAdapter(_ApplyAdapterNode):
     """Guide generation with a reference image through an IP-Adapter."""
 
     DESCRIPTION = (
@@ -229,11 +239,6 @@ class ApplyIPAdapter:
         "layer of the U-Net to also attend to the image tokens. Several images are used together; chain nodes "
         "for several adapters. SD1.5 and SDXL U-Nets."
     )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The MODEL with the adapter applied (a clone; the input MODEL is unchanged).",)
-    FUNCTION = "apply"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -267,7 +272,7 @@ class ApplyIPAdapter:
         return (apply_to_model(model, ipadapter, cond, uncond, weight, start_at, end_at, attn_mask),)
 
 
-class ApplyIPAdapterFaceID:
+class ApplyIPAdapterFaceID(_ApplyAdapterNode):
     """Guide generation with a character's face identity through a FaceID IP-Adapter."""
 
     DESCRIPTION = (
@@ -277,11 +282,6 @@ class ApplyIPAdapterFaceID:
         "with shortcut_scale. The negative prompt gets a zero face embedding (and an all-black crop). The "
         "FaceID LoRA that goes with the adapter is loaded separately (a LoRA loader)."
     )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The MODEL with the adapter applied (a clone; the input MODEL is unchanged).",)
-    FUNCTION = "apply"
 
     @classmethod
     def INPUT_TYPES(cls):

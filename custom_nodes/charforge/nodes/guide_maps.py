@@ -50,6 +50,28 @@ def depth_choices() -> list[str]:
     return bridge.model_dirs(DEPTH_FOLDER, "config.json") or [NO_DEPTH_MODEL]
 
 
+def _map_inputs(**options) -> dict[str, Any]:
+    """A map node's inputs: the IMAGE batch, then that node's own ``options``, then the hidden node id."""
+    return {
+        "required": {
+            "images": (
+                "IMAGE",
+                {"tooltip": "The photos or frames to turn into control maps (one map each)."},
+            ),
+            **options,
+        },
+        "hidden": {"unique_id": "UNIQUE_ID"},
+    }
+
+
+class _MapNode:
+    """What the four map nodes declare alike: one IMAGE batch out of ``run``."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+
+
 def _map_batch(images, draw, label: str, unique_id=None):
     total = int(images.shape[0])
     control = bridge.control(total, node_id=unique_id, label=label)
@@ -61,7 +83,7 @@ def _map_batch(images, draw, label: str, unique_id=None):
     return (rgb8_to_image_batch(maps),)
 
 
-class PoseMap:
+class PoseMap(_MapNode):
     """Pose maps for an OpenPose ControlNet: people and their 133 keypoints (DWPose), drawn in OpenPose colours."""
 
     DESCRIPTION = (
@@ -69,26 +91,16 @@ class PoseMap:
         "places 133 body, feet, face and hand keypoints) drawn in the standard OpenPose colours on black, for an "
         "OpenPose ControlNet through Apply ControlNet."
     )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("pose_map",)
     OUTPUT_TOOLTIPS = ("One pose map per input image, same size.",)
-    FUNCTION = "run"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "images": (
-                    "IMAGE",
-                    {"tooltip": "The photos or frames to turn into control maps (one map each)."},
-                ),
-                "body": ("BOOLEAN", {"default": True, "tooltip": "Draw the 18 body points and limbs."}),
-                "hands": ("BOOLEAN", {"default": True, "tooltip": "Draw both hands' 21 points and bones."}),
-                "face": ("BOOLEAN", {"default": True, "tooltip": "Draw the 68 face points as white dots."}),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+        return _map_inputs(
+            body=("BOOLEAN", {"default": True, "tooltip": "Draw the 18 body points and limbs."}),
+            hands=("BOOLEAN", {"default": True, "tooltip": "Draw both hands' 21 points and bones."}),
+            face=("BOOLEAN", {"default": True, "tooltip": "Draw the 68 face points as white dots."}),
+        )
 
     def run(self, images, body=True, hands=True, face=True, unique_id=None):
         from ..engine.guide.pose import PoseEstimator
@@ -99,41 +111,31 @@ class PoseMap:
         )
 
 
-class DepthMap:
+class DepthMap(_MapNode):
     """Depth maps for a depth ControlNet from a Depth Anything folder (transformers), nearest white."""
 
     DESCRIPTION = (
         "Depth maps from a Depth Anything model folder (models/depth_anything/<name>: config.json and weights from "
         "the Hugging Face hub), nearest white, farthest black, for a depth ControlNet through Apply ControlNet."
     )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("depth_map",)
     OUTPUT_TOOLTIPS = ("One depth map per input image, same size.",)
-    FUNCTION = "run"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "images": (
-                    "IMAGE",
-                    {"tooltip": "The photos or frames to turn into control maps (one map each)."},
-                ),
-                "model": (depth_choices(), {"tooltip": "A Depth Anything folder in models/depth_anything."}),
-                "resolution": (
-                    "INT",
-                    {
-                        "default": 518,
-                        "min": 56,
-                        "max": 2044,
-                        "step": 14,
-                        "tooltip": "Shorter side the model sees.",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+        return _map_inputs(
+            model=(depth_choices(), {"tooltip": "A Depth Anything folder in models/depth_anything."}),
+            resolution=(
+                "INT",
+                {
+                    "default": 518,
+                    "min": 56,
+                    "max": 2044,
+                    "step": 14,
+                    "tooltip": "Shorter side the model sees.",
+                },
+            ),
+        )
 
     def run(self, images, model, resolution=518, unique_id=None):
         from ..engine.guide.depth import DepthEstimator, DepthModelNotFoundError
@@ -150,46 +152,36 @@ class DepthMap:
         return _map_batch(images, estimator.depth_map, "depth map", unique_id)
 
 
-class CannyMap:
+class CannyMap(_MapNode):
     """Canny edge maps for a Canny ControlNet (OpenCV), white edges on black."""
 
     DESCRIPTION = (
         "Canny edge maps (OpenCV, white edges on black) for a Canny ControlNet through Apply ControlNet."
     )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("edges",)
-    FUNCTION = "run"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "images": (
-                    "IMAGE",
-                    {"tooltip": "The photos or frames to turn into control maps (one map each)."},
-                ),
-                "low_threshold": (
-                    "INT",
-                    {
-                        "default": 100,
-                        "min": 0,
-                        "max": 255,
-                        "tooltip": "Canny's lower hysteresis threshold (weak edges).",
-                    },
-                ),
-                "high_threshold": (
-                    "INT",
-                    {
-                        "default": 200,
-                        "min": 0,
-                        "max": 255,
-                        "tooltip": "Canny's upper hysteresis threshold (strong edges).",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+        return _map_inputs(
+            low_threshold=(
+                "INT",
+                {
+                    "default": 100,
+                    "min": 0,
+                    "max": 255,
+                    "tooltip": "Canny's lower hysteresis threshold (weak edges).",
+                },
+            ),
+            high_threshold=(
+                "INT",
+                {
+                    "default": 200,
+                    "min": 0,
+                    "max": 255,
+                    "tooltip": "Canny's upper hysteresis threshold (strong edges).",
+                },
+            ),
+        )
 
     def run(self, images, low_threshold=100, high_threshold=200, unique_id=None):
         from ..engine.guide.lines import canny_map
@@ -199,49 +191,39 @@ class CannyMap:
         )
 
 
-class LineArtMap:
+class LineArtMap(_MapNode):
     """Model-free line-art maps for a line-art ControlNet, white lines on black."""
 
     DESCRIPTION = (
         "Model-free line drawings (white lines on black; the photo divided by its blur) for a line-art "
         "ControlNet through Apply ControlNet."
     )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("line_art",)
-    FUNCTION = "run"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "images": (
-                    "IMAGE",
-                    {"tooltip": "The photos or frames to turn into control maps (one map each)."},
-                ),
-                "blur": (
-                    "FLOAT",
-                    {
-                        "default": 4.0,
-                        "min": 0.5,
-                        "max": 32.0,
-                        "step": 0.5,
-                        "tooltip": "Gaussian blur (sigma, pixels) the photo is divided by: larger keeps broader strokes.",
-                    },
-                ),
-                "strength": (
-                    "FLOAT",
-                    {
-                        "default": 8.0,
-                        "min": 1.0,
-                        "max": 64.0,
-                        "step": 0.5,
-                        "tooltip": "How dark the lines are drawn: higher gives bolder lines.",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+        return _map_inputs(
+            blur=(
+                "FLOAT",
+                {
+                    "default": 4.0,
+                    "min": 0.5,
+                    "max": 32.0,
+                    "step": 0.5,
+                    "tooltip": "Gaussian blur (sigma, pixels) the photo is divided by: larger keeps broader strokes.",
+                },
+            ),
+            strength=(
+                "FLOAT",
+                {
+                    "default": 8.0,
+                    "min": 1.0,
+                    "max": 64.0,
+                    "step": 0.5,
+                    "tooltip": "How dark the lines are drawn: higher gives bolder lines.",
+                },
+            ),
+        )
 
     def run(self, images, blur=4.0, strength=8.0, unique_id=None):
         from ..engine.guide.lines import line_art_map

@@ -53,6 +53,7 @@ from .convert import (
     pil_to_image_batch,
     resolve_folder,
     show_picture,
+    threshold_input,
 )
 
 CATEGORY = "CharForge/Score"
@@ -380,15 +381,8 @@ class FilterByScore:
                     "CHARFORGE_SCORES",
                     {"tooltip": "From Score Identity, CLIP Score or Combine Scores."},
                 ),
-                "threshold": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Pass mark. 0 = keep the threshold the scores were judged with.",
-                    },
+                "threshold": threshold_input(
+                    "Pass mark. 0 = keep the threshold the scores were judged with."
                 ),
             },
         }
@@ -625,16 +619,7 @@ class ClipScore:
                         "tooltip": "Each line of prompt belongs to the image at the same position.",
                     },
                 ),
-                "threshold": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "CLIP score an image needs to pass; 0 = every image passes.",
-                    },
-                ),
+                "threshold": threshold_input("CLIP score an image needs to pass; 0 = every image passes."),
                 "batch_size": (
                     "INT",
                     {

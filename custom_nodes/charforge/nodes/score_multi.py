@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .. import bridge
 from ..engine.score.multi import score_characters
-from .convert import image_frames
+from .convert import image_frames, threshold_input
 
 CATEGORY = "CharForge/Score"
 MAX_CHARACTERS = 4
@@ -56,16 +56,9 @@ class ScoreCharacters:
                 "images": ("IMAGE", {"tooltip": "The images to score, each meant to show every character."}),
                 "identity_1": ("CHARFORGE_IDENTITY", {"tooltip": f"Character 1. {identity}"}),
                 "identity_2": ("CHARFORGE_IDENTITY", {"tooltip": f"Character 2. {identity}"}),
-                "threshold": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Cosine similarity each character's face needs to pass. 0 = each identity's "
-                        "suggested threshold.",
-                    },
+                "threshold": threshold_input(
+                    "Cosine similarity each character's face needs to pass. 0 = each identity's "
+                    "suggested threshold."
                 ),
             },
             "optional": {

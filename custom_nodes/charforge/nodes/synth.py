@@ -22,7 +22,14 @@ from ..engine.synth import (
     synthesize,
 )
 from ..engine.synth.swap import FACE_CHOICES, SWAPPER_FOLDER
-from .convert import files_to_image_batch, folder_signature, image_rgb8, resolve_folder, rgb8_to_image_batch
+from .convert import (
+    files_to_image_batch,
+    folder_signature,
+    image_rgb8,
+    resolve_folder,
+    rgb8_to_image_batch,
+    threshold_input,
+)
 from .score import PROVIDERS
 
 CATEGORY = "CharForge/Synthesis"
@@ -315,16 +322,8 @@ class SynthesizeDataset:
                     },
                 ),
                 "which": (list(FACE_CHOICES), {"default": "main", "tooltip": WHICH_TOOLTIP}),
-                "threshold": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Identity similarity a result needs to be kept. 0 = the "
-                        "identity's suggested threshold.",
-                    },
+                "threshold": threshold_input(
+                    "Identity similarity a result needs to be kept. 0 = the identity's suggested threshold."
                 ),
                 "max_share": (
                     "FLOAT",
