@@ -86,24 +86,8 @@ COMFY_SIDE = textwrap.dedent(r"""
 """)
 
 # ComfyUI's SD1.5 U-Net config (comfy/model_detection.py) at 32 base channels (SD15 adds 8 heads).
-UNET_CONFIG = {
-    "use_checkpoint": False,
-    "image_size": 32,
-    "out_channels": 4,
-    "use_spatial_transformer": True,
-    "legacy": False,
-    "adm_in_channels": None,
-    "in_channels": 4,
-    "model_channels": 32,
-    "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "channel_mult": [1, 2, 4, 4],
-    "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False,
-    "context_dim": 768,
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_temporal_attention": False,
-    "use_temporal_resblock": False,
+UNET_CONFIG = {key: value for key, value in real.SD15_UNET_CONFIG.items() if key != "num_heads"} | {
+    "model_channels": 32
 }
 # Cross-attention widths in the file's layer order (down blocks, up blocks, middle block).
 WIDTHS = [32, 32, 64, 64, 128, 128] + [128] * 3 + [64] * 3 + [32] * 3 + [128]

@@ -114,8 +114,12 @@ async def _select(
         "combined": 0.5,
         "note": "",
     }
+    return storyboard_output(images, mode, frame, (images.color + first_frame * 40) & 0xFFFFFF)
+
+
+def storyboard_output(images, mode: str, frame: dict, color: int):
+    """What a fake Storyboard Select returns: one chosen image of `color` and the one-frame storyboard record."""
     record = json.dumps({"format": "charforge.storyboard", "version": 1, "mode": mode, "frames": [frame]})
-    color = (images.color + first_frame * 40) & 0xFFFFFF
     return (FakeImage(1, images.width, images.height, color), record, "report", "SCORES"), {
         "text": ["report"],
         "storyboard": [record],

@@ -47,22 +47,7 @@ SCENES = [
 ]  # frames 5-6 pass at once
 
 
-async def _planted_select(
-    ctx,
-    images,
-    prompts,
-    face_models,
-    identity,
-    mode,
-    identity_weight,
-    text_weight,
-    face_choice,
-    seeds=None,
-    captions=None,
-    clip=None,
-    reference=None,
-    first_frame=1,
-):
+async def _planted_select(ctx, images, prompts, mode, seeds=None, first_frame=1, **_):
     frame = {
         "index": first_frame - 1,
         "prompt": prompts,
@@ -74,12 +59,8 @@ async def _planted_select(
         "combined": 0.5,
         "note": "",
     }
-    record = json.dumps({"format": "charforge.storyboard", "version": 1, "mode": mode, "frames": [frame]})
-    color = (seeds * 2654435761) & 0x7F7F7F  # a colour per seed (never the sheet's red marker)
-    return (FakeImage(1, images.width, images.height, color), record, "report", "SCORES"), {
-        "text": ["report"],
-        "storyboard": [record],
-    }
+    # a colour per seed (never the sheet's red marker)
+    return story_fakes.storyboard_output(images, mode, frame, (seeds * 2654435761) & 0x7F7F7F)
 
 
 class RetryServer(story_fakes.StoryServer):
