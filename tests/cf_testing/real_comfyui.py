@@ -172,6 +172,23 @@ def face_checkpoint_base(
     return comfy, python, base
 
 
+def story_inputs(tmp_path: Path, monkeypatch, scenes: Sequence[str], references: int) -> tuple[Path, Path]:
+    """A story run's inputs under `tmp_path`: `references` test-face photos of one person (refs/ref<seed>.png)
+    and the `scenes` file, with no user config read; returns (refs folder, scenes file)."""
+    from PIL import Image
+
+    from .face_models import face_image
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for seed in range(references):
+        Image.fromarray(face_image(person=0, noise=2, seed=seed)).save(refs / f"ref{seed}.png")
+    scenes_file = tmp_path / "scenes.txt"
+    scenes_file.write_text("\n".join(scenes) + "\n")
+    monkeypatch.setenv("CHARFORGE_CONFIG", str(tmp_path / "no-config.yaml"))
+    return refs, scenes_file
+
+
 def require_packages(python: str, *modules: str) -> None:
     """Skip the test when ComfyUI's Python cannot import all of `modules` (the pack's requirements)."""
     if subprocess.run([python, "-c", f"import {', '.join(modules)}"], capture_output=True).returncode != 0:

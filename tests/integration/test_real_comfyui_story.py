@@ -18,7 +18,6 @@ from PIL import Image
 
 import cf_testing.real_comfyui as real
 from cf_testing.comfyui import REPO_ROOT
-from cf_testing.face_models import face_image
 
 pytestmark = real.suite_marks()
 PORTS = range(18550, 18600)
@@ -38,13 +37,7 @@ def test_story_both_modes_and_ablation_in_real_comfyui(tmp_path, monkeypatch, sd
     comfy, python, base = real.face_checkpoint_base(
         tmp_path, sd15_comfy_checkpoint, clip_folder=True, character_lora=True
     )
-    refs = tmp_path / "refs"
-    refs.mkdir()
-    for seed in range(3):
-        Image.fromarray(face_image(person=0, noise=2, seed=seed)).save(refs / f"ref{seed}.png")
-    scenes = tmp_path / "scenes.txt"
-    scenes.write_text("\n".join(SCENES) + "\n")
-    monkeypatch.setenv("CHARFORGE_CONFIG", str(tmp_path / "no-config.yaml"))
+    refs, scenes = real.story_inputs(tmp_path, monkeypatch, SCENES, references=3)
 
     server = real.start_comfyui(comfy, base, python, ports=PORTS)
     out_dir = tmp_path / "story"

@@ -16,7 +16,6 @@ import numpy as np
 from PIL import Image
 
 import cf_testing.real_comfyui as real
-from cf_testing.face_models import face_image
 
 pytestmark = real.suite_marks()
 PORTS = range(19470, 19500)
@@ -40,12 +39,7 @@ def test_story_retries_regenerate_low_scoring_frames_in_real_comfyui(
     comfy, python, base = real.face_checkpoint_base(
         tmp_path, sd15_comfy_checkpoint, clip_folder=True, character_lora=True
     )
-    refs = tmp_path / "refs"
-    refs.mkdir()
-    Image.fromarray(face_image(person=0, noise=2, seed=0)).save(refs / "ref0.png")
-    scenes = tmp_path / "scenes.txt"
-    scenes.write_text("\n".join(SCENES) + "\n")
-    monkeypatch.setenv("CHARFORGE_CONFIG", str(tmp_path / "no-config.yaml"))
+    refs, scenes = real.story_inputs(tmp_path, monkeypatch, SCENES, references=1)
     out_dir = tmp_path / "story"
     args = [
         "story",
