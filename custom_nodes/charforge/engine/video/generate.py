@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..control import Control, or_default
 from .context import ContextOptions, context_windows, window_weights
@@ -170,26 +169,13 @@ def encode_schedule(
 
 
 def _fit_frames(images: torch.Tensor, frames: int, width: int, height: int) -> torch.Tensor:
-    """(N, H, W, 3) 0..1 -> (frames, 3, height, width) -1..1: resampled in time, scaled to cover, centre-cropped."""
+    """(N, H, W, 3) 0..1 -> (frames, 3, height, width) -1..1: resampled in time, scaled to cover, centre-cropped
+    (the same fitting as the control frames)."""
     if images.dim() == 3:
         images = images[None]
     if images.dim() != 4 or images.shape[-1] < 3:
         raise ValueError(f"init frames must be an IMAGE batch (N, H, W, 3); got shape {tuple(images.shape)}")
-    count = images.shape[0]
-    index = (
-        [0] * frames if count == 1 else [round(i * (count - 1) / max(frames - 1, 1)) for i in range(frames)]
-    )
-    chosen = images[index, :, :, :3].permute(0, 3, 1, 2).float()
-    h, w = chosen.shape[-2:]
-    scale = max(width / w, height / h)
-    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
-    if (new_h, new_w) != (h, w):
-        chosen = F.interpolate(
-            chosen, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
-        )
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    chosen = chosen[:, :, top : top + height, left : left + width]
-    return chosen.clamp(0, 1) * 2 - 1
+    return fit_control_frames(images, frames, width, height) * 2 - 1
 
 
 def _chunk(model: VideoModel) -> int:
