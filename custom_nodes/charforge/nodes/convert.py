@@ -32,6 +32,37 @@ def resolve_folder(folder: str) -> str:
     return os.path.join(bridge.input_directory(), folder)
 
 
+def input_files(suffixes: tuple[str, ...], empty: str) -> list[str]:
+    """Files with one of `suffixes` in ComfyUI's input folder and its subfolders (``sub/name.ext``, hidden
+    folders skipped), sorted; ``[empty]`` when there are none (a combo needs one entry)."""
+    root = bridge.input_directory()
+    names = []
+    if os.path.isdir(root):
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            rel = os.path.relpath(folder, root)
+            names += [
+                name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
+                for name in files
+                if name.lower().endswith(suffixes)
+            ]
+    return sorted(names) or [empty]
+
+
+def resolve_input_file(name: str, empty: str, kind: str, none_chosen: str) -> str:
+    """The full path of an input-folder file named as `input_files` names it; refuses the placeholder `empty`
+    (with `none_chosen`, the fix to tell the user), paths outside the input folder and missing files."""
+    root = os.path.abspath(bridge.input_directory())
+    if name == empty or not name.strip():
+        raise FileNotFoundError(none_chosen.format(root=root))
+    path = os.path.abspath(os.path.join(root, name))
+    if os.path.commonpath((root, path)) != root:
+        raise ValueError(f"{kind} {name!r} is outside the input folder {root}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{kind} file not found: {path} (put it into the input folder {root})")
+    return path
+
+
 def folder_signature(folder: str, recursive: bool = True):
     """What an ``IS_CHANGED`` returns for a folder input: it changes when image files in the folder are added,
     removed or modified, so ComfyUI re-runs the node (NaN, never equal, when the folder cannot be read)."""

@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import bridge
 from ..deps import require
+from .convert import input_files, resolve_input_file
 
 CATEGORY = "CharForge/Video"
 # Kept import-free (the engine module imports numpy at load); tests/nodes/test_video_audio.py checks them.
@@ -26,31 +26,18 @@ NO_AUDIO = "(no audio files in the input folder)"
 
 def audio_choices() -> list[str]:
     """Sound files in ComfyUI's input folder and its subfolders (as ``sub/name.wav``)."""
-    root = Path(bridge.input_directory())
-    names = []
-    if root.is_dir():
-        for folder, dirs, files in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in files:
-                if name.lower().endswith(AUDIO_SUFFIXES):
-                    names.append((Path(folder) / name).relative_to(root).as_posix())
-    return sorted(names) or [NO_AUDIO]
+    return input_files(AUDIO_SUFFIXES, NO_AUDIO)
 
 
 def resolve_audio(name: str) -> str:
     """The full path of an input-folder sound file named as `audio_choices` names it."""
-    root = os.path.abspath(bridge.input_directory())
-    if name == NO_AUDIO or not name.strip():
-        raise FileNotFoundError(
-            f"no audio file chosen: put a sound file (wav, flac, mp3, m4a) into ComfyUI's input folder {root} "
-            "and reload the page, then pick it (or upload one with ComfyUI's own Load Audio node)"
-        )
-    path = os.path.abspath(os.path.join(root, name))
-    if os.path.commonpath((root, path)) != root:
-        raise ValueError(f"audio {name!r} is outside the input folder {root}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"audio file not found: {path} (put it into the input folder {root})")
-    return path
+    return resolve_input_file(
+        name,
+        NO_AUDIO,
+        "audio",
+        "no audio file chosen: put a sound file (wav, flac, mp3, m4a) into ComfyUI's input folder {root} "
+        "and reload the page, then pick it (or upload one with ComfyUI's own Load Audio node)",
+    )
 
 
 def to_engine_audio(audio):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import bridge
 from ..deps import require
+from .convert import input_files, resolve_input_file
 
 CATEGORY = "CharForge/Video"
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".gif", ".webp")
@@ -24,32 +25,17 @@ STYLES = ("dots", "lines")
 
 def video_choices() -> list[str]:
     """Video files in ComfyUI's input folder and its subfolders (as ``sub/name.mp4``)."""
-    root = Path(bridge.input_directory())
-    names = []
-    if root.is_dir():
-        for folder, dirs, files in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            names += [
-                (Path(folder) / name).relative_to(root).as_posix()
-                for name in files
-                if name.lower().endswith(VIDEO_SUFFIXES)
-            ]
-    return sorted(names) or [NO_VIDEO]
+    return input_files(VIDEO_SUFFIXES, NO_VIDEO)
 
 
 def resolve_video(name: str) -> str:
-    root = os.path.abspath(bridge.input_directory())
-    if name == NO_VIDEO or not name.strip():
-        raise FileNotFoundError(
-            f"no driving video chosen: put a video of a face (mp4, webm, mov, gif) into ComfyUI's input folder {root} "
-            "and reload the page, then pick it (or connect frames from a video loader to 'frames')"
-        )
-    path = os.path.abspath(os.path.join(root, name))
-    if os.path.commonpath((root, path)) != root:
-        raise ValueError(f"video {name!r} is outside the input folder {root}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"driving video not found: {path} (put it into the input folder {root})")
-    return path
+    return resolve_input_file(
+        name,
+        NO_VIDEO,
+        "driving video",
+        "no driving video chosen: put a video of a face (mp4, webm, mov, gif) into ComfyUI's input folder {root} "
+        "and reload the page, then pick it (or connect frames from a video loader to 'frames')",
+    )
 
 
 class FaceMotion:
