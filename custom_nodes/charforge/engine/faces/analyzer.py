@@ -43,6 +43,8 @@ class Face:
     landmarks: Any = field(default=None, repr=False)
     # np.ndarray (512,), L2-normalised ArcFace embedding; or None
     embedding: Any = field(default=None, repr=False)
+    # the recogniser's raw embedding is ``embedding * embedding_norm`` (InstantID was trained on it); or None
+    embedding_norm: float | None = None
 
     @property
     def area(self) -> float:
@@ -202,15 +204,16 @@ class FaceAnalyzer:
         faces = []
         for index in range(len(boxes)):
             landmarks = None if keypoints is None else np.asarray(keypoints[index], dtype=np.float32)
-            embedding = None
+            embedding, norm = None, None
             if self._recogniser is not None and landmarks is not None:
                 found = InsightFace(bbox=boxes[index, :4], kps=landmarks, det_score=boxes[index, 4])
                 with warnings.catch_warnings():  # scikit-image deprecation noise from insightface's alignment
                     warnings.simplefilter("ignore", FutureWarning)
                     self._recogniser.get(bgr, found)
-                embedding = _normalise(np.asarray(found.embedding, dtype=np.float32))
+                raw = np.asarray(found.embedding, dtype=np.float32)
+                embedding, norm = _normalise(raw), float(np.linalg.norm(raw))
             x1, y1, x2, y2 = (float(v) for v in boxes[index, :4])
-            faces.append(Face((x1, y1, x2, y2), float(boxes[index, 4]), landmarks, embedding))
+            faces.append(Face((x1, y1, x2, y2), float(boxes[index, 4]), landmarks, embedding, norm))
         faces.sort(key=lambda face: face.area, reverse=True)
         return faces
 
