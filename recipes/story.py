@@ -162,9 +162,11 @@ class StoryOptions:
     clip_model: str | None = None  # None: the first CLIP folder the server lists; "none": no text agreement
     timeout: float | None = None  # per job
     # retries (story_retry): regenerate a frame below threshold with new seeds, up to `retries` more times
-    retries: int = 0
-    min_text: float | None = 0.70  # CLIP text agreement a frame must reach (when CLIP is measured)
-    min_identity: float | None = None  # identity a frame must reach; None: the character's threshold, if any
+    # (simple and reference modes; the base-model ablation run is rendered once)
+    retries: int = 2
+    min_text: float | None = 0.70  # CLIPScore (2.5 x CLIP cosine) a frame must reach (when CLIP is measured)
+    # identity a frame must reach; None: the character's threshold, else story_retry.SAME_PERSON
+    min_identity: float | None = None
 
 
 @dataclass
@@ -540,16 +542,24 @@ class StoryRun:
 
     # ---- running --------------------------------------------------------------------------------------
 
+    def _retrying(self, mode: str) -> bool:
+        """Whether frames of `mode` are retried: with --retries above 0, in simple and reference modes (the
+        base model without the LoRA is the ablation's control: picking its luckiest seeds would skew it)."""
+        return self.options.retries > 0 and mode != "base"
+
+    def _min_identity(self) -> float:
+        from .story_retry import SAME_PERSON
+
+        if self.options.min_identity is not None:
+            return self.options.min_identity
+        return self.character.threshold if self.character.threshold is not None else SAME_PERSON
+
     def _frame(self, job: _FrameJob) -> Any:
         from .story_retry import RetryPolicy, best_of_attempts
 
         options = self.options
         policy = RetryPolicy(
-            retries=options.retries,
-            min_text=options.min_text,
-            min_identity=options.min_identity
-            if options.min_identity is not None
-            else self.character.threshold,
+            retries=options.retries, min_text=options.min_text, min_identity=self._min_identity()
         )
 
         def render(seed: int, attempt: int, name: str) -> Any:
@@ -560,7 +570,7 @@ class StoryRun:
             return self._render(job, seed, name)
 
         name = f"frame_{job.index + 1:02d}.png"
-        if options.retries == 0:  # retrying off: one attempt, no threshold recorded (as before retries)
+        if not self._retrying(job.mode):  # one attempt, no threshold recorded (as before retries)
             return render(options.seed + job.index, 0, name)
         return best_of_attempts(render, options.seed + job.index, policy, job.folder, name)
 
@@ -598,7 +608,7 @@ class StoryRun:
             flow=self.flow,
         )
         journal = None
-        if self.options.retries:  # resumable: an attempt rendered by an earlier run is not queued again
+        if self._retrying(mode):  # resumable: an attempt rendered by an earlier run is not queued again
             from .story_retry import AttemptJournal
 
             journal = self._journals.setdefault(folder, AttemptJournal(folder))
@@ -702,13 +712,12 @@ class StoryRun:
             "text_weight": self.options.text_weight,
             "server": self.client.url,
         }
-        if self.options.retries:
+        if self._retrying(mode):
             settings["retries"] = {
                 "retries": self.options.retries,
                 "min_text": self.options.min_text,
-                "min_identity": self.options.min_identity
-                if self.options.min_identity is not None
-                else self.character.threshold,
+                "text_scale": "CLIPScore = 2.5 x max(CLIP cosine, 0)",
+                "min_identity": self._min_identity(),
             }
         notes = []
         failed = [f.index + 1 for f in frames if f.passed is False]
@@ -748,6 +757,12 @@ class StoryRun:
             raise UsageError("--candidates must be at least 1")
         if self.options.retries < 0:
             raise UsageError("--retries must be 0 or more")
+        try:
+            from .story_retry import RetryPolicy
+
+            RetryPolicy(self.options.retries, self.options.min_text, self.options.min_identity)
+        except ValueError as exc:
+            raise UsageError(f"--min-text / --min-identity: {exc}") from None
         self.info = self.client.object_info()
         checkpoint, clip = self._check()
         self._family(checkpoint)

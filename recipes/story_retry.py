@@ -1,8 +1,9 @@
 """Retries until a storyboard frame passes: regenerate a frame with new seeds while its scores are below threshold.
 
 After a frame is rendered and scored (Storyboard Select on the server), :func:`passes` checks it against a
-:class:`RetryPolicy` -- text agreement (CLIP cosine) at least ``min_text`` when CLIP was measured, identity at
-least ``min_identity`` when that is set (the character's threshold). A frame that fails is queued again with
+:class:`RetryPolicy` -- text agreement at least ``min_text`` on the CLIPScore scale (2.5 x max(CLIP cosine, 0),
+Hessel et al.; 0.70 is a cosine of 0.28) when CLIP was measured, identity at least ``min_identity`` when that is
+set (the character's threshold, else :data:`SAME_PERSON`). A frame that fails is queued again with
 :func:`attempt_seed` (the frame seed and the attempt number, so a rerun makes the same attempts), up to
 ``retries`` more times. The best attempt is kept (a passing one first, then the highest score sum), and every
 attempt -- seed, scores, passed, its image file -- is recorded on the frame (``StoryFrame.attempts``); a frame
@@ -22,17 +23,31 @@ from typing import Any
 
 SEED_STRIDE = 1_000_003  # attempt n of a frame: frame seed + n * stride (never another frame's seed)
 SEED_LIMIT = 2**64  # ComfyUI's KSampler seed range
+CLIPSCORE_SCALE = (
+    2.5  # CLIPScore = 2.5 x max(cosine, 0), as Combine Scores rescales it (engine/score/select.py)
+)
+MAX_MIN_TEXT = CLIPSCORE_SCALE  # the highest CLIPScore there is (a cosine of 1)
+# ArcFace cosine for "the same person at all" (engine/score/identity.py ARCFACE_SAME_PERSON, docs/scoring.md):
+# the identity threshold when neither the user nor the character gives one
+SAME_PERSON = 0.32
 
 
 @dataclass
 class RetryPolicy:
     retries: int = 2  # regenerations after the first attempt; 0 disables retrying
-    min_text: float | None = 0.70  # CLIP text agreement; None: not checked
+    min_text: float | None = 0.70  # CLIPScore (2.5 x CLIP cosine) text agreement; None: not checked
     min_identity: float | None = None  # identity to the character; None: not checked
 
     def __post_init__(self) -> None:
         if self.retries < 0:
             raise ValueError(f"retries must be 0 or more, got {self.retries}")
+        if self.min_text is not None and not 0.0 <= self.min_text <= MAX_MIN_TEXT:
+            raise ValueError(
+                f"the text threshold is a CLIPScore (2.5 x CLIP cosine) from 0 to {MAX_MIN_TEXT:g}, "
+                f"got {self.min_text}"
+            )
+        if self.min_identity is not None and not -1.0 <= self.min_identity <= 1.0:
+            raise ValueError(f"the identity threshold is a cosine from -1 to 1, got {self.min_identity}")
 
 
 def attempt_seed(seed: int, attempt: int) -> int:
@@ -40,18 +55,29 @@ def attempt_seed(seed: int, attempt: int) -> int:
     return (seed + attempt * SEED_STRIDE) % SEED_LIMIT
 
 
-def failures(frame: Any, policy: RetryPolicy) -> list[str]:
-    """Why `frame` (a StoryFrame) is below threshold; empty when it passes. Unmeasured text is not a failure;
-    a frame without a face fails an identity threshold."""
+def clipscore(cosine: float | None) -> float | None:
+    """CLIPScore of a CLIP image-text cosine: 2.5 x max(cosine, 0); None stays None."""
+    return None if cosine is None else round(CLIPSCORE_SCALE * max(cosine, 0.0), 4)
+
+
+def score_failures(identity: float | None, text: float | None, policy: RetryPolicy) -> list[str]:
+    """Why an image with identity similarity `identity` and CLIP cosine `text` is below the thresholds; empty
+    when it passes. Unmeasured text is not a failure; no identity (no face) fails an identity threshold."""
     why = []
-    if policy.min_text is not None and frame.text is not None and frame.text < policy.min_text:
-        why.append(f"text {frame.text:.2f} < {policy.min_text:.2f}")
+    score = clipscore(text)
+    if policy.min_text is not None and score is not None and score < policy.min_text:
+        why.append(f"CLIPScore {score:.2f} < {policy.min_text:.2f} (cosine {text:.3f})")
     if policy.min_identity is not None:
-        if frame.identity is None:
+        if identity is None:
             why.append("no face")
-        elif frame.identity < policy.min_identity:
-            why.append(f"identity {frame.identity:.2f} < {policy.min_identity:.2f}")
+        elif identity < policy.min_identity:
+            why.append(f"identity {identity:.2f} < {policy.min_identity:.2f}")
     return why
+
+
+def failures(frame: Any, policy: RetryPolicy) -> list[str]:
+    """Why `frame` (a StoryFrame: ``identity``, ``text``) is below threshold; empty when it passes."""
+    return score_failures(frame.identity, frame.text, policy)
 
 
 def passes(frame: Any, policy: RetryPolicy) -> bool:
@@ -86,6 +112,7 @@ def best_of_attempts(
                 "seed": frame.seed,
                 "identity": frame.identity,
                 "text": frame.text,
+                "clipscore": clipscore(frame.text),
                 "guide_identity": frame.guide_identity,
                 "passed": not why,
                 "why": "; ".join(why),

@@ -81,22 +81,23 @@ def register(sub, *, server, output) -> None:
     story.add_argument(
         "--retries",
         type=int,
-        default=0,
+        default=2,
         metavar="N",
-        help="regenerate a frame below threshold with new seeds up to N more times (default 0: off)",
+        help="regenerate a frame below threshold with new seeds up to N more times, so at most N + 1 "
+        "attempts (default 2; 0: off; the base-model run is never retried)",
     )
     story.add_argument(
         "--min-text",
         type=float,
         default=0.70,
         metavar="X",
-        help="CLIP text agreement a frame must reach (0.70)",
+        help="text agreement a frame must reach as CLIPScore, 2.5 x CLIP cosine (default 0.70, a cosine of 0.28)",
     )
     story.add_argument(
         "--min-identity",
         type=float,
         metavar="X",
-        help="identity a frame must reach (default: the character's threshold, if any)",
+        help="identity a frame must reach (default: the character's threshold, else 0.32, ArcFace's same person)",
     )
     char = story.add_argument_group("character (instead of, or on top of, --character)")
     char.add_argument(

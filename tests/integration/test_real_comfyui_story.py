@@ -71,6 +71,8 @@ def test_story_both_modes_and_ablation_in_real_comfyui(tmp_path, monkeypatch, sd
                 "euler",
                 "--scheduler",
                 "normal",
+                "--retries",  # this test is about the storyboard: one attempt per frame, seeds 42 + i
+                "0",
                 "--timeout",
                 "300",
                 "--out",

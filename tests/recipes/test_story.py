@@ -323,12 +323,16 @@ def test_story_both_modes_and_base_write_frames_sheets_metadata_and_ablation(tmp
 
     for mode in ("simple", "reference", "base"):
         folder = out / mode
-        names = sorted(p.name for p in folder.iterdir())
+        names = sorted(p.name for p in folder.iterdir() if p.name != ".attempts")
         assert names == [f"frame_{i:02d}.png" for i in range(1, 7)] + ["metadata.json", "sheet.png"]
+        # retries are on by default (every frame passes at once here); the base run is never retried
+        assert (folder / ".attempts").is_dir() == (mode != "base")
         data = json.loads((folder / "metadata.json").read_text())
         assert data["mode"] == mode and data["story"] == "She sails to the island."
         assert [f["seed"] for f in data["frames"]] == list(range(100, 106))
         assert [f["image"] for f in data["frames"]] == names[:6] and data["frames"][0]["candidates"] == 3
+        assert [len(f["attempts"]) for f in data["frames"]] == [0 if mode == "base" else 1] * 6
+        assert ("retries" in data["settings"]) == (mode != "base")
         assert data["frames"][1]["caption"] == "the character reads a letter"
         assert data["models"]["checkpoint"] == "v1-5-pruned-emaonly.safetensors"
         assert data["models"]["loras"] == (

@@ -25,17 +25,18 @@ _spec.loader.exec_module(story_fakes)
 FakeImage = story_fakes.FakeImage
 
 SEED = 100
-# text agreement by seed: frame 1 passes at once, frame 2 on its 2nd attempt, frame 3 never (its 2nd is best)
+# CLIP cosine by seed (the default threshold is CLIPScore 0.70 = 2.5 x cosine 0.28): frame 1 passes at once,
+# frame 2 on its 2nd attempt, frame 3 never (its 2nd is best)
 TEXT_BY_SEED = {
-    SEED: 0.91,
-    SEED + 1: 0.40,
-    attempt_seed(SEED + 1, 1): 0.82,
-    SEED + 2: 0.30,
-    attempt_seed(SEED + 2, 1): 0.55,
-    attempt_seed(SEED + 2, 2): 0.45,
-    SEED + 3: 0.60,  # frame 4 never passes either, and its first attempt is the best
-    attempt_seed(SEED + 3, 1): 0.20,
-    attempt_seed(SEED + 3, 2): 0.10,
+    SEED: 0.36,
+    SEED + 1: 0.16,
+    attempt_seed(SEED + 1, 1): 0.33,
+    SEED + 2: 0.12,
+    attempt_seed(SEED + 2, 1): 0.22,
+    attempt_seed(SEED + 2, 2): 0.18,
+    SEED + 3: 0.24,  # frame 4 never passes either, and its first attempt is the best
+    attempt_seed(SEED + 3, 1): 0.08,
+    attempt_seed(SEED + 3, 2): 0.04,
 }
 SCENES = [
     "the character at the door",
@@ -55,7 +56,7 @@ async def _planted_select(ctx, images, prompts, mode, seeds=None, first_frame=1,
         "candidates": images.batch,
         "chosen": 0,
         "identity": 0.7,
-        "text": TEXT_BY_SEED.get(seeds, 0.9),
+        "text": TEXT_BY_SEED.get(seeds, 0.36),
         "combined": 0.5,
         "note": "",
     }
@@ -121,7 +122,7 @@ def _red_pixels(path: Path) -> int:
 
 def test_low_scoring_frames_are_regenerated_recorded_and_marked(tmp_path):
     out = tmp_path / "out"
-    code, stdout, stderr, prompts = _story(tmp_path, out, "--retries", "2")
+    code, stdout, stderr, prompts = _story(tmp_path, out)  # the defaults: 2 retries, CLIPScore 0.70
     assert code == 0, stderr
     seeds = [p["6"]["inputs"]["seed"] for p in prompts]
     assert seeds == [
@@ -142,11 +143,12 @@ def test_low_scoring_frames_are_regenerated_recorded_and_marked(tmp_path):
     assert [len(f["attempts"]) for f in frames] == [1, 2, 3, 3, 1, 1]
     assert [f["passed"] for f in frames] == [True, True, False, False, True, True]
     assert [a["passed"] for a in frames[1]["attempts"]] == [False, True]
-    assert [a["text"] for a in frames[2]["attempts"]] == [0.30, 0.55, 0.45]
-    assert "text 0.30 < 0.70" in frames[2]["attempts"][0]["why"]
+    assert [a["text"] for a in frames[2]["attempts"]] == [0.12, 0.22, 0.18]
+    assert [a["clipscore"] for a in frames[2]["attempts"]] == [0.3, 0.55, 0.45]
+    assert "CLIPScore 0.30 < 0.70" in frames[2]["attempts"][0]["why"]
     # the best attempt is kept: frame 2 its passing 2nd, frame 3 its highest-scoring 2nd
-    assert frames[1]["seed"] == attempt_seed(SEED + 1, 1) and frames[1]["text"] == 0.82
-    assert frames[2]["seed"] == attempt_seed(SEED + 2, 1) and frames[2]["text"] == 0.55
+    assert frames[1]["seed"] == attempt_seed(SEED + 1, 1) and frames[1]["text"] == 0.33
+    assert frames[2]["seed"] == attempt_seed(SEED + 2, 1) and frames[2]["text"] == 0.22
     assert all(f["image"] == f"frame_{i + 1:02d}.png" for i, f in enumerate(frames))
     folder = out / "simple"
     with Image.open(folder / "frame_03.png") as kept, Image.open(folder / "frame_03_try2.png") as second:
@@ -157,7 +159,8 @@ def test_low_scoring_frames_are_regenerated_recorded_and_marked(tmp_path):
     with Image.open(folder / "frame_04.png") as kept, Image.open(folder / "frame_04_try1.png") as first:
         assert kept.convert("RGB").getpixel((5, 5)) == first.convert("RGB").getpixel((5, 5))
     assert not (folder / "frame_01_try1.png").exists()  # one attempt: just the frame
-    assert data["settings"]["retries"] == {"retries": 2, "min_text": 0.7, "min_identity": None}
+    retries = data["settings"]["retries"]  # no character threshold: ArcFace's "same person" 0.32
+    assert (retries["retries"], retries["min_text"], retries["min_identity"]) == (2, 0.7, 0.32)
     assert any("frame(s) 3, 4 never passed" in n for n in data["notes"])
     assert "never passed" in stdout + stderr
     assert _red_pixels(folder / "sheet.png") > 2 * 4 * 320  # a 4 px border round the thumbnail, badge, legend
@@ -208,6 +211,8 @@ def test_retries_zero_disables_and_thresholds_are_configurable(tmp_path):
 
     code, _, err, _ = _story(tmp_path, tmp_path / "bad", "--retries", "-1")
     assert code == 2 and "--retries" in err
+    code, _, err, _ = _story(tmp_path, tmp_path / "bad", "--min-text", "3")  # above CLIPScore's 2.5
+    assert code == 2 and "CLIPScore" in err
 
 
 def test_failures_and_attempt_seeds():
@@ -216,11 +221,15 @@ def test_failures_and_attempt_seeds():
             self.identity, self.text = identity, text
 
     policy = RetryPolicy(retries=2, min_text=0.7, min_identity=0.5)
-    assert failures(Frame(0.6, 0.8), policy) == []
+    assert failures(Frame(0.6, 0.29), policy) == []  # CLIPScore 0.725
     assert failures(Frame(0.4, None), policy) == ["identity 0.40 < 0.50"]  # text not measured: not a failure
-    assert failures(Frame(None, 0.5), policy) == ["text 0.50 < 0.70", "no face"]
+    assert failures(Frame(None, 0.2), policy) == ["CLIPScore 0.50 < 0.70 (cosine 0.200)", "no face"]
+    assert failures(Frame(0.6, -0.3), policy) == ["CLIPScore 0.00 < 0.70 (cosine -0.300)"]
     assert failures(Frame(None, 0.1), RetryPolicy(min_text=None)) == []
     assert attempt_seed(7, 0) == 7 and attempt_seed(7, 2) == 7 + 2 * 1_000_003
     assert attempt_seed(2**64 - 1, 1) == 1_000_002
     with pytest.raises(ValueError):
         RetryPolicy(retries=-1)
+    with pytest.raises(ValueError, match="CLIPScore"):
+        RetryPolicy(min_text=2.6)
+    assert RetryPolicy().retries == 2 and RetryPolicy().min_text == 0.70
