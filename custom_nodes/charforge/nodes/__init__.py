@@ -11,6 +11,7 @@ from . import (
     caption_vlm,
     dataset,
     guide,
+    guide_instantid,
     guide_maps,
     library,
     score,
@@ -39,6 +40,7 @@ STAGE_MODULES = (
     story,
     library,
     guide,
+    guide_instantid,
     guide_maps,
 )
 
