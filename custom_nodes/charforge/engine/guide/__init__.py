@@ -6,6 +6,8 @@
   the extra cross-attention term;
 - ``attn2_patch``: that term as a callable in ComfyUI's cross-attention replacement convention, and the
   ComfyUI block slots of each file layer (registered in ComfyUI by the bridge; not wired yet).
+- ``faceid_lora``: the LoRA inside FaceID files as weight changes of named U-Net weights (diffusers or
+  LDM / ComfyUI names).
 - ``pose``, ``depth``, ``lines``: ControlNet preprocessor maps (DWPose keypoints drawn OpenPose-style,
   Depth Anything depth, Canny and line art; docs/guide_maps.md).
 
