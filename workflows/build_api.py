@@ -41,6 +41,7 @@ MODEL_FILE_INPUTS = frozenset({
     ("CharForgeMotionLoRA", "motion_lora"),
     ("CharForgeGenerateVideo", "controlnet"),
     ("CharForgeDepthMap", "model"),  # a folder in models/depth_anything
+    ("CharForgeLoadIPAdapter", "ipadapter_name"),
     ("CharForgeLoadAudio", "audio"),  # a file in the input folder
     ("CharForgeFaceMotion", "video"),  # a file in the input folder
     ("CharForgeLoadClip", "model"),

@@ -17,6 +17,8 @@ WIDTH, HEIGHT = 768, 512
 SCENE = "photo of two people standing side by side, looking at the camera, natural light, sharp focus"
 PROMPT_A = "photo of ohwx_a person, head and shoulders, looking at the camera"
 PROMPT_B = "photo of sks_b person, head and shoulders, looking at the camera"
+IDENTITIES = {"A": "character_a", "B": "character_b"}
+FACEID_FILE = "ip-adapter-faceid_sd15.bin"
 
 
 def _half_mask(w, canvas: int, half: int, x: int, title: str) -> int:
@@ -41,34 +43,73 @@ def _character(w, ckpt: int, mask: int, letter: str, lora: str, prompt: str) -> 
     return masked
 
 
-def two_characters(new):
-    w = new("two_characters")
-    w.note(
-        "TWO CHARACTERS IN ONE IMAGE - each character's LoRA and prompt act only in its half of the picture\n"
-        "(ComfyUI's hook LoRAs and masked conditioning), then CharForge checks that both stayed themselves.\n\n"
-        "SET BEFORE QUEUEING\n"
-        "- Load Checkpoint: the SD1.5 base both LoRAs were trained on.\n"
-        "- Character A / B LoRA (hook): each character's LoRA from models/loras/.\n"
-        "- Character A / B prompt: start with each LoRA's trigger word; A is drawn on the left, B on the right.\n"
-        "- Scene prompt: the whole picture (both people, the place, the light).\n"
-        "- Load Identity A / B: each character's identity (Build Identity from the same photos).\n"
-        "- Left / right half: the masks are the halves of a 768 x 512 picture; change Solid Mask and Mask\n"
-        "  Composite x with the latent size.\n\n"
-        "MODELS\n"
-        "checkpoints/ (SD1.5), loras/ (two character LoRAs), insightface/models/buffalo_l, charforge/identities/.\n\n"
-        "RESULT\n"
-        "output/charforge/two_characters_*.png; Score Characters shows one line per image and character (which\n"
-        "face, its similarity, pass or missing) and each character's mean similarity.")
+NOTE = (
+    "TWO CHARACTERS IN ONE IMAGE - each character's LoRA and prompt act only in its half of the picture\n"
+    "(ComfyUI's hook LoRAs and masked conditioning), then CharForge checks that both stayed themselves.\n\n"
+    "SET BEFORE QUEUEING\n"
+    "- Load Checkpoint: the SD1.5 base both LoRAs were trained on.\n"
+    "- Character A / B LoRA (hook): each character's LoRA from models/loras/.\n"
+    "- Character A / B prompt: start with each LoRA's trigger word; A is drawn on the left, B on the right.\n"
+    "- Scene prompt: the whole picture (both people, the place, the light).\n"
+    "- Load Identity A / B: each character's identity (Build Identity from the same photos).\n"
+    "- Left / right half: the masks are the halves of a 768 x 512 picture; change Solid Mask and Mask\n"
+    "  Composite x with the latent size.\n\n"
+    "MODELS\n"
+    "checkpoints/ (SD1.5), loras/ (two character LoRAs), insightface/models/buffalo_l, charforge/identities/.\n\n"
+    "RESULT\n"
+    "output/charforge/two_characters_*.png; Score Characters shows one line per image and character (which\n"
+    "face, its similarity, pass or missing) and each character's mean similarity.")
+NOTE_FACEID = (
+    "TWO CHARACTERS IN ONE IMAGE, WITH FACEID - as two_characters (each character's hook LoRA and prompt\n"
+    "act only in its half), and each character's face identity also steers its half through a FaceID\n"
+    "IP-Adapter whose attention mask is that half.\n\n"
+    "SET BEFORE QUEUEING\n"
+    "- Load Checkpoint: the SD1.5 base both LoRAs were trained on.\n"
+    "- Load IP-Adapter: a FaceID SD1.5 file from models/ipadapter (ip-adapter-faceid_sd15.bin). Its\n"
+    "  FaceID LoRA, if you use it, goes on the MODEL with a LoraLoaderModelOnly before the FaceID nodes.\n"
+    "- Character A / B LoRA (hook): each character's LoRA from models/loras/.\n"
+    "- Load Identity A / B: each character's identity (Build Identity from the same photos); it feeds\n"
+    "  both the character's FaceID and Score Characters.\n"
+    "- FaceID A / B: weight 0.6-0.9; lower it if the faces look pasted on.\n"
+    "- Character A / B prompt: start with each LoRA's trigger word; A is drawn on the left, B on the right.\n"
+    "- Scene prompt: the whole picture (both people, the place, the light).\n"
+    "- Left / right half: the masks are the halves of a 768 x 512 picture; change Solid Mask and Mask\n"
+    "  Composite x with the latent size.\n\n"
+    "HOW FAR THE MASKS HOLD\n"
+    "A LoRA and prompt shape only their half's prediction. A FaceID adapter adds its term only at its half's\n"
+    "positions of every cross-attention layer; the U-Net's later layers still mix neighbouring positions,\n"
+    "so near the border some of it reaches the other half.\n\n"
+    "MODELS\n"
+    "checkpoints/ (SD1.5), ipadapter/ (FaceID SD1.5), loras/ (two character LoRAs),\n"
+    "insightface/models/buffalo_l, charforge/identities/.\n\n"
+    "RESULT\n"
+    "output/charforge/two_characters_faceid_*.png; Score Characters shows one line per image and character\n"
+    "(which face, its similarity, pass or missing) and each character's mean similarity.")
+
+
+def _two_characters(new, name: str, faceid: bool):
+    w = new(name)
+    w.note(NOTE_FACEID if faceid else NOTE, height=820 if faceid else 650)
     w.group("1 - Model & masks", "#3f789e")
     ckpt = w.node("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    adapter = w.node("CharForgeLoadIPAdapter", ipadapter_name=FACEID_FILE) if faceid else 0
     canvas = w.node("SolidMask", title="Empty canvas", value=0.0, width=WIDTH, height=HEIGHT)
     half = w.node("SolidMask", title="Half", value=1.0, width=WIDTH // 2, height=HEIGHT)
     left = _half_mask(w, canvas, half, 0, "Left half")
     right = _half_mask(w, canvas, half, WIDTH // 2, "Right half")
-    w.group("2 - Character A (left)", "#8A8")
-    a = _character(w, ckpt, left, "A", "character_a.safetensors", PROMPT_A)
-    w.group("3 - Character B (right)", "#8A8")
-    b = _character(w, ckpt, right, "B", "character_b.safetensors", PROMPT_B)
+    model, identities = (ckpt, "MODEL"), []
+    for letter, side, mask, lora, prompt in (("A", "left", left, "character_a.safetensors", PROMPT_A),
+                                             ("B", "right", right, "character_b.safetensors", PROMPT_B)):
+        w.group(f"{2 if letter == 'A' else 3} - Character {letter} ({side})", "#8A8")
+        conds = _character(w, ckpt, mask, letter, lora, prompt)
+        if faceid:
+            identity = w.node("CharForgeLoadIdentity", title=f"Load Identity {letter}", name=IDENTITIES[letter])
+            model = _faceid(w, model, adapter, identity, mask, letter)
+            identities.append(identity)
+        if letter == "A":
+            a = conds
+        else:
+            b = conds
     w.group("4 - Scene & combine", "#a1309b")
     scene = w.node("CLIPTextEncode", title="Scene prompt", height=130, text=SCENE)
     neg = w.node("CLIPTextEncode", title="Negative prompt", height=110, text=NEGATIVE.replace(", several people", ""))
@@ -82,19 +123,38 @@ def two_characters(new):
     w.link(both, "CONDITIONING", everything, "conditioning_1")
     w.link(scene, "CONDITIONING", everything, "conditioning_2")
     w.group("5 - Sample", "#a1309b")
-    _, decode = sample(w, (ckpt, "MODEL"), (everything, "CONDITIONING"), (neg, "CONDITIONING"), latent,
+    _, decode = sample(w, model, (everything, "CONDITIONING"), (neg, "CONDITIONING"), latent,
                        (ckpt, "VAE"), **SD_SAMPLING)
-    save_image(w, (decode, "IMAGE"), "charforge/two_characters")
+    save_image(w, (decode, "IMAGE"), f"charforge/{name}")
     w.group("6 - Did both stay themselves?", "#b58b2a")
     faces = w.node("CharForgeLoadFaceModels", pack="buffalo_l")
-    ident_a = w.node("CharForgeLoadIdentity", title="Load Identity A", name="character_a")
-    ident_b = w.node("CharForgeLoadIdentity", title="Load Identity B", name="character_b")
+    if not faceid:
+        identities = [w.node("CharForgeLoadIdentity", title=f"Load Identity {letter}", name=IDENTITIES[letter])
+                      for letter in "AB"]
     score = w.node("CharForgeScoreCharacters", height=260)
     w.link(faces, "face_models", score, "face_models")
     w.link(decode, "IMAGE", score, "images")
-    w.link(ident_a, "identity", score, "identity_1")
-    w.link(ident_b, "identity", score, "identity_2")
+    for n, identity in enumerate(identities, 1):
+        w.link(identity, "identity", score, f"identity_{n}")
     return w
 
 
-BUILDERS = (two_characters,)
+def _faceid(w, model: tuple[int, str], adapter: int, identity: int, mask: int, letter: str) -> tuple[int, str]:
+    """Apply IP-Adapter FaceID of `identity` on `model`, its attention confined to `mask`."""
+    apply = w.node("CharForgeApplyIPAdapterFaceID", title=f"FaceID {letter} (its half)", weight=0.8)
+    w.link(*model, apply, "model")
+    w.link(adapter, "ipadapter", apply, "ipadapter")
+    w.link(identity, "identity", apply, "identity")
+    w.link(mask, "MASK", apply, "attn_mask")
+    return apply, "model"
+
+
+def two_characters(new):
+    return _two_characters(new, "two_characters", faceid=False)
+
+
+def two_characters_faceid(new):
+    return _two_characters(new, "two_characters_faceid", faceid=True)
+
+
+BUILDERS = (two_characters, two_characters_faceid)

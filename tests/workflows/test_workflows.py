@@ -31,7 +31,7 @@ EXPECTED = {"dataset_prep", "caption_dataset", "build_identity", "score_best_of_
             "train_lora_sd15", "train_lora_sdxl", "controlnet_lora", "video_animatediff", "character_lora",
             "character_pipeline", "synthesize_dataset", "flux_lora", "flux_best_of_n", "flux_storyboard", "sd35_lora",
             "sd35_best_of_n", "sd35_storyboard", "video_audio_reactive", "video_face_motion",
-            "video_hotshot_xl", "two_characters", "controlnet_pose_depth"}
+            "video_hotshot_xl", "two_characters", "two_characters_faceid", "controlnet_pose_depth"}
 UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 
