@@ -8,11 +8,13 @@ character LoRAs, CLIPTextEncode, KSampler with N candidates, VAEDecode) followed
 Select, which scores the candidates on the server (identity to the character, text agreement with CLIP when
 the server has a CLIP folder) and keeps the best; SaveImage writes it and the driver downloads it.
 
-Modes: ``simple`` (every frame with the LoRA, selected by identity to the character), ``reference`` (frame 1
-as in simple; later frames guided by frame 1 -- IP-Adapter when ComfyUI_IPAdapter_plus and its models are on
-the server, else image-to-image from frame 1 -- and selected by identity to frame 1) and ``base`` (like simple
-without the LoRA: the ablation's baseline). The same scenes and seeds are used in every mode. The driver then
-writes each storyboard's frames, sheet.png and metadata.json, and the ablation table.
+Modes: ``simple`` (every frame with the LoRA, selected by identity to the character), ``reference`` (guided
+frames selected by identity to frame 1: InstantID or FaceID with the character's identity on every frame,
+IP-Adapter or image-to-image from frame 1 on frames 2+ -- CharForge's own guide nodes, see
+:mod:`charforge.recipes.story_guidance`; one reference storyboard per kind with ``--guidance all``) and ``base``
+(like simple without the LoRA: the ablation's baseline). The same scenes and seeds are used in every mode; a
+scene's pose image drives a pose ControlNet when the server has one. The driver then writes each storyboard's
+frames, sheet.png and metadata.json, and the ablation table.
 
 The storyboard record, the sheet and the ablation come from ``charforge.engine.story`` (plain Python; the sheet
 needs Pillow).
@@ -35,14 +37,15 @@ from charforge.driver.errors import DriverError, UsageError
 from charforge.driver.workflow.object_info import LORA_TXT2IMG_NODES, input_choices
 from charforge.recipes.names import ascii_name
 
+from . import story_guidance
+from .story_guidance import Guidance, PoseSupport
+
 SELECT = "CharForgeStoryboardSelect"
 GENERATION_NODES = (*LORA_TXT2IMG_NODES, "CharForgeLoadFaceModels", SELECT)
-IMG2IMG_NODES = ("LoadImage", "VAEEncode", "RepeatLatentBatch")
-IPADAPTER_NODES = ("IPAdapterModelLoader", "CLIPVisionLoader", "IPAdapterAdvanced", "LoadImage")
 NO_CLIP = "(no CLIP folder found)"
 DEFAULT_NEGATIVE = "blurry, low quality, deformed, watermark, text, several people"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-GUIDANCE = ("auto", "ipadapter", "img2img")
+GUIDANCE = story_guidance.CHOICES
 
 
 def _flag_generation() -> GenerationParams:
@@ -151,9 +154,9 @@ class StoryOptions:
     candidates: int = 4  # N per frame
     seed: int = 42  # frame i uses seed + i
     style: str = ""
-    guidance: str = (
-        "auto"  # reference mode: auto (IP-Adapter when installed, else img2img), ipadapter, img2img
-    )
+    # reference mode: auto (the strongest the server offers), all, instantid, faceid, ipadapter, img2img, or a
+    # comma list of kinds (one reference storyboard each)
+    guidance: str = "auto"
     denoise: float = 0.55  # img2img strength for frames 2+ in reference mode
     ipadapter_weight: float = 0.7
     identity_weight: float = 1.0
@@ -169,16 +172,6 @@ class StoryOptions:
     min_identity: float | None = None
 
 
-@dataclass
-class Guidance:
-    """How reference mode guides frames 2+: ``ipadapter`` (with its model files) or ``img2img``."""
-
-    kind: str
-    ipadapter_file: str = ""
-    clip_vision: str = ""
-    reason: str = ""
-
-
 @dataclass(frozen=True)
 class _FrameJob:
     """One frame to render: what :meth:`StoryRun._frame` retries and :meth:`StoryRun._render` queues."""
@@ -192,6 +185,8 @@ class _FrameJob:
     guidance: Guidance | None
     guide_image: str | None
     folder: Path
+    key: str = ""  # the storyboard's name in the run ("reference/faceid"); "" = the mode
+    pose_image: str | None = None  # the scene's pose photo in the server's input folder
 
 
 @dataclass
@@ -209,45 +204,16 @@ class StoryResult:
 
 
 def detect_guidance(
-    info: dict[str, Any], wanted: str = "auto", ipadapter_file: str | None = None
+    info: dict[str, Any],
+    wanted: str = "auto",
+    ipadapter_file: str | None = None,
+    family: str | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> Guidance:
-    """Reference-mode guidance from the server's /object_info: IP-Adapter when its pack and models are there."""
-    if wanted not in GUIDANCE:
-        raise UsageError(f"--guidance must be one of {GUIDANCE}, got {wanted!r}")
-    missing_nodes = [n for n in IPADAPTER_NODES if n not in info]
-    files = input_choices(info, "IPAdapterModelLoader", "ipadapter_file") or []
-    clip_vision = input_choices(info, "CLIPVisionLoader", "clip_name") or []
-    if not missing_nodes and files and clip_vision:
-        if ipadapter_file:
-            if ipadapter_file not in files:
-                raise UsageError(
-                    f"IP-Adapter model {ipadapter_file!r} is not on the server; it has: {', '.join(files)}"
-                )
-            chosen = ipadapter_file
-        else:  # a face model keeps the character best; else the first one
-            chosen = next((f for f in files if "face" in f.lower()), files[0])
-        vision = next(
-            (c for c in clip_vision if "vit-h" in c.lower() or "vit_h" in c.lower()), clip_vision[0]
-        )
-        if wanted in ("auto", "ipadapter"):
-            return Guidance("ipadapter", chosen, vision, f"IP-Adapter ({chosen}, {vision})")
-    elif wanted == "ipadapter":
-        why = (
-            f"the server lacks the nodes {', '.join(missing_nodes)} (install ComfyUI_IPAdapter_plus)"
-            if missing_nodes
-            else "the server has no IP-Adapter model (models/ipadapter) or no CLIP vision model "
-            "(models/clip_vision)"
-        )
-        raise UsageError(f"--guidance ipadapter: {why}")
-    missing = [n for n in IMG2IMG_NODES if n not in info]
-    if missing:
-        raise UsageError(
-            f"reference mode needs ComfyUI's {', '.join(missing)} node(s), which the server lacks"
-        )
-    reason = "image-to-image from frame 1" + (
-        "" if wanted == "img2img" else " (IP-Adapter pack or models not found on the server)"
-    )
-    return Guidance("img2img", reason=reason)
+    """The (first) reference-mode guidance the server's /object_info offers for a checkpoint of `family`
+    (:func:`charforge.recipes.story_guidance.choose_guidance`)."""
+    offer = story_guidance.Offer(info, family, identity=identity)
+    return story_guidance.choose_guidance(offer, wanted, ipadapter_file)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,6 +241,8 @@ def frame_graph(
     ipadapter_weight: float = 0.7,
     info: dict[str, Any] | None = None,
     flow: Any = None,
+    pose_image: str | None = None,
+    pose: PoseSupport | None = None,
 ) -> dict[str, Any]:
     """The API-format prompt that generates `candidates` images of one frame and keeps the best.
 
@@ -282,8 +250,9 @@ def frame_graph(
     SD1.5/SDXL checkpoint.
 
     `identity` is ``{"name": <saved identity>}`` or ``{"folder": <reference photos in the input folder>}``.
-    With `guide_image` (a file in the server's input folder) the frame is guided by it (`guidance`) and
-    selected by identity to it.
+    With `guide_image` (a file in the server's input folder) the frame is guided by it (`guidance`: img2img,
+    IP-Adapter) and selected by identity to it; FaceID / InstantID guidance patches the model on every frame.
+    With `pose_image` and a `pose` ControlNet the frame follows that pose.
     """
     g: dict[str, Any] = {}
     gen = character.generation
@@ -320,33 +289,21 @@ def frame_graph(
         add, flow, add("3", "CLIPTextEncode", "Frame prompt", text=prompt, clip=clip), gen
     )
     negative = add("4", "CLIPTextEncode", "Negative prompt", text=character.negative, clip=clip)
+    if pose_image is not None and pose is not None and pose.controlnet:
+        positive, negative = story_guidance.add_pose(add, pose, pose_image, positive, negative, vae)
     denoise_value = 1.0
-    if guide_image is not None:
-        image = add("30", "LoadImage", "Frame 1", image=guide_image)
-        if guidance is not None and guidance.kind == "ipadapter":
-            add("31", "IPAdapterModelLoader", "IP-Adapter model", ipadapter_file=guidance.ipadapter_file)
-            add("32", "CLIPVisionLoader", "CLIP vision", clip_name=guidance.clip_vision)
-            inputs = _defaults(info or {}, "IPAdapterAdvanced")
-            inputs.update(
-                model=model, ipadapter=["31", 0], image=image, clip_vision=["32", 0], weight=ipadapter_weight
-            )
-            add("33", "IPAdapterAdvanced", "IP-Adapter: guided by frame 1", **inputs)
-            model = ["33", 0]
-            latent = add(
-                "5",
-                empty_latent,
-                "N candidates",
-                width=gen.width,
-                height=gen.height,
-                batch_size=candidates,
-            )
-        else:
-            encoded = add("34", "VAEEncode", "Encode frame 1", pixels=image, vae=vae)
-            latent = add(
-                "5", "RepeatLatentBatch", "N candidates from frame 1", samples=encoded, amount=candidates
-            )
-            denoise_value = denoise
+    image = None if guide_image is None else add("30", "LoadImage", "Guide image", image=guide_image)
+    if image is not None and guidance is not None and guidance.kind == "img2img":
+        encoded = add("34", "VAEEncode", "Encode frame 1", pixels=image, vae=vae)
+        latent = add(
+            "5", "RepeatLatentBatch", "N candidates from frame 1", samples=encoded, amount=candidates
+        )
+        denoise_value = denoise
     else:
+        if guidance is not None and guidance.kind != "img2img":
+            model = story_guidance.add_guidance(
+                add, guidance, model, image=image, identity=["9", 0], weight=ipadapter_weight
+            )
         latent = add(
             "5", empty_latent, "N candidates", width=gen.width, height=gen.height, batch_size=candidates
         )
@@ -402,21 +359,6 @@ def frame_graph(
     return g
 
 
-def _defaults(info: dict[str, Any], node: str) -> dict[str, Any]:
-    """Widget inputs of `node` set to their defaults (a combo: its first choice), from /object_info."""
-    values: dict[str, Any] = {}
-    required = ((info.get(node) or {}).get("input") or {}).get("required") or {}
-    for name, spec in required.items():
-        if not isinstance(spec, list) or not spec:
-            continue
-        kind, options = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
-        if isinstance(kind, list) and kind:
-            values[name] = kind[0]
-        elif "default" in options:
-            values[name] = options["default"]
-    return values
-
-
 # --------------------------------------------------------------------------------------------------
 
 
@@ -442,6 +384,8 @@ class StoryRun:
         self.info: dict[str, Any] = {}
         self.flow: Any = None  # story_flow.FlowBase for a FLUX.1 / SD3 base
         self._journals: dict[Path, Any] = {}  # storyboard folder -> story_retry.AttemptJournal (with retries)
+        self.pose: PoseSupport | None = None  # the pose ControlNet, when a scene has a pose image
+        self.pose_images: dict[int, str] = {}  # scene index -> its pose photo in the server's input folder
 
     # ---- checks against the server ------------------------------------------------------------------
 
@@ -517,10 +461,14 @@ class StoryRun:
             if not photos:
                 raise UsageError(f"--reference {path}: no photo ({', '.join(IMAGE_SUFFIXES)}) in that folder")
             folder = f"charforge_story/{ascii_name(self.character.name, 'story')}_refs"
-            for photo in photos:
-                self.client.upload(photo, subfolder=folder, overwrite=True)
+            uploaded = [self.client.upload(photo, subfolder=folder, overwrite=True) for photo in photos]
             self.note(f"uploaded {len(photos)} reference photo(s) to the server's input/{folder}")
-            return {"folder": folder, "label": self.character.name, "source": str(path)}
+            return {
+                "folder": folder,
+                "label": self.character.name,
+                "source": str(path),
+                "photo": uploaded[0].reference,  # what IP-Adapter guides frame 1 by
+            }
         names = input_choices(self.info, "CharForgeLoadIdentity", "name") or []
         if reference not in names:
             photo_folder = (
@@ -598,7 +546,7 @@ class StoryRun:
             clip_model=clip,
             weights=(self.options.identity_weight, self.options.text_weight),
             frame=index + 1,
-            save_prefix=f"charforge_story/{self.run_id}/{mode}/frame_{index + 1:02d}",
+            save_prefix=f"charforge_story/{self.run_id}/{job.key or mode}/frame_{index + 1:02d}",
             use_loras=mode != "base",
             guide_image=guide_image,
             guidance=guidance,
@@ -606,6 +554,8 @@ class StoryRun:
             ipadapter_weight=self.options.ipadapter_weight,
             info=self.info,
             flow=self.flow,
+            pose_image=job.pose_image,
+            pose=self.pose,
         )
         journal = None
         if self._retrying(mode):  # resumable: an attempt rendered by an earlier run is not queued again
@@ -638,8 +588,10 @@ class StoryRun:
         os.replace(downloaded.path, target)
         frame.index, frame.seed, frame.image = index, seed, target.name
         frame.caption = self.scenes[index].caption
-        if guide_image is not None and guidance is not None:
+        if guidance is not None and (guide_image is not None or guidance.every_frame):
             frame.guidance = guidance.kind
+        if job.pose_image is not None and self.pose is not None and self.pose.controlnet:
+            frame.pose = Path(self.scenes[index].pose).name
         if journal is not None:
             journal.put(key, frame.to_dict(), target)
         return frame
@@ -651,12 +603,16 @@ class StoryRun:
         identity: dict[str, Any],
         clip: str | None,
         guidance: Guidance | None,
+        key: str = "",
     ) -> Any:
         from charforge.engine.story import Storyboard, frame_prompt
 
-        folder = self.out_dir / mode
+        key = key or mode
+        folder = self.out_dir / key
         folder.mkdir(parents=True, exist_ok=True)
         frames, guide_image = [], None
+        if mode == "reference" and guidance is not None and guidance.kind == "ipadapter":
+            guide_image = identity.get("photo")  # frame 1 guided by the reference photo, when there is one
         style = ", ".join(t for t in (self.character.prompt, self.options.style) if t.strip())
         for index, scene in enumerate(self.scenes):
             prompt = frame_prompt(scene, self.character.trigger, style)
@@ -672,13 +628,15 @@ class StoryRun:
                     guidance if mode == "reference" else None,
                     guide_image,
                     folder,
+                    key,
+                    self.pose_images.get(index),
                 )
             )
             frames.append(frame)
             if mode == "reference" and index == 0:
                 uploaded = self.client.upload(
                     folder / frame.image,
-                    filename=f"{self.run_id}_frame_01.png",
+                    filename=f"{self.run_id}_{key.replace('/', '_')}_frame_01.png",
                     subfolder="charforge_story",
                     overwrite=True,
                 )
@@ -696,13 +654,11 @@ class StoryRun:
                 family=self.flow.family, text_encoders=self.flow.files.text_encoders, vae=self.flow.files.vae
             )
         if mode == "reference" and guidance is not None:
-            models["guidance"] = {
-                "kind": guidance.kind,
-                "ipadapter": guidance.ipadapter_file or None,
-                "clip_vision": guidance.clip_vision or None,
-                "denoise": self.options.denoise if guidance.kind == "img2img" else None,
-                "weight": self.options.ipadapter_weight if guidance.kind == "ipadapter" else None,
-            }
+            models["guidance"] = story_guidance.guidance_record(
+                guidance, self.options.denoise, self.options.ipadapter_weight
+            )
+        if self.pose is not None and self.pose.controlnet and self.pose_images:
+            models["pose"] = self.pose.record()
         gen = self.character.generation
         settings = {
             "candidates": self.options.candidates,
@@ -726,9 +682,8 @@ class StoryRun:
                 f"frame(s) {', '.join(map(str, failed))} never passed the thresholds (marked on the sheet)"
             )
         if mode == "reference" and guidance is not None:
-            notes.append(
-                f"frames 2+ guided by frame 1 with {guidance.reason} and selected by identity to frame 1"
-            )
+            notes.append(story_guidance.guidance_note(guidance))
+        notes += story_guidance.pose_notes(self.scenes, self.pose, self.pose_images)
         return Storyboard(
             mode=mode,
             frames=frames,
@@ -737,6 +692,8 @@ class StoryRun:
             models=models,
             settings=settings,
             notes=notes,
+            guidance=guidance.kind if mode == "reference" and guidance is not None else "",
+            name=key if key != mode else "",
         )
 
     def run(self) -> StoryResult:
@@ -767,40 +724,35 @@ class StoryRun:
         checkpoint, clip = self._check()
         self._family(checkpoint)
         identity = self._identity()
-        guidance = None
-        if "reference" in self.options.modes and self.flow is not None:
-            if self.options.guidance == "ipadapter":
-                raise UsageError(
-                    "--guidance ipadapter: IP-Adapter models are made for SD1.5/SDXL, not this base"
-                )
-            guidance = Guidance("img2img", reason="image-to-image from frame 1")
-            self.note(f"reference mode: frames 2+ guided by {guidance.reason}")
-        elif "reference" in self.options.modes:
-            guidance = detect_guidance(self.info, self.options.guidance, self.ipadapter_file)
-            self.note(f"reference mode: frames 2+ guided by {guidance.reason}")
+        guidances = story_guidance.plan(self, checkpoint, identity)  # reference mode's kinds; poses
         self.out_dir.mkdir(parents=True, exist_ok=True)
         boards, sheets, metadata = {}, {}, {}
-        for mode in self.options.modes:
-            board = self._storyboard(mode, checkpoint, identity, clip, guidance)
-            folder = self.out_dir / mode
+        runs = [
+            (mode, guidance, f"reference/{guidance.kind}" if guidance and len(guidances) > 1 else mode)
+            for mode in self.options.modes
+            for guidance in (guidances if mode == "reference" else [None])
+        ]
+        for mode, guidance, key in runs:
+            board = self._storyboard(mode, checkpoint, identity, clip, guidance, key)
+            folder = self.out_dir / key
             pictures = []
             for frame in board.frames:
                 with open_image(folder / frame.image) as picture:
                     pictures.append(picture.convert("RGB"))
             title = f"{self.character.display_name or self.character.name}: {self.story or 'storyboard'} - {board.label}"
             sheet = storyboard_sheet(pictures, board.frames, title[:160])
-            sheets[mode] = folder / "sheet.png"
-            sheet.save(sheets[mode])
-            metadata[mode] = board.write(folder)
-            boards[mode] = board
+            sheets[key] = folder / "sheet.png"
+            sheet.save(sheets[key])
+            metadata[key] = board.write(folder)
+            boards[key] = board
             stats = board.stats()
             self.note(
-                f"{mode}: {stats['frames']} frame(s), {stats['faces']} with a face, mean identity "
+                f"{key}: {stats['frames']} frame(s), {stats['faces']} with a face, mean identity "
                 f"{stats['identity_mean']}, mean text agreement {stats['text_mean']}"
             )
             for text in board.notes:
                 if "never passed" in text:
-                    self.note(f"{mode}: {text}")
+                    self.note(f"{key}: {text}")
         ablation = write_ablation(ablation_rows(list(boards.values())), self.out_dir)
         summary = self.out_dir / "metadata.json"
         summary.write_text(

@@ -15,7 +15,8 @@ scenes: --scenes FILE (one per line, or JSON/YAML), else the story is split by a
   --llm-url (default $CHARFORGE_LLM_URL, else https://api.openai.com/v1), --llm-model (default
   $CHARFORGE_LLM_MODEL, else gpt-4o-mini), API key from the variable --llm-key-env names (OPENAI_API_KEY).
 output (--out DIR): <mode>/frame_NN.png, <mode>/sheet.png, <mode>/metadata.json for each mode run, then
-  ablation.md / ablation.json (simple vs reference-guided vs base model without LoRA) and metadata.json.
+  ablation.md / ablation.json (simple vs reference-guided vs base model without LoRA) and metadata.json;
+  with several --guidance kinds each reference storyboard is in reference/<kind>/ with its own ablation row.
 """
 
 
@@ -140,16 +141,19 @@ def register(sub, *, server, output) -> None:
     )
     pick.add_argument(
         "--guidance",
-        choices=["auto", "ipadapter", "img2img"],
         default="auto",
-        help="reference mode: IP-Adapter when installed (auto), or image-to-image from frame 1",
+        metavar="KIND",
+        help="reference mode: auto (the strongest the server offers: instantid, faceid, ipadapter, img2img), "
+        "one kind, a comma list of kinds or all (one reference storyboard and ablation row per kind)",
     )
     pick.add_argument(
         "--denoise", type=float, default=0.55, help="img2img strength for frames 2+ (default 0.55)"
     )
     pick.add_argument("--ipadapter-weight", type=float, default=0.7)
     pick.add_argument(
-        "--ipadapter-model", metavar="FILE", help="IP-Adapter model file (default: a face model)"
+        "--ipadapter-model",
+        metavar="FILE",
+        help="IP-Adapter or FaceID file in the server's models/ipadapter (default: chosen by its name)",
     )
     llm = story.add_argument_group("scene splitting by an LLM")
     llm.add_argument("--llm-url", default=os.environ.get("CHARFORGE_LLM_URL", "https://api.openai.com/v1"))

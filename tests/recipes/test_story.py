@@ -58,29 +58,58 @@ async def _load_clip(ctx, model, device, path=""):
     return (f"CLIP:{model}",), None
 
 
-async def _ipadapter_loader(ctx, ipadapter_file):
-    return (f"IPA:{ipadapter_file}",), None
+async def _load_adapter(ctx, ipadapter_name):
+    return (f"IPA:{ipadapter_name}", "variant"), None
 
 
 async def _clip_vision(ctx, clip_name):
     return (f"CV:{clip_name}",), None
 
 
-async def _ipadapter(
-    ctx,
-    model,
-    ipadapter,
-    image,
-    weight,
-    weight_type,
-    combine_embeds,
-    start_at,
-    end_at,
-    embeds_scaling,
-    clip_vision=None,
-    **_,
-):
+async def _apply_adapter(ctx, model, ipadapter, clip_vision, image, weight, start_at, end_at, attn_mask=None):
+    assert ipadapter.startswith("IPA:") and clip_vision.startswith("CV:")
     return (f"{model}+IPA({weight})",), None
+
+
+async def _apply_faceid(ctx, model, ipadapter, identity, weight, start_at, end_at, shortcut_scale, **_):
+    assert ipadapter.startswith("IPA:") and identity.startswith("IDENTITY:")
+    return (f"{model}+FaceID({weight})",), None
+
+
+ADAPTER_FILES = [
+    "ip-adapter_sd15.safetensors",
+    "ip-adapter-plus-face_sd15.safetensors",
+    "ip-adapter-faceid_sd15.bin",
+    "ip-adapter-plus-face_sdxl_vit-h.safetensors",
+]
+
+
+def guide_nodes(files: list[str], clip_vision: list[str]) -> list[NodeDef]:
+    """CharForge's IP-Adapter nodes with their real input declarations (the model lists are the fake's)."""
+    from charforge.nodes.guide import ApplyIPAdapter, ApplyIPAdapterFaceID, LoadIPAdapter
+
+    def declared(node, run):
+        spec = node.INPUT_TYPES()
+        return dict(spec["required"]), dict(spec.get("optional") or {}), node.RETURN_TYPES, run
+
+    nodes = [
+        NodeDef(
+            "CharForgeLoadIPAdapter",
+            {"ipadapter_name": (files,)},
+            outputs=LoadIPAdapter.RETURN_TYPES,
+            run=_load_adapter,
+        ),
+        NodeDef(
+            "CLIPVisionLoader", {"clip_name": (clip_vision,)}, outputs=("CLIP_VISION",), run=_clip_vision
+        ),
+    ]
+    for name, node, run in (
+        ("CharForgeApplyIPAdapter", ApplyIPAdapter, _apply_adapter),
+        ("CharForgeApplyIPAdapterFaceID", ApplyIPAdapterFaceID, _apply_faceid),
+    ):
+        required, optional, outputs, run = declared(node, run)
+        nodes.append(NodeDef(name, required, optional, outputs=outputs, run=run))
+    return nodes
 
 
 async def _select(
@@ -142,7 +171,8 @@ def _select_def() -> NodeDef:
 
 
 class StoryServer(FakeComfyServer):
-    """The fake ComfyUI plus the nodes a storyboard uses (ComfyUI's, CharForge's and optionally IP-Adapter's)."""
+    """The fake ComfyUI plus the nodes a storyboard uses (ComfyUI's, CharForge's, optionally CharForge's
+    IP-Adapter nodes with ADAPTER_FILES)."""
 
     def __init__(self, *, ipadapter: bool = False, clip: bool = True, **kw):
         super().__init__(**kw)
@@ -198,41 +228,7 @@ class StoryServer(FakeComfyServer):
             _select_def(),
         ]
         if ipadapter:
-            nodes += [
-                NodeDef(
-                    "IPAdapterModelLoader",
-                    {
-                        "ipadapter_file": (
-                            ["ip-adapter_sd15.safetensors", "ip-adapter-plus-face_sd15.safetensors"],
-                        )
-                    },
-                    outputs=("IPADAPTER",),
-                    run=_ipadapter_loader,
-                ),
-                NodeDef(
-                    "CLIPVisionLoader",
-                    {"clip_name": (["CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"],)},
-                    outputs=("CLIP_VISION",),
-                    run=_clip_vision,
-                ),
-                NodeDef(
-                    "IPAdapterAdvanced",
-                    {
-                        "model": ("MODEL",),
-                        "ipadapter": ("IPADAPTER",),
-                        "image": ("IMAGE",),
-                        "weight": ("FLOAT", {"default": 1.0, "min": -1, "max": 5}),
-                        "weight_type": (["linear", "ease in"],),
-                        "combine_embeds": (["concat", "add"],),
-                        "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0}),
-                        "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0}),
-                        "embeds_scaling": (["V only", "K+V"],),
-                    },
-                    optional={"clip_vision": ("CLIP_VISION",)},
-                    outputs=("MODEL",),
-                    run=_ipadapter,
-                ),
-            ]
+            nodes += guide_nodes(ADAPTER_FILES, ["CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"])
         self.nodes.update({n.name: n for n in nodes})
 
     def prompts(self) -> list[dict]:
@@ -378,6 +374,8 @@ def test_story_with_llm_scenes_ipadapter_and_saved_identity(tmp_path, monkeypatc
                 "--mode",
                 "reference",
                 "--no-base",
+                "--guidance",
+                "ipadapter",
                 "--lora",
                 "hero.safetensors",
                 "--reference",
@@ -403,10 +401,12 @@ def test_story_with_llm_scenes_ipadapter_and_saved_identity(tmp_path, monkeypatc
         "_meta": {"title": "Character identity"},
     }
     assert "10" not in prompts[0]  # no CLIP folder on the server: no text agreement
-    guided = prompts[3]
-    assert guided["31"]["inputs"]["ipadapter_file"] == "ip-adapter-plus-face_sd15.safetensors"
-    assert guided["33"]["inputs"]["weight"] == 0.7 and guided["33"]["inputs"]["weight_type"] == "linear"
+    guided = prompts[3]  # CharForge's Load IP-Adapter picks the SD1.5 plus-face file (not the SDXL one)
+    assert guided["31"]["inputs"]["ipadapter_name"] == "ip-adapter-plus-face_sd15.safetensors"
+    assert guided["33"]["class_type"] == "CharForgeApplyIPAdapter" and guided["33"]["inputs"]["weight"] == 0.7
+    assert guided["33"]["inputs"]["image"] == ["30", 0] and guided["33"]["inputs"]["clip_vision"] == ["32", 0]
     assert guided["6"]["inputs"]["model"] == ["33", 0] and guided["5"]["class_type"] == "EmptyLatentImage"
+    assert "33" not in prompts[0]  # a saved identity has no photo: frame 1 is not guided
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["event"] == "result" and set(result["sheets"]) == {"reference"}
     data = json.loads((out / "reference" / "metadata.json").read_text())
@@ -435,7 +435,7 @@ def test_story_errors_are_usage_errors(tmp_path, refs, scenes):
             "--guidance",
             "ipadapter",
         )
-        assert code == 2 and "IPAdapterModelLoader" in err
+        assert code == 2 and "lacks the node(s) CharForgeLoadIPAdapter" in err
         assert server.prompts() == []
     code, _, err = run_cli("story", "x", "--scenes", str(scenes), "--out", str(tmp_path / "o"))
     assert code == 2 and "name the character" in err
@@ -450,7 +450,7 @@ def test_story_errors_are_usage_errors(tmp_path, refs, scenes):
 def test_guidance_detection_and_graph_shape():
     info = {"LoadImage": {}, "VAEEncode": {}, "RepeatLatentBatch": {}}
     assert detect_guidance(info).kind == "img2img"
-    with pytest.raises(Exception, match="lacks the nodes"):
+    with pytest.raises(Exception, match="lacks the node"):
         detect_guidance(info, "ipadapter")
     character = Character("hero", loras=[("a.safetensors", 1.0), ("b.safetensors", 0.5)])
     graph = frame_graph(

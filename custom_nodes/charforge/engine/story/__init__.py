@@ -24,7 +24,7 @@ from .scenes import (
 )
 from .select import FramePick, pick_frame
 from .sheet import storyboard_sheet
-from .storyboard import MODE_LABELS, MODES, Storyboard, StoryFrame, load_storyboard
+from .storyboard import GUIDANCE_LABELS, MODE_LABELS, MODES, Storyboard, StoryFrame, load_storyboard
 
 __all__ = [
     "AblationRow",
@@ -46,6 +46,7 @@ __all__ = [
     "parse_scenes",
     "FramePick",
     "pick_frame",
+    "GUIDANCE_LABELS",
     "MODE_LABELS",
     "MODES",
     "StoryFrame",

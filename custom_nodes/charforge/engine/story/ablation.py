@@ -1,6 +1,7 @@
 """The ablation: does the setup help? Storyboards of the same scenes and seeds made the simple way, with
-reference guidance and with the base model without the LoRA, compared by mean identity similarity to the
-character and mean text agreement (CLIP cosine with each frame's prompt)."""
+reference guidance (one row per guidance kind when a run compares several: ``reference/faceid``,
+``reference/img2img``, ...) and with the base model without the LoRA, compared by mean identity similarity
+to the character and mean text agreement (CLIP cosine with each frame's prompt)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .storyboard import MODE_LABELS, Storyboard
+from .storyboard import Storyboard
 
 
 @dataclass
 class AblationRow:
-    mode: str
+    mode: str  # the storyboard's key: its mode, or e.g. "reference/faceid"
     label: str
     frames: int
     faces: int  # frames where a face was found (identity measured)
@@ -33,8 +34,8 @@ def ablation_rows(storyboards: list[Storyboard]) -> list[AblationRow]:
         stats = board.stats()
         rows.append(
             AblationRow(
-                board.mode,
-                MODE_LABELS[board.mode],
+                board.key,
+                board.label,
                 stats["frames"],
                 stats["faces"],
                 stats["identity_mean"],
@@ -86,10 +87,11 @@ def ablation_to_markdown(rows: list[AblationRow], title: str = "Storyboard ablat
         "person more clearly); frames without a face are not averaged. Text agreement: CLIP cosine between "
         "each frame and its prompt; '-' when no CLIP model was available.",
     ]
+    labels = {r.mode: r.label for r in rows}
     if data["best_identity"]:
-        lines.append(f"Best identity: {MODE_LABELS[data['best_identity']]}.")
+        lines.append(f"Best identity: {labels[data['best_identity']]}.")
     if data["best_text"]:
-        lines.append(f"Best text agreement: {MODE_LABELS[data['best_text']]}.")
+        lines.append(f"Best text agreement: {labels[data['best_text']]}.")
     return "\n".join(lines) + "\n"
 
 

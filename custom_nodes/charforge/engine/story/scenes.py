@@ -2,8 +2,10 @@
 
 A user writes them as plain text (one scene per line; blank lines and ``#`` comments skipped, list markers
 such as ``1.`` or ``-`` dropped), as JSON or as YAML. JSON and YAML hold a list of scenes, or an object with
-a ``scenes`` list; a scene is a string (its prompt) or an object with ``prompt`` and an optional ``caption``
-(the short line shown under the frame on the sheet).
+a ``scenes`` list; a scene is a string (its prompt) or an object with ``prompt``, an optional ``caption``
+(the short line shown under the frame on the sheet) and an optional ``pose``: a photo or drawing of the pose
+the frame should take (a path, relative to the scene file), which ``charforge story`` turns into a pose map
+for a pose ControlNet when the server has one.
 """
 
 from __future__ import annotations
@@ -30,13 +32,18 @@ class Scene:
 
     prompt: str
     caption: str = ""
+    pose: str = ""  # a pose reference image (path) for the frame; "" for none
 
     def __post_init__(self) -> None:
         self.prompt = " ".join(str(self.prompt).split())
         self.caption = " ".join(str(self.caption or "").split()) or _short(self.prompt)
+        self.pose = str(self.pose or "").strip()
 
     def to_dict(self) -> dict[str, str]:
-        return {"prompt": self.prompt, "caption": self.caption}
+        data = {"prompt": self.prompt, "caption": self.caption}
+        if self.pose:
+            data["pose"] = self.pose
+        return data
 
 
 def _short(text: str, words: int = 8) -> str:
@@ -55,10 +62,12 @@ def _scene_from(item: Any, where: str) -> Scene:
             raise ValueError(
                 f"{where} has no 'prompt' text (keys found: {short_repr(sorted(map(str, item)))})"
             )
-        caption = item.get("caption", "")
+        caption, pose = item.get("caption", ""), item.get("pose", "")
         if caption is not None and not isinstance(caption, str):
             raise ValueError(f"{where}: 'caption' must be text, got {type(caption).__name__}")
-        return Scene(prompt, caption or "")
+        if pose is not None and not isinstance(pose, str):
+            raise ValueError(f"{where}: 'pose' must be the path of an image, got {type(pose).__name__}")
+        return Scene(prompt, caption or "", pose or "")
     raise ValueError(f"{where} must be a prompt string or an object with 'prompt', got {type(item).__name__}")
 
 
@@ -135,7 +144,11 @@ def load_scenes(path: str | Path) -> list[Scene]:
     except OSError as exc:
         raise ValueError(f"cannot read the scene list {path}: {exc.strerror or exc}") from None
     fmt = {".json": "json", ".yaml": "yaml", ".yml": "yaml", ".txt": "text"}.get(path.suffix.lower(), "auto")
-    return parse_scenes(text, fmt, source=str(path))
+    scenes = parse_scenes(text, fmt, source=str(path))
+    for scene in scenes:  # pose images are named relative to the scene file
+        if scene.pose and not Path(scene.pose).expanduser().is_absolute():
+            scene.pose = str(path.parent / scene.pose)
+    return scenes
 
 
 def check_scene_count(scenes: list[Scene], minimum: int = MIN_FRAMES, maximum: int = MAX_FRAMES) -> None:
@@ -156,7 +169,7 @@ def ensure_face_first(scenes: list[Scene]) -> list[Scene]:
     """Frame 1 establishes the character, so it must show the face clearly: add that to its prompt if missing."""
     if scenes and not shows_face(scenes[0].prompt):
         first = scenes[0]
-        scenes = [Scene(f"{FACE_FIRST}, {first.prompt}", first.caption), *scenes[1:]]
+        scenes = [Scene(f"{FACE_FIRST}, {first.prompt}", first.caption, first.pose), *scenes[1:]]
     return scenes
 
 

@@ -19,6 +19,13 @@ MODE_LABELS = {
     "reference": "reference-guided (frame 1 guides the rest)",
     "base": "base model without LoRA",
 }
+# How a reference-guided storyboard was guided (``charforge story --guidance``), as its label says it.
+GUIDANCE_LABELS = {
+    "ipadapter": "IP-Adapter (frame 1 guides the rest)",
+    "faceid": "IP-Adapter FaceID (the character's identity)",
+    "instantid": "InstantID (the character's identity and face keypoints)",
+    "img2img": "image-to-image from frame 1",
+}
 
 
 @dataclass
@@ -36,7 +43,8 @@ class StoryFrame:
     guide_identity: float | None = None  # similarity to frame 1 (reference-guided mode)
     combined: float | None = None  # the value the candidate was selected by
     image: str = ""  # file name, relative to the storyboard folder
-    guidance: str = ""  # how the frame was guided: "", "ipadapter", "img2img", "controlnet"
+    guidance: str = ""  # how the frame was guided: "", "ipadapter", "faceid", "instantid", "img2img"
+    pose: str = ""  # the pose reference the frame followed (pose ControlNet), "" for none
     note: str = ""
     candidate_scores: list[dict[str, Any]] = field(default_factory=list)
     # retries (charforge story --retries): every attempt's seed, scores and whether it passed the thresholds
@@ -66,13 +74,23 @@ class Storyboard:
     settings: dict[str, Any] = field(default_factory=dict)  # steps, cfg, size, sampler, candidates, weights
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     notes: list[str] = field(default_factory=list)
+    guidance: str = ""  # reference mode: the guidance kind (GUIDANCE_LABELS)
+    name: str = ""  # the board's name in its run when it differs from the mode, e.g. "reference/faceid"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
 
     @property
+    def key(self) -> str:
+        """The board's name in its run: the mode, or e.g. ``reference/faceid`` when a run compares guidance kinds
+        (also the folder its frames are in, relative to the run's)."""
+        return self.name or self.mode
+
+    @property
     def label(self) -> str:
+        if self.mode == "reference" and self.guidance in GUIDANCE_LABELS:
+            return f"reference-guided: {GUIDANCE_LABELS[self.guidance]}"
         return MODE_LABELS[self.mode]
 
     def stats(self) -> dict[str, Any]:
@@ -93,6 +111,8 @@ class Storyboard:
                 "format": FORMAT,
                 "version": VERSION,
                 "mode": self.mode,
+                **({"name": self.name} if self.name else {}),
+                **({"guidance": self.guidance} if self.guidance else {}),
                 "label": self.label,
                 "story": self.story,
                 "created": self.created,
@@ -118,6 +138,8 @@ class Storyboard:
             settings=dict(data.get("settings") or {}),
             created=data.get("created", ""),
             notes=list(data.get("notes") or []),
+            guidance=data.get("guidance", ""),
+            name=data.get("name", ""),
         )
 
     def to_json(self, indent: int | None = 1) -> str:

@@ -1,0 +1,589 @@
+"""Reference-mode guidance and pose control of ``charforge story``: what the server offers, and the graph pieces.
+
+Guidance kinds (``--guidance``), strongest first (the order ``auto`` tries):
+
+- ``instantid``: CharForge's Apply InstantID with the character's identity (SDXL bases only), every frame;
+- ``faceid``: CharForge's Load IP-Adapter + Apply IP-Adapter FaceID with the character's identity (the saved
+  identity, or the one built from the reference photos), every frame; no CLIP vision model needed;
+- ``ipadapter``: CharForge's Load IP-Adapter + ComfyUI's Load CLIP Vision + Apply IP-Adapter, frame 1 guided by
+  the first reference photo (when the identity is a photo folder), frames 2+ by frame 1;
+- ``img2img``: frames 2+ start from frame 1 (VAEEncode, denoise below 1).
+
+What the server has comes from its /object_info (the nodes, and the model files their inputs list: Load
+IP-Adapter's ``models/ipadapter``, Load CLIP Vision's ``models/clip_vision``, ControlNetLoader's
+``models/controlnet``) and, for DWPose's ONNX files (which no node input lists), CharForge's model listing
+route. Adapter files are told apart by their published names (``ip-adapter-faceid_sd15.bin``,
+``ip-adapter-plus-face_sdxl_vit-h.safetensors``, InstantID's ``ip-adapter.bin``, ...); a file whose name says
+another base-model family than the checkpoint's is never picked.
+
+A scene with a ``pose`` image gets a pose ControlNet (CharForge's Pose Map + ComfyUI's ControlNetLoader and
+ControlNetApplyAdvanced) in every mode when the server has the nodes, a pose ControlNet of the checkpoint's family
+(a ``models/controlnet`` file whose name holds "openpose" or "pose") and DWPose's files; else the pose is ignored
+with a note.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from charforge.driver.client import ComfyClient
+from charforge.driver.errors import DriverError, UsageError
+from charforge.driver.workflow.object_info import input_choices
+
+KINDS = ("instantid", "faceid", "ipadapter", "img2img")  # strongest first: the order `auto` tries
+CHOICES = ("auto", "all", *KINDS)
+LOAD_ADAPTER, APPLY_ADAPTER, APPLY_FACEID = (
+    "CharForgeLoadIPAdapter",
+    "CharForgeApplyIPAdapter",
+    "CharForgeApplyIPAdapterFaceID",
+)
+APPLY_INSTANTID = "CharForgeApplyInstantID"
+NODES = {
+    "ipadapter": (LOAD_ADAPTER, "CLIPVisionLoader", APPLY_ADAPTER, "LoadImage"),
+    "faceid": (LOAD_ADAPTER, APPLY_FACEID),
+    "instantid": (LOAD_ADAPTER, APPLY_INSTANTID, "ControlNetLoader"),
+    "img2img": ("LoadImage", "VAEEncode", "RepeatLatentBatch"),
+}
+POSE_NODES = ("LoadImage", "CharForgePoseMap", "ControlNetLoader", "ControlNetApplyAdvanced")
+DWPOSE_FILES = ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")  # engine/guide/pose.py DETECTOR_FILE, POSE_FILE
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+# IP-Adapter variants for the `ipadapter` kind, best first (the face models keep a character best)
+IMAGE_VARIANTS = ("plus_face", "full_face", "plus", "base")
+VARIANT_NAMES = {
+    "base": "base",
+    "plus": "plus",
+    "plus_face": "plus-face",
+    "full_face": "full-face",
+    "faceid": "FaceID",
+    "faceid_plus": "FaceID-Plus",
+    "instantid": "InstantID",
+}
+INSTANTID_GRAPH = False  # add_guidance builds no InstantID graph yet
+
+
+@dataclass
+class Guidance:
+    """How reference mode guides its frames; `reason` is what the storyboard's metadata and the log say."""
+
+    kind: str
+    ipadapter_file: str = ""
+    clip_vision: str = ""
+    reason: str = ""
+    variant: str = ""  # the adapter file's variant (VARIANT_NAMES)
+    controlnet: str = ""  # InstantID: its ControlNet
+
+    @property
+    def every_frame(self) -> bool:
+        """FaceID and InstantID guide frame 1 too (the identity is the character's, not frame 1's)."""
+        return self.kind in ("faceid", "instantid")
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    name: str
+    variant: str  # VARIANT_NAMES
+    family: str | None  # sd15 / sdxl as the name says; None when it says neither
+
+    @property
+    def vision(self) -> str:
+        """The CLIP vision encoder the file was trained with: ``bigg`` (ViT-bigG) or ``h`` (ViT-H)."""
+        low = self.name.lower()
+        if "vit-g" in low or "vit_g" in low or "bigg" in low:
+            return "bigg"
+        if self.family == "sdxl" and self.variant == "base" and "vit-h" not in low and "vit_h" not in low:
+            return "bigg"  # ip-adapter_sdxl.safetensors
+        return "h"
+
+
+def name_family(name: str) -> str | None:
+    """The base-model family a model file's name says: ``sdxl``, ``sd15`` or None."""
+    low = PurePosixPath(name).name.lower()
+    if re.search(r"sdxl|(^|[^a-z])xl([^a-z]|$)|_xl|xl_", low):
+        return "sdxl"
+    if re.search(r"sd_?1[._-]?5|v1[._-]5|sd15|v11p|v11f1p|control_sd15|sd-?v1", low):
+        return "sd15"
+    return None
+
+
+def classify_adapter(name: str) -> AdapterFile | None:
+    """An ``models/ipadapter`` file by its published name, or None for a name that says no known variant
+    (FaceID Portrait, which no node here takes, included)."""
+    low = PurePosixPath(name).name.lower()
+    stem = low.rsplit(".", 1)[0]
+    if "instantid" in low or stem in ("ip-adapter", "ip_adapter"):
+        return AdapterFile(name, "instantid", "sdxl")
+    family = name_family(name)
+    if "faceid" in low:
+        if "portrait" in low:
+            return None
+        return AdapterFile(name, "faceid_plus" if "plus" in low else "faceid", family)
+    if "full-face" in low or "full_face" in low:
+        return AdapterFile(name, "full_face", family)
+    if "plus-face" in low or "plus_face" in low:
+        return AdapterFile(name, "plus_face", family)
+    if "plus" in low:
+        return AdapterFile(name, "plus", family)
+    if "ip-adapter" in low or "ip_adapter" in low or "ipadapter" in low:
+        return AdapterFile(name, "base", family)
+    return None
+
+
+def _vision_kind(name: str) -> str | None:
+    low = name.lower()
+    if "bigg" in low or "vit-g" in low or "vit_g" in low:
+        return "bigg"
+    if "vit-h" in low or "vit_h" in low or "h-14" in low or "h14" in low:
+        return "h"
+    return None
+
+
+def checkpoint_family(checkpoint: str, reported: str) -> tuple[str | None, str]:
+    """The SD family of the storyboard's checkpoint: the one the server or the preset reports, else what its name
+    says (and how it was told, for the metadata)."""
+    if reported in FAMILY_NAMES:
+        return reported, f"{FAMILY_NAMES[reported]} (read from the model)"
+    guessed = name_family(checkpoint)
+    if guessed is not None:
+        return guessed, f"{FAMILY_NAMES[guessed]} (from the checkpoint's name)"
+    return None, "unknown (neither the server nor the checkpoint's name tells SD1.5 from SDXL)"
+
+
+# --------------------------------------------------------------------------------------------------
+# What the server offers
+
+
+@dataclass
+class Offer:
+    """What a server offers for guidance and poses: the object_info, the base family and the listings."""
+
+    info: dict[str, Any]
+    family: str | None
+    family_reason: str = ""
+    identity: dict[str, Any] | None = None  # the storyboard's identity (story.StoryRun._identity)
+
+    def files(self, node: str, name: str) -> list[str]:
+        return [f for f in input_choices(self.info, node, name) or [] if not f.startswith("(")]
+
+    def adapters(self) -> list[AdapterFile]:
+        return [a for a in map(classify_adapter, self.files(LOAD_ADAPTER, "ipadapter_name")) if a is not None]
+
+    def missing_nodes(self, kind: str) -> list[str]:
+        return [n for n in NODES[kind] if n not in self.info]
+
+    def identity_words(self) -> str:
+        identity = self.identity or {}
+        if "name" in identity:
+            return f"identity {identity['name']!r}"
+        return f"identity from the reference photos ({identity.get('source') or identity.get('folder', '?')})"
+
+
+def _family_ok(offer: Offer, adapter: AdapterFile) -> bool:
+    return adapter.family is not None and adapter.family == offer.family
+
+
+def _refused(offer: Offer, variants: tuple[str, ...]) -> list[str]:
+    """Files of `variants` that were not picked because their name says another family (or none)."""
+    return [
+        f"{a.name} ({FAMILY_NAMES.get(a.family or '', 'family not in its name')})"
+        for a in offer.adapters()
+        if a.variant in variants and not _family_ok(offer, a)
+    ]
+
+
+def _why_not(offer: Offer, kind: str, what: str, variants: tuple[str, ...]) -> str:
+    missing = offer.missing_nodes(kind)
+    if missing:
+        pack = any(n.startswith("CharForge") for n in missing)
+        return f"the server lacks the node(s) {', '.join(missing)}" + (
+            " (update the CharForge pack on it)" if pack else ""
+        )
+    refused = _refused(offer, variants)
+    base = FAMILY_NAMES.get(offer.family or "", "an unknown family")
+    text = f"no {what} for the checkpoint's family ({base}) in the server's models/ipadapter"
+    return text + (f"; not of that family: {', '.join(refused)}" if refused else "")
+
+
+def _pick_adapter(offer: Offer, variants: tuple[str, ...], wanted: str | None) -> AdapterFile | None:
+    candidates = [a for a in offer.adapters() if a.variant in variants and _family_ok(offer, a)]
+    if wanted:
+        return next((a for a in candidates if a.name == wanted), None)
+    candidates.sort(key=lambda a: (variants.index(a.variant), a.name))
+    return candidates[0] if candidates else None
+
+
+def faceid_guidance(offer: Offer, wanted_file: str | None = None) -> tuple[Guidance | None, str]:
+    """FaceID (plain FaceID files: the identity's ArcFace embedding, no CLIP vision), or None and why not."""
+    if offer.missing_nodes("faceid") or offer.family is None:
+        return None, _why_not(offer, "faceid", "FaceID file (e.g. ip-adapter-faceid_sd15.bin)", ("faceid",))
+    adapter = _pick_adapter(offer, ("faceid",), wanted_file)
+    if adapter is None:
+        why = _why_not(offer, "faceid", "FaceID file (e.g. ip-adapter-faceid_sd15.bin)", ("faceid",))
+        if any(a.variant == "faceid_plus" for a in offer.adapters()):
+            why += " (FaceID-Plus files need a face crop encoded by CLIP vision; the storyboard uses plain FaceID)"
+        return None, why
+    reason = f"FaceID ({adapter.name}): {offer.identity_words()}"
+    return Guidance("faceid", adapter.name, reason=reason, variant=adapter.variant), ""
+
+
+def ipadapter_guidance(offer: Offer, wanted_file: str | None = None) -> tuple[Guidance | None, str]:
+    """IP-Adapter from an image (plus-face, full-face, plus, base) with its CLIP vision model, or None and why."""
+    what = "image IP-Adapter (e.g. ip-adapter-plus-face_sd15.safetensors)"
+    if offer.missing_nodes("ipadapter") or offer.family is None:
+        return None, _why_not(offer, "ipadapter", what, IMAGE_VARIANTS)
+    adapter = _pick_adapter(offer, IMAGE_VARIANTS, wanted_file)
+    if adapter is None:
+        return None, _why_not(offer, "ipadapter", what, IMAGE_VARIANTS)
+    visions = offer.files("CLIPVisionLoader", "clip_name")
+    if not visions:
+        return None, (
+            f"{adapter.name} needs its CLIP vision model (ViT-H, e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+            f"{'; ViT-bigG for this file' if adapter.vision == 'bigg' else ''}) in the server's models/clip_vision"
+        )
+    matching = [v for v in visions if _vision_kind(v) == adapter.vision]
+    untold = [v for v in visions if _vision_kind(v) is None]
+    if matching:
+        vision, caveat = matching[0], ""
+    elif untold:
+        vision, caveat = untold[0], " (its name does not say ViT-H or ViT-bigG)"
+    else:
+        encoder = "ViT-bigG" if adapter.vision == "bigg" else "ViT-H"
+        return (
+            None,
+            f"{adapter.name} needs a {encoder} CLIP vision model; models/clip_vision has {', '.join(visions)}",
+        )
+    guide = "frame 1 guided by the first reference photo, frames 2+ by frame 1"
+    if "folder" not in (offer.identity or {}):
+        guide = "frames 2+ guided by frame 1"
+    reason = (
+        f"IP-Adapter {VARIANT_NAMES[adapter.variant]} ({adapter.name}, CLIP vision {vision}{caveat}): {guide}"
+    )
+    return Guidance("ipadapter", adapter.name, vision, reason, variant=adapter.variant), ""
+
+
+def instantid_guidance(offer: Offer) -> tuple[Guidance | None, str]:
+    """InstantID on an SDXL base (its adapter file and its ControlNet), or None and why not."""
+    if offer.family != "sdxl":
+        return None, "InstantID is made for SDXL bases; this checkpoint is " + FAMILY_NAMES.get(
+            offer.family or "", "of an unknown family"
+        )
+    missing = offer.missing_nodes("instantid")
+    if missing:
+        return None, f"the server lacks the node(s) {', '.join(missing)}"
+    if not INSTANTID_GRAPH:
+        return None, "storyboards do not drive Apply InstantID yet"
+    adapter = _pick_adapter(offer, ("instantid",), None)
+    controlnets = [c for c in offer.files("ControlNetLoader", "control_net_name") if "instantid" in c.lower()]
+    if adapter is None:
+        return (
+            None,
+            "no InstantID adapter (ip-adapter.bin, or a name containing 'instantid') in models/ipadapter",
+        )
+    if not controlnets:
+        return None, "no InstantID ControlNet (a name containing 'instantid') in models/controlnet"
+    reason = f"InstantID ({adapter.name}, ControlNet {controlnets[0]}): {offer.identity_words()}"
+    return Guidance(
+        "instantid", adapter.name, reason=reason, variant="instantid", controlnet=controlnets[0]
+    ), ""
+
+
+def img2img_guidance(offer: Offer) -> tuple[Guidance | None, str]:
+    missing = offer.missing_nodes("img2img")
+    if missing:
+        return None, f"reference mode needs ComfyUI's {', '.join(missing)} node(s), which the server lacks"
+    return Guidance("img2img", reason="image-to-image from frame 1"), ""
+
+
+def guidance_of(offer: Offer, kind: str, ipadapter_file: str | None = None) -> tuple[Guidance | None, str]:
+    if kind == "instantid":
+        return instantid_guidance(offer)
+    if kind == "faceid":
+        return faceid_guidance(offer, ipadapter_file)
+    if kind == "ipadapter":
+        return ipadapter_guidance(offer, ipadapter_file)
+    return img2img_guidance(offer)
+
+
+def parse_kinds(text: str) -> list[str]:
+    """``--guidance``: auto, all, one kind, or a comma list of kinds."""
+    kinds = [k.strip().lower() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in CHOICES]
+    if unknown or not kinds or (len(kinds) > 1 and {"auto", "all"} & set(kinds)):
+        raise UsageError(
+            f"--guidance takes auto, all, one of {', '.join(KINDS)} or a comma list of them; got {text!r}"
+        )
+    return kinds
+
+
+def choose_guidance(offer: Offer, wanted: str = "auto", ipadapter_file: str | None = None) -> list[Guidance]:
+    """The guidance of each reference storyboard: ``auto`` the strongest the server offers, ``all`` every kind it
+    offers (strongest first), else the kinds named -- each must be available (the error says what is missing)."""
+    kinds = parse_kinds(wanted)
+    if ipadapter_file and ipadapter_file not in offer.files(LOAD_ADAPTER, "ipadapter_name"):
+        raise UsageError(
+            f"IP-Adapter model {ipadapter_file!r} is not in the server's models/ipadapter; it has: "
+            f"{', '.join(offer.files(LOAD_ADAPTER, 'ipadapter_name')) or 'none'}"
+        )
+    if kinds in (["auto"], ["all"]):
+        found, skipped = [], []
+        for kind in KINDS:
+            guidance, why = guidance_of(offer, kind, ipadapter_file)
+            if guidance is None:
+                skipped.append(f"{kind}: {why}")
+                continue
+            found.append(guidance)
+            if kinds == ["auto"]:
+                break
+        if not found:
+            raise UsageError("reference mode has no guidance on this server: " + "; ".join(skipped))
+        if kinds == ["auto"] and skipped:
+            found[0].reason += f" (stronger kinds not available: {'; '.join(skipped)})"
+        return found
+    chosen = []
+    for kind in dict.fromkeys(kinds):
+        guidance, why = guidance_of(offer, kind, ipadapter_file)
+        if guidance is None:
+            raise UsageError(f"--guidance {kind}: {why}")
+        chosen.append(guidance)
+    return chosen
+
+
+def server_model_files(client: ComfyClient, kind: str) -> list[str] | None:
+    """The files of model folder `kind` the server lists (CharForge's model listing route), or None when it
+    cannot say (no CharForge routes, or one that does not list this folder)."""
+    from charforge.driver.sync import call
+    from charforge.driver.sync._http import path, request_json
+
+    async def listing(async_client: Any) -> Any:
+        _, answer = await request_json(async_client, "GET", path("models"), params={"kinds": kind})
+        return answer or {}
+
+    try:
+        answer = call(client, listing)
+    except DriverError:
+        return None
+    entries = (answer.get("models") or {}).get(kind)
+    return None if entries is None else [str(e.get("name", "")) for e in entries]
+
+
+# --------------------------------------------------------------------------------------------------
+# Poses
+
+
+@dataclass
+class PoseSupport:
+    """Whether frames can follow a scene's pose: the pose ControlNet file, or why not."""
+
+    controlnet: str = ""
+    why_not: str = ""
+    strength: float = 0.8
+
+    def record(self) -> dict[str, Any]:
+        return {"controlnet": self.controlnet, "strength": self.strength, "map": "CharForgePoseMap (DWPose)"}
+
+
+def pose_support(offer: Offer, dwpose_files: list[str] | None) -> PoseSupport:
+    """A pose ControlNet of the checkpoint's family ("openpose" or "pose" in its name) and DWPose's files."""
+    missing = [n for n in POSE_NODES if n not in offer.info]
+    if missing:
+        return PoseSupport(why_not=f"the server lacks the node(s) {', '.join(missing)}")
+    files = [c for c in offer.files("ControlNetLoader", "control_net_name") if "pose" in c.lower()]
+    fitting = [c for c in files if name_family(c) == offer.family and offer.family is not None]
+    untold = [c for c in files if name_family(c) is None and "instantid" not in c.lower()]
+    chosen = (sorted(fitting, key=lambda c: "openpose" not in c.lower()) or untold or [""])[0]
+    if not chosen:
+        others = ", ".join(files)
+        return PoseSupport(
+            why_not="no pose ControlNet for the checkpoint's family "
+            f"({FAMILY_NAMES.get(offer.family or '', 'unknown')}) in the server's models/controlnet (a file "
+            f"whose name holds 'openpose' or 'pose'{'; of another family: ' + others if others else ''})"
+        )
+    if dwpose_files is None:
+        return PoseSupport(
+            why_not="the server does not list its models/dwpose folder (an older CharForge pack): pose maps "
+            "need DWPose's " + " and ".join(DWPOSE_FILES)
+        )
+    absent = [f for f in DWPOSE_FILES if not any(PurePosixPath(n).name == f for n in dwpose_files)]
+    if absent:
+        return PoseSupport(
+            why_not=f"pose maps need DWPose's {' and '.join(absent)} in the server's models/dwpose"
+        )
+    return PoseSupport(controlnet=chosen)
+
+
+# --------------------------------------------------------------------------------------------------
+# Graph pieces (node ids 30-49; `add` is frame_graph's)
+
+
+def add_guidance(
+    add: Callable[..., list],
+    guidance: Guidance,
+    model: list,
+    *,
+    image: list | None,
+    identity: list,
+    weight: float,
+    clip: list | None = None,
+) -> list:
+    """Patch `model` with `guidance` (``ipadapter`` needs `image`: the guide picture; ``faceid`` and
+    ``instantid`` the `identity` socket); returns the MODEL socket to sample with."""
+    if guidance.kind == "ipadapter":
+        if image is None:
+            return model
+        add("31", LOAD_ADAPTER, "IP-Adapter model", ipadapter_name=guidance.ipadapter_file)
+        add("32", "CLIPVisionLoader", "CLIP vision", clip_name=guidance.clip_vision)
+        return add(
+            "33",
+            APPLY_ADAPTER,
+            "IP-Adapter: guided by the guide image",
+            model=model,
+            ipadapter=["31", 0],
+            clip_vision=["32", 0],
+            image=image,
+            weight=weight,
+            start_at=0.0,
+            end_at=1.0,
+        )
+    if guidance.kind == "faceid":
+        add("31", LOAD_ADAPTER, "FaceID model", ipadapter_name=guidance.ipadapter_file)
+        return add(
+            "33",
+            APPLY_FACEID,
+            "FaceID: the character's identity",
+            model=model,
+            ipadapter=["31", 0],
+            identity=identity,
+            weight=weight,
+            start_at=0.0,
+            end_at=1.0,
+            shortcut_scale=1.0,
+        )
+    raise ValueError(f"no graph for guidance {guidance.kind!r} here")
+
+
+def add_pose(
+    add: Callable[..., list],
+    support: PoseSupport,
+    pose_image: str,
+    positive: list,
+    negative: list,
+    vae: list,
+) -> tuple[list, list]:
+    """LoadImage(pose photo) -> Pose Map -> ControlNetApplyAdvanced with the pose ControlNet; (positive,
+    negative) conditioning sockets."""
+    photo = add("40", "LoadImage", "Pose reference", image=pose_image)
+    pose_map = add("41", "CharForgePoseMap", "Pose map", images=photo, body=True, hands=True, face=True)
+    control = add("42", "ControlNetLoader", "Pose ControlNet", control_net_name=support.controlnet)
+    add(
+        "43",
+        "ControlNetApplyAdvanced",
+        "Follow the scene's pose",
+        positive=positive,
+        negative=negative,
+        control_net=control,
+        image=pose_map,
+        strength=support.strength,
+        start_percent=0.0,
+        end_percent=1.0,
+        vae=vae,
+    )
+    return ["43", 0], ["43", 1]
+
+
+# --------------------------------------------------------------------------------------------------
+# A run's plan and records (story.StoryRun calls these)
+
+
+def plan(run: Any, checkpoint: str, identity: dict[str, Any]) -> list[Guidance | None]:
+    """Reference mode's guidance kinds ([None] without reference mode) and the run's poses (`run.pose`, the
+    scenes' pose photos uploaded into `run.pose_images`); notes what it chose and why."""
+    from pathlib import Path
+
+    from .pipeline.options import PipelineError
+    from .pipeline.remote_family import listed_family
+
+    poses = [i for i, scene in enumerate(run.scenes) if getattr(scene, "pose", "")]
+    for i in poses:
+        if not Path(run.scenes[i].pose).expanduser().is_file():
+            raise UsageError(f"scene {i + 1}: its pose image {run.scenes[i].pose} is not a file")
+    reference = "reference" in run.options.modes
+    family, how, reported = None, "", run.character.base_model
+    if run.flow is None and (reference or poses):
+        if not reported:
+            try:
+                reported = listed_family(run.client, "checkpoints", checkpoint) or ""
+            except PipelineError:
+                reported = ""
+        family, how = checkpoint_family(checkpoint, reported)
+    offer = Offer(run.info, family, how, identity)
+    guidances: list[Guidance | None] = [None]
+    if reference and run.flow is not None:
+        if set(parse_kinds(run.options.guidance)) - {"auto", "all", "img2img"}:
+            raise UsageError(
+                f"--guidance {run.options.guidance}: IP-Adapter, FaceID and InstantID models are made for "
+                f"SD1.5/SDXL, not this {run.flow.family} base (use img2img)"
+            )
+        guidances = [Guidance("img2img", reason="image-to-image from frame 1")]
+    elif reference:
+        guidances = list(choose_guidance(offer, run.options.guidance, run.ipadapter_file))
+        run.note(f"checkpoint family for guidance: {how}")
+    for guidance in guidances:
+        if guidance is not None:
+            run.note(f"reference mode ({guidance.kind}): {guidance.reason}")
+    if poses:
+        if run.flow is not None:
+            support = PoseSupport(
+                why_not=f"pose ControlNets are used with SD1.5/SDXL bases, not {run.flow.family}"
+            )
+        else:
+            dwpose = None if "CharForgePoseMap" not in run.info else server_model_files(run.client, "dwpose")
+            support = pose_support(offer, dwpose)
+        run.pose = support
+        scenes = ", ".join(str(i + 1) for i in poses)
+        if support.controlnet:
+            for i in poses:
+                path = Path(run.scenes[i].pose).expanduser()
+                uploaded = run.client.upload(
+                    path,
+                    filename=f"{run.run_id}_pose_{i + 1:02d}{path.suffix.lower()}",
+                    subfolder="charforge_story",
+                    overwrite=True,
+                )
+                run.pose_images[i] = uploaded.reference
+            run.note(f"scene(s) {scenes} follow their pose image (Pose Map -> {support.controlnet})")
+        else:
+            run.note(f"the pose image(s) of scene(s) {scenes} are ignored: {support.why_not}")
+    return guidances
+
+
+def guidance_record(guidance: Guidance, denoise: float, weight: float) -> dict[str, Any]:
+    """``models.guidance`` of a reference storyboard's metadata.json."""
+    return {
+        "kind": guidance.kind,
+        "reason": guidance.reason,
+        "frames": "every frame" if guidance.every_frame else "frames 2+ (frame 1: see reason)",
+        "variant": VARIANT_NAMES.get(guidance.variant) if guidance.variant else None,
+        "ipadapter": guidance.ipadapter_file or None,
+        "clip_vision": guidance.clip_vision or None,
+        "controlnet": guidance.controlnet or None,
+        "denoise": denoise if guidance.kind == "img2img" else None,
+        "weight": weight if guidance.kind != "img2img" else None,
+    }
+
+
+def guidance_note(guidance: Guidance) -> str:
+    what = "every frame" if guidance.every_frame else "frames"
+    return f"{what} guided by {guidance.reason}; frames 2+ selected by identity to frame 1"
+
+
+def pose_notes(scenes: list, support: PoseSupport | None, uploaded: dict[int, str]) -> list[str]:
+    posed = [i for i, scene in enumerate(scenes) if getattr(scene, "pose", "")]
+    if not posed or support is None:
+        return []
+    listed = ", ".join(str(i + 1) for i in posed)
+    if uploaded:
+        return [f"frame(s) {listed} follow their scene's pose image (Pose Map -> {support.controlnet})"]
+    return [f"the pose image(s) of scene(s) {listed} were ignored: {support.why_not}"]
