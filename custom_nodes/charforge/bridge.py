@@ -20,6 +20,9 @@ test suite, a training script) they fall back to plain behaviour:
 - server messages are logged at debug level.
 
 ComfyUI is detected once, lazily, on first use; `reset()` forgets the answer (tests use it).
+
+Longer than the pack's usual 600 lines on purpose: it is the one module that may import ComfyUI, so
+every ComfyUI call lives here.
 """
 
 from __future__ import annotations
@@ -590,6 +593,25 @@ def patch_attn2(model: Any, make_patch: Callable[[tuple[str, int, int], Any], An
         slot = (block, number, index)
         patched.set_model_attn2_replace(make_patch(slot, existing.get(slot)), block, number, index)
     return patched
+
+
+def add_lora_patches(model: Any, factors: dict[str, tuple[Any, Any]], strength: float) -> None:
+    """Patch LoRA factors into a MODEL (changed in place: pass a clone): each weight ``key`` of the model's
+    state dict (``diffusion_model.…``) becomes ``W + strength · up @ down`` when ComfyUI loads the model, as
+    for a LoRA from a LoRA loader (``comfy.weight_adapter.LoRAAdapter`` without alpha, ``add_patches``).
+    Raises ValueError naming the keys the model lacks or whose shape is not ``up.rows × down.columns``."""
+    if _load_comfy() is None:
+        raise RuntimeError("patching LoRA weights into a MODEL needs ComfyUI (run the node inside ComfyUI)")
+    lora_adapter = importlib.import_module("comfy.weight_adapter").LoRAAdapter
+    shapes = {key: tuple(value.shape) for key, value in model.model_state_dict().items()}
+    wrong = [key for key, (up, down) in factors.items() if shapes.get(key) != (up.shape[0], down.shape[1])]
+    if wrong:
+        found = ", ".join(f"{key} {shapes.get(key, 'missing')}" for key in sorted(wrong)[:6])
+        raise ValueError(f"{len(wrong)} LoRA weights do not fit the MODEL: {found}")
+    patches = {
+        key: lora_adapter(set(), (up, down, None, None, None, None)) for key, (up, down) in factors.items()
+    }
+    model.add_patches(patches, strength)
 
 
 def apply_controlnet(

@@ -48,10 +48,10 @@ class _Sampling:
         return float(((1 - frac) * self.log_sigmas[low] + frac * self.log_sigmas[high]).exp())
 
 
-def _model():
+def _model(weights=None):
     from comfy.model_patcher import ModelPatcher
 
-    return ModelPatcher({}, objects={"model_sampling": _Sampling()})
+    return ModelPatcher(weights or {}, objects={"model_sampling": _Sampling()})
 
 
 class _ClipVision:
@@ -70,7 +70,7 @@ class _ClipVision:
         }
 
 
-def _write(folder, name, variant, seed=0):
+def _write(folder, name, variant, seed=0, lora_rank=None):
     torch.manual_seed(seed)
     if variant == "plus":
         proj = ipa.PerceiverResampler(16, 1, 4, CLIP_HIDDEN, 768, depth=1, ff_mult=2)
@@ -82,8 +82,33 @@ def _write(folder, name, variant, seed=0):
     for n in range(16):
         for key in ("to_k_ip", "to_v_ip"):
             state[f"ip_adapter.{2 * n + 1}.{key}.weight"] = torch.randn(WIDTH, 768) * 0.05
+    if lora_rank:  # FaceID's LoRA: q, k, v, out of every attention layer (self 2n, cross 2n + 1)
+        for index in range(32):
+            for key in LORA_FACTORS:
+                inp = 768 if index % 2 and key in ("to_k", "to_v") else WIDTH
+                state[f"ip_adapter.{index}.{key}_lora.down.weight"] = torch.randn(lora_rank, inp) * 0.1
+                state[f"ip_adapter.{index}.{key}_lora.up.weight"] = torch.randn(WIDTH, lora_rank) * 0.1
     save_file(state, str(folder / name))
     return name
+
+
+LORA_FACTORS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+# ComfyUI's SD1.5 attention blocks in the file's layer order; block b holds attention layers 2b and 2b + 1.
+SD15_BLOCKS = (
+    [f"input_blocks.{n}.1" for n in (1, 2, 4, 5, 7, 8)]
+    + [f"output_blocks.{n}.1" for n in range(3, 12)]
+    + ["middle_block.1"]
+)
+
+
+def _lora_targets():
+    """{file key stem ("5.to_k"): ComfyUI weight key} for the SD1.5 layout."""
+    return {
+        f"{2 * b + (attn == 'attn2')}.{key}": f"diffusion_model.{block}.transformer_blocks.0.{attn}.{proj}.weight"
+        for b, block in enumerate(SD15_BLOCKS)
+        for attn in ("attn1", "attn2")
+        for key, proj in LORA_FACTORS.items()
+    }
 
 
 def _attend(q, k, v):
@@ -246,3 +271,47 @@ def test_a_mask_limits_the_adapter_to_its_region(env):
     torch.testing.assert_close(
         grid[:, :, :2], unmasked.reshape(2, 4, 4, WIDTH)[:, :, :2], atol=1e-5, rtol=1e-5
     )
+
+
+def test_faceid_lora_is_patched_into_the_clone_at_lora_strength(env):
+    from safetensors.torch import load_file
+
+    name = _write(env.ipadapter, "ip-adapter-faceid_sd15.safetensors", "faceid", lora_rank=4)
+    loaded = run_node(guide.LoadIPAdapter, ipadapter_name=name).result[0]
+    state = load_file(str(env.ipadapter / name))
+    targets = _lora_targets()
+    torch.manual_seed(7)
+    weights = {
+        key: torch.randn(WIDTH, 768 if ".attn2.to_k." in key or ".attn2.to_v." in key else WIDTH)
+        for key in targets.values()
+    }
+    model = _model(weights)
+    identity = types.SimpleNamespace(centroid=torch.nn.functional.normalize(torch.randn(512), dim=0).numpy())
+    common = {"ipadapter": loaded, "identity": identity, "weight": 1.0, "start_at": 0.0, "end_at": 1.0}
+
+    (patched,) = run_node(
+        guide.ApplyIPAdapterFaceID, model=model, shortcut_scale=1.0, lora_strength=0.8, **common
+    ).result
+    assert model.patches == {}  # the input MODEL is left alone
+    assert set(patched.patches) == set(targets.values()) and len(targets) == 128
+    for stem, key in targets.items():
+        delta = state[f"ip_adapter.{stem}_lora.up.weight"] @ state[f"ip_adapter.{stem}_lora.down.weight"]
+        torch.testing.assert_close(patched.patched_weight(key), weights[key] + 0.8 * delta)
+    # the adapter's attention patches are there too
+    assert list(patched.model_options["transformer_options"]["patches_replace"]["attn2"]) == SLOTS
+
+    (off,) = run_node(
+        guide.ApplyIPAdapterFaceID, model=model, shortcut_scale=1.0, lora_strength=0.0, **common
+    ).result
+    assert off.patches == {}
+    # a FaceID file without the LoRA patches no weights
+    bare = run_node(
+        guide.LoadIPAdapter, ipadapter_name=_write(env.ipadapter, "bare_faceid.safetensors", "faceid")
+    ).result[0]
+    (plain,) = run_node(
+        guide.ApplyIPAdapterFaceID, model=model, shortcut_scale=1.0, **(common | {"ipadapter": bare})
+    ).result
+    assert plain.patches == {}
+    # a MODEL without those weights (another base model) is refused with the file named
+    with pytest.raises(ValueError, match=r"ip-adapter-faceid_sd15.safetensors: its FaceID LoRA does not fit"):
+        run_node(guide.ApplyIPAdapterFaceID, model=_model(), shortcut_scale=1.0, **common)

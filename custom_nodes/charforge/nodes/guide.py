@@ -4,6 +4,7 @@
 - Apply IP-Adapter: a reference image through ComfyUI's CLIP vision model -> image tokens that every
   cross-attention layer of the U-Net also attends to (base, plus, plus-face, full-face)
 - Apply IP-Adapter FaceID: the same with a CharForge identity's ArcFace embedding (FaceID, FaceID-Plus)
+  and the file's FaceID LoRA patched into the U-Net's attention weights (``bridge.add_lora_patches``)
 
 Several adapters chain: each Apply node adds its adapter to the ones already on the MODEL. The adapter
 modules and the attention term live in ``charforge.engine.guide``; the MODEL is patched through
@@ -280,7 +281,9 @@ class ApplyIPAdapterFaceID(_ApplyAdapterNode):
         "reference faces) into image tokens with a FaceID or FaceID-Plus adapter; FaceID-Plus also encodes a "
         "face crop with the CLIP vision model, and v2 files (name containing 'v2') add the face tokens back "
         "with shortcut_scale. The negative prompt gets a zero face embedding (and an all-black crop). The "
-        "FaceID LoRA that goes with the adapter is loaded separately (a LoRA loader)."
+        "rank-128 LoRA inside FaceID files (query, key, value and output projections of every attention "
+        "layer) is patched into the MODEL at lora_strength, as a LoRA loader would; set lora_strength to 0 "
+        "when the companion LoRA file is loaded with a LoRA loader instead."
     )
 
     @classmethod
@@ -309,6 +312,17 @@ class ApplyIPAdapterFaceID(_ApplyAdapterNode):
                 ),
                 "face_image": ("IMAGE", {"tooltip": "FaceID-Plus: a crop of the face."}),
                 **_MASK_INPUT,
+                "lora_strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -1.0,
+                        "max": 3.0,
+                        "step": 0.05,
+                        "tooltip": "Strength of the LoRA inside the FaceID file (0 = not applied; use 0 when "
+                        "its companion LoRA file goes through a LoRA loader).",
+                    },
+                ),
             },
         }
 
@@ -324,6 +338,7 @@ class ApplyIPAdapterFaceID(_ApplyAdapterNode):
         clip_vision=None,
         face_image=None,
         attn_mask=None,
+        lora_strength=1.0,
     ):
         import torch
 
@@ -343,7 +358,28 @@ class ApplyIPAdapterFaceID(_ApplyAdapterNode):
             options = {"shortcut": shortcut, "shortcut_scale": float(shortcut_scale)}
             cond = _tokens(projection, face, hidden, **options)
             uncond = _tokens(projection, torch.zeros_like(face), black.float(), **options)
-        return (apply_to_model(model, ipadapter, cond, uncond, weight, start_at, end_at, attn_mask),)
+        patched = apply_to_model(model, ipadapter, cond, uncond, weight, start_at, end_at, attn_mask)
+        if lora_strength and ipadapter.adapter.lora:
+            _patch_faceid_lora(patched, ipadapter, float(lora_strength))
+        return (patched,)
+
+
+def _patch_faceid_lora(model, loaded: LoadedAdapter, strength: float) -> None:
+    """The FaceID file's LoRA as weight patches on ``model`` (a clone), in ComfyUI's U-Net key names."""
+    from ..engine.guide.faceid_lora import faceid_lora_weights, family_unet_config
+
+    config = family_unet_config(loaded.adapter.family)
+    try:
+        factors = faceid_lora_weights(loaded.adapter.lora, config, ldm=True)
+    except ValueError as exc:
+        raise ValueError(f"{loaded.name}: {exc}") from exc
+    factors = {f"diffusion_model.{key}": pair for key, pair in factors.items()}
+    try:
+        bridge.add_lora_patches(model, factors, strength)
+    except ValueError as exc:
+        raise ValueError(
+            f"{loaded.name}: its FaceID LoRA does not fit this MODEL ({exc}); use a {loaded.adapter.family} model"
+        ) from exc
 
 
 NODE_CLASS_MAPPINGS = {

@@ -29,6 +29,9 @@ class ModelPatcher:
     def get_model_object(self, name):
         return self.objects[name]
 
+    def model_state_dict(self, filter_prefix=None):
+        return {k: v for k, v in self.weights.items() if filter_prefix is None or k.startswith(filter_prefix)}
+
     def set_model_attn2_replace(self, patch, block_name, number, transformer_index=None):
         # ComfyUI: set_model_options_patch_replace copies each dict level before writing the one key.
         to = dict(self.model_options["transformer_options"])
@@ -51,7 +54,9 @@ class ModelPatcher:
     def patched_weight(self, key):
         """The weight with every LoRA patch applied (``W + s * alpha/rank * up @ down``), for tests."""
         weight = self.weights[key].clone()
-        for strength, (up, down, alpha), _, _, _ in self.patches.get(key, []):
+        for strength, patch, _, _, _ in self.patches.get(key, []):
+            # a LoRA loader's (up, down, alpha), or a comfy.weight_adapter.LoRAAdapter's weights
+            up, down, alpha = patch.weights[:3] if hasattr(patch, "weights") else patch
             rank = down.shape[0]
             scale = 1.0 if alpha is None else float(alpha) / rank
             weight += (
