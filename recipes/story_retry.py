@@ -84,8 +84,13 @@ def passes(frame: Any, policy: RetryPolicy) -> bool:
     return not failures(frame, policy)
 
 
+def rank(identity: float | None, text: float | None, passed: bool) -> tuple:
+    """Which attempt to keep: a passing one first, then the highest identity + CLIP cosine."""
+    return (passed, (identity or 0.0) + (text or 0.0))
+
+
 def _rank(frame: Any, passed: bool) -> tuple:
-    return (passed, (frame.identity or 0.0) + (frame.text or 0.0))
+    return rank(frame.identity, frame.text, passed)
 
 
 def best_of_attempts(

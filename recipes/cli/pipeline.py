@@ -79,6 +79,28 @@ def register(sub: Any, *, server: argparse.ArgumentParser, output: Any) -> None:
         "--candidates", type=int, default=4, metavar="N", help="images generated per pick (default: 4)"
     )
     p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        metavar="N",
+        help="generate the candidates again with new seeds up to N more times while the pick is below "
+        "threshold, so at most N + 1 rounds (default 2; 0: off)",
+    )
+    p.add_argument(
+        "--min-text",
+        type=float,
+        default=0.70,
+        metavar="X",
+        help="text agreement the pick must reach as CLIPScore, 2.5 x CLIP cosine, where CLIP is measured "
+        "(default 0.70, a cosine of 0.28)",
+    )
+    p.add_argument(
+        "--min-identity",
+        type=float,
+        metavar="X",
+        help="identity the pick must reach where faces are scored (default: the identity's suggested threshold)",
+    )
+    p.add_argument(
         "--port", type=int, metavar="PORT", help="port of a ComfyUI the pipeline starts (default: free)"
     )
     p.add_argument("--no-install", action="store_true", help="never install ComfyUI with comfy-cli")
@@ -187,6 +209,9 @@ def cmd_pipeline(args: argparse.Namespace, out: Any) -> int:
         base_model=args.base_model,
         tiny=args.tiny,
         candidates=args.candidates,
+        retries=args.retries,
+        min_text=args.min_text,
+        min_identity=args.min_identity,
         port=args.port,
         install=not args.no_install,
         progress="plain" if out.json else args.progress,

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...driver.errors import DriverError
+from ...driver.errors import ConfigError, DriverError
 from ...driver.local import LocalComfyUI
 from ...driver.runpod.pod import PodSession
+from ..story_retry import RetryPolicy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 WORKFLOWS = REPO_ROOT / "workflows" / "api"
@@ -79,10 +80,23 @@ class PipelineOptions:
     #: in the server's models/LLM (`caption_model`; empty: the first one there)
     captioner: str = "wd14"
     caption_model: str = ""
+    #: the images stage's retries (pipeline/retry.py): a best-of-N round whose pick is below threshold is run
+    #: again with new seeds, up to `retries` more rounds; CLIPScore (2.5 x CLIP cosine) at least `min_text`,
+    #: identity at least `min_identity` (None: the identity's suggested threshold)
+    retries: int = 2
+    min_text: float | None = 0.70
+    min_identity: float | None = None
 
     def __post_init__(self) -> None:
         if not self.trigger:
             self.trigger = default_trigger(self.character)
+        try:
+            self.retry_policy()
+        except ValueError as exc:
+            raise ConfigError(f"--retries / --min-text / --min-identity: {exc}") from None
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(retries=self.retries, min_text=self.min_text, min_identity=self.min_identity)
 
 
 def default_trigger(character: str) -> str:

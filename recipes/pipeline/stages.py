@@ -412,20 +412,16 @@ def _build_identity(runner: Runner, opts: PipelineOptions, state: dict[str, Any]
     runner.run(identity, opts.out / "images" / "identity", previews="identity_table")
 
 
-def _write_scores(
-    opts: PipelineOptions, models: Models, texts: dict[str, str], nodes: tuple[str, str]
-) -> Path:
-    scores = opts.out / "images" / "scores.txt"
-    scores.parent.mkdir(parents=True, exist_ok=True)
-    scores.write_text(
-        f"scored by {'identity (InsightFace)' if models.faces else 'CLIP score'}\n\n"
-        + texts.get(nodes[0], "")
-        + "\n\n"
-        + texts.get(nodes[1], "")
-        + "\n",
-        encoding="utf-8",
-    )
-    return scores
+def _best_of_n(
+    runner: Runner, opts: PipelineOptions, models: Models, prompt: dict[str, Any], nodes: tuple[str, str]
+) -> dict[str, Any]:
+    """Run the best-of-N workflow, again with new seeds while its pick is below threshold (pipeline/retry.py);
+    writes images/scores.txt (score node and Best of N reports of every round)."""
+    from .retry import run_images
+
+    header = f"scored by {'identity (InsightFace)' if models.faces else 'CLIP score'}"
+    say = lambda text: runner.say(text)  # noqa: E731 - a stand-in runner may have no say until it retries
+    return run_images(runner, prompt, opts.retry_policy(), opts.out / "images", header, nodes, say)
 
 
 def _nodes(prompt: dict[str, Any], class_type: str) -> list[str]:
@@ -499,10 +495,8 @@ def stage_images(
         if models.faces:
             _build_identity(runner, opts, state)
         prompt, score_node, report_node = flow_images_prompt(opts, models, lora)
-        _, texts, files = runner.run(prompt, opts.out / "images", previews="score_table")
         return {
-            "files": [str(f) for f in files],
-            "scores": str(_write_scores(opts, models, texts, (score_node, report_node))),
+            **_best_of_n(runner, opts, models, prompt, (score_node, report_node)),
             "by": "identity" if models.faces else "clip",
             "family": models.arch,
         }
@@ -528,11 +522,8 @@ def stage_images(
     prompt["3"]["inputs"]["text"] = _positive(opts)
     prompt["5"]["inputs"].update(width=size, height=size, batch_size=opts.candidates)
     prompt["6"]["inputs"].update(steps=steps)
-    _, texts, files = runner.run(prompt, opts.out / "images", previews="score_table")
-    scores = _write_scores(opts, models, texts, (score_node, report_node))
     return {
-        "files": [str(f) for f in files],
-        "scores": str(scores),
+        **_best_of_n(runner, opts, models, prompt, (score_node, report_node)),
         "by": "identity" if models.faces else "clip",
     }
 

@@ -82,6 +82,7 @@ def summary_lines(state: dict[str, Any], out: Path) -> list[str]:
         f"  scored images  : {shown(out / 'images')}/  (scores: {shown(im.get('scores'))}, picked by "
         f"{im.get('by', '?')})"
     )
+    lines += _retry_lines(im.get("retries"), shown)
     v = stages.get("video", {})
     lines.append(f"  video          : {shown(v.get('video')) if v.get('video') else v.get('skipped', '-')}")
     lines.append(
@@ -94,6 +95,25 @@ def summary_lines(state: dict[str, Any], out: Path) -> list[str]:
         lines.append(
             f"  RunPod pod     : {pod['id']}: {pod.get('seconds', 0):.0f} s, {cost} (boot and idle included); "
             f"{pod.get('finish')}"
+        )
+    return lines
+
+
+def _retry_lines(retries: dict[str, Any] | None, shown: Any) -> list[str]:
+    """The images stage's rounds (pipeline/retry.py): which was kept, and a warning when none passed."""
+    if not retries or not retries.get("rounds"):
+        return []
+    rounds = retries["rounds"]
+    kept = retries.get("kept_round", 1)
+    best = ", ".join(shown(p) for p in rounds[kept - 1].get("best") or []) or "-"
+    lines = []
+    if len(rounds) > 1 or not retries.get("passed"):
+        lines.append(f"  best image     : {best}  (round {kept} of {len(rounds)} kept)")
+    if not retries.get("passed"):
+        lines.append(
+            f"  !! no pick passed the thresholds in {len(rounds)} round(s) (CLIPScore >= "
+            f"{retries.get('min_text')}, identity >= {rounds[kept - 1].get('min_identity') or '-'}); "
+            "the best one is kept, every round's scores are in the state file"
         )
     return lines
 

@@ -87,6 +87,8 @@ def test_user_flow_build_score_filter_pick(comfy):
     assert rows[0]["passed"] and rows[3]["passed"] and rows[0]["value"] > rows[1]["value"]
     assert pass_count == sum(r["passed"] for r in rows) and mean > 0
     assert scored.ui["images"] and "image(s) pass" in scored.ui["text"][0]
+    # the job's history carries every value too (charforge pipeline's retries read it)
+    assert [r["value"] for r in json.loads(scored.ui["scores"][0])["images"]] == [r["value"] for r in rows]
 
     images = batch(*generated)
     kept, count, report, kept_sheet, indices = run_node(

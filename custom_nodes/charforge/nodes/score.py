@@ -346,7 +346,12 @@ class ScoreIdentity:
         table = sheet_table(sheet, f"identity vs {identity.name} ({face_models.name})")
         mean = sheet.stats()["mean"] or 0.0
         return {
-            "ui": {"text": [sheet.summary()], "images": [_show_table(table)]},
+            # "scores": every image's value in the job's history (the pipeline's retries read it)
+            "ui": {
+                "text": [sheet.summary()],
+                "images": [_show_table(table)],
+                "scores": [sheet.to_json(None)],
+            },
             "result": (sheet, len(sheet.passed_indices), float(mean), _image_of(table), sheet.to_json()),
         }
 
@@ -649,7 +654,11 @@ class ClipScore:
         )
         table = sheet_table(sheet, f"CLIP scores ({clip.name})")
         return {
-            "ui": {"text": [sheet.summary()], "images": [_show_table(table)]},
+            "ui": {
+                "text": [sheet.summary()],
+                "images": [_show_table(table)],
+                "scores": [sheet.to_json(None)],
+            },
             "result": (sheet, float(sheet.stats()["mean"] or 0.0), _image_of(table), sheet.to_json()),
         }
 
