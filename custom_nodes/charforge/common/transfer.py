@@ -44,6 +44,7 @@ MODEL_KINDS = frozenset(
         "upscale_models",
         "controlnet",
         "embeddings",
+        "dwpose",  # DWPose's ONNX files (Pose Map); listed so a client can tell whether pose maps can run
     }
 )
 
