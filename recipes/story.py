@@ -299,6 +299,13 @@ def frame_graph(
             "5", "RepeatLatentBatch", "N candidates from frame 1", samples=encoded, amount=candidates
         )
         denoise_value = denoise
+    elif guidance is not None and guidance.kind == "instantid":
+        model, positive, negative = story_guidance.add_instantid(
+            add, guidance, model, positive, negative, weight=ipadapter_weight
+        )
+        latent = add(
+            "5", empty_latent, "N candidates", width=gen.width, height=gen.height, batch_size=candidates
+        )
     else:
         if guidance is not None and guidance.kind != "img2img":
             model = story_guidance.add_guidance(

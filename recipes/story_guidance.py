@@ -45,7 +45,7 @@ APPLY_INSTANTID = "CharForgeApplyInstantID"
 NODES = {
     "ipadapter": (LOAD_ADAPTER, "CLIPVisionLoader", APPLY_ADAPTER, "LoadImage"),
     "faceid": (LOAD_ADAPTER, APPLY_FACEID),
-    "instantid": (LOAD_ADAPTER, APPLY_INSTANTID, "ControlNetLoader"),
+    "instantid": (LOAD_ADAPTER, APPLY_INSTANTID, "ControlNetLoader", "LoadImage"),
     "img2img": ("LoadImage", "VAEEncode", "RepeatLatentBatch"),
 }
 POSE_NODES = ("LoadImage", "CharForgePoseMap", "ControlNetLoader", "ControlNetApplyAdvanced")
@@ -62,7 +62,8 @@ VARIANT_NAMES = {
     "faceid_plus": "FaceID-Plus",
     "instantid": "InstantID",
 }
-INSTANTID_GRAPH = False  # add_guidance builds no InstantID graph yet
+INSTANTID_PACK = "antelopev2"  # the face models InstantID was trained with
+INSTANTID_CN_STRENGTH = 0.8
 
 
 @dataclass
@@ -74,7 +75,8 @@ class Guidance:
     clip_vision: str = ""
     reason: str = ""
     variant: str = ""  # the adapter file's variant (VARIANT_NAMES)
-    controlnet: str = ""  # InstantID: its ControlNet
+    controlnet: str = ""  # InstantID: its ControlNet (IdentityNet)
+    face_photo: str = ""  # InstantID: the reference photo (server input folder) its face comes from
 
     @property
     def every_frame(self) -> bool:
@@ -264,8 +266,14 @@ def ipadapter_guidance(offer: Offer, wanted_file: str | None = None) -> tuple[Gu
     return Guidance("ipadapter", adapter.name, vision, reason, variant=adapter.variant), ""
 
 
+def _is_identitynet(name: str) -> bool:
+    low = name.lower().replace("\\", "/")
+    return "instantid" in low or low.startswith("controlnetmodel/")
+
+
 def instantid_guidance(offer: Offer) -> tuple[Guidance | None, str]:
-    """InstantID on an SDXL base (its adapter file and its ControlNet), or None and why not."""
+    """InstantID on an SDXL base (its adapter, its IdentityNet ControlNet, antelopev2 and a reference photo),
+    or None and why not."""
     if offer.family != "sdxl":
         return None, "InstantID is made for SDXL bases; this checkpoint is " + FAMILY_NAMES.get(
             offer.family or "", "of an unknown family"
@@ -273,21 +281,35 @@ def instantid_guidance(offer: Offer) -> tuple[Guidance | None, str]:
     missing = offer.missing_nodes("instantid")
     if missing:
         return None, f"the server lacks the node(s) {', '.join(missing)}"
-    if not INSTANTID_GRAPH:
-        return None, "storyboards do not drive Apply InstantID yet"
     adapter = _pick_adapter(offer, ("instantid",), None)
-    controlnets = [c for c in offer.files("ControlNetLoader", "control_net_name") if "instantid" in c.lower()]
+    controlnets = [c for c in offer.files("ControlNetLoader", "control_net_name") if _is_identitynet(c)]
     if adapter is None:
         return (
             None,
             "no InstantID adapter (ip-adapter.bin, or a name containing 'instantid') in models/ipadapter",
         )
     if not controlnets:
-        return None, "no InstantID ControlNet (a name containing 'instantid') in models/controlnet"
-    reason = f"InstantID ({adapter.name}, ControlNet {controlnets[0]}): {offer.identity_words()}"
-    return Guidance(
+        return None, (
+            "no InstantID IdentityNet in models/controlnet (its diffusion_pytorch_model.safetensors, renamed "
+            "e.g. instantid_controlnet.safetensors or kept in a ControlNetModel folder)"
+        )
+    if INSTANTID_PACK not in offer.files("CharForgeLoadFaceModels", "pack"):
+        return (
+            None,
+            f"InstantID needs the {INSTANTID_PACK} face models in models/insightface/models/{INSTANTID_PACK}",
+        )
+    photo = (offer.identity or {}).get("photo")
+    if not photo:
+        return None, "InstantID takes the face from a reference photo; the identity is saved by name only"
+    reason = (
+        f"InstantID ({adapter.name}, IdentityNet {controlnets[0]}, {INSTANTID_PACK}): the face of the first "
+        f"reference photo ({PurePosixPath(photo).name}), {offer.identity_words()}"
+    )
+    guidance = Guidance(
         "instantid", adapter.name, reason=reason, variant="instantid", controlnet=controlnets[0]
-    ), ""
+    )
+    guidance.face_photo = photo
+    return guidance, ""
 
 
 def img2img_guidance(offer: Offer) -> tuple[Guidance | None, str]:
@@ -462,6 +484,47 @@ def add_guidance(
             shortcut_scale=1.0,
         )
     raise ValueError(f"no graph for guidance {guidance.kind!r} here")
+
+
+def add_instantid(
+    add: Callable[..., list],
+    guidance: Guidance,
+    model: list,
+    positive: list,
+    negative: list,
+    *,
+    weight: float,
+) -> tuple[list, list, list]:
+    """Apply InstantID with its adapter, IdentityNet, antelopev2 and the reference photo; (model, positive,
+    negative) sockets to sample with."""
+    add("31", LOAD_ADAPTER, "InstantID adapter", ipadapter_name=guidance.ipadapter_file)
+    add("36", "LoadImage", "Face photo (InstantID)", image=guidance.face_photo)
+    add("37", "ControlNetLoader", "InstantID IdentityNet", control_net_name=guidance.controlnet)
+    add(
+        "38",
+        "CharForgeLoadFaceModels",
+        "Face models (InstantID)",
+        pack=INSTANTID_PACK,
+        det_size=640,
+        provider="auto",
+    )
+    node = add(
+        "33",
+        APPLY_INSTANTID,
+        "InstantID: the character's face",
+        model=model,
+        instantid=["31", 0],
+        control_net=["37", 0],
+        face_models=["38", 0],
+        image=["36", 0],
+        positive=positive,
+        negative=negative,
+        weight=weight,
+        start_at=0.0,
+        end_at=1.0,
+        cn_strength=INSTANTID_CN_STRENGTH,
+    )
+    return node, ["33", 1], ["33", 2]
 
 
 def add_pose(

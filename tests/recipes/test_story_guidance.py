@@ -385,3 +385,85 @@ def test_without_a_pose_controlnet_the_pose_is_ignored_with_a_note(tmp_path, ref
         guidance["kind"] == "img2img"
         and "faceid: the server lacks the node(s) CharForgeLoadIPAdapter" in guidance["reason"]
     )
+
+
+async def _apply_instantid(ctx, model, instantid, control_net, face_models, image, positive, negative, **_):
+    assert (
+        instantid.startswith("IPA:") and control_net.startswith("CN:") and face_models == "FACES:antelopev2"
+    )
+    return (f"{model}+InstantID", f"{positive}+ID", f"{negative}+ID", image), None
+
+
+def test_instantid_on_an_sdxl_base_with_the_real_nodes_declarations(tmp_path, refs):
+    from charforge.nodes.guide import LoadIPAdapter
+    from charforge.nodes.guide_instantid import ApplyInstantID
+
+    declared = ApplyInstantID.INPUT_TYPES()
+    server = story_fakes.StoryServer(ipadapter=True)
+    server.nodes.update(
+        {
+            n.name: n
+            for n in [
+                NodeDef(
+                    "CharForgeLoadIPAdapter",
+                    {"ipadapter_name": ([*story_fakes.ADAPTER_FILES, "ip-adapter.bin"],)},
+                    outputs=LoadIPAdapter.RETURN_TYPES,
+                    run=story_fakes._load_adapter,
+                ),
+                NodeDef(
+                    "CharForgeApplyInstantID",
+                    declared["required"],
+                    declared["optional"],
+                    hidden=declared["hidden"],
+                    outputs=ApplyInstantID.RETURN_TYPES,
+                    run=_apply_instantid,
+                ),
+                NodeDef(
+                    "ControlNetLoader",
+                    {"control_net_name": (["instantid_controlnet.safetensors"],)},
+                    outputs=("CONTROL_NET",),
+                    run=_controlnet,
+                ),
+            ]
+        }
+    )
+    with server:
+        code, _, stderr = _run(
+            tmp_path, server, _scenes(tmp_path, pose=False), refs, "--checkpoint", "sd_xl_base_1.0.safetensors",
+            "--mode", "reference", "--no-base", "--guidance", "all",
+        )  # fmt: skip
+        prompts = server.prompts()
+    assert code == 0, stderr
+    instantid, image_adapter = prompts[:6], prompts[6:12]
+    for prompt in instantid:  # every frame: InstantID's MODEL and both conditionings go to the sampler
+        node = prompt["33"]
+        assert node["class_type"] == "CharForgeApplyInstantID"
+        assert prompt["6"]["inputs"]["model"] == ["33", 0]
+        assert (prompt["6"]["inputs"]["positive"], prompt["6"]["inputs"]["negative"]) == (
+            ["33", 1],
+            ["33", 2],
+        )
+        assert prompt["36"]["inputs"]["image"] == "charforge_story/hero_refs/ref0.png"
+        assert prompt["31"]["inputs"]["ipadapter_name"] == "ip-adapter.bin"
+        assert prompt["37"]["inputs"]["control_net_name"] == "instantid_controlnet.safetensors"
+        assert prompt["38"]["inputs"]["pack"] == "antelopev2" and node["inputs"]["face_models"] == ["38", 0]
+    # the SDXL image adapter (not the SD1.5 ones) for the ipadapter storyboard
+    assert image_adapter[1]["31"]["inputs"]["ipadapter_name"] == "ip-adapter-plus-face_sdxl_vit-h.safetensors"
+    data = json.loads((tmp_path / "out" / "reference" / "instantid" / "metadata.json").read_text())
+    assert data["models"]["guidance"]["reason"].startswith(
+        "InstantID (ip-adapter.bin, IdentityNet instantid_controlnet.safetensors, antelopev2): the face of the "
+        "first reference photo (ref0.png)"
+    )
+    assert data["label"] == "reference-guided: InstantID (the character's identity and face keypoints)"
+    rows = [r["mode"] for r in json.loads((tmp_path / "out" / "ablation.json").read_text())["modes"]]
+    assert rows == ["reference/instantid", "reference/ipadapter", "reference/img2img"]
+    # without a reference photo (a saved identity) InstantID cannot take a face: --guidance instantid says so
+    info = _info(
+        ["ip-adapter.bin"], controlnets=["instantid_controlnet.safetensors"], nodes=[sg.APPLY_INSTANTID]
+    )
+    info["CharForgeLoadFaceModels"] = {"input": {"required": {"pack": [["antelopev2", "buffalo_l"]]}}}
+    with pytest.raises(UsageError, match="InstantID takes the face from a reference photo"):
+        sg.choose_guidance(sg.Offer(info, "sdxl", identity={"name": "anna"}), "instantid")
+    info["CharForgeLoadFaceModels"] = {"input": {"required": {"pack": [["buffalo_l"]]}}}
+    with pytest.raises(UsageError, match="antelopev2 face models in models/insightface/models/antelopev2"):
+        sg.choose_guidance(sg.Offer(info, "sdxl", identity={"photo": "a.png"}), "instantid")
