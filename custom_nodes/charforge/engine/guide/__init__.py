@@ -8,6 +8,8 @@
   ComfyUI block slots of each file layer (registered in ComfyUI by the bridge; not wired yet).
 - ``faceid_lora``: the LoRA inside FaceID files as weight changes of named U-Net weights (diffusers or
   LDM / ComfyUI names).
+- ``instantid``: InstantID's IdentityNet picture (the five face keypoints drawn on black), the largest
+  face, the raw-length face embedding and its face tokens (Apply InstantID in nodes/guide_instantid.py).
 - ``pose``, ``depth``, ``lines``: ControlNet preprocessor maps (DWPose keypoints drawn OpenPose-style,
   Depth Anything depth, Canny and line art; docs/guide_maps.md).
 
