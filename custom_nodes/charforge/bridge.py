@@ -629,7 +629,9 @@ def apply_controlnet(
             options = {**options, **keys}
             earlier = options.get("control")
             if earlier not in copies:
-                copies[earlier] = control_net.copy().set_cond_hint(hint.movedim(-1, 1), strength, (start, end))
+                copies[earlier] = control_net.copy().set_cond_hint(
+                    hint.movedim(-1, 1), strength, (start, end)
+                )
                 copies[earlier].set_previous_controlnet(earlier)
             options["control"], options["control_apply_to_uncond"] = copies[earlier], False
             entries.append([tensor, options])
