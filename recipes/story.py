@@ -37,8 +37,9 @@ from charforge.driver.errors import DriverError, UsageError
 from charforge.driver.workflow.object_info import LORA_TXT2IMG_NODES, input_choices
 from charforge.recipes.names import ascii_name
 
-from . import story_guidance
-from .story_guidance import Guidance, PoseSupport
+from . import story_guidance, story_pose
+from .story_guidance import Guidance
+from .story_pose import PoseSupport
 
 SELECT = "CharForgeStoryboardSelect"
 GENERATION_NODES = (*LORA_TXT2IMG_NODES, "CharForgeLoadFaceModels", SELECT)
@@ -290,7 +291,7 @@ def frame_graph(
     )
     negative = add("4", "CLIPTextEncode", "Negative prompt", text=character.negative, clip=clip)
     if pose_image is not None and pose is not None and pose.controlnet:
-        positive, negative = story_guidance.add_pose(add, pose, pose_image, positive, negative, vae)
+        positive, negative = story_pose.add_pose(add, pose, pose_image, positive, negative, vae)
     denoise_value = 1.0
     image = None if guide_image is None else add("30", "LoadImage", "Guide image", image=guide_image)
     if image is not None and guidance is not None and guidance.kind == "img2img":
@@ -690,7 +691,7 @@ class StoryRun:
             )
         if mode == "reference" and guidance is not None:
             notes.append(story_guidance.guidance_note(guidance))
-        notes += story_guidance.pose_notes(self.scenes, self.pose, self.pose_images)
+        notes += story_pose.pose_notes(self.scenes, self.pose, self.pose_images)
         return Storyboard(
             mode=mode,
             frames=frames,

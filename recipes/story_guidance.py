@@ -16,10 +16,7 @@ route. Adapter files are told apart by their published names (``ip-adapter-facei
 ``ip-adapter-plus-face_sdxl_vit-h.safetensors``, InstantID's ``ip-adapter.bin``, ...); a file whose name says
 another base-model family than the checkpoint's is never picked.
 
-A scene with a ``pose`` image gets a pose ControlNet (CharForge's Pose Map + ComfyUI's ControlNetLoader and
-ControlNetApplyAdvanced) in every mode when the server has the nodes, a pose ControlNet of the checkpoint's family
-(a ``models/controlnet`` file whose name holds "openpose" or "pose") and DWPose's files; else the pose is ignored
-with a note.
+Scenes' pose images (a pose ControlNet in every mode) are :mod:`charforge.recipes.story_pose`'s.
 """
 
 from __future__ import annotations
@@ -30,8 +27,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from charforge.driver.client import ComfyClient
-from charforge.driver.errors import DriverError, UsageError
+from charforge.driver.errors import UsageError
 from charforge.driver.workflow.object_info import input_choices
 
 KINDS = ("instantid", "faceid", "ipadapter", "img2img")  # strongest first: the order `auto` tries
@@ -48,8 +44,6 @@ NODES = {
     "instantid": (LOAD_ADAPTER, APPLY_INSTANTID, "ControlNetLoader", "LoadImage"),
     "img2img": ("LoadImage", "VAEEncode", "RepeatLatentBatch"),
 }
-POSE_NODES = ("LoadImage", "CharForgePoseMap", "ControlNetLoader", "ControlNetApplyAdvanced")
-DWPOSE_FILES = ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")  # engine/guide/pose.py DETECTOR_FILE, POSE_FILE
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 # IP-Adapter variants for the `ipadapter` kind, best first (the face models keep a character best)
 IMAGE_VARIANTS = ("plus_face", "full_face", "plus", "base")
@@ -373,69 +367,6 @@ def choose_guidance(offer: Offer, wanted: str = "auto", ipadapter_file: str | No
     return chosen
 
 
-def server_model_files(client: ComfyClient, kind: str) -> list[str] | None:
-    """The files of model folder `kind` the server lists (CharForge's model listing route), or None when it
-    cannot say (no CharForge routes, or one that does not list this folder)."""
-    from charforge.driver.sync import call
-    from charforge.driver.sync._http import path, request_json
-
-    async def listing(async_client: Any) -> Any:
-        _, answer = await request_json(async_client, "GET", path("models"), params={"kinds": kind})
-        return answer or {}
-
-    try:
-        answer = call(client, listing)
-    except DriverError:
-        return None
-    entries = (answer.get("models") or {}).get(kind)
-    return None if entries is None else [str(e.get("name", "")) for e in entries]
-
-
-# --------------------------------------------------------------------------------------------------
-# Poses
-
-
-@dataclass
-class PoseSupport:
-    """Whether frames can follow a scene's pose: the pose ControlNet file, or why not."""
-
-    controlnet: str = ""
-    why_not: str = ""
-    strength: float = 0.8
-
-    def record(self) -> dict[str, Any]:
-        return {"controlnet": self.controlnet, "strength": self.strength, "map": "CharForgePoseMap (DWPose)"}
-
-
-def pose_support(offer: Offer, dwpose_files: list[str] | None) -> PoseSupport:
-    """A pose ControlNet of the checkpoint's family ("openpose" or "pose" in its name) and DWPose's files."""
-    missing = [n for n in POSE_NODES if n not in offer.info]
-    if missing:
-        return PoseSupport(why_not=f"the server lacks the node(s) {', '.join(missing)}")
-    files = [c for c in offer.files("ControlNetLoader", "control_net_name") if "pose" in c.lower()]
-    fitting = [c for c in files if name_family(c) == offer.family and offer.family is not None]
-    untold = [c for c in files if name_family(c) is None and "instantid" not in c.lower()]
-    chosen = (sorted(fitting, key=lambda c: "openpose" not in c.lower()) or untold or [""])[0]
-    if not chosen:
-        others = ", ".join(files)
-        return PoseSupport(
-            why_not="no pose ControlNet for the checkpoint's family "
-            f"({FAMILY_NAMES.get(offer.family or '', 'unknown')}) in the server's models/controlnet (a file "
-            f"whose name holds 'openpose' or 'pose'{'; of another family: ' + others if others else ''})"
-        )
-    if dwpose_files is None:
-        return PoseSupport(
-            why_not="the server does not list its models/dwpose folder (an older CharForge pack): pose maps "
-            "need DWPose's " + " and ".join(DWPOSE_FILES)
-        )
-    absent = [f for f in DWPOSE_FILES if not any(PurePosixPath(n).name == f for n in dwpose_files)]
-    if absent:
-        return PoseSupport(
-            why_not=f"pose maps need DWPose's {' and '.join(absent)} in the server's models/dwpose"
-        )
-    return PoseSupport(controlnet=chosen)
-
-
 # --------------------------------------------------------------------------------------------------
 # Graph pieces (node ids 30-49; `add` is frame_graph's)
 
@@ -527,35 +458,6 @@ def add_instantid(
     return node, ["33", 1], ["33", 2]
 
 
-def add_pose(
-    add: Callable[..., list],
-    support: PoseSupport,
-    pose_image: str,
-    positive: list,
-    negative: list,
-    vae: list,
-) -> tuple[list, list]:
-    """LoadImage(pose photo) -> Pose Map -> ControlNetApplyAdvanced with the pose ControlNet; (positive,
-    negative) conditioning sockets."""
-    photo = add("40", "LoadImage", "Pose reference", image=pose_image)
-    pose_map = add("41", "CharForgePoseMap", "Pose map", images=photo, body=True, hands=True, face=True)
-    control = add("42", "ControlNetLoader", "Pose ControlNet", control_net_name=support.controlnet)
-    add(
-        "43",
-        "ControlNetApplyAdvanced",
-        "Follow the scene's pose",
-        positive=positive,
-        negative=negative,
-        control_net=control,
-        image=pose_map,
-        strength=support.strength,
-        start_percent=0.0,
-        end_percent=1.0,
-        vae=vae,
-    )
-    return ["43", 0], ["43", 1]
-
-
 # --------------------------------------------------------------------------------------------------
 # A run's plan and records (story.StoryRun calls these)
 
@@ -565,9 +467,11 @@ def plan(run: Any, checkpoint: str, identity: dict[str, Any]) -> list[Guidance |
     scenes' pose photos uploaded into `run.pose_images`); notes what it chose and why."""
     from pathlib import Path
 
+    from . import story_pose
     from .pipeline.options import PipelineError
     from .pipeline.remote_family import listed_family
 
+    parse_kinds(run.options.guidance)  # a wrong --guidance is an error even without reference mode
     poses = [i for i, scene in enumerate(run.scenes) if getattr(scene, "pose", "")]
     for i in poses:
         if not Path(run.scenes[i].pose).expanduser().is_file():
@@ -597,28 +501,7 @@ def plan(run: Any, checkpoint: str, identity: dict[str, Any]) -> list[Guidance |
         if guidance is not None:
             run.note(f"reference mode ({guidance.kind}): {guidance.reason}")
     if poses:
-        if run.flow is not None:
-            support = PoseSupport(
-                why_not=f"pose ControlNets are used with SD1.5/SDXL bases, not {run.flow.family}"
-            )
-        else:
-            dwpose = None if "CharForgePoseMap" not in run.info else server_model_files(run.client, "dwpose")
-            support = pose_support(offer, dwpose)
-        run.pose = support
-        scenes = ", ".join(str(i + 1) for i in poses)
-        if support.controlnet:
-            for i in poses:
-                path = Path(run.scenes[i].pose).expanduser()
-                uploaded = run.client.upload(
-                    path,
-                    filename=f"{run.run_id}_pose_{i + 1:02d}{path.suffix.lower()}",
-                    subfolder="charforge_story",
-                    overwrite=True,
-                )
-                run.pose_images[i] = uploaded.reference
-            run.note(f"scene(s) {scenes} follow their pose image (Pose Map -> {support.controlnet})")
-        else:
-            run.note(f"the pose image(s) of scene(s) {scenes} are ignored: {support.why_not}")
+        story_pose.plan_poses(run, offer, poses)
     return guidances
 
 
@@ -640,13 +523,3 @@ def guidance_record(guidance: Guidance, denoise: float, weight: float) -> dict[s
 def guidance_note(guidance: Guidance) -> str:
     what = "every frame" if guidance.every_frame else "frames"
     return f"{what} guided by {guidance.reason}; frames 2+ selected by identity to frame 1"
-
-
-def pose_notes(scenes: list, support: PoseSupport | None, uploaded: dict[int, str]) -> list[str]:
-    posed = [i for i, scene in enumerate(scenes) if getattr(scene, "pose", "")]
-    if not posed or support is None:
-        return []
-    listed = ", ".join(str(i + 1) for i in posed)
-    if uploaded:
-        return [f"frame(s) {listed} follow their scene's pose image (Pose Map -> {support.controlnet})"]
-    return [f"the pose image(s) of scene(s) {listed} were ignored: {support.why_not}"]

@@ -20,6 +20,7 @@ from cf_testing.cli import run_charforge as run_cli
 from charforge.driver.errors import UsageError
 from charforge.engine.story import load_scenes
 from charforge.recipes import story_guidance as sg
+from charforge.recipes import story_pose as sp
 from charforge.recipes.story import Character, frame_graph
 
 _spec = importlib.util.spec_from_file_location("_story_fakes_g", Path(__file__).with_name("test_story.py"))
@@ -140,23 +141,23 @@ def test_pose_support_needs_a_pose_controlnet_of_the_family_and_dwpose():
     ]
     offer = sg.Offer(_info(controlnets=controlnets, nodes=nodes), "sd15")
     dwpose = [d["name"] for d in DWPOSE]
-    assert sg.pose_support(offer, dwpose).controlnet == "control_v11p_sd15_openpose.pth"
-    assert "dw-ll_ucoco_384.onnx" in sg.pose_support(offer, ["yolox_l.onnx"]).why_not
-    assert "does not list its models/dwpose" in sg.pose_support(offer, None).why_not
+    assert sp.pose_support(offer, dwpose).controlnet == "control_v11p_sd15_openpose.pth"
+    assert "dw-ll_ucoco_384.onnx" in sp.pose_support(offer, ["yolox_l.onnx"]).why_not
+    assert "does not list its models/dwpose" in sp.pose_support(offer, None).why_not
     sd15_only = sg.Offer(_info(controlnets=controlnets[1:], nodes=nodes), "sdxl")
-    why = sg.pose_support(sd15_only, dwpose).why_not
+    why = sp.pose_support(sd15_only, dwpose).why_not
     assert (
         "no pose ControlNet for the checkpoint's family (SDXL)" in why and "control_v11p_sd15_openpose" in why
     )
     assert (
         "CharForgePoseMap"
-        in sg.pose_support(sg.Offer(_info(controlnets=controlnets), "sd15"), dwpose).why_not
+        in sp.pose_support(sg.Offer(_info(controlnets=controlnets), "sd15"), dwpose).why_not
     )
 
 
 def test_faceid_and_pose_graph_wiring():
     guidance = sg.Guidance("faceid", "ip-adapter-faceid_sd15.bin")
-    pose = sg.PoseSupport(controlnet="control_v11p_sd15_openpose.pth")
+    pose = sp.PoseSupport(controlnet="control_v11p_sd15_openpose.pth")
     graph = frame_graph(
         character=Character("hero", loras=[("a.safetensors", 1.0)]),
         checkpoint="m",
