@@ -65,12 +65,13 @@ NOTE_FACEID = (
     "IP-Adapter whose attention mask is that half.\n\n"
     "SET BEFORE QUEUEING\n"
     "- Load Checkpoint: the SD1.5 base both LoRAs were trained on.\n"
-    "- Load IP-Adapter: a FaceID SD1.5 file from models/ipadapter (ip-adapter-faceid_sd15.bin). Its\n"
-    "  FaceID LoRA, if you use it, goes on the MODEL with a LoraLoaderModelOnly before the FaceID nodes.\n"
+    "- Load IP-Adapter: a FaceID SD1.5 file from models/ipadapter (ip-adapter-faceid_sd15.bin).\n"
     "- Character A / B LoRA (hook): each character's LoRA from models/loras/.\n"
     "- Load Identity A / B: each character's identity (Build Identity from the same photos); it feeds\n"
     "  both the character's FaceID and Score Characters.\n"
-    "- FaceID A / B: weight 0.6-0.9; lower it if the faces look pasted on.\n"
+    "- FaceID A / B: weight 0.6-0.9; lower it if the faces look pasted on. The LoRA inside the FaceID\n"
+    "  file is the same for both and acts on the whole picture, so only FaceID A applies it\n"
+    "  (lora_strength 1; B has 0).\n"
     "- Character A / B prompt: start with each LoRA's trigger word; A is drawn on the left, B on the right.\n"
     "- Scene prompt: the whole picture (both people, the place, the light).\n"
     "- Left / right half: the masks are the halves of a 768 x 512 picture; change Solid Mask and Mask\n"
@@ -141,7 +142,9 @@ def _two_characters(new, name: str, faceid: bool):
 
 def _faceid(w, model: tuple[int, str], adapter: int, identity: int, mask: int, letter: str) -> tuple[int, str]:
     """Apply IP-Adapter FaceID of `identity` on `model`, its attention confined to `mask`."""
-    apply = w.node("CharForgeApplyIPAdapterFaceID", title=f"FaceID {letter} (its half)", weight=0.8)
+    # The file's FaceID LoRA does not depend on the identity and is not masked: applied once, by A's node.
+    apply = w.node("CharForgeApplyIPAdapterFaceID", title=f"FaceID {letter} (its half)", weight=0.8,
+                   lora_strength=1.0 if letter == "A" else 0.0)
     w.link(*model, apply, "model")
     w.link(adapter, "ipadapter", apply, "ipadapter")
     w.link(identity, "identity", apply, "identity")

@@ -172,6 +172,11 @@ def test_each_faceid_adapter_is_confined_to_its_own_characters_half():
         assert _source(prompt, apply_id, "attn_mask") == lora_mask
         masks.add(lora_mask)
     assert len(masks) == 2
+    # The LoRA inside the FaceID file is the same for both characters and not masked: applied once.
+    strengths = sorted(
+        a["inputs"]["lora_strength"] for a in _of(prompt, "CharForgeApplyIPAdapterFaceID").values()
+    )
+    assert strengths == [0.0, 1.0]
     (sampler_id,) = _of(prompt, "KSampler")
     chain, model = [], _source(prompt, sampler_id, "model")
     while prompt[model]["class_type"] == "CharForgeApplyIPAdapterFaceID":
