@@ -1,4 +1,4 @@
-"""The shipped two-character workflow, described for ``layout.py`` (beside ``definitions.py``).
+"""The shipped two-character workflows (two_characters, two_characters_faceid), described for ``layout.py``.
 
 Two characters in one SD1.5 image, each with its own LoRA and prompt, on ComfyUI's own hook nodes: Create Hook
 LoRA makes a hook group per character; Set CLIP Hooks attaches it to a copy of the text encoder, so the
@@ -7,6 +7,9 @@ applied by the sampler only while it computes that conditioning's prediction); C
 each prompt to its half of the picture (a Solid Mask half composited onto an empty canvas). The two halves and
 a scene prompt for the whole picture are combined and sampled with the plain checkpoint model; Score Characters
 then pairs the faces with the two identities and gives each character its similarity.
+
+two_characters_faceid also puts each character's identity on the MODEL through Apply IP-Adapter FaceID with
+that character's half as ``attn_mask`` (chained: checkpoint -> FaceID A -> FaceID B -> KSampler).
 """
 
 from __future__ import annotations
