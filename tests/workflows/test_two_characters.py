@@ -183,3 +183,26 @@ def test_each_faceid_adapter_is_confined_to_its_own_characters_half():
         chain.append(model)
         model = _source(prompt, model, "model")
     assert len(chain) == 2 and prompt[model]["class_type"] == "CheckpointLoaderSimple"
+
+
+def test_the_shipped_masks_split_every_layer_grid_exactly():
+    """The halves' border (x = 384 of 768) falls on a cell border of the latent (64 x 96, where ComfyUI resizes
+    a conditioning mask bilinearly) and of every SD1.5 attention grid down to 8 x 12 (where `mask_for_layer`
+    resizes an attn_mask): no column is shared, and left + right cover every cell once."""
+    import torch
+
+    from charforge.engine.guide.ipadapter import mask_for_layer
+
+    prompt = PROMPTS["two_characters_faceid"]
+    latent = next(iter(_of(prompt, "EmptyLatentImage").values()))["inputs"]
+    height, width = latent["height"] // 8, latent["width"] // 8
+    masks = [
+        torch.from_numpy(_mask_pixels(prompt, _source(prompt, a, "attn_mask")))[None]
+        for a in sorted(_of(prompt, "CharForgeApplyIPAdapterFaceID"))
+    ]
+    for level in range(4):
+        grid = (height >> level, width >> level)
+        left, right = (mask_for_layer(m, *grid).reshape(grid) for m in masks)
+        assert set(left.unique().tolist()) == {0.0, 1.0} and set(right.unique().tolist()) == {0.0, 1.0}
+        assert torch.equal(left + right, torch.ones(grid))
+        assert torch.equal(left[:, : grid[1] // 2], torch.ones(grid[0], grid[1] // 2))
