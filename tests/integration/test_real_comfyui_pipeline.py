@@ -32,6 +32,7 @@ def test_pipeline_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch):
     from charforge.engine.video import read_video
     from charforge.recipes import pipeline
     from charforge.recipes.pipeline import server as pipeline_server
+    from charforge.recipes.story_retry import attempt_seed
 
     comfy = real.comfyui_dir()
     python = real.comfyui_python(comfy)
@@ -106,7 +107,18 @@ def test_pipeline_runs_end_to_end_on_tiny_models(tmp_path, monkeypatch):
     assert re.search(r"mean \d\.\d+", scores), scores
     pngs = list((out / "images").rglob("*.png"))
     assert all(p.parent == out / "images" for p in pngs)  # flat, no ComfyUI subfolders or temp/
-    assert len([p for p in pngs if p.name.startswith("tiny_random_candidate_")]) == 4
+    # Retries (on by default): every round's 4 candidates were CLIP-scored through the score node's "scores"
+    # UI output; noise rarely reaches CLIPScore 0.70, so there are usually 3 rounds, each with its own seed
+    retries = stages["images"]["retries"]
+    rounds = retries["rounds"]
+    assert 1 <= len(rounds) <= 3 and [r["seed"] for r in rounds] == [
+        attempt_seed(42, k) for k in range(len(rounds))
+    ]
+    assert all(len(r["candidates"]) == 4 and r["pick"] is not None for r in rounds)
+    assert all(c["text"] is not None and c["identity"] is None for r in rounds for c in r["candidates"])
+    assert retries["passed"] == any(r["passed"] for r in rounds) and len(retries["rounds"][-1]["best"]) == 1
+    assert all(Path(p).is_file() for r in rounds for p in r["best"])
+    assert len([p for p in pngs if p.name.startswith("tiny_random_candidate_")]) == 4 * len(rounds)
     assert (
         any(p.name.startswith("tiny_random_best_") for p in pngs)
         and (out / "images" / "score_table.png").is_file()
