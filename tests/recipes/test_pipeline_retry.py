@@ -213,3 +213,46 @@ def test_the_cli_options_reach_the_pipeline_and_bad_thresholds_are_refused(tmp_p
         _opts(tmp_path, min_text=3.0)
     with pytest.raises(ConfigError, match="retries"):
         _opts(tmp_path, retries=-1)
+
+
+def test_a_flux_round_is_checked_on_both_identity_and_clip(tmp_path):
+    """FLUX.1 scores faces and CLIP: the pick must pass both; its KSampler seed is the workflow's own."""
+    flux = pipeline.Models(
+        False,
+        "flux1-dev.safetensors",
+        "flux1-dev.safetensors",
+        "flux-dev",
+        "",
+        "clip-vit-large-patch14",
+        None,
+        True,
+        base_folder="diffusion_models",
+        text_encoders={"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp8_e4m3fn.safetensors"},
+        vae="ae.safetensors",
+    )
+    prompt, _, _ = stages.flow_images_prompt(_opts(tmp_path), flux, "pip.safetensors")
+    (sampler,) = [n for n, node in prompt.items() if node["class_type"] == "KSampler"]
+    seed = prompt[sampler]["inputs"]["seed"]
+    runner = PlantedRunner(
+        {seed: [0.20, 0.35], attempt_seed(seed, 1): [0.10, 0.30]},
+        {seed: [0.60, 0.50], attempt_seed(seed, 1): [0.40, 0.70]},  # the fake picks by identity
+    )
+    images = stages.stage_images(runner, _opts(tmp_path, candidates=2), flux, dict(STATE))
+    seeds = [
+        p[sampler]["inputs"]["seed"]
+        for p in runner.prompts
+        if sampler in p and "seed" in p[sampler]["inputs"]
+    ]
+    assert seeds == [seed, attempt_seed(seed, 1)]
+    first, second = images["retries"]["rounds"]
+    assert first["candidates"][0]["why"].startswith("CLIPScore 0.50 < 0.70")  # identity 0.60 passed
+    assert first["candidates"][1] == {
+        "index": 1,
+        "identity": 0.5,
+        "text": 0.35,
+        "clipscore": 0.875,
+        "passed": True,
+        "why": "",
+    }  # a candidate that passes but is not the pick does not end the retries
+    assert not first["passed"] and second["passed"] and second["pick"] == 1
+    assert images["retries"]["kept_round"] == 2 and images["family"] == "flux-dev"
