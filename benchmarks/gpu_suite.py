@@ -117,7 +117,7 @@ class Context:
         self.config_dirs: dict[str, Path] = {}
         self.rank = 4 if args.smoke else 32
         self.res = {"sdxl": 64, "sd15": 64} if args.smoke else {"sdxl": 1024, "sd15": 512}
-        self.steps_per_round = 2 if args.smoke else 10
+        self.steps_per_round = 1 if args.smoke else 10
         self.warmup = 1 if args.smoke else 10
         self.min_rounds = 1 if args.smoke else MIN_ROUNDS
         if args.smoke:
