@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cf_testing.ipadapter_files import resampler_keys as _resampler_keys
 from charforge.engine.guide import attn2_patch as attn2
 from charforge.engine.guide import ipadapter as ipa
 
@@ -13,29 +14,6 @@ from charforge.engine.guide import ipadapter as ipa
 
 SD15_WIDTHS = [320, 320, 640, 640, 1280, 1280] + [1280] * 3 + [640] * 3 + [320] * 3 + [1280]
 SDXL_WIDTHS = [640] * 4 + [1280] * 20 + [1280] * 30 + [640] * 6 + [1280] * 10
-
-
-def _resampler_keys(dim, heads, queries, in_dim, out_dim, prefix="", latents=True):
-    keys = {f"{prefix}latents": (1, queries, dim)} if latents else {}
-    keys |= {
-        f"{prefix}proj_in.weight": (dim, in_dim),
-        f"{prefix}proj_in.bias": (dim,),
-        f"{prefix}proj_out.weight": (out_dim, dim),
-        f"{prefix}proj_out.bias": (out_dim,),
-        f"{prefix}norm_out.weight": (out_dim,),
-        f"{prefix}norm_out.bias": (out_dim,),
-    }
-    for n in range(4):
-        layer = f"{prefix}layers.{n}"
-        for norm in ("norm1", "norm2"):
-            keys[f"{layer}.0.{norm}.weight"] = keys[f"{layer}.0.{norm}.bias"] = (dim,)
-        keys[f"{layer}.0.to_q.weight"] = (64 * heads, dim)
-        keys[f"{layer}.0.to_kv.weight"] = (128 * heads, dim)
-        keys[f"{layer}.0.to_out.weight"] = (dim, 64 * heads)
-        keys[f"{layer}.1.0.weight"] = keys[f"{layer}.1.0.bias"] = (dim,)
-        keys[f"{layer}.1.1.weight"] = (4 * dim, dim)
-        keys[f"{layer}.1.3.weight"] = (dim, 4 * dim)
-    return keys
 
 
 def _image_proj(variant, cross):
