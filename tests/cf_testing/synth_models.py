@@ -16,6 +16,9 @@ No download, no copied weights:
   CodeFormer keeps one transformer layer and RestoreFormer is shrunk, which their loaders read back.
 - `build_upscaler` saves an ESRGAN (RRDB) network from spandrel's class (the original ESRGAN key layout,
   ``model.0.weight``, ``model.1.sub.0.RDB1...``), narrow and one block deep, as ``.safetensors``.
+- `build_compact_upscaler` saves a Real-ESRGAN Compact (SRVGG) upscaler: a few convolutions at the input
+  size, spandrel's cheapest upscaler (an ESRGAN's fixed 32-channel dense blocks cost ~50x more per pixel),
+  for tests that only need some upscaler of a real layout.
 """
 
 from __future__ import annotations
@@ -174,4 +177,21 @@ def build_upscaler(
         save_file(state, str(path))
     else:
         torch.save(state, path)
+    return path
+
+
+def build_compact_upscaler(
+    path: str | Path, scale: int = 4, num_feat: int = 8, num_conv: int = 2, seed: int = 0
+) -> Path:
+    """Save a random-weight Real-ESRGAN Compact (``SRVGGNetCompact``, its released key layout ``body.N``) as
+    ``.safetensors``; spandrel reads `num_feat`, `num_conv` and `scale` back from the shapes."""
+    import torch
+    from safetensors.torch import save_file
+    from spandrel.architectures.Compact import Compact
+
+    torch.manual_seed(seed)
+    network = Compact(num_feat=num_feat, num_conv=num_conv, upscale=scale)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({key: value.detach().contiguous() for key, value in network.state_dict().items()}, str(path))
     return path

@@ -15,7 +15,7 @@ pytest.importorskip("spandrel")
 from cf_testing.comfyui import image_batch as batch  # noqa: E402
 from cf_testing.comfyui import run_node  # noqa: E402
 from cf_testing.face_models import blank_image, face_image  # noqa: E402
-from cf_testing.synth_models import build_restorer, build_swapper_onnx, build_upscaler  # noqa: E402
+from cf_testing.synth_models import build_compact_upscaler, build_restorer, build_swapper_onnx  # noqa: E402
 from charforge.engine.control import Cancelled  # noqa: E402
 from charforge.engine.dataset.images import write_rgb  # noqa: E402
 from charforge.engine.synth import FaceSwapper  # noqa: E402
@@ -40,7 +40,8 @@ def synth_files(tmp_path_factory):
     return {
         "swapper": build_swapper_onnx(root / "inswapper_128.onnx", mode="identity"),
         "restorer": build_restorer(root / "RestoreFormer-tiny.pth", "RestoreFormer"),
-        "upscaler": build_upscaler(root / "4x-tiny.safetensors", scale=4),
+        # Real-ESRGAN Compact: Crop upscales five 320 px photos, ~14x cheaper than a tiny ESRGAN's dense blocks.
+        "upscaler": build_compact_upscaler(root / "4x-tiny-compact.safetensors", scale=4),
     }
 
 
@@ -123,7 +124,6 @@ def _synthesis_inputs(photos: Path, sources: Path) -> dict:
     }
 
 
-@pytest.mark.slow
 def test_synthesize_crop_with_comfys_upscale_model_and_report(comfy, tmp_path, synth_files):
     from spandrel import ModelLoader
 
@@ -154,7 +154,7 @@ def test_synthesize_crop_with_comfys_upscale_model_and_report(comfy, tmp_path, s
         workers=1,
         upscale_model=upscale_model,
     ).result
-    assert "upscaled with ESRGAN x4" in crop_summary
+    assert "upscaled with Compact x4" in crop_summary
     assert all(e.upscaled == pytest.approx(1.6) for e in cropped.accepted)
     sheet, html_path, text = run_node(
         DatasetReport, dataset=cropped, trigger="", thumbnail_size=96, per_sheet=48, workers=1
