@@ -221,13 +221,15 @@ def test_max_cost_stops_submitting_on_replicate(
         Job(id=f"w{i}", name=f"w{i}", folder=f"w{i}", prompt=image_workflow(width=30 + i, prefix=f"w{i}"))
         for i in range(4)
     ]
-    # each job runs 3 nodes x 0.25 s: about $0.75 (more on a busy machine); a $1.9 budget admits one or two
+    # each job is billed 0.75 s ($0.75) whatever the load. One at a time: the first starts on the $0.7 first
+    # estimate, the second at $0.75 spent + $0.75, the third would make $2.25 > $1.9 and is refused.
+    replicate.knobs.bill_seconds = 0.75
     outcomes = {
         o.job.id: o for o in Batch(jobs).run(with_budget([target], 1.9, out=out, first_estimate=0.7), out)
     }
     states = [outcomes[f"w{i}"].state for i in range(4)]
     ran = states.count("done")
-    assert 1 <= ran <= 2 and states == ["done"] * ran + ["failed"] * (4 - ran)
+    assert ran == 2 and states == ["done"] * ran + ["failed"] * (4 - ran)
     assert "--max-cost $1.9 would be exceeded" in outcomes["w3"].reason
     assert len(replicate.created) == ran  # refused jobs were never sent
     costs = json.loads((out / "costs.json").read_text())

@@ -88,6 +88,9 @@ class ReplicateKnobs:
     page_size: int = 100
     #: fail every prediction whose workflow contains this text (a model error, with logs)
     fail_when: str | None = None
+    #: bill each finished job this many seconds instead of its measured run time (cost tests that must not
+    #: depend on how loaded the machine is)
+    bill_seconds: float | None = None
 
 
 @dataclass
@@ -116,6 +119,7 @@ class FakeJob:
     input: dict[str, Any]
     created: float
     destination: str | None = None
+    billed: float | None = None  # seconds billed, when the knobs fix it
     status: str = "starting"
     started: float | None = None
     finished: float | None = None
@@ -129,7 +133,7 @@ class FakeJob:
     def predict_time(self) -> float | None:
         if self.started is None or self.finished is None:
             return None
-        return self.finished - self.started
+        return self.billed if self.billed is not None else self.finished - self.started
 
     def to_dict(self, base: str) -> dict[str, Any]:
         path = "predictions" if self.kind == "prediction" else "trainings"
@@ -487,7 +491,7 @@ class FakeReplicate(LoopbackServer):
                 job.output, job.error = await self._train(job)
             else:
                 job.output, job.error = await self._comfy(job)
-            job.finished = time.time()
+            job.finished, job.billed = time.time(), self.knobs.bill_seconds
             job.status = "failed" if job.error else "succeeded"
         except asyncio.CancelledError:
             if job.prompt_id and job.model.upstream is not None and self._session is not None:
