@@ -18,9 +18,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# One worker per core (pytest-xdist): the suite is CPU-bound and its tests are independent.
+# One worker per core plus one (pytest-xdist): about a third of the driver tests' time is spent waiting on loopback
+# servers, and the extra worker fills those gaps (2 cores: 6 min 04 s with -n auto, 4 min 52 s with 3 workers).
+# worksteal hands queued tests to whichever worker is free, so one slow test does not leave a core idle at the end.
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: $(VENV)/.installed
-	$(PY) -m pytest -n auto
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 # mypy reads pyproject's [tool.mypy]; it finds charforge.driver and charforge.recipes through the links made here.
 # ruff (lint rules and the formatter, in check mode), vermin (nothing needs a Python newer than requires-python),
