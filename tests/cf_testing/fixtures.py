@@ -155,3 +155,12 @@ def loras_env(comfy_env):
     yield comfy_env
     for name in ("comfy.sd", "comfy.model_patcher"):
         sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def ipadapter_env(loras_env):
+    """`loras_env` with an empty ``models/ipadapter`` (``.ipadapter``), where Load IP-Adapter looks."""
+    folder = loras_env.base_dir / "models" / "ipadapter"
+    folder.mkdir(parents=True)
+    loras_env.ipadapter = folder
+    return loras_env

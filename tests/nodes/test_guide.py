@@ -21,14 +21,6 @@ WIDTH, HEADS, CLIP_HIDDEN, CLIP_EMBED = 64, 2, 32, 24  # the tiny "U-Net" layers
 SLOTS = attn2.comfy_attn2_slots("sd15")
 
 
-@pytest.fixture
-def env(loras_env):
-    folder = loras_env.base_dir / "models" / "ipadapter"
-    folder.mkdir(parents=True)
-    loras_env.ipadapter = folder
-    return loras_env
-
-
 class _Sampling:
     """ComfyUI's ModelSamplingDiscrete.percent_to_sigma on the SD1.5 schedule (scaled-linear betas)."""
 
@@ -131,7 +123,7 @@ def _call(model, slot, q, k, v, sigma):
         return patch(q, k, v, options)
 
 
-def test_without_a_file_the_loader_names_the_folder_and_files(env):
+def test_without_a_file_the_loader_names_the_folder_and_files(ipadapter_env):
     names = guide.LoadIPAdapter.INPUT_TYPES()["required"]["ipadapter_name"][0]
     assert names == [guide.NO_ADAPTER]
     with pytest.raises(
@@ -143,8 +135,8 @@ def test_without_a_file_the_loader_names_the_folder_and_files(env):
 
 
 @pytest.mark.parametrize("variant", ["plus", "base"])
-def test_apply_patches_every_cross_attention_slot_with_clip_vision_tokens(env, variant):
-    name = _write(env.ipadapter, f"ip-adapter-{variant}_sd15.safetensors", variant)
+def test_apply_patches_every_cross_attention_slot_with_clip_vision_tokens(ipadapter_env, variant):
+    name = _write(ipadapter_env.ipadapter, f"ip-adapter-{variant}_sd15.safetensors", variant)
     assert guide.LoadIPAdapter.INPUT_TYPES()["required"]["ipadapter_name"][0] == [name]
     loaded, shown = run_node(guide.LoadIPAdapter, ipadapter_name=name).result
     assert shown == f"{variant} (sd15)"
@@ -186,12 +178,12 @@ def test_apply_patches_every_cross_attention_slot_with_clip_vision_tokens(env, v
     )
 
 
-def test_adapters_chain_and_clones_share_their_weights(env):
+def test_adapters_chain_and_clones_share_their_weights(ipadapter_env):
     first = run_node(
-        guide.LoadIPAdapter, ipadapter_name=_write(env.ipadapter, "a_plus.safetensors", "plus")
+        guide.LoadIPAdapter, ipadapter_name=_write(ipadapter_env.ipadapter, "a_plus.safetensors", "plus")
     ).result[0]
     second = run_node(
-        guide.LoadIPAdapter, ipadapter_name=_write(env.ipadapter, "b.safetensors", "base", 2)
+        guide.LoadIPAdapter, ipadapter_name=_write(ipadapter_env.ipadapter, "b.safetensors", "base", 2)
     ).result[0]
     common = {"clip_vision": _ClipVision(), "image": torch.rand(2, 16, 16, 3), "start_at": 0.0, "end_at": 1.0}
     (one,) = run_node(guide.ApplyIPAdapter, model=_model(), ipadapter=first, weight=1.0, **common).result
@@ -216,8 +208,8 @@ def test_adapters_chain_and_clones_share_their_weights(env):
     torch.testing.assert_close(both, want, atol=1e-5, rtol=1e-5)
 
 
-def test_faceid_takes_the_identity_embedding_and_variants_go_to_their_node(env):
-    face_file = _write(env.ipadapter, "ip-adapter-faceid_sd15.safetensors", "faceid")
+def test_faceid_takes_the_identity_embedding_and_variants_go_to_their_node(ipadapter_env):
+    face_file = _write(ipadapter_env.ipadapter, "ip-adapter-faceid_sd15.safetensors", "faceid")
     loaded = run_node(guide.LoadIPAdapter, ipadapter_name=face_file).result[0]
     centroid = torch.nn.functional.normalize(torch.randn(512), dim=0).numpy()
     identity = types.SimpleNamespace(centroid=centroid)
@@ -239,15 +231,15 @@ def test_faceid_takes_the_identity_embedding_and_variants_go_to_their_node(env):
     with pytest.raises(ValueError, match="faceid IP-Adapter.*Apply IP-Adapter FaceID"):
         guide.ApplyIPAdapter().apply(_model(), loaded, _ClipVision(), torch.rand(1, 8, 8, 3), 1.0, 0.0, 1.0)
     plus = run_node(
-        guide.LoadIPAdapter, ipadapter_name=_write(env.ipadapter, "p.safetensors", "plus")
+        guide.LoadIPAdapter, ipadapter_name=_write(ipadapter_env.ipadapter, "p.safetensors", "plus")
     ).result[0]
     with pytest.raises(ValueError, match="plus IP-Adapter.*use Apply IP-Adapter\\)"):
         guide.ApplyIPAdapterFaceID().apply(_model(), plus, identity, 1.0, 0.0, 1.0, 1.0)
 
 
-def test_a_mask_limits_the_adapter_to_its_region(env):
+def test_a_mask_limits_the_adapter_to_its_region(ipadapter_env):
     loaded = run_node(
-        guide.LoadIPAdapter, ipadapter_name=_write(env.ipadapter, "m.safetensors", "base")
+        guide.LoadIPAdapter, ipadapter_name=_write(ipadapter_env.ipadapter, "m.safetensors", "base")
     ).result[0]
     mask = torch.zeros(32, 32)
     mask[:, :16] = 1.0  # left half; a ComfyUI MASK may come without a batch dimension
@@ -273,12 +265,12 @@ def test_a_mask_limits_the_adapter_to_its_region(env):
     )
 
 
-def test_faceid_lora_is_patched_into_the_clone_at_lora_strength(env):
+def test_faceid_lora_is_patched_into_the_clone_at_lora_strength(ipadapter_env):
     from safetensors.torch import load_file
 
-    name = _write(env.ipadapter, "ip-adapter-faceid_sd15.safetensors", "faceid", lora_rank=4)
+    name = _write(ipadapter_env.ipadapter, "ip-adapter-faceid_sd15.safetensors", "faceid", lora_rank=4)
     loaded = run_node(guide.LoadIPAdapter, ipadapter_name=name).result[0]
-    state = load_file(str(env.ipadapter / name))
+    state = load_file(str(ipadapter_env.ipadapter / name))
     targets = _lora_targets()
     torch.manual_seed(7)
     weights = {
@@ -306,7 +298,8 @@ def test_faceid_lora_is_patched_into_the_clone_at_lora_strength(env):
     assert off.patches == {}
     # a FaceID file without the LoRA patches no weights
     bare = run_node(
-        guide.LoadIPAdapter, ipadapter_name=_write(env.ipadapter, "bare_faceid.safetensors", "faceid")
+        guide.LoadIPAdapter,
+        ipadapter_name=_write(ipadapter_env.ipadapter, "bare_faceid.safetensors", "faceid"),
     ).result[0]
     (plain,) = run_node(
         guide.ApplyIPAdapterFaceID, model=model, shortcut_scale=1.0, **(common | {"ipadapter": bare})

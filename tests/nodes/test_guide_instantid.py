@@ -23,14 +23,6 @@ SLOTS = attn2.comfy_attn2_slots("sdxl")
 PACK = "insightface:antelopev2"
 
 
-@pytest.fixture
-def env(loras_env):
-    folder = loras_env.base_dir / "models" / "ipadapter"
-    folder.mkdir(parents=True)
-    loras_env.ipadapter = folder
-    return loras_env
-
-
 def _model():
     from comfy.model_patcher import ModelPatcher
 
@@ -129,8 +121,10 @@ def _run(loaded, **overrides):
     return inputs, run_node(ApplyInstantID, **inputs).result
 
 
-def test_model_tokens_and_both_conditionings_carry_the_identitynet(env):
-    loaded, shown = run_node(guide.LoadIPAdapter, ipadapter_name=_write_instantid(env.ipadapter)).result
+def test_model_tokens_and_both_conditionings_carry_the_identitynet(ipadapter_env):
+    loaded, shown = run_node(
+        guide.LoadIPAdapter, ipadapter_name=_write_instantid(ipadapter_env.ipadapter)
+    ).result
     assert shown == "instantid (sdxl)"
     inputs, (model, positive, negative, keypoints) = _run(loaded)
 
@@ -170,8 +164,8 @@ def test_model_tokens_and_both_conditionings_carry_the_identitynet(env):
     assert inputs["model"].model_options == {"transformer_options": {}}
 
 
-def test_keypoint_image_gives_the_pose_and_a_second_controlnet_chains(env):
-    loaded = run_node(guide.LoadIPAdapter, ipadapter_name=_write_instantid(env.ipadapter)).result[0]
+def test_keypoint_image_gives_the_pose_and_a_second_controlnet_chains(ipadapter_env):
+    loaded = run_node(guide.LoadIPAdapter, ipadapter_name=_write_instantid(ipadapter_env.ipadapter)).result[0]
     pose = _photo((96, 80), person=7)
     positive, negative = _conds()
     earlier = _ControlNet()
@@ -190,8 +184,8 @@ def test_keypoint_image_gives_the_pose_and_a_second_controlnet_chains(env):
     torch.testing.assert_close(out_pos[0][1]["cross_attn_controlnet"], cond)
 
 
-def test_identity_sets_the_direction_and_strength_zero_adds_no_controlnet(env):
-    loaded = run_node(guide.LoadIPAdapter, ipadapter_name=_write_instantid(env.ipadapter)).result[0]
+def test_identity_sets_the_direction_and_strength_zero_adds_no_controlnet(ipadapter_env):
+    loaded = run_node(guide.LoadIPAdapter, ipadapter_name=_write_instantid(ipadapter_env.ipadapter)).result[0]
     identity = types.SimpleNamespace(name="ada", model=PACK, centroid=_unit(11))
     _, (_, positive, negative, _) = _run(loaded, identity=identity, cn_strength=0.0)
     assert "control" not in positive[0][1] and "control" not in negative[0][1]
@@ -200,8 +194,8 @@ def test_identity_sets_the_direction_and_strength_zero_adds_no_controlnet(env):
     torch.testing.assert_close(positive[0][1]["cross_attn_controlnet"], cond, atol=1e-5, rtol=1e-5)
 
 
-def test_clear_errors(env):
-    loaded = run_node(guide.LoadIPAdapter, ipadapter_name=_write_instantid(env.ipadapter)).result[0]
+def test_clear_errors(ipadapter_env):
+    loaded = run_node(guide.LoadIPAdapter, ipadapter_name=_write_instantid(ipadapter_env.ipadapter)).result[0]
     with pytest.raises(engine.NoFaceError, match="no face found in image 2 of 2"):
         _run(loaded, image=torch.cat([_photo(), torch.zeros(1, 48, 64, 3)]))
     other = types.SimpleNamespace(name="b", model="insightface:buffalo_l", centroid=_unit(1))
@@ -214,7 +208,7 @@ def test_clear_errors(env):
         for n in range(16)
         for k in ("to_k_ip", "to_v_ip")
     }
-    torch.save(state, str(env.ipadapter / "faceid.bin"))
+    torch.save(state, str(ipadapter_env.ipadapter / "faceid.bin"))
     faceid = run_node(guide.LoadIPAdapter, ipadapter_name="faceid.bin").result[0]
     with pytest.raises(ValueError, match=r"faceid IP-Adapter.*variant instantid.*models/controlnet"):
         _run(faceid)
