@@ -18,6 +18,7 @@ from engine.guide.test_ipadapter import (
     _meta,
     _OurProcessor,
     _random_file,
+    _set_diffusers_adapter,
     _tiny_unet,
 )
 
@@ -85,12 +86,7 @@ def test_unet_with_faceid_lora_matches_diffusers(variant, sdxl):
         for name, lora in unet._load_ip_adapter_loras([groups]).items():
             unet.load_lora_adapter(lora, prefix="unet", adapter_name=f"faceid_{name}")
             unet.set_adapters([f"faceid_{name}"], weights=[lora_scale])
-        for processor in unet.attn_processors.values():
-            if hasattr(processor, "scale"):
-                processor.scale = [scale]
-        if variant == "faceid_plus":
-            reference = unet.encoder_hid_proj.image_projection_layers[0]
-            reference.clip_embeds, reference.shortcut, reference.shortcut_scale = clip_hidden, True, 0.8
+        _set_diffusers_adapter(unet, scale, clip_hidden if variant == "faceid_plus" else None)
         theirs = unet(sample, 10, text, added_cond_kwargs=added | {"image_embeds": [face]}).sample
 
     assert (ours - no_lora).abs().max() > 1e-3  # the LoRA changes the output

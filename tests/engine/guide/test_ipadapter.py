@@ -201,6 +201,18 @@ class _OurProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+def _set_diffusers_adapter(unet, scale, clip_hidden=None):
+    """diffusers' U-Net with IP-Adapter weights loaded: every IP-Adapter processor at `scale`; with
+    `clip_hidden` (FaceID Plus v2) the projection takes those CLIP hidden states and adds the face tokens
+    back at 0.8."""
+    for processor in unet.attn_processors.values():
+        if hasattr(processor, "scale"):
+            processor.scale = [scale]
+    if clip_hidden is not None:
+        reference = unet.encoder_hid_proj.image_projection_layers[0]
+        reference.clip_embeds, reference.shortcut, reference.shortcut_scale = clip_hidden, True, 0.8
+
+
 def _random_file(unet, variant, embed):
     """A random IP-Adapter state dict for ``unet`` (published key names, layer numbering as in the files)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
@@ -273,6 +285,7 @@ def test_unet_output_matches_diffusers_ip_adapter(variant, sdxl):
     image = (
         torch.randn(batch, 1, 5, embed) if variant in ("plus", "full_face") else torch.randn(batch, 1, embed)
     )
+    clip_hidden = None
     if variant == "faceid_plus":  # a face embedding, plus CLIP hidden states of the face crop
         image, clip_hidden = torch.randn(batch, 1, 512), torch.randn(batch, 1, 5, embed)
     sample = torch.randn(batch, 4, 8, 8)
@@ -303,12 +316,7 @@ def test_unet_output_matches_diffusers_ip_adapter(variant, sdxl):
         our_out = unet(sample, 10, text, added_cond_kwargs=dict(added) or None).sample
 
         unet._load_ip_adapter_weights([groups])
-        for processor in unet.attn_processors.values():
-            if hasattr(processor, "scale"):
-                processor.scale = [scale]
-        if variant == "faceid_plus":
-            reference = unet.encoder_hid_proj.image_projection_layers[0]
-            reference.clip_embeds, reference.shortcut, reference.shortcut_scale = clip_hidden, True, 0.8
+        _set_diffusers_adapter(unet, scale, clip_hidden)
         reference_tokens = unet.encoder_hid_proj([image])[0]
         theirs = unet(sample, 10, text, added_cond_kwargs=added | {"image_embeds": [image]}).sample
 
