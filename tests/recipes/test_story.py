@@ -447,41 +447,40 @@ def test_story_errors_are_usage_errors(tmp_path, refs, scenes):
     assert code == 2 and "has 2: add scenes" in err
 
 
+def tiny_frame_graph(**changes) -> dict:
+    """`frame_graph` of frame 1 for hero (LoRA a.safetensors at 1.0), checkpoint m, prompt p, seed 1, two
+    candidates, simple mode, save prefix x; `changes` replace arguments or add more."""
+    arguments = {
+        "character": Character("hero", loras=[("a.safetensors", 1.0)]),
+        "checkpoint": "m",
+        "prompt": "p",
+        "seed": 1,
+        "candidates": 2,
+        "mode": "simple",
+        "identity": {"name": "hero"},
+        "face_pack": "buffalo_l",
+        "clip_model": None,
+        "weights": (1.0, 0.5),
+        "frame": 1,
+        "save_prefix": "x",
+    }
+    return frame_graph(**(arguments | changes))
+
+
 def test_guidance_detection_and_graph_shape():
     info = {"LoadImage": {}, "VAEEncode": {}, "RepeatLatentBatch": {}}
     assert detect_guidance(info).kind == "img2img"
     with pytest.raises(Exception, match="lacks the node"):
         detect_guidance(info, "ipadapter")
     character = Character("hero", loras=[("a.safetensors", 1.0), ("b.safetensors", 0.5)])
-    graph = frame_graph(
-        character=character,
-        checkpoint="m.safetensors",
-        prompt="p",
-        seed=1,
-        candidates=2,
-        mode="simple",
-        identity={"name": "hero"},
-        face_pack="buffalo_l",
-        clip_model=None,
-        weights=(1.0, 0.5),
-        frame=1,
-        save_prefix="x/frame_01",
-    )
+    graph = tiny_frame_graph(character=character, checkpoint="m.safetensors", save_prefix="x/frame_01")
     assert graph["21"]["inputs"]["model"] == ["20", 0] and graph["6"]["inputs"]["model"] == ["21", 0]
     assert graph["12"]["inputs"]["filename_prefix"] == "x/frame_01" and "10" not in graph
-    guided = frame_graph(
+    guided = tiny_frame_graph(
         character=character,
-        checkpoint="m",
-        prompt="p",
-        seed=1,
-        candidates=2,
         mode="reference",
-        identity={"name": "hero"},
-        face_pack="buffalo_l",
         clip_model="c",
-        weights=(1.0, 0.5),
         frame=2,
-        save_prefix="x",
         guide_image="f.png",
         guidance=Guidance("img2img"),
         denoise=0.4,
@@ -494,20 +493,7 @@ def test_a_character_from_flags_renders_with_the_preset_schemas_defaults():
     gives an unknown base model; metadata keeps the settings flat beside the rest."""
     character = Character("hero")
     assert character.generation == GenerationParams(width=default_size(""), height=default_size(""))
-    graph = frame_graph(
-        character=character,
-        checkpoint="m",
-        prompt="p",
-        seed=1,
-        candidates=1,
-        mode="simple",
-        identity={"name": "hero"},
-        face_pack="buffalo_l",
-        clip_model=None,
-        weights=(1.0, 0.5),
-        frame=1,
-        save_prefix="x",
-    )
+    graph = tiny_frame_graph(character=character, candidates=1)
     sampler, latent = graph["6"]["inputs"], graph["5"]["inputs"]
     assert (sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == (
         25,

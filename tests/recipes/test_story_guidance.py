@@ -21,7 +21,6 @@ from charforge.driver.errors import UsageError
 from charforge.engine.story import load_scenes
 from charforge.recipes import story_guidance as sg
 from charforge.recipes import story_pose as sp
-from charforge.recipes.story import Character, frame_graph
 
 _spec = importlib.util.spec_from_file_location("_story_fakes_g", Path(__file__).with_name("test_story.py"))
 assert _spec is not None and _spec.loader is not None
@@ -158,19 +157,9 @@ def test_pose_support_needs_a_pose_controlnet_of_the_family_and_dwpose():
 def test_faceid_and_pose_graph_wiring():
     guidance = sg.Guidance("faceid", "ip-adapter-faceid_sd15.bin")
     pose = sp.PoseSupport(controlnet="control_v11p_sd15_openpose.pth")
-    graph = frame_graph(
-        character=Character("hero", loras=[("a.safetensors", 1.0)]),
-        checkpoint="m",
-        prompt="p",
-        seed=1,
-        candidates=2,
+    graph = story_fakes.tiny_frame_graph(
         mode="reference",
         identity={"folder": "refs"},
-        face_pack="buffalo_l",
-        clip_model=None,
-        weights=(1.0, 0.5),
-        frame=1,
-        save_prefix="x",
         guidance=guidance,
         ipadapter_weight=0.6,
         pose_image="charforge_story/run_pose_01.png",
