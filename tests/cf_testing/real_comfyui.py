@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -53,6 +54,50 @@ SD15_UNET_CONFIG = {
     "use_temporal_attention": False,
     "use_temporal_resblock": False,
 }
+# ComfyUI's own SDXL U-Net config (the same function): 70 transformer blocks, text width 2048, the adm input.
+SDXL_UNET_CONFIG = {key: value for key, value in SD15_UNET_CONFIG.items() if key != "num_heads"} | {
+    "num_classes": "sequential",
+    "adm_in_channels": 2816,
+    "num_res_blocks": [2, 2, 2],
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10,
+    "use_linear_in_transformer": True,
+    "context_dim": 2048,
+    "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+}
+
+
+def small_unet_config(family: str, **changes) -> dict:
+    """ComfyUI's U-Net config of `family` ("sd15" or "sdxl") at 32 base channels: every block and
+    cross-attention slot of the full-size layout, narrower. SD1.5 leaves its heads to ComfyUI's ``SD15``
+    class (it sets 8); `changes` replace entries."""
+    full = SDXL_UNET_CONFIG if family == "sdxl" else SD15_UNET_CONFIG
+    return (
+        {key: value for key, value in full.items() if key != "num_heads"} | {"model_channels": 32} | changes
+    )
+
+
+# How every ComfyUI-side script starts: ComfyUI's folder (the working directory) first on sys.path, the job
+# read from the last argument, ComfyUI's argument parser given --cpu before any of its modules loads.
+_SCRIPT_START = """\
+import json, os, sys
+sys.path.insert(0, os.getcwd())  # cwd = the ComfyUI folder
+job = json.load(open(sys.argv[-1]))
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+"""
+
+
+def comfy_script(imports: str, body: str) -> str:
+    """A script for `run_comfy_script`: ComfyUI started on the CPU (``json``, ``os``, ``sys``, ``torch`` and
+    ``job`` defined), then `imports` (ComfyUI's modules and others), then the pack's parent folder
+    (``job["pack_parent"]``) put first on sys.path, then `body`. Both are dedented."""
+    pack = 'sys.path.insert(0, job["pack_parent"])\n'
+    return _SCRIPT_START + textwrap.dedent(imports).strip() + "\n" + pack + textwrap.dedent(body).lstrip("\n")
 
 
 def comfyui_dir() -> Path | None:

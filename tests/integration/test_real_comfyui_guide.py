@@ -23,18 +23,13 @@ from cf_testing.comfyui import REPO_ROOT
 
 pytestmark = real.suite_marks()
 
-SETUP = textwrap.dedent(r"""
-    import json, os, sys
-    sys.path.insert(0, os.getcwd())  # cwd = the ComfyUI folder
-    job = json.load(open(sys.argv[-1]))
-    sys.argv = [sys.argv[0], "--cpu"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import torch
+SETUP = real.comfy_script(
+    """
     import comfy.clip_vision, comfy.model_patcher, comfy.supported_models
     import nodes
     from safetensors.torch import save_file
-    sys.path.insert(0, job["pack_parent"])
+    """,
+    r"""
     from charforge.nodes import guide
 
     torch.manual_seed(0)
@@ -57,7 +52,8 @@ SETUP = textwrap.dedent(r"""
     def step(m):
         with torch.no_grad():
             return nodes.common_ksampler(m, 7, 1, 3.0, "euler", "normal", positive, negative, latent)[0]["samples"]
-""")
+""",
+)
 
 COMFY_SIDE = SETUP + textwrap.dedent(r"""
     with open(job["clip_config"], "w") as f:
@@ -151,10 +147,8 @@ FACEID_SIDE = SETUP + textwrap.dedent(r"""
     print("RESULT " + json.dumps(results))
 """)
 
-# ComfyUI's SD1.5 U-Net config (comfy/model_detection.py) at 32 base channels (SD15 adds 8 heads).
-UNET_CONFIG = {key: value for key, value in real.SD15_UNET_CONFIG.items() if key != "num_heads"} | {
-    "model_channels": 32
-}
+# ComfyUI's SD1.5 U-Net config at 32 base channels (SD15 adds 8 heads).
+UNET_CONFIG = real.small_unet_config("sd15")
 # Cross-attention widths in the file's layer order (down blocks, up blocks, middle block).
 WIDTHS = [32, 32, 64, 64, 128, 128] + [128] * 3 + [64] * 3 + [32] * 3 + [128]
 CLIP_VISION = {

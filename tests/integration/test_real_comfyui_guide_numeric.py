@@ -38,8 +38,6 @@ prediction by 1.64 / 1.86 (SD1.5 base / plus) and 1.42 / 1.32 (SDXL), diffusers'
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
 import cf_testing.real_comfyui as real
@@ -47,21 +45,16 @@ from cf_testing.comfyui import REPO_ROOT
 
 pytestmark = real.suite_marks()
 
-COMFY_SIDE = textwrap.dedent(r"""
-    import json, os, sys
-    sys.path.insert(0, os.getcwd())  # cwd = the ComfyUI folder
-    job = json.load(open(sys.argv[-1]))
-    sys.argv = [sys.argv[0], "--cpu"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
+COMFY_SIDE = real.comfy_script(
+    """
     import numpy as np
-    import torch
     import comfy.clip_vision, comfy.model_patcher, comfy.supported_models, comfy.utils
     import folder_paths
     import nodes
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from safetensors.torch import save_file
-    sys.path.insert(0, job["pack_parent"])
+    """,
+    r"""
     sys.path.append(job["tests_dir"])  # after ComfyUI's own modules: tests/ has folders named like them
     from charforge import bridge
     from charforge.nodes import guide
@@ -226,13 +219,12 @@ COMFY_SIDE = textwrap.dedent(r"""
         }
         del ref_unet, groups
     print("RESULT " + json.dumps(results))
-""")
+""",
+)
 
 # ComfyUI's SD1.5 U-Net config (comfy/model_detection.py) at 32 base channels (SD15 adds 8 heads), and
 # the diffusers config of the same U-Net (attention_head_dim is the number of heads in diffusers' SD1.5).
-SD15_UNET_CONFIG = {key: value for key, value in real.SD15_UNET_CONFIG.items() if key != "num_heads"} | {
-    "model_channels": 32
-}
+SD15_UNET_CONFIG = real.small_unet_config("sd15")
 SD15_DIFFUSERS = {
     "sample_size": 8,
     "layers_per_block": 2,
@@ -244,19 +236,7 @@ SD15_DIFFUSERS = {
 }
 # ComfyUI's SDXL U-Net config at 32 base channels (the 70 transformer blocks of SDXL; ComfyUI's SDXL class
 # sets 64-wide heads, as in SDXL), and diffusers' SDXL config at the same widths (1 and 2 heads of 64).
-SDXL_UNET_CONFIG = {
-    **SD15_UNET_CONFIG,
-    "num_classes": "sequential",
-    "adm_in_channels": 2816,
-    "num_res_blocks": [2, 2, 2],
-    "transformer_depth": [0, 0, 2, 2, 10, 10],
-    "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10,
-    "use_linear_in_transformer": True,
-    "context_dim": 2048,
-    "num_head_channels": 64,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-}
+SDXL_UNET_CONFIG = real.small_unet_config("sdxl")
 SDXL_DIFFUSERS = {
     "sample_size": 8,
     "layers_per_block": 2,

@@ -31,20 +31,15 @@ from cf_testing.comfyui import REPO_ROOT
 
 pytestmark = real.suite_marks()
 
-COMFY_SIDE = textwrap.dedent(r"""
-    import json, os, sys
-    sys.path.insert(0, os.getcwd())  # cwd = the ComfyUI folder
-    job = json.load(open(sys.argv[-1]))
-    sys.argv = [sys.argv[0], "--cpu"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
+COMFY_SIDE = real.comfy_script(
+    """
     import numpy as np
-    import torch
     import comfy.cldm.cldm, comfy.model_patcher, comfy.supported_models
     import folder_paths
     import nodes
     from safetensors.torch import save_file
-    sys.path.insert(0, job["pack_parent"])
+    """,
+    r"""
     from charforge.nodes import guide, score
     from charforge.nodes.guide_instantid import ApplyInstantID
 
@@ -162,30 +157,11 @@ COMFY_SIDE = textwrap.dedent(r"""
     results["same_as_stock"] = same
     results["plain_again"] = diff(step(patcher, positive, negative), plain)
     print("RESULT " + json.dumps(results))
-""")
+""",
+)
 
-# ComfyUI's SDXL U-Net config (comfy/model_detection.py) at 32 base channels and 32-wide heads.
-UNET_CONFIG = {
-    "use_checkpoint": False,
-    "image_size": 32,
-    "out_channels": 4,
-    "use_spatial_transformer": True,
-    "legacy": False,
-    "num_classes": "sequential",
-    "adm_in_channels": 2816,
-    "in_channels": 4,
-    "model_channels": 32,
-    "num_res_blocks": [2, 2, 2],
-    "transformer_depth": [0, 0, 2, 2, 10, 10],
-    "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10,
-    "use_linear_in_transformer": True,
-    "context_dim": 2048,
-    "num_head_channels": 32,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-    "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
+# ComfyUI's SDXL U-Net config at 32 base channels and 32-wide heads.
+UNET_CONFIG = real.small_unet_config("sdxl", num_head_channels=32)
 # Cross-attention widths in the file's layer order (down blocks, up blocks, middle block).
 WIDTHS = [64] * 4 + [128] * 20 + [128] * 30 + [64] * 6 + [128] * 10
 

@@ -118,27 +118,7 @@ COMFY_SIDE = textwrap.dedent(r"""
 # ComfyUI's own U-Net configs for the two families (comfy/model_detection.py, unet_config_from_diffusers_unet).
 UNET_CONFIGS = {
     "sd15": real.SD15_UNET_CONFIG,
-    "sdxl": {
-        "use_checkpoint": False,
-        "image_size": 32,
-        "out_channels": 4,
-        "use_spatial_transformer": True,
-        "legacy": False,
-        "num_classes": "sequential",
-        "adm_in_channels": 2816,
-        "in_channels": 4,
-        "model_channels": 320,
-        "num_res_blocks": [2, 2, 2],
-        "transformer_depth": [0, 0, 2, 2, 10, 10],
-        "channel_mult": [1, 2, 4],
-        "transformer_depth_middle": 10,
-        "use_linear_in_transformer": True,
-        "context_dim": 2048,
-        "num_head_channels": 64,
-        "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-        "use_temporal_attention": False,
-        "use_temporal_resblock": False,
-    },
+    "sdxl": real.SDXL_UNET_CONFIG,
 }
 
 
