@@ -17,20 +17,13 @@ import numpy as np
 from PIL import Image
 
 import cf_testing.real_comfyui as real
-from cf_testing import lora_files
-from cf_testing.face_models import blank_image, face_image
+from cf_testing import two_characters as two
 
 pytestmark = real.suite_marks()
 
 PORTS = range(8860, 8880)
 WORKFLOW = real.REPO_ROOT / "workflows" / "api" / "two_characters.json"
 WIDTH, HEIGHT = 128, 64
-FACE = ((144, 144, 100),)
-
-
-def _pair(left, right):
-    halves = [blank_image() if p is None else face_image(faces=FACE, person=p) for p in (left, right)]
-    return np.concatenate(halves, axis=1)
 
 
 def _shipped(strength: float) -> dict:
@@ -57,37 +50,16 @@ def _shipped(strength: float) -> dict:
 
 
 def test_two_characters_workflow_in_real_comfyui(tmp_path, sd15_comfy_checkpoint):
-    comfy, python, base = real.face_checkpoint_base(tmp_path, sd15_comfy_checkpoint)
-    loras = base / "models" / "loras"
-    loras.mkdir(parents=True)
-    for seed, name in enumerate(("character_a", "character_b")):
-        lora_files.write(
-            lora_files.random_state("sd15", seed=seed, full_size=True), loras / f"{name}.safetensors"
-        )
-    (base / "input").mkdir(parents=True)
-    for name, picture in (("ann", _pair(0, None)), ("bob", _pair(1, None))):
-        Image.fromarray(picture).save(base / "input" / f"{name}.png")
-    Image.fromarray(_pair(0, 1)).save(base / "input" / "ab.png")
-    Image.fromarray(_pair(1, 0)).save(base / "input" / "ba.png")
+    comfy, python, base = two.two_character_base(
+        tmp_path, sd15_comfy_checkpoint, ("character_a", "character_b")
+    )
+    Image.fromarray(two.face_pair(0, 1)).save(base / "input" / "ab.png")
+    Image.fromarray(two.face_pair(1, 0)).save(base / "input" / "ba.png")
 
     server = real.start_comfyui(comfy, base, python, ports=PORTS)
     try:
         # The two identities, saved under the names the workflow loads.
-        for name, file in (("character_a", "ann.png"), ("character_b", "bob.png")):
-            server.run_prompt(
-                {
-                    "1": {
-                        "class_type": "CharForgeLoadFaceModels",
-                        "inputs": {"pack": "buffalo_l", "det_size": 640, "provider": "CPU"},
-                    },
-                    "2": {"class_type": "LoadImage", "inputs": {"image": file}},
-                    "3": {
-                        "class_type": "CharForgeBuildIdentity",
-                        "inputs": {"face_models": ["1", 0], "name": name, "save": True, "images": ["2", 0]},
-                    },
-                },
-                "cf-two",
-            )
+        two.save_identities(server, "cf-two")
         assert (base / "models" / "charforge" / "identities" / "character_b.json").is_file()
 
         # 1. The shipped workflow, hooks on and off.

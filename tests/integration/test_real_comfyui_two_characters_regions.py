@@ -26,21 +26,17 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import cf_testing.real_comfyui as real
-from cf_testing import lora_files
-from cf_testing.face_models import blank_image, face_image
+from cf_testing import two_characters as two
 
 pytestmark = real.suite_marks()
 
 PORTS = range(19700, 19740)
 WIDTH, HEIGHT = 256, 64  # a 32 x 8 latent: each half 16 latent pixels wide
 MARGIN = 3  # latent pixels left out on each side of the border between the halves
-FACE = ((144, 144, 100),)
 ADAPTER = "ip-adapter-faceid_sd15_tiny.safetensors"
 SAVE_LATENT = "900"
 
@@ -131,42 +127,16 @@ def _write_faceid_adapter(path, width: int = 320) -> None:
     save_file(state, str(path))
 
 
-def _pair(left, right):
-    halves = [blank_image() if p is None else face_image(faces=FACE, person=p) for p in (left, right)]
-    return np.concatenate(halves, axis=1)
-
-
 def test_each_characters_lora_and_faceid_stay_in_its_half(tmp_path, sd15_comfy_checkpoint):
-    comfy, python, base = real.face_checkpoint_base(tmp_path, sd15_comfy_checkpoint)
-    loras = base / "models" / "loras"
-    loras.mkdir(parents=True)
-    for seed, name in enumerate(("character_a", "character_b", "character_c")):
-        lora_files.write(
-            lora_files.random_state("sd15", seed=seed, full_size=True), loras / f"{name}.safetensors"
-        )
+    comfy, python, base = two.two_character_base(
+        tmp_path, sd15_comfy_checkpoint, ("character_a", "character_b", "character_c")
+    )
     (base / "models" / "ipadapter").mkdir(parents=True)
     _write_faceid_adapter(base / "models" / "ipadapter" / ADAPTER)
-    (base / "input").mkdir(parents=True)
-    for name, picture in (("ann", _pair(0, None)), ("bob", _pair(1, None))):
-        Image.fromarray(picture).save(base / "input" / f"{name}.png")
 
     server = real.start_comfyui(comfy, base, python, ports=PORTS)
     try:
-        for name, file in (("character_a", "ann.png"), ("character_b", "bob.png")):
-            server.run_prompt(
-                {
-                    "1": {
-                        "class_type": "CharForgeLoadFaceModels",
-                        "inputs": {"pack": "buffalo_l", "det_size": 640, "provider": "CPU"},
-                    },
-                    "2": {"class_type": "LoadImage", "inputs": {"image": file}},
-                    "3": {
-                        "class_type": "CharForgeBuildIdentity",
-                        "inputs": {"face_models": ["1", 0], "name": name, "save": True, "images": ["2", 0]},
-                    },
-                },
-                "cf-regions",
-            )
+        two.save_identities(server, "cf-regions")
 
         # 1. Hook LoRAs: the other character's LoRA swapped or weakened leaves this half bit-identical.
         ab = {"A": "character_a.safetensors", "B": "character_b.safetensors"}
