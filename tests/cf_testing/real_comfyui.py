@@ -68,6 +68,22 @@ SDXL_UNET_CONFIG = {key: value for key, value in SD15_UNET_CONFIG.items() if key
     "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
 }
 
+# A tiny CLIP vision config for ComfyUI's ClipVisionModel (its loader picks full-size ViT configs from a
+# file's keys, so the tests build the model from this config instead).
+TINY_CLIP_VISION = {
+    "hidden_act": "quick_gelu",
+    "hidden_size": 32,
+    "image_size": 28,
+    "intermediate_size": 64,
+    "layer_norm_eps": 1e-05,
+    "model_type": "clip_vision_model",
+    "num_attention_heads": 2,
+    "num_channels": 3,
+    "num_hidden_layers": 2,
+    "patch_size": 14,
+    "projection_dim": 24,
+}
+
 
 def small_unet_config(family: str, **changes) -> dict:
     """ComfyUI's U-Net config of `family` ("sd15" or "sdxl") at 32 base channels: every block and

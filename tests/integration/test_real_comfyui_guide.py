@@ -151,19 +151,6 @@ FACEID_SIDE = SETUP + textwrap.dedent(r"""
 UNET_CONFIG = real.small_unet_config("sd15")
 # Cross-attention widths in the file's layer order (down blocks, up blocks, middle block).
 WIDTHS = [32, 32, 64, 64, 128, 128] + [128] * 3 + [64] * 3 + [32] * 3 + [128]
-CLIP_VISION = {
-    "hidden_act": "quick_gelu",
-    "hidden_size": 32,
-    "image_size": 28,
-    "intermediate_size": 64,
-    "layer_norm_eps": 1e-05,
-    "model_type": "clip_vision_model",
-    "num_attention_heads": 2,
-    "num_channels": 3,
-    "num_hidden_layers": 2,
-    "patch_size": 14,
-    "projection_dim": 24,
-}
 
 
 def test_apply_ip_adapter_changes_a_comfyui_sampler_step(tmp_path):
@@ -172,7 +159,7 @@ def test_apply_ip_adapter_changes_a_comfyui_sampler_step(tmp_path):
         "pack_parent": str(REPO_ROOT / "custom_nodes"),
         "unet_config": UNET_CONFIG,
         "widths": WIDTHS,
-        "clip_vision": CLIP_VISION,
+        "clip_vision": real.TINY_CLIP_VISION,
         "clip_config": str(tmp_path / "clip_vision.json"),
         "adapter": str(tmp_path / "ip-adapter_sd15_tiny.safetensors"),
     }

@@ -256,19 +256,6 @@ WIDTHS = {
     "sd15": [32, 32, 64, 64, 128, 128] + [128] * 3 + [64] * 3 + [32] * 3 + [128],
     "sdxl": [64] * 4 + [128] * 20 + [128] * 30 + [64] * 6 + [128] * 10,
 }
-CLIP_VISION = {
-    "hidden_act": "quick_gelu",
-    "hidden_size": 32,
-    "image_size": 28,
-    "intermediate_size": 64,
-    "layer_norm_eps": 1e-05,
-    "model_type": "clip_vision_model",
-    "num_attention_heads": 2,
-    "num_channels": 3,
-    "num_hidden_layers": 2,
-    "patch_size": 14,
-    "projection_dim": 24,
-}
 WEIGHT = 0.7
 
 
@@ -296,7 +283,7 @@ def test_apply_ip_adapter_in_comfyui_matches_diffusers(tmp_path, family):
         "tests_dir": str(REPO_ROOT / "tests"),
         "unet_config": SDXL_UNET_CONFIG if sdxl else SD15_UNET_CONFIG,
         "diffusers_config": SDXL_DIFFUSERS if sdxl else SD15_DIFFUSERS,
-        "clip_vision": CLIP_VISION,
+        "clip_vision": real.TINY_CLIP_VISION,
         "clip_config": str(tmp_path / "clip_vision.json"),
         "ipadapter_dir": str(tmp_path / "models" / "ipadapter"),
         "weight": WEIGHT,
