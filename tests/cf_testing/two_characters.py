@@ -59,3 +59,24 @@ def save_identities(server: real.RunningComfyUI, client_id: str) -> None:
             },
             client_id,
         )
+
+
+def fit_node(kind: str, inputs: dict, width: int, height: int, steps: int) -> bool:
+    """Fit a node of a two-character workflow to the test: the tiny checkpoint, a `width` x `height` latent
+    (the masks' halves at width / 2), `steps` Euler steps, the face models on the CPU. False for kinds it
+    leaves alone."""
+    if kind == "CheckpointLoaderSimple":
+        inputs["ckpt_name"] = "sd15_tiny.safetensors"
+    elif kind == "EmptyLatentImage":
+        inputs.update(width=width, height=height, batch_size=1)
+    elif kind == "SolidMask":
+        inputs.update(width=width if inputs["value"] == 0 else width // 2, height=height)
+    elif kind == "MaskComposite":
+        inputs["x"] = 0 if inputs["x"] == 0 else width // 2
+    elif kind == "KSampler":
+        inputs.update(steps=steps, sampler_name="euler", scheduler="normal")
+    elif kind == "CharForgeLoadFaceModels":
+        inputs.update(det_size=640, provider="CPU")
+    else:
+        return False
+    return True

@@ -30,20 +30,10 @@ def _shipped(strength: float) -> dict:
     prompt = json.loads(WORKFLOW.read_text(encoding="utf-8"))
     for node in prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
-        if kind == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = "sd15_tiny.safetensors"
-        elif kind == "CreateHookLora":
+        if two.fit_node(kind, inputs, WIDTH, HEIGHT, steps=2):
+            continue
+        if kind == "CreateHookLora":
             inputs["strength_model"] = inputs["strength_clip"] = strength
-        elif kind == "EmptyLatentImage":
-            inputs.update(width=WIDTH, height=HEIGHT, batch_size=1)
-        elif kind == "SolidMask":
-            inputs.update(width=WIDTH if inputs["value"] == 0 else WIDTH // 2, height=HEIGHT)
-        elif kind == "MaskComposite":
-            inputs["x"] = 0 if inputs["x"] == 0 else WIDTH // 2
-        elif kind == "KSampler":
-            inputs.update(steps=2, sampler_name="euler", scheduler="normal")
-        elif kind == "CharForgeLoadFaceModels":
-            inputs.update(det_size=640, provider="CPU")
         elif kind == "SaveImage":
             inputs["filename_prefix"] = f"two_{strength:g}"
     return prompt

@@ -59,9 +59,9 @@ def _shrunk(name: str, prefix: str, *, sample_only: bool, loras=None, strengths=
                 letters[id(node)] = letter
     for node in prompt.values():
         kind, inputs, letter = node["class_type"], node["inputs"], letters.get(id(node))
-        if kind == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = "sd15_tiny.safetensors"
-        elif kind == "CreateHookLora":
+        if two.fit_node(kind, inputs, WIDTH, HEIGHT, steps=1):
+            continue
+        if kind == "CreateHookLora":
             assert letter, "the hook LoRA nodes are titled 'Character A / B LoRA (hook)'"
             if loras:
                 inputs["lora_name"] = loras[letter]
@@ -73,16 +73,6 @@ def _shrunk(name: str, prefix: str, *, sample_only: bool, loras=None, strengths=
                 inputs["weight"] = faceid[letter]
         elif kind == "CharForgeLoadIPAdapter":
             inputs["ipadapter_name"] = ADAPTER
-        elif kind == "EmptyLatentImage":
-            inputs.update(width=WIDTH, height=HEIGHT, batch_size=1)
-        elif kind == "SolidMask":
-            inputs.update(width=WIDTH if inputs["value"] == 0 else WIDTH // 2, height=HEIGHT)
-        elif kind == "MaskComposite":
-            inputs["x"] = 0 if inputs["x"] == 0 else WIDTH // 2
-        elif kind == "KSampler":
-            inputs.update(steps=1, sampler_name="euler", scheduler="normal")
-        elif kind == "CharForgeLoadFaceModels":
-            inputs.update(det_size=640, provider="CPU")
         elif kind == "SaveImage":
             inputs["filename_prefix"] = prefix
     (sampler,) = [k for k, v in prompt.items() if v["class_type"] == "KSampler"]
