@@ -615,25 +615,12 @@ def add_lora_patches(model: Any, factors: dict[str, tuple[Any, Any]], strength: 
 
 
 def apply_controlnet(
-    conditionings: list, control_net: Any, hint: Any, strength: float, start: float, end: float, extra: list
-) -> list:
-    """Each CONDITIONING of ``conditionings`` with a CONTROL_NET added the way ComfyUI's
-    ControlNetApplyAdvanced adds it (a copy per earlier ControlNet, chained to it; ``hint``: IMAGE
-    [B, H, W, 3]; ``start`` / ``end``: fractions of sampling), and with ``extra[i]`` (a dict) merged
-    into the entries of the i-th conditioning, e.g. ``cross_attn_controlnet``. Needs no ComfyUI import."""
-    copies: dict[Any, Any] = {}
-    out = []
-    for conditioning, keys in zip(conditionings, extra, strict=True):
-        entries = []
-        for tensor, options in conditioning:
-            options = {**options, **keys}
-            earlier = options.get("control")
-            if earlier not in copies:
-                copies[earlier] = control_net.copy().set_cond_hint(
-                    hint.movedim(-1, 1), strength, (start, end)
-                )
-                copies[earlier].set_previous_controlnet(earlier)
-            options["control"], options["control_apply_to_uncond"] = copies[earlier], False
-            entries.append([tensor, options])
-        out.append(entries)
-    return out
+    positive: list, negative: list, control_net: Any, hint: Any, strength: float, start: float, end: float
+) -> tuple[list, list]:
+    """``positive`` and ``negative`` with a CONTROL_NET added by ComfyUI's own ControlNetApplyAdvanced
+    (``hint``: IMAGE [B, H, W, 3]; ``start`` / ``end``: fractions of sampling; chained after any earlier
+    ControlNet; strength 0 adds none)."""
+    if _load_comfy() is None:
+        raise RuntimeError("applying a ControlNet needs ComfyUI (run the node inside ComfyUI)")
+    apply = importlib.import_module("nodes").ControlNetApplyAdvanced()
+    return apply.apply_controlnet(positive, negative, control_net, hint, strength, start, end)

@@ -12,7 +12,7 @@ InstantID needs three files, loaded by nodes the workflow already has:
 The face photo's largest face gives the embedding (the recogniser's raw values, as InstantID was trained)
 and the five keypoints drawn for the IdentityNet (``engine.guide.instantid``). The MODEL is patched with
 the face tokens like any IP-Adapter (``guide.apply_to_model``); the ControlNet is added to both
-conditionings as ComfyUI's ControlNetApplyAdvanced adds it (``bridge.apply_controlnet``), with
+conditionings by ComfyUI's own ControlNetApplyAdvanced (``bridge.apply_controlnet``), with
 ``cross_attn_controlnet`` set to the face tokens (positive) and to the tokens of a zero embedding
 (negative), so the IdentityNet attends to the face instead of the prompt text.
 """
@@ -193,19 +193,12 @@ class ApplyInstantID:
         hint = torch.from_numpy(drawn).float().div(255.0)[None]
 
         patched = apply_to_model(model, instantid, cond, uncond, weight, start_at, end_at, attn_mask)
-        if cn_strength == 0:
-            positive = [[t, {**o, "cross_attn_controlnet": cond}] for t, o in positive]
-            negative = [[t, {**o, "cross_attn_controlnet": uncond}] for t, o in negative]
-        else:
-            positive, negative = bridge.apply_controlnet(
-                [positive, negative],
-                control_net,
-                hint,
-                float(cn_strength),
-                float(start_at),
-                float(end_at),
-                [{"cross_attn_controlnet": cond}, {"cross_attn_controlnet": uncond}],
-            )
+        positive, negative = bridge.apply_controlnet(
+            positive, negative, control_net, hint, float(cn_strength), float(start_at), float(end_at)
+        )
+        # IdentityNet attends to the face tokens instead of the prompt (ComfyUI's cross_attn_controlnet)
+        positive = [[t, {**o, "cross_attn_controlnet": cond}] for t, o in positive]
+        negative = [[t, {**o, "cross_attn_controlnet": uncond}] for t, o in negative]
         return (patched, positive, negative, hint)
 
 
