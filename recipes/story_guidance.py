@@ -87,12 +87,10 @@ class AdapterFile:
     @property
     def vision(self) -> str:
         """The CLIP vision encoder the file was trained with: ``bigg`` (ViT-bigG) or ``h`` (ViT-H)."""
-        low = self.name.lower()
-        if "vit-g" in low or "vit_g" in low or "bigg" in low:
-            return "bigg"
-        if self.family == "sdxl" and self.variant == "base" and "vit-h" not in low and "vit_h" not in low:
+        said = _vision_kind(self.name)
+        if said is None and self.family == "sdxl" and self.variant == "base":
             return "bigg"  # ip-adapter_sdxl.safetensors
-        return "h"
+        return said or "h"
 
 
 def name_family(name: str) -> str | None:
@@ -129,6 +127,7 @@ def classify_adapter(name: str) -> AdapterFile | None:
 
 
 def _vision_kind(name: str) -> str | None:
+    """The CLIP vision encoder a file name says (an adapter's or an encoder's): ``bigg``, ``h`` or None."""
     low = name.lower()
     if "bigg" in low or "vit-g" in low or "vit_g" in low:
         return "bigg"
