@@ -8,41 +8,48 @@ threshold) where it scores faces. A round whose pick fails is run again with the
 attempt (:func:`~charforge.recipes.story_retry.attempt_seed`), up to ``retries`` more rounds. Every round's
 candidates and scores are returned for the pipeline state; the kept round is the first that passed, else the
 best pick by identity + text (the storyboard's rule). Per-candidate values come from the score nodes' ``scores``
-UI output (the score sheet as JSON); a server that does not report them gets one round, recorded as unscored.
+UI output (the score sheet as JSON) and the pick from Best of N's ``picks`` UI output; a server that does not
+report them gets one round, recorded as unscored.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..story_retry import SAME_PERSON, RetryPolicy, attempt_seed, clipscore, rank, score_failures
 
-_PICK = re.compile(r"group 1: image (\d+) of")
-
 
 def _nodes(prompt: dict[str, Any], class_type: str) -> list[str]:
     return [node_id for node_id, node in prompt.items() if node["class_type"] == class_type]
 
 
-def _sheet(result: Any, node_id: str | None) -> dict[str, Any] | None:
-    """The score sheet a CharForge score node reported (its ``scores`` UI output), or None."""
+def _reported(result: Any, node_id: str | None, key: str) -> Any:
+    """The first value of a node's ``key`` UI output in the job's result, or None."""
     outputs = getattr(result, "outputs", None) or {}
     ui = outputs.get(node_id) if node_id is not None else None
-    reported = (ui or {}).get("scores") if isinstance(ui, dict) else None
-    if not reported:
-        return None
+    reported = ui.get(key) if isinstance(ui, dict) else None
+    return reported[0] if reported else None
+
+
+def _sheet(result: Any, node_id: str | None) -> dict[str, Any] | None:
+    """The score sheet a CharForge score node reported (its ``scores`` UI output), or None."""
     try:
-        return json.loads(reported[0])
+        return json.loads(_reported(result, node_id, "scores"))
     except (TypeError, ValueError):
         return None
 
 
+def _pick(result: Any, node_id: str | None) -> int | None:
+    """The candidate Best of N kept in the (first) group (its ``picks`` UI output), or None."""
+    first = str(_reported(result, node_id, "picks") or "").split(",")[0]
+    return int(first) if first.isdigit() else None
+
+
 def round_scores(
-    prompt: dict[str, Any], result: Any, texts: dict[str, str], policy: RetryPolicy
+    prompt: dict[str, Any], result: Any, policy: RetryPolicy
 ) -> tuple[list[dict[str, Any]], int | None, float | None]:
     """Every candidate's identity / CLIP cosine / CLIPScore / passed / why, the pick's index and the identity
     threshold used (the given one, else the identity's suggested threshold)."""
@@ -71,8 +78,8 @@ def round_scores(
             }
         )
     best = _nodes(prompt, "CharForgeBestOfN")
-    found = _PICK.search(texts.get(best[0], "")) if best else None
-    pick = int(found.group(1)) if found and int(found.group(1)) < len(candidates) else None
+    pick = _pick(result, best[0] if best else None)
+    pick = pick if pick is not None and pick < len(candidates) else None
     return candidates, pick, min_identity if identity is not None else None
 
 
@@ -92,7 +99,7 @@ def best_of_n_rounds(
     for attempt in range(policy.retries + 1):
         prompt[sampler]["inputs"]["seed"] = attempt_seed(seed, attempt)
         result, texts, files = run_round(prompt, attempt)
-        candidates, pick, min_identity = round_scores(prompt, result, texts, policy)
+        candidates, pick, min_identity = round_scores(prompt, result, policy)
         scored = bool(candidates)
         chosen = candidates[pick] if pick is not None else None
         passed = (

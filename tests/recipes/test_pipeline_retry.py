@@ -65,6 +65,7 @@ class PlantedRunner:
                 ranked = list(self.identity[seed])  # the SD identity workflow picks by identity
             for node_id in by_class.get("CharForgeBestOfN", []):
                 pick = max(range(len(ranked)), key=lambda i: -1.0 if ranked[i] is None else ranked[i])
+                outputs[node_id] = {"picks": [str(pick)]}
                 texts[node_id] = f"1 group(s)\ngroup 1: image {pick} of {len(ranked)} candidates"
         files = []
         if out_dir is not None:

@@ -450,7 +450,8 @@ class BestOfN:
         indices = [p.index for p in picks]
         report = best_of_n_report(picks, scores.metric)
         return {
-            "ui": {"text": [report]},
+            # "picks": each group's kept index, for readers of the job's history (the pipeline's retries)
+            "ui": {"text": [report], "picks": [",".join(map(str, indices))]},
             "result": (
                 images[torch.tensor(indices, dtype=torch.long)],
                 report,
