@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from cf_testing.controlnet_models import tiny_video_controlnet, write_ldm_controlnet
-from cf_testing.video_models import video_assets
 from charforge.engine.video import (
     ContextOptions,
     RuntimeOptions,
@@ -16,19 +15,12 @@ from charforge.engine.video import (
     load_video_model,
 )
 from charforge.engine.video.controlnet import ControlNetError, VideoControl, load_controlnet
-from charforge.engine.video.models import unload_video_model
 from charforge.engine.video.schedulers import make_scheduler
 
 SIZE, FRAMES = 64, 8
 PROMPT, NEGATIVE = "a photo of sks person", "blurry"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    yield video_assets(tmp_path_factory.getbasetemp() / "video_assets")
-    unload_video_model()
 
 
 def spec_for(assets):

@@ -4,7 +4,7 @@ layouts, kohya character LoRAs, motion LoRAs, long clips through context windows
 import pytest
 import torch
 
-from cf_testing.video_models import CLIP_SIZE, tiny_clip_request, tiny_video_spec, video_assets
+from cf_testing.video_models import CLIP_SIZE, tiny_clip_request, tiny_video_spec
 from charforge import bridge
 from charforge.engine.control import Cancelled, Control
 from charforge.engine.video import (
@@ -16,19 +16,12 @@ from charforge.engine.video import (
     load_video_model,
 )
 from charforge.engine.video.generate import _fit_frames, encode_schedule
-from charforge.engine.video.models import unload_video_model
 from charforge.engine.video.prompts import parse_prompt_schedule
 
 SIZE = CLIP_SIZE
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # cf_testing/threads.py
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    yield video_assets(tmp_path_factory.getbasetemp() / "video_assets")
-    unload_video_model()
 
 
 def spec_for(assets, version="v3", layout="original", arch="sd15", single_file=True):

@@ -16,7 +16,6 @@ from cf_testing.video_models import (
     sinusoid_table,
     tiny_clip_request,
     tiny_video_spec,
-    video_assets,
 )
 from charforge.engine.control import Control
 from charforge.engine.video import (
@@ -29,18 +28,11 @@ from charforge.engine.video import (
     load_video_model,
 )
 from charforge.engine.video.hotshot import FrameGroupNorm, hotshot_to_diffusers
-from charforge.engine.video.models import unload_video_model
 from charforge.engine.video.motion import inspect_state_dict, read_weights
 
 SIZE = CLIP_SIZE
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # cf_testing/threads.py
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    yield video_assets(tmp_path_factory.getbasetemp() / "video_assets")
-    unload_video_model()
 
 
 @pytest.fixture(scope="module")

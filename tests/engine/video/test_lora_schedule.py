@@ -4,7 +4,6 @@ schedule over its frames, for character and motion LoRAs; a schedule of 1.0 is t
 import pytest
 import torch
 
-from cf_testing.video_models import video_assets
 from charforge.engine.video import (
     ContextOptions,
     RuntimeOptions,
@@ -14,16 +13,9 @@ from charforge.engine.video import (
     load_video_model,
 )
 from charforge.engine.video.lora_schedule import LoraSchedule
-from charforge.engine.video.models import unload_video_model
 
 SIZE, FRAMES = 64, 8
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    yield video_assets(tmp_path_factory.getbasetemp() / "video_assets")
-    unload_video_model()
 
 
 def spec(assets, motion_strength=1.0):
